@@ -1,0 +1,379 @@
+"""The container: header, aligned chunked sections, a JSON manifest and a fixed footer.
+
+This module knows bytes, arrays and checksums; it knows nothing about tasks or merging. The layout
+(normative in ``spec/FORMAT.md``)::
+
+    header   16 B   b"TALLPACK", u16 major, u16 minor, u32 reserved (0)
+    chunks          each stored chunk starts at a multiple of ``alignment`` (zero padding between)
+    manifest        UTF-8 JSON, zstd-compressed when footer flag bit 0 is set
+    footer   32 B   u64 manifest offset, u64 manifest length, u32 crc32(manifest bytes),
+                    u32 flags, b"TALLPEND"
+
+All integers are little-endian. The writer streams: sections are written as they come and the
+manifest, which indexes them, goes last.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import mmap
+import os
+import struct
+import tempfile
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO, Protocol
+
+import json
+import zstandard
+
+from . import codecs as _codecs
+from .dtypes import itemsize, numel, torch_dtype
+from .errors import FormatError, IntegrityError, TallpackError, UnsupportedVersionError
+
+log = logging.getLogger(__name__)
+
+MAGIC = b"TALLPACK"
+END_MAGIC = b"TALLPEND"
+MAJOR, MINOR = 1, 0
+HEADER = struct.Struct("<8sHHI")
+FOOTER = struct.Struct("<QQII8s")
+FLAG_MANIFEST_ZSTD = 1
+ALIGNMENT = 64
+DEFAULT_CHUNK_ELEMENTS = 1 << 22
+
+#: Limits a reader enforces before trusting anything in the file.
+MAX_MANIFEST_BYTES = 256 << 20
+MAX_CHUNK_BYTES = 1 << 30
+
+
+def crc32(buf) -> int:
+    return zlib.crc32(buf) & 0xFFFFFFFF
+
+
+@dataclass(frozen=True)
+class Chunk:
+    offset: int
+    nbytes: int
+    crc32: int
+
+
+@dataclass(frozen=True)
+class ArrayRef:
+    """Where an array's chunks lie and how to decode them.
+
+    The array's elements, in C order, are cut into chunks of ``chunk_elements`` elements (the last
+    one shorter); each chunk is encoded alone with ``codecs``.
+    """
+
+    dtype: str
+    shape: tuple[int, ...]
+    codecs: tuple[dict, ...]
+    chunk_elements: int
+    chunks: tuple[Chunk, ...]
+
+    @property
+    def numel(self) -> int:
+        return numel(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        """Decoded size in bytes."""
+        return self.numel * itemsize(self.dtype)
+
+    @property
+    def stored_nbytes(self) -> int:
+        return sum(c.nbytes for c in self.chunks)
+
+    def chunk_numel(self, i: int) -> int:
+        return min(self.chunk_elements, self.numel - i * self.chunk_elements)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "dtype": self.dtype,
+            "shape": list(self.shape),
+            "codecs": list(self.codecs),
+            "chunk_elements": self.chunk_elements,
+            "chunks": [[c.offset, c.nbytes, c.crc32] for c in self.chunks],
+        }
+
+    @classmethod
+    def from_dict(cls, d: Any, where: str) -> "ArrayRef":
+        """Parse and validate one array entry; ``where`` names it in error messages."""
+        try:
+            dtype = d["dtype"]
+            torch_dtype(dtype)
+            shape = tuple(d["shape"])
+            codecs = tuple(d["codecs"])
+            chunk_elements = d["chunk_elements"]
+            chunks = tuple(Chunk(*c) for c in d["chunks"])
+        except FormatError as e:
+            raise FormatError(f"{where}: {e}") from None
+        except (KeyError, TypeError, ValueError):
+            raise FormatError(f"{where}: malformed array entry") from None
+        ints = [*shape, chunk_elements] + [v for c in chunks for v in (c.offset, c.nbytes, c.crc32)]
+        if not all(type(v) is int and v >= 0 for v in ints):
+            raise FormatError(f"{where}: shape, chunk sizes and offsets must be non-negative integers")
+        if chunk_elements == 0 or chunk_elements % 8:
+            raise FormatError(f"{where}: chunk_elements must be a positive multiple of 8")
+        ref = cls(dtype, shape, codecs, chunk_elements, chunks)
+        if len(chunks) != math.ceil(ref.numel / chunk_elements):
+            raise FormatError(f"{where}: {len(chunks)} chunks cannot hold {ref.numel} elements")
+        if min(chunk_elements, ref.numel) * itemsize(dtype) > MAX_CHUNK_BYTES:
+            raise FormatError(f"{where}: chunks larger than {MAX_CHUNK_BYTES} bytes")
+        _codecs.Chain.from_configs(list(codecs))  # unknown codecs fail here, not mid-read
+        return ref
+
+
+class ByteSource(Protocol):
+    """Random access to an archive's bytes: a mapped local file, or a remote object."""
+
+    size: int
+
+    def read(self, offset: int, nbytes: int) -> memoryview: ...
+
+    def close(self) -> None: ...
+
+
+class LocalFile:
+    """A local archive, memory-mapped: reading a range touches only those pages."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = str(path)
+        try:
+            self._f = open(path, "rb")
+        except FileNotFoundError:
+            raise TallpackError(f"{path}: no such archive") from None
+        except IsADirectoryError:
+            raise FormatError(f"{path}: is a directory, not a tallpack archive") from None
+        self.size = os.fstat(self._f.fileno()).st_size
+        self._map = mmap.mmap(self._f.fileno(), 0, access=mmap.ACCESS_READ) if self.size else None
+        self._view = memoryview(self._map) if self._map is not None else memoryview(b"")
+
+    def read(self, offset: int, nbytes: int) -> memoryview:
+        if offset < 0 or nbytes < 0 or offset + nbytes > self.size:
+            raise IntegrityError(f"{self.path}: read past the end of the file (truncated?)")
+        return self._view[offset : offset + nbytes]
+
+    def close(self) -> None:
+        self._view.release()
+        if self._map is not None:
+            try:
+                self._map.close()
+            except BufferError:  # a caller still holds a view; the map goes with the last one
+                pass
+        self._f.close()
+
+
+class ContainerWriter:
+    """Writes a container to a temporary file beside ``path``; ``finish`` renames it into place.
+
+    Use as a context manager: leaving the block on an exception removes the temporary file, so a
+    failed write never leaves a partial archive under the final name.
+    """
+
+    def __init__(self, path: str | os.PathLike, *, threads: int | None = None):
+        self.path = Path(path)
+        if self.path.is_dir():
+            raise TallpackError(f"{self.path}: is a directory; give the archive's file name")
+        parent = self.path.parent
+        if not parent.exists():
+            raise TallpackError(f"{parent}: output folder does not exist")
+        fd, tmp = tempfile.mkstemp(dir=parent, prefix=f".{self.path.name}.", suffix=".partial")
+        self._tmp = Path(tmp)
+        self._f: BinaryIO = os.fdopen(fd, "wb")
+        self._f.write(HEADER.pack(MAGIC, MAJOR, MINOR, 0))
+        self._pos = HEADER.size
+        self._pool = ThreadPoolExecutor(threads or min(8, os.cpu_count() or 1))
+        self._done = False
+
+    def __enter__(self) -> "ContainerWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if not self._done:
+            self.abort()
+
+    @property
+    def position(self) -> int:
+        return self._pos
+
+    def _write(self, data) -> int:
+        pad = -self._pos % ALIGNMENT
+        if pad:
+            self._f.write(b"\0" * pad)
+            self._pos += pad
+        offset = self._pos
+        self._f.write(data)
+        self._pos += len(data)
+        return offset
+
+    def encode(self, jobs: list[tuple[_codecs.Chain, memoryview]]) -> list[bytes | memoryview]:
+        """Encode several chunks in parallel (zstd and numpy release the GIL)."""
+        return list(self._pool.map(lambda job: job[0].encode(job[1]), jobs))
+
+    def begin_array(self, dtype: str, shape: tuple[int, ...], chain: _codecs.Chain,
+                    chunk_elements: int = DEFAULT_CHUNK_ELEMENTS) -> "ArrayBuilder":
+        """Start an array whose encoded chunks are then written in order with ``add``."""
+        return ArrayBuilder(self, dtype, tuple(shape), chain, chunk_elements)
+
+    def write_array(self, data: memoryview, dtype: str, shape: tuple[int, ...], chain: _codecs.Chain,
+                    chunk_elements: int = DEFAULT_CHUNK_ELEMENTS) -> ArrayRef:
+        """Encode ``data`` (the array's raw bytes) chunk by chunk and write it; returns its ref."""
+        builder = self.begin_array(dtype, shape, chain, chunk_elements)
+        step = chunk_elements * itemsize(dtype)
+        if len(data) != builder.numel * itemsize(dtype):
+            raise ValueError(f"{len(data)} bytes do not hold {shape} {dtype}")
+        pieces = [data[i : i + step] for i in range(0, len(data), step)]
+        for encoded in self.encode([(chain, p) for p in pieces]):
+            builder.add(encoded)
+        return builder.finish()
+
+    def finish(self, manifest: dict[str, Any]) -> Path:
+        """Write the manifest and footer, then atomically rename the file to its final name."""
+        raw = json.dumps(manifest, separators=(",", ":"), allow_nan=False).encode()
+        stored = zstandard.ZstdCompressor(level=9).compress(raw)
+        offset = self._write(stored)
+        self._f.write(FOOTER.pack(offset, len(stored), crc32(stored), FLAG_MANIFEST_ZSTD, END_MAGIC))
+        self._f.flush()
+        os.fsync(self._f.fileno())
+        self._f.close()
+        self._pool.shutdown()
+        os.replace(self._tmp, self.path)
+        self._done = True
+        log.info("wrote %s (%d bytes)", self.path, self._pos + FOOTER.size)
+        return self.path
+
+    def abort(self) -> None:
+        self._done = True
+        self._pool.shutdown(cancel_futures=True)
+        self._f.close()
+        self._tmp.unlink(missing_ok=True)
+
+
+class ArrayBuilder:
+    """An array being written chunk by chunk (chunks of several arrays may interleave)."""
+
+    def __init__(self, writer: ContainerWriter, dtype: str, shape: tuple[int, ...],
+                 chain: _codecs.Chain, chunk_elements: int):
+        if chunk_elements <= 0 or chunk_elements % 8:
+            raise ValueError("chunk_elements must be a positive multiple of 8")
+        self._writer = writer
+        self.dtype, self.shape, self.chain, self.chunk_elements = dtype, shape, chain, chunk_elements
+        self.numel = numel(shape)
+        self._chunks: list[Chunk] = []
+
+    def add(self, encoded: bytes | memoryview) -> None:
+        self._chunks.append(Chunk(self._writer._write(encoded), len(encoded), crc32(encoded)))
+
+    def finish(self) -> ArrayRef:
+        ref = ArrayRef(self.dtype, self.shape, tuple(self.chain.configs()), self.chunk_elements,
+                       tuple(self._chunks))
+        if len(self._chunks) != math.ceil(self.numel / self.chunk_elements):
+            raise ValueError(f"array of {self.numel} elements got {len(self._chunks)} chunks")
+        return ref
+
+
+class ContainerReader:
+    """Reads a container from a :class:`ByteSource`, trusting nothing in it.
+
+    Opening checks the magic, the version, the footer and the manifest's checksum; every chunk's
+    checksum is checked when it is read.
+    """
+
+    def __init__(self, source: ByteSource, name: str):
+        self.source = source
+        self.name = name
+        size = source.size
+        if size < HEADER.size + FOOTER.size:
+            self._not_tallpack(size)
+        magic, major, minor, _ = HEADER.unpack(source.read(0, HEADER.size))
+        if magic != MAGIC:
+            self._not_tallpack(size)
+        if major != MAJOR:
+            raise UnsupportedVersionError(
+                f"{name}: format version {major}.{minor}; this tallpack reads {MAJOR}.x, upgrade it"
+            )
+        self.version = (major, minor)
+        m_off, m_len, m_crc, flags, end = FOOTER.unpack(source.read(size - FOOTER.size, FOOTER.size))
+        if end != END_MAGIC:
+            raise IntegrityError(f"{name}: footer missing (truncated or damaged archive)")
+        self.data_end = m_off
+        if m_off < HEADER.size or m_off + m_len > size - FOOTER.size:
+            raise IntegrityError(f"{name}: manifest offsets point outside the file")
+        if m_len > MAX_MANIFEST_BYTES:
+            raise FormatError(f"{name}: manifest of {m_len} bytes exceeds the limit")
+        stored = source.read(m_off, m_len)
+        if crc32(stored) != m_crc:
+            raise IntegrityError(f"{name}: manifest checksum mismatch (damaged archive)")
+        raw: bytes | memoryview = stored
+        if flags & FLAG_MANIFEST_ZSTD:
+            try:
+                dobj = zstandard.ZstdDecompressor().decompressobj()
+                if zstandard.frame_content_size(stored) > MAX_MANIFEST_BYTES:
+                    raise FormatError(f"{name}: manifest exceeds the size limit")
+                raw = dobj.decompress(stored)
+            except zstandard.ZstdError as e:
+                raise FormatError(f"{name}: manifest cannot be decompressed: {e}") from None
+        try:
+            manifest = json.loads(bytes(raw))
+        except (UnicodeDecodeError, ValueError) as e:
+            raise FormatError(f"{name}: manifest is not valid JSON: {e}") from None
+        if not isinstance(manifest, dict):
+            raise FormatError(f"{name}: manifest is not a JSON object")
+        self.manifest: dict[str, Any] = manifest
+        self._spans: list[tuple[int, int, str]] = []
+
+    def _not_tallpack(self, size: int):
+        raise FormatError(f"{self.name}: not a tallpack archive ({size} bytes, no TALLPACK header)")
+
+    def register(self, ref: ArrayRef, where: str) -> None:
+        """Record an array's chunk spans; ``check_layout`` then checks them against each other."""
+        for c in ref.chunks:
+            self._spans.append((c.offset, c.nbytes, where))
+
+    def check_layout(self) -> None:
+        """Every chunk lies in the data area, and no two overlap."""
+        end = HEADER.size
+        for off, n, where in sorted(self._spans):
+            if off < end or off + n > self.data_end:
+                raise FormatError(f"{self.name}: {where}: chunk at {off} overlaps another or the manifest")
+            end = off + n
+        self._spans = []
+
+    def read_chunk(self, ref: ArrayRef, i: int, where: str) -> bytes | bytearray | memoryview:
+        c = ref.chunks[i]
+        stored = self.source.read(c.offset, c.nbytes)
+        if crc32(stored) != c.crc32:
+            raise IntegrityError(f"{self.name}: {where}: checksum mismatch in chunk {i} (damaged archive)")
+        try:
+            chain = _codecs.Chain.from_configs(list(ref.codecs))
+            return chain.decode(stored, ref.chunk_numel(i) * itemsize(ref.dtype))
+        except FormatError as e:
+            raise type(e)(f"{self.name}: {where}: chunk {i}: {e}") from None
+
+    def read_array(self, ref: ArrayRef, where: str) -> bytearray | memoryview:
+        """The whole array's decoded bytes."""
+        if len(ref.chunks) == 1:
+            return self.read_chunk(ref, 0, where)
+        try:
+            out = bytearray(ref.nbytes)
+        except MemoryError:
+            raise FormatError(f"{self.name}: {where}: array of {ref.nbytes} bytes is too large") from None
+        pos = 0
+        for i in range(len(ref.chunks)):
+            piece = self.read_chunk(ref, i, where)
+            out[pos : pos + len(piece)] = piece
+            pos += len(piece)
+        return out
+
+    def verify_chunks(self, ref: ArrayRef, where: str) -> None:
+        for i, c in enumerate(ref.chunks):
+            if crc32(self.source.read(c.offset, c.nbytes)) != c.crc32:
+                raise IntegrityError(f"{self.name}: {where}: checksum mismatch in chunk {i}")
+
+    def close(self) -> None:
+        self.source.close()

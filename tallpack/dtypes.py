@@ -1,0 +1,86 @@
+"""Element types as named in the spec, and conversions between tensors and little-endian bytes."""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import torch
+
+from .errors import FormatError
+
+if sys.byteorder != "little":  # pragma: no cover - every platform torch ships for is little-endian
+    raise ImportError("tallpack needs a little-endian machine")
+
+#: spec name -> torch dtype. The spec names are torch's names without the ``torch.`` prefix.
+DTYPES: dict[str, torch.dtype] = {
+    "float64": torch.float64,
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "int64": torch.int64,
+    "int32": torch.int32,
+    "int16": torch.int16,
+    "int8": torch.int8,
+    "uint8": torch.uint8,
+    "bool": torch.bool,
+}
+for _name in ("float8_e4m3fn", "float8_e5m2", "uint16", "uint32", "uint64"):
+    if hasattr(torch, _name):
+        DTYPES[_name] = getattr(torch, _name)
+
+_NAMES = {v: k for k, v in DTYPES.items()}
+FLOATING = frozenset(k for k, v in DTYPES.items() if v.is_floating_point)
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """The spec name of a torch dtype, e.g. ``torch.bfloat16 -> "bfloat16"``."""
+    try:
+        return _NAMES[dtype]
+    except KeyError:
+        raise FormatError(f"unsupported tensor dtype {dtype}") from None
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    """The torch dtype of a spec name; a FormatError for names this reader does not know."""
+    try:
+        return DTYPES[name]
+    except (KeyError, TypeError):
+        raise FormatError(f"unknown dtype {name!r} in manifest") from None
+
+
+def itemsize(name: str) -> int:
+    return torch_dtype(name).itemsize
+
+
+def numel(shape: tuple[int, ...] | list[int]) -> int:
+    n = 1
+    for d in shape:
+        n *= int(d)
+    return n
+
+
+def tensor_to_bytes(t: torch.Tensor) -> memoryview:
+    """The tensor's elements in C order as little-endian bytes (no copy when already contiguous)."""
+    flat = t.detach().reshape(-1)
+    if flat.device.type != "cpu":
+        flat = flat.cpu()
+    flat = flat.contiguous()
+    if flat.numel() == 0:
+        return memoryview(b"")
+    return memoryview(flat.view(torch.uint8).numpy()).cast("B")
+
+
+def bytes_to_tensor(buf: bytes | bytearray | memoryview | np.ndarray, dtype: str, shape) -> torch.Tensor:
+    """A new tensor of ``dtype``/``shape`` holding a copy of ``buf``."""
+    dt = torch_dtype(dtype)
+    shape = tuple(int(d) for d in shape)
+    n = numel(shape)
+    if len(memoryview(buf).cast("B")) != n * dt.itemsize:
+        raise FormatError(f"buffer of {len(buf)} bytes does not hold {shape} {dtype}")
+    if n == 0:
+        return torch.empty(shape, dtype=dt)
+    arr = np.frombuffer(buf, dtype=np.uint8)
+    if not arr.flags.writeable:  # bytes, or a view into the mapped file: take a private copy
+        arr = arr.copy()
+    return torch.from_numpy(arr).view(dt).reshape(shape)

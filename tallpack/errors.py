@@ -1,0 +1,58 @@
+"""The tallpack error hierarchy.
+
+Every error the library raises on bad input is a :class:`TallpackError`. Members also inherit the
+matching built-in (``ValueError``, ``KeyError``, ``FileNotFoundError``), so callers may catch either.
+Messages are one line that says what is wrong and where (file, tensor, task).
+"""
+
+from __future__ import annotations
+
+
+class TallpackError(Exception):
+    """Base class of every error tallpack raises on purpose."""
+
+
+class FormatError(TallpackError, ValueError):
+    """The file is not a valid tallpack archive (bad magic, malformed manifest, bad offsets)."""
+
+
+class IntegrityError(FormatError):
+    """The archive is damaged: a checksum does not match, or it is truncated."""
+
+
+class UnsupportedVersionError(FormatError):
+    """The archive (or one of its parts) needs a newer reader."""
+
+
+class CodecError(FormatError):
+    """A section could not be decoded with the codec the manifest names."""
+
+
+class CheckpointError(TallpackError, ValueError):
+    """An input checkpoint could not be read."""
+
+
+class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
+    """An input path does not exist."""
+
+
+class UnsafeCheckpointError(CheckpointError):
+    """A PyTorch file needs code execution (a pickle beyond plain tensors) to load."""
+
+
+class IncompatibleCheckpointsError(TallpackError, ValueError):
+    """The checkpoints cannot form one family (for example shapes that do not match the base)."""
+
+
+class _KeyErrorMessage(KeyError):
+    # KeyError quotes its argument in str(); keep the one-line message readable.
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
+class TaskNotFoundError(TallpackError, _KeyErrorMessage):
+    """The archive holds no task of that name."""
+
+
+class TensorNotFoundError(TallpackError, _KeyErrorMessage):
+    """The task has no tensor of that name."""

@@ -1,0 +1,238 @@
+"""The reader: open an archive, rebuild one task's tensors on demand.
+
+Only the chunks a call needs are read (pages of a memory-mapped file locally, range reads
+remotely), and each chunk's checksum is checked before it is decoded.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import torch
+
+from .container import ArrayRef, ContainerReader, LocalFile
+from .dtypes import bytes_to_tensor, numel, torch_dtype
+from .errors import (FormatError, IntegrityError, TallpackError, TaskNotFoundError,
+                     TensorNotFoundError, UnsupportedVersionError)
+from .manifest import Manifest, TaskInfo, TaskTensor, TensorEntry
+from .tall import reconstruct
+
+log = logging.getLogger(__name__)
+
+
+class Archive:
+    """An open ``.tallpack`` archive. Use :func:`tallpack.open`.
+
+    >>> with tallpack.open("family.tallpack") as fam:
+    ...     fam.tasks, fam.keys("cars")[:3]
+    ...     w = fam.get_tensor("cars", "encoder.layer.3.weight")
+    """
+
+    def __init__(self, container: ContainerReader):
+        self._c = container
+        self.name = container.name
+        self.manifest = Manifest.from_dict(container.manifest)
+        self._tensors: dict[str, TensorEntry] = {t.name: t for t in self.manifest.tensors}
+        self._tasks: dict[str, TaskInfo] = {t.name: t for t in self.manifest.tasks}
+        for entry in self.manifest.tensors:
+            for key, ref in entry.arrays():
+                container.register(ref, f"tensor {entry.name!r} ({key})")
+        container.check_layout()
+
+    # -- context manager -------------------------------------------------------------------
+    def __enter__(self) -> "Archive":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._c.close()
+
+    def __repr__(self) -> str:
+        return f"<tallpack.Archive {self.name!r}: {len(self.tasks)} tasks>"
+
+    # -- what is inside ----------------------------------------------------------------------
+    @property
+    def tasks(self) -> tuple[str, ...]:
+        """Task names, in pack order."""
+        return tuple(self._tasks)
+
+    @property
+    def format_version(self) -> tuple[int, int]:
+        return self._c.version
+
+    def task_info(self, task: str) -> TaskInfo:
+        """A task's lambda, mask density, fidelity figures and source."""
+        try:
+            return self._tasks[task]
+        except KeyError:
+            raise TaskNotFoundError(
+                f"{self.name}: no task {task!r}; tasks are {', '.join(self.tasks)}"
+            ) from None
+
+    def keys(self, task: str) -> list[str]:
+        """The task's tensor names, in its checkpoint's order."""
+        return list(self.task_info(task).keys)
+
+    def _entry(self, task: str, name: str) -> tuple[TensorEntry, TaskTensor]:
+        self.task_info(task)
+        entry = self._tensors.get(name)
+        if entry is None or task not in entry.tasks:
+            raise TensorNotFoundError(f"{self.name}: task {task!r} has no tensor {name!r}")
+        return entry, entry.tasks[task]
+
+    # -- reading -----------------------------------------------------------------------------
+    def _array(self, ref: ArrayRef, where: str) -> torch.Tensor:
+        try:
+            buf = self._c.read_array(ref, where)
+        except MemoryError:
+            raise FormatError(f"{self.name}: {where}: too large to decode ({ref.nbytes} bytes)") from None
+        return bytes_to_tensor(buf, ref.dtype, ref.shape)
+
+    def get_tensor(self, task: str, name: str) -> torch.Tensor:
+        """One tensor of one task, reading only the chunks it needs."""
+        entry, tt = self._entry(task, name)
+        where = f"task {task!r}, tensor {name!r}"
+        if tt.encoding == "tall":
+            assert entry.base is not None and entry.merged is not None and tt.mask is not None
+            base = self._array(entry.base, where + " (base)")
+            merged = self._array(entry.merged, where + " (merged)")
+            mask = self._array(tt.mask, where + " (mask)")
+            return reconstruct(base, mask, merged, torch_dtype(tt.dtype))
+        if tt.encoding == "dense":
+            assert tt.data is not None
+            return self._array(tt.data, where)
+        if tt.encoding == "shared":
+            assert entry.data is not None
+            return self._array(entry.data, where)
+        raise UnsupportedVersionError(
+            f"{self.name}: {where} is stored as {tt.encoding!r}, which this tallpack cannot read; upgrade it"
+        )
+
+    def state_dict(self, task: str, *, lazy: bool = False) -> dict[str, torch.Tensor] | "LazyStateDict":
+        """The task's whole state dict, with its original names, shapes and dtypes.
+
+        With ``lazy=True``, a read-only mapping that rebuilds each tensor when it is indexed.
+        """
+        sd = LazyStateDict(self, task)
+        return sd if lazy else {k: sd[k] for k in sd}
+
+    def base_tensor(self, name: str) -> torch.Tensor | None:
+        """theta_0 of a tensor, when the archive holds it (merged and base-only tensors)."""
+        entry = self._tensors.get(name)
+        if entry is None or entry.base is None:
+            return None
+        return self._array(entry.base, f"tensor {name!r} (base)")
+
+    # -- checking ----------------------------------------------------------------------------
+    def verify(self) -> list[str]:
+        """Check every chunk's checksum and decode it; returns the problems found (empty: intact)."""
+        problems = []
+        for entry in self.manifest.tensors:
+            for key, ref in entry.arrays():
+                where = f"tensor {entry.name!r} ({key})"
+                try:
+                    for i in range(len(ref.chunks)):
+                        self._c.read_chunk(ref, i, where)
+                except TallpackError as e:
+                    problems.append(str(e))
+        return problems
+
+    def summary(self) -> dict[str, Any]:
+        """What ``tallpack inspect`` shows: tasks, sizes, ratios, densities, fidelity."""
+        m = self.manifest
+        stored = {"base": 0, "merged": 0, "masks": 0, "shared": 0, "task_own": 0, "counts": 0}
+        mask_bytes = {t: 0 for t in self.tasks}
+        mask_bits_bound = {t: 0.0 for t in self.tasks}
+        masked = {t: 0 for t in self.tasks}
+        for e in m.tensors:
+            for key, ref in (("base", e.base), ("merged", e.merged), ("counts", e.counts), ("shared", e.data)):
+                if ref is not None:
+                    stored[key] += ref.stored_nbytes
+            for t, tt in e.tasks.items():
+                if tt.data is not None:
+                    stored["task_own"] += tt.data.stored_nbytes
+                if tt.mask is not None:
+                    n = numel(tt.shape)
+                    stored["masks"] += tt.mask.stored_nbytes
+                    mask_bytes[t] += tt.mask.stored_nbytes
+                    masked[t] += n
+                    p = (tt.ones or 0) / n if n else 0.0
+                    mask_bits_bound[t] += n * _entropy(p)
+        archive_bytes = self._c.source.size
+        source_bytes = int(m.stats.get("source_bytes", 0))
+        tasks = []
+        for info in m.tasks:
+            n = masked[info.name]
+            tasks.append({
+                "name": info.name, "lambda": info.lam, "density": info.density,
+                "fidelity": info.fidelity, "tensors": len(info.keys),
+                "source_bytes": info.source.get("bytes"),
+                "mask_bytes": mask_bytes[info.name],
+                "mask_bits_per_param": 8 * mask_bytes[info.name] / n if n else None,
+                "mask_entropy_bits_per_param": mask_bits_bound[info.name] / n if n else None,
+            })
+        return {
+            "path": self.name,
+            "format_version": f"{self.format_version[0]}.{self.format_version[1]}",
+            "writer": m.writer,
+            "merge": m.merge,
+            "archive_bytes": archive_bytes,
+            "source_bytes": source_bytes,
+            "ratio": source_bytes / archive_bytes if archive_bytes else None,
+            "stored_bytes": stored,
+            "kinds": {k: sum(e.kind == k for e in m.tensors) for k in ("merged", "shared", "task-own", "base-only")},
+            "tasks": tasks,
+            "metadata": m.metadata,
+        }
+
+
+def _entropy(p: float) -> float:
+    if p <= 0 or p >= 1:
+        return 0.0
+    return -(p * math.log2(p) + (1 - p) * math.log2(1 - p))
+
+
+class LazyStateDict(Mapping):
+    """A read-only mapping over one task's tensors, each rebuilt when indexed."""
+
+    def __init__(self, archive: Archive, task: str):
+        self._archive = archive
+        self._task = task
+        self._keys = archive.keys(task)
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self._archive.get_tensor(self._task, name)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+
+def _byte_source(path: str | os.PathLike):
+    text = os.fspath(path)
+    if "://" in text and not text.startswith("file://"):
+        from .remote import RemoteFile
+        return RemoteFile(text)
+    return LocalFile(text.removeprefix("file://"))
+
+
+def open(path: str | os.PathLike) -> Archive:  # noqa: A001 - mirrors builtins.open, like safe_open
+    """Open an archive for reading: a local path, or a URL that fsspec understands.
+
+    >>> with tallpack.open("family.tallpack") as fam:
+    ...     sd = fam.state_dict("cars")
+    """
+    source = _byte_source(path)
+    try:
+        return Archive(ContainerReader(source, os.fspath(path)))
+    except BaseException:
+        source.close()
+        raise

@@ -1,0 +1,270 @@
+"""Sources: read checkpoints tensor by tensor, whatever they are stored in.
+
+``open_source`` accepts a ``.safetensors`` file, a Hugging Face model folder (single or sharded
+safetensors, or ``pytorch_model.bin`` files), a PyTorch state-dict file read with
+``weights_only=True``, or a mapping of tensors. A source lists names, shapes and dtypes without
+reading data, and loads one tensor at a time.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import pickle
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Union
+
+import torch
+from safetensors import safe_open
+
+from .dtypes import dtype_name, itemsize, numel
+from .errors import CheckpointError, CheckpointNotFoundError, TallpackError, UnsafeCheckpointError
+
+log = logging.getLogger(__name__)
+
+#: Anything ``open_source`` accepts.
+SourceLike = Union[str, os.PathLike, Mapping[str, torch.Tensor], "Source"]
+
+_ST_DTYPES = {
+    "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
+    "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool",
+    "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2", "U16": "uint16", "U32": "uint32",
+    "U64": "uint64",
+}
+_TORCH_SUFFIXES = (".bin", ".pt", ".pth")
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    shape: tuple[int, ...]
+    dtype: str
+
+    @property
+    def nbytes(self) -> int:
+        return numel(self.shape) * itemsize(self.dtype)
+
+
+class Source:
+    """A checkpoint, read lazily. Subclasses fill ``_infos`` (in the checkpoint's order)."""
+
+    kind: str = "?"
+
+    def __init__(self, label: str):
+        self.label = label
+        self._infos: dict[str, TensorInfo] = {}
+        self.metadata: dict[str, Any] = {}
+
+    def keys(self) -> list[str]:
+        return list(self._infos)
+
+    def info(self, name: str) -> TensorInfo:
+        return self._infos[name]
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._infos
+
+    @property
+    def nbytes(self) -> int:
+        """Total size of the checkpoint's tensors."""
+        return sum(i.nbytes for i in self._infos.values())
+
+    def get(self, name: str) -> torch.Tensor:
+        """Load one tensor."""
+        try:
+            t = self._load(name)
+        except TallpackError:
+            raise
+        except Exception as e:  # a damaged file fails here, mid-read: say which tensor
+            raise CheckpointError(f"{self.label}: tensor {name!r} cannot be read: {e}") from None
+        want = self._infos[name]
+        if tuple(t.shape) != want.shape or dtype_name(t.dtype) != want.dtype:
+            raise CheckpointError(f"{self.label}: tensor {name!r} does not match its header")
+        return t
+
+    def _load(self, name: str) -> torch.Tensor:
+        raise NotImplementedError
+
+    def describe(self) -> dict[str, Any]:
+        return {"format": self.kind, "path": self.label, "bytes": self.nbytes}
+
+    def close(self) -> None:
+        pass
+
+
+class SafetensorsSource(Source):
+    """One or more safetensors files (the shards of one model)."""
+
+    kind = "safetensors"
+
+    def __init__(self, label: str, files: list[Path]):
+        super().__init__(label)
+        self._where: dict[str, Path] = {}
+        self._handles: dict[Path, Any] = {}
+        for path in files:
+            f = self._open(path)
+            meta = f.metadata() or {}
+            if len(files) == 1:
+                self.metadata.update(meta)
+            for name in f.keys():
+                sl = f.get_slice(name)
+                st = sl.get_dtype()
+                if st not in _ST_DTYPES:
+                    raise CheckpointError(f"{path}: tensor {name!r} has unsupported dtype {st}")
+                self._infos[name] = TensorInfo(tuple(sl.get_shape()), _ST_DTYPES[st])
+                self._where[name] = path
+
+    def _open(self, path: Path):
+        if path not in self._handles:
+            if not path.is_file():
+                raise CheckpointNotFoundError(f"{path}: no such file")
+            try:
+                self._handles[path] = safe_open(str(path), framework="pt")
+            except Exception as e:
+                raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
+        return self._handles[path]
+
+    def _load(self, name: str) -> torch.Tensor:
+        return self._open(self._where[name]).get_tensor(name)
+
+    def close(self) -> None:
+        self._handles.clear()
+
+
+class TorchSource(Source):
+    """PyTorch state-dict files, loaded with ``weights_only=True`` (memory-mapped when possible)."""
+
+    kind = "torch"
+
+    def __init__(self, label: str, files: list[Path]):
+        super().__init__(label)
+        self._tensors: dict[str, torch.Tensor] = {}
+        for path in files:
+            for name, t in _torch_load(path).items():
+                self._tensors[name] = t
+                self._infos[name] = TensorInfo(tuple(t.shape), dtype_name(t.dtype))
+
+    def _load(self, name: str) -> torch.Tensor:
+        return self._tensors[name]
+
+
+def _torch_load(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise CheckpointNotFoundError(f"{path}: no such file")
+    try:
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:
+            if "mmap" not in str(e) and "zip" not in str(e):
+                raise
+            obj = torch.load(path, map_location="cpu", weights_only=True)  # legacy, not zip
+    except pickle.UnpicklingError as e:
+        if "weights_only" in str(e) or "Weights only" in str(e):
+            raise UnsafeCheckpointError(
+                f"{path}: loading needs code execution (it pickles more than tensors); tallpack only "
+                "loads weights_only files: re-save it as a plain state dict or as safetensors"
+            ) from None
+        raise CheckpointError(f"{path}: not a readable PyTorch file ({e})") from None
+    except Exception as e:
+        raise CheckpointError(f"{path}: not a readable PyTorch file ({type(e).__name__}: {e})") from None
+    if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
+        obj = obj["state_dict"]
+    if not isinstance(obj, Mapping):
+        raise CheckpointError(f"{path}: holds a {type(obj).__name__}, not a state dict")
+    return _tensor_dict(str(path), obj)
+
+
+def _tensor_dict(label: str, obj: Mapping) -> dict[str, torch.Tensor]:
+    out = {}
+    for name, t in obj.items():
+        if not isinstance(name, str) or not isinstance(t, torch.Tensor):
+            raise CheckpointError(f"{label}: entry {name!r} is a {type(t).__name__}, not a tensor")
+        try:
+            dtype_name(t.dtype)
+        except TallpackError:
+            raise CheckpointError(f"{label}: tensor {name!r} has unsupported dtype {t.dtype}") from None
+        out[name] = t
+    return out
+
+
+class DictSource(Source):
+    """A mapping of names to tensors, already in memory."""
+
+    kind = "dict"
+
+    def __init__(self, label: str, tensors: Mapping[str, torch.Tensor]):
+        super().__init__(label)
+        self._tensors = _tensor_dict(label, tensors)
+        for name, t in self._tensors.items():
+            self._infos[name] = TensorInfo(tuple(t.shape), dtype_name(t.dtype))
+
+    def _load(self, name: str) -> torch.Tensor:
+        return self._tensors[name].detach().cpu()
+
+    def describe(self) -> dict[str, Any]:
+        return {"format": self.kind, "bytes": self.nbytes}
+
+
+def _folder_files(folder: Path) -> tuple[str, list[Path]]:
+    for index_name, kind in (("model.safetensors.index.json", "safetensors"),
+                             ("pytorch_model.bin.index.json", "torch")):
+        index = folder / index_name
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+                shards = sorted(set(weight_map.values()))
+            except (ValueError, KeyError, TypeError, AttributeError) as e:
+                raise CheckpointError(f"{index}: not a valid shard index ({e})") from None
+            return kind, [folder / s for s in shards]
+    for name, kind in (("model.safetensors", "safetensors"), ("pytorch_model.bin", "torch")):
+        if (folder / name).is_file():
+            return kind, [folder / name]
+    found = sorted(folder.glob("*.safetensors"))
+    if len(found) == 1:
+        return "safetensors", found
+    raise CheckpointError(
+        f"{folder}: no model.safetensors, shard index or pytorch_model.bin in this folder"
+    )
+
+
+def open_source(obj: SourceLike, *, label: str | None = None) -> Source:
+    """Open a checkpoint for lazy reading.
+
+    >>> src = open_source("ft/cars")          # a Hugging Face folder
+    >>> src.keys()[:2], src.get("encoder.layer.0.attention.q.weight").shape
+    """
+    if isinstance(obj, Source):
+        return obj
+    if isinstance(obj, Mapping):
+        return DictSource(label or "<dict>", obj)
+    if not isinstance(obj, (str, os.PathLike)):
+        raise CheckpointError(f"cannot read a checkpoint from a {type(obj).__name__}")
+    path = Path(obj)
+    if path.is_dir():
+        kind, files = _folder_files(path)
+        src: Source = SafetensorsSource(str(path), files) if kind == "safetensors" else TorchSource(str(path), files)
+        src.kind = "hf-folder"
+        config = path / "config.json"
+        if config.is_file():
+            try:
+                src.metadata["config"] = json.loads(config.read_text())
+            except ValueError:
+                log.warning("%s: config.json is not valid JSON; ignored", config)
+        return src
+    if not path.exists():
+        raise CheckpointNotFoundError(f"{path}: no such file or folder")
+    if path.suffix == ".safetensors":
+        return SafetensorsSource(str(path), [path])
+    if path.suffix in _TORCH_SUFFIXES:
+        return TorchSource(str(path), [path])
+    raise CheckpointError(
+        f"{path}: unknown checkpoint type; expected .safetensors, .bin/.pt/.pth or a model folder"
+    )
+
+
+def stem(obj: SourceLike) -> str:
+    """The default task name of a path: the folder's name or the file's stem."""
+    p = Path(obj)  # type: ignore[arg-type]
+    return p.name if p.is_dir() else p.stem

@@ -1,0 +1,72 @@
+"""TALL masks (Wang, Dimitriadis et al., ICML 2024): the per-element formulas, in float32.
+
+These functions work on one block of one tensor; the packer streams a family through them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import math
+
+import torch
+
+#: The paper's lambda grid; a task's mask is ``|tau_t| > lambda_t * |tau_MTL - tau_t|``.
+LAMBDA_GRID: tuple[float, ...] = (0.2, 0.3, 0.4, 0.5, 0.6)
+#: The data-free default lambda (see BENCHMARKS.md for how it compares with selected lambdas).
+DEFAULT_LAMBDA = 0.4
+
+
+def task_vector(theta_t: torch.Tensor, theta_0: torch.Tensor) -> torch.Tensor:
+    """``tau_t = theta_t - theta_0``, in float32."""
+    return theta_t.to(torch.float32) - theta_0.to(torch.float32)
+
+
+def tall_mask(tau_t: torch.Tensor, tau_mtl: torch.Tensor, lam: float) -> torch.Tensor:
+    """``m_t = |tau_t| > lambda * |tau_MTL - tau_t|``, strict as in the official code.
+
+    ``lam`` is rounded to float32 and all arithmetic is float32, so any implementation gets the
+    same bits.
+    """
+    lam32 = torch.tensor(lam, dtype=torch.float32)
+    return tau_t.abs() > lam32 * (tau_mtl - tau_t).abs()
+
+
+def reconstruct(theta_0: torch.Tensor, mask: torch.Tensor, tau_mtl: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``theta_t = theta_0 + m_t * tau_MTL``, computed in float32 and cast to ``dtype``."""
+    out = theta_0.to(torch.float32) + mask.to(torch.float32) * tau_mtl
+    return out.to(dtype)
+
+
+@dataclass
+class Fidelity:
+    """Weight-space fidelity of one task's reconstructed task vector ``m_t * tau_MTL`` against
+    ``tau_t``, accumulated over blocks in float64."""
+
+    tau_sq: float = 0.0
+    rec_sq: float = 0.0
+    dot: float = 0.0
+    err_sq: float = 0.0
+    ones: int = 0
+    numel: int = 0
+
+    def add(self, tau_t: torch.Tensor, mask: torch.Tensor, tau_mtl: torch.Tensor) -> None:
+        rec = (mask.to(torch.float32) * tau_mtl).double()
+        tau = tau_t.double()
+        self.tau_sq += float(tau.square().sum())
+        self.rec_sq += float(rec.square().sum())
+        self.dot += float((rec * tau).sum())
+        self.err_sq += float((rec - tau).square().sum())
+        self.ones += int(mask.sum())
+        self.numel += mask.numel()
+
+    def to_dict(self) -> dict[str, float | None]:
+        """``rel_l2 = |rec - tau| / |tau|`` and ``cosine(rec, tau)``; None where undefined."""
+        rel = math.sqrt(self.err_sq / self.tau_sq) if self.tau_sq > 0 else (0.0 if self.err_sq == 0 else None)
+        denom = math.sqrt(self.tau_sq * self.rec_sq)
+        cos = self.dot / denom if denom > 0 else None
+        return {"rel_l2": rel, "cosine": cos}
+
+    @property
+    def density(self) -> float:
+        return self.ones / self.numel if self.numel else 0.0
