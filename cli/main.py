@@ -1,0 +1,191 @@
+"""``tallpack``: pack, inspect, unpack, verify and merge model-family archives."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+
+import click
+
+import tallpack
+from tallpack.codecs import DENSE_PRESETS
+from tallpack.errors import TallpackError
+from tallpack.outputs import task_metadata, write_checkpoint
+from tallpack.sources import stem
+
+
+def _fail(message: str) -> None:
+    click.echo(f"error: {message}", err=True)
+    sys.exit(1)
+
+
+class _Group(click.Group):
+    """Turns every library error into one ``error: ...`` line and a non-zero exit."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except TallpackError as e:
+            _fail(str(e))
+        except OSError as e:
+            _fail(f"{e.filename or ''}: {e.strerror or e}".lstrip(": "))
+
+
+@click.group(cls=_Group)
+@click.version_option(tallpack.__version__, prog_name="tallpack")
+@click.option("-v", "--verbose", count=True, help="More log output (-v info, -vv debug).")
+def main(verbose: int) -> None:
+    """Store a base model and its fine-tunes as one small, lazily readable archive."""
+    level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+
+
+def _parse_tasks(specs: tuple[str, ...]) -> dict[str, str]:
+    tasks: dict[str, str] = {}
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep:
+            name, path = stem(spec), spec
+        if not name or not path:
+            raise click.BadParameter(f"{spec!r}: expected NAME=PATH or PATH", param_hint="--task")
+        if name in tasks:
+            raise click.BadParameter(f"task {name!r} given twice", param_hint="--task")
+        tasks[name] = path
+    return tasks
+
+
+def _parse_lambdas(specs: tuple[str, ...], tasks: dict[str, str]) -> dict[str, float]:
+    default = tallpack.DEFAULT_LAMBDA
+    per: dict[str, float] = {}
+    for spec in specs:
+        name, sep, value = spec.rpartition("=")
+        try:
+            v = float(value)
+        except ValueError:
+            raise click.BadParameter(f"{spec!r}: expected a number or NAME=NUMBER", param_hint="--lambda") from None
+        if sep:
+            per[name] = v
+        else:
+            default = v
+    return {t: default for t in tasks} | per  # the library rejects names that are not tasks
+
+
+@main.command()
+@click.option("--base", "base", required=True, help="The base model: .safetensors, .bin/.pt/.pth, or a model folder.")
+@click.option("--task", "task_specs", multiple=True, required=True, metavar="NAME=PATH",
+              help="A fine-tuned member (repeat). A bare PATH is named after its stem.")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="The archive to write.")
+@click.option("--lambda", "lambda_specs", multiple=True, metavar="[NAME=]VALUE",
+              help=f"Mask lambda, for all tasks or one (repeat). Default {tallpack.DEFAULT_LAMBDA}.")
+@click.option("--merge", type=click.Choice(["ta", "ties"]), default="ta", show_default=True,
+              help="How the merged vector tau_MTL is built.")
+@click.option("--ties-top-k", type=click.FloatRange(0, 1, min_open=True), default=0.2, show_default=True,
+              help="TIES: fraction of each task vector kept.")
+@click.option("--codec", type=click.Choice(DENSE_PRESETS), default="bytegroup-zstd", show_default=True,
+              help="Codec of dense sections: raw loads fastest, bytegroup-zstd is smallest.")
+@click.option("--level", type=click.IntRange(1, 22), default=3, show_default=True, help="zstd level.")
+@click.option("--chunk-elements", type=click.IntRange(8), default=1 << 22, show_default=True,
+              help="Elements per chunk (a multiple of 8).")
+@click.option("--keep-base-only/--no-keep-base-only", default=False, show_default=True,
+              help="Keep base tensors that no task has.")
+@click.option("--allow-mismatch", is_flag=True, help="Store tensors whose shapes differ from the base per task.")
+@click.option("-j", "--threads", type=click.IntRange(1), default=None, help="Encoder threads (default: cores).")
+@click.option("-f", "--force", is_flag=True, help="Overwrite an existing archive.")
+@click.option("--progress/--no-progress", default=True, show_default=True, help="Show a progress bar.")
+def pack(base, task_specs, output, lambda_specs, merge, ties_top_k, codec, level, chunk_elements,
+         keep_base_only, allow_mismatch, threads, force, progress) -> None:
+    """Pack a base model and its fine-tuned tasks into one archive."""
+    tasks = _parse_tasks(task_specs)
+    lambdas = _parse_lambdas(lambda_specs, tasks)
+    if chunk_elements % 8:
+        raise click.BadParameter("must be a multiple of 8", param_hint="--chunk-elements")
+    if output.exists() and not force:
+        _fail(f"{output}: already exists; pass --force to overwrite it")
+    m = tallpack.pack(base, tasks, output, lambdas=lambdas, merge=merge, ties_top_k=ties_top_k,
+                      codec=codec, level=level, chunk_elements=chunk_elements,
+                      keep_base_only=keep_base_only, allow_mismatch=allow_mismatch,
+                      threads=threads, progress=progress and sys.stderr.isatty())
+    size = output.stat().st_size
+    src = m.stats["source_bytes"]
+    click.echo(f"wrote {output}: {len(m.tasks)} tasks, {_size(size)} from {_size(src)} ({src / size:.2f}x)")
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(n) < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n}"
+
+
+def _fmt(v, spec: str = ".4f") -> str:
+    return "-" if v is None else format(v, spec)
+
+
+@main.command()
+@click.argument("archive")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
+def inspect(archive: str, as_json: bool) -> None:
+    """Show an archive's tasks, sizes, ratios, mask densities and fidelity."""
+    with tallpack.open(archive) as fam:
+        s = fam.summary()
+    if as_json:
+        click.echo(json.dumps(s, indent=2))
+        return
+    click.echo(f"{s['path']}: tallpack format {s['format_version']}, written by {s['writer']}")
+    click.echo(f"merge: {s['merge'].get('method')}   tensors: " +
+               ", ".join(f"{v} {k}" for k, v in s["kinds"].items()))
+    ratio = f"{s['ratio']:.2f}x" if s["ratio"] else "-"
+    click.echo(f"size: {_size(s['archive_bytes'])} from {_size(s['source_bytes'])} of checkpoints ({ratio})")
+    click.echo("stored: " + ", ".join(f"{k} {_size(v)}" for k, v in s["stored_bytes"].items() if v))
+    click.echo("")
+    header = f"{'task':<20} {'lambda':>6} {'density':>8} {'rel_l2':>7} {'cosine':>7} {'mask b/p':>9} {'H(p)':>6}"
+    click.echo(header)
+    click.echo("-" * len(header))
+    for t in s["tasks"]:
+        f = t["fidelity"]
+        click.echo(f"{t['name']:<20} {_fmt(t['lambda'], '.2f'):>6} {_fmt(t['density'], '.3f'):>8} "
+                   f"{_fmt(f.get('rel_l2'), '.3f'):>7} {_fmt(f.get('cosine'), '.3f'):>7} "
+                   f"{_fmt(t['mask_bits_per_param'], '.3f'):>9} {_fmt(t['mask_entropy_bits_per_param'], '.3f'):>6}")
+
+
+@main.command()
+@click.argument("archive")
+@click.option("--task", "task_names", multiple=True, help="The task to write (repeat for several).")
+@click.option("--all", "all_tasks", is_flag=True, help="Write every task, each in OUTDIR/NAME.")
+@click.option("-o", "--output", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="The folder to write model.safetensors into.")
+def unpack(archive: str, task_names: tuple[str, ...], all_tasks: bool, output: Path) -> None:
+    """Rebuild tasks and write each as a safetensors checkpoint folder."""
+    with tallpack.open(archive) as fam:
+        names = list(fam.tasks) if all_tasks else list(task_names)
+        if not names:
+            raise click.UsageError(f"name a task with --task (tasks: {', '.join(fam.tasks)}) or pass --all")
+        for name in names:
+            fam.task_info(name)  # unknown names fail before anything is written
+        for name in names:
+            outdir = output / name if len(names) > 1 or all_tasks else output
+            meta, config = task_metadata(fam, name)
+            path = write_checkpoint(fam.state_dict(name), outdir, metadata=meta, config=config)
+            click.echo(f"wrote {path}")
+
+
+@main.command()
+@click.argument("archive")
+def verify(archive: str) -> None:
+    """Check every checksum and decode every section; exit 1 if anything is damaged."""
+    with tallpack.open(archive) as fam:
+        problems = fam.verify()
+        n = sum(len(ref.chunks) for e in fam.manifest.tensors for _, ref in e.arrays())
+    if problems:
+        for p in problems:
+            click.echo(f"error: {p}", err=True)
+        sys.exit(1)
+    click.echo(f"ok: {archive}: {n} chunks intact")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
