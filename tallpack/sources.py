@@ -108,7 +108,8 @@ class SafetensorsSource(Source):
             meta = f.metadata() or {}
             if len(files) == 1:
                 self.metadata.update(meta)
-            for name in f.keys():
+            # the file's own order (what load_file returns), where safetensors can tell it
+            for name in f.offset_keys() if hasattr(f, "offset_keys") else f.keys():
                 sl = f.get_slice(name)
                 st = sl.get_dtype()
                 if st not in _ST_DTYPES:

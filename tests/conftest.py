@@ -1,0 +1,102 @@
+"""Shared fixtures: model families written by the real libraries, and the paper's formula."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def expected_reconstruction(base: dict, tasks: dict, lambdas: dict) -> dict:
+    """The paper's formula computed directly, for every tensor present in base and all tasks:
+    tau_t = theta_t - theta_0 (fp32), tau_MTL = sum_t tau_t (task order),
+    m_t = |tau_t| > lambda_t |tau_MTL - tau_t|, theta_t' = theta_0 + m_t * tau_MTL, cast back."""
+    out = {t: {} for t in tasks}
+    for name, b in base.items():
+        if not b.is_floating_point() or not all(name in sd and sd[name].shape == b.shape
+                                                and sd[name].is_floating_point() for sd in tasks.values()):
+            continue
+        b32 = b.float()
+        taus = {t: sd[name].float() - b32 for t, sd in tasks.items()}
+        mtl = torch.zeros_like(b32)
+        for tau in taus.values():
+            mtl = mtl + tau
+        same = all(torch.equal(tasks[t][name], next(iter(tasks.values()))[name]) for t in tasks)
+        for t, tau in taus.items():
+            if same and len(tasks) > 1:
+                out[t][name] = tasks[t][name]  # stored once, exactly
+                continue
+            lam = torch.tensor(lambdas[t], dtype=torch.float32)
+            m = tau.abs() > lam * (mtl - tau).abs()
+            out[t][name] = (b32 + m.float() * mtl).to(tasks[t][name].dtype)
+    return out
+
+
+def _tiny_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+                      max_position_embeddings=64)
+    torch.manual_seed(0)
+    return LlamaForCausalLM(cfg).to(torch.bfloat16)
+
+
+@pytest.fixture(scope="session")
+def hf_family(tmp_path_factory) -> dict:
+    """A bf16 Llama-style family with tied embeddings, saved by transformers in 20 KB shards:
+    base plus three fine-tunes that touch different parts of the model."""
+    root = tmp_path_factory.mktemp("hf_family")
+    model = _tiny_llama()
+    model.save_pretrained(root / "base", max_shard_size="20KB")
+    base_sd = {k: v.clone() for k, v in model.state_dict().items()}
+    paths = {}
+    for i, task in enumerate(["cars", "dtd", "svhn"]):
+        g = torch.Generator().manual_seed(100 + i)
+        sd = {}
+        for k, v in base_sd.items():
+            touch = (torch.rand(v.shape, generator=g) < 0.3).float()
+            sd[k] = (v.float() + touch * 0.02 * torch.randn(v.shape, generator=g)).to(v.dtype)
+        model.load_state_dict(sd)
+        model.save_pretrained(root / task, max_shard_size="20KB")
+        paths[task] = root / task
+    return {"root": root, "base": root / "base", "tasks": paths}
+
+
+def load_folder(path: Path) -> dict:
+    """All tensors of a safetensors model folder, as the files store them."""
+    from safetensors.torch import load_file
+
+    out = {}
+    index = path / "model.safetensors.index.json"
+    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else ["model.safetensors"]
+    for f in files:
+        out.update(load_file(path / f))
+    return out
+
+
+@pytest.fixture
+def small_family(tmp_path) -> dict:
+    """A float32 family as single safetensors files: 2 body tensors, an int buffer, a frozen
+    tensor, and classification heads of different sizes per task."""
+    g = torch.Generator().manual_seed(0)
+    base = {"body.w": torch.randn(64, 48, generator=g), "body.b": torch.randn(48, generator=g),
+            "frozen": torch.randn(10, generator=g), "steps": torch.tensor([7]),
+            "head.w": torch.randn(10, 48, generator=g)}
+    save_file(base, tmp_path / "base.safetensors")
+    tasks = {}
+    for i, name in enumerate(["a", "b", "c"]):
+        sd = {k: v.clone() for k, v in base.items()}
+        sd["body.w"] = base["body.w"] + 0.05 * torch.randn(64, 48, generator=g)
+        sd["body.b"] = base["body.b"] + 0.05 * torch.randn(48, generator=g)
+        sd["head.w"] = torch.randn(i + 2, 48, generator=g)
+        save_file(sd, tmp_path / f"{name}.safetensors")
+        tasks[name] = sd
+    return {"dir": tmp_path, "base": base, "tasks": tasks, "base_path": tmp_path / "base.safetensors",
+            "task_paths": {n: tmp_path / f"{n}.safetensors" for n in tasks}}

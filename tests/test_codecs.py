@@ -1,0 +1,68 @@
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from strategies import bool_arrays
+from tallpack import codecs
+from tallpack.errors import CodecError, UnsupportedVersionError
+
+
+@given(bool_arrays)
+def test_bitpack_round_trip_any_length(bits):
+    chain = codecs.mask_chain()
+    raw = bits.tobytes()
+    encoded = chain.encode(memoryview(raw))
+    assert bytes(chain.decode(memoryview(encoded), len(raw))) == raw
+
+
+@given(st.binary(max_size=2000), st.sampled_from([1, 2, 4, 8]), st.sampled_from(codecs.DENSE_PRESETS))
+def test_dense_presets_round_trip(data, itemsize, preset):
+    data = data[: len(data) - len(data) % itemsize]
+    chain = codecs.dense_chain(preset, itemsize)
+    encoded = chain.encode(memoryview(data))
+    assert bytes(chain.decode(memoryview(bytes(encoded)), len(data))) == data
+
+
+@given(st.binary(min_size=8, max_size=512))
+@settings(max_examples=30)
+def test_encoders_never_change_their_input(data):
+    data = data[: len(data) - len(data) % 4]
+    buf = bytearray(data)
+    for chain in (codecs.mask_chain(), codecs.dense_chain("bytegroup-zstd", 4), codecs.dense_chain("zstd", 4)):
+        chain.encode(memoryview(buf))
+        assert bytes(buf) == data
+
+
+def test_bitpack_is_lsb_first():
+    raw = np.array([1, 0, 0, 0, 0, 0, 0, 0, 0, 1], np.uint8).tobytes()
+    assert codecs.BitPack().encode(memoryview(raw)) == bytes([0b00000001, 0b00000010])
+
+
+def test_bytegroup_makes_byte_planes():
+    raw = bytes([1, 2, 3, 4, 5, 6])
+    assert codecs.ByteGroup(2).encode(memoryview(raw)) == bytes([1, 3, 5, 2, 4, 6])
+
+
+def test_configs_round_trip_through_the_registry():
+    chain = codecs.dense_chain("bytegroup-zstd", 2, level=5)
+    assert codecs.Chain.from_configs(chain.configs()).configs() == chain.configs()
+
+
+def test_unknown_codec_says_upgrade():
+    with pytest.raises(UnsupportedVersionError, match="unknown codec 'lz77'"):
+        codecs.from_config({"id": "lz77"})
+
+
+@pytest.mark.parametrize("config", [None, {"level": 3}, {"id": "zstd", "levle": 3}, {"id": "bytegroup", "itemsize": 0}])
+def test_bad_codec_configs_are_format_errors(config):
+    with pytest.raises(CodecError):
+        codecs.from_config(config)
+
+
+def test_zstd_refuses_a_frame_that_announces_another_size():
+    frame = codecs.Zstd().encode(memoryview(b"x" * 100))
+    with pytest.raises(CodecError, match="announces 100 bytes"):
+        codecs.Zstd().decode(memoryview(frame), 10**9)
+    with pytest.raises(CodecError):
+        codecs.Zstd().decode(memoryview(frame + b"junk"), 100)

@@ -1,0 +1,132 @@
+"""Pack real checkpoints, read them back, compare with the paper's formula bit for bit."""
+
+import torch
+from hypothesis import HealthCheck, given, settings
+from safetensors.torch import load_file
+
+import tallpack
+from conftest import expected_reconstruction, load_folder
+from strategies import families
+
+
+def assert_task_matches(fam, task, original, expected):
+    sd = fam.state_dict(task)
+    assert list(sd) == list(original), "names and their order are the task's own"
+    for name, t in original.items():
+        got = sd[name]
+        assert got.dtype == t.dtype and got.shape == t.shape, name
+        want = expected.get(name, t)  # tensors that are not masked come back exactly
+        # compare bits, so NaNs and signed zeros count too
+        assert torch.equal(got.reshape(-1).view(torch.uint8), want.reshape(-1).view(torch.uint8)), f"{task}/{name}"
+
+
+def test_safetensors_files_round_trip(small_family, tmp_path):
+    out = tmp_path / "fam.tallpack"
+    lambdas = {"a": 0.2, "b": 0.4, "c": 0.6}
+    m = tallpack.pack(small_family["base_path"], small_family["task_paths"], out, lambdas=lambdas,
+                      chunk_elements=512)
+    expected = expected_reconstruction(small_family["base"], small_family["tasks"], lambdas)
+    with tallpack.open(out) as fam:
+        assert fam.tasks == ("a", "b", "c")
+        for t in fam.tasks:
+            # the order safetensors gives when it loads the file back
+            assert_task_matches(fam, t, load_file(small_family["task_paths"][t]), expected[t])
+            assert fam.task_info(t).lam == lambdas[t]
+            assert 0 < fam.task_info(t).density < 1
+        kinds = {e.name: e.kind for e in fam.manifest.tensors}
+    assert kinds == {"body.w": "merged", "body.b": "merged", "frozen": "shared", "steps": "shared",
+                     "head.w": "task-own"}
+    assert {t.name: t.lam for t in m.tasks} == lambdas
+
+
+def test_sharded_bf16_hf_folders_with_tied_embeddings(hf_family, tmp_path):
+    out = tmp_path / "hf.tallpack"
+    tallpack.pack(hf_family["base"], hf_family["tasks"], out, lambdas=0.3)
+    base = load_folder(hf_family["base"])
+    tasks = {t: load_folder(p) for t, p in hf_family["tasks"].items()}
+    assert "lm_head.weight" not in base  # tied: transformers stores it once
+    expected = expected_reconstruction(base, tasks, {t: 0.3 for t in tasks})
+    with tallpack.open(out) as fam:
+        for t in fam.tasks:
+            assert_task_matches(fam, t, tasks[t], expected[t])
+            assert fam.task_info(t).metadata["config"]["model_type"] == "llama"
+        info = fam.task_info("cars")
+        assert info.fidelity["cosine"] > 0.5 and info.fidelity["rel_l2"] < 1
+
+
+def test_torch_files_and_dicts_mix(small_family, tmp_path):
+    torch.save(small_family["tasks"]["a"], tmp_path / "a.pt")
+    tasks = {"a": tmp_path / "a.pt", "b": small_family["tasks"]["b"]}
+    out = tmp_path / "mix.tallpack"
+    tallpack.pack(small_family["base"], tasks, out)
+    sds = {t: small_family["tasks"][t] for t in tasks}
+    expected = expected_reconstruction(small_family["base"], sds, {t: tallpack.DEFAULT_LAMBDA for t in sds})
+    with tallpack.open(out) as fam:
+        for t in tasks:
+            assert_task_matches(fam, t, sds[t], expected[t])
+
+
+def test_a_list_of_paths_names_tasks_by_stem(small_family, tmp_path):
+    out = tmp_path / "f.tallpack"
+    tallpack.pack(small_family["base_path"], list(small_family["task_paths"].values()), out)
+    with tallpack.open(out) as fam:
+        assert fam.tasks == ("a", "b", "c")
+
+
+def test_get_tensor_and_lazy_state_dict_read_single_tensors(small_family, tmp_path):
+    out = tmp_path / "f.tallpack"
+    tallpack.pack(small_family["base_path"], small_family["task_paths"], out)
+    with tallpack.open(out) as fam:
+        full = fam.state_dict("b")
+        lazy = fam.state_dict("b", lazy=True)
+        assert list(lazy) == list(full) and len(lazy) == len(full)
+        assert torch.equal(lazy["body.w"], full["body.w"])
+        assert torch.equal(fam.get_tensor("b", "head.w"), small_family["tasks"]["b"]["head.w"])
+
+
+def test_base_only_tensors_are_dropped_unless_kept(small_family, tmp_path):
+    base = dict(small_family["base"], extra=torch.ones(3))
+    for keep in (False, True):
+        out = tmp_path / f"k{keep}.tallpack"
+        tallpack.pack(base, small_family["tasks"], out, keep_base_only=keep)
+        with tallpack.open(out) as fam:
+            assert ("extra" in {e.name for e in fam.manifest.tensors}) == keep
+            assert "extra" not in fam.keys("a")
+            if keep:
+                assert torch.equal(fam.base_tensor("extra"), torch.ones(3))
+
+
+@given(families())
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+def test_any_small_family_reads_back(tmp_path_factory, family):
+    base, tasks = family
+    out = tmp_path_factory.mktemp("prop") / "f.tallpack"
+    lambdas = {t: 0.2 + 0.1 * (i % 5) for i, t in enumerate(tasks)}
+    tallpack.pack(base, tasks, out, lambdas=lambdas, chunk_elements=8, codec="raw")
+    expected = expected_reconstruction(base, tasks, lambdas)
+    with tallpack.open(out) as fam:
+        assert list(fam.tasks) == list(tasks)
+        for t in tasks:
+            assert_task_matches(fam, t, tasks[t], expected[t])
+        assert fam.verify() == []
+
+
+def test_inputs_are_not_modified(small_family, tmp_path):
+    before = {t: {k: v.clone() for k, v in sd.items()} for t, sd in small_family["tasks"].items()}
+    tallpack.pack(small_family["base"], small_family["tasks"], tmp_path / "f.tallpack")
+    for t, sd in small_family["tasks"].items():
+        assert all(torch.equal(sd[k], before[t][k]) for k in sd)
+
+
+def test_codec_choice_changes_size_not_content(small_family, tmp_path):
+    sizes = {}
+    recon = {}
+    for codec in ("raw", "zstd", "bytegroup-zstd"):
+        out = tmp_path / f"{codec}.tallpack"
+        tallpack.pack(small_family["base"], small_family["tasks"], out, codec=codec)
+        sizes[codec] = out.stat().st_size
+        with tallpack.open(out) as fam:
+            recon[codec] = fam.state_dict("a")
+    assert sizes["bytegroup-zstd"] < sizes["raw"]
+    for name in recon["raw"]:
+        assert torch.equal(recon["raw"][name], recon["bytegroup-zstd"][name])
