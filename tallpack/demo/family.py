@@ -293,7 +293,9 @@ def make_model(config: Mapping, num_classes: int, *, seed: int | None = None) ->
     with torch.random.fork_rng(devices=[]):
         if seed is not None:
             torch.manual_seed(seed)
-        return DigitsMLP(config["input_dim"], config["hidden"], config["layers"], config["features"], num_classes)
+        return DigitsMLP(
+            config["input_dim"], config["hidden"], config["layers"], config["features"], num_classes
+        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -330,7 +332,7 @@ def _train(
         for i in range(0, n, batch_size):
             b = perm[i : i + batch_size]
             loss = F.cross_entropy(model(x[b]), y[b])
-            opt.zero_grad(set_to_none=True)
+            model.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
     model.eval()
@@ -373,7 +375,10 @@ def _build_into(tmp: Path, cfg: dict) -> None:
     base = make_model(cfg, 10, seed=seed)
     x, y = _task_arrays(_PRETRAIN_SPEC, "pretrain", seed)
     gen = torch.Generator().manual_seed(seed)
-    _train(base, list(base.parameters()), x, y, epochs=cfg["pretrain_epochs"], lr=cfg["pretrain_lr"], gen=gen, **common)
+    _train(
+        base, list(base.parameters()), x, y,
+        epochs=cfg["pretrain_epochs"], lr=cfg["pretrain_lr"], gen=gen, **common,
+    )
     xv, yv = _task_arrays(_PRETRAIN_SPEC, "val", seed)
     logger.info("pretrained base: val acc %.3f (%.1fs)", _accuracy(base, xv, yv), time.perf_counter() - t0)
     _save_checkpoint(
@@ -385,16 +390,27 @@ def _build_into(tmp: Path, cfg: dict) -> None:
         spec = _TASK_SPECS[name]
         task_seed = seed * 1000 + 1 + i
         model = make_model(cfg, spec.num_classes, seed=task_seed)
-        model.load_state_dict(base_body, strict=False)
+        missing, unexpected = model.load_state_dict(base_body, strict=False)
+        assert not unexpected and all(k.startswith("head.") for k in missing), (missing, unexpected)
         x, y = _task_arrays(spec, "train", seed)
         gen = torch.Generator().manual_seed(task_seed)
         # Linear probe (fresh head on the frozen base body), then full fine-tuning.
-        _train(model, list(model.head.parameters()), x, y, epochs=cfg["probe_epochs"], lr=cfg["probe_lr"], gen=gen, **common)
-        _train(model, list(model.parameters()), x, y, epochs=cfg["finetune_epochs"], lr=cfg["finetune_lr"], gen=gen, **common)
+        _train(
+            model, list(model.head.parameters()), x, y,
+            epochs=cfg["probe_epochs"], lr=cfg["probe_lr"], gen=gen, **common,
+        )
+        _train(
+            model, list(model.parameters()), x, y,
+            epochs=cfg["finetune_epochs"], lr=cfg["finetune_lr"], gen=gen, **common,
+        )
         xv, yv = _task_arrays(spec, "val", seed)
-        logger.info("fine-tuned %s: val acc %.3f (%.1fs)", name, _accuracy(model, xv, yv), time.perf_counter() - t0)
+        logger.info(
+            "fine-tuned %s: val acc %.3f (%.1fs)", name, _accuracy(model, xv, yv), time.perf_counter() - t0
+        )
         _save_checkpoint(
-            tmp / "tasks" / name, model, _model_config(cfg, name, spec.description, spec.num_classes, "finetuned")
+            tmp / "tasks" / name,
+            model,
+            _model_config(cfg, name, spec.description, spec.num_classes, "finetuned"),
         )
 
     # Written last: its presence marks a complete build.
@@ -439,25 +455,39 @@ def build_family(root: str | Path, *, size: str = "full", seed: int = 0, force: 
     if not force and _read_family(root) == cfg:
         logger.info("reusing demo family in %s", root)
         return _paths(root, cfg["tasks"])
+    if root.exists() and not root.is_dir():
+        raise ValueError(f"{root} exists and is not a directory")
     if root.exists() and not (root / "family.json").exists() and any(root.iterdir()):
         raise ValueError(f"{root} exists, is not empty and is not a demo family folder")
 
     root.parent.mkdir(parents=True, exist_ok=True)
     logger.info("building demo family (size=%s, seed=%d) in %s", size, seed, root)
     t0 = time.perf_counter()
+    # Build next to the target and move into place, so an interrupted build is never reused
+    # (``family.json``, written last, marks a complete family).
     tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.building-", dir=root.parent))
     try:
         _build_into(tmp, cfg)
+        os.chmod(tmp, 0o755)
         if root.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{root.name}.old-", dir=root.parent))
-            os.replace(root, old / "family")
-            os.replace(tmp, root)
-            shutil.rmtree(old, ignore_errors=True)
+            try:
+                os.replace(root, old / "family")
+            except FileNotFoundError:  # removed concurrently
+                pass
+            try:
+                os.replace(tmp, root)
+            finally:
+                shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, root)
-    except BaseException:
+    except OSError:
+        # Another process may have put an identical family in place meanwhile.
+        if _read_family(root) != cfg:
+            raise
+        logger.info("another process built the same family in %s; using it", root)
+    finally:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
     logger.info("built demo family in %.1fs", time.perf_counter() - t0)
     _clear_eval_cache(root)
     return _paths(root, cfg["tasks"])
@@ -480,7 +510,9 @@ def _clear_eval_cache(root: Path) -> None:
             del _EVAL_CACHE[key]
 
 
-def _eval_entry(root: str | Path, task: str) -> tuple[DigitsMLP, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+def _eval_entry(
+    root: str | Path, task: str
+) -> tuple[DigitsMLP, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
     root = Path(root).absolute()
     cfg = _read_family(root)
     if cfg is None:
@@ -513,7 +545,9 @@ def load_model(state_dict: Mapping[str, torch.Tensor], task: str, root: str | Pa
     return model.eval()
 
 
-def evaluate(root: str | Path, task: str, state_dict: Mapping[str, torch.Tensor], *, split: str = "test") -> float:
+def evaluate(
+    root: str | Path, task: str, state_dict: Mapping[str, torch.Tensor], *, split: str = "test"
+) -> float:
     """Accuracy (0..1) of the model given by ``state_dict`` on ``task``'s split ("val" or "test").
 
     ``state_dict`` must hold exactly the task model's tensor names with matching shapes (any

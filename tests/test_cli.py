@@ -1,0 +1,144 @@
+"""The command-line contract, end to end on real files."""
+
+import json
+import pickle
+import subprocess
+import sys
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file, save_file
+
+from tallpack_cli.main import main
+
+
+def run(*args, ok=True):
+    result = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+    if ok:
+        assert result.exit_code == 0, result.output
+    return result
+
+
+@pytest.fixture
+def packed(small_family, tmp_path):
+    out = tmp_path / "fam.tallpack"
+    p = small_family["task_paths"]
+    run("pack", "--base", small_family["base_path"], "--task", f"a={p['a']}", "--task", f"b={p['b']}",
+        "--task", p["c"], "--lambda", "0.3", "--lambda", "b=0.5", "-o", out)
+    return out
+
+
+def test_pack_inspect_json_contract(packed, small_family):
+    s = json.loads(run("inspect", packed, "--json").output)
+    assert s["format_version"] == "1.0"
+    assert [(t["name"], t["lambda"]) for t in s["tasks"]] == [("a", 0.3), ("b", 0.5), ("c", 0.3)]
+    assert all(0 < t["density"] < 1 for t in s["tasks"])
+    assert s["archive_bytes"] == packed.stat().st_size
+    sources = [small_family["base_path"], *small_family["task_paths"].values()]
+    assert s["source_bytes"] == sum(t.numel() * t.element_size() for p in sources for t in load_file(p).values())
+
+
+def test_inspect_table(packed):
+    out = run("inspect", packed).output
+    assert "format 1.0" in out and "density" in out
+    assert all(f"\n{t} " in out for t in "abc")
+
+
+def test_unpack_writes_a_loadable_checkpoint(packed, tmp_path, small_family):
+    run("unpack", packed, "--task", "b", "-o", tmp_path / "b")
+    sd = load_file(tmp_path / "b" / "model.safetensors")
+    assert set(sd) == set(small_family["tasks"]["b"])
+    assert torch.equal(sd["head.w"], small_family["tasks"]["b"]["head.w"])
+    run("unpack", packed, "--all", "-o", tmp_path / "all")
+    assert sorted(p.name for p in (tmp_path / "all").iterdir()) == ["a", "b", "c"]
+
+
+def test_verify_ok_and_damaged(packed):
+    assert "ok" in run("verify", packed).output
+    raw = bytearray(packed.read_bytes())
+    raw[200] ^= 0xFF
+    packed.write_bytes(bytes(raw))
+    r = run("verify", packed, ok=False)
+    assert r.exit_code == 1 and "checksum mismatch" in r.output
+
+
+def test_hf_folder_unpacks_to_a_folder_from_pretrained_loads(hf_family, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "hf.tallpack"
+    run("pack", "--base", hf_family["base"], *[x for t, p in hf_family["tasks"].items() for x in ("--task", f"{t}={p}")],
+        "-o", out)
+    run("unpack", out, "--task", "dtd", "-o", tmp_path / "dtd")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "dtd")
+    import tallpack
+    with tallpack.open(out) as fam:
+        sd = fam.state_dict("dtd")
+    assert torch.equal(model.state_dict()["model.layers.1.mlp.up_proj.weight"], sd["model.layers.1.mlp.up_proj.weight"])
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()  # still tied
+
+
+def one_error_line(result):
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert result.exit_code != 0
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
+    assert "Traceback" not in result.output
+    return lines[0]
+
+
+def test_error_missing_file(small_family, tmp_path):
+    r = run("pack", "--base", tmp_path / "nope.safetensors", "--task", f"a={small_family['task_paths']['a']}",
+            "-o", tmp_path / "o.tallpack", ok=False)
+    assert "nope.safetensors: no such file" in one_error_line(r)
+
+
+def test_error_pickle_that_needs_code(small_family, tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+    path = tmp_path / "evil.pt"
+    with open(path, "wb") as f:
+        pickle.dump({"w": Evil()}, f)
+    torch.save({"w": torch.ones(2), "obj": torch.nn.Linear(2, 2)}, tmp_path / "module.pt")
+    for bad in (path, tmp_path / "module.pt"):
+        r = run("pack", "--base", small_family["base_path"], "--task", f"x={bad}", "-o", tmp_path / "o.tallpack", ok=False)
+        line = one_error_line(r)
+        assert bad.name in line and ("code execution" in line or "not a readable PyTorch file" in line)
+    assert not (tmp_path / "o.tallpack").exists()
+
+
+def test_error_shapes_do_not_match_the_base(small_family, tmp_path):
+    other = {k: torch.zeros(v.shape[0] + 1, *v.shape[1:]) if v.dim() else v for k, v in small_family["base"].items()}
+    save_file(other, tmp_path / "other.safetensors")
+    r = run("pack", "--base", small_family["base_path"], "--task", f"x={tmp_path / 'other.safetensors'}",
+            "-o", tmp_path / "o.tallpack", ok=False)
+    assert "task 'x'" in (line := one_error_line(r)) and "does not look fine-tuned from the base" in line
+
+
+def test_error_bad_lambda_and_unknown_options(packed, small_family, tmp_path):
+    base = small_family["base_path"]
+    a = small_family["task_paths"]["a"]
+    r = run("pack", "--base", base, "--task", a, "--lambda", "zz=0.3", "-o", tmp_path / "o.tallpack", ok=False)
+    assert "unknown task" in one_error_line(r)
+    r = run("pack", "--base", base, "--task", a, "--lambda", "abc", "-o", tmp_path / "o.tallpack", ok=False)
+    assert r.exit_code == 2 and "expected a number" in r.output
+    r = run("pack", "--base", base, "--task", a, "--codec", "gzip", "-o", tmp_path / "o.tallpack", ok=False)
+    assert r.exit_code == 2 and "gzip" in r.output
+
+
+def test_error_not_a_tallpack_and_unknown_task(packed, small_family):
+    assert "not a tallpack archive" in one_error_line(run("inspect", small_family["base_path"], ok=False))
+    r = run("unpack", packed, "--task", "zz", "-o", packed.parent / "zz", ok=False)
+    assert "no task 'zz'; tasks are a, b, c" in one_error_line(r)
+
+
+def test_existing_output_needs_force(packed, small_family):
+    args = ["pack", "--base", small_family["base_path"], "--task", small_family["task_paths"]["a"], "-o", packed]
+    assert "--force" in one_error_line(run(*args, ok=False))
+    run(*args, "--force")
+
+
+def test_console_script_is_installed(packed):
+    r = subprocess.run([sys.executable, "-m", "tallpack_cli.main", "inspect", str(packed), "--json"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0 and json.loads(r.stdout)["format_version"] == "1.0"

@@ -1,0 +1,183 @@
+"""Damaged, truncated, hostile and foreign files: a TallpackError, never a crash or a hang."""
+
+import os
+import struct
+
+import pytest
+import torch
+
+import tallpack
+from tallpack.sources import DictSource
+from tallpack.container import FOOTER, HEADER
+from tallpack.errors import FormatError, IntegrityError, TallpackError, UnsupportedVersionError
+
+
+@pytest.fixture
+def archive(small_family, tmp_path):
+    out = tmp_path / "f.tallpack"
+    tallpack.pack(small_family["base"], small_family["tasks"], out, chunk_elements=256)
+    return out
+
+
+def data_chunks(path):
+    with tallpack.open(path) as fam:
+        return [(e.name, key, c) for e in fam.manifest.tensors for key, ref in e.arrays() for c in ref.chunks]
+
+
+def test_any_changed_byte_of_a_data_section_is_caught(archive):
+    raw = archive.read_bytes()
+    chunks = data_chunks(archive)
+    assert len(chunks) > 10
+    for name, key, c in chunks:
+        for pos in {c.offset, c.offset + c.nbytes // 2, c.offset + c.nbytes - 1}:
+            damaged = bytearray(raw)
+            damaged[pos] ^= 0x40
+            archive.write_bytes(bytes(damaged))
+            with tallpack.open(archive) as fam:
+                problems = fam.verify()
+            assert len(problems) == 1 and repr(name) in problems[0] and "checksum" in problems[0]
+    archive.write_bytes(raw)
+    with tallpack.open(archive) as fam:
+        assert fam.verify() == []
+
+
+def test_damaged_chunk_raises_when_read(archive):
+    name, key, c = next(x for x in data_chunks(archive) if x[0] == "body.w" and "mask" in x[1])
+    raw = bytearray(archive.read_bytes())
+    raw[c.offset] ^= 1
+    archive.write_bytes(bytes(raw))
+    task = key.split("/")[0]
+    with tallpack.open(archive) as fam:
+        with pytest.raises(IntegrityError, match=f"task '{task}', tensor 'body.w'"):
+            fam.get_tensor(task, "body.w")
+        fam.get_tensor(task, "head.w")  # the rest of the archive still reads
+
+
+@pytest.mark.parametrize("cut", [1, 16, 31, 32, 100, 1000])
+def test_truncated_archives(archive, cut):
+    raw = archive.read_bytes()
+    archive.write_bytes(raw[:-cut])
+    with pytest.raises(FormatError):
+        tallpack.open(archive)
+
+
+def test_every_prefix_fails_cleanly(archive):
+    raw = archive.read_bytes()
+    for n in range(0, len(raw), max(1, len(raw) // 200)):
+        archive.write_bytes(raw[:n])
+        with pytest.raises(TallpackError):
+            tallpack.open(archive)
+
+
+def test_manifest_damage_is_caught(archive):
+    raw = bytearray(archive.read_bytes())
+    m_off, m_len, *_ = FOOTER.unpack(raw[-FOOTER.size:])
+    raw[m_off + m_len // 2] ^= 0xFF
+    archive.write_bytes(bytes(raw))
+    with pytest.raises(IntegrityError, match="manifest checksum"):
+        tallpack.open(archive)
+
+
+@pytest.mark.parametrize("content", [b"", b"hello", b"\0" * 100, b"PK\x03\x04" + b"x" * 200])
+def test_foreign_files_are_not_tallpacks(tmp_path, content):
+    p = tmp_path / "x.tallpack"
+    p.write_bytes(content)
+    with pytest.raises(FormatError, match="not a tallpack archive"):
+        tallpack.open(p)
+
+
+def test_a_safetensors_file_is_not_a_tallpack(small_family):
+    with pytest.raises(FormatError, match="not a tallpack"):
+        tallpack.open(small_family["base_path"])
+
+
+def test_a_newer_major_version_is_refused(archive):
+    raw = bytearray(archive.read_bytes())
+    raw[: HEADER.size] = HEADER.pack(b"TALLPACK", 2, 0, 0)
+    archive.write_bytes(bytes(raw))
+    with pytest.raises(UnsupportedVersionError, match="upgrade"):
+        tallpack.open(archive)
+
+
+def test_offsets_outside_the_file_are_refused(archive):
+    raw = bytearray(archive.read_bytes())
+    m_off, m_len, crc, flags, end = FOOTER.unpack(raw[-FOOTER.size:])
+    raw[-FOOTER.size:] = FOOTER.pack(m_off, 2**62, crc, flags, end)
+    archive.write_bytes(bytes(raw))
+    with pytest.raises(IntegrityError, match="outside the file"):
+        tallpack.open(archive)
+
+
+def rewrite_manifest(path, edit):
+    """Re-write an archive's manifest through ``edit`` (a hostile writer), with a valid checksum."""
+    import json
+    import zlib
+
+    import zstandard
+
+    raw = bytearray(path.read_bytes())
+    m_off, m_len, _, flags, end = FOOTER.unpack(raw[-FOOTER.size:])
+    manifest = json.loads(zstandard.ZstdDecompressor().decompress(bytes(raw[m_off:m_off + m_len])))
+    edit(manifest)
+    stored = zstandard.ZstdCompressor().compress(json.dumps(manifest).encode())
+    path.write_bytes(bytes(raw[:m_off]) + stored + FOOTER.pack(m_off, len(stored), zlib.crc32(stored), flags, end))
+
+
+def _first_merged(m):
+    return next(t for t in m["tensors"] if t["kind"] == "merged")
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda m: _first_merged(m)["merged"]["chunks"][0].__setitem__(0, 3), "overlaps"),
+    (lambda m: _first_merged(m)["merged"]["chunks"].pop(), "chunks cannot hold"),
+    (lambda m: _first_merged(m)["merged"].__setitem__("shape", [10**12]), "array shape|chunks cannot hold"),
+    (lambda m: _first_merged(m)["merged"].__setitem__("chunk_elements", 2**40), "chunks larger|chunks cannot"),
+    (lambda m: _first_merged(m)["merged"].__setitem__("dtype", "complex256"), "unknown dtype"),
+    (lambda m: _first_merged(m)["merged"]["chunks"][0].__setitem__(1, -5), "non-negative"),
+    (lambda m: m["tasks"][0].__setitem__("keys", ["nope"]), "listed but not stored"),
+    (lambda m: m.__setitem__("tasks", "x"), "malformed|missing"),
+    (lambda m: m.pop("tensors"), "missing"),
+    (lambda m: m.__setitem__("format", "zip"), "format: tallpack"),
+])
+def test_hostile_manifests_are_refused(archive, edit, message):
+    rewrite_manifest(archive, edit)
+    with pytest.raises(FormatError, match=message):
+        tallpack.open(archive)
+
+
+def test_an_unknown_encoding_fails_only_where_used(archive):
+    def edit(m):
+        _first_merged(m)["tasks"]["a"]["encoding"] = "future-codec"
+    rewrite_manifest(archive, edit)
+    with tallpack.open(archive) as fam:
+        name = next(e.name for e in fam.manifest.tensors if e.kind == "merged")
+        with pytest.raises(UnsupportedVersionError, match="upgrade"):
+            fam.get_tensor("a", name)
+        fam.state_dict("b")
+
+
+def test_unknown_keys_are_ignored(archive):
+    rewrite_manifest(archive, lambda m: m.update(future_key={"x": 1}))
+    with tallpack.open(archive) as fam:
+        fam.state_dict("a")
+
+
+def test_failed_pack_leaves_nothing_behind(small_family, tmp_path):
+    bad = dict(small_family["tasks"]["a"])
+    bad["body.w"] = torch.zeros(3, 3)  # one tensor of another shape: becomes task-own, fine
+    good_out = tmp_path / "ok.tallpack"
+    tallpack.pack(small_family["base"], {"a": bad, "b": small_family["tasks"]["b"]}, good_out)
+
+    class Exploding(DictSource):  # a source whose disk fails half-way through the pack
+        def _load(self, name):
+            if name == "body.b":
+                raise RuntimeError("disk on fire")
+            return super()._load(name)
+
+    out = tmp_path / "f.tallpack"
+    out.write_bytes(b"previous archive")
+    tasks = {"a": Exploding("task 'a'", small_family["tasks"]["a"]), "b": small_family["tasks"]["b"]}
+    with pytest.raises(TallpackError, match="task 'a'.*'body.b'.*disk on fire"):
+        tallpack.pack(small_family["base"], tasks, out)
+    assert out.read_bytes() == b"previous archive"
+    assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".partial")] == []
