@@ -12,6 +12,7 @@ import click
 import tallpack
 from tallpack.codecs import DENSE_PRESETS
 from tallpack.errors import TallpackError
+from tallpack.merging import MERGED_MODELS, default_alpha
 from tallpack.outputs import task_metadata, write_checkpoint
 from tallpack.sources import stem
 
@@ -185,6 +186,30 @@ def verify(archive: str) -> None:
             click.echo(f"error: {p}", err=True)
         sys.exit(1)
     click.echo(f"ok: {archive}: {n} chunks intact")
+
+
+@main.command()
+@click.argument("archive")
+@click.option("--method", type=click.Choice(list(MERGED_MODELS)), default="consensus-ta", show_default=True,
+              help="ta and consensus-ta need an archive packed with --merge ta; ties and consensus-ties "
+                   "one packed with --merge ties.")
+@click.option("--k", type=click.IntRange(0), default=2, show_default=True,
+              help="Consensus: keep weights used by at least k tasks (0 gives plain TA/TIES).")
+@click.option("--alpha", type=float, default=None,
+              help="Scale of the merged vector (default: 1/T for sums, 1.0 for TIES).")
+@click.option("--task", "task", default=None, help="Add this task's own tensors (its head) to the model.")
+@click.option("-o", "--output", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="The folder to write model.safetensors into.")
+def merge(archive: str, method: str, k: int, alpha: float | None, task: str | None, output: Path) -> None:
+    """Write one multi-task model merged from the archive's tasks."""
+    with tallpack.open(archive) as fam:
+        alpha = default_alpha(method, len(fam.tasks)) if alpha is None else alpha
+        sd = fam.merged(method, k=k, alpha=alpha, task=task)
+        meta = {"tallpack.merge": method, "tallpack.k": k, "tallpack.alpha": alpha,
+                "tallpack.tasks": list(fam.tasks)} | ({"tallpack.task": task} if task else {})
+        config = (fam.task_info(task).metadata if task else fam.manifest.base.get("metadata", {})).get("config")
+        path = write_checkpoint(sd, output, metadata=meta, config=config)
+    click.echo(f"wrote {path} ({method}, k={k}, alpha={alpha:g}, {len(sd)} tensors)")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -23,10 +23,12 @@ from .errors import (  # noqa: E402
 )
 from .packer import pack  # noqa: E402
 from .reader import Archive, open  # noqa: E402,A004
+from .merging import ALPHA_GRID  # noqa: E402
+from .selection import select_alpha  # noqa: E402
 from .tall import DEFAULT_LAMBDA, LAMBDA_GRID  # noqa: E402
 
 __all__ = [
-    "pack", "open", "Archive", "DEFAULT_LAMBDA", "LAMBDA_GRID",
+    "pack", "open", "select_alpha", "Archive", "DEFAULT_LAMBDA", "LAMBDA_GRID", "ALPHA_GRID",
     "TallpackError", "FormatError", "IntegrityError", "UnsupportedVersionError", "CodecError",
     "CheckpointError", "CheckpointNotFoundError", "UnsafeCheckpointError",
     "IncompatibleCheckpointsError", "TaskNotFoundError", "TensorNotFoundError",

@@ -149,7 +149,45 @@ def get_method(name: str, **kwargs: Any) -> MergeMethod:
 
 def consensus_mask(masks: list[torch.Tensor], k: int) -> torch.Tensor:
     """``m_cons = (sum_t m_t) >= k``: weights used by at least ``k`` tasks."""
-    count = torch.zeros(masks[0].shape, dtype=torch.int32) if masks else None
+    count = torch.zeros(masks[0].shape, dtype=torch.int32)
     for m in masks:
         count += m.to(torch.int32)
     return count >= k
+
+
+# -- merged (multi-task) models -------------------------------------------------------------
+
+#: The multi-task models an archive can produce, and the tau_MTL each needs at pack time.
+MERGED_MODELS: dict[str, str] = {"ta": "ta", "ties": "ties", "consensus-ta": "ta", "consensus-ties": "ties"}
+#: The paper's alpha grid.
+ALPHA_GRID: tuple[float, ...] = tuple(round(0.1 * i, 1) for i in range(1, 11))
+
+
+def default_alpha(method: str, num_tasks: int) -> float:
+    """The data-free alpha: 1.0 for TIES (its disjoint mean is already an average), ``1/T`` for
+    the sums (TA and both consensus methods), which makes plain TA the average of the models."""
+    return 1.0 if method == "ties" else 1.0 / max(1, num_tasks)
+
+
+def merge_direction(method: str, tau_mtl: torch.Tensor, masks: list[torch.Tensor] | None = None,
+                    counts: torch.Tensor | None = None, k: int = 2) -> torch.Tensor:
+    """The float32 vector d of one tensor such that the merged model is ``theta_0 + alpha * d``.
+
+    ``ta``: tau_MTL; ``ties``: the disjoint mean ``tau_MTL / max(counts, 1)``; ``consensus-*``:
+    ``m_cons * tau_MTL`` with ``m_cons = (sum_t m_t) >= k``.
+    """
+    if method == "ta":
+        return tau_mtl
+    if method == "ties":
+        assert counts is not None
+        return tau_mtl / torch.clamp(counts.to(torch.float32), min=1)
+    if method in ("consensus-ta", "consensus-ties"):
+        assert masks is not None
+        return consensus_mask(masks, k).to(torch.float32) * tau_mtl
+    raise ValueError(f"unknown merged model {method!r}; choose one of {', '.join(MERGED_MODELS)}")
+
+
+def apply_direction(theta_0: torch.Tensor, direction: torch.Tensor, alpha: float) -> torch.Tensor:
+    """``theta_0 + alpha * d`` in float32 (alpha rounded to float32), cast to theta_0's dtype."""
+    alpha32 = torch.tensor(alpha, dtype=torch.float32)
+    return (theta_0.to(torch.float32) + alpha32 * direction).to(theta_0.dtype)

@@ -19,6 +19,7 @@ from .dtypes import bytes_to_tensor, numel, torch_dtype
 from .errors import (FormatError, IntegrityError, TallpackError, TaskNotFoundError,
                      TensorNotFoundError, UnsupportedVersionError)
 from .manifest import Manifest, TaskInfo, TaskTensor, TensorEntry
+from .merging import MERGED_MODELS, apply_direction, default_alpha, merge_direction
 from .tall import reconstruct
 
 log = logging.getLogger(__name__)
@@ -129,6 +130,26 @@ class Archive:
             return None
         return self._array(entry.base, f"tensor {name!r} (base)")
 
+    # -- merged models -----------------------------------------------------------------------
+    def merge_parts(self, method: str, *, k: int = 2) -> "MergeParts":
+        """The pieces of a merged model that do not depend on alpha (base and direction per
+        tensor), computed once; ``MergeParts.state_dict(alpha)`` then builds models quickly."""
+        return MergeParts(self, method, k)
+
+    def merged(self, method: str = "consensus-ta", *, k: int = 2, alpha: float | None = None,
+               task: str | None = None) -> dict[str, torch.Tensor]:
+        """The multi-task model: ``theta_0 + alpha * d`` for every tensor all tasks share.
+
+        ``method`` is ``ta``, ``ties``, ``consensus-ta`` or ``consensus-ties`` (the archive must
+        have been packed with the matching ``merge``). Tensors equal in every task come back as
+        stored. With ``task``, the task's own tensors (its classification head) are added, in
+        the task's order, so the result loads into that task's model. ``alpha`` defaults to the
+        data-free :func:`tallpack.merging.default_alpha`.
+
+        >>> sd = fam.merged("consensus-ta", k=2, alpha=0.4)
+        """
+        return self.merge_parts(method, k=k).state_dict(alpha, task=task)
+
     # -- checking ----------------------------------------------------------------------------
     def verify(self) -> list[str]:
         """Check every chunk's checksum and decode it; returns the problems found (empty: intact)."""
@@ -190,6 +211,55 @@ class Archive:
             "tasks": tasks,
             "metadata": m.metadata,
         }
+
+
+class MergeParts:
+    """Alpha-independent parts of a merged model: for each shared tensor, theta_0 and the
+    direction d (float32), or the stored tensor itself when every task has it unchanged."""
+
+    def __init__(self, archive: Archive, method: str, k: int):
+        if method not in MERGED_MODELS:
+            raise TallpackError(f"unknown merge method {method!r}; choose one of {', '.join(MERGED_MODELS)}")
+        packed = archive.manifest.merge.get("method")
+        if MERGED_MODELS[method] != packed:
+            raise TallpackError(
+                f"{archive.name}: {method} needs an archive packed with --merge {MERGED_MODELS[method]}, "
+                f"this one was packed with --merge {packed}"
+            )
+        if not isinstance(k, int) or k < 0:
+            raise TallpackError(f"k must be a non-negative integer, got {k!r}")
+        self.archive, self.method, self.k = archive, method, k
+        tasks = set(archive.tasks)
+        self.parts: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
+        for e in archive.manifest.tensors:
+            if set(e.tasks) != tasks:
+                continue
+            if e.kind == "merged":
+                base = archive._array(e.base, f"tensor {e.name!r} (base)")
+                tau = archive._array(e.merged, f"tensor {e.name!r} (merged)")
+                masks = counts = None
+                if method.startswith("consensus"):
+                    masks = [archive._array(tt.mask, f"task {t!r}, tensor {e.name!r} (mask)")
+                             for t, tt in e.tasks.items()]
+                if method == "ties":
+                    if e.counts is None:
+                        raise FormatError(f"{archive.name}: tensor {e.name!r} has no TIES counts")
+                    counts = archive._array(e.counts, f"tensor {e.name!r} (counts)")
+                self.parts[e.name] = (base, merge_direction(method, tau, masks, counts, k))
+            elif e.kind == "shared" and e.data is not None:
+                self.parts[e.name] = (archive._array(e.data, f"tensor {e.name!r}"), None)
+
+    def state_dict(self, alpha: float | None = None, *, task: str | None = None) -> dict[str, torch.Tensor]:
+        """The merged model at ``alpha``; with ``task``, completed with that task's own tensors."""
+        if alpha is None:
+            alpha = default_alpha(self.method, len(self.archive.tasks))
+        if not math.isfinite(alpha):
+            raise TallpackError(f"alpha must be a finite number, got {alpha}")
+        merged = {name: t if d is None else apply_direction(t, d, alpha) for name, (t, d) in self.parts.items()}
+        if task is None:
+            return merged
+        return {name: merged[name] if name in merged else self.archive.get_tensor(task, name)
+                for name in self.archive.keys(task)}
 
 
 def _entropy(p: float) -> float:

@@ -1,0 +1,189 @@
+"""Merge methods against direct implementations of the official code's formulas."""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from safetensors.torch import load_file
+
+import tallpack
+from tallpack.merging import Ties, consensus_mask
+from test_cli import run
+
+
+def family(seed=0, tasks=4, shapes=((40, 30), (30,), (7, 5, 3))):
+    g = torch.Generator().manual_seed(seed)
+    base = {f"w{i}": torch.randn(s, generator=g) for i, s in enumerate(shapes)}
+    fts = {}
+    for t in range(tasks):
+        sd = {}
+        for k, v in base.items():
+            sparse = (torch.rand(v.shape, generator=g) < 0.5).float()
+            sd[k] = v + sparse * 0.1 * torch.randn(v.shape, generator=g)
+        sd["head"] = torch.randn(t + 2, 4, generator=g)
+        fts[f"t{t}"] = sd
+    return base, fts
+
+
+def flat_taus(base, fts):
+    """(T, d): the official code's flattened task vectors over the shared parameters."""
+    return torch.stack([torch.cat([(sd[k] - base[k]).reshape(-1) for k in base]) for sd in fts.values()])
+
+
+def official_ties(tv: torch.Tensor, k_frac: float, merge_func: str) -> torch.Tensor:
+    """ties_merging of github nik-dim/tall_masks, written out: topk_values_mask, resolve_sign
+    (majority for zeros), disjoint_merge."""
+    n, d = tv.shape
+    k = d - int(d * k_frac)
+    kth = tv.abs().kthvalue(k, dim=1, keepdim=True).values
+    trimmed = tv * (tv.abs() >= kth)
+    sign = torch.sign(trimmed.sum(dim=0))
+    sign[sign == 0] = torch.sign(sign.sum())
+    keep = torch.where(sign.unsqueeze(0) > 0, trimmed > 0, trimmed < 0)
+    sel = trimmed * keep
+    if merge_func == "sum":
+        return sel.sum(dim=0)
+    return sel.sum(dim=0) / torch.clamp((sel != 0).sum(dim=0).float(), min=1)
+
+
+def unflatten(vec, base):
+    out, pos = {}, 0
+    for k, v in base.items():
+        out[k] = vec[pos:pos + v.numel()].reshape(v.shape)
+        pos += v.numel()
+    return out
+
+
+@given(st.integers(0, 10**6), st.sampled_from([8, 64, 1024]), st.sampled_from([0.05, 0.2, 0.5, 1.0]))
+@settings(max_examples=30, deadline=None)
+def test_streaming_ties_threshold_is_the_exact_global_kth_value(seed, chunk, top_k):
+    base, fts = family(seed, tasks=3)
+    # a few exact repeats, so that ties at the threshold are exercised
+    for sd in fts.values():
+        sd["w0"][:5] = base["w0"][:5] + 0.05
+    tv = flat_taus(base, fts)
+    blocks = lambda: (  # noqa: E731
+        [t[a:a + chunk] for t in tv] for a in range(0, tv.shape[1], chunk))
+    m = Ties(top_k)
+    m.prepare(blocks, 3)
+    d = tv.shape[1]
+    k = d - int(d * top_k)
+    exact = [float(tv[i].abs().kthvalue(k).values) if k > 0 else 0.0 for i in range(3)]
+    assert m.thresholds == exact
+
+
+def test_ties_archive_matches_the_official_code(tmp_path):
+    base, fts = family()
+    out = tmp_path / "ties.tallpack"
+    tallpack.pack(base, fts, out, merge="ties", ties_top_k=0.2, lambdas=0.4, chunk_elements=64)
+    tv = flat_taus(base, fts)
+    dis_sum = unflatten(official_ties(tv, 0.2, "sum"), base)
+    dis_mean = unflatten(official_ties(tv, 0.2, "mean"), base)
+    with tallpack.open(out) as fam:
+        assert fam.manifest.merge["method"] == "ties"
+        for t, sd in fts.items():
+            rec = fam.state_dict(t)
+            for k in base:
+                tau = sd[k] - base[k]  # masks are built against the untrimmed task vector
+                m = tau.abs() > torch.tensor(0.4) * (dis_sum[k] - tau).abs()
+                # Same float32 operations in the same order as the official code: bit-exact.
+                assert torch.equal(rec[k], base[k] + m.float() * dis_sum[k]), (t, k)
+        ties = fam.merged("ties", alpha=0.7)
+        for k in base:
+            assert torch.equal(ties[k], base[k] + torch.tensor(0.7) * dis_mean[k])
+
+
+def test_ta_and_consensus_against_the_formulas(tmp_path):
+    base, fts = family()
+    lambdas = {"t0": 0.2, "t1": 0.3, "t2": 0.5, "t3": 0.6}
+    out = tmp_path / "ta.tallpack"
+    tallpack.pack(base, fts, out, lambdas=lambdas)
+    with tallpack.open(out) as fam:
+        for k in base:
+            taus = [sd[k] - base[k] for sd in fts.values()]
+            mtl = torch.zeros_like(base[k])
+            for tau in taus:
+                mtl = mtl + tau
+            masks = [tau.abs() > torch.tensor(lambdas[t]) * (mtl - tau).abs() for t, tau in zip(fts, taus)]
+            cons = (torch.stack(masks).sum(0) >= 2).float()
+            a = torch.tensor(0.4)
+            assert torch.equal(fam.merged("ta", alpha=0.4)[k], base[k] + a * mtl)
+            assert torch.equal(fam.merged("consensus-ta", k=2, alpha=0.4)[k], base[k] + a * (cons * mtl))
+            assert torch.equal(fam.merged("consensus-ta", k=0, alpha=0.4)[k], fam.merged("ta", alpha=0.4)[k])
+            assert torch.equal(fam.merged("consensus-ta", k=5, alpha=0.4)[k], base[k])
+        with_head = fam.merged("consensus-ta", task="t1")
+        assert list(with_head) == list(fts["t1"]) and torch.equal(with_head["head"], fts["t1"]["head"])
+        with pytest.raises(tallpack.TallpackError, match="packed with --merge ties"):
+            fam.merged("consensus-ties")
+
+
+def test_consensus_ties_k0_is_ties_sum_and_k_above_t_is_base(tmp_path):
+    base, fts = family(3)
+    out = tmp_path / "ties.tallpack"
+    tallpack.pack(base, fts, out, merge="ties")
+    dis_sum = unflatten(official_ties(flat_taus(base, fts), 0.2, "sum"), base)
+    with tallpack.open(out) as fam:
+        k0 = fam.merged("consensus-ties", k=0, alpha=0.5)
+        k9 = fam.merged("consensus-ties", k=9, alpha=0.5)
+        for k in base:
+            assert torch.equal(k0[k], base[k] + torch.tensor(0.5) * dis_sum[k])
+            assert torch.equal(k9[k], base[k])
+
+
+def test_consensus_mask_counts_tasks():
+    masks = [torch.tensor([1, 0, 1, 0]).bool(), torch.tensor([1, 1, 0, 0]).bool(), torch.tensor([1, 0, 0, 0]).bool()]
+    assert consensus_mask(masks, 2).tolist() == [True, False, False, False]
+    assert consensus_mask(masks, 1).tolist() == [True, True, True, False]
+    assert consensus_mask(masks, 0).all()
+
+
+def test_lambda_selection_finds_the_answer_known_by_construction(tmp_path):
+    base, fts = family(5, tasks=3)
+    hidden = {"t0": 0.3, "t1": 0.5, "t2": 0.2}
+    target = tmp_path / "target.tallpack"
+    tallpack.pack(base, fts, target, lambdas=hidden)
+    with tallpack.open(target) as fam:
+        wanted = {t: fam.state_dict(t) for t in fam.tasks}
+
+    def evaluate(task, sd):  # scores 0 exactly at the hidden lambda's reconstruction
+        return -sum(float((sd[k].float() - wanted[task][k].float()).abs().sum()) for k in sd)
+
+    m = tallpack.pack(base, fts, tmp_path / "sel.tallpack", evaluate=evaluate)
+    assert {t.name: t.lam for t in m.tasks} == hidden
+    assert m.stats["selection"]["lambda"]["chosen"] == hidden
+    flat = tallpack.pack(base, fts, tmp_path / "flat.tallpack", evaluate=lambda t, sd: 1.0,
+                         lambda_grid=[0.6, 0.4, 0.3])
+    assert all(t.lam == 0.3 for t in flat.tasks), "ties go to the smallest lambda"
+
+
+def test_alpha_selection_finds_the_answer_known_by_construction(tmp_path):
+    base, fts = family(6, tasks=3)
+    out = tmp_path / "f.tallpack"
+    tallpack.pack(base, fts, out)
+    with tallpack.open(out) as fam:
+        goal = {t: fam.merged("consensus-ta", alpha=0.7, task=t) for t in fam.tasks}
+
+        def evaluate(task, sd):
+            return 1.0 / (1.0 + sum(float((sd[k] - goal[task][k]).abs().sum()) for k in sd))
+
+        sel = tallpack.select_alpha(fam, "consensus-ta", evaluate)
+        assert sel.alpha == 0.7 and sel.normalized[0.7] == max(sel.normalized.values())
+        assert set(sel.scores) == set(tallpack.ALPHA_GRID)
+
+
+def test_merge_through_the_cli(tmp_path):
+    base, fts = family(7)
+    from safetensors.torch import save_file
+    save_file(base, tmp_path / "base.safetensors")
+    for t, sd in fts.items():
+        save_file(sd, tmp_path / f"{t}.safetensors")
+    args = [x for t in fts for x in ("--task", tmp_path / f"{t}.safetensors")]
+    run("pack", "--base", tmp_path / "base.safetensors", *args, "--merge", "ties", "-o", tmp_path / "ties.tallpack")
+    run("merge", tmp_path / "ties.tallpack", "--method", "consensus-ties", "--k", "2", "--alpha", "0.4",
+        "-o", tmp_path / "merged")
+    sd = load_file(tmp_path / "merged" / "model.safetensors")
+    with tallpack.open(tmp_path / "ties.tallpack") as fam:
+        want = fam.merged("consensus-ties", k=2, alpha=0.4)
+    assert set(sd) == set(base) and all(torch.equal(sd[k], want[k]) for k in sd)
+    r = run("merge", tmp_path / "ties.tallpack", "--method", "ta", "-o", tmp_path / "m2", ok=False)
+    assert r.exit_code == 1 and "--merge ta" in r.output
