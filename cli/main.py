@@ -135,7 +135,11 @@ def inspect(archive: str, as_json: bool) -> None:
         s = fam.summary()
     if as_json:
         click.echo(json.dumps(s, indent=2))
-        return
+    else:
+        _print_summary(s)
+
+
+def _print_summary(s: dict) -> None:
     click.echo(f"{s['path']}: tallpack format {s['format_version']}, written by {s['writer']}")
     click.echo(f"merge: {s['merge'].get('method')}   tensors: " +
                ", ".join(f"{v} {k}" for k, v in s["kinds"].items()))
@@ -210,6 +214,32 @@ def merge(archive: str, method: str, k: int, alpha: float | None, task: str | No
         config = (fam.task_info(task).metadata if task else fam.manifest.base.get("metadata", {})).get("config")
         path = write_checkpoint(sd, output, metadata=meta, config=config)
     click.echo(f"wrote {path} ({method}, k={k}, alpha={alpha:g}, {len(sd)} tensors)")
+
+
+@main.command()
+@click.option("--dir", "workdir", default=".tallpack-demo", show_default=True, type=click.Path(file_okay=False),
+              help="Where the demo family, the archive and the unpacked task go (reused when present).")
+@click.option("--size", type=click.Choice(["full", "tiny"]), default="full", show_default=True)
+@click.option("--task", default=None, help="The task to unpack (default: the first).")
+def demo(workdir: str, size: str, task: str | None) -> None:
+    """Build a small real model family, pack, inspect, unpack one task and score it."""
+    from tallpack.demo.run import run_demo
+
+    click.echo(f"building (or reusing) the demo family in {workdir}/family ...")
+    r = run_demo(workdir, size=size, task=task)
+    sec = r.seconds
+    click.echo(f"built in {sec['build']:.1f}s; packed (lambda chosen on validation data) in {sec['pack']:.1f}s\n")
+    click.echo(f"$ tallpack inspect {r.archive}")
+    _print_summary(r.summary)
+    click.echo(f"\n$ tallpack unpack {r.archive} --task {r.task} -o {r.unpacked.parent}")
+    click.echo(f"wrote {r.unpacked}\n")
+    click.echo(f"test accuracy, original fine-tune vs rebuilt from the archive ({r.unpacked.name} for {r.task}):")
+    click.echo(f"{'task':<16} {'original':>9} {'rebuilt':>8} {'kept':>7}")
+    for name, (orig, rec) in r.scores.items():
+        click.echo(f"{name:<16} {orig:>9.3f} {rec:>8.3f} {rec / orig:>7.1%}")
+    mean_o = sum(o for o, _ in r.scores.values()) / len(r.scores)
+    mean_r = sum(x for _, x in r.scores.values()) / len(r.scores)
+    click.echo(f"{'mean':<16} {mean_o:>9.3f} {mean_r:>8.3f} {mean_r / mean_o:>7.1%}")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,0 +1,160 @@
+"""Build the golden archives of format 1.0 from fixed, seeded tensors.
+
+    python tests/golden/make_golden.py
+
+writes, beside this script:
+
+* ``v1_0_ta.tallpack``: merge "ta", codec "bytegroup-zstd", chunk_elements 64;
+* ``v1_0_ties_raw.tallpack``: merge "ties" (top_k 0.3), codec "raw", chunk_elements 64, base-only kept;
+* ``<name>.expected.safetensors`` for each: every task's reconstructed state dict under the keys
+  ``"<task>/<tensor>"``; the metadata key ``"order"`` holds, as JSON, ``{task: [tensor names]}`` in
+  the order ``state_dict(task)`` returns them (safetensors itself does not keep an order).
+
+The golden files are committed; ``tests/test_golden.py`` reads them back. Rerun this script only
+when the format deliberately changes (then bump the file names with the version). The expected
+values are checked here against an independent recomputation from the inputs wherever the spec
+defines them from the inputs alone (dense and shared tensors, and TALL tensors for Task Arithmetic).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+import tallpack
+
+HERE = Path(__file__).resolve().parent
+CHUNK = 64
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _randn(shape, g, dtype=torch.float32, scale=1.0) -> torch.Tensor:
+    return (torch.randn(shape, generator=g, dtype=torch.float32) * scale).to(dtype)
+
+
+def _finetune(t: torch.Tensor, g: torch.Generator, scale: float) -> torch.Tensor:
+    """``t`` plus a sparse-ish float32 perturbation, cast back to ``t``'s dtype."""
+    noise = torch.randn(t.shape, generator=g, dtype=torch.float32) * scale
+    keep = torch.rand(t.shape, generator=g) < 0.6
+    return (t.to(torch.float32) + noise * keep).to(t.dtype)
+
+
+def family(seed: int, tasks: list[str], head_rows: dict[str, int]):
+    """A base and its fine-tunes covering every tensor class and the common dtypes."""
+    g = _gen(seed)
+    base = {
+        "embed.weight": _randn((12, 10), g),                      # float32, 2 chunks
+        "block.0.weight": _randn((9, 16), g, torch.bfloat16, 0.02),  # bfloat16, 3 chunks
+        "block.0.bias": _randn((70,), g, torch.float16, 0.1),     # float16, 2 chunks
+        "block.0.scale": torch.tensor(1.5),                       # 0-d float32
+        "mixed.weight": _randn((5, 13), g),                       # base float32, tasks float16
+        "position_ids": torch.arange(20, dtype=torch.int64),      # int64 buffer, equal everywhere
+        "frozen.weight": _randn((16,), g),                        # equal in every task: shared
+        "empty.weight": torch.zeros((0, 4)),                      # empty
+        "head.weight": _randn((4, 10), g),                        # tasks change the shape: task-own
+        "base_only.weight": _randn((3, 3), g),                    # in no task
+    }
+    base["embed.weight"][0, 0] = 0.0
+    base["embed.weight"][0, 1] = -0.0
+    fts = {}
+    for i, t in enumerate(tasks):
+        gt = _gen(seed * 100 + i + 1)
+        ft = {}
+        for name, x in base.items():
+            if name == "base_only.weight":
+                continue
+            if name in ("position_ids", "frozen.weight", "empty.weight"):
+                ft[name] = x.clone()
+            elif name == "head.weight":
+                ft[name] = _randn((head_rows[t], 10), gt)
+            elif name == "mixed.weight":
+                ft[name] = _finetune(x, gt, 0.05).to(torch.float16)
+            else:
+                ft[name] = _finetune(x, gt, 0.05)
+        if i == 0:
+            ft["extra.bias"] = _randn((7,), gt)  # only the first task has it: task-own
+        # Two pinned elements of embed.weight (base 0.0 and -0.0):
+        # [0, 0]: task values 1, 2, 0 give tau_MTL = 3 and, for the first task with lambda 0.5,
+        #         |tau| = 1 == 0.5 * |3 - 1|: the strict ">" leaves the mask bit unset;
+        # [0, 1]: -0.0 everywhere: the mask is 0 and -0.0 + 0 * 0.0 rebuilds +0.0 (IEEE).
+        ft["embed.weight"][0, 0] = float([1, 2, 0][i])
+        ft["embed.weight"][0, 1] = -0.0
+        fts[t] = ft
+    return base, fts
+
+
+ARCHIVES = {
+    "v1_0_ta": dict(seed=1, tasks=["cars", "dtd", "eurosat"],
+                    head_rows={"cars": 3, "dtd": 5, "eurosat": 2},
+                    pack=dict(merge="ta", codec="bytegroup-zstd",
+                              lambdas={"cars": 0.5, "dtd": 0.3, "eurosat": 0.4})),
+    "v1_0_ties_raw": dict(seed=2, tasks=["mnist", "svhn", "gtsrb"],
+                          head_rows={"mnist": 10, "svhn": 10, "gtsrb": 4},
+                          pack=dict(merge="ties", ties_top_k=0.3, codec="raw",
+                                    lambdas={"mnist": 0.3, "svhn": 0.5, "gtsrb": 0.6},
+                                    keep_base_only=True)),
+}
+
+
+def _check_against_inputs(name: str, base, fts, got: dict[str, dict[str, torch.Tensor]], manifest) -> None:
+    """Cross-check what the reader rebuilt against the inputs, independently of the reader."""
+    kinds = {e.name: e.kind for e in manifest.tensors}
+    for task, sd in got.items():
+        assert list(sd) == list(fts[task]), (task, list(sd))
+        for k, v in sd.items():
+            orig = fts[task][k]
+            assert v.dtype == orig.dtype and v.shape == orig.shape, (task, k)
+            if kinds[k] != "merged":
+                assert torch.equal(v, orig), (name, task, k)
+            elif manifest.merge["method"] == "ta":
+                # tau_t in float32, tau_MTL = +0.0 + tau_1 + tau_2 + ... in task order, strict mask
+                b32 = base[k].to(torch.float32)
+                taus = [fts[t][k].to(torch.float32) - b32 for t in fts]
+                mtl = torch.zeros_like(b32)
+                for tau in taus:
+                    mtl = mtl + tau
+                tau_t = fts[task][k].to(torch.float32) - b32
+                lam = torch.tensor(next(i.lam for i in manifest.tasks if i.name == task), dtype=torch.float32)
+                m = tau_t.abs() > lam * (mtl - tau_t).abs()
+                want = (b32 + m.to(torch.float32) * mtl).to(orig.dtype)
+                assert torch.equal(v, want), (name, task, k)
+                if k == "embed.weight" and task == "cars":
+                    assert not m[0, 0] and v[0, 0] == 0.0  # strict ">": equality leaves the bit unset
+                    assert str(v[0, 1].item()) == "0.0"  # +0.0 from a -0.0 base
+
+
+def build(name: str, spec: dict) -> None:
+    base, fts = family(spec["seed"], spec["tasks"], spec["head_rows"])
+    path = HERE / f"{name}.tallpack"
+    manifest = tallpack.pack(base, fts, path, chunk_elements=CHUNK, threads=1,
+                             metadata={"golden": name}, **spec["pack"])
+    expected: dict[str, torch.Tensor] = {}
+    order: dict[str, list[str]] = {}
+    with tallpack.open(path) as fam:
+        got = {t: fam.state_dict(t) for t in fam.tasks}
+    _check_against_inputs(name, base, fts, got, manifest)
+    for task, sd in got.items():
+        order[task] = list(sd)
+        for k, v in sd.items():
+            expected[f"{task}/{k}"] = v.contiguous()
+    save_file(expected, str(HERE / f"{name}.expected.safetensors"),
+              metadata={"order": json.dumps(order)})  # one key: safetensors orders metadata at random
+    for p in (path, HERE / f"{name}.expected.safetensors"):
+        p.chmod(0o644)
+    print(f"{path.name}: {path.stat().st_size} bytes; "
+          f"{name}.expected.safetensors: {(HERE / f'{name}.expected.safetensors').stat().st_size} bytes")
+
+
+def main() -> None:
+    for name, spec in ARCHIVES.items():
+        build(name, spec)
+
+
+if __name__ == "__main__":
+    main()

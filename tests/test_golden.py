@@ -1,0 +1,296 @@
+"""Golden archives of format 1.0: the current reader, the JSON schema, and a reader written from
+``spec/FORMAT.md`` alone must all agree with the expected state dicts, bit for bit.
+
+The golden files are made by ``tests/golden/make_golden.py`` (run it only when the format changes).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import zstandard
+from safetensors import safe_open
+
+import tallpack
+
+ROOT = Path(__file__).resolve().parent.parent
+GOLDEN = ROOT / "tests" / "golden"
+SCHEMA = ROOT / "spec" / "manifest.schema.json"
+NAMES = ["v1_0_ta", "v1_0_ties_raw"]
+
+
+def _expected(name: str) -> tuple[dict[str, list[str]], dict[str, torch.Tensor]]:
+    with safe_open(str(GOLDEN / f"{name}.expected.safetensors"), "pt") as f:
+        order = json.loads(f.metadata()["order"])
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    return order, tensors
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Same dtype, shape and bits."""
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    if a.numel() == 0:
+        return True
+    return torch.equal(a.contiguous().reshape(-1).view(torch.uint8), b.contiguous().reshape(-1).view(torch.uint8))
+
+
+# -- the current reader ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", NAMES)
+def test_reader_matches_expected(name: str) -> None:
+    order, expected = _expected(name)
+    seen = set()
+    with tallpack.open(GOLDEN / f"{name}.tallpack") as fam:
+        assert fam.format_version == (1, 0)
+        assert list(fam.tasks) == list(order)
+        assert fam.verify() == []
+        for task in fam.tasks:
+            sd = fam.state_dict(task)
+            assert list(sd) == order[task], task
+            for k, v in sd.items():
+                want = expected[f"{task}/{k}"]
+                assert v.dtype == want.dtype and v.shape == want.shape, (task, k)
+                assert torch.equal(v, want) and _same(v, want), (task, k)
+                seen.add(f"{task}/{k}")
+            lazy = fam.state_dict(task, lazy=True)
+            k = order[task][0]
+            assert _same(lazy[k], expected[f"{task}/{k}"])
+    assert seen == set(expected)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_current_writer_reproduces_expected(name: str, tmp_path: Path) -> None:
+    """Packing the same inputs again rebuilds the same bits (the writer's numerics are stable)."""
+    spec = importlib.util.spec_from_file_location("make_golden", GOLDEN / "make_golden.py")
+    mg = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mg)
+    cfg = mg.ARCHIVES[name]
+    base, fts = mg.family(cfg["seed"], cfg["tasks"], cfg["head_rows"])
+    out = tmp_path / "again.tallpack"
+    tallpack.pack(base, fts, out, chunk_elements=mg.CHUNK, threads=1, **cfg["pack"])
+    order, expected = _expected(name)
+    with tallpack.open(out) as fam:
+        for task in fam.tasks:
+            sd = fam.state_dict(task)
+            assert list(sd) == order[task]
+            for k, v in sd.items():
+                assert _same(v, expected[f"{task}/{k}"]), (task, k)
+
+
+# -- the JSON schema -----------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def validator():
+    jsonschema = pytest.importorskip("jsonschema")
+    schema = json.loads(SCHEMA.read_text())
+    jsonschema.Draft202012Validator.check_schema(schema)
+    return jsonschema.Draft202012Validator(schema)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_manifest_matches_schema(name: str, validator) -> None:
+    manifest = MiniArchive(GOLDEN / f"{name}.tallpack").manifest
+    errors = sorted(validator.iter_errors(manifest), key=lambda e: list(e.path))
+    assert not errors, [f"{list(e.path)}: {e.message}" for e in errors[:5]]
+    with tallpack.open(GOLDEN / f"{name}.tallpack") as fam:
+        assert fam.manifest.to_dict() == manifest  # the schema describes what to_dict writes
+
+
+def test_schema_rejects_broken_manifests(validator) -> None:
+    good = MiniArchive(GOLDEN / "v1_0_ta.tallpack").manifest
+
+    def broken(edit) -> bool:
+        m = json.loads(json.dumps(good))
+        edit(m)
+        return not validator.is_valid(m)
+
+    assert validator.is_valid(good)
+    assert broken(lambda m: m.pop("tensors"))
+    assert broken(lambda m: m.update(format="other"))
+    assert broken(lambda m: m["tensors"][0]["base"].update(chunk_elements=60))
+    assert broken(lambda m: m["tensors"][0]["base"]["codecs"][1].update(window_log=20))
+    assert broken(lambda m: m["tensors"][0]["base"]["chunks"][0].append(1))
+    assert broken(lambda m: m["tensors"][0]["tasks"]["cars"].pop("mask"))
+    assert broken(lambda m: m["tensors"][0]["merged"].update(dtype="bfloat16"))
+    assert broken(lambda m: m["tasks"][0].update(keys="embed.weight"))
+    # unknown keys are allowed: minor versions add them
+    assert not broken(lambda m: m.update(new_key={"x": 1}) or m["tasks"][0].update(extra=1))
+
+
+# -- an independent reader, written from spec/FORMAT.md only ---------------------------------------
+# It uses struct, zlib, json, zstandard and numpy; nothing from tallpack.
+
+ITEMSIZE = {"float64": 8, "float32": 4, "float16": 2, "bfloat16": 2, "int64": 8, "int32": 4,
+            "int16": 2, "int8": 1, "uint8": 1, "bool": 1}
+NP = {"float64": "<f8", "float32": "<f4", "float16": "<f2", "bfloat16": "<u2", "int64": "<i8",
+      "int32": "<i4", "int16": "<i2", "int8": "i1", "uint8": "u1", "bool": "u1"}  # bfloat16: raw bits
+
+
+class MiniArchive:
+    def __init__(self, path: Path):
+        self.buf = path.read_bytes()
+        size = len(self.buf)
+        assert size >= 48
+        magic, major, minor, _reserved = struct.unpack_from("<8sHHI", self.buf, 0)
+        assert magic == b"TALLPACK" and major == 1
+        m_off, m_len, m_crc, flags, end = struct.unpack_from("<QQII8s", self.buf, size - 32)
+        assert end == b"TALLPEND"
+        assert 16 <= m_off and m_off + m_len <= size - 32 and m_len <= 256 << 20
+        self.data_end = m_off
+        stored = self.buf[m_off : m_off + m_len]
+        assert zlib.crc32(stored) & 0xFFFFFFFF == m_crc
+        if flags & 1:
+            announced = zstandard.frame_content_size(stored)
+            assert 0 <= announced <= 256 << 20
+            raw = zstandard.ZstdDecompressor().decompress(stored, max_output_size=announced)
+            assert len(raw) == announced
+        else:
+            raw = stored
+        self.manifest = json.loads(raw.decode("utf-8"))
+        assert self.manifest["format"] == "tallpack" and self.manifest["format_version"][0] == 1
+        self.tensors = {t["name"]: t for t in self.manifest["tensors"]}
+        spans = sorted((c[0], c[1]) for t in self.manifest["tensors"] for ref in self._refs(t) for c in ref["chunks"])
+        end_prev = 16
+        for off, n in spans:
+            assert off >= end_prev and off + n <= self.data_end
+            end_prev = off + n
+
+    @staticmethod
+    def _refs(t: dict) -> list[dict]:
+        refs = [t[k] for k in ("base", "merged", "counts", "data") if k in t]
+        for tt in t["tasks"].values():
+            refs += [tt[k] for k in ("mask", "data") if k in tt]
+        return refs
+
+    @staticmethod
+    def _decode(stored: bytes, codecs: list[dict], size: int) -> bytes:
+        sizes = [size]  # sizes[j]: the input size of codec j (the decoded size of chunk is sizes[0])
+        for c in codecs[:-1]:
+            if c["id"] == "bitpack":
+                sizes.append(-(-sizes[-1] // 8))
+            elif c["id"] == "bytegroup":
+                sizes.append(sizes[-1])
+            else:
+                raise AssertionError(f"{c['id']} cannot precede another codec")
+        out = stored
+        for c, s in zip(reversed(codecs), reversed(sizes)):
+            if c["id"] == "zstd":
+                assert set(c) <= {"id", "level"}
+                assert zstandard.frame_content_size(out) == s
+                d = zstandard.ZstdDecompressor().decompressobj()
+                res = d.decompress(out)
+                assert d.eof and not d.unused_data
+                out = res
+            elif c["id"] == "bytegroup":
+                k = c["itemsize"]
+                assert len(out) == s and s % k == 0
+                out = np.frombuffer(out, np.uint8).reshape(k, s // k).T.tobytes()
+            elif c["id"] == "bitpack":
+                assert len(out) == -(-s // 8)
+                out = np.unpackbits(np.frombuffer(out, np.uint8), count=s, bitorder="little").tobytes()
+            else:
+                raise AssertionError(f"unknown codec {c['id']}")
+            assert len(out) == s
+        return out
+
+    def array(self, ref: dict) -> np.ndarray:
+        """The array's elements as numpy (bfloat16 as uint16 bit patterns), in its shape."""
+        shape, ce, isz = tuple(ref["shape"]), ref["chunk_elements"], ITEMSIZE[ref["dtype"]]
+        numel = math.prod(shape)
+        assert ce > 0 and ce % 8 == 0 and len(ref["chunks"]) == -(-numel // ce)
+        parts = []
+        for i, (off, n, crc) in enumerate(ref["chunks"]):
+            stored = self.buf[off : off + n]
+            assert zlib.crc32(stored) & 0xFFFFFFFF == crc, "checksum before decoding"
+            chunk_numel = min(ce, numel - i * ce)
+            parts.append(self._decode(stored, ref["codecs"], chunk_numel * isz))
+        return np.frombuffer(b"".join(parts), NP[ref["dtype"]]).reshape(shape)
+
+    def tensor(self, task: str, name: str) -> tuple[str, np.ndarray]:
+        entry = self.tensors[name]
+        tt = entry["tasks"][task]
+        if tt["encoding"] == "dense":
+            return tt["dtype"], self.array(tt["data"])
+        if tt["encoding"] == "shared":
+            return tt["dtype"], self.array(entry["data"])
+        assert tt["encoding"] == "tall"
+        base, merged, mask = self.array(entry["base"]), self.array(entry["merged"]), self.array(tt["mask"])
+        b32 = _to_f32(base, entry["base"]["dtype"])
+        out = b32 + mask.astype(np.float32) * merged  # float32, round to nearest even, op by op
+        return tt["dtype"], _from_f32(out, tt["dtype"])
+
+
+def _to_f32(a: np.ndarray, dtype: str) -> np.ndarray:
+    if dtype == "bfloat16":
+        return (a.astype(np.uint32) << 16).view(np.float32)
+    return a.astype(np.float32)
+
+
+def _from_f32(x: np.ndarray, dtype: str) -> np.ndarray:
+    if dtype == "bfloat16":  # round to nearest even on the bit pattern (no NaN in the golden data)
+        assert not np.isnan(x).any()
+        bits = x.view(np.uint32).astype(np.uint64)
+        return ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
+    return x.astype(NP[dtype])  # float16: IEEE round to nearest even; float32: exact
+
+
+def _bits(t: torch.Tensor) -> np.ndarray:
+    return t.contiguous().reshape(-1).view(torch.uint8).numpy()
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_spec_reader_rebuilds_every_tensor(name: str) -> None:
+    order, expected = _expected(name)
+    mini = MiniArchive(GOLDEN / f"{name}.tallpack")
+    assert [t["name"] for t in mini.manifest["tasks"]] == list(order)
+    encodings = set()
+    for info in mini.manifest["tasks"]:
+        task = info["name"]
+        assert info["keys"] == order[task]
+        for k in info["keys"]:
+            want = expected[f"{task}/{k}"]
+            dtype, got = mini.tensor(task, k)
+            encodings.add((mini.tensors[k]["tasks"][task]["encoding"], dtype))
+            assert dtype == str(want.dtype).removeprefix("torch.")
+            assert got.shape == tuple(want.shape), (task, k)
+            assert got.reshape(-1).view(np.uint8).tobytes() == _bits(want).tobytes(), (task, k)
+    # the golden files cover every encoding and the common dtypes
+    assert {e for e, _ in encodings} == {"tall", "dense", "shared"}
+    assert {d for e, d in encodings if e == "tall"} >= {"float32", "bfloat16", "float16"}
+
+
+def test_spec_reader_one_tall_and_one_dense() -> None:
+    """The brief's minimum, spelled out: a bfloat16 TALL tensor and a task-own head."""
+    order, expected = _expected("v1_0_ta")
+    mini = MiniArchive(GOLDEN / "v1_0_ta.tallpack")
+    dtype, got = mini.tensor("dtd", "block.0.weight")
+    assert dtype == "bfloat16" and mini.tensors["block.0.weight"]["tasks"]["dtd"]["encoding"] == "tall"
+    assert np.array_equal(got, expected["dtd/block.0.weight"].view(torch.int16).numpy().view(np.uint16))
+    dtype, got = mini.tensor("dtd", "head.weight")
+    assert dtype == "float32" and got.shape == (5, 10)
+    assert np.array_equal(got, expected["dtd/head.weight"].numpy())
+
+
+def test_golden_files_are_small() -> None:
+    for p in GOLDEN.iterdir():
+        if p.suffix in (".tallpack", ".safetensors"):
+            assert p.stat().st_size < 50_000, p
+
+
+def test_spec_worked_example_matches_golden_footer() -> None:
+    """The footer bytes quoted in spec/FORMAT.md are those of the golden archive."""
+    text = (ROOT / "spec" / "FORMAT.md").read_text()
+    block = text.split("**Worked example**", 1)[1].split("```", 2)[1]
+    quoted = bytes.fromhex("".join(line.split("  ")[0] for line in block.strip().splitlines()))
+    data = (GOLDEN / "v1_0_ta.tallpack").read_bytes()
+    assert quoted == data[-32:]
+    assert f"({len(data)} bytes)" in text.split("**Worked example**", 1)[1][:200]
