@@ -1,0 +1,31 @@
+"""The README's first command, on the tiny demo family: build, pack, inspect, unpack, score."""
+
+import torch
+from safetensors.torch import load_file
+
+import tallpack
+from tallpack.demo import build_family, evaluate
+from tallpack.demo.run import run_demo
+from test_cli import run
+
+
+def test_demo_command_runs_the_whole_path(tmp_path):
+    out = run("demo", "--size", "tiny", "--dir", tmp_path).output
+    assert "tallpack format 1.0" in out and "rebuilt" in out and "\nmean " in out
+    assert (tmp_path / "family.tallpack").exists()
+    assert (tmp_path / "unpacked" / "hflip" / "model.safetensors").exists()
+
+
+def test_tiny_family_reconstructions_score_close_to_the_originals(tmp_path):
+    r = run_demo(tmp_path, size="tiny", task="invert")
+    fam = build_family(tmp_path / "family", size="tiny")
+    with tallpack.open(r.archive) as arc:
+        assert arc.tasks == tuple(fam.tasks)
+        assert all(t["lambda"] in tallpack.LAMBDA_GRID for t in r.summary["tasks"])
+        rebuilt = load_file(r.unpacked)
+        assert all(torch.equal(rebuilt[k], v) for k, v in arc.state_dict("invert").items())
+        # the merged body with each task's own head is a complete model for that task
+        for task in arc.tasks:
+            assert 0 <= evaluate(fam.root, task, arc.merged("consensus-ta", task=task)) <= 1
+    for task, (orig, rec) in r.scores.items():
+        assert orig > 0.5 and rec > 0.8 * orig, (task, orig, rec)
