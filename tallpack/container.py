@@ -20,7 +20,6 @@ import math
 import mmap
 import os
 import struct
-import tempfile
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -32,6 +31,7 @@ import zstandard
 
 from . import codecs as _codecs
 from .dtypes import itemsize, numel, torch_dtype
+from .fsutil import commit, temp_beside
 from .errors import FormatError, IntegrityError, TallpackError, UnsupportedVersionError
 
 log = logging.getLogger(__name__)
@@ -120,7 +120,7 @@ class ArrayRef:
         if chunk_elements == 0 or chunk_elements % 8:
             raise FormatError(f"{where}: chunk_elements must be a positive multiple of 8")
         ref = cls(dtype, shape, codecs, chunk_elements, chunks)
-        if len(chunks) != math.ceil(ref.numel / chunk_elements):
+        if len(chunks) != -(-ref.numel // chunk_elements):
             raise FormatError(f"{where}: {len(chunks)} chunks cannot hold {ref.numel} elements")
         if min(chunk_elements, ref.numel) * itemsize(dtype) > MAX_CHUNK_BYTES:
             raise FormatError(f"{where}: chunks larger than {MAX_CHUNK_BYTES} bytes")
@@ -182,8 +182,7 @@ class ContainerWriter:
         parent = self.path.parent
         if not parent.exists():
             raise TallpackError(f"{parent}: output folder does not exist")
-        fd, tmp = tempfile.mkstemp(dir=parent, prefix=f".{self.path.name}.", suffix=".partial")
-        self._tmp = Path(tmp)
+        fd, self._tmp = temp_beside(self.path)
         self._f: BinaryIO = os.fdopen(fd, "wb")
         self._f.write(HEADER.pack(MAGIC, MAJOR, MINOR, 0))
         self._pos = HEADER.size
@@ -242,7 +241,7 @@ class ContainerWriter:
         os.fsync(self._f.fileno())
         self._f.close()
         self._pool.shutdown()
-        os.replace(self._tmp, self.path)
+        commit(self._tmp, self.path)
         self._done = True
         log.info("wrote %s (%d bytes)", self.path, self._pos + FOOTER.size)
         return self.path
@@ -261,6 +260,8 @@ class ArrayBuilder:
                  chain: _codecs.Chain, chunk_elements: int):
         if chunk_elements <= 0 or chunk_elements % 8:
             raise ValueError("chunk_elements must be a positive multiple of 8")
+        if min(chunk_elements, numel(shape)) * itemsize(dtype) > MAX_CHUNK_BYTES:
+            raise ValueError(f"chunks of {chunk_elements} {dtype} elements exceed {MAX_CHUNK_BYTES} bytes")
         self._writer = writer
         self.dtype, self.shape, self.chain, self.chunk_elements = dtype, shape, chain, chunk_elements
         self.numel = numel(shape)
@@ -272,9 +273,43 @@ class ArrayBuilder:
     def finish(self) -> ArrayRef:
         ref = ArrayRef(self.dtype, self.shape, tuple(self.chain.configs()), self.chunk_elements,
                        tuple(self._chunks))
-        if len(self._chunks) != math.ceil(self.numel / self.chunk_elements):
+        if len(self._chunks) != -(-self.numel // self.chunk_elements):
             raise ValueError(f"array of {self.numel} elements got {len(self._chunks)} chunks")
         return ref
+
+
+def _decompress_manifest(stored: memoryview, name: str) -> bytes:
+    try:
+        announced = zstandard.frame_content_size(stored)
+        if announced < 0 or announced > MAX_MANIFEST_BYTES:
+            raise FormatError(f"{name}: manifest frame has no size, or one over {MAX_MANIFEST_BYTES} bytes")
+        dobj = zstandard.ZstdDecompressor().decompressobj()
+        raw = dobj.decompress(stored)
+    except zstandard.ZstdError as e:
+        raise FormatError(f"{name}: manifest cannot be decompressed: {e}") from None
+    if not dobj.eof or dobj.unused_data or len(raw) != announced:
+        raise FormatError(f"{name}: manifest frame is truncated or followed by other bytes")
+    return raw
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        raise ValueError("duplicate key in a JSON object")
+    return out
+
+
+def _no_constants(token: str):
+    raise ValueError(f"{token} is not allowed")
+
+
+def _parse_manifest(raw: bytes | memoryview, name: str) -> Any:
+    """Strict JSON: UTF-8, no duplicate keys, no NaN/Infinity, bounded nesting."""
+    try:
+        text = bytes(raw).decode("utf-8")
+        return json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_no_constants)
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise FormatError(f"{name}: manifest is not valid JSON: {str(e)[:200]}") from None
 
 
 class ContainerReader:
@@ -290,20 +325,24 @@ class ContainerReader:
         size = source.size
         if size < HEADER.size + FOOTER.size:
             self._not_tallpack(size)
-        magic, major, minor, _ = HEADER.unpack(source.read(0, HEADER.size))
+        magic, major, minor, reserved = HEADER.unpack(source.read(0, HEADER.size))
         if magic != MAGIC:
             self._not_tallpack(size)
         if major != MAJOR:
             raise UnsupportedVersionError(
                 f"{name}: format version {major}.{minor}; this tallpack reads {MAJOR}.x, upgrade it"
             )
+        if reserved:
+            raise UnsupportedVersionError(f"{name}: header field 'reserved' is set; a newer tallpack may read it")
         self.version = (major, minor)
         m_off, m_len, m_crc, flags, end = FOOTER.unpack(source.read(size - FOOTER.size, FOOTER.size))
         if end != END_MAGIC:
             raise IntegrityError(f"{name}: footer missing (truncated or damaged archive)")
         self.data_end = m_off
-        if m_off < HEADER.size or m_off + m_len > size - FOOTER.size:
-            raise IntegrityError(f"{name}: manifest offsets point outside the file")
+        if flags & ~FLAG_MANIFEST_ZSTD:
+            raise UnsupportedVersionError(f"{name}: unknown footer flags {flags:#x}; a newer tallpack may read it")
+        if m_off < HEADER.size or m_off + m_len != size - FOOTER.size:
+            raise IntegrityError(f"{name}: manifest offsets do not match the file size (truncated or damaged)")
         if m_len > MAX_MANIFEST_BYTES:
             raise FormatError(f"{name}: manifest of {m_len} bytes exceeds the limit")
         stored = source.read(m_off, m_len)
@@ -311,17 +350,8 @@ class ContainerReader:
             raise IntegrityError(f"{name}: manifest checksum mismatch (damaged archive)")
         raw: bytes | memoryview = stored
         if flags & FLAG_MANIFEST_ZSTD:
-            try:
-                dobj = zstandard.ZstdDecompressor().decompressobj()
-                if zstandard.frame_content_size(stored) > MAX_MANIFEST_BYTES:
-                    raise FormatError(f"{name}: manifest exceeds the size limit")
-                raw = dobj.decompress(stored)
-            except zstandard.ZstdError as e:
-                raise FormatError(f"{name}: manifest cannot be decompressed: {e}") from None
-        try:
-            manifest = json.loads(bytes(raw))
-        except (UnicodeDecodeError, ValueError) as e:
-            raise FormatError(f"{name}: manifest is not valid JSON: {e}") from None
+            raw = _decompress_manifest(stored, name)
+        manifest = _parse_manifest(raw, name)
         if not isinstance(manifest, dict):
             raise FormatError(f"{name}: manifest is not a JSON object")
         self.manifest: dict[str, Any] = manifest

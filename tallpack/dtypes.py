@@ -7,7 +7,7 @@ import sys
 import numpy as np
 import torch
 
-from .errors import FormatError
+from .errors import FormatError, UnsupportedVersionError
 
 if sys.byteorder != "little":  # pragma: no cover - every platform torch ships for is little-endian
     raise ImportError("tallpack needs a little-endian machine")
@@ -43,10 +43,13 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 def torch_dtype(name: str) -> torch.dtype:
     """The torch dtype of a spec name; a FormatError for names this reader does not know."""
+    if not isinstance(name, str):
+        raise FormatError(f"dtype {name!r} is not a name")
     try:
         return DTYPES[name]
-    except (KeyError, TypeError):
-        raise FormatError(f"unknown dtype {name!r} in manifest") from None
+    except KeyError:
+        raise UnsupportedVersionError(
+            f"unknown dtype {name!r} in manifest; a newer tallpack (or torch) may read it") from None
 
 
 def itemsize(name: str) -> int:

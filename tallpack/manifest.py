@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .container import ArrayRef
+from .dtypes import FLOATING
 from .errors import FormatError
 
 #: How a task's tensor is stored. Readers raise UnsupportedVersionError on other values, on use.
@@ -56,8 +57,13 @@ class TaskTensor:
         for ref in (t.mask, t.data):
             if ref is not None and ref.shape != t.shape:
                 raise FormatError(f"{where}: array shape {ref.shape} differs from {t.shape}")
-        if t.encoding == "tall" and t.mask is None or t.encoding == "dense" and t.data is None:
-            raise FormatError(f"{where}: {t.encoding} entry without its array")
+        if t.encoding == "tall":
+            if t.mask is None or t.mask.dtype != "bool" or t.dtype not in FLOATING:
+                raise FormatError(f"{where}: a tall entry needs a bool mask and a floating dtype")
+            if type(t.ones) is not int or not 0 <= t.ones <= t.mask.numel:
+                raise FormatError(f"{where}: bad count of set mask bits {t.ones!r}")
+        if t.encoding == "dense" and (t.data is None or t.data.dtype != t.dtype):
+            raise FormatError(f"{where}: a dense entry needs data of dtype {t.dtype}")
         return t
 
 
@@ -107,16 +113,19 @@ class TensorEntry:
         unknown = set(entry.tasks) - tasks
         if unknown:
             raise FormatError(f"{where}: entries for unknown tasks {sorted(unknown)}")
-        if any(t.encoding == "tall" for t in entry.tasks.values()):
-            if entry.base is None or entry.merged is None:
-                raise FormatError(f"{where}: masks without base and merged vector")
-            for ref in (entry.base, entry.merged):
-                if ref.shape != next(iter(entry.tasks.values())).shape:
-                    raise FormatError(f"{where}: base/merged shapes differ from the task's")
-            if entry.merged.dtype != "float32":
-                raise FormatError(f"{where}: merged vector must be float32")
-        if any(t.encoding == "shared" for t in entry.tasks.values()) and entry.data is None:
-            raise FormatError(f"{where}: shared entry without data")
+        for task, tt in entry.tasks.items():
+            if tt.encoding == "tall":
+                if entry.base is None or entry.merged is None:
+                    raise FormatError(f"{where}: masks without base and merged vector")
+                if entry.base.shape != tt.shape or entry.merged.shape != tt.shape:
+                    raise FormatError(f"{where}, task {task!r}: shape differs from the base's")
+                if entry.merged.dtype != "float32" or entry.base.dtype not in FLOATING:
+                    raise FormatError(f"{where}: merged vector must be float32 and the base floating")
+                if entry.counts is not None and (entry.counts.shape != tt.shape or entry.counts.dtype != "uint8"):
+                    raise FormatError(f"{where}: counts must be uint8 of the base's shape")
+            if tt.encoding == "shared":
+                if entry.data is None or entry.data.shape != tt.shape or entry.data.dtype != tt.dtype:
+                    raise FormatError(f"{where}, task {task!r}: shared data missing or of another shape/dtype")
         return entry
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -13,6 +12,7 @@ import torch
 from safetensors.torch import save_file
 
 from .errors import TallpackError
+from .fsutil import commit, temp_beside
 
 
 def write_checkpoint(
@@ -41,13 +41,13 @@ def write_checkpoint(
 
 
 def _atomic(target: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".partial")
+    fd, tmp = temp_beside(target)
     os.close(fd)
     try:
-        write(Path(tmp))
-        os.replace(tmp, target)
+        write(tmp)
+        commit(tmp, target)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
 
 

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from . import __version__
-from .codecs import Chain, Zstd, dense_chain, mask_chain
+from .codecs import Chain, dense_chain, mask_chain
 from .container import DEFAULT_CHUNK_ELEMENTS, MAJOR, MINOR, ContainerWriter
 from .dtypes import dtype_name, itemsize, tensor_to_bytes
 from .errors import IncompatibleCheckpointsError, TallpackError
@@ -205,6 +205,10 @@ def _write(fam: Family, method: MergeMethod, lams: dict[str, float], out: Path, 
                     for t, tau in zip(entry.tasks, (task_vector(x, base) for x in thetas)):
                         fidelity[t].add(tau, torch.ones_like(tau, dtype=torch.bool), tau)
                 continue
+            if entry.kind == "merged" and not all(bool(torch.isfinite(x).all()) for x in (base, *thetas)):
+                # inf/NaN would make tau_t NaN and the rebuilt weight NaN: keep such tensors exact
+                log.warning("tensor %r holds inf or NaN: stored per task, not masked", entry.name)
+                entry = TensorPlan(entry.name, "task-own", entry.tasks, entry.in_base)
             if entry.kind == "task-own":
                 entries.append(TensorEntry(entry.name, "task-own", {
                     t: TaskTensor("dense", dtype_name(x.dtype), tuple(x.shape), data=whole(x))
@@ -238,7 +242,7 @@ def _write_merged(w: ContainerWriter, fam: Family, entry: TensorPlan, base: torc
     shape, ce = tuple(base.shape), fam.chunk_elements
     b_arr = w.begin_array(dtype_name(base.dtype), shape, dense(dtype_name(base.dtype)), ce)
     m_arr = w.begin_array("float32", shape, dense("float32"), ce)
-    c_arr = w.begin_array("uint8", shape, Chain([Zstd()]), ce) if method.name == "ties" else None
+    c_arr = w.begin_array("uint8", shape, dense("uint8"), ce) if method.name == "ties" else None
     k_arrs = [w.begin_array("bool", shape, masks_chain, ce) for _ in entry.tasks]
     ones = [0] * len(entry.tasks)
     for b, taus in fam.blocks(base, thetas):

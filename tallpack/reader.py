@@ -37,6 +37,9 @@ class Archive:
         self._c = container
         self.name = container.name
         self.manifest = Manifest.from_dict(container.manifest)
+        if self.manifest.format_version[0] != container.version[0]:
+            raise FormatError(f"{self.name}: manifest says format {self.manifest.format_version}, "
+                              f"header says {container.version}")
         self._tensors: dict[str, TensorEntry] = {t.name: t for t in self.manifest.tensors}
         self._tasks: dict[str, TaskInfo] = {t.name: t for t in self.manifest.tasks}
         for entry in self.manifest.tensors:

@@ -104,7 +104,7 @@ def test_offsets_outside_the_file_are_refused(archive):
     m_off, m_len, crc, flags, end = FOOTER.unpack(raw[-FOOTER.size:])
     raw[-FOOTER.size:] = FOOTER.pack(m_off, 2**62, crc, flags, end)
     archive.write_bytes(bytes(raw))
-    with pytest.raises(IntegrityError, match="outside the file"):
+    with pytest.raises(IntegrityError, match="do not match the file size"):
         tallpack.open(archive)
 
 
@@ -181,3 +181,74 @@ def test_failed_pack_leaves_nothing_behind(small_family, tmp_path):
         tallpack.pack(small_family["base"], tasks, out)
     assert out.read_bytes() == b"previous archive"
     assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".partial")] == []
+
+
+def test_strict_manifest_json(archive):
+    rewrite_manifest(archive, lambda m: m.update(deep=[[[[[[[[[[]]]]]]]]]]))
+    tallpack.open(archive).close()  # plain nesting is fine
+    raw = archive.read_bytes()
+    import json as _json
+    import zlib
+
+    import zstandard
+    m_off, m_len, _, flags, end = FOOTER.unpack(raw[-FOOTER.size:])
+    for text in ('{"a": 1, "a": 2}', '{"x": NaN}', "[" * 100000 + "]" * 100000):
+        stored = zstandard.ZstdCompressor().compress(text.encode())
+        archive.write_bytes(raw[:m_off] + stored + FOOTER.pack(m_off, len(stored), zlib.crc32(stored), flags, end))
+        with pytest.raises(FormatError):
+            tallpack.open(archive)
+    assert _json  # the module is the one the reader uses
+
+
+def test_manifest_frame_without_a_size_is_refused(archive):
+    import zlib
+
+    import zstandard
+    raw = archive.read_bytes()
+    m_off, m_len, _, flags, end = FOOTER.unpack(raw[-FOOTER.size:])
+    stored = zstandard.ZstdCompressor(write_content_size=False).compress(b"{}" + b" " * 10**6)
+    archive.write_bytes(raw[:m_off] + stored + FOOTER.pack(m_off, len(stored), zlib.crc32(stored), flags, end))
+    with pytest.raises(FormatError, match="no size"):
+        tallpack.open(archive)
+
+
+def test_unknown_flags_and_reserved_bits_are_refused(archive):
+    raw = bytearray(archive.read_bytes())
+    m_off, m_len, crc, flags, end = FOOTER.unpack(raw[-FOOTER.size:])
+    archive.write_bytes(bytes(raw[:-FOOTER.size]) + FOOTER.pack(m_off, m_len, crc, flags | 4, end))
+    with pytest.raises(UnsupportedVersionError, match="flags"):
+        tallpack.open(archive)
+
+
+def test_later_tasks_with_other_shapes_are_refused(archive):
+    def edit(m):
+        e = _first_merged(m)
+        t = list(e["tasks"])[-1]
+        e["tasks"][t]["shape"] = [1]
+        e["tasks"][t]["mask"]["shape"] = [1]
+        e["tasks"][t]["mask"]["chunks"] = e["tasks"][t]["mask"]["chunks"][:1]
+        e["tasks"][t]["ones"] = 1
+    rewrite_manifest(archive, edit)
+    with pytest.raises(FormatError, match="shape differs from the base"):
+        tallpack.open(archive)
+
+
+def test_non_finite_weights_are_kept_exactly(small_family, tmp_path):
+    base = dict(small_family["base"])
+    tasks = {t: dict(sd) for t, sd in small_family["tasks"].items()}
+    base["body.b"] = base["body.b"].clone()
+    base["body.b"][0] = float("-inf")
+    for sd in tasks.values():
+        sd["body.b"] = sd["body.b"].clone()
+        sd["body.b"][0] = float("-inf")
+    out = tmp_path / "inf.tallpack"
+    tallpack.pack(base, tasks, out)
+    with tallpack.open(out) as fam:
+        for t, sd in tasks.items():
+            assert torch.equal(fam.get_tensor(t, "body.b"), sd["body.b"])
+
+
+def test_archives_get_ordinary_permissions(archive):
+    umask = os.umask(0)
+    os.umask(umask)
+    assert archive.stat().st_mode & 0o777 == 0o666 & ~umask
