@@ -11,11 +11,13 @@ from typing import Any
 
 from .container import ArrayRef
 from .dtypes import FLOATING
-from .errors import FormatError
+from .errors import FormatError, UnsupportedVersionError
 
 #: How a task's tensor is stored. Readers raise UnsupportedVersionError on other values, on use.
 ENCODINGS = ("tall", "dense", "shared")
 KINDS = ("merged", "shared", "task-own", "base-only")
+#: Chunk checksum algorithms: CRC-32 (zlib's) of each chunk's stored bytes.
+CHECKSUMS = ("crc32",)
 
 
 def _arr(d: dict, key: str, where: str) -> ArrayRef | None:
@@ -170,12 +172,14 @@ class Manifest:
     base: dict[str, Any] = field(default_factory=dict)
     stats: dict[str, Any] = field(default_factory=dict)
     metadata: dict[str, Any] = field(default_factory=dict)
+    checksum: str = "crc32"
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "format": "tallpack",
             "format_version": list(self.format_version),
             "writer": self.writer,
+            "checksum": self.checksum,
             "merge": self.merge,
             "base": self.base,
             "tasks": [t.to_dict() for t in self.tasks],
@@ -188,6 +192,8 @@ class Manifest:
     def from_dict(cls, d: dict[str, Any]) -> "Manifest":
         if d.get("format") != "tallpack":
             raise FormatError("manifest does not say format: tallpack")
+        if d.get("checksum", "crc32") not in CHECKSUMS:
+            raise UnsupportedVersionError(f"unknown checksum {d.get('checksum')!r}; a newer tallpack may read it")
         try:
             tasks = tuple(TaskInfo.from_dict(t) for t in d["tasks"])
             names = {t.name for t in tasks}
@@ -197,7 +203,7 @@ class Manifest:
             version = tuple(d["format_version"])
             m = cls((int(version[0]), int(version[1])), str(d.get("writer", "")), dict(d["merge"]),
                     tasks, tensors, dict(d.get("base") or {}), dict(d.get("stats") or {}),
-                    dict(d.get("metadata") or {}))
+                    dict(d.get("metadata") or {}), d.get("checksum", "crc32"))
         except FormatError:
             raise
         except (KeyError, TypeError, ValueError, IndexError):

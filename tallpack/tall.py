@@ -34,8 +34,9 @@ def tall_mask(tau_t: torch.Tensor, tau_mtl: torch.Tensor, lam: float) -> torch.T
 
 def reconstruct(theta_0: torch.Tensor, mask: torch.Tensor, tau_mtl: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``theta_t = theta_0 + m_t * tau_MTL``, computed in float32 and cast to ``dtype``."""
-    out = theta_0.to(torch.float32) + mask.to(torch.float32) * tau_mtl
-    return out.to(dtype)
+    # addcmul is bit-identical to base + (mask * tau): the product (tau or a signed zero) is exact,
+    # so fusing it leaves a single rounding, that of the addition.
+    return torch.addcmul(theta_0.to(torch.float32), mask.to(torch.float32), tau_mtl).to(dtype)
 
 
 @dataclass
