@@ -289,21 +289,23 @@ class LazyStateDict(Mapping):
         return len(self._keys)
 
 
-def _byte_source(path: str | os.PathLike):
+def _byte_source(path: str | os.PathLike, storage_options: dict[str, Any] | None):
     text = os.fspath(path)
     if "://" in text and not text.startswith("file://"):
         from .remote import RemoteFile
-        return RemoteFile(text)
+        return RemoteFile(text, storage_options)
     return LocalFile(text.removeprefix("file://"))
 
 
-def open(path: str | os.PathLike) -> Archive:  # noqa: A001 - mirrors builtins.open, like safe_open
-    """Open an archive for reading: a local path, or a URL that fsspec understands.
+def open(path: str | os.PathLike, *, storage_options: dict[str, Any] | None = None) -> Archive:  # noqa: A001
+    """Open an archive for reading: a local path, or a URL that fsspec understands (each
+    chunk is then one range request; ``storage_options`` go to fsspec).
 
     >>> with tallpack.open("family.tallpack") as fam:
     ...     sd = fam.state_dict("cars")
+    >>> tallpack.open("s3://models/family.tallpack", storage_options={"anon": True})
     """
-    source = _byte_source(path)
+    source = _byte_source(path, storage_options)
     try:
         return Archive(ContainerReader(source, os.fspath(path)))
     except BaseException:

@@ -2,34 +2,42 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from .errors import IntegrityError, TallpackError
 
 
 class RemoteFile:
-    """An archive in remote storage; each ``read`` is one range request."""
+    """An archive in remote storage; each ``read`` is one range request for exactly those bytes."""
 
-    def __init__(self, url: str, **storage_options):
+    def __init__(self, url: str, storage_options: dict[str, Any] | None = None):
         try:
-            import fsspec
-        except ImportError:
-            raise TallpackError(f"{url}: reading remote archives needs fsspec (pip install fsspec)") from None
+            from fsspec.core import url_to_fs
+        except ImportError:  # pragma: no cover - fsspec is a dependency
+            raise TallpackError(f"{url}: reading remote archives needs fsspec") from None
         self.url = url
         try:
-            self._f = fsspec.open(url, "rb", block_size=0, **storage_options).open()
-            self.size = int(self._f.size)
+            self._fs, self._path = url_to_fs(url, **(storage_options or {}))
+            self.size = int(self._fs.size(self._path))
         except FileNotFoundError:
             raise TallpackError(f"{url}: no such archive") from None
+        except ImportError as e:
+            raise TallpackError(f"{url}: this kind of URL needs another package ({e})") from None
         except Exception as e:
             raise TallpackError(f"{url}: cannot open ({type(e).__name__}: {e})") from None
 
     def read(self, offset: int, nbytes: int) -> memoryview:
         if offset < 0 or nbytes < 0 or offset + nbytes > self.size:
             raise IntegrityError(f"{self.url}: read past the end of the file (truncated?)")
-        self._f.seek(offset)
-        data = self._f.read(nbytes)
+        if nbytes == 0:
+            return memoryview(b"")
+        try:
+            data = self._fs.cat_file(self._path, start=offset, end=offset + nbytes)
+        except Exception as e:
+            raise TallpackError(f"{self.url}: range read at {offset} failed ({type(e).__name__}: {e})") from None
         if len(data) != nbytes:
-            raise IntegrityError(f"{self.url}: short read at {offset} (truncated?)")
+            raise IntegrityError(f"{self.url}: short read at {offset} (changed or truncated?)")
         return memoryview(data)
 
     def close(self) -> None:
-        self._f.close()
+        pass

@@ -1,0 +1,66 @@
+"""Reading an archive from a real S3-compatible server (moto's, started on loopback)."""
+
+import pytest
+import torch
+
+import tallpack
+
+moto_server = pytest.importorskip("moto.server")
+s3fs = pytest.importorskip("s3fs")
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory):
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    opts = {"key": "test", "secret": "test", "client_kwargs": {"endpoint_url": f"http://{host}:{port}",
+                                                               "region_name": "us-east-1"}}
+    import boto3
+
+    boto3.client("s3", aws_access_key_id="test", aws_secret_access_key="test",
+                 **opts["client_kwargs"]).create_bucket(Bucket="family")
+    fs = s3fs.S3FileSystem(**opts)
+    yield fs, opts
+    server.stop()
+
+
+class CountingFS:
+    """Counts the bytes that range reads fetch."""
+
+    def __init__(self, fs):
+        self.fs, self.fetched, self.requests = fs, 0, 0
+
+    def __getattr__(self, name):
+        return getattr(self.fs, name)
+
+    def cat_file(self, path, start=None, end=None, **kw):
+        data = self.fs.cat_file(path, start=start, end=end, **kw)
+        self.fetched += len(data)
+        self.requests += 1
+        return data
+
+
+def test_one_tensor_of_a_remote_archive_costs_its_bytes(s3, small_family, tmp_path):
+    fs, opts = s3
+    local = tmp_path / "f.tallpack"
+    tallpack.pack(small_family["base"], small_family["tasks"], local, chunk_elements=512)
+    fs.put(str(local), "family/f.tallpack")
+    with tallpack.open("s3://family/f.tallpack", storage_options=opts) as fam, tallpack.open(local) as ref:
+        assert fam.tasks == ref.tasks
+        for t in fam.tasks:
+            sd, want = fam.state_dict(t), ref.state_dict(t)
+            assert all(torch.equal(sd[k], want[k]) for k in want)
+        counting = CountingFS(fam._c.source._fs)
+        fam._c.source._fs = counting
+        head = fam.get_tensor("b", "head.w")
+        assert torch.equal(head, small_family["tasks"]["b"]["head.w"])
+        stored = fam._tensors["head.w"].tasks["b"].data.stored_nbytes
+        assert counting.fetched == stored and counting.requests == 1
+        assert counting.fetched < local.stat().st_size / 20
+
+
+def test_missing_remote_archive_is_one_clear_error(s3):
+    _, opts = s3
+    with pytest.raises(tallpack.TallpackError, match="no such archive"):
+        tallpack.open("s3://family/nothere.tallpack", storage_options=opts)
