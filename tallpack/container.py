@@ -16,7 +16,6 @@ manifest, which indexes them, goes last.
 from __future__ import annotations
 
 import logging
-import math
 import mmap
 import os
 import struct

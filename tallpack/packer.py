@@ -20,18 +20,15 @@ from . import __version__
 from .codecs import Chain, dense_chain, mask_chain
 from .container import DEFAULT_CHUNK_ELEMENTS, MAJOR, MINOR, ContainerWriter
 from .dtypes import dtype_name, itemsize, tensor_to_bytes
-from .errors import IncompatibleCheckpointsError, TallpackError
+from .errors import TallpackError
 from .manifest import Manifest, TaskInfo, TaskTensor, TensorEntry
 from .merging import MergeMethod, get_method
 from .plan import Plan, TensorPlan, make_plan
+from .selection import Evaluator, select_lambdas
 from .sources import Source, SourceLike, open_source, stem
 from .tall import DEFAULT_LAMBDA, Fidelity, tall_mask, task_vector
 
 log = logging.getLogger(__name__)
-
-#: A task evaluator: ``fn(task_name, state_dict) -> score``, higher is better.
-Evaluator = Callable[[str, Mapping[str, torch.Tensor]], float]
-
 
 def _task_sources(tasks: Mapping[str, SourceLike] | Sequence[SourceLike]) -> dict[str, Source]:
     if isinstance(tasks, Mapping):
@@ -143,9 +140,15 @@ def pack(
 
     >>> pack("base/", {"cars": "ft/cars", "dtd": "ft/dtd"}, "family.tallpack", lambdas=0.4)
     """
+    try:
+        dense_chain(codec, 4, level)
+        method = get_method(merge, top_k=ties_top_k) if isinstance(merge, str) else merge
+    except ValueError as e:
+        raise TallpackError(str(e)) from None
+    if not isinstance(chunk_elements, int) or chunk_elements <= 0 or chunk_elements % 8:
+        raise TallpackError(f"chunk_elements must be a positive multiple of 8, got {chunk_elements!r}")
     fam = Family(base, tasks, allow_mismatch=allow_mismatch, chunk_elements=chunk_elements)
     try:
-        method = get_method(merge, top_k=ties_top_k) if isinstance(merge, str) else merge
         if method.name == "ties" and len(fam.tasks) > 255:
             raise TallpackError("TIES archives hold at most 255 tasks")
         names = list(fam.tasks)
@@ -155,7 +158,6 @@ def pack(
         method.prepare(fam.passes, len(names))
         selection = None
         if evaluate is not None:
-            from .selection import select_lambdas
             selection = select_lambdas(fam, method, evaluate, grid=lambda_grid)
             lams = selection.chosen
         manifest = _write(fam, method, lams, Path(out), codec=codec, level=level,

@@ -16,7 +16,7 @@ import torch
 
 from .container import ArrayRef, ContainerReader, LocalFile
 from .dtypes import bytes_to_tensor, numel, torch_dtype
-from .errors import (FormatError, IntegrityError, TallpackError, TaskNotFoundError,
+from .errors import (FormatError, TallpackError, TaskNotFoundError,
                      TensorNotFoundError, UnsupportedVersionError)
 from .manifest import Manifest, TaskInfo, TaskTensor, TensorEntry
 from .merging import MERGED_MODELS, apply_direction, default_alpha, merge_direction

@@ -25,6 +25,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+#: A task evaluator: ``fn(task_name, state_dict) -> score``, higher is better.
 Evaluator = Callable[[str, Mapping[str, torch.Tensor]], float]
 
 

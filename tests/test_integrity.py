@@ -1,7 +1,6 @@
 """Damaged, truncated, hostile and foreign files: a TallpackError, never a crash or a hang."""
 
 import os
-import struct
 
 import pytest
 import torch

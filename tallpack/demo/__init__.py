@@ -1,3 +1,5 @@
-"""Demo model family: a small MLP pretrained on digits and fine-tuned on digits variants."""
+"""A small, real, reproducible model family (scikit-learn digits variants) for the demo and benchmarks."""
 
-from .family import build_family, evaluate, FamilyPaths, TASKS
+from .family import TASKS, FamilyPaths, build_family, evaluate
+
+__all__ = ["TASKS", "FamilyPaths", "build_family", "evaluate"]
