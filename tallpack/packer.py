@@ -102,6 +102,12 @@ class Family:
             s.close()
 
 
+def _finite(t: torch.Tensor) -> bool:
+    """No inf or NaN (a sum is one fast pass; it may also flag sums that overflow, which then
+    only costs compression: such a tensor is stored exactly)."""
+    return bool(torch.isfinite(t.sum(dtype=torch.float32)))
+
+
 def _all_equal(tensors: list[torch.Tensor]) -> bool:
     first = tensors[0]
     fb = np.frombuffer(tensor_to_bytes(first), np.uint8)
@@ -207,7 +213,7 @@ def _write(fam: Family, method: MergeMethod, lams: dict[str, float], out: Path, 
                     for t, tau in zip(entry.tasks, (task_vector(x, base) for x in thetas)):
                         fidelity[t].add(tau, torch.ones_like(tau, dtype=torch.bool), tau)
                 continue
-            if entry.kind == "merged" and not all(bool(torch.isfinite(x).all()) for x in (base, *thetas)):
+            if entry.kind == "merged" and not all(_finite(x) for x in (base, *thetas)):
                 # inf/NaN would make tau_t NaN and the rebuilt weight NaN: keep such tensors exact
                 log.warning("tensor %r holds inf or NaN: stored per task, not masked", entry.name)
                 entry = TensorPlan(entry.name, "task-own", entry.tasks, entry.in_base)

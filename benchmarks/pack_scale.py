@@ -1,0 +1,140 @@
+"""Pack a synthetic family of a few hundred MB and compare, in the same run, with the alternatives:
+the checkpoints as they are (safetensors), each checkpoint compressed with zstd-3, and
+loading one member with safetensors' own load_file.
+
+    python benchmarks/pack_scale.py [--params 40e6] [--tasks 4] [--dtype float32|bfloat16]
+
+Reports ratios (sizes are exact; times are ratios measured side by side on a shared machine)
+and the packer's peak memory against the largest tensor times the number of tasks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import zstandard
+from safetensors.torch import load_file, save_file
+
+HERE = Path(__file__).resolve().parent
+
+
+def make_family(root: Path, params: float, tasks: int, dtype: torch.dtype) -> tuple[Path, dict[str, Path], int]:
+    hidden = 768
+    layers = max(1, round(params / (12 * hidden * hidden)))
+    g = torch.Generator().manual_seed(0)
+    base = {}
+    for i in range(layers):
+        for name, shape in (("q", (hidden, hidden)), ("k", (hidden, hidden)), ("v", (hidden, hidden)),
+                            ("o", (hidden, hidden)), ("up", (4 * hidden, hidden)), ("down", (hidden, 4 * hidden))):
+            base[f"layers.{i}.{name}.weight"] = (torch.randn(shape, generator=g) * 0.02).to(dtype)
+        base[f"layers.{i}.norm.weight"] = torch.ones(hidden, dtype=dtype)
+    base["embed.weight"] = (torch.randn(8192, hidden, generator=g) * 0.02).to(dtype)
+    largest = max(t.numel() * t.element_size() for t in base.values())
+    save_file(base, root / "base.safetensors")
+    paths = {}
+    for t in range(tasks):
+        sd = {}
+        for k, v in base.items():
+            # a fine-tune: small updates, larger on a task-specific 10% of the weights
+            scale = 1e-4 + 2e-3 * (torch.rand(v.shape, generator=g) < 0.1)
+            sd[k] = (v.float() + scale * torch.randn(v.shape, generator=g)).to(dtype)
+        paths[f"task{t}"] = root / f"task{t}.safetensors"
+        save_file(sd, paths[f"task{t}"])
+        del sd
+    return root / "base.safetensors", paths, largest
+
+
+def zstd_size(path: Path) -> tuple[int, float]:
+    t0 = time.perf_counter()
+    c = zstandard.ZstdCompressor(level=3, threads=-1)
+    n = 0
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 24), b""):
+            n += len(c.compress(chunk))
+    return n, time.perf_counter() - t0
+
+
+def child_pack(args: list[str]) -> dict:
+    """Pack in a fresh process, so its peak RSS is the packer's own."""
+    # Peak *anonymous* memory, sampled: file pages that safetensors maps are page cache, not
+    # memory the packer holds, but they count in ru_maxrss.
+    code = (
+        "import json,sys,threading,time,tallpack\n"
+        "peak=[0];stop=[False]\n"
+        "def anon():\n"
+        "  for line in open('/proc/self/status'):\n"
+        "    if line.startswith('RssAnon:'): return int(line.split()[1])*1024\n"
+        "def watch():\n"
+        "  while not stop[0]: peak[0]=max(peak[0],anon()); time.sleep(0.005)\n"
+        "th=threading.Thread(target=watch,daemon=True);th.start()\n"
+        "a=json.loads(sys.argv[1]);t=time.perf_counter()\n"
+        "tallpack.pack(a['base'],a['tasks'],a['out'],codec=a['codec'])\n"
+        "s=time.perf_counter()-t;stop[0]=True;th.join()\n"
+        "print(json.dumps({'seconds':s,'peak_rss':peak[0]}))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code, *args], check=True, capture_output=True, text=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--params", type=float, default=40e6)
+    ap.add_argument("--tasks", type=int, default=4)
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--out", type=Path, default=HERE / "out")
+    a = ap.parse_args()
+    import tallpack
+
+    dtype = getattr(torch, a.dtype)
+    a.out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=a.out) as tmp:
+        root = Path(tmp)
+        base, tasks, largest = make_family(root, a.params, a.tasks, dtype)
+        files = [base, *tasks.values()]
+        raw = sum(p.stat().st_size for p in files)
+        zs = [zstd_size(p) for p in files]
+        res = {"params": a.params, "tasks": a.tasks, "dtype": a.dtype, "checkpoint_bytes": raw,
+               "zstd3_bytes": sum(s for s, _ in zs), "zstd3_seconds": sum(t for _, t in zs),
+               "largest_tensor_bytes": largest, "codecs": {}}
+        for codec in ("raw", "bytegroup-zstd"):
+            out = root / f"{codec}.tallpack"
+            r = child_pack([json.dumps({"base": str(base), "tasks": {k: str(v) for k, v in tasks.items()},
+                                        "out": str(out), "codec": codec})])
+            size = out.stat().st_size
+            # one member: tallpack vs safetensors' load_file of the original, alternating, best of 3
+            t_tp, t_st = [], []
+            for _ in range(3):
+                t0 = time.perf_counter()
+                with tallpack.open(out) as fam:
+                    fam.state_dict("task1")
+                t_tp.append(time.perf_counter() - t0)
+                t0 = time.perf_counter()
+                {k: v.clone() for k, v in load_file(tasks["task1"]).items()}  # into memory, as ours
+                t_st.append(time.perf_counter() - t0)
+            with tallpack.open(out) as fam:
+                name = "layers.0.q.weight"
+                t0 = time.perf_counter()
+                fam.get_tensor("task1", name)
+                one = time.perf_counter() - t0
+            res["codecs"][codec] = {
+                "archive_bytes": size, "ratio_vs_checkpoints": raw / size,
+                "ratio_vs_zstd3": res["zstd3_bytes"] / size,
+                "pack_seconds": r["seconds"], "pack_vs_zstd3_time": r["seconds"] / res["zstd3_seconds"],
+                "pack_peak_anon_bytes": r["peak_rss"],
+                "peak_anon_over_largest_x_checkpoints": r["peak_rss"] / (largest * (a.tasks + 1)),
+                "load_task_vs_safetensors_time": min(t_tp) / min(t_st),
+                "one_tensor_seconds": one,
+            }
+    print(json.dumps(res, indent=2))
+    (a.out / f"pack_scale_{a.dtype}.json").write_text(json.dumps(res, indent=2))
+
+
+if __name__ == "__main__":
+    main()
