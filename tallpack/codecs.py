@@ -87,17 +87,25 @@ class ByteGroup(Codec):
         if not isinstance(self.itemsize, int) or not 1 <= self.itemsize <= 16:
             raise CodecError(f"bytegroup: bad itemsize {self.itemsize!r}")
 
-    def encode(self, buf: memoryview) -> bytes:
+    # One strided copy per plane is several times faster than numpy's transposed tobytes().
+    def encode(self, buf: memoryview) -> memoryview:
         a = np.frombuffer(buf, dtype=np.uint8)
         if a.size % self.itemsize:
             raise CodecError("bytegroup: input is not a whole number of elements")
-        return a.reshape(-1, self.itemsize).T.tobytes()
+        src = a.reshape(-1, self.itemsize)
+        out = np.empty((self.itemsize, src.shape[0]), np.uint8)
+        for i in range(self.itemsize):
+            out[i] = src[:, i]
+        return memoryview(out.reshape(-1))
 
-    def decode(self, buf: memoryview, size: int) -> bytes:
+    def decode(self, buf: memoryview, size: int) -> memoryview:
         if len(buf) != size or size % self.itemsize:
             raise CodecError(f"bytegroup: got {len(buf)} bytes, expected {size}")
-        a = np.frombuffer(buf, dtype=np.uint8)
-        return a.reshape(self.itemsize, -1).T.tobytes()
+        src = np.frombuffer(buf, dtype=np.uint8).reshape(self.itemsize, -1)
+        out = np.empty((src.shape[1], self.itemsize), np.uint8)
+        for i in range(self.itemsize):
+            out[:, i] = src[i]
+        return memoryview(out.reshape(-1))
 
     def encoded_size(self, size: int) -> int:
         return size
