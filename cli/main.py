@@ -14,6 +14,7 @@ from tallpack.codecs import DENSE_PRESETS
 from tallpack.errors import TallpackError
 from tallpack.merging import MERGED_MODELS, default_alpha
 from tallpack.outputs import task_metadata, write_checkpoint
+from tallpack.packer import check_task_name
 from tallpack.sources import stem
 
 
@@ -171,6 +172,8 @@ def unpack(archive: str, task_names: tuple[str, ...], all_tasks: bool, output: P
             raise click.UsageError(f"name a task with --task (tasks: {', '.join(fam.tasks)}) or pass --all")
         for name in names:
             fam.task_info(name)  # unknown names fail before anything is written
+            if len(names) > 1 or all_tasks:
+                check_task_name(name)  # an archive's task name becomes a folder name
         for name in names:
             outdir = output / name if len(names) > 1 or all_tasks else output
             meta, config = task_metadata(fam, name)

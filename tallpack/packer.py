@@ -30,6 +30,15 @@ from .tall import DEFAULT_LAMBDA, Fidelity, tall_mask, task_vector
 
 log = logging.getLogger(__name__)
 
+def check_task_name(name: object) -> str:
+    """A task name must be usable as a file name and on the command line: non-empty, no '/',
+    '\\', '=', control characters or edge spaces, and not '.' or '..'."""
+    if (not isinstance(name, str) or not name or name != name.strip() or name in (".", "..")
+            or any(c in name for c in "/\\=") or not name.isprintable()):
+        raise TallpackError(f"bad task name {name!r}: use a non-empty file-name-safe name without '=', '/' or '\\'")
+    return name
+
+
 def _task_sources(tasks: Mapping[str, SourceLike] | Sequence[SourceLike]) -> dict[str, Source]:
     if isinstance(tasks, Mapping):
         items = list(tasks.items())
@@ -41,8 +50,7 @@ def _task_sources(tasks: Mapping[str, SourceLike] | Sequence[SourceLike]) -> dic
             items.append((stem(t), t))
     out: dict[str, Source] = {}
     for name, obj in items:
-        if not isinstance(name, str) or not name or name != name.strip() or "=" in name:
-            raise TallpackError(f"bad task name {name!r}: use a non-empty name without '=' or edge spaces")
+        check_task_name(name)
         if name in out:
             raise TallpackError(f"task {name!r} given twice; name tasks with NAME=PATH")
         out[name] = open_source(obj, label=f"task {name!r}")
@@ -63,7 +71,7 @@ def _lambdas(lambdas: float | Mapping[str, float], tasks: Sequence[str]) -> dict
     return out
 
 
-class Family:
+class PackInputs:
     """The opened inputs of a pack: base, tasks and their plan, with block-wise streaming."""
 
     def __init__(self, base: SourceLike, tasks, *, allow_mismatch: bool = False,
@@ -153,7 +161,7 @@ def pack(
         raise TallpackError(str(e)) from None
     if not isinstance(chunk_elements, int) or chunk_elements <= 0 or chunk_elements % 8:
         raise TallpackError(f"chunk_elements must be a positive multiple of 8, got {chunk_elements!r}")
-    fam = Family(base, tasks, allow_mismatch=allow_mismatch, chunk_elements=chunk_elements)
+    fam = PackInputs(base, tasks, allow_mismatch=allow_mismatch, chunk_elements=chunk_elements)
     try:
         if method.name == "ties" and len(fam.tasks) > 255:
             raise TallpackError("TIES archives hold at most 255 tasks")
@@ -175,7 +183,7 @@ def pack(
     return manifest
 
 
-def _write(fam: Family, method: MergeMethod, lams: dict[str, float], out: Path, *, codec: str,
+def _write(fam: PackInputs, method: MergeMethod, lams: dict[str, float], out: Path, *, codec: str,
            level: int, keep_base_only: bool, metadata: dict, threads: int | None, progress: bool,
            selection: dict | None) -> Manifest:
     names = list(fam.tasks)
@@ -243,7 +251,7 @@ def _write(fam: Family, method: MergeMethod, lams: dict[str, float], out: Path, 
     return manifest
 
 
-def _write_merged(w: ContainerWriter, fam: Family, entry: TensorPlan, base: torch.Tensor,
+def _write_merged(w: ContainerWriter, fam: PackInputs, entry: TensorPlan, base: torch.Tensor,
                   thetas: list[torch.Tensor], method: MergeMethod, lams: dict[str, float],
                   fidelity: dict[str, Fidelity], dense: Callable[[str], Chain],
                   masks_chain: Chain) -> TensorEntry:

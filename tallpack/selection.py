@@ -20,7 +20,7 @@ from .merging import ALPHA_GRID, MergeMethod
 from .tall import LAMBDA_GRID, reconstruct, tall_mask, task_vector
 
 if TYPE_CHECKING:
-    from .packer import Family
+    from .packer import PackInputs
     from .reader import Archive
 
 log = logging.getLogger(__name__)
@@ -65,24 +65,24 @@ class LambdaSelection:
                            "scores": {t: {str(k): v for k, v in s.items()} for t, s in self.scores.items()}}}
 
 
-def select_lambdas(fam: "Family", method: MergeMethod, evaluate: Evaluator, *,
+def select_lambdas(inputs: "PackInputs", method: MergeMethod, evaluate: Evaluator, *,
                    grid: Sequence[float] | None = None) -> LambdaSelection:
     """For each task, the lambda of ``grid`` (default: the paper's) whose reconstruction scores
     best on ``evaluate``; ties go to the smallest lambda, the densest mask."""
     values = _grid(grid, LAMBDA_GRID, "lambda")
     base: dict[str, torch.Tensor] = {}
     mtl: dict[str, torch.Tensor] = {}
-    for entry in fam.plan.tensors:
+    for entry in inputs.plan.tensors:
         if entry.kind != "merged":
             continue
-        b, thetas = fam.load(entry)
+        b, thetas = inputs.load(entry)
         taus = [task_vector(t, b) for t in thetas]
         if len(thetas) > 1 and all(torch.equal(t, thetas[0]) for t in thetas):
             continue  # stored exactly
         base[entry.name] = b
         mtl[entry.name] = method.combine(taus).reshape(b.shape)
     chosen, scores = {}, {}
-    for task, src in fam.tasks.items():
+    for task, src in inputs.tasks.items():
         exact = {n: src.get(n) for n in src.keys() if n not in mtl}
         taus = {n: task_vector(src.get(n), base[n]) for n in mtl}
         scores[task] = {}

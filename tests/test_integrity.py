@@ -251,3 +251,18 @@ def test_archives_get_ordinary_permissions(archive):
     umask = os.umask(0)
     os.umask(umask)
     assert archive.stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+def test_unpack_all_refuses_task_names_that_leave_the_folder(archive, tmp_path):
+    from tallpack_cli.main import main
+    from click.testing import CliRunner
+
+    def edit(m):
+        m["tasks"][0]["name"] = "../evil"
+        for e in m["tensors"]:
+            if "a" in e["tasks"]:
+                e["tasks"]["../evil"] = e["tasks"].pop("a")
+    rewrite_manifest(archive, edit)
+    r = CliRunner().invoke(main, ["unpack", str(archive), "--all", "-o", str(tmp_path / "out")])
+    assert r.exit_code == 1 and "bad task name '../evil'" in r.output
+    assert not (tmp_path / "evil").exists() and not (tmp_path / "out").exists()

@@ -130,3 +130,22 @@ def test_codec_choice_changes_size_not_content(small_family, tmp_path):
     assert sizes["bytegroup-zstd"] < sizes["raw"]
     for name in recon["raw"]:
         assert torch.equal(recon["raw"][name], recon["bytegroup-zstd"][name])
+
+
+@given(families(max_tasks=3, max_tensors=3))
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+def test_manifest_round_trips(tmp_path_factory, family):
+    from tallpack.manifest import Manifest
+
+    base, tasks = family
+    m = tallpack.pack(base, tasks, tmp_path_factory.mktemp("m") / "f.tallpack", chunk_elements=16)
+    again = Manifest.from_dict(m.to_dict())
+    assert again == m and again.to_dict() == m.to_dict()
+
+
+def test_task_names_must_be_file_name_safe(small_family, tmp_path):
+    import pytest
+
+    for bad in ("../evil", "a/b", ".", "x=y", " pad"):
+        with pytest.raises(tallpack.TallpackError, match="bad task name"):
+            tallpack.pack(small_family["base"], {bad: small_family["tasks"]["a"]}, tmp_path / "f.tallpack")
