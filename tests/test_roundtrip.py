@@ -149,3 +149,28 @@ def test_task_names_must_be_file_name_safe(small_family, tmp_path):
     for bad in ("../evil", "a/b", ".", "x=y", " pad"):
         with pytest.raises(tallpack.TallpackError, match="bad task name"):
             tallpack.pack(small_family["base"], {bad: small_family["tasks"]["a"]}, tmp_path / "f.tallpack")
+
+
+def test_sharded_pytorch_bin_folders_and_legacy_torch_files(small_family, tmp_path):
+    import json
+
+    base, tasks = small_family["base"], small_family["tasks"]
+    folder = tmp_path / "a_bin"
+    folder.mkdir()
+    names = list(tasks["a"])
+    shards = {"pytorch_model-00001-of-00002.bin": names[:2], "pytorch_model-00002-of-00002.bin": names[2:]}
+    for shard, keys in shards.items():
+        torch.save({k: tasks["a"][k] for k in keys}, folder / shard)
+    (folder / "pytorch_model.bin.index.json").write_text(json.dumps(
+        {"weight_map": {k: shard for shard, keys in shards.items() for k in keys}}))
+    torch.save(tasks["b"], tmp_path / "b_legacy.pt", _use_new_zipfile_serialization=False)
+    out = tmp_path / "f.tallpack"
+    tallpack.pack(base, {"a": folder, "b": tmp_path / "b_legacy.pt"}, out)
+    expected = expected_reconstruction(base, {t: tasks[t] for t in "ab"}, {t: tallpack.DEFAULT_LAMBDA for t in "ab"})
+    with tallpack.open(out) as fam:
+        assert fam.task_info("a").source["format"] == "hf-folder"
+        assert set(fam.keys("a")) == set(tasks["a"])
+        for t in "ab":
+            sd = fam.state_dict(t)
+            for k, v in tasks[t].items():
+                assert torch.equal(sd[k], expected[t].get(k, v)), (t, k)
