@@ -46,6 +46,10 @@ class Zstd(Codec):
     level: int = 3
     id: ClassVar[str] = "zstd"
 
+    def __post_init__(self) -> None:
+        if type(self.level) is not int or not -(1 << 17) <= self.level <= 22:
+            raise CodecError(f"zstd: bad level {self.level!r}")
+
     def encode(self, buf: memoryview) -> bytes:
         return zstandard.ZstdCompressor(level=self.level, write_content_size=True).compress(buf)
 
@@ -84,7 +88,7 @@ class ByteGroup(Codec):
     id: ClassVar[str] = "bytegroup"
 
     def __post_init__(self) -> None:
-        if not isinstance(self.itemsize, int) or not 1 <= self.itemsize <= 16:
+        if type(self.itemsize) is not int or not 1 <= self.itemsize <= 16:
             raise CodecError(f"bytegroup: bad itemsize {self.itemsize!r}")
 
     # One strided copy per plane is several times faster than numpy's transposed tobytes().

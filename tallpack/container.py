@@ -123,7 +123,10 @@ class ArrayRef:
             raise FormatError(f"{where}: {len(chunks)} chunks cannot hold {ref.numel} elements")
         if min(chunk_elements, ref.numel) * itemsize(dtype) > MAX_CHUNK_BYTES:
             raise FormatError(f"{where}: chunks larger than {MAX_CHUNK_BYTES} bytes")
-        _codecs.Chain.from_configs(list(codecs))  # unknown codecs fail here, not mid-read
+        chain = _codecs.Chain.from_configs(list(codecs))  # unknown codecs fail here, not mid-read
+        for c in chain.codecs:
+            if isinstance(c, _codecs.ByteGroup) and c.itemsize != itemsize(dtype):
+                raise FormatError(f"{where}: bytegroup itemsize {c.itemsize} for {dtype} elements")
         return ref
 
 
@@ -367,11 +370,20 @@ class ContainerReader:
     def check_layout(self) -> None:
         """Every chunk lies in the data area, and no two overlap."""
         end = HEADER.size
-        for off, n, where in sorted(self._spans):
+        self._spans.sort()
+        for off, n, where in self._spans:
             if off < end or off + n > self.data_end:
                 raise FormatError(f"{self.name}: {where}: chunk at {off} overlaps another or the manifest")
             end = off + n
-        self._spans = []
+
+    def verify_padding(self) -> list[str]:
+        """Bytes that no chunk covers (alignment padding) must be zero: no hidden data."""
+        problems, end = [], HEADER.size
+        for off, n, _ in [*self._spans, (self.data_end, 0, "manifest")]:
+            if off > end and any(self.source.read(end, off - end)):
+                problems.append(f"{self.name}: nonzero bytes in the padding at {end}..{off}")
+            end = max(end, off + n)
+        return problems
 
     def read_chunk(self, ref: ArrayRef, i: int, where: str) -> bytes | bytearray | memoryview:
         c = ref.chunks[i]

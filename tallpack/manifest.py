@@ -157,6 +157,9 @@ class TaskInfo:
             raise FormatError(f"malformed task entry {str(d)[:80]}") from None
         if not isinstance(info.name, str) or not all(isinstance(k, str) for k in info.keys):
             raise FormatError(f"task {info.name!r}: names must be strings")
+        figures = [info.lam, info.density, *info.fidelity.values()]
+        if not all(v is None or type(v) in (int, float) for v in figures):
+            raise FormatError(f"task {info.name!r}: lambda, density and fidelity must be numbers")
         return info
 
 
@@ -208,6 +211,10 @@ class Manifest:
             raise
         except (KeyError, TypeError, ValueError, IndexError):
             raise FormatError("manifest is missing required keys or has malformed ones") from None
+        if type(m.stats.get("source_bytes", 0)) is not int:
+            raise FormatError("stats.source_bytes must be an integer")
+        if not isinstance(m.merge.get("method"), str):
+            raise FormatError("merge.method must be a string")
         seen = set()
         for t in tensors:
             if t.name in seen:

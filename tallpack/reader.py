@@ -155,8 +155,9 @@ class Archive:
 
     # -- checking ----------------------------------------------------------------------------
     def verify(self) -> list[str]:
-        """Check every chunk's checksum and decode it; returns the problems found (empty: intact)."""
-        problems = []
+        """Check every chunk's checksum and decode it, and that padding is zero; returns the
+        problems found (empty: intact)."""
+        problems = self._c.verify_padding()
         for entry in self.manifest.tensors:
             for key, ref in entry.arrays():
                 where = f"tensor {entry.name!r} ({key})"

@@ -266,3 +266,18 @@ def test_unpack_all_refuses_task_names_that_leave_the_folder(archive, tmp_path):
     r = CliRunner().invoke(main, ["unpack", str(archive), "--all", "-o", str(tmp_path / "out")])
     assert r.exit_code == 1 and "bad task name '../evil'" in r.output
     assert not (tmp_path / "evil").exists() and not (tmp_path / "out").exists()
+
+
+def test_every_byte_of_the_file_is_covered(archive):
+    """No hidden bytes: a change anywhere (header, chunk, padding, manifest, footer) is caught by
+    opening or by verify."""
+    raw = archive.read_bytes()
+    for pos in range(0, len(raw), max(1, len(raw) // 1500)):
+        damaged = bytearray(raw)
+        damaged[pos] ^= 0x01
+        archive.write_bytes(bytes(damaged))
+        try:
+            with tallpack.open(archive) as fam:
+                assert fam.verify(), f"a change at byte {pos} went unnoticed"
+        except TallpackError:
+            pass

@@ -1,0 +1,101 @@
+"""Hostile archives, generated: whatever the bytes or the manifest say, reading either works or
+raises a TallpackError; never another exception, a hang or a huge allocation."""
+
+import json
+import zlib
+
+import pytest
+import zstandard
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import tallpack
+from tallpack.container import FOOTER
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=8) | st.sampled_from(["float32", "bool", "tall", "dense", "shared", "zstd", "merged"]),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner, max_size=4),
+    max_leaves=8,
+)
+
+
+@pytest.fixture(scope="module")
+def archive_bytes(tmp_path_factory):
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    base = {"w": torch.randn(20, 9, generator=g), "n": torch.tensor([3]), "h": torch.randn(4, generator=g).bfloat16()}
+    tasks = {t: {"w": base["w"] + 0.1 * torch.randn(20, 9, generator=g), "n": base["n"],
+                 "h": torch.randn(4, generator=g).bfloat16(), f"head{t}": torch.randn(i + 1, generator=g)}
+             for i, t in enumerate("abc")}
+    out = tmp_path_factory.mktemp("fuzz") / "f.tallpack"
+    tallpack.pack(base, tasks, out, chunk_elements=64, merge="ties")
+    return out.read_bytes()
+
+
+def read_everything(path):
+    with tallpack.open(path) as fam:
+        for t in fam.tasks:
+            fam.state_dict(t)
+        fam.verify()
+        fam.summary()
+        fam.merged("consensus-ties", k=1)
+        fam.merged("ties")
+
+
+def paths(obj, prefix=()):
+    yield prefix
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from paths(v, prefix + (k,))
+    elif isinstance(obj, list):
+        for i, v in enumerate(obj):
+            yield from paths(v, prefix + (i,))
+
+
+def with_manifest(raw: bytes, manifest) -> bytes:
+    m_off, _, _, flags, end = FOOTER.unpack(raw[-FOOTER.size:])
+    stored = zstandard.ZstdCompressor().compress(json.dumps(manifest).encode())
+    return raw[:m_off] + stored + FOOTER.pack(m_off, len(stored), zlib.crc32(stored), flags, end)
+
+
+@given(data=st.data())
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+def test_mutated_manifests_raise_only_tallpack_errors(archive_bytes, tmp_path, data):
+    m_off, m_len, *_ = FOOTER.unpack(archive_bytes[-FOOTER.size:])
+    manifest = json.loads(zstandard.ZstdDecompressor().decompress(archive_bytes[m_off:m_off + m_len]))
+    all_paths = [p for p in paths(manifest) if p]
+    for _ in range(data.draw(st.integers(1, 3))):
+        path = data.draw(st.sampled_from(all_paths))
+        target = manifest
+        try:
+            for key in path[:-1]:
+                target = target[key]
+            if data.draw(st.booleans()) and isinstance(target, dict):
+                target.pop(path[-1], None)
+            else:
+                target[path[-1]] = data.draw(json_values)
+        except (KeyError, IndexError, TypeError):
+            continue
+    p = tmp_path / "m.tallpack"
+    p.write_bytes(with_manifest(archive_bytes, manifest))
+    try:
+        read_everything(p)
+    except tallpack.TallpackError:
+        pass
+
+
+@given(st.lists(st.tuples(st.integers(0, 10**9), st.integers(0, 255)), min_size=1, max_size=4),
+       st.integers(0, 200))
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+def test_mutated_bytes_raise_only_tallpack_errors(archive_bytes, tmp_path, edits, cut):
+    raw = bytearray(archive_bytes)
+    for pos, value in edits:
+        raw[pos % len(raw)] = value
+    p = tmp_path / "b.tallpack"
+    p.write_bytes(bytes(raw[:len(raw) - cut]))
+    try:
+        read_everything(p)
+    except tallpack.TallpackError:
+        pass
