@@ -74,6 +74,17 @@ def tensor_to_bytes(t: torch.Tensor) -> memoryview:
     return memoryview(flat.view(torch.uint8).numpy()).cast("B")
 
 
+def all_equal(tensors: list[torch.Tensor]) -> bool:
+    """Whether the tensors have the same dtype, shape and bytes (NaNs and signed zeros count)."""
+    first = tensors[0]
+    fb = np.frombuffer(tensor_to_bytes(first), np.uint8)
+    return all(
+        t.dtype == first.dtype and t.shape == first.shape
+        and np.array_equal(np.frombuffer(tensor_to_bytes(t), np.uint8), fb)
+        for t in tensors[1:]
+    )
+
+
 def bytes_to_tensor(buf: bytes | bytearray | memoryview | np.ndarray, dtype: str, shape) -> torch.Tensor:
     """A new tensor of ``dtype``/``shape`` holding a copy of ``buf``."""
     dt = torch_dtype(dtype)

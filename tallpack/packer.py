@@ -13,20 +13,19 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from . import __version__
 from .codecs import Chain, dense_chain, mask_chain
 from .container import DEFAULT_CHUNK_ELEMENTS, MAJOR, MINOR, ContainerWriter
-from .dtypes import dtype_name, itemsize, tensor_to_bytes
+from .dtypes import all_equal, dtype_name, itemsize, tensor_to_bytes
 from .errors import TallpackError
 from .manifest import Manifest, TaskInfo, TaskTensor, TensorEntry
 from .merging import MergeMethod, get_method
 from .plan import Plan, TensorPlan, make_plan
 from .selection import Evaluator, select_lambdas
 from .sources import Source, SourceLike, open_source, stem
-from .tall import DEFAULT_LAMBDA, Fidelity, tall_mask, task_vector
+from .tall import DEFAULT_LAMBDA, Fidelity, all_finite, tall_mask, task_vector
 
 log = logging.getLogger(__name__)
 
@@ -94,12 +93,13 @@ class PackInputs:
             yield b, [task_vector(f[a : a + self.chunk_elements], b) for f in flats]
 
     def passes(self) -> Iterator[list[torch.Tensor]]:
-        """One streaming pass over every merged tensor's task vectors, block by block."""
+        """One streaming pass over every maskable tensor's task vectors, block by block."""
         for entry in self.plan.tensors:
             if entry.kind == "merged":
                 base, thetas = self.load(entry)
-                for _, taus in self.blocks(base, thetas):
-                    yield taus
+                if all_finite(base, thetas):
+                    for _, taus in self.blocks(base, thetas):
+                        yield taus
 
     @property
     def source_bytes(self) -> int:
@@ -108,22 +108,6 @@ class PackInputs:
     def close(self) -> None:
         for s in (self.base, *self.tasks.values()):
             s.close()
-
-
-def _finite(t: torch.Tensor) -> bool:
-    """No inf or NaN (a sum is one fast pass; it may also flag sums that overflow, which then
-    only costs compression: such a tensor is stored exactly)."""
-    return bool(torch.isfinite(t.sum(dtype=torch.float32)))
-
-
-def _all_equal(tensors: list[torch.Tensor]) -> bool:
-    first = tensors[0]
-    fb = np.frombuffer(tensor_to_bytes(first), np.uint8)
-    return all(
-        t.dtype == first.dtype and t.shape == first.shape
-        and np.array_equal(np.frombuffer(tensor_to_bytes(t), np.uint8), fb)
-        for t in tensors[1:]
-    )
 
 
 def pack(
@@ -212,7 +196,7 @@ def _write(fam: PackInputs, method: MergeMethod, lams: dict[str, float], out: Pa
                 continue
             base, thetas = fam.load(entry)
             shape = tuple(thetas[0].shape)
-            if len(thetas) > 1 and _all_equal(thetas):
+            if len(thetas) > 1 and all_equal(thetas):
                 ref = whole(thetas[0])
                 dt = dtype_name(thetas[0].dtype)
                 entries.append(TensorEntry(entry.name, "shared",
@@ -221,7 +205,7 @@ def _write(fam: PackInputs, method: MergeMethod, lams: dict[str, float], out: Pa
                     for t, tau in zip(entry.tasks, (task_vector(x, base) for x in thetas)):
                         fidelity[t].add(tau, torch.ones_like(tau, dtype=torch.bool), tau)
                 continue
-            if entry.kind == "merged" and not all(_finite(x) for x in (base, *thetas)):
+            if entry.kind == "merged" and not all_finite(base, thetas):
                 # inf/NaN would make tau_t NaN and the rebuilt weight NaN: keep such tensors exact
                 log.warning("tensor %r holds inf or NaN: stored per task, not masked", entry.name)
                 entry = TensorPlan(entry.name, "task-own", entry.tasks, entry.in_base)

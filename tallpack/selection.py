@@ -14,10 +14,10 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .dtypes import torch_dtype
+from .dtypes import all_equal, torch_dtype
 from .errors import TallpackError
 from .merging import ALPHA_GRID, MergeMethod
-from .tall import LAMBDA_GRID, reconstruct, tall_mask, task_vector
+from .tall import LAMBDA_GRID, all_finite, reconstruct, tall_mask, task_vector
 
 if TYPE_CHECKING:
     from .packer import PackInputs
@@ -76,11 +76,10 @@ def select_lambdas(inputs: "PackInputs", method: MergeMethod, evaluate: Evaluato
         if entry.kind != "merged":
             continue
         b, thetas = inputs.load(entry)
-        taus = [task_vector(t, b) for t in thetas]
-        if len(thetas) > 1 and all(torch.equal(t, thetas[0]) for t in thetas):
+        if len(thetas) > 1 and all_equal(thetas) or not all_finite(b, thetas):
             continue  # stored exactly
         base[entry.name] = b
-        mtl[entry.name] = method.combine(taus).reshape(b.shape)
+        mtl[entry.name] = method.combine([task_vector(t, b) for t in thetas]).reshape(b.shape)
     chosen, scores = {}, {}
     for task, src in inputs.tasks.items():
         exact = {n: src.get(n) for n in src.keys() if n not in mtl}

@@ -32,6 +32,12 @@ def tall_mask(tau_t: torch.Tensor, tau_mtl: torch.Tensor, lam: float) -> torch.T
     return tau_t.abs() > lam32 * (tau_mtl - tau_t).abs()
 
 
+def all_finite(base: torch.Tensor, thetas: list[torch.Tensor]) -> bool:
+    """No inf or NaN anywhere, else tau_t would be NaN (a sum is one fast pass; it also flags
+    sums that overflow, which only costs compression: such a tensor is stored exactly)."""
+    return all(bool(torch.isfinite(t.sum(dtype=torch.float32))) for t in (base, *thetas))
+
+
 def reconstruct(theta_0: torch.Tensor, mask: torch.Tensor, tau_mtl: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``theta_t = theta_0 + m_t * tau_MTL``, computed in float32 and cast to ``dtype``."""
     # addcmul is bit-identical to base + (mask * tau): the product (tau or a signed zero) is exact,
