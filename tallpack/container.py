@@ -15,6 +15,7 @@ manifest, which indexes them, goes last.
 
 from __future__ import annotations
 
+import functools
 import logging
 import mmap
 import os
@@ -78,6 +79,11 @@ class ArrayRef:
     def numel(self) -> int:
         return numel(self.shape)
 
+    @functools.cached_property
+    def chain(self) -> _codecs.Chain:
+        """The codec chain, built once (unknown codecs fail here)."""
+        return _codecs.Chain.from_configs(list(self.codecs))
+
     @property
     def nbytes(self) -> int:
         """Decoded size in bytes."""
@@ -123,8 +129,7 @@ class ArrayRef:
             raise FormatError(f"{where}: {len(chunks)} chunks cannot hold {ref.numel} elements")
         if min(chunk_elements, ref.numel) * itemsize(dtype) > MAX_CHUNK_BYTES:
             raise FormatError(f"{where}: chunks larger than {MAX_CHUNK_BYTES} bytes")
-        chain = _codecs.Chain.from_configs(list(codecs))  # unknown codecs fail here, not mid-read
-        for c in chain.codecs:
+        for c in ref.chain.codecs:  # unknown codecs fail here, at open, not mid-read
             if isinstance(c, _codecs.ByteGroup) and c.itemsize != itemsize(dtype):
                 raise FormatError(f"{where}: bytegroup itemsize {c.itemsize} for {dtype} elements")
         return ref
@@ -391,8 +396,7 @@ class ContainerReader:
         if crc32(stored) != c.crc32:
             raise IntegrityError(f"{self.name}: {where}: checksum mismatch in chunk {i} (damaged archive)")
         try:
-            chain = _codecs.Chain.from_configs(list(ref.codecs))
-            return chain.decode(stored, ref.chunk_numel(i) * itemsize(ref.dtype))
+            return ref.chain.decode(stored, ref.chunk_numel(i) * itemsize(ref.dtype))
         except FormatError as e:
             raise type(e)(f"{self.name}: {where}: chunk {i}: {e}") from None
 
