@@ -48,7 +48,7 @@ def _parse_tasks(specs: tuple[str, ...]) -> dict[str, str]:
     tasks: dict[str, str] = {}
     for spec in specs:
         name, sep, path = spec.partition("=")
-        if not sep:
+        if not sep or Path(spec).exists():  # a bare path, even one with '=' in it
             name, path = stem(spec), spec
         if not name or not path:
             raise click.BadParameter(f"{spec!r}: expected NAME=PATH or PATH", param_hint="--task")

@@ -54,6 +54,17 @@ def test_unpack_writes_a_loadable_checkpoint(packed, tmp_path, small_family):
     assert sorted(p.name for p in (tmp_path / "all").iterdir()) == ["a", "b", "c"]
 
 
+def test_a_bare_task_path_with_equals_signs_is_a_path(small_family, tmp_path):
+    odd = tmp_path / "lr=1e-4"
+    odd.mkdir()
+    (odd / "model.safetensors").write_bytes(small_family["task_paths"]["a"].read_bytes())
+    r = run("pack", "--base", small_family["base_path"], "--task", odd, "-o", tmp_path / "o.tallpack", ok=False)
+    assert "bad task name 'lr=1e-4'" in one_error_line(r)  # not "no such file: 1e-4"
+    run("pack", "--base", small_family["base_path"], "--task", f"lr={odd}", "-o", tmp_path / "o.tallpack")
+    s = json.loads(run("inspect", tmp_path / "o.tallpack", "--json").output)
+    assert [t["name"] for t in s["tasks"]] == ["lr"]
+
+
 def test_verify_ok_and_damaged(packed):
     assert "ok" in run("verify", packed).output
     raw = bytearray(packed.read_bytes())
