@@ -203,10 +203,6 @@ class ContainerWriter:
         if not self._done:
             self.abort()
 
-    @property
-    def position(self) -> int:
-        return self._pos
-
     def _write(self, data) -> int:
         pad = -self._pos % ALIGNMENT
         if pad:

@@ -13,9 +13,8 @@ from .container import ArrayRef
 from .dtypes import FLOATING
 from .errors import FormatError, UnsupportedVersionError
 
-#: How a task's tensor is stored. Readers raise UnsupportedVersionError on other values, on use.
-ENCODINGS = ("tall", "dense", "shared")
-KINDS = ("merged", "shared", "task-own", "base-only")
+# A task's tensor is stored as "tall", "dense" or "shared"; readers raise UnsupportedVersionError
+# on other encodings when that tensor is read, so a minor version can add encodings.
 #: Chunk checksum algorithms: CRC-32 (zlib's) of each chunk's stored bytes.
 CHECKSUMS = ("crc32",)
 
