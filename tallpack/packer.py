@@ -202,8 +202,8 @@ def _write(fam: PackInputs, method: MergeMethod, lams: dict[str, float], out: Pa
                 entries.append(TensorEntry(entry.name, "shared",
                                            {t: TaskTensor("shared", dt, shape) for t in entry.tasks}, data=ref))
                 if entry.kind == "merged":
-                    for t, tau in zip(entry.tasks, (task_vector(x, base) for x in thetas)):
-                        fidelity[t].add(tau, torch.ones_like(tau, dtype=torch.bool), tau)
+                    for t, x in zip(entry.tasks, thetas):
+                        fidelity[t].add_exact(task_vector(x, base))
                 continue
             if entry.kind == "merged" and not all_finite(base, thetas):
                 # inf/NaN would make tau_t NaN and the rebuilt weight NaN: keep such tensors exact

@@ -69,6 +69,14 @@ class Fidelity:
         self.ones += int(mask.sum())
         self.numel += mask.numel()
 
+    def add_exact(self, tau_t: torch.Tensor) -> None:
+        """A tensor stored exactly (rec = tau_t): counts for fidelity, not for mask density."""
+        tau = tau_t.reshape(-1)
+        sq = float(torch.dot(tau, tau))
+        self.tau_sq += sq
+        self.rec_sq += sq
+        self.dot += sq
+
     def to_dict(self) -> dict[str, float | None]:
         """``rel_l2 = |rec - tau| / |tau|`` and ``cosine(rec, tau)``; None where undefined."""
         rel = math.sqrt(self.err_sq / self.tau_sq) if self.tau_sq > 0 else (0.0 if self.err_sq == 0 else None)

@@ -174,3 +174,16 @@ def test_sharded_pytorch_bin_folders_and_legacy_torch_files(small_family, tmp_pa
             sd = fam.state_dict(t)
             for k, v in tasks[t].items():
                 assert torch.equal(sd[k], expected[t].get(k, v)), (t, k)
+
+
+def test_density_counts_only_masked_tensors(small_family, tmp_path):
+    """A frozen floating tensor (stored once, exactly) must not inflate the mask density."""
+    big_frozen = dict(small_family["base"], frozen=torch.randn(100_000))
+    tasks = {t: dict(sd, frozen=big_frozen["frozen"]) for t, sd in small_family["tasks"].items()}
+    out_a, out_b = tmp_path / "a.tallpack", tmp_path / "b.tallpack"
+    tallpack.pack(small_family["base"], small_family["tasks"], out_a)
+    tallpack.pack(big_frozen, tasks, out_b)
+    with tallpack.open(out_a) as a, tallpack.open(out_b) as b:
+        for t in a.tasks:
+            assert a.task_info(t).density == b.task_info(t).density
+            assert a.task_info(t).fidelity == b.task_info(t).fidelity  # frozen: tau = 0
