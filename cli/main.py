@@ -10,12 +10,13 @@ from pathlib import Path
 import click
 
 import tallpack
-from tallpack.codecs import DENSE_PRESETS
 from tallpack.errors import TallpackError
-from tallpack.merging import MERGED_MODELS, default_alpha
-from tallpack.outputs import task_metadata, write_checkpoint
-from tallpack.packer import check_task_name
+from tallpack.merging import MERGED_MODELS, METHODS, default_alpha
+from tallpack.options import DENSE_PRESETS, PackOptions
+from tallpack.report import format_size, render
 from tallpack.sources import stem
+
+_DEFAULTS = PackOptions()
 
 
 def _fail(message: str) -> None:
@@ -74,6 +75,15 @@ def _parse_lambdas(specs: tuple[str, ...], tasks: dict[str, str]) -> dict[str, f
     return {t: default for t in tasks} | per  # the library rejects names that are not tasks
 
 
+def _method_options(f):
+    """One ``--{method}-{option}`` flag per option of every registered merge method."""
+    for method in reversed(list(METHODS.values())):
+        for opt in reversed(method.options):
+            f = click.option(f"--{method.name}-{opt.name.replace('_', '-')}", f"{method.name}_{opt.name}",
+                             type=opt.type, default=opt.default, show_default=True, help=opt.help)(f)
+    return f
+
+
 @main.command()
 @click.option("--base", "base", required=True, help="The base model: .safetensors, .bin/.pt/.pth, or a model folder.")
 @click.option("--task", "task_specs", multiple=True, required=True, metavar="NAME=PATH",
@@ -82,14 +92,13 @@ def _parse_lambdas(specs: tuple[str, ...], tasks: dict[str, str]) -> dict[str, f
               help="The archive to write.")
 @click.option("--lambda", "lambda_specs", multiple=True, metavar="[NAME=]VALUE",
               help=f"Mask lambda, for all tasks or one (repeat). Default {tallpack.DEFAULT_LAMBDA}.")
-@click.option("--merge", type=click.Choice(["ta", "ties"]), default="ta", show_default=True,
+@click.option("--merge", type=click.Choice(list(METHODS)), default=_DEFAULTS.merge, show_default=True,
               help="How the merged vector tau_MTL is built.")
-@click.option("--ties-top-k", type=click.FloatRange(0, 1, min_open=True), default=0.2, show_default=True,
-              help="TIES: fraction of each task vector kept.")
-@click.option("--codec", type=click.Choice(DENSE_PRESETS), default="bytegroup-zstd", show_default=True,
+@_method_options
+@click.option("--codec", type=click.Choice(DENSE_PRESETS), default=_DEFAULTS.codec, show_default=True,
               help="Codec of dense sections: raw loads fastest, bytegroup-zstd is smallest.")
-@click.option("--level", type=click.IntRange(1, 22), default=3, show_default=True, help="zstd level.")
-@click.option("--chunk-elements", type=click.IntRange(8), default=1 << 22, show_default=True,
+@click.option("--level", type=click.IntRange(1, 22), default=_DEFAULTS.level, show_default=True, help="zstd level.")
+@click.option("--chunk-elements", type=click.IntRange(8), default=_DEFAULTS.chunk_elements, show_default=True,
               help="Elements per chunk (a multiple of 8).")
 @click.option("--keep-base-only/--no-keep-base-only", default=False, show_default=True,
               help="Keep base tensors that no task has.")
@@ -97,8 +106,8 @@ def _parse_lambdas(specs: tuple[str, ...], tasks: dict[str, str]) -> dict[str, f
 @click.option("-j", "--threads", type=click.IntRange(1), default=None, help="Encoder threads (default: cores).")
 @click.option("-f", "--force", is_flag=True, help="Overwrite an existing archive.")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Show a progress bar.")
-def pack(base, task_specs, output, lambda_specs, merge, ties_top_k, codec, level, chunk_elements,
-         keep_base_only, allow_mismatch, threads, force, progress) -> None:
+def pack(base, task_specs, output, lambda_specs, merge, codec, level, chunk_elements,
+         keep_base_only, allow_mismatch, threads, force, progress, **method_options) -> None:
     """Pack a base model and its fine-tuned tasks into one archive."""
     tasks = _parse_tasks(task_specs)
     lambdas = _parse_lambdas(lambda_specs, tasks)
@@ -106,25 +115,16 @@ def pack(base, task_specs, output, lambda_specs, merge, ties_top_k, codec, level
         raise click.BadParameter("must be a multiple of 8", param_hint="--chunk-elements")
     if output.exists() and not force:
         _fail(f"{output}: already exists; pass --force to overwrite it")
-    m = tallpack.pack(base, tasks, output, lambdas=lambdas, merge=merge, ties_top_k=ties_top_k,
-                      codec=codec, level=level, chunk_elements=chunk_elements,
-                      keep_base_only=keep_base_only, allow_mismatch=allow_mismatch,
-                      threads=threads, progress=progress and sys.stderr.isatty())
+    prefix = f"{merge}_"
+    merge_spec = {"method": merge} | {k[len(prefix):]: v for k, v in method_options.items() if k.startswith(prefix)}
+    options = PackOptions(lambdas=lambdas, merge=merge_spec, codec=codec, level=level,
+                          chunk_elements=chunk_elements, keep_base_only=keep_base_only,
+                          allow_mismatch=allow_mismatch, threads=threads,
+                          progress=progress and sys.stderr.isatty())
+    m = tallpack.pack(base, tasks, output, options)
     size = output.stat().st_size
     src = m.stats["source_bytes"]
-    click.echo(f"wrote {output}: {len(m.tasks)} tasks, {_size(size)} from {_size(src)} ({src / size:.2f}x)")
-
-
-def _size(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if abs(n) < 1000 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n}"
-
-
-def _fmt(v, spec: str = ".4f") -> str:
-    return "-" if v is None else format(v, spec)
+    click.echo(f"wrote {output}: {len(m.tasks)} tasks, {format_size(size)} from {format_size(src)} ({src / size:.2f}x)")
 
 
 @main.command()
@@ -134,28 +134,7 @@ def inspect(archive: str, as_json: bool) -> None:
     """Show an archive's tasks, sizes, ratios, mask densities and fidelity."""
     with tallpack.open(archive) as fam:
         s = fam.summary()
-    if as_json:
-        click.echo(json.dumps(s, indent=2))
-    else:
-        _print_summary(s)
-
-
-def _print_summary(s: dict) -> None:
-    click.echo(f"{s['path']}: tallpack format {s['format_version']}, written by {s['writer']}")
-    click.echo(f"merge: {s['merge'].get('method')}   tensors: " +
-               ", ".join(f"{v} {k}" for k, v in s["kinds"].items()))
-    ratio = f"{s['ratio']:.2f}x" if s["ratio"] else "-"
-    click.echo(f"size: {_size(s['archive_bytes'])} from {_size(s['source_bytes'])} of checkpoints ({ratio})")
-    click.echo("stored: " + ", ".join(f"{k} {_size(v)}" for k, v in s["stored_bytes"].items() if v))
-    click.echo("")
-    header = f"{'task':<20} {'lambda':>6} {'density':>8} {'rel_l2':>7} {'cosine':>7} {'mask b/p':>9} {'H(p)':>6}"
-    click.echo(header)
-    click.echo("-" * len(header))
-    for t in s["tasks"]:
-        f = t["fidelity"]
-        click.echo(f"{t['name']:<20} {_fmt(t['lambda'], '.2f'):>6} {_fmt(t['density'], '.3f'):>8} "
-                   f"{_fmt(f.get('rel_l2'), '.3f'):>7} {_fmt(f.get('cosine'), '.3f'):>7} "
-                   f"{_fmt(t['mask_bits_per_param'], '.3f'):>9} {_fmt(t['mask_entropy_bits_per_param'], '.3f'):>6}")
+    click.echo(json.dumps(s, indent=2) if as_json else render(s))
 
 
 @main.command()
@@ -167,18 +146,14 @@ def _print_summary(s: dict) -> None:
 def unpack(archive: str, task_names: tuple[str, ...], all_tasks: bool, output: Path) -> None:
     """Rebuild tasks and write each as a safetensors checkpoint folder."""
     with tallpack.open(archive) as fam:
-        names = list(fam.tasks) if all_tasks else list(task_names)
-        if not names:
+        if not task_names and not all_tasks:
             raise click.UsageError(f"name a task with --task (tasks: {', '.join(fam.tasks)}) or pass --all")
-        for name in names:
-            fam.task_info(name)  # unknown names fail before anything is written
-            if len(names) > 1 or all_tasks:
-                check_task_name(name)  # an archive's task name becomes a folder name
-        for name in names:
-            outdir = output / name if len(names) > 1 or all_tasks else output
-            meta, config = task_metadata(fam, name)
-            path = write_checkpoint(fam.state_dict(name), outdir, metadata=meta, config=config)
-            click.echo(f"wrote {path}")
+        if len(task_names) == 1 and not all_tasks:
+            paths = [tallpack.write_task(fam, task_names[0], output)]
+        else:
+            paths = tallpack.write_tasks(fam, None if all_tasks else task_names, output)
+    for path in paths:
+        click.echo(f"wrote {path}")
 
 
 @main.command()
@@ -187,7 +162,7 @@ def verify(archive: str) -> None:
     """Check every checksum and decode every section; exit 1 if anything is damaged."""
     with tallpack.open(archive) as fam:
         problems = fam.verify()
-        n = sum(len(ref.chunks) for e in fam.manifest.tensors for _, ref in e.arrays())
+        n = fam.chunk_count()
     if problems:
         for p in problems:
             click.echo(f"error: {p}", err=True)
@@ -198,8 +173,8 @@ def verify(archive: str) -> None:
 @main.command()
 @click.argument("archive")
 @click.option("--method", type=click.Choice(list(MERGED_MODELS)), default="consensus-ta", show_default=True,
-              help="ta and consensus-ta need an archive packed with --merge ta; ties and consensus-ties "
-                   "one packed with --merge ties.")
+              help="Each needs an archive packed with the matching --merge: "
+                   + "; ".join(f"{m} needs --merge {p}" for m, p in MERGED_MODELS.items()) + ".")
 @click.option("--k", type=click.IntRange(0), default=2, show_default=True,
               help="Consensus: keep weights used by at least k tasks (0 gives plain TA/TIES).")
 @click.option("--alpha", type=float, default=None,
@@ -211,12 +186,8 @@ def merge(archive: str, method: str, k: int, alpha: float | None, task: str | No
     """Write one multi-task model merged from the archive's tasks."""
     with tallpack.open(archive) as fam:
         alpha = default_alpha(method, len(fam.tasks)) if alpha is None else alpha
-        sd = fam.merged(method, k=k, alpha=alpha, task=task)
-        meta = {"tallpack.merge": method, "tallpack.k": k, "tallpack.alpha": alpha,
-                "tallpack.tasks": list(fam.tasks)} | ({"tallpack.task": task} if task else {})
-        config = (fam.task_info(task).metadata if task else fam.manifest.base.get("metadata", {})).get("config")
-        path = write_checkpoint(sd, output, metadata=meta, config=config)
-    click.echo(f"wrote {path} ({method}, k={k}, alpha={alpha:g}, {len(sd)} tensors)")
+        path, n = tallpack.write_merged(fam, output, method, k=k, alpha=alpha, task=task)
+    click.echo(f"wrote {path} ({method}, k={k}, alpha={alpha:g}, {n} tensors)")
 
 
 @main.command()
@@ -233,7 +204,7 @@ def demo(workdir: str, size: str, task: str | None) -> None:
     sec = r.seconds
     click.echo(f"built in {sec['build']:.1f}s; packed (lambda chosen on validation data) in {sec['pack']:.1f}s\n")
     click.echo(f"$ tallpack inspect {r.archive}")
-    _print_summary(r.summary)
+    click.echo(render(r.summary))
     click.echo(f"\n$ tallpack unpack {r.archive} --task {r.task} -o {r.unpacked.parent}")
     click.echo(f"wrote {r.unpacked}\n")
     click.echo(f"test accuracy, original fine-tune vs rebuilt from the archive ({r.unpacked.name} for {r.task}):")

@@ -6,30 +6,34 @@
 ...     sd = fam.state_dict("cars")
 """
 
-__version__ = "0.1.0"
-
-from .errors import (  # noqa: E402
+from ._version import __version__
+from .errors import (
+    ArchiveNotFoundError,
     CheckpointError,
     CheckpointNotFoundError,
     CodecError,
     FormatError,
     IncompatibleCheckpointsError,
     IntegrityError,
+    InvalidArgumentError,
     TallpackError,
     TaskNotFoundError,
     TensorNotFoundError,
     UnsafeCheckpointError,
     UnsupportedVersionError,
 )
-from .packer import pack  # noqa: E402
-from .reader import Archive, open  # noqa: E402,A004
-from .merging import ALPHA_GRID  # noqa: E402
-from .selection import select_alpha  # noqa: E402
-from .tall import DEFAULT_LAMBDA, LAMBDA_GRID  # noqa: E402
+from .merging import ALPHA_GRID
+from .options import PackOptions
+from .outputs import write_merged, write_task, write_tasks
+from .packer import pack
+from .reader import Archive, open  # noqa: A004
+from .selection import select_alpha
+from .tall import DEFAULT_LAMBDA, LAMBDA_GRID
 
 __all__ = [
-    "pack", "open", "select_alpha", "Archive", "DEFAULT_LAMBDA", "LAMBDA_GRID", "ALPHA_GRID",
+    "__version__", "pack", "open", "select_alpha", "Archive", "PackOptions",
+    "write_task", "write_tasks", "write_merged", "DEFAULT_LAMBDA", "LAMBDA_GRID", "ALPHA_GRID",
     "TallpackError", "FormatError", "IntegrityError", "UnsupportedVersionError", "CodecError",
-    "CheckpointError", "CheckpointNotFoundError", "UnsafeCheckpointError",
-    "IncompatibleCheckpointsError", "TaskNotFoundError", "TensorNotFoundError",
+    "CheckpointError", "CheckpointNotFoundError", "UnsafeCheckpointError", "InvalidArgumentError",
+    "ArchiveNotFoundError", "IncompatibleCheckpointsError", "TaskNotFoundError", "TensorNotFoundError",
 ]

@@ -16,7 +16,7 @@ from typing import Any, ClassVar
 import numpy as np
 import zstandard
 
-from .errors import CodecError, UnsupportedVersionError
+from .errors import CodecError, InvalidArgumentError, UnsupportedVersionError
 
 
 class Codec:
@@ -202,7 +202,7 @@ def dense_chain(preset: str, itemsize: int, level: int = 3) -> Chain:
         return Chain([Zstd(level)])
     if preset == "bytegroup-zstd":
         return Chain(([ByteGroup(itemsize)] if itemsize > 1 else []) + [Zstd(level)])
-    raise ValueError(f"unknown codec preset {preset!r}; choose one of {', '.join(DENSE_PRESETS)}")
+    raise InvalidArgumentError(f"unknown codec {preset!r}; choose one of {', '.join(DENSE_PRESETS)}")
 
 
 def mask_chain(level: int = 3) -> Chain:

@@ -15,24 +15,24 @@ manifest, which indexes them, goes last.
 
 from __future__ import annotations
 
-import functools
+import json
 import logging
-import mmap
 import os
 import struct
-import zlib
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, Protocol
+from typing import Any, BinaryIO
 
-import json
 import zstandard
 
 from . import codecs as _codecs
-from .dtypes import itemsize, numel, torch_dtype
+from .arrays import (DEFAULT_CHUNK_ELEMENTS, ArrayRef, Chunk, check_chunk_bytes,
+                     check_chunk_elements)
+from .checksums import checksum_function, crc32
+from .elements import itemsize, numel
+from .errors import FormatError, IntegrityError, InvalidArgumentError, UnsupportedVersionError
 from .fsutil import commit, temp_beside
-from .errors import FormatError, IntegrityError, TallpackError, UnsupportedVersionError
+from .storage import ByteSource
 
 log = logging.getLogger(__name__)
 
@@ -43,136 +43,12 @@ HEADER = struct.Struct("<8sHHI")
 FOOTER = struct.Struct("<QQII8s")
 FLAG_MANIFEST_ZSTD = 1
 ALIGNMENT = 64
-DEFAULT_CHUNK_ELEMENTS = 1 << 22
 
 #: Limits a reader enforces before trusting anything in the file.
 MAX_MANIFEST_BYTES = 256 << 20
-MAX_CHUNK_BYTES = 1 << 30
 
-
-def crc32(buf) -> int:
-    return zlib.crc32(buf) & 0xFFFFFFFF
-
-
-@dataclass(frozen=True)
-class Chunk:
-    offset: int
-    nbytes: int
-    crc32: int
-
-
-@dataclass(frozen=True)
-class ArrayRef:
-    """Where an array's chunks lie and how to decode them.
-
-    The array's elements, in C order, are cut into chunks of ``chunk_elements`` elements (the last
-    one shorter); each chunk is encoded alone with ``codecs``.
-    """
-
-    dtype: str
-    shape: tuple[int, ...]
-    codecs: tuple[dict, ...]
-    chunk_elements: int
-    chunks: tuple[Chunk, ...]
-
-    @property
-    def numel(self) -> int:
-        return numel(self.shape)
-
-    @functools.cached_property
-    def chain(self) -> _codecs.Chain:
-        """The codec chain, built once (unknown codecs fail here)."""
-        return _codecs.Chain.from_configs(list(self.codecs))
-
-    @property
-    def nbytes(self) -> int:
-        """Decoded size in bytes."""
-        return self.numel * itemsize(self.dtype)
-
-    @property
-    def stored_nbytes(self) -> int:
-        return sum(c.nbytes for c in self.chunks)
-
-    def chunk_numel(self, i: int) -> int:
-        return min(self.chunk_elements, self.numel - i * self.chunk_elements)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "dtype": self.dtype,
-            "shape": list(self.shape),
-            "codecs": list(self.codecs),
-            "chunk_elements": self.chunk_elements,
-            "chunks": [[c.offset, c.nbytes, c.crc32] for c in self.chunks],
-        }
-
-    @classmethod
-    def from_dict(cls, d: Any, where: str) -> "ArrayRef":
-        """Parse and validate one array entry; ``where`` names it in error messages."""
-        try:
-            dtype = d["dtype"]
-            torch_dtype(dtype)
-            shape = tuple(d["shape"])
-            codecs = tuple(d["codecs"])
-            chunk_elements = d["chunk_elements"]
-            chunks = tuple(Chunk(*c) for c in d["chunks"])
-        except FormatError as e:
-            raise FormatError(f"{where}: {e}") from None
-        except (KeyError, TypeError, ValueError):
-            raise FormatError(f"{where}: malformed array entry") from None
-        ints = [*shape, chunk_elements] + [v for c in chunks for v in (c.offset, c.nbytes, c.crc32)]
-        if not all(type(v) is int and v >= 0 for v in ints):
-            raise FormatError(f"{where}: shape, chunk sizes and offsets must be non-negative integers")
-        if chunk_elements == 0 or chunk_elements % 8:
-            raise FormatError(f"{where}: chunk_elements must be a positive multiple of 8")
-        ref = cls(dtype, shape, codecs, chunk_elements, chunks)
-        if len(chunks) != -(-ref.numel // chunk_elements):
-            raise FormatError(f"{where}: {len(chunks)} chunks cannot hold {ref.numel} elements")
-        if min(chunk_elements, ref.numel) * itemsize(dtype) > MAX_CHUNK_BYTES:
-            raise FormatError(f"{where}: chunks larger than {MAX_CHUNK_BYTES} bytes")
-        for c in ref.chain.codecs:  # unknown codecs fail here, at open, not mid-read
-            if isinstance(c, _codecs.ByteGroup) and c.itemsize != itemsize(dtype):
-                raise FormatError(f"{where}: bytegroup itemsize {c.itemsize} for {dtype} elements")
-        return ref
-
-
-class ByteSource(Protocol):
-    """Random access to an archive's bytes: a mapped local file, or a remote object."""
-
-    size: int
-
-    def read(self, offset: int, nbytes: int) -> memoryview: ...
-
-    def close(self) -> None: ...
-
-
-class LocalFile:
-    """A local archive, memory-mapped: reading a range touches only those pages."""
-
-    def __init__(self, path: str | os.PathLike):
-        self.path = str(path)
-        try:
-            self._f = open(path, "rb")
-        except FileNotFoundError:
-            raise TallpackError(f"{path}: no such archive") from None
-        except IsADirectoryError:
-            raise FormatError(f"{path}: is a directory, not a tallpack archive") from None
-        self.size = os.fstat(self._f.fileno()).st_size
-        self._map = mmap.mmap(self._f.fileno(), 0, access=mmap.ACCESS_READ) if self.size else None
-        self._view = memoryview(self._map) if self._map is not None else memoryview(b"")
-
-    def read(self, offset: int, nbytes: int) -> memoryview:
-        if offset < 0 or nbytes < 0 or offset + nbytes > self.size:
-            raise IntegrityError(f"{self.path}: read past the end of the file (truncated?)")
-        return self._view[offset : offset + nbytes]
-
-    def close(self) -> None:
-        self._view.release()
-        if self._map is not None:
-            try:
-                self._map.close()
-            except BufferError:  # a caller still holds a view; the map goes with the last one
-                pass
-        self._f.close()
+__all__ = ["ArrayRef", "Chunk", "ContainerReader", "ContainerWriter", "DEFAULT_CHUNK_ELEMENTS",
+           "FOOTER", "HEADER", "MAJOR", "MINOR"]
 
 
 class ContainerWriter:
@@ -185,10 +61,10 @@ class ContainerWriter:
     def __init__(self, path: str | os.PathLike, *, threads: int | None = None):
         self.path = Path(path)
         if self.path.is_dir():
-            raise TallpackError(f"{self.path}: is a directory; give the archive's file name")
+            raise InvalidArgumentError(f"{self.path}: is a directory; give the archive's file name")
         parent = self.path.parent
-        if not parent.exists():
-            raise TallpackError(f"{parent}: output folder does not exist")
+        if not parent.is_dir():
+            raise InvalidArgumentError(f"{parent}: output folder does not exist")
         fd, self._tmp = temp_beside(self.path)
         self._f: BinaryIO = os.fdopen(fd, "wb")
         self._f.write(HEADER.pack(MAGIC, MAJOR, MINOR, 0))
@@ -261,10 +137,8 @@ class ArrayBuilder:
 
     def __init__(self, writer: ContainerWriter, dtype: str, shape: tuple[int, ...],
                  chain: _codecs.Chain, chunk_elements: int):
-        if chunk_elements <= 0 or chunk_elements % 8:
-            raise ValueError("chunk_elements must be a positive multiple of 8")
-        if min(chunk_elements, numel(shape)) * itemsize(dtype) > MAX_CHUNK_BYTES:
-            raise ValueError(f"chunks of {chunk_elements} {dtype} elements exceed {MAX_CHUNK_BYTES} bytes")
+        check_chunk_elements(chunk_elements)
+        check_chunk_bytes(chunk_elements, shape, dtype)
         self._writer = writer
         self.dtype, self.shape, self.chain, self.chunk_elements = dtype, shape, chain, chunk_elements
         self.numel = numel(shape)
@@ -358,6 +232,7 @@ class ContainerReader:
         if not isinstance(manifest, dict):
             raise FormatError(f"{name}: manifest is not a JSON object")
         self.manifest: dict[str, Any] = manifest
+        self.checksum = checksum_function(manifest.get("checksum", "crc32"))
         self._spans: list[tuple[int, int, str]] = []
 
     def _not_tallpack(self, size: int):
@@ -389,7 +264,7 @@ class ContainerReader:
     def read_chunk(self, ref: ArrayRef, i: int, where: str) -> bytes | bytearray | memoryview:
         c = ref.chunks[i]
         stored = self.source.read(c.offset, c.nbytes)
-        if crc32(stored) != c.crc32:
+        if self.checksum(stored) != c.checksum:
             raise IntegrityError(f"{self.name}: {where}: checksum mismatch in chunk {i} (damaged archive)")
         try:
             return ref.chain.decode(stored, ref.chunk_numel(i) * itemsize(ref.dtype))
@@ -413,7 +288,7 @@ class ContainerReader:
 
     def verify_chunks(self, ref: ArrayRef, where: str) -> None:
         for i, c in enumerate(ref.chunks):
-            if crc32(self.source.read(c.offset, c.nbytes)) != c.crc32:
+            if self.checksum(self.source.read(c.offset, c.nbytes)) != c.checksum:
                 raise IntegrityError(f"{self.name}: {where}: checksum mismatch in chunk {i}")
 
     def close(self) -> None:

@@ -1,4 +1,4 @@
-"""Element types as named in the spec, and conversions between tensors and little-endian bytes."""
+"""torch dtypes for the spec's element types, and conversions between tensors and little-endian bytes."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import sys
 import numpy as np
 import torch
 
+from .elements import ELEMENTS, numel
 from .errors import FormatError, UnsupportedVersionError
 
 if sys.byteorder != "little":  # pragma: no cover - every platform torch ships for is little-endian
@@ -29,8 +30,8 @@ for _name in ("float8_e4m3fn", "float8_e5m2", "uint16", "uint32", "uint64"):
     if hasattr(torch, _name):
         DTYPES[_name] = getattr(torch, _name)
 
+assert set(DTYPES) <= set(ELEMENTS)
 _NAMES = {v: k for k, v in DTYPES.items()}
-FLOATING = frozenset(k for k, v in DTYPES.items() if v.is_floating_point)
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -50,17 +51,6 @@ def torch_dtype(name: str) -> torch.dtype:
     except KeyError:
         raise UnsupportedVersionError(
             f"unknown dtype {name!r} in manifest; a newer tallpack (or torch) may read it") from None
-
-
-def itemsize(name: str) -> int:
-    return torch_dtype(name).itemsize
-
-
-def numel(shape: tuple[int, ...] | list[int]) -> int:
-    n = 1
-    for d in shape:
-        n *= int(d)
-    return n
 
 
 def tensor_to_bytes(t: torch.Tensor) -> memoryview:

@@ -56,3 +56,11 @@ class TaskNotFoundError(TallpackError, _KeyErrorMessage):
 
 class TensorNotFoundError(TallpackError, _KeyErrorMessage):
     """The task has no tensor of that name."""
+
+
+class InvalidArgumentError(TallpackError, ValueError):
+    """A function or command was called with a value it cannot use (an unknown codec, a bad lambda)."""
+
+
+class ArchiveNotFoundError(TallpackError, FileNotFoundError):
+    """The archive to open does not exist."""

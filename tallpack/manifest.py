@@ -6,128 +6,42 @@ only add), and refuses an archive whose structure it cannot trust.
 
 from __future__ import annotations
 
+import math
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-from .container import ArrayRef
-from .dtypes import FLOATING
-from .errors import FormatError, UnsupportedVersionError
+from .checksums import CHECKSUMS
+from .encodings import TaskTensor, TensorEntry
+from .errors import FormatError, InvalidArgumentError, UnsupportedVersionError
+from .merging import METHODS
 
-# A task's tensor is stored as "tall", "dense" or "shared"; readers raise UnsupportedVersionError
-# on other encodings when that tensor is read, so a minor version can add encodings.
-#: Chunk checksum algorithms: CRC-32 (zlib's) of each chunk's stored bytes.
-CHECKSUMS = ("crc32",)
+__all__ = ["Manifest", "TaskInfo", "TaskTensor", "TensorEntry", "check_task_name", "count_kinds"]
 
-
-def _arr(d: dict, key: str, where: str) -> ArrayRef | None:
-    v = d.get(key)
-    return None if v is None else ArrayRef.from_dict(v, f"{where} ({key})")
+#: The kinds of tensor entries, in the order reports list them.
+KINDS = ("merged", "shared", "task-own", "base-only")
+#: The largest integer a manifest figure may hold (sizes, counts): 2**63 - 1.
+MAX_INT = (1 << 63) - 1
 
 
-def _opt(ref: ArrayRef | None) -> dict | None:
-    return None if ref is None else ref.to_dict()
+def check_task_name(name: object) -> str:
+    """A task name must be usable as a file name and on the command line: non-empty, no '/',
+    '\\', '=', control characters or edge spaces, and not '.' or '..'."""
+    if (not isinstance(name, str) or not name or name != name.strip() or name in (".", "..")
+            or any(c in name for c in "/\\=") or not name.isprintable()):
+        raise InvalidArgumentError(
+            f"bad task name {name!r}: use a non-empty file-name-safe name without '=', '/' or '\\'")
+    return name
 
 
-@dataclass(frozen=True)
-class TaskTensor:
-    """One task's view of one tensor: its dtype/shape and the arrays that rebuild it."""
-
-    encoding: str
-    dtype: str
-    shape: tuple[int, ...]
-    mask: ArrayRef | None = None  # tall
-    data: ArrayRef | None = None  # dense
-    ones: int | None = None  # tall: set bits in the mask
-
-    def to_dict(self) -> dict[str, Any]:
-        d: dict[str, Any] = {"encoding": self.encoding, "dtype": self.dtype, "shape": list(self.shape)}
-        if self.mask is not None:
-            d["mask"] = self.mask.to_dict()
-            d["ones"] = self.ones
-        if self.data is not None:
-            d["data"] = self.data.to_dict()
-        return d
-
-    @classmethod
-    def from_dict(cls, d: Any, where: str) -> "TaskTensor":
-        try:
-            t = cls(d["encoding"], d["dtype"], tuple(d["shape"]), _arr(d, "mask", where),
-                    _arr(d, "data", where), d.get("ones"))
-        except (KeyError, TypeError):
-            raise FormatError(f"{where}: malformed task entry") from None
-        for ref in (t.mask, t.data):
-            if ref is not None and ref.shape != t.shape:
-                raise FormatError(f"{where}: array shape {ref.shape} differs from {t.shape}")
-        if t.encoding == "tall":
-            if t.mask is None or t.mask.dtype != "bool" or t.dtype not in FLOATING:
-                raise FormatError(f"{where}: a tall entry needs a bool mask and a floating dtype")
-            if type(t.ones) is not int or not 0 <= t.ones <= t.mask.numel:
-                raise FormatError(f"{where}: bad count of set mask bits {t.ones!r}")
-        if t.encoding == "dense" and (t.data is None or t.data.dtype != t.dtype):
-            raise FormatError(f"{where}: a dense entry needs data of dtype {t.dtype}")
-        return t
+def count_kinds(entries: tuple[TensorEntry, ...] | list[TensorEntry]) -> dict[str, int]:
+    """Number of tensor entries of each kind."""
+    c = Counter(e.kind for e in entries)
+    return {k: c.get(k, 0) for k in KINDS}
 
 
-@dataclass(frozen=True)
-class TensorEntry:
-    """One tensor name of the family and everything stored for it."""
-
-    name: str
-    kind: str
-    tasks: dict[str, TaskTensor]
-    base: ArrayRef | None = None  # merged, base-only
-    merged: ArrayRef | None = None  # merged: tau_MTL, float32
-    counts: ArrayRef | None = None  # merged with TIES: entries in the disjoint sum, uint8
-    data: ArrayRef | None = None  # shared
-
-    def arrays(self) -> list[tuple[str, ArrayRef]]:
-        out = [(k, a) for k, a in (("base", self.base), ("merged", self.merged),
-                                   ("counts", self.counts), ("data", self.data)) if a is not None]
-        for task, tt in self.tasks.items():
-            out += [(f"{task}/{k}", a) for k, a in (("mask", tt.mask), ("data", tt.data)) if a is not None]
-        return out
-
-    def to_dict(self) -> dict[str, Any]:
-        d: dict[str, Any] = {"name": self.name, "kind": self.kind,
-                             "tasks": {k: v.to_dict() for k, v in self.tasks.items()}}
-        for key in ("base", "merged", "counts", "data"):
-            ref = getattr(self, key)
-            if ref is not None:
-                d[key] = ref.to_dict()
-        return d
-
-    @classmethod
-    def from_dict(cls, d: Any, tasks: set[str]) -> "TensorEntry":
-        try:
-            name = d["name"]
-            where = f"tensor {name!r}"
-            entry = cls(
-                name, d["kind"],
-                {t: TaskTensor.from_dict(v, f"{where}, task {t!r}") for t, v in d["tasks"].items()},
-                _arr(d, "base", where), _arr(d, "merged", where), _arr(d, "counts", where),
-                _arr(d, "data", where),
-            )
-        except (KeyError, TypeError, AttributeError):
-            raise FormatError(f"malformed tensor entry {str(d)[:80]}") from None
-        if not isinstance(name, str):
-            raise FormatError(f"tensor name {name!r} is not a string")
-        unknown = set(entry.tasks) - tasks
-        if unknown:
-            raise FormatError(f"{where}: entries for unknown tasks {sorted(unknown)}")
-        for task, tt in entry.tasks.items():
-            if tt.encoding == "tall":
-                if entry.base is None or entry.merged is None:
-                    raise FormatError(f"{where}: masks without base and merged vector")
-                if entry.base.shape != tt.shape or entry.merged.shape != tt.shape:
-                    raise FormatError(f"{where}, task {task!r}: shape differs from the base's")
-                if entry.merged.dtype != "float32" or entry.base.dtype not in FLOATING:
-                    raise FormatError(f"{where}: merged vector must be float32 and the base floating")
-                if entry.counts is not None and (entry.counts.shape != tt.shape or entry.counts.dtype != "uint8"):
-                    raise FormatError(f"{where}: counts must be uint8 of the base's shape")
-            if tt.encoding == "shared":
-                if entry.data is None or entry.data.shape != tt.shape or entry.data.dtype != tt.dtype:
-                    raise FormatError(f"{where}, task {task!r}: shared data missing or of another shape/dtype")
-        return entry
+def _number(v: object) -> bool:
+    return v is None or (type(v) in (int, float) and math.isfinite(v) and abs(v) <= MAX_INT)
 
 
 @dataclass(frozen=True)
@@ -157,8 +71,8 @@ class TaskInfo:
         if not isinstance(info.name, str) or not all(isinstance(k, str) for k in info.keys):
             raise FormatError(f"task {info.name!r}: names must be strings")
         figures = [info.lam, info.density, *info.fidelity.values()]
-        if not all(v is None or type(v) in (int, float) for v in figures):
-            raise FormatError(f"task {info.name!r}: lambda, density and fidelity must be numbers")
+        if not all(_number(v) for v in figures):
+            raise FormatError(f"task {info.name!r}: lambda, density and fidelity must be finite numbers")
         return info
 
 
@@ -203,17 +117,23 @@ class Manifest:
                 raise FormatError("duplicate task names in manifest")
             tensors = tuple(TensorEntry.from_dict(t, names) for t in d["tensors"])
             version = tuple(d["format_version"])
-            m = cls((int(version[0]), int(version[1])), str(d.get("writer", "")), dict(d["merge"]),
+            if len(version) != 2 or not all(type(v) is int and 0 <= v < 1 << 16 for v in version):
+                raise FormatError(f"format_version must be two integers below 65536, got {str(version)[:40]}")
+            m = cls((version[0], version[1]), str(d.get("writer", "")), dict(d["merge"]),
                     tasks, tensors, dict(d.get("base") or {}), dict(d.get("stats") or {}),
                     dict(d.get("metadata") or {}), d.get("checksum", "crc32"))
         except FormatError:
             raise
         except (KeyError, TypeError, ValueError, IndexError):
             raise FormatError("manifest is missing required keys or has malformed ones") from None
-        if type(m.stats.get("source_bytes", 0)) is not int:
-            raise FormatError("stats.source_bytes must be an integer")
-        if not isinstance(m.merge.get("method"), str):
+        source_bytes = m.stats.get("source_bytes", 0)
+        if type(source_bytes) is not int or not 0 <= source_bytes <= MAX_INT:
+            raise FormatError("stats.source_bytes must be a non-negative integer")
+        method = m.merge.get("method")
+        if not isinstance(method, str):
             raise FormatError("merge.method must be a string")
+        if method in METHODS:
+            METHODS[method].from_params(m.merge)  # validates its parameters
         seen = set()
         for t in tensors:
             if t.name in seen:

@@ -9,11 +9,15 @@ The formulas follow the official TALL-masks code (github nik-dim/tall_masks).
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Iterator
-from typing import Any
+import math
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
+
+from .errors import FormatError, InvalidArgumentError
 
 log = logging.getLogger(__name__)
 
@@ -22,10 +26,30 @@ log = logging.getLogger(__name__)
 Passes = Callable[[], Iterator[list[torch.Tensor]]]
 
 
-class MergeMethod:
-    """Builds tau_MTL block by block. ``name`` and ``params()`` are recorded in the manifest."""
+@dataclass(frozen=True)
+class Option:
+    """A user-settable parameter of a merge method (``pack(merge={"method": ..., name: value})``,
+    ``--{method}-{name}`` on the command line)."""
 
     name: str
+    type: type
+    default: Any
+    help: str
+
+
+class MergeMethod:
+    """How tau_MTL is built, block by block; registered by ``name`` in :data:`METHODS`.
+
+    A method records ``params()`` in the manifest (and is rebuilt from them by ``from_params``),
+    may store extra arrays per merged tensor (``extra_arrays``: name -> dtype, filled by
+    ``extras``), and names the merged models an archive of it can produce: the plain one
+    (``name``) and Consensus Merging (``consensus-{name}``).
+    """
+
+    name: ClassVar[str]
+    options: ClassVar[tuple[Option, ...]] = ()
+    extra_arrays: ClassVar[dict[str, str]] = {}
+    max_tasks: ClassVar[int | None] = None
 
     def prepare(self, passes: Passes, num_tasks: int) -> None:
         """Gather global statistics; the default needs none."""
@@ -33,12 +57,30 @@ class MergeMethod:
     def combine(self, taus: list[torch.Tensor]) -> torch.Tensor:
         raise NotImplementedError
 
-    def counts(self, taus: list[torch.Tensor]) -> torch.Tensor | None:
-        """Per element, how many task vectors went into tau_MTL (for TIES' disjoint mean)."""
-        return None
+    def extras(self, taus: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The extra arrays of one block (keys of ``extra_arrays``)."""
+        return {}
 
     def params(self) -> dict[str, Any]:
         return {"method": self.name}
+
+    @classmethod
+    def from_params(cls, params: Mapping[str, Any]) -> "MergeMethod":
+        """The method a manifest's ``merge`` object describes (validated)."""
+        return cls()
+
+    # -- merged models built from an archive of this method ------------------------------------
+    @classmethod
+    def merged_models(cls) -> tuple[str, str]:
+        return cls.name, f"consensus-{cls.name}"
+
+    def plain_direction(self, tau_mtl: torch.Tensor, extras: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """d of the plain merged model, ``theta_0 + alpha * d``."""
+        return tau_mtl
+
+    def plain_alpha(self, num_tasks: int) -> float:
+        """The data-free alpha of the plain model: ``1/T`` (a sum of T task vectors)."""
+        return 1.0 / max(1, num_tasks)
 
 
 class TaskArithmetic(MergeMethod):
@@ -71,11 +113,14 @@ class Ties(MergeMethod):
     """
 
     name = "ties"
+    options = (Option("top_k", float, 0.2, "TIES: fraction of each task vector kept."),)
+    extra_arrays = {"counts": "uint8"}
+    max_tasks = 255  # counts are uint8
 
     def __init__(self, top_k: float = 0.2):
-        if not 0 < top_k <= 1:
-            raise ValueError(f"TIES top_k must be in (0, 1], got {top_k}")
-        self.top_k = top_k
+        if isinstance(top_k, bool) or not isinstance(top_k, (int, float)) or not 0 < top_k <= 1:
+            raise InvalidArgumentError(f"TIES top_k must be in (0, 1], got {top_k!r}")
+        self.top_k = float(top_k)
         self.thresholds: list[float] | None = None
         self.majority_sign: float | None = None
 
@@ -127,24 +172,66 @@ class Ties(MergeMethod):
     def combine(self, taus: list[torch.Tensor]) -> torch.Tensor:
         return self._selected(taus).sum(dim=0)
 
-    def counts(self, taus: list[torch.Tensor]) -> torch.Tensor:
-        return (self._selected(taus) != 0).sum(dim=0).to(torch.uint8)
+    def extras(self, taus: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``counts``: per element, how many task vectors went into tau_MTL (the disjoint mean's divisor)."""
+        return {"counts": (self._selected(taus) != 0).sum(dim=0).to(torch.uint8)}
 
     def params(self) -> dict[str, Any]:
         return {"method": self.name, "top_k": self.top_k, "thresholds": self.thresholds,
                 "majority_sign": self.majority_sign}
 
+    @classmethod
+    def from_params(cls, params: Mapping[str, Any]) -> "Ties":
+        try:
+            m = cls(params.get("top_k", 0.2))
+        except InvalidArgumentError as e:
+            raise FormatError(f"merge: {e}") from None
+        thresholds, sign = params.get("thresholds"), params.get("majority_sign")
+        if thresholds is not None and (not isinstance(thresholds, list) or not all(_finite(v) for v in thresholds)):
+            raise FormatError("merge: TIES thresholds must be a list of finite numbers")
+        if sign is not None and sign not in (-1, 0, 1):
+            raise FormatError("merge: TIES majority_sign must be -1, 0 or 1")
+        m.thresholds, m.majority_sign = thresholds, sign
+        return m
 
-METHODS: dict[str, Callable[..., MergeMethod]] = {"ta": TaskArithmetic, "ties": Ties}
+    def plain_direction(self, tau_mtl: torch.Tensor, extras: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """The disjoint mean ``tau_MTL / max(counts, 1)``."""
+        return tau_mtl / torch.clamp(extras["counts"].to(torch.float32), min=1)
+
+    def plain_alpha(self, num_tasks: int) -> float:
+        """1.0: the disjoint mean is already an average."""
+        return 1.0
 
 
-def get_method(name: str, **kwargs: Any) -> MergeMethod:
-    """A merge method by name: ``"ta"`` or ``"ties"`` (``top_k=0.2``)."""
-    if name not in METHODS:
-        raise ValueError(f"unknown merge method {name!r}; choose one of {', '.join(METHODS)}")
-    if name == "ta":
-        return TaskArithmetic()
-    return Ties(**kwargs)
+def _finite(v: object) -> bool:
+    return type(v) in (int, float) and math.isfinite(v)
+
+
+#: Merge methods by name.
+METHODS: dict[str, type[MergeMethod]] = {m.name: m for m in (TaskArithmetic, Ties)}
+
+
+def get_method(spec: "str | Mapping[str, Any] | MergeMethod", **options: Any) -> MergeMethod:
+    """A merge method: by name (``"ta"``, ``"ties"``) with its options as keywords, as a mapping
+    ``{"method": "ties", "top_k": 0.3}``, or an instance, returned as is.
+
+    >>> get_method("ties", top_k=0.3).params()["top_k"]
+    0.3
+    """
+    if isinstance(spec, MergeMethod):
+        return spec
+    if isinstance(spec, Mapping):
+        options = {k: v for k, v in spec.items() if k != "method"} | options
+        spec = spec.get("method")
+    cls = METHODS.get(spec) if isinstance(spec, str) else None
+    if cls is None:
+        raise InvalidArgumentError(f"unknown merge method {spec!r}; choose one of {', '.join(METHODS)}")
+    known = {o.name for o in cls.options}
+    unknown = set(options) - known
+    if unknown:
+        raise InvalidArgumentError(f"merge method {spec!r} has no option(s) {sorted(unknown)}; "
+                                   f"its options: {sorted(known) or 'none'}")
+    return cls(**options)
 
 
 def consensus_mask(masks: list[torch.Tensor], k: int) -> torch.Tensor:
@@ -157,34 +244,45 @@ def consensus_mask(masks: list[torch.Tensor], k: int) -> torch.Tensor:
 
 # -- merged (multi-task) models -------------------------------------------------------------
 
-#: The multi-task models an archive can produce, and the tau_MTL each needs at pack time.
-MERGED_MODELS: dict[str, str] = {"ta": "ta", "ties": "ties", "consensus-ta": "ta", "consensus-ties": "ties"}
+#: The multi-task models an archive can produce, and the merge method (tau_MTL) each needs.
+MERGED_MODELS: dict[str, str] = {model: m.name for m in METHODS.values() for model in m.merged_models()}
 #: The paper's alpha grid.
 ALPHA_GRID: tuple[float, ...] = tuple(round(0.1 * i, 1) for i in range(1, 11))
 
 
-def default_alpha(method: str, num_tasks: int) -> float:
+def merged_model_method(model: str) -> type[MergeMethod]:
+    """The merge method whose archives give ``model``; InvalidArgumentError for unknown models."""
+    if model not in MERGED_MODELS:
+        raise InvalidArgumentError(f"unknown merged model {model!r}; choose one of {', '.join(MERGED_MODELS)}")
+    return METHODS[MERGED_MODELS[model]]
+
+
+def is_consensus(model: str) -> bool:
+    return model.startswith("consensus-")
+
+
+def default_alpha(model: str, num_tasks: int) -> float:
     """The data-free alpha: 1.0 for TIES (its disjoint mean is already an average), ``1/T`` for
-    the sums (TA and both consensus methods), which makes plain TA the average of the models."""
-    return 1.0 if method == "ties" else 1.0 / max(1, num_tasks)
+    the sums (TA and both consensus models), which makes plain TA the average of the models."""
+    cls = merged_model_method(model)
+    return 1.0 / max(1, num_tasks) if is_consensus(model) else cls().plain_alpha(num_tasks)
 
 
-def merge_direction(method: str, tau_mtl: torch.Tensor, masks: list[torch.Tensor] | None = None,
-                    counts: torch.Tensor | None = None, k: int = 2) -> torch.Tensor:
+def merge_direction(model: str, tau_mtl: torch.Tensor, masks: list[torch.Tensor] | None = None,
+                    extras: Mapping[str, torch.Tensor] | None = None, k: int = 2,
+                    method: MergeMethod | None = None) -> torch.Tensor:
     """The float32 vector d of one tensor such that the merged model is ``theta_0 + alpha * d``.
 
-    ``ta``: tau_MTL; ``ties``: the disjoint mean ``tau_MTL / max(counts, 1)``; ``consensus-*``:
-    ``m_cons * tau_MTL`` with ``m_cons = (sum_t m_t) >= k``.
+    Plain models: the method's ``plain_direction`` (TA: tau_MTL; TIES: the disjoint mean
+    ``tau_MTL / max(counts, 1)``); ``consensus-*``: ``m_cons * tau_MTL`` with
+    ``m_cons = (sum_t m_t) >= k``.
     """
-    if method == "ta":
-        return tau_mtl
-    if method == "ties":
-        assert counts is not None
-        return tau_mtl / torch.clamp(counts.to(torch.float32), min=1)
-    if method in ("consensus-ta", "consensus-ties"):
+    if is_consensus(model):
+        merged_model_method(model)
         assert masks is not None
         return consensus_mask(masks, k).to(torch.float32) * tau_mtl
-    raise ValueError(f"unknown merged model {method!r}; choose one of {', '.join(MERGED_MODELS)}")
+    method = method or merged_model_method(model)()
+    return method.plain_direction(tau_mtl, extras or {})
 
 
 def apply_direction(theta_0: torch.Tensor, direction: torch.Tensor, alpha: float) -> torch.Tensor:

@@ -1,18 +1,25 @@
-"""Outputs: write a rebuilt task (or a merged model) as a safetensors checkpoint folder."""
+"""Outputs: write a rebuilt task, every task, or a merged model as a safetensors checkpoint folder.
+
+Each file is written to a temporary name and renamed when complete.
+"""
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors.torch import save_file
 
-from .errors import TallpackError
+from .errors import InvalidArgumentError
 from .fsutil import commit, temp_beside
+from .manifest import check_task_name
+
+if TYPE_CHECKING:
+    from .reader import Archive
 
 
 def write_checkpoint(
@@ -24,13 +31,11 @@ def write_checkpoint(
 ) -> Path:
     """Write ``OUTDIR/model.safetensors`` (and ``config.json`` when given); returns the file's path.
 
-    Each file is written to a temporary name and renamed when complete.
-
     >>> write_checkpoint(fam.state_dict("cars"), "cars/", metadata={"task": "cars"})
     """
     out = Path(outdir)
     if out.exists() and not out.is_dir():
-        raise TallpackError(f"{out}: exists and is not a folder")
+        raise InvalidArgumentError(f"{out}: exists and is not a folder")
     out.mkdir(parents=True, exist_ok=True)
     meta = {str(k): v if isinstance(v, str) else json.dumps(v) for k, v in (metadata or {}).items()}
     target = out / "model.safetensors"
@@ -51,7 +56,7 @@ def _atomic(target: Path, write) -> None:
         raise
 
 
-def task_metadata(archive, task: str) -> tuple[dict[str, Any], dict[str, Any] | None]:
+def task_metadata(archive: "Archive", task: str) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """The safetensors metadata and HF config to write beside an unpacked task."""
     info = archive.task_info(task)
     meta = {"tallpack.task": task, "tallpack.lambda": info.lam, "tallpack.archive": os.path.basename(archive.name)}
@@ -59,3 +64,35 @@ def task_metadata(archive, task: str) -> tuple[dict[str, Any], dict[str, Any] | 
         if isinstance(v, str):
             meta.setdefault(k, v)
     return meta, info.metadata.get("config")
+
+
+def write_task(archive: "Archive", task: str, outdir: str | os.PathLike) -> Path:
+    """Rebuild one task and write it as ``OUTDIR/model.safetensors`` (+ its ``config.json``).
+
+    >>> write_task(fam, "cars", "cars/")
+    """
+    meta, config = task_metadata(archive, task)
+    return write_checkpoint(archive.state_dict(task), outdir, metadata=meta, config=config)
+
+
+def write_tasks(archive: "Archive", tasks: Sequence[str] | None, outdir: str | os.PathLike) -> list[Path]:
+    """Write several tasks (None: all), each as ``OUTDIR/NAME/model.safetensors``.
+
+    Every name is checked first (it must exist and be a safe folder name), so nothing is written
+    when one is bad.
+    """
+    names = list(archive.tasks if tasks is None else tasks)
+    for name in names:
+        archive.task_info(name)
+        check_task_name(name)  # an archive's task name becomes a folder name
+    return [write_task(archive, name, Path(outdir) / name) for name in names]
+
+
+def write_merged(archive: "Archive", outdir: str | os.PathLike, method: str = "consensus-ta", *, k: int = 2,
+                 alpha: float, task: str | None = None) -> tuple[Path, int]:
+    """Write a merged model (see :meth:`tallpack.Archive.merged`); returns the file and its tensor count."""
+    sd = archive.merged(method, k=k, alpha=alpha, task=task)
+    meta = {"tallpack.merge": method, "tallpack.k": k, "tallpack.alpha": alpha,
+            "tallpack.tasks": list(archive.tasks)} | ({"tallpack.task": task} if task else {})
+    config = (archive.task_info(task).metadata if task else archive.manifest.base.get("metadata", {})).get("config")
+    return write_checkpoint(sd, outdir, metadata=meta, config=config), len(sd)

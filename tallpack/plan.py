@@ -1,22 +1,41 @@
-"""The plan: align tensor names across the base and the tasks, and classify each tensor.
+"""The plan: align tensor names across the base and the tasks, and decide each tensor's kind.
 
-Pure functions over names, shapes and dtypes: no tensor data is read here. Whether a tensor is
-``shared`` (equal in every task) is decided later, when its data is read.
+The kind is decided here and nowhere else: ``make_plan`` from names, shapes and dtypes alone,
+then ``resolve`` once per tensor from its data (a tensor equal in every task is stored once; one
+holding inf or NaN is stored per task). Every later stage (packer, merge statistics, lambda
+selection) reads that decision.
 """
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass
 
-from .dtypes import FLOATING
+import torch
+
+from .dtypes import all_equal
+from .elements import FLOATING
 from .errors import IncompatibleCheckpointsError
 from .sources import Source
+from .tall import all_finite
+
+
+class Kind(str, enum.Enum):
+    """How a tensor name of the family is stored (the manifest's ``kind``)."""
+
+    MERGED = "merged"  # base + merged vector + one mask per task
+    SHARED = "shared"  # equal in every task: stored once
+    TASK_OWN = "task-own"  # stored per task
+    BASE_ONLY = "base-only"  # in no task: stored only on request
+
+    def __str__(self) -> str:
+        return self.value
 
 
 @dataclass(frozen=True)
 class TensorPlan:
     name: str
-    kind: str  # "merged" (masked), "task-own" (stored per task), or "base-only"
+    kind: Kind  # from names, shapes and dtypes: MERGED, TASK_OWN or BASE_ONLY
     tasks: tuple[str, ...]  # the tasks that have this tensor, in task order
     in_base: bool
 
@@ -26,8 +45,21 @@ class Plan:
     tasks: tuple[str, ...]
     tensors: tuple[TensorPlan, ...]
 
-    def count(self, kind: str) -> int:
+    def count(self, kind: Kind) -> int:
         return sum(t.kind == kind for t in self.tensors)
+
+
+def resolve(planned: Kind, base: torch.Tensor | None, thetas: list[torch.Tensor]) -> Kind:
+    """The kind a tensor is stored as, given its data: ``SHARED`` when more than one task has it
+    and all are equal (bit for bit); ``TASK_OWN`` for a would-be merged tensor holding inf or NaN
+    (tau_t would be NaN); otherwise as planned."""
+    if planned is Kind.BASE_ONLY:
+        return planned
+    if len(thetas) > 1 and all_equal(thetas):
+        return Kind.SHARED
+    if planned is Kind.MERGED and not all_finite(base, thetas):
+        return Kind.TASK_OWN
+    return planned
 
 
 def make_plan(base: Source, tasks: dict[str, Source], *, allow_mismatch: bool = False) -> Plan:
@@ -51,11 +83,11 @@ def make_plan(base: Source, tasks: dict[str, Source], *, allow_mismatch: bool = 
         have = tuple(t for t, src in tasks.items() if name in src)
         in_base = name in base
         if not have:
-            kind = "base-only"
+            kind = Kind.BASE_ONLY
         elif in_base and len(have) == len(tasks) and _maskable(base, name, tasks.values()):
-            kind = "merged"
+            kind = Kind.MERGED
         else:
-            kind = "task-own"
+            kind = Kind.TASK_OWN
         out.append(TensorPlan(name, kind, have, in_base))
     return Plan(tuple(tasks), tuple(out))
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .errors import IntegrityError, TallpackError
+from .errors import ArchiveNotFoundError, IntegrityError, TallpackError
 
 
 class RemoteFile:
@@ -20,7 +20,7 @@ class RemoteFile:
             self._fs, self._path = url_to_fs(url, **(storage_options or {}))
             self.size = int(self._fs.size(self._path))
         except FileNotFoundError:
-            raise TallpackError(f"{url}: no such archive") from None
+            raise ArchiveNotFoundError(f"{url}: no such archive") from None
         except ImportError as e:
             raise TallpackError(f"{url}: this kind of URL needs another package ({e})") from None
         except Exception as e:

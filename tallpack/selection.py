@@ -8,25 +8,23 @@ plus one task's model at a time.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .dtypes import all_equal, torch_dtype
-from .errors import TallpackError
+from .dtypes import torch_dtype
+from .errors import InvalidArgumentError, TallpackError
+from .inputs import PackInputs
 from .merging import ALPHA_GRID, MergeMethod
-from .tall import LAMBDA_GRID, all_finite, reconstruct, tall_mask, task_vector
+from .options import Evaluator
+from .tall import LAMBDA_GRID, reconstruct, tall_mask, task_vector
 
 if TYPE_CHECKING:
-    from .packer import PackInputs
     from .reader import Archive
 
 log = logging.getLogger(__name__)
-
-#: A task evaluator: ``fn(task_name, state_dict) -> score``, higher is better.
-Evaluator = Callable[[str, Mapping[str, torch.Tensor]], float]
 
 
 def _best(scores: dict[float, float]) -> float:
@@ -42,7 +40,7 @@ def _best(scores: dict[float, float]) -> float:
 def _grid(grid: Sequence[float] | None, default: Sequence[float], what: str) -> list[float]:
     values = sorted(set(float(v) for v in (grid if grid is not None else default)))
     if not values:
-        raise TallpackError(f"the {what} grid is empty")
+        raise InvalidArgumentError(f"the {what} grid is empty")
     return values
 
 
@@ -65,21 +63,18 @@ class LambdaSelection:
                            "scores": {t: {str(k): v for k, v in s.items()} for t, s in self.scores.items()}}}
 
 
-def select_lambdas(inputs: "PackInputs", method: MergeMethod, evaluate: Evaluator, *,
+def select_lambdas(inputs: PackInputs, method: MergeMethod, evaluate: Evaluator, *,
                    grid: Sequence[float] | None = None) -> LambdaSelection:
     """For each task, the lambda of ``grid`` (default: the paper's) whose reconstruction scores
     best on ``evaluate``; ties go to the smallest lambda, the densest mask."""
     values = _grid(grid, LAMBDA_GRID, "lambda")
     base: dict[str, torch.Tensor] = {}
     mtl: dict[str, torch.Tensor] = {}
-    for entry in inputs.plan.tensors:
-        if entry.kind != "merged":
-            continue
-        b, thetas = inputs.load(entry)
-        if len(thetas) > 1 and all_equal(thetas) or not all_finite(b, thetas):
-            continue  # stored exactly
-        base[entry.name] = b
-        mtl[entry.name] = method.combine([task_vector(t, b) for t in thetas]).reshape(b.shape)
+    for item in inputs.merged_items():
+        b = item.base
+        assert b is not None
+        base[item.name] = b
+        mtl[item.name] = method.combine([task_vector(t, b) for t in item.thetas]).reshape(b.shape)
     chosen, scores = {}, {}
     for task, src in inputs.tasks.items():
         exact = {n: src.get(n) for n in src.keys() if n not in mtl}

@@ -21,7 +21,8 @@ from typing import Any, Union
 import torch
 from safetensors import safe_open
 
-from .dtypes import dtype_name, itemsize, numel
+from .dtypes import dtype_name
+from .elements import itemsize, numel
 from .errors import CheckpointError, CheckpointNotFoundError, TallpackError, UnsafeCheckpointError
 
 log = logging.getLogger(__name__)

@@ -5,9 +5,9 @@ These functions work on one block of one tensor; the packer streams a family thr
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import math
+from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 
@@ -30,6 +30,16 @@ def tall_mask(tau_t: torch.Tensor, tau_mtl: torch.Tensor, lam: float) -> torch.T
     """
     lam32 = torch.tensor(lam, dtype=torch.float32)
     return tau_t.abs() > lam32 * (tau_mtl - tau_t).abs()
+
+
+def blocks(base: torch.Tensor, thetas: list[torch.Tensor], chunk_elements: int
+           ) -> Iterator[tuple[torch.Tensor, list[torch.Tensor]]]:
+    """(base block, float32 task vectors) for each chunk of ``chunk_elements`` elements."""
+    b_flat = base.reshape(-1)
+    flats = [t.reshape(-1) for t in thetas]
+    for a in range(0, b_flat.numel(), chunk_elements):
+        b = b_flat[a : a + chunk_elements]
+        yield b, [task_vector(f[a : a + chunk_elements], b) for f in flats]
 
 
 def all_finite(base: torch.Tensor, thetas: list[torch.Tensor]) -> bool:

@@ -20,7 +20,7 @@ def archive(small_family, tmp_path):
 
 def data_chunks(path):
     with tallpack.open(path) as fam:
-        return [(e.name, key, c) for e in fam.manifest.tensors for key, ref in e.arrays() for c in ref.chunks]
+        return [(e.name, key, c) for e in fam.manifest.tensors for key, ref in e.all_arrays() for c in ref.chunks]
 
 
 def test_any_changed_byte_of_a_data_section_is_caught(archive):

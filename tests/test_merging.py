@@ -75,7 +75,7 @@ def test_streaming_ties_threshold_is_the_exact_global_kth_value(seed, chunk, top
 def test_ties_archive_matches_the_official_code(tmp_path):
     base, fts = family()
     out = tmp_path / "ties.tallpack"
-    tallpack.pack(base, fts, out, merge="ties", ties_top_k=0.2, lambdas=0.4, chunk_elements=64)
+    tallpack.pack(base, fts, out, merge={"method": "ties", "top_k": 0.2}, lambdas=0.4, chunk_elements=64)
     tv = flat_taus(base, fts)
     dis_sum = unflatten(official_ties(tv, 0.2, "sum"), base)
     dis_mean = unflatten(official_ties(tv, 0.2, "mean"), base)

@@ -55,7 +55,7 @@ def test_one_tensor_of_a_remote_archive_costs_its_bytes(s3, small_family, tmp_pa
         fam._c.source._fs = counting
         head = fam.get_tensor("b", "head.w")
         assert torch.equal(head, small_family["tasks"]["b"]["head.w"])
-        stored = fam._tensors["head.w"].tasks["b"].data.stored_nbytes
+        stored = fam._tensors["head.w"].tasks["b"].arrays["data"].stored_nbytes
         assert counting.fetched == stored and counting.requests == 1
         assert counting.fetched < local.stat().st_size / 20
 

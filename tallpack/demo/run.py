@@ -11,7 +11,7 @@ from typing import Any
 
 from safetensors.torch import load_file
 
-from ..outputs import task_metadata, write_checkpoint
+from ..outputs import write_task
 from ..packer import pack
 from ..reader import open as open_archive
 from .family import build_family, evaluate, load_state_dict
@@ -51,8 +51,7 @@ def run_demo(workdir: str | Path = ".tallpack-demo", *, size: str = "full", task
     with open_archive(archive) as arc:
         summary = arc.summary()
         t0 = time.perf_counter()
-        meta, config = task_metadata(arc, task)
-        unpacked = write_checkpoint(arc.state_dict(task), workdir / "unpacked" / task, metadata=meta, config=config)
+        unpacked = write_task(arc, task, workdir / "unpacked" / task)
         seconds["unpack"] = time.perf_counter() - t0
         for name, folder in fam.tasks.items():
             rebuilt = load_file(unpacked) if name == task else arc.state_dict(name)

@@ -96,7 +96,7 @@ ARCHIVES = {
                               lambdas={"cars": 0.5, "dtd": 0.3, "eurosat": 0.4})),
     "v1_0_ties_raw": dict(seed=2, tasks=["mnist", "svhn", "gtsrb"],
                           head_rows={"mnist": 10, "svhn": 10, "gtsrb": 4},
-                          pack=dict(merge="ties", ties_top_k=0.3, codec="raw",
+                          pack=dict(merge={"method": "ties", "top_k": 0.3}, codec="raw",
                                     lambdas={"mnist": 0.3, "svhn": 0.5, "gtsrb": 0.6},
                                     keep_base_only=True)),
 }

@@ -1,0 +1,225 @@
+"""What is stored for one tensor, and the registry of encodings.
+
+An **encoding** says what is stored for one tensor of one task and how to rebuild it. It is one
+registered object (:class:`Encoding`) with
+
+* its manifest fields: the array refs it keeps in the task entry (``task_arrays``), its other
+  values (``task_params``) and the arrays of the tensor entry it needs (``entry_arrays``), all
+  validated in ``validate``;
+* ``write``: at pack time, store one tensor of the family (every task's copy of it) and return
+  what the manifest records;
+* ``rebuild``: at read time, rebuild one task's tensor from the arrays.
+
+The task entry's ``encoding`` names it; the tensor entry's ``kind`` names what ``write`` produced.
+A reader fails on an unknown encoding only when a tensor using it is read (spec §6.1).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+
+from ..arrays import ArrayRef
+from ..codecs import Chain
+from ..dtypes import dtype_name, tensor_to_bytes
+from ..errors import FormatError
+from ..merging import METHODS
+
+if TYPE_CHECKING:
+    from ..container import ContainerWriter
+    from ..merging import MergeMethod
+    from ..tall import Fidelity
+
+#: Array refs a tensor entry may hold, in the order the manifest writes them: the encodings'
+#: (base, merged, data) and the merge methods' extra arrays (counts).
+ENTRY_ARRAYS: tuple[str, ...] = ("base", "merged", *(k for m in METHODS.values() for k in m.extra_arrays), "data")
+#: The merge methods' extra arrays: name -> dtype.
+EXTRA_ARRAYS: dict[str, str] = {k: v for m in METHODS.values() for k, v in m.extra_arrays.items()}
+
+
+def _arrays(d: Mapping[str, Any], keys: tuple[str, ...], where: str) -> dict[str, ArrayRef]:
+    return {k: ArrayRef.from_dict(d[k], f"{where} ({k})") for k in keys if d.get(k) is not None}
+
+
+@dataclass(frozen=True)
+class TaskTensor:
+    """One task's view of one tensor: its encoding, dtype and shape, and the encoding's fields."""
+
+    encoding: str
+    dtype: str
+    shape: tuple[int, ...]
+    arrays: dict[str, ArrayRef] = field(default_factory=dict)
+    params: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"encoding": self.encoding, "dtype": self.dtype, "shape": list(self.shape)}
+        enc = REGISTRY.get(self.encoding)
+        order = enc.field_order() if enc else (*self.arrays, *self.params)
+        for k in order:
+            if k in self.arrays:
+                d[k] = self.arrays[k].to_dict()
+            elif k in self.params:
+                d[k] = self.params[k]
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Any, where: str) -> "TaskTensor":
+        try:
+            name, dtype, shape = d["encoding"], d["dtype"], tuple(d["shape"])
+        except (KeyError, TypeError):
+            raise FormatError(f"{where}: malformed task entry") from None
+        if not isinstance(name, str):
+            raise FormatError(f"{where}: encoding {name!r} is not a name")
+        if not isinstance(dtype, str) or not all(type(v) is int and v >= 0 for v in shape):
+            raise FormatError(f"{where}: bad dtype or shape")
+        enc = REGISTRY.get(name)
+        if enc is None:  # a newer encoding: this tensor fails when read, the rest stays readable
+            return cls(name, dtype, shape)
+        tt = cls(name, dtype, shape, _arrays(d, enc.task_arrays, where),
+                 {k: d[k] for k in enc.task_params if k in d})
+        for k, ref in tt.arrays.items():
+            if ref.shape != tt.shape:
+                raise FormatError(f"{where}: array {k!r} has shape {ref.shape}, the tensor {tt.shape}")
+        return tt
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """One tensor name of the family and everything stored for it."""
+
+    name: str
+    kind: str
+    tasks: dict[str, TaskTensor]
+    arrays: dict[str, ArrayRef] = field(default_factory=dict)
+
+    def all_arrays(self) -> list[tuple[str, ArrayRef]]:
+        """Every array of this entry, as ``(key, ref)``; task arrays keyed ``task/key``."""
+        out = list(self.arrays.items())
+        for task, tt in self.tasks.items():
+            out += [(f"{task}/{k}", a) for k, a in tt.arrays.items()]
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"name": self.name, "kind": self.kind,
+                             "tasks": {k: v.to_dict() for k, v in self.tasks.items()}}
+        for key in ENTRY_ARRAYS:
+            if key in self.arrays:
+                d[key] = self.arrays[key].to_dict()
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Any, tasks: set[str]) -> "TensorEntry":
+        try:
+            name = d["name"]
+            where = f"tensor {name!r}"
+            if not isinstance(name, str) or not isinstance(d["kind"], str):
+                raise FormatError(f"tensor name {name!r} and kind must be strings")
+            entry = cls(name, d["kind"],
+                        {t: TaskTensor.from_dict(v, f"{where}, task {t!r}") for t, v in d["tasks"].items()},
+                        _arrays(d, ENTRY_ARRAYS, where))
+        except (KeyError, TypeError, AttributeError):
+            raise FormatError(f"malformed tensor entry {str(d)[:80]}") from None
+        unknown = set(entry.tasks) - tasks
+        if unknown:
+            raise FormatError(f"{where}: entries for unknown tasks {sorted(unknown)}")
+        for task, tt in entry.tasks.items():
+            enc = REGISTRY.get(tt.encoding)
+            if enc is not None:
+                enc.validate(entry, tt, f"{where}, task {task!r}")
+        return entry
+
+
+# -- pack time -----------------------------------------------------------------------------------
+
+@dataclass
+class WriteContext:
+    """What an encoding's ``write`` may use: the container, chains, the merge method, lambdas,
+    and the per-task fidelity accumulators."""
+
+    writer: "ContainerWriter"
+    chunk_elements: int
+    dense: Callable[[str], Chain]  # dtype name -> chain for dense arrays
+    masks: Chain
+    method: "MergeMethod"
+    lambdas: dict[str, float]
+    fidelity: dict[str, "Fidelity"]
+
+    def whole(self, t: torch.Tensor) -> ArrayRef:
+        """Write a whole tensor as one dense array."""
+        dt = dtype_name(t.dtype)
+        return self.writer.write_array(tensor_to_bytes(t), dt, tuple(t.shape), self.dense(dt), self.chunk_elements)
+
+
+@dataclass(frozen=True)
+class Item:
+    """One tensor of the family at pack time: its name, the kind it was planned as and the kind it
+    is stored as (``plan.resolve``), its tasks, and the tensors (``base`` None when absent)."""
+
+    name: str
+    planned: str
+    kind: str
+    tasks: tuple[str, ...]
+    base: torch.Tensor | None
+    thetas: list[torch.Tensor]
+
+
+#: Reads one array of the archive as a tensor (``read(ref, where)``).
+ReadArray = Callable[[ArrayRef, str], torch.Tensor]
+
+
+class Encoding:
+    """One way of storing a tensor. Subclasses set the class attributes and the three methods."""
+
+    name: ClassVar[str | None]  # the task entry's "encoding" (None: writes no task entries)
+    kind: ClassVar[str]  # the tensor entry's "kind" that ``write`` produces
+    task_arrays: ClassVar[tuple[str, ...]] = ()
+    task_params: ClassVar[tuple[str, ...]] = ()
+    entry_arrays: ClassVar[tuple[str, ...]] = ()
+
+    @classmethod
+    def field_order(cls) -> tuple[str, ...]:
+        return (*cls.task_arrays, *cls.task_params)
+
+    @classmethod
+    def validate(cls, entry: TensorEntry, tt: TaskTensor, where: str) -> None:
+        """Check a task entry against its tensor entry; the default needs its arrays present."""
+        for k in cls.task_arrays:
+            if k not in tt.arrays:
+                raise FormatError(f"{where}: a {cls.name} entry needs {k!r}")
+        for k in cls.entry_arrays:
+            if k not in entry.arrays:
+                raise FormatError(f"{where}: a {cls.name} entry needs the tensor's {k!r} array")
+
+    @classmethod
+    def write(cls, ctx: WriteContext, item: Item) -> TensorEntry:
+        raise NotImplementedError
+
+    @classmethod
+    def rebuild(cls, read: ReadArray, entry: TensorEntry, tt: TaskTensor, where: str) -> torch.Tensor:
+        raise NotImplementedError
+
+
+#: Encodings by the name task entries use.
+REGISTRY: dict[str, type[Encoding]] = {}
+#: The encoding whose ``write`` stores each kind of tensor.
+BY_KIND: dict[str, type[Encoding]] = {}
+
+
+def register(cls: type[Encoding]) -> type[Encoding]:
+    """Class decorator: make an encoding known by its name and kind."""
+    if cls.name is not None:
+        assert cls.name not in REGISTRY, cls.name
+        REGISTRY[cls.name] = cls
+    assert cls.kind not in BY_KIND, cls.kind
+    BY_KIND[cls.kind] = cls
+    return cls
+
+
+def iter_arrays(entries: Iterator[TensorEntry] | tuple[TensorEntry, ...]) -> Iterator[tuple[str, str, ArrayRef]]:
+    """``(tensor name, key, ref)`` for every array of every entry."""
+    for e in entries:
+        for key, ref in e.all_arrays():
+            yield e.name, key, ref

@@ -1,0 +1,38 @@
+"""``shared``: a tensor equal (bit for bit) in every task that has it, stored once in the tensor
+entry (frozen layers, buffers)."""
+
+from __future__ import annotations
+
+import torch
+
+from ..dtypes import dtype_name
+from ..errors import FormatError
+from ..tall import task_vector
+from .base import Encoding, Item, ReadArray, TaskTensor, TensorEntry, WriteContext, register
+
+
+@register
+class Shared(Encoding):
+    name = "shared"
+    kind = "shared"
+    entry_arrays = ("data",)
+
+    @classmethod
+    def validate(cls, entry: TensorEntry, tt: TaskTensor, where: str) -> None:
+        data = entry.arrays.get("data")
+        if data is None or data.shape != tt.shape or data.dtype != tt.dtype:
+            raise FormatError(f"{where}: shared data missing or of another shape/dtype")
+
+    @classmethod
+    def write(cls, ctx: WriteContext, item: Item) -> TensorEntry:
+        first = item.thetas[0]
+        if item.planned == "merged":  # stored exactly: counts for fidelity as a perfect rebuild
+            for t, x in zip(item.tasks, item.thetas):
+                ctx.fidelity[t].add_exact(task_vector(x, item.base))
+        dt, shape = dtype_name(first.dtype), tuple(first.shape)
+        return TensorEntry(item.name, cls.kind, {t: TaskTensor(cls.name, dt, shape) for t in item.tasks},
+                           {"data": ctx.whole(first)})
+
+    @classmethod
+    def rebuild(cls, read: ReadArray, entry: TensorEntry, tt: TaskTensor, where: str) -> torch.Tensor:
+        return read(entry.arrays["data"], where)

@@ -1,0 +1,81 @@
+"""``tall``: the paper's TALL mask. Per tensor, the base theta_0 and the merged vector tau_MTL
+are stored once (plus the merge method's extra arrays); per task, one bit-packed mask
+``m_t = |tau_t| > lambda_t * |tau_MTL - tau_t|``. Rebuilt as ``theta_0 + m_t * tau_MTL`` (spec §6.1)."""
+
+from __future__ import annotations
+
+import torch
+
+from ..dtypes import dtype_name, tensor_to_bytes, torch_dtype
+from ..elements import FLOATING
+from ..errors import FormatError
+from ..tall import blocks, reconstruct, tall_mask
+from .base import EXTRA_ARRAYS, Encoding, Item, ReadArray, TaskTensor, TensorEntry, WriteContext, register
+
+
+@register
+class Tall(Encoding):
+    name = "tall"
+    kind = "merged"
+    task_arrays = ("mask",)
+    task_params = ("ones",)
+    entry_arrays = ("base", "merged")
+
+    @classmethod
+    def validate(cls, entry: TensorEntry, tt: TaskTensor, where: str) -> None:
+        mask = tt.arrays.get("mask")
+        if mask is None or mask.dtype != "bool" or tt.dtype not in FLOATING:
+            raise FormatError(f"{where}: a tall entry needs a bool mask and a floating dtype")
+        ones = tt.params.get("ones")
+        if type(ones) is not int or not 0 <= ones <= mask.numel:
+            raise FormatError(f"{where}: bad count of set mask bits {ones!r}")
+        base, merged = entry.arrays.get("base"), entry.arrays.get("merged")
+        if base is None or merged is None:
+            raise FormatError(f"{where}: masks without base and merged vector")
+        if base.shape != tt.shape or merged.shape != tt.shape:
+            raise FormatError(f"{where}: shape differs from the base's")
+        if merged.dtype != "float32" or base.dtype not in FLOATING:
+            raise FormatError(f"{where}: merged vector must be float32 and the base floating")
+        for key, dtype in EXTRA_ARRAYS.items():
+            ref = entry.arrays.get(key)
+            if ref is not None and (ref.shape != tt.shape or ref.dtype != dtype):
+                raise FormatError(f"{where}: {key} must be {dtype} of the base's shape")
+
+    @classmethod
+    def write(cls, ctx: WriteContext, item: Item) -> TensorEntry:
+        """Stream the tensor block by block: base, tau_MTL, the method's extras and every mask."""
+        base, thetas, tasks, w = item.base, item.thetas, item.tasks, ctx.writer
+        assert base is not None
+        shape, ce = tuple(base.shape), ctx.chunk_elements
+        b_dt = dtype_name(base.dtype)
+        entry_arrays = {"base": w.begin_array(b_dt, shape, ctx.dense(b_dt), ce),
+                        "merged": w.begin_array("float32", shape, ctx.dense("float32"), ce)}
+        for key, dtype in ctx.method.extra_arrays.items():
+            entry_arrays[key] = w.begin_array(dtype, shape, ctx.dense(dtype), ce)
+        mask_arrays = [w.begin_array("bool", shape, ctx.masks, ce) for _ in tasks]
+        ones = [0] * len(tasks)
+        for b, taus in blocks(base, thetas, ce):
+            merged = ctx.method.combine(taus)
+            parts = {"base": b, "merged": merged, **ctx.method.extras(taus)}
+            masks = [tall_mask(tau, merged, ctx.lambdas[t]) for t, tau in zip(tasks, taus)]
+            for i, (t, tau, m) in enumerate(zip(tasks, taus, masks)):
+                ctx.fidelity[t].add(tau, m, merged)
+                ones[i] += int(m.sum())
+            arrays = [*entry_arrays.values(), *mask_arrays]
+            jobs = [(a.chain, tensor_to_bytes(parts[k])) for k, a in entry_arrays.items()]
+            jobs += [(ctx.masks, tensor_to_bytes(m)) for m in masks]
+            for arr, encoded in zip(arrays, w.encode(jobs)):
+                arr.add(encoded)
+        return TensorEntry(
+            item.name, cls.kind,
+            {t: TaskTensor(cls.name, dtype_name(x.dtype), shape, {"mask": k.finish()}, {"ones": n})
+             for t, x, k, n in zip(tasks, thetas, mask_arrays, ones)},
+            {k: a.finish() for k, a in entry_arrays.items()},
+        )
+
+    @classmethod
+    def rebuild(cls, read: ReadArray, entry: TensorEntry, tt: TaskTensor, where: str) -> torch.Tensor:
+        base = read(entry.arrays["base"], where + " (base)")
+        merged = read(entry.arrays["merged"], where + " (merged)")
+        mask = read(tt.arrays["mask"], where + " (mask)")
+        return reconstruct(base, mask, merged, torch_dtype(tt.dtype))

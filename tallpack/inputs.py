@@ -1,0 +1,103 @@
+"""The inputs of a pack: the opened base and task checkpoints and their plan, streamed tensor by
+tensor (and block by block for the merge method's statistics)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+
+import torch
+
+from .encodings import Item
+from .errors import InvalidArgumentError
+from .manifest import check_task_name
+from .plan import Kind, Plan, TensorPlan, make_plan, resolve
+from .sources import Source, SourceLike, open_source, stem
+from .tall import all_finite, blocks
+
+#: What ``tallpack.pack`` takes as its tasks: a mapping of names to checkpoints, or a list of
+#: paths (each named after its stem).
+TasksLike = Mapping[str, SourceLike] | Sequence[SourceLike]
+
+
+def open_tasks(tasks: TasksLike) -> dict[str, Source]:
+    """Name and open every task; InvalidArgumentError for bad or repeated names."""
+    if isinstance(tasks, Mapping):
+        items = list(tasks.items())
+    else:
+        items = []
+        for t in tasks:
+            if isinstance(t, Mapping):
+                raise InvalidArgumentError("a task given as a dict of tensors needs a name: pass {name: dict}")
+            items.append((stem(t), t))
+    out: dict[str, Source] = {}
+    try:
+        for name, obj in items:
+            check_task_name(name)
+            if name in out:
+                raise InvalidArgumentError(f"task {name!r} given twice; name tasks with NAME=PATH")
+            out[name] = open_source(obj, label=f"task {name!r}")
+    except BaseException:
+        for s in out.values():
+            s.close()
+        raise
+    return out
+
+
+class PackInputs:
+    """The opened inputs of a pack: base, tasks and their plan.
+
+    ``load`` reads one tensor of every task and settles its kind (``plan.resolve``) once; every
+    later stage uses that decision.
+    """
+
+    def __init__(self, base: SourceLike, tasks: TasksLike, *, allow_mismatch: bool = False,
+                 chunk_elements: int):
+        self.base = open_source(base, label="base")
+        try:
+            self.tasks = open_tasks(tasks)
+            self.plan: Plan = make_plan(self.base, self.tasks, allow_mismatch=allow_mismatch)
+        except BaseException:
+            self.base.close()
+            raise
+        self.chunk_elements = chunk_elements
+        self._kinds: dict[str, Kind] = {}
+
+    def load(self, entry: TensorPlan) -> Item:
+        """One tensor of the base (when it has it) and of every task that has it, with its kind."""
+        base = self.base.get(entry.name) if entry.in_base else None
+        if entry.kind is Kind.BASE_ONLY:
+            return Item(entry.name, entry.kind.value, entry.kind.value, (), base, [])
+        thetas = [self.tasks[t].get(entry.name) for t in entry.tasks]
+        kind = self._kinds.get(entry.name)
+        if kind is None:
+            kind = self._kinds[entry.name] = resolve(entry.kind, base, thetas)
+        return Item(entry.name, entry.kind.value, kind.value, entry.tasks, base, thetas)
+
+    def merged_items(self) -> Iterator[Item]:
+        """Every tensor stored as ``merged``, loaded."""
+        for entry in self.plan.tensors:
+            if entry.kind is Kind.MERGED and self._kinds.get(entry.name, Kind.MERGED) is Kind.MERGED:
+                item = self.load(entry)
+                if item.kind == Kind.MERGED:
+                    yield item
+
+    def passes(self) -> Iterator[list[torch.Tensor]]:
+        """One streaming pass, block by block, over the task vectors of every finite tensor planned
+        as merged: the merge method's statistics (TIES' thresholds) cover the tensors stored once
+        because every task left them unchanged, as in the official code's flattened model."""
+        for entry in self.plan.tensors:
+            if entry.kind is not Kind.MERGED:
+                continue
+            item = self.load(entry)
+            if item.kind == Kind.MERGED or (item.kind == Kind.SHARED and all_finite(item.base, item.thetas)):
+                assert item.base is not None
+                for _, taus in blocks(item.base, item.thetas, self.chunk_elements):
+                    yield taus
+
+    @property
+    def source_bytes(self) -> int:
+        return self.base.nbytes + sum(s.nbytes for s in self.tasks.values())
+
+    def close(self) -> None:
+        for s in (self.base, *self.tasks.values()):
+            s.close()

@@ -1,0 +1,81 @@
+"""Merged (multi-task) models built from an archive alone: TA, TIES and Consensus Merging.
+
+``theta_0 + alpha * d`` for every tensor all tasks share, with d given by the merge method the
+archive was packed with (:mod:`tallpack.merging`). The alpha-independent parts are read once.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Protocol
+
+import torch
+
+from .arrays import ArrayRef
+from .errors import FormatError, InvalidArgumentError
+from .manifest import Manifest
+from .merging import METHODS, apply_direction, default_alpha, is_consensus, merge_direction, merged_model_method
+
+
+class Family(Protocol):
+    """What merged models need of an open archive (:class:`tallpack.Archive` is one)."""
+
+    name: str
+    manifest: Manifest
+
+    def read_array(self, ref: ArrayRef, where: str) -> torch.Tensor: ...
+
+    def keys(self, task: str) -> list[str]: ...
+
+    def get_tensor(self, task: str, name: str) -> torch.Tensor: ...
+
+
+class MergeParts:
+    """Alpha-independent parts of a merged model: for each tensor every task has, theta_0 and the
+    direction d (float32), or the stored tensor itself when every task has it unchanged."""
+
+    def __init__(self, family: Family, model: str, k: int):
+        manifest, name, read = family.manifest, family.name, family.read_array
+        cls = merged_model_method(model)
+        packed = manifest.merge.get("method")
+        if cls.name != packed:
+            raise InvalidArgumentError(
+                f"{name}: {model} needs an archive packed with --merge {cls.name}, "
+                f"this one was packed with --merge {packed}")
+        if not isinstance(k, int) or isinstance(k, bool) or k < 0:
+            raise InvalidArgumentError(f"k must be a non-negative integer, got {k!r}")
+        method = METHODS[packed].from_params(manifest.merge)
+        self.model, self.k = model, k
+        self.tasks = tuple(t.name for t in manifest.tasks)
+        self._family = family
+        self.parts: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
+        for e in manifest.tensors:
+            if set(e.tasks) != set(self.tasks):
+                continue
+            where = f"tensor {e.name!r}"
+            if e.kind == "merged":
+                base = read(e.arrays["base"], f"{where} (base)")
+                tau = read(e.arrays["merged"], f"{where} (merged)")
+                masks = extras = None
+                if is_consensus(model):
+                    masks = [read(tt.arrays["mask"], f"task {t!r}, {where} (mask)") for t, tt in e.tasks.items()]
+                else:
+                    missing = [x for x in method.extra_arrays if x not in e.arrays]
+                    if missing:
+                        raise FormatError(f"{name}: {where} has no {', '.join(missing)} for {model}")
+                    extras = {x: read(e.arrays[x], f"{where} ({x})") for x in method.extra_arrays}
+                self.parts[e.name] = (base, merge_direction(model, tau, masks, extras, k, method))
+            elif e.kind == "shared" and "data" in e.arrays:
+                self.parts[e.name] = (read(e.arrays["data"], where), None)
+
+    def state_dict(self, alpha: float | None = None, *, task: str | None = None) -> dict[str, torch.Tensor]:
+        """The merged model at ``alpha``; with ``task``, completed with that task's own tensors."""
+        if alpha is None:
+            alpha = default_alpha(self.model, len(self.tasks))
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
+            raise InvalidArgumentError(f"alpha must be a finite number, got {alpha!r}")
+        merged = {name: t if d is None else apply_direction(t, d, alpha) for name, (t, d) in self.parts.items()}
+        if task is None:
+            return merged
+        return {name: merged[name] if name in merged else self._family.get_tensor(task, name)
+                for name in self._family.keys(task)}

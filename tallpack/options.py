@@ -1,0 +1,92 @@
+"""Pack options: one frozen object that ``tallpack.pack`` and the command line share, with the
+defaults in one place and every value validated before any input is read."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .arrays import DEFAULT_CHUNK_ELEMENTS, check_chunk_elements
+from .codecs import DENSE_PRESETS, Chain, CodecError, dense_chain, mask_chain
+from .errors import InvalidArgumentError
+from .merging import MergeMethod, get_method
+from .tall import DEFAULT_LAMBDA
+
+#: A task evaluator: ``fn(task_name, state_dict) -> score``, higher is better.
+Evaluator = Callable[[str, Mapping[str, torch.Tensor]], float]
+__all__ = ["DENSE_PRESETS", "Evaluator", "PackOptions"]
+
+
+@dataclass(frozen=True)
+class PackOptions:
+    """How to pack a family. Every field has the default ``tallpack pack`` uses.
+
+    ``merge`` is a method name (``"ta"``, ``"ties"``), a mapping with the method's options
+    (``{"method": "ties", "top_k": 0.3}``) or a :class:`~tallpack.merging.MergeMethod`.
+
+    >>> PackOptions(merge={"method": "ties", "top_k": 0.3}, codec="raw").validated().method.params()
+    """
+
+    lambdas: float | Mapping[str, float] = DEFAULT_LAMBDA
+    merge: str | Mapping[str, Any] | MergeMethod = "ta"
+    evaluate: Evaluator | None = None
+    lambda_grid: Sequence[float] | None = None
+    codec: str = "bytegroup-zstd"
+    level: int = 3
+    chunk_elements: int = DEFAULT_CHUNK_ELEMENTS
+    keep_base_only: bool = False
+    allow_mismatch: bool = False
+    metadata: Mapping[str, Any] = field(default_factory=dict)
+    threads: int | None = None
+    progress: bool = False
+
+    def replace(self, **changes: Any) -> "PackOptions":
+        return dataclasses.replace(self, **changes)
+
+    def validated(self) -> "Validated":
+        """Check every option; InvalidArgumentError names the first bad one."""
+        try:
+            dense_chain(self.codec, 4, self.level)
+        except CodecError as e:
+            raise InvalidArgumentError(f"--level: {e}") from None
+        try:
+            check_chunk_elements(self.chunk_elements)
+        except ValueError as e:
+            raise InvalidArgumentError(str(e)) from None
+        if self.threads is not None and (type(self.threads) is not int or self.threads < 1):
+            raise InvalidArgumentError(f"threads must be a positive integer, got {self.threads!r}")
+        return Validated(self, get_method(self.merge))
+
+
+@dataclass(frozen=True)
+class Validated:
+    """Options checked, with the merge method built."""
+
+    options: PackOptions
+    method: MergeMethod
+
+    def dense(self, dtype_itemsize: int) -> Chain:
+        return dense_chain(self.options.codec, dtype_itemsize, self.options.level)
+
+    def masks(self) -> Chain:
+        return mask_chain(self.options.level)
+
+    def lambdas(self, tasks: Sequence[str]) -> dict[str, float]:
+        """Each task's lambda: one value for all, or a mapping (other tasks get the default)."""
+        lambdas = self.options.lambdas
+        if isinstance(lambdas, Mapping):
+            unknown = set(lambdas) - set(tasks)
+            if unknown:
+                raise InvalidArgumentError(f"lambda given for unknown task(s) {sorted(unknown)}; tasks are {list(tasks)}")
+            out = {t: lambdas.get(t, DEFAULT_LAMBDA) for t in tasks}
+        else:
+            out = dict.fromkeys(tasks, lambdas)
+        for t, lam in out.items():
+            if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not math.isfinite(lam) or lam < 0:
+                raise InvalidArgumentError(f"task {t!r}: lambda must be a finite number >= 0, got {lam!r}")
+        return {t: float(v) for t, v in out.items()}

@@ -1,0 +1,105 @@
+"""The inspect report: what an archive holds, how large each part is, and how faithful each task is.
+
+Built from the manifest alone (no chunk is read): :func:`summarize` gives a JSON-ready dict and
+:func:`render` the text table ``tallpack inspect`` prints.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from .elements import numel
+from .manifest import Manifest, count_kinds
+
+#: Report names of stored arrays: tensor-entry keys, then task-entry keys (``task/key``).
+_ENTRY_ROLES = {"base": "base", "merged": "merged", "counts": "counts", "data": "shared"}
+_TASK_ROLES = {"mask": "masks", "data": "task_own"}
+
+
+def _entropy(p: float) -> float:
+    if p <= 0 or p >= 1:
+        return 0.0
+    return -(p * math.log2(p) + (1 - p) * math.log2(1 - p))
+
+
+def summarize(manifest: Manifest, *, path: str, archive_bytes: int,
+              format_version: tuple[int, int]) -> dict[str, Any]:
+    """Tasks, sizes, ratios, mask densities and their entropy bound, fidelity figures."""
+    m = manifest
+    stored = {"base": 0, "merged": 0, "masks": 0, "shared": 0, "task_own": 0, "counts": 0}
+    names = [t.name for t in m.tasks]
+    mask_bytes = dict.fromkeys(names, 0)
+    mask_bits_bound = dict.fromkeys(names, 0.0)
+    masked = dict.fromkeys(names, 0)
+    for e in m.tensors:
+        for key, ref in e.arrays.items():
+            role = _ENTRY_ROLES.get(key, key)
+            stored[role] = stored.get(role, 0) + ref.stored_nbytes
+        for t, tt in e.tasks.items():
+            for key, ref in tt.arrays.items():
+                role = _TASK_ROLES.get(key, key)
+                stored[role] = stored.get(role, 0) + ref.stored_nbytes
+            mask = tt.arrays.get("mask")
+            if mask is not None:
+                n = numel(tt.shape)
+                mask_bytes[t] += mask.stored_nbytes
+                masked[t] += n
+                p = (tt.params.get("ones") or 0) / n if n else 0.0
+                mask_bits_bound[t] += n * _entropy(p)
+    source_bytes = int(m.stats.get("source_bytes", 0))
+    tasks = []
+    for info in m.tasks:
+        n = masked[info.name]
+        tasks.append({
+            "name": info.name, "lambda": info.lam, "density": info.density,
+            "fidelity": info.fidelity, "tensors": len(info.keys),
+            "source_bytes": info.source.get("bytes"),
+            "mask_bytes": mask_bytes[info.name],
+            "mask_bits_per_param": 8 * mask_bytes[info.name] / n if n else None,
+            "mask_entropy_bits_per_param": mask_bits_bound[info.name] / n if n else None,
+        })
+    return {
+        "path": path,
+        "format_version": f"{format_version[0]}.{format_version[1]}",
+        "writer": m.writer,
+        "merge": m.merge,
+        "archive_bytes": archive_bytes,
+        "source_bytes": source_bytes,
+        "ratio": source_bytes / archive_bytes if archive_bytes else None,
+        "stored_bytes": stored,
+        "kinds": count_kinds(m.tensors),
+        "tasks": tasks,
+        "metadata": m.metadata,
+    }
+
+
+def format_size(n: float) -> str:
+    """Bytes in decimal units: ``format_size(1234567) == "1.2 MB"``."""
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(n) < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n}"
+
+
+def _fmt(v, spec: str) -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def render(s: dict[str, Any]) -> str:
+    """The text table of a :func:`summarize` result."""
+    lines = [f"{s['path']}: tallpack format {s['format_version']}, written by {s['writer']}",
+             f"merge: {s['merge'].get('method')}   tensors: " + ", ".join(f"{v} {k}" for k, v in s["kinds"].items())]
+    ratio = f"{s['ratio']:.2f}x" if s["ratio"] else "-"
+    lines.append(f"size: {format_size(s['archive_bytes'])} from {format_size(s['source_bytes'])} of checkpoints ({ratio})")
+    lines.append("stored: " + ", ".join(f"{k} {format_size(v)}" for k, v in s["stored_bytes"].items() if v))
+    lines.append("")
+    header = f"{'task':<20} {'lambda':>6} {'density':>8} {'rel_l2':>7} {'cosine':>7} {'mask b/p':>9} {'H(p)':>6}"
+    lines += [header, "-" * len(header)]
+    for t in s["tasks"]:
+        f = t["fidelity"]
+        lines.append(f"{t['name']:<20} {_fmt(t['lambda'], '.2f'):>6} {_fmt(t['density'], '.3f'):>8} "
+                     f"{_fmt(f.get('rel_l2'), '.3f'):>7} {_fmt(f.get('cosine'), '.3f'):>7} "
+                     f"{_fmt(t['mask_bits_per_param'], '.3f'):>9} {_fmt(t['mask_entropy_bits_per_param'], '.3f'):>6}")
+    return "\n".join(lines)
