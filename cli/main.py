@@ -11,6 +11,7 @@ import click
 
 import tallpack
 from tallpack.errors import TallpackError
+from tallpack.checksums import CHECKSUMS
 from tallpack.merging import MERGED_MODELS, METHODS, default_alpha
 from tallpack.options import DENSE_PRESETS, PackOptions
 from tallpack.report import format_size, render
@@ -98,6 +99,8 @@ def _method_options(f):
 @click.option("--codec", type=click.Choice(DENSE_PRESETS), default=_DEFAULTS.codec, show_default=True,
               help="Codec of dense sections: raw loads fastest, bytegroup-zstd is smallest.")
 @click.option("--level", type=click.IntRange(1, 22), default=_DEFAULTS.level, show_default=True, help="zstd level.")
+@click.option("--checksum", type=click.Choice(list(CHECKSUMS)), default=_DEFAULTS.checksum, show_default=True,
+              help="Chunk checksum (crc32 gives a format 1.0 archive that tallpack 0.1 reads).")
 @click.option("--chunk-elements", type=click.IntRange(8), default=_DEFAULTS.chunk_elements, show_default=True,
               help="Elements per chunk (a multiple of 8).")
 @click.option("--keep-base-only/--no-keep-base-only", default=False, show_default=True,
@@ -106,7 +109,7 @@ def _method_options(f):
 @click.option("-j", "--threads", type=click.IntRange(1), default=None, help="Encoder threads (default: cores).")
 @click.option("-f", "--force", is_flag=True, help="Overwrite an existing archive.")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Show a progress bar.")
-def pack(base, task_specs, output, lambda_specs, merge, codec, level, chunk_elements,
+def pack(base, task_specs, output, lambda_specs, merge, codec, level, checksum, chunk_elements,
          keep_base_only, allow_mismatch, threads, force, progress, **method_options) -> None:
     """Pack a base model and its fine-tuned tasks into one archive."""
     tasks = _parse_tasks(task_specs)
@@ -117,7 +120,7 @@ def pack(base, task_specs, output, lambda_specs, merge, codec, level, chunk_elem
         _fail(f"{output}: already exists; pass --force to overwrite it")
     prefix = f"{merge}_"
     merge_spec = {"method": merge} | {k[len(prefix):]: v for k, v in method_options.items() if k.startswith(prefix)}
-    options = PackOptions(lambdas=lambdas, merge=merge_spec, codec=codec, level=level,
+    options = PackOptions(lambdas=lambdas, merge=merge_spec, codec=codec, level=level, checksum=checksum,
                           chunk_elements=chunk_elements, keep_base_only=keep_base_only,
                           allow_mismatch=allow_mismatch, threads=threads,
                           progress=progress and sys.stderr.isatty())

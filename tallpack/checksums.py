@@ -5,6 +5,8 @@ from __future__ import annotations
 import zlib
 from collections.abc import Callable
 
+import xxhash
+
 from .errors import UnsupportedVersionError
 
 
@@ -13,8 +15,17 @@ def crc32(buf) -> int:
     return zlib.crc32(buf) & 0xFFFFFFFF
 
 
+def xxh3_64(buf) -> int:
+    """XXH3, 64-bit, seed 0, of ``buf`` (about ten times faster than CRC-32 here)."""
+    return xxhash.xxh3_64_intdigest(buf)
+
+
 #: name -> function of the stored bytes, returning an unsigned integer.
-CHECKSUMS: dict[str, Callable[[object], int]] = {"crc32": crc32}
+CHECKSUMS: dict[str, Callable[[object], int]] = {"crc32": crc32, "xxh3-64": xxh3_64}
+#: The checksum new archives use.
+DEFAULT_CHECKSUM = "xxh3-64"
+#: The format minor version that introduced each checksum (a writer writes the lowest it needs).
+MINOR_VERSION: dict[str, int] = {"crc32": 0, "xxh3-64": 1}
 
 
 def checksum_function(name: object) -> Callable[[object], int]:

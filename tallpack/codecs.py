@@ -53,7 +53,7 @@ class Zstd(Codec):
     def encode(self, buf: memoryview) -> bytes:
         return zstandard.ZstdCompressor(level=self.level, write_content_size=True).compress(buf)
 
-    def decode(self, buf: memoryview, size: int) -> bytes:
+    def decode(self, buf: memoryview, size: int) -> memoryview:
         try:
             announced = zstandard.frame_content_size(buf)
         except zstandard.ZstdError as e:
@@ -61,17 +61,27 @@ class Zstd(Codec):
         if announced != size:
             raise CodecError(f"zstd: frame announces {announced} bytes, manifest says {size}")
         # The frame's announced size was checked above, and zstd checks the data against it, so
-        # decoding never allocates more than the manifest announced.
-        dobj = zstandard.ZstdDecompressor().decompressobj()
+        # decoding never allocates more than the manifest announced. Decoding straight into a
+        # buffer we own saves the copy a read-only bytes result would cost later.
+        out = np.empty(size, np.uint8)
+        view = memoryview(out)
+        got = 0
         try:
-            out = dobj.decompress(buf)
+            with zstandard.ZstdDecompressor().stream_reader(buf, read_size=max(1, len(buf)),
+                                                            read_across_frames=True) as r:
+                while got < size:
+                    n = r.readinto(view[got:])
+                    if not n:
+                        break
+                    got += n
+                trailing = r.read(1)
         except zstandard.ZstdError as e:
             raise CodecError(f"zstd: {e}") from None
-        if not dobj.eof or dobj.unused_data:
-            raise CodecError("zstd: truncated frame or trailing bytes after it")
-        if len(out) != size:
-            raise CodecError(f"zstd: decoded {len(out)} bytes, expected {size}")
-        return out
+        if got != size:
+            raise CodecError(f"zstd: truncated frame: decoded {got} bytes, expected {size}")
+        if trailing:
+            raise CodecError("zstd: more data after the frame")
+        return view
 
     def config(self) -> dict[str, Any]:
         return {"id": self.id, "level": self.level}
@@ -91,15 +101,20 @@ class ByteGroup(Codec):
         if type(self.itemsize) is not int or not 1 <= self.itemsize <= 16:
             raise CodecError(f"bytegroup: bad itemsize {self.itemsize!r}")
 
-    # One strided copy per plane is several times faster than numpy's transposed tobytes().
+    # One strided copy per plane, over blocks of elements small enough to stay in cache: several
+    # times faster than numpy's transposed copy, and about twice as fast as whole-array planes.
+    _BLOCK = 1 << 16
+
     def encode(self, buf: memoryview) -> memoryview:
         a = np.frombuffer(buf, dtype=np.uint8)
         if a.size % self.itemsize:
             raise CodecError("bytegroup: input is not a whole number of elements")
         src = a.reshape(-1, self.itemsize)
         out = np.empty((self.itemsize, src.shape[0]), np.uint8)
-        for i in range(self.itemsize):
-            out[i] = src[:, i]
+        for j in range(0, src.shape[0], self._BLOCK):
+            block = src[j : j + self._BLOCK]
+            for i in range(self.itemsize):
+                out[i, j : j + self._BLOCK] = block[:, i]
         return memoryview(out.reshape(-1))
 
     def decode(self, buf: memoryview, size: int) -> memoryview:
@@ -107,8 +122,10 @@ class ByteGroup(Codec):
             raise CodecError(f"bytegroup: got {len(buf)} bytes, expected {size}")
         src = np.frombuffer(buf, dtype=np.uint8).reshape(self.itemsize, -1)
         out = np.empty((src.shape[1], self.itemsize), np.uint8)
-        for i in range(self.itemsize):
-            out[:, i] = src[i]
+        for j in range(0, src.shape[1], self._BLOCK):
+            block = out[j : j + self._BLOCK]
+            for i in range(self.itemsize):
+                block[:, i] = src[i, j : j + self._BLOCK]
         return memoryview(out.reshape(-1))
 
     def encoded_size(self, size: int) -> int:
@@ -127,11 +144,10 @@ class BitPack(Codec):
     def encode(self, buf: memoryview) -> bytes:
         return np.packbits(np.frombuffer(buf, dtype=np.uint8) != 0, bitorder="little").tobytes()
 
-    def decode(self, buf: memoryview, size: int) -> bytes:
+    def decode(self, buf: memoryview, size: int) -> memoryview:
         if len(buf) != math.ceil(size / 8):
             raise CodecError(f"bitpack: got {len(buf)} bytes for {size} elements")
-        bits = np.unpackbits(np.frombuffer(buf, dtype=np.uint8), count=size, bitorder="little")
-        return bits.tobytes()
+        return memoryview(np.unpackbits(np.frombuffer(buf, dtype=np.uint8), count=size, bitorder="little"))
 
     def encoded_size(self, size: int) -> int:
         return math.ceil(size / 8)

@@ -28,7 +28,7 @@ import zstandard
 from . import codecs as _codecs
 from .arrays import (DEFAULT_CHUNK_ELEMENTS, ArrayRef, Chunk, check_chunk_bytes,
                      check_chunk_elements)
-from .checksums import checksum_function, crc32
+from .checksums import DEFAULT_CHECKSUM, MINOR_VERSION, checksum_function, crc32
 from .elements import itemsize, numel
 from .errors import FormatError, IntegrityError, InvalidArgumentError, UnsupportedVersionError
 from .fsutil import commit, temp_beside
@@ -38,7 +38,8 @@ log = logging.getLogger(__name__)
 
 MAGIC = b"TALLPACK"
 END_MAGIC = b"TALLPEND"
-MAJOR, MINOR = 1, 0
+#: The format version this reader implements (it reads every minor of this major).
+MAJOR, MINOR = 1, 1
 HEADER = struct.Struct("<8sHHI")
 FOOTER = struct.Struct("<QQII8s")
 FLAG_MANIFEST_ZSTD = 1
@@ -58,16 +59,21 @@ class ContainerWriter:
     failed write never leaves a partial archive under the final name.
     """
 
-    def __init__(self, path: str | os.PathLike, *, threads: int | None = None):
+    def __init__(self, path: str | os.PathLike, *, threads: int | None = None,
+                 checksum: str = DEFAULT_CHECKSUM):
         self.path = Path(path)
         if self.path.is_dir():
             raise InvalidArgumentError(f"{self.path}: is a directory; give the archive's file name")
         parent = self.path.parent
         if not parent.is_dir():
             raise InvalidArgumentError(f"{parent}: output folder does not exist")
+        self.checksum_name = checksum
+        self._checksum = checksum_function(checksum)
+        #: the lowest version whose features this archive uses (spec §8)
+        self.version = (MAJOR, MINOR_VERSION[checksum])
         fd, self._tmp = temp_beside(self.path)
         self._f: BinaryIO = os.fdopen(fd, "wb")
-        self._f.write(HEADER.pack(MAGIC, MAJOR, MINOR, 0))
+        self._f.write(HEADER.pack(MAGIC, *self.version, 0))
         self._pos = HEADER.size
         self._pool = ThreadPoolExecutor(threads or min(8, os.cpu_count() or 1))
         self._done = False
@@ -145,7 +151,7 @@ class ArrayBuilder:
         self._chunks: list[Chunk] = []
 
     def add(self, encoded: bytes | memoryview) -> None:
-        self._chunks.append(Chunk(self._writer._write(encoded), len(encoded), crc32(encoded)))
+        self._chunks.append(Chunk(self._writer._write(encoded), len(encoded), self._writer._checksum(encoded)))
 
     def finish(self) -> ArrayRef:
         ref = ArrayRef(self.dtype, self.shape, tuple(self.chain.configs()), self.chunk_elements,

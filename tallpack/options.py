@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from .arrays import DEFAULT_CHUNK_ELEMENTS, check_chunk_elements
+from .checksums import CHECKSUMS, DEFAULT_CHECKSUM
 from .codecs import DENSE_PRESETS, Chain, CodecError, dense_chain, mask_chain
 from .errors import InvalidArgumentError
 from .merging import MergeMethod, get_method
@@ -44,6 +45,7 @@ class PackOptions:
     metadata: Mapping[str, Any] = field(default_factory=dict)
     threads: int | None = None
     progress: bool = False
+    checksum: str = DEFAULT_CHECKSUM
 
     def replace(self, **changes: Any) -> "PackOptions":
         return dataclasses.replace(self, **changes)
@@ -58,6 +60,8 @@ class PackOptions:
             check_chunk_elements(self.chunk_elements)
         except ValueError as e:
             raise InvalidArgumentError(str(e)) from None
+        if self.checksum not in CHECKSUMS:
+            raise InvalidArgumentError(f"unknown checksum {self.checksum!r}; choose one of {', '.join(CHECKSUMS)}")
         if self.threads is not None and (type(self.threads) is not int or self.threads < 1):
             raise InvalidArgumentError(f"threads must be a positive integer, got {self.threads!r}")
         return Validated(self, get_method(self.merge))

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from ._version import __version__
-from .container import MAJOR, MINOR, ContainerWriter
+from .container import ContainerWriter
 from .elements import itemsize
 from .encodings import BY_KIND, WriteContext
 from .errors import InvalidArgumentError
@@ -72,7 +72,7 @@ def _write(fam: PackInputs, v: Validated, lams: dict[str, float], out: Path, sel
     if opts.progress:
         from tqdm.auto import tqdm
         tensors = tqdm(tensors, desc="packing", unit="tensor")
-    with ContainerWriter(out, threads=opts.threads) as w:
+    with ContainerWriter(out, threads=opts.threads, checksum=opts.checksum) as w:
         ctx = WriteContext(w, opts.chunk_elements, lambda dt: v.dense(itemsize(dt)), v.masks(), v.method,
                            lams, fidelity)
         for entry in tensors:
@@ -89,11 +89,11 @@ def _write(fam: PackInputs, v: Validated, lams: dict[str, float], out: Path, sel
             infos.append(TaskInfo(t, lams[t], fid.density if fid.numel else None, fid.to_dict(),
                                   tuple(src.keys()), src.describe(), src.metadata))
         manifest = Manifest(
-            (MAJOR, MINOR), f"tallpack {__version__}", v.method.params(), tuple(infos), tuple(entries),
+            w.version, f"tallpack {__version__}", v.method.params(), tuple(infos), tuple(entries),
             base=fam.base.describe() | {"metadata": fam.base.metadata},
             stats={"source_bytes": fam.source_bytes, "kinds": count_kinds(entries),
                    **({"selection": selection} if selection else {})},
-            metadata=dict(opts.metadata or {}),
+            metadata=dict(opts.metadata or {}), checksum=w.checksum_name,
         )
         w.finish(manifest.to_dict())
     return manifest

@@ -1,11 +1,12 @@
-"""Build the golden archives of format 1.0 from fixed, seeded tensors.
+"""Build the golden archives (formats 1.0 and 1.1) from fixed, seeded tensors.
 
-    python tests/golden/make_golden.py
+    python tests/golden/make_golden.py [NAME ...]     # all, or only the named ones
 
 writes, beside this script:
 
 * ``v1_0_ta.tallpack``: merge "ta", codec "bytegroup-zstd", chunk_elements 64;
 * ``v1_0_ties_raw.tallpack``: merge "ties" (top_k 0.3), codec "raw", chunk_elements 64, base-only kept;
+* ``v1_1_ta_zstd.tallpack`` (format 1.1): xxh3-64 chunk checksums, merge "ta", codec "zstd";
 * ``<name>.expected.safetensors`` for each: every task's reconstructed state dict under the keys
   ``"<task>/<tensor>"``; the metadata key ``"order"`` holds, as JSON, ``{task: [tensor names]}`` in
   the order ``state_dict(task)`` returns them (safetensors itself does not keep an order).
@@ -92,13 +93,15 @@ def family(seed: int, tasks: list[str], head_rows: dict[str, int]):
 ARCHIVES = {
     "v1_0_ta": dict(seed=1, tasks=["cars", "dtd", "eurosat"],
                     head_rows={"cars": 3, "dtd": 5, "eurosat": 2},
-                    pack=dict(merge="ta", codec="bytegroup-zstd",
+                    pack=dict(merge="ta", codec="bytegroup-zstd", checksum="crc32",
                               lambdas={"cars": 0.5, "dtd": 0.3, "eurosat": 0.4})),
     "v1_0_ties_raw": dict(seed=2, tasks=["mnist", "svhn", "gtsrb"],
                           head_rows={"mnist": 10, "svhn": 10, "gtsrb": 4},
-                          pack=dict(merge={"method": "ties", "top_k": 0.3}, codec="raw",
+                          pack=dict(merge={"method": "ties", "top_k": 0.3}, codec="raw", checksum="crc32",
                                     lambdas={"mnist": 0.3, "svhn": 0.5, "gtsrb": 0.6},
                                     keep_base_only=True)),
+    "v1_1_ta_zstd": dict(seed=3, tasks=["cola", "sst2"], head_rows={"cola": 2, "sst2": 2},
+                         pack=dict(merge="ta", codec="zstd", checksum="xxh3-64", lambdas=0.4)),
 }
 
 
@@ -152,8 +155,11 @@ def build(name: str, spec: dict) -> None:
 
 
 def main() -> None:
+    import sys
+
     for name, spec in ARCHIVES.items():
-        build(name, spec)
+        if len(sys.argv) < 2 or name in sys.argv[1:]:
+            build(name, spec)
 
 
 if __name__ == "__main__":
