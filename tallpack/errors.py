@@ -56,3 +56,8 @@ class TaskNotFoundError(TallpackError, _KeyErrorMessage):
 
 class TensorNotFoundError(TallpackError, _KeyErrorMessage):
     """The task has no tensor of that name."""
+
+
+class OutputError(TallpackError, OSError):
+    """An output could not be written (for example, the disk is full); nothing was written under
+    the output's name. ``errno`` is the operating system's error number."""
