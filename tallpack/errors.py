@@ -64,3 +64,8 @@ class InvalidArgumentError(TallpackError, ValueError):
 
 class ArchiveNotFoundError(TallpackError, FileNotFoundError):
     """The archive to open does not exist."""
+
+
+class OutputError(TallpackError, OSError):
+    """An output could not be written (for example, the disk is full); nothing was written under
+    the output's name. ``errno`` is the operating system's error number."""

@@ -1,10 +1,76 @@
-"""Atomic file creation: write under a temporary name beside the target, rename when complete."""
+"""Atomic file creation: write under a temporary name beside the target, rename when complete.
+
+A temporary is named ``.{target}.{host}-{boot}-{pid}-{random}.partial``: ``host`` is a hash of the
+host name and PID namespace (the space in which ``pid`` means something), ``boot`` a hash of the
+kernel's boot id, ``pid`` the writer's process id. Its creator holds an exclusive ``flock`` on the
+descriptor ``temp_beside`` returns for as long as that descriptor is open.
+
+A writer killed outright (``kill -9``, power loss) leaves its temporary behind. Creating a new
+temporary beside a target removes the earlier ones of *that* target whose writer is certainly
+gone, which takes all of:
+
+- the name matches the pattern above for exactly that target (nothing else is touched);
+- it was written on this host and PID namespace;
+- its writer's pid is not alive now, or it was written during an earlier boot;
+- no one holds the lock on it (taken with ``LOCK_EX | LOCK_NB`` while we remove it; on a file
+  system without locks nothing is removed).
+
+The pid test guards writers that closed their descriptor before renaming; the lock guards
+writers the name misjudges (another machine of the same host name writing to a shared folder
+looks like an earlier boot). A reused pid only keeps a stale file. Any doubt keeps the file: a
+stale file left behind costs disk space, a live file removed costs someone's output.
+Each removal is logged as a warning with the file's size.
+"""
 
 from __future__ import annotations
 
+import errno
+import hashlib
+import logging
 import os
-import tempfile
+import re
+import secrets
+import socket
+import stat
+from collections.abc import Iterator
+from contextlib import contextmanager
+from functools import lru_cache
 from pathlib import Path
+
+from .errors import OutputError
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - not POSIX: no locks, so no cleanup either
+    fcntl = None  # type: ignore[assignment]
+
+log = logging.getLogger(__name__)
+
+_TAG = re.compile(r"([0-9a-f]{8})-([0-9a-f]{8})-([0-9]{1,10})-[0-9a-f]{8}")
+_FULL_DISK = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
+              errno.EFBIG: "file too large (a file size limit was reached)"}
+
+
+def _hash8(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:8]
+
+
+@lru_cache(maxsize=None)
+def _host_tag() -> str:
+    try:
+        pidns = str(os.stat("/proc/self/ns/pid").st_ino)
+    except OSError:
+        pidns = "?"
+    return _hash8(f"{socket.gethostname()}\0{pidns}")
+
+
+@lru_cache(maxsize=None)
+def _boot_tag() -> str:
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return _hash8(f.read().strip())
+    except OSError:
+        return "00000000"  # unknown: then only the pid and the lock decide
 
 
 def _umask() -> int:
@@ -14,11 +80,104 @@ def _umask() -> int:
 
 
 def temp_beside(target: Path) -> tuple[int, Path]:
-    """An open descriptor and the path of a new temporary file in ``target``'s folder, with the
-    permissions a plain ``open`` would give (mkstemp's are 0600)."""
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".partial")
-    os.fchmod(fd, 0o666 & ~_umask())
-    return fd, Path(tmp)
+    """An open, locked descriptor and the path of a new temporary file in ``target``'s folder,
+    with the permissions a plain ``open`` would give.
+
+    Keep the descriptor open until the file is renamed or removed: the lock on it tells other
+    writers the file is in use. Earlier temporaries of ``target`` left by dead writers are removed.
+
+    >>> fd, tmp = temp_beside(Path("family.tallpack"))
+    >>> with os.fdopen(fd, "wb") as f: f.write(data)
+    >>> commit(tmp, Path("family.tallpack"))
+    """
+    target = Path(target)
+    tag = f"{_host_tag()}-{_boot_tag()}-{os.getpid()}"
+    flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+    for _ in range(100):
+        tmp = target.parent / f".{target.name}.{tag}-{secrets.token_hex(4)}.partial"
+        try:
+            fd = os.open(tmp, flags, 0o666)  # the umask applies, as for a plain open
+        except FileExistsError:
+            continue
+        break
+    else:  # pragma: no cover - 100 collisions of 32 random bits
+        raise FileExistsError(errno.EEXIST, "no unused temporary name", str(target.parent))
+    os.fchmod(fd, 0o666 & ~_umask())  # a default ACL on the folder may not apply the umask alone
+    if fcntl is not None:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # just created: no one else has it
+        except OSError:  # a file system without locks: the pid in the name still guards the file
+            pass
+        try:
+            remove_stale_temporaries(target)
+        except OSError as e:  # cleanup must never cost the write itself
+            log.debug("%s: could not look for stale temporaries: %s", target.parent, e)
+    return fd, tmp
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, OSError):
+        return True  # another user's process, or an answer we cannot read: assume alive
+    return True
+
+
+def remove_stale_temporaries(target: Path) -> list[Path]:
+    """Remove the temporaries of ``target`` whose writers are gone (see the module docstring);
+    returns the paths removed."""
+    target = Path(target)
+    if fcntl is None:  # pragma: no cover
+        return []
+    prefix, removed = f".{target.name}.", []
+    host, boot = _host_tag(), _boot_tag()
+    with os.scandir(target.parent) as entries:
+        names = [e.name for e in entries if e.name.startswith(prefix) and e.name.endswith(".partial")]
+    for name in names:
+        m = _TAG.fullmatch(name[len(prefix):-len(".partial")])
+        if not m or m[1] != host:
+            continue  # not ours to judge: another pattern, host or PID namespace
+        pid = int(m[3])
+        if pid <= 0:
+            continue
+        if m[2] == boot and _pid_alive(pid):
+            continue
+        path = target.parent / name
+        size = _remove_if_unlocked(path)
+        if size is not None:
+            log.warning("%s: removed a stale temporary file (%d bytes) left by an interrupted "
+                        "earlier write (process %d)", path, size, pid)
+            removed.append(path)
+    return removed
+
+
+def _remove_if_unlocked(path: Path) -> int | None:
+    """Remove ``path`` if it is a regular file no one holds a lock on; its size if removed."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | os.O_NONBLOCK
+                     | getattr(os, "O_CLOEXEC", 0))
+    except OSError:
+        return None  # gone already, a symlink, or not ours to read
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            return None  # a live writer holds it
+        try:  # the name must still be the file we locked
+            now = os.stat(path, follow_symlinks=False)
+            if (now.st_dev, now.st_ino) != (st.st_dev, st.st_ino):
+                return None
+            os.unlink(path)
+        except OSError:
+            return None
+        return st.st_size
+    finally:
+        os.close(fd)
 
 
 def commit(tmp: Path, target: Path) -> None:
@@ -32,3 +191,26 @@ def commit(tmp: Path, target: Path) -> None:
         os.fsync(dfd)
     finally:
         os.close(dfd)
+
+
+@contextmanager
+def writing(target: str | os.PathLike) -> Iterator[None]:
+    """Turn a full disk (``ENOSPC``, ``EDQUOT``, ``EFBIG``) inside the block into a one-line
+    :class:`OutputError` naming ``target``; other errors pass through unchanged.
+
+    The block should write only to a temporary (and remove it on failure), so that the message's
+    promise holds: nothing was written under ``target``'s name.
+
+    >>> with writing(path):
+    ...     fd, tmp = temp_beside(path)
+    ...     ...  # write, then commit(tmp, path)
+    """
+    try:
+        yield
+    except OSError as e:
+        if isinstance(e, OutputError) or e.errno not in _FULL_DISK:
+            raise
+        err = OutputError(f"{target}: {_FULL_DISK[e.errno]} while writing "
+                          "(nothing was written under that name)")
+        err.errno = e.errno  # not filename: OSError's str() would then drop the message
+        raise err from None

@@ -4,6 +4,23 @@
 safetensors, or ``pytorch_model.bin`` files), a PyTorch state-dict file read with
 ``weights_only=True``, or a mapping of tensors. A source lists names, shapes and dtypes without
 reading data, and loads one tensor at a time.
+
+What is refused, at open time (before anything is written), with a one-line
+:class:`~tallpack.errors.CheckpointError` naming the file (or label) and the tensor:
+
+- tensors without plain dense data: sparse (COO, CSR, CSC, BSR, BSC), other layouts (mkldnn),
+  nested, meta (no data), quantized tensors, and tensor subclasses other than ``Parameter`` and
+  ``Buffer`` (fake, distributed or wrapper tensors). Views, transposes and slices are fine.
+
+Paths in a model folder stay in the folder. The folder itself may be a link (the user named it),
+and so may a single file passed directly. Inside a folder, links (of files or of subfolders) are
+followed only when their target resolves inside the folder's resolved path; in a Hugging Face
+cache snapshot (``<repo>/snapshots/<rev>/file -> ../../blobs/<hash>``), a target inside the same
+cache repository folder (the one holding ``snapshots/`` and ``blobs/``) is allowed too. A shard
+index's ``weight_map`` values must be strings naming plain relative files: no absolute paths, no
+empty, ``.`` or ``..`` components, no backslashes or NUL characters. Anything else is refused,
+naming the file and where it leads (or the index and its bad entry). The check runs before each
+file is opened; it does not defend against a folder changed by someone else while it is read.
 """
 
 from __future__ import annotations
@@ -150,7 +167,7 @@ class TorchSource(Source):
                 self._infos[name] = TensorInfo(tuple(t.shape), dtype_name(t.dtype))
 
     def _load(self, name: str) -> torch.Tensor:
-        return self._tensors[name]
+        return self._tensors[name].detach()
 
 
 def _torch_load(path: Path) -> dict[str, torch.Tensor]:
@@ -181,11 +198,36 @@ def _torch_load(path: Path) -> dict[str, torch.Tensor]:
     return _tensor_dict(str(path), obj)
 
 
+_SPARSE = {torch.sparse_coo, torch.sparse_csr, torch.sparse_csc, torch.sparse_bsr, torch.sparse_bsc}
+_PLAIN_TYPES = tuple(c for c in (torch.Tensor, torch.nn.Parameter, getattr(torch.nn, "Buffer", None)) if c)
+
+
+def _why_unreadable(t: torch.Tensor) -> str | None:
+    """Why ``t`` has no plain dense data tallpack can read, and what to do; None when it has."""
+    if t.is_nested:
+        return "is a nested tensor; store its components as separate dense tensors"
+    if type(t) not in _PLAIN_TYPES:
+        return (f"is a {type(t).__name__} (a tensor subclass tallpack cannot read); "
+                "convert it to a plain dense tensor first")
+    if t.layout in _SPARSE:
+        return f"is a sparse tensor ({t.layout}); convert it to dense first (tensor.to_dense())"
+    if t.layout != torch.strided:
+        return f"has layout {t.layout}, not a dense one; convert it to dense first (tensor.to_dense())"
+    if t.is_meta:
+        return "is a meta tensor (a shape without data); load the real weights first"
+    if t.is_quantized:
+        return f"is a quantized tensor ({t.dtype}); dequantize it first (tensor.dequantize())"
+    return None
+
+
 def _tensor_dict(label: str, obj: Mapping) -> dict[str, torch.Tensor]:
     out = {}
     for name, t in obj.items():
         if not isinstance(name, str) or not isinstance(t, torch.Tensor):
             raise CheckpointError(f"{label}: entry {name!r} is a {type(t).__name__}, not a tensor")
+        why = _why_unreadable(t)
+        if why:
+            raise CheckpointError(f"{label}: tensor {name!r} {why}")
         try:
             dtype_name(t.dtype)
         except TallpackError:
@@ -212,23 +254,78 @@ class DictSource(Source):
         return {"format": self.kind, "bytes": self.nbytes}
 
 
-def _folder_files(folder: Path) -> tuple[str, list[Path]]:
+def _roots(folder: Path) -> list[Path]:
+    """Where the files of ``folder`` may resolve to: the folder, and for a Hugging Face cache
+    snapshot (or a subfolder of one), its cache repository folder."""
+    root = _resolve(folder, folder)
+    for anc in (root, *root.parents):
+        if anc.parent.name == "snapshots" and (anc.parent.parent / "blobs").is_dir():
+            return [root, anc.parent.parent]
+    return [root]
+
+
+def _resolve(path: Path, shown: Path) -> Path:
+    try:
+        return path.resolve()
+    except (OSError, RuntimeError) as e:  # a link loop
+        raise CheckpointError(f"{shown}: cannot follow its links ({e})") from None
+
+
+def _in_folder(folder: Path, path: Path, roots: list[Path]) -> Path:
+    """``path``, after checking that it resolves inside ``roots``."""
+    real = _resolve(path, path)
+    if any(real.is_relative_to(r) for r in roots):
+        return path
+    how = "is a symlink to" if path.is_symlink() else "leads through a symlinked folder to"
+    where = "the input folder" if len(roots) == 1 else "the input folder and its Hugging Face cache repository"
+    raise CheckpointError(
+        f"{path}: {how} {real}, outside {where}; copy the file into {folder} or pass the file itself"
+    )
+
+
+def _shard_name(index: Path, key: Any, value: Any) -> str:
+    """A ``weight_map`` value, checked to be a plain relative file name."""
+    if not isinstance(value, str):
+        why = f"is not a string but a {type(value).__name__}"
+    elif "\0" in value or "\\" in value:
+        why = "holds a NUL or a backslash"
+    elif value.startswith("/"):
+        why = "is an absolute path"
+    elif any(part in ("", ".", "..") for part in value.split("/")):
+        why = "has an empty, '.' or '..' component"
+    else:
+        return value
+    raise CheckpointError(
+        f"{index}: weight_map entry {key!r} -> {value!r} {why}; shards must be named by plain "
+        "file names relative to the folder"
+    )
+
+
+def _read_index(index: Path) -> list[str]:
+    try:
+        doc = json.loads(index.read_text())
+        weight_map = doc["weight_map"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{index}: not a readable shard index ({type(e).__name__}: {e})") from None
+    if not isinstance(weight_map, dict):
+        raise CheckpointError(f"{index}: not a valid shard index (weight_map is a "
+                              f"{type(weight_map).__name__}, not an object)")
+    return sorted({_shard_name(index, k, v) for k, v in weight_map.items()})
+
+
+def _folder_files(folder: Path, roots: list[Path]) -> tuple[str, list[Path]]:
     for index_name, kind in (("model.safetensors.index.json", "safetensors"),
                              ("pytorch_model.bin.index.json", "torch")):
         index = folder / index_name
-        if index.is_file():
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-                shards = sorted(set(weight_map.values()))
-            except (ValueError, KeyError, TypeError, AttributeError) as e:
-                raise CheckpointError(f"{index}: not a valid shard index ({e})") from None
-            return kind, [folder / s for s in shards]
+        if index.is_file() or index.is_symlink():
+            _in_folder(folder, index, roots)
+            return kind, [_in_folder(folder, folder / s, roots) for s in _read_index(index)]
     for name, kind in (("model.safetensors", "safetensors"), ("pytorch_model.bin", "torch")):
-        if (folder / name).is_file():
-            return kind, [folder / name]
+        if (folder / name).is_file() or (folder / name).is_symlink():
+            return kind, [_in_folder(folder, folder / name, roots)]
     found = sorted(folder.glob("*.safetensors"))
     if len(found) == 1:
-        return "safetensors", found
+        return "safetensors", [_in_folder(folder, found[0], roots)]
     raise CheckpointError(
         f"{folder}: no model.safetensors, shard index or pytorch_model.bin in this folder"
     )
@@ -248,10 +345,13 @@ def open_source(obj: SourceLike, *, label: str | None = None) -> Source:
         raise CheckpointError(f"cannot read a checkpoint from a {type(obj).__name__}")
     path = Path(obj)
     if path.is_dir():
-        kind, files = _folder_files(path)
+        roots = _roots(path)
+        kind, files = _folder_files(path, roots)
         src: Source = SafetensorsSource(str(path), files) if kind == "safetensors" else TorchSource(str(path), files)
         src.kind = "hf-folder"
         config = path / "config.json"
+        if config.is_file() or config.is_symlink():
+            _in_folder(path, config, roots)
         if config.is_file():
             try:
                 src.metadata["config"] = json.loads(config.read_text())

@@ -1,0 +1,312 @@
+"""Inputs tallpack must refuse cleanly: tensors without plain dense data, and model folders whose
+files (through links or a shard index) lead outside the folder."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import tallpack
+from conftest import expected_reconstruction
+from tallpack.errors import CheckpointError
+from tallpack.sources import open_source
+
+
+def _refused(excinfo, *parts: str) -> None:
+    msg = str(excinfo.value)
+    assert "\n" not in msg
+    for p in parts:
+        assert p in msg, msg
+
+
+def _nothing_written(folder: Path, out: Path) -> None:
+    assert not out.exists()
+    assert [p.name for p in folder.iterdir() if p.name.endswith(".partial")] == []
+
+
+# -- tensors without plain dense data ---------------------------------------------------------------
+
+def _fake():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        return torch.randn(64, 48)
+
+
+ODD = {
+    "coo": (lambda w: w.to_sparse(), "sparse tensor (torch.sparse_coo); convert it to dense first"),
+    "csr": (lambda w: w.to_sparse_csr(), "sparse tensor (torch.sparse_csr)"),
+    "csc": (lambda w: w.to_sparse_csc(), "sparse tensor (torch.sparse_csc)"),
+    "bsr": (lambda w: w.to_sparse_bsr((16, 16)), "sparse tensor (torch.sparse_bsr)"),
+    "meta": (lambda w: torch.empty(w.shape, device="meta"), "meta tensor"),
+    "quantized": (lambda w: torch.quantize_per_tensor(w, 0.1, 0, torch.qint8), "quantized tensor (torch.qint8)"),
+    "nested": (lambda w: torch.nested.nested_tensor([w[0], w[1]]), "nested tensor"),
+    "jagged": (lambda w: torch.nested.nested_tensor([w[0], w[1, :5]], layout=torch.jagged), "nested tensor"),
+    "mkldnn": (lambda w: w.to_mkldnn(), "layout torch._mkldnn"),
+    "fake": (lambda w: _fake(), "FakeTensor (a tensor subclass"),
+}
+SAVEABLE = {"coo", "csr", "csc", "bsr", "meta", "quantized", "nested", "jagged"}  # torch.save can write these
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # torch: beta and deprecated layouts
+@pytest.mark.parametrize("kind", sorted(ODD))
+def test_odd_tensors_in_a_dict_are_refused_before_writing(small_family, tmp_path, kind):
+    make, words = ODD[kind]
+    ft = dict(small_family["tasks"]["a"])
+    ft["body.w"] = make(ft["body.w"])
+    out = tmp_path / "f.tallpack"
+    with pytest.raises(CheckpointError) as e:
+        tallpack.pack(small_family["base"], {"a": ft, "b": small_family["tasks"]["b"]}, out)
+    _refused(e, "task 'a'", "tensor 'body.w'", words)
+    _nothing_written(tmp_path, out)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize("kind", sorted(SAVEABLE))
+def test_odd_tensors_in_a_torch_file_are_refused_before_writing(small_family, tmp_path, kind):
+    make, words = ODD[kind]
+    ft = dict(small_family["tasks"]["a"])
+    ft["body.w"] = make(ft["body.w"])
+    torch.save(ft, tmp_path / "a.pt")
+    out = tmp_path / "f.tallpack"
+    with pytest.raises(CheckpointError) as e:
+        tallpack.pack(small_family["base_path"], [tmp_path / "a.pt", small_family["task_paths"]["b"]], out)
+    _refused(e, f"{tmp_path / 'a.pt'}: tensor 'body.w'", words)
+    _nothing_written(tmp_path, out)
+
+
+def test_views_transposes_and_slices_pack_exactly(small_family, tmp_path):
+    """Tensors that are views into other storage (transposed, sliced, expanded) are fine, in a
+    dict and in a torch.save file (which keeps their storage and strides)."""
+    g = torch.Generator().manual_seed(3)
+    big = torch.randn(100, 80, generator=g)
+    base = dict(small_family["base"])
+    base["t"] = torch.randn(48, 64, generator=g).t()          # shape (64, 48), strides (1, 64)
+    base["s"] = big[10:74, 5:53]                              # a slice of a bigger storage
+    base["e"] = torch.randn(1, 48, generator=g).expand(10, 48)  # stride 0
+    tasks = {}
+    for i, name in enumerate(["a", "b"]):
+        sd = dict(small_family["tasks"][name])
+        sd["t"] = (base["t"].t() + 0.05 * torch.randn(48, 64, generator=g)).t()
+        sd["s"] = (big + 0.05 * torch.randn(100, 80, generator=g))[10:74, 5:53]
+        sd["e"] = base["e"]
+        sd["head.w"] = small_family["base"]["head.w"]
+        tasks[name] = sd
+    assert not base["t"].is_contiguous() and base["s"].storage_offset() > 0
+    torch.save(tasks["a"], tmp_path / "a.pt")
+    want = expected_reconstruction(base, tasks, {"a": 0.4, "b": 0.4})
+    for label, srcs in {"dict": tasks, "file": {"a": tmp_path / "a.pt", "b": tasks["b"]}}.items():
+        out = tmp_path / f"{label}.tallpack"
+        tallpack.pack(base, srcs, out)
+        with tallpack.open(out) as fam:
+            for t in tasks:
+                got = fam.state_dict(t)
+                for name in ("t", "s", "e"):
+                    assert torch.equal(got[name], want[t][name]), (label, t, name)
+
+
+# -- links and shard indexes that leave the folder ---------------------------------------------------
+
+@pytest.fixture
+def weights(small_family):
+    return small_family["tasks"]["a"]
+
+
+def _folder(root: Path, weights: dict, name: str = "model") -> Path:
+    folder = root / name
+    folder.mkdir()
+    save_file(weights, folder / "model.safetensors")
+    (folder / "config.json").write_text(json.dumps({"model_type": "toy"}))
+    return folder
+
+
+def test_a_weights_file_linked_from_outside_is_refused(tmp_path, weights):
+    folder = _folder(tmp_path, weights)
+    outside = tmp_path / "elsewhere.safetensors"
+    (folder / "model.safetensors").rename(outside)
+    (folder / "model.safetensors").symlink_to(outside)
+    with pytest.raises(CheckpointError) as e:
+        open_source(folder)
+    _refused(e, f"{folder / 'model.safetensors'}: is a symlink to {outside.resolve()}", "outside the input folder")
+
+
+def test_a_config_linked_from_outside_is_refused(tmp_path, weights):
+    folder = _folder(tmp_path, weights)
+    secret = tmp_path / "secret.json"
+    secret.write_text('{"token": "x"}')
+    (folder / "config.json").unlink()
+    (folder / "config.json").symlink_to(secret)
+    with pytest.raises(CheckpointError) as e:
+        open_source(folder)
+    _refused(e, f"{folder / 'config.json'}: is a symlink to {secret.resolve()}")
+
+
+def test_links_inside_the_folder_and_a_linked_folder_are_fine(tmp_path, weights):
+    folder = _folder(tmp_path, weights)
+    (folder / "weights").mkdir()
+    (folder / "model.safetensors").rename(folder / "weights" / "real.safetensors")
+    (folder / "model.safetensors").symlink_to("weights/real.safetensors")
+    (tmp_path / "alias").symlink_to(folder)  # the folder the user names may itself be a link
+    for p in (folder, tmp_path / "alias"):
+        src = open_source(p)
+        assert torch.equal(src.get("body.w"), weights["body.w"])
+        assert src.metadata["config"] == {"model_type": "toy"}
+
+
+def test_a_file_named_directly_may_be_a_link(tmp_path, small_family):
+    link = tmp_path / "ft" / "a.safetensors"
+    link.parent.mkdir()
+    link.symlink_to(small_family["task_paths"]["a"])
+    assert torch.equal(open_source(link).get("body.w"), small_family["tasks"]["a"]["body.w"])
+
+
+@pytest.fixture
+def sharded(hf_family, tmp_path):
+    """A copy of a transformers-saved sharded folder (real index, real shards)."""
+    folder = tmp_path / "base"
+    shutil.copytree(hf_family["base"], folder)
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 2
+    return folder, index
+
+
+def _write_index(folder: Path, index: dict, name: str = "model.safetensors.index.json") -> Path:
+    (folder / name).write_text(json.dumps(index))
+    return folder / name
+
+
+def test_a_shard_linked_from_outside_is_refused(sharded, tmp_path):
+    folder, index = sharded
+    shard = sorted(set(index["weight_map"].values()))[1]
+    outside = tmp_path / "other" / shard
+    outside.parent.mkdir()
+    (folder / shard).rename(outside)
+    (folder / shard).symlink_to(outside)
+    with pytest.raises(CheckpointError) as e:
+        tallpack.pack(folder, [folder], tmp_path / "f.tallpack")
+    _refused(e, f"{folder / shard}: is a symlink to {outside.resolve()}")
+    _nothing_written(tmp_path, tmp_path / "f.tallpack")
+
+
+def test_a_shard_in_a_linked_subfolder_outside_is_refused(sharded, tmp_path):
+    folder, index = sharded
+    shard = sorted(set(index["weight_map"].values()))[0]
+    (tmp_path / "other").mkdir()
+    (folder / shard).rename(tmp_path / "other" / shard)
+    (folder / "sub").symlink_to(tmp_path / "other")
+    index["weight_map"] = {k: f"sub/{v}" if v == shard else v for k, v in index["weight_map"].items()}
+    _write_index(folder, index)
+    with pytest.raises(CheckpointError) as e:
+        open_source(folder)
+    _refused(e, f"{folder / 'sub' / shard}: leads through a symlinked folder to")
+
+
+@pytest.mark.parametrize("bad, why", [
+    ("../elsewhere.safetensors", "'..' component"),
+    ("sub/../../elsewhere.safetensors", "'..' component"),
+    ("ABSOLUTE", "absolute path"),
+    ("sub\\..\\x.safetensors", "backslash"),
+    ("x\0.safetensors", "NUL"),
+    ("", "empty"),
+    ("./model-00001.safetensors", "'.'"),
+    (3, "not a string but a int"),
+    (None, "not a string but a NoneType"),
+    (["a.safetensors"], "not a string but a list"),
+])
+def test_index_entries_must_be_plain_relative_names(sharded, tmp_path, weights, bad, why):
+    folder, index = sharded
+    save_file(weights, tmp_path / "elsewhere.safetensors")  # a real file the entry could reach
+    if bad == "ABSOLUTE":
+        bad = str(tmp_path / "elsewhere.safetensors")
+    name = next(iter(index["weight_map"]))
+    index["weight_map"][name] = bad
+    path = _write_index(folder, index)
+    with pytest.raises(CheckpointError) as e:
+        tallpack.pack(folder, [folder], tmp_path / "f.tallpack")
+    _refused(e, f"{path}: weight_map entry {name!r} -> {bad!r}", why)
+    _nothing_written(tmp_path, tmp_path / "f.tallpack")
+
+
+def test_torch_shard_indexes_are_checked_too(tmp_path, weights):
+    folder = tmp_path / "pt"
+    folder.mkdir()
+    torch.save(weights, tmp_path / "pytorch_model-00001-of-00001.bin")
+    path = _write_index(folder, {"weight_map": {k: "../pytorch_model-00001-of-00001.bin" for k in weights}},
+                        "pytorch_model.bin.index.json")
+    with pytest.raises(CheckpointError) as e:
+        open_source(folder)
+    _refused(e, f"{path}: weight_map entry", "'..' component")
+
+
+def test_a_weight_map_that_is_not_an_object_is_refused(sharded):
+    folder, index = sharded
+    path = _write_index(folder, {"weight_map": ["model-00001-of-00002.safetensors"]})
+    with pytest.raises(CheckpointError) as e:
+        open_source(folder)
+    _refused(e, f"{path}: not a valid shard index (weight_map is a list")
+
+
+def _hf_cache(root: Path, source: Path) -> Path:
+    """The Hugging Face cache layout, as huggingface_hub writes it: every file of a snapshot is a
+    relative link into the repository's ``blobs/``."""
+    repo = root / "hub" / "models--org--tiny"
+    snap = repo / "snapshots" / "0123abcd"
+    (repo / "blobs").mkdir(parents=True)
+    snap.mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0123abcd")
+    for i, f in enumerate(sorted(source.iterdir())):
+        blob = repo / "blobs" / f"{i:040x}"
+        shutil.copy(f, blob)
+        (snap / f.name).symlink_to(Path("../..") / "blobs" / blob.name)
+    return snap
+
+
+def test_a_hugging_face_cache_snapshot_packs(hf_family, tmp_path):
+    snap = _hf_cache(tmp_path, hf_family["base"])
+    assert all(p.is_symlink() for p in snap.iterdir())
+    out = tmp_path / "f.tallpack"
+    tallpack.pack(snap, {"cars": hf_family["tasks"]["cars"], "dtd": hf_family["tasks"]["dtd"]}, out)
+    with tallpack.open(out) as fam:
+        assert fam.tasks == ("cars", "dtd")
+    src = open_source(snap)
+    assert src.metadata["config"]["model_type"] == "llama"
+
+
+def test_a_cache_link_that_leaves_its_repository_is_refused(hf_family, tmp_path):
+    snap = _hf_cache(tmp_path, hf_family["base"])
+    other = tmp_path / "hub" / "models--someone--else" / "blobs"
+    other.mkdir(parents=True)
+    link = snap / "config.json"
+    shutil.copy(link, other / "cfg")
+    link.unlink()
+    link.symlink_to(Path("../../../models--someone--else/blobs/cfg"))
+    with pytest.raises(CheckpointError) as e:
+        open_source(snap)
+    _refused(e, f"{link}: is a symlink to {(other / 'cfg').resolve()}",
+             "outside the input folder and its Hugging Face cache repository")
+
+
+def test_a_link_loop_is_refused(tmp_path, weights):
+    folder = _folder(tmp_path, weights)
+    (folder / "config.json").unlink()
+    (folder / "config.json").symlink_to("loop.json")
+    (folder / "loop.json").symlink_to("config.json")
+    with pytest.raises(CheckpointError) as e:
+        open_source(folder)
+    _refused(e, str(folder / "config.json"))
+
+
+def test_the_relative_outside_check_uses_resolved_paths(tmp_path, weights, monkeypatch):
+    """A folder named by a relative path with '..' in it is still judged by where things are."""
+    folder = _folder(tmp_path, weights)
+    (tmp_path / "x").mkdir()
+    monkeypatch.chdir(tmp_path / "x")
+    assert torch.equal(open_source(Path("..") / "model").get("body.w"), weights["body.w"])
+    assert os.path.samefile(folder, Path("..") / "model")
