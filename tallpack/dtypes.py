@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import warnings
 
 import numpy as np
 import torch
@@ -73,6 +74,22 @@ def all_equal(tensors: list[torch.Tensor]) -> bool:
         and np.array_equal(np.frombuffer(tensor_to_bytes(t), np.uint8), fb)
         for t in tensors[1:]
     )
+
+
+def view_tensor(buf: bytes | bytearray | memoryview | np.ndarray, dtype: str, shape) -> torch.Tensor:
+    """A tensor of ``dtype``/``shape`` over ``buf`` without copying, also when ``buf`` is read-only
+    (a view into the mapped file): for inputs that are only read, never handed to a caller."""
+    dt = torch_dtype(dtype)
+    shape = tuple(int(d) for d in shape)
+    n = numel(shape)
+    mv = memoryview(buf).cast("B")
+    if len(mv) != n * dt.itemsize:
+        raise FormatError(f"buffer of {len(mv)} bytes does not hold {shape} {dtype}")
+    if n == 0:
+        return torch.empty(shape, dtype=dt)
+    with warnings.catch_warnings():  # read-only memory: the tensor is never written
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.frombuffer(mv, dtype=torch.uint8).view(dt).reshape(shape)
 
 
 def bytes_to_tensor(buf: bytes | bytearray | memoryview | np.ndarray, dtype: str, shape) -> torch.Tensor:

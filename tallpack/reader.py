@@ -9,16 +9,20 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from collections.abc import Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
 
 from .arrays import ArrayRef
+from .cache import DEFAULT_CACHE_BYTES, ByteLRU
 from .container import ContainerReader
-from .dtypes import bytes_to_tensor
-from .encodings import TaskTensor, TensorEntry, encoding_for, iter_arrays
-from .errors import FormatError, TallpackError, TaskNotFoundError, TensorNotFoundError, UnsupportedVersionError
+from .dtypes import bytes_to_tensor, view_tensor
+from .encodings import TaskTensor, TensorEntry, Use, encoding_for, iter_arrays
+from .errors import (FormatError, InvalidArgumentError, TallpackError, TaskNotFoundError, TensorNotFoundError,
+                     UnsupportedVersionError)
 from .manifest import Manifest, TaskInfo
 from .merged import MergeParts
 from .report import summarize
@@ -35,8 +39,13 @@ class Archive:
     ...     w = fam.get_tensor("cars", "encoder.layer.3.weight")
     """
 
-    def __init__(self, container: ContainerReader):
+    def __init__(self, container: ContainerReader, *, cache_bytes: int = DEFAULT_CACHE_BYTES,
+                 threads: int | None = None):
         self._c = container
+        self._cache = ByteLRU(cache_bytes)
+        self.threads = threads or min(8, os.cpu_count() or 1)
+        self._pool: ThreadPoolExecutor | None = None
+        self._pool_lock = threading.Lock()
         self.name = container.name
         self.manifest = Manifest.from_dict(container.manifest)
         if self.manifest.format_version[0] != container.version[0]:
@@ -56,7 +65,19 @@ class Archive:
         self.close()
 
     def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+        self._cache.clear()
         self._c.close()
+
+    def _workers(self) -> ThreadPoolExecutor | None:
+        """The archive's thread pool (decoding releases the GIL), made on first use; None for one thread."""
+        if self.threads <= 1:
+            return None
+        with self._pool_lock:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="tallpack-read")
+            return self._pool
 
     def __repr__(self) -> str:
         return f"<tallpack.Archive {self.name!r}: {len(self.tasks)} tasks>"
@@ -97,19 +118,33 @@ class Archive:
         return entry, entry.tasks[task]
 
     # -- reading -----------------------------------------------------------------------------
-    def read_array(self, ref: ArrayRef, where: str) -> torch.Tensor:
-        """One stored array, decoded, as a tensor of its dtype and shape."""
+    def read_array(self, ref: ArrayRef, where: str, use: Use = Use.OUTPUT) -> torch.Tensor:
+        """One stored array, decoded, as a tensor of its dtype and shape.
+
+        With ``Use.OUTPUT`` (the default) the tensor is the caller's own. The other uses promise
+        that the tensor is only read: it may then be a read-only view of the file (raw chunks),
+        and for ``Use.SHARED_INPUT`` a decoded copy kept in the archive's cache.
+        """
+        key = (ref.chunks[0].offset, ref.dtype, ref.shape) if use is Use.SHARED_INPUT and ref.chunks else None
+        if key is not None:
+            hit = self._cache.get(key)
+            if hit is not None:
+                return hit
         try:
             buf = self._c.read_array(ref, where)
         except MemoryError:
             raise FormatError(f"{self.name}: {where}: too large to decode ({ref.nbytes} bytes)") from None
         try:
-            return bytes_to_tensor(buf, ref.dtype, ref.shape)
+            if use is Use.OUTPUT:
+                return bytes_to_tensor(buf, ref.dtype, ref.shape)
+            t = view_tensor(buf, ref.dtype, ref.shape)
         except FormatError as e:
             raise type(e)(f"{self.name}: {where}: {e}") from None
+        if key is not None and not memoryview(buf).readonly:  # decoded, not a view of the file
+            self._cache.put(key, t, ref.nbytes)
+        return t
 
-    def get_tensor(self, task: str, name: str) -> torch.Tensor:
-        """One tensor of one task, reading only the chunks it needs."""
+    def _rebuild(self, task: str, name: str, pool: ThreadPoolExecutor | None) -> torch.Tensor:
         entry, tt = self._entry(task, name)
         where = f"task {task!r}, tensor {name!r}"
         encoding = encoding_for(tt.encoding)
@@ -117,15 +152,37 @@ class Archive:
             raise UnsupportedVersionError(
                 f"{self.name}: {where} is stored as {tt.encoding!r}, which this tallpack cannot read; upgrade it"
             )
-        return encoding.rebuild(self.read_array, entry, tt, where)
+        needed = encoding.inputs(entry, tt)
+        if pool is not None and len(needed) > 1:
+            futures = {k: pool.submit(self.read_array, ref, f"{where} ({k})", use) for k, (ref, use) in needed.items()}
+            arrays = {k: f.result() for k, f in futures.items()}
+        else:
+            arrays = {k: self.read_array(ref, f"{where} ({k})", use) for k, (ref, use) in needed.items()}
+        return encoding.rebuild(arrays, entry, tt)
+
+    def get_tensor(self, task: str, name: str) -> torch.Tensor:
+        """One tensor of one task, reading only the chunks it needs (its arrays decoded in parallel)."""
+        return self._rebuild(task, name, self._workers())
 
     def state_dict(self, task: str, *, lazy: bool = False) -> dict[str, torch.Tensor] | "LazyStateDict":
-        """The task's whole state dict, with its original names, shapes and dtypes.
+        """The task's whole state dict, with its original names, shapes and dtypes, rebuilt by
+        the archive's threads (one tensor each at a time).
 
         With ``lazy=True``, a read-only mapping that rebuilds each tensor when it is indexed.
         """
         sd = LazyStateDict(self, task)
-        return sd if lazy else {k: sd[k] for k in sd}
+        if lazy:
+            return sd
+        pool = self._workers()
+        if pool is None:
+            return {k: self._rebuild(task, k, None) for k in sd}
+        futures = [pool.submit(self._rebuild, task, k, None) for k in sd]
+        try:
+            return {k: f.result() for k, f in zip(sd, futures)}
+        except BaseException:
+            for f in futures:
+                f.cancel()
+            raise
 
     def base_tensor(self, name: str) -> torch.Tensor | None:
         """theta_0 of a tensor, when the archive holds it (merged and base-only tensors)."""
@@ -189,6 +246,7 @@ class LazyStateDict(Mapping):
     def __getitem__(self, name: str) -> torch.Tensor:
         return self._archive.get_tensor(self._task, name)
 
+
     def __iter__(self) -> Iterator[str]:
         return iter(self._keys)
 
@@ -196,9 +254,14 @@ class LazyStateDict(Mapping):
         return len(self._keys)
 
 
-def open(path: str | os.PathLike, *, storage_options: dict[str, Any] | None = None) -> Archive:  # noqa: A001
+def open(path: str | os.PathLike, *, storage_options: dict[str, Any] | None = None,  # noqa: A001
+         cache_bytes: int = DEFAULT_CACHE_BYTES, threads: int | None = None) -> Archive:
     """Open an archive for reading: a local path, or a URL that fsspec understands (each
     chunk is then one range request; ``storage_options`` go to fsspec).
+
+    Decoded base and merged vectors, which every task shares, are kept in a cache of at most
+    ``cache_bytes`` (default 1 GiB; 0 turns it off), so a second task reads only its masks.
+    ``threads`` rebuild tensors in parallel (default: the cores, at most 8).
 
     >>> with tallpack.open("family.tallpack") as fam:
     ...     sd = fam.state_dict("cars")
@@ -206,7 +269,11 @@ def open(path: str | os.PathLike, *, storage_options: dict[str, Any] | None = No
     """
     source = open_bytes(path, storage_options)
     try:
-        return Archive(ContainerReader(source, os.fspath(path)))
+        if type(cache_bytes) is not int or cache_bytes < 0:
+            raise InvalidArgumentError(f"cache_bytes must be a non-negative integer, got {cache_bytes!r}")
+        if threads is not None and (type(threads) is not int or threads < 1):
+            raise InvalidArgumentError(f"threads must be a positive integer, got {threads!r}")
+        return Archive(ContainerReader(source, os.fspath(path)), cache_bytes=cache_bytes, threads=threads)
     except BaseException:
         source.close()
         raise

@@ -38,8 +38,8 @@ def test_a_new_encoding_is_one_registered_class(small_family, tmp_path, monkeypa
             return entry
 
         @classmethod
-        def rebuild(cls, read, entry, tt, where):
-            return -Dense.rebuild(read, entry, tt, where)
+        def rebuild(cls, arrays, entry, tt):
+            return -Dense.rebuild(arrays, entry, tt)
 
     monkeypatch.setitem(encodings.REGISTRY, Negated.name, Negated)
     monkeypatch.setitem(encodings.BY_KIND, "task-own", Negated)

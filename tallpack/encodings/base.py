@@ -16,6 +16,7 @@ A reader fails on an unknown encoding only when a tensor using it is read (spec 
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -166,7 +167,15 @@ class Item:
     thetas: list[torch.Tensor]
 
 
-#: Reads one array of the archive as a tensor (``read(ref, where)``).
+class Use(enum.Enum):
+    """How ``rebuild`` uses an input array, which tells the reader what it may hand over."""
+
+    OUTPUT = "output"  # returned to the caller: a tensor of its own
+    INPUT = "input"  # only read, for this task: may be a read-only view of the file
+    SHARED_INPUT = "shared-input"  # only read, the same for every task: may also come from a cache
+
+
+#: Reads one array of the archive as a tensor (``read(ref, where)``), for uses outside rebuilds.
 ReadArray = Callable[[ArrayRef, str], torch.Tensor]
 
 
@@ -198,7 +207,14 @@ class Encoding:
         raise NotImplementedError
 
     @classmethod
-    def rebuild(cls, read: ReadArray, entry: TensorEntry, tt: TaskTensor, where: str) -> torch.Tensor:
+    def inputs(cls, entry: TensorEntry, tt: TaskTensor) -> dict[str, tuple[ArrayRef, Use]]:
+        """The arrays ``rebuild`` needs, by key, and how it uses each. The reader decodes them
+        (in parallel, from its cache, or as views of the file, as each use allows)."""
+        raise NotImplementedError
+
+    @classmethod
+    def rebuild(cls, arrays: Mapping[str, torch.Tensor], entry: TensorEntry, tt: TaskTensor) -> torch.Tensor:
+        """The task's tensor from the decoded ``inputs``; must not modify them."""
         raise NotImplementedError
 
 

@@ -3,11 +3,14 @@ shape, integer buffers that differ, tensors holding inf or NaN)."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 
+from ..arrays import ArrayRef
 from ..dtypes import dtype_name
 from ..errors import FormatError
-from .base import Encoding, Item, ReadArray, TaskTensor, TensorEntry, WriteContext, register
+from .base import Encoding, Item, TaskTensor, TensorEntry, Use, WriteContext, register
 
 
 @register
@@ -29,5 +32,9 @@ class Dense(Encoding):
             for t, x in zip(item.tasks, item.thetas)})
 
     @classmethod
-    def rebuild(cls, read: ReadArray, entry: TensorEntry, tt: TaskTensor, where: str) -> torch.Tensor:
-        return read(tt.arrays["data"], where)
+    def inputs(cls, entry: TensorEntry, tt: TaskTensor) -> dict[str, tuple[ArrayRef, Use]]:
+        return {"data": (tt.arrays["data"], Use.OUTPUT)}
+
+    @classmethod
+    def rebuild(cls, arrays: Mapping[str, torch.Tensor], entry: TensorEntry, tt: TaskTensor) -> torch.Tensor:
+        return arrays["data"]

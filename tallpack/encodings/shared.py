@@ -3,12 +3,15 @@ entry (frozen layers, buffers)."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 
+from ..arrays import ArrayRef
 from ..dtypes import dtype_name
 from ..errors import FormatError
 from ..tall import task_vector
-from .base import Encoding, Item, ReadArray, TaskTensor, TensorEntry, WriteContext, register
+from .base import Encoding, Item, TaskTensor, TensorEntry, Use, WriteContext, register
 
 
 @register
@@ -34,5 +37,9 @@ class Shared(Encoding):
                            {"data": ctx.whole(first)})
 
     @classmethod
-    def rebuild(cls, read: ReadArray, entry: TensorEntry, tt: TaskTensor, where: str) -> torch.Tensor:
-        return read(entry.arrays["data"], where)
+    def inputs(cls, entry: TensorEntry, tt: TaskTensor) -> dict[str, tuple[ArrayRef, Use]]:
+        return {"data": (entry.arrays["data"], Use.OUTPUT)}
+
+    @classmethod
+    def rebuild(cls, arrays: Mapping[str, torch.Tensor], entry: TensorEntry, tt: TaskTensor) -> torch.Tensor:
+        return arrays["data"]

@@ -4,13 +4,16 @@ are stored once (plus the merge method's extra arrays); per task, one bit-packed
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 
+from ..arrays import ArrayRef
 from ..dtypes import dtype_name, tensor_to_bytes, torch_dtype
 from ..elements import FLOATING
 from ..errors import FormatError
 from ..tall import blocks, reconstruct, tall_mask
-from .base import EXTRA_ARRAYS, Encoding, Item, ReadArray, TaskTensor, TensorEntry, WriteContext, register
+from .base import EXTRA_ARRAYS, Encoding, Item, TaskTensor, TensorEntry, Use, WriteContext, register
 
 
 @register
@@ -74,8 +77,10 @@ class Tall(Encoding):
         )
 
     @classmethod
-    def rebuild(cls, read: ReadArray, entry: TensorEntry, tt: TaskTensor, where: str) -> torch.Tensor:
-        base = read(entry.arrays["base"], where + " (base)")
-        merged = read(entry.arrays["merged"], where + " (merged)")
-        mask = read(tt.arrays["mask"], where + " (mask)")
-        return reconstruct(base, mask, merged, torch_dtype(tt.dtype))
+    def inputs(cls, entry: TensorEntry, tt: TaskTensor) -> dict[str, tuple[ArrayRef, Use]]:
+        return {"base": (entry.arrays["base"], Use.SHARED_INPUT), "merged": (entry.arrays["merged"], Use.SHARED_INPUT),
+                "mask": (tt.arrays["mask"], Use.INPUT)}
+
+    @classmethod
+    def rebuild(cls, arrays: Mapping[str, torch.Tensor], entry: TensorEntry, tt: TaskTensor) -> torch.Tensor:
+        return reconstruct(arrays["base"], arrays["mask"], arrays["merged"], torch_dtype(tt.dtype))

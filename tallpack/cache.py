@@ -1,0 +1,58 @@
+"""A bounded cache: least recently used entries go first once their sizes pass a byte budget."""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Hashable
+from typing import Any
+
+#: The default budget of an open archive's cache of decoded arrays (base and merged vectors,
+#: shared by every task): 1 GiB. ``tallpack.open(..., cache_bytes=0)`` turns it off.
+DEFAULT_CACHE_BYTES = 1 << 30
+
+
+class ByteLRU:
+    """A thread-safe LRU mapping whose values each declare a size in bytes; ``put`` evicts the
+    least recently used entries until the total fits ``budget``. A value larger than the budget
+    is not kept."""
+
+    def __init__(self, budget: int):
+        if type(budget) is not int or budget < 0:
+            raise ValueError(f"cache budget must be a non-negative integer of bytes, got {budget!r}")
+        self.budget = budget
+        self.size = 0
+        self.hits = self.misses = 0
+        self._items: OrderedDict[Hashable, tuple[Any, int]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: Hashable) -> Any | None:
+        with self._lock:
+            item = self._items.get(key)
+            if item is None:
+                self.misses += 1
+                return None
+            self._items.move_to_end(key)
+            self.hits += 1
+            return item[0]
+
+    def put(self, key: Hashable, value: Any, nbytes: int) -> None:
+        if nbytes > self.budget:
+            return
+        with self._lock:
+            old = self._items.pop(key, None)
+            if old is not None:
+                self.size -= old[1]
+            self._items[key] = (value, nbytes)
+            self.size += nbytes
+            while self.size > self.budget:
+                _, (_, n) = self._items.popitem(last=False)
+                self.size -= n
+
+    def clear(self) -> None:
+        with self._lock:
+            self._items.clear()
+            self.size = 0
+
+    def __len__(self) -> int:
+        return len(self._items)

@@ -1,0 +1,143 @@
+"""The read path's shortcuts (threads, a cache of decoded arrays, views of the mapped file) give
+the same bits as the plain path, never a stale or shared tensor, and bounded memory."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import tallpack
+from conftest import expected_reconstruction
+from strategies import families
+
+
+def _bits(t: torch.Tensor) -> bytes:
+    return t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
+
+
+def _same(a: dict, b: dict) -> bool:
+    return list(a) == list(b) and all(
+        a[k].dtype == b[k].dtype and a[k].shape == b[k].shape and _bits(a[k]) == _bits(b[k]) for k in a)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                                                  HealthCheck.too_slow])
+@given(family=families(), codec=st.sampled_from(["raw", "zstd", "bytegroup-zstd"]),
+       chunk=st.sampled_from([8, 64, 1 << 22]), checksum=st.sampled_from(["crc32", "xxh3-64"]))
+def test_every_path_gives_the_same_bits(tmp_path_factory, family, codec, chunk, checksum) -> None:
+    base, tasks = family
+    out = tmp_path_factory.mktemp("fast") / "f.tallpack"
+    tallpack.pack(base, tasks, out, codec=codec, chunk_elements=chunk, checksum=checksum)
+    want = expected_reconstruction(base, tasks, dict.fromkeys(tasks, tallpack.DEFAULT_LAMBDA))
+    with tallpack.open(out, threads=1, cache_bytes=0) as plain, tallpack.open(out, threads=3) as fast:
+        for task in tasks:
+            simple = plain.state_dict(task)
+            assert _same(simple, fast.state_dict(task))
+            assert _same(simple, fast.state_dict(task))  # again, now from the cache
+            singles = {k: fast.get_tensor(task, k) for k in reversed(fast.keys(task))}  # in another order
+            assert _same(simple, {k: singles[k] for k in fast.keys(task)})
+            for k, v in want[task].items():
+                assert _bits(simple[k]) == _bits(v), (task, k)
+
+
+def _family(seed: int, n: int = 3) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    base = {"w": torch.randn(64, 32, generator=g), "frozen": torch.randn(16, generator=g)}
+    tasks = {f"t{i}": {"w": base["w"] + 0.1 * torch.randn(64, 32, generator=g), "frozen": base["frozen"].clone(),
+                       "head": torch.randn(i + 1, 4, generator=g)} for i in range(n)}
+    return {"base": base, "tasks": tasks}
+
+
+def test_the_cache_never_mixes_archives_or_tasks(tmp_path) -> None:
+    """Two archives of the same layout (so the same offsets) open at once, tasks interleaved."""
+    fams = [_family(1), _family(2)]
+    paths = []
+    for i, f in enumerate(fams):
+        paths.append(tmp_path / f"{i}.tallpack")
+        tallpack.pack(f["base"], f["tasks"], paths[-1], chunk_elements=64)
+    want = [expected_reconstruction(f["base"], f["tasks"], dict.fromkeys(f["tasks"], 0.4)) for f in fams]
+    with tallpack.open(paths[0]) as a, tallpack.open(paths[1]) as b:
+        for _ in range(2):
+            for task in ("t0", "t2", "t1"):
+                for i, arc in enumerate((a, b)):
+                    sd = arc.state_dict(task)
+                    assert torch.equal(sd["w"], want[i][task]["w"])
+                    assert torch.equal(sd["head"], fams[i]["tasks"][task]["head"])
+        assert a._cache.hits > 0 and b._cache.hits > 0
+
+
+def test_returned_tensors_are_the_callers_own(tmp_path) -> None:
+    """Changing a returned tensor in place changes nothing the archive returns later, whatever
+    the codec (raw chunks are views of the file inside the reader, never outside)."""
+    f = _family(3)
+    for codec in ("raw", "bytegroup-zstd"):
+        out = tmp_path / f"{codec}.tallpack"
+        tallpack.pack(f["base"], f["tasks"], out, codec=codec, chunk_elements=1 << 22)
+        with tallpack.open(out) as fam:
+            first = fam.state_dict("t1")
+            kept = {k: v.clone() for k, v in first.items()}
+            for t in first.values():
+                t.add_(1.0)
+            again = fam.state_dict("t1")
+            assert all(torch.equal(again[k], kept[k]) for k in first)
+            assert torch.equal(again["frozen"], f["tasks"]["t1"]["frozen"])
+
+
+def test_cache_budget_is_respected(tmp_path) -> None:
+    f = _family(4)
+    out = tmp_path / "c.tallpack"
+    tallpack.pack(f["base"], f["tasks"], out, chunk_elements=64)
+    with tallpack.open(out, cache_bytes=64 * 32 * 4) as fam:  # room for one decoded array
+        fam.state_dict("t0")
+        fam.state_dict("t1")
+        assert fam._cache.size <= 64 * 32 * 4 and len(fam._cache) <= 1
+    with tallpack.open(out, cache_bytes=0) as fam:
+        fam.state_dict("t0")
+        assert len(fam._cache) == 0
+    for bad in (-1, 1.5, "1GB"):
+        try:
+            tallpack.open(out, cache_bytes=bad)
+        except tallpack.InvalidArgumentError:
+            continue
+        raise AssertionError(f"cache_bytes={bad!r} accepted")
+
+
+def test_lazy_reading_keeps_memory_to_a_few_tensors(tmp_path) -> None:
+    """A family of 24 tensors of 4 MB per member: reading one task lazily, tensor by tensor, in a
+    fresh process with two threads, peaks at a dozen tensors above the process's baseline (decode
+    buffers of base, merged vector and mask, the output, and the allocator's slack), not at the
+    member's 96 MB and growing."""
+    g = torch.Generator().manual_seed(0)
+    n = 1 << 20
+    base = {f"w{i}": torch.randn(n, generator=g) * 0.02 for i in range(24)}
+    tasks = {t: {k: v + 1e-3 * torch.randn(n, generator=g) for k, v in base.items()} for t in ("a", "b")}
+    out = tmp_path / "big.tallpack"
+    tallpack.pack(base, tasks, out)
+    del base, tasks
+    # RssAnon (not VmRSS, which counts the mapped archive's pages), sampled by a thread
+    code = textwrap.dedent(f"""
+        import json, gc, threading, time, tallpack, torch
+        def anon():
+            return int(open("/proc/self/status").read().split("RssAnon:")[1].split()[0]) * 1024
+        fam = tallpack.open({str(out)!r}, cache_bytes=0, threads=2)
+        gc.collect(); before = anon(); peak = [before]; done = []
+        def sample():
+            while not done:
+                peak[0] = max(peak[0], anon()); time.sleep(0.002)
+        th = threading.Thread(target=sample); th.start()
+        for k, v in fam.state_dict("a", lazy=True).items():
+            s = float(v[0]); del v
+        done.append(1); th.join()
+        print(json.dumps({{"before": before, "hwm": peak[0]}}))
+    """)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    m = json.loads(r.stdout)
+    tensor_bytes = n * 4
+    assert m["hwm"] - m["before"] <= 12 * tensor_bytes, {k: v / 2**20 for k, v in m.items()}
