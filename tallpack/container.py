@@ -19,7 +19,7 @@ import json
 import logging
 import os
 import struct
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -97,7 +97,12 @@ class ContainerWriter:
 
     def encode(self, jobs: list[tuple[_codecs.Chain, memoryview]]) -> list[bytes | memoryview]:
         """Encode several chunks in parallel (zstd and numpy release the GIL)."""
-        return list(self._pool.map(lambda job: job[0].encode(job[1]), jobs))
+        return [f.result() for f in self.submit(jobs)]
+
+    def submit(self, jobs: list[tuple[_codecs.Chain, memoryview]]) -> list[Future]:
+        """Start encoding chunks in the background; write each result, in order, with
+        ``ArrayBuilder.add(future.result())``. The inputs must stay unchanged until then."""
+        return [self._pool.submit(chain.encode, data) for chain, data in jobs]
 
     def begin_array(self, dtype: str, shape: tuple[int, ...], chain: _codecs.Chain,
                     chunk_elements: int = DEFAULT_CHUNK_ELEMENTS) -> "ArrayBuilder":

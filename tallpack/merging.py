@@ -89,8 +89,8 @@ class TaskArithmetic(MergeMethod):
     name = "ta"
 
     def combine(self, taus: list[torch.Tensor]) -> torch.Tensor:
-        out = torch.zeros_like(taus[0])
-        for tau in taus:
+        out = taus[0] + 0.0  # (+0.0 + tau_1): a -0.0 becomes +0.0, as the spec's sum does
+        for tau in taus[1:]:
             out += tau
         return out
 

@@ -29,7 +29,9 @@ def tall_mask(tau_t: torch.Tensor, tau_mtl: torch.Tensor, lam: float) -> torch.T
     same bits.
     """
     lam32 = torch.tensor(lam, dtype=torch.float32)
-    return tau_t.abs() > lam32 * (tau_mtl - tau_t).abs()
+    bound = torch.sub(tau_mtl, tau_t)
+    bound.abs_().mul_(lam32)  # in place: the same operations, fewer fresh pages
+    return tau_t.abs() > bound
 
 
 def blocks(base: torch.Tensor, thetas: list[torch.Tensor], chunk_elements: int
@@ -68,16 +70,19 @@ class Fidelity:
     ones: int = 0
     numel: int = 0
 
-    def add(self, tau_t: torch.Tensor, mask: torch.Tensor, tau_mtl: torch.Tensor) -> None:
+    def add(self, tau_t: torch.Tensor, mask: torch.Tensor, tau_mtl: torch.Tensor) -> int:
+        """Accumulate one block; returns its number of set mask bits."""
         rec = (mask.to(torch.float32) * tau_mtl).reshape(-1)
         tau = tau_t.reshape(-1)
-        err = rec - tau
         self.tau_sq += float(torch.dot(tau, tau))
         self.rec_sq += float(torch.dot(rec, rec))
         self.dot += float(torch.dot(rec, tau))
+        err = rec.sub_(tau)  # rec is not needed any more
         self.err_sq += float(torch.dot(err, err))
-        self.ones += int(mask.sum())
+        ones = int(torch.count_nonzero(mask))  # far faster than a bool sum
+        self.ones += ones
         self.numel += mask.numel()
+        return ones
 
     def add_exact(self, tau_t: torch.Tensor) -> None:
         """A tensor stored exactly (rec = tau_t): counts for fidelity, not for mask density."""

@@ -57,18 +57,22 @@ class Tall(Encoding):
             entry_arrays[key] = w.begin_array(dtype, shape, ctx.dense(dtype), ce)
         mask_arrays = [w.begin_array("bool", shape, ctx.masks, ce) for _ in tasks]
         ones = [0] * len(tasks)
+        arrays = [*entry_arrays.values(), *mask_arrays]
+        pending: list = []  # the previous block's encodings: compressed while this block is computed
         for b, taus in blocks(base, thetas, ce):
             merged = ctx.method.combine(taus)
             parts = {"base": b, "merged": merged, **ctx.method.extras(taus)}
             masks = [tall_mask(tau, merged, ctx.lambdas[t]) for t, tau in zip(tasks, taus)]
             for i, (t, tau, m) in enumerate(zip(tasks, taus, masks)):
-                ctx.fidelity[t].add(tau, m, merged)
-                ones[i] += int(m.sum())
-            arrays = [*entry_arrays.values(), *mask_arrays]
+                ones[i] += ctx.fidelity[t].add(tau, m, merged)
             jobs = [(a.chain, tensor_to_bytes(parts[k])) for k, a in entry_arrays.items()]
             jobs += [(ctx.masks, tensor_to_bytes(m)) for m in masks]
-            for arr, encoded in zip(arrays, w.encode(jobs)):
-                arr.add(encoded)
+            futures = w.submit(jobs)
+            for arr, f in zip(arrays, pending):
+                arr.add(f.result())
+            pending = futures
+        for arr, f in zip(arrays, pending):
+            arr.add(f.result())
         return TensorEntry(
             item.name, cls.kind,
             {t: TaskTensor(cls.name, dtype_name(x.dtype), shape, {"mask": k.finish()}, {"ones": n})
