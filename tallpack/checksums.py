@@ -24,8 +24,6 @@ def xxh3_64(buf) -> int:
 CHECKSUMS: dict[str, Callable[[object], int]] = {"crc32": crc32, "xxh3-64": xxh3_64}
 #: The checksum new archives use.
 DEFAULT_CHECKSUM = "xxh3-64"
-#: The format minor version that introduced each checksum (a writer writes the lowest it needs).
-MINOR_VERSION: dict[str, int] = {"crc32": 0, "xxh3-64": 1}
 
 
 def checksum_function(name: object) -> Callable[[object], int]:

@@ -28,7 +28,7 @@ import zstandard
 from . import codecs as _codecs
 from .arrays import (DEFAULT_CHUNK_ELEMENTS, ArrayRef, Chunk, check_chunk_bytes,
                      check_chunk_elements)
-from .checksums import DEFAULT_CHECKSUM, MINOR_VERSION, checksum_function, crc32
+from .checksums import DEFAULT_CHECKSUM, checksum_function, crc32
 from .elements import itemsize, numel
 from .errors import FormatError, IntegrityError, InvalidArgumentError, UnsupportedVersionError
 from .fsutil import commit, temp_beside
@@ -39,7 +39,16 @@ log = logging.getLogger(__name__)
 MAGIC = b"TALLPACK"
 END_MAGIC = b"TALLPEND"
 #: The format version this reader implements (it reads every minor of this major).
-MAJOR, MINOR = 1, 1
+MAJOR, MINOR = 1, 2
+#: The minor version that introduced each optional feature (a checksum, a codec id, ...): a writer
+#: writes the lowest minor version that covers the features it uses (spec §8).
+FEATURE_MINOR: dict[str, int] = {"checksum:crc32": 0, "checksum:xxh3-64": 1, "codec:zstd": 0, "codec:bytegroup": 0,
+                                 "codec:bitpack": 0, "codec:planes": 2}
+
+
+def format_version(features: set[str] | frozenset[str]) -> tuple[int, int]:
+    """The version a writer of these features writes, e.g. ``{"checksum:xxh3-64"} -> (1, 1)``."""
+    return MAJOR, max((FEATURE_MINOR[f] for f in features), default=0)
 HEADER = struct.Struct("<8sHHI")
 FOOTER = struct.Struct("<QQII8s")
 FLAG_MANIFEST_ZSTD = 1
@@ -60,7 +69,7 @@ class ContainerWriter:
     """
 
     def __init__(self, path: str | os.PathLike, *, threads: int | None = None,
-                 checksum: str = DEFAULT_CHECKSUM):
+                 checksum: str = DEFAULT_CHECKSUM, features: frozenset[str] = frozenset()):
         self.path = Path(path)
         if self.path.is_dir():
             raise InvalidArgumentError(f"{self.path}: is a directory; give the archive's file name")
@@ -70,7 +79,7 @@ class ContainerWriter:
         self.checksum_name = checksum
         self._checksum = checksum_function(checksum)
         #: the lowest version whose features this archive uses (spec §8)
-        self.version = (MAJOR, MINOR_VERSION[checksum])
+        self.version = format_version({f"checksum:{checksum}", *features})
         fd, self._tmp = temp_beside(self.path)
         self._f: BinaryIO = os.fdopen(fd, "wb")
         self._f.write(HEADER.pack(MAGIC, *self.version, 0))

@@ -37,7 +37,7 @@ class PackOptions:
     merge: str | Mapping[str, Any] | MergeMethod = "ta"
     evaluate: Evaluator | None = None
     lambda_grid: Sequence[float] | None = None
-    codec: str = "bytegroup-zstd"
+    codec: str = "planes"
     level: int = 3
     chunk_elements: int = DEFAULT_CHUNK_ELEMENTS
     keep_base_only: bool = False
@@ -76,6 +76,11 @@ class Validated:
 
     def dense(self, dtype_itemsize: int) -> Chain:
         return dense_chain(self.options.codec, dtype_itemsize, self.options.level)
+
+    def features(self) -> frozenset[str]:
+        """The optional format features these options use (they set the archive's minor version)."""
+        ids = {c.id for dt in (1, 2, 4, 8) for c in self.dense(dt).codecs} | {c.id for c in self.masks().codecs}
+        return frozenset(f"codec:{i}" for i in ids)
 
     def masks(self) -> Chain:
         return mask_chain(self.options.level)

@@ -72,7 +72,7 @@ def _write(fam: PackInputs, v: Validated, lams: dict[str, float], out: Path, sel
     if opts.progress:
         from tqdm.auto import tqdm
         tensors = tqdm(tensors, desc="packing", unit="tensor")
-    with ContainerWriter(out, threads=opts.threads, checksum=opts.checksum) as w:
+    with ContainerWriter(out, threads=opts.threads, checksum=opts.checksum, features=v.features()) as w:
         ctx = WriteContext(w, opts.chunk_elements, lambda dt: v.dense(itemsize(dt)), v.masks(), v.method,
                            lams, fidelity)
         for entry in tensors:
