@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 MAGIC = b"TALLPACK"
 END_MAGIC = b"TALLPEND"
 #: The format version this reader implements (it reads every minor of this major).
-MAJOR, MINOR = 1, 1
+MAJOR, MINOR = 1, 2
 HEADER = struct.Struct("<8sHHI")
 FOOTER = struct.Struct("<QQII8s")
 FLAG_MANIFEST_ZSTD = 1
@@ -60,7 +60,7 @@ class ContainerWriter:
     """
 
     def __init__(self, path: str | os.PathLike, *, threads: int | None = None,
-                 checksum: str = DEFAULT_CHECKSUM):
+                 checksum: str = DEFAULT_CHECKSUM, minor: int = 0):
         self.path = Path(path)
         if self.path.is_dir():
             raise InvalidArgumentError(f"{self.path}: is a directory; give the archive's file name")
@@ -70,7 +70,7 @@ class ContainerWriter:
         self.checksum_name = checksum
         self._checksum = checksum_function(checksum)
         #: the lowest version whose features this archive uses (spec §8)
-        self.version = (MAJOR, MINOR_VERSION[checksum])
+        self.version = (MAJOR, max(MINOR_VERSION[checksum], minor))
         fd, self._tmp = temp_beside(self.path)
         self._f: BinaryIO = os.fdopen(fd, "wb")
         self._f.write(HEADER.pack(MAGIC, *self.version, 0))

@@ -46,6 +46,8 @@ class PackOptions:
     threads: int | None = None
     progress: bool = False
     checksum: str = DEFAULT_CHECKSUM
+    #: also store every task's original bits and files (the exact tier, format 1.2)
+    exact: bool = False
 
     def replace(self, **changes: Any) -> "PackOptions":
         return dataclasses.replace(self, **changes)
@@ -79,6 +81,10 @@ class Validated:
 
     def masks(self) -> Chain:
         return mask_chain(self.options.level)
+
+    def residuals(self, dtype_itemsize: int) -> Chain:
+        """The chain of the exact tier's residuals: byte planes and zstd, whatever ``codec`` says."""
+        return dense_chain("bytegroup-zstd", dtype_itemsize, self.options.level)
 
     def lambdas(self, tasks: Sequence[str]) -> dict[str, float]:
         """Each task's lambda: one value for all, or a mapping (other tasks get the default)."""
