@@ -29,7 +29,32 @@ from safetensors import safe_open
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from pack_scale import make_family  # noqa: E402
+
+
+def make_family(root: Path, params: float, tasks: int, dtype: torch.dtype, hidden: int = 768):
+    """``pack_scale.make_family``'s fine-tunes (small updates everywhere, larger on a task-specific
+    10% of the weights) with a chosen width, so quick runs stay small."""
+    from safetensors.torch import save_file
+
+    layers = max(1, round(params / (12 * hidden * hidden)))
+    g = torch.Generator().manual_seed(0)
+    base = {}
+    for i in range(layers):
+        for name, shape in (("q", (hidden, hidden)), ("k", (hidden, hidden)), ("v", (hidden, hidden)),
+                            ("o", (hidden, hidden)), ("up", (4 * hidden, hidden)), ("down", (hidden, 4 * hidden))):
+            base[f"layers.{i}.{name}.weight"] = (torch.randn(shape, generator=g) * 0.02).to(dtype)
+        base[f"layers.{i}.norm.weight"] = torch.ones(hidden, dtype=dtype)
+    base["embed.weight"] = (torch.randn(8 * hidden, hidden, generator=g) * 0.02).to(dtype)
+    save_file(base, root / "base.safetensors")
+    paths = {}
+    for t in range(tasks):
+        sd = {}
+        for k, v in base.items():
+            scale = 1e-4 + 2e-3 * (torch.rand(v.shape, generator=g) < 0.1)
+            sd[k] = (v.float() + scale * torch.randn(v.shape, generator=g)).to(dtype)
+        paths[f"task{t}"] = root / f"task{t}.safetensors"
+        save_file(sd, paths[f"task{t}"])
+    return root / "base.safetensors", paths, None
 
 
 def _files(src: Path) -> list[Path]:
@@ -165,7 +190,7 @@ def main() -> None:
     ap.add_argument("--demo", default=".tallpack-demo/family", help="demo family folder (built when absent)")
     ap.add_argument("--out", type=Path, default=HERE / "out")
     a = ap.parse_args()
-    params = a.params or (1.5e6 if a.quick else 20e6)
+    params = a.params or (1.5e6 if a.quick else 20e6)  # quick: ~2M parameters a file
     ntasks = a.tasks or (4 if a.quick else 8)
     a.out.mkdir(parents=True, exist_ok=True)
     results = []
@@ -174,7 +199,7 @@ def main() -> None:
             root = Path(tmp) / dtype
             root.mkdir()
             p = params if dtype == "bfloat16" else params / 2  # the same file bytes for both
-            base, tasks, _ = make_family(root, p, ntasks, getattr(torch, dtype))
+            base, tasks, _ = make_family(root, p, ntasks, getattr(torch, dtype), 256 if a.quick else 768)
             results.append(measure(f"synthetic-{dtype}", base, tasks, dtype, root, a.quick))
         if not a.quick:
             from tallpack.demo.family import build_family
