@@ -109,8 +109,9 @@ def _method_options(f):
 @click.option("-j", "--threads", type=click.IntRange(1), default=None, help="Encoder threads (default: cores).")
 @click.option("-f", "--force", is_flag=True, help="Overwrite an existing archive.")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Show a progress bar.")
+@click.option("--exact", is_flag=True, help="Also store the original bits and files (unpack --exact gives them back).")
 def pack(base, task_specs, output, lambda_specs, merge, codec, level, checksum, chunk_elements,
-         keep_base_only, allow_mismatch, threads, force, progress, **method_options) -> None:
+         keep_base_only, allow_mismatch, threads, force, progress, exact, **method_options) -> None:
     """Pack a base model and its fine-tuned tasks into one archive."""
     tasks = _parse_tasks(task_specs)
     lambdas = _parse_lambdas(lambda_specs, tasks)
@@ -123,7 +124,7 @@ def pack(base, task_specs, output, lambda_specs, merge, codec, level, checksum, 
     options = PackOptions(lambdas=lambdas, merge=merge_spec, codec=codec, level=level, checksum=checksum,
                           chunk_elements=chunk_elements, keep_base_only=keep_base_only,
                           allow_mismatch=allow_mismatch, threads=threads,
-                          progress=progress and sys.stderr.isatty())
+                          progress=progress and sys.stderr.isatty(), exact=exact)
     m = tallpack.pack(base, tasks, output, options)
     size = output.stat().st_size
     src = m.stats["source_bytes"]
@@ -146,15 +147,16 @@ def inspect(archive: str, as_json: bool) -> None:
 @click.option("--all", "all_tasks", is_flag=True, help="Write every task, each in OUTDIR/NAME.")
 @click.option("-o", "--output", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="The folder to write model.safetensors into.")
-def unpack(archive: str, task_names: tuple[str, ...], all_tasks: bool, output: Path) -> None:
+@click.option("--exact", is_flag=True, help="Write the original files byte for byte (archives packed with --exact).")
+def unpack(archive: str, task_names: tuple[str, ...], all_tasks: bool, output: Path, exact: bool) -> None:
     """Rebuild tasks and write each as a safetensors checkpoint folder."""
     with tallpack.open(archive) as fam:
         if not task_names and not all_tasks:
             raise click.UsageError(f"name a task with --task (tasks: {', '.join(fam.tasks)}) or pass --all")
         if len(task_names) == 1 and not all_tasks:
-            paths = [tallpack.write_task(fam, task_names[0], output)]
+            paths = [tallpack.write_task(fam, task_names[0], output, exact=exact)]
         else:
-            paths = tallpack.write_tasks(fam, None if all_tasks else task_names, output)
+            paths = tallpack.write_tasks(fam, None if all_tasks else task_names, output, exact=exact)
     for path in paths:
         click.echo(f"wrote {path}")
 

@@ -12,6 +12,7 @@ from .errors import (
     CheckpointError,
     CheckpointNotFoundError,
     CodecError,
+    ExactTierMissingError,
     FormatError,
     IncompatibleCheckpointsError,
     IntegrityError,
@@ -35,5 +36,5 @@ __all__ = [
     "write_task", "write_tasks", "write_merged", "DEFAULT_LAMBDA", "LAMBDA_GRID", "ALPHA_GRID",
     "TallpackError", "FormatError", "IntegrityError", "UnsupportedVersionError", "CodecError",
     "CheckpointError", "CheckpointNotFoundError", "UnsafeCheckpointError", "InvalidArgumentError",
-    "ArchiveNotFoundError", "IncompatibleCheckpointsError", "TaskNotFoundError", "TensorNotFoundError",
+    "ArchiveNotFoundError", "ExactTierMissingError", "IncompatibleCheckpointsError", "TaskNotFoundError", "TensorNotFoundError",
 ]

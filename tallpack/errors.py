@@ -69,3 +69,7 @@ class ArchiveNotFoundError(TallpackError, FileNotFoundError):
 class OutputError(TallpackError, OSError):
     """An output could not be written (for example, the disk is full); nothing was written under
     the output's name. ``errno`` is the operating system's error number."""
+
+
+class ExactTierMissingError(TallpackError, ValueError):
+    """Exact output was asked of an archive (or task) packed without the exact tier."""

@@ -55,17 +55,20 @@ class TaskInfo:
     keys: tuple[str, ...]
     source: dict[str, Any] = field(default_factory=dict)
     metadata: dict[str, Any] = field(default_factory=dict)
+    #: the exact tier's record of the input's files (spec §6.5); None: packed without it
+    exact: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "lambda": self.lam, "density": self.density,
                 "fidelity": self.fidelity, "keys": list(self.keys), "source": self.source,
-                "metadata": self.metadata}
+                "metadata": self.metadata, **({"exact": self.exact} if self.exact is not None else {})}
 
     @classmethod
     def from_dict(cls, d: Any) -> "TaskInfo":
         try:
             info = cls(d["name"], d.get("lambda"), d.get("density"), dict(d.get("fidelity") or {}),
-                       tuple(d["keys"]), dict(d.get("source") or {}), dict(d.get("metadata") or {}))
+                       tuple(d["keys"]), dict(d.get("source") or {}), dict(d.get("metadata") or {}),
+                       None if d.get("exact") is None else dict(d["exact"]))
         except (KeyError, TypeError, ValueError):
             raise FormatError(f"malformed task entry {str(d)[:80]}") from None
         if not isinstance(info.name, str) or not all(isinstance(k, str) for k in info.keys):

@@ -46,6 +46,8 @@ class PackOptions:
     threads: int | None = None
     progress: bool = False
     checksum: str = DEFAULT_CHECKSUM
+    #: also store every task's original bits and files (the exact tier, format 1.2)
+    exact: bool = False
 
     def replace(self, **changes: Any) -> "PackOptions":
         return dataclasses.replace(self, **changes)
@@ -80,10 +82,14 @@ class Validated:
     def features(self) -> frozenset[str]:
         """The optional format features these options use (they set the archive's minor version)."""
         ids = {c.id for dt in (1, 2, 4, 8) for c in self.dense(dt).codecs} | {c.id for c in self.masks().codecs}
-        return frozenset(f"codec:{i}" for i in ids)
+        return frozenset({f"codec:{i}" for i in ids} | ({"field:exact"} if self.options.exact else set()))
 
     def masks(self) -> Chain:
         return mask_chain(self.options.level)
+
+    def residuals(self, dtype_itemsize: int) -> Chain:
+        """The chain of the exact tier's residuals: byte planes and zstd, whatever ``codec`` says."""
+        return dense_chain("bytegroup-zstd", dtype_itemsize, self.options.level)
 
     def lambdas(self, tasks: Sequence[str]) -> dict[str, float]:
         """Each task's lambda: one value for all, or a mapping (other tasks get the default)."""

@@ -17,6 +17,7 @@ from safetensors.torch import save_file
 from .errors import InvalidArgumentError
 from .fsutil import commit, temp_beside
 from .manifest import check_task_name
+from .originals import write_originals
 
 if TYPE_CHECKING:
     from .reader import Archive
@@ -66,16 +67,28 @@ def task_metadata(archive: "Archive", task: str) -> tuple[dict[str, Any], dict[s
     return meta, info.metadata.get("config")
 
 
-def write_task(archive: "Archive", task: str, outdir: str | os.PathLike) -> Path:
+def write_task(archive: "Archive", task: str, outdir: str | os.PathLike, *, exact: bool = False) -> Path:
     """Rebuild one task and write it as ``OUTDIR/model.safetensors`` (+ its ``config.json``).
+
+    With ``exact=True`` (archives packed with the exact tier), the original files byte for byte
+    (each checked against its SHA-256); for PyTorch or in-memory inputs, the original tensors as
+    ``model.safetensors``. Returns the first file written.
 
     >>> write_task(fam, "cars", "cars/")
     """
+    if exact:
+        archive.require_exact(task)
+        paths, complete = write_originals(archive, task, outdir)
+        if complete:
+            return paths[0]
+        meta, _ = task_metadata(archive, task)
+        return write_checkpoint(archive.state_dict(task, exact=True), outdir, metadata=meta)
     meta, config = task_metadata(archive, task)
     return write_checkpoint(archive.state_dict(task), outdir, metadata=meta, config=config)
 
 
-def write_tasks(archive: "Archive", tasks: Sequence[str] | None, outdir: str | os.PathLike) -> list[Path]:
+def write_tasks(archive: "Archive", tasks: Sequence[str] | None, outdir: str | os.PathLike, *,
+                exact: bool = False) -> list[Path]:
     """Write several tasks (None: all), each as ``OUTDIR/NAME/model.safetensors``.
 
     Every name is checked first (it must exist and be a safe folder name), so nothing is written
@@ -85,7 +98,9 @@ def write_tasks(archive: "Archive", tasks: Sequence[str] | None, outdir: str | o
     for name in names:
         archive.task_info(name)
         check_task_name(name)  # an archive's task name becomes a folder name
-    return [write_task(archive, name, Path(outdir) / name) for name in names]
+        if exact:
+            archive.require_exact(name)
+    return [write_task(archive, name, Path(outdir) / name, exact=exact) for name in names]
 
 
 def write_merged(archive: "Archive", outdir: str | os.PathLike, method: str = "consensus-ta", *, k: int = 2,

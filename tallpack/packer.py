@@ -16,10 +16,12 @@ from ._version import __version__
 from .container import ContainerWriter
 from .elements import itemsize
 from .encodings import BY_KIND, WriteContext
+from .encodings.exact import add_exact
 from .errors import InvalidArgumentError
 from .inputs import PackInputs, TasksLike
 from .manifest import Manifest, TaskInfo, TensorEntry, count_kinds
 from .options import PackOptions, Validated
+from .originals import record
 from .plan import Kind
 from .selection import select_lambdas
 from .sources import SourceLike
@@ -74,20 +76,22 @@ def _write(fam: PackInputs, v: Validated, lams: dict[str, float], out: Path, sel
         tensors = tqdm(tensors, desc="packing", unit="tensor")
     with ContainerWriter(out, threads=opts.threads, checksum=opts.checksum, features=v.features()) as w:
         ctx = WriteContext(w, opts.chunk_elements, lambda dt: v.dense(itemsize(dt)), v.masks(), v.method,
-                           lams, fidelity)
+                           lams, fidelity, v.residuals if opts.exact else None)
         for entry in tensors:
             if entry.kind is Kind.BASE_ONLY and not opts.keep_base_only:
                 continue
             item = fam.load(entry)
             if item.kind != item.planned and item.planned == Kind.MERGED and item.kind == Kind.TASK_OWN:
                 log.warning("tensor %r holds inf or NaN: stored per task, not masked", item.name)
-            entries.append(BY_KIND[item.kind].write(ctx, item))
+            written = BY_KIND[item.kind].write(ctx, item)
+            entries.append(add_exact(ctx, item, written) if opts.exact else written)
 
         infos = []
         for t in names:
             src, fid = fam.tasks[t], fidelity[t]
             infos.append(TaskInfo(t, lams[t], fid.density if fid.numel else None, fid.to_dict(),
-                                  tuple(src.keys()), src.describe(), src.metadata))
+                                  tuple(src.keys()), src.describe(), src.metadata,
+                                  record(src) if opts.exact else None))
         manifest = Manifest(
             w.version, f"tallpack {__version__}", v.method.params(), tuple(infos), tuple(entries),
             base=fam.base.describe() | {"metadata": fam.base.metadata},

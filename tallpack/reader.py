@@ -21,10 +21,13 @@ from .cache import DEFAULT_CACHE_BYTES, ByteLRU
 from .container import ContainerReader
 from .dtypes import bytes_to_tensor, view_tensor
 from .encodings import TaskTensor, TensorEntry, Use, encoding_for, iter_arrays
-from .errors import (FormatError, InvalidArgumentError, TallpackError, TaskNotFoundError, TensorNotFoundError,
+from .encodings.exact import rebuild_exact
+from .errors import (ExactTierMissingError, FormatError, InvalidArgumentError, TallpackError, TaskNotFoundError,
+                     TensorNotFoundError,
                      UnsupportedVersionError)
 from .manifest import Manifest, TaskInfo
 from .merged import MergeParts
+from .originals import verify_originals
 from .report import summarize
 from .storage import open_bytes
 
@@ -144,14 +147,20 @@ class Archive:
             self._cache.put(key, t, ref.nbytes)
         return t
 
-    def _rebuild(self, task: str, name: str, pool: ThreadPoolExecutor | None) -> torch.Tensor:
+    def _rebuild(self, task: str, name: str, pool: ThreadPoolExecutor | None, exact: bool = False) -> torch.Tensor:
         entry, tt = self._entry(task, name)
+        if exact:
+            self.require_exact(task)
         where = f"task {task!r}, tensor {name!r}"
         encoding = encoding_for(tt.encoding)
         if encoding is None:
             raise UnsupportedVersionError(
                 f"{self.name}: {where} is stored as {tt.encoding!r}, which this tallpack cannot read; upgrade it"
             )
+        if exact and tt.encoding == "tall":
+            if "exact" not in tt.extras:
+                raise ExactTierMissingError(f"{self.name}: {where} has no exact residual (damaged manifest)")
+            return rebuild_exact(self.read_array, entry, tt, where)
         needed = encoding.inputs(entry, tt)
         if pool is not None and len(needed) > 1:
             futures = {k: pool.submit(self.read_array, ref, f"{where} ({k})", use) for k, (ref, use) in needed.items()}
@@ -160,23 +169,36 @@ class Archive:
             arrays = {k: self.read_array(ref, f"{where} ({k})", use) for k, (ref, use) in needed.items()}
         return encoding.rebuild(arrays, entry, tt)
 
-    def get_tensor(self, task: str, name: str) -> torch.Tensor:
-        """One tensor of one task, reading only the chunks it needs (its arrays decoded in parallel)."""
-        return self._rebuild(task, name, self._workers())
+    def get_tensor(self, task: str, name: str, *, exact: bool = False) -> torch.Tensor:
+        """One tensor of one task, reading only the chunks it needs (its arrays decoded in parallel).
 
-    def state_dict(self, task: str, *, lazy: bool = False) -> dict[str, torch.Tensor] | "LazyStateDict":
+        With ``exact=True``, the original bits (archives packed with the exact tier).
+        """
+        return self._rebuild(task, name, self._workers(), exact)
+
+    def require_exact(self, task: str) -> None:
+        """ExactTierMissingError unless ``task`` was packed with the exact tier."""
+        if self.task_info(task).exact is None:
+            raise ExactTierMissingError(
+                f"{self.name}: packed without --exact; repack with --exact to get the original bits")
+
+    def state_dict(self, task: str, *, lazy: bool = False, exact: bool = False
+                   ) -> dict[str, torch.Tensor] | "LazyStateDict":
         """The task's whole state dict, with its original names, shapes and dtypes, rebuilt by
         the archive's threads (one tensor each at a time).
 
-        With ``lazy=True``, a read-only mapping that rebuilds each tensor when it is indexed.
+        With ``lazy=True``, a read-only mapping that rebuilds each tensor when it is indexed; with
+        ``exact=True``, the original bits (archives packed with the exact tier).
         """
-        sd = LazyStateDict(self, task)
+        if exact:
+            self.require_exact(task)
+        sd = LazyStateDict(self, task, exact=exact)
         if lazy:
             return sd
         pool = self._workers()
         if pool is None:
-            return {k: self._rebuild(task, k, None) for k in sd}
-        futures = [pool.submit(self._rebuild, task, k, None) for k in sd]
+            return {k: self._rebuild(task, k, None, exact) for k in sd}
+        futures = [pool.submit(self._rebuild, task, k, None, exact) for k in sd]
         try:
             return {k: f.result() for k, f in zip(sd, futures)}
         except BaseException:
@@ -217,7 +239,8 @@ class Archive:
         return sum(len(ref.chunks) for _, _, ref in iter_arrays(self.manifest.tensors))
 
     def verify(self) -> list[str]:
-        """Check every chunk's checksum and decode it, and that padding is zero; returns the
+        """Check every chunk's checksum and decode it, and that padding is zero; with the exact
+        tier, rebuild every original tensor and file and check their hashes. Returns the
         problems found (empty: intact)."""
         problems = self._c.verify_padding()
         for name, key, ref in iter_arrays(self.manifest.tensors):
@@ -227,7 +250,7 @@ class Archive:
                     self._c.read_chunk(ref, i, where)
             except TallpackError as e:
                 problems.append(str(e))
-        return problems
+        return problems + verify_originals(self)
 
     def summary(self) -> dict[str, Any]:
         """What ``tallpack inspect`` shows: tasks, sizes, ratios, densities, fidelity."""
@@ -238,13 +261,14 @@ class Archive:
 class LazyStateDict(Mapping):
     """A read-only mapping over one task's tensors, each rebuilt when indexed."""
 
-    def __init__(self, archive: Archive, task: str):
+    def __init__(self, archive: Archive, task: str, *, exact: bool = False):
         self._archive = archive
         self._task = task
         self._keys = archive.keys(task)
+        self._exact = exact
 
     def __getitem__(self, name: str) -> torch.Tensor:
-        return self._archive.get_tensor(self._task, name)
+        return self._archive.get_tensor(self._task, name, exact=self._exact)
 
 
     def __iter__(self) -> Iterator[str]:

@@ -75,6 +75,11 @@ class Source:
         self.label = label
         self._infos: dict[str, TensorInfo] = {}
         self.metadata: dict[str, Any] = {}
+        #: the checkpoint's own files (for the exact tier's file records): tensor files, then
+        #: others the folder holds (shard index, config.json); ``root`` is the folder they are named from
+        self.files: list[Path] = []
+        self.other_files: list[Path] = []
+        self.root: Path | None = None
 
     def keys(self) -> list[str]:
         return list(self._infos)
@@ -120,6 +125,7 @@ class SafetensorsSource(Source):
 
     def __init__(self, label: str, files: list[Path]):
         super().__init__(label)
+        self.files = list(files)
         self._where: dict[str, Path] = {}
         self._handles: dict[Path, Any] = {}
         for path in files:
@@ -160,6 +166,7 @@ class TorchSource(Source):
 
     def __init__(self, label: str, files: list[Path]):
         super().__init__(label)
+        self.files = list(files)
         self._tensors: dict[str, torch.Tensor] = {}
         for path in files:
             for name, t in _torch_load(path).items():
@@ -349,6 +356,9 @@ def open_source(obj: SourceLike, *, label: str | None = None) -> Source:
         kind, files = _folder_files(path, roots)
         src: Source = SafetensorsSource(str(path), files) if kind == "safetensors" else TorchSource(str(path), files)
         src.kind = "hf-folder"
+        src.root = path
+        src.other_files = [_in_folder(path, path / n, roots) for n in (
+            "model.safetensors.index.json", "pytorch_model.bin.index.json", "config.json") if (path / n).is_file()]
         config = path / "config.json"
         if config.is_file() or config.is_symlink():
             _in_folder(path, config, roots)

@@ -1,4 +1,4 @@
-"""Golden archives of format 1.0: the current reader, the JSON schema, and a reader written from
+"""Golden archives of formats 1.0 to 1.2: the current reader, the JSON schema, and a reader written from
 ``spec/FORMAT.md`` alone must all agree with the expected state dicts, bit for bit.
 
 The golden files are made by ``tests/golden/make_golden.py`` (run it only when the format changes).
@@ -25,7 +25,7 @@ import xxhash
 ROOT = Path(__file__).resolve().parent.parent
 GOLDEN = ROOT / "tests" / "golden"
 SCHEMA = ROOT / "spec" / "manifest.schema.json"
-NAMES = ["v1_0_ta", "v1_0_ties_raw", "v1_1_ta_zstd"]
+NAMES = ["v1_0_ta", "v1_0_ties_raw", "v1_1_ta_zstd", "v1_2_exact"]
 
 
 def _version(name: str) -> tuple[int, int]:
@@ -138,9 +138,12 @@ def test_schema_rejects_broken_manifests(validator) -> None:
 # It uses struct, zlib, json, zstandard and numpy; nothing from tallpack.
 
 ITEMSIZE = {"float64": 8, "float32": 4, "float16": 2, "bfloat16": 2, "int64": 8, "int32": 4,
-            "int16": 2, "int8": 1, "uint8": 1, "bool": 1}
+            "int16": 2, "int8": 1, "uint8": 1, "bool": 1, "uint16": 2, "uint32": 4, "uint64": 8}
 NP = {"float64": "<f8", "float32": "<f4", "float16": "<f2", "bfloat16": "<u2", "int64": "<i8",
-      "int32": "<i4", "int16": "<i2", "int8": "i1", "uint8": "u1", "bool": "u1"}  # bfloat16: raw bits
+      "int32": "<i4", "int16": "<i2", "int8": "i1", "uint8": "u1", "bool": "u1",
+      "uint16": "<u2", "uint32": "<u4", "uint64": "<u8"}  # bfloat16: raw bits
+UINT = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
+EXPONENT = {"float64": (11, 52), "float32": (8, 23), "float16": (5, 10), "bfloat16": (8, 7)}
 
 
 class MiniArchive:
@@ -177,6 +180,8 @@ class MiniArchive:
         refs = [t[k] for k in ("base", "merged", "counts", "data") if k in t]
         for tt in t["tasks"].values():
             refs += [tt[k] for k in ("mask", "data") if k in tt]
+            if "exact" in tt:
+                refs.append(tt["exact"]["residual"])
         return refs
 
     @staticmethod
@@ -237,6 +242,43 @@ class MiniArchive:
         return tt["dtype"], _from_f32(out, tt["dtype"])
 
 
+    def exact_tensor(self, task: str, name: str) -> tuple[str, np.ndarray]:
+        """§6.1.5: the original bits, as unsigned integers of the dtype's itemsize."""
+        entry = self.tensors[name]
+        tt = entry["tasks"][task]
+        dtype, u = tt["dtype"], UINT[ITEMSIZE[tt["dtype"]]]
+        if "exact" not in tt:
+            assert tt["encoding"] in ("dense", "shared")
+            return self.tensor(task, name)[0], self.tensor(task, name)[1].view(u)
+        ex = tt["exact"]
+        if ex["reference"] == "tall":
+            r = self.tensor(task, name)[1]
+        elif ex["reference"] == "base":
+            r = _from_f32(_to_f32(self.array(entry["base"]), entry["base"]["dtype"]), dtype)
+        else:
+            r = np.zeros(tt["shape"], u)
+        r = np.ascontiguousarray(r).reshape(-1).view(u)
+        stored = self.array(ex["residual"]).reshape(-1)
+        assert stored.dtype == u
+        # undo the per-chunk order: stable sort by the reference's exponent field
+        z = np.empty_like(stored)
+        e, m = EXPONENT[dtype]
+        ce = ex["residual"]["chunk_elements"]
+        for a in range(0, z.size, ce):
+            key = (r[a : a + ce] >> m) & ((1 << e) - 1) if ex["order"] == "exponent" else np.zeros(len(r[a : a + ce]))
+            perm = np.argsort(key, kind="stable")
+            z[a : a + ce][perm] = stored[a : a + ce]
+        n = 8 * z.dtype.itemsize
+        one, top = u(1), u(n - 1)
+        if ex["transform"] == "xor":
+            x = z ^ r
+        else:  # zigzag-decoded difference of the ordered integers, modulo 2**n
+            flip = lambda v: v ^ ((v >> top) * u((1 << (n - 1)) - 1))
+            d = (z >> one) ^ (u(0) - (z & one))
+            x = flip(flip(r) + d)
+        return dtype, x.reshape(tt["shape"])
+
+
 def _to_f32(a: np.ndarray, dtype: str) -> np.ndarray:
     if dtype == "bfloat16":
         return (a.astype(np.uint32) << 16).view(np.float32)
@@ -274,6 +316,32 @@ def test_spec_reader_rebuilds_every_tensor(name: str) -> None:
     # the golden files cover every encoding and the common dtypes
     assert {e for e, _ in encodings} == {"tall", "dense", "shared"}
     assert {d for e, d in encodings if e == "tall"} >= {"float32", "bfloat16", "float16"}
+
+
+def test_spec_reader_rebuilds_the_originals_bit_for_bit() -> None:
+    """The exact tier (format 1.2) read by the spec-only reader: every original tensor, bit for bit."""
+    mini = MiniArchive(GOLDEN / "v1_2_exact.tallpack")
+    assert mini.manifest["format_version"] == [1, 2]
+    with safe_open(str(GOLDEN / "v1_2_exact.originals.safetensors"), "pt") as f:
+        originals = {k: f.get_tensor(k) for k in f.keys()}
+    seen, refs = set(), set()
+    for info in mini.manifest["tasks"]:
+        assert info["exact"]["files"] == []  # in-memory inputs: tensors only
+        for k in info["keys"]:
+            dtype, got = mini.exact_tensor(info["name"], k)
+            want = originals[f"{info['name']}/{k}"]
+            assert dtype == str(want.dtype).removeprefix("torch.")
+            assert got.reshape(-1).view(np.uint8).tobytes() == _bits(want).tobytes(), (info["name"], k)
+            seen.add(f"{info['name']}/{k}")
+            ex = mini.tensors[k]["tasks"][info["name"]].get("exact")
+            if ex:
+                refs.add((ex["reference"], ex["transform"]))
+    assert seen == set(originals)
+    assert {r for r, _ in refs} >= {"tall", "base"}  # both references are exercised
+    with tallpack.open(GOLDEN / "v1_2_exact.tallpack") as fam:
+        for key, want in originals.items():
+            t, k = key.split("/", 1)
+            assert _same(fam.get_tensor(t, k, exact=True), want), key
 
 
 def test_spec_reader_one_tall_and_one_dense() -> None:

@@ -4,11 +4,11 @@ To add one, write a module here with a registered :class:`~tallpack.encodings.ba
 subclass, import it below, and describe it in ``spec/FORMAT.md`` §6.1 (with a golden file).
 """
 
-from . import base_only, dense, shared, tall  # noqa: F401  (registers them)
-from .base import (BY_KIND, REGISTRY, Encoding, Item, TaskTensor, TensorEntry, Use, WriteContext,
+from . import base_only, dense, exact, shared, tall  # noqa: F401  (registers them)
+from .base import (BY_KIND, FIELDS, REGISTRY, Encoding, Item, TaskTensor, TensorEntry, Use, WriteContext,
                    iter_arrays)
 
-__all__ = ["BY_KIND", "REGISTRY", "Encoding", "Item", "TaskTensor", "TensorEntry", "Use", "WriteContext",
+__all__ = ["BY_KIND", "FIELDS", "REGISTRY", "Encoding", "Item", "TaskTensor", "TensorEntry", "Use", "WriteContext",
            "iter_arrays", "encoding_for"]
 
 

@@ -54,6 +54,8 @@ class TaskTensor:
     shape: tuple[int, ...]
     arrays: dict[str, ArrayRef] = field(default_factory=dict)
     params: dict[str, Any] = field(default_factory=dict)
+    #: optional fields registered in FIELDS (the exact tier's ``exact``), parsed
+    extras: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {"encoding": self.encoding, "dtype": self.dtype, "shape": list(self.shape)}
@@ -64,6 +66,8 @@ class TaskTensor:
                 d[k] = self.arrays[k].to_dict()
             elif k in self.params:
                 d[k] = self.params[k]
+        for k, v in self.extras.items():
+            d[k] = v.to_dict()
         return d
 
     @classmethod
@@ -84,6 +88,9 @@ class TaskTensor:
         for k, ref in tt.arrays.items():
             if ref.shape != tt.shape:
                 raise FormatError(f"{where}: array {k!r} has shape {ref.shape}, the tensor {tt.shape}")
+        for key, fcls in FIELDS.items():
+            if d.get(key) is not None:
+                tt.extras[key] = fcls.from_dict(d[key], tt, f"{where} ({key})")
         return tt
 
 
@@ -101,6 +108,8 @@ class TensorEntry:
         out = list(self.arrays.items())
         for task, tt in self.tasks.items():
             out += [(f"{task}/{k}", a) for k, a in tt.arrays.items()]
+            for key, v in tt.extras.items():
+                out += [(f"{task}/{key}/{k}", a) for k, a in v.arrays.items()]
         return out
 
     def to_dict(self) -> dict[str, Any]:
@@ -147,6 +156,8 @@ class WriteContext:
     method: "MergeMethod"
     lambdas: dict[str, float]
     fidelity: dict[str, "Fidelity"]
+    #: the exact tier: itemsize -> chain for residuals; None when packing without it
+    residuals: Callable[[int], Chain] | None = None
 
     def whole(self, t: torch.Tensor) -> ArrayRef:
         """Write a whole tensor as one dense array."""
@@ -175,8 +186,8 @@ class Use(enum.Enum):
     SHARED_INPUT = "shared-input"  # only read, the same for every task: may also come from a cache
 
 
-#: Reads one array of the archive as a tensor (``read(ref, where)``), for uses outside rebuilds.
-ReadArray = Callable[[ArrayRef, str], torch.Tensor]
+#: Reads one array of the archive as a tensor: ``read(ref, where, use=Use.OUTPUT)``.
+ReadArray = Callable[..., torch.Tensor]
 
 
 class Encoding:
@@ -220,6 +231,11 @@ class Encoding:
 
 #: Encodings by the name task entries use.
 REGISTRY: dict[str, type[Encoding]] = {}
+#: Optional task-entry fields that any encoding's entry may carry, by key (``exact``: the exact
+#: tier's residual, ``encodings/exact.py``). A class with ``from_dict(d, task_tensor, where)``
+#: whose instances have ``to_dict()`` and ``arrays`` (name -> ArrayRef). Readers that do not know
+#: a field ignore it (spec §8), so the entry's own encoding stays readable.
+FIELDS: dict[str, Any] = {}
 #: The encoding whose ``write`` stores each kind of tensor.
 BY_KIND: dict[str, type[Encoding]] = {}
 
@@ -232,6 +248,15 @@ def register(cls: type[Encoding]) -> type[Encoding]:
     assert cls.kind not in BY_KIND, cls.kind
     BY_KIND[cls.kind] = cls
     return cls
+
+
+def register_field(key: str):
+    """Class decorator: make an optional task-entry field known under ``key``."""
+    def deco(cls):
+        assert key not in FIELDS, key
+        FIELDS[key] = cls
+        return cls
+    return deco
 
 
 def iter_arrays(entries: Iterator[TensorEntry] | tuple[TensorEntry, ...]) -> Iterator[tuple[str, str, ArrayRef]]:

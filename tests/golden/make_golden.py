@@ -7,6 +7,8 @@ writes, beside this script:
 * ``v1_0_ta.tallpack``: merge "ta", codec "bytegroup-zstd", chunk_elements 64;
 * ``v1_0_ties_raw.tallpack``: merge "ties" (top_k 0.3), codec "raw", chunk_elements 64, base-only kept;
 * ``v1_1_ta_zstd.tallpack`` (format 1.1): xxh3-64 chunk checksums, merge "ta", codec "zstd";
+* ``v1_2_exact.tallpack`` (format 1.2): the exact tier, merge "ta"; with
+  ``v1_2_exact.originals.safetensors``, the inputs' tensors (the originals) under ``"<task>/<tensor>"``;
 * ``<name>.expected.safetensors`` for each: every task's reconstructed state dict under the keys
   ``"<task>/<tensor>"``; the metadata key ``"order"`` holds, as JSON, ``{task: [tensor names]}`` in
   the order ``state_dict(task)`` returns them (safetensors itself does not keep an order).
@@ -102,6 +104,8 @@ ARCHIVES = {
                                     keep_base_only=True)),
     "v1_1_ta_zstd": dict(seed=3, tasks=["cola", "sst2"], head_rows={"cola": 2, "sst2": 2},
                          pack=dict(merge="ta", codec="zstd", checksum="xxh3-64", lambdas=0.4)),
+    "v1_2_exact": dict(seed=4, tasks=["qnli", "rte", "mrpc"], head_rows={"qnli": 2, "rte": 2, "mrpc": 3},
+                       pack=dict(merge="ta", codec="bytegroup-zstd", checksum="xxh3-64", lambdas=0.4, exact=True)),
 }
 
 
@@ -148,6 +152,16 @@ def build(name: str, spec: dict) -> None:
             expected[f"{task}/{k}"] = v.contiguous()
     save_file(expected, str(HERE / f"{name}.expected.safetensors"),
               metadata={"order": json.dumps(order)})  # one key: safetensors orders metadata at random
+    if spec["pack"].get("exact"):
+        originals = {f"{t}/{k}": v.contiguous() for t, sd in fts.items() for k, v in sd.items()}
+        with tallpack.open(path) as fam:
+            for key, v in originals.items():
+                t, k = key.split("/", 1)
+                got = fam.get_tensor(t, k, exact=True)
+                assert got.dtype == v.dtype and torch.equal(got.reshape(-1).view(torch.uint8),
+                                                            v.reshape(-1).view(torch.uint8)), key
+        save_file(originals, str(HERE / f"{name}.originals.safetensors"))
+        (HERE / f"{name}.originals.safetensors").chmod(0o644)
     for p in (path, HERE / f"{name}.expected.safetensors"):
         p.chmod(0o644)
     print(f"{path.name}: {path.stat().st_size} bytes; "

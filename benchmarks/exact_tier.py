@@ -1,0 +1,215 @@
+"""The exact tier against lossless alternatives, side by side (issue 9).
+
+    python benchmarks/exact_tier.py            # synthetic bf16 and fp32 families + the demo family
+    python benchmarks/exact_tier.py --quick    # small families, under 2 minutes
+
+For each family, as a fraction of the checkpoint files' bytes: the archive packed with --exact
+(and without, for the lossy tier's own cost), ZipNN on every checkpoint, ``zstd -19 --long`` over
+all files concatenated, and a BitX-style baseline (the base and each task's XOR with the base, in
+byte planes, zstd-3, as ZipLLM does). Then the exact tier coding only against the base (what
+coding against the TALL rebuild saves), and exact unpack of one task against the lossy unpack
+(fresh processes, alternated, medians of 3).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import zstandard
+from safetensors import safe_open
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+
+def make_family(root: Path, params: float, tasks: int, dtype: torch.dtype, hidden: int = 768):
+    """``pack_scale.make_family``'s fine-tunes (small updates everywhere, larger on a task-specific
+    10% of the weights) with a chosen width, so quick runs stay small."""
+    from safetensors.torch import save_file
+
+    layers = max(1, round(params / (12 * hidden * hidden)))
+    g = torch.Generator().manual_seed(0)
+    base = {}
+    for i in range(layers):
+        for name, shape in (("q", (hidden, hidden)), ("k", (hidden, hidden)), ("v", (hidden, hidden)),
+                            ("o", (hidden, hidden)), ("up", (4 * hidden, hidden)), ("down", (hidden, 4 * hidden))):
+            base[f"layers.{i}.{name}.weight"] = (torch.randn(shape, generator=g) * 0.02).to(dtype)
+        base[f"layers.{i}.norm.weight"] = torch.ones(hidden, dtype=dtype)
+    base["embed.weight"] = (torch.randn(8 * hidden, hidden, generator=g) * 0.02).to(dtype)
+    save_file(base, root / "base.safetensors")
+    paths = {}
+    for t in range(tasks):
+        sd = {}
+        for k, v in base.items():
+            scale = 1e-4 + 2e-3 * (torch.rand(v.shape, generator=g) < 0.1)
+            sd[k] = (v.float() + scale * torch.randn(v.shape, generator=g)).to(dtype)
+        paths[f"task{t}"] = root / f"task{t}.safetensors"
+        save_file(sd, paths[f"task{t}"])
+    return root / "base.safetensors", paths, None
+
+
+def _files(src: Path) -> list[Path]:
+    if src.is_file():
+        return [src]
+    return sorted(p for p in src.iterdir() if p.suffix in (".safetensors", ".json"))
+
+
+def _tensors(path: Path) -> dict[str, np.ndarray]:
+    """A checkpoint's tensors as raw element bytes (uint8, itemsize columns)."""
+    out = {}
+    for f in _files(path):
+        if f.suffix != ".safetensors":
+            continue
+        with safe_open(str(f), "pt") as h:
+            for k in h.keys():
+                t = h.get_tensor(k).contiguous()
+                out[k] = t.reshape(-1).view(torch.uint8).numpy().reshape(-1, t.element_size())
+    return out
+
+
+def _planes_zstd(a: np.ndarray, level: int = 3) -> int:
+    c = zstandard.ZstdCompressor(level=level)
+    return len(c.compress(np.ascontiguousarray(a.T).tobytes())) if a.size else 0
+
+
+def bitx(base: Path, tasks: dict[str, Path]) -> int:
+    """ZipLLM's BitX: the base, then each task XOR the base (same name, shape, dtype), byte planes, zstd-3;
+    tensors without a base counterpart are coded alone the same way."""
+    b = _tensors(base)
+    total = sum(_planes_zstd(v) for v in b.values())
+    for t in tasks.values():
+        for k, v in _tensors(t).items():
+            ref = b.get(k)
+            total += _planes_zstd(v ^ ref if ref is not None and ref.shape == v.shape else v)
+    return total
+
+
+def zipnn_bytes(files: list[Path], dtype: str) -> int:
+    from zipnn import ZipNN
+
+    z = ZipNN(bytearray_dtype=dtype, threads=2)
+    return sum(len(z.compress(p.read_bytes())) for p in files)
+
+
+def zstd19_long(files: list[Path]) -> tuple[int, float]:
+    t0 = time.perf_counter()
+    cat = subprocess.Popen(["cat", *map(str, files)], stdout=subprocess.PIPE)
+    out = subprocess.run(["zstd", "-19", "--long=27", "-T2", "-c", "-q"], stdin=cat.stdout, capture_output=True,
+                         check=True)
+    cat.wait()
+    return len(out.stdout), time.perf_counter() - t0
+
+
+def pack(base: Path, tasks: dict[str, Path], out: Path, exact: bool, candidates=None, level: int = 3) -> float:
+    code = ("import json,sys,time,tallpack\nfrom tallpack.encodings import exact as ex\n"
+            "a=json.loads(sys.argv[1])\n"
+            "if a['cand']: ex.CANDIDATES=tuple(a['cand'])\n"
+            "t=time.perf_counter();tallpack.pack(a['base'],a['tasks'],a['out'],exact=a['exact'],level=a['level'])\n"
+            "print(time.perf_counter()-t)")
+    arg = json.dumps({"base": str(base), "tasks": {k: str(v) for k, v in tasks.items()}, "out": str(out),
+                      "exact": exact, "cand": candidates, "level": level})
+    r = subprocess.run([sys.executable, "-c", code, arg], capture_output=True, text=True, check=True)
+    return float(r.stdout.strip().splitlines()[-1])
+
+
+def unpack_seconds(archive: Path, task: str, out: Path, exact: bool) -> float:
+    code = ("import sys,time,tallpack\nt=time.perf_counter()\n"
+            "with tallpack.open(sys.argv[1]) as f: tallpack.write_task(f,sys.argv[2],sys.argv[3],exact=sys.argv[4]=='1')\n"
+            "print(time.perf_counter()-t)")
+    r = subprocess.run([sys.executable, "-c", code, str(archive), task, str(out), "1" if exact else "0"],
+                       capture_output=True, text=True, check=True)
+    return float(r.stdout.strip().splitlines()[-1])
+
+
+def residual_stats(archive: Path) -> dict:
+    import tallpack
+
+    by_ref: dict[str, int] = {}
+    by_tr: dict[str, int] = {}
+    stored = 0
+    with tallpack.open(archive) as fam:
+        for e in fam.manifest.tensors:
+            for tt in e.tasks.values():
+                ex = tt.extras.get("exact")
+                if ex is None:
+                    continue
+                n = ex.residual.stored_nbytes
+                stored += n
+                by_ref[ex.reference] = by_ref.get(ex.reference, 0) + n
+                by_tr[ex.transform] = by_tr.get(ex.transform, 0) + n
+    return {"residual_bytes": stored, "by_reference": by_ref, "by_transform": by_tr}
+
+
+def measure(name: str, base: Path, tasks: dict[str, Path], dtype: str, root: Path, quick: bool) -> dict:
+    files = [f for p in (base, *tasks.values()) for f in _files(p)]
+    raw = sum(f.stat().st_size for f in files)
+    res: dict = {"family": name, "dtype": dtype, "tasks": len(tasks), "checkpoint_bytes": raw}
+    ex, lossy, based = root / f"{name}.exact.tallpack", root / f"{name}.tallpack", root / f"{name}.base.tallpack"
+    res["pack_exact_seconds"] = pack(base, tasks, ex, True)
+    pack(base, tasks, lossy, False)
+    pack(base, tasks, based, True, candidates=["base", "zero"])
+    res["exact_bytes"] = ex.stat().st_size
+    res["lossy_bytes"] = lossy.stat().st_size
+    res["exact_base_only_bytes"] = based.stat().st_size
+    res |= residual_stats(ex)
+    res["base_only_residual_bytes"] = residual_stats(based)["residual_bytes"]
+    res["zipnn_bytes"] = zipnn_bytes(files, dtype)
+    res["zstd19_long_bytes"], res["zstd19_seconds"] = zstd19_long(files)
+    res["bitx_bytes"] = bitx(base, tasks)
+    task = next(iter(tasks))
+    t_exact, t_lossy = [], []
+    for i in range(3):
+        t_lossy.append(unpack_seconds(lossy, task, root / f"l{i}", False))
+        t_exact.append(unpack_seconds(ex, task, root / f"e{i}", True))
+    res["unpack_lossy_seconds"], res["unpack_exact_seconds"] = statistics.median(t_lossy), statistics.median(t_exact)
+    for k in ("exact", "lossy", "zipnn", "zstd19_long", "bitx"):
+        res[f"{k}_fraction"] = res[f"{k}_bytes"] / raw
+    res["exact_vs_bitx"] = res["exact_bytes"] / res["bitx_bytes"]
+    res["exact_vs_zipnn"] = res["exact_bytes"] / res["zipnn_bytes"]
+    res["exact_vs_zstd19"] = res["exact_bytes"] / res["zstd19_long_bytes"]
+    res["exact_unpack_vs_lossy"] = res["unpack_exact_seconds"] / res["unpack_lossy_seconds"]
+    res["tall_saves_vs_base_only"] = 1 - res["residual_bytes"] / res["base_only_residual_bytes"]
+    print(json.dumps(res), flush=True)
+    return res
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--params", type=float, default=None)
+    ap.add_argument("--tasks", type=int, default=None)
+    ap.add_argument("--demo", default=".tallpack-demo/family", help="demo family folder (built when absent)")
+    ap.add_argument("--out", type=Path, default=HERE / "out")
+    a = ap.parse_args()
+    params = a.params or (1.5e6 if a.quick else 20e6)  # quick: ~2M parameters a file
+    ntasks = a.tasks or (4 if a.quick else 8)
+    a.out.mkdir(parents=True, exist_ok=True)
+    results = []
+    with tempfile.TemporaryDirectory(dir=a.out) as tmp:
+        for dtype in ("bfloat16", "float32"):
+            root = Path(tmp) / dtype
+            root.mkdir()
+            p = params if dtype == "bfloat16" else params / 2  # the same file bytes for both
+            base, tasks, _ = make_family(root, p, ntasks, getattr(torch, dtype), 256 if a.quick else 768)
+            results.append(measure(f"synthetic-{dtype}", base, tasks, dtype, root, a.quick))
+        if not a.quick:
+            from tallpack.demo.family import build_family
+
+            fam = build_family(a.demo)
+            root = Path(tmp) / "demo"
+            root.mkdir()
+            results.append(measure("demo", fam.base, dict(fam.tasks), "float32", root, a.quick))
+    (a.out / "exact_tier.json").write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()

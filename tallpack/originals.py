@@ -1,0 +1,225 @@
+"""The original files of an exact-tier archive: recorded at pack time, rebuilt byte for byte at
+exact unpack, and checked by ``verify`` (spec §6.5).
+
+At pack time each task records its checkpoint's files: name (relative to the model folder),
+size and SHA-256; for a safetensors file also its header (the JSON text after the 8-byte length,
+padding included), from which the file is rebuilt: the length, the header, then each tensor's
+original bytes at its ``data_offsets``. Other files of a model folder (the shard index,
+``config.json``) are kept whole. PyTorch pickle files are recorded (name, size, hash) but not
+rebuilt: their tensors come back exactly, as ``model.safetensors``.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import struct
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .dtypes import dtype_name, tensor_to_bytes
+from .errors import CheckpointError, FormatError, IntegrityError, InvalidArgumentError, TallpackError
+from .fsutil import commit, temp_beside, writing
+from .sources import _ST_DTYPES, Source
+
+if TYPE_CHECKING:
+    from .reader import Archive
+
+_READ = 1 << 24
+#: A safetensors header larger than this is refused (the safetensors library's own limit).
+MAX_HEADER = 100_000_000
+
+
+def _sha256(path: Path) -> tuple[str, int]:
+    h, n = hashlib.sha256(), 0
+    with open(path, "rb") as f:
+        while block := f.read(_READ):
+            h.update(block)
+            n += len(block)
+    return h.hexdigest(), n
+
+
+def _header_text(path: Path) -> str:
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) != 8:
+            raise CheckpointError(f"{path}: too short for a safetensors file")
+        (n,) = struct.unpack("<Q", raw)
+        if n > MAX_HEADER:
+            raise CheckpointError(f"{path}: safetensors header of {n} bytes")
+        header = f.read(n)
+    try:
+        return header.decode("utf-8")
+    except UnicodeDecodeError:
+        raise CheckpointError(f"{path}: safetensors header is not UTF-8; it cannot be stored exactly") from None
+
+
+def record(src: Source) -> dict[str, Any]:
+    """What the exact tier keeps of one input's files (``tasks[i].exact`` in the manifest)."""
+    files = []
+    for path in src.files:
+        name = os.path.relpath(path, src.root).replace(os.sep, "/") if src.root else path.name
+        sha, size = _sha256(path)
+        f: dict[str, Any] = {"name": name, "size": size, "sha256": sha}
+        if path.suffix == ".safetensors":
+            f["role"] = "safetensors"
+            f["header"] = _header_text(path)
+            _layout(f, src.keys(), set(), str(path))  # refuse what cannot be rebuilt, at pack time
+        else:
+            f["role"] = "torch"
+        files.append(f)
+    for path in src.other_files:
+        data = path.read_bytes()
+        f = {"name": path.name, "size": len(data), "sha256": hashlib.sha256(data).hexdigest(), "role": "file"}
+        try:
+            f["text"] = data.decode("utf-8")
+        except UnicodeDecodeError:
+            f["base64"] = base64.b64encode(data).decode()
+        files.append(f)
+    return {"format": src.kind, "files": files}
+
+
+def _layout(f: dict[str, Any], keys, seen: set, where: str) -> list[tuple[int, int, str, str, tuple]]:
+    """The tensors of a recorded safetensors file in data order: (begin, end, name, dtype, shape),
+    checked to cover the data area exactly."""
+    header = f["header"].encode("utf-8")
+    try:
+        doc = json.loads(header)
+        spans = sorted((int(v["data_offsets"][0]), int(v["data_offsets"][1]), k, _ST_DTYPES[v["dtype"]],
+                        tuple(v["shape"])) for k, v in doc.items() if k != "__metadata__")
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise FormatError(f"{where}: file record {f.get('name')!r}: bad safetensors header ({e})") from None
+    pos = 0
+    for begin, end, name, _, _ in spans:
+        if begin != pos or end < begin or name not in keys or name in seen:
+            raise FormatError(f"{where}: file record {f['name']!r}: tensor {name!r} is not laid out "
+                              "contiguously or is not one of the task's tensors")
+        seen.add(name)
+        pos = end
+    if 8 + len(header) + pos != f["size"]:
+        raise FormatError(f"{where}: file record {f['name']!r}: header and tensors do not add up to "
+                          f"{f['size']} bytes")
+    return spans
+
+
+def _safe_name(name: Any, where: str) -> str:
+    if (not isinstance(name, str) or not name or name.startswith("/") or "\\" in name or "\0" in name
+            or any(p in ("", ".", "..") for p in name.split("/"))):
+        raise FormatError(f"{where}: bad file name {name!r} in the file records")
+    return name
+
+
+def _files(archive: "Archive", task: str) -> list[dict[str, Any]]:
+    rec = archive.task_info(task).exact
+    if rec is None:
+        archive.require_exact(task)
+    files = rec.get("files") if isinstance(rec, dict) else None
+    if not isinstance(files, list) or not all(isinstance(f, dict) for f in files):
+        raise FormatError(f"{archive.name}: task {task!r}: malformed file records")
+    return files
+
+
+def _pieces(archive: "Archive", task: str, f: dict[str, Any], seen: set) -> Iterator[bytes | memoryview]:
+    """The bytes of one recorded file, in order."""
+    where = f"{archive.name}: task {task!r}"
+    if f.get("role") == "file":
+        yield (base64.b64decode(f["base64"]) if "base64" in f else str(f["text"]).encode("utf-8"))
+        return
+    header = str(f["header"]).encode("utf-8")
+    spans = _layout(f, set(archive.keys(task)), seen, where)
+    yield struct.pack("<Q", len(header)) + header
+    for begin, end, name, dtype, shape in spans:
+        t = archive.get_tensor(task, name, exact=True)
+        if dtype_name(t.dtype) != dtype or tuple(t.shape) != shape:
+            raise FormatError(f"{where}: tensor {name!r} is not {dtype} {shape} as its file's header says")
+        data = tensor_to_bytes(t)
+        if len(data) != end - begin:
+            raise FormatError(f"{where}: tensor {name!r} does not fill its {end - begin} bytes")
+        yield data
+
+
+def _check(archive: "Archive", task: str, f: dict[str, Any], h, size: int) -> None:
+    if h.hexdigest() != f.get("sha256") or size != f.get("size"):
+        raise IntegrityError(f"{archive.name}: task {task!r}: rebuilt {f.get('name')!r} does not match the "
+                             f"original's SHA-256 {f.get('sha256')} (damaged archive)")
+
+
+def rebuildable(files: list[dict[str, Any]]) -> bool:
+    """Whether the task's tensor files can be rebuilt (safetensors inputs; not pickles, not dicts)."""
+    return any(f.get("role") == "safetensors" for f in files) and not any(f.get("role") == "torch" for f in files)
+
+
+def write_originals(archive: "Archive", task: str, outdir: str | os.PathLike) -> tuple[list[Path], bool]:
+    """Write the task's recorded files into ``outdir``, each checked against its SHA-256.
+
+    Returns the paths written and whether the tensor files were among them (safetensors inputs);
+    for pickle or in-memory inputs only the folder's other files are written (the caller writes
+    the exact tensors).
+    """
+    files = _files(archive, task)
+    out = Path(outdir)
+    if out.exists() and not out.is_dir():
+        raise InvalidArgumentError(f"{out}: exists and is not a folder")
+    out.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
+    seen: set = set()
+    tensor_files = rebuildable(files)
+    for f in files:
+        role = f.get("role")
+        if role == "torch" or (not tensor_files and (role == "safetensors" or str(f.get("name")).endswith(".index.json"))):
+            continue
+        target = out / _safe_name(f.get("name"), f"{archive.name}: task {task!r}")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with writing(target):
+            fd, tmp = temp_beside(target)
+            try:
+                h, size = hashlib.sha256(), 0
+                with os.fdopen(fd, "wb") as fh:
+                    for piece in _pieces(archive, task, f, seen):
+                        fh.write(piece)
+                        h.update(piece)
+                        size += len(piece)
+                    fh.flush()
+                    os.fsync(fh.fileno())
+                _check(archive, task, f, h, size)
+                commit(tmp, target)
+            except BaseException:
+                tmp.unlink(missing_ok=True)
+                raise
+        written.append(target)
+    return written, tensor_files
+
+
+def verify_originals(archive: "Archive") -> list[str]:
+    """Rebuild every exact tensor and every recorded file of every task with the exact tier and
+    check them against their hashes; returns the problems found."""
+    problems: list[str] = []
+    for task in archive.tasks:
+        if archive.task_info(task).exact is None:
+            continue
+        try:
+            files = _files(archive, task)
+            seen: set = set()
+            if rebuildable(files):
+                for f in files:
+                    if f.get("role") == "torch":
+                        continue
+                    h, size = hashlib.sha256(), 0
+                    for piece in _pieces(archive, task, f, seen):
+                        h.update(piece)
+                        size += len(piece)
+                    _check(archive, task, f, h, size)
+        except TallpackError as e:
+            problems.append(str(e))
+            continue
+        for name in archive.keys(task):
+            if name in seen:
+                continue
+            try:
+                archive.get_tensor(task, name, exact=True)
+            except TallpackError as e:
+                problems.append(str(e))
+    return problems

@@ -1,0 +1,230 @@
+"""The exact tier: every original bit and file comes back (issue 9)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from safetensors.torch import save_file
+
+import tallpack
+from tallpack.encodings.exact import EXPONENT, forward, inverse, permute, unpermute
+
+from strategies import families
+
+FLOATS = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
+FLOATS += [getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2") if hasattr(torch, n)]
+INTS = [torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8, torch.bool]
+
+
+def _bits(t: torch.Tensor) -> bytes:
+    return t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.dtype == b.dtype and a.shape == b.shape and _bits(a) == _bits(b)
+
+
+def _sha(p: Path) -> str:
+    return hashlib.sha256(p.read_bytes()).hexdigest()
+
+
+@pytest.mark.parametrize("transform", ["sub", "xor"])
+@pytest.mark.parametrize("dtype,n", [("bfloat16", 2), ("float16", 2), ("float8_e5m2", 1), ("float32", 4)])
+def test_transforms_invert_on_every_bit_pattern(transform: str, dtype: str, n: int) -> None:
+    u = {1: np.uint8, 2: np.uint16, 4: np.uint32}[n]
+    rng = np.random.default_rng(0)
+    if n <= 2:  # every pattern against random references, and every reference against random originals
+        x = np.arange(1 << (8 * n), dtype=np.uint64).astype(u)
+    else:
+        x = rng.integers(0, 1 << 32, 1 << 16, dtype=np.uint64).astype(u)
+    r = rng.permutation(x)
+    for a, b in ((x, r), (r, x), (x, x)):
+        z = forward(a, b, transform)
+        s = permute(z, b, dtype, "exponent", 1000)
+        assert np.array_equal(inverse(unpermute(s, b, dtype, "exponent", 1000), b, transform), a)
+    assert not forward(x, x, transform).any()
+
+
+def _special(dtype: torch.dtype, shape, g) -> torch.Tensor:
+    """Random values with -0.0, subnormals and (for types that have them) extremes."""
+    x = (torch.randn(shape, generator=g) * 0.05).to(dtype)
+    flat = x.reshape(-1)
+    flat[0] = -0.0
+    flat[1] = 0.0
+    tiny = torch.finfo(dtype).tiny
+    flat[2] = tiny / 4 if dtype not in (torch.bfloat16,) else tiny / 4  # a subnormal
+    flat[3] = -torch.finfo(dtype).smallest_normal / 2
+    return x
+
+
+def _family(dtypes, root: Path, specials: bool = True):
+    g = torch.Generator().manual_seed(3)
+    base = {f"w.{str(d)[6:]}": _special(d, (37, 11), g) for d in dtypes}
+    base |= {f"i.{str(d)[6:]}": torch.randint(0, 2, (9,), generator=g).to(d) for d in INTS}
+    base["nan.weight"] = torch.randn(20, generator=g)
+    fts = {}
+    for k, t in enumerate(["a", "b", "c"]):
+        sd = {}
+        for name, x in base.items():
+            if x.is_floating_point():
+                y = (x.to(torch.float32) + 0.01 * torch.randn(x.shape, generator=g)).to(x.dtype)
+                y.reshape(-1)[0] = -0.0 if k else 0.0  # signed zeros where the base has -0.0
+                y.reshape(-1)[5] = x.reshape(-1)[2]  # a subnormal
+                sd[name] = y
+            else:
+                sd[name] = (x.to(torch.int64) + k).to(x.dtype) if x.dtype != torch.bool else x ^ (k == 1)
+        # NaN with payloads, infinities: stored per task, exactly
+        nan = sd["nan.weight"].clone()
+        nan.view(torch.int32)[:3] = torch.tensor([0x7FC00001, 0x7F800123, -0x00400001], dtype=torch.int32)
+        nan[3], nan[4] = float("inf"), float("-inf")
+        sd["nan.weight"] = nan
+        fts[t] = sd
+    return base, fts
+
+
+def test_every_dtype_and_special_value_round_trips(tmp_path: Path) -> None:
+    base, fts = _family(FLOATS, tmp_path)
+    out = tmp_path / "f.tallpack"
+    tallpack.pack(base, fts, out, exact=True, chunk_elements=64, threads=1)
+    with tallpack.open(out) as fam:
+        assert fam.format_version == (1, 3)  # the exact tier (1.2) with the planes codec (1.3)
+        assert fam.verify() == []
+        refs = set()
+        for t, sd in fts.items():
+            got = fam.state_dict(t, exact=True)
+            assert list(got) == list(sd)
+            for k, v in sd.items():
+                assert _same(got[k], v), (t, k)
+                assert _same(fam.get_tensor(t, k, exact=True), v)
+            lossy = fam.state_dict(t)  # the lossy path is unchanged
+            assert not all(_same(lossy[k], sd[k]) for k in sd)
+        for e in fam.manifest.tensors:
+            for tt in e.tasks.values():
+                if "exact" in tt.extras:
+                    refs.add(tt.extras["exact"].reference)
+        assert "tall" in refs or "base" in refs
+        kinds = {e.name: e.kind for e in fam.manifest.tensors}
+        assert kinds["nan.weight"] == "task-own" and all(kinds[f"w.{str(d)[6:]}"] == "merged" for d in FLOATS)
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(families())
+def test_random_families_round_trip_exactly(tmp_path: Path, fam_) -> None:
+    base, tasks = fam_
+    out = tmp_path / "h.tallpack"
+    tallpack.pack(base, tasks, out, exact=True, chunk_elements=16, threads=1, allow_mismatch=True)
+    with tallpack.open(out) as fam:
+        for t, sd in tasks.items():
+            got = fam.state_dict(t, exact=True)
+            assert list(got) == list(sd)
+            for k, v in sd.items():
+                assert _same(got[k], v), (t, k)
+
+
+def test_single_safetensors_files_come_back_byte_identical(small_family, tmp_path: Path) -> None:
+    out = tmp_path / "s.tallpack"
+    tallpack.pack(small_family["base_path"], small_family["task_paths"], out, exact=True, chunk_elements=64)
+    with tallpack.open(out) as fam:
+        for t, src in small_family["task_paths"].items():
+            p = tallpack.write_task(fam, t, tmp_path / f"out_{t}", exact=True)
+            assert p.name == src.name and _sha(p) == _sha(src)
+            assert fam.task_info(t).exact["files"][0]["sha256"] == _sha(src)
+
+
+def test_sharded_folders_come_back_byte_identical(hf_family, tmp_path: Path) -> None:
+    out = tmp_path / "hf.tallpack"
+    tallpack.pack(hf_family["base"], hf_family["tasks"], out, exact=True)
+    with tallpack.open(out) as fam:
+        assert fam.verify() == []
+        for t, folder in hf_family["tasks"].items():
+            dest = tmp_path / "out" / t
+            tallpack.write_task(fam, t, dest, exact=True)
+            want = {p.name: _sha(p) for p in folder.iterdir() if p.suffix in (".safetensors", ".json")
+                    and p.name != "generation_config.json"}
+            got = {p.name: _sha(p) for p in dest.iterdir()}
+            assert len(want) > 3 and "model.safetensors.index.json" in want
+            assert got == want
+
+
+def test_pickle_inputs_give_exact_tensors(small_family, tmp_path: Path) -> None:
+    paths = {}
+    for t, sd in small_family["tasks"].items():
+        paths[t] = tmp_path / f"{t}.pt"
+        torch.save(sd, paths[t])
+    out = tmp_path / "p.tallpack"
+    tallpack.pack(small_family["base_path"], paths, out, exact=True, chunk_elements=64)
+    with tallpack.open(out) as fam:
+        assert fam.verify() == []
+        rec = fam.task_info("a").exact["files"][0]
+        assert rec["role"] == "torch" and rec["sha256"] == _sha(paths["a"])
+        p = tallpack.write_task(fam, "a", tmp_path / "out", exact=True)
+        from safetensors.torch import load_file
+
+        got = load_file(p)
+        for k, v in small_family["tasks"]["a"].items():
+            assert _same(got[k], v)
+
+
+def _residual_chunk(fam) -> tuple[int, int]:
+    for e in fam.manifest.tensors:
+        for tt in e.tasks.values():
+            if "exact" in tt.extras:
+                c = tt.extras["exact"].residual.chunks[0]
+                return c.offset, c.nbytes
+    raise AssertionError("no residual")
+
+
+def test_corrupted_residual_fails_verify_and_exact_unpack(small_family, tmp_path: Path) -> None:
+    out = tmp_path / "c.tallpack"
+    tallpack.pack(small_family["base_path"], small_family["task_paths"], out, exact=True, chunk_elements=64)
+    with tallpack.open(out) as fam:
+        off, n = _residual_chunk(fam)
+    data = bytearray(out.read_bytes())
+    data[off + n // 2] ^= 0x10
+    out.write_bytes(bytes(data))
+    with tallpack.open(out) as fam:
+        problems = fam.verify()
+        assert problems and any("residual" in p for p in problems)
+        with pytest.raises(tallpack.IntegrityError):
+            for t in fam.tasks:
+                tallpack.write_task(fam, t, tmp_path / f"o{t}", exact=True)
+        fam.state_dict("a")  # the lossy tier is intact
+
+
+def test_archive_without_the_tier_says_so(small_family, tmp_path: Path) -> None:
+    out = tmp_path / "n.tallpack"
+    tallpack.pack(small_family["base_path"], small_family["task_paths"], out, chunk_elements=64)
+    with tallpack.open(out) as fam:
+        assert fam.format_version == (1, 3)  # no exact tier; the default planes codec is 1.3
+        for call in (lambda: fam.state_dict("a", exact=True), lambda: fam.get_tensor("a", "head.w", exact=True),
+                     lambda: tallpack.write_task(fam, "a", tmp_path / "x", exact=True)):
+            with pytest.raises(tallpack.ExactTierMissingError, match="packed without --exact; repack with --exact"):
+                call()
+    r = subprocess.run([sys.executable, "-m", "tallpack", "unpack", str(out), "--task", "a", "--exact",
+                        "-o", str(tmp_path / "y")], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and r.stderr.count("\n") == 1 and "packed without --exact" in r.stderr
+
+
+def test_cli_pack_unpack_verify_exact(small_family, tmp_path: Path) -> None:
+    out = tmp_path / "cli.tallpack"
+    tasks = [f"{t}={p}" for t, p in small_family["task_paths"].items()]
+    run = lambda *a: subprocess.run([sys.executable, "-m", "tallpack", *a], capture_output=True, text=True,
+                                    timeout=120)
+    r = run("pack", "--exact", "--base", str(small_family["base_path"]), *sum((["--task", t] for t in tasks), []),
+            "-o", str(out), "--chunk-elements", "64")
+    assert r.returncode == 0, r.stderr
+    r = run("unpack", str(out), "--task", "b", "--exact", "-o", str(tmp_path / "b"))
+    assert r.returncode == 0, r.stderr
+    assert _sha(tmp_path / "b" / "b.safetensors") == _sha(small_family["task_paths"]["b"])
+    r = run("verify", str(out))
+    assert r.returncode == 0 and r.stdout.startswith("ok"), r.stderr
+    manifest = json.loads(json.dumps(tallpack.open(out).manifest.to_dict()))
+    assert manifest["format_version"] == [1, 3]
