@@ -291,19 +291,32 @@ class ContainerReader:
         except FormatError as e:
             raise type(e)(f"{self.name}: {where}: chunk {i}: {e}") from None
 
-    def read_array(self, ref: ArrayRef, where: str) -> bytearray | memoryview:
-        """The whole array's decoded bytes."""
-        if len(ref.chunks) == 1:
-            return self.read_chunk(ref, 0, where)
+    def read_array(self, ref: ArrayRef, where: str, start: int = 0, stop: int | None = None
+                   ) -> bytearray | memoryview:
+        """The decoded bytes of elements ``[start, stop)`` (default: the whole array), reading only
+        the chunks that hold them."""
+        stop = ref.numel if stop is None else stop
+        if not 0 <= start <= stop <= ref.numel:
+            raise IndexError(f"elements {start}:{stop} of an array of {ref.numel}")
+        isz, ce = ref.itemsize, ref.chunk_elements
+        if start == stop:
+            return memoryview(b"")
+        first, last = start // ce, (stop - 1) // ce
+        if first == last:
+            piece = self.read_chunk(ref, first, where)
+            lo = (start - first * ce) * isz
+            return memoryview(piece)[lo : lo + (stop - start) * isz] if (start, stop) != (0, ref.numel) else piece
         try:
-            out = bytearray(ref.nbytes)
+            out = bytearray((stop - start) * isz)
         except MemoryError:
             raise FormatError(f"{self.name}: {where}: array of {ref.nbytes} bytes is too large") from None
         pos = 0
-        for i in range(len(ref.chunks)):
-            piece = self.read_chunk(ref, i, where)
-            out[pos : pos + len(piece)] = piece
-            pos += len(piece)
+        for i in range(first, last + 1):
+            piece = memoryview(self.read_chunk(ref, i, where))
+            lo = max(start - i * ce, 0) * isz
+            hi = (min(stop, (i + 1) * ce) - i * ce) * isz
+            out[pos : pos + hi - lo] = piece[lo:hi]
+            pos += hi - lo
         return out
 
     def verify_chunks(self, ref: ArrayRef, where: str) -> None:

@@ -20,6 +20,7 @@ from .arrays import ArrayRef
 from .cache import DEFAULT_CACHE_BYTES, ByteLRU
 from .container import ContainerReader
 from .dtypes import bytes_to_tensor, view_tensor
+from .elements import numel
 from .encodings import TaskTensor, TensorEntry, Use, encoding_for, iter_arrays
 from .encodings.exact import rebuild_exact
 from .errors import (ExactTierMissingError, FormatError, InvalidArgumentError, TallpackError, TaskNotFoundError,
@@ -121,33 +122,49 @@ class Archive:
         return entry, entry.tasks[task]
 
     # -- reading -----------------------------------------------------------------------------
-    def read_array(self, ref: ArrayRef, where: str, use: Use = Use.OUTPUT) -> torch.Tensor:
-        """One stored array, decoded, as a tensor of its dtype and shape.
+    def read_array(self, ref: ArrayRef, where: str, use: Use = Use.OUTPUT, *,
+                   device: torch.device | str | None = None, start: int = 0, stop: int | None = None
+                   ) -> torch.Tensor:
+        """One stored array, decoded, as a tensor of its dtype and shape (or, with ``start``/
+        ``stop``, the flat elements ``[start, stop)``, reading only the chunks that hold them).
 
         With ``Use.OUTPUT`` (the default) the tensor is the caller's own. The other uses promise
         that the tensor is only read: it may then be a read-only view of the file (raw chunks),
-        and for ``Use.SHARED_INPUT`` a decoded copy kept in the archive's cache.
+        and for ``Use.SHARED_INPUT`` a decoded copy kept in the archive's cache (one per device).
         """
-        key = (ref.chunks[0].offset, ref.dtype, ref.shape) if use is Use.SHARED_INPUT and ref.chunks else None
-        if key is not None:
+        stop = ref.numel if stop is None else stop
+        whole = (start, stop) == (0, ref.numel)
+        dev = torch.device(device) if device is not None else None
+        key = None
+        if use is Use.SHARED_INPUT and whole and ref.chunks:
+            key = (ref.chunks[0].offset, ref.dtype, ref.shape, None if dev is None or dev.type == "cpu" else str(dev))
             hit = self._cache.get(key)
             if hit is not None:
                 return hit
+        if dev is not None and dev.type != "cpu":  # decoded on the CPU, moved once
+            t = self.read_array(ref, where, Use.OUTPUT if use is Use.OUTPUT else Use.INPUT, start=start, stop=stop)
+            t = t.to(dev)
+            if key is not None:
+                self._cache.put(key, t, ref.nbytes)
+            return t
         try:
-            buf = self._c.read_array(ref, where)
+            buf = self._c.read_array(ref, where, start, stop)
         except MemoryError:
             raise FormatError(f"{self.name}: {where}: too large to decode ({ref.nbytes} bytes)") from None
+        shape = ref.shape if whole else (stop - start,)
         try:
             if use is Use.OUTPUT:
-                return bytes_to_tensor(buf, ref.dtype, ref.shape)
-            t = view_tensor(buf, ref.dtype, ref.shape)
+                return bytes_to_tensor(buf, ref.dtype, shape)
+            t = view_tensor(buf, ref.dtype, shape)
         except FormatError as e:
             raise type(e)(f"{self.name}: {where}: {e}") from None
         if key is not None and not memoryview(buf).readonly:  # decoded, not a view of the file
             self._cache.put(key, t, ref.nbytes)
         return t
 
-    def _rebuild(self, task: str, name: str, pool: ThreadPoolExecutor | None, exact: bool = False) -> torch.Tensor:
+    def _rebuild(self, task: str, name: str, pool: ThreadPoolExecutor | None, exact: bool = False,
+                 device: torch.device | str | None = None, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        """One tensor (with ``rows``, rows ``[r0, r1)`` of its first dimension) of one task."""
         entry, tt = self._entry(task, name)
         if exact:
             self.require_exact(task)
@@ -160,21 +177,38 @@ class Archive:
         if exact and tt.encoding == "tall":
             if "exact" not in tt.extras:
                 raise ExactTierMissingError(f"{self.name}: {where} has no exact residual (damaged manifest)")
-            return rebuild_exact(self.read_array, entry, tt, where)
+            out = rebuild_exact(self.read_array, entry, tt, where)
+            return out if device is None else out.to(device)
+        row = numel(tt.shape[1:]) if tt.shape else 1
+        start, stop = (0, None) if rows is None else (rows[0] * row, rows[1] * row)
         needed = encoding.inputs(entry, tt)
+
+        def read(k: str, ref: ArrayRef, use: Use) -> torch.Tensor:
+            return self.read_array(ref, f"{where} ({k})", use, device=device, start=start, stop=stop)
+
         if pool is not None and len(needed) > 1:
-            futures = {k: pool.submit(self.read_array, ref, f"{where} ({k})", use) for k, (ref, use) in needed.items()}
+            futures = {k: pool.submit(read, k, ref, use) for k, (ref, use) in needed.items()}
             arrays = {k: f.result() for k, f in futures.items()}
         else:
-            arrays = {k: self.read_array(ref, f"{where} ({k})", use) for k, (ref, use) in needed.items()}
-        return encoding.rebuild(arrays, entry, tt)
+            arrays = {k: read(k, ref, use) for k, (ref, use) in needed.items()}
+        out = encoding.rebuild(arrays, entry, tt)
+        return out if rows is None else out.reshape(rows[1] - rows[0], *tt.shape[1:])
 
-    def get_tensor(self, task: str, name: str, *, exact: bool = False) -> torch.Tensor:
+    def get_tensor(self, task: str, name: str, *, exact: bool = False,
+                   device: torch.device | str | None = None) -> torch.Tensor:
         """One tensor of one task, reading only the chunks it needs (its arrays decoded in parallel).
 
-        With ``exact=True``, the original bits (archives packed with the exact tier).
+        With ``exact=True``, the original bits (archives packed with the exact tier). With
+        ``device`` (e.g. ``"cuda"``), the tensor is rebuilt there: base and merged vector are moved
+        once and kept in the cache on that device, so other tasks send only their masks.
         """
-        return self._rebuild(task, name, self._workers(), exact)
+        return self._rebuild(task, name, self._workers(), exact, device)
+
+    def get_slice(self, task: str, name: str) -> "TensorSlice":
+        """A handle that reads parts of one tensor: ``fam.get_slice(t, name)[a:b]`` reads only the
+        chunks that hold rows ``a:b`` (as safetensors' ``get_slice``, for tensor-parallel loading)."""
+        entry, tt = self._entry(task, name)
+        return TensorSlice(self, task, name, tt)
 
     def require_exact(self, task: str) -> None:
         """ExactTierMissingError unless ``task`` was packed with the exact tier."""
@@ -182,23 +216,24 @@ class Archive:
             raise ExactTierMissingError(
                 f"{self.name}: packed without --exact; repack with --exact to get the original bits")
 
-    def state_dict(self, task: str, *, lazy: bool = False, exact: bool = False
-                   ) -> dict[str, torch.Tensor] | "LazyStateDict":
+    def state_dict(self, task: str, *, lazy: bool = False, exact: bool = False,
+                   device: torch.device | str | None = None) -> dict[str, torch.Tensor] | "LazyStateDict":
         """The task's whole state dict, with its original names, shapes and dtypes, rebuilt by
         the archive's threads (one tensor each at a time).
 
         With ``lazy=True``, a read-only mapping that rebuilds each tensor when it is indexed; with
-        ``exact=True``, the original bits (archives packed with the exact tier).
+        ``exact=True``, the original bits (archives packed with the exact tier); with ``device``,
+        tensors rebuilt on that device (see :meth:`get_tensor`).
         """
         if exact:
             self.require_exact(task)
-        sd = LazyStateDict(self, task, exact=exact)
+        sd = LazyStateDict(self, task, exact=exact, device=device)
         if lazy:
             return sd
         pool = self._workers()
         if pool is None:
-            return {k: self._rebuild(task, k, None, exact) for k in sd}
-        futures = [pool.submit(self._rebuild, task, k, None, exact) for k in sd]
+            return {k: self._rebuild(task, k, None, exact, device) for k in sd}
+        futures = [pool.submit(self._rebuild, task, k, None, exact, device) for k in sd]
         try:
             return {k: f.result() for k, f in zip(sd, futures)}
         except BaseException:
@@ -261,14 +296,16 @@ class Archive:
 class LazyStateDict(Mapping):
     """A read-only mapping over one task's tensors, each rebuilt when indexed."""
 
-    def __init__(self, archive: Archive, task: str, *, exact: bool = False):
+    def __init__(self, archive: Archive, task: str, *, exact: bool = False,
+                 device: torch.device | str | None = None):
         self._archive = archive
         self._task = task
         self._keys = archive.keys(task)
         self._exact = exact
+        self._device = device
 
     def __getitem__(self, name: str) -> torch.Tensor:
-        return self._archive.get_tensor(self._task, name, exact=self._exact)
+        return self._archive.get_tensor(self._task, name, exact=self._exact, device=self._device)
 
 
     def __iter__(self) -> Iterator[str]:
@@ -276,6 +313,43 @@ class LazyStateDict(Mapping):
 
     def __len__(self) -> int:
         return len(self._keys)
+
+
+class TensorSlice:
+    """Part of one task's tensor, read on demand (:meth:`Archive.get_slice`).
+
+    Indexing whose first item is an integer or a step-1 slice reads only the chunks that hold those
+    rows (for encodings rebuilt element by element); any other index rebuilds the whole tensor
+    first.
+    """
+
+    def __init__(self, archive: Archive, task: str, name: str, tt: TaskTensor):
+        self._archive, self._task, self._name, self._tt = archive, task, name, tt
+
+    def get_shape(self) -> list[int]:
+        return list(self._tt.shape)
+
+    def get_dtype(self) -> str:
+        return self._tt.dtype
+
+    def __getitem__(self, index: Any) -> torch.Tensor:
+        idx = index if isinstance(index, tuple) else (index,)
+        shape, first = self._tt.shape, idx[0] if idx else slice(None)
+        enc = encoding_for(self._tt.encoding)
+        rows = None
+        if shape and enc is not None and enc.elementwise and not self._tt.extras:
+            if isinstance(first, int) and not isinstance(first, bool):
+                i = first + shape[0] if first < 0 else first
+                if not 0 <= i < shape[0]:
+                    raise IndexError(f"{self._name}: row {first} of {shape[0]}")
+                rows, rest = (i, i + 1), (0, *idx[1:])
+            elif isinstance(first, slice) and first.step in (None, 1):
+                a, b, _ = first.indices(shape[0])
+                rows, rest = (a, max(a, b)), (slice(None), *idx[1:])
+        if rows is None:
+            return self._archive.get_tensor(self._task, self._name)[index]
+        part = self._archive._rebuild(self._task, self._name, self._archive._workers(), rows=rows)
+        return part[rest] if rest != (slice(None),) else part
 
 
 def open(path: str | os.PathLike, *, storage_options: dict[str, Any] | None = None,  # noqa: A001

@@ -141,3 +141,39 @@ def test_lazy_reading_keeps_memory_to_a_few_tensors(tmp_path) -> None:
     m = json.loads(r.stdout)
     tensor_bytes = n * 4
     assert m["hwm"] - m["before"] <= 12 * tensor_bytes, {k: v / 2**20 for k, v in m.items()}
+
+
+def test_get_slice_reads_only_the_rows_asked(tmp_path) -> None:
+    """Row ranges rebuild from the chunks that hold them, with the same bits as slicing the whole
+    tensor; other indexes fall back to the whole tensor."""
+    f = _family(5)
+    out = tmp_path / "s.tallpack"
+    tallpack.pack(f["base"], f["tasks"], out, chunk_elements=64)  # w: 64x32, two rows a chunk
+    with tallpack.open(out) as fam:
+        whole = fam.get_tensor("t1", "w")
+        sl = fam.get_slice("t1", "w")
+        assert sl.get_shape() == [64, 32] and sl.get_dtype() == "float32"
+        for index in (slice(3, 7), slice(0, 64), slice(60, 99), 5, -1, (slice(10, 12), slice(4, 8)),
+                      (7, 3), slice(8, 8), slice(0, 64, 2), ...):
+            assert torch.equal(sl[index], whole[index]), index
+        reads = []
+        real = fam._c.read_chunk
+        fam._c.read_chunk = lambda ref, i, where: reads.append(i) or real(ref, i, where)
+        fam._cache.clear()
+        fam.get_slice("t1", "w")[10:12]
+        assert sorted(set(reads)) == [5], reads  # rows 10-11 are elements 320..383: chunk 5 alone
+        head = fam.get_slice("t2", "head")
+        assert torch.equal(head[1:], f["tasks"]["t2"]["head"][1:])
+
+
+def test_device_cpu_is_the_same_and_cuda_when_there(tmp_path) -> None:
+    f = _family(6)
+    out = tmp_path / "d.tallpack"
+    tallpack.pack(f["base"], f["tasks"], out, chunk_elements=64)
+    with tallpack.open(out) as fam:
+        plain = fam.state_dict("t0")
+        assert _same(plain, fam.state_dict("t0", device="cpu"))
+        if torch.cuda.is_available():  # run where a GPU is; see BENCHMARKS.md
+            gpu = fam.state_dict("t0", device="cuda")
+            assert all(v.device.type == "cuda" for v in gpu.values())
+            assert _same(plain, {k: v.cpu() for k, v in gpu.items()})

@@ -198,6 +198,9 @@ class Encoding:
     task_arrays: ClassVar[tuple[str, ...]] = ()
     task_params: ClassVar[tuple[str, ...]] = ()
     entry_arrays: ClassVar[tuple[str, ...]] = ()
+    #: whether element i of the tensor depends only on element i of each input array, so a range
+    #: of elements can be rebuilt from the same range of the inputs (``get_slice``)
+    elementwise: ClassVar[bool] = False
 
     @classmethod
     def field_order(cls) -> tuple[str, ...]:

@@ -17,6 +17,7 @@ from .base import Encoding, Item, TaskTensor, TensorEntry, Use, WriteContext, re
 class Dense(Encoding):
     name = "dense"
     kind = "task-own"
+    elementwise = True
     task_arrays = ("data",)
 
     @classmethod

@@ -18,6 +18,7 @@ from .base import Encoding, Item, TaskTensor, TensorEntry, Use, WriteContext, re
 class Shared(Encoding):
     name = "shared"
     kind = "shared"
+    elementwise = True
     entry_arrays = ("data",)
 
     @classmethod

@@ -20,6 +20,7 @@ from .base import EXTRA_ARRAYS, Encoding, Item, TaskTensor, TensorEntry, Use, Wr
 class Tall(Encoding):
     name = "tall"
     kind = "merged"
+    elementwise = True
     task_arrays = ("mask",)
     task_params = ("ones",)
     entry_arrays = ("base", "merged")
