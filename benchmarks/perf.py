@@ -1,0 +1,858 @@
+"""The performance issue's measuring stick: every goal, measured side by side in one run.
+
+    python benchmarks/perf.py                    # full size: 26M params per member, base + 8 tasks
+    python benchmarks/perf.py --quick            # a small family, under 2 minutes (smoke test)
+    python benchmarks/perf.py --scaling          # pack/load/memory for 2..16 tasks, two model sizes
+    python benchmarks/perf.py --benchmarks-md BENCHMARKS.md   # also replace its section there
+
+Each goal compares tallpack (public API only: ``tallpack.pack``, ``tallpack.open``, the archive's
+``state_dict``/``get_tensor``, the ``tallpack unpack`` command; plus ``tallpack.codecs.dense_chain``
+for the codec goal) with an alternative measured in the same run:
+
+1. ``state_dict(task)``, default codec, vs ``safetensors.torch.load_file`` + clone (goal <= 3.0x)
+2. the same, ``codec="raw"`` (goal <= 1.5x)
+3. a second task from the same open archive vs load_file + clone (goal <= 1.5x)
+4. ``get_tensor`` of one 4 MiB tensor vs ``safe_open().get_tensor()`` + clone, for archives of
+   2, 4, 8 tasks (goal <= 2x raw, <= 4x default)
+5. pack time vs ``zstd -3 -T2`` of the same files (goal <= 1.0x); archive size vs zstd's (<= 1/4)
+6. the dense codec on the base's bytes vs ZipNN: ratio (>= 1.0x ZipNN's) and decode speed (>=)
+7. pack peak anonymous memory vs (T + 4) x largest fp32 tensor + 300 MB
+8. unpack of one task (CLI) peak anonymous memory vs 3 x largest tensor + 300 MB
+
+Loads run in fresh processes (``--child``), each child timing only the load itself; the two sides
+alternate; the page cache is warmed first; medians are reported. Peak memory is the child's
+RssAnon (``/proc/<pid>/status``) sampled by this process every 20 ms: mapped input files are page
+cache, not memory the process holds. Children run the library of this checkout (PYTHONPATH).
+
+The synthetic family (cached in benchmarks/out/family-*/, keyed by its shape and seed): float32,
+hidden 512, an 8000x512 embedding (the largest tensor), transformer layers with q, k, v, o
+(512x512), up (2048x512), down (512x2048) and a norm; fine-tunes add 1e-4 noise everywhere and
+2e-3 noise on a task-specific random 10% of the weights (as pack_scale.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+HIDDEN = 512
+VOCAB = 8000
+GEN_VERSION = 1  # bump when make_member changes, so cached families are rebuilt
+MB = 1e6
+SECTION_BASELINE = "## Performance (issue 8): baseline"
+SECTION_SCALING = "## Performance (issue 8): scaling"
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def median(xs):
+    return statistics.median(xs)
+
+
+# ---------------------------------------------------------------------------------------------
+# the synthetic family
+
+
+def n_layers(params: float) -> int:
+    return max(1, round((params - VOCAB * HIDDEN) / (12 * HIDDEN * HIDDEN)))
+
+
+def shapes(layers: int) -> dict[str, tuple[int, ...]]:
+    out: dict[str, tuple[int, ...]] = {"embed.weight": (VOCAB, HIDDEN)}
+    h = HIDDEN
+    for i in range(layers):
+        for name, shape in (("q", (h, h)), ("k", (h, h)), ("v", (h, h)), ("o", (h, h)),
+                            ("up", (4 * h, h)), ("down", (h, 4 * h)), ("norm", (h,))):
+            out[f"layers.{i}.{name}.weight"] = shape
+    return out
+
+
+def family_dir(out: Path, layers: int, seed: int) -> Path:
+    return out / f"family-h{HIDDEN}-v{VOCAB}-L{layers}-s{seed}-g{GEN_VERSION}"
+
+
+def make_family(out: Path, params: float, tasks: int, seed: int = 0) -> dict:
+    """base.safetensors and task0..task{tasks-1}.safetensors, each generated once and cached.
+
+    Task t depends only on (seed, t), so a family of 16 tasks contains the one of 8."""
+    import torch
+    from safetensors.torch import save_file
+
+    layers = n_layers(params)
+    root = family_dir(out, layers, seed)
+    root.mkdir(parents=True, exist_ok=True)
+    shp = shapes(layers)
+
+    def base_sd():
+        g = torch.Generator().manual_seed(seed)
+        return {k: torch.ones(s) if k.endswith("norm.weight") else torch.randn(s, generator=g) * 0.02
+                for k, s in shp.items()}
+
+    def write(path: Path, sd) -> None:
+        tmp = path.with_suffix(".partial")
+        save_file(sd, tmp)
+        os.replace(tmp, path)
+
+    base_path = root / "base.safetensors"
+    paths = {f"task{t}": root / f"task{t}.safetensors" for t in range(tasks)}
+    missing = [p for p in [base_path, *paths.values()] if not p.exists()]
+    if missing:
+        log(f"generating {len(missing)} checkpoint file(s) in {root.name}")
+        base = base_sd()
+        if not base_path.exists():
+            write(base_path, base)
+        for t, (name, p) in enumerate(paths.items()):
+            if p.exists():
+                continue
+            g = torch.Generator().manual_seed(seed * 100_003 + 1 + t)
+            sd = {}
+            for k, v in base.items():
+                # a fine-tune: small updates everywhere, larger on a task-specific 10% of the weights
+                scale = 1e-4 + 2e-3 * (torch.rand(v.shape, generator=g) < 0.1)
+                sd[k] = v + scale * torch.randn(v.shape, generator=g)
+            write(p, sd)
+            del sd
+    numel = sum(_prod(s) for s in shp.values())
+    return {"root": root, "base": base_path, "tasks": paths, "layers": layers, "params": numel,
+            "n_tensors": len(shp), "largest_bytes": max(_prod(s) for s in shp.values()) * 4,
+            "member_bytes": base_path.stat().st_size,
+            "tensor_4mb": f"layers.{layers // 2}.up.weight"}
+
+
+def _prod(s) -> int:
+    n = 1
+    for d in s:
+        n *= d
+    return n
+
+
+def warm(paths) -> None:
+    """Read files once so they sit in the page cache (both sides are timed warm)."""
+    for p in paths:
+        with open(p, "rb") as f:
+            while f.read(1 << 24):
+                pass
+
+
+# ---------------------------------------------------------------------------------------------
+# children: fresh processes that time one thing and print one JSON line
+
+
+def _anon() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def _open_kwargs(tallpack, a: dict) -> dict:
+    import inspect
+    params = inspect.signature(tallpack.open).parameters
+    if a.get("cache_bytes") and "cache_bytes" in params:
+        return {"cache_bytes": a["cache_bytes"]}
+    return {}
+
+
+def child(kind: str, a: dict) -> dict:
+    import torch  # noqa: F401  (imported before any timing, by both sides)
+    import tallpack
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    res: dict = {"tallpack_file": tallpack.__file__}
+    if kind == "load_tp":
+        kw = _open_kwargs(tallpack, a)
+        res["open_kwargs"] = kw
+        if a.get("warm_task"):
+            with tallpack.open(a["archive"], **kw) as fam:  # the archive is opened before timing
+                fam.state_dict(a["warm_task"])
+                t0 = time.perf_counter()
+                sd = fam.state_dict(a["task"])
+                res["seconds"] = time.perf_counter() - t0
+        else:
+            t0 = time.perf_counter()
+            with tallpack.open(a["archive"], **kw) as fam:
+                t1 = time.perf_counter()
+                sd = fam.state_dict(a["task"])
+            res["seconds"] = time.perf_counter() - t0
+            res["open_seconds"] = t1 - t0
+        res["n"] = len(sd)
+    elif kind == "load_st":
+        t0 = time.perf_counter()
+        sd = {k: v.clone() for k, v in load_file(a["path"]).items()}
+        res["seconds"] = time.perf_counter() - t0
+        res["n"] = len(sd)
+    elif kind == "get_tensor":
+        kw = _open_kwargs(tallpack, a)
+        res["open_kwargs"] = kw
+        name, task = a["name"], a["task"]
+        with tallpack.open(a["archive"], **kw) as fam, safe_open(a["path"], "pt") as f:
+            x = fam.get_tensor(task, name)  # warm-up, both sides
+            y = f.get_tensor(name).clone()
+            res["nbytes"] = x.numel() * x.element_size()
+            assert x.shape == y.shape
+            tp, st = [], []
+            for i in range(a["reps"]):
+                for side in ((0, 1) if i % 2 == 0 else (1, 0)):
+                    t0 = time.perf_counter()
+                    if side == 0:
+                        x = fam.get_tensor(task, name)
+                        tp.append(time.perf_counter() - t0)
+                    else:
+                        y = f.get_tensor(name).clone()
+                        st.append(time.perf_counter() - t0)
+        res["tallpack"] = tp
+        res["safetensors"] = st
+    elif kind == "pack":
+        res["anon_after_imports"] = _anon()
+        t0 = time.perf_counter()
+        tallpack.pack(a["base"], a["tasks"], a["out"], codec=a["codec"], level=3, threads=a["threads"])
+        res["seconds"] = time.perf_counter() - t0
+    elif kind == "unpack_cli":
+        # `tallpack unpack ARCHIVE --task NAME -o DIR`, with this checkout's CLI
+        import importlib.util
+        spec = importlib.util.spec_from_file_location(
+            "tallpack_cli", REPO / "cli" / "__init__.py", submodule_search_locations=[str(REPO / "cli")])
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules["tallpack_cli"] = mod
+        spec.loader.exec_module(mod)
+        from tallpack_cli.main import main as cli_main
+        res["anon_after_imports"] = _anon()
+        t0 = time.perf_counter()
+        cli_main(args=["unpack", a["archive"], "--task", a["task"], "-o", a["dir"]], standalone_mode=False)
+        res["seconds"] = time.perf_counter() - t0
+    elif kind == "idle":
+        res["anon"] = _anon()
+    elif kind == "profile":
+        import cProfile
+        import pstats
+        kw = _open_kwargs(tallpack, a)
+        with tallpack.open(a["archive"], **kw) as fam:
+            prof = cProfile.Profile()
+            t0 = time.perf_counter()
+            prof.enable()
+            fam.state_dict(a["task"])
+            prof.disable()
+            res["seconds"] = time.perf_counter() - t0
+        st = pstats.Stats(prof)
+        rows = []
+        lib = str(REPO / "tallpack")
+        for (file, line, fn), (cc, nc, tt, ct, _) in st.stats.items():
+            is_lib = file.startswith(lib)
+            where = (f"tallpack/{Path(file).relative_to(lib)}:{line}({fn})" if is_lib
+                     else fn if file == "~" else f"{Path(file).name}:{line}({fn})")
+            rows.append({"function": where, "library": is_lib, "ncalls": nc,
+                         "tottime": tt, "cumtime": ct})
+        res["total_tt"] = sum(r["tottime"] for r in rows)
+        res["lib_by_cumtime"] = sorted([r for r in rows if r["library"]], key=lambda r: -r["cumtime"])[:10]
+        res["all_by_tottime"] = sorted(rows, key=lambda r: -r["tottime"])[:10]
+    else:
+        raise SystemExit(f"unknown child {kind!r}")
+    return res
+
+
+def child_env() -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [env.get("PYTHONPATH")])])
+    return env
+
+
+def run_child(kind: str, a: dict, *, sample_memory: bool = False, interval: float = 0.02) -> dict:
+    """Run a child; with ``sample_memory`` its peak RssAnon, sampled every ``interval`` s, is
+    added as ``peak_anon``."""
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", kind, json.dumps(a)]
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        p = subprocess.Popen(cmd, stdout=out, stderr=err, env=child_env(), text=True)
+        peak = samples = 0
+        if sample_memory:
+            status = f"/proc/{p.pid}/status"
+            while p.poll() is None:
+                try:
+                    with open(status) as f:
+                        for line in f:
+                            if line.startswith("RssAnon:"):
+                                peak = max(peak, int(line.split()[1]) * 1024)
+                                samples += 1
+                                break
+                except (FileNotFoundError, ProcessLookupError):
+                    break
+                time.sleep(interval)
+        rc = p.wait()
+        out.seek(0)
+        err.seek(0)
+        text, etext = out.read(), err.read()
+    if rc != 0:
+        raise RuntimeError(f"child {kind} failed (rc {rc}):\n{etext[-4000:]}")
+    res = json.loads(text.strip().splitlines()[-1])
+    if not res["tallpack_file"].startswith(str(REPO)):
+        raise RuntimeError(f"child imported tallpack from {res['tallpack_file']}, not {REPO}")
+    if sample_memory:
+        res["peak_anon"] = peak
+        res["samples"] = samples
+    return res
+
+
+# ---------------------------------------------------------------------------------------------
+# the goals
+
+
+class Report:
+    def __init__(self) -> None:
+        self.rows: list[dict] = []
+
+    def add(self, goal: str, what: str, ours: float, alt: float, unit: str, goal_op: str, goal_x: float,
+            *, alt_label: str = "", ratio: float | None = None, note: str = "", **extra) -> dict:
+        """One table row. ``ratio`` is ours / alternative unless given; ``goal_op`` is '<=' or '>='."""
+        r = ratio if ratio is not None else ours / alt
+        met = r <= goal_x if goal_op == "<=" else r >= goal_x
+        row = {"goal": goal, "what": what, "ours": ours, "alternative": alt, "unit": unit,
+               "alt_label": alt_label, "ratio": r, "goal_op": goal_op, "goal_x": goal_x,
+               "met": bool(met), "note": note, **extra}
+        self.rows.append(row)
+        log(f"  {what}: ours {fmt(ours, unit)} | {alt_label} {fmt(alt, unit)} | {r:.2f}x "
+            f"(goal {goal_op} {goal_x:g}x: {'met' if met else 'NOT met'})")
+        return row
+
+
+def fmt(v: float, unit: str) -> str:
+    if unit == "s":
+        return f"{v * 1e3:.1f} ms" if v < 1 else f"{v:.2f} s"
+    if unit == "B":
+        return f"{v / MB:,.1f} MB"
+    if unit == "GB/s":
+        return f"{v:.2f} GB/s"
+    if unit == "x":
+        return f"{v:.3f}x"
+    return f"{v:g} {unit}"
+
+
+def pack_args(fam: dict, tasks: list[str], out: Path, codec: str, threads: int) -> dict:
+    return {"base": str(fam["base"]), "tasks": {t: str(fam["tasks"][t]) for t in tasks},
+            "out": str(out), "codec": codec, "threads": threads}
+
+
+def do_pack(fam: dict, tasks: list[str], out: Path, codec: str, threads: int) -> dict:
+    if out.exists():
+        out.unlink()
+    r = run_child("pack", pack_args(fam, tasks, out, codec, threads), sample_memory=True)
+    r["archive_bytes"] = out.stat().st_size
+    return r
+
+
+def zstd_files(files: list[Path], outdir: Path, threads: int) -> dict:
+    """``zstd -3 -T2`` over the files (one invocation, one .zst per file); python zstandard with
+    ``threads`` when the CLI is missing."""
+    if outdir.exists():
+        shutil.rmtree(outdir)
+    outdir.mkdir(parents=True)
+    exe = shutil.which("zstd")
+    if exe:
+        cmd = [exe, "-3", f"-T{threads}", "-q", "-f", "--output-dir-flat", str(outdir), *map(str, files)]
+        t0 = time.perf_counter()
+        subprocess.run(cmd, check=True)
+        sec = time.perf_counter() - t0
+        ver = subprocess.run([exe, "--version"], capture_output=True, text=True).stdout
+        tool = "zstd CLI " + (m.group(0) if (m := re.search(r"v\d+\.\d+\.\d+", ver)) else ver.strip())
+    else:
+        import zstandard
+        t0 = time.perf_counter()
+        for p in files:
+            c = zstandard.ZstdCompressor(level=3, threads=threads)
+            with open(p, "rb") as f, open(outdir / (p.name + ".zst"), "wb") as o:
+                c.copy_stream(f, o)
+        sec = time.perf_counter() - t0
+        tool = f"python zstandard {zstandard.__version__} (threads={threads})"
+    size = sum(p.stat().st_size for p in outdir.iterdir())
+    return {"seconds": sec, "bytes": size, "tool": tool}
+
+
+def alternate_loads(n: int, ours: dict, theirs: dict) -> tuple[list[dict], list[dict]]:
+    a, b = [], []
+    for i in range(n):
+        if i % 2 == 0:
+            a.append(run_child("load_tp", ours))
+            b.append(run_child("load_st", theirs))
+        else:
+            b.append(run_child("load_st", theirs))
+            a.append(run_child("load_tp", ours))
+    return a, b
+
+
+def goal_codec(fam: dict, reps: int, rep: Report, details: dict) -> None:
+    import numpy as np
+    from concurrent.futures import ThreadPoolExecutor
+    from safetensors.numpy import load_file as np_load
+    from tallpack.codecs import dense_chain
+    try:
+        from tallpack.container import DEFAULT_CHUNK_ELEMENTS as chunk_elements
+    except ImportError:
+        chunk_elements = 1 << 22
+
+    sd = np_load(str(fam["base"]))
+    arrays = [np.ascontiguousarray(v) for v in sd.values()]
+    raw = sum(a.nbytes for a in arrays)
+    chain = dense_chain("bytegroup-zstd", 4, 3)
+    chunks = []  # (encoded bytes, decoded size)
+    t0 = time.perf_counter()
+    for arr in arrays:
+        flat = arr.reshape(-1).view(np.uint8)
+        step = chunk_elements * 4
+        for s in range(0, flat.size, step):
+            piece = flat[s : s + step]
+            chunks.append((bytes(chain.encode(memoryview(piece))), piece.size))
+    enc_s = time.perf_counter() - t0
+    ours_bytes = sum(len(c) for c, _ in chunks)
+    ours_ratio = raw / ours_bytes
+    pool = ThreadPoolExecutor(2)
+
+    def ours_decode():
+        return list(pool.map(lambda cs: chain.decode(memoryview(cs[0]), cs[1]), chunks))
+
+    whole = b"".join(a.tobytes() for a in arrays)
+    ok = b"".join(bytes(d) for d in ours_decode()) == whole
+    zipnn_info: dict = {}
+    try:
+        from zipnn import ZipNN
+        import importlib.metadata
+        zipnn_info["version"] = importlib.metadata.version("zipnn")
+        z = ZipNN(input_format="byte", bytearray_dtype="float32", threads=2)
+        t0 = time.perf_counter()
+        zc = z.compress(bytearray(whole))  # a copy: ZipNN 0.5.4 may overwrite its input
+        zipnn_info["encode_seconds"] = time.perf_counter() - t0
+        zipnn_info["roundtrip_ok"] = bytes(z.decompress(zc)) == whole
+        zipnn_info["bytes"] = len(zc)
+    except Exception as e:  # noqa: BLE001  (not installed, or failed: say so in the output)
+        zipnn_info["error"] = f"{type(e).__name__}: {e}"
+        log(f"ZipNN unavailable: {zipnn_info['error']}")
+    t_ours, t_z = [], []
+    for i in range(reps):
+        for side in ((0, 1) if i % 2 == 0 else (1, 0)):
+            if side == 1 and "error" in zipnn_info:
+                continue
+            t0 = time.perf_counter()
+            if side == 0:
+                ours_decode()
+                t_ours.append(time.perf_counter() - t0)
+            else:
+                z.decompress(zc)
+                t_z.append(time.perf_counter() - t0)
+    pool.shutdown()
+    d = {"raw_bytes": raw, "chunks": len(chunks), "chunk_elements": chunk_elements,
+         "ours_bytes": ours_bytes, "ours_ratio": ours_ratio, "ours_encode_seconds_1thread": enc_s,
+         "ours_decode_seconds": t_ours, "ours_roundtrip_ok": ok, "zipnn": zipnn_info,
+         "zipnn_decode_seconds": t_z}
+    details["codec"] = d
+    ours_gbs = raw / median(t_ours) / 1e9
+    if "error" in zipnn_info:
+        rep.rows.append({"goal": "6", "what": "dense codec vs ZipNN", "note": "ZipNN: " + zipnn_info["error"],
+                         "ours": ours_ratio, "unit": "x", "alternative": None, "ratio": None, "met": None})
+        return
+    z_ratio = raw / zipnn_info["bytes"]
+    z_gbs = raw / median(t_z) / 1e9
+    rep.add("6", "dense codec ratio on base bytes (bytegroup-zstd vs ZipNN)", ours_ratio, z_ratio, "x", ">=", 1.0,
+            alt_label=f"ZipNN {zipnn_info['version']}")
+    rep.add("6", "dense codec decode speed, 2 threads", ours_gbs, z_gbs, "GB/s", ">=", 1.0,
+            alt_label=f"ZipNN {zipnn_info['version']}")
+
+
+def run_goals(a, rep: Report, details: dict) -> None:
+    out: Path = a.out
+    T = a.tasks
+    fam = make_family(out, a.params, T, a.seed)
+    details["family"] = {k: (str(v) if isinstance(v, Path) else v) for k, v in fam.items() if k != "tasks"}
+    log(f"family: {fam['params'] / 1e6:.1f}M params per member, {fam['n_tensors']} tensors, "
+        f"largest {fam['largest_bytes'] / MB:.1f} MB, base + {T} tasks, {fam['member_bytes'] / MB:.1f} MB per file")
+    names = list(fam["tasks"])
+    files = [fam["base"], *fam["tasks"].values()]
+    work = out / "perf-work"
+    work.mkdir(parents=True, exist_ok=True)
+    arch = {c: work / f"{c}-{T}.tallpack" for c in ("bytegroup-zstd", "raw")}
+    cb = {"cache_bytes": a.cache_bytes} if a.cache_bytes else {}
+    n = a.repeats
+    warm(files)
+    details["idle_child_anon"] = run_child("idle", {})["anon"]
+
+    # 5 + 7: pack (default codec, all T tasks) alternated with zstd -3 -T2; memory sampled
+    log(f"goal 5/7: pack (bytegroup-zstd, {T} tasks, threads={a.threads}) vs zstd -3 -T{a.threads}, {n} each")
+    packs, zs = [], []
+    for i in range(n):
+        for side in ((0, 1) if i % 2 == 0 else (1, 0)):
+            if side == 0:
+                packs.append(do_pack(fam, names, arch["bytegroup-zstd"], "bytegroup-zstd", a.threads))
+            else:
+                zs.append(zstd_files(files, work / "zstd", a.threads))
+    details["pack"] = packs
+    details["zstd"] = zs
+    rep.add("5", f"pack time, base + {T} tasks ({sum(f.stat().st_size for f in files) / MB:.0f} MB)",
+            median(p["seconds"] for p in packs), median(z["seconds"] for z in zs), "s", "<=", 1.0,
+            alt_label="zstd -3 -T2", note=zs[0]["tool"])
+    rep.add("5", "archive size", packs[0]["archive_bytes"], zs[0]["bytes"], "B", "<=", 0.25,
+            alt_label="zstd -3 output")
+    budget7 = (T + 4) * fam["largest_bytes"] + 300 * MB
+    rep.add("7", f"pack peak RssAnon (max of {n})", max(p["peak_anon"] for p in packs), budget7, "B", "<=", 1.0,
+            alt_label=f"budget (T+4) x largest + 300 MB")
+
+    log("packing the other archives (raw, and 2/4-task subsets for get_tensor)")
+    extra = {}
+    extra[("raw", T)] = do_pack(fam, names, arch["raw"], "raw", a.threads)
+    sub = {}
+    for k in a.get_tensor_tasks:
+        for codec in ("raw", "bytegroup-zstd"):
+            if k == T:
+                sub[(codec, k)] = arch[codec]
+                continue
+            p = work / f"{codec}-{k}.tallpack"
+            extra[(codec, k)] = do_pack(fam, names[:k], p, codec, a.threads)
+            sub[(codec, k)] = p
+    details["other_packs"] = {f"{c}-{k}": v for (c, k), v in extra.items()}
+    warm([*files, *sub.values()])
+
+    # 1, 2: one member, fresh process
+    t1, t2 = names[1], names[0]
+    for goal, codec, gx in (("1", "bytegroup-zstd", 3.0), ("2", "raw", 1.5)):
+        log(f"goal {goal}: state_dict({t1!r}) from the {codec} archive vs load_file + clone, {n} each")
+        ours, theirs = alternate_loads(n, {"archive": str(arch[codec]), "task": t1, **cb},
+                                       {"path": str(fam["tasks"][t1])})
+        details[f"load_{codec}"] = {"tallpack": ours, "safetensors": theirs}
+        rep.add(goal, f"state_dict, fresh process, {codec}", median(r["seconds"] for r in ours),
+                median(r["seconds"] for r in theirs), "s", "<=", gx, alt_label="load_file + clone",
+                open_seconds=median(r["open_seconds"] for r in ours))
+
+    # 3: a second task from the same open archive
+    for codec in (("bytegroup-zstd",) if a.quick else ("bytegroup-zstd", "raw")):
+        log(f"goal 3: state_dict({t1!r}) after state_dict({t2!r}) in one open {codec} archive, {n} each")
+        ours, theirs = alternate_loads(n, {"archive": str(arch[codec]), "task": t1, "warm_task": t2, **cb},
+                                       {"path": str(fam["tasks"][t1])})
+        details[f"second_task_{codec}"] = {"tallpack": ours, "safetensors": theirs}
+        rep.add("3", f"second task, same open archive, {codec}", median(r["seconds"] for r in ours),
+                median(r["seconds"] for r in theirs), "s", "<=", 1.5, alt_label="load_file + clone")
+
+    # 4: one 4 MB tensor
+    name = fam["tensor_4mb"]
+    log(f"goal 4: get_tensor({t1!r}, {name!r}) vs safe_open().get_tensor() + clone, "
+        f"{a.tensor_reps} alternated calls each, archives of {a.get_tensor_tasks} tasks")
+    details["get_tensor"] = {}
+    for codec, gx in (("raw", 2.0), ("bytegroup-zstd", 4.0)):
+        for k in a.get_tensor_tasks:
+            r = run_child("get_tensor", {"archive": str(sub[(codec, k)]), "task": t1, "name": name,
+                                         "path": str(fam["tasks"][t1]), "reps": a.tensor_reps, **cb})
+            details["get_tensor"][f"{codec}-{k}"] = r
+            rep.add("4", f"get_tensor {r['nbytes'] / MB:.1f} MB, {codec}, {k} tasks", median(r["tallpack"]),
+                    median(r["safetensors"]), "s", "<=", gx, alt_label="safe_open get_tensor + clone")
+
+    # 6: the dense codec
+    log(f"goal 6: bytegroup-zstd vs ZipNN on the base's bytes, decode {n} each, 2 threads")
+    goal_codec(fam, n, rep, details)
+
+    # 8: unpack peak memory
+    log(f"goal 8: tallpack unpack --task {t1} (bytegroup-zstd archive), {min(n, 3)} runs")
+    unp = []
+    for _ in range(min(n, 3)):
+        d = work / "unpacked"
+        if d.exists():
+            shutil.rmtree(d)
+        unp.append(run_child("unpack_cli", {"archive": str(arch["bytegroup-zstd"]), "task": t1, "dir": str(d)},
+                             sample_memory=True))
+    details["unpack"] = unp
+    rep.add("8", f"unpack peak RssAnon (max of {len(unp)})", max(u["peak_anon"] for u in unp),
+            3 * fam["largest_bytes"] + 300 * MB, "B", "<=", 1.0, alt_label="budget 3 x largest + 300 MB",
+            seconds=median(u["seconds"] for u in unp))
+
+    # where state_dict spends its time
+    log("profiling state_dict (cProfile)")
+    details["profile"] = {c: run_child("profile", {"archive": str(arch[c]), "task": t1, **cb})
+                          for c in ("bytegroup-zstd", "raw")}
+
+
+# ---------------------------------------------------------------------------------------------
+# scaling mode
+
+
+def run_scaling(a) -> dict:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    res = {"points": []}
+    work = a.out / "perf-work"
+    work.mkdir(parents=True, exist_ok=True)
+    cb = {"cache_bytes": a.cache_bytes} if a.cache_bytes else {}
+    for params in a.scaling_params:
+        fam = make_family(a.out, params, max(a.scaling_tasks), a.seed)
+        names = list(fam["tasks"])
+        for T in a.scaling_tasks:
+            files = [fam["base"], *(fam["tasks"][t] for t in names[:T])]
+            warm(files)
+            arch = work / f"scaling-L{fam['layers']}-{T}.tallpack"
+            p = do_pack(fam, names[:T], arch, "bytegroup-zstd", a.threads)
+            z = zstd_files(files, work / "zstd", a.threads)
+            warm([arch, fam["tasks"][names[1]]])
+            ours, theirs = alternate_loads(a.scaling_repeats, {"archive": str(arch), "task": names[1], **cb},
+                                           {"path": str(fam["tasks"][names[1]])})
+            pt = {"params": fam["params"], "layers": fam["layers"], "tasks": T,
+                  "input_bytes": sum(f.stat().st_size for f in files), "archive_bytes": p["archive_bytes"],
+                  "pack_seconds": p["seconds"], "zstd_seconds": z["seconds"], "zstd_bytes": z["bytes"],
+                  "pack_peak_anon": p["peak_anon"],
+                  "memory_budget": (T + 4) * fam["largest_bytes"] + 300 * MB,
+                  "load_tallpack_s": median(r["seconds"] for r in ours),
+                  "load_safetensors_s": median(r["seconds"] for r in theirs)}
+            pt["load_ratio"] = pt["load_tallpack_s"] / pt["load_safetensors_s"]
+            res["points"].append(pt)
+            log(f"  {fam['params'] / 1e6:.0f}M x {T} tasks: pack {p['seconds']:.1f}s (zstd {z['seconds']:.1f}s), "
+                f"peak {p['peak_anon'] / MB:.0f} MB (budget {pt['memory_budget'] / MB:.0f}), "
+                f"load {pt['load_ratio']:.1f}x safetensors")
+            arch.unlink()
+    fig, ax = plt.subplots(1, 3, figsize=(14, 4))
+    for params in sorted({p["params"] for p in res["points"]}):
+        pts = [p for p in res["points"] if p["params"] == params]
+        ts = [p["tasks"] for p in pts]
+        lab = f"{params / 1e6:.0f}M/member"
+        line, = ax[0].plot(ts, [p["pack_seconds"] for p in pts], "o-", label=f"tallpack {lab}")
+        ax[0].plot(ts, [p["zstd_seconds"] for p in pts], "x--", color=line.get_color(), label=f"zstd -3 -T2 {lab}")
+        ax[1].plot(ts, [p["load_ratio"] for p in pts], "o-", color=line.get_color(), label=lab)
+        ax[2].plot(ts, [p["pack_peak_anon"] / MB for p in pts], "o-", color=line.get_color(), label=f"peak {lab}")
+    bud = sorted({(p["tasks"], p["memory_budget"]) for p in res["points"]})
+    ax[2].plot([t for t, _ in bud], [b / MB for _, b in bud], "k:", label="budget (T+4) x largest + 300 MB")
+    ax[1].axhline(3.0, color="k", ls=":", label="goal 3.0x")
+    for x, title, yl in zip(ax, ("pack time", "state_dict vs load_file + clone", "pack peak RssAnon"),
+                            ("seconds", "time ratio", "MB")):
+        x.set_title(title)
+        x.set_xlabel("tasks")
+        x.set_ylabel(yl)
+        x.set_xscale("log", base=2)
+        x.set_xticks(a.scaling_tasks, [str(t) for t in a.scaling_tasks])
+        x.set_ylim(bottom=0)
+        x.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(a.figure, dpi=110)
+    return res
+
+
+# ---------------------------------------------------------------------------------------------
+# output
+
+
+def git_state() -> dict:
+    def git(*args):
+        return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True).stdout.strip()
+    return {"commit": git("rev-parse", "--short", "HEAD"),
+            "library_dirty": bool(git("status", "--porcelain", "--", "tallpack"))}
+
+
+def meta(a, command: str) -> dict:
+    import torch
+    g = git_state()
+    return {"date": time.strftime("%Y-%m-%d %H:%M"), "command": command, **g,
+            "python": platform.python_version(), "torch": torch.__version__, "machine": platform.machine(),
+            "cpus": os.cpu_count(), "repeats": a.repeats}
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| goal | what | ours | alternative | ratio | goal | met? |", "|---|---|---:|---:|---:|---:|---|"]
+    for r in rows:
+        if r.get("ratio") is None:
+            lines.append(f"| {r['goal']} | {r['what']} | {fmt(r['ours'], r['unit'])} | n/a | n/a | | {r['note']} |")
+            continue
+        alt = f"{fmt(r['alternative'], r['unit'])} ({r['alt_label']})" if r["alt_label"] else fmt(r["alternative"], r["unit"])
+        lines.append(f"| {r['goal']} | {r['what']} | {fmt(r['ours'], r['unit'])} | {alt} | {r['ratio']:.2f}x | "
+                     f"{r['goal_op']} {r['goal_x']:g}x | {'yes' if r['met'] else 'NO'} |")
+    return "\n".join(lines)
+
+
+def profile_md(prof: dict) -> str:
+    out = []
+    for codec, p in prof.items():
+        out.append(f"`state_dict` of one task, {codec} archive: {p['seconds']:.2f} s under cProfile "
+                   f"(profiler overhead included).\n")
+        out.append("| library function (by cumulative time) | calls | cumulative s | own s |")
+        out.append("|---|---:|---:|---:|")
+        for r in p["lib_by_cumtime"]:
+            out.append(f"| `{r['function']}` | {r['ncalls']} | {r['cumtime']:.3f} | {r['tottime']:.3f} |")
+        out.append("")
+        out.append("| any function (by own time) | calls | own s | share of total |")
+        out.append("|---|---:|---:|---:|")
+        for r in p["all_by_tottime"]:
+            out.append(f"| `{r['function']}` | {r['ncalls']} | {r['tottime']:.3f} | "
+                       f"{r['tottime'] / p['total_tt']:.0%} |")
+        out.append("")
+    return "\n".join(out)
+
+
+def baseline_md(res: dict) -> str:
+    m, fam, d = res["meta"], res["details"]["family"], res["details"]
+    commit = m["commit"] + (" (library modified)" if m["library_dirty"] else "")
+    met = sum(1 for r in res["rows"] if r.get("met"))
+    codec = d.get("codec", {})
+    z = codec.get("zipnn", {})
+    zl = (f"ZipNN {z['version']} (`ZipNN(input_format='byte', bytearray_dtype='float32', threads=2)`) on the "
+          "same bytes, as one buffer" if "version" in z else f"ZipNN could not be used: {z.get('error')}")
+    return f"""{SECTION_BASELINE} at commit {commit}
+
+Produced by `{m['command']}` on {m['date']} ({m['machine']}, {m['cpus']} CPUs, Python {m['python']},
+torch {m['torch']}; 2-core shared machine; sizes exact, times are medians of {m['repeats']} runs
+alternated with the alternative in the same run; total runtime {res['runtime_s'] / 60:.1f} min).
+Raw numbers and every sample: `benchmarks/out/{res['json_name']}`.
+
+Family: float32, {fam['params'] / 1e6:.1f}M parameters per member in {fam['n_tensors']} tensors
+({fam['layers']} layer(s) of hidden 512 with q, k, v, o, up 2048x512, down 512x2048, norm; an
+8000x512 embedding, the largest tensor, {fam['largest_bytes'] / MB:.1f} MB), base + {res['args']['tasks']}
+fine-tunes (1e-4 noise everywhere, 2e-3 on a task-specific random 10%), {fam['member_bytes'] / MB:.0f} MB
+per safetensors file. Archives packed with `threads={res['args']['threads']}`, level 3.
+
+How each row is measured:
+- loads (1-3): each sample is a fresh process that imports torch, tallpack and safetensors, then
+  times only the load: `tallpack.open` + `state_dict(task)` (1, 2), or `state_dict(t2)` after an
+  untimed `state_dict(t1)` on the same open archive (3), against `load_file(original)` and a
+  `clone()` of every tensor; page cache warm.
+- get_tensor (4): one process per archive; one warm-up call each, then {res['args']['tensor_reps']}
+  alternated calls of `get_tensor` on the open archive and `get_tensor(name).clone()` on an open
+  `safe_open` handle; medians.
+- pack (5, 7): fresh process timing `tallpack.pack`, alternated with `{d['zstd'][0]['tool']}`
+  (`zstd -3 -T2` over the same {res['args']['tasks'] + 1} files, one .zst each); peak memory is the
+  pack process's RssAnon sampled every 20 ms (an idle child with torch and tallpack imported holds
+  {d['idle_child_anon'] / MB:.0f} MB).
+- codec (6): the base checkpoint's tensors, encoded with `dense_chain("bytegroup-zstd", 4, 3)` per
+  {codec.get('chunk_elements', 0):,}-element chunk ({codec.get('chunks', 0)} chunks), decoded by a
+  2-thread pool; against {zl}.
+- unpack (8): `tallpack unpack ARCHIVE --task NAME -o DIR` (the bytegroup-zstd archive) in a
+  fresh process, RssAnon sampled every 20 ms.
+
+{met} of {len(res['rows'])} rows meet their goal.
+
+{table(res['rows'])}
+
+### Where `state_dict` spends its time (cProfile, one task)
+
+{profile_md(d['profile'])}"""
+
+
+def scaling_md(res: dict) -> str:
+    m = res["meta"]
+    lines = [f"{SECTION_SCALING} with family size (commit {m['commit']}"
+             f"{', library modified' if m['library_dirty'] else ''})", "",
+             f"Produced by `{m['command']}` on {m['date']} (2-core shared machine; one pack per point, "
+             f"load ratio the median of {res['args']['scaling_repeats']} alternated fresh-process pairs; "
+             f"bytegroup-zstd, threads={res['args']['threads']}; total runtime {res['runtime_s'] / 60:.1f} min). "
+             "Plot: `benchmarks/perf_scaling.png`; numbers: `benchmarks/out/perf_scaling.json`.", "",
+             "| params/member | tasks | input | archive | pack s | zstd -3 -T2 s | pack / zstd | "
+             "pack peak RssAnon | budget (T+4) x largest + 300 MB | state_dict / load_file+clone |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for p in res["points"]:
+        lines.append(f"| {p['params'] / 1e6:.1f}M | {p['tasks']} | {p['input_bytes'] / MB:,.0f} MB | "
+                     f"{p['archive_bytes'] / MB:,.0f} MB | {p['pack_seconds']:.1f} | {p['zstd_seconds']:.1f} | "
+                     f"{p['pack_seconds'] / p['zstd_seconds']:.1f}x | {p['pack_peak_anon'] / MB:,.0f} MB | "
+                     f"{p['memory_budget'] / MB:,.0f} MB | {p['load_ratio']:.1f}x |")
+    lines += ["", "![scaling](benchmarks/perf_scaling.png)", ""]
+    return "\n".join(lines)
+
+
+def replace_section(md_path: Path, prefix: str, body: str) -> None:
+    text = md_path.read_text() if md_path.exists() else "# Benchmarks\n"
+    start = text.find(prefix)
+    if start < 0:
+        text = text.rstrip("\n") + "\n\n" + body.rstrip("\n") + "\n"
+    else:
+        nxt = re.search(r"^## ", text[start + len(prefix):], flags=re.M)
+        end = start + len(prefix) + nxt.start() if nxt else len(text)
+        tail = text[end:]
+        text = text[:start] + body.rstrip("\n") + "\n" + ("\n" + tail if tail else "")
+    md_path.write_text(text)
+
+
+def print_table(rows: list[dict]) -> None:
+    print()
+    print("what | ours | alternative | ratio | goal | met?")
+    for r in rows:
+        if r.get("ratio") is None:
+            print(f"{r['what']} | {fmt(r['ours'], r['unit'])} | n/a | n/a | | {r['note']}")
+            continue
+        print(f"{r['what']} | {fmt(r['ours'], r['unit'])} | {fmt(r['alternative'], r['unit'])} "
+              f"({r['alt_label']}) | {r['ratio']:.2f}x | {r['goal_op']} {r['goal_x']:g}x | "
+              f"{'yes' if r['met'] else 'NO'}")
+    print()
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--params", type=float, default=26e6, help="parameters per member (default 26e6)")
+    ap.add_argument("--tasks", type=int, default=8, help="fine-tunes in the family (default 8)")
+    ap.add_argument("--repeats", type=int, default=5, help="runs per side, alternated (default 5)")
+    ap.add_argument("--tensor-reps", type=int, default=21, help="alternated get_tensor calls per side")
+    ap.add_argument("--threads", type=int, default=2, help="pack threads, and zstd -T (default 2)")
+    ap.add_argument("--cache-bytes", type=int, default=512 << 20,
+                    help="passed to tallpack.open(cache_bytes=...) where the library accepts it; 0: never")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--quick", action="store_true", help="a small family and 3 repeats (under 2 minutes)")
+    ap.add_argument("--scaling", action="store_true", help="pack/load/memory for 2..16 tasks, two sizes")
+    ap.add_argument("--scaling-params", type=float, nargs="+", default=[13e6, 52e6])
+    ap.add_argument("--scaling-tasks", type=int, nargs="+", default=[2, 4, 8, 16])
+    ap.add_argument("--scaling-repeats", type=int, default=3)
+    ap.add_argument("--out", type=Path, default=HERE / "out")
+    ap.add_argument("--figure", type=Path, default=HERE / "perf_scaling.png")
+    ap.add_argument("--benchmarks-md", type=Path, default=None,
+                    help="replace this mode's section of this markdown file (e.g. BENCHMARKS.md)")
+    ap.add_argument("--child", nargs=2, metavar=("KIND", "JSON"), help=argparse.SUPPRESS)
+    a = ap.parse_args(argv)
+    if a.child:
+        print(json.dumps(child(a.child[0], json.loads(a.child[1]))))
+        return 0
+    command = " ".join(["python benchmarks/perf.py", *(sys.argv[1:] if argv is None else argv)])
+    if a.quick:
+        a.params, a.tasks, a.repeats, a.tensor_reps = 6e6, 4, 3, 11
+        a.scaling_params, a.scaling_tasks, a.scaling_repeats = [6e6], [2, 4], 1
+    a.get_tensor_tasks = sorted({k for k in (2, 4, 8) if k <= a.tasks} | {a.tasks})
+    if a.tasks < 2:
+        ap.error("--tasks must be at least 2")
+    a.out.mkdir(parents=True, exist_ok=True)
+    t_start = time.perf_counter()
+    args_json = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items() if k != "child"}
+
+    if a.scaling:
+        if a.quick:
+            a.figure = a.out / "perf_scaling_quick.png"
+        res = run_scaling(a)
+        res.update(meta=meta(a, command), args=args_json, runtime_s=time.perf_counter() - t_start)
+        path = a.out / ("perf_scaling_quick.json" if a.quick else "perf_scaling.json")
+        path.write_text(json.dumps(res, indent=2))
+        md = scaling_md(res)
+        (a.out / "perf_scaling.md").write_text(md)
+        if a.benchmarks_md:
+            replace_section(a.benchmarks_md, SECTION_SCALING, md)
+        print(md)
+        log(f"done in {res['runtime_s']:.0f}s; wrote {path} and {a.figure}")
+        return 0
+
+    rep, details = Report(), {}
+    run_goals(a, rep, details)
+    rep.rows.sort(key=lambda r: r["goal"])
+    path = a.out / ("perf_quick.json" if a.quick else "perf.json")
+    res = {"meta": meta(a, command), "args": args_json, "rows": rep.rows, "details": details,
+           "runtime_s": time.perf_counter() - t_start, "json_name": path.name}
+    path.write_text(json.dumps(res, indent=2))
+    md = baseline_md(res)
+    (a.out / ("perf_quick.md" if a.quick else "perf.md")).write_text(md)
+    if a.benchmarks_md:
+        replace_section(a.benchmarks_md, SECTION_BASELINE, md)
+    print_table(rep.rows)
+    print(profile_md(details["profile"]))
+    log(f"done in {res['runtime_s']:.0f}s; wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
