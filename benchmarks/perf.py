@@ -311,9 +311,41 @@ def run_child(kind: str, a: dict, *, sample_memory: bool = False, interval: floa
 # the goals
 
 
+class LoadMonitor:
+    """Samples the machine's runnable threads (``procs_running`` of /proc/stat, the sampler itself
+    excluded) every 0.25 s: the machine is shared, and a row measured while others ran is noisier."""
+
+    def __init__(self) -> None:
+        import threading
+        self.samples: list[int] = []
+        self.start = 0
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._run, daemon=True)
+        self._t.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.25):
+            with open("/proc/stat") as f:
+                for line in f:
+                    if line.startswith("procs_running"):
+                        self.samples.append(int(line.split()[1]) - 1)
+                        break
+
+    def mark(self) -> None:
+        self.start = len(self.samples)
+
+    def since_mark(self) -> float | None:
+        xs = self.samples[self.start:]
+        return sum(xs) / len(xs) if xs else None
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
 class Report:
     def __init__(self) -> None:
         self.rows: list[dict] = []
+        self.load = LoadMonitor()
 
     def add(self, goal: str, what: str, ours: float, alt: float, unit: str, goal_op: str, goal_x: float,
             *, alt_label: str = "", ratio: float | None = None, note: str = "", **extra) -> dict:
@@ -322,7 +354,7 @@ class Report:
         met = r <= goal_x if goal_op == "<=" else r >= goal_x
         row = {"goal": goal, "what": what, "ours": ours, "alternative": alt, "unit": unit,
                "alt_label": alt_label, "ratio": r, "goal_op": goal_op, "goal_x": goal_x,
-               "met": bool(met), "note": note, **extra}
+               "met": bool(met), "note": note, "runnable": self.load.since_mark(), **extra}
         self.rows.append(row)
         log(f"  {what}: ours {fmt(ours, unit)} | {alt_label} {fmt(alt, unit)} | {r:.2f}x "
             f"(goal {goal_op} {goal_x:g}x: {'met' if met else 'NOT met'})")
@@ -379,6 +411,11 @@ def zstd_files(files: list[Path], outdir: Path, threads: int) -> dict:
         tool = f"python zstandard {zstandard.__version__} (threads={threads})"
     size = sum(p.stat().st_size for p in outdir.iterdir())
     return {"seconds": sec, "bytes": size, "tool": tool}
+
+
+def best(ours: list[dict], theirs: list[dict]) -> float:
+    """The ratio of the fastest runs: less sensitive to other work on a shared machine."""
+    return min(r["seconds"] for r in ours) / min(r["seconds"] for r in theirs)
 
 
 def alternate_loads(n: int, ours: dict, theirs: dict) -> tuple[list[dict], list[dict]]:
@@ -460,7 +497,8 @@ def goal_codec(fam: dict, reps: int, rep: Report, details: dict) -> None:
     ours_gbs = raw / median(t_ours) / 1e9
     if "error" in zipnn_info:
         rep.rows.append({"goal": "6", "what": "dense codec vs ZipNN", "note": "ZipNN: " + zipnn_info["error"],
-                         "ours": ours_ratio, "unit": "x", "alternative": None, "ratio": None, "met": None})
+                         "ours": ours_ratio, "unit": "x", "alternative": None, "ratio": None, "met": None,
+                         "runnable": rep.load.since_mark()})
         return
     z_ratio = raw / zipnn_info["bytes"]
     z_gbs = raw / median(t_z) / 1e9
@@ -488,6 +526,7 @@ def run_goals(a, rep: Report, details: dict) -> None:
     details["idle_child_anon"] = run_child("idle", {})["anon"]
 
     # 5 + 7: pack (default codec, all T tasks) alternated with zstd -3 -T2; memory sampled
+    rep.load.mark()
     log(f"goal 5/7: pack (bytegroup-zstd, {T} tasks, threads={a.threads}) vs zstd -3 -T{a.threads}, {n} each")
     packs, zs = [], []
     for i in range(n):
@@ -500,7 +539,7 @@ def run_goals(a, rep: Report, details: dict) -> None:
     details["zstd"] = zs
     rep.add("5", f"pack time, base + {T} tasks ({sum(f.stat().st_size for f in files) / MB:.0f} MB)",
             median(p["seconds"] for p in packs), median(z["seconds"] for z in zs), "s", "<=", 1.0,
-            alt_label="zstd -3 -T2", note=zs[0]["tool"])
+            alt_label="zstd -3 -T2", note=zs[0]["tool"], ratio_best=best(packs, zs))
     rep.add("5", "archive size", packs[0]["archive_bytes"], zs[0]["bytes"], "B", "<=", 0.25,
             alt_label="zstd -3 output")
     budget7 = (T + 4) * fam["largest_bytes"] + 300 * MB
@@ -525,22 +564,25 @@ def run_goals(a, rep: Report, details: dict) -> None:
     # 1, 2: one member, fresh process
     t1, t2 = names[1], names[0]
     for goal, codec, gx in (("1", "bytegroup-zstd", 3.0), ("2", "raw", 1.5)):
+        rep.load.mark()
         log(f"goal {goal}: state_dict({t1!r}) from the {codec} archive vs load_file + clone, {n} each")
         ours, theirs = alternate_loads(n, {"archive": str(arch[codec]), "task": t1, **cb},
                                        {"path": str(fam["tasks"][t1])})
         details[f"load_{codec}"] = {"tallpack": ours, "safetensors": theirs}
         rep.add(goal, f"state_dict, fresh process, {codec}", median(r["seconds"] for r in ours),
                 median(r["seconds"] for r in theirs), "s", "<=", gx, alt_label="load_file + clone",
-                open_seconds=median(r["open_seconds"] for r in ours))
+                open_seconds=median(r["open_seconds"] for r in ours), ratio_best=best(ours, theirs))
 
     # 3: a second task from the same open archive
     for codec in (("bytegroup-zstd",) if a.quick else ("bytegroup-zstd", "raw")):
+        rep.load.mark()
         log(f"goal 3: state_dict({t1!r}) after state_dict({t2!r}) in one open {codec} archive, {n} each")
         ours, theirs = alternate_loads(n, {"archive": str(arch[codec]), "task": t1, "warm_task": t2, **cb},
                                        {"path": str(fam["tasks"][t1])})
         details[f"second_task_{codec}"] = {"tallpack": ours, "safetensors": theirs}
         rep.add("3", f"second task, same open archive, {codec}", median(r["seconds"] for r in ours),
-                median(r["seconds"] for r in theirs), "s", "<=", 1.5, alt_label="load_file + clone")
+                median(r["seconds"] for r in theirs), "s", "<=", 1.5, alt_label="load_file + clone",
+                ratio_best=best(ours, theirs))
 
     # 4: one 4 MB tensor
     name = fam["tensor_4mb"]
@@ -549,17 +591,21 @@ def run_goals(a, rep: Report, details: dict) -> None:
     details["get_tensor"] = {}
     for codec, gx in (("raw", 2.0), ("bytegroup-zstd", 4.0)):
         for k in a.get_tensor_tasks:
+            rep.load.mark()
             r = run_child("get_tensor", {"archive": str(sub[(codec, k)]), "task": t1, "name": name,
                                          "path": str(fam["tasks"][t1]), "reps": a.tensor_reps, **cb})
             details["get_tensor"][f"{codec}-{k}"] = r
             rep.add("4", f"get_tensor {r['nbytes'] / MB:.1f} MB, {codec}, {k} tasks", median(r["tallpack"]),
-                    median(r["safetensors"]), "s", "<=", gx, alt_label="safe_open get_tensor + clone")
+                    median(r["safetensors"]), "s", "<=", gx, alt_label="safe_open get_tensor + clone",
+                    ratio_best=min(r["tallpack"]) / min(r["safetensors"]))
 
     # 6: the dense codec
+    rep.load.mark()
     log(f"goal 6: bytegroup-zstd vs ZipNN on the base's bytes, decode {n} each, 2 threads")
     goal_codec(fam, n, rep, details)
 
     # 8: unpack peak memory
+    rep.load.mark()
     log(f"goal 8: tallpack unpack --task {t1} (bytegroup-zstd archive), {min(n, 3)} runs")
     unp = []
     for _ in range(min(n, 3)):
@@ -589,6 +635,7 @@ def run_scaling(a) -> dict:
     import matplotlib.pyplot as plt
 
     res = {"points": []}
+    load = LoadMonitor()
     work = a.out / "perf-work"
     work.mkdir(parents=True, exist_ok=True)
     cb = {"cache_bytes": a.cache_bytes} if a.cache_bytes else {}
@@ -598,6 +645,7 @@ def run_scaling(a) -> dict:
         for T in a.scaling_tasks:
             files = [fam["base"], *(fam["tasks"][t] for t in names[:T])]
             warm(files)
+            load.mark()
             arch = work / f"scaling-L{fam['layers']}-{T}.tallpack"
             p = do_pack(fam, names[:T], arch, "bytegroup-zstd", a.threads)
             z = zstd_files(files, work / "zstd", a.threads)
@@ -612,6 +660,7 @@ def run_scaling(a) -> dict:
                   "load_tallpack_s": median(r["seconds"] for r in ours),
                   "load_safetensors_s": median(r["seconds"] for r in theirs)}
             pt["load_ratio"] = pt["load_tallpack_s"] / pt["load_safetensors_s"]
+            pt["runnable"] = load.since_mark()
             res["points"].append(pt)
             log(f"  {fam['params'] / 1e6:.0f}M x {T} tasks: pack {p['seconds']:.1f}s (zstd {z['seconds']:.1f}s), "
                 f"peak {p['peak_anon'] / MB:.0f} MB (budget {pt['memory_budget'] / MB:.0f}), "
@@ -663,14 +712,17 @@ def meta(a, command: str) -> dict:
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| goal | what | ours | alternative | ratio | goal | met? |", "|---|---|---:|---:|---:|---:|---|"]
+    lines = ["| goal | what | ours | alternative | ratio | goal | met? | ratio of fastest runs | runnable |",
+             "|---|---|---:|---:|---:|---:|---|---:|---:|"]
     for r in rows:
+        run = f"{r['runnable']:.1f}" if r.get("runnable") is not None else "?"
+        rb = f"{r['ratio_best']:.2f}x" if r.get("ratio_best") is not None else ""
         if r.get("ratio") is None:
-            lines.append(f"| {r['goal']} | {r['what']} | {fmt(r['ours'], r['unit'])} | n/a | n/a | | {r['note']} |")
+            lines.append(f"| {r['goal']} | {r['what']} | {fmt(r['ours'], r['unit'])} | n/a | n/a | | {r['note']} | | {run} |")
             continue
         alt = f"{fmt(r['alternative'], r['unit'])} ({r['alt_label']})" if r["alt_label"] else fmt(r["alternative"], r["unit"])
         lines.append(f"| {r['goal']} | {r['what']} | {fmt(r['ours'], r['unit'])} | {alt} | {r['ratio']:.2f}x | "
-                     f"{r['goal_op']} {r['goal_x']:g}x | {'yes' if r['met'] else 'NO'} |")
+                     f"{r['goal_op']} {r['goal_x']:g}x | {'yes' if r['met'] else 'NO'} | {rb} | {run} |")
     return "\n".join(lines)
 
 
@@ -732,7 +784,10 @@ How each row is measured:
 - unpack (8): `tallpack unpack ARCHIVE --task NAME -o DIR` (the bytegroup-zstd archive) in a
   fresh process, RssAnon sampled every 20 ms.
 
-{met} of {len(res['rows'])} rows meet their goal.
+{met} of {len(res['rows'])} rows meet their goal. `ratio of fastest runs`: min(ours) / min(alternative), a second view that
+other work on the machine disturbs less (the goals are judged on medians). `runnable`: the machine's mean runnable threads while
+the row was measured (`procs_running` of /proc/stat every 0.25 s, this benchmark's own included; 2
+cores, so above about 2 the two sides competed with other work and times are less reliable).
 
 {table(res['rows'])}
 
@@ -748,16 +803,17 @@ def scaling_md(res: dict) -> str:
              f"Produced by `{m['command']}` on {m['date']} (2-core shared machine; one pack per point, "
              f"load ratio the median of {res['args']['scaling_repeats']} alternated fresh-process pairs; "
              f"bytegroup-zstd, threads={res['args']['threads']}; total runtime {res['runtime_s'] / 60:.1f} min). "
-             "Plot: `benchmarks/perf_scaling.png`; numbers: `benchmarks/out/perf_scaling.json`.", "",
+             f"Plot: `{res['figure']}`; numbers: `benchmarks/out/{res['json_name']}`.", "",
              "| params/member | tasks | input | archive | pack s | zstd -3 -T2 s | pack / zstd | "
-             "pack peak RssAnon | budget (T+4) x largest + 300 MB | state_dict / load_file+clone |",
-             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "pack peak RssAnon | budget (T+4) x largest + 300 MB | state_dict / load_file+clone | runnable |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for p in res["points"]:
         lines.append(f"| {p['params'] / 1e6:.1f}M | {p['tasks']} | {p['input_bytes'] / MB:,.0f} MB | "
                      f"{p['archive_bytes'] / MB:,.0f} MB | {p['pack_seconds']:.1f} | {p['zstd_seconds']:.1f} | "
                      f"{p['pack_seconds'] / p['zstd_seconds']:.1f}x | {p['pack_peak_anon'] / MB:,.0f} MB | "
-                     f"{p['memory_budget'] / MB:,.0f} MB | {p['load_ratio']:.1f}x |")
-    lines += ["", "![scaling](benchmarks/perf_scaling.png)", ""]
+                     f"{p['memory_budget'] / MB:,.0f} MB | {p['load_ratio']:.1f}x | {p['runnable']:.1f} |")
+    lines += ["", "`runnable`: the machine's mean runnable threads during the point (2 cores; see above).",
+              "", f"![scaling]({res['figure']})", ""]
     return "\n".join(lines)
 
 
@@ -826,11 +882,13 @@ def main(argv=None) -> int:
         if a.quick:
             a.figure = a.out / "perf_scaling_quick.png"
         res = run_scaling(a)
-        res.update(meta=meta(a, command), args=args_json, runtime_s=time.perf_counter() - t_start)
         path = a.out / ("perf_scaling_quick.json" if a.quick else "perf_scaling.json")
+        fig = a.figure.resolve()
+        res.update(meta=meta(a, command), args=args_json, runtime_s=time.perf_counter() - t_start,
+                   json_name=path.name, figure=str(fig.relative_to(REPO)) if fig.is_relative_to(REPO) else str(fig))
         path.write_text(json.dumps(res, indent=2))
         md = scaling_md(res)
-        (a.out / "perf_scaling.md").write_text(md)
+        path.with_suffix(".md").write_text(md)
         if a.benchmarks_md:
             replace_section(a.benchmarks_md, SECTION_SCALING, md)
         print(md)
@@ -839,6 +897,8 @@ def main(argv=None) -> int:
 
     rep, details = Report(), {}
     run_goals(a, rep, details)
+    rep.load.stop()
+    details["runnable_samples"] = rep.load.samples
     rep.rows.sort(key=lambda r: r["goal"])
     path = a.out / ("perf_quick.json" if a.quick else "perf.json")
     res = {"meta": meta(a, command), "args": args_json, "rows": rep.rows, "details": details,
