@@ -39,7 +39,10 @@ log = logging.getLogger(__name__)
 MAGIC = b"TALLPACK"
 END_MAGIC = b"TALLPEND"
 #: The format version this reader implements (it reads every minor of this major).
-MAJOR, MINOR = 1, 1
+MAJOR, MINOR = 1, 2
+#: The minor version that introduced each optional feature (spec §8); a writer writes the
+#: highest minor among the features it uses. Checksums by name (``checksums.MINOR_VERSION``).
+FEATURE_MINOR: dict[str, int] = {**MINOR_VERSION, "files": 2}
 HEADER = struct.Struct("<8sHHI")
 FOOTER = struct.Struct("<QQII8s")
 FLAG_MANIFEST_ZSTD = 1
@@ -47,9 +50,11 @@ ALIGNMENT = 64
 
 #: Limits a reader enforces before trusting anything in the file.
 MAX_MANIFEST_BYTES = 256 << 20
+#: A remote array is fetched in windows of at most this many stored bytes.
+PREFETCH_BYTES = 64 << 20
 
 __all__ = ["ArrayRef", "Chunk", "ContainerReader", "ContainerWriter", "DEFAULT_CHUNK_ELEMENTS",
-           "FOOTER", "HEADER", "MAJOR", "MINOR"]
+           "FEATURE_MINOR", "FOOTER", "HEADER", "MAJOR", "MINOR"]
 
 
 class ContainerWriter:
@@ -60,7 +65,7 @@ class ContainerWriter:
     """
 
     def __init__(self, path: str | os.PathLike, *, threads: int | None = None,
-                 checksum: str = DEFAULT_CHECKSUM):
+                 checksum: str = DEFAULT_CHECKSUM, features: tuple[str, ...] = ()):
         self.path = Path(path)
         if self.path.is_dir():
             raise InvalidArgumentError(f"{self.path}: is a directory; give the archive's file name")
@@ -70,7 +75,7 @@ class ContainerWriter:
         self.checksum_name = checksum
         self._checksum = checksum_function(checksum)
         #: the lowest version whose features this archive uses (spec §8)
-        self.version = (MAJOR, MINOR_VERSION[checksum])
+        self.version = (MAJOR, max(FEATURE_MINOR[f] for f in (checksum, *features)))
         fd, self._tmp = temp_beside(self.path)
         self._f: BinaryIO = os.fdopen(fd, "wb")
         self._f.write(HEADER.pack(MAGIC, *self.version, 0))
@@ -277,6 +282,13 @@ class ContainerReader:
         except FormatError as e:
             raise type(e)(f"{self.name}: {where}: chunk {i}: {e}") from None
 
+    def prefetch(self, refs: list[ArrayRef]) -> None:
+        """Announce the chunks of ``refs`` as read next: a remote source fetches them together
+        (coalesced; larger arrays are fetched in windows by ``read_array``); a local file needs nothing."""
+        fetch = getattr(self.source, "prefetch", None)
+        if fetch is not None and sum(ref.stored_nbytes for ref in refs) <= PREFETCH_BYTES:
+            fetch([(c.offset, c.nbytes) for ref in refs for c in ref.chunks])
+
     def read_array(self, ref: ArrayRef, where: str) -> bytearray | memoryview:
         """The whole array's decoded bytes."""
         if len(ref.chunks) == 1:
@@ -285,8 +297,18 @@ class ContainerReader:
             out = bytearray(ref.nbytes)
         except MemoryError:
             raise FormatError(f"{self.name}: {where}: array of {ref.nbytes} bytes is too large") from None
-        pos = 0
+        pos = ahead = 0
+        fetch = getattr(self.source, "prefetch", None)
         for i in range(len(ref.chunks)):
+            if fetch is not None and i == ahead:  # remote: the next chunks in one go, up to 64 MiB
+                window, size = [], 0
+                for c in ref.chunks[i:]:
+                    if window and size + c.nbytes > PREFETCH_BYTES:
+                        break
+                    window.append((c.offset, c.nbytes))
+                    size += c.nbytes
+                fetch(window)
+                ahead = i + len(window)
             piece = self.read_chunk(ref, i, where)
             out[pos : pos + len(piece)] = piece
             pos += len(piece)

@@ -17,19 +17,22 @@ from .container import ContainerWriter
 from .elements import itemsize
 from .encodings import BY_KIND, WriteContext
 from .errors import InvalidArgumentError
+from .folders import FileStore
 from .inputs import PackInputs, TasksLike
 from .manifest import Manifest, TaskInfo, TensorEntry, count_kinds
 from .options import PackOptions, Validated
 from .plan import Kind
+from .progress import track
 from .selection import select_lambdas
 from .sources import SourceLike
+from .staging import staged
 from .tall import Fidelity
 
 log = logging.getLogger(__name__)
 
 
 def pack(base: SourceLike, tasks: TasksLike, out: str | os.PathLike, options: PackOptions | None = None,
-         **overrides: Any) -> Manifest:
+         *, storage_options: dict[str, Any] | None = None, **overrides: Any) -> Manifest:
     """Pack a base model and its fine-tunes into one ``.tallpack`` archive; returns its manifest.
 
     ``tasks`` maps names to checkpoints (paths, folders or dicts of tensors); a list takes each
@@ -37,6 +40,8 @@ def pack(base: SourceLike, tasks: TasksLike, out: str | os.PathLike, options: Pa
     keywords: ``lambdas`` (one value or one per task; with ``evaluate`` each task's lambda is
     chosen from ``lambda_grid`` by its score instead), ``merge`` (``"ta"``, ``"ties"`` or
     ``{"method": "ties", "top_k": 0.3}``), ``codec``, ``level``, ``chunk_elements``, ...
+    ``out`` may be a URL fsspec understands: the archive is written locally, then uploaded
+    (``storage_options`` go to fsspec).
 
     >>> pack("base/", {"cars": "ft/cars", "dtd": "ft/dtd"}, "family.tallpack", lambdas=0.4)
     """
@@ -58,7 +63,8 @@ def pack(base: SourceLike, tasks: TasksLike, out: str | os.PathLike, options: Pa
         if opts.evaluate is not None:
             selection = select_lambdas(fam, v.method, opts.evaluate, grid=opts.lambda_grid)
             lams = selection.chosen
-        return _write(fam, v, lams, Path(out), selection.to_dict() if selection else None)
+        with staged(out, storage_options) as local:
+            return _write(fam, v, lams, local, selection.to_dict() if selection else None)
     finally:
         fam.close()
 
@@ -68,11 +74,12 @@ def _write(fam: PackInputs, v: Validated, lams: dict[str, float], out: Path, sel
     names = list(fam.tasks)
     fidelity = {t: Fidelity() for t in names}
     entries: list[TensorEntry] = []
-    tensors = fam.plan.tensors
-    if opts.progress:
-        from tqdm.auto import tqdm
-        tensors = tqdm(tensors, desc="packing", unit="tensor")
-    with ContainerWriter(out, threads=opts.threads, checksum=opts.checksum) as w:
+    tensors = track(fam.plan.tensors, opts.progress, "packing")
+    sources = [fam.base, *fam.tasks.values()]
+    features = ("files",) if any(s.files for s in sources) else ()
+    with ContainerWriter(out, threads=opts.threads, checksum=opts.checksum, features=features) as w:
+        store = FileStore(w, opts.level, opts.chunk_elements)
+        base_files = store.add(fam.base.files, "base")
         ctx = WriteContext(w, opts.chunk_elements, lambda dt: v.dense(itemsize(dt)), v.masks(), v.method,
                            lams, fidelity)
         for entry in tensors:
@@ -87,13 +94,14 @@ def _write(fam: PackInputs, v: Validated, lams: dict[str, float], out: Path, sel
         for t in names:
             src, fid = fam.tasks[t], fidelity[t]
             infos.append(TaskInfo(t, lams[t], fid.density if fid.numel else None, fid.to_dict(),
-                                  tuple(src.keys()), src.describe(), src.metadata))
+                                  tuple(src.keys()), src.describe(), src.metadata,
+                                  store.add(src.files, f"task {t!r}")))
         manifest = Manifest(
             w.version, f"tallpack {__version__}", v.method.params(), tuple(infos), tuple(entries),
-            base=fam.base.describe() | {"metadata": fam.base.metadata},
+            base=fam.base.describe() | {"metadata": fam.base.metadata} | ({"files": base_files} if base_files else {}),
             stats={"source_bytes": fam.source_bytes, "kinds": count_kinds(entries),
                    **({"selection": selection} if selection else {})},
-            metadata=dict(opts.metadata or {}), checksum=w.checksum_name,
+            metadata=dict(opts.metadata or {}), checksum=w.checksum_name, files=store.blobs,
         )
         w.finish(manifest.to_dict())
     return manifest

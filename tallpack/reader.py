@@ -15,12 +15,14 @@ from typing import Any
 import torch
 
 from .arrays import ArrayRef
-from .container import ContainerReader
+from .container import PREFETCH_BYTES, ContainerReader
 from .dtypes import bytes_to_tensor
-from .encodings import TaskTensor, TensorEntry, encoding_for, iter_arrays
+from .encodings import Encoding, TaskTensor, TensorEntry, encoding_for, iter_arrays
 from .errors import FormatError, TallpackError, TaskNotFoundError, TensorNotFoundError, UnsupportedVersionError
 from .manifest import Manifest, TaskInfo
+from .folders import read_blob
 from .merged import MergeParts
+from .progress import ProgressLike, track
 from .report import summarize
 from .storage import open_bytes
 
@@ -46,6 +48,8 @@ class Archive:
         self._tasks: dict[str, TaskInfo] = {t.name: t for t in self.manifest.tasks}
         for name, key, ref in iter_arrays(self.manifest.tensors):
             container.register(ref, f"tensor {name!r} ({key})")
+        for digest, ref in self.manifest.files.items():
+            container.register(ref, f"file content {digest[:12]}")
         container.check_layout()
 
     # -- context manager -------------------------------------------------------------------
@@ -117,6 +121,7 @@ class Archive:
             raise UnsupportedVersionError(
                 f"{self.name}: {where} is stored as {tt.encoding!r}, which this tallpack cannot read; upgrade it"
             )
+        self._c.prefetch(_needs(entry, tt, encoding))
         return encoding.rebuild(self.read_array, entry, tt, where)
 
     def state_dict(self, task: str, *, lazy: bool = False) -> dict[str, torch.Tensor] | "LazyStateDict":
@@ -125,7 +130,19 @@ class Archive:
         With ``lazy=True``, a read-only mapping that rebuilds each tensor when it is indexed.
         """
         sd = LazyStateDict(self, task)
-        return sd if lazy else {k: sd[k] for k in sd}
+        if lazy:
+            return sd
+        out: dict[str, torch.Tensor] = {}
+        needs = []
+        for name in sd:
+            entry, tt = self._entry(task, name)
+            enc = encoding_for(tt.encoding)
+            needs.append((name, _needs(entry, tt, enc) if enc else []))
+        for batch in _batches(needs):  # remote: one batch of tensors' chunks fetched together
+            self._c.prefetch([r for _, refs in batch for r in refs])
+            for name, _ in batch:
+                out[name] = sd[name]
+        return out
 
     def base_tensor(self, name: str) -> torch.Tensor | None:
         """theta_0 of a tensor, when the archive holds it (merged and base-only tensors)."""
@@ -159,23 +176,68 @@ class Archive:
         """Number of stored chunks."""
         return sum(len(ref.chunks) for _, _, ref in iter_arrays(self.manifest.tensors))
 
-    def verify(self) -> list[str]:
-        """Check every chunk's checksum and decode it, and that padding is zero; returns the
-        problems found (empty: intact)."""
+    def verify(self, *, progress: ProgressLike = None) -> list[str]:
+        """Check every chunk's checksum and decode it, every kept file's SHA-256, and that
+        padding is zero; returns the problems found (empty: intact)."""
         problems = self._c.verify_padding()
-        for name, key, ref in iter_arrays(self.manifest.tensors):
-            where = f"tensor {name!r} ({key})"
+        arrays = [(f"tensor {name!r} ({key})", ref) for name, key, ref in iter_arrays(self.manifest.tensors)]
+        arrays += [(f"file content {d[:12]}", ref) for d, ref in self.manifest.files.items()]
+        batches = _batches([((where, ref), [ref]) for where, ref in arrays])
+        for batch in track(batches, progress, "verifying", unit="batch"):
+            self._c.prefetch([ref for (_, ref), _ in batch if ref.stored_nbytes <= PREFETCH_BYTES])
+            for (where, ref), _ in batch:
+                try:
+                    for i in range(len(ref.chunks)):
+                        self._c.read_chunk(ref, i, where)
+                except TallpackError as e:
+                    problems.append(str(e))
+        for digest, ref in self.manifest.files.items():
             try:
-                for i in range(len(ref.chunks)):
-                    self._c.read_chunk(ref, i, where)
+                read_blob(self._c.read_array, digest, ref, f"{self.name}: file content {digest[:12]}")
             except TallpackError as e:
                 problems.append(str(e))
         return problems
+
+    # -- folder files ------------------------------------------------------------------------
+    def files(self, task: str | None = None) -> dict[str, str]:
+        """The folder files kept for a task (None: the base), as relative name -> SHA-256; empty
+        when it did not come from a folder (or the archive predates format 1.2)."""
+        if task is None:
+            return dict(self.manifest.base.get("files") or {})
+        return dict(self.task_info(task).files)
+
+    def read_file(self, name: str, task: str | None = None) -> bytes:
+        """One kept folder file's bytes (``fam.read_file("tokenizer.json", "cars")``)."""
+        digest = self.files(task).get(name)
+        if digest is None:
+            who = "the base" if task is None else f"task {task!r}"
+            raise TallpackError(f"{self.name}: {who} has no file {name!r}")
+        return read_blob(self._c.read_array, digest, self.manifest.files[digest], f"{self.name}: file {name!r}")
 
     def summary(self) -> dict[str, Any]:
         """What ``tallpack inspect`` shows: tasks, sizes, ratios, densities, fidelity."""
         return summarize(self.manifest, path=self.name, archive_bytes=self.size,
                          format_version=self.format_version)
+
+
+def _needs(entry: TensorEntry, tt: TaskTensor, encoding: type[Encoding]) -> list[ArrayRef]:
+    """The arrays rebuilding one task's tensor reads."""
+    return [*tt.arrays.values(), *(entry.arrays[k] for k in encoding.entry_arrays if k in entry.arrays)]
+
+
+def _batches(items: list[tuple[Any, list[ArrayRef]]]) -> list[list[tuple[Any, list[ArrayRef]]]]:
+    """Consecutive items grouped so that each group's arrays store at most PREFETCH_BYTES
+    (an item larger than that is a group alone)."""
+    out: list[list[tuple[Any, list[ArrayRef]]]] = []
+    size = 0
+    for item in items:
+        n = sum(r.stored_nbytes for r in item[1])
+        if not out or size + n > PREFETCH_BYTES:
+            out.append([])
+            size = 0
+        out[-1].append(item)
+        size += n
+    return out
 
 
 class LazyStateDict(Mapping):

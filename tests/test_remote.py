@@ -1,5 +1,7 @@
 """Reading an archive from a real S3-compatible server (moto's, started on loopback)."""
 
+import json
+
 import pytest
 import torch
 
@@ -64,3 +66,24 @@ def test_missing_remote_archive_is_one_clear_error(s3):
     _, opts = s3
     with pytest.raises(tallpack.TallpackError, match="no such archive"):
         tallpack.open("s3://family/nothere.tallpack", storage_options=opts)
+
+
+def test_pack_and_unpack_to_s3_urls(s3, hf_family):
+    """Outputs at URLs are staged locally, then uploaded: an archive, and a whole sharded folder."""
+    fs, opts = s3
+    url = "s3://family/hf.tallpack"
+    tallpack.pack(hf_family["base"], hf_family["tasks"], url, storage_options=opts)
+    with tallpack.open(url, storage_options=opts) as fam:
+        assert set(fam.files("dtd")) >= {"config.json", "generation_config.json"}
+        target = tallpack.write_task(fam, "dtd", "s3://family/out/dtd", storage_options=opts)
+        want = fam.state_dict("dtd")
+    assert target == "s3://family/out/dtd/model.safetensors.index.json"
+    names = sorted(p.rsplit("/", 1)[-1] for p in fs.ls("family/out/dtd"))
+    assert names == sorted(p.name for p in hf_family["tasks"]["dtd"].iterdir())
+    index = json.loads(fs.cat_file("family/out/dtd/model.safetensors.index.json"))
+    from safetensors.torch import load
+
+    got = {}
+    for f in set(index["weight_map"].values()):
+        got |= load(fs.cat_file(f"family/out/dtd/{f}"))
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
