@@ -76,6 +76,12 @@ class Archive:
         return self._c.version
 
     @property
+    def source(self) -> Any:
+        """Where the bytes come from: a memory-mapped file, or a remote one whose ``requests`` and
+        ``fetched`` count its range reads."""
+        return self._c.source
+
+    @property
     def size(self) -> int:
         """The archive's size in bytes."""
         return self._c.source.size

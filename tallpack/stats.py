@@ -159,17 +159,23 @@ def plot(s: MaskStats, path: str | Path, *, title: str | None = None) -> Path:
 
     ax = axes[2]
     layers = list(s.layers)
-    xs = range(len(layers))
-    for t in s.tasks:
-        ax.plot(xs, [100 * (s.layers[lay][t] or 0) for lay in layers], marker="o", markersize=3,
-                linewidth=1, alpha=0.8, label=t)
-    ax.set_xticks(list(xs), labels=[lay.removeprefix("layer ") for lay in layers],
+    blocks = [lay for lay in layers if lay != "other"]
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, t in enumerate(s.tasks):
+        c = colours[i % len(colours)]
+        ax.plot(range(len(blocks)), [100 * (s.layers[lay][t] or 0) for lay in blocks], marker="o", markersize=3,
+                linewidth=1, alpha=0.85, color=c, label=t)
+        if "other" in s.layers:  # embeddings, heads, norms: not a layer, so not on the line
+            ax.plot([len(blocks)], [100 * (s.layers["other"][t] or 0)], marker="s", markersize=4, color=c)
+    if "other" in s.layers and blocks:
+        ax.axvline(len(blocks) - 0.5, color="grey", linestyle=":", linewidth=1)
+    ax.set_xticks(list(range(len(layers))), labels=[lay.removeprefix("layer ") for lay in layers],
                   rotation=90 if len(layers) > 16 else 0, fontsize=8)
-    ax.set_xlabel("layer")
+    ax.set_xlabel("layer (other: tensors outside the blocks)")
     ax.set_ylabel("mask density (%)")
     ax.set_title("Density per layer")
-    if T <= 12:
-        ax.legend(fontsize=7, ncol=2 if T > 6 else 1, frameon=False)
+    if T <= 20:
+        ax.legend(fontsize=7, frameon=False, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     ax.grid(alpha=0.3)
 
     fig.suptitle(title or f"TALL masks: {T} tasks, {s.weights:,} masked weights", fontsize=11)

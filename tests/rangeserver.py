@@ -17,6 +17,7 @@ class RangeServer(ThreadingHTTPServer):
     requests; ``.served()`` the body bytes sent since ``.reset()``."""
 
     daemon_threads = True
+    request_queue_size = 256  # fsspec opens many connections at once; the default 5 drops them
 
     def __init__(self, root: Path):
         super().__init__(("127.0.0.1", 0), _Handler)

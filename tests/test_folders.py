@@ -227,3 +227,15 @@ def test_sizes_and_plans():
         "model-00001-of-00003.safetensors": ["a"], "model-00002-of-00003.safetensors": ["b", "c"],
         "model-00003-of-00003.safetensors": ["d"]}
     assert plan_by_size({"a": 1}, "1KB") == {"model.safetensors": ["a"]}
+
+
+def test_a_folder_manifest_follows_the_schema(gpt2_family, tmp_path):
+    jsonschema = pytest.importorskip("jsonschema")
+    schema = json.loads((Path(__file__).resolve().parents[1] / "spec" / "manifest.schema.json").read_text())
+    with tallpack.open(_pack(gpt2_family, tmp_path / "g.tallpack")) as fam:
+        d = fam.manifest.to_dict()
+    jsonschema.validate(d, schema)
+    assert d["tasks"][0]["source"]["shards"][0] == ["model-00001-of-00004.safetensors", d["tasks"][0]["source"]["shards"][0][1]]
+    d["tasks"][0]["files"]["../up"] = next(iter(d["files"]))
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(d, schema)

@@ -87,3 +87,21 @@ def test_pack_and_unpack_to_s3_urls(s3, hf_family):
     for f in set(index["weight_map"].values()):
         got |= load(fs.cat_file(f"family/out/dtd/{f}"))
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_the_command_line_reads_s3_with_fsspec_configuration(s3, small_family, tmp_path, monkeypatch):
+    """`FSSPEC_S3_*` variables (here: fsspec's configuration directly) reach every command."""
+    import fsspec.config
+    from click.testing import CliRunner
+
+    from tallpack_cli.main import main
+
+    fs, opts = s3
+    monkeypatch.setitem(fsspec.config.conf, "s3", dict(opts))
+    p = small_family["task_paths"]
+    for args in (["pack", "--base", small_family["base_path"], "--task", p["a"], "-o", "s3://family/cli.tallpack"],
+                 ["inspect", "s3://family/cli.tallpack", "--tensors"], ["verify", "s3://family/cli.tallpack"],
+                 ["unpack", "s3://family/cli.tallpack", "--task", "a", "-o", "s3://family/cli-a"]):
+        r = CliRunner().invoke(main, ["-q", *map(str, args)], catch_exceptions=False)
+        assert r.exit_code == 0, r.output
+    assert fs.exists("family/cli-a/model.safetensors")
