@@ -239,3 +239,30 @@ def test_a_folder_manifest_follows_the_schema(gpt2_family, tmp_path):
     d["tasks"][0]["files"]["../up"] = next(iter(d["files"]))
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate(d, schema)
+
+
+def test_sharded_pytorch_bin_folders_unpack_as_safetensors_shards(tmp_path):
+    g = torch.Generator().manual_seed(3)
+    base = {f"layers.{i}.w": torch.randn(8, 8, generator=g) for i in range(4)}
+    folders = {}
+    for name, scale in (("base", 0.0), ("ft", 0.1)):
+        d = tmp_path / name
+        d.mkdir()
+        sd = {k: v + scale * torch.randn(v.shape, generator=g) for k, v in base.items()}
+        parts = [dict(list(sd.items())[:2]), dict(list(sd.items())[2:])]
+        weight_map = {}
+        for i, part in enumerate(parts, 1):
+            f = f"pytorch_model-0000{i}-of-00002.bin"
+            torch.save(part, d / f)
+            weight_map |= dict.fromkeys(part, f)
+        (d / "pytorch_model.bin.index.json").write_text(json.dumps({"metadata": {"total_size": 512}, "weight_map": weight_map}))
+        (d / "training_args.bin").write_bytes(b"a pickle, never stored")
+        (d / "config.json").write_text("{}")
+        folders[name] = d
+    tallpack.pack(folders["base"], {"ft": folders["ft"]}, tmp_path / "f.tallpack")
+    with tallpack.open(tmp_path / "f.tallpack") as fam:
+        assert set(fam.files("ft")) == {"config.json"}
+        tallpack.write_task(fam, "ft", tmp_path / "out")
+    index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())
+    assert index["weight_map"] == {"layers.0.w": "model-00001-of-00002.safetensors", "layers.1.w": "model-00001-of-00002.safetensors",
+                                   "layers.2.w": "model-00002-of-00002.safetensors", "layers.3.w": "model-00002-of-00002.safetensors"}
