@@ -14,8 +14,10 @@ from tallpack.errors import TallpackError
 from tallpack.checksums import CHECKSUMS
 from tallpack.merging import MERGED_MODELS, METHODS, default_alpha
 from tallpack.options import DENSE_PRESETS, PackOptions
-from tallpack.report import format_size, render
+from tallpack.progress import LogLines
+from tallpack.report import format_size, render, render_tensors, tensor_rows
 from tallpack.sources import stem
+from tallpack import staging
 
 _DEFAULTS = PackOptions()
 
@@ -40,10 +42,31 @@ class _Group(click.Group):
 @click.group(cls=_Group)
 @click.version_option(tallpack.__version__, prog_name="tallpack")
 @click.option("-v", "--verbose", count=True, help="More log output (-v info, -vv debug).")
-def main(verbose: int) -> None:
-    """Store a base model and its fine-tunes as one small, lazily readable archive."""
+@click.option("-q", "--quiet", is_flag=True, help="No progress output, only errors and results.")
+@click.pass_context
+def main(ctx: click.Context, verbose: int, quiet: bool) -> None:
+    """Store a base model and its fine-tunes as one small, lazily readable archive.
+
+    Archives and outputs may be local paths or URLs fsspec understands (s3://, https://, ...).
+    """
     level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.ERROR if quiet else level, format="%(levelname)s %(name)s: %(message)s")
+    ctx.obj = {"quiet": quiet}
+
+
+def _progress(enabled: bool = True):
+    """A bar on a terminal, a plain line per ~10% otherwise, nothing with -q."""
+    ctx = click.get_current_context()
+    if not enabled or (ctx.obj or {}).get("quiet"):
+        return None
+    if sys.stderr.isatty():
+        return True
+    return LogLines(lambda line: click.echo(line, err=True))
+
+
+_MAX_SHARD = click.option("--max-shard-size", default=None, metavar="SIZE",
+                          help="Shards of at most SIZE (5GB, 500MB: decimal units) with an index; "
+                               "default: the original's shards when the archive recorded them.")
 
 
 def _parse_tasks(specs: tuple[str, ...]) -> dict[str, str]:
@@ -89,8 +112,7 @@ def _method_options(f):
 @click.option("--base", "base", required=True, help="The base model: .safetensors, .bin/.pt/.pth, or a model folder.")
 @click.option("--task", "task_specs", multiple=True, required=True, metavar="NAME=PATH",
               help="A fine-tuned member (repeat). A bare PATH is named after its stem.")
-@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=Path),
-              help="The archive to write.")
+@click.option("-o", "--output", required=True, help="The archive to write (a path or a URL).")
 @click.option("--lambda", "lambda_specs", multiple=True, metavar="[NAME=]VALUE",
               help=f"Mask lambda, for all tasks or one (repeat). Default {tallpack.DEFAULT_LAMBDA}.")
 @click.option("--merge", type=click.Choice(list(METHODS)), default=_DEFAULTS.merge, show_default=True,
@@ -108,7 +130,8 @@ def _method_options(f):
 @click.option("--allow-mismatch", is_flag=True, help="Store tensors whose shapes differ from the base per task.")
 @click.option("-j", "--threads", type=click.IntRange(1), default=None, help="Encoder threads (default: cores).")
 @click.option("-f", "--force", is_flag=True, help="Overwrite an existing archive.")
-@click.option("--progress/--no-progress", default=True, show_default=True, help="Show a progress bar.")
+@click.option("--progress/--no-progress", default=True, show_default=True,
+              help="Show progress (a bar on a terminal, log lines otherwise).")
 @click.option("--exact", is_flag=True, help="Also store the original bits and files (unpack --exact gives them back).")
 def pack(base, task_specs, output, lambda_specs, merge, codec, level, checksum, chunk_elements,
          keep_base_only, allow_mismatch, threads, force, progress, exact, **method_options) -> None:
@@ -117,16 +140,16 @@ def pack(base, task_specs, output, lambda_specs, merge, codec, level, checksum, 
     lambdas = _parse_lambdas(lambda_specs, tasks)
     if chunk_elements % 8:
         raise click.BadParameter("must be a multiple of 8", param_hint="--chunk-elements")
-    if output.exists() and not force:
+    if staging.exists(output) and not force:
         _fail(f"{output}: already exists; pass --force to overwrite it")
     prefix = f"{merge}_"
     merge_spec = {"method": merge} | {k[len(prefix):]: v for k, v in method_options.items() if k.startswith(prefix)}
     options = PackOptions(lambdas=lambdas, merge=merge_spec, codec=codec, level=level, checksum=checksum,
                           chunk_elements=chunk_elements, keep_base_only=keep_base_only,
                           allow_mismatch=allow_mismatch, threads=threads,
-                          progress=progress and sys.stderr.isatty(), exact=exact)
+                          progress=_progress(progress), exact=exact)
     m = tallpack.pack(base, tasks, output, options)
-    size = output.stat().st_size
+    size = staging.size(output)
     src = m.stats["source_bytes"]
     click.echo(f"wrote {output}: {len(m.tasks)} tasks, {format_size(size)} from {format_size(src)} ({src / size:.2f}x)")
 
@@ -134,29 +157,38 @@ def pack(base, task_specs, output, lambda_specs, merge, codec, level, checksum, 
 @main.command()
 @click.argument("archive")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
-def inspect(archive: str, as_json: bool) -> None:
+@click.option("--tensors", is_flag=True, help="Per tensor: kind, shape, dtype, stored bytes, codec, density per task.")
+def inspect(archive: str, as_json: bool, tensors: bool) -> None:
     """Show an archive's tasks, sizes, ratios, mask densities and fidelity."""
     with tallpack.open(archive) as fam:
         s = fam.summary()
-    click.echo(json.dumps(s, indent=2) if as_json else render(s))
+        rows = tensor_rows(fam.manifest) if tensors else None
+    if as_json:
+        click.echo(json.dumps(s | ({"tensors": rows} if rows is not None else {}), indent=2))
+    else:
+        click.echo(render(s) + (f"\n\n{render_tensors(rows, list(fam.tasks))}" if rows is not None else ""))
 
 
 @main.command()
 @click.argument("archive")
 @click.option("--task", "task_names", multiple=True, help="The task to write (repeat for several).")
 @click.option("--all", "all_tasks", is_flag=True, help="Write every task, each in OUTDIR/NAME.")
-@click.option("-o", "--output", required=True, type=click.Path(file_okay=False, path_type=Path),
-              help="The folder to write model.safetensors into.")
+@click.option("-o", "--output", required=True, help="The folder to write into (a path or a URL).")
+@_MAX_SHARD
 @click.option("--exact", is_flag=True, help="Write the original files byte for byte (archives packed with --exact).")
-def unpack(archive: str, task_names: tuple[str, ...], all_tasks: bool, output: Path, exact: bool) -> None:
-    """Rebuild tasks and write each as a safetensors checkpoint folder."""
+def unpack(archive: str, task_names: tuple[str, ...], all_tasks: bool, output: str,
+           max_shard_size: str | None, exact: bool) -> None:
+    """Rebuild tasks and write each as a Hugging Face folder: safetensors (sharded like the
+    original) and the folder's kept files (config, tokenizer, ...); with --exact, the original
+    files byte for byte."""
     with tallpack.open(archive) as fam:
         if not task_names and not all_tasks:
             raise click.UsageError(f"name a task with --task (tasks: {', '.join(fam.tasks)}) or pass --all")
+        kw = {"max_shard_size": max_shard_size, "progress": _progress()}
         if len(task_names) == 1 and not all_tasks:
-            paths = [tallpack.write_task(fam, task_names[0], output, exact=exact)]
+            paths = [tallpack.write_task(fam, task_names[0], output, exact=exact, **kw)]
         else:
-            paths = tallpack.write_tasks(fam, None if all_tasks else task_names, output, exact=exact)
+            paths = tallpack.write_tasks(fam, None if all_tasks else task_names, output, exact=exact, **kw)
     for path in paths:
         click.echo(f"wrote {path}")
 
@@ -166,7 +198,7 @@ def unpack(archive: str, task_names: tuple[str, ...], all_tasks: bool, output: P
 def verify(archive: str) -> None:
     """Check every checksum and decode every section; exit 1 if anything is damaged."""
     with tallpack.open(archive) as fam:
-        problems = fam.verify()
+        problems = fam.verify(progress=_progress())
         n = fam.chunk_count()
     if problems:
         for p in problems:
@@ -185,14 +217,33 @@ def verify(archive: str) -> None:
 @click.option("--alpha", type=float, default=None,
               help="Scale of the merged vector (default: 1/T for sums, 1.0 for TIES).")
 @click.option("--task", "task", default=None, help="Add this task's own tensors (its head) to the model.")
-@click.option("-o", "--output", required=True, type=click.Path(file_okay=False, path_type=Path),
-              help="The folder to write model.safetensors into.")
-def merge(archive: str, method: str, k: int, alpha: float | None, task: str | None, output: Path) -> None:
+@click.option("-o", "--output", required=True, help="The folder to write into (a path or a URL).")
+@_MAX_SHARD
+def merge(archive: str, method: str, k: int, alpha: float | None, task: str | None, output: str,
+          max_shard_size: str | None) -> None:
     """Write one multi-task model merged from the archive's tasks."""
     with tallpack.open(archive) as fam:
         alpha = default_alpha(method, len(fam.tasks)) if alpha is None else alpha
-        path, n = tallpack.write_merged(fam, output, method, k=k, alpha=alpha, task=task)
+        path, n = tallpack.write_merged(fam, output, method, k=k, alpha=alpha, task=task,
+                                        max_shard_size=max_shard_size, progress=_progress())
     click.echo(f"wrote {path} ({method}, k={k}, alpha={alpha:g}, {n} tensors)")
+
+
+@main.command()
+@click.argument("archive")
+@click.option("--plot", "plot_path", default=None, metavar="PNG",
+              help="Also draw the figure (tasks using each weight, density per task and per layer); needs matplotlib.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
+def stats(archive: str, plot_path: str | None, as_json: bool) -> None:
+    """How many tasks use each weight (catastrophic, selfish, consensus), density per task and layer."""
+    from tallpack import stats as mask_stats
+
+    with tallpack.open(archive) as fam:
+        s = mask_stats.compute(fam, progress=_progress())
+    click.echo(json.dumps(s.to_dict(), indent=2) if as_json else mask_stats.render(s))
+    if plot_path:
+        click.echo(f"wrote {mask_stats.plot(s, plot_path, title=f'{Path(archive).name}: {len(s.tasks)} tasks')}",
+                   err=as_json)
 
 
 @main.command()

@@ -39,11 +39,11 @@ log = logging.getLogger(__name__)
 MAGIC = b"TALLPACK"
 END_MAGIC = b"TALLPEND"
 #: The format version this reader implements (it reads every minor of this major).
-MAJOR, MINOR = 1, 3
+MAJOR, MINOR = 1, 4
 #: The minor version that introduced each optional feature (a checksum, a codec id, ...): a writer
 #: writes the lowest minor version that covers the features it uses (spec §8).
 FEATURE_MINOR: dict[str, int] = {"checksum:crc32": 0, "checksum:xxh3-64": 1, "codec:zstd": 0, "codec:bytegroup": 0,
-                                 "codec:bitpack": 0, "field:exact": 2, "codec:planes": 3}
+                                 "codec:bitpack": 0, "field:exact": 2, "codec:planes": 3, "field:files": 4}
 
 
 def format_version(features: set[str] | frozenset[str]) -> tuple[int, int]:
@@ -56,9 +56,11 @@ ALIGNMENT = 64
 
 #: Limits a reader enforces before trusting anything in the file.
 MAX_MANIFEST_BYTES = 256 << 20
+#: A remote array is fetched in windows of at most this many stored bytes.
+PREFETCH_BYTES = 64 << 20
 
 __all__ = ["ArrayRef", "Chunk", "ContainerReader", "ContainerWriter", "DEFAULT_CHUNK_ELEMENTS",
-           "FOOTER", "HEADER", "MAJOR", "MINOR"]
+           "FEATURE_MINOR", "FOOTER", "HEADER", "MAJOR", "MINOR"]
 
 
 class ContainerWriter:
@@ -291,6 +293,13 @@ class ContainerReader:
         except FormatError as e:
             raise type(e)(f"{self.name}: {where}: chunk {i}: {e}") from None
 
+    def prefetch(self, refs: list[ArrayRef]) -> None:
+        """Announce the chunks of ``refs`` as read next: a remote source fetches them together
+        (coalesced; larger arrays are fetched in windows by ``read_array``); a local file needs nothing."""
+        fetch = getattr(self.source, "prefetch", None)
+        if fetch is not None and sum(ref.stored_nbytes for ref in refs) <= PREFETCH_BYTES:
+            fetch([(c.offset, c.nbytes) for ref in refs for c in ref.chunks])
+
     def read_array(self, ref: ArrayRef, where: str, start: int = 0, stop: int | None = None
                    ) -> bytearray | memoryview:
         """The decoded bytes of elements ``[start, stop)`` (default: the whole array), reading only
@@ -310,8 +319,18 @@ class ContainerReader:
             out = bytearray((stop - start) * isz)
         except MemoryError:
             raise FormatError(f"{self.name}: {where}: array of {ref.nbytes} bytes is too large") from None
-        pos = 0
+        pos, ahead = 0, first
+        fetch = getattr(self.source, "prefetch", None)
         for i in range(first, last + 1):
+            if fetch is not None and i == ahead:  # remote: the next chunks in one go, up to 64 MiB
+                window, size = [], 0
+                for c in ref.chunks[i : last + 1]:
+                    if window and size + c.nbytes > PREFETCH_BYTES:
+                        break
+                    window.append((c.offset, c.nbytes))
+                    size += c.nbytes
+                fetch(window)
+                ahead = i + len(window)
             piece = memoryview(self.read_chunk(ref, i, where))
             lo = max(start - i * ce, 0) * isz
             hi = (min(stop, (i + 1) * ce) - i * ce) * isz

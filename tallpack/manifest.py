@@ -11,9 +11,11 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
+from .arrays import ArrayRef
 from .checksums import checksum_function
 from .encodings import TaskTensor, TensorEntry
 from .errors import FormatError, InvalidArgumentError
+from .folders import check_blob, check_file_map
 from .merging import METHODS
 
 __all__ = ["Manifest", "TaskInfo", "TaskTensor", "TensorEntry", "check_task_name", "count_kinds"]
@@ -57,18 +59,21 @@ class TaskInfo:
     metadata: dict[str, Any] = field(default_factory=dict)
     #: the exact tier's record of the input's files (spec §6.5); None: packed without it
     exact: dict[str, Any] | None = None
+    #: the folder's other files (1.4): relative name -> SHA-256 of a stored content
+    files: dict[str, str] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "lambda": self.lam, "density": self.density,
                 "fidelity": self.fidelity, "keys": list(self.keys), "source": self.source,
-                "metadata": self.metadata, **({"exact": self.exact} if self.exact is not None else {})}
+                "metadata": self.metadata, **({"exact": self.exact} if self.exact is not None else {}),
+                **({"files": self.files} if self.files else {})}
 
     @classmethod
     def from_dict(cls, d: Any) -> "TaskInfo":
         try:
             info = cls(d["name"], d.get("lambda"), d.get("density"), dict(d.get("fidelity") or {}),
                        tuple(d["keys"]), dict(d.get("source") or {}), dict(d.get("metadata") or {}),
-                       None if d.get("exact") is None else dict(d["exact"]))
+                       None if d.get("exact") is None else dict(d["exact"]), dict(d.get("files") or {}))
         except (KeyError, TypeError, ValueError):
             raise FormatError(f"malformed task entry {str(d)[:80]}") from None
         if not isinstance(info.name, str) or not all(isinstance(k, str) for k in info.keys):
@@ -92,8 +97,11 @@ class Manifest:
     stats: dict[str, Any] = field(default_factory=dict)
     metadata: dict[str, Any] = field(default_factory=dict)
     checksum: str = "crc32"
+    #: stored folder files (1.4): SHA-256 -> the content as a uint8 array
+    files: dict[str, ArrayRef] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
+        files = {"files": {k: v.to_dict() for k, v in self.files.items()}} if self.files else {}
         return {
             "format": "tallpack",
             "format_version": list(self.format_version),
@@ -105,6 +113,7 @@ class Manifest:
             "tensors": [t.to_dict() for t in self.tensors],
             "stats": self.stats,
             "metadata": self.metadata,
+            **files,
         }
 
     @classmethod
@@ -121,12 +130,18 @@ class Manifest:
             version = tuple(d["format_version"])
             if len(version) != 2 or not all(type(v) is int and 0 <= v < 1 << 16 for v in version):
                 raise FormatError(f"format_version must be two integers below 65536, got {str(version)[:40]}")
+            blobs = {k: ArrayRef.from_dict(v, f"file content {str(k)[:12]}") for k, v in (d.get("files") or {}).items()}
             m = cls((version[0], version[1]), str(d.get("writer", "")), dict(d["merge"]),
                     tasks, tensors, dict(d.get("base") or {}), dict(d.get("stats") or {}),
-                    dict(d.get("metadata") or {}), d.get("checksum", "crc32"))
+                    dict(d.get("metadata") or {}), d.get("checksum", "crc32"), blobs)
+            for digest, ref in blobs.items():
+                check_blob(digest, ref)
+            for info in tasks:
+                check_file_map(info.files, f"task {info.name!r}", blobs)
+            check_file_map(m.base.get("files") or {}, "base", blobs)
         except FormatError:
             raise
-        except (KeyError, TypeError, ValueError, IndexError):
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError):
             raise FormatError("manifest is missing required keys or has malformed ones") from None
         source_bytes = m.stats.get("source_bytes", 0)
         if type(source_bytes) is not int or not 0 <= source_bytes <= MAX_INT:

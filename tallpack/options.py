@@ -16,6 +16,7 @@ from .checksums import CHECKSUMS, DEFAULT_CHECKSUM
 from .codecs import DENSE_PRESETS, Chain, CodecError, dense_chain, mask_chain
 from .errors import InvalidArgumentError
 from .merging import MergeMethod, get_method
+from .progress import ProgressLike
 from .tall import DEFAULT_LAMBDA
 
 #: A task evaluator: ``fn(task_name, state_dict) -> score``, higher is better.
@@ -44,7 +45,7 @@ class PackOptions:
     allow_mismatch: bool = False
     metadata: Mapping[str, Any] = field(default_factory=dict)
     threads: int | None = None
-    progress: bool = False
+    progress: ProgressLike = False  # True: a tqdm bar; or fn(desc, done, total)
     checksum: str = DEFAULT_CHECKSUM
     #: also store every task's original bits and files (the exact tier, format 1.2)
     exact: bool = False

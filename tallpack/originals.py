@@ -60,7 +60,7 @@ def _header_text(path: Path) -> str:
 def record(src: Source) -> dict[str, Any]:
     """What the exact tier keeps of one input's files (``tasks[i].exact`` in the manifest)."""
     files = []
-    for path in src.files:
+    for path in src.weight_files:
         name = os.path.relpath(path, src.root).replace(os.sep, "/") if src.root else path.name
         sha, size = _sha256(path)
         f: dict[str, Any] = {"name": name, "size": size, "sha256": sha}

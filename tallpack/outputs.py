@@ -1,6 +1,9 @@
 """Outputs: write a rebuilt task, every task, or a merged model as a safetensors checkpoint folder.
 
-Each file is written to a temporary name and renamed when complete.
+Each file is written to a temporary name and renamed when complete. A folder has the task's
+original shard files and index when the archive recorded them (or shards of ``max_shard_size``),
+and the folder's other files (config, tokenizer, model card) when the archive kept them. An
+output that is a URL is written locally, then uploaded (:mod:`tallpack.staging`).
 """
 
 from __future__ import annotations
@@ -12,12 +15,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from safetensors.torch import save_file
 
+from .elements import itemsize, numel
 from .errors import InvalidArgumentError
-from .fsutil import commit, temp_beside
+from .folders import write_files
 from .manifest import check_task_name
 from .originals import write_originals
+from .progress import ProgressLike
+from .sharding import INDEX, SINGLE, _atomic, plan_by_size, plan_from_layout, write_shards
+from .staging import staged
+from .storage import is_url
 
 if TYPE_CHECKING:
     from .reader import Archive
@@ -29,8 +36,17 @@ def write_checkpoint(
     *,
     metadata: Mapping[str, Any] | None = None,
     config: Mapping[str, Any] | None = None,
+    layout: Mapping[str, Any] | None = None,
+    max_shard_size: int | str | None = None,
+    sizes: Mapping[str, int] | None = None,
+    progress: ProgressLike = None,
 ) -> Path:
     """Write ``OUTDIR/model.safetensors`` (and ``config.json`` when given); returns the file's path.
+
+    With ``max_shard_size`` (``"5GB"``), or a recorded ``layout`` (``{"shards": [[file, count],
+    ...], "index_metadata": {...}}``, from the archive), shards and ``model.safetensors.index.json``
+    instead; then the index's path is returned. ``sizes`` (bytes per tensor) spares reading a lazy
+    ``state_dict`` to plan by size.
 
     >>> write_checkpoint(fam.state_dict("cars"), "cars/", metadata={"task": "cars"})
     """
@@ -39,57 +55,91 @@ def write_checkpoint(
         raise InvalidArgumentError(f"{out}: exists and is not a folder")
     out.mkdir(parents=True, exist_ok=True)
     meta = {str(k): v if isinstance(v, str) else json.dumps(v) for k, v in (metadata or {}).items()}
-    target = out / "model.safetensors"
-    _atomic(target, lambda tmp: save_file(dict(state_dict), str(tmp), metadata=meta))
+    keys = list(state_dict)
+    plan = None
+    if max_shard_size is not None:
+        sizes = sizes or {k: state_dict[k].numel() * state_dict[k].element_size() for k in keys}
+        plan = plan_by_size({k: sizes[k] for k in keys}, max_shard_size)
+    elif layout:
+        plan = plan_from_layout(keys, layout.get("shards"))
+    target = write_shards(state_dict, plan or {SINGLE: keys}, out, metadata=meta, sizes=sizes,
+                          index_metadata=(layout or {}).get("index_metadata"), progress=progress)
+    if target.name != INDEX:
+        (out / INDEX).unlink(missing_ok=True)  # an index left by an earlier, sharded write would mislead
     if config is not None:
         _atomic(out / "config.json", lambda tmp: tmp.write_text(json.dumps(config, indent=2) + "\n"))
     return target
 
 
-def _atomic(target: Path, write) -> None:
-    fd, tmp = temp_beside(target)
-    os.close(fd)
-    try:
-        write(tmp)
-        commit(tmp, target)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def task_metadata(archive: "Archive", task: str) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """The safetensors metadata and HF config to write beside an unpacked task."""
     info = archive.task_info(task)
-    meta = {"tallpack.task": task, "tallpack.lambda": info.lam, "tallpack.archive": os.path.basename(archive.name)}
+    meta = {"tallpack.task": task, "tallpack.lambda": info.lam, "tallpack.archive": os.path.basename(archive.name.rstrip("/"))}
     for k, v in info.metadata.items():
         if isinstance(v, str):
             meta.setdefault(k, v)
     return meta, info.metadata.get("config")
 
 
-def write_task(archive: "Archive", task: str, outdir: str | os.PathLike, *, exact: bool = False) -> Path:
-    """Rebuild one task and write it as ``OUTDIR/model.safetensors`` (+ its ``config.json``).
+def _sizes(archive: "Archive", task: str) -> dict[str, int]:
+    entries = {e.name: e for e in archive.manifest.tensors}
+    return {k: numel(tt.shape) * itemsize(tt.dtype)
+            for k in archive.keys(task) for tt in (entries[k].tasks[task],)}
+
+
+def _folder(archive: "Archive", state_dict: Mapping[str, torch.Tensor], out: Path, *, meta: dict[str, Any],
+            config: Mapping[str, Any] | None, files: Mapping[str, str], layout: Mapping[str, Any] | None,
+            max_shard_size: int | str | None, sizes: Mapping[str, int] | None, progress: ProgressLike) -> Path:
+    """Weights, then the kept folder files (never over a weight file or index just written)."""
+    target = write_checkpoint(state_dict, out, metadata=meta, config=None if "config.json" in files else config,
+                              layout=layout, max_shard_size=max_shard_size, sizes=sizes, progress=progress)
+    weights = {p.name for p in out.glob("*.safetensors")} | {INDEX}
+    write_files(out, files, archive.manifest.files, lambda ref, where: archive.read_array(ref, where).numpy().tobytes(),
+                skip=weights)
+    return target
+
+
+def _shown(outdir: str | os.PathLike, local_root: Path, path: Path) -> Path | str:
+    """``path`` as the user will find it: under the URL when the output is one."""
+    if not is_url(outdir):
+        return path
+    return f"{os.fspath(outdir).rstrip('/')}/{path.relative_to(local_root).as_posix()}"
+
+
+def write_task(archive: "Archive", task: str, outdir: str | os.PathLike, *, exact: bool = False,
+               max_shard_size: int | str | None = None, progress: ProgressLike = None,
+               storage_options: dict[str, Any] | None = None) -> Path | str:
+    """Rebuild one task and write it as a folder: ``model.safetensors`` (or the original's shards
+    and index, or shards of ``max_shard_size``), plus its kept folder files (``config.json``,
+    tokenizer, ...). ``outdir`` may be a URL. Returns the weights file or the index.
 
     With ``exact=True`` (archives packed with the exact tier), the original files byte for byte
     (each checked against its SHA-256); for PyTorch or in-memory inputs, the original tensors as
     ``model.safetensors``. Returns the first file written.
 
     >>> write_task(fam, "cars", "cars/")
+    >>> write_task(fam, "cars", "s3://models/cars", max_shard_size="5GB")
     """
     if exact:
         archive.require_exact(task)
-        paths, complete = write_originals(archive, task, outdir)
-        if complete:
-            return paths[0]
-        meta, _ = task_metadata(archive, task)
-        return write_checkpoint(archive.state_dict(task, exact=True), outdir, metadata=meta)
+        with staged(outdir, storage_options) as local:
+            paths, complete = write_originals(archive, task, local)
+            if not complete:
+                meta, _ = task_metadata(archive, task)
+                paths = [write_checkpoint(archive.state_dict(task, exact=True), local, metadata=meta)]
+            return _shown(outdir, local, Path(paths[0]))
     meta, config = task_metadata(archive, task)
-    return write_checkpoint(archive.state_dict(task), outdir, metadata=meta, config=config)
+    with staged(outdir, storage_options) as local:
+        path = _folder(archive, archive.state_dict(task, lazy=True), local, meta=meta, config=config,
+                       files=archive.files(task), layout=archive.task_info(task).source,
+                       max_shard_size=max_shard_size, sizes=_sizes(archive, task), progress=progress)
+        return _shown(outdir, local, path)
 
 
 def write_tasks(archive: "Archive", tasks: Sequence[str] | None, outdir: str | os.PathLike, *,
-                exact: bool = False) -> list[Path]:
-    """Write several tasks (None: all), each as ``OUTDIR/NAME/model.safetensors``.
+                exact: bool = False, max_shard_size: int | str | None = None, progress: ProgressLike = None,
+                storage_options: dict[str, Any] | None = None) -> list[Path | str]:
+    """Write several tasks (None: all), each as the folder ``OUTDIR/NAME`` (see :func:`write_task`).
 
     Every name is checked first (it must exist and be a safe folder name), so nothing is written
     when one is bad.
@@ -100,14 +150,25 @@ def write_tasks(archive: "Archive", tasks: Sequence[str] | None, outdir: str | o
         check_task_name(name)  # an archive's task name becomes a folder name
         if exact:
             archive.require_exact(name)
-    return [write_task(archive, name, Path(outdir) / name, exact=exact) for name in names]
+    with staged(outdir, storage_options) as local:
+        paths = [write_task(archive, name, local / name, exact=exact, max_shard_size=max_shard_size,
+                            progress=progress) for name in names]
+        return [_shown(outdir, local, Path(p)) for p in paths]
 
 
 def write_merged(archive: "Archive", outdir: str | os.PathLike, method: str = "consensus-ta", *, k: int = 2,
-                 alpha: float, task: str | None = None) -> tuple[Path, int]:
-    """Write a merged model (see :meth:`tallpack.Archive.merged`); returns the file and its tensor count."""
+                 alpha: float, task: str | None = None, max_shard_size: int | str | None = None,
+                 progress: ProgressLike = None,
+                 storage_options: dict[str, Any] | None = None) -> tuple[Path | str, int]:
+    """Write a merged model (see :meth:`tallpack.Archive.merged`) with the folder files of the
+    task (or, without one, of the base); returns the weights file (or index) and its tensor count."""
     sd = archive.merged(method, k=k, alpha=alpha, task=task)
     meta = {"tallpack.merge": method, "tallpack.k": k, "tallpack.alpha": alpha,
             "tallpack.tasks": list(archive.tasks)} | ({"tallpack.task": task} if task else {})
-    config = (archive.task_info(task).metadata if task else archive.manifest.base.get("metadata", {})).get("config")
-    return write_checkpoint(sd, outdir, metadata=meta, config=config), len(sd)
+    where = archive.task_info(task) if task else None
+    source = where.source if where else archive.manifest.base
+    config = (where.metadata if where else archive.manifest.base.get("metadata", {})).get("config")
+    with staged(outdir, storage_options) as local:
+        path = _folder(archive, sd, local, meta=meta, config=config, files=archive.files(task),
+                       layout=source, max_shard_size=max_shard_size, sizes=None, progress=progress)
+        return _shown(outdir, local, path), len(sd)

@@ -18,20 +18,23 @@ from .elements import itemsize
 from .encodings import BY_KIND, WriteContext
 from .encodings.exact import add_exact
 from .errors import InvalidArgumentError
+from .folders import FileStore
 from .inputs import PackInputs, TasksLike
 from .manifest import Manifest, TaskInfo, TensorEntry, count_kinds
 from .options import PackOptions, Validated
 from .originals import record
 from .plan import Kind
+from .progress import track
 from .selection import select_lambdas
 from .sources import SourceLike
+from .staging import staged
 from .tall import Fidelity
 
 log = logging.getLogger(__name__)
 
 
 def pack(base: SourceLike, tasks: TasksLike, out: str | os.PathLike, options: PackOptions | None = None,
-         **overrides: Any) -> Manifest:
+         *, storage_options: dict[str, Any] | None = None, **overrides: Any) -> Manifest:
     """Pack a base model and its fine-tunes into one ``.tallpack`` archive; returns its manifest.
 
     ``tasks`` maps names to checkpoints (paths, folders or dicts of tensors); a list takes each
@@ -39,6 +42,8 @@ def pack(base: SourceLike, tasks: TasksLike, out: str | os.PathLike, options: Pa
     keywords: ``lambdas`` (one value or one per task; with ``evaluate`` each task's lambda is
     chosen from ``lambda_grid`` by its score instead), ``merge`` (``"ta"``, ``"ties"`` or
     ``{"method": "ties", "top_k": 0.3}``), ``codec``, ``level``, ``chunk_elements``, ...
+    ``out`` may be a URL fsspec understands: the archive is written locally, then uploaded
+    (``storage_options`` go to fsspec).
 
     >>> pack("base/", {"cars": "ft/cars", "dtd": "ft/dtd"}, "family.tallpack", lambdas=0.4)
     """
@@ -60,7 +65,8 @@ def pack(base: SourceLike, tasks: TasksLike, out: str | os.PathLike, options: Pa
         if opts.evaluate is not None:
             selection = select_lambdas(fam, v.method, opts.evaluate, grid=opts.lambda_grid)
             lams = selection.chosen
-        return _write(fam, v, lams, Path(out), selection.to_dict() if selection else None)
+        with staged(out, storage_options) as local:
+            return _write(fam, v, lams, local, selection.to_dict() if selection else None)
     finally:
         fam.close()
 
@@ -70,11 +76,12 @@ def _write(fam: PackInputs, v: Validated, lams: dict[str, float], out: Path, sel
     names = list(fam.tasks)
     fidelity = {t: Fidelity() for t in names}
     entries: list[TensorEntry] = []
-    tensors = fam.plan.tensors
-    if opts.progress:
-        from tqdm.auto import tqdm
-        tensors = tqdm(tensors, desc="packing", unit="tensor")
-    with ContainerWriter(out, threads=opts.threads, checksum=opts.checksum, features=v.features()) as w:
+    tensors = track(fam.plan.tensors, opts.progress, "packing")
+    sources = [fam.base, *fam.tasks.values()]
+    features = v.features() | ({"field:files"} if any(s.files for s in sources) else set())
+    with ContainerWriter(out, threads=opts.threads, checksum=opts.checksum, features=frozenset(features)) as w:
+        store = FileStore(w, opts.level, opts.chunk_elements)
+        base_files = store.add(fam.base.files, "base")
         ctx = WriteContext(w, opts.chunk_elements, lambda dt: v.dense(itemsize(dt)), v.masks(), v.method,
                            lams, fidelity, v.residuals if opts.exact else None)
         for entry in tensors:
@@ -91,13 +98,13 @@ def _write(fam: PackInputs, v: Validated, lams: dict[str, float], out: Path, sel
             src, fid = fam.tasks[t], fidelity[t]
             infos.append(TaskInfo(t, lams[t], fid.density if fid.numel else None, fid.to_dict(),
                                   tuple(src.keys()), src.describe(), src.metadata,
-                                  record(src) if opts.exact else None))
+                                  record(src) if opts.exact else None, store.add(src.files, f"task {t!r}")))
         manifest = Manifest(
             w.version, f"tallpack {__version__}", v.method.params(), tuple(infos), tuple(entries),
-            base=fam.base.describe() | {"metadata": fam.base.metadata},
+            base=fam.base.describe() | {"metadata": fam.base.metadata} | ({"files": base_files} if base_files else {}),
             stats={"source_bytes": fam.source_bytes, "kinds": count_kinds(entries),
                    **({"selection": selection} if selection else {})},
-            metadata=dict(opts.metadata or {}), checksum=w.checksum_name,
+            metadata=dict(opts.metadata or {}), checksum=w.checksum_name, files=store.blobs,
         )
         w.finish(manifest.to_dict())
     return manifest

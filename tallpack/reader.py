@@ -18,17 +18,19 @@ import torch
 
 from .arrays import ArrayRef
 from .cache import DEFAULT_CACHE_BYTES, ByteLRU
-from .container import ContainerReader
+from .container import PREFETCH_BYTES, ContainerReader
 from .dtypes import bytes_to_tensor, view_tensor
 from .elements import numel
-from .encodings import TaskTensor, TensorEntry, Use, encoding_for, iter_arrays
+from .encodings import Encoding, TaskTensor, TensorEntry, Use, encoding_for, iter_arrays
 from .encodings.exact import rebuild_exact
 from .errors import (ExactTierMissingError, FormatError, InvalidArgumentError, TallpackError, TaskNotFoundError,
                      TensorNotFoundError,
                      UnsupportedVersionError)
 from .manifest import Manifest, TaskInfo
+from .folders import read_blob
 from .merged import MergeParts
 from .originals import verify_originals
+from .progress import ProgressLike, track
 from .report import summarize
 from .storage import open_bytes
 
@@ -59,6 +61,8 @@ class Archive:
         self._tasks: dict[str, TaskInfo] = {t.name: t for t in self.manifest.tasks}
         for name, key, ref in iter_arrays(self.manifest.tensors):
             container.register(ref, f"tensor {name!r} ({key})")
+        for digest, ref in self.manifest.files.items():
+            container.register(ref, f"file content {digest[:12]}")
         container.check_layout()
 
     # -- context manager -------------------------------------------------------------------
@@ -95,6 +99,12 @@ class Archive:
     @property
     def format_version(self) -> tuple[int, int]:
         return self._c.version
+
+    @property
+    def source(self) -> Any:
+        """Where the bytes come from: a memory-mapped file, or a remote one whose ``requests`` and
+        ``fetched`` count its range reads."""
+        return self._c.source
 
     @property
     def size(self) -> int:
@@ -182,6 +192,8 @@ class Archive:
         row = numel(tt.shape[1:]) if tt.shape else 1
         start, stop = (0, None) if rows is None else (rows[0] * row, rows[1] * row)
         needed = encoding.inputs(entry, tt)
+        if rows is None:
+            self._c.prefetch(_needs(entry, tt, encoding))  # remote: one coalesced fetch
 
         def read(k: str, ref: ArrayRef, use: Use) -> torch.Tensor:
             return self.read_array(ref, f"{where} ({k})", use, device=device, start=start, stop=stop)
@@ -223,23 +235,34 @@ class Archive:
 
         With ``lazy=True``, a read-only mapping that rebuilds each tensor when it is indexed; with
         ``exact=True``, the original bits (archives packed with the exact tier); with ``device``,
-        tensors rebuilt on that device (see :meth:`get_tensor`).
+        tensors rebuilt on that device (see :meth:`get_tensor`). From a remote archive, the
+        chunks of a batch of tensors (up to 64 MiB stored) are fetched together.
         """
         if exact:
             self.require_exact(task)
         sd = LazyStateDict(self, task, exact=exact, device=device)
         if lazy:
             return sd
+        needs = []
+        for name in sd:
+            entry, tt = self._entry(task, name)
+            enc = encoding_for(tt.encoding)
+            needs.append((name, _needs(entry, tt, enc) if enc else []))
         pool = self._workers()
-        if pool is None:
-            return {k: self._rebuild(task, k, None, exact, device) for k in sd}
-        futures = [pool.submit(self._rebuild, task, k, None, exact, device) for k in sd]
-        try:
-            return {k: f.result() for k, f in zip(sd, futures)}
-        except BaseException:
-            for f in futures:
-                f.cancel()
-            raise
+        out: dict[str, torch.Tensor] = {}
+        for batch in _batches(needs):
+            self._c.prefetch([r for _, refs in batch for r in refs])
+            if pool is None:
+                out.update((k, self._rebuild(task, k, None, exact, device)) for k, _ in batch)
+                continue
+            futures = [pool.submit(self._rebuild, task, k, None, exact, device) for k, _ in batch]
+            try:
+                out.update((k, f.result()) for (k, _), f in zip(batch, futures))
+            except BaseException:
+                for f in futures:
+                    f.cancel()
+                raise
+        return out
 
     def base_tensor(self, name: str) -> torch.Tensor | None:
         """theta_0 of a tensor, when the archive holds it (merged and base-only tensors)."""
@@ -273,24 +296,69 @@ class Archive:
         """Number of stored chunks."""
         return sum(len(ref.chunks) for _, _, ref in iter_arrays(self.manifest.tensors))
 
-    def verify(self) -> list[str]:
-        """Check every chunk's checksum and decode it, and that padding is zero; with the exact
-        tier, rebuild every original tensor and file and check their hashes. Returns the
-        problems found (empty: intact)."""
+    def verify(self, *, progress: ProgressLike = None) -> list[str]:
+        """Check every chunk's checksum and decode it, every kept file's SHA-256, and that padding
+        is zero; with the exact tier, rebuild every original tensor and file and check their
+        hashes. Returns the problems found (empty: intact)."""
         problems = self._c.verify_padding()
-        for name, key, ref in iter_arrays(self.manifest.tensors):
-            where = f"tensor {name!r} ({key})"
+        arrays = [(f"tensor {name!r} ({key})", ref) for name, key, ref in iter_arrays(self.manifest.tensors)]
+        arrays += [(f"file content {d[:12]}", ref) for d, ref in self.manifest.files.items()]
+        batches = _batches([((where, ref), [ref]) for where, ref in arrays])
+        for batch in track(batches, progress, "verifying", unit="batch"):
+            self._c.prefetch([ref for (_, ref), _ in batch if ref.stored_nbytes <= PREFETCH_BYTES])
+            for (where, ref), _ in batch:
+                try:
+                    for i in range(len(ref.chunks)):
+                        self._c.read_chunk(ref, i, where)
+                except TallpackError as e:
+                    problems.append(str(e))
+        for digest, ref in self.manifest.files.items():
             try:
-                for i in range(len(ref.chunks)):
-                    self._c.read_chunk(ref, i, where)
+                read_blob(self._c.read_array, digest, ref, f"{self.name}: file content {digest[:12]}")
             except TallpackError as e:
                 problems.append(str(e))
         return problems + verify_originals(self)
+
+    # -- folder files ------------------------------------------------------------------------
+    def files(self, task: str | None = None) -> dict[str, str]:
+        """The folder files kept for a task (None: the base), as relative name -> SHA-256; empty
+        when it did not come from a folder (or the archive predates format 1.2)."""
+        if task is None:
+            return dict(self.manifest.base.get("files") or {})
+        return dict(self.task_info(task).files)
+
+    def read_file(self, name: str, task: str | None = None) -> bytes:
+        """One kept folder file's bytes (``fam.read_file("tokenizer.json", "cars")``)."""
+        digest = self.files(task).get(name)
+        if digest is None:
+            who = "the base" if task is None else f"task {task!r}"
+            raise TallpackError(f"{self.name}: {who} has no file {name!r}")
+        return read_blob(self._c.read_array, digest, self.manifest.files[digest], f"{self.name}: file {name!r}")
 
     def summary(self) -> dict[str, Any]:
         """What ``tallpack inspect`` shows: tasks, sizes, ratios, densities, fidelity."""
         return summarize(self.manifest, path=self.name, archive_bytes=self.size,
                          format_version=self.format_version)
+
+
+def _needs(entry: TensorEntry, tt: TaskTensor, encoding: type[Encoding]) -> list[ArrayRef]:
+    """The arrays rebuilding one task's tensor reads."""
+    return [ref for ref, _ in encoding.inputs(entry, tt).values()]
+
+
+def _batches(items: list[tuple[Any, list[ArrayRef]]]) -> list[list[tuple[Any, list[ArrayRef]]]]:
+    """Consecutive items grouped so that each group's arrays store at most PREFETCH_BYTES
+    (an item larger than that is a group alone)."""
+    out: list[list[tuple[Any, list[ArrayRef]]]] = []
+    size = 0
+    for item in items:
+        n = sum(r.stored_nbytes for r in item[1])
+        if not out or size + n > PREFETCH_BYTES:
+            out.append([])
+            size = 0
+        out[-1].append(item)
+        size += n
+    return out
 
 
 class LazyStateDict(Mapping):

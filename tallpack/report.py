@@ -103,3 +103,46 @@ def render(s: dict[str, Any]) -> str:
                      f"{_fmt(f.get('rel_l2'), '.3f'):>7} {_fmt(f.get('cosine'), '.3f'):>7} "
                      f"{_fmt(t['mask_bits_per_param'], '.3f'):>9} {_fmt(t['mask_entropy_bits_per_param'], '.3f'):>6}")
     return "\n".join(lines)
+
+
+def _chain(ref) -> str:
+    return "+".join(c.get("id", "?") for c in ref.codecs) or "raw"
+
+
+def tensor_rows(manifest: Manifest) -> list[dict[str, Any]]:
+    """One row per tensor entry (``tallpack inspect --tensors``): kind, shape and dtype (of the
+    first task that has it, or of the base), stored bytes of every array it owns, the codec
+    chains used, and the mask density per task (tasks without a mask for it: absent)."""
+    rows = []
+    for e in manifest.tensors:
+        first = next(iter(e.tasks.values()), None)
+        ref = first if first is not None else e.arrays.get("base")
+        arrays = [r for _, r in e.all_arrays()]
+        density = {t: (tt.params.get("ones") or 0) / numel(tt.shape) if numel(tt.shape) else None
+                   for t, tt in e.tasks.items() if "mask" in tt.arrays}
+        shapes = {tuple(tt.shape) for tt in e.tasks.values()}
+        rows.append({
+            "name": e.name, "kind": e.kind,
+            "shape": list(ref.shape) if ref is not None else None,
+            "dtype": ref.dtype if ref is not None else None,
+            **({"shapes": {t: list(tt.shape) for t, tt in e.tasks.items()}} if len(shapes) > 1 else {}),
+            "stored_bytes": sum(r.stored_nbytes for r in arrays),
+            "codecs": sorted({_chain(r) for r in arrays}),
+            "density": density,
+        })
+    return rows
+
+
+def render_tensors(rows: list[dict[str, Any]], tasks: list[str]) -> str:
+    """The text table of :func:`tensor_rows`: one density column per task."""
+    width = max([len("tensor"), *(len(r["name"]) for r in rows)])
+    cols = [t[:8] for t in tasks]
+    header = (f"{'tensor':<{width}} {'kind':<9} {'shape':<14} {'dtype':<9} {'stored':>9} {'codec':<22} "
+              + " ".join(f"{c:>8}" for c in cols))
+    lines = [header, "-" * len(header)]
+    for r in rows:
+        shape = "per task" if "shapes" in r else "x".join(map(str, r["shape"] or [])) or "scalar"
+        dens = " ".join(f"{_fmt(r['density'].get(t), '.3f'):>8}" for t in tasks)
+        lines.append(f"{r['name']:<{width}} {r['kind']:<9} {shape:<14} {r['dtype'] or '-':<9} "
+                     f"{format_size(r['stored_bytes']):>9} {', '.join(r['codecs']):<22} {dens}")
+    return "\n".join(lines)

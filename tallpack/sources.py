@@ -77,9 +77,13 @@ class Source:
         self.metadata: dict[str, Any] = {}
         #: the checkpoint's own files (for the exact tier's file records): tensor files, then
         #: others the folder holds (shard index, config.json); ``root`` is the folder they are named from
-        self.files: list[Path] = []
+        self.weight_files: list[Path] = []
         self.other_files: list[Path] = []
         self.root: Path | None = None
+        #: a model folder's other files (config, tokenizer, model card): relative name -> path
+        self.files: dict[str, Path] = {}
+        #: a sharded folder's layout: ``{"shards": [[file, tensor count], ...], "index_metadata": {...}}``
+        self.layout: dict[str, Any] = {}
 
     def keys(self) -> list[str]:
         return list(self._infos)
@@ -112,7 +116,7 @@ class Source:
         raise NotImplementedError
 
     def describe(self) -> dict[str, Any]:
-        return {"format": self.kind, "path": self.label, "bytes": self.nbytes}
+        return {"format": self.kind, "path": self.label, "bytes": self.nbytes, **self.layout}
 
     def close(self) -> None:
         pass
@@ -125,7 +129,7 @@ class SafetensorsSource(Source):
 
     def __init__(self, label: str, files: list[Path]):
         super().__init__(label)
-        self.files = list(files)
+        self.weight_files = list(files)
         self._where: dict[str, Path] = {}
         self._handles: dict[Path, Any] = {}
         for path in files:
@@ -166,11 +170,13 @@ class TorchSource(Source):
 
     def __init__(self, label: str, files: list[Path]):
         super().__init__(label)
-        self.files = list(files)
+        self.weight_files = list(files)
         self._tensors: dict[str, torch.Tensor] = {}
+        self._where: dict[str, Path] = {}
         for path in files:
             for name, t in _torch_load(path).items():
                 self._tensors[name] = t
+                self._where[name] = path
                 self._infos[name] = TensorInfo(tuple(t.shape), dtype_name(t.dtype))
 
     def _load(self, name: str) -> torch.Tensor:
@@ -320,19 +326,20 @@ def _read_index(index: Path) -> list[str]:
     return sorted({_shard_name(index, k, v) for k, v in weight_map.items()})
 
 
-def _folder_files(folder: Path, roots: list[Path]) -> tuple[str, list[Path]]:
+def _folder_files(folder: Path, roots: list[Path]) -> tuple[str, list[Path], Path | None]:
+    """The weights' kind, their files, and the shard index when there is one."""
     for index_name, kind in (("model.safetensors.index.json", "safetensors"),
                              ("pytorch_model.bin.index.json", "torch")):
         index = folder / index_name
         if index.is_file() or index.is_symlink():
             _in_folder(folder, index, roots)
-            return kind, [_in_folder(folder, folder / s, roots) for s in _read_index(index)]
+            return kind, [_in_folder(folder, folder / s, roots) for s in _read_index(index)], index
     for name, kind in (("model.safetensors", "safetensors"), ("pytorch_model.bin", "torch")):
         if (folder / name).is_file() or (folder / name).is_symlink():
-            return kind, [_in_folder(folder, folder / name, roots)]
+            return kind, [_in_folder(folder, folder / name, roots)], None
     found = sorted(folder.glob("*.safetensors"))
     if len(found) == 1:
-        return "safetensors", [_in_folder(folder, found[0], roots)]
+        return "safetensors", [_in_folder(folder, found[0], roots)], None
     raise CheckpointError(
         f"{folder}: no model.safetensors, shard index or pytorch_model.bin in this folder"
     )
@@ -353,12 +360,15 @@ def open_source(obj: SourceLike, *, label: str | None = None) -> Source:
     path = Path(obj)
     if path.is_dir():
         roots = _roots(path)
-        kind, files = _folder_files(path, roots)
+        kind, files, index = _folder_files(path, roots)
         src: Source = SafetensorsSource(str(path), files) if kind == "safetensors" else TorchSource(str(path), files)
         src.kind = "hf-folder"
         src.root = path
         src.other_files = [_in_folder(path, path / n, roots) for n in (
             "model.safetensors.index.json", "pytorch_model.bin.index.json", "config.json") if (path / n).is_file()]
+        src.files = _other_files(path, roots, {*files, *([index] if index else [])})
+        if index is not None:
+            src.layout = _layout(src, index)
         config = path / "config.json"
         if config.is_file() or config.is_symlink():
             _in_folder(path, config, roots)
@@ -377,6 +387,71 @@ def open_source(obj: SourceLike, *, label: str | None = None) -> Source:
     raise CheckpointError(
         f"{path}: unknown checkpoint type; expected .safetensors, .bin/.pt/.pth or a model folder"
     )
+
+
+#: Weight files of other frameworks, and the pickled training arguments, left out of a folder's
+#: files (the archive stores the weights themselves; ``training_args.bin`` is a pickle).
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx", ".npz")
+
+
+def _other_files(folder: Path, roots: list[Path], weights: set[Path]) -> dict[str, Path]:
+    """The folder's files other than weights (config, tokenizer files, model card, chat
+    template, ...), by relative name with ``/`` separators, in sorted order.
+
+    Hidden entries (``.git``, ``.cache``) and weight files are left out; other non-regular files
+    (fifos, sockets) are skipped with a warning. Links, of files or of subfolders, must resolve
+    inside the folder (or its Hugging Face cache repository): the same rule as for the weights.
+    """
+    skip = {p.name for p in weights if p.parent == folder}
+    out: dict[str, Path] = {}
+    seen: set[Path] = set()
+
+    def walk(d: Path, rel: str) -> None:
+        real = _resolve(d, d)
+        if real in seen:  # a link loop back into the tree
+            return
+        seen.add(real)
+        try:
+            entries = sorted(os.scandir(d), key=lambda e: e.name)
+        except OSError as e:
+            raise CheckpointError(f"{d}: cannot list the folder ({e.strerror or e})") from None
+        for e in entries:
+            name = f"{rel}{e.name}"
+            p = d / e.name
+            if e.name.startswith(".") or (not rel and e.name in skip):
+                continue
+            if e.name.endswith(_WEIGHT_SUFFIXES) or e.name.endswith(".index.json") and "model" in e.name:
+                continue
+            if e.is_symlink():
+                _in_folder(folder, p, roots)
+            if p.is_dir():
+                walk(p, f"{name}/")
+            elif p.is_file():
+                out[name] = p
+            elif p.exists():
+                log.warning("%s: not a regular file; left out of the archive", p)
+    walk(folder, "")
+    return out
+
+
+def _layout(src: Source, index: Path) -> dict[str, Any]:
+    """Which shard file held which tensors (runs in the source's key order) and the index's
+    ``metadata``, so that an unpacked folder can be sharded like the original."""
+    where = getattr(src, "_where", {})
+    shards: list[list[Any]] = []
+    for name in src.keys():
+        f = where[name].name
+        if f.endswith(".bin"):  # written back as safetensors
+            f = f.removeprefix("pytorch_").removesuffix(".bin") + ".safetensors"
+        if shards and shards[-1][0] == f:
+            shards[-1][1] += 1
+        else:
+            shards.append([f, 1])
+    try:
+        meta = json.loads(index.read_text()).get("metadata")
+    except (OSError, ValueError):
+        meta = None
+    return {"shards": shards, **({"index_metadata": meta} if isinstance(meta, dict) else {})}
 
 
 def stem(obj: SourceLike) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import mmap
 import os
+from collections.abc import Sequence
 from typing import Any, Protocol
 
 from .errors import ArchiveNotFoundError, FormatError, IntegrityError
@@ -15,6 +16,8 @@ class ByteSource(Protocol):
     size: int
 
     def read(self, offset: int, nbytes: int) -> memoryview: ...
+
+    def read_many(self, ranges: Sequence[tuple[int, int]]) -> list[memoryview]: ...
 
     def close(self) -> None: ...
 
@@ -38,6 +41,10 @@ class LocalFile:
         if offset < 0 or nbytes < 0 or offset + nbytes > self.size:
             raise IntegrityError(f"{self.path}: read past the end of the file (truncated?)")
         return self._view[offset : offset + nbytes]
+
+    def read_many(self, ranges: Sequence[tuple[int, int]]) -> list[memoryview]:
+        """Several ``(offset, nbytes)`` ranges (a remote source coalesces them; here each is a view)."""
+        return [self.read(off, n) for off, n in ranges]
 
     def close(self) -> None:
         self._view.release()

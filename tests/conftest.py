@@ -100,3 +100,14 @@ def small_family(tmp_path) -> dict:
         tasks[name] = sd
     return {"dir": tmp_path, "base": base, "tasks": tasks, "base_path": tmp_path / "base.safetensors",
             "task_paths": {n: tmp_path / f"{n}.safetensors" for n in tasks}}
+
+
+@pytest.fixture(scope="module")
+def http_server(tmp_path_factory):
+    """A plain HTTP server on loopback serving a temporary folder, with Range support; its
+    ``root`` is the folder, ``url`` the base URL, ``log`` the requests it answered."""
+    from rangeserver import RangeServer
+
+    server = RangeServer(tmp_path_factory.mktemp("www")).start()
+    yield server
+    server.stop()

@@ -11,7 +11,9 @@ from test_cli import run
 
 def test_demo_command_runs_the_whole_path(tmp_path):
     out = run("demo", "--size", "tiny", "--dir", tmp_path).output
-    assert "tallpack format 1.3" in out and "rebuilt" in out and "\nmean " in out
+    assert "tallpack format 1.4" in out  # 1.4: the folders' config.json files are kept
+    assert (tmp_path / "unpacked" / "hflip" / "config.json").exists()
+    assert "rebuilt" in out and "\nmean " in out
     assert (tmp_path / "family.tallpack").exists()
     assert (tmp_path / "unpacked" / "hflip" / "model.safetensors").exists()
 

@@ -1,5 +1,7 @@
 """Reading an archive from a real S3-compatible server (moto's, started on loopback)."""
 
+import json
+
 import pytest
 import torch
 
@@ -64,3 +66,42 @@ def test_missing_remote_archive_is_one_clear_error(s3):
     _, opts = s3
     with pytest.raises(tallpack.TallpackError, match="no such archive"):
         tallpack.open("s3://family/nothere.tallpack", storage_options=opts)
+
+
+def test_pack_and_unpack_to_s3_urls(s3, hf_family):
+    """Outputs at URLs are staged locally, then uploaded: an archive, and a whole sharded folder."""
+    fs, opts = s3
+    url = "s3://family/hf.tallpack"
+    tallpack.pack(hf_family["base"], hf_family["tasks"], url, storage_options=opts)
+    with tallpack.open(url, storage_options=opts) as fam:
+        assert set(fam.files("dtd")) >= {"config.json", "generation_config.json"}
+        target = tallpack.write_task(fam, "dtd", "s3://family/out/dtd", storage_options=opts)
+        want = fam.state_dict("dtd")
+    assert target == "s3://family/out/dtd/model.safetensors.index.json"
+    names = sorted(p.rsplit("/", 1)[-1] for p in fs.ls("family/out/dtd"))
+    assert names == sorted(p.name for p in hf_family["tasks"]["dtd"].iterdir())
+    index = json.loads(fs.cat_file("family/out/dtd/model.safetensors.index.json"))
+    from safetensors.torch import load
+
+    got = {}
+    for f in set(index["weight_map"].values()):
+        got |= load(fs.cat_file(f"family/out/dtd/{f}"))
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_the_command_line_reads_s3_with_fsspec_configuration(s3, small_family, tmp_path, monkeypatch):
+    """`FSSPEC_S3_*` variables (here: fsspec's configuration directly) reach every command."""
+    import fsspec.config
+    from click.testing import CliRunner
+
+    from tallpack_cli.main import main
+
+    fs, opts = s3
+    monkeypatch.setitem(fsspec.config.conf, "s3", dict(opts))
+    p = small_family["task_paths"]
+    for args in (["pack", "--base", small_family["base_path"], "--task", p["a"], "-o", "s3://family/cli.tallpack"],
+                 ["inspect", "s3://family/cli.tallpack", "--tensors"], ["verify", "s3://family/cli.tallpack"],
+                 ["unpack", "s3://family/cli.tallpack", "--task", "a", "-o", "s3://family/cli-a"]):
+        r = CliRunner().invoke(main, ["-q", *map(str, args)], catch_exceptions=False)
+        assert r.exit_code == 0, r.output
+    assert fs.exists("family/cli-a/model.safetensors")

@@ -1,0 +1,59 @@
+"""Progress reporting for long operations (pack, unpack, merge, verify), decided by the caller.
+
+A library function takes ``progress``: ``None``/``False`` (silent), ``True`` (a tqdm bar on
+stderr), or a callable ``fn(desc, done, total)`` called after each step (the command line passes
+one that prints plain log lines when stderr is not a terminal).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from typing import TypeVar, Union
+
+T = TypeVar("T")
+#: What a ``progress`` argument may be.
+ProgressLike = Union[bool, None, Callable[[str, int, int], None]]
+
+
+def track(items: Iterable[T], progress: ProgressLike, desc: str, total: int | None = None,
+          unit: str = "tensor") -> Iterator[T]:
+    """``items``, reporting each step to ``progress``.
+
+    >>> for name in track(names, True, "unpacking", len(names)): ...
+    """
+    if not progress:
+        yield from items
+        return
+    if total is None:
+        try:
+            total = len(items)  # type: ignore[arg-type]
+        except TypeError:
+            total = 0
+    if progress is True:
+        from tqdm.auto import tqdm
+
+        yield from tqdm(items, desc=desc, total=total or None, unit=unit)
+        return
+    done = 0
+    for item in items:
+        yield item
+        done += 1
+        progress(desc, done, total)
+
+
+class LogLines:
+    """A ``progress`` callable that emits one line per ~10% (and the last step) through ``emit``:
+    for logs and pipes, where a bar would be noise.
+
+    >>> tallpack.pack(base, tasks, out, progress=LogLines(print))
+    """
+
+    def __init__(self, emit: Callable[[str], None], steps: int = 10):
+        self._emit, self._steps = emit, steps
+        self._last: dict[str, int] = {}
+
+    def __call__(self, desc: str, done: int, total: int) -> None:
+        step = done * self._steps // total if total else done
+        if done == total or step > self._last.get(desc, 0 if total else -1):
+            self._last[desc] = step
+            self._emit(f"{desc}: {done}/{total}" if total else f"{desc}: {done}")

@@ -1,0 +1,159 @@
+"""Sharded safetensors output: which tensor goes in which file, and the index beside them.
+
+Pure planning functions over names and sizes (as huggingface_hub's serialization does), then one
+writer that saves shard by shard, so memory holds one shard's tensors at a time:
+
+- ``plan_from_layout``: the original folder's shard files (recorded at pack time as runs of
+  ``[file, tensor count]`` in the task's key order), so an unpacked folder has the same shard names
+  and index as the one packed;
+- ``plan_by_size``: shards of at most ``max_shard_size`` bytes (``"5GB"``: decimal units, as
+  huggingface_hub), named ``model-00001-of-0000N.safetensors``; one shard is ``model.safetensors``.
+
+Exactly the tensors given are written: a tied weight that the original files left out (a
+``lm_head.weight`` tied to the embeddings) stays out, and transformers ties it again on load.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+from .errors import InvalidArgumentError
+from .fsutil import commit, temp_beside
+from .progress import ProgressLike, track
+
+log = logging.getLogger(__name__)
+
+SINGLE = "model.safetensors"
+INDEX = "model.safetensors.index.json"
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_size(size: int | str) -> int:
+    """Bytes from ``5GB``, ``500MB``, ``1.5GB`` (decimal, as huggingface_hub), ``2GiB`` (binary) or an int.
+
+    >>> parse_size("5GB"), parse_size("500MB"), parse_size("1GiB")
+    (5000000000, 500000000, 1073741824)
+    """
+    if isinstance(size, int) and not isinstance(size, bool):
+        n = size
+    else:
+        m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([A-Za-z]*)\s*", str(size))
+        if not m or m[2].upper() not in _UNITS:
+            raise InvalidArgumentError(f"bad size {size!r}: use a number of bytes or e.g. 5GB, 500MB, 2GiB")
+        n = int(float(m[1]) * _UNITS[m[2].upper()])
+    if n <= 0:
+        raise InvalidArgumentError(f"bad size {size!r}: must be positive")
+    return n
+
+
+def shard_names(n: int) -> list[str]:
+    """``model.safetensors`` for one shard, else ``model-0000i-of-0000n.safetensors``."""
+    if n <= 1:
+        return [SINGLE]
+    return [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
+
+
+def plan_by_size(sizes: Mapping[str, int], max_shard_size: int | str) -> dict[str, list[str]]:
+    """Shards in the tensors' order, each at most ``max_shard_size`` bytes (a larger tensor is a
+    shard alone): file name -> tensor names.
+
+    >>> plan_by_size({"a": 6, "b": 6, "c": 3}, 10)
+    {'model-00001-of-00002.safetensors': ['a'], 'model-00002-of-00002.safetensors': ['b', 'c']}
+    """
+    limit = parse_size(max_shard_size)
+    groups: list[list[str]] = []
+    size = 0
+    for name, n in sizes.items():
+        if not groups or (size + n > limit and groups[-1]):
+            groups.append([])
+            size = 0
+        groups[-1].append(name)
+        size += n
+    groups = groups or [[]]
+    return dict(zip(shard_names(len(groups)), groups))
+
+
+def _shard_file(name: Any) -> str | None:
+    if (isinstance(name, str) and name.endswith(".safetensors") and name.isprintable() and "/" not in name
+            and "\\" not in name and name not in (".safetensors",) and not name.startswith(".")):
+        return name
+    return None
+
+
+def plan_from_layout(keys: Sequence[str], shards: Any) -> dict[str, list[str]] | None:
+    """The recorded layout (runs of ``[file, count]`` over the original key order) applied to
+    ``keys``: file name -> tensor names. Tensors the layout does not place join the last file;
+    None when the layout is missing or malformed (then the caller decides)."""
+    if not isinstance(shards, list) or not shards:
+        return None
+    where: dict[str, str] = {}
+    order: list[str] = []
+    original: list[str] = []
+    for run in shards:
+        if not (isinstance(run, list) and len(run) == 2 and type(run[1]) is int and run[1] >= 0):
+            return None
+        f = _shard_file(run[0])
+        if f is None:
+            log.warning("ignoring a recorded shard layout with a bad file name %r", run[0])
+            return None
+        if f not in order:
+            order.append(f)
+        original += [f] * run[1]
+    if len(original) != len(keys):  # a different key list (a merged model): match by position only if equal
+        return None
+    for k, f in zip(keys, original):
+        where[k] = f
+    plan: dict[str, list[str]] = {f: [] for f in order}
+    for k in keys:
+        plan[where[k]].append(k)
+    return {f: names for f, names in plan.items() if names} or None
+
+
+def write_shards(tensors: Mapping[str, torch.Tensor], plan: Mapping[str, list[str]], outdir: Path, *,
+                 metadata: Mapping[str, str] | None = None, index_metadata: Mapping[str, Any] | None = None,
+                 sizes: Mapping[str, int] | None = None, progress: ProgressLike = None) -> Path:
+    """Write ``plan``'s files (each atomically, one shard in memory at a time) and, for more than
+    one, ``model.safetensors.index.json``; returns the single file or the index."""
+    meta = {"format": "pt", **(metadata or {})}
+    names = [n for group in plan.values() for n in group]
+    steps = iter(track(names, progress, "writing", len(names)))
+    weight_map: dict[str, str] = {}
+    total = 0
+    for fname, group in plan.items():
+        shard = {}
+        for name in group:
+            next(steps, None)
+            t = tensors[name]
+            shard[name] = t.contiguous()
+            total += sizes[name] if sizes else t.numel() * t.element_size()
+            weight_map[name] = fname
+        _atomic(outdir / fname, lambda tmp, s=shard: save_file(s, str(tmp), metadata=meta))
+        del shard
+    for _ in steps:  # report the last step
+        pass
+    if len(plan) == 1 and next(iter(plan)) == SINGLE:
+        return outdir / SINGLE
+    index = {"metadata": {**(index_metadata or {}), "total_size": total}, "weight_map": weight_map}
+    _atomic(outdir / INDEX, lambda tmp: tmp.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n"))
+    return outdir / INDEX
+
+
+def _atomic(target: Path, write) -> None:
+    fd, tmp = temp_beside(target)
+    os.close(fd)
+    try:
+        write(tmp)
+        commit(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise

@@ -1,0 +1,186 @@
+"""Mask statistics of an archive: how many tasks use each weight, per-task and per-layer density.
+
+The paper's view of a family (Wang, Dimitriadis et al. 2024, §5): over every masked weight, the
+number of tasks whose mask keeps it. Weights no task uses are **catastrophic** (kept only by the
+merged vector, they interfere), weights one task uses are **selfish**, weights two or more tasks
+use are **consensus** weights (what Consensus Merging keeps). :func:`compute` reads the masks;
+:func:`plot` draws the figure (matplotlib, an optional extra: ``pip install 'tallpack[plot]'``).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from .elements import numel
+from .errors import TallpackError
+from .progress import ProgressLike, track
+
+if TYPE_CHECKING:
+    from .reader import Archive
+
+_LAYER = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block)\.(\d+)\.")
+
+
+def layer_of(name: str) -> str:
+    """``"layer 3"`` for ``model.layers.3.mlp.up_proj.weight`` (and ``h.3``, ``blocks.3``, ...),
+    ``"other"`` for embeddings, heads and norms outside the blocks."""
+    m = _LAYER.search(name)
+    return f"layer {int(m[1])}" if m else "other"
+
+
+@dataclass
+class MaskStats:
+    """What :func:`compute` returns; ``to_dict`` is JSON-ready."""
+
+    tasks: list[str]
+    #: tasks_using[k] = number of masked weights that exactly k tasks use (k = 0..T)
+    tasks_using: list[int]
+    #: per task, the fraction of masked weights its mask keeps
+    density: dict[str, float | None]
+    #: layer label -> task -> density, layers in model order ("other" last)
+    layers: dict[str, dict[str, float | None]] = field(default_factory=dict)
+
+    @property
+    def weights(self) -> int:
+        return sum(self.tasks_using)
+
+    def fractions(self) -> dict[str, float]:
+        """Share of masked weights that are catastrophic (0 tasks), selfish (1), consensus (2+)."""
+        n = self.weights or 1
+        return {"catastrophic": self.tasks_using[0] / n,
+                "selfish": (self.tasks_using[1] if len(self.tasks_using) > 1 else 0) / n,
+                "consensus": sum(self.tasks_using[2:]) / n}
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self) | {"weights": self.weights, "fractions": self.fractions()}
+
+
+def compute(archive: "Archive", *, progress: ProgressLike = None) -> MaskStats:
+    """Read every mask once (tensor by tensor, memory bounded by one tensor's masks).
+
+    >>> s = compute(fam); s.fractions()
+    {'catastrophic': 0.41, 'selfish': 0.33, 'consensus': 0.26}
+    """
+    tasks = list(archive.tasks)
+    hist = torch.zeros(len(tasks) + 1, dtype=torch.int64)
+    ones = {t: 0 for t in tasks}
+    total = {t: 0 for t in tasks}
+    per_layer: dict[str, dict[str, list[int]]] = {}
+    entries = [e for e in archive.manifest.tensors if any("mask" in tt.arrays for tt in e.tasks.values())]
+    for e in track(entries, progress, "reading masks"):
+        count = None
+        layer = per_layer.setdefault(layer_of(e.name), {t: [0, 0] for t in tasks})
+        for t, tt in e.tasks.items():
+            if "mask" not in tt.arrays:
+                continue
+            m = archive.read_array(tt.arrays["mask"], f"task {t!r}, tensor {e.name!r} (mask)").reshape(-1)
+            k = int(m.sum())
+            n = numel(tt.shape)
+            ones[t] += k
+            total[t] += n
+            layer[t][0] += k
+            layer[t][1] += n
+            count = m.to(torch.int16) if count is None else count + m
+        if count is not None:
+            hist += torch.bincount(count.to(torch.int64), minlength=len(tasks) + 1)[: len(tasks) + 1]
+
+    def frac(k: int, n: int) -> float | None:
+        return k / n if n else None
+
+    order = sorted(per_layer, key=lambda s: (s == "other", int(s.split()[-1]) if s != "other" else 0))
+    return MaskStats(tasks, [int(v) for v in hist], {t: frac(ones[t], total[t]) for t in tasks},
+                     {lay: {t: frac(*per_layer[lay][t]) for t in tasks} for lay in order})
+
+
+def render(s: MaskStats) -> str:
+    """The text summary ``tallpack stats`` prints."""
+    f = s.fractions()
+    lines = [f"{s.weights} masked weights, {len(s.tasks)} tasks: "
+             f"catastrophic {f['catastrophic']:.1%} (no task), selfish {f['selfish']:.1%} (one task), "
+             f"consensus {f['consensus']:.1%} (two or more)", "",
+             "tasks using a weight:  " + "  ".join(f"{k}: {v / (s.weights or 1):.1%}" for k, v in enumerate(s.tasks_using)),
+             "", "density per task:     " + "  ".join(
+                 f"{t}: {'-' if d is None else f'{d:.3f}'}" for t, d in s.density.items())]
+    return "\n".join(lines)
+
+
+_COLOURS = {"catastrophic": "#c0392b", "selfish": "#e67e22", "consensus": "#27ae60"}
+
+
+def plot(s: MaskStats, path: str | Path, *, title: str | None = None) -> Path:
+    """Draw the three panels (tasks using each weight; density per task; density per layer) to
+    a PNG (or any format matplotlib knows from the suffix)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise TallpackError("plotting needs matplotlib: pip install 'tallpack[plot]' "
+                            "(or matplotlib itself)") from None
+    T = len(s.tasks)
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.8), gridspec_kw={"width_ratios": [1.1, 1, 1.5]})
+    n = s.weights or 1
+
+    ax = axes[0]
+    ks = list(range(T + 1))
+    cats = ["catastrophic" if k == 0 else "selfish" if k == 1 else "consensus" for k in ks]
+    pct = [100 * v / n for v in s.tasks_using]
+    ax.bar(ks, pct, color=[_COLOURS[c] for c in cats], edgecolor="black", linewidth=0.5)
+    for k, p in zip(ks, pct):
+        ax.annotate(f"{p:.1f}%", (k, p), ha="center", va="bottom", fontsize=8, xytext=(0, 2),
+                    textcoords="offset points")
+    from matplotlib.patches import Patch
+
+    fr = s.fractions()
+    ax.legend(handles=[Patch(color=_COLOURS[c], label=f"{c} {100 * fr[c]:.1f}%") for c in _COLOURS],
+              loc="upper right", fontsize=8, frameon=False)
+    ax.set_xticks(ks)
+    ax.set_xlabel("number of tasks using the weight")
+    ax.set_ylabel("% of masked weights")
+    ax.set_title("How many tasks use each weight")
+    ax.set_ylim(0, max(pct + [1]) * 1.25)
+
+    ax = axes[1]
+    dens = [100 * (s.density[t] or 0) for t in s.tasks]
+    ax.barh(range(T), dens, color="#2e86c1")
+    ax.set_yticks(range(T), labels=s.tasks, fontsize=8 if T <= 20 else 6)
+    ax.invert_yaxis()
+    for i, d in enumerate(dens):
+        ax.annotate(f"{d:.1f}%", (d, i), va="center", fontsize=8, xytext=(2, 0), textcoords="offset points")
+    ax.set_xlim(0, max(dens + [1]) * 1.2)
+    ax.set_xlabel("mask density (% of weights kept)")
+    ax.set_title("Density per task")
+
+    ax = axes[2]
+    layers = list(s.layers)
+    blocks = [lay for lay in layers if lay != "other"]
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, t in enumerate(s.tasks):
+        c = colours[i % len(colours)]
+        ax.plot(range(len(blocks)), [100 * (s.layers[lay][t] or 0) for lay in blocks], marker="o", markersize=3,
+                linewidth=1, alpha=0.85, color=c, label=t)
+        if "other" in s.layers:  # embeddings, heads, norms: not a layer, so not on the line
+            ax.plot([len(blocks)], [100 * (s.layers["other"][t] or 0)], marker="s", markersize=4, color=c)
+    if "other" in s.layers and blocks:
+        ax.axvline(len(blocks) - 0.5, color="grey", linestyle=":", linewidth=1)
+    ax.set_xticks(list(range(len(layers))), labels=[lay.removeprefix("layer ") for lay in layers],
+                  rotation=90 if len(layers) > 16 else 0, fontsize=8)
+    ax.set_xlabel("layer (other: tensors outside the blocks)")
+    ax.set_ylabel("mask density (%)")
+    ax.set_title("Density per layer")
+    if T <= 20:
+        ax.legend(fontsize=7, frameon=False, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    ax.grid(alpha=0.3)
+
+    fig.suptitle(title or f"TALL masks: {T} tasks, {s.weights:,} masked weights", fontsize=11)
+    fig.tight_layout()
+    out = Path(path)
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out

@@ -1,0 +1,99 @@
+"""A plain HTTP server on loopback that serves a folder and honours Range requests (the standard
+library's SimpleHTTPRequestHandler ignores them), counting every request and byte it sends."""
+
+from __future__ import annotations
+
+import re
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from urllib.parse import unquote, urlparse
+
+_RANGE = re.compile(r"bytes=(\d*)-(\d*)")
+
+
+class RangeServer(ThreadingHTTPServer):
+    """``RangeServer(folder)``: ``.url`` is its base URL, ``.log`` its ``(method, start, nbytes)``
+    requests; ``.served()`` the body bytes sent since ``.reset()``."""
+
+    daemon_threads = True
+    request_queue_size = 256  # fsspec opens many connections at once; the default 5 drops them
+
+    def __init__(self, root: Path):
+        super().__init__(("127.0.0.1", 0), _Handler)
+        self.root = Path(root).resolve()
+        self.log: list[tuple[str, int, int]] = []
+        self._lock = threading.Lock()
+        self.url = f"http://127.0.0.1:{self.server_address[1]}"
+        self._thread = threading.Thread(target=self.serve_forever, daemon=True)
+
+    def start(self) -> "RangeServer":
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self.shutdown()
+        self.server_close()
+
+    def record(self, method: str, start: int, n: int) -> None:
+        with self._lock:
+            self.log.append((method, start, n))
+
+    def reset(self) -> None:
+        with self._lock:
+            self.log.clear()
+
+    def served(self) -> int:
+        return sum(n for m, _, n in self.log if m == "GET")
+
+    def gets(self) -> int:
+        return sum(1 for m, _, _ in self.log if m == "GET")
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server: RangeServer
+
+    def log_message(self, *args) -> None:  # quiet
+        pass
+
+    def do_HEAD(self) -> None:
+        self._serve(body=False)
+
+    def do_GET(self) -> None:
+        self._serve(body=True)
+
+    def _serve(self, body: bool) -> None:
+        path = (self.server.root / unquote(urlparse(self.path).path).lstrip("/")).resolve()
+        if not path.is_relative_to(self.server.root) or not path.is_file():
+            self.send_response(404)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        size = path.stat().st_size
+        start, end, status = 0, size, 200
+        m = _RANGE.fullmatch(self.headers.get("Range", "").strip())
+        if m and (m[1] or m[2]):
+            if m[1]:
+                start, end = int(m[1]), min(size, int(m[2]) + 1) if m[2] else size
+            else:
+                start, end = max(0, size - int(m[2])), size
+            if start >= end:
+                self.send_response(416)
+                self.send_header("Content-Range", f"bytes */{size}")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
+            status = 206
+        self.send_response(status)
+        self.send_header("Content-Type", "application/octet-stream")
+        self.send_header("Accept-Ranges", "bytes")
+        self.send_header("Content-Length", str(end - start))
+        if status == 206:
+            self.send_header("Content-Range", f"bytes {start}-{end - 1}/{size}")
+        self.end_headers()
+        if body:
+            with open(path, "rb") as f:
+                f.seek(start)
+                self.wfile.write(f.read(end - start))
+        self.server.record("GET" if body else "HEAD", start, end - start if body else 0)

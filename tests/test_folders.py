@@ -1,0 +1,268 @@
+"""Hugging Face folders, complete: folder files kept (once per content), shards like the original,
+tied weights as transformers saves them, and from_pretrained / AutoTokenizer on unpacked folders."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+import tallpack
+from tallpack.errors import CheckpointError, FormatError, OutputError
+from tallpack.folders import check_file_name, safe_target
+from tallpack.manifest import Manifest
+from tallpack.sharding import parse_size, plan_by_size
+
+transformers = pytest.importorskip("transformers")
+
+WORDS = "the a cat dog sat on mat ran far fast slow red blue big small and then".split()
+
+
+def _perturb(model, seed: int, scale: float = 0.02) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            touch = (torch.rand(p.shape, generator=g) < 0.3).to(p.dtype)
+            p.add_((touch * scale * torch.randn(p.shape, generator=g)).to(p.dtype))
+
+
+@pytest.fixture(scope="module")
+def gpt2_family(tmp_path_factory) -> dict:
+    """bf16 GPT-2 (tied lm_head) saved by transformers in 4 shards, with generation_config.json,
+    a model card and a chat template; base and two fine-tunes."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    root = tmp_path_factory.mktemp("gpt2")
+    cfg = GPT2Config(vocab_size=64, n_positions=32, n_embd=32, n_layer=2, n_head=2, bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(cfg).to(torch.bfloat16)
+    paths = {}
+    for i, name in enumerate(["base", "chat", "code"]):
+        if i:
+            _perturb(model, i)
+        model.save_pretrained(root / name, max_shard_size="20KB")
+        (root / name / "README.md").write_text(f"# tiny gpt2 {name}\n")
+        (root / name / "chat_template.jinja").write_text("{% for m in messages %}{{ m.content }}{% endfor %}")
+        paths[name] = root / name
+    assert len(list(paths["base"].glob("model-*.safetensors"))) == 4
+    return paths
+
+
+@pytest.fixture(scope="module")
+def bert_family(tmp_path_factory) -> dict:
+    """Tiny BERT classifiers (different label counts: task-own heads) with a WordPiece tokenizer
+    built from a vocab file; the tokenizer files are the same in every folder."""
+    from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
+
+    root = tmp_path_factory.mktemp("bert")
+    vocab = root / "vocab.txt"
+    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]) + "\n")
+    tok = BertTokenizerFast(vocab_file=str(vocab))
+    paths = {}
+    for i, (name, labels) in enumerate([("base", 2), ("sst", 2), ("nli", 3)]):
+        cfg = BertConfig(vocab_size=len(WORDS) + 5, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                         intermediate_size=64, max_position_embeddings=32, num_labels=labels)
+        torch.manual_seed(0)
+        model = BertForSequenceClassification(cfg)
+        if i:
+            _perturb(model, 10 + i)
+        model.save_pretrained(root / name)
+        tok.save_pretrained(root / name)
+        paths[name] = root / name
+    return paths
+
+
+def _pack(fam: dict, out: Path) -> Path:
+    tallpack.pack(fam["base"], {k: v for k, v in fam.items() if k != "base"}, out)
+    return out
+
+
+def _by_hand(folder: Path, sd: dict, auto):
+    """The reconstruction loaded by hand: a model built from the config, loaded with the state dict."""
+    config = transformers.AutoConfig.from_pretrained(folder)
+    model = auto.from_config(config).to(next(iter(sd.values())).dtype)
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    assert not unexpected
+    model.tie_weights()
+    return model.eval()
+
+
+def test_gpt2_sharded_folder_unpacks_like_the_original(gpt2_family, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    arch = _pack(gpt2_family, tmp_path / "gpt2.tallpack")
+    with tallpack.open(arch) as fam:
+        assert fam.format_version == (1, 4)  # folder files
+        assert set(fam.files("chat")) == {"config.json", "generation_config.json", "README.md", "chat_template.jinja"}
+        tallpack.write_task(fam, "chat", tmp_path / "chat")
+        sd = fam.state_dict("chat")
+    orig, out = gpt2_family["chat"], tmp_path / "chat"
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in orig.iterdir())
+    index, want = (json.loads((d / "model.safetensors.index.json").read_text()) for d in (out, orig))
+    assert index["weight_map"] == want["weight_map"]  # same shard names, same tensors in each
+    assert index["metadata"]["total_size"] == want["metadata"]["total_size"]
+    for f in ("generation_config.json", "README.md", "chat_template.jinja", "config.json"):
+        assert (out / f).read_bytes() == (orig / f).read_bytes()
+    assert "lm_head.weight" not in index["weight_map"]  # tied: left out, as transformers saved it
+
+    model = AutoModelForCausalLM.from_pretrained(out).eval()
+    assert model.lm_head.weight.data_ptr() == model.transformer.wte.weight.data_ptr()
+    hand = _by_hand(out, sd, AutoModelForCausalLM)
+    ids = torch.tensor([[1, 5, 9, 3, 7, 2]])
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, hand(ids).logits)
+    assert model.generation_config.eos_token_id == 2
+
+
+def test_max_shard_size_reshards(gpt2_family, tmp_path):
+    from tallpack_cli.main import main
+    from click.testing import CliRunner
+
+    arch = _pack(gpt2_family, tmp_path / "gpt2.tallpack")
+    r = CliRunner().invoke(main, ["-q", "unpack", str(arch), "--task", "code", "-o", str(tmp_path / "code"),
+                                  "--max-shard-size", "40KB"], catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    index = json.loads((tmp_path / "code" / "model.safetensors.index.json").read_text())
+    files = sorted(set(index["weight_map"].values()))
+    assert files == [f"model-0000{i}-of-00002.safetensors" for i in (1, 2)]
+    assert all(os.path.getsize(tmp_path / "code" / f) <= 40_000 + 2_000 for f in files)  # + header
+    # one shard is model.safetensors, without an index
+    r = CliRunner().invoke(main, ["-q", "unpack", str(arch), "--task", "code", "-o", str(tmp_path / "one"),
+                                  "--max-shard-size", "5GB"], catch_exceptions=False)
+    assert sorted(p.name for p in (tmp_path / "one").glob("model*")) == ["model.safetensors"]
+    assert transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "one") is not None
+
+
+def test_bert_with_tokenizer_loads_with_auto_classes(bert_family, tmp_path):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    arch = _pack(bert_family, tmp_path / "bert.tallpack")
+    with tallpack.open(arch) as fam:
+        tallpack.write_task(fam, "nli", tmp_path / "nli")
+        sd = fam.state_dict("nli")
+        files = {t: fam.files(t) for t in fam.tasks} | {"base": fam.files()}
+        # each distinct content once: the tokenizer files are shared by all three folders
+        distinct = {d for f in files.values() for d in f.values()}
+        assert len(fam.manifest.files) == len(distinct)
+        assert files["sst"]["tokenizer.json"] == files["nli"]["tokenizer.json"] == files["base"]["tokenizer.json"]
+        assert files["sst"]["config.json"] != files["nli"]["config.json"]
+        assert fam.read_file("tokenizer_config.json", "nli") == (bert_family["nli"] / "tokenizer_config.json").read_bytes()
+    tok = AutoTokenizer.from_pretrained(tmp_path / "nli")
+    want = AutoTokenizer.from_pretrained(bert_family["nli"])
+    text = "the cat sat on the red mat"
+    assert tok(text)["input_ids"] == want(text)["input_ids"]
+    model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "nli").eval()
+    assert model.config.num_labels == 3
+    hand = _by_hand(tmp_path / "nli", sd, AutoModelForSequenceClassification)
+    batch = tok([text, "a big dog ran far"], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        assert torch.equal(model(**batch).logits, hand(**batch).logits)
+
+
+def test_merged_model_gets_the_base_files(bert_family, tmp_path):
+    from transformers import AutoTokenizer
+
+    arch = _pack(bert_family, tmp_path / "bert.tallpack")
+    with tallpack.open(arch) as fam:
+        tallpack.write_merged(fam, tmp_path / "merged", "ta", alpha=0.5, task="sst")
+    assert AutoTokenizer.from_pretrained(tmp_path / "merged")("the cat")["input_ids"]
+    assert transformers.AutoConfig.from_pretrained(tmp_path / "merged").num_labels == 2
+
+
+# -- safety -------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["../x", "/etc/passwd", "a/../../b", "a\\b", "", "a//b", "./a", "a\0b", "C:x"])
+def test_bad_file_names_are_refused(name):
+    with pytest.raises(FormatError):
+        check_file_name(name)
+
+
+def test_a_manifest_naming_a_file_outside_the_folder_is_refused(bert_family, tmp_path):
+    arch = _pack(bert_family, tmp_path / "bert.tallpack")
+    with tallpack.open(arch) as fam:
+        d = fam.manifest.to_dict()
+    digest = next(iter(d["files"]))
+    d["tasks"][0]["files"] = {"../../escape.txt": digest}
+    with pytest.raises(FormatError, match="escape.txt"):
+        Manifest.from_dict(d)
+    d["tasks"][0]["files"] = {"ok.txt": "0" * 64}
+    with pytest.raises(FormatError, match="not stored"):
+        Manifest.from_dict(d)
+
+
+def test_writing_never_follows_a_link_out_of_the_output(tmp_path):
+    out, outside = tmp_path / "out", tmp_path / "outside"
+    out.mkdir()
+    outside.mkdir()
+    (out / "sub").symlink_to(outside)
+    with pytest.raises(OutputError, match="outside"):
+        safe_target(out, "sub/tokenizer.json")
+    assert safe_target(out, "nested/tokenizer.json") == out / "nested" / "tokenizer.json"
+
+
+def test_input_links_are_followed_only_inside_the_folder(bert_family, tmp_path):
+    import shutil
+
+    folder = tmp_path / "m"
+    shutil.copytree(bert_family["sst"], folder)
+    (folder / "special.json").symlink_to(folder / "tokenizer.json")  # inside: kept, as a file
+    src = tallpack.sources.open_source(folder)
+    assert src.files["special.json"].read_bytes() == (folder / "tokenizer.json").read_bytes()
+    secret = tmp_path / "secret.txt"
+    secret.write_text("not for the archive")
+    (folder / "notes.txt").symlink_to(secret)
+    with pytest.raises(CheckpointError, match="outside the input folder"):
+        tallpack.sources.open_source(folder)
+
+
+def test_sizes_and_plans():
+    assert parse_size("5GB") == 5 * 10**9 and parse_size("500MB") == 500 * 10**6 and parse_size("2GiB") == 2 << 30
+    assert parse_size(1234) == 1234
+    with pytest.raises(tallpack.InvalidArgumentError):
+        parse_size("5 parsecs")
+    assert plan_by_size({"a": 6, "b": 6, "c": 3, "d": 30}, 10) == {
+        "model-00001-of-00003.safetensors": ["a"], "model-00002-of-00003.safetensors": ["b", "c"],
+        "model-00003-of-00003.safetensors": ["d"]}
+    assert plan_by_size({"a": 1}, "1KB") == {"model.safetensors": ["a"]}
+
+
+def test_a_folder_manifest_follows_the_schema(gpt2_family, tmp_path):
+    jsonschema = pytest.importorskip("jsonschema")
+    schema = json.loads((Path(__file__).resolve().parents[1] / "spec" / "manifest.schema.json").read_text())
+    with tallpack.open(_pack(gpt2_family, tmp_path / "g.tallpack")) as fam:
+        d = fam.manifest.to_dict()
+    jsonschema.validate(d, schema)
+    assert d["tasks"][0]["source"]["shards"][0] == ["model-00001-of-00004.safetensors", d["tasks"][0]["source"]["shards"][0][1]]
+    d["tasks"][0]["files"]["../up"] = next(iter(d["files"]))
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(d, schema)
+
+
+def test_sharded_pytorch_bin_folders_unpack_as_safetensors_shards(tmp_path):
+    g = torch.Generator().manual_seed(3)
+    base = {f"layers.{i}.w": torch.randn(8, 8, generator=g) for i in range(4)}
+    folders = {}
+    for name, scale in (("base", 0.0), ("ft", 0.1)):
+        d = tmp_path / name
+        d.mkdir()
+        sd = {k: v + scale * torch.randn(v.shape, generator=g) for k, v in base.items()}
+        parts = [dict(list(sd.items())[:2]), dict(list(sd.items())[2:])]
+        weight_map = {}
+        for i, part in enumerate(parts, 1):
+            f = f"pytorch_model-0000{i}-of-00002.bin"
+            torch.save(part, d / f)
+            weight_map |= dict.fromkeys(part, f)
+        (d / "pytorch_model.bin.index.json").write_text(json.dumps({"metadata": {"total_size": 512}, "weight_map": weight_map}))
+        (d / "training_args.bin").write_bytes(b"a pickle, never stored")
+        (d / "config.json").write_text("{}")
+        folders[name] = d
+    tallpack.pack(folders["base"], {"ft": folders["ft"]}, tmp_path / "f.tallpack")
+    with tallpack.open(tmp_path / "f.tallpack") as fam:
+        assert set(fam.files("ft")) == {"config.json"}
+        tallpack.write_task(fam, "ft", tmp_path / "out")
+    index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())
+    assert index["weight_map"] == {"layers.0.w": "model-00001-of-00002.safetensors", "layers.1.w": "model-00001-of-00002.safetensors",
+                                   "layers.2.w": "model-00002-of-00002.safetensors", "layers.3.w": "model-00002-of-00002.safetensors"}

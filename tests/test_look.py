@@ -1,0 +1,96 @@
+"""Looking at an archive: inspect --tensors, stats (and its figure), progress output."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+import tallpack
+from tallpack import stats
+from tallpack.progress import LogLines, track
+from tallpack_cli.main import main
+
+
+def run(*args):
+    r = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    return r
+
+
+@pytest.fixture
+def packed(small_family, tmp_path):
+    out = tmp_path / "fam.tallpack"
+    tallpack.pack(small_family["base_path"], small_family["task_paths"], out, chunk_elements=256)
+    return out
+
+
+def test_inspect_tensors(packed):
+    s = json.loads(run("inspect", packed, "--json", "--tensors").stdout)
+    rows = {r["name"]: r for r in s["tensors"]}
+    assert rows["body.w"]["kind"] == "merged" and rows["body.w"]["shape"] == [64, 48]
+    assert rows["body.w"]["dtype"] == "float32" and "bitpack+zstd" in rows["body.w"]["codecs"]
+    assert rows["steps"]["kind"] == "shared" and rows["head.w"]["kind"] == "task-own"
+    assert rows["head.w"]["shapes"] == {"a": [2, 48], "b": [3, 48], "c": [4, 48]}
+    assert sum(r["stored_bytes"] for r in rows.values()) == sum(s["stored_bytes"].values())
+    with tallpack.open(packed) as fam:
+        entry = next(e for e in fam.manifest.tensors if e.name == "body.w")
+        assert rows["body.w"]["density"]["b"] == entry.tasks["b"].params["ones"] / (64 * 48)
+    table = run("inspect", packed, "--tensors").stdout
+    assert "body.w" in table and "merged" in table and "per task" in table
+
+
+def test_stats_counts_tasks_per_weight(packed, tmp_path):
+    with tallpack.open(packed) as fam:
+        s = stats.compute(fam)
+        masks = {t: torch.cat([fam.read_array(e.tasks[t].arrays["mask"], "m").reshape(-1)
+                               for e in fam.manifest.tensors if e.kind == "merged"]) for t in fam.tasks}
+    count = sum(m.long() for m in masks.values())
+    assert s.tasks_using == [int((count == k).sum()) for k in range(4)]
+    assert s.density == pytest.approx({t: m.float().mean().item() for t, m in masks.items()})
+    assert sum(s.fractions().values()) == pytest.approx(1.0)
+    assert set(s.layers) == {"other"}
+    r = run("stats", packed, "--plot", tmp_path / "stats.png")
+    assert "catastrophic" in r.stdout and "consensus" in r.stdout
+    assert (tmp_path / "stats.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert json.loads(run("stats", packed, "--json").stdout)["weights"] == s.weights
+
+
+def test_layers_are_named_from_tensor_names():
+    assert stats.layer_of("model.layers.12.mlp.up_proj.weight") == "layer 12"
+    assert stats.layer_of("transformer.h.3.attn.c_attn.weight") == "layer 3"
+    assert stats.layer_of("bert.encoder.layer.0.output.dense.weight") == "layer 0"
+    assert stats.layer_of("lm_head.weight") == "other"
+
+
+def test_plot_without_matplotlib_says_what_to_install(packed, tmp_path, monkeypatch):
+    with tallpack.open(packed) as fam:
+        s = stats.compute(fam)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    with pytest.raises(tallpack.TallpackError, match=r"pip install 'tallpack\[plot\]'"):
+        stats.plot(s, tmp_path / "x.png")
+
+
+def test_progress_is_log_lines_off_a_terminal_and_quiet_with_q(small_family, tmp_path):
+    p = small_family["task_paths"]
+    args = ["pack", "--base", small_family["base_path"], "--task", p["a"], "--task", p["b"]]
+    r = run(*args, "-o", tmp_path / "x.tallpack")
+    lines = [x for x in r.stderr.splitlines() if x.startswith("packing:")]
+    assert lines and lines[-1] == "packing: 5/5"
+    r = run("-q", *args, "-o", tmp_path / "y.tallpack")
+    assert r.stderr == ""
+    r = run("verify", tmp_path / "x.tallpack")
+    assert "verifying:" in r.stderr
+    r = run("unpack", tmp_path / "x.tallpack", "--task", "a", "-o", tmp_path / "a")
+    assert "writing: 5/5" in r.stderr
+
+
+def test_progress_helpers(capsys):
+    seen = []
+    assert list(track(range(20), LogLines(seen.append), "x")) == list(range(20))
+    assert seen[0] == "x: 2/20" and seen[-1] == "x: 20/20" and len(seen) == 10
+    assert list(track([1, 2], True, "bar")) == [1, 2]  # a tqdm bar on stderr
+    assert list(track([1, 2], None, "none")) == [1, 2]

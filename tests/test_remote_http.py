@@ -1,0 +1,117 @@
+"""Archives anywhere: reading over plain HTTP (Range requests, a server started here), writing to
+URLs (memory://, S3 on loopback), and every command on a URL."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+import tallpack
+from tallpack.container import FOOTER, HEADER
+from tallpack.encodings import encoding_for
+from tallpack.remote import coalesce
+from tallpack_cli.main import main
+
+pytest.importorskip("aiohttp")  # fsspec's HTTP file system
+
+
+def run(*args):
+    r = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    return r.output
+
+
+@pytest.fixture(scope="module")
+def served(http_server, tmp_path_factory):
+    """The small family packed with small chunks (every tensor several chunks), served over HTTP."""
+    g = torch.Generator().manual_seed(1)
+    base = {f"layers.{i}.w": torch.randn(64, 96, generator=g) for i in range(4)} | {"head": torch.randn(5, 96, generator=g)}
+    tasks = {t: {k: v + 0.05 * torch.randn(v.shape, generator=g) * (torch.rand(v.shape, generator=g) < 0.4)
+                 for k, v in base.items()} for t in ("a", "b", "c")}
+    local = tmp_path_factory.mktemp("fam") / "fam.tallpack"
+    tallpack.pack(base, tasks, local, chunk_elements=1024)
+    shutil.copy(local, http_server.root / "fam.tallpack")
+    return {"local": local, "url": f"{http_server.url}/fam.tallpack", "tasks": tasks}
+
+
+def _stored(fam, task, names):
+    """Stored bytes (and chunks) of the arrays that rebuilding these tensors of ``task`` reads."""
+    total = chunks = 0
+    for name in names:
+        entry, tt = fam._entry(task, name)
+        enc = encoding_for(tt.encoding)
+        for ref in [*tt.arrays.values(), *(entry.arrays[k] for k in enc.entry_arrays if k in entry.arrays)]:
+            total += ref.stored_nbytes
+            chunks += len(ref.chunks)
+    return total, chunks
+
+
+def test_http_reads_only_what_it_needs(http_server, served):
+    http_server.reset()
+    with tallpack.open(served["url"]) as fam, tallpack.open(served["local"]) as ref:
+        m_len = FOOTER.unpack(served["local"].read_bytes()[-FOOTER.size:])[1]
+        assert http_server.served() == HEADER.size + FOOTER.size + m_len  # open: header, footer, manifest
+        assert http_server.gets() == 3
+
+        http_server.reset()
+        before = fam._c.source.fetched
+        w = fam.get_tensor("b", "layers.2.w")  # tall: base, merged and b's mask, 6 chunks each
+        assert torch.equal(w, ref.get_tensor("b", "layers.2.w"))
+        need, chunks = _stored(fam, "b", ["layers.2.w"])
+        assert need <= http_server.served() <= need + 63 * chunks  # its chunks and the padding between
+        assert http_server.gets() < chunks  # adjacent chunks coalesced
+        assert fam._c.source.fetched - before == http_server.served()  # the source counts the same
+
+        http_server.reset()
+        sd = fam.state_dict("c")
+        assert all(torch.equal(sd[k], v) for k, v in ref.state_dict("c").items())
+        need, chunks = _stored(fam, "c", fam.keys("c"))
+        assert need <= http_server.served() <= need + 63 * chunks
+        others = sum(tt.arrays["mask"].stored_nbytes for e in fam.manifest.tensors
+                     for t, tt in e.tasks.items() if t != "c" and "mask" in tt.arrays)
+        assert http_server.served() <= served["local"].stat().st_size - others  # no other task's masks
+        assert http_server.gets() < chunks
+
+
+def test_coalesce():
+    assert coalesce([(128, 10), (0, 10), (64, 10), (10_000, 5)]) == [(0, 138), (10_000, 10_005)]
+    assert coalesce([(200, 10), (0, 10)]) == [(0, 10), (200, 210)]  # more than the padding apart
+    assert coalesce([(0, 10), (64, 10)], max_request=50) == [(0, 10), (64, 74)]
+    assert coalesce([(0, 0)]) == []
+
+
+def test_every_command_takes_a_url(http_server, served, tmp_path):
+    url = served["url"]
+    assert "format 1.3" in run("inspect", url)  # the planes codec
+    rows = json.loads(run("inspect", url, "--json", "--tensors"))["tensors"]
+    assert {r["name"] for r in rows} >= {"layers.0.w", "head"}
+    assert "ok:" in run("-q", "verify", url)
+    run("-q", "unpack", url, "--task", "a", "-o", tmp_path / "a")
+    run("-q", "merge", url, "--method", "consensus-ta", "-o", tmp_path / "m")
+    assert "catastrophic" in run("-q", "stats", url)
+    with tallpack.open(served["local"]) as ref:
+        from safetensors.torch import load_file
+
+        got = load_file(tmp_path / "a" / "model.safetensors")
+        assert all(torch.equal(got[k], v) for k, v in ref.state_dict("a").items())
+
+
+def test_writing_to_memory_urls(served, small_family):
+    fsspec = pytest.importorskip("fsspec")
+    mem = fsspec.filesystem("memory")
+    with tallpack.open(served["local"]) as fam:
+        tallpack.write_tasks(fam, None, "memory://out/tasks")
+    assert mem.exists("/out/tasks/b/model.safetensors")
+    p = small_family["task_paths"]
+    run("-q", "pack", "--base", small_family["base_path"], "--task", f"a={p['a']}", "--task", f"b={p['b']}",
+        "-o", "memory://out/fam.tallpack")
+    assert "already exists" in CliRunner().invoke(main, ["pack", "--base", str(small_family["base_path"]), "--task",
+                                                        str(p["a"]), "-o", "memory://out/fam.tallpack"]).output
+    with tallpack.open("memory://out/fam.tallpack") as fam:
+        assert torch.equal(fam.get_tensor("b", "head.w"), small_family["tasks"]["b"]["head.w"])
+    out = run("unpack", "memory://out/fam.tallpack", "--task", "a", "-o", "memory://out/a")
+    assert "memory://out/a/model.safetensors" in out and mem.exists("/out/a/model.safetensors")
