@@ -443,7 +443,7 @@ def goal_codec(fam: dict, reps: int, rep: Report, details: dict) -> None:
     sd = np_load(str(fam["base"]))
     arrays = [np.ascontiguousarray(v) for v in sd.values()]
     raw = sum(a.nbytes for a in arrays)
-    chain = dense_chain("bytegroup-zstd", 4, 3)
+    chain = dense_chain("planes", 4, 3)
     chunks = []  # (encoded bytes, decoded size)
     t0 = time.perf_counter()
     for arr in arrays:
@@ -502,7 +502,7 @@ def goal_codec(fam: dict, reps: int, rep: Report, details: dict) -> None:
         return
     z_ratio = raw / zipnn_info["bytes"]
     z_gbs = raw / median(t_z) / 1e9
-    rep.add("6", "dense codec ratio on base bytes (bytegroup-zstd vs ZipNN)", ours_ratio, z_ratio, "x", ">=", 1.0,
+    rep.add("6", "dense codec ratio on base bytes (planes vs ZipNN)", ours_ratio, z_ratio, "x", ">=", 1.0,
             alt_label=f"ZipNN {zipnn_info['version']}")
     rep.add("6", "dense codec decode speed, 2 threads", ours_gbs, z_gbs, "GB/s", ">=", 1.0,
             alt_label=f"ZipNN {zipnn_info['version']}")
@@ -519,7 +519,7 @@ def run_goals(a, rep: Report, details: dict) -> None:
     files = [fam["base"], *fam["tasks"].values()]
     work = out / "perf-work"
     work.mkdir(parents=True, exist_ok=True)
-    arch = {c: work / f"{c}-{T}.tallpack" for c in ("bytegroup-zstd", "raw")}
+    arch = {c: work / f"{c}-{T}.tallpack" for c in ("planes", "raw")}
     cb = {"cache_bytes": a.cache_bytes} if a.cache_bytes else {}
     n = a.repeats
     warm(files)
@@ -527,12 +527,12 @@ def run_goals(a, rep: Report, details: dict) -> None:
 
     # 5 + 7: pack (default codec, all T tasks) alternated with zstd -3 -T2; memory sampled
     rep.load.mark()
-    log(f"goal 5/7: pack (bytegroup-zstd, {T} tasks, threads={a.threads}) vs zstd -3 -T{a.threads}, {n} each")
+    log(f"goal 5/7: pack (planes, {T} tasks, threads={a.threads}) vs zstd -3 -T{a.threads}, {n} each")
     packs, zs = [], []
     for i in range(n):
         for side in ((0, 1) if i % 2 == 0 else (1, 0)):
             if side == 0:
-                packs.append(do_pack(fam, names, arch["bytegroup-zstd"], "bytegroup-zstd", a.threads))
+                packs.append(do_pack(fam, names, arch["planes"], "planes", a.threads))
             else:
                 zs.append(zstd_files(files, work / "zstd", a.threads))
     details["pack"] = packs
@@ -551,7 +551,7 @@ def run_goals(a, rep: Report, details: dict) -> None:
     extra[("raw", T)] = do_pack(fam, names, arch["raw"], "raw", a.threads)
     sub = {}
     for k in a.get_tensor_tasks:
-        for codec in ("raw", "bytegroup-zstd"):
+        for codec in ("raw", "planes"):
             if k == T:
                 sub[(codec, k)] = arch[codec]
                 continue
@@ -563,7 +563,7 @@ def run_goals(a, rep: Report, details: dict) -> None:
 
     # 1, 2: one member, fresh process
     t1, t2 = names[1], names[0]
-    for goal, codec, gx in (("1", "bytegroup-zstd", 3.0), ("2", "raw", 1.5)):
+    for goal, codec, gx in (("1", "planes", 3.0), ("2", "raw", 1.5)):
         rep.load.mark()
         log(f"goal {goal}: state_dict({t1!r}) from the {codec} archive vs load_file + clone, {n} each")
         ours, theirs = alternate_loads(n, {"archive": str(arch[codec]), "task": t1, **cb},
@@ -574,7 +574,7 @@ def run_goals(a, rep: Report, details: dict) -> None:
                 open_seconds=median(r["open_seconds"] for r in ours), ratio_best=best(ours, theirs))
 
     # 3: a second task from the same open archive
-    for codec in (("bytegroup-zstd",) if a.quick else ("bytegroup-zstd", "raw")):
+    for codec in (("planes",) if a.quick else ("planes", "raw")):
         rep.load.mark()
         log(f"goal 3: state_dict({t1!r}) after state_dict({t2!r}) in one open {codec} archive, {n} each")
         ours, theirs = alternate_loads(n, {"archive": str(arch[codec]), "task": t1, "warm_task": t2, **cb},
@@ -589,7 +589,7 @@ def run_goals(a, rep: Report, details: dict) -> None:
     log(f"goal 4: get_tensor({t1!r}, {name!r}) vs safe_open().get_tensor() + clone, "
         f"{a.tensor_reps} alternated calls each, archives of {a.get_tensor_tasks} tasks")
     details["get_tensor"] = {}
-    for codec, gx in (("raw", 2.0), ("bytegroup-zstd", 4.0)):
+    for codec, gx in (("raw", 2.0), ("planes", 4.0)):
         for k in a.get_tensor_tasks:
             rep.load.mark()
             r = run_child("get_tensor", {"archive": str(sub[(codec, k)]), "task": t1, "name": name,
@@ -601,18 +601,18 @@ def run_goals(a, rep: Report, details: dict) -> None:
 
     # 6: the dense codec
     rep.load.mark()
-    log(f"goal 6: bytegroup-zstd vs ZipNN on the base's bytes, decode {n} each, 2 threads")
+    log(f"goal 6: planes vs ZipNN on the base's bytes, decode {n} each, 2 threads")
     goal_codec(fam, n, rep, details)
 
     # 8: unpack peak memory
     rep.load.mark()
-    log(f"goal 8: tallpack unpack --task {t1} (bytegroup-zstd archive), {min(n, 3)} runs")
+    log(f"goal 8: tallpack unpack --task {t1} (planes archive), {min(n, 3)} runs")
     unp = []
     for _ in range(min(n, 3)):
         d = work / "unpacked"
         if d.exists():
             shutil.rmtree(d)
-        unp.append(run_child("unpack_cli", {"archive": str(arch["bytegroup-zstd"]), "task": t1, "dir": str(d)},
+        unp.append(run_child("unpack_cli", {"archive": str(arch["planes"]), "task": t1, "dir": str(d)},
                              sample_memory=True))
     details["unpack"] = unp
     rep.add("8", f"unpack peak RssAnon (max of {len(unp)})", max(u["peak_anon"] for u in unp),
@@ -622,7 +622,7 @@ def run_goals(a, rep: Report, details: dict) -> None:
     # where state_dict spends its time
     log("profiling state_dict (cProfile)")
     details["profile"] = {c: run_child("profile", {"archive": str(arch[c]), "task": t1, **cb})
-                          for c in ("bytegroup-zstd", "raw")}
+                          for c in ("planes", "raw")}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -647,7 +647,7 @@ def run_scaling(a) -> dict:
             warm(files)
             load.mark()
             arch = work / f"scaling-L{fam['layers']}-{T}.tallpack"
-            p = do_pack(fam, names[:T], arch, "bytegroup-zstd", a.threads)
+            p = do_pack(fam, names[:T], arch, "planes", a.threads)
             z = zstd_files(files, work / "zstd", a.threads)
             warm([arch, fam["tasks"][names[1]]])
             ours, theirs = alternate_loads(a.scaling_repeats, {"archive": str(arch), "task": names[1], **cb},
@@ -778,10 +778,10 @@ How each row is measured:
   (`zstd -3 -T2` over the same {res['args']['tasks'] + 1} files, one .zst each); peak memory is the
   pack process's RssAnon sampled every 20 ms (an idle child with torch and tallpack imported holds
   {d['idle_child_anon'] / MB:.0f} MB).
-- codec (6): the base checkpoint's tensors, encoded with `dense_chain("bytegroup-zstd", 4, 3)` per
+- codec (6): the base checkpoint's tensors, encoded with `dense_chain("planes", 4, 3)` per
   {codec.get('chunk_elements', 0):,}-element chunk ({codec.get('chunks', 0)} chunks), decoded by a
   2-thread pool; against {zl}.
-- unpack (8): `tallpack unpack ARCHIVE --task NAME -o DIR` (the bytegroup-zstd archive) in a
+- unpack (8): `tallpack unpack ARCHIVE --task NAME -o DIR` (the planes archive) in a
   fresh process, RssAnon sampled every 20 ms.
 
 {met} of {len(res['rows'])} rows meet their goal. `ratio of fastest runs`: min(ours) / min(alternative), a second view that
@@ -802,7 +802,7 @@ def scaling_md(res: dict) -> str:
              f"{', library modified' if m['library_dirty'] else ''})", "",
              f"Produced by `{m['command']}` on {m['date']} (2-core shared machine; one pack per point, "
              f"load ratio the median of {res['args']['scaling_repeats']} alternated fresh-process pairs; "
-             f"bytegroup-zstd, threads={res['args']['threads']}; total runtime {res['runtime_s'] / 60:.1f} min). "
+             f"planes, threads={res['args']['threads']}; total runtime {res['runtime_s'] / 60:.1f} min). "
              f"Plot: `{res['figure']}`; numbers: `benchmarks/out/{res['json_name']}`.", "",
              "| params/member | tasks | input | archive | pack s | zstd -3 -T2 s | pack / zstd | "
              "pack peak RssAnon | budget (T+4) x largest + 300 MB | state_dict / load_file+clone | runnable |",
