@@ -25,7 +25,7 @@ import xxhash
 ROOT = Path(__file__).resolve().parent.parent
 GOLDEN = ROOT / "tests" / "golden"
 SCHEMA = ROOT / "spec" / "manifest.schema.json"
-NAMES = ["v1_0_ta", "v1_0_ties_raw", "v1_1_ta_zstd", "v1_2_exact"]
+NAMES = ["v1_0_ta", "v1_0_ties_raw", "v1_1_ta_zstd", "v1_2_exact", "v1_3_planes"]
 
 
 def _version(name: str) -> tuple[int, int]:
@@ -210,6 +210,23 @@ class MiniArchive:
             elif c["id"] == "bitpack":
                 assert len(out) == -(-s // 8)
                 out = np.unpackbits(np.frombuffer(out, np.uint8), count=s, bitorder="little").tobytes()
+            elif c["id"] == "planes":  # k u32 lengths, then each plane verbatim (length n) or one zstd frame
+                assert set(c) <= {"id", "itemsize", "level"}
+                k = c["itemsize"]
+                n = s // k
+                lengths = struct.unpack_from(f"<{k}I", out, 0)
+                assert 4 * k + sum(lengths) == len(out)
+                planes, pos = [], 4 * k
+                for length in lengths:
+                    piece = out[pos : pos + length]
+                    if length != n:
+                        assert zstandard.frame_content_size(piece) == n
+                        d = zstandard.ZstdDecompressor().decompressobj()
+                        piece = d.decompress(piece)
+                        assert d.eof and not d.unused_data
+                    planes.append(np.frombuffer(piece, np.uint8))
+                    pos += length
+                out = np.stack(planes, axis=1).tobytes()
             else:
                 raise AssertionError(f"unknown codec {c['id']}")
             assert len(out) == s

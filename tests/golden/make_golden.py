@@ -7,6 +7,7 @@ writes, beside this script:
 * ``v1_0_ta.tallpack``: merge "ta", codec "bytegroup-zstd", chunk_elements 64;
 * ``v1_0_ties_raw.tallpack``: merge "ties" (top_k 0.3), codec "raw", chunk_elements 64, base-only kept;
 * ``v1_1_ta_zstd.tallpack`` (format 1.1): xxh3-64 chunk checksums, merge "ta", codec "zstd";
+* ``v1_3_planes.tallpack`` (format 1.3): the ``planes`` codec;
 * ``v1_2_exact.tallpack`` (format 1.2): the exact tier, merge "ta"; with
   ``v1_2_exact.originals.safetensors``, the inputs' tensors (the originals) under ``"<task>/<tensor>"``;
 * ``<name>.expected.safetensors`` for each: every task's reconstructed state dict under the keys
@@ -106,6 +107,8 @@ ARCHIVES = {
                          pack=dict(merge="ta", codec="zstd", checksum="xxh3-64", lambdas=0.4)),
     "v1_2_exact": dict(seed=4, tasks=["qnli", "rte", "mrpc"], head_rows={"qnli": 2, "rte": 2, "mrpc": 3},
                        pack=dict(merge="ta", codec="bytegroup-zstd", checksum="xxh3-64", lambdas=0.4, exact=True)),
+    "v1_3_planes": dict(seed=5, tasks=["boolq", "copa"], head_rows={"boolq": 2, "copa": 2},
+                        pack=dict(merge="ta", codec="planes", checksum="xxh3-64", lambdas=0.4)),
 }
 
 
