@@ -29,7 +29,8 @@ def test_dense_presets_round_trip(data, itemsize, preset):
 def test_encoders_never_change_their_input(data):
     data = data[: len(data) - len(data) % 4]
     buf = bytearray(data)
-    for chain in (codecs.mask_chain(), codecs.dense_chain("bytegroup-zstd", 4), codecs.dense_chain("zstd", 4)):
+    for chain in (codecs.mask_chain(), codecs.dense_chain("bytegroup-zstd", 4), codecs.dense_chain("zstd", 4),
+                  codecs.dense_chain("planes", 4)):
         chain.encode(memoryview(buf))
         assert bytes(buf) == data
 
@@ -66,3 +67,27 @@ def test_zstd_refuses_a_frame_that_announces_another_size():
         codecs.Zstd().decode(memoryview(frame), 10**9)
     with pytest.raises(CodecError):
         codecs.Zstd().decode(memoryview(frame + b"junk"), 100)
+
+
+def test_planes_keeps_random_planes_verbatim_and_compresses_the_rest():
+    x = (np.random.default_rng(0).standard_normal(1 << 14) * 0.02).astype(np.float32)
+    enc = codecs.Planes(4).encode(memoryview(x.view(np.uint8)))
+    lengths = np.frombuffer(enc[:16], "<u4")
+    n = x.size
+    assert list(lengths[:2]) == [n, n]  # the low mantissa bytes are noise: stored as they are
+    assert lengths[3] < n // 2  # sign and exponent: zstd
+    assert bytes(codecs.Planes(4).decode(memoryview(enc), x.nbytes)) == x.tobytes()
+
+
+@pytest.mark.parametrize("damage", ["lengths", "frame", "short"])
+def test_planes_refuses_damaged_chunks(damage):
+    x = np.arange(256, dtype=np.float32)
+    enc = bytearray(codecs.Planes(4).encode(memoryview(x.view(np.uint8))))
+    if damage == "lengths":
+        enc[0] ^= 1
+    elif damage == "frame":
+        enc[-3] ^= 0xFF
+    else:
+        enc = enc[:-1]
+    with pytest.raises(CodecError):
+        codecs.Planes(4).decode(memoryview(bytes(enc)), x.nbytes)
