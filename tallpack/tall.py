@@ -6,6 +6,7 @@ These functions work on one block of one tensor; the packer streams a family thr
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -50,11 +51,29 @@ def all_finite(base: torch.Tensor, thetas: list[torch.Tensor]) -> bool:
     return all(bool(torch.isfinite(t.sum(dtype=torch.float32))) for t in (base, *thetas))
 
 
+_scratch = threading.local()
+#: The largest mask (elements) converted in a reused per-thread buffer (64 MB); larger ones get
+#: a buffer of their own, freed after use.
+SCRATCH_ELEMENTS = 1 << 24
+
+
+def _float_mask(mask: torch.Tensor) -> torch.Tensor:
+    """The mask as float32 in a buffer this thread reuses: a fresh one per tensor costs page faults
+    that can take as long as the reconstruction itself."""
+    n = mask.numel()
+    if mask.device.type != "cpu" or not (1 << 16) <= n <= SCRATCH_ELEMENTS:
+        return mask.to(torch.float32)
+    buf = getattr(_scratch, "buf", None)
+    if buf is None or buf.numel() < n:
+        buf = _scratch.buf = torch.empty(n, dtype=torch.float32)
+    return buf[:n].view(mask.shape).copy_(mask)
+
+
 def reconstruct(theta_0: torch.Tensor, mask: torch.Tensor, tau_mtl: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``theta_t = theta_0 + m_t * tau_MTL``, computed in float32 and cast to ``dtype``."""
     # addcmul is bit-identical to base + (mask * tau): the product (tau or a signed zero) is exact,
     # so fusing it leaves a single rounding, that of the addition.
-    return torch.addcmul(theta_0.to(torch.float32), mask.to(torch.float32), tau_mtl).to(dtype)
+    return torch.addcmul(theta_0.to(torch.float32), _float_mask(mask), tau_mtl).to(dtype)
 
 
 @dataclass
