@@ -54,7 +54,8 @@ class MergeMethod:
     def prepare(self, passes: Passes, num_tasks: int) -> None:
         """Gather global statistics; the default needs none."""
 
-    def combine(self, taus: list[torch.Tensor]) -> torch.Tensor:
+    def combine(self, taus: list[torch.Tensor], out: torch.Tensor | None = None) -> torch.Tensor:
+        """tau_MTL of one block (into ``out`` when given and the method can)."""
         raise NotImplementedError
 
     def extras(self, taus: list[torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -88,8 +89,8 @@ class TaskArithmetic(MergeMethod):
 
     name = "ta"
 
-    def combine(self, taus: list[torch.Tensor]) -> torch.Tensor:
-        out = taus[0] + 0.0  # (+0.0 + tau_1): a -0.0 becomes +0.0, as the spec's sum does
+    def combine(self, taus: list[torch.Tensor], out: torch.Tensor | None = None) -> torch.Tensor:
+        out = torch.add(taus[0], 0.0, out=out)  # (+0.0 + tau_1): a -0.0 becomes +0.0, as the spec's sum does
         for tau in taus[1:]:
             out += tau
         return out
@@ -169,7 +170,7 @@ class Ties(MergeMethod):
         keep = torch.where(sign.unsqueeze(0) > 0, trimmed > 0, trimmed < 0)
         return trimmed * keep
 
-    def combine(self, taus: list[torch.Tensor]) -> torch.Tensor:
+    def combine(self, taus: list[torch.Tensor], out: torch.Tensor | None = None) -> torch.Tensor:
         return self._selected(taus).sum(dim=0)
 
     def extras(self, taus: list[torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -18,31 +18,53 @@ LAMBDA_GRID: tuple[float, ...] = (0.2, 0.3, 0.4, 0.5, 0.6)
 DEFAULT_LAMBDA = 0.4
 
 
-def task_vector(theta_t: torch.Tensor, theta_0: torch.Tensor) -> torch.Tensor:
+class Workspace:
+    """Named buffers reused from block to block, so the packer's arithmetic writes into memory it
+    already has: fresh pages for every temporary cost the kernel's zeroing, as much as the
+    arithmetic itself."""
+
+    def __init__(self) -> None:
+        self._bufs: dict[tuple[str, torch.dtype], torch.Tensor] = {}
+
+    def get(self, name: str, n: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """A 1-d buffer of ``n`` elements (its contents are whatever was there)."""
+        b = self._bufs.get((name, dtype))
+        if b is None or b.numel() < n:
+            b = self._bufs[(name, dtype)] = torch.empty(n, dtype=dtype)
+        return b[:n]
+
+
+def task_vector(theta_t: torch.Tensor, theta_0: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """``tau_t = theta_t - theta_0``, in float32."""
-    return theta_t.to(torch.float32) - theta_0.to(torch.float32)
+    return torch.sub(theta_t.to(torch.float32), theta_0.to(torch.float32), out=out)
 
 
-def tall_mask(tau_t: torch.Tensor, tau_mtl: torch.Tensor, lam: float) -> torch.Tensor:
+def tall_mask(tau_t: torch.Tensor, tau_mtl: torch.Tensor, lam: float, out: torch.Tensor | None = None,
+              ws: Workspace | None = None) -> torch.Tensor:
     """``m_t = |tau_t| > lambda * |tau_MTL - tau_t|``, strict as in the official code.
 
     ``lam`` is rounded to float32 and all arithmetic is float32, so any implementation gets the
     same bits.
     """
     lam32 = torch.tensor(lam, dtype=torch.float32)
-    bound = torch.sub(tau_mtl, tau_t)
+    n = tau_t.numel()
+    bound = torch.sub(tau_mtl, tau_t, out=ws.get("bound", n).view(tau_t.shape) if ws else None)
     bound.abs_().mul_(lam32)  # in place: the same operations, fewer fresh pages
-    return tau_t.abs() > bound
+    size = torch.abs(tau_t, out=ws.get("abs", n).view(tau_t.shape) if ws else None)
+    return torch.gt(size, bound, out=out)
 
 
-def blocks(base: torch.Tensor, thetas: list[torch.Tensor], chunk_elements: int
+def blocks(base: torch.Tensor, thetas: list[torch.Tensor], chunk_elements: int, ws: Workspace | None = None
            ) -> Iterator[tuple[torch.Tensor, list[torch.Tensor]]]:
-    """(base block, float32 task vectors) for each chunk of ``chunk_elements`` elements."""
+    """(base block, float32 task vectors) for each chunk of ``chunk_elements`` elements. With a
+    workspace, the task vectors of one block are overwritten by the next."""
     b_flat = base.reshape(-1)
     flats = [t.reshape(-1) for t in thetas]
     for a in range(0, b_flat.numel(), chunk_elements):
         b = b_flat[a : a + chunk_elements]
-        yield b, [task_vector(f[a : a + chunk_elements], b) for f in flats]
+        n = b.numel()
+        yield b, [task_vector(f[a : a + chunk_elements], b, ws.get(f"tau{i}", n) if ws else None)
+                  for i, f in enumerate(flats)]
 
 
 def all_finite(base: torch.Tensor, thetas: list[torch.Tensor]) -> bool:
@@ -89,9 +111,13 @@ class Fidelity:
     ones: int = 0
     numel: int = 0
 
-    def add(self, tau_t: torch.Tensor, mask: torch.Tensor, tau_mtl: torch.Tensor) -> int:
+    def add(self, tau_t: torch.Tensor, mask: torch.Tensor, tau_mtl: torch.Tensor, ws: Workspace | None = None) -> int:
         """Accumulate one block; returns its number of set mask bits."""
-        rec = (mask.to(torch.float32) * tau_mtl).reshape(-1)
+        if ws is None:
+            rec = (mask.to(torch.float32) * tau_mtl).reshape(-1)
+        else:
+            rec = ws.get("rec", mask.numel())
+            rec.copy_(mask.reshape(-1)).mul_(tau_mtl.reshape(-1))
         tau = tau_t.reshape(-1)
         self.tau_sq += float(torch.dot(tau, tau))
         self.rec_sq += float(torch.dot(rec, rec))

@@ -12,7 +12,7 @@ from ..arrays import ArrayRef
 from ..dtypes import dtype_name, tensor_to_bytes, torch_dtype
 from ..elements import FLOATING
 from ..errors import FormatError
-from ..tall import blocks, reconstruct, tall_mask
+from ..tall import Workspace, blocks, reconstruct, tall_mask
 from .base import EXTRA_ARRAYS, Encoding, Item, TaskTensor, TensorEntry, Use, WriteContext, register
 
 
@@ -60,12 +60,15 @@ class Tall(Encoding):
         ones = [0] * len(tasks)
         arrays = [*entry_arrays.values(), *mask_arrays]
         pending: list = []  # the previous block's encodings: compressed while this block is computed
-        for b, taus in blocks(base, thetas, ce):
-            merged = ctx.method.combine(taus)
+        ws = Workspace()
+        for k, (b, taus) in enumerate(blocks(base, thetas, ce, ws)):
+            n, side = b.numel(), k % 2  # what is being encoded (merged, masks) alternates between two sets
+            merged = ctx.method.combine(taus, out=ws.get(f"merged{side}", n))
             parts = {"base": b, "merged": merged, **ctx.method.extras(taus)}
-            masks = [tall_mask(tau, merged, ctx.lambdas[t]) for t, tau in zip(tasks, taus)]
+            masks = [tall_mask(tau, merged, ctx.lambdas[t], out=ws.get(f"mask{i}.{side}", n, torch.bool), ws=ws)
+                     for i, (t, tau) in enumerate(zip(tasks, taus))]
             for i, (t, tau, m) in enumerate(zip(tasks, taus, masks)):
-                ones[i] += ctx.fidelity[t].add(tau, m, merged)
+                ones[i] += ctx.fidelity[t].add(tau, m, merged, ws)
             jobs = [(a.chain, tensor_to_bytes(parts[k])) for k, a in entry_arrays.items()]
             jobs += [(ctx.masks, tensor_to_bytes(m)) for m in masks]
             futures = w.submit(jobs)
