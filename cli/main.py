@@ -31,10 +31,22 @@ class _Group(click.Group):
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
+        except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+            raise  # usage errors and exits: click prints them
         except TallpackError as e:
-            _fail(str(e))
+            _fail(_one_line(str(e)))
         except OSError as e:
-            _fail(f"{e.filename or ''}: {e.strerror or e}".lstrip(": "))
+            _fail(_one_line(f"{e.filename or ''}: {e.strerror or e}".lstrip(": ")))
+        except MemoryError:
+            _fail("out of memory")
+        except Exception as e:  # a bug: still one line, and where to report it
+            _fail(_one_line(f"internal error: {type(e).__name__}: {e}")
+                  + " (a bug in tallpack: please report it with the command that caused it)")
+
+
+def _one_line(message: str, limit: int = 2000) -> str:
+    message = " ".join(message.split("\n"))
+    return message if len(message) <= limit else message[:limit] + "..."
 
 
 @click.group(cls=_Group)
@@ -123,7 +135,7 @@ def pack(base, task_specs, output, lambda_specs, merge, codec, level, checksum, 
     options = PackOptions(lambdas=lambdas, merge=merge_spec, codec=codec, level=level, checksum=checksum,
                           chunk_elements=chunk_elements, keep_base_only=keep_base_only,
                           allow_mismatch=allow_mismatch, threads=threads,
-                          progress=progress and sys.stderr.isatty())
+                          progress=progress and sys.stderr.isatty(), overwrite=force)
     m = tallpack.pack(base, tasks, output, options)
     size = output.stat().st_size
     src = m.stats["source_bytes"]
@@ -146,15 +158,16 @@ def inspect(archive: str, as_json: bool) -> None:
 @click.option("--all", "all_tasks", is_flag=True, help="Write every task, each in OUTDIR/NAME.")
 @click.option("-o", "--output", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="The folder to write model.safetensors into.")
-def unpack(archive: str, task_names: tuple[str, ...], all_tasks: bool, output: Path) -> None:
-    """Rebuild tasks and write each as a safetensors checkpoint folder."""
+@click.option("-f", "--force", is_flag=True, help="Replace existing model.safetensors / config.json files.")
+def unpack(archive: str, task_names: tuple[str, ...], all_tasks: bool, output: Path, force: bool) -> None:
+    """Rebuild tasks and write each as a safetensors checkpoint folder (all or nothing)."""
     with tallpack.open(archive) as fam:
         if not task_names and not all_tasks:
             raise click.UsageError(f"name a task with --task (tasks: {', '.join(fam.tasks)}) or pass --all")
         if len(task_names) == 1 and not all_tasks:
-            paths = [tallpack.write_task(fam, task_names[0], output)]
+            paths = [tallpack.write_task(fam, task_names[0], output, overwrite=force)]
         else:
-            paths = tallpack.write_tasks(fam, None if all_tasks else task_names, output)
+            paths = tallpack.write_tasks(fam, None if all_tasks else task_names, output, overwrite=force)
     for path in paths:
         click.echo(f"wrote {path}")
 
@@ -185,11 +198,13 @@ def verify(archive: str) -> None:
 @click.option("--task", "task", default=None, help="Add this task's own tensors (its head) to the model.")
 @click.option("-o", "--output", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="The folder to write model.safetensors into.")
-def merge(archive: str, method: str, k: int, alpha: float | None, task: str | None, output: Path) -> None:
+@click.option("-f", "--force", is_flag=True, help="Replace existing model.safetensors / config.json files.")
+def merge(archive: str, method: str, k: int, alpha: float | None, task: str | None, output: Path,
+          force: bool) -> None:
     """Write one multi-task model merged from the archive's tasks."""
     with tallpack.open(archive) as fam:
         alpha = default_alpha(method, len(fam.tasks)) if alpha is None else alpha
-        path, n = tallpack.write_merged(fam, output, method, k=k, alpha=alpha, task=task)
+        path, n = tallpack.write_merged(fam, output, method, k=k, alpha=alpha, task=task, overwrite=force)
     click.echo(f"wrote {path} ({method}, k={k}, alpha={alpha:g}, {n} tensors)")
 
 

@@ -17,6 +17,7 @@ import numpy as np
 import zstandard
 
 from .errors import CodecError, InvalidArgumentError, UnsupportedVersionError
+from .limits import ZSTD_MAX_RATIO
 
 
 class Codec:
@@ -35,6 +36,11 @@ class Codec:
         """The encoded size of ``size`` input bytes, or None when it depends on the data."""
         return None
 
+    def fits(self, size: int, nbytes: int) -> bool:
+        """Whether ``nbytes`` encoded bytes can decode to ``size`` bytes (checked at open, before
+        anything is read: a declared size must be backed by stored bytes)."""
+        return self.encoded_size(size) == nbytes
+
     def config(self) -> dict[str, Any]:
         return {"id": self.id}
 
@@ -52,6 +58,10 @@ class Zstd(Codec):
 
     def encode(self, buf: memoryview) -> bytes:
         return zstandard.ZstdCompressor(level=self.level, write_content_size=True).compress(buf)
+
+    def fits(self, size: int, nbytes: int) -> bool:
+        # no frame decodes to more than ZSTD_MAX_RATIO times its size (limits.py says why)
+        return 0 < nbytes and size <= ZSTD_MAX_RATIO * nbytes
 
     def decode(self, buf: memoryview, size: int) -> memoryview:
         try:
@@ -187,6 +197,17 @@ class Chain:
 
     def configs(self) -> list[dict[str, Any]]:
         return [c.config() for c in self.codecs]
+
+    def ids(self) -> list[str]:
+        return [c.id for c in self.codecs]
+
+    def fits(self, size: int, nbytes: int) -> bool:
+        """Whether a chunk of ``size`` decoded bytes can be stored in ``nbytes`` bytes."""
+        if not self.codecs:
+            return size == nbytes
+        for c in self.codecs[:-1]:
+            size = c.encoded_size(size)
+        return self.codecs[-1].fits(size, nbytes)
 
     def encode(self, buf: memoryview) -> bytes | memoryview:
         out: bytes | memoryview = buf

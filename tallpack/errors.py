@@ -69,3 +69,11 @@ class ArchiveNotFoundError(TallpackError, FileNotFoundError):
 class OutputError(TallpackError, OSError):
     """An output could not be written (for example, the disk is full); nothing was written under
     the output's name. ``errno`` is the operating system's error number."""
+
+
+class ArchiveClosedError(TallpackError, ValueError):
+    """The archive was read after ``close()`` (or while another thread closed it)."""
+
+
+class OutputExistsError(OutputError, FileExistsError):
+    """An output already exists; pass ``overwrite=True`` (``--force``) to replace it."""

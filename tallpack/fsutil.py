@@ -37,7 +37,7 @@ from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
 
-from .errors import OutputError
+from .errors import OutputError, OutputExistsError
 
 try:
     import fcntl
@@ -180,9 +180,29 @@ def _remove_if_unlocked(path: Path) -> int | None:
         os.close(fd)
 
 
-def commit(tmp: Path, target: Path) -> None:
-    """Rename ``tmp`` to ``target`` and make the rename durable."""
-    os.replace(tmp, target)
+_NO_LINKS = {errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EXDEV, errno.EMLINK, errno.ENOSYS}
+
+
+def commit(tmp: Path, target: Path, *, overwrite: bool = True) -> None:
+    """Rename ``tmp`` to ``target`` and make the rename durable. With ``overwrite=False`` an
+    existing ``target`` is never replaced (OutputExistsError), even one created a moment ago:
+    the file is linked to its name, which fails if the name exists, and then unlinked."""
+    if overwrite:
+        os.replace(tmp, target)
+    else:
+        try:
+            os.link(tmp, target, follow_symlinks=False)
+        except FileExistsError:
+            raise OutputExistsError(f"{target}: already exists; pass --force (overwrite=True) to replace it") from None
+        except OSError as e:
+            if e.errno not in _NO_LINKS:
+                raise
+            if os.path.lexists(target):  # a file system without hard links: check, then rename
+                raise OutputExistsError(f"{target}: already exists; pass --force (overwrite=True) "
+                                        "to replace it") from None
+            os.replace(tmp, target)
+        else:
+            os.unlink(tmp)
     try:
         dfd = os.open(target.parent, os.O_RDONLY)
     except OSError:  # pragma: no cover - some platforms cannot open folders

@@ -16,7 +16,8 @@ from ._version import __version__
 from .container import ContainerWriter
 from .elements import itemsize
 from .encodings import BY_KIND, WriteContext
-from .errors import InvalidArgumentError
+from .errors import InvalidArgumentError, OutputExistsError
+from .fsutil import writing
 from .inputs import PackInputs, TasksLike
 from .manifest import Manifest, TaskInfo, TensorEntry, count_kinds
 from .options import PackOptions, Validated
@@ -45,6 +46,8 @@ def pack(base: SourceLike, tasks: TasksLike, out: str | os.PathLike, options: Pa
     except TypeError as e:
         raise InvalidArgumentError(f"pack: {e}") from None
     v = opts.validated()
+    if not opts.overwrite and os.path.lexists(out):
+        raise OutputExistsError(f"{out}: already exists; pass --force (overwrite=True) to replace it")
     fam = PackInputs(base, tasks, allow_mismatch=opts.allow_mismatch, chunk_elements=opts.chunk_elements)
     try:
         names = list(fam.tasks)
@@ -72,7 +75,8 @@ def _write(fam: PackInputs, v: Validated, lams: dict[str, float], out: Path, sel
     if opts.progress:
         from tqdm.auto import tqdm
         tensors = tqdm(tensors, desc="packing", unit="tensor")
-    with ContainerWriter(out, threads=opts.threads, checksum=opts.checksum) as w:
+    with writing(out), ContainerWriter(out, threads=opts.threads, checksum=opts.checksum,
+                                       overwrite=opts.overwrite) as w:
         ctx = WriteContext(w, opts.chunk_elements, lambda dt: v.dense(itemsize(dt)), v.masks(), v.method,
                            lams, fidelity)
         for entry in tensors:

@@ -160,9 +160,12 @@ class Archive:
         return sum(len(ref.chunks) for _, _, ref in iter_arrays(self.manifest.tensors))
 
     def verify(self) -> list[str]:
-        """Check every chunk's checksum and decode it, and that padding is zero; returns the
-        problems found (empty: intact)."""
+        """Check every chunk's checksum and decode it, that padding is zero and that the header's
+        version is the manifest's; returns the problems found (empty: intact)."""
         problems = self._c.verify_padding()
+        if tuple(self.manifest.format_version) != self.format_version:  # the header's minor too
+            problems.append(f"{self.name}: header says format {self.format_version[0]}.{self.format_version[1]}, "
+                            f"manifest says {self.manifest.format_version[0]}.{self.manifest.format_version[1]}")
         for name, key, ref in iter_arrays(self.manifest.tensors):
             where = f"tensor {name!r} ({key})"
             try:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .errors import ArchiveNotFoundError, IntegrityError, TallpackError
+from .errors import ArchiveClosedError, ArchiveNotFoundError, IntegrityError, TallpackError
 
 
 class RemoteFile:
@@ -16,6 +16,7 @@ class RemoteFile:
         except ImportError:  # pragma: no cover - fsspec is a dependency
             raise TallpackError(f"{url}: reading remote archives needs fsspec") from None
         self.url = url
+        self.closed = False
         try:
             self._fs, self._path = url_to_fs(url, **(storage_options or {}))
             self.size = int(self._fs.size(self._path))
@@ -29,6 +30,8 @@ class RemoteFile:
     def read(self, offset: int, nbytes: int) -> memoryview:
         if offset < 0 or nbytes < 0 or offset + nbytes > self.size:
             raise IntegrityError(f"{self.url}: read past the end of the file (truncated?)")
+        if self.closed:
+            raise ArchiveClosedError(f"{self.url}: the archive is closed")
         if nbytes == 0:
             return memoryview(b"")
         try:
@@ -40,4 +43,4 @@ class RemoteFile:
         return memoryview(data)
 
     def close(self) -> None:
-        pass
+        self.closed = True

@@ -100,3 +100,6 @@ def small_family(tmp_path) -> dict:
         tasks[name] = sd
     return {"dir": tmp_path, "base": base, "tasks": tasks, "base_path": tmp_path / "base.safetensors",
             "task_paths": {n: tmp_path / f"{n}.safetensors" for n in tasks}}
+
+#: tests/fuzz holds the atheris harness and its corpus: run by hand, never collected (RELIABILITY.md).
+collect_ignore = ["fuzz"]
