@@ -33,10 +33,22 @@ class _Group(click.Group):
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
+        except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+            raise  # usage errors and exits: click prints them
         except TallpackError as e:
-            _fail(str(e))
+            _fail(_one_line(str(e)))
         except OSError as e:
-            _fail(f"{e.filename or ''}: {e.strerror or e}".lstrip(": "))
+            _fail(_one_line(f"{e.filename or ''}: {e.strerror or e}".lstrip(": ")))
+        except MemoryError:
+            _fail("out of memory")
+        except Exception as e:  # a bug: still one line, and where to report it
+            _fail(_one_line(f"internal error: {type(e).__name__}: {e}")
+                  + " (a bug in tallpack: please report it with the command that caused it)")
+
+
+def _one_line(message: str, limit: int = 2000) -> str:
+    message = " ".join(message.split("\n"))
+    return message if len(message) <= limit else message[:limit] + "..."
 
 
 @click.group(cls=_Group)
@@ -147,7 +159,7 @@ def pack(base, task_specs, output, lambda_specs, merge, codec, level, checksum, 
     options = PackOptions(lambdas=lambdas, merge=merge_spec, codec=codec, level=level, checksum=checksum,
                           chunk_elements=chunk_elements, keep_base_only=keep_base_only,
                           allow_mismatch=allow_mismatch, threads=threads,
-                          progress=_progress(progress), exact=exact)
+                          progress=_progress(progress), exact=exact, overwrite=force)
     m = tallpack.pack(base, tasks, output, options)
     size = staging.size(output)
     src = m.stats["source_bytes"]
@@ -176,19 +188,21 @@ def inspect(archive: str, as_json: bool, tensors: bool) -> None:
 @click.option("-o", "--output", required=True, help="The folder to write into (a path or a URL).")
 @_MAX_SHARD
 @click.option("--exact", is_flag=True, help="Write the original files byte for byte (archives packed with --exact).")
+@click.option("-f", "--force", is_flag=True, help="Replace files that already exist in the output folder.")
 def unpack(archive: str, task_names: tuple[str, ...], all_tasks: bool, output: str,
-           max_shard_size: str | None, exact: bool) -> None:
+           max_shard_size: str | None, exact: bool, force: bool) -> None:
     """Rebuild tasks and write each as a Hugging Face folder: safetensors (sharded like the
     original) and the folder's kept files (config, tokenizer, ...); with --exact, the original
-    files byte for byte."""
+    files byte for byte. All or nothing: a failure leaves no output."""
     with tallpack.open(archive) as fam:
         if not task_names and not all_tasks:
             raise click.UsageError(f"name a task with --task (tasks: {', '.join(fam.tasks)}) or pass --all")
         kw = {"max_shard_size": max_shard_size, "progress": _progress()}
         if len(task_names) == 1 and not all_tasks:
-            paths = [tallpack.write_task(fam, task_names[0], output, exact=exact, **kw)]
+            paths = [tallpack.write_task(fam, task_names[0], output, exact=exact, overwrite=force, **kw)]
         else:
-            paths = tallpack.write_tasks(fam, None if all_tasks else task_names, output, exact=exact, **kw)
+            paths = tallpack.write_tasks(fam, None if all_tasks else task_names, output, exact=exact,
+                                         overwrite=force, **kw)
     for path in paths:
         click.echo(f"wrote {path}")
 
@@ -219,13 +233,14 @@ def verify(archive: str) -> None:
 @click.option("--task", "task", default=None, help="Add this task's own tensors (its head) to the model.")
 @click.option("-o", "--output", required=True, help="The folder to write into (a path or a URL).")
 @_MAX_SHARD
+@click.option("-f", "--force", is_flag=True, help="Replace files that already exist in the output folder.")
 def merge(archive: str, method: str, k: int, alpha: float | None, task: str | None, output: str,
-          max_shard_size: str | None) -> None:
+          max_shard_size: str | None, force: bool) -> None:
     """Write one multi-task model merged from the archive's tasks."""
     with tallpack.open(archive) as fam:
         alpha = default_alpha(method, len(fam.tasks)) if alpha is None else alpha
         path, n = tallpack.write_merged(fam, output, method, k=k, alpha=alpha, task=task,
-                                        max_shard_size=max_shard_size, progress=_progress())
+                                        max_shard_size=max_shard_size, progress=_progress(), overwrite=force)
     click.echo(f"wrote {path} ({method}, k={k}, alpha={alpha:g}, {n} tensors)")
 
 

@@ -9,10 +9,11 @@ from typing import Any
 from . import codecs as _codecs
 from .elements import element, itemsize, numel
 from .errors import FormatError
+from .limits import MAX_CHAIN, MAX_CHUNK_BYTES, MAX_DIMS, MAX_INT, MAX_JSON_INT
 
 DEFAULT_CHUNK_ELEMENTS = 1 << 22
-#: The largest decoded chunk a reader accepts (spec §7).
-MAX_CHUNK_BYTES = 1 << 30
+__all__ = ["ArrayRef", "Chunk", "DEFAULT_CHUNK_ELEMENTS", "MAX_CHUNK_BYTES", "check_chunk_bytes",
+           "check_chunk_elements", "check_shape"]
 
 
 def check_chunk_elements(n: object) -> int:
@@ -23,8 +24,24 @@ def check_chunk_elements(n: object) -> int:
 
 
 def check_chunk_bytes(chunk_elements: int, shape: tuple[int, ...], dtype: str) -> None:
+    """A decoded chunk is at most ``MAX_CHUNK_BYTES``."""
     if min(chunk_elements, numel(shape)) * itemsize(dtype) > MAX_CHUNK_BYTES:
         raise ValueError(f"chunks of {chunk_elements} {dtype} elements exceed {MAX_CHUNK_BYTES} bytes")
+
+
+def check_shape(shape: object) -> tuple[int, ...]:
+    """A shape: at most ``MAX_DIMS`` non-negative integers whose nonzero ones multiply to at most
+    ``MAX_INT`` (so strides and byte sizes fit in 64 bits); ValueError otherwise."""
+    if not isinstance(shape, (list, tuple)) or len(shape) > MAX_DIMS:
+        raise ValueError(f"a shape is a list of at most {MAX_DIMS} dimensions")
+    span = 1
+    for d in shape:
+        if type(d) is not int or d < 0:
+            raise ValueError("shape dimensions must be non-negative integers")
+        span *= max(d, 1)
+        if span > MAX_INT:
+            raise ValueError("shape too large (its dimensions multiply past 2**63)")
+    return tuple(shape)
 
 
 @dataclass(frozen=True)
@@ -84,29 +101,39 @@ class ArrayRef:
 
     @classmethod
     def from_dict(cls, d: Any, where: str) -> "ArrayRef":
-        """Parse and validate one array entry; ``where`` names it in error messages."""
+        """Parse and validate one array entry; ``where`` names it in error messages.
+
+        Every check here runs before anything the entry declares is allocated: the chunk count
+        follows from the shape, and each chunk's stored size must be able to hold its decoded
+        size (spec §7), so declared sizes are backed by bytes in the file.
+        """
+        if not isinstance(d, dict):
+            raise FormatError(f"{where}: malformed array entry")
         try:
             dtype = d["dtype"]
             element(dtype)
-            shape = tuple(d["shape"])
-            codecs = tuple(d["codecs"])
-            chunk_elements = d["chunk_elements"]
-            chunks = tuple(Chunk(*c) for c in d["chunks"])
-        except FormatError as e:
-            raise type(e)(f"{where}: {e}") from None
-        except (KeyError, TypeError, ValueError):
-            raise FormatError(f"{where}: malformed array entry") from None
-        ints = [*shape, chunk_elements] + [v for c in chunks for v in (c.offset, c.nbytes, c.checksum)]
-        if not all(type(v) is int and v >= 0 for v in ints):
-            raise FormatError(f"{where}: shape, chunk sizes and offsets must be non-negative integers")
-        try:
+            shape = check_shape(d["shape"])
+            codecs, chunk_elements, chunks = d["codecs"], d["chunk_elements"], d["chunks"]
+            if not isinstance(codecs, list) or len(codecs) > MAX_CHAIN:
+                raise ValueError(f"a codec chain is a list of at most {MAX_CHAIN} codecs")
             check_chunk_elements(chunk_elements)
             check_chunk_bytes(chunk_elements, shape, dtype)
-        except ValueError as e:
+        except FormatError as e:
+            raise type(e)(f"{where}: {e}") from None
+        except KeyError:
+            raise FormatError(f"{where}: malformed array entry") from None
+        except (TypeError, ValueError) as e:
             raise FormatError(f"{where}: {e}") from None
-        ref = cls(dtype, shape, codecs, chunk_elements, chunks)
-        if len(chunks) != -(-ref.numel // chunk_elements):
-            raise FormatError(f"{where}: {len(chunks)} chunks cannot hold {ref.numel} elements")
+        n = numel(shape)
+        if not isinstance(chunks, list) or len(chunks) != -(-n // chunk_elements):
+            raise FormatError(f"{where}: {len(chunks) if isinstance(chunks, list) else 'no'} chunks "
+                              f"cannot hold {n} elements")
+        for c in chunks:
+            if (not isinstance(c, list) or len(c) != 3
+                    or not all(type(v) is int for v in c)
+                    or not (0 <= c[0] <= MAX_INT and 0 <= c[1] <= MAX_INT and 0 <= c[2] <= MAX_JSON_INT)):
+                raise FormatError(f"{where}: chunks must be [offset, nbytes, checksum] of non-negative integers")
+        ref = cls(dtype, shape, tuple(codecs), chunk_elements, tuple(Chunk(*c) for c in chunks))
         try:
             chain = ref.chain  # unknown codecs fail here, at open, not mid-read
         except FormatError as e:
@@ -114,4 +141,11 @@ class ArrayRef:
         for c in chain.codecs:
             if isinstance(c, _codecs.ByteGroup) and c.itemsize != ref.itemsize:
                 raise FormatError(f"{where}: bytegroup itemsize {c.itemsize} for {dtype} elements")
+        full = chunk_elements * ref.itemsize
+        last = len(ref.chunks) - 1
+        for i, c in enumerate(ref.chunks):
+            size = full if i < last else ref.chunk_numel(i) * ref.itemsize
+            if not chain.fits(size, c.nbytes):
+                raise FormatError(f"{where}: chunk {i} stores {c.nbytes} bytes, which cannot decode to "
+                                  f"{size} bytes with codecs {chain.ids()}")
         return ref

@@ -18,6 +18,7 @@ import numpy as np
 import zstandard
 
 from .errors import CodecError, InvalidArgumentError, UnsupportedVersionError
+from .limits import ZSTD_MAX_RATIO
 
 
 class Codec:
@@ -36,6 +37,11 @@ class Codec:
         """The encoded size of ``size`` input bytes, or None when it depends on the data."""
         return None
 
+    def fits(self, size: int, nbytes: int) -> bool:
+        """Whether ``nbytes`` encoded bytes can decode to ``size`` bytes (checked at open, before
+        anything is read: a declared size must be backed by stored bytes)."""
+        return self.encoded_size(size) == nbytes
+
     def config(self) -> dict[str, Any]:
         return {"id": self.id}
 
@@ -53,6 +59,10 @@ class Zstd(Codec):
 
     def encode(self, buf: memoryview) -> bytes:
         return zstandard.ZstdCompressor(level=self.level, write_content_size=True).compress(buf)
+
+    def fits(self, size: int, nbytes: int) -> bool:
+        # no frame decodes to more than ZSTD_MAX_RATIO times its size (limits.py says why)
+        return 0 < nbytes and size <= ZSTD_MAX_RATIO * nbytes
 
     def decode(self, buf: memoryview, size: int) -> memoryview:
         try:
@@ -180,6 +190,12 @@ class Planes(Codec):
         if type(self.level) is not int or not -(1 << 17) <= self.level <= 22:
             raise CodecError(f"planes: bad level {self.level!r}")
 
+    def fits(self, size: int, nbytes: int) -> bool:
+        # each of the k planes is n bytes verbatim or one zstd frame of at most n bytes' worth
+        k = self.itemsize
+        n, head = size // k, 4 * k
+        return size % k == 0 and head <= nbytes <= head + size and size <= ZSTD_MAX_RATIO * max(1, nbytes - head) * k
+
     def _compressor(self) -> zstandard.ZstdCompressor:
         params = zstandard.ZstdCompressionParameters.from_level(self.level, min_match=7, write_content_size=True)
         return zstandard.ZstdCompressor(compression_params=params)
@@ -253,6 +269,17 @@ class Chain:
 
     def configs(self) -> list[dict[str, Any]]:
         return [c.config() for c in self.codecs]
+
+    def ids(self) -> list[str]:
+        return [c.id for c in self.codecs]
+
+    def fits(self, size: int, nbytes: int) -> bool:
+        """Whether a chunk of ``size`` decoded bytes can be stored in ``nbytes`` bytes."""
+        if not self.codecs:
+            return size == nbytes
+        for c in self.codecs[:-1]:
+            size = c.encoded_size(size)
+        return self.codecs[-1].fits(size, nbytes)
 
     def encode(self, buf: memoryview) -> bytes | memoryview:
         out: bytes | memoryview = buf

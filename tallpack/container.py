@@ -27,11 +27,13 @@ import zstandard
 
 from . import codecs as _codecs
 from .arrays import (DEFAULT_CHUNK_ELEMENTS, ArrayRef, Chunk, check_chunk_bytes,
-                     check_chunk_elements)
+                     check_chunk_elements, check_shape)
 from .checksums import DEFAULT_CHECKSUM, checksum_function, crc32
 from .elements import itemsize, numel
 from .errors import FormatError, IntegrityError, InvalidArgumentError, UnsupportedVersionError
 from .fsutil import commit, temp_beside
+from .limits import (MAX_DEPTH, MAX_JSON_INT, MAX_MANIFEST_BYTES, MAX_NUMBER_CHARS, MIN_JSON_INT,
+                     max_manifest_bytes)
 from .storage import ByteSource
 
 log = logging.getLogger(__name__)
@@ -54,11 +56,8 @@ FOOTER = struct.Struct("<QQII8s")
 FLAG_MANIFEST_ZSTD = 1
 ALIGNMENT = 64
 
-#: Limits a reader enforces before trusting anything in the file.
-MAX_MANIFEST_BYTES = 256 << 20
 #: A remote array is fetched in windows of at most this many stored bytes.
 PREFETCH_BYTES = 64 << 20
-
 __all__ = ["ArrayRef", "Chunk", "ContainerReader", "ContainerWriter", "DEFAULT_CHUNK_ELEMENTS",
            "FEATURE_MINOR", "FOOTER", "HEADER", "MAJOR", "MINOR"]
 
@@ -71,8 +70,10 @@ class ContainerWriter:
     """
 
     def __init__(self, path: str | os.PathLike, *, threads: int | None = None,
-                 checksum: str = DEFAULT_CHECKSUM, features: frozenset[str] = frozenset()):
+                 checksum: str = DEFAULT_CHECKSUM, features: frozenset[str] = frozenset(),
+                 overwrite: bool = True):
         self.path = Path(path)
+        self.overwrite = overwrite
         if self.path.is_dir():
             raise InvalidArgumentError(f"{self.path}: is a directory; give the archive's file name")
         parent = self.path.parent
@@ -135,14 +136,20 @@ class ContainerWriter:
     def finish(self, manifest: dict[str, Any]) -> Path:
         """Write the manifest and footer, then atomically rename the file to its final name."""
         raw = json.dumps(manifest, separators=(",", ":"), allow_nan=False).encode()
-        stored = zstandard.ZstdCompressor(level=9).compress(raw)
+        if len(raw) > MAX_MANIFEST_BYTES:
+            raise InvalidArgumentError(f"{self.path}: manifest of {len(raw)} bytes exceeds the format's "
+                                       f"limit of {MAX_MANIFEST_BYTES} (too much metadata?)")
+        stored, flags = zstandard.ZstdCompressor(level=9).compress(raw), FLAG_MANIFEST_ZSTD
+        offset = self._pos + -self._pos % ALIGNMENT
+        if len(raw) > max_manifest_bytes(offset + len(stored) + FOOTER.size):
+            stored, flags = raw, 0  # compresses too well for a reader's bound (spec §7): store it as is
         offset = self._write(stored)
-        self._f.write(FOOTER.pack(offset, len(stored), crc32(stored), FLAG_MANIFEST_ZSTD, END_MAGIC))
+        self._f.write(FOOTER.pack(offset, len(stored), crc32(stored), flags, END_MAGIC))
         self._f.flush()
         os.fsync(self._f.fileno())
         self._f.close()
         self._pool.shutdown()
-        commit(self._tmp, self.path)
+        commit(self._tmp, self.path, overwrite=self.overwrite)
         self._done = True
         log.info("wrote %s (%d bytes)", self.path, self._pos + FOOTER.size)
         return self.path
@@ -161,6 +168,10 @@ class ArrayBuilder:
                  chain: _codecs.Chain, chunk_elements: int):
         check_chunk_elements(chunk_elements)
         check_chunk_bytes(chunk_elements, shape, dtype)
+        try:
+            check_shape(shape)
+        except ValueError as e:
+            raise InvalidArgumentError(f"cannot store a tensor of shape {shape}: {e}") from None
         self._writer = writer
         self.dtype, self.shape, self.chain, self.chunk_elements = dtype, shape, chain, chunk_elements
         self.numel = numel(shape)
@@ -177,11 +188,14 @@ class ArrayBuilder:
         return ref
 
 
-def _decompress_manifest(stored: memoryview, name: str) -> bytes:
+def _decompress_manifest(stored: memoryview, name: str, limit: int) -> bytes:
     try:
         announced = zstandard.frame_content_size(stored)
-        if announced < 0 or announced > MAX_MANIFEST_BYTES:
-            raise FormatError(f"{name}: manifest frame has no size, or one over {MAX_MANIFEST_BYTES} bytes")
+        if announced < 0:
+            raise FormatError(f"{name}: manifest frame has no size")
+        if announced > limit:
+            raise FormatError(f"{name}: manifest frame announces {announced} bytes; a file of this size "
+                              f"may hold at most {limit} (spec §7)")
         dobj = zstandard.ZstdDecompressor().decompressobj()
         raw = dobj.decompress(stored)
     except zstandard.ZstdError as e:
@@ -202,11 +216,46 @@ def _no_constants(token: str):
     raise ValueError(f"{token} is not allowed")
 
 
+def _int(text: str) -> int:
+    if len(text) > MAX_NUMBER_CHARS:
+        raise ValueError(f"integer of {len(text)} digits")
+    v = int(text)
+    if not MIN_JSON_INT <= v <= MAX_JSON_INT:
+        raise ValueError(f"integer {v} outside [-2**63, 2**64)")
+    return v
+
+
+def _float(text: str) -> float:
+    if len(text) > MAX_NUMBER_CHARS:
+        raise ValueError(f"number of {len(text)} characters")
+    v = float(text)
+    if v in (float("inf"), float("-inf")):
+        raise ValueError(f"number {text} overflows a float")
+    return v
+
+
+def _check_depth(value: Any) -> None:
+    """Containers nest at most MAX_DEPTH deep (so nothing that walks the manifest later recurses
+    deeply); one pass over the parsed containers."""
+    level = [value] if isinstance(value, (dict, list)) else []
+    for _ in range(MAX_DEPTH):
+        level = [c for v in level for c in (v.values() if isinstance(v, dict) else v)
+                 if isinstance(c, (dict, list))]
+        if not level:
+            return
+    if level:
+        raise ValueError(f"containers nest deeper than {MAX_DEPTH}")
+
+
 def _parse_manifest(raw: bytes | memoryview, name: str) -> Any:
-    """Strict JSON: UTF-8, no duplicate keys, no NaN/Infinity, bounded nesting."""
+    """Strict JSON: UTF-8, no duplicate keys, no NaN/Infinity, numbers within int64 and finite
+    floats, bounded nesting."""
     try:
         text = bytes(raw).decode("utf-8")
-        return json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_no_constants)
+        value = json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_no_constants,
+                           parse_int=_int, parse_float=_float)
+        _check_depth(value)
+        return value
     except (UnicodeDecodeError, ValueError, RecursionError) as e:
         raise FormatError(f"{name}: manifest is not valid JSON: {str(e)[:200]}") from None
 
@@ -249,7 +298,7 @@ class ContainerReader:
             raise IntegrityError(f"{name}: manifest checksum mismatch (damaged archive)")
         raw: bytes | memoryview = stored
         if flags & FLAG_MANIFEST_ZSTD:
-            raw = _decompress_manifest(stored, name)
+            raw = _decompress_manifest(stored, name, max_manifest_bytes(size))
         manifest = _parse_manifest(raw, name)
         if not isinstance(manifest, dict):
             raise FormatError(f"{name}: manifest is not a JSON object")

@@ -32,6 +32,14 @@ for _name in ("float8_e4m3fn", "float8_e5m2", "uint16", "uint32", "uint64"):
         DTYPES[_name] = getattr(torch, _name)
 
 assert set(DTYPES) <= set(ELEMENTS)
+#: safetensors' dtype codes -> spec names.
+SAFETENSORS_DTYPES: dict[str, str] = {
+    "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
+    "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool",
+    "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2", "U16": "uint16", "U32": "uint32",
+    "U64": "uint64",
+}
+
 _NAMES = {v: k for k, v in DTYPES.items()}
 
 

@@ -73,3 +73,11 @@ class OutputError(TallpackError, OSError):
 
 class ExactTierMissingError(TallpackError, ValueError):
     """Exact output was asked of an archive (or task) packed without the exact tier."""
+
+
+class ArchiveClosedError(TallpackError, ValueError):
+    """The archive was read after ``close()`` (or while another thread closed it)."""
+
+
+class OutputExistsError(OutputError, FileExistsError):
+    """An output already exists; pass ``overwrite=True`` (``--force``) to replace it."""

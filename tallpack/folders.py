@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 from .arrays import ArrayRef
 from .codecs import Chain, Zstd
 from .errors import FormatError, IntegrityError, OutputError
-from .fsutil import commit, temp_beside
+from .fsutil import atomic_write, make_folder
 
 if TYPE_CHECKING:
     from .container import ContainerWriter
@@ -115,8 +115,7 @@ def safe_target(outdir: Path, name: str) -> Path:
     check_file_name(name)
     target = outdir.joinpath(*name.split("/"))
     root = outdir.resolve()
-    parent = target.parent
-    parent.mkdir(parents=True, exist_ok=True)
+    parent = make_folder(target.parent)
     if not parent.resolve().is_relative_to(root):
         raise OutputError(f"{target}: its folder leads outside {outdir}; refusing to write there")
     return target
@@ -132,13 +131,5 @@ def write_files(outdir: str | os.PathLike, files: Mapping[str, str], blobs: Mapp
             continue
         target = safe_target(out, name)
         data = read_blob(read, digest, blobs[digest], f"file {name!r}")
-        fd, tmp = temp_beside(target)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-            commit(tmp, target)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-        written.append(target)
+        written.append(atomic_write(target, lambda tmp, d=data: tmp.write_bytes(d)))
     return written

@@ -32,12 +32,13 @@ import re
 import secrets
 import socket
 import stat
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
 from functools import lru_cache
 from pathlib import Path
 
-from .errors import OutputError
+from .errors import OutputError, OutputExistsError
 
 try:
     import fcntl
@@ -180,9 +181,29 @@ def _remove_if_unlocked(path: Path) -> int | None:
         os.close(fd)
 
 
-def commit(tmp: Path, target: Path) -> None:
-    """Rename ``tmp`` to ``target`` and make the rename durable."""
-    os.replace(tmp, target)
+_NO_LINKS = {errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EXDEV, errno.EMLINK, errno.ENOSYS}
+
+
+def commit(tmp: Path, target: Path, *, overwrite: bool = True) -> None:
+    """Rename ``tmp`` to ``target`` and make the rename durable. With ``overwrite=False`` an
+    existing ``target`` is never replaced (OutputExistsError), even one created a moment ago:
+    the file is linked to its name, which fails if the name exists, and then unlinked."""
+    if overwrite:
+        os.replace(tmp, target)
+    else:
+        try:
+            os.link(tmp, target, follow_symlinks=False)
+        except FileExistsError:
+            raise OutputExistsError(f"{target}: already exists; pass --force (overwrite=True) to replace it") from None
+        except OSError as e:
+            if e.errno not in _NO_LINKS:
+                raise
+            if os.path.lexists(target):  # a file system without hard links: check, then rename
+                raise OutputExistsError(f"{target}: already exists; pass --force (overwrite=True) "
+                                        "to replace it") from None
+            os.replace(tmp, target)
+        else:
+            os.unlink(tmp)
     try:
         dfd = os.open(target.parent, os.O_RDONLY)
     except OSError:  # pragma: no cover - some platforms cannot open folders
@@ -214,3 +235,123 @@ def writing(target: str | os.PathLike) -> Iterator[None]:
                           "(nothing was written under that name)")
         err.errno = e.errno  # not filename: OSError's str() would then drop the message
         raise err from None
+
+
+# -- several files as one output --------------------------------------------------------------
+
+_current: ContextVar["Transaction | None"] = ContextVar("tallpack_output_transaction", default=None)
+
+
+class Transaction:
+    """The files of one output (a folder of shards, config and tokenizer files): each written under
+    a locked temporary name beside its target, all renamed into place only when every one is
+    complete. A failure removes the temporaries and the folders this output created, and leaves
+    existing files as they were; an existing file is replaced only with ``overwrite``.
+
+    Writers call :func:`atomic_write` and :func:`make_folder`, which join the transaction that
+    :func:`transaction` opened in this context (or act alone when there is none).
+    """
+
+    def __init__(self, overwrite: bool):
+        self.overwrite = overwrite
+        self.created: list[Path] = []  # folders this output made, outermost first
+        self.staged: list[tuple[int, Path, Path]] = []  # (locked descriptor, temporary, target)
+
+    def check(self, target: Path) -> None:
+        if not self.overwrite and os.path.lexists(target):
+            raise OutputExistsError(f"{target}: already exists; pass --force (overwrite=True) to replace it")
+
+    def folder(self, path: Path) -> Path:
+        missing = [p for p in (path, *path.parents) if not p.exists()]
+        for p in reversed(missing):
+            p.mkdir()
+            self.created.append(p)
+        return path
+
+    def stage(self, target: Path, write: Callable[[Path], None]) -> None:
+        self.check(target)
+        if any(t == target for _, _, t in self.staged):
+            raise OutputError(f"{target}: written twice in one output")
+        with writing(target):
+            fd, tmp = temp_beside(target)
+            self.staged.append((fd, tmp, target))  # the descriptor stays open: its lock guards tmp
+            write(tmp)
+
+    def commit(self) -> None:
+        while self.staged:
+            fd, tmp, target = self.staged[0]
+            commit(tmp, target, overwrite=self.overwrite)
+            os.close(fd)
+            self.staged.pop(0)
+
+    def abort(self) -> None:
+        for fd, tmp, _ in self.staged:
+            tmp.unlink(missing_ok=True)
+            os.close(fd)
+        self.staged = []
+        for p in reversed(self.created):
+            try:
+                p.rmdir()  # only if empty: never anything someone else put there
+            except OSError:
+                pass
+
+
+@contextmanager
+def transaction(*, overwrite: bool = False) -> Iterator[Transaction]:
+    """Group the files written inside the block into one all-or-nothing output (see
+    :class:`Transaction`); nested blocks join the outer one."""
+    outer = _current.get()
+    if outer is not None:
+        yield outer
+        return
+    tx = Transaction(overwrite)
+    token = _current.set(tx)
+    try:
+        yield tx
+    except BaseException:
+        _current.reset(token)
+        tx.abort()
+        raise
+    _current.reset(token)
+    try:
+        tx.commit()
+    except BaseException:
+        tx.abort()
+        raise
+
+
+def make_folder(path: str | os.PathLike) -> Path:
+    """Create ``path`` and its parents as needed (inside a transaction, they are removed again if
+    the output fails)."""
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        from .errors import InvalidArgumentError
+
+        raise InvalidArgumentError(f"{p}: exists and is not a folder")
+    tx = _current.get()
+    if tx is not None:
+        return tx.folder(p)
+    p.mkdir(parents=True, exist_ok=True)
+    return p
+
+
+def atomic_write(target: str | os.PathLike, write: Callable[[Path], None]) -> Path:
+    """Write ``target`` through ``write(temporary_path)``: under a temporary name, renamed into
+    place when complete (with the other files of the transaction, when one is open). A full disk
+    is a one-line :class:`OutputError`."""
+    target = Path(target)
+    tx = _current.get()
+    if tx is not None:
+        tx.stage(target, write)
+        return target
+    with writing(target):
+        fd, tmp = temp_beside(target)
+        try:
+            write(tmp)
+            commit(tmp, target)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        finally:
+            os.close(fd)
+    return target

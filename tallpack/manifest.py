@@ -7,6 +7,7 @@ only add), and refuses an archive whose structure it cannot trust.
 from __future__ import annotations
 
 import math
+import reprlib
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
@@ -16,20 +17,19 @@ from .checksums import checksum_function
 from .encodings import TaskTensor, TensorEntry
 from .errors import FormatError, InvalidArgumentError
 from .folders import check_blob, check_file_map
+from .limits import MAX_INT, MAX_NAME_CHARS, MAX_TASKS
 from .merging import METHODS
 
 __all__ = ["Manifest", "TaskInfo", "TaskTensor", "TensorEntry", "check_task_name", "count_kinds"]
 
 #: The kinds of tensor entries, in the order reports list them.
 KINDS = ("merged", "shared", "task-own", "base-only")
-#: The largest integer a manifest figure may hold (sizes, counts): 2**63 - 1.
-MAX_INT = (1 << 63) - 1
 
 
 def check_task_name(name: object) -> str:
-    """A task name must be usable as a file name and on the command line: non-empty, no '/',
-    '\\', '=', control characters or edge spaces, and not '.' or '..'."""
-    if (not isinstance(name, str) or not name or name != name.strip() or name in (".", "..")
+    """A task name must be usable as a file name and on the command line: non-empty, at most 255
+    characters, no '/', '\\', '=', control characters or edge spaces, and not '.' or '..'."""
+    if (not isinstance(name, str) or not name or len(name) > 255 or name != name.strip() or name in (".", "..")
             or any(c in name for c in "/\\=") or not name.isprintable()):
         raise InvalidArgumentError(
             f"bad task name {name!r}: use a non-empty file-name-safe name without '=', '/' or '\\'")
@@ -42,8 +42,27 @@ def count_kinds(entries: tuple[TensorEntry, ...] | list[TensorEntry]) -> dict[st
     return {k: c.get(k, 0) for k in KINDS}
 
 
-def _number(v: object) -> bool:
-    return v is None or (type(v) in (int, float) and math.isfinite(v) and abs(v) <= MAX_INT)
+def _number(v: object, lo: float = -MAX_INT, hi: float = MAX_INT) -> bool:
+    """None, or a finite int or float in [lo, hi] (JSON integers are already within int64)."""
+    return v is None or (type(v) in (int, float) and math.isfinite(v) and lo <= v <= hi)
+
+
+def _name(v: object) -> bool:
+    return isinstance(v, str) and len(v) <= MAX_NAME_CHARS
+
+
+def _object(d: Any, key: str, where: str) -> dict[str, Any]:
+    """``d[key]`` as a JSON object ({} when absent or null)."""
+    v = d.get(key)
+    if v is None:
+        return {}
+    if not isinstance(v, dict):
+        raise FormatError(f"{where}: {key!r} must be an object")
+    return v
+
+
+def _short(v: object) -> str:
+    return reprlib.repr(v)
 
 
 @dataclass(frozen=True)
@@ -70,17 +89,28 @@ class TaskInfo:
 
     @classmethod
     def from_dict(cls, d: Any) -> "TaskInfo":
-        try:
-            info = cls(d["name"], d.get("lambda"), d.get("density"), dict(d.get("fidelity") or {}),
-                       tuple(d["keys"]), dict(d.get("source") or {}), dict(d.get("metadata") or {}),
-                       None if d.get("exact") is None else dict(d["exact"]), dict(d.get("files") or {}))
-        except (KeyError, TypeError, ValueError):
-            raise FormatError(f"malformed task entry {str(d)[:80]}") from None
-        if not isinstance(info.name, str) or not all(isinstance(k, str) for k in info.keys):
-            raise FormatError(f"task {info.name!r}: names must be strings")
-        figures = [info.lam, info.density, *info.fidelity.values()]
-        if not all(_number(v) for v in figures):
-            raise FormatError(f"task {info.name!r}: lambda, density and fidelity must be finite numbers")
+        if not isinstance(d, dict) or not isinstance(d.get("keys"), list):
+            raise FormatError(f"malformed task entry {_short(d)}")
+        name = d.get("name")
+        if not _name(name):
+            raise FormatError(f"task {_short(name)}: the name must be a string of at most {MAX_NAME_CHARS} characters")
+        where = f"task {name!r}"
+        exact, files = d.get("exact"), d.get("files") or {}
+        if exact is not None and not isinstance(exact, dict) or not isinstance(files, dict):
+            raise FormatError(f"{where}: exact and files must be JSON objects")
+        info = cls(name, d.get("lambda"), d.get("density"), _object(d, "fidelity", where),
+                   tuple(d["keys"]), _object(d, "source", where), _object(d, "metadata", where),
+                   None if exact is None else dict(exact), dict(files))
+        if not all(_name(k) for k in info.keys):
+            raise FormatError(f"{where}: keys must be strings of at most {MAX_NAME_CHARS} characters")
+        if len(set(info.keys)) != len(info.keys):
+            raise FormatError(f"{where}: a key is listed twice")
+        if not _number(info.lam, 0) or not _number(info.density, 0, 1):
+            raise FormatError(f"{where}: lambda must be a finite number >= 0, density one in [0, 1]")
+        if not all(_number(v) for v in info.fidelity.values()):
+            raise FormatError(f"{where}: fidelity figures must be finite numbers")
+        if not _number(info.source.get("bytes"), 0):
+            raise FormatError(f"{where}: source bytes must be a non-negative number")
         return info
 
 
@@ -121,28 +151,37 @@ class Manifest:
         if d.get("format") != "tallpack":
             raise FormatError("manifest does not say format: tallpack")
         checksum_function(d.get("checksum", "crc32"))
-        try:
-            tasks = tuple(TaskInfo.from_dict(t) for t in d["tasks"])
-            names = {t.name for t in tasks}
-            if len(names) != len(tasks):
-                raise FormatError("duplicate task names in manifest")
-            tensors = tuple(TensorEntry.from_dict(t, names) for t in d["tensors"])
-            version = tuple(d["format_version"])
-            if len(version) != 2 or not all(type(v) is int and 0 <= v < 1 << 16 for v in version):
-                raise FormatError(f"format_version must be two integers below 65536, got {str(version)[:40]}")
-            blobs = {k: ArrayRef.from_dict(v, f"file content {str(k)[:12]}") for k, v in (d.get("files") or {}).items()}
-            m = cls((version[0], version[1]), str(d.get("writer", "")), dict(d["merge"]),
-                    tasks, tensors, dict(d.get("base") or {}), dict(d.get("stats") or {}),
-                    dict(d.get("metadata") or {}), d.get("checksum", "crc32"), blobs)
-            for digest, ref in blobs.items():
-                check_blob(digest, ref)
-            for info in tasks:
-                check_file_map(info.files, f"task {info.name!r}", blobs)
-            check_file_map(m.base.get("files") or {}, "base", blobs)
-        except FormatError:
-            raise
-        except (KeyError, TypeError, ValueError, IndexError, AttributeError):
-            raise FormatError("manifest is missing required keys or has malformed ones") from None
+        version = d.get("format_version")
+        if (not isinstance(version, list) or len(version) != 2
+                or not all(type(v) is int and 0 <= v < 1 << 16 for v in version)):
+            raise FormatError(f"format_version must be two integers below 65536, got {_short(version)}")
+        if not all(isinstance(d.get(k), list) for k in ("tasks", "tensors")) or not isinstance(d.get("merge"), dict):
+            raise FormatError("manifest is missing required keys or has malformed ones (tasks, tensors, merge)")
+        if len(d["tasks"]) > MAX_TASKS:
+            raise FormatError(f"manifest lists {len(d['tasks'])} tasks; at most {MAX_TASKS} are allowed")
+        writer = d.get("writer", "")
+        if not isinstance(writer, str):
+            raise FormatError("writer must be a string")
+        tasks = tuple(TaskInfo.from_dict(t) for t in d["tasks"])
+        names = {t.name for t in tasks}
+        if len(names) != len(tasks):
+            raise FormatError("duplicate task names in manifest")
+        tensors = tuple(TensorEntry.from_dict(t, names) for t in d["tensors"])
+        base, stats = _object(d, "base", "base"), _object(d, "stats", "stats")
+        blob_refs = _object(d, "files", "files")
+        if not all(isinstance(k, str) for k in blob_refs):
+            raise FormatError("file content keys must be strings")
+        blobs = {k: ArrayRef.from_dict(v, f"file content {k[:12]}") for k, v in blob_refs.items()}
+        m = cls((version[0], version[1]), writer, d["merge"], tasks, tensors, base, stats,
+                _object(d, "metadata", "manifest"), d.get("checksum", "crc32"), blobs)
+        for digest, ref in blobs.items():
+            check_blob(digest, ref)
+        for info in tasks:
+            check_file_map(info.files, f"task {info.name!r}", blobs)
+        check_file_map(base.get("files") or {}, "base", blobs)
+        _object(base, "metadata", "base")
+        if not _number(base.get("bytes"), 0):
+            raise FormatError("base bytes must be a non-negative number")
         source_bytes = m.stats.get("source_bytes", 0)
         if type(source_bytes) is not int or not 0 <= source_bytes <= MAX_INT:
             raise FormatError("stats.source_bytes must be a non-negative integer")

@@ -30,6 +30,8 @@ class PackOptions:
 
     ``merge`` is a method name (``"ta"``, ``"ties"``), a mapping with the method's options
     (``{"method": "ties", "top_k": 0.3}``) or a :class:`~tallpack.merging.MergeMethod`.
+    ``overwrite=True`` replaces an existing archive (the command line's ``--force``); without it
+    ``pack`` refuses to.
 
     >>> PackOptions(merge={"method": "ties", "top_k": 0.3}, codec="raw").validated().method.params()
     """
@@ -49,6 +51,7 @@ class PackOptions:
     checksum: str = DEFAULT_CHECKSUM
     #: also store every task's original bits and files (the exact tier, format 1.2)
     exact: bool = False
+    overwrite: bool = False
 
     def replace(self, **changes: Any) -> "PackOptions":
         return dataclasses.replace(self, **changes)
@@ -65,6 +68,8 @@ class PackOptions:
             raise InvalidArgumentError(str(e)) from None
         if self.checksum not in CHECKSUMS:
             raise InvalidArgumentError(f"unknown checksum {self.checksum!r}; choose one of {', '.join(CHECKSUMS)}")
+        if not isinstance(self.overwrite, bool):
+            raise InvalidArgumentError(f"overwrite must be True or False, got {self.overwrite!r}")
         if self.threads is not None and (type(self.threads) is not int or self.threads < 1):
             raise InvalidArgumentError(f"threads must be a positive integer, got {self.threads!r}")
         return Validated(self, get_method(self.merge))

@@ -21,8 +21,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .dtypes import dtype_name, tensor_to_bytes
-from .errors import CheckpointError, FormatError, IntegrityError, InvalidArgumentError, TallpackError
-from .fsutil import commit, temp_beside, writing
+from .errors import CheckpointError, FormatError, IntegrityError, TallpackError
+from .fsutil import atomic_write, make_folder
 from .sources import _ST_DTYPES, Source
 
 if TYPE_CHECKING:
@@ -160,10 +160,7 @@ def write_originals(archive: "Archive", task: str, outdir: str | os.PathLike) ->
     the exact tensors).
     """
     files = _files(archive, task)
-    out = Path(outdir)
-    if out.exists() and not out.is_dir():
-        raise InvalidArgumentError(f"{out}: exists and is not a folder")
-    out.mkdir(parents=True, exist_ok=True)
+    out = make_folder(outdir)
     written: list[Path] = []
     seen: set = set()
     tensor_files = rebuildable(files)
@@ -172,24 +169,20 @@ def write_originals(archive: "Archive", task: str, outdir: str | os.PathLike) ->
         if role == "torch" or (not tensor_files and (role == "safetensors" or str(f.get("name")).endswith(".index.json"))):
             continue
         target = out / _safe_name(f.get("name"), f"{archive.name}: task {task!r}")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        with writing(target):
-            fd, tmp = temp_beside(target)
-            try:
-                h, size = hashlib.sha256(), 0
-                with os.fdopen(fd, "wb") as fh:
-                    for piece in _pieces(archive, task, f, seen):
-                        fh.write(piece)
-                        h.update(piece)
-                        size += len(piece)
-                    fh.flush()
-                    os.fsync(fh.fileno())
-                _check(archive, task, f, h, size)
-                commit(tmp, target)
-            except BaseException:
-                tmp.unlink(missing_ok=True)
-                raise
-        written.append(target)
+        make_folder(target.parent)
+
+        def write(tmp: Path, f=f) -> None:
+            h, size = hashlib.sha256(), 0
+            with open(tmp, "wb") as fh:
+                for piece in _pieces(archive, task, f, seen):
+                    fh.write(piece)
+                    h.update(piece)
+                    size += len(piece)
+                fh.flush()
+                os.fsync(fh.fileno())
+            _check(archive, task, f, h, size)
+
+        written.append(atomic_write(target, write))
     return written, tensor_files
 
 

@@ -1,9 +1,13 @@
 """Outputs: write a rebuilt task, every task, or a merged model as a safetensors checkpoint folder.
 
-Each file is written to a temporary name and renamed when complete. A folder has the task's
-original shard files and index when the archive recorded them (or shards of ``max_shard_size``),
-and the folder's other files (config, tokenizer, model card) when the archive kept them. An
-output that is a URL is written locally, then uploaded (:mod:`tallpack.staging`).
+A folder has the task's original shard files and index when the archive recorded them (or shards
+of ``max_shard_size``), and the folder's other files (config, tokenizer, model card) when the
+archive kept them. Every file of one call is written under a temporary name beside its target and
+renamed into place only when all of them are complete (:func:`tallpack.fsutil.transaction`): a
+call that fails (a full disk, a damaged archive) leaves no file under an output's name, removes its
+temporaries and the folders it created, and leaves existing files as they were. An existing output
+is replaced only with ``overwrite=True`` (``--force``). An output that is a URL is written locally,
+then uploaded (:mod:`tallpack.staging`).
 """
 
 from __future__ import annotations
@@ -17,12 +21,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .elements import itemsize, numel
-from .errors import InvalidArgumentError
 from .folders import write_files
+from .fsutil import atomic_write, make_folder, transaction
 from .manifest import check_task_name
 from .originals import write_originals
 from .progress import ProgressLike
-from .sharding import INDEX, SINGLE, _atomic, plan_by_size, plan_from_layout, write_shards
+from .sharding import INDEX, SINGLE, plan_by_size, plan_from_layout, write_shards
 from .staging import staged
 from .storage import is_url
 
@@ -40,35 +44,39 @@ def write_checkpoint(
     max_shard_size: int | str | None = None,
     sizes: Mapping[str, int] | None = None,
     progress: ProgressLike = None,
+    overwrite: bool = False,
 ) -> Path:
     """Write ``OUTDIR/model.safetensors`` (and ``config.json`` when given); returns the file's path.
 
     With ``max_shard_size`` (``"5GB"``), or a recorded ``layout`` (``{"shards": [[file, count],
     ...], "index_metadata": {...}}``, from the archive), shards and ``model.safetensors.index.json``
     instead; then the index's path is returned. ``sizes`` (bytes per tensor) spares reading a lazy
-    ``state_dict`` to plan by size.
+    ``state_dict`` to plan by size. Existing files are replaced only with ``overwrite``.
 
     >>> write_checkpoint(fam.state_dict("cars"), "cars/", metadata={"task": "cars"})
     """
-    out = Path(outdir)
-    if out.exists() and not out.is_dir():
-        raise InvalidArgumentError(f"{out}: exists and is not a folder")
-    out.mkdir(parents=True, exist_ok=True)
-    meta = {str(k): v if isinstance(v, str) else json.dumps(v) for k, v in (metadata or {}).items()}
-    keys = list(state_dict)
-    plan = None
-    if max_shard_size is not None:
-        sizes = sizes or {k: state_dict[k].numel() * state_dict[k].element_size() for k in keys}
-        plan = plan_by_size({k: sizes[k] for k in keys}, max_shard_size)
-    elif layout:
-        plan = plan_from_layout(keys, layout.get("shards"))
-    target = write_shards(state_dict, plan or {SINGLE: keys}, out, metadata=meta, sizes=sizes,
-                          index_metadata=(layout or {}).get("index_metadata"), progress=progress)
-    if target.name != INDEX:
-        (out / INDEX).unlink(missing_ok=True)  # an index left by an earlier, sharded write would mislead
-    if config is not None:
-        _atomic(out / "config.json", lambda tmp: tmp.write_text(json.dumps(config, indent=2) + "\n"))
-    return target
+    with transaction(overwrite=overwrite) as tx:
+        out = make_folder(outdir)
+        meta = {str(k): v if isinstance(v, str) else json.dumps(v) for k, v in (metadata or {}).items()}
+        keys = list(state_dict)
+        plan = None
+        if max_shard_size is not None:
+            sizes = sizes or {k: state_dict[k].numel() * state_dict[k].element_size() for k in keys}
+            plan = plan_by_size({k: sizes[k] for k in keys}, max_shard_size)
+        elif layout:
+            plan = plan_from_layout(keys, layout.get("shards"))
+        plan = plan or {SINGLE: keys}
+        for fname in (*plan, *([INDEX] if len(plan) > 1 else []), *(["config.json"] if config is not None else [])):
+            tx.check(out / fname)  # before anything is written
+        stale_index = out / INDEX
+        if len(plan) == 1 and stale_index.exists():  # an index left by an earlier, sharded write would mislead
+            tx.check(stale_index)
+            stale_index.unlink()
+        target = write_shards(state_dict, plan, out, metadata=meta, sizes=sizes,
+                              index_metadata=(layout or {}).get("index_metadata"), progress=progress)
+        if config is not None:
+            atomic_write(out / "config.json", lambda tmp: tmp.write_text(json.dumps(config, indent=2) + "\n"))
+        return target
 
 
 def task_metadata(archive: "Archive", task: str) -> tuple[dict[str, Any], dict[str, Any] | None]:
@@ -89,14 +97,17 @@ def _sizes(archive: "Archive", task: str) -> dict[str, int]:
 
 def _folder(archive: "Archive", state_dict: Mapping[str, torch.Tensor], out: Path, *, meta: dict[str, Any],
             config: Mapping[str, Any] | None, files: Mapping[str, str], layout: Mapping[str, Any] | None,
-            max_shard_size: int | str | None, sizes: Mapping[str, int] | None, progress: ProgressLike) -> Path:
-    """Weights, then the kept folder files (never over a weight file or index just written)."""
-    target = write_checkpoint(state_dict, out, metadata=meta, config=None if "config.json" in files else config,
-                              layout=layout, max_shard_size=max_shard_size, sizes=sizes, progress=progress)
-    weights = {p.name for p in out.glob("*.safetensors")} | {INDEX}
-    write_files(out, files, archive.manifest.files, lambda ref, where: archive.read_array(ref, where).numpy().tobytes(),
-                skip=weights)
-    return target
+            max_shard_size: int | str | None, sizes: Mapping[str, int] | None, progress: ProgressLike,
+            overwrite: bool) -> Path:
+    """Weights, then the kept folder files (never over a weight file or index), as one output."""
+    with transaction(overwrite=overwrite):
+        target = write_checkpoint(state_dict, out, metadata=meta, config=None if "config.json" in files else config,
+                                  layout=layout, max_shard_size=max_shard_size, sizes=sizes, progress=progress,
+                                  overwrite=overwrite)
+        weights = {n for n in files if n.endswith(".safetensors")} | {INDEX}
+        write_files(out, files, archive.manifest.files,
+                    lambda ref, where: archive.read_array(ref, where).numpy().tobytes(), skip=weights)
+        return target
 
 
 def _shown(outdir: str | os.PathLike, local_root: Path, path: Path) -> Path | str:
@@ -108,7 +119,7 @@ def _shown(outdir: str | os.PathLike, local_root: Path, path: Path) -> Path | st
 
 def write_task(archive: "Archive", task: str, outdir: str | os.PathLike, *, exact: bool = False,
                max_shard_size: int | str | None = None, progress: ProgressLike = None,
-               storage_options: dict[str, Any] | None = None) -> Path | str:
+               storage_options: dict[str, Any] | None = None, overwrite: bool = False) -> Path | str:
     """Rebuild one task and write it as a folder: ``model.safetensors`` (or the original's shards
     and index, or shards of ``max_shard_size``), plus its kept folder files (``config.json``,
     tokenizer, ...). ``outdir`` may be a URL. Returns the weights file or the index.
@@ -122,24 +133,27 @@ def write_task(archive: "Archive", task: str, outdir: str | os.PathLike, *, exac
     """
     if exact:
         archive.require_exact(task)
-        with staged(outdir, storage_options) as local:
+        with staged(outdir, storage_options) as local, transaction(overwrite=overwrite):
             paths, complete = write_originals(archive, task, local)
             if not complete:
                 meta, _ = task_metadata(archive, task)
-                paths = [write_checkpoint(archive.state_dict(task, exact=True), local, metadata=meta)]
+                paths = [write_checkpoint(archive.state_dict(task, exact=True), local, metadata=meta,
+                                          overwrite=overwrite)]
             return _shown(outdir, local, Path(paths[0]))
     meta, config = task_metadata(archive, task)
     with staged(outdir, storage_options) as local:
         path = _folder(archive, archive.state_dict(task, lazy=True), local, meta=meta, config=config,
                        files=archive.files(task), layout=archive.task_info(task).source,
-                       max_shard_size=max_shard_size, sizes=_sizes(archive, task), progress=progress)
+                       max_shard_size=max_shard_size, sizes=_sizes(archive, task), progress=progress,
+                       overwrite=overwrite)
         return _shown(outdir, local, path)
 
 
 def write_tasks(archive: "Archive", tasks: Sequence[str] | None, outdir: str | os.PathLike, *,
                 exact: bool = False, max_shard_size: int | str | None = None, progress: ProgressLike = None,
-                storage_options: dict[str, Any] | None = None) -> list[Path | str]:
-    """Write several tasks (None: all), each as the folder ``OUTDIR/NAME`` (see :func:`write_task`).
+                storage_options: dict[str, Any] | None = None, overwrite: bool = False) -> list[Path | str]:
+    """Write several tasks (None: all), each as the folder ``OUTDIR/NAME`` (see :func:`write_task`),
+    all or nothing: a failure leaves none of them.
 
     Every name is checked first (it must exist and be a safe folder name), so nothing is written
     when one is bad.
@@ -150,16 +164,16 @@ def write_tasks(archive: "Archive", tasks: Sequence[str] | None, outdir: str | o
         check_task_name(name)  # an archive's task name becomes a folder name
         if exact:
             archive.require_exact(name)
-    with staged(outdir, storage_options) as local:
+    with staged(outdir, storage_options) as local, transaction(overwrite=overwrite):
         paths = [write_task(archive, name, local / name, exact=exact, max_shard_size=max_shard_size,
-                            progress=progress) for name in names]
+                            progress=progress, overwrite=overwrite) for name in names]
         return [_shown(outdir, local, Path(p)) for p in paths]
 
 
 def write_merged(archive: "Archive", outdir: str | os.PathLike, method: str = "consensus-ta", *, k: int = 2,
                  alpha: float, task: str | None = None, max_shard_size: int | str | None = None,
-                 progress: ProgressLike = None,
-                 storage_options: dict[str, Any] | None = None) -> tuple[Path | str, int]:
+                 progress: ProgressLike = None, storage_options: dict[str, Any] | None = None,
+                 overwrite: bool = False) -> tuple[Path | str, int]:
     """Write a merged model (see :meth:`tallpack.Archive.merged`) with the folder files of the
     task (or, without one, of the base); returns the weights file (or index) and its tensor count."""
     sd = archive.merged(method, k=k, alpha=alpha, task=task)
@@ -170,5 +184,6 @@ def write_merged(archive: "Archive", outdir: str | os.PathLike, method: str = "c
     config = (where.metadata if where else archive.manifest.base.get("metadata", {})).get("config")
     with staged(outdir, storage_options) as local:
         path = _folder(archive, sd, local, meta=meta, config=config, files=archive.files(task),
-                       layout=source, max_shard_size=max_shard_size, sizes=None, progress=progress)
+                       layout=source, max_shard_size=max_shard_size, sizes=None, progress=progress,
+                       overwrite=overwrite)
         return _shown(outdir, local, path), len(sd)

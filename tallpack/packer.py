@@ -17,8 +17,9 @@ from .container import ContainerWriter
 from .elements import itemsize
 from .encodings import BY_KIND, WriteContext
 from .encodings.exact import add_exact
-from .errors import InvalidArgumentError
+from .errors import InvalidArgumentError, OutputExistsError
 from .folders import FileStore
+from .fsutil import writing
 from .inputs import PackInputs, TasksLike
 from .manifest import Manifest, TaskInfo, TensorEntry, count_kinds
 from .options import PackOptions, Validated
@@ -52,6 +53,8 @@ def pack(base: SourceLike, tasks: TasksLike, out: str | os.PathLike, options: Pa
     except TypeError as e:
         raise InvalidArgumentError(f"pack: {e}") from None
     v = opts.validated()
+    if not opts.overwrite and os.path.lexists(out):
+        raise OutputExistsError(f"{out}: already exists; pass --force (overwrite=True) to replace it")
     fam = PackInputs(base, tasks, allow_mismatch=opts.allow_mismatch, chunk_elements=opts.chunk_elements)
     try:
         names = list(fam.tasks)
@@ -79,7 +82,8 @@ def _write(fam: PackInputs, v: Validated, lams: dict[str, float], out: Path, sel
     tensors = track(fam.plan.tensors, opts.progress, "packing")
     sources = [fam.base, *fam.tasks.values()]
     features = v.features() | ({"field:files"} if any(s.files for s in sources) else set())
-    with ContainerWriter(out, threads=opts.threads, checksum=opts.checksum, features=frozenset(features)) as w:
+    with writing(out), ContainerWriter(out, threads=opts.threads, checksum=opts.checksum,
+                                       features=frozenset(features), overwrite=opts.overwrite) as w:
         store = FileStore(w, opts.level, opts.chunk_elements)
         base_files = store.add(fam.base.files, "base")
         ctx = WriteContext(w, opts.chunk_elements, lambda dt: v.dense(itemsize(dt)), v.masks(), v.method,

@@ -16,6 +16,7 @@ import torch
 from .dtypes import all_equal
 from .elements import FLOATING
 from .errors import IncompatibleCheckpointsError
+from .limits import MAX_NAME_CHARS, MAX_TASKS
 from .sources import Source
 from .tall import all_finite
 
@@ -72,9 +73,15 @@ def make_plan(base: Source, tasks: dict[str, Source], *, allow_mismatch: bool = 
     """
     if not tasks:
         raise IncompatibleCheckpointsError("a family needs at least one task")
+    if len(tasks) > MAX_TASKS:
+        raise IncompatibleCheckpointsError(f"{len(tasks)} tasks; an archive holds at most {MAX_TASKS}")
     names: dict[str, None] = dict.fromkeys(base.keys())
     for src in tasks.values():
         names.update(dict.fromkeys(src.keys()))
+    long = next((n for n in names if len(n) > MAX_NAME_CHARS), None)
+    if long is not None:
+        raise IncompatibleCheckpointsError(
+            f"tensor name {long[:60]!r}... has {len(long)} characters; the format allows {MAX_NAME_CHARS}")
     if not allow_mismatch:
         for task, src in tasks.items():
             _check_task(base, task, src)

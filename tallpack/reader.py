@@ -23,9 +23,8 @@ from .dtypes import bytes_to_tensor, view_tensor
 from .elements import numel
 from .encodings import Encoding, TaskTensor, TensorEntry, Use, encoding_for, iter_arrays
 from .encodings.exact import rebuild_exact
-from .errors import (ExactTierMissingError, FormatError, InvalidArgumentError, TallpackError, TaskNotFoundError,
-                     TensorNotFoundError,
-                     UnsupportedVersionError)
+from .errors import (ArchiveClosedError, ExactTierMissingError, FormatError, InvalidArgumentError, TallpackError,
+                     TaskNotFoundError, TensorNotFoundError, UnsupportedVersionError)
 from .manifest import Manifest, TaskInfo
 from .folders import read_blob
 from .merged import MergeParts
@@ -52,6 +51,7 @@ class Archive:
         self.threads = threads or min(8, os.cpu_count() or 1)
         self._pool: ThreadPoolExecutor | None = None
         self._pool_lock = threading.Lock()
+        self._closed = False
         self.name = container.name
         self.manifest = Manifest.from_dict(container.manifest)
         if self.manifest.format_version[0] != container.version[0]:
@@ -73,8 +73,11 @@ class Archive:
         self.close()
 
     def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)
+        with self._pool_lock:
+            self._closed = True
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=True)
         self._cache.clear()
         self._c.close()
 
@@ -83,6 +86,8 @@ class Archive:
         if self.threads <= 1:
             return None
         with self._pool_lock:
+            if self._closed:
+                raise ArchiveClosedError(f"{self.name}: the archive is closed")
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="tallpack-read")
             return self._pool
@@ -132,6 +137,12 @@ class Archive:
         return entry, entry.tasks[task]
 
     # -- reading -----------------------------------------------------------------------------
+    def _submit(self, pool: ThreadPoolExecutor, fn, *args):
+        try:
+            return pool.submit(fn, *args)
+        except RuntimeError:  # the pool was shut down: another thread closed the archive
+            raise ArchiveClosedError(f"{self.name}: the archive was closed while it was read") from None
+
     def read_array(self, ref: ArrayRef, where: str, use: Use = Use.OUTPUT, *,
                    device: torch.device | str | None = None, start: int = 0, stop: int | None = None
                    ) -> torch.Tensor:
@@ -199,7 +210,7 @@ class Archive:
             return self.read_array(ref, f"{where} ({k})", use, device=device, start=start, stop=stop)
 
         if pool is not None and len(needed) > 1:
-            futures = {k: pool.submit(read, k, ref, use) for k, (ref, use) in needed.items()}
+            futures = {k: self._submit(pool, read, k, ref, use) for k, (ref, use) in needed.items()}
             arrays = {k: f.result() for k, f in futures.items()}
         else:
             arrays = {k: read(k, ref, use) for k, (ref, use) in needed.items()}
@@ -255,7 +266,7 @@ class Archive:
             if pool is None:
                 out.update((k, self._rebuild(task, k, None, exact, device)) for k, _ in batch)
                 continue
-            futures = [pool.submit(self._rebuild, task, k, None, exact, device) for k, _ in batch]
+            futures = [self._submit(pool, self._rebuild, task, k, None, exact, device) for k, _ in batch]
             try:
                 out.update((k, f.result()) for (k, _), f in zip(batch, futures))
             except BaseException:
@@ -299,8 +310,12 @@ class Archive:
     def verify(self, *, progress: ProgressLike = None) -> list[str]:
         """Check every chunk's checksum and decode it, every kept file's SHA-256, and that padding
         is zero; with the exact tier, rebuild every original tensor and file and check their
-        hashes. Returns the problems found (empty: intact)."""
+        hashes; and that the header's version is the manifest's. Returns the problems found (empty:
+        intact)."""
         problems = self._c.verify_padding()
+        if tuple(self.manifest.format_version) != self.format_version:  # the header's minor too
+            problems.append(f"{self.name}: header says format {self.format_version[0]}.{self.format_version[1]}, "
+                            f"manifest says {self.manifest.format_version[0]}.{self.manifest.format_version[1]}")
         arrays = [(f"tensor {name!r} ({key})", ref) for name, key, ref in iter_arrays(self.manifest.tensors)]
         arrays += [(f"file content {d[:12]}", ref) for d, ref in self.manifest.files.items()]
         batches = _batches([((where, ref), [ref]) for where, ref in arrays])

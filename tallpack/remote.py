@@ -14,7 +14,7 @@ import threading
 from collections.abc import Sequence
 from typing import Any
 
-from .errors import ArchiveNotFoundError, IntegrityError, TallpackError
+from .errors import ArchiveClosedError, ArchiveNotFoundError, IntegrityError, TallpackError
 
 #: Ranges at most this far apart are fetched as one request: chunks separated only by alignment
 #: padding (spec §1: under 64 bytes), so a read fetches its own bytes and hardly any others.
@@ -60,6 +60,7 @@ class RemoteFile:
         self._cache: dict[tuple[int, int], bytes] = {}
         self._cached = 0
         self._lock = threading.Lock()
+        self.closed = False
         try:
             self._fs, self._path = url_to_fs(url, **(storage_options or {}))
             self.size = int(self._fs.size(self._path))
@@ -71,6 +72,8 @@ class RemoteFile:
             raise TallpackError(f"{url}: cannot open ({type(e).__name__}: {e})") from None
 
     def _check(self, offset: int, nbytes: int) -> None:
+        if self.closed:
+            raise ArchiveClosedError(f"{self.url}: the archive is closed")
         if offset < 0 or nbytes < 0 or offset + nbytes > self.size:
             raise IntegrityError(f"{self.url}: read past the end of the file (truncated?)")
 
@@ -135,3 +138,4 @@ class RemoteFile:
         with self._lock:
             self._cache.clear()
             self._cached = 0
+        self.closed = True

@@ -83,14 +83,20 @@ def format_size(n: float) -> str:
     return f"{n}"
 
 
+def _show(text: object) -> str:
+    """A string from the archive as the terminal should see it: control characters escaped."""
+    text = str(text)
+    return text if text.isprintable() else repr(text)
+
+
 def _fmt(v, spec: str) -> str:
     return "-" if v is None else format(v, spec)
 
 
 def render(s: dict[str, Any]) -> str:
     """The text table of a :func:`summarize` result."""
-    lines = [f"{s['path']}: tallpack format {s['format_version']}, written by {s['writer']}",
-             f"merge: {s['merge'].get('method')}   tensors: " + ", ".join(f"{v} {k}" for k, v in s["kinds"].items())]
+    lines = [f"{_show(s['path'])}: tallpack format {s['format_version']}, written by {_show(s['writer'])}",
+             f"merge: {_show(s['merge'].get('method'))}   tensors: " + ", ".join(f"{v} {k}" for k, v in s["kinds"].items())]
     ratio = f"{s['ratio']:.2f}x" if s["ratio"] else "-"
     lines.append(f"size: {format_size(s['archive_bytes'])} from {format_size(s['source_bytes'])} of checkpoints ({ratio})")
     lines.append("stored: " + ", ".join(f"{k} {format_size(v)}" for k, v in s["stored_bytes"].items() if v))
@@ -99,7 +105,7 @@ def render(s: dict[str, Any]) -> str:
     lines += [header, "-" * len(header)]
     for t in s["tasks"]:
         f = t["fidelity"]
-        lines.append(f"{t['name']:<20} {_fmt(t['lambda'], '.2f'):>6} {_fmt(t['density'], '.3f'):>8} "
+        lines.append(f"{_show(t['name']):<20} {_fmt(t['lambda'], '.2f'):>6} {_fmt(t['density'], '.3f'):>8} "
                      f"{_fmt(f.get('rel_l2'), '.3f'):>7} {_fmt(f.get('cosine'), '.3f'):>7} "
                      f"{_fmt(t['mask_bits_per_param'], '.3f'):>9} {_fmt(t['mask_entropy_bits_per_param'], '.3f'):>6}")
     return "\n".join(lines)

@@ -19,15 +19,16 @@ import json
 import logging
 import os
 import re
+import struct
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import torch
-from safetensors.torch import save_file
 
+from .dtypes import SAFETENSORS_DTYPES, dtype_name, tensor_to_bytes
 from .errors import InvalidArgumentError
-from .fsutil import commit, temp_beside
+from .fsutil import atomic_write
 from .progress import ProgressLike, track
 
 log = logging.getLogger(__name__)
@@ -137,23 +138,48 @@ def write_shards(tensors: Mapping[str, torch.Tensor], plan: Mapping[str, list[st
             shard[name] = t.contiguous()
             total += sizes[name] if sizes else t.numel() * t.element_size()
             weight_map[name] = fname
-        _atomic(outdir / fname, lambda tmp, s=shard: save_file(s, str(tmp), metadata=meta))
+        atomic_write(outdir / fname, lambda tmp, s=shard: _write_file(tmp, s, meta))
         del shard
     for _ in steps:  # report the last step
         pass
     if len(plan) == 1 and next(iter(plan)) == SINGLE:
         return outdir / SINGLE
     index = {"metadata": {**(index_metadata or {}), "total_size": total}, "weight_map": weight_map}
-    _atomic(outdir / INDEX, lambda tmp: tmp.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n"))
+    atomic_write(outdir / INDEX, lambda tmp: tmp.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n"))
     return outdir / INDEX
 
 
-def _atomic(target: Path, write) -> None:
-    fd, tmp = temp_beside(target)
-    os.close(fd)
-    try:
-        write(tmp)
-        commit(tmp, target)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+_CODES = {name: code for code, name in SAFETENSORS_DTYPES.items()}
+
+
+def write_safetensors(f: IO[bytes], tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> None:
+    """Stream a safetensors file to ``f``: the 8-byte header length, the JSON header (padded to 8
+    bytes), then each tensor's bytes, largest elements first so every tensor stays aligned.
+    Streaming through our own file object lets a full disk surface as the OSError it is (and the
+    file loads with safetensors' own ``load_file``)."""
+    if "__metadata__" in tensors:
+        raise InvalidArgumentError("a tensor named '__metadata__' cannot be stored in safetensors")
+    order = sorted(tensors, key=lambda k: (-tensors[k].element_size(), k))
+    header: dict[str, Any] = {"__metadata__": dict(metadata)} if metadata else {}
+    pos = 0
+    for k in order:
+        t = tensors[k]
+        code = _CODES.get(dtype_name(t.dtype))
+        if code is None:
+            raise InvalidArgumentError(f"tensor {k!r}: safetensors cannot store {t.dtype}")
+        n = t.numel() * t.element_size()
+        header[k] = {"dtype": code, "shape": list(t.shape), "data_offsets": [pos, pos + n]}
+        pos += n
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    f.write(struct.pack("<Q", len(text)))
+    f.write(text)
+    for k in order:
+        f.write(tensor_to_bytes(tensors[k]))
+
+
+def _write_file(path: Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> None:
+    with open(path, "wb") as f:
+        write_safetensors(f, tensors, metadata)
+        f.flush()
+        os.fsync(f.fileno())

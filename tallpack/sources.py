@@ -38,6 +38,7 @@ from typing import Any, Union
 import torch
 from safetensors import safe_open
 
+from .dtypes import SAFETENSORS_DTYPES as _ST_DTYPES
 from .dtypes import dtype_name
 from .elements import itemsize, numel
 from .errors import CheckpointError, CheckpointNotFoundError, TallpackError, UnsafeCheckpointError
@@ -47,12 +48,6 @@ log = logging.getLogger(__name__)
 #: Anything ``open_source`` accepts.
 SourceLike = Union[str, os.PathLike, Mapping[str, torch.Tensor], "Source"]
 
-_ST_DTYPES = {
-    "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
-    "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool",
-    "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2", "U16": "uint16", "U32": "uint32",
-    "U64": "uint64",
-}
 _TORCH_SUFFIXES = (".bin", ".pt", ".pth")
 
 

@@ -1,13 +1,23 @@
-"""Random access to an archive's bytes: a memory-mapped local file, or a remote object (fsspec)."""
+"""Random access to an archive's bytes: a memory-mapped local file, or a remote object (fsspec).
+
+What a local reader guarantees when the file changes under it (RELIABILITY.md): every ``read``
+first checks the file's size (``fstat``) and raises IntegrityError if the file has shrunk, since
+touching a page past the new end of a mapping raises SIGBUS, which Python cannot catch. A file
+truncated *between* that check and the use of the bytes can still end the process with SIGBUS;
+a file rewritten in place without shrinking gives checksum errors (or, for a chunk already
+checked, the bytes read at that moment). Writers never do either: they write a new file and rename.
+"""
 
 from __future__ import annotations
 
+import errno
 import mmap
 import os
+import stat
 from collections.abc import Sequence
 from typing import Any, Protocol
 
-from .errors import ArchiveNotFoundError, FormatError, IntegrityError
+from .errors import ArchiveClosedError, ArchiveNotFoundError, FormatError, IntegrityError
 
 
 class ByteSource(Protocol):
@@ -22,31 +32,78 @@ class ByteSource(Protocol):
     def close(self) -> None: ...
 
 
+def _open_regular(path: str) -> int:
+    """A read-only descriptor of ``path``, which must be a regular file. Opened non-blocking and
+    checked with ``fstat`` on the descriptor itself, so a FIFO or a device never blocks the open
+    and cannot be swapped in between a check and the open."""
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+    try:
+        fd = os.open(path, flags)
+    except FileNotFoundError:
+        raise ArchiveNotFoundError(f"{path}: no such archive") from None
+    except IsADirectoryError:
+        raise FormatError(f"{path}: is a directory, not a tallpack archive") from None
+    except OSError as e:
+        if e.errno == errno.ENXIO:  # a socket, or a FIFO without a writer on some systems
+            raise FormatError(f"{path}: not a regular file, not a tallpack archive") from None
+        raise
+    try:
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISDIR(mode):
+            raise FormatError(f"{path}: is a directory, not a tallpack archive")
+        if not stat.S_ISREG(mode):
+            raise FormatError(f"{path}: not a regular file (a pipe, device or socket); "
+                              "tallpack reads archives from regular files only")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
 class LocalFile:
-    """A local archive, memory-mapped: reading a range touches only those pages."""
+    """A local archive, memory-mapped: reading a range touches only those pages.
+
+    ``read`` may be called from several threads, and concurrently with ``close``: a read after
+    (or racing with) ``close`` raises ArchiveClosedError; a view returned before ``close`` stays
+    valid, because it keeps the mapping alive.
+    """
 
     def __init__(self, path: str | os.PathLike):
         self.path = str(path)
-        try:
-            self._f = open(path, "rb")
-        except FileNotFoundError:
-            raise ArchiveNotFoundError(f"{path}: no such archive") from None
-        except IsADirectoryError:
-            raise FormatError(f"{path}: is a directory, not a tallpack archive") from None
+        fd = _open_regular(self.path)
+        self._f = os.fdopen(fd, "rb")
         self.size = os.fstat(self._f.fileno()).st_size
-        self._map = mmap.mmap(self._f.fileno(), 0, access=mmap.ACCESS_READ) if self.size else None
+        self._fd = self._f.fileno()
+        self._map = mmap.mmap(self._fd, 0, access=mmap.ACCESS_READ) if self.size else None
         self._view = memoryview(self._map) if self._map is not None else memoryview(b"")
+        self.closed = False
 
     def read(self, offset: int, nbytes: int) -> memoryview:
         if offset < 0 or nbytes < 0 or offset + nbytes > self.size:
             raise IntegrityError(f"{self.path}: read past the end of the file (truncated?)")
-        return self._view[offset : offset + nbytes]
+        if self.closed:
+            raise ArchiveClosedError(f"{self.path}: the archive is closed")
+        if nbytes:
+            try:
+                now = os.fstat(self._fd).st_size
+            except (OSError, ValueError):  # the descriptor was closed by a racing close()
+                raise ArchiveClosedError(f"{self.path}: the archive is closed") from None
+            if now < offset + nbytes:
+                raise IntegrityError(f"{self.path}: the file shrank to {now} bytes while open "
+                                     f"(it was {self.size}); it was changed in place")
+        try:
+            return self._view[offset : offset + nbytes]
+        except ValueError:  # released by a racing close()
+            raise ArchiveClosedError(f"{self.path}: the archive is closed") from None
 
     def read_many(self, ranges: Sequence[tuple[int, int]]) -> list[memoryview]:
         """Several ``(offset, nbytes)`` ranges (a remote source coalesces them; here each is a view)."""
         return [self.read(off, n) for off, n in ranges]
 
     def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
         self._view.release()
         if self._map is not None:
             try:

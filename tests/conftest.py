@@ -111,3 +111,7 @@ def http_server(tmp_path_factory):
     server = RangeServer(tmp_path_factory.mktemp("www")).start()
     yield server
     server.stop()
+
+
+#: tests/fuzz holds the atheris harness and its corpus: run by hand, never collected (RELIABILITY.md).
+collect_ignore = ["fuzz"]

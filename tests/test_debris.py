@@ -173,7 +173,7 @@ PACK_FOREVER = """
     import tallpack
     base, a, b, out = sys.argv[1:]
     while True:
-        tallpack.pack(base, {"a": a, "b": b}, out, codec="zstd", level=19, threads=1)
+        tallpack.pack(base, {"a": a, "b": b}, out, codec="zstd", level=19, threads=1, overwrite=True)
 """
 
 
@@ -218,7 +218,7 @@ def test_kill_9_during_pack_then_the_next_pack_clears_the_debris(mb_family, tmp_
     size = left[0].stat().st_size
     assert size > 0
     caplog.set_level(logging.WARNING, "tallpack.fsutil")
-    tallpack.pack(mb_family["base"], {"a": mb_family["a"], "b": mb_family["b"]}, out)
+    tallpack.pack(mb_family["base"], {"a": mb_family["a"], "b": mb_family["b"]}, out, overwrite=True)
     assert _partials(out.parent) == []
     assert _removed_warnings(caplog) == [
         f"{left[0]}: removed a stale temporary file ({size} bytes) left by an interrupted earlier "

@@ -120,7 +120,7 @@ def test_every_dtype_and_special_value_round_trips(tmp_path: Path) -> None:
 def test_random_families_round_trip_exactly(tmp_path: Path, fam_) -> None:
     base, tasks = fam_
     out = tmp_path / "h.tallpack"
-    tallpack.pack(base, tasks, out, exact=True, chunk_elements=16, threads=1, allow_mismatch=True)
+    tallpack.pack(base, tasks, out, exact=True, chunk_elements=16, threads=1, allow_mismatch=True, overwrite=True)
     with tallpack.open(out) as fam:
         for t, sd in tasks.items():
             got = fam.state_dict(t, exact=True)

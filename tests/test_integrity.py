@@ -177,7 +177,7 @@ def test_failed_pack_leaves_nothing_behind(small_family, tmp_path):
     out.write_bytes(b"previous archive")
     tasks = {"a": Exploding("task 'a'", small_family["tasks"]["a"]), "b": small_family["tasks"]["b"]}
     with pytest.raises(TallpackError, match="task 'a'.*'body.b'.*disk on fire"):
-        tallpack.pack(small_family["base"], tasks, out)
+        tallpack.pack(small_family["base"], tasks, out, overwrite=True)
     assert out.read_bytes() == b"previous archive"
     assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".partial")] == []
 

@@ -43,7 +43,7 @@ def run_demo(workdir: str | Path = ".tallpack-demo", *, size: str = "full", task
 
     t0 = time.perf_counter()
     archive = workdir / "family.tallpack"
-    pack(fam.base, fam.tasks, archive, evaluate=lambda t, sd: evaluate(root, t, sd, split="val"))
+    pack(fam.base, fam.tasks, archive, evaluate=lambda t, sd: evaluate(root, t, sd, split="val"), overwrite=True)
     seconds["pack"] = time.perf_counter() - t0
 
     task = task or next(iter(fam.tasks))
@@ -51,7 +51,7 @@ def run_demo(workdir: str | Path = ".tallpack-demo", *, size: str = "full", task
     with open_archive(archive) as arc:
         summary = arc.summary()
         t0 = time.perf_counter()
-        unpacked = write_task(arc, task, workdir / "unpacked" / task)
+        unpacked = write_task(arc, task, workdir / "unpacked" / task, overwrite=True)
         seconds["unpack"] = time.perf_counter() - t0
         for name, folder in fam.tasks.items():
             rebuilt = load_file(unpacked) if name == task else arc.state_dict(name)

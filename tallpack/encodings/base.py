@@ -23,10 +23,11 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
-from ..arrays import ArrayRef
+from ..arrays import ArrayRef, check_shape
 from ..codecs import Chain
 from ..dtypes import dtype_name, tensor_to_bytes
 from ..errors import FormatError
+from ..limits import MAX_NAME_CHARS
 from ..merging import METHODS
 
 if TYPE_CHECKING:
@@ -39,6 +40,10 @@ if TYPE_CHECKING:
 ENTRY_ARRAYS: tuple[str, ...] = ("base", "merged", *(k for m in METHODS.values() for k in m.extra_arrays), "data")
 #: The merge methods' extra arrays: name -> dtype.
 EXTRA_ARRAYS: dict[str, str] = {k: v for m in METHODS.values() for k, v in m.extra_arrays.items()}
+
+
+def _name(v: object) -> bool:
+    return isinstance(v, str) and len(v) <= MAX_NAME_CHARS
 
 
 def _arrays(d: Mapping[str, Any], keys: tuple[str, ...], where: str) -> dict[str, ArrayRef]:
@@ -72,14 +77,17 @@ class TaskTensor:
 
     @classmethod
     def from_dict(cls, d: Any, where: str) -> "TaskTensor":
+        if not isinstance(d, dict) or not all(k in d for k in ("encoding", "dtype", "shape")):
+            raise FormatError(f"{where}: malformed task entry")
+        name, dtype = d["encoding"], d["dtype"]
+        if not _name(name):
+            raise FormatError(f"{where}: the encoding is not a name")
         try:
-            name, dtype, shape = d["encoding"], d["dtype"], tuple(d["shape"])
-        except (KeyError, TypeError):
-            raise FormatError(f"{where}: malformed task entry") from None
-        if not isinstance(name, str):
-            raise FormatError(f"{where}: encoding {name!r} is not a name")
-        if not isinstance(dtype, str) or not all(type(v) is int and v >= 0 for v in shape):
-            raise FormatError(f"{where}: bad dtype or shape")
+            shape = check_shape(d["shape"])
+        except ValueError as e:
+            raise FormatError(f"{where}: {e}") from None
+        if not _name(dtype):
+            raise FormatError(f"{where}: bad dtype")
         enc = REGISTRY.get(name)
         if enc is None:  # a newer encoding: this tensor fails when read, the rest stays readable
             return cls(name, dtype, shape)
@@ -122,16 +130,14 @@ class TensorEntry:
 
     @classmethod
     def from_dict(cls, d: Any, tasks: set[str]) -> "TensorEntry":
-        try:
-            name = d["name"]
-            where = f"tensor {name!r}"
-            if not isinstance(name, str) or not isinstance(d["kind"], str):
-                raise FormatError(f"tensor name {name!r} and kind must be strings")
-            entry = cls(name, d["kind"],
-                        {t: TaskTensor.from_dict(v, f"{where}, task {t!r}") for t, v in d["tasks"].items()},
-                        _arrays(d, ENTRY_ARRAYS, where))
-        except (KeyError, TypeError, AttributeError):
-            raise FormatError(f"malformed tensor entry {str(d)[:80]}") from None
+        if not isinstance(d, dict) or not isinstance(d.get("tasks"), dict):
+            raise FormatError("malformed tensor entry: not an object with a 'tasks' object")
+        name, kind = d.get("name"), d.get("kind")
+        if not _name(name) or not _name(kind):
+            raise FormatError(f"tensor entry: name and kind must be strings of at most {MAX_NAME_CHARS} characters")
+        where = f"tensor {name!r}"
+        entry = cls(name, kind, {t: TaskTensor.from_dict(v, f"{where}, task {t!r}") for t, v in d["tasks"].items()},
+                    _arrays(d, ENTRY_ARRAYS, where))
         unknown = set(entry.tasks) - tasks
         if unknown:
             raise FormatError(f"{where}: entries for unknown tasks {sorted(unknown)}")

@@ -1,0 +1,86 @@
+"""Write the fuzzing seed corpus: small valid archives of every encoding, codec, merge method and
+checksum, in each of the harness's three input forms (see ``fuzz_open.py``).
+
+    python tests/fuzz/make_corpus.py CORPUS_DIR
+
+Every family is tiny (chunk_elements=64), so each seed is a few KB.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+import tallpack
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from fuzz_open import FILE, MANIFEST, RESUMMED, manifest_text  # noqa: E402
+
+
+def family(seed: int, dtype: torch.dtype = torch.float32) -> tuple[dict, dict]:
+    """A base and three tasks: merged (masked), shared, task-own (heads of other shapes, an int
+    buffer that differs), a bool tensor and an empty one."""
+    g = torch.Generator().manual_seed(seed)
+    base = {"w": torch.randn(12, 10, generator=g).to(dtype), "b": torch.randn(70, generator=g).to(dtype),
+            "ids": torch.arange(9), "frozen": torch.randn(5, generator=g), "flag": torch.tensor([True, False]),
+            "empty": torch.zeros(0, 3)}
+    tasks = {}
+    for i, t in enumerate(("cars", "dtd", "svhn")):
+        sd = {k: v.clone() for k, v in base.items()}
+        sd["w"] = (base["w"].float() + 0.1 * torch.randn(12, 10, generator=g)).to(dtype)
+        sd["b"] = (base["b"].float() + 0.1 * torch.randn(70, generator=g)).to(dtype)
+        sd["head"] = torch.randn(i + 2, 10, generator=g)
+        if i == 1:
+            sd["ids"] = torch.arange(9) * 2
+        tasks[t] = sd
+    return base, tasks
+
+
+CONFIGS = {
+    "ta_bytegroup_xxh3": dict(merge="ta", codec="bytegroup-zstd", checksum="xxh3-64"),
+    "ta_zstd_crc32": dict(merge="ta", codec="zstd", checksum="crc32"),
+    "ta_raw_xxh3": dict(merge="ta", codec="raw", checksum="xxh3-64"),
+    "ties_raw_crc32": dict(merge="ties", codec="raw", checksum="crc32"),
+    "ties_bytegroup_xxh3": dict(merge="ties", codec="bytegroup-zstd", checksum="xxh3-64"),
+    "ta_bf16_zstd": dict(merge="ta", codec="zstd", checksum="xxh3-64", dtype=torch.bfloat16),
+    "ties_f16_bytegroup_crc32": dict(merge="ties", codec="bytegroup-zstd", checksum="crc32", dtype=torch.float16),
+    "ta_base_only_raw": dict(merge="ta", codec="raw", checksum="crc32", keep_base_only=True),
+}
+
+
+def archives(workdir: Path) -> dict[str, bytes]:
+    out = {}
+    for i, (name, cfg) in enumerate(CONFIGS.items()):
+        cfg = dict(cfg)
+        dtype = cfg.pop("dtype", torch.float32)
+        base, tasks = family(i, dtype)
+        if cfg.get("keep_base_only"):
+            base["only_in_base"] = torch.randn(6)
+        path = workdir / f"{name}.tallpack"
+        path.unlink(missing_ok=True)
+        tallpack.pack(base, tasks, path, chunk_elements=64, metadata={"seed": name}, **cfg)
+        out[name] = path.read_bytes()
+    return out
+
+
+def main(corpus: str) -> None:
+    root = Path(corpus)
+    root.mkdir(parents=True, exist_ok=True)
+    seeds = archives(root)
+    (HERE / "seeds").mkdir(exist_ok=True)
+    for i, (name, raw) in enumerate(seeds.items()):
+        (HERE / "seeds" / f"{i}.tallpack").write_bytes(raw)  # the data areas manifest inputs use
+        (root / f"{name}.tallpack").unlink()
+        (root / f"file-{name}").write_bytes(FILE + raw)
+        (root / f"resummed-{name}").write_bytes(RESUMMED + raw)
+        text = json.dumps(json.loads(manifest_text(raw)), separators=(",", ":")).encode()
+        (root / f"manifest-{name}").write_bytes(MANIFEST + bytes([i]) + text)
+    print(f"wrote {3 * len(seeds)} seeds to {root}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1] if len(sys.argv) > 1 else str(HERE / "corpus"))
