@@ -236,9 +236,10 @@ class Dial:
 
     def __init__(self, *, target: float | None, budget_bytes: int | None, allowed: Sequence[str],
                  exact_paid: bool, evaluate: Evaluator | None = None,
-                 sources: Mapping[str, Any] | None = None):
+                 sources: Mapping[str, Any] | None = None, unit_bytes: float = 0.0):
         self.target, self.budget_bytes, self.allowed = target, budget_bytes, tuple(allowed)
         self.exact_paid, self.evaluate, self.sources = exact_paid, evaluate, sources
+        self.unit_bytes = unit_bytes  # one task checkpoint's bytes, the budget's unit
         self.plans: dict[str, TaskPlan] = {}
         #: with an evaluator: per task and tensor, (f32 TALL rebuild before the cast, residual, dtype)
         self._held: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor, torch.dtype]]] = {}
@@ -348,9 +349,11 @@ class Dial:
         tasks = list(self.plans)
         spare = None if self.budget_bytes is None else self.budget_bytes - plain_bytes
         if spare is not None and spare < 0:
+            u = self.unit_bytes or 1.0
             raise FidelityError(
-                f"a budget of {self.budget_bytes} bytes is below the plain TALL archive's {plain_bytes} bytes; "
-                "give at least that (see the error's numbers) or drop --budget")
+                f"budget {self.budget_bytes / u:.2f}x ({self.budget_bytes} bytes) is below the plain TALL "
+                f"archive, about {plain_bytes} bytes; give --budget {math.ceil(100 * plain_bytes / u) / 100:.2f} "
+                "or more (that stores TALL masks only), or drop --budget")
 
         def fid(t: str, p: int) -> float:
             return score(t, p) if score is not None else self.plans[t].weight_fidelity(self.plans[t].cum_err[p])

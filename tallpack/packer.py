@@ -117,9 +117,7 @@ def _dial(fam: PackInputs, v: Validated) -> Dial | None:
     opts = v.options
     if not v.dial:
         return None
-    budget = None
-    if opts.budget is not None:
-        one = sum(s.nbytes for s in fam.tasks.values()) / len(fam.tasks)
-        budget = int(opts.budget * one)
+    one = sum(s.nbytes for s in fam.tasks.values()) / len(fam.tasks)  # the average task checkpoint
+    budget = None if opts.budget is None else int(opts.budget * one)
     return Dial(target=opts.fidelity, budget_bytes=budget, allowed=opts.corrections, exact_paid=opts.exact,
-                evaluate=opts.evaluate, sources=fam.tasks)
+                evaluate=opts.evaluate, sources=fam.tasks, unit_bytes=one)
