@@ -52,6 +52,13 @@ class PackOptions:
     #: also store every task's original bits and files (the exact tier, format 1.2)
     exact: bool = False
     overwrite: bool = False
+    #: the fidelity dial (format 1.5, ``tallpack.dial``): reconstruct every task at least this well
+    #: (with ``evaluate``: its score relative to the original's; else the weight fidelity), ...
+    fidelity: float | None = None
+    #: ... and/or keep the archive within this many times the average task checkpoint's bytes
+    budget: float | None = None
+    #: the corrections the dial may store, from ``sparse``, ``quant4``, ``quant8``, ``exact``
+    corrections: Sequence[str] = ("sparse", "quant4", "quant8", "exact")
 
     def replace(self, **changes: Any) -> "PackOptions":
         return dataclasses.replace(self, **changes)
@@ -72,6 +79,7 @@ class PackOptions:
             raise InvalidArgumentError(f"overwrite must be True or False, got {self.overwrite!r}")
         if self.threads is not None and (type(self.threads) is not int or self.threads < 1):
             raise InvalidArgumentError(f"threads must be a positive integer, got {self.threads!r}")
+        _check_dial(self)
         return Validated(self, get_method(self.merge))
 
 
@@ -85,10 +93,16 @@ class Validated:
     def dense(self, dtype_itemsize: int) -> Chain:
         return dense_chain(self.options.codec, dtype_itemsize, self.options.level)
 
+    @property
+    def dial(self) -> bool:
+        """Whether the fidelity dial is on (``fidelity`` or ``budget`` given)."""
+        return self.options.fidelity is not None or self.options.budget is not None
+
     def features(self) -> frozenset[str]:
         """The optional format features these options use (they set the archive's minor version)."""
         ids = {c.id for dt in (1, 2, 4, 8) for c in self.dense(dt).codecs} | {c.id for c in self.masks().codecs}
-        return frozenset({f"codec:{i}" for i in ids} | ({"field:exact"} if self.options.exact else set()))
+        return frozenset({f"codec:{i}" for i in ids} | ({"field:exact"} if self.options.exact else set())
+                         | ({"field:correction"} if self.dial else set()))
 
     def masks(self) -> Chain:
         return mask_chain(self.options.level)
@@ -111,3 +125,18 @@ class Validated:
             if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not math.isfinite(lam) or lam < 0:
                 raise InvalidArgumentError(f"task {t!r}: lambda must be a finite number >= 0, got {lam!r}")
         return {t: float(v) for t, v in out.items()}
+
+
+#: The corrections the fidelity dial knows (``tallpack.dial.CORRECTIONS``).
+_CORRECTIONS = ("sparse", "quant4", "quant8", "exact")
+
+
+def _check_dial(o: PackOptions) -> None:
+    f, b = o.fidelity, o.budget
+    if f is not None and (isinstance(f, bool) or not isinstance(f, (int, float)) or not 0 < f <= 1):
+        raise InvalidArgumentError(f"fidelity must be a number in (0, 1] (1: exact), got {f!r}")
+    if b is not None and (isinstance(b, bool) or not isinstance(b, (int, float)) or not math.isfinite(b) or b <= 0):
+        raise InvalidArgumentError(f"budget must be a positive number (times one checkpoint's size), got {b!r}")
+    bad = [c for c in o.corrections if c not in _CORRECTIONS] if not isinstance(o.corrections, str) else [o.corrections]
+    if bad:
+        raise InvalidArgumentError(f"unknown correction(s) {bad}; choose from {', '.join(_CORRECTIONS)}")

@@ -14,6 +14,7 @@ from typing import Any
 
 from ._version import __version__
 from .container import ContainerWriter
+from .dial import Dial
 from .elements import itemsize
 from .encodings import BY_KIND, WriteContext
 from .encodings.exact import add_exact
@@ -80,6 +81,7 @@ def _write(fam: PackInputs, v: Validated, lams: dict[str, float], out: Path, sel
     fidelity = {t: Fidelity() for t in names}
     entries: list[TensorEntry] = []
     tensors = track(fam.plan.tensors, opts.progress, "packing")
+    dial = _dial(fam, v)
     sources = [fam.base, *fam.tasks.values()]
     features = v.features() | ({"field:files"} if any(s.files for s in sources) else set())
     with writing(out), ContainerWriter(out, threads=opts.threads, checksum=opts.checksum,
@@ -87,7 +89,7 @@ def _write(fam: PackInputs, v: Validated, lams: dict[str, float], out: Path, sel
         store = FileStore(w, opts.level, opts.chunk_elements)
         base_files = store.add(fam.base.files, "base")
         ctx = WriteContext(w, opts.chunk_elements, lambda dt: v.dense(itemsize(dt)), v.masks(), v.method,
-                           lams, fidelity, v.residuals if opts.exact else None)
+                           lams, fidelity, v.residuals if opts.exact or dial else None)
         for entry in tensors:
             if entry.kind is Kind.BASE_ONLY and not opts.keep_base_only:
                 continue
@@ -96,19 +98,37 @@ def _write(fam: PackInputs, v: Validated, lams: dict[str, float], out: Path, sel
                 log.warning("tensor %r holds inf or NaN: stored per task, not masked", item.name)
             written = BY_KIND[item.kind].write(ctx, item)
             entries.append(add_exact(ctx, item, written) if opts.exact else written)
+            if dial is not None and item.kind == Kind.MERGED:
+                dial.observe(ctx, item)
+        if dial is not None:  # the fidelity dial: decide on the TALL tier's size, then add corrections
+            plans = {e.name: e for e in fam.plan.tensors}
+            dial.finish(ctx, entries, lambda name: fam.load(plans[name]))
 
         infos = []
         for t in names:
             src, fid = fam.tasks[t], fidelity[t]
-            infos.append(TaskInfo(t, lams[t], fid.density if fid.numel else None, fid.to_dict(),
+            figures = fid.to_dict() | (dial.achieved[t] if dial is not None and t in dial.achieved else {})
+            infos.append(TaskInfo(t, lams[t], fid.density if fid.numel else None, figures,
                                   tuple(src.keys()), src.describe(), src.metadata,
                                   record(src) if opts.exact else None, store.add(src.files, f"task {t!r}")))
         manifest = Manifest(
             w.version, f"tallpack {__version__}", v.method.params(), tuple(infos), tuple(entries),
             base=fam.base.describe() | {"metadata": fam.base.metadata} | ({"files": base_files} if base_files else {}),
             stats={"source_bytes": fam.source_bytes, "kinds": count_kinds(entries),
-                   **({"selection": selection} if selection else {})},
+                   **({"selection": selection} if selection else {}),
+                   **({"dial": dial.record()} if dial is not None else {})},
             metadata=dict(opts.metadata or {}), checksum=w.checksum_name, files=store.blobs,
         )
         w.finish(manifest.to_dict())
     return manifest
+
+
+def _dial(fam: PackInputs, v: Validated) -> Dial | None:
+    """The fidelity dial for these options, or None when off."""
+    opts = v.options
+    if not v.dial:
+        return None
+    one = sum(s.nbytes for s in fam.tasks.values()) / len(fam.tasks)  # the average task checkpoint
+    budget = None if opts.budget is None else int(opts.budget * one)
+    return Dial(target=opts.fidelity, budget_bytes=budget, allowed=opts.corrections, exact_paid=opts.exact,
+                evaluate=opts.evaluate, sources=fam.tasks, unit_bytes=one)

@@ -32,6 +32,8 @@ def summarize(manifest: Manifest, *, path: str, archive_bytes: int,
     mask_bytes = dict.fromkeys(names, 0)
     mask_bits_bound = dict.fromkeys(names, 0.0)
     masked = dict.fromkeys(names, 0)
+    stored_as: dict[str, dict[str, int]] = {t: {} for t in names}  # per task: tensors by what is stored
+    extra_bytes = dict.fromkeys(names, 0)
     for e in m.tensors:
         for key, ref in e.arrays.items():
             role = _ENTRY_ROLES.get(key, key)
@@ -40,6 +42,15 @@ def summarize(manifest: Manifest, *, path: str, archive_bytes: int,
             for key, ref in tt.arrays.items():
                 role = _TASK_ROLES.get(key, key)
                 stored[role] = stored.get(role, 0) + ref.stored_nbytes
+            for key, v in tt.extras.items():  # the exact tier's residuals, the dial's corrections
+                n = sum(ref.stored_nbytes for ref in v.arrays.values())
+                role = "corrections" if key == "correction" else key
+                stored[role] = stored.get(role, 0) + n
+                extra_bytes[t] += n
+            if tt.encoding == "tall":
+                corr = tt.extras.get("correction")
+                label = "tall" if corr is None else corr.kind + (str(corr.bits) if corr.bits else "")
+                stored_as[t][label] = stored_as[t].get(label, 0) + 1
             mask = tt.arrays.get("mask")
             if mask is not None:
                 n = numel(tt.shape)
@@ -58,6 +69,7 @@ def summarize(manifest: Manifest, *, path: str, archive_bytes: int,
             "mask_bytes": mask_bytes[info.name],
             "mask_bits_per_param": 8 * mask_bytes[info.name] / n if n else None,
             "mask_entropy_bits_per_param": mask_bits_bound[info.name] / n if n else None,
+            "stored": stored_as[info.name], "extra_bytes": extra_bytes[info.name],
         })
     return {
         "path": path,
@@ -101,13 +113,20 @@ def render(s: dict[str, Any]) -> str:
     lines.append(f"size: {format_size(s['archive_bytes'])} from {format_size(s['source_bytes'])} of checkpoints ({ratio})")
     lines.append("stored: " + ", ".join(f"{k} {format_size(v)}" for k, v in s["stored_bytes"].items() if v))
     lines.append("")
+    dial = any("weight" in t["fidelity"] for t in s["tasks"])
     header = f"{'task':<20} {'lambda':>6} {'density':>8} {'rel_l2':>7} {'cosine':>7} {'mask b/p':>9} {'H(p)':>6}"
+    if dial:  # the fidelity dial (format 1.4): achieved fidelity, and what each merged tensor holds
+        header += f" {'fidelity':>8} {'score':>6} {'+bytes':>8}  stored (merged tensors)"
     lines += [header, "-" * len(header)]
     for t in s["tasks"]:
         f = t["fidelity"]
-        lines.append(f"{_show(t['name']):<20} {_fmt(t['lambda'], '.2f'):>6} {_fmt(t['density'], '.3f'):>8} "
-                     f"{_fmt(f.get('rel_l2'), '.3f'):>7} {_fmt(f.get('cosine'), '.3f'):>7} "
-                     f"{_fmt(t['mask_bits_per_param'], '.3f'):>9} {_fmt(t['mask_entropy_bits_per_param'], '.3f'):>6}")
+        line = (f"{_show(t['name']):<20} {_fmt(t['lambda'], '.2f'):>6} {_fmt(t['density'], '.3f'):>8} "
+                f"{_fmt(f.get('rel_l2'), '.3f'):>7} {_fmt(f.get('cosine'), '.3f'):>7} "
+                f"{_fmt(t['mask_bits_per_param'], '.3f'):>9} {_fmt(t['mask_entropy_bits_per_param'], '.3f'):>6}")
+        if dial:
+            line += (f" {_fmt(f.get('weight'), '.4f'):>8} {_fmt(f.get('score'), '.3f'):>6} "
+                     f"{format_size(t['extra_bytes']):>8}  " + ", ".join(f"{k} {v}" for k, v in t["stored"].items()))
+        lines.append(line)
     return "\n".join(lines)
 
 

@@ -155,8 +155,8 @@ def reference(read: ReadArray, entry: TensorEntry, tt: TaskTensor, ref: str, whe
     """The reference R of spec §6.1.5, as a tensor of the task's dtype and shape."""
     dtype = torch_dtype(tt.dtype)
     if ref == "tall":
-        arrays = {k: read(a, f"{where} ({k})", use) for k, (a, use) in Tall.inputs(entry, tt).items()}
-        return Tall.rebuild(arrays, entry, tt)
+        arrays = {k: read(a, f"{where} ({k})", use) for k, (a, use) in Tall.plain_inputs(entry, tt).items()}
+        return reconstruct(arrays["base"], arrays["mask"], arrays["merged"], dtype)  # §6.1.1, uncorrected
     if ref == "base":
         return read(entry.arrays["base"], where + " (base)", Use.SHARED_INPUT).to(torch.float32).to(dtype)
     return torch.zeros(tt.shape, dtype=dtype)
@@ -201,8 +201,9 @@ def _encoded_size(ctx: WriteContext, z: np.ndarray) -> int:
     return len(ctx.residuals(z.dtype.itemsize).encode(memoryview(z.view(np.uint8))))
 
 
-def add_exact(ctx: WriteContext, item: Item, entry: TensorEntry) -> TensorEntry:
-    """Give every ``tall`` task entry of ``entry`` its exact residual (others are exact already)."""
+def add_exact(ctx: WriteContext, item: Item, entry: TensorEntry, tasks: set[str] | None = None) -> TensorEntry:
+    """Give every ``tall`` task entry of ``entry`` (of ``tasks`` only, when given) its exact residual
+    (others are exact already)."""
     if not any(tt.encoding == "tall" for tt in entry.tasks.values()):
         return entry
     assert ctx.residuals is not None and item.base is not None
@@ -210,6 +211,8 @@ def add_exact(ctx: WriteContext, item: Item, entry: TensorEntry) -> TensorEntry:
     ce, n = ctx.chunk_elements, SAMPLE_ELEMENTS
     for t, x, rec in zip(item.tasks, item.thetas, talls):
         tt = entry.tasks[t]
+        if tasks is not None and (t not in tasks or "exact" in tt.extras):
+            continue
         dt = dtype_name(x.dtype)
         xb = bits(x.contiguous())
         refs = {"tall": rec, "base": item.base.to(torch.float32).to(x.dtype), "zero": None}

@@ -85,10 +85,19 @@ class Tall(Encoding):
         )
 
     @classmethod
-    def inputs(cls, entry: TensorEntry, tt: TaskTensor) -> dict[str, tuple[ArrayRef, Use]]:
+    def plain_inputs(cls, entry: TensorEntry, tt: TaskTensor) -> dict[str, tuple[ArrayRef, Use]]:
+        """The arrays of the plain TALL rebuild (§6.1.1), whatever optional fields the entry has."""
         return {"base": (entry.arrays["base"], Use.SHARED_INPUT), "merged": (entry.arrays["merged"], Use.SHARED_INPUT),
                 "mask": (tt.arrays["mask"], Use.INPUT)}
 
     @classmethod
+    def inputs(cls, entry: TensorEntry, tt: TaskTensor) -> dict[str, tuple[ArrayRef, Use]]:
+        corr = tt.extras.get("correction")  # the fidelity dial's correction (encodings/correction.py)
+        return corr.inputs(entry, tt) if corr is not None else cls.plain_inputs(entry, tt)
+
+    @classmethod
     def rebuild(cls, arrays: Mapping[str, torch.Tensor], entry: TensorEntry, tt: TaskTensor) -> torch.Tensor:
+        corr = tt.extras.get("correction")
+        if corr is not None:
+            return corr.rebuild(arrays, entry, tt)
         return reconstruct(arrays["base"], arrays["mask"], arrays["merged"], torch_dtype(tt.dtype))

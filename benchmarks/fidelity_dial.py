@@ -1,0 +1,290 @@
+"""The fidelity dial: accuracy against archive size, TALL to exact, against simple baselines.
+
+    python benchmarks/fidelity_dial.py [--quick]
+
+Two families: the demo family (``tallpack.demo``, 10 digits variants, heads task-own) and a
+family of eight *conflicting* tasks built here (the same small MLP, every task the 10 digits
+under its own fixed label permutation, the whole model shared, so every task vector fights every
+other). Points: plain TALL (lambda 0.4); the dial at several weight-fidelity targets; the dial
+with an evaluator (validation accuracy) at 0.99; the exact tier. Baselines store the base and
+every task vector compressed at matched sizes: DARE (random drop with rescale), top-k by magnitude,
+uniform per-block quantization. Accuracy is on the TEST split, normalized by each fine-tune's.
+Writes ``benchmarks/out/fidelity_dial.json`` and ``benchmarks/fidelity_dial.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+import tallpack
+from tallpack.codecs import dense_chain
+from tallpack.demo import family as demo
+from tallpack.encodings.correction import sparse_encode
+
+ROOT = Path(__file__).resolve().parent.parent
+OUT = ROOT / "benchmarks" / "out"
+CONFLICT_TASKS = 8
+
+
+# -- the conflicting family ------------------------------------------------------------------------
+
+def _perm(i: int) -> np.ndarray:
+    return np.random.default_rng([7, i]).permutation(10)
+
+
+def build_conflict(root: Path) -> dict:
+    """Base MLP 64-128-128-10 pretrained on digits; 8 fine-tunes, each on the digits relabelled by
+    its own permutation (seeded; about 20 s on 2 cores). Every tensor is shared: all merged."""
+    if (root / "done").exists():
+        return json.loads((root / "done").read_text())
+    cfg = {"input_dim": 64, "hidden": 128, "layers": 3, "features": 10}
+    x, y = demo._task_arrays(demo._PRETRAIN_SPEC, "pretrain", 0)
+    xt, yt = demo._task_arrays(demo._PRETRAIN_SPEC, "train", 0)
+    base = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.GELU(), torch.nn.Linear(128, 128), torch.nn.GELU(),
+                               torch.nn.Linear(128, 10))
+    torch.manual_seed(0)
+    for m in base:
+        if hasattr(m, "reset_parameters"):
+            m.reset_parameters()
+    g = torch.Generator().manual_seed(0)
+    demo._train(base, list(base.parameters()), x, y, epochs=40, lr=2e-3, batch_size=64, weight_decay=0.0, gen=g)
+    root.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in base.state_dict().items()}, str(root / "base.safetensors"))
+    for i in range(CONFLICT_TASKS):
+        m = torch.nn.Sequential(*[type(l)(*([l.in_features, l.out_features] if isinstance(l, torch.nn.Linear) else []))
+                                  for l in base])
+        m.load_state_dict(base.state_dict())
+        p = torch.from_numpy(_perm(i))
+        demo._train(m, list(m.parameters()), xt, p[yt], epochs=20, lr=2e-3, batch_size=64, weight_decay=0.0,
+                    gen=torch.Generator().manual_seed(i + 1))
+        save_file({k: v.contiguous() for k, v in m.state_dict().items()}, str(root / f"perm{i}.safetensors"))
+    (root / "done").write_text(json.dumps(cfg))
+    return cfg
+
+
+def conflict_eval(task: str, sd, split: str = "test") -> float:
+    i = int(task[4:])
+    x, y = demo._task_arrays(demo._PRETRAIN_SPEC, split, 0)
+    y = torch.from_numpy(_perm(i))[y]
+    h = x
+    for j in range(3):
+        h = torch.nn.functional.linear(h, sd[f"{2 * j}.weight"].float(), sd[f"{2 * j}.bias"].float())
+        if j < 2:
+            h = torch.nn.functional.gelu(h)
+    return float((h.argmax(-1) == y).double().mean())
+
+
+# -- families as (base path, tasks, evaluate) ------------------------------------------------------
+
+def families(quick: bool) -> dict:
+    out = {}
+    p = demo.build_family(ROOT / ".tallpack-demo" / "family")
+    out["demo"] = (str(p.base), {t: str(v) for t, v in p.tasks.items()},
+                   lambda t, sd, split="test": demo.evaluate(p.root, t, sd, split=split))
+    croot = OUT / "conflict"
+    build_conflict(croot)
+    out["conflict"] = (str(croot / "base.safetensors"),
+                       {f"perm{i}": str(croot / f"perm{i}.safetensors") for i in range(CONFLICT_TASKS)},
+                       conflict_eval)
+    return out
+
+
+def _load(path: str) -> dict[str, torch.Tensor]:
+    return load_file(path) if path.endswith(".safetensors") else demo.load_state_dict(path)
+
+
+def _scores(evaluate, originals, sds) -> dict[str, float]:
+    return {t: evaluate(t, sds[t]) / evaluate(t, originals[t]) for t in originals}
+
+
+# -- baselines: the base plus every task vector compressed -----------------------------------------
+
+def _enc(arr: np.ndarray) -> int:
+    return len(dense_chain("planes", arr.dtype.itemsize).encode(memoryview(np.ascontiguousarray(arr).view(np.uint8))))
+
+
+def baseline(kind: str, p: float, tau: torch.Tensor, g: torch.Generator) -> tuple[torch.Tensor, int]:
+    """A compressed task vector and its bytes: ``dare`` keeps a random fraction p rescaled by 1/p,
+    ``topk`` the fraction p largest, ``quant`` p bits per block of 64 (float32 scale a block)."""
+    flat = tau.reshape(-1)
+    n = flat.numel()
+    if kind in ("dare", "topk"):
+        if kind == "dare":
+            keep = torch.rand(n, generator=g) < p
+            v = torch.where(keep, flat / p, torch.zeros(()))
+        else:
+            k = max(1, int(n * p))
+            v = torch.zeros(n)
+            idx = flat.abs().topk(k).indices
+            v[idx] = flat[idx]
+        gaps, vals = sparse_encode(v, int((v != 0).sum()))
+        return v.reshape(tau.shape), _enc(gaps) + _enc(vals)
+    bits = int(p)
+    qmax = (1 << (bits - 1)) - 1
+    nb = -(-n // 64)
+    pad = torch.zeros(nb * 64)
+    pad[:n] = flat
+    b = pad.reshape(nb, 64)
+    s = b.abs().amax(1) / qmax
+    s = torch.where(s > 0, s, torch.ones_like(s))
+    q = torch.round(b / s[:, None]).clamp(-qmax, qmax)
+    v = (q * s[:, None]).reshape(-1)[:n]
+    return v.reshape(tau.shape), len(dense_chain("zstd", 1).encode(memoryview(q.to(torch.int8).numpy().tobytes()))) \
+        + _enc(s.numpy().astype(np.float32))
+
+
+BASELINES = {"dare": [0.02, 0.05, 0.1, 0.2, 0.4, 0.7], "topk": [0.01, 0.03, 0.1, 0.2, 0.4, 0.7],
+             "quant": [2, 3, 4, 5, 6, 8]}
+
+
+def run_family(name: str, base_path: str, tasks: dict[str, str], evaluate, quick: bool, work: Path) -> dict:
+    originals = {t: _load(p) for t, p in tasks.items()}
+    base = _load(base_path)
+    one = sum(v.numel() * v.element_size() for o in originals.values() for v in o.values()) / len(originals)
+    rows = []
+
+    def point(label: str, path: Path, **kw) -> dict:
+        t0 = time.perf_counter()
+        m = tallpack.pack(base_path, tasks, path, **kw)
+        with tallpack.open(path) as fam:
+            sds = {t: fam.state_dict(t) for t in fam.tasks}
+            s = fam.summary()
+        sc = _scores(evaluate, originals, sds)
+        row = {"family": name, "method": label, "bytes": path.stat().st_size, "x": path.stat().st_size / one,
+               "mean": float(np.mean(list(sc.values()))), "min": float(min(sc.values())), "per_task": sc,
+               "seconds": time.perf_counter() - t0,
+               "stored": {t["name"]: t.get("stored") for t in s["tasks"]},
+               "weight": {t.name: t.fidelity.get("weight", None) for t in m.tasks}}
+        rows.append(row)
+        print(f"{name:9s} {label:28s} {row['x']:6.2f}x  mean {row['mean']:.4f}  min {row['min']:.4f}", flush=True)
+        return row
+
+    tall = point("TALL (lambda 0.4)", work / f"{name}-tall.tallpack")
+    targets = [0.9, 0.95, 0.99] if quick else [0.8, 0.9, 0.95, 0.98, 0.99, 0.995]
+    for f in targets:
+        point(f"dial, weight fidelity {f}", work / f"{name}-w{f}.tallpack", fidelity=f)
+    val = lambda t, sd: evaluate(t, sd, "val")  # noqa: E731
+    for f in ([0.99] if quick else [0.98, 0.99, 1.0]):
+        point(f"dial, val accuracy {f}", work / f"{name}-v{f}.tallpack", fidelity=f, evaluate=val, lambda_grid=[0.4])
+    for b in ([] if quick else [1.5, 2.5, 3.0, 4.0]):
+        try:
+            point(f"dial, budget {b}x", work / f"{name}-b{b}.tallpack", budget=b)
+        except tallpack.TallpackError as e:
+            print(f"{name}: budget {b}: {e}")
+    point("exact tier (fidelity 1.0)", work / f"{name}-exact.tallpack", fidelity=1.0)
+
+    # baselines: the TALL archive's base and task-own parts, plus each task's compressed vector
+    with tallpack.open(work / f"{name}-tall.tallpack") as fam:
+        st = fam.summary()["stored_bytes"]
+    fixed = tall["bytes"] - st["merged"] - st["masks"]
+    merged_names = [k for k in base if all(k in o and o[k].shape == base[k].shape for o in originals.values())
+                    and base[k].is_floating_point()]
+    for kind, params in BASELINES.items():
+        for p in (params[1::2] if quick else params):
+            g = torch.Generator().manual_seed(0)
+            size, sds = fixed, {}
+            for t, o in originals.items():
+                sd = dict(o)
+                for k in merged_names:
+                    v, nb = baseline(kind, p, o[k].float() - base[k].float(), g)
+                    sd[k] = (base[k].float() + v).to(o[k].dtype)
+                    size += nb
+                sds[t] = sd
+            sc = _scores(evaluate, originals, sds)
+            rows.append({"family": name, "method": f"baseline {kind}", "param": p, "bytes": size, "x": size / one,
+                         "mean": float(np.mean(list(sc.values()))), "min": float(min(sc.values())), "per_task": sc})
+    return {"one_checkpoint_bytes": one, "rows": rows}
+
+
+def measure_table(base_path: str, tasks: dict[str, str], evaluate, work: Path) -> list[dict]:
+    """How well weight fidelity predicts normalized test accuracy: per task, at several targets."""
+    rows = []
+    for f in (None, 0.85, 0.9, 0.95, 0.98, 0.99):
+        path = work / f"measure-{f}.tallpack"
+        tallpack.pack(base_path, tasks, path, **({"fidelity": f} if f else {}))
+        with tallpack.open(path) as fam:
+            for t in fam.tasks:
+                info = fam.task_info(t)
+                w = info.fidelity.get("weight")
+                if w is None:
+                    from tallpack.tall import task_vector  # noqa: F401  (plain TALL: recompute)
+                    o = _load(tasks[t])
+                    sd = fam.state_dict(t)
+                    keys = [k for k in o if fam._entry(t, k)[1].encoding == "tall"]
+                    err = sum(float(((sd[k].double() - o[k].double()) ** 2).sum()) for k in keys)
+                    sq = sum(float((o[k].double() ** 2).sum()) for k in keys)
+                    w = 1 - math.sqrt(err / sq)
+                acc = evaluate(t, fam.state_dict(t)) / evaluate(t, _load(tasks[t]))
+                rows.append({"target": f, "task": t, "weight": w, "rel_l2_tall": info.fidelity["rel_l2"], "acc": acc})
+    return rows
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fams = list(results["families"])
+    fig, axes = plt.subplots(2, len(fams), figsize=(6 * len(fams), 8), squeeze=False)
+    styles = {"baseline dare": ("tab:gray", "x"), "baseline topk": ("tab:olive", "+"),
+              "baseline quant": ("tab:purple", "s")}
+    for j, name in enumerate(fams):
+        rows = results["families"][name]["rows"]
+        for i, stat in enumerate(("mean", "min")):
+            ax = axes[i][j]
+            for kind, (c, mk) in styles.items():
+                rs = sorted((r for r in rows if r["method"] == kind), key=lambda r: r["x"])
+                ax.plot([r["x"] for r in rs], [100 * r[stat] for r in rs], color=c, marker=mk, ls="--", label=kind)
+            dial = sorted((r for r in rows if r["method"].startswith(("TALL", "dial, weight", "exact"))),
+                          key=lambda r: r["x"])
+            ax.plot([r["x"] for r in dial], [100 * r[stat] for r in dial], color="tab:blue", marker="o",
+                    label="tallpack: TALL, dial (weight fidelity), exact")
+            for r in rows:
+                if r["method"].startswith("dial, val"):
+                    ax.plot(r["x"], 100 * r[stat], color="tab:red", marker="*", ms=12, ls="none")
+                if r["method"].startswith("dial, budget"):
+                    ax.plot(r["x"], 100 * r[stat], color="tab:cyan", marker="D", ls="none")
+            ax.plot([], [], color="tab:red", marker="*", ls="none", label="dial with evaluator (val acc.)")
+            ax.plot([], [], color="tab:cyan", marker="D", ls="none", label="dial with --budget")
+            ax.axhline(99, color="k", lw=0.5, ls=":")
+            ax.set_xscale("log")
+            ax.set_ylim(max(0, min(100 * r[stat] for r in rows) - 2), 101)
+            ax.set_xlabel("archive size / one task checkpoint")
+            ax.set_ylabel(f"{stat} normalized test accuracy (%)")
+            ax.set_title(f"{name} family: {stat} over tasks")
+            if i == 0 and j == 0:
+                ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="fewer targets and baseline settings")
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    work = OUT / "fidelity_dial"
+    work.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    fams = families(args.quick)
+    results: dict = {"quick": args.quick, "families": {}}
+    for name, (b, tasks, ev) in fams.items():
+        results["families"][name] = run_family(name, b, tasks, ev, args.quick, work)
+    b, tasks, ev = fams["demo"]
+    results["measure"] = measure_table(b, tasks, ev, work)
+    results["seconds"] = time.perf_counter() - t0
+    (OUT / "fidelity_dial.json").write_text(json.dumps(results, indent=1))
+    plot(results, ROOT / "benchmarks" / "fidelity_dial.png")
+    print(f"done in {results['seconds']:.0f}s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,207 @@
+"""Corrections: per task and merged tensor, part of what TALL loses, stored beside the mask
+(spec §6.1.6, format 1.5).
+
+TALL rebuilds a task's tensor as ``theta_0 + m_t * tau_MTL``; what it loses is the residual
+``r_t = f32(theta_t) - (f32(theta_0) + m_t * tau_MTL)``. A ``tall`` task entry may carry an optional
+``correction`` field that stores part of it, cheapest first:
+
+* ``sparse``: the largest entries of ``r_t`` (delta-coded indices, float16 or float32 values)::
+
+      {"kind": "sparse", "indices": <uint32|uint64 ref, [k]>, "values": <float16|float32 ref, [k]>}
+
+* ``quant``: all of ``r_t``, quantized symmetrically per block of ``block`` elements::
+
+      {"kind": "quant", "bits": 8 | 4, "block": 64, "scales": <float32 ref>, "codes": <int8|uint8 ref>}
+
+* ``exact``: the original bits, through the task entry's ``exact`` field (the exact tier, §6.1.5)::
+
+      {"kind": "exact"}
+
+A ``sparse`` or ``quant`` entry is rebuilt as ``cast_d((f32(theta_0) + m_t * tau_MTL) + C)`` in
+float32, C the decoded correction (0 where none). Readers that do not know the field read the plain
+TALL tier. Which correction each tensor gets is the fidelity dial's choice (``tallpack.dial``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..arrays import ArrayRef
+from ..dtypes import torch_dtype
+from ..errors import FormatError
+from .base import ReadArray, TaskTensor, TensorEntry, Use, register_field
+from .exact import rebuild_exact
+from .tall import Tall
+
+KINDS = ("sparse", "quant", "exact")
+BITS = (8, 4)
+#: The block of the writer's quantized corrections (one float32 scale per block).
+BLOCK = 64
+#: The largest magnitude a sparse value may have to be stored as float16 (its finite maximum is
+#: 65504; below 2**-14 it loses precision, which for the largest entries of a residual is noise).
+FLOAT16_MAX = 60000.0
+
+
+# -- the arithmetic, shared by the writer, the dial and the reader ---------------------------------
+
+def residual(theta: torch.Tensor, base: torch.Tensor, mask: torch.Tensor, merged: torch.Tensor) -> torch.Tensor:
+    """``f32(theta_t) - (f32(theta_0) + m_t * tau_MTL)``, flat float32: what TALL loses."""
+    rec = torch.addcmul(base.reshape(-1).to(torch.float32), mask.reshape(-1).to(torch.float32), merged.reshape(-1))
+    return theta.reshape(-1).to(torch.float32) - rec
+
+
+def sparse_encode(r: torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The ``k`` largest-magnitude entries of flat ``r``: (index gaps, values). Indices ascend;
+    the first gap is the first index, each next one the difference to the previous index."""
+    k = max(0, min(k, r.numel()))
+    idx = torch.topk(r.abs(), k, sorted=False).indices.sort().values if k else torch.empty(0, dtype=torch.int64)
+    idx_np = idx.numpy().astype(np.int64)
+    gaps = np.diff(idx_np, prepend=0)
+    gaps = gaps.astype(np.uint64 if r.numel() > 0xFFFFFFFF else np.uint32)
+    vals = r[idx].numpy()
+    if vals.size == 0 or float(np.abs(vals).max()) <= FLOAT16_MAX:
+        vals = vals.astype(np.float16)
+    return gaps, np.ascontiguousarray(vals)
+
+
+def sparse_decode(gaps: np.ndarray, values: np.ndarray, numel: int, where: str = "sparse correction") -> torch.Tensor:
+    """The flat float32 correction of a sparse one (checks the indices)."""
+    if gaps.size != values.size:
+        raise FormatError(f"{where}: {gaps.size} indices for {values.size} values")
+    out = torch.zeros(numel, dtype=torch.float32)
+    if gaps.size == 0:
+        return out
+    g = gaps.astype(np.uint64)
+    if (g[1:] == 0).any():
+        raise FormatError(f"{where}: indices must be strictly increasing")
+    if int(g.astype(object).sum()) >= numel:  # exact integer sum: no wrap-around
+        raise FormatError(f"{where}: an index lies beyond the tensor's {numel} elements")
+    idx = torch.from_numpy(np.cumsum(g).astype(np.int64))
+    out[idx] = torch.from_numpy(values.astype(np.float32))
+    return out
+
+
+def quant_encode(r: torch.Tensor, bits: int, block: int) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric per-block quantization of flat ``r``: (codes, float32 scales). 8 bits: int8 codes
+    in [-127, 127]; 4 bits: two codes a byte (element 2j in the low nibble), each ``q + 8`` with q in
+    [-7, 7]. ``scale = max|r| / qmax`` per block; ``q = round_half_even(r / scale)``."""
+    n, qmax = r.numel(), (1 << (bits - 1)) - 1
+    nb = -(-n // block)
+    padded = torch.zeros(nb * block, dtype=torch.float32)
+    padded[:n] = r
+    blocks = padded.reshape(nb, block)
+    scales = blocks.abs().amax(dim=1) / qmax
+    safe = torch.where(scales > 0, scales, torch.ones_like(scales))
+    q = torch.round(blocks / safe[:, None]).clamp_(-qmax, qmax).to(torch.int8).reshape(-1)[:n]
+    if bits == 8:
+        codes = q.numpy().copy()
+    else:
+        u = (q.to(torch.int16) + 8).to(torch.uint8).numpy()
+        if n % 2:
+            u = np.append(u, np.uint8(8))
+        codes = (u[0::2] | (u[1::2] << 4)).astype(np.uint8)
+    return codes, scales.numpy().astype(np.float32)
+
+
+def quant_decode(codes: np.ndarray, scales: np.ndarray, bits: int, block: int, numel: int) -> torch.Tensor:
+    """The flat float32 correction of a quantized one: ``f32(q[i]) * scales[i // block]``."""
+    if bits == 8:
+        q = torch.from_numpy(codes.view(np.int8).astype(np.float32))
+    else:
+        u = codes.view(np.uint8)
+        both = np.empty(u.size * 2, dtype=np.int16)
+        both[0::2] = (u & 0x0F).astype(np.int16) - 8
+        both[1::2] = (u >> 4).astype(np.int16) - 8
+        q = torch.from_numpy(both[:numel].astype(np.float32))
+    s = torch.from_numpy(scales.astype(np.float32, copy=False)).repeat_interleave(block)[:numel]
+    return q * s
+
+
+def corrected(base: torch.Tensor, mask: torch.Tensor, merged: torch.Tensor, c: torch.Tensor,
+              dtype: torch.dtype) -> torch.Tensor:
+    """``cast_d((f32(theta_0) + m_t * tau_MTL) + C)``: the TALL rebuild plus a correction."""
+    rec = torch.addcmul(base.to(torch.float32), mask.to(torch.float32), merged)
+    return rec.add_(c.reshape(rec.shape)).to(dtype)
+
+
+# -- the manifest field --------------------------------------------------------------------------
+
+@register_field("correction")
+@dataclass(frozen=True)
+class Correction:
+    kind: str
+    refs: dict[str, ArrayRef] = field(default_factory=dict)
+    bits: int | None = None
+    block: int | None = None
+
+    @property
+    def arrays(self) -> dict[str, ArrayRef]:
+        return self.refs
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"kind": self.kind}
+        if self.kind == "quant":
+            d |= {"bits": self.bits, "block": self.block}
+        return d | {k: r.to_dict() for k, r in self.refs.items()}
+
+    @classmethod
+    def from_dict(cls, d: Any, tt: TaskTensor, where: str) -> "Correction":
+        kind = d.get("kind") if isinstance(d, dict) else None
+        if kind not in KINDS:
+            raise FormatError(f"{where}: unknown correction kind {kind!r}; a newer tallpack may read it")
+        if tt.encoding != "tall":
+            raise FormatError(f"{where}: a correction belongs to a tall entry")
+        n = int(np.prod(tt.shape, dtype=np.int64)) if tt.shape else 1
+        try:
+            if kind == "exact":
+                if "exact" not in tt.extras:  # parsed first: exact.py registers its field first
+                    raise FormatError(f"{where}: an exact correction needs the entry's exact field")
+                return cls(kind)
+            if kind == "sparse":
+                refs = {k: ArrayRef.from_dict(d[k], f"{where} ({k})") for k in ("indices", "values")}
+                ind, val = refs["indices"], refs["values"]
+                if (ind.dtype not in ("uint32", "uint64") or val.dtype not in ("float16", "float32")
+                        or len(ind.shape) != 1 or ind.shape != val.shape or ind.shape[0] > n):
+                    raise FormatError(f"{where}: a sparse correction needs uint32/uint64 indices and "
+                                      "float16/float32 values of one length, at most the tensor's size")
+                return cls(kind, refs)
+            bits, block = d["bits"], d["block"]
+            if bits not in BITS or type(bits) is not int or type(block) is not int or not 1 <= block <= 1 << 20:
+                raise FormatError(f"{where}: bad bits {bits!r} or block {block!r}")
+            refs = {k: ArrayRef.from_dict(d[k], f"{where} ({k})") for k in ("scales", "codes")}
+            sc, co = refs["scales"], refs["codes"]
+            want = (n,) if bits == 8 else (-(-n // 2),)
+            if (sc.dtype != "float32" or sc.shape != (-(-n // block),) or co.shape != want
+                    or co.dtype != ("int8" if bits == 8 else "uint8")):
+                raise FormatError(f"{where}: scales must be float32 of ceil(numel/block) and codes "
+                                  f"{'int8' if bits == 8 else 'uint8'} of shape {list(want)}")
+            return cls(kind, refs, bits, block)
+        except (KeyError, TypeError, AttributeError):
+            raise FormatError(f"{where}: malformed correction") from None
+
+    # -- reading: called by the tall encoding ---------------------------------------------------
+    def inputs(self, entry: TensorEntry, tt: TaskTensor) -> dict[str, tuple[ArrayRef, Use]]:
+        plain = Tall.plain_inputs(entry, tt)
+        if self.kind == "exact":
+            return plain | {"exact/residual": (tt.extras["exact"].residual, Use.INPUT)}
+        return plain | {f"correction/{k}": (r, Use.INPUT) for k, r in self.refs.items()}
+
+    def rebuild(self, arrays: Mapping[str, torch.Tensor], entry: TensorEntry, tt: TaskTensor) -> torch.Tensor:
+        dtype, n = torch_dtype(tt.dtype), int(np.prod(tt.shape, dtype=np.int64)) if tt.shape else 1
+        if self.kind == "exact":
+            by_ref = {id(ref): arrays[k] for k, (ref, _) in self.inputs(entry, tt).items()}
+            read: ReadArray = lambda ref, where, use=Use.OUTPUT: by_ref[id(ref)]  # noqa: E731
+            return rebuild_exact(read, entry, tt, "exact correction")
+        a = {k.split("/", 1)[1]: v.reshape(-1).numpy() for k, v in arrays.items() if k.startswith("correction/")}
+        if self.kind == "sparse":
+            c = sparse_decode(a["indices"], a["values"], n)
+        else:
+            assert self.bits is not None and self.block is not None
+            c = quant_decode(a["codes"], a["scales"], self.bits, self.block, n)
+        return corrected(arrays["base"], arrays["mask"], arrays["merged"], c, dtype).reshape(tt.shape)
+
