@@ -32,29 +32,11 @@ sys.path.insert(0, str(HERE))
 
 
 def make_family(root: Path, params: float, tasks: int, dtype: torch.dtype, hidden: int = 768):
-    """``pack_scale.make_family``'s fine-tunes (small updates everywhere, larger on a task-specific
-    10% of the weights) with a chosen width, so quick runs stay small."""
-    from safetensors.torch import save_file
+    """``pack_scale.make_family`` with a chosen width (and an embedding of 8 x width rows), so quick
+    runs stay small."""
+    from pack_scale import make_family as scale_family
 
-    layers = max(1, round(params / (12 * hidden * hidden)))
-    g = torch.Generator().manual_seed(0)
-    base = {}
-    for i in range(layers):
-        for name, shape in (("q", (hidden, hidden)), ("k", (hidden, hidden)), ("v", (hidden, hidden)),
-                            ("o", (hidden, hidden)), ("up", (4 * hidden, hidden)), ("down", (hidden, 4 * hidden))):
-            base[f"layers.{i}.{name}.weight"] = (torch.randn(shape, generator=g) * 0.02).to(dtype)
-        base[f"layers.{i}.norm.weight"] = torch.ones(hidden, dtype=dtype)
-    base["embed.weight"] = (torch.randn(8 * hidden, hidden, generator=g) * 0.02).to(dtype)
-    save_file(base, root / "base.safetensors")
-    paths = {}
-    for t in range(tasks):
-        sd = {}
-        for k, v in base.items():
-            scale = 1e-4 + 2e-3 * (torch.rand(v.shape, generator=g) < 0.1)
-            sd[k] = (v.float() + scale * torch.randn(v.shape, generator=g)).to(dtype)
-        paths[f"task{t}"] = root / f"task{t}.safetensors"
-        save_file(sd, paths[f"task{t}"])
-    return root / "base.safetensors", paths, None
+    return scale_family(root, params, tasks, dtype, hidden=hidden, vocab=8 * hidden)
 
 
 def _files(src: Path) -> list[Path]:

@@ -25,8 +25,11 @@ from safetensors.torch import load_file, save_file
 HERE = Path(__file__).resolve().parent
 
 
-def make_family(root: Path, params: float, tasks: int, dtype: torch.dtype) -> tuple[Path, dict[str, Path], int]:
-    hidden = 768
+def make_family(root: Path, params: float, tasks: int, dtype: torch.dtype, hidden: int = 768,
+                vocab: int = 8192) -> tuple[Path, dict[str, Path], int]:
+    """A transformer-shaped base and ``tasks`` fine-tunes of it (small updates everywhere, larger on
+    a task-specific 10% of the weights), as safetensors files; returns their paths and the largest
+    tensor's bytes."""
     layers = max(1, round(params / (12 * hidden * hidden)))
     g = torch.Generator().manual_seed(0)
     base = {}
@@ -35,7 +38,7 @@ def make_family(root: Path, params: float, tasks: int, dtype: torch.dtype) -> tu
                             ("o", (hidden, hidden)), ("up", (4 * hidden, hidden)), ("down", (hidden, 4 * hidden))):
             base[f"layers.{i}.{name}.weight"] = (torch.randn(shape, generator=g) * 0.02).to(dtype)
         base[f"layers.{i}.norm.weight"] = torch.ones(hidden, dtype=dtype)
-    base["embed.weight"] = (torch.randn(8192, hidden, generator=g) * 0.02).to(dtype)
+    base["embed.weight"] = (torch.randn(vocab, hidden, generator=g) * 0.02).to(dtype)
     largest = max(t.numel() * t.element_size() for t in base.values())
     save_file(base, root / "base.safetensors")
     paths = {}
