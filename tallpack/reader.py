@@ -7,6 +7,8 @@ its encoding's business (:mod:`tallpack.encodings`); the reader only dispatches.
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import logging
 import os
 import threading
@@ -435,6 +437,20 @@ class TensorSlice:
         return part[rest] if rest != (slice(None),) else part
 
 
+@contextlib.contextmanager
+def _gc_paused():
+    """Parsing a manifest makes many small objects; in a process that imported torch, the cyclic
+    garbage collector's full passes over everything torch made cost more than the parsing (90 ms
+    against 9 ms for a 450-array manifest, measured). Nothing parsed here forms cycles."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
 def open(path: str | os.PathLike, *, storage_options: dict[str, Any] | None = None,  # noqa: A001
          cache_bytes: int = DEFAULT_CACHE_BYTES, threads: int | None = None) -> Archive:
     """Open an archive for reading: a local path, or a URL that fsspec understands (each
@@ -454,7 +470,8 @@ def open(path: str | os.PathLike, *, storage_options: dict[str, Any] | None = No
             raise InvalidArgumentError(f"cache_bytes must be a non-negative integer, got {cache_bytes!r}")
         if threads is not None and (type(threads) is not int or threads < 1):
             raise InvalidArgumentError(f"threads must be a positive integer, got {threads!r}")
-        return Archive(ContainerReader(source, os.fspath(path)), cache_bytes=cache_bytes, threads=threads)
+        with _gc_paused():
+            return Archive(ContainerReader(source, os.fspath(path)), cache_bytes=cache_bytes, threads=threads)
     except BaseException:
         source.close()
         raise
