@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from .dtypes import torch_dtype
 from .elements import itemsize, numel
 from .folders import write_files
 from .fsutil import atomic_write, make_folder, transaction
@@ -45,13 +46,15 @@ def write_checkpoint(
     sizes: Mapping[str, int] | None = None,
     progress: ProgressLike = None,
     overwrite: bool = False,
+    specs: Mapping[str, tuple[torch.dtype, tuple[int, ...]]] | None = None,
 ) -> Path:
     """Write ``OUTDIR/model.safetensors`` (and ``config.json`` when given); returns the file's path.
 
     With ``max_shard_size`` (``"5GB"``), or a recorded ``layout`` (``{"shards": [[file, count],
     ...], "index_metadata": {...}}``, from the archive), shards and ``model.safetensors.index.json``
     instead; then the index's path is returned. ``sizes`` (bytes per tensor) spares reading a lazy
-    ``state_dict`` to plan by size. Existing files are replaced only with ``overwrite``.
+    ``state_dict`` to plan by size, and ``specs`` (dtype and shape per tensor) let a lazy one be read
+    one tensor at a time while it is written. Existing files are replaced only with ``overwrite``.
 
     >>> write_checkpoint(fam.state_dict("cars"), "cars/", metadata={"task": "cars"})
     """
@@ -73,7 +76,7 @@ def write_checkpoint(
             tx.check(stale_index)
             stale_index.unlink()
         target = write_shards(state_dict, plan, out, metadata=meta, sizes=sizes,
-                              index_metadata=(layout or {}).get("index_metadata"), progress=progress)
+                              index_metadata=(layout or {}).get("index_metadata"), progress=progress, specs=specs)
         if config is not None:
             atomic_write(out / "config.json", lambda tmp: tmp.write_text(json.dumps(config, indent=2) + "\n"))
         return target
@@ -89,21 +92,28 @@ def task_metadata(archive: "Archive", task: str) -> tuple[dict[str, Any], dict[s
     return meta, info.metadata.get("config")
 
 
-def _sizes(archive: "Archive", task: str) -> dict[str, int]:
+def _task_tensors(archive: "Archive", task: str) -> dict[str, Any]:
     entries = {e.name: e for e in archive.manifest.tensors}
-    return {k: numel(tt.shape) * itemsize(tt.dtype)
-            for k in archive.keys(task) for tt in (entries[k].tasks[task],)}
+    return {k: entries[k].tasks[task] for k in archive.keys(task)}
+
+
+def _sizes(archive: "Archive", task: str) -> dict[str, int]:
+    return {k: numel(tt.shape) * itemsize(tt.dtype) for k, tt in _task_tensors(archive, task).items()}
+
+
+def _specs(archive: "Archive", task: str) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+    return {k: (torch_dtype(tt.dtype), tuple(tt.shape)) for k, tt in _task_tensors(archive, task).items()}
 
 
 def _folder(archive: "Archive", state_dict: Mapping[str, torch.Tensor], out: Path, *, meta: dict[str, Any],
             config: Mapping[str, Any] | None, files: Mapping[str, str], layout: Mapping[str, Any] | None,
             max_shard_size: int | str | None, sizes: Mapping[str, int] | None, progress: ProgressLike,
-            overwrite: bool) -> Path:
+            overwrite: bool, specs: Mapping[str, tuple[torch.dtype, tuple[int, ...]]] | None = None) -> Path:
     """Weights, then the kept folder files (never over a weight file or index), as one output."""
     with transaction(overwrite=overwrite):
         target = write_checkpoint(state_dict, out, metadata=meta, config=None if "config.json" in files else config,
                                   layout=layout, max_shard_size=max_shard_size, sizes=sizes, progress=progress,
-                                  overwrite=overwrite)
+                                  overwrite=overwrite, specs=specs)
         weights = {n for n in files if n.endswith(".safetensors")} | {INDEX}
         write_files(out, files, archive.manifest.files,
                     lambda ref, where: archive.read_array(ref, where).numpy().tobytes(), skip=weights)
@@ -145,7 +155,7 @@ def write_task(archive: "Archive", task: str, outdir: str | os.PathLike, *, exac
         path = _folder(archive, archive.state_dict(task, lazy=True), local, meta=meta, config=config,
                        files=archive.files(task), layout=archive.task_info(task).source,
                        max_shard_size=max_shard_size, sizes=_sizes(archive, task), progress=progress,
-                       overwrite=overwrite)
+                       overwrite=overwrite, specs=_specs(archive, task))
         return _shown(outdir, local, path)
 
 

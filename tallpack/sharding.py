@@ -122,23 +122,33 @@ def plan_from_layout(keys: Sequence[str], shards: Any) -> dict[str, list[str]] |
 
 def write_shards(tensors: Mapping[str, torch.Tensor], plan: Mapping[str, list[str]], outdir: Path, *,
                  metadata: Mapping[str, str] | None = None, index_metadata: Mapping[str, Any] | None = None,
-                 sizes: Mapping[str, int] | None = None, progress: ProgressLike = None) -> Path:
-    """Write ``plan``'s files (each atomically, one shard in memory at a time) and, for more than
-    one, ``model.safetensors.index.json``; returns the single file or the index."""
+                 sizes: Mapping[str, int] | None = None, progress: ProgressLike = None,
+                 specs: Mapping[str, tuple[torch.dtype, tuple[int, ...]]] | None = None) -> Path:
+    """Write ``plan``'s files (each atomically) and, for more than one,
+    ``model.safetensors.index.json``; returns the single file or the index.
+
+    With ``specs`` (each tensor's dtype and shape, known without reading it) and a lazy
+    ``tensors`` mapping, each tensor is read as it is written: one tensor in memory at a time;
+    otherwise one shard at a time."""
     meta = {"format": "pt", **(metadata or {})}
     names = [n for group in plan.values() for n in group]
     steps = iter(track(names, progress, "writing", len(names)))
     weight_map: dict[str, str] = {}
     total = 0
     for fname, group in plan.items():
-        shard = {}
+        if specs is not None:
+            shard: Mapping[str, Any] = _Progressing({n: tensors for n in group}, steps)
+            shard_specs = {n: specs[n] for n in group}
+        else:
+            shard, shard_specs = {}, None
+            for name in group:
+                next(steps, None)
+                shard[name] = tensors[name].contiguous()
         for name in group:
-            next(steps, None)
-            t = tensors[name]
-            shard[name] = t.contiguous()
-            total += sizes[name] if sizes else t.numel() * t.element_size()
+            dt, shape = specs[name] if specs is not None else (shard[name].dtype, tuple(shard[name].shape))
+            total += sizes[name] if sizes else _numel(shape) * dt.itemsize
             weight_map[name] = fname
-        atomic_write(outdir / fname, lambda tmp, s=shard: _write_file(tmp, s, meta))
+        atomic_write(outdir / fname, lambda tmp, s=shard, sp=shard_specs: _write_file(tmp, s, meta, sp))
         del shard
     for _ in steps:  # report the last step
         pass
@@ -152,34 +162,67 @@ def write_shards(tensors: Mapping[str, torch.Tensor], plan: Mapping[str, list[st
 _CODES = {name: code for code, name in SAFETENSORS_DTYPES.items()}
 
 
-def write_safetensors(f: IO[bytes], tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> None:
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+class _Progressing(Mapping):
+    """``name -> tensor`` read from a lazy mapping when indexed, a progress step each."""
+
+    def __init__(self, sources: Mapping[str, Mapping[str, torch.Tensor]], steps):
+        self._sources, self._steps = sources, steps
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        next(self._steps, None)
+        return self._sources[name][name]
+
+    def __iter__(self):
+        return iter(self._sources)
+
+    def __len__(self) -> int:
+        return len(self._sources)
+
+
+def write_safetensors(f: IO[bytes], tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str],
+                      specs: Mapping[str, tuple[torch.dtype, tuple[int, ...]]] | None = None) -> None:
     """Stream a safetensors file to ``f``: the 8-byte header length, the JSON header (padded to 8
     bytes), then each tensor's bytes, largest elements first so every tensor stays aligned.
     Streaming through our own file object lets a full disk surface as the OSError it is (and the
-    file loads with safetensors' own ``load_file``)."""
+    file loads with safetensors' own ``load_file``). With ``specs`` (dtype and shape per name) the
+    header is written without reading ``tensors``, and each tensor is read just before its bytes."""
     if "__metadata__" in tensors:
         raise InvalidArgumentError("a tensor named '__metadata__' cannot be stored in safetensors")
-    order = sorted(tensors, key=lambda k: (-tensors[k].element_size(), k))
+    if specs is None:
+        specs = {k: (t.dtype, tuple(t.shape)) for k, t in tensors.items()}
+    order = sorted(specs, key=lambda k: (-specs[k][0].itemsize, k))
     header: dict[str, Any] = {"__metadata__": dict(metadata)} if metadata else {}
     pos = 0
     for k in order:
-        t = tensors[k]
-        code = _CODES.get(dtype_name(t.dtype))
+        dt, shape = specs[k]
+        code = _CODES.get(dtype_name(dt))
         if code is None:
-            raise InvalidArgumentError(f"tensor {k!r}: safetensors cannot store {t.dtype}")
-        n = t.numel() * t.element_size()
-        header[k] = {"dtype": code, "shape": list(t.shape), "data_offsets": [pos, pos + n]}
+            raise InvalidArgumentError(f"tensor {k!r}: safetensors cannot store {dt}")
+        n = _numel(shape) * dt.itemsize
+        header[k] = {"dtype": code, "shape": list(shape), "data_offsets": [pos, pos + n]}
         pos += n
     text = json.dumps(header, separators=(",", ":")).encode()
     text += b" " * (-len(text) % 8)
     f.write(struct.pack("<Q", len(text)))
     f.write(text)
     for k in order:
-        f.write(tensor_to_bytes(tensors[k]))
+        t = tensors[k]
+        if t.dtype != specs[k][0] or tuple(t.shape) != tuple(specs[k][1]):
+            raise InvalidArgumentError(f"tensor {k!r}: {t.dtype} {tuple(t.shape)}, the header says {specs[k]}")
+        f.write(tensor_to_bytes(t))
+        del t
 
 
-def _write_file(path: Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> None:
+def _write_file(path: Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str],
+                specs: Mapping[str, tuple[torch.dtype, tuple[int, ...]]] | None = None) -> None:
     with open(path, "wb") as f:
-        write_safetensors(f, tensors, metadata)
+        write_safetensors(f, tensors, metadata, specs)
         f.flush()
         os.fsync(f.fileno())

@@ -154,10 +154,10 @@ def test_a_full_disk_is_one_line_and_leaves_nothing(big_family, tmp_path):
     tallpack.pack(big_family["base"], {"a": big_family["a"], "b": big_family["b"]}, archive, codec="raw")
     out = tmp_path / "out"
     out.mkdir()
-    runs = [["pack", "--base", big_family["base"], "--task", big_family["a"], "--task", big_family["b"],
+    runs = [["-q", "pack", "--base", big_family["base"], "--task", big_family["a"], "--task", big_family["b"],
              "--codec", "raw", "-o", out / "g.tallpack"],
-            ["unpack", archive, "--all", "-o", out / "all"],
-            ["merge", archive, "--method", "ta", "-o", out / "merged"]]
+            ["-q", "unpack", archive, "--all", "-o", out / "all"],  # -q: no progress lines, errors only
+            ["-q", "merge", archive, "--method", "ta", "-o", out / "merged"]]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), *sys.path]))
     r = subprocess.run([sys.executable, "-c", textwrap.dedent(FULL), "300000",
                         json.dumps([[str(a) for a in args] for args in runs])],
