@@ -191,9 +191,9 @@ class Planes(Codec):
             raise CodecError(f"planes: bad level {self.level!r}")
 
     def fits(self, size: int, nbytes: int) -> bool:
-        # each of the k planes is n bytes verbatim or one zstd frame of at most n bytes' worth
+        # k lengths, then each plane verbatim or one zstd frame (at most ZSTD_MAX_RATIO its size)
         k = self.itemsize
-        n, head = size // k, 4 * k
+        head = 4 * k
         return size % k == 0 and head <= nbytes <= head + size and size <= ZSTD_MAX_RATIO * max(1, nbytes - head) * k
 
     def _compressor(self) -> zstandard.ZstdCompressor:

@@ -23,7 +23,7 @@ from safetensors.torch import save_file
 import tallpack
 from tallpack import fsutil
 from tallpack.errors import OutputError, TallpackError
-from tallpack.fsutil import commit, temp_beside, writing
+from tallpack.fsutil import temp_beside, writing
 
 ROOT = Path(tallpack.__file__).resolve().parents[1]
 
