@@ -7,6 +7,7 @@ The golden files are made by ``tests/golden/make_golden.py`` (run it only when t
 from __future__ import annotations
 
 import importlib.util
+import hashlib
 import json
 import math
 import struct
@@ -25,7 +26,7 @@ import xxhash
 ROOT = Path(__file__).resolve().parent.parent
 GOLDEN = ROOT / "tests" / "golden"
 SCHEMA = ROOT / "spec" / "manifest.schema.json"
-NAMES = ["v1_0_ta", "v1_0_ties_raw", "v1_1_ta_zstd", "v1_2_exact", "v1_3_planes"]
+NAMES = ["v1_0_ta", "v1_0_ties_raw", "v1_1_ta_zstd", "v1_2_exact", "v1_3_planes", "v1_4_files"]
 
 
 def _version(name: str) -> tuple[int, int]:
@@ -75,15 +76,18 @@ def test_reader_matches_expected(name: str) -> None:
     assert seen == set(expected)
 
 
-def _pack_again(name: str, tmp_path: Path) -> Path:
-    """The golden archive ``name`` packed again from its inputs, as ``make_golden.py`` does."""
+def _make_golden():
     spec = importlib.util.spec_from_file_location("make_golden", GOLDEN / "make_golden.py")
     mg = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mg)
-    cfg = mg.ARCHIVES[name]
-    base, fts = mg.family(cfg["seed"], cfg["tasks"], cfg["head_rows"])
+    return mg
+
+
+def _pack_again(name: str, tmp_path: Path) -> Path:
+    """The golden archive ``name`` packed again from its inputs, as ``make_golden.py`` does."""
     out = tmp_path / "again.tallpack"
-    tallpack.pack(base, fts, out, chunk_elements=mg.CHUNK, threads=1, metadata={"golden": name}, **cfg["pack"])
+    (tmp_path / "inputs").mkdir()
+    _make_golden().pack_inputs(name, out, tmp_path / "inputs")
     return out
 
 
@@ -412,3 +416,21 @@ def test_current_writer_writes_the_same_bytes(name: str, tmp_path: Path) -> None
     want, got = parts((GOLDEN / f"{name}.tallpack").read_bytes()), parts(out.read_bytes())
     assert got[0] == want[0]
     assert got[1] == want[1]
+
+
+def test_spec_reader_reads_the_folder_files() -> None:
+    """Folder files (format 1.4) read by the spec-only reader: each stored content once, under its
+    SHA-256, and each task's names mapped to the files its folder held."""
+    with safe_open(str(GOLDEN / "v1_4_files.expected.safetensors"), "pt") as f:
+        want = json.loads(f.metadata()["files"])
+    mini = MiniArchive(GOLDEN / "v1_4_files.tallpack")
+    blobs = {}
+    for digest, ref in mini.manifest["files"].items():
+        data = mini.array(ref).tobytes()
+        assert hashlib.sha256(data).hexdigest() == digest
+        blobs[digest] = data
+    for info in mini.manifest["tasks"]:
+        got = {name: blobs[digest].decode() for name, digest in info["files"].items()}
+        assert got == want[info["name"]]
+    shared = {info["files"]["tokenizer.json"] for info in mini.manifest["tasks"]}
+    assert len(shared) == 1 and len(blobs) == len(want) + 2  # one tokenizer, a config per task and the base's

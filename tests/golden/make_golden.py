@@ -8,6 +8,9 @@ writes, beside this script:
 * ``v1_0_ties_raw.tallpack``: merge "ties" (top_k 0.3), codec "raw", chunk_elements 64, base-only kept;
 * ``v1_1_ta_zstd.tallpack`` (format 1.1): xxh3-64 chunk checksums, merge "ta", codec "zstd";
 * ``v1_3_planes.tallpack`` (format 1.3): the ``planes`` codec;
+* ``v1_4_files.tallpack`` (format 1.4): packed from model folders, so it keeps their other files
+  (``config.json`` per task, one ``tokenizer.json`` shared by all, stored once); the expected
+  file's metadata key ``"files"`` holds ``{task: {name: text}}``;
 * ``v1_2_exact.tallpack`` (format 1.2): the exact tier, merge "ta"; with
   ``v1_2_exact.originals.safetensors``, the inputs' tensors (the originals) under ``"<task>/<tensor>"``;
 * ``<name>.expected.safetensors`` for each: every task's reconstructed state dict under the keys
@@ -23,6 +26,7 @@ defines them from the inputs alone (dense and shared tensors, and TALL tensors f
 from __future__ import annotations
 
 import json
+import tempfile
 from pathlib import Path
 
 import torch
@@ -109,6 +113,8 @@ ARCHIVES = {
                        pack=dict(merge="ta", codec="bytegroup-zstd", checksum="xxh3-64", lambdas=0.4, exact=True)),
     "v1_3_planes": dict(seed=5, tasks=["boolq", "copa"], head_rows={"boolq": 2, "copa": 2},
                         pack=dict(merge="ta", codec="planes", checksum="xxh3-64", lambdas=0.4)),
+    "v1_4_files": dict(seed=6, tasks=["squad", "mnli"], head_rows={"squad": 2, "mnli": 3}, folders=True,
+                       pack=dict(merge="ta", codec="planes", checksum="xxh3-64", lambdas=0.4)),
 }
 
 
@@ -116,7 +122,9 @@ def _check_against_inputs(name: str, base, fts, got: dict[str, dict[str, torch.T
     """Cross-check what the reader rebuilt against the inputs, independently of the reader."""
     kinds = {e.name: e.kind for e in manifest.tensors}
     for task, sd in got.items():
-        assert list(sd) == list(fts[task]), (task, list(sd))
+        # a dict keeps its order; a safetensors file has its own (the reader keeps the file's)
+        same = list(sd) == list(fts[task]) if not ARCHIVES[name].get("folders") else sorted(sd) == sorted(fts[task])
+        assert same, (task, list(sd))
         for k, v in sd.items():
             orig = fts[task][k]
             assert v.dtype == orig.dtype and v.shape == orig.shape, (task, k)
@@ -139,11 +147,40 @@ def _check_against_inputs(name: str, base, fts, got: dict[str, dict[str, torch.T
                     assert str(v[0, 1].item()) == "0.0"  # +0.0 from a -0.0 base
 
 
-def build(name: str, spec: dict) -> None:
+def folder_files(task: str) -> dict[str, str]:
+    """The other files of a golden model folder: its own config, and a tokenizer every task shares."""
+    return {"config.json": json.dumps({"model_type": "golden", "task": task}) + "\n",
+            "tokenizer.json": json.dumps({"vocab": ["<pad>", "a", "b"]}) + "\n"}
+
+
+def as_folders(base: dict, fts: dict, root: Path) -> tuple[Path, dict[str, Path]]:
+    """Write the family as model folders (``model.safetensors`` and :func:`folder_files`)."""
+    paths = {}
+    for name, sd in {"base": base, **fts}.items():
+        folder = root / name
+        folder.mkdir(parents=True)
+        save_file({k: v.contiguous() for k, v in sd.items()}, str(folder / "model.safetensors"))
+        for fname, text in folder_files(name).items():
+            (folder / fname).write_text(text)
+        paths[name] = folder
+    return paths.pop("base"), paths
+
+
+def pack_inputs(name: str, out: Path, tmp: Path):
+    """Pack golden archive ``name`` to ``out`` from its inputs (folders under ``tmp`` when the
+    archive keeps folder files); returns the manifest and the inputs as tensors."""
+    spec = ARCHIVES[name]
     base, fts = family(spec["seed"], spec["tasks"], spec["head_rows"])
-    path = HERE / f"{name}.tallpack"
-    manifest = tallpack.pack(base, fts, path, chunk_elements=CHUNK, threads=1,
+    base_in, fts_in = as_folders(base, fts, tmp) if spec.get("folders") else (base, fts)
+    manifest = tallpack.pack(base_in, fts_in, out, chunk_elements=CHUNK, threads=1, overwrite=True,
                              metadata={"golden": name}, **spec["pack"])
+    return manifest, base, fts
+
+
+def build(name: str, spec: dict) -> None:
+    path = HERE / f"{name}.tallpack"
+    with tempfile.TemporaryDirectory() as tmp:
+        manifest, base, fts = pack_inputs(name, path, Path(tmp))
     expected: dict[str, torch.Tensor] = {}
     order: dict[str, list[str]] = {}
     with tallpack.open(path) as fam:
@@ -153,8 +190,10 @@ def build(name: str, spec: dict) -> None:
         order[task] = list(sd)
         for k, v in sd.items():
             expected[f"{task}/{k}"] = v.contiguous()
-    save_file(expected, str(HERE / f"{name}.expected.safetensors"),
-              metadata={"order": json.dumps(order)})  # one key: safetensors orders metadata at random
+    meta = {"order": json.dumps(order)}
+    if spec.get("folders"):
+        meta["files"] = json.dumps({t: folder_files(t) for t in fts})
+    save_file(expected, str(HERE / f"{name}.expected.safetensors"), metadata=meta)
     if spec["pack"].get("exact"):
         originals = {f"{t}/{k}": v.contiguous() for t, sd in fts.items() for k, v in sd.items()}
         with tallpack.open(path) as fam:
