@@ -24,12 +24,15 @@ if TYPE_CHECKING:
     from .reader import Archive
 
 _LAYER = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block)\.(\d+)\.")
+#: a module list without a block name (``torch.nn.Sequential``): ``body.2.weight``
+_INDEXED = re.compile(r"(?:^|\.)(\d+)\.")
 
 
 def layer_of(name: str) -> str:
-    """``"layer 3"`` for ``model.layers.3.mlp.up_proj.weight`` (and ``h.3``, ``blocks.3``, ...),
-    ``"other"`` for embeddings, heads and norms outside the blocks."""
-    m = _LAYER.search(name)
+    """``"layer 3"`` for ``model.layers.3.mlp.up_proj.weight`` (and ``h.3``, ``blocks.3``, ...,
+    and the first index of a plain module list, ``body.3.weight``), ``"other"`` for embeddings,
+    heads and norms outside the blocks."""
+    m = _LAYER.search(name) or _INDEXED.search(name)
     return f"layer {int(m[1])}" if m else "other"
 
 

@@ -64,6 +64,8 @@ def test_layers_are_named_from_tensor_names():
     assert stats.layer_of("transformer.h.3.attn.c_attn.weight") == "layer 3"
     assert stats.layer_of("bert.encoder.layer.0.output.dense.weight") == "layer 0"
     assert stats.layer_of("lm_head.weight") == "other"
+    assert stats.layer_of("body.4.weight") == "layer 4"  # nn.Sequential, as the demo family
+    assert stats.layer_of("model.norm.weight") == "other"
 
 
 def test_plot_without_matplotlib_says_what_to_install(packed, tmp_path, monkeypatch):
