@@ -186,8 +186,10 @@ class Archive:
         return t
 
     def _rebuild(self, task: str, name: str, pool: ThreadPoolExecutor | None, exact: bool = False,
-                 device: torch.device | str | None = None, rows: tuple[int, int] | None = None) -> torch.Tensor:
-        """One tensor (with ``rows``, rows ``[r0, r1)`` of its first dimension) of one task."""
+                 device: torch.device | str | None = None, rows: tuple[int, int] | None = None,
+                 prefetch: bool = True) -> torch.Tensor:
+        """One tensor (with ``rows``, rows ``[r0, r1)`` of its first dimension) of one task;
+        ``prefetch=False`` when the caller already fetched its chunks (``state_dict``'s batches)."""
         entry, tt = self._entry(task, name)
         if exact:
             self.require_exact(task)
@@ -205,7 +207,7 @@ class Archive:
         row = numel(tt.shape[1:]) if tt.shape else 1
         start, stop = (0, None) if rows is None else (rows[0] * row, rows[1] * row)
         needed = encoding.inputs(entry, tt)
-        if rows is None:
+        if rows is None and prefetch:
             self._c.prefetch(_needs(entry, tt, encoding))  # remote: one coalesced fetch
 
         def read(k: str, ref: ArrayRef, use: Use) -> torch.Tensor:
@@ -267,9 +269,10 @@ class Archive:
             for batch in _batches(needs):
                 self._c.prefetch([r for _, refs in batch for r in refs])
                 if pool is None:
-                    out.update((k, self._rebuild(task, k, None, exact, device)) for k, _ in batch)
+                    out.update((k, self._rebuild(task, k, None, exact, device, prefetch=False)) for k, _ in batch)
                     continue
-                futures = [self._submit(pool, self._rebuild, task, k, None, exact, device) for k, _ in batch]
+                futures = [self._submit(pool, self._rebuild, task, k, None, exact, device, None, False)
+                           for k, _ in batch]
                 try:
                     out.update((k, f.result()) for (k, _), f in zip(batch, futures))
                 except BaseException:
