@@ -12,6 +12,8 @@ from typing import Protocol
 import torch
 
 from .arrays import ArrayRef
+from .encodings import Use
+from .encodings.derived import task_mask
 from .errors import FormatError, InvalidArgumentError
 from .manifest import Manifest
 from .merging import METHODS, apply_direction, default_alpha, is_consensus, merge_direction, merged_model_method
@@ -23,7 +25,7 @@ class Family(Protocol):
     name: str
     manifest: Manifest
 
-    def read_array(self, ref: ArrayRef, where: str) -> torch.Tensor: ...
+    def read_array(self, ref: ArrayRef, where: str, use: Use = Use.OUTPUT) -> torch.Tensor: ...
 
     def keys(self, task: str) -> list[str]: ...
 
@@ -58,7 +60,7 @@ class MergeParts:
                 tau = read(e.arrays["merged"], f"{where} (merged)")
                 masks = extras = None
                 if is_consensus(model):
-                    masks = [read(tt.arrays["mask"], f"task {t!r}, {where} (mask)") for t, tt in e.tasks.items()]
+                    masks = [task_mask(read, e, tt, f"task {t!r}, {where}") for t, tt in e.tasks.items()]
                 else:
                     missing = [x for x in method.extra_arrays if x not in e.arrays]
                     if missing:

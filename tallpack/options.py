@@ -102,7 +102,14 @@ class Validated:
         """The optional format features these options use (they set the archive's minor version)."""
         ids = {c.id for dt in (1, 2, 4, 8) for c in self.dense(dt).codecs} | {c.id for c in self.masks().codecs}
         return frozenset({f"codec:{i}" for i in ids} | ({"field:exact"} if self.options.exact else set())
-                         | ({"field:correction"} if self.dial else set()))
+                         | ({"field:correction"} if self.dial else set())
+                         | ({"encoding:tall-derived"} if self.derive_masks else set()))
+
+    @property
+    def derive_masks(self) -> bool:
+        """Whether the exact tier may leave masks out (``tall-derived`` entries, format 1.6): with
+        ``exact`` and without the fidelity dial, whose corrections need a stored mask."""
+        return self.options.exact and not self.dial
 
     def masks(self) -> Chain:
         return mask_chain(self.options.level)

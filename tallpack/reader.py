@@ -24,7 +24,7 @@ from .container import PREFETCH_BYTES, ContainerReader
 from .dtypes import bytes_to_tensor, view_tensor
 from .elements import numel
 from .encodings import Encoding, TaskTensor, TensorEntry, Use, encoding_for, iter_arrays
-from .encodings.exact import rebuild_exact
+from .encodings.exact import TALL_ENCODINGS, rebuild_exact
 from .errors import (ArchiveClosedError, ExactTierMissingError, FormatError, InvalidArgumentError, TallpackError,
                      TaskNotFoundError, TensorNotFoundError, UnsupportedVersionError)
 from .manifest import Manifest, TaskInfo
@@ -199,7 +199,7 @@ class Archive:
             raise UnsupportedVersionError(
                 f"{self.name}: {where} is stored as {tt.encoding!r}, which this tallpack cannot read; upgrade it"
             )
-        if exact and tt.encoding == "tall":
+        if exact and tt.encoding in TALL_ENCODINGS:
             if "exact" not in tt.extras:
                 raise ExactTierMissingError(f"{self.name}: {where} has no exact residual (damaged manifest)")
             out = rebuild_exact(self.read_array, entry, tt, where)

@@ -47,6 +47,8 @@ def summarize(manifest: Manifest, *, path: str, archive_bytes: int,
                 role = "corrections" if key == "correction" else key
                 stored[role] = stored.get(role, 0) + n
                 extra_bytes[t] += n
+            if tt.encoding == "tall-derived":  # exact tier, mask derived from the original
+                stored_as[t]["derived"] = stored_as[t].get("derived", 0) + 1
             if tt.encoding == "tall":
                 corr = tt.extras.get("correction")
                 label = "tall" if corr is None else corr.kind + (str(corr.bits) if corr.bits else "")
@@ -144,7 +146,7 @@ def tensor_rows(manifest: Manifest) -> list[dict[str, Any]]:
         ref = first if first is not None else e.arrays.get("base")
         arrays = [r for _, r in e.all_arrays()]
         density = {t: (tt.params.get("ones") or 0) / numel(tt.shape) if numel(tt.shape) else None
-                   for t, tt in e.tasks.items() if "mask" in tt.arrays}
+                   for t, tt in e.tasks.items() if "ones" in tt.params}
         shapes = {tuple(tt.shape) for tt in e.tasks.values()}
         rows.append({
             "name": e.name, "kind": e.kind,

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .elements import numel
+from .encodings.derived import has_mask, task_mask
 from .errors import TallpackError
 from .progress import ProgressLike, track
 
@@ -74,14 +75,14 @@ def compute(archive: "Archive", *, progress: ProgressLike = None) -> MaskStats:
     ones = {t: 0 for t in tasks}
     total = {t: 0 for t in tasks}
     per_layer: dict[str, dict[str, list[int]]] = {}
-    entries = [e for e in archive.manifest.tensors if any("mask" in tt.arrays for tt in e.tasks.values())]
+    entries = [e for e in archive.manifest.tensors if any(has_mask(tt) for tt in e.tasks.values())]
     for e in track(entries, progress, "reading masks"):
         count = None
         layer = per_layer.setdefault(layer_of(e.name), {t: [0, 0] for t in tasks})
         for t, tt in e.tasks.items():
-            if "mask" not in tt.arrays:
+            if not has_mask(tt):
                 continue
-            m = archive.read_array(tt.arrays["mask"], f"task {t!r}, tensor {e.name!r} (mask)").reshape(-1)
+            m = task_mask(archive.read_array, e, tt, f"task {t!r}, tensor {e.name!r}").reshape(-1)
             k = int(m.sum())
             n = numel(tt.shape)
             ones[t] += k

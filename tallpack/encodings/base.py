@@ -164,6 +164,10 @@ class WriteContext:
     fidelity: dict[str, "Fidelity"]
     #: the exact tier: itemsize -> chain for residuals; None when packing without it
     residuals: Callable[[int], Chain] | None = None
+    #: the exact tier with derived masks: ``Tall.write`` encodes each task's mask but holds its
+    #: chunks here (tensor name -> per task, the encoded chunks) instead of writing them;
+    #: ``exact.add_exact`` then writes each or derives it (format 1.6). None: masks are written.
+    held_masks: dict[str, list[list[bytes | memoryview]]] | None = None
 
     def whole(self, t: torch.Tensor) -> ArrayRef:
         """Write a whole tensor as one dense array."""
@@ -200,7 +204,7 @@ class Encoding:
     """One way of storing a tensor. Subclasses set the class attributes and the three methods."""
 
     name: ClassVar[str | None]  # the task entry's "encoding" (None: writes no task entries)
-    kind: ClassVar[str]  # the tensor entry's "kind" that ``write`` produces
+    kind: ClassVar[str | None]  # the tensor entry's "kind" that ``write`` produces (None: no ``write``)
     task_arrays: ClassVar[tuple[str, ...]] = ()
     task_params: ClassVar[tuple[str, ...]] = ()
     entry_arrays: ClassVar[tuple[str, ...]] = ()
@@ -254,8 +258,9 @@ def register(cls: type[Encoding]) -> type[Encoding]:
     if cls.name is not None:
         assert cls.name not in REGISTRY, cls.name
         REGISTRY[cls.name] = cls
-    assert cls.kind not in BY_KIND, cls.kind
-    BY_KIND[cls.kind] = cls
+    if cls.kind is not None:
+        assert cls.kind not in BY_KIND, cls.kind
+        BY_KIND[cls.kind] = cls
     return cls
 
 
