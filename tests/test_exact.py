@@ -188,7 +188,7 @@ def test_corrupted_residual_fails_verify_and_exact_unpack(small_family, tmp_path
                                                            derive: bool) -> None:
     """A damaged residual fails verify and exact reads; the lossy read of its tensor too where the
     mask is derived from the original (format 1.6), and only there."""
-    monkeypatch.setattr(exact_mod, "DERIVED_MASKS", derive)
+    monkeypatch.setattr(exact_mod, "MASK_POLICY", "derive" if derive else "store")
     out = tmp_path / "c.tallpack"
     tallpack.pack(small_family["base_path"], small_family["task_paths"], out, exact=True, chunk_elements=64)
     with tallpack.open(out) as fam:

@@ -47,10 +47,10 @@ TRANSFORMS = ("sub", "xor")
 ORDERS = ("exponent", "none")
 #: The references the writer tries (benchmarks narrow it to measure one against another).
 CANDIDATES: tuple[str, ...] = REFERENCES
-#: Whether the writer may leave a mask out where the residual against the base codes smaller than
-#: mask + residual against the TALL rebuild (``tall-derived``, format 1.6); benchmarks and tests
-#: turn it off to measure or exercise stored masks.
-DERIVED_MASKS = True
+#: Where the writer may leave a mask out (``tall-derived``, format 1.6): ``"choose"``, where the
+#: residual against the base or zero codes smaller than mask + residual against the best reference;
+#: ``"store"``: never; ``"derive"``: always (benchmarks and tests set the last two).
+MASK_POLICY = "choose"
 #: Elements of each tensor the writer codes each candidate on before choosing.
 SAMPLE_ELEMENTS = 1 << 18
 
@@ -248,12 +248,12 @@ def add_exact(ctx: WriteContext, item: Item, entry: TensorEntry, tasks: set[str]
                        for k, rb in rbits.items() if k in CANDIDATES for tr in TRANSFORMS)
         _, ref, tr = sizes[0]
         derive = False
-        if held is not None and DERIVED_MASKS:
+        if held is not None and MASK_POLICY != "store":
             scale = xb.size / max(1, min(n, xb.size))
             mask_bytes = sum(len(c) for c in held[i])
             with_mask = min(s * scale + mask_bytes for s, _, _ in sizes)
             without = [(s, k, r) for s, k, r in sizes if k != "tall"]
-            if without and without[0][0] * scale <= with_mask:
+            if without and (MASK_POLICY == "derive" or without[0][0] * scale <= with_mask):
                 derive, (_, ref, tr) = True, without[0]
         rb = rbits[ref]
         z = permute(forward(xb, rb, tr), rb, dt, "exponent", ce)
