@@ -1,4 +1,4 @@
-"""Golden archives of formats 1.0 to 1.2: the current reader, the JSON schema, and a reader written from
+"""Golden archives of formats 1.0 to 1.6: the current reader, the JSON schema, and a reader written from
 ``spec/FORMAT.md`` alone must all agree with the expected state dicts, bit for bit.
 
 The golden files are made by ``tests/golden/make_golden.py`` (run it only when the format changes).
@@ -26,7 +26,7 @@ import xxhash
 ROOT = Path(__file__).resolve().parent.parent
 GOLDEN = ROOT / "tests" / "golden"
 SCHEMA = ROOT / "spec" / "manifest.schema.json"
-NAMES = ["v1_0_ta", "v1_0_ties_raw", "v1_1_ta_zstd", "v1_2_exact", "v1_3_planes", "v1_4_files"]
+NAMES = ["v1_0_ta", "v1_0_ties_raw", "v1_1_ta_zstd", "v1_2_exact", "v1_3_planes", "v1_4_files", "v1_6_derived"]
 
 
 def _version(name: str) -> tuple[int, int]:
@@ -262,9 +262,17 @@ class MiniArchive:
             return tt["dtype"], self.array(tt["data"])
         if tt["encoding"] == "shared":
             return tt["dtype"], self.array(entry["data"])
-        assert tt["encoding"] == "tall"
-        base, merged, mask = self.array(entry["base"]), self.array(entry["merged"]), self.array(tt["mask"])
+        assert tt["encoding"] in ("tall", "tall-derived")
+        base, merged = self.array(entry["base"]), self.array(entry["merged"])
         b32 = _to_f32(base, entry["base"]["dtype"])
+        if tt["encoding"] == "tall":
+            mask = self.array(tt["mask"])
+        else:  # §6.1.7: the mask from the original (hash checked first), in float32 op by op
+            dtype, x = self.exact_tensor(task, name)
+            assert xxhash.xxh3_64_intdigest(np.ascontiguousarray(x).tobytes()) == tt["exact"]["xxh3"]
+            tau = _to_f32(x.view(NP[dtype]), dtype) - b32
+            mask = np.abs(tau) > np.float32(tt["lambda"]) * np.abs(merged - tau)
+            assert int(mask.sum()) == tt["ones"]
         out = b32 + mask.astype(np.float32) * merged  # float32, round to nearest even, op by op
         return tt["dtype"], _from_f32(out, tt["dtype"])
 
@@ -341,15 +349,18 @@ def test_spec_reader_rebuilds_every_tensor(name: str) -> None:
             assert got.shape == tuple(want.shape), (task, k)
             assert got.reshape(-1).view(np.uint8).tobytes() == _bits(want).tobytes(), (task, k)
     # the golden files cover every encoding and the common dtypes
-    assert {e for e, _ in encodings} == {"tall", "dense", "shared"}
-    assert {d for e, d in encodings if e == "tall"} >= {"float32", "bfloat16", "float16"}
+    masked = "tall-derived" if name == "v1_6_derived" else "tall"
+    assert {e for e, _ in encodings} == {"dense", "shared", "tall"} | {masked}
+    assert {d for e, d in encodings if e == masked} >= {"float32", "bfloat16", "float16"}
 
 
-def test_spec_reader_rebuilds_the_originals_bit_for_bit() -> None:
-    """The exact tier (format 1.2) read by the spec-only reader: every original tensor, bit for bit."""
-    mini = MiniArchive(GOLDEN / "v1_2_exact.tallpack")
-    assert mini.manifest["format_version"] == [1, 2]
-    with safe_open(str(GOLDEN / "v1_2_exact.originals.safetensors"), "pt") as f:
+@pytest.mark.parametrize("name", ["v1_2_exact", "v1_6_derived"])
+def test_spec_reader_rebuilds_the_originals_bit_for_bit(name: str) -> None:
+    """The exact tier (format 1.2; with derived masks, 1.6) read by the spec-only reader: every
+    original tensor, bit for bit."""
+    mini = MiniArchive(GOLDEN / f"{name}.tallpack")
+    assert mini.manifest["format_version"] == list(_version(name))
+    with safe_open(str(GOLDEN / f"{name}.originals.safetensors"), "pt") as f:
         originals = {k: f.get_tensor(k) for k in f.keys()}
     seen, refs = set(), set()
     for info in mini.manifest["tasks"]:
@@ -365,7 +376,7 @@ def test_spec_reader_rebuilds_the_originals_bit_for_bit() -> None:
                 refs.add((ex["reference"], ex["transform"]))
     assert seen == set(originals)
     assert {r for r, _ in refs} >= {"tall", "base"}  # both references are exercised
-    with tallpack.open(GOLDEN / "v1_2_exact.tallpack") as fam:
+    with tallpack.open(GOLDEN / f"{name}.tallpack") as fam:
         for key, want in originals.items():
             t, k = key.split("/", 1)
             assert _same(fam.get_tensor(t, k, exact=True), want), key
