@@ -114,6 +114,10 @@ def render(s: dict[str, Any]) -> str:
     ratio = f"{s['ratio']:.2f}x" if s["ratio"] else "-"
     lines.append(f"size: {format_size(s['archive_bytes'])} from {format_size(s['source_bytes'])} of checkpoints ({ratio})")
     lines.append("stored: " + ", ".join(f"{k} {format_size(v)}" for k, v in s["stored_bytes"].items() if v))
+    derived = sum(t["stored"].get("derived", 0) for t in s["tasks"])
+    if derived:  # format 1.6: the exact tier rebuilds these masks from the originals
+        lines.append(f"masks derived from the exact originals, not stored: {derived} of "
+                     f"{derived + sum(t['stored'].get('tall', 0) for t in s['tasks'])}")
     lines.append("")
     dial = any("weight" in t["fidelity"] for t in s["tasks"])
     header = f"{'task':<20} {'lambda':>6} {'density':>8} {'rel_l2':>7} {'cosine':>7} {'mask b/p':>9} {'H(p)':>6}"

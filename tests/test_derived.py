@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import tallpack
-from tallpack import encodings, stats
+from tallpack import encodings, report, stats
 from tallpack.encodings import exact as exact_mod
 from tallpack.encodings.derived import derive_mask, has_mask, task_mask
 from tallpack.encodings.base import Use
@@ -156,6 +156,7 @@ def test_stats_merge_inspect_verify_on_derived_masks(small_family, tmp_path: Pat
         sp, sd = p.summary(), d.summary()
         assert [t["density"] for t in sd["tasks"]] == [t["density"] for t in sp["tasks"]]
         assert all(t["stored"].get("derived") == 2 and t["mask_bytes"] == 0 for t in sd["tasks"])
+        assert "masks derived from the exact originals, not stored: 6 of 6" in report.render(sd)
         assert d.verify() == []
         assert d.size < p.size
 

@@ -57,16 +57,20 @@ def task_mask(read: ReadArray, entry: TensorEntry, tt: TaskTensor, where: str) -
         return read(tt.arrays["mask"], where + " (mask)", Use.INPUT)
     if tt.encoding != "tall-derived":
         raise FormatError(f"{where}: a {tt.encoding!r} entry has no mask")
-    theta = rebuild_exact(read, entry, tt, where)
     base = read(entry.arrays["base"], where + " (base)", Use.SHARED_INPUT)
     merged = read(entry.arrays["merged"], where + " (merged)", Use.SHARED_INPUT)
-    return _checked(derive_mask(theta, base.cpu(), merged.cpu(), tt.params["lambda"]), tt, where)
+    return _derived(read, entry, tt, base.cpu(), merged.cpu(), where)
 
 
-def _checked(mask: torch.Tensor, tt: TaskTensor, where: str) -> torch.Tensor:
-    if int(mask.sum()) != tt.params["ones"]:
-        raise IntegrityError(f"{where}: the derived mask has {int(mask.sum())} set bits, "
-                             f"the manifest says {tt.params['ones']}")
+def _derived(read: ReadArray, entry: TensorEntry, tt: TaskTensor, base: torch.Tensor, merged: torch.Tensor,
+             where: str) -> torch.Tensor:
+    """The mask of a ``tall-derived`` entry: the original first (its hash checked), then the mask,
+    its set bits checked against ``ones``."""
+    theta = rebuild_exact(read, entry, tt, where)
+    mask = derive_mask(theta, base, merged, tt.params["lambda"])
+    ones = int(torch.count_nonzero(mask))
+    if ones != tt.params["ones"]:
+        raise IntegrityError(f"{where}: the derived mask has {ones} set bits, the manifest says {tt.params['ones']}")
     return mask
 
 
@@ -97,8 +101,9 @@ class TallDerived(Encoding):
     def rebuild(cls, arrays: Mapping[str, torch.Tensor], entry: TensorEntry, tt: TaskTensor) -> torch.Tensor:
         device = arrays["base"].device
         cpu = {k: v.cpu() for k, v in arrays.items()}
+        base32 = cpu["base"].to(torch.float32)  # once, for the mask and the rebuild (a no-op for float32)
         by_ref = {id(ref): cpu[k] for k, (ref, _) in cls.inputs(entry, tt).items()}
         read: ReadArray = lambda ref, where, use=Use.OUTPUT: by_ref[id(ref)]  # noqa: E731
-        mask = task_mask(read, entry, tt, f"tensor {entry.name!r}")
-        out = reconstruct(cpu["base"], mask, cpu["merged"], torch_dtype(tt.dtype))
+        mask = _derived(read, entry, tt, base32, cpu["merged"], f"tensor {entry.name!r}")
+        out = reconstruct(base32, mask, cpu["merged"], torch_dtype(tt.dtype))
         return out if device.type == "cpu" else out.to(device)
