@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 from pathlib import Path
 
 import pytest
 import torch
+import zstandard
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -19,6 +21,8 @@ from tallpack.encodings.derived import derive_mask, has_mask, task_mask
 from tallpack.encodings.base import Use
 
 from strategies import families
+from tallpack.container import FOOTER
+from test_fuzz import json_values, paths, with_manifest
 
 
 def _bits(t: torch.Tensor) -> bytes:
@@ -178,3 +182,47 @@ def test_derive_mask_is_the_packers_formula() -> None:
     merged = torch.tensor([3.0, 2.0, 0.0, 2.0])
     # |tau| = 1, 0.1, 0, 2 against 0.5 * |merged - tau| = 1, 0.95, 0, 0: the tie is not kept
     assert derive_mask(theta, base, merged, 0.5).tolist() == [False, False, False, True]
+
+
+@pytest.fixture(scope="module")
+def derived_bytes(tmp_path_factory) -> bytes:
+    g = torch.Generator().manual_seed(0)
+    base = {"w": torch.randn(20, 9, generator=g), "h": torch.randn(40, generator=g).bfloat16()}
+    tasks = {t: {"w": base["w"] + 0.1 * torch.randn(20, 9, generator=g),
+                 "h": (base["h"].float() + 0.05 * torch.randn(40, generator=g)).bfloat16()} for t in "abc"}
+    out = tmp_path_factory.mktemp("derived") / "d.tallpack"
+    _pack(base, tasks, out, "derive", merge="ties")
+    return out.read_bytes()
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_mutated_derived_entries_raise_only_tallpack_errors(derived_bytes, tmp_path, data) -> None:
+    """Hostile tall-derived entries (lambda, ones, exact field, encoding): every read works or raises
+    a TallpackError."""
+    m_off, m_len, *_ = FOOTER.unpack(derived_bytes[-FOOTER.size:])
+    manifest = json.loads(zstandard.ZstdDecompressor().decompress(derived_bytes[m_off:m_off + m_len]))
+    entries = [tt for e in manifest["tensors"] for tt in e["tasks"].values() if tt["encoding"] == "tall-derived"]
+    assert entries
+    for _ in range(data.draw(st.integers(1, 3))):
+        tt = data.draw(st.sampled_from(entries))
+        path = data.draw(st.sampled_from([p for p in paths(tt) if p]))
+        target = tt
+        for key in path[:-1]:
+            target = target[key]
+        if data.draw(st.booleans()) and isinstance(target, dict):
+            target.pop(path[-1], None)
+        else:
+            target[path[-1]] = data.draw(json_values | st.sampled_from(["tall", "base", "zero", "tall-derived"]))
+    p = tmp_path / "m.tallpack"
+    p.write_bytes(with_manifest(derived_bytes, manifest))
+    try:
+        with tallpack.open(p) as fam:
+            for t in fam.tasks:
+                fam.state_dict(t)
+                fam.state_dict(t, exact=True)
+            fam.verify()
+            stats.compute(fam)
+            fam.merged("consensus-ties", k=1)
+    except tallpack.TallpackError:
+        pass
