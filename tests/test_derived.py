@@ -97,6 +97,7 @@ def test_derived_masks_equal_stored_ones_on_odd_values(tmp_path: Path, merge) ->
             for k in p.keys(t):
                 assert _same(d.get_tensor(t, k), p.get_tensor(t, k)), (t, k)
                 assert _same(d.get_tensor(t, k, exact=True), tasks[t][k]), (t, k)
+                assert _same(d.get_slice(t, k)[3:9], p.get_slice(t, k)[3:9]), (t, k)
         assert d.verify() == []
 
 
