@@ -91,3 +91,22 @@ def test_planes_refuses_damaged_chunks(damage):
         enc = enc[:-1]
     with pytest.raises(CodecError):
         codecs.Planes(4).decode(memoryview(bytes(enc)), x.nbytes)
+
+
+@given(st.binary(max_size=4000), st.sampled_from([1, 2, 4, 8]),
+       st.sampled_from([*codecs.DENSE_PRESETS, "masks"]))
+def test_decoding_into_a_buffer_gives_the_same_bytes(data, itemsize, preset):
+    """Large arrays are decoded chunk by chunk straight into the array (``decode(..., out)``)."""
+    chain = (codecs.Chain([codecs.BitPack(), codecs.Zstd(3)]) if preset == "masks"
+             else codecs.dense_chain(preset, itemsize, 3))
+    if preset == "masks":
+        data = bytes(b & 1 for b in data)
+    data = data[: len(data) - len(data) % itemsize]
+    enc = memoryview(bytes(chain.encode(memoryview(data))))
+    out = np.full(len(data) + 2, 7, np.uint8)  # a guard byte either side
+    got = chain.decode(enc, len(data), memoryview(out)[1:-1])
+    assert bytes(got) == data == bytes(chain.decode(enc, len(data)))
+    assert out[0] == 7 and out[-1] == 7
+    if len(data):
+        with pytest.raises(CodecError):
+            chain.decode(enc, len(data), memoryview(np.empty(len(data) + 1, np.uint8)))
