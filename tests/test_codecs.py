@@ -110,3 +110,16 @@ def test_decoding_into_a_buffer_gives_the_same_bytes(data, itemsize, preset):
     if len(data):
         with pytest.raises(CodecError):
             chain.decode(enc, len(data), memoryview(np.empty(len(data) + 1, np.uint8)))
+
+
+def test_planes_strong_levels_are_smaller_and_read_the_same():
+    """From level 10, ``planes`` also tries zstd's optimal parser on the planes it keeps; the
+    chunks stay readable by the same decoder, and an exponent plane gets smaller."""
+    rng = np.random.default_rng(0)
+    data = (rng.standard_normal(1 << 16).astype(np.float32) * 0.02).tobytes()
+    fast, strong = codecs.dense_chain("planes", 4, 3), codecs.dense_chain("planes", 4, 19)
+    assert fast.configs()[0]["level"] == 1 and strong.configs()[0]["level"] == 19
+    a, b = bytes(fast.encode(memoryview(data))), bytes(strong.encode(memoryview(data)))
+    assert len(b) < len(a)
+    for enc in (a, b):
+        assert bytes(fast.decode(memoryview(enc), len(data))) == data
