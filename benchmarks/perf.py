@@ -782,9 +782,10 @@ How each row is measured:
   (`zstd -3 -T2` over the same {res['args']['tasks'] + 1} files, one .zst each); peak memory is the
   pack process's RssAnon sampled every 20 ms (an idle child with torch and tallpack imported holds
   {d['idle_child_anon'] / MB:.0f} MB).
-- codec (6): the base checkpoint's tensors, encoded with `dense_chain("planes", 4, 3)` per
-  {codec.get('chunk_elements', 0):,}-element chunk ({codec.get('chunks', 0)} chunks), decoded by a
-  2-thread pool; against {zl}.
+- codec (6): the base checkpoint's tensors, encoded with `dense_chain("planes", 4, level)` per
+  {codec.get('chunk_elements', 0):,}-element chunk ({codec.get('default', codec).get('chunks', 0)} chunks) at the
+  default level and at `--level 19`, decoded by a 2-thread pool (the three decoders alternated);
+  against {zl}.
 - unpack (8): `tallpack unpack ARCHIVE --task NAME -o DIR` (the planes archive) in a
   fresh process, RssAnon sampled every 20 ms.
 
