@@ -51,6 +51,10 @@ class PackOptions:
     checksum: str = DEFAULT_CHECKSUM
     #: also store every task's original bits and files (the exact tier, format 1.2)
     exact: bool = False
+    #: with ``exact``, leave out each mask whose tensor codes smaller against the base without it
+    #: (format 1.6: the reader derives it from the original, so lossy reads of those tensors cost
+    #: about an exact read); False stores every mask (lossy reads as fast as without the tier)
+    derive_masks: bool = True
     overwrite: bool = False
     #: the fidelity dial (format 1.5, ``tallpack.dial``): reconstruct every task at least this well
     #: (with ``evaluate``: its score relative to the original's; else the weight fidelity), ...
@@ -111,7 +115,7 @@ class Validated:
     def derive_masks(self) -> bool:
         """Whether the exact tier may leave masks out (``tall-derived`` entries, format 1.6): with
         ``exact`` and without the fidelity dial, whose corrections need a stored mask."""
-        return self.options.exact and not self.dial
+        return self.options.exact and bool(self.options.derive_masks) and not self.dial
 
     def masks(self) -> Chain:
         return mask_chain(self.options.level)

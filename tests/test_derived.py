@@ -227,3 +227,27 @@ def test_mutated_derived_entries_raise_only_tallpack_errors(derived_bytes, tmp_p
             fam.merged("consensus-ties", k=1)
     except tallpack.TallpackError:
         pass
+
+
+def test_store_masks_option_keeps_format_1_3(small_family, tmp_path: Path) -> None:
+    """``derive_masks=False`` (``pack --exact --store-masks``): every mask stored, the 1.3 format, the
+    same lossy and exact reads."""
+    import subprocess
+    import sys
+
+    stored, derived = tmp_path / "s.tallpack", tmp_path / "d.tallpack"
+    args = ["pack", "--exact", "--store-masks", "--base", str(small_family["base_path"]), "-o", str(stored),
+            "--chunk-elements", "64"]
+    for t, p in small_family["task_paths"].items():
+        args += ["--task", f"{t}={p}"]
+    r = subprocess.run([sys.executable, "-m", "tallpack", *args], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    tallpack.pack(small_family["base_path"], small_family["task_paths"], derived, exact=True, chunk_elements=64)
+    with tallpack.open(stored) as s, tallpack.open(derived) as d:
+        assert s.format_version == (1, 3) and d.format_version == (1, 6)
+        assert {tt.encoding for e in s.manifest.tensors for tt in e.tasks.values()} == {"tall", "dense", "shared"}
+        assert "tall-derived" in {tt.encoding for e in d.manifest.tensors for tt in e.tasks.values()}
+        for t in s.tasks:
+            for k in s.keys(t):
+                assert _same(s.get_tensor(t, k), d.get_tensor(t, k)), (t, k)
+                assert _same(s.get_tensor(t, k, exact=True), small_family["tasks"][t][k]), (t, k)
