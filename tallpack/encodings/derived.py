@@ -17,8 +17,8 @@ Everything that needs a task's mask (stats, consensus merging, the rebuild) gets
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 import math
+from collections.abc import Mapping
 
 import torch
 
