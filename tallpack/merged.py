@@ -13,7 +13,7 @@ import torch
 
 from .arrays import ArrayRef
 from .encodings import Use
-from .encodings.derived import task_mask
+from .encodings.derived import merged_source, task_mask
 from .errors import FormatError, InvalidArgumentError
 from .manifest import Manifest
 from .merging import METHODS, apply_direction, default_alpha, is_consensus, merge_direction, merged_model_method
@@ -56,16 +56,19 @@ class MergeParts:
                 continue
             where = f"tensor {e.name!r}"
             if e.kind == "merged":
+                sources = {x: merged_source(e, x) for x in ("merged", *method.extra_arrays)}
                 base = read(e.arrays["base"], f"{where} (base)")
-                tau = read(e.arrays["merged"], f"{where} (merged)")
                 masks = extras = None
                 if is_consensus(model):
                     masks = [task_mask(read, e, tt, f"task {t!r}, {where}") for t, tt in e.tasks.items()]
                 else:
-                    missing = [x for x in method.extra_arrays if x not in e.arrays]
+                    missing = [x for x, src in sources.items() if src is None]
                     if missing:
                         raise FormatError(f"{name}: {where} has no {', '.join(missing)} for {model}")
-                    extras = {x: read(e.arrays[x], f"{where} ({x})") for x in method.extra_arrays}
+                    extras = {x: read(src, f"{where} ({x})") for x, src in sources.items() if x != "merged"}
+                if sources["merged"] is None:
+                    raise FormatError(f"{name}: {where} has no merged vector")
+                tau = read(sources["merged"], f"{where} (merged)")
                 self.parts[e.name] = (base, merge_direction(model, tau, masks, extras, k, method))
             elif e.kind == "shared" and "data" in e.arrays:
                 self.parts[e.name] = (read(e.arrays["data"], where), None)

@@ -208,6 +208,42 @@ def _finite(v: object) -> bool:
     return type(v) in (int, float) and math.isfinite(v)
 
 
+def derive_merged(taus: list[torch.Tensor], method: MergeMethod) -> dict[str, torch.Tensor] | None:
+    """tau_MTL (``"merged"``) and the method's extra arrays from the float32 task vectors, in
+    task order, element by element (spec §6.1.8); None for a method the spec does not derive.
+
+    TA: ``((+0.0 + tau_1) + tau_2) + ...``. TIES with thresholds thr_t and majority sign s0:
+    ``r_t = tau_t * [|tau_t| >= thr_t]``, ``s = sign((+0.0 + r_1) + r_2 + ...)`` (s0 where 0),
+    ``k_t = r_t * [s > 0 ? r_t > 0 : r_t < 0]``, tau_MTL = ``(+0.0 + k_1) + k_2 + ...``,
+    ``counts`` = the number of t with ``k_t != 0``.
+
+    >>> derive_merged([torch.tensor([1.0]), torch.tensor([-0.5])], TaskArithmetic())["merged"]
+    tensor([0.5000])
+    """
+    if method.name == "ta":
+        return {"merged": _sum(taus)}
+    thresholds, majority = getattr(method, "thresholds", None), getattr(method, "majority_sign", None)
+    if method.name != "ties" or thresholds is None or majority is None:
+        return None
+    if len(thresholds) != len(taus):
+        raise FormatError(f"merge: {len(thresholds)} TIES thresholds for {len(taus)} tasks")
+    trimmed = [tau * (tau.abs() >= torch.tensor(thr, dtype=torch.float32)) for tau, thr in zip(taus, thresholds)]
+    sign = torch.sign(_sum(trimmed))
+    positive = torch.where(sign == 0, torch.tensor(float(majority)), sign) > 0
+    kept = [r * torch.where(positive, r > 0, r < 0) for r in trimmed]
+    counts = torch.zeros(taus[0].shape, dtype=torch.uint8)
+    for k in kept:
+        counts += (k != 0).to(torch.uint8)
+    return {"merged": _sum(kept), "counts": counts}
+
+
+def _sum(xs: list[torch.Tensor]) -> torch.Tensor:
+    out = torch.add(xs[0], 0.0)  # +0.0 + x_1: a -0.0 becomes +0.0
+    for x in xs[1:]:
+        out += x
+    return out
+
+
 #: Merge methods by name.
 METHODS: dict[str, type[MergeMethod]] = {m.name: m for m in (TaskArithmetic, Ties)}
 

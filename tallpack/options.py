@@ -55,6 +55,10 @@ class PackOptions:
     #: (format 1.6: the reader derives it from the original, so lossy reads of those tensors cost
     #: about an exact read); False stores every mask (lossy reads as fast as without the tier)
     derive_masks: bool = True
+    #: with ``derive_masks``, also leave out the merged vector of each tensor whose masks are all
+    #: derived (format 1.8: a lossy read of one task of it then rebuilds every task's original);
+    #: False stores every merged vector
+    derive_merged: bool = True
     overwrite: bool = False
     #: the fidelity dial (format 1.5, ``tallpack.dial``): reconstruct every task at least this well
     #: (with ``evaluate``: its score relative to the original's; else the weight fidelity), ...
@@ -109,13 +113,20 @@ class Validated:
             ids |= {c.id for dt in (1, 2, 4, 8) for c in self.residuals(dt).codecs}
         return frozenset({f"codec:{i}" for i in ids} | ({"field:exact"} if self.options.exact else set())
                          | ({"field:correction"} if self.dial else set())
-                         | ({"encoding:tall-derived"} if self.derive_masks else set()))
+                         | ({"encoding:tall-derived"} if self.derive_masks else set())
+                         | ({"encoding:tall-derived-merged"} if self.derive_merged else set()))
 
     @property
     def derive_masks(self) -> bool:
         """Whether the exact tier may leave masks out (``tall-derived`` entries, format 1.6): with
         ``exact`` and without the fidelity dial, whose corrections need a stored mask."""
         return self.options.exact and bool(self.options.derive_masks) and not self.dial
+
+    @property
+    def derive_merged(self) -> bool:
+        """Whether the exact tier may leave merged vectors out too (``tall-derived-merged``,
+        format 1.8): where masks may be derived, unless ``derive_merged=False``."""
+        return self.derive_masks and bool(self.options.derive_merged)
 
     def masks(self) -> Chain:
         return mask_chain(self.options.level)

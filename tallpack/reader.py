@@ -25,12 +25,15 @@ from .container import PREFETCH_BYTES, ContainerReader
 from .dtypes import bytes_to_tensor, view_tensor
 from .elements import numel
 from .encodings import Encoding, TaskTensor, TensorEntry, Use, encoding_for, iter_arrays
+from .encodings.derived import DerivedMerged
+from .encodings.derived_merged import rebuild_merged
 from .encodings.exact import TALL_ENCODINGS, rebuild_exact
 from .errors import (ArchiveClosedError, ExactTierMissingError, FormatError, IntegrityError, InvalidArgumentError,
                      TallpackError, TaskNotFoundError, TensorNotFoundError, UnsupportedVersionError)
 from .manifest import Manifest, TaskInfo
 from .folders import read_blob
 from .merged import MergeParts
+from .merging import METHODS
 from .originals import verify_originals
 from .progress import ProgressLike, track
 from .report import summarize
@@ -146,7 +149,7 @@ class Archive:
         except RuntimeError:  # the pool was shut down: another thread closed the archive
             raise ArchiveClosedError(f"{self.name}: the archive was closed while it was read") from None
 
-    def read_array(self, ref: ArrayRef, where: str, use: Use = Use.OUTPUT, *,
+    def read_array(self, ref: ArrayRef | DerivedMerged, where: str, use: Use = Use.OUTPUT, *,
                    device: torch.device | str | None = None, start: int = 0, stop: int | None = None
                    ) -> torch.Tensor:
         """One stored array, decoded, as a tensor of its dtype and shape (or, with ``start``/
@@ -155,7 +158,11 @@ class Archive:
         With ``Use.OUTPUT`` (the default) the tensor is the caller's own. The other uses promise
         that the tensor is only read: it may then be a read-only view of the file (raw chunks),
         and for ``Use.SHARED_INPUT`` a decoded copy kept in the archive's cache (one per device).
+        A derived merged vector (:class:`DerivedMerged`, format 1.8) is computed from every task's
+        original of its tensor and cached like a shared input.
         """
+        if isinstance(ref, DerivedMerged):
+            return self._derived_merged(ref, where, use, device)
         stop = ref.numel if stop is None else stop
         whole = (start, stop) == (0, ref.numel)
         dev = torch.device(device) if device is not None else None
@@ -187,6 +194,31 @@ class Archive:
         if key is not None and not memoryview(buf).readonly:  # decoded, not a view of the file
             self._cache.put(key, t, ref.nbytes)
         return t
+
+    def _derived_merged(self, ref: DerivedMerged, where: str, use: Use, device: torch.device | str | None
+                        ) -> torch.Tensor:
+        """A derived merged vector (or merge-method array) of a ``tall-derived-merged`` tensor,
+        from the cache (keyed by the tensor's name: a string first, never an array's offset)."""
+        dev = torch.device(device) if device is not None else None
+        where_dev = None if dev is None or dev.type == "cpu" else str(dev)
+        key = ("derived-merged", ref.entry.name, ref.key, where_dev)
+        hit = self._cache.get(key)
+        if hit is None:
+            method = METHODS.get(self.manifest.merge.get("method"))
+            if method is None:
+                raise UnsupportedVersionError(f"{self.name}: {where}: merge method "
+                                              f"{self.manifest.merge.get('method')!r} is unknown to this tallpack")
+            order = [t for t in self.tasks if t in ref.entry.tasks]
+            derived = rebuild_merged(self.read_array, ref.entry, order, method.from_params(self.manifest.merge),
+                                     f"{self.name}: tensor {ref.entry.name!r}")
+            if ref.key not in derived:
+                raise FormatError(f"{self.name}: {where}: no derived {ref.key} array")
+            for k, v in derived.items():
+                v = v if where_dev is None else v.to(dev)
+                self._cache.put(key[:2] + (k, where_dev), v, v.numel() * v.element_size())
+                if k == ref.key:
+                    hit = v
+        return hit.clone() if use is Use.OUTPUT else hit
 
     def _rebuild(self, task: str, name: str, pool: ThreadPoolExecutor | None, exact: bool = False,
                  device: torch.device | str | None = None, rows: tuple[int, int] | None = None,
@@ -369,8 +401,14 @@ class Archive:
 
 
 def _needs(entry: TensorEntry, tt: TaskTensor, encoding: type[Encoding]) -> list[ArrayRef]:
-    """The arrays rebuilding one task's tensor reads."""
-    return [ref for ref, _ in encoding.inputs(entry, tt).values()]
+    """The arrays rebuilding one task's tensor reads (a derived merged vector: every task's)."""
+    out: list[ArrayRef] = []
+    for ref, _ in encoding.inputs(entry, tt).values():
+        if isinstance(ref, DerivedMerged):
+            out += [v.extras["exact"].residual for v in entry.tasks.values()]
+        else:
+            out.append(ref)
+    return out
 
 
 def _batches(items: list[tuple[Any, list[ArrayRef]]]) -> list[list[tuple[Any, list[ArrayRef]]]]:

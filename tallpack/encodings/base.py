@@ -168,6 +168,11 @@ class WriteContext:
     #: chunks here (tensor name -> per task, the encoded chunks) instead of writing them;
     #: ``exact.add_exact`` then writes each or derives it (format 1.6). None: masks are written.
     held_masks: dict[str, list[list[bytes | memoryview]]] | None = None
+    #: the exact tier with derived merged vectors (format 1.8): ``Tall.write`` also holds the
+    #: encoded chunks of the merged vector and the method's extra arrays here (tensor name ->
+    #: key -> (dtype, chunks)); ``exact.add_exact`` writes them, or leaves them out where every
+    #: task's mask is derived and the derivation gives the same bits. None: they are written.
+    held_merged: dict[str, dict[str, tuple[str, list[bytes | memoryview]]]] | None = None
 
     def whole(self, t: torch.Tensor) -> ArrayRef:
         """Write a whole tensor as one dense array."""

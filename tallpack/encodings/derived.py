@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 import torch
 
@@ -42,6 +43,33 @@ def derive_mask(theta: torch.Tensor, base: torch.Tensor, merged: torch.Tensor, l
     return tall_mask(tau, merged.reshape(-1).to(torch.float32), lam).reshape(theta.shape)
 
 
+#: The encoding of a tensor whose merged vector is derived too (``encodings/derived_merged.py``).
+DERIVED_MERGED = "tall-derived-merged"
+
+
+@dataclass(frozen=True, eq=False)
+class DerivedMerged:
+    """Where a tensor's merged vector (``key`` "merged") or a merge-method array (``"counts"``)
+    comes from when it is derived, not stored: the reader (``Archive.read_array``) computes it
+    from every task's original (``derived_merged.rebuild_merged``) and caches it."""
+
+    entry: TensorEntry
+    key: str
+
+
+def merged_source(entry: TensorEntry, key: str = "merged") -> "ArrayRef | DerivedMerged | None":
+    """Where the tensor's merged vector (or a merge-method array, ``key``) is: the stored array,
+    or, for a ``tall-derived-merged`` tensor, a :class:`DerivedMerged` that ``read_array`` derives;
+    None where there is neither. Every consumer of the merged vector reads it through this, as
+    ``read(merged_source(e), ...)``.
+
+    >>> tau = fam.read_array(merged_source(entry), "tensor 'w' (merged)", Use.SHARED_INPUT)
+    """
+    if any(tt.encoding == DERIVED_MERGED for tt in entry.tasks.values()):
+        return DerivedMerged(entry, key)
+    return entry.arrays.get(key)
+
+
 def has_mask(tt: TaskTensor) -> bool:
     """Whether a task entry has a TALL mask, stored (``tall``) or derived (``tall-derived``)."""
     return tt.encoding in TALL_ENCODINGS
@@ -55,10 +83,10 @@ def task_mask(read: ReadArray, entry: TensorEntry, tt: TaskTensor, where: str) -
     """
     if tt.encoding == "tall":
         return read(tt.arrays["mask"], where + " (mask)", Use.INPUT)
-    if tt.encoding != "tall-derived":
+    if tt.encoding not in ("tall-derived", DERIVED_MERGED):
         raise FormatError(f"{where}: a {tt.encoding!r} entry has no mask")
     base = read(entry.arrays["base"], where + " (base)", Use.SHARED_INPUT)
-    merged = read(entry.arrays["merged"], where + " (merged)", Use.SHARED_INPUT)
+    merged = read(merged_source(entry), where + " (merged)", Use.SHARED_INPUT)
     return _derived(read, entry, tt, base.cpu(), merged.cpu(), where)
 
 
@@ -74,6 +102,17 @@ def _derived(read: ReadArray, entry: TensorEntry, tt: TaskTensor, base: torch.Te
     return mask
 
 
+def check_derived_entry(tt: TaskTensor, where: str) -> None:
+    """The fields of a task entry whose mask is derived: a floating dtype, lambda, the exact field."""
+    if tt.dtype not in EXPONENT:
+        raise FormatError(f"{where}: a {tt.encoding} entry needs a floating dtype")
+    lam = tt.params.get("lambda")
+    if type(lam) not in (int, float) or not math.isfinite(lam) or lam < 0:
+        raise FormatError(f"{where}: bad lambda {lam!r}")
+    if "exact" not in tt.extras:  # exact.Exact.from_dict checks its reference is base or zero
+        raise FormatError(f"{where}: a {tt.encoding} entry needs its exact field")
+
+
 @register
 class TallDerived(Encoding):
     name = "tall-derived"
@@ -83,13 +122,7 @@ class TallDerived(Encoding):
 
     @classmethod
     def validate(cls, entry: TensorEntry, tt: TaskTensor, where: str) -> None:
-        if tt.dtype not in EXPONENT:
-            raise FormatError(f"{where}: a tall-derived entry needs a floating dtype")
-        lam = tt.params.get("lambda")
-        if type(lam) not in (int, float) or not math.isfinite(lam) or lam < 0:
-            raise FormatError(f"{where}: bad lambda {lam!r}")
-        if "exact" not in tt.extras:  # exact.Exact.from_dict checks its reference is base or zero
-            raise FormatError(f"{where}: a tall-derived entry needs its exact field")
+        check_derived_entry(tt, where)
         check_merged_entry(entry, tt, where)
 
     @classmethod

@@ -29,6 +29,7 @@ import xxhash
 from ..arrays import ArrayRef
 from ..dtypes import dtype_name, tensor_to_bytes, torch_dtype
 from ..errors import FormatError, IntegrityError
+from ..merging import derive_merged
 from ..tall import blocks, reconstruct, tall_mask
 from .base import FIELDS, Item, ReadArray, TaskTensor, TensorEntry, Use, WriteContext, register_field
 from .tall import Tall
@@ -40,9 +41,12 @@ EXPONENT: dict[str, tuple[int, int]] = {
 }
 _UINT = {1: (np.uint8, "uint8"), 2: (np.uint16, "uint16"), 4: (np.uint32, "uint32"), 8: (np.uint64, "uint64")}
 REFERENCES = ("tall", "base", "zero")
-#: The encodings an ``exact`` field may belong to: ``tall`` (its mask stored) and ``tall-derived``
-#: (its mask derived from the original, ``encodings/derived.py``).
-TALL_ENCODINGS = ("tall", "tall-derived")
+#: The encodings an ``exact`` field may belong to: ``tall`` (its mask stored), ``tall-derived``
+#: (its mask derived from the original, ``encodings/derived.py``) and ``tall-derived-merged`` (the
+#: tensor's merged vector derived too, ``encodings/derived_merged.py``).
+TALL_ENCODINGS = ("tall", "tall-derived", "tall-derived-merged")
+#: Those whose original must come back without the mask: a residual against the base or zero.
+DERIVED_ENCODINGS = TALL_ENCODINGS[1:]
 TRANSFORMS = ("sub", "xor")
 ORDERS = ("exponent", "none")
 #: The references the writer tries (benchmarks narrow it to measure one against another).
@@ -51,6 +55,10 @@ CANDIDATES: tuple[str, ...] = REFERENCES
 #: residual against the base or zero codes smaller than mask + residual against the best reference;
 #: ``"store"``: never; ``"derive"``: always (benchmarks and tests set the last two).
 MASK_POLICY = "choose"
+#: Where the writer may leave a tensor's merged vector out (``tall-derived-merged``, format 1.8):
+#: ``"derive"`` where every task's mask is derived and the derivation gives the stored bits;
+#: ``"store"``: never (benchmarks set it).
+MERGED_POLICY = "derive"
 #: Elements of each tensor the writer codes each candidate on before choosing.
 SAMPLE_ELEMENTS = 1 << 18
 
@@ -148,7 +156,7 @@ class Exact:
                               f"{ex.reference!r}/{ex.transform!r}/{ex.order!r}; a newer tallpack may read it")
         if tt.encoding not in TALL_ENCODINGS or tt.dtype not in EXPONENT:
             raise FormatError(f"{where}: an exact residual belongs to a tall entry of a floating dtype")
-        if tt.encoding == "tall-derived" and ex.reference == "tall":
+        if tt.encoding in DERIVED_ENCODINGS and ex.reference == "tall":
             raise FormatError(f"{where}: a derived mask needs a residual against the base or zero")
         size = torch_dtype(tt.dtype).itemsize
         if ex.residual.dtype != _UINT[size][1] or ex.residual.shape != tt.shape:
@@ -193,26 +201,41 @@ def rebuild_exact(read: ReadArray, entry: TensorEntry, tt: TaskTensor, where: st
 
 # -- writing --------------------------------------------------------------------------------------
 
-def _tall_references(ctx: WriteContext, item: Item) -> list[torch.Tensor]:
-    """Each task's TALL reconstruction, computed as the reader will (same arrays, same formula)."""
+def _tall_references(ctx: WriteContext, item: Item, check: bool) -> tuple[list[torch.Tensor], bool]:
+    """Each task's TALL reconstruction, computed as the reader will (same arrays, same formula);
+    with ``check``, also whether the spec's derivation of the merged vector and the method's
+    arrays (``derived_merged.derive_merged``) gives the packer's bits."""
     base, ce = item.base, ctx.chunk_elements
     assert base is not None
     parts: list[list[torch.Tensor]] = [[] for _ in item.tasks]
+    same = check
     for b, taus in blocks(base, item.thetas, ce):
         merged = ctx.method.combine(taus)
+        if same:
+            derived = derive_merged(taus, ctx.method)
+            packed = {"merged": merged, **ctx.method.extras(taus)}
+            same = derived is not None and derived.keys() == packed.keys() and all(
+                torch.equal(bits_of(derived[k]), bits_of(v)) for k, v in packed.items())
         for i, (t, tau, x) in enumerate(zip(item.tasks, taus, item.thetas)):
             parts[i].append(reconstruct(b, tall_mask(tau, merged, ctx.lambdas[t]), merged, x.dtype))
     return [torch.cat(p).reshape(x.shape) if p else torch.empty(x.shape, dtype=x.dtype)
-            for p, x in zip(parts, item.thetas)]
+            for p, x in zip(parts, item.thetas)], same
+
+
+def bits_of(t: torch.Tensor) -> torch.Tensor:
+    """A tensor's bytes as a uint8 tensor (to compare bit patterns: -0.0 is not +0.0)."""
+    return t.contiguous().reshape(-1).view(torch.uint8)
 
 
 def _encoded_size(ctx: WriteContext, z: np.ndarray) -> int:
     return len(ctx.residuals(z.dtype.itemsize).encode(memoryview(z.view(np.uint8))))
 
 
-def _write_mask(ctx: WriteContext, chunks: list, shape: tuple[int, ...]) -> ArrayRef:
-    """Write a mask whose chunks ``Tall.write`` encoded and held (``WriteContext.held_masks``)."""
-    builder = ctx.writer.begin_array("bool", shape, ctx.masks, ctx.chunk_elements)
+def _write_held(ctx: WriteContext, chunks: list, shape: tuple[int, ...], dtype: str = "bool",
+                chain=None) -> ArrayRef:
+    """Write an array whose chunks ``Tall.write`` encoded and held (``WriteContext.held_masks``,
+    ``held_merged``)."""
+    builder = ctx.writer.begin_array(dtype, shape, ctx.masks if chain is None else chain, ctx.chunk_elements)
     for c in chunks:
         builder.add(c)
     return builder.finish()
@@ -225,40 +248,49 @@ def add_exact(ctx: WriteContext, item: Item, entry: TensorEntry, tasks: set[str]
     Where ``Tall.write`` held the masks back (``ctx.held_masks``), each task's mask is stored only
     where that codes smaller: stored mask + residual against the best reference, or no mask (a
     ``tall-derived`` entry, whose reader derives the mask from the original) + residual against
-    ``base`` or ``zero``; the sizes are those of the first ``SAMPLE_ELEMENTS`` elements, scaled."""
+    ``base`` or ``zero``; the sizes are those of the first ``SAMPLE_ELEMENTS`` elements, scaled.
+    Where it also held the merged vector (``ctx.held_merged``), deriving every mask and leaving
+    the merged vector out (``tall-derived-merged``, format 1.8) is weighed against that choice."""
     held = ctx.held_masks.pop(item.name, None) if ctx.held_masks is not None else None
+    merged_held = ctx.held_merged.pop(item.name, None) if ctx.held_merged is not None else None
     if not any(tt.encoding == "tall" for tt in entry.tasks.values()):
-        assert held is None
+        assert held is None and merged_held is None
         return entry
     assert ctx.residuals is not None and item.base is not None
     assert held is None or tasks is None
-    talls = _tall_references(ctx, item)
-    ce, n = ctx.chunk_elements, SAMPLE_ELEMENTS
-    for i, (t, x, rec) in enumerate(zip(item.tasks, item.thetas, talls)):
-        tt = entry.tasks[t]
-        if tasks is not None and (t not in tasks or "exact" in tt.extras):
-            continue
-        dt = dtype_name(x.dtype)
-        xb = bits(x.contiguous())
-        refs = {"tall": rec, "base": item.base.to(torch.float32).to(x.dtype), "zero": None}
-        if torch.isnan(rec).any():  # a NaN's payload is unspecified: never code against it
-            del refs["tall"]
-        rbits = {k: (bits(v.contiguous()) if v is not None else np.zeros_like(xb)) for k, v in refs.items()}
-        sizes = sorted((_encoded_size(ctx, permute(forward(xb[:n], rb[:n], tr), rb[:n], dt, "exponent", ce)), k, tr)
-                       for k, rb in rbits.items() if k in CANDIDATES for tr in TRANSFORMS)
-        _, ref, tr = sizes[0]
-        derive = False
-        if held is not None and MASK_POLICY != "store":
-            scale = xb.size / max(1, min(n, xb.size))
-            mask_bytes = sum(len(c) for c in held[i])
-            with_mask = min(s * scale + mask_bytes for s, _, _ in sizes)
-            without = [(s, k, r) for s, k, r in sizes if k != "tall"]
+    talls, derivable = _tall_references(ctx, item, merged_held is not None and MERGED_POLICY == "derive")
+    todo = [i for i, t in enumerate(item.tasks)
+            if tasks is None or (t in tasks and "exact" not in entry.tasks[t].extras)]
+    refs = {i: _references(item, i, talls[i]) for i in todo}
+    sizes = {i: _sizes(ctx, item, i, refs[i]) for i in todo}
+    choice = {i: (sizes[i][0][1], sizes[i][0][2], False) for i in todo}  # (reference, transform, derive)
+    if held is not None and MASK_POLICY != "store":
+        cost = 0.0
+        for i in todo:
+            n = item.thetas[i].numel()
+            scale = n / max(1, min(SAMPLE_ELEMENTS, n))
+            with_mask = min(s * scale + sum(len(c) for c in held[i]) for s, _, _ in sizes[i])
+            without = [(s, k, r) for s, k, r in sizes[i] if k != "tall"]
             if without and (MASK_POLICY == "derive" or without[0][0] * scale <= with_mask):
-                derive, (_, ref, tr) = True, without[0]
-        rb = rbits[ref]
-        z = permute(forward(xb, rb, tr), rb, dt, "exponent", ce)
-        udt = _UINT[x.element_size()][1]
-        residual = ctx.writer.write_array(memoryview(z.view(np.uint8)), udt, tuple(x.shape),
+                choice[i] = (without[0][1], without[0][2], True)
+                cost += without[0][0] * scale
+            else:
+                cost += with_mask
+        merged_bytes = sum(len(c) for _, chunks in (merged_held or {}).values() for c in chunks)
+        everything = [[(s, k, r) for s, k, r in sizes[i] if k != "tall"] for i in todo]
+        if derivable and all(everything) and sum(
+                w[0][0] * item.thetas[i].numel() / max(1, min(SAMPLE_ELEMENTS, item.thetas[i].numel()))
+                for i, w in zip(todo, everything)) <= cost + merged_bytes:
+            choice = {i: (w[0][1], w[0][2], True) for i, w in zip(todo, everything)}
+    ce = ctx.chunk_elements
+    for i in todo:
+        t, x, tt = item.tasks[i], item.thetas[i], entry.tasks[item.tasks[i]]
+        ref, tr, derive = choice[i]
+        xb = bits(x.contiguous())
+        r = refs[i][ref]
+        rb = bits(r.contiguous()) if r is not None else np.zeros_like(xb)
+        z = permute(forward(xb, rb, tr), rb, dtype_name(x.dtype), "exponent", ce)
+        residual = ctx.writer.write_array(memoryview(z.view(np.uint8)), _UINT[x.element_size()][1], tuple(x.shape),
                                           ctx.residuals(x.element_size()), ce)
         exact = Exact(ref, tr, "exponent", residual, tensor_hash(x))
         if derive:
@@ -266,9 +298,48 @@ def add_exact(ctx: WriteContext, item: Item, entry: TensorEntry, tasks: set[str]
                                         {"ones": tt.params["ones"], "lambda": ctx.lambdas[t]}, {"exact": exact})
             continue
         if held is not None:
-            tt.arrays["mask"] = _write_mask(ctx, held[i], tt.shape)
+            tt.arrays["mask"] = _write_held(ctx, held[i], tt.shape)
         tt.extras["exact"] = exact
+    if merged_held is not None:
+        _merged_vector(ctx, entry, merged_held, derivable)
     return entry
+
+
+def _references(item: Item, i: int, rec: torch.Tensor) -> dict[str, torch.Tensor | None]:
+    """The references task ``i`` may be coded against (None: zero)."""
+    assert item.base is not None
+    x = item.thetas[i]
+    refs: dict[str, torch.Tensor | None] = {"tall": rec, "base": item.base.to(torch.float32).to(x.dtype), "zero": None}
+    if torch.isnan(rec).any():  # a NaN's payload is unspecified: never code against it
+        del refs["tall"]
+    return refs
+
+
+def _sizes(ctx: WriteContext, item: Item, i: int, refs: dict[str, torch.Tensor | None]) -> list[tuple[int, str, str]]:
+    """(coded bytes of the first SAMPLE_ELEMENTS elements, reference, transform), smallest first."""
+    x, n, ce = item.thetas[i], SAMPLE_ELEMENTS, ctx.chunk_elements
+    xb = bits(x.contiguous().reshape(-1)[:n])
+    out = []
+    for k, r in refs.items():
+        if k not in CANDIDATES:
+            continue
+        rb = bits(r.contiguous().reshape(-1)[:n]) if r is not None else np.zeros_like(xb)
+        out += [(_encoded_size(ctx, permute(forward(xb, rb, tr), rb, dtype_name(x.dtype), "exponent", ce)), k, tr)
+                for tr in TRANSFORMS]
+    return sorted(out)
+
+
+def _merged_vector(ctx: WriteContext, entry: TensorEntry, held: dict[str, tuple[str, list]],
+                   derivable: bool) -> None:
+    """Leave the merged vector and the method's arrays out where every task is ``tall-derived``
+    and the derivation gives their bits (``tall-derived-merged``, format 1.8); else write them."""
+    if derivable and all(tt.encoding == "tall-derived" for tt in entry.tasks.values()):
+        for t, tt in entry.tasks.items():
+            entry.tasks[t] = TaskTensor("tall-derived-merged", tt.dtype, tt.shape, {}, tt.params, tt.extras)
+        return
+    shape = entry.arrays["base"].shape
+    for key, (dtype, chunks) in held.items():
+        entry.arrays[key] = _write_held(ctx, chunks, shape, dtype, ctx.dense(dtype))
 
 
 __all__ = ["EXPONENT", "Exact", "TALL_ENCODINGS", "FIELDS", "add_exact", "has_exact", "rebuild_exact", "forward", "inverse"]

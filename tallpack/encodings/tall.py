@@ -63,12 +63,13 @@ class Tall(Encoding):
         assert base is not None
         shape, ce = tuple(base.shape), ctx.chunk_elements
         b_dt = dtype_name(base.dtype)
-        entry_arrays = {"base": w.begin_array(b_dt, shape, ctx.dense(b_dt), ce),
-                        "merged": w.begin_array("float32", shape, ctx.dense("float32"), ce)}
-        for key, dtype in ctx.method.extra_arrays.items():
-            entry_arrays[key] = w.begin_array(dtype, shape, ctx.dense(dtype), ce)
+        derivable = {"merged": "float32", **ctx.method.extra_arrays}  # held for the exact tier (format 1.8)
+        hold = ctx.held_merged is not None
+        entry_arrays = {"base": w.begin_array(b_dt, shape, ctx.dense(b_dt), ce)}
+        for key, dtype in derivable.items():
+            entry_arrays[key] = _Held(ctx.dense(dtype)) if hold else w.begin_array(dtype, shape, ctx.dense(dtype), ce)
         held = ctx.held_masks is not None  # the exact tier decides later whether to store each mask
-        mask_arrays = [_Held() if held else w.begin_array("bool", shape, ctx.masks, ce) for _ in tasks]
+        mask_arrays = [_Held(ctx.masks) if held else w.begin_array("bool", shape, ctx.masks, ce) for _ in tasks]
         ones = [0] * len(tasks)
         arrays = [*entry_arrays.values(), *mask_arrays]
         pending: list = []  # the previous block's encodings: compressed while this block is computed
@@ -106,6 +107,8 @@ class Tall(Encoding):
             arr.add(f.result())
         if held:
             ctx.held_masks[item.name] = [k.chunks for k in mask_arrays]
+        if hold:
+            ctx.held_merged[item.name] = {k: (dt, entry_arrays.pop(k).chunks) for k, dt in derivable.items()}
         return TensorEntry(
             item.name, cls.kind,
             {t: TaskTensor(cls.name, dtype_name(x.dtype), shape, {} if held else {"mask": k.finish()}, {"ones": n})
@@ -133,9 +136,11 @@ class Tall(Encoding):
 
 
 class _Held:
-    """A mask's encoded chunks, kept in memory until the exact tier decides whether to store it."""
+    """An array's encoded chunks (a mask, the merged vector), kept in memory until the exact tier
+    decides whether to store it."""
 
-    def __init__(self) -> None:
+    def __init__(self, chain) -> None:
+        self.chain = chain
         self.chunks: list[bytes | memoryview] = []
 
     def add(self, encoded: bytes | memoryview) -> None:

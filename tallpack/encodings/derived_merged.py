@@ -1,0 +1,77 @@
+"""``tall-derived-merged``: a tensor of the exact tier whose merged vector is not stored either
+(spec §6.1.8, format 1.8).
+
+Where every task of a merged tensor is ``tall-derived`` (its original comes back from the base or
+zero and its residual alone), tau_MTL is a function of the originals: :func:`derive_merged`, the
+merge method's formula written element by element in float32, with the tasks in the manifest's
+order. The writer checks, block by block, that this gives the bits the packer stored (and the
+method's extra arrays, TIES ``counts``), and only then leaves them out: every task entry of the
+tensor becomes ``tall-derived-merged`` (the ``tall-derived`` fields) and the tensor entry keeps only
+``base``. A reader that does not know the encoding fails on those tensors alone (spec §8).
+
+A lossy read of one task rebuilds every task's original of the tensor (each hash-checked), derives
+tau_MTL (cached with the base, :class:`DerivedMerged`), then the task's mask as for ``tall-derived``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..arrays import ArrayRef
+from ..errors import FormatError
+from ..merging import MergeMethod, derive_merged
+from ..tall import task_vector
+from .base import ReadArray, TaskTensor, TensorEntry, Use, register
+from .derived import DERIVED_MERGED, DerivedMerged, TallDerived, check_derived_entry
+from .exact import rebuild_exact
+
+
+def rebuild_merged(read: ReadArray, entry: TensorEntry, order: list[str], method: MergeMethod,
+                   where: str) -> dict[str, torch.Tensor]:
+    """tau_MTL and the method's extras of a ``tall-derived-merged`` tensor, from every task's
+    original (each checked against its hash), the tasks in ``order`` (the manifest's).
+
+    >>> rebuild_merged(fam.read_array, entry, list(fam.tasks), method, "tensor 'w'")["merged"]
+    """
+    base = read(entry.arrays["base"], where + " (base)", Use.SHARED_INPUT).reshape(-1)
+    taus = []
+    for t in order:
+        tt = entry.tasks[t]
+        theta = rebuild_exact(read, entry, tt, f"{where}, task {t!r}")
+        taus.append(task_vector(theta.reshape(-1), base))
+    out = derive_merged(taus, method)
+    if out is None:
+        raise FormatError(f"{where}: merge method {method.name!r} gives no derived merged vector")
+    shape = entry.tasks[order[0]].shape
+    return {k: v.reshape(shape) for k, v in out.items()}
+
+
+@register
+class TallDerivedMerged(TallDerived):
+    name = DERIVED_MERGED
+    kind = None  # written by the exact tier (exact.add_exact) in place of every ``tall-derived`` entry
+    entry_arrays = ("base",)
+
+    @classmethod
+    def validate(cls, entry: TensorEntry, tt: TaskTensor, where: str) -> None:
+        check_derived_entry(tt, where)
+        if any(v.encoding != DERIVED_MERGED for v in entry.tasks.values()):
+            raise FormatError(f"{where}: every task of a tall-derived-merged tensor must be tall-derived-merged")
+        stored = [k for k in entry.arrays if k != "base"]
+        if stored:
+            raise FormatError(f"{where}: a tall-derived-merged tensor stores no {', '.join(stored)}")
+        base = entry.arrays.get("base")
+        if base is None or base.shape != tt.shape:
+            raise FormatError(f"{where}: a tall-derived-merged tensor needs a base of the task's shape")
+        ones = tt.params.get("ones")
+        if type(ones) is not int or not 0 <= ones <= base.numel:
+            raise FormatError(f"{where}: bad count of set mask bits {ones!r}")
+
+    @classmethod
+    def inputs(cls, entry: TensorEntry, tt: TaskTensor) -> dict[str, tuple[ArrayRef | DerivedMerged, Use]]:
+        return {"base": (entry.arrays["base"], Use.SHARED_INPUT),
+                "merged": (DerivedMerged(entry, "merged"), Use.SHARED_INPUT),
+                "exact/residual": (tt.extras["exact"].residual, Use.INPUT)}
+
+
+__all__ = ["TallDerivedMerged", "rebuild_merged"]
