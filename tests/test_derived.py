@@ -48,8 +48,8 @@ def _pack(base, tasks, out: Path, policy: str | None, **kw) -> None:
     if policy is None:
         tallpack.pack(base, tasks, out, **kw)
         return
-    with _policy(policy):
-        tallpack.pack(base, tasks, out, exact=True, **kw)
+    with _policy(policy):  # derived masks alone (format 1.6); merged vectors derived too: test_derived_merged.py
+        tallpack.pack(base, tasks, out, exact=True, **({"derive_merged": False} | kw))
 
 
 def _masks(fam) -> dict[tuple[str, str], torch.Tensor]:
@@ -242,7 +242,8 @@ def test_store_masks_option_keeps_format_1_3(small_family, tmp_path: Path) -> No
         args += ["--task", f"{t}={p}"]
     r = subprocess.run([sys.executable, "-m", "tallpack", *args], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
-    tallpack.pack(small_family["base_path"], small_family["task_paths"], derived, exact=True, chunk_elements=64)
+    tallpack.pack(small_family["base_path"], small_family["task_paths"], derived, exact=True, chunk_elements=64,
+                  derive_merged=False)
     with tallpack.open(stored) as s, tallpack.open(derived) as d:
         assert s.format_version == (1, 3) and d.format_version == (1, 6)
         assert {tt.encoding for e in s.manifest.tensors for tt in e.tasks.values()} == {"tall", "dense", "shared"}

@@ -96,7 +96,7 @@ def test_every_dtype_and_special_value_round_trips(tmp_path: Path) -> None:
     out = tmp_path / "f.tallpack"
     tallpack.pack(base, fts, out, exact=True, chunk_elements=64, threads=1)
     with tallpack.open(out) as fam:
-        assert fam.format_version == (1, 6)  # the exact tier (1.2) whose masks may be derived (1.6)
+        assert fam.format_version == (1, 8)  # the exact tier (1.2), masks (1.6) and merged vectors (1.8) derived
         assert fam.verify() == []
         refs = set()
         for t, sd in fts.items():
@@ -189,8 +189,9 @@ def test_corrupted_residual_fails_verify_and_exact_unpack(small_family, tmp_path
     """A damaged residual fails verify and exact reads; the lossy read of its tensor too where the
     mask is derived from the original (format 1.6), and only there."""
     monkeypatch.setattr(exact_mod, "MASK_POLICY", "derive" if derive else "store")
-    out = tmp_path / "c.tallpack"
-    tallpack.pack(small_family["base_path"], small_family["task_paths"], out, exact=True, chunk_elements=64)
+    out = tmp_path / "c.tallpack"  # merged vectors stored (format 1.8's derived ones: test_derived_merged.py)
+    tallpack.pack(small_family["base_path"], small_family["task_paths"], out, exact=True, chunk_elements=64,
+                  derive_merged=False)
     with tallpack.open(out) as fam:
         task, name, off, n = _residual_chunk(fam, "tall-derived" if derive else "tall")
         intact = fam.state_dict(task)
@@ -241,4 +242,4 @@ def test_cli_pack_unpack_verify_exact(small_family, tmp_path: Path) -> None:
     r = run("verify", str(out))
     assert r.returncode == 0 and r.stdout.startswith("ok"), r.stderr
     manifest = json.loads(json.dumps(tallpack.open(out).manifest.to_dict()))
-    assert manifest["format_version"] == [1, 6]  # the exact tier with derived masks
+    assert manifest["format_version"] == [1, 8]  # the exact tier with derived masks and merged vectors
