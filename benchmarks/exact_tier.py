@@ -6,10 +6,12 @@
 For each family, as a fraction of the checkpoint files' bytes: the archive packed with --exact
 (and without, for the lossy tier's own cost), ZipNN on every checkpoint, ``zstd -19 --long`` over
 all files concatenated, and a BitX-style baseline (the base and each task's XOR with the base, in
-byte planes, zstd-3, as ZipLLM does). Then the exact tier with every mask stored (format 1.5's
-writer: what derived masks save) and, masks stored, coding only against the base (what coding
+byte planes, zstd-3, as ZipLLM does). Then the exact tier with every merged vector stored
+(``--store-merged``, format 1.6: what derived merged vectors save), with every mask stored (format 1.3:
+what derived masks save) and, masks stored, coding only against the base (what coding
 against the TALL rebuild saves); exact unpack of one task against the lossy unpack, and the lossy
-unpack of the exact archive (fresh processes, alternated, medians of 3).
+unpack of the exact archive, with and without stored merged vectors and masks (fresh processes,
+alternated, medians of 3).
 """
 
 from __future__ import annotations
@@ -93,16 +95,18 @@ def zstd19_long(files: list[Path]) -> tuple[int, float]:
 
 
 def pack(base: Path, tasks: dict[str, Path], out: Path, exact: bool, candidates=None, level: int = 3,
-         masks: str = "choose") -> float:
-    """Pack in a fresh process; ``masks`` is the exact tier's mask policy (``exact.MASK_POLICY``)."""
+         masks: str = "choose", merged: str = "derive") -> float:
+    """Pack in a fresh process; ``masks`` and ``merged`` are the exact tier's policies
+    (``exact.MASK_POLICY``, ``exact.MERGED_POLICY``: "store" is ``--store-merged``)."""
     code = ("import json,sys,time,tallpack\nfrom tallpack.encodings import exact as ex\n"
             "a=json.loads(sys.argv[1])\n"
             "if a['cand']: ex.CANDIDATES=tuple(a['cand'])\n"
-            "ex.MASK_POLICY=a['masks']\n"
+            "ex.MASK_POLICY=a['masks']\nex.MERGED_POLICY=a['merged']\n"
             "t=time.perf_counter();tallpack.pack(a['base'],a['tasks'],a['out'],exact=a['exact'],level=a['level'])\n"
             "print(time.perf_counter()-t)")
     arg = json.dumps({"base": str(base), "tasks": {k: str(v) for k, v in tasks.items()}, "out": str(out),
-                      "exact": exact, "cand": candidates, "level": level, "masks": masks})
+                      "exact": exact, "cand": candidates, "level": level, "masks": masks,
+                      "merged": merged})
     r = subprocess.run([sys.executable, "-c", code, arg], capture_output=True, text=True, check=True)
     return float(r.stdout.strip().splitlines()[-1])
 
@@ -146,13 +150,17 @@ def measure(name: str, base: Path, tasks: dict[str, Path], dtype: str, root: Pat
     res: dict = {"family": name, "dtype": dtype, "tasks": len(tasks), "checkpoint_bytes": raw}
     ex, lossy, based = root / f"{name}.exact.tallpack", root / f"{name}.tallpack", root / f"{name}.base.tallpack"
     stored = root / f"{name}.stored.tallpack"
+    stored_merged = root / f"{name}.stored-merged.tallpack"
     res["pack_exact_seconds"] = pack(base, tasks, ex, True)
+    res["pack_stored_merged_seconds"] = pack(base, tasks, stored_merged, True, merged="store")
     res["pack_lossy_seconds"] = pack(base, tasks, lossy, False)
     res["pack_stored_masks_seconds"] = pack(base, tasks, stored, True, masks="store")
     pack(base, tasks, based, True, candidates=["base", "zero"], masks="store")
     res["exact_bytes"] = ex.stat().st_size
     res["lossy_bytes"] = lossy.stat().st_size
     res["exact_stored_masks_bytes"] = stored.stat().st_size
+    res["exact_stored_merged_bytes"] = stored_merged.stat().st_size
+    res["stored_merged_entries_by_encoding"] = residual_stats(stored_merged)["entries_by_encoding"]
     res["exact_base_only_bytes"] = based.stat().st_size
     res |= residual_stats(ex)
     st = residual_stats(stored)
@@ -163,20 +171,27 @@ def measure(name: str, base: Path, tasks: dict[str, Path], dtype: str, root: Pat
     res["zstd19_long_bytes"], res["zstd19_seconds"] = zstd19_long(files)
     res["bitx_bytes"] = bitx(base, tasks)
     task = next(iter(tasks))
-    t_exact, t_lossy, t_lossy_ex = [], [], []
+    t_exact, t_lossy, t_lossy_ex, t_lossy_sm, t_lossy_st = [], [], [], [], []
     for i in range(3):
         t_lossy.append(unpack_seconds(lossy, task, root / f"l{i}", False))
         t_exact.append(unpack_seconds(ex, task, root / f"e{i}", True))
         t_lossy_ex.append(unpack_seconds(ex, task, root / f"x{i}", False))
+        t_lossy_sm.append(unpack_seconds(stored_merged, task, root / f"m{i}", False))
+        t_lossy_st.append(unpack_seconds(stored, task, root / f"s{i}", False))
     res["unpack_lossy_seconds"], res["unpack_exact_seconds"] = statistics.median(t_lossy), statistics.median(t_exact)
     res["unpack_lossy_of_exact_archive_seconds"] = statistics.median(t_lossy_ex)
-    for k in ("exact", "lossy", "exact_stored_masks", "zipnn", "zstd19_long", "bitx"):
+    res["unpack_lossy_of_stored_merged_archive_seconds"] = statistics.median(t_lossy_sm)
+    res["unpack_lossy_of_stored_masks_archive_seconds"] = statistics.median(t_lossy_st)
+    for k in ("exact", "lossy", "exact_stored_masks", "exact_stored_merged", "zipnn", "zstd19_long", "bitx"):
         res[f"{k}_fraction"] = res[f"{k}_bytes"] / raw
     res["exact_vs_bitx"] = res["exact_bytes"] / res["bitx_bytes"]
     res["exact_vs_zipnn"] = res["exact_bytes"] / res["zipnn_bytes"]
     res["exact_vs_zstd19"] = res["exact_bytes"] / res["zstd19_long_bytes"]
     res["exact_unpack_vs_lossy"] = res["unpack_exact_seconds"] / res["unpack_lossy_seconds"]
     res["stored_masks_vs_bitx"] = res["exact_stored_masks_bytes"] / res["bitx_bytes"]
+    res["stored_merged_vs_bitx"] = res["exact_stored_merged_bytes"] / res["bitx_bytes"]
+    res["stored_merged_vs_zipnn"] = res["exact_stored_merged_bytes"] / res["zipnn_bytes"]
+    res["derived_merged_save"] = 1 - res["exact_bytes"] / res["exact_stored_merged_bytes"]
     res["derived_masks_save"] = 1 - res["exact_bytes"] / res["exact_stored_masks_bytes"]
     # residuals against the TALL rebuild (where the writer chose it, masks stored) against the base alone
     res["tall_saves_vs_base_only"] = 1 - res["stored_masks_residual_bytes"] / res["base_only_residual_bytes"]
