@@ -47,7 +47,7 @@ def summarize(manifest: Manifest, *, path: str, archive_bytes: int,
                 role = "corrections" if key == "correction" else key
                 stored[role] = stored.get(role, 0) + n
                 extra_bytes[t] += n
-            if tt.encoding == "tall-derived":  # exact tier, mask derived from the original
+            if tt.encoding in ("tall-derived", "tall-derived-merged"):  # exact tier, mask derived from the original
                 stored_as[t]["derived"] = stored_as[t].get("derived", 0) + 1
             if tt.encoding == "tall":
                 corr = tt.extras.get("correction")
@@ -61,6 +61,8 @@ def summarize(manifest: Manifest, *, path: str, archive_bytes: int,
                 p = (tt.params.get("ones") or 0) / n if n else 0.0
                 mask_bits_bound[t] += n * _entropy(p)
     source_bytes = int(m.stats.get("source_bytes", 0))
+    merged_tensors = [e for e in m.tensors if e.kind == "merged"]
+    derived_merged = sum(any(tt.encoding == "tall-derived-merged" for tt in e.tasks.values()) for e in merged_tensors)
     tasks = []
     for info in m.tasks:
         n = masked[info.name]
@@ -83,6 +85,8 @@ def summarize(manifest: Manifest, *, path: str, archive_bytes: int,
         "ratio": source_bytes / archive_bytes if archive_bytes else None,
         "stored_bytes": stored,
         "kinds": count_kinds(m.tensors),
+        #: merged tensors whose merged vector is derived from the exact originals (format 1.8), of all
+        "merged_derived": [derived_merged, len(merged_tensors)],
         "tasks": tasks,
         "metadata": m.metadata,
     }
@@ -118,6 +122,9 @@ def render(s: dict[str, Any]) -> str:
     if derived:  # format 1.6: the exact tier rebuilds these masks from the originals
         lines.append(f"masks derived from the exact originals, not stored: {derived} of "
                      f"{derived + sum(t['stored'].get('tall', 0) for t in s['tasks'])}")
+    k, n = s.get("merged_derived", (0, 0))
+    if k:  # format 1.8: and these merged vectors from every task's original
+        lines.append(f"merged vectors derived from the exact originals, not stored: {k} of {n} tensors")
     lines.append("")
     dial = any("weight" in t["fidelity"] for t in s["tasks"])
     header = f"{'task':<20} {'lambda':>6} {'density':>8} {'rel_l2':>7} {'cosine':>7} {'mask b/p':>9} {'H(p)':>6}"
