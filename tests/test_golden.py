@@ -1,4 +1,4 @@
-"""Golden archives of formats 1.0 to 1.6: the current reader, the JSON schema, and a reader written from
+"""Golden archives of formats 1.0 to 1.8: the current reader, the JSON schema, and a reader written from
 ``spec/FORMAT.md`` alone must all agree with the expected state dicts, bit for bit.
 
 The golden files are made by ``tests/golden/make_golden.py`` (run it only when the format changes).
@@ -26,7 +26,8 @@ import xxhash
 ROOT = Path(__file__).resolve().parent.parent
 GOLDEN = ROOT / "tests" / "golden"
 SCHEMA = ROOT / "spec" / "manifest.schema.json"
-NAMES = ["v1_0_ta", "v1_0_ties_raw", "v1_1_ta_zstd", "v1_2_exact", "v1_3_planes", "v1_4_files", "v1_6_derived"]
+NAMES = ["v1_0_ta", "v1_0_ties_raw", "v1_1_ta_zstd", "v1_2_exact", "v1_3_planes", "v1_4_files", "v1_6_derived",
+         "v1_8_derived_merged"]
 
 
 def _version(name: str) -> tuple[int, int]:
@@ -262,12 +263,17 @@ class MiniArchive:
             return tt["dtype"], self.array(tt["data"])
         if tt["encoding"] == "shared":
             return tt["dtype"], self.array(entry["data"])
-        assert tt["encoding"] in ("tall", "tall-derived")
-        base, merged = self.array(entry["base"]), self.array(entry["merged"])
+        assert tt["encoding"] in ("tall", "tall-derived", "tall-derived-merged")
+        base = self.array(entry["base"])
         b32 = _to_f32(base, entry["base"]["dtype"])
+        if tt["encoding"] == "tall-derived-merged":  # §6.1.8: no stored merged vector
+            assert "merged" not in entry and "counts" not in entry
+            merged = self.derived_merged(name)["merged"]
+        else:
+            merged = self.array(entry["merged"])
         if tt["encoding"] == "tall":
             mask = self.array(tt["mask"])
-        else:  # §6.1.7: the mask from the original (hash checked first), in float32 op by op
+        else:  # §6.1.7 (and §6.1.8): the mask from the original (hash checked first), in float32 op by op
             dtype, x = self.exact_tensor(task, name)
             assert xxhash.xxh3_64_intdigest(np.ascontiguousarray(x).tobytes()) == tt["exact"]["xxh3"]
             tau = _to_f32(x.view(NP[dtype]), dtype) - b32
@@ -276,6 +282,36 @@ class MiniArchive:
         out = b32 + mask.astype(np.float32) * merged  # float32, round to nearest even, op by op
         return tt["dtype"], _from_f32(out, tt["dtype"])
 
+
+    def derived_merged(self, name: str) -> dict[str, np.ndarray]:
+        """§6.1.8: tau_MTL (and TIES counts) from every task's original, the tasks in the manifest's
+        order, element by element in float32, every sum left to right from +0.0."""
+        entry = self.tensors[name]
+        b32 = _to_f32(self.array(entry["base"]), entry["base"]["dtype"])
+        order = [t["name"] for t in self.manifest["tasks"] if t["name"] in entry["tasks"]]
+        taus = []
+        for t in order:
+            dtype, x = self.exact_tensor(t, name)
+            assert xxhash.xxh3_64_intdigest(np.ascontiguousarray(x).tobytes()) == entry["tasks"][t]["exact"]["xxh3"]
+            taus.append(_to_f32(x.view(NP[dtype]), dtype) - b32)
+
+        def total(vs):
+            out = np.float32(0.0) + vs[0]  # +0.0 + v_1: a -0.0 becomes +0.0
+            for v in vs[1:]:
+                out = out + v
+            return out
+
+        merge = self.manifest["merge"]
+        if merge["method"] == "ta":
+            return {"merged": total(taus)}
+        assert merge["method"] == "ties" and len(merge["thresholds"]) == len(self.manifest["tasks"])
+        thr = {t["name"]: np.float32(v) for t, v in zip(self.manifest["tasks"], merge["thresholds"])}
+        trimmed = [tau * (np.abs(tau) >= thr[t]).astype(np.float32) for t, tau in zip(order, taus)]
+        s = np.sign(total(trimmed))
+        s = np.where(s == 0, np.float32(merge["majority_sign"]), s)
+        kept = [r * np.where(s > 0, r > 0, r < 0).astype(np.float32) for r in trimmed]
+        counts = sum((k != 0).astype(np.uint8) for k in kept).astype(np.uint8)
+        return {"merged": total(kept), "counts": counts}
 
     def exact_tensor(self, task: str, name: str) -> tuple[str, np.ndarray]:
         """§6.1.5: the original bits, as unsigned integers of the dtype's itemsize."""
@@ -349,15 +385,16 @@ def test_spec_reader_rebuilds_every_tensor(name: str) -> None:
             assert got.shape == tuple(want.shape), (task, k)
             assert got.reshape(-1).view(np.uint8).tobytes() == _bits(want).tobytes(), (task, k)
     # the golden files cover every encoding and the common dtypes
-    masked = "tall-derived" if name == "v1_6_derived" else "tall"
-    assert {e for e, _ in encodings} == {"dense", "shared", "tall"} | {masked}
+    masked = {"v1_6_derived": "tall-derived", "v1_8_derived_merged": "tall-derived-merged"}.get(name, "tall")
+    plain = set() if name == "v1_8_derived_merged" else {"tall"}  # 1.8's golden: every merged vector derived
+    assert {e for e, _ in encodings} == {"dense", "shared"} | plain | {masked}
     assert {d for e, d in encodings if e == masked} >= {"float32", "bfloat16", "float16"}
 
 
-@pytest.mark.parametrize("name", ["v1_2_exact", "v1_6_derived"])
+@pytest.mark.parametrize("name", ["v1_2_exact", "v1_6_derived", "v1_8_derived_merged"])
 def test_spec_reader_rebuilds_the_originals_bit_for_bit(name: str) -> None:
-    """The exact tier (format 1.2; with derived masks, 1.6) read by the spec-only reader: every
-    original tensor, bit for bit."""
+    """The exact tier (format 1.2; with derived masks, 1.6; and merged vectors, 1.8) read by the
+    spec-only reader: every original tensor, bit for bit."""
     mini = MiniArchive(GOLDEN / f"{name}.tallpack")
     assert mini.manifest["format_version"] == list(_version(name))
     with safe_open(str(GOLDEN / f"{name}.originals.safetensors"), "pt") as f:
@@ -375,7 +412,8 @@ def test_spec_reader_rebuilds_the_originals_bit_for_bit(name: str) -> None:
             if ex:
                 refs.add((ex["reference"], ex["transform"]))
     assert seen == set(originals)
-    assert {r for r, _ in refs} >= {"tall", "base"}  # both references are exercised
+    # both references are exercised (1.8's derived merged vectors need base or zero)
+    assert {r for r, _ in refs} >= ({"base", "zero"} if name == "v1_8_derived_merged" else {"tall", "base"})
     with tallpack.open(GOLDEN / f"{name}.tallpack") as fam:
         for key, want in originals.items():
             t, k = key.split("/", 1)
@@ -445,3 +483,30 @@ def test_spec_reader_reads_the_folder_files() -> None:
         assert got == want[info["name"]]
     shared = {info["files"]["tokenizer.json"] for info in mini.manifest["tasks"]}
     assert len(shared) == 1 and len(blobs) == len(want) + 2  # one tokenizer, a config per task and the base's
+
+
+def test_spec_reader_derives_the_merged_vectors_bit_for_bit() -> None:
+    """Format 1.8 (§6.1.8): the spec-only reader's derived TIES merged vectors and counts are those the
+    reference writer would have stored (the same inputs packed with ``derive_merged=False``), and
+    the TIES and consensus merged models of the current reader agree on both archives."""
+    mini = MiniArchive(GOLDEN / "v1_8_derived_merged.tallpack")
+    derived = [n for n, e in mini.tensors.items()
+               if any(tt["encoding"] == "tall-derived-merged" for tt in e["tasks"].values())]
+    assert len(derived) == 5 and mini.manifest["merge"]["method"] == "ties"
+    mg = _make_golden()
+    import tempfile
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "stored.tallpack"
+        spec = mg.ARCHIVES["v1_8_derived_merged"]
+        base, fts = mg.family(spec["seed"], spec["tasks"], spec["head_rows"])
+        tallpack.pack(base, fts, out, chunk_elements=mg.CHUNK, threads=1, **spec["pack"], derive_merged=False)
+        stored = MiniArchive(out)
+        assert stored.manifest["merge"] == mini.manifest["merge"]
+        for n in derived:
+            got = mini.derived_merged(n)
+            assert got["merged"].tobytes() == stored.array(stored.tensors[n]["merged"]).astype(np.float32).tobytes(), n
+            assert got["counts"].tobytes() == stored.array(stored.tensors[n]["counts"]).tobytes(), n
+        with tallpack.open(GOLDEN / "v1_8_derived_merged.tallpack") as d, tallpack.open(out) as s:
+            for model in ("ties", "consensus-ties"):
+                md, ms = d.merged(model), s.merged(model)
+                assert md.keys() == ms.keys() and all(_same(md[k], ms[k]) for k in md)

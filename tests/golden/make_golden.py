@@ -15,6 +15,9 @@ writes, beside this script:
   ``v1_2_exact.originals.safetensors``, the inputs' tensors (the originals) under ``"<task>/<tensor>"``;
 * ``v1_6_derived.tallpack`` (format 1.6): the exact tier with derived masks (``tall-derived``
   entries beside ``tall`` ones), and ``v1_6_derived.originals.safetensors``;
+* ``v1_8_derived_merged.tallpack`` (format 1.8): the exact tier of a TIES family whose merged
+  vectors and counts are derived from the originals (``tall-derived-merged`` tensors), and
+  ``v1_8_derived_merged.originals.safetensors``;
 * ``<name>.expected.safetensors`` for each: every task's reconstructed state dict under the keys
   ``"<task>/<tensor>"``; the metadata key ``"order"`` holds, as JSON, ``{task: [tensor names]}`` in
   the order ``state_dict(task)`` returns them (safetensors itself does not keep an order).
@@ -115,7 +118,11 @@ ARCHIVES = {
                        pack=dict(merge="ta", codec="bytegroup-zstd", checksum="xxh3-64", lambdas=0.4, exact=True)),
     "v1_6_derived": dict(seed=7, tasks=["wnli", "stsb", "qqp"], head_rows={"wnli": 2, "stsb": 1, "qqp": 2},
                          pack=dict(merge="ta", codec="planes", checksum="xxh3-64",
-                                   lambdas={"wnli": 0.5, "stsb": 0.3, "qqp": 0.4}, exact=True)),
+                                   lambdas={"wnli": 0.5, "stsb": 0.3, "qqp": 0.4}, exact=True,
+                                   derive_merged=False)),
+    "v1_8_derived_merged": dict(seed=8, tasks=["rte2", "cb", "wic"], head_rows={"rte2": 2, "cb": 3, "wic": 2},
+                                pack=dict(merge={"method": "ties", "top_k": 0.4}, codec="planes", checksum="xxh3-64",
+                                          lambdas={"rte2": 0.5, "cb": 0.3, "wic": 0.4}, exact=True)),
     "v1_3_planes": dict(seed=5, tasks=["boolq", "copa"], head_rows={"boolq": 2, "copa": 2},
                         pack=dict(merge="ta", codec="planes", checksum="xxh3-64", lambdas=0.4)),
     "v1_4_files": dict(seed=6, tasks=["squad", "mnli"], head_rows={"squad": 2, "mnli": 3}, folders=True,
