@@ -143,6 +143,14 @@ def test_schema_rejects_broken_manifests(validator) -> None:
     assert broken(lambda m: m["tasks"][0].update(keys="embed.weight"))
     # unknown keys are allowed: minor versions add them
     assert not broken(lambda m: m.update(new_key={"x": 1}) or m["tasks"][0].update(extra=1))
+    # 1.8: merged is absent exactly where every task entry is tall-derived-merged
+    dm = MiniArchive(GOLDEN / "v1_8_derived_merged.tallpack").manifest
+    assert validator.is_valid(dm)
+    for edit in (lambda e: e.update(merged=e["base"]), lambda e: e.update(counts=e["base"]),
+                 lambda e: e["tasks"]["cb"].update(encoding="tall-derived")):
+        m = json.loads(json.dumps(dm))
+        edit(m["tensors"][0])
+        assert not validator.is_valid(m)
 
 
 # -- an independent reader, written from spec/FORMAT.md only ---------------------------------------
