@@ -204,7 +204,7 @@ def rebuild_exact(read: ReadArray, entry: TensorEntry, tt: TaskTensor, where: st
 def _tall_references(ctx: WriteContext, item: Item, check: bool) -> tuple[list[torch.Tensor], bool]:
     """Each task's TALL reconstruction, computed as the reader will (same arrays, same formula);
     with ``check``, also whether the spec's derivation of the merged vector and the method's
-    arrays (``derived_merged.derive_merged``) gives the packer's bits."""
+    arrays (``merging.derive_merged``, spec §6.1.8) gives the packer's bits."""
     base, ce = item.base, ctx.chunk_elements
     assert base is not None
     parts: list[list[torch.Tensor]] = [[] for _ in item.tasks]
@@ -215,14 +215,14 @@ def _tall_references(ctx: WriteContext, item: Item, check: bool) -> tuple[list[t
             derived = derive_merged(taus, ctx.method)
             packed = {"merged": merged, **ctx.method.extras(taus)}
             same = derived is not None and derived.keys() == packed.keys() and all(
-                torch.equal(bits_of(derived[k]), bits_of(v)) for k, v in packed.items())
+                torch.equal(_bits_of(derived[k]), _bits_of(v)) for k, v in packed.items())
         for i, (t, tau, x) in enumerate(zip(item.tasks, taus, item.thetas)):
             parts[i].append(reconstruct(b, tall_mask(tau, merged, ctx.lambdas[t]), merged, x.dtype))
     return [torch.cat(p).reshape(x.shape) if p else torch.empty(x.shape, dtype=x.dtype)
             for p, x in zip(parts, item.thetas)], same
 
 
-def bits_of(t: torch.Tensor) -> torch.Tensor:
+def _bits_of(t: torch.Tensor) -> torch.Tensor:
     """A tensor's bytes as a uint8 tensor (to compare bit patterns: -0.0 is not +0.0)."""
     return t.contiguous().reshape(-1).view(torch.uint8)
 
@@ -262,26 +262,7 @@ def add_exact(ctx: WriteContext, item: Item, entry: TensorEntry, tasks: set[str]
     todo = [i for i, t in enumerate(item.tasks)
             if tasks is None or (t in tasks and "exact" not in entry.tasks[t].extras)]
     refs = {i: _references(item, i, talls[i]) for i in todo}
-    sizes = {i: _sizes(ctx, item, i, refs[i]) for i in todo}
-    choice = {i: (sizes[i][0][1], sizes[i][0][2], False) for i in todo}  # (reference, transform, derive)
-    if held is not None and MASK_POLICY != "store":
-        cost = 0.0
-        for i in todo:
-            n = item.thetas[i].numel()
-            scale = n / max(1, min(SAMPLE_ELEMENTS, n))
-            with_mask = min(s * scale + sum(len(c) for c in held[i]) for s, _, _ in sizes[i])
-            without = [(s, k, r) for s, k, r in sizes[i] if k != "tall"]
-            if without and (MASK_POLICY == "derive" or without[0][0] * scale <= with_mask):
-                choice[i] = (without[0][1], without[0][2], True)
-                cost += without[0][0] * scale
-            else:
-                cost += with_mask
-        merged_bytes = sum(len(c) for _, chunks in (merged_held or {}).values() for c in chunks)
-        everything = [[(s, k, r) for s, k, r in sizes[i] if k != "tall"] for i in todo]
-        if derivable and all(everything) and sum(
-                w[0][0] * item.thetas[i].numel() / max(1, min(SAMPLE_ELEMENTS, item.thetas[i].numel()))
-                for i, w in zip(todo, everything)) <= cost + merged_bytes:
-            choice = {i: (w[0][1], w[0][2], True) for i, w in zip(todo, everything)}
+    choice = _choose(item, todo, {i: _sizes(ctx, item, i, refs[i]) for i in todo}, held, merged_held, derivable)
     ce = ctx.chunk_elements
     for i in todo:
         t, x, tt = item.tasks[i], item.thetas[i], entry.tasks[item.tasks[i]]
@@ -303,6 +284,35 @@ def add_exact(ctx: WriteContext, item: Item, entry: TensorEntry, tasks: set[str]
     if merged_held is not None:
         _merged_vector(ctx, entry, merged_held, derivable)
     return entry
+
+
+def _choose(item: Item, todo: list[int], sizes: dict[int, list[tuple[int, str, str]]], held: list | None,
+            merged_held: dict | None, derivable: bool) -> dict[int, tuple[str, str, bool]]:
+    """Per task: (reference, transform, whether its mask is derived). Each task's mask is derived
+    where the residual against base or zero codes smaller than mask + best residual; then, where the
+    merged vector may be derived too, deriving every mask wins if it costs no more than that choice
+    plus the merged vector's (and the method's arrays') bytes."""
+    choice = {i: (sizes[i][0][1], sizes[i][0][2], False) for i in todo}
+    if held is None or MASK_POLICY == "store":
+        return choice
+    cost = 0.0  # the per-task choice, scaled from the sample to the tensor
+    for i in todo:
+        n = item.thetas[i].numel()
+        scale = n / max(1, min(SAMPLE_ELEMENTS, n))
+        with_mask = min(s * scale + sum(len(c) for c in held[i]) for s, _, _ in sizes[i])
+        without = [(s * scale, k, r) for s, k, r in sizes[i] if k != "tall"]
+        if without and (MASK_POLICY == "derive" or without[0][0] <= with_mask):
+            choice[i] = (without[0][1], without[0][2], True)
+            cost += without[0][0]
+        else:
+            cost += with_mask
+    best = {i: next(((s * item.thetas[i].numel() / max(1, min(SAMPLE_ELEMENTS, item.thetas[i].numel())), k, r)
+                     for s, k, r in sizes[i] if k != "tall"), None) for i in todo}
+    if derivable and all(best.values()):
+        merged_bytes = sum(len(c) for _, chunks in (merged_held or {}).values() for c in chunks)
+        if sum(b[0] for b in best.values()) <= cost + merged_bytes:
+            return {i: (b[1], b[2], True) for i, b in best.items()}
+    return choice
 
 
 def _references(item: Item, i: int, rec: torch.Tensor) -> dict[str, torch.Tensor | None]:
