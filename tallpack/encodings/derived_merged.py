@@ -24,6 +24,7 @@ from ..tall import task_vector
 from .base import ReadArray, TaskTensor, TensorEntry, Use, register
 from .derived import DERIVED_MERGED, DerivedMerged, TallDerived, check_derived_entry
 from .exact import rebuild_exact
+from .tall import COMPUTE_ELEMENTS
 
 
 def rebuild_merged(read: ReadArray, entry: TensorEntry, order: list[str], method: MergeMethod,
@@ -34,15 +35,22 @@ def rebuild_merged(read: ReadArray, entry: TensorEntry, order: list[str], method
     >>> rebuild_merged(fam.read_array, entry, list(fam.tasks), method, "tensor 'w'")["merged"]
     """
     base = read(entry.arrays["base"], where + " (base)", Use.SHARED_INPUT).reshape(-1)
-    taus = []
-    for t in order:
-        tt = entry.tasks[t]
-        theta = rebuild_exact(read, entry, tt, f"{where}, task {t!r}")
-        taus.append(task_vector(theta.reshape(-1), base))
-    out = derive_merged(taus, method)
-    if out is None:
-        raise FormatError(f"{where}: merge method {method.name!r} gives no derived merged vector")
+    thetas = [rebuild_exact(read, entry, entry.tasks[t], f"{where}, task {t!r}").reshape(-1) for t in order]
     shape = entry.tasks[order[0]].shape
+    out: dict[str, torch.Tensor] = {}
+    # element by element, so in blocks: T float32 task vectors of one block at a time, as the packer
+    for a in range(0, base.numel(), COMPUTE_ELEMENTS):
+        b = base[a : a + COMPUTE_ELEMENTS]
+        part = derive_merged([task_vector(x[a : a + COMPUTE_ELEMENTS], b) for x in thetas], method)
+        if part is None:
+            raise FormatError(f"{where}: merge method {method.name!r} gives no derived merged vector")
+        for k, v in part.items():
+            out.setdefault(k, torch.empty(base.numel(), dtype=v.dtype))[a : a + v.numel()] = v
+    if not out:  # an empty tensor
+        empty = derive_merged([torch.empty(0) for _ in order], method)
+        if empty is None:
+            raise FormatError(f"{where}: merge method {method.name!r} gives no derived merged vector")
+        out = empty
     return {k: v.reshape(shape) for k, v in out.items()}
 
 
