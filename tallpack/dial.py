@@ -449,11 +449,14 @@ class Dial:
                 lo = mid
         return hi
 
-    def _switch(self, choices: dict[str, dict[str, Option]]) -> tuple[int, set[str]]:
+    def _switch(self, choices: dict[str, dict[str, Option]],
+                keep: Callable[[str, dict[str, Option]], bool] | None = None) -> tuple[int, set[str]]:
         """The merged-vector pass, in place on ``choices`` (task -> tensor -> option): drop a
         tensor's merged vector when every task is qtau, or when moving the other tasks to a qtau
-        at least as accurate as their option costs less than the merged vector. Returns the bytes
-        saved and the tensors whose merged vector goes."""
+        at least as accurate as their option costs less than the merged vector (and, given
+        ``keep``, every moved task's new choices pass it: with an evaluator, less weight error
+        need not mean a better score). Returns the bytes saved and the tensors whose merged
+        vector goes."""
         saved, dropped = 0, set()
         if not self.droppable:
             return 0, dropped
@@ -472,8 +475,13 @@ class Dial:
                 delta += moves[t].cost - o.cost
             else:
                 if delta < 0:
+                    before = {t: choices[t][name] for t in moves}
                     for t, q in moves.items():
                         choices[t][name] = q
+                    if keep is not None and not all(keep(t, choices[t]) for t in moves):
+                        for t, o in before.items():
+                            choices[t][name] = o
+                        continue
                     saved -= delta
                     dropped.add(name)
         return saved, dropped
@@ -510,7 +518,12 @@ class Dial:
             assert spare is not None
             prefixes = self._max_min(spare, cost, fid)
         choices = {t: self.plans[t].chosen(prefixes[t]) for t in tasks}
-        _, self.dropped = self._switch(choices)
+        keep = None
+        if score is not None:
+            floor = {t: score(t, choices[t]) if self.target is None else min(self.target, score(t, choices[t]))
+                     for t in tasks}
+            keep = lambda t, ch: score(t, ch) >= floor[t]  # noqa: E731
+        _, self.dropped = self._switch(choices, keep)
         for t in tasks:
             plan, ch = self.plans[t], choices[t]
             self.choice[t] = {k: o for k, o in ch.items() if o.kind is not None}

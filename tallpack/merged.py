@@ -12,6 +12,7 @@ from typing import Protocol
 import torch
 
 from .arrays import ArrayRef
+from .encodings.qtau import task_masks
 from .errors import FormatError, InvalidArgumentError
 from .manifest import Manifest
 from .merging import METHODS, apply_direction, default_alpha, is_consensus, merge_direction, merged_model_method
@@ -48,6 +49,7 @@ class MergeParts:
         self.model, self.k = model, k
         self.tasks = tuple(t.name for t in manifest.tasks)
         self._family = family
+        lambdas = {t.name: t.lam for t in manifest.tasks}
         self.parts: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
         for e in manifest.tensors:
             if set(e.tasks) != set(self.tasks):
@@ -55,10 +57,16 @@ class MergeParts:
             where = f"tensor {e.name!r}"
             if e.kind == "merged":
                 base = read(e.arrays["base"], f"{where} (base)")
-                tau = read(e.arrays["merged"], f"{where} (merged)")
                 masks = extras = None
+                if any(tt.encoding == "qtau" for tt in e.tasks.values()):  # the dial's (format 1.7, §6.1.7)
+                    tau, by_task = task_masks(read, e, lambdas)
+                    tau = tau.reshape(base.shape)
+                    masks = [m.reshape(base.shape) for m in by_task.values()]
+                else:
+                    tau = read(e.arrays["merged"], f"{where} (merged)")
                 if is_consensus(model):
-                    masks = [read(tt.arrays["mask"], f"task {t!r}, {where} (mask)") for t, tt in e.tasks.items()]
+                    if masks is None:
+                        masks = [read(tt.arrays["mask"], f"task {t!r}, {where} (mask)") for t, tt in e.tasks.items()]
                 else:
                     missing = [x for x in method.extra_arrays if x not in e.arrays]
                     if missing:

@@ -178,8 +178,8 @@ def task_masks(read: ReadArray, entry: TensorEntry, lambdas: Mapping[str, float 
     for t in lambdas:
         tt = entry.tasks.get(t)
         if tt is not None and tt.encoding == "qtau":
-            deqs[t] = deq_of(read(tt.arrays["codes"], f"task {t!r}, {where} (codes)", Use.INPUT),
-                             read(tt.arrays["scales"], f"task {t!r}, {where} (scales)", Use.INPUT), tt)
+            deqs[t] = deq_of(read(tt.arrays["codes"], f"task {t!r}, {where} (codes)"),
+                             read(tt.arrays["scales"], f"task {t!r}, {where} (scales)"), tt)
     if "merged" in entry.arrays:
         merged = read(entry.arrays["merged"], f"{where} (merged)").reshape(-1)
     else:

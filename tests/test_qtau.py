@@ -1,0 +1,196 @@
+"""The dial's ``qtau`` candidate (format 1.7): a task's own quantized task vector instead of its
+mask, the merged vector dropped where no task needs it; readers, consumers of masks and the CLI."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from safetensors.torch import load_file, save_file
+from test_fidelity import TALL_CORRECTIONS, family, weight_fidelity
+
+import tallpack
+from tallpack.encodings.qtau import BITS, dequantize, quantize
+from tallpack.tall import tall_mask
+
+
+def spec_deq(codes: np.ndarray, scales: np.ndarray, bits: int, block: int, n: int) -> np.ndarray:
+    """deQ as spec §6.1.7 words it, one element at a time: bit j of the stream is bit (j mod 8) of
+    byte j div 8; u_i is bits [i*bits, (i+1)*bits), least significant first."""
+    out = np.empty(n, dtype=np.float32)
+    for i in range(n):
+        u = sum(((int(codes[(i * bits + j) // 8]) >> ((i * bits + j) % 8)) & 1) << j for j in range(bits))
+        out[i] = np.float32(u - (1 << (bits - 1))) * np.float32(scales[i // block])
+    return out
+
+
+@settings(max_examples=60, deadline=None)
+@given(n=st.integers(0, 200), bits=st.sampled_from(BITS), half=st.booleans(), seed=st.integers(0, 2**31 - 1),
+       scale=st.sampled_from([1e-30, 1e-6, 1e-3, 1.0, 1e4, 1e30]), block=st.sampled_from([1, 7, 64]))
+def test_quantize_round_trip_matches_the_spec(n, bits, half, seed, scale, block):
+    g = torch.Generator().manual_seed(seed)
+    tau = torch.randn(n, generator=g) * scale
+    tau[torch.rand(n, generator=g) < 0.1] = 0.0
+    codes, scales = quantize(tau, bits, block, half=half)
+    assert codes.dtype == np.uint8 and codes.shape == (-(-n * bits // 8),)
+    assert scales.dtype in (np.float16, np.float32) and scales.shape == (-(-n // block),)
+    if not half:
+        assert scales.dtype == np.float32
+    deq = dequantize(codes, scales, bits, block, n)
+    assert deq.dtype == torch.float32 and deq.shape == (n,)
+    want = spec_deq(codes, scales, bits, block, n)
+    assert np.array_equal(deq.numpy().view(np.uint32), want.view(np.uint32))  # bit for bit
+    # within half a step of the stored scale: no code clamps (float16 scales are rounded up)
+    s = torch.from_numpy(scales.astype(np.float32)).repeat_interleave(block)[:n]
+    assert bool(((deq - tau).abs() <= s * 0.5000001 + 1e-45).all())
+    assert bool((deq[tau == 0] == 0).all())
+
+
+def _need_qtau(tasks: int = 4):
+    """Overlapping dense updates: TALL loses much, every task's own vector is worth storing."""
+    return family("dense", tasks=tasks)
+
+
+def test_target_met_and_smaller_than_corrections(tmp_path):
+    base, fts = _need_qtau()
+    for target in (0.9, 0.97):
+        a, b = tmp_path / f"q{target}.tallpack", tmp_path / f"c{target}.tallpack"
+        m = tallpack.pack(base, fts, a, fidelity=target)
+        tallpack.pack(base, fts, b, fidelity=target, corrections=TALL_CORRECTIONS)
+        assert m.format_version == (1, 7) and m.stats["dial"]["met"]
+        assert a.stat().st_size < 0.8 * b.stat().st_size
+        with tallpack.open(a) as fam:
+            assert fam.format_version == (1, 7)
+            for t in fts:
+                got = weight_fidelity(fam, t, fts[t])
+                assert got >= target and got == pytest.approx(fam.task_info(t).fidelity["weight"], abs=1e-9)
+                assert any(k.startswith("qtau") for k in fam.summary()["tasks"][fam.tasks.index(t)]["stored"])
+            dropped = [e for e in fam.manifest.tensors if e.kind == "merged" and "merged" not in e.arrays]
+            assert len(dropped) == m.stats["dial"]["merged_dropped"] > 0
+            assert all(tt.encoding == "qtau" and "mask" not in tt.arrays for e in dropped for tt in e.tasks.values())
+            assert fam.summary()["stored_bytes"]["qtau"] > 0
+            assert fam.verify() == []
+
+
+def test_no_qtau_with_ties_keeps_merged(tmp_path):
+    base, fts = _need_qtau()
+    m = tallpack.pack(base, fts, tmp_path / "t.tallpack", fidelity=0.9, merge="ties")
+    assert m.stats["dial"]["met"] and m.stats["dial"]["merged_dropped"] == 0
+    with tallpack.open(tmp_path / "t.tallpack") as fam:
+        assert all("merged" in e.arrays and "counts" in e.arrays for e in fam.manifest.tensors if e.kind == "merged")
+        assert any(tt.encoding == "qtau" for e in fam.manifest.tensors for tt in e.tasks.values())
+        for t in fts:
+            assert weight_fidelity(fam, t, fts[t]) >= 0.9
+        from tallpack.merged import MergeParts
+
+        for model in ("ties", "consensus-ties"):
+            sd = MergeParts(fam, model, 2).state_dict(task="t0")
+            assert set(sd) == set(fts["t0"]) and all(bool(torch.isfinite(v).all()) for v in sd.values())
+
+
+def test_derived_masks_and_merges(tmp_path):
+    """Consumers of masks read, for a qtau task, |deQ| > lambda |tau_MTL' - deQ| with tau_MTL' the
+    sum of the deQ where the merged vector is gone (spec §6.1.7), computed here by hand."""
+    base, fts = _need_qtau()
+    path = tmp_path / "q.tallpack"
+    tallpack.pack(base, fts, path, fidelity=0.9)
+    from tallpack.merged import MergeParts
+    from tallpack.stats import compute
+
+    with tallpack.open(path) as fam:
+        e = next(e for e in fam.manifest.tensors if e.kind == "merged" and "merged" not in e.arrays)
+        deq = {}
+        for t, tt in e.tasks.items():
+            codes = fam.read_array(tt.arrays["codes"], "codes").numpy()
+            scales = fam.read_array(tt.arrays["scales"], "scales").numpy()
+            deq[t] = torch.from_numpy(spec_deq(codes, scales, tt.params["bits"], tt.params["block"],
+                                               int(np.prod(tt.shape))))
+        total = torch.zeros_like(deq["t0"])
+        for t in fam.tasks:
+            total = total + deq[t]
+        masks = {t: tall_mask(deq[t], total, fam.task_info(t).lam) for t in fam.tasks}
+        assert all(int(masks[t].sum()) == e.tasks[t].params["ones"] for t in fam.tasks)
+        ta = MergeParts(fam, "ta", 2).parts[e.name]
+        assert torch.equal(ta[1].reshape(-1), total)
+        cons = MergeParts(fam, "consensus-ta", 2).parts[e.name]
+        count = sum(m.to(torch.int32) for m in masks.values())
+        assert torch.equal(cons[1].reshape(-1), (count >= 2).to(torch.float32) * total)
+        s = compute(fam)
+        assert s.weights == sum(int(np.prod(x.arrays["base"].shape)) for x in fam.manifest.tensors if x.kind == "merged")
+
+
+def test_cli_end_to_end(tmp_path):
+    from tallpack_cli.main import main
+
+    base, fts = _need_qtau(3)
+    save_file(base, str(tmp_path / "base.safetensors"))
+    arc = str(tmp_path / "f.tallpack")
+    args = ["pack", "--base", str(tmp_path / "base.safetensors"), "-o", arc, "--fidelity", "0.95"]
+    for t, ft in fts.items():
+        save_file(ft, str(tmp_path / f"{t}.safetensors"))
+        args += ["--task", f"{t}={tmp_path / f'{t}.safetensors'}"]
+    run = lambda *a: CliRunner().invoke(main, list(a))  # noqa: E731
+    r = run(*args)
+    assert r.exit_code == 0, r.output
+    r = run("inspect", arc)
+    assert r.exit_code == 0 and "qtau" in r.output, r.output
+    j = json.loads(run("inspect", "--json", arc).output)
+    assert j["format_version"] == "1.7" and all(t["fidelity"]["weight"] >= 0.95 for t in j["tasks"])
+    assert run("verify", arc).exit_code == 0
+    r = run("unpack", arc, "--task", "t1", "-o", str(tmp_path / "t1"))
+    assert r.exit_code == 0, r.output
+    with tallpack.open(arc) as fam:
+        want = fam.state_dict("t1")
+    got = load_file(str(next((tmp_path / "t1").glob("*.safetensors"))))
+    assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
+    for method in ("consensus-ta", "ta"):
+        r = run("merge", arc, "--method", method, "--task", "t0", "-o", str(tmp_path / method))
+        assert r.exit_code == 0, r.output
+    r = run("stats", "--json", arc)
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.output[r.output.index("{"):])["weights"] > 0
+
+
+def test_corrupted_codes_raise_integrity_error(tmp_path):
+    base, fts = _need_qtau(3)
+    path = tmp_path / "q.tallpack"
+    tallpack.pack(base, fts, path, fidelity=0.9)
+    with tallpack.open(path) as fam:
+        e = next(e for e in fam.manifest.tensors if any(tt.encoding == "qtau" for tt in e.tasks.values()))
+        t, tt = next((t, tt) for t, tt in e.tasks.items() if tt.encoding == "qtau")
+        for key in ("codes", "scales"):
+            chunk = tt.arrays[key].chunks[0]
+            bad_path = tmp_path / f"bad-{key}.tallpack"
+            data = bytearray(path.read_bytes())
+            data[chunk.offset + chunk.nbytes // 2] ^= 0x10
+            bad_path.write_bytes(bytes(data))
+            with tallpack.open(bad_path) as bad:
+                with pytest.raises(tallpack.IntegrityError):
+                    bad.get_tensor(t, e.name)
+                assert bad.verify() != []
+
+
+def test_malformed_qtau_entries_are_refused(tmp_path):
+    base, fts = _need_qtau(2)
+    path = tmp_path / "q.tallpack"
+    tallpack.pack(base, fts, path, fidelity=0.9)
+    from tallpack.encodings import TensorEntry
+
+    with tallpack.open(path) as fam:
+        e = next(e for e in fam.manifest.tensors if any(tt.encoding == "qtau" for tt in e.tasks.values()))
+        d = e.to_dict()
+    t = next(t for t, v in d["tasks"].items() if v["encoding"] == "qtau")
+    for key, value in (("bits", 5), ("bits", True), ("block", 0), ("ones", -1), ("ones", 10**9)):
+        bad = json.loads(json.dumps(d))
+        bad["tasks"][t][key] = value
+        with pytest.raises(tallpack.FormatError, match=repr(e.name)):
+            TensorEntry.from_dict(bad, set(d["tasks"]))
+    bad = json.loads(json.dumps(d))
+    bad["tasks"][t]["codes"]["shape"] = [bad["tasks"][t]["codes"]["shape"][0] + 1]
+    with pytest.raises(tallpack.FormatError):
+        TensorEntry.from_dict(bad, set(d["tasks"]))
