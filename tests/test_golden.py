@@ -1,4 +1,4 @@
-"""Golden archives of formats 1.0 to 1.2: the current reader, the JSON schema, and a reader written from
+"""Golden archives of formats 1.0 to 1.7: the current reader, the JSON schema, and a reader written from
 ``spec/FORMAT.md`` alone must all agree with the expected state dicts, bit for bit.
 
 The golden files are made by ``tests/golden/make_golden.py`` (run it only when the format changes).
@@ -26,7 +26,8 @@ import xxhash
 ROOT = Path(__file__).resolve().parent.parent
 GOLDEN = ROOT / "tests" / "golden"
 SCHEMA = ROOT / "spec" / "manifest.schema.json"
-NAMES = ["v1_0_ta", "v1_0_ties_raw", "v1_1_ta_zstd", "v1_2_exact", "v1_3_planes", "v1_4_files"]
+NAMES = ["v1_0_ta", "v1_0_ties_raw", "v1_1_ta_zstd", "v1_2_exact", "v1_3_planes", "v1_4_files", "v1_5_correction",
+         "v1_7_qtau"]
 
 
 def _version(name: str) -> tuple[int, int]:
@@ -140,6 +141,20 @@ def test_schema_rejects_broken_manifests(validator) -> None:
     assert broken(lambda m: m["tensors"][0]["tasks"]["cars"].pop("mask"))
     assert broken(lambda m: m["tensors"][0]["merged"].update(dtype="bfloat16"))
     assert broken(lambda m: m["tasks"][0].update(keys="embed.weight"))
+    q = MiniArchive(GOLDEN / "v1_7_qtau.tallpack").manifest
+    dropped = next(i for i, e in enumerate(q["tensors"]) if e["kind"] == "merged" and "merged" not in e)
+
+    def broken_q(edit) -> bool:
+        m = json.loads(json.dumps(q))
+        edit(m["tensors"][dropped])
+        return not validator.is_valid(m)
+
+    assert validator.is_valid(q)
+    assert broken_q(lambda e: e["tasks"]["arc"].pop("codes"))
+    assert broken_q(lambda e: e["tasks"]["arc"].update(bits=5))
+    assert broken_q(lambda e: e["tasks"]["arc"]["scales"].update(dtype="bfloat16"))
+    assert broken_q(lambda e: e["tasks"]["arc"].update(encoding="tall", mask={**e["base"], "dtype": "bool"}, ones=0))
+    assert not broken_q(lambda e: e.update(merged={**e["base"], "dtype": "float32"}))  # with it, fine
     # unknown keys are allowed: minor versions add them
     assert not broken(lambda m: m.update(new_key={"x": 1}) or m["tasks"][0].update(extra=1))
 
@@ -189,7 +204,8 @@ class MiniArchive:
     def _refs(t: dict) -> list[dict]:
         refs = [t[k] for k in ("base", "merged", "counts", "data") if k in t]
         for tt in t["tasks"].values():
-            refs += [tt[k] for k in ("mask", "data") if k in tt]
+            refs += [tt[k] for k in ("mask", "data", "codes", "scales") if k in tt]
+            refs += [v for k, v in tt.get("correction", {}).items() if isinstance(v, dict)]
             if "exact" in tt:
                 refs.append(tt["exact"]["residual"])
         return refs
@@ -262,10 +278,36 @@ class MiniArchive:
             return tt["dtype"], self.array(tt["data"])
         if tt["encoding"] == "shared":
             return tt["dtype"], self.array(entry["data"])
+        b32 = _to_f32(self.array(entry["base"]), entry["base"]["dtype"])
+        if tt["encoding"] == "qtau":  # §6.1.7: f32(B) + deQ, deQ[i] = f32(u_i - 2^(bits-1)) * scale
+            return tt["dtype"], _from_f32(b32 + _deq(self, tt).reshape(b32.shape), tt["dtype"])
         assert tt["encoding"] == "tall"
-        base, merged, mask = self.array(entry["base"]), self.array(entry["merged"]), self.array(tt["mask"])
-        b32 = _to_f32(base, entry["base"]["dtype"])
+        merged, mask = self.array(entry["merged"]), self.array(tt["mask"])
         out = b32 + mask.astype(np.float32) * merged  # float32, round to nearest even, op by op
+        corr = tt.get("correction")
+        if corr is not None:  # §6.1.6: a second rounding, that of adding C
+            if corr["kind"] == "exact":
+                dtype, bits = self.exact_tensor(task, name)
+                return dtype, bits.view(NP[dtype]) if dtype != "bfloat16" else bits
+            n = out.size
+            c = np.zeros(n, np.float32)
+            if corr["kind"] == "sparse":
+                gaps = self.array(corr["indices"]).astype(np.uint64)
+                assert (gaps[1:] > 0).all()
+                idx = np.cumsum(gaps)
+                assert idx.size == 0 or int(idx[-1]) < n
+                c[idx.astype(np.int64)] = self.array(corr["values"]).astype(np.float32)
+            else:
+                assert corr["kind"] == "quant"
+                codes, scales, block = self.array(corr["codes"]), self.array(corr["scales"]), corr["block"]
+                if corr["bits"] == 8:
+                    q = codes.astype(np.float32)
+                else:
+                    q = np.empty(2 * codes.size, np.float32)
+                    q[0::2], q[1::2] = (codes & 0x0F).astype(np.float32) - 8, (codes >> 4).astype(np.float32) - 8
+                    q = q[:n]
+                c = q * np.repeat(scales, block)[:n]
+            out = (out.reshape(-1) + c).reshape(out.shape)
         return tt["dtype"], _from_f32(out, tt["dtype"])
 
 
@@ -306,6 +348,16 @@ class MiniArchive:
         return dtype, x.reshape(tt["shape"])
 
 
+def _deq(mini: MiniArchive, tt: dict) -> np.ndarray:
+    """§6.1.7: the codes are one little-endian bit stream, code i in bits [i*bits, (i+1)*bits)."""
+    bits, block, n = tt["bits"], tt["block"], math.prod(tt["shape"])
+    stream = np.unpackbits(mini.array(tt["codes"]), bitorder="little")
+    assert stream.size >= n * bits
+    u = (stream[: n * bits].reshape(n, bits).astype(np.int64) << np.arange(bits)).sum(axis=1)
+    scales = mini.array(tt["scales"]).astype(np.float32)
+    return (u - (1 << (bits - 1))).astype(np.float32) * np.repeat(scales, block)[:n]
+
+
 def _to_f32(a: np.ndarray, dtype: str) -> np.ndarray:
     if dtype == "bfloat16":
         return (a.astype(np.uint32) << 16).view(np.float32)
@@ -341,8 +393,21 @@ def test_spec_reader_rebuilds_every_tensor(name: str) -> None:
             assert got.shape == tuple(want.shape), (task, k)
             assert got.reshape(-1).view(np.uint8).tobytes() == _bits(want).tobytes(), (task, k)
     # the golden files cover every encoding and the common dtypes
-    assert {e for e, _ in encodings} == {"tall", "dense", "shared"}
-    assert {d for e, d in encodings if e == "tall"} >= {"float32", "bfloat16", "float16"}
+    merged_as = "qtau" if name == "v1_7_qtau" else "tall"
+    assert {e for e, _ in encodings} == {"tall", "dense", "shared"} | {merged_as}
+    assert {d for e, d in encodings if e == merged_as} >= {"float32", "bfloat16", "float16"}
+
+
+def test_spec_reader_covers_the_dials_fields() -> None:
+    """The 1.5 golden holds sparse and quantized corrections; the 1.7 one qtau entries of every
+    bit width with float16 and float32 scales, and tensors without a merged vector."""
+    entries = MiniArchive(GOLDEN / "v1_5_correction.tallpack").manifest["tensors"]
+    kinds = {(c["kind"], c.get("bits")) for e in entries for tt in e["tasks"].values() if (c := tt.get("correction"))}
+    assert {k for k, _ in kinds} == {"sparse", "quant"}
+    m = MiniArchive(GOLDEN / "v1_7_qtau.tallpack").manifest
+    q = [(tt["bits"], tt["scales"]["dtype"]) for e in m["tensors"] for tt in e["tasks"].values() if tt["encoding"] == "qtau"]
+    assert {b for b, _ in q} == {2, 3, 4, 8} and {d for _, d in q} == {"float16", "float32"}
+    assert any(e["kind"] == "merged" and "merged" not in e for e in m["tensors"])
 
 
 def test_spec_reader_rebuilds_the_originals_bit_for_bit() -> None:
