@@ -71,7 +71,7 @@ def build_conflict(root: Path) -> dict:
     return cfg
 
 
-def conflict_eval(task: str, sd, split: str = "test") -> float:
+def conflict_eval(task: str, sd, split: str = "test", per_example: bool = False):
     i = int(task[4:])
     x, y = demo._task_arrays(demo._PRETRAIN_SPEC, split, 0)
     y = torch.from_numpy(_perm(i))[y]
@@ -80,7 +80,18 @@ def conflict_eval(task: str, sd, split: str = "test") -> float:
         h = torch.nn.functional.linear(h, sd[f"{2 * j}.weight"].float(), sd[f"{2 * j}.bias"].float())
         if j < 2:
             h = torch.nn.functional.gelu(h)
-    return float((h.argmax(-1) == y).double().mean())
+    right = (h.argmax(-1) == y).double()
+    return right.numpy() if per_example else float(right.mean())
+
+
+def demo_examples(root, task: str, sd, split: str = "val"):
+    """Per-example correctness (0/1) of the demo family's task model, as ``demo.evaluate`` scores it."""
+    model, data = demo._eval_entry(root, task)
+    want = dict(model.named_parameters()) | dict(model.named_buffers())
+    tensors = {k: torch.as_tensor(sd[k]).to(v.dtype) for k, v in want.items()}
+    x, y = data[split]
+    with torch.no_grad():
+        return (torch.func.functional_call(model, tensors, (x,)).argmax(-1) == y).double().numpy()
 
 
 # -- families as (base path, tasks, evaluate) ------------------------------------------------------
@@ -89,12 +100,13 @@ def families(quick: bool) -> dict:
     out = {}
     p = demo.build_family(ROOT / ".tallpack-demo" / "family")
     out["demo"] = (str(p.base), {t: str(v) for t, v in p.tasks.items()},
-                   lambda t, sd, split="test": demo.evaluate(p.root, t, sd, split=split))
+                   lambda t, sd, split="test": demo.evaluate(p.root, t, sd, split=split),
+                   lambda t, sd: demo_examples(p.root, t, sd, "val"))
     croot = OUT / "conflict"
     build_conflict(croot)
     out["conflict"] = (str(croot / "base.safetensors"),
                        {f"perm{i}": str(croot / f"perm{i}.safetensors") for i in range(CONFLICT_TASKS)},
-                       conflict_eval)
+                       conflict_eval, lambda t, sd: conflict_eval(t, sd, "val", per_example=True))
     return out
 
 
@@ -146,7 +158,7 @@ BASELINES = {"dare": [0.02, 0.05, 0.1, 0.2, 0.4, 0.7], "topk": [0.01, 0.03, 0.1,
              "quant": [2, 3, 4, 5, 6, 8]}
 
 
-def run_family(name: str, base_path: str, tasks: dict[str, str], evaluate, quick: bool, work: Path) -> dict:
+def run_family(name: str, base_path: str, tasks: dict[str, str], evaluate, examples, quick: bool, work: Path) -> dict:
     originals = {t: _load(p) for t, p in tasks.items()}
     base = _load(base_path)
     one = sum(v.numel() * v.element_size() for o in originals.values() for v in o.values()) / len(originals)
@@ -169,13 +181,15 @@ def run_family(name: str, base_path: str, tasks: dict[str, str], evaluate, quick
         return row
 
     tall = point("TALL (lambda 0.4)", work / f"{name}-tall.tallpack")
-    targets = [0.9, 0.95, 0.99] if quick else [0.8, 0.9, 0.95, 0.98, 0.99, 0.995]
+    targets = [0.9, 0.95, 0.99] if quick else [0.8, 0.9, 0.95, 0.97, 0.98, 0.99, 0.995]
     for f in targets:
         point(f"dial, weight fidelity {f}", work / f"{name}-w{f}.tallpack", fidelity=f)
     val = lambda t, sd: evaluate(t, sd, "val")  # noqa: E731
     for f in ([0.99] if quick else [0.98, 0.99, 1.0]):
         point(f"dial, val accuracy {f}", work / f"{name}-v{f}.tallpack", fidelity=f, evaluate=val, lambda_grid=[0.4])
-    for b in ([] if quick else [1.5, 2.5, 3.0, 4.0]):
+        point(f"dial, val accuracy {f}, per-example bound", work / f"{name}-ve{f}.tallpack", fidelity=f,
+              evaluate=examples, lambda_grid=[0.4])
+    for b in ([] if quick else [1.5, 2.0, 2.5, 3.0, 4.0]):
         try:
             point(f"dial, budget {b}x", work / f"{name}-b{b}.tallpack", budget=b)
         except tallpack.TallpackError as e:
@@ -203,6 +217,36 @@ def run_family(name: str, base_path: str, tasks: dict[str, str], evaluate, quick
             rows.append({"family": name, "method": f"baseline {kind}", "param": p, "bytes": size, "x": size / one,
                          "mean": float(np.mean(list(sc.values()))), "min": float(min(sc.values())), "per_task": sc})
     return {"one_checkpoint_bytes": one, "rows": rows}
+
+
+def ablation(name: str, base_path: str, tasks: dict[str, str], evaluate, quick: bool, work: Path) -> list[dict]:
+    """What each part of the qtau candidate buys, at equal targets: the dial without qtau (format
+    1.5's corrections), with qtau but the merged vector always kept, with float32 scales only, all."""
+    import tallpack.dial as dial_mod
+    import tallpack.encodings.qtau as qtau_mod
+
+    originals = {t: _load(p) for t, p in tasks.items()}
+    one = sum(v.numel() * v.element_size() for o in originals.values() for v in o.values()) / len(originals)
+    configs = {"no qtau (1.5 corrections)": dict(corrections=("sparse", "quant4", "quant8", "exact")),
+               "qtau, merged vector kept": dict(_drop=False), "qtau, float32 scales": dict(_half=False),
+               "qtau, all": {}}
+    rows = []
+    for f in ([0.95] if quick else [0.9, 0.95, 0.99]):
+        for label, kw in configs.items():
+            kw = dict(kw)
+            dial_mod.DROP_MERGED, qtau_mod.HALF_SCALES = kw.pop("_drop", True), kw.pop("_half", True)
+            path = work / f"{name}-abl.tallpack"
+            try:
+                tallpack.pack(base_path, tasks, path, fidelity=f, overwrite=True, **kw)
+            finally:
+                dial_mod.DROP_MERGED, qtau_mod.HALF_SCALES = True, True
+            with tallpack.open(path) as fam:
+                sc = _scores(evaluate, originals, {t: fam.state_dict(t) for t in fam.tasks})
+            rows.append({"family": name, "target": f, "config": label, "bytes": path.stat().st_size,
+                         "x": path.stat().st_size / one, "mean": float(np.mean(list(sc.values()))),
+                         "min": float(min(sc.values()))})
+            print(f"{name:9s} ablation {f} {label:28s} {rows[-1]['x']:6.2f}x  min {rows[-1]['min']:.4f}", flush=True)
+    return rows
 
 
 def measure_table(base_path: str, tasks: dict[str, str], evaluate, work: Path) -> list[dict]:
@@ -248,11 +292,15 @@ def plot(results: dict, path: Path) -> None:
             ax.plot([r["x"] for r in dial], [100 * r[stat] for r in dial], color="tab:blue", marker="o",
                     label="tallpack: TALL, dial (weight fidelity), exact")
             for r in rows:
-                if r["method"].startswith("dial, val"):
+                if r["method"].startswith("dial, val") and "per-example" in r["method"]:
+                    ax.plot(r["x"], 100 * r[stat], color="tab:orange", marker="P", ms=10, ls="none")
+                elif r["method"].startswith("dial, val"):
                     ax.plot(r["x"], 100 * r[stat], color="tab:red", marker="*", ms=12, ls="none")
                 if r["method"].startswith("dial, budget"):
                     ax.plot(r["x"], 100 * r[stat], color="tab:cyan", marker="D", ls="none")
             ax.plot([], [], color="tab:red", marker="*", ls="none", label="dial with evaluator (val acc.)")
+            ax.plot([], [], color="tab:orange", marker="P", ls="none",
+                    label="dial with evaluator, per-example lower bound")
             ax.plot([], [], color="tab:cyan", marker="D", ls="none", label="dial with --budget")
             ax.axhline(99, color="k", lw=0.5, ls=":")
             ax.set_xscale("log")
@@ -276,9 +324,11 @@ def main() -> None:
     t0 = time.perf_counter()
     fams = families(args.quick)
     results: dict = {"quick": args.quick, "families": {}}
-    for name, (b, tasks, ev) in fams.items():
-        results["families"][name] = run_family(name, b, tasks, ev, args.quick, work)
-    b, tasks, ev = fams["demo"]
+    for name, (b, tasks, ev, ex) in fams.items():
+        results["families"][name] = run_family(name, b, tasks, ev, ex, args.quick, work)
+    results["ablation"] = [r for name, (b, tasks, ev, _) in fams.items()
+                           for r in ablation(name, b, tasks, ev, args.quick, work)]
+    b, tasks, ev, _ = fams["demo"]
     results["measure"] = measure_table(b, tasks, ev, work)
     results["seconds"] = time.perf_counter() - t0
     (OUT / "fidelity_dial.json").write_text(json.dumps(results, indent=1))

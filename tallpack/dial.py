@@ -61,6 +61,8 @@ log = logging.getLogger(__name__)
 CORRECTIONS: tuple[str, ...] = ("sparse", "quant4", "quant8", "qtau", "exact")
 #: Bits of the ``qtau`` candidates (the task's own quantized task vector).
 QTAU_BITS: tuple[int, ...] = (2, 3, 4, 8)
+#: Whether a merged vector no task needs is left out (benchmarks turn it off to measure what it buys).
+DROP_MERGED = True
 #: Fractions of a tensor's elements a sparse correction may keep.
 SPARSE_FRACTIONS: tuple[float, ...] = (1 / 1024, 1 / 256, 1 / 64, 1 / 16, 1 / 4)
 #: Bytes charged per stored array beyond its chunks (its manifest entry, compressed, generously),
@@ -69,7 +71,7 @@ ARRAY_OVERHEAD, CHUNK_OVERHEAD = 160, 64
 
 
 class FidelityError(TallpackError, ValueError):
-    """A budget below what the plain TALL archive needs (the message says the minimum)."""
+    """A budget below the smallest archive the dial can make (the message says the minimum)."""
 
 
 @dataclass(frozen=True)
@@ -342,7 +344,7 @@ class Dial:
         merged, masks = tall_parts(ctx, item)
         base32 = item.base.reshape(-1).to(torch.float32)
         ce = ctx.chunk_elements
-        self.droppable = self.qtau and ctx.method.name == "ta"
+        self.droppable = DROP_MERGED and self.qtau and ctx.method.name == "ta"
         b_dt = dtype_name(item.base.dtype)
         mcost = _tensor_cost(ctx.dense("float32"), merged, ce) + sum(
             _tensor_cost(ctx.dense(EXTRA_ARRAYS[k]), v, ce) for k, v in _extras(ctx, item).items())
@@ -493,21 +495,22 @@ class Dial:
         score = self._score_fn() if self.evaluate is not None else None
         tasks = list(self.plans)
         spare = None if self.budget_bytes is None else self.budget_bytes - plain_bytes
-        if spare is not None and spare < 0:
-            u = self.unit_bytes or 1.0
-            raise FidelityError(
-                f"budget {self.budget_bytes / u:.2f}x ({self.budget_bytes} bytes) is below the plain TALL "
-                f"archive, about {plain_bytes} bytes; give --budget {math.ceil(100 * plain_bytes / u) / 100:.2f} "
-                "or more (that stores TALL masks only), or drop --budget")
 
         def fid(t: str, p: int) -> float:
             plan = self.plans[t]
             return score(t, plan.chosen(p)) if score is not None else plan.weight_fidelity(plan.cum_err[p])
 
-        def cost(f: float) -> tuple[int, dict[str, int]]:
-            ps = {t: self._prefix(t, f, score) for t in tasks}
+        def cost(f: float | None) -> tuple[int, dict[str, int]]:
+            ps = {t: 0 if f is None else self._prefix(t, f, score) for t in tasks}
             saved, _ = self._switch({t: self.plans[t].chosen(p) for t, p in ps.items()})
             return sum(self.plans[t].cum_cost[p] for t, p in ps.items()) - saved, ps
+
+        if spare is not None and (least := cost(None)[0]) > spare:  # qtau may go below plain TALL
+            u, smallest = self.unit_bytes or 1.0, plain_bytes + least
+            raise FidelityError(
+                f"budget {self.budget_bytes / u:.2f}x ({self.budget_bytes} bytes) is below the smallest archive "
+                f"the dial makes, about {smallest} bytes; give --budget {math.ceil(100 * smallest / u) / 100:.2f} "
+                "or more, or drop --budget")
 
         prefixes: dict[str, int]
         if self.target is not None:

@@ -113,7 +113,7 @@ def test_budget_is_kept_and_raises_fidelity(tmp_path):
 def test_budget_below_tall_is_an_error(tmp_path):
     base, fts = family("dense")
     out = tmp_path / "small.tallpack"
-    with pytest.raises(FidelityError, match=r"below the plain TALL archive.*give --budget \d"):
+    with pytest.raises(FidelityError, match=r"below the smallest archive the dial makes.*give --budget \d"):
         tallpack.pack(base, fts, out, budget=0.5)
     assert not out.exists() and list(tmp_path.iterdir()) == []
 

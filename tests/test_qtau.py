@@ -194,3 +194,36 @@ def test_malformed_qtau_entries_are_refused(tmp_path):
     bad["tasks"][t]["codes"]["shape"] = [bad["tasks"][t]["codes"]["shape"][0] + 1]
     with pytest.raises(tallpack.FormatError):
         TensorEntry.from_dict(bad, set(d["tasks"]))
+
+
+def test_version_is_the_lowest_covering_what_was_stored(tmp_path):
+    """The writer bumps to 1.7 only when a qtau entry is written (the header is rewritten)."""
+    g = torch.Generator().manual_seed(5)
+    base = {"w": torch.randn(64, 64, generator=g)}
+    owner = torch.randint(0, 3, (64, 64), generator=g)  # the paper's regime: small disjoint updates
+    disjoint = {f"t{i}": {"w": base["w"] + (owner == i) * torch.randn(64, 64, generator=g) * 1e-3} for i in range(3)}
+    for kind, (b, fts) in (("disjoint", (base, disjoint)), ("dense", family("dense"))):
+        path = tmp_path / f"{kind}.tallpack"
+        m = tallpack.pack(b, fts, path, fidelity=0.9)
+        with tallpack.open(path) as fam:
+            used = any(tt.encoding == "qtau" for e in fam.manifest.tensors for tt in e.tasks.values())
+            assert fam.format_version == m.format_version == ((1, 7) if used else (1, 5))
+        assert path.read_bytes()[8:12] == bytes([1, 0, 7 if used else 5, 0])
+        assert used == (kind == "dense")
+
+
+def test_an_earlier_reader_fails_only_on_qtau_tensors(tmp_path, monkeypatch):
+    from tallpack.encodings import REGISTRY
+
+    base, fts = _need_qtau(3)
+    path = tmp_path / "q.tallpack"
+    tallpack.pack(base, fts, path, fidelity=0.9)
+    monkeypatch.delitem(REGISTRY, "qtau")  # a reader of 1.5
+    with tallpack.open(path) as fam:
+        for e in fam.manifest.tensors:
+            for t, tt in e.tasks.items():
+                if tt.encoding == "qtau":
+                    with pytest.raises(tallpack.TallpackError, match=repr(e.name)):
+                        fam.get_tensor(t, e.name)
+                else:
+                    assert torch.equal(fam.get_tensor(t, e.name), fam.get_tensor(t, e.name))

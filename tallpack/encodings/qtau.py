@@ -34,6 +34,8 @@ BLOCK = 64
 #: A float16 scale may exceed the float32 one by at most this factor (it is rounded up, so no
 #: code clamps); beyond it, or beyond float16's range, the scales are stored as float32.
 HALF_SLACK = 1 + 2.0 ** -8
+#: Whether the writer tries float16 scales at all (benchmarks turn it off to measure what it buys).
+HALF_SCALES = True
 
 
 def _numel(shape: tuple[int, ...]) -> int:
@@ -57,11 +59,11 @@ def _half_up(s: np.ndarray) -> np.ndarray | None:
     return h
 
 
-def quantize(tau: torch.Tensor, bits: int, block: int = BLOCK, half: bool = True) -> tuple[np.ndarray, np.ndarray]:
+def quantize(tau: torch.Tensor, bits: int, block: int = BLOCK, half: bool | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Symmetric per-block quantization of flat float32 ``tau``: (uint8 code stream, scales).
 
     ``scale = max_block |tau| / qmax`` (qmax = 2**(bits-1) - 1), as float16 rounded up when that
-    loses under 2**-8 of it (``half``), else float32; ``q = clamp(round_half_even(tau / scale),
+    loses under 2**-8 of it (``half``, default ``HALF_SCALES``), else float32; ``q = clamp(round_half_even(tau / scale),
     -qmax, qmax)`` against the stored scale (0 where it is 0); codes ``u = q + 2**(bits-1)``.
 
     >>> codes, scales = quantize(torch.randn(1000), 3)
@@ -75,7 +77,7 @@ def quantize(tau: torch.Tensor, bits: int, block: int = BLOCK, half: bool = True
     padded[:n] = tau
     blocks = padded.reshape(nb, block)
     s = (blocks.abs().amax(dim=1) / qmax).numpy() if nb else np.zeros(0, np.float32)
-    scales = _half_up(s) if half else None
+    scales = _half_up(s) if (HALF_SCALES if half is None else half) else None
     scales = s.astype(np.float32) if scales is None else scales
     used = torch.from_numpy(scales.astype(np.float32))
     safe = torch.where(used > 0, used, torch.ones_like(used))
