@@ -166,7 +166,7 @@ def run_family(name: str, base_path: str, tasks: dict[str, str], evaluate, examp
 
     def point(label: str, path: Path, **kw) -> dict:
         t0 = time.perf_counter()
-        m = tallpack.pack(base_path, tasks, path, **kw)
+        m = tallpack.pack(base_path, tasks, path, overwrite=True, **kw)
         with tallpack.open(path) as fam:
             sds = {t: fam.state_dict(t) for t in fam.tasks}
             s = fam.summary()
@@ -254,7 +254,7 @@ def measure_table(base_path: str, tasks: dict[str, str], evaluate, work: Path) -
     rows = []
     for f in (None, 0.85, 0.9, 0.95, 0.98, 0.99):
         path = work / f"measure-{f}.tallpack"
-        tallpack.pack(base_path, tasks, path, **({"fidelity": f} if f else {}))
+        tallpack.pack(base_path, tasks, path, overwrite=True, **({"fidelity": f} if f else {}))
         with tallpack.open(path) as fam:
             for t in fam.tasks:
                 info = fam.task_info(t)

@@ -11,7 +11,7 @@ ones TALL approximates), computed from the rebuilt tensors exactly as the reader
 For each (task, tensor) the packer measures, before writing any merged tensor, every candidate:
 nothing; the largest ``k`` entries of the residual (several ``k``); the residual quantized to 8
 or 4 bits per block of 64; the exact residual; and, instead of the mask, the task's own task
-vector quantized to 2, 3, 4 or 8 bits per block of 64 (``qtau``, format 1.7: its cost is its
+vector quantized to 2, 3, 4, 5, 6 or 8 bits per block of 64 (``qtau``, format 1.7: its cost is its
 arrays less the mask it replaces). Each has a size in bytes (encoded with the
 archive's codecs, plus chunk padding and manifest) and a squared error. Per tensor the candidates
 on the lower convex hull of (bytes, error) form a ladder; per task, steps up the ladders are
@@ -60,7 +60,7 @@ log = logging.getLogger(__name__)
 #: Correction families a pack may use (``PackOptions.corrections``), cheapest first.
 CORRECTIONS: tuple[str, ...] = ("sparse", "quant4", "quant8", "qtau", "exact")
 #: Bits of the ``qtau`` candidates (the task's own quantized task vector).
-QTAU_BITS: tuple[int, ...] = (2, 3, 4, 8)
+QTAU_BITS: tuple[int, ...] = (2, 3, 4, 5, 6, 8)
 #: Whether a merged vector no task needs is left out (benchmarks turn it off to measure what it buys).
 DROP_MERGED = True
 #: Fractions of a tensor's elements a sparse correction may keep.
@@ -380,7 +380,8 @@ class Dial:
                         o = Option("qtau", 0, 0.0, bits=b)
                         arrays = candidate_arrays(o, tau)
                         cost = sum(_array_cost(_chain(ctx, a), a, ce) for a in arrays.values()) + 40 - tier.masks[t]
-                        qs.append(Option("qtau", cost, _sq(rebuilt(base32, decoded(o, arrays, n), x.dtype), xf), bits=b))
+                        err = _sq(rebuilt(base32, decoded(o, arrays, n), x.dtype), xf)
+                        qs.append(Option("qtau", cost, err, bits=b))
                     plan.qtaus[item.name] = qs
                     opts += qs
                 if "exact" in self.allowed:

@@ -3,7 +3,7 @@
 Where TALL loses too much for a task and a tensor (conflicting fine-tunes, large updates), the
 fidelity dial may store the task vector itself, quantized symmetrically per block::
 
-    {"encoding": "qtau", "dtype": ..., "shape": ..., "bits": 2 | 3 | 4 | 8, "block": 64,
+    {"encoding": "qtau", "dtype": ..., "shape": ..., "bits": 2 ... 8, "block": 64,
      "ones": <set bits of the derived mask>, "codes": <uint8 ref, [ceil(n * bits / 8)]>,
      "scales": <float16 | float32 ref, [ceil(n / block)]>}
 
@@ -28,7 +28,7 @@ from ..errors import FormatError
 from ..tall import tall_mask
 from .base import EXTRA_ARRAYS, Encoding, ReadArray, TaskTensor, TensorEntry, Use, register
 
-BITS = (2, 3, 4, 8)
+BITS = (2, 3, 4, 5, 6, 7, 8)
 #: The writer's block (one scale per block of 64 elements, as the quantization baseline).
 BLOCK = 64
 #: A float16 scale may exceed the float32 one by at most this factor (it is rounded up, so no
@@ -59,12 +59,14 @@ def _half_up(s: np.ndarray) -> np.ndarray | None:
     return h
 
 
-def quantize(tau: torch.Tensor, bits: int, block: int = BLOCK, half: bool | None = None) -> tuple[np.ndarray, np.ndarray]:
+def quantize(tau: torch.Tensor, bits: int, block: int = BLOCK,
+             half: bool | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Symmetric per-block quantization of flat float32 ``tau``: (uint8 code stream, scales).
 
     ``scale = max_block |tau| / qmax`` (qmax = 2**(bits-1) - 1), as float16 rounded up when that
-    loses under 2**-8 of it (``half``, default ``HALF_SCALES``), else float32; ``q = clamp(round_half_even(tau / scale),
-    -qmax, qmax)`` against the stored scale (0 where it is 0); codes ``u = q + 2**(bits-1)``.
+    loses under 2**-8 of it (``half``, default ``HALF_SCALES``), else float32;
+    ``q = clamp(round_half_even(tau / scale), -qmax, qmax)`` against the stored scale (0 where it
+    is 0); codes ``u = q + 2**(bits-1)``.
 
     >>> codes, scales = quantize(torch.randn(1000), 3)
     """
@@ -136,8 +138,8 @@ class QTau(Encoding):
         if type(ones) is not int or not 0 <= ones <= n:
             raise FormatError(f"{where}: bad count of set bits {ones!r} of the derived mask")
         codes, scales = tt.arrays["codes"], tt.arrays["scales"]
-        if (codes.dtype != "uint8" or codes.shape != (code_bytes(n, bits),) or scales.dtype not in ("float16", "float32")
-                or scales.shape != (-(-n // block),)):
+        if (codes.dtype != "uint8" or codes.shape != (code_bytes(n, bits),)
+                or scales.dtype not in ("float16", "float32") or scales.shape != (-(-n // block),)):
             raise FormatError(f"{where}: a qtau entry needs uint8 codes of shape [{code_bytes(n, bits)}] and "
                               f"float16/float32 scales of shape [{-(-n // block)}]")
         base, merged = entry.arrays["base"], entry.arrays.get("merged")
