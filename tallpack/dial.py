@@ -290,13 +290,25 @@ class TierCost:
 Z_LOWER = 1.645
 
 
+def _wilson_upper(k: int, n: int, z: float = Z_LOWER) -> float:
+    """The one-sided upper confidence bound of a rate seen k times in n (Wilson's score interval)."""
+    p, z2 = k / n, z * z
+    return (p + z2 / (2 * n) + z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n))) / (1 + z2 / n)
+
+
 def score_ratio(s: Any, ref: Any) -> float:
     """A task's fidelity from the evaluator's results on the reconstruction (``s``) and on the
-    original (``ref``): each a number, or a 1-d sequence of per-example scores (e.g. 0/1
-    correctness) over the same examples. Numbers: ``s / ref``. Per-example scores: the lower
-    95% confidence bound ``(mean(s) - 1.645 * sd(s - ref) / sqrt(n)) / mean(ref)`` of the paired
-    ratio, so a target met on validation data holds on unseen data with that confidence. Either
-    is capped at 1: a reconstruction that beats the original on validation data is noise."""
+    original (``ref``): each a number, or a 1-d sequence of per-example scores over the same
+    examples. Numbers: ``s / ref``. Per-example scores, a lower 95% confidence bound of the ratio
+    on unseen data of the same kind, so the validation set's size sets the margin: for 0/1 scores
+    (correctness) ``(mean(ref) - U + gained / n) / mean(ref)``, U the upper bound (Wilson) of the
+    rate of examples the original gets right and the reconstruction wrong, ``gained`` the
+    reverse count; for other scores ``(mean(s) - 1.645 sd(s - ref) / sqrt(n)) / mean(ref)``.
+    Either is capped at 1: a reconstruction that beats the original on validation data is noise.
+
+    >>> score_ratio([1, 1, 0, 1], [1, 1, 1, 1]) < 0.75
+    True
+    """
     a, b = np.asarray(s, dtype=np.float64), np.asarray(ref, dtype=np.float64)
     if np.isnan(a).any() or np.isnan(b).any():
         raise TallpackError("the evaluator returned NaN")
@@ -306,9 +318,13 @@ def score_ratio(s: Any, ref: Any) -> float:
     else:
         if a.shape != b.shape or a.ndim != 1:
             raise TallpackError(f"the evaluator returned per-example scores of shapes {a.shape} and {b.shape}")
-        m = float(b.mean())
-        sd = float(np.std(a - b, ddof=1)) if a.size > 1 else 0.0
-        low = float(a.mean()) - Z_LOWER * sd / math.sqrt(a.size)
+        n, m = a.size, float(b.mean())
+        if np.isin(a, (0.0, 1.0)).all() and np.isin(b, (0.0, 1.0)).all():
+            lost, gained = int(((b == 1) & (a == 0)).sum()), int(((b == 0) & (a == 1)).sum())
+            low = m - _wilson_upper(lost, n) + gained / n
+        else:
+            sd = float(np.std(a - b, ddof=1)) if n > 1 else 0.0
+            low = float(a.mean()) - Z_LOWER * sd / math.sqrt(n)
         ratio = low / m if m else (1.0 if low >= m else 0.0)
     return min(ratio, 1.0)
 
@@ -332,6 +348,8 @@ class Dial:
         #: with an evaluator: per task and tensor, (f32 base, f32 TALL rebuild before the cast, residual, dtype)
         self._held: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.dtype]]] = {}
         self.choice: dict[str, dict[str, Option]] = {}
+        #: with an evaluator: per task, the fidelity the original itself gets (below 1 with a bound)
+        self.ceiling: dict[str, float] = {}
         self.dropped: set[str] = set()
         self.achieved: dict[str, dict[str, float]] = {}
         self.met = True
@@ -409,6 +427,8 @@ class Dial:
             src = self.sources[t]
             if t not in ref:
                 ref[t] = self.evaluate(t, {k: src.get(k) for k in src.keys()})
+                # what the original itself certifies: a target above it asks for the impossible
+                self.ceiling[t] = score_ratio(ref[t], ref[t])
             held = self._held[t]
             sd = {}
             for k in src.keys():
@@ -441,6 +461,9 @@ class Dial:
                 if plan.weight_fidelity(plan.cum_err[p]) >= f - 1e-12:
                     return p
             return last
+        if score(t, plan.chosen(0)) >= f:
+            return 0
+        f = min(f, self.ceiling[t])  # a validation set this small certifies at most the original's bound
         if score(t, plan.chosen(0)) >= f:
             return 0
         lo, hi = 0, last  # score(lo) < f; the last prefix is the original (or the best there is)
@@ -533,11 +556,18 @@ class Dial:
             self.choice[t] = {k: o for k, o in ch.items() if o.kind is not None}
             rec = {"weight": plan.weight_fidelity(sum(o.err for o in ch.values())),
                    "weight_tall": plan.weight_fidelity(plan.tall_err)}
+            want = self.target
             if score is not None:
                 rec |= {"score": score(t, ch), "score_tall": score(t, {})}
+                if self.ceiling[t] < 1.0:
+                    rec["score_ceiling"] = self.ceiling[t]
+                    if want is not None and want > self.ceiling[t]:
+                        log.warning("task %r: its validation examples certify at most %.4f of the original's "
+                                    "score (give more of them); target %.4g lowered to that", t, self.ceiling[t], want)
+                        want = self.ceiling[t]
             self.achieved[t] = rec
             got = rec["score"] if score is not None else rec["weight"]
-            if self.target is not None and got < self.target - 1e-12:
+            if want is not None and got < want - 1e-12:
                 self.below[t] = got
         if self.below:
             self.met = False

@@ -9,12 +9,15 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from hypothesis import given, settings
+import zstandard
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 from test_fidelity import TALL_CORRECTIONS, family, weight_fidelity
+from test_fuzz import json_values, paths, with_manifest
 
 import tallpack
+from tallpack.container import FOOTER
 from tallpack.encodings.qtau import BITS, dequantize, quantize
 from tallpack.tall import tall_mask
 
@@ -49,6 +52,21 @@ def test_quantize_round_trip_matches_the_spec(n, bits, half, seed, scale, block)
     s = torch.from_numpy(scales.astype(np.float32)).repeat_interleave(block)[:n]
     assert bool(((deq - tau).abs() <= s * 0.5000001 + 1e-45).all())
     assert bool((deq[tau == 0] == 0).all())
+
+
+def test_bit_streams_are_packed_in_pieces(monkeypatch):
+    """The (un)packers work a piece of codes at a time; the stream is the same as in one go."""
+    import tallpack.encodings.qtau as qtau
+
+    rng = np.random.default_rng(0)
+    for bits in (2, 3, 5, 7):
+        for n in (0, 1, 15, 16, 17, 100):
+            u = rng.integers(0, 1 << bits, n).astype(np.uint8)
+            whole = qtau.pack_codes(u, bits)
+            monkeypatch.setattr(qtau, "_PIECE", 16)
+            pieces = qtau.pack_codes(u, bits)
+            assert np.array_equal(whole, pieces) and np.array_equal(qtau.unpack_codes(pieces, bits, n), u)
+            monkeypatch.undo()
 
 
 def _need_qtau(tasks: int = 4):
@@ -228,3 +246,103 @@ def test_an_earlier_reader_fails_only_on_qtau_tensors(tmp_path, monkeypatch):
                         fam.get_tensor(t, e.name)
                 else:
                     assert torch.equal(fam.get_tensor(t, e.name), fam.get_tensor(t, e.name))
+
+
+@pytest.fixture(scope="module")
+def qtau_bytes(tmp_path_factory):
+    g = torch.Generator().manual_seed(3)
+    base = {"w": torch.randn(20, 9, generator=g), "v": torch.randn(40, generator=g).bfloat16()}
+    tasks = {t: {k: (v.float() + 0.3 * torch.randn(v.shape, generator=g)).to(v.dtype) for k, v in base.items()}
+             for t in "abc"}
+    out = tmp_path_factory.mktemp("fuzz") / "q.tallpack"
+    tallpack.pack(base, tasks, out, chunk_elements=64, fidelity=0.9)
+    with tallpack.open(out) as fam:
+        assert any(tt.encoding == "qtau" for e in fam.manifest.tensors for tt in e.tasks.values())
+    return out.read_bytes()
+
+
+def _read_everything(path):
+    from tallpack.stats import compute
+
+    with tallpack.open(path) as fam:
+        for t in fam.tasks:
+            fam.state_dict(t)
+        fam.verify()
+        fam.summary()
+        compute(fam)
+        fam.merged("consensus-ta", k=1)
+        fam.merged("ta")
+
+
+@given(data=st.data())
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+def test_mutated_qtau_manifests_raise_only_tallpack_errors(qtau_bytes, tmp_path, data):
+    """As tests/test_fuzz.py, on an archive with qtau entries and no merged vectors."""
+    m_off, m_len, *_ = FOOTER.unpack(qtau_bytes[-FOOTER.size:])
+    manifest = json.loads(zstandard.ZstdDecompressor().decompress(qtau_bytes[m_off:m_off + m_len]))
+    targets = [p for p in paths(manifest["tensors"]) if p]
+    for _ in range(data.draw(st.integers(1, 3))):
+        path = data.draw(st.sampled_from(targets))
+        target = manifest["tensors"]
+        try:
+            for key in path[:-1]:
+                target = target[key]
+            if data.draw(st.booleans()) and isinstance(target, dict):
+                target.pop(path[-1], None)
+            else:
+                target[path[-1]] = data.draw(json_values | st.integers(0, 9))
+        except (KeyError, IndexError, TypeError):
+            continue
+    p = tmp_path / "m.tallpack"
+    p.write_bytes(with_manifest(qtau_bytes, manifest))
+    try:
+        _read_everything(p)
+    except tallpack.TallpackError:
+        pass
+
+
+def test_the_fuzz_archive_reads(qtau_bytes, tmp_path):
+    (tmp_path / "q.tallpack").write_bytes(qtau_bytes)
+    _read_everything(tmp_path / "q.tallpack")
+
+
+def test_score_ratio_bounds_what_validation_data_can_show():
+    from tallpack.dial import score_ratio
+
+    assert score_ratio(0.9, 1.0) == 0.9 and score_ratio(1.2, 1.0) == 1.0  # capped at 1
+    orig = np.ones(250)
+    orig[:6] = 0
+    same = score_ratio(orig, orig)
+    assert 0.985 < same < 0.99  # 250 examples cannot certify 0.99, even for the original
+    rec = orig.copy()
+    rec[10:13] = 0  # three lost
+    rec[:2] = 1  # two gained
+    assert score_ratio(rec, orig) < 0.98 < rec.mean() / orig.mean()  # the plain ratio would pass 0.98
+    big = np.ones(25000)
+    assert score_ratio(big, big) > 0.9998  # more data, a tighter bound
+    graded = np.linspace(0, 1, 100)
+    assert score_ratio(graded * 0.99, graded) < 0.99 * 1.0  # non-0/1 scores: the paired sd bound
+    with pytest.raises(tallpack.TallpackError):
+        score_ratio(np.ones(3), np.ones(4))
+
+
+def test_evaluator_with_per_example_scores(tmp_path):
+    """With per-example scores the dial meets, per task, the target or the bound the original
+    itself reaches, whichever is lower, as recomputed here from the archive."""
+    from tallpack.dial import score_ratio
+
+    base, fts = _need_qtau(3)
+    x = torch.randn(400, 48, generator=torch.Generator().manual_seed(9))
+
+    def examples(task, sd):  # correctness against the fine-tune's own predictions
+        want = (x @ fts[task]["a.weight"].float().T).argmax(1)
+        return ((x @ sd["a.weight"].float().T).argmax(1) == want).double().numpy()
+
+    m = tallpack.pack(base, fts, tmp_path / "e.tallpack", fidelity=0.995, evaluate=examples, lambda_grid=[0.4])
+    with tallpack.open(tmp_path / "e.tallpack") as fam:
+        for t in fts:
+            f = fam.task_info(t).fidelity
+            got = score_ratio(examples(t, fam.state_dict(t)), examples(t, fts[t]))
+            assert got == pytest.approx(f["score"]) and got >= min(0.995, f["score_ceiling"]) - 1e-12
+            assert f["score_ceiling"] < 0.995  # 400 examples certify less than 0.995
+    assert m.stats["dial"]["met"]

@@ -88,12 +88,23 @@ def quantize(tau: torch.Tensor, bits: int, block: int = BLOCK,
     return pack_codes(u, bits), np.ascontiguousarray(scales)
 
 
+#: Codes handled at a time by the bit-stream (un)packers (a multiple of 8, so each piece starts on
+#: a byte): their temporaries stay at 8 bytes a code of one piece, whatever the tensor's size.
+_PIECE = 1 << 20
+
+
 def pack_codes(u: np.ndarray, bits: int) -> np.ndarray:
     """Codes of ``bits`` bits as one little-endian bit stream (code i in bits [i*bits, (i+1)*bits))."""
+    u = u.astype(np.uint8, copy=False)
     if bits == 8:
-        return u.astype(np.uint8)
-    stream = np.unpackbits(u.astype(np.uint8)[:, None], axis=1, bitorder="little")[:, :bits].reshape(-1)
-    return np.packbits(stream, bitorder="little")
+        return u.copy()
+    out = np.empty(code_bytes(u.size, bits), np.uint8)
+    for a in range(0, u.size, _PIECE):
+        piece = u[a : a + _PIECE]
+        stream = np.unpackbits(piece[:, None], axis=1, bitorder="little")[:, :bits].reshape(-1)
+        packed = np.packbits(stream, bitorder="little")
+        out[a * bits // 8 : a * bits // 8 + packed.size] = packed
+    return out
 
 
 def unpack_codes(codes: np.ndarray, bits: int, n: int) -> np.ndarray:
@@ -101,8 +112,13 @@ def unpack_codes(codes: np.ndarray, bits: int, n: int) -> np.ndarray:
     codes = codes.view(np.uint8)
     if bits == 8:
         return codes[:n]
-    stream = np.unpackbits(codes, bitorder="little")[: n * bits].reshape(n, bits)
-    return np.packbits(stream, axis=1, bitorder="little").reshape(-1)
+    out = np.empty(n, np.uint8)
+    for a in range(0, n, _PIECE):
+        m = min(_PIECE, n - a)
+        piece = codes[a * bits // 8 : a * bits // 8 + code_bytes(m, bits)]
+        stream = np.unpackbits(piece, bitorder="little")[: m * bits].reshape(m, bits)
+        out[a : a + m] = np.packbits(stream, axis=1, bitorder="little").reshape(-1)
+    return out
 
 
 def dequantize(codes: np.ndarray, scales: np.ndarray, bits: int, block: int, n: int) -> torch.Tensor:
