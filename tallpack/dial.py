@@ -551,6 +551,7 @@ class Dial:
                      for t in tasks}
             keep = lambda t, ch: score(t, ch) >= floor[t]  # noqa: E731
         _, self.dropped = self._switch(choices, keep)
+        lowered: dict[str, float] = {}
         for t in tasks:
             plan, ch = self.plans[t], choices[t]
             self.choice[t] = {k: o for k, o in ch.items() if o.kind is not None}
@@ -562,13 +563,15 @@ class Dial:
                 if self.ceiling[t] < 1.0:
                     rec["score_ceiling"] = self.ceiling[t]
                     if want is not None and want > self.ceiling[t]:
-                        log.warning("task %r: its validation examples certify at most %.4f of the original's "
-                                    "score (give more of them); target %.4g lowered to that", t, self.ceiling[t], want)
-                        want = self.ceiling[t]
+                        lowered[t] = want = self.ceiling[t]
             self.achieved[t] = rec
             got = rec["score"] if score is not None else rec["weight"]
             if want is not None and got < want - 1e-12:
                 self.below[t] = got
+        if lowered:
+            log.warning("fidelity target %.4g lowered for %d task(s) to what their validation examples certify "
+                        "(give more examples): %s", self.target, len(lowered),
+                        ", ".join(f"{t} ({v:.4f})" for t, v in lowered.items()))
         if self.below:
             self.met = False
             what = "the budget" if spare is not None else "the corrections allowed"

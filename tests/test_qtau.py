@@ -326,7 +326,7 @@ def test_score_ratio_bounds_what_validation_data_can_show():
         score_ratio(np.ones(3), np.ones(4))
 
 
-def test_evaluator_with_per_example_scores(tmp_path):
+def test_evaluator_with_per_example_scores(tmp_path, caplog):
     """With per-example scores the dial meets, per task, the target or the bound the original
     itself reaches, whichever is lower, as recomputed here from the archive."""
     from tallpack.dial import score_ratio
@@ -338,7 +338,9 @@ def test_evaluator_with_per_example_scores(tmp_path):
         want = (x @ fts[task]["a.weight"].float().T).argmax(1)
         return ((x @ sd["a.weight"].float().T).argmax(1) == want).double().numpy()
 
-    m = tallpack.pack(base, fts, tmp_path / "e.tallpack", fidelity=0.995, evaluate=examples, lambda_grid=[0.4])
+    with caplog.at_level("WARNING", logger="tallpack.dial"):
+        m = tallpack.pack(base, fts, tmp_path / "e.tallpack", fidelity=0.995, evaluate=examples, lambda_grid=[0.4])
+    assert caplog.text.count("lowered for 3 task(s)") == 1
     with tallpack.open(tmp_path / "e.tallpack") as fam:
         for t in fts:
             f = fam.task_info(t).fidelity
@@ -346,3 +348,14 @@ def test_evaluator_with_per_example_scores(tmp_path):
             assert got == pytest.approx(f["score"]) and got >= min(0.995, f["score_ceiling"]) - 1e-12
             assert f["score_ceiling"] < 0.995  # 400 examples certify less than 0.995
     assert m.stats["dial"]["met"]
+
+
+def test_budget_below_plain_tall_when_qtau_reaches_it(tmp_path):
+    base, fts = _need_qtau()
+    one = sum(v.numel() * v.element_size() for v in fts["t0"].values())
+    tallpack.pack(base, fts, tmp_path / "plain.tallpack")
+    plain = (tmp_path / "plain.tallpack").stat().st_size
+    out = tmp_path / "b.tallpack"
+    m = tallpack.pack(base, fts, out, budget=0.9 * plain / one)
+    assert out.stat().st_size <= 0.9 * plain
+    assert min(i.fidelity["weight"] for i in m.tasks) > min(i.fidelity["weight_tall"] for i in m.tasks)
