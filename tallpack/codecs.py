@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import struct
+import threading
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -32,6 +33,11 @@ class Codec:
     def decode(self, buf: memoryview, size: int) -> bytes | bytearray | memoryview:
         """Decode ``buf``, whose decoded length must be ``size`` bytes."""
         raise NotImplementedError
+
+    def decode_into(self, buf: memoryview, out: memoryview) -> None:
+        """Decode ``buf`` into ``out`` (writable, exactly the decoded size): the reader decodes
+        the chunks of a large array straight into the array. Codecs that can, override this."""
+        out[:] = memoryview(self.decode(buf, len(out))).cast("B")
 
     def encoded_size(self, size: int) -> int | None:
         """The encoded size of ``size`` input bytes, or None when it depends on the data."""
@@ -75,8 +81,21 @@ class Zstd(Codec):
         # decoding never allocates more than the manifest announced. Decoding straight into a
         # buffer we own saves the copy a read-only bytes result would cost later.
         out = np.empty(size, np.uint8)
-        view = memoryview(out)
-        got = 0
+        self._into(buf, memoryview(out))
+        return memoryview(out)
+
+    def decode_into(self, buf: memoryview, out: memoryview) -> None:
+        try:
+            announced = zstandard.frame_content_size(buf)
+        except zstandard.ZstdError as e:
+            raise CodecError(f"zstd: not a zstd frame ({e})") from None
+        if announced != len(out):
+            raise CodecError(f"zstd: frame announces {announced} bytes, manifest says {len(out)}")
+        self._into(buf, out)
+
+    @staticmethod
+    def _into(buf: memoryview, view: memoryview) -> None:
+        size, got = len(view), 0
         try:
             with zstandard.ZstdDecompressor().stream_reader(buf, read_size=max(1, len(buf)),
                                                             read_across_frames=True) as r:
@@ -92,7 +111,6 @@ class Zstd(Codec):
             raise CodecError(f"zstd: truncated frame: decoded {got} bytes, expected {size}")
         if trailing:
             raise CodecError("zstd: more data after the frame")
-        return view
 
     def config(self) -> dict[str, Any]:
         return {"id": self.id, "level": self.level}
@@ -131,13 +149,22 @@ class ByteGroup(Codec):
     def decode(self, buf: memoryview, size: int) -> memoryview:
         if len(buf) != size or size % self.itemsize:
             raise CodecError(f"bytegroup: got {len(buf)} bytes, expected {size}")
+        out = np.empty(size, np.uint8)
+        self._join(buf, out)
+        return memoryview(out)
+
+    def decode_into(self, buf: memoryview, out: memoryview) -> None:
+        if len(buf) != len(out) or len(out) % self.itemsize:
+            raise CodecError(f"bytegroup: got {len(buf)} bytes, expected {len(out)}")
+        self._join(buf, np.frombuffer(out, np.uint8))
+
+    def _join(self, buf: memoryview, out: np.ndarray) -> None:
         src = np.frombuffer(buf, dtype=np.uint8).reshape(self.itemsize, -1)
-        out = np.empty((src.shape[1], self.itemsize), np.uint8)
+        dst = out.reshape(-1, self.itemsize)
         for j in range(0, src.shape[1], self._BLOCK):
-            block = out[j : j + self._BLOCK]
+            block = dst[j : j + self._BLOCK]
             for i in range(self.itemsize):
                 block[:, i] = src[i, j : j + self._BLOCK]
-        return memoryview(out.reshape(-1))
 
     def encoded_size(self, size: int) -> int:
         return size
@@ -165,6 +192,15 @@ class BitPack(Codec):
 
 
 _PLANE_SIZES = "<{}I"
+_scratch = threading.local()
+
+
+def _plane_scratch(n: int) -> np.ndarray:
+    """``n`` bytes of a buffer this thread reuses: a fresh plane per chunk costs page faults."""
+    buf = getattr(_scratch, "plane", None)
+    if buf is None or buf.size < n:
+        buf = _scratch.plane = np.empty(n, np.uint8)
+    return buf[:n]
 
 
 @dataclass(frozen=True)
@@ -196,19 +232,37 @@ class Planes(Codec):
         head = 4 * k
         return size % k == 0 and head <= nbytes <= head + size and size <= ZSTD_MAX_RATIO * max(1, nbytes - head) * k
 
-    def _compressor(self) -> zstandard.ZstdCompressor:
-        params = zstandard.ZstdCompressionParameters.from_level(self.level, min_match=7, write_content_size=True)
-        return zstandard.ZstdCompressor(compression_params=params)
+    #: Levels from this one on spend more effort on the planes that compress (see ``_compressors``).
+    STRONG_FROM: ClassVar[int] = 10
+
+    def _compressors(self) -> list[zstandard.ZstdCompressor]:
+        """Level 1 with long minimum matches; from ``STRONG_FROM`` on, then also zstd's optimal
+        parser in a 128 KiB window (about 10x slower to encode): on exponent planes it codes
+        literals close to their entropy (2.72 bits an fp32 exponent byte against 2.95) and the
+        frames it makes decode about 1.5x faster (BENCHMARKS.md). Decoding needs neither setting."""
+        fast = zstandard.ZstdCompressionParameters.from_level(1, min_match=7, write_content_size=True)
+        out = [zstandard.ZstdCompressor(compression_params=fast)]
+        if self.level >= self.STRONG_FROM:
+            strong = zstandard.ZstdCompressionParameters(
+                strategy=zstandard.STRATEGY_BTOPT, window_log=17, chain_log=12, hash_log=12, search_log=2,
+                min_match=7, target_length=8, write_content_size=True)
+            out.append(zstandard.ZstdCompressor(compression_params=strong))
+        return out
 
     def encode(self, buf: memoryview) -> bytes:
         planes = ByteGroup(self.itemsize).encode(buf)
         n = len(planes) // self.itemsize
-        cctx = self._compressor()
+        first, *more = self._compressors()
         stored = []
         for i in range(self.itemsize):
             plane = planes[i * n : (i + 1) * n]
-            packed = cctx.compress(plane) if n else b""
-            stored.append(packed if len(packed) <= self.KEEP_BELOW * n and len(packed) != n else plane)
+            packed = first.compress(plane) if n else b""
+            keep = len(packed) <= self.KEEP_BELOW * n and len(packed) != n
+            for cctx in more if keep else ():  # only planes that compress at all get more effort
+                other = cctx.compress(plane)
+                if len(other) < len(packed) and len(other) != n:
+                    packed = other
+            stored.append(packed if keep else plane)
         return struct.pack(_PLANE_SIZES.format(self.itemsize), *(len(p) for p in stored)) + b"".join(stored)
 
     def decode(self, buf: memoryview, size: int) -> memoryview:
@@ -216,20 +270,38 @@ class Planes(Codec):
         head = struct.calcsize(_PLANE_SIZES.format(k))
         if size % k or len(buf) < head:
             raise CodecError(f"planes: {len(buf)} bytes cannot hold {size} bytes of {k}-byte elements")
-        n = size // k
+        out = np.empty(size, np.uint8)
+        self._decode(buf, out)
+        return memoryview(out)
+
+    def decode_into(self, buf: memoryview, out: memoryview) -> None:
+        k = self.itemsize
+        head = struct.calcsize(_PLANE_SIZES.format(k))
+        if len(out) % k or len(buf) < head:
+            raise CodecError(f"planes: {len(buf)} bytes cannot hold {len(out)} bytes of {k}-byte elements")
+        self._decode(buf, np.frombuffer(out, np.uint8))
+
+    def _decode(self, buf: memoryview, out: np.ndarray) -> None:
+        k = self.itemsize
+        head = struct.calcsize(_PLANE_SIZES.format(k))
+        n = out.size // k
         lengths = struct.unpack_from(_PLANE_SIZES.format(k), buf, 0)
         if head + sum(lengths) != len(buf):
             raise CodecError("planes: plane lengths do not add up to the chunk's size")
-        out = np.empty((n, k), np.uint8)
+        dst = out.reshape(n, k)
+        scratch = _plane_scratch(n)  # compressed planes are decoded into a buffer this thread reuses
         zstd = Zstd()
         pos = head
         for i, length in enumerate(lengths):
             piece = buf[pos : pos + length]
-            plane = np.frombuffer(piece if length == n else zstd.decode(piece, n), np.uint8)
+            if length == n:
+                plane = np.frombuffer(piece, np.uint8)
+            else:
+                zstd.decode_into(piece, memoryview(scratch))
+                plane = scratch
             for j in range(0, n, ByteGroup._BLOCK):
-                out[j : j + ByteGroup._BLOCK, i] = plane[j : j + ByteGroup._BLOCK]
+                dst[j : j + ByteGroup._BLOCK, i] = plane[j : j + ByteGroup._BLOCK]
             pos += length
-        return memoryview(out.reshape(-1))
 
     def config(self) -> dict[str, Any]:
         return {"id": self.id, "itemsize": self.itemsize, "level": self.level}
@@ -287,16 +359,27 @@ class Chain:
             out = c.encode(memoryview(out))
         return out
 
-    def decode(self, buf: memoryview, size: int) -> bytes | bytearray | memoryview:
+    def decode(self, buf: memoryview, size: int, out: memoryview | None = None
+               ) -> bytes | bytearray | memoryview:
+        """The decoded bytes; with ``out`` (writable, ``size`` bytes), decoded into it and returned."""
         sizes = [size]
         for c in self.codecs[:-1]:
             sizes.append(c.encoded_size(sizes[-1]))
-        out: bytes | bytearray | memoryview = buf
-        for c, s in zip(reversed(self.codecs), reversed(sizes)):
-            out = c.decode(memoryview(out), s)
-        if len(out) != size:
-            raise CodecError(f"decoded {len(out)} bytes, expected {size}")
-        return out
+        if out is not None and len(out) != size:
+            raise CodecError(f"decode into {len(out)} bytes, expected {size}")
+        res: bytes | bytearray | memoryview = buf
+        steps = list(zip(reversed(self.codecs), reversed(sizes)))
+        for j, (c, s) in enumerate(steps):
+            if out is not None and j == len(steps) - 1:
+                c.decode_into(memoryview(res), out)
+                return out
+            res = c.decode(memoryview(res), s)
+        if len(res) != size:
+            raise CodecError(f"decoded {len(res)} bytes, expected {size}")
+        if out is not None:  # no codecs: the stored bytes are the data
+            out[:] = memoryview(res).cast("B")
+            return out
+        return res
 
 
 #: Named presets for dense sections (base, merged vector, task-own tensors).
@@ -311,8 +394,8 @@ def dense_chain(preset: str, itemsize: int, level: int = 3) -> Chain:
         return Chain([])
     if preset == "zstd":
         return Chain([Zstd(level)])
-    if preset == "planes":  # level 1 with long matches codes exponent planes best (BENCHMARKS.md)
-        return Chain([Planes(itemsize, 1)] if itemsize > 1 else [Zstd(level)])
+    if preset == "planes":  # level 1 with long matches, or more effort from level 10 (Planes)
+        return Chain([Planes(itemsize, 1 if level < Planes.STRONG_FROM else level)] if itemsize > 1 else [Zstd(level)])
     if preset == "bytegroup-zstd":
         return Chain(([ByteGroup(itemsize)] if itemsize > 1 else []) + [Zstd(level)])
     raise InvalidArgumentError(f"unknown codec {preset!r}; choose one of {', '.join(DENSE_PRESETS)}")

@@ -23,6 +23,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, BinaryIO
 
+import numpy as np
 import zstandard
 
 from . import codecs as _codecs
@@ -340,13 +341,16 @@ class ContainerReader:
             end = max(end, off + n)
         return problems
 
-    def read_chunk(self, ref: ArrayRef, i: int, where: str) -> bytes | bytearray | memoryview:
+    def read_chunk(self, ref: ArrayRef, i: int, where: str, out: memoryview | None = None
+                   ) -> bytes | bytearray | memoryview:
+        """Chunk ``i`` of ``ref``, checked and decoded (into ``out`` when given: writable, the
+        chunk's decoded size)."""
         c = ref.chunks[i]
         stored = self.source.read(c.offset, c.nbytes)
         if self.checksum(stored) != c.checksum:
             raise IntegrityError(f"{self.name}: {where}: checksum mismatch in chunk {i} (damaged archive)")
         try:
-            return ref.chain.decode(stored, ref.chunk_numel(i) * itemsize(ref.dtype))
+            return ref.chain.decode(stored, ref.chunk_numel(i) * itemsize(ref.dtype), out)
         except FormatError as e:
             raise type(e)(f"{self.name}: {where}: chunk {i}: {e}") from None
 
@@ -373,7 +377,7 @@ class ContainerReader:
             lo = (start - first * ce) * isz
             return memoryview(piece)[lo : lo + (stop - start) * isz] if (start, stop) != (0, ref.numel) else piece
         try:
-            out = bytearray((stop - start) * isz)
+            out = memoryview(np.empty((stop - start) * isz, np.uint8))  # not zeroed: every byte is written
         except MemoryError:
             raise FormatError(f"{self.name}: {where}: array of {ref.nbytes} bytes is too large") from None
         pos, ahead = 0, first
@@ -388,10 +392,12 @@ class ContainerReader:
                     size += c.nbytes
                 fetch(window)
                 ahead = i + len(window)
-            piece = memoryview(self.read_chunk(ref, i, where))
             lo = max(start - i * ce, 0) * isz
             hi = (min(stop, (i + 1) * ce) - i * ce) * isz
-            out[pos : pos + hi - lo] = piece[lo:hi]
+            if lo == 0 and hi == ref.chunk_numel(i) * isz:  # a whole chunk: decoded in place
+                self.read_chunk(ref, i, where, out[pos : pos + hi])
+            else:
+                out[pos : pos + hi - lo] = memoryview(self.read_chunk(ref, i, where)).cast("B")[lo:hi]
             pos += hi - lo
         return out
 

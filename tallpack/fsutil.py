@@ -256,6 +256,7 @@ class Transaction:
         self.overwrite = overwrite
         self.created: list[Path] = []  # folders this output made, outermost first
         self.staged: list[tuple[int, Path, Path]] = []  # (locked descriptor, temporary, target)
+        self.obsolete: list[Path] = []  # existing files this output replaces by others: removed on commit
 
     def check(self, target: Path) -> None:
         if not self.overwrite and os.path.lexists(target):
@@ -277,12 +278,24 @@ class Transaction:
             self.staged.append((fd, tmp, target))  # the descriptor stays open: its lock guards tmp
             write(tmp)
 
+    def remove_on_commit(self, target: Path) -> None:
+        """``target`` (an existing file of an earlier output in this place, e.g. a shard the new
+        layout does not have) is removed once the new files are in place; needs ``overwrite``."""
+        self.check(target)
+        self.obsolete.append(target)
+
     def commit(self) -> None:
         while self.staged:
             fd, tmp, target = self.staged[0]
             commit(tmp, target, overwrite=self.overwrite)
             os.close(fd)
             self.staged.pop(0)
+        for target in self.obsolete:
+            try:
+                target.unlink()
+            except FileNotFoundError:
+                pass
+        self.obsolete = []
 
     def abort(self) -> None:
         for fd, tmp, _ in self.staged:
@@ -333,6 +346,15 @@ def make_folder(path: str | os.PathLike) -> Path:
         return tx.folder(p)
     p.mkdir(parents=True, exist_ok=True)
     return p
+
+
+def remove_on_commit(target: str | os.PathLike) -> None:
+    """Remove ``target``, a file an earlier output left that the one being written replaces by
+    others, once that output's files are in place (needs an open :func:`transaction`)."""
+    tx = _current.get()
+    if tx is None:
+        raise RuntimeError("remove_on_commit outside a transaction")
+    tx.remove_on_commit(Path(target))
 
 
 def atomic_write(target: str | os.PathLike, write: Callable[[Path], None]) -> Path:

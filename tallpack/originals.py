@@ -22,7 +22,8 @@ from typing import TYPE_CHECKING, Any
 
 from .dtypes import dtype_name, tensor_to_bytes
 from .errors import CheckpointError, FormatError, IntegrityError, TallpackError
-from .fsutil import atomic_write, make_folder
+from .fsutil import atomic_write, make_folder, remove_on_commit
+from .sharding import previous_weights
 from .sources import _ST_DTYPES, Source
 
 if TYPE_CHECKING:
@@ -183,6 +184,9 @@ def write_originals(archive: "Archive", task: str, outdir: str | os.PathLike) ->
             _check(archive, task, f, h, size)
 
         written.append(atomic_write(target, write))
+    if tensor_files:  # the weights of an earlier output here that these files do not replace
+        for name in sorted(previous_weights(out) - {p.relative_to(out).as_posix() for p in written}):
+            remove_on_commit(out / name)
     return written, tensor_files
 
 

@@ -27,7 +27,7 @@ from .fsutil import atomic_write, make_folder, transaction
 from .manifest import check_task_name
 from .originals import write_originals
 from .progress import ProgressLike
-from .sharding import INDEX, SINGLE, plan_by_size, plan_from_layout, write_shards
+from .sharding import INDEX, SINGLE, plan_by_size, plan_from_layout, previous_weights, write_shards
 from .staging import staged
 from .storage import is_url
 
@@ -69,12 +69,14 @@ def write_checkpoint(
         elif layout:
             plan = plan_from_layout(keys, layout.get("shards"))
         plan = plan or {SINGLE: keys}
-        for fname in (*plan, *([INDEX] if len(plan) > 1 else []), *(["config.json"] if config is not None else [])):
+        names = {*plan, *([INDEX] if len(plan) > 1 else []), *(["config.json"] if config is not None else [])}
+        for fname in names:
             tx.check(out / fname)  # before anything is written
-        stale_index = out / INDEX
-        if len(plan) == 1 and stale_index.exists():  # an index left by an earlier, sharded write would mislead
-            tx.check(stale_index)
-            stale_index.unlink()
+        # The weights of an earlier write in this folder that the new layout does not have (a
+        # model.safetensors beside new shards would be loaded instead of them; shards and an index
+        # of another layout would mislead) are removed when the new files are in place.
+        for fname in sorted(previous_weights(out) - names):
+            tx.remove_on_commit(out / fname)
         target = write_shards(state_dict, plan, out, metadata=meta, sizes=sizes,
                               index_metadata=(layout or {}).get("index_metadata"), progress=progress, specs=specs)
         if config is not None:

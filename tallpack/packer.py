@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -27,8 +28,8 @@ from .originals import record
 from .plan import Kind
 from .progress import track
 from .selection import select_lambdas
-from .sources import SourceLike
-from .staging import staged
+from .sources import SourceLike, stem
+from .staging import fetched, staged
 from .tall import Fidelity
 
 log = logging.getLogger(__name__)
@@ -55,7 +56,23 @@ def pack(base: SourceLike, tasks: TasksLike, out: str | os.PathLike, options: Pa
     v = opts.validated()
     if not opts.overwrite and os.path.lexists(out):
         raise OutputExistsError(f"{out}: already exists; pass --force (overwrite=True) to replace it")
-    fam = PackInputs(base, tasks, allow_mismatch=opts.allow_mismatch, chunk_elements=opts.chunk_elements)
+    named = dict(tasks) if isinstance(tasks, Mapping) else {i: t for i, t in enumerate(tasks)}
+    with fetched({"\0base": base, **named}, storage_options) as (local, origin):  # URL inputs, downloaded
+        local_tasks = ({k: local[k] for k in tasks} if isinstance(tasks, Mapping)
+                       else [local[i] for i in range(len(named))])
+        if origin and not isinstance(tasks, Mapping):  # named after the URL's last part, as a path is
+            if any(isinstance(t, Mapping) for t in tasks):
+                raise InvalidArgumentError("a task given as a dict of tensors needs a name: pass {name: dict}")
+            local_tasks = {stem(t): v for t, v in zip(tasks, local_tasks)}
+        fam = PackInputs(local["\0base"], local_tasks, allow_mismatch=opts.allow_mismatch,
+                         chunk_elements=opts.chunk_elements)
+        for src in (fam.base, *fam.tasks.values()):
+            src.label = origin.get(src.label, src.label)  # errors and the manifest name the URL
+        return _pack_opened(fam, opts, v, out, storage_options)
+
+
+def _pack_opened(fam: PackInputs, opts: PackOptions, v: Validated, out: str | os.PathLike,
+                 storage_options: dict[str, Any] | None) -> Manifest:
     try:
         names = list(fam.tasks)
         if v.method.max_tasks is not None and len(names) > v.method.max_tasks:

@@ -16,6 +16,7 @@ from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+import numpy as np
 import torch
 
 from .arrays import ArrayRef
@@ -175,6 +176,8 @@ class Archive:
         except MemoryError:
             raise FormatError(f"{self.name}: {where}: too large to decode ({ref.nbytes} bytes)") from None
         shape = ref.shape if whole else (stop - start,)
+        if ref.dtype == "bool" and "bitpack" not in ref.chain.ids() and len(buf) and int(np.frombuffer(buf, np.uint8).max()) > 1:
+            raise FormatError(f"{self.name}: {where}: a bool array holds bytes other than 0 and 1 (spec §4)")
         try:
             if use is Use.OUTPUT:
                 return bytes_to_tensor(buf, ref.dtype, shape)

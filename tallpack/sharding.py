@@ -226,3 +226,18 @@ def _write_file(path: Path, tensors: Mapping[str, torch.Tensor], metadata: Mappi
         write_safetensors(f, tensors, metadata, specs)
         f.flush()
         os.fsync(f.fileno())
+
+
+def previous_weights(folder: Path) -> set[str]:
+    """The weight files an earlier checkpoint write left in ``folder``: ``model.safetensors``, the
+    index and the shards it names (plain ``.safetensors`` names in the folder only)."""
+    found = {f for f in (SINGLE, INDEX) if (folder / f).is_file()}
+    if INDEX in found:
+        try:
+            weight_map = json.loads((folder / INDEX).read_text()).get("weight_map", {})
+            shards = set(weight_map.values()) if isinstance(weight_map, dict) else set()
+        except (OSError, ValueError, AttributeError):
+            shards = set()  # an unreadable index is replaced; the files it may name are left alone
+        found |= {s for s in shards if isinstance(s, str) and s.endswith(".safetensors")
+                  and Path(s).name == s and s not in (".", "..") and (folder / s).is_file()}
+    return found

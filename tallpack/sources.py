@@ -42,6 +42,7 @@ from .dtypes import SAFETENSORS_DTYPES as _ST_DTYPES
 from .dtypes import dtype_name
 from .elements import itemsize, numel
 from .errors import CheckpointError, CheckpointNotFoundError, TallpackError, UnsafeCheckpointError
+from .storage import is_url
 
 log = logging.getLogger(__name__)
 
@@ -450,6 +451,12 @@ def _layout(src: Source, index: Path) -> dict[str, Any]:
 
 
 def stem(obj: SourceLike) -> str:
-    """The default task name of a path: the folder's name or the file's stem."""
+    """The default task name of a path: the folder's name or the file's stem (for a URL, its last
+    part, less a checkpoint suffix)."""
+    if isinstance(obj, (str, os.PathLike)) and is_url(obj):
+        name = os.fspath(obj).rstrip("/").rsplit("/", 1)[-1]
+        for suffix in (".safetensors", ".bin", ".pt", ".pth"):
+            name = name.removesuffix(suffix)
+        return name
     p = Path(obj)  # type: ignore[arg-type]
     return p.name if p.is_dir() else p.stem

@@ -1,8 +1,12 @@
-"""Outputs at URLs: an archive or a folder is written to a local staging folder, then uploaded
-with fsspec (``put``) once complete, so a failed write leaves nothing at the URL.
+"""Outputs and pack inputs at URLs.
 
-Local paths (and ``file://`` URLs) are written in place, as before. The staging folder is a
-temporary folder under ``$TMPDIR``: it needs room for the whole output.
+An output (archive or folder) is written to a local staging folder, then uploaded with fsspec
+(``put``) once complete, so a failed write leaves nothing at the URL. A pack input given as a URL
+(a checkpoint file or a model folder: ``s3://...``, ``hf://org/model``, ...) is downloaded into a
+temporary folder first, then read like a local one; the archive records the URL.
+
+Local paths (and ``file://`` URLs) are written and read in place, as before. The staging folders
+are temporary folders under ``$TMPDIR``: they need room for the whole output, or the inputs.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from .errors import OutputError, TallpackError
+from .errors import CheckpointError, CheckpointNotFoundError, OutputError, TallpackError
 from .storage import is_url
 
 log = logging.getLogger(__name__)
@@ -88,3 +92,42 @@ def size(target: str | os.PathLike, storage_options: dict[str, Any] | None = Non
         return local_path(target).stat().st_size
     fs, path = _fs(os.fspath(target), storage_options)
     return int(fs.size(path))
+
+
+@contextmanager
+def fetched(inputs: dict[str, Any], storage_options: dict[str, Any] | None = None
+            ) -> Iterator[tuple[dict[str, Any], dict[str, str]]]:
+    """``inputs`` with every URL replaced by a local copy (a file, or a folder with all its files),
+    and a map from each copy's path to its URL; the copies are removed when the block ends.
+    Other inputs (paths, dicts of tensors) pass through.
+
+    >>> with fetched({"base": "s3://models/base", "cars": "ft/cars"}) as (local, urls):
+    ...     pack(local["base"], {"cars": local["cars"]}, "family.tallpack")
+    """
+    urls = {k: os.fspath(v) for k, v in inputs.items() if isinstance(v, (str, os.PathLike)) and is_url(v)}
+    if not urls:
+        yield dict(inputs), {}
+        return
+    with tempfile.TemporaryDirectory(prefix="tallpack-fetch-") as tmp:
+        local, origin = dict(inputs), {}
+        for i, (key, url) in enumerate(urls.items()):
+            fs, rpath = _fs(url.rstrip("/"), storage_options)
+            try:
+                if not fs.exists(rpath):
+                    raise CheckpointNotFoundError(f"{url}: no such file or folder")
+                folder = fs.isdir(rpath)
+                dest = Path(tmp) / str(i) / (Path(rpath).name or "input")
+                dest.parent.mkdir()
+                log.info("downloading %s", url)
+                if folder:
+                    dest.mkdir()
+                    fs.get(rpath.rstrip("/") + "/", str(dest) + "/", recursive=True)
+                else:
+                    fs.get(rpath, str(dest))
+            except TallpackError:
+                raise
+            except (OSError, ValueError) as e:
+                raise CheckpointError(f"{url}: cannot download: {e}") from None
+            local[key] = dest
+            origin[str(dest)] = url
+        yield local, origin

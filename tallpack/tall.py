@@ -88,7 +88,12 @@ def _float_mask(mask: torch.Tensor) -> torch.Tensor:
     buf = getattr(_scratch, "buf", None)
     if buf is None or buf.numel() < n:
         buf = _scratch.buf = torch.empty(n, dtype=torch.float32)
-    return buf[:n].view(mask.shape).copy_(mask)
+    return buf[:n].view(mask.shape).copy_(_bytes(mask))
+
+
+def _bytes(mask: torch.Tensor) -> torch.Tensor:
+    """A bool mask as its 0/1 bytes: torch converts uint8 to float32 about 4x faster than bool."""
+    return mask.view(torch.uint8) if mask.dtype == torch.bool and mask.device.type == "cpu" else mask
 
 
 def reconstruct(theta_0: torch.Tensor, mask: torch.Tensor, tau_mtl: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -117,7 +122,7 @@ class Fidelity:
             rec = (mask.to(torch.float32) * tau_mtl).reshape(-1)
         else:
             rec = ws.get("rec", mask.numel())
-            rec.copy_(mask.reshape(-1)).mul_(tau_mtl.reshape(-1))
+            rec.copy_(_bytes(mask.reshape(-1))).mul_(tau_mtl.reshape(-1))
         tau = tau_t.reshape(-1)
         self.tau_sq += float(torch.dot(tau, tau))
         self.rec_sq += float(torch.dot(rec, rec))

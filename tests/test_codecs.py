@@ -91,3 +91,35 @@ def test_planes_refuses_damaged_chunks(damage):
         enc = enc[:-1]
     with pytest.raises(CodecError):
         codecs.Planes(4).decode(memoryview(bytes(enc)), x.nbytes)
+
+
+@given(st.binary(max_size=4000), st.sampled_from([1, 2, 4, 8]),
+       st.sampled_from([*codecs.DENSE_PRESETS, "masks"]))
+def test_decoding_into_a_buffer_gives_the_same_bytes(data, itemsize, preset):
+    """Large arrays are decoded chunk by chunk straight into the array (``decode(..., out)``)."""
+    chain = (codecs.Chain([codecs.BitPack(), codecs.Zstd(3)]) if preset == "masks"
+             else codecs.dense_chain(preset, itemsize, 3))
+    if preset == "masks":
+        data = bytes(b & 1 for b in data)
+    data = data[: len(data) - len(data) % itemsize]
+    enc = memoryview(bytes(chain.encode(memoryview(data))))
+    out = np.full(len(data) + 2, 7, np.uint8)  # a guard byte either side
+    got = chain.decode(enc, len(data), memoryview(out)[1:-1])
+    assert bytes(got) == data == bytes(chain.decode(enc, len(data)))
+    assert out[0] == 7 and out[-1] == 7
+    if len(data):
+        with pytest.raises(CodecError):
+            chain.decode(enc, len(data), memoryview(np.empty(len(data) + 1, np.uint8)))
+
+
+def test_planes_strong_levels_are_smaller_and_read_the_same():
+    """From level 10, ``planes`` also tries zstd's optimal parser on the planes it keeps; the
+    chunks stay readable by the same decoder, and an exponent plane gets smaller."""
+    rng = np.random.default_rng(0)
+    data = (rng.standard_normal(1 << 16).astype(np.float32) * 0.02).tobytes()
+    fast, strong = codecs.dense_chain("planes", 4, 3), codecs.dense_chain("planes", 4, 19)
+    assert fast.configs()[0]["level"] == 1 and strong.configs()[0]["level"] == 19
+    a, b = bytes(fast.encode(memoryview(data))), bytes(strong.encode(memoryview(data)))
+    assert len(b) < len(a)
+    for enc in (a, b):
+        assert bytes(fast.decode(memoryview(enc), len(data))) == data

@@ -136,6 +136,37 @@ def test_max_shard_size_reshards(gpt2_family, tmp_path):
     assert transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "one") is not None
 
 
+def test_force_replaces_the_whole_weight_layout(gpt2_family, tmp_path):
+    """Unpacking over an earlier output with ``--force`` leaves no weights of the old layout: a
+    model.safetensors beside new shards would be loaded instead of them, stale shards mislead."""
+    from tallpack_cli.main import main
+    from click.testing import CliRunner
+
+    arch = _pack(gpt2_family, tmp_path / "gpt2.tallpack")
+    out = tmp_path / "out"
+
+    def unpack(task, size, force=True):
+        args = ["-q", "unpack", str(arch), "--task", task, "-o", str(out), "--max-shard-size", size]
+        return CliRunner().invoke(main, args + (["--force"] if force else []))
+
+    assert unpack("code", "20KB", force=False).exit_code == 0
+    three = sorted(p.name for p in out.glob("model*"))
+    assert len(three) >= 4  # shards and the index
+    r = unpack("chat", "5GB", force=False)  # the old shards are in the way: refused, nothing changed
+    assert r.exit_code != 0 and "--force" in r.output
+    assert sorted(p.name for p in out.glob("model*")) == three
+    assert unpack("chat", "5GB").exit_code == 0
+    assert sorted(p.name for p in out.glob("model*")) == ["model.safetensors"]
+    assert unpack("code", "40KB").exit_code == 0  # and back: no model.safetensors beside the shards
+    assert sorted(p.name for p in out.glob("model*")) == [
+        "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors", "model.safetensors.index.json"]
+    with tallpack.open(arch) as fam:
+        want = fam.state_dict("code")
+    model = transformers.AutoModelForCausalLM.from_pretrained(out)
+    got = model.state_dict()
+    assert all(torch.equal(got[k], v) for k, v in want.items() if k in got)
+
+
 def test_bert_with_tokenizer_loads_with_auto_classes(bert_family, tmp_path):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 

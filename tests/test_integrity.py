@@ -281,3 +281,20 @@ def test_every_byte_of_the_file_is_covered(archive):
                 assert fam.verify(), f"a change at byte {pos} went unnoticed"
         except TallpackError:
             pass
+
+
+def test_a_bool_array_with_other_bytes_is_refused(tmp_path) -> None:
+    """Bool elements are bytes 0 or 1 (spec §4); the reader relies on it (masks are converted
+    through their bytes), so a stored bool array holding a 2 is a FormatError, not a wrong tensor."""
+    import tallpack
+    from tallpack.errors import FormatError
+
+    w = torch.randn(8, 8)
+    flag = torch.tensor([0, 1, 0, 1], dtype=torch.uint8).view(torch.bool)
+    bad = torch.tensor([0, 2, 0, 1], dtype=torch.uint8).view(torch.bool)
+    tasks = {"a": {"w": w + 0.1, "flag": bad}, "b": {"w": w - 0.1, "flag": flag}}
+    tallpack.pack({"w": w, "flag": flag}, tasks, tmp_path / "x.tallpack", codec="raw")
+    with tallpack.open(tmp_path / "x.tallpack") as fam:
+        assert torch.equal(fam.get_tensor("b", "flag"), flag)
+        with pytest.raises(FormatError, match="'flag'.*other than 0 and 1"):
+            fam.get_tensor("a", "flag")

@@ -105,3 +105,49 @@ def test_the_command_line_reads_s3_with_fsspec_configuration(s3, small_family, t
         r = CliRunner().invoke(main, ["-q", *map(str, args)], catch_exceptions=False)
         assert r.exit_code == 0, r.output
     assert fs.exists("family/cli-a/model.safetensors")
+
+
+def test_pack_reads_checkpoints_at_urls(s3, small_family, hf_family, tmp_path, monkeypatch):
+    """Pack inputs may be URLs (files and model folders): they are downloaded, packed as local ones
+    would be, and the archive records the URL; a missing one is one clear error."""
+    import fsspec.config
+    from click.testing import CliRunner
+
+    from tallpack.errors import CheckpointNotFoundError
+    from tallpack_cli.main import main
+
+    fs, opts = s3
+    fs.put(str(small_family["base_path"]), "family/in/base.safetensors")
+    for n, p in small_family["task_paths"].items():
+        fs.put(str(p), f"family/in/{n}.safetensors")
+    fs.put(str(hf_family["base"]), "family/hf/base", recursive=True)
+    fs.put(str(hf_family["tasks"]["dtd"]), "family/hf/dtd", recursive=True)
+    assert fs.exists("family/hf/base/config.json")
+
+    # Python: a folder URL (sharded Hugging Face model) and a local folder, side by side
+    tallpack.pack("s3://family/hf/base", {"dtd": "s3://family/hf/dtd"}, tmp_path / "url.tallpack",
+                  storage_options=opts)
+    tallpack.pack(hf_family["base"], {"dtd": hf_family["tasks"]["dtd"]}, tmp_path / "local.tallpack")
+    with tallpack.open(tmp_path / "url.tallpack") as a, tallpack.open(tmp_path / "local.tallpack") as b:
+        assert a.manifest.base["path"] == "s3://family/hf/base"
+        assert a.task_info("dtd").source["path"] == "s3://family/hf/dtd"
+        sa, sb = a.state_dict("dtd"), b.state_dict("dtd")
+        assert list(sa) == list(sb) and all(torch.equal(sa[k], sb[k]) for k in sa)
+        assert a.task_info("dtd").files == b.task_info("dtd").files  # config.json and the rest, kept
+
+    # the command line: bare URLs are named after their last part
+    monkeypatch.setitem(fsspec.config.conf, "s3", dict(opts))
+    args = ["-q", "pack", "--base", "s3://family/in/base.safetensors", "--task", "s3://family/in/a.safetensors",
+            "--task", "bee=s3://family/in/b.safetensors", "-o", str(tmp_path / "cli.tallpack")]
+    r = CliRunner().invoke(main, args, catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    with tallpack.open(tmp_path / "cli.tallpack") as fam:
+        assert fam.tasks == ("a", "bee")
+        assert torch.equal(fam.get_tensor("bee", "head.w"), small_family["tasks"]["b"]["head.w"])
+    r = CliRunner().invoke(main, ["-q", "pack", "--base", "s3://family/in/nothere.safetensors", "--task",
+                                  "s3://family/in/a.safetensors", "-o", str(tmp_path / "x.tallpack")])
+    assert r.exit_code != 0 and "s3://family/in/nothere.safetensors: no such file or folder" in r.output
+    assert not (tmp_path / "x.tallpack").exists()
+    with pytest.raises(CheckpointNotFoundError):
+        tallpack.pack("s3://family/in/base.safetensors", {"a": "s3://family/in/gone.safetensors"},
+                      tmp_path / "y.tallpack", storage_options=opts)

@@ -47,7 +47,7 @@ def _name(v: object) -> bool:
 
 
 def _arrays(d: Mapping[str, Any], keys: tuple[str, ...], where: str) -> dict[str, ArrayRef]:
-    return {k: ArrayRef.from_dict(d[k], f"{where} ({k})") for k in keys if d.get(k) is not None}
+    return {k: ArrayRef.from_dict(d[k], (where, k)) for k in keys if d.get(k) is not None}
 
 
 @dataclass(frozen=True)

@@ -163,7 +163,7 @@ class Correction:
                     raise FormatError(f"{where}: an exact correction needs the entry's exact field")
                 return cls(kind)
             if kind == "sparse":
-                refs = {k: ArrayRef.from_dict(d[k], f"{where} ({k})") for k in ("indices", "values")}
+                refs = {k: ArrayRef.from_dict(d[k], (where, k)) for k in ("indices", "values")}
                 ind, val = refs["indices"], refs["values"]
                 if (ind.dtype not in ("uint32", "uint64") or val.dtype not in ("float16", "float32")
                         or len(ind.shape) != 1 or ind.shape != val.shape or ind.shape[0] > n):
@@ -173,7 +173,7 @@ class Correction:
             bits, block = d["bits"], d["block"]
             if bits not in BITS or type(bits) is not int or type(block) is not int or not 1 <= block <= 1 << 20:
                 raise FormatError(f"{where}: bad bits {bits!r} or block {block!r}")
-            refs = {k: ArrayRef.from_dict(d[k], f"{where} ({k})") for k in ("scales", "codes")}
+            refs = {k: ArrayRef.from_dict(d[k], (where, k)) for k in ("scales", "codes")}
             sc, co = refs["scales"], refs["codes"]
             want = (n,) if bits == 8 else (-(-n // 2),)
             if (sc.dtype != "float32" or sc.shape != (-(-n // block),) or co.shape != want

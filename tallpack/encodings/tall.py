@@ -16,6 +16,11 @@ from ..tall import Workspace, blocks, reconstruct, tall_mask
 from .base import EXTRA_ARRAYS, Encoding, Item, TaskTensor, TensorEntry, Use, WriteContext, register
 
 
+#: Elements of each sub-block the packer computes task vectors, merged vector and masks in
+#: (chunks are cut from these): the working set of T float32 task vectors is T x 4 MiB.
+COMPUTE_ELEMENTS = 1 << 20
+
+
 @register
 class Tall(Encoding):
     name = "tall"
@@ -61,15 +66,30 @@ class Tall(Encoding):
         arrays = [*entry_arrays.values(), *mask_arrays]
         pending: list = []  # the previous block's encodings: compressed while this block is computed
         ws = Workspace()
-        for k, (b, taus) in enumerate(blocks(base, thetas, ce, ws)):
+        b_flat, flats = base.reshape(-1), [x.reshape(-1) for x in thetas]
+        for k, a in enumerate(range(0, b_flat.numel(), ce)):
+            # One chunk's merged vector, extras and masks, computed in sub-blocks: the T float32
+            # task vectors (the largest working set) then take T x COMPUTE_ELEMENTS, not T x a chunk.
+            b = b_flat[a : a + ce]
             n, side = b.numel(), k % 2  # what is being encoded (merged, masks) alternates between two sets
-            merged = ctx.method.combine(taus, out=ws.get(f"merged{side}", n))
-            parts = {"base": b, "merged": merged, **ctx.method.extras(taus)}
-            masks = [tall_mask(tau, merged, ctx.lambdas[t], out=ws.get(f"mask{i}.{side}", n, torch.bool), ws=ws)
-                     for i, (t, tau) in enumerate(zip(tasks, taus))]
-            for i, (t, tau, m) in enumerate(zip(tasks, taus, masks)):
-                ones[i] += ctx.fidelity[t].add(tau, m, merged, ws)
-            jobs = [(a.chain, tensor_to_bytes(parts[k])) for k, a in entry_arrays.items()]
+            merged = ws.get(f"merged{side}", n)
+            masks = [ws.get(f"mask{i}.{side}", n, torch.bool) for i in range(len(tasks))]
+            extras: dict[str, torch.Tensor] = {}
+            for o, (sb, taus) in zip(range(0, n, COMPUTE_ELEMENTS),
+                                     blocks(b, [f[a : a + ce] for f in flats], COMPUTE_ELEMENTS, ws)):
+                s = slice(o, o + sb.numel())
+                sub = ctx.method.combine(taus, out=merged[s])
+                if sub.data_ptr() != merged[s].data_ptr():  # a method that cannot write into ``out``
+                    merged[s].copy_(sub)
+                for key, x in ctx.method.extras(taus).items():
+                    if key not in extras:
+                        extras[key] = ws.get(f"{key}{side}", n, x.dtype)
+                    extras[key][s].copy_(x)
+                for i, (t, tau) in enumerate(zip(tasks, taus)):
+                    tall_mask(tau, merged[s], ctx.lambdas[t], out=masks[i][s], ws=ws)
+                    ones[i] += ctx.fidelity[t].add(tau, masks[i][s], merged[s], ws)
+            parts = {"base": b, "merged": merged, **extras}
+            jobs = [(a_.chain, tensor_to_bytes(parts[key])) for key, a_ in entry_arrays.items()]
             jobs += [(ctx.masks, tensor_to_bytes(m)) for m in masks]
             futures = w.submit(jobs)
             for arr, f in zip(arrays, pending):
