@@ -88,6 +88,7 @@ def test_target_met_and_smaller_than_corrections(tmp_path):
                 got = weight_fidelity(fam, t, fts[t])
                 assert got >= target and got == pytest.approx(fam.task_info(t).fidelity["weight"], abs=1e-9)
                 assert any(k.startswith("qtau") for k in fam.summary()["tasks"][fam.tasks.index(t)]["stored"])
+                assert all(torch.equal(fam.get_tensor(t, k, device="cpu"), v) for k, v in fam.state_dict(t).items())
             dropped = [e for e in fam.manifest.tensors if e.kind == "merged" and "merged" not in e.arrays]
             assert len(dropped) == m.stats["dial"]["merged_dropped"] > 0
             assert all(tt.encoding == "qtau" and "mask" not in tt.arrays for e in dropped for tt in e.tasks.values())

@@ -180,9 +180,10 @@ class QTau(Encoding):
 
 
 def deq_of(codes: torch.Tensor, scales: torch.Tensor, tt: TaskTensor) -> torch.Tensor:
-    """deQ of a qtau task entry from its decoded arrays."""
-    return dequantize(codes.reshape(-1).numpy(), scales.reshape(-1).numpy(), tt.params["bits"], tt.params["block"],
-                      _numel(tt.shape))
+    """deQ of a qtau task entry from its decoded arrays, on their device (decoded on the CPU)."""
+    deq = dequantize(codes.reshape(-1).cpu().numpy(), scales.reshape(-1).cpu().numpy(), tt.params["bits"],
+                     tt.params["block"], _numel(tt.shape))
+    return deq.to(codes.device)
 
 
 # -- for consumers of masks: consensus merging, stats ---------------------------------------------
