@@ -42,7 +42,7 @@ log = logging.getLogger(__name__)
 MAGIC = b"TALLPACK"
 END_MAGIC = b"TALLPEND"
 #: The format version this reader implements (it reads every minor of this major).
-MAJOR, MINOR = 1, 5
+MAJOR, MINOR = 1, 7
 #: The minor version that introduced each optional feature (a checksum, a codec id, ...): a writer
 #: writes the lowest minor version that covers the features it uses (spec §8).
 FEATURE_MINOR: dict[str, int] = {"checksum:crc32": 0, "checksum:xxh3-64": 1, "codec:zstd": 0, "codec:bytegroup": 0,
