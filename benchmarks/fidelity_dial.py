@@ -294,15 +294,16 @@ def plot(results: dict, path: Path) -> None:
             for kind, (c, mk) in styles.items():
                 rs = sorted((r for r in rows if r["method"] == kind), key=lambda r: r["x"])
                 ax.plot([r["x"] for r in rs], [100 * r[stat] for r in rs], color=c, marker=mk, ls="--", label=kind)
-            ours = sorted((r for r in rows if r["method"].startswith(("TALL", "dial, weight", "dial, budget", "exact"))),
-                          key=lambda r: r["x"])
+            kinds = ("TALL", "dial, weight", "dial, budget", "exact")
+            ours = sorted((r for r in rows if r["method"].startswith(kinds)), key=lambda r: r["x"])
             front, best = [], -1.0  # tallpack's curve: the best it reaches at each size or less
             for r in ours:
                 if r[stat] > best:
                     best = r[stat]
                     front.append(r)
-            ax.step([r["x"] for r in front] + [max(r["x"] for r in rows)], [100 * r[stat] for r in front]
-                    + [100 * front[-1][stat]], where="post", color="tab:blue", label="tallpack's curve (best at <= size)")
+            ax.step([r["x"] for r in front] + [max(r["x"] for r in rows)],
+                    [100 * r[stat] for r in front] + [100 * front[-1][stat]], where="post", color="tab:blue",
+                    label="tallpack's curve (best at <= size)")
             dial = [r for r in ours if r["method"].startswith(("dial, weight", "exact"))]
             ax.plot([r["x"] for r in dial], [100 * r[stat] for r in dial], color="tab:blue", marker="o", ls="none",
                     label="dial at weight-fidelity targets, exact")
