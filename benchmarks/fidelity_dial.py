@@ -226,6 +226,30 @@ def run_family(name: str, base_path: str, tasks: dict[str, str], evaluate, examp
     return {"one_checkpoint_bytes": one, "rows": rows}
 
 
+def coding(base_path: str, tasks: dict[str, str]) -> list[dict]:
+    """Bytes of every task vector of the merged tensors quantized per block of 64, coded as the
+    quantization baseline codes them (int8 codes then zstd, float32 scales) and as ``qtau`` stores
+    them (bit-packed codes then the archive's zstd, float16 scales where they fit)."""
+    from tallpack.encodings.qtau import quantize
+
+    base = _load(base_path)
+    originals = {t: _load(p) for t, p in tasks.items()}
+    names = [k for k in base if base[k].is_floating_point()
+             and all(k in o and o[k].shape == base[k].shape for o in originals.values())]
+    rows = []
+    for bits in (2, 3, 4, 5, 6, 8):
+        ours = theirs = 0
+        for o in originals.values():
+            for k in names:
+                tau = o[k].float() - base[k].float()
+                theirs += baseline("quant", bits, tau, torch.Generator())[1]
+                codes, scales = quantize(tau.reshape(-1), bits)
+                ours += len(dense_chain("planes", 1).encode(memoryview(codes))) + _enc(scales)
+        rows.append({"bits": bits, "baseline_bytes": theirs, "qtau_bytes": ours})
+        print(f"coding {bits} bits: baseline {theirs} bytes, qtau {ours} bytes ({ours / theirs - 1:+.1%})")
+    return rows
+
+
 def ablation(name: str, base_path: str, tasks: dict[str, str], evaluate, quick: bool, work: Path) -> list[dict]:
     """What each part of the qtau candidate buys, at equal targets: the dial without qtau (format
     1.5's corrections), with qtau but the merged vector always kept, with float32 scales only, all."""
@@ -352,6 +376,7 @@ def main() -> None:
         results["families"][name] = run_family(name, b, tasks, ev, ex, args.quick, work)
     results["ablation"] = [r for name, (b, tasks, ev, _) in fams.items()
                            for r in ablation(name, b, tasks, ev, args.quick, work)]
+    results["coding"] = coding(*fams["demo"][:2])
     b, tasks, ev, _ = fams["demo"]
     results["measure"] = measure_table(b, tasks, ev, work)
     results["seconds"] = time.perf_counter() - t0

@@ -371,11 +371,17 @@ class MiniArchive:
 
 
 def _deq(mini: MiniArchive, tt: dict) -> np.ndarray:
-    """§6.1.7: the codes are one little-endian bit stream, code i in bits [i*bits, (i+1)*bits)."""
+    """§6.1.7: up to 4 bits the codes are one little-endian bit stream, code i in bits
+    [i*bits, (i+1)*bits); from 5 bits, one byte each."""
     bits, block, n = tt["bits"], tt["block"], math.prod(tt["shape"])
-    stream = np.unpackbits(mini.array(tt["codes"]), bitorder="little")
-    assert stream.size >= n * bits
-    u = (stream[: n * bits].reshape(n, bits).astype(np.int64) << np.arange(bits)).sum(axis=1)
+    codes = mini.array(tt["codes"])
+    if bits > 4:
+        assert codes.size == n
+        u = codes.astype(np.int64)
+    else:
+        stream = np.unpackbits(codes, bitorder="little")
+        assert stream.size >= n * bits
+        u = (stream[: n * bits].reshape(n, bits).astype(np.int64) << np.arange(bits)).sum(axis=1)
     scales = mini.array(tt["scales"]).astype(np.float32)
     return (u - (1 << (bits - 1))).astype(np.float32) * np.repeat(scales, block)[:n]
 
@@ -421,15 +427,16 @@ def test_spec_reader_rebuilds_every_tensor(name: str) -> None:
 
 
 def test_spec_reader_covers_the_dials_fields() -> None:
-    """The 1.5 golden holds sparse and quantized corrections; the 1.7 one qtau entries of odd, even
-    and 8-bit widths with float16 and float32 scales, and tensors without a merged vector."""
+    """The 1.5 golden holds sparse and quantized corrections; the 1.7 one qtau entries with codes
+    bit-packed (2, 3, 4 bits) and a byte each (6, 8 bits), float16 and float32 scales, and tensors
+    without a merged vector."""
     entries = MiniArchive(GOLDEN / "v1_5_correction.tallpack").manifest["tensors"]
     kinds = {(c["kind"], c.get("bits")) for e in entries for tt in e["tasks"].values() if (c := tt.get("correction"))}
     assert {k for k, _ in kinds} == {"sparse", "quant"}
     m = MiniArchive(GOLDEN / "v1_7_qtau.tallpack").manifest
     q = [(tt["bits"], tt["scales"]["dtype"])
          for e in m["tensors"] for tt in e["tasks"].values() if tt["encoding"] == "qtau"]
-    assert {b for b, _ in q} >= {3, 4, 5, 8} and {d for _, d in q} == {"float16", "float32"}
+    assert {b for b, _ in q} >= {2, 3, 4, 6, 8} and {d for _, d in q} == {"float16", "float32"}
     assert any(e["kind"] == "merged" and "merged" not in e for e in m["tensors"])
 
 

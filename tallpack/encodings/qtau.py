@@ -4,11 +4,13 @@ Where TALL loses too much for a task and a tensor (conflicting fine-tunes, large
 fidelity dial may store the task vector itself, quantized symmetrically per block::
 
     {"encoding": "qtau", "dtype": ..., "shape": ..., "bits": 2 ... 8, "block": 64,
-     "ones": <set bits of the derived mask>, "codes": <uint8 ref, [ceil(n * bits / 8)]>,
+     "ones": <set bits of the derived mask>, "codes": <uint8 ref, [code_bytes(n, bits)]>,
      "scales": <float16 | float32 ref, [ceil(n / block)]>}
 
 rebuilt as ``cast_d(f32(theta_0) + deQ)`` with ``deQ[i] = f32(u_i - 2**(bits-1)) * scales[i // block]``,
-``u_i`` the i-th ``bits``-wide field of the codes read as a little-endian bit stream. No mask and
+``u_i`` the i-th code: up to 4 bits, the i-th ``bits``-wide field of the codes read as a
+little-endian bit stream; from 5 bits, byte i (zstd codes bytes better than fields that straddle
+them: ``BENCHMARKS.md``, "The fidelity dial"). No mask and
 no residual are stored for that pair; when every task of a tensor is ``qtau`` the tensor's merged
 vector may be absent too. Consumers that need masks (consensus merging, ``stats``) derive one from
 the dequantized vector (:func:`task_masks`): an approximation, stated in the spec.
@@ -42,9 +44,13 @@ def _numel(shape: tuple[int, ...]) -> int:
     return int(np.prod(shape, dtype=np.int64)) if shape else 1
 
 
+#: Codes of more bits than this are stored one byte each; of this many or fewer, as a bit stream.
+PACKED_BITS = 4
+
+
 def code_bytes(n: int, bits: int) -> int:
-    """Bytes of the bit stream of ``n`` codes of ``bits`` bits."""
-    return -(-n * bits // 8)
+    """Bytes of ``n`` codes of ``bits`` bits: a bit stream up to ``PACKED_BITS``, else a byte each."""
+    return -(-n * bits // 8) if bits <= PACKED_BITS else n
 
 
 def _half_up(s: np.ndarray) -> np.ndarray | None:
@@ -94,9 +100,10 @@ _PIECE = 1 << 20
 
 
 def pack_codes(u: np.ndarray, bits: int) -> np.ndarray:
-    """Codes of ``bits`` bits as one little-endian bit stream (code i in bits [i*bits, (i+1)*bits))."""
+    """Codes of ``bits`` bits as one little-endian bit stream (code i in bits [i*bits, (i+1)*bits)),
+    or, above ``PACKED_BITS``, one byte each."""
     u = u.astype(np.uint8, copy=False)
-    if bits == 8:
+    if bits > PACKED_BITS:
         return u.copy()
     out = np.empty(code_bytes(u.size, bits), np.uint8)
     for a in range(0, u.size, _PIECE):
@@ -108,9 +115,9 @@ def pack_codes(u: np.ndarray, bits: int) -> np.ndarray:
 
 
 def unpack_codes(codes: np.ndarray, bits: int, n: int) -> np.ndarray:
-    """The ``n`` codes of a bit stream, as uint8."""
+    """The ``n`` codes of ``pack_codes``, as uint8."""
     codes = codes.view(np.uint8)
-    if bits == 8:
+    if bits > PACKED_BITS:
         return codes[:n]
     out = np.empty(n, np.uint8)
     for a in range(0, n, _PIECE):

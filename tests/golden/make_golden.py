@@ -13,7 +13,7 @@ writes, beside this script:
   file's metadata key ``"files"`` holds ``{task: {name: text}}``;
 * ``v1_5_correction.tallpack`` (format 1.5): the fidelity dial at 0.99 with sparse and quantized
   corrections of the TALL residual;
-* ``v1_7_qtau.tallpack`` (format 1.7): the fidelity dial at 0.99 with ``qtau`` entries (a task's
+* ``v1_7_qtau.tallpack`` (format 1.7): the fidelity dial at 0.98 with ``qtau`` entries (a task's
   own quantized task vector, no mask) and tensors without a merged vector;
 * ``v1_2_exact.tallpack`` (format 1.2): the exact tier, merge "ta"; with
   ``v1_2_exact.originals.safetensors``, the inputs' tensors (the originals) under ``"<task>/<tensor>"``;
@@ -123,7 +123,7 @@ ARCHIVES = {
                             pack=dict(merge="ta", codec="planes", checksum="xxh3-64", lambdas=0.4, fidelity=0.99,
                                       corrections=("sparse", "quant4", "quant8"))),
     "v1_7_qtau": dict(seed=7, tasks=["arc", "piqa", "hella"], head_rows={"arc": 2, "piqa": 2, "hella": 4},
-                      pack=dict(merge="ta", codec="planes", checksum="xxh3-64", lambdas=0.4, fidelity=0.99)),
+                      pack=dict(merge="ta", codec="planes", checksum="xxh3-64", lambdas=0.4, fidelity=0.98)),
 }
 
 
