@@ -6,9 +6,10 @@
 For each family, as a fraction of the checkpoint files' bytes: the archive packed with --exact
 (and without, for the lossy tier's own cost), ZipNN on every checkpoint, ``zstd -19 --long`` over
 all files concatenated, and a BitX-style baseline (the base and each task's XOR with the base, in
-byte planes, zstd-3, as ZipLLM does). Then the exact tier coding only against the base (what
-coding against the TALL rebuild saves), and exact unpack of one task against the lossy unpack
-(fresh processes, alternated, medians of 3).
+byte planes, zstd-3, as ZipLLM does). Then the exact tier with every mask stored (format 1.5's
+writer: what derived masks save) and, masks stored, coding only against the base (what coding
+against the TALL rebuild saves); exact unpack of one task against the lossy unpack, and the lossy
+unpack of the exact archive (fresh processes, alternated, medians of 3).
 """
 
 from __future__ import annotations
@@ -91,14 +92,17 @@ def zstd19_long(files: list[Path]) -> tuple[int, float]:
     return len(out.stdout), time.perf_counter() - t0
 
 
-def pack(base: Path, tasks: dict[str, Path], out: Path, exact: bool, candidates=None, level: int = 3) -> float:
+def pack(base: Path, tasks: dict[str, Path], out: Path, exact: bool, candidates=None, level: int = 3,
+         masks: str = "choose") -> float:
+    """Pack in a fresh process; ``masks`` is the exact tier's mask policy (``exact.MASK_POLICY``)."""
     code = ("import json,sys,time,tallpack\nfrom tallpack.encodings import exact as ex\n"
             "a=json.loads(sys.argv[1])\n"
             "if a['cand']: ex.CANDIDATES=tuple(a['cand'])\n"
+            "ex.MASK_POLICY=a['masks']\n"
             "t=time.perf_counter();tallpack.pack(a['base'],a['tasks'],a['out'],exact=a['exact'],level=a['level'])\n"
             "print(time.perf_counter()-t)")
     arg = json.dumps({"base": str(base), "tasks": {k: str(v) for k, v in tasks.items()}, "out": str(out),
-                      "exact": exact, "cand": candidates, "level": level})
+                      "exact": exact, "cand": candidates, "level": level, "masks": masks})
     r = subprocess.run([sys.executable, "-c", code, arg], capture_output=True, text=True, check=True)
     return float(r.stdout.strip().splitlines()[-1])
 
@@ -117,18 +121,23 @@ def residual_stats(archive: Path) -> dict:
 
     by_ref: dict[str, int] = {}
     by_tr: dict[str, int] = {}
-    stored = 0
+    by_enc: dict[str, int] = {}
+    stored = masks = 0
     with tallpack.open(archive) as fam:
         for e in fam.manifest.tensors:
             for tt in e.tasks.values():
                 ex = tt.extras.get("exact")
+                if "mask" in tt.arrays:
+                    masks += tt.arrays["mask"].stored_nbytes
                 if ex is None:
                     continue
                 n = ex.residual.stored_nbytes
                 stored += n
                 by_ref[ex.reference] = by_ref.get(ex.reference, 0) + n
                 by_tr[ex.transform] = by_tr.get(ex.transform, 0) + n
-    return {"residual_bytes": stored, "by_reference": by_ref, "by_transform": by_tr}
+                by_enc[tt.encoding] = by_enc.get(tt.encoding, 0) + 1
+    return {"residual_bytes": stored, "mask_bytes": masks, "by_reference": by_ref, "by_transform": by_tr,
+            "entries_by_encoding": by_enc}
 
 
 def measure(name: str, base: Path, tasks: dict[str, Path], dtype: str, root: Path, quick: bool) -> dict:
@@ -136,30 +145,41 @@ def measure(name: str, base: Path, tasks: dict[str, Path], dtype: str, root: Pat
     raw = sum(f.stat().st_size for f in files)
     res: dict = {"family": name, "dtype": dtype, "tasks": len(tasks), "checkpoint_bytes": raw}
     ex, lossy, based = root / f"{name}.exact.tallpack", root / f"{name}.tallpack", root / f"{name}.base.tallpack"
+    stored = root / f"{name}.stored.tallpack"
     res["pack_exact_seconds"] = pack(base, tasks, ex, True)
-    pack(base, tasks, lossy, False)
-    pack(base, tasks, based, True, candidates=["base", "zero"])
+    res["pack_lossy_seconds"] = pack(base, tasks, lossy, False)
+    res["pack_stored_masks_seconds"] = pack(base, tasks, stored, True, masks="store")
+    pack(base, tasks, based, True, candidates=["base", "zero"], masks="store")
     res["exact_bytes"] = ex.stat().st_size
     res["lossy_bytes"] = lossy.stat().st_size
+    res["exact_stored_masks_bytes"] = stored.stat().st_size
     res["exact_base_only_bytes"] = based.stat().st_size
     res |= residual_stats(ex)
+    st = residual_stats(stored)
+    res["stored_masks_residual_bytes"], res["stored_masks_mask_bytes"] = st["residual_bytes"], st["mask_bytes"]
+    res["stored_masks_by_reference"] = st["by_reference"]
     res["base_only_residual_bytes"] = residual_stats(based)["residual_bytes"]
     res["zipnn_bytes"] = zipnn_bytes(files, dtype)
     res["zstd19_long_bytes"], res["zstd19_seconds"] = zstd19_long(files)
     res["bitx_bytes"] = bitx(base, tasks)
     task = next(iter(tasks))
-    t_exact, t_lossy = [], []
+    t_exact, t_lossy, t_lossy_ex = [], [], []
     for i in range(3):
         t_lossy.append(unpack_seconds(lossy, task, root / f"l{i}", False))
         t_exact.append(unpack_seconds(ex, task, root / f"e{i}", True))
+        t_lossy_ex.append(unpack_seconds(ex, task, root / f"x{i}", False))
     res["unpack_lossy_seconds"], res["unpack_exact_seconds"] = statistics.median(t_lossy), statistics.median(t_exact)
-    for k in ("exact", "lossy", "zipnn", "zstd19_long", "bitx"):
+    res["unpack_lossy_of_exact_archive_seconds"] = statistics.median(t_lossy_ex)
+    for k in ("exact", "lossy", "exact_stored_masks", "zipnn", "zstd19_long", "bitx"):
         res[f"{k}_fraction"] = res[f"{k}_bytes"] / raw
     res["exact_vs_bitx"] = res["exact_bytes"] / res["bitx_bytes"]
     res["exact_vs_zipnn"] = res["exact_bytes"] / res["zipnn_bytes"]
     res["exact_vs_zstd19"] = res["exact_bytes"] / res["zstd19_long_bytes"]
     res["exact_unpack_vs_lossy"] = res["unpack_exact_seconds"] / res["unpack_lossy_seconds"]
-    res["tall_saves_vs_base_only"] = 1 - res["residual_bytes"] / res["base_only_residual_bytes"]
+    res["stored_masks_vs_bitx"] = res["exact_stored_masks_bytes"] / res["bitx_bytes"]
+    res["derived_masks_save"] = 1 - res["exact_bytes"] / res["exact_stored_masks_bytes"]
+    # residuals against the TALL rebuild (where the writer chose it, masks stored) against the base alone
+    res["tall_saves_vs_base_only"] = 1 - res["stored_masks_residual_bytes"] / res["base_only_residual_bytes"]
     print(json.dumps(res), flush=True)
     return res
 

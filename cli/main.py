@@ -145,12 +145,16 @@ def _method_options(f):
 @click.option("--progress/--no-progress", default=True, show_default=True,
               help="Show progress (a bar on a terminal, log lines otherwise).")
 @click.option("--exact", is_flag=True, help="Also store the original bits and files (unpack --exact gives them back).")
+@click.option("--derive-masks/--store-masks", default=True, show_default=True,
+              help="With --exact: leave out masks the reader can derive from the originals (smaller; "
+                   "lossy reads of those tensors cost about an exact read).")
 @click.option("--fidelity", type=click.FloatRange(0, 1, min_open=True), default=None,
               help="Reconstruct every task at least this well (weight fidelity; 1: exact), adding corrections.")
 @click.option("--budget", type=click.FloatRange(0, min_open=True), default=None,
               help="Keep the archive within this many times one task checkpoint, best fidelity within it.")
 def pack(base, task_specs, output, lambda_specs, merge, codec, level, checksum, chunk_elements,
-         keep_base_only, allow_mismatch, threads, force, progress, exact, fidelity, budget, **method_options) -> None:
+         keep_base_only, allow_mismatch, threads, force, progress, exact, derive_masks, fidelity, budget,
+         **method_options) -> None:
     """Pack a base model and its fine-tuned tasks into one archive."""
     tasks = _parse_tasks(task_specs)
     lambdas = _parse_lambdas(lambda_specs, tasks)
@@ -163,8 +167,8 @@ def pack(base, task_specs, output, lambda_specs, merge, codec, level, checksum, 
     options = PackOptions(lambdas=lambdas, merge=merge_spec, codec=codec, level=level, checksum=checksum,
                           chunk_elements=chunk_elements, keep_base_only=keep_base_only,
                           allow_mismatch=allow_mismatch, threads=threads,
-                          progress=_progress(progress), exact=exact, overwrite=force, fidelity=fidelity,
-                          budget=budget)
+                          progress=_progress(progress), exact=exact, derive_masks=derive_masks, overwrite=force,
+                          fidelity=fidelity, budget=budget)
     m = tallpack.pack(base, tasks, output, options)
     size = staging.size(output)
     src = m.stats["source_bytes"]

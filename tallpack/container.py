@@ -47,7 +47,7 @@ MAJOR, MINOR = 1, 7
 #: writes the lowest minor version that covers the features it uses (spec §8).
 FEATURE_MINOR: dict[str, int] = {"checksum:crc32": 0, "checksum:xxh3-64": 1, "codec:zstd": 0, "codec:bytegroup": 0,
                                  "codec:bitpack": 0, "field:exact": 2, "codec:planes": 3, "field:files": 4,
-                                 "field:correction": 5, "encoding:qtau": 7}
+                                 "field:correction": 5, "encoding:tall-derived": 6, "encoding:qtau": 7}
 
 
 def format_version(features: set[str] | frozenset[str]) -> tuple[int, int]:

@@ -715,7 +715,7 @@ def _write_mixed(ctx: WriteContext, item: Item, qt: Mapping[str, int], drop: boo
                                 {"mask": w.write_array(tensor_to_bytes(mask), "bool", shape, ctx.masks, ce)},
                                 {"ones": int(torch.count_nonzero(mask))})
     ref = merged
-    if drop:  # what readers use instead (spec §6.1.7): the float32 sum of the deQ, in task order
+    if drop:  # what readers use instead (spec §6.1.8): the float32 sum of the deQ, in task order
         ref = torch.zeros_like(merged)
         for t in item.tasks:
             ref = ref + deqs[t][0]

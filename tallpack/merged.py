@@ -12,6 +12,8 @@ from typing import Protocol
 import torch
 
 from .arrays import ArrayRef
+from .encodings import Use
+from .encodings.derived import task_mask
 from .encodings.qtau import task_masks
 from .errors import FormatError, InvalidArgumentError
 from .manifest import Manifest
@@ -24,7 +26,7 @@ class Family(Protocol):
     name: str
     manifest: Manifest
 
-    def read_array(self, ref: ArrayRef, where: str) -> torch.Tensor: ...
+    def read_array(self, ref: ArrayRef, where: str, use: Use = Use.OUTPUT) -> torch.Tensor: ...
 
     def keys(self, task: str) -> list[str]: ...
 
@@ -58,7 +60,7 @@ class MergeParts:
             if e.kind == "merged":
                 base = read(e.arrays["base"], f"{where} (base)")
                 masks = extras = None
-                if any(tt.encoding == "qtau" for tt in e.tasks.values()):  # the dial's (format 1.7, §6.1.7)
+                if any(tt.encoding == "qtau" for tt in e.tasks.values()):  # the dial's (format 1.7, §6.1.8)
                     tau, by_task = task_masks(read, e, lambdas)
                     tau = tau.reshape(base.shape)
                     masks = [m.reshape(base.shape) for m in by_task.values()]
@@ -66,7 +68,7 @@ class MergeParts:
                     tau = read(e.arrays["merged"], f"{where} (merged)")
                 if is_consensus(model):
                     if masks is None:
-                        masks = [read(tt.arrays["mask"], f"task {t!r}, {where} (mask)") for t, tt in e.tasks.items()]
+                        masks = [task_mask(read, e, tt, f"task {t!r}, {where}") for t, tt in e.tasks.items()]
                 else:
                     missing = [x for x in method.extra_arrays if x not in e.arrays]
                     if missing:

@@ -13,7 +13,7 @@ import torch
 
 from .arrays import DEFAULT_CHUNK_ELEMENTS, check_chunk_elements
 from .checksums import CHECKSUMS, DEFAULT_CHECKSUM
-from .codecs import DENSE_PRESETS, Chain, CodecError, dense_chain, mask_chain
+from .codecs import DENSE_PRESETS, Chain, CodecError, Planes, dense_chain, mask_chain
 from .errors import InvalidArgumentError
 from .merging import MergeMethod, get_method
 from .progress import ProgressLike
@@ -51,6 +51,10 @@ class PackOptions:
     checksum: str = DEFAULT_CHECKSUM
     #: also store every task's original bits and files (the exact tier, format 1.2)
     exact: bool = False
+    #: with ``exact``, leave out each mask whose tensor codes smaller against the base without it
+    #: (format 1.6: the reader derives it from the original, so lossy reads of those tensors cost
+    #: about an exact read); False stores every mask (lossy reads as fast as without the tier)
+    derive_masks: bool = True
     overwrite: bool = False
     #: the fidelity dial (format 1.5, ``tallpack.dial``): reconstruct every task at least this well
     #: (with ``evaluate``: its score relative to the original's; else the weight fidelity), ...
@@ -102,15 +106,27 @@ class Validated:
     def features(self) -> frozenset[str]:
         """The optional format features these options use (they set the archive's minor version)."""
         ids = {c.id for dt in (1, 2, 4, 8) for c in self.dense(dt).codecs} | {c.id for c in self.masks().codecs}
+        if self.options.exact or self.dial:
+            ids |= {c.id for dt in (1, 2, 4, 8) for c in self.residuals(dt).codecs}
         return frozenset({f"codec:{i}" for i in ids} | ({"field:exact"} if self.options.exact else set())
-                         | ({"field:correction"} if self.dial else set()))
+                         | ({"field:correction"} if self.dial else set())
+                         | ({"encoding:tall-derived"} if self.derive_masks else set()))
+
+    @property
+    def derive_masks(self) -> bool:
+        """Whether the exact tier may leave masks out (``tall-derived`` entries, format 1.6): with
+        ``exact`` and without the fidelity dial, whose corrections need a stored mask."""
+        return self.options.exact and bool(self.options.derive_masks) and not self.dial
 
     def masks(self) -> Chain:
         return mask_chain(self.options.level)
 
     def residuals(self, dtype_itemsize: int) -> Chain:
-        """The chain of the exact tier's residuals: byte planes and zstd, whatever ``codec`` says."""
-        return dense_chain("bytegroup-zstd", dtype_itemsize, self.options.level)
+        """The chain of the exact tier's residuals, whatever ``codec`` says: byte planes, each zstd
+        or verbatim (``planes``), at zstd level 1 with long matches up to ``level`` 3 (as small as
+        level 3 over all planes, or smaller, and faster both ways: BENCHMARKS.md), else at ``level``."""
+        level = self.options.level
+        return Chain([Planes(dtype_itemsize, 1 if level <= 3 else level)])
 
     def lambdas(self, tasks: Sequence[str]) -> dict[str, float]:
         """Each task's lambda: one value for all, or a mapping (other tasks get the default)."""

@@ -17,6 +17,7 @@ import json
 import os
 import struct
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -132,14 +133,27 @@ def _pieces(archive: "Archive", task: str, f: dict[str, Any], seen: set) -> Iter
     header = str(f["header"]).encode("utf-8")
     spans = _layout(f, set(archive.keys(task)), seen, where)
     yield struct.pack("<Q", len(header)) + header
-    for begin, end, name, dtype, shape in spans:
-        t = archive.get_tensor(task, name, exact=True)
-        if dtype_name(t.dtype) != dtype or tuple(t.shape) != shape:
-            raise FormatError(f"{where}: tensor {name!r} is not {dtype} {shape} as its file's header says")
-        data = tensor_to_bytes(t)
-        if len(data) != end - begin:
-            raise FormatError(f"{where}: tensor {name!r} does not fill its {end - begin} bytes")
-        yield data
+    # the next tensor is rebuilt while this one is hashed and written (numpy and zstd release the
+    # GIL): at most two tensors in memory
+    with ThreadPoolExecutor(1, thread_name_prefix="tallpack-ahead") as ahead:
+        def fetch(i: int) -> Future | None:
+            return ahead.submit(archive.get_tensor, task, spans[i][2], exact=True) if i < len(spans) else None
+
+        nxt = fetch(0)
+        for i, (begin, end, name, dtype, shape) in enumerate(spans):
+            assert nxt is not None
+            t, nxt = nxt.result(), fetch(i + 1)
+            yield _checked_bytes(t, begin, end, name, dtype, shape, where)
+
+
+def _checked_bytes(t, begin: int, end: int, name: str, dtype: str, shape: tuple, where: str) -> memoryview:
+    """A rebuilt tensor's bytes, checked against its place in the file's header."""
+    if dtype_name(t.dtype) != dtype or tuple(t.shape) != shape:
+        raise FormatError(f"{where}: tensor {name!r} is not {dtype} {shape} as its file's header says")
+    data = tensor_to_bytes(t)
+    if len(data) != end - begin:
+        raise FormatError(f"{where}: tensor {name!r} does not fill its {end - begin} bytes")
+    return data
 
 
 def _check(archive: "Archive", task: str, f: dict[str, Any], h, size: int) -> None:

@@ -105,7 +105,8 @@ def _write(fam: PackInputs, v: Validated, lams: dict[str, float], out: Path, sel
         store = FileStore(w, opts.level, opts.chunk_elements)
         base_files = store.add(fam.base.files, "base")
         ctx = WriteContext(w, opts.chunk_elements, lambda dt: v.dense(itemsize(dt)), v.masks(), v.method,
-                           lams, fidelity, v.residuals if opts.exact or dial else None)
+                           lams, fidelity, v.residuals if opts.exact or dial else None,
+                           {} if v.derive_masks else None)
         pending: dict[int, str] = {}  # with the dial: merged tensors, written once it has decided
         for entry in tensors:
             if entry.kind is Kind.BASE_ONLY and not opts.keep_base_only:

@@ -25,9 +25,9 @@ from .container import PREFETCH_BYTES, ContainerReader
 from .dtypes import bytes_to_tensor, view_tensor
 from .elements import numel
 from .encodings import Encoding, TaskTensor, TensorEntry, Use, encoding_for, iter_arrays
-from .encodings.exact import rebuild_exact
-from .errors import (ArchiveClosedError, ExactTierMissingError, FormatError, InvalidArgumentError, TallpackError,
-                     TaskNotFoundError, TensorNotFoundError, UnsupportedVersionError)
+from .encodings.exact import TALL_ENCODINGS, rebuild_exact
+from .errors import (ArchiveClosedError, ExactTierMissingError, FormatError, IntegrityError, InvalidArgumentError,
+                     TallpackError, TaskNotFoundError, TensorNotFoundError, UnsupportedVersionError)
 from .manifest import Manifest, TaskInfo
 from .folders import read_blob
 from .merged import MergeParts
@@ -202,7 +202,7 @@ class Archive:
             raise UnsupportedVersionError(
                 f"{self.name}: {where} is stored as {tt.encoding!r}, which this tallpack cannot read; upgrade it"
             )
-        if exact and tt.encoding == "tall":
+        if exact and tt.encoding in TALL_ENCODINGS:
             if "exact" not in tt.extras:
                 raise ExactTierMissingError(f"{self.name}: {where} has no exact residual (damaged manifest)")
             out = rebuild_exact(self.read_array, entry, tt, where)
@@ -221,7 +221,10 @@ class Archive:
             arrays = {k: f.result() for k, f in futures.items()}
         else:
             arrays = {k: read(k, ref, use) for k, (ref, use) in needed.items()}
-        out = encoding.rebuild(arrays, entry, tt)
+        try:
+            out = encoding.rebuild(arrays, entry, tt)
+        except IntegrityError as e:  # a derived mask's original (format 1.6): say which archive and task
+            raise IntegrityError(f"{self.name}: task {task!r}, {e}") from None
         return out if rows is None else out.reshape(rows[1] - rows[0], *tt.shape[1:])
 
     def get_tensor(self, task: str, name: str, *, exact: bool = False,

@@ -49,6 +49,8 @@ def summarize(manifest: Manifest, *, path: str, archive_bytes: int,
                 role = "corrections" if key == "correction" else key
                 stored[role] = stored.get(role, 0) + n
                 extra_bytes[t] += n
+            if tt.encoding == "tall-derived":  # exact tier, mask derived from the original
+                stored_as[t]["derived"] = stored_as[t].get("derived", 0) + 1
             if tt.encoding == "tall":
                 corr = tt.extras.get("correction")
                 label = "tall" if corr is None else corr.kind + (str(corr.bits) if corr.bits else "")
@@ -117,6 +119,10 @@ def render(s: dict[str, Any]) -> str:
     ratio = f"{s['ratio']:.2f}x" if s["ratio"] else "-"
     lines.append(f"size: {format_size(s['archive_bytes'])} from {format_size(s['source_bytes'])} of checkpoints ({ratio})")
     lines.append("stored: " + ", ".join(f"{k} {format_size(v)}" for k, v in s["stored_bytes"].items() if v))
+    derived = sum(t["stored"].get("derived", 0) for t in s["tasks"])
+    if derived:  # format 1.6: the exact tier rebuilds these masks from the originals
+        lines.append(f"masks derived from the exact originals, not stored: {derived} of "
+                     f"{derived + sum(t['stored'].get('tall', 0) for t in s['tasks'])}")
     lines.append("")
     dial = any("weight" in t["fidelity"] for t in s["tasks"])
     header = f"{'task':<20} {'lambda':>6} {'density':>8} {'rel_l2':>7} {'cosine':>7} {'mask b/p':>9} {'H(p)':>6}"
@@ -149,7 +155,7 @@ def tensor_rows(manifest: Manifest) -> list[dict[str, Any]]:
         ref = first if first is not None else e.arrays.get("base")
         arrays = [r for _, r in e.all_arrays()]
         density = {t: (tt.params.get("ones") or 0) / numel(tt.shape) if numel(tt.shape) else None
-                   for t, tt in e.tasks.items() if "mask" in tt.arrays}
+                   for t, tt in e.tasks.items() if "ones" in tt.params}
         shapes = {tuple(tt.shape) for tt in e.tasks.values()}
         rows.append({
             "name": e.name, "kind": e.kind,

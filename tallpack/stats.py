@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .elements import numel
+from .encodings.derived import has_mask, task_mask
 from .encodings.qtau import task_masks
 from .errors import TallpackError
 from .progress import ProgressLike, track
@@ -77,11 +78,11 @@ def compute(archive: "Archive", *, progress: ProgressLike = None) -> MaskStats:
     per_layer: dict[str, dict[str, list[int]]] = {}
     lambdas = {t.name: t.lam for t in archive.manifest.tasks}
     entries = [e for e in archive.manifest.tensors
-               if any("mask" in tt.arrays or tt.encoding == "qtau" for tt in e.tasks.values())]
+               if any(has_mask(tt) or tt.encoding == "qtau" for tt in e.tasks.values())]
     for e in track(entries, progress, "reading masks"):
         count = None
         layer = per_layer.setdefault(layer_of(e.name), {t: [0, 0] for t in tasks})
-        derived = None  # the fidelity dial's qtau tasks have a mask derived from their deQ (spec §6.1.7)
+        derived = None  # the fidelity dial's qtau tasks have a mask derived from their deQ (spec §6.1.8)
         if any(tt.encoding == "qtau" for tt in e.tasks.values()):
             derived = task_masks(archive.read_array, e, lambdas)[1]
         for t, tt in e.tasks.items():
@@ -89,10 +90,10 @@ def compute(archive: "Archive", *, progress: ProgressLike = None) -> MaskStats:
                 if t not in derived:
                     continue
                 m = derived[t]
-            elif "mask" not in tt.arrays:
+            elif not has_mask(tt):
                 continue
             else:
-                m = archive.read_array(tt.arrays["mask"], f"task {t!r}, tensor {e.name!r} (mask)").reshape(-1)
+                m = task_mask(archive.read_array, e, tt, f"task {t!r}, tensor {e.name!r}").reshape(-1)
             k = int(m.sum())
             n = numel(tt.shape)
             ones[t] += k

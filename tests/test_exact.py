@@ -15,6 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from safetensors.torch import save_file
 
 import tallpack
+from tallpack.encodings import exact as exact_mod
 from tallpack.encodings.exact import EXPONENT, forward, inverse, permute, unpermute
 
 from strategies import families
@@ -95,7 +96,7 @@ def test_every_dtype_and_special_value_round_trips(tmp_path: Path) -> None:
     out = tmp_path / "f.tallpack"
     tallpack.pack(base, fts, out, exact=True, chunk_elements=64, threads=1)
     with tallpack.open(out) as fam:
-        assert fam.format_version == (1, 3)  # the exact tier (1.2) with the planes codec (1.3)
+        assert fam.format_version == (1, 6)  # the exact tier (1.2) whose masks may be derived (1.6)
         assert fam.verify() == []
         refs = set()
         for t, sd in fts.items():
@@ -173,20 +174,26 @@ def test_pickle_inputs_give_exact_tensors(small_family, tmp_path: Path) -> None:
             assert _same(got[k], v)
 
 
-def _residual_chunk(fam) -> tuple[int, int]:
+def _residual_chunk(fam, encoding: str) -> tuple[str, str, int, int]:
     for e in fam.manifest.tensors:
-        for tt in e.tasks.values():
-            if "exact" in tt.extras:
+        for t, tt in e.tasks.items():
+            if "exact" in tt.extras and tt.encoding == encoding:
                 c = tt.extras["exact"].residual.chunks[0]
-                return c.offset, c.nbytes
-    raise AssertionError("no residual")
+                return t, e.name, c.offset, c.nbytes
+    raise AssertionError(f"no residual of a {encoding} entry")
 
 
-def test_corrupted_residual_fails_verify_and_exact_unpack(small_family, tmp_path: Path) -> None:
+@pytest.mark.parametrize("derive", [True, False])
+def test_corrupted_residual_fails_verify_and_exact_unpack(small_family, tmp_path: Path, monkeypatch,
+                                                           derive: bool) -> None:
+    """A damaged residual fails verify and exact reads; the lossy read of its tensor too where the
+    mask is derived from the original (format 1.6), and only there."""
+    monkeypatch.setattr(exact_mod, "MASK_POLICY", "derive" if derive else "store")
     out = tmp_path / "c.tallpack"
     tallpack.pack(small_family["base_path"], small_family["task_paths"], out, exact=True, chunk_elements=64)
     with tallpack.open(out) as fam:
-        off, n = _residual_chunk(fam)
+        task, name, off, n = _residual_chunk(fam, "tall-derived" if derive else "tall")
+        intact = fam.state_dict(task)
     data = bytearray(out.read_bytes())
     data[off + n // 2] ^= 0x10
     out.write_bytes(bytes(data))
@@ -196,7 +203,14 @@ def test_corrupted_residual_fails_verify_and_exact_unpack(small_family, tmp_path
         with pytest.raises(tallpack.IntegrityError):
             for t in fam.tasks:
                 tallpack.write_task(fam, t, tmp_path / f"o{t}", exact=True)
-        fam.state_dict("a")  # the lossy tier is intact
+        if derive:
+            with pytest.raises(tallpack.IntegrityError, match=name):
+                fam.get_tensor(task, name)
+        else:  # the lossy tier does not read the residual
+            assert _same(fam.get_tensor(task, name), intact[name])
+        for k in fam.keys(task):
+            if k != name:
+                assert _same(fam.get_tensor(task, k), intact[k])
 
 
 def test_archive_without_the_tier_says_so(small_family, tmp_path: Path) -> None:
@@ -227,4 +241,4 @@ def test_cli_pack_unpack_verify_exact(small_family, tmp_path: Path) -> None:
     r = run("verify", str(out))
     assert r.returncode == 0 and r.stdout.startswith("ok"), r.stderr
     manifest = json.loads(json.dumps(tallpack.open(out).manifest.to_dict()))
-    assert manifest["format_version"] == [1, 3]
+    assert manifest["format_version"] == [1, 6]  # the exact tier with derived masks

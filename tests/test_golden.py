@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
 GOLDEN = ROOT / "tests" / "golden"
 SCHEMA = ROOT / "spec" / "manifest.schema.json"
 NAMES = ["v1_0_ta", "v1_0_ties_raw", "v1_1_ta_zstd", "v1_2_exact", "v1_3_planes", "v1_4_files", "v1_5_correction",
-         "v1_7_qtau"]
+         "v1_6_derived", "v1_7_qtau"]
 
 
 def _version(name: str) -> tuple[int, int]:
@@ -301,10 +301,18 @@ class MiniArchive:
         if tt["encoding"] == "shared":
             return tt["dtype"], self.array(entry["data"])
         b32 = _to_f32(self.array(entry["base"]), entry["base"]["dtype"])
-        if tt["encoding"] == "qtau":  # §6.1.7: f32(B) + deQ, deQ[i] = f32(u_i - 2^(bits-1)) * scale
+        if tt["encoding"] == "qtau":  # §6.1.8: f32(B) + deQ, deQ[i] = f32(u_i - 2^(bits-1)) * scale
             return tt["dtype"], _from_f32(b32 + _deq(self, tt).reshape(b32.shape), tt["dtype"])
-        assert tt["encoding"] == "tall"
-        merged, mask = self.array(entry["merged"]), self.array(tt["mask"])
+        assert tt["encoding"] in ("tall", "tall-derived")
+        merged = self.array(entry["merged"])
+        if tt["encoding"] == "tall":
+            mask = self.array(tt["mask"])
+        else:  # §6.1.7: the mask from the original (hash checked first), in float32 op by op
+            dtype, x = self.exact_tensor(task, name)
+            assert xxhash.xxh3_64_intdigest(np.ascontiguousarray(x).tobytes()) == tt["exact"]["xxh3"]
+            tau = _to_f32(x.view(NP[dtype]), dtype) - b32
+            mask = np.abs(tau) > np.float32(tt["lambda"]) * np.abs(merged - tau)
+            assert int(mask.sum()) == tt["ones"]
         out = b32 + mask.astype(np.float32) * merged  # float32, round to nearest even, op by op
         corr = tt.get("correction")
         if corr is not None:  # §6.1.6: a second rounding, that of adding C
@@ -421,9 +429,9 @@ def test_spec_reader_rebuilds_every_tensor(name: str) -> None:
             assert got.shape == tuple(want.shape), (task, k)
             assert got.reshape(-1).view(np.uint8).tobytes() == _bits(want).tobytes(), (task, k)
     # the golden files cover every encoding and the common dtypes
-    merged_as = "qtau" if name == "v1_7_qtau" else "tall"
-    assert {e for e, _ in encodings} == {"tall", "dense", "shared"} | {merged_as}
-    assert {d for e, d in encodings if e == merged_as} >= {"float32", "bfloat16", "float16"}
+    masked = {"v1_6_derived": "tall-derived", "v1_7_qtau": "qtau"}.get(name, "tall")
+    assert {e for e, _ in encodings} == {"dense", "shared", "tall"} | {masked}
+    assert {d for e, d in encodings if e == masked} >= {"float32", "bfloat16", "float16"}
 
 
 def test_spec_reader_covers_the_dials_fields() -> None:
@@ -440,11 +448,13 @@ def test_spec_reader_covers_the_dials_fields() -> None:
     assert any(e["kind"] == "merged" and "merged" not in e for e in m["tensors"])
 
 
-def test_spec_reader_rebuilds_the_originals_bit_for_bit() -> None:
-    """The exact tier (format 1.2) read by the spec-only reader: every original tensor, bit for bit."""
-    mini = MiniArchive(GOLDEN / "v1_2_exact.tallpack")
-    assert mini.manifest["format_version"] == [1, 2]
-    with safe_open(str(GOLDEN / "v1_2_exact.originals.safetensors"), "pt") as f:
+@pytest.mark.parametrize("name", ["v1_2_exact", "v1_6_derived"])
+def test_spec_reader_rebuilds_the_originals_bit_for_bit(name: str) -> None:
+    """The exact tier (format 1.2; with derived masks, 1.6) read by the spec-only reader: every
+    original tensor, bit for bit."""
+    mini = MiniArchive(GOLDEN / f"{name}.tallpack")
+    assert mini.manifest["format_version"] == list(_version(name))
+    with safe_open(str(GOLDEN / f"{name}.originals.safetensors"), "pt") as f:
         originals = {k: f.get_tensor(k) for k in f.keys()}
     seen, refs = set(), set()
     for info in mini.manifest["tasks"]:
@@ -460,7 +470,7 @@ def test_spec_reader_rebuilds_the_originals_bit_for_bit() -> None:
                 refs.add((ex["reference"], ex["transform"]))
     assert seen == set(originals)
     assert {r for r, _ in refs} >= {"tall", "base"}  # both references are exercised
-    with tallpack.open(GOLDEN / "v1_2_exact.tallpack") as fam:
+    with tallpack.open(GOLDEN / f"{name}.tallpack") as fam:
         for key, want in originals.items():
             t, k = key.split("/", 1)
             assert _same(fam.get_tensor(t, k, exact=True), want), key

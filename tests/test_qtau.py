@@ -23,7 +23,7 @@ from tallpack.tall import tall_mask
 
 
 def spec_deq(codes: np.ndarray, scales: np.ndarray, bits: int, block: int, n: int) -> np.ndarray:
-    """deQ as spec §6.1.7 words it, one element at a time: up to 4 bits, bit j of the stream is bit
+    """deQ as spec §6.1.8 words it, one element at a time: up to 4 bits, bit j of the stream is bit
     (j mod 8) of byte j div 8 and u_i is bits [i*bits, (i+1)*bits), least significant first; from
     5 bits, u_i is byte i."""
     out = np.empty(n, dtype=np.float32)
@@ -118,7 +118,7 @@ def test_no_qtau_with_ties_keeps_merged(tmp_path):
 
 def test_derived_masks_and_merges(tmp_path):
     """Consumers of masks read, for a qtau task, |deQ| > lambda |tau_MTL' - deQ| with tau_MTL' the
-    sum of the deQ where the merged vector is gone (spec §6.1.7), computed here by hand."""
+    sum of the deQ where the merged vector is gone (spec §6.1.8), computed here by hand."""
     base, fts = _need_qtau()
     path = tmp_path / "q.tallpack"
     tallpack.pack(base, fts, path, fidelity=0.9)

@@ -164,6 +164,10 @@ class WriteContext:
     fidelity: dict[str, "Fidelity"]
     #: the exact tier: itemsize -> chain for residuals; None when packing without it
     residuals: Callable[[int], Chain] | None = None
+    #: the exact tier with derived masks: ``Tall.write`` encodes each task's mask but holds its
+    #: chunks here (tensor name -> per task, the encoded chunks) instead of writing them;
+    #: ``exact.add_exact`` then writes each or derives it (format 1.6). None: masks are written.
+    held_masks: dict[str, list[list[bytes | memoryview]]] | None = None
 
     def whole(self, t: torch.Tensor) -> ArrayRef:
         """Write a whole tensor as one dense array."""
@@ -200,7 +204,7 @@ class Encoding:
     """One way of storing a tensor. Subclasses set the class attributes and the three methods."""
 
     name: ClassVar[str | None]  # the task entry's "encoding" (None: writes no task entries)
-    kind: ClassVar[str]  # the tensor entry's "kind" that ``write`` produces
+    kind: ClassVar[str | None]  # the tensor entry's "kind" that ``write`` produces (None: no ``write``)
     task_arrays: ClassVar[tuple[str, ...]] = ()
     task_params: ClassVar[tuple[str, ...]] = ()
     entry_arrays: ClassVar[tuple[str, ...]] = ()
@@ -209,8 +213,6 @@ class Encoding:
     elementwise: ClassVar[bool] = False
     #: whether every task array has the tensor's shape (checked at open); False: ``validate`` checks
     shaped_arrays: ClassVar[bool] = True
-    #: whether ``write`` stores the tensors of ``kind`` (False: the encoding is written by others)
-    writes: ClassVar[bool] = True
 
     @classmethod
     def field_order(cls) -> tuple[str, ...]:
@@ -258,7 +260,7 @@ def register(cls: type[Encoding]) -> type[Encoding]:
     if cls.name is not None:
         assert cls.name not in REGISTRY, cls.name
         REGISTRY[cls.name] = cls
-    if cls.writes:
+    if cls.kind is not None:
         assert cls.kind not in BY_KIND, cls.kind
         BY_KIND[cls.kind] = cls
     return cls

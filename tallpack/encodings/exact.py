@@ -40,10 +40,17 @@ EXPONENT: dict[str, tuple[int, int]] = {
 }
 _UINT = {1: (np.uint8, "uint8"), 2: (np.uint16, "uint16"), 4: (np.uint32, "uint32"), 8: (np.uint64, "uint64")}
 REFERENCES = ("tall", "base", "zero")
+#: The encodings an ``exact`` field may belong to: ``tall`` (its mask stored) and ``tall-derived``
+#: (its mask derived from the original, ``encodings/derived.py``).
+TALL_ENCODINGS = ("tall", "tall-derived")
 TRANSFORMS = ("sub", "xor")
 ORDERS = ("exponent", "none")
 #: The references the writer tries (benchmarks narrow it to measure one against another).
 CANDIDATES: tuple[str, ...] = REFERENCES
+#: Where the writer may leave a mask out (``tall-derived``, format 1.6): ``"choose"``, where the
+#: residual against the base or zero codes smaller than mask + residual against the best reference;
+#: ``"store"``: never; ``"derive"``: always (benchmarks and tests set the last two).
+MASK_POLICY = "choose"
 #: Elements of each tensor the writer codes each candidate on before choosing.
 SAMPLE_ELEMENTS = 1 << 18
 
@@ -139,8 +146,10 @@ class Exact:
         if ex.reference not in REFERENCES or ex.transform not in TRANSFORMS or ex.order not in ORDERS:
             raise FormatError(f"{where}: unknown reference, transform or order "
                               f"{ex.reference!r}/{ex.transform!r}/{ex.order!r}; a newer tallpack may read it")
-        if tt.encoding != "tall" or tt.dtype not in EXPONENT:
+        if tt.encoding not in TALL_ENCODINGS or tt.dtype not in EXPONENT:
             raise FormatError(f"{where}: an exact residual belongs to a tall entry of a floating dtype")
+        if tt.encoding == "tall-derived" and ex.reference == "tall":
+            raise FormatError(f"{where}: a derived mask needs a residual against the base or zero")
         size = torch_dtype(tt.dtype).itemsize
         if ex.residual.dtype != _UINT[size][1] or ex.residual.shape != tt.shape:
             raise FormatError(f"{where}: residual must be {_UINT[size][1]} of the tensor's shape")
@@ -201,15 +210,31 @@ def _encoded_size(ctx: WriteContext, z: np.ndarray) -> int:
     return len(ctx.residuals(z.dtype.itemsize).encode(memoryview(z.view(np.uint8))))
 
 
+def _write_mask(ctx: WriteContext, chunks: list, shape: tuple[int, ...]) -> ArrayRef:
+    """Write a mask whose chunks ``Tall.write`` encoded and held (``WriteContext.held_masks``)."""
+    builder = ctx.writer.begin_array("bool", shape, ctx.masks, ctx.chunk_elements)
+    for c in chunks:
+        builder.add(c)
+    return builder.finish()
+
+
 def add_exact(ctx: WriteContext, item: Item, entry: TensorEntry, tasks: set[str] | None = None) -> TensorEntry:
     """Give every ``tall`` task entry of ``entry`` (of ``tasks`` only, when given) its exact residual
-    (others are exact already)."""
+    (others are exact already).
+
+    Where ``Tall.write`` held the masks back (``ctx.held_masks``), each task's mask is stored only
+    where that codes smaller: stored mask + residual against the best reference, or no mask (a
+    ``tall-derived`` entry, whose reader derives the mask from the original) + residual against
+    ``base`` or ``zero``; the sizes are those of the first ``SAMPLE_ELEMENTS`` elements, scaled."""
+    held = ctx.held_masks.pop(item.name, None) if ctx.held_masks is not None else None
     if not any(tt.encoding == "tall" for tt in entry.tasks.values()):
+        assert held is None
         return entry
     assert ctx.residuals is not None and item.base is not None
+    assert held is None or tasks is None
     talls = _tall_references(ctx, item)
     ce, n = ctx.chunk_elements, SAMPLE_ELEMENTS
-    for t, x, rec in zip(item.tasks, item.thetas, talls):
+    for i, (t, x, rec) in enumerate(zip(item.tasks, item.thetas, talls)):
         tt = entry.tasks[t]
         if tasks is not None and (t not in tasks or "exact" in tt.extras):
             continue
@@ -219,16 +244,31 @@ def add_exact(ctx: WriteContext, item: Item, entry: TensorEntry, tasks: set[str]
         if torch.isnan(rec).any():  # a NaN's payload is unspecified: never code against it
             del refs["tall"]
         rbits = {k: (bits(v.contiguous()) if v is not None else np.zeros_like(xb)) for k, v in refs.items()}
-        best = min(((_encoded_size(ctx, permute(forward(xb[:n], rb[:n], tr), rb[:n], dt, "exponent", ce)), k, tr)
-                    for k, rb in rbits.items() if k in CANDIDATES for tr in TRANSFORMS))
-        _, ref, tr = best
+        sizes = sorted((_encoded_size(ctx, permute(forward(xb[:n], rb[:n], tr), rb[:n], dt, "exponent", ce)), k, tr)
+                       for k, rb in rbits.items() if k in CANDIDATES for tr in TRANSFORMS)
+        _, ref, tr = sizes[0]
+        derive = False
+        if held is not None and MASK_POLICY != "store":
+            scale = xb.size / max(1, min(n, xb.size))
+            mask_bytes = sum(len(c) for c in held[i])
+            with_mask = min(s * scale + mask_bytes for s, _, _ in sizes)
+            without = [(s, k, r) for s, k, r in sizes if k != "tall"]
+            if without and (MASK_POLICY == "derive" or without[0][0] * scale <= with_mask):
+                derive, (_, ref, tr) = True, without[0]
         rb = rbits[ref]
         z = permute(forward(xb, rb, tr), rb, dt, "exponent", ce)
         udt = _UINT[x.element_size()][1]
         residual = ctx.writer.write_array(memoryview(z.view(np.uint8)), udt, tuple(x.shape),
                                           ctx.residuals(x.element_size()), ce)
-        tt.extras["exact"] = Exact(ref, tr, "exponent", residual, tensor_hash(x))
+        exact = Exact(ref, tr, "exponent", residual, tensor_hash(x))
+        if derive:
+            entry.tasks[t] = TaskTensor("tall-derived", tt.dtype, tt.shape, {},
+                                        {"ones": tt.params["ones"], "lambda": ctx.lambdas[t]}, {"exact": exact})
+            continue
+        if held is not None:
+            tt.arrays["mask"] = _write_mask(ctx, held[i], tt.shape)
+        tt.extras["exact"] = exact
     return entry
 
 
-__all__ = ["EXPONENT", "Exact", "FIELDS", "add_exact", "has_exact", "rebuild_exact", "forward", "inverse"]
+__all__ = ["EXPONENT", "Exact", "TALL_ENCODINGS", "FIELDS", "add_exact", "has_exact", "rebuild_exact", "forward", "inverse"]

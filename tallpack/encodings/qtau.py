@@ -1,4 +1,4 @@
-"""``qtau``: a task's own quantized task vector in place of its TALL mask (spec §6.1.7, format 1.7).
+"""``qtau``: a task's own quantized task vector in place of its TALL mask (spec §6.1.8, format 1.7).
 
 Where TALL loses too much for a task and a tensor (conflicting fine-tunes, large updates), the
 fidelity dial may store the task vector itself, quantized symmetrically per block::
@@ -29,6 +29,7 @@ from ..elements import FLOATING
 from ..errors import FormatError
 from ..tall import tall_mask
 from .base import EXTRA_ARRAYS, Encoding, ReadArray, TaskTensor, TensorEntry, Use, register
+from .derived import has_mask, task_mask
 
 BITS = (2, 3, 4, 5, 6, 7, 8)
 #: The writer's block (one scale per block of 64 elements, as the quantization baseline).
@@ -144,8 +145,7 @@ def rebuilt(base: torch.Tensor, deq: torch.Tensor, dtype: torch.dtype) -> torch.
 @register
 class QTau(Encoding):
     name = "qtau"
-    kind = "merged"
-    writes = False  # written by the fidelity dial beside tall entries, never for a whole kind
+    kind = None  # written by the fidelity dial beside tall entries (tensor kind "merged"), not by a kind
     shaped_arrays = False
     task_arrays = ("codes", "scales")
     task_params = ("bits", "block", "ones")
@@ -223,6 +223,6 @@ def task_masks(read: ReadArray, entry: TensorEntry, lambdas: Mapping[str, float 
             continue
         if t in deqs:
             masks[t] = tall_mask(deqs[t], merged, float(lambdas[t] or 0.0))
-        elif "mask" in tt.arrays:
-            masks[t] = read(tt.arrays["mask"], f"task {t!r}, {where} (mask)").reshape(-1)
+        elif has_mask(tt):
+            masks[t] = task_mask(read, entry, tt, f"task {t!r}, {where}").reshape(-1)
     return merged, masks

@@ -10,7 +10,7 @@ import torch
 
 from ..arrays import ArrayRef
 from ..dtypes import dtype_name, tensor_to_bytes, torch_dtype
-from ..elements import FLOATING
+from ..elements import FLOATING, numel
 from ..errors import FormatError
 from ..tall import Workspace, blocks, reconstruct, tall_mask
 from .base import EXTRA_ARRAYS, Encoding, Item, TaskTensor, TensorEntry, Use, WriteContext, register
@@ -19,6 +19,25 @@ from .base import EXTRA_ARRAYS, Encoding, Item, TaskTensor, TensorEntry, Use, Wr
 #: Elements of each sub-block the packer computes task vectors, merged vector and masks in
 #: (chunks are cut from these): the working set of T float32 task vectors is T x 4 MiB.
 COMPUTE_ELEMENTS = 1 << 20
+
+
+def check_merged_entry(entry: TensorEntry, tt: TaskTensor, where: str) -> None:
+    """What a task entry with a TALL mask (stored or derived) needs: its ``ones`` count, and the
+    tensor entry's base, merged vector and merge-method arrays, all of the task's shape."""
+    ones = tt.params.get("ones")
+    if type(ones) is not int or not 0 <= ones <= numel(tt.shape):
+        raise FormatError(f"{where}: bad count of set mask bits {ones!r}")
+    base, merged = entry.arrays.get("base"), entry.arrays.get("merged")
+    if base is None or merged is None:
+        raise FormatError(f"{where}: masks without base and merged vector")
+    if base.shape != tt.shape or merged.shape != tt.shape:
+        raise FormatError(f"{where}: shape differs from the base's")
+    if merged.dtype != "float32" or base.dtype not in FLOATING:
+        raise FormatError(f"{where}: merged vector must be float32 and the base floating")
+    for key, dtype in EXTRA_ARRAYS.items():
+        ref = entry.arrays.get(key)
+        if ref is not None and (ref.shape != tt.shape or ref.dtype != dtype):
+            raise FormatError(f"{where}: {key} must be {dtype} of the base's shape")
 
 
 @register
@@ -35,20 +54,7 @@ class Tall(Encoding):
         mask = tt.arrays.get("mask")
         if mask is None or mask.dtype != "bool" or tt.dtype not in FLOATING:
             raise FormatError(f"{where}: a tall entry needs a bool mask and a floating dtype")
-        ones = tt.params.get("ones")
-        if type(ones) is not int or not 0 <= ones <= mask.numel:
-            raise FormatError(f"{where}: bad count of set mask bits {ones!r}")
-        base, merged = entry.arrays.get("base"), entry.arrays.get("merged")
-        if base is None or merged is None:
-            raise FormatError(f"{where}: masks without base and merged vector")
-        if base.shape != tt.shape or merged.shape != tt.shape:
-            raise FormatError(f"{where}: shape differs from the base's")
-        if merged.dtype != "float32" or base.dtype not in FLOATING:
-            raise FormatError(f"{where}: merged vector must be float32 and the base floating")
-        for key, dtype in EXTRA_ARRAYS.items():
-            ref = entry.arrays.get(key)
-            if ref is not None and (ref.shape != tt.shape or ref.dtype != dtype):
-                raise FormatError(f"{where}: {key} must be {dtype} of the base's shape")
+        check_merged_entry(entry, tt, where)
 
     @classmethod
     def write(cls, ctx: WriteContext, item: Item) -> TensorEntry:
@@ -61,7 +67,8 @@ class Tall(Encoding):
                         "merged": w.begin_array("float32", shape, ctx.dense("float32"), ce)}
         for key, dtype in ctx.method.extra_arrays.items():
             entry_arrays[key] = w.begin_array(dtype, shape, ctx.dense(dtype), ce)
-        mask_arrays = [w.begin_array("bool", shape, ctx.masks, ce) for _ in tasks]
+        held = ctx.held_masks is not None  # the exact tier decides later whether to store each mask
+        mask_arrays = [_Held() if held else w.begin_array("bool", shape, ctx.masks, ce) for _ in tasks]
         ones = [0] * len(tasks)
         arrays = [*entry_arrays.values(), *mask_arrays]
         pending: list = []  # the previous block's encodings: compressed while this block is computed
@@ -97,9 +104,11 @@ class Tall(Encoding):
             pending = futures
         for arr, f in zip(arrays, pending):
             arr.add(f.result())
+        if held:
+            ctx.held_masks[item.name] = [k.chunks for k in mask_arrays]
         return TensorEntry(
             item.name, cls.kind,
-            {t: TaskTensor(cls.name, dtype_name(x.dtype), shape, {"mask": k.finish()}, {"ones": n})
+            {t: TaskTensor(cls.name, dtype_name(x.dtype), shape, {} if held else {"mask": k.finish()}, {"ones": n})
              for t, x, k, n in zip(tasks, thetas, mask_arrays, ones)},
             {k: a.finish() for k, a in entry_arrays.items()},
         )
@@ -121,3 +130,13 @@ class Tall(Encoding):
         if corr is not None:
             return corr.rebuild(arrays, entry, tt)
         return reconstruct(arrays["base"], arrays["mask"], arrays["merged"], torch_dtype(tt.dtype))
+
+
+class _Held:
+    """A mask's encoded chunks, kept in memory until the exact tier decides whether to store it."""
+
+    def __init__(self) -> None:
+        self.chunks: list[bytes | memoryview] = []
+
+    def add(self, encoded: bytes | memoryview) -> None:
+        self.chunks.append(bytes(encoded))  # a codec's output may be a view of a buffer reused later

@@ -17,6 +17,8 @@ writes, beside this script:
   own quantized task vector, no mask) and tensors without a merged vector;
 * ``v1_2_exact.tallpack`` (format 1.2): the exact tier, merge "ta"; with
   ``v1_2_exact.originals.safetensors``, the inputs' tensors (the originals) under ``"<task>/<tensor>"``;
+* ``v1_6_derived.tallpack`` (format 1.6): the exact tier with derived masks (``tall-derived``
+  entries beside ``tall`` ones), and ``v1_6_derived.originals.safetensors``;
 * ``<name>.expected.safetensors`` for each: every task's reconstructed state dict under the keys
   ``"<task>/<tensor>"``; the metadata key ``"order"`` holds, as JSON, ``{task: [tensor names]}`` in
   the order ``state_dict(task)`` returns them (safetensors itself does not keep an order).
@@ -115,6 +117,9 @@ ARCHIVES = {
                          pack=dict(merge="ta", codec="zstd", checksum="xxh3-64", lambdas=0.4)),
     "v1_2_exact": dict(seed=4, tasks=["qnli", "rte", "mrpc"], head_rows={"qnli": 2, "rte": 2, "mrpc": 3},
                        pack=dict(merge="ta", codec="bytegroup-zstd", checksum="xxh3-64", lambdas=0.4, exact=True)),
+    "v1_6_derived": dict(seed=7, tasks=["wnli", "stsb", "qqp"], head_rows={"wnli": 2, "stsb": 1, "qqp": 2},
+                         pack=dict(merge="ta", codec="planes", checksum="xxh3-64",
+                                   lambdas={"wnli": 0.5, "stsb": 0.3, "qqp": 0.4}, exact=True)),
     "v1_3_planes": dict(seed=5, tasks=["boolq", "copa"], head_rows={"boolq": 2, "copa": 2},
                         pack=dict(merge="ta", codec="planes", checksum="xxh3-64", lambdas=0.4)),
     "v1_4_files": dict(seed=6, tasks=["squad", "mnli"], head_rows={"squad": 2, "mnli": 3}, folders=True,

@@ -1,0 +1,109 @@
+"""``tall-derived``: a TALL task entry of the exact tier whose mask is not stored (spec §6.1.7,
+format 1.6).
+
+Where the exact residual is coded against the base (or zero), the original theta_t comes back
+without the mask, and the mask then follows from it: ``m_t = tall_mask(f32(theta_t) - f32(theta_0),
+tau_MTL, lambda_t)``, the packer's own float32 operations on the same inputs, so the same bits. The
+writer stores a mask only where mask + residual against the TALL rebuild codes smaller than the
+residual against the base alone (``exact.add_exact``). The entry::
+
+    {"encoding": "tall-derived", "dtype", "shape", "ones": <set bits>, "lambda": <lambda_t>,
+     "exact": {"reference": "base" | "zero", ...}}
+
+Its lossy read is the ``tall`` one with the derived mask (the original's hash checked first).
+Everything that needs a task's mask (stats, consensus merging, the rebuild) gets it through
+:func:`task_mask`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import torch
+
+from ..arrays import ArrayRef
+from ..dtypes import torch_dtype
+from ..errors import FormatError, IntegrityError
+from ..tall import reconstruct, tall_mask, task_vector
+from .base import Encoding, ReadArray, TaskTensor, TensorEntry, Use, register
+from .exact import EXPONENT, TALL_ENCODINGS, rebuild_exact
+from .tall import check_merged_entry
+
+
+def derive_mask(theta: torch.Tensor, base: torch.Tensor, merged: torch.Tensor, lam: float) -> torch.Tensor:
+    """``|tau_t| > lambda * |tau_MTL - tau_t|`` with ``tau_t = f32(theta) - f32(base)``, as the
+    packer computed it (element by element, so the same bits whatever the blocking).
+
+    >>> derive_mask(torch.tensor([1.0, 0.1]), torch.zeros(2), torch.tensor([1.0, 2.0]), 0.4)
+    tensor([ True, False])
+    """
+    tau = task_vector(theta.reshape(-1), base.reshape(-1))
+    return tall_mask(tau, merged.reshape(-1).to(torch.float32), lam).reshape(theta.shape)
+
+
+def has_mask(tt: TaskTensor) -> bool:
+    """Whether a task entry has a TALL mask, stored (``tall``) or derived (``tall-derived``)."""
+    return tt.encoding in TALL_ENCODINGS
+
+
+def task_mask(read: ReadArray, entry: TensorEntry, tt: TaskTensor, where: str) -> torch.Tensor:
+    """A task's TALL mask of one tensor: the stored one, or the one derived from the exact original
+    (whose hash is checked first, and the derived mask's set bits against ``ones``).
+
+    >>> m = task_mask(fam.read_array, entry, entry.tasks["cars"], "tensor 'w', task 'cars'")
+    """
+    if tt.encoding == "tall":
+        return read(tt.arrays["mask"], where + " (mask)", Use.INPUT)
+    if tt.encoding != "tall-derived":
+        raise FormatError(f"{where}: a {tt.encoding!r} entry has no mask")
+    base = read(entry.arrays["base"], where + " (base)", Use.SHARED_INPUT)
+    merged = read(entry.arrays["merged"], where + " (merged)", Use.SHARED_INPUT)
+    return _derived(read, entry, tt, base.cpu(), merged.cpu(), where)
+
+
+def _derived(read: ReadArray, entry: TensorEntry, tt: TaskTensor, base: torch.Tensor, merged: torch.Tensor,
+             where: str) -> torch.Tensor:
+    """The mask of a ``tall-derived`` entry: the original first (its hash checked), then the mask,
+    its set bits checked against ``ones``."""
+    theta = rebuild_exact(read, entry, tt, where)
+    mask = derive_mask(theta, base, merged, tt.params["lambda"])
+    ones = int(torch.count_nonzero(mask))
+    if ones != tt.params["ones"]:
+        raise IntegrityError(f"{where}: the derived mask has {ones} set bits, the manifest says {tt.params['ones']}")
+    return mask
+
+
+@register
+class TallDerived(Encoding):
+    name = "tall-derived"
+    kind = None  # written by the exact tier (exact.add_exact) in place of a ``tall`` entry
+    task_params = ("ones", "lambda")
+    entry_arrays = ("base", "merged")
+
+    @classmethod
+    def validate(cls, entry: TensorEntry, tt: TaskTensor, where: str) -> None:
+        if tt.dtype not in EXPONENT:
+            raise FormatError(f"{where}: a tall-derived entry needs a floating dtype")
+        lam = tt.params.get("lambda")
+        if type(lam) not in (int, float) or not math.isfinite(lam) or lam < 0:
+            raise FormatError(f"{where}: bad lambda {lam!r}")
+        if "exact" not in tt.extras:  # exact.Exact.from_dict checks its reference is base or zero
+            raise FormatError(f"{where}: a tall-derived entry needs its exact field")
+        check_merged_entry(entry, tt, where)
+
+    @classmethod
+    def inputs(cls, entry: TensorEntry, tt: TaskTensor) -> dict[str, tuple[ArrayRef, Use]]:
+        return {"base": (entry.arrays["base"], Use.SHARED_INPUT), "merged": (entry.arrays["merged"], Use.SHARED_INPUT),
+                "exact/residual": (tt.extras["exact"].residual, Use.INPUT)}
+
+    @classmethod
+    def rebuild(cls, arrays: Mapping[str, torch.Tensor], entry: TensorEntry, tt: TaskTensor) -> torch.Tensor:
+        device = arrays["base"].device
+        cpu = {k: v.cpu() for k, v in arrays.items()}
+        base32 = cpu["base"].to(torch.float32)  # once, for the mask and the rebuild (a no-op for float32)
+        by_ref = {id(ref): cpu[k] for k, (ref, _) in cls.inputs(entry, tt).items()}
+        read: ReadArray = lambda ref, where, use=Use.OUTPUT: by_ref[id(ref)]  # noqa: E731
+        mask = _derived(read, entry, tt, base32, cpu["merged"], f"tensor {entry.name!r}")
+        out = reconstruct(base32, mask, cpu["merged"], torch_dtype(tt.dtype))
+        return out if device.type == "cpu" else out.to(device)
