@@ -42,12 +42,12 @@ log = logging.getLogger(__name__)
 MAGIC = b"TALLPACK"
 END_MAGIC = b"TALLPEND"
 #: The format version this reader implements (it reads every minor of this major).
-MAJOR, MINOR = 1, 5
+MAJOR, MINOR = 1, 8
 #: The minor version that introduced each optional feature (a checksum, a codec id, ...): a writer
 #: writes the lowest minor version that covers the features it uses (spec §8).
 FEATURE_MINOR: dict[str, int] = {"checksum:crc32": 0, "checksum:xxh3-64": 1, "codec:zstd": 0, "codec:bytegroup": 0,
                                  "codec:bitpack": 0, "field:exact": 2, "codec:planes": 3, "field:files": 4,
-                                 "field:correction": 5, "encoding:tall-derived": 6,
+                                 "field:correction": 5, "encoding:tall-derived": 6, "encoding:qtau": 7,
                                  "encoding:tall-derived-merged": 8}
 
 
@@ -92,6 +92,11 @@ class ContainerWriter:
         self._pos = HEADER.size
         self._pool = ThreadPoolExecutor(threads or min(8, os.cpu_count() or 1))
         self._done = False
+
+    def use(self, feature: str) -> None:
+        """Record a feature chosen while writing (the fidelity dial's); the header's version is
+        rewritten by ``finish``."""
+        self.version = max(self.version, format_version({feature}))
 
     def __enter__(self) -> "ContainerWriter":
         return self
@@ -148,6 +153,8 @@ class ContainerWriter:
             stored, flags = raw, 0  # compresses too well for a reader's bound (spec §7): store it as is
         offset = self._write(stored)
         self._f.write(FOOTER.pack(offset, len(stored), crc32(stored), flags, END_MAGIC))
+        self._f.seek(0)  # the version may have grown with features chosen while writing (``use``)
+        self._f.write(HEADER.pack(MAGIC, *self.version, 0))
         self._f.flush()
         os.fsync(self._f.fileno())
         self._f.close()

@@ -8,14 +8,21 @@ fidelity** ``1 - ||theta_hat - theta||_2 / ||theta||_2`` over the task's merged 
 ones TALL approximates), computed from the rebuilt tensors exactly as the reader returns them.
 ``BENCHMARKS.md`` ("The fidelity dial") shows how it predicts accuracy.
 
-For each (task, tensor) the packer measures, after writing the TALL tier, every candidate:
+For each (task, tensor) the packer measures, before writing any merged tensor, every candidate:
 nothing; the largest ``k`` entries of the residual (several ``k``); the residual quantized to 8
-or 4 bits per block of 64; the exact residual. Each has a size in bytes (encoded with the
+or 4 bits per block of 64; the exact residual; and, instead of the mask, the task's own task
+vector quantized to 2, 3, 4, 5, 6 or 8 bits per block of 64 (``qtau``, format 1.7: its cost is its
+arrays less the mask it replaces). Each has a size in bytes (encoded with the
 archive's codecs, plus chunk padding and manifest) and a squared error. Per tensor the candidates
 on the lower convex hull of (bytes, error) form a ladder; per task, steps up the ladders are
 taken greedily by error removed per byte (the classic bit-allocation rule, optimal at hull
 points), until the task meets the target. A budget is met by bisecting on one common target:
 the highest fidelity every task reaches within it (the weakest task first).
+
+The merged vector of a tensor is shared, so no single task's ladder can pay for dropping it. After
+the greedy choice, a tensor (Task Arithmetic archives only) whose every task is ``qtau`` loses its
+merged vector; and a tensor where moving the remaining tasks to a ``qtau`` at least as accurate as
+what they have costs less than its merged vector is switched so (no task's error grows).
 """
 
 from __future__ import annotations
@@ -32,13 +39,18 @@ import numpy as np
 import torch
 import zstandard
 
+from .arrays import ArrayRef
 from .codecs import Chain
 from .container import ALIGNMENT, FOOTER, HEADER
-from .dtypes import dtype_name
-from .encodings import Item, TensorEntry, WriteContext, iter_arrays
+from .dtypes import dtype_name, tensor_to_bytes
+from .encodings import Item, TaskTensor, TensorEntry, WriteContext, iter_arrays
+from .encodings.base import EXTRA_ARRAYS
 from .encodings.correction import (BLOCK, Correction, corrected, quant_decode, quant_encode, residual,
                                    sparse_decode, sparse_encode)
 from .encodings.exact import (CANDIDATES, SAMPLE_ELEMENTS, TRANSFORMS, add_exact, bits, forward, permute)
+from .encodings.qtau import BLOCK as QBLOCK
+from .encodings.qtau import dequantize, quantize, rebuilt
+from .encodings.tall import Tall
 from .errors import TallpackError
 from .options import Evaluator
 from .tall import blocks, tall_mask
@@ -46,22 +58,27 @@ from .tall import blocks, tall_mask
 log = logging.getLogger(__name__)
 
 #: Correction families a pack may use (``PackOptions.corrections``), cheapest first.
-CORRECTIONS: tuple[str, ...] = ("sparse", "quant4", "quant8", "exact")
+CORRECTIONS: tuple[str, ...] = ("sparse", "quant4", "quant8", "qtau", "exact")
+#: Bits of the ``qtau`` candidates (the task's own quantized task vector).
+QTAU_BITS: tuple[int, ...] = (2, 3, 4, 5, 6, 8)
+#: Whether a merged vector no task needs is left out (benchmarks turn it off to measure what it buys).
+DROP_MERGED = True
 #: Fractions of a tensor's elements a sparse correction may keep.
 SPARSE_FRACTIONS: tuple[float, ...] = (1 / 1024, 1 / 256, 1 / 64, 1 / 16, 1 / 4)
-#: Bytes charged per stored array beyond its chunks (its manifest entry, compressed, generously),
-#: and per chunk (alignment padding, at most 63 bytes).
-ARRAY_OVERHEAD, CHUNK_OVERHEAD = 160, 64
+#: Bytes charged per stored array beyond its chunks (its manifest entry, compressed: about 40
+#: measured on the benchmark's families), and per chunk (alignment padding, at most 63 bytes).
+ARRAY_OVERHEAD, CHUNK_OVERHEAD = 64, 64
 
 
 class FidelityError(TallpackError, ValueError):
-    """A budget below what the plain TALL archive needs (the message says the minimum)."""
+    """A budget below the smallest archive the dial can make (the message says the minimum)."""
 
 
 @dataclass(frozen=True)
 class Option:
     """One candidate for one (task, tensor): ``kind`` None (nothing), ``sparse`` (``k`` entries),
-    ``quant`` (``bits``) or ``exact``; its extra bytes and the squared error it leaves."""
+    ``quant`` (``bits``), ``qtau`` (``bits``, replacing the mask) or ``exact``; its extra bytes
+    and the squared error it leaves."""
 
     kind: str | None
     cost: int
@@ -71,7 +88,8 @@ class Option:
 
     @property
     def label(self) -> str:
-        return {None: "tall", "sparse": "sparse", "quant": f"quant{self.bits}", "exact": "exact"}[self.kind]
+        return {None: "tall", "sparse": "sparse", "quant": f"quant{self.bits}", "qtau": f"qtau{self.bits}",
+                "exact": "exact"}[self.kind]
 
 
 @dataclass(frozen=True)
@@ -92,6 +110,8 @@ class TaskPlan:
     theta_sq: float = 0.0
     tall_err: float = 0.0
     ladders: dict[str, list[Option]] = field(default_factory=dict)
+    #: every qtau candidate measured, per tensor (the merged-vector pass picks among them)
+    qtaus: dict[str, list[Option]] = field(default_factory=dict)
     steps: list[Step] = field(default_factory=list)
     #: cumulative (bytes, error) after each prefix of ``steps`` (index 0: none taken)
     cum_cost: list[int] = field(default_factory=list)
@@ -117,7 +137,9 @@ class TaskPlan:
 
         for name in self.ladders:
             push(name)
-        self.steps, self.cum_cost, self.cum_err = [], [0], [self.tall_err]
+        start = [lad[0] for lad in self.ladders.values()]  # nothing, or a qtau cheaper than the mask
+        self.steps = []
+        self.cum_cost, self.cum_err = [sum(o.cost for o in start)], [sum(o.err for o in start)]
         while heap:
             _, _, name, i = heapq.heappop(heap)
             a, b = self.ladders[name][i - 1], self.ladders[name][i]
@@ -131,7 +153,7 @@ class TaskPlan:
 
     def chosen(self, p: int) -> dict[str, Option]:
         """Each tensor's option after the first ``p`` steps."""
-        out: dict[str, Option] = {}
+        out = {name: lad[0] for name, lad in self.ladders.items()}
         for s in self.steps[:p]:
             out[s.tensor] = s.option
         return out
@@ -193,7 +215,7 @@ def _exact_cost(ctx: WriteContext, x: torch.Tensor, rec: torch.Tensor, base: tor
 
 
 def tall_parts(ctx: WriteContext, item: Item) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """tau_MTL and every task's mask of a merged tensor, flat, as the tall encoding wrote them."""
+    """tau_MTL and every task's mask of a merged tensor, flat, as the tall encoding writes them."""
     assert item.base is not None
     merged_parts: list[torch.Tensor] = []
     mask_parts: list[list[torch.Tensor]] = [[] for _ in item.tasks]
@@ -206,16 +228,26 @@ def tall_parts(ctx: WriteContext, item: Item) -> tuple[torch.Tensor, list[torch.
     return cat(merged_parts, torch.float32), [cat(p, torch.bool) for p in mask_parts]
 
 
+def _extras(ctx: WriteContext, item: Item) -> dict[str, torch.Tensor]:
+    """The merge method's extra arrays (TIES ``counts``) of a whole tensor, flat."""
+    assert item.base is not None
+    parts = [ctx.method.extras(taus) for _, taus in blocks(item.base, item.thetas, ctx.chunk_elements)]
+    return {k: torch.cat([p[k] for p in parts]) for k in ctx.method.extra_arrays} if parts else {}
+
+
 def _sq(a: torch.Tensor, b: torch.Tensor) -> float:
     d = a.reshape(-1).to(torch.float64) - b.reshape(-1).to(torch.float64)
     return float(torch.dot(d, d))
 
 
 def candidate_arrays(option: Option, r: torch.Tensor) -> dict[str, np.ndarray]:
-    """The arrays a sparse or quant correction stores for residual ``r``."""
+    """The arrays a sparse, quant or qtau candidate stores (``r``: the residual; for qtau, the task vector)."""
     if option.kind == "sparse":
         gaps, values = sparse_encode(r, option.k)
         return {"indices": gaps, "values": values}
+    if option.kind == "qtau":
+        codes, scales = quantize(r, option.bits, QBLOCK)
+        return {"codes": codes, "scales": scales}
     codes, scales = quant_encode(r, option.bits, BLOCK)
     return {"scales": scales, "codes": codes}
 
@@ -223,6 +255,8 @@ def candidate_arrays(option: Option, r: torch.Tensor) -> dict[str, np.ndarray]:
 def decoded(option: Option, arrays: Mapping[str, np.ndarray], n: int) -> torch.Tensor:
     if option.kind == "sparse":
         return sparse_decode(arrays["indices"], arrays["values"], n)
+    if option.kind == "qtau":
+        return dequantize(arrays["codes"], arrays["scales"], option.bits, QBLOCK, n)
     return quant_decode(arrays["codes"], arrays["scales"], option.bits, BLOCK, n)
 
 
@@ -230,9 +264,74 @@ def _chain(ctx: WriteContext, arr: np.ndarray) -> Chain:
     return ctx.dense(arr.dtype.name)  # numpy's names are the spec's
 
 
+def _tensor_cost(chain: Chain, t: torch.Tensor, ce: int) -> int:
+    """Stored bytes of a tensor written as one array (any dtype, bfloat16 included)."""
+    data = tensor_to_bytes(t.reshape(-1).contiguous())
+    step = ce * t.element_size()
+    pieces = [data[i : i + step] for i in range(0, len(data), step)] or [data]
+    return sum(len(chain.encode(p)) + CHUNK_OVERHEAD for p in pieces) + ARRAY_OVERHEAD
+
+
+@dataclass(frozen=True)
+class TierCost:
+    """What the TALL tier stores for one merged tensor: base, merged vector (with the method's
+    extra arrays) and each task's mask, in bytes."""
+
+    base: int
+    merged: int
+    masks: dict[str, int]
+
+    @property
+    def total(self) -> int:
+        return self.base + self.merged + sum(self.masks.values())
+
+
+#: One-sided z of the lower confidence bound on a per-example score ratio (95%).
+Z_LOWER = 1.645
+
+
+def _wilson_upper(k: int, n: int, z: float = Z_LOWER) -> float:
+    """The one-sided upper confidence bound of a rate seen k times in n (Wilson's score interval)."""
+    p, z2 = k / n, z * z
+    return (p + z2 / (2 * n) + z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n))) / (1 + z2 / n)
+
+
+def score_ratio(s: Any, ref: Any) -> float:
+    """A task's fidelity from the evaluator's results on the reconstruction (``s``) and on the
+    original (``ref``): each a number, or a 1-d sequence of per-example scores over the same
+    examples. Numbers: ``s / ref``. Per-example scores, a lower 95% confidence bound of the ratio
+    on unseen data of the same kind, so the validation set's size sets the margin: for 0/1 scores
+    (correctness) ``(mean(ref) - U + gained / n) / mean(ref)``, U the upper bound (Wilson) of the
+    rate of examples the original gets right and the reconstruction wrong, ``gained`` the
+    reverse count; for other scores ``(mean(s) - 1.645 sd(s - ref) / sqrt(n)) / mean(ref)``.
+    Either is capped at 1: a reconstruction that beats the original on validation data is noise.
+
+    >>> score_ratio([1, 1, 0, 1], [1, 1, 1, 1]) < 0.75
+    True
+    """
+    a, b = np.asarray(s, dtype=np.float64), np.asarray(ref, dtype=np.float64)
+    if np.isnan(a).any() or np.isnan(b).any():
+        raise TallpackError("the evaluator returned NaN")
+    if a.ndim == 0 or a.size == 1 and b.size == 1:
+        x, r = float(a.reshape(-1)[0]), float(b.reshape(-1)[0])
+        ratio = x / r if r else (1.0 if x >= r else 0.0)
+    else:
+        if a.shape != b.shape or a.ndim != 1:
+            raise TallpackError(f"the evaluator returned per-example scores of shapes {a.shape} and {b.shape}")
+        n, m = a.size, float(b.mean())
+        if np.isin(a, (0.0, 1.0)).all() and np.isin(b, (0.0, 1.0)).all():
+            lost, gained = int(((b == 1) & (a == 0)).sum()), int(((b == 0) & (a == 1)).sum())
+            low = m - _wilson_upper(lost, n) + gained / n
+        else:
+            sd = float(np.std(a - b, ddof=1)) if n > 1 else 0.0
+            low = float(a.mean()) - Z_LOWER * sd / math.sqrt(n)
+        ratio = low / m if m else (1.0 if low >= m else 0.0)
+    return min(ratio, 1.0)
+
+
 class Dial:
-    """Collects each merged tensor's candidates while the packer writes the TALL tier, decides,
-    then writes the chosen corrections (``observe``, ``decide``, ``write``)."""
+    """Measures each merged tensor's candidates before the packer writes it (``observe``),
+    decides (``decide``), then writes each merged tensor as decided (``write_tensor``)."""
 
     def __init__(self, *, target: float | None, budget_bytes: int | None, allowed: Sequence[str],
                  exact_paid: bool, evaluate: Evaluator | None = None,
@@ -241,20 +340,35 @@ class Dial:
         self.exact_paid, self.evaluate, self.sources = exact_paid, evaluate, sources
         self.unit_bytes = unit_bytes  # one task checkpoint's bytes, the budget's unit
         self.plans: dict[str, TaskPlan] = {}
-        #: with an evaluator: per task and tensor, (f32 TALL rebuild before the cast, residual, dtype)
-        self._held: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor, torch.dtype]]] = {}
+        self.tier: dict[str, TierCost] = {}
+        #: qtau candidates: on unless the exact tier is paid for (its residuals need the masks)
+        self.qtau = "qtau" in self.allowed and not exact_paid
+        #: whether a merged vector may be dropped (Task Arithmetic: tau_MTL is a plain sum)
+        self.droppable = False
+        #: with an evaluator: per task and tensor, (f32 base, f32 TALL rebuild before the cast, residual, dtype)
+        self._held: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.dtype]]] = {}
         self.choice: dict[str, dict[str, Option]] = {}
+        #: with an evaluator: per task, the fidelity the original itself gets (below 1 with a bound)
+        self.ceiling: dict[str, float] = {}
+        self.dropped: set[str] = set()
         self.achieved: dict[str, dict[str, float]] = {}
         self.met = True
         self.below: dict[str, float] = {}
 
     # -- pass 1 -------------------------------------------------------------------------------
     def observe(self, ctx: WriteContext, item: Item) -> None:
-        """Measure every candidate of every task's copy of one merged tensor."""
+        """Measure the TALL tier and every candidate of every task's copy of one merged tensor."""
         assert item.base is not None
         merged, masks = tall_parts(ctx, item)
         base32 = item.base.reshape(-1).to(torch.float32)
         ce = ctx.chunk_elements
+        self.droppable = DROP_MERGED and self.qtau and ctx.method.name == "ta"
+        b_dt = dtype_name(item.base.dtype)
+        mcost = _tensor_cost(ctx.dense("float32"), merged, ce) + sum(
+            _tensor_cost(ctx.dense(EXTRA_ARRAYS[k]), v, ce) for k, v in _extras(ctx, item).items())
+        tier = TierCost(_tensor_cost(ctx.dense(b_dt), item.base, ce), mcost,
+                        {t: _tensor_cost(ctx.masks, m, ce) + 40 for t, m in zip(item.tasks, masks)})
+        self.tier[item.name] = tier
         for t, x, mask in zip(item.tasks, item.thetas, masks):
             plan = self.plans.setdefault(t, TaskPlan())
             xf = x.reshape(-1)
@@ -277,51 +391,68 @@ class Dial:
                     cost = sum(_array_cost(_chain(ctx, a), a, ce) for a in arrays.values()) + 40
                     err = _sq(corrected(base32, mask, merged, decoded(o, arrays, n), x.dtype), xf)
                     opts.append(Option(o.kind, cost, err, o.k, o.bits))
+                if self.qtau:
+                    tau = xf.to(torch.float32) - base32
+                    qs = []
+                    for b in QTAU_BITS:
+                        o = Option("qtau", 0, 0.0, bits=b)
+                        arrays = candidate_arrays(o, tau)
+                        cost = sum(_array_cost(_chain(ctx, a), a, ce) for a in arrays.values()) + 40 - tier.masks[t]
+                        err = _sq(rebuilt(base32, decoded(o, arrays, n), x.dtype), xf)
+                        qs.append(Option("qtau", cost, err, bits=b))
+                    plan.qtaus[item.name] = qs
+                    opts += qs
                 if "exact" in self.allowed:
                     cost = 40 if self.exact_paid else _exact_cost(ctx, x.reshape(-1), plain, item.base.reshape(-1))
                     opts.append(Option("exact", cost, 0.0))
             plan.ladders[item.name] = hull(opts)
             if self.evaluate is not None:
-                self._held.setdefault(t, {})[item.name] = (rec32, r, x.dtype)
+                self._held.setdefault(t, {})[item.name] = (base32, rec32, r, x.dtype)
+
+    def tier_bytes(self) -> int:
+        """The TALL tier of every observed tensor, in bytes (what ``Tall.write`` would store)."""
+        return sum(c.total for c in self.tier.values())
 
     # -- deciding -----------------------------------------------------------------------------
-    def _score_fn(self) -> Callable[[str, int], float]:
-        """With an evaluator: the score of a task after the first p steps, relative to the original's."""
+    def _score_fn(self) -> Callable[[str, Mapping[str, Option]], float]:
+        """With an evaluator: the fidelity of a task with these options per tensor (``score_ratio``)."""
         assert self.evaluate is not None and self.sources is not None
-        memo: dict[tuple[str, int], float] = {}
-        ref: dict[str, float] = {}
+        memo: dict[tuple[str, frozenset], float] = {}
+        ref: dict[str, Any] = {}
 
-        def score(t: str, p: int) -> float:
-            if (t, p) in memo:
-                return memo[(t, p)]
+        def score(t: str, chosen: Mapping[str, Option]) -> float:
+            key = (t, frozenset((k, o) for k, o in chosen.items() if o.kind is not None))
+            if key in memo:
+                return memo[key]
             src = self.sources[t]
             if t not in ref:
-                ref[t] = float(self.evaluate(t, {k: src.get(k) for k in src.keys()}))
-            plan, held = self.plans[t], self._held[t]
-            chosen = plan.chosen(p)
+                ref[t] = self.evaluate(t, {k: src.get(k) for k in src.keys()})
+                # what the original itself certifies: a target above it asks for the impossible
+                self.ceiling[t] = score_ratio(ref[t], ref[t])
+            held = self._held[t]
             sd = {}
             for k in src.keys():
                 if k not in held:
                     sd[k] = src.get(k)
                     continue
-                rec32, r, dtype = held[k]
+                base32, rec32, r, dtype = held[k]
                 o = chosen.get(k)
                 shape = src.info(k).shape
                 if o is None or o.kind is None:
                     sd[k] = rec32.to(dtype).reshape(shape)
                 elif o.kind == "exact":
                     sd[k] = src.get(k)
+                elif o.kind == "qtau":
+                    tau = src.get(k).reshape(-1).to(torch.float32) - base32
+                    sd[k] = rebuilt(base32, decoded(o, candidate_arrays(o, tau), tau.numel()), dtype).reshape(shape)
                 else:
                     c = decoded(o, candidate_arrays(o, r), r.numel())
                     sd[k] = (rec32 + c).to(dtype).reshape(shape)
-            s = float(self.evaluate(t, sd))
-            if s != s:
-                raise TallpackError(f"task {t!r}: the evaluator returned NaN")
-            memo[(t, p)] = s / ref[t] if ref[t] else (1.0 if s >= ref[t] else 0.0)
-            return memo[(t, p)]
+            memo[key] = score_ratio(self.evaluate(t, sd), ref[t])
+            return memo[key]
         return score
 
-    def _prefix(self, t: str, f: float, score: Callable[[str, int], float] | None) -> int:
+    def _prefix(self, t: str, f: float, score: Callable[[str, Mapping[str, Option]], float] | None) -> int:
         """The shortest prefix of task t's steps that reaches fidelity ``f``."""
         plan = self.plans[t]
         last = len(plan.steps)
@@ -330,62 +461,145 @@ class Dial:
                 if plan.weight_fidelity(plan.cum_err[p]) >= f - 1e-12:
                     return p
             return last
-        if score(t, 0) >= f:
+        if score(t, plan.chosen(0)) >= f:
+            return 0
+        f = min(f, self.ceiling[t])  # a validation set this small certifies at most the original's bound
+        if score(t, plan.chosen(0)) >= f:
             return 0
         lo, hi = 0, last  # score(lo) < f; the last prefix is the original (or the best there is)
         while hi - lo > 1:
             mid = (lo + hi) // 2
-            if score(t, mid) >= f:
+            if score(t, plan.chosen(mid)) >= f:
                 hi = mid
             else:
                 lo = mid
         return hi
 
+    def _switch(self, choices: dict[str, dict[str, Option]],
+                keep: Callable[[str, dict[str, Option]], bool] | None = None) -> tuple[int, set[str]]:
+        """The merged-vector pass, in place on ``choices`` (task -> tensor -> option): drop a
+        tensor's merged vector when every task is qtau, or when moving the other tasks to a qtau
+        at least as accurate as their option costs less than the merged vector (and, given
+        ``keep``, every moved task's new choices pass it: with an evaluator, less weight error
+        need not mean a better score). Returns the bytes saved and the tensors whose merged
+        vector goes."""
+        saved, dropped = 0, set()
+        if not self.droppable:
+            return 0, dropped
+        for name, tier in self.tier.items():
+            cur = {t: ch[name] for t, ch in choices.items() if name in ch}
+            if not cur or any(o.kind == "exact" for o in cur.values()):
+                continue
+            moves, delta = {}, -tier.merged
+            for t, o in cur.items():
+                if o.kind == "qtau":
+                    continue
+                fit = [q for q in self.plans[t].qtaus.get(name, ()) if q.err <= o.err]
+                if not fit:
+                    break
+                moves[t] = min(fit, key=lambda q: (q.cost, q.err))
+                delta += moves[t].cost - o.cost
+            else:
+                if delta < 0:
+                    before = {t: choices[t][name] for t in moves}
+                    for t, q in moves.items():
+                        choices[t][name] = q
+                    if keep is not None and not all(keep(t, choices[t]) for t in moves):
+                        for t, o in before.items():
+                            choices[t][name] = o
+                        continue
+                    saved -= delta
+                    dropped.add(name)
+        return saved, dropped
+
     def decide(self, plain_bytes: int) -> None:
-        """Choose every task's corrections; ``plain_bytes``: the archive's size without them."""
+        """Choose every task's options; ``plain_bytes``: the archive's size as plain TALL."""
         for plan in self.plans.values():
             plan.order()
         score = self._score_fn() if self.evaluate is not None else None
         tasks = list(self.plans)
         spare = None if self.budget_bytes is None else self.budget_bytes - plain_bytes
-        if spare is not None and spare < 0:
-            u = self.unit_bytes or 1.0
-            raise FidelityError(
-                f"budget {self.budget_bytes / u:.2f}x ({self.budget_bytes} bytes) is below the plain TALL "
-                f"archive, about {plain_bytes} bytes; give --budget {math.ceil(100 * plain_bytes / u) / 100:.2f} "
-                "or more (that stores TALL masks only), or drop --budget")
 
         def fid(t: str, p: int) -> float:
-            return score(t, p) if score is not None else self.plans[t].weight_fidelity(self.plans[t].cum_err[p])
+            plan = self.plans[t]
+            return score(t, plan.chosen(p)) if score is not None else plan.weight_fidelity(plan.cum_err[p])
 
-        def cost(f: float) -> tuple[int, dict[str, int]]:
-            ps = {t: self._prefix(t, f, score) for t in tasks}
-            return sum(self.plans[t].cum_cost[p] for t, p in ps.items()), ps
+        def cost(f: float | None) -> tuple[int, dict[str, int]]:
+            ps = {t: 0 if f is None else self._prefix(t, f, score) for t in tasks}
+            saved, _ = self._switch({t: self.plans[t].chosen(p) for t, p in ps.items()})
+            return sum(self.plans[t].cum_cost[p] for t, p in ps.items()) - saved, ps
+
+        if spare is not None and (least := cost(None)[0]) > spare:  # qtau may go below plain TALL
+            u, smallest = self.unit_bytes or 1.0, plain_bytes + least
+            raise FidelityError(
+                f"budget {self.budget_bytes / u:.2f}x ({self.budget_bytes} bytes) is below the smallest archive "
+                f"the dial makes, about {smallest} bytes; give --budget {math.ceil(100 * smallest / u) / 100:.2f} "
+                "or more, or drop --budget")
 
         prefixes: dict[str, int]
         if self.target is not None:
             total, prefixes = cost(self.target)
             if spare is not None and total > spare:
-                prefixes = self._max_min(spare, cost, fid)
+                prefixes = self._fill(self._max_min(spare, cost, fid), spare, score)
         else:
             assert spare is not None
-            prefixes = self._max_min(spare, cost, fid)
+            prefixes = self._fill(self._max_min(spare, cost, fid), spare, score)
+        choices = {t: self.plans[t].chosen(prefixes[t]) for t in tasks}
+        keep = None
+        if score is not None:
+            floor = {t: score(t, choices[t]) if self.target is None else min(self.target, score(t, choices[t]))
+                     for t in tasks}
+            keep = lambda t, ch: score(t, ch) >= floor[t]  # noqa: E731
+        _, self.dropped = self._switch(choices, keep)
+        lowered: dict[str, float] = {}
         for t in tasks:
-            p = prefixes[t]
-            plan = self.plans[t]
-            self.choice[t] = {k: o for k, o in plan.chosen(p).items() if o.kind is not None}
-            rec = {"weight": plan.weight_fidelity(plan.cum_err[p]),
+            plan, ch = self.plans[t], choices[t]
+            self.choice[t] = {k: o for k, o in ch.items() if o.kind is not None}
+            rec = {"weight": plan.weight_fidelity(sum(o.err for o in ch.values())),
                    "weight_tall": plan.weight_fidelity(plan.tall_err)}
+            want = self.target
             if score is not None:
-                rec |= {"score": score(t, p), "score_tall": score(t, 0)}
+                rec |= {"score": score(t, ch), "score_tall": score(t, {})}
+                if self.ceiling[t] < 1.0:
+                    rec["score_ceiling"] = self.ceiling[t]
+                    if want is not None and want > self.ceiling[t]:
+                        lowered[t] = want = self.ceiling[t]
             self.achieved[t] = rec
-            if self.target is not None and fid(t, p) < self.target - 1e-12:
-                self.below[t] = fid(t, p)
+            got = rec["score"] if score is not None else rec["weight"]
+            if want is not None and got < want - 1e-12:
+                self.below[t] = got
+        if lowered:
+            log.warning("fidelity target %.4g lowered for %d task(s) to what their validation examples certify "
+                        "(give more examples): %s", self.target, len(lowered),
+                        ", ".join(f"{t} ({v:.4f})" for t, v in lowered.items()))
         if self.below:
             self.met = False
             what = "the budget" if spare is not None else "the corrections allowed"
             log.warning("fidelity target %.4g not reached within %s for %d task(s): %s", self.target, what,
                         len(self.below), ", ".join(f"{t} (best {v:.4f})" for t, v in self.below.items()))
+
+    def _fill(self, ps: dict[str, int], spare: int, score) -> dict[str, int]:
+        """Spend what the bisection left of a budget: the weakest task that can take its next step
+        within ``spare`` takes it, until none can (one common target moves every task at once, so
+        it stops short). Without an evaluator only: with one, each try would cost an evaluation."""
+        if score is not None:
+            return ps
+
+        def total(p: dict[str, int]) -> int:
+            saved, _ = self._switch({t: self.plans[t].chosen(i) for t, i in p.items()})
+            return sum(self.plans[t].cum_cost[i] for t, i in p.items()) - saved
+
+        stuck: set[str] = set()
+        while True:
+            open_ = [t for t in ps if t not in stuck and ps[t] < len(self.plans[t].steps)]
+            if not open_:
+                return ps
+            t = min(open_, key=lambda t: self.plans[t].weight_fidelity(self.plans[t].cum_err[ps[t]]))
+            trial = ps | {t: ps[t] + 1}
+            if total(trial) <= spare:
+                ps = trial
+            else:
+                stuck.add(t)
 
     def _max_min(self, spare: int, cost, fid) -> dict[str, int]:
         """The highest fidelity every task reaches within ``spare`` bytes (bisection)."""
@@ -408,38 +622,49 @@ class Dial:
         return best
 
     # -- pass 2 -------------------------------------------------------------------------------
-    def finish(self, ctx: WriteContext, entries: list[TensorEntry], load: Callable[[str], Item]) -> None:
-        """Decide on the size of the TALL tier just written, then write the corrections."""
-        self.decide(plain_bytes(entries))
-        self.write(ctx, load, {e.name: e for e in entries})
+    # -- pass 2 -------------------------------------------------------------------------------
+    def finish(self, ctx: WriteContext, entries: list[TensorEntry | None], pending: Mapping[int, str],
+               load: Callable[[str], Item], exact_tier: bool = False) -> None:
+        """Decide on the size of the plain TALL archive, then write every merged tensor (the
+        ``None`` places of ``entries``, named by ``pending``) as decided."""
+        self.decide(plain_bytes([e for e in entries if e is not None]) + self.tier_bytes())
+        for i, name in pending.items():
+            entries[i] = self.write_tensor(ctx, load(name), exact_tier)
 
-    def write(self, ctx: WriteContext, items: Callable[[str], Item], entries: Mapping[str, TensorEntry]) -> None:
-        """Store the chosen corrections (``items`` loads a tensor of the family by name)."""
-        names = {k for ch in self.choice.values() for k in ch}
-        for name in [e for e in entries if e in names]:
-            item, entry = items(name), entries[name]
-            assert item.base is not None
-            merged, masks = tall_parts(ctx, item)
-            base32 = item.base.reshape(-1).to(torch.float32)
-            exact = {t for t in item.tasks if (o := self.choice.get(t, {}).get(name)) is not None and o.kind == "exact"}
-            if exact:
-                add_exact(ctx, item, entry, tasks=exact)
-            for t, x, mask in zip(item.tasks, item.thetas, masks):
-                o = self.choice.get(t, {}).get(name)
-                if o is None:
-                    continue
-                tt = entry.tasks[t]
-                if o.kind == "exact":
-                    tt.extras["correction"] = Correction("exact")
-                    continue
-                r = residual(x, base32, mask, merged)
-                refs = {}
-                for k, a in candidate_arrays(o, r).items():
-                    refs[k] = ctx.writer.write_array(memoryview(np.ascontiguousarray(a).view(np.uint8)).cast("B"),
-                                                     a.dtype.name, (a.size,),
-                                                     _chain(ctx, a), ctx.chunk_elements)
-                tt.extras["correction"] = Correction(o.kind, refs, o.bits or None,
-                                                     BLOCK if o.kind == "quant" else None)
+    def write_tensor(self, ctx: WriteContext, item: Item, exact_tier: bool = False) -> TensorEntry:
+        """One merged tensor as decided: its TALL tier (masks of the qtau tasks left out, the merged
+        vector too when dropped), the qtau entries, the exact tier when asked, the corrections."""
+        qt = {t: o.bits for t in item.tasks
+              if (o := self.choice.get(t, {}).get(item.name)) is not None and o.kind == "qtau"}
+        entry = _write_mixed(ctx, item, qt, item.name in self.dropped) if qt else Tall.write(ctx, item)
+        if exact_tier:
+            entry = add_exact(ctx, item, entry)
+        self._corrections(ctx, item, entry)
+        return entry
+
+    def _corrections(self, ctx: WriteContext, item: Item, entry: TensorEntry) -> None:
+        name = item.name
+        todo = {t: o for t in item.tasks if (o := self.choice.get(t, {}).get(name)) is not None
+                and o.kind in ("sparse", "quant", "exact")}
+        if not todo:
+            return
+        assert item.base is not None
+        merged, masks = tall_parts(ctx, item)
+        base32 = item.base.reshape(-1).to(torch.float32)
+        exact = {t for t, o in todo.items() if o.kind == "exact"}
+        if exact:
+            add_exact(ctx, item, entry, tasks=exact)
+        for t, x, mask in zip(item.tasks, item.thetas, masks):
+            o = todo.get(t)
+            if o is None:
+                continue
+            tt = entry.tasks[t]
+            if o.kind == "exact":
+                tt.extras["correction"] = Correction("exact")
+                continue
+            r = residual(x, base32, mask, merged)
+            refs = {k: _write(ctx, a) for k, a in candidate_arrays(o, r).items()}
+            tt.extras["correction"] = Correction(o.kind, refs, o.bits or None, BLOCK if o.kind == "quant" else None)
 
     def record(self) -> dict[str, Any]:
         """What the manifest's ``stats.dial`` keeps: the request, and per task what was stored."""
@@ -453,5 +678,50 @@ class Dial:
             tasks[t] = {**self.achieved[t], "stored": counts,
                         "bytes": sum(o.cost for o in self.choice[t].values())}
         return {"measure": "score" if self.evaluate is not None else "weight", "target": self.target,
-                "budget_bytes": self.budget_bytes, "met": self.met, "tasks": tasks}
+                "budget_bytes": self.budget_bytes, "met": self.met, "merged_dropped": len(self.dropped),
+                "tasks": tasks}
 
+
+def _write(ctx: WriteContext, a: np.ndarray) -> ArrayRef:
+    return ctx.writer.write_array(memoryview(np.ascontiguousarray(a).view(np.uint8)).cast("B"), a.dtype.name,
+                                  (a.size,), _chain(ctx, a), ctx.chunk_elements)
+
+
+def _write_mixed(ctx: WriteContext, item: Item, qt: Mapping[str, int], drop: bool) -> TensorEntry:
+    """A merged tensor where the tasks of ``qt`` store their own quantized task vector (``qtau``,
+    ``bits``) and no mask; the merged vector (and the method's extras) left out when ``drop``."""
+    assert item.base is not None
+    w, ce, shape = ctx.writer, ctx.chunk_elements, tuple(item.base.shape)
+    w.use("encoding:qtau")
+    merged, masks = tall_parts(ctx, item)
+    base32 = item.base.reshape(-1).to(torch.float32)
+    b_dt = dtype_name(item.base.dtype)
+    arrays = {"base": w.write_array(tensor_to_bytes(item.base.contiguous()), b_dt, shape, ctx.dense(b_dt), ce)}
+    if not drop:
+        arrays["merged"] = w.write_array(tensor_to_bytes(merged), "float32", shape, ctx.dense("float32"), ce)
+        for k, v in _extras(ctx, item).items():
+            arrays[k] = w.write_array(tensor_to_bytes(v), EXTRA_ARRAYS[k], shape, ctx.dense(EXTRA_ARRAYS[k]), ce)
+    tts: dict[str, TaskTensor] = {}
+    deqs: dict[str, tuple[torch.Tensor, dict[str, ArrayRef]]] = {}
+    for t, x, mask in zip(item.tasks, item.thetas, masks):
+        tau = x.reshape(-1).to(torch.float32) - base32
+        ctx.fidelity[t].add(tau, mask, merged)  # the plain TALL figures, as for every merged tensor
+        if t in qt:
+            codes, scales = quantize(tau, qt[t], QBLOCK)
+            deqs[t] = (dequantize(codes, scales, qt[t], QBLOCK, tau.numel()),
+                       {"codes": _write(ctx, codes), "scales": _write(ctx, scales)})
+        else:
+            tts[t] = TaskTensor("tall", dtype_name(x.dtype), shape,
+                                {"mask": w.write_array(tensor_to_bytes(mask), "bool", shape, ctx.masks, ce)},
+                                {"ones": int(torch.count_nonzero(mask))})
+    ref = merged
+    if drop:  # what readers use instead (spec §6.1.8): the float32 sum of the deQ, in task order
+        ref = torch.zeros_like(merged)
+        for t in item.tasks:
+            ref = ref + deqs[t][0]
+    for t, x in zip(item.tasks, item.thetas):
+        if t in qt:
+            ones = int(torch.count_nonzero(tall_mask(deqs[t][0], ref, ctx.lambdas[t])))
+            tts[t] = TaskTensor("qtau", dtype_name(x.dtype), shape, deqs[t][1],
+                                {"bits": qt[t], "block": QBLOCK, "ones": ones})
+    return TensorEntry(item.name, "merged", {t: tts[t] for t in item.tasks}, arrays)

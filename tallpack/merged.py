@@ -14,6 +14,7 @@ import torch
 from .arrays import ArrayRef
 from .encodings import Use
 from .encodings.derived import merged_source, task_mask
+from .encodings.qtau import task_masks
 from .errors import FormatError, InvalidArgumentError
 from .manifest import Manifest
 from .merging import METHODS, apply_direction, default_alpha, is_consensus, merge_direction, merged_model_method
@@ -50,6 +51,7 @@ class MergeParts:
         self.model, self.k = model, k
         self.tasks = tuple(t.name for t in manifest.tasks)
         self._family = family
+        lambdas = {t.name: t.lam for t in manifest.tasks}
         self.parts: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
         for e in manifest.tensors:
             if set(e.tasks) != set(self.tasks):
@@ -59,16 +61,22 @@ class MergeParts:
                 sources = {x: merged_source(e, x) for x in ("merged", *method.extra_arrays)}
                 base = read(e.arrays["base"], f"{where} (base)")
                 masks = extras = None
+                if any(tt.encoding == "qtau" for tt in e.tasks.values()):  # the dial's (format 1.7, §6.1.8)
+                    tau, by_task = task_masks(read, e, lambdas)
+                    tau = tau.reshape(base.shape)
+                    masks = [m.reshape(base.shape) for m in by_task.values()]
+                elif sources["merged"] is None:
+                    raise FormatError(f"{name}: {where} has no merged vector")
+                else:  # stored, or derived from the exact originals (format 1.8, §6.1.9)
+                    tau = read(sources["merged"], f"{where} (merged)")
                 if is_consensus(model):
-                    masks = [task_mask(read, e, tt, f"task {t!r}, {where}") for t, tt in e.tasks.items()]
+                    if masks is None:
+                        masks = [task_mask(read, e, tt, f"task {t!r}, {where}") for t, tt in e.tasks.items()]
                 else:
-                    missing = [x for x, src in sources.items() if src is None]
+                    missing = [x for x in method.extra_arrays if sources[x] is None]
                     if missing:
                         raise FormatError(f"{name}: {where} has no {', '.join(missing)} for {model}")
-                    extras = {x: read(src, f"{where} ({x})") for x, src in sources.items() if x != "merged"}
-                if sources["merged"] is None:
-                    raise FormatError(f"{name}: {where} has no merged vector")
-                tau = read(sources["merged"], f"{where} (merged)")
+                    extras = {x: read(sources[x], f"{where} ({x})") for x in method.extra_arrays}
                 self.parts[e.name] = (base, merge_direction(model, tau, masks, extras, k, method))
             elif e.kind == "shared" and "data" in e.arrays:
                 self.parts[e.name] = (read(e.arrays["data"], where), None)

@@ -210,7 +210,7 @@ def _finite(v: object) -> bool:
 
 def derive_merged(taus: list[torch.Tensor], method: MergeMethod) -> dict[str, torch.Tensor] | None:
     """tau_MTL (``"merged"``) and the method's extra arrays from the float32 task vectors, in
-    task order, element by element (spec §6.1.8); None for a method the spec does not derive.
+    task order, element by element (spec §6.1.9); None for a method the spec does not derive.
 
     TA: ``((+0.0 + tau_1) + tau_2) + ...``. TIES with thresholds thr_t and majority sign s0:
     ``r_t = tau_t * [|tau_t| >= thr_t]``, ``s = sign((+0.0 + r_1) + r_2 + ...)`` (s0 where 0),

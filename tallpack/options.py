@@ -65,8 +65,9 @@ class PackOptions:
     fidelity: float | None = None
     #: ... and/or keep the archive within this many times the average task checkpoint's bytes
     budget: float | None = None
-    #: the corrections the dial may store, from ``sparse``, ``quant4``, ``quant8``, ``exact``
-    corrections: Sequence[str] = ("sparse", "quant4", "quant8", "exact")
+    #: the corrections the dial may store, from ``sparse``, ``quant4``, ``quant8``, ``qtau`` (the
+    #: task's own quantized task vector instead of its mask, format 1.7), ``exact``
+    corrections: Sequence[str] = ("sparse", "quant4", "quant8", "qtau", "exact")
 
     def replace(self, **changes: Any) -> "PackOptions":
         return dataclasses.replace(self, **changes)
@@ -155,7 +156,7 @@ class Validated:
 
 
 #: The corrections the fidelity dial knows (``tallpack.dial.CORRECTIONS``).
-_CORRECTIONS = ("sparse", "quant4", "quant8", "exact")
+_CORRECTIONS = ("sparse", "quant4", "quant8", "qtau", "exact")
 
 
 def _check_dial(o: PackOptions) -> None:

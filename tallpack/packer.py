@@ -95,7 +95,7 @@ def _write(fam: PackInputs, v: Validated, lams: dict[str, float], out: Path, sel
     opts = v.options
     names = list(fam.tasks)
     fidelity = {t: Fidelity() for t in names}
-    entries: list[TensorEntry] = []
+    entries: list[TensorEntry | None] = []
     tensors = track(fam.plan.tensors, opts.progress, "packing")
     dial = _dial(fam, v)
     sources = [fam.base, *fam.tasks.values()]
@@ -107,20 +107,25 @@ def _write(fam: PackInputs, v: Validated, lams: dict[str, float], out: Path, sel
         ctx = WriteContext(w, opts.chunk_elements, lambda dt: v.dense(itemsize(dt)), v.masks(), v.method,
                            lams, fidelity, v.residuals if opts.exact or dial else None,
                            {} if v.derive_masks else None, {} if v.derive_merged else None)
+        pending: dict[int, str] = {}  # with the dial: merged tensors, written once it has decided
         for entry in tensors:
             if entry.kind is Kind.BASE_ONLY and not opts.keep_base_only:
                 continue
             item = fam.load(entry)
             if item.kind != item.planned and item.planned == Kind.MERGED and item.kind == Kind.TASK_OWN:
                 log.warning("tensor %r holds inf or NaN: stored per task, not masked", item.name)
-            written = BY_KIND[item.kind].write(ctx, item)
-            entries.append(add_exact(ctx, item, written) if opts.exact else written)
             if dial is not None and item.kind == Kind.MERGED:
                 dial.observe(ctx, item)
-        if dial is not None:  # the fidelity dial: decide on the TALL tier's size, then add corrections
+                pending[len(entries)] = item.name
+                entries.append(None)
+                continue
+            written = BY_KIND[item.kind].write(ctx, item)
+            entries.append(add_exact(ctx, item, written) if opts.exact else written)
+        if dial is not None:  # the fidelity dial: decide on the TALL tier's size, then write merged tensors
             plans = {e.name: e for e in fam.plan.tensors}
-            dial.finish(ctx, entries, lambda name: fam.load(plans[name]))
+            dial.finish(ctx, entries, pending, lambda name: fam.load(plans[name]), opts.exact)
 
+        stored = [e for e in entries if e is not None]  # every place is filled by now
         infos = []
         for t in names:
             src, fid = fam.tasks[t], fidelity[t]
@@ -129,9 +134,9 @@ def _write(fam: PackInputs, v: Validated, lams: dict[str, float], out: Path, sel
                                   tuple(src.keys()), src.describe(), src.metadata,
                                   record(src) if opts.exact else None, store.add(src.files, f"task {t!r}")))
         manifest = Manifest(
-            w.version, f"tallpack {__version__}", v.method.params(), tuple(infos), tuple(entries),
+            w.version, f"tallpack {__version__}", v.method.params(), tuple(infos), tuple(stored),
             base=fam.base.describe() | {"metadata": fam.base.metadata} | ({"files": base_files} if base_files else {}),
-            stats={"source_bytes": fam.source_bytes, "kinds": count_kinds(entries),
+            stats={"source_bytes": fam.source_bytes, "kinds": count_kinds(stored),
                    **({"selection": selection} if selection else {}),
                    **({"dial": dial.record()} if dial is not None else {})},
             metadata=dict(opts.metadata or {}), checksum=w.checksum_name, files=store.blobs,

@@ -14,7 +14,7 @@ from .manifest import Manifest, count_kinds
 
 #: Report names of stored arrays: tensor-entry keys, then task-entry keys (``task/key``).
 _ENTRY_ROLES = {"base": "base", "merged": "merged", "counts": "counts", "data": "shared"}
-_TASK_ROLES = {"mask": "masks", "data": "task_own"}
+_TASK_ROLES = {"mask": "masks", "data": "task_own", "codes": "qtau", "scales": "qtau"}
 
 
 def _entropy(p: float) -> float:
@@ -42,6 +42,8 @@ def summarize(manifest: Manifest, *, path: str, archive_bytes: int,
             for key, ref in tt.arrays.items():
                 role = _TASK_ROLES.get(key, key)
                 stored[role] = stored.get(role, 0) + ref.stored_nbytes
+                if role == "qtau":  # the dial's quantized task vectors, in place of masks
+                    extra_bytes[t] += ref.stored_nbytes
             for key, v in tt.extras.items():  # the exact tier's residuals, the dial's corrections
                 n = sum(ref.stored_nbytes for ref in v.arrays.values())
                 role = "corrections" if key == "correction" else key
@@ -52,6 +54,9 @@ def summarize(manifest: Manifest, *, path: str, archive_bytes: int,
             if tt.encoding == "tall":
                 corr = tt.extras.get("correction")
                 label = "tall" if corr is None else corr.kind + (str(corr.bits) if corr.bits else "")
+                stored_as[t][label] = stored_as[t].get(label, 0) + 1
+            elif tt.encoding == "qtau":
+                label = f"qtau{tt.params['bits']}"
                 stored_as[t][label] = stored_as[t].get(label, 0) + 1
             mask = tt.arrays.get("mask")
             if mask is not None:

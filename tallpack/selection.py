@@ -12,6 +12,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 
 from .dtypes import torch_dtype
@@ -45,7 +46,7 @@ def _grid(grid: Sequence[float] | None, default: Sequence[float], what: str) -> 
 
 
 def _score(evaluate: Evaluator, task: str, sd: Mapping[str, torch.Tensor]) -> float:
-    score = float(evaluate(task, sd))
+    score = float(np.mean(evaluate(task, sd)))  # a number, or per-example scores (the dial's bound)
     if score != score:
         raise TallpackError(f"task {task!r}: the evaluator returned NaN")
     return score

@@ -18,6 +18,7 @@ import torch
 
 from .elements import numel
 from .encodings.derived import has_mask, task_mask
+from .encodings.qtau import task_masks
 from .errors import TallpackError
 from .progress import ProgressLike, track
 
@@ -75,14 +76,24 @@ def compute(archive: "Archive", *, progress: ProgressLike = None) -> MaskStats:
     ones = {t: 0 for t in tasks}
     total = {t: 0 for t in tasks}
     per_layer: dict[str, dict[str, list[int]]] = {}
-    entries = [e for e in archive.manifest.tensors if any(has_mask(tt) for tt in e.tasks.values())]
+    lambdas = {t.name: t.lam for t in archive.manifest.tasks}
+    entries = [e for e in archive.manifest.tensors
+               if any(has_mask(tt) or tt.encoding == "qtau" for tt in e.tasks.values())]
     for e in track(entries, progress, "reading masks"):
         count = None
         layer = per_layer.setdefault(layer_of(e.name), {t: [0, 0] for t in tasks})
+        derived = None  # the fidelity dial's qtau tasks have a mask derived from their deQ (spec §6.1.8)
+        if any(tt.encoding == "qtau" for tt in e.tasks.values()):
+            derived = task_masks(archive.read_array, e, lambdas)[1]
         for t, tt in e.tasks.items():
-            if not has_mask(tt):
+            if derived is not None:
+                if t not in derived:
+                    continue
+                m = derived[t]
+            elif not has_mask(tt):
                 continue
-            m = task_mask(archive.read_array, e, tt, f"task {t!r}, tensor {e.name!r}").reshape(-1)
+            else:
+                m = task_mask(archive.read_array, e, tt, f"task {t!r}, tensor {e.name!r}").reshape(-1)
             k = int(m.sum())
             n = numel(tt.shape)
             ones[t] += k

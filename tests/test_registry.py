@@ -17,7 +17,8 @@ from tallpack.plan import Kind
 
 def test_every_kind_has_a_writer_and_every_task_encoding_a_reader() -> None:
     assert set(encodings.BY_KIND) == {k.value for k in Kind}
-    assert set(encodings.REGISTRY) == {"tall", "tall-derived", "tall-derived-merged", "dense", "shared"}
+    assert set(encodings.REGISTRY) == {"tall", "tall-derived", "tall-derived-merged", "dense", "shared",
+                                       "qtau"}  # qtau: the dial's (1.7)
     for name, enc in encodings.REGISTRY.items():
         assert enc.name == name and enc.rebuild is not encodings.Encoding.rebuild
 

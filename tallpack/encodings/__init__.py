@@ -4,7 +4,7 @@ To add one, write a module here with a registered :class:`~tallpack.encodings.ba
 subclass, import it below, and describe it in ``spec/FORMAT.md`` §6.1 (with a golden file).
 """
 
-from . import base_only, correction, dense, derived, derived_merged, exact, shared, tall  # noqa: F401  (registers them)
+from . import base_only, correction, dense, derived, derived_merged, exact, qtau, shared, tall  # noqa: F401  (registers them)
 from .base import (BY_KIND, FIELDS, REGISTRY, Encoding, Item, TaskTensor, TensorEntry, Use, WriteContext,
                    iter_arrays)
 

@@ -94,7 +94,7 @@ class TaskTensor:
         tt = cls(name, dtype, shape, _arrays(d, enc.task_arrays, where),
                  {k: d[k] for k in enc.task_params if k in d})
         for k, ref in tt.arrays.items():
-            if ref.shape != tt.shape:
+            if enc.shaped_arrays and ref.shape != tt.shape:
                 raise FormatError(f"{where}: array {k!r} has shape {ref.shape}, the tensor {tt.shape}")
         for key, fcls in FIELDS.items():
             if d.get(key) is not None:
@@ -216,6 +216,8 @@ class Encoding:
     #: whether element i of the tensor depends only on element i of each input array, so a range
     #: of elements can be rebuilt from the same range of the inputs (``get_slice``)
     elementwise: ClassVar[bool] = False
+    #: whether every task array has the tensor's shape (checked at open); False: ``validate`` checks
+    shaped_arrays: ClassVar[bool] = True
 
     @classmethod
     def field_order(cls) -> tuple[str, ...]:

@@ -197,11 +197,12 @@ class Correction:
             by_ref = {id(ref): arrays[k] for k, (ref, _) in self.inputs(entry, tt).items()}
             read: ReadArray = lambda ref, where, use=Use.OUTPUT: by_ref[id(ref)]  # noqa: E731
             return rebuild_exact(read, entry, tt, "exact correction")
-        a = {k.split("/", 1)[1]: v.reshape(-1).numpy() for k, v in arrays.items() if k.startswith("correction/")}
+        a = {k.split("/", 1)[1]: v.reshape(-1).cpu().numpy() for k, v in arrays.items() if k.startswith("correction/")}
         if self.kind == "sparse":
             c = sparse_decode(a["indices"], a["values"], n)
         else:
             assert self.bits is not None and self.block is not None
             c = quant_decode(a["codes"], a["scales"], self.bits, self.block, n)
+        c = c.to(arrays["base"].device)  # decoded on the CPU; the rebuild runs where the inputs are
         return corrected(arrays["base"], arrays["mask"], arrays["merged"], c, dtype).reshape(tt.shape)
 

@@ -1,5 +1,5 @@
 """``tall-derived-merged``: a tensor of the exact tier whose merged vector is not stored either
-(spec §6.1.8, format 1.8).
+(spec §6.1.9, format 1.8).
 
 Where every task of a merged tensor is ``tall-derived`` (its original comes back from the base or
 zero and its residual alone), tau_MTL is a function of the originals: :func:`derive_merged`, the

@@ -204,7 +204,7 @@ def rebuild_exact(read: ReadArray, entry: TensorEntry, tt: TaskTensor, where: st
 def _tall_references(ctx: WriteContext, item: Item, check: bool) -> tuple[list[torch.Tensor], bool]:
     """Each task's TALL reconstruction, computed as the reader will (same arrays, same formula);
     with ``check``, also whether the spec's derivation of the merged vector and the method's
-    arrays (``merging.derive_merged``, spec §6.1.8) gives the packer's bits."""
+    arrays (``merging.derive_merged``, spec §6.1.9) gives the packer's bits."""
     base, ce = item.base, ctx.chunk_elements
     assert base is not None
     parts: list[list[torch.Tensor]] = [[] for _ in item.tasks]

@@ -1,4 +1,4 @@
-"""Build the golden archives (formats 1.0 and 1.1) from fixed, seeded tensors.
+"""Build the golden archives (formats 1.0 to 1.7) from fixed, seeded tensors.
 
     python tests/golden/make_golden.py [NAME ...]     # all, or only the named ones
 
@@ -11,6 +11,10 @@ writes, beside this script:
 * ``v1_4_files.tallpack`` (format 1.4): packed from model folders, so it keeps their other files
   (``config.json`` per task, one ``tokenizer.json`` shared by all, stored once); the expected
   file's metadata key ``"files"`` holds ``{task: {name: text}}``;
+* ``v1_5_correction.tallpack`` (format 1.5): the fidelity dial at 0.99 with sparse and quantized
+  corrections of the TALL residual;
+* ``v1_7_qtau.tallpack`` (format 1.7): the fidelity dial at 0.98 with ``qtau`` entries (a task's
+  own quantized task vector, no mask) and tensors without a merged vector;
 * ``v1_2_exact.tallpack`` (format 1.2): the exact tier, merge "ta"; with
   ``v1_2_exact.originals.safetensors``, the inputs' tensors (the originals) under ``"<task>/<tensor>"``;
 * ``v1_6_derived.tallpack`` (format 1.6): the exact tier with derived masks (``tall-derived``
@@ -127,6 +131,11 @@ ARCHIVES = {
                         pack=dict(merge="ta", codec="planes", checksum="xxh3-64", lambdas=0.4)),
     "v1_4_files": dict(seed=6, tasks=["squad", "mnli"], head_rows={"squad": 2, "mnli": 3}, folders=True,
                        pack=dict(merge="ta", codec="planes", checksum="xxh3-64", lambdas=0.4)),
+    "v1_5_correction": dict(seed=7, tasks=["arc", "piqa", "hella"], head_rows={"arc": 2, "piqa": 2, "hella": 4},
+                            pack=dict(merge="ta", codec="planes", checksum="xxh3-64", lambdas=0.4, fidelity=0.99,
+                                      corrections=("sparse", "quant4", "quant8"))),
+    "v1_7_qtau": dict(seed=7, tasks=["arc", "piqa", "hella"], head_rows={"arc": 2, "piqa": 2, "hella": 4},
+                      pack=dict(merge="ta", codec="planes", checksum="xxh3-64", lambdas=0.4, fidelity=0.98)),
 }
 
 
@@ -140,8 +149,11 @@ def _check_against_inputs(name: str, base, fts, got: dict[str, dict[str, torch.T
         for k, v in sd.items():
             orig = fts[task][k]
             assert v.dtype == orig.dtype and v.shape == orig.shape, (task, k)
+            tt = next(e for e in manifest.tensors if e.name == k).tasks[task]
             if kinds[k] != "merged":
                 assert torch.equal(v, orig), (name, task, k)
+            elif tt.encoding != "tall" or "correction" in tt.extras:
+                continue  # the dial's choices (1.5, 1.7): the spec-only reader checks them
             elif manifest.merge["method"] == "ta":
                 # tau_t in float32, tau_MTL = +0.0 + tau_1 + tau_2 + ... in task order, strict mask
                 b32 = base[k].to(torch.float32)
