@@ -319,6 +319,12 @@ class Archive:
                     raise
         return out
 
+    def prefetch(self, names: list[str]) -> None:
+        """Announce that every array of these tensors (all tasks) is read next: a remote archive
+        fetches them in one coalesced request (up to 64 MiB); a local one needs nothing. For
+        readers of whole tensors across tasks (``stats``)."""
+        self._c.prefetch([ref for n in names if n in self._tensors for _, ref in self._tensors[n].all_arrays()])
+
     def base_tensor(self, name: str) -> torch.Tensor | None:
         """theta_0 of a tensor, when the archive holds it (merged and base-only tensors)."""
         entry = self._tensors.get(name)

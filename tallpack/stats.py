@@ -80,6 +80,7 @@ def compute(archive: "Archive", *, progress: ProgressLike = None) -> MaskStats:
     entries = [e for e in archive.manifest.tensors
                if any(has_mask(tt) or tt.encoding == "qtau" for tt in e.tasks.values())]
     for e in track(entries, progress, "reading masks"):
+        archive.prefetch([e.name])  # remote: the tensor's masks in one request, not one each
         count = None
         layer = per_layer.setdefault(layer_of(e.name), {t: [0, 0] for t in tasks})
         derived = None  # the fidelity dial's qtau tasks have a mask derived from their deQ (spec §6.1.8)

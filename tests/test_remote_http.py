@@ -115,3 +115,17 @@ def test_writing_to_memory_urls(served, small_family):
         assert torch.equal(fam.get_tensor("b", "head.w"), small_family["tasks"]["b"]["head.w"])
     out = run("unpack", "memory://out/fam.tallpack", "--task", "a", "-o", "memory://out/a")
     assert "memory://out/a/model.safetensors" in out and mem.exists("/out/a/model.safetensors")
+
+
+def test_stats_fetches_a_tensors_masks_together(http_server, served):
+    """`stats` reads every task's mask of a tensor: over HTTP one coalesced request a tensor, not
+    one a mask, and the same figures as the local archive."""
+    from tallpack.stats import compute
+
+    with tallpack.open(served["url"]) as fam, tallpack.open(served["local"]) as ref:
+        http_server.reset()
+        remote = compute(fam)
+        assert remote == compute(ref)
+        masked = [e for e in fam.manifest.tensors if any("mask" in tt.arrays for tt in e.tasks.values())]
+        masks = sum(1 for e in masked for tt in e.tasks.values() if "mask" in tt.arrays)
+        assert http_server.gets() <= len(masked) < masks
