@@ -22,7 +22,7 @@ from ..errors import FormatError
 from ..merging import MergeMethod, derive_merged
 from ..tall import task_vector
 from .base import ReadArray, TaskTensor, TensorEntry, Use, register
-from .derived import DERIVED_MERGED, DerivedMerged, TallDerived, check_derived_entry
+from .derived import DERIVED_MERGED, DerivedMerged, TallDerived, check_derived_entry, merged_source
 from .exact import rebuild_exact
 from .tall import COMPUTE_ELEMENTS
 
@@ -78,7 +78,7 @@ class TallDerivedMerged(TallDerived):
     @classmethod
     def inputs(cls, entry: TensorEntry, tt: TaskTensor) -> dict[str, tuple[ArrayRef | DerivedMerged, Use]]:
         return {"base": (entry.arrays["base"], Use.SHARED_INPUT),
-                "merged": (DerivedMerged(entry, "merged"), Use.SHARED_INPUT),
+                "merged": (merged_source(entry), Use.SHARED_INPUT),  # a DerivedMerged
                 "exact/residual": (tt.extras["exact"].residual, Use.INPUT)}
 
 
