@@ -129,3 +129,21 @@ def test_stats_fetches_a_tensors_masks_together(http_server, served):
         masked = [e for e in fam.manifest.tensors if any("mask" in tt.arrays for tt in e.tasks.values())]
         masks = sum(1 for e in masked for tt in e.tasks.values() if "mask" in tt.arrays)
         assert http_server.gets() <= len(masked) < masks
+
+
+def test_derived_merged_vectors_over_http(http_server, served, tmp_path):
+    """Format 1.8 over HTTP: a lossy read of one task derives each merged vector from every task's
+    residual, fetched with the rest of its batch (coalesced requests, not one per residual)."""
+    local = tmp_path / "exact.tallpack"
+    g = torch.Generator().manual_seed(2)
+    base = {f"layers.{i}.w": torch.randn(64, 96, generator=g) for i in range(4)}
+    tasks = {t: {k: v + 0.05 * torch.randn(v.shape, generator=g) for k, v in base.items()} for t in ("a", "b", "c")}
+    tallpack.pack(base, tasks, local, chunk_elements=1024, exact=True)
+    shutil.copy(local, http_server.root / "exact.tallpack")
+    with tallpack.open(f"{http_server.url}/exact.tallpack") as fam, tallpack.open(local) as ref:
+        assert {tt.encoding for e in fam.manifest.tensors for tt in e.tasks.values()} == {"tall-derived-merged"}
+        http_server.reset()
+        got, want = fam.state_dict("b"), ref.state_dict("b")
+        assert all(torch.equal(got[k], want[k]) for k in want)
+        residuals = sum(len(e.tasks) for e in fam.manifest.tensors)
+        assert http_server.gets() < residuals, http_server.gets()
