@@ -68,6 +68,9 @@ class LocalFile:
     valid, because it keeps the mapping alive.
     """
 
+    #: The reader checks each chunk of a mapped file once while it is open (see ContainerReader).
+    check_once = True
+
     def __init__(self, path: str | os.PathLike):
         self.path = str(path)
         fd = _open_regular(self.path)

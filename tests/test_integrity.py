@@ -298,3 +298,30 @@ def test_a_bool_array_with_other_bytes_is_refused(tmp_path) -> None:
         assert torch.equal(fam.get_tensor("b", "flag"), flag)
         with pytest.raises(FormatError, match="'flag'.*other than 0 and 1"):
             fam.get_tensor("a", "flag")
+
+
+def test_chunks_are_checked_once_per_open_local_archive(tmp_path) -> None:
+    """A local archive's chunks are checked the first time they are read while it is open; a
+    damaged chunk is caught on that first read, by a reopened archive, and by verify."""
+    import tallpack
+    from tallpack.errors import IntegrityError
+
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(64, 64, generator=g)
+    path = tmp_path / "f.tallpack"
+    tallpack.pack({"w": w}, {"a": {"w": w + 0.1}, "b": {"w": w - 0.1}}, path, codec="raw")
+    with tallpack.open(path) as fam:
+        first = fam.get_tensor("a", "w")
+        ref = fam.manifest.tensors[0].arrays["base"]
+        c = ref.chunks[0]
+        fam._c.checksum = lambda b: (_ for _ in ()).throw(AssertionError("checked again"))
+        assert torch.equal(fam.get_tensor("a", "w"), first)  # base and merged: not checked again
+    data = bytearray(path.read_bytes())
+    data[c.offset] ^= 1
+    path.write_bytes(bytes(data))
+    with tallpack.open(path) as fam:
+        with pytest.raises(IntegrityError, match="checksum mismatch"):
+            fam.get_tensor("a", "w")
+        with pytest.raises(IntegrityError, match="checksum mismatch"):
+            fam.get_tensor("a", "w")  # a failed check is not remembered
+        assert fam.verify()
