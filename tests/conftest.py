@@ -115,3 +115,32 @@ def http_server(tmp_path_factory):
 
 #: tests/fuzz holds the atheris harness and its corpus: run by hand, never collected (RELIABILITY.md).
 collect_ignore = ["fuzz"]
+
+
+def read_everything(path, merge: str = "ties", *, exact: bool = False, stats: bool = True) -> None:
+    """Every way of reading an archive (fuzz and hostile-archive tests: only TallpackErrors may come
+    out): each task's state dict (and its exact one), verify, the summary, stats, and the merged
+    models of ``merge``."""
+    import tallpack
+    from tallpack.stats import compute
+
+    with tallpack.open(path) as fam:
+        for t in fam.tasks:
+            fam.state_dict(t)
+            if exact:
+                fam.state_dict(t, exact=True)
+        fam.verify()
+        fam.summary()
+        if stats:
+            compute(fam)
+        fam.merged(f"consensus-{merge}", k=1)
+        fam.merged(merge)
+
+
+def exact_family(seed: int = 0) -> tuple[dict, dict]:
+    """A float32 tensor and a bfloat16 one, base + three tasks: the exact tier's small test family."""
+    g = torch.Generator().manual_seed(seed)
+    base = {"w": torch.randn(20, 9, generator=g), "h": torch.randn(40, generator=g).bfloat16()}
+    tasks = {t: {"w": base["w"] + 0.1 * torch.randn(20, 9, generator=g),
+                 "h": (base["h"].float() + 0.05 * torch.randn(40, generator=g)).bfloat16()} for t in "abc"}
+    return base, tasks

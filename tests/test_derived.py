@@ -15,6 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import tallpack
+from conftest import exact_family
 from tallpack import encodings, report, stats
 from tallpack.encodings import exact as exact_mod
 from tallpack.encodings.derived import derive_mask, has_mask, task_mask
@@ -187,10 +188,7 @@ def test_derive_mask_is_the_packers_formula() -> None:
 
 @pytest.fixture(scope="module")
 def derived_bytes(tmp_path_factory) -> bytes:
-    g = torch.Generator().manual_seed(0)
-    base = {"w": torch.randn(20, 9, generator=g), "h": torch.randn(40, generator=g).bfloat16()}
-    tasks = {t: {"w": base["w"] + 0.1 * torch.randn(20, 9, generator=g),
-                 "h": (base["h"].float() + 0.05 * torch.randn(40, generator=g)).bfloat16()} for t in "abc"}
+    base, tasks = exact_family()
     out = tmp_path_factory.mktemp("derived") / "d.tallpack"
     _pack(base, tasks, out, "derive", merge="ties")
     return out.read_bytes()

@@ -17,6 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import tallpack
+from conftest import exact_family, read_everything
 from tallpack import encodings, report, stats
 from tallpack.container import FOOTER
 from tallpack.encodings import Use
@@ -211,10 +212,7 @@ def test_store_merged_option_keeps_format_1_6(small_family, tmp_path: Path) -> N
 
 @pytest.fixture(scope="module")
 def derived_path(tmp_path_factory) -> Path:
-    g = torch.Generator().manual_seed(0)
-    base = {"w": torch.randn(20, 9, generator=g), "h": torch.randn(40, generator=g).bfloat16()}
-    tasks = {t: {"w": base["w"] + 0.1 * torch.randn(20, 9, generator=g),
-                 "h": (base["h"].float() + 0.05 * torch.randn(40, generator=g)).bfloat16()} for t in "abc"}
+    base, tasks = exact_family()
     out = tmp_path_factory.mktemp("derived_merged") / "d.tallpack"
     _pack(base, tasks, out, merge="ties")
     return out
@@ -223,17 +221,6 @@ def derived_path(tmp_path_factory) -> Path:
 def _manifest(raw: bytes) -> dict:
     m_off, m_len, *_ = FOOTER.unpack(raw[-FOOTER.size:])
     return json.loads(zstandard.ZstdDecompressor().decompress(raw[m_off:m_off + m_len]))
-
-
-def _reads(path: Path) -> None:
-    with tallpack.open(path) as fam:
-        for t in fam.tasks:
-            fam.state_dict(t)
-            fam.state_dict(t, exact=True)
-        fam.verify()
-        stats.compute(fam)
-        fam.merged("consensus-ties", k=1)
-        fam.merged("ties")
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -258,7 +245,7 @@ def test_mutated_derived_merged_entries_raise_only_tallpack_errors(derived_path,
     p = tmp_path / "m.tallpack"
     p.write_bytes(with_manifest(derived_bytes, manifest))
     try:
-        _reads(p)
+        read_everything(p, exact=True)
     except tallpack.TallpackError:
         pass
 

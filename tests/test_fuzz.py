@@ -10,6 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import tallpack
+from conftest import read_everything
 from tallpack.container import FOOTER
 
 json_values = st.recursive(
@@ -34,14 +35,21 @@ def archive_bytes(tmp_path_factory):
     return out.read_bytes()
 
 
-def read_everything(path):
-    with tallpack.open(path) as fam:
-        for t in fam.tasks:
-            fam.state_dict(t)
-        fam.verify()
-        fam.summary()
-        fam.merged("consensus-ties", k=1)
-        fam.merged("ties")
+def edit(data, root, where: list, values) -> None:
+    """One to three random edits of a parsed manifest ``root``: at a path drawn from ``where``, a
+    key removed or a value drawn from ``values`` put in (edits that no longer fit are skipped)."""
+    for _ in range(data.draw(st.integers(1, 3))):
+        path = data.draw(st.sampled_from(where))
+        target = root
+        try:
+            for key in path[:-1]:
+                target = target[key]
+            if data.draw(st.booleans()) and isinstance(target, dict):
+                target.pop(path[-1], None)
+            else:
+                target[path[-1]] = data.draw(values)
+        except (KeyError, IndexError, TypeError):
+            continue
 
 
 def paths(obj, prefix=()):
@@ -65,23 +73,11 @@ def with_manifest(raw: bytes, manifest) -> bytes:
 def test_mutated_manifests_raise_only_tallpack_errors(archive_bytes, tmp_path, data):
     m_off, m_len, *_ = FOOTER.unpack(archive_bytes[-FOOTER.size:])
     manifest = json.loads(zstandard.ZstdDecompressor().decompress(archive_bytes[m_off:m_off + m_len]))
-    all_paths = [p for p in paths(manifest) if p]
-    for _ in range(data.draw(st.integers(1, 3))):
-        path = data.draw(st.sampled_from(all_paths))
-        target = manifest
-        try:
-            for key in path[:-1]:
-                target = target[key]
-            if data.draw(st.booleans()) and isinstance(target, dict):
-                target.pop(path[-1], None)
-            else:
-                target[path[-1]] = data.draw(json_values)
-        except (KeyError, IndexError, TypeError):
-            continue
+    edit(data, manifest, [p for p in paths(manifest) if p], json_values)
     p = tmp_path / "m.tallpack"
     p.write_bytes(with_manifest(archive_bytes, manifest))
     try:
-        read_everything(p)
+        read_everything(p, stats=False)
     except tallpack.TallpackError:
         pass
 
@@ -96,6 +92,6 @@ def test_mutated_bytes_raise_only_tallpack_errors(archive_bytes, tmp_path, edits
     p = tmp_path / "b.tallpack"
     p.write_bytes(bytes(raw[:len(raw) - cut]))
     try:
-        read_everything(p)
+        read_everything(p, stats=False)
     except tallpack.TallpackError:
         pass

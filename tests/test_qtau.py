@@ -14,9 +14,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 from test_fidelity import TALL_CORRECTIONS, family, weight_fidelity
-from test_fuzz import json_values, paths, with_manifest
+from test_fuzz import edit, json_values, paths, with_manifest
 
 import tallpack
+from conftest import read_everything
 from tallpack.container import FOOTER
 from tallpack.encodings.qtau import BITS, dequantize, quantize
 from tallpack.tall import tall_mask
@@ -266,49 +267,24 @@ def qtau_bytes(tmp_path_factory):
     return out.read_bytes()
 
 
-def _read_everything(path):
-    from tallpack.stats import compute
-
-    with tallpack.open(path) as fam:
-        for t in fam.tasks:
-            fam.state_dict(t)
-        fam.verify()
-        fam.summary()
-        compute(fam)
-        fam.merged("consensus-ta", k=1)
-        fam.merged("ta")
-
-
 @given(data=st.data())
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 def test_mutated_qtau_manifests_raise_only_tallpack_errors(qtau_bytes, tmp_path, data):
     """As tests/test_fuzz.py, on an archive with qtau entries and no merged vectors."""
     m_off, m_len, *_ = FOOTER.unpack(qtau_bytes[-FOOTER.size:])
     manifest = json.loads(zstandard.ZstdDecompressor().decompress(qtau_bytes[m_off:m_off + m_len]))
-    targets = [p for p in paths(manifest["tensors"]) if p]
-    for _ in range(data.draw(st.integers(1, 3))):
-        path = data.draw(st.sampled_from(targets))
-        target = manifest["tensors"]
-        try:
-            for key in path[:-1]:
-                target = target[key]
-            if data.draw(st.booleans()) and isinstance(target, dict):
-                target.pop(path[-1], None)
-            else:
-                target[path[-1]] = data.draw(json_values | st.integers(0, 9))
-        except (KeyError, IndexError, TypeError):
-            continue
+    edit(data, manifest["tensors"], [p for p in paths(manifest["tensors"]) if p], json_values | st.integers(0, 9))
     p = tmp_path / "m.tallpack"
     p.write_bytes(with_manifest(qtau_bytes, manifest))
     try:
-        _read_everything(p)
+        read_everything(p, "ta")
     except tallpack.TallpackError:
         pass
 
 
 def test_the_fuzz_archive_reads(qtau_bytes, tmp_path):
     (tmp_path / "q.tallpack").write_bytes(qtau_bytes)
-    _read_everything(tmp_path / "q.tallpack")
+    read_everything(tmp_path / "q.tallpack", "ta")
 
 
 def test_score_ratio_bounds_what_validation_data_can_show():
