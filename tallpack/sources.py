@@ -106,6 +106,8 @@ class Source:
         want = self._infos[name]
         if tuple(t.shape) != want.shape or dtype_name(t.dtype) != want.dtype:
             raise CheckpointError(f"{self.label}: tensor {name!r} does not match its header")
+        if t.dtype == torch.bool and t.numel() and int(t.reshape(-1).view(torch.uint8).max()) > 1:
+            raise CheckpointError(f"{self.label}: tensor {name!r} is bool but holds bytes other than 0 and 1")
         return t
 
     def _load(self, name: str) -> torch.Tensor:
