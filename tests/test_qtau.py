@@ -325,9 +325,11 @@ def test_evaluator_with_per_example_scores(tmp_path, caplog):
     with tallpack.open(tmp_path / "e.tallpack") as fam:
         for t in fts:
             f = fam.task_info(t).fidelity
-            got = score_ratio(examples(t, fam.state_dict(t)), examples(t, fts[t]))
+            got = score_ratio(examples(t, fam.state_dict(t)), examples(t, fts[t]), m.stats["dial"]["score_z"])
             assert got == pytest.approx(f["score"]) and got >= min(0.995, f["score_ceiling"]) - 1e-12
             assert f["score_ceiling"] < 0.995  # 400 examples certify less than 0.995
+    # the bound is for the configuration chosen among all those scored: stricter than one's
+    assert m.stats["dial"]["score_z"] > 1.645 + 0.5
     assert m.stats["dial"]["met"]
 
 
