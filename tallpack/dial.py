@@ -433,6 +433,7 @@ class Dial:
         assert self.evaluate is not None and self.sources is not None
         memo: dict[tuple[str, frozenset], float] = {}
         ref: dict[str, Any] = {}
+        warned: list[str] = []
         # Configurations a task may be scored in: the prefixes of its steps that a target's
         # bisection visits (a budget's search may visit every prefix), the plain and the full
         # rebuild, and one merged-vector switch per tensor; the bound holds for the one chosen.
@@ -449,6 +450,11 @@ class Dial:
                 ref[t] = self.evaluate(t, {k: src.get(k) for k in src.keys()})
                 # what the original itself certifies: a target above it asks for the impossible
                 self.ceiling[t] = score_ratio(ref[t], ref[t], self.z)
+                if np.asarray(ref[t]).size == 1 and not warned:
+                    warned.append(t)
+                    log.warning("the evaluator returns one number per evaluation: fidelity targets are met on "
+                                "the validation data only; return per-example scores (a 1-d array) for a bound "
+                                "that holds on unseen data")
             held = self._held[t]
             sd = {}
             for k in src.keys():
