@@ -216,13 +216,14 @@ def run_family(name: str, base_path: str, tasks: dict[str, str], evaluate, examp
             sc = _scores(evaluate, originals, sds)
             rows.append({"family": name, "method": f"baseline {kind}", "param": p, "bytes": size, "x": size / one,
                          "mean": float(np.mean(list(sc.values()))), "min": float(min(sc.values())), "per_task": sc})
-    # the dial at exactly the quantization baseline's sizes (--budget), the fairest comparison
-    for b in [r for r in rows if r["method"] == "baseline quant"]:
+    # the dial at exactly each baseline's sizes (--budget), the fairest comparison
+    for b in [r for r in rows if r["method"].startswith("baseline ")]:
+        kind = b["method"].removeprefix("baseline ")
         try:
-            point(f"dial, budget = quant {b['param']} size", work / f"{name}-bq{b['param']}.tallpack",
+            point(f"dial, budget = {kind} {b['param']} size", work / f"{name}-b{kind}{b['param']}.tallpack",
                   budget=0.999 * b["x"])
         except tallpack.TallpackError as e:
-            print(f"{name}: budget at quant {b['param']}: {e}")
+            print(f"{name}: budget at {kind} {b['param']}: {e}")
     return {"one_checkpoint_bytes": one, "rows": rows}
 
 
