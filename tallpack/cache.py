@@ -56,3 +56,8 @@ class ByteLRU:
 
     def __len__(self) -> int:
         return len(self._items)
+
+    def __contains__(self, key: Hashable) -> bool:
+        """Whether ``key`` is kept now (neither a hit nor a use: the order is unchanged)."""
+        with self._lock:
+            return key in self._items

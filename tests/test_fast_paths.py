@@ -246,3 +246,26 @@ def test_packing_memory_does_not_grow_with_the_tensor(tmp_path) -> None:
     small, large = _pack_peak(tmp_path, 1 << 20), _pack_peak(tmp_path, 8 << 20)
     mb = 1 << 20
     assert large - small <= 6 * 32 * mb, (small / mb, large / mb)
+
+
+def test_get_tensor_uses_threads_only_for_inputs_that_decode(tmp_path) -> None:
+    """Handing views of raw chunks or cached arrays to threads costs more than reading them: a
+    tensor's inputs go to the archive's threads only when two or more of them decode, 1 MiB or more."""
+    from tallpack.encodings import encoding_for
+
+    fam_ = _family(5)
+    g = torch.Generator().manual_seed(5)
+    big = torch.randn(1 << 19, generator=g)
+    base = {**fam_["base"], "big": big}
+    tasks = {t: {**sd, "big": big + 0.01 * torch.randn(1 << 19, generator=g)} for t, sd in fam_["tasks"].items()}
+    for codec, cold in (("raw", False), ("planes", True)):
+        tallpack.pack(base, tasks, tmp_path / f"{codec}.tallpack", codec=codec)
+        with tallpack.open(tmp_path / f"{codec}.tallpack", threads=2) as fam:
+            entry, tt = fam._entry("t0", "big")
+            needed = list(encoding_for(tt.encoding).inputs(entry, tt).values())
+            assert fam._worth_threads(needed, None, True) is cold
+            first = fam.get_tensor("t0", "big")  # decodes base and merged vector, then keeps them
+            assert fam._worth_threads(needed, None, True) is False
+            assert torch.equal(fam.get_tensor("t0", "big"), first)
+            entry, tt = fam._entry("t0", "w")  # 8 KB: not worth a thread whatever the codec
+            assert not fam._worth_threads(list(encoding_for(tt.encoding).inputs(entry, tt).values()), None, True)
