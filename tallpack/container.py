@@ -346,14 +346,15 @@ class ContainerReader:
             end = max(end, off + n)
         return problems
 
-    def read_chunk(self, ref: ArrayRef, i: int, where: str, out: memoryview | None = None
-                   ) -> bytes | bytearray | memoryview:
+    def read_chunk(self, ref: ArrayRef, i: int, where: str, out: memoryview | None = None, *,
+                   recheck: bool = False) -> bytes | bytearray | memoryview:
         """Chunk ``i`` of ``ref``, checked and decoded (into ``out`` when given: writable, the
-        chunk's decoded size)."""
+        chunk's decoded size). A local file's chunk is checked once while open, unless ``recheck``
+        (``verify``)."""
         c = ref.chunks[i]
         stored = self.source.read(c.offset, c.nbytes)
         key = (c.offset, c.nbytes, c.checksum)
-        if key not in self._checked:
+        if recheck or key not in self._checked:
             if self.checksum(stored) != c.checksum:
                 raise IntegrityError(f"{self.name}: {where}: checksum mismatch in chunk {i} (damaged archive)")
             if self._remember_checked:

@@ -385,7 +385,7 @@ class Archive:
             for (where, ref), _ in batch:
                 try:
                     for i in range(len(ref.chunks)):
-                        self._c.read_chunk(ref, i, where)
+                        self._c.read_chunk(ref, i, where, recheck=True)  # even if read before
                 except TallpackError as e:
                     problems.append(str(e))
         for digest, ref in self.manifest.files.items():

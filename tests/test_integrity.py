@@ -351,7 +351,8 @@ def test_chunks_are_checked_once_per_open_local_archive(tmp_path) -> None:
         c = ref.chunks[0]
         fam._c.checksum = lambda b: (_ for _ in ()).throw(AssertionError("checked again"))
         assert torch.equal(fam.get_tensor("a", "w"), first)  # base and merged: not checked again
-    data = bytearray(path.read_bytes())
+    good = path.read_bytes()
+    data = bytearray(good)
     data[c.offset] ^= 1
     path.write_bytes(bytes(data))
     with tallpack.open(path) as fam:
@@ -360,3 +361,10 @@ def test_chunks_are_checked_once_per_open_local_archive(tmp_path) -> None:
         with pytest.raises(IntegrityError, match="checksum mismatch"):
             fam.get_tensor("a", "w")  # a failed check is not remembered
         assert fam.verify()
+    with tallpack.open(path) as fam:  # read while intact, then changed in place: verify still sees it
+        path.write_bytes(good)
+        fam.get_tensor("b", "w")
+        with open(path, "r+b") as f:
+            f.seek(c.offset)
+            f.write(bytes([good[c.offset] ^ 1]))
+        assert any("checksum mismatch" in p for p in fam.verify())
