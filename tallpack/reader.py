@@ -25,7 +25,7 @@ from .container import PREFETCH_BYTES, ContainerReader
 from .dtypes import bytes_to_tensor, view_tensor
 from .elements import numel
 from .encodings import Encoding, TaskTensor, TensorEntry, Use, encoding_for, iter_arrays
-from .encodings.derived import DerivedMerged
+from .encodings.derived import DerivedMerged, task_mask
 from .encodings.derived_merged import rebuild_merged
 from .encodings.exact import TALL_ENCODINGS, rebuild_exact
 from .errors import (ArchiveClosedError, ExactTierMissingError, FormatError, IntegrityError, InvalidArgumentError,
@@ -393,7 +393,15 @@ class Archive:
                 read_blob(self._c.read_array, digest, ref, f"{self.name}: file content {digest[:12]}")
             except TallpackError as e:
                 problems.append(str(e))
-        return problems + verify_originals(self)
+        problems += verify_originals(self)
+        for entry in self.manifest.tensors:  # derived masks: their set bits against the manifest's
+            for t, tt in entry.tasks.items():
+                if tt.encoding in TALL_ENCODINGS and tt.encoding != "tall":
+                    try:
+                        task_mask(self.read_array, entry, tt, f"{self.name}: task {t!r}, tensor {entry.name!r}")
+                    except TallpackError as e:
+                        problems.append(str(e))
+        return problems
 
     # -- folder files ------------------------------------------------------------------------
     def files(self, task: str | None = None) -> dict[str, str]:

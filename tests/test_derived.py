@@ -250,3 +250,26 @@ def test_store_masks_option_keeps_format_1_3(small_family, tmp_path: Path) -> No
             for k in s.keys(t):
                 assert _same(s.get_tensor(t, k), d.get_tensor(t, k)), (t, k)
                 assert _same(s.get_tensor(t, k, exact=True), small_family["tasks"][t][k]), (t, k)
+
+
+def test_verify_checks_derived_masks_against_the_manifest(small_family, tmp_path: Path) -> None:
+    """verify derives every derived mask and compares its set bits with the manifest's ``ones``."""
+    import json
+
+    import zstandard
+    from test_fuzz import FOOTER, with_manifest
+
+    out = tmp_path / "d.tallpack"
+    _pack(small_family["base_path"], small_family["task_paths"], out, "derive", chunk_elements=64)
+    with tallpack.open(out) as fam:
+        assert fam.verify() == []
+    raw = out.read_bytes()
+    m_off, m_len, *_ = FOOTER.unpack(raw[-FOOTER.size:])
+    manifest = json.loads(zstandard.ZstdDecompressor().decompress(raw[m_off:m_off + m_len]))
+    entry = next(e for e in manifest["tensors"] if e["name"] == "body.w")
+    assert entry["tasks"]["a"]["encoding"] != "tall"
+    entry["tasks"]["a"]["ones"] += 1
+    (tmp_path / "w.tallpack").write_bytes(with_manifest(raw, manifest))
+    with tallpack.open(tmp_path / "w.tallpack") as fam:
+        problems = fam.verify()
+    assert any("task 'a', tensor 'body.w'" in p and "set bits" in p for p in problems), problems
