@@ -95,24 +95,29 @@ def order_key(r: np.ndarray, dtype: str) -> np.ndarray:
     return key.astype(np.uint8 if e <= 8 else np.uint16)
 
 
+def _orders(r: np.ndarray, dtype: str, ce: int):
+    """For each chunk of ``ce`` elements: its slice and the stable order of R's exponent field."""
+    for a in range(0, r.size, ce):
+        yield slice(a, a + ce), np.argsort(order_key(r[a : a + ce], dtype), kind="stable")
+
+
 def permute(z: np.ndarray, r: np.ndarray, dtype: str, order: str, ce: int) -> np.ndarray:
     """Within each chunk of ``ce`` elements, the stable order of R's exponent field."""
     if order == "none":
         return z
     out = np.empty_like(z)
-    for a in range(0, z.size, ce):
-        perm = np.argsort(order_key(r[a : a + ce], dtype), kind="stable")
-        out[a : a + ce] = z[a : a + ce][perm]
+    for s, perm in _orders(r, dtype, ce):
+        out[s] = z[s][perm]
     return out
 
 
 def unpermute(s: np.ndarray, r: np.ndarray, dtype: str, order: str, ce: int) -> np.ndarray:
+    """The inverse of :func:`permute`."""
     if order == "none":
         return s
     out = np.empty_like(s)
-    for a in range(0, s.size, ce):
-        perm = np.argsort(order_key(r[a : a + ce], dtype), kind="stable")
-        out[a : a + ce][perm] = s[a : a + ce]
+    for sl, perm in _orders(r, dtype, ce):
+        out[sl][perm] = s[sl]
     return out
 
 
