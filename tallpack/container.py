@@ -141,8 +141,19 @@ class ContainerWriter:
             builder.add(encoded)
         return builder.finish()
 
-    def finish(self, manifest: dict[str, Any]) -> Path:
-        """Write the manifest and footer, then atomically rename the file to its final name."""
+    def mark(self) -> tuple[int, tuple[int, int]]:
+        """Where the file ends now (and the version so far), for ``rewind``."""
+        return self._pos, self.version
+
+    def rewind(self, mark: tuple[int, int]) -> None:
+        """Drop everything written since ``mark`` (no chunk may be in flight): the fidelity
+        dial's budget writes its tensors again once it knows what the archive really costs."""
+        self._f.flush()
+        self._pos, self.version = mark[0], mark[1]
+        self._f.seek(self._pos)
+        self._f.truncate()
+
+    def _stored_manifest(self, manifest: dict[str, Any]) -> tuple[bytes, int]:
         raw = json.dumps(manifest, separators=(",", ":"), allow_nan=False).encode()
         if len(raw) > MAX_MANIFEST_BYTES:
             raise InvalidArgumentError(f"{self.path}: manifest of {len(raw)} bytes exceeds the format's "
@@ -151,6 +162,15 @@ class ContainerWriter:
         offset = self._pos + -self._pos % ALIGNMENT
         if len(raw) > max_manifest_bytes(offset + len(stored) + FOOTER.size):
             stored, flags = raw, 0  # compresses too well for a reader's bound (spec §7): store it as is
+        return stored, flags
+
+    def size_with(self, manifest: dict[str, Any]) -> int:
+        """The file's size in bytes if it were finished now with ``manifest``."""
+        return self._pos + -self._pos % ALIGNMENT + len(self._stored_manifest(manifest)[0]) + FOOTER.size
+
+    def finish(self, manifest: dict[str, Any]) -> Path:
+        """Write the manifest and footer, then atomically rename the file to its final name."""
+        stored, flags = self._stored_manifest(manifest)
         offset = self._write(stored)
         self._f.write(FOOTER.pack(offset, len(stored), crc32(stored), flags, END_MAGIC))
         self._f.seek(0)  # the version may have grown with features chosen while writing (``use``)

@@ -6,6 +6,8 @@ buffers of one chunk per task, never by the family's size.
 
 from __future__ import annotations
 
+import copy
+
 import logging
 import os
 from collections.abc import Mapping
@@ -121,28 +123,39 @@ def _write(fam: PackInputs, v: Validated, lams: dict[str, float], out: Path, sel
                 continue
             written = BY_KIND[item.kind].write(ctx, item)
             entries.append(add_exact(ctx, item, written) if opts.exact else written)
+        task_files = {t: store.add(src.files, f"task {t!r}") for t, src in fam.tasks.items()}
+
+        def manifest() -> Manifest:
+            stored = [e for e in entries if e is not None]  # every place is filled by now
+            infos = []
+            for t in names:
+                src, fid = fam.tasks[t], fidelity[t]
+                figures = fid.to_dict() | (dial.achieved[t] if dial is not None and t in dial.achieved else {})
+                infos.append(TaskInfo(t, lams[t], fid.density if fid.numel else None, figures,
+                                      tuple(src.keys()), src.describe(), src.metadata,
+                                      record(src) if opts.exact else None, task_files[t]))
+            return Manifest(
+                w.version, f"tallpack {__version__}", v.method.params(), tuple(infos), tuple(stored),
+                base=fam.base.describe() | {"metadata": fam.base.metadata} | ({"files": base_files} if base_files else {}),
+                stats={"source_bytes": fam.source_bytes, "kinds": count_kinds(stored),
+                       **({"selection": selection} if selection else {}),
+                       **({"dial": dial.record()} if dial is not None else {})},
+                metadata=dict(opts.metadata or {}), checksum=w.checksum_name, files=store.blobs,
+            )
+
         if dial is not None:  # the fidelity dial: decide on the TALL tier's size, then write merged tensors
             plans = {e.name: e for e in fam.plan.tensors}
+            mark, figures = w.mark(), copy.deepcopy(fidelity)
             dial.finish(ctx, entries, pending, lambda name: fam.load(plans[name]), opts.exact)
-
-        stored = [e for e in entries if e is not None]  # every place is filled by now
-        infos = []
-        for t in names:
-            src, fid = fam.tasks[t], fidelity[t]
-            figures = fid.to_dict() | (dial.achieved[t] if dial is not None and t in dial.achieved else {})
-            infos.append(TaskInfo(t, lams[t], fid.density if fid.numel else None, figures,
-                                  tuple(src.keys()), src.describe(), src.metadata,
-                                  record(src) if opts.exact else None, store.add(src.files, f"task {t!r}")))
-        manifest = Manifest(
-            w.version, f"tallpack {__version__}", v.method.params(), tuple(infos), tuple(stored),
-            base=fam.base.describe() | {"metadata": fam.base.metadata} | ({"files": base_files} if base_files else {}),
-            stats={"source_bytes": fam.source_bytes, "kinds": count_kinds(stored),
-                   **({"selection": selection} if selection else {}),
-                   **({"dial": dial.record()} if dial is not None else {})},
-            metadata=dict(opts.metadata or {}), checksum=w.checksum_name, files=store.blobs,
-        )
-        w.finish(manifest.to_dict())
-    return manifest
+            while dial.refit(w.size_with(manifest().to_dict())):  # a budget: write again, calibrated
+                w.rewind(mark)
+                fidelity.update(copy.deepcopy(figures))
+                for i in pending:
+                    entries[i] = None
+                dial.finish(ctx, entries, pending, lambda name: fam.load(plans[name]), opts.exact)
+        result = manifest()
+        w.finish(result.to_dict())
+    return result
 
 
 def _dial(fam: PackInputs, v: Validated) -> Dial | None:

@@ -175,3 +175,30 @@ def test_cli_fidelity_and_inspect(tmp_path):
     assert all(t["fidelity"]["weight"] >= 0.99 for t in j["tasks"])
     r = CliRunner().invoke(main, args[:-2] + ["--budget", "0.1", "--force"])
     assert r.exit_code == 1 and "error:" in r.output and "budget" in r.output
+
+
+def test_relative_order_starves_no_tensor(tmp_path, monkeypatch):
+    """Two tensors alike but for scale (one 100x smaller): by squared error removed per byte the
+    small one waits until the large one is at 6 bits (a third of it lost); by relative error both
+    get the same bits. And a budget is spent: the archive lands within 2% under it."""
+    from tallpack import dial
+
+    g = _gen(0)
+    base = {"big": torch.randn(64, 64, generator=g), "small": torch.randn(64, 64, generator=g) * 0.01}
+    fts = {f"t{i}": {k: v + torch.randn(v.shape, generator=g) * 0.5 * float(v.std()) for k, v in base.items()}
+           for i in range(3)}
+    one = sum(v.numel() * v.element_size() for v in fts["t0"].values())
+
+    def worst(order: str) -> dict[str, float]:
+        """Per tensor, the largest relative error over the tasks, packed with ``order``."""
+        monkeypatch.setattr(dial, "ORDER", order)
+        out = tmp_path / f"{order}.tallpack"
+        tallpack.pack(base, fts, out, budget=1.3)
+        assert (0.98 if order == "relative" else 0) * 1.3 * one <= out.stat().st_size <= 1.3 * one
+        with tallpack.open(out) as fam:
+            return {k: max(float(torch.linalg.norm(fam.get_tensor(t, k) - ft[k]) / torch.linalg.norm(ft[k]))
+                           for t, ft in fts.items()) for k in base}
+
+    new, old = worst("relative"), worst("absolute")
+    assert new["small"] < 1.5 * new["big"] and new["small"] < 0.1, new
+    assert old["small"] > 10 * old["big"], old  # what the rule before did
