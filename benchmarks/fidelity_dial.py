@@ -26,6 +26,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import tallpack
+import tallpack.dial as dial_mod
 from tallpack.codecs import dense_chain
 from tallpack.demo import family as demo
 from tallpack.encodings.correction import sparse_encode
@@ -71,17 +72,40 @@ def build_conflict(root: Path) -> dict:
     return cfg
 
 
-def conflict_eval(task: str, sd, split: str = "test", per_example: bool = False):
-    i = int(task[4:])
-    x, y = demo._task_arrays(demo._PRETRAIN_SPEC, split, 0)
-    y = torch.from_numpy(_perm(i))[y]
+def conflict_logits(task: str, sd, split: str = "test") -> torch.Tensor:
+    x, _ = demo._task_arrays(demo._PRETRAIN_SPEC, split, 0)
     h = x
     for j in range(3):
         h = torch.nn.functional.linear(h, sd[f"{2 * j}.weight"].float(), sd[f"{2 * j}.bias"].float())
         if j < 2:
             h = torch.nn.functional.gelu(h)
-    right = (h.argmax(-1) == y).double()
+    return h
+
+
+def conflict_eval(task: str, sd, split: str = "test", per_example: bool = False):
+    _, y = demo._task_arrays(demo._PRETRAIN_SPEC, split, 0)
+    y = torch.from_numpy(_perm(int(task[4:])))[y]
+    right = (conflict_logits(task, sd, split).argmax(-1) == y).double()
     return right.numpy() if per_example else float(right.mean())
+
+
+def demo_logits(root, task: str, sd, split: str = "test") -> torch.Tensor:
+    model, data = demo._eval_entry(root, task)
+    want = dict(model.named_parameters()) | dict(model.named_buffers())
+    with torch.no_grad():
+        return torch.func.functional_call(model, {k: torch.as_tensor(sd[k]).to(v.dtype) for k, v in want.items()},
+                                          (data[split][0],))
+
+
+def kl_divergence(logits, originals, sds) -> dict[str, float]:
+    """Per task, the mean over test examples of KL(original's predictions || the rebuilt one's), in
+    nats: a smooth companion of accuracy, which at 99.5-100% moves by single examples."""
+    out = {}
+    for t in originals:
+        p = torch.log_softmax(logits(t, originals[t]).double(), -1)
+        q = torch.log_softmax(logits(t, sds[t]).double(), -1)
+        out[t] = float((p.exp() * (p - q)).sum(-1).mean())
+    return out
 
 
 def demo_examples(root, task: str, sd, split: str = "val"):
@@ -101,12 +125,12 @@ def families(quick: bool) -> dict:
     p = demo.build_family(ROOT / ".tallpack-demo" / "family")
     out["demo"] = (str(p.base), {t: str(v) for t, v in p.tasks.items()},
                    lambda t, sd, split="test": demo.evaluate(p.root, t, sd, split=split),
-                   lambda t, sd: demo_examples(p.root, t, sd, "val"))
+                   lambda t, sd: demo_examples(p.root, t, sd, "val"), lambda t, sd: demo_logits(p.root, t, sd))
     croot = OUT / "conflict"
     build_conflict(croot)
     out["conflict"] = (str(croot / "base.safetensors"),
                        {f"perm{i}": str(croot / f"perm{i}.safetensors") for i in range(CONFLICT_TASKS)},
-                       conflict_eval, lambda t, sd: conflict_eval(t, sd, "val", per_example=True))
+                       conflict_eval, lambda t, sd: conflict_eval(t, sd, "val", per_example=True), conflict_logits)
     return out
 
 
@@ -158,7 +182,14 @@ BASELINES = {"dare": [0.02, 0.05, 0.1, 0.2, 0.4, 0.7], "topk": [0.01, 0.03, 0.1,
              "quant": [2, 3, 4, 5, 6, 8]}
 
 
-def run_family(name: str, base_path: str, tasks: dict[str, str], evaluate, examples, quick: bool, work: Path) -> dict:
+def _row_scores(evaluate, logits, originals, sds) -> dict:
+    sc, kl = _scores(evaluate, originals, sds), kl_divergence(logits, originals, sds)
+    return {"mean": float(np.mean(list(sc.values()))), "min": float(min(sc.values())), "per_task": sc,
+            "kl_mean": float(np.mean(list(kl.values()))), "kl_max": float(max(kl.values()))}
+
+
+def run_family(name: str, base_path: str, tasks: dict[str, str], evaluate, examples, logits, quick: bool,
+               work: Path) -> dict:
     originals = {t: _load(p) for t, p in tasks.items()}
     base = _load(base_path)
     one = sum(v.numel() * v.element_size() for o in originals.values() for v in o.values()) / len(originals)
@@ -170,14 +201,13 @@ def run_family(name: str, base_path: str, tasks: dict[str, str], evaluate, examp
         with tallpack.open(path) as fam:
             sds = {t: fam.state_dict(t) for t in fam.tasks}
             s = fam.summary()
-        sc = _scores(evaluate, originals, sds)
         row = {"family": name, "method": label, "bytes": path.stat().st_size, "x": path.stat().st_size / one,
-               "mean": float(np.mean(list(sc.values()))), "min": float(min(sc.values())), "per_task": sc,
-               "seconds": time.perf_counter() - t0,
+               **_row_scores(evaluate, logits, originals, sds), "seconds": time.perf_counter() - t0,
                "stored": {t["name"]: t.get("stored") for t in s["tasks"]},
                "weight": {t.name: t.fidelity.get("weight", None) for t in m.tasks}}
         rows.append(row)
-        print(f"{name:9s} {label:28s} {row['x']:6.2f}x  mean {row['mean']:.4f}  min {row['min']:.4f}", flush=True)
+        print(f"{name:9s} {label:28s} {row['x']:6.2f}x  mean {row['mean']:.4f}  min {row['min']:.4f}  "
+              f"KL {row['kl_mean']:.2e} / {row['kl_max']:.2e}", flush=True)
         return row
 
     tall = point("TALL (lambda 0.4)", work / f"{name}-tall.tallpack")
@@ -213,17 +243,21 @@ def run_family(name: str, base_path: str, tasks: dict[str, str], evaluate, examp
                     sd[k] = (base[k].float() + v).to(o[k].dtype)
                     size += nb
                 sds[t] = sd
-            sc = _scores(evaluate, originals, sds)
             rows.append({"family": name, "method": f"baseline {kind}", "param": p, "bytes": size, "x": size / one,
-                         "mean": float(np.mean(list(sc.values()))), "min": float(min(sc.values())), "per_task": sc})
-    # the dial at exactly each baseline's sizes (--budget), the fairest comparison
+                         **_row_scores(evaluate, logits, originals, sds)})
+    # the dial at exactly each baseline's sizes (--budget), the fairest comparison; at the
+    # quantization baseline's, also with the order of steps before (absolute error per byte)
     for b in [r for r in rows if r["method"].startswith("baseline ")]:
         kind = b["method"].removeprefix("baseline ")
-        try:
-            point(f"dial, budget = {kind} {b['param']} size", work / f"{name}-b{kind}{b['param']}.tallpack",
-                  budget=0.999 * b["x"])
-        except tallpack.TallpackError as e:
-            print(f"{name}: budget at {kind} {b['param']}: {e}")
+        for order in ("relative", "absolute") if kind == "quant" else ("relative",):
+            dial_mod.ORDER = order
+            try:
+                point(f"dial, budget = {kind} {b['param']} size" + (", absolute order" if order == "absolute" else ""),
+                      work / f"{name}-b{kind}{b['param']}.tallpack", budget=0.999 * b["x"])
+            except tallpack.TallpackError as e:
+                print(f"{name}: budget at {kind} {b['param']}: {e}")
+            finally:
+                dial_mod.ORDER = "relative"
     return {"one_checkpoint_bytes": one, "rows": rows}
 
 
@@ -254,7 +288,6 @@ def coding(base_path: str, tasks: dict[str, str]) -> list[dict]:
 def ablation(name: str, base_path: str, tasks: dict[str, str], evaluate, quick: bool, work: Path) -> list[dict]:
     """What each part of the qtau candidate buys, at equal targets: the dial without qtau (format
     1.5's corrections), with qtau but the merged vector always kept, with float32 scales only, all."""
-    import tallpack.dial as dial_mod
     import tallpack.encodings.qtau as qtau_mod
 
     originals = {t: _load(p) for t, p in tasks.items()}
@@ -281,26 +314,28 @@ def ablation(name: str, base_path: str, tasks: dict[str, str], evaluate, quick: 
     return rows
 
 
-def measure_table(base_path: str, tasks: dict[str, str], evaluate, work: Path) -> list[dict]:
-    """How well weight fidelity predicts normalized test accuracy: per task, at several targets."""
+def measure_table(base_path: str, tasks: dict[str, str], evaluate, logits, work: Path) -> list[dict]:
+    """How well weight fidelity predicts normalized test accuracy (and test KL): per task, at several
+    targets. Also the candidate the allocation now follows within a task, ``relative``: 1 - the
+    root mean square over merged tensors of each one's relative error."""
+    base = _load(base_path)
+    originals = {t: _load(p) for t, p in tasks.items()}
+    names = [k for k in base if base[k].is_floating_point()
+             and all(k in o and o[k].shape == base[k].shape for o in originals.values())]
     rows = []
     for f in (None, 0.85, 0.9, 0.95, 0.98, 0.99):
         path = work / f"measure-{f}.tallpack"
         tallpack.pack(base_path, tasks, path, overwrite=True, **({"fidelity": f} if f else {}))
         with tallpack.open(path) as fam:
-            for t in fam.tasks:
-                info = fam.task_info(t)
-                w = info.fidelity.get("weight")
-                if w is None:
-                    from tallpack.tall import task_vector  # noqa: F401  (plain TALL: recompute)
-                    o = _load(tasks[t])
-                    sd = fam.state_dict(t)
-                    keys = [k for k in o if fam._entry(t, k)[1].encoding == "tall"]
-                    err = sum(float(((sd[k].double() - o[k].double()) ** 2).sum()) for k in keys)
-                    sq = sum(float((o[k].double() ** 2).sum()) for k in keys)
-                    w = 1 - math.sqrt(err / sq)
-                acc = evaluate(t, fam.state_dict(t)) / evaluate(t, _load(tasks[t]))
-                rows.append({"target": f, "task": t, "weight": w, "rel_l2_tall": info.fidelity["rel_l2"], "acc": acc})
+            sds = {t: fam.state_dict(t) for t in fam.tasks}
+            rel_l2 = {t: fam.task_info(t).fidelity["rel_l2"] for t in fam.tasks}
+        kl = kl_divergence(logits, originals, sds)
+        for t, o in originals.items():
+            errs = [float(((sds[t][k].double() - o[k].double()) ** 2).sum()) for k in names]
+            sqs = [float((o[k].double() ** 2).sum()) for k in names]
+            rows.append({"target": f, "task": t, "weight": 1 - math.sqrt(sum(errs) / sum(sqs)),
+                         "relative": 1 - math.sqrt(np.mean([e / q for e, q in zip(errs, sqs) if q > 0])),
+                         "rel_l2_tall": rel_l2[t], "acc": evaluate(t, sds[t]) / evaluate(t, o), "kl": kl[t]})
     return rows
 
 
@@ -373,13 +408,13 @@ def main() -> None:
     t0 = time.perf_counter()
     fams = families(args.quick)
     results: dict = {"quick": args.quick, "families": {}}
-    for name, (b, tasks, ev, ex) in fams.items():
-        results["families"][name] = run_family(name, b, tasks, ev, ex, args.quick, work)
-    results["ablation"] = [r for name, (b, tasks, ev, _) in fams.items()
+    for name, (b, tasks, ev, ex, lg) in fams.items():
+        results["families"][name] = run_family(name, b, tasks, ev, ex, lg, args.quick, work)
+    results["ablation"] = [r for name, (b, tasks, ev, _, _) in fams.items()
                            for r in ablation(name, b, tasks, ev, args.quick, work)]
     results["coding"] = coding(*fams["demo"][:2])
-    b, tasks, ev, _ = fams["demo"]
-    results["measure"] = measure_table(b, tasks, ev, work)
+    b, tasks, ev, _, lg = fams["demo"]
+    results["measure"] = measure_table(b, tasks, ev, lg, work)
     results["seconds"] = time.perf_counter() - t0
     (OUT / "fidelity_dial.json").write_text(json.dumps(results, indent=1))
     plot(results, ROOT / "benchmarks" / "fidelity_dial.png")

@@ -15,9 +15,13 @@ vector quantized to 2, 3, 4, 5, 6 or 8 bits per block of 64 (``qtau``, format 1.
 arrays less the mask it replaces). Each has a size in bytes (encoded with the
 archive's codecs, plus chunk padding and manifest) and a squared error. Per tensor the candidates
 on the lower convex hull of (bytes, error) form a ladder; per task, steps up the ladders are
-taken greedily by error removed per byte (the classic bit-allocation rule, optimal at hull
-points), until the task meets the target. A budget is met by bisecting on one common target:
-the highest fidelity every task reaches within it (the weakest task first).
+taken greedily by *relative* error removed per byte, each tensor's squared error over its own
+sum of squares (the classic bit-allocation rule, optimal at hull points, for the sum of the
+tensors' relative errors: scale-free, so no tensor is starved for being small), until the task
+meets the target in weight fidelity. A budget is met by bisecting on one common target: the
+highest fidelity every task reaches within it (the weakest task first); where that leaves more
+than 1% of the budget unspent (the estimate's per-array charges are generous), the packer writes
+the merged tensors again with the slack measured (``refit``).
 
 The merged vector of a tensor is shared, so no single task's ladder can pay for dropping it. After
 the greedy choice, a tensor (Task Arithmetic archives only) whose every task is ``qtau`` loses its
