@@ -348,7 +348,7 @@ def plot(results: dict, path: Path) -> None:
     styles = {"baseline dare": ("tab:gray", "x"), "baseline topk": ("tab:olive", "+"),
               "baseline quant": ("tab:purple", "s")}
     for j, name in enumerate(fams):
-        rows = results["families"][name]["rows"]
+        rows = [r for r in results["families"][name]["rows"] if not r["method"].endswith("absolute order")]
         for i, stat in enumerate(("mean", "min")):
             ax = axes[i][j]
             for kind, (c, mk) in styles.items():
