@@ -683,10 +683,6 @@ class Dial:
         if budget is None or self.evaluate is not None or self.exact_paid:
             return False
         self._writes += 1
-        if self._writes > MAX_WRITES:
-            if size > budget:
-                log.warning("the archive is %d bytes over the budget of %d", size - budget, budget)
-            return False
         margin = int(REFIT_MARGIN * budget) + 256
         if size <= budget:
             self._within = self.calibration
@@ -695,10 +691,11 @@ class Dial:
             self.calibration += budget - size - margin
             log.info("budget: %d bytes unspent; deciding again", budget - size)
             return True
-        if self._within is not None:  # the last decision that kept the budget, once more
-            self.calibration, self._writes = self._within, MAX_WRITES
-            return True
-        self.calibration -= size - budget + margin
+        if self._writes >= MAX_WRITES:
+            log.warning("the archive is %d bytes over the budget of %d bytes", size - budget, budget)
+            return False
+        # over: the last decision that kept the budget once more, or one with the excess taken off
+        self.calibration = self._within if self._within is not None else self.calibration - (size - budget + margin)
         return True
 
     # -- pass 2 -------------------------------------------------------------------------------

@@ -202,3 +202,19 @@ def test_relative_order_starves_no_tensor(tmp_path, monkeypatch):
     new, old = worst("relative"), worst("absolute")
     assert new["small"] < 1.5 * new["big"] and new["small"] < 0.1, new
     assert old["small"] > 10 * old["big"], old  # what the rule before did
+
+
+def test_budget_kept_when_the_estimate_is_short(tmp_path, monkeypatch, caplog):
+    """An estimate that misses most of the archive (here: the TALL tier of the merged tensors)
+    overshoots on the first write; the dial then takes the excess off and writes again, within
+    the budget."""
+    from tallpack import dial
+
+    base, fts = family("dense")
+    one = sum(v.numel() * v.element_size() for v in fts["t0"].values())
+    monkeypatch.setattr(dial.Dial, "tier_bytes", lambda self: 0)
+    out = tmp_path / "b.tallpack"
+    with caplog.at_level("WARNING", logger="tallpack.dial"):
+        tallpack.pack(base, fts, out, budget=2.0)
+    assert 0.8 * 2.0 * one <= out.stat().st_size <= 2.0 * one
+    assert "over the budget" not in caplog.text
