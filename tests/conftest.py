@@ -13,6 +13,17 @@ from safetensors.torch import save_file
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+def written(minor: int) -> tuple[int, int]:
+    """The version of an archive of float32 or bfloat16 arrays packed with the default codec
+    (``planes-exp``) whose other features need format 1.``minor``."""
+    from tallpack.container import FEATURE_MINOR
+    return 1, max(minor, FEATURE_MINOR["codec:planes-exp"])
+
+
+def written_str(minor: int) -> str:
+    return "%d.%d" % written(minor)
+
+
 def expected_reconstruction(base: dict, tasks: dict, lambdas: dict) -> dict:
     """The paper's formula computed directly, for every tensor present in base and all tasks:
     tau_t = theta_t - theta_0 (fp32), tau_MTL = sum_t tau_t (task order),
