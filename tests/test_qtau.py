@@ -13,7 +13,7 @@ import zstandard
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
-from test_fidelity import TALL_CORRECTIONS, family, weight_fidelity
+from test_fidelity import TALL_CORRECTIONS, checkpoint_bytes, family, weight_fidelity
 from test_fuzz import edit, json_values, paths, with_manifest
 
 import tallpack
@@ -335,7 +335,7 @@ def test_evaluator_with_per_example_scores(tmp_path, caplog):
 
 def test_budget_below_plain_tall_when_qtau_reaches_it(tmp_path):
     base, fts = _need_qtau()
-    one = sum(v.numel() * v.element_size() for v in fts["t0"].values())
+    one = checkpoint_bytes(fts)
     tallpack.pack(base, fts, tmp_path / "plain.tallpack")
     plain = (tmp_path / "plain.tallpack").stat().st_size
     out = tmp_path / "b.tallpack"
