@@ -68,8 +68,8 @@ CORRECTIONS: tuple[str, ...] = ("sparse", "quant4", "quant8", "qtau", "exact")
 QTAU_BITS: tuple[int, ...] = (2, 3, 4, 5, 6, 8)
 #: The allocation rule: within a task, steps are taken by ``relative`` squared error removed per
 #: byte (each tensor's error over its own sum of squares, so every tensor counts the same whatever
-#: its scale), or by ``absolute`` squared error (the rule before 0.2; the
-#: benchmark compares them). Across tasks the measure is the weight fidelity either way.
+#: its scale), or by ``absolute`` squared error (the rule before; the benchmark compares them).
+#: Across tasks (targets, a budget's max-min) the measure is the weight fidelity either way.
 ORDER = "relative"
 #: Whether a merged vector no task needs is left out (benchmarks turn it off to measure what it buys).
 DROP_MERGED = True

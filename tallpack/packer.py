@@ -7,17 +7,16 @@ buffers of one chunk per task, never by the family's size.
 from __future__ import annotations
 
 import copy
-
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 from ._version import __version__
 from .container import ContainerWriter
 from .dial import Dial
-from .encodings import BY_KIND, WriteContext
+from .encodings import BY_KIND, Item, WriteContext
 from .encodings.exact import add_exact
 from .errors import InvalidArgumentError, OutputExistsError
 from .folders import FileStore
@@ -144,17 +143,25 @@ def _write(fam: PackInputs, v: Validated, lams: dict[str, float], out: Path, sel
 
         if dial is not None:  # the fidelity dial: decide on the TALL tier's size, then write merged tensors
             plans = {e.name: e for e in fam.plan.tensors}
-            mark, figures = w.mark(), copy.deepcopy(fidelity)
-            dial.finish(ctx, entries, pending, lambda name: fam.load(plans[name]), opts.exact)
-            while dial.refit(w.size_with(manifest().to_dict())):  # a budget: write again, calibrated
-                w.rewind(mark)
-                fidelity.update(copy.deepcopy(figures))
-                for i in pending:
-                    entries[i] = None
-                dial.finish(ctx, entries, pending, lambda name: fam.load(plans[name]), opts.exact)
+            _write_dialed(dial, ctx, entries, pending, lambda name: fam.load(plans[name]), opts.exact,
+                          lambda: w.size_with(manifest().to_dict()))
         result = manifest()
         w.finish(result.to_dict())
     return result
+
+
+def _write_dialed(dial: Dial, ctx: WriteContext, entries: list[TensorEntry | None], pending: dict[int, str],
+                  load: Callable[[str], Item], exact: bool, size: Callable[[], int]) -> None:
+    """Write the merged tensors as the dial decides; with a budget, while the dial asks (``refit``,
+    given what the archive would be), drop them and write them again with its estimate corrected."""
+    mark, figures = ctx.writer.mark(), copy.deepcopy(ctx.fidelity)
+    dial.finish(ctx, entries, pending, load, exact)
+    while dial.refit(size()):
+        ctx.writer.rewind(mark)
+        ctx.fidelity.update(copy.deepcopy(figures))  # the plain TALL figures, added again as written
+        for i in pending:
+            entries[i] = None
+        dial.finish(ctx, entries, pending, load, exact)
 
 
 def _dial(fam: PackInputs, v: Validated) -> Dial | None:
