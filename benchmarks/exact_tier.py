@@ -95,18 +95,20 @@ def zstd19_long(files: list[Path]) -> tuple[int, float]:
 
 
 def pack(base: Path, tasks: dict[str, Path], out: Path, exact: bool, candidates=None, level: int = 3,
-         masks: str = "choose", merged: str = "derive") -> float:
+         masks: str = "choose", merged: str = "derive", codecs=None) -> float:
     """Pack in a fresh process; ``masks`` and ``merged`` are the exact tier's policies
-    (``exact.MASK_POLICY``, ``exact.MERGED_POLICY``: "store" is ``--store-merged``)."""
+    (``exact.MASK_POLICY``, ``exact.MERGED_POLICY``: "store" is ``--store-merged``), ``codecs`` the
+    residual codecs the writer may choose (``exact.RESIDUAL_CODECS``; ``["planes"]``: format 1.8's)."""
     code = ("import json,sys,time,tallpack\nfrom tallpack.encodings import exact as ex\n"
             "a=json.loads(sys.argv[1])\n"
             "if a['cand']: ex.CANDIDATES=tuple(a['cand'])\n"
+            "if a['codecs']: ex.RESIDUAL_CODECS=tuple(a['codecs'])\n"
             "ex.MASK_POLICY=a['masks']\nex.MERGED_POLICY=a['merged']\n"
             "t=time.perf_counter();tallpack.pack(a['base'],a['tasks'],a['out'],exact=a['exact'],level=a['level'])\n"
             "print(time.perf_counter()-t)")
     arg = json.dumps({"base": str(base), "tasks": {k: str(v) for k, v in tasks.items()}, "out": str(out),
                       "exact": exact, "cand": candidates, "level": level, "masks": masks,
-                      "merged": merged})
+                      "merged": merged, "codecs": codecs})
     r = subprocess.run([sys.executable, "-c", code, arg], capture_output=True, text=True, check=True)
     return float(r.stdout.strip().splitlines()[-1])
 
@@ -126,6 +128,7 @@ def residual_stats(archive: Path) -> dict:
     by_ref: dict[str, int] = {}
     by_tr: dict[str, int] = {}
     by_enc: dict[str, int] = {}
+    by_codec: dict[str, int] = {}
     stored = masks = 0
     with tallpack.open(archive) as fam:
         for e in fam.manifest.tensors:
@@ -139,9 +142,11 @@ def residual_stats(archive: Path) -> dict:
                 stored += n
                 by_ref[ex.reference] = by_ref.get(ex.reference, 0) + n
                 by_tr[ex.transform] = by_tr.get(ex.transform, 0) + n
+                codec = "+".join(c["id"] for c in ex.residual.codecs)
+                by_codec[codec] = by_codec.get(codec, 0) + n
                 by_enc[tt.encoding] = by_enc.get(tt.encoding, 0) + 1
     return {"residual_bytes": stored, "mask_bytes": masks, "by_reference": by_ref, "by_transform": by_tr,
-            "entries_by_encoding": by_enc}
+            "entries_by_encoding": by_enc, "by_codec": by_codec}
 
 
 def measure(name: str, base: Path, tasks: dict[str, Path], dtype: str, root: Path, quick: bool) -> dict:
@@ -152,6 +157,10 @@ def measure(name: str, base: Path, tasks: dict[str, Path], dtype: str, root: Pat
     stored = root / f"{name}.stored.tallpack"
     stored_merged = root / f"{name}.stored-merged.tallpack"
     res["pack_exact_seconds"] = pack(base, tasks, ex, True)
+    planes = root / f"{name}.planes.tallpack"
+    res["pack_planes_only_seconds"] = pack(base, tasks, planes, True, codecs=["planes"])
+    res["exact_planes_only_bytes"] = planes.stat().st_size
+    res["planes_only_residual_bytes"] = residual_stats(planes)["residual_bytes"]
     res["pack_stored_merged_seconds"] = pack(base, tasks, stored_merged, True, merged="store")
     res["pack_lossy_seconds"] = pack(base, tasks, lossy, False)
     res["pack_stored_masks_seconds"] = pack(base, tasks, stored, True, masks="store")
@@ -182,6 +191,9 @@ def measure(name: str, base: Path, tasks: dict[str, Path], dtype: str, root: Pat
     res["unpack_lossy_of_exact_archive_seconds"] = statistics.median(t_lossy_ex)
     res["unpack_lossy_of_stored_merged_archive_seconds"] = statistics.median(t_lossy_sm)
     res["unpack_lossy_of_stored_masks_archive_seconds"] = statistics.median(t_lossy_st)
+    res["bitsplit_saves"] = 1 - res["exact_bytes"] / res["exact_planes_only_bytes"]
+    res["bitsplit_saves_residuals"] = 1 - res["residual_bytes"] / res["planes_only_residual_bytes"]
+    res["planes_only_vs_bitx"] = res["exact_planes_only_bytes"] / res["bitx_bytes"]
     for k in ("exact", "lossy", "exact_stored_masks", "exact_stored_merged", "zipnn", "zstd19_long", "bitx"):
         res[f"{k}_fraction"] = res[f"{k}_bytes"] / raw
     res["exact_vs_bitx"] = res["exact_bytes"] / res["bitx_bytes"]
