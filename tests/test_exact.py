@@ -18,6 +18,7 @@ import tallpack
 from tallpack.encodings import exact as exact_mod
 from tallpack.encodings.exact import EXPONENT, forward, inverse, permute, unpermute
 
+from conftest import exact_version
 from strategies import families
 
 FLOATS = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
@@ -96,7 +97,8 @@ def test_every_dtype_and_special_value_round_trips(tmp_path: Path) -> None:
     out = tmp_path / "f.tallpack"
     tallpack.pack(base, fts, out, exact=True, chunk_elements=64, threads=1)
     with tallpack.open(out) as fam:
-        assert fam.format_version == (1, 8)  # the exact tier (1.2), masks (1.6) and merged vectors (1.8) derived
+        # the exact tier (1.2), masks (1.6) and merged vectors (1.8) derived, bitsplit residuals (1.9)
+        assert fam.format_version == exact_version(fam, 8) == (1, 9)
         assert fam.verify() == []
         refs = set()
         for t, sd in fts.items():
@@ -242,4 +244,5 @@ def test_cli_pack_unpack_verify_exact(small_family, tmp_path: Path) -> None:
     r = run("verify", str(out))
     assert r.returncode == 0 and r.stdout.startswith("ok"), r.stderr
     manifest = json.loads(json.dumps(tallpack.open(out).manifest.to_dict()))
-    assert manifest["format_version"] == [1, 8]  # the exact tier with derived masks and merged vectors
+    # the exact tier with derived masks and merged vectors, and bitsplit residuals
+    assert tuple(manifest["format_version"]) == exact_version(tallpack.open(out), 8)

@@ -237,13 +237,14 @@ def _bits_of(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous().reshape(-1).view(torch.uint8)
 
 
-def _chains(ctx: WriteContext, itemsize: int) -> dict[str, Chain]:
-    """The residual chains the writer tries for elements of ``itemsize`` bytes, by name."""
+def _chains(ctx: WriteContext, itemsize: int, codecs: tuple[str, ...]) -> dict[str, Chain]:
+    """The residual chains of ``codecs`` for elements of ``itemsize`` bytes, by name (``planes``
+    where none of them applies)."""
     assert ctx.residuals is not None
     out = {"planes": ctx.residuals(itemsize)}
-    if "bitsplit" in RESIDUAL_CODECS and itemsize in BitSplit.ITEMSIZES:
+    if "bitsplit" in codecs and itemsize in BitSplit.ITEMSIZES:
         out["bitsplit"] = Chain([BitSplit(itemsize)])
-        if "planes" not in RESIDUAL_CODECS:
+        if "planes" not in codecs:
             del out["planes"]
     return out
 
@@ -258,9 +259,12 @@ def _write_held(ctx: WriteContext, chunks: list, shape: tuple[int, ...], dtype: 
     return builder.finish()
 
 
-def add_exact(ctx: WriteContext, item: Item, entry: TensorEntry, tasks: set[str] | None = None) -> TensorEntry:
+def add_exact(ctx: WriteContext, item: Item, entry: TensorEntry, tasks: set[str] | None = None,
+              codecs: tuple[str, ...] = ("planes",)) -> TensorEntry:
     """Give every ``tall`` task entry of ``entry`` (of ``tasks`` only, when given) its exact residual
-    (others are exact already).
+    (others are exact already), coded with whichever of ``codecs`` (names of ``RESIDUAL_CODECS``)
+    codes it smallest: the exact tier passes ``RESIDUAL_CODECS``; the fidelity dial's exact
+    corrections, whose size estimate assumes ``planes``, keep the default.
 
     Where ``Tall.write`` held the masks back (``ctx.held_masks``), each task's mask is stored only
     where that codes smaller: stored mask + residual against the best reference, or no mask (a
@@ -279,7 +283,9 @@ def add_exact(ctx: WriteContext, item: Item, entry: TensorEntry, tasks: set[str]
     todo = [i for i, t in enumerate(item.tasks)
             if tasks is None or (t in tasks and "exact" not in entry.tasks[t].extras)]
     refs = {i: _references(item, i, talls[i]) for i in todo}
-    choice = _choose(item, todo, {i: _sizes(ctx, item, i, refs[i]) for i in todo}, held, merged_held, derivable)
+    codecs = tuple(c for c in codecs if c in RESIDUAL_CODECS) or ("planes",)
+    choice = _choose(item, todo, {i: _sizes(ctx, item, i, refs[i], codecs) for i in todo}, held, merged_held,
+                     derivable)
     ce = ctx.chunk_elements
     for i in todo:
         t, x, tt = item.tasks[i], item.thetas[i], entry.tasks[item.tasks[i]]
@@ -291,7 +297,7 @@ def add_exact(ctx: WriteContext, item: Item, entry: TensorEntry, tasks: set[str]
         if codec == "bitsplit":
             ctx.writer.use("codec:bitsplit")
         residual = ctx.writer.write_array(memoryview(z.view(np.uint8)), _UINT[x.element_size()][1], tuple(x.shape),
-                                          _chains(ctx, x.element_size())[codec], ce)
+                                          _chains(ctx, x.element_size(), codecs)[codec], ce)
         exact = Exact(ref, tr, "exponent", residual, tensor_hash(x))
         if derive:
             entry.tasks[t] = TaskTensor("tall-derived", tt.dtype, tt.shape, {},
@@ -348,11 +354,12 @@ def _references(item: Item, i: int, rec: torch.Tensor) -> dict[str, torch.Tensor
     return refs
 
 
-def _sizes(ctx: WriteContext, item: Item, i: int, refs: dict[str, torch.Tensor | None]) -> list[tuple[int, How]]:
+def _sizes(ctx: WriteContext, item: Item, i: int, refs: dict[str, torch.Tensor | None],
+           codecs: tuple[str, ...]) -> list[tuple[int, How]]:
     """(coded bytes of the first SAMPLE_ELEMENTS elements, how), smallest first."""
     x, n, ce = item.thetas[i], SAMPLE_ELEMENTS, ctx.chunk_elements
     xb = bits(x.contiguous().reshape(-1)[:n])
-    chains = _chains(ctx, x.element_size())
+    chains = _chains(ctx, x.element_size(), codecs)
     out = []
     for k, r in refs.items():
         if k not in CANDIDATES:
