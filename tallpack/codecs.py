@@ -430,17 +430,17 @@ def _pack_bits(values: np.ndarray, widths: np.ndarray) -> bytes:
 def _unpack_bits(stream: memoryview, widths: np.ndarray) -> np.ndarray:
     """The inverse of :func:`_pack_bits` (as uint32); the stream must be exactly as long as the
     widths say, with its unused last bits zero."""
-    ends = np.cumsum(widths, dtype=np.uint64)
+    ends = np.cumsum(widths, dtype=np.int64)
     total = int(ends[-1]) if ends.size else 0
     if len(stream) != -(-total // 8):
         raise CodecError(f"bitsplit: {len(stream)} bytes of low bits, the heads say {-(-total // 8)}")
     if total % 8 and stream[-1] >> (total % 8):
         raise CodecError("bitsplit: nonzero padding after the low bits")
-    words = np.zeros(total // 64 + 2, "<u8")
-    words.view(np.uint8)[: len(stream)] = np.frombuffer(stream, np.uint8)
+    padded = np.zeros(len(stream) + 8, np.uint8)
+    padded[: len(stream)] = np.frombuffer(stream, np.uint8)
+    windows = np.ndarray((len(stream) + 1,), np.dtype("<u8"), padded, 0, (1,))  # 8 bytes from each byte
     offsets = ends - widths
-    word, shift = offsets >> np.uint64(6), offsets & np.uint64(63)
-    got = (words[word] >> shift) | ((words[word + np.uint64(1)] << (np.uint64(63) - shift)) << np.uint64(1))
+    got = windows[offsets >> 3] >> (offsets & 7).astype(np.uint64)  # at most 7 + 29 bits: in the window
     return got.astype(np.uint32) & ((np.uint32(1) << widths) - np.uint32(1))
 
 REGISTRY: dict[str, type[Codec]] = {c.id: c for c in (Zstd, ByteGroup, BitPack, Planes, BitSplit)}

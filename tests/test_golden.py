@@ -254,11 +254,7 @@ class MiniArchive:
         for c, s in zip(reversed(codecs), reversed(sizes)):
             if c["id"] == "zstd":
                 assert set(c) <= {"id", "level"}
-                assert zstandard.frame_content_size(out) == s
-                d = zstandard.ZstdDecompressor().decompressobj()
-                res = d.decompress(out)
-                assert d.eof and not d.unused_data
-                out = res
+                out = _frame(out, s)
             elif c["id"] == "bytegroup":
                 k = c["itemsize"]
                 assert len(out) == s and s % k == 0
@@ -275,12 +271,7 @@ class MiniArchive:
                 planes, pos = [], 4 * k
                 for length in lengths:
                     piece = out[pos : pos + length]
-                    if length != n:
-                        assert zstandard.frame_content_size(piece) == n
-                        d = zstandard.ZstdDecompressor().decompressobj()
-                        piece = d.decompress(piece)
-                        assert d.eof and not d.unused_data
-                    planes.append(np.frombuffer(piece, np.uint8))
+                    planes.append(np.frombuffer(piece if length == n else _frame(piece, n), np.uint8))
                     pos += length
                 out = np.stack(planes, axis=1).tobytes()
             elif c["id"] == "bitsplit":
@@ -422,6 +413,15 @@ class MiniArchive:
         return dtype, x.reshape(tt["shape"])
 
 
+def _frame(stored: bytes, size: int) -> bytes:
+    """One zstd frame announcing ``size`` bytes, and nothing after it."""
+    assert zstandard.frame_content_size(stored) == size
+    d = zstandard.ZstdDecompressor().decompressobj()
+    out = d.decompress(stored)
+    assert d.eof and not d.unused_data
+    return out
+
+
 def _bitsplit(stored: bytes, c: dict, size: int) -> bytes:
     """§5 ``bitsplit``, one element at a time: per block, a u32 length and its head bytes
     (verbatim or one zstd frame), then every element's low bits as one little-endian bit stream."""
@@ -434,12 +434,7 @@ def _bitsplit(stored: bytes, c: dict, size: int) -> bytes:
     for j, length in enumerate(lengths):
         count = min(block, n - j * block)
         piece = stored[pos : pos + length]
-        if length != count:
-            assert zstandard.frame_content_size(piece) == count
-            d = zstandard.ZstdDecompressor().decompressobj()
-            piece = d.decompress(piece)
-            assert d.eof and not d.unused_data
-        heads += piece
+        heads += piece if length == count else _frame(piece, count)
         pos += length
     stream = int.from_bytes(stored[pos:], "little")
     at, values = 0, []
