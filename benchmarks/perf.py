@@ -431,24 +431,41 @@ def alternate_loads(n: int, ours: dict, theirs: dict) -> tuple[list[dict], list[
 
 
 def goal_codec(fam: dict, reps: int, rep: Report, details: dict) -> None:
-    """Goal 6: ``planes`` at the default level and at ``--level 19`` against ZipNN, same bytes."""
+    """Goal 6: the default dense codec (``planes-exp`` for float32, format 1.9; and at level 19)
+    and format 1.3's ``planes`` against ZipNN, on the same bytes: the base's tensors and the merged vector (the sum
+    of the task vectors, in float32, as the packer computes it)."""
+    import numpy as np
+    import torch
+    from safetensors.numpy import load_file as np_load
+    from safetensors.torch import load_file as pt_load
+
+    base = np_load(str(fam["base"]))
+    merged = {k: torch.zeros(v.shape, dtype=torch.float32) for k, v in base.items()}
+    for path in fam["tasks"].values():
+        for k, v in pt_load(str(path)).items():
+            merged[k] += v.float() - torch.from_numpy(base[k]).float()
+    details["codec"] = {}
+    for what, arrays in (("base", list(base.values())), ("merged vector", [v.numpy() for v in merged.values()])):
+        _codec_rows(what, [np.ascontiguousarray(a) for a in arrays], reps, rep, details)
+
+
+def _codec_rows(what: str, arrays: list, reps: int, rep: Report, details: dict) -> None:
     import numpy as np
     from concurrent.futures import ThreadPoolExecutor
-    from safetensors.numpy import load_file as np_load
     from tallpack.codecs import dense_chain
     try:
         from tallpack.container import DEFAULT_CHUNK_ELEMENTS as chunk_elements
     except ImportError:
         chunk_elements = 1 << 22
 
-    sd = np_load(str(fam["base"]))
-    arrays = [np.ascontiguousarray(v) for v in sd.values()]
     raw = sum(a.nbytes for a in arrays)
     whole = b"".join(a.tobytes() for a in arrays)
-    levels = {"default": 3, "level 19": 19}
+    chains = {"default": dense_chain("planes", 4, 3, "float32"), "level 19": dense_chain("planes", 4, 19, "float32"),
+              "planes 1.3": dense_chain("planes", 4, 3)}
+    how_of = {"default": "planes-exp, the default", "level 19": "planes-exp --level 19",
+              "planes 1.3": "planes, format 1.3's default"}
     sides: dict = {}  # label -> (chain, [(encoded bytes, decoded size)], encode seconds)
-    for label, level in levels.items():
-        chain = dense_chain("planes", 4, level)
+    for label, chain in chains.items():
         chunks = []
         t0 = time.perf_counter()
         for arr in arrays:
@@ -493,22 +510,22 @@ def goal_codec(fam: dict, reps: int, rep: Report, details: dict) -> None:
     d = {"raw_bytes": raw, "chunk_elements": chunk_elements, "ours_roundtrip_ok": ok, "zipnn": zipnn_info,
          "zipnn_decode_seconds": times.get("zipnn", [])}
     for label, (chain, chunks, enc_s) in sides.items():
-        d[label] = {"level": levels[label], "chunks": len(chunks), "bytes": sum(len(c) for c, _ in chunks),
+        d[label] = {"chain": chain.configs(), "chunks": len(chunks), "bytes": sum(len(c) for c, _ in chunks),
                     "ratio": raw / sum(len(c) for c, _ in chunks), "encode_seconds_1thread": enc_s,
                     "decode_seconds": times[label]}
-    details["codec"] = d
+    details["codec"][what] = d
     if "error" in zipnn_info:
-        rep.rows.append({"goal": "6", "what": "dense codec vs ZipNN", "note": "ZipNN: " + zipnn_info["error"],
+        rep.rows.append({"goal": "6", "what": f"dense codec vs ZipNN, {what}", "note": "ZipNN: " + zipnn_info["error"],
                          "ours": d["default"]["ratio"], "unit": "x", "alternative": None, "ratio": None,
                          "met": None, "runnable": rep.load.since_mark()})
         return
     z_ratio = raw / zipnn_info["bytes"]
     z_gbs = raw / median(times["zipnn"]) / 1e9
     for label in sides:
-        what = "planes" if label == "default" else f"planes --level {levels[label]}"
-        rep.add("6", f"dense codec ratio on base bytes ({what} vs ZipNN)", d[label]["ratio"], z_ratio, "x",
+        how = how_of[label]
+        rep.add("6", f"dense codec ratio, {what} ({how})", d[label]["ratio"], z_ratio, "x",
                 ">=", 1.0, alt_label=f"ZipNN {zipnn_info['version']}")
-        rep.add("6", f"dense codec decode speed, 2 threads ({what})", raw / median(times[label]) / 1e9, z_gbs,
+        rep.add("6", f"dense codec decode speed, 2 threads, {what} ({how})", raw / median(times[label]) / 1e9, z_gbs,
                 "GB/s", ">=", 1.0, alt_label=f"ZipNN {zipnn_info['version']}")
 
 
@@ -753,7 +770,7 @@ def baseline_md(res: dict) -> str:
     m, fam, d = res["meta"], res["details"]["family"], res["details"]
     commit = m["commit"] + (" (library modified)" if m["library_dirty"] else "")
     met = sum(1 for r in res["rows"] if r.get("met"))
-    codec = d.get("codec", {})
+    codec = d.get("codec", {}).get("base", {})
     z = codec.get("zipnn", {})
     zl = (f"ZipNN {z['version']} (`ZipNN(input_format='byte', bytearray_dtype='float32', threads=2)`) on the "
           "same bytes, as one buffer" if "version" in z else f"ZipNN could not be used: {z.get('error')}")
@@ -782,10 +799,11 @@ How each row is measured:
   (`zstd -3 -T2` over the same {res['args']['tasks'] + 1} files, one .zst each); peak memory is the
   pack process's RssAnon sampled every 20 ms (an idle child with torch and tallpack imported holds
   {d['idle_child_anon'] / MB:.0f} MB).
-- codec (6): the base checkpoint's tensors, encoded with `dense_chain("planes", 4, level)` per
-  {codec.get('chunk_elements', 0):,}-element chunk ({codec.get('default', codec).get('chunks', 0)} chunks) at the
-  default level and at `--level 19`, decoded by a 2-thread pool (the three decoders alternated);
-  against {zl}.
+- codec (6): the base checkpoint's tensors, and the merged vector (the sum of the task vectors in
+  float32), encoded per {codec.get('chunk_elements', 0):,}-element chunk ({codec.get('default', codec).get('chunks', 0)}
+  chunks each) with the default chain for float32 (`planes-exp`, format 1.9), the same at
+  `--level 19` (rotations chosen per chunk) and format 1.3's `planes`, decoded by a 2-thread pool
+  (the four decoders alternated); against {zl}.
 - unpack (8): `tallpack unpack ARCHIVE --task NAME -o DIR` (the planes archive) in a
   fresh process, RssAnon sampled every 20 ms.
 

@@ -195,11 +195,12 @@ _PLANE_SIZES = "<{}I"
 _scratch = threading.local()
 
 
-def _plane_scratch(n: int) -> np.ndarray:
+def _plane_scratch(n: int, slot: str = "plane") -> np.ndarray:
     """``n`` bytes of a buffer this thread reuses: a fresh plane per chunk costs page faults."""
-    buf = getattr(_scratch, "plane", None)
+    buf = getattr(_scratch, slot, None)
     if buf is None or buf.size < n:
-        buf = _scratch.plane = np.empty(n, np.uint8)
+        buf = np.empty(n, np.uint8)
+        setattr(_scratch, slot, buf)
     return buf[:n]
 
 
@@ -222,14 +223,17 @@ class Planes(Codec):
 
     def __post_init__(self) -> None:
         if type(self.itemsize) is not int or not 1 <= self.itemsize <= 16:
-            raise CodecError(f"planes: bad itemsize {self.itemsize!r}")
+            raise CodecError(f"{self.id}: bad itemsize {self.itemsize!r}")
         if type(self.level) is not int or not -(1 << 17) <= self.level <= 22:
-            raise CodecError(f"planes: bad level {self.level!r}")
+            raise CodecError(f"{self.id}: bad level {self.level!r}")
+
+    #: Bytes before the plane lengths (``ExponentPlanes``: its rotation).
+    PREFIX: ClassVar[int] = 0
 
     def fits(self, size: int, nbytes: int) -> bool:
         # k lengths, then each plane verbatim or one zstd frame (at most ZSTD_MAX_RATIO its size)
         k = self.itemsize
-        head = 4 * k
+        head = self.PREFIX + 4 * k
         return size % k == 0 and head <= nbytes <= head + size and size <= ZSTD_MAX_RATIO * max(1, nbytes - head) * k
 
     #: Levels from this one on spend more effort on the planes that compress (see ``_compressors``).
@@ -249,8 +253,12 @@ class Planes(Codec):
             out.append(zstandard.ZstdCompressor(compression_params=strong))
         return out
 
+    def _split(self, buf: memoryview) -> tuple[bytes, memoryview]:
+        """The chunk's prefix and its byte planes, in stored order."""
+        return b"", ByteGroup(self.itemsize).encode(buf)
+
     def encode(self, buf: memoryview) -> bytes:
-        planes = ByteGroup(self.itemsize).encode(buf)
+        prefix, planes = self._split(buf)
         n = len(planes) // self.itemsize
         first, *more = self._compressors()
         stored = []
@@ -263,45 +271,45 @@ class Planes(Codec):
                 if len(other) < len(packed) and len(other) != n:
                     packed = other
             stored.append(packed if keep else plane)
-        return struct.pack(_PLANE_SIZES.format(self.itemsize), *(len(p) for p in stored)) + b"".join(stored)
+        return prefix + struct.pack(_PLANE_SIZES.format(self.itemsize), *(len(p) for p in stored)) + b"".join(stored)
 
     def decode(self, buf: memoryview, size: int) -> memoryview:
         k = self.itemsize
-        head = struct.calcsize(_PLANE_SIZES.format(k))
+        head = self.PREFIX + 4 * k
         if size % k or len(buf) < head:
-            raise CodecError(f"planes: {len(buf)} bytes cannot hold {size} bytes of {k}-byte elements")
+            raise CodecError(f"{self.id}: {len(buf)} bytes cannot hold {size} bytes of {k}-byte elements")
         out = np.empty(size, np.uint8)
         self._decode(buf, out)
         return memoryview(out)
 
     def decode_into(self, buf: memoryview, out: memoryview) -> None:
         k = self.itemsize
-        head = struct.calcsize(_PLANE_SIZES.format(k))
+        head = self.PREFIX + 4 * k
         if len(out) % k or len(buf) < head:
-            raise CodecError(f"planes: {len(buf)} bytes cannot hold {len(out)} bytes of {k}-byte elements")
+            raise CodecError(f"{self.id}: {len(buf)} bytes cannot hold {len(out)} bytes of {k}-byte elements")
         self._decode(buf, np.frombuffer(out, np.uint8))
 
     def _decode(self, buf: memoryview, out: np.ndarray) -> None:
         k = self.itemsize
-        head = struct.calcsize(_PLANE_SIZES.format(k))
+        head = self.PREFIX + 4 * k
         n = out.size // k
-        lengths = struct.unpack_from(_PLANE_SIZES.format(k), buf, 0)
+        lengths = struct.unpack_from(_PLANE_SIZES.format(k), buf, self.PREFIX)
         if head + sum(lengths) != len(buf):
-            raise CodecError("planes: plane lengths do not add up to the chunk's size")
+            raise CodecError(f"{self.id}: plane lengths do not add up to the chunk's size")
         dst = out.reshape(n, k)
-        scratch = _plane_scratch(n)  # compressed planes are decoded into a buffer this thread reuses
-        zstd = Zstd()
         pos = head
-        for i, length in enumerate(lengths):
-            piece = buf[pos : pos + length]
-            if length == n:
-                plane = np.frombuffer(piece, np.uint8)
-            else:
-                zstd.decode_into(piece, memoryview(scratch))
-                plane = scratch
+        for i, length in enumerate(lengths[: k - self.HELD]):
+            plane = _plane(buf[pos : pos + length], n, "plane")  # a buffer this thread reuses
             for j in range(0, n, ByteGroup._BLOCK):
                 dst[j : j + ByteGroup._BLOCK, i] = plane[j : j + ByteGroup._BLOCK]
             pos += length
+        if self.HELD:
+            s_plane = _plane(buf[pos : pos + lengths[k - 2]], n, "plane")
+            t_plane = _plane(buf[pos + lengths[k - 2] :], n, "plane2")
+            _join_rotated(s_plane, t_plane, _rotation(buf), dst)
+
+    #: How many top planes ``_decode`` leaves to a subclass's join (``ExponentPlanes``: 2).
+    HELD: ClassVar[int] = 0
 
     def config(self) -> dict[str, Any]:
         return {"id": self.id, "itemsize": self.itemsize, "level": self.level}
@@ -443,7 +451,142 @@ def _unpack_bits(stream: memoryview, widths: np.ndarray) -> np.ndarray:
     got = windows[offsets >> 3] >> (offsets & 7).astype(np.uint64)  # at most 7 + 29 bits: in the window
     return got.astype(np.uint32) & ((np.uint32(1) << widths) - np.uint32(1))
 
-REGISTRY: dict[str, type[Codec]] = {c.id: c for c in (Zstd, ByteGroup, BitPack, Planes, BitSplit)}
+
+def _plane(piece: memoryview, n: int, slot: str) -> np.ndarray:
+    """A stored plane of ``n`` bytes: itself when verbatim (its length is ``n``), else decoded
+    from its zstd frame into this thread's buffer ``slot``."""
+    if len(piece) == n:
+        return np.frombuffer(piece, np.uint8)
+    plane = _plane_scratch(n, slot)
+    Zstd().decode_into(piece, memoryview(plane))
+    return plane
+
+
+#: ``ExponentPlanes``' zstd parameters: the fast strategy with a 64-entry hash table and 7-byte
+#: minimum matches, so an exponent plane is coded almost wholly as Huffman literals.
+_NEAR_LITERAL = zstandard.ZstdCompressionParameters(
+    strategy=zstandard.STRATEGY_FAST, window_log=17, hash_log=6, chain_log=6, search_log=1, min_match=7,
+    target_length=0, write_content_size=True)
+
+
+@dataclass(frozen=True)
+class ExponentPlanes(Planes):
+    """``planes`` with the exponent of float32 and bfloat16 in a plane of its own (format 1.9).
+
+    In these types the two top bytes hold the sign, the 8-bit exponent and the mantissa's top 7
+    bits, so a plain top plane mixes the random sign into the exponent, and the plane below holds
+    the exponent's lowest bit among random mantissa bits. Here each chunk chooses a rotation r,
+    1 <= r <= 7, and stores, in place of the top byte ``hi`` and the one below ``lo``:
+
+    - the plane ``T = (hi << r | lo >> (8 - r)) & 0xFF``: the exponent without its r - 1 top bits,
+      then the mantissa's r - 1 top bits (r = 1: exactly the exponent);
+    - the plane ``S = (hi & ~(0xFF >> r)) | (lo & (0xFF >> r))``: the sign, the exponent's r - 1
+      top bits, the rest of the mantissa's top byte.
+
+    The reader joins ``hi = (S & ~(0xFF >> r)) | T >> r`` and ``lo = (T << (8 - r) & 0xFF) |
+    (S & (0xFF >> r))``. Weights rarely use the exponent's top bits (|w| < 2 keeps the first at 0),
+    so moving them to S costs little there, and the mantissa's top bits, which depend on the
+    exponent, are coded with it in T. Encoded: r as a little-endian u32, then ``planes``' layout.
+    Planes are coded by zstd set to code literals (the fast strategy with a 64-entry hash table
+    and 7-byte minimum matches): Huffman near the entropy, faster both ways than level 1.
+
+    Below ``STRONG_FROM`` the writer uses r = 1 (T is the exponent, S is verbatim): 1.3% smaller
+    than ``planes`` on fp32 weights and about as fast to decode. From it, the writer picks r from
+    1 to 4 by the planes' entropy on a sample of the chunk: about 0.3% smaller again, but S is
+    then Huffman-coded too, and decoding takes about 1.45x as long (BENCHMARKS.md).
+    """
+
+    id: ClassVar[str] = "planes-exp"
+    HELD: ClassVar[int] = 2
+    PREFIX: ClassVar[int] = 4
+    #: The rotations the writer tries from ``STRONG_FROM`` on (below it: 1).
+    ROTATIONS: ClassVar[tuple[int, ...]] = (1, 2, 3, 4)
+    #: Elements of a chunk the writer estimates each rotation's cost on.
+    SAMPLE: ClassVar[int] = 1 << 16
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.itemsize not in (2, 4):
+            raise CodecError(f"planes-exp: itemsize must be 2 (bfloat16) or 4 (float32), got {self.itemsize!r}")
+
+    def _compressors(self) -> list[zstandard.ZstdCompressor]:
+        return [zstandard.ZstdCompressor(compression_params=_NEAR_LITERAL)]
+
+    def _split(self, buf: memoryview) -> tuple[bytes, memoryview]:
+        planes = np.frombuffer(ByteGroup(self.itemsize).encode(buf), np.uint8).reshape(self.itemsize, -1)
+        lo, hi = planes[-2].copy(), planes[-1].copy()
+        r = self._choose(lo, hi)
+        planes[-1], planes[-2] = _rotate(lo, hi, r)
+        return struct.pack("<I", r), memoryview(planes.reshape(-1))
+
+    def _choose(self, lo: np.ndarray, hi: np.ndarray) -> int:
+        """The rotation whose planes T and S have the least zero-order entropy on a sample (S is
+        counted at 8 bits where zstd would store it verbatim)."""
+        step = max(1, lo.size // self.SAMPLE)
+        lo, hi = lo[::step], hi[::step]
+        if lo.size == 0 or self.level < self.STRONG_FROM:
+            return 1
+
+        def bits(x: np.ndarray) -> float:
+            counts = np.bincount(x, minlength=256)
+            p = counts[counts > 0] / x.size
+            return float(-(p * np.log2(p)).sum())
+
+        def cost(r: int) -> float:
+            t, s = _rotate(lo, hi, r)
+            hs = bits(s)
+            return bits(t) + (8.0 if hs > 8 * self.KEEP_BELOW else hs)
+
+        return min(self.ROTATIONS, key=cost)
+
+
+def _rotate(lo: np.ndarray, hi: np.ndarray, r: int) -> tuple[np.ndarray, np.ndarray]:
+    """The stored planes (T, S) of the top byte ``hi`` and the one below ``lo`` (``ExponentPlanes``)."""
+    keep = 0xFF >> r
+    t = ((hi << r) | (lo >> (8 - r))).astype(np.uint8)
+    s = (hi & (0xFF ^ keep)) | (lo & keep)
+    return t, s
+
+
+def _rotation(buf: memoryview) -> int:
+    (r,) = struct.unpack_from("<I", buf, 0)
+    if not 1 <= r <= 7:
+        raise CodecError(f"planes-exp: bad rotation {r}")
+    return r
+
+
+def _join_rotated(s: np.ndarray, t: np.ndarray, r: int, dst: np.ndarray) -> None:
+    """The two top byte columns of ``dst`` from the stored planes ``S`` and ``T`` of rotation ``r``
+    (``ExponentPlanes``), in blocks that stay in cache, eight bytes to a numpy operation."""
+    keep = 0xFF >> r
+    spread = np.uint64(0x0101010101010101)
+    s_hi, s_lo, t_top, t_low = (np.uint64(v) * spread for v in (0xFF ^ keep, keep, keep, 0xFF >> (8 - r)))
+    right, left = np.uint64(r), np.uint64(8 - r)
+    n = dst.shape[0]
+    block = ByteGroup._BLOCK
+    whole = n - n % 8
+    t1, t2 = np.empty(block // 8, np.uint64), np.empty(block // 8, np.uint64)
+    s64, t64 = s[:whole].view(np.uint64), t[:whole].view(np.uint64)
+    for j in range(0, whole, block):
+        end = min(j + block, whole)
+        ss, tt = s64[j // 8 : end // 8], t64[j // 8 : end // 8]
+        a, b = t1[: ss.size], t2[: ss.size]
+        np.bitwise_and(ss, s_hi, out=a)
+        np.right_shift(tt, right, out=b)
+        np.bitwise_and(b, t_top, out=b)
+        np.bitwise_or(a, b, out=a)
+        dst[j:end, -1] = a.view(np.uint8)
+        np.bitwise_and(tt, t_low, out=a)
+        np.left_shift(a, left, out=a)
+        np.bitwise_and(ss, s_lo, out=b)
+        np.bitwise_or(a, b, out=a)
+        dst[j:end, -2] = a.view(np.uint8)
+    st, tl = s[whole:n], t[whole:n]
+    dst[whole:, -1] = (st & (0xFF ^ keep)) | (tl >> r)
+    dst[whole:, -2] = ((tl << (8 - r)) & 0xFF) | (st & keep)
+
+
+REGISTRY: dict[str, type[Codec]] = {c.id: c for c in (Zstd, ByteGroup, BitPack, Planes, ExponentPlanes, BitSplit)}
 
 
 def from_config(config: Any) -> Codec:
@@ -522,14 +665,21 @@ class Chain:
 DENSE_PRESETS = ("raw", "zstd", "bytegroup-zstd", "planes")
 
 
-def dense_chain(preset: str, itemsize: int, level: int = 3) -> Chain:
+#: The dtypes whose 8-bit exponent straddles the top two bytes (``ExponentPlanes``).
+EXPONENT_PLANES_DTYPES = ("float32", "bfloat16")
+
+
+def dense_chain(preset: str, itemsize: int, level: int = 3, dtype: str | None = None) -> Chain:
     """The chain of a dense preset: ``raw`` loads fastest; ``planes`` (byte planes, each zstd or
-    verbatim) is the smallest and decodes fastest of the compressed ones; ``bytegroup-zstd`` (one
-    frame over the planes) and ``zstd`` are what format 1.0 offered."""
+    verbatim; for float32 and bfloat16 with the exponent in a plane of its own) is the smallest
+    and decodes fastest of the compressed ones; ``bytegroup-zstd`` (one frame over the planes) and
+    ``zstd`` are what format 1.0 offered. Without ``dtype``, ``planes`` keeps plain byte planes."""
     if preset == "raw":
         return Chain([])
     if preset == "zstd":
         return Chain([Zstd(level)])
+    if preset == "planes" and dtype in EXPONENT_PLANES_DTYPES:  # from level 10, rotations chosen
+        return Chain([ExponentPlanes(itemsize, 1 if level < Planes.STRONG_FROM else level)])
     if preset == "planes":  # level 1 with long matches, or more effort from level 10 (Planes)
         return Chain([Planes(itemsize, 1 if level < Planes.STRONG_FROM else level)] if itemsize > 1 else [Zstd(level)])
     if preset == "bytegroup-zstd":

@@ -42,13 +42,13 @@ log = logging.getLogger(__name__)
 MAGIC = b"TALLPACK"
 END_MAGIC = b"TALLPEND"
 #: The format version this reader implements (it reads every minor of this major).
-MAJOR, MINOR = 1, 9
+MAJOR, MINOR = 1, 11
 #: The minor version that introduced each optional feature (a checksum, a codec id, ...): a writer
 #: writes the lowest minor version that covers the features it uses (spec §8).
 FEATURE_MINOR: dict[str, int] = {"checksum:crc32": 0, "checksum:xxh3-64": 1, "codec:zstd": 0, "codec:bytegroup": 0,
                                  "codec:bitpack": 0, "field:exact": 2, "codec:planes": 3, "field:files": 4,
                                  "field:correction": 5, "encoding:tall-derived": 6, "encoding:qtau": 7,
-                                 "encoding:tall-derived-merged": 8, "codec:bitsplit": 9}
+                                 "encoding:tall-derived-merged": 8, "codec:bitsplit": 9, "codec:planes-exp": 11}
 
 
 def format_version(features: set[str] | frozenset[str]) -> tuple[int, int]:
@@ -94,8 +94,8 @@ class ContainerWriter:
         self._done = False
 
     def use(self, feature: str) -> None:
-        """Record a feature chosen while writing (the fidelity dial's); the header's version is
-        rewritten by ``finish``."""
+        """Record a feature chosen while writing (a codec an array was stored with, the fidelity
+        dial's choices); the header's version is rewritten by ``finish``."""
         self.version = max(self.version, format_version({feature}))
 
     def __enter__(self) -> "ContainerWriter":
@@ -195,6 +195,8 @@ class ArrayBuilder:
                        tuple(self._chunks))
         if len(self._chunks) != -(-self.numel // self.chunk_elements):
             raise ValueError(f"array of {self.numel} elements got {len(self._chunks)} chunks")
+        for codec_id in self.chain.ids():  # the version covers the codecs actually stored
+            self._writer.use(f"codec:{codec_id}")
         return ref
 
 

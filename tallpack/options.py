@@ -14,6 +14,7 @@ import torch
 from .arrays import DEFAULT_CHUNK_ELEMENTS, check_chunk_elements
 from .checksums import CHECKSUMS, DEFAULT_CHECKSUM
 from .codecs import DENSE_PRESETS, Chain, CodecError, Planes, dense_chain, mask_chain
+from .elements import itemsize
 from .errors import InvalidArgumentError
 from .merging import MergeMethod, get_method
 from .progress import ProgressLike
@@ -99,8 +100,9 @@ class Validated:
     options: PackOptions
     method: MergeMethod
 
-    def dense(self, dtype_itemsize: int) -> Chain:
-        return dense_chain(self.options.codec, dtype_itemsize, self.options.level)
+    def dense(self, dtype: str) -> Chain:
+        """The chain of a dense array of ``dtype`` (a spec dtype name)."""
+        return dense_chain(self.options.codec, itemsize(dtype), self.options.level, dtype)
 
     @property
     def dial(self) -> bool:
@@ -109,10 +111,9 @@ class Validated:
 
     def features(self) -> frozenset[str]:
         """The optional format features these options use (they set the archive's minor version)."""
-        ids = {c.id for dt in (1, 2, 4, 8) for c in self.dense(dt).codecs} | {c.id for c in self.masks().codecs}
-        if self.options.exact or self.dial:
-            ids |= {c.id for dt in (1, 2, 4, 8) for c in self.residuals(dt).codecs}
-        return frozenset({f"codec:{i}" for i in ids} | ({"field:exact"} if self.options.exact else set())
+        # codecs are recorded as arrays are stored (ContainerWriter.use): ``planes-exp`` only
+        # where a float32 or bfloat16 array was stored with it
+        return frozenset(({"field:exact"} if self.options.exact else set())
                          | ({"field:correction"} if self.dial else set())
                          | ({"encoding:tall-derived"} if self.derive_masks else set())
                          | ({"encoding:tall-derived-merged"} if self.derive_merged else set()))

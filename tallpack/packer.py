@@ -15,7 +15,6 @@ from typing import Any
 from ._version import __version__
 from .container import ContainerWriter
 from .dial import Dial
-from .elements import itemsize
 from .encodings import BY_KIND, WriteContext
 from .encodings.exact import RESIDUAL_CODECS, add_exact
 from .errors import InvalidArgumentError, OutputExistsError
@@ -104,7 +103,7 @@ def _write(fam: PackInputs, v: Validated, lams: dict[str, float], out: Path, sel
                                        features=frozenset(features), overwrite=opts.overwrite) as w:
         store = FileStore(w, opts.level, opts.chunk_elements)
         base_files = store.add(fam.base.files, "base")
-        ctx = WriteContext(w, opts.chunk_elements, lambda dt: v.dense(itemsize(dt)), v.masks(), v.method,
+        ctx = WriteContext(w, opts.chunk_elements, v.dense, v.masks(), v.method,
                            lams, fidelity, v.residuals if opts.exact or dial else None,
                            {} if v.derive_masks else None, {} if v.derive_merged else None)
         pending: dict[int, str] = {}  # with the dial: merged tensors, written once it has decided

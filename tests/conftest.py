@@ -13,6 +13,17 @@ from safetensors.torch import save_file
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+def written(minor: int) -> tuple[int, int]:
+    """The version of an archive of float32 or bfloat16 arrays packed with the default codec
+    (``planes-exp``) whose other features need format 1.``minor``."""
+    from tallpack.container import FEATURE_MINOR
+    return 1, max(minor, FEATURE_MINOR["codec:planes-exp"])
+
+
+def written_str(minor: int) -> str:
+    return "%d.%d" % written(minor)
+
+
 def expected_reconstruction(base: dict, tasks: dict, lambdas: dict) -> dict:
     """The paper's formula computed directly, for every tensor present in base and all tasks:
     tau_t = theta_t - theta_0 (fp32), tau_MTL = sum_t tau_t (task order),
@@ -147,8 +158,8 @@ def exact_family(seed: int = 0) -> tuple[dict, dict]:
 
 
 def exact_version(fam, minor: int) -> tuple[int, int]:
-    """The format version an exact archive of ``minor``'s features has: 1.9 where any residual
-    uses the ``bitsplit`` codec (the writer chooses it per tensor where it codes smaller)."""
+    """The format version of an exact archive whose other features need format 1.``minor``: at
+    least 1.9 where a residual uses the ``bitsplit`` codec (chosen per tensor where it codes smaller)."""
     chains = [ex.residual.codecs for e in fam.manifest.tensors for tt in e.tasks.values()
               if (ex := tt.extras.get("exact")) is not None]
-    return 1, 9 if any(c["id"] == "bitsplit" for chain in chains for c in chain) else minor
+    return 1, max(minor, 9) if any(c["id"] == "bitsplit" for chain in chains for c in chain) else minor

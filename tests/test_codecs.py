@@ -216,3 +216,70 @@ def test_bitsplit_decodes_garbage_to_an_error_or_the_right_size(data, itemsize, 
 def test_bitsplit_bad_configs_are_format_errors(config):
     with pytest.raises(CodecError):
         codecs.from_config(config)
+
+
+# -- planes-exp (format 1.11): the exponent in a plane of its own ---------------------------------
+
+@given(st.binary(max_size=3000), st.sampled_from([2, 4]), st.integers(1, 7), st.booleans())
+@settings(max_examples=120)
+def test_exponent_planes_round_trip_every_rotation(data, itemsize, r, into):
+    """Any bytes (NaN payloads, infinities, signed zeros, subnormals among them) come back, for
+    each rotation the format allows, whole or decoded into a buffer."""
+    data = data[: len(data) - len(data) % itemsize]
+    codec = codecs.ExponentPlanes(itemsize)
+    original = codecs.ExponentPlanes._choose
+    codecs.ExponentPlanes._choose = lambda self, lo, hi: r
+    try:
+        enc = memoryview(bytes(codec.encode(memoryview(data))))
+    finally:
+        codecs.ExponentPlanes._choose = original
+    assert int.from_bytes(enc[:4], "little") == r
+    if into:
+        out = np.empty(len(data), np.uint8)
+        codec.decode_into(enc, memoryview(out))
+        assert out.tobytes() == data
+    else:
+        assert bytes(codec.decode(enc, len(data))) == data
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_exponent_planes_are_smaller_than_planes_on_weights(dtype):
+    """Weight-like values: the exponent plane alone codes smaller than sign and exponent together,
+    and from level 10 the chosen rotation (r > 1 here, |w| < 2) is smaller again."""
+    import torch
+    x = (torch.randn(1 << 16, generator=torch.Generator().manual_seed(0)) * 0.02).to(getattr(torch, dtype))
+    data = memoryview(x.view(torch.uint8).numpy().tobytes())
+    k = x.element_size()
+    plain = codecs.dense_chain("planes", k, 3)
+    exp, strong = codecs.dense_chain("planes", k, 3, dtype), codecs.dense_chain("planes", k, 19, dtype)
+    assert plain.ids() == ["planes"] and exp.ids() == strong.ids() == ["planes-exp"]
+    sizes = [len(c.encode(data)) for c in (plain, exp, strong)]
+    assert sizes[0] > sizes[1] > sizes[2]
+    s = bytes(strong.encode(data))
+    assert int.from_bytes(s[:4], "little") > 1 and int.from_bytes(bytes(exp.encode(data))[:4], "little") == 1
+    for c in (plain, exp, strong):
+        assert bytes(c.decode(memoryview(bytes(c.encode(data))), len(data))) == bytes(data)
+
+
+@pytest.mark.parametrize("damage", ["rotation", "zero rotation", "lengths", "short"])
+def test_exponent_planes_refuse_damaged_chunks(damage):
+    x = (np.random.default_rng(1).standard_normal(4096) * 0.02).astype(np.float32)
+    codec = codecs.ExponentPlanes(4)
+    enc = bytearray(codec.encode(memoryview(x.view(np.uint8))))
+    if damage == "rotation":
+        enc[0] = 8
+    elif damage == "zero rotation":
+        enc[0] = 0
+    elif damage == "lengths":
+        enc[4] ^= 1
+    else:
+        enc = enc[:-1]
+    with pytest.raises(CodecError):
+        codec.decode(memoryview(bytes(enc)), x.nbytes)
+
+
+def test_exponent_planes_only_for_8_bit_exponents():
+    with pytest.raises(CodecError, match="itemsize"):
+        codecs.from_config({"id": "planes-exp", "itemsize": 8, "level": 1})
+    assert codecs.dense_chain("planes", 2, 3, "float16").ids() == ["planes"]  # 5-bit exponent
+    assert codecs.dense_chain("planes", 8, 3, "float64").ids() == ["planes"]

@@ -27,11 +27,12 @@ ROOT = Path(__file__).resolve().parent.parent
 GOLDEN = ROOT / "tests" / "golden"
 SCHEMA = ROOT / "spec" / "manifest.schema.json"
 NAMES = ["v1_0_ta", "v1_0_ties_raw", "v1_1_ta_zstd", "v1_2_exact", "v1_3_planes", "v1_4_files", "v1_5_correction",
-         "v1_6_derived", "v1_7_qtau", "v1_8_derived_merged", "v1_9_bitsplit"]
+         "v1_6_derived", "v1_7_qtau", "v1_8_derived_merged", "v1_9_bitsplit", "v1_11_planes_exp"]
 
 
 def _version(name: str) -> tuple[int, int]:
-    return int(name[1]), int(name[3])
+    major, minor = name[1:].split("_")[:2]
+    return int(major), int(minor)
 
 
 def _expected(name: str) -> tuple[dict[str, list[str]], dict[str, torch.Tensor]]:
@@ -262,17 +263,26 @@ class MiniArchive:
             elif c["id"] == "bitpack":
                 assert len(out) == -(-s // 8)
                 out = np.unpackbits(np.frombuffer(out, np.uint8), count=s, bitorder="little").tobytes()
-            elif c["id"] == "planes":  # k u32 lengths, then each plane verbatim (length n) or one zstd frame
+            elif c["id"] in ("planes", "planes-exp"):  # k u32 lengths, then each plane verbatim (length n) or one zstd frame
                 assert set(c) <= {"id", "itemsize", "level"}
                 k = c["itemsize"]
+                assert c["id"] == "planes" or k in (2, 4)
                 n = s // k
-                lengths = struct.unpack_from(f"<{k}I", out, 0)
-                assert 4 * k + sum(lengths) == len(out)
-                planes, pos = [], 4 * k
+                prefix = 4 if c["id"] == "planes-exp" else 0  # planes-exp: the rotation r, a u32
+                lengths = struct.unpack_from(f"<{k}I", out, prefix)
+                assert prefix + 4 * k + sum(lengths) == len(out)
+                planes, pos = [], prefix + 4 * k
                 for length in lengths:
                     piece = out[pos : pos + length]
                     planes.append(np.frombuffer(piece if length == n else _frame(piece, n), np.uint8))
                     pos += length
+                if c["id"] == "planes-exp":  # §5: planes S and T of rotation r give the top two bytes
+                    (r,) = struct.unpack_from("<I", out, 0)
+                    assert 1 <= r <= 7
+                    s_, t_ = planes[-2].astype(np.uint16), planes[-1].astype(np.uint16)
+                    keep = 0xFF >> r
+                    planes[-1] = ((s_ & (0xFF ^ keep)) | (t_ >> r)).astype(np.uint8)
+                    planes[-2] = (((t_ << (8 - r)) & 0xFF) | (s_ & keep)).astype(np.uint8)
                 out = np.stack(planes, axis=1).tobytes()
             elif c["id"] == "bitsplit":
                 out = _bitsplit(out, c, s)

@@ -294,8 +294,6 @@ def add_exact(ctx: WriteContext, item: Item, entry: TensorEntry, tasks: set[str]
         r = refs[i][ref]
         rb = bits(r.contiguous()) if r is not None else np.zeros_like(xb)
         z = permute(forward(xb, rb, tr), rb, dtype_name(x.dtype), "exponent", ce)
-        if codec == "bitsplit":
-            ctx.writer.use("codec:bitsplit")
         residual = ctx.writer.write_array(memoryview(z.view(np.uint8)), _UINT[x.element_size()][1], tuple(x.shape),
                                           _chains(ctx, x.element_size(), codecs)[codec], ce)
         exact = Exact(ref, tr, "exponent", residual, tensor_hash(x))

@@ -1,4 +1,4 @@
-"""Build the golden archives (formats 1.0 to 1.9) from fixed, seeded tensors.
+"""Build the golden archives (formats 1.0 to 1.11) from fixed, seeded tensors.
 
     python tests/golden/make_golden.py [NAME ...]     # all, or only the named ones
 
@@ -23,15 +23,22 @@ writes, beside this script:
   vectors and counts are derived from the originals (``tall-derived-merged`` tensors), and
   ``v1_8_derived_merged.originals.safetensors``;
 * ``v1_9_bitsplit.tallpack`` (format 1.9): the exact tier with residuals in the ``bitsplit`` codec
-  (chunks of 256 elements, so some blocks of heads are zstd frames), and
+  (chunks of 256 elements, so blocks of heads are zstd frames; dense arrays ``bytegroup-zstd``, so
+  the archive stays 1.9), and
   ``v1_9_bitsplit.originals.safetensors``; the earlier exact goldens are packed with ``planes``
   residuals only (``residual_codecs``), as they were written;
+* ``v1_11_planes_exp.tallpack`` (format 1.11): the ``planes-exp`` codec for float32 and bfloat16
+  arrays, ``planes`` for float16; the chunks take the rotations 1 to 7 in turn (the writer's choice
+  is free: 64-element chunks are too small for its estimate to pick more than 1), so the reader is
+  checked on each;
 * ``<name>.expected.safetensors`` for each: every task's reconstructed state dict under the keys
   ``"<task>/<tensor>"``; the metadata key ``"order"`` holds, as JSON, ``{task: [tensor names]}`` in
   the order ``state_dict(task)`` returns them (safetensors itself does not keep an order).
 
 The golden files are committed; ``tests/test_golden.py`` reads them back. Rerun this script only
-when the format deliberately changes (then bump the file names with the version). The expected
+when the format deliberately changes (then bump the file names with the version), and only for the
+new archive: since 1.11 the ``planes`` preset writes ``planes-exp`` for float32 and bfloat16, so the
+older ``planes`` archives (1.3 to 1.8) would come out as 1.11. The expected
 values are checked here against an independent recomputation from the inputs wherever the spec
 defines them from the inputs alone (dense and shared tensors, and TALL tensors for Task Arithmetic).
 """
@@ -46,6 +53,7 @@ import torch
 from safetensors.torch import save_file
 
 import tallpack
+from tallpack.codecs import ExponentPlanes
 from tallpack.encodings import exact as exact_mod
 
 HERE = Path(__file__).resolve().parent
@@ -136,7 +144,7 @@ ARCHIVES = {
                                 pack=dict(merge={"method": "ties", "top_k": 0.4}, codec="planes", checksum="xxh3-64",
                                           lambdas={"rte2": 0.5, "cb": 0.3, "wic": 0.4}, exact=True)),
     "v1_9_bitsplit": dict(seed=9, tasks=["boolq2", "axb", "axg"], head_rows={"boolq2": 2, "axb": 2, "axg": 3},
-                          chunk=256, pack=dict(merge="ta", codec="planes", checksum="xxh3-64",
+                          chunk=256, pack=dict(merge="ta", codec="bytegroup-zstd", checksum="xxh3-64",
                                                lambdas={"boolq2": 0.5, "axb": 0.3, "axg": 0.4}, exact=True)),
     "v1_3_planes": dict(seed=5, tasks=["boolq", "copa"], head_rows={"boolq": 2, "copa": 2},
                         pack=dict(merge="ta", codec="planes", checksum="xxh3-64", lambdas=0.4)),
@@ -147,6 +155,8 @@ ARCHIVES = {
                                       corrections=("sparse", "quant4", "quant8"))),
     "v1_7_qtau": dict(seed=7, tasks=["arc", "piqa", "hella"], head_rows={"arc": 2, "piqa": 2, "hella": 4},
                       pack=dict(merge="ta", codec="planes", checksum="xxh3-64", lambdas=0.4, fidelity=0.98)),
+    "v1_11_planes_exp": dict(seed=11, tasks=["race", "swag"], head_rows={"race": 2, "swag": 3}, every_rotation=True,
+                             pack=dict(merge="ta", codec="planes", checksum="xxh3-64", lambdas=0.4, level=19)),
 }
 
 
@@ -207,13 +217,16 @@ def pack_inputs(name: str, out: Path, tmp: Path):
     spec = ARCHIVES[name]
     base, fts = family(spec["seed"], spec["tasks"], spec["head_rows"])
     base_in, fts_in = as_folders(base, fts, tmp) if spec.get("folders") else (base, fts)
-    saved = exact_mod.RESIDUAL_CODECS
+    choose, saved = ExponentPlanes._choose, exact_mod.RESIDUAL_CODECS
+    if spec.get("every_rotation"):
+        turn = iter(range(1 << 30))
+        ExponentPlanes._choose = lambda self, lo, hi: 1 + next(turn) % 7
     exact_mod.RESIDUAL_CODECS = spec.get("residual_codecs", saved)
     try:
         manifest = tallpack.pack(base_in, fts_in, out, chunk_elements=spec.get("chunk", CHUNK), threads=1,
                                  overwrite=True, metadata={"golden": name}, **spec["pack"])
     finally:
-        exact_mod.RESIDUAL_CODECS = saved
+        ExponentPlanes._choose, exact_mod.RESIDUAL_CODECS = choose, saved
     return manifest, base, fts
 
 
