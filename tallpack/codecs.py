@@ -396,6 +396,8 @@ class BitSplit(Codec):
             piece = buf[pos : pos + length]
             if length == dst.size:
                 dst[:] = np.frombuffer(piece, np.uint8)
+            elif length > dst.size:
+                raise CodecError(f"bitsplit: block {j} stores {length} bytes for {dst.size} heads")
             else:
                 zstd.decode_into(piece, memoryview(dst))
             pos += length

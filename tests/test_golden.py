@@ -443,6 +443,7 @@ def _bitsplit(stored: bytes, c: dict, size: int) -> bytes:
     pos, heads = 4 * nb, b""
     for j, length in enumerate(lengths):
         count = min(block, n - j * block)
+        assert length <= count
         piece = stored[pos : pos + length]
         heads += piece if length == count else _frame(piece, count)
         pos += length
