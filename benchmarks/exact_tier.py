@@ -2,6 +2,7 @@
 
     python benchmarks/exact_tier.py            # synthetic bf16 and fp32 families + the demo family
     python benchmarks/exact_tier.py --quick    # small families, under 2 minutes
+    python benchmarks/exact_tier.py --sizes-only   # archives and BitX only: no ZipNN, zstd-19 or timings
 
 For each family, as a fraction of the checkpoint files' bytes: the archive packed with --exact
 (and without, for the lossy tier's own cost), ZipNN on every checkpoint, ``zstd -19 --long`` over
@@ -95,18 +96,20 @@ def zstd19_long(files: list[Path]) -> tuple[int, float]:
 
 
 def pack(base: Path, tasks: dict[str, Path], out: Path, exact: bool, candidates=None, level: int = 3,
-         masks: str = "choose", merged: str = "derive") -> float:
+         masks: str = "choose", merged: str = "derive", codecs=None) -> float:
     """Pack in a fresh process; ``masks`` and ``merged`` are the exact tier's policies
-    (``exact.MASK_POLICY``, ``exact.MERGED_POLICY``: "store" is ``--store-merged``)."""
+    (``exact.MASK_POLICY``, ``exact.MERGED_POLICY``: "store" is ``--store-merged``), ``codecs`` the
+    residual codecs the writer may choose (``exact.RESIDUAL_CODECS``; ``["planes"]``: format 1.8's)."""
     code = ("import json,sys,time,tallpack\nfrom tallpack.encodings import exact as ex\n"
             "a=json.loads(sys.argv[1])\n"
             "if a['cand']: ex.CANDIDATES=tuple(a['cand'])\n"
+            "if a['codecs']: ex.RESIDUAL_CODECS=tuple(a['codecs'])\n"
             "ex.MASK_POLICY=a['masks']\nex.MERGED_POLICY=a['merged']\n"
             "t=time.perf_counter();tallpack.pack(a['base'],a['tasks'],a['out'],exact=a['exact'],level=a['level'])\n"
             "print(time.perf_counter()-t)")
     arg = json.dumps({"base": str(base), "tasks": {k: str(v) for k, v in tasks.items()}, "out": str(out),
                       "exact": exact, "cand": candidates, "level": level, "masks": masks,
-                      "merged": merged})
+                      "merged": merged, "codecs": codecs})
     r = subprocess.run([sys.executable, "-c", code, arg], capture_output=True, text=True, check=True)
     return float(r.stdout.strip().splitlines()[-1])
 
@@ -126,6 +129,7 @@ def residual_stats(archive: Path) -> dict:
     by_ref: dict[str, int] = {}
     by_tr: dict[str, int] = {}
     by_enc: dict[str, int] = {}
+    by_codec: dict[str, int] = {}
     stored = masks = 0
     with tallpack.open(archive) as fam:
         for e in fam.manifest.tensors:
@@ -139,12 +143,14 @@ def residual_stats(archive: Path) -> dict:
                 stored += n
                 by_ref[ex.reference] = by_ref.get(ex.reference, 0) + n
                 by_tr[ex.transform] = by_tr.get(ex.transform, 0) + n
+                codec = "+".join(c["id"] for c in ex.residual.codecs)
+                by_codec[codec] = by_codec.get(codec, 0) + n
                 by_enc[tt.encoding] = by_enc.get(tt.encoding, 0) + 1
     return {"residual_bytes": stored, "mask_bytes": masks, "by_reference": by_ref, "by_transform": by_tr,
-            "entries_by_encoding": by_enc}
+            "entries_by_encoding": by_enc, "by_codec": by_codec}
 
 
-def measure(name: str, base: Path, tasks: dict[str, Path], dtype: str, root: Path, quick: bool) -> dict:
+def measure(name: str, base: Path, tasks: dict[str, Path], dtype: str, root: Path, sizes_only: bool = False) -> dict:
     files = [f for p in (base, *tasks.values()) for f in _files(p)]
     raw = sum(f.stat().st_size for f in files)
     res: dict = {"family": name, "dtype": dtype, "tasks": len(tasks), "checkpoint_bytes": raw}
@@ -152,6 +158,10 @@ def measure(name: str, base: Path, tasks: dict[str, Path], dtype: str, root: Pat
     stored = root / f"{name}.stored.tallpack"
     stored_merged = root / f"{name}.stored-merged.tallpack"
     res["pack_exact_seconds"] = pack(base, tasks, ex, True)
+    planes = root / f"{name}.planes.tallpack"
+    res["pack_planes_only_seconds"] = pack(base, tasks, planes, True, codecs=["planes"])
+    res["exact_planes_only_bytes"] = planes.stat().st_size
+    res["planes_only_residual_bytes"] = residual_stats(planes)["residual_bytes"]
     res["pack_stored_merged_seconds"] = pack(base, tasks, stored_merged, True, merged="store")
     res["pack_lossy_seconds"] = pack(base, tasks, lossy, False)
     res["pack_stored_masks_seconds"] = pack(base, tasks, stored, True, masks="store")
@@ -167,9 +177,31 @@ def measure(name: str, base: Path, tasks: dict[str, Path], dtype: str, root: Pat
     res["stored_masks_residual_bytes"], res["stored_masks_mask_bytes"] = st["residual_bytes"], st["mask_bytes"]
     res["stored_masks_by_reference"] = st["by_reference"]
     res["base_only_residual_bytes"] = residual_stats(based)["residual_bytes"]
+    res["bitx_bytes"] = bitx(base, tasks)
+    if not sizes_only:
+        _alternatives_and_times(res, files, dtype, tasks, root, lossy, ex, stored_merged, stored)
+    res["bitsplit_saves"] = 1 - res["exact_bytes"] / res["exact_planes_only_bytes"]
+    res["bitsplit_saves_residuals"] = 1 - res["residual_bytes"] / res["planes_only_residual_bytes"]
+    res["planes_only_vs_bitx"] = res["exact_planes_only_bytes"] / res["bitx_bytes"]
+    for k in ("exact", "lossy", "exact_stored_masks", "exact_stored_merged", "zipnn", "zstd19_long", "bitx"):
+        if f"{k}_bytes" in res:
+            res[f"{k}_fraction"] = res[f"{k}_bytes"] / raw
+    res["exact_vs_bitx"] = res["exact_bytes"] / res["bitx_bytes"]
+    res["stored_masks_vs_bitx"] = res["exact_stored_masks_bytes"] / res["bitx_bytes"]
+    res["stored_merged_vs_bitx"] = res["exact_stored_merged_bytes"] / res["bitx_bytes"]
+    res["derived_merged_save"] = 1 - res["exact_bytes"] / res["exact_stored_merged_bytes"]
+    res["derived_masks_save"] = 1 - res["exact_bytes"] / res["exact_stored_masks_bytes"]
+    # residuals against the TALL rebuild (where the writer chose it, masks stored) against the base alone
+    res["tall_saves_vs_base_only"] = 1 - res["stored_masks_residual_bytes"] / res["base_only_residual_bytes"]
+    print(json.dumps(res), flush=True)
+    return res
+
+
+def _alternatives_and_times(res: dict, files: list[Path], dtype: str, tasks: dict[str, Path], root: Path,
+                            lossy: Path, ex: Path, stored_merged: Path, stored: Path) -> None:
+    """ZipNN and ``zstd -19 --long`` on the same files, and the unpack timings, into ``res``."""
     res["zipnn_bytes"] = zipnn_bytes(files, dtype)
     res["zstd19_long_bytes"], res["zstd19_seconds"] = zstd19_long(files)
-    res["bitx_bytes"] = bitx(base, tasks)
     task = next(iter(tasks))
     t_exact, t_lossy, t_lossy_ex, t_lossy_sm, t_lossy_st = [], [], [], [], []
     for i in range(3):
@@ -182,26 +214,16 @@ def measure(name: str, base: Path, tasks: dict[str, Path], dtype: str, root: Pat
     res["unpack_lossy_of_exact_archive_seconds"] = statistics.median(t_lossy_ex)
     res["unpack_lossy_of_stored_merged_archive_seconds"] = statistics.median(t_lossy_sm)
     res["unpack_lossy_of_stored_masks_archive_seconds"] = statistics.median(t_lossy_st)
-    for k in ("exact", "lossy", "exact_stored_masks", "exact_stored_merged", "zipnn", "zstd19_long", "bitx"):
-        res[f"{k}_fraction"] = res[f"{k}_bytes"] / raw
-    res["exact_vs_bitx"] = res["exact_bytes"] / res["bitx_bytes"]
     res["exact_vs_zipnn"] = res["exact_bytes"] / res["zipnn_bytes"]
     res["exact_vs_zstd19"] = res["exact_bytes"] / res["zstd19_long_bytes"]
     res["exact_unpack_vs_lossy"] = res["unpack_exact_seconds"] / res["unpack_lossy_seconds"]
-    res["stored_masks_vs_bitx"] = res["exact_stored_masks_bytes"] / res["bitx_bytes"]
-    res["stored_merged_vs_bitx"] = res["exact_stored_merged_bytes"] / res["bitx_bytes"]
     res["stored_merged_vs_zipnn"] = res["exact_stored_merged_bytes"] / res["zipnn_bytes"]
-    res["derived_merged_save"] = 1 - res["exact_bytes"] / res["exact_stored_merged_bytes"]
-    res["derived_masks_save"] = 1 - res["exact_bytes"] / res["exact_stored_masks_bytes"]
-    # residuals against the TALL rebuild (where the writer chose it, masks stored) against the base alone
-    res["tall_saves_vs_base_only"] = 1 - res["stored_masks_residual_bytes"] / res["base_only_residual_bytes"]
-    print(json.dumps(res), flush=True)
-    return res
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--sizes-only", action="store_true", help="archives and BitX only (no ZipNN, zstd-19, timings)")
     ap.add_argument("--params", type=float, default=None)
     ap.add_argument("--tasks", type=int, default=None)
     ap.add_argument("--demo", default=".tallpack-demo/family", help="demo family folder (built when absent)")
@@ -217,15 +239,15 @@ def main() -> None:
             root.mkdir()
             p = params if dtype == "bfloat16" else params / 2  # the same file bytes for both
             base, tasks, _ = make_family(root, p, ntasks, getattr(torch, dtype), 256 if a.quick else 768)
-            results.append(measure(f"synthetic-{dtype}", base, tasks, dtype, root, a.quick))
+            results.append(measure(f"synthetic-{dtype}", base, tasks, dtype, root, a.sizes_only))
         if not a.quick:
             from tallpack.demo.family import build_family
 
             fam = build_family(a.demo)
             root = Path(tmp) / "demo"
             root.mkdir()
-            results.append(measure("demo", fam.base, dict(fam.tasks), "float32", root, a.quick))
-    (a.out / "exact_tier.json").write_text(json.dumps(results, indent=2))
+            results.append(measure("demo", fam.base, dict(fam.tasks), "float32", root, a.sizes_only))
+    (a.out / ("exact_tier.sizes.json" if a.sizes_only else "exact_tier.json")).write_text(json.dumps(results, indent=2))
 
 
 if __name__ == "__main__":

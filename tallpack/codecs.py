@@ -315,6 +315,145 @@ class Planes(Codec):
         return {"id": self.id, "itemsize": self.itemsize, "level": self.level}
 
 
+_BITSPLIT_MAX_WIDTH = {1: 5, 2: 13, 4: 29}
+
+
+@dataclass(frozen=True)
+class BitSplit(Codec):
+    """Unsigned integers split into a head byte each, zstd-coded per block, and verbatim low bits.
+
+    For an element v of bit length L (0 for v = 0), the head byte is ``4 * L + t``, t being the two
+    bits below v's leading one (``v - 2**(L-1)`` when L is 1 or 2); the ``max(L - 3, 0)`` bits
+    below those are the element's low bits. Encoded: one little-endian u32 length per block of
+    ``block`` elements, then each block's head bytes (verbatim when the length is the block's
+    element count, else one zstd frame of that many bytes), then every element's low bits as one
+    little-endian bit stream (element i's in the bits that follow element i-1's; the last byte's
+    unused bits zero). Exact-tier residuals (small differences in ulps, in the reference's exponent
+    order) have heads whose distribution is narrow within a block and low bits that are noise:
+    zstd's per-block Huffman tables code the heads close to their entropy given the exponent, which
+    byte planes, cut at byte boundaries rather than at each element's bit length, do not.
+    """
+
+    itemsize: int
+    block: int = 1 << 14
+    id: ClassVar[str] = "bitsplit"
+    ITEMSIZES: ClassVar[tuple[int, ...]] = (1, 2, 4)
+    KEEP_BELOW: ClassVar[float] = 0.98
+
+    def __post_init__(self) -> None:
+        if type(self.itemsize) is not int or self.itemsize not in _BITSPLIT_MAX_WIDTH:
+            raise CodecError(f"bitsplit: bad itemsize {self.itemsize!r} (1, 2 or 4)")
+        if type(self.block) is not int or not 64 <= self.block <= 1 << 20 or self.block % 8:
+            raise CodecError(f"bitsplit: bad block {self.block!r} (a multiple of 8 in [64, 2**20])")
+
+    def _max_low_bytes(self, n: int) -> int:
+        return -(-n * _BITSPLIT_MAX_WIDTH[self.itemsize] // 8)
+
+    def fits(self, size: int, nbytes: int) -> bool:
+        if size % self.itemsize:
+            return False
+        n = size // self.itemsize
+        head = 4 * -(-n // self.block)
+        return head <= nbytes <= head + n + self._max_low_bytes(n) and n <= ZSTD_MAX_RATIO * max(1, nbytes - head)
+
+    def encode(self, buf: memoryview) -> bytes:
+        v = np.frombuffer(buf, dtype=_UNSIGNED[self.itemsize]).astype(np.uint32)
+        length = np.frexp(v.astype(np.float64))[1].astype(np.uint8)  # bit length; exact below 2**32
+        width = _BITSPLIT_WIDTH[length]
+        heads = (length << 2) + ((v >> width).astype(np.uint8) - _BITSPLIT_LEAD[length])
+        low = v & ((np.uint32(1) << width) - np.uint32(1))
+        cctx = zstandard.ZstdCompressor(compression_params=zstandard.ZstdCompressionParameters.from_level(
+            1, min_match=7, write_content_size=True))
+        stored = []
+        for j in range(0, v.size, self.block):
+            part = heads[j : j + self.block].tobytes()
+            packed = cctx.compress(part)
+            stored.append(packed if len(packed) <= self.KEEP_BELOW * len(part) and len(packed) != len(part) else part)
+        sizes = struct.pack(f"<{len(stored)}I", *(len(p) for p in stored))
+        return sizes + b"".join(stored) + _pack_bits(low, width)
+
+    def decode(self, buf: memoryview, size: int) -> memoryview:
+        out = np.empty(size, np.uint8)
+        self.decode_into(buf, memoryview(out))
+        return memoryview(out)
+
+    def decode_into(self, buf: memoryview, out: memoryview) -> None:
+        k = self.itemsize
+        if len(out) % k:
+            raise CodecError(f"bitsplit: {len(out)} bytes is not a whole number of {k}-byte elements")
+        n = len(out) // k
+        nblocks = -(-n // self.block)
+        if len(buf) < 4 * nblocks:
+            raise CodecError("bitsplit: chunk too short for its block lengths")
+        lengths = struct.unpack_from(f"<{nblocks}I", buf, 0)
+        pos = 4 * nblocks
+        if pos + sum(lengths) > len(buf):
+            raise CodecError("bitsplit: block lengths exceed the chunk")
+        heads = np.empty(n, np.uint8)
+        zstd = Zstd()
+        for j, length in enumerate(lengths):
+            dst = heads[j * self.block : (j + 1) * self.block]
+            piece = buf[pos : pos + length]
+            if length == dst.size:
+                dst[:] = np.frombuffer(piece, np.uint8)
+            elif length > dst.size:
+                raise CodecError(f"bitsplit: block {j} stores {length} bytes for {dst.size} heads")
+            else:
+                zstd.decode_into(piece, memoryview(dst))
+            pos += length
+        length, t = heads >> 2, heads & 3
+        if n and (int(length.max()) > 8 * k or (t >= _BITSPLIT_T_LIMIT[np.minimum(length, 3)]).any()):
+            raise CodecError("bitsplit: a head byte names no element of this itemsize")
+        width = _BITSPLIT_WIDTH[length]
+        low = _unpack_bits(buf[pos:], width)
+        np.frombuffer(out, _UNSIGNED[k])[:] = ((_BITSPLIT_LEAD[length] + t).astype(np.uint32) << width) | low
+
+    def config(self) -> dict[str, Any]:
+        return {"id": self.id, "itemsize": self.itemsize, "block": self.block}
+
+
+_UNSIGNED = {1: np.dtype("<u1"), 2: np.dtype("<u2"), 4: np.dtype("<u4")}
+#: Head bytes' t field must be below this, by bit length 0, 1, 2 and 3 or more.
+_BITSPLIT_T_LIMIT = np.array([1, 1, 2, 4], np.uint8)
+#: By bit length L (0 to 32): the low bits' width, and the leading bits' value ``v >> width`` less t.
+_BITSPLIT_WIDTH = np.array([max(n - 3, 0) for n in range(33)], np.uint32)
+_BITSPLIT_LEAD = np.array([min(1 << n >> 1, 4) for n in range(33)], np.uint8)
+
+
+def _pack_bits(values: np.ndarray, widths: np.ndarray) -> bytes:
+    """``values[i]`` (below ``2**widths[i]``, widths at most 29) as one little-endian bit stream."""
+    ends = np.cumsum(widths, dtype=np.uint64)
+    total = int(ends[-1]) if ends.size else 0
+    words = np.zeros(total // 64 + 2, np.uint64)
+    if total:
+        offsets = ends - widths
+        word, shift = offsets >> np.uint64(6), offsets & np.uint64(63)
+        v = values.astype(np.uint64)
+        starts = np.flatnonzero(np.r_[True, word[1:] != word[:-1]])  # offsets ascend: runs of one word
+        words[word[starts]] |= np.bitwise_or.reduceat(v << shift, starts)
+        # the bits that spill into the next word (v >> 64 is undefined in numpy: shift by 63, then 1)
+        spill = (v >> (np.uint64(63) - shift)) >> np.uint64(1)
+        words[word[starts] + np.uint64(1)] |= np.bitwise_or.reduceat(spill, starts)
+    return words.astype("<u8").tobytes()[: -(-total // 8)]
+
+
+def _unpack_bits(stream: memoryview, widths: np.ndarray) -> np.ndarray:
+    """The inverse of :func:`_pack_bits` (as uint32); the stream must be exactly as long as the
+    widths say, with its unused last bits zero."""
+    ends = np.cumsum(widths, dtype=np.int64)
+    total = int(ends[-1]) if ends.size else 0
+    if len(stream) != -(-total // 8):
+        raise CodecError(f"bitsplit: {len(stream)} bytes of low bits, the heads say {-(-total // 8)}")
+    if total % 8 and stream[-1] >> (total % 8):
+        raise CodecError("bitsplit: nonzero padding after the low bits")
+    padded = np.zeros(len(stream) + 8, np.uint8)
+    padded[: len(stream)] = np.frombuffer(stream, np.uint8)
+    windows = np.ndarray((len(stream) + 1,), np.dtype("<u8"), padded, 0, (1,))  # 8 bytes from each byte
+    offsets = ends - widths
+    got = windows[offsets >> 3] >> (offsets & 7).astype(np.uint64)  # at most 7 + 29 bits: in the window
+    return got.astype(np.uint32) & ((np.uint32(1) << widths) - np.uint32(1))
+
+
 def _plane(piece: memoryview, n: int, slot: str) -> np.ndarray:
     """A stored plane of ``n`` bytes: itself when verbatim (its length is ``n``), else decoded
     from its zstd frame into this thread's buffer ``slot``."""
@@ -449,7 +588,7 @@ def _join_rotated(s: np.ndarray, t: np.ndarray, r: int, dst: np.ndarray) -> None
     dst[whole:, -2] = ((tl << (8 - r)) & 0xFF) | (st & keep)
 
 
-REGISTRY: dict[str, type[Codec]] = {c.id: c for c in (Zstd, ByteGroup, BitPack, Planes, ExponentPlanes)}
+REGISTRY: dict[str, type[Codec]] = {c.id: c for c in (Zstd, ByteGroup, BitPack, Planes, ExponentPlanes, BitSplit)}
 
 
 def from_config(config: Any) -> Codec:

@@ -48,7 +48,7 @@ MAJOR, MINOR = 1, 11
 FEATURE_MINOR: dict[str, int] = {"checksum:crc32": 0, "checksum:xxh3-64": 1, "codec:zstd": 0, "codec:bytegroup": 0,
                                  "codec:bitpack": 0, "field:exact": 2, "codec:planes": 3, "field:files": 4,
                                  "field:correction": 5, "encoding:tall-derived": 6, "encoding:qtau": 7,
-                                 "encoding:tall-derived-merged": 8, "codec:planes-exp": 11}
+                                 "encoding:tall-derived-merged": 8, "codec:bitsplit": 9, "codec:planes-exp": 11}
 
 
 def format_version(features: set[str] | frozenset[str]) -> tuple[int, int]:

@@ -17,7 +17,7 @@ from ._version import __version__
 from .container import ContainerWriter
 from .dial import Dial
 from .encodings import BY_KIND, Item, WriteContext
-from .encodings.exact import add_exact
+from .encodings.exact import RESIDUAL_CODECS, add_exact
 from .errors import InvalidArgumentError, OutputExistsError
 from .folders import FileStore
 from .fsutil import writing
@@ -120,7 +120,7 @@ def _write(fam: PackInputs, v: Validated, lams: dict[str, float], out: Path, sel
                 entries.append(None)
                 continue
             written = BY_KIND[item.kind].write(ctx, item)
-            entries.append(add_exact(ctx, item, written) if opts.exact else written)
+            entries.append(add_exact(ctx, item, written, codecs=RESIDUAL_CODECS) if opts.exact else written)
         task_files = {t: store.add(src.files, f"task {t!r}") for t, src in fam.tasks.items()}
 
         def manifest() -> Manifest:

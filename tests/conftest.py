@@ -155,3 +155,11 @@ def exact_family(seed: int = 0) -> tuple[dict, dict]:
     tasks = {t: {"w": base["w"] + 0.1 * torch.randn(20, 9, generator=g),
                  "h": (base["h"].float() + 0.05 * torch.randn(40, generator=g)).bfloat16()} for t in "abc"}
     return base, tasks
+
+
+def exact_version(fam, minor: int) -> tuple[int, int]:
+    """The format version of an exact archive whose other features need format 1.``minor``: at
+    least 1.9 where a residual uses the ``bitsplit`` codec (chosen per tensor where it codes smaller)."""
+    chains = [ex.residual.codecs for e in fam.manifest.tensors for tt in e.tasks.values()
+              if (ex := tt.extras.get("exact")) is not None]
+    return 1, max(minor, 9) if any(c["id"] == "bitsplit" for chain in chains for c in chain) else minor

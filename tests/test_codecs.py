@@ -125,6 +125,99 @@ def test_planes_strong_levels_are_smaller_and_read_the_same():
         assert bytes(fast.decode(memoryview(enc), len(data))) == data
 
 
+_UNSIGNED = {1: np.uint8, 2: np.uint16, 4: np.uint32}
+
+
+@st.composite
+def residual_like(draw):
+    """(itemsize, block, elements): unsigned integers of every bit length, as residuals have."""
+    itemsize = draw(st.sampled_from([1, 2, 4]))
+    block = draw(st.sampled_from([64, 128, 1 << 14]))
+    raw = draw(st.binary(max_size=300 * itemsize))
+    a = np.frombuffer(raw[: len(raw) - len(raw) % itemsize], _UNSIGNED[itemsize]).copy()
+    shifts = np.frombuffer(draw(st.binary(min_size=a.size, max_size=a.size)), np.uint8) % (8 * itemsize + 1)
+    a = np.where(shifts == 8 * itemsize, 0, a >> np.minimum(shifts, 8 * itemsize - 1).astype(a.dtype))
+    return itemsize, block, a.astype(_UNSIGNED[itemsize])
+
+
+@given(residual_like())
+@settings(max_examples=60)
+def test_bitsplit_round_trips_every_bit_length(case):
+    itemsize, block, a = case
+    c = codecs.BitSplit(itemsize, block)
+    enc = c.encode(memoryview(a.view(np.uint8)))
+    assert c.fits(a.nbytes, len(enc))
+    assert bytes(c.decode(memoryview(enc), a.nbytes)) == a.tobytes()
+    out = bytearray(a.nbytes)
+    codecs.Chain.from_configs([c.config()]).decode(memoryview(enc), a.nbytes, memoryview(out))
+    assert bytes(out) == a.tobytes()
+
+
+def test_bitsplit_layout_is_the_specs_example():
+    """spec §5: heads 4L + t, then the low bits as one little-endian bit stream."""
+    a = np.array([0, 1, 2, 3, 4, 5, 13, 0xFFFF], np.uint16)
+    enc = codecs.BitSplit(2).encode(memoryview(a.view(np.uint8)))
+    assert enc == bytes.fromhex("08000000" "000408090c0d1243" "ff3f")
+
+
+def test_bitsplit_codes_residuals_smaller_than_planes():
+    """Differences of a few hundred ulps, zigzag-coded: the heads are narrow, the low bits noise."""
+    rng = np.random.default_rng(0)
+    z = (np.abs(rng.normal(0, 300, 1 << 16)).astype(np.uint32) * 2 + rng.integers(0, 2, 1 << 16)).astype(np.uint32)
+    split = codecs.BitSplit(4).encode(memoryview(z.view(np.uint8)))
+    planes = codecs.Planes(4).encode(memoryview(z.view(np.uint8)))
+    assert len(split) < 0.97 * len(planes)
+
+
+@pytest.mark.parametrize("damage", ["lengths", "head", "small-head", "frame", "short", "long", "padding"])
+def test_bitsplit_refuses_damaged_chunks(damage):
+    a = (np.arange(2000, dtype=np.uint32) * 37) % 5000
+    c = codecs.BitSplit(4, 1024)
+    enc = bytearray(c.encode(memoryview(a.view(np.uint8))))
+    first = int.from_bytes(enc[:4], "little")
+    if damage == "lengths":
+        enc[4] ^= 0x40
+    elif damage == "head":  # a bit length beyond 32
+        enc = bytearray(codecs.BitSplit(4, 1024).encode(memoryview(np.zeros(8, np.uint32).view(np.uint8))))
+        enc[4] = 33 << 2
+    elif damage == "small-head":  # bit length 0 with t = 1: no such element
+        enc = bytearray(codecs.BitSplit(4, 1024).encode(memoryview(np.zeros(8, np.uint32).view(np.uint8))))
+        enc[4] = 1
+    elif damage == "frame":
+        enc[8 + first // 2] ^= 0xFF
+    elif damage == "short":
+        enc = enc[:-1]
+    elif damage == "long":
+        enc += b"\0"
+    else:  # a set bit after the last element's low bits
+        b = np.array([13, 13], np.uint32)  # 0b1101: one low bit each, so six bits of padding
+        enc = bytearray(codecs.BitSplit(4).encode(memoryview(b.view(np.uint8))))
+        enc[-1] |= 0x80
+    n = a.nbytes if damage not in ("head", "small-head", "padding") else (32 if damage != "padding" else 8)
+    with pytest.raises(CodecError):
+        c.decode(memoryview(bytes(enc)), n)
+
+
+@given(st.binary(max_size=600), st.sampled_from([1, 2, 4]), st.integers(0, 64))
+@settings(max_examples=80)
+def test_bitsplit_decodes_garbage_to_an_error_or_the_right_size(data, itemsize, n):
+    """Any bytes: either n elements or a CodecError (never another exception, a hang or a large allocation)."""
+    c = codecs.BitSplit(itemsize, 64)
+    try:
+        out = c.decode(memoryview(data), n * itemsize)
+    except CodecError:
+        return
+    assert len(out) == n * itemsize
+
+
+@pytest.mark.parametrize("config", [{"id": "bitsplit", "itemsize": 8}, {"id": "bitsplit", "itemsize": 4, "block": 100},
+                                    {"id": "bitsplit", "itemsize": 4, "block": 8},
+                                    {"id": "bitsplit", "itemsize": 4, "level": 3}])
+def test_bitsplit_bad_configs_are_format_errors(config):
+    with pytest.raises(CodecError):
+        codecs.from_config(config)
+
+
 # -- planes-exp (format 1.11): the exponent in a plane of its own ---------------------------------
 
 @given(st.binary(max_size=3000), st.sampled_from([2, 4]), st.integers(1, 7), st.booleans())

@@ -244,3 +244,23 @@ def test_cli_pack_unpack_verify_exact(small_family, tmp_path: Path) -> None:
     assert r.returncode == 0 and r.stdout.startswith("ok"), r.stderr
     manifest = json.loads(json.dumps(tallpack.open(out).manifest.to_dict()))
     assert manifest["format_version"] == list(written(8))  # the exact tier with derived masks and merged vectors
+
+
+def test_writer_keeps_planes_where_it_codes_smaller(tmp_path: Path) -> None:
+    """Per task and tensor, the smaller residual codec: ``bitsplit`` (format 1.9) where the low bits
+    are noise, byte planes where they are not (float32 weights that are bfloat16 values: the low
+    16 bits of every residual are zero, which planes code to nothing and bitsplit would store)."""
+    g = torch.Generator().manual_seed(5)
+    base = {"noise": torch.randn(64, 64, generator=g), "rounded": torch.randn(64, 64, generator=g).bfloat16().float()}
+    tasks = {t: {"noise": base["noise"] + 1e-3 * torch.randn(64, 64, generator=g),
+                 "rounded": (base["rounded"] + 1e-2 * torch.randn(64, 64, generator=g)).bfloat16().float()}
+             for t in "ab"}
+    out = tmp_path / "p.tallpack"
+    tallpack.pack(base, tasks, out, exact=True, codec="zstd")
+    with tallpack.open(out) as fam:
+        chosen = {(e.name, c["id"]) for e in fam.manifest.tensors for tt in e.tasks.values()
+                  for c in tt.extras["exact"].residual.codecs}
+        assert chosen == {("noise", "bitsplit"), ("rounded", "planes")}
+        assert fam.format_version == (1, 9)
+        for t, sd in tasks.items():
+            assert all(_same(fam.get_tensor(t, k, exact=True), v) for k, v in sd.items())

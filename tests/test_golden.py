@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
 GOLDEN = ROOT / "tests" / "golden"
 SCHEMA = ROOT / "spec" / "manifest.schema.json"
 NAMES = ["v1_0_ta", "v1_0_ties_raw", "v1_1_ta_zstd", "v1_2_exact", "v1_3_planes", "v1_4_files", "v1_5_correction",
-         "v1_6_derived", "v1_7_qtau", "v1_8_derived_merged", "v1_11_planes_exp"]
+         "v1_6_derived", "v1_7_qtau", "v1_8_derived_merged", "v1_9_bitsplit", "v1_11_planes_exp"]
 
 
 def _version(name: str) -> tuple[int, int]:
@@ -255,11 +255,7 @@ class MiniArchive:
         for c, s in zip(reversed(codecs), reversed(sizes)):
             if c["id"] == "zstd":
                 assert set(c) <= {"id", "level"}
-                assert zstandard.frame_content_size(out) == s
-                d = zstandard.ZstdDecompressor().decompressobj()
-                res = d.decompress(out)
-                assert d.eof and not d.unused_data
-                out = res
+                out = _frame(out, s)
             elif c["id"] == "bytegroup":
                 k = c["itemsize"]
                 assert len(out) == s and s % k == 0
@@ -278,12 +274,7 @@ class MiniArchive:
                 planes, pos = [], prefix + 4 * k
                 for length in lengths:
                     piece = out[pos : pos + length]
-                    if length != n:
-                        assert zstandard.frame_content_size(piece) == n
-                        d = zstandard.ZstdDecompressor().decompressobj()
-                        piece = d.decompress(piece)
-                        assert d.eof and not d.unused_data
-                    planes.append(np.frombuffer(piece, np.uint8))
+                    planes.append(np.frombuffer(piece if length == n else _frame(piece, n), np.uint8))
                     pos += length
                 if c["id"] == "planes-exp":  # §5: planes S and T of rotation r give the top two bytes
                     (r,) = struct.unpack_from("<I", out, 0)
@@ -293,6 +284,8 @@ class MiniArchive:
                     planes[-1] = ((s_ & (0xFF ^ keep)) | (t_ >> r)).astype(np.uint8)
                     planes[-2] = (((t_ << (8 - r)) & 0xFF) | (s_ & keep)).astype(np.uint8)
                 out = np.stack(planes, axis=1).tobytes()
+            elif c["id"] == "bitsplit":
+                out = _bitsplit(out, c, s)
             else:
                 raise AssertionError(f"unknown codec {c['id']}")
             assert len(out) == s
@@ -430,6 +423,45 @@ class MiniArchive:
         return dtype, x.reshape(tt["shape"])
 
 
+def _frame(stored: bytes, size: int) -> bytes:
+    """One zstd frame announcing ``size`` bytes, and nothing after it."""
+    assert zstandard.frame_content_size(stored) == size
+    d = zstandard.ZstdDecompressor().decompressobj()
+    out = d.decompress(stored)
+    assert d.eof and not d.unused_data
+    return out
+
+
+def _bitsplit(stored: bytes, c: dict, size: int) -> bytes:
+    """§5 ``bitsplit``, one element at a time: per block, a u32 length and its head bytes
+    (verbatim or one zstd frame), then every element's low bits as one little-endian bit stream."""
+    assert set(c) == {"id", "itemsize", "block"} and c["itemsize"] in (1, 2, 4)
+    k, block = c["itemsize"], c["block"]
+    n = size // k
+    nb = -(-n // block)
+    lengths = struct.unpack_from(f"<{nb}I", stored, 0)
+    pos, heads = 4 * nb, b""
+    for j, length in enumerate(lengths):
+        count = min(block, n - j * block)
+        assert length <= count
+        piece = stored[pos : pos + length]
+        heads += piece if length == count else _frame(piece, count)
+        pos += length
+    stream = int.from_bytes(stored[pos:], "little")
+    at, values = 0, []
+    for h in heads:
+        length, t = h >> 2, h & 3
+        assert length <= 8 * k and (length >= 3 or t < max(1, 1 << length >> 1))
+        if length < 3:
+            values.append(0 if length == 0 else (1 << (length - 1)) + t)
+            continue
+        w = length - 3
+        values.append(((4 + t) << w) | ((stream >> at) & ((1 << w) - 1)))
+        at += w
+    assert len(stored) - pos == -(-at // 8) and stream >> at == 0
+    return np.array(values, UINT[k]).astype(f"<u{k}").tobytes()
+
+
 def _deq(mini: MiniArchive, tt: dict) -> np.ndarray:
     """§6.1.7: up to 4 bits the codes are one little-endian bit stream, code i in bits
     [i*bits, (i+1)*bits); from 5 bits, one byte each."""
@@ -482,8 +514,9 @@ def test_spec_reader_rebuilds_every_tensor(name: str) -> None:
             assert got.reshape(-1).view(np.uint8).tobytes() == _bits(want).tobytes(), (task, k)
     # the golden files cover every encoding and the common dtypes
     masked = {"v1_6_derived": "tall-derived", "v1_7_qtau": "qtau",
-              "v1_8_derived_merged": "tall-derived-merged"}.get(name, "tall")
-    plain = set() if name == "v1_8_derived_merged" else {"tall"}  # 1.8's golden: every merged vector derived
+              "v1_8_derived_merged": "tall-derived-merged", "v1_9_bitsplit": "tall-derived-merged"}.get(name, "tall")
+    # 1.8's and 1.9's goldens: every merged vector derived
+    plain = set() if name in ("v1_8_derived_merged", "v1_9_bitsplit") else {"tall"}
     assert {e for e, _ in encodings} == {"dense", "shared"} | plain | {masked}
     assert {d for e, d in encodings if e == masked} >= {"float32", "bfloat16", "float16"}
 
@@ -502,15 +535,15 @@ def test_spec_reader_covers_the_dials_fields() -> None:
     assert any(e["kind"] == "merged" and "merged" not in e for e in m["tensors"])
 
 
-@pytest.mark.parametrize("name", ["v1_2_exact", "v1_6_derived", "v1_8_derived_merged"])
+@pytest.mark.parametrize("name", ["v1_2_exact", "v1_6_derived", "v1_8_derived_merged", "v1_9_bitsplit"])
 def test_spec_reader_rebuilds_the_originals_bit_for_bit(name: str) -> None:
-    """The exact tier (format 1.2; with derived masks, 1.6; and merged vectors, 1.8) read by the
-    spec-only reader: every original tensor, bit for bit."""
+    """The exact tier (format 1.2; with derived masks, 1.6; and merged vectors, 1.8; residuals in
+    ``bitsplit``, 1.9) read by the spec-only reader: every original tensor, bit for bit."""
     mini = MiniArchive(GOLDEN / f"{name}.tallpack")
     assert mini.manifest["format_version"] == list(_version(name))
     with safe_open(str(GOLDEN / f"{name}.originals.safetensors"), "pt") as f:
         originals = {k: f.get_tensor(k) for k in f.keys()}
-    seen, refs = set(), set()
+    seen, refs, codecs = set(), set(), set()
     for info in mini.manifest["tasks"]:
         assert info["exact"]["files"] == []  # in-memory inputs: tensors only
         for k in info["keys"]:
@@ -522,9 +555,13 @@ def test_spec_reader_rebuilds_the_originals_bit_for_bit(name: str) -> None:
             ex = mini.tensors[k]["tasks"][info["name"]].get("exact")
             if ex:
                 refs.add((ex["reference"], ex["transform"]))
+                codecs.add((ex["residual"]["codecs"][0]["id"], dtype))
     assert seen == set(originals)
-    # both references are exercised (1.8's derived merged vectors need base or zero)
-    assert {r for r, _ in refs} >= ({"base", "zero"} if name == "v1_8_derived_merged" else {"tall", "base"})
+    if name == "v1_9_bitsplit":  # every floating dtype's residual in bitsplit (heads zstd-coded), against the base
+        assert {c for c, _ in codecs} == {"bitsplit"} and {d for _, d in codecs} == {"float32", "bfloat16", "float16"}
+        assert {r for r, _ in refs} == {"base"}
+    else:  # both references are exercised (1.8's derived merged vectors need base or zero)
+        assert {r for r, _ in refs} >= ({"base", "zero"} if name == "v1_8_derived_merged" else {"tall", "base"})
     with tallpack.open(GOLDEN / f"{name}.tallpack") as fam:
         for key, want in originals.items():
             t, k = key.split("/", 1)

@@ -27,6 +27,7 @@ import torch
 import xxhash
 
 from ..arrays import ArrayRef
+from ..codecs import BitSplit, Chain
 from ..dtypes import dtype_name, tensor_to_bytes, torch_dtype
 from ..errors import FormatError, IntegrityError
 from ..merging import derive_merged
@@ -61,6 +62,10 @@ MASK_POLICY = "choose"
 MERGED_POLICY = "derive"
 #: Elements of each tensor the writer codes each candidate on before choosing.
 SAMPLE_ELEMENTS = 1 << 18
+#: The residual codecs the writer tries (benchmarks narrow it): ``planes`` (byte planes, the
+#: archive's residual chain) and ``bitsplit`` (format 1.9: each element's bit length and two bits
+#: below its leading one, zstd-coded, then its low bits verbatim; itemsizes 1, 2 and 4).
+RESIDUAL_CODECS: tuple[str, ...] = ("planes", "bitsplit")
 
 
 # -- the transforms, on bit patterns as unsigned integers (numpy, wrapping arithmetic) -------------
@@ -232,8 +237,16 @@ def _bits_of(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous().reshape(-1).view(torch.uint8)
 
 
-def _encoded_size(ctx: WriteContext, z: np.ndarray) -> int:
-    return len(ctx.residuals(z.dtype.itemsize).encode(memoryview(z.view(np.uint8))))
+def _chains(ctx: WriteContext, itemsize: int, codecs: tuple[str, ...]) -> dict[str, Chain]:
+    """The residual chains of ``codecs`` for elements of ``itemsize`` bytes, by name (``planes``
+    where none of them applies)."""
+    assert ctx.residuals is not None
+    out = {"planes": ctx.residuals(itemsize)}
+    if "bitsplit" in codecs and itemsize in BitSplit.ITEMSIZES:
+        out["bitsplit"] = Chain([BitSplit(itemsize)])
+        if "planes" not in codecs:
+            del out["planes"]
+    return out
 
 
 def _write_held(ctx: WriteContext, chunks: list, shape: tuple[int, ...], dtype: str = "bool",
@@ -246,9 +259,12 @@ def _write_held(ctx: WriteContext, chunks: list, shape: tuple[int, ...], dtype: 
     return builder.finish()
 
 
-def add_exact(ctx: WriteContext, item: Item, entry: TensorEntry, tasks: set[str] | None = None) -> TensorEntry:
+def add_exact(ctx: WriteContext, item: Item, entry: TensorEntry, tasks: set[str] | None = None,
+              codecs: tuple[str, ...] = ("planes",)) -> TensorEntry:
     """Give every ``tall`` task entry of ``entry`` (of ``tasks`` only, when given) its exact residual
-    (others are exact already).
+    (others are exact already), coded with whichever of ``codecs`` (names of ``RESIDUAL_CODECS``)
+    codes it smallest: the exact tier passes ``RESIDUAL_CODECS``; the fidelity dial's exact
+    corrections, whose size estimate assumes ``planes``, keep the default.
 
     Where ``Tall.write`` held the masks back (``ctx.held_masks``), each task's mask is stored only
     where that codes smaller: stored mask + residual against the best reference, or no mask (a
@@ -267,17 +283,19 @@ def add_exact(ctx: WriteContext, item: Item, entry: TensorEntry, tasks: set[str]
     todo = [i for i, t in enumerate(item.tasks)
             if tasks is None or (t in tasks and "exact" not in entry.tasks[t].extras)]
     refs = {i: _references(item, i, talls[i]) for i in todo}
-    choice = _choose(item, todo, {i: _sizes(ctx, item, i, refs[i]) for i in todo}, held, merged_held, derivable)
+    codecs = tuple(c for c in codecs if c in RESIDUAL_CODECS) or ("planes",)
+    choice = _choose(item, todo, {i: _sizes(ctx, item, i, refs[i], codecs) for i in todo}, held, merged_held,
+                     derivable)
     ce = ctx.chunk_elements
     for i in todo:
         t, x, tt = item.tasks[i], item.thetas[i], entry.tasks[item.tasks[i]]
-        ref, tr, derive = choice[i]
+        (ref, tr, codec), derive = choice[i]
         xb = bits(x.contiguous())
         r = refs[i][ref]
         rb = bits(r.contiguous()) if r is not None else np.zeros_like(xb)
         z = permute(forward(xb, rb, tr), rb, dtype_name(x.dtype), "exponent", ce)
         residual = ctx.writer.write_array(memoryview(z.view(np.uint8)), _UINT[x.element_size()][1], tuple(x.shape),
-                                          ctx.residuals(x.element_size()), ce)
+                                          _chains(ctx, x.element_size(), codecs)[codec], ce)
         exact = Exact(ref, tr, "exponent", residual, tensor_hash(x))
         if derive:
             entry.tasks[t] = TaskTensor("tall-derived", tt.dtype, tt.shape, {},
@@ -291,32 +309,36 @@ def add_exact(ctx: WriteContext, item: Item, entry: TensorEntry, tasks: set[str]
     return entry
 
 
-def _choose(item: Item, todo: list[int], sizes: dict[int, list[tuple[int, str, str]]], held: list | None,
-            merged_held: dict | None, derivable: bool) -> dict[int, tuple[str, str, bool]]:
-    """Per task: (reference, transform, whether its mask is derived). Each task's mask is derived
-    where the residual against base or zero codes smaller than mask + best residual; then, where the
-    merged vector may be derived too, deriving every mask wins if it costs no more than that choice
-    plus the merged vector's (and the method's arrays') bytes."""
-    choice = {i: (sizes[i][0][1], sizes[i][0][2], False) for i in todo}
+#: How a task's residual is coded: (reference, transform, residual codec).
+How = tuple[str, str, str]
+
+
+def _choose(item: Item, todo: list[int], sizes: dict[int, list[tuple[int, How]]], held: list | None,
+            merged_held: dict | None, derivable: bool) -> dict[int, tuple[How, bool]]:
+    """Per task: how its residual is coded, and whether its mask is derived. Each task's mask is
+    derived where the residual against base or zero codes smaller than mask + best residual; then,
+    where the merged vector may be derived too, deriving every mask wins if it costs no more than
+    that choice plus the merged vector's (and the method's arrays') bytes."""
+    choice = {i: (sizes[i][0][1], False) for i in todo}
     if held is None or MASK_POLICY == "store":
         return choice
     cost = 0.0  # the per-task choice, scaled from the sample to the tensor
+    best: dict[int, tuple[float, How] | None] = {}
     for i in todo:
         n = item.thetas[i].numel()
         scale = n / max(1, min(SAMPLE_ELEMENTS, n))
-        with_mask = min(s * scale + sum(len(c) for c in held[i]) for s, _, _ in sizes[i])
-        without = [(s * scale, k, r) for s, k, r in sizes[i] if k != "tall"]
-        if without and (MASK_POLICY == "derive" or without[0][0] <= with_mask):
-            choice[i] = (without[0][1], without[0][2], True)
-            cost += without[0][0]
+        with_mask = min(s * scale + sum(len(c) for c in held[i]) for s, _ in sizes[i])
+        best[i] = next(((s * scale, how) for s, how in sizes[i] if how[0] != "tall"), None)
+        b = best[i]
+        if b is not None and (MASK_POLICY == "derive" or b[0] <= with_mask):
+            choice[i] = (b[1], True)
+            cost += b[0]
         else:
             cost += with_mask
-    best = {i: next(((s * item.thetas[i].numel() / max(1, min(SAMPLE_ELEMENTS, item.thetas[i].numel())), k, r)
-                     for s, k, r in sizes[i] if k != "tall"), None) for i in todo}
     if derivable and all(best.values()):
         merged_bytes = sum(len(c) for _, chunks in (merged_held or {}).values() for c in chunks)
-        if sum(b[0] for b in best.values()) <= cost + merged_bytes:
-            return {i: (b[1], b[2], True) for i, b in best.items()}
+        if sum(b[0] for b in best.values() if b) <= cost + merged_bytes:
+            return {i: (b[1], True) for i, b in best.items() if b}
     return choice
 
 
@@ -330,17 +352,20 @@ def _references(item: Item, i: int, rec: torch.Tensor) -> dict[str, torch.Tensor
     return refs
 
 
-def _sizes(ctx: WriteContext, item: Item, i: int, refs: dict[str, torch.Tensor | None]) -> list[tuple[int, str, str]]:
-    """(coded bytes of the first SAMPLE_ELEMENTS elements, reference, transform), smallest first."""
+def _sizes(ctx: WriteContext, item: Item, i: int, refs: dict[str, torch.Tensor | None],
+           codecs: tuple[str, ...]) -> list[tuple[int, How]]:
+    """(coded bytes of the first SAMPLE_ELEMENTS elements, how), smallest first."""
     x, n, ce = item.thetas[i], SAMPLE_ELEMENTS, ctx.chunk_elements
     xb = bits(x.contiguous().reshape(-1)[:n])
+    chains = _chains(ctx, x.element_size(), codecs)
     out = []
     for k, r in refs.items():
         if k not in CANDIDATES:
             continue
         rb = bits(r.contiguous().reshape(-1)[:n]) if r is not None else np.zeros_like(xb)
-        out += [(_encoded_size(ctx, permute(forward(xb, rb, tr), rb, dtype_name(x.dtype), "exponent", ce)), k, tr)
-                for tr in TRANSFORMS]
+        for tr in TRANSFORMS:
+            z = memoryview(permute(forward(xb, rb, tr), rb, dtype_name(x.dtype), "exponent", ce).view(np.uint8))
+            out += [(len(chain.encode(z)), (k, tr, name)) for name, chain in chains.items()]
     return sorted(out)
 
 

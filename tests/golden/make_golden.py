@@ -22,6 +22,11 @@ writes, beside this script:
 * ``v1_8_derived_merged.tallpack`` (format 1.8): the exact tier of a TIES family whose merged
   vectors and counts are derived from the originals (``tall-derived-merged`` tensors), and
   ``v1_8_derived_merged.originals.safetensors``;
+* ``v1_9_bitsplit.tallpack`` (format 1.9): the exact tier with residuals in the ``bitsplit`` codec
+  (chunks of 256 elements, so blocks of heads are zstd frames; dense arrays ``bytegroup-zstd``, so
+  the archive stays 1.9), and
+  ``v1_9_bitsplit.originals.safetensors``; the earlier exact goldens are packed with ``planes``
+  residuals only (``residual_codecs``), as they were written;
 * ``v1_11_planes_exp.tallpack`` (format 1.11): the ``planes-exp`` codec for float32 and bfloat16
   arrays, ``planes`` for float16; the chunks take the rotations 1 to 7 in turn (the writer's choice
   is free: 64-element chunks are too small for its estimate to pick more than 1), so the reader is
@@ -49,6 +54,7 @@ from safetensors.torch import save_file
 
 import tallpack
 from tallpack.codecs import ExponentPlanes
+from tallpack.encodings import exact as exact_mod
 
 HERE = Path(__file__).resolve().parent
 CHUNK = 64
@@ -126,14 +132,20 @@ ARCHIVES = {
     "v1_1_ta_zstd": dict(seed=3, tasks=["cola", "sst2"], head_rows={"cola": 2, "sst2": 2},
                          pack=dict(merge="ta", codec="zstd", checksum="xxh3-64", lambdas=0.4)),
     "v1_2_exact": dict(seed=4, tasks=["qnli", "rte", "mrpc"], head_rows={"qnli": 2, "rte": 2, "mrpc": 3},
+                       residual_codecs=("planes",),
                        pack=dict(merge="ta", codec="bytegroup-zstd", checksum="xxh3-64", lambdas=0.4, exact=True)),
     "v1_6_derived": dict(seed=7, tasks=["wnli", "stsb", "qqp"], head_rows={"wnli": 2, "stsb": 1, "qqp": 2},
+                         residual_codecs=("planes",),
                          pack=dict(merge="ta", codec="planes", checksum="xxh3-64",
                                    lambdas={"wnli": 0.5, "stsb": 0.3, "qqp": 0.4}, exact=True,
                                    derive_merged=False)),
     "v1_8_derived_merged": dict(seed=8, tasks=["rte2", "cb", "wic"], head_rows={"rte2": 2, "cb": 3, "wic": 2},
+                                residual_codecs=("planes",),
                                 pack=dict(merge={"method": "ties", "top_k": 0.4}, codec="planes", checksum="xxh3-64",
                                           lambdas={"rte2": 0.5, "cb": 0.3, "wic": 0.4}, exact=True)),
+    "v1_9_bitsplit": dict(seed=9, tasks=["boolq2", "axb", "axg"], head_rows={"boolq2": 2, "axb": 2, "axg": 3},
+                          chunk=256, pack=dict(merge="ta", codec="bytegroup-zstd", checksum="xxh3-64",
+                                               lambdas={"boolq2": 0.5, "axb": 0.3, "axg": 0.4}, exact=True)),
     "v1_3_planes": dict(seed=5, tasks=["boolq", "copa"], head_rows={"boolq": 2, "copa": 2},
                         pack=dict(merge="ta", codec="planes", checksum="xxh3-64", lambdas=0.4)),
     "v1_4_files": dict(seed=6, tasks=["squad", "mnli"], head_rows={"squad": 2, "mnli": 3}, folders=True,
@@ -205,15 +217,16 @@ def pack_inputs(name: str, out: Path, tmp: Path):
     spec = ARCHIVES[name]
     base, fts = family(spec["seed"], spec["tasks"], spec["head_rows"])
     base_in, fts_in = as_folders(base, fts, tmp) if spec.get("folders") else (base, fts)
-    choose = ExponentPlanes._choose
+    choose, saved = ExponentPlanes._choose, exact_mod.RESIDUAL_CODECS
     if spec.get("every_rotation"):
         turn = iter(range(1 << 30))
         ExponentPlanes._choose = lambda self, lo, hi: 1 + next(turn) % 7
+    exact_mod.RESIDUAL_CODECS = spec.get("residual_codecs", saved)
     try:
-        manifest = tallpack.pack(base_in, fts_in, out, chunk_elements=CHUNK, threads=1, overwrite=True,
-                                 metadata={"golden": name}, **spec["pack"])
+        manifest = tallpack.pack(base_in, fts_in, out, chunk_elements=spec.get("chunk", CHUNK), threads=1,
+                                 overwrite=True, metadata={"golden": name}, **spec["pack"])
     finally:
-        ExponentPlanes._choose = choose
+        ExponentPlanes._choose, exact_mod.RESIDUAL_CODECS = choose, saved
     return manifest, base, fts
 
 
