@@ -557,6 +557,10 @@ def _rotation(buf: memoryview) -> int:
     return r
 
 
+#: Elements ``_join_rotated`` handles per numpy operation.
+_ROTATION_BLOCK = 1 << 20
+
+
 def _join_rotated(s: np.ndarray, t: np.ndarray, r: int, dst: np.ndarray) -> None:
     """The two top byte columns of ``dst`` from the stored planes ``S`` and ``T`` of rotation ``r``
     (``ExponentPlanes``), in blocks that stay in cache, eight bytes to a numpy operation."""
@@ -565,7 +569,7 @@ def _join_rotated(s: np.ndarray, t: np.ndarray, r: int, dst: np.ndarray) -> None
     s_hi, s_lo, t_top, t_low = (np.uint64(v) * spread for v in (0xFF ^ keep, keep, keep, 0xFF >> (8 - r)))
     right, left = np.uint64(r), np.uint64(8 - r)
     n = dst.shape[0]
-    block = ByteGroup._BLOCK
+    block = _ROTATION_BLOCK
     whole = n - n % 8
     t1, t2 = np.empty(block // 8, np.uint64), np.empty(block // 8, np.uint64)
     s64, t64 = s[:whole].view(np.uint64), t[:whole].view(np.uint64)
