@@ -801,7 +801,7 @@ How each row is measured:
   {d['idle_child_anon'] / MB:.0f} MB).
 - codec (6): the base checkpoint's tensors, and the merged vector (the sum of the task vectors in
   float32), encoded per {codec.get('chunk_elements', 0):,}-element chunk ({codec.get('default', codec).get('chunks', 0)}
-  chunks each) with the default chain for float32 (`planes-exp`, format 1.9), the same at
+  chunks each) with the default chain for float32 (`planes-exp`, format 1.11), the same at
   `--level 19` (rotations chosen per chunk) and format 1.3's `planes`, decoded by a 2-thread pool
   (the four decoders alternated); against {zl}.
 - unpack (8): `tallpack unpack ARCHIVE --task NAME -o DIR` (the planes archive) in a
