@@ -13,6 +13,19 @@ from safetensors.torch import save_file
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+def cli_pack(family: dict, out: Path, *flags: str) -> None:
+    """``tallpack pack`` of a ``small_family`` in a fresh process, with ``flags``; the test fails
+    on a nonzero exit, with the command's stderr."""
+    import subprocess
+    import sys
+
+    args = ["pack", "--base", str(family["base_path"]), "-o", str(out), *flags]
+    for t, p in family["task_paths"].items():
+        args += ["--task", f"{t}={p}"]
+    r = subprocess.run([sys.executable, "-m", "tallpack", *args], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+
+
 def written(minor: int) -> tuple[int, int]:
     """The version of an archive of float32 or bfloat16 arrays packed with the default codec
     (``planes-exp``) whose other features need format 1.``minor``."""

@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import tallpack
-from conftest import exact_family, exact_version, written
+from conftest import cli_pack, exact_family, exact_version, written
 from tallpack import encodings, report, stats
 from tallpack.encodings import exact as exact_mod
 from tallpack.encodings.derived import derive_mask, has_mask, task_mask
@@ -230,16 +230,9 @@ def test_mutated_derived_entries_raise_only_tallpack_errors(derived_bytes, tmp_p
 def test_store_masks_option_keeps_format_1_3(small_family, tmp_path: Path) -> None:
     """``derive_masks=False`` (``pack --exact --store-masks``): every mask stored, the 1.3 format, the
     same lossy and exact reads."""
-    import subprocess
-    import sys
-
     stored, derived = tmp_path / "s.tallpack", tmp_path / "d.tallpack"
-    args = ["pack", "--exact", "--store-masks", "--base", str(small_family["base_path"]), "-o", str(stored),
-            "--chunk-elements", "64", "--codec", "zstd"]  # zstd: the version is the features' alone
-    for t, p in small_family["task_paths"].items():
-        args += ["--task", f"{t}={p}"]
-    r = subprocess.run([sys.executable, "-m", "tallpack", *args], capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0, r.stderr
+    # zstd: the version is the features' alone
+    cli_pack(small_family, stored, "--exact", "--store-masks", "--chunk-elements", "64", "--codec", "zstd")
     tallpack.pack(small_family["base_path"], small_family["task_paths"], derived, exact=True, chunk_elements=64,
                   derive_merged=False, codec="zstd")
     with tallpack.open(stored) as s, tallpack.open(derived) as d:

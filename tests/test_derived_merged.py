@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import tallpack
-from conftest import exact_family, exact_version, read_everything, written
+from conftest import cli_pack, exact_family, exact_version, read_everything, written
 from tallpack import encodings, report, stats
 from tallpack.container import FOOTER
 from tallpack.encodings import Use
@@ -194,12 +192,8 @@ def test_a_reader_without_tall_derived_merged_reads_the_rest(small_family, tmp_p
 def test_store_merged_option_keeps_format_1_6(small_family, tmp_path: Path) -> None:
     """``pack --exact --store-merged``: merged vectors stored (format 1.6), the same reads."""
     stored, derived = tmp_path / "s.tallpack", tmp_path / "d.tallpack"
-    args = ["pack", "--exact", "--store-merged", "--base", str(small_family["base_path"]), "-o", str(stored),
-            "--chunk-elements", "64", "--codec", "zstd"]  # zstd: the version is the features' alone
-    for t, p in small_family["task_paths"].items():
-        args += ["--task", f"{t}={p}"]
-    r = subprocess.run([sys.executable, "-m", "tallpack", *args], capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0, r.stderr
+    # zstd: the version is the features' alone
+    cli_pack(small_family, stored, "--exact", "--store-merged", "--chunk-elements", "64", "--codec", "zstd")
     tallpack.pack(small_family["base_path"], small_family["task_paths"], derived, exact=True, chunk_elements=64,
                   codec="zstd")
     with tallpack.open(stored) as s, tallpack.open(derived) as d:
