@@ -401,12 +401,16 @@ class BitSplit(Codec):
             else:
                 zstd.decode_into(piece, memoryview(dst))
             pos += length
-        length, t = heads >> 2, heads & 3
-        if n and (int(length.max()) > 8 * k or (t >= _BITSPLIT_T_LIMIT[np.minimum(length, 3)]).any()):
+        # one table lookup per element: its low bits' width and leading bits, or _BAD_HEAD
+        looked = np.take(_head_table(k), heads)
+        if n and (looked == _BAD_HEAD).any():
             raise CodecError("bitsplit: a head byte names no element of this itemsize")
-        width = _BITSPLIT_WIDTH[length]
+        width = looked >> np.uint32(8)
         low = _unpack_bits(buf[pos:], width)
-        np.frombuffer(out, _UNSIGNED[k])[:] = ((_BITSPLIT_LEAD[length] + t).astype(np.uint32) << width) | low
+        np.bitwise_and(looked, np.uint32(0xFF), out=looked)
+        np.left_shift(looked, width, out=looked)
+        np.bitwise_or(looked, low, out=looked)
+        np.frombuffer(out, _UNSIGNED[k])[:] = looked
 
     def config(self) -> dict[str, Any]:
         return {"id": self.id, "itemsize": self.itemsize, "block": self.block}
@@ -418,6 +422,24 @@ _BITSPLIT_T_LIMIT = np.array([1, 1, 2, 4], np.uint8)
 #: By bit length L (0 to 32): the low bits' width, and the leading bits' value ``v >> width`` less t.
 _BITSPLIT_WIDTH = np.array([max(n - 3, 0) for n in range(33)], np.uint32)
 _BITSPLIT_LEAD = np.array([min(1 << n >> 1, 4) for n in range(33)], np.uint8)
+
+
+_BAD_HEAD = np.uint32(0xFFFFFFFF)
+_HEAD_TABLES: dict[int, np.ndarray] = {}
+
+
+def _head_table(itemsize: int) -> np.ndarray:
+    """By head byte: ``width << 8 | leading bits`` of the element it names, or ``_BAD_HEAD``
+    where it names none of ``itemsize`` bytes (bit length above 8 * itemsize, or t too large)."""
+    table = _HEAD_TABLES.get(itemsize)
+    if table is None:
+        h = np.arange(256)
+        length, t = h >> 2, h & 3
+        valid = (length <= 8 * itemsize) & (t < _BITSPLIT_T_LIMIT[np.minimum(length, 3)])
+        lead = _BITSPLIT_LEAD[np.minimum(length, 32)].astype(np.uint32) + t.astype(np.uint32)
+        table = np.where(valid, (_BITSPLIT_WIDTH[np.minimum(length, 32)] << np.uint32(8)) | lead, _BAD_HEAD)
+        table = _HEAD_TABLES[itemsize] = table.astype(np.uint32)
+    return table
 
 
 def _pack_bits(values: np.ndarray, widths: np.ndarray) -> bytes:
@@ -440,8 +462,9 @@ def _pack_bits(values: np.ndarray, widths: np.ndarray) -> bytes:
 def _unpack_bits(stream: memoryview, widths: np.ndarray) -> np.ndarray:
     """The inverse of :func:`_pack_bits` (as uint32); the stream must be exactly as long as the
     widths say, with its unused last bits zero."""
-    ends = np.cumsum(widths, dtype=np.int64)
-    total = int(ends[-1]) if ends.size else 0
+    # bit offsets fit 32 bits for any chunk whose widths (at most 29 each) sum below 2**32
+    offsets = np.cumsum(widths, dtype=np.uint32 if widths.size < (1 << 32) // 29 else np.int64)
+    total = int(offsets[-1]) if offsets.size else 0
     if len(stream) != -(-total // 8):
         raise CodecError(f"bitsplit: {len(stream)} bytes of low bits, the heads say {-(-total // 8)}")
     if total % 8 and stream[-1] >> (total % 8):
@@ -449,9 +472,15 @@ def _unpack_bits(stream: memoryview, widths: np.ndarray) -> np.ndarray:
     padded = np.zeros(len(stream) + 8, np.uint8)
     padded[: len(stream)] = np.frombuffer(stream, np.uint8)
     windows = np.ndarray((len(stream) + 1,), np.dtype("<u8"), padded, 0, (1,))  # 8 bytes from each byte
-    offsets = ends - widths
-    got = windows[offsets >> 3] >> (offsets & 7).astype(np.uint64)  # at most 7 + 29 bits: in the window
-    return got.astype(np.uint32) & ((np.uint32(1) << widths) - np.uint32(1))
+    np.subtract(offsets, widths, out=offsets, casting="unsafe")  # each element's first bit
+    got = np.take(windows, offsets >> 3)
+    shift = offsets & 7
+    got >>= shift if shift.dtype == np.uint32 else shift.astype(np.uint8)  # at most 7 + 29 bits: in the window
+    low = got.astype(np.uint32)
+    mask = np.left_shift(np.uint32(1), widths, dtype=np.uint32)
+    mask -= np.uint32(1)
+    low &= mask
+    return low
 
 
 def _plane(piece: memoryview, n: int, slot: str) -> np.ndarray:
