@@ -502,7 +502,7 @@ _NEAR_LITERAL = zstandard.ZstdCompressionParameters(
 
 @dataclass(frozen=True)
 class ExponentPlanes(Planes):
-    """``planes`` with the exponent of float32 and bfloat16 in a plane of its own (format 1.9).
+    """``planes`` with the exponent of float32 and bfloat16 in a plane of its own (format 1.11).
 
     In these types the two top bytes hold the sign, the 8-bit exponent and the mantissa's top 7
     bits, so a plain top plane mixes the random sign into the exponent, and the plane below holds
@@ -553,10 +553,10 @@ class ExponentPlanes(Planes):
     def _choose(self, lo: np.ndarray, hi: np.ndarray) -> int:
         """The rotation whose planes T and S have the least zero-order entropy on a sample (S is
         counted at 8 bits where zstd would store it verbatim)."""
-        step = max(1, lo.size // self.SAMPLE)
-        lo, hi = lo[::step], hi[::step]
         if lo.size == 0 or self.level < self.STRONG_FROM:
             return 1
+        step = max(1, lo.size // self.SAMPLE)
+        lo, hi = lo[::step], hi[::step]
 
         def bits(x: np.ndarray) -> float:
             counts = np.bincount(x, minlength=256)
