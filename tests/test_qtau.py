@@ -74,6 +74,11 @@ def test_bit_streams_are_packed_in_pieces(monkeypatch):
             monkeypatch.undo()
 
 
+def _a_qtau_tensor(fam):
+    """The first tensor of an open archive that has a ``qtau`` entry."""
+    return next(e for e in fam.manifest.tensors if any(tt.encoding == "qtau" for tt in e.tasks.values()))
+
+
 def _need_qtau(tasks: int = 4):
     """Overlapping dense updates: TALL loses much, every task's own vector is worth storing."""
     return family("dense", tasks=tasks)
@@ -186,7 +191,7 @@ def test_corrupted_codes_raise_integrity_error(tmp_path):
     path = tmp_path / "q.tallpack"
     tallpack.pack(base, fts, path, fidelity=0.9)
     with tallpack.open(path) as fam:
-        e = next(e for e in fam.manifest.tensors if any(tt.encoding == "qtau" for tt in e.tasks.values()))
+        e = _a_qtau_tensor(fam)
         t, tt = next((t, tt) for t, tt in e.tasks.items() if tt.encoding == "qtau")
         for key in ("codes", "scales"):
             chunk = tt.arrays[key].chunks[0]
@@ -207,7 +212,7 @@ def test_malformed_qtau_entries_are_refused(tmp_path):
     from tallpack.encodings import TensorEntry
 
     with tallpack.open(path) as fam:
-        e = next(e for e in fam.manifest.tensors if any(tt.encoding == "qtau" for tt in e.tasks.values()))
+        e = _a_qtau_tensor(fam)
         d = e.to_dict()
     t = next(t for t, v in d["tasks"].items() if v["encoding"] == "qtau")
     for key, value in (("bits", 9), ("bits", 1), ("bits", True), ("block", 0), ("ones", -1), ("ones", 10**9)):
