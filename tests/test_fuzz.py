@@ -62,6 +62,23 @@ def paths(obj, prefix=()):
             yield from paths(v, prefix + (i,))
 
 
+def manifest_of(raw: bytes) -> dict:
+    """An archive's manifest (stored zstd-compressed, as the writer stores it here)."""
+    m_off, m_len, *_ = FOOTER.unpack(raw[-FOOTER.size:])
+    return json.loads(zstandard.ZstdDecompressor().decompress(raw[m_off:m_off + m_len]))
+
+
+def read_mutated(tmp_path, raw: bytes, manifest, *args, **kwargs) -> None:
+    """Write ``raw`` with ``manifest`` in place of its own and read everything from it: any failure
+    must be a TallpackError (``read_everything``'s ``args`` and ``kwargs``)."""
+    p = tmp_path / "m.tallpack"
+    p.write_bytes(with_manifest(raw, manifest))
+    try:
+        read_everything(p, *args, **kwargs)
+    except tallpack.TallpackError:
+        pass
+
+
 def with_manifest(raw: bytes, manifest) -> bytes:
     m_off, _, _, flags, end = FOOTER.unpack(raw[-FOOTER.size:])
     stored = zstandard.ZstdCompressor().compress(json.dumps(manifest).encode())
@@ -71,15 +88,9 @@ def with_manifest(raw: bytes, manifest) -> bytes:
 @given(data=st.data())
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 def test_mutated_manifests_raise_only_tallpack_errors(archive_bytes, tmp_path, data):
-    m_off, m_len, *_ = FOOTER.unpack(archive_bytes[-FOOTER.size:])
-    manifest = json.loads(zstandard.ZstdDecompressor().decompress(archive_bytes[m_off:m_off + m_len]))
+    manifest = manifest_of(archive_bytes)
     edit(data, manifest, [p for p in paths(manifest) if p], json_values)
-    p = tmp_path / "m.tallpack"
-    p.write_bytes(with_manifest(archive_bytes, manifest))
-    try:
-        read_everything(p, stats=False)
-    except tallpack.TallpackError:
-        pass
+    read_mutated(tmp_path, archive_bytes, manifest, stats=False)
 
 
 @given(st.lists(st.tuples(st.integers(0, 10**9), st.integers(0, 255)), min_size=1, max_size=4),
