@@ -125,12 +125,14 @@ def families(quick: bool) -> dict:
     p = demo.build_family(ROOT / ".tallpack-demo" / "family")
     out["demo"] = (str(p.base), {t: str(v) for t, v in p.tasks.items()},
                    lambda t, sd, split="test": demo.evaluate(p.root, t, sd, split=split),
-                   lambda t, sd: demo_examples(p.root, t, sd, "val"), lambda t, sd: demo_logits(p.root, t, sd))
+                   lambda t, sd: demo_examples(p.root, t, sd, "val"), lambda t, sd: demo_logits(p.root, t, sd),
+                   lambda t, sd: demo_examples(p.root, t, sd, "test"))
     croot = OUT / "conflict"
     build_conflict(croot)
     out["conflict"] = (str(croot / "base.safetensors"),
                        {f"perm{i}": str(croot / f"perm{i}.safetensors") for i in range(CONFLICT_TASKS)},
-                       conflict_eval, lambda t, sd: conflict_eval(t, sd, "val", per_example=True), conflict_logits)
+                       conflict_eval, lambda t, sd: conflict_eval(t, sd, "val", per_example=True), conflict_logits,
+                       lambda t, sd: conflict_eval(t, sd, "test", per_example=True))
     return out
 
 
@@ -182,13 +184,61 @@ BASELINES = {"dare": [0.02, 0.05, 0.1, 0.2, 0.4, 0.7], "topk": [0.01, 0.03, 0.1,
              "quant": [2, 3, 4, 5, 6, 8]}
 
 
-def _row_scores(evaluate, logits, originals, sds) -> dict:
+def _row_scores(evaluate, logits, originals, sds, right=None) -> dict:
+    """A point's scores; with ``right`` (per-example test correctness), also each task's 0/1 string
+    of test examples, for the paired comparisons."""
     sc, kl = _scores(evaluate, originals, sds), kl_divergence(logits, originals, sds)
-    return {"mean": float(np.mean(list(sc.values()))), "min": float(min(sc.values())), "per_task": sc,
-            "kl_mean": float(np.mean(list(kl.values()))), "kl_max": float(max(kl.values()))}
+    out = {"mean": float(np.mean(list(sc.values()))), "min": float(min(sc.values())), "per_task": sc,
+           "kl_mean": float(np.mean(list(kl.values()))), "kl_max": float(max(kl.values()))}
+    if right is not None:
+        out["right"] = {t: "".join("1" if v else "0" for v in right(t, sds[t])) for t in originals}
+    return out
 
 
-def run_family(name: str, base_path: str, tasks: dict[str, str], evaluate, examples, logits, quick: bool,
+def mcnemar_p(b: int, c: int) -> float:
+    """Two-sided exact McNemar test: the chance, if neither model were better, of a split of the
+    b + c discordant examples at least this uneven (binomial, p = 1/2)."""
+    n, k = b + c, min(b, c)
+    if n == 0:
+        return 1.0
+    return min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n)
+
+
+def paired(rows: list[dict], alpha: float = 0.05) -> list[dict]:
+    """The dial at each baseline's size against that baseline, example by example on the test split:
+    per task, the examples only the dial gets right (b) and only the baseline gets right (c); the
+    exact McNemar test pooled over tasks (the mean) and per task with Bonferroni (the worst task).
+    A verdict of "above" or "below" needs p < alpha; anything else is "level"."""
+    out = []
+    base = {(r["method"].removeprefix("baseline "), r["param"]): r for r in rows if r["method"].startswith("baseline ")}
+    for r in rows:
+        m = r["method"]
+        if not m.startswith("dial, budget = ") or m.endswith("absolute order") or "right" not in r:
+            continue
+        kind, param = m.removeprefix("dial, budget = ").removesuffix(" size").split()
+        bl = base.get((kind, float(param) if "." in param else int(param)))
+        if bl is None or "right" not in bl:
+            continue
+        per = {}
+        for t, dr in r["right"].items():
+            br = bl["right"][t]
+            b = sum(1 for x, y in zip(dr, br) if x == "1" and y == "0")
+            c = sum(1 for x, y in zip(dr, br) if x == "0" and y == "1")
+            per[t] = {"b": b, "c": c, "p": mcnemar_p(b, c)}
+        B, C = sum(v["b"] for v in per.values()), sum(v["c"] for v in per.values())
+        p_all = mcnemar_p(B, C)
+        k = len(per)
+        worst = min(per.values(), key=lambda v: (v["b"] - v["c"], -v["c"]))
+        verdict = lambda b, c, p: "level" if p >= alpha or b == c else ("above" if b > c else "below")  # noqa: E731
+        task_verdicts = [verdict(v["b"], v["c"], min(1.0, v["p"] * k)) for v in per.values()]
+        out.append({"family": r["family"], "kind": kind, "param": bl["param"], "x_dial": r["x"], "x_baseline": bl["x"],
+                    "b": B, "c": C, "p": p_all, "pooled": verdict(B, C, p_all),
+                    "tasks_above": task_verdicts.count("above"), "tasks_below": task_verdicts.count("below"),
+                    "worst_task_split": [worst["b"], worst["c"]], "per_task": per})
+    return out
+
+
+def run_family(name: str, base_path: str, tasks: dict[str, str], evaluate, examples, logits, right, quick: bool,
                work: Path) -> dict:
     originals = {t: _load(p) for t, p in tasks.items()}
     base = _load(base_path)
@@ -202,7 +252,7 @@ def run_family(name: str, base_path: str, tasks: dict[str, str], evaluate, examp
             sds = {t: fam.state_dict(t) for t in fam.tasks}
             s = fam.summary()
         row = {"family": name, "method": label, "bytes": path.stat().st_size, "x": path.stat().st_size / one,
-               **_row_scores(evaluate, logits, originals, sds), "seconds": time.perf_counter() - t0,
+               **_row_scores(evaluate, logits, originals, sds, right), "seconds": time.perf_counter() - t0,
                "stored": {t["name"]: t.get("stored") for t in s["tasks"]},
                "weight": {t.name: t.fidelity.get("weight", None) for t in m.tasks}}
         rows.append(row)
@@ -244,7 +294,7 @@ def run_family(name: str, base_path: str, tasks: dict[str, str], evaluate, examp
                     size += nb
                 sds[t] = sd
             rows.append({"family": name, "method": f"baseline {kind}", "param": p, "bytes": size, "x": size / one,
-                         **_row_scores(evaluate, logits, originals, sds)})
+                         **_row_scores(evaluate, logits, originals, sds, right)})
     # the dial at exactly each baseline's sizes (--budget), the fairest comparison; at the
     # quantization baseline's, also with the order of steps before (absolute error per byte)
     for b in [r for r in rows if r["method"].startswith("baseline ")]:
@@ -258,7 +308,7 @@ def run_family(name: str, base_path: str, tasks: dict[str, str], evaluate, examp
                 print(f"{name}: budget at {kind} {b['param']}: {e}")
             finally:
                 dial_mod.ORDER = "relative"
-    return {"one_checkpoint_bytes": one, "rows": rows}
+    return {"one_checkpoint_bytes": one, "rows": rows, "paired": paired(rows)}
 
 
 def coding(base_path: str, tasks: dict[str, str]) -> list[dict]:
@@ -394,6 +444,19 @@ def plot(results: dict, path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+def paired_md(results: dict) -> str:
+    """The paired comparisons as a markdown table (pasted into BENCHMARKS.md)."""
+    lines = ["| family | baseline | x: dial / baseline | test examples only the dial / only the baseline gets right "
+             "(all tasks) | exact McNemar p | all tasks | tasks significantly above / below (Bonferroni) | "
+             "worst task's split |", "|---|---|---|---:|---:|---|---:|---:|"]
+    for name, fam in results["families"].items():
+        for q in fam.get("paired", []):
+            lines.append(f"| {name} | {q['kind']} {q['param']} | {q['x_dial']:.2f} / {q['x_baseline']:.2f} | "
+                         f"{q['b']} / {q['c']} | {q['p']:.2g} | {q['pooled']} | {q['tasks_above']} / {q['tasks_below']} | "
+                         f"{q['worst_task_split'][0]} / {q['worst_task_split'][1]} |")
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="fewer targets and baseline settings")
@@ -408,15 +471,18 @@ def main() -> None:
     t0 = time.perf_counter()
     fams = families(args.quick)
     results: dict = {"quick": args.quick, "families": {}}
-    for name, (b, tasks, ev, ex, lg) in fams.items():
-        results["families"][name] = run_family(name, b, tasks, ev, ex, lg, args.quick, work)
-    results["ablation"] = [r for name, (b, tasks, ev, _, _) in fams.items()
+    for name, (b, tasks, ev, ex, lg, rt) in fams.items():
+        results["families"][name] = run_family(name, b, tasks, ev, ex, lg, rt, args.quick, work)
+    results["ablation"] = [r for name, (b, tasks, ev, *_) in fams.items()
                            for r in ablation(name, b, tasks, ev, args.quick, work)]
     results["coding"] = coding(*fams["demo"][:2])
-    b, tasks, ev, _, lg = fams["demo"]
+    b, tasks, ev, _, lg, _ = fams["demo"]
     results["measure"] = measure_table(b, tasks, ev, lg, work)
     results["seconds"] = time.perf_counter() - t0
     (OUT / "fidelity_dial.json").write_text(json.dumps(results, indent=1))
+    md = paired_md(results)
+    (OUT / "fidelity_paired.md").write_text(md)
+    print(md)
     plot(results, ROOT / "benchmarks" / "fidelity_dial.png")
     print(f"done in {results['seconds']:.0f}s")
 

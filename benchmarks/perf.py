@@ -244,6 +244,26 @@ def child(kind: str, a: dict) -> dict:
         kept = [torch.empty(n, dtype=torch.float32).fill_(0.5) for n in a["numels"] for _ in range(a["copies"])]
         res["seconds"] = time.perf_counter() - t0
         res["n"] = len(kept)
+    elif kind == "arith_fresh":
+        # raw's arithmetic over the member: two file-backed inputs (mapped as the raw archive's
+        # chunks are), a mask that is already decoded (one reused float buffer), fresh outputs
+        import mmap
+        t0 = time.perf_counter()
+        maps, views = [], []
+        for path in (a["base"], a["other"]):
+            with open(path, "rb") as fh:
+                mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY)
+            head = int.from_bytes(mm[:8], "little")
+            meta = json.loads(mm[8 : 8 + head])
+            maps.append(mm)
+            views.append({k: torch.frombuffer(mm, dtype=torch.float32, count=_prod(v["shape"]),
+                                              offset=8 + head + v["data_offsets"][0]).view(v["shape"])
+                          for k, v in meta.items() if k != "__metadata__"})
+        scratch = torch.zeros(max(v.numel() for v in views[0].values()))
+        scratch[::3] = 1.0
+        out = {k: torch.addcmul(b, scratch[: b.numel()].view(b.shape), views[1][k]) for k, b in views[0].items()}
+        res["seconds"] = time.perf_counter() - t0
+        res["n"] = len(out)
     elif kind == "idle":
         res["anon"] = _anon()
     elif kind == "profile":
@@ -703,6 +723,19 @@ def floors(fam: dict, t1: str, T: int, n: int, rep: Report, details: dict) -> No
         rep.floor("1", "decoding the base and the merged vector alone (planes-exp, 2 threads, goal 6's medians)",
                   dec, st1, label)
     numels = [_prod(s) for s in shapes(fam["layers"]).values()]
+    rep.load.mark()
+    log(f"floor 2: a fresh process doing raw's arithmetic alone, {n} each")
+    ar, st = [], []
+    for i in range(n):
+        for side in ((0, 1) if i % 2 == 0 else (1, 0)):
+            if side == 0:
+                ar.append(run_child("arith_fresh", {"base": str(fam["base"]), "other": str(fam["tasks"][t1])}))
+            else:
+                st.append(run_child("load_st", {"path": str(fam["tasks"][t1])}))
+    details["floor_arith_fresh"] = {"arith": ar, "safetensors": st}
+    rep.floor("2", "fresh process: the reconstruction's arithmetic alone (addcmul of two mapped files, the mask "
+              "already decoded, fresh outputs)", median(r["seconds"] for r in ar), median(r["seconds"] for r in st),
+              "load_file + clone (alternated)")
     for goal, copies, what in (("2", 1, "the output"), ("1", 3, "the output, and the decoded base and merged vector")):
         rep.load.mark()
         log(f"floor {goal}: a fresh process allocating and filling {copies} x the member's tensors, {n} each")
