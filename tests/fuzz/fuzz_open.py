@@ -125,8 +125,10 @@ def exercise(path: str, outdir: str) -> None:
         render(s)
         json.dumps(s)
         for t in fam.tasks:
-            fam.task_info(t)
+            exact = fam.task_info(t).exact is not None
             fam.state_dict(t)
+            if exact:
+                fam.state_dict(t, exact=True)
         fam.verify()
         fam.chunk_count()
         for e in fam.manifest.tensors:

@@ -49,6 +49,15 @@ CONFIGS = {
     "ta_bf16_zstd": dict(merge="ta", codec="zstd", checksum="xxh3-64", dtype=torch.bfloat16),
     "ties_f16_bytegroup_crc32": dict(merge="ties", codec="bytegroup-zstd", checksum="crc32", dtype=torch.float16),
     "ta_base_only_raw": dict(merge="ta", codec="raw", checksum="crc32", keep_base_only=True),
+    # the default codec (planes-exp, 1.11) in both float types, at a level that rotates (from 10)
+    "ta_planes_exp": dict(merge="ta", checksum="xxh3-64"),
+    "ties_bf16_planes_exp_l19": dict(merge="ties", checksum="xxh3-64", level=19, dtype=torch.bfloat16),
+    # the exact tier: derived masks and merged vectors, bitsplit or planes residuals (1.6-1.9)
+    "ta_exact": dict(merge="ta", exact=True),
+    "ties_exact_planes": dict(merge="ties", exact=True, codec="planes"),
+    # the fidelity dial: corrections and qtau (1.5, 1.7)
+    "ta_fidelity": dict(merge="ta", fidelity=0.95),
+    "ta_fidelity_corrections": dict(merge="ta", fidelity=0.99, corrections=("sparse", "quant4", "quant8", "exact")),
 }
 
 
