@@ -481,16 +481,17 @@ def best(ours: list[dict], theirs: list[dict]) -> float:
     return min(r["seconds"] for r in ours) / min(r["seconds"] for r in theirs)
 
 
-def alternate_loads(n: int, ours: dict, theirs: dict) -> tuple[list[dict], list[dict]]:
+def alternate(n: int, ours, theirs) -> tuple[list, list]:
+    """``n`` results of each of two calls, alternated (ours first in even rounds)."""
     a, b = [], []
     for i in range(n):
-        if i % 2 == 0:
-            a.append(run_child("load_tp", ours))
-            b.append(run_child("load_st", theirs))
-        else:
-            b.append(run_child("load_st", theirs))
-            a.append(run_child("load_tp", ours))
+        for side in ((0, 1) if i % 2 == 0 else (1, 0)):
+            (a if side == 0 else b).append(ours() if side == 0 else theirs())
     return a, b
+
+
+def alternate_loads(n: int, ours: dict, theirs: dict) -> tuple[list[dict], list[dict]]:
+    return alternate(n, lambda: run_child("load_tp", ours), lambda: run_child("load_st", theirs))
 
 
 def goal_codec(fam: dict, reps: int, rep: Report, details: dict) -> None:
@@ -612,13 +613,8 @@ def run_goals(a, rep: Report, details: dict) -> None:
     # 5 + 7: pack (default codec, all T tasks) alternated with zstd -3 -T2; memory sampled
     rep.load.mark()
     log(f"goal 5/7: pack (planes, {T} tasks, threads={a.threads}) vs zstd -3 -T{a.threads}, {n} each")
-    packs, zs = [], []
-    for i in range(n):
-        for side in ((0, 1) if i % 2 == 0 else (1, 0)):
-            if side == 0:
-                packs.append(do_pack(fam, names, arch["planes"], "planes", a.threads))
-            else:
-                zs.append(zstd_files(files, work / "zstd", a.threads))
+    packs, zs = alternate(n, lambda: do_pack(fam, names, arch["planes"], "planes", a.threads),
+                          lambda: zstd_files(files, work / "zstd", a.threads))
     details["pack"] = packs
     details["zstd"] = zs
     rep.add("5", f"pack time, base + {T} tasks ({sum(f.stat().st_size for f in files) / MB:.0f} MB)",
@@ -725,13 +721,9 @@ def floors(fam: dict, t1: str, T: int, n: int, rep: Report, details: dict) -> No
     numels = [_prod(s) for s in shapes(fam["layers"]).values()]
     rep.load.mark()
     log(f"floor 2: a fresh process doing raw's arithmetic alone, {n} each")
-    ar, st = [], []
-    for i in range(n):
-        for side in ((0, 1) if i % 2 == 0 else (1, 0)):
-            if side == 0:
-                ar.append(run_child("arith_fresh", {"base": str(fam["base"]), "other": str(fam["tasks"][t1])}))
-            else:
-                st.append(run_child("load_st", {"path": str(fam["tasks"][t1])}))
+    load_st = lambda: run_child("load_st", {"path": str(fam["tasks"][t1])})  # noqa: E731
+    ar, st = alternate(n, lambda: run_child("arith_fresh", {"base": str(fam["base"]), "other": str(fam["tasks"][t1])}),
+                       load_st)
     details["floor_arith_fresh"] = {"arith": ar, "safetensors": st}
     rep.floor("2", "fresh process: the reconstruction's arithmetic alone (addcmul of two mapped files, the mask "
               "already decoded, fresh outputs)", median(r["seconds"] for r in ar), median(r["seconds"] for r in st),
@@ -739,13 +731,7 @@ def floors(fam: dict, t1: str, T: int, n: int, rep: Report, details: dict) -> No
     for goal, copies, what in (("2", 1, "the output"), ("1", 3, "the output, and the decoded base and merged vector")):
         rep.load.mark()
         log(f"floor {goal}: a fresh process allocating and filling {copies} x the member's tensors, {n} each")
-        fill, st = [], []
-        for i in range(n):
-            for side in ((0, 1) if i % 2 == 0 else (1, 0)):
-                if side == 0:
-                    fill.append(run_child("fill", {"numels": numels, "copies": copies}))
-                else:
-                    st.append(run_child("load_st", {"path": str(fam["tasks"][t1])}))
+        fill, st = alternate(n, lambda: run_child("fill", {"numels": numels, "copies": copies}), load_st)
         details[f"floor_fill_{copies}"] = {"fill": fill, "safetensors": st}
         rep.floor(goal, f"fresh process: allocate and fill {what} ({copies} x {fam['member_bytes'] / MB:.0f} MB), nothing else",
                   median(r["seconds"] for r in fill), median(r["seconds"] for r in st), "load_file + clone (alternated)")
