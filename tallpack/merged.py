@@ -12,12 +12,18 @@ from typing import Protocol
 import torch
 
 from .arrays import ArrayRef
-from .encodings import Use
+from .encodings import Use, encoding_for
 from .encodings.derived import merged_source, task_mask
+from .encodings.exact import TALL_ENCODINGS
 from .encodings.qtau import task_masks
-from .errors import FormatError, InvalidArgumentError
+from .errors import FormatError, InvalidArgumentError, UnsupportedVersionError
 from .manifest import Manifest
 from .merging import METHODS, apply_direction, default_alpha, is_consensus, merge_direction, merged_model_method
+
+
+#: The task encodings of a tensor that the merged models build from its base and merged vector
+#: (spec §3.3: an entry's ``kind`` is informative; what is stored follows its tasks' encodings).
+MERGED_ENCODINGS = frozenset((*TALL_ENCODINGS, "qtau"))
 
 
 class Family(Protocol):
@@ -57,7 +63,14 @@ class MergeParts:
             if set(e.tasks) != set(self.tasks):
                 continue
             where = f"tensor {e.name!r}"
-            if e.kind == "merged":
+            encodings = {tt.encoding for tt in e.tasks.values()}
+            unknown = sorted(x for x in encodings if encoding_for(x) is None)
+            if unknown:
+                raise UnsupportedVersionError(f"{name}: {where} is stored as {', '.join(map(repr, unknown))}, "
+                                              "which this tallpack cannot merge; upgrade it")
+            if encodings and encodings <= MERGED_ENCODINGS:
+                if "base" not in e.arrays:
+                    raise FormatError(f"{name}: {where} has no base")
                 sources = {x: merged_source(e, x) for x in ("merged", *method.extra_arrays)}
                 base = read(e.arrays["base"], f"{where} (base)")
                 masks = extras = None
@@ -78,7 +91,7 @@ class MergeParts:
                         raise FormatError(f"{name}: {where} has no {', '.join(missing)} for {model}")
                     extras = {x: read(sources[x], f"{where} ({x})") for x in method.extra_arrays}
                 self.parts[e.name] = (base, merge_direction(model, tau, masks, extras, k, method))
-            elif e.kind == "shared" and "data" in e.arrays:
+            elif encodings == {"shared"} and "data" in e.arrays:
                 self.parts[e.name] = (read(e.arrays["data"], where), None)
 
     def state_dict(self, alpha: float | None = None, *, task: str | None = None) -> dict[str, torch.Tensor]:

@@ -106,3 +106,22 @@ def test_mutated_bytes_raise_only_tallpack_errors(archive_bytes, tmp_path, edits
         read_everything(p, stats=False)
     except tallpack.TallpackError:
         pass
+
+
+@pytest.mark.parametrize("name, kind", [("n", "merged"), ("n", "base-only"), ("n", "nonsense"),
+                                        ("w", "shared"), ("w", "task-own"), ("h", "merged")])
+def test_merged_models_follow_the_encodings_not_the_kind(archive_bytes, tmp_path, name, kind):
+    """An entry's ``kind`` is informative (spec §3.3): what is stored follows its tasks' encodings.
+    The fuzzer found ``merged`` models reading a base that a shared tensor edited to kind "merged"
+    does not have (a KeyError); with any kind the merged models are the unedited archive's."""
+    import torch
+
+    manifest = manifest_of(archive_bytes)
+    next(e for e in manifest["tensors"] if e["name"] == name)["kind"] = kind
+    (tmp_path / "a.tallpack").write_bytes(archive_bytes)
+    (tmp_path / "b.tallpack").write_bytes(with_manifest(archive_bytes, manifest))
+    with tallpack.open(tmp_path / "a.tallpack") as a, tallpack.open(tmp_path / "b.tallpack") as b:
+        for model in ("ties", "consensus-ties"):
+            want, got = a.merged(model, k=1), b.merged(model, k=1)
+            assert want.keys() == got.keys()
+            assert all(torch.equal(want[k], got[k]) for k in want)
