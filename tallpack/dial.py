@@ -78,7 +78,7 @@ SPARSE_FRACTIONS: tuple[float, ...] = (1 / 1024, 1 / 256, 1 / 64, 1 / 16, 1 / 4)
 #: A budget's archive is written again when more than this fraction of the budget is left
 #: unspent (tiny families, where the per-array charges below are large), at most ``MAX_WRITES``
 #: times in all; ``REFIT_MARGIN`` of the budget (plus 256 bytes) is kept back on the new decision.
-REFIT_SLACK, REFIT_MARGIN, MAX_WRITES = 0.01, 0.002, 3
+REFIT_SLACK, REFIT_MARGIN, MAX_WRITES = 0.01, 0.002, 5
 #: Bytes charged per stored array beyond its chunks (its manifest entry, compressed: about 40
 #: measured on the benchmark's families), and per chunk (alignment padding, at most 63 bytes).
 ARRAY_OVERHEAD, CHUNK_OVERHEAD = 64, 64
@@ -388,7 +388,9 @@ class Dial:
         #: bytes by which a budget's estimate is corrected, measured on the archive being written
         self.calibration = 0
         self._writes = 0
-        self._within: int | None = None  # the last calibration whose archive kept the budget
+        self._within: tuple[int, int] | None = None  # (calibration, size) of the fullest write within the budget
+        self._over: int | None = None  # the smallest calibration whose archive went over it
+        self._final = False  # the write under way is the fullest within, written again: kept
 
     # -- pass 1 -------------------------------------------------------------------------------
     def observe(self, ctx: WriteContext, item: Item) -> None:
@@ -676,26 +678,49 @@ class Dial:
         whether to decide and write them again with the estimate corrected by what it missed.
         The estimate charges each array its worst padding and a generous manifest entry, so on a
         small family it may leave a few percent of a budget unspent: when more than
-        ``REFIT_SLACK`` of it is, the dial decides once more with that slack (less a margin); an
-        archive that then exceeds the budget is written as the last one within it. Only for a
-        budget, without an evaluator (a new decision would score again) or the exact tier."""
+        ``REFIT_SLACK`` of it is, the dial decides again with that slack added (less a margin).
+        More bytes can buy a step that costs more than they are (a tensor whose tasks were all
+        ``qtau`` needing its merged vector again), so an archive that then exceeds the budget is
+        followed by a bisection between the fullest write within it and the smallest over it; the
+        last of ``MAX_WRITES`` writes is always the fullest within. Only for a budget, without an
+        evaluator (a new decision would score again) or the exact tier."""
         budget = self.budget_bytes
-        if budget is None or self.evaluate is not None or self.exact_paid:
+        if budget is None or self.evaluate is not None or self.exact_paid or self._final:
             return False
         self._writes += 1
         margin = int(REFIT_MARGIN * budget) + 256
+        last = self._writes >= MAX_WRITES - 1  # one write left: the fullest within, if this is not it
         if size <= budget:
-            self._within = self.calibration
-            if self._writes > 1 or budget - size <= REFIT_SLACK * budget:
-                return False
-            self.calibration += budget - size - margin
-            log.info("budget: %d bytes unspent; deciding again", budget - size)
-            return True
-        if self._writes >= MAX_WRITES:
-            log.warning("the archive is %d bytes over the budget of %d bytes", size - budget, budget)
+            if self._within is None or size >= self._within[1]:
+                self._within = (self.calibration, size)
+            if budget - size <= REFIT_SLACK * budget or last:
+                return self._settle()
+            grow = budget - size - margin
+            nxt = self.calibration + grow if self._over is None else (self.calibration + self._over) // 2
+        else:
+            self._over = self.calibration if self._over is None else min(self._over, self.calibration)
+            if self._within is None:
+                if self._writes >= MAX_WRITES:
+                    log.warning("the archive is %d bytes over the budget of %d bytes", size - budget, budget)
+                    return False
+                nxt = self.calibration - (size - budget + margin)  # the excess taken off
+            elif last:
+                return self._settle()
+            else:
+                nxt = (self._within[0] + self.calibration) // 2
+        if self._within is not None and abs(nxt - self._within[0]) < margin and nxt != self.calibration:
+            return self._settle()  # the bisection has closed in
+        log.info("budget: %d bytes %s; deciding again", abs(budget - size), "unspent" if size <= budget else "over")
+        self.calibration = nxt
+        return True
+
+    def _settle(self) -> bool:
+        """End the writes on the fullest archive within the budget: the one just written, or that
+        one written again (then marked final)."""
+        assert self._within is not None
+        if self.calibration == self._within[0]:
             return False
-        # over: the last decision that kept the budget once more, or one with the excess taken off
-        self.calibration = self._within if self._within is not None else self.calibration - (size - budget + margin)
+        self.calibration, self._final = self._within[0], True
         return True
 
     # -- pass 2 -------------------------------------------------------------------------------
