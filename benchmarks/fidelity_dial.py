@@ -444,6 +444,64 @@ def plot(results: dict, path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+def _pct(v: float) -> str:
+    return f"{100 * v:.1f}%"
+
+
+def _kl(r: dict) -> str:
+    return f"{r['kl_mean']:.1e} / {r['kl_max']:.1e}"
+
+
+def family_md(fam: dict) -> str:
+    """A family's table of points (each against the best baseline at or under its size) and its
+    baselines' table, as BENCHMARKS.md shows them."""
+    rows = [r for r in fam["rows"] if "absolute order" not in r["method"]]
+    base = [r for r in rows if r["method"].startswith("baseline ")]
+    label = lambda b: f"{b['method'].removeprefix('baseline ')} {b['param']}"  # noqa: E731
+
+    def best(r: dict) -> str:
+        under = [b for b in base if b["x"] <= r["x"]]
+        if not under:
+            return "none this small"
+        bm, bw = max(under, key=lambda b: b["mean"]), max(under, key=lambda b: b["min"])
+        return f"{_pct(bm['mean'])} ({label(bm)}) / {_pct(bw['min'])} ({label(bw)})"
+
+    out = ["| method | archive bytes | x one checkpoint | mean normalized test acc. | worst task | "
+           "test KL mean / worst task | best baseline at <= this size (mean / worst) |",
+           "|---|---:|---:|---:|---:|---:|---|"]
+    out += [f"| {r['method']} | {r['bytes']:,} | {r['x']:.2f} | {_pct(r['mean'])} | {_pct(r['min'])} | {_kl(r)} | "
+            f"{best(r)} |" for r in rows if not r["method"].startswith("baseline ")]
+    out += ["", "Baselines (base + every task vector compressed; the TALL archive's base and task-own bytes included):",
+            "", "| baseline | setting | x one checkpoint | mean | worst | test KL mean / worst |", "|---|---:|---:|---:|---:|---:|"]
+    out += [f"| {b['method'].removeprefix('baseline ')} | {b['param']} | {b['x']:.2f} | {_pct(b['mean'])} | "
+            f"{_pct(b['min'])} | {_kl(b)} |" for b in base]
+    return "\n".join(out) + "\n"
+
+
+def at_quant_md(results: dict) -> str:
+    """The dial at each quantization setting's size against it: "level" where the accuracies round
+    to the same 0.1% or the KLs are within 5%."""
+    def verdict(d: float, b: float, higher_better: bool, kl: bool) -> str:
+        if (kl and abs(d - b) <= 0.05 * max(d, b)) or (not kl and round(1000 * d) == round(1000 * b)):
+            return "level"
+        return "above" if (d > b) == higher_better else "below"
+
+    out = ["| family | baseline | its size (x) | baseline mean / worst | baseline KL mean / worst | dial `--budget` at "
+           "that size (x) | dial mean / worst | dial KL mean / worst | verdict (acc. mean, worst; KL mean, worst) |",
+           "|---|---|---:|---:|---:|---:|---:|---:|---|"]
+    for name, fam in results["families"].items():
+        rows = {r["method"]: r for r in fam["rows"]}
+        for b in (r for r in fam["rows"] if r["method"] == "baseline quant"):
+            d = rows.get(f"dial, budget = quant {b['param']} size")
+            if d is None:
+                continue
+            v = [verdict(d["mean"], b["mean"], True, False), verdict(d["min"], b["min"], True, False),
+                 verdict(d["kl_mean"], b["kl_mean"], False, True), verdict(d["kl_max"], b["kl_max"], False, True)]
+            out.append(f"| {name} | quant {b['param']} | {b['x']:.2f} | {_pct(b['mean'])} / {_pct(b['min'])} | {_kl(b)} | "
+                       f"{d['x']:.2f} | {_pct(d['mean'])} / {_pct(d['min'])} | {_kl(d)} | {', '.join(v)} |")
+    return "\n".join(out) + "\n"
+
+
 def paired_md(results: dict) -> str:
     """The paired comparisons as a markdown table (pasted into BENCHMARKS.md)."""
     lines = ["| family | baseline | x: dial / baseline | test examples only the dial / only the baseline gets right "
@@ -461,9 +519,15 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="fewer targets and baseline settings")
     ap.add_argument("--plot-only", action="store_true", help="redraw the plot from the last run's JSON")
+    ap.add_argument("--tables-only", action="store_true", help="print the markdown tables of the last run's JSON")
     args = ap.parse_args()
     if args.plot_only:
         plot(json.loads((OUT / "fidelity_dial.json").read_text()), ROOT / "benchmarks" / "fidelity_dial.png")
+        return
+    if args.tables_only:
+        results = json.loads((OUT / "fidelity_dial.json").read_text())
+        print("".join(f"#### {n}\n\n{family_md(f)}\n" for n, f in results["families"].items()) + at_quant_md(results)
+              + "\n" + paired_md(results))
         return
     logging.basicConfig(level=logging.WARNING)
     work = OUT / "fidelity_dial"
@@ -482,6 +546,9 @@ def main() -> None:
     (OUT / "fidelity_dial.json").write_text(json.dumps(results, indent=1))
     md = paired_md(results)
     (OUT / "fidelity_paired.md").write_text(md)
+    tables = "".join(f"#### {name}\n\n{family_md(fam)}\n" for name, fam in results["families"].items())
+    (OUT / "fidelity_tables.md").write_text(tables + "#### At the quantization baseline's own sizes\n\n"
+                                            + at_quant_md(results) + "\n#### Paired\n\n" + md)
     print(md)
     plot(results, ROOT / "benchmarks" / "fidelity_dial.png")
     print(f"done in {results['seconds']:.0f}s")
