@@ -15,6 +15,7 @@ Writes ``benchmarks/out/fidelity_dial.json`` and ``benchmarks/fidelity_dial.png`
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import logging
 import math
@@ -30,6 +31,7 @@ import tallpack.dial as dial_mod
 from tallpack.codecs import dense_chain
 from tallpack.demo import family as demo
 from tallpack.encodings.correction import sparse_encode
+from tallpack.sensitivity import input_moments
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "benchmarks" / "out"
@@ -108,6 +110,27 @@ def kl_divergence(logits, originals, sds) -> dict[str, float]:
     return out
 
 
+def conflict_model(sd) -> torch.nn.Module:
+    """The conflicting family's MLP as a module, with ``sd``'s weights (the names match)."""
+    m = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.GELU(), torch.nn.Linear(128, 128), torch.nn.GELU(),
+                            torch.nn.Linear(128, 10))
+    m.load_state_dict({k: v.float() for k, v in sd.items()})
+    return m
+
+
+def conflict_moments(task: str, sd) -> dict[str, torch.Tensor]:
+    """The sensitivity of a task: its original model's layer-input second moments on validation inputs."""
+    x, _ = demo._task_arrays(demo._PRETRAIN_SPEC, "val", 0)
+    return input_moments(conflict_model(sd), [x])
+
+
+def demo_moments(root, task: str, sd) -> dict[str, torch.Tensor]:
+    model, data = demo._eval_entry(root, task)
+    m = copy.deepcopy(model)
+    m.load_state_dict({k: torch.as_tensor(sd[k]).to(v.dtype) for k, v in m.state_dict().items()})
+    return input_moments(m, [data["val"][0]])
+
+
 def demo_examples(root, task: str, sd, split: str = "val"):
     """Per-example correctness (0/1) of the demo family's task model, as ``demo.evaluate`` scores it."""
     model, data = demo._eval_entry(root, task)
@@ -126,13 +149,13 @@ def families(quick: bool) -> dict:
     out["demo"] = (str(p.base), {t: str(v) for t, v in p.tasks.items()},
                    lambda t, sd, split="test": demo.evaluate(p.root, t, sd, split=split),
                    lambda t, sd: demo_examples(p.root, t, sd, "val"), lambda t, sd: demo_logits(p.root, t, sd),
-                   lambda t, sd: demo_examples(p.root, t, sd, "test"))
+                   lambda t, sd: demo_examples(p.root, t, sd, "test"), lambda t, sd: demo_moments(p.root, t, sd))
     croot = OUT / "conflict"
     build_conflict(croot)
     out["conflict"] = (str(croot / "base.safetensors"),
                        {f"perm{i}": str(croot / f"perm{i}.safetensors") for i in range(CONFLICT_TASKS)},
                        conflict_eval, lambda t, sd: conflict_eval(t, sd, "val", per_example=True), conflict_logits,
-                       lambda t, sd: conflict_eval(t, sd, "test", per_example=True))
+                       lambda t, sd: conflict_eval(t, sd, "test", per_example=True), conflict_moments)
     return out
 
 
@@ -213,7 +236,7 @@ def paired(rows: list[dict], alpha: float = 0.05) -> list[dict]:
     base = {(r["method"].removeprefix("baseline "), r["param"]): r for r in rows if r["method"].startswith("baseline ")}
     for r in rows:
         m = r["method"]
-        if not m.startswith("dial, budget = ") or m.endswith("absolute order") or "right" not in r:
+        if not m.startswith("dial, budget = ") or m.endswith(("absolute order", "input-weighted")) or "right" not in r:
             continue
         kind, param = m.removeprefix("dial, budget = ").removesuffix(" size").split()
         bl = base.get((kind, float(param) if "." in param else int(param)))
@@ -238,8 +261,8 @@ def paired(rows: list[dict], alpha: float = 0.05) -> list[dict]:
     return out
 
 
-def run_family(name: str, base_path: str, tasks: dict[str, str], evaluate, examples, logits, right, quick: bool,
-               work: Path) -> dict:
+def run_family(name: str, base_path: str, tasks: dict[str, str], evaluate, examples, logits, right, moments,
+               quick: bool, work: Path) -> dict:
     originals = {t: _load(p) for t, p in tasks.items()}
     base = _load(base_path)
     one = sum(v.numel() * v.element_size() for o in originals.values() for v in o.values()) / len(originals)
@@ -297,8 +320,14 @@ def run_family(name: str, base_path: str, tasks: dict[str, str], evaluate, examp
                          **_row_scores(evaluate, logits, originals, sds, right)})
     # the dial at exactly each baseline's sizes (--budget), the fairest comparison; at the
     # quantization baseline's, also with the order of steps before (absolute error per byte)
+    sens = {t: moments(t, o) for t, o in originals.items()}  # each task's layer-input second moments
     for b in [r for r in rows if r["method"].startswith("baseline ")]:
         kind = b["method"].removeprefix("baseline ")
+        try:
+            point(f"dial, budget = {kind} {b['param']} size, input-weighted", work / f"{name}-w{kind}{b['param']}.tallpack",
+                  budget=0.999 * b["x"], sensitivity=sens)
+        except tallpack.TallpackError as e:
+            print(f"{name}: budget at {kind} {b['param']}, input-weighted: {e}")
         for order in ("relative", "absolute") if kind == "quant" else ("relative",):
             dial_mod.ORDER = order
             try:
@@ -308,7 +337,7 @@ def run_family(name: str, base_path: str, tasks: dict[str, str], evaluate, examp
                 print(f"{name}: budget at {kind} {b['param']}: {e}")
             finally:
                 dial_mod.ORDER = "relative"
-    return {"one_checkpoint_bytes": one, "rows": rows, "paired": paired(rows)}
+    return {"one_checkpoint_bytes": one, "rows": rows, "paired": paired(rows), "weighted": weighted_vs_free(rows)}
 
 
 def coding(base_path: str, tasks: dict[str, str]) -> list[dict]:
@@ -398,7 +427,7 @@ def plot(results: dict, path: Path) -> None:
     styles = {"baseline dare": ("tab:gray", "x"), "baseline topk": ("tab:olive", "+"),
               "baseline quant": ("tab:purple", "s")}
     for j, name in enumerate(fams):
-        rows = [r for r in results["families"][name]["rows"] if not r["method"].endswith("absolute order")]
+        rows = [r for r in results["families"][name]["rows"] if not r["method"].endswith(("absolute order", "input-weighted"))]
         for i, stat in enumerate(("mean", "min")):
             ax = axes[i][j]
             for kind, (c, mk) in styles.items():
@@ -455,7 +484,7 @@ def _kl(r: dict) -> str:
 def family_md(fam: dict) -> str:
     """A family's table of points (each against the best baseline at or under its size) and its
     baselines' table, as BENCHMARKS.md shows them."""
-    rows = [r for r in fam["rows"] if "absolute order" not in r["method"]]
+    rows = [r for r in fam["rows"] if not r["method"].endswith(("absolute order", "input-weighted"))]
     base = [r for r in rows if r["method"].startswith("baseline ")]
     label = lambda b: f"{b['method'].removeprefix('baseline ')} {b['param']}"  # noqa: E731
 
@@ -502,6 +531,39 @@ def at_quant_md(results: dict) -> str:
     return "\n".join(out) + "\n"
 
 
+def weighted_vs_free(rows: list[dict]) -> list[dict]:
+    """The dial with input-weighted errors against the data-free dial, each at a baseline's size:
+    sizes, test KL, accuracy, and the paired test examples (b: only the weighted one gets right)."""
+    by = {r["method"]: r for r in rows}
+    out = []
+    for m, w in by.items():
+        if not m.endswith(", input-weighted"):
+            continue
+        f = by.get(m.removesuffix(", input-weighted"))
+        if f is None:
+            continue
+        b = sum(sum(1 for x, y in zip(w["right"][t], f["right"][t]) if x == "1" and y == "0") for t in w["right"])
+        c = sum(sum(1 for x, y in zip(w["right"][t], f["right"][t]) if x == "0" and y == "1") for t in w["right"])
+        out.append({"family": w["family"], "at": m.removeprefix("dial, budget = ").removesuffix(" size, input-weighted"),
+                    "x_weighted": w["x"], "x_free": f["x"], "kl_mean": [w["kl_mean"], f["kl_mean"]],
+                    "kl_max": [w["kl_max"], f["kl_max"]], "mean": [w["mean"], f["mean"]], "min": [w["min"], f["min"]],
+                    "b": b, "c": c, "p": mcnemar_p(b, c)})
+    return out
+
+
+def weighted_md(results: dict) -> str:
+    lines = ["| family | at the size of | x: weighted / data-free | test KL mean: weighted / data-free | worst task's KL | "
+             "mean / worst acc.: weighted | data-free | test examples only weighted / only data-free gets right (p) |",
+             "|---|---|---|---:|---:|---|---|---|"]
+    for name, fam in results["families"].items():
+        for q in fam.get("weighted", []):
+            lines.append(f"| {name} | {q['at']} | {q['x_weighted']:.2f} / {q['x_free']:.2f} | "
+                         f"{q['kl_mean'][0]:.1e} / {q['kl_mean'][1]:.1e} ({q['kl_mean'][1] / max(q['kl_mean'][0], 1e-300):.2f}x) | "
+                         f"{q['kl_max'][0]:.1e} / {q['kl_max'][1]:.1e} | {_pct(q['mean'][0])} / {_pct(q['min'][0])} | "
+                         f"{_pct(q['mean'][1])} / {_pct(q['min'][1])} | {q['b']} / {q['c']} ({q['p']:.2g}) |")
+    return "\n".join(lines) + "\n"
+
+
 def paired_md(results: dict) -> str:
     """The paired comparisons as a markdown table (pasted into BENCHMARKS.md)."""
     lines = ["| family | baseline | x: dial / baseline | test examples only the dial / only the baseline gets right "
@@ -527,7 +589,7 @@ def main() -> None:
     if args.tables_only:
         results = json.loads((OUT / "fidelity_dial.json").read_text())
         print("".join(f"#### {n}\n\n{family_md(f)}\n" for n, f in results["families"].items()) + at_quant_md(results)
-              + "\n" + paired_md(results))
+              + "\n" + paired_md(results) + "\n" + weighted_md(results))
         return
     logging.basicConfig(level=logging.WARNING)
     work = OUT / "fidelity_dial"
@@ -535,12 +597,12 @@ def main() -> None:
     t0 = time.perf_counter()
     fams = families(args.quick)
     results: dict = {"quick": args.quick, "families": {}}
-    for name, (b, tasks, ev, ex, lg, rt) in fams.items():
-        results["families"][name] = run_family(name, b, tasks, ev, ex, lg, rt, args.quick, work)
+    for name, (b, tasks, ev, ex, lg, rt, mo) in fams.items():
+        results["families"][name] = run_family(name, b, tasks, ev, ex, lg, rt, mo, args.quick, work)
     results["ablation"] = [r for name, (b, tasks, ev, *_) in fams.items()
                            for r in ablation(name, b, tasks, ev, args.quick, work)]
     results["coding"] = coding(*fams["demo"][:2])
-    b, tasks, ev, _, lg, _ = fams["demo"]
+    b, tasks, ev, _, lg, *_ = fams["demo"]
     results["measure"] = measure_table(b, tasks, ev, lg, work)
     results["seconds"] = time.perf_counter() - t0
     (OUT / "fidelity_dial.json").write_text(json.dumps(results, indent=1))
@@ -548,7 +610,8 @@ def main() -> None:
     (OUT / "fidelity_paired.md").write_text(md)
     tables = "".join(f"#### {name}\n\n{family_md(fam)}\n" for name, fam in results["families"].items())
     (OUT / "fidelity_tables.md").write_text(tables + "#### At the quantization baseline's own sizes\n\n"
-                                            + at_quant_md(results) + "\n#### Paired\n\n" + md)
+                                            + at_quant_md(results) + "\n#### Paired\n\n" + md
+                                            + "\n#### Input-weighted\n\n" + weighted_md(results))
     print(md)
     plot(results, ROOT / "benchmarks" / "fidelity_dial.png")
     print(f"done in {results['seconds']:.0f}s")

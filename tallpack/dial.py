@@ -56,7 +56,7 @@ from .encodings.exact import (CANDIDATES, SAMPLE_ELEMENTS, TRANSFORMS, add_exact
 from .encodings.qtau import BLOCK as QBLOCK
 from .encodings.qtau import dequantize, quantize, rebuilt
 from .encodings.tall import Tall
-from .errors import TallpackError
+from .errors import InvalidArgumentError, TallpackError
 from .options import Evaluator
 from .tall import blocks, tall_mask
 
@@ -99,6 +99,12 @@ class Option:
     err: float
     k: int = 0
     bits: int = 0
+    #: the plain squared error when ``err`` is weighted by a sensitivity (None: ``err`` is plain)
+    plain: float | None = None
+
+    @property
+    def plain_err(self) -> float:
+        return self.err if self.plain is None else self.plain
 
     @property
     def label(self) -> str:
@@ -123,6 +129,9 @@ class TaskPlan:
 
     theta_sq: float = 0.0
     tall_err: float = 0.0
+    #: with a sensitivity, ``theta_sq`` and ``tall_err`` are weighted; these are the plain sums
+    plain_theta_sq: float = 0.0
+    plain_tall_err: float = 0.0
     ladders: dict[str, list[Option]] = field(default_factory=dict)
     #: every qtau candidate measured, per tensor (the merged-vector pass picks among them)
     qtaus: dict[str, list[Option]] = field(default_factory=dict)
@@ -134,7 +143,12 @@ class TaskPlan:
     cum_err: list[float] = field(default_factory=list)
 
     def weight_fidelity(self, err: float) -> float:
+        """1 - sqrt(err / sum of squares): the weight fidelity, weighted when a sensitivity is."""
         return 1.0 - math.sqrt(max(err, 0.0) / self.theta_sq) if self.theta_sq > 0 else 1.0
+
+    def plain_fidelity(self, err: float) -> float:
+        """The (unweighted) weight fidelity of a plain squared error."""
+        return 1.0 - math.sqrt(max(err, 0.0) / self.plain_theta_sq) if self.plain_theta_sq > 0 else 1.0
 
     def order(self) -> None:
         """The greedy sequence: best error removed per byte first, across tensors, each tensor's
@@ -258,6 +272,30 @@ def _sq(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(torch.dot(d, d))
 
 
+def _errors(w: torch.Tensor | None) -> Callable[[torch.Tensor, torch.Tensor], tuple[float, float | None]]:
+    """Squared error as (weighted by ``w``, plain), or (plain, None) without weights."""
+    def err(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float | None]:
+        d = a.reshape(-1).to(torch.float64) - b.reshape(-1).to(torch.float64)
+        plain = float(torch.dot(d, d))
+        return (plain, None) if w is None else (float(torch.dot(d * w, d)), plain)
+    return err
+
+
+def sensitivity_weights(weights: Any, shape: tuple[int, ...], where: str) -> torch.Tensor:
+    """A sensitivity's weights for a tensor of ``shape``, flat in float64, as given: with a layer's
+    input second moments each tensor's weighted error is its layer's output error, so tensors
+    compare in the same units (zeros: an error there counts for nothing). InvalidArgumentError
+    names ``where`` when they are not finite, non-negative and broadcastable to the shape."""
+    try:
+        w = torch.as_tensor(weights).detach().to("cpu", torch.float64)
+        w = torch.broadcast_to(w, shape).reshape(-1)
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise InvalidArgumentError(f"sensitivity of {where}: not a tensor broadcastable to {list(shape)} ({e})") from None
+    if not bool(torch.isfinite(w).all()) or bool((w < 0).any()):
+        raise InvalidArgumentError(f"sensitivity of {where}: weights must be finite and non-negative")
+    return w
+
+
 def candidate_arrays(option: Option, r: torch.Tensor) -> dict[str, np.ndarray]:
     """The arrays a sparse, quant or qtau candidate stores (``r``: the residual; for qtau, the task vector)."""
     if option.kind == "sparse":
@@ -365,8 +403,11 @@ class Dial:
 
     def __init__(self, *, target: float | None, budget_bytes: int | None, allowed: Sequence[str],
                  exact_paid: bool, evaluate: Evaluator | None = None,
-                 sources: Mapping[str, Any] | None = None, unit_bytes: float = 0.0):
+                 sources: Mapping[str, Any] | None = None, unit_bytes: float = 0.0,
+                 sensitivity: Mapping[str, Mapping[str, Any]] | None = None):
         self.target, self.budget_bytes, self.allowed = target, budget_bytes, tuple(allowed)
+        #: per task and tensor, weights of each element's squared error (``PackOptions.sensitivity``)
+        self.sensitivity = sensitivity
         self.exact_paid, self.evaluate, self.sources = exact_paid, evaluate, sources
         self.unit_bytes = unit_bytes  # one task checkpoint's bytes, the budget's unit
         self.plans: dict[str, TaskPlan] = {}
@@ -391,6 +432,15 @@ class Dial:
         self._within: tuple[int, int] | None = None  # (calibration, size) of the fullest write within the budget
         self._over: int | None = None  # the smallest calibration whose archive went over it
         self._final = False  # the write under way is the fullest within, written again: kept
+        #: when the last decision wrote the smallest archive because the estimate said nothing
+        #: fits: that estimate (``refit`` measures it)
+        self._smallest: int | None = None
+
+    @property
+    def measure(self) -> str:
+        """The weight-space measure of targets and of the max-min over tasks: ``weighted`` with a
+        sensitivity, else ``weight``."""
+        return "weight" if self.sensitivity is None else "weighted"
 
     # -- pass 1 -------------------------------------------------------------------------------
     def observe(self, ctx: WriteContext, item: Item) -> None:
@@ -409,15 +459,21 @@ class Dial:
         for t, x, mask in zip(item.tasks, item.thetas, masks):
             plan = self.plans.setdefault(t, TaskPlan())
             xf = x.reshape(-1)
+            given = (self.sensitivity or {}).get(t, {}).get(item.name)
+            w = None if given is None else sensitivity_weights(given, tuple(x.shape), f"task {t!r}, tensor {item.name!r}")
+            sq_err = _errors(w)
             rec32 = torch.addcmul(base32, mask.to(torch.float32), merged)
             r = xf.to(torch.float32) - rec32
             plain = rec32.to(x.dtype)
-            sq = _sq(xf, torch.zeros(1))
+            zero = torch.zeros(1)
+            sq, sq_plain = sq_err(xf, zero)
             plan.theta_sq += sq
-            plan.scale[item.name] = 1.0 / (sq or _sq(base32, torch.zeros(1)) or 1.0)
-            err0 = _sq(plain, xf)
+            plan.plain_theta_sq += sq if sq_plain is None else sq_plain
+            plan.scale[item.name] = 1.0 / (sq or sq_err(base32, zero)[0] or 1.0)
+            err0, plain0 = sq_err(plain, xf)
             plan.tall_err += err0
-            opts = [Option(None, 0, err0)]
+            plan.plain_tall_err += err0 if plain0 is None else plain0
+            opts = [Option(None, 0, err0, plain=plain0)]
             n = r.numel()
             if n and err0 > 0:
                 cands: list[Option] = []
@@ -428,8 +484,8 @@ class Dial:
                 for o in cands:
                     arrays = candidate_arrays(o, r)
                     cost = sum(_array_cost(_chain(ctx, a), a, ce) for a in arrays.values()) + 40
-                    err = _sq(corrected(base32, mask, merged, decoded(o, arrays, n), x.dtype), xf)
-                    opts.append(Option(o.kind, cost, err, o.k, o.bits))
+                    err, pe = sq_err(corrected(base32, mask, merged, decoded(o, arrays, n), x.dtype), xf)
+                    opts.append(Option(o.kind, cost, err, o.k, o.bits, pe))
                 if self.qtau:
                     tau = xf.to(torch.float32) - base32
                     qs = []
@@ -437,8 +493,8 @@ class Dial:
                         o = Option("qtau", 0, 0.0, bits=b)
                         arrays = candidate_arrays(o, tau)
                         cost = sum(_array_cost(_chain(ctx, a), a, ce) for a in arrays.values()) + 40 - tier.masks[t]
-                        err = _sq(rebuilt(base32, decoded(o, arrays, n), x.dtype), xf)
-                        qs.append(Option("qtau", cost, err, bits=b))
+                        err, pe = sq_err(rebuilt(base32, decoded(o, arrays, n), x.dtype), xf)
+                        qs.append(Option("qtau", cost, err, bits=b, plain=pe))
                     plan.qtaus[item.name] = qs
                     opts += qs
                 if "exact" in self.allowed:
@@ -581,15 +637,15 @@ class Dial:
             saved, _ = self._switch({t: self.plans[t].chosen(p) for t, p in ps.items()})
             return sum(self.plans[t].cum_cost[p] for t, p in ps.items()) - saved, ps
 
-        if spare is not None and (least := cost(None)[0]) > spare:  # qtau may go below plain TALL
-            u, smallest = self.unit_bytes or 1.0, plain_bytes + least
-            raise FidelityError(
-                f"budget {self.budget_bytes / u:.2f}x ({self.budget_bytes} bytes) is below the smallest archive "
-                f"the dial makes, about {smallest} bytes; give --budget {math.ceil(100 * smallest / u) / 100:.2f} "
-                "or more, or drop --budget")
-
+        self._smallest = None
         prefixes: dict[str, int]
-        if self.target is not None:
+        if spare is not None and (least := cost(None)[0]) > spare:  # qtau may go below plain TALL
+            if not self._refits():  # the estimate is all there is
+                self.too_small(plain_bytes + least, measured=False)
+            # the estimate overcharges small families: write the smallest archive and measure it
+            self._smallest = plain_bytes + least
+            prefixes = {t: 0 for t in tasks}
+        elif self.target is not None:
             total, prefixes = cost(self.target)
             if spare is not None and total > spare:
                 prefixes = self._fill(self._max_min(spare, cost, fid), spare, score)
@@ -607,8 +663,11 @@ class Dial:
         for t in tasks:
             plan, ch = self.plans[t], choices[t]
             self.choice[t] = {k: o for k, o in ch.items() if o.kind is not None}
-            rec = {"weight": plan.weight_fidelity(sum(o.err for o in ch.values())),
-                   "weight_tall": plan.weight_fidelity(plan.tall_err)}
+            rec = {"weight": plan.plain_fidelity(sum(o.plain_err for o in ch.values())),
+                   "weight_tall": plan.plain_fidelity(plan.plain_tall_err)}
+            if self.sensitivity is not None:  # the measure the dial used (targets are in it)
+                rec |= {"weighted": plan.weight_fidelity(sum(o.err for o in ch.values())),
+                        "weighted_tall": plan.weight_fidelity(plan.tall_err)}
             want = self.target
             if score is not None:
                 rec |= {"score": score(t, ch), "score_tall": score(t, {})}
@@ -617,7 +676,7 @@ class Dial:
                     if want is not None and want > self.ceiling[t]:
                         lowered[t] = want = self.ceiling[t]
             self.achieved[t] = rec
-            got = rec["score"] if score is not None else rec["weight"]
+            got = rec["score"] if score is not None else rec[self.measure]
             if want is not None and got < want - 1e-12:
                 self.below[t] = got
         if lowered:
@@ -673,6 +732,19 @@ class Dial:
                 break
         return best
 
+    def too_small(self, smallest: int, *, measured: bool) -> None:
+        """Raise the FidelityError of a budget below ``smallest`` bytes, the smallest archive the
+        dial makes (``measured``: written and measured, else estimated)."""
+        u, b = self.unit_bytes or 1.0, self.budget_bytes or 0
+        raise FidelityError(
+            f"budget {b / u:.2f}x ({b} bytes) is below the smallest archive the dial makes, "
+            f"{'' if measured else 'about '}{smallest} bytes; give --budget "
+            f"{math.ceil(100 * smallest / u) / 100:.2f} or more, or drop --budget")
+
+    def _refits(self) -> bool:
+        """Whether a budget's archive is measured and written again (``refit``)."""
+        return self.budget_bytes is not None and self.evaluate is None and not self.exact_paid
+
     def refit(self, size: int) -> bool:
         """After the merged tensors are written, ``size`` the archive's bytes if finished now:
         whether to decide and write them again with the estimate corrected by what it missed.
@@ -685,10 +757,22 @@ class Dial:
         last of ``MAX_WRITES`` writes is always the fullest within. Only for a budget, without an
         evaluator (a new decision would score again) or the exact tier."""
         budget = self.budget_bytes
-        if budget is None or self.evaluate is not None or self.exact_paid or self._final:
+        if not self._refits() or self._final:
             return False
+        assert budget is not None
         self._writes += 1
         margin = int(REFIT_MARGIN * budget) + 256
+        if self._smallest is not None:  # the smallest archive, written because the estimate was over
+            if size > budget:
+                self.too_small(size, measured=True)
+            if self._within is None or size >= self._within[1]:
+                self._within = (self.calibration, size)
+            if budget - size <= max(REFIT_SLACK * budget, margin) or self._writes >= MAX_WRITES - 1:
+                return self._settle()
+            # correct the estimate by what it overcharged this archive, less the margin
+            log.info("budget: the smallest archive takes %d bytes, %d estimated; deciding again", size, self._smallest)
+            self.calibration = self._smallest - size - margin
+            return True
         last = self._writes >= MAX_WRITES - 1  # one write left: the fullest within, if this is not it
         if size <= budget:
             if self._within is None or size >= self._within[1]:
@@ -706,8 +790,9 @@ class Dial:
                 nxt = self.calibration - (size - budget + margin)  # the excess taken off
             elif last:
                 return self._settle()
-            else:
-                nxt = (self._within[0] + self.calibration) // 2
+            else:  # just over: take the excess off (sizes follow the estimate but for jumps); else bisect
+                over, mid = size - budget + 256, (self._within[0] + self.calibration) // 2
+                nxt = self.calibration - over if self.calibration - over > mid else mid
         if self._within is not None and abs(nxt - self._within[0]) < margin and nxt != self.calibration:
             return self._settle()  # the bisection has closed in
         log.info("budget: %d bytes %s; deciding again", abs(budget - size), "unspent" if size <= budget else "over")
@@ -778,7 +863,7 @@ class Dial:
                 counts[label] = counts.get(label, 0) + 1
             tasks[t] = {**self.achieved[t], "stored": counts,
                         "bytes": sum(o.cost for o in self.choice[t].values())}
-        return {"measure": "score" if self.evaluate is not None else "weight", "target": self.target,
+        return {"measure": "score" if self.evaluate is not None else self.measure, "target": self.target,
                 "budget_bytes": self.budget_bytes, "met": self.met, "merged_dropped": len(self.dropped),
                 **({"score_z": self.z} if self.evaluate is not None else {}), "tasks": tasks}
 

@@ -69,6 +69,11 @@ class PackOptions:
     #: the corrections the dial may store, from ``sparse``, ``quant4``, ``quant8``, ``qtau`` (the
     #: task's own quantized task vector instead of its mask, format 1.7), ``exact``
     corrections: Sequence[str] = ("sparse", "quant4", "quant8", "qtau", "exact")
+    #: with the dial: per task, per tensor name, weights of each element's squared error
+    #: (broadcastable to the tensor: a linear layer's input second moments from
+    #: ``tallpack.sensitivity.input_moments`` make its error the layer's output error); unlisted
+    #: tensors weigh 1 everywhere, and targets are then in this *weighted* weight fidelity
+    sensitivity: Mapping[str, Mapping[str, Any]] | None = None
 
     def replace(self, **changes: Any) -> "PackOptions":
         return dataclasses.replace(self, **changes)
@@ -169,3 +174,9 @@ def _check_dial(o: PackOptions) -> None:
     bad = [c for c in o.corrections if c not in _CORRECTIONS] if not isinstance(o.corrections, str) else [o.corrections]
     if bad:
         raise InvalidArgumentError(f"unknown correction(s) {bad}; choose from {', '.join(_CORRECTIONS)}")
+    s = o.sensitivity
+    if s is not None:
+        if f is None and b is None:
+            raise InvalidArgumentError("sensitivity weighs the fidelity dial's errors: give fidelity or budget too")
+        if not isinstance(s, Mapping) or not all(isinstance(t, str) and isinstance(v, Mapping) for t, v in s.items()):
+            raise InvalidArgumentError("sensitivity must map task names to {tensor name: weights}")

@@ -171,5 +171,20 @@ def _dial(fam: PackInputs, v: Validated) -> Dial | None:
         return None
     one = sum(s.nbytes for s in fam.tasks.values()) / len(fam.tasks)  # the average task checkpoint
     budget = None if opts.budget is None else int(opts.budget * one)
+    if opts.sensitivity is not None:
+        _check_sensitivity(opts.sensitivity, fam)
     return Dial(target=opts.fidelity, budget_bytes=budget, allowed=opts.corrections, exact_paid=opts.exact,
-                evaluate=opts.evaluate, sources=fam.tasks, unit_bytes=one)
+                evaluate=opts.evaluate, sources=fam.tasks, unit_bytes=one, sensitivity=opts.sensitivity)
+
+
+def _check_sensitivity(sensitivity: Mapping[str, Mapping[str, Any]], fam: PackInputs) -> None:
+    """Every task and tensor a sensitivity names is in the family (a misspelt name would
+    silently weigh nothing); the weights themselves are checked when their tensor is measured."""
+    for t, by_name in sensitivity.items():
+        if t not in fam.tasks:
+            raise InvalidArgumentError(f"sensitivity names task {t!r}, which is not one of the tasks packed")
+        have = {e.name for e in fam.plan.tensors if t in e.tasks}
+        unknown = sorted(set(by_name) - have)
+        if unknown:
+            raise InvalidArgumentError(f"sensitivity of task {t!r} names tensors it does not have: "
+                                       f"{', '.join(map(repr, unknown[:5]))}{' ...' if len(unknown) > 5 else ''}")

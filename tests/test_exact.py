@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
-from safetensors.torch import save_file
 
 import tallpack
 from tallpack.encodings import exact as exact_mod

@@ -1,0 +1,142 @@
+"""The fidelity dial with a sensitivity: each element's squared error weighed (beyond the paper),
+and the layer-input moments that make a linear layer's weighted error its output error."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import tallpack
+from tallpack.errors import InvalidArgumentError
+from tallpack.sensitivity import input_moments
+from test_fidelity import checkpoint_bytes, family
+
+MERGED = ("a.weight", "a.bias", "b.weight", "b.bias")
+
+
+def test_input_moments_are_each_linear_layers_input_mean_squares():
+    g = torch.Generator().manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.ReLU(), torch.nn.Linear(4, 3))
+    batches = [torch.randn(7, 5, generator=g), torch.randn(2, 3, 5, generator=g)]
+    got = input_moments(model, batches)
+    x = torch.cat([b.reshape(-1, 5) for b in batches]).double()
+    h = torch.relu(model[0](x.float())).double()
+    assert set(got) == {"0.weight", "2.weight"}
+    assert got["0.weight"].shape == (1, 5) and got["2.weight"].shape == (1, 4)
+    assert torch.allclose(got["0.weight"][0], (x * x).mean(0))
+    assert torch.allclose(got["2.weight"][0], (h * h).mean(0))
+    assert not model[0]._forward_pre_hooks  # the hooks are gone
+    with pytest.raises(InvalidArgumentError, match="no nn.Linear"):
+        input_moments(torch.nn.ReLU(), batches)
+
+
+def sensitivity(fts) -> dict[str, dict[str, torch.Tensor]]:
+    """Layer a's inputs: 6 of its 48 features carry signal, the rest are nearly always zero."""
+    w = torch.full((1, 48), 1e-4)
+    w[0, :6] = 1.0
+    return {t: {"a.weight": w * (1 + i)} for i, t in enumerate(fts)}
+
+
+def noisy_family():
+    """The dense family, with large task updates on layer a's dead inputs: errors there are
+    what the weights call harmless, so the two measures differ."""
+    base, fts = family("dense")
+    g = torch.Generator().manual_seed(7)
+    for ft in fts.values():
+        noise = torch.randn(64, 48, generator=g) * 0.3
+        noise[:, :6] = 0
+        ft["a.weight"] = ft["a.weight"] + noise
+    return base, fts
+
+
+def fidelities(path, fts, sens) -> dict[str, tuple[float, float]]:
+    """Per task, recomputed from what the archive returns: (weight fidelity, weighted fidelity)."""
+    out = {}
+    with tallpack.open(path) as fam:
+        for t, ft in fts.items():
+            err = sq = werr = wsq = 0.0
+            for k in MERGED:
+                x = ft[k].double()
+                d2 = (fam.get_tensor(t, k).double() - x) ** 2
+                w = torch.broadcast_to(sens.get(t, {}).get(k, torch.ones(())).double(), x.shape)
+                err, sq = err + float(d2.sum()), sq + float((x * x).sum())
+                werr, wsq = werr + float((w * d2).sum()), wsq + float((w * x * x).sum())
+            out[t] = (1 - math.sqrt(err / sq), 1 - math.sqrt(werr / wsq))
+    return out
+
+
+@pytest.mark.parametrize("target", [0.95, 0.99])
+def test_a_target_is_met_in_the_weighted_fidelity_and_both_are_recorded(tmp_path, target):
+    base, fts = noisy_family()
+    sens = sensitivity(fts)
+    m = tallpack.pack(base, fts, tmp_path / "w.tallpack", fidelity=target, sensitivity=sens)
+    got = fidelities(tmp_path / "w.tallpack", fts, sens)
+    assert m.stats["dial"]["measure"] == "weighted"
+    for info in m.tasks:
+        weight, weighted = got[info.name]
+        assert weighted >= target - 1e-9
+        assert info.fidelity["weighted"] == pytest.approx(weighted, abs=1e-6)
+        assert info.fidelity["weight"] == pytest.approx(weight, abs=1e-6)
+        assert info.fidelity["weighted_tall"] < target  # the target needed the dial
+    assert any(abs(a - b) > 1e-3 for a, b in got.values())  # the measures differ here
+    # without the weights the same target is met in the plain measure instead, and recorded so
+    m = tallpack.pack(base, fts, tmp_path / "p.tallpack", fidelity=target)
+    assert m.stats["dial"]["measure"] == "weight" and all("weighted" not in i.fidelity for i in m.tasks)
+    assert all(w >= target - 1e-9 for w, _ in fidelities(tmp_path / "p.tallpack", fts, {}).values())
+
+
+def test_a_budget_maximizes_the_weakest_task_in_the_weighted_measure(tmp_path):
+    """At the same budget, the weakest task's weighted fidelity is at least as high with the weights
+    as without (higher at 1.4x), and the archive spends the budget as fully."""
+    base, fts = noisy_family()
+    sens = sensitivity(fts)
+    one = checkpoint_bytes(fts)
+    gains = []
+    for x in (1.4, 1.6):
+        tallpack.pack(base, fts, tmp_path / "w.tallpack", budget=x, sensitivity=sens, overwrite=True)
+        tallpack.pack(base, fts, tmp_path / "p.tallpack", budget=x, overwrite=True)
+        sw, sp = (tmp_path / "w.tallpack").stat().st_size, (tmp_path / "p.tallpack").stat().st_size
+        assert 0.97 * x * one <= sw <= x * one and 0.97 * x * one <= sp <= x * one
+        w, p = fidelities(tmp_path / "w.tallpack", fts, sens), fidelities(tmp_path / "p.tallpack", fts, sens)
+        gains.append(min(v[1] for v in w.values()) - min(v[1] for v in p.values()))
+    assert min(gains) >= 0 and max(gains) > 1e-3, gains
+
+
+def test_a_budget_below_the_estimate_but_above_the_smallest_archive_is_kept(tmp_path):
+    """The estimate charges each array its worst overhead, which on a small family puts its idea of
+    the smallest archive far above the real one: such a budget is written and measured, not
+    refused; one below what the smallest archive measures is refused with that size."""
+    from tallpack.dial import FidelityError
+
+    base, fts = family("dense")
+    one = checkpoint_bytes(fts)
+    with pytest.raises(FidelityError, match=r"smallest archive the dial makes, (\d+) bytes; give --budget") as e:
+        tallpack.pack(base, fts, tmp_path / "x.tallpack", budget=1.0)
+    smallest = int(e.value.args[0].split("makes, ")[1].split(" bytes")[0])
+    assert not (tmp_path / "x.tallpack").exists()
+    x = math.ceil(100 * smallest / one) / 100
+    tallpack.pack(base, fts, tmp_path / "x.tallpack", budget=x)
+    assert (tmp_path / "x.tallpack").stat().st_size <= x * one
+
+
+@pytest.mark.parametrize("bad, match", [
+    ({"nope": {"a.weight": torch.ones(48)}}, "task 'nope'"),
+    ({"t0": {"zz": torch.ones(48)}}, "tensors it does not have: 'zz'"),
+    ({"t0": {"a.weight": torch.ones(47)}}, r"task 't0', tensor 'a.weight': not a tensor broadcastable to \[64, 48\]"),
+    ({"t0": {"a.weight": -torch.ones(48)}}, "finite and non-negative"),
+    ({"t0": {"a.weight": torch.full((48,), float("nan"))}}, "finite and non-negative"),
+    ({"t0": [1, 2]}, "must map task names"),
+])
+def test_bad_sensitivities_are_refused_with_where(tmp_path, bad, match):
+    base, fts = family("dense")
+    with pytest.raises(InvalidArgumentError, match=match):
+        tallpack.pack(base, fts, tmp_path / "x.tallpack", fidelity=0.97, sensitivity=bad)
+    assert not (tmp_path / "x.tallpack").exists()
+
+
+def test_a_sensitivity_needs_the_dial(tmp_path):
+    base, fts = family("dense")
+    with pytest.raises(InvalidArgumentError, match="give fidelity or budget"):
+        tallpack.pack(base, fts, tmp_path / "x.tallpack", sensitivity=sensitivity(fts))
