@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 
 import tallpack
 from tallpack.encodings import exact as exact_mod
-from tallpack.encodings.exact import EXPONENT, forward, inverse, permute, unpermute
+from tallpack.encodings.exact import forward, inverse, permute, unpermute
 
 from strategies import families
 from conftest import written

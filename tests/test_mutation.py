@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import random
 import time
 import tracemalloc
 from pathlib import Path

@@ -17,7 +17,7 @@ from click.testing import CliRunner
 from safetensors.torch import load_file, safe_open, save_file
 
 import tallpack
-from tallpack.errors import OutputExistsError, TallpackError
+from tallpack.errors import OutputExistsError
 from tallpack.outputs import write_checkpoint
 from tallpack_cli.main import main
 
