@@ -132,9 +132,11 @@ def render(s: dict[str, Any]) -> str:
         lines.append(f"merged vectors derived from the exact originals, not stored: {k} of {n} tensors")
     lines.append("")
     dial = any("weight" in t["fidelity"] for t in s["tasks"])
+    weighted = any("weighted" in t["fidelity"] for t in s["tasks"])  # packed with a sensitivity
     header = f"{'task':<20} {'lambda':>6} {'density':>8} {'rel_l2':>7} {'cosine':>7} {'mask b/p':>9} {'H(p)':>6}"
     if dial:  # the fidelity dial (format 1.4): achieved fidelity, and what each merged tensor holds
-        header += f" {'fidelity':>8} {'score':>6} {'+bytes':>8}  stored (merged tensors)"
+        header += (f" {'fidelity':>8}" + (f" {'weighted':>8}" if weighted else "")
+                   + f" {'score':>6} {'+bytes':>8}  stored (merged tensors)")
     lines += [header, "-" * len(header)]
     for t in s["tasks"]:
         f = t["fidelity"]
@@ -142,7 +144,8 @@ def render(s: dict[str, Any]) -> str:
                 f"{_fmt(f.get('rel_l2'), '.3f'):>7} {_fmt(f.get('cosine'), '.3f'):>7} "
                 f"{_fmt(t['mask_bits_per_param'], '.3f'):>9} {_fmt(t['mask_entropy_bits_per_param'], '.3f'):>6}")
         if dial:
-            line += (f" {_fmt(f.get('weight'), '.4f'):>8} {_fmt(f.get('score'), '.3f'):>6} "
+            line += (f" {_fmt(f.get('weight'), '.4f'):>8}" + (f" {_fmt(f.get('weighted'), '.4f'):>8}" if weighted else "")
+                     + f" {_fmt(f.get('score'), '.3f'):>6} "
                      f"{format_size(t['extra_bytes']):>8}  " + ", ".join(f"{k} {v}" for k, v in t["stored"].items()))
         lines.append(line)
     return "\n".join(lines)

@@ -8,8 +8,11 @@ import math
 import pytest
 import torch
 
+from click.testing import CliRunner
+
 import tallpack
 from tallpack.errors import InvalidArgumentError
+from tallpack_cli.main import main
 from tallpack.sensitivity import input_moments
 from test_fidelity import checkpoint_bytes, family
 
@@ -81,6 +84,11 @@ def test_a_target_is_met_in_the_weighted_fidelity_and_both_are_recorded(tmp_path
         assert info.fidelity["weight"] == pytest.approx(weight, abs=1e-6)
         assert info.fidelity["weighted_tall"] < target  # the target needed the dial
     assert any(abs(a - b) > 1e-3 for a, b in got.values())  # the measures differ here
+    out = CliRunner().invoke(main, ["inspect", str(tmp_path / "w.tallpack")]).output
+    header = next(line for line in out.splitlines() if line.startswith("task"))
+    assert header.split()[8:11] == ["fidelity", "weighted", "score"]
+    row = next(line for line in out.splitlines() if line.startswith("t0 "))
+    assert f"{m.tasks[0].fidelity['weighted']:.4f}" in row.split()
     # without the weights the same target is met in the plain measure instead, and recorded so
     m = tallpack.pack(base, fts, tmp_path / "p.tallpack", fidelity=target)
     assert m.stats["dial"]["measure"] == "weight" and all("weighted" not in i.fidelity for i in m.tasks)
