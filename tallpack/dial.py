@@ -71,6 +71,9 @@ QTAU_BITS: tuple[int, ...] = (2, 3, 4, 5, 6, 8)
 #: its scale), or by ``absolute`` squared error (the rule before; the benchmark compares them).
 #: Across tasks (targets, a budget's max-min) the measure is the weight fidelity either way.
 ORDER = "relative"
+#: With a sensitivity: ``weighted``, targets and the max-min over tasks in the weighted fidelity;
+#: ``plain``, in the weight fidelity (the weights then only order the steps within each task).
+SENSITIVITY_TARGETS = "weighted"
 #: Whether a merged vector no task needs is left out (benchmarks turn it off to measure what it buys).
 DROP_MERGED = True
 #: Fractions of a tensor's elements a sparse correction may keep.
@@ -141,6 +144,11 @@ class TaskPlan:
     #: cumulative (bytes, error) after each prefix of ``steps`` (index 0: none taken)
     cum_cost: list[int] = field(default_factory=list)
     cum_err: list[float] = field(default_factory=list)
+    cum_plain: list[float] = field(default_factory=list)
+
+    def fidelity_at(self, p: int, weighted: bool = True) -> float:
+        """The fidelity after the first ``p`` steps: weighted (as the steps were ordered) or plain."""
+        return self.weight_fidelity(self.cum_err[p]) if weighted else self.plain_fidelity(self.cum_plain[p])
 
     def weight_fidelity(self, err: float) -> float:
         """1 - sqrt(err / sum of squares): the weight fidelity, weighted when a sensitivity is."""
@@ -172,16 +180,18 @@ class TaskPlan:
         start = [lad[0] for lad in self.ladders.values()]  # nothing, or a qtau cheaper than the mask
         self.steps = []
         self.cum_cost, self.cum_err = [sum(o.cost for o in start)], [sum(o.err for o in start)]
+        self.cum_plain = [sum(o.plain_err for o in start)]
         while heap:
             _, _, name, i = heapq.heappop(heap)
             a, b = self.ladders[name][i - 1], self.ladders[name][i]
             self.steps.append(Step(name, b, b.cost - a.cost, a.err - b.err))
             self.cum_cost.append(self.cum_cost[-1] + b.cost - a.cost)
             self.cum_err.append(max(self.cum_err[-1] - (a.err - b.err), 0.0))
+            self.cum_plain.append(max(self.cum_plain[-1] - (a.plain_err - b.plain_err), 0.0))
             pos[name] = i
             push(name)
         if all(lad[-1].err == 0 for lad in self.ladders.values()):
-            self.cum_err[-1] = 0.0  # every tensor at its exact top: no float residue
+            self.cum_err[-1] = self.cum_plain[-1] = 0.0  # every tensor at its exact top: no float residue
 
     def chosen(self, p: int) -> dict[str, Option]:
         """Each tensor's option after the first ``p`` steps."""
@@ -437,10 +447,14 @@ class Dial:
         self._smallest: int | None = None
 
     @property
+    def _weighted_targets(self) -> bool:
+        return self.sensitivity is not None and SENSITIVITY_TARGETS == "weighted"
+
+    @property
     def measure(self) -> str:
         """The weight-space measure of targets and of the max-min over tasks: ``weighted`` with a
         sensitivity, else ``weight``."""
-        return "weight" if self.sensitivity is None else "weighted"
+        return "weighted" if self._weighted_targets else "weight"
 
     # -- pass 1 -------------------------------------------------------------------------------
     def observe(self, ctx: WriteContext, item: Item) -> None:
@@ -565,7 +579,7 @@ class Dial:
         last = len(plan.steps)
         if score is None:
             for p in range(last + 1):
-                if plan.weight_fidelity(plan.cum_err[p]) >= f - 1e-12:
+                if plan.fidelity_at(p, self._weighted_targets) >= f - 1e-12:
                     return p
             return last
         if score(t, plan.chosen(0)) >= f:
@@ -630,7 +644,7 @@ class Dial:
 
         def fid(t: str, p: int) -> float:
             plan = self.plans[t]
-            return score(t, plan.chosen(p)) if score is not None else plan.weight_fidelity(plan.cum_err[p])
+            return score(t, plan.chosen(p)) if score is not None else plan.fidelity_at(p, self._weighted_targets)
 
         def cost(f: float | None) -> tuple[int, dict[str, int]]:
             ps = {t: 0 if f is None else self._prefix(t, f, score) for t in tasks}
@@ -705,7 +719,7 @@ class Dial:
             open_ = [t for t in ps if t not in stuck and ps[t] < len(self.plans[t].steps)]
             if not open_:
                 return ps
-            t = min(open_, key=lambda t: self.plans[t].weight_fidelity(self.plans[t].cum_err[ps[t]]))
+            t = min(open_, key=lambda t: self.plans[t].fidelity_at(ps[t], self._weighted_targets))
             trial = ps | {t: ps[t] + 1}
             if total(trial) <= spare:
                 ps = trial
