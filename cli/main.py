@@ -155,9 +155,12 @@ def _method_options(f):
               help="Reconstruct every task at least this well (weight fidelity; 1: exact), adding corrections.")
 @click.option("--budget", type=click.FloatRange(0, min_open=True), default=None,
               help="Keep the archive within this many times one task checkpoint, best fidelity within it.")
+@click.option("--sensitivity", "sensitivity_file", default=None, metavar="FILE",
+              help="With --fidelity or --budget: weights of each element's error, a safetensors file keyed "
+                   "TASK/TENSOR (tallpack.sensitivity.save).")
 def pack(base, task_specs, output, lambda_specs, merge, codec, level, checksum, chunk_elements,
          keep_base_only, allow_mismatch, threads, force, progress, exact, derive_masks, derive_merged, fidelity,
-         budget, **method_options) -> None:
+         budget, sensitivity_file, **method_options) -> None:
     """Pack a base model and its fine-tuned tasks into one archive."""
     tasks = _parse_tasks(task_specs)
     lambdas = _parse_lambdas(lambda_specs, tasks)
@@ -172,7 +175,8 @@ def pack(base, task_specs, output, lambda_specs, merge, codec, level, checksum, 
                           allow_mismatch=allow_mismatch, threads=threads,
                           progress=_progress(progress), exact=exact, derive_masks=derive_masks,
                           derive_merged=derive_merged, overwrite=force,
-                          fidelity=fidelity, budget=budget)
+                          fidelity=fidelity, budget=budget,
+                          sensitivity=None if sensitivity_file is None else tallpack.sensitivity.load(sensitivity_file))
     m = tallpack.pack(base, tasks, output, options)
     size = staging.size(output)
     src = m.stats["source_bytes"]

@@ -30,9 +30,10 @@ from .packer import pack
 from .reader import Archive, open  # noqa: A004
 from .selection import select_alpha
 from .tall import DEFAULT_LAMBDA, LAMBDA_GRID
+from . import sensitivity  # tallpack.sensitivity.input_moments / save / load: the dial's data-aware weights
 
 __all__ = [
-    "__version__", "pack", "open", "select_alpha", "Archive", "PackOptions",
+    "__version__", "pack", "open", "select_alpha", "Archive", "PackOptions", "sensitivity",
     "write_task", "write_tasks", "write_merged", "DEFAULT_LAMBDA", "LAMBDA_GRID", "ALPHA_GRID",
     "TallpackError", "FormatError", "IntegrityError", "UnsupportedVersionError", "CodecError",
     "CheckpointError", "CheckpointNotFoundError", "UnsafeCheckpointError", "InvalidArgumentError",

@@ -14,14 +14,17 @@ This goes beyond the paper, whose masks and reconstruction are data-free.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import os
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 
 from .errors import InvalidArgumentError
 
-__all__ = ["input_moments"]
+__all__ = ["input_moments", "load", "save"]
 
 
 def input_moments(model: torch.nn.Module, batches: Iterable[Any]) -> dict[str, torch.Tensor]:
@@ -60,3 +63,30 @@ def input_moments(model: torch.nn.Module, batches: Iterable[Any]) -> dict[str, t
     if not counts:
         raise InvalidArgumentError("input_moments: no batch reached a linear layer (give at least one batch)")
     return {f"{name}.weight" if name else "weight": (sums[name] / counts[name])[None, :] for name in sums}
+
+
+def save(weights: Mapping[str, Mapping[str, Any]], path: str | os.PathLike) -> None:
+    """Write a sensitivity (task -> tensor name -> weights) as one safetensors file, keyed
+    ``"TASK/TENSOR"`` (task names hold no '/'), for ``tallpack pack --sensitivity FILE``."""
+    flat = {}
+    for task, by_name in weights.items():
+        if "/" in task:
+            raise InvalidArgumentError(f"sensitivity: task name {task!r} holds a '/'")
+        for name, w in by_name.items():
+            flat[f"{task}/{name}"] = torch.as_tensor(w).detach().to("cpu", torch.float32).contiguous()
+    save_file(flat, os.fspath(path))
+
+
+def load(path: str | os.PathLike) -> dict[str, dict[str, torch.Tensor]]:
+    """Read a sensitivity written by :func:`save`: task -> tensor name -> weights."""
+    try:
+        flat = load_file(os.fspath(path))
+    except (OSError, SafetensorError) as e:
+        raise InvalidArgumentError(f"{os.fspath(path)}: not a readable safetensors file of weights ({e})") from None
+    out: dict[str, dict[str, torch.Tensor]] = {}
+    for key, w in flat.items():
+        task, sep, name = key.partition("/")
+        if not sep or not task or not name:
+            raise InvalidArgumentError(f"{os.fspath(path)}: key {key!r} is not TASK/TENSOR")
+        out.setdefault(task, {})[name] = w
+    return out

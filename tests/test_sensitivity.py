@@ -148,3 +148,32 @@ def test_a_sensitivity_needs_the_dial(tmp_path):
     base, fts = family("dense")
     with pytest.raises(InvalidArgumentError, match="give fidelity or budget"):
         tallpack.pack(base, fts, tmp_path / "x.tallpack", sensitivity=sensitivity(fts))
+
+
+def test_the_command_line_reads_a_sensitivity_file_and_refuses_a_bad_one(tmp_path):
+    """`tallpack pack --sensitivity FILE` on real files: the same archive as the Python call with
+    the same weights (written by tallpack.sensitivity.save), and one error line for a bad file."""
+    from safetensors.torch import save_file
+
+    base, fts = noisy_family()
+    save_file(base, tmp_path / "base.safetensors")
+    args = ["pack", "--base", str(tmp_path / "base.safetensors"), "--fidelity", "0.95", "-f"]
+    for t, ft in fts.items():
+        save_file(ft, tmp_path / f"{t}.safetensors")
+        args += ["--task", f"{t}={tmp_path / f'{t}.safetensors'}"]
+    sens = sensitivity(fts)
+    tallpack.sensitivity.save(sens, tmp_path / "w.safetensors")
+    assert {t: {k: v.tolist() for k, v in d.items()} for t, d in tallpack.sensitivity.load(tmp_path / "w.safetensors").items()} \
+        == {t: {k: v.float().tolist() for k, v in d.items()} for t, d in sens.items()}
+    r = CliRunner().invoke(main, [*args, "--sensitivity", str(tmp_path / "w.safetensors"), "-o", str(tmp_path / "c.tallpack")])
+    assert r.exit_code == 0, r.output
+    m = tallpack.pack(str(tmp_path / "base.safetensors"), {t: str(tmp_path / f"{t}.safetensors") for t in fts},
+                      tmp_path / "p.tallpack", fidelity=0.95, sensitivity=tallpack.sensitivity.load(tmp_path / "w.safetensors"))
+    with tallpack.open(tmp_path / "c.tallpack") as c:
+        assert c.manifest.stats["dial"]["measure"] == "weighted"
+        assert [i.fidelity for i in c.manifest.tasks] == [i.fidelity for i in m.tasks]
+    save_file({"no-slash": torch.ones(3)}, tmp_path / "bad.safetensors")
+    for bad in ("bad.safetensors", "missing.safetensors"):
+        r = CliRunner().invoke(main, [*args, "--sensitivity", str(tmp_path / bad), "-o", str(tmp_path / "x.tallpack")])
+        assert r.exit_code == 1 and r.output.startswith("error: ") and len(r.output.strip().splitlines()) == 1, r.output
+    assert not (tmp_path / "x.tallpack").exists()
