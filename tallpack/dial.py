@@ -445,6 +445,7 @@ class Dial:
         #: when the last decision wrote the smallest archive because the estimate said nothing
         #: fits: that estimate (``refit`` measures it)
         self._smallest: int | None = None
+        self._force_smallest = False  # every write so far was over the budget: try the smallest
 
     @property
     def _weighted_targets(self) -> bool:
@@ -653,7 +654,7 @@ class Dial:
 
         self._smallest = None
         prefixes: dict[str, int]
-        if spare is not None and (least := cost(None)[0]) > spare:  # qtau may go below plain TALL
+        if spare is not None and ((least := cost(None)[0]) > spare or self._force_smallest):  # qtau may go below TALL
             if not self._refits():  # the estimate is all there is
                 self.too_small(plain_bytes + least, measured=False)
             # the estimate overcharges small families: write the smallest archive and measure it
@@ -778,6 +779,8 @@ class Dial:
         margin = int(REFIT_MARGIN * budget) + 256
         if self._smallest is not None:  # the smallest archive, written because the estimate was over
             if size > budget:
+                if self._within is not None:
+                    return self._settle()
                 self.too_small(size, measured=True)
             if self._within is None or size >= self._within[1]:
                 self._within = (self.calibration, size)
@@ -798,9 +801,10 @@ class Dial:
         else:
             self._over = self.calibration if self._over is None else min(self._over, self.calibration)
             if self._within is None:
-                if self._writes >= MAX_WRITES:
-                    log.warning("the archive is %d bytes over the budget of %d bytes", size - budget, budget)
-                    return False
+                if last:  # nothing within yet: the smallest archive is the last try, kept or refused
+                    self._force_smallest = True
+                    log.info("budget: %d bytes over; writing the smallest archive", size - budget)
+                    return True
                 nxt = self.calibration - (size - budget + margin)  # the excess taken off
             elif last:
                 return self._settle()

@@ -248,3 +248,22 @@ def test_budget_refit_bisects_past_a_step_that_overshoots(jump):
     assert sizes[-1] <= budget and sizes[-1] == max(s for s in sizes if s <= budget)
     best = size(min(jump, budget - 92_000 - 1))  # the fullest archive within the budget there is
     assert sizes[-1] >= 92_000 + 0.5 * (best - 92_000), sizes
+
+
+def test_budget_refit_never_ends_over_the_budget():
+    """Writes that all go over (an estimate short by more than each correction takes off) end with
+    the smallest archive: kept when it is within the budget, refused with its size when not."""
+    from tallpack import dial
+
+    d = dial.Dial(target=None, budget_bytes=100_000, allowed=("qtau",), exact_paid=False)
+    writes = 0
+    while d.refit(130_000 + d.calibration // 10):  # always over, whatever the calibration
+        writes += 1
+        if d._force_smallest:
+            break
+    assert d._force_smallest and writes < dial.MAX_WRITES
+    d._smallest = 120_000  # the decision writes the smallest archive; it is measured
+    with pytest.raises(FidelityError, match=r"smallest archive the dial makes, 100001 bytes; give --budget"):
+        d.refit(100_001)
+    d._smallest = 120_000
+    assert d.refit(95_000) is False  # within: kept, and no more writes
