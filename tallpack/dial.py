@@ -277,11 +277,6 @@ def _extras(ctx: WriteContext, item: Item) -> dict[str, torch.Tensor]:
     return {k: torch.cat([p[k] for p in parts]) for k in ctx.method.extra_arrays} if parts else {}
 
 
-def _sq(a: torch.Tensor, b: torch.Tensor) -> float:
-    d = a.reshape(-1).to(torch.float64) - b.reshape(-1).to(torch.float64)
-    return float(torch.dot(d, d))
-
-
 def _errors(w: torch.Tensor | None) -> Callable[[torch.Tensor, torch.Tensor], tuple[float, float | None]]:
     """Squared error as (weighted by ``w``, plain), or (plain, None) without weights."""
     def err(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float | None]:

@@ -72,7 +72,8 @@ class PackOptions:
     #: with the dial: per task, per tensor name, weights of each element's squared error
     #: (broadcastable to the tensor: a linear layer's input second moments from
     #: ``tallpack.sensitivity.input_moments`` make its error the layer's output error); unlisted
-    #: tensors weigh 1 everywhere, and targets are then in this *weighted* weight fidelity
+    #: tensors weigh 1 everywhere (only merged tensors have errors to weigh), and targets are then
+    #: in this *weighted* weight fidelity
     sensitivity: Mapping[str, Mapping[str, Any]] | None = None
 
     def replace(self, **changes: Any) -> "PackOptions":
