@@ -18,6 +18,7 @@ Every input must end normally or in a ``TallpackError``; anything else is a find
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import random
@@ -168,9 +169,12 @@ def mutate(data: bytes, max_size: int, seed: int) -> bytes:
         except Exception:
             m = None
         if m is not None:
-            edited = json.dumps(edit_json(m, rng), separators=(",", ":")).encode()
-            out = data[:2] + edited
-            if len(out) <= max_size:
+            try:
+                edited = json.dumps(edit_json(m, rng), separators=(",", ":")).encode()
+            except (ValueError, RecursionError):  # the edits nested too deep for the encoder
+                edited = None
+            out = data[:2] + edited if edited is not None else b""
+            if edited is not None and len(out) <= max_size:
                 return out
     kind = data[:1] if data[:1] in (FILE, MANIFEST, RESUMMED) else rng.choice([FILE, MANIFEST, RESUMMED])
     body = data[1:] if data[:1] in (FILE, MANIFEST, RESUMMED) else data
@@ -216,8 +220,8 @@ def edit_json(m, rng: random.Random):
                                           -parent[key], 10**rng.randint(18, 30)])
             elif op == 4 and isinstance(parent[key], list) and parent[key]:
                 parent[key] = parent[key] * rng.randint(2, 50)
-            else:
-                parent[key] = rng.choice(HOSTILE)
+            else:  # a copy: HOSTILE's lists and dicts must not be edited in place later (a cycle)
+                parent[key] = copy.deepcopy(rng.choice(HOSTILE))
         except (KeyError, IndexError, TypeError):
             continue
     return m
