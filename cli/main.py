@@ -304,6 +304,18 @@ def demo(workdir: str, size: str, task: str | None) -> None:
     mean_r = sum(x for _, x in r.scores.values()) / len(r.scores)
     click.echo(f"{'mean':<16} {mean_o:>9.3f} {mean_r:>8.3f} {mean_r / mean_o:>7.1%}")
 
+    from tallpack.demo.run import DIAL_TARGET
+    tall, dial = r.archive.stat().st_size, r.dial_archive.stat().st_size
+    click.echo(f"\n$ tallpack pack ... --fidelity {DIAL_TARGET} -o {r.dial_archive}   (beyond the paper: the fidelity dial)")
+    click.echo(f"packed in {sec['dial']:.1f}s: {format_size(dial)} ({dial / r.checkpoint_bytes:.2f}x one task checkpoint; "
+               f"TALL alone {format_size(tall)}, {tall / r.checkpoint_bytes:.2f}x)")
+    click.echo(f"{'task':<16} {'original':>9} {'rebuilt':>8} {'kept':>7}")
+    for name, (orig, _) in r.scores.items():
+        click.echo(f"{name:<16} {orig:>9.3f} {r.dial_scores[name]:>8.3f} {r.dial_scores[name] / orig:>7.1%}")
+    mean_d = sum(r.dial_scores.values()) / len(r.dial_scores)
+    worst = min(r.dial_scores[n] / o for n, (o, _) in r.scores.items())
+    click.echo(f"{'mean':<16} {mean_o:>9.3f} {mean_d:>8.3f} {mean_d / mean_o:>7.1%}   (worst task {worst:.1%})")
+
 
 if __name__ == "__main__":  # pragma: no cover
     main()

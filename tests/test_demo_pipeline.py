@@ -5,7 +5,7 @@ from safetensors.torch import load_file
 
 import tallpack
 from tallpack.demo import build_family, evaluate
-from tallpack.demo.run import run_demo
+from tallpack.demo.run import DIAL_TARGET, run_demo
 from test_cli import run
 from conftest import written_str
 
@@ -17,6 +17,7 @@ def test_demo_command_runs_the_whole_path(tmp_path):
     assert "rebuilt" in out and "\nmean " in out
     assert (tmp_path / "family.tallpack").exists()
     assert (tmp_path / "unpacked" / "hflip" / "model.safetensors").exists()
+    assert "--fidelity 0.97" in out and "(worst task " in out  # the dial, beyond the paper
 
 
 def test_tiny_family_reconstructions_score_close_to_the_originals(tmp_path):
@@ -32,3 +33,7 @@ def test_tiny_family_reconstructions_score_close_to_the_originals(tmp_path):
             assert 0 <= evaluate(fam.root, task, arc.merged("consensus-ta", task=task)) <= 1
     for task, (orig, rec) in r.scores.items():
         assert orig > 0.5 and rec > 0.8 * orig, (task, orig, rec)
+    # the same family through the fidelity dial: its target met on every task, in the manifest
+    with tallpack.open(r.dial_archive) as arc:
+        assert all(i.fidelity["weight"] >= DIAL_TARGET for i in arc.manifest.tasks)
+    assert set(r.dial_scores) == set(r.scores)
