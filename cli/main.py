@@ -285,7 +285,7 @@ def stats(archive: str, plot_path: str | None, as_json: bool) -> None:
 @click.option("--size", type=click.Choice(["full", "tiny"]), default="full", show_default=True)
 @click.option("--task", default=None, help="The task to unpack (default: the first).")
 def demo(workdir: str, size: str, task: str | None) -> None:
-    """Build a small real model family, pack, inspect, unpack one task and score it."""
+    """Build a small real model family, pack, inspect, unpack one task and score it; then the fidelity dial."""
     from tallpack.demo.run import run_demo
 
     click.echo(f"building (or reusing) the demo family in {workdir}/family ...")
