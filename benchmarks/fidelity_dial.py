@@ -218,6 +218,12 @@ def _row_scores(evaluate, logits, originals, sds, right=None) -> dict:
     return out
 
 
+def discordant(a: str, b: str) -> tuple[int, int]:
+    """Of two 0/1 strings over the same test examples: (only ``a`` right, only ``b`` right)."""
+    return (sum(1 for x, y in zip(a, b) if x == "1" and y == "0"),
+            sum(1 for x, y in zip(a, b) if x == "0" and y == "1"))
+
+
 def mcnemar_p(b: int, c: int) -> float:
     """Two-sided exact McNemar test: the chance, if neither model were better, of a split of the
     b + c discordant examples at least this uneven (binomial, p = 1/2)."""
@@ -245,8 +251,7 @@ def paired(rows: list[dict], alpha: float = 0.05) -> list[dict]:
         per = {}
         for t, dr in r["right"].items():
             br = bl["right"][t]
-            b = sum(1 for x, y in zip(dr, br) if x == "1" and y == "0")
-            c = sum(1 for x, y in zip(dr, br) if x == "0" and y == "1")
+            b, c = discordant(dr, br)
             per[t] = {"b": b, "c": c, "p": mcnemar_p(b, c)}
         B, C = sum(v["b"] for v in per.values()), sum(v["c"] for v in per.values())
         p_all = mcnemar_p(B, C)
@@ -542,8 +547,8 @@ def weighted_vs_free(rows: list[dict]) -> list[dict]:
         f = by.get(m.removesuffix(", input-weighted"))
         if f is None:
             continue
-        b = sum(sum(1 for x, y in zip(w["right"][t], f["right"][t]) if x == "1" and y == "0") for t in w["right"])
-        c = sum(sum(1 for x, y in zip(w["right"][t], f["right"][t]) if x == "0" and y == "1") for t in w["right"])
+        splits = [discordant(w["right"][t], f["right"][t]) for t in w["right"]]
+        b, c = sum(x for x, _ in splits), sum(y for _, y in splits)
         out.append({"family": w["family"], "at": m.removeprefix("dial, budget = ").removesuffix(" size, input-weighted"),
                     "x_weighted": w["x"], "x_free": f["x"], "kl_mean": [w["kl_mean"], f["kl_mean"]],
                     "kl_max": [w["kl_max"], f["kl_max"]], "mean": [w["mean"], f["mean"]], "min": [w["min"], f["min"]],

@@ -777,8 +777,7 @@ class Dial:
                 if self._within is not None:
                     return self._settle()
                 self.too_small(size, measured=True)
-            if self._within is None or size >= self._within[1]:
-                self._within = (self.calibration, size)
+            self._note_within(size)
             if budget - size <= max(REFIT_SLACK * budget, margin) or self._writes >= MAX_WRITES - 1:
                 return self._settle()
             # correct the estimate by what it overcharged this archive, less the margin
@@ -787,8 +786,7 @@ class Dial:
             return True
         last = self._writes >= MAX_WRITES - 1  # one write left: the fullest within, if this is not it
         if size <= budget:
-            if self._within is None or size >= self._within[1]:
-                self._within = (self.calibration, size)
+            self._note_within(size)
             if budget - size <= REFIT_SLACK * budget or last:
                 return self._settle()
             grow = budget - size - margin
@@ -811,6 +809,11 @@ class Dial:
         log.info("budget: %d bytes %s; deciding again", abs(budget - size), "unspent" if size <= budget else "over")
         self.calibration = nxt
         return True
+
+    def _note_within(self, size: int) -> None:
+        """Remember this write (``size`` bytes, within the budget) if it is the fullest so far."""
+        if self._within is None or size >= self._within[1]:
+            self._within = (self.calibration, size)
 
     def _settle(self) -> bool:
         """End the writes on the fullest archive within the budget: the one just written, or that
