@@ -126,6 +126,11 @@ def _first_merged(m):
     return next(t for t in m["tensors"] if t["kind"] == "merged")
 
 
+def _last_mask(m):
+    last = [t for t in m["tensors"] if t["kind"] == "merged"][-1]
+    return list(last["tasks"].values())[-1]["mask"]
+
+
 @pytest.mark.parametrize("edit, message", [
     (lambda m: _first_merged(m)["merged"]["chunks"][0].__setitem__(0, 3), "overlaps"),
     (lambda m: _first_merged(m)["merged"]["chunks"].pop(), "chunks cannot hold"),
@@ -133,6 +138,12 @@ def _first_merged(m):
     (lambda m: _first_merged(m)["merged"].__setitem__("chunk_elements", 2**40), "chunks larger|chunks cannot"),
     (lambda m: _first_merged(m)["merged"].__setitem__("dtype", "complex256"), "unknown dtype"),
     (lambda m: _first_merged(m)["merged"]["chunks"][0].__setitem__(1, -5), "non-negative"),
+    # values equal to valid ones as Python compares them (3.0 == True == 1), in a header that
+    # the masks read before it share with the valid value: the parsed headers are cached, by type too
+    (lambda m: _last_mask(m)["codecs"][1].__setitem__("level", 3.0), "bad level 3.0"),
+    (lambda m: _last_mask(m)["codecs"][1].__setitem__("level", True), "bad level True"),
+    (lambda m: _last_mask(m).__setitem__("chunk_elements", 256.0), "multiple of 8"),
+    (lambda m: _last_mask(m).__setitem__("shape", [True] * len(_last_mask(m)["shape"])), "non-negative integers"),
     (lambda m: m["tasks"][0].__setitem__("keys", ["nope"]), "listed but not stored"),
     (lambda m: m.__setitem__("tasks", "x"), "malformed|missing"),
     (lambda m: m.pop("tensors"), "missing"),
