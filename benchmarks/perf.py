@@ -267,36 +267,48 @@ def child(kind: str, a: dict) -> dict:
     elif kind == "raw_checked":
         # raw's unavoidable work, as one straight loop over the raw archive itself: map it, check
         # each chunk of every base and merged vector with the archive's checksum (spec §1), then
-        # addcmul the chunk with a mask that is already decoded (one reused float buffer) into
-        # fresh outputs; unmap. The offsets and checksums are taken from the manifest before
-        # timing (no manifest parse, no mask decode, the mask's buffer made before timing: a floor
-        # leaves out what it may)
+        # addcmul the chunk with the task's mask into fresh outputs; unmap. With "masks", each
+        # mask chunk is checked and decoded as the format stores it (zstd, bits unpacked, cast
+        # to float32 in a reused buffer); without, the mask is one float buffer decoded before
+        # timing. Offsets and checksums are taken from the manifest before timing (no manifest
+        # parse, no thread pool: a floor leaves out what it may)
         import mmap
         import warnings
+
+        import numpy as np
+        import zstandard
         with tallpack.open(a["archive"]) as fam:
             check = fam._c.checksum
-            jobs = [(e.arrays["base"], e.arrays["merged"]) for e in fam.manifest.tensors
+            jobs = [(e.arrays["base"], e.arrays["merged"], e.tasks[a["task"]].arrays["mask"])
+                    for e in fam.manifest.tensors
                     if a["task"] in e.tasks and "base" in e.arrays and "merged" in e.arrays
                     and e.arrays["base"].dtype == "float32"]
+        assert all(k.chain.ids() == ["bitpack", "zstd"] for _, _, k in jobs)
         warnings.filterwarnings("ignore", message="The given buffer is not writable")
-        scratch = torch.zeros(max(min(b.chunk_elements, b.numel) for b, _ in jobs))
-        scratch[::3] = 1.0
+        scratch = torch.zeros(max(min(b.chunk_elements, b.numel) for b, _, _ in jobs))
+        if not a.get("masks"):
+            scratch[::3] = 1.0
+        dctx = zstandard.ZstdDecompressor()
         t0 = time.perf_counter()
         with open(a["archive"], "rb") as fh:
             mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
         outs = []
-        for b, m in jobs:
+        for b, m, mask in jobs:
             out = torch.empty(b.numel)
-            for i, (cb, cm) in enumerate(zip(b.chunks, m.chunks)):
+            for i, (cb, cm, ck) in enumerate(zip(b.chunks, m.chunks, mask.chunks)):
                 views = []
-                for c in (cb, cm):
+                for c in (cb, cm, ck):
                     v = memoryview(mm)[c.offset : c.offset + c.nbytes]
                     if check(v) != c.checksum:
                         raise SystemExit(f"checksum mismatch at {c.offset}")
-                    views.append(torch.frombuffer(v, dtype=torch.float32))
+                    views.append(v)
                 lo = i * b.chunk_elements
-                k = views[0].numel()
-                torch.addcmul(views[0], scratch[:k], views[1], out=out[lo : lo + k])
+                k = b.chunk_numel(i)
+                if a.get("masks"):
+                    bits = np.frombuffer(dctx.decompress(views[2]), np.uint8)
+                    scratch[:k].copy_(torch.from_numpy(np.unpackbits(bits, count=k, bitorder="little")))
+                torch.addcmul(torch.frombuffer(views[0], dtype=torch.float32), scratch[:k],
+                              torch.frombuffer(views[1], dtype=torch.float32), out=out[lo : lo + k])
                 del views, v
             outs.append(out)
         mm.close()
@@ -768,15 +780,15 @@ def floors(fam: dict, t1: str, T: int, n: int, rep: Report, details: dict) -> No
               "already decoded, fresh outputs)", median(r["seconds"] for r in ar), median(r["seconds"] for r in st),
               "load_file + clone (alternated)")
     raw = Path(fam["work"]) / f"raw-{T}.tallpack"
-    if raw.exists():
+    for masks, what in ((False, "the mask already decoded"), (True, "the task's mask chunks checked and decoded")):
         rep.load.mark()
-        log(f"floor 2: a fresh process doing raw's checked arithmetic alone, {n} each")
-        ck, st = alternate(n, lambda: run_child("raw_checked", {"archive": str(raw), "task": t1}), load_st)
-        details["floor_raw_checked"] = {"checked": ck, "safetensors": st}
-        rep.floor("2", "fresh process: raw's checked arithmetic alone (map the raw archive; per chunk of the base "
-                  "and merged vector, the checksum, then addcmul with the mask already decoded into fresh "
-                  "outputs; unmap)", median(r["seconds"] for r in ck), median(r["seconds"] for r in st),
-                  "load_file + clone (alternated)")
+        log(f"floor 2: a fresh process doing raw's checked arithmetic alone ({what}), {n} each")
+        ck, st = alternate(n, lambda: run_child("raw_checked", {"archive": str(raw), "task": t1, "masks": masks}),
+                           load_st)
+        details[f"floor_raw_checked{'_masks' if masks else ''}"] = {"checked": ck, "safetensors": st}
+        rep.floor("2", f"fresh process: raw's checked arithmetic alone, one loop (map the raw archive; per chunk, "
+                  f"the checksums, then addcmul into fresh outputs, {what}; unmap; no manifest parse)",
+                  median(r["seconds"] for r in ck), median(r["seconds"] for r in st), "load_file + clone (alternated)")
     for goal, copies, what in (("2", 1, "the output"), ("1", 3, "the output, and the decoded base and merged vector")):
         rep.load.mark()
         log(f"floor {goal}: a fresh process allocating and filling {copies} x the member's tensors, {n} each")
