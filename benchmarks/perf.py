@@ -20,7 +20,9 @@ for the codec goal) with an alternative measured in the same run:
 8. unpack of one task (CLI) peak anonymous memory vs 3 x largest tensor + 300 MB
 
 Loads run in fresh processes (``--child``), each child timing only the load itself; the two sides
-alternate; the page cache is warmed first; medians are reported. Peak memory is the child's
+alternate; the page cache is warmed first, and the originals the alternative loads are copies
+written in the same run, as the archives are (a file just written loads faster here than one
+written long ago); medians are reported. Peak memory is the child's
 RssAnon (``/proc/<pid>/status``) sampled by this process every 20 ms: mapped input files are page
 cache, not memory the process holds. Children run the library of this checkout (PYTHONPATH).
 
