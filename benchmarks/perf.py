@@ -277,7 +277,6 @@ def child(kind: str, a: dict) -> dict:
         import mmap
         import warnings
 
-        import numpy as np
         import zstandard
         with tallpack.open(a["archive"]) as fam:
             check = fam._c.checksum
@@ -307,8 +306,7 @@ def child(kind: str, a: dict) -> dict:
                 lo = i * b.chunk_elements
                 k = b.chunk_numel(i)
                 if a.get("masks"):
-                    bits = np.frombuffer(dctx.decompress(views[2]), np.uint8)
-                    scratch[:k].copy_(torch.from_numpy(np.unpackbits(bits, count=k, bitorder="little")))
+                    _mask_into(dctx, views[2], scratch[:k])
                 torch.addcmul(torch.frombuffer(views[0], dtype=torch.float32), scratch[:k],
                               torch.frombuffer(views[1], dtype=torch.float32), out=out[lo : lo + k])
                 del views, v
@@ -321,7 +319,6 @@ def child(kind: str, a: dict) -> dict:
         # base and merged vectors decoded and cached), each of the task's mask chunks checked and
         # decoded as the format stores it (zstd, bits unpacked, cast to float32 in a reused
         # buffer), then addcmul into fresh outputs; no threads, no per-tensor dispatch
-        import numpy as np
         import zstandard
         from tallpack.reader import Use
         with tallpack.open(a["archive"], **_open_kwargs(tallpack, a)) as fam:
@@ -343,8 +340,7 @@ def child(kind: str, a: dict) -> dict:
                     if check(v) != c.checksum:
                         raise SystemExit(f"checksum mismatch at {c.offset}")
                     lo, k = i * mask.chunk_elements, mask.chunk_numel(i)
-                    bits = np.frombuffer(dctx.decompress(v), np.uint8)
-                    scratch[:k].copy_(torch.from_numpy(np.unpackbits(bits, count=k, bitorder="little")))
+                    _mask_into(dctx, v, scratch[:k])
                     torch.addcmul(b.reshape(-1)[lo : lo + k], scratch[:k], m.reshape(-1)[lo : lo + k],
                                   out=out[lo : lo + k])
                 outs.append(out.view(b.shape))
@@ -378,6 +374,15 @@ def child(kind: str, a: dict) -> dict:
     else:
         raise SystemExit(f"unknown child {kind!r}")
     return res
+
+
+def _mask_into(dctx, stored, out) -> None:
+    """One stored mask chunk (bit-packed, zstd) decoded as the format stores it: the bits unpacked
+    and cast to float32 into ``out`` (a reused buffer of the chunk's elements)."""
+    import numpy as np
+    import torch
+    bits = np.frombuffer(dctx.decompress(stored), np.uint8)
+    out.copy_(torch.from_numpy(np.unpackbits(bits, count=out.numel(), bitorder="little")))
 
 
 def _tensor_floors(fam, f, task: str, name: str, reps: int, res: dict) -> None:
@@ -690,7 +695,6 @@ def run_goals(a, rep: Report, details: dict) -> None:
     files = [fam["base"], *fam["tasks"].values()]
     work = out / "perf-work"
     work.mkdir(parents=True, exist_ok=True)
-    fam["work"] = str(work)
     arch = {c: work / f"{c}-{T}.tallpack" for c in ("planes", "raw")}
     cb = {"cache_bytes": a.cache_bytes} if a.cache_bytes else {}
     n = a.repeats
@@ -779,7 +783,7 @@ def run_goals(a, rep: Report, details: dict) -> None:
     log(f"goal 6: planes vs ZipNN on the base's bytes, decode {n} each, 2 threads")
     goal_codec(fam, n, rep, details)
 
-    floors(fam, t1, t2, T, n, rep, details, a.cache_bytes)
+    floors(fam, arch, t1, t2, T, n, rep, details, a.cache_bytes)
 
     # 8: unpack peak memory
     rep.load.mark()
@@ -802,7 +806,8 @@ def run_goals(a, rep: Report, details: dict) -> None:
                           for c in ("planes", "raw")}
 
 
-def floors(fam: dict, t1: str, t2: str, T: int, n: int, rep: Report, details: dict, cache_bytes: int) -> None:
+def floors(fam: dict, arch: dict[str, Path], t1: str, t2: str, T: int, n: int, rep: Report, details: dict,
+           cache_bytes: int) -> None:
     """How far down goals 1 to 4 can go, measured in this run: the parts of the work that any
     reader of this format must do, each against the goal's own alternative."""
     st1 = median(r["seconds"] for r in details["load_planes"]["safetensors"])
@@ -822,11 +827,11 @@ def floors(fam: dict, t1: str, t2: str, T: int, n: int, rep: Report, details: di
     rep.floor("2", "fresh process: the reconstruction's arithmetic alone (addcmul of two mapped files, the mask "
               "already decoded, fresh outputs)", median(r["seconds"] for r in ar), median(r["seconds"] for r in st),
               "load_file + clone (alternated)")
-    raw = Path(fam["work"]) / f"raw-{T}.tallpack"
     for masks, what in ((False, "the mask already decoded"), (True, "the task's mask chunks checked and decoded")):
         rep.load.mark()
         log(f"floor 2: a fresh process doing raw's checked arithmetic alone ({what}), {n} each")
-        ck, st = alternate(n, lambda: run_child("raw_checked", {"archive": str(raw), "task": t1, "masks": masks}),
+        ck, st = alternate(n, lambda: run_child("raw_checked", {"archive": str(arch["raw"]), "task": t1,
+                                                                   "masks": masks}),
                            load_st)
         details[f"floor_raw_checked{'_masks' if masks else ''}"] = {"checked": ck, "safetensors": st}
         rep.floor("2", f"fresh process: raw's checked arithmetic alone, one loop (map the raw archive; per chunk, "
@@ -834,8 +839,7 @@ def floors(fam: dict, t1: str, t2: str, T: int, n: int, rep: Report, details: di
                   median(r["seconds"] for r in ck), median(r["seconds"] for r in st), "load_file + clone (alternated)")
     rep.load.mark()
     log(f"floor 3: goal 3's work in one loop (masks decoded, addcmul into fresh outputs), {n} each")
-    planes = Path(fam["work"]) / f"planes-{T}.tallpack"
-    sf, st = alternate(n, lambda: run_child("second_floor", {"archive": str(planes), "task": t1, "warm_task": t2,
+    sf, st = alternate(n, lambda: run_child("second_floor", {"archive": str(arch["planes"]), "task": t1, "warm_task": t2,
                                                              "cache_bytes": cache_bytes}), load_st)
     details["floor_second_task"] = {"loop": sf, "safetensors": st}
     rep.floor("3", "second task, planes: one loop (the task's mask chunks checked and decoded, addcmul with the "
