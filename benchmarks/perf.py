@@ -944,10 +944,12 @@ def git_state() -> dict:
 
 def meta(a, command: str) -> dict:
     import torch
+    from tallpack import kernels  # the children inherit this process's environment, so its choice
     g = git_state()
     return {"date": time.strftime("%Y-%m-%d %H:%M"), "command": command, **g,
             "python": platform.python_version(), "torch": torch.__version__, "machine": platform.machine(),
-            "cpus": os.cpu_count(), "repeats": a.repeats}
+            "cpus": os.cpu_count(), "repeats": a.repeats,
+            "loops": "compiled kernels" if kernels.COMPILED else "numpy loops (no compiled kernels)"}
 
 
 def table(rows: list[dict]) -> str:
@@ -1004,7 +1006,7 @@ def baseline_md(res: dict) -> str:
     return f"""{SECTION_BASELINE} at commit {commit}
 
 Produced by `{m['command']}` on {m['date']} ({m['machine']}, {m['cpus']} CPUs, Python {m['python']},
-torch {m['torch']}; 2-core shared machine; sizes exact, times are medians of {m['repeats']} runs
+torch {m['torch']}, tallpack's {m.get('loops', 'numpy loops')}; 2-core shared machine; sizes exact, times are medians of {m['repeats']} runs
 alternated with the alternative in the same run; total runtime {res['runtime_s'] / 60:.1f} min).
 Raw numbers and every sample: `benchmarks/out/{res['json_name']}`.
 
@@ -1060,7 +1062,8 @@ def scaling_md(res: dict) -> str:
     m = res["meta"]
     lines = [f"{SECTION_SCALING} with family size (commit {m['commit']}"
              f"{', library modified' if m['library_dirty'] else ''})", "",
-             f"Produced by `{m['command']}` on {m['date']} (2-core shared machine; one pack per point, "
+             f"Produced by `{m['command']}` on {m['date']} (2-core shared machine; tallpack's "
+             f"{m.get('loops', 'numpy loops')}; one pack per point, "
              f"load ratio the median of {res['args']['scaling_repeats']} alternated fresh-process pairs; "
              f"planes, threads={res['args']['threads']}; total runtime {res['runtime_s'] / 60:.1f} min). "
              f"Plot: `{res['figure']}`; numbers: `benchmarks/out/{res['json_name']}`.", "",

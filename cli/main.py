@@ -12,6 +12,7 @@ import click
 import tallpack
 from tallpack.errors import TallpackError
 from tallpack.checksums import CHECKSUMS
+from tallpack.kernels import COMPILED
 from tallpack.merging import MERGED_MODELS, METHODS, default_alpha
 from tallpack.options import DENSE_PRESETS, PackOptions
 from tallpack.progress import LogLines
@@ -52,7 +53,8 @@ def _one_line(message: str, limit: int = 2000) -> str:
 
 
 @click.group(cls=_Group)
-@click.version_option(tallpack.__version__, prog_name="tallpack")
+@click.version_option(tallpack.__version__, prog_name="tallpack", message=(
+    "%(prog)s, version %(version)s (" + ("compiled kernels" if COMPILED else "numpy loops, no compiled kernels") + ")"))
 @click.option("-v", "--verbose", count=True, help="More log output (-v info, -vv debug).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress output, only errors and results.")
 @click.pass_context

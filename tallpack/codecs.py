@@ -19,6 +19,7 @@ import numpy as np
 import zstandard
 
 from .errors import CodecError, InvalidArgumentError, UnsupportedVersionError
+from .kernels import join_exponent, join_planes
 from .limits import ZSTD_MAX_RATIO
 
 
@@ -160,11 +161,7 @@ class ByteGroup(Codec):
 
     def _join(self, buf: memoryview, out: np.ndarray) -> None:
         src = np.frombuffer(buf, dtype=np.uint8).reshape(self.itemsize, -1)
-        dst = out.reshape(-1, self.itemsize)
-        for j in range(0, src.shape[1], self._BLOCK):
-            block = dst[j : j + self._BLOCK]
-            for i in range(self.itemsize):
-                block[:, i] = src[i, j : j + self._BLOCK]
+        join_planes(list(src), out.reshape(-1, self.itemsize))
 
     def encoded_size(self, size: int) -> int:
         return size
@@ -296,17 +293,15 @@ class Planes(Codec):
         lengths = struct.unpack_from(_PLANE_SIZES.format(k), buf, self.PREFIX)
         if head + sum(lengths) != len(buf):
             raise CodecError(f"{self.id}: plane lengths do not add up to the chunk's size")
-        dst = out.reshape(n, k)
-        pos = head
-        for i, length in enumerate(lengths[: k - self.HELD]):
-            plane = _plane(buf[pos : pos + length], n, "plane")  # a buffer this thread reuses
-            for j in range(0, n, ByteGroup._BLOCK):
-                dst[j : j + ByteGroup._BLOCK, i] = plane[j : j + ByteGroup._BLOCK]
+        planes, pos = [], head
+        for i, length in enumerate(lengths):  # zstd-coded planes go to buffers this thread reuses
+            planes.append(_plane(buf[pos : pos + length], n, f"plane{i}"))
             pos += length
+        dst = out.reshape(n, k)
         if self.HELD:
-            s_plane = _plane(buf[pos : pos + lengths[k - 2]], n, "plane")
-            t_plane = _plane(buf[pos + lengths[k - 2] :], n, "plane2")
-            _join_rotated(s_plane, t_plane, _rotation(buf), dst)
+            join_exponent(planes[: k - 2], planes[k - 2], planes[k - 1], _rotation(buf), dst)
+        else:
+            join_planes(planes, dst)
 
     #: How many top planes ``_decode`` leaves to a subclass's join (``ExponentPlanes``: 2).
     HELD: ClassVar[int] = 0
@@ -584,41 +579,6 @@ def _rotation(buf: memoryview) -> int:
     if not 1 <= r <= 7:
         raise CodecError(f"planes-exp: bad rotation {r}")
     return r
-
-
-#: Elements ``_join_rotated`` handles per numpy operation.
-_ROTATION_BLOCK = 1 << 20
-
-
-def _join_rotated(s: np.ndarray, t: np.ndarray, r: int, dst: np.ndarray) -> None:
-    """The two top byte columns of ``dst`` from the stored planes ``S`` and ``T`` of rotation ``r``
-    (``ExponentPlanes``), in blocks that stay in cache, eight bytes to a numpy operation."""
-    keep = 0xFF >> r
-    spread = np.uint64(0x0101010101010101)
-    s_hi, s_lo, t_top, t_low = (np.uint64(v) * spread for v in (0xFF ^ keep, keep, keep, 0xFF >> (8 - r)))
-    right, left = np.uint64(r), np.uint64(8 - r)
-    n = dst.shape[0]
-    block = _ROTATION_BLOCK
-    whole = n - n % 8
-    t1, t2 = np.empty(block // 8, np.uint64), np.empty(block // 8, np.uint64)
-    s64, t64 = s[:whole].view(np.uint64), t[:whole].view(np.uint64)
-    for j in range(0, whole, block):
-        end = min(j + block, whole)
-        ss, tt = s64[j // 8 : end // 8], t64[j // 8 : end // 8]
-        a, b = t1[: ss.size], t2[: ss.size]
-        np.bitwise_and(ss, s_hi, out=a)
-        np.right_shift(tt, right, out=b)
-        np.bitwise_and(b, t_top, out=b)
-        np.bitwise_or(a, b, out=a)
-        dst[j:end, -1] = a.view(np.uint8)
-        np.bitwise_and(tt, t_low, out=a)
-        np.left_shift(a, left, out=a)
-        np.bitwise_and(ss, s_lo, out=b)
-        np.bitwise_or(a, b, out=a)
-        dst[j:end, -2] = a.view(np.uint8)
-    st, tl = s[whole:n], t[whole:n]
-    dst[whole:, -1] = (st & (0xFF ^ keep)) | (tl >> r)
-    dst[whole:, -2] = ((tl << (8 - r)) & 0xFF) | (st & keep)
 
 
 REGISTRY: dict[str, type[Codec]] = {c.id: c for c in (Zstd, ByteGroup, BitPack, Planes, ExponentPlanes, BitSplit)}

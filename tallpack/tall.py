@@ -10,7 +10,10 @@ import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+import numpy as np
 import torch
+
+from . import kernels
 
 #: The paper's lambda grid; a task's mask is ``|tau_t| > lambda_t * |tau_MTL - tau_t|``.
 LAMBDA_GRID: tuple[float, ...] = (0.2, 0.3, 0.4, 0.5, 0.6)
@@ -91,6 +94,18 @@ def _float_mask(mask: torch.Tensor) -> torch.Tensor:
     return buf[:n].view(mask.shape).copy_(_bytes(mask))
 
 
+def _one_pass(theta_0: torch.Tensor, mask: torch.Tensor, tau_mtl: torch.Tensor) -> bool:
+    """Whether the compiled loop (kernels.tall_f32) can rebuild this tensor: CPU, contiguous,
+    one length, a bool or 0/1 uint8 mask."""
+    return (kernels.COMPILED and mask.dtype in (torch.bool, torch.uint8)
+            and theta_0.numel() == mask.numel() == tau_mtl.numel()
+            and all(t.device.type == "cpu" and t.is_contiguous() for t in (theta_0, mask, tau_mtl)))
+
+
+def _flat(t: torch.Tensor) -> np.ndarray:
+    return t.reshape(-1).numpy()
+
+
 def _bytes(mask: torch.Tensor) -> torch.Tensor:
     """A bool mask as its 0/1 bytes: torch converts uint8 to float32 about 4x faster than bool."""
     return mask.view(torch.uint8) if mask.dtype == torch.bool and mask.device.type == "cpu" else mask
@@ -98,6 +113,10 @@ def _bytes(mask: torch.Tensor) -> torch.Tensor:
 
 def reconstruct(theta_0: torch.Tensor, mask: torch.Tensor, tau_mtl: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``theta_t = theta_0 + m_t * tau_MTL``, computed in float32 and cast to ``dtype``."""
+    if dtype == torch.float32 == theta_0.dtype == tau_mtl.dtype and _one_pass(theta_0, mask, tau_mtl):
+        out = torch.empty(theta_0.shape, dtype=torch.float32)
+        if kernels.tall_f32(_flat(theta_0), _flat(tau_mtl), _flat(_bytes(mask)), _flat(out)):
+            return out
     # addcmul is bit-identical to base + (mask * tau): the product (tau or a signed zero) is exact,
     # so fusing it leaves a single rounding, that of the addition.
     return torch.addcmul(theta_0.to(torch.float32), _float_mask(mask), tau_mtl).to(dtype)

@@ -1,0 +1,236 @@
+/* tallpack._kernels: the reader's three hot loops in C, each one pass over memory.
+ *
+ * Optional: setup.py builds it when a C compiler is there, and tallpack/kernels.py falls back to
+ * numpy and torch (the same bits, more passes) when it is not. Every function takes buffers,
+ * checks their sizes, and releases the GIL while it runs, so the archive's threads run it in
+ * parallel. Nothing here allocates.
+ *
+ *   join_planes(planes, out)             byte planes -> elements (codecs ``bytegroup``, ``planes``)
+ *   join_exponent(low, s, t, r, out)     ``planes-exp``'s rotated planes -> float32 / bfloat16
+ *   tall_f32(base, merged, mask, out)    out = base + mask * merged (float32; mask 0/1 bytes)
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stdint.h>
+#include <string.h>
+
+#define MAX_PLANES 16
+
+/* The word-at-a-time loops assume little-endian words (the format's byte order); elsewhere, and
+ * for misaligned outputs, the byte-at-a-time loops run. */
+#if (defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__) || defined(_WIN32)
+#define WORDS_OK(ptr, size) ((((uintptr_t)(ptr)) & ((size) - 1)) == 0)
+#else
+#define WORDS_OK(ptr, size) 0
+#endif
+
+#if defined(__GNUC__) && defined(__x86_64__) && defined(__linux__) && !defined(__clang__)
+#define HOT __attribute__((target_clones("avx2", "default")))
+#else
+#define HOT
+#endif
+
+HOT static void join4(const uint8_t *p0, const uint8_t *p1, const uint8_t *p2, const uint8_t *p3,
+                      uint32_t *out, Py_ssize_t n) {
+    for (Py_ssize_t i = 0; i < n; i++)
+        out[i] = (uint32_t)p0[i] | (uint32_t)p1[i] << 8 | (uint32_t)p2[i] << 16 | (uint32_t)p3[i] << 24;
+}
+
+HOT static void join2(const uint8_t *p0, const uint8_t *p1, uint16_t *out, Py_ssize_t n) {
+    for (Py_ssize_t i = 0; i < n; i++)
+        out[i] = (uint16_t)(p0[i] | p1[i] << 8);
+}
+
+static void join_any(const uint8_t **p, int k, uint8_t *out, Py_ssize_t n) {
+    for (Py_ssize_t i = 0; i < n; i++)
+        for (int j = 0; j < k; j++)
+            out[i * k + j] = p[j][i];
+}
+
+/* The top 16 bits of an element from planes-exp's S and T of rotation r (codecs.ExponentPlanes):
+ * hi = (S & ~keep) | T >> r and lo = (T << (8 - r) & 0xFF) | (S & keep), i.e.
+ * hi << 8 | lo = (S & ~keep) << 8 | T << (8 - r) | (S & keep), the three fields disjoint. */
+HOT static void join_exp4(const uint8_t *p0, const uint8_t *p1, const uint8_t *s, const uint8_t *t, int r,
+                          uint32_t *out, Py_ssize_t n) {
+    const uint32_t keep = 0xFFu >> r, high = 0xFFu ^ keep, shift = 24 - r;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        uint32_t S = s[i];
+        out[i] = (uint32_t)p0[i] | (uint32_t)p1[i] << 8 | (S & keep) << 16 | (S & high) << 24 | (uint32_t)t[i] << shift;
+    }
+}
+
+static void join_exp_any(const uint8_t **low, int k, const uint8_t *s, const uint8_t *t, int r,
+                         uint8_t *out, Py_ssize_t n) {
+    const unsigned keep = 0xFFu >> r, high = 0xFFu ^ keep;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        for (int j = 0; j < k - 2; j++)
+            out[i * k + j] = low[j][i];
+        out[i * k + k - 2] = (uint8_t)(((unsigned)t[i] << (8 - r) & 0xFFu) | (s[i] & keep));
+        out[i * k + k - 1] = (uint8_t)((s[i] & high) | t[i] >> r);
+    }
+}
+
+HOT static void join_exp2(const uint8_t *s, const uint8_t *t, int r, uint16_t *out, Py_ssize_t n) {
+    const uint32_t keep = 0xFFu >> r, high = 0xFFu ^ keep, shift = 8 - r;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        uint32_t S = s[i];
+        out[i] = (uint16_t)((S & keep) | (S & high) << 8 | (uint32_t)t[i] << shift);
+    }
+}
+
+/* 0.0f or 1.0f: bit-identical to torch.addcmul(base, mask.float(), merged), since m * merged is
+ * exact (merged, or a zero with merged's sign, or NaN for an infinite merged) and the sum is then
+ * rounded once, fused or not. */
+HOT static void tall_f32_loop(const float *base, const float *merged, const uint8_t *mask, float *out, Py_ssize_t n) {
+    for (Py_ssize_t i = 0; i < n; i++) {
+        float m = mask[i] ? 1.0f : 0.0f;
+        out[i] = base[i] + m * merged[i];
+    }
+}
+
+static void release_all(Py_buffer *views, int k) {
+    for (int j = 0; j < k; j++)
+        PyBuffer_Release(&views[j]);
+}
+
+/* k read-only buffers of n bytes each from a sequence; returns k, or -1 with an exception set. */
+static int get_planes(PyObject *seq, Py_buffer *views, Py_ssize_t n, int min_k) {
+    PyObject *fast = PySequence_Fast(seq, "planes must be a sequence of buffers");
+    if (fast == NULL)
+        return -1;
+    Py_ssize_t k = PySequence_Fast_GET_SIZE(fast);
+    if (k < min_k || k > MAX_PLANES) {
+        PyErr_Format(PyExc_ValueError, "%zd planes (at most %d)", k, MAX_PLANES);
+        Py_DECREF(fast);
+        return -1;
+    }
+    for (Py_ssize_t j = 0; j < k; j++) {
+        if (PyObject_GetBuffer(PySequence_Fast_GET_ITEM(fast, j), &views[j], PyBUF_SIMPLE) < 0) {
+            release_all(views, (int)j);
+            Py_DECREF(fast);
+            return -1;
+        }
+        if (views[j].len != n) {
+            PyErr_Format(PyExc_ValueError, "plane %zd has %zd bytes, expected %zd", j, views[j].len, n);
+            release_all(views, (int)j + 1);
+            Py_DECREF(fast);
+            return -1;
+        }
+    }
+    Py_DECREF(fast);
+    return (int)k;
+}
+
+static PyObject *join_planes(PyObject *self, PyObject *args) {
+    PyObject *seq;
+    Py_buffer out, views[MAX_PLANES];
+    if (!PyArg_ParseTuple(args, "Ow*:join_planes", &seq, &out))
+        return NULL;
+    Py_ssize_t k = PySequence_Size(seq);
+    if (k < 1 || k > MAX_PLANES || out.len % k) {
+        PyBuffer_Release(&out);
+        if (!PyErr_Occurred())
+            PyErr_Format(PyExc_ValueError, "%zd planes cannot fill %zd bytes", k, out.len);
+        return NULL;
+    }
+    Py_ssize_t n = out.len / k;
+    if (get_planes(seq, views, n, 1) < 0) {
+        PyBuffer_Release(&out);
+        return NULL;
+    }
+    const uint8_t *p[MAX_PLANES];
+    for (int j = 0; j < k; j++)
+        p[j] = (const uint8_t *)views[j].buf;
+    Py_BEGIN_ALLOW_THREADS
+    if (k == 4 && WORDS_OK(out.buf, 4))
+        join4(p[0], p[1], p[2], p[3], (uint32_t *)out.buf, n);
+    else if (k == 2 && WORDS_OK(out.buf, 2))
+        join2(p[0], p[1], (uint16_t *)out.buf, n);
+    else
+        join_any(p, (int)k, (uint8_t *)out.buf, n);
+    Py_END_ALLOW_THREADS
+    release_all(views, (int)k);
+    PyBuffer_Release(&out);
+    Py_RETURN_NONE;
+}
+
+static PyObject *join_exponent(PyObject *self, PyObject *args) {
+    PyObject *seq;
+    Py_buffer s, t, out, views[MAX_PLANES];
+    int r;
+    if (!PyArg_ParseTuple(args, "Oy*y*iw*:join_exponent", &seq, &s, &t, &r, &out))
+        return NULL;
+    Py_ssize_t low_n = PySequence_Size(seq), k = low_n + 2, n = 0;
+    int low_k = (int)low_n;
+    if (low_n < 0)
+        goto fail;
+    if (!(k == 2 || k == 4) || out.len % k) {
+        PyErr_Format(PyExc_ValueError, "planes-exp joins 2- or 4-byte elements, not %zd planes into %zd bytes", k, out.len);
+        goto fail;
+    }
+    n = out.len / k;
+    if (s.len != n || t.len != n || r < 1 || r > 7) {
+        PyErr_Format(PyExc_ValueError, "planes-exp: planes of %zd and %zd bytes, rotation %d, for %zd elements",
+                     s.len, t.len, r, n);
+        goto fail;
+    }
+    if (get_planes(seq, views, n, 0) < 0)
+        goto fail;
+    const uint8_t *low[2] = {NULL, NULL};
+    for (int j = 0; j < low_k; j++)
+        low[j] = (const uint8_t *)views[j].buf;
+    Py_BEGIN_ALLOW_THREADS
+    if (k == 4 && WORDS_OK(out.buf, 4))
+        join_exp4(low[0], low[1], (const uint8_t *)s.buf, (const uint8_t *)t.buf, r, (uint32_t *)out.buf, n);
+    else if (k == 2 && WORDS_OK(out.buf, 2))
+        join_exp2((const uint8_t *)s.buf, (const uint8_t *)t.buf, r, (uint16_t *)out.buf, n);
+    else
+        join_exp_any(low, (int)k, (const uint8_t *)s.buf, (const uint8_t *)t.buf, r, (uint8_t *)out.buf, n);
+    Py_END_ALLOW_THREADS
+    release_all(views, low_k);
+    PyBuffer_Release(&s);
+    PyBuffer_Release(&t);
+    PyBuffer_Release(&out);
+    Py_RETURN_NONE;
+fail:
+    PyBuffer_Release(&s);
+    PyBuffer_Release(&t);
+    PyBuffer_Release(&out);
+    return NULL;
+}
+
+static PyObject *tall_f32(PyObject *self, PyObject *args) {
+    Py_buffer base, merged, mask, out;
+    if (!PyArg_ParseTuple(args, "y*y*y*w*:tall_f32", &base, &merged, &mask, &out))
+        return NULL;
+    Py_ssize_t n = out.len / 4;
+    int ok = out.len % 4 == 0 && base.len == out.len && merged.len == out.len && mask.len == n
+             && ((uintptr_t)base.buf & 3) == 0 && ((uintptr_t)merged.buf & 3) == 0 && ((uintptr_t)out.buf & 3) == 0;
+    /* floats are native here: the caller passes tensors, not stored bytes */
+    if (ok) {
+        Py_BEGIN_ALLOW_THREADS
+        tall_f32_loop((const float *)base.buf, (const float *)merged.buf, (const uint8_t *)mask.buf, (float *)out.buf, n);
+        Py_END_ALLOW_THREADS
+    } else {
+        PyErr_Format(PyExc_ValueError, "tall_f32: base %zd, merged %zd, mask %zd and out %zd bytes (or misaligned)",
+                     base.len, merged.len, mask.len, out.len);
+    }
+    PyBuffer_Release(&base);
+    PyBuffer_Release(&merged);
+    PyBuffer_Release(&mask);
+    PyBuffer_Release(&out);
+    if (!ok)
+        return NULL;
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef methods[] = {
+    {"join_planes", join_planes, METH_VARARGS, "join_planes(planes, out): byte planes into elements"},
+    {"join_exponent", join_exponent, METH_VARARGS, "join_exponent(low, s, t, r, out): planes-exp's planes into elements"},
+    {"tall_f32", tall_f32, METH_VARARGS, "tall_f32(base, merged, mask, out): out = base + mask * merged"},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_kernels", "tallpack's compiled hot loops", -1, methods};
+
+PyMODINIT_FUNC PyInit__kernels(void) { return PyModule_Create(&module); }

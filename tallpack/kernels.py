@@ -1,0 +1,109 @@
+"""The reader's hot loops: compiled when ``tallpack._kernels`` was built, else numpy.
+
+``setup.py`` builds the C module when the machine installing tallpack has a C compiler; without
+one the install still succeeds and these functions run their numpy fallbacks, which give the
+same bytes in more passes over memory (BENCHMARKS.md measures both). ``TALLPACK_NO_KERNELS=1``
+in the environment makes a process use the fallbacks (the tests compare the two).
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from collections.abc import Sequence
+from types import ModuleType
+
+import numpy as np
+
+
+
+def _load() -> ModuleType | None:
+    """The compiled module, or None: not built (no compiler at install time), or turned off."""
+    if os.environ.get("TALLPACK_NO_KERNELS", "") not in ("", "0"):
+        return None
+    try:  # by name: a C module is no node in the layer contracts' import graph
+        return importlib.import_module(f"{__package__}._kernels")
+    except ImportError:
+        return None
+
+
+_kernels = _load()
+
+#: Whether the compiled loops are in use (``tallpack --version`` says so).
+COMPILED: bool = _kernels is not None
+
+#: Elements a numpy fallback handles per operation: a block whose planes stay in cache.
+BLOCK = 1 << 16
+#: Elements ``_join_exponent_numpy`` handles per operation (eight bytes to an operation).
+ROTATION_BLOCK = 1 << 20
+
+
+def join_planes(planes: Sequence[np.ndarray], dst: np.ndarray) -> None:
+    """Byte planes into elements: ``dst[:, i] = planes[i]`` for a C-contiguous uint8 ``dst`` of
+    shape (n, k) and k contiguous planes of n bytes (codecs ``bytegroup`` and ``planes``)."""
+    if _kernels is not None:
+        _kernels.join_planes(planes, dst)
+    else:
+        _join_numpy(planes, dst)
+
+
+def join_exponent(low: Sequence[np.ndarray], s: np.ndarray, t: np.ndarray, r: int, dst: np.ndarray) -> None:
+    """``planes-exp``'s planes into elements (codecs.ExponentPlanes): the k - 2 low byte planes
+    as they are, and the two top byte columns of ``dst`` (uint8, shape (n, k), k 2 or 4) from
+    the stored planes S and T of rotation ``r``."""
+    if _kernels is not None:
+        _kernels.join_exponent(low, s, t, r, dst)
+    else:
+        _join_numpy(low, dst)
+        _join_exponent_numpy(s, t, r, dst)
+
+
+def _join_numpy(planes: Sequence[np.ndarray], dst: np.ndarray) -> None:
+    """The first ``len(planes)`` columns of ``dst``: one strided copy per plane and block (several
+    times faster than numpy's transposed copy, about twice as fast as whole-array planes)."""
+    n = dst.shape[0]
+    for i, plane in enumerate(planes):
+        for j in range(0, n, BLOCK):
+            dst[j : j + BLOCK, i] = plane[j : j + BLOCK]
+
+
+def _join_exponent_numpy(s: np.ndarray, t: np.ndarray, r: int, dst: np.ndarray) -> None:
+    """The two top byte columns of ``dst`` from S and T, in blocks that stay in cache, eight
+    bytes to a numpy operation: ``hi = (S & ~keep) | T >> r`` and ``lo = (T << (8 - r) & 0xFF) |
+    (S & keep)``, keep being ``0xFF >> r``."""
+    keep = 0xFF >> r
+    spread = np.uint64(0x0101010101010101)
+    s_hi, s_lo, t_top, t_low = (np.uint64(v) * spread for v in (0xFF ^ keep, keep, keep, 0xFF >> (8 - r)))
+    right, left = np.uint64(r), np.uint64(8 - r)
+    n = dst.shape[0]
+    block = ROTATION_BLOCK
+    whole = n - n % 8
+    t1, t2 = np.empty(block // 8, np.uint64), np.empty(block // 8, np.uint64)
+    s64, t64 = s[:whole].view(np.uint64), t[:whole].view(np.uint64)
+    for j in range(0, whole, block):
+        end = min(j + block, whole)
+        ss, tt = s64[j // 8 : end // 8], t64[j // 8 : end // 8]
+        a, b = t1[: ss.size], t2[: ss.size]
+        np.bitwise_and(ss, s_hi, out=a)
+        np.right_shift(tt, right, out=b)
+        np.bitwise_and(b, t_top, out=b)
+        np.bitwise_or(a, b, out=a)
+        dst[j:end, -1] = a.view(np.uint8)
+        np.bitwise_and(tt, t_low, out=a)
+        np.left_shift(a, left, out=a)
+        np.bitwise_and(ss, s_lo, out=b)
+        np.bitwise_or(a, b, out=a)
+        dst[j:end, -2] = a.view(np.uint8)
+    st, tl = s[whole:n], t[whole:n]
+    dst[whole:, -1] = (st & (0xFF ^ keep)) | (tl >> r)
+    dst[whole:, -2] = ((tl << (8 - r)) & 0xFF) | (st & keep)
+
+
+def tall_f32(base: np.ndarray, merged: np.ndarray, mask: np.ndarray, out: np.ndarray) -> bool:
+    """``out = base + mask * merged`` in one pass (float32 arrays, a 0/1 uint8 mask, all
+    contiguous and of one length), bit-identical to ``torch.addcmul``; False, doing nothing,
+    without the compiled loops or for unaligned floats (the caller then runs its torch path)."""
+    if _kernels is None or any(a.ctypes.data % 4 for a in (base, merged, out)):
+        return False
+    _kernels.tall_f32(base, merged, mask, out)
+    return True

@@ -1,0 +1,137 @@
+"""The compiled hot loops (tallpack/_kernels.c) give the bytes of their numpy and torch fallbacks,
+for every length, rotation, plane count and alignment; and a process can do without them."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tallpack import codecs, kernels
+from tallpack.tall import reconstruct
+
+_kernels = pytest.importorskip("tallpack._kernels", reason="built without a C compiler: the numpy loops run")
+
+lengths = st.integers(0, 3000)
+
+
+def _planes(n: int, k: int, seed: int) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, 256, n, dtype=np.uint8) for _ in range(k)]
+
+
+def _dst(n: int, k: int, offset: int) -> np.ndarray:
+    """An (n, k) uint8 output starting ``offset`` bytes into a buffer (misaligned when odd)."""
+    return np.full(n * k + offset, 0xAB, np.uint8)[offset:].reshape(n, k)
+
+
+@given(lengths, st.sampled_from([1, 2, 3, 4, 8, 16]), st.integers(0, 3), st.integers(0, 2**32 - 1))
+def test_join_planes_matches_numpy(n, k, offset, seed):
+    planes = _planes(n, k, seed)
+    ours, ref = _dst(n, k, offset), _dst(n, k, offset)
+    _kernels.join_planes(planes, ours)
+    kernels._join_numpy(planes, ref)
+    assert ours.tobytes() == ref.tobytes() == np.stack(planes, axis=1).tobytes()
+
+
+@given(lengths, st.sampled_from([2, 4]), st.integers(1, 7), st.integers(0, 3), st.integers(0, 2**32 - 1))
+def test_join_exponent_matches_numpy(n, k, r, offset, seed):
+    low, s, t = _planes(n, k - 2, seed), *_planes(n, 2, seed + 1)
+    ours, ref = _dst(n, k, offset), _dst(n, k, offset)
+    _kernels.join_exponent(low, s, t, r, ours)
+    kernels._join_numpy(low, ref)
+    kernels._join_exponent_numpy(s, t, r, ref)
+    assert ours.tobytes() == ref.tobytes()
+
+
+@given(st.integers(0, 5000), st.integers(1, 7), st.integers(0, 2**32 - 1))
+@settings(max_examples=40)
+def test_join_exponent_inverts_the_writers_rotation(n, r, seed):
+    x = np.random.default_rng(seed).standard_normal(n).astype(np.float32)
+    b = x.view(np.uint8).reshape(n, 4)
+    t, s = codecs._rotate(np.ascontiguousarray(b[:, 2]), np.ascontiguousarray(b[:, 3]), r)
+    out = np.empty((n, 4), np.uint8)
+    _kernels.join_exponent([np.ascontiguousarray(b[:, 0]), np.ascontiguousarray(b[:, 1])], s, t, r, out)
+    assert out.tobytes() == x.tobytes()
+
+
+def _specials(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    base, merged = torch.randn(n, generator=g), torch.randn(n, generator=g) * 1e-3
+    for x in (base, merged):  # signed zeros, infinities, NaN, subnormals, values whose sum rounds
+        x[::7] = -0.0
+        x[1::11] = float("inf")
+        x[2::13] = float("-inf")
+        x[3::17] = float("nan")
+        x[4::19] = 1e-40
+        x[5::23] = 3e38
+    return base, merged, torch.rand(n, generator=g) < 0.4
+
+
+@given(st.integers(0, 4000), st.integers(0, 2**31 - 1))
+@settings(max_examples=60)
+def test_tall_f32_is_bit_identical_to_addcmul(n, seed):
+    base, merged, mask = _specials(n, seed)
+    ref = torch.addcmul(base, mask.to(torch.float32), merged)
+    out = torch.full((n,), 7.0)
+    _kernels.tall_f32(base.numpy(), merged.numpy(), mask.view(torch.uint8).numpy(), out.numpy())
+    assert torch.equal(out.view(torch.int32), ref.view(torch.int32))
+    # and reconstruct, whichever loop this process runs
+    assert torch.equal(reconstruct(base, mask, merged, torch.float32).view(torch.int32), ref.view(torch.int32))
+
+
+@pytest.mark.skipif(not kernels.COMPILED, reason="the compiled loops are turned off")
+def test_tall_f32_declines_unaligned_floats():
+    buf = np.zeros(4 * 100 + 1, np.uint8)
+    odd = buf[1:].view(np.float32)
+    base, merged, mask = np.ones(100, np.float32), np.ones(100, np.float32), np.ones(100, np.uint8)
+    assert not kernels.tall_f32(odd, merged, mask, np.empty(100, np.float32))
+    assert not kernels.tall_f32(base, merged, mask, odd)
+    base_t = torch.frombuffer(bytearray(buf[1:].tobytes()), dtype=torch.float32)  # whatever alignment torch gives
+    assert torch.equal(reconstruct(base_t, torch.ones(100, dtype=torch.bool), torch.ones(100), torch.float32),
+                       base_t + 1)
+
+
+@pytest.mark.parametrize("call", [
+    lambda: _kernels.join_planes([np.zeros(4, np.uint8)] * 2, np.zeros(10, np.uint8)),
+    lambda: _kernels.join_planes([np.zeros(4, np.uint8), np.zeros(5, np.uint8)], np.zeros(8, np.uint8)),
+    lambda: _kernels.join_planes([np.zeros(1, np.uint8)] * 17, np.zeros(17, np.uint8)),
+    lambda: _kernels.join_planes([], np.zeros(0, np.uint8)),
+    lambda: _kernels.join_planes(5, np.zeros(8, np.uint8)),
+    lambda: _kernels.join_planes([np.zeros(4, np.uint8)] * 2, b"\0" * 8),  # read-only output
+    lambda: _kernels.join_planes([np.zeros(8, np.uint8)[::2]] * 2, np.zeros(8, np.uint8)),  # strided plane
+    lambda: _kernels.join_exponent([], np.zeros(4, np.uint8), np.zeros(4, np.uint8), 0, np.zeros(8, np.uint8)),
+    lambda: _kernels.join_exponent([], np.zeros(4, np.uint8), np.zeros(4, np.uint8), 8, np.zeros(8, np.uint8)),
+    lambda: _kernels.join_exponent([np.zeros(4, np.uint8)], np.zeros(4, np.uint8), np.zeros(4, np.uint8), 1,
+                                   np.zeros(12, np.uint8)),
+    lambda: _kernels.join_exponent([], np.zeros(3, np.uint8), np.zeros(4, np.uint8), 1, np.zeros(8, np.uint8)),
+    lambda: _kernels.tall_f32(np.zeros(4, np.float32), np.zeros(4, np.float32), np.zeros(3, np.uint8),
+                              np.zeros(4, np.float32)),
+    lambda: _kernels.tall_f32(np.zeros(4, np.float32), np.zeros(5, np.float32), np.zeros(4, np.uint8),
+                              np.zeros(4, np.float32)),
+])
+def test_kernels_reject_bad_buffers(call):
+    with pytest.raises((ValueError, TypeError, BufferError)):
+        call()
+
+
+def test_a_process_can_turn_the_kernels_off():
+    code = "import tallpack.kernels as k, tallpack.codecs as c; print(k.COMPILED)"
+    env = {**os.environ, "TALLPACK_NO_KERNELS": "1"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+    # and this process uses them unless it was told not to
+    assert kernels.COMPILED == (os.environ.get("TALLPACK_NO_KERNELS", "") in ("", "0"))
+
+
+def test_version_says_which_loops_run():
+    from click.testing import CliRunner
+
+    from tallpack_cli.main import main
+
+    out = CliRunner().invoke(main, ["--version"]).output
+    assert ("(compiled kernels)" in out) == kernels.COMPILED
