@@ -1,4 +1,4 @@
-/* tallpack._kernels: the reader's three hot loops in C, each one pass over memory.
+/* tallpack._kernels: the reader's hot loops in C, each one pass over memory.
  *
  * Optional: setup.py builds it when a C compiler is there, and tallpack/kernels.py falls back to
  * numpy and torch (the same bits, more passes) when it is not. Every function takes buffers,
@@ -7,6 +7,7 @@
  *
  *   join_planes(planes, out)             byte planes -> elements (codecs ``bytegroup``, ``planes``)
  *   join_exponent(low, s, t, r, out)     ``planes-exp``'s rotated planes -> float32 / bfloat16
+ *   unpack_bits(packed, out)            LSB-first bits -> 0/1 bytes (codec ``bitpack``)
  *   tall_f32(base, merged, mask, out)    out = base + mask * merged (float32; mask 0/1 bytes)
  */
 #define PY_SSIZE_T_CLEAN
@@ -86,6 +87,17 @@ HOT static void tall_f32_loop(const float *base, const float *merged, const uint
         float m = mask[i] ? 1.0f : 0.0f;
         out[i] = base[i] + m * merged[i];
     }
+}
+
+HOT static void unpack_loop(const uint8_t *packed, uint8_t *out, Py_ssize_t n) {
+    Py_ssize_t whole = n / 8;
+    for (Py_ssize_t i = 0; i < whole; i++) {
+        unsigned b = packed[i];
+        for (int j = 0; j < 8; j++)
+            out[8 * i + j] = (uint8_t)((b >> j) & 1u);
+    }
+    for (Py_ssize_t i = whole * 8; i < n; i++)
+        out[i] = (uint8_t)((packed[i / 8] >> (i % 8)) & 1u);
 }
 
 static void release_all(Py_buffer *views, int k) {
@@ -224,7 +236,27 @@ static PyObject *tall_f32(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+static PyObject *unpack_bits(PyObject *self, PyObject *args) {
+    Py_buffer packed, out;
+    if (!PyArg_ParseTuple(args, "y*w*:unpack_bits", &packed, &out))
+        return NULL;
+    int ok = packed.len == (out.len + 7) / 8;
+    if (ok) {
+        Py_BEGIN_ALLOW_THREADS
+        unpack_loop((const uint8_t *)packed.buf, (uint8_t *)out.buf, out.len);
+        Py_END_ALLOW_THREADS
+    } else {
+        PyErr_Format(PyExc_ValueError, "unpack_bits: %zd bytes of bits for %zd elements", packed.len, out.len);
+    }
+    PyBuffer_Release(&packed);
+    PyBuffer_Release(&out);
+    if (!ok)
+        return NULL;
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef methods[] = {
+    {"unpack_bits", unpack_bits, METH_VARARGS, "unpack_bits(packed, out): LSB-first bits into 0/1 bytes"},
     {"join_planes", join_planes, METH_VARARGS, "join_planes(planes, out): byte planes into elements"},
     {"join_exponent", join_exponent, METH_VARARGS, "join_exponent(low, s, t, r, out): planes-exp's planes into elements"},
     {"tall_f32", tall_f32, METH_VARARGS, "tall_f32(base, merged, mask, out): out = base + mask * merged"},

@@ -19,7 +19,8 @@ import numpy as np
 import zstandard
 
 from .errors import CodecError, InvalidArgumentError, UnsupportedVersionError
-from .kernels import join_exponent, join_planes
+from .kernels import join_exponent, join_planes, unpack_bits
+from .memory import empty
 from .limits import ZSTD_MAX_RATIO
 
 
@@ -81,7 +82,7 @@ class Zstd(Codec):
         # The frame's announced size was checked above, and zstd checks the data against it, so
         # decoding never allocates more than the manifest announced. Decoding straight into a
         # buffer we own saves the copy a read-only bytes result would cost later.
-        out = np.empty(size, np.uint8)
+        out = empty(size)
         self._into(buf, memoryview(out))
         return memoryview(out)
 
@@ -150,7 +151,7 @@ class ByteGroup(Codec):
     def decode(self, buf: memoryview, size: int) -> memoryview:
         if len(buf) != size or size % self.itemsize:
             raise CodecError(f"bytegroup: got {len(buf)} bytes, expected {size}")
-        out = np.empty(size, np.uint8)
+        out = empty(size)
         self._join(buf, out)
         return memoryview(out)
 
@@ -180,9 +181,14 @@ class BitPack(Codec):
         return np.packbits(np.frombuffer(buf, dtype=np.uint8) != 0, bitorder="little").tobytes()
 
     def decode(self, buf: memoryview, size: int) -> memoryview:
-        if len(buf) != math.ceil(size / 8):
-            raise CodecError(f"bitpack: got {len(buf)} bytes for {size} elements")
-        return memoryview(np.unpackbits(np.frombuffer(buf, dtype=np.uint8), count=size, bitorder="little"))
+        out = empty(size)
+        self.decode_into(buf, memoryview(out))
+        return memoryview(out)
+
+    def decode_into(self, buf: memoryview, out: memoryview) -> None:
+        if len(buf) != math.ceil(len(out) / 8):
+            raise CodecError(f"bitpack: got {len(buf)} bytes for {len(out)} elements")
+        unpack_bits(np.frombuffer(buf, dtype=np.uint8), np.frombuffer(out, np.uint8))
 
     def encoded_size(self, size: int) -> int:
         return math.ceil(size / 8)
@@ -196,7 +202,7 @@ def _plane_scratch(n: int, slot: str = "plane") -> np.ndarray:
     """``n`` bytes of a buffer this thread reuses: a fresh plane per chunk costs page faults."""
     buf = getattr(_scratch, slot, None)
     if buf is None or buf.size < n:
-        buf = np.empty(n, np.uint8)
+        buf = empty(n)
         setattr(_scratch, slot, buf)
     return buf[:n]
 
@@ -275,7 +281,7 @@ class Planes(Codec):
         head = self.PREFIX + 4 * k
         if size % k or len(buf) < head:
             raise CodecError(f"{self.id}: {len(buf)} bytes cannot hold {size} bytes of {k}-byte elements")
-        out = np.empty(size, np.uint8)
+        out = empty(size)
         self._decode(buf, out)
         return memoryview(out)
 
@@ -368,7 +374,7 @@ class BitSplit(Codec):
         return sizes + b"".join(stored) + _pack_bits(low, width)
 
     def decode(self, buf: memoryview, size: int) -> memoryview:
-        out = np.empty(size, np.uint8)
+        out = empty(size)
         self.decode_into(buf, memoryview(out))
         return memoryview(out)
 

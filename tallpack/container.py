@@ -33,6 +33,7 @@ from .checksums import DEFAULT_CHECKSUM, checksum_function, crc32
 from .elements import itemsize, numel
 from .errors import FormatError, IntegrityError, InvalidArgumentError, UnsupportedVersionError
 from .fsutil import commit, temp_beside
+from .memory import empty
 from .limits import (MAX_DEPTH, MAX_JSON_INT, MAX_MANIFEST_BYTES, MAX_NUMBER_CHARS, MIN_JSON_INT,
                      max_manifest_bytes)
 from .storage import ByteSource
@@ -409,7 +410,7 @@ class ContainerReader:
             lo = (start - first * ce) * isz
             return memoryview(piece)[lo : lo + (stop - start) * isz] if (start, stop) != (0, ref.numel) else piece
         try:
-            out = memoryview(np.empty((stop - start) * isz, np.uint8))  # not zeroed: every byte is written
+            out = memoryview(empty((stop - start) * isz))  # not zeroed: every byte is written
         except MemoryError:
             raise FormatError(f"{self.name}: {where}: array of {ref.nbytes} bytes is too large") from None
         pos, ahead = 0, first

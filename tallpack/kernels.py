@@ -99,6 +99,15 @@ def _join_exponent_numpy(s: np.ndarray, t: np.ndarray, r: int, dst: np.ndarray) 
     dst[whole:, -2] = ((tl << (8 - r)) & 0xFF) | (st & keep)
 
 
+def unpack_bits(packed: np.ndarray, out: np.ndarray) -> None:
+    """Bits to 0/1 bytes, element i from bit i % 8 of byte i // 8 (LSB first; codec ``bitpack``):
+    ``out`` (uint8) of n elements, ``packed`` of ceil(n / 8) bytes."""
+    if _kernels is not None:
+        _kernels.unpack_bits(packed, out)
+    else:
+        out[:] = np.unpackbits(packed, count=out.size, bitorder="little")
+
+
 def tall_f32(base: np.ndarray, merged: np.ndarray, mask: np.ndarray, out: np.ndarray) -> bool:
     """``out = base + mask * merged`` in one pass (float32 arrays, a 0/1 uint8 mask, all
     contiguous and of one length), bit-identical to ``torch.addcmul``; False, doing nothing,

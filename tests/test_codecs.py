@@ -283,3 +283,14 @@ def test_exponent_planes_only_for_8_bit_exponents():
         codecs.from_config({"id": "planes-exp", "itemsize": 8, "level": 1})
     assert codecs.dense_chain("planes", 2, 3, "float16").ids() == ["planes"]  # 5-bit exponent
     assert codecs.dense_chain("planes", 8, 3, "float64").ids() == ["planes"]
+
+
+def test_fresh_buffers_are_private_maps_when_large():
+    from tallpack import memory
+
+    small, large = memory.empty(1000), memory.empty(memory.MAP_FROM)
+    assert small.size == 1000 and large.size == memory.MAP_FROM and large.flags.writeable
+    large[:] = 7
+    assert int(large.sum()) == 7 * memory.MAP_FROM
+    with pytest.raises(MemoryError):
+        memory.empty(1 << 62)

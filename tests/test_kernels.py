@@ -111,6 +111,8 @@ def test_tall_f32_declines_unaligned_floats():
     lambda: _kernels.join_exponent([], np.zeros(3, np.uint8), np.zeros(4, np.uint8), 1, np.zeros(8, np.uint8)),
     lambda: _kernels.tall_f32(np.zeros(4, np.float32), np.zeros(4, np.float32), np.zeros(3, np.uint8),
                               np.zeros(4, np.float32)),
+    lambda: _kernels.unpack_bits(np.zeros(2, np.uint8), np.zeros(7, np.uint8)),
+    lambda: _kernels.unpack_bits(np.zeros(1, np.uint8), b"\0" * 8),
     lambda: _kernels.tall_f32(np.zeros(4, np.float32), np.zeros(5, np.float32), np.zeros(4, np.uint8),
                               np.zeros(4, np.float32)),
 ])
@@ -135,3 +137,12 @@ def test_version_says_which_loops_run():
 
     out = CliRunner().invoke(main, ["--version"]).output
     assert ("(compiled kernels)" in out) == kernels.COMPILED
+
+
+@given(st.integers(0, 3000), st.integers(0, 2**32 - 1))
+def test_unpack_bits_matches_numpy(n, seed):
+    packed = np.random.default_rng(seed).integers(0, 256, (n + 7) // 8, dtype=np.uint8)
+    out = np.full(n, 9, np.uint8)
+    _kernels.unpack_bits(packed, out)
+    assert out.tobytes() == np.unpackbits(packed, count=n, bitorder="little").tobytes()
+
