@@ -146,7 +146,12 @@ static PyObject *join_planes(PyObject *self, PyObject *args) {
         return NULL;
     }
     Py_ssize_t n = out.len / k;
-    if (get_planes(seq, views, n, 1) < 0) {
+    int got = get_planes(seq, views, n, 1);
+    if (got != k) {  /* -1 with an exception, or a sequence whose length changed */
+        if (got >= 0) {
+            release_all(views, got);
+            PyErr_SetString(PyExc_ValueError, "the planes changed while they were read");
+        }
         PyBuffer_Release(&out);
         return NULL;
     }
@@ -186,8 +191,14 @@ static PyObject *join_exponent(PyObject *self, PyObject *args) {
                      s.len, t.len, r, n);
         goto fail;
     }
-    if (get_planes(seq, views, n, 0) < 0)
+    int got = get_planes(seq, views, n, 0);
+    if (got != low_k) {
+        if (got >= 0) {
+            release_all(views, got);
+            PyErr_SetString(PyExc_ValueError, "the planes changed while they were read");
+        }
         goto fail;
+    }
     const uint8_t *low[2] = {NULL, NULL};
     for (int j = 0; j < low_k; j++)
         low[j] = (const uint8_t *)views[j].buf;

@@ -2,29 +2,47 @@
 
 numpy advises the kernel to back every array of 4 MiB or more with transparent huge pages. Where
 the kernel must compact memory to find them (``defrag`` set to ``madvise``, as on the virtual
-machines here) filling such an array costs about three times what filling ordinary pages does
-(BENCHMARKS.md, sixth performance round), and a first task writes hundreds of MB of decoded base
-and merged vector. Large buffers are therefore anonymous private maps of their own, which get the
-pages torch's allocator would; small ones come from numpy.
+machines here) filling such an array for the first time costs about three times what filling
+ordinary pages does (BENCHMARKS.md, sixth performance round), and a first task writes hundreds of
+MB of decoded base and merged vector. Large buffers therefore take numpy's allocation (so memory
+freed by earlier decodes is reused) with that advice withdrawn: the pages torch's allocator gives.
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import mmap
+import sys
 
 import numpy as np
 
-#: From this size on, a buffer is a map of its own (numpy's threshold for its huge-page advice).
-MAP_FROM = 1 << 22
-_FLAGS = getattr(mmap, "MAP_PRIVATE", 0) | getattr(mmap, "MAP_ANONYMOUS", 0)
+#: From this size on numpy advises huge pages, and ``empty`` withdraws the advice.
+ADVISED_FROM = 1 << 22
+_PAGE = mmap.PAGESIZE
+_MADV_NOHUGEPAGE = 15  # Linux's value (asm-generic/mman-common.h)
+
+
+def _madvise():
+    """libc's ``madvise``, on Linux; None elsewhere (there numpy gives no advice either)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        fn = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True).madvise
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes, fn.restype = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int], ctypes.c_int
+    return fn
+
+
+_advise = _madvise()
 
 
 def empty(nbytes: int) -> np.ndarray:
-    """``nbytes`` uninitialized, writable bytes (uint8) owned by the caller; MemoryError when the
-    system cannot give them."""
-    if nbytes < MAP_FROM or not (getattr(mmap, "MAP_PRIVATE", 0) and getattr(mmap, "MAP_ANONYMOUS", 0)):
-        return np.empty(nbytes, np.uint8)
-    try:
-        return np.frombuffer(mmap.mmap(-1, nbytes, flags=_FLAGS), np.uint8)
-    except (OSError, OverflowError, ValueError) as e:
-        raise MemoryError(f"cannot map {nbytes} bytes: {e}") from None
+    """``nbytes`` uninitialized, writable bytes (uint8) owned by the caller, in ordinary pages."""
+    out = np.empty(nbytes, np.uint8)
+    if nbytes >= ADVISED_FROM and _advise is not None:
+        start = -(-out.ctypes.data // _PAGE) * _PAGE  # the whole pages inside the buffer
+        end = (out.ctypes.data + nbytes) // _PAGE * _PAGE
+        _advise(start, end - start, _MADV_NOHUGEPAGE)  # advice only: a failure changes nothing
+    return out

@@ -285,12 +285,35 @@ def test_exponent_planes_only_for_8_bit_exponents():
     assert codecs.dense_chain("planes", 8, 3, "float64").ids() == ["planes"]
 
 
-def test_fresh_buffers_are_private_maps_when_large():
+def test_fresh_buffers_withdraw_the_huge_page_advice():
+    import sys
+
     from tallpack import memory
 
-    small, large = memory.empty(1000), memory.empty(memory.MAP_FROM)
-    assert small.size == 1000 and large.size == memory.MAP_FROM and large.flags.writeable
+    small, large = memory.empty(1000), memory.empty(memory.ADVISED_FROM + 12345)
+    assert small.size == 1000 and large.size == memory.ADVISED_FROM + 12345 and large.flags.writeable
     large[:] = 7
-    assert int(large.sum()) == 7 * memory.MAP_FROM
-    with pytest.raises(MemoryError):
-        memory.empty(1 << 62)
+    assert int(large.sum()) == 7 * large.size
+    if sys.platform.startswith("linux"):  # the buffer's whole pages lie in a mapping marked nohugepage
+        page = memory.empty(memory.ADVISED_FROM)
+        addr = -(-page.ctypes.data // 4096) * 4096 + 4096
+        with open("/proc/self/smaps") as f:
+            text = f.read()
+        for block in _smaps_blocks(text):
+            lo, hi = (int(x, 16) for x in block[0].split()[0].split("-"))
+            if lo <= addr < hi:
+                flags = next(line for line in block if line.startswith("VmFlags:"))
+                assert " nh" in flags, flags
+                break
+        else:
+            raise AssertionError("buffer not found in /proc/self/smaps")
+
+
+def _smaps_blocks(text: str) -> list[list[str]]:
+    blocks: list[list[str]] = []
+    for line in text.splitlines():
+        if line and line.split()[0].count("-") == 1 and ":" not in line.split()[0]:
+            blocks.append([line])
+        elif blocks:
+            blocks[-1].append(line)
+    return blocks
