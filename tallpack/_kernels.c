@@ -89,13 +89,19 @@ HOT static void tall_f32_loop(const float *base, const float *merged, const uint
     }
 }
 
-HOT static void unpack_loop(const uint8_t *packed, uint8_t *out, Py_ssize_t n) {
-    Py_ssize_t whole = n / 8;
-    for (Py_ssize_t i = 0; i < whole; i++) {
-        unsigned b = packed[i];
+/* Byte b's eight elements as 0/1 bytes, LSB first: one 8-byte copy per stored byte. */
+static uint8_t UNPACKED[256][8];
+
+static void init_unpacked(void) {
+    for (int b = 0; b < 256; b++)
         for (int j = 0; j < 8; j++)
-            out[8 * i + j] = (uint8_t)((b >> j) & 1u);
-    }
+            UNPACKED[b][j] = (uint8_t)((b >> j) & 1);
+}
+
+static void unpack_loop(const uint8_t *packed, uint8_t *out, Py_ssize_t n) {
+    Py_ssize_t whole = n / 8;
+    for (Py_ssize_t i = 0; i < whole; i++)
+        memcpy(out + 8 * i, UNPACKED[packed[i]], 8);
     for (Py_ssize_t i = whole * 8; i < n; i++)
         out[i] = (uint8_t)((packed[i / 8] >> (i % 8)) & 1u);
 }
@@ -276,4 +282,7 @@ static PyMethodDef methods[] = {
 
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_kernels", "tallpack's compiled hot loops", -1, methods};
 
-PyMODINIT_FUNC PyInit__kernels(void) { return PyModule_Create(&module); }
+PyMODINIT_FUNC PyInit__kernels(void) {
+    init_unpacked();
+    return PyModule_Create(&module);
+}
