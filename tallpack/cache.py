@@ -49,6 +49,11 @@ class ByteLRU:
                 _, (_, n) = self._items.popitem(last=False)
                 self.size -= n
 
+    def after_fork(self) -> None:
+        """In a forked child: a new lock (one a parent thread held at the fork would stay held);
+        the items stay, shared with the parent until either writes them."""
+        self._lock = threading.Lock()
+
     def clear(self) -> None:
         with self._lock:
             self._items.clear()

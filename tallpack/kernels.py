@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import importlib
 import os
+import threading
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from types import ModuleType
 
 import numpy as np
@@ -108,11 +110,56 @@ def unpack_bits(packed: np.ndarray, out: np.ndarray) -> None:
         out[:] = np.unpackbits(packed, count=out.size, bitorder="little")
 
 
-def tall_f32(base: np.ndarray, merged: np.ndarray, mask: np.ndarray, out: np.ndarray) -> bool:
+#: Elements per part from which ``tall_f32`` splits its loop across threads (one 4 MB float32
+#: tensor: two parts), as torch's own elementwise kernels do.
+SPLIT_ELEMENTS = 1 << 19
+_local = threading.local()
+_helpers: ThreadPoolExecutor | None = None
+_helpers_lock = threading.Lock()
+
+
+def _after_fork_in_child() -> None:
+    """A forked child has none of the parent's helper threads: it starts its own when it needs them."""
+    global _helpers, _helpers_lock
+    _helpers, _helpers_lock = None, threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def mark_worker() -> None:
+    """Mark this thread as one of a pool that already runs loops side by side (the reader's
+    threads, one tensor each): ``tall_f32`` then runs on it alone."""
+    _local.worker = True
+
+
+def _helper_pool() -> ThreadPoolExecutor:
+    global _helpers
+    with _helpers_lock:
+        if _helpers is None:
+            _helpers = ThreadPoolExecutor(max(1, min(7, (os.cpu_count() or 2) - 1)), thread_name_prefix="tallpack-loop")
+        return _helpers
+
+
+def tall_f32(base: np.ndarray, merged: np.ndarray, mask: np.ndarray, out: np.ndarray, threads: int = 1) -> bool:
     """``out = base + mask * merged`` in one pass (float32 arrays, a 0/1 uint8 mask, all
     contiguous and of one length), bit-identical to ``torch.addcmul``; False, doing nothing,
-    without the compiled loops or for unaligned floats (the caller then runs its torch path)."""
+    without the compiled loops or for unaligned floats (the caller then runs its torch path).
+    A large tensor is split across up to ``threads`` threads, unless this thread is a pool's
+    worker (:func:`mark_worker`)."""
     if _kernels is None or any(a.ctypes.data % 4 for a in (base, merged, out)):
         return False
-    _kernels.tall_f32(base, merged, mask, out)
+    n = out.size
+    parts = 1 if getattr(_local, "worker", False) else max(1, min(threads, n // SPLIT_ELEMENTS))
+    if parts == 1:
+        _kernels.tall_f32(base, merged, mask, out)
+        return True
+    cuts = [n * i // parts for i in range(parts + 1)]
+    pool = _helper_pool()
+    futures = [pool.submit(_kernels.tall_f32, base[a:b], merged[a:b], mask[a:b], out[a:b])
+               for a, b in zip(cuts[1:-1], cuts[2:])]
+    _kernels.tall_f32(base[: cuts[1]], merged[: cuts[1]], mask[: cuts[1]], out[: cuts[1]])
+    for f in futures:
+        f.result()
     return True

@@ -12,6 +12,7 @@ import gc
 import logging
 import os
 import threading
+import weakref
 from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -19,6 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from . import kernels
 from .arrays import ArrayRef
 from .cache import DEFAULT_CACHE_BYTES, ByteLRU
 from .container import PREFETCH_BYTES, ContainerReader
@@ -42,6 +44,21 @@ from .storage import open_bytes
 log = logging.getLogger(__name__)
 
 
+def _after_fork_in_child() -> None:
+    """A forked child has none of its parent's threads, and a lock some other parent thread held
+    stays held: each archive open at the fork starts a fresh pool (and locks) when next it reads,
+    rather than waiting forever on workers that do not exist (a DataLoader's forked workers)."""
+    for archive in list(_OPEN):
+        archive._pool, archive._pool_lock = None, threading.Lock()
+        archive._cache.after_fork()
+
+
+#: Every open archive, for ``_after_fork_in_child``.
+_OPEN: "weakref.WeakSet[Archive]" = weakref.WeakSet()
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 class Archive:
     """An open ``.tallpack`` archive. Use :func:`tallpack.open`.
 
@@ -58,6 +75,7 @@ class Archive:
         self._pool: ThreadPoolExecutor | None = None
         self._pool_lock = threading.Lock()
         self._closed = False
+        _OPEN.add(self)
         self.name = container.name
         self.manifest = Manifest.from_dict(container.manifest)
         if self.manifest.format_version[0] != container.version[0]:
@@ -95,7 +113,8 @@ class Archive:
             if self._closed:
                 raise ArchiveClosedError(f"{self.name}: the archive is closed")
             if self._pool is None:
-                self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="tallpack-read")
+                self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="tallpack-read",
+                                                initializer=kernels.mark_worker)
             return self._pool
 
     def __repr__(self) -> str:

@@ -115,7 +115,8 @@ def reconstruct(theta_0: torch.Tensor, mask: torch.Tensor, tau_mtl: torch.Tensor
     """``theta_t = theta_0 + m_t * tau_MTL``, computed in float32 and cast to ``dtype``."""
     if dtype == torch.float32 == theta_0.dtype == tau_mtl.dtype and _one_pass(theta_0, mask, tau_mtl):
         out = torch.empty(theta_0.shape, dtype=torch.float32)
-        if kernels.tall_f32(_flat(theta_0), _flat(tau_mtl), _flat(_bytes(mask)), _flat(out)):
+        flat = (_flat(theta_0), _flat(tau_mtl), _flat(_bytes(mask)), _flat(out))
+        if kernels.tall_f32(*flat, threads=torch.get_num_threads()):
             return out
     # addcmul is bit-identical to base + (mask * tau): the product (tau or a signed zero) is exact,
     # so fusing it leaves a single rounding, that of the addition.

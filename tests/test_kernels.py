@@ -146,3 +146,28 @@ def test_unpack_bits_matches_numpy(n, seed):
     _kernels.unpack_bits(packed, out)
     assert out.tobytes() == np.unpackbits(packed, count=n, bitorder="little").tobytes()
 
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_tall_f32_split_across_threads_gives_the_same_bits(threads):
+    import threading
+
+    n = 3 * kernels.SPLIT_ELEMENTS + 5
+    base, merged, mask = _specials(n, threads)
+    ref = torch.addcmul(base, mask.to(torch.float32), merged)
+    args = (base.numpy(), merged.numpy(), mask.view(torch.uint8).numpy())
+    out = torch.empty(n)
+    assert kernels.tall_f32(*args, out.numpy(), threads=threads)
+    assert torch.equal(out.view(torch.int32), ref.view(torch.int32))
+    # on a marked worker (the reader's threads) the loop runs on that thread alone, to the same bits
+    seen = []
+
+    def worker():
+        kernels.mark_worker()
+        o = torch.empty(n)
+        seen.append(kernels.tall_f32(*args, o.numpy(), threads=threads) and torch.equal(o.view(torch.int32), ref.view(torch.int32)))
+
+    t = threading.Thread(target=worker)
+    t.start()
+    t.join()
+    assert seen == [True]

@@ -1,0 +1,56 @@
+"""An archive opened and read in a parent keeps working in a forked child (a DataLoader's workers):
+the child has none of the parent's threads, so the reader's pool and the kernels' helpers must be
+started anew there, not waited on forever."""
+
+import os
+import time
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import tallpack
+from tallpack import kernels
+
+pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork on this platform")
+
+
+def test_a_forked_child_reads_an_archive_its_parent_opened(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    n = 2 * kernels.SPLIT_ELEMENTS // 1024 + 8  # rows: large enough that one tensor's loop is split
+    base = {"w": torch.randn(n, 1024, generator=g), "b": torch.randn(1024, generator=g)}
+    save_file(base, tmp_path / "base.safetensors")
+    tasks = {}
+    for t in ("x", "y"):
+        save_file({k: v + 0.01 * torch.randn(v.shape, generator=g) for k, v in base.items()}, tmp_path / f"{t}.safetensors")
+        tasks[t] = tmp_path / f"{t}.safetensors"
+    tallpack.pack(tmp_path / "base.safetensors", tasks, tmp_path / "f.tallpack", threads=2)
+
+    with tallpack.open(tmp_path / "f.tallpack", threads=2) as fam:
+        want = {t: fam.state_dict(t) for t in ("x", "y")}  # the parent's pool and helpers have run
+        assert torch.equal(fam.get_tensor("x", "w"), want["x"]["w"])
+        pid = os.fork()
+        if pid == 0:  # the child: exit 0 only if every read comes back right
+            ok = False
+            try:
+                torch.set_num_threads(1)  # as a DataLoader worker does: torch's own threads are not fork-safe
+                ok = (all(torch.equal(fam.get_tensor(t, "w"), want[t]["w"]) for t in ("x", "y"))
+                      and all(torch.equal(v, want["y"][k]) for k, v in fam.state_dict("y").items()))
+                if kernels.COMPILED:  # the kernels' helper threads, split across two
+                    b, m = want["x"]["w"].reshape(-1).numpy(), want["y"]["w"].reshape(-1).numpy()
+                    mask, out = (b > 0).view(np.uint8), np.empty_like(b)
+                    ok = ok and kernels.tall_f32(b, m, mask, out, threads=2) and np.array_equal(out, b + (b > 0) * m)
+            finally:
+                os._exit(0 if ok else 1)
+        deadline = time.monotonic() + 60
+        while True:
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                break
+            if time.monotonic() > deadline:
+                os.kill(pid, 9)
+                os.waitpid(pid, 0)
+                pytest.fail("the forked child hung reading the archive")
+            time.sleep(0.05)
+        assert os.waitstatus_to_exitcode(status) == 0
