@@ -11,7 +11,6 @@ freed by earlier decodes is reused) with that advice withdrawn: the pages torch'
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import mmap
 import sys
 
@@ -27,8 +26,8 @@ def _madvise():
     """libc's ``madvise``, on Linux; None elsewhere (there numpy gives no advice either)."""
     if not sys.platform.startswith("linux"):
         return None
-    try:
-        fn = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True).madvise
+    try:  # the process's own symbols, libc's among them (no search for the library, no subprocess)
+        fn = ctypes.CDLL(None, use_errno=True).madvise
     except (OSError, AttributeError):
         return None
     fn.argtypes, fn.restype = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int], ctypes.c_int
