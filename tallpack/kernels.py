@@ -18,7 +18,6 @@ from types import ModuleType
 import numpy as np
 
 
-
 def _load() -> ModuleType | None:
     """The compiled module, or None: not built (no compiler at install time), or turned off."""
     if os.environ.get("TALLPACK_NO_KERNELS", "") not in ("", "0"):

@@ -96,8 +96,8 @@ def _float_mask(mask: torch.Tensor) -> torch.Tensor:
 
 def _one_pass(theta_0: torch.Tensor, mask: torch.Tensor, tau_mtl: torch.Tensor) -> bool:
     """Whether the compiled loop (kernels.tall_f32) can rebuild this tensor: CPU, contiguous,
-    one length, a bool or 0/1 uint8 mask."""
-    return (kernels.COMPILED and mask.dtype in (torch.bool, torch.uint8)
+    one length, a bool mask (the loop reads any nonzero byte as 1, as a bool is)."""
+    return (kernels.COMPILED and mask.dtype == torch.bool
             and theta_0.numel() == mask.numel() == tau_mtl.numel()
             and all(t.device.type == "cpu" and t.is_contiguous() for t in (theta_0, mask, tau_mtl)))
 

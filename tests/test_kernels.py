@@ -148,6 +148,7 @@ def test_unpack_bits_matches_numpy(n, seed):
 
 
 
+@pytest.mark.skipif(not kernels.COMPILED, reason="the compiled loops are turned off")
 @pytest.mark.parametrize("threads", [1, 2, 3])
 def test_tall_f32_split_across_threads_gives_the_same_bits(threads):
     import threading
