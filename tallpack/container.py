@@ -23,7 +23,6 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, BinaryIO
 
-import numpy as np
 import zstandard
 
 from . import codecs as _codecs
@@ -394,23 +393,26 @@ class ContainerReader:
         if fetch is not None and sum(ref.stored_nbytes for ref in refs) <= PREFETCH_BYTES:
             fetch([(c.offset, c.nbytes) for ref in refs for c in ref.chunks])
 
-    def read_array(self, ref: ArrayRef, where: str, start: int = 0, stop: int | None = None
-                   ) -> bytearray | memoryview:
+    def read_array(self, ref: ArrayRef, where: str, start: int = 0, stop: int | None = None,
+                   into: memoryview | None = None) -> bytearray | memoryview:
         """The decoded bytes of elements ``[start, stop)`` (default: the whole array), reading only
-        the chunks that hold them."""
+        the chunks that hold them; with ``into`` (writable, exactly the whole array's size), the
+        whole array decoded into it."""
         stop = ref.numel if stop is None else stop
         if not 0 <= start <= stop <= ref.numel:
             raise IndexError(f"elements {start}:{stop} of an array of {ref.numel}")
         isz, ce = ref.itemsize, ref.chunk_elements
+        if into is not None and ((start, stop) != (0, ref.numel) or len(into) != ref.nbytes):
+            raise ValueError(f"decode of {ref.nbytes} bytes into a buffer of {len(into)}")
         if start == stop:
             return memoryview(b"")
         first, last = start // ce, (stop - 1) // ce
-        if first == last:
+        if first == last and into is None:
             piece = self.read_chunk(ref, first, where)
             lo = (start - first * ce) * isz
             return memoryview(piece)[lo : lo + (stop - start) * isz] if (start, stop) != (0, ref.numel) else piece
-        try:
-            out = memoryview(empty((stop - start) * isz))  # not zeroed: every byte is written
+        try:  # not zeroed: every byte is written
+            out = into if into is not None else memoryview(empty((stop - start) * isz))
         except MemoryError:
             raise FormatError(f"{self.name}: {where}: array of {ref.nbytes} bytes is too large") from None
         pos, ahead = 0, first

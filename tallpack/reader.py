@@ -32,6 +32,7 @@ from .encodings.derived_merged import rebuild_merged
 from .encodings.exact import TALL_ENCODINGS, rebuild_exact
 from .errors import (ArchiveClosedError, ExactTierMissingError, FormatError, IntegrityError, InvalidArgumentError,
                      TallpackError, TaskNotFoundError, TensorNotFoundError, UnsupportedVersionError)
+from .memory import empty
 from .manifest import Manifest, TaskInfo
 from .folders import read_blob
 from .merged import MergeParts
@@ -74,6 +75,7 @@ class Archive:
         self.threads = threads or min(8, os.cpu_count() or 1)
         self._pool: ThreadPoolExecutor | None = None
         self._pool_lock = threading.Lock()
+        self._slots = threading.local()  # _slot_buffer's buffers, per thread
         self._closed = False
         _OPEN.add(self)
         self.name = container.name
@@ -102,6 +104,7 @@ class Archive:
             pool, self._pool = self._pool, None
         if pool is not None:
             pool.shutdown(wait=True)
+        self._slots = threading.local()
         self._cache.clear()
         self._c.close()
 
@@ -169,8 +172,8 @@ class Archive:
             raise ArchiveClosedError(f"{self.name}: the archive was closed while it was read") from None
 
     def read_array(self, ref: ArrayRef | DerivedMerged, where: str, use: Use = Use.OUTPUT, *,
-                   device: torch.device | str | None = None, start: int = 0, stop: int | None = None
-                   ) -> torch.Tensor:
+                   device: torch.device | str | None = None, start: int = 0, stop: int | None = None,
+                   _slot: str | None = None) -> torch.Tensor:
         """One stored array, decoded, as a tensor of its dtype and shape (or, with ``start``/
         ``stop``, the flat elements ``[start, stop)``, reading only the chunks that hold them).
 
@@ -179,6 +182,9 @@ class Archive:
         and for ``Use.SHARED_INPUT`` a decoded copy kept in the archive's cache (one per device).
         A derived merged vector (:class:`DerivedMerged`, format 1.8) is computed from every task's
         original of its tensor and cached like a shared input.
+
+        ``_slot`` (internal, ``_rebuild``): an input the cache will not keep is decoded into this
+        thread's buffer of that name, which the next read of the same name overwrites.
         """
         if isinstance(ref, DerivedMerged):
             return self._derived_merged(ref, where, use, device)
@@ -197,8 +203,12 @@ class Archive:
             if key is not None:
                 self._cache.put(key, t, ref.nbytes)
             return t
+        into = None
+        if (_slot is not None and use is not Use.OUTPUT and whole and ref.chain.codecs
+                and (key is None or ref.nbytes > self._cache.budget)):
+            into = memoryview(self._slot_buffer(_slot, ref.nbytes))
         try:
-            buf = self._c.read_array(ref, where, start, stop)
+            buf = self._c.read_array(ref, where, start, stop, into)
         except MemoryError:
             raise FormatError(f"{self.name}: {where}: too large to decode ({ref.nbytes} bytes)") from None
         shape = ref.shape if whole else (stop - start,)
@@ -210,9 +220,18 @@ class Archive:
             t = view_tensor(buf, ref.dtype, shape)
         except FormatError as e:
             raise type(e)(f"{self.name}: {where}: {e}") from None
-        if key is not None and not memoryview(buf).readonly:  # decoded, not a view of the file
+        if key is not None and into is None and not memoryview(buf).readonly:  # decoded, not a view of the file
             self._cache.put(key, t, ref.nbytes)
         return t
+
+    def _slot_buffer(self, name: str, nbytes: int) -> np.ndarray:
+        """``nbytes`` of this thread's buffer ``name`` (kept while the archive is open)."""
+        slots = self._slots.__dict__
+        buf = slots.get(name)
+        if buf is None or buf.size < nbytes:
+            slots.pop(name, None)  # the old one is freed before the larger one is made
+            buf = slots[name] = empty(nbytes)
+        return buf[:nbytes]
 
     def _derived_merged(self, ref: DerivedMerged, where: str, use: Use, device: torch.device | str | None
                         ) -> torch.Tensor:
@@ -264,14 +283,15 @@ class Archive:
         if rows is None and prefetch:
             self._c.prefetch(_needs(entry, tt, encoding))  # remote: one coalesced fetch
 
-        def read(k: str, ref: ArrayRef, use: Use) -> torch.Tensor:
-            return self.read_array(ref, f"{where} ({k})", use, device=device, start=start, stop=stop)
+        def read(k: str, ref: ArrayRef, use: Use, slot: str | None = None) -> torch.Tensor:
+            return self.read_array(ref, f"{where} ({k})", use, device=device, start=start, stop=stop, _slot=slot)
 
         if pool is not None and self._worth_threads(needed.values(), device, rows is None):
             futures = {k: self._submit(pool, read, k, ref, use) for k, (ref, use) in needed.items()}
             arrays = {k: f.result() for k, f in futures.items()}
-        else:
-            arrays = {k: read(k, ref, use) for k, (ref, use) in needed.items()}
+        else:  # read here, and dropped before this thread reads again: uncached inputs may reuse buffers
+            slots = device is None and encoding.fresh_output(tt)
+            arrays = {k: read(k, ref, use, k if slots else None) for k, (ref, use) in needed.items()}
         try:
             out = encoding.rebuild(arrays, entry, tt)
         except IntegrityError as e:  # a derived mask's original (format 1.6): say which archive and task

@@ -73,6 +73,27 @@ def test_the_cache_never_mixes_archives_or_tasks(tmp_path) -> None:
         assert a._cache.hits > 0 and b._cache.hits > 0
 
 
+def test_reused_decode_buffers_never_reach_the_caller(tmp_path) -> None:
+    """Without a cache, a rebuild's inputs are decoded into buffers each thread reuses: every
+    tensor handed out earlier keeps its bits while later reads (other tasks, another archive of
+    the same layout) go through the same buffers."""
+    fams = [_family(4), _family(5)]
+    paths = []
+    for i, f in enumerate(fams):
+        paths.append(tmp_path / f"{i}.tallpack")
+        tallpack.pack(f["base"], f["tasks"], paths[-1], codec="bytegroup-zstd", chunk_elements=64)
+    want = [expected_reconstruction(f["base"], f["tasks"], dict.fromkeys(f["tasks"], 0.4)) for f in fams]
+    for threads in (1, 2):
+        with tallpack.open(paths[0], cache_bytes=0, threads=threads) as a, \
+                tallpack.open(paths[1], cache_bytes=0, threads=threads) as b:
+            got = [(i, task, arc.state_dict(task), arc.get_tensor(task, "w"))
+                   for _ in range(2) for task in ("t0", "t2", "t1") for i, arc in enumerate((a, b))]
+            for i, task, sd, w in got:
+                assert torch.equal(sd["w"], want[i][task]["w"]) and torch.equal(w, want[i][task]["w"])
+            assert a._slots.__dict__, "the reused buffers were not used"
+            assert len(a._cache) == 0
+
+
 def test_returned_tensors_are_the_callers_own(tmp_path) -> None:
     """Changing a returned tensor in place changes nothing the archive returns later, whatever
     the codec (raw chunks are views of the file inside the reader, never outside)."""

@@ -248,6 +248,13 @@ class Encoding:
         """The task's tensor from the decoded ``inputs``; must not modify them."""
         raise NotImplementedError
 
+    @classmethod
+    def fresh_output(cls, tt: TaskTensor) -> bool:
+        """Whether ``rebuild`` of this entry always returns a new tensor that shares no memory with
+        its input arrays: the reader may then decode the inputs its cache does not keep into
+        buffers it reuses from tensor to tensor (fresh memory costs as much as decoding)."""
+        return False
+
 
 #: Encodings by the name task entries use.
 REGISTRY: dict[str, type[Encoding]] = {}

@@ -128,6 +128,10 @@ class Tall(Encoding):
         return corr.inputs(entry, tt) if corr is not None else cls.plain_inputs(entry, tt)
 
     @classmethod
+    def fresh_output(cls, tt: TaskTensor) -> bool:
+        return "correction" not in tt.extras  # reconstruct's output is always a new tensor
+
+    @classmethod
     def rebuild(cls, arrays: Mapping[str, torch.Tensor], entry: TensorEntry, tt: TaskTensor) -> torch.Tensor:
         corr = tt.extras.get("correction")
         if corr is not None:
