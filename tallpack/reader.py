@@ -203,11 +203,12 @@ class Archive:
             if key is not None:
                 self._cache.put(key, t, ref.nbytes)
             return t
+        slot = (_slot is not None and use is not Use.OUTPUT and whole and bool(ref.chain.codecs)
+                and (key is None or ref.nbytes > self._cache.budget))
         into = None
-        if (_slot is not None and use is not Use.OUTPUT and whole and ref.chain.codecs
-                and (key is None or ref.nbytes > self._cache.budget)):
-            into = memoryview(self._slot_buffer(_slot, ref.nbytes))
         try:
+            if slot:
+                into = memoryview(self._slot_buffer(_slot, ref.nbytes))
             buf = self._c.read_array(ref, where, start, stop, into)
         except MemoryError:
             raise FormatError(f"{self.name}: {where}: too large to decode ({ref.nbytes} bytes)") from None
