@@ -68,6 +68,16 @@ def _join_numpy(planes: Sequence[np.ndarray], dst: np.ndarray) -> None:
             dst[j : j + BLOCK, i] = plane[j : j + BLOCK]
 
 
+def split_planes(src: np.ndarray, out: np.ndarray) -> None:
+    """Elements into byte planes, the writer's side of ``join_planes``: ``out[i] = src[:, i]`` for
+    ``src`` (n, k) and ``out`` (k, n), in the same blocks (numpy: packing is not the hot path)."""
+    n = src.shape[0]
+    for j in range(0, n, BLOCK):
+        block = src[j : j + BLOCK]
+        for i in range(src.shape[1]):
+            out[i, j : j + BLOCK] = block[:, i]
+
+
 def _join_exponent_numpy(s: np.ndarray, t: np.ndarray, r: int, dst: np.ndarray) -> None:
     """The two top byte columns of ``dst`` from S and T, in blocks that stay in cache, eight
     bytes to a numpy operation: ``hi = (S & ~keep) | T >> r`` and ``lo = (T << (8 - r) & 0xFF) |
