@@ -165,7 +165,7 @@ def _anon() -> int:
 def _open_kwargs(tallpack, a: dict) -> dict:
     import inspect
     params = inspect.signature(tallpack.open).parameters
-    if a.get("cache_bytes") and "cache_bytes" in params:
+    if a.get("cache_bytes") is not None and "cache_bytes" in params:
         return {"cache_bytes": a["cache_bytes"]}
     return {}
 
@@ -750,6 +750,17 @@ def run_goals(a, rep: Report, details: dict) -> None:
         rep.add(goal, f"state_dict, fresh process, {codec}", median(r["seconds"] for r in ours),
                 median(r["seconds"] for r in theirs), "s", "<=", gx, alt_label="load_file + clone",
                 open_seconds=median(r["open_seconds"] for r in ours), ratio_best=best(ours, theirs))
+
+    # 1, for comparison: a load that keeps nothing for a next task (cache_bytes=0)
+    if not a.quick:
+        rep.load.mark()
+        log(f"goal 1, for comparison: state_dict({t1!r}) from the planes archive opened with cache_bytes=0, {n} each")
+        ours, theirs = alternate_loads(n, {"archive": str(arch["planes"]), "task": t1, "cache_bytes": 0},
+                                       {"path": fam["alt"][t1]})
+        details["load_planes_no_cache"] = {"tallpack": ours, "safetensors": theirs}
+        rep.floor("1", "for comparison, not a floor: the same load from an archive opened with cache_bytes=0 "
+                  "(nothing kept for a next task)", median(r["seconds"] for r in ours),
+                  median(r["seconds"] for r in theirs), "load_file + clone (alternated)")
 
     # 3: a second task from the same open archive
     for codec in (("planes",) if a.quick else ("planes", "raw")):
