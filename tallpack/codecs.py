@@ -20,7 +20,7 @@ import zstandard
 
 from .errors import CodecError, InvalidArgumentError, UnsupportedVersionError
 from .kernels import join_exponent, join_planes, split_planes, unpack_bits
-from .memory import empty
+from .memory import empty, reused
 from .limits import ZSTD_MAX_RATIO
 
 
@@ -188,16 +188,7 @@ class BitPack(Codec):
 
 
 _PLANE_SIZES = "<{}I"
-_scratch = threading.local()
-
-
-def _plane_scratch(n: int, slot: str = "plane") -> np.ndarray:
-    """``n`` bytes of a buffer this thread reuses: a fresh plane per chunk costs page faults."""
-    buf = getattr(_scratch, slot, None)
-    if buf is None or buf.size < n:
-        buf = empty(n)
-        setattr(_scratch, slot, buf)
-    return buf[:n]
+_scratch = threading.local()  # _plane's reused buffers, per thread
 
 
 @dataclass(frozen=True)
@@ -482,7 +473,7 @@ def _plane(piece: memoryview, n: int, slot: str) -> np.ndarray:
     from its zstd frame into this thread's buffer ``slot``."""
     if len(piece) == n:
         return np.frombuffer(piece, np.uint8)
-    plane = _plane_scratch(n, slot)
+    plane = reused(_scratch, slot, n)  # a fresh plane per chunk costs page faults
     Zstd().decode_into(piece, memoryview(plane))
     return plane
 

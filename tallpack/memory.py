@@ -13,6 +13,7 @@ from __future__ import annotations
 import ctypes
 import mmap
 import sys
+import threading
 
 import numpy as np
 
@@ -45,3 +46,14 @@ def empty(nbytes: int) -> np.ndarray:
         end = (out.ctypes.data + nbytes) // _PAGE * _PAGE
         _advise(start, end - start, _MADV_NOHUGEPAGE)  # advice only: a failure changes nothing
     return out
+
+
+def reused(buffers: threading.local, name: str, nbytes: int) -> np.ndarray:
+    """``nbytes`` of this thread's buffer ``name`` in ``buffers``, made (or grown) with ``empty``
+    and kept for the next call: a fresh buffer per chunk or tensor costs its page faults again."""
+    slots = buffers.__dict__
+    buf = slots.get(name)
+    if buf is None or buf.size < nbytes:
+        slots.pop(name, None)  # the old one is freed before the larger one is made
+        buf = slots[name] = empty(nbytes)
+    return buf[:nbytes]

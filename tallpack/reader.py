@@ -32,7 +32,7 @@ from .encodings.derived_merged import rebuild_merged
 from .encodings.exact import TALL_ENCODINGS, rebuild_exact
 from .errors import (ArchiveClosedError, ExactTierMissingError, FormatError, IntegrityError, InvalidArgumentError,
                      TallpackError, TaskNotFoundError, TensorNotFoundError, UnsupportedVersionError)
-from .memory import empty
+from .memory import reused
 from .manifest import Manifest, TaskInfo
 from .folders import read_blob
 from .merged import MergeParts
@@ -75,7 +75,7 @@ class Archive:
         self.threads = threads or min(8, os.cpu_count() or 1)
         self._pool: ThreadPoolExecutor | None = None
         self._pool_lock = threading.Lock()
-        self._slots = threading.local()  # _slot_buffer's buffers, per thread
+        self._slots = threading.local()  # read_array's reused buffers (memory.reused), per thread
         self._closed = False
         _OPEN.add(self)
         self.name = container.name
@@ -208,7 +208,7 @@ class Archive:
         into = None
         try:
             if slot:
-                into = memoryview(self._slot_buffer(_slot, ref.nbytes))
+                into = memoryview(reused(self._slots, _slot, ref.nbytes))
             buf = self._c.read_array(ref, where, start, stop, into)
         except MemoryError:
             raise FormatError(f"{self.name}: {where}: too large to decode ({ref.nbytes} bytes)") from None
@@ -224,15 +224,6 @@ class Archive:
         if key is not None and into is None and not memoryview(buf).readonly:  # decoded, not a view of the file
             self._cache.put(key, t, ref.nbytes)
         return t
-
-    def _slot_buffer(self, name: str, nbytes: int) -> np.ndarray:
-        """``nbytes`` of this thread's buffer ``name`` (kept while the archive is open)."""
-        slots = self._slots.__dict__
-        buf = slots.get(name)
-        if buf is None or buf.size < nbytes:
-            slots.pop(name, None)  # the old one is freed before the larger one is made
-            buf = slots[name] = empty(nbytes)
-        return buf[:nbytes]
 
     def _derived_merged(self, ref: DerivedMerged, where: str, use: Use, device: torch.device | str | None
                         ) -> torch.Tensor:
