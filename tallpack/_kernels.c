@@ -9,6 +9,9 @@
  *   join_exponent(low, s, t, r, out)     ``planes-exp``'s rotated planes -> float32 / bfloat16
  *   unpack_bits(packed, out)            LSB-first bits -> 0/1 bytes (codec ``bitpack``)
  *   tall_f32(base, merged, mask, out)    out = base + mask * merged (float32; mask 0/1 bytes)
+ *   tall_planes(base, rb, merged, rm, mask, out)
+ *                                        the same, base and merged given as their four stored byte
+ *                                        planes (``planes``: r = 0; ``planes-exp``: its rotation)
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -86,6 +89,32 @@ HOT static void tall_f32_loop(const float *base, const float *merged, const uint
     for (Py_ssize_t i = 0; i < n; i++) {
         float m = mask[i] ? 1.0f : 0.0f;
         out[i] = base[i] + m * merged[i];
+    }
+}
+
+/* One float32 element from its four stored planes: ``planes`` (r = 0: byte j from plane j) or
+ * ``planes-exp`` of rotation r (planes 2 and 3 are S and T; see join_exp4, which with r = 0 is
+ * the plain join). */
+#define PLANE_WORD(p0, p1, s, t, i, keep, high, shift) \
+    ((uint32_t)(p0)[i] | (uint32_t)(p1)[i] << 8 | ((uint32_t)(s)[i] & (keep)) << 16 \
+     | ((uint32_t)(s)[i] & (high)) << 24 | (uint32_t)(t)[i] << (shift))
+
+/* out = base + m * merged as tall_f32_loop, base and merged joined from their planes on the way:
+ * one pass, no decoded copy of either. */
+HOT static void tall_planes_loop(const uint8_t *const *b, int rb, const uint8_t *const *m, int rm,
+                                 const uint8_t *mask, float *out, Py_ssize_t n) {
+    const uint32_t bkeep = 0xFFu >> rb, bhigh = 0xFFu ^ bkeep, bshift = 24 - rb;
+    const uint32_t mkeep = 0xFFu >> rm, mhigh = 0xFFu ^ mkeep, mshift = 24 - rm;
+    const uint8_t *b0 = b[0], *b1 = b[1], *b2 = b[2], *b3 = b[3];
+    const uint8_t *m0 = m[0], *m1 = m[1], *m2 = m[2], *m3 = m[3];
+    for (Py_ssize_t i = 0; i < n; i++) {
+        uint32_t wb = PLANE_WORD(b0, b1, b2, b3, i, bkeep, bhigh, bshift);
+        uint32_t wm = PLANE_WORD(m0, m1, m2, m3, i, mkeep, mhigh, mshift);
+        float fb, fm;
+        memcpy(&fb, &wb, 4);
+        memcpy(&fm, &wm, 4);
+        float k = mask[i] ? 1.0f : 0.0f;
+        out[i] = fb + k * fm;
     }
 }
 
@@ -253,6 +282,49 @@ static PyObject *tall_f32(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+static PyObject *tall_planes(PyObject *self, PyObject *args) {
+    PyObject *bseq, *mseq;
+    int rb, rm;
+    Py_buffer mask, out, bv[MAX_PLANES], mv[MAX_PLANES];
+    if (!PyArg_ParseTuple(args, "OiOiy*w*:tall_planes", &bseq, &rb, &mseq, &rm, &mask, &out))
+        return NULL;
+    Py_ssize_t n = out.len / 4;
+    int nb = -1, nm = -1;
+    if (out.len % 4 || ((uintptr_t)out.buf & 3) || mask.len != n || rb < 0 || rb > 7 || rm < 0 || rm > 7) {
+        PyErr_Format(PyExc_ValueError, "tall_planes: mask %zd and out %zd bytes (or misaligned), rotations %d and %d",
+                     mask.len, out.len, rb, rm);
+        goto done;
+    }
+    nb = get_planes(bseq, bv, n, 4);
+    if (nb < 0)
+        goto done;
+    nm = get_planes(mseq, mv, n, 4);
+    if (nm < 0)
+        goto done;
+    if (nb != 4 || nm != 4) {
+        PyErr_Format(PyExc_ValueError, "tall_planes: %d and %d planes, expected 4 each", nb, nm);
+        goto done;
+    }
+    const uint8_t *b[4], *m[4];
+    for (int j = 0; j < 4; j++) {
+        b[j] = (const uint8_t *)bv[j].buf;
+        m[j] = (const uint8_t *)mv[j].buf;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    tall_planes_loop(b, rb, m, rm, (const uint8_t *)mask.buf, (float *)out.buf, n);
+    Py_END_ALLOW_THREADS
+done:
+    if (nb > 0)
+        release_all(bv, nb);
+    if (nm > 0)
+        release_all(mv, nm);
+    PyBuffer_Release(&mask);
+    PyBuffer_Release(&out);
+    if (PyErr_Occurred())
+        return NULL;
+    Py_RETURN_NONE;
+}
+
 static PyObject *unpack_bits(PyObject *self, PyObject *args) {
     Py_buffer packed, out;
     if (!PyArg_ParseTuple(args, "y*w*:unpack_bits", &packed, &out))
@@ -277,6 +349,8 @@ static PyMethodDef methods[] = {
     {"join_planes", join_planes, METH_VARARGS, "join_planes(planes, out): byte planes into elements"},
     {"join_exponent", join_exponent, METH_VARARGS, "join_exponent(low, s, t, r, out): planes-exp's planes into elements"},
     {"tall_f32", tall_f32, METH_VARARGS, "tall_f32(base, merged, mask, out): out = base + mask * merged"},
+    {"tall_planes", tall_planes, METH_VARARGS,
+     "tall_planes(base_planes, rb, merged_planes, rm, mask, out): tall_f32 with base and merged as stored planes"},
     {NULL, NULL, 0, NULL},
 };
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import struct
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -278,20 +279,45 @@ class Planes(Codec):
 
     def _decode(self, buf: memoryview, out: np.ndarray) -> None:
         k = self.itemsize
-        head = self.PREFIX + 4 * k
         n = out.size // k
-        lengths = struct.unpack_from(_PLANE_SIZES.format(k), buf, self.PREFIX)
-        if head + sum(lengths) != len(buf):
-            raise CodecError(f"{self.id}: plane lengths do not add up to the chunk's size")
-        planes, pos = [], head
-        for i, length in enumerate(lengths):  # zstd-coded planes go to buffers this thread reuses
-            planes.append(_plane(buf[pos : pos + length], n, f"plane{i}"))
-            pos += length
+        planes = self._planes(buf, n, "plane")  # zstd-coded planes go to buffers this thread reuses
         dst = out.reshape(n, k)
         if self.HELD:
             join_exponent(planes[: k - 2], planes[k - 2], planes[k - 1], _rotation(buf), dst)
         else:
             join_planes(planes, dst)
+
+    def _planes(self, buf: memoryview, n: int, slot: str | None,
+                known: Sequence[np.ndarray | None] | None = None) -> list[np.ndarray]:
+        """The chunk's ``itemsize`` planes of ``n`` bytes, in stored order: views of ``buf`` where
+        verbatim, else decoded (into this thread's buffers ``slot0``, ``slot1``, ...; with ``slot``
+        None, into fresh arrays), or ``known[i]`` where given (decoded before)."""
+        k = self.itemsize
+        head = self.PREFIX + 4 * k
+        if len(buf) < head:
+            raise CodecError(f"{self.id}: {len(buf)} bytes cannot hold {k} plane lengths")
+        lengths = struct.unpack_from(_PLANE_SIZES.format(k), buf, self.PREFIX)
+        if head + sum(lengths) != len(buf):
+            raise CodecError(f"{self.id}: plane lengths do not add up to the chunk's size")
+        planes, pos = [], head
+        for i, length in enumerate(lengths):
+            old = known[i] if known is not None else None
+            if old is not None and old.size == n:
+                planes.append(old)
+            else:
+                planes.append(_plane(buf[pos : pos + length], n, None if slot is None else f"{slot}{i}"))
+            pos += length
+        return planes
+
+    def planar(self, buf: memoryview, size: int, slot: str | None = None,
+               known: Sequence[np.ndarray | None] | None = None) -> tuple[list[np.ndarray], int]:
+        """The chunk of ``size`` decoded bytes as its stored planes (see ``_planes``) and the
+        rotation that joins them (0: plane j is byte j of each element; ``planes-exp``: its r),
+        for a reader that joins them in its own loop (``kernels.tall_planes``)."""
+        if size % self.itemsize:
+            raise CodecError(f"{self.id}: {size} bytes are not whole {self.itemsize}-byte elements")
+        planes = self._planes(buf, size // self.itemsize, slot, known)
+        return planes, _rotation(buf) if self.HELD else 0
 
     #: How many top planes ``_decode`` leaves to a subclass's join (``ExponentPlanes``: 2).
     HELD: ClassVar[int] = 0
@@ -468,12 +494,12 @@ def _unpack_bits(stream: memoryview, widths: np.ndarray) -> np.ndarray:
     return low
 
 
-def _plane(piece: memoryview, n: int, slot: str) -> np.ndarray:
+def _plane(piece: memoryview, n: int, slot: str | None) -> np.ndarray:
     """A stored plane of ``n`` bytes: itself when verbatim (its length is ``n``), else decoded
-    from its zstd frame into this thread's buffer ``slot``."""
+    from its zstd frame into this thread's buffer ``slot`` (None: a fresh array)."""
     if len(piece) == n:
         return np.frombuffer(piece, np.uint8)
-    plane = reused(_scratch, slot, n)  # a fresh plane per chunk costs page faults
+    plane = empty(n) if slot is None else reused(_scratch, slot, n)  # a fresh plane per chunk costs page faults
     Zstd().decode_into(piece, memoryview(plane))
     return plane
 
@@ -622,6 +648,17 @@ class Chain:
         for c in self.codecs:
             out = c.encode(memoryview(out))
         return out
+
+    def planar(self, buf: memoryview, size: int, slot: str | None = None,
+               known: Sequence[np.ndarray | None] | None = None) -> tuple[list[np.ndarray], int] | None:
+        """A float32 chunk as its stored byte planes and their rotation (``Planes.planar``), or
+        None when this chain is not one ``planes`` or ``planes-exp`` codec of 4-byte elements."""
+        return self.codecs[0].planar(buf, size, slot, known) if self.planar_float32 else None
+
+    @property
+    def planar_float32(self) -> bool:
+        """Whether ``planar`` gives planes for this chain."""
+        return len(self.codecs) == 1 and isinstance(self.codecs[0], Planes) and self.codecs[0].itemsize == 4
 
     def decode(self, buf: memoryview, size: int, out: memoryview | None = None
                ) -> bytes | bytearray | memoryview:

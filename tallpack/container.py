@@ -23,6 +23,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, BinaryIO
 
+import numpy as np
 import zstandard
 
 from . import codecs as _codecs
@@ -373,6 +374,29 @@ class ContainerReader:
         """Chunk ``i`` of ``ref``, checked and decoded (into ``out`` when given: writable, the
         chunk's decoded size). A local file's chunk is checked once while open, unless ``recheck``
         (``verify``)."""
+        stored = self._stored(ref, i, where, recheck)
+        try:
+            return ref.chain.decode(stored, ref.chunk_numel(i) * itemsize(ref.dtype), out)
+        except FormatError as e:
+            raise type(e)(f"{self.name}: {where}: chunk {i}: {e}") from None
+
+    def read_planar(self, ref: ArrayRef, i: int, where: str, slot: str | None = None,
+                    known: list[np.ndarray | None] | None = None) -> tuple[list[np.ndarray], int]:
+        """Chunk ``i`` of a float32 array stored as byte planes (``ref.chain.planar_float32``),
+        checked, as its planes and their rotation (``Chain.planar``; ``slot``: the thread's
+        buffers that compressed planes are decoded into, None for fresh ones; ``known``: planes
+        decoded by an earlier call, or None each)."""
+        stored = self._stored(ref, i, where)
+        try:
+            got = ref.chain.planar(stored, ref.chunk_numel(i) * itemsize(ref.dtype), slot, known)
+        except FormatError as e:
+            raise type(e)(f"{self.name}: {where}: chunk {i}: {e}") from None
+        if got is None or ref.dtype != "float32":
+            raise ValueError(f"{where}: not a float32 array of byte planes")  # a caller's bug
+        return got
+
+    def _stored(self, ref: ArrayRef, i: int, where: str, recheck: bool = False) -> memoryview:
+        """Chunk ``i``'s stored bytes, its checksum checked (once while open, unless ``recheck``)."""
         c = ref.chunks[i]
         stored = self.source.read(c.offset, c.nbytes)
         key = (c.offset, c.nbytes, c.checksum)
@@ -381,10 +405,7 @@ class ContainerReader:
                 raise IntegrityError(f"{self.name}: {where}: checksum mismatch in chunk {i} (damaged archive)")
             if self._remember_checked:
                 self._checked.add(key)
-        try:
-            return ref.chain.decode(stored, ref.chunk_numel(i) * itemsize(ref.dtype), out)
-        except FormatError as e:
-            raise type(e)(f"{self.name}: {where}: chunk {i}: {e}") from None
+        return stored
 
     def prefetch(self, refs: list[ArrayRef]) -> None:
         """Announce the chunks of ``refs`` as read next: a remote source fetches them together

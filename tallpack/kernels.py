@@ -151,6 +151,52 @@ def _helper_pool() -> ThreadPoolExecutor:
         return _helpers
 
 
+def tall_planes(base: Sequence[np.ndarray], rb: int, merged: Sequence[np.ndarray], rm: int, mask: np.ndarray,
+                out: np.ndarray, threads: int = 1) -> None:
+    """``out = base + mask * merged`` as ``tall_f32``, with base and merged given as the four
+    stored byte planes of float32 elements and each one's rotation (``Planes.planar``: 0 for
+    ``planes``, r for ``planes-exp``): joined on the way, no decoded copy of either. ``out`` is
+    float32 of n elements, every plane and the 0/1 uint8 ``mask`` n bytes."""
+    if _kernels is None or out.ctypes.data % 4:
+        _tall_planes_numpy(base, rb, merged, rm, mask, out)
+        return
+    n = out.size
+    parts = 1 if getattr(_local, "worker", False) else max(1, min(threads, n // SPLIT_ELEMENTS))
+    if parts == 1:
+        _kernels.tall_planes(base, rb, merged, rm, mask, out)
+        return
+    cuts = [n * i // parts for i in range(parts + 1)]
+
+    def part(a: int, b: int) -> None:
+        _kernels.tall_planes([p[a:b] for p in base], rb, [p[a:b] for p in merged], rm, mask[a:b], out[a:b])
+
+    futures = [_helper_pool().submit(part, a, b) for a, b in zip(cuts[1:-1], cuts[2:])]
+    part(cuts[0], cuts[1])
+    for f in futures:
+        f.result()
+
+
+def _tall_planes_numpy(base: Sequence[np.ndarray], rb: int, merged: Sequence[np.ndarray], rm: int,
+                       mask: np.ndarray, out: np.ndarray) -> None:
+    """``tall_planes`` in numpy, in blocks: each side joined, then ``b + m * t`` in float32 (the
+    product is exact, so the sum's one rounding is ``addcmul``'s)."""
+    n = out.size
+    sides = [np.empty((min(n, BLOCK), 4), np.uint8) for _ in range(2)]
+    for a in range(0, n, BLOCK):
+        b = min(n, a + BLOCK)
+        joined = []
+        for planes, r, buf in ((base, rb, sides[0]), (merged, rm, sides[1])):
+            dst = buf[: b - a]
+            part = [p[a:b] for p in planes]
+            if r:
+                _join_numpy(part[:2], dst)
+                _join_exponent_numpy(part[2], part[3], r, dst)
+            else:
+                _join_numpy(part, dst)
+            joined.append(dst.view("<f4").reshape(-1).astype(np.float32, copy=False))
+        np.add(joined[0], mask[a:b].astype(np.float32) * joined[1], out=out[a:b])
+
+
 def tall_f32(base: np.ndarray, merged: np.ndarray, mask: np.ndarray, out: np.ndarray, threads: int = 1) -> bool:
     """``out = base + mask * merged`` in one pass (float32 arrays, a 0/1 uint8 mask, all
     contiguous and of one length), bit-identical to ``torch.addcmul``; False, doing nothing,

@@ -41,6 +41,7 @@ from .originals import verify_originals
 from .progress import ProgressLike, track
 from .report import summarize
 from .storage import open_bytes
+from .tall import Planar
 
 log = logging.getLogger(__name__)
 
@@ -275,10 +276,14 @@ class Archive:
         if rows is None and prefetch:
             self._c.prefetch(_needs(entry, tt, encoding))  # remote: one coalesced fetch
 
-        def read(k: str, ref: ArrayRef, use: Use, slot: str | None = None) -> torch.Tensor:
+        planar = self._planar_keys(encoding, tt, needed) if device is None and rows is None else ()
+
+        def read(k: str, ref: ArrayRef, use: Use, slot: str | None = None) -> torch.Tensor | Planar:
+            if k in planar:
+                return self._read_planar(ref, f"{where} ({k})", use, k)
             return self.read_array(ref, f"{where} ({k})", use, device=device, start=start, stop=stop, _slot=slot)
 
-        if pool is not None and self._worth_threads(needed.values(), device, rows is None):
+        if pool is not None and self._worth_threads(needed, device, rows is None, planar):
             futures = {k: self._submit(pool, read, k, ref, use) for k, (ref, use) in needed.items()}
             arrays = {k: f.result() for k, f in futures.items()}
         else:  # read here, and dropped before this thread reads again: uncached inputs may reuse buffers
@@ -290,15 +295,68 @@ class Archive:
             raise IntegrityError(f"{self.name}: task {task!r}, {e}") from None
         return out if rows is None else out.reshape(rows[1] - rows[0], *tt.shape[1:])
 
-    def _worth_threads(self, needed, device, whole: bool) -> bool:
+    @staticmethod
+    def _planar_keys(encoding: type[Encoding], tt: TaskTensor, needed: Mapping[str, tuple[Any, Use]]
+                     ) -> tuple[str, ...]:
+        """The inputs to hand ``rebuild`` as byte planes (``Encoding.planar_inputs``): all it
+        names, when each is a float32 array of byte planes and all have the same chunks (and the
+        compiled loop that joins them is there), else none."""
+        keys = encoding.planar_inputs(tt)
+        if not keys or not kernels.COMPILED or not all(k in needed for k in keys):
+            return ()
+        refs = [needed[k][0] for k in keys]
+        if not all(isinstance(r, ArrayRef) and r.dtype == "float32" and r.chunks and r.chain.planar_float32
+                   for r in refs):
+            return ()
+        return keys if len({(r.numel, r.chunk_elements) for r in refs}) == 1 else ()
+
+    def _read_planar(self, ref: ArrayRef, where: str, use: Use, slot: str) -> Planar:
+        """An array as the byte planes of its chunks (``Encoding.planar_inputs``). A shared input
+        keeps, in the cache, only the planes it had to decode (a fraction of the array: one
+        plane in four for float32 weights in ``planes-exp``): verbatim planes stay views of the
+        mapped file, checked again on each use. Otherwise its chunks are decoded when the rebuild
+        asks for them, into this thread's buffers named after ``slot``."""
+        known = None
+        if use is Use.SHARED_INPUT:
+            key = ("planar",) + _cache_key(ref, None)
+            known = self._cache.get(key)
+            if known is None and self._cache.budget > 0:
+                known = self._decode_planar(ref, where)
+                self._cache.put(key, known, sum(p.nbytes for planes, _ in known for p in planes if p is not None))
+        if known is None:
+            return Planar(ref.numel, ref.chunk_elements, lambda i: self._c.read_planar(ref, i, where, f"{slot}.plane"))
+
+        def chunk(i: int) -> tuple[list[np.ndarray], int]:
+            planes, r = known[i]
+            if all(p is not None for p in planes):
+                return planes, r
+            return self._c.read_planar(ref, i, where, known=planes)  # views of the mapped file, checked
+        return Planar(ref.numel, ref.chunk_elements, chunk)
+
+    def _decode_planar(self, ref: ArrayRef, where: str) -> list[tuple[list[np.ndarray | None], int]]:
+        """Each chunk's decoded planes (None where a plane is a view of a mapped file, which is
+        read again when used); from a remote source, every plane, copied out of the fetched bytes."""
+        mapped = bool(getattr(self._c.source, "mapped", False))
+        out = []
+        for i in range(len(ref.chunks)):
+            planes, r = self._c.read_planar(ref, i, where)
+            out.append(([p if p.flags.owndata else (None if mapped else p.copy()) for p in planes], r))
+        return out
+
+    def _worth_threads(self, needed: Mapping[str, tuple[Any, Use]], device, whole: bool,
+                       planar: tuple[str, ...] = ()) -> bool:
         """Whether a tensor's inputs are worth reading on the archive's threads: at least two that
         decode (compressed, not in the cache) and PARALLEL_BYTES of them. Views of raw chunks and
         cached arrays cost less than handing them to a thread (a 4 MB raw ``get_tensor``: 1.0
         against 0.75 ms)."""
         dev = torch.device(device) if device is not None else None
-        heavy = [ref for ref, use in needed if not isinstance(ref, ArrayRef) or (
-            ref.chain.codecs and not (use is Use.SHARED_INPUT and whole and ref.chunks
-                                      and _cache_key(ref, dev) in self._cache))]
+
+        def cached(k: str, ref: ArrayRef) -> bool:
+            key = ("planar",) + _cache_key(ref, None) if k in planar else _cache_key(ref, dev)
+            return key in self._cache
+
+        heavy = [ref for k, (ref, use) in needed.items() if not isinstance(ref, ArrayRef) or (
+            ref.chain.codecs and not (use is Use.SHARED_INPUT and whole and ref.chunks and cached(k, ref)))]
         return len(heavy) > 1 and sum(getattr(r, "nbytes", PARALLEL_BYTES) for r in heavy) >= PARALLEL_BYTES
 
     def get_tensor(self, task: str, name: str, *, exact: bool = False,

@@ -70,6 +70,8 @@ class LocalFile:
 
     #: The reader checks each chunk of a mapped file once while it is open (see ContainerReader).
     check_once = True
+    #: Views of a mapped file cost no memory of their own: the reader keeps them out of its cache.
+    mapped = True
 
     def __init__(self, path: str | os.PathLike):
         self.path = str(path)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -121,6 +121,34 @@ def reconstruct(theta_0: torch.Tensor, mask: torch.Tensor, tau_mtl: torch.Tensor
     # addcmul is bit-identical to base + (mask * tau): the product (tau or a signed zero) is exact,
     # so fusing it leaves a single rounding, that of the addition.
     return torch.addcmul(theta_0.to(torch.float32), _float_mask(mask), tau_mtl).to(dtype)
+
+
+class Planar:
+    """A float32 array as the stored byte planes of each of its chunks (``Chain.planar``), for
+    :func:`reconstruct_planar`: ``chunk(i)`` gives chunk ``i``'s four planes and their rotation.
+    The reader makes them, with the planes decoded when asked or kept from an earlier read."""
+
+    def __init__(self, numel: int, chunk_elements: int, chunk: Callable[[int], tuple[list[np.ndarray], int]]):
+        self.numel, self.chunk_elements, self.chunk = numel, chunk_elements, chunk
+
+
+def reconstruct_planar(theta_0: Planar, mask: torch.Tensor, tau_mtl: Planar, shape: Sequence[int]) -> torch.Tensor:
+    """:func:`reconstruct` for float32, with ``theta_0`` and ``tau_MTL`` as byte planes of the same
+    chunks: one pass per chunk joins both and adds (``kernels.tall_planes``; the same bits)."""
+    n = theta_0.numel
+    if not (n == tau_mtl.numel == mask.numel() and theta_0.chunk_elements == tau_mtl.chunk_elements > 0):
+        raise ValueError("base, merged vector and mask differ in length or chunks")  # a caller's bug
+    out = torch.empty(tuple(shape), dtype=torch.float32)
+    flat, m = _flat(out), _flat(_bytes(mask.reshape(-1)))
+    if m.dtype != np.uint8:
+        m = m.astype(np.uint8)
+    ce = theta_0.chunk_elements
+    for i, a in enumerate(range(0, n, ce)):
+        b = min(n, a + ce)
+        base_planes, rb = theta_0.chunk(i)
+        merged_planes, rm = tau_mtl.chunk(i)
+        kernels.tall_planes(base_planes, rb, merged_planes, rm, m[a:b], flat[a:b], threads=torch.get_num_threads())
+    return out
 
 
 @dataclass

@@ -255,6 +255,14 @@ class Encoding:
         buffers it reuses from tensor to tensor (fresh memory costs as much as decoding)."""
         return False
 
+    @classmethod
+    def planar_inputs(cls, tt: TaskTensor) -> tuple[str, ...]:
+        """Inputs that ``rebuild`` also takes as stored byte planes (a :class:`tallpack.tall.Planar`
+        in place of the tensor) when every one of them is a float32 array stored as ``planes`` or
+        ``planes-exp`` with the same chunks: the reader then skips joining them into elements, and
+        its cache keeps only the planes that were compressed."""
+        return ()
+
 
 #: Encodings by the name task entries use.
 REGISTRY: dict[str, type[Encoding]] = {}

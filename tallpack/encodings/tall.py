@@ -12,7 +12,7 @@ from ..arrays import ArrayRef
 from ..dtypes import dtype_name, tensor_to_bytes, torch_dtype
 from ..elements import FLOATING, numel
 from ..errors import FormatError
-from ..tall import Workspace, blocks, reconstruct, tall_mask
+from ..tall import Planar, Workspace, blocks, reconstruct, reconstruct_planar, tall_mask
 from .base import EXTRA_ARRAYS, Encoding, Item, TaskTensor, TensorEntry, Use, WriteContext, register
 
 
@@ -132,11 +132,18 @@ class Tall(Encoding):
         return "correction" not in tt.extras  # reconstruct's output is always a new tensor
 
     @classmethod
-    def rebuild(cls, arrays: Mapping[str, torch.Tensor], entry: TensorEntry, tt: TaskTensor) -> torch.Tensor:
+    def planar_inputs(cls, tt: TaskTensor) -> tuple[str, ...]:
+        return ("base", "merged") if tt.dtype == "float32" and "correction" not in tt.extras else ()
+
+    @classmethod
+    def rebuild(cls, arrays: Mapping[str, torch.Tensor | Planar], entry: TensorEntry, tt: TaskTensor) -> torch.Tensor:
         corr = tt.extras.get("correction")
         if corr is not None:
             return corr.rebuild(arrays, entry, tt)
-        return reconstruct(arrays["base"], arrays["mask"], arrays["merged"], torch_dtype(tt.dtype))
+        base, merged = arrays["base"], arrays["merged"]
+        if isinstance(base, Planar) and isinstance(merged, Planar):
+            return reconstruct_planar(base, arrays["mask"], merged, tt.shape)
+        return reconstruct(base, arrays["mask"], merged, torch_dtype(tt.dtype))
 
 
 class _Held:
