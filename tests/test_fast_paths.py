@@ -30,12 +30,15 @@ def _same(a: dict, b: dict) -> bool:
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
                                                                   HealthCheck.too_slow])
-@given(family=families(), codec=st.sampled_from(["raw", "zstd", "bytegroup-zstd"]),
+@given(family=families(), codec=st.sampled_from(["raw", "zstd", "bytegroup-zstd", "planes", "planes:19"]),
        chunk=st.sampled_from([8, 64, 1 << 22]), checksum=st.sampled_from(["crc32", "xxh3-64"]))
 def test_every_path_gives_the_same_bits(tmp_path_factory, family, codec, chunk, checksum) -> None:
+    """Every codec and chunking; ``planes`` float32 tensors take the one-pass rebuild from byte
+    planes (``planes:19``: rotations chosen per chunk), cached and not."""
     base, tasks = family
     out = tmp_path_factory.mktemp("fast") / "f.tallpack"
-    tallpack.pack(base, tasks, out, codec=codec, chunk_elements=chunk, checksum=checksum)
+    codec, _, level = codec.partition(":")
+    tallpack.pack(base, tasks, out, codec=codec, chunk_elements=chunk, checksum=checksum, level=int(level or 3))
     want = expected_reconstruction(base, tasks, dict.fromkeys(tasks, tallpack.DEFAULT_LAMBDA))
     with tallpack.open(out, threads=1, cache_bytes=0) as plain, tallpack.open(out, threads=3) as fast:
         for task in tasks:
@@ -54,6 +57,30 @@ def _family(seed: int, n: int = 3) -> dict:
     tasks = {f"t{i}": {"w": base["w"] + 0.1 * torch.randn(64, 32, generator=g), "frozen": base["frozen"].clone(),
                        "head": torch.randn(i + 1, 4, generator=g)} for i in range(n)}
     return {"base": base, "tasks": tasks}
+
+
+def test_the_cache_keeps_only_the_planes_it_decoded(tmp_path) -> None:
+    """With ``planes`` (the default), float32 base and merged vectors are cached as the planes
+    zstd coded (the exponent's), not as decoded floats; verbatim planes are read again from the
+    mapped file on each use. A second task from those planes gives the plain path's bits."""
+    g = torch.Generator().manual_seed(3)
+    base = {"w": torch.randn(300, 100, generator=g), "h": torch.randn(1000, generator=g).to(torch.bfloat16)}
+    tasks = {f"t{i}": {"w": base["w"] + 0.01 * torch.randn(300, 100, generator=g),
+                       "h": (base["h"].float() + 0.01 * torch.randn(1000, generator=g)).to(torch.bfloat16)}
+             for i in range(3)}
+    out = tmp_path / "p.tallpack"
+    tallpack.pack(base, tasks, out, chunk_elements=4096)  # 8 chunks, the last one short
+    with tallpack.open(out) as fam, tallpack.open(out, cache_bytes=0, threads=1) as plain:
+        entry, _ = fam._entry("t0", "w")
+        decoded = entry.arrays["base"].nbytes + entry.arrays["merged"].nbytes
+        for t in ("t0", "t1", "t0", "t2"):
+            assert _same(fam.state_dict(t), plain.state_dict(t))
+        planar = [k for k in fam._cache._items if k[0] == "planar"]
+        assert len(planar) == (2 if kernels.COMPILED else 0)
+        if kernels.COMPILED:  # w's entries: the planes zstd coded (3 of 8 here), not the floats
+            held = sum(fam._cache._items[k][1] for k in planar)
+            assert 0 < held <= decoded // 2
+        assert len(plain._cache) == 0
 
 
 def test_the_cache_never_mixes_archives_or_tasks(tmp_path) -> None:

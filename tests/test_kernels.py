@@ -84,6 +84,42 @@ def test_tall_f32_is_bit_identical_to_addcmul(n, seed):
     assert torch.equal(reconstruct(base, mask, merged, torch.float32).view(torch.int32), ref.view(torch.int32))
 
 
+def _stored_planes(x: torch.Tensor, r: int) -> list[np.ndarray]:
+    """float32 elements as the writer stores them: ``planes`` (r = 0), or ``planes-exp`` of rotation r."""
+    b = x.numpy().view(np.uint8).reshape(-1, 4)
+    planes = [np.ascontiguousarray(b[:, j]) for j in range(4)]
+    if r:
+        t, s = codecs._rotate(planes[2], planes[3], r)
+        planes[2], planes[3] = s, t
+    return planes
+
+
+@given(st.integers(0, 4000), st.integers(0, 7), st.integers(0, 7), st.integers(0, 2**31 - 1))
+@settings(max_examples=60)
+def test_tall_planes_is_bit_identical_to_addcmul(n, rb, rm, seed):
+    """The one-pass rebuild from stored planes, compiled and numpy, against addcmul on the joined
+    floats, for every pair of rotations (0: ``planes``)."""
+    base, merged, mask = _specials(n, seed)
+    ref = torch.addcmul(base, mask.to(torch.float32), merged)
+    args = (_stored_planes(base, rb), rb, _stored_planes(merged, rm), rm, mask.view(torch.uint8).numpy())
+    for run in (_kernels.tall_planes, kernels._tall_planes_numpy, kernels.tall_planes):
+        out = torch.full((n,), 7.0)
+        run(*args, out.numpy())
+        assert torch.equal(out.view(torch.int32), ref.view(torch.int32)), run
+
+
+@pytest.mark.skipif(not kernels.COMPILED, reason="the compiled loops are turned off")
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_tall_planes_split_across_threads_gives_the_same_bits(threads):
+    n = 3 * kernels.SPLIT_ELEMENTS + 5
+    base, merged, mask = _specials(n, threads)
+    ref = torch.addcmul(base, mask.to(torch.float32), merged)
+    out = torch.empty(n)
+    kernels.tall_planes(_stored_planes(base, 1), 1, _stored_planes(merged, 0), 0, mask.view(torch.uint8).numpy(),
+                        out.numpy(), threads=threads)
+    assert torch.equal(out.view(torch.int32), ref.view(torch.int32))
+
+
 @pytest.mark.skipif(not kernels.COMPILED, reason="the compiled loops are turned off")
 def test_tall_f32_declines_unaligned_floats():
     buf = np.zeros(4 * 100 + 1, np.uint8)
@@ -115,6 +151,24 @@ def test_tall_f32_declines_unaligned_floats():
     lambda: _kernels.unpack_bits(np.zeros(1, np.uint8), b"\0" * 8),
     lambda: _kernels.tall_f32(np.zeros(4, np.float32), np.zeros(5, np.float32), np.zeros(4, np.uint8),
                               np.zeros(4, np.float32)),
+    lambda: _kernels.tall_planes([np.zeros(4, np.uint8)] * 3, 0, [np.zeros(4, np.uint8)] * 4, 0,
+                                 np.zeros(4, np.uint8), np.zeros(4, np.float32)),  # three planes
+    lambda: _kernels.tall_planes([np.zeros(4, np.uint8)] * 4, 0, [np.zeros(4, np.uint8)] * 5, 0,
+                                 np.zeros(4, np.uint8), np.zeros(4, np.float32)),  # five planes
+    lambda: _kernels.tall_planes([np.zeros(4, np.uint8)] * 4, 0, [np.zeros(3, np.uint8)] * 4, 0,
+                                 np.zeros(4, np.uint8), np.zeros(4, np.float32)),  # short planes
+    lambda: _kernels.tall_planes([np.zeros(4, np.uint8)] * 4, 8, [np.zeros(4, np.uint8)] * 4, 0,
+                                 np.zeros(4, np.uint8), np.zeros(4, np.float32)),  # rotation 8
+    lambda: _kernels.tall_planes([np.zeros(4, np.uint8)] * 4, 0, [np.zeros(4, np.uint8)] * 4, -1,
+                                 np.zeros(4, np.uint8), np.zeros(4, np.float32)),
+    lambda: _kernels.tall_planes([np.zeros(4, np.uint8)] * 4, 0, [np.zeros(4, np.uint8)] * 4, 0,
+                                 np.zeros(5, np.uint8), np.zeros(4, np.float32)),  # mask of another length
+    lambda: _kernels.tall_planes([np.zeros(4, np.uint8)] * 4, 0, [np.zeros(4, np.uint8)] * 4, 0,
+                                 np.zeros(4, np.uint8), np.zeros(17, np.uint8)[1:]),  # misaligned output
+    lambda: _kernels.tall_planes([np.zeros(4, np.uint8)] * 4, 0, [np.zeros(4, np.uint8)] * 4, 0,
+                                 np.zeros(4, np.uint8), b"\0" * 16),  # read-only output
+    lambda: _kernels.tall_planes(None, 0, [np.zeros(4, np.uint8)] * 4, 0, np.zeros(4, np.uint8),
+                                 np.zeros(4, np.float32)),
 ])
 def test_kernels_reject_bad_buffers(call):
     with pytest.raises((ValueError, TypeError, BufferError)):
