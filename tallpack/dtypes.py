@@ -95,6 +95,8 @@ def view_tensor(buf: bytes | bytearray | memoryview | np.ndarray, dtype: str, sh
         raise FormatError(f"buffer of {len(mv)} bytes does not hold {shape} {dtype}")
     if n == 0:
         return torch.empty(shape, dtype=dt)
+    if not mv.readonly:
+        return torch.frombuffer(mv, dtype=torch.uint8).view(dt).reshape(shape)
     with warnings.catch_warnings():  # read-only memory: the tensor is never written
         warnings.simplefilter("ignore", UserWarning)
         return torch.frombuffer(mv, dtype=torch.uint8).view(dt).reshape(shape)

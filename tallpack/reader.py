@@ -276,7 +276,8 @@ class Archive:
         if rows is None and prefetch:
             self._c.prefetch(_needs(entry, tt, encoding))  # remote: one coalesced fetch
 
-        planar = self._planar_keys(encoding, tt, needed) if device is None and rows is None else ()
+        on_cpu = device is None or torch.device(device).type == "cpu"
+        planar = self._planar_keys(encoding, tt, needed) if on_cpu and rows is None else ()
 
         def read(k: str, ref: ArrayRef, use: Use, slot: str | None = None) -> torch.Tensor | Planar:
             if k in planar:
