@@ -631,7 +631,9 @@ def open(path: str | os.PathLike, *, storage_options: dict[str, Any] | None = No
     chunk is then one range request; ``storage_options`` go to fsspec).
 
     Decoded base and merged vectors, which every task shares, are kept in a cache of at most
-    ``cache_bytes`` (default 1 GiB; 0 turns it off), so a second task reads only its masks.
+    ``cache_bytes`` (default 1 GiB; 0 turns it off), so a second task reads only its masks. For
+    float32 arrays stored as byte planes (the default codec), only the planes zstd coded are kept
+    (about a quarter of the floats); the rest are read from the mapped file as the rebuild runs.
     ``threads`` rebuild tensors in parallel (default: the cores, at most 8).
 
     >>> with tallpack.open("family.tallpack") as fam:
