@@ -109,18 +109,6 @@ def test_tall_planes_is_bit_identical_to_addcmul(n, rb, rm, seed):
 
 
 @pytest.mark.skipif(not kernels.COMPILED, reason="the compiled loops are turned off")
-@pytest.mark.parametrize("threads", [1, 2, 3])
-def test_tall_planes_split_across_threads_gives_the_same_bits(threads):
-    n = 3 * kernels.SPLIT_ELEMENTS + 5
-    base, merged, mask = _specials(n, threads)
-    ref = torch.addcmul(base, mask.to(torch.float32), merged)
-    out = torch.empty(n)
-    kernels.tall_planes(_stored_planes(base, 1), 1, _stored_planes(merged, 0), 0, mask.view(torch.uint8).numpy(),
-                        out.numpy(), threads=threads)
-    assert torch.equal(out.view(torch.int32), ref.view(torch.int32))
-
-
-@pytest.mark.skipif(not kernels.COMPILED, reason="the compiled loops are turned off")
 def test_tall_f32_declines_unaligned_floats():
     buf = np.zeros(4 * 100 + 1, np.uint8)
     odd = buf[1:].view(np.float32)
@@ -202,17 +190,27 @@ def test_unpack_bits_matches_numpy(n, seed):
 
 
 
+def _split_rebuild(loop: str, base, merged, mask, out, threads: int) -> bool:
+    """One of the TALL loops that split a large tensor across threads: ``tall_f32`` on floats, or
+    ``tall_planes`` on stored planes (base as ``planes-exp``, merged as ``planes``)."""
+    m = mask.view(torch.uint8).numpy()
+    if loop == "f32":
+        return kernels.tall_f32(base.numpy(), merged.numpy(), m, out.numpy(), threads=threads)
+    kernels.tall_planes(_stored_planes(base, 1), 1, _stored_planes(merged, 0), 0, m, out.numpy(), threads=threads)
+    return True
+
+
 @pytest.mark.skipif(not kernels.COMPILED, reason="the compiled loops are turned off")
+@pytest.mark.parametrize("loop", ["f32", "planes"])
 @pytest.mark.parametrize("threads", [1, 2, 3])
-def test_tall_f32_split_across_threads_gives_the_same_bits(threads):
+def test_tall_loops_split_across_threads_give_the_same_bits(loop, threads):
     import threading
 
     n = 3 * kernels.SPLIT_ELEMENTS + 5
     base, merged, mask = _specials(n, threads)
     ref = torch.addcmul(base, mask.to(torch.float32), merged)
-    args = (base.numpy(), merged.numpy(), mask.view(torch.uint8).numpy())
     out = torch.empty(n)
-    assert kernels.tall_f32(*args, out.numpy(), threads=threads)
+    assert _split_rebuild(loop, base, merged, mask, out, threads)
     assert torch.equal(out.view(torch.int32), ref.view(torch.int32))
     # on a marked worker (the reader's threads) the loop runs on that thread alone, to the same bits
     seen = []
@@ -220,7 +218,7 @@ def test_tall_f32_split_across_threads_gives_the_same_bits(threads):
     def worker():
         kernels.mark_worker()
         o = torch.empty(n)
-        seen.append(kernels.tall_f32(*args, o.numpy(), threads=threads) and torch.equal(o.view(torch.int32), ref.view(torch.int32)))
+        seen.append(_split_rebuild(loop, base, merged, mask, o, threads) and torch.equal(o.view(torch.int32), ref.view(torch.int32)))
 
     t = threading.Thread(target=worker)
     t.start()
