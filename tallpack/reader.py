@@ -313,10 +313,11 @@ class Archive:
 
     def _read_planar(self, ref: ArrayRef, where: str, use: Use, slot: str) -> Planar:
         """An array as the byte planes of its chunks (``Encoding.planar_inputs``). A shared input
-        keeps, in the cache, only the planes it had to decode (a fraction of the array: one
-        plane in four for float32 weights in ``planes-exp``): verbatim planes stay views of the
-        mapped file, checked again on each use. Otherwise its chunks are decoded when the rebuild
-        asks for them, into this thread's buffers named after ``slot``."""
+        keeps, in the cache, only the planes it had to decode (the ones zstd coded: for float32
+        weights in ``planes-exp``, often one in four); its verbatim planes are views of the mapped
+        file, read again on each use through the same checks as any read (the file has not
+        shrunk, the chunk's checksum was checked). Otherwise its chunks are decoded when the
+        rebuild asks for them, into this thread's buffers named after ``slot``."""
         known = None
         if use is Use.SHARED_INPUT:
             key = ("planar",) + _cache_key(ref, None)
