@@ -323,8 +323,9 @@ class Archive:
             key = ("planar",) + _cache_key(ref, None)
             known = self._cache.get(key)
             if known is None and self._cache.budget > 0:
-                known = self._decode_planar(ref, where)
-                self._cache.put(key, known, sum(p.nbytes for planes, _ in known for p in planes if p is not None))
+                known = self._decode_planar(ref, where, self._cache.budget)
+                if known is not None:
+                    self._cache.put(key, known, sum(p.nbytes for planes, _ in known for p in planes if p is not None))
         if known is None:
             return Planar(ref.numel, ref.chunk_elements, lambda i: self._c.read_planar(ref, i, where, f"{slot}.plane"))
 
@@ -335,14 +336,20 @@ class Archive:
             return self._c.read_planar(ref, i, where, known=planes)  # views of the mapped file, checked
         return Planar(ref.numel, ref.chunk_elements, chunk)
 
-    def _decode_planar(self, ref: ArrayRef, where: str) -> list[tuple[list[np.ndarray | None], int]]:
+    def _decode_planar(self, ref: ArrayRef, where: str, budget: int) -> list[tuple[list[np.ndarray | None], int]] | None:
         """Each chunk's decoded planes (None where a plane is a view of a mapped file, which is
-        read again when used); from a remote source, every plane, copied out of the fetched bytes."""
+        read again when used); from a remote source, every plane, copied out of the fetched bytes.
+        None as soon as they pass ``budget`` bytes: the cache could not keep them, and the rebuild
+        then decodes chunk by chunk, in memory bounded by a chunk."""
         mapped = bool(getattr(self._c.source, "mapped", False))
-        out = []
+        out, held = [], 0
         for i in range(len(ref.chunks)):
             planes, r = self._c.read_planar(ref, i, where)
-            out.append(([p if p.flags.owndata else (None if mapped else p.copy()) for p in planes], r))
+            kept = [p if p.flags.owndata else (None if mapped else p.copy()) for p in planes]
+            held += sum(p.nbytes for p in kept if p is not None)
+            if held > budget:
+                return None
+            out.append((kept, r))
         return out
 
     def _worth_threads(self, needed: Mapping[str, tuple[Any, Use]], device, whole: bool,
