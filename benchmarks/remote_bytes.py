@@ -74,7 +74,7 @@ def main() -> None:
         finally:
             server.stop()
     print(f"archive: {size} bytes ({size / 1e6:.1f} MB), 4 tasks, chunks of 65,536 elements")
-    print(f"| read | requests | bytes fetched | share of the archive | seconds |\n|---|---:|---:|---:|---:|")
+    print("| read | requests | bytes fetched | share of the archive | seconds |\n|---|---:|---:|---:|---:|")
     for label, (n, b, s) in rows.items():
         print(f"| {label} | {n} | {b:,} | {b / size:.2%} | {s:.2f} |")
     print(f"stored bytes the tensor needs: {need_tensor:,}; the task: {need_task:,}")
