@@ -1,0 +1,100 @@
+"""Head to head: this checkout's tallpack against another checkout's, loading one task.
+
+Each round runs, in fresh processes and in this order: a load with this checkout's library, the
+same load with the other checkout's, and ``load_file`` + clone of the task's original. Rounds
+alternate the two libraries' order. Prints medians, and each library's median ratio to the
+alternative over the rounds (a ratio per round, so a slow stretch of the machine moves both sides).
+
+    git worktree add /tmp/old f90c82f && (cd /tmp/old && python setup.py build_ext --inplace)
+    python benchmarks/perf.py                       # once: writes the archives and the alternative
+    python benchmarks/ab_load.py --other /tmp/old --rounds 11
+    python benchmarks/ab_load.py --other /tmp/old --rounds 11 --cache-bytes 0
+    python benchmarks/ab_load.py --other /tmp/old --rounds 11 --second
+
+Uses the archives ``perf.py`` leaves in ``benchmarks/out/perf-work`` (planes, 8 tasks) and its copy
+of the task's original. The other checkout needs its compiled module built in place, as above.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+WORK = HERE / "out" / "perf-work"
+
+CHILD = r"""
+import json, sys, time
+import torch  # imported before timing, by every side
+kind, path, task, warm, cache = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5])
+if kind == "st":
+    from safetensors.torch import load_file
+    t0 = time.perf_counter()
+    sd = {k: v.clone() for k, v in load_file(path).items()}
+    print(json.dumps({"seconds": time.perf_counter() - t0}))
+else:
+    import tallpack
+    kw = {} if cache < 0 else {"cache_bytes": cache}
+    if warm:
+        with tallpack.open(path, **kw) as fam:
+            fam.state_dict(warm)
+            t0 = time.perf_counter()
+            sd = fam.state_dict(task)
+            s = time.perf_counter() - t0
+    else:
+        t0 = time.perf_counter()
+        with tallpack.open(path, **kw) as fam:
+            sd = fam.state_dict(task)
+        s = time.perf_counter() - t0
+    print(json.dumps({"seconds": s, "tallpack": tallpack.__file__}))
+"""
+
+
+def run(kind: str, path: Path, task: str, warm: str, cache: int, pythonpath: str | None) -> dict:
+    env = dict(os.environ)
+    if pythonpath:
+        env["PYTHONPATH"] = pythonpath
+    out = subprocess.run([sys.executable, "-c", CHILD, kind, str(path), task, warm, str(cache)],
+                         capture_output=True, text=True, env=env, cwd="/", check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--other", type=Path, required=True, help="the other checkout (its compiled module built in place)")
+    ap.add_argument("--rounds", type=int, default=11)
+    ap.add_argument("--archive", type=Path, default=WORK / "planes-8.tallpack")
+    ap.add_argument("--original", type=Path, default=WORK / "alt-task1.safetensors")
+    ap.add_argument("--task", default="task1")
+    ap.add_argument("--cache-bytes", type=int, default=-1, help="open with this cache_bytes (default: the library's)")
+    ap.add_argument("--second", action="store_true", help="time a second task (task0 first, untimed)")
+    a = ap.parse_args(argv)
+    warm = "task0" if a.second else ""
+    sides = {"this": str(REPO), "other": str(a.other.resolve())}
+    times: dict[str, list[float]] = {"this": [], "other": [], "alt": []}
+    files = {}
+    for i in range(a.rounds):
+        for side in (("this", "other") if i % 2 == 0 else ("other", "this")):
+            r = run("tp", a.archive, a.task, warm, a.cache_bytes, sides[side])
+            times[side].append(r["seconds"])
+            files[side] = r["tallpack"]
+        times["alt"].append(run("st", a.original, a.task, "", -1, None)["seconds"])
+    what = ("second task (after task0, same open archive)" if a.second else "first task (open + state_dict + close)")
+    cache = "the default cache" if a.cache_bytes < 0 else f"cache_bytes={a.cache_bytes}"
+    print(f"{what}, {cache}, {a.rounds} rounds; alternative load_file + clone: "
+          f"{statistics.median(times['alt']) * 1e3:.1f} ms")
+    for side in ("this", "other"):
+        ratios = [t / s for t, s in zip(times[side], times["alt"])]
+        print(f"  {side:5s} {files[side]}: {statistics.median(times[side]) * 1e3:.1f} ms, "
+              f"{statistics.median(ratios):.2f}x of the alternative (median of per-round ratios)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
