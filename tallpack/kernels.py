@@ -160,20 +160,8 @@ def tall_planes(base: Sequence[np.ndarray], rb: int, merged: Sequence[np.ndarray
     if _kernels is None or out.ctypes.data % 4:
         _tall_planes_numpy(base, rb, merged, rm, mask, out)
         return
-    n = out.size
-    parts = 1 if getattr(_local, "worker", False) else max(1, min(threads, n // SPLIT_ELEMENTS))
-    if parts == 1:
-        _kernels.tall_planes(base, rb, merged, rm, mask, out)
-        return
-    cuts = [n * i // parts for i in range(parts + 1)]
-
-    def part(a: int, b: int) -> None:
-        _kernels.tall_planes([p[a:b] for p in base], rb, [p[a:b] for p in merged], rm, mask[a:b], out[a:b])
-
-    futures = [_helper_pool().submit(part, a, b) for a, b in zip(cuts[1:-1], cuts[2:])]
-    part(cuts[0], cuts[1])
-    for f in futures:
-        f.result()
+    _split(out.size, threads, lambda a, b: _kernels.tall_planes(
+        [p[a:b] for p in base], rb, [p[a:b] for p in merged], rm, mask[a:b], out[a:b]))
 
 
 def _tall_planes_numpy(base: Sequence[np.ndarray], rb: int, merged: Sequence[np.ndarray], rm: int,
@@ -205,16 +193,16 @@ def tall_f32(base: np.ndarray, merged: np.ndarray, mask: np.ndarray, out: np.nda
     worker (:func:`mark_worker`)."""
     if _kernels is None or any(a.ctypes.data % 4 for a in (base, merged, out)):
         return False
-    n = out.size
+    _split(out.size, threads, lambda a, b: _kernels.tall_f32(base[a:b], merged[a:b], mask[a:b], out[a:b]))
+    return True
+
+
+def _split(n: int, threads: int, run) -> None:
+    """``run(a, b)`` over ``[0, n)``: in one call, or, for a large ``n`` outside a pool's worker
+    (:func:`mark_worker`), in up to ``threads`` parts, all but the first on the helper threads."""
     parts = 1 if getattr(_local, "worker", False) else max(1, min(threads, n // SPLIT_ELEMENTS))
-    if parts == 1:
-        _kernels.tall_f32(base, merged, mask, out)
-        return True
     cuts = [n * i // parts for i in range(parts + 1)]
-    pool = _helper_pool()
-    futures = [pool.submit(_kernels.tall_f32, base[a:b], merged[a:b], mask[a:b], out[a:b])
-               for a, b in zip(cuts[1:-1], cuts[2:])]
-    _kernels.tall_f32(base[: cuts[1]], merged[: cuts[1]], mask[: cuts[1]], out[: cuts[1]])
+    futures = [_helper_pool().submit(run, a, b) for a, b in zip(cuts[1:-1], cuts[2:])]
+    run(cuts[0], cuts[1])
     for f in futures:
         f.result()
-    return True
