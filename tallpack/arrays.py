@@ -25,7 +25,7 @@ def _chain(key: tuple[tuple[tuple[str, type, Any], ...], ...]) -> _codecs.Chain:
 def _codec_key(codecs: Any) -> tuple | None:
     """``_chain``'s key for a list of codec configs; None when they are not flat, hashable dicts."""
     try:
-        key = tuple(tuple([(k, type(v), v) for k, v in c.items()]) for c in codecs)
+        key = tuple([tuple([(k, type(v), v) for k, v in c.items()]) for c in codecs])
         hash(key)
     except (AttributeError, TypeError):
         return None
@@ -151,28 +151,26 @@ class ArrayRef:
             raise type(e)(f"{_where(where)}: {e}") from None
         except (TypeError, ValueError) as e:
             raise FormatError(f"{_where(where)}: {e}") from None
-        shape, chain, n, count = head
-        if not isinstance(chunks, list) or len(chunks) != count:
+        shape, chain, n, count, fits, full, last = head
+        if type(chunks) is not list or len(chunks) != count:
             raise FormatError(f"{_where(where)}: {len(chunks) if isinstance(chunks, list) else 'no'} chunks "
                               f"cannot hold {n} elements")
         parsed = []
-        for c in chunks:
-            if not isinstance(c, list) or len(c) != 3:
+        for i, c in enumerate(chunks):
+            if type(c) is not list or len(c) != 3:
                 raise FormatError(f"{_where(where)}: chunks must be [offset, nbytes, checksum] of non-negative integers")
             off, nbytes, checksum = c
             if (type(off) is not int or type(nbytes) is not int or type(checksum) is not int
                     or not (0 <= off <= MAX_INT and 0 <= nbytes <= MAX_INT and 0 <= checksum <= MAX_JSON_INT)):
                 raise FormatError(f"{_where(where)}: chunks must be [offset, nbytes, checksum] of non-negative integers")
+            if not fits(full if i < count - 1 else last, nbytes):
+                size = chunk_elements if i < count - 1 else n - i * chunk_elements
+                raise FormatError(f"{_where(where)}: chunk {i} stores {nbytes} bytes, which cannot decode to "
+                                  f"{size * itemsize(dtype)} bytes with codecs {chain.ids()}")
             parsed.append(Chunk(off, nbytes, checksum))
-        ref = cls(dtype, shape, tuple(codecs), chunk_elements, tuple(parsed))
-        ref.__dict__["chain"] = chain  # the cached property, already built
-        full = chunk_elements * ref.itemsize
-        last = count - 1
-        for i, c in enumerate(parsed):
-            size = full if i < last else ref.chunk_numel(i) * ref.itemsize
-            if not chain.fits(size, c.nbytes):
-                raise FormatError(f"{_where(where)}: chunk {i} stores {c.nbytes} bytes, which cannot decode to "
-                                  f"{size} bytes with codecs {chain.ids()}")
+        ref = cls.__new__(cls)  # the checked fields as they are (a frozen dataclass's __init__ is slow)
+        ref.__dict__.update(dtype=dtype, shape=shape, codecs=tuple(codecs), chunk_elements=chunk_elements,
+                            chunks=tuple(parsed), chain=chain)  # and the cached chain, already built
         return ref
 
 
@@ -188,15 +186,15 @@ def _header_key(dtype: Any, shape: Any, codecs: Any, chunk_elements: Any) -> tup
 
 
 @functools.lru_cache(maxsize=1024)
-def _header(key: tuple) -> tuple[tuple[int, ...], _codecs.Chain, int, int]:
+def _header(key: tuple) -> tuple:
     dtype, shape, ck, chunk_elements = key
     return _check_header(dtype, list(shape), [{k: v for k, _, v in c} for c in ck], chunk_elements)
 
 
-def _check_header(dtype: Any, shape: Any, codecs: Any, chunk_elements: Any
-                  ) -> tuple[tuple[int, ...], _codecs.Chain, int, int]:
-    """Check an array header; returns (shape, chain, element count, chunk count). FormatError,
-    ValueError or TypeError says what is wrong."""
+def _check_header(dtype: Any, shape: Any, codecs: Any, chunk_elements: Any) -> tuple:
+    """Check an array header; returns (shape, chain, element count, chunk count, and what checks a
+    chunk's stored size: ``fits(size, nbytes)`` with the size for a full chunk and for the last
+    one). FormatError, ValueError or TypeError says what is wrong."""
     element(dtype)
     shape = check_shape(shape)
     if not isinstance(codecs, list) or len(codecs) > MAX_CHAIN:
@@ -210,4 +208,11 @@ def _check_header(dtype: Any, shape: Any, codecs: Any, chunk_elements: Any
         if isinstance(c, _codecs.ByteGroup) and c.itemsize != itemsize(dtype):
             raise FormatError(f"bytegroup itemsize {c.itemsize} for {dtype} elements")
     n = numel(shape)
-    return shape, chain, n, -(-n // chunk_elements)
+    count = -(-n // chunk_elements)
+    # each chunk's stored size must be able to hold its decoded size (``Chain.fits``): the sizes
+    # the last codec sees for a full chunk and for the last one, worked out once per header
+    sizes = [chunk_elements * itemsize(dtype), (n - (count - 1) * chunk_elements) * itemsize(dtype)]
+    for c in chain.codecs[:-1]:
+        sizes = [c.encoded_size(x) for x in sizes]
+    fits = chain.codecs[-1].fits if chain.codecs else int.__eq__
+    return shape, chain, n, count, fits, sizes[0], sizes[1]

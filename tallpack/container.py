@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import json
 import logging
+import operator
 import os
 import struct
+import sys
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -267,17 +269,41 @@ def _float(text: str) -> float:
     return v
 
 
-def _check_depth(value: Any) -> None:
+def _check_values(value: Any, numbers: bool) -> None:
     """Containers nest at most MAX_DEPTH deep (so nothing that walks the manifest later recurses
-    deeply); one pass over the parsed containers."""
+    deeply), and, when ``numbers``, every integer lies in [-2**63, 2**64) and every float is
+    finite; one pass over the parsed containers, level by level."""
     level = [value] if isinstance(value, (dict, list)) else []
     for _ in range(MAX_DEPTH):
-        level = [c for v in level for c in (v.values() if isinstance(v, dict) else v)
-                 if isinstance(c, (dict, list))]
-        if not level:
+        deeper = []
+        for v in level:
+            for c in (v.values() if type(v) is dict else v):
+                t = type(c)
+                if t is dict or t is list:
+                    deeper.append(c)
+                elif not numbers:
+                    continue
+                elif t is int:
+                    if not MIN_JSON_INT <= c <= MAX_JSON_INT:
+                        raise ValueError(f"integer {str(c)[:40]} outside [-2**63, 2**64)")
+                elif t is float and c in _INFINITIES:
+                    raise ValueError("a number overflows a float")
+        if not deeper:
             return
-    if level:
-        raise ValueError(f"containers nest deeper than {MAX_DEPTH}")
+        level = deeper
+    raise ValueError(f"containers nest deeper than {MAX_DEPTH}")
+
+
+_INFINITIES = (float("inf"), float("-inf"))
+
+
+def _bounded_int_parsing() -> bool:
+    """Whether Python itself refuses integers of more than a few thousand digits (its default,
+    ``sys.get_int_max_str_digits``), so that parsing one costs next to nothing and the range can
+    be checked after parsing; with the limit turned off the parser's hooks refuse long numbers
+    unparsed."""
+    limit = getattr(sys, "get_int_max_str_digits", lambda: 0)()
+    return 0 < limit <= 10_000
 
 
 def _parse_manifest(raw: bytes | memoryview, name: str) -> Any:
@@ -285,12 +311,20 @@ def _parse_manifest(raw: bytes | memoryview, name: str) -> Any:
     floats, bounded nesting."""
     try:
         text = bytes(raw).decode("utf-8")
-        value = json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_no_constants,
-                           parse_int=_int, parse_float=_float)
-        _check_depth(value)
+        if _bounded_int_parsing():  # numbers checked after parsing (one hook call fewer per number)
+            value = json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_no_constants)
+            _check_values(value, numbers=True)
+        else:
+            value = json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_no_constants,
+                               parse_int=_int, parse_float=_float)
+            _check_values(value, numbers=False)
         return value
     except (UnicodeDecodeError, ValueError, RecursionError) as e:
         raise FormatError(f"{name}: manifest is not valid JSON: {str(e)[:200]}") from None
+
+
+#: A chunk span's (offset, size): what spans sort by (their third field, where, may be a str or a pair).
+_span_start = operator.itemgetter(0, 1)
 
 
 class ContainerReader:
@@ -341,22 +375,24 @@ class ContainerReader:
             raise FormatError(f"{name}: manifest is not a JSON object")
         self.manifest: dict[str, Any] = manifest
         self.checksum = checksum_function(manifest.get("checksum", "crc32"))
-        self._spans: list[tuple[int, int, str]] = []
+        self._spans: list[tuple[int, int, str | tuple[str, str]]] = []
 
     def _not_tallpack(self, size: int):
         raise FormatError(f"{self.name}: not a tallpack archive ({size} bytes, no TALLPACK header)")
 
-    def register(self, ref: ArrayRef, where: str) -> None:
-        """Record an array's chunk spans; ``check_layout`` then checks them against each other."""
-        for c in ref.chunks:
-            self._spans.append((c.offset, c.nbytes, where))
+    def register(self, ref: ArrayRef, where: str | tuple[str, str]) -> None:
+        """Record an array's chunk spans; ``check_layout`` then checks them against each other.
+        ``where`` names the array, or is a pair (tensor, key) formatted only for an error."""
+        self._spans += [(c.offset, c.nbytes, where) for c in ref.chunks]
 
     def check_layout(self) -> None:
         """Every chunk lies in the data area, and no two overlap."""
         end = HEADER.size
-        self._spans.sort()
+        self._spans.sort(key=_span_start)
         for off, n, where in self._spans:
             if off < end or off + n > self.data_end:
+                if not isinstance(where, str):
+                    where = f"tensor {where[0]!r} ({where[1]})"
                 raise FormatError(f"{self.name}: {where}: chunk at {off} overlaps another or the manifest")
             end = off + n
 

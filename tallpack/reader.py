@@ -87,7 +87,7 @@ class Archive:
         self._tensors: dict[str, TensorEntry] = {t.name: t for t in self.manifest.tensors}
         self._tasks: dict[str, TaskInfo] = {t.name: t for t in self.manifest.tasks}
         for name, key, ref in iter_arrays(self.manifest.tensors):
-            container.register(ref, f"tensor {name!r} ({key})")
+            container.register(ref, (name, key))
         for digest, ref in self.manifest.files.items():
             container.register(ref, f"file content {digest[:12]}")
         container.check_layout()

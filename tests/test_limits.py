@@ -7,6 +7,7 @@ under a small multiple of the file size plus a constant (spec §7 states the lim
 from __future__ import annotations
 
 import json
+import sys
 import time
 import tracemalloc
 import zlib
@@ -205,6 +206,24 @@ def test_huge_numbers_are_format_errors_everywhere(seed, tmp_path, where):
         for cmd in ("inspect", "verify"):
             r = CliRunner().invoke(main, [cmd, str(p)])
             assert r.exit_code == 1 and r.output.startswith("error: ") and r.output.count("\n") == 1, r.output
+
+
+def test_huge_numbers_are_refused_with_pythons_digit_limit_turned_off(seed, tmp_path):
+    """With ``sys.set_int_max_str_digits(0)`` the parser's hooks refuse long numbers unparsed."""
+    p = tmp_path / "n.tallpack"
+    old = sys.get_int_max_str_digits()
+    sys.set_int_max_str_digits(0)
+    try:
+        for where in ("offset", "lambda"):
+            for token in BIG:
+                p.write_bytes(frame(seed, _set(manifest_of(seed), where, token).encode()))
+                with pytest.raises(FormatError):
+                    tallpack.open(p)
+            p.write_bytes(frame(seed, _set(manifest_of(seed), where, "1" * 20_000).encode()))
+            with pytest.raises(FormatError, match="integer of 20000 digits"):  # refused unparsed
+                tallpack.open(p)
+    finally:
+        sys.set_int_max_str_digits(old)
 
 
 @pytest.mark.parametrize("where, token", [("lambda", "-0.5"), ("density", "1.5"), ("lambda", "true"),

@@ -77,7 +77,7 @@ class TaskTensor:
 
     @classmethod
     def from_dict(cls, d: Any, where: str) -> "TaskTensor":
-        if not isinstance(d, dict) or not all(k in d for k in ("encoding", "dtype", "shape")):
+        if not isinstance(d, dict) or "encoding" not in d or "dtype" not in d or "shape" not in d:
             raise FormatError(f"{where}: malformed task entry")
         name, dtype = d["encoding"], d["dtype"]
         if not _name(name):
@@ -91,11 +91,13 @@ class TaskTensor:
         enc = REGISTRY.get(name)
         if enc is None:  # a newer encoding: this tensor fails when read, the rest stays readable
             return cls(name, dtype, shape)
-        tt = cls(name, dtype, shape, _arrays(d, enc.task_arrays, where),
-                 {k: d[k] for k in enc.task_params if k in d})
-        for k, ref in tt.arrays.items():
-            if enc.shaped_arrays and ref.shape != tt.shape:
-                raise FormatError(f"{where}: array {k!r} has shape {ref.shape}, the tensor {tt.shape}")
+        tt = cls.__new__(cls)  # a manifest has thousands: the frozen dataclass's __init__ is slow
+        tt.__dict__.update(encoding=name, dtype=dtype, shape=shape, arrays=_arrays(d, enc.task_arrays, where),
+                           params={k: d[k] for k in enc.task_params if k in d}, extras={})
+        if enc.shaped_arrays:
+            for k, ref in tt.arrays.items():
+                if ref.shape != shape:
+                    raise FormatError(f"{where}: array {k!r} has shape {ref.shape}, the tensor {shape}")
         for key, fcls in FIELDS.items():
             if d.get(key) is not None:
                 tt.extras[key] = fcls.from_dict(d[key], tt, f"{where} ({key})")
@@ -136,11 +138,13 @@ class TensorEntry:
         if not _name(name) or not _name(kind):
             raise FormatError(f"tensor entry: name and kind must be strings of at most {MAX_NAME_CHARS} characters")
         where = f"tensor {name!r}"
-        entry = cls(name, kind, {t: TaskTensor.from_dict(v, f"{where}, task {t!r}") for t, v in d["tasks"].items()},
-                    _arrays(d, ENTRY_ARRAYS, where))
-        unknown = set(entry.tasks) - tasks
-        if unknown:
-            raise FormatError(f"{where}: entries for unknown tasks {sorted(unknown)}")
+        entry = cls.__new__(cls)  # as TaskTensor.from_dict
+        entry.__dict__.update(
+            name=name, kind=kind,
+            tasks={t: TaskTensor.from_dict(v, f"{where}, task {t!r}") for t, v in d["tasks"].items()},
+            arrays=_arrays(d, ENTRY_ARRAYS, where))
+        if not tasks.issuperset(entry.tasks):
+            raise FormatError(f"{where}: entries for unknown tasks {sorted(set(entry.tasks) - tasks)}")
         for task, tt in entry.tasks.items():
             enc = REGISTRY.get(tt.encoding)
             if enc is not None:
