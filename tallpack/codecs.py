@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import math
 import struct
-import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -21,7 +20,7 @@ import zstandard
 
 from .errors import CodecError, InvalidArgumentError, UnsupportedVersionError
 from .kernels import join_exponent, join_planes, split_planes, unpack_bits
-from .memory import empty, reused
+from .memory import ThreadBuffers, empty
 from .limits import ZSTD_MAX_RATIO
 
 
@@ -189,7 +188,7 @@ class BitPack(Codec):
 
 
 _PLANE_SIZES = "<{}I"
-_scratch = threading.local()  # _plane's reused buffers, per thread
+_scratch = ThreadBuffers()  # _plane's reused buffers, per thread
 
 
 @dataclass(frozen=True)
@@ -499,7 +498,7 @@ def _plane(piece: memoryview, n: int, slot: str | None) -> np.ndarray:
     from its zstd frame into this thread's buffer ``slot`` (None: a fresh array)."""
     if len(piece) == n:
         return np.frombuffer(piece, np.uint8)
-    plane = empty(n) if slot is None else reused(_scratch, slot, n)  # a fresh plane per chunk costs page faults
+    plane = empty(n) if slot is None else _scratch.get(slot, n)  # a fresh plane per chunk costs page faults
     Zstd().decode_into(piece, memoryview(plane))
     return plane
 

@@ -14,6 +14,7 @@ import ctypes
 import mmap
 import sys
 import threading
+import weakref
 
 import numpy as np
 
@@ -57,3 +58,30 @@ def reused(buffers: threading.local, name: str, nbytes: int) -> np.ndarray:
         slots.pop(name, None)  # the old one is freed before the larger one is made
         buf = slots[name] = empty(nbytes)
     return buf[:nbytes]
+
+
+class ThreadBuffers:
+    """Named buffers that each thread reuses from call to call (``get``), so that a chunk or
+    tensor at a time costs no fresh page faults. ``release`` drops every thread's buffers at once
+    (a buffer in use stays alive until its user lets go)."""
+
+    def __init__(self) -> None:
+        self._local = threading.local()
+        _ALL.add(self)
+
+    def get(self, name: str, nbytes: int) -> np.ndarray:
+        """``nbytes`` of this thread's buffer ``name`` (``reused``)."""
+        return reused(self._local, name, nbytes)
+
+    def release(self) -> None:
+        self._local = threading.local()  # the old one, and every thread's buffers in it, are freed
+
+
+_ALL: "weakref.WeakSet[ThreadBuffers]" = weakref.WeakSet()
+
+
+def release_thread_buffers() -> None:
+    """Drop the reused buffers of every thread (the reader calls this when its last open archive
+    closes: a thread that read from it would otherwise keep them for its lifetime)."""
+    for b in list(_ALL):
+        b.release()

@@ -23,6 +23,7 @@ from .folders import FileStore
 from .fsutil import writing
 from .inputs import PackInputs, TasksLike
 from .manifest import Manifest, TaskInfo, TensorEntry, count_kinds
+from .memory import release_thread_buffers
 from .options import PackOptions, Validated
 from .originals import record
 from .plan import Kind
@@ -89,6 +90,7 @@ def _pack_opened(fam: PackInputs, opts: PackOptions, v: Validated, out: str | os
             return _write(fam, v, lams, local, selection.to_dict() if selection else None)
     finally:
         fam.close()
+        release_thread_buffers()  # what reconstructing fidelity figures kept in this thread
 
 
 def _write(fam: PackInputs, v: Validated, lams: dict[str, float], out: Path, selection: dict | None) -> Manifest:

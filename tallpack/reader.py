@@ -32,7 +32,7 @@ from .encodings.derived_merged import rebuild_merged
 from .encodings.exact import TALL_ENCODINGS, rebuild_exact
 from .errors import (ArchiveClosedError, ExactTierMissingError, FormatError, IntegrityError, InvalidArgumentError,
                      TallpackError, TaskNotFoundError, TensorNotFoundError, UnsupportedVersionError)
-from .memory import reused
+from .memory import ThreadBuffers, release_thread_buffers
 from .manifest import Manifest, TaskInfo
 from .folders import read_blob
 from .merged import MergeParts
@@ -76,7 +76,7 @@ class Archive:
         self.threads = threads or min(8, os.cpu_count() or 1)
         self._pool: ThreadPoolExecutor | None = None
         self._pool_lock = threading.Lock()
-        self._slots = threading.local()  # read_array's reused buffers (memory.reused), per thread
+        self._slots = ThreadBuffers()  # read_array's reused buffers, per thread
         self._closed = False
         _OPEN.add(self)
         self.name = container.name
@@ -105,9 +105,11 @@ class Archive:
             pool, self._pool = self._pool, None
         if pool is not None:
             pool.shutdown(wait=True)
-        self._slots = threading.local()
+        self._slots.release()
         self._cache.clear()
         self._c.close()
+        if not any(not a._closed for a in list(_OPEN)):
+            release_thread_buffers()  # the decoding buffers the caller's threads kept for the next read
 
     def _workers(self) -> ThreadPoolExecutor | None:
         """The archive's thread pool (decoding releases the GIL), made on first use; None for one thread."""
@@ -209,7 +211,7 @@ class Archive:
         into = None
         try:
             if slot:
-                into = memoryview(reused(self._slots, _slot, ref.nbytes))
+                into = memoryview(self._slots.get(_slot, ref.nbytes))
             buf = self._c.read_array(ref, where, start, stop, into)
         except MemoryError:
             raise FormatError(f"{self.name}: {where}: too large to decode ({ref.nbytes} bytes)") from None

@@ -6,7 +6,6 @@ These functions work on one block of one tensor; the packer streams a family thr
 from __future__ import annotations
 
 import math
-import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -14,6 +13,7 @@ import numpy as np
 import torch
 
 from . import kernels
+from .memory import ThreadBuffers
 
 #: The paper's lambda grid; a task's mask is ``|tau_t| > lambda_t * |tau_MTL - tau_t|``.
 LAMBDA_GRID: tuple[float, ...] = (0.2, 0.3, 0.4, 0.5, 0.6)
@@ -76,7 +76,7 @@ def all_finite(base: torch.Tensor, thetas: list[torch.Tensor]) -> bool:
     return all(bool(torch.isfinite(t.sum(dtype=torch.float32))) for t in (base, *thetas))
 
 
-_scratch = threading.local()
+_scratch = ThreadBuffers()
 #: The largest mask (elements) converted in a reused per-thread buffer (64 MB); larger ones get
 #: a buffer of their own, freed after use.
 SCRATCH_ELEMENTS = 1 << 24
@@ -88,10 +88,8 @@ def _float_mask(mask: torch.Tensor) -> torch.Tensor:
     n = mask.numel()
     if mask.device.type != "cpu" or not (1 << 16) <= n <= SCRATCH_ELEMENTS:
         return mask.to(torch.float32)
-    buf = getattr(_scratch, "buf", None)
-    if buf is None or buf.numel() < n:
-        buf = _scratch.buf = torch.empty(n, dtype=torch.float32)
-    return buf[:n].view(mask.shape).copy_(_bytes(mask))
+    buf = torch.from_numpy(_scratch.get("mask", 4 * n)).view(torch.float32)
+    return buf.view(mask.shape).copy_(_bytes(mask))
 
 
 def _one_pass(theta_0: torch.Tensor, mask: torch.Tensor, tau_mtl: torch.Tensor) -> bool:

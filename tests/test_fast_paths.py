@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 import textwrap
+import tracemalloc
 
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -106,6 +107,33 @@ def test_planes_over_the_cache_budget_are_decoded_chunk_by_chunk(tmp_path) -> No
         assert not [k for k in small._cache._items if k[0] == "planar"]
         if kernels.COMPILED:  # base and merged each stop at the chunk that passes the budget
             assert 0 < len(fresh) <= 2 * 2 * 4, fresh
+
+
+def test_threads_let_go_of_their_decoding_buffers_when_the_last_archive_closes(tmp_path) -> None:
+    """Without a cache, inputs are decoded into buffers the reading thread keeps for its next
+    read (the planes of a float32 tensor, the float mask of a bfloat16 one). The caller's own
+    thread must not keep them once no archive is open: they go when the last one closes."""
+    g = torch.Generator().manual_seed(5)
+    base = {"w": torch.randn(256, 1024, generator=g), "h": torch.randn(256, 512, generator=g).to(torch.bfloat16)}
+    tasks = {t: {"w": base["w"] + 0.01 * torch.randn(256, 1024, generator=g),
+                 "h": (base["h"].float() + 0.01 * torch.randn(256, 512, generator=g)).to(torch.bfloat16)}
+             for t in ("a", "b")}
+    out = tmp_path / "m.tallpack"
+    tallpack.pack(base, tasks, out)
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        first, second = tallpack.open(out, cache_bytes=0, threads=1), tallpack.open(out, cache_bytes=0, threads=1)
+        sd = first.state_dict("a")
+        del sd
+        first.close()
+        kept = tracemalloc.get_traced_memory()[0] - before  # the other archive is still open
+        second.close()
+        after = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert kept > 512 << 10, kept  # the float mask alone is 512 KB
+    assert after < 256 << 10, after
 
 
 def test_the_cache_never_mixes_archives_or_tasks(tmp_path) -> None:
