@@ -90,6 +90,36 @@ def test_target_met_for_every_task(tmp_path, kind, target, needs):
             assert torch.equal(fam.get_tensor(t, "head.weight"), fts[t]["head.weight"])
 
 
+@pytest.mark.parametrize("kind, target", [("sparse", 0.99), ("dense", 0.995)])
+def test_corrections_over_byte_planes_give_the_plain_paths_bits(tmp_path, monkeypatch, kind, target):
+    """float32 tensors with a sparse or quantized correction are rebuilt straight from the
+    stored byte planes (``planes``, the default) and the correction then added: the same bits as
+    the same archive packed ``raw``, whose rebuild is the plain addcmul plus the correction."""
+    from tallpack import kernels
+    from tallpack.encodings import correction
+
+    planar = []
+    monkeypatch.setattr(correction, "reconstruct_planar",
+                        lambda *a: planar.append(1) or tallpack.tall.reconstruct_planar(*a))
+    base, fts = family(kind)
+    paths = {c: tmp_path / f"{c}.tallpack" for c in ("planes", "raw")}
+    for codec, p in paths.items():
+        tallpack.pack(base, fts, p, fidelity=target, corrections=TALL_CORRECTIONS, codec=codec, chunk_elements=512)
+    with tallpack.open(paths["planes"]) as planes, tallpack.open(paths["raw"]) as raw, \
+            tallpack.open(paths["planes"], cache_bytes=0, threads=1) as uncached:
+        corrected = [k for t in fts for k, tt in planes._tensors.items()
+                     if t in tt.tasks and tt.tasks[t].extras.get("correction") is not None
+                     and tt.tasks[t].extras["correction"].kind != "exact"]
+        assert corrected
+        for t in fts:
+            want = raw.state_dict(t)
+            for got in (planes.state_dict(t), planes.state_dict(t), uncached.state_dict(t)):
+                assert list(got) == list(want)
+                assert all(torch.equal(got[k].view(torch.int32), want[k].view(torch.int32))
+                           for k in want if want[k].dtype == torch.float32)
+    assert (len(planar) > 0) == kernels.COMPILED  # the corrected tensors took the planar rebuild
+
+
 def test_exact_end_is_bit_exact(tmp_path):
     base, fts = family("dense", dtype=torch.bfloat16)
     out = tmp_path / "exact.tallpack"

@@ -34,6 +34,7 @@ import torch
 from ..arrays import ArrayRef
 from ..dtypes import torch_dtype
 from ..errors import FormatError
+from ..tall import Planar, reconstruct_planar
 from .base import ReadArray, TaskTensor, TensorEntry, Use, register_field
 from .exact import rebuild_exact
 from .tall import Tall
@@ -203,6 +204,10 @@ class Correction:
         else:
             assert self.bits is not None and self.block is not None
             c = quant_decode(a["codes"], a["scales"], self.bits, self.block, n)
-        c = c.to(arrays["base"].device)  # decoded on the CPU; the rebuild runs where the inputs are
-        return corrected(arrays["base"], arrays["mask"], arrays["merged"], c, dtype).reshape(tt.shape)
+        base, merged = arrays["base"], arrays["merged"]
+        if isinstance(base, Planar) and isinstance(merged, Planar):  # float32 on the CPU (Tall.planar_inputs)
+            rec = reconstruct_planar(base, arrays["mask"], merged, tt.shape)  # addcmul's bits
+            return rec.add_(c.reshape(rec.shape))
+        c = c.to(base.device)  # decoded on the CPU; the rebuild runs where the inputs are
+        return corrected(base, arrays["mask"], merged, c, dtype).reshape(tt.shape)
 

@@ -133,7 +133,8 @@ class Tall(Encoding):
 
     @classmethod
     def planar_inputs(cls, tt: TaskTensor) -> tuple[str, ...]:
-        return ("base", "merged") if tt.dtype == "float32" and "correction" not in tt.extras else ()
+        corr = tt.extras.get("correction")  # the dial's corrections add to the same rebuild; exact ones do not
+        return ("base", "merged") if tt.dtype == "float32" and (corr is None or corr.kind != "exact") else ()
 
     @classmethod
     def rebuild(cls, arrays: Mapping[str, torch.Tensor | Planar], entry: TensorEntry, tt: TaskTensor) -> torch.Tensor:
