@@ -89,11 +89,11 @@ class ArrayRef:
     chunk_elements: int
     chunks: tuple[Chunk, ...]
 
-    @property
+    @functools.cached_property
     def numel(self) -> int:
         return numel(self.shape)
 
-    @property
+    @functools.cached_property
     def itemsize(self) -> int:
         return itemsize(self.dtype)
 
@@ -105,7 +105,7 @@ class ArrayRef:
             return _codecs.Chain.from_configs(list(self.codecs))
         return _chain(key)
 
-    @property
+    @functools.cached_property
     def nbytes(self) -> int:
         """Decoded size in bytes."""
         return self.numel * self.itemsize
@@ -170,7 +170,7 @@ class ArrayRef:
             parsed.append(Chunk(off, nbytes, checksum))
         ref = cls.__new__(cls)  # the checked fields as they are (a frozen dataclass's __init__ is slow)
         ref.__dict__.update(dtype=dtype, shape=shape, codecs=tuple(codecs), chunk_elements=chunk_elements,
-                            chunks=tuple(parsed), chain=chain)  # and the cached chain, already built
+                            chunks=tuple(parsed), chain=chain, numel=n)  # and cached properties, known
         return ref
 
 

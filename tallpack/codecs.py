@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import struct
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -54,6 +55,18 @@ class Codec:
         return {"id": self.id}
 
 
+_contexts = threading.local()  # each thread's zstd decompression context
+
+
+def _decompressor() -> zstandard.ZstdDecompressor:
+    """This thread's decompressor, made once (making one costs about as much as decoding a small
+    frame); each operation on it starts afresh."""
+    d = getattr(_contexts, "dctx", None)
+    if d is None:
+        d = _contexts.dctx = zstandard.ZstdDecompressor()
+    return d
+
+
 @dataclass(frozen=True)
 class Zstd(Codec):
     """zstd, one frame per chunk, with the content size in the frame header."""
@@ -95,12 +108,23 @@ class Zstd(Codec):
             raise CodecError(f"zstd: frame announces {announced} bytes, manifest says {len(out)}")
         self._into(buf, out)
 
-    @staticmethod
-    def _into(buf: memoryview, view: memoryview) -> None:
+    #: Frames that decode to at most this many bytes are decoded in one call and copied: for
+    #: small frames (most masks) cheaper than a stream reader; larger ones stream into ``view``.
+    ONE_SHOT_BYTES: ClassVar[int] = 1 << 18
+
+    @classmethod
+    def _into(cls, buf: memoryview, view: memoryview) -> None:
+        """Decode one frame (whose announced size the caller checked is ``len(view)``) into ``view``."""
         size, got = len(view), 0
+        dctx = _decompressor()
         try:
-            with zstandard.ZstdDecompressor().stream_reader(buf, read_size=max(1, len(buf)),
-                                                            read_across_frames=True) as r:
+            if size <= cls.ONE_SHOT_BYTES:
+                out = dctx.decompress(buf, max_output_size=size, allow_extra_data=False)
+                if len(out) != size:
+                    raise CodecError(f"zstd: decoded {len(out)} bytes, expected {size}")
+                view[:] = out
+                return
+            with dctx.stream_reader(buf, read_size=max(1, len(buf)), read_across_frames=True) as r:
                 while got < size:
                     n = r.readinto(view[got:])
                     if not n:

@@ -88,9 +88,12 @@ def view_tensor(buf: bytes | bytearray | memoryview | np.ndarray, dtype: str, sh
     """A tensor of ``dtype``/``shape`` over ``buf`` without copying, also when ``buf`` is read-only
     (a view into the mapped file): for inputs that are only read, never handed to a caller."""
     dt = torch_dtype(dtype)
-    shape = tuple(int(d) for d in shape)
+    if type(shape) is not tuple or not all(type(d) is int for d in shape):
+        shape = tuple(int(d) for d in shape)
     n = numel(shape)
-    mv = memoryview(buf).cast("B")
+    mv = memoryview(buf)
+    if mv.format != "B" or mv.ndim != 1:
+        mv = mv.cast("B")
     if len(mv) != n * dt.itemsize:
         raise FormatError(f"buffer of {len(mv)} bytes does not hold {shape} {dtype}")
     if n == 0:

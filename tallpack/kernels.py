@@ -191,9 +191,13 @@ def tall_f32(base: np.ndarray, merged: np.ndarray, mask: np.ndarray, out: np.nda
     without the compiled loops or for unaligned floats (the caller then runs its torch path).
     A large tensor is split across up to ``threads`` threads, unless this thread is a pool's
     worker (:func:`mark_worker`)."""
-    if _kernels is None or any(a.ctypes.data % 4 for a in (base, merged, out)):
+    if _kernels is None or not (base.flags.aligned and merged.flags.aligned and out.flags.aligned):
         return False
-    _split(out.size, threads, lambda a, b: _kernels.tall_f32(base[a:b], merged[a:b], mask[a:b], out[a:b]))
+    if out.size < 2 * SPLIT_ELEMENTS or getattr(_local, "worker", False):  # one call, nothing to split
+        _kernels.tall_f32(base, merged, mask, out)
+    else:
+        base, merged, mask, out = base.reshape(-1), merged.reshape(-1), mask.reshape(-1), out.reshape(-1)
+        _split(out.size, threads, lambda a, b: _kernels.tall_f32(base[a:b], merged[a:b], mask[a:b], out[a:b]))
     return True
 
 

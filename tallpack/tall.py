@@ -97,7 +97,8 @@ def _one_pass(theta_0: torch.Tensor, mask: torch.Tensor, tau_mtl: torch.Tensor) 
     one length, a bool mask (the loop reads any nonzero byte as 1, as a bool is)."""
     return (kernels.COMPILED and mask.dtype == torch.bool
             and theta_0.numel() == mask.numel() == tau_mtl.numel()
-            and all(t.device.type == "cpu" and t.is_contiguous() for t in (theta_0, mask, tau_mtl)))
+            and theta_0.is_cpu and mask.is_cpu and tau_mtl.is_cpu
+            and theta_0.is_contiguous() and mask.is_contiguous() and tau_mtl.is_contiguous())
 
 
 def _flat(t: torch.Tensor) -> np.ndarray:
@@ -113,8 +114,9 @@ def reconstruct(theta_0: torch.Tensor, mask: torch.Tensor, tau_mtl: torch.Tensor
     """``theta_t = theta_0 + m_t * tau_MTL``, computed in float32 and cast to ``dtype``."""
     if dtype == torch.float32 == theta_0.dtype == tau_mtl.dtype and _one_pass(theta_0, mask, tau_mtl):
         out = torch.empty(theta_0.shape, dtype=torch.float32)
-        flat = (_flat(theta_0), _flat(tau_mtl), _flat(_bytes(mask)), _flat(out))
-        if kernels.tall_f32(*flat, threads=torch.get_num_threads()):
+        # contiguous (_one_pass), so their numpy views lie element by element as the loop reads them
+        if kernels.tall_f32(theta_0.numpy(), tau_mtl.numpy(), _bytes(mask).numpy(), out.numpy(),
+                            threads=torch.get_num_threads()):
             return out
     # addcmul is bit-identical to base + (mask * tau): the product (tau or a signed zero) is exact,
     # so fusing it leaves a single rounding, that of the addition.
