@@ -8,10 +8,11 @@ in the environment makes a process use the fallbacks (the tests compare the two)
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from types import ModuleType
 
@@ -141,6 +142,17 @@ def mark_worker() -> None:
     """Mark this thread as one of a pool that already runs loops side by side (the reader's
     threads, one tensor each): ``tall_f32`` then runs on it alone."""
     _local.worker = True
+
+
+@contextlib.contextmanager
+def as_worker() -> Iterator[None]:
+    """Within the block, this thread is one of a pool's workers (:func:`mark_worker`)."""
+    was = getattr(_local, "worker", False)
+    _local.worker = True
+    try:
+        yield
+    finally:
+        _local.worker = was
 
 
 def _helper_pool() -> ThreadPoolExecutor:

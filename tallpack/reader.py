@@ -13,8 +13,9 @@ import logging
 import os
 import threading
 import weakref
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -420,15 +421,52 @@ class Archive:
                 if pool is None:
                     out.update((k, self._rebuild(task, k, None, exact, device, prefetch=False)) for k, _ in batch)
                     continue
-                futures = [self._submit(pool, self._rebuild, task, k, None, exact, device, None, False)
-                           for k, _ in batch]
-                try:
-                    out.update((k, f.result()) for (k, _), f in zip(batch, futures))
-                except BaseException:
-                    for f in futures:
-                        f.cancel()
-                    raise
+                sizes = [sum(r.nbytes for r in refs) for _, refs in batch]
+                order = sorted(range(len(batch)), key=sizes.__getitem__, reverse=True)  # largest first
+                got = self._share(pool, [partial(self._rebuild, task, batch[i][0], None, exact, device, None, False)
+                                         for i in order], [sizes[i] for i in order])
+                tensors = dict(zip(order, got))
+                out.update((k, tensors[i]) for i, (k, _) in enumerate(batch))
         return out
+
+    def _share(self, pool: ThreadPoolExecutor, jobs: list[Callable[[], Any]], sizes: list[int]) -> list[Any]:
+        """Each job's result, run by this thread and the pool's together: each thread takes the
+        next job when it finishes one. No future per job, so hundreds of small tensors cost
+        little more than their work (a future and a wake-up each cost more than rebuilding a
+        small tensor). Jobs come largest first (``sizes``, decoded bytes); the pool's threads stop
+        at the first under SHARE_BYTES, and this thread does those alone: threads that hand the
+        GIL back and forth for small tensors are slower than one (BENCHMARKS.md, eighth round).
+        The first error stops the others from taking more, and is raised here."""
+        results: list[Any] = [None] * len(jobs)
+        lock = threading.Lock()
+        state: dict[str, Any] = {"next": 0, "error": None}
+
+        def loop(smallest: int = 0) -> None:
+            while True:
+                with lock:
+                    i = state["next"]
+                    if i >= len(jobs) or state["error"] is not None or sizes[i] < smallest:
+                        return
+                    state["next"] = i + 1
+                try:
+                    results[i] = jobs[i]()
+                except BaseException as e:  # noqa: BLE001 (handed to the caller below)
+                    with lock:
+                        if state["error"] is None:
+                            state["error"] = e
+                    return
+
+        shared = sum(1 for n in sizes if n >= SHARE_BYTES)
+        helpers = [self._submit(pool, loop, SHARE_BYTES) for _ in range(min(self.threads, shared) - 1)]
+        try:
+            with kernels.as_worker():  # side by side with the pool's threads: loops run unsplit
+                loop()
+        finally:
+            for f in helpers:
+                f.result()
+        if state["error"] is not None:
+            raise state["error"]
+        return results
 
     def prefetch(self, names: list[str]) -> None:
         """Announce that every array of these tensors (all tasks) is read next: a remote archive
@@ -527,6 +565,10 @@ class Archive:
 
 #: Decoded bytes of a tensor's inputs from which ``get_tensor`` decodes them on several threads.
 PARALLEL_BYTES = 1 << 20
+#: Decoded bytes of a tensor's inputs from which ``state_dict`` rebuilds it on the archive's
+#: threads; smaller ones are rebuilt one after another on the calling thread (measured: 64 KB
+#: to 256 KB gave the same times; threads that share tensors of a few KB are slower than one).
+SHARE_BYTES = 1 << 18
 
 
 def _cache_key(ref: ArrayRef, dev: torch.device | None) -> tuple:

@@ -9,6 +9,7 @@ import sys
 import textwrap
 import tracemalloc
 
+import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -134,6 +135,47 @@ def test_threads_let_go_of_their_decoding_buffers_when_the_last_archive_closes(t
         tracemalloc.stop()
     assert kept > 512 << 10, kept  # the float mask alone is 512 KB
     assert after < 256 << 10, after
+
+
+def test_state_dict_shares_large_tensors_across_threads_and_raises_the_first_error(tmp_path, monkeypatch) -> None:
+    """``state_dict`` on several threads: the large tensors on the archive's threads and the
+    calling one, the small ones on the calling thread alone; every tensor in the task's order and
+    bits; a damaged tensor's error raised, whichever thread met it."""
+    import threading
+
+    from tallpack import reader
+
+    g = torch.Generator().manual_seed(6)
+    base = {**{f"big{i}": torch.randn(256, 512, generator=g) for i in range(6)},
+            **{f"small{i}": torch.randn(16, generator=g) for i in range(20)}}
+    tasks = {t: {k: v + 0.01 * torch.randn(v.shape, generator=g) for k, v in base.items()} for t in ("a", "b")}
+    out = tmp_path / "s.tallpack"
+    tallpack.pack(base, tasks, out)
+    who: dict[str, int] = {}
+    rebuild = reader.Archive._rebuild
+
+    def spy(self, task, name, *args, **kwargs):
+        who[name] = threading.get_ident()
+        return rebuild(self, task, name, *args, **kwargs)
+
+    monkeypatch.setattr(reader.Archive, "_rebuild", spy)
+    with tallpack.open(out, threads=1) as one, tallpack.open(out, threads=2) as two:
+        for t in tasks:
+            want, got = one.state_dict(t), two.state_dict(t)
+            assert list(got) == list(want) == list(base) and _same(want, got)
+    assert {who[f"small{i}"] for i in range(20)} == {threading.get_ident()}
+    assert len({who[f"big{i}"] for i in range(6)}) == 2  # the calling thread and one of the pool's
+
+    with tallpack.open(out) as fam:
+        ref = fam._tensors["big4"].tasks["b"].arrays["mask"]
+    raw = bytearray(out.read_bytes())
+    raw[ref.chunks[0].offset] ^= 1
+    out.write_bytes(bytes(raw))
+    with tallpack.open(out, threads=2) as fam:
+        with pytest.raises(tallpack.IntegrityError, match="task 'b', tensor 'big4'"):
+            fam.state_dict("b")
+        with tallpack.open(out, threads=1) as one:
+            assert _same(fam.state_dict("a"), one.state_dict("a"))
 
 
 def test_the_cache_never_mixes_archives_or_tasks(tmp_path) -> None:
