@@ -408,6 +408,12 @@ class Archive:
         sd = LazyStateDict(self, task, exact=exact, device=device)
         if lazy:
             return sd
+        with _gc_paused():  # see _gc_paused: a full pass would cost as much as the rebuild
+            return self._whole(sd, task, exact, device)
+
+    def _whole(self, sd: "LazyStateDict", task: str, exact: bool, device: torch.device | str | None
+               ) -> dict[str, torch.Tensor]:
+        """``state_dict``'s work: every tensor of the task, in batches (see ``state_dict``)."""
         needs = []
         for name in sd:
             entry, tt = self._entry(task, name)
@@ -415,18 +421,17 @@ class Archive:
             needs.append((name, _needs(entry, tt, enc) if enc else []))
         pool = self._workers()
         out: dict[str, torch.Tensor] = {}
-        with _gc_paused():  # see _gc_paused: a full pass would cost as much as the rebuild
-            for batch in _batches(needs):
-                self._c.prefetch([r for _, refs in batch for r in refs])
-                if pool is None:
-                    out.update((k, self._rebuild(task, k, None, exact, device, prefetch=False)) for k, _ in batch)
-                    continue
-                sizes = [sum(r.nbytes for r in refs) for _, refs in batch]
-                order = sorted(range(len(batch)), key=sizes.__getitem__, reverse=True)  # largest first
-                got = self._share(pool, [partial(self._rebuild, task, batch[i][0], None, exact, device, None, False)
-                                         for i in order], [sizes[i] for i in order])
-                tensors = dict(zip(order, got))
-                out.update((k, tensors[i]) for i, (k, _) in enumerate(batch))
+        for batch in _batches(needs):
+            self._c.prefetch([r for _, refs in batch for r in refs])
+            if pool is None:
+                out.update((k, self._rebuild(task, k, None, exact, device, prefetch=False)) for k, _ in batch)
+                continue
+            sizes = [sum(r.nbytes for r in refs) for _, refs in batch]
+            order = sorted(range(len(batch)), key=sizes.__getitem__, reverse=True)  # largest first
+            got = self._share(pool, [partial(self._rebuild, task, batch[i][0], None, exact, device, None, False)
+                                     for i in order], [sizes[i] for i in order])
+            tensors = dict(zip(order, got))
+            out.update((k, tensors[i]) for i, (k, _) in enumerate(batch))
         return out
 
     def _share(self, pool: ThreadPoolExecutor, jobs: list[Callable[[], Any]], sizes: list[int]) -> list[Any]:
