@@ -30,11 +30,13 @@ REPO = HERE.parent
 WORK = HERE / "out" / "perf-work"
 
 CHILD = r"""
-import json, sys, time
+import gc, json, sys, time
 import torch  # imported before timing, by every side
+# a full collection before each timed load (perf.py's _settle says why)
 kind, path, task, warm, cache = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5])
 if kind == "st":
     from safetensors.torch import load_file
+    gc.collect()
     t0 = time.perf_counter()
     sd = {k: v.clone() for k, v in load_file(path).items()}
     print(json.dumps({"seconds": time.perf_counter() - t0}))
@@ -44,10 +46,12 @@ else:
     if warm:
         with tallpack.open(path, **kw) as fam:
             fam.state_dict(warm)
+            gc.collect()
             t0 = time.perf_counter()
             sd = fam.state_dict(task)
             s = time.perf_counter() - t0
     else:
+        gc.collect()
         t0 = time.perf_counter()
         with tallpack.open(path, **kw) as fam:
             sd = fam.state_dict(task)
