@@ -77,9 +77,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--original", type=Path, default=WORK / "alt-task1.safetensors")
     ap.add_argument("--task", default="task1")
     ap.add_argument("--cache-bytes", type=int, default=-1, help="open with this cache_bytes (default: the library's)")
-    ap.add_argument("--second", action="store_true", help="time a second task (task0 first, untimed)")
+    ap.add_argument("--second", action="store_true", help="time a second task (--warm-task first, untimed)")
+    ap.add_argument("--warm-task", default="task0", help="with --second, the task read first (default task0)")
     a = ap.parse_args(argv)
-    warm = "task0" if a.second else ""
+    warm = a.warm_task if a.second else ""
     sides = {"this": str(REPO), "other": str(a.other.resolve())}
     times: dict[str, list[float]] = {"this": [], "other": [], "alt": []}
     files = {}
@@ -89,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
             times[side].append(r["seconds"])
             files[side] = r["tallpack"]
         times["alt"].append(run("st", a.original, a.task, "", -1, None)["seconds"])
-    what = ("second task (after task0, same open archive)" if a.second else "first task (open + state_dict + close)")
+    what = (f"second task (after {warm}, same open archive)" if a.second else "first task (open + state_dict + close)")
     cache = "the default cache" if a.cache_bytes < 0 else f"cache_bytes={a.cache_bytes}"
     print(f"{what}, {cache}, {a.rounds} rounds; alternative load_file + clone: "
           f"{statistics.median(times['alt']) * 1e3:.1f} ms")
