@@ -395,8 +395,9 @@ class Archive:
 
     def state_dict(self, task: str, *, lazy: bool = False, exact: bool = False,
                    device: torch.device | str | None = None) -> dict[str, torch.Tensor] | "LazyStateDict":
-        """The task's whole state dict, with its original names, shapes and dtypes, rebuilt by
-        the archive's threads (one tensor each at a time).
+        """The task's whole state dict, with its original names, shapes and dtypes: the larger
+        tensors rebuilt by the archive's threads and the calling one together (one tensor each at
+        a time), the small ones by the calling thread.
 
         With ``lazy=True``, a read-only mapping that rebuilds each tensor when it is indexed; with
         ``exact=True``, the original bits (archives packed with the exact tier); with ``device``,
