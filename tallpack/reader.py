@@ -310,7 +310,7 @@ class Archive:
             return ()
         refs = [needed[k][0] for k in keys]
         if not all(isinstance(r, ArrayRef) and r.dtype == "float32" and r.chunks and r.chain.planar_float32
-                   for r in refs):
+                   and r.numel >= PLANAR_MIN_ELEMENTS for r in refs):
             return ()
         return keys if len({(r.numel, r.chunk_elements) for r in refs}) == 1 else ()
 
@@ -571,6 +571,9 @@ class Archive:
 
 #: Decoded bytes of a tensor's inputs from which ``get_tensor`` decodes them on several threads.
 PARALLEL_BYTES = 1 << 20
+#: Elements from which a float32 tensor is rebuilt from byte planes (``_planar_keys``); smaller
+#: ones (biases, norms) are joined and cached as floats, a few KB each, in fewer steps.
+PLANAR_MIN_ELEMENTS = 4096
 #: Decoded bytes of a tensor's inputs from which ``state_dict`` rebuilds it on the archive's
 #: threads; smaller ones are rebuilt one after another on the calling thread (measured: 64 KB
 #: to 256 KB gave the same times; threads that share tensors of a few KB are slower than one).

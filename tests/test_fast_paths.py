@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 import tallpack
 from conftest import expected_reconstruction
 from tallpack.encodings.base import iter_arrays
-from tallpack import kernels
+from tallpack import kernels, reader
 from strategies import families
 
 
@@ -33,10 +33,14 @@ def _same(a: dict, b: dict) -> bool:
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
                                                                   HealthCheck.too_slow])
 @given(family=families(), codec=st.sampled_from(["raw", "zstd", "bytegroup-zstd", "planes", "planes:19"]),
-       chunk=st.sampled_from([8, 64, 1 << 22]), checksum=st.sampled_from(["crc32", "xxh3-64"]))
-def test_every_path_gives_the_same_bits(tmp_path_factory, family, codec, chunk, checksum) -> None:
+       chunk=st.sampled_from([8, 64, 1 << 22]), checksum=st.sampled_from(["crc32", "xxh3-64"]),
+       planar_min=st.sampled_from([0, reader.PLANAR_MIN_ELEMENTS]))
+def test_every_path_gives_the_same_bits(tmp_path_factory, monkeypatch, family, codec, chunk, checksum,
+                                        planar_min) -> None:
     """Every codec and chunking; ``planes`` float32 tensors take the one-pass rebuild from byte
-    planes (``planes:19``: rotations chosen per chunk), cached and not."""
+    planes (``planes:19``: rotations chosen per chunk), cached and not; ``planar_min`` 0 sends
+    these small tensors that way too."""
+    monkeypatch.setattr(reader, "PLANAR_MIN_ELEMENTS", planar_min)
     base, tasks = family
     out = tmp_path_factory.mktemp("fast") / "f.tallpack"
     codec, _, level = codec.partition(":")
@@ -142,8 +146,6 @@ def test_state_dict_shares_large_tensors_across_threads_and_raises_the_first_err
     calling one, the small ones on the calling thread alone; every tensor in the task's order and
     bits; a damaged tensor's error raised, whichever thread met it."""
     import threading
-
-    from tallpack import reader
 
     g = torch.Generator().manual_seed(6)
     base = {**{f"big{i}": torch.randn(256, 512, generator=g) for i in range(6)},
