@@ -224,7 +224,7 @@ def child(kind: str, a: dict) -> dict:
         if a.get("warm_task"):
             with tallpack.open(a["archive"], **kw) as fam:  # the archive is opened before timing
                 fam.state_dict(a["warm_task"])
-                gc.collect()  # see _settle
+                _settle()
                 t0 = time.perf_counter()
                 sd = fam.state_dict(a["task"])
                 res["seconds"] = time.perf_counter() - t0
