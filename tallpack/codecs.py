@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import math
 import struct
-import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -55,16 +54,13 @@ class Codec:
         return {"id": self.id}
 
 
-_contexts = threading.local()  # each thread's zstd decompression context
+_contexts = ThreadBuffers()  # each thread's zstd decompression context
 
 
 def _decompressor() -> zstandard.ZstdDecompressor:
     """This thread's decompressor, made once (making one costs about as much as decoding a small
-    frame); each operation on it starts afresh."""
-    d = getattr(_contexts, "dctx", None)
-    if d is None:
-        d = _contexts.dctx = zstandard.ZstdDecompressor()
-    return d
+    frame) and let go with the threads' buffers; each operation on it starts afresh."""
+    return _contexts.held("zstd", zstandard.ZstdDecompressor)
 
 
 @dataclass(frozen=True)

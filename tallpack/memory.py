@@ -15,8 +15,12 @@ import mmap
 import sys
 import threading
 import weakref
+from collections.abc import Callable
+from typing import TypeVar
 
 import numpy as np
+
+T = TypeVar("T")
 
 #: From this size on numpy advises huge pages, and ``empty`` withdraws the advice.
 ADVISED_FROM = 1 << 22
@@ -72,6 +76,15 @@ class ThreadBuffers:
     def get(self, name: str, nbytes: int) -> np.ndarray:
         """``nbytes`` of this thread's buffer ``name`` (``reused``)."""
         return reused(self._local, name, nbytes)
+
+    def held(self, name: str, make: Callable[[], T]) -> T:
+        """This thread's object ``name`` (a decompression context, say), made by ``make`` the
+        first time and released with the buffers."""
+        slots = self._local.__dict__
+        obj = slots.get(name)
+        if obj is None:
+            obj = slots[name] = make()
+        return obj
 
     def release(self) -> None:
         self._local = threading.local()  # the old one, and every thread's buffers in it, are freed

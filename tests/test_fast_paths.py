@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 import tallpack
 from conftest import expected_reconstruction
 from tallpack.encodings.base import iter_arrays
-from tallpack import kernels, reader
+from tallpack import codecs, kernels, reader
 from strategies import families
 
 
@@ -131,14 +131,17 @@ def test_threads_let_go_of_their_decoding_buffers_when_the_last_archive_closes(t
         first, second = tallpack.open(out, cache_bytes=0, threads=1), tallpack.open(out, cache_bytes=0, threads=1)
         sd = first.state_dict("a")
         del sd
+        zstd_context = codecs._decompressor()  # this thread's, kept while an archive is open
         first.close()
         kept = tracemalloc.get_traced_memory()[0] - before  # the other archive is still open
+        assert codecs._decompressor() is zstd_context
         second.close()
         after = tracemalloc.get_traced_memory()[0] - before
     finally:
         tracemalloc.stop()
     assert kept > 512 << 10, kept  # the float mask alone is 512 KB
     assert after < 256 << 10, after
+    assert codecs._decompressor() is not zstd_context  # let go too (zstd's memory is not traced)
 
 
 def test_state_dict_shares_large_tensors_across_threads_and_raises_the_first_error(tmp_path, monkeypatch) -> None:
