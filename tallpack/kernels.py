@@ -169,7 +169,7 @@ def tall_planes(base: Sequence[np.ndarray], rb: int, merged: Sequence[np.ndarray
     stored byte planes of float32 elements and each one's rotation (``Planes.planar``: 0 for
     ``planes``, r for ``planes-exp``): joined on the way, no decoded copy of either. ``out`` is
     float32 of n elements, every plane and the 0/1 uint8 ``mask`` n bytes."""
-    if _kernels is None or out.ctypes.data % 4:
+    if _kernels is None or not out.flags.aligned:
         _tall_planes_numpy(base, rb, merged, rm, mask, out)
         return
     _split(out.size, threads, lambda a, b: _kernels.tall_planes(
@@ -205,18 +205,27 @@ def tall_f32(base: np.ndarray, merged: np.ndarray, mask: np.ndarray, out: np.nda
     worker (:func:`mark_worker`)."""
     if _kernels is None or not (base.flags.aligned and merged.flags.aligned and out.flags.aligned):
         return False
-    if out.size < 2 * SPLIT_ELEMENTS or getattr(_local, "worker", False):  # one call, nothing to split
+    if _parts(out.size, threads) == 1:  # most tensors: the arrays as they are, no flat views or slices
         _kernels.tall_f32(base, merged, mask, out)
-    else:
-        base, merged, mask, out = base.reshape(-1), merged.reshape(-1), mask.reshape(-1), out.reshape(-1)
-        _split(out.size, threads, lambda a, b: _kernels.tall_f32(base[a:b], merged[a:b], mask[a:b], out[a:b]))
+        return True
+    base, merged, mask, out = base.reshape(-1), merged.reshape(-1), mask.reshape(-1), out.reshape(-1)
+    _split(out.size, threads, lambda a, b: _kernels.tall_f32(base[a:b], merged[a:b], mask[a:b], out[a:b]))
     return True
+
+
+def _parts(n: int, threads: int) -> int:
+    """How many parts ``_split`` cuts ``n`` elements into: one inside a pool's worker, else up to
+    ``threads``, one per SPLIT_ELEMENTS."""
+    return 1 if getattr(_local, "worker", False) else max(1, min(threads, n // SPLIT_ELEMENTS))
 
 
 def _split(n: int, threads: int, run) -> None:
     """``run(a, b)`` over ``[0, n)``: in one call, or, for a large ``n`` outside a pool's worker
     (:func:`mark_worker`), in up to ``threads`` parts, all but the first on the helper threads."""
-    parts = 1 if getattr(_local, "worker", False) else max(1, min(threads, n // SPLIT_ELEMENTS))
+    parts = _parts(n, threads)
+    if parts == 1:
+        run(0, n)
+        return
     cuts = [n * i // parts for i in range(parts + 1)]
     futures = [_helper_pool().submit(run, a, b) for a, b in zip(cuts[1:-1], cuts[2:])]
     run(cuts[0], cuts[1])

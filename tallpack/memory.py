@@ -53,17 +53,6 @@ def empty(nbytes: int) -> np.ndarray:
     return out
 
 
-def reused(buffers: threading.local, name: str, nbytes: int) -> np.ndarray:
-    """``nbytes`` of this thread's buffer ``name`` in ``buffers``, made (or grown) with ``empty``
-    and kept for the next call: a fresh buffer per chunk or tensor costs its page faults again."""
-    slots = buffers.__dict__
-    buf = slots.get(name)
-    if buf is None or buf.size < nbytes:
-        slots.pop(name, None)  # the old one is freed before the larger one is made
-        buf = slots[name] = empty(nbytes)
-    return buf[:nbytes]
-
-
 class ThreadBuffers:
     """Named buffers that each thread reuses from call to call (``get``), so that a chunk or
     tensor at a time costs no fresh page faults. ``release`` drops every thread's buffers at once
@@ -74,8 +63,14 @@ class ThreadBuffers:
         _ALL.add(self)
 
     def get(self, name: str, nbytes: int) -> np.ndarray:
-        """``nbytes`` of this thread's buffer ``name`` (``reused``)."""
-        return reused(self._local, name, nbytes)
+        """``nbytes`` of this thread's buffer ``name``, made (or grown) with ``empty`` and kept for
+        the next call: a fresh buffer per chunk or tensor costs its page faults again."""
+        slots = self._local.__dict__
+        buf = slots.get(name)
+        if buf is None or buf.size < nbytes:
+            slots.pop(name, None)  # the old one is freed before the larger one is made
+            buf = slots[name] = empty(nbytes)
+        return buf[:nbytes]
 
     def held(self, name: str, make: Callable[[], T]) -> T:
         """This thread's object ``name`` (a decompression context, say), made by ``make`` the
