@@ -3,7 +3,7 @@
  * Optional: setup.py builds it when a C compiler is there, and tallpack/kernels.py falls back to
  * numpy and torch (the same bits, more passes) when it is not. Every function takes buffers,
  * checks their sizes, and releases the GIL while it runs, so the archive's threads run it in
- * parallel. Nothing here allocates.
+ * parallel. None of them allocates.
  *
  *   join_planes(planes, out)             byte planes -> elements (codecs ``bytegroup``, ``planes``)
  *   join_exponent(low, s, t, r, out)     ``planes-exp``'s rotated planes -> float32 / bfloat16
@@ -12,9 +12,17 @@
  *   tall_planes(base, rb, merged, rm, mask, out)
  *                                        the same, base and merged given as their four stored byte
  *                                        planes (``planes``: r = 0; ``planes-exp``: its rotation)
+ *
+ * And the manifest's strict JSON checks (container._parse_manifest), which walk Python objects and
+ * so hold the GIL; each gives the verdicts of its Python twin in container.py (tests compare them):
+ *
+ *   json_pairs(pairs)                    json's object_pairs_hook: a dict, ValueError on a duplicate key
+ *   json_check(value, numbers, depth)    containers nest less than ``depth`` deep; with ``numbers``,
+ *                                        every int in [-2**63, 2**64) and every float finite
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <math.h>
 #include <stdint.h>
 #include <string.h>
 
@@ -416,6 +424,114 @@ static PyObject *unpack_bits(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+/* -- strict JSON ------------------------------------------------------------------------------ */
+
+static PyObject *json_pairs(PyObject *self, PyObject *pairs) {
+    if (!PyList_CheckExact(pairs)) {
+        PyErr_SetString(PyExc_TypeError, "json_pairs: a list of (key, value) pairs");
+        return NULL;
+    }
+    Py_ssize_t n = PyList_GET_SIZE(pairs);
+    PyObject *d = PyDict_New();
+    if (d == NULL)
+        return NULL;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *kv = PyList_GET_ITEM(pairs, i);
+        if (!PyTuple_CheckExact(kv) || PyTuple_GET_SIZE(kv) != 2) {
+            PyErr_SetString(PyExc_TypeError, "json_pairs: a list of (key, value) pairs");
+            goto fail;
+        }
+        if (PyDict_SetItem(d, PyTuple_GET_ITEM(kv, 0), PyTuple_GET_ITEM(kv, 1)) < 0)
+            goto fail;
+    }
+    if (PyDict_GET_SIZE(d) != n) {
+        PyErr_SetString(PyExc_ValueError, "duplicate key in a JSON object");
+        goto fail;
+    }
+    return d;
+fail:
+    Py_DECREF(d);
+    return NULL;
+}
+
+static int json_number_ok(PyObject *c) {
+    /* 1: within range; 0: not (ValueError set); -1: another error */
+    if (PyLong_CheckExact(c)) {
+        int overflow = 0;
+        PyLong_AsLongLongAndOverflow(c, &overflow);
+        if (overflow == 0)
+            return PyErr_Occurred() ? -1 : 1;
+        if (overflow > 0) {
+            PyLong_AsUnsignedLongLong(c);
+            if (!PyErr_Occurred())
+                return 1;
+            if (!PyErr_ExceptionMatches(PyExc_OverflowError))
+                return -1;
+            PyErr_Clear();
+        }
+        PyObject *text = PyObject_Str(c);
+        if (text == NULL)
+            return -1;
+        PyObject *head = PyUnicode_Substring(text, 0, 40);
+        Py_DECREF(text);
+        if (head == NULL)
+            return -1;
+        PyErr_Format(PyExc_ValueError, "integer %U outside [-2**63, 2**64)", head);
+        Py_DECREF(head);
+        return 0;
+    }
+    if (PyFloat_CheckExact(c) && isinf(PyFloat_AS_DOUBLE(c))) {
+        PyErr_SetString(PyExc_ValueError, "a number overflows a float");
+        return 0;
+    }
+    return 1;
+}
+
+/* Containers nest at most max_depth deep: the value at the top is at depth 0, and a container
+ * at depth max_depth is one too many (as the level-by-level walk in Python counts). */
+static int json_walk(PyObject *v, int depth, int numbers, int max_depth) {
+    Py_ssize_t pos = 0, n = 0;
+    PyObject *key, *c;
+    int is_dict = PyDict_CheckExact(v);
+    if (!is_dict)
+        n = PyList_GET_SIZE(v);
+    for (Py_ssize_t i = 0;; i++) {
+        if (is_dict) {
+            if (!PyDict_Next(v, &pos, &key, &c))
+                break;
+        } else {
+            if (i >= n)
+                break;
+            c = PyList_GET_ITEM(v, i);
+        }
+        if (PyDict_CheckExact(c) || PyList_CheckExact(c)) {
+            if (depth + 1 >= max_depth) {
+                PyErr_Format(PyExc_ValueError, "containers nest deeper than %d", max_depth);
+                return -1;
+            }
+            if (json_walk(c, depth + 1, numbers, max_depth) < 0)
+                return -1;
+        } else if (numbers && json_number_ok(c) != 1) {
+            return -1;
+        }
+    }
+    return 0;
+}
+
+static PyObject *json_check(PyObject *self, PyObject *args) {
+    PyObject *value;
+    int numbers, max_depth;
+    if (!PyArg_ParseTuple(args, "Opi:json_check", &value, &numbers, &max_depth))
+        return NULL;
+    if (max_depth < 1 || max_depth > 1000) {
+        PyErr_SetString(PyExc_ValueError, "json_check: depth must lie in [1, 1000]");
+        return NULL;
+    }
+    if ((PyDict_CheckExact(value) || PyList_CheckExact(value)) && json_walk(value, 0, numbers, max_depth) < 0)
+        return NULL;
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef methods[] = {
     {"unpack_bits", unpack_bits, METH_VARARGS, "unpack_bits(packed, out): LSB-first bits into 0/1 bytes"},
     {"join_planes", join_planes, METH_VARARGS, "join_planes(planes, out): byte planes into elements"},
@@ -423,6 +539,9 @@ static PyMethodDef methods[] = {
     {"tall_f32", tall_f32, METH_VARARGS, "tall_f32(base, merged, mask, out): out = base + mask * merged"},
     {"tall_planes", tall_planes, METH_VARARGS,
      "tall_planes(base_planes, rb, merged_planes, rm, mask, out): tall_f32 with base and merged as stored planes"},
+    {"json_pairs", json_pairs, METH_O, "json_pairs(pairs): a dict of JSON object pairs; ValueError on a duplicate key"},
+    {"json_check", json_check, METH_VARARGS,
+     "json_check(value, numbers, depth): nesting below depth; with numbers, ints within int64/uint64 and floats finite"},
     {NULL, NULL, 0, NULL},
 };
 

@@ -29,6 +29,7 @@ import numpy as np
 import zstandard
 
 from . import codecs as _codecs
+from . import kernels
 from .arrays import (DEFAULT_CHUNK_ELEMENTS, ArrayRef, Chunk, check_chunk_bytes,
                      check_chunk_elements, check_shape)
 from .checksums import DEFAULT_CHECKSUM, checksum_function, crc32
@@ -306,18 +307,28 @@ def _bounded_int_parsing() -> bool:
     return 0 < limit <= 10_000
 
 
+def _check(value: Any, numbers: bool) -> None:
+    """``_check_values``, compiled when the kernels are (``_kernels.json_check``: the same verdicts)."""
+    if kernels.json_check is not None:
+        kernels.json_check(value, numbers, MAX_DEPTH)
+    else:
+        _check_values(value, numbers)
+
+
 def _parse_manifest(raw: bytes | memoryview, name: str) -> Any:
     """Strict JSON: UTF-8, no duplicate keys, no NaN/Infinity, numbers within int64 and finite
-    floats, bounded nesting."""
+    floats, bounded nesting. The duplicate-key hook and the walk run compiled when the kernels are
+    (a 480-tensor family's manifest: 22 against 9 ms, BENCHMARKS.md)."""
+    pairs = kernels.json_pairs or _no_duplicates
     try:
         text = bytes(raw).decode("utf-8")
         if _bounded_int_parsing():  # numbers checked after parsing (one hook call fewer per number)
-            value = json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_no_constants)
-            _check_values(value, numbers=True)
+            value = json.loads(text, object_pairs_hook=pairs, parse_constant=_no_constants)
+            _check(value, numbers=True)
         else:
-            value = json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_no_constants,
+            value = json.loads(text, object_pairs_hook=pairs, parse_constant=_no_constants,
                                parse_int=_int, parse_float=_float)
-            _check_values(value, numbers=False)
+            _check(value, numbers=False)
         return value
     except (UnicodeDecodeError, ValueError, RecursionError) as e:
         raise FormatError(f"{name}: manifest is not valid JSON: {str(e)[:200]}") from None
@@ -376,6 +387,13 @@ class ContainerReader:
         self.manifest: dict[str, Any] = manifest
         self.checksum = checksum_function(manifest.get("checksum", "crc32"))
         self._spans: list[tuple[int, int, str | tuple[str, str]]] = []
+
+    def take_manifest(self) -> dict[str, Any]:
+        """The parsed manifest, handed over once: the reader keeps what it builds from it, and a
+        large family's parsed JSON (hundreds of thousands of objects) would otherwise stay for
+        every later pass of the garbage collector to walk."""
+        manifest, self.manifest = self.manifest, {}
+        return manifest
 
     def _not_tallpack(self, size: int):
         raise FormatError(f"{self.name}: not a tallpack archive ({size} bytes, no TALLPACK header)")

@@ -34,6 +34,11 @@ _kernels = _load()
 #: Whether the compiled loops are in use (``tallpack --version`` says so).
 COMPILED: bool = _kernels is not None
 
+#: The compiled checks of the manifest's strict JSON (``_kernels.json_pairs``, ``json_check``), or
+#: None: container.py's Python twins run (the same verdicts; the tests compare them).
+json_pairs = getattr(_kernels, "json_pairs", None)
+json_check = getattr(_kernels, "json_check", None)
+
 #: Elements a numpy fallback handles per operation: a block whose planes stay in cache.
 BLOCK = 1 << 16
 #: Elements ``_join_exponent_numpy`` handles per operation (eight bytes to an operation).

@@ -81,7 +81,7 @@ class Archive:
         self._closed = False
         _OPEN.add(self)
         self.name = container.name
-        self.manifest = Manifest.from_dict(container.manifest)
+        self.manifest = Manifest.from_dict(container.take_manifest())
         if self.manifest.format_version[0] != container.version[0]:
             raise FormatError(f"{self.name}: manifest says format {self.manifest.format_version}, "
                               f"header says {container.version}")

@@ -224,3 +224,65 @@ def test_tall_loops_split_across_threads_give_the_same_bits(loop, threads):
     t.start()
     t.join()
     assert seen == [True]
+
+
+# -- the manifest's strict JSON checks: the compiled twins give container.py's verdicts ---------------
+
+_json_leaves = st.one_of(
+    st.none(), st.booleans(), st.text(max_size=3),
+    st.integers(-(1 << 70), 1 << 70),
+    st.sampled_from([-(1 << 63), -(1 << 63) - 1, (1 << 64) - 1, 1 << 64, (1 << 63) - 1, 1 << 63]),
+    st.floats(allow_nan=False), st.sampled_from([float("inf"), float("-inf"), 1e308, -0.0]))
+_json_values = st.recursive(_json_leaves, lambda inner: st.one_of(
+    st.lists(inner, max_size=4), st.dictionaries(st.text(max_size=2), inner, max_size=4)), max_leaves=25)
+
+
+def _verdict(check, value, numbers: bool) -> str | None:
+    try:
+        check(value, numbers)
+    except ValueError as e:
+        return str(e)
+    return None
+
+
+def _nested(depth: int, leaf) -> object:
+    value = leaf
+    for i in range(depth):
+        value = [value] if i % 2 else {"k": value}
+    return value
+
+
+@settings(max_examples=400, deadline=None)
+@given(_json_values, st.booleans(), st.integers(1, 6))
+def test_json_check_gives_the_verdicts_of_the_python_walk(value, numbers, depth):
+    from tallpack import container
+    value = _nested(depth, value)  # the walk starts at a container, as a manifest does
+    py = _verdict(container._check_values, value, numbers)
+    c = _verdict(lambda v, n: _kernels.json_check(v, n, container.MAX_DEPTH), value, numbers)
+    assert (py is None) == (c is None), (py, c)  # with two problems, each may name a different one
+
+
+@pytest.mark.parametrize("depth", [62, 63, 64, 65, 200])
+def test_json_check_counts_nesting_as_the_python_walk(depth):
+    from tallpack import container
+    value = _nested(depth, 1)
+    py = _verdict(container._check_values, value, True)
+    c = _verdict(lambda v, n: _kernels.json_check(v, n, container.MAX_DEPTH), value, True)
+    assert py == c
+    assert (py is None) == (depth <= container.MAX_DEPTH)  # depth containers, the top one at depth 0
+
+
+@given(st.lists(st.tuples(st.sampled_from("abcd"), st.integers()), max_size=6))
+def test_json_pairs_refuses_duplicate_keys_as_the_python_hook(pairs):
+    from tallpack import container
+    try:
+        want = container._no_duplicates(pairs)
+    except ValueError:
+        with pytest.raises(ValueError, match="duplicate key"):
+            _kernels.json_pairs(pairs)
+    else:
+        assert _kernels.json_pairs(pairs) == want
+
+
+def test_the_manifest_parse_uses_the_compiled_checks_when_they_are_built():
+    assert (kernels.json_pairs is not None) == (kernels.json_check is not None) == kernels.COMPILED
