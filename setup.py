@@ -8,5 +8,5 @@ import os
 
 from setuptools import Extension, setup
 
-flags = [] if os.name == "nt" else ["-O3", "-ffp-contract=off"]
+flags = [] if os.name == "nt" else ["-O3", "-ffp-contract=off", "-fopenmp-simd"]
 setup(ext_modules=[Extension("tallpack._kernels", ["tallpack/_kernels.c"], extra_compile_args=flags, optional=True)])

@@ -12,6 +12,10 @@
  *   tall_planes(base, rb, merged, rm, mask, out)
  *                                        the same, base and merged given as their four stored byte
  *                                        planes (``planes``: r = 0; ``planes-exp``: its rotation)
+ *   tall_mask_f32(tau, merged, lam, mask)
+ *                                        the packer's TALL mask, mask = |tau| > lam * |merged - tau|
+ *                                        (float32, as tall.tall_mask), and the fidelity sums of
+ *                                        rec = mask * merged against tau, in one pass
  *
  * And the manifest's strict JSON checks (container._parse_manifest), which walk Python objects and
  * so hold the GIL; each gives the verdicts of its Python twin in container.py (tests compare them):
@@ -405,6 +409,74 @@ done:
     Py_RETURN_NONE;
 }
 
+
+/* The packer's TALL mask in one pass: mask[i] = |tau[i]| > lam * |merged[i] - tau[i]|, each step
+ * rounded to float32 as torch's ops on float32 tensors round it (tall.tall_mask: the same bits),
+ * and the sums Fidelity reports, of rec = mask * merged against tau: sum tau^2, rec^2, rec*tau and
+ * (rec - tau)^2, in float32 lanes (``omp simd``) within blocks of MASK_BLOCK elements and in double
+ * across blocks (reported figures, within float32 rounding of torch's float32 dots, which sum in their
+ * own order). Branch-free, so it vectorizes. */
+#define MASK_BLOCK 2048
+typedef struct { double tau_sq, rec_sq, dot, err_sq; } fidelity_sums;
+
+HOT static int64_t tall_mask_loop(const float *tau, const float *merged, float lam, uint8_t *mask, Py_ssize_t n,
+                                  fidelity_sums *out) {
+    int64_t ones = 0;
+    double T = 0, R = 0, D = 0, E = 0;
+    for (Py_ssize_t a = 0; a < n; a += MASK_BLOCK) {
+        Py_ssize_t b = a + MASK_BLOCK < n ? a + MASK_BLOCK : n;
+        float ts = 0, rs = 0, ds = 0, es = 0;
+        int32_t cnt = 0;  /* signed: an int converts to float in one vector instruction */
+#pragma omp simd reduction(+ : ts, rs, ds, es, cnt)
+        for (Py_ssize_t i = a; i < b; i++) {
+            float t = tau[i], m = merged[i];
+            int32_t k = fabsf(t) > fabsf(m - t) * lam;
+            float r = m * (float)k, e = r - t;
+            mask[i] = (uint8_t)k;
+            cnt += k;
+            ts += t * t;
+            rs += r * r;
+            ds += r * t;
+            es += e * e;
+        }
+        ones += cnt;
+        T += ts;
+        R += rs;
+        D += ds;
+        E += es;
+    }
+    out->tau_sq = T;
+    out->rec_sq = R;
+    out->dot = D;
+    out->err_sq = E;
+    return ones;
+}
+
+static PyObject *tall_mask_f32(PyObject *self, PyObject *args) {
+    Py_buffer tau, merged, mask;
+    float lam;
+    if (!PyArg_ParseTuple(args, "y*y*fw*:tall_mask_f32", &tau, &merged, &lam, &mask))
+        return NULL;
+    Py_ssize_t n = mask.len;
+    int ok = tau.len == 4 * n && merged.len == 4 * n && WORDS_OK(tau.buf, 4) && WORDS_OK(merged.buf, 4);
+    int64_t ones = 0;
+    fidelity_sums sums = {0, 0, 0, 0};
+    if (ok) {
+        Py_BEGIN_ALLOW_THREADS
+        ones = tall_mask_loop((const float *)tau.buf, (const float *)merged.buf, lam, (uint8_t *)mask.buf, n, &sums);
+        Py_END_ALLOW_THREADS
+    } else {
+        PyErr_Format(PyExc_ValueError, "tall_mask_f32: %zd and %zd bytes of aligned float32 for %zd mask bytes",
+                     tau.len, merged.len, n);
+    }
+    PyBuffer_Release(&tau);
+    PyBuffer_Release(&merged);
+    PyBuffer_Release(&mask);
+    if (!ok)
+        return NULL;
+    return Py_BuildValue("Ldddd", (long long)ones, sums.tau_sq, sums.rec_sq, sums.dot, sums.err_sq);
+}
+
 static PyObject *unpack_bits(PyObject *self, PyObject *args) {
     Py_buffer packed, out;
     if (!PyArg_ParseTuple(args, "y*w*:unpack_bits", &packed, &out))
@@ -539,6 +611,8 @@ static PyMethodDef methods[] = {
     {"tall_f32", tall_f32, METH_VARARGS, "tall_f32(base, merged, mask, out): out = base + mask * merged"},
     {"tall_planes", tall_planes, METH_VARARGS,
      "tall_planes(base_planes, rb, merged_planes, rm, mask, out): tall_f32 with base and merged as stored planes"},
+    {"tall_mask_f32", tall_mask_f32, METH_VARARGS,
+     "tall_mask_f32(tau, merged, lam, mask): the TALL mask and (ones, tau_sq, rec_sq, dot, err_sq) in one pass"},
     {"json_pairs", json_pairs, METH_O, "json_pairs(pairs): a dict of JSON object pairs; ValueError on a duplicate key"},
     {"json_check", json_check, METH_VARARGS,
      "json_check(value, numbers, depth): nesting below depth; with numbers, ints within int64/uint64 and floats finite"},

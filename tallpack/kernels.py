@@ -202,6 +202,18 @@ def _tall_planes_numpy(base: Sequence[np.ndarray], rb: int, merged: Sequence[np.
         np.add(joined[0], mask[a:b].astype(np.float32) * joined[1], out=out[a:b])
 
 
+def tall_mask(tau: np.ndarray, merged: np.ndarray, lam: float, mask: np.ndarray
+              ) -> tuple[int, float, float, float, float] | None:
+    """The packer's TALL mask ``|tau| > lam * |merged - tau|`` (float32, lam rounded to float32)
+    written into ``mask`` (n bytes), and (set bits, sum tau^2, sum rec^2, sum rec*tau, sum
+    (rec - tau)^2) for ``rec = mask * merged``, in one pass; None, doing nothing, without the
+    compiled loops or for unaligned floats (the caller then runs ``tall.tall_mask`` and
+    ``Fidelity.add``: the same mask bits)."""
+    if _kernels is None or not (tau.flags.aligned and merged.flags.aligned):
+        return None
+    return _kernels.tall_mask_f32(tau, merged, lam, mask)
+
+
 def tall_f32(base: np.ndarray, merged: np.ndarray, mask: np.ndarray, out: np.ndarray, threads: int = 1) -> bool:
     """``out = base + mask * merged`` in one pass (float32 arrays, a 0/1 uint8 mask, all
     contiguous and of one length), bit-identical to ``torch.addcmul``; False, doing nothing,

@@ -1,6 +1,7 @@
 """The compiled hot loops (tallpack/_kernels.c) give the bytes of their numpy and torch fallbacks,
 for every length, rotation, plane count and alignment; and a process can do without them."""
 
+import math
 import os
 import subprocess
 import sys
@@ -286,3 +287,43 @@ def test_json_pairs_refuses_duplicate_keys_as_the_python_hook(pairs):
 
 def test_the_manifest_parse_uses_the_compiled_checks_when_they_are_built():
     assert (kernels.json_pairs is not None) == (kernels.json_check is not None) == kernels.COMPILED
+
+
+# -- the packer's mask and fidelity pass -------------------------------------------------------------
+
+_special = st.sampled_from([0.0, -0.0, 1e-45, -1e-45, 1e-38, 3.4e38, -3.4e38, 1.0, -1.0, 0.5, 0.25])
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(0, 5000), st.sampled_from([0.2, 0.3, 0.4, 0.5, 0.6, 0.0, 1 / 3]), st.integers(0, 2**31),
+       st.lists(st.tuples(st.integers(0, 4999), _special, _special), max_size=20))
+def test_tall_mask_pass_gives_the_masks_bits_and_the_fidelity_sums(n, lam, seed, specials):
+    from tallpack.tall import Fidelity, tall_mask, tall_mask_with_fidelity
+    g = torch.Generator().manual_seed(seed)
+    tau = torch.randn(n, generator=g) * (torch.rand(n, generator=g) < 0.5)
+    merged = tau * torch.randint(-2, 3, (n,), generator=g) + torch.randn(n, generator=g) * (torch.rand(n, generator=g) < 0.3)
+    for i, t, m in specials:  # zeros of both signs, subnormals, ties and overflow in |merged - tau|
+        if i < n:
+            tau[i], merged[i] = t, m
+    want = tall_mask(tau, merged, lam)
+    got = torch.empty(n, dtype=torch.bool)
+    fid = Fidelity()
+    ones = tall_mask_with_fidelity(tau, merged, lam, got, fid)
+    assert torch.equal(got, want)
+    assert ones == fid.ones == int(want.sum()) and fid.numel == n
+    t64, r64 = tau.double(), want.double() * merged.double()
+    for name, a, b in (("tau_sq", t64, t64), ("rec_sq", r64, r64), ("dot", r64, t64), ("err_sq", r64 - t64, r64 - t64)):
+        scale = float((a * b).abs().sum())  # float32 sums are within a few ulps of the sum of magnitudes
+        if scale < 1e38:  # past float32's range both ways overflow (inf), as torch's dots do
+            assert abs(getattr(fid, name) - float(a @ b)) <= 1e-5 * scale + 1e-30, name
+
+
+def test_tall_mask_pass_falls_back_to_torch_where_the_loop_does_not_apply():
+    from tallpack.tall import Fidelity, tall_mask, tall_mask_with_fidelity
+    tau, merged = torch.randn(1000), torch.randn(1000)
+    unaligned = np.frombuffer(bytes(4001), np.uint8)[1:].view(np.float32)  # floats at an odd address
+    assert kernels.tall_mask(unaligned, merged.numpy(), 0.4, np.empty(1000, np.uint8)) is None
+    for t, m in ((tau[::2], merged[::2]), (tau.double(), merged.double())):  # strided, float64: torch's ops
+        got, fid = torch.empty(t.numel(), dtype=torch.bool), Fidelity()
+        assert tall_mask_with_fidelity(t, m, 0.4, got, fid) == int(tall_mask(t, m, 0.4).sum())
+        assert torch.equal(got, tall_mask(t, m, 0.4))

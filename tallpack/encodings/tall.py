@@ -12,7 +12,7 @@ from ..arrays import ArrayRef
 from ..dtypes import dtype_name, tensor_to_bytes, torch_dtype
 from ..elements import FLOATING, numel
 from ..errors import FormatError
-from ..tall import Planar, Workspace, blocks, reconstruct, reconstruct_planar, tall_mask
+from ..tall import Planar, Workspace, blocks, reconstruct, reconstruct_planar, tall_mask_with_fidelity
 from .base import EXTRA_ARRAYS, Encoding, Item, TaskTensor, TensorEntry, Use, WriteContext, register
 
 
@@ -94,8 +94,7 @@ class Tall(Encoding):
                         extras[key] = ws.get(f"{key}{side}", n, x.dtype)
                     extras[key][s].copy_(x)
                 for i, (t, tau) in enumerate(zip(tasks, taus)):
-                    tall_mask(tau, merged[s], ctx.lambdas[t], out=masks[i][s], ws=ws)
-                    ones[i] += ctx.fidelity[t].add(tau, masks[i][s], merged[s], ws)
+                    ones[i] += tall_mask_with_fidelity(tau, merged[s], ctx.lambdas[t], masks[i][s], ctx.fidelity[t], ws)
             parts = {"base": b, "merged": merged, **extras}
             jobs = [(a_.chain, tensor_to_bytes(parts[key])) for key, a_ in entry_arrays.items()]
             jobs += [(ctx.masks, tensor_to_bytes(m)) for m in masks]
