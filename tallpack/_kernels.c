@@ -12,6 +12,9 @@
  *   tall_planes(base, rb, merged, rm, mask, out)
  *                                        the same, base and merged given as their four stored byte
  *                                        planes (``planes``: r = 0; ``planes-exp``: its rotation)
+ *   tall_planes_bf16(base, rb, merged, rm, mask, out)
+ *                                        the same for a bfloat16 base (two planes) and output (rounded
+ *                                        to nearest even from the float32 sum)
  *   tall_mask_f32(tau, merged, lam, mask)
  *                                        the packer's TALL mask, mask = |tau| > lam * |merged - tau|
  *                                        (float32, as tall.tall_mask), and the fidelity sums of
@@ -200,6 +203,36 @@ static void tall_planes_any(const uint8_t *const *b, int rb, const uint8_t *cons
     }
 #endif
     tall_planes_loop(b, rb, m, rm, mask, out, n);
+}
+
+/* float32 -> bfloat16, rounding to nearest even as torch's Tensor.to(torch.bfloat16); a NaN gives
+ * 0xFFFF, as torch's vectorized conversion does (the format leaves a NaN's payload open). */
+static inline uint16_t bf16_rne(float v) {
+    uint32_t u;
+    memcpy(&u, &v, 4);
+    uint16_t rounded = (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+    return (u & 0x7FFFFFFFu) > 0x7F800000u ? (uint16_t)0xFFFFu : rounded;
+}
+
+/* tall_planes_loop for a bfloat16 base and output: the base from its two stored planes (``planes``:
+ * r = 0, byte j from plane j; ``planes-exp``: S and T of rotation r, see join_exp2), widened to
+ * float32 exactly, plus k * merged (float32, from its four planes) in float32, then rounded to
+ * bfloat16: torch's addcmul(base.float(), mask.float(), merged).to(torch.bfloat16), bit for bit. */
+HOT static void tall_planes_bf16_loop(const uint8_t *bs, const uint8_t *bt, int rb, const uint8_t *const *m, int rm,
+                                      const uint8_t *mask, uint16_t *out, Py_ssize_t n) {
+    const uint32_t bkeep = 0xFFu >> rb, bhigh = 0xFFu ^ bkeep, bshift = 8 - rb;
+    const uint32_t mkeep = 0xFFu >> rm, mhigh = 0xFFu ^ mkeep, mshift = 24 - rm;
+    const uint8_t *m0 = m[0], *m1 = m[1], *m2 = m[2], *m3 = m[3];
+    for (Py_ssize_t i = 0; i < n; i++) {
+        uint32_t S = bs[i];
+        uint32_t wb = ((S & bkeep) | (S & bhigh) << 8 | (uint32_t)bt[i] << bshift) << 16;
+        uint32_t wm = PLANE_WORD(m0, m1, m2, m3, i, mkeep, mhigh, mshift);
+        float fb, fm;
+        memcpy(&fb, &wb, 4);
+        memcpy(&fm, &wm, 4);
+        float k = mask[i] ? 1.0f : 0.0f;
+        out[i] = bf16_rne(fb + k * fm);
+    }
 }
 
 /* Byte b's eight elements as 0/1 bytes, LSB first: one 8-byte copy per stored byte. */
@@ -410,6 +443,48 @@ done:
 }
 
 
+static PyObject *tall_planes_bf16(PyObject *self, PyObject *args) {
+    PyObject *bseq, *mseq;
+    int rb, rm;
+    Py_buffer mask, out, bv[MAX_PLANES], mv[MAX_PLANES];
+    if (!PyArg_ParseTuple(args, "OiOiy*w*:tall_planes_bf16", &bseq, &rb, &mseq, &rm, &mask, &out))
+        return NULL;
+    Py_ssize_t n = out.len / 2;
+    int nb = -1, nm = -1;
+    if (out.len % 2 || ((uintptr_t)out.buf & 1) || mask.len != n || rb < 0 || rb > 7 || rm < 0 || rm > 7) {
+        PyErr_Format(PyExc_ValueError, "tall_planes_bf16: mask %zd and out %zd bytes (or misaligned), rotations %d and %d",
+                     mask.len, out.len, rb, rm);
+        goto done;
+    }
+    nb = get_planes(bseq, bv, n, 2);
+    if (nb < 0)
+        goto done;
+    nm = get_planes(mseq, mv, n, 4);
+    if (nm < 0)
+        goto done;
+    if (nb != 2 || nm != 4) {
+        PyErr_Format(PyExc_ValueError, "tall_planes_bf16: %d and %d planes, expected 2 and 4", nb, nm);
+        goto done;
+    }
+    const uint8_t *m[4];
+    for (int j = 0; j < 4; j++)
+        m[j] = (const uint8_t *)mv[j].buf;
+    Py_BEGIN_ALLOW_THREADS
+    tall_planes_bf16_loop((const uint8_t *)bv[0].buf, (const uint8_t *)bv[1].buf, rb, m, rm, (const uint8_t *)mask.buf,
+                          (uint16_t *)out.buf, n);
+    Py_END_ALLOW_THREADS
+done:
+    if (nb > 0)
+        release_all(bv, nb);
+    if (nm > 0)
+        release_all(mv, nm);
+    PyBuffer_Release(&mask);
+    PyBuffer_Release(&out);
+    if (PyErr_Occurred())
+        return NULL;
+    Py_RETURN_NONE;
+}
+
 /* The packer's TALL mask in one pass: mask[i] = |tau[i]| > lam * |merged[i] - tau[i]|, each step
  * rounded to float32 as torch's ops on float32 tensors round it (tall.tall_mask: the same bits),
  * and the sums Fidelity reports, of rec = mask * merged against tau: sum tau^2, rec^2, rec*tau and
@@ -611,6 +686,8 @@ static PyMethodDef methods[] = {
     {"tall_f32", tall_f32, METH_VARARGS, "tall_f32(base, merged, mask, out): out = base + mask * merged"},
     {"tall_planes", tall_planes, METH_VARARGS,
      "tall_planes(base_planes, rb, merged_planes, rm, mask, out): tall_f32 with base and merged as stored planes"},
+    {"tall_planes_bf16", tall_planes_bf16, METH_VARARGS,
+     "tall_planes_bf16(base_planes, rb, merged_planes, rm, mask, out): tall_planes for a bfloat16 base and output"},
     {"tall_mask_f32", tall_mask_f32, METH_VARARGS,
      "tall_mask_f32(tau, merged, lam, mask): the TALL mask and (ones, tau_sq, rec_sq, dot, err_sq) in one pass"},
     {"json_pairs", json_pairs, METH_O, "json_pairs(pairs): a dict of JSON object pairs; ValueError on a duplicate key"},

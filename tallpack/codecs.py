@@ -670,14 +670,21 @@ class Chain:
 
     def planar(self, buf: memoryview, size: int, slot: str | None = None,
                known: Sequence[np.ndarray | None] | None = None) -> tuple[list[np.ndarray], int] | None:
-        """A float32 chunk as its stored byte planes and their rotation (``Planes.planar``), or
-        None when this chain is not one ``planes`` or ``planes-exp`` codec of 4-byte elements."""
-        return self.codecs[0].planar(buf, size, slot, known) if self.planar_float32 else None
+        """A chunk as its stored byte planes and their rotation (``Planes.planar``), or None when
+        this chain is not one ``planes`` or ``planes-exp`` codec of 2- or 4-byte elements."""
+        return self.codecs[0].planar(buf, size, slot, known) if self.planar_itemsize else None
+
+    @property
+    def planar_itemsize(self) -> int:
+        """The element size (2 or 4) whose planes ``planar`` gives for this chain; 0: none."""
+        if len(self.codecs) == 1 and isinstance(self.codecs[0], Planes) and self.codecs[0].itemsize in (2, 4):
+            return self.codecs[0].itemsize
+        return 0
 
     @property
     def planar_float32(self) -> bool:
-        """Whether ``planar`` gives planes for this chain."""
-        return len(self.codecs) == 1 and isinstance(self.codecs[0], Planes) and self.codecs[0].itemsize == 4
+        """Whether ``planar`` gives the four planes of 4-byte elements for this chain."""
+        return self.planar_itemsize == 4
 
     def decode(self, buf: memoryview, size: int, out: memoryview | None = None
                ) -> bytes | bytearray | memoryview:

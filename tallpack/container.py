@@ -334,6 +334,9 @@ def _parse_manifest(raw: bytes | memoryview, name: str) -> Any:
         raise FormatError(f"{name}: manifest is not valid JSON: {str(e)[:200]}") from None
 
 
+#: The dtypes a reader may take as byte planes (``read_planar``), with their element sizes.
+PLANAR_DTYPES = {"float32": 4, "bfloat16": 2}
+
 #: A chunk span's (offset, size): what spans sort by (their third field, where, may be a str or a pair).
 _span_start = operator.itemgetter(0, 1)
 
@@ -436,8 +439,8 @@ class ContainerReader:
 
     def read_planar(self, ref: ArrayRef, i: int, where: str, slot: str | None = None,
                     known: list[np.ndarray | None] | None = None) -> tuple[list[np.ndarray], int]:
-        """Chunk ``i`` of a float32 array stored as byte planes (``ref.chain.planar_float32``),
-        checked, as its planes and their rotation (``Chain.planar``; ``slot``: the thread's
+        """Chunk ``i`` of a float32 or bfloat16 array stored as byte planes of its elements
+        (``ref.chain.planar_itemsize``), checked, as its planes and their rotation (``Chain.planar``; ``slot``: the thread's
         buffers that compressed planes are decoded into, None for fresh ones; ``known``: planes
         decoded by an earlier call, or None each)."""
         stored = self._stored(ref, i, where)
@@ -445,8 +448,8 @@ class ContainerReader:
             got = ref.chain.planar(stored, ref.chunk_numel(i) * itemsize(ref.dtype), slot, known)
         except FormatError as e:
             raise type(e)(f"{self.name}: {where}: chunk {i}: {e}") from None
-        if got is None or ref.dtype != "float32":
-            raise ValueError(f"{where}: not a float32 array of byte planes")  # a caller's bug
+        if got is None or PLANAR_DTYPES.get(ref.dtype) != ref.chain.planar_itemsize:
+            raise ValueError(f"{where}: not a float32 or bfloat16 array of byte planes")  # a caller's bug
         return got
 
     def _stored(self, ref: ArrayRef, i: int, where: str, recheck: bool = False) -> memoryview:

@@ -181,6 +181,46 @@ def tall_planes(base: Sequence[np.ndarray], rb: int, merged: Sequence[np.ndarray
         [p[a:b] for p in base], rb, [p[a:b] for p in merged], rm, mask[a:b], out[a:b]))
 
 
+def tall_planes_bf16(base: Sequence[np.ndarray], rb: int, merged: Sequence[np.ndarray], rm: int, mask: np.ndarray,
+                     out: np.ndarray, threads: int = 1) -> None:
+    """``tall_planes`` for a bfloat16 base and output: ``base`` the two stored byte planes of the
+    bfloat16 elements (``planes``: r = 0; ``planes-exp``: S and T of rotation ``rb``), ``merged``
+    float32's four, and ``out`` n 16-bit elements (any 2-byte dtype), each the float32 sum rounded
+    to nearest even, as torch's ``addcmul(base.float(), mask.float(), merged).to(torch.bfloat16)``."""
+    if _kernels is None or not out.flags.aligned:
+        _tall_planes_bf16_numpy(base, rb, merged, rm, mask, out)
+        return
+    _split(out.size, threads, lambda a, b: _kernels.tall_planes_bf16(
+        [p[a:b] for p in base], rb, [p[a:b] for p in merged], rm, mask[a:b], out[a:b]))
+
+
+def _tall_planes_bf16_numpy(base: Sequence[np.ndarray], rb: int, merged: Sequence[np.ndarray], rm: int,
+                            mask: np.ndarray, out: np.ndarray) -> None:
+    """``tall_planes_bf16`` in numpy, in blocks: the base's 16 bits widened to float32, merged
+    joined, ``b + m * t`` in float32, rounded to nearest even (a NaN gives 0xFFFF)."""
+    n = out.size
+    dst = out.reshape(-1).view(np.uint16)
+    sides = (np.empty((min(n, BLOCK), 2), np.uint8), np.empty((min(n, BLOCK), 4), np.uint8))
+    for a in range(0, n, BLOCK):
+        b = min(n, a + BLOCK)
+        bb, mb = sides[0][: b - a], sides[1][: b - a]
+        if rb:
+            _join_exponent_numpy(base[0][a:b], base[1][a:b], rb, bb)
+        else:
+            _join_numpy([p[a:b] for p in base], bb)
+        mp = [p[a:b] for p in merged]
+        if rm:
+            _join_numpy(mp[:2], mb)
+            _join_exponent_numpy(mp[2], mp[3], rm, mb)
+        else:
+            _join_numpy(mp, mb)
+        fb = (bb.view("<u2").reshape(-1).astype(np.uint32) << np.uint32(16)).view(np.float32)
+        v = np.add(fb, mask[a:b].astype(np.float32) * mb.view("<f4").reshape(-1)).view(np.uint32)
+        rounded = ((v + np.uint32(0x7FFF) + ((v >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)).astype(np.uint16)
+        rounded[(v & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000)] = 0xFFFF
+        dst[a:b] = rounded
+
+
 def _tall_planes_numpy(base: Sequence[np.ndarray], rb: int, merged: Sequence[np.ndarray], rm: int,
                        mask: np.ndarray, out: np.ndarray) -> None:
     """``tall_planes`` in numpy, in blocks: each side joined, then ``b + m * t`` in float32 (the

@@ -24,7 +24,7 @@ import torch
 from . import kernels
 from .arrays import ArrayRef
 from .cache import DEFAULT_CACHE_BYTES, ByteLRU
-from .container import PREFETCH_BYTES, ContainerReader
+from .container import PLANAR_DTYPES, PREFETCH_BYTES, ContainerReader
 from .dtypes import bytes_to_tensor, view_tensor
 from .elements import numel
 from .encodings import Encoding, TaskTensor, TensorEntry, Use, encoding_for, iter_arrays
@@ -280,7 +280,7 @@ class Archive:
             self._c.prefetch(_needs(entry, tt, encoding))  # remote: one coalesced fetch
 
         on_cpu = device is None or torch.device(device).type == "cpu"
-        planar = self._planar_keys(encoding, tt, needed) if on_cpu and rows is None else ()
+        planar = self._planar_keys(encoding, entry, tt, needed) if on_cpu and rows is None else ()
 
         def read(k: str, ref: ArrayRef, use: Use, slot: str | None = None) -> torch.Tensor | Planar:
             if k in planar:
@@ -300,16 +300,16 @@ class Archive:
         return out if rows is None else out.reshape(rows[1] - rows[0], *tt.shape[1:])
 
     @staticmethod
-    def _planar_keys(encoding: type[Encoding], tt: TaskTensor, needed: Mapping[str, tuple[Any, Use]]
-                     ) -> tuple[str, ...]:
+    def _planar_keys(encoding: type[Encoding], entry: TensorEntry, tt: TaskTensor,
+                     needed: Mapping[str, tuple[Any, Use]]) -> tuple[str, ...]:
         """The inputs to hand ``rebuild`` as byte planes (``Encoding.planar_inputs``): all it
-        names, when each is a float32 array of byte planes and all have the same chunks (and the
-        compiled loop that joins them is there), else none."""
-        keys = encoding.planar_inputs(tt)
+        names, when each is a float32 or bfloat16 array of byte planes and all have the same
+        chunks (and the compiled loop that joins them is there), else none."""
+        keys = encoding.planar_inputs(entry, tt)
         if not keys or not kernels.COMPILED or not all(k in needed for k in keys):
             return ()
         refs = [needed[k][0] for k in keys]
-        if not all(isinstance(r, ArrayRef) and r.dtype == "float32" and r.chunks and r.chain.planar_float32
+        if not all(isinstance(r, ArrayRef) and r.chunks and PLANAR_DTYPES.get(r.dtype) == r.chain.planar_itemsize
                    and r.numel >= PLANAR_MIN_ELEMENTS for r in refs):
             return ()
         return keys if len({(r.numel, r.chunk_elements) for r in refs}) == 1 else ()
@@ -571,7 +571,7 @@ class Archive:
 
 #: Decoded bytes of a tensor's inputs from which ``get_tensor`` decodes them on several threads.
 PARALLEL_BYTES = 1 << 20
-#: Elements from which a float32 tensor is rebuilt from byte planes (``_planar_keys``); smaller
+#: Elements from which a float32 or bfloat16 tensor is rebuilt from byte planes (``_planar_keys``); smaller
 #: ones (biases, norms) are joined and cached as floats, a few KB each, in fewer steps.
 PLANAR_MIN_ELEMENTS = 4096
 #: Decoded bytes of a tensor's inputs from which ``state_dict`` rebuilds it on the archive's

@@ -141,22 +141,29 @@ def reconstruct(theta_0: torch.Tensor, mask: torch.Tensor, tau_mtl: torch.Tensor
 
 
 class Planar:
-    """A float32 array as the stored byte planes of each of its chunks (``Chain.planar``), for
-    :func:`reconstruct_planar`: ``chunk(i)`` gives chunk ``i``'s four planes and their rotation.
-    The reader makes them, with the planes decoded when asked or kept from an earlier read."""
+    """A float32 or bfloat16 array as the stored byte planes of each of its chunks
+    (``Chain.planar``), for :func:`reconstruct_planar`: ``chunk(i)`` gives chunk ``i``'s planes
+    (four, or two) and their rotation. The reader makes them, with the planes decoded when asked
+    or kept from an earlier read."""
 
     def __init__(self, numel: int, chunk_elements: int, chunk: Callable[[int], tuple[list[np.ndarray], int]]):
         self.numel, self.chunk_elements, self.chunk = numel, chunk_elements, chunk
 
 
-def reconstruct_planar(theta_0: Planar, mask: torch.Tensor, tau_mtl: Planar, shape: Sequence[int]) -> torch.Tensor:
-    """:func:`reconstruct` for float32, with ``theta_0`` and ``tau_MTL`` as byte planes of the same
-    chunks: one pass per chunk joins both and adds (``kernels.tall_planes``; the same bits)."""
+def reconstruct_planar(theta_0: Planar, mask: torch.Tensor, tau_mtl: Planar, shape: Sequence[int],
+                       dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """:func:`reconstruct` with ``theta_0`` and ``tau_MTL`` as byte planes of the same chunks:
+    one pass per chunk joins both, adds and, for a bfloat16 ``dtype`` (``theta_0`` then bfloat16
+    too), rounds (``kernels.tall_planes`` and ``tall_planes_bf16``; the same bits)."""
     n = theta_0.numel
     if not (n == tau_mtl.numel == mask.numel() and theta_0.chunk_elements == tau_mtl.chunk_elements > 0):
         raise ValueError("base, merged vector and mask differ in length or chunks")  # a caller's bug
-    out = torch.empty(tuple(shape), dtype=torch.float32)
-    flat, m = _flat(out), _flat(_bytes(mask.reshape(-1)))
+    if dtype not in (torch.float32, torch.bfloat16):
+        raise ValueError(f"no rebuild from byte planes into {dtype}")  # a caller's bug
+    out = torch.empty(tuple(shape), dtype=dtype)
+    flat = _flat(out) if dtype == torch.float32 else _flat(out.view(torch.int16))
+    join = kernels.tall_planes if dtype == torch.float32 else kernels.tall_planes_bf16
+    m = _flat(_bytes(mask.reshape(-1)))
     if m.dtype != np.uint8:
         m = m.astype(np.uint8)
     ce = theta_0.chunk_elements
@@ -164,7 +171,7 @@ def reconstruct_planar(theta_0: Planar, mask: torch.Tensor, tau_mtl: Planar, sha
         b = min(n, a + ce)
         base_planes, rb = theta_0.chunk(i)
         merged_planes, rm = tau_mtl.chunk(i)
-        kernels.tall_planes(base_planes, rb, merged_planes, rm, m[a:b], flat[a:b], threads=torch.get_num_threads())
+        join(base_planes, rb, merged_planes, rm, m[a:b], flat[a:b], threads=torch.get_num_threads())
     return out
 
 

@@ -109,6 +109,36 @@ def test_tall_planes_is_bit_identical_to_addcmul(n, rb, rm, seed):
         assert torch.equal(out.view(torch.int32), ref.view(torch.int32)), run
 
 
+def _stored_bf16_planes(x: torch.Tensor, r: int) -> list[np.ndarray]:
+    """bfloat16 elements as the writer stores them: two planes (r = 0), or ``planes-exp``'s S, T."""
+    b = x.view(torch.int16).numpy().view(np.uint8).reshape(-1, 2)
+    planes = [np.ascontiguousarray(b[:, j]) for j in range(2)]
+    if r:
+        t, s = codecs._rotate(planes[0], planes[1], r)
+        planes = [s, t]
+    return planes
+
+
+@given(st.integers(0, 4000), st.integers(0, 7), st.integers(0, 7), st.integers(0, 2**31 - 1))
+@settings(max_examples=60)
+def test_tall_planes_bf16_is_bit_identical_to_addcmul_then_the_cast(n, rb, rm, seed):
+    """The bfloat16 rebuild from stored planes, compiled and numpy, against the spec's formula as
+    torch computes it (addcmul in float32, then ``.to(torch.bfloat16)``): every bit, NaN aside
+    (its payload is unspecified, spec 6.1.1), for every pair of rotations."""
+    base, merged, mask = _specials(n, seed)
+    base = base.to(torch.bfloat16)
+    base.view(torch.int16)[6::29] = 0x0001  # bfloat16 subnormals
+    merged[7::31] = 2.0 ** -8 * 3  # sums that sit halfway between two bfloat16 values
+    ref = torch.addcmul(base.float(), mask.to(torch.float32), merged).to(torch.bfloat16)
+    args = (_stored_bf16_planes(base, rb), rb, _stored_planes(merged, rm), rm, mask.view(torch.uint8).numpy())
+    for run in (_kernels.tall_planes_bf16, kernels._tall_planes_bf16_numpy, kernels.tall_planes_bf16):
+        out = torch.full((n,), 7.0, dtype=torch.bfloat16)
+        run(*args, out.view(torch.int16).numpy())
+        assert torch.equal(out.isnan(), ref.isnan()), run
+        keep = ~ref.isnan()
+        assert torch.equal(out.view(torch.int16)[keep], ref.view(torch.int16)[keep]), run
+
+
 @pytest.mark.skipif(not kernels.COMPILED, reason="the compiled loops are turned off")
 def test_tall_f32_declines_unaligned_floats():
     buf = np.zeros(4 * 100 + 1, np.uint8)
@@ -158,6 +188,18 @@ def test_tall_f32_declines_unaligned_floats():
                                  np.zeros(4, np.uint8), b"\0" * 16),  # read-only output
     lambda: _kernels.tall_planes(None, 0, [np.zeros(4, np.uint8)] * 4, 0, np.zeros(4, np.uint8),
                                  np.zeros(4, np.float32)),
+    lambda: _kernels.tall_planes_bf16([np.zeros(4, np.uint8)] * 4, 0, [np.zeros(4, np.uint8)] * 4, 0,
+                                      np.zeros(4, np.uint8), np.zeros(4, np.uint16)),  # four base planes
+    lambda: _kernels.tall_planes_bf16([np.zeros(4, np.uint8)] * 2, 0, [np.zeros(4, np.uint8)] * 2, 0,
+                                      np.zeros(4, np.uint8), np.zeros(4, np.uint16)),  # two merged planes
+    lambda: _kernels.tall_planes_bf16([np.zeros(4, np.uint8)] * 2, 0, [np.zeros(4, np.uint8)] * 4, 0,
+                                      np.zeros(4, np.uint8), np.zeros(4, np.float32)),  # 4-byte output elements
+    lambda: _kernels.tall_planes_bf16([np.zeros(4, np.uint8)] * 2, 0, [np.zeros(4, np.uint8)] * 4, 0,
+                                      np.zeros(4, np.uint8), np.zeros(9, np.uint8)[1:]),  # misaligned output
+    lambda: _kernels.tall_planes_bf16([np.zeros(4, np.uint8)] * 2, 8, [np.zeros(4, np.uint8)] * 4, 0,
+                                      np.zeros(4, np.uint8), np.zeros(4, np.uint16)),  # rotation 8
+    lambda: _kernels.tall_planes_bf16([np.zeros(4, np.uint8)] * 2, 0, [np.zeros(4, np.uint8)] * 4, 0,
+                                      np.zeros(4, np.uint8), b"\0" * 8),  # read-only output
 ])
 def test_kernels_reject_bad_buffers(call):
     with pytest.raises((ValueError, TypeError, BufferError)):

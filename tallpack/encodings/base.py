@@ -260,11 +260,11 @@ class Encoding:
         return False
 
     @classmethod
-    def planar_inputs(cls, tt: TaskTensor) -> tuple[str, ...]:
+    def planar_inputs(cls, entry: TensorEntry, tt: TaskTensor) -> tuple[str, ...]:
         """Inputs that ``rebuild`` also takes as stored byte planes (a :class:`tallpack.tall.Planar`
-        in place of the tensor) when every one of them is a float32 array stored as ``planes`` or
-        ``planes-exp`` with the same chunks: the reader then skips joining them into elements, and
-        its cache keeps only the planes that were compressed."""
+        in place of the tensor) when every one of them is a float32 or bfloat16 array stored as
+        ``planes`` or ``planes-exp`` with the same chunks: the reader then skips joining them into
+        elements, and its cache keeps only the planes that were compressed."""
         return ()
 
 

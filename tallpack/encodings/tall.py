@@ -131,9 +131,13 @@ class Tall(Encoding):
         return "correction" not in tt.extras  # reconstruct's output is always a new tensor
 
     @classmethod
-    def planar_inputs(cls, tt: TaskTensor) -> tuple[str, ...]:
+    def planar_inputs(cls, entry: TensorEntry, tt: TaskTensor) -> tuple[str, ...]:
         corr = tt.extras.get("correction")  # the dial's corrections add to the same rebuild; exact ones do not
-        return ("base", "merged") if tt.dtype == "float32" and (corr is None or corr.kind != "exact") else ()
+        if tt.dtype == "float32" and (corr is None or corr.kind != "exact"):
+            return ("base", "merged")
+        if tt.dtype == "bfloat16" and corr is None and entry.arrays["base"].dtype == "bfloat16":
+            return ("base", "merged")  # a bfloat16 base and output (kernels.tall_planes_bf16)
+        return ()
 
     @classmethod
     def rebuild(cls, arrays: Mapping[str, torch.Tensor | Planar], entry: TensorEntry, tt: TaskTensor) -> torch.Tensor:
@@ -142,7 +146,7 @@ class Tall(Encoding):
             return corr.rebuild(arrays, entry, tt)
         base, merged = arrays["base"], arrays["merged"]
         if isinstance(base, Planar) and isinstance(merged, Planar):
-            return reconstruct_planar(base, arrays["mask"], merged, tt.shape)
+            return reconstruct_planar(base, arrays["mask"], merged, tt.shape, torch_dtype(tt.dtype))
         return reconstruct(base, arrays["mask"], merged, torch_dtype(tt.dtype))
 
 
