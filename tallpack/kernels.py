@@ -215,7 +215,8 @@ def _tall_planes_bf16_numpy(base: Sequence[np.ndarray], rb: int, merged: Sequenc
         else:
             _join_numpy(mp, mb)
         fb = (bb.view("<u2").reshape(-1).astype(np.uint32) << np.uint32(16)).view(np.float32)
-        v = np.add(fb, mask[a:b].astype(np.float32) * mb.view("<f4").reshape(-1)).view(np.uint32)
+        with np.errstate(invalid="ignore", over="ignore"):  # IEEE results, as the C loop's: inf * 0, overflow
+            v = np.add(fb, mask[a:b].astype(np.float32) * mb.view("<f4").reshape(-1)).view(np.uint32)
         rounded = ((v + np.uint32(0x7FFF) + ((v >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)).astype(np.uint16)
         rounded[(v & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000)] = 0xFFFF
         dst[a:b] = rounded
@@ -239,7 +240,8 @@ def _tall_planes_numpy(base: Sequence[np.ndarray], rb: int, merged: Sequence[np.
             else:
                 _join_numpy(part, dst)
             joined.append(dst.view("<f4").reshape(-1).astype(np.float32, copy=False))
-        np.add(joined[0], mask[a:b].astype(np.float32) * joined[1], out=out[a:b])
+        with np.errstate(invalid="ignore", over="ignore"):  # IEEE results, as the C loop's: inf * 0, overflow
+            np.add(joined[0], mask[a:b].astype(np.float32) * joined[1], out=out[a:b])
 
 
 def tall_mask(tau: np.ndarray, merged: np.ndarray, lam: float, mask: np.ndarray
