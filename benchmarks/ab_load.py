@@ -94,11 +94,18 @@ def main(argv: list[str] | None = None) -> int:
     cache = "the default cache" if a.cache_bytes < 0 else f"cache_bytes={a.cache_bytes}"
     print(f"{what}, {cache}, {a.rounds} rounds; alternative load_file + clone: "
           f"{statistics.median(times['alt']) * 1e3:.1f} ms")
-    for side in ("this", "other"):
-        ratios = [t / s for t, s in zip(times[side], times["alt"])]
-        print(f"  {side:5s} {files[side]}: {statistics.median(times[side]) * 1e3:.1f} ms, "
-              f"{statistics.median(ratios):.2f}x of the alternative (median of per-round ratios)")
+    print_sides(times, files, "alt", "the alternative")
     return 0
+
+
+def print_sides(times: dict[str, list[float]], files: dict[str, str], alt: str, alt_name: str,
+                unit: str = "ms") -> None:
+    """Each side's median time and its median ratio, round by round, to ``times[alt]``."""
+    scale = 1e3 if unit == "ms" else 1.0
+    for side in ("this", "other"):
+        ratios = [t / s for t, s in zip(times[side], times[alt])]
+        print(f"  {side:5s} {files[side]}: {statistics.median(times[side]) * scale:.{1 if unit == 'ms' else 2}f} "
+              f"{unit}, {statistics.median(ratios):.2f}x of {alt_name} (median of per-round ratios)")
 
 
 if __name__ == "__main__":

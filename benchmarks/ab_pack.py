@@ -24,6 +24,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from ab_load import print_sides
+
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 FAMILY = HERE / "out" / "family-h512-v8000-L7-s0-g1"
@@ -83,10 +85,7 @@ def main(argv: list[str] | None = None) -> int:
         same = data_area(outs["this"]) == data_area(outs["other"])
     print(f"pack of {len(tasks)} tasks ({a.family.name}), {a.rounds} rounds; zstd -3 -T2: "
           f"{statistics.median(times['zstd']):.2f} s; data areas {'identical' if same else 'DIFFER'}")
-    for side in ("this", "other"):
-        ratios = [t / z for t, z in zip(times[side], times["zstd"])]
-        print(f"  {side:5s} {files[side]}: {statistics.median(times[side]):.2f} s, "
-              f"{statistics.median(ratios):.2f}x of zstd (median of per-round ratios)")
+    print_sides(times, files, "zstd", "zstd", unit="s")
     return 0
 
 

@@ -399,36 +399,43 @@ static PyObject *tall_f32(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
-static PyObject *tall_planes(PyObject *self, PyObject *args) {
+/* tall_planes and tall_planes_bf16: the arguments checked alike; out_size 4 (float32 base and
+ * output, four base planes) or 2 (bfloat16, two). */
+static PyObject *tall_planes_call(PyObject *args, int out_size, const char *format) {
     PyObject *bseq, *mseq;
     int rb, rm;
+    const int base_planes = out_size;
     Py_buffer mask, out, bv[MAX_PLANES], mv[MAX_PLANES];
-    if (!PyArg_ParseTuple(args, "OiOiy*w*:tall_planes", &bseq, &rb, &mseq, &rm, &mask, &out))
+    if (!PyArg_ParseTuple(args, format, &bseq, &rb, &mseq, &rm, &mask, &out))
         return NULL;
-    Py_ssize_t n = out.len / 4;
+    Py_ssize_t n = out.len / out_size;
     int nb = -1, nm = -1;
-    if (out.len % 4 || ((uintptr_t)out.buf & 3) || mask.len != n || rb < 0 || rb > 7 || rm < 0 || rm > 7) {
+    if (out.len % out_size || ((uintptr_t)out.buf & (out_size - 1)) || mask.len != n || rb < 0 || rb > 7 || rm < 0
+        || rm > 7) {
         PyErr_Format(PyExc_ValueError, "tall_planes: mask %zd and out %zd bytes (or misaligned), rotations %d and %d",
                      mask.len, out.len, rb, rm);
         goto done;
     }
-    nb = get_planes(bseq, bv, n, 4);
+    nb = get_planes(bseq, bv, n, base_planes);
     if (nb < 0)
         goto done;
     nm = get_planes(mseq, mv, n, 4);
     if (nm < 0)
         goto done;
-    if (nb != 4 || nm != 4) {
-        PyErr_Format(PyExc_ValueError, "tall_planes: %d and %d planes, expected 4 each", nb, nm);
+    if (nb != base_planes || nm != 4) {
+        PyErr_Format(PyExc_ValueError, "tall_planes: %d and %d planes, expected %d and 4", nb, nm, base_planes);
         goto done;
     }
     const uint8_t *b[4], *m[4];
     for (int j = 0; j < 4; j++) {
-        b[j] = (const uint8_t *)bv[j].buf;
+        b[j] = j < nb ? (const uint8_t *)bv[j].buf : NULL;
         m[j] = (const uint8_t *)mv[j].buf;
     }
     Py_BEGIN_ALLOW_THREADS
-    tall_planes_any(b, rb, m, rm, (const uint8_t *)mask.buf, (float *)out.buf, n);
+    if (out_size == 4)
+        tall_planes_any(b, rb, m, rm, (const uint8_t *)mask.buf, (float *)out.buf, n);
+    else
+        tall_planes_bf16_loop(b[0], b[1], rb, m, rm, (const uint8_t *)mask.buf, (uint16_t *)out.buf, n);
     Py_END_ALLOW_THREADS
 done:
     if (nb > 0)
@@ -442,48 +449,14 @@ done:
     Py_RETURN_NONE;
 }
 
+static PyObject *tall_planes(PyObject *self, PyObject *args) {
+    return tall_planes_call(args, 4, "OiOiy*w*:tall_planes");
+}
 
 static PyObject *tall_planes_bf16(PyObject *self, PyObject *args) {
-    PyObject *bseq, *mseq;
-    int rb, rm;
-    Py_buffer mask, out, bv[MAX_PLANES], mv[MAX_PLANES];
-    if (!PyArg_ParseTuple(args, "OiOiy*w*:tall_planes_bf16", &bseq, &rb, &mseq, &rm, &mask, &out))
-        return NULL;
-    Py_ssize_t n = out.len / 2;
-    int nb = -1, nm = -1;
-    if (out.len % 2 || ((uintptr_t)out.buf & 1) || mask.len != n || rb < 0 || rb > 7 || rm < 0 || rm > 7) {
-        PyErr_Format(PyExc_ValueError, "tall_planes_bf16: mask %zd and out %zd bytes (or misaligned), rotations %d and %d",
-                     mask.len, out.len, rb, rm);
-        goto done;
-    }
-    nb = get_planes(bseq, bv, n, 2);
-    if (nb < 0)
-        goto done;
-    nm = get_planes(mseq, mv, n, 4);
-    if (nm < 0)
-        goto done;
-    if (nb != 2 || nm != 4) {
-        PyErr_Format(PyExc_ValueError, "tall_planes_bf16: %d and %d planes, expected 2 and 4", nb, nm);
-        goto done;
-    }
-    const uint8_t *m[4];
-    for (int j = 0; j < 4; j++)
-        m[j] = (const uint8_t *)mv[j].buf;
-    Py_BEGIN_ALLOW_THREADS
-    tall_planes_bf16_loop((const uint8_t *)bv[0].buf, (const uint8_t *)bv[1].buf, rb, m, rm, (const uint8_t *)mask.buf,
-                          (uint16_t *)out.buf, n);
-    Py_END_ALLOW_THREADS
-done:
-    if (nb > 0)
-        release_all(bv, nb);
-    if (nm > 0)
-        release_all(mv, nm);
-    PyBuffer_Release(&mask);
-    PyBuffer_Release(&out);
-    if (PyErr_Occurred())
-        return NULL;
-    Py_RETURN_NONE;
+    return tall_planes_call(args, 2, "OiOiy*w*:tall_planes_bf16");
 }
+
 
 /* The packer's TALL mask in one pass: mask[i] = |tau[i]| > lam * |merged[i] - tau[i]|, each step
  * rounded to float32 as torch's ops on float32 tensors round it (tall.tall_mask: the same bits),

@@ -204,22 +204,24 @@ def _tall_planes_bf16_numpy(base: Sequence[np.ndarray], rb: int, merged: Sequenc
     for a in range(0, n, BLOCK):
         b = min(n, a + BLOCK)
         bb, mb = sides[0][: b - a], sides[1][: b - a]
-        if rb:
-            _join_exponent_numpy(base[0][a:b], base[1][a:b], rb, bb)
-        else:
-            _join_numpy([p[a:b] for p in base], bb)
-        mp = [p[a:b] for p in merged]
-        if rm:
-            _join_numpy(mp[:2], mb)
-            _join_exponent_numpy(mp[2], mp[3], rm, mb)
-        else:
-            _join_numpy(mp, mb)
+        _join_stored([p[a:b] for p in base], rb, bb)
+        _join_stored([p[a:b] for p in merged], rm, mb)
         fb = (bb.view("<u2").reshape(-1).astype(np.uint32) << np.uint32(16)).view(np.float32)
         with np.errstate(invalid="ignore", over="ignore"):  # IEEE results, as the C loop's: inf * 0, overflow
             v = np.add(fb, mask[a:b].astype(np.float32) * mb.view("<f4").reshape(-1)).view(np.uint32)
         rounded = ((v + np.uint32(0x7FFF) + ((v >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)).astype(np.uint16)
         rounded[(v & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000)] = 0xFFFF
         dst[a:b] = rounded
+
+
+def _join_stored(planes: Sequence[np.ndarray], r: int, dst: np.ndarray) -> None:
+    """Stored planes into the elements of ``dst`` (uint8, (n, k)): ``planes`` as they are (r = 0),
+    or ``planes-exp``'s k - 2 low planes, then S and T of rotation r."""
+    if r:
+        _join_numpy(planes[:-2], dst)
+        _join_exponent_numpy(planes[-2], planes[-1], r, dst)
+    else:
+        _join_numpy(planes, dst)
 
 
 def _tall_planes_numpy(base: Sequence[np.ndarray], rb: int, merged: Sequence[np.ndarray], rm: int,
@@ -233,12 +235,7 @@ def _tall_planes_numpy(base: Sequence[np.ndarray], rb: int, merged: Sequence[np.
         joined = []
         for planes, r, buf in ((base, rb, sides[0]), (merged, rm, sides[1])):
             dst = buf[: b - a]
-            part = [p[a:b] for p in planes]
-            if r:
-                _join_numpy(part[:2], dst)
-                _join_exponent_numpy(part[2], part[3], r, dst)
-            else:
-                _join_numpy(part, dst)
+            _join_stored([p[a:b] for p in planes], r, dst)
             joined.append(dst.view("<f4").reshape(-1).astype(np.float32, copy=False))
         with np.errstate(invalid="ignore", over="ignore"):  # IEEE results, as the C loop's: inf * 0, overflow
             np.add(joined[0], mask[a:b].astype(np.float32) * joined[1], out=out[a:b])

@@ -113,10 +113,24 @@ class _Every:
 
 
 _WRITE_EVERY = _Every(int(os.environ.get("TALLPACK_FUZZ_WRITE_EVERY", "8")))
+#: Every other input is read with every float32 and bfloat16 tensor rebuilt from its byte planes:
+#: the corpus's tensors are below ``reader.PLANAR_MIN_ELEMENTS``, so that path would go unread.
+_PLANAR_EVERY = _Every(2)
 
 
 def exercise(path: str, outdir: str) -> None:
     """Everything a user can do with an archive, short of writing one."""
+    from tallpack import reader
+
+    old = reader.PLANAR_MIN_ELEMENTS
+    reader.PLANAR_MIN_ELEMENTS = 0 if _PLANAR_EVERY.tick() else old
+    try:
+        _exercise(path, outdir)
+    finally:
+        reader.PLANAR_MIN_ELEMENTS = old
+
+
+def _exercise(path: str, outdir: str) -> None:
     import tallpack
     from tallpack.merging import MERGED_MODELS
     from tallpack.report import render
