@@ -15,6 +15,8 @@
  *   tall_planes_bf16(base, rb, merged, rm, mask, out)
  *                                        the same for a bfloat16 base (two planes) and output (rounded
  *                                        to nearest even from the float32 sum)
+ *   tall_planes_f16(base, rb, merged, rm, mask, out)
+ *                                        and for float16 (F16C where the CPU has it)
  *   tall_mask_f32(tau, merged, lam, mask)
  *                                        the packer's TALL mask, mask = |tau| > lam * |merged - tau|
  *                                        (float32, as tall.tall_mask), and the fidelity sums of
@@ -235,6 +237,118 @@ HOT static void tall_planes_bf16_loop(const uint8_t *bs, const uint8_t *bt, int 
     }
 }
 
+/* float16 <-> float32 in IEEE 754, exactly as torch converts (float16 -> float32 is exact;
+ * float32 -> float16 rounds to nearest even, overflowing to infinity, through the subnormals); a
+ * NaN stays a NaN, its payload open (spec §6.1.1). */
+static inline float f16_to_f32(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000u) << 16, e = (h >> 10) & 0x1Fu, m = h & 0x3FFu, bits;
+    if (e == 0x1F)
+        bits = sign | 0x7F800000u | (m << 13);
+    else if (e)
+        bits = sign | ((e + 112) << 23) | (m << 13);
+    else if (m == 0)
+        bits = sign;
+    else {
+        float v = (float)m * 0x1p-24f; /* exact: m < 1024 */
+        memcpy(&bits, &v, 4);
+        bits |= sign;
+    }
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+static inline uint16_t f16_rne(float v) {
+    uint32_t x;
+    memcpy(&x, &v, 4);
+    uint16_t sign = (uint16_t)((x >> 16) & 0x8000u);
+    uint32_t ax = x & 0x7FFFFFFFu;
+    if (ax > 0x7F800000u)
+        return sign | 0x7E00u; /* NaN */
+    if (ax >= 0x477FF000u)     /* 65520 and up (the halfway point past 65504): infinity */
+        return sign | 0x7C00u;
+    if (ax < 0x38800000u) {    /* below 2^-14: a subnormal or zero, in units of 2^-24 */
+        if (ax <= 0x33000000u) /* up to 2^-25, the tie with zero: zero */
+            return sign;
+        uint32_t e = ax >> 23, m = (ax & 0x7FFFFFu) | 0x800000u, shift = 126 - e;
+        uint32_t q = m >> shift, rem = m & ((1u << shift) - 1), half = 1u << (shift - 1);
+        q += rem > half || (rem == half && (q & 1));
+        return sign | (uint16_t)q;
+    }
+    uint32_t r = ax + 0xFFFu + ((ax >> 13) & 1u); /* round the 13 dropped bits to nearest even */
+    return sign | (uint16_t)((r - 0x38000000u) >> 13);
+}
+
+/* tall_planes_bf16_loop for a float16 base and output: the base's two planes (``planes``: r = 0;
+ * a ``planes-exp`` chunk's S and T: its r) joined and widened exactly, the sum in float32, then
+ * rounded to float16 as torch's ``.to(torch.float16)``. */
+static void tall_planes_f16_loop(const uint8_t *bs, const uint8_t *bt, int rb, const uint8_t *const *m, int rm,
+                                 const uint8_t *mask, uint16_t *out, Py_ssize_t n) {
+    const uint32_t bkeep = 0xFFu >> rb, bhigh = 0xFFu ^ bkeep, bshift = 8 - rb;
+    const uint32_t mkeep = 0xFFu >> rm, mhigh = 0xFFu ^ mkeep, mshift = 24 - rm;
+    const uint8_t *m0 = m[0], *m1 = m[1], *m2 = m[2], *m3 = m[3];
+    for (Py_ssize_t i = 0; i < n; i++) {
+        uint32_t S = bs[i];
+        float fb = f16_to_f32((uint16_t)((S & bkeep) | (S & bhigh) << 8 | (uint32_t)bt[i] << bshift));
+        uint32_t wm = PLANE_WORD(m0, m1, m2, m3, i, mkeep, mhigh, mshift);
+        float fm;
+        memcpy(&fm, &wm, 4);
+        float k = mask[i] ? 1.0f : 0.0f;
+        out[i] = f16_rne(fb + k * fm);
+    }
+}
+
+#ifdef HAVE_AVX2_PLANES
+/* tall_planes_f16_loop, 32 elements at a time, converting with F16C (IEEE, round to nearest even:
+ * the same bits as the scalar loop, NaN payloads aside). */
+__attribute__((target("avx2,f16c"))) static void tall_planes_f16_avx2(const uint8_t *bs, const uint8_t *bt, int rb,
+                                                                     const uint8_t *const *m, int rm,
+                                                                     const uint8_t *mask, uint16_t *out, Py_ssize_t n) {
+    const __m256 one = _mm256_set1_ps(1.0f);
+    const __m256i zero = _mm256_setzero_si256();
+    const __m128i keep = _mm_set1_epi8((char)(0xFF >> rb)), high = _mm_set1_epi8((char)(0xFF ^ (0xFF >> rb)));
+    const __m128i tlow = _mm_set1_epi8((char)((0xFF << (8 - rb)) & 0xFF));
+    Py_ssize_t i = 0;
+    for (; i + 32 <= n; i += 32) {
+        __m256i wm[4];
+        __m128i h[4];
+        words32(m[0], m[1], m[2], m[3], i, rm, wm);
+        for (int half = 0; half < 2; half++) {
+            __m128i S = _mm_loadu_si128((const __m128i *)(bs + i + 16 * half));
+            __m128i T = _mm_loadu_si128((const __m128i *)(bt + i + 16 * half));
+            __m128i lo = S, hi = T;
+            if (rb) {
+                hi = _mm_or_si128(_mm_and_si128(S, high), _mm_and_si128(_mm_srl_epi16(T, _mm_cvtsi32_si128(rb)), keep));
+                lo = _mm_or_si128(_mm_and_si128(_mm_sll_epi16(T, _mm_cvtsi32_si128(8 - rb)), tlow), _mm_and_si128(S, keep));
+            }
+            h[2 * half] = _mm_unpacklo_epi8(lo, hi);
+            h[2 * half + 1] = _mm_unpackhi_epi8(lo, hi);
+        }
+        for (int j = 0; j < 4; j++) {
+            __m256i mk = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(mask + i + 8 * j)));
+            __m256 k = _mm256_andnot_ps(_mm256_castsi256_ps(_mm256_cmpeq_epi32(mk, zero)), one);
+            __m256 sum = _mm256_add_ps(_mm256_cvtph_ps(h[j]), _mm256_mul_ps(k, _mm256_castsi256_ps(wm[j])));
+            _mm_storeu_si128((__m128i *)(out + i + 8 * j), _mm256_cvtps_ph(sum, _MM_FROUND_TO_NEAREST_INT));
+        }
+    }
+    if (i < n) {
+        const uint8_t *mt[4] = {m[0] + i, m[1] + i, m[2] + i, m[3] + i};
+        tall_planes_f16_loop(bs + i, bt + i, rb, mt, rm, mask + i, out + i, n - i);
+    }
+}
+#endif
+
+static void tall_planes_f16_any(const uint8_t *bs, const uint8_t *bt, int rb, const uint8_t *const *m, int rm,
+                                const uint8_t *mask, uint16_t *out, Py_ssize_t n) {
+#ifdef HAVE_AVX2_PLANES
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c")) {
+        tall_planes_f16_avx2(bs, bt, rb, m, rm, mask, out, n);
+        return;
+    }
+#endif
+    tall_planes_f16_loop(bs, bt, rb, m, rm, mask, out, n);
+}
+
 /* Byte b's eight elements as 0/1 bytes, LSB first: one 8-byte copy per stored byte. */
 static uint8_t UNPACKED[256][8];
 
@@ -399,9 +513,9 @@ static PyObject *tall_f32(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
-/* tall_planes and tall_planes_bf16: the arguments checked alike; out_size 4 (float32 base and
- * output, four base planes) or 2 (bfloat16, two). */
-static PyObject *tall_planes_call(PyObject *args, int out_size, const char *format) {
+/* tall_planes, tall_planes_bf16 and tall_planes_f16: the arguments checked alike; out_size 4
+ * (float32 base and output, four base planes) or 2 (bfloat16 or float16: two; ``f16`` says which). */
+static PyObject *tall_planes_call(PyObject *args, int out_size, int f16, const char *format) {
     PyObject *bseq, *mseq;
     int rb, rm;
     const int base_planes = out_size;
@@ -434,6 +548,8 @@ static PyObject *tall_planes_call(PyObject *args, int out_size, const char *form
     Py_BEGIN_ALLOW_THREADS
     if (out_size == 4)
         tall_planes_any(b, rb, m, rm, (const uint8_t *)mask.buf, (float *)out.buf, n);
+    else if (f16)
+        tall_planes_f16_any(b[0], b[1], rb, m, rm, (const uint8_t *)mask.buf, (uint16_t *)out.buf, n);
     else
         tall_planes_bf16_loop(b[0], b[1], rb, m, rm, (const uint8_t *)mask.buf, (uint16_t *)out.buf, n);
     Py_END_ALLOW_THREADS
@@ -450,11 +566,15 @@ done:
 }
 
 static PyObject *tall_planes(PyObject *self, PyObject *args) {
-    return tall_planes_call(args, 4, "OiOiy*w*:tall_planes");
+    return tall_planes_call(args, 4, 0, "OiOiy*w*:tall_planes");
 }
 
 static PyObject *tall_planes_bf16(PyObject *self, PyObject *args) {
-    return tall_planes_call(args, 2, "OiOiy*w*:tall_planes_bf16");
+    return tall_planes_call(args, 2, 0, "OiOiy*w*:tall_planes_bf16");
+}
+
+static PyObject *tall_planes_f16(PyObject *self, PyObject *args) {
+    return tall_planes_call(args, 2, 1, "OiOiy*w*:tall_planes_f16");
 }
 
 
@@ -661,6 +781,8 @@ static PyMethodDef methods[] = {
      "tall_planes(base_planes, rb, merged_planes, rm, mask, out): tall_f32 with base and merged as stored planes"},
     {"tall_planes_bf16", tall_planes_bf16, METH_VARARGS,
      "tall_planes_bf16(base_planes, rb, merged_planes, rm, mask, out): tall_planes for a bfloat16 base and output"},
+    {"tall_planes_f16", tall_planes_f16, METH_VARARGS,
+     "tall_planes_f16(base_planes, rb, merged_planes, rm, mask, out): tall_planes for a float16 base and output"},
     {"tall_mask_f32", tall_mask_f32, METH_VARARGS,
      "tall_mask_f32(tau, merged, lam, mask): the TALL mask and (ones, tau_sq, rec_sq, dot, err_sq) in one pass"},
     {"json_pairs", json_pairs, METH_O, "json_pairs(pairs): a dict of JSON object pairs; ValueError on a duplicate key"},

@@ -335,7 +335,7 @@ def _parse_manifest(raw: bytes | memoryview, name: str) -> Any:
 
 
 #: The dtypes a reader may take as byte planes (``read_planar``), with their element sizes.
-PLANAR_DTYPES = {"float32": 4, "bfloat16": 2}
+PLANAR_DTYPES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 #: A chunk span's (offset, size): what spans sort by (their third field, where, may be a str or a pair).
 _span_start = operator.itemgetter(0, 1)
@@ -439,7 +439,7 @@ class ContainerReader:
 
     def read_planar(self, ref: ArrayRef, i: int, where: str, slot: str | None = None,
                     known: list[np.ndarray | None] | None = None) -> tuple[list[np.ndarray], int]:
-        """Chunk ``i`` of a float32 or bfloat16 array stored as byte planes of its elements
+        """Chunk ``i`` of a float32, bfloat16 or float16 array stored as byte planes of its elements
         (``ref.chain.planar_itemsize``), checked, as its planes and their rotation (``Chain.planar``; ``slot``: the thread's
         buffers that compressed planes are decoded into, None for fresh ones; ``known``: planes
         decoded by an earlier call, or None each)."""
@@ -449,7 +449,7 @@ class ContainerReader:
         except FormatError as e:
             raise type(e)(f"{self.name}: {where}: chunk {i}: {e}") from None
         if got is None or PLANAR_DTYPES.get(ref.dtype) != ref.chain.planar_itemsize:
-            raise ValueError(f"{where}: not a float32 or bfloat16 array of byte planes")  # a caller's bug
+            raise ValueError(f"{where}: not a float32, bfloat16 or float16 array of byte planes")  # a caller's bug
         return got
 
     def _stored(self, ref: ArrayRef, i: int, where: str, recheck: bool = False) -> memoryview:

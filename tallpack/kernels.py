@@ -194,6 +194,34 @@ def tall_planes_bf16(base: Sequence[np.ndarray], rb: int, merged: Sequence[np.nd
         [p[a:b] for p in base], rb, [p[a:b] for p in merged], rm, mask[a:b], out[a:b]))
 
 
+def tall_planes_f16(base: Sequence[np.ndarray], rb: int, merged: Sequence[np.ndarray], rm: int, mask: np.ndarray,
+                    out: np.ndarray, threads: int = 1) -> None:
+    """``tall_planes_bf16`` for a float16 base and output: each float32 sum rounded to float16
+    to nearest even (overflow to infinity, subnormals kept), as torch's ``.to(torch.float16)``."""
+    if _kernels is None or not out.flags.aligned:
+        _tall_planes_f16_numpy(base, rb, merged, rm, mask, out)
+        return
+    _split(out.size, threads, lambda a, b: _kernels.tall_planes_f16(
+        [p[a:b] for p in base], rb, [p[a:b] for p in merged], rm, mask[a:b], out[a:b]))
+
+
+def _tall_planes_f16_numpy(base: Sequence[np.ndarray], rb: int, merged: Sequence[np.ndarray], rm: int,
+                           mask: np.ndarray, out: np.ndarray) -> None:
+    """``tall_planes_f16`` in numpy, in blocks (numpy's float16 conversions round as IEEE does)."""
+    n = out.size
+    dst = out.reshape(-1).view(np.float16)
+    sides = (np.empty((min(n, BLOCK), 2), np.uint8), np.empty((min(n, BLOCK), 4), np.uint8))
+    for a in range(0, n, BLOCK):
+        b = min(n, a + BLOCK)
+        bb, mb = sides[0][: b - a], sides[1][: b - a]
+        _join_stored([p[a:b] for p in base], rb, bb)
+        _join_stored([p[a:b] for p in merged], rm, mb)
+        with np.errstate(invalid="ignore", over="ignore"):  # IEEE results, as the C loop's: inf * 0, overflow
+            v = np.add(bb.view("<f2").reshape(-1).astype(np.float32),
+                       mask[a:b].astype(np.float32) * mb.view("<f4").reshape(-1))
+            dst[a:b] = v.astype(np.float16)
+
+
 def _tall_planes_bf16_numpy(base: Sequence[np.ndarray], rb: int, merged: Sequence[np.ndarray], rm: int,
                             mask: np.ndarray, out: np.ndarray) -> None:
     """``tall_planes_bf16`` in numpy, in blocks: the base's 16 bits widened to float32, merged

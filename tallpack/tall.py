@@ -153,16 +153,18 @@ class Planar:
 def reconstruct_planar(theta_0: Planar, mask: torch.Tensor, tau_mtl: Planar, shape: Sequence[int],
                        dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """:func:`reconstruct` with ``theta_0`` and ``tau_MTL`` as byte planes of the same chunks:
-    one pass per chunk joins both, adds and, for a bfloat16 ``dtype`` (``theta_0`` then bfloat16
-    too), rounds (``kernels.tall_planes`` and ``tall_planes_bf16``; the same bits)."""
+    one pass per chunk joins both, adds and, for a bfloat16 or float16 ``dtype`` (``theta_0``
+    then of that dtype too), rounds (``kernels.tall_planes``, ``tall_planes_bf16``,
+    ``tall_planes_f16``; the same bits)."""
     n = theta_0.numel
     if not (n == tau_mtl.numel == mask.numel() and theta_0.chunk_elements == tau_mtl.chunk_elements > 0):
         raise ValueError("base, merged vector and mask differ in length or chunks")  # a caller's bug
-    if dtype not in (torch.float32, torch.bfloat16):
+    join = {torch.float32: kernels.tall_planes, torch.bfloat16: kernels.tall_planes_bf16,
+            torch.float16: kernels.tall_planes_f16}.get(dtype)
+    if join is None:
         raise ValueError(f"no rebuild from byte planes into {dtype}")  # a caller's bug
     out = torch.empty(tuple(shape), dtype=dtype)
     flat = _flat(out) if dtype == torch.float32 else _flat(out.view(torch.int16))
-    join = kernels.tall_planes if dtype == torch.float32 else kernels.tall_planes_bf16
     m = _flat(_bytes(mask.reshape(-1)))
     if m.dtype != np.uint8:
         m = m.astype(np.uint8)

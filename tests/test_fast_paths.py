@@ -89,32 +89,35 @@ def test_the_cache_keeps_only_the_planes_it_decoded(tmp_path) -> None:
         assert len(plain._cache) == 0
 
 
-@pytest.mark.parametrize("level", [3, 19])
-def test_bfloat16_tensors_are_rebuilt_from_their_planes(tmp_path, monkeypatch, level) -> None:
-    """A bfloat16 tensor of a bfloat16 base takes the one-pass rebuild from byte planes too
-    (``kernels.tall_planes_bf16``: two planes of base, four of the float32 merged vector, the sum
-    rounded to bfloat16), cached and not, chunk by chunk (the last one short), with rotations
-    chosen per chunk at level 19; it gives the spec's bits, those of the formula computed in torch."""
+@pytest.mark.parametrize("level, dtype, loop", [(3, torch.bfloat16, "tall_planes_bf16"),
+                                                (19, torch.bfloat16, "tall_planes_bf16"),
+                                                (3, torch.float16, "tall_planes_f16")])
+def test_16_bit_tensors_are_rebuilt_from_their_planes(tmp_path, monkeypatch, level, dtype, loop) -> None:
+    """A bfloat16 or float16 tensor of a base of its dtype takes the one-pass rebuild from byte
+    planes too (two planes of base, four of the float32 merged vector, the sum rounded to the
+    dtype), cached and not, chunk by chunk (the last one short), with rotations chosen per chunk
+    at level 19 (bfloat16's ``planes-exp``); it gives the spec's bits, those of the formula
+    computed in torch."""
     g = torch.Generator().manual_seed(6)
-    base = {"h": (0.02 * torch.randn(300, 100, generator=g)).to(torch.bfloat16),
+    base = {"h": (0.02 * torch.randn(300, 100, generator=g)).to(dtype),
             "w": torch.randn(64, 128, generator=g)}  # float32 beside it, as in mixed checkpoints
-    tasks = {f"t{i}": {"h": (base["h"].float() + 0.01 * torch.randn(300, 100, generator=g)).to(torch.bfloat16),
+    tasks = {f"t{i}": {"h": (base["h"].float() + 0.01 * torch.randn(300, 100, generator=g)).to(dtype),
                        "w": base["w"] + 0.01 * torch.randn(64, 128, generator=g)} for i in range(3)}
     out = tmp_path / "bf.tallpack"
     tallpack.pack(base, tasks, out, chunk_elements=4096, level=level)
     want = expected_reconstruction(base, tasks, dict.fromkeys(tasks, tallpack.DEFAULT_LAMBDA))
     calls = []
-    run = kernels.tall_planes_bf16
+    run = getattr(kernels, loop)
 
     def counting(*args, **kwargs):
         calls.append(args[-1].size)
         return run(*args, **kwargs)
 
-    monkeypatch.setattr(kernels, "tall_planes_bf16", counting)
+    monkeypatch.setattr(kernels, loop, counting)
     with tallpack.open(out) as fam, tallpack.open(out, cache_bytes=0, threads=1) as plain:
         for t in ("t0", "t1", "t0", "t2"):
             for sd in (fam.state_dict(t), plain.state_dict(t), {"h": fam.get_tensor(t, "h")}):
-                assert sd["h"].dtype == torch.bfloat16 and _bits(sd["h"]) == _bits(want[t]["h"]), t
+                assert sd["h"].dtype == dtype and _bits(sd["h"]) == _bits(want[t]["h"]), t
         if kernels.COMPILED:
             assert sum(calls) == 4 * 3 * 30000  # every read of h, chunk by chunk (4096 elements, 1344 last)
             assert len(calls) == 4 * 3 * 8

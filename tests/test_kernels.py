@@ -119,24 +119,58 @@ def _stored_bf16_planes(x: torch.Tensor, r: int) -> list[np.ndarray]:
     return planes
 
 
-@given(st.integers(0, 4000), st.integers(0, 7), st.integers(0, 7), st.integers(0, 2**31 - 1))
-@settings(max_examples=60)
-def test_tall_planes_bf16_is_bit_identical_to_addcmul_then_the_cast(n, rb, rm, seed):
-    """The bfloat16 rebuild from stored planes, compiled and numpy, against the spec's formula as
-    torch computes it (addcmul in float32, then ``.to(torch.bfloat16)``): every bit, NaN aside
-    (its payload is unspecified, spec 6.1.1), for every pair of rotations."""
+_HALF_RUNS = {torch.bfloat16: (_kernels.tall_planes_bf16, kernels._tall_planes_bf16_numpy, kernels.tall_planes_bf16),
+              torch.float16: (_kernels.tall_planes_f16, kernels._tall_planes_f16_numpy, kernels.tall_planes_f16)}
+
+
+def _same_half(out: torch.Tensor, ref: torch.Tensor) -> bool:
+    """Every bit equal, NaN aside (a NaN's payload is unspecified, spec 6.1.1)."""
+    keep = ~ref.isnan()
+    return torch.equal(out.isnan(), ref.isnan()) and torch.equal(out.view(torch.int16)[keep], ref.view(torch.int16)[keep])
+
+
+@given(st.integers(0, 4000), st.integers(0, 7), st.integers(0, 7), st.integers(0, 2**31 - 1),
+       st.sampled_from([torch.bfloat16, torch.float16]))
+@settings(max_examples=80)
+def test_tall_planes_16_bit_is_bit_identical_to_addcmul_then_the_cast(n, rb, rm, seed, dtype):
+    """The bfloat16 and float16 rebuilds from stored planes, compiled and numpy, against the
+    spec's formula as torch computes it (addcmul in float32, then ``.to(dtype)``), for every pair
+    of rotations; lengths not a multiple of 32 end in the compiled scalar loop."""
     base, merged, mask = _specials(n, seed)
-    base = base.to(torch.bfloat16)
-    base.view(torch.int16)[6::29] = 0x0001  # bfloat16 subnormals
+    if dtype == torch.float16:
+        merged[8::31] = 65519.0  # sums past float16's range, and just under its rounding to infinity
+        merged[9::37] = 65520.0
+        base = (base * 100).clamp(-7e4, 7e4)
+    base = base.to(dtype)
+    base.view(torch.int16)[6::29] = 0x0001  # subnormals
     merged[7::31] = 2.0 ** -8 * 3  # sums that sit halfway between two bfloat16 values
-    ref = torch.addcmul(base.float(), mask.to(torch.float32), merged).to(torch.bfloat16)
+    ref = torch.addcmul(base.float(), mask.to(torch.float32), merged).to(dtype)
     args = (_stored_bf16_planes(base, rb), rb, _stored_planes(merged, rm), rm, mask.view(torch.uint8).numpy())
-    for run in (_kernels.tall_planes_bf16, kernels._tall_planes_bf16_numpy, kernels.tall_planes_bf16):
-        out = torch.full((n,), 7.0, dtype=torch.bfloat16)
+    for run in _HALF_RUNS[dtype]:
+        out = torch.full((n,), 7.0, dtype=dtype)
         run(*args, out.view(torch.int16).numpy())
-        assert torch.equal(out.isnan(), ref.isnan()), run
-        keep = ~ref.isnan()
-        assert torch.equal(out.view(torch.int16)[keep], ref.view(torch.int16)[keep]), run
+        assert _same_half(out, ref), run
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_tall_planes_16_bit_converts_every_value_as_torch(dtype):
+    """Every 16-bit pattern as the base (widened, plus zero), and float32 values across the whole
+    range as the merged vector (added to zero, then rounded): in runs of 31 elements (the scalar
+    loop) and whole (the vector loop)."""
+    g = torch.Generator().manual_seed(9)
+    every = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(dtype)
+    spread = torch.randn(1 << 16, generator=g) * torch.exp2(torch.randint(-150, 130, (1 << 16,), generator=g).float())
+    for base, merged, mask in ((every, torch.zeros(1 << 16), torch.zeros(1 << 16, dtype=torch.bool)),
+                               (torch.zeros(1 << 16, dtype=dtype), spread, torch.ones(1 << 16, dtype=torch.bool))):
+        ref = torch.addcmul(base.float(), mask.float(), merged).to(dtype)
+        bp, mp, m8 = _stored_bf16_planes(base, 0), _stored_planes(merged, 0), mask.view(torch.uint8).numpy()
+        for step in (31, 1 << 16):
+            out = torch.empty(1 << 16, dtype=dtype)
+            o = out.view(torch.int16).numpy()
+            for a in range(0, 1 << 16, step):
+                _HALF_RUNS[dtype][0]([p[a:a + step] for p in bp], 0, [p[a:a + step] for p in mp], 0,
+                                     m8[a:a + step], o[a:a + step])
+            assert _same_half(out, ref), step
 
 
 @pytest.mark.skipif(not kernels.COMPILED, reason="the compiled loops are turned off")
@@ -200,6 +234,8 @@ def test_tall_f32_declines_unaligned_floats():
                                       np.zeros(4, np.uint8), np.zeros(4, np.uint16)),  # rotation 8
     lambda: _kernels.tall_planes_bf16([np.zeros(4, np.uint8)] * 2, 0, [np.zeros(4, np.uint8)] * 4, 0,
                                       np.zeros(4, np.uint8), b"\0" * 8),  # read-only output
+    lambda: _kernels.tall_planes_f16([np.zeros(4, np.uint8)] * 4, 0, [np.zeros(4, np.uint8)] * 4, 0,
+                                     np.zeros(4, np.uint8), np.zeros(4, np.uint16)),  # four base planes
 ])
 def test_kernels_reject_bad_buffers(call):
     with pytest.raises((ValueError, TypeError, BufferError)):

@@ -135,8 +135,8 @@ class Tall(Encoding):
         corr = tt.extras.get("correction")  # the dial's corrections add to the same rebuild; exact ones do not
         if tt.dtype == "float32" and (corr is None or corr.kind != "exact"):
             return ("base", "merged")
-        if tt.dtype == "bfloat16" and corr is None and entry.arrays["base"].dtype == "bfloat16":
-            return ("base", "merged")  # a bfloat16 base and output (kernels.tall_planes_bf16)
+        if tt.dtype in ("bfloat16", "float16") and corr is None and entry.arrays["base"].dtype == tt.dtype:
+            return ("base", "merged")  # a 16-bit base and output (kernels.tall_planes_bf16, tall_planes_f16)
         return ()
 
     @classmethod
