@@ -51,6 +51,12 @@
 #define HOT
 #endif
 
+#if defined(__GNUC__)
+#define ALWAYS_INLINE static inline __attribute__((always_inline))
+#else
+#define ALWAYS_INLINE static inline
+#endif
+
 HOT static void join4(const uint8_t *p0, const uint8_t *p1, const uint8_t *p2, const uint8_t *p3,
                       uint32_t *out, Py_ssize_t n) {
     for (Py_ssize_t i = 0; i < n; i++)
@@ -216,27 +222,6 @@ static inline uint16_t bf16_rne(float v) {
     return (u & 0x7FFFFFFFu) > 0x7F800000u ? (uint16_t)0xFFFFu : rounded;
 }
 
-/* tall_planes_loop for a bfloat16 base and output: the base from its two stored planes (``planes``:
- * r = 0, byte j from plane j; ``planes-exp``: S and T of rotation r, see join_exp2), widened to
- * float32 exactly, plus k * merged (float32, from its four planes) in float32, then rounded to
- * bfloat16: torch's addcmul(base.float(), mask.float(), merged).to(torch.bfloat16), bit for bit. */
-HOT static void tall_planes_bf16_loop(const uint8_t *bs, const uint8_t *bt, int rb, const uint8_t *const *m, int rm,
-                                      const uint8_t *mask, uint16_t *out, Py_ssize_t n) {
-    const uint32_t bkeep = 0xFFu >> rb, bhigh = 0xFFu ^ bkeep, bshift = 8 - rb;
-    const uint32_t mkeep = 0xFFu >> rm, mhigh = 0xFFu ^ mkeep, mshift = 24 - rm;
-    const uint8_t *m0 = m[0], *m1 = m[1], *m2 = m[2], *m3 = m[3];
-    for (Py_ssize_t i = 0; i < n; i++) {
-        uint32_t S = bs[i];
-        uint32_t wb = ((S & bkeep) | (S & bhigh) << 8 | (uint32_t)bt[i] << bshift) << 16;
-        uint32_t wm = PLANE_WORD(m0, m1, m2, m3, i, mkeep, mhigh, mshift);
-        float fb, fm;
-        memcpy(&fb, &wb, 4);
-        memcpy(&fm, &wm, 4);
-        float k = mask[i] ? 1.0f : 0.0f;
-        out[i] = bf16_rne(fb + k * fm);
-    }
-}
-
 /* float16 <-> float32 in IEEE 754, exactly as torch converts (float16 -> float32 is exact;
  * float32 -> float16 rounds to nearest even, overflowing to infinity, through the subnormals); a
  * NaN stays a NaN, its payload open (spec §6.1.1). */
@@ -279,23 +264,39 @@ static inline uint16_t f16_rne(float v) {
     return sign | (uint16_t)((r - 0x38000000u) >> 13);
 }
 
-/* tall_planes_bf16_loop for a float16 base and output: the base's two planes (``planes``: r = 0;
- * a ``planes-exp`` chunk's S and T: its r) joined and widened exactly, the sum in float32, then
- * rounded to float16 as torch's ``.to(torch.float16)``. */
-static void tall_planes_f16_loop(const uint8_t *bs, const uint8_t *bt, int rb, const uint8_t *const *m, int rm,
-                                 const uint8_t *mask, uint16_t *out, Py_ssize_t n) {
+/* The rebuild from planes for a 16-bit base and output: the base from its two stored planes
+ * (``planes``: r = 0, byte j from plane j; ``planes-exp``: S and T of rotation r, see join_exp2),
+ * widened to float32 exactly, plus k * merged (float32, from its four planes) in float32, then
+ * rounded to the 16-bit type: torch's addcmul(base.float(), mask.float(), merged).to(dtype), bit
+ * for bit (a NaN's payload aside). ``f16`` is a constant in each caller below, so each gets its
+ * own loop (bfloat16's vectorizes). */
+ALWAYS_INLINE void tall_planes_16_body(const uint8_t *bs, const uint8_t *bt, int rb, const uint8_t *const *m, int rm,
+                                       const uint8_t *mask, uint16_t *out, Py_ssize_t n, int f16) {
     const uint32_t bkeep = 0xFFu >> rb, bhigh = 0xFFu ^ bkeep, bshift = 8 - rb;
     const uint32_t mkeep = 0xFFu >> rm, mhigh = 0xFFu ^ mkeep, mshift = 24 - rm;
     const uint8_t *m0 = m[0], *m1 = m[1], *m2 = m[2], *m3 = m[3];
     for (Py_ssize_t i = 0; i < n; i++) {
         uint32_t S = bs[i];
-        float fb = f16_to_f32((uint16_t)((S & bkeep) | (S & bhigh) << 8 | (uint32_t)bt[i] << bshift));
-        uint32_t wm = PLANE_WORD(m0, m1, m2, m3, i, mkeep, mhigh, mshift);
-        float fm;
+        uint16_t h = (uint16_t)((S & bkeep) | (S & bhigh) << 8 | (uint32_t)bt[i] << bshift);
+        uint32_t wb = (uint32_t)h << 16, wm = PLANE_WORD(m0, m1, m2, m3, i, mkeep, mhigh, mshift);
+        float fb, fm;
+        memcpy(&fb, &wb, 4);
         memcpy(&fm, &wm, 4);
-        float k = mask[i] ? 1.0f : 0.0f;
-        out[i] = f16_rne(fb + k * fm);
+        if (f16)
+            fb = f16_to_f32(h);
+        float k = mask[i] ? 1.0f : 0.0f, sum = fb + k * fm;
+        out[i] = f16 ? f16_rne(sum) : bf16_rne(sum);
     }
+}
+
+HOT static void tall_planes_bf16_loop(const uint8_t *bs, const uint8_t *bt, int rb, const uint8_t *const *m, int rm,
+                                      const uint8_t *mask, uint16_t *out, Py_ssize_t n) {
+    tall_planes_16_body(bs, bt, rb, m, rm, mask, out, n, 0);
+}
+
+static void tall_planes_f16_loop(const uint8_t *bs, const uint8_t *bt, int rb, const uint8_t *const *m, int rm,
+                                 const uint8_t *mask, uint16_t *out, Py_ssize_t n) {
+    tall_planes_16_body(bs, bt, rb, m, rm, mask, out, n, 1);
 }
 
 #ifdef HAVE_AVX2_PLANES

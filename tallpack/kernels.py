@@ -174,10 +174,18 @@ def tall_planes(base: Sequence[np.ndarray], rb: int, merged: Sequence[np.ndarray
     stored byte planes of float32 elements and each one's rotation (``Planes.planar``: 0 for
     ``planes``, r for ``planes-exp``): joined on the way, no decoded copy of either. ``out`` is
     float32 of n elements, every plane and the 0/1 uint8 ``mask`` n bytes."""
+    _from_planes("tall_planes", _tall_planes_numpy, base, rb, merged, rm, mask, out, threads)
+
+
+def _from_planes(name: str, fallback, base: Sequence[np.ndarray], rb: int, merged: Sequence[np.ndarray], rm: int,
+                 mask: np.ndarray, out: np.ndarray, threads: int) -> None:
+    """The compiled loop ``name`` over ``out`` in ``_split``'s parts, or ``fallback`` without the
+    compiled loops or for an unaligned output."""
     if _kernels is None or not out.flags.aligned:
-        _tall_planes_numpy(base, rb, merged, rm, mask, out)
+        fallback(base, rb, merged, rm, mask, out)
         return
-    _split(out.size, threads, lambda a, b: _kernels.tall_planes(
+    run = getattr(_kernels, name)
+    _split(out.size, threads, lambda a, b: run(
         [p[a:b] for p in base], rb, [p[a:b] for p in merged], rm, mask[a:b], out[a:b]))
 
 
@@ -187,59 +195,51 @@ def tall_planes_bf16(base: Sequence[np.ndarray], rb: int, merged: Sequence[np.nd
     bfloat16 elements (``planes``: r = 0; ``planes-exp``: S and T of rotation ``rb``), ``merged``
     float32's four, and ``out`` n 16-bit elements (any 2-byte dtype), each the float32 sum rounded
     to nearest even, as torch's ``addcmul(base.float(), mask.float(), merged).to(torch.bfloat16)``."""
-    if _kernels is None or not out.flags.aligned:
-        _tall_planes_bf16_numpy(base, rb, merged, rm, mask, out)
-        return
-    _split(out.size, threads, lambda a, b: _kernels.tall_planes_bf16(
-        [p[a:b] for p in base], rb, [p[a:b] for p in merged], rm, mask[a:b], out[a:b]))
+    _from_planes("tall_planes_bf16", _tall_planes_bf16_numpy, base, rb, merged, rm, mask, out, threads)
 
 
 def tall_planes_f16(base: Sequence[np.ndarray], rb: int, merged: Sequence[np.ndarray], rm: int, mask: np.ndarray,
                     out: np.ndarray, threads: int = 1) -> None:
     """``tall_planes_bf16`` for a float16 base and output: each float32 sum rounded to float16
     to nearest even (overflow to infinity, subnormals kept), as torch's ``.to(torch.float16)``."""
-    if _kernels is None or not out.flags.aligned:
-        _tall_planes_f16_numpy(base, rb, merged, rm, mask, out)
-        return
-    _split(out.size, threads, lambda a, b: _kernels.tall_planes_f16(
-        [p[a:b] for p in base], rb, [p[a:b] for p in merged], rm, mask[a:b], out[a:b]))
+    _from_planes("tall_planes_f16", _tall_planes_f16_numpy, base, rb, merged, rm, mask, out, threads)
 
 
 def _tall_planes_f16_numpy(base: Sequence[np.ndarray], rb: int, merged: Sequence[np.ndarray], rm: int,
                            mask: np.ndarray, out: np.ndarray) -> None:
-    """``tall_planes_f16`` in numpy, in blocks (numpy's float16 conversions round as IEEE does)."""
-    n = out.size
-    dst = out.reshape(-1).view(np.float16)
-    sides = (np.empty((min(n, BLOCK), 2), np.uint8), np.empty((min(n, BLOCK), 4), np.uint8))
-    for a in range(0, n, BLOCK):
-        b = min(n, a + BLOCK)
-        bb, mb = sides[0][: b - a], sides[1][: b - a]
-        _join_stored([p[a:b] for p in base], rb, bb)
-        _join_stored([p[a:b] for p in merged], rm, mb)
-        with np.errstate(invalid="ignore", over="ignore"):  # IEEE results, as the C loop's: inf * 0, overflow
-            v = np.add(bb.view("<f2").reshape(-1).astype(np.float32),
-                       mask[a:b].astype(np.float32) * mb.view("<f4").reshape(-1))
-            dst[a:b] = v.astype(np.float16)
+    """``tall_planes_f16`` in numpy (numpy's float16 conversions round as IEEE does)."""
+    _tall_planes_16_numpy(base, rb, merged, rm, mask, out.reshape(-1).view(np.float16),
+                          lambda h: h.view("<f2").astype(np.float32), lambda v: v.astype(np.float16))
 
 
 def _tall_planes_bf16_numpy(base: Sequence[np.ndarray], rb: int, merged: Sequence[np.ndarray], rm: int,
                             mask: np.ndarray, out: np.ndarray) -> None:
-    """``tall_planes_bf16`` in numpy, in blocks: the base's 16 bits widened to float32, merged
-    joined, ``b + m * t`` in float32, rounded to nearest even (a NaN gives 0xFFFF)."""
-    n = out.size
-    dst = out.reshape(-1).view(np.uint16)
+    """``tall_planes_bf16`` in numpy: the base's 16 bits widened to float32, the sum rounded to
+    nearest even (a NaN gives 0xFFFF)."""
+    def narrow(v: np.ndarray) -> np.ndarray:
+        u = v.view(np.uint32)
+        rounded = ((u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)).astype(np.uint16)
+        rounded[(u & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000)] = 0xFFFF
+        return rounded
+
+    _tall_planes_16_numpy(base, rb, merged, rm, mask, out.reshape(-1).view(np.uint16),
+                          lambda h: (h.view("<u2").astype(np.uint32) << np.uint32(16)).view(np.float32), narrow)
+
+
+def _tall_planes_16_numpy(base: Sequence[np.ndarray], rb: int, merged: Sequence[np.ndarray], rm: int,
+                          mask: np.ndarray, dst: np.ndarray, widen, narrow) -> None:
+    """The 16-bit rebuilds in numpy, in blocks: each side joined, the base widened, ``b + m * t``
+    in float32, narrowed into ``dst``."""
+    n = dst.size
     sides = (np.empty((min(n, BLOCK), 2), np.uint8), np.empty((min(n, BLOCK), 4), np.uint8))
     for a in range(0, n, BLOCK):
         b = min(n, a + BLOCK)
         bb, mb = sides[0][: b - a], sides[1][: b - a]
         _join_stored([p[a:b] for p in base], rb, bb)
         _join_stored([p[a:b] for p in merged], rm, mb)
-        fb = (bb.view("<u2").reshape(-1).astype(np.uint32) << np.uint32(16)).view(np.float32)
         with np.errstate(invalid="ignore", over="ignore"):  # IEEE results, as the C loop's: inf * 0, overflow
-            v = np.add(fb, mask[a:b].astype(np.float32) * mb.view("<f4").reshape(-1)).view(np.uint32)
-        rounded = ((v + np.uint32(0x7FFF) + ((v >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)).astype(np.uint16)
-        rounded[(v & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000)] = 0xFFFF
-        dst[a:b] = rounded
+            v = np.add(widen(bb.reshape(-1)), mask[a:b].astype(np.float32) * mb.view("<f4").reshape(-1))
+            dst[a:b] = narrow(v)
 
 
 def _join_stored(planes: Sequence[np.ndarray], r: int, dst: np.ndarray) -> None:
