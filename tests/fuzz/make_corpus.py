@@ -52,6 +52,7 @@ CONFIGS = {
     # the default codec (planes-exp, 1.11) in both float types, at a level that rotates (from 10)
     "ta_planes_exp": dict(merge="ta", checksum="xxh3-64"),
     "ties_bf16_planes_exp_l19": dict(merge="ties", checksum="xxh3-64", level=19, dtype=torch.bfloat16),
+    "ta_f16_planes": dict(merge="ta", checksum="crc32", dtype=torch.float16),  # plain planes: float16 has no planes-exp
     # the exact tier: derived masks and merged vectors, bitsplit or planes residuals (1.6-1.9)
     "ta_exact": dict(merge="ta", exact=True),
     "ties_exact_planes": dict(merge="ties", exact=True, codec="planes"),
