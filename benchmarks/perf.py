@@ -11,9 +11,10 @@ for the codec goal) with an alternative measured in the same run:
 
 1. ``state_dict(task)``, default codec, vs ``safetensors.torch.load_file`` + clone (goal <= 3.0x);
    also on a family of 480 small tensors (``make_many_family``), where per-tensor costs show,
-   and on the family cast to bfloat16 (``make_bf16_family``: base + 4), as fine-tunes are released
+   and on the family cast to bfloat16 and to float16 (``make_cast_family``: base + 4), as fine-tunes
+   are released
 2. the same, ``codec="raw"`` (goal <= 1.5x)
-3. a second task from the same open archive vs load_file + clone (goal <= 1.5x); also bfloat16
+3. a second task from the same open archive vs load_file + clone (goal <= 1.5x); also 16-bit
 4. ``get_tensor`` of one 4 MiB tensor vs ``safe_open().get_tensor()`` + clone, for archives of
    2, 4, 8 tasks (goal <= 2x raw, <= 4x default)
 5. pack time vs ``zstd -3 -T2`` of the same files (goal <= 1.0x); archive size vs zstd's (<= 1/4)
@@ -116,29 +117,30 @@ def make_many_family(out: Path, seed: int = 0) -> dict:
     return {"root": root, "base": paths["base"], "tasks": {k: v for k, v in paths.items() if k != "base"}}
 
 
-#: Members of the bfloat16 family (``make_bf16_family``): the main family's base and first tasks.
-BF16_TASKS = 4
+#: Members of the 16-bit families (``make_cast_family``): the main family's base and first tasks.
+CAST_TASKS = 4
 
 
-def make_bf16_family(fam: dict) -> dict:
-    """The main family's base and first BF16_TASKS tasks cast to bfloat16, as fine-tunes are
-    usually released (written once, beside the float32 files): half the bytes per member, and
-    a bfloat16 base, so the rebuild rounds each sum to bfloat16."""
+def make_cast_family(fam: dict, dtype: str) -> dict:
+    """The main family's base and first CAST_TASKS tasks cast to ``dtype`` (bfloat16, float16),
+    as fine-tunes are usually released (written once, beside the float32 files): half the bytes
+    per member, and a base of that dtype, so the rebuild rounds each sum to it."""
     import torch
     from safetensors.torch import load_file, save_file
 
-    root = fam["root"] / f"bf16-t{BF16_TASKS}"
+    short = {"bfloat16": "bf16", "float16": "f16"}[dtype]
+    root = fam["root"] / f"{short}-t{CAST_TASKS}"
     root.mkdir(parents=True, exist_ok=True)
-    names = list(fam["tasks"])[:BF16_TASKS]
+    names = list(fam["tasks"])[:CAST_TASKS]
     src = {"base": fam["base"], **{t: fam["tasks"][t] for t in names}}
     paths = {k: root / Path(v).name for k, v in src.items()}
     for k, dst in paths.items():
         if not dst.exists():
-            log(f"writing the bfloat16 copy of {Path(src[k]).name}")
+            log(f"writing the {dtype} copy of {Path(src[k]).name}")
             tmp = dst.with_suffix(".partial")
-            save_file({n: v.to(torch.bfloat16) for n, v in load_file(src[k]).items()}, tmp)
+            save_file({n: v.to(getattr(torch, dtype)) for n, v in load_file(src[k]).items()}, tmp)
             os.replace(tmp, dst)
-    return {"root": root, "base": paths["base"], "tasks": {t: paths[t] for t in names}}
+    return {"root": root, "base": paths["base"], "tasks": {t: paths[t] for t in names}, "short": short}
 
 
 def family_dir(out: Path, layers: int, seed: int) -> Path:
@@ -805,10 +807,13 @@ def run_goals(a, rep: Report, details: dict) -> None:
         many_arch, alt_many = work / "many-planes.tallpack", work / "alt-many-t1.safetensors"
         extra[("many-planes", MANY_TASKS)] = do_pack(many, list(many["tasks"]), many_arch, "planes", a.threads)
         shutil.copyfile(many["tasks"]["t1"], alt_many)
-        bf = make_bf16_family(fam)  # goal 1's and 3's bfloat16 rows
-        bf_arch, alt_bf = work / "bf16-planes.tallpack", work / "alt-bf16-t1.safetensors"
-        extra[("bf16-planes", BF16_TASKS)] = do_pack(bf, list(bf["tasks"]), bf_arch, "planes", a.threads)
-        shutil.copyfile(bf["tasks"][names[1]], alt_bf)
+        casts = {}  # goal 1's and 3's 16-bit rows: dtype -> (archive, the alternative's copy of task 1)
+        for dtype in ("bfloat16", "float16"):
+            cf = make_cast_family(fam, dtype)
+            casts[dtype] = (work / f"{cf['short']}-planes.tallpack", work / f"alt-{cf['short']}-t1.safetensors")
+            extra[(f"{cf['short']}-planes", CAST_TASKS)] = do_pack(cf, list(cf["tasks"]), casts[dtype][0], "planes",
+                                                                   a.threads)
+            shutil.copyfile(cf["tasks"][names[1]], casts[dtype][1])
     details["other_packs"] = {f"{c}-{k}": v for (c, k), v in extra.items()}
     # the alternative reads copies written now, as the archives were: a file written long ago and
     # one just written can sit differently in the page cache (here a fresh copy of a member loads
@@ -818,7 +823,8 @@ def run_goals(a, rep: Report, details: dict) -> None:
     for key, dst in alt.items():
         shutil.copyfile(fam["base"] if key == "base" else fam["tasks"][key], dst)
     fam["alt"] = {k: str(v) for k, v in alt.items()}
-    warm([*files, *sub.values(), *alt.values(), *([] if a.quick else [many_arch, alt_many, bf_arch, alt_bf])])
+    warm([*files, *sub.values(), *alt.values(),
+          *([] if a.quick else [many_arch, alt_many, *(p for pair in casts.values() for p in pair)])])
 
     # 1, 2: one member, fresh process
     for goal, codec, gx in (("1", "planes", 3.0), ("2", "raw", 1.5)):
@@ -842,19 +848,20 @@ def run_goals(a, rep: Report, details: dict) -> None:
                 alt_label="load_file + clone", open_seconds=median(r["open_seconds"] for r in ours),
                 ratio_best=best(ours, theirs))
 
-    # 1 and 3, on a bfloat16 family (the main one cast, base + BF16_TASKS)
+    # 1 and 3, on the 16-bit families (the main one cast, base + CAST_TASKS)
     if not a.quick:
-        for goal, warm_task, gx, what in (("1", "", 3.0, "state_dict, fresh process"),
-                                          ("3", t2, 1.5, "second task, same open archive")):
-            rep.load.mark()
-            log(f"goal {goal}, bfloat16: {what} of the bfloat16 family vs load_file + clone, {n} each")
-            ours, theirs = alternate_loads(n, {"archive": str(bf_arch), "task": t1, "warm_task": warm_task, **cb},
-                                           {"path": str(alt_bf)})
-            details[f"load_bf16_goal{goal}"] = {"tallpack": ours, "safetensors": theirs}
-            extra_open = {"open_seconds": median(r["open_seconds"] for r in ours)} if not warm_task else {}
-            rep.add(goal, f"{what}, planes, bfloat16 (base + {BF16_TASKS}, 52 MB a member)",
-                    median(r["seconds"] for r in ours), median(r["seconds"] for r in theirs), "s", "<=", gx,
-                    alt_label="load_file + clone", ratio_best=best(ours, theirs), **extra_open)
+        for dtype, (c_arch, c_alt) in casts.items():
+            for goal, warm_task, gx, what in (("1", "", 3.0, "state_dict, fresh process"),
+                                              ("3", t2, 1.5, "second task, same open archive")):
+                rep.load.mark()
+                log(f"goal {goal}, {dtype}: {what} of the {dtype} family vs load_file + clone, {n} each")
+                ours, theirs = alternate_loads(n, {"archive": str(c_arch), "task": t1, "warm_task": warm_task, **cb},
+                                               {"path": str(c_alt)})
+                details[f"load_{dtype}_goal{goal}"] = {"tallpack": ours, "safetensors": theirs}
+                extra_open = {"open_seconds": median(r["open_seconds"] for r in ours)} if not warm_task else {}
+                rep.add(goal, f"{what}, planes, {dtype} (base + {CAST_TASKS}, 52 MB a member)",
+                        median(r["seconds"] for r in ours), median(r["seconds"] for r in theirs), "s", "<=", gx,
+                        alt_label="load_file + clone", ratio_best=best(ours, theirs), **extra_open)
 
     # 1, for comparison: a load that keeps nothing for a next task (cache_bytes=0)
     if not a.quick:
