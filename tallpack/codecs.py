@@ -681,11 +681,6 @@ class Chain:
             return self.codecs[0].itemsize
         return 0
 
-    @property
-    def planar_float32(self) -> bool:
-        """Whether ``planar`` gives the four planes of 4-byte elements for this chain."""
-        return self.planar_itemsize == 4
-
     def decode(self, buf: memoryview, size: int, out: memoryview | None = None
                ) -> bytes | bytearray | memoryview:
         """The decoded bytes; with ``out`` (writable, ``size`` bytes), decoded into it and returned."""

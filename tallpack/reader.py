@@ -303,7 +303,7 @@ class Archive:
     def _planar_keys(encoding: type[Encoding], entry: TensorEntry, tt: TaskTensor,
                      needed: Mapping[str, tuple[Any, Use]]) -> tuple[str, ...]:
         """The inputs to hand ``rebuild`` as byte planes (``Encoding.planar_inputs``): all it
-        names, when each is a float32 or bfloat16 array of byte planes and all have the same
+        names, when each is a float32, bfloat16 or float16 array of byte planes and all have the same
         chunks (and the compiled loop that joins them is there), else none."""
         keys = encoding.planar_inputs(entry, tt)
         if not keys or not kernels.COMPILED or not all(k in needed for k in keys):
@@ -571,7 +571,7 @@ class Archive:
 
 #: Decoded bytes of a tensor's inputs from which ``get_tensor`` decodes them on several threads.
 PARALLEL_BYTES = 1 << 20
-#: Elements from which a float32 or bfloat16 tensor is rebuilt from byte planes (``_planar_keys``); smaller
+#: Elements from which a float32, bfloat16 or float16 tensor is rebuilt from byte planes (``_planar_keys``); smaller
 #: ones (biases, norms) are joined and cached as floats, a few KB each, in fewer steps.
 PLANAR_MIN_ELEMENTS = 4096
 #: Decoded bytes of a tensor's inputs from which ``state_dict`` rebuilds it on the archive's

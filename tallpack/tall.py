@@ -62,9 +62,7 @@ def tall_mask_with_fidelity(tau_t: torch.Tensor, tau_mtl: torch.Tensor, lam: flo
     """:func:`tall_mask` into ``out`` (bool) and :meth:`Fidelity.add` of it; returns the set bits.
     One compiled pass over a contiguous float32 block on the CPU (``kernels.tall_mask``: the same
     mask bits, 2-3x faster than the dozen torch passes), else the two calls."""
-    if (kernels.COMPILED and tau_t.dtype == tau_mtl.dtype == torch.float32 and out.dtype == torch.bool
-            and tau_t.is_cpu and tau_mtl.is_cpu and out.is_cpu and tau_t.numel() == tau_mtl.numel() == out.numel()
-            and tau_t.is_contiguous() and tau_mtl.is_contiguous() and out.is_contiguous()):
+    if tau_t.dtype == tau_mtl.dtype == torch.float32 and _one_pass(tau_t, out, tau_mtl):  # as tall_f32 needs
         got = kernels.tall_mask(_flat(tau_t), _flat(tau_mtl), lam, _flat(out.view(torch.uint8)))
         if got is not None:
             ones, *sums = got
@@ -141,7 +139,7 @@ def reconstruct(theta_0: torch.Tensor, mask: torch.Tensor, tau_mtl: torch.Tensor
 
 
 class Planar:
-    """A float32 or bfloat16 array as the stored byte planes of each of its chunks
+    """A float32, bfloat16 or float16 array as the stored byte planes of each of its chunks
     (``Chain.planar``), for :func:`reconstruct_planar`: ``chunk(i)`` gives chunk ``i``'s planes
     (four, or two) and their rotation. The reader makes them, with the planes decoded when asked
     or kept from an earlier read."""
@@ -200,14 +198,10 @@ class Fidelity:
             rec = ws.get("rec", mask.numel())
             rec.copy_(_bytes(mask.reshape(-1))).mul_(tau_mtl.reshape(-1))
         tau = tau_t.reshape(-1)
-        self.tau_sq += float(torch.dot(tau, tau))
-        self.rec_sq += float(torch.dot(rec, rec))
-        self.dot += float(torch.dot(rec, tau))
+        tau_sq, rec_sq, dot = float(torch.dot(tau, tau)), float(torch.dot(rec, rec)), float(torch.dot(rec, tau))
         err = rec.sub_(tau)  # rec is not needed any more
-        self.err_sq += float(torch.dot(err, err))
         ones = int(torch.count_nonzero(mask))  # far faster than a bool sum
-        self.ones += ones
-        self.numel += mask.numel()
+        self.add_sums(ones, mask.numel(), tau_sq, rec_sq, dot, float(torch.dot(err, err)))
         return ones
 
     def add_sums(self, ones: int, numel: int, tau_sq: float, rec_sq: float, dot: float, err_sq: float) -> None:

@@ -262,7 +262,7 @@ class Encoding:
     @classmethod
     def planar_inputs(cls, entry: TensorEntry, tt: TaskTensor) -> tuple[str, ...]:
         """Inputs that ``rebuild`` also takes as stored byte planes (a :class:`tallpack.tall.Planar`
-        in place of the tensor) when every one of them is a float32 or bfloat16 array stored as
+        in place of the tensor) when every one of them is a float32, bfloat16 or float16 array stored as
         ``planes`` or ``planes-exp`` with the same chunks: the reader then skips joining them into
         elements, and its cache keeps only the planes that were compressed."""
         return ()
