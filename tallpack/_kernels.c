@@ -17,6 +17,10 @@
  *                                        to nearest even from the float32 sum)
  *   tall_planes_f16(base, rb, merged, rm, mask, out)
  *                                        and for float16 (F16C where the CPU has it)
+ *   Each tall_* rebuild takes its mask as 0/1 bytes, or, with a last argument ``bits`` true, as the
+ *   stored bit-packed mask (codec ``bitpack``: element i in bit i % 8 of byte i // 8; ceil(n / 8)
+ *   bytes, padding bits not read), unpacked a block at a time into a buffer that stays in the
+ *   first-level cache: no byte mask is written to memory and read back.
  *   tall_mask_f32(tau, merged, lam, mask)
  *                                        the packer's TALL mask, mask = |tau| > lam * |merged - tau|
  *                                        (float32, as tall.tall_mask), and the fidelity sums of
@@ -36,6 +40,15 @@
 #include <string.h>
 
 #define MAX_PLANES 16
+/* A mask's length for n elements: n bytes, or ceil(n / 8) bit-packed. */
+#define MASK_BYTES(n, bits) ((bits) ? ((n) + 7) / 8 : (n))
+/* Elements a bit-packed mask is unpacked for at a time, for loops that read bytes (a multiple of 32,
+ * the AVX2 loops' step). */
+#define BITS_BLOCK 4096
+/* Element i's mask as 0.0f or 1.0f: byte i, or with ``bits`` bit i % 8 of byte i // 8. */
+#define MASK_K(mask, i, bits) (((bits) ? ((mask)[(i) >> 3] >> ((i) & 7)) & 1u : (mask)[i]) ? 1.0f : 0.0f)
+/* The mask from element i on (i a multiple of 8 when ``bits``). */
+#define MASK_FROM(mask, i, bits) ((bits) ? (mask) + ((i) >> 3) : (mask) + (i))
 
 /* The word-at-a-time loops assume little-endian words (the format's byte order); elsewhere, and
  * for misaligned outputs, the byte-at-a-time loops run. */
@@ -125,7 +138,7 @@ HOT static void tall_f32_loop(const float *base, const float *merged, const uint
 /* out = base + m * merged as tall_f32_loop, base and merged joined from their planes on the way:
  * one pass, no decoded copy of either. */
 HOT static void tall_planes_loop(const uint8_t *const *b, int rb, const uint8_t *const *m, int rm,
-                                 const uint8_t *mask, float *out, Py_ssize_t n) {
+                                 const uint8_t *mask, int bits, float *out, Py_ssize_t n) {
     const uint32_t bkeep = 0xFFu >> rb, bhigh = 0xFFu ^ bkeep, bshift = 24 - rb;
     const uint32_t mkeep = 0xFFu >> rm, mhigh = 0xFFu ^ mkeep, mshift = 24 - rm;
     const uint8_t *b0 = b[0], *b1 = b[1], *b2 = b[2], *b3 = b[3];
@@ -136,7 +149,7 @@ HOT static void tall_planes_loop(const uint8_t *const *b, int rb, const uint8_t 
         float fb, fm;
         memcpy(&fb, &wb, 4);
         memcpy(&fm, &wm, 4);
-        float k = mask[i] ? 1.0f : 0.0f;
+        float k = MASK_K(mask, i, bits);
         out[i] = fb + k * fm;
     }
 }
@@ -176,20 +189,31 @@ __attribute__((target("avx2"))) static inline void words32(const uint8_t *p0, co
     w[3] = _mm256_permute2x128_si256(c, d, 0x31);
 }
 
+/* Elements i..i+7's mask as 0.0f or 1.0f in eight lanes: from eight bytes, or with ``bits`` from
+ * byte i / 8's bits (i a multiple of 8), each lane testing its own bit. */
+__attribute__((target("avx2"))) static inline __m256 mask8(const uint8_t *mask, Py_ssize_t i, int bits) {
+    const __m256 one = _mm256_set1_ps(1.0f);
+    if (bits) {
+        const __m256i sel = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+        __m256i v = _mm256_and_si256(_mm256_set1_epi32(mask[i >> 3]), sel);
+        return _mm256_and_ps(_mm256_castsi256_ps(_mm256_cmpeq_epi32(v, sel)), one);
+    }
+    __m256i mk = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(mask + i)));
+    return _mm256_andnot_ps(_mm256_castsi256_ps(_mm256_cmpeq_epi32(mk, _mm256_setzero_si256())), one);
+}
+
 /* tall_planes_loop, 32 elements at a time: the same operations (k * merged, then + base, each
  * rounded; no fused multiply-add), so the same bits. */
 __attribute__((target("avx2"))) static void tall_planes_avx2(const uint8_t *const *b, int rb, const uint8_t *const *m,
-                                                             int rm, const uint8_t *mask, float *out, Py_ssize_t n) {
-    const __m256 one = _mm256_set1_ps(1.0f);
-    const __m256i zero = _mm256_setzero_si256();
+                                                             int rm, const uint8_t *mask, int bits, float *out,
+                                                             Py_ssize_t n) {
     Py_ssize_t i = 0;
     for (; i + 32 <= n; i += 32) {
         __m256i wb[4], wm[4];
         words32(b[0], b[1], b[2], b[3], i, rb, wb);
         words32(m[0], m[1], m[2], m[3], i, rm, wm);
         for (int j = 0; j < 4; j++) {
-            __m256i mk = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(mask + i + 8 * j)));
-            __m256 k = _mm256_andnot_ps(_mm256_castsi256_ps(_mm256_cmpeq_epi32(mk, zero)), one);
+            __m256 k = mask8(mask, i + 8 * j, bits);
             __m256 sum = _mm256_add_ps(_mm256_castsi256_ps(wb[j]), _mm256_mul_ps(k, _mm256_castsi256_ps(wm[j])));
             _mm256_storeu_ps(out + i + 8 * j, sum);
         }
@@ -197,20 +221,20 @@ __attribute__((target("avx2"))) static void tall_planes_avx2(const uint8_t *cons
     if (i < n) {
         const uint8_t *bt[4] = {b[0] + i, b[1] + i, b[2] + i, b[3] + i};
         const uint8_t *mt[4] = {m[0] + i, m[1] + i, m[2] + i, m[3] + i};
-        tall_planes_loop(bt, rb, mt, rm, mask + i, out + i, n - i);
+        tall_planes_loop(bt, rb, mt, rm, MASK_FROM(mask, i, bits), bits, out + i, n - i);
     }
 }
 #endif
 
 static void tall_planes_any(const uint8_t *const *b, int rb, const uint8_t *const *m, int rm,
-                            const uint8_t *mask, float *out, Py_ssize_t n) {
+                            const uint8_t *mask, int bits, float *out, Py_ssize_t n) {
 #ifdef HAVE_AVX2_PLANES
     if (__builtin_cpu_supports("avx2")) {
-        tall_planes_avx2(b, rb, m, rm, mask, out, n);
+        tall_planes_avx2(b, rb, m, rm, mask, bits, out, n);
         return;
     }
 #endif
-    tall_planes_loop(b, rb, m, rm, mask, out, n);
+    tall_planes_loop(b, rb, m, rm, mask, bits, out, n);
 }
 
 /* float32 -> bfloat16, rounding to nearest even as torch's Tensor.to(torch.bfloat16); a NaN gives
@@ -269,9 +293,9 @@ static inline uint16_t f16_rne(float v) {
  * widened to float32 exactly, plus k * merged (float32, from its four planes) in float32, then
  * rounded to the 16-bit type: torch's addcmul(base.float(), mask.float(), merged).to(dtype), bit
  * for bit (a NaN's payload aside). ``f16`` is a constant in each caller below, so each gets its
- * own loop (bfloat16's vectorizes). */
+ * own loop (bfloat16's vectorizes, reading a byte mask: bits 0). */
 ALWAYS_INLINE void tall_planes_16_body(const uint8_t *bs, const uint8_t *bt, int rb, const uint8_t *const *m, int rm,
-                                       const uint8_t *mask, uint16_t *out, Py_ssize_t n, int f16) {
+                                       const uint8_t *mask, int bits, uint16_t *out, Py_ssize_t n, int f16) {
     const uint32_t bkeep = 0xFFu >> rb, bhigh = 0xFFu ^ bkeep, bshift = 8 - rb;
     const uint32_t mkeep = 0xFFu >> rm, mhigh = 0xFFu ^ mkeep, mshift = 24 - rm;
     const uint8_t *m0 = m[0], *m1 = m[1], *m2 = m[2], *m3 = m[3];
@@ -284,19 +308,19 @@ ALWAYS_INLINE void tall_planes_16_body(const uint8_t *bs, const uint8_t *bt, int
         memcpy(&fm, &wm, 4);
         if (f16)
             fb = f16_to_f32(h);
-        float k = mask[i] ? 1.0f : 0.0f, sum = fb + k * fm;
+        float k = MASK_K(mask, i, bits), sum = fb + k * fm;
         out[i] = f16 ? f16_rne(sum) : bf16_rne(sum);
     }
 }
 
 HOT static void tall_planes_bf16_loop(const uint8_t *bs, const uint8_t *bt, int rb, const uint8_t *const *m, int rm,
                                       const uint8_t *mask, uint16_t *out, Py_ssize_t n) {
-    tall_planes_16_body(bs, bt, rb, m, rm, mask, out, n, 0);
+    tall_planes_16_body(bs, bt, rb, m, rm, mask, 0, out, n, 0);
 }
 
 static void tall_planes_f16_loop(const uint8_t *bs, const uint8_t *bt, int rb, const uint8_t *const *m, int rm,
-                                 const uint8_t *mask, uint16_t *out, Py_ssize_t n) {
-    tall_planes_16_body(bs, bt, rb, m, rm, mask, out, n, 1);
+                                 const uint8_t *mask, int bits, uint16_t *out, Py_ssize_t n) {
+    tall_planes_16_body(bs, bt, rb, m, rm, mask, bits, out, n, 1);
 }
 
 #ifdef HAVE_AVX2_PLANES
@@ -304,9 +328,8 @@ static void tall_planes_f16_loop(const uint8_t *bs, const uint8_t *bt, int rb, c
  * the same bits as the scalar loop, NaN payloads aside). */
 __attribute__((target("avx2,f16c"))) static void tall_planes_f16_avx2(const uint8_t *bs, const uint8_t *bt, int rb,
                                                                      const uint8_t *const *m, int rm,
-                                                                     const uint8_t *mask, uint16_t *out, Py_ssize_t n) {
-    const __m256 one = _mm256_set1_ps(1.0f);
-    const __m256i zero = _mm256_setzero_si256();
+                                                                     const uint8_t *mask, int bits, uint16_t *out,
+                                                                     Py_ssize_t n) {
     const __m128i keep = _mm_set1_epi8((char)(0xFF >> rb)), high = _mm_set1_epi8((char)(0xFF ^ (0xFF >> rb)));
     const __m128i tlow = _mm_set1_epi8((char)((0xFF << (8 - rb)) & 0xFF));
     Py_ssize_t i = 0;
@@ -326,28 +349,27 @@ __attribute__((target("avx2,f16c"))) static void tall_planes_f16_avx2(const uint
             h[2 * half + 1] = _mm_unpackhi_epi8(lo, hi);
         }
         for (int j = 0; j < 4; j++) {
-            __m256i mk = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(mask + i + 8 * j)));
-            __m256 k = _mm256_andnot_ps(_mm256_castsi256_ps(_mm256_cmpeq_epi32(mk, zero)), one);
+            __m256 k = mask8(mask, i + 8 * j, bits);
             __m256 sum = _mm256_add_ps(_mm256_cvtph_ps(h[j]), _mm256_mul_ps(k, _mm256_castsi256_ps(wm[j])));
             _mm_storeu_si128((__m128i *)(out + i + 8 * j), _mm256_cvtps_ph(sum, _MM_FROUND_TO_NEAREST_INT));
         }
     }
     if (i < n) {
         const uint8_t *mt[4] = {m[0] + i, m[1] + i, m[2] + i, m[3] + i};
-        tall_planes_f16_loop(bs + i, bt + i, rb, mt, rm, mask + i, out + i, n - i);
+        tall_planes_f16_loop(bs + i, bt + i, rb, mt, rm, MASK_FROM(mask, i, bits), bits, out + i, n - i);
     }
 }
 #endif
 
 static void tall_planes_f16_any(const uint8_t *bs, const uint8_t *bt, int rb, const uint8_t *const *m, int rm,
-                                const uint8_t *mask, uint16_t *out, Py_ssize_t n) {
+                                const uint8_t *mask, int bits, uint16_t *out, Py_ssize_t n) {
 #ifdef HAVE_AVX2_PLANES
     if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c")) {
-        tall_planes_f16_avx2(bs, bt, rb, m, rm, mask, out, n);
+        tall_planes_f16_avx2(bs, bt, rb, m, rm, mask, bits, out, n);
         return;
     }
 #endif
-    tall_planes_f16_loop(bs, bt, rb, m, rm, mask, out, n);
+    tall_planes_f16_loop(bs, bt, rb, m, rm, mask, bits, out, n);
 }
 
 /* Byte b's eight elements as 0/1 bytes, LSB first: one 8-byte copy per stored byte. */
@@ -491,15 +513,28 @@ fail:
 
 static PyObject *tall_f32(PyObject *self, PyObject *args) {
     Py_buffer base, merged, mask, out;
-    if (!PyArg_ParseTuple(args, "y*y*y*w*:tall_f32", &base, &merged, &mask, &out))
+    int bits = 0;
+    if (!PyArg_ParseTuple(args, "y*y*y*w*|p:tall_f32", &base, &merged, &mask, &out, &bits))
         return NULL;
     Py_ssize_t n = out.len / 4;
-    int ok = out.len % 4 == 0 && base.len == out.len && merged.len == out.len && mask.len == n
+    int ok = out.len % 4 == 0 && base.len == out.len && merged.len == out.len && mask.len == MASK_BYTES(n, bits)
              && ((uintptr_t)base.buf & 3) == 0 && ((uintptr_t)merged.buf & 3) == 0 && ((uintptr_t)out.buf & 3) == 0;
     /* floats are native here: the caller passes tensors, not stored bytes */
     if (ok) {
+        const float *b = (const float *)base.buf, *m = (const float *)merged.buf;
+        const uint8_t *k = (const uint8_t *)mask.buf;
+        float *o = (float *)out.buf;
         Py_BEGIN_ALLOW_THREADS
-        tall_f32_loop((const float *)base.buf, (const float *)merged.buf, (const uint8_t *)mask.buf, (float *)out.buf, n);
+        if (!bits) {
+            tall_f32_loop(b, m, k, o, n);
+        } else {
+            uint8_t block[BITS_BLOCK];
+            for (Py_ssize_t a = 0; a < n; a += BITS_BLOCK) {
+                Py_ssize_t len = n - a < BITS_BLOCK ? n - a : BITS_BLOCK;
+                unpack_loop(k + a / 8, block, len);
+                tall_f32_loop(b + a, m + a, block, o + a, len);
+            }
+        }
         Py_END_ALLOW_THREADS
     } else {
         PyErr_Format(PyExc_ValueError, "tall_f32: base %zd, merged %zd, mask %zd and out %zd bytes (or misaligned)",
@@ -514,18 +549,48 @@ static PyObject *tall_f32(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
-/* tall_planes, tall_planes_bf16 and tall_planes_f16: the arguments checked alike; out_size 4
+/* Elements [a, a + len) of one of the rebuilds from planes (see tall_planes_call), ``mask`` theirs. */
+static void tall_planes_range(int out_size, int f16, const uint8_t *const *b, int rb, const uint8_t *const *m, int rm,
+                              const uint8_t *mask, int bits, void *out, Py_ssize_t a, Py_ssize_t len) {
+    const uint8_t *bt[4], *mt[4];
+    for (int j = 0; j < 4; j++) {
+        bt[j] = b[j] != NULL ? b[j] + a : NULL;
+        mt[j] = m[j] + a;
+    }
+    if (out_size == 4)
+        tall_planes_any(bt, rb, mt, rm, mask, bits, (float *)out + a, len);
+    else if (f16)
+        tall_planes_f16_any(bt[0], bt[1], rb, mt, rm, mask, bits, (uint16_t *)out + a, len);
+    else
+        tall_planes_bf16_loop(bt[0], bt[1], rb, mt, rm, mask, (uint16_t *)out + a, len);  /* bits 0: see the caller */
+}
+
+/* Whether tall_planes_range's loop for this output reads a bit-packed mask itself (AVX2: eight lanes
+ * test their bits); the others get the mask unpacked a block at a time. */
+static int reads_bits(int out_size, int f16) {
+#ifdef HAVE_AVX2_PLANES
+    return (out_size == 4 || f16) && __builtin_cpu_supports("avx2") && (!f16 || __builtin_cpu_supports("f16c"));
+#else
+    (void)out_size;
+    (void)f16;
+    return 0;
+#endif
+}
+
+/* tall_planes, tall_planes_bf16 and tall_planes_f16: the arguments checked alike (a mask of n bytes,
+ * or with ``bits`` of ceil(n / 8)); out_size 4
  * (float32 base and output, four base planes) or 2 (bfloat16 or float16: two; ``f16`` says which). */
 static PyObject *tall_planes_call(PyObject *args, int out_size, int f16, const char *format) {
     PyObject *bseq, *mseq;
     int rb, rm;
     const int base_planes = out_size;
     Py_buffer mask, out, bv[MAX_PLANES], mv[MAX_PLANES];
-    if (!PyArg_ParseTuple(args, format, &bseq, &rb, &mseq, &rm, &mask, &out))
+    int bits = 0;
+    if (!PyArg_ParseTuple(args, format, &bseq, &rb, &mseq, &rm, &mask, &out, &bits))
         return NULL;
     Py_ssize_t n = out.len / out_size;
     int nb = -1, nm = -1;
-    if (out.len % out_size || ((uintptr_t)out.buf & (out_size - 1)) || mask.len != n || rb < 0 || rb > 7 || rm < 0
+    if (out.len % out_size || ((uintptr_t)out.buf & (out_size - 1)) || mask.len != MASK_BYTES(n, bits) || rb < 0 || rb > 7 || rm < 0
         || rm > 7) {
         PyErr_Format(PyExc_ValueError, "tall_planes: mask %zd and out %zd bytes (or misaligned), rotations %d and %d",
                      mask.len, out.len, rb, rm);
@@ -546,13 +611,18 @@ static PyObject *tall_planes_call(PyObject *args, int out_size, int f16, const c
         b[j] = j < nb ? (const uint8_t *)bv[j].buf : NULL;
         m[j] = (const uint8_t *)mv[j].buf;
     }
+    const uint8_t *k = (const uint8_t *)mask.buf;
     Py_BEGIN_ALLOW_THREADS
-    if (out_size == 4)
-        tall_planes_any(b, rb, m, rm, (const uint8_t *)mask.buf, (float *)out.buf, n);
-    else if (f16)
-        tall_planes_f16_any(b[0], b[1], rb, m, rm, (const uint8_t *)mask.buf, (uint16_t *)out.buf, n);
-    else
-        tall_planes_bf16_loop(b[0], b[1], rb, m, rm, (const uint8_t *)mask.buf, (uint16_t *)out.buf, n);
+    if (!bits || reads_bits(out_size, f16)) {
+        tall_planes_range(out_size, f16, b, rb, m, rm, k, bits, out.buf, 0, n);
+    } else {
+        uint8_t block[BITS_BLOCK];
+        for (Py_ssize_t a = 0; a < n; a += BITS_BLOCK) {
+            Py_ssize_t len = n - a < BITS_BLOCK ? n - a : BITS_BLOCK;
+            unpack_loop(k + a / 8, block, len);
+            tall_planes_range(out_size, f16, b, rb, m, rm, block, 0, out.buf, a, len);
+        }
+    }
     Py_END_ALLOW_THREADS
 done:
     if (nb > 0)
@@ -567,15 +637,15 @@ done:
 }
 
 static PyObject *tall_planes(PyObject *self, PyObject *args) {
-    return tall_planes_call(args, 4, 0, "OiOiy*w*:tall_planes");
+    return tall_planes_call(args, 4, 0, "OiOiy*w*|p:tall_planes");
 }
 
 static PyObject *tall_planes_bf16(PyObject *self, PyObject *args) {
-    return tall_planes_call(args, 2, 0, "OiOiy*w*:tall_planes_bf16");
+    return tall_planes_call(args, 2, 0, "OiOiy*w*|p:tall_planes_bf16");
 }
 
 static PyObject *tall_planes_f16(PyObject *self, PyObject *args) {
-    return tall_planes_call(args, 2, 1, "OiOiy*w*:tall_planes_f16");
+    return tall_planes_call(args, 2, 1, "OiOiy*w*|p:tall_planes_f16");
 }
 
 

@@ -9,6 +9,7 @@ size before it decodes, and never allocates more than the manifest announced.
 
 from __future__ import annotations
 
+import functools
 import math
 import struct
 from collections.abc import Sequence
@@ -673,6 +674,15 @@ class Chain:
         """A chunk as its stored byte planes and their rotation (``Planes.planar``), or None when
         this chain is not one ``planes`` or ``planes-exp`` codec of 2- or 4-byte elements."""
         return self.codecs[0].planar(buf, size, slot, known) if self.planar_itemsize else None
+
+    @functools.cached_property
+    def bits_chain(self) -> "Chain | None":
+        """For a chain that starts with ``bitpack`` (masks), the rest of it: what decodes a chunk to
+        its packed bits, for readers that take the bits as they are (``kernels.tall_f32``'s
+        ``bits``); None for any other chain."""
+        if self.codecs and isinstance(self.codecs[0], BitPack):
+            return Chain(self.codecs[1:])
+        return None
 
     @property
     def planar_itemsize(self) -> int:

@@ -169,40 +169,52 @@ def _helper_pool() -> ThreadPoolExecutor:
 
 
 def tall_planes(base: Sequence[np.ndarray], rb: int, merged: Sequence[np.ndarray], rm: int, mask: np.ndarray,
-                out: np.ndarray, threads: int = 1) -> None:
+                out: np.ndarray, threads: int = 1, bits: bool = False) -> None:
     """``out = base + mask * merged`` as ``tall_f32``, with base and merged given as the four
     stored byte planes of float32 elements and each one's rotation (``Planes.planar``: 0 for
     ``planes``, r for ``planes-exp``): joined on the way, no decoded copy of either. ``out`` is
-    float32 of n elements, every plane and the 0/1 uint8 ``mask`` n bytes."""
-    _from_planes("tall_planes", _tall_planes_numpy, base, rb, merged, rm, mask, out, threads)
+    float32 of n elements, every plane n bytes, and ``mask`` n 0/1 bytes (with ``bits``, its
+    ceil(n / 8) packed bytes, as ``tall_f32``)."""
+    _from_planes("tall_planes", _tall_planes_numpy, base, rb, merged, rm, mask, out, threads, bits)
 
 
 def _from_planes(name: str, fallback, base: Sequence[np.ndarray], rb: int, merged: Sequence[np.ndarray], rm: int,
-                 mask: np.ndarray, out: np.ndarray, threads: int) -> None:
+                 mask: np.ndarray, out: np.ndarray, threads: int, bits: bool) -> None:
     """The compiled loop ``name`` over ``out`` in ``_split``'s parts, or ``fallback`` without the
-    compiled loops or for an unaligned output."""
+    compiled loops or for an unaligned output (a packed mask unpacked first)."""
     if _kernels is None or not out.flags.aligned:
-        fallback(base, rb, merged, rm, mask, out)
+        fallback(base, rb, merged, rm, _unpacked(mask, out.size) if bits else mask, out)
         return
     run = getattr(_kernels, name)
     _split(out.size, threads, lambda a, b: run(
-        [p[a:b] for p in base], rb, [p[a:b] for p in merged], rm, mask[a:b], out[a:b]))
+        [p[a:b] for p in base], rb, [p[a:b] for p in merged], rm, _mask_part(mask, a, b, bits), out[a:b], bits))
+
+
+def _unpacked(packed: np.ndarray, n: int) -> np.ndarray:
+    out = np.empty(n, np.uint8)
+    unpack_bits(packed, out)
+    return out
+
+
+def _mask_part(mask: np.ndarray, a: int, b: int, bits: bool) -> np.ndarray:
+    """Elements [a, b) of a mask of bytes, or of packed bits (``a`` then a multiple of 8: ``_split``'s cuts)."""
+    return mask[a // 8 : (b + 7) // 8] if bits else mask[a:b]
 
 
 def tall_planes_bf16(base: Sequence[np.ndarray], rb: int, merged: Sequence[np.ndarray], rm: int, mask: np.ndarray,
-                     out: np.ndarray, threads: int = 1) -> None:
+                     out: np.ndarray, threads: int = 1, bits: bool = False) -> None:
     """``tall_planes`` for a bfloat16 base and output: ``base`` the two stored byte planes of the
     bfloat16 elements (``planes``: r = 0; ``planes-exp``: S and T of rotation ``rb``), ``merged``
     float32's four, and ``out`` n 16-bit elements (any 2-byte dtype), each the float32 sum rounded
     to nearest even, as torch's ``addcmul(base.float(), mask.float(), merged).to(torch.bfloat16)``."""
-    _from_planes("tall_planes_bf16", _tall_planes_bf16_numpy, base, rb, merged, rm, mask, out, threads)
+    _from_planes("tall_planes_bf16", _tall_planes_bf16_numpy, base, rb, merged, rm, mask, out, threads, bits)
 
 
 def tall_planes_f16(base: Sequence[np.ndarray], rb: int, merged: Sequence[np.ndarray], rm: int, mask: np.ndarray,
-                    out: np.ndarray, threads: int = 1) -> None:
+                    out: np.ndarray, threads: int = 1, bits: bool = False) -> None:
     """``tall_planes_bf16`` for a float16 base and output: each float32 sum rounded to float16
     to nearest even (overflow to infinity, subnormals kept), as torch's ``.to(torch.float16)``."""
-    _from_planes("tall_planes_f16", _tall_planes_f16_numpy, base, rb, merged, rm, mask, out, threads)
+    _from_planes("tall_planes_f16", _tall_planes_f16_numpy, base, rb, merged, rm, mask, out, threads, bits)
 
 
 def _tall_planes_f16_numpy(base: Sequence[np.ndarray], rb: int, merged: Sequence[np.ndarray], rm: int,
@@ -281,19 +293,22 @@ def tall_mask(tau: np.ndarray, merged: np.ndarray, lam: float, mask: np.ndarray
     return _kernels.tall_mask_f32(tau, merged, lam, mask)
 
 
-def tall_f32(base: np.ndarray, merged: np.ndarray, mask: np.ndarray, out: np.ndarray, threads: int = 1) -> bool:
+def tall_f32(base: np.ndarray, merged: np.ndarray, mask: np.ndarray, out: np.ndarray, threads: int = 1,
+             bits: bool = False) -> bool:
     """``out = base + mask * merged`` in one pass (float32 arrays, a 0/1 uint8 mask, all
-    contiguous and of one length), bit-identical to ``torch.addcmul``; False, doing nothing,
-    without the compiled loops or for unaligned floats (the caller then runs its torch path).
-    A large tensor is split across up to ``threads`` threads, unless this thread is a pool's
-    worker (:func:`mark_worker`)."""
+    contiguous and of one length; with ``bits``, the mask's ceil(n / 8) bytes packed as codec
+    ``bitpack`` stores them, unpacked a block at a time as the loop runs), bit-identical to
+    ``torch.addcmul``; False, doing nothing, without the compiled loops or for unaligned floats
+    (the caller then runs its torch path). A large tensor is split across up to ``threads``
+    threads, unless this thread is a pool's worker (:func:`mark_worker`)."""
     if _kernels is None or not (base.flags.aligned and merged.flags.aligned and out.flags.aligned):
         return False
     if _parts(out.size, threads) == 1:  # most tensors: the arrays as they are, no flat views or slices
-        _kernels.tall_f32(base, merged, mask, out)
+        _kernels.tall_f32(base, merged, mask, out, bits)
         return True
     base, merged, mask, out = base.reshape(-1), merged.reshape(-1), mask.reshape(-1), out.reshape(-1)
-    _split(out.size, threads, lambda a, b: _kernels.tall_f32(base[a:b], merged[a:b], mask[a:b], out[a:b]))
+    _split(out.size, threads, lambda a, b: _kernels.tall_f32(base[a:b], merged[a:b], _mask_part(mask, a, b, bits),
+                                                             out[a:b], bits))
     return True
 
 
@@ -310,7 +325,7 @@ def _split(n: int, threads: int, run) -> None:
     if parts == 1:
         run(0, n)
         return
-    cuts = [n * i // parts for i in range(parts + 1)]
+    cuts = [n * i // parts // 64 * 64 for i in range(parts)] + [n]  # whole bytes of a packed mask
     futures = [_helper_pool().submit(run, a, b) for a, b in zip(cuts[1:-1], cuts[2:])]
     run(cuts[0], cuts[1])
     for f in futures:

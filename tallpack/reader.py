@@ -42,7 +42,7 @@ from .originals import verify_originals
 from .progress import ProgressLike, track
 from .report import summarize
 from .storage import open_bytes
-from .tall import Planar
+from .tall import Bits, Planar
 
 log = logging.getLogger(__name__)
 
@@ -281,10 +281,13 @@ class Archive:
 
         on_cpu = device is None or torch.device(device).type == "cpu"
         planar = self._planar_keys(encoding, entry, tt, needed) if on_cpu and rows is None else ()
+        bits = self._bit_keys(encoding, entry, tt, needed) if on_cpu and rows is None else ()
 
-        def read(k: str, ref: ArrayRef, use: Use, slot: str | None = None) -> torch.Tensor | Planar:
+        def read(k: str, ref: ArrayRef, use: Use, slot: str | None = None) -> torch.Tensor | Planar | Bits:
             if k in planar:
                 return self._read_planar(ref, f"{where} ({k})", use, k)
+            if k in bits:
+                return self._read_bits(ref, f"{where} ({k})", slot)
             return self.read_array(ref, f"{where} ({k})", use, device=device, start=start, stop=stop, _slot=slot)
 
         if pool is not None and self._worth_threads(needed, device, rows is None, planar):
@@ -313,6 +316,31 @@ class Archive:
                    and r.numel >= PLANAR_MIN_ELEMENTS for r in refs):
             return ()
         return keys if len({(r.numel, r.chunk_elements) for r in refs}) == 1 else ()
+
+    @staticmethod
+    def _bit_keys(encoding: type[Encoding], entry: TensorEntry, tt: TaskTensor,
+                  needed: Mapping[str, tuple[Any, Use]]) -> tuple[str, ...]:
+        """The inputs to hand ``rebuild`` as their stored bits (``Encoding.bit_inputs``): all it
+        names, when each is a bool array stored bit-packed (and the compiled loops are there), else
+        none. Every chunk but the last holds a multiple of 8 elements (spec §3.5), so the chunks'
+        bits laid end to end are the array's, and a chunk's elements start at a whole byte."""
+        keys = encoding.bit_inputs(entry, tt)
+        if not keys or not kernels.COMPILED or not all(k in needed for k in keys):
+            return ()
+        ok = all(isinstance(r, ArrayRef) and r.dtype == "bool" and r.chain.bits_chain is not None
+                 for r in (needed[k][0] for k in keys))
+        return keys if ok else ()
+
+    def _read_bits(self, ref: ArrayRef, where: str, slot: str | None) -> Bits:
+        """A bit-packed bool array decoded to its bits only (into this thread's buffer ``slot``,
+        which the next read of that name overwrites; None: a fresh one)."""
+        size = (ref.numel + 7) // 8
+        try:
+            buf = self._slots.get(slot, size) if slot is not None else np.empty(size, np.uint8)
+        except MemoryError:
+            raise FormatError(f"{self.name}: {where}: too large to decode ({ref.nbytes} bytes)") from None
+        self._c.read_bits(ref, where, memoryview(buf))
+        return Bits(buf, ref.numel, ref.shape)
 
     def _read_planar(self, ref: ArrayRef, where: str, use: Use, slot: str) -> Planar:
         """An array as the byte planes of its chunks (``Encoding.planar_inputs``). A shared input

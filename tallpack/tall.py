@@ -107,9 +107,13 @@ def _float_mask(mask: torch.Tensor) -> torch.Tensor:
     return buf.view(mask.shape).copy_(_bytes(mask))
 
 
-def _one_pass(theta_0: torch.Tensor, mask: torch.Tensor, tau_mtl: torch.Tensor) -> bool:
+def _one_pass(theta_0: torch.Tensor, mask: torch.Tensor | np.ndarray, tau_mtl: torch.Tensor, bits: bool = False) -> bool:
     """Whether the compiled loop (kernels.tall_f32) can rebuild this tensor: CPU, contiguous,
-    one length, a bool mask (the loop reads any nonzero byte as 1, as a bool is)."""
+    one length, a bool mask (the loop reads any nonzero byte as 1, as a bool is), or with ``bits``
+    the mask's packed bits (``Bits.packed``, which are always a contiguous array on the CPU)."""
+    if bits:
+        return (kernels.COMPILED and theta_0.numel() == tau_mtl.numel() and theta_0.is_cpu and tau_mtl.is_cpu
+                and theta_0.is_contiguous() and tau_mtl.is_contiguous())
     return (kernels.COMPILED and mask.dtype == torch.bool
             and theta_0.numel() == mask.numel() == tau_mtl.numel()
             and theta_0.is_cpu and mask.is_cpu and tau_mtl.is_cpu
@@ -125,14 +129,38 @@ def _bytes(mask: torch.Tensor) -> torch.Tensor:
     return mask.view(torch.uint8) if mask.dtype == torch.bool and mask.device.type == "cpu" else mask
 
 
-def reconstruct(theta_0: torch.Tensor, mask: torch.Tensor, tau_mtl: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``theta_t = theta_0 + m_t * tau_MTL``, computed in float32 and cast to ``dtype``."""
-    if dtype == torch.float32 == theta_0.dtype == tau_mtl.dtype and _one_pass(theta_0, mask, tau_mtl):
+class Bits:
+    """A bool mask as its stored bits (codec ``bitpack``: element i in bit i % 8 of byte i // 8),
+    for the rebuilds, which then read them as they are (``kernels.tall_f32``'s ``bits``): no byte
+    per element is written and read back. ``packed`` holds ceil(numel / 8) bytes."""
+
+    def __init__(self, packed: np.ndarray, numel: int, shape: Sequence[int]):
+        if packed.dtype != np.uint8 or packed.size != (numel + 7) // 8:
+            raise ValueError(f"{packed.size} bytes of bits for {numel} elements")  # a caller's bug
+        self.packed, self.numel, self.shape = packed, numel, tuple(shape)
+
+    def unpack(self) -> torch.Tensor:
+        """The mask as a bool tensor of its shape (for the rebuilds that need one)."""
+        out = np.empty(self.numel, np.uint8)
+        kernels.unpack_bits(self.packed, out)
+        return torch.from_numpy(out).view(torch.bool).reshape(self.shape)
+
+
+def reconstruct(theta_0: torch.Tensor, mask: torch.Tensor | Bits, tau_mtl: torch.Tensor, dtype: torch.dtype
+                ) -> torch.Tensor:
+    """``theta_t = theta_0 + m_t * tau_MTL``, computed in float32 and cast to ``dtype``; ``mask``
+    a bool tensor or its stored bits."""
+    bits = isinstance(mask, Bits)
+    if (dtype == torch.float32 == theta_0.dtype == tau_mtl.dtype
+            and _one_pass(theta_0, mask.packed if bits else mask, tau_mtl, bits)):
         out = torch.empty(theta_0.shape, dtype=torch.float32)
         # contiguous (_one_pass), so their numpy views lie element by element as the loop reads them
-        if kernels.tall_f32(theta_0.numpy(), tau_mtl.numpy(), _bytes(mask).numpy(), out.numpy(),
-                            threads=torch.get_num_threads()):
+        m = mask.packed if bits else _bytes(mask).numpy()
+        if kernels.tall_f32(theta_0.numpy(), tau_mtl.numpy(), m, out.numpy(), threads=torch.get_num_threads(),
+                            bits=bits):
             return out
+    if bits:
+        mask = mask.unpack()
     # addcmul is bit-identical to base + (mask * tau): the product (tau or a signed zero) is exact,
     # so fusing it leaves a single rounding, that of the addition.
     return torch.addcmul(theta_0.to(torch.float32), _float_mask(mask), tau_mtl).to(dtype)
@@ -148,14 +176,16 @@ class Planar:
         self.numel, self.chunk_elements, self.chunk = numel, chunk_elements, chunk
 
 
-def reconstruct_planar(theta_0: Planar, mask: torch.Tensor, tau_mtl: Planar, shape: Sequence[int],
+def reconstruct_planar(theta_0: Planar, mask: torch.Tensor | Bits, tau_mtl: Planar, shape: Sequence[int],
                        dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """:func:`reconstruct` with ``theta_0`` and ``tau_MTL`` as byte planes of the same chunks:
     one pass per chunk joins both, adds and, for a bfloat16 or float16 ``dtype`` (``theta_0``
     then of that dtype too), rounds (``kernels.tall_planes``, ``tall_planes_bf16``,
-    ``tall_planes_f16``; the same bits)."""
+    ``tall_planes_f16``; the same bits). ``mask`` is a bool tensor or its stored bits."""
     n = theta_0.numel
-    if not (n == tau_mtl.numel == mask.numel() and theta_0.chunk_elements == tau_mtl.chunk_elements > 0):
+    bits = isinstance(mask, Bits)
+    if not (n == tau_mtl.numel == (mask.numel if bits else mask.numel())
+            and theta_0.chunk_elements == tau_mtl.chunk_elements > 0 and theta_0.chunk_elements % 8 == 0):
         raise ValueError("base, merged vector and mask differ in length or chunks")  # a caller's bug
     join = {torch.float32: kernels.tall_planes, torch.bfloat16: kernels.tall_planes_bf16,
             torch.float16: kernels.tall_planes_f16}.get(dtype)
@@ -163,15 +193,19 @@ def reconstruct_planar(theta_0: Planar, mask: torch.Tensor, tau_mtl: Planar, sha
         raise ValueError(f"no rebuild from byte planes into {dtype}")  # a caller's bug
     out = torch.empty(tuple(shape), dtype=dtype)
     flat = _flat(out) if dtype == torch.float32 else _flat(out.view(torch.int16))
-    m = _flat(_bytes(mask.reshape(-1)))
-    if m.dtype != np.uint8:
-        m = m.astype(np.uint8)
+    if bits:
+        m = mask.packed
+    else:
+        m = _flat(_bytes(mask.reshape(-1)))
+        if m.dtype != np.uint8:
+            m = m.astype(np.uint8)
     ce = theta_0.chunk_elements
     for i, a in enumerate(range(0, n, ce)):
         b = min(n, a + ce)
         base_planes, rb = theta_0.chunk(i)
         merged_planes, rm = tau_mtl.chunk(i)
-        join(base_planes, rb, merged_planes, rm, m[a:b], flat[a:b], threads=torch.get_num_threads())
+        join(base_planes, rb, merged_planes, rm, m[a // 8 : (b + 7) // 8] if bits else m[a:b], flat[a:b],
+             threads=torch.get_num_threads(), bits=bits)
     return out
 
 

@@ -18,6 +18,7 @@ import tallpack
 from conftest import expected_reconstruction
 from tallpack.encodings.base import iter_arrays
 from tallpack import codecs, kernels, reader
+from tallpack.encodings import tall as encodings_tall
 from strategies import families
 
 
@@ -125,6 +126,42 @@ def test_16_bit_tensors_are_rebuilt_from_their_planes(tmp_path, monkeypatch, lev
                        for k in fam._cache._items)
         else:
             assert not calls
+
+
+@pytest.mark.parametrize("codec", ["planes", "raw", "zstd"])
+@pytest.mark.parametrize("chunk", [8, 4096, 1 << 22])
+def test_masks_read_as_their_bits_give_the_bytes_paths_bits(tmp_path, monkeypatch, codec, chunk) -> None:
+    """Masks go to the rebuild as their stored bits (``Encoding.bit_inputs``; the packer's chunks
+    always hold whole bytes of them), for float32, bfloat16 and float16 tensors, planar or not,
+    cached and not, by state_dict and get_tensor: the same bits as the masks read as bytes."""
+    g = torch.Generator().manual_seed(8)
+    base = {"w": torch.randn(100, 99, generator=g), "b": torch.randn(37, generator=g).to(torch.bfloat16),
+            "h": torch.randn(70, 90, generator=g).to(torch.bfloat16), "f": torch.randn(5001, generator=g).half()}
+    tasks = {t: {k: (v.float() + 0.01 * torch.randn(v.shape, generator=g)).to(v.dtype) for k, v in base.items()}
+             for t in ("a", "b", "c")}
+    out = tmp_path / "m.tallpack"
+    tallpack.pack(base, tasks, out, codec=codec, chunk_elements=chunk)
+    monkeypatch.setattr(reader, "PLANAR_MIN_ELEMENTS", 0)
+    read_bits = reader.Archive._read_bits
+    seen = []
+
+    def spy(self, ref, where, slot):
+        seen.append(where)
+        return read_bits(self, ref, where, slot)
+
+    monkeypatch.setattr(reader.Archive, "_read_bits", spy)
+    got = {}
+    for cache in (0, 1 << 30):
+        with tallpack.open(out, cache_bytes=cache) as fam:
+            for t in tasks:
+                got[t, cache] = fam.state_dict(t), {k: fam.get_tensor(t, k) for k in fam.keys(t)}
+    assert bool(seen) == kernels.COMPILED, seen[:3]
+    monkeypatch.setattr(encodings_tall.Tall, "bit_inputs", classmethod(lambda cls, entry, tt: ()))
+    with tallpack.open(out, cache_bytes=0, threads=1) as plain:
+        for t in tasks:
+            want = plain.state_dict(t)
+            for (sd, singles) in (got[t, 0], got[t, 1 << 30]):
+                assert _same(want, sd) and _same(want, singles), t
 
 
 def test_planes_over_the_cache_budget_are_decoded_chunk_by_chunk(tmp_path) -> None:

@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tallpack import codecs, kernels
-from tallpack.tall import reconstruct
+from tallpack.tall import Bits, reconstruct
 
 _kernels = pytest.importorskip("tallpack._kernels", reason="built without a C compiler: the numpy loops run")
 
@@ -73,16 +73,33 @@ def _specials(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tens
     return base, merged, torch.rand(n, generator=g) < 0.4
 
 
-@given(st.integers(0, 4000), st.integers(0, 2**31 - 1))
+def _packed(mask: torch.Tensor) -> np.ndarray:
+    """A bool mask's bits as codec ``bitpack`` stores them, the padding bits past its end set (the
+    loops must not read them)."""
+    m = mask.reshape(-1).numpy()
+    packed = np.packbits(m, bitorder="little")
+    if m.size % 8:
+        packed[-1] |= np.uint8(0xFF << (m.size % 8) & 0xFF)
+    return packed
+
+
+# Lengths around the compiled loops' steps: 8 elements a stored byte, 32 a vector step, 4096 a block.
+_bit_lengths = st.one_of(st.integers(0, 4000), st.sampled_from([4095, 4096, 4097, 8191, 8200, 12289]))
+
+
+@given(_bit_lengths, st.integers(0, 2**31 - 1))
 @settings(max_examples=60)
 def test_tall_f32_is_bit_identical_to_addcmul(n, seed):
+    """With the mask as bytes and as its stored bits."""
     base, merged, mask = _specials(n, seed)
     ref = torch.addcmul(base, mask.to(torch.float32), merged)
-    out = torch.full((n,), 7.0)
-    _kernels.tall_f32(base.numpy(), merged.numpy(), mask.view(torch.uint8).numpy(), out.numpy())
-    assert torch.equal(out.view(torch.int32), ref.view(torch.int32))
-    # and reconstruct, whichever loop this process runs
-    assert torch.equal(reconstruct(base, mask, merged, torch.float32).view(torch.int32), ref.view(torch.int32))
+    for m, bits in ((mask.view(torch.uint8).numpy(), False), (_packed(mask), True)):
+        out = torch.full((n,), 7.0)
+        _kernels.tall_f32(base.numpy(), merged.numpy(), m, out.numpy(), bits)
+        assert torch.equal(out.view(torch.int32), ref.view(torch.int32)), bits
+    # and reconstruct, whichever loop this process runs, from a bool mask or its bits
+    for m in (mask, Bits(_packed(mask), n, (n,))):
+        assert torch.equal(reconstruct(base, m, merged, torch.float32).view(torch.int32), ref.view(torch.int32))
 
 
 def _stored_planes(x: torch.Tensor, r: int) -> list[np.ndarray]:
@@ -95,7 +112,7 @@ def _stored_planes(x: torch.Tensor, r: int) -> list[np.ndarray]:
     return planes
 
 
-@given(st.integers(0, 4000), st.integers(0, 7), st.integers(0, 7), st.integers(0, 2**31 - 1))
+@given(_bit_lengths, st.integers(0, 7), st.integers(0, 7), st.integers(0, 2**31 - 1))
 @settings(max_examples=60)
 def test_tall_planes_is_bit_identical_to_addcmul(n, rb, rm, seed):
     """The one-pass rebuild from stored planes, compiled and numpy, against addcmul on the joined
@@ -107,6 +124,15 @@ def test_tall_planes_is_bit_identical_to_addcmul(n, rb, rm, seed):
         out = torch.full((n,), 7.0)
         run(*args, out.numpy())
         assert torch.equal(out.view(torch.int32), ref.view(torch.int32)), run
+    for run in (_kernels.tall_planes, kernels.tall_planes):  # the mask as its stored bits
+        out = torch.full((n,), 7.0)
+        run(*args[:4], _packed(mask), out.numpy(), *_bits_arg(run))
+        assert torch.equal(out.view(torch.int32), ref.view(torch.int32)), run
+
+
+def _bits_arg(run) -> tuple:
+    """``bits`` as the last positional argument: the compiled loop's, or kernels.py's after ``threads``."""
+    return (1, True) if run.__module__ == kernels.__name__ else (True,)
 
 
 def _stored_bf16_planes(x: torch.Tensor, r: int) -> list[np.ndarray]:
@@ -129,7 +155,7 @@ def _same_half(out: torch.Tensor, ref: torch.Tensor) -> bool:
     return torch.equal(out.isnan(), ref.isnan()) and torch.equal(out.view(torch.int16)[keep], ref.view(torch.int16)[keep])
 
 
-@given(st.integers(0, 4000), st.integers(0, 7), st.integers(0, 7), st.integers(0, 2**31 - 1),
+@given(_bit_lengths, st.integers(0, 7), st.integers(0, 7), st.integers(0, 2**31 - 1),
        st.sampled_from([torch.bfloat16, torch.float16]))
 @settings(max_examples=80)
 def test_tall_planes_16_bit_is_bit_identical_to_addcmul_then_the_cast(n, rb, rm, seed, dtype):
@@ -149,6 +175,10 @@ def test_tall_planes_16_bit_is_bit_identical_to_addcmul_then_the_cast(n, rb, rm,
     for run in _HALF_RUNS[dtype]:
         out = torch.full((n,), 7.0, dtype=dtype)
         run(*args, out.view(torch.int16).numpy())
+        assert _same_half(out, ref), run
+    for run in (_HALF_RUNS[dtype][0], _HALF_RUNS[dtype][2]):  # the mask as its stored bits
+        out = torch.full((n,), 7.0, dtype=dtype)
+        run(*args[:4], _packed(mask), out.view(torch.int16).numpy(), *_bits_arg(run))
         assert _same_half(out, ref), run
 
 
@@ -200,6 +230,16 @@ def test_tall_f32_declines_unaligned_floats():
     lambda: _kernels.join_exponent([], np.zeros(3, np.uint8), np.zeros(4, np.uint8), 1, np.zeros(8, np.uint8)),
     lambda: _kernels.tall_f32(np.zeros(4, np.float32), np.zeros(4, np.float32), np.zeros(3, np.uint8),
                               np.zeros(4, np.float32)),
+    lambda: _kernels.tall_f32(np.zeros(9, np.float32), np.zeros(9, np.float32), np.zeros(1, np.uint8),
+                              np.zeros(9, np.float32), True),  # 9 elements need 2 bytes of bits
+    lambda: _kernels.tall_f32(np.zeros(8, np.float32), np.zeros(8, np.float32), np.zeros(8, np.uint8),
+                              np.zeros(8, np.float32), True),  # bytes given as bits
+    lambda: _kernels.tall_planes([np.zeros(9, np.uint8)] * 4, 0, [np.zeros(9, np.uint8)] * 4, 0,
+                                 np.zeros(1, np.uint8), np.zeros(9, np.float32), True),
+    lambda: _kernels.tall_planes_bf16([np.zeros(9, np.uint8)] * 2, 0, [np.zeros(9, np.uint8)] * 4, 0,
+                                      np.zeros(9, np.uint8), np.zeros(9, np.uint16), True),
+    lambda: _kernels.tall_planes_f16([np.zeros(17, np.uint8)] * 2, 0, [np.zeros(17, np.uint8)] * 4, 0,
+                                     np.zeros(2, np.uint8), np.zeros(17, np.uint16), True),
     lambda: _kernels.unpack_bits(np.zeros(2, np.uint8), np.zeros(7, np.uint8)),
     lambda: _kernels.unpack_bits(np.zeros(1, np.uint8), b"\0" * 8),
     lambda: _kernels.tall_f32(np.zeros(4, np.float32), np.zeros(5, np.float32), np.zeros(4, np.uint8),
@@ -271,21 +311,24 @@ def test_unpack_bits_matches_numpy(n, seed):
 
 def _split_rebuild(loop: str, base, merged, mask, out, threads: int) -> bool:
     """One of the TALL loops that split a large tensor across threads: ``tall_f32`` on floats, or
-    ``tall_planes`` on stored planes (base as ``planes-exp``, merged as ``planes``)."""
-    m = mask.view(torch.uint8).numpy()
-    if loop == "f32":
-        return kernels.tall_f32(base.numpy(), merged.numpy(), m, out.numpy(), threads=threads)
-    kernels.tall_planes(_stored_planes(base, 1), 1, _stored_planes(merged, 0), 0, m, out.numpy(), threads=threads)
+    ``tall_planes`` on stored planes (base as ``planes-exp``, merged as ``planes``); ``-bits``: the
+    mask as its stored bits."""
+    bits = loop.endswith("-bits")
+    m = _packed(mask) if bits else mask.view(torch.uint8).numpy()
+    if loop.startswith("f32"):
+        return kernels.tall_f32(base.numpy(), merged.numpy(), m, out.numpy(), threads=threads, bits=bits)
+    kernels.tall_planes(_stored_planes(base, 1), 1, _stored_planes(merged, 0), 0, m, out.numpy(), threads=threads,
+                        bits=bits)
     return True
 
 
 @pytest.mark.skipif(not kernels.COMPILED, reason="the compiled loops are turned off")
-@pytest.mark.parametrize("loop", ["f32", "planes"])
+@pytest.mark.parametrize("loop", ["f32", "planes", "f32-bits", "planes-bits"])
 @pytest.mark.parametrize("threads", [1, 2, 3])
 def test_tall_loops_split_across_threads_give_the_same_bits(loop, threads):
     import threading
 
-    n = 3 * kernels.SPLIT_ELEMENTS + 5
+    n = 3 * kernels.SPLIT_ELEMENTS + 5 + threads  # cuts fall on whole bytes of a packed mask
     base, merged, mask = _specials(n, threads)
     ref = torch.addcmul(base, mask.to(torch.float32), merged)
     out = torch.empty(n)

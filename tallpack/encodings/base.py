@@ -267,6 +267,13 @@ class Encoding:
         elements, and its cache keeps only the planes that were compressed."""
         return ()
 
+    @classmethod
+    def bit_inputs(cls, entry: TensorEntry, tt: TaskTensor) -> tuple[str, ...]:
+        """Bool inputs that ``rebuild`` also takes as their stored bits (a :class:`tallpack.tall.Bits`
+        in place of the tensor) when each is stored bit-packed (codec ``bitpack`` first) with whole
+        bytes per chunk: the reader then decodes them only to their bits, never to a byte each."""
+        return ()
+
 
 #: Encodings by the name task entries use.
 REGISTRY: dict[str, type[Encoding]] = {}

@@ -12,7 +12,7 @@ from ..arrays import ArrayRef
 from ..dtypes import dtype_name, tensor_to_bytes, torch_dtype
 from ..elements import FLOATING, numel
 from ..errors import FormatError
-from ..tall import Planar, Workspace, blocks, reconstruct, reconstruct_planar, tall_mask_with_fidelity
+from ..tall import Bits, Planar, Workspace, blocks, reconstruct, reconstruct_planar, tall_mask_with_fidelity
 from .base import EXTRA_ARRAYS, Encoding, Item, TaskTensor, TensorEntry, Use, WriteContext, register
 
 
@@ -140,7 +140,12 @@ class Tall(Encoding):
         return ()
 
     @classmethod
-    def rebuild(cls, arrays: Mapping[str, torch.Tensor | Planar], entry: TensorEntry, tt: TaskTensor) -> torch.Tensor:
+    def bit_inputs(cls, entry: TensorEntry, tt: TaskTensor) -> tuple[str, ...]:
+        return ("mask",) if "correction" not in tt.extras else ()  # reconstruct and reconstruct_planar take Bits
+
+    @classmethod
+    def rebuild(cls, arrays: Mapping[str, torch.Tensor | Planar | Bits], entry: TensorEntry, tt: TaskTensor
+                ) -> torch.Tensor:
         corr = tt.extras.get("correction")
         if corr is not None:
             return corr.rebuild(arrays, entry, tt)
