@@ -307,11 +307,17 @@ class Planes(Codec):
         else:
             join_planes(planes, dst)
 
+    #: With ``cheap``, ``planar`` leaves undecoded (None) the planes coded in under 1/CHEAP of their
+    #: size: nearly empty (a bfloat16 family's merged vector's low planes), they decode at over
+    #: 10 GB/s, so a reader's cache need not hold them (BENCHMARKS.md, tenth round).
+    CHEAP: ClassVar[int] = 64
+
     def _planes(self, buf: memoryview, n: int, slot: str | None,
-                known: Sequence[np.ndarray | None] | None = None) -> list[np.ndarray]:
+                known: Sequence[np.ndarray | None] | None = None, cheap: bool = False) -> list[np.ndarray | None]:
         """The chunk's ``itemsize`` planes of ``n`` bytes, in stored order: views of ``buf`` where
         verbatim, else decoded (into this thread's buffers ``slot0``, ``slot1``, ...; with ``slot``
-        None, into fresh arrays), or ``known[i]`` where given (decoded before)."""
+        None, into fresh arrays), or ``known[i]`` where given (decoded before); with ``cheap``, None
+        for a plane coded in under ``n // CHEAP`` bytes (see CHEAP)."""
         k = self.itemsize
         head = self.PREFIX + 4 * k
         if len(buf) < head:
@@ -324,19 +330,22 @@ class Planes(Codec):
             old = known[i] if known is not None else None
             if old is not None and old.size == n:
                 planes.append(old)
+            elif cheap and length != n and length * self.CHEAP < n:
+                planes.append(None)
             else:
                 planes.append(_plane(buf[pos : pos + length], n, None if slot is None else f"{slot}{i}"))
             pos += length
         return planes
 
     def planar(self, buf: memoryview, size: int, slot: str | None = None,
-               known: Sequence[np.ndarray | None] | None = None) -> tuple[list[np.ndarray], int]:
-        """The chunk of ``size`` decoded bytes as its stored planes (see ``_planes``) and the
-        rotation that joins them (0: plane j is byte j of each element; ``planes-exp``: its r),
-        for a reader that joins them in its own loop (``kernels.tall_planes``)."""
+               known: Sequence[np.ndarray | None] | None = None, cheap: bool = False
+               ) -> tuple[list[np.ndarray | None], int]:
+        """The chunk of ``size`` decoded bytes as its stored planes (see ``_planes``; None only
+        with ``cheap``) and the rotation that joins them (0: plane j is byte j of each element;
+        ``planes-exp``: its r), for a reader that joins them in its own loop (``kernels.tall_planes``)."""
         if size % self.itemsize:
             raise CodecError(f"{self.id}: {size} bytes are not whole {self.itemsize}-byte elements")
-        planes = self._planes(buf, size // self.itemsize, slot, known)
+        planes = self._planes(buf, size // self.itemsize, slot, known, cheap)
         return planes, _rotation(buf) if self.HELD else 0
 
     #: How many top planes ``_decode`` leaves to a subclass's join (``ExponentPlanes``: 2).
@@ -670,10 +679,11 @@ class Chain:
         return out
 
     def planar(self, buf: memoryview, size: int, slot: str | None = None,
-               known: Sequence[np.ndarray | None] | None = None) -> tuple[list[np.ndarray], int] | None:
+               known: Sequence[np.ndarray | None] | None = None, cheap: bool = False
+               ) -> tuple[list[np.ndarray | None], int] | None:
         """A chunk as its stored byte planes and their rotation (``Planes.planar``), or None when
         this chain is not one ``planes`` or ``planes-exp`` codec of 2- or 4-byte elements."""
-        return self.codecs[0].planar(buf, size, slot, known) if self.planar_itemsize else None
+        return self.codecs[0].planar(buf, size, slot, known, cheap) if self.planar_itemsize else None
 
     @functools.cached_property
     def bits_chain(self) -> "Chain | None":

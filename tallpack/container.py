@@ -438,14 +438,16 @@ class ContainerReader:
             raise type(e)(f"{self.name}: {where}: chunk {i}: {e}") from None
 
     def read_planar(self, ref: ArrayRef, i: int, where: str, slot: str | None = None,
-                    known: list[np.ndarray | None] | None = None) -> tuple[list[np.ndarray], int]:
+                    known: list[np.ndarray | None] | None = None, cheap: bool = False
+                    ) -> tuple[list[np.ndarray | None], int]:
         """Chunk ``i`` of a float32, bfloat16 or float16 array stored as byte planes of its elements
-        (``ref.chain.planar_itemsize``), checked, as its planes and their rotation (``Chain.planar``; ``slot``: the thread's
-        buffers that compressed planes are decoded into, None for fresh ones; ``known``: planes
-        decoded by an earlier call, or None each)."""
+        (``ref.chain.planar_itemsize``), checked, as its planes and their rotation (``Chain.planar``;
+        ``slot``: the thread's buffers that compressed planes are decoded into, None for fresh ones;
+        ``known``: planes decoded by an earlier call, or None each; ``cheap``: nearly empty planes
+        left undecoded, None)."""
         stored = self._stored(ref, i, where)
         try:
-            got = ref.chain.planar(stored, ref.chunk_numel(i) * itemsize(ref.dtype), slot, known)
+            got = ref.chain.planar(stored, ref.chunk_numel(i) * itemsize(ref.dtype), slot, known, cheap)
         except FormatError as e:
             raise type(e)(f"{self.name}: {where}: chunk {i}: {e}") from None
         if got is None or PLANAR_DTYPES.get(ref.dtype) != ref.chain.planar_itemsize:

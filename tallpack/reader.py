@@ -345,10 +345,11 @@ class Archive:
     def _read_planar(self, ref: ArrayRef, where: str, use: Use, slot: str) -> Planar:
         """An array as the byte planes of its chunks (``Encoding.planar_inputs``). A shared input
         keeps, in the cache, only the planes it had to decode (the ones zstd coded: for float32
-        weights in ``planes-exp``, often one in four); its verbatim planes are views of the mapped
-        file, read again on each use through the same checks as any read (the file has not
-        shrunk, the chunk's checksum was checked). Otherwise its chunks are decoded when the
-        rebuild asks for them, into this thread's buffers named after ``slot``."""
+        weights in ``planes-exp``, often one in four), except nearly empty ones (``Planes.CHEAP``),
+        which decode faster than fresh memory for them is written; its verbatim planes are views
+        of the mapped file, read again on each use through the same checks as any read (the file
+        has not shrunk, the chunk's checksum was checked). Otherwise its chunks are decoded when
+        the rebuild asks for them, into this thread's buffers named after ``slot``."""
         known = None
         if use is Use.SHARED_INPUT:
             key = ("planar",) + _cache_key(ref, None)
@@ -364,19 +365,20 @@ class Archive:
             planes, r = known[i]
             if all(p is not None for p in planes):
                 return planes, r
-            return self._c.read_planar(ref, i, where, known=planes)  # views of the mapped file, checked
+            # views of the mapped file, checked; nearly empty planes decoded into this thread's buffers
+            return self._c.read_planar(ref, i, where, f"{slot}.plane", known=planes)
         return Planar(ref.numel, ref.chunk_elements, chunk)
 
     def _decode_planar(self, ref: ArrayRef, where: str, budget: int) -> list[tuple[list[np.ndarray | None], int]] | None:
-        """Each chunk's decoded planes (None where a plane is a view of a mapped file, which is
-        read again when used); from a remote source, every plane, copied out of the fetched bytes.
+        """Each chunk's decoded planes (None where a plane is a view of a mapped file or nearly
+        empty, read again when used); from a remote source, every plane, copied out of the fetched bytes.
         None as soon as they pass ``budget`` bytes: the cache could not keep them, and the rebuild
         then decodes chunk by chunk, in memory bounded by a chunk."""
         mapped = bool(getattr(self._c.source, "mapped", False))
         out, held = [], 0
         for i in range(len(ref.chunks)):
-            planes, r = self._c.read_planar(ref, i, where)
-            kept = [p if p.flags.owndata else (None if mapped else p.copy()) for p in planes]
+            planes, r = self._c.read_planar(ref, i, where, cheap=mapped)
+            kept = [p if p is None or p.flags.owndata else (None if mapped else p.copy()) for p in planes]
             held += sum(p.nbytes for p in kept if p is not None)
             if held > budget:
                 return None

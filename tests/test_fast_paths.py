@@ -90,6 +90,35 @@ def test_the_cache_keeps_only_the_planes_it_decoded(tmp_path) -> None:
         assert len(plain._cache) == 0
 
 
+def test_the_cache_leaves_nearly_empty_planes_to_be_decoded_again(tmp_path, monkeypatch) -> None:
+    """A bfloat16 family's merged vector sums bfloat16 differences: its lowest plane is nearly all
+    zeros. The cache does not keep such planes (``Planes.CHEAP``); each read decodes them again,
+    into the thread's buffers, to the same bits, for this task and the next."""
+    g = torch.Generator().manual_seed(12)
+    base = {"w": torch.randn(96, 512, generator=g).to(torch.bfloat16)}
+    tasks = {f"t{i}": {"w": (base["w"].float() + 0.01 * torch.randn(96, 512, generator=g)).to(torch.bfloat16)}
+             for i in range(3)}
+    out = tmp_path / "e.tallpack"
+    tallpack.pack(base, tasks, out, chunk_elements=8192)  # 6 chunks
+    with tallpack.open(out) as fam, tallpack.open(out, cache_bytes=0, threads=1) as plain:
+        for t in ("t1", "t0", "t2", "t1"):
+            assert _same(fam.state_dict(t), plain.state_dict(t))
+            assert _same({"w": fam.get_tensor(t, "w")}, {"w": plain.get_tensor(t, "w")})
+        if not kernels.COMPILED:
+            return
+        entry, _ = fam._entry("t0", "w")
+        merged = fam._cache.get(("planar",) + reader._cache_key(entry.arrays["merged"], None))
+        assert merged is not None and len(merged) == 6
+        low = [planes[0] for planes, _ in merged]  # plane 0: each float's lowest byte
+        assert all(p is None for p in low), [None if p is None else p.size for p in low]
+        assert all(planes[1] is not None for planes, _ in merged)  # the next plane holds more: kept
+    monkeypatch.setattr(codecs.Planes, "CHEAP", 1 << 40)  # no plane is cheap: the low planes are zstd coded, and kept
+    with tallpack.open(out) as fam:
+        fam.state_dict("t0")
+        merged = fam._cache.get(("planar",) + reader._cache_key(entry.arrays["merged"], None))
+        assert all(planes[0] is not None for planes, _ in merged)
+
+
 @pytest.mark.parametrize("level, dtype, loop", [(3, torch.bfloat16, "tall_planes_bf16"),
                                                 (19, torch.bfloat16, "tall_planes_bf16"),
                                                 (3, torch.float16, "tall_planes_f16")])
@@ -176,10 +205,10 @@ def test_planes_over_the_cache_budget_are_decoded_chunk_by_chunk(tmp_path) -> No
         fresh = []  # chunks decoded into arrays of their own (to be kept), not reused buffers
         read_planar = small._c.read_planar
 
-        def counting(ref, i, where, slot=None, known=None):
+        def counting(ref, i, where, slot=None, known=None, cheap=False):
             if slot is None and known is None:
                 fresh.append(i)
-            return read_planar(ref, i, where, slot, known)
+            return read_planar(ref, i, where, slot, known, cheap)
 
         small._c.read_planar = counting
         for t in ("a", "b"):
