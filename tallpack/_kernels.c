@@ -8,19 +8,22 @@
  *   join_planes(planes, out)             byte planes -> elements (codecs ``bytegroup``, ``planes``)
  *   join_exponent(low, s, t, r, out)     ``planes-exp``'s rotated planes -> float32 / bfloat16
  *   unpack_bits(packed, out)            LSB-first bits -> 0/1 bytes (codec ``bitpack``)
- *   tall_f32(base, merged, mask, out)    out = base + mask * merged (float32; mask 0/1 bytes)
- *   tall_planes(base, rb, merged, rm, mask, out)
+ *   tall_f32(base, merged, mask, out[, bits])
+ *                                        out = base + mask * merged (float32; mask 0/1 bytes)
+ *   tall_planes(base, rb, merged, rm, mask, out[, bits])
  *                                        the same, base and merged given as their four stored byte
  *                                        planes (``planes``: r = 0; ``planes-exp``: its rotation)
- *   tall_planes_bf16(base, rb, merged, rm, mask, out)
+ *   tall_planes_bf16(base, rb, merged, rm, mask, out[, bits])
  *                                        the same for a bfloat16 base (two planes) and output (rounded
  *                                        to nearest even from the float32 sum)
- *   tall_planes_f16(base, rb, merged, rm, mask, out)
+ *   tall_planes_f16(base, rb, merged, rm, mask, out[, bits])
  *                                        and for float16 (F16C where the CPU has it)
- *   Each tall_* rebuild takes its mask as 0/1 bytes, or, with a last argument ``bits`` true, as the
- *   stored bit-packed mask (codec ``bitpack``: element i in bit i % 8 of byte i // 8; ceil(n / 8)
- *   bytes, padding bits not read), unpacked a block at a time into a buffer that stays in the
- *   first-level cache: no byte mask is written to memory and read back.
+ *
+ *   With ``bits`` true, a rebuild's mask is the stored bit-packed one (codec ``bitpack``: element i
+ *   in bit i % 8 of byte i // 8; ceil(n / 8) bytes, padding bits not read), so no byte mask is
+ *   written to memory and read back: the AVX2 loops test each lane's bit, the others get the bits
+ *   unpacked BITS_BLOCK elements at a time into a buffer on the stack.
+ *
  *   tall_mask_f32(tau, merged, lam, mask)
  *                                        the packer's TALL mask, mask = |tau| > lam * |merged - tau|
  *                                        (float32, as tall.tall_mask), and the fidelity sums of
@@ -847,13 +850,13 @@ static PyMethodDef methods[] = {
     {"unpack_bits", unpack_bits, METH_VARARGS, "unpack_bits(packed, out): LSB-first bits into 0/1 bytes"},
     {"join_planes", join_planes, METH_VARARGS, "join_planes(planes, out): byte planes into elements"},
     {"join_exponent", join_exponent, METH_VARARGS, "join_exponent(low, s, t, r, out): planes-exp's planes into elements"},
-    {"tall_f32", tall_f32, METH_VARARGS, "tall_f32(base, merged, mask, out): out = base + mask * merged"},
+    {"tall_f32", tall_f32, METH_VARARGS, "tall_f32(base, merged, mask, out, bits=False): out = base + mask * merged"},
     {"tall_planes", tall_planes, METH_VARARGS,
-     "tall_planes(base_planes, rb, merged_planes, rm, mask, out): tall_f32 with base and merged as stored planes"},
+     "tall_planes(base_planes, rb, merged_planes, rm, mask, out, bits=False): tall_f32 with base and merged as stored planes"},
     {"tall_planes_bf16", tall_planes_bf16, METH_VARARGS,
-     "tall_planes_bf16(base_planes, rb, merged_planes, rm, mask, out): tall_planes for a bfloat16 base and output"},
+     "tall_planes_bf16(base_planes, rb, merged_planes, rm, mask, out, bits=False): tall_planes for a bfloat16 base and output"},
     {"tall_planes_f16", tall_planes_f16, METH_VARARGS,
-     "tall_planes_f16(base_planes, rb, merged_planes, rm, mask, out): tall_planes for a float16 base and output"},
+     "tall_planes_f16(base_planes, rb, merged_planes, rm, mask, out, bits=False): tall_planes for a float16 base and output"},
     {"tall_mask_f32", tall_mask_f32, METH_VARARGS,
      "tall_mask_f32(tau, merged, lam, mask): the TALL mask and (ones, tau_sq, rec_sq, dot, err_sq) in one pass"},
     {"json_pairs", json_pairs, METH_O, "json_pairs(pairs): a dict of JSON object pairs; ValueError on a duplicate key"},
