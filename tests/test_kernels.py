@@ -50,7 +50,7 @@ def test_join_exponent_matches_numpy(n, k, r, offset, seed):
 
 
 @given(st.integers(0, 5000), st.integers(1, 7), st.integers(0, 2**32 - 1))
-@settings(max_examples=40)
+@settings(max_examples=40, deadline=None)
 def test_join_exponent_inverts_the_writers_rotation(n, r, seed):
     x = np.random.default_rng(seed).standard_normal(n).astype(np.float32)
     b = x.view(np.uint8).reshape(n, 4)
@@ -88,7 +88,7 @@ _bit_lengths = st.one_of(st.integers(0, 4000), st.sampled_from([4095, 4096, 4097
 
 
 @given(_bit_lengths, st.integers(0, 2**31 - 1))
-@settings(max_examples=60)
+@settings(max_examples=60, deadline=None)
 def test_tall_f32_is_bit_identical_to_addcmul(n, seed):
     """With the mask as bytes and as its stored bits."""
     base, merged, mask = _specials(n, seed)
@@ -113,7 +113,7 @@ def _stored_planes(x: torch.Tensor, r: int) -> list[np.ndarray]:
 
 
 @given(_bit_lengths, st.integers(0, 7), st.integers(0, 7), st.integers(0, 2**31 - 1))
-@settings(max_examples=60)
+@settings(max_examples=60, deadline=None)
 def test_tall_planes_is_bit_identical_to_addcmul(n, rb, rm, seed):
     """The one-pass rebuild from stored planes, compiled and numpy, against addcmul on the joined
     floats, for every pair of rotations (0: ``planes``)."""
@@ -157,7 +157,7 @@ def _same_half(out: torch.Tensor, ref: torch.Tensor) -> bool:
 
 @given(_bit_lengths, st.integers(0, 7), st.integers(0, 7), st.integers(0, 2**31 - 1),
        st.sampled_from([torch.bfloat16, torch.float16]))
-@settings(max_examples=80)
+@settings(max_examples=80, deadline=None)
 def test_tall_planes_16_bit_is_bit_identical_to_addcmul_then_the_cast(n, rb, rm, seed, dtype):
     """The bfloat16 and float16 rebuilds from stored planes, compiled and numpy, against the
     spec's formula as torch computes it (addcmul in float32, then ``.to(dtype)``), for every pair
