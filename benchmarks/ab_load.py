@@ -10,6 +10,12 @@ alternative over the rounds (a ratio per round, so a slow stretch of the machine
     python benchmarks/ab_load.py --other /tmp/old --rounds 11
     python benchmarks/ab_load.py --other /tmp/old --rounds 11 --cache-bytes 0
     python benchmarks/ab_load.py --other /tmp/old --rounds 11 --second
+    python benchmarks/ab_load.py --other /tmp/old --rounds 5 --steady 6
+
+``--steady R`` times the steady state instead: in each process the archive is opened and its
+first task read, untimed, then every other task is read R times over (the median of those loads);
+the alternative loads and clones its file 3 x R times in one process. Memory freed by one load is
+reused by the next on both sides, so fresh pages count for little.
 
 Uses the archives ``perf.py`` leaves in ``benchmarks/out/perf-work`` (planes, 8 tasks) and its copy
 of the task's original. The other checkout needs its compiled module built in place, as above.
@@ -34,7 +40,30 @@ import gc, json, sys, time
 import torch  # imported before timing, by every side
 # a full collection before each timed load (perf.py's _settle says why)
 kind, path, task, warm, cache = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5])
-if kind == "st":
+steady = int(sys.argv[6])
+if steady and kind == "st":
+    from safetensors.torch import load_file
+    ts = []
+    for _ in range(3 * steady):
+        t0 = time.perf_counter()
+        sd = {k: v.clone() for k, v in load_file(path).items()}
+        ts.append(time.perf_counter() - t0)
+        del sd
+    print(json.dumps({"seconds": sorted(ts)[len(ts) // 2]}))
+elif steady:
+    import tallpack
+    kw = {} if cache < 0 else {"cache_bytes": cache}
+    ts = []
+    with tallpack.open(path, **kw) as fam:
+        fam.state_dict(fam.tasks[0])
+        for _ in range(steady):
+            for t in fam.tasks[1:]:
+                t0 = time.perf_counter()
+                sd = fam.state_dict(t)
+                ts.append(time.perf_counter() - t0)
+                del sd
+    print(json.dumps({"seconds": sorted(ts)[len(ts) // 2], "tallpack": tallpack.__file__}))
+elif kind == "st":
     from safetensors.torch import load_file
     gc.collect()
     t0 = time.perf_counter()
@@ -60,11 +89,11 @@ else:
 """
 
 
-def run(kind: str, path: Path, task: str, warm: str, cache: int, pythonpath: str | None) -> dict:
+def run(kind: str, path: Path, task: str, warm: str, cache: int, pythonpath: str | None, steady: int = 0) -> dict:
     env = dict(os.environ)
     if pythonpath:
         env["PYTHONPATH"] = pythonpath
-    out = subprocess.run([sys.executable, "-c", CHILD, kind, str(path), task, warm, str(cache)],
+    out = subprocess.run([sys.executable, "-c", CHILD, kind, str(path), task, warm, str(cache), str(steady)],
                          capture_output=True, text=True, env=env, cwd="/", check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -79,6 +108,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cache-bytes", type=int, default=-1, help="open with this cache_bytes (default: the library's)")
     ap.add_argument("--second", action="store_true", help="time a second task (--warm-task first, untimed)")
     ap.add_argument("--warm-task", default="task0", help="with --second, the task read first (default task0)")
+    ap.add_argument("--steady", type=int, default=0, metavar="R",
+                    help="time the steady state: every task but the first, R times over, in one process")
     a = ap.parse_args(argv)
     warm = a.warm_task if a.second else ""
     sides = {"this": str(REPO), "other": str(a.other.resolve())}
@@ -86,11 +117,13 @@ def main(argv: list[str] | None = None) -> int:
     files = {}
     for i in range(a.rounds):
         for side in (("this", "other") if i % 2 == 0 else ("other", "this")):
-            r = run("tp", a.archive, a.task, warm, a.cache_bytes, sides[side])
+            r = run("tp", a.archive, a.task, warm, a.cache_bytes, sides[side], a.steady)
             times[side].append(r["seconds"])
             files[side] = r["tallpack"]
-        times["alt"].append(run("st", a.original, a.task, "", -1, None)["seconds"])
-    what = (f"second task (after {warm}, same open archive)" if a.second else "first task (open + state_dict + close)")
+        times["alt"].append(run("st", a.original, a.task, "", -1, None, a.steady)["seconds"])
+    what = (f"steady state (every task after the first, {a.steady} times over, one process; medians)" if a.steady
+            else f"second task (after {warm}, same open archive)" if a.second
+            else "first task (open + state_dict + close)")
     cache = "the default cache" if a.cache_bytes < 0 else f"cache_bytes={a.cache_bytes}"
     print(f"{what}, {cache}, {a.rounds} rounds; alternative load_file + clone: "
           f"{statistics.median(times['alt']) * 1e3:.1f} ms")

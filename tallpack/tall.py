@@ -140,8 +140,11 @@ class Bits:
         self.packed, self.numel, self.shape = packed, numel, tuple(shape)
 
     def unpack(self) -> torch.Tensor:
-        """The mask as a bool tensor of its shape (for the rebuilds that need one)."""
-        out = np.empty(self.numel, np.uint8)
+        """The mask as a bool tensor of its shape, for the rebuilds that need one: in a buffer this
+        thread reuses (up to SCRATCH_ELEMENTS; valid until its next ``unpack``), as the reader's
+        decoded masks were."""
+        n = self.numel
+        out = _scratch.get("bits", n) if n <= SCRATCH_ELEMENTS else np.empty(n, np.uint8)
         kernels.unpack_bits(self.packed, out)
         return torch.from_numpy(out).view(torch.bool).reshape(self.shape)
 
