@@ -16,7 +16,7 @@ import weakref
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -345,19 +345,27 @@ class Archive:
     def _read_planar(self, ref: ArrayRef, where: str, use: Use, slot: str) -> Planar:
         """An array as the byte planes of its chunks (``Encoding.planar_inputs``). A shared input
         keeps, in the cache, only the planes it had to decode (the ones zstd coded: for float32
-        weights in ``planes-exp``, often one in four), except nearly empty ones (``Planes.CHEAP``),
-        which decode faster than fresh memory for them is written; its verbatim planes are views
+        weights in ``planes-exp``, often one in four), except, until its KEEP_CHEAP_FROM_USE-th use,
+        nearly empty ones (``Planes.CHEAP``: decoded again into this thread's buffers, they cost a
+        task less than the fresh memory that keeps them); its verbatim planes are views
         of the mapped file, read again on each use through the same checks as any read (the file
         has not shrunk, the chunk's checksum was checked). Otherwise its chunks are decoded when
         the rebuild asks for them, into this thread's buffers named after ``slot``."""
         known = None
         if use is Use.SHARED_INPUT:
             key = ("planar",) + _cache_key(ref, None)
-            known = self._cache.get(key)
-            if known is None and self._cache.budget > 0:
-                known = self._decode_planar(ref, where, self._cache.budget)
-                if known is not None:
-                    self._cache.put(key, known, sum(p.nbytes for planes, _ in known for p in planes if p is not None))
+            kept = self._cache.get(key)
+            if kept is not None and kept.partial and kept.uses + 1 < KEEP_CHEAP_FROM_USE:
+                self._cache.put(key, kept._replace(uses=kept.uses + 1), kept.nbytes)
+            elif (kept is None or kept.partial) and self._cache.budget > 0:
+                # a first use leaves nearly empty planes out; the KEEP_CHEAP_FROM_USE-th keeps them too
+                fuller = self._decode_planar(ref, where, self._cache.budget, kept)
+                if fuller is not None:
+                    self._cache.put(key, fuller, fuller.nbytes)
+                    kept = fuller
+                elif kept is not None:  # the whole would not fit: keep what is kept, and stop trying
+                    self._cache.put(key, kept._replace(partial=False), kept.nbytes)
+            known = kept.chunks if kept is not None else None
         if known is None:
             return Planar(ref.numel, ref.chunk_elements, lambda i: self._c.read_planar(ref, i, where, f"{slot}.plane"))
 
@@ -369,21 +377,26 @@ class Archive:
             return self._c.read_planar(ref, i, where, f"{slot}.plane", known=planes)
         return Planar(ref.numel, ref.chunk_elements, chunk)
 
-    def _decode_planar(self, ref: ArrayRef, where: str, budget: int) -> list[tuple[list[np.ndarray | None], int]] | None:
-        """Each chunk's decoded planes (None where a plane is a view of a mapped file or nearly
-        empty, read again when used); from a remote source, every plane, copied out of the fetched bytes.
-        None as soon as they pass ``budget`` bytes: the cache could not keep them, and the rebuild
-        then decodes chunk by chunk, in memory bounded by a chunk."""
+    def _decode_planar(self, ref: ArrayRef, where: str, budget: int, kept: "_KeptPlanes | None" = None
+                       ) -> "_KeptPlanes | None":
+        """Each chunk's decoded planes, for the cache (None where a plane is a view of a mapped
+        file, read again when used); from a remote source, every plane, copied out of the fetched
+        bytes. Without ``kept`` (a first use), nearly empty planes are left out too (``partial``);
+        with it, those are decoded and the others taken from it. None as soon as they pass
+        ``budget`` bytes: the cache could not keep them, and the rebuild then decodes chunk by
+        chunk, in memory bounded by a chunk."""
         mapped = bool(getattr(self._c.source, "mapped", False))
-        out, held = [], 0
+        cheap = mapped and kept is None
+        out, held, partial = [], 0, False
         for i in range(len(ref.chunks)):
-            planes, r = self._c.read_planar(ref, i, where, cheap=mapped)
-            kept = [p if p is None or p.flags.owndata else (None if mapped else p.copy()) for p in planes]
-            held += sum(p.nbytes for p in kept if p is not None)
+            planes, r = self._c.read_planar(ref, i, where, known=kept.chunks[i][0] if kept else None, cheap=cheap)
+            partial = partial or any(p is None for p in planes)
+            keep = [p if p is None or p.flags.owndata else (None if mapped else p.copy()) for p in planes]
+            held += sum(p.nbytes for p in keep if p is not None)
             if held > budget:
                 return None
-            out.append((kept, r))
-        return out
+            out.append((keep, r))
+        return _KeptPlanes(out, held, partial, 1)
 
     def _worth_threads(self, needed: Mapping[str, tuple[Any, Use]], device, whole: bool,
                        planar: tuple[str, ...] = ()) -> bool:
@@ -599,6 +612,11 @@ class Archive:
                          format_version=self.format_version)
 
 
+#: The use of a shared array read as planes from which the cache keeps its nearly empty planes too
+#: (``Planes.CHEAP``). Before, each use decodes them again (a bfloat16 family's first task: 26 of
+#: 130 MB of fresh memory saved); from then on, each use saves decoding them (BENCHMARKS.md, tenth
+#: round). The third: a second task costs what it did, a third pays for the memory once.
+KEEP_CHEAP_FROM_USE = 3
 #: Decoded bytes of a tensor's inputs from which ``get_tensor`` decodes them on several threads.
 PARALLEL_BYTES = 1 << 20
 #: Elements from which a float32, bfloat16 or float16 tensor is rebuilt from byte planes (``_planar_keys``); smaller
@@ -608,6 +626,17 @@ PLANAR_MIN_ELEMENTS = 4096
 #: threads; smaller ones are rebuilt one after another on the calling thread (measured: 64 KB
 #: to 256 KB gave the same times; threads that share tensors of a few KB are slower than one).
 SHARE_BYTES = 1 << 18
+
+
+class _KeptPlanes(NamedTuple):
+    """What the cache keeps of an array read as planes: each chunk's (planes, rotation), None for
+    a plane read again on each use; ``partial``: nearly empty planes among those (left out until
+    the KEEP_CHEAP_FROM_USE-th use); ``uses``: the reads so far, while partial."""
+
+    chunks: list[tuple[list[np.ndarray | None], int]]
+    nbytes: int
+    partial: bool
+    uses: int
 
 
 def _cache_key(ref: ArrayRef, dev: torch.device | None) -> tuple:

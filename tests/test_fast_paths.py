@@ -90,33 +90,68 @@ def test_the_cache_keeps_only_the_planes_it_decoded(tmp_path) -> None:
         assert len(plain._cache) == 0
 
 
-def test_the_cache_leaves_nearly_empty_planes_to_be_decoded_again(tmp_path, monkeypatch) -> None:
+def test_the_cache_keeps_nearly_empty_planes_from_their_third_use(tmp_path, monkeypatch) -> None:
     """A bfloat16 family's merged vector sums bfloat16 differences: its lowest plane is nearly all
-    zeros. The cache does not keep such planes (``Planes.CHEAP``); each read decodes them again,
-    into the thread's buffers, to the same bits, for this task and the next."""
+    zeros. The cache leaves such planes (``Planes.CHEAP``) out for the first uses, which decode them
+    into the thread's buffers; the third use keeps them. The same bits throughout."""
     g = torch.Generator().manual_seed(12)
     base = {"w": torch.randn(96, 512, generator=g).to(torch.bfloat16)}
     tasks = {f"t{i}": {"w": (base["w"].float() + 0.01 * torch.randn(96, 512, generator=g)).to(torch.bfloat16)}
              for i in range(3)}
     out = tmp_path / "e.tallpack"
     tallpack.pack(base, tasks, out, chunk_elements=8192)  # 6 chunks
+
+    def kept(fam):
+        entry, _ = fam._entry("t0", "w")
+        return fam._cache.get(("planar",) + reader._cache_key(entry.arrays["merged"], None))
+
     with tallpack.open(out) as fam, tallpack.open(out, cache_bytes=0, threads=1) as plain:
+        states = []
         for t in ("t1", "t0", "t2", "t1"):
             assert _same(fam.state_dict(t), plain.state_dict(t))
+            states.append(kept(fam))
             assert _same({"w": fam.get_tensor(t, "w")}, {"w": plain.get_tensor(t, "w")})
-        if not kernels.COMPILED:
-            return
-        entry, _ = fam._entry("t0", "w")
-        merged = fam._cache.get(("planar",) + reader._cache_key(entry.arrays["merged"], None))
-        assert merged is not None and len(merged) == 6
-        low = [planes[0] for planes, _ in merged]  # plane 0: each float's lowest byte
-        assert all(p is None for p in low), [None if p is None else p.size for p in low]
-        assert all(planes[1] is not None for planes, _ in merged)  # the next plane holds more: kept
-    monkeypatch.setattr(codecs.Planes, "CHEAP", 1 << 40)  # no plane is cheap: the low planes are zstd coded, and kept
+            states.append(kept(fam))
+        if kernels.COMPILED:  # plane 0 (each float's lowest byte) left out for two uses, kept from the third
+            assert [k.partial for k in states] == [True, True] + [False] * 6
+            first, again = states[0], states[-1]
+            assert len(first.chunks) == 6
+            assert all(planes[0] is None and planes[1] is not None for planes, _ in first.chunks)
+            assert again.nbytes > first.nbytes and all(planes[0] is not None for planes, _ in again.chunks)
+    monkeypatch.setattr(codecs.Planes, "CHEAP", 1 << 40)  # no plane is cheap: kept from the first use
     with tallpack.open(out) as fam:
         fam.state_dict("t0")
-        merged = fam._cache.get(("planar",) + reader._cache_key(entry.arrays["merged"], None))
-        assert all(planes[0] is not None for planes, _ in merged)
+        if kernels.COMPILED:
+            assert not kept(fam).partial and kept(fam).nbytes == again.nbytes
+
+
+@pytest.mark.skipif(not kernels.COMPILED, reason="the compiled loops are turned off: nothing is read as planes")
+def test_a_partial_entry_that_cannot_grow_stays_as_it_is(tmp_path) -> None:
+    """When the whole planes would pass the cache's budget, the entry of a first use keeps what it
+    has and is not decoded again on every later use."""
+    g = torch.Generator().manual_seed(13)
+    base = {"w": torch.randn(96, 512, generator=g).to(torch.bfloat16)}
+    tasks = {f"t{i}": {"w": (base["w"].float() + 0.01 * torch.randn(96, 512, generator=g)).to(torch.bfloat16)}
+             for i in range(2)}
+    out = tmp_path / "e.tallpack"
+    tallpack.pack(base, tasks, out, chunk_elements=8192)
+    with tallpack.open(out) as fam:
+        entry, _ = fam._entry("t0", "w")
+        ref = entry.arrays["merged"]
+        key = ("planar",) + reader._cache_key(ref, None)
+        fam._read_planar(ref, "merged", reader.Use.SHARED_INPUT, "m")
+        first = fam._cache.get(key)
+        assert first.partial
+        fam._cache.budget = first.nbytes + 1  # room for what it has, not for the whole
+        decoded = []
+        decode = fam._decode_planar
+        fam._decode_planar = lambda *a: decoded.append(a) or decode(*a)
+        for _ in range(3):
+            planar = fam._read_planar(ref, "merged", reader.Use.SHARED_INPUT, "m")
+            assert [p is None for p in planar.chunk(0)[0]] == [False] * 4  # nearly empty planes decoded on use
+        assert len(decoded) == 1  # one try to grow the entry (at the third use)
+        now = fam._cache.get(key)
+        assert not now.partial and now.nbytes == first.nbytes and now.chunks is first.chunks
 
 
 @pytest.mark.parametrize("level, dtype, loop", [(3, torch.bfloat16, "tall_planes_bf16"),
