@@ -308,8 +308,9 @@ class Planes(Codec):
             join_planes(planes, dst)
 
     #: With ``cheap``, ``planar`` leaves undecoded (None) the planes coded in under 1/CHEAP of their
-    #: size: nearly empty (a bfloat16 family's merged vector's low planes), they decode at over
-    #: 10 GB/s, so a reader's cache need not hold them (BENCHMARKS.md, tenth round).
+    #: size: nearly empty (a bfloat16 family's merged vector's lowest plane), they decode at over
+    #: 10 GB/s, so the reader's cache holds them only once an array has been read a few times
+    #: (``reader.KEEP_CHEAP_FROM_USE``; BENCHMARKS.md, tenth round).
     CHEAP: ClassVar[int] = 64
 
     def _planes(self, buf: memoryview, n: int, slot: str | None,

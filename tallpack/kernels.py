@@ -187,7 +187,7 @@ def _from_planes(name: str, fallback, base: Sequence[np.ndarray], rb: int, merge
         return
     run = getattr(_kernels, name)
     _split(out.size, threads, lambda a, b: run(
-        [p[a:b] for p in base], rb, [p[a:b] for p in merged], rm, _mask_part(mask, a, b, bits), out[a:b], bits))
+        [p[a:b] for p in base], rb, [p[a:b] for p in merged], rm, mask_part(mask, a, b, bits), out[a:b], bits))
 
 
 def _unpacked(packed: np.ndarray, n: int) -> np.ndarray:
@@ -196,8 +196,9 @@ def _unpacked(packed: np.ndarray, n: int) -> np.ndarray:
     return out
 
 
-def _mask_part(mask: np.ndarray, a: int, b: int, bits: bool) -> np.ndarray:
-    """Elements [a, b) of a mask of bytes, or of packed bits (``a`` then a multiple of 8: ``_split``'s cuts)."""
+def mask_part(mask: np.ndarray, a: int, b: int, bits: bool) -> np.ndarray:
+    """Elements [a, b) of a mask of bytes, or of packed bits (``a`` then a multiple of 8: ``_split``'s
+    cuts, a chunk's first element)."""
     return mask[a // 8 : (b + 7) // 8] if bits else mask[a:b]
 
 
@@ -297,7 +298,7 @@ def tall_f32(base: np.ndarray, merged: np.ndarray, mask: np.ndarray, out: np.nda
              bits: bool = False) -> bool:
     """``out = base + mask * merged`` in one pass (float32 arrays, a 0/1 uint8 mask, all
     contiguous and of one length; with ``bits``, the mask's ceil(n / 8) bytes packed as codec
-    ``bitpack`` stores them, unpacked a block at a time as the loop runs), bit-identical to
+    ``bitpack`` stores them, which the loop reads as they are), bit-identical to
     ``torch.addcmul``; False, doing nothing, without the compiled loops or for unaligned floats
     (the caller then runs its torch path). A large tensor is split across up to ``threads``
     threads, unless this thread is a pool's worker (:func:`mark_worker`)."""
@@ -307,7 +308,7 @@ def tall_f32(base: np.ndarray, merged: np.ndarray, mask: np.ndarray, out: np.nda
         _kernels.tall_f32(base, merged, mask, out, bits)
         return True
     base, merged, mask, out = base.reshape(-1), merged.reshape(-1), mask.reshape(-1), out.reshape(-1)
-    _split(out.size, threads, lambda a, b: _kernels.tall_f32(base[a:b], merged[a:b], _mask_part(mask, a, b, bits),
+    _split(out.size, threads, lambda a, b: _kernels.tall_f32(base[a:b], merged[a:b], mask_part(mask, a, b, bits),
                                                              out[a:b], bits))
     return True
 

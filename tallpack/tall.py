@@ -107,13 +107,13 @@ def _float_mask(mask: torch.Tensor) -> torch.Tensor:
     return buf.view(mask.shape).copy_(_bytes(mask))
 
 
-def _one_pass(theta_0: torch.Tensor, mask: torch.Tensor | np.ndarray, tau_mtl: torch.Tensor, bits: bool = False) -> bool:
+def _one_pass(theta_0: torch.Tensor, mask: "torch.Tensor | Bits", tau_mtl: torch.Tensor) -> bool:
     """Whether the compiled loop (kernels.tall_f32) can rebuild this tensor: CPU, contiguous,
-    one length, a bool mask (the loop reads any nonzero byte as 1, as a bool is), or with ``bits``
-    the mask's packed bits (``Bits.packed``, which are always a contiguous array on the CPU)."""
-    if bits:
-        return (kernels.COMPILED and theta_0.numel() == tau_mtl.numel() and theta_0.is_cpu and tau_mtl.is_cpu
-                and theta_0.is_contiguous() and tau_mtl.is_contiguous())
+    one length, a bool mask (the loop reads any nonzero byte as 1, as a bool is), or the mask's
+    stored bits (``Bits``: a contiguous array on the CPU, of the base's length)."""
+    if isinstance(mask, Bits):
+        return (kernels.COMPILED and theta_0.numel() == mask.numel == tau_mtl.numel() and theta_0.is_cpu
+                and tau_mtl.is_cpu and theta_0.is_contiguous() and tau_mtl.is_contiguous())
     return (kernels.COMPILED and mask.dtype == torch.bool
             and theta_0.numel() == mask.numel() == tau_mtl.numel()
             and theta_0.is_cpu and mask.is_cpu and tau_mtl.is_cpu
@@ -154,8 +154,7 @@ def reconstruct(theta_0: torch.Tensor, mask: torch.Tensor | Bits, tau_mtl: torch
     """``theta_t = theta_0 + m_t * tau_MTL``, computed in float32 and cast to ``dtype``; ``mask``
     a bool tensor or its stored bits."""
     bits = isinstance(mask, Bits)
-    if (dtype == torch.float32 == theta_0.dtype == tau_mtl.dtype
-            and _one_pass(theta_0, mask.packed if bits else mask, tau_mtl, bits)):
+    if dtype == torch.float32 == theta_0.dtype == tau_mtl.dtype and _one_pass(theta_0, mask, tau_mtl):
         out = torch.empty(theta_0.shape, dtype=torch.float32)
         # contiguous (_one_pass), so their numpy views lie element by element as the loop reads them
         m = mask.packed if bits else _bytes(mask).numpy()
@@ -207,7 +206,7 @@ def reconstruct_planar(theta_0: Planar, mask: torch.Tensor | Bits, tau_mtl: Plan
         b = min(n, a + ce)
         base_planes, rb = theta_0.chunk(i)
         merged_planes, rm = tau_mtl.chunk(i)
-        join(base_planes, rb, merged_planes, rm, m[a // 8 : (b + 7) // 8] if bits else m[a:b], flat[a:b],
+        join(base_planes, rb, merged_planes, rm, kernels.mask_part(m, a, b, bits), flat[a:b],
              threads=torch.get_num_threads(), bits=bits)
     return out
 
