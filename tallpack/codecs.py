@@ -13,7 +13,7 @@ import functools
 import math
 import struct
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import numpy as np
@@ -64,11 +64,34 @@ def _decompressor() -> zstandard.ZstdDecompressor:
     return _contexts.held("zstd", zstandard.ZstdDecompressor)
 
 
+#: zstd's largest block (RFC 8878 3.1.1.2.4: Block_Maximum_Size); a raw frame's window (below).
+_ZSTD_BLOCK = 1 << 17
+
+
+def raw_frame(buf: memoryview | bytes) -> bytes:
+    """``buf`` as one zstd frame of raw blocks (RFC 8878): the magic number; a frame header with an
+    8-byte Frame_Content_Size and a 128 KiB window (descriptor 0x38: exponent 7); then blocks of up
+    to 128 KiB, each a 3-byte header (last-block bit, type 0 = raw, size) and the bytes as they are.
+    Any zstd decoder reads it, copying rather than decoding."""
+    data = memoryview(buf).cast("B")
+    n = len(data)
+    parts = [struct.pack("<IBBQ", 0xFD2FB528, 0xC0, 0x38, n)]
+    for pos in range(0, max(n, 1), _ZSTD_BLOCK):
+        size = min(_ZSTD_BLOCK, n - pos)
+        parts.append((int(pos + size >= n) | size << 3).to_bytes(3, "little"))
+        parts.append(bytes(data[pos : pos + size]))
+    return b"".join(parts)
+
+
 @dataclass(frozen=True)
 class Zstd(Codec):
     """zstd, one frame per chunk, with the content size in the frame header."""
 
     level: int = 3
+    #: The writer's choice, not recorded: a frame that zstd does not shrink below this fraction of
+    #: its input is written with raw blocks instead (still one standard frame, which every zstd
+    #: decoder copies out at memory speed; ``mask_chain``'s, see ``MASK_KEEP_BELOW``).
+    keep_below: float = field(default=1.0, compare=False, repr=False)
     id: ClassVar[str] = "zstd"
 
     def __post_init__(self) -> None:
@@ -76,7 +99,14 @@ class Zstd(Codec):
             raise CodecError(f"zstd: bad level {self.level!r}")
 
     def encode(self, buf: memoryview) -> bytes:
-        return zstandard.ZstdCompressor(level=self.level, write_content_size=True).compress(buf)
+        packed = zstandard.ZstdCompressor(level=self.level, write_content_size=True).compress(buf)
+        if len(buf) >= self.RAW_FROM and len(packed) > self.keep_below * len(buf):
+            return raw_frame(buf)
+        return packed
+
+    #: ``keep_below`` applies from this input size on: a smaller frame decodes in a few
+    #: microseconds either way (and the golden archives' small masks keep their bytes).
+    RAW_FROM: ClassVar[int] = 4096
 
     def fits(self, size: int, nbytes: int) -> bool:
         # no frame decodes to more than ZSTD_MAX_RATIO times its size (limits.py says why)
@@ -115,6 +145,11 @@ class Zstd(Codec):
         size, got = len(view), 0
         dctx = _decompressor()
         try:
+            if size == 0:  # decompress returns an empty frame's b"" without looking past it
+                obj = dctx.decompressobj()
+                if obj.decompress(buf) or not obj.eof or obj.unused_data:
+                    raise CodecError("zstd: not exactly one empty frame")
+                return
             if size <= cls.ONE_SHOT_BYTES:
                 out = dctx.decompress(buf, max_output_size=size, allow_extra_data=False)
                 if len(out) != size:
@@ -751,6 +786,13 @@ def dense_chain(preset: str, itemsize: int, level: int = 3, dtype: str | None = 
     raise InvalidArgumentError(f"unknown codec {preset!r}; choose one of {', '.join(DENSE_PRESETS)}")
 
 
+#: A mask chunk (of at least ``Zstd.RAW_FROM`` packed bytes) is stored zstd-coded only where that
+#: saves at least 10%; else as a frame of raw blocks. Masks of density 0.3 to 0.7 save 3-11% (about their entropy) and cost about 0.7 ns a
+#: packed byte to decode, a third of rebuilding a float32 tensor from raw arrays (BENCHMARKS.md,
+#: eleventh round).
+MASK_KEEP_BELOW = 0.90
+
+
 def mask_chain(level: int = 3) -> Chain:
-    """The chain for TALL masks: bit-packed, then zstd."""
-    return Chain([BitPack(), Zstd(level)])
+    """The chain for TALL masks: bit-packed, then zstd (where it saves ``MASK_KEEP_BELOW``)."""
+    return Chain([BitPack(), Zstd(level, keep_below=MASK_KEEP_BELOW)])

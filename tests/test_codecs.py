@@ -69,6 +69,46 @@ def test_zstd_refuses_a_frame_that_announces_another_size():
         codecs.Zstd().decode(memoryview(frame + b"junk"), 100)
 
 
+@given(st.integers(0, 3 << 17).map(lambda n: n if n % 5 else n - n % (1 << 17)), st.booleans(), st.randoms())
+@settings(max_examples=40, deadline=None)
+def test_raw_frames_are_zstd_frames_that_decode_to_their_input(n, into, rnd):
+    """``raw_frame``: one standard zstd frame of raw blocks (lengths around the 128 KiB block,
+    zero included), which zstandard itself and every decode path of ours read back."""
+    import zstandard
+
+    data = rnd.randbytes(n)
+    frame = codecs.raw_frame(data)
+    assert len(frame) == 14 + 3 * max(1, -(-n // (1 << 17))) + n
+    assert zstandard.frame_content_size(frame) == n
+    assert zstandard.ZstdDecompressor().decompress(frame) == data
+    z = codecs.Zstd()
+    if into:
+        out = bytearray(n)
+        z.decode_into(memoryview(frame), memoryview(out))
+        assert bytes(out) == data
+    else:
+        assert bytes(z.decode(memoryview(frame), n)) == data
+    with pytest.raises(CodecError):
+        z.decode(memoryview(frame[:-1]), n) if n else z.decode(memoryview(frame + b"x"), n)
+
+
+@pytest.mark.parametrize("density, raw", [(0.02, False), (0.12, False), (0.32, True), (0.5, True)])
+def test_masks_that_zstd_barely_shrinks_are_stored_as_raw_blocks(density, raw):
+    """A mask chunk is zstd-coded where that saves 10% (``MASK_KEEP_BELOW``), else a frame of raw
+    blocks: its bits as they are, which the reader copies instead of decoding. Small chunks
+    (under ``Zstd.RAW_FROM`` packed bytes) stay zstd-coded whatever they save."""
+    rng = np.random.default_rng(0)
+    chain = codecs.mask_chain()
+    for n in (1 << 16, 1 << 20):
+        mask = (rng.random(n) < density).astype(np.uint8).tobytes()
+        stored = chain.encode(memoryview(mask))
+        assert (stored == codecs.raw_frame(np.packbits(np.frombuffer(mask, np.uint8), bitorder="little"))) == raw
+        assert bytes(chain.decode(memoryview(stored), n)) == mask
+    small = (rng.random(8 * 1000) < density).astype(np.uint8).tobytes()
+    stored = chain.encode(memoryview(small))
+    assert stored == codecs.Zstd().encode(memoryview(codecs.BitPack().encode(memoryview(small))))
+
+
 def test_planes_keeps_random_planes_verbatim_and_compresses_the_rest():
     x = (np.random.default_rng(0).standard_normal(1 << 14) * 0.02).astype(np.float32)
     enc = codecs.Planes(4).encode(memoryview(x.view(np.uint8)))
