@@ -78,6 +78,7 @@ class Archive:
         self._pool: ThreadPoolExecutor | None = None
         self._pool_lock = threading.Lock()
         self._slots = ThreadBuffers()  # read_array's reused buffers, per thread
+        self._plans: dict[tuple[str, str], _Plan] = {}  # _rebuild's, per (task, tensor name)
         self._closed = False
         _OPEN.add(self)
         self.name = container.name
@@ -259,29 +260,34 @@ class Archive:
                  prefetch: bool = True) -> torch.Tensor:
         """One tensor (with ``rows``, rows ``[r0, r1)`` of its first dimension) of one task;
         ``prefetch=False`` when the caller already fetched its chunks (``state_dict``'s batches)."""
-        entry, tt = self._entry(task, name)
-        if exact:
-            self.require_exact(task)
-        where = f"task {task!r}, tensor {name!r}"
-        encoding = encoding_for(tt.encoding)
-        if encoding is None:
-            raise UnsupportedVersionError(
-                f"{self.name}: {where} is stored as {tt.encoding!r}, which this tallpack cannot read; upgrade it"
-            )
-        if exact and tt.encoding in TALL_ENCODINGS:
-            if "exact" not in tt.extras:
-                raise ExactTierMissingError(f"{self.name}: {where} has no exact residual (damaged manifest)")
-            out = rebuild_exact(self.read_array, entry, tt, where)
-            return out if device is None else out.to(device)
+        plan = self._plans.get((task, name)) if not exact and device is None and rows is None else None
+        if plan is None:
+            entry, tt = self._entry(task, name)
+            if exact:
+                self.require_exact(task)
+            where = f"task {task!r}, tensor {name!r}"
+            encoding = encoding_for(tt.encoding)
+            if encoding is None:
+                raise UnsupportedVersionError(
+                    f"{self.name}: {where} is stored as {tt.encoding!r}, which this tallpack cannot read; upgrade it"
+                )
+            if exact and tt.encoding in TALL_ENCODINGS:
+                if "exact" not in tt.extras:
+                    raise ExactTierMissingError(f"{self.name}: {where} has no exact residual (damaged manifest)")
+                out = rebuild_exact(self.read_array, entry, tt, where)
+                return out if device is None else out.to(device)
+            needed = encoding.inputs(entry, tt)
+            on_cpu = device is None or torch.device(device).type == "cpu"
+            planar = self._planar_keys(encoding, entry, tt, needed) if on_cpu and rows is None else ()
+            bits = self._bit_keys(encoding, entry, tt, needed) if on_cpu and rows is None else ()
+            plan = _Plan(entry, tt, encoding, where, needed, planar, bits, _needs(entry, tt, encoding))
+            if not exact and device is None and rows is None:
+                self._plans[(task, name)] = plan
+        entry, tt, encoding, where, needed, planar, bits, refs = plan
         row = numel(tt.shape[1:]) if tt.shape else 1
         start, stop = (0, None) if rows is None else (rows[0] * row, rows[1] * row)
-        needed = encoding.inputs(entry, tt)
         if rows is None and prefetch:
-            self._c.prefetch(_needs(entry, tt, encoding))  # remote: one coalesced fetch
-
-        on_cpu = device is None or torch.device(device).type == "cpu"
-        planar = self._planar_keys(encoding, entry, tt, needed) if on_cpu and rows is None else ()
-        bits = self._bit_keys(encoding, entry, tt, needed) if on_cpu and rows is None else ()
+            self._c.prefetch(refs)  # remote: one coalesced fetch
 
         def read(k: str, ref: ArrayRef, use: Use, slot: str | None = None) -> torch.Tensor | Planar | Bits:
             if k in planar:
@@ -626,6 +632,20 @@ PLANAR_MIN_ELEMENTS = 4096
 #: threads; smaller ones are rebuilt one after another on the calling thread (measured: 64 KB
 #: to 256 KB gave the same times; threads that share tensors of a few KB are slower than one).
 SHARE_BYTES = 1 << 18
+
+
+class _Plan(NamedTuple):
+    """What ``_rebuild`` works out from the manifest alone for one task's tensor (kept per open
+    archive for whole tensors on the CPU: the manifest does not change while it is open)."""
+
+    entry: TensorEntry
+    tt: TaskTensor
+    encoding: type[Encoding]
+    where: str
+    needed: dict[str, tuple[Any, Use]]
+    planar: tuple[str, ...]
+    bits: tuple[str, ...]
+    refs: list[ArrayRef]  # every array it reads (``_needs``), for a remote source's prefetch
 
 
 class _KeptPlanes(NamedTuple):

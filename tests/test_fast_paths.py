@@ -340,6 +340,30 @@ def test_the_cache_never_mixes_archives_or_tasks(tmp_path) -> None:
         assert a._cache.hits > 0 and b._cache.hits > 0
 
 
+def test_plans_are_kept_per_task_and_tensor_for_whole_reads_only(tmp_path) -> None:
+    """``_rebuild`` keeps what it works out from the manifest per (task, tensor): whole tensors on
+    the CPU reuse it; exact reads, rows and other devices work theirs out each time, before and
+    after, and still give their own bits."""
+    f = _family(1)
+    out = tmp_path / "p.tallpack"
+    tallpack.pack(f["base"], f["tasks"], out, chunk_elements=64, exact=True)
+    want = expected_reconstruction(f["base"], f["tasks"], dict.fromkeys(f["tasks"], 0.4))
+    with tallpack.open(out) as fam:
+        assert torch.equal(fam.get_tensor("t1", "w", exact=True), f["tasks"]["t1"]["w"])
+        assert not fam._plans
+        for _ in range(2):
+            assert torch.equal(fam.get_tensor("t1", "w"), want["t1"]["w"])
+            assert torch.equal(fam.get_tensor("t2", "w"), want["t2"]["w"])
+        assert set(fam._plans) == {("t1", "w"), ("t2", "w")}
+        assert torch.equal(fam.get_tensor("t1", "w", exact=True), f["tasks"]["t1"]["w"])
+        assert torch.equal(fam.get_slice("t1", "w")[1:3], want["t1"]["w"][1:3])
+        assert torch.equal(fam.get_tensor("t1", "w", device="cpu"), want["t1"]["w"])
+        assert set(fam._plans) == {("t1", "w"), ("t2", "w")}
+        with pytest.raises(tallpack.TensorNotFoundError):
+            fam.get_tensor("t1", "nope")
+        assert ("t1", "nope") not in fam._plans
+
+
 def test_reused_decode_buffers_never_reach_the_caller(tmp_path) -> None:
     """Without a cache, a rebuild's inputs are decoded into buffers each thread reuses: every
     tensor handed out earlier keeps its bits while later reads (other tasks, another archive of
