@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 import tallpack
+from tallpack import codecs
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -59,6 +60,9 @@ CONFIGS = {
     # the fidelity dial: corrections and qtau (1.5, 1.7)
     "ta_fidelity": dict(merge="ta", fidelity=0.95),
     "ta_fidelity_corrections": dict(merge="ta", fidelity=0.99, corrections=("sparse", "quant4", "quant8", "exact")),
+    # masks that zstd does not shrink by 10%, written as zstd frames of raw blocks (from 4 KiB
+    # packed in real archives; here from any size, so that these tiny masks are too)
+    "ta_raw_block_masks": dict(merge="ta", checksum="xxh3-64", raw_masks=True),
 }
 
 
@@ -72,7 +76,12 @@ def archives(workdir: Path) -> dict[str, bytes]:
             base["only_in_base"] = torch.randn(6)
         path = workdir / f"{name}.tallpack"
         path.unlink(missing_ok=True)
-        tallpack.pack(base, tasks, path, chunk_elements=64, metadata={"seed": name}, **cfg)
+        raw_from = codecs.Zstd.RAW_FROM
+        codecs.Zstd.RAW_FROM = 0 if cfg.pop("raw_masks", False) else raw_from
+        try:
+            tallpack.pack(base, tasks, path, chunk_elements=64, metadata={"seed": name}, **cfg)
+        finally:
+            codecs.Zstd.RAW_FROM = raw_from
         out[name] = path.read_bytes()
     return out
 
