@@ -1,7 +1,6 @@
 """The compiled hot loops (tallpack/_kernels.c) give the bytes of their numpy and torch fallbacks,
 for every length, rotation, plane count and alignment; and a process can do without them."""
 
-import math
 import os
 import subprocess
 import sys
