@@ -100,7 +100,7 @@ class Zstd(Codec):
 
     def encode(self, buf: memoryview) -> bytes:
         packed = zstandard.ZstdCompressor(level=self.level, write_content_size=True).compress(buf)
-        if len(buf) >= self.RAW_FROM and len(packed) > self.keep_below * len(buf):
+        if self.keep_below < 1 and len(buf) >= self.RAW_FROM and len(packed) > self.keep_below * len(buf):
             return raw_frame(buf)
         return packed
 

@@ -109,6 +109,18 @@ def test_masks_that_zstd_barely_shrinks_are_stored_as_raw_blocks(density, raw):
     assert stored == codecs.Zstd().encode(memoryview(codecs.BitPack().encode(memoryview(small))))
 
 
+def test_dense_zstd_frames_are_zstds_own() -> None:
+    """Only masks are written as raw blocks: the ``zstd`` codec of dense arrays keeps zstd's own
+    frame, even for bytes it cannot shrink."""
+    import zstandard
+
+    data = np.random.default_rng(1).bytes(1 << 18)
+    for chain in (codecs.dense_chain("zstd", 4), codecs.dense_chain("bytegroup-zstd", 4)):
+        z = chain.codecs[-1]
+        assert z.keep_below == 1.0
+        assert z.encode(memoryview(data)) == zstandard.ZstdCompressor(level=z.level, write_content_size=True).compress(data)
+
+
 def test_planes_keeps_random_planes_verbatim_and_compresses_the_rest():
     x = (np.random.default_rng(0).standard_normal(1 << 14) * 0.02).astype(np.float32)
     enc = codecs.Planes(4).encode(memoryview(x.view(np.uint8)))
