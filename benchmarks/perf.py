@@ -655,6 +655,10 @@ def alternate(n: int, ours, theirs) -> tuple[list, list]:
 
 
 def alternate_loads(n: int, ours: dict, theirs: dict) -> tuple[list[dict], list[dict]]:
+    # Both files read just before the rounds: on this VM the kernel's DAMON pages out page-cache
+    # pages left untouched for about a minute (BENCHMARKS.md, twelfth round), and a row measured
+    # minutes after the run's first warm-up would start with one side's file partly on disk.
+    warm([p for p in (ours.get("archive"), theirs.get("path")) if p])
     return alternate(n, lambda: run_child("load_tp", ours), lambda: run_child("load_st", theirs))
 
 

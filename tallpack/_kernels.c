@@ -15,7 +15,7 @@
  *                                        planes (``planes``: r = 0; ``planes-exp``: its rotation)
  *   tall_planes_bf16(base, rb, merged, rm, mask, out[, bits])
  *                                        the same for a bfloat16 base (two planes) and output (rounded
- *                                        to nearest even from the float32 sum)
+ *                                        to nearest even from the float32 sum; AVX2 where the CPU has it)
  *   tall_planes_f16(base, rb, merged, rm, mask, out[, bits])
  *                                        and for float16 (F16C where the CPU has it)
  *
@@ -342,12 +342,25 @@ static void tall_planes_f16_loop(const uint8_t *bs, const uint8_t *bt, int rb, c
 }
 
 #ifdef HAVE_AVX2_PLANES
-/* tall_planes_f16_loop, 32 elements at a time, converting with F16C (IEEE, round to nearest even:
- * the same bits as the scalar loop, NaN payloads aside). */
-__attribute__((target("avx2,f16c"))) static void tall_planes_f16_avx2(const uint8_t *bs, const uint8_t *bt, int rb,
-                                                                     const uint8_t *const *m, int rm,
-                                                                     const uint8_t *mask, int bits, uint16_t *out,
-                                                                     Py_ssize_t n) {
+/* bfloat16_rne on eight lanes: round to nearest even, a NaN to 0xFFFF; the results in the low 16
+ * bits of each 32-bit lane. */
+__attribute__((target("avx2"))) static inline __m256i bf16_rne8(__m256 v) {
+    const __m256i u = _mm256_castps_si256(v), one = _mm256_set1_epi32(1);
+    __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), one);
+    __m256i r = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7FFF)), lsb), 16);
+    __m256i nan = _mm256_cmpgt_epi32(_mm256_and_si256(u, _mm256_set1_epi32(0x7FFFFFFF)), _mm256_set1_epi32(0x7F800000));
+    return _mm256_or_si256(r, _mm256_and_si256(nan, _mm256_set1_epi32(0xFFFF)));
+}
+
+/* tall_planes_bf16_loop and tall_planes_f16_loop, 32 elements at a time: the base widened exactly
+ * (bfloat16: a shift; float16: F16C), k * merged, then + base, each rounded as the scalar loop
+ * rounds, then to the 16-bit type, rounding to nearest even (F16C for float16, bf16_rne8 for
+ * bfloat16): the same bits as the scalar loops, NaN payloads aside. ``f16`` is a constant in each
+ * caller below. */
+__attribute__((target("avx2,f16c"))) static inline void tall_planes_16_avx2(const uint8_t *bs, const uint8_t *bt,
+                                                                          int rb, const uint8_t *const *m, int rm,
+                                                                          const uint8_t *mask, int bits,
+                                                                          uint16_t *out, Py_ssize_t n, int f16) {
     const __m128i keep = _mm_set1_epi8((char)(0xFF >> rb)), high = _mm_set1_epi8((char)(0xFF ^ (0xFF >> rb)));
     const __m128i tlow = _mm_set1_epi8((char)((0xFF << (8 - rb)) & 0xFF));
     Py_ssize_t i = 0;
@@ -366,18 +379,59 @@ __attribute__((target("avx2,f16c"))) static void tall_planes_f16_avx2(const uint
             h[2 * half] = _mm_unpacklo_epi8(lo, hi);
             h[2 * half + 1] = _mm_unpackhi_epi8(lo, hi);
         }
+        __m256 sum[4];
         for (int j = 0; j < 4; j++) {
             __m256 k = mask8(mask, i + 8 * j, bits);
-            __m256 sum = _mm256_add_ps(_mm256_cvtph_ps(h[j]), _mm256_mul_ps(k, _mm256_castsi256_ps(wm[j])));
-            _mm_storeu_si128((__m128i *)(out + i + 8 * j), _mm256_cvtps_ph(sum, _MM_FROUND_TO_NEAREST_INT));
+            __m256 fb = f16 ? _mm256_cvtph_ps(h[j])
+                            : _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h[j]), 16));
+            sum[j] = _mm256_add_ps(fb, _mm256_mul_ps(k, _mm256_castsi256_ps(wm[j])));
+            if (f16)
+                _mm_storeu_si128((__m128i *)(out + i + 8 * j), _mm256_cvtps_ph(sum[j], _MM_FROUND_TO_NEAREST_INT));
+        }
+        if (!f16) {  /* sixteen results at a time: packed (per 128-bit half), then put in order */
+            for (int j = 0; j < 4; j += 2) {
+                __m256i p = _mm256_packus_epi32(bf16_rne8(sum[j]), bf16_rne8(sum[j + 1]));
+                _mm256_storeu_si256((__m256i *)(out + i + 8 * j), _mm256_permute4x64_epi64(p, 0xD8));
+            }
         }
     }
     if (i < n) {
         const uint8_t *mt[4] = {m[0] + i, m[1] + i, m[2] + i, m[3] + i};
-        tall_planes_f16_loop(bs + i, bt + i, rb, mt, rm, MASK_FROM(mask, i, bits), bits, out + i, n - i);
+        if (f16) {
+            tall_planes_f16_loop(bs + i, bt + i, rb, mt, rm, MASK_FROM(mask, i, bits), bits, out + i, n - i);
+        } else {  /* at most 31 elements: the scalar body reads bits or bytes alike */
+            tall_planes_16_body(bs + i, bt + i, rb, mt, rm, MASK_FROM(mask, i, bits), bits, out + i, n - i, 0);
+        }
     }
 }
+
+__attribute__((target("avx2,f16c"))) static void tall_planes_f16_avx2(const uint8_t *bs, const uint8_t *bt, int rb,
+                                                                     const uint8_t *const *m, int rm,
+                                                                     const uint8_t *mask, int bits, uint16_t *out,
+                                                                     Py_ssize_t n) {
+    tall_planes_16_avx2(bs, bt, rb, m, rm, mask, bits, out, n, 1);
+}
+
+__attribute__((target("avx2,f16c"))) static void tall_planes_bf16_avx2(const uint8_t *bs, const uint8_t *bt, int rb,
+                                                                      const uint8_t *const *m, int rm,
+                                                                      const uint8_t *mask, int bits, uint16_t *out,
+                                                                      Py_ssize_t n) {
+    tall_planes_16_avx2(bs, bt, rb, m, rm, mask, bits, out, n, 0);
+}
 #endif
+
+/* The bfloat16 rebuild: AVX2 where there (reading bits or bytes), else the loop the compiler
+ * vectorizes, which reads bytes (the caller unpacks bits a block at a time: reads_bits). */
+static void tall_planes_bf16_any(const uint8_t *bs, const uint8_t *bt, int rb, const uint8_t *const *m, int rm,
+                                 const uint8_t *mask, int bits, uint16_t *out, Py_ssize_t n) {
+#ifdef HAVE_AVX2_PLANES
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c")) {
+        tall_planes_bf16_avx2(bs, bt, rb, m, rm, mask, bits, out, n);
+        return;
+    }
+#endif
+    tall_planes_bf16_loop(bs, bt, rb, m, rm, mask, out, n);
+}
 
 static void tall_planes_f16_any(const uint8_t *bs, const uint8_t *bt, int rb, const uint8_t *const *m, int rm,
                                 const uint8_t *mask, int bits, uint16_t *out, Py_ssize_t n) {
@@ -584,14 +638,14 @@ static void tall_planes_range(int out_size, int f16, const uint8_t *const *b, in
     else if (f16)
         tall_planes_f16_any(bt[0], bt[1], rb, mt, rm, mask, bits, (uint16_t *)out + a, len);
     else
-        tall_planes_bf16_loop(bt[0], bt[1], rb, mt, rm, mask, (uint16_t *)out + a, len);  /* bits 0: see the caller */
+        tall_planes_bf16_any(bt[0], bt[1], rb, mt, rm, mask, bits, (uint16_t *)out + a, len);
 }
 
 /* Whether tall_planes_range's loop for this output reads a bit-packed mask itself (AVX2: eight lanes
  * test their bits); the others get the mask unpacked a block at a time. */
 static int reads_bits(int out_size, int f16) {
 #ifdef HAVE_AVX2_PLANES
-    return (out_size == 4 || f16) && __builtin_cpu_supports("avx2") && (!f16 || __builtin_cpu_supports("f16c"));
+    return __builtin_cpu_supports("avx2") && (out_size == 4 || __builtin_cpu_supports("f16c"));
 #else
     (void)out_size;
     (void)f16;
