@@ -98,11 +98,11 @@ def view_tensor(buf: bytes | bytearray | memoryview | np.ndarray, dtype: str, sh
         raise FormatError(f"buffer of {len(mv)} bytes does not hold {shape} {dtype}")
     if n == 0:
         return torch.empty(shape, dtype=dt)
-    if not mv.readonly:
-        return torch.frombuffer(mv, dtype=torch.uint8).view(dt).reshape(shape)
+    if not mv.readonly:  # two torch calls: a few microseconds less for each of a task's small arrays
+        return torch.frombuffer(mv, dtype=dt).view(shape)
     with warnings.catch_warnings():  # read-only memory: the tensor is never written
         warnings.simplefilter("ignore", UserWarning)
-        return torch.frombuffer(mv, dtype=torch.uint8).view(dt).reshape(shape)
+        return torch.frombuffer(mv, dtype=dt).view(shape)
 
 
 def bytes_to_tensor(buf: bytes | bytearray | memoryview | np.ndarray, dtype: str, shape) -> torch.Tensor:
