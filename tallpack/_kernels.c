@@ -420,28 +420,23 @@ __attribute__((target("avx2,f16c"))) static void tall_planes_bf16_avx2(const uin
 }
 #endif
 
-/* The bfloat16 rebuild: AVX2 where there (reading bits or bytes), else the loop the compiler
- * vectorizes, which reads bytes (the caller unpacks bits a block at a time: reads_bits). */
-static void tall_planes_bf16_any(const uint8_t *bs, const uint8_t *bt, int rb, const uint8_t *const *m, int rm,
-                                 const uint8_t *mask, int bits, uint16_t *out, Py_ssize_t n) {
+/* The 16-bit rebuilds: AVX2 where there (reading bits or bytes), else the scalar loops; bfloat16's,
+ * which the compiler vectorizes, reads bytes (the caller unpacks bits a block at a time: reads_bits). */
+static void tall_planes_16_any(const uint8_t *bs, const uint8_t *bt, int rb, const uint8_t *const *m, int rm,
+                               const uint8_t *mask, int bits, uint16_t *out, Py_ssize_t n, int f16) {
 #ifdef HAVE_AVX2_PLANES
     if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c")) {
-        tall_planes_bf16_avx2(bs, bt, rb, m, rm, mask, bits, out, n);
+        if (f16)
+            tall_planes_f16_avx2(bs, bt, rb, m, rm, mask, bits, out, n);
+        else
+            tall_planes_bf16_avx2(bs, bt, rb, m, rm, mask, bits, out, n);
         return;
     }
 #endif
-    tall_planes_bf16_loop(bs, bt, rb, m, rm, mask, out, n);
-}
-
-static void tall_planes_f16_any(const uint8_t *bs, const uint8_t *bt, int rb, const uint8_t *const *m, int rm,
-                                const uint8_t *mask, int bits, uint16_t *out, Py_ssize_t n) {
-#ifdef HAVE_AVX2_PLANES
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c")) {
-        tall_planes_f16_avx2(bs, bt, rb, m, rm, mask, bits, out, n);
-        return;
-    }
-#endif
-    tall_planes_f16_loop(bs, bt, rb, m, rm, mask, bits, out, n);
+    if (f16)
+        tall_planes_f16_loop(bs, bt, rb, m, rm, mask, bits, out, n);
+    else
+        tall_planes_bf16_loop(bs, bt, rb, m, rm, mask, out, n);
 }
 
 /* Byte b's eight elements as 0/1 bytes, LSB first: one 8-byte copy per stored byte. */
@@ -635,10 +630,8 @@ static void tall_planes_range(int out_size, int f16, const uint8_t *const *b, in
     }
     if (out_size == 4)
         tall_planes_any(bt, rb, mt, rm, mask, bits, (float *)out + a, len);
-    else if (f16)
-        tall_planes_f16_any(bt[0], bt[1], rb, mt, rm, mask, bits, (uint16_t *)out + a, len);
     else
-        tall_planes_bf16_any(bt[0], bt[1], rb, mt, rm, mask, bits, (uint16_t *)out + a, len);
+        tall_planes_16_any(bt[0], bt[1], rb, mt, rm, mask, bits, (uint16_t *)out + a, len, f16);
 }
 
 /* Whether tall_planes_range's loop for this output reads a bit-packed mask itself (AVX2: eight lanes
