@@ -127,8 +127,9 @@ def unpack_bits(packed: np.ndarray, out: np.ndarray) -> None:
 
 #: Elements per part from which a rebuild outside a pool (``get_tensor``) splits its loop across
 #: threads: parts of about a millisecond, against the 50-100 us a helper takes to wake. A 4 MB
-#: float32 tensor is one part: split in two it took 5-15% longer on the 2-core machine here
-#: (BENCHMARKS.md, twelfth round); a 16 MB one is two.
+#: float32 tensor is one part: split in two it took 5-15% longer, timed in turns in one process on
+#: the 2-core machine here, and no less across processes (BENCHMARKS.md, twelfth round); a 16 MB
+#: one is two.
 SPLIT_ELEMENTS = 1 << 21
 _local = threading.local()
 _helpers: ThreadPoolExecutor | None = None
