@@ -396,12 +396,8 @@ __attribute__((target("avx2,f16c"))) static inline void tall_planes_16_avx2(cons
         }
     }
     if (i < n) {
-        const uint8_t *mt[4] = {m[0] + i, m[1] + i, m[2] + i, m[3] + i};
-        if (f16) {
-            tall_planes_f16_loop(bs + i, bt + i, rb, mt, rm, MASK_FROM(mask, i, bits), bits, out + i, n - i);
-        } else {  /* at most 31 elements: the scalar body reads bits or bytes alike */
-            tall_planes_16_body(bs + i, bt + i, rb, mt, rm, MASK_FROM(mask, i, bits), bits, out + i, n - i, 0);
-        }
+        const uint8_t *mt[4] = {m[0] + i, m[1] + i, m[2] + i, m[3] + i};  /* at most 31: the scalar body */
+        tall_planes_16_body(bs + i, bt + i, rb, mt, rm, MASK_FROM(mask, i, bits), bits, out + i, n - i, f16);
     }
 }
 
