@@ -15,13 +15,16 @@ from typing import Any
 from .arrays import ArrayRef
 from .checksums import checksum_function
 from .encodings import TaskTensor, TensorEntry
-from .errors import FormatError, InvalidArgumentError
+from .errors import FormatError, InvalidArgumentError, UnsupportedVersionError
 from .folders import check_blob, check_file_map
 from .limits import MAX_INT, MAX_NAME_CHARS, MAX_TASKS
 from .merging import METHODS
 
 __all__ = ["Manifest", "TaskInfo", "TaskTensor", "TensorEntry", "check_task_name", "count_kinds"]
 
+#: What an archive may ``require`` of its reader (spec §3.1, 1.12): ``groups``, tensor entries
+#: with ``members`` (§3.7).
+KNOWN_REQUIRES = frozenset({"groups"})
 #: The kinds of tensor entries, in the order reports list them.
 KINDS = ("merged", "shared", "task-own", "base-only")
 
@@ -129,12 +132,15 @@ class Manifest:
     checksum: str = "crc32"
     #: stored folder files (1.4): SHA-256 -> the content as a uint8 array
     files: dict[str, ArrayRef] = field(default_factory=dict)
+    #: what a reader must know to read it (1.12): ``"groups"``
+    requires: tuple[str, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         files = {"files": {k: v.to_dict() for k, v in self.files.items()}} if self.files else {}
         return {
             "format": "tallpack",
             "format_version": list(self.format_version),
+            **({"requires": list(self.requires)} if self.requires else {}),
             "writer": self.writer,
             "checksum": self.checksum,
             "merge": self.merge,
@@ -155,6 +161,13 @@ class Manifest:
         if (not isinstance(version, list) or len(version) != 2
                 or not all(type(v) is int and 0 <= v < 1 << 16 for v in version)):
             raise FormatError(f"format_version must be two integers below 65536, got {_short(version)}")
+        requires = d.get("requires", [])
+        if not isinstance(requires, list) or not all(_name(r) for r in requires) or len(set(requires)) != len(requires):
+            raise FormatError("requires must be a list of distinct names")
+        unknown = [r for r in requires if r not in KNOWN_REQUIRES]
+        if unknown:
+            raise UnsupportedVersionError(f"the archive requires {', '.join(map(repr, unknown))}, which this "
+                                          "tallpack does not know; upgrade it")
         if not all(isinstance(d.get(k), list) for k in ("tasks", "tensors")) or not isinstance(d.get("merge"), dict):
             raise FormatError("manifest is missing required keys or has malformed ones (tasks, tensors, merge)")
         if len(d["tasks"]) > MAX_TASKS:
@@ -173,7 +186,7 @@ class Manifest:
             raise FormatError("file content keys must be strings")
         blobs = {k: ArrayRef.from_dict(v, f"file content {k[:12]}") for k, v in blob_refs.items()}
         m = cls((version[0], version[1]), writer, d["merge"], tasks, tensors, base, stats,
-                _object(d, "metadata", "manifest"), d.get("checksum", "crc32"), blobs)
+                _object(d, "metadata", "manifest"), d.get("checksum", "crc32"), blobs, tuple(requires))
         for digest, ref in blobs.items():
             check_blob(digest, ref)
         for info in tasks:
@@ -190,12 +203,24 @@ class Manifest:
             raise FormatError("merge.method must be a string")
         if method in METHODS:
             METHODS[method].from_params(m.merge)  # validates its parameters
-        seen = set()
+        by_name: dict[str, TensorEntry] = {}
         for t in tensors:
-            if t.name in seen:
+            if t.name in by_name:
                 raise FormatError(f"tensor {t.name!r} appears twice in the manifest")
-            seen.add(t.name)
-        by_name = {t.name: t for t in tensors}
+            by_name[t.name] = t
+        groups = [t for t in tensors if t.members]
+        if groups and "groups" not in requires:
+            raise FormatError("tensor entries with members in an archive that does not require 'groups'")
+        for g in groups:  # a group is not a tensor of any task: its members are
+            del by_name[g.name]
+        for g in groups:
+            for member in g.members:
+                if member.name in by_name:
+                    raise FormatError(f"tensor {member.name!r} appears twice in the manifest (in group {g.name!r})")
+                by_name[member.name] = g
+        for g in groups:
+            if g.name in by_name:
+                raise FormatError(f"group {g.name!r} has the name of a tensor")
         for info in tasks:
             for key in info.keys:
                 if key not in by_name or info.name not in by_name[key].tasks:

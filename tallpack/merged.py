@@ -90,9 +90,19 @@ class MergeParts:
                     if missing:
                         raise FormatError(f"{name}: {where} has no {', '.join(missing)} for {model}")
                     extras = {x: read(sources[x], f"{where} ({x})") for x in method.extra_arrays}
-                self.parts[e.name] = (base, merge_direction(model, tau, masks, extras, k, method))
+                direction = merge_direction(model, tau, masks, extras, k, method)
+                if e.members:  # a group (format 1.12): each member's run of the flat tensors
+                    base, direction = base.reshape(-1), direction.reshape(-1)
+                    for m in e.members:
+                        run = slice(m.offset, m.offset + m.numel)
+                        self.parts[m.name] = (base[run].view(m.shape), direction[run].view(m.shape))
+                else:
+                    self.parts[e.name] = (base, direction)
             elif encodings == {"shared"} and "data" in e.arrays:
                 self.parts[e.name] = (read(e.arrays["data"], where), None)
+        if manifest.tasks:  # in the checkpoints' order (a group's members were stored together)
+            order = {name: i for i, name in enumerate(manifest.tasks[0].keys)}
+            self.parts = dict(sorted(self.parts.items(), key=lambda kv: order.get(kv[0], len(order))))
 
     def state_dict(self, alpha: float | None = None, *, task: str | None = None) -> dict[str, torch.Tensor]:
         """The merged model at ``alpha``; with ``task``, completed with that task's own tensors."""

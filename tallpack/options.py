@@ -61,6 +61,10 @@ class PackOptions:
     #: False stores every merged vector
     derive_merged: bool = True
     overwrite: bool = False
+    #: store merged tensors of fewer than 262,144 elements in groups of up to 1M elements
+    #: (format 1.12, ``tallpack.groups``): one rebuild per group instead of one per tensor. Not
+    #: with ``exact`` or the fidelity dial, which work tensor by tensor
+    group: bool = True
     #: the fidelity dial (format 1.5, ``tallpack.dial``): reconstruct every task at least this well
     #: (with ``evaluate``: its score relative to the original's; else the weight fidelity), ...
     fidelity: float | None = None
@@ -91,8 +95,9 @@ class PackOptions:
             raise InvalidArgumentError(str(e)) from None
         if self.checksum not in CHECKSUMS:
             raise InvalidArgumentError(f"unknown checksum {self.checksum!r}; choose one of {', '.join(CHECKSUMS)}")
-        if not isinstance(self.overwrite, bool):
-            raise InvalidArgumentError(f"overwrite must be True or False, got {self.overwrite!r}")
+        for key in ("overwrite", "group"):
+            if not isinstance(getattr(self, key), bool):
+                raise InvalidArgumentError(f"{key} must be True or False, got {getattr(self, key)!r}")
         if self.threads is not None and (type(self.threads) is not int or self.threads < 1):
             raise InvalidArgumentError(f"threads must be a positive integer, got {self.threads!r}")
         _check_dial(self)
@@ -123,6 +128,11 @@ class Validated:
                          | ({"field:correction"} if self.dial else set())
                          | ({"encoding:tall-derived"} if self.derive_masks else set())
                          | ({"encoding:tall-derived-merged"} if self.derive_merged else set()))
+
+    @property
+    def group(self) -> bool:
+        """Whether small merged tensors are stored in groups (``PackOptions.group``)."""
+        return bool(self.options.group) and not self.options.exact and not self.dial
 
     @property
     def derive_masks(self) -> bool:

@@ -94,17 +94,17 @@ def task_metadata(archive: "Archive", task: str) -> tuple[dict[str, Any], dict[s
     return meta, info.metadata.get("config")
 
 
-def _task_tensors(archive: "Archive", task: str) -> dict[str, Any]:
-    entries = {e.name: e for e in archive.manifest.tensors}
-    return {k: entries[k].tasks[task] for k in archive.keys(task)}
+def _task_tensors(archive: "Archive", task: str) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """Each of the task's tensors' dtype and shape."""
+    return {k: archive.tensor_spec(task, k) for k in archive.keys(task)}
 
 
 def _sizes(archive: "Archive", task: str) -> dict[str, int]:
-    return {k: numel(tt.shape) * itemsize(tt.dtype) for k, tt in _task_tensors(archive, task).items()}
+    return {k: numel(shape) * itemsize(dt) for k, (dt, shape) in _task_tensors(archive, task).items()}
 
 
 def _specs(archive: "Archive", task: str) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
-    return {k: (torch_dtype(tt.dtype), tuple(tt.shape)) for k, tt in _task_tensors(archive, task).items()}
+    return {k: (torch_dtype(dt), tuple(shape)) for k, (dt, shape) in _task_tensors(archive, task).items()}
 
 
 def _folder(archive: "Archive", state_dict: Mapping[str, torch.Tensor], out: Path, *, meta: dict[str, Any],

@@ -7,6 +7,7 @@ buffers of one chunk per task, never by the family's size.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import os
 from collections.abc import Callable, Mapping
@@ -21,6 +22,7 @@ from .encodings.exact import RESIDUAL_CODECS, add_exact
 from .errors import InvalidArgumentError, OutputExistsError
 from .folders import FileStore
 from .fsutil import writing
+from .groups import GROUP_ELEMENTS, SMALL_ELEMENTS, Member, concat, layout
 from .inputs import PackInputs, TasksLike
 from .manifest import Manifest, TaskInfo, TensorEntry, count_kinds
 from .memory import release_thread_buffers
@@ -110,12 +112,15 @@ def _write(fam: PackInputs, v: Validated, lams: dict[str, float], out: Path, sel
                            lams, fidelity, v.residuals if opts.exact or dial else None,
                            {} if v.derive_masks else None, {} if v.derive_merged else None)
         pending: dict[int, str] = {}  # with the dial: merged tensors, written once it has decided
+        groups = _Groups(ctx, {e.name for e in fam.plan.tensors}) if v.group else None
         for entry in tensors:
             if entry.kind is Kind.BASE_ONLY and not opts.keep_base_only:
                 continue
             item = fam.load(entry)
             if item.kind != item.planned and item.planned == Kind.MERGED and item.kind == Kind.TASK_OWN:
                 log.warning("tensor %r holds inf or NaN: stored per task, not masked", item.name)
+            if groups is not None and groups.add(item, entries):
+                continue
             if dial is not None and item.kind == Kind.MERGED:
                 dial.observe(ctx, item)
                 pending[len(entries)] = item.name
@@ -123,6 +128,8 @@ def _write(fam: PackInputs, v: Validated, lams: dict[str, float], out: Path, sel
                 continue
             written = BY_KIND[item.kind].write(ctx, item)
             entries.append(add_exact(ctx, item, written, codecs=RESIDUAL_CODECS) if opts.exact else written)
+        if groups is not None:
+            groups.flush_all(entries)
         task_files = {t: store.add(src.files, f"task {t!r}") for t, src in fam.tasks.items()}
 
         def manifest() -> Manifest:
@@ -141,6 +148,7 @@ def _write(fam: PackInputs, v: Validated, lams: dict[str, float], out: Path, sel
                        **({"selection": selection} if selection else {}),
                        **({"dial": dial.record()} if dial is not None else {})},
                 metadata=dict(opts.metadata or {}), checksum=w.checksum_name, files=store.blobs,
+                requires=("groups",) if any(e.members for e in stored) else (),
             )
 
         if dial is not None:  # the fidelity dial: decide on the TALL tier's size, then write merged tensors
@@ -150,6 +158,63 @@ def _write(fam: PackInputs, v: Validated, lams: dict[str, float], out: Path, sel
         result = manifest()
         w.finish(result.to_dict())
     return result
+
+
+class _Groups:
+    """The packer's tensor groups (format 1.12, ``tallpack.groups``): merged tensors of fewer than
+    SMALL_ELEMENTS elements are held, per dtype and set of tasks, and written together as one
+    flat tensor of at most GROUP_ELEMENTS elements, whose entry lists them as its members."""
+
+    def __init__(self, ctx: WriteContext, names: set[str]):
+        self.ctx, self.names = ctx, set(names)
+        self.held: dict[tuple, list[Item]] = {}
+        self.count = 0
+
+    def add(self, item: Item, entries: list[TensorEntry | None]) -> bool:
+        """Hold ``item`` for a group (writing a full group to ``entries`` first); False when it is
+        not a tensor to group."""
+        n = item.base.numel() if item.base is not None else 0
+        if (item.kind != Kind.MERGED.value or not 0 < n < SMALL_ELEMENTS
+                or any(t.dtype != item.base.dtype for t in item.thetas)):
+            return False
+        key = (item.base.dtype, item.tasks)
+        held = self.held.setdefault(key, [])
+        if held and layout([x.base.shape for x in held] + [item.base.shape])[1] > GROUP_ELEMENTS:
+            self._flush(key, entries)
+            held = self.held.setdefault(key, [])
+        held.append(item)
+        return True
+
+    def flush_all(self, entries: list[TensorEntry | None]) -> None:
+        for key in list(self.held):
+            self._flush(key, entries)
+
+    def _flush(self, key: tuple, entries: list[TensorEntry | None]) -> None:
+        items = self.held.pop(key)
+        if len(items) == 1:  # a group of one would only add a level
+            entries.append(BY_KIND[Kind.MERGED.value].write(self.ctx, items[0]))
+            return
+        offsets, length = layout([x.base.shape for x in items])
+        name = self._name()
+        group = Item(name, Kind.MERGED.value, Kind.MERGED.value, items[0].tasks,
+                     concat([x.base for x in items], offsets, length),
+                     [concat([x.thetas[i] for x in items], offsets, length) for i in range(len(items[0].tasks))])
+        written = BY_KIND[Kind.MERGED.value].write(self.ctx, group)
+        gap = length - sum(x.base.numel() for x in items)
+        for t in group.tasks:  # the gaps' elements are zero everywhere: no mask bit, no error
+            self.ctx.fidelity[t].numel -= gap
+        self.ctx.writer.use("field:members")
+        members = tuple(Member(x.name, o, tuple(x.base.shape)) for x, o in zip(items, offsets))
+        entries.append(dataclasses.replace(written, members=members))
+
+    def _name(self) -> str:
+        """A group's entry name, unlike any tensor's."""
+        while True:
+            name = f"tallpack.group.{self.count}"
+            self.count += 1
+            if name not in self.names:
+                self.names.add(name)
+                return name
 
 
 def _write_dialed(dial: Dial, ctx: WriteContext, entries: list[TensorEntry | None], pending: dict[int, str],

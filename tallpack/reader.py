@@ -28,6 +28,8 @@ from .container import PLANAR_DTYPES, PREFETCH_BYTES, ContainerReader
 from .dtypes import bytes_to_tensor, view_tensor
 from .elements import numel
 from .encodings import Encoding, TaskTensor, TensorEntry, Use, encoding_for, iter_arrays
+from .encodings.base import split_parts
+from .groups import Member
 from .encodings.derived import DerivedMerged, task_mask
 from .encodings.derived_merged import rebuild_merged
 from .encodings.exact import TALL_ENCODINGS, rebuild_exact
@@ -86,7 +88,11 @@ class Archive:
         if self.manifest.format_version[0] != container.version[0]:
             raise FormatError(f"{self.name}: manifest says format {self.manifest.format_version}, "
                               f"header says {container.version}")
-        self._tensors: dict[str, TensorEntry] = {t.name: t for t in self.manifest.tensors}
+        self._tensors: dict[str, TensorEntry] = {t.name: t for t in self.manifest.tensors if not t.members}
+        #: groups (format 1.12): by the group's name, and each member by its name
+        self._groups: dict[str, TensorEntry] = {t.name: t for t in self.manifest.tensors if t.members}
+        self._members: dict[str, tuple[TensorEntry, Member]] = {
+            m.name: (g, m) for g in self._groups.values() for m in g.members}
         self._tasks: dict[str, TaskInfo] = {t.name: t for t in self.manifest.tasks}
         for name, key, ref in iter_arrays(self.manifest.tensors):
             container.register(ref, (name, key))
@@ -162,9 +168,10 @@ class Archive:
         """The task's tensor names, in its checkpoint's order."""
         return list(self.task_info(task).keys)
 
-    def _entry(self, task: str, name: str) -> tuple[TensorEntry, TaskTensor]:
+    def _entry(self, task: str, name: str, group: bool = False) -> tuple[TensorEntry, TaskTensor]:
+        """A tensor's entry and the task's entry in it (``group``: a group's, by its name)."""
         self.task_info(task)
-        entry = self._tensors.get(name) if isinstance(name, str) else None
+        entry = (self._groups if group else self._tensors).get(name) if isinstance(name, str) else None
         if entry is None or task not in entry.tasks:
             raise TensorNotFoundError(f"{self.name}: task {task!r} has no tensor {name!r}")
         return entry, entry.tasks[task]
@@ -257,12 +264,13 @@ class Archive:
 
     def _rebuild(self, task: str, name: str, pool: ThreadPoolExecutor | None, exact: bool = False,
                  device: torch.device | str | None = None, rows: tuple[int, int] | None = None,
-                 prefetch: bool = True) -> torch.Tensor:
+                 prefetch: bool = True, parts: list[Member] | None = None) -> Any:
         """One tensor (with ``rows``, rows ``[r0, r1)`` of its first dimension) of one task;
-        ``prefetch=False`` when the caller already fetched its chunks (``state_dict``'s batches)."""
+        ``prefetch=False`` when the caller already fetched its chunks (``state_dict``'s batches).
+        With ``parts``, ``name`` is a group's (format 1.12), and the result a list: those members."""
         plan = self._plans.get((task, name)) if not exact and device is None and rows is None else None
         if plan is None:
-            entry, tt = self._entry(task, name)
+            entry, tt = self._entry(task, name, group=parts is not None)
             if exact:
                 self.require_exact(task)
             where = f"task {task!r}, tensor {name!r}"
@@ -275,7 +283,8 @@ class Archive:
                 if "exact" not in tt.extras:
                     raise ExactTierMissingError(f"{self.name}: {where} has no exact residual (damaged manifest)")
                 out = rebuild_exact(self.read_array, entry, tt, where)
-                return out if device is None else out.to(device)
+                out = out if device is None else out.to(device)
+                return out if parts is None else split_parts(out, parts)
             needed = encoding.inputs(entry, tt)
             on_cpu = device is None or torch.device(device).type == "cpu"
             planar = self._planar_keys(encoding, entry, tt, needed) if on_cpu and rows is None else ()
@@ -303,6 +312,8 @@ class Archive:
             slots = device is None and encoding.fresh_output(tt)
             arrays = {k: read(k, ref, use, k if slots else None) for k, (ref, use) in needed.items()}
         try:
+            if parts is not None:
+                return encoding.rebuild_parts(arrays, entry, tt, parts)
             out = encoding.rebuild(arrays, entry, tt)
         except IntegrityError as e:  # a derived mask's original (format 1.6): say which archive and task
             raise IntegrityError(f"{self.name}: task {task!r}, {e}") from None
@@ -428,11 +439,28 @@ class Archive:
         ``device`` (e.g. ``"cuda"``), the tensor is rebuilt there: base and merged vector are moved
         once and kept in the cache on that device, so other tasks send only their masks.
         """
+        member = self._members.get(name) if isinstance(name, str) else None
+        if member is not None:
+            group, m = member
+            if task in group.tasks or task not in self._tasks:
+                return self._rebuild(task, group.name, self._workers(), exact, device, parts=[m])[0]
         return self._rebuild(task, name, self._workers(), exact, device)
+
+    def tensor_spec(self, task: str, name: str) -> tuple[str, tuple[int, ...]]:
+        """The dtype (spec name, e.g. ``"float32"``) and shape of one task's tensor, from the
+        manifest alone."""
+        member = self._members.get(name) if isinstance(name, str) else None
+        if member is not None and task in member[0].tasks:
+            return member[0].tasks[task].dtype, member[1].shape
+        tt = self._entry(task, name)[1]
+        return tt.dtype, tt.shape
 
     def get_slice(self, task: str, name: str) -> "TensorSlice":
         """A handle that reads parts of one tensor: ``fam.get_slice(t, name)[a:b]`` reads only the
         chunks that hold rows ``a:b`` (as safetensors' ``get_slice``, for tensor-parallel loading)."""
+        member = self._members.get(name) if isinstance(name, str) else None
+        if member is not None and task in member[0].tasks:  # a group's member: small, read whole
+            return TensorSlice(self, task, name, member[0].tasks[task], member[1].shape)
         entry, tt = self._entry(task, name)
         return TensorSlice(self, task, name, tt)
 
@@ -464,25 +492,46 @@ class Archive:
     def _whole(self, sd: "LazyStateDict", task: str, exact: bool, device: torch.device | str | None
                ) -> dict[str, torch.Tensor]:
         """``state_dict``'s work: every tensor of the task, in batches (see ``state_dict``)."""
-        needs = []
+        needs: list[tuple[tuple[str, list[Member] | None], list[ArrayRef]]] = []
+        groups: dict[str, list[Member]] = {}  # a group's members this task reads, in one job
         for name in sd:
-            entry, tt = self._entry(task, name)
+            member = self._members.get(name)
+            if member is not None:
+                group, m = member
+                if group.name in groups:
+                    groups[group.name].append(m)
+                    continue
+                entry, tt = self._entry(task, group.name, group=True)
+                groups[group.name] = parts = [m]
+                job: tuple[str, list[Member] | None] = (group.name, parts)
+            else:
+                entry, tt = self._entry(task, name)
+                job = (name, None)
             enc = encoding_for(tt.encoding)
-            needs.append((name, _needs(entry, tt, enc) if enc else []))
+            needs.append((job, _needs(entry, tt, enc) if enc else []))
         pool = self._workers()
-        out: dict[str, torch.Tensor] = {}
+        got: dict[str, torch.Tensor] = {}
+
+        def keep(job: tuple[str, list[Member] | None], result: Any) -> None:
+            name, parts = job
+            if parts is None:
+                got[name] = result
+            else:
+                got.update(zip([m.name for m in parts], result))
+
         for batch in _batches(needs):
             self._c.prefetch([r for _, refs in batch for r in refs])
             if pool is None:
-                out.update((k, self._rebuild(task, k, None, exact, device, prefetch=False)) for k, _ in batch)
+                for (k, parts), _ in batch:
+                    keep((k, parts), self._rebuild(task, k, None, exact, device, None, False, parts))
                 continue
             sizes = [sum(r.nbytes for r in refs) for _, refs in batch]
             order = sorted(range(len(batch)), key=sizes.__getitem__, reverse=True)  # largest first
-            got = self._share(pool, [partial(self._rebuild, task, batch[i][0], None, exact, device, None, False)
-                                     for i in order], [sizes[i] for i in order])
-            tensors = dict(zip(order, got))
-            out.update((k, tensors[i]) for i, (k, _) in enumerate(batch))
-        return out
+            results = self._share(pool, [partial(self._rebuild, task, batch[i][0][0], None, exact, device, None, False,
+                                                 batch[i][0][1]) for i in order], [sizes[i] for i in order])
+            for i, result in zip(order, results):
+                keep(batch[i][0], result)
+        return {k: got[k] for k in sd}
 
     def _share(self, pool: ThreadPoolExecutor, jobs: list[Callable[[], Any]], sizes: list[int]) -> list[Any]:
         """Each job's result, run by this thread and the pool's together: each thread takes the
@@ -527,10 +576,20 @@ class Archive:
         """Announce that every array of these tensors (all tasks) is read next: a remote archive
         fetches them in one coalesced request (up to 64 MiB); a local one needs nothing. For
         readers of whole tensors across tasks (``stats``)."""
-        self._c.prefetch([ref for n in names if n in self._tensors for _, ref in self._tensors[n].all_arrays()])
+        entries: dict[str, TensorEntry | None] = {}
+        for n in names:  # a tensor, a group's member (its group's arrays), or a group by its name
+            e = self._members[n][0] if n in self._members else self._tensors.get(n) or self._groups.get(n)
+            entries[getattr(e, "name", n)] = e
+        self._c.prefetch([ref for e in entries.values() if e is not None for _, ref in e.all_arrays()])
 
     def base_tensor(self, name: str) -> torch.Tensor | None:
         """theta_0 of a tensor, when the archive holds it (merged and base-only tensors)."""
+        member = self._members.get(name)
+        if member is not None:  # a group's member (format 1.12): its run of the group's base
+            group, m = member
+            part = self.read_array(group.arrays["base"], f"tensor {name!r} (base, in group {group.name!r})",
+                                   start=m.offset, stop=m.offset + m.numel)
+            return part.view(m.shape)
         entry = self._tensors.get(name)
         if entry is None or "base" not in entry.arrays:
             return None
@@ -720,11 +779,13 @@ class TensorSlice:
     first.
     """
 
-    def __init__(self, archive: Archive, task: str, name: str, tt: TaskTensor):
+    def __init__(self, archive: Archive, task: str, name: str, tt: TaskTensor,
+                 member_shape: tuple[int, ...] | None = None):
         self._archive, self._task, self._name, self._tt = archive, task, name, tt
+        self._member_shape = member_shape  # a group's member (format 1.12): rebuilt whole
 
     def get_shape(self) -> list[int]:
-        return list(self._tt.shape)
+        return list(self._tt.shape if self._member_shape is None else self._member_shape)
 
     def get_dtype(self) -> str:
         return self._tt.dtype
@@ -734,7 +795,7 @@ class TensorSlice:
         shape, first = self._tt.shape, idx[0] if idx else slice(None)
         enc = encoding_for(self._tt.encoding)
         rows = None
-        if shape and enc is not None and enc.elementwise and not self._tt.extras:
+        if shape and enc is not None and enc.elementwise and not self._tt.extras and self._member_shape is None:
             if isinstance(first, int) and not isinstance(first, bool):
                 i = first + shape[0] if first < 0 else first
                 if not 0 <= i < shape[0]:

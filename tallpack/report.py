@@ -161,6 +161,9 @@ def tensor_rows(manifest: Manifest) -> list[dict[str, Any]]:
     chains used, and the mask density per task (tasks without a mask for it: absent)."""
     rows = []
     for e in manifest.tensors:
+        if e.members:
+            rows += _group_rows(e)
+            continue
         first = next(iter(e.tasks.values()), None)
         ref = first if first is not None else e.arrays.get("base")
         arrays = [r for _, r in e.all_arrays()]
@@ -179,6 +182,22 @@ def tensor_rows(manifest: Manifest) -> list[dict[str, Any]]:
     return rows
 
 
+def _group_rows(e) -> list[dict[str, Any]]:
+    """A group's row (format 1.12: its stored bytes, codecs and the density over its members),
+    then one row per member, naming the group (no bytes of its own)."""
+    first = next(iter(e.tasks.values()))
+    arrays = [r for _, r in e.all_arrays()]
+    n = sum(m.numel for m in e.members)
+    rows = [{"name": e.name, "kind": e.kind, "shape": list(first.shape), "dtype": first.dtype,
+             "members": [m.name for m in e.members], "stored_bytes": sum(r.stored_nbytes for r in arrays),
+             "codecs": sorted({_chain(r) for r in arrays}),
+             "density": {t: (tt.params.get("ones") or 0) / n if n else None
+                         for t, tt in e.tasks.items() if "ones" in tt.params}}]
+    rows += [{"name": m.name, "kind": e.kind, "shape": list(m.shape), "dtype": first.dtype, "group": e.name,
+              "stored_bytes": 0, "codecs": [], "density": {}} for m in e.members]
+    return rows
+
+
 def render_tensors(rows: list[dict[str, Any]], tasks: list[str]) -> str:
     """The text table of :func:`tensor_rows`: one density column per task."""
     width = max([len("tensor"), *(len(r["name"]) for r in rows)])
@@ -189,6 +208,7 @@ def render_tensors(rows: list[dict[str, Any]], tasks: list[str]) -> str:
     for r in rows:
         shape = "per task" if "shapes" in r else "x".join(map(str, r["shape"] or [])) or "scalar"
         dens = " ".join(f"{_fmt(r['density'].get(t), '.3f'):>8}" for t in tasks)
-        lines.append(f"{r['name']:<{width}} {r['kind']:<9} {shape:<14} {r['dtype'] or '-':<9} "
-                     f"{format_size(r['stored_bytes']):>9} {', '.join(r['codecs']):<22} {dens}")
+        kind = "group" if "members" in r else r["kind"]
+        stored = f"in {r['group']}" if "group" in r else f"{format_size(r['stored_bytes']):>9} {', '.join(r['codecs']):<22}"
+        lines.append(f"{r['name']:<{width}} {kind:<9} {shape:<14} {r['dtype'] or '-':<9} {stored} {dens}")
     return "\n".join(lines)

@@ -16,7 +16,6 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .elements import numel
 from .encodings.derived import has_mask, task_mask
 from .encodings.qtau import task_masks
 from .errors import TallpackError
@@ -82,7 +81,14 @@ def compute(archive: "Archive", *, progress: ProgressLike = None) -> MaskStats:
     for e in track(entries, progress, "reading masks"):
         archive.prefetch([e.name])  # remote: the tensor's masks in one request, not one each
         count = None
-        layer = per_layer.setdefault(layer_of(e.name), {t: [0, 0] for t in tasks})
+        # (layer, run of the mask) for each tensor: a group's members (format 1.12), each in its layer
+        runs = [slice(x.offset, x.offset + x.numel) for x in e.members] if e.members else None
+        pieces, at = [], 0  # the runs of the (gapless) mask, by layer; empty: the whole mask
+        for x in e.members:
+            pieces.append((layer_of(x.name), slice(at, at + x.numel)))
+            at += x.numel
+        layers = {lay: per_layer.setdefault(lay, {t: [0, 0] for t in tasks})
+                  for lay in ([lay for lay, _ in pieces] if pieces else [layer_of(e.name)])}
         derived = None  # the fidelity dial's qtau tasks have a mask derived from their deQ (spec §6.1.8)
         if any(tt.encoding == "qtau" for tt in e.tasks.values()):
             derived = task_masks(archive.read_array, e, lambdas)[1]
@@ -95,12 +101,13 @@ def compute(archive: "Archive", *, progress: ProgressLike = None) -> MaskStats:
                 continue
             else:
                 m = task_mask(archive.read_array, e, tt, f"task {t!r}, tensor {e.name!r}").reshape(-1)
-            k = int(m.sum())
-            n = numel(tt.shape)
-            ones[t] += k
-            total[t] += n
-            layer[t][0] += k
-            layer[t][1] += n
+            if runs is not None:  # a group's members, without the gaps between them
+                m = torch.cat([m[r] for r in runs])
+            ones[t] += int(m.sum())
+            total[t] += m.numel()
+            for lay, r in pieces or [(layer_of(e.name), slice(0, m.numel()))]:
+                layers[lay][t][0] += int(m[r].sum())
+                layers[lay][t][1] += r.stop - r.start
             count = m.to(torch.int16) if count is None else count + m
         if count is not None:
             hist += torch.bincount(count.to(torch.int64), minlength=len(tasks) + 1)[: len(tasks) + 1]

@@ -178,6 +178,17 @@ class Planar:
         self.numel, self.chunk_elements, self.chunk = numel, chunk_elements, chunk
 
 
+#: The compiled rebuilds from byte planes (``kernels``' names), by output dtype.
+_JOINS = {torch.float32: "tall_planes", torch.bfloat16: "tall_planes_bf16", torch.float16: "tall_planes_f16"}
+
+
+def _join(dtype: torch.dtype) -> Callable:
+    name = _JOINS.get(dtype)
+    if name is None:
+        raise ValueError(f"no rebuild from byte planes into {dtype}")  # a caller's bug
+    return getattr(kernels, name)
+
+
 def reconstruct_planar(theta_0: Planar, mask: torch.Tensor | Bits, tau_mtl: Planar, shape: Sequence[int],
                        dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """:func:`reconstruct` with ``theta_0`` and ``tau_MTL`` as byte planes of the same chunks:
@@ -189,10 +200,7 @@ def reconstruct_planar(theta_0: Planar, mask: torch.Tensor | Bits, tau_mtl: Plan
     if not (n == tau_mtl.numel == (mask.numel if bits else mask.numel())
             and theta_0.chunk_elements == tau_mtl.chunk_elements > 0 and theta_0.chunk_elements % 8 == 0):
         raise ValueError("base, merged vector and mask differ in length or chunks")  # a caller's bug
-    join = {torch.float32: kernels.tall_planes, torch.bfloat16: kernels.tall_planes_bf16,
-            torch.float16: kernels.tall_planes_f16}.get(dtype)
-    if join is None:
-        raise ValueError(f"no rebuild from byte planes into {dtype}")  # a caller's bug
+    join = _join(dtype)
     out = torch.empty(tuple(shape), dtype=dtype)
     flat = _flat(out) if dtype == torch.float32 else _flat(out.view(torch.int16))
     if bits:
@@ -209,6 +217,59 @@ def reconstruct_planar(theta_0: Planar, mask: torch.Tensor | Bits, tau_mtl: Plan
         join(base_planes, rb, merged_planes, rm, kernels.mask_part(m, a, b, bits), flat[a:b],
              threads=torch.get_num_threads(), bits=bits)
     return out
+
+
+def reconstruct_parts(theta_0: torch.Tensor | Planar, mask: torch.Tensor | Bits, tau_mtl: torch.Tensor | Planar,
+                      parts: Sequence, dtype: torch.dtype) -> list[torch.Tensor]:
+    """:func:`reconstruct` (or :func:`reconstruct_planar`, for planes) of a group's members
+    (format 1.12): ``parts`` are ``(offset, shape)`` of runs of the flat inputs, offsets multiples
+    of 8; each member is rebuilt straight into a tensor of its own, the same bits as alone."""
+    if isinstance(theta_0, Planar) and isinstance(tau_mtl, Planar):
+        return _reconstruct_planar_parts(theta_0, mask, tau_mtl, parts, dtype)
+    base, merged = theta_0.reshape(-1), tau_mtl.reshape(-1)
+    out = []
+    for offset, shape in parts:
+        n = math.prod(shape)
+        if isinstance(mask, Bits):
+            m: torch.Tensor | Bits = Bits(mask.packed[offset // 8 : (offset + n + 7) // 8], n, shape)
+        else:
+            m = mask.reshape(-1)[offset : offset + n].view(shape)
+        out.append(reconstruct(base[offset : offset + n].view(shape), m, merged[offset : offset + n].view(shape), dtype))
+    return out
+
+
+def _reconstruct_planar_parts(theta_0: Planar, mask: torch.Tensor | Bits, tau_mtl: Planar, parts: Sequence,
+                              dtype: torch.dtype) -> list[torch.Tensor]:
+    """``reconstruct_parts`` from byte planes: chunk by chunk (each decoded once), each member's
+    run of the chunk joined into its own tensor (``kernels.tall_planes`` and its 16-bit kin)."""
+    n = theta_0.numel
+    bits = isinstance(mask, Bits)
+    ce = theta_0.chunk_elements
+    if not (n == tau_mtl.numel == (mask.numel if bits else mask.numel()) and ce == tau_mtl.chunk_elements > 0
+            and ce % 8 == 0 and all(o % 8 == 0 and o + math.prod(s) <= n for o, s in parts)):
+        raise ValueError("base, merged vector, mask and members differ in length or chunks")  # a caller's bug
+    join = _join(dtype)
+    m = mask.packed if bits else _flat(_bytes(mask.reshape(-1))).astype(np.uint8, copy=False)
+    outs = [torch.empty(tuple(s), dtype=dtype) for _, s in parts]
+    flats = [_flat(o) if dtype == torch.float32 else _flat(o.view(torch.int16)) for o in outs]
+    spans = sorted((o, o + math.prod(s), k) for k, (o, s) in enumerate(parts))
+    threads, first = torch.get_num_threads(), 0
+    for i, a in enumerate(range(0, n, ce)):
+        b = min(n, a + ce)
+        while first < len(spans) and spans[first][1] <= a:
+            first += 1
+        if first == len(spans) or spans[first][0] >= b:
+            continue
+        base_planes, rb = theta_0.chunk(i)
+        merged_planes, rm = tau_mtl.chunk(i)
+        for lo, hi, k in spans[first:]:
+            if lo >= b:
+                break
+            x, y = max(lo, a), min(hi, b)
+            if x < y:
+                join([p[x - a : y - a] for p in base_planes], rb, [p[x - a : y - a] for p in merged_planes], rm,
+                     kernels.mask_part(m, x, y, bits), flats[k][x - lo : y - lo], threads=threads, bits=bits)
+    return outs
 
 
 @dataclass

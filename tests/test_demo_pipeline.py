@@ -12,7 +12,7 @@ from conftest import written_str
 
 def test_demo_command_runs_the_whole_path(tmp_path):
     out = run("demo", "--size", "tiny", "--dir", tmp_path).output
-    assert f"tallpack format {written_str(4)}" in out  # 1.4: the folders' config.json files are kept
+    assert f"tallpack format {written_str(12)}" in out  # 1.4: the folders' config.json files are kept; 1.12: groups
     assert (tmp_path / "unpacked" / "hflip" / "config.json").exists()
     assert "rebuilt" in out and "\nmean " in out
     assert (tmp_path / "family.tallpack").exists()

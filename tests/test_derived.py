@@ -46,8 +46,8 @@ def _policy(value: str):
 def _pack(base, tasks, out: Path, policy: str | None, **kw) -> None:
     """Pack without the exact tier (``policy`` None) or with it under a mask policy."""
     kw = dict(chunk_elements=16, threads=1, allow_mismatch=True, overwrite=True) | kw
-    if policy is None:
-        tallpack.pack(base, tasks, out, **kw)
+    if policy is None:  # one entry per tensor, as the exact tier writes (no groups), compared by name
+        tallpack.pack(base, tasks, out, group=False, **kw)
         return
     with _policy(policy):  # derived masks alone (format 1.6); merged vectors derived too: test_derived_merged.py
         tallpack.pack(base, tasks, out, exact=True, **({"derive_merged": False} | kw))

@@ -294,7 +294,7 @@ def test_state_dict_shares_large_tensors_across_threads_and_raises_the_first_err
             **{f"small{i}": torch.randn(16, generator=g) for i in range(20)}}
     tasks = {t: {k: v + 0.01 * torch.randn(v.shape, generator=g) for k, v in base.items()} for t in ("a", "b")}
     out = tmp_path / "s.tallpack"
-    tallpack.pack(base, tasks, out)
+    tallpack.pack(base, tasks, out, group=False)  # each tensor a job of its own (groups: test_groups.py)
     who: dict[str, int] = {}
     rebuild = reader.Archive._rebuild
 

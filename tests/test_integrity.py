@@ -11,10 +11,19 @@ from tallpack.container import FOOTER, HEADER
 from tallpack.errors import FormatError, IntegrityError, TallpackError, UnsupportedVersionError
 
 
-@pytest.fixture
-def archive(small_family, tmp_path):
+@pytest.fixture(params=[True, False], ids=["grouped", "single"])
+def archive(small_family, tmp_path, request):
+    """The small family, with its small tensors grouped (format 1.12, the default) and not."""
     out = tmp_path / "f.tallpack"
-    tallpack.pack(small_family["base"], small_family["tasks"], out, chunk_elements=256)
+    tallpack.pack(small_family["base"], small_family["tasks"], out, chunk_elements=256, group=request.param)
+    return out
+
+
+@pytest.fixture
+def single_archive(small_family, tmp_path):
+    """The small family, every tensor an entry of its own (tests that edit one by name)."""
+    out = tmp_path / "f.tallpack"
+    tallpack.pack(small_family["base"], small_family["tasks"], out, chunk_elements=256, group=False)
     return out
 
 
@@ -40,16 +49,16 @@ def test_any_changed_byte_of_a_data_section_is_caught(archive):
         assert fam.verify() == []
 
 
-def test_damaged_chunk_raises_when_read(archive):
-    name, key, c = next(x for x in data_chunks(archive) if x[0] == "body.w" and "mask" in x[1])
-    raw = bytearray(archive.read_bytes())
+def test_damaged_chunk_raises_when_read(single_archive):
+    name, key, c = next(x for x in data_chunks(single_archive) if x[0] == "body.w" and "mask" in x[1])
+    raw = bytearray(single_archive.read_bytes())
     raw[c.offset] ^= 1
-    archive.write_bytes(bytes(raw))
+    single_archive.write_bytes(bytes(raw))
     task = key.split("/")[0]
-    with tallpack.open(archive) as fam:
+    with tallpack.open(single_archive) as fam:
         with pytest.raises(IntegrityError, match=f"task '{task}', tensor 'body.w'"):
             fam.get_tensor(task, "body.w")
-        fam.get_tensor(task, "head.w")  # the rest of the archive still reads
+        fam.get_tensor(task, "head.w")  # the rest of the single_archive still reads
 
 
 @pytest.mark.parametrize("cut", [1, 16, 31, 32, 100, 1000])
@@ -155,11 +164,11 @@ def test_hostile_manifests_are_refused(archive, edit, message):
         tallpack.open(archive)
 
 
-def test_an_unknown_encoding_fails_only_where_used(archive):
+def test_an_unknown_encoding_fails_only_where_used(single_archive):
     def edit(m):
         _first_merged(m)["tasks"]["a"]["encoding"] = "future-codec"
-    rewrite_manifest(archive, edit)
-    with tallpack.open(archive) as fam:
+    rewrite_manifest(single_archive, edit)
+    with tallpack.open(single_archive) as fam:
         name = next(e.name for e in fam.manifest.tensors if e.kind == "merged")
         with pytest.raises(UnsupportedVersionError, match="upgrade"):
             fam.get_tensor("a", name)
@@ -230,7 +239,7 @@ def test_unknown_flags_and_reserved_bits_are_refused(archive):
         tallpack.open(archive)
 
 
-def test_later_tasks_with_other_shapes_are_refused(archive):
+def test_later_tasks_with_other_shapes_are_refused(single_archive):
     def edit(m):
         e = _first_merged(m)
         t = list(e["tasks"])[-1]
@@ -238,9 +247,9 @@ def test_later_tasks_with_other_shapes_are_refused(archive):
         e["tasks"][t]["mask"]["shape"] = [1]
         e["tasks"][t]["mask"]["chunks"] = e["tasks"][t]["mask"]["chunks"][:1]
         e["tasks"][t]["ones"] = 1
-    rewrite_manifest(archive, edit)
+    rewrite_manifest(single_archive, edit)
     with pytest.raises(FormatError, match="shape differs from the base"):
-        tallpack.open(archive)
+        tallpack.open(single_archive)
 
 
 def test_non_finite_weights_are_kept_exactly(small_family, tmp_path):

@@ -34,7 +34,7 @@ def served(http_server, tmp_path_factory):
     tasks = {t: {k: v + 0.05 * torch.randn(v.shape, generator=g) * (torch.rand(v.shape, generator=g) < 0.4)
                  for k, v in base.items()} for t in ("a", "b", "c")}
     local = tmp_path_factory.mktemp("fam") / "fam.tallpack"
-    tallpack.pack(base, tasks, local, chunk_elements=1024)
+    tallpack.pack(base, tasks, local, chunk_elements=1024, group=False)  # per tensor (groups: test_groups.py)
     shutil.copy(local, http_server.root / "fam.tallpack")
     return {"local": local, "url": f"{http_server.url}/fam.tallpack", "tasks": tasks}
 

@@ -17,7 +17,7 @@ A reader fails on an unknown encoding only when a tensor using it is read (spec 
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -27,6 +27,7 @@ from ..arrays import ArrayRef, check_shape
 from ..codecs import Chain
 from ..dtypes import dtype_name, tensor_to_bytes
 from ..errors import FormatError
+from ..groups import Member, parse_members
 from ..limits import MAX_NAME_CHARS
 from ..merging import METHODS
 
@@ -112,6 +113,8 @@ class TensorEntry:
     kind: str
     tasks: dict[str, TaskTensor]
     arrays: dict[str, ArrayRef] = field(default_factory=dict)
+    #: a group's tensors (format 1.12, ``tallpack.groups``); empty for an entry of one tensor
+    members: tuple[Member, ...] = ()
 
     def all_arrays(self) -> list[tuple[str, ArrayRef]]:
         """Every array of this entry, as ``(key, ref)``; task arrays keyed ``task/key``."""
@@ -128,6 +131,8 @@ class TensorEntry:
         for key in ENTRY_ARRAYS:
             if key in self.arrays:
                 d[key] = self.arrays[key].to_dict()
+        if self.members:
+            d["members"] = [m.to_json() for m in self.members]
         return d
 
     @classmethod
@@ -142,7 +147,9 @@ class TensorEntry:
         entry.__dict__.update(
             name=name, kind=kind,
             tasks={t: TaskTensor.from_dict(v, f"{where}, task {t!r}") for t, v in d["tasks"].items()},
-            arrays=_arrays(d, ENTRY_ARRAYS, where))
+            arrays=_arrays(d, ENTRY_ARRAYS, where), members=())
+        if d.get("members") is not None:
+            entry.__dict__["members"] = _group_members(entry, d["members"], where)
         if not tasks.issuperset(entry.tasks):
             raise FormatError(f"{where}: entries for unknown tasks {sorted(set(entry.tasks) - tasks)}")
         for task, tt in entry.tasks.items():
@@ -150,6 +157,15 @@ class TensorEntry:
             if enc is not None:
                 enc.validate(entry, tt, f"{where}, task {task!r}")
         return entry
+
+
+def _group_members(entry: TensorEntry, value: Any, where: str) -> tuple[Member, ...]:
+    """A group's members (spec §3.7): the group is a flat tensor of the same length in every
+    task and array, and each member a run of its elements."""
+    lengths = {tt.shape for tt in entry.tasks.values()} | {r.shape for r in entry.arrays.values()}
+    if len(lengths) != 1 or len(next(iter(lengths))) != 1 or not entry.tasks:
+        raise FormatError(f"{where}: a group is one flat tensor of the same length in every task and array")
+    return parse_members(value, next(iter(lengths))[0], where)
 
 
 # -- pack time -----------------------------------------------------------------------------------
@@ -253,6 +269,14 @@ class Encoding:
         raise NotImplementedError
 
     @classmethod
+    def rebuild_parts(cls, arrays: Mapping[str, Any], entry: TensorEntry, tt: TaskTensor,
+                      parts: Sequence[Member]) -> list[torch.Tensor]:
+        """A group's members (format 1.12): each ``parts`` member's elements of the rebuilt flat
+        tensor, as a tensor of its own of the member's shape. By default the whole is rebuilt and
+        each member copied out; an encoding may rebuild each straight into its own tensor."""
+        return split_parts(cls.rebuild(arrays, entry, tt), parts)
+
+    @classmethod
     def fresh_output(cls, tt: TaskTensor) -> bool:
         """Whether ``rebuild`` of this entry always returns a new tensor that shares no memory with
         its input arrays: the reader may then decode the inputs its cache does not keep into
@@ -304,6 +328,12 @@ def register_field(key: str):
         FIELDS[key] = cls
         return cls
     return deco
+
+
+def split_parts(flat: torch.Tensor, parts: Sequence[Member]) -> list[torch.Tensor]:
+    """Each member's elements of a group's rebuilt flat tensor, copied into a tensor of its own."""
+    flat = flat.reshape(-1)
+    return [flat[m.offset : m.offset + m.numel].clone().view(m.shape) for m in parts]
 
 
 def iter_arrays(entries: Iterator[TensorEntry] | tuple[TensorEntry, ...]) -> Iterator[tuple[str, str, ArrayRef]]:

@@ -12,7 +12,8 @@ from ..arrays import ArrayRef
 from ..dtypes import dtype_name, tensor_to_bytes, torch_dtype
 from ..elements import FLOATING, numel
 from ..errors import FormatError
-from ..tall import Bits, Planar, Workspace, blocks, reconstruct, reconstruct_planar, tall_mask_with_fidelity
+from ..tall import (Bits, Planar, Workspace, blocks, reconstruct, reconstruct_parts, reconstruct_planar,
+                    tall_mask_with_fidelity)
 from .base import EXTRA_ARRAYS, Encoding, Item, TaskTensor, TensorEntry, Use, WriteContext, register
 
 
@@ -153,6 +154,15 @@ class Tall(Encoding):
         if isinstance(base, Planar) and isinstance(merged, Planar):
             return reconstruct_planar(base, arrays["mask"], merged, tt.shape, torch_dtype(tt.dtype))
         return reconstruct(base, arrays["mask"], merged, torch_dtype(tt.dtype))
+
+
+    @classmethod
+    def rebuild_parts(cls, arrays: Mapping[str, torch.Tensor | Planar | Bits], entry: TensorEntry, tt: TaskTensor,
+                      parts) -> list[torch.Tensor]:
+        if "correction" in tt.extras:
+            return super().rebuild_parts(arrays, entry, tt, parts)
+        return reconstruct_parts(arrays["base"], arrays["mask"], arrays["merged"],
+                                 [(m.offset, m.shape) for m in parts], torch_dtype(tt.dtype))
 
 
 class _Held:
