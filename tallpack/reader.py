@@ -268,12 +268,13 @@ class Archive:
         """One tensor (with ``rows``, rows ``[r0, r1)`` of its first dimension) of one task;
         ``prefetch=False`` when the caller already fetched its chunks (``state_dict``'s batches).
         With ``parts``, ``name`` is a group's (format 1.12), and the result a list: those members."""
-        plan = self._plans.get((task, name)) if not exact and device is None and rows is None else None
+        key = (task, name, parts is not None)
+        plan = self._plans.get(key) if not exact and device is None and rows is None else None
         if plan is None:
             entry, tt = self._entry(task, name, group=parts is not None)
             if exact:
                 self.require_exact(task)
-            where = f"task {task!r}, tensor {name!r}"
+            where = f"task {task!r}, " + (_group_where(entry) if parts is not None else f"tensor {name!r}")
             encoding = encoding_for(tt.encoding)
             if encoding is None:
                 raise UnsupportedVersionError(
@@ -291,12 +292,12 @@ class Archive:
             bits = self._bit_keys(encoding, entry, tt, needed) if on_cpu and rows is None else ()
             plan = _Plan(entry, tt, encoding, where, needed, planar, bits, _needs(entry, tt, encoding))
             if not exact and device is None and rows is None:
-                self._plans[(task, name)] = plan
+                self._plans[key] = plan
         entry, tt, encoding, where, needed, planar, bits, refs = plan
         row = numel(tt.shape[1:]) if tt.shape else 1
         start, stop = (0, None) if rows is None else (rows[0] * row, rows[1] * row)
         if rows is None and prefetch:
-            self._c.prefetch(refs)  # remote: one coalesced fetch
+            self._c.prefetch(self._uncached(refs, device))  # remote: one coalesced fetch
 
         def read(k: str, ref: ArrayRef, use: Use, slot: str | None = None) -> torch.Tensor | Planar | Bits:
             if k in planar:
@@ -318,6 +319,15 @@ class Archive:
         except IntegrityError as e:  # a derived mask's original (format 1.6): say which archive and task
             raise IntegrityError(f"{self.name}: task {task!r}, {e}") from None
         return out if rows is None else out.reshape(rows[1] - rows[0], *tt.shape[1:])
+
+    def _uncached(self, refs: list[ArrayRef], device: torch.device | str | None) -> list[ArrayRef]:
+        """For a remote source's prefetch: ``refs`` less the arrays the cache holds decoded (a
+        second task fetches only its masks)."""
+        if getattr(self._c.source, "prefetch", None) is None or not len(self._cache):
+            return refs
+        dev = torch.device(device) if device is not None else None
+        return [r for r in refs if not (r.chunks and (("planar",) + _cache_key(r, None) in self._cache
+                                                      or _cache_key(r, dev) in self._cache))]
 
     @staticmethod
     def _planar_keys(encoding: type[Encoding], entry: TensorEntry, tt: TaskTensor,
@@ -520,7 +530,7 @@ class Archive:
                 got.update(zip([m.name for m in parts], result))
 
         for batch in _batches(needs):
-            self._c.prefetch([r for _, refs in batch for r in refs])
+            self._c.prefetch(self._uncached([r for _, refs in batch for r in refs], device))
             if pool is None:
                 for (k, parts), _ in batch:
                     keep((k, parts), self._rebuild(task, k, None, exact, device, None, False, parts))
@@ -716,6 +726,12 @@ class _KeptPlanes(NamedTuple):
     nbytes: int
     partial: bool
     uses: int
+
+
+def _group_where(entry: TensorEntry) -> str:
+    """How errors name a group (format 1.12): by its name and its members' (the first few)."""
+    names = ", ".join(repr(m.name) for m in entry.members[:4]) + (", ..." if len(entry.members) > 4 else "")
+    return f"tensor group {entry.name!r} ({len(entry.members)} tensors: {names})"
 
 
 def _cache_key(ref: ArrayRef, dev: torch.device | None) -> tuple:

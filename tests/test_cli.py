@@ -32,7 +32,7 @@ def packed(small_family, tmp_path):
 
 def test_pack_inspect_json_contract(packed, small_family):
     s = json.loads(run("inspect", packed, "--json").output)
-    assert s["format_version"] == written_str(3)  # planes-exp codec, xxh3-64 chunk checksums (1.1)
+    assert s["format_version"] == written_str(12)  # planes-exp codec, xxh3-64 (1.1), small tensors grouped (1.12)
     assert [(t["name"], t["lambda"]) for t in s["tasks"]] == [("a", 0.3), ("b", 0.5), ("c", 0.3)]
     assert all(0 < t["density"] < 1 for t in s["tasks"])
     assert s["archive_bytes"] == packed.stat().st_size
@@ -42,7 +42,7 @@ def test_pack_inspect_json_contract(packed, small_family):
 
 def test_inspect_table(packed):
     out = run("inspect", packed).output
-    assert f"format {written_str(3)}" in out and "density" in out
+    assert f"format {written_str(12)}" in out and "density" in out
     assert all(f"\n{t} " in out for t in "abc")
 
 
@@ -153,4 +153,4 @@ def test_existing_output_needs_force(packed, small_family):
 def test_console_script_is_installed(packed):
     r = subprocess.run([sys.executable, "-m", "tallpack_cli.main", "inspect", str(packed), "--json"],
                        capture_output=True, text=True)
-    assert r.returncode == 0 and json.loads(r.stdout)["format_version"] == written_str(3)
+    assert r.returncode == 0 and json.loads(r.stdout)["format_version"] == written_str(12)
