@@ -40,8 +40,10 @@ def check_task_name(name: object) -> str:
 
 
 def count_kinds(entries: tuple[TensorEntry, ...] | list[TensorEntry]) -> dict[str, int]:
-    """Number of tensor entries of each kind."""
-    c = Counter(e.kind for e in entries)
+    """Number of tensors of each kind (a group, format 1.12, counts its members)."""
+    c: Counter[str] = Counter()
+    for e in entries:
+        c[e.kind] += len(e.members) or 1
     return {k: c.get(k, 0) for k in KINDS}
 
 

@@ -156,26 +156,33 @@ class Ties(MergeMethod):
         self.majority_sign = float(np.sign(total))
         log.info("TIES thresholds %s, majority sign %+g", self.thresholds, self.majority_sign)
 
-    def _trimmed(self, taus: list[torch.Tensor]) -> torch.Tensor:
+    # Sums run over the tasks in task order, element by element (``_sum``), as spec §6.1.9 derives
+    # them: ``torch.sum(dim=0)`` of stacked tasks orders its additions by the tensor's length (for
+    # short ones, several accumulators), so the last bit of a sum would depend on how the tensor is
+    # laid out (alone, or in a group of small tensors, format 1.12).
+    def _trimmed(self, taus: list[torch.Tensor]) -> list[torch.Tensor]:
         assert self.thresholds is not None, "prepare() first"
-        return torch.stack([tau * (tau.abs() >= thr) for tau, thr in zip(taus, self.thresholds)])
+        return [tau * (tau.abs() >= thr) for tau, thr in zip(taus, self.thresholds)]
 
     def _elect(self, taus: list[torch.Tensor]) -> torch.Tensor:
-        return torch.sign(self._trimmed(taus).sum(dim=0))
+        return torch.sign(_sum(self._trimmed(taus)))
 
-    def _selected(self, taus: list[torch.Tensor]) -> torch.Tensor:
+    def _selected(self, taus: list[torch.Tensor]) -> list[torch.Tensor]:
         trimmed = self._trimmed(taus)
-        sign = torch.sign(trimmed.sum(dim=0))
+        sign = torch.sign(_sum(trimmed))
         sign[sign == 0] = self.majority_sign
-        keep = torch.where(sign.unsqueeze(0) > 0, trimmed > 0, trimmed < 0)
-        return trimmed * keep
+        return [r * torch.where(sign > 0, r > 0, r < 0) for r in trimmed]
 
     def combine(self, taus: list[torch.Tensor], out: torch.Tensor | None = None) -> torch.Tensor:
-        return self._selected(taus).sum(dim=0)
+        return _sum(self._selected(taus))
 
     def extras(self, taus: list[torch.Tensor]) -> dict[str, torch.Tensor]:
         """``counts``: per element, how many task vectors went into tau_MTL (the disjoint mean's divisor)."""
-        return {"counts": (self._selected(taus) != 0).sum(dim=0).to(torch.uint8)}
+        selected = self._selected(taus)
+        counts = torch.zeros(selected[0].shape, dtype=torch.uint8)
+        for k in selected:
+            counts += k != 0
+        return {"counts": counts}
 
     def params(self) -> dict[str, Any]:
         return {"method": self.name, "top_k": self.top_k, "thresholds": self.thresholds,

@@ -80,7 +80,7 @@ class Archive:
         self._pool: ThreadPoolExecutor | None = None
         self._pool_lock = threading.Lock()
         self._slots = ThreadBuffers()  # read_array's reused buffers, per thread
-        self._plans: dict[tuple[str, str], _Plan] = {}  # _rebuild's, per (task, tensor name)
+        self._plans: dict[tuple[str, str, bool], _Plan] = {}  # _rebuild's, per (task, tensor or group name, group)
         self._closed = False
         _OPEN.add(self)
         self.name = container.name

@@ -354,14 +354,14 @@ def test_plans_are_kept_per_task_and_tensor_for_whole_reads_only(tmp_path) -> No
         for _ in range(2):
             assert torch.equal(fam.get_tensor("t1", "w"), want["t1"]["w"])
             assert torch.equal(fam.get_tensor("t2", "w"), want["t2"]["w"])
-        assert set(fam._plans) == {("t1", "w"), ("t2", "w")}
+        assert set(fam._plans) == {("t1", "w", False), ("t2", "w", False)}
         assert torch.equal(fam.get_tensor("t1", "w", exact=True), f["tasks"]["t1"]["w"])
         assert torch.equal(fam.get_slice("t1", "w")[1:3], want["t1"]["w"][1:3])
         assert torch.equal(fam.get_tensor("t1", "w", device="cpu"), want["t1"]["w"])
-        assert set(fam._plans) == {("t1", "w"), ("t2", "w")}
+        assert set(fam._plans) == {("t1", "w", False), ("t2", "w", False)}
         with pytest.raises(tallpack.TensorNotFoundError):
             fam.get_tensor("t1", "nope")
-        assert ("t1", "nope") not in fam._plans
+        assert ("t1", "nope", False) not in fam._plans
 
 
 def test_reused_decode_buffers_never_reach_the_caller(tmp_path) -> None:

@@ -1,4 +1,4 @@
-"""Golden archives of formats 1.0 to 1.8: the current reader, the JSON schema, and a reader written from
+"""Golden archives of formats 1.0 to 1.12: the current reader, the JSON schema, and a reader written from
 ``spec/FORMAT.md`` alone must all agree with the expected state dicts, bit for bit.
 
 The golden files are made by ``tests/golden/make_golden.py`` (run it only when the format changes).
@@ -12,6 +12,7 @@ import json
 import math
 import struct
 import zlib
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -22,12 +23,16 @@ from safetensors import safe_open
 
 import tallpack
 import xxhash
+from tallpack.errors import FormatError, UnsupportedVersionError
 
 ROOT = Path(__file__).resolve().parent.parent
 GOLDEN = ROOT / "tests" / "golden"
 SCHEMA = ROOT / "spec" / "manifest.schema.json"
 NAMES = ["v1_0_ta", "v1_0_ties_raw", "v1_1_ta_zstd", "v1_2_exact", "v1_3_planes", "v1_4_files", "v1_5_correction",
-         "v1_6_derived", "v1_7_qtau", "v1_8_derived_merged", "v1_9_bitsplit", "v1_11_planes_exp"]
+         "v1_6_derived", "v1_7_qtau", "v1_8_derived_merged", "v1_9_bitsplit", "v1_11_planes_exp",
+         "v1_12_groups", "v1_12_groups_ties_raw"]
+#: The goldens with tensor groups (format 1.12, spec §3.7).
+GROUPED = ["v1_12_groups", "v1_12_groups_ties_raw"]
 
 
 def _version(name: str) -> tuple[int, int]:
@@ -104,15 +109,14 @@ def test_current_writer_reproduces_expected(name: str, tmp_path: Path) -> None:
     may move the dial's choices, which follow compressed sizes), and every task meets the target."""
     out = _pack_again(name, tmp_path)
     order, expected = _expected(name)
-    golden = MiniArchive(GOLDEN / f"{name}.tallpack").tensors
+    golden = MiniArchive(GOLDEN / f"{name}.tallpack").manifest
     same = 0
     with tallpack.open(out) as fam:
         for task in fam.tasks:
             sd = fam.state_dict(task)
             assert list(sd) == order[task]
             for k, v in sd.items():
-                now, then = _choice(fam.manifest.to_dict(), k, task), _choice({"tensors": [golden[k]]}, k, task)
-                if name in DIAL and now != then:
+                if name in DIAL and _choice(fam.manifest.to_dict(), k, task) != _choice(golden, k, task):
                     continue
                 assert _same(v, expected[f"{task}/{k}"]), (task, k)
                 same += 1
@@ -121,9 +125,17 @@ def test_current_writer_reproduces_expected(name: str, tmp_path: Path) -> None:
     assert same >= len(expected) // 2
 
 
+def _holder(manifest: dict, name: str) -> dict:
+    """The tensor entry that holds tensor ``name``: its own, or (format 1.12) its group's."""
+    for e in manifest["tensors"]:
+        if e["name"] == name and "members" not in e or any(m[0] == name for m in e.get("members", ())):
+            return e
+    raise KeyError(name)
+
+
 def _choice(manifest: dict, name: str, task: str) -> tuple:
     """What a dial archive stores for one task and tensor: encoding, bits, correction kind and bits."""
-    tt = next(e for e in manifest["tensors"] if e["name"] == name)["tasks"][task]
+    tt = _holder(manifest, name)["tasks"][task]
     c = tt.get("correction", {})
     return tt["encoding"], tt.get("bits"), c.get("kind"), c.get("bits")
 
@@ -190,6 +202,62 @@ def test_schema_rejects_broken_manifests(validator) -> None:
         assert not validator.is_valid(m)
 
 
+def _group_edits() -> dict[str, Callable[[dict], None]]:
+    """Ways to break the 1.12 golden's first group (float32: members at 0, 120, 128, 176 of 200)."""
+    def member(i: int, value) -> Callable[[dict], None]:
+        return lambda m: m["tensors"][_first_group(m)]["members"].__setitem__(i, value)
+
+    def group(edit: Callable[[dict], None]) -> Callable[[dict], None]:
+        return lambda m: edit(m["tensors"][_first_group(m)])
+
+    return {
+        "offset not a multiple of 8": member(1, ["block.0.scale", 124, []]),
+        "overlapping members": member(1, ["block.0.scale", 112, []]),
+        "member not a list": member(1, {"name": "block.0.scale", "offset": 120, "shape": []}),
+        "member of two values": member(1, ["block.0.scale", 120]),
+        "negative offset": member(0, ["embed.weight", -8, [12, 10]]),
+        "member past the group's end": member(3, ["block.2.norm", 184, [2, 3, 4]]),
+        "members without requires": lambda m: m.pop("requires"),
+        "group not flat": group(lambda g: _reshape(g, [10, 20])),
+        "a key naming a group": lambda m: m["tasks"][0]["keys"].append(m["tensors"][_first_group(m)]["name"]),
+        "a group named as a member": group(lambda g: g.update(name="block.0.bias")),
+        "a member named as an entry": member(1, ["extra.bias", 120, []]),
+    }
+
+
+def _reshape(group: dict, shape: list[int]) -> None:
+    """Give a group's task entries and arrays another shape of as many elements."""
+    for tt in group["tasks"].values():
+        tt.update(shape=shape)
+        tt["mask"].update(shape=shape)
+    for k in ("base", "merged"):
+        group[k].update(shape=shape)
+
+
+#: Edits of ``_group_edits`` that JSON Schema cannot see: they compare members with each other or
+#: with N, or names across entries and tasks.
+SCHEMA_BLIND = {"overlapping members", "member past the group's end", "a key naming a group",
+                "a group named as a member", "a member named as an entry"}
+
+
+def _first_group(m: dict) -> int:
+    return next(i for i, e in enumerate(m["tensors"]) if "members" in e)
+
+
+def test_schema_checks_groups(validator) -> None:
+    """Format 1.12: a grouped manifest is valid; broken members, ``requires`` and flat shapes are not
+    (overlaps and ends are for readers: a schema does not compare array items)."""
+    good = MiniArchive(GOLDEN / "v1_12_groups.tallpack").manifest
+    assert validator.is_valid(good)
+    for what, edit in _group_edits().items():
+        m = json.loads(json.dumps(good))
+        edit(m)
+        assert validator.is_valid(m) == (what in SCHEMA_BLIND), what
+    for requires in ("groups", ["groups", "groups"], [1], []):
+        assert not validator.is_valid({**good, "requires": requires}), requires
+    assert validator.is_valid({**good, "requires": ["groups", "later"]})  # readers refuse it; the schema allows
+
+
 # -- an independent reader, written from spec/FORMAT.md only ---------------------------------------
 # It uses struct, zlib, json, zstandard and numpy; nothing from tallpack.
 
@@ -200,6 +268,12 @@ NP = {"float64": "<f8", "float32": "<f4", "float16": "<f2", "bfloat16": "<u2", "
       "uint16": "<u2", "uint32": "<u4", "uint64": "<u8"}  # bfloat16: raw bits
 UINT = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
 EXPONENT = {"float64": (11, 52), "float32": (8, 23), "float16": (5, 10), "bfloat16": (8, 7)}
+#: The features of ``requires`` this reader implements (§3.1).
+KNOWN_REQUIRES = {"groups"}
+
+
+class NeedsNewerReader(Exception):
+    """The archive requires a feature this reader does not implement (§3.1)."""
 
 
 class MiniArchive:
@@ -224,12 +298,36 @@ class MiniArchive:
             raw = stored
         self.manifest = json.loads(raw.decode("utf-8"))
         assert self.manifest["format"] == "tallpack" and self.manifest["format_version"][0] == 1
-        self.tensors = {t["name"]: t for t in self.manifest["tensors"]}
+        requires = self.manifest.get("requires", [])  # §3.1: checked before anything else is used
+        assert isinstance(requires, list) and all(isinstance(r, str) and len(r) <= 4096 for r in requires)
+        assert len(set(requires)) == len(requires)
+        if set(requires) - KNOWN_REQUIRES:
+            raise NeedsNewerReader(f"the archive requires {sorted(set(requires) - KNOWN_REQUIRES)}")
+        self.tensors: dict[str, dict] = {}  # every entry by its name, groups included
+        for t in self.manifest["tensors"]:
+            assert t["name"] not in self.tensors
+            self.tensors[t["name"]] = t
+        #: §3.7: each group member's name -> (its group's name, offset, shape)
+        self.members: dict[str, tuple[str, int, tuple[int, ...]]] = {}
+        for t in self.manifest["tensors"]:
+            if "members" in t:
+                assert "groups" in requires
+                for m, offset, shape in _members(t):
+                    assert m not in self.tensors and m not in self.members
+                    self.members[m] = (t["name"], offset, shape)
+        for info in self.manifest["tasks"]:  # §3.2: a key names a plain entry or a member, never a group
+            for k in info["keys"]:
+                assert k in self.members or "members" not in self.tensors[k]
+                assert info["name"] in self.entry(k)["tasks"]
         spans = sorted((c[0], c[1]) for t in self.manifest["tensors"] for ref in self._refs(t) for c in ref["chunks"])
         end_prev = 16
         for off, n in spans:
             assert off >= end_prev and off + n <= self.data_end
             end_prev = off + n
+
+    def entry(self, name: str) -> dict:
+        """The tensor entry that holds tensor ``name``: its own, or its group's (§3.7)."""
+        return self.tensors[self.members[name][0] if name in self.members else name]
 
     @staticmethod
     def _refs(t: dict) -> list[dict]:
@@ -305,6 +403,10 @@ class MiniArchive:
         return np.frombuffer(b"".join(parts), NP[ref["dtype"]]).reshape(shape)
 
     def tensor(self, task: str, name: str) -> tuple[str, np.ndarray]:
+        if name in self.members:  # §3.7: the member's run of its group rebuilt whole, in its shape
+            group, offset, shape = self.members[name]
+            dtype, flat = self.tensor(task, group)
+            return dtype, flat.reshape(-1)[offset : offset + math.prod(shape)].reshape(shape)
         entry = self.tensors[name]
         tt = entry["tasks"][task]
         if tt["encoding"] == "dense":
@@ -423,6 +525,29 @@ class MiniArchive:
         return dtype, x.reshape(tt["shape"])
 
 
+def _members(t: dict) -> list[tuple[str, int, tuple[int, ...]]]:
+    """A group's members, checked (§3.7): the group is one flat tensor of N elements in every task
+    entry and array; each member ``[name, offset, shape]`` starts at a multiple of 8, at or after
+    the previous one's end, and ends within N."""
+    shapes = {tuple(tt["shape"]) for tt in t["tasks"].values()}
+    shapes |= {tuple(t[k]["shape"]) for k in ("base", "merged", "counts", "data") if k in t}
+    assert t["tasks"] and len(shapes) == 1 and len(next(iter(shapes))) == 1
+    (n,) = shapes.pop()
+    assert isinstance(t["members"], list) and t["members"]
+    out, end = [], 0
+    for m in t["members"]:
+        assert isinstance(m, list) and len(m) == 3
+        name, offset, shape = m
+        assert isinstance(name, str) and len(name) <= 4096
+        assert isinstance(shape, list) and len(shape) <= 32 and all(type(d) is int and d >= 0 for d in shape)
+        assert type(offset) is int and offset % 8 == 0 and offset >= end
+        end = offset + math.prod(shape)
+        assert end <= n
+        out.append((name, offset, tuple(shape)))
+    assert len({m for m, _, _ in out}) == len(out)
+    return out
+
+
 def _frame(stored: bytes, size: int) -> bytes:
     """One zstd frame announcing ``size`` bytes, and nothing after it."""
     assert zstandard.frame_content_size(stored) == size
@@ -508,7 +633,7 @@ def test_spec_reader_rebuilds_every_tensor(name: str) -> None:
         for k in info["keys"]:
             want = expected[f"{task}/{k}"]
             dtype, got = mini.tensor(task, k)
-            encodings.add((mini.tensors[k]["tasks"][task]["encoding"], dtype))
+            encodings.add((mini.entry(k)["tasks"][task]["encoding"], dtype))
             assert dtype == str(want.dtype).removeprefix("torch.")
             assert got.shape == tuple(want.shape), (task, k)
             assert got.reshape(-1).view(np.uint8).tobytes() == _bits(want).tobytes(), (task, k)
@@ -596,7 +721,7 @@ def test_spec_worked_example_matches_golden_footer() -> None:
     assert f"({len(data)} bytes)" in text.split("**Worked example**", 1)[1][:200]
 
 
-@pytest.mark.parametrize("name", ["v1_0_ta", "v1_0_ties_raw", "v1_1_ta_zstd"])
+@pytest.mark.parametrize("name", ["v1_0_ta", "v1_0_ties_raw", "v1_1_ta_zstd", *GROUPED])
 def test_current_writer_writes_the_same_bytes(name: str, tmp_path: Path) -> None:
     """Packing the golden inputs again gives the committed archive byte for byte (data area and
     manifest, the writer's version string aside): archives of this and earlier writers are
@@ -662,3 +787,84 @@ def test_spec_reader_derives_the_merged_vectors_bit_for_bit() -> None:
             for model in ("ties", "consensus-ties"):
                 md, ms = d.merged(model), s.merged(model)
                 assert md.keys() == ms.keys() and all(_same(md[k], ms[k]) for k in md)
+
+
+# -- tensor groups (format 1.12) --------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", GROUPED)
+def test_golden_groups_cover_the_layout(name: str) -> None:
+    """The 1.12 goldens hold what they check: ``requires``, a group each of float32, bfloat16 and
+    float16 tensors (one 0-d) over several chunks, members across chunk boundaries, a merged tensor
+    stored alone beside them; and gaps that are zero in every array, as writers must write them."""
+    mini = MiniArchive(GOLDEN / f"{name}.tallpack")
+    assert mini.manifest["requires"] == ["groups"] and mini.manifest["format_version"] == [1, 12]
+    groups = [e for e in mini.manifest["tensors"] if "members" in e]
+    sizes, across = {}, 0
+    for g in groups:
+        sizes[next(iter(g["tasks"].values()))["dtype"]] = len(g["members"])
+        ce, (n,) = g["base"]["chunk_elements"], g["base"]["shape"]
+        assert len(g["base"]["chunks"]) >= 3
+        across += sum(o // ce != (o + math.prod(s) - 1) // ce for _, o, s in g["members"])
+        gaps = np.ones(n, bool)
+        for _, o, s in g["members"]:
+            gaps[o : o + math.prod(s)] = False
+        assert gaps.any()
+        arrays = [g[k] for k in ("base", "merged", "counts") if k in g] + [tt["mask"] for tt in g["tasks"].values()]
+        assert all(not mini.array(ref).reshape(-1)[gaps].any() for ref in arrays)
+    assert sizes.keys() == {"float32", "bfloat16", "float16"} and min(sizes.values()) >= 3
+    assert across >= 3 and any(s == [] for g in groups for _, _, s in g["members"])
+    assert any(e["kind"] == "merged" and "members" not in e for e in mini.manifest["tensors"])
+
+
+@pytest.mark.parametrize("name", GROUPED)
+def test_groups_rebuild_as_tensors_stored_alone(name: str, tmp_path: Path) -> None:
+    """§3.7: each member has the bits of the same tensor stored alone (``group=False``, an archive of
+    format 1.11 or less without ``requires``), and the tasks' densities count no gap."""
+    mg = _make_golden()
+    spec = mg.ARCHIVES[name]
+    base, fts = mg.family(spec["seed"], spec["tasks"], spec["head_rows"], spec["blocks"])
+    out = tmp_path / "alone.tallpack"
+    tallpack.pack(base, fts, out, chunk_elements=mg.CHUNK, threads=1, **spec["pack"], group=False)
+    order, expected = _expected(name)
+    grouped = {t["name"]: t for t in MiniArchive(GOLDEN / f"{name}.tallpack").manifest["tasks"]}
+    with tallpack.open(out) as fam:
+        assert fam.format_version < (1, 12) and "requires" not in fam.manifest.to_dict()
+        for task in fam.tasks:
+            sd = fam.state_dict(task)
+            assert list(sd) == order[task] and all(_same(v, expected[f"{task}/{k}"]) for k, v in sd.items())
+            assert fam.task_info(task).density == grouped[task]["density"]
+
+
+def _rewritten(name: str, edit: Callable[[dict], None], out: Path) -> Path:
+    """Golden ``name`` with its manifest edited, stored uncompressed (§1: flag bit 0 clear)."""
+    raw = (GOLDEN / f"{name}.tallpack").read_bytes()
+    m_off = struct.unpack_from("<Q", raw, len(raw) - 32)[0]
+    manifest = MiniArchive(GOLDEN / f"{name}.tallpack").manifest
+    edit(manifest)
+    text = json.dumps(manifest).encode()
+    out.write_bytes(raw[:m_off] + text + struct.pack("<QQII8s", m_off, len(text), zlib.crc32(text), 0, b"TALLPEND"))
+    return out
+
+
+def test_readers_refuse_what_they_do_not_know(tmp_path: Path) -> None:
+    """§3.1: both readers refuse an archive that requires a feature they do not know (the reference
+    one says to upgrade), and read it as it was without that name."""
+    path = _rewritten("v1_12_groups", lambda m: m["requires"].append("later"), tmp_path / "later.tallpack")
+    with pytest.raises(NeedsNewerReader):
+        MiniArchive(path)
+    with pytest.raises(UnsupportedVersionError, match="upgrade"):
+        tallpack.open(path)
+    same = _rewritten("v1_12_groups", lambda m: None, tmp_path / "same.tallpack")
+    assert MiniArchive(same).members
+    with tallpack.open(same) as fam:
+        assert _same(fam.get_tensor("wsc", "block.0.scale"), _expected("v1_12_groups")[1]["wsc/block.0.scale"])
+
+
+@pytest.mark.parametrize("what", list(_group_edits()))
+def test_readers_refuse_broken_groups(what: str, tmp_path: Path) -> None:
+    """§3.7: both readers refuse, when they open the archive, each way of breaking a group."""
+    path = _rewritten("v1_12_groups", _group_edits()[what], tmp_path / "broken.tallpack")
+    with pytest.raises(AssertionError):
+        MiniArchive(path)
+    with pytest.raises(FormatError):
+        tallpack.open(path).close()

@@ -1,4 +1,4 @@
-"""Build the golden archives (formats 1.0 to 1.11) from fixed, seeded tensors.
+"""Build the golden archives (formats 1.0 to 1.12) from fixed, seeded tensors.
 
     python tests/golden/make_golden.py [NAME ...]     # all, or only the named ones
 
@@ -31,6 +31,13 @@ writes, beside this script:
   arrays, ``planes`` for float16; the chunks take the rotations 1 to 7 in turn (the writer's choice
   is free: 64-element chunks are too small for its estimate to pick more than 1), so the reader is
   checked on each;
+* ``v1_12_groups.tallpack`` (format 1.12): tensor groups (spec §3.7), merge "ta", codec "planes";
+  the family has the small tensors of ``block.1`` and ``block.2`` too (``blocks=3``), so there is
+  a group of float32, one of bfloat16 and one of float16 tensors (a 0-d member among them), each
+  over several 64-element chunks with members across chunk boundaries; ``mixed.weight`` (float16
+  tasks of a float32 base) stays alone;
+* ``v1_12_groups_ties_raw.tallpack`` (format 1.12): the same layout with merge "ties" (top_k 0.3),
+  codec "raw", crc32 and base-only kept;
 * ``<name>.expected.safetensors`` for each: every task's reconstructed state dict under the keys
   ``"<task>/<tensor>"``; the metadata key ``"order"`` holds, as JSON, ``{task: [tensor names]}`` in
   the order ``state_dict(task)`` returns them (safetensors itself does not keep an order).
@@ -38,7 +45,9 @@ writes, beside this script:
 The golden files are committed; ``tests/test_golden.py`` reads them back. Rerun this script only
 when the format deliberately changes (then bump the file names with the version), and only for the
 new archive: since 1.11 the ``planes`` preset writes ``planes-exp`` for float32 and bfloat16, so the
-older ``planes`` archives (1.3 to 1.8) would come out as 1.11. The expected
+older ``planes`` archives (1.3 to 1.8) would come out as 1.11; and since 1.12 the writer groups
+small tensors by default, so the goldens before 1.12 that it would group are packed with
+``group=False`` (as they were written). The expected
 values are checked here against an independent recomputation from the inputs wherever the spec
 defines them from the inputs alone (dense and shared tensors, and TALL tensors for Task Arithmetic).
 """
@@ -75,8 +84,16 @@ def _finetune(t: torch.Tensor, g: torch.Generator, scale: float) -> torch.Tensor
     return (t.to(torch.float32) + noise * keep).to(t.dtype)
 
 
-def family(seed: int, tasks: list[str], head_rows: dict[str, int]):
-    """A base and its fine-tunes covering every tensor class and the common dtypes."""
+#: The small tensors of ``block.1`` and ``block.2`` (``family(blocks=3)``): a bfloat16 weight, a
+#: float16 bias and a float32 norm each, so that a grouped archive (1.12) has groups of all three.
+BLOCK_SHAPES = {1: {"weight": (5, 13), "bias": (30,), "norm": (45,)},
+                2: {"weight": (7, 11), "bias": (3, 11), "norm": (2, 3, 4)}}
+BLOCK_DTYPES = {"weight": torch.bfloat16, "bias": torch.float16, "norm": torch.float32}
+
+
+def family(seed: int, tasks: list[str], head_rows: dict[str, int], blocks: int = 1):
+    """A base and its fine-tunes covering every tensor class and the common dtypes; with
+    ``blocks`` > 1, the small tensors of blocks 1 to ``blocks - 1`` follow ``block.0``'s."""
     g = _gen(seed)
     base = {
         "embed.weight": _randn((12, 10), g),                      # float32, 2 chunks
@@ -92,6 +109,12 @@ def family(seed: int, tasks: list[str], head_rows: dict[str, int]):
     }
     base["embed.weight"][0, 0] = 0.0
     base["embed.weight"][0, 1] = -0.0
+    if blocks > 1:
+        more = {f"block.{i}.{k}": _randn(shape, g, BLOCK_DTYPES[k], 0.1)
+                for i in range(1, blocks) for k, shape in BLOCK_SHAPES[i].items()}
+        names, every = list(base), base | more
+        at = names.index("block.0.scale") + 1
+        base = {k: every[k] for k in names[:at] + list(more) + names[at:]}
     fts = {}
     for i, t in enumerate(tasks):
         gt = _gen(seed * 100 + i + 1)
@@ -123,14 +146,14 @@ ARCHIVES = {
     "v1_0_ta": dict(seed=1, tasks=["cars", "dtd", "eurosat"],
                     head_rows={"cars": 3, "dtd": 5, "eurosat": 2},
                     pack=dict(merge="ta", codec="bytegroup-zstd", checksum="crc32",
-                              lambdas={"cars": 0.5, "dtd": 0.3, "eurosat": 0.4})),
+                              lambdas={"cars": 0.5, "dtd": 0.3, "eurosat": 0.4}, group=False)),
     "v1_0_ties_raw": dict(seed=2, tasks=["mnist", "svhn", "gtsrb"],
                           head_rows={"mnist": 10, "svhn": 10, "gtsrb": 4},
                           pack=dict(merge={"method": "ties", "top_k": 0.3}, codec="raw", checksum="crc32",
                                     lambdas={"mnist": 0.3, "svhn": 0.5, "gtsrb": 0.6},
-                                    keep_base_only=True)),
+                                    keep_base_only=True, group=False)),
     "v1_1_ta_zstd": dict(seed=3, tasks=["cola", "sst2"], head_rows={"cola": 2, "sst2": 2},
-                         pack=dict(merge="ta", codec="zstd", checksum="xxh3-64", lambdas=0.4)),
+                         pack=dict(merge="ta", codec="zstd", checksum="xxh3-64", lambdas=0.4, group=False)),
     "v1_2_exact": dict(seed=4, tasks=["qnli", "rte", "mrpc"], head_rows={"qnli": 2, "rte": 2, "mrpc": 3},
                        residual_codecs=("planes",),
                        pack=dict(merge="ta", codec="bytegroup-zstd", checksum="xxh3-64", lambdas=0.4, exact=True)),
@@ -147,22 +170,32 @@ ARCHIVES = {
                           chunk=256, pack=dict(merge="ta", codec="bytegroup-zstd", checksum="xxh3-64",
                                                lambdas={"boolq2": 0.5, "axb": 0.3, "axg": 0.4}, exact=True)),
     "v1_3_planes": dict(seed=5, tasks=["boolq", "copa"], head_rows={"boolq": 2, "copa": 2},
-                        pack=dict(merge="ta", codec="planes", checksum="xxh3-64", lambdas=0.4)),
+                        pack=dict(merge="ta", codec="planes", checksum="xxh3-64", lambdas=0.4, group=False)),
     "v1_4_files": dict(seed=6, tasks=["squad", "mnli"], head_rows={"squad": 2, "mnli": 3}, folders=True,
-                       pack=dict(merge="ta", codec="planes", checksum="xxh3-64", lambdas=0.4)),
+                       pack=dict(merge="ta", codec="planes", checksum="xxh3-64", lambdas=0.4, group=False)),
     "v1_5_correction": dict(seed=7, tasks=["arc", "piqa", "hella"], head_rows={"arc": 2, "piqa": 2, "hella": 4},
                             pack=dict(merge="ta", codec="planes", checksum="xxh3-64", lambdas=0.4, fidelity=0.99,
                                       corrections=("sparse", "quant4", "quant8"))),
     "v1_7_qtau": dict(seed=7, tasks=["arc", "piqa", "hella"], head_rows={"arc": 2, "piqa": 2, "hella": 4},
                       pack=dict(merge="ta", codec="planes", checksum="xxh3-64", lambdas=0.4, fidelity=0.98)),
     "v1_11_planes_exp": dict(seed=11, tasks=["race", "swag"], head_rows={"race": 2, "swag": 3}, every_rotation=True,
-                             pack=dict(merge="ta", codec="planes", checksum="xxh3-64", lambdas=0.4, level=19)),
+                             pack=dict(merge="ta", codec="planes", checksum="xxh3-64", lambdas=0.4, level=19,
+                                       group=False)),
+    "v1_12_groups": dict(seed=12, tasks=["wsc", "copa2", "multirc"], head_rows={"wsc": 2, "copa2": 2, "multirc": 3},
+                         blocks=3, pack=dict(merge="ta", codec="planes", checksum="xxh3-64",
+                                             lambdas={"wsc": 0.5, "copa2": 0.3, "multirc": 0.4})),
+    "v1_12_groups_ties_raw": dict(seed=13, tasks=["record", "anli", "boolq3"],
+                                  head_rows={"record": 2, "anli": 3, "boolq3": 2}, blocks=3,
+                                  pack=dict(merge={"method": "ties", "top_k": 0.3}, codec="raw", checksum="crc32",
+                                            lambdas={"record": 0.3, "anli": 0.5, "boolq3": 0.6},
+                                            keep_base_only=True)),
 }
 
 
 def _check_against_inputs(name: str, base, fts, got: dict[str, dict[str, torch.Tensor]], manifest) -> None:
     """Cross-check what the reader rebuilt against the inputs, independently of the reader."""
-    kinds = {e.name: e.kind for e in manifest.tensors}
+    entries = holders(manifest)
+    kinds = {k: e.kind for k, e in entries.items()}
     for task, sd in got.items():
         # a dict keeps its order; a safetensors file has its own (the reader keeps the file's)
         same = list(sd) == list(fts[task]) if not ARCHIVES[name].get("folders") else sorted(sd) == sorted(fts[task])
@@ -170,7 +203,7 @@ def _check_against_inputs(name: str, base, fts, got: dict[str, dict[str, torch.T
         for k, v in sd.items():
             orig = fts[task][k]
             assert v.dtype == orig.dtype and v.shape == orig.shape, (task, k)
-            tt = next(e for e in manifest.tensors if e.name == k).tasks[task]
+            tt = entries[k].tasks[task]
             if kinds[k] != "merged":
                 assert torch.equal(v, orig), (name, task, k)
             elif tt.encoding != "tall" or "correction" in tt.extras:
@@ -190,6 +223,13 @@ def _check_against_inputs(name: str, base, fts, got: dict[str, dict[str, torch.T
                 if k == "embed.weight" and task == "cars":
                     assert not m[0, 0] and v[0, 0] == 0.0  # strict ">": equality leaves the bit unset
                     assert str(v[0, 1].item()) == "0.0"  # +0.0 from a -0.0 base
+
+
+def holders(manifest) -> dict:
+    """Each tensor name's entry: its own, or (format 1.12) that of the group it is a member of."""
+    out = {e.name: e for e in manifest.tensors if not e.members}
+    out |= {m.name: e for e in manifest.tensors for m in e.members}
+    return out
 
 
 def folder_files(task: str) -> dict[str, str]:
@@ -215,7 +255,7 @@ def pack_inputs(name: str, out: Path, tmp: Path):
     """Pack golden archive ``name`` to ``out`` from its inputs (folders under ``tmp`` when the
     archive keeps folder files); returns the manifest and the inputs as tensors."""
     spec = ARCHIVES[name]
-    base, fts = family(spec["seed"], spec["tasks"], spec["head_rows"])
+    base, fts = family(spec["seed"], spec["tasks"], spec["head_rows"], spec.get("blocks", 1))
     base_in, fts_in = as_folders(base, fts, tmp) if spec.get("folders") else (base, fts)
     choose, saved = ExponentPlanes._choose, exact_mod.RESIDUAL_CODECS
     if spec.get("every_rotation"):
