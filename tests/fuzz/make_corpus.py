@@ -51,7 +51,8 @@ CONFIGS = {
     "ties_f16_bytegroup_crc32": dict(merge="ties", codec="bytegroup-zstd", checksum="crc32", dtype=torch.float16),
     "ta_base_only_raw": dict(merge="ta", codec="raw", checksum="crc32", keep_base_only=True),
     # the default codec (planes-exp, 1.11) in both float types, at a level that rotates (from 10)
-    "ta_planes_exp": dict(merge="ta", checksum="xxh3-64"),
+    "ta_planes_exp": dict(merge="ta", checksum="xxh3-64"),  # w and b in one group (1.12), as every plain config
+    "ta_planes_exp_single": dict(merge="ta", checksum="xxh3-64", group=False),  # each tensor an entry of its own
     "ties_bf16_planes_exp_l19": dict(merge="ties", checksum="xxh3-64", level=19, dtype=torch.bfloat16),
     "ta_f16_planes": dict(merge="ta", checksum="crc32", dtype=torch.float16),  # plain planes: float16 has no planes-exp
     # the exact tier: derived masks and merged vectors, bitsplit or planes residuals (1.6-1.9)
