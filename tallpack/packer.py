@@ -168,6 +168,7 @@ class _Groups:
     def __init__(self, ctx: WriteContext, names: set[str]):
         self.ctx, self.names = ctx, set(names)
         self.held: dict[tuple, list[Item]] = {}
+        self.ends: dict[tuple, int] = {}  # each held group's length so far (``layout``'s total)
         self.count = 0
 
     def add(self, item: Item, entries: list[TensorEntry | None]) -> bool:
@@ -178,11 +179,11 @@ class _Groups:
                 or any(t.dtype != item.base.dtype for t in item.thetas)):
             return False
         key = (item.base.dtype, item.tasks)
-        held = self.held.setdefault(key, [])
-        if held and layout([x.base.shape for x in held] + [item.base.shape])[1] > GROUP_ELEMENTS:
+        size = layout([item.base.shape])[1]
+        if key in self.held and self.ends[key] + size > GROUP_ELEMENTS:
             self._flush(key, entries)
-            held = self.held.setdefault(key, [])
-        held.append(item)
+        self.held.setdefault(key, []).append(item)
+        self.ends[key] = self.ends.get(key, 0) + size
         return True
 
     def flush_all(self, entries: list[TensorEntry | None]) -> None:
@@ -191,6 +192,7 @@ class _Groups:
 
     def _flush(self, key: tuple, entries: list[TensorEntry | None]) -> None:
         items = self.held.pop(key)
+        del self.ends[key]
         if len(items) == 1:  # a group of one would only add a level
             entries.append(BY_KIND[Kind.MERGED.value].write(self.ctx, items[0]))
             return

@@ -29,7 +29,6 @@ from .dtypes import bytes_to_tensor, view_tensor
 from .elements import numel
 from .encodings import Encoding, TaskTensor, TensorEntry, Use, encoding_for, iter_arrays
 from .encodings.base import split_parts
-from .groups import Member
 from .encodings.derived import DerivedMerged, task_mask
 from .encodings.derived_merged import rebuild_merged
 from .encodings.exact import TALL_ENCODINGS, rebuild_exact
@@ -38,6 +37,7 @@ from .errors import (ArchiveClosedError, ExactTierMissingError, FormatError, Int
 from .memory import ThreadBuffers, release_thread_buffers
 from .manifest import Manifest, TaskInfo
 from .folders import read_blob
+from .groups import Member
 from .merged import MergeParts
 from .merging import METHODS
 from .originals import verify_originals
@@ -766,7 +766,11 @@ def _batches(items: list[tuple[Any, list[ArrayRef]]]) -> list[list[tuple[Any, li
 
 
 class LazyStateDict(Mapping):
-    """A read-only mapping over one task's tensors, each rebuilt when indexed."""
+    """A read-only mapping over one task's tensors, each rebuilt when indexed.
+
+    A group's member (format 1.12) is rebuilt with the rest of its group, whose other members
+    are held until indexed (one group at a time, at most GROUP_ELEMENTS elements): reading the
+    tensors in turn (``unpack``) rebuilds each group once, not once per member."""
 
     def __init__(self, archive: Archive, task: str, *, exact: bool = False,
                  device: torch.device | str | None = None):
@@ -775,10 +779,22 @@ class LazyStateDict(Mapping):
         self._keys = archive.keys(task)
         self._exact = exact
         self._device = device
+        self._lock = threading.Lock()
+        self._group: str | None = None
+        self._held: dict[str, torch.Tensor] = {}  # the group's members not yet handed out
 
     def __getitem__(self, name: str) -> torch.Tensor:
-        return self._archive.get_tensor(self._task, name, exact=self._exact, device=self._device)
-
+        member = self._archive._members.get(name) if isinstance(name, str) else None
+        if member is None or self._task not in member[0].tasks:
+            return self._archive.get_tensor(self._task, name, exact=self._exact, device=self._device)
+        group = member[0]
+        with self._lock:
+            if self._group == group.name and name in self._held:
+                return self._held.pop(name)
+            a = self._archive
+            got = a._rebuild(self._task, group.name, a._workers(), self._exact, self._device, parts=list(group.members))
+            self._group, self._held = group.name, dict(zip([m.name for m in group.members], got))
+            return self._held.pop(name)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._keys)

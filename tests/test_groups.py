@@ -229,3 +229,25 @@ def test_layout_and_concat() -> None:
     flat = groups.concat([torch.ones(3), torch.full((), 2.0), torch.full((2, 4), 3.0)], offsets[:3], 24)
     assert flat.tolist() == [1] * 3 + [0] * 5 + [2] + [0] * 7 + [3] * 8
     assert np.all(flat.numpy()[3:8] == 0)
+
+
+def test_reading_a_lazy_state_dict_in_turn_rebuilds_each_group_once(tmp_path: Path, monkeypatch) -> None:
+    """``unpack`` reads a lazy state dict tensor by tensor: each group is rebuilt once, with the
+    same bits, however the members are indexed (again, or out of order)."""
+    from tallpack import reader
+
+    base, fts = _family(2, [((40,), torch.float32)] * 6 + [((3, 3), torch.bfloat16)] * 3)
+    out = tmp_path / "g.tallpack"
+    tallpack.pack(base, fts, out)
+    calls = []
+    rebuild = reader.Archive._rebuild
+    monkeypatch.setattr(reader.Archive, "_rebuild", lambda self, task, name, *a, **k: calls.append(name) or
+                        rebuild(self, task, name, *a, **k))
+    with tallpack.open(out) as fam:
+        want = fam.state_dict("task1")
+        calls.clear()
+        lazy = fam.state_dict("task1", lazy=True)
+        got = {k: lazy[k] for k in lazy}
+        assert calls == ["tallpack.group.0", "tallpack.group.1"]
+        assert list(got) == list(want) and all(_same(got[k], want[k]) for k in want)
+        assert _same(lazy["t01"], want["t01"]) and _same(lazy["t08"], want["t08"]) and _same(lazy["t00"], want["t00"])
