@@ -143,7 +143,7 @@ def _method_options(f):
               help="Keep base tensors that no task has.")
 @click.option("--allow-mismatch", is_flag=True, help="Store tensors whose shapes differ from the base per task.")
 @click.option("--group/--no-group", default=_DEFAULTS.group, show_default=True,
-              help="Store small tensors (under 262,144 elements) together, up to 1M elements a group: "
+              help="Store small merged or shared tensors (under 262,144 elements) together, up to 1M elements a group: "
                    "faster loads of checkpoints with many tensors (format 1.12). Not with --exact or the dial.")
 @click.option("-j", "--threads", type=click.IntRange(1), default=None, help="Encoder threads (default: cores).")
 @click.option("-f", "--force", is_flag=True, help="Overwrite an existing archive.")

@@ -13,6 +13,7 @@ import torch
 
 from .arrays import ArrayRef
 from .encodings import Use, encoding_for
+from .encodings.base import split_parts
 from .encodings.derived import merged_source, task_mask
 from .encodings.exact import TALL_ENCODINGS
 from .encodings.qtau import task_masks
@@ -99,7 +100,11 @@ class MergeParts:
                 else:
                     self.parts[e.name] = (base, direction)
             elif encodings == {"shared"} and "data" in e.arrays:
-                self.parts[e.name] = (read(e.arrays["data"], where), None)
+                data = read(e.arrays["data"], where)
+                if e.members:  # a group (format 1.12): each member's run, a tensor of its own
+                    self.parts.update((m.name, (part, None)) for m, part in zip(e.members, split_parts(data, e.members)))
+                else:
+                    self.parts[e.name] = (data, None)
         if manifest.tasks:  # in the checkpoints' order (a group's members were stored together)
             order = {name: i for i, name in enumerate(manifest.tasks[0].keys)}
             self.parts = dict(sorted(self.parts.items(), key=lambda kv: order.get(kv[0], len(order))))

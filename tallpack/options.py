@@ -61,7 +61,7 @@ class PackOptions:
     #: False stores every merged vector
     derive_merged: bool = True
     overwrite: bool = False
-    #: store merged tensors of fewer than 262,144 elements in groups of up to 1M elements
+    #: store merged (and shared) tensors of fewer than 262,144 elements in groups of up to 1M elements
     #: (format 1.12, ``tallpack.groups``): one rebuild per group instead of one per tensor. Not
     #: with ``exact`` or the fidelity dial, which work tensor by tensor
     group: bool = True

@@ -161,9 +161,10 @@ def _write(fam: PackInputs, v: Validated, lams: dict[str, float], out: Path, sel
 
 
 class _Groups:
-    """The packer's tensor groups (format 1.12, ``tallpack.groups``): merged tensors of fewer than
-    SMALL_ELEMENTS elements are held, per dtype and set of tasks, and written together as one
-    flat tensor of at most GROUP_ELEMENTS elements, whose entry lists them as its members."""
+    """The packer's tensor groups (format 1.12, ``tallpack.groups``): merged and shared tensors
+    of fewer than SMALL_ELEMENTS elements are held, per kind, dtype and set of tasks, and written
+    together as one flat tensor of at most GROUP_ELEMENTS elements, whose entry lists them as its
+    members."""
 
     def __init__(self, ctx: WriteContext, names: set[str]):
         self.ctx, self.names = ctx, set(names)
@@ -174,12 +175,17 @@ class _Groups:
     def add(self, item: Item, entries: list[TensorEntry | None]) -> bool:
         """Hold ``item`` for a group (writing a full group to ``entries`` first); False when it is
         not a tensor to group."""
-        n = item.base.numel() if item.base is not None else 0
-        if (item.kind != Kind.MERGED.value or not 0 < n < SMALL_ELEMENTS
-                or any(t.dtype != item.base.dtype for t in item.thetas)):
+        first = item.thetas[0] if item.thetas else None
+        if first is None or not 0 < first.numel() < SMALL_ELEMENTS:
             return False
-        key = (item.base.dtype, item.tasks)
-        size = layout([item.base.shape])[1]
+        if item.kind == Kind.MERGED.value:  # base and every task of one dtype (the rebuild's)
+            if item.base is None or any(t.dtype != item.base.dtype for t in item.thetas):
+                return False
+        elif item.kind != Kind.SHARED.value:  # task-own tensors differ per task: stored alone
+            return False
+        base_dtype = item.base.dtype if item.base is not None and item.planned == Kind.MERGED.value else None
+        key = (item.kind, item.planned, first.dtype, base_dtype, item.tasks)
+        size = layout([first.shape])[1]
         if key in self.held and self.ends[key] + size > GROUP_ELEMENTS:
             self._flush(key, entries)
         self.held.setdefault(key, []).append(item)
@@ -194,19 +200,21 @@ class _Groups:
         items = self.held.pop(key)
         del self.ends[key]
         if len(items) == 1:  # a group of one would only add a level
-            entries.append(BY_KIND[Kind.MERGED.value].write(self.ctx, items[0]))
+            entries.append(BY_KIND[key[0]].write(self.ctx, items[0]))
             return
-        offsets, length = layout([x.base.shape for x in items])
+        kind, planned, _, base_dtype = key[:4]
+        offsets, length = layout([x.thetas[0].shape for x in items])
         name = self._name()
-        group = Item(name, Kind.MERGED.value, Kind.MERGED.value, items[0].tasks,
-                     concat([x.base for x in items], offsets, length),
+        base = concat([x.base for x in items], offsets, length) if base_dtype is not None else None
+        group = Item(name, planned, kind, items[0].tasks, base,
                      [concat([x.thetas[i] for x in items], offsets, length) for i in range(len(items[0].tasks))])
-        written = BY_KIND[Kind.MERGED.value].write(self.ctx, group)
-        gap = length - sum(x.base.numel() for x in items)
-        for t in group.tasks:  # the gaps' elements are zero everywhere: no mask bit, no error
-            self.ctx.fidelity[t].numel -= gap
+        written = BY_KIND[kind].write(self.ctx, group)
+        if kind == Kind.MERGED.value:
+            gap = length - sum(x.thetas[0].numel() for x in items)
+            for t in group.tasks:  # the gaps' elements are zero everywhere: no mask bit, no error
+                self.ctx.fidelity[t].numel -= gap
         self.ctx.writer.use("field:members")
-        members = tuple(Member(x.name, o, tuple(x.base.shape)) for x, o in zip(items, offsets))
+        members = tuple(Member(x.name, o, tuple(x.thetas[0].shape)) for x, o in zip(items, offsets))
         entries.append(dataclasses.replace(written, members=members))
 
     def _name(self) -> str:

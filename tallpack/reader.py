@@ -597,6 +597,8 @@ class Archive:
         member = self._members.get(name)
         if member is not None:  # a group's member (format 1.12): its run of the group's base
             group, m = member
+            if "base" not in group.arrays:  # a group of shared tensors
+                return None
             part = self.read_array(group.arrays["base"], f"tensor {name!r} (base, in group {group.name!r})",
                                    start=m.offset, stop=m.offset + m.numel)
             return part.view(m.shape)

@@ -794,12 +794,22 @@ def test_spec_reader_derives_the_merged_vectors_bit_for_bit() -> None:
 @pytest.mark.parametrize("name", GROUPED)
 def test_golden_groups_cover_the_layout(name: str) -> None:
     """The 1.12 goldens hold what they check: ``requires``, a group each of float32, bfloat16 and
-    float16 tensors (one 0-d) over several chunks, members across chunk boundaries, a merged tensor
-    stored alone beside them; and gaps that are zero in every array, as writers must write them."""
+    float16 merged tensors (one 0-d) over several chunks, members across chunk boundaries, a merged
+    tensor stored alone beside them, a group of shared tensors; and gaps that are zero in every
+    array, as writers must write them."""
     mini = MiniArchive(GOLDEN / f"{name}.tallpack")
     assert mini.manifest["requires"] == ["groups"] and mini.manifest["format_version"] == [1, 12]
-    groups = [e for e in mini.manifest["tensors"] if "members" in e]
+    groups = [e for e in mini.manifest["tensors"] if "members" in e and e["kind"] == "merged"]
+    shared = [e for e in mini.manifest["tensors"] if "members" in e and e["kind"] == "shared"]
+    assert [len(e["members"]) for e in shared] == [3]
     sizes, across = {}, 0
+    for g in groups + shared:
+        first = g.get("base", g.get("data"))
+        ce, (n,) = first["chunk_elements"], first["shape"]
+        gaps = np.ones(n, bool)
+        for _, o, s in g["members"]:
+            gaps[o : o + math.prod(s)] = False
+        assert gaps.any() and not mini.array(first).reshape(-1)[gaps].any()
     for g in groups:
         sizes[next(iter(g["tasks"].values()))["dtype"]] = len(g["members"])
         ce, (n,) = g["base"]["chunk_elements"], g["base"]["shape"]

@@ -29,13 +29,20 @@ def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.dtype == b.dtype and a.shape == b.shape and _bits(a) == _bits(b)
 
 
-def _family(seed: int, shapes: list[tuple[tuple[int, ...], torch.dtype]], tasks: int = 3):
+def _family(seed: int, shapes: list[tuple[tuple[int, ...], torch.dtype]], tasks: int = 3, frozen: int = 0):
+    """Fine-tuned tensors ``t00``, ``t01``, ... of these shapes and dtypes, and ``frozen``
+    tensors ``f00``, ... that every task keeps as the base has them (stored shared; every third
+    an int64 buffer)."""
     g = torch.Generator().manual_seed(seed)
     base = {f"t{i:02d}": torch.randn(s, generator=g).to(dt) for i, (s, dt) in enumerate(shapes)}
     fts = {}
     for j in range(tasks):
         fts[f"task{j}"] = {k: (v.float() + 0.02 * torch.randn(v.shape, generator=g)
                                * (torch.rand(v.shape, generator=g) < 0.4)).to(v.dtype) for k, v in base.items()}
+    for i in range(frozen):
+        base[f"f{i:02d}"] = torch.randn(i + 2, generator=g) if i % 3 else torch.arange(i + 3)
+        for sd in fts.values():
+            sd[f"f{i:02d}"] = base[f"f{i:02d}"].clone()
     return base, fts
 
 
@@ -45,11 +52,13 @@ SHAPES = st.lists(st.tuples(st.lists(st.integers(0, 9), max_size=3).map(tuple),
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(SHAPES, st.integers(0, 1000), st.sampled_from(["ta", "ties"]), st.sampled_from(["planes", "raw", "zstd"]),
-       st.sampled_from([8, 24, 64, 1 << 22]), st.integers(1, 2))
-def test_grouped_reads_give_the_bits_of_single_tensors(tmp_path: Path, shapes, seed, merge, codec, chunk, threads):
+       st.sampled_from([8, 24, 64, 1 << 22]), st.integers(1, 2), st.integers(0, 5))
+def test_grouped_reads_give_the_bits_of_single_tensors(tmp_path: Path, shapes, seed, merge, codec, chunk, threads,
+                                                       frozen):
     """Every way of reading a member (state dict, get_tensor, get_slice, lazy, base, merged
-    models, stats) gives what the same tensor gives stored alone; densities agree exactly."""
-    base, fts = _family(seed, shapes)
+    models, stats) gives what the same tensor gives stored alone, merged and shared groups alike;
+    densities agree exactly."""
+    base, fts = _family(seed, shapes, frozen=frozen)
     one, grouped = tmp_path / "one.tallpack", tmp_path / "grouped.tallpack"
     kw = dict(merge=merge, codec=codec, chunk_elements=chunk, threads=1, overwrite=True)
     tallpack.pack(base, fts, one, group=False, **kw)
@@ -79,18 +88,18 @@ def test_grouped_reads_give_the_bits_of_single_tensors(tmp_path: Path, shapes, s
 
 
 def test_which_tensors_are_grouped(tmp_path: Path) -> None:
-    """Merged tensors under SMALL_ELEMENTS, per dtype, up to GROUP_ELEMENTS a group; larger ones,
-    lone ones, tensors holding inf, tensors whose tasks change the dtype, shared and task-own
-    tensors are stored alone."""
+    """Merged and shared tensors under SMALL_ELEMENTS, per kind and dtype, up to GROUP_ELEMENTS a
+    group; larger ones, lone ones, tensors holding inf (task-own), tensors whose tasks change the
+    dtype and task-own tensors are stored alone."""
     big = groups.SMALL_ELEMENTS
     shapes = [((1000, 200), torch.float32)] * 6 + [((big,), torch.float32), ((3, 5), torch.bfloat16),
                                                     ((7,), torch.float16), ((5,), torch.float16)]
-    base, fts = _family(0, shapes)
-    base["inf"] = torch.full((4,), float("inf"))
+    base, fts = _family(0, shapes, frozen=4)
+    base["inf"] = torch.tensor([float("inf"), 1.0, 2.0, 3.0])
     base["frozen"] = torch.ones(6)
     base["mixed"] = torch.randn(8)
     for j, sd in enumerate(fts.values()):
-        sd["inf"], sd["frozen"] = base["inf"].clone(), base["frozen"].clone()
+        sd["inf"], sd["frozen"] = base["inf"] + j, base["frozen"].clone()  # inf everywhere, the rest tuned
         sd["mixed"] = (base["mixed"] + j).to(torch.float16)
         sd["head"] = torch.randn(j + 1, 3)
     out = tmp_path / "g.tallpack"
@@ -98,10 +107,14 @@ def test_which_tensors_are_grouped(tmp_path: Path) -> None:
     assert m.requires == ("groups",) and m.format_version == (1, 12)
     members = {e.name: [x.name for x in e.members] for e in m.tensors if e.members}
     # 6 x 200,000 float32 elements: five fill one group of at most 1M, the sixth a second
-    # with nothing else float32 to join it, so it is stored alone; the two float16 ones together
-    assert members == {"tallpack.group.0": ["t00", "t01", "t02", "t03", "t04"], "tallpack.group.1": ["t08", "t09"]}
-    alone = {e.name for e in m.tensors if not e.members}
-    assert alone == {"t05", "t06", "t07", "inf", "frozen", "mixed", "head"}
+    # with nothing else float32 to join it, so it is stored alone; the two float16 ones together;
+    # the float32 shared tensors together, the int64 ones together
+    assert members == {"tallpack.group.0": ["t00", "t01", "t02", "t03", "t04"], "tallpack.group.1": ["t08", "t09"],
+                       "tallpack.group.2": ["f00", "f03"], "tallpack.group.3": ["f01", "f02", "frozen"]}
+    assert [e.kind for e in m.tensors if e.members] == ["merged", "merged", "shared", "shared"]
+    alone = {e.name: e.kind for e in m.tensors if not e.members}
+    assert alone == {"t05": "merged", "t06": "merged", "t07": "merged", "inf": "task-own", "mixed": "merged",
+                     "head": "task-own"}
     g0 = next(e for e in m.tensors if e.name == "tallpack.group.0")
     assert g0.tasks["task0"].shape == (1_000_000,) and [x.offset for x in g0.members] == [0, 200000, 400000,
                                                                                             600000, 800000]

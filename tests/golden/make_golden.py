@@ -85,10 +85,11 @@ def _finetune(t: torch.Tensor, g: torch.Generator, scale: float) -> torch.Tensor
 
 
 #: The small tensors of ``block.1`` and ``block.2`` (``family(blocks=3)``): a bfloat16 weight, a
-#: float16 bias and a float32 norm each, so that a grouped archive (1.12) has groups of all three.
-BLOCK_SHAPES = {1: {"weight": (5, 13), "bias": (30,), "norm": (45,)},
-                2: {"weight": (7, 11), "bias": (3, 11), "norm": (2, 3, 4)}}
-BLOCK_DTYPES = {"weight": torch.bfloat16, "bias": torch.float16, "norm": torch.float32}
+#: float16 bias and a float32 norm each, so that a grouped archive (1.12) has groups of all three,
+#: and a float32 tensor no task changes, which joins ``frozen.weight`` in a group of shared tensors.
+BLOCK_SHAPES = {1: {"weight": (5, 13), "bias": (30,), "norm": (45,), "frozen": (9,)},
+                2: {"weight": (7, 11), "bias": (3, 11), "norm": (2, 3, 4), "frozen": (4, 5)}}
+BLOCK_DTYPES = {"weight": torch.bfloat16, "bias": torch.float16, "norm": torch.float32, "frozen": torch.float32}
 
 
 def family(seed: int, tasks: list[str], head_rows: dict[str, int], blocks: int = 1):
@@ -122,7 +123,7 @@ def family(seed: int, tasks: list[str], head_rows: dict[str, int], blocks: int =
         for name, x in base.items():
             if name == "base_only.weight":
                 continue
-            if name in ("position_ids", "frozen.weight", "empty.weight"):
+            if name in ("position_ids", "frozen.weight", "empty.weight") or name.endswith(".frozen"):
                 ft[name] = x.clone()
             elif name == "head.weight":
                 ft[name] = _randn((head_rows[t], 10), gt)
