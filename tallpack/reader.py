@@ -299,11 +299,15 @@ class Archive:
         if rows is None and prefetch:
             self._c.prefetch(self._uncached(refs, device))  # remote: one coalesced fetch
 
+        # some of a group's members (get_tensor of one, format 1.12): the task's mask of the whole
+        # group is kept in the cache, so that reading its members one by one decodes it once
+        keep_bits = parts is not None and len(parts) < len(entry.members)
+
         def read(k: str, ref: ArrayRef, use: Use, slot: str | None = None) -> torch.Tensor | Planar | Bits:
             if k in planar:
                 return self._read_planar(ref, f"{where} ({k})", use, k)
             if k in bits:
-                return self._read_bits(ref, f"{where} ({k})", slot)
+                return self._read_bits(ref, f"{where} ({k})", None if keep_bits else slot, keep_bits)
             return self.read_array(ref, f"{where} ({k})", use, device=device, start=start, stop=stop, _slot=slot)
 
         if pool is not None and self._worth_threads(needed, device, rows is None, planar):
@@ -327,6 +331,7 @@ class Archive:
             return refs
         dev = torch.device(device) if device is not None else None
         return [r for r in refs if not (r.chunks and (("planar",) + _cache_key(r, None) in self._cache
+                                                      or ("bits",) + _cache_key(r, None) in self._cache
                                                       or _cache_key(r, dev) in self._cache))]
 
     @staticmethod
@@ -358,16 +363,25 @@ class Archive:
                  for r in (needed[k][0] for k in keys))
         return keys if ok else ()
 
-    def _read_bits(self, ref: ArrayRef, where: str, slot: str | None) -> Bits:
+    def _read_bits(self, ref: ArrayRef, where: str, slot: str | None, keep: bool = False) -> Bits:
         """A bit-packed bool array decoded to its bits only (into this thread's buffer ``slot``,
-        which the next read of that name overwrites; None: a fresh one)."""
+        which the next read of that name overwrites; None: a fresh one); ``keep``: from the cache,
+        and kept there (only read by the rebuilds)."""
+        key = ("bits",) + _cache_key(ref, None) if keep and ref.chunks else None
+        if key is not None:
+            hit = self._cache.get(key)
+            if hit is not None:
+                return hit
         size = (ref.numel + 7) // 8
         try:
             buf = self._slots.get(slot, size) if slot is not None else np.empty(size, np.uint8)
         except MemoryError:
             raise FormatError(f"{self.name}: {where}: too large to decode ({ref.nbytes} bytes)") from None
         self._c.read_bits(ref, where, memoryview(buf))
-        return Bits(buf, ref.numel, ref.shape)
+        out = Bits(buf, ref.numel, ref.shape)
+        if key is not None:
+            self._cache.put(key, out, size)
+        return out
 
     def _read_planar(self, ref: ArrayRef, where: str, use: Use, slot: str) -> Planar:
         """An array as the byte planes of its chunks (``Encoding.planar_inputs``). A shared input

@@ -209,9 +209,9 @@ def test_masks_read_as_their_bits_give_the_bytes_paths_bits(tmp_path, monkeypatc
     read_bits = reader.Archive._read_bits
     seen = []
 
-    def spy(self, ref, where, slot):
+    def spy(self, ref, where, slot, keep=False):
         seen.append(where)
-        return read_bits(self, ref, where, slot)
+        return read_bits(self, ref, where, slot, keep)
 
     monkeypatch.setattr(reader.Archive, "_read_bits", spy)
     got = {}

@@ -264,3 +264,25 @@ def test_reading_a_lazy_state_dict_in_turn_rebuilds_each_group_once(tmp_path: Pa
         assert calls == ["tallpack.group.0", "tallpack.group.1"]
         assert list(got) == list(want) and all(_same(got[k], want[k]) for k in want)
         assert _same(lazy["t01"], want["t01"]) and _same(lazy["t08"], want["t08"]) and _same(lazy["t00"], want["t00"])
+
+
+def test_members_read_one_by_one_decode_the_groups_mask_once(tmp_path: Path, monkeypatch) -> None:
+    """``get_tensor`` of one member after another decodes the task's mask of the group once (kept
+    in the cache, so an archive opened with cache_bytes=0 decodes it each time), same bits."""
+    from tallpack.container import ContainerReader
+
+    base, fts = _family(3, [((10, 10), torch.float32)] * 5)
+    tallpack.pack(base, fts, tmp_path / "g.tallpack")
+    reads = []
+    read_bits = ContainerReader.read_bits
+    monkeypatch.setattr(ContainerReader, "read_bits", lambda self, ref, *a: reads.append(ref) or read_bits(self, ref, *a))
+    with tallpack.open(tmp_path / "g.tallpack") as fam, tallpack.open(tmp_path / "g.tallpack", cache_bytes=0) as bare:
+        want = fam.state_dict("task2")
+        reads.clear()
+        for k in want:
+            assert _same(fam.get_tensor("task2", k), want[k])
+        assert len(reads) == 1
+        reads.clear()
+        for k in want:
+            assert _same(bare.get_tensor("task2", k), want[k])
+        assert len(reads) == len(want)
