@@ -90,6 +90,8 @@ def summarize(manifest: Manifest, *, path: str, archive_bytes: int,
         "ratio": source_bytes / archive_bytes if archive_bytes else None,
         "stored_bytes": stored,
         "kinds": count_kinds(m.tensors),
+        #: tensor groups (format 1.12): [groups, tensors in them]
+        "groups": [sum(1 for e in m.tensors if e.members), sum(len(e.members) for e in m.tensors)],
         #: merged tensors whose merged vector is derived from the exact originals (format 1.8), of all
         "merged_derived": [derived_merged, len(merged_tensors)],
         "tasks": tasks,
@@ -119,7 +121,9 @@ def _fmt(v, spec: str) -> str:
 def render(s: dict[str, Any]) -> str:
     """The text table of a :func:`summarize` result."""
     lines = [f"{_show(s['path'])}: tallpack format {s['format_version']}, written by {_show(s['writer'])}",
-             f"merge: {_show(s['merge'].get('method'))}   tensors: " + ", ".join(f"{v} {k}" for k, v in s["kinds"].items())]
+             f"merge: {_show(s['merge'].get('method'))}   tensors: " + ", ".join(f"{v} {k}" for k, v in s["kinds"].items())
+             + (f" ({s['groups'][1]} of them in {s['groups'][0]} group{'s' if s['groups'][0] > 1 else ''})"
+                if s.get("groups", [0])[0] else "")]
     ratio = f"{s['ratio']:.2f}x" if s["ratio"] else "-"
     lines.append(f"size: {format_size(s['archive_bytes'])} from {format_size(s['source_bytes'])} of checkpoints ({ratio})")
     lines.append("stored: " + ", ".join(f"{k} {format_size(v)}" for k, v in s["stored_bytes"].items() if v))
