@@ -14,6 +14,8 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from ._version import __version__
 from .container import ContainerWriter
 from .dial import Dial
@@ -203,18 +205,24 @@ class _Groups:
             entries.append(BY_KIND[key[0]].write(self.ctx, items[0]))
             return
         kind, planned, _, base_dtype = key[:4]
-        offsets, length = layout([x.thetas[0].shape for x in items])
-        name = self._name()
-        base = concat([x.base for x in items], offsets, length) if base_dtype is not None else None
-        group = Item(name, planned, kind, items[0].tasks, base,
-                     [concat([x.thetas[i] for x in items], offsets, length) for i in range(len(items[0].tasks))])
-        written = BY_KIND[kind].write(self.ctx, group)
+        tasks, shapes = items[0].tasks, [tuple(x.thetas[0].shape) for x in items]
+        offsets, length = layout(shapes)
+        members = tuple(Member(x.name, o, s) for x, o, s in zip(items, offsets, shapes))
+        bases = [x.base for x in items] if base_dtype is not None else None
+        columns: list[list[torch.Tensor] | None] = [[x.thetas[i] for x in items] for i in range(len(tasks))]
+        del items  # each task's members are let go once laid out: the group costs its size once, not twice
+        base = concat(bases, offsets, length) if bases is not None else None
+        bases = None
+        flats = []
+        for i, column in enumerate(columns):
+            flats.append(concat(column, offsets, length))
+            columns[i] = None
+        written = BY_KIND[kind].write(self.ctx, Item(self._name(), planned, kind, tasks, base, flats))
         if kind == Kind.MERGED.value:
-            gap = length - sum(x.thetas[0].numel() for x in items)
-            for t in group.tasks:  # the gaps' elements are zero everywhere: no mask bit, no error
+            gap = length - sum(m.numel for m in members)
+            for t in tasks:  # the gaps' elements are zero everywhere: no mask bit, no error
                 self.ctx.fidelity[t].numel -= gap
         self.ctx.writer.use("field:members")
-        members = tuple(Member(x.name, o, tuple(x.thetas[0].shape)) for x, o in zip(items, offsets))
         entries.append(dataclasses.replace(written, members=members))
 
     def _name(self) -> str:
