@@ -26,10 +26,22 @@ ALIGN = 8
 #: The packer groups tensors of fewer elements than this (1 MB of float32) ...
 SMALL_ELEMENTS = 1 << 18
 #: ... into groups of at most this many elements (4 MB of float32: a get_tensor of one member
-#: decodes at most this much of the base and merged vector, kept in the cache for the next).
+#: decodes at most this much of the base and merged vector, kept in the cache for the next) ...
 GROUP_ELEMENTS = 1 << 20
+#: ... and fewer for many tasks: the packer holds every task's copy of a group and computes as
+#: many task vectors, about 12 bytes an element and task (``group_elements``).
+GROUP_PACK_BYTES = 64 << 20
 
-__all__ = ["ALIGN", "GROUP_ELEMENTS", "Member", "SMALL_ELEMENTS", "concat", "layout", "parse_members"]
+
+def group_elements(tasks: int) -> int:
+    """The most elements the packer puts in one group of a family of ``tasks`` tasks: GROUP_ELEMENTS,
+    or fewer where holding and packing it (about 12 bytes an element and task) would pass
+    GROUP_PACK_BYTES; at least SMALL_ELEMENTS, a multiple of ALIGN."""
+    n = GROUP_PACK_BYTES // (12 * max(tasks, 1))
+    return max(SMALL_ELEMENTS, min(GROUP_ELEMENTS, n // ALIGN * ALIGN))
+
+__all__ = ["ALIGN", "GROUP_ELEMENTS", "GROUP_PACK_BYTES", "Member", "SMALL_ELEMENTS", "concat", "group_elements",
+           "layout", "parse_members"]
 
 
 class Member(NamedTuple):

@@ -24,7 +24,7 @@ from .encodings.exact import RESIDUAL_CODECS, add_exact
 from .errors import InvalidArgumentError, OutputExistsError
 from .folders import FileStore
 from .fsutil import writing
-from .groups import GROUP_ELEMENTS, SMALL_ELEMENTS, Member, concat, layout
+from .groups import GROUP_ELEMENTS, SMALL_ELEMENTS, Member, concat, group_elements, layout
 from .inputs import PackInputs, TasksLike
 from .manifest import Manifest, TaskInfo, TensorEntry, count_kinds
 from .memory import release_thread_buffers
@@ -114,7 +114,7 @@ def _write(fam: PackInputs, v: Validated, lams: dict[str, float], out: Path, sel
                            lams, fidelity, v.residuals if opts.exact or dial else None,
                            {} if v.derive_masks else None, {} if v.derive_merged else None)
         pending: dict[int, str] = {}  # with the dial: merged tensors, written once it has decided
-        groups = _Groups(ctx, {e.name for e in fam.plan.tensors}) if v.group else None
+        groups = _Groups(ctx, {e.name for e in fam.plan.tensors}, group_elements(len(names))) if v.group else None
         for entry in tensors:
             if entry.kind is Kind.BASE_ONLY and not opts.keep_base_only:
                 continue
@@ -165,11 +165,11 @@ def _write(fam: PackInputs, v: Validated, lams: dict[str, float], out: Path, sel
 class _Groups:
     """The packer's tensor groups (format 1.12, ``tallpack.groups``): merged and shared tensors
     of fewer than SMALL_ELEMENTS elements are held, per kind, dtype and set of tasks, and written
-    together as one flat tensor of at most GROUP_ELEMENTS elements, whose entry lists them as its
-    members."""
+    together as one flat tensor of at most ``cap`` elements (``groups.group_elements``), whose
+    entry lists them as its members."""
 
-    def __init__(self, ctx: WriteContext, names: set[str]):
-        self.ctx, self.names = ctx, set(names)
+    def __init__(self, ctx: WriteContext, names: set[str], cap: int = GROUP_ELEMENTS):
+        self.ctx, self.names, self.cap = ctx, set(names), cap
         self.held: dict[tuple, list[Item]] = {}
         self.ends: dict[tuple, int] = {}  # each held group's length so far (``layout``'s total)
         self.count = 0
@@ -188,7 +188,7 @@ class _Groups:
         base_dtype = item.base.dtype if item.base is not None and item.planned == Kind.MERGED.value else None
         key = (item.kind, item.planned, first.dtype, base_dtype, item.tasks)
         size = layout([first.shape])[1]
-        if key in self.held and self.ends[key] + size > GROUP_ELEMENTS:
+        if key in self.held and self.ends[key] + size > self.cap:
             self._flush(key, entries)
         self.held.setdefault(key, []).append(item)
         self.ends[key] = self.ends.get(key, 0) + size

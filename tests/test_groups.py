@@ -237,6 +237,15 @@ def test_a_member_over_http_reads_its_group_only(http_server, small_family) -> N
         assert fam.source.fetched - before <= group.tasks["b"].arrays["mask"].stored_nbytes + 4096
 
 
+def test_group_sizes_shrink_with_many_tasks() -> None:
+    """The packer's work on a group (every task's copy, as many task vectors) stays near
+    GROUP_PACK_BYTES: groups of 1M elements up to 5 tasks, fewer beyond, never under SMALL_ELEMENTS."""
+    sizes = [groups.group_elements(t) for t in (1, 5, 6, 16, 40, 1000)]
+    assert sizes[:2] == [groups.GROUP_ELEMENTS] * 2 and sizes[-2:] == [groups.SMALL_ELEMENTS] * 2
+    assert sizes[2] > sizes[3] > groups.SMALL_ELEMENTS and all(n % groups.ALIGN == 0 for n in sizes)
+    assert 12 * 16 * sizes[3] <= groups.GROUP_PACK_BYTES
+
+
 def test_layout_and_concat() -> None:
     offsets, total = groups.layout([(3,), (), (2, 4), (0,), (9,)])
     assert offsets == [0, 8, 16, 24, 24] and total == 40
