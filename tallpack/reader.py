@@ -168,6 +168,12 @@ class Archive:
         """The task's tensor names, in its checkpoint's order."""
         return list(self.task_info(task).keys)
 
+    def _member(self, task: str, name: object) -> tuple[TensorEntry, Member] | None:
+        """The group and member record of ``name`` when it is a group's member that ``task`` has
+        (format 1.12), else None."""
+        member = self._members.get(name) if isinstance(name, str) else None
+        return member if member is not None and task in member[0].tasks else None
+
     def _entry(self, task: str, name: str, group: bool = False) -> tuple[TensorEntry, TaskTensor]:
         """A tensor's entry and the task's entry in it (``group``: a group's, by its name)."""
         self.task_info(task)
@@ -463,18 +469,16 @@ class Archive:
         ``device`` (e.g. ``"cuda"``), the tensor is rebuilt there: base and merged vector are moved
         once and kept in the cache on that device, so other tasks send only their masks.
         """
-        member = self._members.get(name) if isinstance(name, str) else None
+        member = self._member(task, name)
         if member is not None:
-            group, m = member
-            if task in group.tasks or task not in self._tasks:
-                return self._rebuild(task, group.name, self._workers(), exact, device, parts=[m])[0]
+            return self._rebuild(task, member[0].name, self._workers(), exact, device, parts=[member[1]])[0]
         return self._rebuild(task, name, self._workers(), exact, device)
 
     def tensor_spec(self, task: str, name: str) -> tuple[str, tuple[int, ...]]:
         """The dtype (spec name, e.g. ``"float32"``) and shape of one task's tensor, from the
         manifest alone."""
-        member = self._members.get(name) if isinstance(name, str) else None
-        if member is not None and task in member[0].tasks:
+        member = self._member(task, name)
+        if member is not None:
             return member[0].tasks[task].dtype, member[1].shape
         tt = self._entry(task, name)[1]
         return tt.dtype, tt.shape
@@ -482,8 +486,8 @@ class Archive:
     def get_slice(self, task: str, name: str) -> "TensorSlice":
         """A handle that reads parts of one tensor: ``fam.get_slice(t, name)[a:b]`` reads only the
         chunks that hold rows ``a:b`` (as safetensors' ``get_slice``, for tensor-parallel loading)."""
-        member = self._members.get(name) if isinstance(name, str) else None
-        if member is not None and task in member[0].tasks:  # a group's member: small, read whole
+        member = self._member(task, name)
+        if member is not None:  # a group's member: small, read whole
             return TensorSlice(self, task, name, member[0].tasks[task], member[1].shape)
         entry, tt = self._entry(task, name)
         return TensorSlice(self, task, name, tt)
@@ -800,8 +804,8 @@ class LazyStateDict(Mapping):
         self._held: dict[str, torch.Tensor] = {}  # the group's members not yet handed out
 
     def __getitem__(self, name: str) -> torch.Tensor:
-        member = self._archive._members.get(name) if isinstance(name, str) else None
-        if member is None or self._task not in member[0].tasks:
+        member = self._archive._member(self._task, name)
+        if member is None:
             return self._archive.get_tensor(self._task, name, exact=self._exact, device=self._device)
         group = member[0]
         with self._lock:
