@@ -84,7 +84,11 @@ class Archive:
         self._closed = False
         _OPEN.add(self)
         self.name = container.name
-        self.manifest = Manifest.from_dict(container.take_manifest())
+        raw = container.take_manifest()
+        try:
+            self.manifest = Manifest.from_dict(raw)
+        except FormatError as e:  # the manifest's checks name the tensor and task; this, the file
+            raise type(e)(f"{self.name}: {e}") from None
         if self.manifest.format_version[0] != container.version[0]:
             raise FormatError(f"{self.name}: manifest says format {self.manifest.format_version}, "
                               f"header says {container.version}")
