@@ -239,7 +239,36 @@ def _settle() -> None:
     gc.collect()
 
 
+def _checkout_cli():
+    """This checkout's command line (``cli/``), whichever ``tallpack_cli`` is installed."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(
+        "tallpack_cli", REPO / "cli" / "__init__.py", submodule_search_locations=[str(REPO / "cli")])
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["tallpack_cli"] = mod
+    spec.loader.exec_module(mod)
+    from tallpack_cli.main import main as cli_main
+    return cli_main
+
+
+def pack_command(fam: dict, tasks: list[str], out: Path, threads: int) -> dict:
+    """The whole ``tallpack pack`` command as a user runs it, timed from outside its process:
+    the interpreter's start and the imports of torch and tallpack count, as zstd's start does."""
+    if out.exists():
+        out.unlink()
+    args = ["-q", "pack", "--base", str(fam["base"]), *(x for t in tasks for x in ("--task", f"{t}={fam['tasks'][t]}")),
+            "-o", str(out), "--codec", "planes", "--level", "3", "-j", str(threads)]
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", "pack_cli", json.dumps({"args": args})]
+    t0 = time.perf_counter()
+    subprocess.run(cmd, check=True, env=child_env(), stdout=subprocess.DEVNULL)
+    return {"seconds": time.perf_counter() - t0, "archive_bytes": out.stat().st_size}
+
+
 def child(kind: str, a: dict) -> dict:
+    if kind == "pack_cli":  # nothing imported first: the parent times this whole process
+        _checkout_cli()(args=a["args"], prog_name="tallpack", standalone_mode=False)
+        import tallpack
+        return {"tallpack_file": tallpack.__file__}
     import torch  # noqa: F401  (imported before any timing, by both sides)
     import tallpack
     from safetensors import safe_open
@@ -302,13 +331,7 @@ def child(kind: str, a: dict) -> dict:
         res["seconds"] = time.perf_counter() - t0
     elif kind == "unpack_cli":
         # `tallpack unpack ARCHIVE --task NAME -o DIR`, with this checkout's CLI
-        import importlib.util
-        spec = importlib.util.spec_from_file_location(
-            "tallpack_cli", REPO / "cli" / "__init__.py", submodule_search_locations=[str(REPO / "cli")])
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules["tallpack_cli"] = mod
-        spec.loader.exec_module(mod)
-        from tallpack_cli.main import main as cli_main
+        cli_main = _checkout_cli()
         res["anon_after_imports"] = _anon()
         t0 = time.perf_counter()
         cli_main(args=["unpack", a["archive"], "--task", a["task"], "-o", a["dir"]], standalone_mode=False)
@@ -793,6 +816,17 @@ def run_goals(a, rep: Report, details: dict) -> None:
     budget7 = (T + 4) * fam["largest_bytes"] + 300 * MB
     rep.add("7", f"pack peak RssAnon (max of {n})", max(p["peak_anon"] for p in packs), budget7, "B", "<=", 1.0,
             alt_label="budget (T+4) x largest + 300 MB")
+
+    log(f"goal 5, for comparison: the whole `tallpack pack` command vs zstd -3 -T{a.threads}, {n} each")
+    rep.load.mark()
+    cli_out = work / f"planes-{T}-command.tallpack"
+    cli_packs, zs2 = alternate(n, lambda: pack_command(fam, names, cli_out, a.threads),
+                               lambda: zstd_files(files, work / "zstd", a.threads))
+    cli_out.unlink()
+    details["pack_command"] = {"tallpack": cli_packs, "zstd": zs2}
+    rep.floor("5", "for comparison, not a floor: the whole `tallpack pack` command (the interpreter's start and "
+              "the imports of torch and tallpack included), against the zstd command alternated with it",
+              median(p["seconds"] for p in cli_packs), median(z["seconds"] for z in zs2), "zstd -3 -T2 (alternated)")
 
     log("packing the other archives (raw, and 2/4-task subsets for get_tensor)")
     extra = {}
