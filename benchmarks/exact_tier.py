@@ -105,7 +105,7 @@ def pack(base: Path, tasks: dict[str, Path], out: Path, exact: bool, candidates=
             "if a['cand']: ex.CANDIDATES=tuple(a['cand'])\n"
             "if a['codecs']: ex.RESIDUAL_CODECS=tuple(a['codecs'])\n"
             "ex.MASK_POLICY=a['masks']\nex.MERGED_POLICY=a['merged']\n"
-            "t=time.perf_counter();tallpack.pack(a['base'],a['tasks'],a['out'],exact=a['exact'],level=a['level'])\n"
+            "t=time.perf_counter();tallpack.pack(a['base'],a['tasks'],a['out'],exact=a['exact'],level=a['level'],overwrite=True)\n"
             "print(time.perf_counter()-t)")
     arg = json.dumps({"base": str(base), "tasks": {k: str(v) for k, v in tasks.items()}, "out": str(out),
                       "exact": exact, "cand": candidates, "level": level, "masks": masks,

@@ -39,7 +39,7 @@ def main() -> None:
     out = Path("benchmarks/out")
     out.mkdir(parents=True, exist_ok=True)
     archive = out / f"mask_coding_{a.lam}.tallpack"
-    tallpack.pack(fam.base, fam.tasks, archive, lambdas=a.lam)
+    tallpack.pack(fam.base, fam.tasks, archive, lambdas=a.lam, overwrite=True)
     stored_bits = indep_bits = joint_bits = 0.0
     z3 = z19 = 0
     n_params = 0

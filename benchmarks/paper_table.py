@@ -44,6 +44,7 @@ import numpy as np
 import torch
 
 import tallpack
+from tallpack.codecs import MASK_KEEP_BELOW
 from tallpack.demo import family
 from tallpack.merging import default_alpha
 from tallpack.tall import reconstruct, tall_mask, task_vector
@@ -118,10 +119,11 @@ def pack_all(paths: family.FamilyPaths, out: Path, val: Evaluator) -> dict:
             for _ in range(PACK_REPEATS):  # best of a few: the machine is shared, times are noisy
                 t0 = time.perf_counter()
                 if mode == "default":
-                    tallpack.pack(str(paths.base), tasks, path, merge=merge, lambdas=tallpack.DEFAULT_LAMBDA)
+                    tallpack.pack(str(paths.base), tasks, path, merge=merge, lambdas=tallpack.DEFAULT_LAMBDA,
+                                  overwrite=True)
                 else:
                     tallpack.pack(str(paths.base), tasks, path, merge=merge, evaluate=val,
-                                  lambda_grid=tallpack.LAMBDA_GRID)
+                                  lambda_grid=tallpack.LAMBDA_GRID, overwrite=True)
                 times.append(time.perf_counter() - t0)
             seconds = min(times)
             with tallpack.open(path) as ar:
@@ -247,6 +249,25 @@ def normalized(acc: dict[str, dict[str, float]], ref: dict[str, float]) -> dict[
 # --------------------------------------------------------------------------------------------
 
 
+def merged_arrays(ar) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Each merged tensor's stored base and tau_MTL (float32), by tensor name; a group's
+    (format 1.12) split into its members' runs."""
+    out = {}
+    for e in ar.manifest.tensors:
+        if e.kind != "merged":
+            continue
+        b = ar.read_array(e.arrays["base"], f"tensor {e.name!r} (base)")
+        mtl = ar.read_array(e.arrays["merged"], f"tensor {e.name!r} (merged)")
+        if not e.members:
+            out[e.name] = (b, mtl)
+            continue
+        b, mtl = b.reshape(-1), mtl.reshape(-1)
+        for m in e.members:
+            run = slice(m.offset, m.offset + m.numel)
+            out[m.name] = (b[run].view(m.shape), mtl[run].view(m.shape))
+    return out
+
+
 def lambda_sweep(paths: family.FamilyPaths, archives: dict, val: Evaluator, test: Evaluator) -> dict:
     """TALL reconstructions for every lambda of the grid, built from the archive's own base and
     tau_MTL (float32, exactly what the packer used) and the original task vectors, with the
@@ -257,8 +278,7 @@ def lambda_sweep(paths: family.FamilyPaths, archives: dict, val: Evaluator, test
     for merge in ("ta", "ties"):
         with tallpack.open(archives[f"{merge}-default"]["path"]) as ar:
             names = list(ar.tasks)
-            merged = {e.name: (ar._array(e.base, e.name), ar._array(e.merged, e.name))
-                      for e in ar.manifest.tensors if e.kind == "merged"}
+            merged = merged_arrays(ar)
             by_lam = {lam: {"val": {}, "test": {}, "rel_l2": {}, "cosine": {}, "norm_ratio": {},
                             "density": {}} for lam in grid}
             for t in names:
@@ -371,8 +391,8 @@ def mask_stats(archive_info: dict) -> dict:
                 continue
             count = None
             for t, tt in e.tasks.items():
-                m = ar._array(tt.mask, f"task {t!r}, tensor {e.name!r} (mask)")
-                check("decoded mask ones = manifest ones", int(m.sum()) == tt.ones)
+                m = ar.read_array(tt.arrays["mask"], f"task {t!r}, tensor {e.name!r} (mask)")
+                check("decoded mask ones = manifest ones", int(m.sum()) == tt.params["ones"])
                 ones[t] += int(m.sum())
                 count = m.to(torch.int32) if count is None else count + m.to(torch.int32)
             hist += np.bincount(count.reshape(-1).numpy(), minlength=T + 1)
@@ -634,7 +654,11 @@ def markdown(res: dict, command: str) -> str:
              f"{ms['mean_entropy_bits_per_param']:.3f} | | | |")
     L.append("")
     L.append("The entropy bound is computed from each task's overall density p per tensor "
-             "(an i.i.d. Bernoulli model); stored bits include the container's per-chunk overhead.")
+             "(an i.i.d. Bernoulli model; a group of small tensors, format 1.12, counts as one); "
+             "stored bits include the container's per-chunk overhead. A mask chunk that zstd "
+             f"would not shrink below {MASK_KEEP_BELOW:.0%} of its bits is stored as its bits (1 bit a "
+             "parameter), which decodes at memory speed (BENCHMARKS.md, issue 8's eleventh round): "
+             "on these dense masks that is every chunk.")
     L.append("")
     L.append("Consistency checks run by the script (all should hold): " + "; ".join(
         f"{k}: {'ok' if v else 'FAILED'}" for k, v in res["checks"].items()) + ".")
