@@ -84,11 +84,17 @@ def main() -> None:
 
 
 def _arrays(fam, task, names):
+    """The stored arrays that reading ``names`` of ``task`` needs. A group's member (format 1.12)
+    needs its group's arrays (the reader decodes the group), counted once however many members."""
     from tallpack.encodings import encoding_for
 
-    out = []
+    entries = {n: e for e in fam.manifest.tensors for n in ([m.name for m in e.members] or [e.name])}
+    out, seen = [], set()
     for n in names:
-        entry = next(e for e in fam.manifest.tensors if e.name == n)
+        entry = entries[n]
+        if id(entry) in seen:
+            continue
+        seen.add(id(entry))
         tt = entry.tasks[task]
         out += [*tt.arrays.values(), *(entry.arrays[k] for k in encoding_for(tt.encoding).entry_arrays)]
     return out
