@@ -100,10 +100,10 @@ def run(kind: str, path: Path, task: str, warm: str, cache: int, pythonpath: str
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--other", type=Path, required=True, help="the other checkout (its compiled module built in place)")
+    ap.add_argument("--other", type=lambda s: Path(s).resolve(), required=True, help="the other checkout (its compiled module built in place)")
     ap.add_argument("--rounds", type=int, default=11)
-    ap.add_argument("--archive", type=Path, default=WORK / "planes-8.tallpack")
-    ap.add_argument("--original", type=Path, default=WORK / "alt-task1.safetensors")
+    ap.add_argument("--archive", type=lambda s: Path(s).resolve(), default=WORK / "planes-8.tallpack")
+    ap.add_argument("--original", type=lambda s: Path(s).resolve(), default=WORK / "alt-task1.safetensors")
     ap.add_argument("--task", default="task1")
     ap.add_argument("--cache-bytes", type=int, default=-1, help="open with this cache_bytes (default: the library's)")
     ap.add_argument("--second", action="store_true", help="time a second task (--warm-task first, untimed)")

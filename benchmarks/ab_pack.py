@@ -65,9 +65,9 @@ def data_area(path: Path) -> bytes:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--other", type=Path, required=True, help="the other checkout (its compiled module built in place)")
+    ap.add_argument("--other", type=lambda s: Path(s).resolve(), required=True, help="the other checkout (its compiled module built in place)")
     ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--family", type=Path, default=FAMILY, help="a folder of base.safetensors and task*.safetensors")
+    ap.add_argument("--family", type=lambda s: Path(s).resolve(), default=FAMILY, help="a folder of base.safetensors and task*.safetensors")
     a = ap.parse_args(argv)
     base = a.family / "base.safetensors"
     tasks = {p.stem: str(p) for p in sorted(a.family.glob("task*.safetensors"))}
