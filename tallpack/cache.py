@@ -62,6 +62,12 @@ class ByteLRU:
     def __len__(self) -> int:
         return len(self._items)
 
+    def peek(self, key: Hashable) -> Any | None:
+        """The value kept for ``key``, or None (neither a hit nor a use: the order is unchanged)."""
+        with self._lock:
+            item = self._items.get(key)
+            return None if item is None else item[0]
+
     def __contains__(self, key: Hashable) -> bool:
         """Whether ``key`` is kept now (neither a hit nor a use: the order is unchanged)."""
         with self._lock:

@@ -340,9 +340,13 @@ class Archive:
         if getattr(self._c.source, "prefetch", None) is None or not len(self._cache):
             return refs
         dev = torch.device(device) if device is not None else None
-        return [r for r in refs if not (r.chunks and (("planar",) + _cache_key(r, None) in self._cache
-                                                      or ("bits",) + _cache_key(r, None) in self._cache
-                                                      or _cache_key(r, dev) in self._cache))]
+        def held(r: ArrayRef) -> bool:
+            planar = self._cache.peek(("planar",) + _cache_key(r, None))
+            if planar is not None:
+                return planar.cut == len(r.chunks)  # else the chunks past the cut are read again
+            return ("bits",) + _cache_key(r, None) in self._cache or _cache_key(r, dev) in self._cache
+
+        return [r for r in refs if not (r.chunks and held(r))]
 
     @staticmethod
     def _planar_keys(encoding: type[Encoding], entry: TensorEntry, tt: TaskTensor,
@@ -433,21 +437,31 @@ class Archive:
         """Each chunk's decoded planes, for the cache (None where a plane is a view of a mapped
         file, read again when used); from a remote source, every plane, copied out of the fetched
         bytes. Without ``kept`` (a first use), nearly empty planes are left out too (``partial``);
-        with it, those are decoded and the others taken from it. None as soon as they pass
-        ``budget`` bytes: the cache could not keep them, and the rebuild then decodes chunk by
-        chunk, in memory bounded by a chunk."""
+        with it, those are decoded and the others taken from it. Only the chunks that fit in
+        ``budget`` bytes, from the first (``cut`` of them): an array larger than the cache keeps
+        those, and the rebuild decodes the others chunk by chunk as it goes, in memory bounded by a
+        chunk (an embedding of 500M elements with a float32 merged vector passes the default 1 GiB;
+        before, such an array was decoded up to the budget, dropped, and decoded again for every
+        task). None when not even the first fits, or when growing ``kept`` would keep fewer chunks.
+        At most the chunk that did not fit is decoded twice in a read."""
         mapped = bool(getattr(self._c.source, "mapped", False))
         cheap = mapped and kept is None
         out, held, partial = [], 0, False
         for i in range(len(ref.chunks)):
             planes, r = self._c.read_planar(ref, i, where, known=kept.chunks[i][0] if kept else None, cheap=cheap)
-            partial = partial or any(p is None for p in planes)
             keep = [p if p is None or p.flags.owndata else (None if mapped else p.copy()) for p in planes]
-            held += sum(p.nbytes for p in keep if p is not None)
-            if held > budget:
-                return None
+            size = sum(p.nbytes for p in keep if p is not None)
+            if held + size > budget:
+                break
+            held += size
+            partial = partial or any(p is None for p in planes)
             out.append((keep, r))
-        return _KeptPlanes(out, held, partial, 1)
+        if not out or (kept is not None and len(out) < kept.cut):  # growing must not lose chunks kept
+            return None
+        # the chunks that did not fit: every plane decoded again on each use (``_read_planar``'s ``chunk``)
+        cut = len(out)
+        out += [([None] * len(out[0][0]), 0) for _ in range(len(ref.chunks) - cut)]
+        return _KeptPlanes(out, held, partial, 1, cut)
 
     def _worth_threads(self, needed: Mapping[str, tuple[Any, Use]], device, whole: bool,
                        planar: tuple[str, ...] = ()) -> bool:
@@ -744,12 +758,14 @@ class _Plan(NamedTuple):
 class _KeptPlanes(NamedTuple):
     """What the cache keeps of an array read as planes: each chunk's (planes, rotation), None for
     a plane read again on each use; ``partial``: nearly empty planes among those (left out until
-    the KEEP_CHEAP_FROM_USE-th use); ``uses``: the reads so far, while partial."""
+    the KEEP_CHEAP_FROM_USE-th use); ``uses``: the reads so far, while partial; ``cut``: the chunks
+    kept, from the first (the others did not fit in the cache: decoded on each use)."""
 
     chunks: list[tuple[list[np.ndarray | None], int]]
     nbytes: int
     partial: bool
     uses: int
+    cut: int
 
 
 def _group_where(entry: TensorEntry) -> str:

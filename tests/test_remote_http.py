@@ -153,3 +153,19 @@ def test_derived_merged_vectors_over_http(http_server, served, tmp_path):
         assert all(torch.equal(got[k], want[k]) for k in want)
         residuals = sum(len(e.tasks) for e in fam.manifest.tensors)
         assert http_server.gets() < residuals, http_server.gets()
+
+
+def test_an_array_cached_in_part_is_fetched_with_the_rest(http_server, served):
+    """An array whose planes pass the cache's budget keeps its first chunks (reader._decode_planar);
+    a read fetches what a read without a cache does, and again only the chunk of base and of
+    merged vector that did not fit (before: every chunk up to the budget, fetched twice)."""
+    with tallpack.open(served["url"], cache_bytes=9000) as fam, tallpack.open(served["url"], cache_bytes=0) as plain:
+        for task in ("a", "b", "c"):
+            http_server.reset()
+            want = plain.get_tensor(task, "layers.0.w")
+            without = http_server.gets()
+            http_server.reset()
+            assert torch.equal(fam.get_tensor(task, "layers.0.w"), want)
+            kept = [v for k, (v, _) in fam._cache._items.items() if k[0] == "planar"]
+            assert kept and all(0 < v.cut < 6 for v in kept)  # 6 chunks of 4 KB of planes; 2 fit
+            assert http_server.gets() <= without + 2, (task, http_server.gets(), without)
