@@ -414,7 +414,8 @@ class Archive:
                 self._cache.put(key, kept._replace(uses=kept.uses + 1), kept.nbytes)
             elif (kept is None or kept.partial) and self._cache.budget > 0:
                 # a first use leaves nearly empty planes out; the KEEP_CHEAP_FROM_USE-th keeps them too
-                fuller = self._decode_planar(ref, where, self._cache.budget, kept)
+                room = self._cache.budget - self._cache.size + (kept.nbytes if kept is not None else 0)
+                fuller = self._decode_planar(ref, where, self._cache.budget, kept, room)
                 if fuller is not None:
                     self._cache.put(key, fuller, fuller.nbytes)
                     kept = fuller
@@ -432,8 +433,8 @@ class Archive:
             return self._c.read_planar(ref, i, where, f"{slot}.plane", known=planes)
         return Planar(ref.numel, ref.chunk_elements, chunk)
 
-    def _decode_planar(self, ref: ArrayRef, where: str, budget: int, kept: "_KeptPlanes | None" = None
-                       ) -> "_KeptPlanes | None":
+    def _decode_planar(self, ref: ArrayRef, where: str, budget: int, kept: "_KeptPlanes | None" = None,
+                       room: int | None = None) -> "_KeptPlanes | None":
         """Each chunk's decoded planes, for the cache (None where a plane is a view of a mapped
         file, read again when used); from a remote source, every plane, copied out of the fetched
         bytes. Without ``kept`` (a first use), nearly empty planes are left out too (``partial``);
@@ -442,8 +443,11 @@ class Archive:
         those, and the rebuild decodes the others chunk by chunk as it goes, in memory bounded by a
         chunk (an embedding of 500M elements with a float32 merged vector passes the default 1 GiB;
         before, such an array was decoded up to the budget, dropped, and decoded again for every
-        task). None when not even the first fits, or when growing ``kept`` would keep fewer chunks.
-        At most the chunk that did not fit is decoded twice in a read."""
+        task). When its first chunk says it will not fit whole (that chunk's size times the chunk
+        count passes ``budget``), it keeps only what fits in ``room`` (the cache's free bytes), so
+        that it does not push out arrays the cache holds whole. None when not even the first
+        fits, or when growing ``kept`` would keep fewer chunks. At most the chunk that did not fit
+        is decoded twice in a read."""
         mapped = bool(getattr(self._c.source, "mapped", False))
         cheap = mapped and kept is None
         out, held, partial = [], 0, False
@@ -451,6 +455,8 @@ class Archive:
             planes, r = self._c.read_planar(ref, i, where, known=kept.chunks[i][0] if kept else None, cheap=cheap)
             keep = [p if p is None or p.flags.owndata else (None if mapped else p.copy()) for p in planes]
             size = sum(p.nbytes for p in keep if p is not None)
+            if i == 0 and room is not None and size * len(ref.chunks) > budget:
+                budget = min(budget, room)  # it will not fit whole: only the room there is
             if held + size > budget:
                 break
             held += size

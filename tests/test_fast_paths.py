@@ -265,6 +265,31 @@ def test_planes_over_the_cache_budget_keep_the_chunks_that_fit(tmp_path) -> None
             assert small._cache.size <= budget
 
 
+def test_planes_over_the_cache_budget_take_only_the_room_there_is(tmp_path) -> None:
+    """An array that will not fit the cache whole keeps only the chunks that fit in the room
+    left: it does not push out the arrays the cache holds whole (a scan of a large model would
+    otherwise leave the cache holding a part of its last large tensor and nothing else)."""
+    g = torch.Generator().manual_seed(14)
+    base = {"small": torch.randn(16, 1024, generator=g), "big": torch.randn(128, 1024, generator=g)}
+    tasks = {t: {k: v + 0.01 * torch.randn(v.shape, generator=g) for k, v in base.items()} for t in ("a", "b")}
+    out = tmp_path / "r.tallpack"
+    tallpack.pack(base, tasks, out, chunk_elements=8192, group=False)  # small: 2 chunks, big: 16
+    with tallpack.open(out, cache_bytes=1 << 30) as fam:
+        fam.get_tensor("a", "small")
+        whole = {k: v.nbytes for k, (v, _) in fam._cache._items.items() if k[0] == "planar"}
+        assert len(whole) == 2  # its base and merged vector
+    budget = sum(whole.values()) + 5 * 8192
+    with tallpack.open(out, cache_bytes=budget) as fam, tallpack.open(out, cache_bytes=0, threads=1) as plain:
+        for t in tasks:
+            assert torch.equal(fam.get_tensor(t, "small"), plain.get_tensor(t, "small"))
+            assert torch.equal(fam.get_tensor(t, "big"), plain.get_tensor(t, "big"))
+        kept = {k: v for k, (v, _) in fam._cache._items.items() if k[0] == "planar"}
+        if kernels.COMPILED:
+            assert set(whole) <= set(kept)  # still there
+            parts = [v for k, v in kept.items() if k not in whole]
+            assert parts and all(0 < v.cut < 16 for v in parts) and fam._cache.size <= budget
+
+
 def test_threads_let_go_of_their_decoding_buffers_when_the_last_archive_closes(tmp_path) -> None:
     """Without a cache, inputs are decoded into buffers the reading thread keeps for its next
     read (the planes of a float32 tensor, the float mask of a bfloat16 one). The caller's own
