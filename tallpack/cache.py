@@ -36,10 +36,16 @@ class ByteLRU:
             self.hits += 1
             return item[0]
 
-    def put(self, key: Hashable, value: Any, nbytes: int) -> None:
+    def put(self, key: Hashable, value: Any, nbytes: int, evict: bool = True) -> None:
+        """Keep ``value``; with ``evict=False``, only if it fits beside what is kept (replacing
+        ``key``'s own value), pushing nothing out."""
         if nbytes > self.budget:
             return
         with self._lock:
+            if not evict:
+                held = self._items.get(key)
+                if self.size - (held[1] if held is not None else 0) + nbytes > self.budget:
+                    return
             old = self._items.pop(key, None)
             if old is not None:
                 self.size -= old[1]
@@ -61,6 +67,11 @@ class ByteLRU:
 
     def __len__(self) -> int:
         return len(self._items)
+
+    @property
+    def room(self) -> int:
+        """Bytes that can be kept without pushing anything out."""
+        return self.budget - self.size
 
     def peek(self, key: Hashable) -> Any | None:
         """The value kept for ``key``, or None (neither a hit nor a use: the order is unchanged)."""

@@ -373,6 +373,23 @@ class Planes(Codec):
             pos += length
         return planes
 
+    def kept_nbytes(self, buf: memoryview, size: int, known: Sequence[np.ndarray | None] | None = None,
+                    cheap: bool = False) -> int:
+        """What ``planar(buf, size, None, known, cheap)`` would give as arrays of their own (the
+        planes it decodes, and ``known``'s), in bytes, read from the plane lengths alone: a
+        reader's cache can tell whether a chunk fits before decoding it. The lengths are checked
+        as ``planar`` checks them."""
+        k, n = self.itemsize, size // self.itemsize
+        head = self.PREFIX + 4 * k
+        if size % k or len(buf) < head:
+            raise CodecError(f"{self.id}: {len(buf)} bytes cannot hold {k} plane lengths")
+        lengths = struct.unpack_from(_PLANE_SIZES.format(k), buf, self.PREFIX)
+        if head + sum(lengths) != len(buf):
+            raise CodecError(f"{self.id}: plane lengths do not add up to the chunk's size")
+        return n * sum(1 for i, length in enumerate(lengths)
+                       if (known is not None and known[i] is not None and known[i].size == n)
+                       or (length != n and not (cheap and length * self.CHEAP < n)))
+
     def planar(self, buf: memoryview, size: int, slot: str | None = None,
                known: Sequence[np.ndarray | None] | None = None, cheap: bool = False
                ) -> tuple[list[np.ndarray | None], int]:

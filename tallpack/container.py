@@ -455,6 +455,16 @@ class ContainerReader:
             raise ValueError(f"{where}: not a float32, bfloat16 or float16 array of byte planes")  # a caller's bug
         return got
 
+    def planar_kept(self, ref: ArrayRef, i: int, where: str, known: list[np.ndarray | None] | None = None,
+                    cheap: bool = False) -> int:
+        """The bytes ``read_planar(ref, i, where, None, known, cheap)`` would decode into arrays of
+        their own, from the chunk's plane lengths (checked), without decoding it."""
+        stored = self._stored(ref, i, where)
+        try:
+            return ref.chain.codecs[0].kept_nbytes(stored, ref.chunk_numel(i) * itemsize(ref.dtype), known, cheap)
+        except FormatError as e:
+            raise type(e)(f"{self.name}: {where}: chunk {i}: {e}") from None
+
     def read_bits(self, ref: ArrayRef, where: str, into: memoryview) -> memoryview:
         """A bool array stored bit-packed (``Chain.bits_chain``), decoded only to its packed bits, into
         ``into`` (writable, ceil(numel / 8) bytes): element i in bit i % 8 of byte i // 8, the chunks'

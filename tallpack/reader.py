@@ -82,6 +82,10 @@ class Archive:
         self._slots = ThreadBuffers()  # read_array's reused buffers, per thread
         self._plans: dict[tuple[str, str, bool], _Plan] = {}  # _rebuild's, per (task, tensor or group name, group)
         self._closed = False
+        #: ``state_dict`` calls in progress: while one runs, the cache keeps what fits beside what it
+        #: holds and pushes nothing out (``_keep``)
+        self._scans = 0
+        self._scans_lock = threading.Lock()
         _OPEN.add(self)
         self.name = container.name
         raw = container.take_manifest()
@@ -223,10 +227,10 @@ class Archive:
             t = self.read_array(ref, where, Use.OUTPUT if use is Use.OUTPUT else Use.INPUT, start=start, stop=stop)
             t = t.to(dev)
             if key is not None:
-                self._cache.put(key, t, ref.nbytes)
+                self._keep(key, t, ref.nbytes)
             return t
         slot = (_slot is not None and use is not Use.OUTPUT and whole and bool(ref.chain.codecs)
-                and (key is None or ref.nbytes > self._cache.budget))
+                and (key is None or ref.nbytes > self._room()))
         into = None
         try:
             if slot:
@@ -244,7 +248,7 @@ class Archive:
         except FormatError as e:
             raise type(e)(f"{self.name}: {where}: {e}") from None
         if key is not None and into is None and not memoryview(buf).readonly:  # decoded, not a view of the file
-            self._cache.put(key, t, ref.nbytes)
+            self._keep(key, t, ref.nbytes)
         return t
 
     def _derived_merged(self, ref: DerivedMerged, where: str, use: Use, device: torch.device | str | None
@@ -267,7 +271,7 @@ class Archive:
                 raise FormatError(f"{self.name}: {where}: no derived {ref.key} array")
             for k, v in derived.items():
                 v = v if where_dev is None else v.to(dev)
-                self._cache.put(key[:2] + (k, where_dev), v, v.numel() * v.element_size())
+                self._keep(key[:2] + (k, where_dev), v, v.numel() * v.element_size())
                 if k == ref.key:
                     hit = v
         return hit.clone() if use is Use.OUTPUT else hit
@@ -414,10 +418,10 @@ class Archive:
                 self._cache.put(key, kept._replace(uses=kept.uses + 1), kept.nbytes)
             elif (kept is None or kept.partial) and self._cache.budget > 0:
                 # a first use leaves nearly empty planes out; the KEEP_CHEAP_FROM_USE-th keeps them too
-                room = self._cache.budget - self._cache.size + (kept.nbytes if kept is not None else 0)
-                fuller = self._decode_planar(ref, where, self._cache.budget, kept, room)
+                room = self._cache.room + (kept.nbytes if kept is not None else 0)
+                fuller = self._decode_planar(ref, where, room if self._scans else self._cache.budget, kept, room)
                 if fuller is not None:
-                    self._cache.put(key, fuller, fuller.nbytes)
+                    self._keep(key, fuller, fuller.nbytes)
                     kept = fuller
                 elif kept is not None:  # the whole would not fit: keep what is kept, and stop trying
                     self._cache.put(key, kept._replace(partial=False), kept.nbytes)
@@ -438,28 +442,32 @@ class Archive:
         """Each chunk's decoded planes, for the cache (None where a plane is a view of a mapped
         file, read again when used); from a remote source, every plane, copied out of the fetched
         bytes. Without ``kept`` (a first use), nearly empty planes are left out too (``partial``);
-        with it, those are decoded and the others taken from it. Only the chunks that fit in
-        ``budget`` bytes, from the first (``cut`` of them): an array larger than the cache keeps
-        those, and the rebuild decodes the others chunk by chunk as it goes, in memory bounded by a
-        chunk (an embedding of 500M elements with a float32 merged vector passes the default 1 GiB;
-        before, such an array was decoded up to the budget, dropped, and decoded again for every
-        task). When its first chunk says it will not fit whole (that chunk's size times the chunk
-        count passes ``budget``), it keeps only what fits in ``room`` (the cache's free bytes), so
-        that it does not push out arrays the cache holds whole. None when not even the first
-        fits, or when growing ``kept`` would keep fewer chunks. At most the chunk that did not fit
-        is decoded twice in a read."""
+        with it, those are decoded and the others taken from it.
+
+        Only the chunks that fit in ``budget`` bytes, from the first (``cut`` of them; what a
+        chunk keeps is known from its plane lengths before it is decoded): an array larger than
+        the cache keeps those, and the rebuild decodes the others chunk by chunk as it goes, in
+        memory bounded by a chunk. (An embedding of 500M elements with a float32 merged vector
+        passes the default 1 GiB; before, such an array was decoded up to the budget, dropped,
+        and decoded again for every task.) When its first chunk says it will not fit whole (that
+        chunk's size times the chunk count passes ``budget``), it keeps only what fits in
+        ``room`` (the cache's free bytes), so that it does not push out arrays the cache holds
+        whole. None when not even the first chunk fits, or when growing ``kept`` would keep
+        fewer chunks than it has."""
         mapped = bool(getattr(self._c.source, "mapped", False))
         cheap = mapped and kept is None
         out, held, partial = [], 0, False
         for i in range(len(ref.chunks)):
-            planes, r = self._c.read_planar(ref, i, where, known=kept.chunks[i][0] if kept else None, cheap=cheap)
-            keep = [p if p is None or p.flags.owndata else (None if mapped else p.copy()) for p in planes]
-            size = sum(p.nbytes for p in keep if p is not None)
+            known = kept.chunks[i][0] if kept else None
+            size = (self._c.planar_kept(ref, i, where, known, cheap) if mapped
+                    else ref.chunk_numel(i) * ref.itemsize)  # every plane, copied
             if i == 0 and room is not None and size * len(ref.chunks) > budget:
                 budget = min(budget, room)  # it will not fit whole: only the room there is
             if held + size > budget:
                 break
-            held += size
+            planes, r = self._c.read_planar(ref, i, where, known=known, cheap=cheap)
+            keep = [p if p is None or p.flags.owndata else (None if mapped else p.copy()) for p in planes]
+            held += sum(p.nbytes for p in keep if p is not None)
             partial = partial or any(p is None for p in planes)
             out.append((keep, r))
         if not out or (kept is not None and len(out) < kept.cut):  # growing must not lose chunks kept
@@ -538,8 +546,33 @@ class Archive:
         sd = LazyStateDict(self, task, exact=exact, device=device)
         if lazy:
             return sd
-        with _gc_paused():  # see _gc_paused: a full pass would cost as much as the rebuild
+        with _gc_paused(), self._scanning():  # see _gc_paused: a full pass would cost as much as the rebuild
             return self._whole(sd, task, exact, device)
+
+    @contextlib.contextmanager
+    def _scanning(self) -> Iterator[None]:
+        """A whole task is read: every shared array once, in the same order for every task. The
+        base and merged vectors are the same for every task, so what the cache kept during an
+        earlier task is as useful as what this one decodes, and a least-recently-used cache
+        smaller than them would push out each array before the next task asks for it again
+        (every task would decode everything, into fresh memory: slower than no cache at all).
+        While a task is read, the cache keeps only what fits beside what it holds."""
+        with self._scans_lock:
+            self._scans += 1
+        try:
+            yield
+        finally:
+            with self._scans_lock:
+                self._scans -= 1
+
+    def _keep(self, key: tuple, value: Any, nbytes: int) -> None:
+        """Put ``value`` in the cache; while a task is read whole (``_scanning``), only if it fits
+        beside what the cache holds."""
+        self._cache.put(key, value, nbytes, evict=not self._scans)
+
+    def _room(self) -> int:
+        """What the cache can take now: its budget, or, while a task is read whole, its free bytes."""
+        return self._cache.room if self._scans else self._cache.budget
 
     def _whole(self, sd: "LazyStateDict", task: str, exact: bool, device: torch.device | str | None
                ) -> dict[str, torch.Tensor]:
