@@ -116,6 +116,9 @@ _WRITE_EVERY = _Every(int(os.environ.get("TALLPACK_FUZZ_WRITE_EVERY", "8")))
 #: Every other input is read with every float32 and bfloat16 tensor rebuilt from its byte planes:
 #: the corpus's tensors are below ``reader.PLANAR_MIN_ELEMENTS``, so that path would go unread.
 _PLANAR_EVERY = _Every(2)
+#: Every third input is read through a cache of a few KB: the arrays that pass it keep only the
+#: chunks that fit (reader._decode_planar), read from the plane lengths before decoding.
+_SMALL_CACHE_EVERY = _Every(3)
 
 
 def exercise(path: str, outdir: str) -> None:
@@ -135,7 +138,7 @@ def _exercise(path: str, outdir: str) -> None:
     from tallpack.merging import MERGED_MODELS
     from tallpack.report import render
 
-    with tallpack.open(path) as fam:
+    with tallpack.open(path, **({"cache_bytes": 4096} if _SMALL_CACHE_EVERY.tick() else {})) as fam:
         s = fam.summary()
         render(s)
         json.dumps(s)
