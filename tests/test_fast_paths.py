@@ -228,6 +228,21 @@ def test_masks_read_as_their_bits_give_the_bytes_paths_bits(tmp_path, monkeypatc
                 assert _same(want, sd) and _same(want, singles), t
 
 
+def _count_whole_decodes(fam) -> list[tuple[int, int]]:
+    """A list that collects (array, chunk) for every read of ``fam`` that decodes all of a chunk's
+    planes (none of them known from the cache)."""
+    whole: list[tuple[int, int]] = []
+    read_planar = fam._c.read_planar
+
+    def counting(ref, i, where, slot=None, known=None, cheap=False):
+        if known is None or all(p is None for p in known):
+            whole.append((ref.chunks[0].offset, i))
+        return read_planar(ref, i, where, slot, known, cheap)
+
+    fam._c.read_planar = counting
+    return whole
+
+
 def test_planes_over_the_cache_budget_keep_the_chunks_that_fit(tmp_path) -> None:
     """An array whose decoded planes exceed the cache's budget keeps the chunks that fit, from
     the first (known from the plane lengths before decoding), and the rebuild decodes the others
@@ -240,15 +255,7 @@ def test_planes_over_the_cache_budget_keep_the_chunks_that_fit(tmp_path) -> None
     tallpack.pack(base, tasks, out, chunk_elements=8192)  # 8 chunks; each keeps at least 8 KB of planes
     budget = 3 * 8192
     with tallpack.open(out, cache_bytes=budget) as small, tallpack.open(out, cache_bytes=0, threads=1) as plain:
-        whole = []  # (array, chunk) of every read that decodes all of a chunk's planes
-        read_planar = small._c.read_planar
-
-        def counting(ref, i, where, slot=None, known=None, cheap=False):
-            if known is None or all(p is None for p in known):
-                whole.append((ref.chunks[0].offset, i))
-            return read_planar(ref, i, where, slot, known, cheap)
-
-        small._c.read_planar = counting
+        whole = _count_whole_decodes(small)
         for t in tasks:
             whole.clear()
             assert _same(small.state_dict(t), plain.state_dict(t)), t
@@ -302,15 +309,7 @@ def test_a_cache_smaller_than_a_task_keeps_what_it_holds_from_task_to_task(tmp_p
         fam.state_dict("a")
         total = fam._cache.size
     with tallpack.open(out, cache_bytes=total // 2) as fam, tallpack.open(out, cache_bytes=0, threads=1) as plain:
-        decoded = []  # chunks decoded (all their compressed planes) by each task
-        read_planar = fam._c.read_planar
-
-        def counting(ref, i, where, slot=None, known=None, cheap=False):
-            if known is None or all(p is None for p in known):
-                decoded.append((ref.chunks[0].offset, i))
-            return read_planar(ref, i, where, slot, known, cheap)
-
-        fam._c.read_planar = counting
+        decoded = _count_whole_decodes(fam)
         held, counts = [], []
         for t in tasks:
             decoded.clear()
