@@ -458,8 +458,12 @@ class ContainerReader:
     def planar_kept(self, ref: ArrayRef, i: int, where: str, known: list[np.ndarray | None] | None = None,
                     cheap: bool = False) -> int:
         """The bytes ``read_planar(ref, i, where, None, known, cheap)`` would decode into arrays of
-        their own, from the chunk's plane lengths (checked), without decoding it."""
-        stored = self._stored(ref, i, where)
+        their own, from the chunk's plane lengths (checked against the chunk's size), without
+        decoding it. The chunk's checksum is not checked here (``read_planar`` checks it): the
+        answer only sizes what a cache keeps, and reading it costs a page of a mapped file, not
+        a pass over the chunk."""
+        c = ref.chunks[i]
+        stored = self.source.read(c.offset, c.nbytes)
         try:
             return ref.chain.codecs[0].kept_nbytes(stored, ref.chunk_numel(i) * itemsize(ref.dtype), known, cheap)
         except FormatError as e:

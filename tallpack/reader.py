@@ -456,26 +456,68 @@ class Archive:
         fewer chunks than it has."""
         mapped = bool(getattr(self._c.source, "mapped", False))
         cheap = mapped and kept is None
-        out, held, partial = [], 0, False
-        for i in range(len(ref.chunks)):
-            known = kept.chunks[i][0] if kept else None
-            size = (self._c.planar_kept(ref, i, where, known, cheap) if mapped
+        n = len(ref.chunks)
+        known = [kept.chunks[i][0] if kept else None for i in range(n)]
+        cut = held = 0
+        for i in range(n):
+            size = (self._c.planar_kept(ref, i, where, known[i], cheap) if mapped  # its checksum: when decoded
                     else ref.chunk_numel(i) * ref.itemsize)  # every plane, copied
-            if i == 0 and room is not None and size * len(ref.chunks) > budget:
+            if i == 0 and room is not None and size * n > budget:
                 budget = min(budget, room)  # it will not fit whole: only the room there is
             if held + size > budget:
                 break
-            planes, r = self._c.read_planar(ref, i, where, known=known, cheap=cheap)
-            keep = [p if p is None or p.flags.owndata else (None if mapped else p.copy()) for p in planes]
-            held += sum(p.nbytes for p in keep if p is not None)
-            partial = partial or any(p is None for p in planes)
-            out.append((keep, r))
-        if not out or (kept is not None and len(out) < kept.cut):  # growing must not lose chunks kept
+            held, cut = held + size, i + 1
+        if cut == 0 or (kept is not None and cut < kept.cut):  # growing must not lose chunks kept
             return None
+
+        def chunk(i: int) -> tuple[list[np.ndarray | None], int, bool]:
+            planes, r = self._c.read_planar(ref, i, where, known=known[i], cheap=cheap)
+            keep = [p if p is None or p.flags.owndata else (None if mapped else p.copy()) for p in planes]
+            return keep, r, any(p is None for p in planes)  # nearly empty planes left out
+
+        got = self._each(cut, chunk)
+        out = [(keep, r) for keep, r, _ in got]
+        held = sum(p.nbytes for keep, _ in out for p in keep if p is not None)
+        partial = any(left for _, _, left in got)
         # the chunks that did not fit: every plane decoded again on each use (``_read_planar``'s ``chunk``)
-        cut = len(out)
-        out += [([None] * len(out[0][0]), 0) for _ in range(len(ref.chunks) - cut)]
+        out += [([None] * len(out[0][0]), 0) for _ in range(n - cut)]
         return _KeptPlanes(out, held, partial, 1, cut)
+
+    def _each(self, n: int, fn: Callable[[int], Any]) -> list[Any]:
+        """``[fn(i) for i in range(n)]``, this thread and the archive's idle ones together: the
+        chunks of one large array, so that its decoding does not wait on one core while the others
+        have nothing left to do (a state dict whose largest tensor is most of it). The pool's
+        threads join when they are free (busy with other tensors, they do not); this thread takes
+        every index no one else has, so it never waits on work that has not started."""
+        pool = self._pool if n > 1 else None
+        if pool is None:
+            return [fn(i) for i in range(n)]
+        results: list[Any] = [None] * n
+        lock = threading.Lock()
+        state: dict[str, Any] = {"next": 0, "error": None}
+
+        def loop() -> None:
+            while True:
+                with lock:
+                    i = state["next"]
+                    if i >= n or state["error"] is not None:
+                        return
+                    state["next"] = i + 1
+                try:
+                    results[i] = fn(i)
+                except BaseException as e:  # noqa: BLE001 (handed to the caller below)
+                    with lock:
+                        state["error"] = state["error"] or e
+                    return
+
+        helpers = [self._submit(pool, loop) for _ in range(min(self.threads, n) - 1)]
+        loop()
+        for f in helpers:
+            if not f.cancel():
+                f.result()
+        if state["error"] is not None:
+            raise state["error"]
+        return results
 
     def _worth_threads(self, needed: Mapping[str, tuple[Any, Use]], device, whole: bool,
                        planar: tuple[str, ...] = ()) -> bool:

@@ -323,6 +323,33 @@ def test_a_cache_smaller_than_a_task_keeps_what_it_holds_from_task_to_task(tmp_p
             assert counts[1] <= counts[0] - len(held[0]), counts
 
 
+def test_the_chunks_of_one_array_are_decoded_by_the_idle_threads_too(tmp_path) -> None:
+    """``Archive._each`` (the cache's decoding of one large array) runs on this thread and the
+    pool's idle ones together, hands an error to the caller, and never waits on work no thread
+    started: with every pool thread busy, the caller does it all."""
+    import threading
+
+    g = torch.Generator().manual_seed(16)
+    base = {"w": torch.randn(64, 1024, generator=g)}
+    tasks = {t: {"w": base["w"] + 0.01 * torch.randn(64, 1024, generator=g)} for t in ("a", "b")}
+    out = tmp_path / "p.tallpack"
+    tallpack.pack(base, tasks, out, chunk_elements=4096)  # 16 chunks
+    with tallpack.open(out, threads=2) as fam, tallpack.open(out, cache_bytes=0, threads=1) as plain:
+        for t in tasks:
+            assert _same(fam.state_dict(t), plain.state_dict(t))
+        both = threading.Barrier(2, timeout=10)
+        names = fam._each(2, lambda i: (both.wait(), threading.current_thread().name)[1])
+        assert len(set(names)) == 2, names  # the barrier let them through together
+        with pytest.raises(ZeroDivisionError):
+            fam._each(8, lambda i: 1 // (i - 5))
+        busy = threading.Event()
+        blocker = fam._pool.submit(busy.wait, 10)  # the pool's threads taken
+        blocker2 = fam._pool.submit(busy.wait, 10)
+        assert fam._each(4, lambda i: i * i) == [0, 1, 4, 9]  # done by this thread alone
+        busy.set()
+        blocker.result(), blocker2.result()
+
+
 def test_threads_let_go_of_their_decoding_buffers_when_the_last_archive_closes(tmp_path) -> None:
     """Without a cache, inputs are decoded into buffers the reading thread keeps for its next
     read (the planes of a float32 tensor, the float mask of a bfloat16 one). The caller's own
