@@ -427,7 +427,8 @@ class Archive:
                     self._cache.put(key, kept._replace(partial=False), kept.nbytes)
             known = kept.chunks if kept is not None else None
         if known is None:
-            return Planar(ref.numel, ref.chunk_elements, lambda i: self._c.read_planar(ref, i, where, f"{slot}.plane"))
+            return Planar(ref.numel, ref.chunk_elements, lambda i: self._c.read_planar(ref, i, where, f"{slot}.plane"),
+                          self._each)
 
         def chunk(i: int) -> tuple[list[np.ndarray], int]:
             planes, r = known[i]
@@ -435,7 +436,7 @@ class Archive:
                 return planes, r
             # views of the mapped file, checked; nearly empty planes decoded into this thread's buffers
             return self._c.read_planar(ref, i, where, f"{slot}.plane", known=planes)
-        return Planar(ref.numel, ref.chunk_elements, chunk)
+        return Planar(ref.numel, ref.chunk_elements, chunk, self._each)
 
     def _decode_planar(self, ref: ArrayRef, where: str, budget: int, kept: "_KeptPlanes | None" = None,
                        room: int | None = None) -> "_KeptPlanes | None":
@@ -485,8 +486,9 @@ class Archive:
 
     def _each(self, n: int, fn: Callable[[int], Any]) -> list[Any]:
         """``[fn(i) for i in range(n)]``, this thread and the archive's idle ones together: the
-        chunks of one large array, so that its decoding does not wait on one core while the others
-        have nothing left to do (a state dict whose largest tensor is most of it). The pool's
+        chunks of one large array (decoded for the cache, or rebuilt: ``Planar.each``), so that
+        its work does not wait on one core while the others have nothing left to do (a state dict
+        whose largest tensor is most of it). The pool's
         threads join when they are free (busy with other tensors, they do not); this thread takes
         every index no one else has, so it never waits on work that has not started."""
         pool = self._pool if n > 1 else None
@@ -511,7 +513,8 @@ class Archive:
                     return
 
         helpers = [self._submit(pool, loop) for _ in range(min(self.threads, n) - 1)]
-        loop()
+        with kernels.as_worker():  # threads side by side: each chunk's loop runs unsplit
+            loop()
         for f in helpers:
             if not f.cancel():
                 f.result()

@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -174,8 +175,13 @@ class Planar:
     (four, or two) and their rotation. The reader makes them, with the planes decoded when asked
     or kept from an earlier read."""
 
-    def __init__(self, numel: int, chunk_elements: int, chunk: Callable[[int], tuple[list[np.ndarray], int]]):
+    def __init__(self, numel: int, chunk_elements: int, chunk: Callable[[int], tuple[list[np.ndarray], int]],
+                 each: Callable[[int, Callable[[int], Any]], list[Any]] | None = None):
         self.numel, self.chunk_elements, self.chunk = numel, chunk_elements, chunk
+        #: how :func:`reconstruct_planar` runs its chunks: ``each(n, fn)`` is ``[fn(i) for i in
+        #: range(n)]``, or the same on several threads (the reader's, for a large tensor); ``chunk``
+        #: must then be callable from any of them
+        self.each = each or (lambda n, fn: [fn(i) for i in range(n)])
 
 
 #: The compiled rebuilds from byte planes (``kernels``' names), by output dtype.
@@ -210,12 +216,16 @@ def reconstruct_planar(theta_0: Planar, mask: torch.Tensor | Bits, tau_mtl: Plan
         if m.dtype != np.uint8:
             m = m.astype(np.uint8)
     ce = theta_0.chunk_elements
-    for i, a in enumerate(range(0, n, ce)):
+
+    def one(i: int) -> None:  # chunks write apart: they may run on several threads at once
+        a = i * ce
         b = min(n, a + ce)
         base_planes, rb = theta_0.chunk(i)
         merged_planes, rm = tau_mtl.chunk(i)
         join(base_planes, rb, merged_planes, rm, kernels.mask_part(m, a, b, bits), flat[a:b],
              threads=torch.get_num_threads(), bits=bits)
+
+    theta_0.each(-(-n // ce), one)
     return out
 
 
