@@ -282,7 +282,7 @@ def test_planes_over_the_cache_budget_take_only_the_room_there_is(tmp_path) -> N
     with tallpack.open(out, cache_bytes=1 << 30) as fam:
         fam.get_tensor("a", "small")
         whole = {k: v.nbytes for k, (v, _) in fam._cache._items.items() if k[0] == "planar"}
-        assert len(whole) == 2  # its base and merged vector
+        assert len(whole) == (2 if kernels.COMPILED else 0)  # its base and merged vector, as planes
     budget = sum(whole.values()) + 5 * 8192
     with tallpack.open(out, cache_bytes=budget) as fam, tallpack.open(out, cache_bytes=0, threads=1) as plain:
         for t in tasks:

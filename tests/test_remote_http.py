@@ -11,6 +11,7 @@ import torch
 from click.testing import CliRunner
 
 import tallpack
+from tallpack import kernels
 from tallpack.container import FOOTER, HEADER
 from tallpack.encodings import encoding_for
 from tallpack.remote import coalesce
@@ -167,6 +168,7 @@ def test_an_array_cached_in_part_is_fetched_with_the_rest(http_server, served):
             http_server.reset()
             assert torch.equal(fam.get_tensor(task, "layers.0.w"), want)
             kept = [v for k, (v, _) in fam._cache._items.items() if k[0] == "planar"]
-            assert kept and all(0 < v.cut < 6 for v in kept)  # 6 chunks of 4 KB of planes; 2 fit
+            if kernels.COMPILED:  # the planar path needs the compiled loops
+                assert kept and all(0 < v.cut < 6 for v in kept)  # 6 chunks of 4 KB of planes; 2 fit
             assert http_server.served() <= without, (task, http_server.served(), without)
             assert http_server.gets() <= requests + 2, (task, http_server.gets(), requests)
