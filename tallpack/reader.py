@@ -485,42 +485,15 @@ class Archive:
         return _KeptPlanes(out, held, partial, 1, cut)
 
     def _each(self, n: int, fn: Callable[[int], Any]) -> list[Any]:
-        """``[fn(i) for i in range(n)]``, this thread and the archive's idle ones together: the
-        chunks of one large array (decoded for the cache, or rebuilt: ``Planar.each``), so that
-        its work does not wait on one core while the others have nothing left to do (a state dict
-        whose largest tensor is most of it). The pool's
-        threads join when they are free (busy with other tensors, they do not); this thread takes
-        every index no one else has, so it never waits on work that has not started."""
+        """``[fn(i) for i in range(n)]``, this thread and the archive's idle ones together
+        (``_together``): the chunks of one large array (decoded for the cache, or rebuilt:
+        ``Planar.each``), so that its work does not wait on one core while the others have
+        nothing left to do (a state dict whose largest tensor is most of it). The pool's threads
+        join when they are free; busy with other tensors, they do not."""
         pool = self._pool if n > 1 else None
         if pool is None:
             return [fn(i) for i in range(n)]
-        results: list[Any] = [None] * n
-        lock = threading.Lock()
-        state: dict[str, Any] = {"next": 0, "error": None}
-
-        def loop() -> None:
-            while True:
-                with lock:
-                    i = state["next"]
-                    if i >= n or state["error"] is not None:
-                        return
-                    state["next"] = i + 1
-                try:
-                    results[i] = fn(i)
-                except BaseException as e:  # noqa: BLE001 (handed to the caller below)
-                    with lock:
-                        state["error"] = state["error"] or e
-                    return
-
-        helpers = [self._submit(pool, loop) for _ in range(min(self.threads, n) - 1)]
-        with kernels.as_worker():  # threads side by side: each chunk's loop runs unsplit
-            loop()
-        for f in helpers:
-            if not f.cancel():
-                f.result()
-        if state["error"] is not None:
-            raise state["error"]
-        return results
+        return self._together(pool, n, fn, min(self.threads, n) - 1)
 
     def _worth_threads(self, needed: Mapping[str, tuple[Any, Use]], device, whole: bool,
                        planar: tuple[str, ...] = ()) -> bool:
@@ -664,14 +637,23 @@ class Archive:
         return {k: got[k] for k in sd}
 
     def _share(self, pool: ThreadPoolExecutor, jobs: list[Callable[[], Any]], sizes: list[int]) -> list[Any]:
-        """Each job's result, run by this thread and the pool's together: each thread takes the
-        next job when it finishes one. No future per job, so hundreds of small tensors cost
-        little more than their work (a future and a wake-up each cost more than rebuilding a
-        small tensor). Jobs come largest first (``sizes``, decoded bytes); the pool's threads stop
-        at the first under SHARE_BYTES, and this thread does those alone: threads that hand the
-        GIL back and forth for small tensors are slower than one (BENCHMARKS.md, eighth round).
-        The first error stops the others from taking more, and is raised here."""
-        results: list[Any] = [None] * len(jobs)
+        """Each job's result, run by this thread and the pool's together (``_together``). Jobs
+        come largest first (``sizes``, decoded bytes); the pool's threads stop at the first under
+        SHARE_BYTES, and this thread does those alone: threads that hand the GIL back and forth
+        for small tensors are slower than one (BENCHMARKS.md, eighth round)."""
+        shared = sum(1 for n in sizes if n >= SHARE_BYTES)
+        return self._together(pool, len(jobs), lambda i: jobs[i](), min(self.threads, shared) - 1, sizes)
+
+    def _together(self, pool: ThreadPoolExecutor, n: int, fn: Callable[[int], Any], helpers: int,
+                  sizes: list[int] | None = None) -> list[Any]:
+        """``[fn(i) for i in range(n)]`` by this thread and ``helpers`` of the pool's threads: each
+        takes the next index when it finishes one. No future per item, so hundreds of small
+        tensors cost little more than their work (a future and a wake-up each cost more than
+        rebuilding a small tensor). With ``sizes``, the pool's threads stop at the first index
+        whose size is under SHARE_BYTES. This thread takes every index no one else has, so it
+        never waits on work no thread started (a helper still queued behind other work is
+        cancelled). The first error stops the others from taking more, and is raised here."""
+        results: list[Any] = [None] * n
         lock = threading.Lock()
         state: dict[str, Any] = {"next": 0, "error": None}
 
@@ -679,25 +661,25 @@ class Archive:
             while True:
                 with lock:
                     i = state["next"]
-                    if i >= len(jobs) or state["error"] is not None or sizes[i] < smallest:
+                    if i >= n or state["error"] is not None or (sizes is not None and sizes[i] < smallest):
                         return
                     state["next"] = i + 1
                 try:
-                    results[i] = jobs[i]()
+                    results[i] = fn(i)
                 except BaseException as e:  # noqa: BLE001 (handed to the caller below)
                     with lock:
                         if state["error"] is None:
                             state["error"] = e
                     return
 
-        shared = sum(1 for n in sizes if n >= SHARE_BYTES)
-        helpers = [self._submit(pool, loop, SHARE_BYTES) for _ in range(min(self.threads, shared) - 1)]
+        futures = [self._submit(pool, loop, SHARE_BYTES) for _ in range(helpers)]
         try:
             with kernels.as_worker():  # side by side with the pool's threads: loops run unsplit
                 loop()
         finally:
-            for f in helpers:
-                f.result()
+            for f in futures:
+                if not f.cancel():
+                    f.result()
         if state["error"] is not None:
             raise state["error"]
         return results
