@@ -467,6 +467,7 @@ class ContainerReader:
         try:
             return ref.chain.codecs[0].kept_nbytes(stored, ref.chunk_numel(i) * itemsize(ref.dtype), known, cheap)
         except FormatError as e:
+            self._stored(ref, i, where)  # a damaged chunk says so (IntegrityError), before what it garbles
             raise type(e)(f"{self.name}: {where}: chunk {i}: {e}") from None
 
     def read_bits(self, ref: ArrayRef, where: str, into: memoryview) -> memoryview:

@@ -388,3 +388,25 @@ def test_chunks_are_checked_once_per_open_local_archive(tmp_path) -> None:
             f.seek(c.offset)
             f.write(bytes([good[c.offset] ^ 1]))
         assert any("checksum mismatch" in p for p in fam.verify())
+
+
+def test_damaged_plane_lengths_read_as_a_damaged_chunk(tmp_path, monkeypatch):
+    """The cache sizes a chunk of byte planes from its plane lengths before it is decoded (and
+    before its checksum is checked, reader._decode_planar): lengths garbled by damage still raise
+    the checksum's IntegrityError, naming the tensor and chunk, not a complaint about the lengths."""
+    from tallpack import reader
+
+    monkeypatch.setattr(reader, "PLANAR_MIN_ELEMENTS", 0)
+    g = torch.Generator().manual_seed(3)
+    base = {"w": torch.randn(64, 128, generator=g)}
+    tasks = {t: {"w": base["w"] + 0.01 * torch.randn(64, 128, generator=g)} for t in ("a", "b")}
+    path = tmp_path / "p.tallpack"
+    tallpack.pack(base, tasks, path, chunk_elements=4096)
+    with tallpack.open(path) as fam:
+        c = fam.manifest.tensors[0].arrays["base"].chunks[1]
+    raw = bytearray(path.read_bytes())
+    raw[c.offset + 6] ^= 0x10  # in the first plane's length (after the 4-byte rotation)
+    path.write_bytes(bytes(raw))
+    with tallpack.open(path) as fam:
+        with pytest.raises(IntegrityError, match=r"tensor 'w' \(base\).*chunk 1"):
+            fam.state_dict("a")
