@@ -41,9 +41,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import torch
 import zstandard
 
+from ._torch import torch
 from .arrays import ArrayRef
 from .codecs import Chain
 from .container import ALIGNMENT, FOOTER, HEADER

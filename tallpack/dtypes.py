@@ -2,36 +2,33 @@
 
 from __future__ import annotations
 
+import functools
 import sys
 import warnings
 
 import numpy as np
-import torch
 
+from ._torch import torch
 from .elements import ELEMENTS, numel
 from .errors import FormatError, UnsupportedVersionError
 
 if sys.byteorder != "little":  # pragma: no cover - every platform torch ships for is little-endian
     raise ImportError("tallpack needs a little-endian machine")
 
-#: spec name -> torch dtype. The spec names are torch's names without the ``torch.`` prefix.
-DTYPES: dict[str, torch.dtype] = {
-    "float64": torch.float64,
-    "float32": torch.float32,
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "int64": torch.int64,
-    "int32": torch.int32,
-    "int16": torch.int16,
-    "int8": torch.int8,
-    "uint8": torch.uint8,
-    "bool": torch.bool,
-}
-for _name in ("float8_e4m3fn", "float8_e5m2", "uint16", "uint32", "uint64"):
-    if hasattr(torch, _name):
-        DTYPES[_name] = getattr(torch, _name)
+#: spec names this module maps to torch dtypes (those of ``_OPTIONAL`` only where torch has them).
+#: The spec names are torch's names without the ``torch.`` prefix.
+_NAMED = ("float64", "float32", "float16", "bfloat16", "int64", "int32", "int16", "int8", "uint8", "bool")
+_OPTIONAL = ("float8_e4m3fn", "float8_e5m2", "uint16", "uint32", "uint64")
+assert set(_NAMED + _OPTIONAL) <= set(ELEMENTS)
 
-assert set(DTYPES) <= set(ELEMENTS)
+
+@functools.cache
+def _tables() -> tuple[dict[str, torch.dtype], dict[torch.dtype, str]]:
+    """spec name -> torch dtype, and back; built on first use, so importing this module does not import torch."""
+    dtypes = {name: getattr(torch, name) for name in (*_NAMED, *_OPTIONAL) if hasattr(torch, name)}
+    return dtypes, {v: k for k, v in dtypes.items()}
+
+
 #: safetensors' dtype codes -> spec names.
 SAFETENSORS_DTYPES: dict[str, str] = {
     "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
@@ -40,13 +37,11 @@ SAFETENSORS_DTYPES: dict[str, str] = {
     "U64": "uint64",
 }
 
-_NAMES = {v: k for k, v in DTYPES.items()}
-
 
 def dtype_name(dtype: torch.dtype) -> str:
     """The spec name of a torch dtype, e.g. ``torch.bfloat16 -> "bfloat16"``."""
     try:
-        return _NAMES[dtype]
+        return _tables()[1][dtype]
     except KeyError:
         raise FormatError(f"unsupported tensor dtype {dtype}") from None
 
@@ -56,7 +51,7 @@ def torch_dtype(name: str) -> torch.dtype:
     if not isinstance(name, str):
         raise FormatError(f"dtype {name!r} is not a name")
     try:
-        return DTYPES[name]
+        return _tables()[0][name]
     except KeyError:
         raise UnsupportedVersionError(
             f"unknown dtype {name!r} in manifest; a newer tallpack (or torch) may read it") from None

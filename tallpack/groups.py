@@ -14,8 +14,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
-import torch
-
+from ._torch import torch
 from .arrays import check_shape
 from .elements import numel
 from .errors import FormatError

@@ -5,8 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
 
-import torch
-
+from ._torch import torch
 from .encodings import Item
 from .errors import InvalidArgumentError
 from .manifest import check_task_name

@@ -9,8 +9,7 @@ from __future__ import annotations
 import math
 from typing import Protocol
 
-import torch
-
+from ._torch import torch
 from .arrays import ArrayRef
 from .encodings import Use, encoding_for
 from .encodings.base import split_parts

@@ -15,15 +15,15 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import numpy as np
-import torch
 
+from ._torch import torch
 from .errors import FormatError, InvalidArgumentError
 
 log = logging.getLogger(__name__)
 
 #: A callable returning a fresh pass over the family: an iterator of blocks, each a list of
 #: per-task float32 task vectors of the same shape.
-Passes = Callable[[], Iterator[list[torch.Tensor]]]
+Passes = Callable[[], Iterator[list["torch.Tensor"]]]
 
 
 @dataclass(frozen=True)

@@ -7,9 +7,7 @@ import dataclasses
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 from .arrays import DEFAULT_CHUNK_ELEMENTS, check_chunk_elements
 from .checksums import CHECKSUMS, DEFAULT_CHECKSUM
@@ -20,8 +18,11 @@ from .merging import MergeMethod, get_method
 from .progress import ProgressLike
 from .tall import DEFAULT_LAMBDA
 
+if TYPE_CHECKING:
+    import torch
+
 #: A task evaluator: ``fn(task_name, state_dict) -> score``, higher is better.
-Evaluator = Callable[[str, Mapping[str, torch.Tensor]], float]
+Evaluator: TypeAlias = "Callable[[str, Mapping[str, torch.Tensor]], float]"
 __all__ = ["DENSE_PRESETS", "Evaluator", "PackOptions"]
 
 

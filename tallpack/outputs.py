@@ -18,8 +18,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import torch
-
+from ._torch import torch
 from .dtypes import torch_dtype
 from .elements import itemsize, numel
 from .folders import write_files

@@ -14,8 +14,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-import torch
-
+from ._torch import torch
 from ._version import __version__
 from .container import ContainerWriter
 from .dial import Dial

@@ -11,8 +11,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
-import torch
-
+from ._torch import torch
 from .dtypes import all_equal
 from .elements import FLOATING
 from .errors import IncompatibleCheckpointsError

@@ -19,8 +19,8 @@ from functools import partial
 from typing import Any, NamedTuple
 
 import numpy as np
-import torch
 
+from ._torch import torch
 from . import kernels
 from .arrays import ArrayRef
 from .cache import DEFAULT_CACHE_BYTES, ByteLRU

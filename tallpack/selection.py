@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
+from ._torch import torch
 from .dtypes import torch_dtype
 from .errors import InvalidArgumentError, TallpackError
 from .inputs import PackInputs

@@ -18,10 +18,9 @@ import os
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 
+from ._torch import torch
 from .errors import InvalidArgumentError
 
 __all__ = ["input_moments", "load", "save"]
@@ -74,12 +73,16 @@ def save(weights: Mapping[str, Mapping[str, Any]], path: str | os.PathLike) -> N
             raise InvalidArgumentError(f"sensitivity: task name {task!r} holds a '/'")
         for name, w in by_name.items():
             flat[f"{task}/{name}"] = torch.as_tensor(w).detach().to("cpu", torch.float32).contiguous()
+    from safetensors.torch import save_file  # imports torch: here, not when tallpack is imported
+
     save_file(flat, os.fspath(path))
 
 
 def load(path: str | os.PathLike) -> dict[str, dict[str, torch.Tensor]]:
     """Read a sensitivity written by :func:`save`: task -> tensor name -> weights."""
     try:
+        from safetensors.torch import load_file
+
         flat = load_file(os.fspath(path))
     except (OSError, SafetensorError) as e:
         raise InvalidArgumentError(f"{os.fspath(path)}: not a readable safetensors file of weights ({e})") from None

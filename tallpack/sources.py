@@ -25,6 +25,7 @@ file is opened; it does not defend against a folder changed by someone else whil
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -35,9 +36,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Union
 
-import torch
 from safetensors import safe_open
 
+from ._torch import torch
 from .dtypes import SAFETENSORS_DTYPES as _ST_DTYPES
 from .dtypes import dtype_name
 from .elements import itemsize, numel
@@ -47,7 +48,7 @@ from .storage import is_url
 log = logging.getLogger(__name__)
 
 #: Anything ``open_source`` accepts.
-SourceLike = Union[str, os.PathLike, Mapping[str, torch.Tensor], "Source"]
+SourceLike = Union[str, os.PathLike, Mapping[str, "torch.Tensor"], "Source"]
 
 _TORCH_SUFFIXES = (".bin", ".pt", ".pth")
 
@@ -209,18 +210,22 @@ def _torch_load(path: Path) -> dict[str, torch.Tensor]:
     return _tensor_dict(str(path), obj)
 
 
-_SPARSE = {torch.sparse_coo, torch.sparse_csr, torch.sparse_csc, torch.sparse_bsr, torch.sparse_bsc}
-_PLAIN_TYPES = tuple(c for c in (torch.Tensor, torch.nn.Parameter, getattr(torch.nn, "Buffer", None)) if c)
+@functools.cache
+def _kinds() -> tuple[tuple[type, ...], frozenset]:
+    """The tensor classes that hold plain data, and the sparse layouts (built on first use: torch loads lazily)."""
+    plain = tuple(c for c in (torch.Tensor, torch.nn.Parameter, getattr(torch.nn, "Buffer", None)) if c)
+    return plain, frozenset({torch.sparse_coo, torch.sparse_csr, torch.sparse_csc, torch.sparse_bsr, torch.sparse_bsc})
 
 
 def _why_unreadable(t: torch.Tensor) -> str | None:
     """Why ``t`` has no plain dense data tallpack can read, and what to do; None when it has."""
     if t.is_nested:
         return "is a nested tensor; store its components as separate dense tensors"
-    if type(t) not in _PLAIN_TYPES:
+    plain, sparse = _kinds()
+    if type(t) not in plain:
         return (f"is a {type(t).__name__} (a tensor subclass tallpack cannot read); "
                 "convert it to a plain dense tensor first")
-    if t.layout in _SPARSE:
+    if t.layout in sparse:
         return f"is a sparse tensor ({t.layout}); convert it to dense first (tensor.to_dense())"
     if t.layout != torch.strided:
         return f"has layout {t.layout}, not a dense one; convert it to dense first (tensor.to_dense())"

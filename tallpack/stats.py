@@ -14,8 +14,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import torch
-
+from ._torch import torch
 from .encodings.derived import has_mask, task_mask
 from .encodings.qtau import task_masks
 from .errors import TallpackError

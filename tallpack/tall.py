@@ -5,14 +5,15 @@ These functions work on one block of one tensor; the packer streams a family thr
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import torch
 
+from ._torch import torch
 from . import kernels
 from .memory import ThreadBuffers
 
@@ -30,8 +31,9 @@ class Workspace:
     def __init__(self) -> None:
         self._bufs: dict[tuple[str, torch.dtype], torch.Tensor] = {}
 
-    def get(self, name: str, n: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """A 1-d buffer of ``n`` elements (its contents are whatever was there)."""
+    def get(self, name: str, n: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """A 1-d buffer of ``n`` elements of ``dtype`` (float32 by default; its contents are whatever was there)."""
+        dtype = torch.float32 if dtype is None else dtype
         b = self._bufs.get((name, dtype))
         if b is None or b.numel() < n:
             b = self._bufs[(name, dtype)] = torch.empty(n, dtype=dtype)
@@ -184,28 +186,31 @@ class Planar:
         self.each = each or (lambda n, fn: [fn(i) for i in range(n)])
 
 
-#: The compiled rebuilds from byte planes (``kernels``' names), by output dtype.
-_JOINS = {torch.float32: "tall_planes", torch.bfloat16: "tall_planes_bf16", torch.float16: "tall_planes_f16"}
+@functools.cache
+def _joins() -> dict[torch.dtype, str]:
+    """The compiled rebuilds from byte planes (``kernels``' names), by output dtype."""
+    return {torch.float32: "tall_planes", torch.bfloat16: "tall_planes_bf16", torch.float16: "tall_planes_f16"}
 
 
 def _join(dtype: torch.dtype) -> Callable:
-    name = _JOINS.get(dtype)
+    name = _joins().get(dtype)
     if name is None:
         raise ValueError(f"no rebuild from byte planes into {dtype}")  # a caller's bug
     return getattr(kernels, name)
 
 
 def reconstruct_planar(theta_0: Planar, mask: torch.Tensor | Bits, tau_mtl: Planar, shape: Sequence[int],
-                       dtype: torch.dtype = torch.float32) -> torch.Tensor:
+                       dtype: torch.dtype | None = None) -> torch.Tensor:
     """:func:`reconstruct` with ``theta_0`` and ``tau_MTL`` as byte planes of the same chunks:
-    one pass per chunk joins both, adds and, for a bfloat16 or float16 ``dtype`` (``theta_0``
-    then of that dtype too), rounds (``kernels.tall_planes``, ``tall_planes_bf16``,
+    one pass per chunk joins both, adds and, for a bfloat16 or float16 ``dtype`` (float32 by
+    default; ``theta_0`` then of that dtype too), rounds (``kernels.tall_planes``, ``tall_planes_bf16``,
     ``tall_planes_f16``; the same bits). ``mask`` is a bool tensor or its stored bits."""
     n = theta_0.numel
     bits = isinstance(mask, Bits)
     if not (n == tau_mtl.numel == (mask.numel if bits else mask.numel())
             and theta_0.chunk_elements == tau_mtl.chunk_elements > 0 and theta_0.chunk_elements % 8 == 0):
         raise ValueError("base, merged vector and mask differ in length or chunks")  # a caller's bug
+    dtype = torch.float32 if dtype is None else dtype
     join = _join(dtype)
     out = torch.empty(tuple(shape), dtype=dtype)
     flat = _flat(out) if dtype == torch.float32 else _flat(out.view(torch.int16))

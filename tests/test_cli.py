@@ -154,3 +154,32 @@ def test_console_script_is_installed(packed):
     r = subprocess.run([sys.executable, "-m", "tallpack_cli.main", "inspect", str(packed), "--json"],
                        capture_output=True, text=True)
     assert r.returncode == 0 and json.loads(r.stdout)["format_version"] == written_str(12)
+
+
+_NO_TORCH = """
+import sys
+class Refuse:  # any import of torch fails, and says who asked
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch" or name.startswith("torch."):
+            raise ImportError("torch imported")
+sys.meta_path.insert(0, Refuse())
+from tallpack_cli.main import main
+main()
+"""
+
+
+@pytest.mark.parametrize("args", [["--version"], ["--help"], ["pack", "--help"], ["inspect", "{a}"],
+                                  ["inspect", "{a}", "--json"], ["verify", "{a}"]])
+def test_commands_that_need_no_tensors_start_without_torch(packed, args):
+    """Importing torch takes seconds: help, version, inspect and verify do without it."""
+    r = subprocess.run([sys.executable, "-c", _NO_TORCH, *[a.format(a=packed) for a in args]],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "torch imported" not in r.stderr
+
+
+def test_the_refusal_above_would_catch_torch(packed):
+    """The check above can fail: a command that builds tensors does import torch, and is refused."""
+    r = subprocess.run([sys.executable, "-c", _NO_TORCH, "unpack", str(packed), "--task", "a", "-o",
+                        str(packed.parent / "a.safetensors")], capture_output=True, text=True)
+    assert r.returncode != 0 and "torch imported" in r.stderr

@@ -21,8 +21,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
-import torch
-
+from .._torch import torch
 from ..arrays import ArrayRef, check_shape
 from ..codecs import Chain
 from ..dtypes import dtype_name, tensor_to_bytes
@@ -222,7 +221,7 @@ class Use(enum.Enum):
 
 
 #: Reads one array of the archive as a tensor: ``read(ref, where, use=Use.OUTPUT)``.
-ReadArray = Callable[..., torch.Tensor]
+ReadArray = Callable[..., "torch.Tensor"]
 
 
 class Encoding:

@@ -29,8 +29,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import torch
 
+from .._torch import torch
 from ..arrays import ArrayRef
 from ..dtypes import torch_dtype
 from ..errors import FormatError

@@ -5,8 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-import torch
-
+from .._torch import torch
 from ..arrays import ArrayRef
 from ..dtypes import dtype_name
 from ..errors import FormatError

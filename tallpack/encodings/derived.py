@@ -21,8 +21,7 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-import torch
-
+from .._torch import torch
 from ..arrays import ArrayRef
 from ..dtypes import torch_dtype
 from ..errors import FormatError, IntegrityError

@@ -15,8 +15,7 @@ tau_MTL (cached with the base, :class:`DerivedMerged`), then the task's mask as 
 
 from __future__ import annotations
 
-import torch
-
+from .._torch import torch
 from ..arrays import ArrayRef
 from ..errors import FormatError
 from ..merging import MergeMethod, derive_merged

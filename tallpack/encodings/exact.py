@@ -23,9 +23,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import torch
 import xxhash
 
+from .._torch import torch
 from ..arrays import ArrayRef
 from ..codecs import BitSplit, Chain
 from ..dtypes import dtype_name, tensor_to_bytes, torch_dtype

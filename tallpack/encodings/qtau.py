@@ -21,8 +21,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import numpy as np
-import torch
 
+from .._torch import torch
 from ..arrays import ArrayRef
 from ..dtypes import torch_dtype
 from ..elements import FLOATING
