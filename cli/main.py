@@ -139,6 +139,8 @@ def _method_options(f):
               help="Chunk checksum (crc32 gives a format 1.0 archive that tallpack 0.1 reads).")
 @click.option("--chunk-elements", type=click.IntRange(8), default=_DEFAULTS.chunk_elements, show_default=True,
               help="Elements per chunk (a multiple of 8).")
+@click.option("--no-paths", is_flag=True,
+              help="Leave the inputs' paths out of the archive (recorded as given, for provenance, by default).")
 @click.option("--keep-base-only/--no-keep-base-only", default=False, show_default=True,
               help="Keep base tensors that no task has.")
 @click.option("--allow-mismatch", is_flag=True, help="Store tensors whose shapes differ from the base per task.")
@@ -165,7 +167,7 @@ def _method_options(f):
                    "TASK/TENSOR (tallpack.sensitivity.save).")
 def pack(base, task_specs, output, lambda_specs, merge, codec, level, checksum, chunk_elements,
          keep_base_only, allow_mismatch, group, threads, force, progress, exact, derive_masks, derive_merged, fidelity,
-         budget, sensitivity_file, **method_options) -> None:
+         budget, sensitivity_file, no_paths, **method_options) -> None:
     """Pack a base model and its fine-tuned tasks into one archive."""
     tasks = _parse_tasks(task_specs)
     lambdas = _parse_lambdas(lambda_specs, tasks)
@@ -179,7 +181,7 @@ def pack(base, task_specs, output, lambda_specs, merge, codec, level, checksum, 
                           chunk_elements=chunk_elements, keep_base_only=keep_base_only,
                           allow_mismatch=allow_mismatch, group=group, threads=threads,
                           progress=_progress(progress), exact=exact, derive_masks=derive_masks,
-                          derive_merged=derive_merged, overwrite=force,
+                          derive_merged=derive_merged, overwrite=force, record_paths=not no_paths,
                           fidelity=fidelity, budget=budget,
                           sensitivity=None if sensitivity_file is None else tallpack.sensitivity.load(sensitivity_file))
     m = tallpack.pack(base, tasks, output, options)

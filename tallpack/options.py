@@ -62,6 +62,10 @@ class PackOptions:
     #: False stores every merged vector
     derive_merged: bool = True
     overwrite: bool = False
+    #: record each input's path, as given, in the manifest (``source.path``: provenance only, never
+    #: read back); False leaves the paths out, so an archive to be shared holds no local paths and
+    #: packing the same files from another folder gives the same bytes
+    record_paths: bool = True
     #: store merged (and shared) tensors of fewer than 262,144 elements in groups of up to 1M elements
     #: (format 1.12, ``tallpack.groups``): one rebuild per group instead of one per tensor. Not
     #: with ``exact`` or the fidelity dial, which work tensor by tensor
@@ -96,7 +100,7 @@ class PackOptions:
             raise InvalidArgumentError(str(e)) from None
         if self.checksum not in CHECKSUMS:
             raise InvalidArgumentError(f"unknown checksum {self.checksum!r}; choose one of {', '.join(CHECKSUMS)}")
-        for key in ("overwrite", "group"):
+        for key in ("overwrite", "group", "record_paths"):
             if not isinstance(getattr(self, key), bool):
                 raise InvalidArgumentError(f"{key} must be True or False, got {getattr(self, key)!r}")
         if self.threads is not None and (type(self.threads) is not int or self.threads < 1):

@@ -32,7 +32,7 @@ from .originals import record
 from .plan import Kind
 from .progress import track
 from .selection import select_lambdas
-from .sources import SourceLike, stem
+from .sources import Source, SourceLike, stem
 from .staging import fetched, staged
 from .tall import Fidelity
 
@@ -133,6 +133,10 @@ def _write(fam: PackInputs, v: Validated, lams: dict[str, float], out: Path, sel
             groups.flush_all(entries)
         task_files = {t: store.add(src.files, f"task {t!r}") for t, src in fam.tasks.items()}
 
+        def described(src: Source) -> dict[str, Any]:
+            d = src.describe()
+            return d if opts.record_paths else {k: v for k, v in d.items() if k != "path"}
+
         def manifest() -> Manifest:
             stored = [e for e in entries if e is not None]  # every place is filled by now
             infos = []
@@ -140,11 +144,11 @@ def _write(fam: PackInputs, v: Validated, lams: dict[str, float], out: Path, sel
                 src, fid = fam.tasks[t], fidelity[t]
                 figures = fid.to_dict() | (dial.achieved[t] if dial is not None and t in dial.achieved else {})
                 infos.append(TaskInfo(t, lams[t], fid.density if fid.numel else None, figures,
-                                      tuple(src.keys()), src.describe(), src.metadata,
+                                      tuple(src.keys()), described(src), src.metadata,
                                       record(src) if opts.exact else None, task_files[t]))
             return Manifest(
                 w.version, f"tallpack {__version__}", v.method.params(), tuple(infos), tuple(stored),
-                base=fam.base.describe() | {"metadata": fam.base.metadata} | ({"files": base_files} if base_files else {}),
+                base=described(fam.base) | {"metadata": fam.base.metadata} | ({"files": base_files} if base_files else {}),
                 stats={"source_bytes": fam.source_bytes, "kinds": count_kinds(stored),
                        **({"selection": selection} if selection else {}),
                        **({"dial": dial.record()} if dial is not None else {})},

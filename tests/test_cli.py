@@ -10,6 +10,7 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
+import tallpack
 from tallpack_cli.main import main
 from conftest import written_str
 
@@ -183,3 +184,29 @@ def test_the_refusal_above_would_catch_torch(packed):
     r = subprocess.run([sys.executable, "-c", _NO_TORCH, "unpack", str(packed), "--task", "a", "-o",
                         str(packed.parent / "a.safetensors")], capture_output=True, text=True)
     assert r.returncode != 0 and "torch imported" in r.stderr
+
+
+def test_no_paths_leaves_local_paths_out_and_the_bytes_alike(small_family, tmp_path):
+    """--no-paths: the archive names no input path, so the same files packed from two folders give
+    the same bytes; by default each input's path is recorded as given."""
+    import shutil
+    outs = {}
+    for where in ("first", "second-folder"):
+        d = tmp_path / where
+        d.mkdir()
+        for n in ("base", "a", "b"):
+            shutil.copy(small_family["dir"] / f"{n}.safetensors", d / f"{n}.safetensors")
+        for flag in ((), ("--no-paths",)):
+            out = d / f"fam{''.join(flag)}.tallpack"
+            run("pack", "--base", d / "base.safetensors", "--task", d / "a.safetensors", "--task", d / "b.safetensors",
+                "-o", out, *flag)
+            outs[where, bool(flag)] = out
+    with tallpack.open(outs["first", False]) as fam:
+        assert fam.manifest.base["path"] == str(tmp_path / "first" / "base.safetensors")
+        assert fam.task_info("a").source["path"] == str(tmp_path / "first" / "a.safetensors")
+    with tallpack.open(outs["first", True]) as fam, tallpack.open(outs["first", False]) as with_paths:
+        assert "path" not in fam.manifest.base and "path" not in fam.task_info("a").source
+        assert fam.manifest.base["bytes"] == with_paths.manifest.base["bytes"]
+        assert torch.equal(fam.state_dict("a")["body.w"], with_paths.state_dict("a")["body.w"])
+    assert outs["first", True].read_bytes() == outs["second-folder", True].read_bytes()
+    assert outs["first", False].read_bytes() != outs["second-folder", False].read_bytes()
