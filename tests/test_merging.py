@@ -187,3 +187,32 @@ def test_merge_through_the_cli(tmp_path):
     assert set(sd) == set(base) and all(torch.equal(sd[k], want[k]) for k in sd)
     r = run("merge", tmp_path / "ties.tallpack", "--method", "ta", "-o", tmp_path / "m2", ok=False)
     assert r.exit_code == 1 and "--merge ta" in r.output
+
+
+@settings(max_examples=60, deadline=None)
+@given(dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]), n=st.integers(0, 300),
+       block=st.sampled_from([8, 64, 1 << 20]), tasks=st.integers(1, 3), seed=st.integers(0, 2**16),
+       workspace=st.booleans())
+def test_task_vectors_by_block_are_the_widened_difference(dtype, n, block, tasks, seed, workspace):
+    """``tall.blocks`` (16-bit inputs widened into the workspace, the base once a block) gives
+    ``theta_t.float() - theta_0.float()`` bit for bit, infinities and NaNs included."""
+    from tallpack.tall import Workspace, blocks
+    g = torch.Generator().manual_seed(seed)
+    special = torch.tensor([float("inf"), float("-inf"), float("nan"), 0.0, -0.0, 65504.0])
+    def draw():
+        x = torch.randn(n, generator=g) * 10.0 ** torch.randint(-6, 4, (n,), generator=g)
+        pick = torch.rand(n, generator=g) < 0.05
+        x[pick] = special[torch.randint(0, len(special), (int(pick.sum()),), generator=g)]
+        return x.to(dtype)
+    base, thetas = draw(), [draw() for _ in range(tasks)]
+    got = [[] for _ in thetas]
+    for b, taus in blocks(base, thetas, block, Workspace() if workspace else None):
+        assert b.dtype == dtype
+        for i, tau in enumerate(taus):
+            got[i].append(tau.clone())
+    for i, t in enumerate(thetas):
+        want = t.float() - base.float()
+        have = torch.cat(got[i]) if got[i] else torch.empty(0)
+        assert have.dtype == torch.float32
+        assert torch.equal(have.view(torch.int32), want.view(torch.int32)) or torch.equal(
+            torch.nan_to_num(have, nan=7.0), torch.nan_to_num(want, nan=7.0))  # NaN payloads may differ
