@@ -452,6 +452,83 @@ static void unpack_loop(const uint8_t *packed, uint8_t *out, Py_ssize_t n) {
         out[i] = (uint8_t)((packed[i / 8] >> (i % 8)) & 1u);
 }
 
+/* The writer's side of join4/join2 and join_exp4/join_exp2: elements into byte planes, and with
+ * r >= 1 the two top planes stored as planes-exp's S (plane k - 2) and T (plane k - 1):
+ * T = (hi << r | lo >> (8 - r)) & 0xFF, S = (hi & ~keep) | (lo & keep), keep = 0xFF >> r. */
+HOT static void split4(const uint32_t *src, uint8_t *out, Py_ssize_t n, int r) {
+    uint8_t *o0 = out, *o1 = out + n, *o2 = out + 2 * n, *o3 = out + 3 * n;
+    if (r == 0) {
+        for (Py_ssize_t i = 0; i < n; i++) {
+            uint32_t v = src[i];
+            o0[i] = (uint8_t)v; o1[i] = (uint8_t)(v >> 8); o2[i] = (uint8_t)(v >> 16); o3[i] = (uint8_t)(v >> 24);
+        }
+        return;
+    }
+    const uint32_t keep = 0xFFu >> r, high = 0xFFu ^ keep;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        uint32_t v = src[i], lo = (v >> 16) & 0xFFu, hi = v >> 24;
+        o0[i] = (uint8_t)v; o1[i] = (uint8_t)(v >> 8);
+        o2[i] = (uint8_t)((hi & high) | (lo & keep));
+        o3[i] = (uint8_t)((hi << r | lo >> (8 - r)) & 0xFFu);
+    }
+}
+
+HOT static void split2(const uint16_t *src, uint8_t *out, Py_ssize_t n, int r) {
+    uint8_t *o0 = out, *o1 = out + n;
+    if (r == 0) {
+        for (Py_ssize_t i = 0; i < n; i++) {
+            uint32_t v = src[i];
+            o0[i] = (uint8_t)v; o1[i] = (uint8_t)(v >> 8);
+        }
+        return;
+    }
+    const uint32_t keep = 0xFFu >> r, high = 0xFFu ^ keep;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        uint32_t v = src[i], lo = v & 0xFFu, hi = v >> 8;
+        o0[i] = (uint8_t)((hi & high) | (lo & keep));
+        o1[i] = (uint8_t)((hi << r | lo >> (8 - r)) & 0xFFu);
+    }
+}
+
+static void split_any(const uint8_t *src, int k, uint8_t *out, Py_ssize_t n, int r) {
+    const unsigned keep = 0xFFu >> r, high = 0xFFu ^ keep;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        for (int j = 0; j < k; j++)
+            out[j * n + i] = src[i * k + j];
+        if (r) {
+            unsigned lo = src[i * k + k - 2], hi = src[i * k + k - 1];
+            out[(k - 2) * n + i] = (uint8_t)((hi & high) | (lo & keep));
+            out[(k - 1) * n + i] = (uint8_t)((hi << r | lo >> (8 - r)) & 0xFFu);
+        }
+    }
+}
+
+static PyObject *split_planes(PyObject *self, PyObject *args) {
+    Py_buffer src, out;
+    int k, r;
+    if (!PyArg_ParseTuple(args, "y*iiw*:split_planes", &src, &k, &r, &out))
+        return NULL;
+    if (k < 1 || k > MAX_PLANES || src.len % k || out.len != src.len || r < 0 || r > 7 || (r && k < 2)) {
+        PyErr_Format(PyExc_ValueError, "split_planes: %zd bytes of %d-byte elements into %zd, rotation %d",
+                     src.len, k, out.len, r);
+        PyBuffer_Release(&src);
+        PyBuffer_Release(&out);
+        return NULL;
+    }
+    Py_ssize_t n = src.len / k;
+    Py_BEGIN_ALLOW_THREADS
+    if (k == 4 && WORDS_OK(src.buf, 4))
+        split4((const uint32_t *)src.buf, (uint8_t *)out.buf, n, r);
+    else if (k == 2 && WORDS_OK(src.buf, 2))
+        split2((const uint16_t *)src.buf, (uint8_t *)out.buf, n, r);
+    else
+        split_any((const uint8_t *)src.buf, k, (uint8_t *)out.buf, n, r);
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(&src);
+    PyBuffer_Release(&out);
+    Py_RETURN_NONE;
+}
+
 static void release_all(Py_buffer *views, int k) {
     for (int j = 0; j < k; j++)
         PyBuffer_Release(&views[j]);
@@ -911,6 +988,8 @@ static PyObject *json_check(PyObject *self, PyObject *args) {
 static PyMethodDef methods[] = {
     {"unpack_bits", unpack_bits, METH_VARARGS, "unpack_bits(packed, out): LSB-first bits into 0/1 bytes"},
     {"join_planes", join_planes, METH_VARARGS, "join_planes(planes, out): byte planes into elements"},
+    {"split_planes", split_planes, METH_VARARGS,
+     "split_planes(src, k, r, out): k-byte elements into k byte planes; r >= 1 stores the top two as planes-exp's S, T"},
     {"join_exponent", join_exponent, METH_VARARGS, "join_exponent(low, s, t, r, out): planes-exp's planes into elements"},
     {"tall_f32", tall_f32, METH_VARARGS, "tall_f32(base, merged, mask, out, bits=False): out = base + mask * merged"},
     {"tall_planes", tall_planes, METH_VARARGS,

@@ -74,14 +74,31 @@ def _join_numpy(planes: Sequence[np.ndarray], dst: np.ndarray) -> None:
             dst[j : j + BLOCK, i] = plane[j : j + BLOCK]
 
 
-def split_planes(src: np.ndarray, out: np.ndarray) -> None:
+def split_planes(src: np.ndarray, out: np.ndarray, r: int = 0) -> None:
     """Elements into byte planes, the writer's side of ``join_planes``: ``out[i] = src[:, i]`` for
-    ``src`` (n, k) and ``out`` (k, n), in the same blocks (numpy: packing is not the hot path)."""
-    n = src.shape[0]
+    a C-contiguous uint8 ``src`` (n, k) and ``out`` (k, n). With ``r`` from 1 to 7 (k 2 or 4), the
+    two top planes are then stored as planes-exp's S and T of rotation ``r`` (:func:`rotate`):
+    the writer's side of ``join_exponent``, in the same pass."""
+    if _kernels is not None:
+        _kernels.split_planes(src, src.shape[1], r, out)
+        return
+    n, k = src.shape
     for j in range(0, n, BLOCK):
         block = src[j : j + BLOCK]
-        for i in range(src.shape[1]):
+        for i in range(k):
             out[i, j : j + BLOCK] = block[:, i]
+    if r:
+        out[k - 1], out[k - 2] = rotate(out[k - 2].copy(), out[k - 1].copy(), r)
+
+
+def rotate(lo: np.ndarray, hi: np.ndarray, r: int) -> tuple[np.ndarray, np.ndarray]:
+    """planes-exp's stored planes (T, S) of rotation ``r`` for the top byte ``hi`` of each element
+    and the one below ``lo``: ``T = (hi << r | lo >> (8 - r)) & 0xFF``, ``S = (hi & ~keep) | (lo &
+    keep)``, keep being ``0xFF >> r``."""
+    keep = 0xFF >> r
+    t = ((hi << r) | (lo >> (8 - r))).astype(np.uint8)
+    s = (hi & (0xFF ^ keep)) | (lo & keep)
+    return t, s
 
 
 def _join_exponent_numpy(s: np.ndarray, t: np.ndarray, r: int, dst: np.ndarray) -> None:

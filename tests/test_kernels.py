@@ -11,7 +11,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tallpack import codecs, kernels
+from tallpack import kernels
 from tallpack.tall import Bits, reconstruct
 
 _kernels = pytest.importorskip("tallpack._kernels", reason="built without a C compiler: the numpy loops run")
@@ -48,12 +48,47 @@ def test_join_exponent_matches_numpy(n, k, r, offset, seed):
     assert ours.tobytes() == ref.tobytes()
 
 
+def _numpy_split(src: np.ndarray, r: int) -> np.ndarray:
+    """kernels.split_planes' numpy loop, whichever loops this process runs."""
+    saved, kernels._kernels = kernels._kernels, None
+    try:
+        out = np.full((src.shape[1], src.shape[0]), 0xCD, np.uint8)
+        kernels.split_planes(src, out, r)
+    finally:
+        kernels._kernels = saved
+    return out
+
+
+@given(lengths, st.sampled_from([1, 2, 3, 4, 8]), st.integers(0, 7), st.integers(0, 3), st.integers(0, 2**32 - 1))
+def test_split_planes_matches_numpy_and_inverts_the_joins(n, k, r, offset, seed):
+    """The writer's split (and rotation, r >= 1) against the numpy loop and the plain transpose,
+    misaligned sources included; joining the planes back gives the elements."""
+    if r and k not in (2, 4):
+        r = 0  # the rotation is planes-exp's: 2- and 4-byte elements only
+    src = np.stack(_planes(n, k, seed), axis=1) if n else np.empty((0, k), np.uint8)
+    moved = np.empty(src.size + offset, np.uint8)[offset:].reshape(n, k)  # misaligned when offset is odd
+    moved[...] = src
+    ours = np.full((k, n), 0xCD, np.uint8)
+    _kernels.split_planes(moved, k, r, ours)
+    assert ours.tobytes() == _numpy_split(src, r).tobytes()
+    if r == 0:
+        assert ours.tobytes() == np.ascontiguousarray(src.T).tobytes()
+        back = np.empty((n, k), np.uint8)
+        _kernels.join_planes(list(ours), back)
+    else:
+        t, s = kernels.rotate(np.ascontiguousarray(src[:, k - 2]), np.ascontiguousarray(src[:, k - 1]), r)
+        assert ours[k - 1].tobytes() == t.tobytes() and ours[k - 2].tobytes() == s.tobytes()
+        back = np.empty((n, k), np.uint8)
+        _kernels.join_exponent(list(ours[: k - 2]), ours[k - 2], ours[k - 1], r, back)
+    assert back.tobytes() == src.tobytes()
+
+
 @given(st.integers(0, 5000), st.integers(1, 7), st.integers(0, 2**32 - 1))
 @settings(max_examples=40, deadline=None)
 def test_join_exponent_inverts_the_writers_rotation(n, r, seed):
     x = np.random.default_rng(seed).standard_normal(n).astype(np.float32)
     b = x.view(np.uint8).reshape(n, 4)
-    t, s = codecs._rotate(np.ascontiguousarray(b[:, 2]), np.ascontiguousarray(b[:, 3]), r)
+    t, s = kernels.rotate(np.ascontiguousarray(b[:, 2]), np.ascontiguousarray(b[:, 3]), r)
     out = np.empty((n, 4), np.uint8)
     _kernels.join_exponent([np.ascontiguousarray(b[:, 0]), np.ascontiguousarray(b[:, 1])], s, t, r, out)
     assert out.tobytes() == x.tobytes()
@@ -106,7 +141,7 @@ def _stored_planes(x: torch.Tensor, r: int) -> list[np.ndarray]:
     b = x.numpy().view(np.uint8).reshape(-1, 4)
     planes = [np.ascontiguousarray(b[:, j]) for j in range(4)]
     if r:
-        t, s = codecs._rotate(planes[2], planes[3], r)
+        t, s = kernels.rotate(planes[2], planes[3], r)
         planes[2], planes[3] = s, t
     return planes
 
@@ -139,7 +174,7 @@ def _stored_bf16_planes(x: torch.Tensor, r: int) -> list[np.ndarray]:
     b = x.view(torch.int16).numpy().view(np.uint8).reshape(-1, 2)
     planes = [np.ascontiguousarray(b[:, j]) for j in range(2)]
     if r:
-        t, s = codecs._rotate(planes[0], planes[1], r)
+        t, s = kernels.rotate(planes[0], planes[1], r)
         planes = [s, t]
     return planes
 
@@ -219,6 +254,12 @@ def test_tall_f32_declines_unaligned_floats():
     lambda: _kernels.join_planes([np.zeros(4, np.uint8), np.zeros(5, np.uint8)], np.zeros(8, np.uint8)),
     lambda: _kernels.join_planes([np.zeros(1, np.uint8)] * 17, np.zeros(17, np.uint8)),
     lambda: _kernels.join_planes([], np.zeros(0, np.uint8)),
+    lambda: _kernels.split_planes(np.zeros(8, np.uint8), 4, 0, np.zeros(7, np.uint8)),
+    lambda: _kernels.split_planes(np.zeros(9, np.uint8), 4, 0, np.zeros(9, np.uint8)),
+    lambda: _kernels.split_planes(np.zeros(8, np.uint8), 0, 0, np.zeros(8, np.uint8)),
+    lambda: _kernels.split_planes(np.zeros(8, np.uint8), 4, 8, np.zeros(8, np.uint8)),
+    lambda: _kernels.split_planes(np.zeros(8, np.uint8), 1, 1, np.zeros(8, np.uint8)),
+    lambda: _kernels.split_planes(np.zeros(8, np.uint8), 4, 1, np.zeros(8, np.uint8).tobytes()),
     lambda: _kernels.join_planes(5, np.zeros(8, np.uint8)),
     lambda: _kernels.join_planes([np.zeros(4, np.uint8)] * 2, b"\0" * 8),  # read-only output
     lambda: _kernels.join_planes([np.zeros(8, np.uint8)[::2]] * 2, np.zeros(8, np.uint8)),  # strided plane
