@@ -12,7 +12,7 @@ import contextlib
 import importlib
 import os
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from types import ModuleType
 
@@ -337,6 +337,26 @@ def _parts(n: int, threads: int) -> int:
     """How many parts ``_split`` cuts ``n`` elements into: one inside a pool's worker, else up to
     ``threads``, one per SPLIT_ELEMENTS."""
     return 1 if getattr(_local, "worker", False) else max(1, min(threads, n // SPLIT_ELEMENTS))
+
+
+def in_parts(count: int, parts: int, run: Callable[[int, int], None]) -> None:
+    """``run(a, b)`` over ``[0, count)`` in up to ``parts`` contiguous ranges at once: the first on
+    this thread, the others on the helper threads (for work that mostly releases the GIL, as the
+    compiled loops do). Inside a pool's worker (:func:`mark_worker`), one call. Returns once every
+    range is done; the first error, after that."""
+    parts = 1 if getattr(_local, "worker", False) else max(1, min(parts, count))
+    if parts == 1:
+        run(0, count)
+        return
+    cuts = [count * i // parts for i in range(parts + 1)]
+    futures = [_helper_pool().submit(run, a, b) for a, b in zip(cuts[1:-1], cuts[2:])]
+    try:
+        run(cuts[0], cuts[1])
+    finally:
+        errors = [f.exception() for f in futures]  # every range is done before anything is reused
+    for e in errors:
+        if e is not None:
+            raise e
 
 
 def _split(n: int, threads: int, run) -> None:

@@ -111,7 +111,8 @@ def _write(fam: PackInputs, v: Validated, lams: dict[str, float], out: Path, sel
         base_files = store.add(fam.base.files, "base")
         ctx = WriteContext(w, opts.chunk_elements, v.dense, v.masks(), v.method,
                            lams, fidelity, v.residuals if opts.exact or dial else None,
-                           {} if v.derive_masks else None, {} if v.derive_merged else None)
+                           {} if v.derive_masks else None, {} if v.derive_merged else None,
+                           threads=opts.threads or min(8, os.cpu_count() or 1))
         pending: dict[int, str] = {}  # with the dial: merged tensors, written once it has decided
         groups = _Groups(ctx, {e.name for e in fam.plan.tensors}, group_elements(len(names))) if v.group else None
         for entry in tensors:

@@ -488,3 +488,31 @@ def test_tall_mask_pass_falls_back_to_torch_where_the_loop_does_not_apply():
         got, fid = torch.empty(t.numel(), dtype=torch.bool), Fidelity()
         assert tall_mask_with_fidelity(t, m, 0.4, got, fid) == int(tall_mask(t, m, 0.4).sum())
         assert torch.equal(got, tall_mask(t, m, 0.4))
+
+
+@pytest.mark.parametrize("count,parts", [(0, 2), (1, 2), (5, 2), (8, 3), (3, 8)])
+def test_in_parts_covers_every_index_once_and_waits_for_every_part(count, parts):
+    import threading
+    seen, lock = [], threading.Lock()
+
+    def run(a, b):
+        with lock:
+            seen.extend(range(a, b))
+    kernels.in_parts(count, parts, run)
+    assert sorted(seen) == list(range(count))
+
+
+def test_in_parts_raises_a_helpers_error_after_every_part_is_done():
+    import threading
+    import time
+    done = threading.Event()
+
+    def run(a, b):
+        if a == 0:
+            return
+        time.sleep(0.05)
+        done.set()
+        raise RuntimeError("helper failed")
+    with pytest.raises(RuntimeError, match="helper failed"):
+        kernels.in_parts(2, 2, run)
+    assert done.is_set()

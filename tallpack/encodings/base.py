@@ -192,6 +192,8 @@ class WriteContext:
     #: key -> (dtype, chunks)); ``exact.add_exact`` writes them, or leaves them out where every
     #: task's mask is derived and the derivation gives the same bits. None: they are written.
     held_merged: dict[str, dict[str, tuple[str, list[bytes | memoryview]]]] | None = None
+    #: threads the per-task work of a block may run on at once (the tasks' masks)
+    threads: int = 1
 
     def whole(self, t: torch.Tensor) -> ArrayRef:
         """Write a whole tensor as one dense array."""

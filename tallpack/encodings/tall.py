@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+from .. import kernels
 from .._torch import torch
 from ..arrays import ArrayRef
 from ..dtypes import dtype_name, tensor_to_bytes, torch_dtype
@@ -74,6 +75,8 @@ class Tall(Encoding):
         arrays = [*entry_arrays.values(), *mask_arrays]
         pending: list = []  # the previous block's encodings: compressed while this block is computed
         ws = Workspace()
+        halves = min(2, ctx.threads, len(tasks))  # the tasks' masks: half of them on a helper thread
+        spaces = [ws] + [Workspace() for _ in range(halves - 1)]  # (only the loops without kernels use them)
         b_flat, flats = base.reshape(-1), [x.reshape(-1) for x in thetas]
         for k, a in enumerate(range(0, b_flat.numel(), ce)):
             # One chunk's merged vector, extras and masks, computed in sub-blocks: the T float32
@@ -93,8 +96,14 @@ class Tall(Encoding):
                     if key not in extras:
                         extras[key] = ws.get(f"{key}{side}", n, x.dtype)
                     extras[key][s].copy_(x)
-                for i, (t, tau) in enumerate(zip(tasks, taus)):
-                    ones[i] += tall_mask_with_fidelity(tau, merged[s], ctx.lambdas[t], masks[i][s], ctx.fidelity[t], ws)
+
+                def run(first: int, end: int, s: slice = s, taus: list = taus) -> None:
+                    space = spaces[0 if first == 0 else 1]
+                    for i in range(first, end):
+                        t = tasks[i]
+                        ones[i] += tall_mask_with_fidelity(taus[i], merged[s], ctx.lambdas[t], masks[i][s],
+                                                           ctx.fidelity[t], space)
+                kernels.in_parts(len(tasks), halves, run)
             parts = {"base": b, "merged": merged, **extras}
             jobs = [(a_.chain, tensor_to_bytes(parts[key])) for key, a_ in entry_arrays.items()]
             jobs += [(ctx.masks, tensor_to_bytes(m)) for m in masks]
