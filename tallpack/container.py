@@ -23,7 +23,7 @@ import struct
 import sys
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, NamedTuple
 
 import numpy as np
 import zstandard
@@ -120,14 +120,19 @@ class ContainerWriter:
         self._pos += len(data)
         return offset
 
-    def encode(self, jobs: list[tuple[_codecs.Chain, memoryview]]) -> list[bytes | memoryview]:
+    def encode(self, jobs: list[tuple[_codecs.Chain, memoryview]]) -> list[Encoded]:
         """Encode several chunks in parallel (zstd and numpy release the GIL)."""
         return [f.result() for f in self.submit(jobs)]
 
     def submit(self, jobs: list[tuple[_codecs.Chain, memoryview]]) -> list[Future]:
-        """Start encoding chunks in the background; write each result, in order, with
-        ``ArrayBuilder.add(future.result())``. The inputs must stay unchanged until then."""
-        return [self._pool.submit(chain.encode, data) for chain, data in jobs]
+        """Start encoding chunks in the background, each checksummed there too; write each
+        result, in order, with ``ArrayBuilder.add(future.result())``. The inputs must stay
+        unchanged until then."""
+        return [self._pool.submit(self._encoded, chain, data) for chain, data in jobs]
+
+    def _encoded(self, chain: _codecs.Chain, data: memoryview) -> Encoded:
+        stored = chain.encode(data)
+        return Encoded(stored, self._checksum(stored))
 
     def begin_array(self, dtype: str, shape: tuple[int, ...], chain: _codecs.Chain,
                     chunk_elements: int = DEFAULT_CHUNK_ELEMENTS) -> "ArrayBuilder":
@@ -196,6 +201,13 @@ class ContainerWriter:
         self._tmp.unlink(missing_ok=True)
 
 
+class Encoded(NamedTuple):
+    """A chunk as stored, and its checksum, both made on an encoding thread (``submit``)."""
+
+    data: bytes | memoryview
+    checksum: int
+
+
 class ArrayBuilder:
     """An array being written chunk by chunk (chunks of several arrays may interleave)."""
 
@@ -212,8 +224,10 @@ class ArrayBuilder:
         self.numel = numel(shape)
         self._chunks: list[Chunk] = []
 
-    def add(self, encoded: bytes | memoryview) -> None:
-        self._chunks.append(Chunk(self._writer._write(encoded), len(encoded), self._writer._checksum(encoded)))
+    def add(self, encoded: bytes | memoryview | Encoded) -> None:
+        """Write the array's next chunk as stored (its checksum computed here unless given)."""
+        data, checksum = encoded if isinstance(encoded, Encoded) else (encoded, self._writer._checksum(encoded))
+        self._chunks.append(Chunk(self._writer._write(data), len(data), checksum))
 
     def finish(self) -> ArrayRef:
         ref = ArrayRef(self.dtype, self.shape, tuple(self.chain.configs()), self.chunk_elements,

@@ -9,6 +9,7 @@ from collections.abc import Mapping
 from .. import kernels
 from .._torch import torch
 from ..arrays import ArrayRef
+from ..container import Encoded
 from ..dtypes import dtype_name, tensor_to_bytes, torch_dtype
 from ..elements import FLOATING, numel
 from ..errors import FormatError
@@ -181,5 +182,6 @@ class _Held:
         self.chain = chain
         self.chunks: list[bytes | memoryview] = []
 
-    def add(self, encoded: bytes | memoryview) -> None:
-        self.chunks.append(bytes(encoded))  # a codec's output may be a view of a buffer reused later
+    def add(self, encoded: bytes | memoryview | Encoded) -> None:
+        data = encoded.data if isinstance(encoded, Encoded) else encoded
+        self.chunks.append(bytes(data))  # a codec's output may be a view of a buffer reused later
