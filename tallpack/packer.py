@@ -10,7 +10,8 @@ import copy
 import dataclasses
 import logging
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,7 @@ from .manifest import Manifest, TaskInfo, TensorEntry, count_kinds
 from .memory import release_thread_buffers
 from .options import PackOptions, Validated
 from .originals import record
-from .plan import Kind
+from .plan import Kind, TensorPlan
 from .progress import track
 from .selection import select_lambdas
 from .sources import Source, SourceLike, stem
@@ -115,10 +116,7 @@ def _write(fam: PackInputs, v: Validated, lams: dict[str, float], out: Path, sel
                            threads=opts.threads or min(8, os.cpu_count() or 1))
         pending: dict[int, str] = {}  # with the dial: merged tensors, written once it has decided
         groups = _Groups(ctx, {e.name for e in fam.plan.tensors}, group_elements(len(names))) if v.group else None
-        for entry in tensors:
-            if entry.kind is Kind.BASE_ONLY and not opts.keep_base_only:
-                continue
-            item = fam.load(entry)
+        for item in _loaded(fam, tensors, opts.keep_base_only):
             if item.kind != item.planned and item.planned == Kind.MERGED and item.kind == Kind.TASK_OWN:
                 log.warning("tensor %r holds inf or NaN: stored per task, not masked", item.name)
             if groups is not None and groups.add(item, entries):
@@ -251,6 +249,19 @@ def _write_dialed(dial: Dial, ctx: WriteContext, entries: list[TensorEntry | Non
         for i in pending:
             entries[i] = None
         dial.finish(ctx, entries, pending, load, exact)
+
+
+def _loaded(fam: PackInputs, tensors: Iterable[TensorPlan], keep_base_only: bool) -> Iterator[Item]:
+    """Each tensor to store, loaded (``PackInputs.load``: its inputs read, their finiteness and
+    equality checked, its kind settled), the next one on a helper thread while the caller writes
+    this one: the checks' first reads of the mapped inputs then overlap the writing."""
+    todo = (e for e in tensors if keep_base_only or e.kind is not Kind.BASE_ONLY)
+    with ThreadPoolExecutor(1, thread_name_prefix="tallpack-load") as loader:
+        ahead = next((loader.submit(fam.load, e) for e in todo), None)
+        while ahead is not None:
+            item = ahead.result()
+            ahead = next((loader.submit(fam.load, e) for e in todo), None)
+            yield item
 
 
 def _dial(fam: PackInputs, v: Validated) -> Dial | None:
