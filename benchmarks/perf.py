@@ -17,7 +17,8 @@ for the codec goal) with an alternative measured in the same run:
 3. a second task from the same open archive vs load_file + clone (goal <= 1.5x); also 16-bit
 4. ``get_tensor`` of one 4 MiB tensor vs ``safe_open().get_tensor()`` + clone, for archives of
    2, 4, 8 tasks (goal <= 2x raw, <= 4x default)
-5. pack time vs ``zstd -3 -T2`` of the same files (goal <= 1.0x); archive size vs zstd's (<= 1/4)
+5. pack time vs ``zstd -3 -T2`` of the same files (goal <= 1.0x); archive size vs zstd's (<= 1/4);
+   also the bfloat16 and float16 families of goal 1
 6. the dense codec on the base's bytes vs ZipNN: ratio (>= 1.0x ZipNN's) and decode speed (>=)
 7. pack peak anonymous memory vs (T + 4) x largest fp32 tensor + 300 MB
 8. unpack of one task (CLI) peak anonymous memory vs 3 x largest tensor + 300 MB
