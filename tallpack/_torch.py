@@ -9,7 +9,7 @@ an ordinary module lookup (its names are copied over).
 from __future__ import annotations
 
 import types
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 
 class _Torch(types.ModuleType):
@@ -20,4 +20,7 @@ class _Torch(types.ModuleType):
         return getattr(torch, name)
 
 
-torch: Any = _Torch("torch")
+if TYPE_CHECKING:  # type checkers see torch itself, so the library's annotations stay typed
+    import torch as torch
+else:
+    torch = _Torch("torch")
