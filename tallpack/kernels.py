@@ -345,10 +345,22 @@ def in_parts(count: int, parts: int, run: Callable[[int, int], None]) -> None:
     compiled loops do). Inside a pool's worker (:func:`mark_worker`), one call. Returns once every
     range is done; the first error, after that."""
     parts = 1 if getattr(_local, "worker", False) else max(1, min(parts, count))
-    if parts == 1:
-        run(0, count)
+    _run_cuts([count * i // parts for i in range(parts + 1)], run)
+
+
+def _split(n: int, threads: int, run) -> None:
+    """``run(a, b)`` over ``[0, n)``: in one call, or, for a large ``n`` outside a pool's worker
+    (:func:`mark_worker`), in up to ``threads`` parts, all but the first on the helper threads."""
+    parts = _parts(n, threads)
+    _run_cuts([n * i // parts // 64 * 64 for i in range(parts)] + [n], run)  # whole bytes of a packed mask
+
+
+def _run_cuts(cuts: list[int], run: Callable[[int, int], None]) -> None:
+    """``run`` over each range between consecutive ``cuts``: the first on this thread, the others on
+    the helper threads; returns once every range is done (the first error, after that)."""
+    if len(cuts) <= 2:
+        run(cuts[0], cuts[-1])
         return
-    cuts = [count * i // parts for i in range(parts + 1)]
     futures = [_helper_pool().submit(run, a, b) for a, b in zip(cuts[1:-1], cuts[2:])]
     try:
         run(cuts[0], cuts[1])
@@ -357,17 +369,3 @@ def in_parts(count: int, parts: int, run: Callable[[int, int], None]) -> None:
     for e in errors:
         if e is not None:
             raise e
-
-
-def _split(n: int, threads: int, run) -> None:
-    """``run(a, b)`` over ``[0, n)``: in one call, or, for a large ``n`` outside a pool's worker
-    (:func:`mark_worker`), in up to ``threads`` parts, all but the first on the helper threads."""
-    parts = _parts(n, threads)
-    if parts == 1:
-        run(0, n)
-        return
-    cuts = [n * i // parts // 64 * 64 for i in range(parts)] + [n]  # whole bytes of a packed mask
-    futures = [_helper_pool().submit(run, a, b) for a, b in zip(cuts[1:-1], cuts[2:])]
-    run(cuts[0], cuts[1])
-    for f in futures:
-        f.result()
