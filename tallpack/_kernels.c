@@ -28,6 +28,14 @@
  *                                        the packer's TALL mask, mask = |tau| > lam * |merged - tau|
  *                                        (float32, as tall.tall_mask), and the fidelity sums of
  *                                        rec = mask * merged against tau, in one pass
+ *   tv_sum(base, thetas, kind, out)      the packer's merged vector for Task Arithmetic, out = ((tau_0 + 0)
+ *                                        + tau_1) + ..., tau_t = thetas[t] - base, each widened exactly
+ *                                        to float32 (kind 0 float32, 1 bfloat16, 2 float16)
+ *   tall_mask_tv(theta, base, kind, merged, lam, mask)
+ *                                        tall_mask_f32 with tau = theta - base computed on the way: the
+ *                                        task vectors are never written to memory
+ *   max_abs_diff(theta, base, kind)      the largest |theta - base| (a task vector's), as float32 bits
+ *                                        (an inf or NaN above every finite value)
  *
  * And the manifest's strict JSON checks (container._parse_manifest), which walk Python objects and
  * so hold the GIL; each gives the verdicts of its Python twin in container.py (tests compare them):
@@ -858,6 +866,289 @@ static PyObject *tall_mask_f32(PyObject *self, PyObject *args) {
     return Py_BuildValue("Ldddd", (long long)ones, sums.tau_sq, sums.rec_sq, sums.dot, sums.err_sq);
 }
 
+/* -- the packer's task vectors and their sum --------------------------------------------------- */
+
+/* Elements of a block: the base's widened block and a task's stay in L1. */
+#define TV_BLOCK 1024
+enum { KIND_F32 = 0, KIND_BF16 = 1, KIND_F16 = 2 };
+
+HOT static void widen_bf16(const uint16_t *h, float *out, Py_ssize_t n) {
+    for (Py_ssize_t i = 0; i < n; i++) {
+        uint32_t u = (uint32_t)h[i] << 16;
+        memcpy(&out[i], &u, 4);
+    }
+}
+
+static void widen_f16_scalar(const uint16_t *h, float *out, Py_ssize_t n) {
+    for (Py_ssize_t i = 0; i < n; i++)
+        out[i] = f16_to_f32(h[i]);
+}
+
+#ifdef HAVE_AVX2_PLANES
+__attribute__((target("avx2,f16c"))) static void widen_f16_f16c(const uint16_t *h, float *out, Py_ssize_t n) {
+    Py_ssize_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        _mm256_storeu_ps(out + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(h + i))));
+    widen_f16_scalar(h + i, out + i, n - i);
+}
+#endif
+
+/* A 16-bit block widened exactly into ``out`` (float16: F16C where the CPU has it). */
+static void widen16(int kind, int f16c, const uint16_t *h, float *out, Py_ssize_t n) {
+    if (kind == KIND_BF16)
+        widen_bf16(h, out, n);
+#ifdef HAVE_AVX2_PLANES
+    else if (f16c)
+        widen_f16_f16c(h, out, n);
+#endif
+    else
+        widen_f16_scalar(h, out, n);
+}
+
+HOT static void sub_f32(const float *x, const float *b, float *out, Py_ssize_t n) {
+    for (Py_ssize_t i = 0; i < n; i++)
+        out[i] = x[i] - b[i];
+}
+
+HOT static void sub_add_f32(const float *x, const float *b, float *acc, Py_ssize_t n) {
+    for (Py_ssize_t i = 0; i < n; i++)
+        acc[i] += x[i] - b[i];
+}
+
+HOT static void sub_plus_zero_f32(const float *x, const float *b, float *out, Py_ssize_t n) {
+    for (Py_ssize_t i = 0; i < n; i++)
+        out[i] = (x[i] - b[i]) + 0.0f; /* -0.0 becomes +0.0, as TaskArithmetic's sum starts */
+}
+
+static int has_f16c(int kind) {
+#ifdef HAVE_AVX2_PLANES
+    return kind == KIND_F16 && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c");
+#else
+    (void)kind;
+    return 0;
+#endif
+}
+
+/* Elements [a, a + len) of ``x`` (``kind``) as float32: the array itself for float32, else widened into ``buf``. */
+static const float *widened(int kind, int f16c, const void *x, Py_ssize_t a, Py_ssize_t len, float *buf) {
+    if (kind == KIND_F32)
+        return (const float *)x + a;
+    widen16(kind, f16c, (const uint16_t *)x + a, buf, len);
+    return buf;
+}
+
+/* out = ((tau_0 + 0) + tau_1) + ... + tau_{T-1}, tau_t = widen(theta_t) - widen(theta_0), block by
+ * block: TaskArithmetic.combine of tall.task_vector's task vectors, the same operations in the
+ * same order, without writing the task vectors to memory. */
+static void tv_sum_loop(int kind, const void *base, const void *const *thetas, Py_ssize_t T, float *out, Py_ssize_t n) {
+    int f16c = has_f16c(kind);
+    float bw[TV_BLOCK], xw[TV_BLOCK];
+    for (Py_ssize_t a = 0; a < n; a += TV_BLOCK) {
+        Py_ssize_t len = n - a < TV_BLOCK ? n - a : TV_BLOCK;
+        const float *b32 = widened(kind, f16c, base, a, len, bw);
+        for (Py_ssize_t t = 0; t < T; t++) {
+            const float *x = widened(kind, f16c, thetas[t], a, len, xw);
+            if (t == 0)
+                sub_plus_zero_f32(x, b32, out + a, len);
+            else
+                sub_add_f32(x, b32, out + a, len);
+        }
+    }
+}
+
+/* tall_mask_loop with tau = widen(theta) - widen(theta_0) computed a block at a time on the stack:
+ * the same blocks of MASK_BLOCK elements, so the same mask bits and the same sums. */
+static int64_t tall_mask_tv_loop(int kind, const void *theta, const void *base, const float *merged, float lam,
+                                 uint8_t *mask, Py_ssize_t n, fidelity_sums *out) {
+    int f16c = has_f16c(kind);
+    float bw[MASK_BLOCK], xw[MASK_BLOCK], tau[MASK_BLOCK];
+    int64_t ones = 0;
+    fidelity_sums total = {0, 0, 0, 0};
+    for (Py_ssize_t a = 0; a < n; a += MASK_BLOCK) {
+        Py_ssize_t len = n - a < MASK_BLOCK ? n - a : MASK_BLOCK;
+        const float *b32 = widened(kind, f16c, base, a, len, bw);
+        sub_f32(widened(kind, f16c, theta, a, len, xw), b32, tau, len);
+        fidelity_sums part;
+        ones += tall_mask_loop(tau, merged + a, lam, mask + a, len, &part);
+        total.tau_sq += part.tau_sq;
+        total.rec_sq += part.rec_sq;
+        total.dot += part.dot;
+        total.err_sq += part.err_sq;
+    }
+    *out = total;
+    return ones;
+}
+
+/* ``count`` buffers from a sequence, each of ``len`` bytes and aligned to ``align``; *views gets a
+ * PyMem array the caller releases with release_views. Returns count, or -1 with an exception set. */
+static Py_ssize_t get_views(PyObject *seq, Py_buffer **views, Py_ssize_t len, int align) {
+    PyObject *fast = PySequence_Fast(seq, "a sequence of buffers");
+    if (fast == NULL)
+        return -1;
+    Py_ssize_t k = PySequence_Fast_GET_SIZE(fast), j = 0;
+    *views = PyMem_New(Py_buffer, k > 0 ? k : 1);
+    if (*views == NULL) {
+        Py_DECREF(fast);
+        PyErr_NoMemory();
+        return -1;
+    }
+    for (; j < k; j++) {
+        Py_buffer *v = &(*views)[j];
+        if (PyObject_GetBuffer(PySequence_Fast_GET_ITEM(fast, j), v, PyBUF_SIMPLE) < 0)
+            break;
+        if (v->len != len || !WORDS_OK(v->buf, align)) {
+            PyErr_Format(PyExc_ValueError, "buffer %zd: %zd bytes (or misaligned), expected %zd", j, v->len, len);
+            j++;
+            break;
+        }
+    }
+    Py_DECREF(fast);
+    if (PyErr_Occurred()) {
+        release_all(*views, (int)j);
+        PyMem_Free(*views);
+        *views = NULL;
+        return -1;
+    }
+    return k;
+}
+
+static void release_views(Py_buffer *views, Py_ssize_t k) {
+    if (views != NULL) {
+        release_all(views, (int)k);
+        PyMem_Free(views);
+    }
+}
+
+static int kind_size(int kind) {
+    return kind == KIND_F32 ? 4 : (kind == KIND_BF16 || kind == KIND_F16) ? 2 : 0;
+}
+
+/* The largest |x_i| of float32 values, as its bits (the sign cleared): over finite values the bits
+ * order as the magnitudes do, and an infinity or a NaN has bits above every finite value's. */
+HOT static uint32_t max_abs_f32(const float *x, Py_ssize_t n) {
+    uint32_t m = 0;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        uint32_t v;
+        memcpy(&v, &x[i], 4);
+        v &= 0x7FFFFFFFu;
+        m = v > m ? v : m;
+    }
+    return m;
+}
+
+/* The largest |widen(theta_i) - widen(base_i)| (float32, as tall.task_vector computes it) as its
+ * bits: 0x7F800000 or more when a difference is infinite or NaN (an input holds one, or it overflows). */
+static uint32_t max_abs_diff_loop(int kind, const void *theta, const void *base, Py_ssize_t n) {
+    int f16c = has_f16c(kind);
+    float bw[TV_BLOCK], xw[TV_BLOCK], d[TV_BLOCK];
+    uint32_t m = 0;
+    for (Py_ssize_t a = 0; a < n; a += TV_BLOCK) {
+        Py_ssize_t len = n - a < TV_BLOCK ? n - a : TV_BLOCK;
+        const float *b32 = widened(kind, f16c, base, a, len, bw);
+        sub_f32(widened(kind, f16c, theta, a, len, xw), b32, d, len);
+        uint32_t v = max_abs_f32(d, len);
+        m = v > m ? v : m;
+    }
+    return m;
+}
+
+static PyObject *max_abs_diff(PyObject *self, PyObject *args) {
+    Py_buffer theta, base;
+    int kind;
+    if (!PyArg_ParseTuple(args, "y*y*i:max_abs_diff", &theta, &base, &kind))
+        return NULL;
+    int size = kind_size(kind);
+    int ok = size && theta.len == base.len && theta.len % size == 0 && WORDS_OK(theta.buf, size)
+             && WORDS_OK(base.buf, size);
+    uint32_t m = 0;
+    if (ok) {
+        Py_BEGIN_ALLOW_THREADS
+        m = max_abs_diff_loop(kind, theta.buf, base.buf, theta.len / size);
+        Py_END_ALLOW_THREADS
+    } else {
+        PyErr_Format(PyExc_ValueError, "max_abs_diff: kind %d, %zd and %zd bytes (or misaligned)", kind, theta.len,
+                     base.len);
+    }
+    PyBuffer_Release(&theta);
+    PyBuffer_Release(&base);
+    if (!ok)
+        return NULL;
+    return PyLong_FromUnsignedLong(m);
+}
+
+
+static PyObject *tv_sum(PyObject *self, PyObject *args) {
+    Py_buffer base, out;
+    PyObject *tseq;
+    int kind;
+    if (!PyArg_ParseTuple(args, "y*Oiw*:tv_sum", &base, &tseq, &kind, &out))
+        return NULL;
+    Py_buffer *tv = NULL;
+    Py_ssize_t nt = -1;
+    const void **th = NULL;
+    int size = kind_size(kind);
+    Py_ssize_t n = out.len / 4;
+    if (!size || out.len % 4 || base.len != size * n || !WORDS_OK(base.buf, size) || !WORDS_OK(out.buf, 4)) {
+        PyErr_Format(PyExc_ValueError, "tv_sum: kind %d, base %zd and out %zd bytes (or misaligned)", kind, base.len,
+                     out.len);
+        goto done;
+    }
+    nt = get_views(tseq, &tv, base.len, size);
+    if (nt < 0)
+        goto done;
+    th = PyMem_New(const void *, nt > 0 ? nt : 1);
+    if (nt < 1 || th == NULL) {
+        if (th == NULL)
+            PyErr_NoMemory();
+        else
+            PyErr_SetString(PyExc_ValueError, "tv_sum: no task");
+        goto done;
+    }
+    for (Py_ssize_t t = 0; t < nt; t++)
+        th[t] = tv[t].buf;
+    Py_BEGIN_ALLOW_THREADS
+    tv_sum_loop(kind, base.buf, th, nt, (float *)out.buf, n);
+    Py_END_ALLOW_THREADS
+done:
+    PyMem_Free(th);
+    release_views(tv, nt);
+    PyBuffer_Release(&base);
+    PyBuffer_Release(&out);
+    if (PyErr_Occurred())
+        return NULL;
+    Py_RETURN_NONE;
+}
+
+static PyObject *tall_mask_tv(PyObject *self, PyObject *args) {
+    Py_buffer theta, base, merged, mask;
+    int kind;
+    float lam;
+    if (!PyArg_ParseTuple(args, "y*y*iy*fw*:tall_mask_tv", &theta, &base, &kind, &merged, &lam, &mask))
+        return NULL;
+    Py_ssize_t n = mask.len;
+    int size = kind_size(kind);
+    int ok = size && theta.len == size * n && base.len == size * n && merged.len == 4 * n
+             && WORDS_OK(theta.buf, size) && WORDS_OK(base.buf, size) && WORDS_OK(merged.buf, 4);
+    int64_t ones = 0;
+    fidelity_sums sums = {0, 0, 0, 0};
+    if (ok) {
+        Py_BEGIN_ALLOW_THREADS
+        ones = tall_mask_tv_loop(kind, theta.buf, base.buf, (const float *)merged.buf, lam, (uint8_t *)mask.buf, n,
+                                 &sums);
+        Py_END_ALLOW_THREADS
+    } else {
+        PyErr_Format(PyExc_ValueError, "tall_mask_tv: kind %d, theta %zd, base %zd, merged %zd bytes (or misaligned) "
+                     "for %zd mask bytes", kind, theta.len, base.len, merged.len, n);
+    }
+    PyBuffer_Release(&theta);
+    PyBuffer_Release(&base);
+    PyBuffer_Release(&merged);
+    PyBuffer_Release(&mask);
+    if (!ok)
+        return NULL;
+    return Py_BuildValue("Ldddd", (long long)ones, sums.tau_sq, sums.rec_sq, sums.dot, sums.err_sq);
+}
+
 static PyObject *unpack_bits(PyObject *self, PyObject *args) {
     Py_buffer packed, out;
     if (!PyArg_ParseTuple(args, "y*w*:unpack_bits", &packed, &out))
@@ -1000,6 +1291,12 @@ static PyMethodDef methods[] = {
      "tall_planes_f16(base_planes, rb, merged_planes, rm, mask, out, bits=False): tall_planes for a float16 base and output"},
     {"tall_mask_f32", tall_mask_f32, METH_VARARGS,
      "tall_mask_f32(tau, merged, lam, mask): the TALL mask and (ones, tau_sq, rec_sq, dot, err_sq) in one pass"},
+    {"tv_sum", tv_sum, METH_VARARGS,
+     "tv_sum(base, thetas, kind, out): out = sum of widen(thetas[t]) - widen(base), float32, in task order"},
+    {"tall_mask_tv", tall_mask_tv, METH_VARARGS,
+     "tall_mask_tv(theta, base, kind, merged, lam, mask): tall_mask_f32 of tau = widen(theta) - widen(base)"},
+    {"max_abs_diff", max_abs_diff, METH_VARARGS,
+     "max_abs_diff(theta, base, kind): the largest |theta - base| (widened to float32) as its float32 bits"},
     {"json_pairs", json_pairs, METH_O, "json_pairs(pairs): a dict of JSON object pairs; ValueError on a duplicate key"},
     {"json_check", json_check, METH_VARARGS,
      "json_check(value, numbers, depth): nesting below depth; with numbers, ints within int64/uint64 and floats finite"},

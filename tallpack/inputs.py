@@ -11,7 +11,7 @@ from .errors import InvalidArgumentError
 from .manifest import check_task_name
 from .plan import Kind, Plan, TensorPlan, make_plan, resolve
 from .sources import Source, SourceLike, open_source, stem
-from .tall import all_finite, blocks
+from .tall import blocks, in_tall_range
 
 #: What ``tallpack.pack`` takes as its tasks: a mapping of names to checkpoints, or a list of
 #: paths (each named after its stem).
@@ -88,7 +88,7 @@ class PackInputs:
             if entry.kind is not Kind.MERGED:
                 continue
             item = self.load(entry)
-            if item.kind == Kind.MERGED or (item.kind == Kind.SHARED and all_finite(item.base, item.thetas)):
+            if item.kind == Kind.MERGED or (item.kind == Kind.SHARED and in_tall_range(item.base, item.thetas)):
                 assert item.base is not None
                 for _, taus in blocks(item.base, item.thetas, self.chunk_elements):
                     yield taus

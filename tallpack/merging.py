@@ -50,6 +50,10 @@ class MergeMethod:
     options: ClassVar[tuple[Option, ...]] = ()
     extra_arrays: ClassVar[dict[str, str]] = {}
     max_tasks: ClassVar[int | None] = None
+    #: ``combine`` is the plain sum ``((tau_0 + 0) + tau_1) + ...`` in task order, with no extras:
+    #: the packer may then compute it, and the masks, straight from the inputs in compiled loops
+    #: that never write the task vectors to memory (``kernels.tv_sum``, ``kernels.tall_mask_tv``).
+    plain_sum: ClassVar[bool] = False
 
     def prepare(self, passes: Passes, num_tasks: int) -> None:
         """Gather global statistics; the default needs none."""
@@ -88,6 +92,7 @@ class TaskArithmetic(MergeMethod):
     """``tau_MTL = sum_t tau_t``, summed in task order."""
 
     name = "ta"
+    plain_sum = True
 
     def combine(self, taus: list[torch.Tensor], out: torch.Tensor | None = None) -> torch.Tensor:
         out = torch.add(taus[0], 0.0, out=out)  # (+0.0 + tau_1): a -0.0 becomes +0.0, as the spec's sum does

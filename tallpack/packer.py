@@ -118,7 +118,8 @@ def _write(fam: PackInputs, v: Validated, lams: dict[str, float], out: Path, sel
         groups = _Groups(ctx, {e.name for e in fam.plan.tensors}, group_elements(len(names))) if v.group else None
         for item in _loaded(fam, tensors, opts.keep_base_only):
             if item.kind != item.planned and item.planned == Kind.MERGED and item.kind == Kind.TASK_OWN:
-                log.warning("tensor %r holds inf or NaN: stored per task, not masked", item.name)
+                log.warning("tensor %r holds inf, NaN or values too large for float32 sums: stored per task, not masked",
+                            item.name)
             if groups is not None and groups.add(item, entries):
                 continue
             if dial is not None and item.kind == Kind.MERGED:

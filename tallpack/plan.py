@@ -17,7 +17,7 @@ from .elements import FLOATING
 from .errors import IncompatibleCheckpointsError
 from .limits import MAX_NAME_CHARS, MAX_TASKS
 from .sources import Source
-from .tall import all_finite
+from .tall import in_tall_range
 
 
 class Kind(str, enum.Enum):
@@ -52,12 +52,13 @@ class Plan:
 def resolve(planned: Kind, base: torch.Tensor | None, thetas: list[torch.Tensor]) -> Kind:
     """The kind a tensor is stored as, given its data: ``SHARED`` when more than one task has it
     and all are equal (bit for bit); ``TASK_OWN`` for a would-be merged tensor holding inf or NaN
-    (tau_t would be NaN); otherwise as planned."""
+    (tau_t would be NaN) or values so large that float32 sums could overflow (``in_tall_range``);
+    otherwise as planned."""
     if planned is Kind.BASE_ONLY:
         return planned
     if len(thetas) > 1 and all_equal(thetas):
         return Kind.SHARED
-    if planned is Kind.MERGED and not all_finite(base, thetas):
+    if planned is Kind.MERGED and not in_tall_range(base, thetas):
         return Kind.TASK_OWN
     return planned
 

@@ -96,10 +96,49 @@ def blocks(base: torch.Tensor, thetas: list[torch.Tensor], chunk_elements: int, 
                   for i, f in enumerate(flats)]
 
 
-def all_finite(base: torch.Tensor, thetas: list[torch.Tensor]) -> bool:
-    """No inf or NaN anywhere, else tau_t would be NaN (a sum is one fast pass; it also flags
-    sums that overflow, which only costs compression: such a tensor is stored exactly)."""
-    return all(bool(torch.isfinite(t.sum(dtype=torch.float32))) for t in (base, *thetas))
+def compiled_kind(base: torch.Tensor, thetas: list[torch.Tensor]) -> str | None:
+    """The ``kernels.tv_sum`` / ``kernels.tall_mask_tv`` kind of these flat tensors when the
+    compiled loops can take them (one dtype among ``kernels.KINDS``, contiguous and aligned, on the
+    CPU); else None."""
+    kind = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}.get(base.dtype)
+    if kind is None or not kernels.COMPILED:
+        return None
+    ok = all(t.dtype == base.dtype and t.device.type == "cpu" and t.is_contiguous()
+             and t.data_ptr() % t.element_size() == 0 for t in (base, *thetas))
+    return kind if ok else None
+
+
+def elements(t: torch.Tensor) -> np.ndarray:
+    """A contiguous CPU tensor's elements as numpy: float32 as they are, 16-bit floats as their bits."""
+    return t.numpy() if t.dtype == torch.float32 else t.view(torch.int16).numpy()
+
+
+#: ``in_tall_range``'s bound: a merged tensor of T tasks has task vectors below TALL_RANGE / (T + 1).
+TALL_RANGE = 2.0 ** 50
+
+
+def in_tall_range(base: torch.Tensor, thetas: list[torch.Tensor]) -> bool:
+    """Whether a tensor can be stored with TALL masks: every task vector finite (no inf or NaN in
+    the inputs, no difference that overflows) and below ``TALL_RANGE / (T + 1)`` in magnitude, so
+    that neither the merged vector nor the fidelity sums (float32 dots of up to 2^22 elements)
+    overflow float32. (A merged vector that overflowed would rebuild the elements a mask leaves out
+    as NaN, 0 * inf; fidelity sums that overflowed cannot be written to the manifest.) Fine-tuned
+    weights are many orders of magnitude below it; a tensor that is not is stored exactly
+    (task-own). One compiled pass over each task's and the base's values (``kernels.max_abs_diff``),
+    on the calling thread only: torch's threaded reductions, run beside the packer's loops, spent
+    more time waiting for each other than summing (BENCHMARKS.md, sixteenth round)."""
+    limit = TALL_RANGE / (len(thetas) + 1)
+    return all(_max_abs_diff(t, base) < limit for t in thetas)
+
+
+def _max_abs_diff(theta: torch.Tensor, base: torch.Tensor) -> float:
+    """The largest |theta - base| in float32 (inf or NaN when a difference is one); 0 when empty."""
+    if theta.numel() == 0:
+        return 0.0
+    b, x = base.reshape(-1), theta.reshape(-1)
+    kind = compiled_kind(b, [x])
+    got = kernels.max_abs_diff(elements(x), elements(b), kind) if kind is not None else None
+    return got if got is not None else float(task_vector(x, b).abs().max())
 
 
 _scratch = ThreadBuffers()

@@ -613,6 +613,57 @@ def test_the_packers_sub_blocks_give_the_same_archive(tmp_path_factory, monkeypa
             assert a.task_info(t).density == b.task_info(t).density
 
 
+def _generic_only(monkeypatch) -> None:
+    """The packer's generic path: task vectors in memory, the method's ``combine``, then the masks."""
+    monkeypatch.setattr(encodings_tall, "compiled_kind", lambda base, thetas: None)
+
+
+@pytest.mark.skipif(not kernels.COMPILED, reason="the compiled loops are turned off")
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                                                  HealthCheck.too_slow])
+@given(family=families(), chunk=st.sampled_from([16, 104, 1 << 22]), compute=st.sampled_from([3, 64, 1 << 20]))
+def test_the_straight_loops_write_the_generic_paths_archive(tmp_path_factory, monkeypatch, family, chunk,
+                                                            compute) -> None:
+    """Task Arithmetic's merged vector and masks computed straight from the inputs (``_straight``:
+    ``kernels.tv_sum`` and ``kernels.tall_mask_tv``) give the archive of the generic path (task
+    vectors in memory, ``TaskArithmetic.combine``, ``tall_mask_with_fidelity``) byte for byte,
+    fidelity figures in the manifest included."""
+    base, tasks = family
+    d = tmp_path_factory.mktemp("straight")
+    monkeypatch.setattr(encodings_tall, "COMPUTE_ELEMENTS", compute)
+    tallpack.pack(base, tasks, d / "straight.tallpack", chunk_elements=chunk)
+    _generic_only(monkeypatch)
+    tallpack.pack(base, tasks, d / "generic.tallpack", chunk_elements=chunk)
+    assert (d / "straight.tallpack").read_bytes() == (d / "generic.tallpack").read_bytes()
+
+
+@pytest.mark.skipif(not kernels.COMPILED, reason="the compiled loops are turned off")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_the_straight_loops_write_the_generic_paths_archive_across_chunks_and_threads(tmp_path, monkeypatch,
+                                                                                      dtype) -> None:
+    """The same for tensors of several chunks and sub-blocks large enough to be split across
+    threads (``kernels.PARTS_FROM``), read back through the format."""
+    g = torch.Generator().manual_seed(3)
+    n = 3 * kernels.PARTS_FROM + 5
+    w = torch.randn(n, generator=g) * 0.02
+    base = {"w": w.to(dtype), "b": torch.randn(100, generator=g).to(dtype)}
+    tasks = {f"t{i}": {k: (v.float() + 1e-3 * torch.randn(v.shape, generator=g)).to(dtype) for k, v in base.items()}
+             for i in range(3)}
+    monkeypatch.setattr(encodings_tall, "COMPUTE_ELEMENTS", kernels.PARTS_FROM + 64)
+    calls, straight = [], encodings_tall._straight
+    monkeypatch.setattr(encodings_tall, "_straight", lambda *a: calls.append(1) or straight(*a))
+    tallpack.pack(base, tasks, tmp_path / "straight.tallpack", chunk_elements=2 * kernels.PARTS_FROM, threads=2)
+    assert len(calls) == 2 + 1  # each chunk of "w", and "b" (the straight path ran)
+    _generic_only(monkeypatch)
+    tallpack.pack(base, tasks, tmp_path / "generic.tallpack", chunk_elements=2 * kernels.PARTS_FROM, threads=2)
+    assert (tmp_path / "straight.tallpack").read_bytes() == (tmp_path / "generic.tallpack").read_bytes()
+    with tallpack.open(tmp_path / "straight.tallpack") as fam:
+        want = expected_reconstruction(base, tasks, {t: fam.task_info(t).lam for t in tasks})
+        for t in tasks:
+            got = fam.state_dict(t)
+            assert all(torch.equal(got[k], want[t][k]) for k in base), t
+
+
 def _pack_peak(tmp_path, n: int, tasks: int = 4) -> int:
     """Peak RssAnon growth while a fresh process packs base + ``tasks`` safetensors files of one
     tensor of ``n`` float32 elements (the files are mapped, so only working memory counts)."""

@@ -516,3 +516,97 @@ def test_in_parts_raises_a_helpers_error_after_every_part_is_done():
     with pytest.raises(RuntimeError, match="helper failed"):
         kernels.in_parts(2, 2, run)
     assert done.is_set()
+
+
+def _drawn(kind: str, n: int, g: torch.Generator, specials: bool) -> torch.Tensor:
+    """n values over many magnitudes in ``kind``; with ``specials``, some infinities, NaNs and zeros."""
+    x = torch.randn(n, generator=g) * 10.0 ** torch.randint(-6, 4, (n,), generator=g)
+    if specials:
+        pick = torch.rand(n, generator=g) < 0.05
+        some = torch.tensor([float("inf"), float("-inf"), float("nan"), 0.0, -0.0, 65504.0, 1e-7])
+        x[pick] = some[torch.randint(0, len(some), (int(pick.sum()),), generator=g)]
+    return x.to(getattr(torch, kind))
+
+
+def _same_floats(a: np.ndarray, b: np.ndarray) -> bool:
+    """Bit for bit, a NaN's payload aside."""
+    return bool(np.array_equal(a.view(np.uint32), b.view(np.uint32))
+                or np.array_equal(np.nan_to_num(a, nan=7.0), np.nan_to_num(b, nan=7.0)))
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.sampled_from(list(kernels.KINDS)), st.integers(0, 5000), st.integers(1, 5), st.integers(0, 2**31),
+       st.booleans(), st.sampled_from([0.0, 0.2, 0.4, 1 / 3]))
+def test_the_packers_straight_loops_give_the_torch_paths_bits(kind, n, tasks, seed, specials, lam):
+    """``tv_sum`` gives ``TaskArithmetic.combine`` of ``tall.task_vector``'s task vectors, and
+    ``tall_mask_tv`` the mask and the fidelity sums ``tall_mask_f32`` gives on those task
+    vectors: bit for bit, every dtype, infinities and NaNs included (a NaN's payload aside)."""
+    from tallpack.merging import TaskArithmetic
+    from tallpack.tall import elements, task_vector
+    g = torch.Generator().manual_seed(seed)
+    base, thetas = _drawn(kind, n, g, specials), [_drawn(kind, n, g, specials) for _ in range(tasks)]
+    taus = [task_vector(t, base) for t in thetas]
+    want = TaskArithmetic().combine(taus).numpy()
+    got = np.full(n, 123.0, np.float32)
+    assert kernels.tv_sum(elements(base), [elements(t) for t in thetas], kind, got)
+    assert _same_floats(got, want)
+    for t, tau in zip(thetas, taus):
+        m_want, m_got = np.empty(n, np.uint8), np.full(n, 9, np.uint8)
+        s_want = kernels.tall_mask(tau.numpy(), want, lam, m_want)
+        s_got = kernels.tall_mask_tv(elements(t), elements(base), kind, want, lam, m_got)
+        assert np.array_equal(m_got, m_want)
+        assert s_got is not None and s_want is not None
+        assert s_got[0] == s_want[0]
+        assert np.array_equal(np.array(s_got[1:]), np.array(s_want[1:]), equal_nan=True)
+
+
+@pytest.mark.parametrize("kind", kernels.KINDS)
+@pytest.mark.parametrize("parts", [2, 3])
+def test_tv_sum_split_across_threads_gives_the_same_bits(kind, parts):
+    from tallpack.tall import elements
+    g = torch.Generator().manual_seed(parts)
+    n = kernels.PARTS_FROM + 77
+    base, thetas = _drawn(kind, n, g, False), [_drawn(kind, n, g, False) for _ in range(3)]
+    one, split = np.empty(n, np.float32), np.empty(n, np.float32)
+    assert kernels.tv_sum(elements(base), [elements(t) for t in thetas], kind, one, 1)
+    assert kernels.tv_sum(elements(base), [elements(t) for t in thetas], kind, split, parts)
+    assert np.array_equal(one.view(np.uint32), split.view(np.uint32))
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.sampled_from(list(kernels.KINDS)), st.integers(0, 3000), st.integers(0, 2**31), st.booleans())
+def test_max_abs_diff_is_the_task_vectors_largest_magnitude(kind, n, seed, specials):
+    """The largest |tau| of ``tall.task_vector``, and inf for any inf or NaN in it (an input's, or
+    a difference that overflows: float32 values of +-3e38)."""
+    from tallpack.tall import elements, task_vector
+    g = torch.Generator().manual_seed(seed)
+    base, theta = _drawn(kind, n, g, specials), _drawn(kind, n, g, specials)
+    if kind == "float32" and n > 3:
+        base[3], theta[3] = -3e38, 3e38  # finite, but their difference is not
+    tau = task_vector(theta, base)
+    got = kernels.max_abs_diff(elements(theta), elements(base), kind)
+    if n == 0:
+        assert got == 0.0
+    elif bool(torch.isfinite(tau).all()):
+        assert got == float(tau.abs().max())
+    else:
+        assert got == float("inf")
+
+
+def test_the_packers_loops_refuse_bad_buffers():
+    f32, f16 = np.zeros(8, np.float32), np.zeros(8, np.uint16)
+    with pytest.raises(ValueError):
+        _kernels.tv_sum(f16, [f16[:7]], 1, f32)  # a task of another length
+    with pytest.raises(ValueError):
+        _kernels.tv_sum(f16, [f16], 5, f32)  # no such kind
+    with pytest.raises(ValueError):
+        _kernels.tv_sum(f16, [], 1, f32)  # no task
+    with pytest.raises(ValueError):
+        _kernels.tall_mask_tv(f16, f16, 1, f32[:4], 0.4, np.empty(8, np.uint8))  # merged too short
+    with pytest.raises(ValueError):
+        _kernels.max_abs_diff(np.zeros(3, np.uint8), np.zeros(3, np.uint8), 1)  # not whole 16-bit elements
+    with pytest.raises(ValueError):
+        _kernels.max_abs_diff(f16, f16[:4], 1)  # lengths differ
+    unaligned = np.frombuffer(bytes(33), np.uint8)[1:].view(np.float32)
+    assert kernels.tv_sum(unaligned, [unaligned], "float32", np.empty(8, np.float32)) is False
+    assert kernels.max_abs_diff(unaligned, unaligned, "float32") is None

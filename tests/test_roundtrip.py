@@ -189,3 +189,35 @@ def test_density_counts_only_masked_tensors(small_family, tmp_path):
         for t in a.tasks:
             assert a.task_info(t).density == b.task_info(t).density
             assert a.task_info(t).fidelity == b.task_info(t).fidelity  # frozen: tau = 0
+
+
+def test_task_vectors_too_large_for_float32_sums_are_stored_exactly(tmp_path, caplog):
+    """A tensor whose values are finite but whose task vectors overflow float32 ([-3e38, 3e38]
+    against [3e38, -3e38]: tau = inf) is stored per task, exactly; it used to be masked, and
+    packing failed on the overflowed fidelity figures. The bound on task vectors is
+    ``tall.TALL_RANGE / (T + 1)``: just below it, a tensor is masked; large values with small
+    task vectors are masked too."""
+    from tallpack.tall import TALL_RANGE
+    limit = TALL_RANGE / (2 + 1)
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(64, generator=g)
+    base = {"huge": torch.tensor([-3e38, 3e38, 1.0, 2.0]), "below": torch.zeros(4), "above": torch.zeros(4),
+            "large": torch.tensor([3e38, -3e38, 1.0, 2.0]), "w": w}
+    tasks = {}
+    for i, t in enumerate(("a", "b")):
+        tasks[t] = {"huge": torch.tensor([3e38 if t == "a" else -3e38, -3e38 if t == "a" else 3e38, 1.5, 2.0]),
+                    "below": torch.tensor([limit * 0.99, -1.0, 0.5, i + 1.0]),
+                    "above": torch.tensor([limit * 1.01, -1.0, 0.5, i + 1.0]),
+                    "large": base["large"] + torch.tensor([0.0, 0.0, 0.5, i + 1.0]),
+                    "w": w + 0.01 * torch.randn(64, generator=g)}
+    with caplog.at_level("WARNING", logger="tallpack"):
+        tallpack.pack(base, tasks, tmp_path / "f.tallpack", group=False)  # each tensor its own entry
+    assert "'huge' holds inf, NaN or values too large" in caplog.text and "'above'" in caplog.text
+    with tallpack.open(tmp_path / "f.tallpack") as fam:
+        kinds = {e.name: e.kind for e in fam.manifest.tensors}
+        assert kinds["huge"] == kinds["above"] == "task-own" and kinds["below"] == kinds["large"] == "merged"
+        for t, sd in tasks.items():
+            for k in ("huge", "above"):
+                assert torch.equal(fam.get_tensor(t, k), sd[k]), (t, k)
+            for k in ("below", "large"):
+                assert torch.isfinite(fam.get_tensor(t, k)).all(), (t, k)

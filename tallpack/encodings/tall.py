@@ -13,8 +13,8 @@ from ..container import Encoded
 from ..dtypes import dtype_name, tensor_to_bytes, torch_dtype
 from ..elements import FLOATING, numel
 from ..errors import FormatError
-from ..tall import (Bits, Planar, Workspace, blocks, reconstruct, reconstruct_parts, reconstruct_planar,
-                    tall_mask_with_fidelity)
+from ..tall import (Bits, Planar, Workspace, blocks, compiled_kind, elements, reconstruct, reconstruct_parts,
+                    reconstruct_planar, tall_mask_with_fidelity)
 from .base import EXTRA_ARRAYS, Encoding, Item, TaskTensor, TensorEntry, Use, WriteContext, register
 
 
@@ -40,6 +40,34 @@ def check_merged_entry(entry: TensorEntry, tt: TaskTensor, where: str) -> None:
         ref = entry.arrays.get(key)
         if ref is not None and (ref.shape != tt.shape or ref.dtype != dtype):
             raise FormatError(f"{where}: {key} must be {dtype} of the base's shape")
+
+
+def _straight(ctx: WriteContext, tasks: list[str], kind: str, base: torch.Tensor, thetas: list[torch.Tensor],
+              merged: torch.Tensor, masks: list[torch.Tensor], ones: list[int], halves: int) -> None:
+    """One chunk's merged vector and masks computed straight from the inputs, for a method whose
+    merged vector is the plain sum (``MergeMethod.plain_sum``: Task Arithmetic) of inputs the
+    compiled loops take (``compiled_kind``): ``kernels.tv_sum``, then each task's
+    ``kernels.tall_mask_tv`` (half of the tasks on a helper thread), which compute the task
+    vectors a block at a time on the stack instead of writing T float32 vectors to memory and
+    reading them back twice. The same operations in the same order as ``blocks``, ``combine`` and
+    ``tall_mask_with_fidelity``, so the same bits (tests compare the archives). In sub-blocks of
+    COMPUTE_ELEMENTS, so that the masks read a merged vector still in cache."""
+    bb, xs = elements(base), [elements(x) for x in thetas]
+    mv, mb = merged.numpy(), [m.view(torch.uint8).numpy() for m in masks]
+    n = bb.size
+    for o in range(0, n, COMPUTE_ELEMENTS):
+        e = min(n, o + COMPUTE_ELEMENTS)
+        ran = kernels.tv_sum(bb[o:e], [x[o:e] for x in xs], kind, mv[o:e], min(2, ctx.threads))
+        assert ran, "compiled_kind admitted arrays the compiled loops refuse"
+
+        def run(first: int, end: int, o: int = o, e: int = e) -> None:
+            for i in range(first, end):
+                t = tasks[i]
+                got = kernels.tall_mask_tv(xs[i][o:e], bb[o:e], kind, mv[o:e], ctx.lambdas[t], mb[i][o:e])
+                assert got is not None, "compiled_kind admitted arrays the compiled loops refuse"
+                ones[i] += got[0]
+                ctx.fidelity[t].add_sums(got[0], e - o, *got[1:])
+        kernels.in_parts(len(tasks), halves, run)
 
 
 @register
@@ -79,6 +107,7 @@ class Tall(Encoding):
         halves = min(2, ctx.threads, len(tasks))  # the tasks' masks: half of them on a helper thread
         spaces = [ws] + [Workspace() for _ in range(halves - 1)]  # (only the loops without kernels use them)
         b_flat, flats = base.reshape(-1), [x.reshape(-1) for x in thetas]
+        kind = compiled_kind(b_flat, flats) if ctx.method.plain_sum else None  # see _straight
         for k, a in enumerate(range(0, b_flat.numel(), ce)):
             # One chunk's merged vector, extras and masks, computed in sub-blocks: the T float32
             # task vectors (the largest working set) then take T x COMPUTE_ELEMENTS, not T x a chunk.
@@ -87,7 +116,9 @@ class Tall(Encoding):
             merged = ws.get(f"merged{side}", n)
             masks = [ws.get(f"mask{i}.{side}", n, torch.bool) for i in range(len(tasks))]
             extras: dict[str, torch.Tensor] = {}
-            for o, (sb, taus) in zip(range(0, n, COMPUTE_ELEMENTS),
+            if kind is not None:
+                _straight(ctx, tasks, kind, b, [f[a : a + ce] for f in flats], merged, masks, ones, halves)
+            for o, (sb, taus) in zip(range(0, n, COMPUTE_ELEMENTS), () if kind is not None else
                                      blocks(b, [f[a : a + ce] for f in flats], COMPUTE_ELEMENTS, ws)):
                 s = slice(o, o + sb.numel())
                 sub = ctx.method.combine(taus, out=merged[s])
