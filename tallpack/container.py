@@ -21,6 +21,8 @@ import operator
 import os
 import struct
 import sys
+from collections import deque
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, BinaryIO, NamedTuple
@@ -96,6 +98,8 @@ class ContainerWriter:
         self._f.write(HEADER.pack(MAGIC, *self.version, 0))
         self._pos = HEADER.size
         self._pool = ThreadPoolExecutor(threads or min(8, os.cpu_count() or 1))
+        #: chunks being encoded, each with where its result goes, in the order they are written
+        self._queue: deque[tuple[Callable[[Encoded], None], Future]] = deque()
         self._done = False
 
     def use(self, feature: str) -> None:
@@ -130,6 +134,19 @@ class ContainerWriter:
         unchanged until then."""
         return [self._pool.submit(self._encoded, chain, data) for chain, data in jobs]
 
+    def queue(self, add: Callable[[Encoded], None], future: Future) -> None:
+        """Queue a chunk being encoded (``submit``) for ``add`` (``ArrayBuilder.queued``): queued
+        chunks are written in the order they were queued, by ``drain``, or before anything else is
+        written (``ArrayBuilder.add``, ``mark``, ``finish``...), so a writer can go on to its next
+        tensor while the last one's chunks are still being encoded."""
+        self._queue.append((add, future))
+
+    def drain(self, leave: int = 0) -> None:
+        """Write queued chunks, first queued first, until ``leave`` (the most recent) are left."""
+        while len(self._queue) > leave:
+            add, future = self._queue.popleft()
+            add(future.result())
+
     def _encoded(self, chain: _codecs.Chain, data: memoryview) -> Encoded:
         stored = chain.encode(data)
         return Encoded(stored, self._checksum(stored))
@@ -153,11 +170,13 @@ class ContainerWriter:
 
     def mark(self) -> tuple[int, tuple[int, int]]:
         """Where the file ends now (and the version so far), for ``rewind``."""
+        self.drain()
         return self._pos, self.version
 
     def rewind(self, mark: tuple[int, int]) -> None:
         """Drop everything written since ``mark`` (no chunk may be in flight): the fidelity
         dial's budget writes its tensors again once it knows what the archive really costs."""
+        self.drain()
         self._f.flush()
         self._pos, self.version = mark[0], mark[1]
         self._f.seek(self._pos)
@@ -176,10 +195,12 @@ class ContainerWriter:
 
     def size_with(self, manifest: dict[str, Any]) -> int:
         """The file's size in bytes if it were finished now with ``manifest``."""
+        self.drain()
         return self._pos + -self._pos % ALIGNMENT + len(self._stored_manifest(manifest)[0]) + FOOTER.size
 
     def finish(self, manifest: dict[str, Any]) -> Path:
         """Write the manifest and footer, then atomically rename the file to its final name."""
+        self.drain()
         stored, flags = self._stored_manifest(manifest)
         offset = self._write(stored)
         self._f.write(FOOTER.pack(offset, len(stored), crc32(stored), flags, END_MAGIC))
@@ -196,6 +217,7 @@ class ContainerWriter:
 
     def abort(self) -> None:
         self._done = True
+        self._queue.clear()
         self._pool.shutdown(cancel_futures=True)
         self._f.close()
         self._tmp.unlink(missing_ok=True)
@@ -225,11 +247,18 @@ class ArrayBuilder:
         self._chunks: list[Chunk] = []
 
     def add(self, encoded: bytes | memoryview | Encoded) -> None:
-        """Write the array's next chunk as stored (its checksum computed here unless given)."""
+        """Write the array's next chunk as stored (its checksum computed here unless given), after
+        the chunks queued before it (``ContainerWriter.queue``)."""
+        self._writer.drain()
+        self.queued(encoded)
+
+    def queued(self, encoded: bytes | memoryview | Encoded) -> None:
+        """``add`` for a chunk the writer's queue hands over (``ContainerWriter.drain``)."""
         data, checksum = encoded if isinstance(encoded, Encoded) else (encoded, self._writer._checksum(encoded))
         self._chunks.append(Chunk(self._writer._write(data), len(data), checksum))
 
     def finish(self) -> ArrayRef:
+        """The array's ref, once every chunk is written (queued ones: after ``drain``)."""
         ref = ArrayRef(self.dtype, self.shape, tuple(self.chain.configs()), self.chunk_elements,
                        tuple(self._chunks))
         if len(self._chunks) != -(-self.numel // self.chunk_elements):

@@ -19,7 +19,7 @@ from ._torch import torch
 from ._version import __version__
 from .container import ContainerWriter
 from .dial import Dial
-from .encodings import BY_KIND, Item, WriteContext
+from .encodings import BY_KIND, Item, Later, WriteContext
 from .encodings.exact import RESIDUAL_CODECS, add_exact
 from .errors import InvalidArgumentError, OutputExistsError
 from .folders import FileStore
@@ -101,7 +101,7 @@ def _write(fam: PackInputs, v: Validated, lams: dict[str, float], out: Path, sel
     opts = v.options
     names = list(fam.tasks)
     fidelity = {t: Fidelity() for t in names}
-    entries: list[TensorEntry | None] = []
+    entries: list[TensorEntry | Later | None] = []
     tensors = track(fam.plan.tensors, opts.progress, "packing")
     dial = _dial(fam, v)
     sources = [fam.base, *fam.tasks.values()]
@@ -113,7 +113,7 @@ def _write(fam: PackInputs, v: Validated, lams: dict[str, float], out: Path, sel
         ctx = WriteContext(w, opts.chunk_elements, v.dense, v.masks(), v.method,
                            lams, fidelity, v.residuals if opts.exact or dial else None,
                            {} if v.derive_masks else None, {} if v.derive_merged else None,
-                           threads=opts.threads or min(8, os.cpu_count() or 1))
+                           threads=opts.threads or min(8, os.cpu_count() or 1), defer=not opts.exact and dial is None)
         pending: dict[int, str] = {}  # with the dial: merged tensors, written once it has decided
         groups = _Groups(ctx, {e.name for e in fam.plan.tensors}, group_elements(len(names))) if v.group else None
         for item in _loaded(fam, tensors, opts.keep_base_only):
@@ -131,6 +131,8 @@ def _write(fam: PackInputs, v: Validated, lams: dict[str, float], out: Path, sel
             entries.append(add_exact(ctx, item, written, codecs=RESIDUAL_CODECS) if opts.exact else written)
         if groups is not None:
             groups.flush_all(entries)
+        w.drain()  # the last tensors' chunks: their entries can be made now
+        entries[:] = [e.entry() if isinstance(e, Later) else e for e in entries]
         task_files = {t: store.add(src.files, f"task {t!r}") for t, src in fam.tasks.items()}
 
         def described(src: Source) -> dict[str, Any]:
@@ -177,7 +179,7 @@ class _Groups:
         self.ends: dict[tuple, int] = {}  # each held group's length so far (``layout``'s total)
         self.count = 0
 
-    def add(self, item: Item, entries: list[TensorEntry | None]) -> bool:
+    def add(self, item: Item, entries: list[TensorEntry | Later | None]) -> bool:
         """Hold ``item`` for a group (writing a full group to ``entries`` first); False when it is
         not a tensor to group."""
         first = item.thetas[0] if item.thetas else None
@@ -197,11 +199,11 @@ class _Groups:
         self.ends[key] = self.ends.get(key, 0) + size
         return True
 
-    def flush_all(self, entries: list[TensorEntry | None]) -> None:
+    def flush_all(self, entries: list[TensorEntry | Later | None]) -> None:
         for key in list(self.held):
             self._flush(key, entries)
 
-    def _flush(self, key: tuple, entries: list[TensorEntry | None]) -> None:
+    def _flush(self, key: tuple, entries: list[TensorEntry | Later | None]) -> None:
         items = self.held.pop(key)
         del self.ends[key]
         if len(items) == 1:  # a group of one would only add a level
@@ -226,7 +228,10 @@ class _Groups:
             for t in tasks:  # the gaps' elements are zero everywhere: no mask bit, no error
                 self.ctx.fidelity[t].numel -= gap
         self.ctx.writer.use("field:members")
-        entries.append(dataclasses.replace(written, members=members))
+        if isinstance(written, Later):
+            entries.append(Later(lambda: dataclasses.replace(written.entry(), members=members)))
+        else:
+            entries.append(dataclasses.replace(written, members=members))
 
     def _name(self) -> str:
         """A group's entry name, unlike any tensor's."""
@@ -238,7 +243,7 @@ class _Groups:
                 return name
 
 
-def _write_dialed(dial: Dial, ctx: WriteContext, entries: list[TensorEntry | None], pending: dict[int, str],
+def _write_dialed(dial: Dial, ctx: WriteContext, entries: list[TensorEntry | Later | None], pending: dict[int, str],
                   load: Callable[[str], Item], exact: bool, size: Callable[[], int]) -> None:
     """Write the merged tensors as the dial decides; with a budget, while the dial asks (``refit``,
     given what the archive would be), drop them and write them again with its estimate corrected."""

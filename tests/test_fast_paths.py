@@ -666,6 +666,50 @@ def test_the_straight_loops_write_the_generic_paths_archive_across_chunks_and_th
             assert all(torch.equal(got[k], want[t][k]) for k in base), t
 
 
+def test_tensors_written_while_the_last_ones_encode_give_the_same_archive(tmp_path, monkeypatch) -> None:
+    """The packer goes on to the next tensor while the last one's chunks are still being encoded
+    (``WriteContext.defer``: ``Tall.write`` returns a ``Later``, the writer's queue keeps the file's
+    order): the archive is byte for byte the one written tensor by tensor, groups, shared and
+    task-own tensors in between included."""
+    import tallpack.packer as packer
+    from tallpack.encodings import Later
+
+    g = torch.Generator().manual_seed(8)
+    base = {f"w{i}": torch.randn(300 * (i + 1), generator=g) for i in range(5)}
+    base |= {"small": torch.randn(10, generator=g), "frozen": torch.randn(50, generator=g),
+             "big": torch.randn(300_000, generator=g)}
+    tasks = {f"t{j}": {k: v.clone() if k == "frozen" else v + 0.01 * torch.randn(v.shape, generator=g)
+                       for k, v in base.items()} | {"head": torch.randn(j + 2, generator=g)} for j in range(3)}
+    later, real_later = [], Later.__init__
+    monkeypatch.setattr(Later, "__init__", lambda self, entry: later.append(1) or real_later(self, entry))
+    tallpack.pack(base, tasks, tmp_path / "deferred.tallpack", chunk_elements=1 << 16, threads=2)
+    assert len(later) >= 2  # the groups' entries and the large tensor's came later
+    real_context = packer.WriteContext
+    monkeypatch.setattr(packer, "WriteContext", lambda *a, **k: real_context(*a, **{**k, "defer": False}))
+    later.clear()
+    tallpack.pack(base, tasks, tmp_path / "direct.tallpack", chunk_elements=1 << 16, threads=2)
+    assert later == []
+    assert (tmp_path / "deferred.tallpack").read_bytes() == (tmp_path / "direct.tallpack").read_bytes()
+
+
+def test_the_writers_queue_writes_in_the_order_chunks_were_queued(tmp_path) -> None:
+    """Chunks queued for two arrays are written before a chunk added directly to a third, in
+    the order queued; ``drain(leave)`` leaves the most recent."""
+    from tallpack.codecs import Chain, Zstd
+    from tallpack.container import ContainerWriter
+
+    chain = Chain([Zstd(3)])
+    with ContainerWriter(tmp_path / "q.bin", threads=2) as w:
+        a, b, c = (w.begin_array("uint8", (8,), chain, 8) for _ in range(3))
+        w.queue(a.queued, w.submit([(chain, memoryview(b"a" * 8))])[0])
+        w.queue(b.queued, w.submit([(chain, memoryview(b"b" * 8))])[0])
+        w.drain(leave=1)
+        assert len(a._chunks) == 1 and not b._chunks
+        c.add(chain.encode(memoryview(b"c" * 8)))  # writes b's chunk first
+        offsets = [x.finish().chunks[0].offset for x in (a, b, c)]
+        assert offsets == sorted(offsets)
+
+
 def _pack_peak(tmp_path, n: int, tasks: int = 4) -> int:
     """Peak RssAnon growth while a fresh process packs base + ``tasks`` safetensors files of one
     tensor of ``n`` float32 elements (the files are mapped, so only working memory counts)."""

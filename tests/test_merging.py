@@ -216,3 +216,23 @@ def test_task_vectors_by_block_are_the_widened_difference(dtype, n, block, tasks
         assert have.dtype == torch.float32
         assert torch.equal(have.view(torch.int32), want.view(torch.int32)) or torch.equal(
             torch.nan_to_num(have, nan=7.0), torch.nan_to_num(want, nan=7.0))  # NaN payloads may differ
+
+
+@settings(max_examples=60, deadline=None)
+@given(n=st.sampled_from([0, 5, (1 << 14) + 3, 40000]), count=st.integers(1, 4), where=st.integers(-1, 39999),
+       dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.uint8]), other=st.sampled_from(["", "dtype", "shape"]))
+def test_all_equal_is_same_dtype_shape_and_bytes(n, count, where, dtype, other):
+    """``dtypes.all_equal`` (a prefix compared first) says what comparing dtype, shape and every
+    byte says, wherever the one differing element is (before, at or past the prefix)."""
+    from tallpack.dtypes import all_equal
+    first = torch.arange(n).to(dtype)
+    tensors = [first] + [first.clone() for _ in range(count)]
+    if 0 <= where < n:
+        tensors[-1].view(torch.uint8).view(-1)[where % (n * first.element_size())] ^= 1
+    if other == "dtype":
+        tensors[-1] = tensors[-1].to(torch.float16)
+    elif other == "shape" and n:
+        tensors[-1] = tensors[-1][:-1]
+    want = all(t.dtype == first.dtype and t.shape == first.shape
+               and bytes(t.view(torch.uint8).numpy()) == bytes(first.view(torch.uint8).numpy()) for t in tensors)
+    assert all_equal(tensors) is want

@@ -5,10 +5,10 @@ subclass, import it below, and describe it in ``spec/FORMAT.md`` §6.1 (with a g
 """
 
 from . import base_only, correction, dense, derived, derived_merged, exact, qtau, shared, tall  # noqa: F401  (registers them)
-from .base import (BY_KIND, FIELDS, REGISTRY, Encoding, Item, TaskTensor, TensorEntry, Use, WriteContext,
+from .base import (BY_KIND, FIELDS, REGISTRY, Encoding, Item, Later, TaskTensor, TensorEntry, Use, WriteContext,
                    iter_arrays)
 
-__all__ = ["BY_KIND", "FIELDS", "REGISTRY", "Encoding", "Item", "TaskTensor", "TensorEntry", "Use", "WriteContext",
+__all__ = ["BY_KIND", "FIELDS", "REGISTRY", "Encoding", "Item", "Later", "TaskTensor", "TensorEntry", "Use", "WriteContext",
            "iter_arrays", "encoding_for"]
 
 

@@ -194,11 +194,25 @@ class WriteContext:
     held_merged: dict[str, dict[str, tuple[str, list[bytes | memoryview]]]] | None = None
     #: threads the per-task work of a block may run on at once (the tasks' masks)
     threads: int = 1
+    #: ``write`` may return a ``Later``: its tensor's last chunks still being encoded while the
+    #: packer goes on (the packer resolves it once the writer has drained). Off for the exact tier
+    #: and the fidelity dial, which read what was written.
+    defer: bool = False
 
     def whole(self, t: torch.Tensor) -> ArrayRef:
         """Write a whole tensor as one dense array."""
         dt = dtype_name(t.dtype)
         return self.writer.write_array(tensor_to_bytes(t), dt, tuple(t.shape), self.dense(dt), self.chunk_elements)
+
+
+class Later:
+    """A tensor entry whose last chunks are queued in the writer (``WriteContext.defer``):
+    ``entry()`` gives it once ``ContainerWriter.drain`` has written them."""
+
+    __slots__ = ("entry",)
+
+    def __init__(self, entry: Callable[[], TensorEntry]) -> None:
+        self.entry = entry
 
 
 @dataclass(frozen=True)
@@ -255,7 +269,7 @@ class Encoding:
                 raise FormatError(f"{where}: a {cls.name} entry needs the tensor's {k!r} array")
 
     @classmethod
-    def write(cls, ctx: WriteContext, item: Item) -> TensorEntry:
+    def write(cls, ctx: WriteContext, item: Item) -> "TensorEntry | Later":
         raise NotImplementedError
 
     @classmethod

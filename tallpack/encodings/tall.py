@@ -15,7 +15,7 @@ from ..elements import FLOATING, numel
 from ..errors import FormatError
 from ..tall import (Bits, Planar, Workspace, blocks, compiled_kind, elements, reconstruct, reconstruct_parts,
                     reconstruct_planar, tall_mask_with_fidelity)
-from .base import EXTRA_ARRAYS, Encoding, Item, TaskTensor, TensorEntry, Use, WriteContext, register
+from .base import EXTRA_ARRAYS, Encoding, Item, Later, TaskTensor, TensorEntry, Use, WriteContext, register
 
 
 #: Elements of each sub-block the packer computes task vectors, merged vector and masks in
@@ -87,7 +87,7 @@ class Tall(Encoding):
         check_merged_entry(entry, tt, where)
 
     @classmethod
-    def write(cls, ctx: WriteContext, item: Item) -> TensorEntry:
+    def write(cls, ctx: WriteContext, item: Item) -> "TensorEntry | Later":
         """Stream the tensor block by block: base, tau_MTL, the method's extras and every mask."""
         base, thetas, tasks, w = item.base, item.thetas, item.tasks, ctx.writer
         assert base is not None
@@ -102,7 +102,6 @@ class Tall(Encoding):
         mask_arrays = [_Held(ctx.masks) if held else w.begin_array("bool", shape, ctx.masks, ce) for _ in tasks]
         ones = [0] * len(tasks)
         arrays = [*entry_arrays.values(), *mask_arrays]
-        pending: list = []  # the previous block's encodings: compressed while this block is computed
         ws = Workspace()
         halves = min(2, ctx.threads, len(tasks))  # the tasks' masks: half of them on a helper thread
         spaces = [ws] + [Workspace() for _ in range(halves - 1)]  # (only the loops without kernels use them)
@@ -140,21 +139,25 @@ class Tall(Encoding):
             jobs = [(a_.chain, tensor_to_bytes(parts[key])) for key, a_ in entry_arrays.items()]
             jobs += [(ctx.masks, tensor_to_bytes(m)) for m in masks]
             futures = w.submit(jobs)
-            for arr, f in zip(arrays, pending):
-                arr.add(f.result())
-            pending = futures
-        for arr, f in zip(arrays, pending):
-            arr.add(f.result())
+            for arr, f in zip(arrays, futures):
+                w.queue(arr.queued, f)
+            w.drain(leave=len(futures))  # the chunk before this one written (this tensor's, or the last one's)
+
+        def entry() -> TensorEntry:
+            return TensorEntry(
+                item.name, cls.kind,
+                {t: TaskTensor(cls.name, dtype_name(x.dtype), shape, {} if held else {"mask": k.finish()}, {"ones": n})
+                 for t, x, k, n in zip(tasks, thetas, mask_arrays, ones)},
+                {k: a.finish() for k, a in entry_arrays.items()},
+            )
+        if ctx.defer and not (held or hold):
+            return Later(entry)  # its last chunk written while the next tensor is computed
+        w.drain()
         if held:
             ctx.held_masks[item.name] = [k.chunks for k in mask_arrays]
         if hold:
             ctx.held_merged[item.name] = {k: (dt, entry_arrays.pop(k).chunks) for k, dt in derivable.items()}
-        return TensorEntry(
-            item.name, cls.kind,
-            {t: TaskTensor(cls.name, dtype_name(x.dtype), shape, {} if held else {"mask": k.finish()}, {"ones": n})
-             for t, x, k, n in zip(tasks, thetas, mask_arrays, ones)},
-            {k: a.finish() for k, a in entry_arrays.items()},
-        )
+        return entry()
 
     @classmethod
     def plain_inputs(cls, entry: TensorEntry, tt: TaskTensor) -> dict[str, tuple[ArrayRef, Use]]:
@@ -216,3 +219,5 @@ class _Held:
     def add(self, encoded: bytes | memoryview | Encoded) -> None:
         data = encoded.data if isinstance(encoded, Encoded) else encoded
         self.chunks.append(bytes(data))  # a codec's output may be a view of a buffer reused later
+
+    queued = add
