@@ -48,7 +48,7 @@ from .arrays import ArrayRef
 from .codecs import Chain
 from .container import ALIGNMENT, FOOTER, HEADER
 from .dtypes import dtype_name, tensor_to_bytes
-from .encodings import Item, TaskTensor, TensorEntry, WriteContext, iter_arrays
+from .encodings import Item, TaskTensor, TensorEntry, WriteContext, iter_arrays, settled
 from .encodings.base import EXTRA_ARRAYS
 from .encodings.correction import (BLOCK, Correction, corrected, quant_decode, quant_encode, residual,
                                    sparse_decode, sparse_encode)
@@ -838,7 +838,7 @@ class Dial:
         vector too when dropped), the qtau entries, the exact tier when asked, the corrections."""
         qt = {t: o.bits for t in item.tasks
               if (o := self.choice.get(t, {}).get(item.name)) is not None and o.kind == "qtau"}
-        entry = _write_mixed(ctx, item, qt, item.name in self.dropped) if qt else Tall.write(ctx, item)
+        entry = _write_mixed(ctx, item, qt, item.name in self.dropped) if qt else settled(ctx, Tall.write(ctx, item))
         if exact_tier:
             entry = add_exact(ctx, item, entry)
         self._corrections(ctx, item, entry)

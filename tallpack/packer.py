@@ -19,7 +19,7 @@ from ._torch import torch
 from ._version import __version__
 from .container import ContainerWriter
 from .dial import Dial
-from .encodings import BY_KIND, Item, Later, WriteContext
+from .encodings import BY_KIND, Item, Later, WriteContext, settled
 from .encodings.exact import RESIDUAL_CODECS, add_exact
 from .errors import InvalidArgumentError, OutputExistsError
 from .folders import FileStore
@@ -128,11 +128,11 @@ def _write(fam: PackInputs, v: Validated, lams: dict[str, float], out: Path, sel
                 entries.append(None)
                 continue
             written = BY_KIND[item.kind].write(ctx, item)
-            entries.append(add_exact(ctx, item, written, codecs=RESIDUAL_CODECS) if opts.exact else written)
+            entries.append(add_exact(ctx, item, settled(ctx, written), codecs=RESIDUAL_CODECS) if opts.exact else written)
         if groups is not None:
             groups.flush_all(entries)
         w.drain()  # the last tensors' chunks: their entries can be made now
-        entries[:] = [e.entry() if isinstance(e, Later) else e for e in entries]
+        done: list[TensorEntry | None] = [e.entry() if isinstance(e, Later) else e for e in entries]
         task_files = {t: store.add(src.files, f"task {t!r}") for t, src in fam.tasks.items()}
 
         def described(src: Source) -> dict[str, Any]:
@@ -140,7 +140,7 @@ def _write(fam: PackInputs, v: Validated, lams: dict[str, float], out: Path, sel
             return d if opts.record_paths else {k: v for k, v in d.items() if k != "path"}
 
         def manifest() -> Manifest:
-            stored = [e for e in entries if e is not None]  # every place is filled by now
+            stored = [e for e in done if e is not None]  # every place is filled by now
             infos = []
             for t in names:
                 src, fid = fam.tasks[t], fidelity[t]
@@ -160,7 +160,7 @@ def _write(fam: PackInputs, v: Validated, lams: dict[str, float], out: Path, sel
 
         if dial is not None:  # the fidelity dial: decide on the TALL tier's size, then write merged tensors
             plans = {e.name: e for e in fam.plan.tensors}
-            _write_dialed(dial, ctx, entries, pending, lambda name: fam.load(plans[name]), opts.exact,
+            _write_dialed(dial, ctx, done, pending, lambda name: fam.load(plans[name]), opts.exact,
                           lambda: w.size_with(manifest().to_dict()))
         result = manifest()
         w.finish(result.to_dict())
@@ -229,7 +229,8 @@ class _Groups:
                 self.ctx.fidelity[t].numel -= gap
         self.ctx.writer.use("field:members")
         if isinstance(written, Later):
-            entries.append(Later(lambda: dataclasses.replace(written.entry(), members=members)))
+            later = written
+            entries.append(Later(lambda: dataclasses.replace(later.entry(), members=members)))
         else:
             entries.append(dataclasses.replace(written, members=members))
 
@@ -243,7 +244,7 @@ class _Groups:
                 return name
 
 
-def _write_dialed(dial: Dial, ctx: WriteContext, entries: list[TensorEntry | Later | None], pending: dict[int, str],
+def _write_dialed(dial: Dial, ctx: WriteContext, entries: list[TensorEntry | None], pending: dict[int, str],
                   load: Callable[[str], Item], exact: bool, size: Callable[[], int]) -> None:
     """Write the merged tensors as the dial decides; with a budget, while the dial asks (``refit``,
     given what the archive would be), drop them and write them again with its estimate corrected."""

@@ -6,10 +6,10 @@ subclass, import it below, and describe it in ``spec/FORMAT.md`` §6.1 (with a g
 
 from . import base_only, correction, dense, derived, derived_merged, exact, qtau, shared, tall  # noqa: F401  (registers them)
 from .base import (BY_KIND, FIELDS, REGISTRY, Encoding, Item, Later, TaskTensor, TensorEntry, Use, WriteContext,
-                   iter_arrays)
+                   iter_arrays, settled)
 
 __all__ = ["BY_KIND", "FIELDS", "REGISTRY", "Encoding", "Item", "Later", "TaskTensor", "TensorEntry", "Use", "WriteContext",
-           "iter_arrays", "encoding_for"]
+           "iter_arrays", "encoding_for", "settled"]
 
 
 def encoding_for(name: str) -> type[Encoding] | None:

@@ -215,6 +215,14 @@ class Later:
         self.entry = entry
 
 
+def settled(ctx: WriteContext, written: "TensorEntry | Later") -> TensorEntry:
+    """The entry a ``write`` gave: at once, or once the writer has written the chunks it queued."""
+    if isinstance(written, Later):
+        ctx.writer.drain()
+        return written.entry()
+    return written
+
+
 @dataclass(frozen=True)
 class Item:
     """One tensor of the family at pack time: its name, the kind it was planned as and the kind it

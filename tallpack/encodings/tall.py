@@ -4,7 +4,7 @@ are stored once (plus the merge method's extra arrays); per task, one bit-packed
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 from .. import kernels
 from .._torch import torch
@@ -42,7 +42,7 @@ def check_merged_entry(entry: TensorEntry, tt: TaskTensor, where: str) -> None:
             raise FormatError(f"{where}: {key} must be {dtype} of the base's shape")
 
 
-def _straight(ctx: WriteContext, tasks: list[str], kind: str, base: torch.Tensor, thetas: list[torch.Tensor],
+def _straight(ctx: WriteContext, tasks: Sequence[str], kind: str, base: torch.Tensor, thetas: list[torch.Tensor],
               merged: torch.Tensor, masks: list[torch.Tensor], ones: list[int], halves: int) -> None:
     """One chunk's merged vector and masks computed straight from the inputs, for a method whose
     merged vector is the plain sum (``MergeMethod.plain_sum``: Task Arithmetic) of inputs the
