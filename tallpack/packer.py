@@ -131,8 +131,7 @@ def _write(fam: PackInputs, v: Validated, lams: dict[str, float], out: Path, sel
             entries.append(add_exact(ctx, item, settled(ctx, written), codecs=RESIDUAL_CODECS) if opts.exact else written)
         if groups is not None:
             groups.flush_all(entries)
-        w.drain()  # the last tensors' chunks: their entries can be made now
-        done: list[TensorEntry | None] = [e.entry() if isinstance(e, Later) else e for e in entries]
+        done: list[TensorEntry | None] = [None if e is None else settled(ctx, e) for e in entries]
         task_files = {t: store.add(src.files, f"task {t!r}") for t, src in fam.tasks.items()}
 
         def described(src: Source) -> dict[str, Any]:
