@@ -363,10 +363,11 @@ PARTS_FROM = 1 << 17
 
 
 def _cuts(n: int, parts: int) -> list[int]:
-    """Range bounds for up to ``parts`` parts of ``n`` elements (multiples of 64), one inside a
-    pool's worker or for fewer than ``PARTS_FROM`` elements."""
+    """Range bounds for up to ``parts`` parts of ``n`` elements (multiples of 64), none smaller
+    than half of ``PARTS_FROM``; one inside a pool's worker or for fewer than ``PARTS_FROM`` elements."""
     if getattr(_local, "worker", False) or n < PARTS_FROM:
         parts = 1
+    parts = max(1, min(parts, n // (PARTS_FROM // 2)))
     return [n * i // parts // 64 * 64 for i in range(parts)] + [n]
 
 

@@ -640,24 +640,29 @@ def test_the_straight_loops_write_the_generic_paths_archive(tmp_path_factory, mo
 
 
 @pytest.mark.skipif(not kernels.COMPILED, reason="the compiled loops are turned off")
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dtype,threads", [(torch.float32, 2), (torch.bfloat16, 2), (torch.float16, 2),
+                                           (torch.float32, 4), (torch.bfloat16, 5)])
 def test_the_straight_loops_write_the_generic_paths_archive_across_chunks_and_threads(tmp_path, monkeypatch,
-                                                                                      dtype) -> None:
+                                                                                      dtype, threads) -> None:
     """The same for tensors of several chunks and sub-blocks large enough to be split across
-    threads (``kernels.PARTS_FROM``), read back through the format."""
+    threads (``kernels.PARTS_FROM``), read back through the format; the tasks' masks in up to
+    ``threads`` groups, and the generic path on one thread writes the same file."""
     g = torch.Generator().manual_seed(3)
     n = 3 * kernels.PARTS_FROM + 5
     w = torch.randn(n, generator=g) * 0.02
     base = {"w": w.to(dtype), "b": torch.randn(100, generator=g).to(dtype)}
     tasks = {f"t{i}": {k: (v.float() + 1e-3 * torch.randn(v.shape, generator=g)).to(dtype) for k, v in base.items()}
-             for i in range(3)}
+             for i in range(5)}
     monkeypatch.setattr(encodings_tall, "COMPUTE_ELEMENTS", kernels.PARTS_FROM + 64)
     calls, straight = [], encodings_tall._straight
-    monkeypatch.setattr(encodings_tall, "_straight", lambda *a: calls.append(1) or straight(*a))
-    tallpack.pack(base, tasks, tmp_path / "straight.tallpack", chunk_elements=2 * kernels.PARTS_FROM, threads=2)
-    assert len(calls) == 2 + 1  # each chunk of "w", and "b" (the straight path ran)
+    monkeypatch.setattr(encodings_tall, "_straight", lambda *a: calls.append(a[-1]) or straight(*a))
+    tallpack.pack(base, tasks, tmp_path / "straight.tallpack", chunk_elements=2 * kernels.PARTS_FROM, threads=threads)
+    assert calls == [min(threads, 5)] * (2 + 1)  # each chunk of "w", and "b" (the straight path ran, in groups)
     _generic_only(monkeypatch)
-    tallpack.pack(base, tasks, tmp_path / "generic.tallpack", chunk_elements=2 * kernels.PARTS_FROM, threads=2)
+    tallpack.pack(base, tasks, tmp_path / "generic.tallpack", chunk_elements=2 * kernels.PARTS_FROM, threads=1)
+    tallpack.pack(base, tasks, tmp_path / "generic-n.tallpack", chunk_elements=2 * kernels.PARTS_FROM,
+                  threads=threads)
+    assert (tmp_path / "generic-n.tallpack").read_bytes() == (tmp_path / "generic.tallpack").read_bytes()
     assert (tmp_path / "straight.tallpack").read_bytes() == (tmp_path / "generic.tallpack").read_bytes()
     with tallpack.open(tmp_path / "straight.tallpack") as fam:
         want = expected_reconstruction(base, tasks, {t: fam.task_info(t).lam for t in tasks})

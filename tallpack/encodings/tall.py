@@ -43,13 +43,14 @@ def check_merged_entry(entry: TensorEntry, tt: TaskTensor, where: str) -> None:
 
 
 def _straight(ctx: WriteContext, tasks: Sequence[str], kind: str, base: torch.Tensor, thetas: list[torch.Tensor],
-              merged: torch.Tensor, masks: list[torch.Tensor], ones: list[int], halves: int) -> None:
+              merged: torch.Tensor, masks: list[torch.Tensor], ones: list[int], groups: int) -> None:
     """One chunk's merged vector and masks computed straight from the inputs, for a method whose
     merged vector is the plain sum (``MergeMethod.plain_sum``: Task Arithmetic) of inputs the
-    compiled loops take (``compiled_kind``): ``kernels.tv_sum``, then each task's
-    ``kernels.tall_mask_tv`` (half of the tasks on a helper thread), which compute the task
-    vectors a block at a time on the stack instead of writing T float32 vectors to memory and
-    reading them back twice. The same operations in the same order as ``blocks``, ``combine`` and
+    compiled loops take (``compiled_kind``): ``kernels.tv_sum`` (in element ranges on up to
+    ``ctx.threads`` threads), then each task's ``kernels.tall_mask_tv`` (the tasks in ``groups``
+    groups at once, all but the first on helper threads), which compute the task vectors a block
+    at a time on the stack instead of writing T float32 vectors to memory and reading them back
+    twice. The same operations in the same order as ``blocks``, ``combine`` and
     ``tall_mask_with_fidelity``, so the same bits (tests compare the archives). In sub-blocks of
     COMPUTE_ELEMENTS, so that the masks read a merged vector still in cache."""
     bb, xs = elements(base), [elements(x) for x in thetas]
@@ -57,7 +58,7 @@ def _straight(ctx: WriteContext, tasks: Sequence[str], kind: str, base: torch.Te
     n = bb.size
     for o in range(0, n, COMPUTE_ELEMENTS):
         e = min(n, o + COMPUTE_ELEMENTS)
-        ran = kernels.tv_sum(bb[o:e], [x[o:e] for x in xs], kind, mv[o:e], min(2, ctx.threads))
+        ran = kernels.tv_sum(bb[o:e], [x[o:e] for x in xs], kind, mv[o:e], ctx.threads)
         assert ran, "compiled_kind admitted arrays the compiled loops refuse"
 
         def run(first: int, end: int, o: int = o, e: int = e) -> None:
@@ -67,7 +68,7 @@ def _straight(ctx: WriteContext, tasks: Sequence[str], kind: str, base: torch.Te
                 assert got is not None, "compiled_kind admitted arrays the compiled loops refuse"
                 ones[i] += got[0]
                 ctx.fidelity[t].add_sums(got[0], e - o, *got[1:])
-        kernels.in_parts(len(tasks), halves, run)
+        kernels.in_parts(len(tasks), groups, run)
 
 
 @register
@@ -103,8 +104,8 @@ class Tall(Encoding):
         ones = [0] * len(tasks)
         arrays = [*entry_arrays.values(), *mask_arrays]
         ws = Workspace()
-        halves = min(2, ctx.threads, len(tasks))  # the tasks' masks: half of them on a helper thread
-        spaces = [ws] + [Workspace() for _ in range(halves - 1)]  # (only the loops without kernels use them)
+        groups = min(ctx.threads, len(tasks))  # the tasks' masks in this many groups at once
+        spaces = {0: ws}  # each group's workspace, by its first task (only the loops without kernels use them)
         b_flat, flats = base.reshape(-1), [x.reshape(-1) for x in thetas]
         kind = compiled_kind(b_flat, flats) if ctx.method.plain_sum else None  # see _straight
         for k, a in enumerate(range(0, b_flat.numel(), ce)):
@@ -116,7 +117,7 @@ class Tall(Encoding):
             masks = [ws.get(f"mask{i}.{side}", n, torch.bool) for i in range(len(tasks))]
             extras: dict[str, torch.Tensor] = {}
             if kind is not None:
-                _straight(ctx, tasks, kind, b, [f[a : a + ce] for f in flats], merged, masks, ones, halves)
+                _straight(ctx, tasks, kind, b, [f[a : a + ce] for f in flats], merged, masks, ones, groups)
             for o, (sb, taus) in zip(range(0, n, COMPUTE_ELEMENTS), () if kind is not None else
                                      blocks(b, [f[a : a + ce] for f in flats], COMPUTE_ELEMENTS, ws)):
                 s = slice(o, o + sb.numel())
@@ -129,12 +130,14 @@ class Tall(Encoding):
                     extras[key][s].copy_(x)
 
                 def run(first: int, end: int, s: slice = s, taus: list = taus) -> None:
-                    space = spaces[0 if first == 0 else 1]
+                    space = spaces.get(first)
+                    if space is None:  # (the groups' first tasks are the same in every block)
+                        space = spaces.setdefault(first, Workspace())
                     for i in range(first, end):
                         t = tasks[i]
                         ones[i] += tall_mask_with_fidelity(taus[i], merged[s], ctx.lambdas[t], masks[i][s],
                                                            ctx.fidelity[t], space)
-                kernels.in_parts(len(tasks), halves, run)
+                kernels.in_parts(len(tasks), groups, run)
             parts = {"base": b, "merged": merged, **extras}
             jobs = [(a_.chain, tensor_to_bytes(parts[key])) for key, a_ in entry_arrays.items()]
             jobs += [(ctx.masks, tensor_to_bytes(m)) for m in masks]
