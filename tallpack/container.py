@@ -173,7 +173,7 @@ class ContainerWriter:
         self.drain()
         return self._pos, self.version
 
-    def rewind(self, mark: tuple[int, int]) -> None:
+    def rewind(self, mark: tuple[int, tuple[int, int]]) -> None:
         """Drop everything written since ``mark`` (no chunk may be in flight): the fidelity
         dial's budget writes its tensors again once it knows what the archive really costs."""
         self.drain()
@@ -507,8 +507,11 @@ class ContainerReader:
         a pass over the chunk."""
         c = ref.chunks[i]
         stored = self.source.read(c.offset, c.nbytes)
+        codec = ref.chain.codecs[0] if ref.chain.codecs else None
+        if not isinstance(codec, _codecs.Planes):
+            raise ValueError(f"{where}: not an array of byte planes")  # a caller's bug
         try:
-            return ref.chain.codecs[0].kept_nbytes(stored, ref.chunk_numel(i) * itemsize(ref.dtype), known, cheap)
+            return codec.kept_nbytes(stored, ref.chunk_numel(i) * itemsize(ref.dtype), known, cheap)
         except FormatError as e:
             self._stored(ref, i, where)  # a damaged chunk says so (IntegrityError), before what it garbles
             raise type(e)(f"{self.name}: {where}: chunk {i}: {e}") from None
@@ -552,7 +555,7 @@ class ContainerReader:
             fetch([(c.offset, c.nbytes) for ref in refs for c in ref.chunks])
 
     def read_array(self, ref: ArrayRef, where: str, start: int = 0, stop: int | None = None,
-                   into: memoryview | None = None) -> bytearray | memoryview:
+                   into: memoryview | None = None) -> bytes | bytearray | memoryview:
         """The decoded bytes of elements ``[start, stop)`` (default: the whole array), reading only
         the chunks that hold them; with ``into`` (writable, exactly the whole array's size), the
         whole array decoded into it."""
@@ -570,14 +573,15 @@ class ContainerReader:
             lo = (start - first * ce) * isz
             return memoryview(piece)[lo : lo + (stop - start) * isz] if (start, stop) != (0, ref.numel) else piece
         try:  # not zeroed: every byte is written
-            out = into if into is not None else memoryview(empty((stop - start) * isz))
+            out = into if into is not None else empty((stop - start) * isz).data
         except MemoryError:
             raise FormatError(f"{self.name}: {where}: array of {ref.nbytes} bytes is too large") from None
         pos, ahead = 0, first
         fetch = getattr(self.source, "prefetch", None)
         for i in range(first, last + 1):
             if fetch is not None and i == ahead:  # remote: the next chunks in one go, up to 64 MiB
-                window, size = [], 0
+                window: list[tuple[int, int]] = []
+                size = 0
                 for c in ref.chunks[i : last + 1]:
                     if window and size + c.nbytes > PREFETCH_BYTES:
                         break
