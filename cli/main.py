@@ -6,6 +6,7 @@ import json
 import logging
 import sys
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -219,7 +220,8 @@ def unpack(archive: str, task_names: tuple[str, ...], all_tasks: bool, output: s
     original) and the folder's kept files (config, tokenizer, ...); with --exact, the original
     files byte for byte. All or nothing: a failure leaves no output."""
     one = len(task_names) == 1 and not all_tasks  # then base and merged vectors are read once: no cache
-    with tallpack.open(archive, **({"cache_bytes": 0} if one else {})) as fam:
+    cache: dict[str, Any] = {"cache_bytes": 0} if one else {}
+    with tallpack.open(archive, **cache) as fam:
         if not task_names and not all_tasks:
             raise click.UsageError(f"name a task with --task (tasks: {', '.join(fam.tasks)}) or pass --all")
         kw = {"max_shard_size": max_shard_size, "progress": _progress()}

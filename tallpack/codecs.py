@@ -14,7 +14,7 @@ import math
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 import numpy as np
 import zstandard
@@ -30,7 +30,7 @@ class Codec:
 
     id: ClassVar[str]
 
-    def encode(self, buf: memoryview) -> bytes:
+    def encode(self, buf: memoryview) -> bytes | memoryview:
         raise NotImplementedError
 
     def decode(self, buf: memoryview, size: int) -> bytes | bytearray | memoryview:
@@ -123,8 +123,8 @@ class Zstd(Codec):
         # decoding never allocates more than the manifest announced. Decoding straight into a
         # buffer we own saves the copy a read-only bytes result would cost later.
         out = empty(size)
-        self._into(buf, memoryview(out))
-        return memoryview(out)
+        self._into(buf, out.data)
+        return out.data
 
     def decode_into(self, buf: memoryview, out: memoryview) -> None:
         try:
@@ -195,14 +195,14 @@ class ByteGroup(Codec):
         src = a.reshape(-1, self.itemsize)
         out = np.empty((self.itemsize, src.shape[0]), np.uint8)
         split_planes(src, out)
-        return memoryview(out.reshape(-1))
+        return out.reshape(-1).data
 
     def decode(self, buf: memoryview, size: int) -> memoryview:
         if len(buf) != size or size % self.itemsize:
             raise CodecError(f"bytegroup: got {len(buf)} bytes, expected {size}")
         out = empty(size)
         self._join(buf, out)
-        return memoryview(out)
+        return out.data
 
     def decode_into(self, buf: memoryview, out: memoryview) -> None:
         if len(buf) != len(out) or len(out) % self.itemsize:
@@ -231,8 +231,8 @@ class BitPack(Codec):
 
     def decode(self, buf: memoryview, size: int) -> memoryview:
         out = empty(size)
-        self.decode_into(buf, memoryview(out))
-        return memoryview(out)
+        self.decode_into(buf, out.data)
+        return out.data
 
     def decode_into(self, buf: memoryview, out: memoryview) -> None:
         if len(buf) != math.ceil(len(out) / 8):
@@ -310,7 +310,7 @@ class Planes(Codec):
             raise CodecError(f"{self.id}: input is not a whole number of elements")
         out = _scratch.get("split", a.size)
         split_planes(a.reshape(-1, k), out.reshape(k, -1), r)
-        return memoryview(out)
+        return out.data
 
     def encode(self, buf: memoryview) -> bytes:
         prefix, planes = self._split(buf)
@@ -335,7 +335,7 @@ class Planes(Codec):
             raise CodecError(f"{self.id}: {len(buf)} bytes cannot hold {size} bytes of {k}-byte elements")
         out = empty(size)
         self._decode(buf, out)
-        return memoryview(out)
+        return out.data
 
     def decode_into(self, buf: memoryview, out: memoryview) -> None:
         k = self.itemsize
@@ -347,7 +347,8 @@ class Planes(Codec):
     def _decode(self, buf: memoryview, out: np.ndarray) -> None:
         k = self.itemsize
         n = out.size // k
-        planes = self._planes(buf, n, "plane")  # zstd-coded planes go to buffers this thread reuses
+        # zstd-coded planes go to buffers this thread reuses (and without ``cheap``, none is None)
+        planes = cast("list[np.ndarray]", self._planes(buf, n, "plane"))
         dst = out.reshape(n, k)
         if self.HELD:
             join_exponent(planes[: k - 2], planes[k - 2], planes[k - 1], _rotation(buf), dst)
@@ -373,7 +374,8 @@ class Planes(Codec):
         lengths = struct.unpack_from(_PLANE_SIZES.format(k), buf, self.PREFIX)
         if head + sum(lengths) != len(buf):
             raise CodecError(f"{self.id}: plane lengths do not add up to the chunk's size")
-        planes, pos = [], head
+        planes: list[np.ndarray | None] = []
+        pos = head
         for i, length in enumerate(lengths):
             old = known[i] if known is not None else None
             if old is not None and old.size == n:
@@ -399,7 +401,7 @@ class Planes(Codec):
         if head + sum(lengths) != len(buf):
             raise CodecError(f"{self.id}: plane lengths do not add up to the chunk's size")
         return n * sum(1 for i, length in enumerate(lengths)
-                       if (known is not None and known[i] is not None and known[i].size == n)
+                       if (known is not None and (old := known[i]) is not None and old.size == n)
                        or (length != n and not (cheap and length * self.CHEAP < n)))
 
     def planar(self, buf: memoryview, size: int, slot: str | None = None,
@@ -479,8 +481,8 @@ class BitSplit(Codec):
 
     def decode(self, buf: memoryview, size: int) -> memoryview:
         out = empty(size)
-        self.decode_into(buf, memoryview(out))
-        return memoryview(out)
+        self.decode_into(buf, out.data)
+        return out.data
 
     def decode_into(self, buf: memoryview, out: memoryview) -> None:
         k = self.itemsize
@@ -504,7 +506,7 @@ class BitSplit(Codec):
             elif length > dst.size:
                 raise CodecError(f"bitsplit: block {j} stores {length} bytes for {dst.size} heads")
             else:
-                zstd.decode_into(piece, memoryview(dst))
+                zstd.decode_into(piece, dst.data)
             pos += length
         # one table lookup per element: its low bits' width and leading bits, or _BAD_HEAD
         looked = np.take(_head_table(k), heads)
@@ -521,7 +523,7 @@ class BitSplit(Codec):
         return {"id": self.id, "itemsize": self.itemsize, "block": self.block}
 
 
-_UNSIGNED = {1: np.dtype("<u1"), 2: np.dtype("<u2"), 4: np.dtype("<u4")}
+_UNSIGNED: dict[int, np.dtype[Any]] = {1: np.dtype("<u1"), 2: np.dtype("<u2"), 4: np.dtype("<u4")}
 #: Head bytes' t field must be below this, by bit length 0, 1, 2 and 3 or more.
 _BITSPLIT_T_LIMIT = np.array([1, 1, 2, 4], np.uint8)
 #: By bit length L (0 to 32): the low bits' width, and the leading bits' value ``v >> width`` less t.
@@ -568,7 +570,7 @@ def _unpack_bits(stream: memoryview, widths: np.ndarray) -> np.ndarray:
     """The inverse of :func:`_pack_bits` (as uint32); the stream must be exactly as long as the
     widths say, with its unused last bits zero."""
     # bit offsets fit 32 bits for any chunk whose widths (at most 29 each) sum below 2**32
-    offsets = np.cumsum(widths, dtype=np.uint32 if widths.size < (1 << 32) // 29 else np.int64)
+    offsets: np.ndarray = np.cumsum(widths, dtype=np.uint32 if widths.size < (1 << 32) // 29 else np.int64)
     total = int(offsets[-1]) if offsets.size else 0
     if len(stream) != -(-total // 8):
         raise CodecError(f"bitsplit: {len(stream)} bytes of low bits, the heads say {-(-total // 8)}")
@@ -594,7 +596,7 @@ def _plane(piece: memoryview, n: int, slot: str | None) -> np.ndarray:
     if len(piece) == n:
         return np.frombuffer(piece, np.uint8)
     plane = empty(n) if slot is None else _scratch.get(slot, n)  # a fresh plane per chunk costs page faults
-    Zstd().decode_into(piece, memoryview(plane))
+    Zstd().decode_into(piece, plane.data)
     return plane
 
 
@@ -726,7 +728,9 @@ class Chain:
         if not self.codecs:
             return size == nbytes
         for c in self.codecs[:-1]:
-            size = c.encoded_size(size)
+            encoded = c.encoded_size(size)
+            assert encoded is not None  # (__init__: every codec but the last is size-determined)
+            size = encoded
         return self.codecs[-1].fits(size, nbytes)
 
     def encode(self, buf: memoryview) -> bytes | memoryview:
@@ -740,7 +744,11 @@ class Chain:
                ) -> tuple[list[np.ndarray | None], int] | None:
         """A chunk as its stored byte planes and their rotation (``Planes.planar``), or None when
         this chain is not one ``planes`` or ``planes-exp`` codec of 2- or 4-byte elements."""
-        return self.codecs[0].planar(buf, size, slot, known, cheap) if self.planar_itemsize else None
+        if not self.planar_itemsize:
+            return None
+        planes = self.codecs[0]
+        assert isinstance(planes, Planes)  # (planar_itemsize: the one codec is planes)
+        return planes.planar(buf, size, slot, known, cheap)
 
     @functools.cached_property
     def bits_chain(self) -> "Chain | None":
@@ -763,7 +771,9 @@ class Chain:
         """The decoded bytes; with ``out`` (writable, ``size`` bytes), decoded into it and returned."""
         sizes = [size]
         for c in self.codecs[:-1]:
-            sizes.append(c.encoded_size(sizes[-1]))
+            encoded = c.encoded_size(sizes[-1])
+            assert encoded is not None  # (__init__: every codec but the last is size-determined)
+            sizes.append(encoded)
         if out is not None and len(out) != size:
             raise CodecError(f"decode into {len(out)} bytes, expected {size}")
         res: bytes | bytearray | memoryview = buf

@@ -230,7 +230,7 @@ def plain_bytes(entries: list[TensorEntry]) -> int:
 
 
 def _array_cost(chain: Chain, arr: np.ndarray, ce: int) -> int:
-    data = memoryview(np.ascontiguousarray(arr).view(np.uint8)).cast("B")
+    data = np.ascontiguousarray(arr).view(np.uint8).data.cast("B")
     step = ce * arr.dtype.itemsize
     pieces = [data[i : i + step] for i in range(0, len(data), step)] or [data]
     return sum(len(chain.encode(p)) + CHUNK_OVERHEAD for p in pieces) + ARRAY_OVERHEAD
@@ -248,7 +248,7 @@ def _exact_cost(ctx: WriteContext, x: torch.Tensor, rec: torch.Tensor, base: tor
     chain = ctx.residuals(x.element_size())
 
     def size(z: np.ndarray) -> int:
-        return len(chain.encode(memoryview(z.view(np.uint8))))
+        return len(chain.encode(z.view(np.uint8).data))
 
     _, ref, tr = min((size(permute(forward(xb[:n], rb[:n], t), rb[:n], dt, "exponent", ce)), k, t)
                      for k, rb in rbits.items() if k in CANDIDATES for t in TRANSFORMS)
@@ -521,7 +521,8 @@ class Dial:
     # -- deciding -----------------------------------------------------------------------------
     def _score_fn(self) -> Callable[[str, Mapping[str, Option]], float]:
         """With an evaluator: the fidelity of a task with these options per tensor (``score_ratio``)."""
-        assert self.evaluate is not None and self.sources is not None
+        evaluate, sources = self.evaluate, self.sources
+        assert evaluate is not None and sources is not None
         memo: dict[tuple[str, frozenset], float] = {}
         ref: dict[str, Any] = {}
         warned: list[str] = []
@@ -536,9 +537,9 @@ class Dial:
             key = (t, frozenset((k, o) for k, o in chosen.items() if o.kind is not None))
             if key in memo:
                 return memo[key]
-            src = self.sources[t]
+            src = sources[t]
             if t not in ref:
-                ref[t] = self.evaluate(t, {k: src.get(k) for k in src.keys()})
+                ref[t] = evaluate(t, {k: src.get(k) for k in src.keys()})
                 # what the original itself certifies: a target above it asks for the impossible
                 self.ceiling[t] = score_ratio(ref[t], ref[t], self.z)
                 if np.asarray(ref[t]).size == 1 and not warned:
@@ -565,7 +566,7 @@ class Dial:
                 else:
                     c = decoded(o, candidate_arrays(o, r), r.numel())
                     sd[k] = (rec32 + c).to(dtype).reshape(shape)
-            memo[key] = score_ratio(self.evaluate(t, sd), ref[t], self.z)
+            memo[key] = score_ratio(evaluate(t, sd), ref[t], self.z)
             return memo[key]
         return score
 
@@ -600,7 +601,8 @@ class Dial:
         ``keep``, every moved task's new choices pass it: with an evaluator, less weight error
         need not mean a better score). Returns the bytes saved and the tensors whose merged
         vector goes."""
-        saved, dropped = 0, set()
+        saved = 0
+        dropped: set[str] = set()
         if not self.droppable:
             return 0, dropped
         for name, tier in self.tier.items():
@@ -864,6 +866,7 @@ class Dial:
             if o.kind == "exact":
                 tt.extras["correction"] = Correction("exact")
                 continue
+            assert o.kind is not None  # (todo: sparse, quant or exact)
             r = residual(x, base32, mask, merged)
             refs = {k: _write(ctx, a) for k, a in candidate_arrays(o, r).items()}
             tt.extras["correction"] = Correction(o.kind, refs, o.bits or None, BLOCK if o.kind == "quant" else None)
@@ -885,7 +888,7 @@ class Dial:
 
 
 def _write(ctx: WriteContext, a: np.ndarray) -> ArrayRef:
-    return ctx.writer.write_array(memoryview(np.ascontiguousarray(a).view(np.uint8)).cast("B"), a.dtype.name,
+    return ctx.writer.write_array(np.ascontiguousarray(a).view(np.uint8).data.cast("B"), a.dtype.name,
                                   (a.size,), _chain(ctx, a), ctx.chunk_elements)
 
 

@@ -65,7 +65,7 @@ def tensor_to_bytes(t: torch.Tensor) -> memoryview:
     flat = flat.contiguous()
     if flat.numel() == 0:
         return memoryview(b"")
-    return memoryview(flat.view(torch.uint8).numpy()).cast("B")
+    return flat.view(torch.uint8).numpy().data.cast("B")
 
 
 #: Bytes ``all_equal`` compares first: fine-tuned tensors differ there, and the whole
@@ -92,7 +92,7 @@ def view_tensor(buf: bytes | bytearray | memoryview | np.ndarray, dtype: str, sh
     if type(shape) is not tuple or not all(type(d) is int for d in shape):
         shape = tuple(int(d) for d in shape)
     n = numel(shape)
-    mv = memoryview(buf)
+    mv = buf.data if isinstance(buf, np.ndarray) else memoryview(buf)
     if mv.format != "B" or mv.ndim != 1:
         mv = mv.cast("B")
     if len(mv) != n * dt.itemsize:
@@ -111,7 +111,7 @@ def bytes_to_tensor(buf: bytes | bytearray | memoryview | np.ndarray, dtype: str
     dt = torch_dtype(dtype)
     shape = tuple(int(d) for d in shape)
     n = numel(shape)
-    if len(memoryview(buf).cast("B")) != n * dt.itemsize:
+    if len((buf.data if isinstance(buf, np.ndarray) else memoryview(buf)).cast("B")) != n * dt.itemsize:
         raise FormatError(f"buffer of {len(buf)} bytes does not hold {shape} {dtype}")
     if n == 0:
         return torch.empty(shape, dtype=dt)

@@ -7,6 +7,16 @@ Messages are one line that says what is wrong and where (file, tensor, task).
 
 from __future__ import annotations
 
+#: The most characters of another library's message that an error quotes (:func:`quoted`).
+QUOTED_CHARS = 500
+
+
+def quoted(e: BaseException, limit: int = QUOTED_CHARS) -> str:
+    """Another library's exception message for quoting in one of ours: on one line (torch's and
+    boto's messages may span several), at most ``limit`` characters."""
+    text = " ".join(str(e).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
 
 class TallpackError(Exception):
     """Base class of every error tallpack raises on purpose."""

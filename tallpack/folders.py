@@ -10,11 +10,12 @@ output folder: a target whose folder resolves elsewhere (a link planted in the o
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Set
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -46,6 +47,7 @@ def check_file_name(name: object) -> str:
         why = "has an empty, '.' or '..' component"
     if why:
         raise FormatError(f"file name {name!r} {why}; files must stay inside the folder")
+    assert isinstance(name, str)  # (else ``why`` says so)
     return name
 
 
@@ -122,7 +124,7 @@ def safe_target(outdir: Path, name: str) -> Path:
 
 
 def write_files(outdir: str | os.PathLike, files: Mapping[str, str], blobs: Mapping[str, ArrayRef],
-                read: ReadBytes, *, skip: set[str] = frozenset()) -> list[Path]:
+                read: ReadBytes, *, skip: Set[str] = frozenset()) -> list[Path]:
     """Write a task's (or the base's) files into ``outdir``, each atomically; returns the paths."""
     out = Path(outdir)
     written = []
@@ -131,5 +133,5 @@ def write_files(outdir: str | os.PathLike, files: Mapping[str, str], blobs: Mapp
             continue
         target = safe_target(out, name)
         data = read_blob(read, digest, blobs[digest], f"file {name!r}")
-        written.append(atomic_write(target, lambda tmp, d=data: tmp.write_bytes(d)))
+        written.append(atomic_write(target, functools.partial(Path.write_bytes, data=data)))
     return written

@@ -269,7 +269,7 @@ class Transaction:
             self.created.append(p)
         return path
 
-    def stage(self, target: Path, write: Callable[[Path], None]) -> None:
+    def stage(self, target: Path, write: Callable[[Path], object]) -> None:
         self.check(target)
         if any(t == target for _, _, t in self.staged):
             raise OutputError(f"{target}: written twice in one output")
@@ -357,7 +357,7 @@ def remove_on_commit(target: str | os.PathLike) -> None:
     tx.remove_on_commit(Path(target))
 
 
-def atomic_write(target: str | os.PathLike, write: Callable[[Path], None]) -> Path:
+def atomic_write(target: str | os.PathLike, write: Callable[[Path], object]) -> Path:
     """Write ``target`` through ``write(temporary_path)``: under a temporary name, renamed into
     place when complete (with the other files of the transaction, when one is open). A full disk
     is a one-line :class:`OutputError`."""

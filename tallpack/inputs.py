@@ -88,8 +88,8 @@ class PackInputs:
             if entry.kind is not Kind.MERGED:
                 continue
             item = self.load(entry)
+            assert item.base is not None  # (planned merged: the base has it)
             if item.kind == Kind.MERGED or (item.kind == Kind.SHARED and in_tall_range(item.base, item.thetas)):
-                assert item.base is not None
                 for _, taus in blocks(item.base, item.thetas, self.chunk_elements):
                     yield taus
 

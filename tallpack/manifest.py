@@ -10,7 +10,7 @@ import math
 import reprlib
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeGuard
 
 from .arrays import ArrayRef
 from .checksums import checksum_function
@@ -49,10 +49,10 @@ def count_kinds(entries: tuple[TensorEntry, ...] | list[TensorEntry]) -> dict[st
 
 def _number(v: object, lo: float = -MAX_INT, hi: float = MAX_INT) -> bool:
     """None, or a finite int or float in [lo, hi] (JSON integers are already within int64)."""
-    return v is None or (type(v) in (int, float) and math.isfinite(v) and lo <= v <= hi)
+    return v is None or ((type(v) is int or type(v) is float) and math.isfinite(v) and lo <= v <= hi)
 
 
-def _name(v: object) -> bool:
+def _name(v: object) -> TypeGuard[str]:
     return isinstance(v, str) and len(v) <= MAX_NAME_CHARS
 
 

@@ -13,7 +13,7 @@ from ._torch import torch
 from .arrays import ArrayRef
 from .encodings import Use, encoding_for
 from .encodings.base import split_parts
-from .encodings.derived import merged_source, task_mask
+from .encodings.derived import DerivedMerged, merged_source, task_mask
 from .encodings.exact import TALL_ENCODINGS
 from .encodings.qtau import task_masks
 from .errors import FormatError, InvalidArgumentError, UnsupportedVersionError
@@ -32,7 +32,7 @@ class Family(Protocol):
     name: str
     manifest: Manifest
 
-    def read_array(self, ref: ArrayRef, where: str, use: Use = Use.OUTPUT) -> torch.Tensor: ...
+    def read_array(self, ref: ArrayRef | DerivedMerged, where: str, use: Use = Use.OUTPUT) -> torch.Tensor: ...
 
     def keys(self, task: str) -> list[str]: ...
 
@@ -89,7 +89,8 @@ class MergeParts:
                     missing = [x for x in method.extra_arrays if sources[x] is None]
                     if missing:
                         raise FormatError(f"{name}: {where} has no {', '.join(missing)} for {model}")
-                    extras = {x: read(sources[x], f"{where} ({x})") for x in method.extra_arrays}
+                    extras = {x: read(s, f"{where} ({x})") for x in method.extra_arrays
+                              if (s := sources[x]) is not None}
                 direction = merge_direction(model, tau, masks, extras, k, method)
                 if e.members:  # a group (format 1.12): each member's run of the flat tensors
                     base, direction = base.reshape(-1), direction.reshape(-1)

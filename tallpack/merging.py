@@ -175,6 +175,7 @@ class Ties(MergeMethod):
     def _selected(self, taus: list[torch.Tensor]) -> list[torch.Tensor]:
         trimmed = self._trimmed(taus)
         sign = torch.sign(_sum(trimmed))
+        assert self.majority_sign is not None, "prepare() first"
         sign[sign == 0] = self.majority_sign
         return [r * torch.where(sign > 0, r > 0, r < 0) for r in trimmed]
 
@@ -217,7 +218,7 @@ class Ties(MergeMethod):
 
 
 def _finite(v: object) -> bool:
-    return type(v) in (int, float) and math.isfinite(v)
+    return (type(v) is int or type(v) is float) and math.isfinite(v)
 
 
 def derive_merged(taus: list[torch.Tensor], method: MergeMethod) -> dict[str, torch.Tensor] | None:
@@ -269,16 +270,17 @@ def get_method(spec: "str | Mapping[str, Any] | MergeMethod", **options: Any) ->
     """
     if isinstance(spec, MergeMethod):
         return spec
+    name: object = spec
     if isinstance(spec, Mapping):
         options = {k: v for k, v in spec.items() if k != "method"} | options
-        spec = spec.get("method")
-    cls = METHODS.get(spec) if isinstance(spec, str) else None
+        name = spec.get("method")
+    cls = METHODS.get(name) if isinstance(name, str) else None
     if cls is None:
-        raise InvalidArgumentError(f"unknown merge method {spec!r}; choose one of {', '.join(METHODS)}")
+        raise InvalidArgumentError(f"unknown merge method {name!r}; choose one of {', '.join(METHODS)}")
     known = {o.name for o in cls.options}
     unknown = set(options) - known
     if unknown:
-        raise InvalidArgumentError(f"merge method {spec!r} has no option(s) {sorted(unknown)}; "
+        raise InvalidArgumentError(f"merge method {name!r} has no option(s) {sorted(unknown)}; "
                                    f"its options: {sorted(known) or 'none'}")
     return cls(**options)
 

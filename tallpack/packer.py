@@ -13,7 +13,7 @@ import os
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from ._torch import torch
 from ._version import __version__
@@ -61,7 +61,8 @@ def pack(base: SourceLike, tasks: TasksLike, out: str | os.PathLike, options: Pa
     v = opts.validated()
     if not opts.overwrite and os.path.lexists(out):
         raise OutputExistsError(f"{out}: already exists; pass --force (overwrite=True) to replace it")
-    named = dict(tasks) if isinstance(tasks, Mapping) else {i: t for i, t in enumerate(tasks)}
+    named: dict[str | int, SourceLike] = (dict(tasks.items()) if isinstance(tasks, Mapping)
+                                          else {i: t for i, t in enumerate(tasks)})
     with fetched({"\0base": base, **named}, storage_options) as (local, origin):  # URL inputs, downloaded
         local_tasks = ({k: local[k] for k in tasks} if isinstance(tasks, Mapping)
                        else [local[i] for i in range(len(named))])
@@ -212,13 +213,15 @@ class _Groups:
         tasks, shapes = items[0].tasks, [tuple(x.thetas[0].shape) for x in items]
         offsets, length = layout(shapes)
         members = tuple(Member(x.name, o, s) for x, o, s in zip(items, offsets, shapes))
-        bases = [x.base for x in items] if base_dtype is not None else None
+        # (with a base dtype, every item has a base: ``add``)
+        bases = cast("list[torch.Tensor]", [x.base for x in items]) if base_dtype is not None else None
         columns: list[list[torch.Tensor] | None] = [[x.thetas[i] for x in items] for i in range(len(tasks))]
         del items  # each task's members are let go once laid out: the group costs its size once, not twice
         base = concat(bases, offsets, length) if bases is not None else None
         bases = None
         flats = []
         for i, column in enumerate(columns):
+            assert column is not None
             flats.append(concat(column, offsets, length))
             columns[i] = None
         written = BY_KIND[kind].write(self.ctx, Item(self._name(), planned, kind, tasks, base, flats))

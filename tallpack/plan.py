@@ -58,8 +58,10 @@ def resolve(planned: Kind, base: torch.Tensor | None, thetas: list[torch.Tensor]
         return planned
     if len(thetas) > 1 and all_equal(thetas):
         return Kind.SHARED
-    if planned is Kind.MERGED and not in_tall_range(base, thetas):
-        return Kind.TASK_OWN
+    if planned is Kind.MERGED:
+        assert base is not None  # (planned merged: the base has it)
+        if not in_tall_range(base, thetas):
+            return Kind.TASK_OWN
     return planned
 
 

@@ -16,7 +16,7 @@ import weakref
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import numpy as np
 
@@ -234,7 +234,8 @@ class Archive:
         into = None
         try:
             if slot:
-                into = memoryview(self._slots.get(_slot, ref.nbytes))
+                assert _slot is not None
+                into = self._slots.get(_slot, ref.nbytes).data
             buf = self._c.read_array(ref, where, start, stop, into)
         except MemoryError:
             raise FormatError(f"{self.name}: {where}: too large to decode ({ref.nbytes} bytes)") from None
@@ -260,7 +261,7 @@ class Archive:
         key = ("derived-merged", ref.entry.name, ref.key, where_dev)
         hit = self._cache.get(key)
         if hit is None:
-            method = METHODS.get(self.manifest.merge.get("method"))
+            method = METHODS.get(self.manifest.merge.get("method", ""))
             if method is None:
                 raise UnsupportedVersionError(f"{self.name}: {where}: merge method "
                                               f"{self.manifest.merge.get('method')!r} is unknown to this tallpack")
@@ -274,6 +275,7 @@ class Archive:
                 self._keep(key[:2] + (k, where_dev), v, v.numel() * v.element_size())
                 if k == ref.key:
                     hit = v
+        assert hit is not None
         return hit.clone() if use is Use.OUTPUT else hit
 
     def _rebuild(self, task: str, name: str, pool: ThreadPoolExecutor | None, exact: bool = False,
@@ -317,10 +319,13 @@ class Archive:
         # group is kept in the cache, so that reading its members one by one decodes it once
         keep_bits = parts is not None and len(parts) < len(entry.members)
 
-        def read(k: str, ref: ArrayRef, use: Use, slot: str | None = None) -> torch.Tensor | Planar | Bits:
+        def read(k: str, ref: ArrayRef | DerivedMerged, use: Use, slot: str | None = None
+                 ) -> torch.Tensor | Planar | Bits:
             if k in planar:
+                assert isinstance(ref, ArrayRef)  # (_planar_keys)
                 return self._read_planar(ref, f"{where} ({k})", use, k)
             if k in bits:
+                assert isinstance(ref, ArrayRef)  # (_bit_keys)
                 return self._read_bits(ref, f"{where} ({k})", None if keep_bits else slot, keep_bits)
             return self.read_array(ref, f"{where} ({k})", use, device=device, start=start, stop=stop, _slot=slot)
 
@@ -395,7 +400,7 @@ class Archive:
             buf = self._slots.get(slot, size) if slot is not None else np.empty(size, np.uint8)
         except MemoryError:
             raise FormatError(f"{self.name}: {where}: too large to decode ({ref.nbytes} bytes)") from None
-        self._c.read_bits(ref, where, memoryview(buf))
+        self._c.read_bits(ref, where, buf.data)
         out = Bits(buf, ref.numel, ref.shape)
         if key is not None:
             self._cache.put(key, out, size)
@@ -427,15 +432,15 @@ class Archive:
                     self._cache.put(key, kept._replace(partial=False), kept.nbytes)
             known = kept.chunks if kept is not None else None
         if known is None:
-            return Planar(ref.numel, ref.chunk_elements, lambda i: self._c.read_planar(ref, i, where, f"{slot}.plane"),
-                          self._each)
+            return Planar(ref.numel, ref.chunk_elements,
+                          lambda i: _whole(self._c.read_planar(ref, i, where, f"{slot}.plane")), self._each)
 
         def chunk(i: int) -> tuple[list[np.ndarray], int]:
             planes, r = known[i]
             if all(p is not None for p in planes):
-                return planes, r
+                return _whole((planes, r))
             # views of the mapped file, checked; nearly empty planes decoded into this thread's buffers
-            return self._c.read_planar(ref, i, where, f"{slot}.plane", known=planes)
+            return _whole(self._c.read_planar(ref, i, where, f"{slot}.plane", known=planes))
         return Planar(ref.numel, ref.chunk_elements, chunk, self._each)
 
     def _decode_planar(self, ref: ArrayRef, where: str, budget: int, kept: "_KeptPlanes | None" = None,
@@ -815,7 +820,7 @@ class _Plan(NamedTuple):
     tt: TaskTensor
     encoding: type[Encoding]
     where: str
-    needed: dict[str, tuple[Any, Use]]
+    needed: Mapping[str, tuple[Any, Use]]
     planar: tuple[str, ...]
     bits: tuple[str, ...]
     refs: list[ArrayRef]  # every array it reads (``_needs``), for a remote source's prefetch
@@ -832,6 +837,11 @@ class _KeptPlanes(NamedTuple):
     partial: bool
     uses: int
     cut: int
+
+
+def _whole(got: tuple[list[np.ndarray | None], int]) -> tuple[list[np.ndarray], int]:
+    """A chunk's planes, every one there: all kept, or read without ``cheap`` (``Chain.planar``)."""
+    return cast("tuple[list[np.ndarray], int]", got)
 
 
 def _group_where(entry: TensorEntry) -> str:

@@ -14,7 +14,7 @@ import threading
 from collections.abc import Sequence
 from typing import Any
 
-from .errors import ArchiveClosedError, ArchiveNotFoundError, IntegrityError, TallpackError
+from .errors import ArchiveClosedError, ArchiveNotFoundError, IntegrityError, TallpackError, quoted
 
 #: Ranges at most this far apart are fetched as one request: chunks separated only by alignment
 #: padding (spec §1: under 64 bytes), so a read fetches its own bytes and hardly any others.
@@ -67,9 +67,9 @@ class RemoteFile:
         except FileNotFoundError:
             raise ArchiveNotFoundError(f"{url}: no such archive") from None
         except ImportError as e:
-            raise TallpackError(f"{url}: this kind of URL needs another package ({e})") from None
+            raise TallpackError(f"{url}: this kind of URL needs another package ({quoted(e)})") from None
         except Exception as e:
-            raise TallpackError(f"{url}: cannot open ({type(e).__name__}: {e})") from None
+            raise TallpackError(f"{url}: cannot open ({type(e).__name__}: {quoted(e)})") from None
 
     def _check(self, offset: int, nbytes: int) -> None:
         if self.closed:
@@ -86,7 +86,7 @@ class RemoteFile:
                 data = self._fs.cat_ranges([self._path] * len(spans), [s for s, _ in spans],
                                            [e for _, e in spans], on_error="raise")
         except Exception as e:
-            raise TallpackError(f"{self.url}: range read at {spans[0][0]} failed ({type(e).__name__}: {e})") from None
+            raise TallpackError(f"{self.url}: range read at {spans[0][0]} failed ({type(e).__name__}: {quoted(e)})") from None
         for (start, end), d in zip(spans, data):
             if len(d) != end - start:
                 raise IntegrityError(f"{self.url}: short read at {start} (changed or truncated?)")

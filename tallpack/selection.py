@@ -76,7 +76,8 @@ def select_lambdas(inputs: PackInputs, method: MergeMethod, evaluate: Evaluator,
         assert b is not None
         base[item.name] = b
         mtl[item.name] = method.combine([task_vector(t, b) for t in item.thetas]).reshape(b.shape)
-    chosen, scores = {}, {}
+    chosen: dict[str, float] = {}
+    scores: dict[str, dict[float, float]] = {}
     for task, src in inputs.tasks.items():
         exact = {n: src.get(n) for n in src.keys() if n not in mtl}
         taus = {n: task_vector(src.get(n), base[n]) for n in mtl}

@@ -21,7 +21,7 @@ from typing import Any
 from safetensors import SafetensorError
 
 from ._torch import torch
-from .errors import InvalidArgumentError
+from .errors import InvalidArgumentError, quoted
 
 __all__ = ["input_moments", "load", "save"]
 
@@ -85,7 +85,7 @@ def load(path: str | os.PathLike) -> dict[str, dict[str, torch.Tensor]]:
 
         flat = load_file(os.fspath(path))
     except (OSError, SafetensorError) as e:
-        raise InvalidArgumentError(f"{os.fspath(path)}: not a readable safetensors file of weights ({e})") from None
+        raise InvalidArgumentError(f"{os.fspath(path)}: not a readable safetensors file of weights ({quoted(e)})") from None
     out: dict[str, dict[str, torch.Tensor]] = {}
     for key, w in flat.items():
         task, sep, name = key.partition("/")

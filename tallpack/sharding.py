@@ -15,6 +15,7 @@ Exactly the tensors given are written: a tied weight that the original files lef
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -137,7 +138,7 @@ def write_shards(tensors: Mapping[str, torch.Tensor], plan: Mapping[str, list[st
     for fname, group in plan.items():
         if specs is not None:
             shard: Mapping[str, Any] = _Progressing({n: tensors for n in group}, steps)
-            shard_specs = {n: specs[n] for n in group}
+            shard_specs: Mapping[str, tuple[torch.dtype, tuple[int, ...]]] | None = {n: specs[n] for n in group}
         else:
             shard, shard_specs = {}, None
             for name in group:
@@ -147,7 +148,7 @@ def write_shards(tensors: Mapping[str, torch.Tensor], plan: Mapping[str, list[st
             dt, shape = specs[name] if specs is not None else (shard[name].dtype, tuple(shard[name].shape))
             total += sizes[name] if sizes else _numel(shape) * dt.itemsize
             weight_map[name] = fname
-        atomic_write(outdir / fname, lambda tmp, s=shard, sp=shard_specs: _write_file(tmp, s, meta, sp))
+        atomic_write(outdir / fname, functools.partial(_write_file, tensors=shard, metadata=meta, specs=shard_specs))
         del shard
     for _ in steps:  # report the last step
         pass

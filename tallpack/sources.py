@@ -42,7 +42,7 @@ from ._torch import torch
 from .dtypes import SAFETENSORS_DTYPES as _ST_DTYPES
 from .dtypes import dtype_name
 from .elements import itemsize, numel
-from .errors import CheckpointError, CheckpointNotFoundError, TallpackError, UnsafeCheckpointError
+from .errors import CheckpointError, CheckpointNotFoundError, TallpackError, UnsafeCheckpointError, quoted
 from .storage import is_url
 
 log = logging.getLogger(__name__)
@@ -103,7 +103,7 @@ class Source:
         except TallpackError:
             raise
         except Exception as e:  # a damaged file fails here, mid-read: say which tensor
-            raise CheckpointError(f"{self.label}: tensor {name!r} cannot be read: {e}") from None
+            raise CheckpointError(f"{self.label}: tensor {name!r} cannot be read: {quoted(e)}") from None
         want = self._infos[name]
         if tuple(t.shape) != want.shape or dtype_name(t.dtype) != want.dtype:
             raise CheckpointError(f"{self.label}: tensor {name!r} does not match its header")
@@ -152,7 +152,7 @@ class SafetensorsSource(Source):
             try:
                 self._handles[path] = safe_open(str(path), framework="pt")
             except Exception as e:
-                raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
+                raise CheckpointError(f"{path}: not a readable safetensors file ({quoted(e)})") from None
         return self._handles[path]
 
     def _load(self, name: str) -> torch.Tensor:
@@ -200,9 +200,9 @@ def _torch_load(path: Path) -> dict[str, torch.Tensor]:
                 f"{path}: loading needs code execution (it pickles more than tensors); tallpack only "
                 "loads weights_only files: re-save it as a plain state dict or as safetensors"
             ) from None
-        raise CheckpointError(f"{path}: not a readable PyTorch file ({e})") from None
+        raise CheckpointError(f"{path}: not a readable PyTorch file ({quoted(e)})") from None
     except Exception as e:
-        raise CheckpointError(f"{path}: not a readable PyTorch file ({type(e).__name__}: {e})") from None
+        raise CheckpointError(f"{path}: not a readable PyTorch file ({type(e).__name__}: {quoted(e)})") from None
     if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
         obj = obj["state_dict"]
     if not isinstance(obj, Mapping):
@@ -284,7 +284,7 @@ def _resolve(path: Path, shown: Path) -> Path:
     try:
         return path.resolve()
     except (OSError, RuntimeError) as e:  # a link loop
-        raise CheckpointError(f"{shown}: cannot follow its links ({e})") from None
+        raise CheckpointError(f"{shown}: cannot follow its links ({quoted(e)})") from None
 
 
 def _in_folder(folder: Path, path: Path, roots: list[Path]) -> Path:
@@ -322,7 +322,7 @@ def _read_index(index: Path) -> list[str]:
         doc = json.loads(index.read_text())
         weight_map = doc["weight_map"]
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise CheckpointError(f"{index}: not a readable shard index ({type(e).__name__}: {e})") from None
+        raise CheckpointError(f"{index}: not a readable shard index ({type(e).__name__}: {quoted(e)})") from None
     if not isinstance(weight_map, dict):
         raise CheckpointError(f"{index}: not a valid shard index (weight_map is a "
                               f"{type(weight_map).__name__}, not an object)")
@@ -416,8 +416,8 @@ def _other_files(folder: Path, roots: list[Path], weights: set[Path]) -> dict[st
         seen.add(real)
         try:
             entries = sorted(os.scandir(d), key=lambda e: e.name)
-        except OSError as e:
-            raise CheckpointError(f"{d}: cannot list the folder ({e.strerror or e})") from None
+        except OSError as err:
+            raise CheckpointError(f"{d}: cannot list the folder ({err.strerror or err})") from None
         for e in entries:
             name = f"{rel}{e.name}"
             p = d / e.name

@@ -14,15 +14,16 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-from .errors import CheckpointError, CheckpointNotFoundError, OutputError, TallpackError
+from .errors import CheckpointError, CheckpointNotFoundError, OutputError, TallpackError, quoted
 from .storage import is_url
 
 log = logging.getLogger(__name__)
+_K = TypeVar("_K")
 
 
 def local_path(target: str | os.PathLike) -> Path:
@@ -36,7 +37,7 @@ def _fs(url: str, storage_options: dict[str, Any] | None):
     try:
         return url_to_fs(url, **(storage_options or {}))
     except ImportError as e:
-        raise TallpackError(f"{url}: this kind of URL needs another package ({e})") from None
+        raise TallpackError(f"{url}: this kind of URL needs another package ({quoted(e)})") from None
 
 
 def exists(target: str | os.PathLike, storage_options: dict[str, Any] | None = None) -> bool:
@@ -83,7 +84,7 @@ def upload(local: Path, fs: Any, rpath: str, url: str) -> None:
                 pass
         fs.put([a for a, _ in pairs], [b for _, b in pairs])
     except Exception as e:
-        raise OutputError(f"{url}: upload failed ({type(e).__name__}: {e})") from None
+        raise OutputError(f"{url}: upload failed ({type(e).__name__}: {quoted(e)})") from None
 
 
 def size(target: str | os.PathLike, storage_options: dict[str, Any] | None = None) -> int:
@@ -95,8 +96,8 @@ def size(target: str | os.PathLike, storage_options: dict[str, Any] | None = Non
 
 
 @contextmanager
-def fetched(inputs: dict[str, Any], storage_options: dict[str, Any] | None = None
-            ) -> Iterator[tuple[dict[str, Any], dict[str, str]]]:
+def fetched(inputs: Mapping[_K, Any], storage_options: dict[str, Any] | None = None
+            ) -> Iterator[tuple[dict[_K, Any], dict[str, str]]]:
     """``inputs`` with every URL replaced by a local copy (a file, or a folder with all its files),
     and a map from each copy's path to its URL; the copies are removed when the block ends.
     Other inputs (paths, dicts of tensors) pass through.
@@ -127,7 +128,7 @@ def fetched(inputs: dict[str, Any], storage_options: dict[str, Any] | None = Non
             except TallpackError:
                 raise
             except (OSError, ValueError) as e:
-                raise CheckpointError(f"{url}: cannot download: {e}") from None
+                raise CheckpointError(f"{url}: cannot download: {quoted(e)}") from None
             local[key] = dest
             origin[str(dest)] = url
         yield local, origin

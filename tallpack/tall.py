@@ -207,11 +207,11 @@ def reconstruct(theta_0: torch.Tensor, mask: torch.Tensor | Bits, tau_mtl: torch
     if dtype == torch.float32 == theta_0.dtype == tau_mtl.dtype and _one_pass(theta_0, mask, tau_mtl):
         out = torch.empty(theta_0.shape, dtype=torch.float32)
         # contiguous (_one_pass), so their numpy views lie element by element as the loop reads them
-        m = mask.packed if bits else _bytes(mask).numpy()
+        m = mask.packed if isinstance(mask, Bits) else _bytes(mask).numpy()
         if kernels.tall_f32(theta_0.numpy(), tau_mtl.numpy(), m, out.numpy(), threads=torch.get_num_threads(),
                             bits=bits):
             return out
-    if bits:
+    if isinstance(mask, Bits):
         mask = mask.unpack()
     # addcmul is bit-identical to base + (mask * tau): the product (tau or a signed zero) is exact,
     # so fusing it leaves a single rounding, that of the addition.
@@ -254,14 +254,14 @@ def reconstruct_planar(theta_0: Planar, mask: torch.Tensor | Bits, tau_mtl: Plan
     ``tall_planes_f16``; the same bits). ``mask`` is a bool tensor or its stored bits."""
     n = theta_0.numel
     bits = isinstance(mask, Bits)
-    if not (n == tau_mtl.numel == (mask.numel if bits else mask.numel())
+    if not (n == tau_mtl.numel == (mask.numel if isinstance(mask, Bits) else mask.numel())
             and theta_0.chunk_elements == tau_mtl.chunk_elements > 0 and theta_0.chunk_elements % 8 == 0):
         raise ValueError("base, merged vector and mask differ in length or chunks")  # a caller's bug
     dtype = torch.float32 if dtype is None else dtype
     join = _join(dtype)
     out = torch.empty(tuple(shape), dtype=dtype)
     flat = _flat(out) if dtype == torch.float32 else _flat(out.view(torch.int16))
-    if bits:
+    if isinstance(mask, Bits):
         m = mask.packed
     else:
         m = _flat(_bytes(mask.reshape(-1)))
@@ -288,6 +288,8 @@ def reconstruct_parts(theta_0: torch.Tensor | Planar, mask: torch.Tensor | Bits,
     of 8; each member is rebuilt straight into a tensor of its own, the same bits as alone."""
     if isinstance(theta_0, Planar) and isinstance(tau_mtl, Planar):
         return _reconstruct_planar_parts(theta_0, mask, tau_mtl, parts, dtype)
+    if isinstance(theta_0, Planar) or isinstance(tau_mtl, Planar):
+        raise ValueError("base and merged vector must both be byte planes, or neither")  # a caller's bug
     base, merged = theta_0.reshape(-1), tau_mtl.reshape(-1)
     out = []
     for offset, shape in parts:
@@ -307,11 +309,12 @@ def _reconstruct_planar_parts(theta_0: Planar, mask: torch.Tensor | Bits, tau_mt
     n = theta_0.numel
     bits = isinstance(mask, Bits)
     ce = theta_0.chunk_elements
-    if not (n == tau_mtl.numel == (mask.numel if bits else mask.numel()) and ce == tau_mtl.chunk_elements > 0
+    if not (n == tau_mtl.numel == (mask.numel if isinstance(mask, Bits) else mask.numel())
+            and ce == tau_mtl.chunk_elements > 0
             and ce % 8 == 0 and all(o % 8 == 0 and o + math.prod(s) <= n for o, s in parts)):
         raise ValueError("base, merged vector, mask and members differ in length or chunks")  # a caller's bug
     join = _join(dtype)
-    m = mask.packed if bits else _flat(_bytes(mask.reshape(-1))).astype(np.uint8, copy=False)
+    m = mask.packed if isinstance(mask, Bits) else _flat(_bytes(mask.reshape(-1))).astype(np.uint8, copy=False)
     outs = [torch.empty(tuple(s), dtype=dtype) for _, s in parts]
     flats = [_flat(o) if dtype == torch.float32 else _flat(o.view(torch.int16)) for o in outs]
     spans = sorted((o, o + math.prod(s), k) for k, (o, s) in enumerate(parts))

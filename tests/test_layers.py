@@ -1,5 +1,5 @@
 """The layers of the code hold: import-linter's contracts in pyproject.toml (layers, a byte layer
-without torch, no cycles)."""
+without torch, no cycles); and mypy, with its settings there, finds no type errors."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -28,3 +30,11 @@ def test_byte_layer_imports_without_torch() -> None:
             "print('ok')") % str(ROOT / "tallpack")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert r.stdout.strip() == "ok", r.stderr[-2000:]
+
+
+def test_types_check() -> None:
+    """``mypy`` (``[tool.mypy]``: the package and the command line) reports no errors."""
+    pytest.importorskip("mypy", reason="mypy is not installed (it is in the test extra: pip install -e .[test])")
+    r = subprocess.run([sys.executable, "-m", "mypy"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-5000:] + r.stderr[-2000:]
+    assert r.stdout.startswith("Success: no issues found"), r.stdout[-2000:]

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from safetensors.torch import save_file
 
 import tallpack
@@ -310,3 +312,84 @@ def test_the_relative_outside_check_uses_resolved_paths(tmp_path, weights, monke
     monkeypatch.chdir(tmp_path / "x")
     assert torch.equal(open_source(Path("..") / "model").get("body.w"), weights["body.w"])
     assert os.path.samefile(folder, Path("..") / "model")
+
+
+# -- damaged checkpoint files ------------------------------------------------------------------------
+
+def _damage(raw: bytes, how: str, at: float, value: int, count: int) -> bytes:
+    """``raw`` cut, overwritten or grown at the fraction ``at`` of its length (``head``: within its
+    first 600 bytes, where both formats keep their headers and zip directories start)."""
+    b = bytearray(raw)
+    span = min(len(b), 600) if how == "head" else len(b)
+    p = min(int(at * span), len(b) - 1)
+    if how == "cut":
+        return bytes(b[:p])
+    if how == "grow":
+        return bytes(b[:p] + bytes([value]) * count + b[p:])
+    for i in range(count):  # "flip", "head": overwrite count bytes from p on
+        b[min(p + i * 97, len(b) - 1)] = value
+    return bytes(b)
+
+
+@pytest.fixture(scope="module")
+def damaged_inputs(tmp_path_factory) -> dict:
+    """A small family whose last task is rewritten, damaged, for each example: as safetensors and
+    as a PyTorch file (zip, the default since torch 1.6)."""
+    d = tmp_path_factory.mktemp("damaged")
+    g = torch.Generator().manual_seed(5)
+    base = {"a.w": torch.randn(32, 16, generator=g), "a.b": torch.randn(16, generator=g),
+            "emb": torch.randn(40, 8, generator=g).to(torch.bfloat16)}
+    tasks = [{k: (v.float() + 0.01 * torch.randn(v.shape, generator=g)).to(v.dtype) for k, v in base.items()}
+             for _ in range(2)]
+    save_file(base, d / "base.safetensors")
+    save_file(tasks[0], d / "t0.safetensors")
+    save_file(tasks[1], d / "t1.safetensors")
+    torch.save(tasks[1], d / "t1.pt")
+    return {"dir": d, "raw": {"safetensors": (d / "t1.safetensors").read_bytes(), "pt": (d / "t1.pt").read_bytes()}}
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(kind=st.sampled_from(["safetensors", "pt"]), how=st.sampled_from(["cut", "flip", "head", "grow"]),
+       at=st.floats(0, 1), value=st.integers(0, 255), count=st.integers(1, 8))
+def test_a_damaged_checkpoint_packs_or_gives_a_one_line_checkpoint_error(damaged_inputs, kind, how, at, value,
+                                                                         count) -> None:
+    """Whatever a damaged (truncated, overwritten, grown) task file holds, packing it either works
+    or raises a ``CheckpointError`` of one line naming the file, and leaves no archive or
+    temporary file (a random search over 40,000 such files found no other outcome; RELIABILITY.md)."""
+    d = damaged_inputs["dir"]
+    bad = d / f"bad.{kind}"
+    bad.write_bytes(_damage(damaged_inputs["raw"][kind], how, at, value, count))
+    out = d / "out.tallpack"
+    out.unlink(missing_ok=True)
+    try:
+        tallpack.pack(d / "base.safetensors", {"t0": d / "t0.safetensors", "t1": bad}, out)
+    except CheckpointError as e:
+        msg = str(e)
+        assert "\n" not in msg and str(bad) in msg, msg
+        _nothing_written(d, out)
+    else:
+        with tallpack.open(out) as fam:
+            fam.state_dict("t1")
+
+
+def test_a_pytorch_file_with_a_bad_version_record_gives_one_line(damaged_inputs) -> None:
+    """torch's own message for an unreadable version record spans two lines ("Couldn't parse the
+    version d\\n as Long Long"); the error keeps it on one."""
+    import struct
+    import zipfile
+
+    d = damaged_inputs["dir"]
+    raw = bytearray(damaged_inputs["raw"]["pt"])
+    with zipfile.ZipFile(d / "t1.pt") as z:
+        info = next(i for i in z.infolist() if i.filename.endswith("/version"))
+    name_len, extra_len = struct.unpack_from("<HH", raw, info.header_offset + 26)
+    at = info.header_offset + 30 + name_len + extra_len
+    raw[at] = ord("d")  # "3\n" becomes "d\n" (the record's CRC is not checked by torch)
+    bad = d / "badversion.pt"
+    bad.write_bytes(bytes(raw))
+    out = d / "out.tallpack"
+    out.unlink(missing_ok=True)
+    with pytest.raises(CheckpointError) as e:
+        tallpack.pack(d / "base.safetensors", {"t0": d / "t0.safetensors", "t1": bad}, out)
+    _refused(e, str(bad), "not a readable PyTorch file")
+    _nothing_written(d, out)

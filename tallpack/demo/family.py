@@ -557,7 +557,7 @@ def evaluate(
     if split not in _SPLITS:
         raise ValueError(f"split must be one of {_SPLITS}, got {split!r}")
     model, data = _eval_entry(root, task)
-    expected = dict(model.named_parameters())
+    expected: dict[str, torch.Tensor] = dict(model.named_parameters())
     expected.update(model.named_buffers())
     missing = sorted(set(expected) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(expected))

@@ -62,7 +62,7 @@ def run_demo(workdir: str | Path = ".tallpack-demo", *, size: str = "full", task
     with open_archive(archive) as arc:
         summary = arc.summary()
         t0 = time.perf_counter()
-        unpacked = write_task(arc, task, workdir / "unpacked" / task, overwrite=True)
+        unpacked = Path(write_task(arc, task, workdir / "unpacked" / task, overwrite=True))  # local: a Path
         seconds["unpack"] = time.perf_counter() - t0
         for name, folder in fam.tasks.items():
             rebuilt = load_file(unpacked) if name == task else arc.state_dict(name)

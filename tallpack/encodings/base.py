@@ -17,7 +17,7 @@ A reader fails on an unknown encoding only when a tensor using it is read (spec 
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -32,6 +32,7 @@ from ..merging import METHODS
 
 if TYPE_CHECKING:
     from ..container import ContainerWriter
+    from .derived import DerivedMerged
     from ..merging import MergeMethod
     from ..tall import Fidelity
 
@@ -281,7 +282,7 @@ class Encoding:
         raise NotImplementedError
 
     @classmethod
-    def inputs(cls, entry: TensorEntry, tt: TaskTensor) -> dict[str, tuple[ArrayRef, Use]]:
+    def inputs(cls, entry: TensorEntry, tt: TaskTensor) -> Mapping[str, tuple[ArrayRef | DerivedMerged, Use]]:
         """The arrays ``rebuild`` needs, by key, and how it uses each. The reader decodes them
         (in parallel, from its cache, or as views of the file, as each use allows)."""
         raise NotImplementedError
@@ -359,7 +360,7 @@ def split_parts(flat: torch.Tensor, parts: Sequence[Member]) -> list[torch.Tenso
     return [flat[m.offset : m.offset + m.numel].clone().view(m.shape) for m in parts]
 
 
-def iter_arrays(entries: Iterator[TensorEntry] | tuple[TensorEntry, ...]) -> Iterator[tuple[str, str, ArrayRef]]:
+def iter_arrays(entries: Iterable[TensorEntry]) -> Iterator[tuple[str, str, ArrayRef]]:
     """``(tensor name, key, ref)`` for every array of every entry."""
     for e in entries:
         for key, ref in e.all_arrays():

@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import ClassVar
 
 from .._torch import torch
 from ..arrays import ArrayRef
@@ -106,7 +107,7 @@ def check_derived_entry(tt: TaskTensor, where: str) -> None:
     if tt.dtype not in EXPONENT:
         raise FormatError(f"{where}: a {tt.encoding} entry needs a floating dtype")
     lam = tt.params.get("lambda")
-    if type(lam) not in (int, float) or not math.isfinite(lam) or lam < 0:
+    if not (type(lam) is int or type(lam) is float) or not math.isfinite(lam) or lam < 0:
         raise FormatError(f"{where}: bad lambda {lam!r}")
     if "exact" not in tt.extras:  # exact.Exact.from_dict checks its reference is base or zero
         raise FormatError(f"{where}: a {tt.encoding} entry needs its exact field")
@@ -117,7 +118,7 @@ class TallDerived(Encoding):
     name = "tall-derived"
     kind = None  # written by the exact tier (exact.add_exact) in place of a ``tall`` entry
     task_params = ("ones", "lambda")
-    entry_arrays = ("base", "merged")
+    entry_arrays: ClassVar[tuple[str, ...]] = ("base", "merged")
 
     @classmethod
     def validate(cls, entry: TensorEntry, tt: TaskTensor, where: str) -> None:
@@ -125,7 +126,7 @@ class TallDerived(Encoding):
         check_merged_entry(entry, tt, where)
 
     @classmethod
-    def inputs(cls, entry: TensorEntry, tt: TaskTensor) -> dict[str, tuple[ArrayRef, Use]]:
+    def inputs(cls, entry: TensorEntry, tt: TaskTensor) -> dict[str, tuple[ArrayRef | DerivedMerged, Use]]:
         return {"base": (entry.arrays["base"], Use.SHARED_INPUT), "merged": (entry.arrays["merged"], Use.SHARED_INPUT),
                 "exact/residual": (tt.extras["exact"].residual, Use.INPUT)}
 

@@ -294,7 +294,7 @@ def add_exact(ctx: WriteContext, item: Item, entry: TensorEntry, tasks: set[str]
         r = refs[i][ref]
         rb = bits(r.contiguous()) if r is not None else np.zeros_like(xb)
         z = permute(forward(xb, rb, tr), rb, dtype_name(x.dtype), "exponent", ce)
-        residual = ctx.writer.write_array(memoryview(z.view(np.uint8)), _UINT[x.element_size()][1], tuple(x.shape),
+        residual = ctx.writer.write_array(z.view(np.uint8).data, _UINT[x.element_size()][1], tuple(x.shape),
                                           _chains(ctx, x.element_size(), codecs)[codec], ce)
         exact = Exact(ref, tr, "exponent", residual, tensor_hash(x))
         if derive:
@@ -364,7 +364,7 @@ def _sizes(ctx: WriteContext, item: Item, i: int, refs: dict[str, torch.Tensor |
             continue
         rb = bits(r.contiguous().reshape(-1)[:n]) if r is not None else np.zeros_like(xb)
         for tr in TRANSFORMS:
-            z = memoryview(permute(forward(xb, rb, tr), rb, dtype_name(x.dtype), "exponent", ce).view(np.uint8))
+            z = permute(forward(xb, rb, tr), rb, dtype_name(x.dtype), "exponent", ce).view(np.uint8).data
             out += [(len(chain.encode(z)), (k, tr, name)) for name, chain in chains.items()]
     return sorted(out)
 

@@ -30,6 +30,7 @@ class Shared(Encoding):
     def write(cls, ctx: WriteContext, item: Item) -> TensorEntry:
         first = item.thetas[0]
         if item.planned == "merged":  # stored exactly: counts for fidelity as a perfect rebuild
+            assert item.base is not None  # (planned merged: the base has it)
             for t, x in zip(item.tasks, item.thetas):
                 ctx.fidelity[t].add_exact(task_vector(x, item.base))
         dt, shape = dtype_name(first.dtype), tuple(first.shape)

@@ -9,7 +9,7 @@ from collections.abc import Mapping, Sequence
 from .. import kernels
 from .._torch import torch
 from ..arrays import ArrayRef
-from ..container import Encoded
+from ..container import ArrayBuilder, Encoded
 from ..dtypes import dtype_name, tensor_to_bytes, torch_dtype
 from ..elements import FLOATING, numel
 from ..errors import FormatError
@@ -96,11 +96,12 @@ class Tall(Encoding):
         b_dt = dtype_name(base.dtype)
         derivable = {"merged": "float32", **ctx.method.extra_arrays}  # held for the exact tier (format 1.8)
         hold = ctx.held_merged is not None
-        entry_arrays = {"base": w.begin_array(b_dt, shape, ctx.dense(b_dt), ce)}
+        entry_arrays: dict[str, _Held | ArrayBuilder] = {"base": w.begin_array(b_dt, shape, ctx.dense(b_dt), ce)}
         for key, dtype in derivable.items():
             entry_arrays[key] = _Held(ctx.dense(dtype)) if hold else w.begin_array(dtype, shape, ctx.dense(dtype), ce)
         held = ctx.held_masks is not None  # the exact tier decides later whether to store each mask
-        mask_arrays = [_Held(ctx.masks) if held else w.begin_array("bool", shape, ctx.masks, ce) for _ in tasks]
+        mask_arrays: list[_Held | ArrayBuilder] = [
+            _Held(ctx.masks) if held else w.begin_array("bool", shape, ctx.masks, ce) for _ in tasks]
         ones = [0] * len(tasks)
         arrays = [*entry_arrays.values(), *mask_arrays]
         ws = Workspace()
@@ -149,17 +150,19 @@ class Tall(Encoding):
         def entry() -> TensorEntry:
             return TensorEntry(
                 item.name, cls.kind,
-                {t: TaskTensor(cls.name, dtype_name(x.dtype), shape, {} if held else {"mask": k.finish()}, {"ones": n})
+                {t: TaskTensor(cls.name, dtype_name(x.dtype), shape, {} if held else {"mask": _finish(k)}, {"ones": n})
                  for t, x, k, n in zip(tasks, thetas, mask_arrays, ones)},
-                {k: a.finish() for k, a in entry_arrays.items()},
+                {k: _finish(a) for k, a in entry_arrays.items()},
             )
         if ctx.defer and not (held or hold):
             return Later(entry)  # its last chunk written while the next tensor is computed
         w.drain()
         if held:
-            ctx.held_masks[item.name] = [k.chunks for k in mask_arrays]
+            assert ctx.held_masks is not None
+            ctx.held_masks[item.name] = [_chunks(k) for k in mask_arrays]
         if hold:
-            ctx.held_merged[item.name] = {k: (dt, entry_arrays.pop(k).chunks) for k, dt in derivable.items()}
+            assert ctx.held_merged is not None
+            ctx.held_merged[item.name] = {k: (dt, _chunks(entry_arrays.pop(k))) for k, dt in derivable.items()}
         return entry()
 
     @classmethod
@@ -196,10 +199,12 @@ class Tall(Encoding):
         corr = tt.extras.get("correction")
         if corr is not None:
             return corr.rebuild(arrays, entry, tt)
-        base, merged = arrays["base"], arrays["merged"]
+        base, mask, merged = arrays["base"], arrays["mask"], arrays["merged"]
+        assert not isinstance(mask, Planar)  # (planar_inputs: base and merged only)
         if isinstance(base, Planar) and isinstance(merged, Planar):
-            return reconstruct_planar(base, arrays["mask"], merged, tt.shape, torch_dtype(tt.dtype))
-        return reconstruct(base, arrays["mask"], merged, torch_dtype(tt.dtype))
+            return reconstruct_planar(base, mask, merged, tt.shape, torch_dtype(tt.dtype))
+        assert isinstance(base, torch.Tensor) and isinstance(merged, torch.Tensor)
+        return reconstruct(base, mask, merged, torch_dtype(tt.dtype))
 
 
     @classmethod
@@ -207,8 +212,9 @@ class Tall(Encoding):
                       parts) -> list[torch.Tensor]:
         if "correction" in tt.extras:
             return super().rebuild_parts(arrays, entry, tt, parts)
-        return reconstruct_parts(arrays["base"], arrays["mask"], arrays["merged"],
-                                 [(m.offset, m.shape) for m in parts], torch_dtype(tt.dtype))
+        base, mask, merged = arrays["base"], arrays["mask"], arrays["merged"]
+        assert not isinstance(base, Bits) and not isinstance(mask, Planar) and not isinstance(merged, Bits)
+        return reconstruct_parts(base, mask, merged, [(m.offset, m.shape) for m in parts], torch_dtype(tt.dtype))
 
 
 class _Held:
@@ -224,3 +230,13 @@ class _Held:
         self.chunks.append(bytes(data))  # a codec's output may be a view of a buffer reused later
 
     queued = add
+
+
+def _finish(a: _Held | ArrayBuilder) -> ArrayRef:
+    assert isinstance(a, ArrayBuilder)  # (a held array is written by the exact tier)
+    return a.finish()
+
+
+def _chunks(a: _Held | ArrayBuilder) -> list[bytes | memoryview]:
+    assert isinstance(a, _Held)
+    return a.chunks
