@@ -3,6 +3,7 @@ files (through links or a shard index) lead outside the folder."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -316,40 +317,26 @@ def test_the_relative_outside_check_uses_resolved_paths(tmp_path, weights, monke
 
 # -- damaged checkpoint files ------------------------------------------------------------------------
 
-def _damage(raw: bytes, how: str, at: float, value: int, count: int) -> bytes:
-    """``raw`` cut, overwritten or grown at the fraction ``at`` of its length (``head``: within its
-    first 600 bytes, where both formats keep their headers and zip directories start)."""
-    b = bytearray(raw)
-    span = min(len(b), 600) if how == "head" else len(b)
-    p = min(int(at * span), len(b) - 1)
-    if how == "cut":
-        return bytes(b[:p])
-    if how == "grow":
-        return bytes(b[:p] + bytes([value]) * count + b[p:])
-    for i in range(count):  # "flip", "head": overwrite count bytes from p on
-        b[min(p + i * 97, len(b) - 1)] = value
-    return bytes(b)
+def _damage_inputs():
+    spec = importlib.util.spec_from_file_location("damage_inputs", Path(__file__).parent / "fuzz" / "damage_inputs.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+damage_inputs_script = _damage_inputs()
 
 
 @pytest.fixture(scope="module")
 def damaged_inputs(tmp_path_factory) -> dict:
     """A small family whose last task is rewritten, damaged, for each example: as safetensors and
-    as a PyTorch file (zip, the default since torch 1.6)."""
+    as a PyTorch file (zip, the default since torch 1.6); ``tests/fuzz/damage_inputs.py`` writes it."""
     d = tmp_path_factory.mktemp("damaged")
-    g = torch.Generator().manual_seed(5)
-    base = {"a.w": torch.randn(32, 16, generator=g), "a.b": torch.randn(16, generator=g),
-            "emb": torch.randn(40, 8, generator=g).to(torch.bfloat16)}
-    tasks = [{k: (v.float() + 0.01 * torch.randn(v.shape, generator=g)).to(v.dtype) for k, v in base.items()}
-             for _ in range(2)]
-    save_file(base, d / "base.safetensors")
-    save_file(tasks[0], d / "t0.safetensors")
-    save_file(tasks[1], d / "t1.safetensors")
-    torch.save(tasks[1], d / "t1.pt")
-    return {"dir": d, "raw": {"safetensors": (d / "t1.safetensors").read_bytes(), "pt": (d / "t1.pt").read_bytes()}}
+    return {"dir": d, "raw": damage_inputs_script.write_family(d)}
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(kind=st.sampled_from(["safetensors", "pt"]), how=st.sampled_from(["cut", "flip", "head", "grow"]),
+@given(kind=st.sampled_from(["safetensors", "pt"]), how=st.sampled_from(damage_inputs_script.HOWS),
        at=st.floats(0, 1), value=st.integers(0, 255), count=st.integers(1, 8))
 def test_a_damaged_checkpoint_packs_or_gives_a_one_line_checkpoint_error(damaged_inputs, kind, how, at, value,
                                                                          count) -> None:
@@ -358,7 +345,7 @@ def test_a_damaged_checkpoint_packs_or_gives_a_one_line_checkpoint_error(damaged
     temporary file (a random search over 40,000 such files found no other outcome; RELIABILITY.md)."""
     d = damaged_inputs["dir"]
     bad = d / f"bad.{kind}"
-    bad.write_bytes(_damage(damaged_inputs["raw"][kind], how, at, value, count))
+    bad.write_bytes(damage_inputs_script.damage(damaged_inputs["raw"][kind], how, at, value, count))
     out = d / "out.tallpack"
     out.unlink(missing_ok=True)
     try:

@@ -2,9 +2,9 @@
 
 Writes a small family (safetensors, and the last task also as a PyTorch file), then, until the
 time is up, damages the last task's file (cut, bytes overwritten anywhere or in its first 600
-bytes, bytes inserted, a header number replaced) and packs. Every try must pack or raise a
+bytes, bytes inserted, a header number replaced: ``damage``) and packs. Every try must pack or raise a
 ``TallpackError`` whose message is one line; anything else is printed as a finding and its file
-kept. ``tests/test_sources_safety.py`` runs a few of the same damages under hypothesis.
+kept. ``tests/test_sources_safety.py`` runs the same damages under hypothesis.
 
     PYTHONPATH=. python tests/fuzz/damage_inputs.py /tmp/damage --seconds 150 --seed 1
 """
@@ -19,24 +19,47 @@ import time
 from pathlib import Path
 
 
-def damage(raw: bytes, rng: random.Random) -> tuple[str, bytes]:
+HOWS = ("cut", "flip", "head", "grow", "number")
+
+
+def damage(raw: bytes, how: str, at: float, value: int, count: int) -> bytes:
+    """``raw`` cut, overwritten or grown at the fraction ``at`` of its length (``head``: within its
+    first 600 bytes, where both formats keep their headers and zip directories start; ``number``:
+    the digit of the first 600 bytes nearest ``at`` replaced by a large, negative or zero number)."""
     b = bytearray(raw)
-    how = rng.choice(["cut", "flip", "head", "insert", "number"])
+    span = min(len(b), 600) if how in ("head", "number") else len(b)
+    p = min(int(at * span), len(b) - 1)
     if how == "cut":
-        return how, bytes(b[: rng.randrange(len(b))])
-    if how in ("flip", "head"):
-        span = min(len(b), 600) if how == "head" else len(b)
-        for _ in range(rng.randint(1, 8)):
-            b[rng.randrange(span)] = rng.randrange(256)
-    elif how == "insert":
-        p = rng.randrange(len(b))
-        b[p:p] = bytes(rng.randrange(256) for _ in range(rng.randint(1, 16)))
-    else:  # a digit in the header replaced by a large, negative or zero number
-        digits = [i for i, c in enumerate(b[:600]) if 48 <= c <= 57]
+        return bytes(b[:p])
+    if how == "grow":
+        return bytes(b[:p] + bytes([value]) * count + b[p:])
+    if how == "number":
+        digits = [i for i, c in enumerate(b[:span]) if 48 <= c <= 57]
         if digits:
-            i = rng.choice(digits)
-            b[i : i + 1] = str(rng.choice([0, 9, 99999999999, 2**40, -1])).encode()
-    return how, bytes(b)
+            i = min(digits, key=lambda i: abs(i - p))
+            b[i : i + 1] = str((0, 9, 99999999999, 2**40, -1)[value % 5]).encode()
+        return bytes(b)
+    for i in range(count):  # "flip", "head": overwrite count bytes from p on
+        b[min(p + i * 97, len(b) - 1)] = value
+    return bytes(b)
+
+
+def write_family(d: Path) -> dict[str, bytes]:
+    """A small family in ``d`` (float32 and bfloat16 tensors): base.safetensors, t0.safetensors,
+    and the last task as t1.safetensors and t1.pt; returns the last task's bytes in both forms."""
+    import torch
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(5)
+    base = {"a.w": torch.randn(32, 16, generator=g), "a.b": torch.randn(16, generator=g),
+            "emb": torch.randn(40, 8, generator=g).to(torch.bfloat16)}
+    tasks = [{k: (v.float() + 0.01 * torch.randn(v.shape, generator=g)).to(v.dtype) for k, v in base.items()}
+             for _ in range(2)]
+    save_file(base, d / "base.safetensors")
+    save_file(tasks[0], d / "t0.safetensors")
+    save_file(tasks[1], d / "t1.safetensors")
+    torch.save(tasks[1], d / "t1.pt")
+    return {"safetensors": (d / "t1.safetensors").read_bytes(), "pt": (d / "t1.pt").read_bytes()}
 
 
 def main() -> None:
@@ -45,32 +68,21 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=120)
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args()
-    import torch
-    from safetensors.torch import save_file
-
     import tallpack
     from tallpack.errors import TallpackError
 
     logging.getLogger("tallpack").setLevel(logging.ERROR)  # the packer's warnings about odd values
     d: Path = a.work
     d.mkdir(parents=True, exist_ok=True)
-    g = torch.Generator().manual_seed(0)
-    base = {"a.weight": torch.randn(64, 32, generator=g), "a.bias": torch.randn(64, generator=g),
-            "emb": torch.randn(100, 16, generator=g).to(torch.bfloat16)}
-    tasks = [{k: (v.float() + 0.01 * torch.randn(v.shape, generator=g)).to(v.dtype) for k, v in base.items()}
-             for _ in range(2)]
-    save_file(base, d / "base.safetensors")
-    save_file(tasks[0], d / "t0.safetensors")
-    save_file(tasks[1], d / "t1.safetensors")
-    torch.save(tasks[1], d / "t1.pt")
-    good = {"safetensors": (d / "t1.safetensors").read_bytes(), "pt": (d / "t1.pt").read_bytes()}
+    good = write_family(d)
     rng = random.Random(a.seed)
     outcomes: collections.Counter = collections.Counter()
     findings = 0
     end = time.monotonic() + a.seconds
     while time.monotonic() < end:
         kind = rng.choice(sorted(good))
-        how, data = damage(good[kind], rng)
+        how = rng.choice(HOWS)
+        data = damage(good[kind], how, rng.random(), rng.randrange(256), rng.randint(1, 16))
         bad = d / f"bad.{kind}"
         bad.write_bytes(data)
         finding = None
