@@ -1069,7 +1069,9 @@ def run_scaling(a) -> dict:
             warm(files)
             load.mark()
             arch = work / f"scaling-L{fam['layers']}-{T}.tallpack"
+            os.sync()  # neither side starts while the disk writes back the family or the other's output
             p = do_pack(fam, names[:T], arch, "planes", a.threads)
+            os.sync()
             z = zstd_files(files, work / "zstd", a.threads)
             other = work / "alt-scaling.safetensors"  # written now, as the archive (see run_goals)
             shutil.copyfile(fam["tasks"][names[1]], other)
