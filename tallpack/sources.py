@@ -81,6 +81,32 @@ class Source:
         self.files: dict[str, Path] = {}
         #: a sharded folder's layout: ``{"shards": [[file, tensor count], ...], "index_metadata": {...}}``
         self.layout: dict[str, Any] = {}
+        #: the file each tensor is read from (sources of files), and that file's identity and size when opened
+        self._where: dict[str, Path] = {}
+        self._opened: dict[Path, tuple[int, int, int]] = {}
+
+    def _remember(self, path: Path) -> None:
+        """Note ``path``'s identity and size as it is opened (see ``_unchanged``)."""
+        st = os.stat(path)
+        self._opened[path] = (st.st_dev, st.st_ino, st.st_size)
+
+    def _unchanged(self, name: str) -> None:
+        """Refuse to read a tensor from a file that shrank in place since it was opened: its pages
+        are mapped, and touching one past the new end kills the process (SIGBUS). A file replaced
+        by another (a new inode, as an atomic save makes) keeps the old mapping and is read as it
+        was. This narrows the window, as the archive reader's check does (RELIABILITY.md): a
+        file cut while a tensor already read is in use still is not caught."""
+        path = self._where.get(name)
+        if path is None or path not in self._opened:
+            return
+        was = self._opened[path]
+        try:
+            st = os.stat(path)
+        except OSError:  # removed: the mapping keeps the old file
+            return
+        if (st.st_dev, st.st_ino) == was[:2] and st.st_size < was[2]:
+            raise CheckpointError(f"{path}: the file shrank from {was[2]} to {st.st_size} bytes while it was "
+                                  "read (changed in place, by a save over it?); pack it again once it is complete")
 
     def keys(self) -> list[str]:
         return list(self._infos)
@@ -98,6 +124,7 @@ class Source:
 
     def get(self, name: str) -> torch.Tensor:
         """Load one tensor."""
+        self._unchanged(name)
         try:
             t = self._load(name)
         except TallpackError:
@@ -129,7 +156,6 @@ class SafetensorsSource(Source):
     def __init__(self, label: str, files: list[Path]):
         super().__init__(label)
         self.weight_files = list(files)
-        self._where: dict[str, Path] = {}
         self._handles: dict[Path, Any] = {}
         for path in files:
             f = self._open(path)
@@ -150,6 +176,7 @@ class SafetensorsSource(Source):
             if not path.is_file():
                 raise CheckpointNotFoundError(f"{path}: no such file")
             try:
+                self._remember(path)
                 self._handles[path] = safe_open(str(path), framework="pt")
             except Exception as e:
                 raise CheckpointError(f"{path}: not a readable safetensors file ({quoted(e)})") from None
@@ -171,8 +198,9 @@ class TorchSource(Source):
         super().__init__(label)
         self.weight_files = list(files)
         self._tensors: dict[str, torch.Tensor] = {}
-        self._where: dict[str, Path] = {}
         for path in files:
+            if path.is_file():
+                self._remember(path)
             for name, t in _torch_load(path).items():
                 self._tensors[name] = t
                 self._where[name] = path
@@ -440,7 +468,7 @@ def _other_files(folder: Path, roots: list[Path], weights: set[Path]) -> dict[st
 def _layout(src: Source, index: Path) -> dict[str, Any]:
     """Which shard file held which tensors (runs in the source's key order) and the index's
     ``metadata``, so that an unpacked folder can be sharded like the original."""
-    where = getattr(src, "_where", {})
+    where = src._where
     shards: list[list[Any]] = []
     for name in src.keys():
         f = where[name].name

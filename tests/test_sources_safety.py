@@ -380,3 +380,36 @@ def test_a_pytorch_file_with_a_bad_version_record_gives_one_line(damaged_inputs)
         tallpack.pack(d / "base.safetensors", {"t0": d / "t0.safetensors", "t1": bad}, out)
     _refused(e, str(bad), "not a readable PyTorch file")
     _nothing_written(d, out)
+
+
+CUT_WHILE_OPEN = r"""
+import os, sys, torch
+from tallpack.errors import CheckpointError
+from tallpack.sources import open_source
+path, name = sys.argv[1], sys.argv[2]
+src = open_source(path)
+os.truncate(path, 100)  # another process saves over the file in place, while the packer has it open
+try:
+    t = src.get(name)
+    print("read", float(t.float().sum()))  # touches the mapped pages past the new end
+except CheckpointError as e:
+    print("refused:", e)
+"""
+
+
+@pytest.mark.parametrize("kind", ["safetensors", "pt"])
+def test_a_checkpoint_cut_in_place_while_open_is_refused_not_a_crash(tmp_path, kind) -> None:
+    """A file that shrinks in place after the packer opened it (a training job saving over it) is
+    refused with a one-line error before a tensor is read; before, the process died of SIGBUS on
+    the mapped pages past the new end (the test runs it in a child process for that reason)."""
+    import subprocess
+    import sys
+
+    sd = {"a": torch.randn(1 << 18), "b": torch.randn(1 << 18)}
+    path = tmp_path / f"ckpt.{kind}"
+    save_file(sd, path) if kind == "safetensors" else torch.save(sd, path)
+    done = subprocess.run([sys.executable, "-c", CUT_WHILE_OPEN, str(path), "b"], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, (done.returncode, done.stderr[-2000:])
+    line = done.stdout.strip()
+    assert line.startswith("refused:") and "shrank from" in line and str(path) in line and "\n" not in line, line
