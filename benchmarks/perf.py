@@ -340,9 +340,31 @@ def child(kind: str, a: dict) -> dict:
     elif kind == "fill":
         # the pages a load must write, and nothing else: fresh tensors of the member's shapes, filled
         t0 = time.perf_counter()
-        kept = [torch.empty(n, dtype=torch.float32).fill_(0.5) for n in a["numels"] for _ in range(a["copies"])]
+        dt = getattr(torch, a.get("dtype", "float32"))  # the output's; what a cache keeps: "held" bytes more
+        kept = [torch.empty(n, dtype=dt).fill_(0.5) for n in a["numels"] for _ in range(a["copies"])]
+        kept += [torch.empty(n, dtype=torch.uint8).fill_(1) for n in a.get("held", [])]
         res["seconds"] = time.perf_counter() - t0
         res["n"] = len(kept)
+    elif kind == "decode_planes":
+        # a first task's decoding alone: every coded plane of every base and merged vector stored
+        # as byte planes, on 2 threads, into each thread's reused buffers (one untimed pass first
+        # faults them in and checks the chunks), so no fresh memory is counted: the fill is a row
+        # of its own
+        from concurrent.futures import ThreadPoolExecutor
+        with tallpack.open(a["archive"], cache_bytes=0) as fam:
+            refs = [r for e in fam.manifest.tensors for k, r in e.arrays.items()
+                    if k in ("base", "merged") and r.chunks and r.chain.planar_itemsize]
+            jobs = [(r, i) for r in refs for i in range(len(r.chunks))]
+            jobs.sort(key=lambda j: -j[0].chunk_numel(j[1]))  # the large ones first, as the reader's pool
+            dec = lambda j: fam._c.read_planar(j[0], j[1], "floor", "floor")  # noqa: E731
+            with ThreadPoolExecutor(2) as pool:
+                list(pool.map(dec, jobs))
+                _settle()
+                t0 = time.perf_counter()
+                list(pool.map(dec, jobs))
+                res["seconds"] = time.perf_counter() - t0
+        res["n"] = len(jobs)
+        res["decoded_bytes"] = sum(j[0].chunk_numel(j[1]) * j[0].itemsize for j in jobs)
     elif kind == "arith_fresh":
         # raw's arithmetic over the member: two file-backed inputs (mapped as the raw archive's
         # chunks are), a mask that is already decoded (one reused float buffer), fresh outputs
@@ -964,6 +986,8 @@ def run_goals(a, rep: Report, details: dict) -> None:
     goal_codec(fam, n, rep, details)
 
     floors(fam, arch, t1, t2, T, n, rep, details, a.cache_bytes)
+    if not a.quick:
+        floors_16(fam, casts, t1, n, rep, details)
 
     # 8: unpack peak memory
     rep.load.mark()
@@ -1045,6 +1069,39 @@ def floors(fam: dict, arch: dict[str, Path], t1: str, t2: str, T: int, n: int, r
         for k, what in (("mask", "reading the task's mask alone"), ("arith", "the arithmetic alone (addcmul, hot inputs)")):
             rep.floor("4", f"get_tensor, {codec}, {T} tasks: {what}", median(fl[k]), st,
                       "safe_open get_tensor + clone (alternated)")
+
+
+def floors_16(fam: dict, casts: dict, t1: str, n: int, rep: Report, details: dict) -> None:
+    """Goal 1's floors for the 16-bit families: a first task decodes a float32 merged vector (4
+    bytes a parameter) for a member of 2, and keeps what it decoded for the next task. The
+    decoding alone, the fresh pages alone, and the same load keeping nothing, each against the
+    16-bit member's load_file + clone, alternated."""
+    numels = [_prod(s) for s in shapes(fam["layers"]).values()]
+    for dtype, (c_arch, c_alt) in casts.items():
+        load_st = lambda: run_child("load_st", {"path": str(c_alt)})  # noqa: E731
+        rep.load.mark()
+        log(f"floor 1, {dtype}: a fresh process decoding the coded planes alone, {n} each")
+        dec, st = alternate(n, lambda: run_child("decode_planes", {"archive": str(c_arch)}), load_st)
+        details[f"floor_decode_{dtype}"] = {"decode": dec, "safetensors": st}
+        rep.floor("1", f"{dtype}: decoding the base's and merged vector's coded planes alone "
+                  f"({dec[0]['decoded_bytes'] / MB:.0f} MB, 2 threads, into reused buffers)",
+                  median(r["seconds"] for r in dec), median(r["seconds"] for r in st), "load_file + clone (alternated)")
+        held = int(median(r.get("cache_held", 0) for r in details[f"load_{dtype}_goal1"]["tallpack"]))
+        rep.load.mark()
+        log(f"floor 1, {dtype}: a fresh process allocating and filling the output and what the cache keeps, {n} each")
+        fill, st = alternate(n, lambda: run_child("fill", {"numels": numels, "copies": 1, "dtype": dtype,
+                                                           "held": [held] if held else []}), load_st)
+        details[f"floor_fill_{dtype}"] = {"fill": fill, "safetensors": st, "held_bytes": held}
+        rep.floor("1", f"{dtype}: fresh process: allocate and fill the output and what the cache keeps "
+                  f"({fam['member_bytes'] / 2 / MB:.0f} MB + {held / MB:.0f} MB), nothing else",
+                  median(r["seconds"] for r in fill), median(r["seconds"] for r in st), "load_file + clone (alternated)")
+        rep.load.mark()
+        log(f"goal 1, {dtype}, for comparison: state_dict({t1!r}) opened with cache_bytes=0, {n} each")
+        ours, theirs = alternate_loads(n, {"archive": str(c_arch), "task": t1, "cache_bytes": 0}, {"path": str(c_alt)})
+        details[f"load_{dtype}_no_cache"] = {"tallpack": ours, "safetensors": theirs}
+        rep.floor("1", f"{dtype}: for comparison, not a floor: the same load opened with cache_bytes=0 (nothing "
+                  "kept for a next task)", median(r["seconds"] for r in ours), median(r["seconds"] for r in theirs),
+                  "load_file + clone (alternated)")
 
 
 # ---------------------------------------------------------------------------------------------

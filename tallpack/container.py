@@ -97,7 +97,7 @@ class ContainerWriter:
         self._f: BinaryIO = os.fdopen(fd, "wb")
         self._f.write(HEADER.pack(MAGIC, *self.version, 0))
         self._pos = HEADER.size
-        self._pool = ThreadPoolExecutor(threads or min(8, os.cpu_count() or 1))
+        self._pool = ThreadPoolExecutor(threads or kernels.default_threads())
         #: chunks being encoded, each with where its result goes, in the order they are written
         self._queue: deque[tuple[Callable[[Encoded], None], Future]] = deque()
         self._done = False

@@ -181,11 +181,25 @@ def as_worker() -> Iterator[None]:
         _local.worker = was
 
 
+def cores() -> int:
+    """The CPUs this process may run on: its affinity (what ``taskset``, a cgroup's cpuset or a
+    container runtime leaves it), else ``os.cpu_count()``; at least 1."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # no affinity on this platform
+        return os.cpu_count() or 1
+
+
+def default_threads() -> int:
+    """The threads a reader or writer uses when not told: the usable cores, at most 8."""
+    return min(8, cores())
+
+
 def _helper_pool() -> ThreadPoolExecutor:
     global _helpers
     with _helpers_lock:
         if _helpers is None:
-            _helpers = ThreadPoolExecutor(max(1, min(7, (os.cpu_count() or 2) - 1)), thread_name_prefix="tallpack-loop")
+            _helpers = ThreadPoolExecutor(max(1, min(7, cores() - 1)), thread_name_prefix="tallpack-loop")
         return _helpers
 
 

@@ -15,6 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, cast
 
+from . import kernels
 from ._torch import torch
 from ._version import __version__
 from .container import ContainerWriter
@@ -114,7 +115,7 @@ def _write(fam: PackInputs, v: Validated, lams: dict[str, float], out: Path, sel
         ctx = WriteContext(w, opts.chunk_elements, v.dense, v.masks(), v.method,
                            lams, fidelity, v.residuals if opts.exact or dial else None,
                            {} if v.derive_masks else None, {} if v.derive_merged else None,
-                           threads=opts.threads or min(8, os.cpu_count() or 1), defer=not opts.exact and dial is None)
+                           threads=opts.threads or kernels.default_threads(), defer=not opts.exact and dial is None)
         pending: dict[int, str] = {}  # with the dial: merged tensors, written once it has decided
         groups = _Groups(ctx, {e.name for e in fam.plan.tensors}, group_elements(len(names))) if v.group else None
         for item in _loaded(fam, tensors, opts.keep_base_only):

@@ -76,7 +76,7 @@ class Archive:
                  threads: int | None = None):
         self._c = container
         self._cache = ByteLRU(cache_bytes)
-        self.threads = threads or min(8, os.cpu_count() or 1)
+        self.threads = threads or kernels.default_threads()
         self._pool: ThreadPoolExecutor | None = None
         self._pool_lock = threading.Lock()
         self._slots = ThreadBuffers()  # read_array's reused buffers, per thread
@@ -983,7 +983,7 @@ def open(path: str | os.PathLike, *, storage_options: dict[str, Any] | None = No
     ``cache_bytes`` (default 1 GiB; 0 turns it off), so a second task reads only its masks. For
     float32 arrays stored as byte planes (the default codec), only the planes zstd coded are kept
     (about a quarter of the floats); the rest are read from the mapped file as the rebuild runs.
-    ``threads`` rebuild tensors in parallel (default: the cores, at most 8).
+    ``threads`` rebuild tensors in parallel (default: the CPUs this process may run on, at most 8).
 
     >>> with tallpack.open("family.tallpack") as fam:
     ...     sd = fam.state_dict("cars")

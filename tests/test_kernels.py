@@ -610,3 +610,25 @@ def test_the_packers_loops_refuse_bad_buffers():
     unaligned = np.frombuffer(bytes(33), np.uint8)[1:].view(np.float32)
     assert kernels.tv_sum(unaligned, [unaligned], "float32", np.empty(8, np.float32)) is False
     assert kernels.max_abs_diff(unaligned, unaligned, "float32") is None
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="no CPU affinity on this platform")
+def test_default_threads_follow_the_cpus_the_process_may_use(tmp_path):
+    # a container or `taskset` that leaves the process one CPU: readers, writers and the loops'
+    # helpers use one thread, not one per CPU of the machine
+    code = f"""
+import os, torch, tallpack
+from tallpack import kernels
+os.sched_setaffinity(0, {{min(os.sched_getaffinity(0))}})
+assert kernels.cores() == 1 and kernels.default_threads() == 1
+base = {{"w": torch.zeros(64, 8)}}
+tallpack.pack(base, {{"a": {{"w": torch.ones(64, 8)}}, "b": {{"w": -torch.ones(64, 8)}}}}, {str(tmp_path / "f.tallpack")!r})
+with tallpack.open({str(tmp_path / "f.tallpack")!r}) as fam:
+    assert fam.threads == 1, fam.threads
+    fam.state_dict("a")
+assert kernels._helper_pool()._max_workers == 1
+print("ok")
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]
+    assert kernels.cores() == len(os.sched_getaffinity(0))
