@@ -1083,8 +1083,8 @@ def floors_16(fam: dict, casts: dict, t1: str, n: int, rep: Report, details: dic
         log(f"floor 1, {dtype}: a fresh process decoding the coded planes alone, {n} each")
         dec, st = alternate(n, lambda: run_child("decode_planes", {"archive": str(c_arch)}), load_st)
         details[f"floor_decode_{dtype}"] = {"decode": dec, "safetensors": st}
-        rep.floor("1", f"{dtype}: decoding the base's and merged vector's coded planes alone "
-                  f"({dec[0]['decoded_bytes'] / MB:.0f} MB, 2 threads, into reused buffers)",
+        rep.floor("1", f"{dtype}: fresh process: decoding the base's and merged vector's planes alone (arrays of "
+                  f"{dec[0]['decoded_bytes'] / MB:.0f} MB, 2 threads, into reused buffers; no fill)",
                   median(r["seconds"] for r in dec), median(r["seconds"] for r in st), "load_file + clone (alternated)")
         held = int(median(r.get("cache_held", 0) for r in details[f"load_{dtype}_goal1"]["tallpack"]))
         rep.load.mark()
