@@ -516,23 +516,22 @@ class ContainerReader:
             self._stored(ref, i, where)  # a damaged chunk says so (IntegrityError), before what it garbles
             raise type(e)(f"{self.name}: {where}: chunk {i}: {e}") from None
 
-    def read_bits(self, ref: ArrayRef, where: str, into: memoryview) -> memoryview:
+    def read_bits(self, ref: ArrayRef, where: str, into: memoryview, chunks: range | None = None) -> memoryview:
         """A bool array stored bit-packed (``Chain.bits_chain``), decoded only to its packed bits, into
         ``into`` (writable, ceil(numel / 8) bytes): element i in bit i % 8 of byte i // 8, the chunks'
-        bits end to end (each chunk but the last holds a multiple of 8 elements: ``chunk_elements``)."""
+        bits end to end (each chunk but the last holds a multiple of 8 elements: ``chunk_elements``).
+        With ``chunks``, only those chunks are read, into their place in ``into``."""
         packed = ref.chain.bits_chain
         if packed is None:
             raise ValueError(f"{where}: not a bit-packed array")  # a caller's bug
         if len(into) != (ref.numel + 7) // 8:
             raise ValueError(f"bits of {ref.numel} elements into a buffer of {len(into)}")
-        pos = 0
-        for i in range(len(ref.chunks)):
-            size = (ref.chunk_numel(i) + 7) // 8
+        for i in range(len(ref.chunks)) if chunks is None else chunks:
+            pos, size = i * ref.chunk_elements // 8, (ref.chunk_numel(i) + 7) // 8
             try:
                 packed.decode(self._stored(ref, i, where), size, into[pos : pos + size])
             except FormatError as e:
                 raise type(e)(f"{self.name}: {where}: chunk {i}: {e}") from None
-            pos += size
         return into
 
     def _stored(self, ref: ArrayRef, i: int, where: str, recheck: bool = False) -> memoryview:

@@ -285,7 +285,7 @@ class Archive:
         ``prefetch=False`` when the caller already fetched its chunks (``state_dict``'s batches).
         With ``parts``, ``name`` is a group's (format 1.12), and the result a list: those members."""
         key = (task, name, parts is not None)
-        plan = self._plans.get(key) if not exact and device is None and rows is None else None
+        plan = self._plans.get(key) if not exact and device is None else None
         if plan is None:
             entry, tt = self._entry(task, name, group=parts is not None)
             if exact:
@@ -304,14 +304,23 @@ class Archive:
                 return out if parts is None else split_parts(out, parts)
             needed = encoding.inputs(entry, tt)
             on_cpu = device is None or torch.device(device).type == "cpu"
-            planar = self._planar_keys(encoding, entry, tt, needed) if on_cpu and rows is None else ()
-            bits = self._bit_keys(encoding, entry, tt, needed) if on_cpu and rows is None else ()
+            planar = self._planar_keys(encoding, entry, tt, needed) if on_cpu else ()
+            bits = self._bit_keys(encoding, entry, tt, needed) if on_cpu else ()
             plan = _Plan(entry, tt, encoding, where, needed, planar, bits, _needs(entry, tt, encoding))
-            if not exact and device is None and rows is None:
+            if not exact and device is None:
                 self._plans[key] = plan
         entry, tt, encoding, where, needed, planar, bits, refs = plan
         row = numel(tt.shape[1:]) if tt.shape else 1
         start, stop = (0, None) if rows is None else (rows[0] * row, rows[1] * row)
+        # rows (get_slice) of a tensor whose inputs are all byte planes and bits: rebuilt as one run
+        # of the tensor's elements, by the loops a whole tensor's rebuild uses, from the chunks that
+        # hold those rows (the cache's planes where it keeps them; a slice does not fill it)
+        run: list[Member] | None = None
+        if rows is not None:
+            if planar and bits and set(needed) == {*planar, *bits} and start % 8 == 0:
+                run = [Member(name, start, (rows[1] - rows[0], *tt.shape[1:]))]
+            else:
+                planar = bits = ()
         if rows is None and prefetch:
             self._c.prefetch(self._uncached(refs, device))  # remote: one coalesced fetch
 
@@ -323,21 +332,25 @@ class Archive:
                  ) -> torch.Tensor | Planar | Bits:
             if k in planar:
                 assert isinstance(ref, ArrayRef)  # (_planar_keys)
-                return self._read_planar(ref, f"{where} ({k})", use, k)
+                return self._read_planar(ref, f"{where} ({k})", use, k, fill=run is None)
             if k in bits:
                 assert isinstance(ref, ArrayRef)  # (_bit_keys)
+                if run is not None:  # only the chunks that hold the rows
+                    ce = ref.chunk_elements
+                    return self._read_bits(ref, f"{where} ({k})", slot, chunks=range(start // ce, -(-stop // ce)))
                 return self._read_bits(ref, f"{where} ({k})", None if keep_bits else slot, keep_bits)
             return self.read_array(ref, f"{where} ({k})", use, device=device, start=start, stop=stop, _slot=slot)
 
-        if pool is not None and self._worth_threads(needed, device, rows is None, planar):
+        if pool is not None and run is None and self._worth_threads(needed, device, rows is None, planar):
             futures = {k: self._submit(pool, read, k, ref, use) for k, (ref, use) in needed.items()}
             arrays = {k: f.result() for k, f in futures.items()}
         else:  # read here, and dropped before this thread reads again: uncached inputs may reuse buffers
             slots = device is None and encoding.fresh_output(tt)
             arrays = {k: read(k, ref, use, k if slots else None) for k, (ref, use) in needed.items()}
         try:
-            if parts is not None:
-                return encoding.rebuild_parts(arrays, entry, tt, parts)
+            if parts is not None or run is not None:
+                got = encoding.rebuild_parts(arrays, entry, tt, parts or run)
+                return got if run is None else got[0]
             out = encoding.rebuild(arrays, entry, tt)
         except IntegrityError as e:  # a derived mask's original (format 1.6): say which archive and task
             raise IntegrityError(f"{self.name}: task {task!r}, {e}") from None
@@ -386,10 +399,12 @@ class Archive:
                  for r in (needed[k][0] for k in keys))
         return keys if ok else ()
 
-    def _read_bits(self, ref: ArrayRef, where: str, slot: str | None, keep: bool = False) -> Bits:
+    def _read_bits(self, ref: ArrayRef, where: str, slot: str | None, keep: bool = False,
+                   chunks: range | None = None) -> Bits:
         """A bit-packed bool array decoded to its bits only (into this thread's buffer ``slot``,
         which the next read of that name overwrites; None: a fresh one); ``keep``: from the cache,
-        and kept there (only read by the rebuilds)."""
+        and kept there (only read by the rebuilds); ``chunks``: only those chunks' bits are decoded
+        (the others' bytes are left as they were: rows of a tensor, ``_rebuild``)."""
         key = ("bits",) + _cache_key(ref, None) if keep and ref.chunks else None
         if key is not None:
             hit = self._cache.get(key)
@@ -400,13 +415,13 @@ class Archive:
             buf = self._slots.get(slot, size) if slot is not None else np.empty(size, np.uint8)
         except MemoryError:
             raise FormatError(f"{self.name}: {where}: too large to decode ({ref.nbytes} bytes)") from None
-        self._c.read_bits(ref, where, buf.data)
+        self._c.read_bits(ref, where, buf.data, chunks)
         out = Bits(buf, ref.numel, ref.shape)
         if key is not None:
             self._cache.put(key, out, size)
         return out
 
-    def _read_planar(self, ref: ArrayRef, where: str, use: Use, slot: str) -> Planar:
+    def _read_planar(self, ref: ArrayRef, where: str, use: Use, slot: str, fill: bool = True) -> Planar:
         """An array as the byte planes of its chunks (``Encoding.planar_inputs``). A shared input
         keeps, in the cache, only the planes it had to decode (the ones zstd coded: for float32
         weights in ``planes-exp``, often one in four), except, until its KEEP_CHEAP_FROM_USE-th use,
@@ -414,14 +429,15 @@ class Archive:
         task less than the fresh memory that keeps them); its verbatim planes are views
         of the mapped file, read again on each use through the same checks as any read (the file
         has not shrunk, the chunk's checksum was checked). Otherwise its chunks are decoded when
-        the rebuild asks for them, into this thread's buffers named after ``slot``."""
+        the rebuild asks for them, into this thread's buffers named after ``slot``. Without ``fill``
+        (rows of a tensor), what the cache keeps is used, and nothing is added to it."""
         known = None
         if use is Use.SHARED_INPUT:
             key = ("planar",) + _cache_key(ref, None)
             kept = self._cache.get(key)
-            if kept is not None and kept.partial and kept.uses + 1 < KEEP_CHEAP_FROM_USE:
+            if fill and kept is not None and kept.partial and kept.uses + 1 < KEEP_CHEAP_FROM_USE:
                 self._cache.put(key, kept._replace(uses=kept.uses + 1), kept.nbytes)
-            elif (kept is None or kept.partial) and self._cache.budget > 0:
+            elif fill and (kept is None or kept.partial) and self._cache.budget > 0:
                 # a first use leaves nearly empty planes out; the KEEP_CHEAP_FROM_USE-th keeps them too
                 room = self._cache.room + (kept.nbytes if kept is not None else 0)
                 fuller = self._decode_planar(ref, where, room if self._scans else self._cache.budget, kept, room)
@@ -952,8 +968,8 @@ class TensorSlice:
             elif isinstance(first, slice) and first.step in (None, 1):
                 a, b, _ = first.indices(shape[0])
                 rows, rest = (a, max(a, b)), (slice(None), *idx[1:])
-        if rows is None:
-            return self._archive.get_tensor(self._task, self._name)[index]
+        if rows is None or rows == (0, shape[0]):
+            return self._archive.get_tensor(self._task, self._name)[index]  # (all rows: as get_tensor)
         part = self._archive._rebuild(self._task, self._name, self._archive._workers(), rows=rows)
         return part[rest] if rest != (slice(None),) else part
 

@@ -304,8 +304,9 @@ def reconstruct_parts(theta_0: torch.Tensor | Planar, mask: torch.Tensor | Bits,
 
 def _reconstruct_planar_parts(theta_0: Planar, mask: torch.Tensor | Bits, tau_mtl: Planar, parts: Sequence,
                               dtype: torch.dtype) -> list[torch.Tensor]:
-    """``reconstruct_parts`` from byte planes: chunk by chunk (each decoded once), each member's
-    run of the chunk joined into its own tensor (``kernels.tall_planes`` and its 16-bit kin)."""
+    """``reconstruct_parts`` from byte planes: chunk by chunk (each decoded once; only those that
+    hold some member, on ``theta_0.each``'s threads), each member's run of the chunk joined into
+    its own tensor (``kernels.tall_planes`` and its 16-bit kin)."""
     n = theta_0.numel
     bits = isinstance(mask, Bits)
     ce = theta_0.chunk_elements
@@ -319,12 +320,16 @@ def _reconstruct_planar_parts(theta_0: Planar, mask: torch.Tensor | Bits, tau_mt
     flats = [_flat(o) if dtype == torch.float32 else _flat(o.view(torch.int16)) for o in outs]
     spans = sorted((o, o + math.prod(s), k) for k, (o, s) in enumerate(parts))
     threads, first = torch.get_num_threads(), 0
+    work: list[tuple[int, int]] = []  # (chunk, its first span): the chunks that hold some member
     for i, a in enumerate(range(0, n, ce)):
-        b = min(n, a + ce)
         while first < len(spans) and spans[first][1] <= a:
             first += 1
-        if first == len(spans) or spans[first][0] >= b:
-            continue
+        if first < len(spans) and spans[first][0] < min(n, a + ce):
+            work.append((i, first))
+
+    def one(j: int) -> None:  # chunks write apart: they may run on several threads at once
+        i, first = work[j]
+        a, b = i * ce, min(n, (i + 1) * ce)
         base_planes, rb = theta_0.chunk(i)
         merged_planes, rm = tau_mtl.chunk(i)
         for lo, hi, k in spans[first:]:
@@ -334,6 +339,8 @@ def _reconstruct_planar_parts(theta_0: Planar, mask: torch.Tensor | Bits, tau_mt
             if x < y:
                 join([p[x - a : y - a] for p in base_planes], rb, [p[x - a : y - a] for p in merged_planes], rm,
                      kernels.mask_part(m, x, y, bits), flats[k][x - lo : y - lo], threads=threads, bits=bits)
+
+    theta_0.each(len(work), one)
     return outs
 
 

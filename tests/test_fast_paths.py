@@ -438,8 +438,8 @@ def test_the_cache_never_mixes_archives_or_tasks(tmp_path) -> None:
 
 
 def test_plans_are_kept_per_task_and_tensor_for_whole_reads_only(tmp_path) -> None:
-    """``_rebuild`` keeps what it works out from the manifest per (task, tensor): whole tensors on
-    the CPU reuse it; exact reads, rows and other devices work theirs out each time, before and
+    """``_rebuild`` keeps what it works out from the manifest per (task, tensor): whole tensors and
+    rows on the CPU reuse it; exact reads and other devices work theirs out each time, before and
     after, and still give their own bits."""
     f = _family(1)
     out = tmp_path / "p.tallpack"
@@ -577,6 +577,43 @@ def test_get_slice_reads_only_the_rows_asked(tmp_path) -> None:
         assert sorted(set(reads)) == [5], reads  # rows 10-11 are elements 320..383: chunk 5 alone
         head = fam.get_slice("t2", "head")
         assert torch.equal(head[1:], f["tasks"]["t2"]["head"][1:])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_rows_of_byte_planes_are_rebuilt_from_their_chunks_with_the_whole_tensors_bits(tmp_path, dtype) -> None:
+    """get_slice of a tensor stored as byte planes: rows starting at a multiple of 8 elements go
+    through the planar loops, reading only the chunks that hold them (planes and mask bits) and
+    leaving the cache as it was; others through the general path; once the cache holds the
+    planes, slices use them. Every way gives the whole tensor's bits."""
+    g = torch.Generator().manual_seed(11)
+    shape = (96, 100)  # 9,600 elements: chunks of 2,048 (5); row r starts at element 100 r
+    base = {"w": (torch.randn(shape, generator=g) * 0.02).to(dtype)}
+    tasks = {f"t{i}": {"w": (base["w"].float() + torch.randn(shape, generator=g) * 2e-3
+                             * (torch.rand(shape, generator=g) < 0.3)).to(dtype)} for i in range(3)}
+    out = tmp_path / "r.tallpack"
+    tallpack.pack(base, tasks, out, chunk_elements=2048)
+    with tallpack.open(out) as ref:
+        want = {t: ref.get_tensor(t, "w") for t in tasks}
+    cases = [(0, 1), (2, 3), (2, 30), (20, 41), (40, 96), (1, 5), (95, 96), (8, 8), (0, 95)]
+    with tallpack.open(out) as fam:
+        planes, bits = [], []
+        real_planar, real_bits = fam._c.read_planar, fam._c.read_bits
+        fam._c.read_planar = lambda r, i, *a, **k: planes.append(i) or real_planar(r, i, *a, **k)
+        fam._c.read_bits = lambda r, w, into, chunks=None: bits.append(chunks) or real_bits(r, w, into, chunks)
+        for r0, r1 in cases:
+            planes.clear(), bits.clear()
+            assert _same({"w": fam.get_slice("t1", "w")[r0:r1]}, {"w": want["t1"][r0:r1]}), (r0, r1)
+            if (r0 * 100) % 8 == 0 and r1 > r0:  # the planar loops, from the rows' chunks alone
+                covering = set(range(r0 * 100 // 2048, -(-r1 * 100 // 2048)))
+                assert set(planes) == covering and bits == [range(min(covering), max(covering) + 1)], (r0, r1, planes, bits)
+            assert fam._cache.size == 0  # a slice does not fill the cache
+        fam.get_tensor("t2", "w")  # now the cache keeps the planes
+        held = fam._cache.size
+        assert held > 0
+        for t in tasks:
+            for r0, r1 in cases:
+                assert _same({"w": fam.get_slice(t, "w")[r0:r1]}, {"w": want[t][r0:r1]}), (t, r0, r1)
+        assert fam._cache.size == held
 
 
 def test_device_cpu_is_the_same_and_cuda_when_there(tmp_path) -> None:
