@@ -336,8 +336,9 @@ class Archive:
             if k in bits:
                 assert isinstance(ref, ArrayRef)  # (_bit_keys)
                 if run is not None:  # only the chunks that hold the rows
-                    ce = ref.chunk_elements
-                    return self._read_bits(ref, f"{where} ({k})", slot, chunks=range(start // ce, -(-stop // ce)))
+                    ce, (_, lo, shape) = ref.chunk_elements, run[0]
+                    return self._read_bits(ref, f"{where} ({k})", slot,
+                                           chunks=range(lo // ce, -(-(lo + numel(shape)) // ce)))
                 return self._read_bits(ref, f"{where} ({k})", None if keep_bits else slot, keep_bits)
             return self.read_array(ref, f"{where} ({k})", use, device=device, start=start, stop=stop, _slot=slot)
 
@@ -348,9 +349,10 @@ class Archive:
             slots = device is None and encoding.fresh_output(tt)
             arrays = {k: read(k, ref, use, k if slots else None) for k, (ref, use) in needed.items()}
         try:
-            if parts is not None or run is not None:
-                got = encoding.rebuild_parts(arrays, entry, tt, parts or run)
-                return got if run is None else got[0]
+            if parts is not None:
+                return encoding.rebuild_parts(arrays, entry, tt, parts)
+            if run is not None:
+                return encoding.rebuild_parts(arrays, entry, tt, run)[0]
             out = encoding.rebuild(arrays, entry, tt)
         except IntegrityError as e:  # a derived mask's original (format 1.6): say which archive and task
             raise IntegrityError(f"{self.name}: task {task!r}, {e}") from None
