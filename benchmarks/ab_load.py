@@ -11,11 +11,16 @@ alternative over the rounds (a ratio per round, so a slow stretch of the machine
     python benchmarks/ab_load.py --other /tmp/old --rounds 11 --cache-bytes 0
     python benchmarks/ab_load.py --other /tmp/old --rounds 11 --second
     python benchmarks/ab_load.py --other /tmp/old --rounds 5 --steady 6
+    python benchmarks/ab_load.py --other /tmp/old --rounds 11 --slice 8
 
 ``--steady R`` times the steady state instead: in each process the archive is opened and its
 first task read, untimed, then every other task is read R times over (the median of those loads);
 the alternative loads and clones its file 3 x R times in one process. Memory freed by one load is
 reused by the next on both sides, so fresh pages count for little.
+
+``--slice N`` times one rank of N-way tensor parallelism instead: a fresh process reads the first
+``rows // N`` rows of every tensor of the task (``get_slice(task, name)[0:rows // N]``), against
+``safe_open(original).get_slice(name)[0:rows // N]`` + clone of each.
 
 Uses the archives ``perf.py`` leaves in ``benchmarks/out/perf-work`` (planes, 8 tasks) and its copy
 of the task's original. The other checkout needs its compiled module built in place, as above.
@@ -40,8 +45,26 @@ import gc, json, sys, time
 import torch  # imported before timing, by every side
 # a full collection before each timed load (perf.py's _settle says why)
 kind, path, task, warm, cache = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5])
-steady = int(sys.argv[6])
-if steady and kind == "st":
+steady, n = int(sys.argv[6]), int(sys.argv[7])
+if n and kind == "st":
+    from safetensors import safe_open
+    gc.collect()
+    t0 = time.perf_counter()
+    with safe_open(path, "pt") as f:
+        sd = {k: f.get_slice(k)[0 : max(1, f.get_slice(k).get_shape()[0] // n)].clone() for k in f.keys()}
+    print(json.dumps({"seconds": time.perf_counter() - t0}))
+elif n:
+    import tallpack
+    kw = {} if cache < 0 else {"cache_bytes": cache}
+    gc.collect()
+    t0 = time.perf_counter()
+    with tallpack.open(path, **kw) as fam:
+        sd = {}
+        for k in fam.keys(task):
+            part = fam.get_slice(task, k)
+            sd[k] = part[0 : max(1, part.get_shape()[0] // n)]
+    print(json.dumps({"seconds": time.perf_counter() - t0, "tallpack": tallpack.__file__}))
+elif steady and kind == "st":
     from safetensors.torch import load_file
     ts = []
     for _ in range(3 * steady):
@@ -89,11 +112,12 @@ else:
 """
 
 
-def run(kind: str, path: Path, task: str, warm: str, cache: int, pythonpath: str | None, steady: int = 0) -> dict:
+def run(kind: str, path: Path, task: str, warm: str, cache: int, pythonpath: str | None, steady: int = 0,
+        n: int = 0) -> dict:
     env = dict(os.environ)
     if pythonpath:
         env["PYTHONPATH"] = pythonpath
-    out = subprocess.run([sys.executable, "-c", CHILD, kind, str(path), task, warm, str(cache), str(steady)],
+    out = subprocess.run([sys.executable, "-c", CHILD, kind, str(path), task, warm, str(cache), str(steady), str(n)],
                          capture_output=True, text=True, env=env, cwd="/", check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -110,6 +134,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warm-task", default="task0", help="with --second, the task read first (default task0)")
     ap.add_argument("--steady", type=int, default=0, metavar="R",
                     help="time the steady state: every task but the first, R times over, in one process")
+    ap.add_argument("--slice", type=int, default=0, metavar="N",
+                    help="time one rank of N-way tensor parallelism: the first rows // N rows of every tensor")
     a = ap.parse_args(argv)
     warm = a.warm_task if a.second else ""
     sides = {"this": str(REPO), "other": str(a.other.resolve())}
@@ -117,15 +143,17 @@ def main(argv: list[str] | None = None) -> int:
     files = {}
     for i in range(a.rounds):
         for side in (("this", "other") if i % 2 == 0 else ("other", "this")):
-            r = run("tp", a.archive, a.task, warm, a.cache_bytes, sides[side], a.steady)
+            r = run("tp", a.archive, a.task, warm, a.cache_bytes, sides[side], a.steady, a.slice)
             times[side].append(r["seconds"])
             files[side] = r["tallpack"]
-        times["alt"].append(run("st", a.original, a.task, "", -1, None, a.steady)["seconds"])
-    what = (f"steady state (every task after the first, {a.steady} times over, one process; medians)" if a.steady
+        times["alt"].append(run("st", a.original, a.task, "", -1, None, a.steady, a.slice)["seconds"])
+    what = (f"one rank of {a.slice}: the first rows // {a.slice} rows of every tensor, fresh process "
+            "(against safe_open + get_slice + clone)" if a.slice
+            else f"steady state (every task after the first, {a.steady} times over, one process; medians)" if a.steady
             else f"second task (after {warm}, same open archive)" if a.second
             else "first task (open + state_dict + close)")
     cache = "the default cache" if a.cache_bytes < 0 else f"cache_bytes={a.cache_bytes}"
-    print(f"{what}, {cache}, {a.rounds} rounds; alternative load_file + clone: "
+    print(f"{what}, {cache}, {a.rounds} rounds; alternative {'its slices' if a.slice else 'load_file + clone'}: "
           f"{statistics.median(times['alt']) * 1e3:.1f} ms")
     print_sides(times, files, "alt", "the alternative")
     return 0
