@@ -296,6 +296,22 @@ def child(kind: str, a: dict) -> dict:
             res["seconds"] = time.perf_counter() - t0
             res["open_seconds"] = t1 - t0
         res["n"] = len(sd)
+    elif kind == "slices":
+        # one rank of n-way tensor parallelism: the first rows // n rows of every tensor
+        n = a["n"]
+        _settle()
+        t0 = time.perf_counter()
+        if a.get("archive"):
+            with tallpack.open(a["archive"], **_open_kwargs(tallpack, a)) as fam:
+                sd = {}
+                for k in fam.keys(a["task"]):
+                    part = fam.get_slice(a["task"], k)
+                    sd[k] = part[0 : max(1, part.get_shape()[0] // n)]
+        else:
+            with safe_open(a["path"], "pt") as f:
+                sd = {k: f.get_slice(k)[0 : max(1, f.get_slice(k).get_shape()[0] // n)].clone() for k in f.keys()}
+        res["seconds"] = time.perf_counter() - t0
+        res["n"] = len(sd)
     elif kind == "load_st":
         _settle()
         t0 = time.perf_counter()
@@ -979,6 +995,17 @@ def run_goals(a, rep: Report, details: dict) -> None:
                     median(median(r["tallpack"]) for r in runs), median(median(r["safetensors"]) for r in runs),
                     "s", "<=", gx, alt_label="safe_open get_tensor + clone",
                     ratio_best=min(min(r["tallpack"]) / min(r["safetensors"]) for r in runs))
+
+    # 4, for comparison: one rank of 8-way tensor parallelism (get_slice of every tensor)
+    for codec in ("planes", "raw"):
+        rep.load.mark()
+        log(f"goal 4, for comparison: get_slice of 1/8 of every tensor's rows, {codec}, fresh process, {n} each")
+        ours, theirs = alternate(n, lambda: run_child("slices", {"archive": str(arch[codec]), "task": t1, "n": 8, **cb}),
+                                 lambda: run_child("slices", {"path": fam["alt"][t1], "n": 8}))
+        details[f"slices_{codec}"] = {"tallpack": ours, "safetensors": theirs}
+        rep.floor("4", f"for comparison, not a floor: one rank of 8-way tensor parallelism, fresh process (open, then "
+                  f"`get_slice(task, name)[0:rows // 8]` of every tensor), {codec}", median(r["seconds"] for r in ours),
+                  median(r["seconds"] for r in theirs), "safe_open + the same get_slice + clone (alternated)")
 
     # 6: the dense codec
     rep.load.mark()
