@@ -971,9 +971,16 @@ class TensorSlice:
                 a, b, _ = first.indices(shape[0])
                 rows, rest = (a, max(a, b)), (slice(None), *idx[1:])
         if rows is None or rows == (0, shape[0]):
-            return self._archive.get_tensor(self._task, self._name)[index]  # (all rows: as get_tensor)
+            return _own(self._archive.get_tensor(self._task, self._name), index)  # (all rows: as get_tensor)
         part = self._archive._rebuild(self._task, self._name, self._archive._workers(), rows=rows)
-        return part[rest] if rest != (slice(None),) else part
+        return _own(part, rest) if rest != (slice(None),) else part
+
+
+def _own(t: torch.Tensor, index: Any) -> torch.Tensor:
+    """``t[index]``, as a tensor of its own where that is a view of part of ``t``: a rank that
+    takes a column slice of a weight keeps that slice, not the whole (as safetensors' slices)."""
+    got = t[index]
+    return got.clone() if got._base is not None and got.numel() < t.numel() else got
 
 
 @contextlib.contextmanager
