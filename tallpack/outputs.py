@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping, Sequence, Set
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -115,10 +115,16 @@ def _folder(archive: "Archive", state_dict: Mapping[str, torch.Tensor], out: Pat
         target = write_checkpoint(state_dict, out, metadata=meta, config=None if "config.json" in files else config,
                                   layout=layout, max_shard_size=max_shard_size, sizes=sizes, progress=progress,
                                   overwrite=overwrite, specs=specs)
-        weights = {n for n in files if n.endswith(".safetensors")} | {INDEX}
-        write_files(out, files, archive.manifest.files,
-                    lambda ref, where: archive.read_array(ref, where).numpy().tobytes(), skip=weights)
+        _kept_files(archive, files, out)
         return target
+
+
+def _kept_files(archive: "Archive", files: Mapping[str, str], out: Path, skip: Set[str] = frozenset()) -> list[Path]:
+    """The kept folder files ``files`` (name -> SHA-256) into ``out``, never over a weight file, the
+    index or a name in ``skip``."""
+    weights = {n for n in files if n.endswith(".safetensors")} | {INDEX}
+    return write_files(out, files, archive.manifest.files,
+                       lambda ref, where: archive.read_array(ref, where).numpy().tobytes(), skip=weights | skip)
 
 
 def _shown(outdir: str | os.PathLike, local_root: Path, path: Path) -> Path | str:
@@ -136,8 +142,9 @@ def write_task(archive: "Archive", task: str, outdir: str | os.PathLike, *, exac
     tokenizer, ...). ``outdir`` may be a URL. Returns the weights file or the index.
 
     With ``exact=True`` (archives packed with the exact tier), the original files byte for byte
-    (each checked against its SHA-256); for PyTorch or in-memory inputs, the original tensors as
-    ``model.safetensors``. Returns the first file written.
+    (each checked against its SHA-256), the folder's other files (tokenizer, model card) among
+    them; for PyTorch or in-memory inputs, the original tensors as ``model.safetensors``. Returns
+    the first file written.
 
     >>> write_task(fam, "cars", "cars/")
     >>> write_task(fam, "cars", "s3://models/cars", max_shard_size="5GB")
@@ -145,11 +152,16 @@ def write_task(archive: "Archive", task: str, outdir: str | os.PathLike, *, exac
     if exact:
         archive.require_exact(task)
         with staged(outdir, storage_options) as local, transaction(overwrite=overwrite):
-            paths, complete = write_originals(archive, task, local)
+            written, complete = write_originals(archive, task, local)
+            paths = written
             if not complete:
                 meta, _ = task_metadata(archive, task)
                 paths = [write_checkpoint(archive.state_dict(task, exact=True), local, metadata=meta,
                                           overwrite=overwrite)]
+            # the folder's other files (tokenizer, generation config, model card), as a lossy unpack
+            # writes them, each checked against its SHA-256; the recorded ones are written above
+            _kept_files(archive, archive.files(task), local,
+                        skip={Path(p).relative_to(local).as_posix() for p in written})
             return _shown(outdir, local, Path(paths[0]))
     meta, config = task_metadata(archive, task)
     with staged(outdir, storage_options) as local:

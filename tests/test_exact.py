@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -18,7 +19,7 @@ from tallpack.encodings import exact as exact_mod
 from tallpack.encodings.exact import forward, inverse, permute, unpermute
 
 from strategies import families
-from conftest import written
+from conftest import load_folder, written
 
 FLOATS = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 FLOATS += [getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2") if hasattr(torch, n)]
@@ -140,19 +141,38 @@ def test_single_safetensors_files_come_back_byte_identical(small_family, tmp_pat
             assert fam.task_info(t).exact["files"][0]["sha256"] == _sha(src)
 
 
-def test_sharded_folders_come_back_byte_identical(hf_family, tmp_path: Path) -> None:
+@pytest.mark.parametrize("weights", ["safetensors", "bin"])
+def test_sharded_folders_come_back_byte_identical(hf_family, tmp_path: Path, weights: str) -> None:
+    """Every file of each task's folder comes back: its shards, index and config byte for byte
+    from the file records, its tokenizer, generation config and model card from the kept files
+    (a .bin folder: its tensors exactly, as model.safetensors, and the same other files)."""
+    tasks = {}
+    for t, folder in hf_family["tasks"].items():
+        tasks[t] = shutil.copytree(folder, tmp_path / "in" / t)
+        (tasks[t] / "tokenizer.json").write_text(json.dumps({"model": {"vocab": {t: 0}}}))
+        (tasks[t] / "README.md").write_text(f"# {t}\n")
+        if weights == "bin":
+            torch.save(load_folder(tasks[t]), tasks[t] / "pytorch_model.bin")
+            for p in [*tasks[t].glob("*.safetensors"), tasks[t] / "model.safetensors.index.json"]:
+                p.unlink()
     out = tmp_path / "hf.tallpack"
-    tallpack.pack(hf_family["base"], hf_family["tasks"], out, exact=True)
+    tallpack.pack(hf_family["base"], tasks, out, exact=True)
     with tallpack.open(out) as fam:
         assert fam.verify() == []
-        for t, folder in hf_family["tasks"].items():
+        for t, folder in tasks.items():
             dest = tmp_path / "out" / t
             tallpack.write_task(fam, t, dest, exact=True)
-            want = {p.name: _sha(p) for p in folder.iterdir() if p.suffix in (".safetensors", ".json")
-                    and p.name != "generation_config.json"}
+            want = {p.name: _sha(p) for p in folder.iterdir() if weights == "safetensors" or p.suffix != ".bin"}
             got = {p.name: _sha(p) for p in dest.iterdir()}
-            assert len(want) > 3 and "model.safetensors.index.json" in want
-            assert got == want
+            assert {"generation_config.json", "tokenizer.json", "README.md", "config.json"} <= set(want)
+            if weights == "safetensors":
+                assert len(want) > 6 and "model.safetensors.index.json" in want
+                assert got == want
+            else:
+                assert got.pop("model.safetensors") and got == want
+                original = torch.load(folder / "pytorch_model.bin", weights_only=True)
+                rebuilt = load_folder(dest)
+                assert set(rebuilt) == set(original) and all(_same(rebuilt[k], v) for k, v in original.items())
 
 
 def test_pickle_inputs_give_exact_tensors(small_family, tmp_path: Path) -> None:
