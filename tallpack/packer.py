@@ -36,6 +36,7 @@ from .progress import track
 from .selection import select_lambdas
 from .sources import Source, SourceLike, stem
 from .staging import fetched, staged
+from .storage import is_url
 from .tall import Fidelity
 
 log = logging.getLogger(__name__)
@@ -75,7 +76,24 @@ def pack(base: SourceLike, tasks: TasksLike, out: str | os.PathLike, options: Pa
                          chunk_elements=opts.chunk_elements)
         for src in (fam.base, *fam.tasks.values()):
             src.label = origin.get(src.label, src.label)  # errors and the manifest name the URL
+        _refuse_own_inputs(out, fam)
         return _pack_opened(fam, opts, v, out, storage_options)
+
+
+def _refuse_own_inputs(out: str | os.PathLike, fam: PackInputs) -> None:
+    """InvalidArgumentError when the archive would replace one of the files it is packed from
+    (``overwrite`` allows replacing an old archive, not the checkpoints)."""
+    if is_url(out) or not os.path.exists(out):
+        return
+    for src in (fam.base, *fam.tasks.values()):
+        for path in (*src.weight_files, *src.other_files, *src.files.values()):
+            try:
+                same = os.path.samefile(out, path)
+            except OSError:
+                continue
+            if same:
+                raise InvalidArgumentError(f"{out}: is one of the files packed ({src.label}: {path}); "
+                                           "write the archive elsewhere")
 
 
 def _pack_opened(fam: PackInputs, opts: PackOptions, v: Validated, out: str | os.PathLike,

@@ -52,6 +52,25 @@ def test_pack_refuses_an_existing_archive_unless_overwrite(small_family, tmp_pat
         assert fam.verify() == []
 
 
+def test_pack_with_force_never_replaces_one_of_its_inputs(small_family, hf_family, tmp_path):
+    """--force replaces an old archive, not a checkpoint being packed: a task file, the base, a
+    shard or a kept file of a folder, or a link to one, named as the output is refused, unchanged."""
+    base, a = small_family["base_path"], small_family["task_paths"]["a"]
+    folder = hf_family["tasks"]["cars"]
+    shard = sorted(folder.glob("model-*.safetensors"))[0]
+    (tmp_path / "link.safetensors").symlink_to(a)
+    cases = [(["--task", f"a={a}"], a), (["--task", f"a={a}"], base), (["--task", f"a={a}"], tmp_path / "link.safetensors"),
+             (["--task", f"cars={folder}"], shard), (["--task", f"cars={folder}"], folder / "config.json")]
+    for tasks, out in cases:
+        b = hf_family["base"] if "cars" in tasks[1] else base
+        before = Path(out).read_bytes()
+        r = CliRunner().invoke(main, ["-q", "pack", "--force", "--base", str(b), *tasks, "-o", str(out)])
+        assert r.exit_code == 1 and "is one of the files packed" in r.output, (out, r.output)
+        assert len(r.output.strip().splitlines()) == 1 and Path(out).read_bytes() == before, out
+    with pytest.raises(tallpack.InvalidArgumentError, match="is one of the files packed"):
+        tallpack.pack(base, {"a": a}, a, overwrite=True)
+
+
 def test_unpack_and_merge_refuse_existing_outputs(archive, tmp_path):
     out = tmp_path / "a"
     assert cli("unpack", archive, "--task", "a", "-o", out)[0] == 0
