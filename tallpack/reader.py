@@ -266,8 +266,13 @@ class Archive:
                 raise UnsupportedVersionError(f"{self.name}: {where}: merge method "
                                               f"{self.manifest.merge.get('method')!r} is unknown to this tallpack")
             order = [t for t in self.tasks if t in ref.entry.tasks]
-            derived = rebuild_merged(self.read_array, ref.entry, order, method.from_params(self.manifest.merge),
-                                     f"{self.name}: tensor {ref.entry.name!r}")
+            try:
+                derived = rebuild_merged(self.read_array, ref.entry, order, method.from_params(self.manifest.merge),
+                                         f"tensor {ref.entry.name!r}")
+            except TallpackError as e:  # reads name the archive already; the rest, here
+                if str(e).startswith(f"{self.name}: "):
+                    raise
+                raise type(e)(f"{self.name}: {e}") from None
             if ref.key not in derived:
                 raise FormatError(f"{self.name}: {where}: no derived {ref.key} array")
             for k, v in derived.items():
@@ -766,9 +771,11 @@ class Archive:
         if tuple(self.manifest.format_version) != self.format_version:  # the header's minor too
             problems.append(f"{self.name}: header says format {self.format_version[0]}.{self.format_version[1]}, "
                             f"manifest says {self.manifest.format_version[0]}.{self.manifest.format_version[1]}")
+        named = self._file_names()
         arrays = [(f"tensor {name!r} ({key})", ref) for name, key, ref in iter_arrays(self.manifest.tensors)]
-        arrays += [(f"file content {d[:12]}", ref) for d, ref in self.manifest.files.items()]
+        arrays += [(named.get(d, f"file content {d[:12]}"), ref) for d, ref in self.manifest.files.items()]
         batches = _batches([((where, ref), [ref]) for where, ref in arrays])
+        damaged = set()
         for batch in track(batches, progress, "verifying", unit="batch"):
             self._c.prefetch([ref for (_, ref), _ in batch if ref.stored_nbytes <= PREFETCH_BYTES])
             for (where, ref), _ in batch:
@@ -777,9 +784,12 @@ class Archive:
                         self._c.read_chunk(ref, i, where, recheck=True)  # even if read before
                 except TallpackError as e:
                     problems.append(str(e))
+                    damaged.add(id(ref))
         for digest, ref in self.manifest.files.items():
+            if id(ref) in damaged:  # said above
+                continue
             try:
-                read_blob(self._c.read_array, digest, ref, f"{self.name}: file content {digest[:12]}")
+                read_blob(self._c.read_array, digest, ref, named.get(digest, f"file content {digest[:12]}"))
             except TallpackError as e:
                 problems.append(str(e))
         problems += verify_originals(self)
@@ -793,6 +803,16 @@ class Archive:
         return problems
 
     # -- folder files ------------------------------------------------------------------------
+    def _file_names(self) -> dict[str, str]:
+        """How errors name each kept file content: by the files that hold it (``file 'config.json'
+        of tasks 'a', 'b'``)."""
+        owners: dict[str, dict[str, list[str]]] = {}
+        for who, files in [("the base", self.files()), *((f"task {t!r}", self.files(t)) for t in self.tasks)]:
+            for name, digest in files.items():
+                owners.setdefault(digest, {}).setdefault(name, []).append(who)
+        return {d: "; ".join(f"file {name!r} of " + ", ".join(w[:3]) + (", ..." if len(w) > 3 else "")
+                             for name, w in list(by.items())[:3]) for d, by in owners.items()}
+
     def files(self, task: str | None = None) -> dict[str, str]:
         """The folder files kept for a task (None: the base), as relative name -> SHA-256; empty
         when it did not come from a folder (or the archive predates format 1.2)."""

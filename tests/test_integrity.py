@@ -410,3 +410,34 @@ def test_damaged_plane_lengths_read_as_a_damaged_chunk(tmp_path, monkeypatch):
     with tallpack.open(path) as fam:
         with pytest.raises(IntegrityError, match=r"tensor 'w' \(base\).*chunk 1"):
             fam.state_dict("a")
+
+
+def _flip(path, offset: int) -> None:
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        b = f.read(1)
+        f.seek(offset)
+        f.write(bytes([b[0] ^ 0x10]))
+
+
+def test_damage_is_reported_once_by_the_name_a_user_knows(hf_family, small_family, tmp_path):
+    """A damaged kept file is named as the folder names it (config.json of which inputs), once;
+    a damaged residual under a derived merged vector names the archive once."""
+    out = tmp_path / "hf.tallpack"
+    tallpack.pack(hf_family["base"], hf_family["tasks"], out)
+    with tallpack.open(out) as fam:
+        digest = fam.files("cars")["config.json"]
+        _flip(out, fam.manifest.files[digest].chunks[0].offset + 3)
+    with tallpack.open(out) as fam:
+        problems = fam.verify()
+    assert len(problems) == 1 and "file 'config.json' of the base, task 'cars'" in problems[0], problems
+    assert problems[0].count(str(out)) == 1, problems
+    ex = tmp_path / "ex.tallpack"
+    tallpack.pack(small_family["base_path"], small_family["task_paths"], ex, exact=True, chunk_elements=64)
+    with tallpack.open(ex) as fam:
+        entry = next(e for e in fam.manifest.tensors if e.name == "body.w")
+        assert entry.tasks["a"].encoding == "tall-derived-merged"
+        _flip(ex, entry.tasks["a"].extras["exact"].residual.chunks[0].offset + 3)
+    with tallpack.open(ex) as fam, pytest.raises(IntegrityError) as e:
+        fam.get_tensor("b", "body.w")
+    assert str(e.value).count(str(ex)) == 1 and "'body.w'" in str(e.value), str(e.value)
