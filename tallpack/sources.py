@@ -226,6 +226,10 @@ class TorchSource(Source):
 def _torch_load(path: Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise CheckpointNotFoundError(f"{path}: no such file")
+    with open(path, "rb") as f:
+        magic = f.read(2)
+    if magic[:1] != b"\x80" and magic != b"PK":  # torch.save writes a zip, or (legacy) a pickle of protocol 2
+        raise CheckpointError(f"{path}: not a PyTorch checkpoint (neither a zip archive nor a pickle)")
     try:
         with warnings.catch_warnings():  # torch warns about pickle protocols; our error says enough
             warnings.simplefilter("ignore", UserWarning)

@@ -413,3 +413,23 @@ def test_a_checkpoint_cut_in_place_while_open_is_refused_not_a_crash(tmp_path, k
     assert done.returncode == 0, (done.returncode, done.stderr[-2000:])
     line = done.stdout.strip()
     assert line.startswith("refused:") and "shrank from" in line and str(path) in line and "\n" not in line, line
+
+
+def test_a_file_that_is_no_pickle_is_not_called_one_that_needs_code(tmp_path: Path) -> None:
+    """Text or random bytes named .bin are "not a PyTorch checkpoint"; a pickle of objects still
+    "needs code execution"."""
+    import pickle
+
+    import tallpack
+    from tallpack.errors import CheckpointError, UnsafeCheckpointError
+
+    base = {"w": torch.zeros(4, 4)}
+    (tmp_path / "junk.bin").write_text("not a pickle\n")
+    with pytest.raises(CheckpointError, match="junk.bin: not a PyTorch checkpoint") as e:
+        tallpack.pack(base, {"a": tmp_path / "junk.bin"}, tmp_path / "o.tallpack")
+    assert not isinstance(e.value, UnsafeCheckpointError) and "\n" not in str(e.value)
+    with open(tmp_path / "obj.bin", "wb") as f:
+        pickle.dump({"w": torch.nn.Linear(2, 2)}, f)
+    with pytest.raises(UnsafeCheckpointError, match="needs code execution"):
+        tallpack.pack(base, {"a": tmp_path / "obj.bin"}, tmp_path / "o.tallpack")
+    assert not (tmp_path / "o.tallpack").exists()
