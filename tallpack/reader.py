@@ -33,7 +33,8 @@ from .encodings.derived import DerivedMerged, task_mask
 from .encodings.derived_merged import rebuild_merged
 from .encodings.exact import TALL_ENCODINGS, rebuild_exact
 from .errors import (ArchiveClosedError, ExactTierMissingError, FormatError, IntegrityError, InvalidArgumentError,
-                     TallpackError, TaskNotFoundError, TensorNotFoundError, UnsupportedVersionError)
+                     TallpackError, TaskNotFoundError, TensorNotFoundError, UnsupportedVersionError,
+                     quoted)
 from .memory import ThreadBuffers, release_thread_buffers
 from .manifest import Manifest, TaskInfo
 from .folders import read_blob
@@ -547,6 +548,7 @@ class Archive:
         ``device`` (e.g. ``"cuda"``), the tensor is rebuilt there: base and merged vector are moved
         once and kept in the cache on that device, so other tasks send only their masks.
         """
+        device = _usable(device)
         member = self._member(task, name)
         if member is not None:
             return self._rebuild(task, member[0].name, self._workers(), exact, device, parts=[member[1]])[0]
@@ -589,7 +591,7 @@ class Archive:
         """
         if exact:
             self.require_exact(task)
-        sd = LazyStateDict(self, task, exact=exact, device=device)
+        sd = LazyStateDict(self, task, exact=exact, device=_usable(device))
         if lazy:
             return sd
         with _gc_paused(), self._scanning():  # see _gc_paused: a full pass would cost as much as the rebuild
@@ -886,6 +888,19 @@ def _group_where(entry: TensorEntry) -> str:
     """How errors name a group (format 1.12): by its name and its members' (the first few)."""
     names = ", ".join(repr(m.name) for m in entry.members[:4]) + (", ..." if len(entry.members) > 4 else "")
     return f"tensor group {entry.name!r} ({len(entry.members)} tensors: {names})"
+
+
+def _usable(device: torch.device | str | None) -> torch.device | None:
+    """``device`` as a torch.device this process can allocate on (None: the CPU, as given);
+    InvalidArgumentError for a name torch does not know or a device it has not."""
+    if device is None:
+        return None
+    try:
+        dev = torch.device(device)
+        torch.empty(0, device=dev)
+    except (RuntimeError, AssertionError, TypeError, ValueError) as e:  # torch's own, per backend
+        raise InvalidArgumentError(f"device {device!r} cannot be used here ({quoted(e)})") from None
+    return dev
 
 
 def _cache_key(ref: ArrayRef, dev: torch.device | None) -> tuple:

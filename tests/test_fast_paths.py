@@ -626,6 +626,11 @@ def test_device_cpu_is_the_same_and_cuda_when_there(tmp_path) -> None:
     with tallpack.open(out) as fam:
         plain = fam.state_dict("t0")
         assert _same(plain, fam.state_dict("t0", device="cpu"))
+        for bad in ["bogus", *([] if torch.cuda.is_available() else ["cuda", "cuda:0"])]:
+            for call in (lambda: fam.state_dict("t0", device=bad), lambda: fam.get_tensor("t0", "w", device=bad)):
+                with pytest.raises(tallpack.InvalidArgumentError, match=f"device '{bad}' cannot be used here") as e:
+                    call()
+                assert "\n" not in str(e.value)
         if torch.cuda.is_available():  # run where a GPU is; see BENCHMARKS.md
             gpu = fam.state_dict("t0", device="cuda")
             assert all(v.device.type == "cuda" for v in gpu.values())
