@@ -64,7 +64,10 @@ class RemoteFile:
         try:
             self._fs, self._path = url_to_fs(url, **(storage_options or {}))
             self.size = int(self._fs.size(self._path))
-        except FileNotFoundError:
+        except FileNotFoundError as e:
+            cause = _connection_error(e)
+            if cause is not None:  # fsspec's HTTP file system reports a failed connection as missing
+                raise TallpackError(f"{url}: cannot connect ({type(cause).__name__}: {quoted(cause)})") from None
             raise ArchiveNotFoundError(f"{url}: no such archive") from None
         except ImportError as e:
             raise TallpackError(f"{url}: this kind of URL needs another package ({quoted(e)})") from None
@@ -139,3 +142,15 @@ class RemoteFile:
             self._cache.clear()
             self._cached = 0
         self.closed = True
+
+
+def _connection_error(e: BaseException) -> BaseException | None:
+    """The failed connection behind ``e`` (its causes and contexts), if one is there."""
+    seen = set()
+    c: BaseException | None = e.__cause__ or e.__context__
+    while c is not None and id(c) not in seen:
+        seen.add(id(c))
+        if isinstance(c, ConnectionError) or "Connect" in type(c).__name__:
+            return c
+        c = c.__cause__ or c.__context__
+    return None

@@ -172,3 +172,17 @@ def test_an_array_cached_in_part_is_fetched_with_the_rest(http_server, served):
                 assert kept and all(0 < v.cut < 6 for v in kept)  # 6 chunks of 4 KB of planes; 2 fit
             assert http_server.served() <= without, (task, http_server.served(), without)
             assert http_server.gets() <= requests + 2, (task, http_server.gets(), requests)
+
+
+def test_a_server_that_cannot_be_reached_is_not_a_missing_archive(http_server, served):
+    """fsspec reports a refused connection as FileNotFoundError; tallpack says which it was."""
+    import socket
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(tallpack.TallpackError, match="cannot connect") as e:
+        tallpack.open(f"http://127.0.0.1:{port}/fam.tallpack")
+    assert not isinstance(e.value, tallpack.ArchiveNotFoundError) and "\n" not in str(e.value)
+    with pytest.raises(tallpack.ArchiveNotFoundError, match="no such archive"):
+        tallpack.open(f"{http_server.url}/nope.tallpack")
