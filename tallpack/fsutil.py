@@ -100,6 +100,8 @@ def temp_beside(target: Path) -> tuple[int, Path]:
             fd = os.open(tmp, flags, 0o666)  # the umask applies, as for a plain open
         except FileExistsError:
             continue
+        except OSError as e:  # say it of the file asked for, not of a hidden temporary name
+            raise type(e)(e.errno, e.strerror, str(target)) from None
         break
     else:  # pragma: no cover - 100 collisions of 32 random bits
         raise FileExistsError(errno.EEXIST, "no unused temporary name", str(target.parent))

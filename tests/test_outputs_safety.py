@@ -187,3 +187,13 @@ def test_a_full_disk_is_one_line_and_leaves_nothing(big_family, tmp_path):
         assert stderr.count("\n") == 1 and stderr.startswith("error: "), stderr
         assert "file too large (a file size limit was reached) while writing" in stderr
         assert list(out.iterdir()) == [], args[0]
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc, where no file can be created")
+def test_a_failed_write_names_the_file_asked_for_not_its_temporary(small_family):
+    with pytest.raises(OSError) as e:
+        tallpack.pack(small_family["base_path"], small_family["task_paths"], "/proc/x.tallpack")
+    assert e.value.filename == "/proc/x.tallpack"
+    r = CliRunner().invoke(main, ["-q", "pack", "--base", str(small_family["base_path"]),
+                                  "--task", f"a={small_family['task_paths']['a']}", "-o", "/proc/x.tallpack"])
+    assert r.exit_code != 0 and r.output.strip().startswith("error: /proc/x.tallpack: ") and ".partial" not in r.output
