@@ -368,6 +368,14 @@ def selection_z(configurations: int, alpha: float = 0.05) -> float:
     return statistics.NormalDist().inv_cdf(1 - alpha / max(1, configurations))
 
 
+def _positive(ref: np.ndarray, who: str) -> None:
+    """InvalidArgumentError unless the reference scores above 0 on average: a ratio by a negative
+    score reverses the order of the scores, and one by zero means nothing."""
+    if not float(ref.mean()) > 0:
+        raise InvalidArgumentError(f"{who} scores {float(ref.mean()):.4g}: a fidelity target is a fraction of its "
+                                   "score, so the evaluator must score positive (an accuracy; for a loss, exp(-loss))")
+
+
 def score_ratio(s: Any, ref: Any, z: float = Z_LOWER) -> float:
     """A task's fidelity from the evaluator's results on the reconstruction (``s``) and on the
     original (``ref``): each a number, or a 1-d sequence of per-example scores over the same
@@ -385,9 +393,10 @@ def score_ratio(s: Any, ref: Any, z: float = Z_LOWER) -> float:
     a, b = np.asarray(s, dtype=np.float64), np.asarray(ref, dtype=np.float64)
     if np.isnan(a).any() or np.isnan(b).any():
         raise TallpackError("the evaluator returned NaN")
+    _positive(b, "the original")
     if a.ndim == 0 or a.size == 1 and b.size == 1:
         x, r = float(a.reshape(-1)[0]), float(b.reshape(-1)[0])
-        ratio = x / r if r else (1.0 if x >= r else 0.0)
+        ratio = x / r
     else:
         if a.shape != b.shape or a.ndim != 1:
             raise TallpackError(f"the evaluator returned per-example scores of shapes {a.shape} and {b.shape}")
@@ -398,7 +407,7 @@ def score_ratio(s: Any, ref: Any, z: float = Z_LOWER) -> float:
         else:
             sd = float(np.std(a - b, ddof=1)) if n > 1 else 0.0
             low = float(a.mean()) - z * sd / math.sqrt(n)
-        ratio = low / m if m else (1.0 if low >= m else 0.0)
+        ratio = low / m
     return min(ratio, 1.0)
 
 
@@ -540,6 +549,7 @@ class Dial:
             src = sources[t]
             if t not in ref:
                 ref[t] = evaluate(t, {k: src.get(k) for k in src.keys()})
+                _positive(np.asarray(ref[t], dtype=np.float64), f"task {t!r}: the original")
                 # what the original itself certifies: a target above it asks for the impossible
                 self.ceiling[t] = score_ratio(ref[t], ref[t], self.z)
                 if np.asarray(ref[t]).size == 1 and not warned:

@@ -4,7 +4,8 @@ The dial's data-free measure counts every weight's squared error alike. A linear
 error ``(W' - W) x`` depends on its inputs: ``E|(W' - W) x|^2`` is, dropping the inputs'
 correlations, ``sum_ij (W' - W)_ij^2 E[x_j^2]``. So weighing each weight's squared error by the
 second moment of the input it multiplies points the dial's bytes at the weights whose errors reach
-the output (inputs that are always zero, a dead pixel or a padding feature, get none).
+the output (inputs that are always zero, a dead pixel or a padding feature, get none). GPT-2's
+``Conv1D`` is the same layer with its weight stored transposed, ``(in, out)``.
 
 >>> weights = {t: input_moments(models[t], val_batches[t]) for t in models}
 >>> tallpack.pack(base, tasks, "fam.tallpack", budget=2.0, sensitivity=weights)
@@ -14,6 +15,7 @@ This goes beyond the paper, whose masks and reconstruction are data-free.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -25,13 +27,47 @@ from .errors import InvalidArgumentError, quoted
 
 __all__ = ["input_moments", "load", "save"]
 
+log = logging.getLogger(__name__)
+
+
+def _in_axis(module: torch.nn.Module) -> int | None:
+    """The axis of ``module.weight`` its input features lie along: 1 for ``nn.Linear`` (out, in),
+    0 for transformers' ``Conv1D`` (GPT-2's layers: (in, out), ``y = x @ W + b``; found by its
+    class name and ``nf`` attribute, so transformers need not be imported); None for others."""
+    if isinstance(module, torch.nn.Linear):
+        return 1
+    w = getattr(module, "weight", None)
+    if type(module).__name__ == "Conv1D" and hasattr(module, "nf") and isinstance(w, torch.Tensor) and w.ndim == 2:
+        return 0
+    return None
+
+
+def _weight_name(module: str) -> str:
+    return f"{module}.weight" if module else "weight"
+
+
+def _tied(model: torch.nn.Module) -> set[int]:
+    """The ids of the parameters ``model`` holds under more than one name (tied weights)."""
+    names: dict[int, int] = {}
+    for _, p in model.named_parameters(remove_duplicate=False):
+        names[id(p)] = names.get(id(p), 0) + 1
+    return {i for i, n in names.items() if n > 1}
+
 
 def input_moments(model: torch.nn.Module, batches: Iterable[Any]) -> dict[str, torch.Tensor]:
-    """For every ``nn.Linear`` of ``model``, the mean of its input's square per input feature, over
-    ``batches`` (each one the model's positional input, or a tuple or dict of its inputs), as
-    ``{"<module>.weight": tensor of shape (1, in_features)}``: the weights of a ``sensitivity``
-    for the task whose model this is. Names are the model's own parameter names, which must be the
-    checkpoint's. Biases are left out (they weigh 1, as does every tensor not listed)."""
+    """For every ``nn.Linear`` and transformers ``Conv1D`` (GPT-2's) of ``model``, the mean of its
+    input's square per input feature, over ``batches`` (each one the model's positional input, or
+    a tuple or dict of its inputs), laid along the weight's input axis: ``{"<module>.weight":
+    tensor of shape (1, in)}`` for a Linear's (out, in) weight, ``(in, 1)`` for a Conv1D's
+    (in, out). These are the weights of a ``sensitivity`` for the task whose model this is. Names
+    are the model's own parameter names, which must be the checkpoint's. Biases are left out (they
+    weigh 1, as does every tensor not listed), and so are tied weights (one tensor under two names,
+    e.g. GPT-2's ``lm_head.weight``, its token embeddings): their error reaches the output by
+    another way too, and a checkpoint keeps only one of the names.
+
+    >>> input_moments(torch.nn.Linear(3, 2), [torch.ones(4, 3)])
+    {'weight': tensor([[1., 1., 1.]], dtype=torch.float64)}
+    """
     sums: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}
 
@@ -43,10 +79,17 @@ def input_moments(model: torch.nn.Module, batches: Iterable[Any]) -> dict[str, t
             counts[name] = counts.get(name, 0) + x.shape[0]
         return record
 
-    handles = [m.register_forward_pre_hook(hook(name)) for name, m in model.named_modules()
-               if isinstance(m, torch.nn.Linear)]
-    if not handles:
-        raise InvalidArgumentError("input_moments: the model has no nn.Linear layer")
+    layers = {name: (m, axis) for name, m in model.named_modules() if (axis := _in_axis(m)) is not None}
+    if not layers:
+        raise InvalidArgumentError("input_moments: the model has no nn.Linear layer (nor a transformers Conv1D)")
+    tied, left = _tied(model), []
+    for name, (m, _) in list(layers.items()):
+        if id(m.weight) in tied:
+            left.append(_weight_name(name))
+            del layers[name]
+    if left:
+        log.warning("input_moments: tied weights left out (they weigh 1): %s", ", ".join(left))
+    handles = [m.register_forward_pre_hook(hook(name)) for name, (m, _) in layers.items()]
     try:
         with torch.no_grad():
             for batch in batches:
@@ -61,7 +104,11 @@ def input_moments(model: torch.nn.Module, batches: Iterable[Any]) -> dict[str, t
             h.remove()
     if not counts:
         raise InvalidArgumentError("input_moments: no batch reached a linear layer (give at least one batch)")
-    return {f"{name}.weight" if name else "weight": (sums[name] / counts[name])[None, :] for name in sums}
+    out = {}
+    for name, total in sums.items():
+        moments = total / counts[name]
+        out[_weight_name(name)] = moments[None, :] if layers[name][1] == 1 else moments[:, None]
+    return out
 
 
 def save(weights: Mapping[str, Mapping[str, Any]], path: str | os.PathLike) -> None:

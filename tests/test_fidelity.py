@@ -182,6 +182,22 @@ def test_evaluator_target(tmp_path, caplog):
             assert s >= 0.98 and s == pytest.approx(fam.task_info(t).fidelity["score"])
 
 
+@pytest.mark.parametrize("offset", [-0.01, 0.0])
+def test_a_target_of_a_score_at_or_below_zero_is_refused(tmp_path, offset):
+    """A fidelity target is a fraction of the original's score: for -loss (or a score of 0) that
+    fraction means nothing (a ratio by a negative number reverses the order), so the evaluator is
+    refused, naming the task, before anything is written, rather than every task recorded at 1."""
+    base, fts = family("dense")
+
+    def score(task, sd):
+        return offset - sum(float(((sd[k].float() - fts[task][k].float()) ** 2).sum()) for k in base)
+
+    with pytest.raises(tallpack.InvalidArgumentError, match="the original scores .*must score positive") as e:
+        tallpack.pack(base, fts, tmp_path / "e.tallpack", fidelity=0.98, evaluate=score, lambda_grid=[0.4])
+    assert "task '" in str(e.value) and "\n" not in str(e.value)
+    assert not (tmp_path / "e.tallpack").exists()
+
+
 def test_readers_without_the_field_read_plain_tall(tmp_path, monkeypatch):
     base, fts = family("sparse")
     tallpack.pack(base, fts, tmp_path / "plain.tallpack")

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file
 
@@ -170,6 +170,88 @@ def test_alpha_selection_finds_the_answer_known_by_construction(tmp_path):
         assert sel.alpha == 0.7 and sel.normalized[0.7] == max(sel.normalized.values())
         assert set(sel.scores) == set(tallpack.ALPHA_GRID)
 
+
+finite = st.floats(-1e3, 1e3)
+references = st.one_of(st.just(0.0), st.floats(-1e3, -1e-3), st.floats(1e-3, 1e3))
+
+
+@settings(max_examples=200, deadline=None)
+@given(data=st.data(), tasks=st.integers(1, 4), alphas=st.integers(2, 5))
+def test_normalized_scores_keep_every_tasks_order_for_any_sign(data, tasks, alphas):
+    """An alpha that scores at least as well on every task is never ranked below another, whatever
+    the signs of the scores and references (a ratio by a negative reference would reverse it); all
+    references positive give the paper's mean of score / reference, bit for bit."""
+    from tallpack.selection import normalize
+
+    names = [f"t{i}" for i in range(tasks)]
+    ref = {t: data.draw(references, label=f"ref {t}") for t in names}
+    scores = {a / 10: {t: data.draw(finite) for t in names} for a in range(1, alphas + 1)}
+    got, rule = normalize(scores, ref)
+    for a in scores:
+        for b in scores:
+            if all(scores[a][t] >= scores[b][t] for t in names):
+                assert got[a] >= got[b]
+    if all(r > 0 for r in ref.values()):
+        assert rule == "ratio"
+        assert got == {a: sum(s[t] / ref[t] for t in names) / len(names) for a, s in scores.items()}
+    else:
+        assert rule == "difference"
+        best = max(sum(s.values()) for s in scores.values())
+        assert sum(scores[max(got, key=got.get)].values()) == pytest.approx(best, rel=1e-9, abs=1e-6)
+
+
+@pytest.fixture(scope="module")
+def goal_archive(tmp_path_factory):
+    """An archive and, per task, its consensus-ta merge at alpha 0.7: a score of -distance to it
+    is best at 0.7."""
+    base, fts = family(6, tasks=3)
+    out = tmp_path_factory.mktemp("alpha") / "f.tallpack"
+    tallpack.pack(base, fts, out)
+    with tallpack.open(out) as fam:
+        yield fam, {t: fam.merged("consensus-ta", alpha=0.7, task=t) for t in fam.tasks}
+
+
+def distance(sd, goal):
+    return sum(float((sd[k] - goal[k]).abs().sum()) for k in sd)
+
+
+@settings(max_examples=12, deadline=None)
+@given(offset=st.floats(-60, 60, allow_nan=False))
+@example(offset=0.0).via("-loss: every score and reference negative")
+@example(offset=42.0).via("references of both signs")
+@example(offset=60.0).via("every reference positive: the paper's ratio")
+def test_alpha_selection_on_negative_scores_takes_the_best_raw_score(goal_archive, offset):
+    """Scores of any sign (``offset - distance``: ``-loss`` at offset 0; the reconstructions are
+    about 40 from the goal) choose the alpha whose merged models score best, never the worst."""
+    fam, goal = goal_archive
+    sel = tallpack.select_alpha(fam, "consensus-ta", lambda t, sd: offset - distance(sd, goal[t]))
+    raw = {a: sum(s.values()) for a, s in sel.scores.items()}
+    assert sel.alpha == 0.7 == max(raw, key=raw.get)
+    if all(r > 0 for r in sel.reference.values()):
+        assert sel.normalization == "ratio"
+    else:  # ranked as the raw mean is
+        assert sel.normalization == "difference"
+        assert sorted(sel.normalized, key=sel.normalized.get) == sorted(raw, key=raw.get)
+    assert sel.to_dict()["normalization"] == sel.normalization
+
+
+def test_a_zero_reference_does_not_collapse_the_selection(goal_archive, caplog):
+    """A reference of 0 (a reconstruction scoring 0) ranks by score - reference, with a warning,
+    instead of counting that task as 0 at every alpha; missing or infinite references are refused."""
+    fam, goal = goal_archive
+
+    def evaluate(task, sd):
+        return 1.0 / (1.0 + distance(sd, goal[task]))
+
+    with caplog.at_level("WARNING", logger="tallpack.selection"):
+        sel = tallpack.select_alpha(fam, "consensus-ta", evaluate, reference={t: 0.0 for t in fam.tasks})
+    assert sel.alpha == 0.7 and sel.normalization == "difference"
+    assert len(set(sel.normalized.values())) == len(sel.normalized)  # before: 0 at every alpha, alpha 0.1
+    assert "reference score 0 for 't0', 't1', 't2'" in caplog.text
+    with pytest.raises(tallpack.InvalidArgumentError, match="reference has no score for task 't2'"):
+        tallpack.select_alpha(fam, "consensus-ta", evaluate, reference={"t0": 1.0, "t1": 1.0})
+    with pytest.raises(tallpack.InvalidArgumentError, match="task 't1': the reference score is inf"):
+        tallpack.select_alpha(fam, "consensus-ta", evaluate, reference={"t0": 1.0, "t1": float("inf"), "t2": 1.0})
 
 def test_merge_through_the_cli(tmp_path):
     base, fts = family(7)

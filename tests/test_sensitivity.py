@@ -3,6 +3,7 @@ and the layer-input moments that make a linear layer's weighted error its output
 
 from __future__ import annotations
 
+import logging
 import math
 
 import pytest
@@ -33,7 +34,91 @@ def test_input_moments_are_each_linear_layers_input_mean_squares():
     assert not model[0]._forward_pre_hooks  # the hooks are gone
     with pytest.raises(InvalidArgumentError, match="no nn.Linear"):
         input_moments(torch.nn.ReLU(), batches)
+    tied = torch.nn.Sequential(torch.nn.Linear(5, 5), torch.nn.Linear(5, 5), torch.nn.Linear(5, 3))
+    tied[1].weight = tied[0].weight  # one tensor, two names: a checkpoint keeps one, the error has two ways out
+    assert set(input_moments(tied, batches)) == {"2.weight"}
 
+
+
+def gpt2_config():
+    from transformers import GPT2Config
+
+    return GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=100, n_positions=32)
+
+
+def test_conv1d_moments_lie_along_the_weights_input_axis():
+    """GPT-2's Conv1D weights are (in, out): its moments are (in, 1), so a weight's weighted error
+    is the output error it makes. One element moved at a time, on a square layer (where the wrong
+    axis would still broadcast) and a wide one (where it would not)."""
+    from transformers import GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(gpt2_config()).eval()
+    batches = [torch.randint(0, 100, (2, 16)), torch.randint(0, 100, (3, 8))]
+    got = input_moments(model, batches)
+    for name in ("transformer.h.0.attn.c_proj", "transformer.h.1.mlp.c_fc"):
+        layer = model.get_submodule(name)
+        w = got[f"{name}.weight"]
+        assert w.shape == (layer.weight.shape[0], 1)
+        seen = []
+        handle = layer.register_forward_pre_hook(lambda _m, args: seen.append(args[0].reshape(-1, args[0].shape[-1])))
+        with torch.no_grad():
+            for b in batches:
+                model(b)
+        handle.remove()
+        x = torch.cat(seen).double()
+        for i, j in ((0, 1), (5, 0), (31, 7)):
+            dw = torch.zeros(layer.weight.shape, dtype=torch.float64)
+            dw[i, j] = 0.3
+            output_error = float(((x @ dw) ** 2).sum(1).mean())  # y = x @ W + b
+            weighted = float((torch.broadcast_to(w, dw.shape) * dw * dw).sum())
+            assert weighted == pytest.approx(output_error, rel=1e-9)
+
+
+def test_the_readme_recipe_on_a_gpt2_family(tmp_path, caplog):
+    """input_moments on real GPT-2 models (Conv1D blocks, lm_head tied to the token embeddings,
+    which the checkpoint stores once), then pack and save as the README says. A model whose names
+    are not the checkpoint's (the bare transformer, without its ``transformer.`` prefix) is still
+    refused by name."""
+    from transformers import AutoModelForCausalLM, GPT2LMHeadModel
+    from safetensors import safe_open
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(gpt2_config())
+    model.save_pretrained(tmp_path / "base")
+    g = torch.Generator().manual_seed(1)
+    tasks = {}
+    for t in ("a", "b"):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_((torch.rand(p.shape, generator=g) < 0.3) * 0.02 * torch.randn(p.shape, generator=g))
+        model.save_pretrained(tmp_path / t)
+        tasks[t] = str(tmp_path / t)
+    with safe_open(tmp_path / "a" / "model.safetensors", "pt") as f:
+        stored = set(f.keys())
+    assert "lm_head.weight" not in stored  # tied: transformers saves it once, as the embeddings
+
+    models = {t: AutoModelForCausalLM.from_pretrained(p) for t, p in tasks.items()}
+    val_batches = {t: [torch.randint(0, 100, (2, 16)) for _ in range(2)] for t in tasks}
+    with caplog.at_level(logging.WARNING, logger="tallpack.sensitivity"):
+        weights = {t: input_moments(models[t], val_batches[t]) for t in tasks}
+    assert "tied weights left out (they weigh 1): lm_head.weight" in caplog.text
+    assert set(weights["a"]) == {f"transformer.h.{i}.{m}.weight" for i in range(2)
+                                 for m in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")}
+    assert set(weights["a"]) <= stored
+    m = tallpack.pack(str(tmp_path / "base"), tasks, tmp_path / "fam.tallpack", fidelity=0.999, sensitivity=weights)
+    assert m.stats["dial"]["measure"] == "weighted"
+    assert all(info.fidelity["weighted"] >= 0.999 - 1e-9 for info in m.tasks)
+    tallpack.sensitivity.save(weights, tmp_path / "weights.safetensors")
+    again = tallpack.sensitivity.load(tmp_path / "weights.safetensors")
+    assert {t: set(w) for t, w in again.items()} == {t: set(w) for t, w in weights.items()}
+    with tallpack.open(tmp_path / "fam.tallpack") as fam:
+        rebuilt = fam.state_dict("a")
+        assert set(rebuilt) == stored
+
+    bare = {t: input_moments(models[t].transformer, val_batches[t]) for t in tasks}
+    with pytest.raises(InvalidArgumentError, match="names tensors it does not have: 'h.0.attn.c_attn.weight'"):
+        tallpack.pack(str(tmp_path / "base"), tasks, tmp_path / "x.tallpack", fidelity=0.999, sensitivity=bare)
 
 def sensitivity(fts) -> dict[str, dict[str, torch.Tensor]]:
     """Layer a's inputs: 6 of its 48 features carry signal, the rest are nearly always zero."""
