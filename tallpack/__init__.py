@@ -31,9 +31,10 @@ from .reader import Archive, open  # noqa: A004
 from .selection import select_alpha
 from .tall import DEFAULT_LAMBDA, LAMBDA_GRID
 from . import sensitivity  # tallpack.sensitivity.input_moments / save / load: the dial's data-aware weights
+from . import stats  # tallpack.stats.compute / plot: how tasks share the weights
 
 __all__ = [
-    "__version__", "pack", "open", "select_alpha", "Archive", "PackOptions", "sensitivity",
+    "__version__", "pack", "open", "select_alpha", "Archive", "PackOptions", "sensitivity", "stats",
     "write_task", "write_tasks", "write_merged", "DEFAULT_LAMBDA", "LAMBDA_GRID", "ALPHA_GRID",
     "TallpackError", "FormatError", "IntegrityError", "UnsupportedVersionError", "CodecError",
     "CheckpointError", "CheckpointNotFoundError", "UnsafeCheckpointError", "InvalidArgumentError",
