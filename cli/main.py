@@ -9,12 +9,13 @@ from pathlib import Path
 from typing import Any
 
 import click
+from click.core import ParameterSource
 
 import tallpack
 from tallpack.errors import TallpackError
 from tallpack.checksums import CHECKSUMS
 from tallpack.kernels import COMPILED
-from tallpack.merging import MERGED_MODELS, METHODS, default_alpha
+from tallpack.merging import MERGED_MODELS, METHODS, MergeMethod, Option, default_alpha, is_consensus
 from tallpack.options import DENSE_PRESETS, PackOptions
 from tallpack.progress import LogLines
 from tallpack.report import format_size, render, render_tensors, tensor_rows
@@ -114,13 +115,45 @@ def _parse_lambdas(specs: tuple[str, ...], tasks: dict[str, str]) -> dict[str, f
     return {t: default for t in tasks} | per  # the library rejects names that are not tasks
 
 
+def _given() -> set[str]:
+    """The current command's parameters set on the command line (not left at their defaults)."""
+    ctx = click.get_current_context()
+    return {n for n in ctx.params if ctx.get_parameter_source(n) not in (None, ParameterSource.DEFAULT)}
+
+
+def _method_flag(method: type[MergeMethod], opt: Option) -> str:
+    return f"--{method.name}-{opt.name.replace('_', '-')}"
+
+
 def _method_options(f):
     """One ``--{method}-{option}`` flag per option of every registered merge method."""
     for method in reversed(list(METHODS.values())):
         for opt in reversed(method.options):
-            f = click.option(f"--{method.name}-{opt.name.replace('_', '-')}", f"{method.name}_{opt.name}",
+            f = click.option(_method_flag(method, opt), f"{method.name}_{opt.name}",
                              type=opt.type, default=opt.default, show_default=True, help=opt.help)(f)
     return f
+
+
+def _refuse_ignored_pack_flags(merge: str, exact: bool, dial: bool, derive_masks: bool) -> None:
+    """An error for a flag given that the others leave without effect. Only what the library cannot
+    see: flags left at their defaults' values (``--derive-masks``) or that never reach it (another
+    method's options); it refuses ``--store-masks`` without ``--exact`` itself."""
+    given, params = _given(), click.get_current_context().params
+    for method in METHODS.values():
+        for opt in method.options:
+            if f"{method.name}_{opt.name}" in given and method.name != merge:
+                _fail(f"{_method_flag(method, opt)} is an option of --merge {method.name}, not of --merge {merge}")
+    if "group" in given and params["group"] and (exact or dial):
+        what = "--exact: the exact tier" if exact else "--fidelity or --budget: the fidelity dial"
+        _fail(f"--group has no effect with {what} works tensor by tensor; leave --group out")
+    for key, flag in (("derive_masks", "--derive-masks"), ("derive_merged", "--derive-merged")):
+        if key in given and params[key]:
+            if not exact:
+                _fail(f"{flag} needs --exact: without the exact tier every mask and merged vector is stored")
+            if dial:
+                _fail(f"{flag}: not with --fidelity or --budget, whose corrections need every mask stored")
+    if "derive_merged" in given and params["derive_merged"] and not derive_masks:
+        _fail("--derive-merged needs --derive-masks: with --store-masks every merged vector is stored")
 
 
 @main.command()
@@ -144,7 +177,10 @@ def _method_options(f):
               help="Leave the inputs' paths out of the archive (recorded as given, for provenance, by default).")
 @click.option("--keep-base-only/--no-keep-base-only", default=False, show_default=True,
               help="Keep base tensors that no task has.")
-@click.option("--allow-mismatch", is_flag=True, help="Store tensors whose shapes differ from the base per task.")
+@click.option("--allow-mismatch", is_flag=True,
+              help="Pack a task even if it does not look fine-tuned from the base (no tensor name in common, or "
+                   "over half of the shared names differ in shape). Tensors whose shape differs from the base's "
+                   "are stored per task either way.")
 @click.option("--group/--no-group", default=_DEFAULTS.group, show_default=True,
               help="Store small merged or shared tensors (under 262,144 elements) together, up to 1M elements a group: "
                    "faster loads of checkpoints with many tensors (format 1.12). Not with --exact or the dial.")
@@ -170,6 +206,7 @@ def pack(base, task_specs, output, lambda_specs, merge, codec, level, checksum, 
          keep_base_only, allow_mismatch, group, threads, force, progress, exact, derive_masks, derive_merged, fidelity,
          budget, sensitivity_file, no_paths, **method_options) -> None:
     """Pack a base model and its fine-tuned tasks into one archive."""
+    _refuse_ignored_pack_flags(merge, exact, fidelity is not None or budget is not None, derive_masks)
     tasks = _parse_tasks(task_specs)
     lambdas = _parse_lambdas(lambda_specs, tasks)
     if chunk_elements % 8:
@@ -219,6 +256,8 @@ def unpack(archive: str, task_names: tuple[str, ...], all_tasks: bool, output: s
     """Rebuild tasks and write each as a Hugging Face folder: safetensors (sharded like the
     original) and the folder's kept files (config, tokenizer, ...); with --exact, the original
     files byte for byte. All or nothing: a failure leaves no output."""
+    if task_names and all_tasks:
+        _fail("--task and --all: --all writes every task; give --task NAME (repeat for several) or --all")
     one = len(task_names) == 1 and not all_tasks  # then base and merged vectors are read once: no cache
     cache: dict[str, Any] = {"cache_bytes": 0} if one else {}
     with tallpack.open(archive, **cache) as fam:
@@ -264,6 +303,9 @@ def verify(archive: str) -> None:
 def merge(archive: str, method: str, k: int, alpha: float | None, task: str | None, output: str,
           max_shard_size: str | None, force: bool) -> None:
     """Write one multi-task model merged from the archive's tasks."""
+    if "k" in _given() and not is_consensus(method):
+        consensus = ", ".join(m for m in MERGED_MODELS if is_consensus(m))
+        _fail(f"--k: only the consensus methods use it ({consensus}), not --method {method}")
     with tallpack.open(archive) as fam:
         alpha = default_alpha(method, len(fam.tasks)) if alpha is None else alpha
         path, n = tallpack.write_merged(fam, output, method, k=k, alpha=alpha, task=task,

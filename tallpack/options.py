@@ -46,6 +46,9 @@ class PackOptions:
     level: int = 3
     chunk_elements: int = DEFAULT_CHUNK_ELEMENTS
     keep_base_only: bool = False
+    #: pack a task even when it does not look fine-tuned from the base (it shares no tensor name
+    #: with it, or over half of the names it shares differ in shape), which is otherwise an error.
+    #: Tensors whose shape differs from the base's are stored per task with or without it
     allow_mismatch: bool = False
     metadata: Mapping[str, Any] = field(default_factory=dict)
     threads: int | None = None
@@ -55,11 +58,13 @@ class PackOptions:
     exact: bool = False
     #: with ``exact``, leave out each mask whose tensor codes smaller against the base without it
     #: (format 1.6: the reader derives it from the original, so lossy reads of those tensors cost
-    #: about an exact read); False stores every mask (lossy reads as fast as without the tier)
+    #: about an exact read); False stores every mask (lossy reads as fast as without the tier).
+    #: False without ``exact`` is an error (nothing to store differently); ignored with the dial,
+    #: which stores every mask
     derive_masks: bool = True
     #: with ``derive_masks``, also leave out the merged vector of each tensor whose masks are all
     #: derived (format 1.8: a lossy read of one task of it then rebuilds every task's original);
-    #: False stores every merged vector
+    #: False stores every merged vector (an error without ``exact``)
     derive_merged: bool = True
     overwrite: bool = False
     #: record each input's path, as given, in the manifest (``source.path``: provenance only, never
@@ -68,7 +73,8 @@ class PackOptions:
     record_paths: bool = True
     #: store merged (and shared) tensors of fewer than 262,144 elements in groups of up to 1M elements
     #: (format 1.12, ``tallpack.groups``): one rebuild per group instead of one per tensor. Not
-    #: with ``exact`` or the fidelity dial, which work tensor by tensor
+    #: with ``exact`` or the fidelity dial, which work tensor by tensor: there the default True
+    #: is ignored (the command line refuses an explicit ``--group`` with them)
     group: bool = True
     #: the fidelity dial (format 1.5, ``tallpack.dial``): reconstruct every task at least this well
     #: (with ``evaluate``: its score relative to the original's; else the weight fidelity), ...
@@ -100,9 +106,10 @@ class PackOptions:
             raise InvalidArgumentError(str(e)) from None
         if self.checksum not in CHECKSUMS:
             raise InvalidArgumentError(f"unknown checksum {self.checksum!r}; choose one of {', '.join(CHECKSUMS)}")
-        for key in ("overwrite", "group", "record_paths"):
+        for key in ("overwrite", "group", "record_paths", "exact", "derive_masks", "derive_merged"):
             if not isinstance(getattr(self, key), bool):
                 raise InvalidArgumentError(f"{key} must be True or False, got {getattr(self, key)!r}")
+        _check_exact_tier(self)
         if self.threads is not None and (type(self.threads) is not int or self.threads < 1):
             raise InvalidArgumentError(f"threads must be a positive integer, got {self.threads!r}")
         _check_dial(self)
@@ -175,6 +182,16 @@ class Validated:
             if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not math.isfinite(lam) or lam < 0:
                 raise InvalidArgumentError(f"task {t!r}: lambda must be a finite number >= 0, got {lam!r}")
         return {t: float(v) for t, v in out.items()}
+
+
+def _check_exact_tier(o: PackOptions) -> None:
+    """The exact tier's switches do nothing without it: refuse them rather than ignore them."""
+    if o.exact:
+        return
+    for key, flag in (("derive_masks", "--store-masks"), ("derive_merged", "--store-merged")):
+        if not getattr(o, key):
+            raise InvalidArgumentError(f"{key}=False ({flag}) needs exact=True (--exact): without the exact tier "
+                                       "every mask and merged vector is stored")
 
 
 #: The corrections the fidelity dial knows (``tallpack.dial.CORRECTIONS``).

@@ -210,3 +210,84 @@ def test_no_paths_leaves_local_paths_out_and_the_bytes_alike(small_family, tmp_p
         assert torch.equal(fam.state_dict("a")["body.w"], with_paths.state_dict("a")["body.w"])
     assert outs["first", True].read_bytes() == outs["second-folder", True].read_bytes()
     assert outs["first", False].read_bytes() != outs["second-folder", False].read_bytes()
+
+
+# -- flags that would do nothing are refused, not ignored -----------------------------------------
+
+@pytest.mark.parametrize("flags, says", [
+    (["--ties-top-k", "0.3"], "--ties-top-k is an option of --merge ties, not of --merge ta"),
+    (["--ties-top-k", "0"], "--ties-top-k is an option of --merge ties"),  # not checked as a TIES value
+    (["--store-masks"], "derive_masks=False (--store-masks) needs exact=True (--exact)"),
+    (["--store-merged"], "derive_merged=False (--store-merged) needs exact=True (--exact)"),
+    (["--derive-masks"], "--derive-masks needs --exact"),
+    (["--derive-merged"], "--derive-merged needs --exact"),
+    (["--exact", "--store-masks", "--derive-merged"], "--derive-merged needs --derive-masks"),
+    (["--exact", "--fidelity", "0.9", "--derive-masks"], "--derive-masks: not with --fidelity or --budget"),
+    (["--exact", "--group"], "--group has no effect with --exact"),
+    (["--budget", "3", "--group"], "--group has no effect with --fidelity or --budget"),
+])
+def test_pack_refuses_a_flag_the_others_leave_without_effect(small_family, tmp_path, flags, says):
+    out = tmp_path / "o.tallpack"
+    r = run("pack", "--base", small_family["base_path"], "--task", small_family["task_paths"]["a"], "-o", out,
+            *flags, ok=False)
+    assert says in one_error_line(r)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("flags", [
+    ["--merge", "ties", "--ties-top-k", "0.3"],
+    ["--group"], ["--no-group"],
+    ["--exact", "--no-group"],
+    ["--exact", "--derive-masks", "--derive-merged"],
+    ["--exact", "--store-merged"],
+    ["--exact", "--store-masks"],
+    ["--exact", "--store-masks", "--store-merged"],  # says "store" twice: what happens
+    ["--exact", "--fidelity", "0.9", "--store-masks"],  # the dial stores every mask anyway
+])
+def test_pack_accepts_the_flags_that_have_an_effect(small_family, tmp_path, flags):
+    out = tmp_path / "o.tallpack"
+    p = small_family["task_paths"]
+    run("-q", "pack", "--base", small_family["base_path"], "--task", p["a"], "--task", p["b"], "-o", out, *flags)
+    with tallpack.open(out) as fam:
+        assert list(fam.tasks) == ["a", "b"]
+        if "--ties-top-k" in flags:
+            assert fam.manifest.merge["top_k"] == 0.3
+
+
+def test_pack_options_refuse_the_exact_tiers_switches_without_it():
+    """The library refuses them too (for Python callers); the defaults pass."""
+    from tallpack import PackOptions
+    from tallpack.errors import InvalidArgumentError
+
+    PackOptions().validated()
+    PackOptions(exact=True, derive_masks=False, derive_merged=False).validated()
+    PackOptions(exact=True, fidelity=0.9, derive_masks=False).validated()
+    for key in ("derive_masks", "derive_merged"):
+        with pytest.raises(InvalidArgumentError, match=f"{key}=False .* needs exact=True"):
+            PackOptions(**{key: False}).validated()
+        with pytest.raises(InvalidArgumentError, match=f"{key} must be True or False"):
+            PackOptions(exact=True, **{key: None}).validated()
+
+
+def test_unpack_refuses_task_with_all(packed, tmp_path):
+    r = run("unpack", packed, "--task", "a", "--all", "-o", tmp_path / "out", ok=False)
+    assert "--task and --all" in one_error_line(r)
+    assert not (tmp_path / "out").exists()
+
+
+def test_merge_refuses_k_for_a_plain_model(packed, tmp_path):
+    r = run("merge", packed, "--method", "ta", "--k", "3", "-o", tmp_path / "ta", ok=False)
+    assert "--k: only the consensus methods use it" in one_error_line(r)
+    assert not (tmp_path / "ta").exists()
+    run("merge", packed, "--method", "ta", "-o", tmp_path / "ta")
+    run("merge", packed, "--method", "consensus-ta", "--k", "3", "-o", tmp_path / "cons")
+
+
+def test_tensors_of_another_shape_are_stored_per_task_without_allow_mismatch(packed):
+    """``head.w`` has a row per class, so a shape of its own in each task: no --allow-mismatch needed
+    (that flag only lets a task that does not look fine-tuned from the base through)."""
+    rows = {r["name"]: r for r in json.loads(run("inspect", packed, "--json", "--tensors").output)["tensors"]}
+    assert rows["head.w"]["kind"] == "task-own"
+    help_text = " ".join(run("pack", "--help").output.split()).replace("- ", "-")  # unwrapped
+    assert "even if it does not look fine-tuned from the base" in help_text
+    assert "stored per task either way" in help_text
