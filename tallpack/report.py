@@ -7,6 +7,7 @@ Built from the manifest alone (no chunk is read): :func:`summarize` gives a JSON
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 from .elements import numel
@@ -159,14 +160,16 @@ def _chain(ref) -> str:
     return "+".join(c.get("id", "?") for c in ref.codecs) or "raw"
 
 
-def tensor_rows(manifest: Manifest) -> list[dict[str, Any]]:
+def tensor_rows(manifest: Manifest, read: Callable[..., Any] | None = None) -> list[dict[str, Any]]:
     """One row per tensor entry (``tallpack inspect --tensors``): kind, shape and dtype (of the
     first task that has it, or of the base), stored bytes of every array it owns, the codec
-    chains used, and the mask density per task (tasks without a mask for it: absent)."""
+    chains used, and the mask density per task (tasks without a mask for it: absent). The
+    manifest counts a group's set bits as a whole; with ``read`` (an archive's ``read_array``) its
+    masks are read to give each member's density too."""
     rows = []
     for e in manifest.tensors:
         if e.members:
-            rows += _group_rows(e)
+            rows += _group_rows(e, read)
             continue
         first = next(iter(e.tasks.values()), None)
         ref = first if first is not None else e.arrays.get("base")
@@ -186,9 +189,9 @@ def tensor_rows(manifest: Manifest) -> list[dict[str, Any]]:
     return rows
 
 
-def _group_rows(e) -> list[dict[str, Any]]:
+def _group_rows(e, read: Callable[..., Any] | None) -> list[dict[str, Any]]:
     """A group's row (format 1.12: its stored bytes, codecs and the density over its members),
-    then one row per member, naming the group (no bytes of its own)."""
+    then one row per member, naming the group (no bytes of its own; its density with ``read``)."""
     first = next(iter(e.tasks.values()))
     arrays = [r for _, r in e.all_arrays()]
     n = sum(m.numel for m in e.members)
@@ -199,6 +202,14 @@ def _group_rows(e) -> list[dict[str, Any]]:
                          for t, tt in e.tasks.items() if "ones" in tt.params}}]
     rows += [{"name": m.name, "kind": e.kind, "shape": list(m.shape), "dtype": first.dtype, "group": e.name,
               "stored_bytes": 0, "codecs": [], "density": {}} for m in e.members]
+    if read is not None:
+        from .encodings.derived import has_mask, task_mask
+
+        for t, tt in e.tasks.items():
+            if has_mask(tt):
+                bits = task_mask(read, e, tt, f"tensor group {e.name!r}, task {t!r}").reshape(-1)
+                for row, m in zip(rows[1:], e.members):
+                    row["density"][t] = int(bits[m.offset : m.offset + m.numel].sum()) / m.numel if m.numel else None
     return rows
 
 

@@ -160,6 +160,9 @@ def test_cli_pack_inspect_unpack_and_no_group(small_family, tmp_path: Path) -> N
     with tallpack.open(tmp_path / "n.tallpack") as fam:
         want = {t: fam.task_info(t).density for t in fam.tasks}
     assert rows["tallpack.group.0"]["density"] == pytest.approx(want, abs=0)  # the gaps left out
+    ungrouped = {r["name"]: r for r in json.loads(run("inspect", tmp_path / "n.tallpack", "--json", "--tensors"))["tensors"]}
+    for name in rows["tallpack.group.0"]["members"]:  # each member's own, read from the group's masks
+        assert rows[name]["density"] == ungrouped[name]["density"] and set(rows[name]["density"]) == set(p), name
     assert "tensors: 2 merged, 2 shared, 1 task-own, 0 base-only (2 of them in 1 group)" in run("inspect", tmp_path / "g.tallpack")
     table = run("inspect", tmp_path / "g.tallpack", "--tensors")
     assert "in tallpack.group.0" in table and "group" in table
