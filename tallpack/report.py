@@ -153,6 +153,9 @@ def render(s: dict[str, Any]) -> str:
                      + f" {_fmt(f.get('score'), '.3f'):>6} "
                      f"{format_size(t['extra_bytes']):>8}  " + ", ".join(f"{k} {v}" for k, v in t["stored"].items()))
         lines.append(line)
+    if dial:
+        lines.append("density, rel_l2, cosine: the TALL mask's rebuild alone; fidelity and score: the rebuild as "
+                     "stored, corrections included")
     return "\n".join(lines)
 
 

@@ -224,6 +224,7 @@ def test_cli_fidelity_and_inspect(tmp_path):
     assert r.exit_code == 0, r.output
     r = CliRunner().invoke(main, ["inspect", str(tmp_path / "f.tallpack")])
     assert r.exit_code == 0 and "fidelity" in r.output and ("quant" in r.output or "qtau" in r.output)
+    assert "rel_l2, cosine: the TALL mask's rebuild alone" in r.output  # which columns say what
     j = json.loads(CliRunner().invoke(main, ["inspect", "--json", str(tmp_path / "f.tallpack")]).output)
     assert all(t["fidelity"]["weight"] >= 0.99 for t in j["tasks"])
     r = CliRunner().invoke(main, args[:-2] + ["--budget", "0.1", "--force"])
