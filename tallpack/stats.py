@@ -128,6 +128,11 @@ def render(s: MaskStats) -> str:
              "tasks using a weight:  " + "  ".join(f"{k}: {v / (s.weights or 1):.1%}" for k, v in enumerate(s.tasks_using)),
              "", "density per task:     " + "  ".join(
                  f"{t}: {'-' if d is None else f'{d:.3f}'}" for t, d in s.density.items())]
+    if s.layers:  # one row per layer, a column per task (names cut to their column)
+        width = max(6, *(len(lay) for lay in s.layers))
+        lines += ["", "density per layer:", f"{'':<{width}} " + " ".join(f"{t[:8]:>8}" for t in s.tasks)]
+        lines += [f"{lay:<{width}} " + " ".join(f"{'-' if d is None else f'{d:.3f}':>8}" for d in (row.get(t) for t in s.tasks))
+                  for lay, row in s.layers.items()]
     return "\n".join(lines)
 
 
