@@ -9,6 +9,7 @@ selection) reads that decision.
 from __future__ import annotations
 
 import enum
+import logging
 from dataclasses import dataclass
 
 from ._torch import torch
@@ -18,6 +19,8 @@ from .errors import IncompatibleCheckpointsError
 from .limits import MAX_NAME_CHARS, MAX_TASKS
 from .sources import Source
 from .tall import in_tall_range
+
+log = logging.getLogger(__name__)
 
 
 class Kind(str, enum.Enum):
@@ -98,7 +101,21 @@ def make_plan(base: Source, tasks: dict[str, Source], *, allow_mismatch: bool = 
         else:
             kind = Kind.TASK_OWN
         out.append(TensorPlan(name, kind, have, in_base))
+    _warn_dtypes(base, tasks, out)
     return Plan(tuple(tasks), tuple(out))
+
+
+def _warn_dtypes(base: Source, tasks: dict[str, Source], plan: list[TensorPlan]) -> None:
+    # Merged all the same (tau_t in float32, the task rebuilt in its own dtype), but where a task
+    # was converted from the base's dtype, the rounding counts as fine-tuning: a float16 copy of a
+    # float32 fine-tune's 10% changes gives masks of over 80% density.
+    for task, src in tasks.items():
+        differ = [e.name for e in plan if e.kind is Kind.MERGED and src.info(e.name).dtype != base.info(e.name).dtype]
+        if differ:
+            n = differ[0]
+            log.warning("task %r: %d merged tensor(s) differ in dtype from the base (%r: %s, base %s); rounding to "
+                        "the task's dtype counts as fine-tuning (denser masks, a larger archive): a base in the "
+                        "tasks' dtype avoids it", task, len(differ), n, src.info(n).dtype, base.info(n).dtype)
 
 
 def _maskable(base: Source, name: str, tasks) -> bool:
@@ -119,5 +136,5 @@ def _check_task(base: Source, task: str, src: Source) -> None:
                 if common else "it shares no tensor name with the base")
         raise IncompatibleCheckpointsError(
             f"task {task!r} ({src.label}) does not look fine-tuned from the base: {what}; "
-            "check the paths, or pass allow_mismatch=True (--allow-mismatch) to store such tensors per task"
+            "check the paths, or pass allow_mismatch=True (--allow-mismatch) to pack it anyway"
         )

@@ -221,3 +221,20 @@ def test_task_vectors_too_large_for_float32_sums_are_stored_exactly(tmp_path, ca
                 assert torch.equal(fam.get_tensor(t, k), sd[k]), (t, k)
             for k in ("below", "large"):
                 assert torch.isfinite(fam.get_tensor(t, k)).all(), (t, k)
+
+
+def test_a_task_in_another_dtype_than_the_base_is_packed_with_a_warning(tmp_path, caplog):
+    """A float16 copy of a float32 fine-tune is merged all the same (its task vector in float32,
+    rebuilt in float16), but the packer says that the rounding will count as fine-tuning."""
+    import tallpack
+
+    g = torch.Generator().manual_seed(3)
+    base = {"w": torch.randn(32, 16, generator=g), "v": torch.randn(16, generator=g)}
+    tasks = {"a": {k: (v + 0.01 * torch.randn(v.shape, generator=g)).half() for k, v in base.items()},
+             "b": {k: v + 0.01 * torch.randn(v.shape, generator=g) for k, v in base.items()}}
+    with caplog.at_level("WARNING", logger="tallpack.plan"):
+        tallpack.pack(base, tasks, tmp_path / "d.tallpack")
+    said = [r.getMessage() for r in caplog.records if "differ in dtype" in r.getMessage()]
+    assert len(said) == 1 and said[0].startswith("task 'a': ") and "float16" in said[0], said
+    with tallpack.open(tmp_path / "d.tallpack") as fam:
+        assert fam.get_tensor("a", "w").dtype == torch.float16 and fam.get_tensor("b", "w").dtype == torch.float32
