@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 from ._torch import torch
 from .dtypes import torch_dtype
 from .elements import itemsize, numel
+from .errors import InvalidArgumentError
 from .folders import write_files
 from .fsutil import atomic_write, make_folder, transaction
 from .manifest import check_task_name
@@ -150,6 +151,7 @@ def write_task(archive: "Archive", task: str, outdir: str | os.PathLike, *, exac
     >>> write_task(fam, "cars", "s3://models/cars", max_shard_size="5GB")
     """
     if exact:
+        _no_shard_size(max_shard_size)
         archive.require_exact(task)
         with staged(outdir, storage_options) as local, transaction(overwrite=overwrite):
             written, complete = write_originals(archive, task, local)
@@ -172,6 +174,12 @@ def write_task(archive: "Archive", task: str, outdir: str | os.PathLike, *, exac
         return _shown(outdir, local, path)
 
 
+def _no_shard_size(max_shard_size: int | str | None) -> None:
+    if max_shard_size is not None:
+        raise InvalidArgumentError("max_shard_size (--max-shard-size) has no effect with exact=True (--exact): the "
+                                   "original files come back as they were, shards and all")
+
+
 def write_tasks(archive: "Archive", tasks: Sequence[str] | None, outdir: str | os.PathLike, *,
                 exact: bool = False, max_shard_size: int | str | None = None, progress: ProgressLike = None,
                 storage_options: dict[str, Any] | None = None, overwrite: bool = False) -> list[Path | str]:
@@ -181,6 +189,8 @@ def write_tasks(archive: "Archive", tasks: Sequence[str] | None, outdir: str | o
     Every name is checked first (it must exist and be a safe folder name), so nothing is written
     when one is bad.
     """
+    if exact:
+        _no_shard_size(max_shard_size)
     names = list(archive.tasks if tasks is None else tasks)
     for name in names:
         archive.task_info(name)

@@ -283,3 +283,22 @@ def test_writer_keeps_planes_where_it_codes_smaller(tmp_path: Path) -> None:
         assert fam.format_version == (1, 9)
         for t, sd in tasks.items():
             assert all(_same(fam.get_tensor(t, k, exact=True), v) for k, v in sd.items())
+
+
+def test_a_shard_size_with_the_exact_tier_is_refused(small_family, tmp_path: Path) -> None:
+    """The originals come back as they were sharded: a --max-shard-size would do nothing, so it is
+    an error (before anything is written), not ignored."""
+    from click.testing import CliRunner
+    from tallpack_cli.main import main
+
+    out = tmp_path / "e.tallpack"
+    tallpack.pack(small_family["base_path"], small_family["task_paths"], out, exact=True)
+    with tallpack.open(out) as fam:
+        for call in (lambda: tallpack.write_task(fam, "a", tmp_path / "a", exact=True, max_shard_size="1MB"),
+                     lambda: tallpack.write_tasks(fam, None, tmp_path / "all", exact=True, max_shard_size="1MB")):
+            with pytest.raises(tallpack.InvalidArgumentError, match="no effect with exact=True"):
+                call()
+    r = CliRunner().invoke(main, ["unpack", str(out), "--task", "a", "--exact", "--max-shard-size", "1MB",
+                                  "-o", str(tmp_path / "c")])
+    assert r.exit_code == 1 and r.output.count("\n") == 1 and "--max-shard-size" in r.output, r.output
+    assert not any(tmp_path.glob("a")) and not (tmp_path / "all").exists() and not (tmp_path / "c").exists()
