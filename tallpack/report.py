@@ -138,14 +138,15 @@ def render(s: dict[str, Any]) -> str:
     lines.append("")
     dial = any("weight" in t["fidelity"] for t in s["tasks"])
     weighted = any("weighted" in t["fidelity"] for t in s["tasks"])  # packed with a sensitivity
-    header = f"{'task':<20} {'lambda':>6} {'density':>8} {'rel_l2':>7} {'cosine':>7} {'mask b/p':>9} {'H(p)':>6}"
+    w = max([20, *(len(_show(t["name"])) for t in s["tasks"])])  # long task names keep the columns straight
+    header = f"{'task':<{w}} {'lambda':>6} {'density':>8} {'rel_l2':>7} {'cosine':>7} {'mask b/p':>9} {'H(p)':>6}"
     if dial:  # the fidelity dial (format 1.4): achieved fidelity, and what each merged tensor holds
         header += (f" {'fidelity':>8}" + (f" {'weighted':>8}" if weighted else "")
                    + f" {'score':>6} {'+bytes':>8}  stored (merged tensors)")
     lines += [header, "-" * len(header)]
     for t in s["tasks"]:
         f = t["fidelity"]
-        line = (f"{_show(t['name']):<20} {_fmt(t['lambda'], '.2f'):>6} {_fmt(t['density'], '.3f'):>8} "
+        line = (f"{_show(t['name']):<{w}} {_fmt(t['lambda'], '.2f'):>6} {_fmt(t['density'], '.3f'):>8} "
                 f"{_fmt(f.get('rel_l2'), '.3f'):>7} {_fmt(f.get('cosine'), '.3f'):>7} "
                 f"{_fmt(t['mask_bits_per_param'], '.3f'):>9} {_fmt(t['mask_entropy_bits_per_param'], '.3f'):>6}")
         if dial:

@@ -100,3 +100,16 @@ def test_progress_helpers(capsys):
     assert seen[0] == "x: 2/20" and seen[-1] == "x: 20/20" and len(seen) == 10
     assert list(track([1, 2], True, "bar")) == [1, 2]  # a tqdm bar on stderr
     assert list(track([1, 2], None, "none")) == [1, 2]
+
+
+def test_inspect_keeps_its_columns_with_long_task_names(tmp_path):
+    from tallpack.report import render
+
+    base = {"w": torch.zeros(64, 8)}
+    long = "a-task-name-longer-than-the-column"
+    tallpack.pack(base, {long: {"w": torch.ones(64, 8)}, "b": {"w": -torch.ones(64, 8) * 0.5}}, tmp_path / "x.tallpack")
+    with tallpack.open(tmp_path / "x.tallpack") as fam:
+        lines = render(fam.summary()).splitlines()
+    head = next(i for i, ln in enumerate(lines) if ln.startswith("task "))
+    rows = lines[head + 2 : head + 4]
+    assert rows[0].startswith(long) and all(r.index("0.40") == lines[head].index("lambda") + 2 for r in rows), lines
