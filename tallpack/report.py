@@ -1,17 +1,22 @@
 """The inspect report: what an archive holds, how large each part is, and how faithful each task is.
 
 Built from the manifest alone (no chunk is read): :func:`summarize` gives a JSON-ready dict and
-:func:`render` the text table ``tallpack inspect`` prints.
+:func:`render` the text table ``tallpack inspect`` prints; :func:`tensor_rows` reads a group's masks
+only when given a reader (``inspect --tensors``: each member's density).
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable
 from typing import Any
 
 from .elements import numel
+from .errors import TallpackError
 from .manifest import Manifest, count_kinds
+
+log = logging.getLogger(__name__)
 
 #: Report names of stored arrays: tensor-entry keys, then task-entry keys (``task/key``).
 _ENTRY_ROLES = {"base": "base", "merged": "merged", "counts": "counts", "data": "shared"}
@@ -210,10 +215,15 @@ def _group_rows(e, read: Callable[..., Any] | None) -> list[dict[str, Any]]:
         from .encodings.derived import has_mask, task_mask
 
         for t, tt in e.tasks.items():
-            if has_mask(tt):
+            if not has_mask(tt):
+                continue
+            try:
                 bits = task_mask(read, e, tt, f"tensor group {e.name!r}, task {t!r}").reshape(-1)
-                for row, m in zip(rows[1:], e.members):
-                    row["density"][t] = int(bits[m.offset : m.offset + m.numel].sum()) / m.numel if m.numel else None
+            except TallpackError as err:  # a damaged mask: the table still shows what the manifest says
+                log.warning("%s", err)
+                continue
+            for row, m in zip(rows[1:], e.members):
+                row["density"][t] = int(bits[m.offset : m.offset + m.numel].sum()) / m.numel if m.numel else None
     return rows
 
 

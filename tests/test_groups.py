@@ -299,3 +299,21 @@ def test_members_read_one_by_one_decode_the_groups_mask_once(tmp_path: Path, mon
         for k in want:
             assert _same(bare.get_tensor("task2", k), want[k])
         assert len(reads) == (len(want) if kernels.COMPILED else 0)
+
+
+def test_inspect_tensors_of_a_damaged_group_mask_still_shows_the_table(small_family, tmp_path: Path) -> None:
+    out = tmp_path / "g.tallpack"
+    tallpack.pack(small_family["base"], small_family["tasks"], out)
+    with tallpack.open(out) as fam:
+        group = next(e for e in fam.manifest.tensors if e.members)
+        c = group.tasks["b"].arrays["mask"].chunks[0]
+    with open(out, "r+b") as f:
+        f.seek(c.offset)
+        byte = f.read(1)
+        f.seek(c.offset)
+        f.write(bytes([byte[0] ^ 1]))
+    r = CliRunner().invoke(main, ["inspect", str(out), "--tensors", "--json"])
+    assert r.exit_code == 0, r.output
+    rows = {x["name"]: x for x in json.loads(r.stdout)["tensors"]}
+    member = group.members[0].name
+    assert "b" not in rows[member]["density"] and "a" in rows[member]["density"]  # the damaged task's left out
