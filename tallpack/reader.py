@@ -993,6 +993,9 @@ class TensorSlice:
 
     def __getitem__(self, index: Any) -> torch.Tensor:
         idx = index if isinstance(index, tuple) else (index,)
+        bad = next((i for i in idx if isinstance(i, (str, bytes, float))), None)
+        if bad is not None:  # before anything is read (torch would warn, then fail the same way)
+            raise TypeError(f"{self._name}: a tensor cannot be indexed with {bad!r}")
         shape, first = self._tt.shape, idx[0] if idx else slice(None)
         enc = encoding_for(self._tt.encoding)
         rows = None

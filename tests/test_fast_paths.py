@@ -569,6 +569,9 @@ def test_get_slice_reads_only_the_rows_asked(tmp_path) -> None:
         for index in (slice(3, 7), slice(0, 64), slice(60, 99), 5, -1, (slice(10, 12), slice(4, 8)),
                       (7, 3), slice(8, 8), slice(0, 64, 2), ...):
             assert torch.equal(sl[index], whole[index]), index
+        for bad in ("a", (slice(0, 2), 1.5)):
+            with pytest.raises(TypeError, match="cannot be indexed with"):
+                sl[bad]
         for index in ((slice(None), slice(4, 8)), (slice(3, 7), slice(0, 2)), (slice(None), 1)):
             got = sl[index]  # a part of the rows' columns: a tensor of its own, not a view of the whole
             assert got._base is None and got.is_contiguous() and torch.equal(got, whole[index]), index
