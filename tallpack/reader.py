@@ -807,7 +807,7 @@ class Archive:
     # -- folder files ------------------------------------------------------------------------
     def _file_names(self) -> dict[str, str]:
         """How errors name each kept file content: by the files that hold it (``file 'config.json'
-        of tasks 'a', 'b'``)."""
+        of the base, task 'a', task 'b', ...``: at most three names, three holders each)."""
         owners: dict[str, dict[str, list[str]]] = {}
         for who, files in [("the base", self.files()), *((f"task {t!r}", self.files(t)) for t in self.tasks)]:
             for name, digest in files.items():
