@@ -192,6 +192,28 @@ def test_16_bit_tensors_are_rebuilt_from_their_planes(tmp_path, monkeypatch, lev
             assert not calls
 
 
+@pytest.mark.parametrize("base_dtype, task_dtype", [(torch.bfloat16, torch.float32), (torch.float16, torch.float32),
+                                                    (torch.float32, torch.bfloat16), (torch.bfloat16, torch.float16)])
+def test_tasks_of_another_dtype_than_the_base_are_rebuilt_by_the_formula(tmp_path, base_dtype, task_dtype) -> None:
+    """A task whose dtype differs from the base's (``--allow-mismatch`` is not needed: the shapes
+    match) is rebuilt in float32 and cast to the task's dtype, whole, tensor by tensor, by rows and
+    in groups, with the default codec: the planar loops join a base of the output's dtype only, and
+    a float32 task of a 16-bit base once failed there with an internal error."""
+    g = torch.Generator().manual_seed(7)
+    base = {"big": (0.02 * torch.randn(96, 128, generator=g)).to(base_dtype),
+            "small": torch.randn(40, generator=g).to(base_dtype)}
+    tasks = {f"t{i}": {k: (v.float() + 0.01 * torch.randn(v.shape, generator=g)).to(task_dtype)
+                       for k, v in base.items()} for i in range(3)}
+    out = tmp_path / "mixed.tallpack"
+    tallpack.pack(base, tasks, out, chunk_elements=4096)
+    want = expected_reconstruction(base, tasks, dict.fromkeys(tasks, tallpack.DEFAULT_LAMBDA))
+    with tallpack.open(out) as fam, tallpack.open(out, cache_bytes=0, threads=1) as plain:
+        for t in tasks:
+            for sd in (fam.state_dict(t), plain.state_dict(t), {k: fam.get_tensor(t, k) for k in base}):
+                assert _same(sd, want[t]), t
+            assert _bits(fam.get_slice(t, "big")[32:64]) == _bits(want[t]["big"][32:64])
+
+
 @pytest.mark.parametrize("codec", ["planes", "raw", "zstd"])
 @pytest.mark.parametrize("chunk", [8, 4096, 1 << 22])
 def test_masks_read_as_their_bits_give_the_bytes_paths_bits(tmp_path, monkeypatch, codec, chunk) -> None:

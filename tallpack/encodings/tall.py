@@ -183,9 +183,10 @@ class Tall(Encoding):
     @classmethod
     def planar_inputs(cls, entry: TensorEntry, tt: TaskTensor) -> tuple[str, ...]:
         corr = tt.extras.get("correction")  # the dial's corrections add to the same rebuild; exact ones do not
-        if tt.dtype == "float32" and (corr is None or corr.kind != "exact"):
+        base = entry.arrays["base"].dtype  # the loops join a base of the output's dtype (a float32 task of
+        if tt.dtype == "float32" == base and (corr is None or corr.kind != "exact"):  # a 16-bit base: torch)
             return ("base", "merged")
-        if tt.dtype in ("bfloat16", "float16") and corr is None and entry.arrays["base"].dtype == tt.dtype:
+        if tt.dtype in ("bfloat16", "float16") and corr is None and base == tt.dtype:
             return ("base", "merged")  # a 16-bit base and output (kernels.tall_planes_bf16, tall_planes_f16)
         return ()
 
