@@ -8,6 +8,7 @@
 
 from ._version import __version__
 from .errors import (
+    ArchiveClosedError,
     ArchiveNotFoundError,
     CheckpointError,
     CheckpointNotFoundError,
@@ -17,6 +18,8 @@ from .errors import (
     IncompatibleCheckpointsError,
     IntegrityError,
     InvalidArgumentError,
+    OutputError,
+    OutputExistsError,
     TallpackError,
     TaskNotFoundError,
     TensorNotFoundError,
@@ -39,4 +42,5 @@ __all__ = [
     "TallpackError", "FormatError", "IntegrityError", "UnsupportedVersionError", "CodecError",
     "CheckpointError", "CheckpointNotFoundError", "UnsafeCheckpointError", "InvalidArgumentError",
     "ArchiveNotFoundError", "ExactTierMissingError", "IncompatibleCheckpointsError", "TaskNotFoundError", "TensorNotFoundError",
+    "OutputError", "OutputExistsError", "ArchiveClosedError",
 ]

@@ -27,8 +27,8 @@ from .fsutil import atomic_write, make_folder, transaction
 from .manifest import check_task_name
 from .originals import write_originals
 from .progress import ProgressLike
-from .sharding import INDEX, SINGLE, plan_by_size, plan_from_layout, previous_weights, write_shards
-from .staging import staged
+from .sharding import INDEX, SINGLE, plan_by_size, plan_from_layout, previous_weights, weights_among, write_shards
+from .staging import check_planned, staged
 from .storage import is_url
 
 if TYPE_CHECKING:
@@ -72,6 +72,7 @@ def write_checkpoint(
         names = {*plan, *([INDEX] if len(plan) > 1 else []), *(["config.json"] if config is not None else [])}
         for fname in names:
             tx.check(out / fname)  # before anything is written
+        check_planned(out / fname for fname in sorted(names))  # the same, at a URL written to
         # The weights of an earlier write in this folder that the new layout does not have (a
         # model.safetensors beside new shards would be loaded instead of them; shards and an index
         # of another layout would mislead) are removed when the new files are in place.
@@ -153,7 +154,7 @@ def write_task(archive: "Archive", task: str, outdir: str | os.PathLike, *, exac
     if exact:
         _no_shard_size(max_shard_size)
         archive.require_exact(task)
-        with staged(outdir, storage_options) as local, transaction(overwrite=overwrite):
+        with staged(outdir, storage_options, overwrite=overwrite, stale=weights_among) as local, transaction(overwrite=overwrite):
             written, complete = write_originals(archive, task, local)
             paths = written
             if not complete:
@@ -166,7 +167,7 @@ def write_task(archive: "Archive", task: str, outdir: str | os.PathLike, *, exac
                         skip={Path(p).relative_to(local).as_posix() for p in written})
             return _shown(outdir, local, Path(paths[0]))
     meta, config = task_metadata(archive, task)
-    with staged(outdir, storage_options) as local:
+    with staged(outdir, storage_options, overwrite=overwrite, stale=weights_among) as local:
         path = _folder(archive, archive.state_dict(task, lazy=True), local, meta=meta, config=config,
                        files=archive.files(task), layout=archive.task_info(task).source,
                        max_shard_size=max_shard_size, sizes=_sizes(archive, task), progress=progress,
@@ -197,7 +198,7 @@ def write_tasks(archive: "Archive", tasks: Sequence[str] | None, outdir: str | o
         check_task_name(name)  # an archive's task name becomes a folder name
         if exact:
             archive.require_exact(name)
-    with staged(outdir, storage_options) as local, transaction(overwrite=overwrite):
+    with staged(outdir, storage_options, overwrite=overwrite, stale=weights_among) as local, transaction(overwrite=overwrite):
         paths = [write_task(archive, name, local / name, exact=exact, max_shard_size=max_shard_size,
                             progress=progress, overwrite=overwrite) for name in names]
         return [_shown(outdir, local, Path(p)) for p in paths]
@@ -215,7 +216,7 @@ def write_merged(archive: "Archive", outdir: str | os.PathLike, method: str = "c
     where = archive.task_info(task) if task else None
     source = where.source if where else archive.manifest.base
     config = (where.metadata if where else archive.manifest.base.get("metadata", {})).get("config")
-    with staged(outdir, storage_options) as local:
+    with staged(outdir, storage_options, overwrite=overwrite, stale=weights_among) as local:
         path = _folder(archive, sd, local, meta=meta, config=config, files=archive.files(task),
                        layout=source, max_shard_size=max_shard_size, sizes=None, progress=progress,
                        overwrite=overwrite)

@@ -110,7 +110,7 @@ def _pack_opened(fam: PackInputs, opts: PackOptions, v: Validated, out: str | os
         if opts.evaluate is not None:
             selection = select_lambdas(fam, v.method, opts.evaluate, grid=opts.lambda_grid)
             lams = selection.chosen
-        with staged(out, storage_options) as local:
+        with staged(out, storage_options, overwrite=opts.overwrite) as local:
             return _write(fam, v, lams, local, selection.to_dict() if selection else None)
     finally:
         fam.close()

@@ -91,6 +91,9 @@ class RemoteFile:
         except Exception as e:
             raise TallpackError(f"{self.url}: range read at {spans[0][0]} failed ({type(e).__name__}: {quoted(e)})") from None
         for (start, end), d in zip(spans, data):
+            if len(d) > end - start:  # the whole file for a range: tallpack needs Range requests
+                raise TallpackError(f"{self.url}: the server ignored a range request ({len(d)} bytes sent for "
+                                    f"{end - start}); tallpack reads archives from servers that honour Range requests")
             if len(d) != end - start:
                 raise IntegrityError(f"{self.url}: short read at {start} (changed or truncated?)")
         with self._lock:

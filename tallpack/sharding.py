@@ -21,7 +21,7 @@ import logging
 import os
 import re
 import struct
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any
 
@@ -231,13 +231,20 @@ def _write_file(path: Path, tensors: Mapping[str, torch.Tensor], metadata: Mappi
 def previous_weights(folder: Path) -> set[str]:
     """The weight files an earlier checkpoint write left in ``folder``: ``model.safetensors``, the
     index and the shards it names (plain ``.safetensors`` names in the folder only)."""
-    found = {f for f in (SINGLE, INDEX) if (folder / f).is_file()}
+    return weights_among({f for f in (SINGLE, INDEX) if (folder / f).is_file()},
+                         lambda name: (folder / name).read_bytes(), lambda name: (folder / name).is_file())
+
+
+def weights_among(present: set[str], read: Callable[[str], bytes], is_file: Callable[[str], bool]) -> set[str]:
+    """``previous_weights`` of a folder anywhere (a URL's, ``staging.staged``): ``present`` the
+    names of the files in it, ``read(name)`` a file's bytes, ``is_file(name)`` whether one exists."""
+    found = set(present) & {SINGLE, INDEX}
     if INDEX in found:
         try:
-            weight_map = json.loads((folder / INDEX).read_text()).get("weight_map", {})
+            weight_map = json.loads(read(INDEX)).get("weight_map", {})
             shards = set(weight_map.values()) if isinstance(weight_map, dict) else set()
         except (OSError, ValueError, AttributeError):
             shards = set()  # an unreadable index is replaced; the files it may name are left alone
         found |= {s for s in shards if isinstance(s, str) and s.endswith(".safetensors")
-                  and Path(s).name == s and s not in (".", "..") and (folder / s).is_file()}
+                  and Path(s).name == s and s not in (".", "..") and is_file(s)}
     return found

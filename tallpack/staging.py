@@ -14,16 +14,27 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
-from .errors import CheckpointError, CheckpointNotFoundError, OutputError, TallpackError, quoted
+from .errors import CheckpointError, CheckpointNotFoundError, OutputError, OutputExistsError, TallpackError, quoted
 from .storage import is_url
 
 log = logging.getLogger(__name__)
 _K = TypeVar("_K")
+
+#: fsspec protocols whose paths start with a bucket (or container), which tallpack never creates:
+#: a mistyped one is an error, not a new bucket in the user's account
+BUCKET_PROTOCOLS = frozenset({"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "adl", "oci", "oss", "r2"})
+
+#: ``sharding.weights_among``: the weight files of an earlier write in a folder, which a write with
+#: ``overwrite`` removes when its own layout does not have them (a model.safetensors beside new shards)
+Stale = Callable[[set[str], Callable[[str], bytes], Callable[[str], bool]], set[str]]
+
+#: the staging folders of the URLs being written: folder -> (file system, path, URL, overwrite)
+_active: dict[Path, tuple[Any, str, str, bool]] = {}
 
 
 def local_path(target: str | os.PathLike) -> Path:
@@ -49,8 +60,11 @@ def exists(target: str | os.PathLike, storage_options: dict[str, Any] | None = N
 
 
 @contextmanager
-def staged(target: str | os.PathLike, storage_options: dict[str, Any] | None = None) -> Iterator[Path]:
-    """A local path to write ``target`` at; for a URL, uploaded when the block succeeds.
+def staged(target: str | os.PathLike, storage_options: dict[str, Any] | None = None, *, overwrite: bool = False,
+           stale: Stale | None = None) -> Iterator[Path]:
+    """A local path to write ``target`` at; for a URL, uploaded when the block succeeds. A URL's
+    existing objects are replaced only with ``overwrite`` (checked before the block for the target
+    itself, before the upload for every file of a folder), and its bucket must exist.
 
     >>> with staged("s3://models/family.tallpack") as local:
     ...     write(local)      # then put to s3://models/family.tallpack
@@ -60,20 +74,77 @@ def staged(target: str | os.PathLike, storage_options: dict[str, Any] | None = N
         return
     url = os.fspath(target).rstrip("/")
     fs, rpath = _fs(url, storage_options)
+    _check_target(fs, rpath, url, overwrite)
     with tempfile.TemporaryDirectory(prefix="tallpack-stage-") as tmp:
         local = Path(tmp) / (Path(rpath).name or "out")
-        yield local
-        upload(local, fs, rpath, url)
+        _active[local] = (fs, rpath, url, overwrite)
+        try:
+            yield local
+        finally:
+            del _active[local]
+        upload(local, fs, rpath, url, overwrite=overwrite, stale=stale)
 
 
-def upload(local: Path, fs: Any, rpath: str, url: str) -> None:
-    """Put a local file, or every file under a local folder, at ``rpath`` (same relative names)."""
+def check_planned(paths: Iterable[Path]) -> None:
+    """Before they are written: each of ``paths`` in a folder being staged for a URL must not
+    exist at the URL, unless that write may overwrite (the upload checks every file again)."""
+    for p in paths:
+        for root, (fs, rpath, url, overwrite) in list(_active.items()):
+            if overwrite or not p.is_relative_to(root):
+                continue
+            rel = p.relative_to(root).as_posix()
+            dest = rpath if rel == "." else f"{rpath}/{rel}"
+            if _exists(fs, dest):
+                raise OutputExistsError(f"{url}{dest[len(rpath):]}: already exists; pass --force (overwrite=True) "
+                                        "to replace it")
+
+
+def _check_target(fs: Any, rpath: str, url: str, overwrite: bool) -> None:
+    """Before any work: the bucket exists, and the target is no existing object (without ``overwrite``)."""
+    protocols = {fs.protocol} if isinstance(fs.protocol, str) else set(fs.protocol)
+    if protocols & BUCKET_PROTOCOLS:
+        bucket = rpath.split("/", 1)[0]
+        try:
+            there = bool(fs.exists(bucket))
+        except Exception:  # cannot tell (permissions): the upload says what is wrong
+            there = True
+        if not there:
+            raise OutputError(f"{url}: there is no bucket {bucket!r} (tallpack does not create buckets)")
+    if not overwrite and _exists(fs, rpath) and not _isdir(fs, rpath):
+        raise OutputExistsError(f"{url}: already exists; pass --force (overwrite=True) to replace it")
+
+
+def _exists(fs: Any, path: str) -> bool:
+    try:
+        return bool(fs.exists(path))
+    except Exception as e:
+        raise OutputError(f"{path}: cannot check the output ({type(e).__name__}: {quoted(e)})") from None
+
+
+def _isdir(fs: Any, path: str) -> bool:
+    try:
+        return bool(fs.isdir(path))
+    except Exception:
+        return False
+
+
+def upload(local: Path, fs: Any, rpath: str, url: str, *, overwrite: bool = False, stale: Stale | None = None) -> None:
+    """Put a local file, or every file under a local folder, at ``rpath`` (same relative names):
+    an existing object is replaced only with ``overwrite``; then, with ``stale``, the weight files
+    of an earlier write that the new layout does not have are removed."""
     if local.is_dir():
         pairs = [(str(p), f"{rpath}/{p.relative_to(local).as_posix()}") for p in sorted(local.rglob("*")) if p.is_file()]
     elif local.is_file():
         pairs = [(str(local), rpath)]
     else:
         return
+    if not overwrite:
+        taken = [b for _, b in pairs if _exists(fs, b)]
+        if taken:
+            shown = url + taken[0][len(rpath):]
+            more = f" (and {len(taken) - 1} more)" if len(taken) > 1 else ""
+            raise OutputExistsError(f"{shown}: already exists{more}; pass --force (overwrite=True) to replace it")
+    old = _stale_objects(fs, rpath, [b for _, b in pairs], stale) if stale is not None and local.is_dir() else []
     total = sum(os.path.getsize(a) for a, _ in pairs)
     log.info("uploading %d file(s), %d bytes, to %s", len(pairs), total, url)
     try:
@@ -83,8 +154,27 @@ def upload(local: Path, fs: Any, rpath: str, url: str) -> None:
             except Exception:  # object stores have no folders; put works without them
                 pass
         fs.put([a for a, _ in pairs], [b for _, b in pairs])
+        for path in old:
+            log.info("removing %s, a weight file of the earlier output", path)
+            fs.rm_file(path)
     except Exception as e:
         raise OutputError(f"{url}: upload failed ({type(e).__name__}: {quoted(e)})") from None
+
+
+def _stale_objects(fs: Any, rpath: str, written: list[str], stale: Stale) -> list[str]:
+    """The weight files of an earlier write in each folder the upload writes to, that it does not write."""
+    out: list[str] = []
+    for folder in sorted({b.rsplit("/", 1)[0] for b in written}):
+        if not _isdir(fs, folder):
+            continue
+        try:
+            present = {str(p).rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(folder, detail=False)}
+        except Exception:
+            continue
+        mine = {b.rsplit("/", 1)[1] for b in written if b.rsplit("/", 1)[0] == folder}
+        found = stale(present, lambda name: fs.cat_file(f"{folder}/{name}"), lambda name: bool(fs.isfile(f"{folder}/{name}")))
+        out += [f"{folder}/{name}" for name in sorted(found - mine)]
+    return out
 
 
 def size(target: str | os.PathLike, storage_options: dict[str, Any] | None = None) -> int:

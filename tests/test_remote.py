@@ -151,3 +151,42 @@ def test_pack_reads_checkpoints_at_urls(s3, small_family, hf_family, tmp_path, m
     with pytest.raises(CheckpointNotFoundError):
         tallpack.pack("s3://family/in/base.safetensors", {"a": "s3://family/in/gone.safetensors"},
                       tmp_path / "y.tallpack", storage_options=opts)
+
+
+def test_outputs_at_urls_replace_objects_only_when_asked(s3, small_family, hf_family, tmp_path):
+    """As on a local disk: an existing object at a URL is replaced only with overwrite (--force),
+    a folder written again loses the shards of its old layout, and a bucket is never created."""
+    from click.testing import CliRunner
+
+    from tallpack_cli.main import main
+
+    fs, opts = s3
+    url = "s3://family/again.tallpack"
+    tallpack.pack(hf_family["base"], hf_family["tasks"], url, storage_options=opts)
+    with pytest.raises(tallpack.OutputExistsError, match="already exists"):
+        tallpack.pack(hf_family["base"], hf_family["tasks"], url, storage_options=opts)
+    with tallpack.open(url, storage_options=opts) as fam:
+        tallpack.write_task(fam, "dtd", "s3://family/again/dtd", storage_options=opts)  # sharded, as packed
+        before = fs.cat_file("family/again/dtd/config.json")
+        for write in (lambda **kw: tallpack.write_task(fam, "dtd", "s3://family/again/dtd", **kw),
+                      lambda **kw: tallpack.write_merged(fam, "s3://family/again/dtd", "ta", alpha=0.3, **kw)):
+            with pytest.raises(tallpack.OutputExistsError, match=r"s3://family/again/dtd/.* already exists"):
+                write(storage_options=opts)
+            assert fs.cat_file("family/again/dtd/config.json") == before
+        assert len(fs.ls("family/again/dtd")) > 3
+        import fsspec.config
+
+        with pytest.MonkeyPatch.context() as mp:  # the command line: one line, before any tensor is written
+            mp.setitem(fsspec.config.conf, "s3", dict(opts))
+            r = CliRunner().invoke(main, ["unpack", url, "--task", "dtd", "-o", "s3://family/again/dtd"])
+            assert r.exit_code == 1 and r.output.count("\n") == 1 and "already exists" in r.output, r.output
+        tallpack.write_task(fam, "dtd", "s3://family/again/dtd", max_shard_size="10GB", storage_options=opts,
+                            overwrite=True)  # one file now: the old shards and index go
+        fs.invalidate_cache()
+        assert not [p for p in fs.ls("family/again/dtd") if "-of-" in p or p.endswith(".index.json")]
+        assert fs.exists("family/again/dtd/model.safetensors")
+        with pytest.raises(tallpack.OutputError, match="no bucket 'nobucket'"):
+            tallpack.write_task(fam, "dtd", "s3://nobucket/dtd", storage_options=opts)
+    with pytest.raises(tallpack.OutputError, match="no bucket 'nobucket'"):
+        tallpack.pack(small_family["base"], small_family["tasks"], "s3://nobucket/x.tallpack", storage_options=opts)
+    assert "nobucket" not in [b.rstrip("/") for b in fs.ls("")]

@@ -186,3 +186,26 @@ def test_a_server_that_cannot_be_reached_is_not_a_missing_archive(http_server, s
     assert not isinstance(e.value, tallpack.ArchiveNotFoundError) and "\n" not in str(e.value)
     with pytest.raises(tallpack.ArchiveNotFoundError, match="no such archive"):
         tallpack.open(f"{http_server.url}/nope.tallpack")
+
+
+def test_a_server_that_ignores_range_requests_is_named_as_such(served, tmp_path):
+    """Python's own file server answers a range request with the whole file: the error says so,
+    not that the archive is truncated."""
+    import functools
+    import threading
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    shutil.copy(served["local"], tmp_path / "fam.tallpack")
+    class Quiet(SimpleHTTPRequestHandler):
+        def log_message(self, *args) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(tmp_path)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        with pytest.raises(tallpack.TallpackError, match="ignored a range request") as e:
+            tallpack.open(f"http://127.0.0.1:{server.server_address[1]}/fam.tallpack")
+        assert "truncated" not in str(e.value) and "\n" not in str(e.value)
+    finally:
+        server.shutdown()
+        server.server_close()
