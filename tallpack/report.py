@@ -227,17 +227,23 @@ def _group_rows(e, read: Callable[..., Any] | None) -> list[dict[str, Any]]:
     return rows
 
 
+#: the widest tensor-name column of ``render_tensors``; longer names overflow their row
+NAME_COLUMN_MAX = 72
+
+
 def render_tensors(rows: list[dict[str, Any]], tasks: list[str]) -> str:
     """The text table of :func:`tensor_rows`: one density column per task."""
-    width = max([len("tensor"), *(len(r["name"]) for r in rows)])
-    cols = [t[:8] for t in tasks]
+    names = [_show(r["name"]) for r in rows]  # control characters from the archive escaped
+    # a very long name overflows its own row, not every row's column
+    width = max([len("tensor"), *(len(n) for n in names if len(n) <= NAME_COLUMN_MAX)])
+    cols = [_show(t)[:8] for t in tasks]
     header = (f"{'tensor':<{width}} {'kind':<9} {'shape':<14} {'dtype':<9} {'stored':>9} {'codec':<22} "
               + " ".join(f"{c:>8}" for c in cols))
     lines = [header, "-" * len(header)]
-    for r in rows:
+    for r, name in zip(rows, names):
         shape = "per task" if "shapes" in r else "x".join(map(str, r["shape"] or [])) or "scalar"
         dens = " ".join(f"{_fmt(r['density'].get(t), '.3f'):>8}" for t in tasks)
         kind = "group" if "members" in r else r["kind"]
-        stored = f"in {r['group']}" if "group" in r else f"{format_size(r['stored_bytes']):>9} {', '.join(r['codecs']):<22}"
-        lines.append(f"{r['name']:<{width}} {kind:<9} {shape:<14} {r['dtype'] or '-':<9} {stored} {dens}")
+        stored = f"in {_show(r['group'])}" if "group" in r else f"{format_size(r['stored_bytes']):>9} {', '.join(r['codecs']):<22}"
+        lines.append(f"{name:<{width}} {kind:<9} {shape:<14} {r['dtype'] or '-':<9} {stored} {dens}")
     return "\n".join(lines)

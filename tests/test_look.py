@@ -44,6 +44,24 @@ def test_inspect_tensors(packed):
     assert "body.w" in table and "merged" in table and "per task" in table
 
 
+def test_inspect_tensors_escapes_names_from_the_archive(tmp_path):
+    """Tensor and task names are the archive's: control characters are escaped, one row a tensor,
+    and a very long name widens its own row only."""
+    g = torch.Generator().manual_seed(3)
+    names = ["ctl\x1b[31mred", "new\nline", "tab\tname", "x" * 300, "plain"]
+    base = {n: torch.randn(16, 8, generator=g) for n in names}
+    tasks = {t: {n: v + 0.1 * torch.randn(16, 8, generator=g) for n, v in base.items()} for t in ("a", "c")}
+    out = tmp_path / "names.tallpack"
+    tallpack.pack(base, tasks, out, group=False)
+    table = run("inspect", out, "--tensors").stdout
+    assert "\x1b" not in table and "\t" not in table
+    lines = table.splitlines()
+    lines = lines[next(i for i, ln in enumerate(lines) if ln.startswith("tensor ")):]
+    assert len(lines) == 2 + len(names)
+    assert repr("new\nline") in table and repr("ctl\x1b[31mred") in table
+    assert len(lines[0]) < 200 and max(map(len, lines)) > 300
+
+
 def test_stats_counts_tasks_per_weight(packed, tmp_path):
     with tallpack.open(packed) as fam:
         s = stats.compute(fam)
