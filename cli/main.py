@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -30,12 +32,31 @@ def _fail(message: str) -> None:
     sys.exit(1)
 
 
+class _Terminated(BaseException):
+    """SIGTERM, raised where the main thread is, so that the command unwinds as on Ctrl-C: its
+    temporaries and the folders it created are removed (not an ``Exception``: no handler takes it
+    for an error of its own)."""
+
+
+def _terminate(signum, frame) -> None:
+    raise _Terminated()
+
+
 class _Group(click.Group):
-    """Turns every library error into one ``error: ...`` line and a non-zero exit."""
+    """Turns every library error into one ``error: ...`` line and a non-zero exit; SIGTERM and
+    Ctrl-C clean up as any failure does, and exit 143 and 130 as shells expect."""
 
     def invoke(self, ctx):
+        main_thread = threading.current_thread() is threading.main_thread()
+        previous = signal.signal(signal.SIGTERM, _terminate) if main_thread else None
         try:
             return super().invoke(ctx)
+        except _Terminated:
+            click.echo("error: terminated (SIGTERM); nothing was written", err=True)
+            sys.exit(128 + signal.SIGTERM)
+        except KeyboardInterrupt:
+            click.echo("error: interrupted; nothing was written", err=True)
+            sys.exit(128 + signal.SIGINT)
         except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
             raise  # usage errors and exits: click prints them
         except TallpackError as e:
@@ -47,6 +68,9 @@ class _Group(click.Group):
         except Exception as e:  # a bug: still one line, and where to report it
             _fail(_one_line(f"internal error: {type(e).__name__}: {e}")
                   + " (a bug in tallpack: please report it with the command that caused it)")
+        finally:
+            if main_thread:
+                signal.signal(signal.SIGTERM, previous)
 
 
 def _one_line(message: str, limit: int = 2000) -> str:

@@ -227,6 +227,37 @@ def test_kill_9_during_pack_then_the_next_pack_clears_the_debris(mb_family, tmp_
         assert fam.verify() == []
 
 
+CLI_PACK = """
+    import sys
+    from tallpack_cli.main import main
+    base, a, b, out = sys.argv[1:]
+    sys.argv = ["tallpack", "pack", "--base", base, "--task", a, "--task", b, "-o", out, "--codec", "zstd",
+                "--level", "19", "-j", "1"]
+    main()
+"""
+
+
+def test_sigterm_during_pack_cleans_up_as_ctrl_c_does(mb_family, tmp_path):
+    """SIGTERM (a timeout, docker stop, a preempted job) unwinds the command as Ctrl-C does: one
+    line, exit 143, and no temporary left beside the output."""
+    out = tmp_path / "out" / "f.tallpack"
+    out.parent.mkdir()
+    for _ in range(5):  # the signal may land after the pack finished: try again
+        proc = _python(CLI_PACK, *(str(mb_family[t]) for t in ("base", "a", "b")), str(out),
+                       stderr=subprocess.PIPE)
+        deadline = time.monotonic() + 60
+        while not _writing(out.parent) and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.005)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+        if proc.returncode != 0:
+            break
+        out.unlink()
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert err.strip().splitlines()[-1] == "error: terminated (SIGTERM); nothing was written"
+    assert "Traceback" not in err and _partials(out.parent) == [] and not out.exists()
+
+
 # -- a full disk ------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("code, words", [
