@@ -6,7 +6,6 @@ archive was packed with (:mod:`tallpack.merging`). The alpha-independent parts a
 
 from __future__ import annotations
 
-import math
 from typing import Protocol
 
 from ._torch import torch
@@ -18,7 +17,7 @@ from .encodings.exact import TALL_ENCODINGS
 from .encodings.qtau import task_masks
 from .errors import FormatError, InvalidArgumentError, UnsupportedVersionError
 from .manifest import Manifest
-from .merging import METHODS, apply_direction, default_alpha, is_consensus, merge_direction, merged_model_method
+from .merging import METHODS, apply_direction, check_alpha, default_alpha, is_consensus, merge_direction, merged_model_method
 
 
 #: The task encodings of a tensor that the merged models build from its base and merged vector
@@ -110,12 +109,15 @@ class MergeParts:
             self.parts = dict(sorted(self.parts.items(), key=lambda kv: order.get(kv[0], len(order))))
 
     def state_dict(self, alpha: float | None = None, *, task: str | None = None) -> dict[str, torch.Tensor]:
-        """The merged model at ``alpha``; with ``task``, completed with that task's own tensors."""
-        if alpha is None:
-            alpha = default_alpha(self.model, len(self.tasks))
-        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
-            raise InvalidArgumentError(f"alpha must be a finite number, got {alpha!r}")
-        merged = {name: t if d is None else apply_direction(t, d, alpha) for name, (t, d) in self.parts.items()}
+        """The merged model at ``alpha``; with ``task``, completed with that task's own tensors.
+
+        Every call returns tensors of its own (the ones no task changes, copied), so a caller may
+        change one model in place without changing the next (``select_alpha``'s evaluations).
+
+        >>> parts = fam.merge_parts("ta"); models = [parts.state_dict(a) for a in (0.2, 0.4)]
+        """
+        value = default_alpha(self.model, len(self.tasks)) if alpha is None else check_alpha(alpha)
+        merged = {name: t.clone() if d is None else apply_direction(t, d, value) for name, (t, d) in self.parts.items()}
         if task is None:
             return merged
         return {name: merged[name] if name in merged else self._family.get_tensor(task, name)

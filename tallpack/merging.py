@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+import numbers
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -219,6 +220,49 @@ class Ties(MergeMethod):
 
 def _finite(v: object) -> bool:
     return (type(v) is int or type(v) is float) and math.isfinite(v)
+
+
+# -- numbers given as arguments --------------------------------------------------------------
+
+def real(value: object) -> float | None:
+    """``value`` as a Python float when it is a real number (numpy's scalars too: a grid from
+    ``np.linspace``, an ``argmax``), else None; a bool is not a number here, nor one too large for
+    a float.
+
+    >>> real(np.float32(0.5)), real(True)
+    (0.5, None)
+    """
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        return None
+    try:
+        return float(value)
+    except OverflowError:  # an int past 1e308
+        return None
+
+
+def integer(value: object) -> int | None:
+    """``value`` as a Python int when it is an integer (numpy's too), else None (a bool too).
+
+    >>> integer(np.int64(2)), integer(2.0)
+    (2, None)
+    """
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
+        return None
+    return int(value)
+
+
+def check_alpha(alpha: object) -> float:
+    """``alpha`` as a Python float, when it is a real number that stays finite rounded to float32
+    (as :func:`apply_direction` uses it: 1e39 would make every merged weight inf or NaN);
+    InvalidArgumentError otherwise.
+
+    >>> check_alpha(np.float32(0.25))
+    0.25
+    """
+    value = real(alpha)
+    if value is None or not math.isfinite(value) or not torch.isfinite(torch.tensor(value, dtype=torch.float32)):
+        raise InvalidArgumentError(f"alpha must be a number finite in float32 (|alpha| < 3.4e38), got {alpha!r}")
+    return value
 
 
 def derive_merged(taus: list[torch.Tensor], method: MergeMethod) -> dict[str, torch.Tensor] | None:

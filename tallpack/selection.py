@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -19,7 +19,7 @@ from ._torch import torch
 from .dtypes import torch_dtype
 from .errors import InvalidArgumentError, TallpackError
 from .inputs import PackInputs
-from .merging import ALPHA_GRID, MergeMethod
+from .merging import ALPHA_GRID, MergeMethod, check_alpha
 from .options import Evaluator
 from .tall import LAMBDA_GRID, reconstruct, tall_mask, task_vector
 
@@ -39,8 +39,10 @@ def _best(scores: dict[float, float]) -> float:
     return best
 
 
-def _grid(grid: Sequence[float] | None, default: Sequence[float], what: str) -> list[float]:
-    values = sorted(set(float(v) for v in (grid if grid is not None else default)))
+def _grid(grid: Sequence[float] | None, default: Sequence[float], what: str,
+          check: Callable[[Any], float] = float) -> list[float]:
+    """The distinct values of ``grid`` (None: ``default``), each through ``check``, in order."""
+    values = sorted(set(check(v) for v in (grid if grid is not None else default)))
     if not values:
         raise InvalidArgumentError(f"the {what} grid is empty")
     return values
@@ -150,7 +152,7 @@ def select_alpha(archive: "Archive", method: str, evaluate: Evaluator, *, k: int
     >>> sel = tallpack.select_alpha(fam, "consensus-ta", evaluate=fn)
     >>> model = fam.merged("consensus-ta", alpha=sel.alpha)
     """
-    values = _grid(grid, ALPHA_GRID, "alpha")
+    values = _grid(grid, ALPHA_GRID, "alpha", check_alpha)
     names = list(tasks) if tasks is not None else list(archive.tasks)
     for t in names:
         archive.task_info(t)

@@ -1,0 +1,97 @@
+"""The Python API as downstream code uses it: merged models of their own, numbers from numpy,
+lazy mappings that answer cheaply, archives sent to DataLoader workers, messages that say what to
+do next."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import tallpack
+from tallpack.errors import InvalidArgumentError
+
+
+def _family() -> tuple[dict[str, torch.Tensor], dict[str, dict[str, torch.Tensor]]]:
+    """A base and two tasks: tensors the tasks change (float32, bfloat16, float16), and tensors
+    they leave as they were (a large one, an integer one, a small one stored in a group)."""
+    g = torch.Generator().manual_seed(0)
+    base = {"w": torch.randn(64, 64, generator=g), "h": torch.randn(32, 16, generator=g).bfloat16(),
+            "f16": torch.randn(40, generator=g).half(), "frozen": torch.randn(96, 96, generator=g),
+            "ids": torch.arange(50), "small_frozen": torch.randn(10, generator=g)}
+    tasks = {}
+    for i, t in enumerate(("a", "b")):
+        sd = {k: v.clone() for k, v in base.items()}
+        for k in ("w", "h", "f16"):
+            sd[k] = (base[k].float() + 0.01 * (i + 1) * torch.randn(base[k].shape, generator=g)).to(base[k].dtype)
+        tasks[t] = sd
+    return base, tasks
+
+
+@pytest.fixture(scope="module")
+def fam_path(tmp_path_factory):
+    base, tasks = _family()
+    out = tmp_path_factory.mktemp("api") / "fam.tallpack"
+    tallpack.pack(base, tasks, out)
+    return out
+
+
+def _bits(t: torch.Tensor) -> bytes:
+    return t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
+
+
+# -- merged models ---------------------------------------------------------------------------
+
+def test_each_merged_model_has_tensors_of_its_own(fam_path) -> None:
+    """Changing one model of a MergeParts in place (as an evaluator that prunes or fuses does)
+    changes neither the next model nor the archive's merged()."""
+    with tallpack.open(fam_path) as fam:
+        want = {a: fam.merged("ta", alpha=a) for a in (0.1, 0.7)}
+        parts = fam.merge_parts("ta")
+        first = parts.state_dict(0.1)
+        for v in first.values():
+            v.logical_not_() if v.dtype == torch.bool else v.add_(1)
+        for a in (0.1, 0.7):
+            got = parts.state_dict(a)
+            assert [k for k in got if _bits(got[k]) != _bits(want[a][k])] == []
+            assert all(got[k].data_ptr() != first[k].data_ptr() for k in got)
+
+
+def test_select_alpha_gives_each_evaluation_an_untouched_model(fam_path) -> None:
+    seen: list[float] = []
+
+    def evaluate(task: str, sd) -> float:
+        seen.append(float(sd["frozen"].sum()))
+        sd["frozen"].mul_(0)  # an evaluator that changes the model in place
+        return 1.0
+
+    with tallpack.open(fam_path) as fam:
+        expected = float(fam.merged("ta", alpha=0.3)["frozen"].sum())
+        tallpack.select_alpha(fam, "ta", evaluate=evaluate, grid=[0.1, 0.5, 0.9], reference={"a": 1.0, "b": 1.0})
+    assert seen == [expected] * 6
+
+
+@pytest.mark.parametrize("alpha", [1e39, -1e39, pytest.param(10**40, id="10**40"), float("inf"), float("nan"),
+                                   pytest.param(10**400, id="10**400"), True, "0.5", None])
+def test_alpha_must_be_finite_in_float32(fam_path, tmp_path, alpha) -> None:
+    """1e39 is a finite Python float but inf in float32, which would make every merged weight inf."""
+    with tallpack.open(fam_path) as fam:
+        if alpha is None:  # the data-free default
+            assert set(fam.merged("ta", alpha=alpha)) >= {"w", "frozen"}
+            return
+        with pytest.raises(InvalidArgumentError, match="alpha must be a number finite in float32") as e:
+            fam.merged("ta", alpha=alpha)
+        assert "\n" not in str(e.value)
+        with pytest.raises(InvalidArgumentError, match="alpha"):
+            fam.merge_parts("consensus-ta").state_dict(alpha)
+        with pytest.raises(InvalidArgumentError, match="alpha"):
+            tallpack.write_merged(fam, tmp_path / "m", "ta", alpha=alpha)
+        assert not (tmp_path / "m").exists()
+        with pytest.raises(InvalidArgumentError, match="alpha"):
+            tallpack.select_alpha(fam, "ta", evaluate=lambda t, sd: 1.0, grid=[0.5, alpha],
+                                  reference={"a": 1.0, "b": 1.0})
+
+
+def test_the_largest_float32_alpha_is_taken(fam_path) -> None:
+    with tallpack.open(fam_path) as fam:
+        fam.merged("ta", alpha=float(np.finfo(np.float32).max))
