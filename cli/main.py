@@ -334,7 +334,8 @@ def merge(archive: str, method: str, k: int, alpha: float | None, task: str | No
         alpha = default_alpha(method, len(fam.tasks)) if alpha is None else alpha
         path, n = tallpack.write_merged(fam, output, method, k=k, alpha=alpha, task=task,
                                         max_shard_size=max_shard_size, progress=_progress(), overwrite=force)
-    click.echo(f"wrote {path} ({method}, k={k}, alpha={alpha:g}, {n} tensors)")
+    shown_k = f", k={k}" if is_consensus(method) else ""  # the others have no k
+    click.echo(f"wrote {path} ({method}{shown_k}, alpha={alpha:g}, {n} tensors)")
 
 
 @main.command()

@@ -212,7 +212,7 @@ def fetched(inputs: Mapping[_K, Any], storage_options: dict[str, Any] | None = N
                 log.info("downloading %s", url)
                 if folder:
                     dest.mkdir()
-                    fs.get(rpath.rstrip("/") + "/", str(dest) + "/", recursive=True)
+                    _get_folder(fs, rpath.rstrip("/"), dest)
                 else:
                     fs.get(rpath, str(dest))
             except TallpackError:
@@ -222,3 +222,20 @@ def fetched(inputs: Mapping[_K, Any], storage_options: dict[str, Any] | None = N
             local[key] = dest
             origin[str(dest)] = url
         yield local, origin
+
+
+def _get_folder(fs: Any, rpath: str, dest: Path) -> None:
+    """Every file below the folder ``rpath`` into ``dest``, file by file under the same relative
+    names (fsspec's recursive ``get`` trips over the folder entries an HTTP listing gives). Names
+    that would land outside ``dest`` are refused."""
+    for path in sorted(fs.find(rpath)):
+        path = str(path)
+        if not path.startswith(rpath + "/"):
+            continue  # a listing's link to elsewhere (an HTTP page may link anywhere)
+        rel = path[len(rpath) + 1:]
+        parts = rel.split("/")
+        if not rel or any(p in ("", ".", "..") for p in parts) or "\\" in rel:
+            raise CheckpointError(f"{rpath}/{rel}: a file name that would leave the folder")
+        target = dest.joinpath(*parts)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fs.get_file(path, str(target))

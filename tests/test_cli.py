@@ -279,8 +279,8 @@ def test_merge_refuses_k_for_a_plain_model(packed, tmp_path):
     r = run("merge", packed, "--method", "ta", "--k", "3", "-o", tmp_path / "ta", ok=False)
     assert "--k: only the consensus methods use it" in one_error_line(r)
     assert not (tmp_path / "ta").exists()
-    run("merge", packed, "--method", "ta", "-o", tmp_path / "ta")
-    run("merge", packed, "--method", "consensus-ta", "--k", "3", "-o", tmp_path / "cons")
+    assert "k=" not in run("merge", packed, "--method", "ta", "-o", tmp_path / "ta").stdout  # nor in its summary
+    assert "k=3" in run("merge", packed, "--method", "consensus-ta", "--k", "3", "-o", tmp_path / "cons").stdout
 
 
 def test_tensors_of_another_shape_are_stored_per_task_without_allow_mismatch(packed):

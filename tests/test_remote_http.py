@@ -209,3 +209,30 @@ def test_a_server_that_ignores_range_requests_is_named_as_such(served, tmp_path)
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_model_folders_at_http_urls_are_packed_as_local_ones(hf_family, tmp_path):
+    """A folder URL on a server that lists folders (Python's own, as HTML) is downloaded file by
+    file, shards, index, config and all, and packs as the local folder does."""
+    import functools
+    import threading
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    class Quiet(SimpleHTTPRequestHandler):
+        def log_message(self, *args) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(hf_family["root"])))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        tallpack.pack(f"{url}/base", {"dtd": f"{url}/dtd"}, tmp_path / "url.tallpack")
+    finally:
+        server.shutdown()
+        server.server_close()
+    tallpack.pack(hf_family["base"], {"dtd": hf_family["tasks"]["dtd"]}, tmp_path / "local.tallpack")
+    with tallpack.open(tmp_path / "url.tallpack") as a, tallpack.open(tmp_path / "local.tallpack") as b:
+        assert a.task_info("dtd").source["path"] == f"{url}/dtd"
+        sa, sb = a.state_dict("dtd"), b.state_dict("dtd")
+        assert list(sa) == list(sb) and all(torch.equal(sa[k], sb[k]) for k in sa)
+        assert a.task_info("dtd").files == b.task_info("dtd").files and a.files("dtd")
