@@ -448,7 +448,8 @@ def _other_files(folder: Path, roots: list[Path], weights: set[Path]) -> dict[st
 
     Hidden entries (``.git``, ``.cache``) and weight files are left out; other non-regular files
     (fifos, sockets) are skipped with a warning. Links, of files or of subfolders, must resolve
-    inside the folder (or its Hugging Face cache repository): the same rule as for the weights.
+    inside the folder (or its Hugging Face cache repository): the same rule as for the weights;
+    a link to nothing is an error, as a weight file's is.
     """
     skip = {p.name for p in weights if p.parent == folder}
     out: dict[str, Path] = {}
@@ -478,6 +479,10 @@ def _other_files(folder: Path, roots: list[Path], weights: set[Path]) -> dict[st
                 out[name] = p
             elif p.exists():
                 log.warning("%s: not a regular file; left out of the archive", p)
+            elif e.is_symlink():  # as a weight file's dangling link is: the folder is not whole
+                raise CheckpointNotFoundError(
+                    f"{p}: a link to a file that does not exist ({os.readlink(p)}); the folder is incomplete "
+                    "(a Hugging Face cache whose file was removed? download it again)")
     walk(folder, "")
     return out
 

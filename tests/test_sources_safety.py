@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 
 import tallpack
 from conftest import expected_reconstruction
-from tallpack.errors import CheckpointError
+from tallpack.errors import CheckpointError, CheckpointNotFoundError
 from tallpack.sources import open_source
 
 
@@ -148,6 +148,16 @@ def test_a_config_linked_from_outside_is_refused(tmp_path, weights):
     with pytest.raises(CheckpointError) as e:
         open_source(folder)
     _refused(e, f"{folder / 'config.json'}: is a symlink to {secret.resolve()}")
+
+
+def test_a_link_to_nothing_in_a_folder_is_an_error_not_a_file_left_out(tmp_path, weights):
+    """A tokenizer whose link leads nowhere (a Hugging Face cache whose blob was removed) would
+    leave the unpacked folder without it: refused, as a weight file's dangling link is."""
+    folder = _folder(tmp_path, weights)
+    (folder / "tokenizer.json").symlink_to("gone.json")
+    with pytest.raises(CheckpointNotFoundError) as e:
+        open_source(folder)
+    _refused(e, f"{folder / 'tokenizer.json'}: a link to a file that does not exist (gone.json)")
 
 
 def test_links_inside_the_folder_and_a_linked_folder_are_fine(tmp_path, weights):
