@@ -17,7 +17,7 @@ from .encodings.exact import TALL_ENCODINGS
 from .encodings.qtau import task_masks
 from .errors import FormatError, InvalidArgumentError, UnsupportedVersionError
 from .manifest import Manifest
-from .merging import METHODS, apply_direction, check_alpha, default_alpha, is_consensus, merge_direction, merged_model_method
+from .merging import METHODS, apply_direction, check_alpha, default_alpha, integer, is_consensus, merge_direction, merged_model_method
 
 
 #: The task encodings of a tensor that the merged models build from its base and merged vector
@@ -50,8 +50,10 @@ class MergeParts:
             raise InvalidArgumentError(
                 f"{name}: {model} needs an archive packed with --merge {cls.name}, "
                 f"this one was packed with --merge {packed}")
-        if not isinstance(k, int) or isinstance(k, bool) or k < 0:
+        value = integer(k)
+        if value is None or value < 0:
             raise InvalidArgumentError(f"k must be a non-negative integer, got {k!r}")
+        k = value
         method = METHODS[packed].from_params(manifest.merge)
         self.model, self.k = model, k
         self.tasks = tuple(t.name for t in manifest.tasks)

@@ -125,9 +125,10 @@ class Ties(MergeMethod):
     max_tasks = 255  # counts are uint8
 
     def __init__(self, top_k: float = 0.2):
-        if isinstance(top_k, bool) or not isinstance(top_k, (int, float)) or not 0 < top_k <= 1:
+        value = real(top_k)
+        if value is None or not 0 < value <= 1:
             raise InvalidArgumentError(f"TIES top_k must be in (0, 1], got {top_k!r}")
-        self.top_k = float(top_k)
+        self.top_k = value
         self.thresholds: list[float] | None = None
         self.majority_sign: float | None = None
 

@@ -7,14 +7,14 @@ import dataclasses
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, TypeAlias
+from typing import TYPE_CHECKING, Any, TypeAlias, cast
 
 from .arrays import DEFAULT_CHUNK_ELEMENTS, check_chunk_elements
 from .checksums import CHECKSUMS, DEFAULT_CHECKSUM
 from .codecs import DENSE_PRESETS, Chain, CodecError, Planes, dense_chain, mask_chain
 from .elements import itemsize
 from .errors import InvalidArgumentError
-from .merging import MergeMethod, get_method
+from .merging import MergeMethod, get_method, integer, real
 from .progress import ProgressLike
 from .tall import DEFAULT_LAMBDA
 
@@ -95,7 +95,15 @@ class PackOptions:
         return dataclasses.replace(self, **changes)
 
     def validated(self) -> "Validated":
-        """Check every option; InvalidArgumentError names the first bad one."""
+        """Check every option; InvalidArgumentError names the first bad one. The checked options
+        (``Validated.options``) hold numbers as Python ints and floats (numpy's scalars accepted).
+
+        >>> PackOptions(chunk_elements=np.int64(1024)).validated().options.chunk_elements
+        1024
+        """
+        return self._plain_numbers()._checked()
+
+    def _checked(self) -> "Validated":
         try:
             dense_chain(self.codec, 4, self.level)
         except CodecError as e:
@@ -114,6 +122,16 @@ class PackOptions:
             raise InvalidArgumentError(f"threads must be a positive integer, got {self.threads!r}")
         _check_dial(self)
         return Validated(self, get_method(self.merge))
+
+    def _plain_numbers(self) -> "PackOptions":
+        """These options with numpy's integer and real scalars as Python ints and floats (a value of
+        another type is left for the checks to refuse)."""
+        changes: dict[str, int | float | None] = {}
+        for key in ("chunk_elements", "level", "threads"):
+            changes[key] = integer(getattr(self, key))
+        for key in ("fidelity", "budget", "lambdas"):
+            changes[key] = real(getattr(self, key))
+        return self.replace(**{k: v for k, v in changes.items() if v is not None})
 
 
 @dataclass(frozen=True)
@@ -178,10 +196,11 @@ class Validated:
             out = {t: lambdas.get(t, DEFAULT_LAMBDA) for t in tasks}
         else:
             out = dict.fromkeys(tasks, lambdas)
-        for t, lam in out.items():
-            if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not math.isfinite(lam) or lam < 0:
-                raise InvalidArgumentError(f"task {t!r}: lambda must be a finite number >= 0, got {lam!r}")
-        return {t: float(v) for t, v in out.items()}
+        checked = {t: real(lam) for t, lam in out.items()}
+        for t, value in checked.items():
+            if value is None or not math.isfinite(value) or value < 0:
+                raise InvalidArgumentError(f"task {t!r}: lambda must be a finite number >= 0, got {out[t]!r}")
+        return cast("dict[str, float]", checked)
 
 
 def _check_exact_tier(o: PackOptions) -> None:
@@ -200,9 +219,9 @@ _CORRECTIONS = ("sparse", "quant4", "quant8", "qtau", "exact")
 
 def _check_dial(o: PackOptions) -> None:
     f, b = o.fidelity, o.budget
-    if f is not None and (isinstance(f, bool) or not isinstance(f, (int, float)) or not 0 < f <= 1):
+    if f is not None and (real(f) is None or not 0 < f <= 1):
         raise InvalidArgumentError(f"fidelity must be a number in (0, 1] (1: exact), got {f!r}")
-    if b is not None and (isinstance(b, bool) or not isinstance(b, (int, float)) or not math.isfinite(b) or b <= 0):
+    if b is not None and (real(b) is None or not math.isfinite(b) or b <= 0):
         raise InvalidArgumentError(f"budget must be a positive number (times one checkpoint's size), got {b!r}")
     bad = [c for c in o.corrections if c not in _CORRECTIONS] if not isinstance(o.corrections, str) else [o.corrections]
     if bad:

@@ -18,6 +18,7 @@ from collections.abc import Mapping, Sequence, Set
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from . import reader
 from ._torch import torch
 from .dtypes import torch_dtype
 from .elements import itemsize, numel
@@ -25,6 +26,7 @@ from .errors import InvalidArgumentError
 from .folders import write_files
 from .fsutil import atomic_write, make_folder, transaction
 from .manifest import check_task_name
+from .merging import check_alpha, default_alpha, integer
 from .originals import write_originals
 from .progress import ProgressLike
 from .sharding import INDEX, SINGLE, plan_by_size, plan_from_layout, previous_weights, weights_among, write_shards
@@ -129,6 +131,17 @@ def _kept_files(archive: "Archive", files: Mapping[str, str], out: Path, skip: S
                        lambda ref, where: archive.read_array(ref, where).numpy().tobytes(), skip=weights | skip)
 
 
+def _check_call(fn: str, archive: object, outdir: object) -> None:
+    """InvalidArgumentError unless ``archive`` is an open archive and ``outdir`` a path or URL."""
+    if isinstance(archive, (str, bytes, os.PathLike)):
+        raise InvalidArgumentError(f"{fn}: takes an open archive, not a path: pass tallpack.open({archive!r})")
+    if not isinstance(archive, reader.Archive):
+        raise InvalidArgumentError(f"{fn}: archive must be an open tallpack.Archive (tallpack.open(path)), "
+                                   f"got {type(archive).__name__}")
+    if not isinstance(outdir, (str, os.PathLike)):
+        raise InvalidArgumentError(f"{fn}: outdir must be a folder's path or URL, got {type(outdir).__name__}")
+
+
 def _shown(outdir: str | os.PathLike, local_root: Path, path: Path) -> Path | str:
     """``path`` as the user will find it: under the URL when the output is one."""
     if not is_url(outdir):
@@ -151,6 +164,7 @@ def write_task(archive: "Archive", task: str, outdir: str | os.PathLike, *, exac
     >>> write_task(fam, "cars", "cars/")
     >>> write_task(fam, "cars", "s3://models/cars", max_shard_size="5GB")
     """
+    _check_call("write_task", archive, outdir)
     if exact:
         _no_shard_size(max_shard_size)
         archive.require_exact(task)
@@ -190,6 +204,7 @@ def write_tasks(archive: "Archive", tasks: Sequence[str] | None, outdir: str | o
     Every name is checked first (it must exist and be a safe folder name), so nothing is written
     when one is bad.
     """
+    _check_call("write_tasks", archive, outdir)
     if exact:
         _no_shard_size(max_shard_size)
     names = list(archive.tasks if tasks is None else tasks)
@@ -210,6 +225,9 @@ def write_merged(archive: "Archive", outdir: str | os.PathLike, method: str = "c
                  overwrite: bool = False) -> tuple[Path | str, int]:
     """Write a merged model (see :meth:`tallpack.Archive.merged`) with the folder files of the
     task (or, without one, of the base); returns the weights file (or index) and its tensor count."""
+    _check_call("write_merged", archive, outdir)
+    alpha = default_alpha(method, len(archive.tasks)) if alpha is None else check_alpha(alpha)
+    k = k if integer(k) is None else int(k)  # numpy's ints too (the metadata is JSON); others: merged() refuses
     sd = archive.merged(method, k=k, alpha=alpha, task=task)
     meta = {"tallpack.merge": method, "tallpack.k": k, "tallpack.alpha": alpha,
             "tallpack.tasks": list(archive.tasks)} | ({"tallpack.task": task} if task else {})

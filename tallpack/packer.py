@@ -61,6 +61,7 @@ def pack(base: SourceLike, tasks: TasksLike, out: str | os.PathLike, options: Pa
     except TypeError as e:
         raise InvalidArgumentError(f"pack: {e}") from None
     v = opts.validated()
+    opts = v.options  # numbers as Python's (numpy's scalars given)
     if not opts.overwrite and os.path.lexists(out):
         raise OutputExistsError(f"{out}: already exists; pass --force (overwrite=True) to replace it")
     named: dict[str | int, SourceLike] = (dict(tasks.items()) if isinstance(tasks, Mapping)

@@ -40,7 +40,7 @@ from .manifest import Manifest, TaskInfo
 from .folders import read_blob
 from .groups import Member
 from .merged import MergeParts
-from .merging import METHODS
+from .merging import METHODS, integer
 from .originals import verify_originals
 from .progress import ProgressLike, track
 from .report import summarize
@@ -1052,14 +1052,15 @@ def open(path: str | os.PathLike, *, storage_options: dict[str, Any] | None = No
     ...     sd = fam.state_dict("cars")
     >>> tallpack.open("s3://models/family.tallpack", storage_options={"anon": True})
     """
+    budget, workers = integer(cache_bytes), integer(threads)
+    if budget is None or budget < 0:
+        raise InvalidArgumentError(f"cache_bytes must be a non-negative integer, got {cache_bytes!r}")
+    if threads is not None and (workers is None or workers < 1):
+        raise InvalidArgumentError(f"threads must be a positive integer, got {threads!r}")
     source = open_bytes(path, storage_options)
     try:
-        if type(cache_bytes) is not int or cache_bytes < 0:
-            raise InvalidArgumentError(f"cache_bytes must be a non-negative integer, got {cache_bytes!r}")
-        if threads is not None and (type(threads) is not int or threads < 1):
-            raise InvalidArgumentError(f"threads must be a positive integer, got {threads!r}")
         with _gc_paused():
-            return Archive(ContainerReader(source, os.fspath(path)), cache_bytes=cache_bytes, threads=threads)
+            return Archive(ContainerReader(source, os.fspath(path)), cache_bytes=budget, threads=workers)
     except BaseException:
         source.close()
         raise

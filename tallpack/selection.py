@@ -165,6 +165,7 @@ def select_alpha(archive: "Archive", method: str, evaluate: Evaluator, *, k: int
         if not math.isfinite(r):
             raise InvalidArgumentError(f"task {t!r}: the reference score is {r}; selection needs finite scores")
     parts = archive.merge_parts(method, k=k)
+    k = parts.k  # a Python int (numpy's accepted)
     scores: dict[float, dict[str, float]] = {}
     for alpha in values:
         scores[alpha] = {t: _score(evaluate, t, parts.state_dict(alpha, task=t)) for t in names}

@@ -95,3 +95,49 @@ def test_alpha_must_be_finite_in_float32(fam_path, tmp_path, alpha) -> None:
 def test_the_largest_float32_alpha_is_taken(fam_path) -> None:
     with tallpack.open(fam_path) as fam:
         fam.merged("ta", alpha=float(np.finfo(np.float32).max))
+
+
+# -- numbers from numpy ------------------------------------------------------------------------
+
+def test_numpy_scalars_are_taken_as_numbers(fam_path, tmp_path) -> None:
+    """Alphas, lambdas, k, threads and sizes often come out of numpy (a ``np.linspace`` grid, an
+    argmax): taken as the Python numbers they equal."""
+    from safetensors import safe_open
+
+    with tallpack.open(fam_path, threads=np.int64(2), cache_bytes=np.uint32(1 << 20)) as fam:
+        assert fam.threads == 2 and type(fam.threads) is int
+        want = fam.merged("consensus-ta", k=1, alpha=0.25)
+        got = fam.merged("consensus-ta", k=np.int64(1), alpha=np.float32(0.25))
+        assert all(_bits(got[k]) == _bits(want[k]) for k in want)
+        path, n = tallpack.write_merged(fam, tmp_path / "m", "consensus-ta", k=np.int64(1), alpha=np.float32(0.25))
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata()
+        assert (meta["tallpack.k"], meta["tallpack.alpha"]) == ("1", "0.25")
+        sel = tallpack.select_alpha(fam, "consensus-ta", evaluate=lambda t, sd: 1.0, k=np.int64(1),
+                                    grid=np.linspace(0.1, 0.3, 3, dtype=np.float32), reference={"a": 1.0, "b": 1.0})
+        assert type(sel.k) is int and all(type(a) is float for a in sel.scores)
+    base, tasks = _family()
+    out = tmp_path / "np.tallpack"
+    tallpack.pack(base, tasks, out, lambdas={"a": np.float32(0.5), "b": np.float64(0.3)}, chunk_elements=np.int64(1024),
+                  level=np.int32(3), threads=np.int64(2), merge={"method": "ties", "top_k": np.float32(0.5)})
+    with tallpack.open(out) as fam:
+        assert [fam.task_info(t).lam for t in ("a", "b")] == [float(np.float32(0.5)), 0.3]
+        assert fam.manifest.merge["top_k"] == 0.5
+    tallpack.pack(base, tasks, out, lambdas=np.float16(0.5), overwrite=True)
+
+
+@pytest.mark.parametrize("call", [
+    lambda fam, p: tallpack.open(p, threads=True),
+    lambda fam, p: tallpack.open(p, cache_bytes=np.bool_(True)),
+    lambda fam, p: tallpack.open(p, threads=np.float32(2)),
+    lambda fam, p: fam.merged("consensus-ta", k=True),
+    lambda fam, p: fam.merged("consensus-ta", k=np.float64(2)),
+    lambda fam, p: fam.merged("ta", alpha=np.bool_(True)),
+    lambda fam, p: tallpack.pack(*_family(), p.with_name("x.tallpack"), lambdas=True),
+    lambda fam, p: tallpack.pack(*_family(), p.with_name("x.tallpack"), chunk_elements=np.bool_(True)),
+    lambda fam, p: tallpack.pack(*_family(), p.with_name("x.tallpack"), threads=True),
+], ids=["threads", "cache_bytes", "float threads", "k", "float k", "alpha", "lambdas", "chunk_elements", "pack threads"])
+def test_bools_and_floats_are_still_refused_where_integers_are_asked(fam_path, call) -> None:
+    with tallpack.open(fam_path) as fam:
+        with pytest.raises(InvalidArgumentError):
+            call(fam, fam_path)
