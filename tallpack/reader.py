@@ -13,6 +13,7 @@ import logging
 import os
 import threading
 import weakref
+from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
@@ -846,6 +847,10 @@ PARALLEL_BYTES = 1 << 20
 #: Elements from which a float32, bfloat16 or float16 tensor is rebuilt from byte planes (``_planar_keys``); smaller
 #: ones (biases, norms) are joined and cached as floats, a few KB each, in fewer steps.
 PLANAR_MIN_ELEMENTS = 4096
+#: The most bytes of a group's members (format 1.12) that a lazy state dict holds until they are
+#: indexed, over the groups it rebuilt last (at least the last one's): one group per dtype of a
+#: mixed-precision checkpoint, each at most GROUP_ELEMENTS elements (4 MB of float32).
+HELD_BYTES = 32 << 20
 #: Decoded bytes of a tensor's inputs from which ``state_dict`` rebuilds it on the archive's
 #: threads; smaller ones are rebuilt one after another on the calling thread (measured: 64 KB
 #: to 256 KB gave the same times; threads that share tensors of a few KB are slower than one).
@@ -935,22 +940,31 @@ def _batches(items: list[tuple[Any, list[ArrayRef]]]) -> list[list[tuple[Any, li
 
 
 class LazyStateDict(Mapping):
-    """A read-only mapping over one task's tensors, each rebuilt when indexed.
+    """A read-only mapping over one task's tensors, each rebuilt when indexed; ``in``, ``len`` and
+    iteration answer from the manifest's names, rebuilding nothing.
 
     A group's member (format 1.12) is rebuilt with the rest of its group, whose other members
-    are held until indexed (one group at a time, at most GROUP_ELEMENTS elements): reading the
-    tensors in turn (``unpack``) rebuilds each group once, not once per member."""
+    are held until indexed: the groups most recently read, up to HELD_BYTES of members not yet
+    handed out. Reading the tensors in turn (``unpack``, ``load_state_dict``) rebuilds each group
+    once, not once per member, also when the members of two groups alternate (a mixed-precision
+    checkpoint: a bfloat16 weight, then a float32 norm, layer after layer).
+
+    >>> sd = fam.state_dict("cars", lazy=True)
+    >>> "classifier.weight" in sd, model.load_state_dict(sd)
+    """
 
     def __init__(self, archive: Archive, task: str, *, exact: bool = False,
                  device: torch.device | str | None = None):
         self._archive = archive
         self._task = task
         self._keys = archive.keys(task)
+        self._names = frozenset(self._keys)
         self._exact = exact
         self._device = device
         self._lock = threading.Lock()
-        self._group: str | None = None
-        self._held: dict[str, torch.Tensor] = {}  # the group's members not yet handed out
+        #: by group name, the members not yet handed out, the least recently read group first
+        self._held: OrderedDict[str, dict[str, torch.Tensor]] = OrderedDict()
+        self._held_bytes = 0
 
     def __getitem__(self, name: str) -> torch.Tensor:
         member = self._archive._member(self._task, name)
@@ -958,18 +972,43 @@ class LazyStateDict(Mapping):
             return self._archive.get_tensor(self._task, name, exact=self._exact, device=self._device)
         group = member[0]
         with self._lock:
-            if self._group == group.name and name in self._held:
-                return self._held.pop(name)
-            a = self._archive
-            got = a._rebuild(self._task, group.name, a._workers(), self._exact, self._device, parts=list(group.members))
-            self._group, self._held = group.name, dict(zip([m.name for m in group.members], got))
-            return self._held.pop(name)
+            held = self._held.get(group.name)
+            if held is None or name not in held:
+                a = self._archive
+                got = a._rebuild(self._task, group.name, a._workers(), self._exact, self._device,
+                                 parts=list(group.members))
+                self._drop(group.name)
+                held = self._held[group.name] = dict(zip([m.name for m in group.members], got))
+                self._held_bytes += sum(_nbytes(t) for t in held.values())
+            self._held.move_to_end(group.name)
+            out = held.pop(name)
+            self._held_bytes -= _nbytes(out)
+            if not held:
+                del self._held[group.name]
+            while self._held_bytes > HELD_BYTES and len(self._held) > 1:  # the oldest groups go first
+                self._drop(next(iter(self._held)))
+            return out
+
+    def _drop(self, group: str) -> None:
+        """Let go of a group's members not handed out (the next of them rebuilds the group)."""
+        self._held_bytes -= sum(_nbytes(t) for t in self._held.pop(group, {}).values())
+
+    def __contains__(self, name: object) -> bool:
+        return isinstance(name, str) and name in self._names
+
+    def get(self, name: str, default: Any = None) -> Any:
+        """The tensor, rebuilt, or ``default`` when the task has none of that name (nothing rebuilt)."""
+        return self[name] if name in self else default
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._keys)
 
     def __len__(self) -> int:
         return len(self._keys)
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
 
 
 class TensorSlice:

@@ -141,3 +141,60 @@ def test_bools_and_floats_are_still_refused_where_integers_are_asked(fam_path, c
     with tallpack.open(fam_path) as fam:
         with pytest.raises(InvalidArgumentError):
             call(fam, fam_path)
+
+
+# -- lazy state dicts --------------------------------------------------------------------------
+
+def _counting(fam, monkeypatch) -> list[int]:
+    """The number of rebuilds (tensors or groups) ``fam`` does from now on."""
+    n = [0]
+    rebuild = fam._rebuild
+
+    def counted(*a, **k):
+        n[0] += 1
+        return rebuild(*a, **k)
+    monkeypatch.setattr(fam, "_rebuild", counted)
+    return n
+
+
+def test_membership_of_a_lazy_state_dict_rebuilds_nothing(fam_path, monkeypatch) -> None:
+    with tallpack.open(fam_path, cache_bytes=0) as fam:
+        want = fam.state_dict("a")
+        lazy = fam.state_dict("a", lazy=True)
+        n = _counting(fam, monkeypatch)
+        assert all(k in lazy for k in want) and "missing" not in lazy and ["w"] not in lazy and 3 not in lazy
+        assert "w" in lazy.keys() and lazy.get("missing") is None and lazy.get("nope", 7) == 7
+        assert n[0] == 0
+        assert _bits(lazy.get("w")) == _bits(want["w"]) and n[0] == 1
+
+
+def _mixed_precision() -> tuple[dict[str, torch.Tensor], dict[str, dict[str, torch.Tensor]]]:
+    """Layer after layer, a bfloat16 weight then a float32 norm: two groups whose members alternate."""
+    g = torch.Generator().manual_seed(1)
+    base: dict[str, torch.Tensor] = {}
+    for i in range(40):
+        base[f"layers.{i}.weight"] = torch.randn(32, 32, generator=g).bfloat16()
+        base[f"layers.{i}.norm"] = torch.randn(32, generator=g)
+    tasks = {t: {k: (v.float() + 0.01 * (torch.rand(v.shape, generator=g) < 0.3)).to(v.dtype) for k, v in base.items()}
+             for t in ("a", "b")}
+    return base, tasks
+
+
+def test_a_lazy_state_dict_read_in_order_rebuilds_each_group_once(tmp_path, monkeypatch) -> None:
+    """As the eager state dict does, when the members of two groups alternate (load_state_dict
+    reads in the checkpoint's order); with no room to hold members, each is still right."""
+    out = tmp_path / "mixed.tallpack"
+    tallpack.pack(*_mixed_precision(), out)
+    with tallpack.open(out) as fam:
+        groups = [e for e in fam.manifest.tensors if e.members]
+        assert len(groups) == 2
+        want = fam.state_dict("a")
+        n = _counting(fam, monkeypatch)
+        lazy = fam.state_dict("a", lazy=True)
+        got = {k: lazy[k] for k in fam.keys("a")}  # as load_state_dict reads it
+        assert n[0] == len(groups)
+        assert all(_bits(got[k]) == _bits(want[k]) for k in want)
+        monkeypatch.setattr(tallpack.reader, "HELD_BYTES", 0)  # only the group read last is held
+        lazy = fam.state_dict("a", lazy=True)
+        assert all(_bits(lazy[k]) == _bits(want[k]) for k in fam.keys("a"))
+        assert len(lazy._held) <= 1
