@@ -6,23 +6,27 @@ archive was packed with (:mod:`tallpack.merging`). The alpha-independent parts a
 
 from __future__ import annotations
 
+import logging
 from typing import Protocol
 
 from ._torch import torch
 from .arrays import ArrayRef
-from .encodings import Use, encoding_for
+from .encodings import TensorEntry, Use, encoding_for
 from .encodings.base import split_parts
 from .encodings.derived import DerivedMerged, merged_source, task_mask
 from .encodings.exact import TALL_ENCODINGS
 from .encodings.qtau import task_masks
 from .errors import FormatError, InvalidArgumentError, UnsupportedVersionError
 from .manifest import Manifest
-from .merging import METHODS, apply_direction, check_alpha, default_alpha, integer, is_consensus, merge_direction, merged_model_method
+from .merging import (METHODS, apply_direction, check_alpha, default_alpha, integer, is_consensus, merge_direction,
+                      merged_model_method)
 
 
 #: The task encodings of a tensor that the merged models build from its base and merged vector
 #: (spec §3.3: an entry's ``kind`` is informative; what is stored follows its tasks' encodings).
 MERGED_ENCODINGS = frozenset((*TALL_ENCODINGS, "qtau"))
+
+log = logging.getLogger(__name__)
 
 
 class Family(Protocol):
@@ -38,9 +42,42 @@ class Family(Protocol):
     def get_tensor(self, task: str, name: str) -> torch.Tensor: ...
 
 
+def _how_merged(entry: TensorEntry) -> str | None:
+    """How a merged model builds a tensor: ``"merged"`` (its encodings all in MERGED_ENCODINGS:
+    from its base and merged vector), ``"shared"`` (stored once, for every task), or None: its
+    tasks store it as their own, with no base to merge onto."""
+    encodings = {tt.encoding for tt in entry.tasks.values()}
+    if encodings and encodings <= MERGED_ENCODINGS:
+        return "merged"
+    return "shared" if encodings == {"shared"} and "data" in entry.arrays else None
+
+
+def left_out(manifest: Manifest) -> list[str]:
+    """The tensors every task has that a merged model leaves out, in the checkpoints' order: the
+    ones the tasks store per task (absent from the base, of another shape or dtype than the
+    base's, integers that differ between tasks, NaN or inf in a task). The archive holds no base
+    of these to merge onto; ``merged(..., task=...)`` takes them from that task.
+
+    >>> left_out(fam.manifest)
+    ['classifier.weight', 'classifier.bias']
+    """
+    tasks = {t.name for t in manifest.tasks}
+    names = [n for e in manifest.tensors if tasks and set(e.tasks) == tasks and _how_merged(e) is None
+             for n in ([m.name for m in e.members] if e.members else [e.name])]
+    order = {name: i for i, name in enumerate(manifest.tasks[0].keys)} if manifest.tasks else {}
+    return sorted(names, key=lambda n: order.get(n, len(order)))
+
+
+#: The most names of left-out tensors a warning lists.
+SHOWN_NAMES = 5
+
+
 class MergeParts:
     """Alpha-independent parts of a merged model: for each tensor every task has, theta_0 and the
-    direction d (float32), or the stored tensor itself when every task has it unchanged."""
+    direction d (float32), or the stored tensor itself when every task has it unchanged.
+
+    ``left_out``: the tensors every task has that the merged model cannot include (:func:`left_out`);
+    ``state_dict`` without ``task`` warns once that they are missing."""
 
     def __init__(self, family: Family, model: str, k: int):
         manifest, name, read = family.manifest, family.name, family.read_array
@@ -58,6 +95,8 @@ class MergeParts:
         self.model, self.k = model, k
         self.tasks = tuple(t.name for t in manifest.tasks)
         self._family = family
+        self.left_out = tuple(left_out(manifest))
+        self._warned = False
         lambdas = {t.name: t.lam for t in manifest.tasks}
         self.parts: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
         for e in manifest.tensors:
@@ -69,7 +108,8 @@ class MergeParts:
             if unknown:
                 raise UnsupportedVersionError(f"{name}: {where} is stored as {', '.join(map(repr, unknown))}, "
                                               "which this tallpack cannot merge; upgrade it")
-            if encodings and encodings <= MERGED_ENCODINGS:
+            how = _how_merged(e)
+            if how == "merged":
                 if "base" not in e.arrays:
                     raise FormatError(f"{name}: {where} has no base")
                 sources = {x: merged_source(e, x) for x in ("merged", *method.extra_arrays)}
@@ -100,7 +140,7 @@ class MergeParts:
                         self.parts[m.name] = (base[run].view(m.shape), direction[run].view(m.shape))
                 else:
                     self.parts[e.name] = (base, direction)
-            elif encodings == {"shared"} and "data" in e.arrays:
+            elif how == "shared":
                 data = read(e.arrays["data"], where)
                 if e.members:  # a group (format 1.12): each member's run, a tensor of its own
                     self.parts.update((m.name, (part, None)) for m, part in zip(e.members, split_parts(data, e.members)))
@@ -121,6 +161,19 @@ class MergeParts:
         value = default_alpha(self.model, len(self.tasks)) if alpha is None else check_alpha(alpha)
         merged = {name: t.clone() if d is None else apply_direction(t, d, value) for name, (t, d) in self.parts.items()}
         if task is None:
+            self._warn_left_out()
             return merged
         return {name: merged[name] if name in merged else self._family.get_tensor(task, name)
                 for name in self._family.keys(task)}
+
+    def _warn_left_out(self) -> None:
+        """Say once which tensors every task has that this merged model lacks, and why."""
+        n = len(self.left_out)
+        if not n or self._warned:
+            return
+        self._warned = True
+        names = ", ".join(map(repr, self.left_out[:SHOWN_NAMES])) + (", ..." if n > SHOWN_NAMES else "")
+        log.warning("%s: %d tensor%s every task has left out of the %s model: %s (each task stores its own: not in "
+                    "the base, another shape or dtype, integers that differ, or NaN/inf; no base to merge onto); "
+                    "task=NAME (--task NAME) takes them from that task", self._family.name, n, "" if n == 1 else "s",
+                    self.model, names)

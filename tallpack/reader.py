@@ -756,6 +756,11 @@ class Archive:
         the task's order, so the result loads into that task's model. ``alpha`` defaults to the
         data-free :func:`tallpack.merging.default_alpha`.
 
+        Tensors every task has but stores as its own (not in the base, another shape or dtype than
+        the base's, integers that differ between tasks, NaN or inf in a task) have no base in the
+        archive to merge onto: without ``task`` they are left out, with a warning that names them
+        (:func:`tallpack.merged.left_out` lists them); with ``task``, that task's are taken.
+
         >>> sd = fam.merged("consensus-ta", k=2, alpha=0.4)
         """
         return self.merge_parts(method, k=k).state_dict(alpha, task=task)

@@ -198,3 +198,50 @@ def test_a_lazy_state_dict_read_in_order_rebuilds_each_group_once(tmp_path, monk
         lazy = fam.state_dict("a", lazy=True)
         assert all(_bits(lazy[k]) == _bits(want[k]) for k in fam.keys("a"))
         assert len(lazy._held) <= 1
+
+
+# -- tensors a merged model leaves out ---------------------------------------------------------
+
+def _per_task_family() -> tuple[dict[str, torch.Tensor], dict[str, dict[str, torch.Tensor]]]:
+    """Every task has 'nan' (a NaN in one task), 'steps' (integers that differ) and 'head' (not
+    in the base): each task stores its own."""
+    g = torch.Generator().manual_seed(2)
+    base = {"w": torch.randn(64, 64, generator=g), "nan": torch.randn(64, 64, generator=g), "steps": torch.tensor(0)}
+    tasks = {}
+    for i, t in enumerate(("a", "b")):
+        sd = {k: v + 0.1 * torch.randn(v.shape, generator=g) for k, v in base.items() if k != "steps"}
+        sd["steps"] = torch.tensor(100 * (i + 1))
+        sd["head"] = torch.randn(4, generator=g)
+        tasks[t] = sd
+    tasks["a"]["nan"][3, 3] = float("nan")
+    return base, tasks
+
+
+def test_a_merged_model_says_which_tensors_every_task_has_it_leaves_out(tmp_path, caplog) -> None:
+    import subprocess
+    import sys
+
+    import tallpack.merged
+
+    base, tasks = _per_task_family()
+    out = tmp_path / "f.tallpack"
+    tallpack.pack(base, tasks, out)
+    with tallpack.open(out) as fam:
+        assert sorted(tallpack.merged.left_out(fam.manifest)) == ["head", "nan", "steps"]
+        with caplog.at_level("WARNING", logger="tallpack.merged"):
+            parts = fam.merge_parts("ta")
+            assert sorted(parts.state_dict(0.3)) == ["w"]
+            parts.state_dict(0.5)  # said once per MergeParts
+        [record] = [r for r in caplog.records if r.name == "tallpack.merged"]
+        text = record.getMessage()
+        assert "3 tensors every task has left out of the ta model" in text and "'nan'" in text and "'head'" in text
+        assert "NaN" in text and "task=NAME (--task NAME)" in text and "\n" not in text
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="tallpack.merged"):
+            sd = fam.merged("ta", alpha=0.3, task="b")  # taken from task b, without a word
+        assert not caplog.records
+        assert set(sd) == set(tasks["b"]) and int(sd["steps"]) == 200
+        assert torch.equal(sd["nan"], fam.get_tensor("b", "nan"))
+    r = subprocess.run([sys.executable, "-m", "tallpack", "merge", str(out), "--method", "ta", "-o", str(tmp_path / "m")],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "3 tensors every task has left out of the ta model" in r.stderr, r.stderr
