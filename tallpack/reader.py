@@ -25,7 +25,7 @@ from ._torch import torch
 from . import kernels
 from .arrays import ArrayRef
 from .cache import DEFAULT_CACHE_BYTES, ByteLRU
-from .container import PLANAR_DTYPES, PREFETCH_BYTES, ContainerReader
+from .container import FOOTER, PLANAR_DTYPES, PREFETCH_BYTES, ContainerReader
 from .dtypes import bytes_to_tensor, view_tensor
 from .elements import numel
 from .encodings import Encoding, TaskTensor, TensorEntry, Use, encoding_for, iter_arrays
@@ -45,7 +45,7 @@ from .merging import METHODS, integer
 from .originals import verify_originals
 from .progress import ProgressLike, track
 from .report import summarize
-from .storage import open_bytes
+from .storage import is_url, open_bytes
 from .tall import Bits, Planar
 
 log = logging.getLogger(__name__)
@@ -69,6 +69,9 @@ if hasattr(os, "register_at_fork"):
 class Archive:
     """An open ``.tallpack`` archive. Use :func:`tallpack.open`.
 
+    One sent to another process (a DataLoader's spawn or forkserver workers, ``pickle``) is opened
+    there again from its path or URL (``__reduce__``); so are its lazy state dicts and slices.
+
     >>> with tallpack.open("family.tallpack") as fam:
     ...     fam.tasks, fam.keys("cars")[:3]
     ...     w = fam.get_tensor("cars", "encoder.layer.3.weight")
@@ -88,6 +91,8 @@ class Archive:
         #: holds and pushes nothing out (``_keep``)
         self._scans = 0
         self._scans_lock = threading.Lock()
+        #: how :func:`open` opened it, for another process to open it again (``__reduce__``)
+        self._opened: _Opened | None = None
         _OPEN.add(self)
         self.name = container.name
         raw = container.take_manifest()
@@ -143,6 +148,24 @@ class Archive:
 
     def __repr__(self) -> str:
         return f"<tallpack.Archive {self.name!r}: {len(self.tasks)} tasks>"
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        """Sent to another process (a spawn or forkserver DataLoader worker, ``pickle``,
+        ``copy.deepcopy``), an archive is opened there again from its path or URL, with the same
+        options, and checked as any open is, and to be the same file (its size and footer)."""
+        if self._closed:
+            raise ArchiveClosedError(f"{self.name}: the archive is closed; a closed archive cannot be sent to another "
+                                     "process: open it there (tallpack.open(path))")
+        if self._opened is None:
+            raise TypeError(f"{self.name}: this tallpack.Archive was not opened by tallpack.open(path) and cannot be "
+                            "sent to another process: open the archive in each worker")
+        return _reopen, (self._opened, self._identity())
+
+    def _identity(self) -> bytes:
+        """What tells this archive from another file under its name: its size and its footer (the
+        manifest's offset, length and checksum)."""
+        size = self._c.source.size
+        return size.to_bytes(8, "little") + bytes(self._c.source.read(size - FOOTER.size, FOOTER.size))
 
     # -- what is inside ----------------------------------------------------------------------
     @property
@@ -862,6 +885,26 @@ HELD_BYTES = 32 << 20
 SHARE_BYTES = 1 << 18
 
 
+class _Opened(NamedTuple):
+    """The arguments :func:`open` was given (a local path made absolute), to open an archive again."""
+
+    path: str
+    storage_options: dict[str, Any] | None
+    cache_bytes: int
+    threads: int | None
+
+
+def _reopen(opened: _Opened, identity: bytes) -> "Archive":
+    """An archive sent to this process (``Archive.__reduce__``): opened again, and refused unless it
+    is the file that was sent (not one that replaced it since)."""
+    fam = open(opened.path, storage_options=opened.storage_options, cache_bytes=opened.cache_bytes,
+               threads=opened.threads)
+    if fam._identity() != identity:
+        fam.close()
+        raise TallpackError(f"{fam.name}: the archive was replaced since it was sent to this process; open it again")
+    return fam
+
+
 class _Plan(NamedTuple):
     """What ``_rebuild`` works out from the manifest alone for one task's tensor (kept per open
     archive for whole tensors on the CPU: the manifest does not change while it is open)."""
@@ -1011,6 +1054,14 @@ class LazyStateDict(Mapping):
     def __len__(self) -> int:
         return len(self._keys)
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        """Sent to another process: the same mapping over the archive opened there (``Archive.__reduce__``)."""
+        return _lazy_state_dict, (self._archive, self._task, self._exact, self._device)
+
+
+def _lazy_state_dict(archive: Archive, task: str, exact: bool, device: torch.device | None) -> LazyStateDict:
+    return LazyStateDict(archive, task, exact=exact, device=device)
+
 
 def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
@@ -1034,6 +1085,10 @@ class TensorSlice:
 
     def get_dtype(self) -> str:
         return self._tt.dtype
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        """Sent to another process: the same slice of the archive opened there (``Archive.__reduce__``)."""
+        return Archive.get_slice, (self._archive, self._task, self._name)
 
     def __getitem__(self, index: Any) -> torch.Tensor:
         idx = index if isinstance(index, tuple) else (index,)
@@ -1081,7 +1136,7 @@ def _gc_paused():
             gc.enable()
 
 
-def open(path: str | os.PathLike, *, storage_options: dict[str, Any] | None = None,  # noqa: A001
+def open(path: str | bytes | os.PathLike, *, storage_options: dict[str, Any] | None = None,  # noqa: A001
          cache_bytes: int = DEFAULT_CACHE_BYTES, threads: int | None = None) -> Archive:
     """Open an archive for reading: a local path, or a URL that fsspec understands (each
     chunk is then one range request; ``storage_options`` go to fsspec).
@@ -1101,10 +1156,16 @@ def open(path: str | os.PathLike, *, storage_options: dict[str, Any] | None = No
         raise InvalidArgumentError(f"cache_bytes must be a non-negative integer, got {cache_bytes!r}")
     if threads is not None and (workers is None or workers < 1):
         raise InvalidArgumentError(f"threads must be a positive integer, got {threads!r}")
-    source = open_bytes(path, storage_options)
+    if not isinstance(path, (str, bytes, os.PathLike)):
+        raise InvalidArgumentError(f"an archive's path or URL is a str or os.PathLike, got {type(path).__name__}")
+    text = os.fsdecode(path)  # bytes paths too
+    source = open_bytes(text, storage_options)
     try:
         with _gc_paused():
-            return Archive(ContainerReader(source, os.fspath(path)), cache_bytes=budget, threads=workers)
+            fam = Archive(ContainerReader(source, text), cache_bytes=budget, threads=workers)
     except BaseException:
         source.close()
         raise
+    fam._opened = _Opened(text if is_url(text) else os.path.abspath(text.removeprefix("file://")),
+                          storage_options, budget, workers)
+    return fam

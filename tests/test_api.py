@@ -245,3 +245,80 @@ def test_a_merged_model_says_which_tensors_every_task_has_it_leaves_out(tmp_path
     r = subprocess.run([sys.executable, "-m", "tallpack", "merge", str(out), "--method", "ta", "-o", str(tmp_path / "m")],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and "3 tensors every task has left out of the ta model" in r.stderr, r.stderr
+
+
+# -- archives sent to other processes ----------------------------------------------------------
+
+class _Rows(torch.utils.data.Dataset):
+    """A Dataset that holds an open archive, a lazy state dict and a slice (module level: a spawn
+    worker imports it)."""
+
+    def __init__(self, fam: tallpack.Archive) -> None:
+        self.fam, self.lazy, self.rows = fam, fam.state_dict("b", lazy=True), fam.get_slice("a", "w")
+
+    def __len__(self) -> int:
+        return 2
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.fam.get_tensor("a", "w"), self.lazy["small_frozen"], self.rows[i : i + 2]
+
+
+def test_an_open_archive_goes_to_spawn_dataloader_workers(fam_path) -> None:
+    with tallpack.open(fam_path, threads=1) as fam:
+        want = fam.get_tensor("a", "w"), fam.get_tensor("b", "small_frozen")
+        loader = torch.utils.data.DataLoader(_Rows(fam), batch_size=None, num_workers=1,
+                                             multiprocessing_context="spawn")
+        for i, (w, small, rows) in enumerate(loader):
+            assert _bits(w) == _bits(want[0]) and _bits(small) == _bits(want[1])
+            assert _bits(rows) == _bits(want[0][i : i + 2])
+
+
+def test_archives_and_their_handles_pickle_by_reopening(fam_path, tmp_path) -> None:
+    import copy
+    import pickle
+    import shutil
+
+    from tallpack.errors import ArchiveClosedError, TallpackError
+
+    path = tmp_path / "f.tallpack"
+    shutil.copy(fam_path, path)
+    with tallpack.open(path, cache_bytes=1 << 20, threads=2) as fam:
+        again = pickle.loads(pickle.dumps(fam))
+        assert (again.name, again.threads, again._cache.budget) == (str(path), 2, 1 << 20)
+        assert again is not fam and _bits(again.get_tensor("a", "w")) == _bits(fam.get_tensor("a", "w"))
+        lazy = pickle.loads(pickle.dumps(fam.state_dict("a", lazy=True)))
+        assert _bits(lazy["h"]) == _bits(fam.get_tensor("a", "h"))
+        assert _bits(pickle.loads(pickle.dumps(fam.get_slice("b", "w")))[3:5]) == _bits(fam.get_tensor("b", "w")[3:5])
+        parts = pickle.loads(pickle.dumps(fam.merge_parts("ta")))
+        assert _bits(parts.state_dict(0.4)["w"]) == _bits(fam.merged("ta", alpha=0.4)["w"])
+        assert _bits(copy.deepcopy(fam).get_tensor("b", "f16")) == _bits(fam.get_tensor("b", "f16"))
+        sent = pickle.dumps(fam)
+    with pytest.raises(ArchiveClosedError, match="open it there") as e:
+        pickle.dumps(fam)
+    assert "\n" not in str(e.value)
+    base, tasks = _family()
+    tallpack.pack(base, {"a": tasks["a"]}, path, overwrite=True)  # another archive under its name
+    with pytest.raises(TallpackError, match="replaced since it was sent"):
+        pickle.loads(sent)
+    path.unlink()
+    with pytest.raises(tallpack.ArchiveNotFoundError):
+        pickle.loads(sent)
+
+
+def test_an_archive_not_opened_from_a_path_says_to_open_it_in_each_worker(fam_path) -> None:
+    import pickle
+
+    from tallpack.container import ContainerReader
+    from tallpack.storage import open_bytes
+
+    fam = tallpack.Archive(ContainerReader(open_bytes(str(fam_path)), "in memory"))
+    with pytest.raises(TypeError, match="open the archive in each worker"):
+        pickle.dumps(fam)
+    fam.close()
+
+
+def test_bytes_paths_open(fam_path) -> None:
+    with tallpack.open(bytes(fam_path)) as fam:
+        assert fam.name == str(fam_path) and fam.tasks == ("a", "b")
+    with pytest.raises(InvalidArgumentError, match="got int"):
+        tallpack.open(3)
