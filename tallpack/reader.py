@@ -26,7 +26,7 @@ from . import kernels
 from .arrays import ArrayRef
 from .cache import DEFAULT_CACHE_BYTES, ByteLRU
 from .container import FOOTER, PLANAR_DTYPES, PREFETCH_BYTES, ContainerReader
-from .dtypes import bytes_to_tensor, view_tensor
+from .dtypes import SAFETENSORS_DTYPES, bytes_to_tensor, view_tensor
 from .elements import numel
 from .encodings import Encoding, TaskTensor, TensorEntry, Use, encoding_for, iter_arrays
 from .encodings.base import split_parts
@@ -587,14 +587,24 @@ class Archive:
         tt = self._entry(task, name)[1]
         return tt.dtype, tt.shape
 
-    def get_slice(self, task: str, name: str) -> "TensorSlice":
+    def get_slice(self, task: str, name: str, *, exact: bool = False) -> "TensorSlice":
         """A handle that reads parts of one tensor: ``fam.get_slice(t, name)[a:b]`` reads only the
-        chunks that hold rows ``a:b`` (as safetensors' ``get_slice``, for tensor-parallel loading)."""
+        chunks that hold rows ``a:b`` (as safetensors' ``get_slice``, for tensor-parallel loading;
+        ``get_shape()`` and ``get_dtype()`` as safetensors gives them: ``[768, 768]``, ``"BF16"``).
+
+        With ``exact=True`` (archives packed with the exact tier), the original bits: a tensor
+        the exact tier stores (a merged one) is rebuilt whole, then sliced, at the cost of a
+        ``get_tensor(..., exact=True)`` per index; the others read only their rows, as without.
+
+        >>> fam.get_slice("cars", "embed.weight", exact=True)[0:1000]
+        """
+        if exact:
+            self.require_exact(task)
         member = self._member(task, name)
         if member is not None:  # a group's member: small, read whole
-            return TensorSlice(self, task, name, member[0].tasks[task], member[1].shape)
+            return TensorSlice(self, task, name, member[0].tasks[task], member[1].shape, exact=exact)
         entry, tt = self._entry(task, name)
-        return TensorSlice(self, task, name, tt)
+        return TensorSlice(self, task, name, tt, exact=exact)
 
     def require_exact(self, task: str) -> None:
         """ExactTierMissingError unless ``task`` was packed with the exact tier."""
@@ -1076,19 +1086,21 @@ class TensorSlice:
     """
 
     def __init__(self, archive: Archive, task: str, name: str, tt: TaskTensor,
-                 member_shape: tuple[int, ...] | None = None):
+                 member_shape: tuple[int, ...] | None = None, *, exact: bool = False):
         self._archive, self._task, self._name, self._tt = archive, task, name, tt
         self._member_shape = member_shape  # a group's member (format 1.12): rebuilt whole
+        self._exact = exact
 
     def get_shape(self) -> list[int]:
         return list(self._tt.shape if self._member_shape is None else self._member_shape)
 
     def get_dtype(self) -> str:
-        return self._tt.dtype
+        """The dtype as safetensors names it (``"F32"``, ``"BF16"``, ``"I64"``, ``"BOOL"``, ...)."""
+        return _SAFETENSORS_CODES.get(self._tt.dtype, self._tt.dtype)
 
     def __reduce__(self) -> tuple[Any, ...]:
         """Sent to another process: the same slice of the archive opened there (``Archive.__reduce__``)."""
-        return Archive.get_slice, (self._archive, self._task, self._name)
+        return _slice, (self._archive, self._task, self._name, self._exact)
 
     def __getitem__(self, index: Any) -> torch.Tensor:
         idx = index if isinstance(index, tuple) else (index,)
@@ -1107,10 +1119,18 @@ class TensorSlice:
             elif isinstance(first, slice) and first.step in (None, 1):
                 a, b, _ = first.indices(shape[0])
                 rows, rest = (a, max(a, b)), (slice(None), *idx[1:])
-        if rows is None or rows == (0, shape[0]):
-            return _own(self._archive.get_tensor(self._task, self._name), index)  # (all rows: as get_tensor)
-        part = self._archive._rebuild(self._task, self._name, self._archive._workers(), rows=rows)
+        if rows is None or rows == (0, shape[0]):  # (all rows: as get_tensor)
+            return _own(self._archive.get_tensor(self._task, self._name, exact=self._exact), index)
+        part = self._archive._rebuild(self._task, self._name, self._archive._workers(), self._exact, rows=rows)
         return _own(part, rest) if rest != (slice(None),) else part
+
+
+def _slice(archive: Archive, task: str, name: str, exact: bool) -> TensorSlice:
+    return archive.get_slice(task, name, exact=exact)
+
+
+#: safetensors' dtype codes (``TensorSlice.get_dtype``), by spec name.
+_SAFETENSORS_CODES = {name: code for code, name in SAFETENSORS_DTYPES.items()}
 
 
 def _own(t: torch.Tensor, index: Any) -> torch.Tensor:

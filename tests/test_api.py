@@ -322,3 +322,40 @@ def test_bytes_paths_open(fam_path) -> None:
         assert fam.name == str(fam_path) and fam.tasks == ("a", "b")
     with pytest.raises(InvalidArgumentError, match="got int"):
         tallpack.open(3)
+
+
+# -- slices ------------------------------------------------------------------------------------
+
+def test_slices_give_safetensors_dtype_names(tmp_path) -> None:
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    base, tasks = _family()
+    base["on"], tasks["a"]["on"], tasks["b"]["on"] = (torch.rand(20, generator=torch.Generator().manual_seed(i)) > 0.5
+                                                       for i in range(3))
+    save_file(tasks["a"], tmp_path / "a.safetensors")
+    tallpack.pack(base, tasks, tmp_path / "f.tallpack")
+    with tallpack.open(tmp_path / "f.tallpack") as fam, safe_open(tmp_path / "a.safetensors", "pt") as st:
+        got = {k: fam.get_slice("a", k).get_dtype() for k in st.keys()}
+        assert got == {k: st.get_slice(k).get_dtype() for k in st.keys()}
+        assert {got[k] for k in ("w", "h", "f16", "ids", "on")} == {"F32", "BF16", "F16", "I64", "BOOL"}
+
+
+def test_exact_slices_give_the_original_rows(tmp_path, fam_path) -> None:
+    import pickle
+
+    base, tasks = _family()
+    out = tmp_path / "exact.tallpack"
+    tallpack.pack(base, tasks, out, exact=True)
+    with tallpack.open(out) as fam:
+        for name in ("w", "h", "ids"):
+            original = tasks["b"][name]
+            exact = fam.get_slice("b", name, exact=True)
+            assert _bits(exact[3:7]) == _bits(original[3:7]) and _bits(exact[-1]) == _bits(original[-1])
+            if original.dim() == 2:
+                assert _bits(exact[:, 2:5]) == _bits(original[:, 2:5])
+        assert _bits(fam.get_slice("b", "w")[3:7]) != _bits(tasks["b"]["w"][3:7])  # lossy, without exact
+        again = pickle.loads(pickle.dumps(fam.get_slice("b", "w", exact=True)))
+        assert _bits(again[0:2]) == _bits(tasks["b"]["w"][0:2])
+    with tallpack.open(fam_path) as fam, pytest.raises(tallpack.ExactTierMissingError):
+        fam.get_slice("a", "w", exact=True)

@@ -587,7 +587,7 @@ def test_get_slice_reads_only_the_rows_asked(tmp_path) -> None:
     with tallpack.open(out) as fam:
         whole = fam.get_tensor("t1", "w")
         sl = fam.get_slice("t1", "w")
-        assert sl.get_shape() == [64, 32] and sl.get_dtype() == "float32"
+        assert sl.get_shape() == [64, 32] and sl.get_dtype() == "F32"
         for index in (slice(3, 7), slice(0, 64), slice(60, 99), 5, -1, (slice(10, 12), slice(4, 8)),
                       (7, 3), slice(8, 8), slice(0, 64, 2), ...):
             assert torch.equal(sl[index], whole[index]), index
