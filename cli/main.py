@@ -15,6 +15,7 @@ from click.core import ParameterSource
 
 import tallpack
 from tallpack.errors import TallpackError
+from tallpack.fsutil import check_replaceable
 from tallpack.checksums import CHECKSUMS
 from tallpack.kernels import COMPILED
 from tallpack.merging import MERGED_MODELS, METHODS, MergeMethod, Option, default_alpha, is_consensus
@@ -235,6 +236,8 @@ def pack(base, task_specs, output, lambda_specs, merge, codec, level, checksum, 
     lambdas = _parse_lambdas(lambda_specs, tasks)
     if chunk_elements % 8:
         raise click.BadParameter("must be a multiple of 8", param_hint="--chunk-elements")
+    if not staging.is_url(output):
+        check_replaceable(output)  # -o /dev/null: not "pass --force", which would not help
     if staging.exists(output) and not force:
         _fail(f"{output}: already exists; pass --force to overwrite it")
     prefix = f"{merge}_"

@@ -186,11 +186,29 @@ def _remove_if_unlocked(path: Path) -> int | None:
 _NO_LINKS = {errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EXDEV, errno.EMLINK, errno.ENOSYS}
 
 
+def check_replaceable(target: str | os.PathLike) -> None:
+    """OutputError when ``target`` exists and is not a regular file: an overwrite replaces old
+    outputs, never a device (``-o /dev/null``), a FIFO, a socket, a folder or a link (whose file
+    would be left as it was, the link replaced)."""
+    try:
+        mode = os.lstat(target).st_mode
+    except OSError:  # not there (or not reachable: the write says why)
+        return
+    if stat.S_ISREG(mode):
+        return
+    what = ("a symbolic link" if stat.S_ISLNK(mode) else "a folder" if stat.S_ISDIR(mode)
+            else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "a FIFO" if stat.S_ISFIFO(mode)
+            else "a socket" if stat.S_ISSOCK(mode) else "not a regular file")
+    raise OutputError(f"{target}: is {what}; outputs are written as regular files, and --force (overwrite=True) "
+                      "replaces only those: name another path")
+
+
 def commit(tmp: Path, target: Path, *, overwrite: bool = True) -> None:
     """Rename ``tmp`` to ``target`` and make the rename durable. With ``overwrite=False`` an
     existing ``target`` is never replaced (OutputExistsError), even one created a moment ago:
     the file is linked to its name, which fails if the name exists, and then unlinked."""
     if overwrite:
+        check_replaceable(target)  # checked before the write too; a device may have appeared meanwhile
         os.replace(tmp, target)
     else:
         try:
@@ -261,6 +279,7 @@ class Transaction:
         self.obsolete: list[Path] = []  # existing files this output replaces by others: removed on commit
 
     def check(self, target: Path) -> None:
+        check_replaceable(target)
         if not self.overwrite and os.path.lexists(target):
             raise OutputExistsError(f"{target}: already exists; pass --force (overwrite=True) to replace it")
 

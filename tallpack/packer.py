@@ -24,7 +24,7 @@ from .encodings import BY_KIND, Item, Later, WriteContext, settled
 from .encodings.exact import RESIDUAL_CODECS, add_exact
 from .errors import InvalidArgumentError, OutputExistsError
 from .folders import FileStore
-from .fsutil import writing
+from .fsutil import check_replaceable, writing
 from .groups import GROUP_ELEMENTS, SMALL_ELEMENTS, Member, concat, group_elements, layout
 from .inputs import PackInputs, TasksLike
 from .manifest import Manifest, TaskInfo, TensorEntry, count_kinds
@@ -62,6 +62,9 @@ def pack(base: SourceLike, tasks: TasksLike, out: str | os.PathLike, options: Pa
         raise InvalidArgumentError(f"pack: {e}") from None
     v = opts.validated()
     opts = v.options  # numbers as Python's (numpy's scalars given)
+    _check_pack_call(tasks, out)
+    if not is_url(out):
+        check_replaceable(out)  # never a device or a link, even with overwrite
     if not opts.overwrite and os.path.lexists(out):
         raise OutputExistsError(f"{out}: already exists; pass --force (overwrite=True) to replace it")
     named: dict[str | int, SourceLike] = (dict(tasks.items()) if isinstance(tasks, Mapping)
@@ -79,6 +82,23 @@ def pack(base: SourceLike, tasks: TasksLike, out: str | os.PathLike, options: Pa
             src.label = origin.get(src.label, src.label)  # errors and the manifest name the URL
         _refuse_own_inputs(out, fam)
         return _pack_opened(fam, opts, v, out, storage_options)
+
+
+def _check_pack_call(tasks: object, out: object) -> None:
+    """InvalidArgumentError for ``tasks`` given as one checkpoint, or an ``out`` that is no path."""
+    if isinstance(tasks, (str, bytes, os.PathLike)):
+        raise InvalidArgumentError("tasks must be a mapping {name: checkpoint} or a list of checkpoints, "
+                                   f"got a {type(tasks).__name__} (one task: [{tasks!r}])")
+    if not hasattr(tasks, "__iter__"):
+        raise InvalidArgumentError("tasks must be a mapping {name: checkpoint} or a list of checkpoints, "
+                                   f"got a {type(tasks).__name__}")
+    if isinstance(tasks, Mapping):
+        tensor = next((k for k, v in tasks.items() if isinstance(v, torch.Tensor)), None)
+        if tensor is not None:
+            raise InvalidArgumentError(f"tasks maps {tensor!r} to a tensor: for one task's state dict, pass "
+                                       "{name: state_dict}")
+    if not isinstance(out, (str, os.PathLike)):
+        raise InvalidArgumentError(f"out must be the archive's path or URL, got {type(out).__name__}")
 
 
 def _refuse_own_inputs(out: str | os.PathLike, fam: PackInputs) -> None:

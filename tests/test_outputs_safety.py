@@ -65,10 +65,35 @@ def test_pack_with_force_never_replaces_one_of_its_inputs(small_family, hf_famil
         b = hf_family["base"] if "cars" in tasks[1] else base
         before = Path(out).read_bytes()
         r = CliRunner().invoke(main, ["-q", "pack", "--force", "--base", str(b), *tasks, "-o", str(out)])
-        assert r.exit_code == 1 and "is one of the files packed" in r.output, (out, r.output)
+        why = "is a symbolic link" if Path(out).is_symlink() else "is one of the files packed"  # refused either way
+        assert r.exit_code == 1 and why in r.output, (out, r.output)
         assert len(r.output.strip().splitlines()) == 1 and Path(out).read_bytes() == before, out
     with pytest.raises(tallpack.InvalidArgumentError, match="is one of the files packed"):
         tallpack.pack(base, {"a": a}, a, overwrite=True)
+
+
+def test_force_replaces_only_regular_files(small_family, archive, tmp_path):
+    """--force replaces an old output, never a FIFO, a device or a link (the link's file would be
+    left as it was); `-o /dev/null` is told so, not to add --force."""
+    fifo, link, target = tmp_path / "fifo", tmp_path / "link.tallpack", tmp_path / "real.tallpack"
+    os.mkfifo(fifo)
+    target.write_bytes(b"old")
+    link.symlink_to(target)
+    base, tasks = small_family["base_path"], small_family["task_paths"]
+    for out, what in ((fifo, "is a FIFO"), (link, "is a symbolic link")):
+        code, text = cli("pack", "--base", base, "--task", tasks["a"], "-o", out, "--force")
+        assert code == 1 and text.count("\n") == 1 and f"{out}: {what}" in text, text
+        with pytest.raises(tallpack.OutputError, match=what):
+            tallpack.pack(base, {"a": tasks["a"]}, out, overwrite=True)
+    assert fifo.is_fifo() and link.is_symlink() and target.read_bytes() == b"old"
+    code, text = cli("pack", "--base", base, "--task", tasks["a"], "-o", "/dev/null")  # never with --force
+    assert code == 1 and "/dev/null: is a device" in text and "pass --force" not in text, text
+    out = tmp_path / "unpacked"
+    out.mkdir()
+    os.mkfifo(out / "model.safetensors")
+    code, text = cli("unpack", archive, "--task", "a", "-o", out, "--force")
+    assert code == 1 and "model.safetensors: is a FIFO" in text, text
+    assert (out / "model.safetensors").is_fifo() and sorted(p.name for p in out.iterdir()) == ["model.safetensors"]
 
 
 def test_unpack_and_merge_refuse_existing_outputs(archive, tmp_path):
