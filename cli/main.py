@@ -127,12 +127,18 @@ def _parse_tasks(specs: tuple[str, ...]) -> dict[str, str]:
 def _parse_lambdas(specs: tuple[str, ...], tasks: dict[str, str]) -> dict[str, float]:
     default = tallpack.DEFAULT_LAMBDA
     per: dict[str, float] = {}
+    seen: dict[str | None, str] = {}  # task name (None: every task) -> the spec that set it
     for spec in specs:
         name, sep, value = spec.rpartition("=")
         try:
             v = float(value)
         except ValueError:
             raise click.BadParameter(f"{spec!r}: expected a number or NAME=NUMBER", param_hint="--lambda") from None
+        if (name if sep else None) in seen:  # a second value would silently win
+            what = f"lambda for task {name!r}" if sep else "lambda for all tasks"
+            raise click.BadParameter(f"{what} given twice ({seen[name if sep else None]!r} and {spec!r})",
+                                     param_hint="--lambda")
+        seen[name if sep else None] = spec
         if sep:
             per[name] = v
         else:
@@ -195,7 +201,8 @@ def _refuse_ignored_pack_flags(merge: str, exact: bool, dial: bool, derive_masks
               help="Codec of dense sections: planes is the smallest, raw loads fastest.")
 @click.option("--level", type=click.IntRange(1, 22), default=_DEFAULTS.level, show_default=True, help="zstd level (planes: 10 and up choose how float32/bfloat16 exponent bits are split per chunk, about 0.3% smaller, slower to decode).")
 @click.option("--checksum", type=click.Choice(list(CHECKSUMS)), default=_DEFAULTS.checksum, show_default=True,
-              help="Chunk checksum (crc32 gives a format 1.0 archive that tallpack 0.1 reads).")
+              help="Chunk checksum (crc32 with --codec bytegroup-zstd and --no-group, from files, gives a "
+                   "format 1.0 archive that tallpack 0.1 reads).")
 @click.option("--chunk-elements", type=click.IntRange(8), default=_DEFAULTS.chunk_elements, show_default=True,
               help="Elements per chunk (a multiple of 8).")
 @click.option("--no-paths", is_flag=True,

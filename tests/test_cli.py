@@ -135,6 +135,10 @@ def test_error_bad_lambda_and_unknown_options(packed, small_family, tmp_path):
     assert "unknown task" in one_error_line(r)
     r = run("pack", "--base", base, "--task", a, "--lambda", "abc", "-o", tmp_path / "o.tallpack", ok=False)
     assert r.exit_code == 2 and "expected a number" in r.output
+    for twice in (["a=0.3", "a=0.5"], ["0.3", "0.5"]):  # a second value would silently win
+        r = run("pack", "--base", base, "--task", a, *[x for v in twice for x in ("--lambda", v)],
+                "-o", tmp_path / "o.tallpack", ok=False)
+        assert r.exit_code == 2 and "given twice" in r.output and not (tmp_path / "o.tallpack").exists()
     r = run("pack", "--base", base, "--task", a, "--codec", "gzip", "-o", tmp_path / "o.tallpack", ok=False)
     assert r.exit_code == 2 and "gzip" in r.output
 
