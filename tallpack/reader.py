@@ -8,13 +8,14 @@ its encoding's business (:mod:`tallpack.encodings`); the reader only dispatches.
 from __future__ import annotations
 
 import contextlib
+import difflib
 import gc
 import logging
 import os
 import threading
 import weakref
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from typing import Any, NamedTuple, cast
@@ -193,9 +194,11 @@ class Archive:
         try:
             return self._tasks[task]
         except (KeyError, TypeError):
-            raise TaskNotFoundError(
-                f"{self.name}: no task {task!r}; tasks are {', '.join(self.tasks)}"
-            ) from None
+            names = self.tasks
+            listed = ", ".join(names[:LISTED_TASKS])
+            if len(names) > LISTED_TASKS:
+                listed += f", ... ({len(names)} tasks; see fam.tasks)"
+            raise TaskNotFoundError(f"{self.name}: no task {task!r}{_near(task, names)}; tasks are {listed}") from None
 
     def keys(self, task: str) -> list[str]:
         """The task's tensor names, in its checkpoint's order."""
@@ -212,7 +215,9 @@ class Archive:
         self.task_info(task)
         entry = (self._groups if group else self._tensors).get(name) if isinstance(name, str) else None
         if entry is None or task not in entry.tasks:
-            raise TensorNotFoundError(f"{self.name}: task {task!r} has no tensor {name!r}")
+            hint = _near(name, self._tasks[task].keys, prefixes=True) if isinstance(name, str) else (
+                f" (tensor names are strings, not {type(name).__name__})")
+            raise TensorNotFoundError(f"{self.name}: task {task!r} has no tensor {name!r}{hint}")
         return entry, entry.tasks[task]
 
     # -- reading -----------------------------------------------------------------------------
@@ -314,6 +319,8 @@ class Archive:
         """One tensor (with ``rows``, rows ``[r0, r1)`` of its first dimension) of one task;
         ``prefetch=False`` when the caller already fetched its chunks (``state_dict``'s batches).
         With ``parts``, ``name`` is a group's (format 1.12), and the result a list: those members."""
+        if not isinstance(task, str) or not isinstance(name, str):  # (unhashable ones too)
+            self._entry(task, name)  # raises: no such task or tensor
         key = (task, name, parts is not None)
         plan = self._plans.get(key) if not exact and device is None else None
         if plan is None:
@@ -945,6 +952,41 @@ class _KeptPlanes(NamedTuple):
 def _whole(got: tuple[list[np.ndarray | None], int]) -> tuple[list[np.ndarray], int]:
     """A chunk's planes, every one there: all kept, or read without ``cheap`` (``Chain.planar``)."""
     return cast("tuple[list[np.ndarray], int]", got)
+
+
+#: The most task names a "no task" message lists.
+LISTED_TASKS = 10
+#: The most names a "no task" or "no tensor" message compares with for a close match (difflib's
+#: cost grows with them: about 0.2 ms a name): of those about as long, the ones that differ in
+#: one dotted part first. A prefix added or removed is looked for among all.
+COMPARED_NAMES = 200
+
+
+def _near(name: object, names: Sequence[str], prefixes: bool = False) -> str:
+    """A hint for a name not found: `` (did you mean 'x'?)`` with the closest of ``names``
+    (difflib), or, with ``prefixes``, the name with its leading dotted parts removed, or with
+    some added (``model.``: a wrapped model's names against the bare model's); else ``""``.
+
+    >>> _near("model.l1.weight", ["l1.weight"], prefixes=True)
+    " (did you mean 'l1.weight', without 'model.'?)"
+    """
+    if not isinstance(name, str) or not names:
+        return ""
+    if prefixes:
+        parts = name.split(".")
+        known = set(names)
+        for i in range(1, len(parts)):
+            if ".".join(parts[i:]) in known:
+                rest = ".".join(parts[i:])
+                return f" (did you mean {rest!r}, without {name[: len(name) - len(rest)]!r}?)"
+        longer = next((n for n in names if n.endswith("." + name)), None)
+        if longer is not None:
+            return f" (did you mean {longer!r}, with {longer[: len(longer) - len(name)]!r}?)"
+    alike = [n for n in names if abs(len(n) - len(name)) <= 2]
+    parts = name.split(".")
+    one_off = [n for n in alike if len(p := n.split(".")) == len(parts) and sum(a != b for a, b in zip(p, parts)) == 1]
+    close = difflib.get_close_matches(name, (one_off or alike)[:COMPARED_NAMES], n=1, cutoff=0.75)
+    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 def _group_where(entry: TensorEntry) -> str:

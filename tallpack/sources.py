@@ -284,7 +284,9 @@ def _why_unreadable(t: torch.Tensor) -> str | None:
 def _tensor_dict(label: str, obj: Mapping) -> dict[str, torch.Tensor]:
     out = {}
     for name, t in obj.items():
-        if not isinstance(name, str) or not isinstance(t, torch.Tensor):
+        if not isinstance(name, str):
+            raise CheckpointError(f"{label}: entry {name!r}: tensor names must be strings, got {type(name).__name__}")
+        if not isinstance(t, torch.Tensor):
             raise CheckpointError(f"{label}: entry {name!r} is a {type(t).__name__}, not a tensor")
         why = _why_unreadable(t)
         if why:

@@ -118,14 +118,14 @@ class LocalFile:
         self._f.close()
 
 
-def is_url(path: str | os.PathLike) -> bool:
-    text = os.fspath(path)
+def is_url(path: str | bytes | os.PathLike) -> bool:
+    text = os.fsdecode(path)
     return "://" in text and not text.startswith("file://")
 
 
-def open_bytes(path: str | os.PathLike, storage_options: dict[str, Any] | None = None) -> ByteSource:
+def open_bytes(path: str | bytes | os.PathLike, storage_options: dict[str, Any] | None = None) -> ByteSource:
     """A local path (or ``file://``) is memory-mapped; any other URL is read through fsspec."""
-    text = os.fspath(path)
+    text = os.fsdecode(path)
     if is_url(text):
         from .remote import RemoteFile
 

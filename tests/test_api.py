@@ -359,3 +359,62 @@ def test_exact_slices_give_the_original_rows(tmp_path, fam_path) -> None:
         assert _bits(again[0:2]) == _bits(tasks["b"]["w"][0:2])
     with tallpack.open(fam_path) as fam, pytest.raises(tallpack.ExactTierMissingError):
         fam.get_slice("a", "w", exact=True)
+
+
+# -- messages that say what to do next ---------------------------------------------------------
+
+def test_pack_says_what_tasks_and_out_must_be(tmp_path) -> None:
+    from tallpack.errors import CheckpointError
+
+    base, tasks = _family()
+    out = tmp_path / "o.tallpack"
+    with pytest.raises(InvalidArgumentError, match=r"tasks must be a mapping \{name: checkpoint\} or a list of "
+                                                   r"checkpoints, got a str \(one task: \['ft/cars.safetensors'\]\)"):
+        tallpack.pack(base, "ft/cars.safetensors", out)
+    with pytest.raises(InvalidArgumentError, match="tasks maps 'w' to a tensor: for one task's state dict"):
+        tallpack.pack(base, tasks["a"], out)
+    with pytest.raises(InvalidArgumentError, match="out must be the archive's path or URL, got NoneType"):
+        tallpack.pack(base, tasks, None)
+    with pytest.raises(CheckpointError, match="^base: entry 1: tensor names must be strings, got int$"):
+        tallpack.pack({1: torch.ones(2)}, {"a": {1: torch.ones(2)}}, out)
+    assert not out.exists()
+
+
+def test_outputs_take_an_open_archive(fam_path, tmp_path) -> None:
+    with pytest.raises(InvalidArgumentError, match=r"write_task: takes an open archive, not a path: pass tallpack.open\("):
+        tallpack.write_task(str(fam_path), "a", tmp_path / "o")
+    with pytest.raises(InvalidArgumentError, match="write_tasks: archive must be an open tallpack.Archive"):
+        tallpack.write_tasks(None, None, tmp_path / "o")
+    with tallpack.open(fam_path) as fam:
+        with pytest.raises(InvalidArgumentError, match="write_task: outdir must be a folder's path or URL, got NoneType"):
+            tallpack.write_task(fam, "a", None)
+        with pytest.raises(InvalidArgumentError, match="write_merged: takes an open archive"):
+            tallpack.write_merged(fam_path, tmp_path / "o", "ta", alpha=0.5)
+    assert not (tmp_path / "o").exists()
+
+
+def test_not_found_messages_are_one_bounded_line_with_a_hint(tmp_path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    tallpack.pack({"w": torch.zeros(16)}, {f"task_{i:03d}": {"w": torch.full((16,), float(i))} for i in range(40)},
+                  "many.tallpack")
+    names = [f"model.layers.{i}.mlp.weight" for i in range(30)] + ["classifier.weight"]
+    sd = {n: torch.ones(4) for n in names}
+    tallpack.pack({n: torch.zeros(4) for n in names}, {"cars": sd, "dtd": sd}, "names.tallpack")
+    with tallpack.open("many.tallpack") as fam:
+        with pytest.raises(tallpack.TaskNotFoundError) as e:
+            fam.get_tensor("task_31", "w")
+        text = str(e.value)
+        assert text.startswith("many.tallpack: no task 'task_31' (did you mean 'task_031'?); tasks are task_000, ")
+        assert text.endswith(", task_009, ... (40 tasks; see fam.tasks)") and len(text) < 300
+    with tallpack.open("names.tallpack") as fam:
+        lazy = fam.state_dict("cars", lazy=True)
+        for ask, hint in [("layers.3.mlp.weight", "(did you mean 'model.layers.3.mlp.weight', with 'model.'?)"),
+                          ("model.model.layers.3.mlp.weight", "(did you mean 'model.layers.3.mlp.weight', without 'model.'?)"),
+                          ("classifer.weight", "(did you mean 'classifier.weight'?)"),
+                          (["classifier.weight"], "(tensor names are strings, not list)")]:
+            for read in (lambda: fam.get_tensor("cars", ask), lambda: lazy[ask], lambda: fam.get_slice("cars", ask)):
+                with pytest.raises(tallpack.TensorNotFoundError) as e:
+                    read()
+                assert str(e.value) == f"names.tallpack: task 'cars' has no tensor {ask!r} {hint}"
+        with pytest.raises(tallpack.TaskNotFoundError, match=r"no task 'crs' \(did you mean 'cars'\?\); tasks are cars, dtd$"):
+            fam.keys("crs")
