@@ -18,6 +18,7 @@ from tallpack.errors import TallpackError
 from tallpack.fsutil import check_replaceable
 from tallpack.checksums import CHECKSUMS
 from tallpack.kernels import COMPILED
+from tallpack.merged import left_out
 from tallpack.merging import MERGED_MODELS, METHODS, MergeMethod, Option, default_alpha, is_consensus
 from tallpack.options import DENSE_PRESETS, PackOptions
 from tallpack.progress import LogLines
@@ -344,8 +345,13 @@ def merge(archive: str, method: str, k: int, alpha: float | None, task: str | No
         alpha = default_alpha(method, len(fam.tasks)) if alpha is None else alpha
         path, n = tallpack.write_merged(fam, output, method, k=k, alpha=alpha, task=task,
                                         max_shard_size=max_shard_size, progress=_progress(), overwrite=force)
+        left = [] if task is not None else left_out(fam.manifest)
     shown_k = f", k={k}" if is_consensus(method) else ""  # the others have no k
-    click.echo(f"wrote {path} ({method}{shown_k}, alpha={alpha:g}, {n} tensors)")
+    # what the model lacks belongs in the result line, which -q keeps (the warning it repeats does not)
+    lacks = (f"; {len(left)} tensor{'s' if len(left) > 1 else ''} every task has left out, as each task stores "
+             f"its own: {', '.join(map(repr, left[:3]))}{', ...' if len(left) > 3 else ''} (--task NAME takes "
+             "one task's)") if left else ""
+    click.echo(f"wrote {path} ({method}{shown_k}, alpha={alpha:g}, {n} tensors{lacks})")
 
 
 @main.command()

@@ -283,7 +283,9 @@ def test_merge_refuses_k_for_a_plain_model(packed, tmp_path):
     r = run("merge", packed, "--method", "ta", "--k", "3", "-o", tmp_path / "ta", ok=False)
     assert "--k: only the consensus methods use it" in one_error_line(r)
     assert not (tmp_path / "ta").exists()
-    assert "k=" not in run("merge", packed, "--method", "ta", "-o", tmp_path / "ta").stdout  # nor in its summary
+    out = run("-q", "merge", packed, "--method", "ta", "-o", tmp_path / "ta").stdout
+    assert "k=" not in out  # nor in its summary, which names what the model lacks, even with -q
+    assert "1 tensor every task has left out, as each task stores its own: 'head.w' (--task NAME" in out
     assert "k=3" in run("merge", packed, "--method", "consensus-ta", "--k", "3", "-o", tmp_path / "cons").stdout
 
 
