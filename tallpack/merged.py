@@ -173,7 +173,8 @@ class MergeParts:
             return
         self._warned = True
         names = ", ".join(map(repr, self.left_out[:SHOWN_NAMES])) + (", ..." if n > SHOWN_NAMES else "")
-        log.warning("%s: %d tensor%s every task has left out of the %s model: %s (each task stores its own: not in "
-                    "the base, another shape or dtype, integers that differ, or NaN/inf; no base to merge onto); "
-                    "task=NAME (--task NAME) takes them from that task", self._family.name, n, "" if n == 1 else "s",
-                    self.model, names)
+        one = n == 1
+        log.warning("%s: %d tensor%s that every task has %s left out of the %s model: %s (each task stores its own: "
+                    "not in the base, another shape or dtype, integers that differ, or NaN/inf; no base to merge "
+                    "onto); task=NAME (--task NAME) takes %s from that task", self._family.name, n, "" if one else "s",
+                    "is" if one else "are", self.model, names, "it" if one else "them")

@@ -234,7 +234,7 @@ def test_a_merged_model_says_which_tensors_every_task_has_it_leaves_out(tmp_path
             parts.state_dict(0.5)  # said once per MergeParts
         [record] = [r for r in caplog.records if r.name == "tallpack.merged"]
         text = record.getMessage()
-        assert "3 tensors every task has left out of the ta model" in text and "'nan'" in text and "'head'" in text
+        assert "3 tensors that every task has are left out of the ta model" in text and "'nan'" in text and "'head'" in text
         assert "NaN" in text and "task=NAME (--task NAME)" in text and "\n" not in text
         caplog.clear()
         with caplog.at_level("WARNING", logger="tallpack.merged"):
@@ -244,7 +244,7 @@ def test_a_merged_model_says_which_tensors_every_task_has_it_leaves_out(tmp_path
         assert torch.equal(sd["nan"], fam.get_tensor("b", "nan"))
     r = subprocess.run([sys.executable, "-m", "tallpack", "merge", str(out), "--method", "ta", "-o", str(tmp_path / "m")],
                        capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0 and "3 tensors every task has left out of the ta model" in r.stderr, r.stderr
+    assert r.returncode == 0 and "3 tensors that every task has are left out of the ta model" in r.stderr, r.stderr
 
 
 # -- archives sent to other processes ----------------------------------------------------------
