@@ -737,6 +737,8 @@ class Dial:
     def _max_min(self, spare: int, cost, fid) -> dict[str, int]:
         """The highest fidelity every task reaches within ``spare`` bytes (bisection)."""
         tasks = list(self.plans)
+        if not tasks:  # no tensor to dial (none masked: tasks equal to the base, integers, NaN)
+            return {}
         lo_f = min(fid(t, 0) for t in tasks)
         best = {t: 0 for t in tasks}
         total, ps = cost(1.0)

@@ -147,6 +147,31 @@ def test_budget_is_kept_and_raises_fidelity(tmp_path):
         assert min(i.fidelity["weight"] for i in m.tasks) > min(i.fidelity["weight_tall"] for i in m.tasks)
 
 
+@pytest.mark.parametrize("case", ["same", "ints", "nan"])
+def test_a_budget_with_no_tensor_to_dial_writes_the_archive(tmp_path, case):
+    """No tensor masked (tasks equal to the base, integer tensors that differ, a NaN in a task):
+    nothing to dial, and the archive is written as --fidelity writes it (this once failed with an
+    internal error)."""
+    g = torch.Generator().manual_seed(5)
+    if case == "ints":
+        base = {"w": torch.randint(-50, 50, (64, 64), generator=g, dtype=torch.int8)}
+        tasks = {t: {"w": base["w"] + i + 1} for i, t in enumerate(("a", "b"))}
+    else:
+        base = {"w": torch.randn(64, 64, generator=g)}
+        tasks = {t: {"w": base["w"].clone()} for t in ("a", "b")}
+        if case == "nan":
+            tasks["a"]["w"][0, 0] = float("nan")
+            tasks["b"]["w"] += 0.01
+    out = tmp_path / "b.tallpack"
+    tallpack.pack(base, tasks, out, budget=3.0)
+    with tallpack.open(out) as fam:
+        for t, sd in tasks.items():
+            got = fam.get_tensor(t, "w")  # stored as they are (shared or per task): the same values
+            assert got.dtype == sd["w"].dtype and torch.allclose(got.double(), sd["w"].double(), rtol=0, atol=0,
+                                                                 equal_nan=True)
+        assert fam.verify() == []
+
+
 def test_budget_below_tall_is_an_error(tmp_path):
     base, fts = family("dense")
     out = tmp_path / "small.tallpack"
