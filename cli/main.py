@@ -359,16 +359,21 @@ def merge(archive: str, method: str, k: int, alpha: float | None, task: str | No
 @click.option("--plot", "plot_path", default=None, metavar="PNG",
               help="Also draw the figure (tasks using each weight, density per task and per layer); needs matplotlib.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
-def stats(archive: str, plot_path: str | None, as_json: bool) -> None:
+@click.option("-f", "--force", is_flag=True, help="Replace the --plot file if it exists.")
+def stats(archive: str, plot_path: str | None, as_json: bool, force: bool) -> None:
     """How many tasks use each weight (catastrophic, selfish, consensus), density per task and layer."""
     from tallpack import stats as mask_stats
 
+    if plot_path:  # before the masks are read: a name matplotlib cannot write, an existing file
+        mask_stats.check_plot_path(plot_path, overwrite=force)
+    elif force:
+        _fail("--force: only --plot writes a file here")
     with tallpack.open(archive) as fam:
         s = mask_stats.compute(fam, progress=_progress())
     click.echo(json.dumps(s.to_dict(), indent=2) if as_json else mask_stats.render(s))
     if plot_path:
-        click.echo(f"wrote {mask_stats.plot(s, plot_path, title=f'{Path(archive).name}: {len(s.tasks)} tasks')}",
-                   err=as_json)
+        title = f"{Path(archive).name}: {len(s.tasks)} tasks"
+        click.echo(f"wrote {mask_stats.plot(s, plot_path, title=title, overwrite=force)}", err=as_json)
 
 
 @main.command()

@@ -9,6 +9,7 @@ use are **consensus** weights (what Consensus Merging keeps). :func:`compute` re
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -17,7 +18,8 @@ from typing import TYPE_CHECKING, Any
 from ._torch import torch
 from .encodings.derived import has_mask, task_mask
 from .encodings.qtau import task_masks
-from .errors import TallpackError
+from .errors import InvalidArgumentError, OutputExistsError, TallpackError
+from .fsutil import atomic_write, check_replaceable
 from .progress import ProgressLike, track
 
 if TYPE_CHECKING:
@@ -139,9 +141,7 @@ def render(s: MaskStats) -> str:
 _COLOURS = {"catastrophic": "#c0392b", "selfish": "#e67e22", "consensus": "#27ae60"}
 
 
-def plot(s: MaskStats, path: str | Path, *, title: str | None = None) -> Path:
-    """Draw the three panels (tasks using each weight; density per task; density per layer) to
-    a PNG (or any format matplotlib knows from the suffix)."""
+def _pyplot():
     try:
         import matplotlib
 
@@ -150,6 +150,32 @@ def plot(s: MaskStats, path: str | Path, *, title: str | None = None) -> Path:
     except ImportError:
         raise TallpackError("plotting needs matplotlib: pip install 'tallpack[plot]' "
                             "(or matplotlib itself)") from None
+    return plt
+
+
+def check_plot_path(path: str | os.PathLike, *, overwrite: bool = False) -> str:
+    """The image format of ``path`` (its suffix, one matplotlib writes), checked before any work:
+    InvalidArgumentError for another suffix, OutputError for a folder or device, and
+    OutputExistsError for an existing file without ``overwrite``."""
+    plt = _pyplot()
+    known = plt.figure().canvas.get_supported_filetypes()
+    plt.close("all")
+    fmt = Path(path).suffix.lower().removeprefix(".")
+    if fmt not in known:
+        raise InvalidArgumentError(f"{path}: the plot's name must end in an image format matplotlib writes "
+                                   f"({', '.join('.' + k for k in sorted(known))}), e.g. stats.png")
+    check_replaceable(path)
+    if not overwrite and os.path.lexists(path):
+        raise OutputExistsError(f"{path}: already exists; pass --force (overwrite=True) to replace it")
+    return fmt
+
+
+def plot(s: MaskStats, path: str | Path, *, title: str | None = None, overwrite: bool = False) -> Path:
+    """Draw the three panels (tasks using each weight; density per task; density per layer) to
+    a PNG (or any image format matplotlib knows, from the suffix), written as every output is: under
+    a temporary name, renamed when complete; an existing file is replaced only with ``overwrite``."""
+    fmt = check_plot_path(path, overwrite=overwrite)
+    plt = _pyplot()
     T = len(s.tasks)
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.8), gridspec_kw={"width_ratios": [1.1, 1, 1.5]})
     n = s.weights or 1
@@ -208,6 +234,8 @@ def plot(s: MaskStats, path: str | Path, *, title: str | None = None) -> Path:
     fig.suptitle(title or f"TALL masks: {T} tasks, {s.weights:,} masked weights", fontsize=11)
     fig.tight_layout()
     out = Path(path)
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
+    try:
+        atomic_write(out, lambda tmp: fig.savefig(tmp, dpi=120, format=fmt))
+    finally:
+        plt.close(fig)
     return out

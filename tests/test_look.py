@@ -81,6 +81,28 @@ def test_stats_counts_tasks_per_weight(packed, tmp_path):
     assert json.loads(run("stats", packed, "--json").stdout)["weights"] == s.weights
 
 
+def test_plot_names_an_image_format_and_replaces_only_with_force(packed, tmp_path):
+    """--plot takes a file name matplotlib writes (checked before the masks are read), and is an
+    output as any other: an existing file is replaced only with --force."""
+    pytest.importorskip("matplotlib")
+    for bad in ("x.safetensors", "stats"):
+        r = CliRunner().invoke(main, ["stats", str(packed), "--plot", str(tmp_path / bad)])
+        assert r.exit_code == 1 and "image format" in r.output and r.output.count("\n") == 1, r.output
+        assert "catastrophic" not in r.output and not (tmp_path / bad).exists()
+    png = tmp_path / "p.png"
+    png.write_bytes(b"precious")
+    r = CliRunner().invoke(main, ["stats", str(packed), "--plot", str(png)])
+    assert r.exit_code == 1 and "already exists; pass --force" in r.output and png.read_bytes() == b"precious"
+    run("stats", packed, "--plot", png, "--force")
+    assert png.read_bytes()[:4] == b"\x89PNG" and not list(tmp_path.glob(".*partial"))
+    with tallpack.open(packed) as fam:
+        s = stats.compute(fam)
+    with pytest.raises(tallpack.OutputExistsError):
+        stats.plot(s, png)
+    stats.plot(s, tmp_path / "p.svg")
+    assert (tmp_path / "p.svg").read_text().lstrip().startswith("<?xml")
+
+
 def test_layers_are_named_from_tensor_names():
     assert stats.layer_of("model.layers.12.mlp.up_proj.weight") == "layer 12"
     assert stats.layer_of("transformer.h.3.attn.c_attn.weight") == "layer 3"
