@@ -111,11 +111,24 @@ _MAX_SHARD = click.option("--max-shard-size", default=None, metavar="SIZE",
                                "default: the original's shards when the archive recorded them.")
 
 
+def _exists(path: str) -> bool:
+    try:
+        return Path(path).exists()
+    except OSError:  # a name too long to be a path: NAME=PATH, checked as such
+        return False
+
+
+def _output(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    if not value.strip():
+        raise click.BadParameter("an empty path names no output")
+    return value
+
+
 def _parse_tasks(specs: tuple[str, ...]) -> dict[str, str]:
     tasks: dict[str, str] = {}
     for spec in specs:
         name, sep, path = spec.partition("=")
-        if not sep or Path(spec).exists():  # a bare path, even one with '=' in it
+        if not sep or _exists(spec):  # a bare path, even one with '=' in it
             name, path = stem(spec), spec
         if not name or not path:
             raise click.BadParameter(f"{spec!r}: expected NAME=PATH or PATH", param_hint="--task")
@@ -192,7 +205,7 @@ def _refuse_ignored_pack_flags(merge: str, exact: bool, dial: bool, derive_masks
 @click.option("--base", "base", required=True, help="The base model: .safetensors, .bin/.pt/.pth, or a model folder.")
 @click.option("--task", "task_specs", multiple=True, required=True, metavar="NAME=PATH",
               help="A fine-tuned member (repeat). A bare PATH is named after its stem.")
-@click.option("-o", "--output", required=True, help="The archive to write (a path or a URL).")
+@click.option("-o", "--output", required=True, callback=_output, help="The archive to write (a path or a URL).")
 @click.option("--lambda", "lambda_specs", multiple=True, metavar="[NAME=]VALUE",
               help=f"Mask lambda, for all tasks or one (repeat). Default {tallpack.DEFAULT_LAMBDA}.")
 @click.option("--merge", type=click.Choice(list(METHODS)), default=_DEFAULTS.merge, show_default=True,
@@ -282,7 +295,7 @@ def inspect(archive: str, as_json: bool, tensors: bool) -> None:
 @click.argument("archive")
 @click.option("--task", "task_names", multiple=True, help="The task to write (repeat for several).")
 @click.option("--all", "all_tasks", is_flag=True, help="Write every task, each in OUTDIR/NAME.")
-@click.option("-o", "--output", required=True, help="The folder to write into (a path or a URL).")
+@click.option("-o", "--output", required=True, callback=_output, help="The folder to write into (a path or a URL).")
 @_MAX_SHARD
 @click.option("--exact", is_flag=True, help="Write the original files byte for byte (archives packed with --exact).")
 @click.option("-f", "--force", is_flag=True, help="Replace files that already exist in the output folder.")
@@ -332,7 +345,7 @@ def verify(archive: str) -> None:
 @click.option("--alpha", type=float, default=None,
               help="Scale of the merged vector (default: 1/T for sums, 1.0 for TIES).")
 @click.option("--task", "task", default=None, help="Add this task's own tensors (its head) to the model.")
-@click.option("-o", "--output", required=True, help="The folder to write into (a path or a URL).")
+@click.option("-o", "--output", required=True, callback=_output, help="The folder to write into (a path or a URL).")
 @_MAX_SHARD
 @click.option("-f", "--force", is_flag=True, help="Replace files that already exist in the output folder.")
 def merge(archive: str, method: str, k: int, alpha: float | None, task: str | None, output: str,

@@ -187,7 +187,7 @@ class SafetensorsSource(Source):
     def _open(self, path: Path):
         if path not in self._handles:
             if not path.is_file():
-                raise CheckpointNotFoundError(f"{path}: no such file")
+                raise _not_a_file(path)
             try:
                 self._remember(path)
                 self._handles[path] = safe_open(str(path), framework="pt")
@@ -223,9 +223,16 @@ class TorchSource(Source):
         return self._tensors[name].detach()
 
 
+def _not_a_file(path: Path) -> CheckpointError:
+    """The error for a checkpoint path that is no regular file: missing, or a FIFO, device, ..."""
+    if os.path.exists(path):
+        return CheckpointError(f"{path}: not a regular file")
+    return CheckpointNotFoundError(f"{path}: no such file")
+
+
 def _torch_load(path: Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
-        raise CheckpointNotFoundError(f"{path}: no such file")
+        raise _not_a_file(path)
     with open(path, "rb") as f:
         magic = f.read(2)
     if magic[:1] != b"\x80" and magic != b"PK":  # torch.save writes a zip, or (legacy) a pickle of protocol 2

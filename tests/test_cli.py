@@ -297,3 +297,20 @@ def test_tensors_of_another_shape_are_stored_per_task_without_allow_mismatch(pac
     help_text = " ".join(run("pack", "--help").output.split()).replace("- ", "-")  # unwrapped
     assert "even if it does not look fine-tuned from the base" in help_text
     assert "stored per task either way" in help_text
+
+
+def test_odd_paths_get_the_message_that_names_them(small_family, tmp_path):
+    """A FIFO given as a checkpoint is not "missing"; an empty -o names no output; a task name
+    too long for a path is checked as a name."""
+    import os
+
+    base, a = small_family["base_path"], small_family["task_paths"]["a"]
+    fifo = tmp_path / "fifo.safetensors"
+    os.mkfifo(fifo)
+    r = run("pack", "--base", base, "--task", fifo, "-o", tmp_path / "q.tallpack", ok=False)
+    assert f"{fifo}: not a regular file" in one_error_line(r)
+    for cmd in (["pack", "--base", base, "--task", a], ["merge", tmp_path / "none.tallpack"]):
+        r = run(*cmd, "-o", "", ok=False)
+        assert r.exit_code == 2 and "an empty path names no output" in r.output
+    r = run("pack", "--base", base, "--task", f"{'L' * 300}={a}", "-o", tmp_path / "q.tallpack", ok=False)
+    assert "bad task name" in one_error_line(r) and "File name too long" not in r.output
