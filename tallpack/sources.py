@@ -414,7 +414,7 @@ def open_source(obj: SourceLike, *, label: str | None = None) -> Source:
         return DictSource(label or "<dict>", obj)
     if not isinstance(obj, (str, os.PathLike)):
         raise CheckpointError(f"cannot read a checkpoint from a {type(obj).__name__}")
-    path = Path(obj)
+    path = Path(os.fspath(obj).removeprefix("file://"))  # a file:// URL is a local path (as for archives)
     if path.is_dir():
         roots = _roots(path)
         kind, files, index = _folder_files(path, roots)

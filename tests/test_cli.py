@@ -314,3 +314,13 @@ def test_odd_paths_get_the_message_that_names_them(small_family, tmp_path):
         assert r.exit_code == 2 and "an empty path names no output" in r.output
     r = run("pack", "--base", base, "--task", f"{'L' * 300}={a}", "-o", tmp_path / "q.tallpack", ok=False)
     assert "bad task name" in one_error_line(r) and "File name too long" not in r.output
+
+
+def test_file_urls_are_local_inputs(small_family, hf_family, tmp_path):
+    """file:// names a local file or folder, for pack's inputs as for archives and outputs."""
+    base, a = small_family["base_path"], small_family["task_paths"]["a"]
+    run("-q", "pack", "--base", f"file://{base}", "--task", f"a=file://{a}", "-o", tmp_path / "f.tallpack")
+    run("-q", "pack", "--base", f"file://{hf_family['base']}", "--task", f"file://{hf_family['tasks']['dtd']}",
+        "-o", f"file://{tmp_path / 'hf.tallpack'}")
+    with tallpack.open(tmp_path / "f.tallpack") as fam, tallpack.open(f"file://{tmp_path / 'hf.tallpack'}") as hf:
+        assert fam.tasks == ("a",) and hf.tasks == ("dtd",) and hf.files("dtd")
