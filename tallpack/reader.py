@@ -336,7 +336,11 @@ class Archive:
             if exact and tt.encoding in TALL_ENCODINGS:
                 if "exact" not in tt.extras:
                     raise ExactTierMissingError(f"{self.name}: {where} has no exact residual (damaged manifest)")
-                out = rebuild_exact(self.read_array, entry, tt, where)
+                try:
+                    out = rebuild_exact(self.read_array, entry, tt, where)
+                except IntegrityError as e:  # a hash that does not match: say which archive
+                    text = str(e)
+                    raise IntegrityError(text if text.startswith(f"{self.name}:") else f"{self.name}: {text}") from None
                 out = out if device is None else out.to(device)
                 return out if parts is None else split_parts(out, parts)
             needed = encoding.inputs(entry, tt)
@@ -840,15 +844,20 @@ class Archive:
                 read_blob(self._c.read_array, digest, ref, named.get(digest, f"file content {digest[:12]}"))
             except TallpackError as e:
                 problems.append(str(e))
-        problems += verify_originals(self)
+        later = verify_originals(self)
         for entry in self.manifest.tensors:  # derived masks: their set bits against the manifest's
             for t, tt in entry.tasks.items():
                 if tt.encoding in TALL_ENCODINGS and tt.encoding != "tall":
+                    if any(f"tensor {entry.name!r}" in p for p in later):
+                        continue  # an original of it did not rebuild, said above: the mask derives from them
                     try:
                         task_mask(self.read_array, entry, tt, f"{self.name}: task {t!r}, tensor {entry.name!r}")
                     except TallpackError as e:
-                        problems.append(str(e))
-        return problems
+                        later.append(str(e))
+        # a damaged chunk is said once: the rebuilds that read it (every task's, where a merged
+        # vector is derived from one task's original) fail on it again, and are not repeated
+        said = {f"tensor {name!r}" for name, _, ref in iter_arrays(self.manifest.tensors) if id(ref) in damaged}
+        return problems + list(dict.fromkeys(p for p in later if not any(s in p for s in said)))
 
     # -- folder files ------------------------------------------------------------------------
     def _file_names(self) -> dict[str, str]:

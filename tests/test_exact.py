@@ -302,3 +302,31 @@ def test_a_shard_size_with_the_exact_tier_is_refused(small_family, tmp_path: Pat
                                   "-o", str(tmp_path / "c")])
     assert r.exit_code == 1 and r.output.count("\n") == 1 and "--max-shard-size" in r.output, r.output
     assert not any(tmp_path.glob("a")) and not (tmp_path / "all").exists() and not (tmp_path / "c").exists()
+
+
+def test_a_residual_that_passes_its_checksum_but_not_the_hash_is_said_once_with_the_archive(small_family,
+                                                                                              tmp_path: Path) -> None:
+    """Damage the chunk checksum cannot see (the checksum rewritten with it): the original's hash
+    catches it, in one line that names the archive, in verify as in exact reads."""
+    import xxhash
+    import zstandard
+
+    from tallpack.container import FOOTER
+    from test_fuzz import with_manifest
+
+    out = tmp_path / "c.tallpack"
+    tallpack.pack(small_family["base_path"], small_family["task_paths"], out, exact=True, codec="raw", group=False)
+    raw = bytearray(out.read_bytes())
+    m_off, m_len, *_ = FOOTER.unpack(bytes(raw[-FOOTER.size:]))
+    manifest = json.loads(zstandard.ZstdDecompressor().decompress(bytes(raw[m_off:m_off + m_len])))
+    entry = next(e for e in manifest["tensors"] if e["name"] == "body.w")
+    chunk = entry["tasks"]["b"]["exact"]["residual"]["chunks"][0]
+    raw[chunk[0] + chunk[1] - 1] ^= 0x01  # raw codec: still decodes, to other bits
+    chunk[2] = xxhash.xxh3_64_intdigest(bytes(raw[chunk[0]:chunk[0] + chunk[1]]))
+    bad = tmp_path / "bad.tallpack"
+    bad.write_bytes(with_manifest(bytes(raw), manifest))
+    with tallpack.open(bad) as fam:
+        with pytest.raises(tallpack.IntegrityError, match=rf"^{bad}: .*'body.w'.*original's hash"):
+            fam.get_tensor("b", "body.w", exact=True)
+        problems = fam.verify()
+    assert len(problems) == 1 and problems[0].startswith(f"{bad}: ") and "original's hash" in problems[0], problems
