@@ -284,7 +284,7 @@ def inspect(archive: str, as_json: bool, tensors: bool) -> None:
     """Show an archive's tasks, sizes, ratios, mask densities and fidelity."""
     with tallpack.open(archive) as fam:
         s = fam.summary()
-        rows = tensor_rows(fam.manifest, fam.read_array) if tensors else None
+        rows = tensor_rows(fam.manifest, fam.read_array, fam.packed_bits) if tensors else None
     if as_json:
         click.echo(json.dumps(s | ({"tensors": rows} if rows is not None else {}), indent=2))
     else:

@@ -859,6 +859,15 @@ class Archive:
         said = {f"tensor {name!r}" for name, _, ref in iter_arrays(self.manifest.tensors) if id(ref) in damaged}
         return problems + list(dict.fromkeys(p for p in later if not any(s in p for s in said)))
 
+    def packed_bits(self, ref: ArrayRef, where: str) -> np.ndarray:
+        """A bit-packed bool array's bits (element i in bit i % 8 of byte i // 8), checked and
+        decoded without building a tensor (``inspect --tensors`` counts masks with it)."""
+        if self._closed:
+            raise ArchiveClosedError(f"{self.name}: the archive is closed")
+        out = bytearray((ref.numel + 7) // 8)
+        self._c.read_bits(ref, f"{where}", memoryview(out))
+        return np.frombuffer(out, dtype=np.uint8)
+
     # -- folder files ------------------------------------------------------------------------
     def _file_names(self) -> dict[str, str]:
         """How errors name each kept file content: by the files that hold it (``file 'config.json'

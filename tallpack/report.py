@@ -12,6 +12,9 @@ import math
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
+
+from .arrays import ArrayRef
 from .elements import numel
 from .errors import TallpackError
 from .manifest import Manifest, count_kinds
@@ -169,16 +172,18 @@ def _chain(ref) -> str:
     return "+".join(c.get("id", "?") for c in ref.codecs) or "raw"
 
 
-def tensor_rows(manifest: Manifest, read: Callable[..., Any] | None = None) -> list[dict[str, Any]]:
+def tensor_rows(manifest: Manifest, read: Callable[..., Any] | None = None,
+                bits: Callable[[ArrayRef, str], np.ndarray] | None = None) -> list[dict[str, Any]]:
     """One row per tensor entry (``tallpack inspect --tensors``): kind, shape and dtype (of the
     first task that has it, or of the base), stored bytes of every array it owns, the codec
     chains used, and the mask density per task (tasks without a mask for it: absent). The
     manifest counts a group's set bits as a whole; with ``read`` (an archive's ``read_array``) its
-    masks are read to give each member's density too."""
+    masks are read to give each member's density too, and with ``bits`` (``Archive.packed_bits``)
+    a stored mask is counted from its packed bits, in numpy, without torch."""
     rows = []
     for e in manifest.tensors:
         if e.members:
-            rows += _group_rows(e, read)
+            rows += _group_rows(e, read, bits)
             continue
         first = next(iter(e.tasks.values()), None)
         ref = first if first is not None else e.arrays.get("base")
@@ -198,7 +203,8 @@ def tensor_rows(manifest: Manifest, read: Callable[..., Any] | None = None) -> l
     return rows
 
 
-def _group_rows(e, read: Callable[..., Any] | None) -> list[dict[str, Any]]:
+def _group_rows(e, read: Callable[..., Any] | None, bits: Callable[[ArrayRef, str], np.ndarray] | None
+                ) -> list[dict[str, Any]]:
     """A group's row (format 1.12: its stored bytes, codecs and the density over its members),
     then one row per member, naming the group (no bytes of its own; its density with ``read``)."""
     first = next(iter(e.tasks.values()))
@@ -211,19 +217,30 @@ def _group_rows(e, read: Callable[..., Any] | None) -> list[dict[str, Any]]:
                          for t, tt in e.tasks.items() if "ones" in tt.params}}]
     rows += [{"name": m.name, "kind": e.kind, "shape": list(m.shape), "dtype": first.dtype, "group": e.name,
               "stored_bytes": 0, "codecs": [], "density": {}} for m in e.members]
-    if read is not None:
-        from .encodings.derived import has_mask, task_mask
+    if read is None and bits is None:
+        return rows
+    from .encodings.derived import has_mask, task_mask
 
-        for t, tt in e.tasks.items():
-            if not has_mask(tt):
+    for t, tt in e.tasks.items():
+        if not has_mask(tt):
+            continue
+        where = f"tensor group {e.name!r}, task {t!r}"
+        ref = tt.arrays.get("mask")
+        try:
+            if bits is not None and tt.encoding == "tall" and ref is not None and ref.chain.bits_chain is not None:
+                packed = bits(ref, where)  # members start at multiples of 8: whole bytes each
+                counts = [int(np.unpackbits(packed[m.offset // 8 : (m.offset + m.numel + 7) // 8],
+                                            bitorder="little")[: m.numel].sum()) for m in e.members]
+            elif read is not None:
+                flat = task_mask(read, e, tt, where).reshape(-1)
+                counts = [int(flat[m.offset : m.offset + m.numel].sum()) for m in e.members]
+            else:
                 continue
-            try:
-                bits = task_mask(read, e, tt, f"tensor group {e.name!r}, task {t!r}").reshape(-1)
-            except TallpackError as err:  # a damaged mask: the table still shows what the manifest says
-                log.warning("%s", err)
-                continue
-            for row, m in zip(rows[1:], e.members):
-                row["density"][t] = int(bits[m.offset : m.offset + m.numel].sum()) / m.numel if m.numel else None
+        except TallpackError as err:  # a damaged mask: the table still shows what the manifest says
+            log.warning("%s", err)
+            continue
+        for row, m, c in zip(rows[1:], e.members, counts):
+            row["density"][t] = c / m.numel if m.numel else None
     return rows
 
 

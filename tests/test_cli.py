@@ -174,7 +174,8 @@ main()
 
 
 @pytest.mark.parametrize("args", [["--version"], ["--help"], ["pack", "--help"], ["inspect", "{a}"],
-                                  ["inspect", "{a}", "--json"], ["verify", "{a}"]])
+                                  ["inspect", "{a}", "--json"], ["verify", "{a}"],
+                                  ["inspect", "{a}", "--tensors"]])  # groups' masks counted in numpy
 def test_commands_that_need_no_tensors_start_without_torch(packed, args):
     """Importing torch takes seconds: help, version, inspect and verify do without it."""
     r = subprocess.run([sys.executable, "-c", _NO_TORCH, *[a.format(a=packed) for a in args]],
