@@ -273,7 +273,24 @@ def pack(base, task_specs, output, lambda_specs, merge, codec, level, checksum, 
     m = tallpack.pack(base, tasks, output, options)
     size = staging.size(output)
     src = m.stats["source_bytes"]
-    click.echo(f"wrote {output}: {len(m.tasks)} tasks, {format_size(size)} from {format_size(src)} ({src / size:.2f}x)")
+    click.echo(f"wrote {output}: {len(m.tasks)} tasks, {format_size(size)} from {format_size(src)} ({src / size:.2f}x)"
+               + _unmet(m.stats.get("dial")))
+
+
+def _unmet(dial: Any) -> str:
+    """The result line's note of a fidelity target the archive missed (kept with -q, where the
+    dial's warning is not shown)."""
+    if not isinstance(dial, dict) or dial.get("met") is not False or not isinstance(dial.get("tasks"), dict):
+        return ""
+    target = dial.get("target")
+    short = {t: d.get("weight") for t, d in dial["tasks"].items()
+             if isinstance(d, dict) and isinstance(d.get("weight"), (int, float)) and isinstance(target, (int, float))
+             and d["weight"] < target}
+    if not short:
+        return ""
+    worst = sorted(short.items(), key=lambda kv: kv[1])[:3]
+    shown = ", ".join(f"{t} {w:.4f}" for t, w in worst) + (", ..." if len(short) > 3 else "")
+    return f"; fidelity target {target:g} not reached for {len(short)} task{'s' if len(short) > 1 else ''} ({shown})"
 
 
 @main.command()

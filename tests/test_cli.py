@@ -325,3 +325,14 @@ def test_file_urls_are_local_inputs(small_family, hf_family, tmp_path):
         "-o", f"file://{tmp_path / 'hf.tallpack'}")
     with tallpack.open(tmp_path / "f.tallpack") as fam, tallpack.open(f"file://{tmp_path / 'hf.tallpack'}") as hf:
         assert fam.tasks == ("a",) and hf.tasks == ("dtd",) and hf.files("dtd")
+
+
+def test_a_missed_fidelity_target_is_in_the_result_line():
+    """pack's result line (kept with -q, where the dial's warning is not shown) says which tasks
+    missed the target, and nothing when it was met or no dial ran."""
+    from tallpack_cli.main import _unmet
+
+    dial = {"target": 0.999, "met": False, "tasks": {"a": {"weight": 0.9913}, "b": {"weight": 0.9995},
+                                                     "c": {"weight": 0.98}}}
+    assert _unmet(dial) == "; fidelity target 0.999 not reached for 2 tasks (c 0.9800, a 0.9913)"
+    assert _unmet(dict(dial, met=True)) == "" and _unmet(None) == "" and _unmet({"met": False}) == ""
