@@ -15,7 +15,7 @@ from click.core import ParameterSource
 
 import tallpack
 from tallpack.errors import TallpackError
-from tallpack.fsutil import check_replaceable
+from tallpack.fsutil import check_replaceable, committed
 from tallpack.checksums import CHECKSUMS
 from tallpack.kernels import COMPILED
 from tallpack.merged import left_out
@@ -51,14 +51,14 @@ class _Group(click.Group):
     def invoke(self, ctx):
         main_thread = threading.current_thread() is threading.main_thread()
         previous = signal.signal(signal.SIGTERM, _terminate) if main_thread else None
+        before = committed()  # outputs are renamed into place all at once, signals held (fsutil)
         try:
             return super().invoke(ctx)
-        except _Terminated:
-            click.echo("error: terminated (SIGTERM); nothing was written", err=True)
-            sys.exit(128 + signal.SIGTERM)
-        except KeyboardInterrupt:
-            click.echo("error: interrupted; nothing was written", err=True)
-            sys.exit(128 + signal.SIGINT)
+        except (_Terminated, KeyboardInterrupt) as e:
+            what = "terminated (SIGTERM)" if isinstance(e, _Terminated) else "interrupted"
+            done = " after its output was written" if committed() > before else "; nothing was written"
+            click.echo(f"error: {what}{done}", err=True)
+            sys.exit(128 + (signal.SIGTERM if isinstance(e, _Terminated) else signal.SIGINT))
         except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
             raise  # usage errors and exits: click prints them
         except TallpackError as e:
@@ -283,9 +283,9 @@ def _unmet(dial: Any) -> str:
     if not isinstance(dial, dict) or dial.get("met") is not False or not isinstance(dial.get("tasks"), dict):
         return ""
     target = dial.get("target")
-    short = {t: d.get("weight") for t, d in dial["tasks"].items()
-             if isinstance(d, dict) and isinstance(d.get("weight"), (int, float)) and isinstance(target, (int, float))
-             and d["weight"] < target}
+    short: dict[str, float] = {t: float(d["weight"]) for t, d in dial["tasks"].items()
+                               if isinstance(d, dict) and isinstance(d.get("weight"), (int, float))
+                               and isinstance(target, (int, float)) and d["weight"] < target}
     if not short:
         return ""
     worst = sorted(short.items(), key=lambda kv: kv[1])[:3]

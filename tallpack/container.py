@@ -37,7 +37,7 @@ from .arrays import (DEFAULT_CHUNK_ELEMENTS, ArrayRef, Chunk, check_chunk_bytes,
 from .checksums import DEFAULT_CHECKSUM, checksum_function, crc32
 from .elements import itemsize, numel
 from .errors import FormatError, IntegrityError, InvalidArgumentError, UnsupportedVersionError
-from .fsutil import commit, temp_beside
+from .fsutil import commit, signals_held, temp_beside
 from .memory import empty
 from .limits import (MAX_DEPTH, MAX_JSON_INT, MAX_MANIFEST_BYTES, MAX_NUMBER_CHARS, MIN_JSON_INT,
                      max_manifest_bytes)
@@ -93,11 +93,22 @@ class ContainerWriter:
         self._checksum = checksum_function(checksum)
         #: the lowest version whose features this archive uses (spec §8)
         self.version = format_version({f"checksum:{checksum}", *features})
-        fd, self._tmp = temp_beside(self.path)
-        self._f: BinaryIO = os.fdopen(fd, "wb")
-        self._f.write(HEADER.pack(MAGIC, *self.version, 0))
-        self._pos = HEADER.size
-        self._pool = ThreadPoolExecutor(threads or kernels.default_threads())
+        tmp: Path | None = None
+        f: BinaryIO | None = None
+        try:
+            with signals_held():  # the temporary and its file object made together (a signal: after)
+                fd, tmp = temp_beside(self.path)
+                f = os.fdopen(fd, "wb")
+            self._tmp, self._f = tmp, f
+            f.write(HEADER.pack(MAGIC, *self.version, 0))
+            self._pos = HEADER.size
+            self._pool = ThreadPoolExecutor(threads or kernels.default_threads())
+        except BaseException:  # no writer to abort yet: its temporary goes here
+            if f is not None:
+                f.close()
+            if tmp is not None:
+                tmp.unlink(missing_ok=True)
+            raise
         #: chunks being encoded, each with where its result goes, in the order they are written
         self._queue: deque[tuple[Callable[[Encoded], None], Future]] = deque()
         self._done = False
@@ -210,8 +221,9 @@ class ContainerWriter:
         os.fsync(self._f.fileno())
         self._f.close()
         self._pool.shutdown()
-        commit(self._tmp, self.path, overwrite=self.overwrite)
-        self._done = True
+        with signals_held():  # renamed and marked done together
+            commit(self._tmp, self.path, overwrite=self.overwrite)
+            self._done = True
         log.info("wrote %s (%d bytes)", self.path, self._pos + FOOTER.size)
         return self.path
 

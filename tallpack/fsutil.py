@@ -30,8 +30,10 @@ import logging
 import os
 import re
 import secrets
+import signal
 import socket
 import stat
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -186,6 +188,42 @@ def _remove_if_unlocked(path: Path) -> int | None:
 _NO_LINKS = {errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EXDEV, errno.EMLINK, errno.ENOSYS}
 
 
+#: how many outputs were put in place (renamed to their names) in this process: the command line
+#: tells an interrupt that came after its output was written from one that left nothing
+_committed = 0
+
+
+def committed() -> int:
+    """How many output files this process has renamed into place so far."""
+    return _committed
+
+
+@contextmanager
+def signals_held() -> Iterator[None]:
+    """Ctrl-C and SIGTERM wait until the block ends, then take effect: the steps that make an
+    output whole (its renames) or undo it (removing its temporaries) run to their end. Only the
+    main thread gets signals, so elsewhere this does nothing; nor where a handler was set outside
+    Python."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    kinds = (signal.SIGINT, signal.SIGTERM)
+    previous = {k: signal.getsignal(k) for k in kinds}
+    if any(h is None for h in previous.values()):
+        yield
+        return
+    held: list[int] = []
+    for k in kinds:
+        signal.signal(k, lambda signum, frame: held.append(signum))
+    try:
+        yield
+    finally:
+        for k, h in previous.items():
+            signal.signal(k, h)
+        for signum in dict.fromkeys(held):
+            signal.raise_signal(signum)  # now, with the handlers the block found
+
+
 def check_replaceable(target: str | os.PathLike) -> None:
     """OutputError when ``target`` exists and is not a regular file: an overwrite replaces old
     outputs, never a device (``-o /dev/null``), a FIFO, a socket, a folder or a link (whose file
@@ -207,6 +245,7 @@ def commit(tmp: Path, target: Path, *, overwrite: bool = True) -> None:
     """Rename ``tmp`` to ``target`` and make the rename durable. With ``overwrite=False`` an
     existing ``target`` is never replaced (OutputExistsError), even one created a moment ago:
     the file is linked to its name, which fails if the name exists, and then unlinked."""
+    global _committed
     if overwrite:
         check_replaceable(target)  # checked before the write too; a device may have appeared meanwhile
         os.replace(tmp, target)
@@ -224,6 +263,7 @@ def commit(tmp: Path, target: Path, *, overwrite: bool = True) -> None:
             os.replace(tmp, target)
         else:
             os.unlink(tmp)
+    _committed += 1
     try:
         dfd = os.open(target.parent, os.O_RDONLY)
     except OSError:  # pragma: no cover - some platforms cannot open folders
@@ -295,8 +335,9 @@ class Transaction:
         if any(t == target for _, _, t in self.staged):
             raise OutputError(f"{target}: written twice in one output")
         with writing(target):
-            fd, tmp = temp_beside(target)
-            self.staged.append((fd, tmp, target))  # the descriptor stays open: its lock guards tmp
+            with signals_held():  # made and recorded together: an abort finds every temporary
+                fd, tmp = temp_beside(target)
+                self.staged.append((fd, tmp, target))  # the descriptor stays open: its lock guards tmp
             write(tmp)
 
     def remove_on_commit(self, target: Path) -> None:
@@ -306,6 +347,10 @@ class Transaction:
         self.obsolete.append(target)
 
     def commit(self) -> None:
+        with signals_held():  # all the renames, or (on an error) none left half done by a signal
+            self._commit()
+
+    def _commit(self) -> None:
         while self.staged:
             fd, tmp, target = self.staged[0]
             commit(tmp, target, overwrite=self.overwrite)
@@ -319,6 +364,10 @@ class Transaction:
         self.obsolete = []
 
     def abort(self) -> None:
+        with signals_held():  # a second Ctrl-C does not leave temporaries behind
+            self._abort()
+
+    def _abort(self) -> None:
         for fd, tmp, _ in self.staged:
             tmp.unlink(missing_ok=True)
             os.close(fd)
@@ -388,13 +437,18 @@ def atomic_write(target: str | os.PathLike, write: Callable[[Path], object]) -> 
         tx.stage(target, write)
         return target
     with writing(target):
-        fd, tmp = temp_beside(target)
+        fd, tmp = -1, None
         try:
+            with signals_held():  # a signal lands after both are set, inside the try: tmp is removed
+                fd, tmp = temp_beside(target)
             write(tmp)
-            commit(tmp, target)
+            with signals_held():
+                commit(tmp, target)
         except BaseException:
-            tmp.unlink(missing_ok=True)
+            if tmp is not None:
+                tmp.unlink(missing_ok=True)
             raise
         finally:
-            os.close(fd)
+            if fd >= 0:
+                os.close(fd)
     return target

@@ -258,6 +258,41 @@ def test_sigterm_during_pack_cleans_up_as_ctrl_c_does(mb_family, tmp_path):
     assert "Traceback" not in err and _partials(out.parent) == [] and not out.exists()
 
 
+def test_signals_wait_while_an_output_is_put_in_place(tmp_path):
+    """Ctrl-C during the renames that make an output whole (or the removals that undo it) takes
+    effect when they are done: all of the output's files are in place, or none."""
+    from tallpack.fsutil import signals_held, transaction
+
+    steps = []
+    with pytest.raises(KeyboardInterrupt):
+        with signals_held():
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)  # the signal has arrived: it waits
+            steps.append("after the signal")
+    assert steps == ["after the signal"]
+
+    def write(tmp):
+        tmp.write_text("x")
+
+    real_commit = fsutil.Transaction._commit
+
+    def interrupted_commit(self):  # Ctrl-C between the first rename and the second
+        first = self.staged[0]
+        fsutil.commit(first[1], first[2], overwrite=self.overwrite)
+        os.close(first[0])
+        self.staged.pop(0)
+        os.kill(os.getpid(), signal.SIGINT)
+        real_commit(self)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(fsutil.Transaction, "_commit", interrupted_commit)
+        with pytest.raises(KeyboardInterrupt):
+            with transaction() as tx:
+                for name in ("a", "b", "c"):
+                    tx.stage(tmp_path / name, write)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b", "c"]  # all renamed, then the signal
+
+
 # -- a full disk ------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("code, words", [
