@@ -36,7 +36,7 @@ import json
 import logging
 import math
 import statistics
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -82,6 +82,8 @@ SPARSE_FRACTIONS: tuple[float, ...] = (1 / 1024, 1 / 256, 1 / 64, 1 / 16, 1 / 4)
 #: unspent (tiny families, where the per-array charges below are large), at most ``MAX_WRITES``
 #: times in all; ``REFIT_MARGIN`` of the budget (plus 256 bytes) is kept back on the new decision.
 REFIT_SLACK, REFIT_MARGIN, MAX_WRITES = 0.01, 0.002, 5
+#: Decisions a refit looks at for one not written yet (each a decision, no write) before it ends.
+MAX_PROBES = 32
 #: Bytes charged per stored array beyond its chunks (its manifest entry, compressed: about 40
 #: measured on the benchmark's families), and per chunk (alignment padding, at most 63 bytes).
 ARRAY_OVERHEAD, CHUNK_OVERHEAD = 64, 64
@@ -443,7 +445,13 @@ class Dial:
         #: bytes by which a budget's estimate is corrected, measured on the archive being written
         self.calibration = 0
         self._writes = 0
-        self._within: tuple[int, int] | None = None  # (calibration, size) of the fullest write within the budget
+        #: (calibration, size, decision) of the fullest write within the budget
+        self._within: tuple[int, int, Hashable] | None = None
+        #: the bytes of each decision written (``_decision_key``), and the one written last
+        self._sizes: dict[Hashable, int] = {}
+        self._written: Hashable = None
+        self._plain: int | None = None  # the archive's size as plain TALL (``decide``)
+        self._lowered: dict[str, float] = {}  # tasks whose target was lowered to what they certify
         self._over: int | None = None  # the smallest calibration whose archive went over it
         self._final = False  # the write under way is the fullest within, written again: kept
         #: when the last decision wrote the smallest archive because the estimate said nothing
@@ -641,32 +649,29 @@ class Dial:
                     dropped.add(name)
         return saved, dropped
 
-    def decide(self, plain_bytes: int) -> None:
-        """Choose every task's options; ``plain_bytes``: the archive's size as plain TALL."""
-        for plan in self.plans.values():
-            plan.order()
-        self.choice, self.achieved, self.below, self.met = {}, {}, {}, True
-        score = self._score_fn() if self.evaluate is not None else None
+    def _total(self, ps: Mapping[str, int]) -> int:
+        """The estimated bytes of the first ``ps[t]`` steps of each task t, less the merged vectors
+        that go."""
+        saved, _ = self._switch({t: self.plans[t].chosen(p) for t, p in ps.items()})
+        return sum(self.plans[t].cum_cost[p] for t, p in ps.items()) - saved
+
+    def _choose(self, spare: int | None, score: Callable[[str, Mapping[str, Option]], float] | None,
+                smallest: bool) -> tuple[dict[str, dict[str, Option]], set[str]]:
+        """Every task's options (task -> tensor -> option) and the tensors whose merged vector goes,
+        within ``spare`` bytes (None: no budget), or the smallest archive. Changes no state."""
         tasks = list(self.plans)
-        spare = None if self.budget_bytes is None else self.budget_bytes - plain_bytes + self.calibration
 
         def fid(t: str, p: int) -> float:
             plan = self.plans[t]
             return score(t, plan.chosen(p)) if score is not None else plan.fidelity_at(p, self._weighted_targets)
 
-        def cost(f: float | None) -> tuple[int, dict[str, int]]:
-            ps = {t: 0 if f is None else self._prefix(t, f, score) for t in tasks}
-            saved, _ = self._switch({t: self.plans[t].chosen(p) for t, p in ps.items()})
-            return sum(self.plans[t].cum_cost[p] for t, p in ps.items()) - saved, ps
+        def cost(f: float) -> tuple[int, dict[str, int]]:
+            ps = {t: self._prefix(t, f, score) for t in tasks}
+            return self._total(ps), ps
 
-        self._smallest = None
         prefixes: dict[str, int]
-        if spare is not None and ((least := cost(None)[0]) > spare or self._force_smallest):  # qtau may go below TALL
-            if not self._refits():  # the estimate is all there is
-                self.too_small(plain_bytes + least, measured=False)
-            # the estimate overcharges small families: write the smallest archive and measure it
-            self._smallest = plain_bytes + least
-            prefixes = {t: 0 for t in tasks}
+        if smallest:
+            prefixes = dict.fromkeys(tasks, 0)
         elif self.target is not None:
             total, prefixes = cost(self.target)
             if spare is not None and total > spare:
@@ -680,34 +685,65 @@ class Dial:
             floor = {t: score(t, choices[t]) if self.target is None else min(self.target, score(t, choices[t]))
                      for t in tasks}
             keep = lambda t, ch: score(t, ch) >= floor[t]  # noqa: E731
-        _, self.dropped = self._switch(choices, keep)
-        lowered: dict[str, float] = {}
-        for t in tasks:
-            plan, ch = self.plans[t], choices[t]
-            self.choice[t] = {k: o for k, o in ch.items() if o.kind is not None}
-            rec = {"weight": plan.plain_fidelity(sum(o.plain_err for o in ch.values())),
-                   "weight_tall": plan.plain_fidelity(plan.plain_tall_err)}
-            if self.sensitivity is not None:  # the measure the dial used (targets are in it)
-                rec |= {"weighted": plan.weight_fidelity(sum(o.err for o in ch.values())),
-                        "weighted_tall": plan.weight_fidelity(plan.tall_err)}
-            want = self.target
-            if score is not None:
-                rec |= {"score": score(t, ch), "score_tall": score(t, {})}
-                if self.ceiling[t] < 1.0:
-                    rec["score_ceiling"] = self.ceiling[t]
-                    if want is not None and want > self.ceiling[t]:
-                        lowered[t] = want = self.ceiling[t]
-            self.achieved[t] = rec
-            got = rec["score"] if score is not None else rec[self.measure]
-            if want is not None and got < want - 1e-12:
-                self.below[t] = got
-        if lowered:
-            log.warning("fidelity target %.4g lowered for %d task(s) to what their validation examples certify "
-                        "(give more examples): %s", self.target, len(lowered),
-                        ", ".join(f"{t} ({v:.4f})" for t, v in lowered.items()))
+        _, dropped = self._switch(choices, keep)
+        return choices, dropped
+
+    def decide(self, plain_bytes: int) -> None:
+        """Choose every task's options; ``plain_bytes``: the archive's size as plain TALL."""
+        for plan in self.plans.values():
+            plan.order()
+        self.choice, self.achieved, self.below, self.met, self._lowered = {}, {}, {}, True, {}
+        score = self._score_fn() if self.evaluate is not None else None
+        self._plain = plain_bytes
+        spare = None if self.budget_bytes is None else self.budget_bytes - plain_bytes + self.calibration
+        self._smallest = None
+        least = self._total(dict.fromkeys(self.plans, 0))  # qtau may go below TALL
+        smallest = spare is not None and (least > spare or self._force_smallest)
+        if smallest:
+            if not self._refits():  # the estimate is all there is
+                self.too_small(plain_bytes + least, measured=False)
+            # the estimate overcharges small families: write the smallest archive and measure it
+            self._smallest = plain_bytes + least
+        choices, self.dropped = self._choose(spare, score, smallest)
+        self._written = _decision_key(choices, self.dropped)
+        for t, ch in choices.items():
+            self._achieve(t, ch, score)
         if self.below:
             self.met = False
-            what = "the budget" if spare is not None else "the corrections allowed"
+        if not self._refits():  # else the last write's refit reports, once
+            self._report()
+
+    def _achieve(self, t: str, ch: Mapping[str, Option],
+                 score: Callable[[str, Mapping[str, Option]], float] | None) -> None:
+        """Record what task t gets with options ``ch``: its figures, and whether it misses the target."""
+        plan = self.plans[t]
+        self.choice[t] = {k: o for k, o in ch.items() if o.kind is not None}
+        rec = {"weight": plan.plain_fidelity(sum(o.plain_err for o in ch.values())),
+               "weight_tall": plan.plain_fidelity(plan.plain_tall_err)}
+        if self.sensitivity is not None:  # the measure the dial used (targets are in it)
+            rec |= {"weighted": plan.weight_fidelity(sum(o.err for o in ch.values())),
+                    "weighted_tall": plan.weight_fidelity(plan.tall_err)}
+        want = self.target
+        if score is not None:
+            rec |= {"score": score(t, ch), "score_tall": score(t, {})}
+            if self.ceiling[t] < 1.0:
+                rec["score_ceiling"] = self.ceiling[t]
+                if want is not None and want > self.ceiling[t]:
+                    self._lowered[t] = want = self.ceiling[t]
+        self.achieved[t] = rec
+        got = rec["score"] if score is not None else rec[self.measure]
+        if want is not None and got < want - 1e-12:
+            self.below[t] = got
+
+    def _report(self) -> None:
+        """Warn of targets lowered or not reached, with the figures of the archive written (once:
+        a budget's earlier writes are discarded)."""
+        if self._lowered:
+            log.warning("fidelity target %.4g lowered for %d task(s) to what their validation examples certify "
+                        "(give more examples): %s", self.target, len(self._lowered),
+                        ", ".join(f"{t} ({v:.4f})" for t, v in self._lowered.items()))
+        if self.below:
+            what = "the budget" if self.budget_bytes is not None else "the corrections allowed"
             log.warning("fidelity target %.4g not reached within %s for %d task(s): %s", self.target, what,
                         len(self.below), ", ".join(f"{t} (best {v:.4f})" for t, v in self.below.items()))
 
@@ -718,10 +754,6 @@ class Dial:
         if score is not None:
             return ps
 
-        def total(p: dict[str, int]) -> int:
-            saved, _ = self._switch({t: self.plans[t].chosen(i) for t, i in p.items()})
-            return sum(self.plans[t].cum_cost[i] for t, i in p.items()) - saved
-
         stuck: set[str] = set()
         while True:
             open_ = [t for t in ps if t not in stuck and ps[t] < len(self.plans[t].steps)]
@@ -729,7 +761,7 @@ class Dial:
                 return ps
             t = min(open_, key=lambda t: self.plans[t].fidelity_at(ps[t], self._weighted_targets))
             trial = ps | {t: ps[t] + 1}
-            if total(trial) <= spare:
+            if self._total(trial) <= spare:
                 ps = trial
             else:
                 stuck.add(t)
@@ -776,33 +808,70 @@ class Dial:
         small family it may leave a few percent of a budget unspent: when more than
         ``REFIT_SLACK`` of it is, the dial decides again with that slack added (less a margin).
         More bytes can buy a step that costs more than they are (a tensor whose tasks were all
-        ``qtau`` needing its merged vector again), so an archive that then exceeds the budget is
+        ``qtau`` needing its merged vector back), so an archive that then exceeds the budget is
         followed by a bisection between the fullest write within it and the smallest over it; the
-        last of ``MAX_WRITES`` writes is always the fullest within. Only for a budget, without an
-        evaluator (a new decision would score again) or the exact tier."""
-        budget = self.budget_bytes
-        if not self._refits() or self._final:
+        last of ``MAX_WRITES`` writes is always the fullest within. A decision already written is
+        not written again: its size is known, and the bisection goes on from it (``_key_at``). Only
+        for a budget, without an evaluator (a new decision would score again) or the exact tier.
+        When it answers False, the archive written is kept, and its missed targets are warned of."""
+        if not self._refits():
             return False
+        again = not self._final and self._refit(size)
+        if not again:
+            self._report()
+        return again
+
+    def _refit(self, size: int) -> bool:
+        """``refit`` for a write of ``size`` bytes, not the last."""
+        budget = self.budget_bytes
         assert budget is not None
         self._writes += 1
+        self._sizes[self._written] = size
+        what = (f"the smallest archive takes {size} bytes, {self._smallest} estimated" if self._smallest is not None
+                else f"{abs(budget - size)} bytes {'unspent' if size <= budget else 'over'}")
+        key = self._written
+        for _ in range(MAX_PROBES):
+            nxt = self._next(size, key)
+            if nxt is None:
+                return self._settle(what)
+            if self._force_smallest:
+                log.info("budget: %s; writing the smallest archive", what)
+                return True
+            key = self._key_at(nxt)
+            if key not in self._sizes:
+                log.info("budget: %s; deciding again", what)
+                self.calibration = nxt
+                return True
+            # that decision is written already: its size stands for a write, and the search goes on
+            self.calibration, size, self._smallest = nxt, self._sizes[key], None
+        if self._within is not None:
+            return self._settle(what)
+        log.info("budget: %s; writing the smallest archive", what)  # every decision looked at is over
+        self._force_smallest = True
+        return True
+
+    def _next(self, size: int, key: Hashable) -> int | None:
+        """The calibration to try after the decision ``key`` at this calibration measured ``size``
+        bytes, or None to end on the fullest within the budget (``_force_smallest`` set: the
+        smallest archive next)."""
+        budget = self.budget_bytes
+        assert budget is not None
         margin = int(REFIT_MARGIN * budget) + 256
         if self._smallest is not None:  # the smallest archive, written because the estimate was over
             if size > budget:
                 if self._within is not None:
-                    return self._settle()
+                    return None
                 self.too_small(size, measured=True)
-            self._note_within(size)
-            if budget - size <= max(REFIT_SLACK * budget, margin) or self._writes >= MAX_WRITES - 1:
-                return self._settle()
-            # correct the estimate by what it overcharged this archive, less the margin
-            log.info("budget: the smallest archive takes %d bytes, %d estimated; deciding again", size, self._smallest)
-            self.calibration = self._smallest - size - margin
-            return True
+            self._note_within(size, key)
+            if (budget - size <= max(REFIT_SLACK * budget, margin) or self._writes >= MAX_WRITES - 1
+                    or self._force_smallest):  # (forced: the last try)
+                return None
+            return self._smallest - size - margin  # the estimate corrected by what it overcharged
         last = self._writes >= MAX_WRITES - 1  # one write left: the fullest within, if this is not it
         if size <= budget:
-            self._note_within(size)
-            if budget - size <= REFIT_SLACK * budget or last:
-                return self._settle()
+            self._note_within(size, key)
+            if budget - size <= REFIT_SLACK * budget or last or self.target is not None and not self.below:
+                return None  # close enough, no write left, or the target met: more bytes buy nothing
             grow = budget - size - margin
             nxt = self.calibration + grow if self._over is None else (self.calibration + self._over) // 2
         else:
@@ -810,32 +879,38 @@ class Dial:
             if self._within is None:
                 if last:  # nothing within yet: the smallest archive is the last try, kept or refused
                     self._force_smallest = True
-                    log.info("budget: %d bytes over; writing the smallest archive", size - budget)
-                    return True
+                    return self.calibration
                 nxt = self.calibration - (size - budget + margin)  # the excess taken off
             elif last:
-                return self._settle()
+                return None
             else:  # just over: take the excess off (sizes follow the estimate but for jumps); else bisect
                 over, mid = size - budget + 256, (self._within[0] + self.calibration) // 2
                 nxt = self.calibration - over if self.calibration - over > mid else mid
         if self._within is not None and abs(nxt - self._within[0]) < margin and nxt != self.calibration:
-            return self._settle()  # the bisection has closed in
-        log.info("budget: %d bytes %s; deciding again", abs(budget - size), "unspent" if size <= budget else "over")
-        self.calibration = nxt
-        return True
+            return None  # the bisection has closed in
+        return nxt
 
-    def _note_within(self, size: int) -> None:
-        """Remember this write (``size`` bytes, within the budget) if it is the fullest so far."""
+    def _key_at(self, calibration: int) -> Hashable:
+        """What the decision at ``calibration`` stores (``_decision_key``), found without writing."""
+        assert self.budget_bytes is not None and self._plain is not None
+        spare = self.budget_bytes - self._plain + calibration
+        smallest = self._total(dict.fromkeys(self.plans, 0)) > spare
+        return _decision_key(*self._choose(spare, None, smallest))
+
+    def _note_within(self, size: int, key: Hashable) -> None:
+        """Remember the decision ``key`` (``size`` bytes, within the budget) if it is the fullest so far."""
         if self._within is None or size >= self._within[1]:
-            self._within = (self.calibration, size)
+            self._within = (self.calibration, size, key)
 
-    def _settle(self) -> bool:
-        """End the writes on the fullest archive within the budget: the one just written, or that
-        one written again (then marked final)."""
+    def _settle(self, what: str) -> bool:
+        """End the writes on the fullest archive within the budget: the one just written (``what``
+        its measure, for the log), or that one written again (then marked final)."""
         assert self._within is not None
-        if self.calibration == self._within[0]:
+        calibration, size, key = self._within
+        if key == self._written:
             return False
-        self.calibration, self._final = self._within[0], True
+        log.info("budget: %s; writing again the fullest archive within it, %d bytes", what, size)
+        self.calibration, self._final = calibration, True
         return True
 
     # -- pass 2 -------------------------------------------------------------------------------
@@ -897,6 +972,12 @@ class Dial:
         return {"measure": "score" if self.evaluate is not None else self.measure, "target": self.target,
                 "budget_bytes": self.budget_bytes, "met": self.met, "merged_dropped": len(self.dropped),
                 **({"score_z": self.z} if self.evaluate is not None else {}), "tasks": tasks}
+
+
+def _decision_key(choices: Mapping[str, Mapping[str, Option]], dropped: set[str]) -> Hashable:
+    """What a decision stores, comparable: two equal keys write the same archive."""
+    return (frozenset((t, k, o) for t, ch in choices.items() for k, o in ch.items() if o.kind is not None),
+            frozenset(dropped))
 
 
 def _write(ctx: WriteContext, a: np.ndarray) -> ArrayRef:

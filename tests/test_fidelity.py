@@ -299,6 +299,26 @@ def test_budget_kept_when_the_estimate_is_short(tmp_path, monkeypatch, caplog):
     assert "over the budget" not in caplog.text
 
 
+def simulated(budget: int, size):
+    """A dial whose archive is ``size(calibration)`` bytes, with no family: two calibrations of one
+    size make the same decision (the dial tells decisions apart by what they store)."""
+    from tallpack import dial
+
+    d = dial.Dial(target=None, budget_bytes=budget, allowed=("qtau",), exact_paid=False)
+    d._key_at = size
+    d._written = size(d.calibration)
+    return d
+
+
+def refits(d, size) -> list[int]:
+    """The sizes of the archives ``d`` writes, the first at calibration 0, until it keeps one."""
+    sizes = [size(d.calibration)]
+    while d.refit(sizes[-1]):
+        d._written = size(d.calibration)
+        sizes.append(size(d.calibration))
+    return sizes
+
+
 @pytest.mark.parametrize("jump", [30_000, 12_000, 2_000])
 def test_budget_refit_bisects_past_a_step_that_overshoots(jump):
     """More bytes can buy a step that costs more than they are (a tensor whose tasks were all qtau
@@ -313,14 +333,25 @@ def test_budget_refit_bisects_past_a_step_that_overshoots(jump):
     def size(calibration: int) -> int:  # the estimate is 8% short; past `jump` extra bytes a big step
         return 92_000 + max(calibration, 0) + (20_000 if calibration > jump else 0)
 
-    d = dial.Dial(target=None, budget_bytes=budget, allowed=("qtau",), exact_paid=False)
-    sizes = [size(d.calibration)]
-    while d.refit(sizes[-1]):
-        sizes.append(size(d.calibration))
+    sizes = refits(simulated(budget, size), size)
     assert len(sizes) <= dial.MAX_WRITES
     assert sizes[-1] <= budget and sizes[-1] == max(s for s in sizes if s <= budget)
     best = size(min(jump, budget - 92_000 - 1))  # the fullest archive within the budget there is
     assert sizes[-1] >= 92_000 + 0.5 * (best - 92_000), sizes
+
+
+def test_budget_refit_writes_no_decision_twice():
+    """Decisions change by steps (here: the first estimate's, then two over the budget, as on a
+    small GPT-2 family at --budget 1.3): a calibration that decides what was written already is
+    not written again, its size known, and the bisection goes on to one not tried (before: five
+    writes, the same archive 1948 bytes over twice, then the first again)."""
+    budget = 708_198
+
+    def size(calibration: int) -> int:
+        return 681_823 if calibration < 18_000 else 709_065 if calibration < 19_000 else 710_146
+
+    sizes = refits(simulated(budget, size), size)
+    assert sizes == [681_823, 710_146, 709_065, 681_823]  # the last: the fullest within, written again
 
 
 def test_budget_refit_never_ends_over_the_budget():
@@ -328,15 +359,60 @@ def test_budget_refit_never_ends_over_the_budget():
     the smallest archive: kept when it is within the budget, refused with its size when not."""
     from tallpack import dial
 
-    d = dial.Dial(target=None, budget_bytes=100_000, allowed=("qtau",), exact_paid=False)
+    def size(calibration: int) -> int:  # always over, whatever the calibration
+        return 130_000 + calibration // 10
+
+    d = simulated(100_000, size)
     writes = 0
-    while d.refit(130_000 + d.calibration // 10):  # always over, whatever the calibration
+    while d.refit(size(d.calibration)):
+        d._written = size(d.calibration)
         writes += 1
         if d._force_smallest:
             break
     assert d._force_smallest and writes < dial.MAX_WRITES
-    d._smallest = 120_000  # the decision writes the smallest archive; it is measured
+    d._smallest, d._written = 120_000, "smallest"  # the decision writes the smallest archive; it is measured
     with pytest.raises(FidelityError, match=r"smallest archive the dial makes, 100001 bytes; give --budget"):
         d.refit(100_001)
     d._smallest = 120_000
     assert d.refit(95_000) is False  # within: kept, and no more writes
+
+
+def small_gpt(width: int = 200):
+    """Two fine-tunes of a two-block GPT-2-like model, each moving a fifth of the weights."""
+    g = _gen(0)
+    shapes = {f"h{i}.{k}": s for i in range(2) for k, s in {"attn.w": (64, 192), "attn.b": (192,), "proj.w": (64, 64),
+                                                             "mlp.w": (64, 256), "mlp.p": (256, 64), "ln.w": (64,)}.items()}
+    base = {k: torch.randn(s, generator=g) * 0.02 for k, s in (shapes | {"wte": (width, 64)}).items()}
+    fts = {}
+    for i in range(2):
+        gt = _gen(i + 1)
+        fts[f"t{i}"] = {k: b + (torch.rand(b.shape, generator=gt) < 0.2) * torch.randn(b.shape, generator=gt) * 0.02
+                        for k, b in base.items()}
+    return base, fts
+
+
+def test_a_target_out_of_the_budgets_reach_warns_once(tmp_path, monkeypatch, caplog):
+    """A budget's archive written several times warns of the target it misses once, with the
+    figures of the archive kept (before: once a write, some with those of archives discarded), and
+    writes no archive twice but the fullest within the budget, again at the end."""
+    from tallpack import dial
+
+    base, fts = small_gpt()
+    budget = 1.3 * checkpoint_bytes(fts)
+    writes: list[tuple[int, tuple[float, ...]]] = []
+    refit = dial.Dial.refit
+
+    def measured(self, size: int) -> bool:
+        writes.append((size, tuple(a["weight"] for a in self.achieved.values())))
+        return refit(self, size)
+
+    monkeypatch.setattr(dial.Dial, "refit", measured)
+    out = tmp_path / "b.tallpack"
+    with caplog.at_level("WARNING", logger="tallpack.dial"):
+        m = tallpack.pack(base, fts, out, budget=1.3, fidelity=0.9999)
+    warned = [r.getMessage() for r in caplog.records if "not reached" in r.getMessage()]
+    assert len(warned) == 1 and not m.stats["dial"]["met"]
+    assert all(f"{i.name} (best {i.fidelity['weight']:.4f})" in warned[0] for i in m.tasks)
+    assert len({w[1] for w in writes}) > 1  # the writes differ: the figures warned of are the kept one's
+    assert len(set(writes[:-1])) == len(writes) - 1
+    assert out.stat().st_size == writes[-1][0] == max(w[0] for w in writes if w[0] <= budget)
