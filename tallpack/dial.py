@@ -502,6 +502,20 @@ class Dial:
             plan.plain_tall_err += err0 if plain0 is None else plain0
             opts = [Option(None, 0, err0, plain=plain0)]
             n = r.numel()
+            if n and self.qtau:
+                # measured even where TALL loses nothing (a task equal to the base: a zero task
+                # vector, whose qtau is exact and nearly free): the merged-vector pass moves
+                # such a task to qtau so that the others may drop the merged vector
+                tau = xf.to(torch.float32) - base32
+                qs = []
+                for b in QTAU_BITS:
+                    o = Option("qtau", 0, 0.0, bits=b)
+                    arrays = candidate_arrays(o, tau)
+                    cost = sum(_array_cost(_chain(ctx, a), a, ce) for a in arrays.values()) + 40 - tier.masks[t]
+                    err, pe = sq_err(rebuilt(base32, decoded(o, arrays, n), x.dtype), xf)
+                    qs.append(Option("qtau", cost, err, bits=b, plain=pe))
+                plan.qtaus[item.name] = qs
+                opts += qs
             if n and err0 > 0:
                 cands: list[Option] = []
                 if "sparse" in self.allowed:
@@ -513,17 +527,6 @@ class Dial:
                     cost = sum(_array_cost(_chain(ctx, a), a, ce) for a in arrays.values()) + 40
                     err, pe = sq_err(corrected(base32, mask, merged, decoded(o, arrays, n), x.dtype), xf)
                     opts.append(Option(o.kind, cost, err, o.k, o.bits, pe))
-                if self.qtau:
-                    tau = xf.to(torch.float32) - base32
-                    qs = []
-                    for b in QTAU_BITS:
-                        o = Option("qtau", 0, 0.0, bits=b)
-                        arrays = candidate_arrays(o, tau)
-                        cost = sum(_array_cost(_chain(ctx, a), a, ce) for a in arrays.values()) + 40 - tier.masks[t]
-                        err, pe = sq_err(rebuilt(base32, decoded(o, arrays, n), x.dtype), xf)
-                        qs.append(Option("qtau", cost, err, bits=b, plain=pe))
-                    plan.qtaus[item.name] = qs
-                    opts += qs
                 if "exact" in self.allowed:
                     cost = 40 if self.exact_paid else _exact_cost(ctx, x.reshape(-1), plain, item.base.reshape(-1))
                     opts.append(Option("exact", cost, 0.0))

@@ -104,6 +104,25 @@ def test_target_met_and_smaller_than_corrections(tmp_path):
             assert fam.verify() == []
 
 
+def test_a_task_equal_to_the_base_lets_the_merged_vectors_go(tmp_path):
+    """A task equal to the base has a zero task vector: TALL rebuilds it exactly, and its qtau (all
+    zeros) is exact too and nearly free, so the merged vectors the other tasks let go still go
+    (before: it had no qtau candidate, kept every merged vector, and the archive was 58% larger)."""
+    base, fts = _need_qtau()
+    same = {k: v.clone() for k, v in base.items()}
+    a, b = tmp_path / "a.tallpack", tmp_path / "b.tallpack"
+    without = tallpack.pack(base, fts, a, fidelity=0.97).stats["dial"]
+    m = tallpack.pack(base, fts | {"same": same}, b, fidelity=0.97)
+    assert m.stats["dial"]["met"] and m.stats["dial"]["merged_dropped"] == without["merged_dropped"] > 0
+    assert b.stat().st_size <= 1.04 * a.stat().st_size
+    with tallpack.open(b) as fam:
+        for t in fts:
+            assert weight_fidelity(fam, t, fts[t]) >= 0.97
+        assert all(torch.equal(fam.get_tensor("same", k), v) for k, v in same.items())
+        assert fam.task_info("same").fidelity["weight"] == 1.0
+        assert fam.verify() == []
+
+
 def test_no_qtau_with_ties_keeps_merged(tmp_path):
     base, fts = _need_qtau()
     m = tallpack.pack(base, fts, tmp_path / "t.tallpack", fidelity=0.95, merge="ties")
