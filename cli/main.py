@@ -416,6 +416,14 @@ def demo(workdir: str, size: str, task: str | None) -> None:
     from tallpack.demo.run import run_demo
 
     click.echo(f"building (or reusing) the demo family in {workdir}/family ...")
+    if not (click.get_current_context().obj or {}).get("quiet"):  # the build's steps: a few minutes on 2 cores
+        steps = logging.getLogger("tallpack.demo")
+        if steps.getEffectiveLevel() > logging.INFO:
+            shown = logging.StreamHandler()
+            shown.setFormatter(logging.Formatter("  %(message)s"))
+            steps.addHandler(shown)
+            steps.setLevel(logging.INFO)
+            steps.propagate = False
     r = run_demo(workdir, size=size, task=task)
     sec = r.seconds
     click.echo(f"built in {sec['build']:.1f}s; packed (lambda chosen on validation data) in {sec['pack']:.1f}s\n")

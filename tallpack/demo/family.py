@@ -405,7 +405,8 @@ def _build_into(tmp: Path, cfg: dict) -> None:
         )
         xv, yv = _task_arrays(spec, "val", seed)
         logger.info(
-            "fine-tuned %s: val acc %.3f (%.1fs)", name, _accuracy(model, xv, yv), time.perf_counter() - t0
+            "fine-tuned %s (%d/%d): val acc %.3f (%.1fs)", name, i + 1, len(cfg["tasks"]), _accuracy(model, xv, yv),
+            time.perf_counter() - t0
         )
         _save_checkpoint(
             tmp / "tasks" / name,
