@@ -130,10 +130,13 @@ def _parse_tasks(specs: tuple[str, ...]) -> dict[str, str]:
         name, sep, path = spec.partition("=")
         if not sep or _exists(spec):  # a bare path, even one with '=' in it
             name, path = stem(spec), spec
+        if path and not name and not sep:
+            raise click.BadParameter(f"{spec!r}: no task name can be taken from this path; give NAME={spec}",
+                                     param_hint="--task")
         if not name or not path:
             raise click.BadParameter(f"{spec!r}: expected NAME=PATH or PATH", param_hint="--task")
         if name in tasks:
-            raise click.BadParameter(f"task {name!r} given twice", param_hint="--task")
+            raise click.BadParameter(f"task {name!r} given twice (name tasks with NAME=PATH)", param_hint="--task")
         tasks[name] = path
     return tasks
 

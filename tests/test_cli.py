@@ -327,6 +327,14 @@ def test_file_urls_are_local_inputs(small_family, hf_family, tmp_path):
         assert fam.tasks == ("a",) and hf.tasks == ("dtd",) and hf.files("dtd")
 
 
+def test_task_names_that_cannot_be_taken_say_how_to_give_one(small_family, tmp_path):
+    base, a = small_family["base_path"], small_family["task_paths"]["a"]
+    r = run("pack", "--base", base, "--task", ".", "-o", tmp_path / "o.tallpack", ok=False)
+    assert r.exit_code == 2 and "no task name can be taken from this path; give NAME=." in r.output
+    r = run("pack", "--base", base, "--task", a, "--task", a, "-o", tmp_path / "o.tallpack", ok=False)
+    assert r.exit_code == 2 and "given twice (name tasks with NAME=PATH)" in r.output
+
+
 def test_a_missed_fidelity_target_is_in_the_result_line():
     """pack's result line (kept with -q, where the dial's warning is not shown) says which tasks
     missed the target, and nothing when it was met or no dial ran."""
