@@ -27,6 +27,10 @@ The merged vector of a tensor is shared, so no single task's ladder can pay for 
 the greedy choice, a tensor (Task Arithmetic archives only) whose every task is ``qtau`` loses its
 merged vector; and a tensor where moving the remaining tasks to a ``qtau`` at least as accurate as
 what they have costs less than its merged vector is switched so (no task's error grows).
+
+Fidelity 1 is bit-exact: an option counts as exact only where its rebuild has the original's bits
+(a squared error of 0 is not enough: ``-0.0`` rebuilt as ``0.0`` has none), and a task whose
+rebuild differs from the original in any bit records a fidelity below 1 (``JUST_BELOW_ONE`` at most).
 """
 
 from __future__ import annotations
@@ -87,6 +91,31 @@ MAX_PROBES = 32
 #: Bytes charged per stored array beyond its chunks (its manifest entry, compressed: about 40
 #: measured on the benchmark's families), and per chunk (alignment padding, at most 63 bytes).
 ARRAY_OVERHEAD, CHUNK_OVERHEAD = 64, 64
+#: The highest fidelity a rebuild that is not the original bit for bit records (its squared error
+#: may be 0: ``-0.0`` rebuilt as ``0.0``), so that a fidelity of 1 means bit-exact.
+JUST_BELOW_ONE = math.nextafter(1.0, 0.0)
+#: How far below a target (under 1) a fidelity may fall and still meet it: float residue.
+TOLERANCE = 1e-12
+
+
+def reaches(value: float, target: float) -> bool:
+    """Whether a fidelity meets a target: within float residue, but a target of 1 only bit for bit.
+
+    >>> reaches(1 - 1e-13, 0.99), reaches(JUST_BELOW_ONE, 1.0)
+    (True, False)
+    """
+    return value >= 1.0 if target >= 1 else value >= target - TOLERANCE
+
+
+def capped(value: float, bit_exact: bool) -> float:
+    """A fidelity as recorded: 1 for a bit-exact rebuild, else at most ``JUST_BELOW_ONE``."""
+    return 1.0 if bit_exact else min(value, JUST_BELOW_ONE)
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two tensors of one dtype hold the same bits (``-0.0`` is not ``0.0``; NaN payloads count)."""
+    return a.dtype == b.dtype and a.numel() == b.numel() and np.array_equal(bits(a.reshape(-1).contiguous()),
+                                                                            bits(b.reshape(-1).contiguous()))
 
 
 class FidelityError(TallpackError, ValueError):
@@ -96,8 +125,8 @@ class FidelityError(TallpackError, ValueError):
 @dataclass(frozen=True)
 class Option:
     """One candidate for one (task, tensor): ``kind`` None (nothing), ``sparse`` (``k`` entries),
-    ``quant`` (``bits``), ``qtau`` (``bits``, replacing the mask) or ``exact``; its extra bytes
-    and the squared error it leaves."""
+    ``quant`` (``bits``), ``qtau`` (``bits``, replacing the mask) or ``exact``; its extra bytes,
+    the squared error it leaves, and whether its rebuild is the original bit for bit."""
 
     kind: str | None
     cost: int
@@ -106,6 +135,8 @@ class Option:
     bits: int = 0
     #: the plain squared error when ``err`` is weighted by a sensitivity (None: ``err`` is plain)
     plain: float | None = None
+    #: the rebuild has the original's bits (an ``err`` of 0 may not: ``-0.0`` rebuilt as ``0.0``)
+    bit_exact: bool = False
 
     @property
     def plain_err(self) -> float:
@@ -137,6 +168,8 @@ class TaskPlan:
     #: with a sensitivity, ``theta_sq`` and ``tall_err`` are weighted; these are the plain sums
     plain_theta_sq: float = 0.0
     plain_tall_err: float = 0.0
+    #: tensors whose plain TALL rebuild is not the original bit for bit
+    tall_inexact: int = 0
     ladders: dict[str, list[Option]] = field(default_factory=dict)
     #: every qtau candidate measured, per tensor (the merged-vector pass picks among them)
     qtaus: dict[str, list[Option]] = field(default_factory=dict)
@@ -147,10 +180,14 @@ class TaskPlan:
     cum_cost: list[int] = field(default_factory=list)
     cum_err: list[float] = field(default_factory=list)
     cum_plain: list[float] = field(default_factory=list)
+    #: the number of tensors not rebuilt bit for bit after each prefix
+    cum_inexact: list[int] = field(default_factory=list)
 
     def fidelity_at(self, p: int, weighted: bool = True) -> float:
-        """The fidelity after the first ``p`` steps: weighted (as the steps were ordered) or plain."""
-        return self.weight_fidelity(self.cum_err[p]) if weighted else self.plain_fidelity(self.cum_plain[p])
+        """The fidelity after the first ``p`` steps: weighted (as the steps were ordered) or plain;
+        1 only where every tensor is rebuilt bit for bit (``capped``)."""
+        value = self.weight_fidelity(self.cum_err[p]) if weighted else self.plain_fidelity(self.cum_plain[p])
+        return capped(value, self.cum_inexact[p] == 0)
 
     def weight_fidelity(self, err: float) -> float:
         """1 - sqrt(err / sum of squares): the weight fidelity, weighted when a sensitivity is."""
@@ -183,6 +220,7 @@ class TaskPlan:
         self.steps = []
         self.cum_cost, self.cum_err = [sum(o.cost for o in start)], [sum(o.err for o in start)]
         self.cum_plain = [sum(o.plain_err for o in start)]
+        self.cum_inexact = [sum(not o.bit_exact for o in start)]
         while heap:
             _, _, name, i = heapq.heappop(heap)
             a, b = self.ladders[name][i - 1], self.ladders[name][i]
@@ -190,6 +228,7 @@ class TaskPlan:
             self.cum_cost.append(self.cum_cost[-1] + b.cost - a.cost)
             self.cum_err.append(max(self.cum_err[-1] - (a.err - b.err), 0.0))
             self.cum_plain.append(max(self.cum_plain[-1] - (a.plain_err - b.plain_err), 0.0))
+            self.cum_inexact.append(self.cum_inexact[-1] + a.bit_exact - b.bit_exact)
             pos[name] = i
             push(name)
         if all(lad[-1].err == 0 for lad in self.ladders.values()):
@@ -204,11 +243,12 @@ class TaskPlan:
 
 
 def hull(points: list[Option]) -> list[Option]:
-    """The lower convex hull of (cost, err), from the cheapest to the most accurate."""
-    pts = sorted(points, key=lambda o: (o.cost, o.err))
+    """The lower convex hull of (cost, err), from the cheapest to the most accurate; at an error
+    of 0, a bit-exact option counts as more accurate than one that is not."""
+    pts = sorted(points, key=lambda o: (o.cost, o.err, not o.bit_exact))
     best: list[Option] = []
     for o in pts:  # Pareto front first: each next point strictly more accurate
-        if not best or o.err < best[-1].err:
+        if not best or (o.err, not o.bit_exact) < (best[-1].err, not best[-1].bit_exact):
             best.append(o)
     out: list[Option] = []
     for o in best:
@@ -279,12 +319,15 @@ def _extras(ctx: WriteContext, item: Item) -> dict[str, torch.Tensor]:
     return {k: torch.cat([p[k] for p in parts]) for k in ctx.method.extra_arrays} if parts else {}
 
 
-def _errors(w: torch.Tensor | None) -> Callable[[torch.Tensor, torch.Tensor], tuple[float, float | None]]:
-    """Squared error as (weighted by ``w``, plain), or (plain, None) without weights."""
-    def err(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float | None]:
+def _errors(w: torch.Tensor | None) -> Callable[[torch.Tensor, torch.Tensor], tuple[float, float | None, bool]]:
+    """Squared error of a rebuild ``a`` against the original ``b`` as (weighted by ``w``, plain,
+    bit-exact), or (plain, None, bit-exact) without weights; bit-exact only where the plain error
+    is 0 and every bit is the same."""
+    def err(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float | None, bool]:
         d = a.reshape(-1).to(torch.float64) - b.reshape(-1).to(torch.float64)
         plain = float(torch.dot(d, d))
-        return (plain, None) if w is None else (float(torch.dot(d * w, d)), plain)
+        exact = plain == 0 and same_bits(a, b)
+        return (plain, None, exact) if w is None else (float(torch.dot(d * w, d)), plain, exact)
     return err
 
 
@@ -493,14 +536,15 @@ class Dial:
             r = xf.to(torch.float32) - rec32
             plain = rec32.to(x.dtype)
             zero = torch.zeros(1)
-            sq, sq_plain = sq_err(xf, zero)
+            sq, sq_plain, _ = sq_err(xf, zero)
             plan.theta_sq += sq
             plan.plain_theta_sq += sq if sq_plain is None else sq_plain
             plan.scale[item.name] = 1.0 / (sq or sq_err(base32, zero)[0] or 1.0)
-            err0, plain0 = sq_err(plain, xf)
+            err0, plain0, exact0 = sq_err(plain, xf)
             plan.tall_err += err0
             plan.plain_tall_err += err0 if plain0 is None else plain0
-            opts = [Option(None, 0, err0, plain=plain0)]
+            plan.tall_inexact += not exact0
+            opts = [Option(None, 0, err0, plain=plain0, bit_exact=exact0)]
             n = r.numel()
             if n and self.qtau:
                 # measured even where TALL loses nothing (a task equal to the base: a zero task
@@ -512,11 +556,11 @@ class Dial:
                     o = Option("qtau", 0, 0.0, bits=b)
                     arrays = candidate_arrays(o, tau)
                     cost = sum(_array_cost(_chain(ctx, a), a, ce) for a in arrays.values()) + 40 - tier.masks[t]
-                    err, pe = sq_err(rebuilt(base32, decoded(o, arrays, n), x.dtype), xf)
-                    qs.append(Option("qtau", cost, err, bits=b, plain=pe))
+                    err, pe, same = sq_err(rebuilt(base32, decoded(o, arrays, n), x.dtype), xf)
+                    qs.append(Option("qtau", cost, err, bits=b, plain=pe, bit_exact=same))
                 plan.qtaus[item.name] = qs
                 opts += qs
-            if n and err0 > 0:
+            if n and err0 > 0:  # (a correction adds to the TALL rebuild: none mends a -0.0 it lost)
                 cands: list[Option] = []
                 if "sparse" in self.allowed:
                     for k in sorted({max(1, int(n * f)) for f in SPARSE_FRACTIONS}):
@@ -525,11 +569,11 @@ class Dial:
                 for o in cands:
                     arrays = candidate_arrays(o, r)
                     cost = sum(_array_cost(_chain(ctx, a), a, ce) for a in arrays.values()) + 40
-                    err, pe = sq_err(corrected(base32, mask, merged, decoded(o, arrays, n), x.dtype), xf)
-                    opts.append(Option(o.kind, cost, err, o.k, o.bits, pe))
-                if "exact" in self.allowed:
-                    cost = 40 if self.exact_paid else _exact_cost(ctx, x.reshape(-1), plain, item.base.reshape(-1))
-                    opts.append(Option("exact", cost, 0.0))
+                    err, pe, same = sq_err(corrected(base32, mask, merged, decoded(o, arrays, n), x.dtype), xf)
+                    opts.append(Option(o.kind, cost, err, o.k, o.bits, pe, same))
+            if n and not exact0 and "exact" in self.allowed:  # also where TALL errs by bits alone
+                cost = 40 if self.exact_paid else _exact_cost(ctx, x.reshape(-1), plain, item.base.reshape(-1))
+                opts.append(Option("exact", cost, 0.0, bit_exact=True))
             plan.ladders[item.name] = hull(opts)
             if self.evaluate is not None:
                 self._held.setdefault(t, {})[item.name] = (base32, rec32, r, x.dtype)
@@ -597,7 +641,7 @@ class Dial:
         last = len(plan.steps)
         if score is None:
             for p in range(last + 1):
-                if plan.fidelity_at(p, self._weighted_targets) >= f - 1e-12:
+                if reaches(plan.fidelity_at(p, self._weighted_targets), f):
                     return p
             return last
         if score(t, plan.chosen(0)) >= f:
@@ -634,7 +678,7 @@ class Dial:
             for t, o in cur.items():
                 if o.kind == "qtau":
                     continue
-                fit = [q for q in self.plans[t].qtaus.get(name, ()) if q.err <= o.err]
+                fit = [q for q in self.plans[t].qtaus.get(name, ()) if q.err <= o.err and q.bit_exact >= o.bit_exact]
                 if not fit:
                     break
                 moves[t] = min(fit, key=lambda q: (q.cost, q.err))
@@ -721,11 +765,12 @@ class Dial:
         """Record what task t gets with options ``ch``: its figures, and whether it misses the target."""
         plan = self.plans[t]
         self.choice[t] = {k: o for k, o in ch.items() if o.kind is not None}
-        rec = {"weight": plan.plain_fidelity(sum(o.plain_err for o in ch.values())),
-               "weight_tall": plan.plain_fidelity(plan.plain_tall_err)}
+        exact, exact_tall = all(o.bit_exact for o in ch.values()), plan.tall_inexact == 0
+        rec = {"weight": capped(plan.plain_fidelity(sum(o.plain_err for o in ch.values())), exact),
+               "weight_tall": capped(plan.plain_fidelity(plan.plain_tall_err), exact_tall)}
         if self.sensitivity is not None:  # the measure the dial used (targets are in it)
-            rec |= {"weighted": plan.weight_fidelity(sum(o.err for o in ch.values())),
-                    "weighted_tall": plan.weight_fidelity(plan.tall_err)}
+            rec |= {"weighted": capped(plan.weight_fidelity(sum(o.err for o in ch.values())), exact),
+                    "weighted_tall": capped(plan.weight_fidelity(plan.tall_err), exact_tall)}
         want = self.target
         if score is not None:
             rec |= {"score": score(t, ch), "score_tall": score(t, {})}
@@ -735,7 +780,7 @@ class Dial:
                     self._lowered[t] = want = self.ceiling[t]
         self.achieved[t] = rec
         got = rec["score"] if score is not None else rec[self.measure]
-        if want is not None and got < want - 1e-12:
+        if want is not None and not reaches(got, want):
             self.below[t] = got
 
     def _report(self) -> None:

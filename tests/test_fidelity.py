@@ -135,6 +135,40 @@ def test_exact_end_is_bit_exact(tmp_path):
         assert fam.verify() == []
 
 
+def _zeroed_family():
+    """A fine-tune that zeroed ten weights as ``-0.0`` (TALL rebuilds them as ``base + (-base)``,
+    ``0.0``: no squared error, other bits) and another whose ``n`` holds a NaN with a payload."""
+    g = _gen(0)
+    base = {"w": torch.randn(1000, generator=g) + 3.0, "n": torch.randn(64, generator=g)}
+    t1 = {k: v.clone() for k, v in base.items()}
+    t1["w"][:10] = -0.0
+    t2 = {k: v.clone() for k, v in base.items()}
+    t2["w"][500:600] += 0.25
+    t2["n"][3] = torch.tensor([0x7FC01234], dtype=torch.int32).view(torch.float32)[0]
+    return base, {"t1": t1, "t2": t2}
+
+
+def test_exact_end_keeps_negative_zeros_and_nan_payloads(tmp_path):
+    """Fidelity 1 is bit for bit: a -0.0 TALL rebuilds as 0.0 gets the exact correction though it
+    has no squared error (before: 0.0 with fidelity 1.0 recorded), a NaN payload comes back. A
+    lower target may keep the 0.0, and then records a fidelity below 1: 1 means bit-exact."""
+    base, fts = _zeroed_family()
+    exact, lower = tmp_path / "f1.tallpack", tmp_path / "f099.tallpack"
+    assert tallpack.pack(base, fts, exact, fidelity=1.0).stats["dial"]["met"]
+    with tallpack.open(exact) as fam:
+        for t, ft in fts.items():
+            assert all(torch.equal(fam.get_tensor(t, k).view(torch.int32), v.view(torch.int32)) for k, v in ft.items())
+            assert fam.task_info(t).fidelity["weight"] == 1.0
+        assert stored(exact, "t1") == {"exact": 1}
+        assert fam.task_info("t1").fidelity["weight_tall"] < 1.0
+        assert fam.verify() == []
+    tallpack.pack(base, fts, lower, fidelity=0.99)
+    with tallpack.open(lower) as fam:
+        assert stored(lower, "t1") == {"tall": 1}
+        assert torch.equal(fam.get_tensor("t1", "w")[:10], torch.zeros(10))  # +0.0: equal, but not the bits
+        assert 0.99 < fam.task_info("t1").fidelity["weight"] < 1.0
+
+
 def test_budget_is_kept_and_raises_fidelity(tmp_path):
     base, fts = family("dense")
     one = checkpoint_bytes(fts)

@@ -123,6 +123,22 @@ def test_a_task_equal_to_the_base_lets_the_merged_vectors_go(tmp_path):
         assert fam.verify() == []
 
 
+def test_a_task_equal_to_a_base_with_negative_zeros_is_bit_exact_at_fidelity_1(tmp_path):
+    """A base's -0.0 comes back as 0.0 from TALL and from a qtau of the task equal to it (0.0 added),
+    with no squared error: at fidelity 1 that task takes the exact correction, not either of them."""
+    base, fts = _need_qtau(tasks=2)
+    base["a.weight"][0, :8] = -0.0
+    same = {k: v.clone() for k, v in base.items()}
+    path = tmp_path / "z.tallpack"
+    m = tallpack.pack(base, fts | {"same": same}, path, fidelity=1.0)
+    assert m.stats["dial"]["met"] and m.stats["dial"]["tasks"]["same"]["stored"].get("exact") == 1
+    with tallpack.open(path) as fam:
+        got = fam.get_tensor("same", "a.weight")
+        assert torch.equal(got.view(torch.int32), same["a.weight"].view(torch.int32))
+        assert all(fam.task_info(t).fidelity["weight"] == 1.0 for t in fam.tasks)
+        assert fam.verify() == []
+
+
 def test_no_qtau_with_ties_keeps_merged(tmp_path):
     base, fts = _need_qtau()
     m = tallpack.pack(base, fts, tmp_path / "t.tallpack", fidelity=0.95, merge="ties")
