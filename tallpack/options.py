@@ -54,13 +54,14 @@ class PackOptions:
     threads: int | None = None
     progress: ProgressLike = False  # True: a tqdm bar; or fn(desc, done, total)
     checksum: str = DEFAULT_CHECKSUM
-    #: also store every task's original bits and files (the exact tier, format 1.2)
+    #: also store every task's original bits and files (the exact tier, format 1.2). Not with
+    #: ``fidelity`` or ``budget`` (an error): every task already comes back bit for bit, and the
+    #: originals set the size
     exact: bool = False
     #: with ``exact``, leave out each mask whose tensor codes smaller against the base without it
     #: (format 1.6: the reader derives it from the original, so lossy reads of those tensors cost
     #: about an exact read); False stores every mask (lossy reads as fast as without the tier).
-    #: False without ``exact`` is an error (nothing to store differently); ignored with the dial,
-    #: which stores every mask
+    #: False without ``exact`` is an error (nothing to store differently)
     derive_masks: bool = True
     #: with ``derive_masks``, also leave out the merged vector of each tensor whose masks are all
     #: derived (format 1.8: a lossy read of one task of it then rebuilds every task's original);
@@ -77,9 +78,11 @@ class PackOptions:
     #: is ignored (the command line refuses an explicit ``--group`` with them)
     group: bool = True
     #: the fidelity dial (format 1.5, ``tallpack.dial``): reconstruct every task at least this well
-    #: (with ``evaluate``: its score relative to the original's; else the weight fidelity), ...
+    #: (with ``evaluate``: its score relative to the original's; else the weight fidelity, where 1
+    #: is bit-exact), ...
     fidelity: float | None = None
-    #: ... and/or keep the archive within this many times the average task checkpoint's bytes
+    #: ... and/or keep the archive within this many times the average task checkpoint's bytes.
+    #: Neither with ``exact`` (an error): the dial corrects the lossy reads of archives without it
     budget: float | None = None
     #: the corrections the dial may store, from ``sparse``, ``quant4``, ``quant8``, ``qtau`` (the
     #: task's own quantized task vector instead of its mask, format 1.7), ``exact``
@@ -167,7 +170,7 @@ class Validated:
     @property
     def derive_masks(self) -> bool:
         """Whether the exact tier may leave masks out (``tall-derived`` entries, format 1.6): with
-        ``exact`` and without the fidelity dial, whose corrections need a stored mask."""
+        ``exact`` (never with the fidelity dial, whose corrections need a stored mask)."""
         return self.options.exact and bool(self.options.derive_masks) and not self.dial
 
     @property
@@ -213,6 +216,20 @@ def _check_exact_tier(o: PackOptions) -> None:
                                        "every mask and merged vector is stored")
 
 
+def _check_dial_without_exact(o: PackOptions) -> None:
+    """The dial corrects lossy reads; with the exact tier every task already comes back bit for bit,
+    at a size the originals set: refuse the two together rather than store both."""
+    if not o.exact:
+        return
+    if o.budget is not None:
+        raise InvalidArgumentError("budget (--budget) does not go with exact=True (--exact): the exact tier's size is "
+                                   "set by the originals, which no budget bounds; drop one of them")
+    if o.fidelity is not None:
+        raise InvalidArgumentError("fidelity (--fidelity) does not go with exact=True (--exact): the exact tier "
+                                   "already gives every task back bit for bit (exact=True reads, unpack --exact), and "
+                                   "the dial corrects the lossy reads of archives without it; drop one of them")
+
+
 #: The corrections the fidelity dial knows (``tallpack.dial.CORRECTIONS``).
 _CORRECTIONS = ("sparse", "quant4", "quant8", "qtau", "exact")
 
@@ -223,6 +240,7 @@ def _check_dial(o: PackOptions) -> None:
         raise InvalidArgumentError(f"fidelity must be a number in (0, 1] (1: exact), got {f!r}")
     if b is not None and (real(b) is None or not math.isfinite(b) or b <= 0):
         raise InvalidArgumentError(f"budget must be a positive number (times one checkpoint's size), got {b!r}")
+    _check_dial_without_exact(o)
     bad = [c for c in o.corrections if c not in _CORRECTIONS] if not isinstance(o.corrections, str) else [o.corrections]
     if bad:
         raise InvalidArgumentError(f"unknown correction(s) {bad}; choose from {', '.join(_CORRECTIONS)}")

@@ -227,7 +227,11 @@ def test_no_paths_leaves_local_paths_out_and_the_bytes_alike(small_family, tmp_p
     (["--derive-masks"], "--derive-masks needs --exact"),
     (["--derive-merged"], "--derive-merged needs --exact"),
     (["--exact", "--store-masks", "--derive-merged"], "--derive-merged needs --derive-masks"),
-    (["--exact", "--fidelity", "0.9", "--derive-masks"], "--derive-masks: not with --fidelity or --budget"),
+    # the exact tier gives every task back bit for bit at a size the originals set (before: a budget
+    # 1.66x over recorded as met; a target ignored, every task stored exact, 38% over --exact alone)
+    (["--exact", "--fidelity", "0.9"], "fidelity (--fidelity) does not go with exact=True (--exact)"),
+    (["--exact", "--fidelity", "1", "--store-masks"], "fidelity (--fidelity) does not go with exact=True (--exact)"),
+    (["--exact", "--budget", "2"], "budget (--budget) does not go with exact=True (--exact)"),
     (["--exact", "--group"], "--group has no effect with --exact"),
     (["--budget", "3", "--group"], "--group has no effect with --fidelity or --budget"),
 ])
@@ -247,7 +251,6 @@ def test_pack_refuses_a_flag_the_others_leave_without_effect(small_family, tmp_p
     ["--exact", "--store-merged"],
     ["--exact", "--store-masks"],
     ["--exact", "--store-masks", "--store-merged"],  # says "store" twice: what happens
-    ["--exact", "--fidelity", "0.9", "--store-masks"],  # the dial stores every mask anyway
 ])
 def test_pack_accepts_the_flags_that_have_an_effect(small_family, tmp_path, flags):
     out = tmp_path / "o.tallpack"
@@ -266,12 +269,30 @@ def test_pack_options_refuse_the_exact_tiers_switches_without_it():
 
     PackOptions().validated()
     PackOptions(exact=True, derive_masks=False, derive_merged=False).validated()
-    PackOptions(exact=True, fidelity=0.9, derive_masks=False).validated()
     for key in ("derive_masks", "derive_merged"):
         with pytest.raises(InvalidArgumentError, match=f"{key}=False .* needs exact=True"):
             PackOptions(**{key: False}).validated()
         with pytest.raises(InvalidArgumentError, match=f"{key} must be True or False"):
             PackOptions(exact=True, **{key: None}).validated()
+
+
+@pytest.mark.parametrize("dial, says", [
+    ({"fidelity": 0.9}, "fidelity .--fidelity. does not go with exact=True .--exact.: the exact tier already gives "
+                        "every task back bit for bit"),
+    ({"fidelity": 1.0, "derive_masks": False}, "fidelity .--fidelity. does not go with exact=True"),
+    ({"budget": 2.0}, "budget .--budget. does not go with exact=True .--exact.: the exact tier's size is set by the "
+                      "originals, which no budget bounds"),
+    ({"budget": 2.0, "fidelity": 0.99}, "budget .--budget. does not go with exact=True"),
+])
+def test_pack_options_refuse_the_fidelity_dial_with_the_exact_tier(dial, says):
+    """The library refuses them together too; each alone passes."""
+    from tallpack import PackOptions
+    from tallpack.errors import InvalidArgumentError
+
+    PackOptions(**{k: v for k, v in dial.items() if k != "derive_masks"}).validated()
+    PackOptions(exact=True, derive_masks=dial.get("derive_masks", True)).validated()
+    with pytest.raises(InvalidArgumentError, match=says):
+        PackOptions(exact=True, **dial).validated()
 
 
 def test_unpack_refuses_task_with_all(packed, tmp_path):
