@@ -21,6 +21,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import pickle
 import random
 import shutil
 import struct
@@ -119,6 +120,9 @@ _PLANAR_EVERY = _Every(2)
 #: Every third input is read through a cache of a few KB: the arrays that pass it keep only the
 #: chunks that fit (reader._decode_planar), read from the plane lengths before decoding.
 _SMALL_CACHE_EVERY = _Every(3)
+#: Every fifth archive that opens is also sent through pickle (``Archive.__reduce__``: opened again
+#: from its path, and checked to be the same file), as a spawn DataLoader worker receives it.
+_PICKLE_EVERY = _Every(5)
 
 
 def exercise(path: str, outdir: str) -> None:
@@ -136,12 +140,15 @@ def exercise(path: str, outdir: str) -> None:
 def _exercise(path: str, outdir: str) -> None:
     import tallpack
     from tallpack.merging import MERGED_MODELS
-    from tallpack.report import render
+    from tallpack.report import render, render_tensors, tensor_rows
 
     with tallpack.open(path, **({"cache_bytes": 4096} if _SMALL_CACHE_EVERY.tick() else {})) as fam:
         s = fam.summary()
         render(s)
         json.dumps(s)
+        render_tensors(tensor_rows(fam.manifest, fam.read_array, fam.packed_bits), list(fam.tasks))  # --tensors
+        if _PICKLE_EVERY.tick():
+            pickle.loads(pickle.dumps(fam)).close()
         for t in fam.tasks[:1]:  # rows, before anything fills the cache (then the first's from it)
             for k in fam.keys(t):
                 part = fam.get_slice(t, k)
@@ -150,9 +157,15 @@ def _exercise(path: str, outdir: str) -> None:
                     part[0 : max(1, rows // 2)], part[rows // 3 : rows]
         for t in fam.tasks:
             exact = fam.task_info(t).exact is not None
+            lazy = fam.state_dict(t, lazy=True)
+            [k in lazy for k in fam.keys(t)[:4]], lazy.get("\0no such tensor")
             fam.state_dict(t)
             if exact:
                 fam.state_dict(t, exact=True)
+                for k in fam.keys(t)[:2]:
+                    part = fam.get_slice(t, k, exact=True)
+                    if part.get_shape():
+                        part[0:1]
         fam.verify()
         fam.chunk_count()
         for e in fam.manifest.tensors:
