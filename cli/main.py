@@ -198,8 +198,6 @@ def _refuse_ignored_pack_flags(merge: str, exact: bool, dial: bool, derive_masks
         if key in given and params[key]:
             if not exact:
                 _fail(f"{flag} needs --exact: without the exact tier every mask and merged vector is stored")
-            if dial:
-                _fail(f"{flag}: not with --fidelity or --budget, whose corrections need every mask stored")
     if "derive_merged" in given and params["derive_merged"] and not derive_masks:
         _fail("--derive-merged needs --derive-masks: with --store-masks every merged vector is stored")
 

@@ -461,18 +461,18 @@ class Dial:
     decides (``decide``), then writes each merged tensor as decided (``write_tensor``)."""
 
     def __init__(self, *, target: float | None, budget_bytes: int | None, allowed: Sequence[str],
-                 exact_paid: bool, evaluate: Evaluator | None = None,
+                 evaluate: Evaluator | None = None,
                  sources: Mapping[str, Any] | None = None, unit_bytes: float = 0.0,
                  sensitivity: Mapping[str, Mapping[str, Any]] | None = None):
         self.target, self.budget_bytes, self.allowed = target, budget_bytes, tuple(allowed)
         #: per task and tensor, weights of each element's squared error (``PackOptions.sensitivity``)
         self.sensitivity = sensitivity
-        self.exact_paid, self.evaluate, self.sources = exact_paid, evaluate, sources
+        self.evaluate, self.sources = evaluate, sources
         self.unit_bytes = unit_bytes  # one task checkpoint's bytes, the budget's unit
         self.plans: dict[str, TaskPlan] = {}
         self.tier: dict[str, TierCost] = {}
-        #: qtau candidates: on unless the exact tier is paid for (its residuals need the masks)
-        self.qtau = "qtau" in self.allowed and not exact_paid
+        #: qtau candidates (the dial never runs with the exact tier: ``PackOptions`` refuses it)
+        self.qtau = "qtau" in self.allowed
         #: whether a merged vector may be dropped (Task Arithmetic: tau_MTL is a plain sum)
         self.droppable = False
         #: with an evaluator: per task and tensor, (f32 base, f32 TALL rebuild before the cast, residual, dtype)
@@ -572,7 +572,7 @@ class Dial:
                     err, pe, same = sq_err(corrected(base32, mask, merged, decoded(o, arrays, n), x.dtype), xf)
                     opts.append(Option(o.kind, cost, err, o.k, o.bits, pe, same))
             if n and not exact0 and "exact" in self.allowed:  # also where TALL errs by bits alone
-                cost = 40 if self.exact_paid else _exact_cost(ctx, x.reshape(-1), plain, item.base.reshape(-1))
+                cost = _exact_cost(ctx, x.reshape(-1), plain, item.base.reshape(-1))
                 opts.append(Option("exact", cost, 0.0, bit_exact=True))
             plan.ladders[item.name] = hull(opts)
             if self.evaluate is not None:
@@ -847,7 +847,7 @@ class Dial:
 
     def _refits(self) -> bool:
         """Whether a budget's archive is measured and written again (``refit``)."""
-        return self.budget_bytes is not None and self.evaluate is None and not self.exact_paid
+        return self.budget_bytes is not None and self.evaluate is None
 
     def refit(self, size: int) -> bool:
         """After the merged tensors are written, ``size`` the archive's bytes if finished now:
@@ -860,7 +860,7 @@ class Dial:
         followed by a bisection between the fullest write within it and the smallest over it; the
         last of ``MAX_WRITES`` writes is always the fullest within. A decision already written is
         not written again: its size is known, and the bisection goes on from it (``_key_at``). Only
-        for a budget, without an evaluator (a new decision would score again) or the exact tier.
+        for a budget, without an evaluator (a new decision would score again).
         When it answers False, the archive written is kept, and its missed targets are warned of."""
         if not self._refits():
             return False
@@ -963,21 +963,19 @@ class Dial:
 
     # -- pass 2 -------------------------------------------------------------------------------
     def finish(self, ctx: WriteContext, entries: list[TensorEntry | None], pending: Mapping[int, str],
-               load: Callable[[str], Item], exact_tier: bool = False) -> None:
+               load: Callable[[str], Item]) -> None:
         """Decide on the size of the plain TALL archive, then write every merged tensor (the
         ``None`` places of ``entries``, named by ``pending``) as decided."""
         self.decide(plain_bytes([e for e in entries if e is not None]) + self.tier_bytes())
         for i, name in pending.items():
-            entries[i] = self.write_tensor(ctx, load(name), exact_tier)
+            entries[i] = self.write_tensor(ctx, load(name))
 
-    def write_tensor(self, ctx: WriteContext, item: Item, exact_tier: bool = False) -> TensorEntry:
+    def write_tensor(self, ctx: WriteContext, item: Item) -> TensorEntry:
         """One merged tensor as decided: its TALL tier (masks of the qtau tasks left out, the merged
-        vector too when dropped), the qtau entries, the exact tier when asked, the corrections."""
+        vector too when dropped), the qtau entries, the corrections."""
         qt = {t: o.bits for t in item.tasks
               if (o := self.choice.get(t, {}).get(item.name)) is not None and o.kind == "qtau"}
         entry = _write_mixed(ctx, item, qt, item.name in self.dropped) if qt else settled(ctx, Tall.write(ctx, item))
-        if exact_tier:
-            entry = add_exact(ctx, item, entry)
         self._corrections(ctx, item, entry)
         return entry
 

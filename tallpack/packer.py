@@ -200,7 +200,7 @@ def _write(fam: PackInputs, v: Validated, lams: dict[str, float], out: Path, sel
 
         if dial is not None:  # the fidelity dial: decide on the TALL tier's size, then write merged tensors
             plans = {e.name: e for e in fam.plan.tensors}
-            _write_dialed(dial, ctx, done, pending, lambda name: fam.load(plans[name]), opts.exact,
+            _write_dialed(dial, ctx, done, pending, lambda name: fam.load(plans[name]),
                           lambda: w.size_with(manifest().to_dict()))
         result = manifest()
         w.finish(result.to_dict())
@@ -287,17 +287,17 @@ class _Groups:
 
 
 def _write_dialed(dial: Dial, ctx: WriteContext, entries: list[TensorEntry | None], pending: dict[int, str],
-                  load: Callable[[str], Item], exact: bool, size: Callable[[], int]) -> None:
+                  load: Callable[[str], Item], size: Callable[[], int]) -> None:
     """Write the merged tensors as the dial decides; with a budget, while the dial asks (``refit``,
     given what the archive would be), drop them and write them again with its estimate corrected."""
     mark, figures = ctx.writer.mark(), copy.deepcopy(ctx.fidelity)
-    dial.finish(ctx, entries, pending, load, exact)
+    dial.finish(ctx, entries, pending, load)
     while dial.refit(size()):
         ctx.writer.rewind(mark)
         ctx.fidelity.update(copy.deepcopy(figures))  # the plain TALL figures, added again as written
         for i in pending:
             entries[i] = None
-        dial.finish(ctx, entries, pending, load, exact)
+        dial.finish(ctx, entries, pending, load)
 
 
 def _loaded(fam: PackInputs, tensors: Iterable[TensorPlan], keep_base_only: bool) -> Iterator[Item]:
@@ -322,7 +322,7 @@ def _dial(fam: PackInputs, v: Validated) -> Dial | None:
     budget = None if opts.budget is None else int(opts.budget * one)
     if opts.sensitivity is not None:
         _check_sensitivity(opts.sensitivity, fam)
-    return Dial(target=opts.fidelity, budget_bytes=budget, allowed=opts.corrections, exact_paid=opts.exact,
+    return Dial(target=opts.fidelity, budget_bytes=budget, allowed=opts.corrections,
                 evaluate=opts.evaluate, sources=fam.tasks, unit_bytes=one, sensitivity=opts.sensitivity)
 
 

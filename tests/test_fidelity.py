@@ -338,7 +338,7 @@ def simulated(budget: int, size):
     size make the same decision (the dial tells decisions apart by what they store)."""
     from tallpack import dial
 
-    d = dial.Dial(target=None, budget_bytes=budget, allowed=("qtau",), exact_paid=False)
+    d = dial.Dial(target=None, budget_bytes=budget, allowed=("qtau",))
     d._key_at = size
     d._written = size(d.calibration)
     return d
