@@ -540,8 +540,9 @@ class ContainerReader:
             raise ValueError(f"bits of {ref.numel} elements into a buffer of {len(into)}")
         for i in range(len(ref.chunks)) if chunks is None else chunks:
             pos, size = i * ref.chunk_elements // 8, (ref.chunk_numel(i) + 7) // 8
+            stored = self._stored(ref, i, where)  # its error names the archive, tensor and chunk already
             try:
-                packed.decode(self._stored(ref, i, where), size, into[pos : pos + size])
+                packed.decode(stored, size, into[pos : pos + size])
             except FormatError as e:
                 raise type(e)(f"{self.name}: {where}: chunk {i}: {e}") from None
         return into

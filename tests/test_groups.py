@@ -181,8 +181,9 @@ def test_a_damaged_group_names_its_tensors(small_family, tmp_path: Path) -> None
     raw[ref.chunks[0].offset] ^= 1
     out.write_bytes(bytes(raw))
     with tallpack.open(out) as fam:
-        with pytest.raises(IntegrityError, match="task 'b', tensor group 'tallpack.group.0' .2 tensors: 'body.w', 'body.b'"):
+        with pytest.raises(IntegrityError, match="task 'b', tensor group 'tallpack.group.0' .2 tensors: 'body.w', 'body.b'") as e:
             fam.get_tensor("b", "body.w")
+        assert str(e.value).count(str(out)) == 1, e.value  # the archive named once
         with pytest.raises(IntegrityError, match="tallpack.group.0"):
             fam.state_dict("b")
         fam.state_dict("a")  # the other tasks' masks are intact
@@ -301,7 +302,7 @@ def test_members_read_one_by_one_decode_the_groups_mask_once(tmp_path: Path, mon
         assert len(reads) == (len(want) if kernels.COMPILED else 0)
 
 
-def test_inspect_tensors_of_a_damaged_group_mask_still_shows_the_table(small_family, tmp_path: Path) -> None:
+def test_inspect_tensors_of_a_damaged_group_mask_still_shows_the_table(small_family, tmp_path: Path, caplog) -> None:
     out = tmp_path / "g.tallpack"
     tallpack.pack(small_family["base"], small_family["tasks"], out)
     with tallpack.open(out) as fam:
@@ -317,3 +318,5 @@ def test_inspect_tensors_of_a_damaged_group_mask_still_shows_the_table(small_fam
     rows = {x["name"]: x for x in json.loads(r.stdout)["tensors"]}
     member = group.members[0].name
     assert "b" not in rows[member]["density"] and "a" in rows[member]["density"]  # the damaged task's left out
+    warning = [m for m in caplog.messages if "checksum mismatch" in m]
+    assert len(warning) == 1 and warning[0].count(str(out)) == 1, caplog.messages
