@@ -71,7 +71,7 @@ class _Group(click.Group):
             _fail(_one_line(f"internal error: {type(e).__name__}: {e}")
                   + " (a bug in tallpack: please report it with the command that caused it)")
         finally:
-            if main_thread:
+            if main_thread and previous is not None:  # None: set outside Python, cannot be put back
                 signal.signal(signal.SIGTERM, previous)
 
 
@@ -259,7 +259,7 @@ def pack(base, task_specs, output, lambda_specs, merge, codec, level, checksum, 
     if chunk_elements % 8:
         raise click.BadParameter("must be a multiple of 8", param_hint="--chunk-elements")
     if not staging.is_url(output):
-        check_replaceable(output)  # -o /dev/null: not "pass --force", which would not help
+        check_replaceable(staging.local_path(output))  # -o /dev/null: not "pass --force", which would not help
     if staging.exists(output) and not force:
         _fail(f"{output}: already exists; pass --force to overwrite it")
     prefix = f"{merge}_"
@@ -283,12 +283,14 @@ def _unmet(dial: Any) -> str:
     dial's warning is not shown)."""
     if not isinstance(dial, dict) or dial.get("met") is not False or not isinstance(dial.get("tasks"), dict):
         return ""
-    target = dial.get("target")
-    short: dict[str, float] = {t: float(d["weight"]) for t, d in dial["tasks"].items()
-                               if isinstance(d, dict) and isinstance(d.get("weight"), (int, float))
-                               and isinstance(target, (int, float)) and d["weight"] < target}
-    if not short:
+    target, measure = dial.get("target"), dial.get("measure", "weight")  # weight, weighted or score
+    if not isinstance(target, (int, float)):
         return ""
+    short: dict[str, float] = {t: float(d[measure]) for t, d in dial["tasks"].items()
+                               if isinstance(d, dict) and isinstance(d.get(measure), (int, float))
+                               and d[measure] < target}
+    if not short:
+        return f"; fidelity target {target:g} not met"
     worst = sorted(short.items(), key=lambda kv: kv[1])[:3]
     shown = ", ".join(f"{t} {w:.4f}" for t, w in worst) + (", ..." if len(short) > 3 else "")
     return f"; fidelity target {target:g} not reached for {len(short)} task{'s' if len(short) > 1 else ''} ({shown})"

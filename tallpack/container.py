@@ -228,11 +228,12 @@ class ContainerWriter:
         return self.path
 
     def abort(self) -> None:
-        self._done = True
-        self._queue.clear()
-        self._pool.shutdown(cancel_futures=True)
-        self._f.close()
-        self._tmp.unlink(missing_ok=True)
+        with signals_held():  # a second Ctrl-C while the encoders finish does not leave the temporary
+            self._done = True
+            self._queue.clear()
+            self._f.close()
+            self._tmp.unlink(missing_ok=True)  # first: the running encoders only hand back bytes
+            self._pool.shutdown(cancel_futures=True)
 
 
 class Encoded(NamedTuple):

@@ -198,6 +198,13 @@ def committed() -> int:
     return _committed
 
 
+def forget_commits(count: int) -> None:
+    """Set the count back to ``count``: the files renamed since were a staged copy (of an output
+    at a URL whose upload failed), not the output."""
+    global _committed
+    _committed = min(_committed, count)
+
+
 @contextmanager
 def signals_held() -> Iterator[None]:
     """Ctrl-C and SIGTERM wait until the block ends, then take effect: the steps that make an

@@ -35,7 +35,7 @@ from .plan import Kind, TensorPlan
 from .progress import track
 from .selection import select_lambdas
 from .sources import Source, SourceLike, stem
-from .staging import fetched, staged
+from .staging import fetched, local_path, staged
 from .storage import is_url
 from .tall import Fidelity
 
@@ -64,8 +64,8 @@ def pack(base: SourceLike, tasks: TasksLike, out: str | os.PathLike, options: Pa
     opts = v.options  # numbers as Python's (numpy's scalars given)
     _check_pack_call(tasks, out)
     if not is_url(out):
-        check_replaceable(out)  # never a device or a link, even with overwrite
-    if not opts.overwrite and os.path.lexists(out):
+        check_replaceable(local_path(out))  # never a device or a link, even with overwrite (file:// too)
+    if not opts.overwrite and not is_url(out) and os.path.lexists(local_path(out)):
         raise OutputExistsError(f"{out}: already exists; pass --force (overwrite=True) to replace it")
     named: dict[str | int, SourceLike] = (dict(tasks.items()) if isinstance(tasks, Mapping)
                                           else {i: t for i, t in enumerate(tasks)})

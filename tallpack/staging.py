@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from .errors import CheckpointError, CheckpointNotFoundError, OutputError, OutputExistsError, TallpackError, quoted
+from .fsutil import committed, forget_commits
 from .storage import is_url
 
 log = logging.getLogger(__name__)
@@ -78,11 +79,16 @@ def staged(target: str | os.PathLike, storage_options: dict[str, Any] | None = N
     with tempfile.TemporaryDirectory(prefix="tallpack-stage-") as tmp:
         local = Path(tmp) / (Path(rpath).name or "out")
         _active[local] = (fs, rpath, url, overwrite)
+        before = committed()
         try:
-            yield local
-        finally:
-            del _active[local]
-        upload(local, fs, rpath, url, overwrite=overwrite, stale=stale)
+            try:
+                yield local
+            finally:
+                del _active[local]
+            upload(local, fs, rpath, url, overwrite=overwrite, stale=stale)
+        except BaseException:
+            forget_commits(before)  # the staged copy is not the output: nothing was written at the URL
+            raise
 
 
 def check_planned(paths: Iterable[Path]) -> None:
@@ -101,22 +107,46 @@ def check_planned(paths: Iterable[Path]) -> None:
 
 def _check_target(fs: Any, rpath: str, url: str, overwrite: bool) -> None:
     """Before any work: the bucket exists, and the target is no existing object (without ``overwrite``)."""
-    protocols = {fs.protocol} if isinstance(fs.protocol, str) else set(fs.protocol)
-    if protocols & BUCKET_PROTOCOLS:
+    if _buckets(fs):
         bucket = rpath.split("/", 1)[0]
-        try:
-            there = bool(fs.exists(bucket))
-        except Exception:  # cannot tell (permissions): the upload says what is wrong
-            there = True
-        if not there:
+        if _no_bucket(fs, bucket):
             raise OutputError(f"{url}: there is no bucket {bucket!r} (tallpack does not create buckets)")
     if not overwrite and _exists(fs, rpath) and not _isdir(fs, rpath):
         raise OutputExistsError(f"{url}: already exists; pass --force (overwrite=True) to replace it")
 
 
+def _buckets(fs: Any) -> bool:
+    """Whether the file system's paths start with a bucket (object stores have no folders either)."""
+    return bool(({fs.protocol} if isinstance(fs.protocol, str) else set(fs.protocol)) & BUCKET_PROTOCOLS)
+
+
+def _no_bucket(fs: Any, bucket: str) -> bool:
+    """True only when the store says the bucket does not exist: a role that may write but not
+    list or head it is told nothing (s3fs's ``exists`` is False for both), and its upload goes on."""
+    try:
+        if fs.exists(bucket):
+            return False
+    except Exception:
+        return False
+    ask = getattr(fs, "call_s3", None)  # s3fs: the bucket's own answer tells missing from forbidden
+    if ask is None:
+        return False  # other stores: the upload says what is wrong, and never creates a bucket
+    try:
+        ask("head_bucket", Bucket=bucket)
+    except FileNotFoundError:
+        return True
+    except Exception:
+        return False
+    return False
+
+
 def _exists(fs: Any, path: str) -> bool:
+    """Whether an object is there; False where the store will not say (S3 answers 403 for a key
+    that is not there to a role that may not list its bucket)."""
     try:
         return bool(fs.exists(path))
+    except PermissionError:
+        return False
     except Exception as e:
         raise OutputError(f"{path}: cannot check the output ({type(e).__name__}: {quoted(e)})") from None
 
@@ -138,20 +168,20 @@ def upload(local: Path, fs: Any, rpath: str, url: str, *, overwrite: bool = Fals
         pairs = [(str(local), rpath)]
     else:
         return
-    if not overwrite:
-        taken = [b for _, b in pairs if _exists(fs, b)]
+    old = _stale_objects(fs, rpath, [b for _, b in pairs], stale) if stale is not None and local.is_dir() else []
+    if not overwrite:  # files the write would replace, or remove (an old layout's shards): as on a disk
+        taken = [b for _, b in pairs if _exists(fs, b)] + old
         if taken:
             shown = url + taken[0][len(rpath):]
             more = f" (and {len(taken) - 1} more)" if len(taken) > 1 else ""
             raise OutputExistsError(f"{shown}: already exists{more}; pass --force (overwrite=True) to replace it")
-    old = _stale_objects(fs, rpath, [b for _, b in pairs], stale) if stale is not None and local.is_dir() else []
     total = sum(os.path.getsize(a) for a, _ in pairs)
     log.info("uploading %d file(s), %d bytes, to %s", len(pairs), total, url)
     try:
-        for parent in sorted({b.rsplit("/", 1)[0] for _, b in pairs if "/" in b}):
-            try:
+        for parent in sorted({b.rsplit("/", 1)[0] for _, b in pairs if "/" in b}) if not _buckets(fs) else ():
+            try:  # (object stores have no folders, and s3fs's makedirs would create a missing bucket)
                 fs.makedirs(parent, exist_ok=True)
-            except Exception:  # object stores have no folders; put works without them
+            except Exception:
                 pass
         fs.put([a for a, _ in pairs], [b for _, b in pairs])
         for path in old:

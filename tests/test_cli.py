@@ -365,3 +365,7 @@ def test_a_missed_fidelity_target_is_in_the_result_line():
                                                      "c": {"weight": 0.98}}}
     assert _unmet(dial) == "; fidelity target 0.999 not reached for 2 tasks (c 0.9800, a 0.9913)"
     assert _unmet(dict(dial, met=True)) == "" and _unmet(None) == "" and _unmet({"met": False}) == ""
+    scored = {"measure": "score", "target": 0.99, "met": False,  # the evaluator's measure, not the weights'
+              "tasks": {"a": {"weight": 0.5, "score": 0.995}, "b": {"weight": 0.999, "score": 0.97}}}
+    assert _unmet(scored) == "; fidelity target 0.99 not reached for 1 task (b 0.9700)"
+    assert _unmet(dict(scored, tasks={"a": {"score": 0.995}})) == "; fidelity target 0.99 not met"

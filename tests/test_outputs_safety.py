@@ -86,8 +86,12 @@ def test_force_replaces_only_regular_files(small_family, archive, tmp_path):
         with pytest.raises(tallpack.OutputError, match=what):
             tallpack.pack(base, {"a": tasks["a"]}, out, overwrite=True)
     assert fifo.is_fifo() and link.is_symlink() and target.read_bytes() == b"old"
-    code, text = cli("pack", "--base", base, "--task", tasks["a"], "-o", "/dev/null")  # never with --force
-    assert code == 1 and "/dev/null: is a device" in text and "pass --force" not in text, text
+    for null in ("/dev/null", "file:///dev/null"):  # never with --force
+        code, text = cli("pack", "--base", base, "--task", tasks["a"], "-o", null)
+        assert code == 1 and "/dev/null: is a device" in text and "pass --force" not in text, text
+    with pytest.raises(OutputExistsError):  # file:// checked before the work, as a path is
+        tallpack.pack(base, {"a": tasks["a"]}, f"file://{target}")
+    assert target.read_bytes() == b"old"
     out = tmp_path / "unpacked"
     out.mkdir()
     os.mkfifo(out / "model.safetensors")

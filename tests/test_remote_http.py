@@ -236,3 +236,47 @@ def test_model_folders_at_http_urls_are_packed_as_local_ones(hf_family, tmp_path
         sa, sb = a.state_dict("dtd"), b.state_dict("dtd")
         assert list(sa) == list(sb) and all(torch.equal(sa[k], sb[k]) for k in sa)
         assert a.task_info("dtd").files == b.task_info("dtd").files and a.files("dtd")
+
+
+def test_a_folder_at_a_url_written_again_without_force_keeps_its_old_layout(served):
+    """Writing one file where shards were would remove the shards: without overwrite that is
+    refused, as on a local disk, and nothing is removed; with it, the old layout goes."""
+    import fsspec
+
+    fs = fsspec.filesystem("memory")
+    with tallpack.open(served["local"]) as fam:
+        tallpack.write_task(fam, "a", "memory://again/out", max_shard_size="20KB")
+        before = sorted(fs.ls("/again/out", detail=False))
+        assert any("-of-" in p for p in before)
+        with pytest.raises(tallpack.OutputExistsError, match="already exists"):
+            tallpack.write_task(fam, "a", "memory://again/out")
+        assert sorted(fs.ls("/again/out", detail=False)) == before
+        tallpack.write_task(fam, "a", "memory://again/out", overwrite=True)
+    names = [p.rsplit("/", 1)[-1] for p in fs.ls("/again/out", detail=False)]
+    assert "model.safetensors" in names and not [n for n in names if "-of-" in n or n.endswith(".index.json")]
+    fs.rm("/again", recursive=True)
+
+
+def test_a_role_that_may_write_but_not_list_is_not_told_the_bucket_is_missing():
+    """s3fs's exists() is False both for a missing bucket and for one a role may not head or list
+    (S3 answers 403); only the bucket's own 404 refuses the write, and a 403 for an object that is
+    not there is not an error."""
+    from tallpack import staging
+
+    class Store:
+        protocol = ("s3", "s3a")
+
+        def __init__(self, answer):
+            self.answer = answer
+
+        def exists(self, path):
+            if "/" in path:
+                raise PermissionError("Forbidden")
+            return False
+
+        def call_s3(self, method, **kw):
+            raise self.answer
+
+    assert staging._no_bucket(Store(FileNotFoundError("NoSuchBucket")), "b")
+    assert not staging._no_bucket(Store(PermissionError("Forbidden")), "b")
+    assert staging._exists(Store(None), "b/key") is False
