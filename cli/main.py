@@ -18,7 +18,7 @@ from tallpack.errors import TallpackError
 from tallpack.fsutil import check_replaceable, committed
 from tallpack.checksums import CHECKSUMS
 from tallpack.kernels import COMPILED
-from tallpack.merged import left_out
+from tallpack.merged import default_model, left_out
 from tallpack.merging import MERGED_MODELS, METHODS, MergeMethod, Option, default_alpha, is_consensus
 from tallpack.options import DENSE_PRESETS, PackOptions
 from tallpack.progress import LogLines
@@ -357,24 +357,27 @@ def verify(archive: str) -> None:
 
 @main.command()
 @click.argument("archive")
-@click.option("--method", type=click.Choice(list(MERGED_MODELS)), default="consensus-ta", show_default=True,
+@click.option("--method", type=click.Choice(list(MERGED_MODELS)), default=None,
               help="Each needs an archive packed with the matching --merge: "
-                   + "; ".join(f"{m} needs --merge {p}" for m, p in MERGED_MODELS.items()) + ".")
+                   + "; ".join(f"{m} needs --merge {p}" for m, p in MERGED_MODELS.items())
+                   + ". Default: the consensus model of the archive's merge (consensus-ta or consensus-ties).")
 @click.option("--k", type=click.IntRange(0), default=2, show_default=True,
-              help="Consensus: keep weights used by at least k tasks (0 gives plain TA/TIES).")
+              help="Consensus: keep weights used by at least k tasks (0: every weight; for consensus-ta that is "
+                   "plain TA, for consensus-ties the TIES disjoint sum, where ties takes their mean).")
 @click.option("--alpha", type=float, default=None,
               help="Scale of the merged vector (default: 1/T for sums, 1.0 for TIES).")
 @click.option("--task", "task", default=None, help="Add this task's own tensors (its head) to the model.")
 @click.option("-o", "--output", required=True, callback=_output, help="The folder to write into (a path or a URL).")
 @_MAX_SHARD
 @click.option("-f", "--force", is_flag=True, help="Replace files that already exist in the output folder.")
-def merge(archive: str, method: str, k: int, alpha: float | None, task: str | None, output: str,
+def merge(archive: str, method: str | None, k: int, alpha: float | None, task: str | None, output: str,
           max_shard_size: str | None, force: bool) -> None:
     """Write one multi-task model merged from the archive's tasks."""
-    if "k" in _given() and not is_consensus(method):
+    if "k" in _given() and method is not None and not is_consensus(method):
         consensus = ", ".join(m for m in MERGED_MODELS if is_consensus(m))
         _fail(f"--k: only the consensus methods use it ({consensus}), not --method {method}")
     with tallpack.open(archive) as fam:
+        method = default_model(fam.manifest) if method is None else method
         alpha = default_alpha(method, len(fam.tasks)) if alpha is None else alpha
         path, n = tallpack.write_merged(fam, output, method, k=k, alpha=alpha, task=task,
                                         max_shard_size=max_shard_size, progress=_progress(), overwrite=force)

@@ -18,7 +18,7 @@ from .encodings.exact import TALL_ENCODINGS
 from .encodings.qtau import task_masks
 from .errors import FormatError, InvalidArgumentError, UnsupportedVersionError
 from .manifest import Manifest
-from .merging import (METHODS, apply_direction, check_alpha, default_alpha, integer, is_consensus, merge_direction,
+from .merging import (MERGED_MODELS, METHODS, apply_direction, check_alpha, default_alpha, integer, is_consensus, merge_direction,
                       merged_model_method)
 
 
@@ -66,6 +66,14 @@ def left_out(manifest: Manifest) -> list[str]:
              for n in ([m.name for m in e.members] if e.members else [e.name])]
     order = {name: i for i, name in enumerate(manifest.tasks[0].keys)} if manifest.tasks else {}
     return sorted(names, key=lambda n: order.get(n, len(order)))
+
+
+def default_model(manifest: Manifest) -> str:
+    """The merged model to build when none is named: Consensus Merging on the archive's own
+    merged vector (``consensus-ta`` or ``consensus-ties``), the paper's recommendation."""
+    method = manifest.merge.get("method") if isinstance(manifest.merge, dict) else None
+    model = f"consensus-{method}"
+    return model if MERGED_MODELS.get(model) == method else "consensus-ta"
 
 
 #: The most names of left-out tensors a warning lists.

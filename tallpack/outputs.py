@@ -27,6 +27,7 @@ from .folders import write_files
 from .fsutil import atomic_write, make_folder, transaction
 from .manifest import check_task_name
 from .merging import check_alpha, default_alpha, integer
+from .merged import default_model
 from .originals import write_originals
 from .progress import ProgressLike
 from .sharding import INDEX, SINGLE, plan_by_size, plan_from_layout, previous_weights, weights_among, write_shards
@@ -219,13 +220,14 @@ def write_tasks(archive: "Archive", tasks: Sequence[str] | None, outdir: str | o
         return [_shown(outdir, local, Path(p)) for p in paths]
 
 
-def write_merged(archive: "Archive", outdir: str | os.PathLike, method: str = "consensus-ta", *, k: int = 2,
+def write_merged(archive: "Archive", outdir: str | os.PathLike, method: str | None = None, *, k: int = 2,
                  alpha: float, task: str | None = None, max_shard_size: int | str | None = None,
                  progress: ProgressLike = None, storage_options: dict[str, Any] | None = None,
                  overwrite: bool = False) -> tuple[Path | str, int]:
     """Write a merged model (see :meth:`tallpack.Archive.merged`) with the folder files of the
     task (or, without one, of the base); returns the weights file (or index) and its tensor count."""
     _check_call("write_merged", archive, outdir)
+    method = default_model(archive.manifest) if method is None else method  # the archive's consensus model
     alpha = default_alpha(method, len(archive.tasks)) if alpha is None else check_alpha(alpha)
     k = k if integer(k) is None else int(k)  # numpy's ints too (the metadata is JSON); others: merged() refuses
     sd = archive.merged(method, k=k, alpha=alpha, task=task)

@@ -41,7 +41,7 @@ from .memory import ThreadBuffers, release_thread_buffers
 from .manifest import Manifest, TaskInfo
 from .folders import read_blob
 from .groups import Member
-from .merged import MergeParts
+from .merged import MergeParts, default_model
 from .merging import METHODS, integer
 from .originals import verify_originals
 from .progress import ProgressLike, track
@@ -790,12 +790,13 @@ class Archive:
         tensor), computed once; ``MergeParts.state_dict(alpha)`` then builds models quickly."""
         return MergeParts(self, method, k)
 
-    def merged(self, method: str = "consensus-ta", *, k: int = 2, alpha: float | None = None,
+    def merged(self, method: str | None = None, *, k: int = 2, alpha: float | None = None,
                task: str | None = None) -> dict[str, torch.Tensor]:
         """The multi-task model: ``theta_0 + alpha * d`` for every tensor all tasks share.
 
         ``method`` is ``ta``, ``ties``, ``consensus-ta`` or ``consensus-ties`` (the archive must
-        have been packed with the matching ``merge``). Tensors equal in every task come back as
+        have been packed with the matching ``merge``; by default, the consensus model of the
+        archive's merge: ``tallpack.merged.default_model``). Tensors equal in every task come back as
         stored. With ``task``, the task's own tensors (its classification head) are added, in
         the task's order, so the result loads into that task's model. ``alpha`` defaults to the
         data-free :func:`tallpack.merging.default_alpha`.
@@ -807,7 +808,8 @@ class Archive:
 
         >>> sd = fam.merged("consensus-ta", k=2, alpha=0.4)
         """
-        return self.merge_parts(method, k=k).state_dict(alpha, task=task)
+        return self.merge_parts(default_model(self.manifest) if method is None else method, k=k).state_dict(
+            alpha, task=task)
 
     # -- checking ----------------------------------------------------------------------------
     def chunk_count(self) -> int:

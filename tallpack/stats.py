@@ -153,20 +153,26 @@ def _pyplot():
     return plt
 
 
+#: formats matplotlib writes through other programs (pgf: a TeX installation), not offered
+NEEDS_TOOLS = frozenset({"pgf"})
+
+
 def check_plot_path(path: str | os.PathLike, *, overwrite: bool = False) -> str:
     """The image format of ``path`` (its suffix, one matplotlib writes), checked before any work:
     InvalidArgumentError for another suffix, OutputError for a folder or device, and
     OutputExistsError for an existing file without ``overwrite``."""
     plt = _pyplot()
-    known = plt.figure().canvas.get_supported_filetypes()
+    known = set(plt.figure().canvas.get_supported_filetypes()) - NEEDS_TOOLS
     plt.close("all")
     fmt = Path(path).suffix.lower().removeprefix(".")
     if fmt not in known:
         raise InvalidArgumentError(f"{path}: the plot's name must end in an image format matplotlib writes "
-                                   f"({', '.join('.' + k for k in sorted(known))}), e.g. stats.png")
+                                   f"by itself ({', '.join('.' + k for k in sorted(known))}), e.g. stats.png")
     check_replaceable(path)
     if not overwrite and os.path.lexists(path):
         raise OutputExistsError(f"{path}: already exists; pass --force (overwrite=True) to replace it")
+    if not Path(path).absolute().parent.is_dir():
+        raise InvalidArgumentError(f"{path}: the folder {Path(path).parent} does not exist")
     return fmt
 
 

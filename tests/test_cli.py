@@ -369,3 +369,15 @@ def test_a_missed_fidelity_target_is_in_the_result_line():
               "tasks": {"a": {"weight": 0.5, "score": 0.995}, "b": {"weight": 0.999, "score": 0.97}}}
     assert _unmet(scored) == "; fidelity target 0.99 not reached for 1 task (b 0.9700)"
     assert _unmet(dict(scored, tasks={"a": {"score": 0.995}})) == "; fidelity target 0.99 not met"
+
+
+def test_merge_builds_the_archives_own_consensus_model_by_default(small_family, tmp_path):
+    """Without --method, the consensus model of the archive's merge: consensus-ties for a TIES
+    archive (it was consensus-ta whatever the archive, an error for TIES archives)."""
+    out = tmp_path / "ties.tallpack"
+    tallpack.pack(small_family["base_path"], small_family["task_paths"], out, merge={"method": "ties"})
+    assert "(consensus-ties, k=2," in run("-q", "merge", out, "-o", tmp_path / "m").stdout
+    with tallpack.open(out) as fam:
+        want = fam.merged("consensus-ties")
+        got = fam.merged()
+    assert list(got) == list(want) and all(torch.equal(got[k], want[k]) for k in want)
