@@ -61,6 +61,7 @@ from .encodings.qtau import BLOCK as QBLOCK
 from .encodings.qtau import dequantize, quantize, rebuilt
 from .encodings.tall import Tall
 from .errors import InvalidArgumentError, TallpackError
+from .merging import score_values
 from .options import Evaluator
 from .tall import blocks, tall_mask
 
@@ -603,8 +604,9 @@ class Dial:
                 return memo[key]
             src = sources[t]
             if t not in ref:
-                ref[t] = evaluate(t, {k: src.get(k) for k in src.keys()})
-                _positive(np.asarray(ref[t], dtype=np.float64), f"task {t!r}: the original")
+                ref[t] = score_values(evaluate(t, {k: src.get(k) for k in src.keys()}),
+                                      f"task {t!r} on the original: the evaluator's score")
+                _positive(ref[t], f"task {t!r}: the original")
                 # what the original itself certifies: a target above it asks for the impossible
                 self.ceiling[t] = score_ratio(ref[t], ref[t], self.z)
                 if np.asarray(ref[t]).size == 1 and not warned:
@@ -631,7 +633,8 @@ class Dial:
                 else:
                     c = decoded(o, candidate_arrays(o, r), r.numel())
                     sd[k] = (rec32 + c).to(dtype).reshape(shape)
-            memo[key] = score_ratio(evaluate(t, sd), ref[t], self.z)
+            got = score_values(evaluate(t, sd), f"task {t!r} on a reconstruction: the evaluator's score")
+            memo[key] = score_ratio(got, ref[t], self.z)
             return memo[key]
         return score
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import math
 import numbers
+import reprlib
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -241,6 +242,47 @@ def real(value: object) -> float | None:
         return None
 
 
+def _plain(value: object) -> object:
+    """``value`` with torch tensors (in lists and tuples too) as numpy arrays: detached, on the CPU,
+    complex kept complex (refused by :func:`score_values`, not silently made real)."""
+    if isinstance(value, torch.Tensor):
+        t = value.detach().cpu()
+        return (t.float() if t.dtype == torch.bfloat16 else t).numpy()
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _described(value: object) -> str:
+    if isinstance(value, (np.ndarray, torch.Tensor)):
+        return f"a {type(value).__name__} of shape {tuple(value.shape)} and dtype {value.dtype}"
+    return reprlib.repr(value)
+
+
+def score_values(value: object, what: str) -> np.ndarray:
+    """An evaluator's score (or a reference score) as a float64 array: 0-d for a number, 1-d for
+    per-example scores. Python and numpy numbers, numpy arrays, torch tensors (detached, moved to
+    the CPU) and lists of them are taken; InvalidArgumentError, naming ``what``, for anything else
+    or a score that is not finite.
+
+    >>> score_values(torch.tensor([True, False]), "the score").tolist()
+    [1.0, 0.0]
+    """
+    number = real(value)
+    try:
+        array = np.asarray(number if number is not None else _plain(value))
+    except (TypeError, ValueError):  # a ragged list
+        array = np.asarray(None)
+    if array.dtype.kind not in "biuf" or array.ndim > 1 or array.size == 0:
+        raise InvalidArgumentError(f"{what} must be a number or per-example scores (a 1-d sequence of numbers), "
+                                   f"got {_described(value)}")
+    array = array.astype(np.float64)
+    bad = array[~np.isfinite(array)]
+    if bad.size:
+        raise InvalidArgumentError(f"{what} {'is' if array.ndim == 0 else 'holds'} {bad[0]}; scores must be finite")
+    return array
+
+
 def integer(value: object) -> int | None:
     """``value`` as a Python int when it is an integer (numpy's too), else None (a bool too).
 
@@ -264,6 +306,22 @@ def check_alpha(alpha: object) -> float:
     if value is None or not math.isfinite(value) or not torch.isfinite(torch.tensor(value, dtype=torch.float32)):
         raise InvalidArgumentError(f"alpha must be a number finite in float32 (|alpha| < 3.4e38), got {alpha!r}")
     return value
+
+
+def checked_grid(grid: object, name: str, check: Callable[[Any], float]) -> list[float]:
+    """The distinct values of ``grid`` (a sequence of numbers: a list, a 1-d numpy array or tensor),
+    each through ``check``, in increasing order; InvalidArgumentError naming ``name`` otherwise.
+
+    >>> checked_grid(np.array([0.5, 0.25, 0.5]), "grid", check_alpha)
+    [0.25, 0.5]
+    """
+    values = grid.tolist() if isinstance(grid, (np.ndarray, torch.Tensor)) else grid
+    if isinstance(values, (str, bytes, Mapping)) or not isinstance(values, Iterable):
+        raise InvalidArgumentError(f"{name} must be a sequence of numbers, got {_described(grid)}")
+    out = sorted(set(check(v) for v in values))
+    if not out:
+        raise InvalidArgumentError(f"{name} is empty: give at least one value")
+    return out
 
 
 def derive_merged(taus: list[torch.Tensor], method: MergeMethod) -> dict[str, torch.Tensor] | None:

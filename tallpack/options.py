@@ -14,7 +14,7 @@ from .checksums import CHECKSUMS, DEFAULT_CHECKSUM
 from .codecs import DENSE_PRESETS, Chain, CodecError, Planes, dense_chain, mask_chain
 from .elements import itemsize
 from .errors import InvalidArgumentError
-from .merging import MergeMethod, get_method, integer, real
+from .merging import MergeMethod, checked_grid, get_method, integer, real
 from .progress import ProgressLike
 from .tall import DEFAULT_LAMBDA
 
@@ -124,6 +124,11 @@ class PackOptions:
         if self.threads is not None and (type(self.threads) is not int or self.threads < 1):
             raise InvalidArgumentError(f"threads must be a positive integer, got {self.threads!r}")
         _check_dial(self)
+        if self.lambda_grid is not None:
+            if self.evaluate is None:
+                raise InvalidArgumentError("lambda_grid is searched with evaluate: give evaluate too, or lambdas "
+                                           "for fixed values")
+            check_lambda_grid(self.lambda_grid)
         return Validated(self, get_method(self.merge))
 
     def _plain_numbers(self) -> "PackOptions":
@@ -204,6 +209,23 @@ class Validated:
             if value is None or not math.isfinite(value) or value < 0:
                 raise InvalidArgumentError(f"task {t!r}: lambda must be a finite number >= 0, got {out[t]!r}")
         return cast("dict[str, float]", checked)
+
+
+def _lambda(value: object) -> float:
+    checked = real(value)
+    if checked is None or not math.isfinite(checked) or checked < 0:
+        raise InvalidArgumentError(f"lambda_grid: lambda must be a finite number >= 0, got {value!r}")
+    return checked
+
+
+def check_lambda_grid(grid: object) -> list[float]:
+    """The distinct lambdas of ``grid`` in increasing order, each a finite number >= 0;
+    InvalidArgumentError otherwise.
+
+    >>> check_lambda_grid([0.4, 0.25, 0.4])
+    [0.25, 0.4]
+    """
+    return checked_grid(grid, "lambda_grid", _lambda)
 
 
 def _check_exact_tier(o: PackOptions) -> None:

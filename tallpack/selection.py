@@ -1,26 +1,26 @@
 """Data-driven choices, as in the paper: lambda per task (at pack time) and alpha (at merge time).
 
 Both call a user's evaluator ``fn(task, state_dict) -> score`` (higher is better, of any sign:
-an accuracy, or ``-loss``) on validation data. Evaluating needs whole models in memory, so
-selection holds the base and tau_MTL (float32) plus one task's model at a time.
+an accuracy, or ``-loss``) on validation data: a number or per-example scores, as Python or numpy
+numbers, arrays or torch tensors (``(pred == y).float().mean()`` and ``pred == y`` both do).
+Evaluating needs whole models in memory, so selection holds the base and tau_MTL (float32) plus
+one task's model at a time.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
 from ._torch import torch
 from .dtypes import torch_dtype
-from .errors import InvalidArgumentError, TallpackError
+from .errors import InvalidArgumentError
 from .inputs import PackInputs
-from .merging import ALPHA_GRID, MergeMethod, check_alpha
-from .options import Evaluator
+from .merging import ALPHA_GRID, MergeMethod, check_alpha, checked_grid, score_values
+from .options import Evaluator, check_lambda_grid
 from .tall import LAMBDA_GRID, reconstruct, tall_mask, task_vector
 
 if TYPE_CHECKING:
@@ -29,30 +29,36 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
+#: Totals this close (relative) are a tie: the same scores summed in another order may differ in
+#: the last bit, and a tie goes to the smallest value.
+_TIE = 1e-12
+
+
 def _best(scores: dict[float, float]) -> float:
-    """The value with the highest score; ties go to the smallest value."""
+    """The value with the highest score; ties (within :data:`_TIE`) go to the smallest value."""
     best = None
     for value in sorted(scores):
-        if best is None or scores[value] > scores[best]:
+        if best is None or scores[value] - scores[best] > _TIE * max(abs(scores[value]), abs(scores[best])):
             best = value
     assert best is not None
     return best
 
 
-def _grid(grid: Sequence[float] | None, default: Sequence[float], what: str,
-          check: Callable[[Any], float] = float) -> list[float]:
-    """The distinct values of ``grid`` (None: ``default``), each through ``check``, in order."""
-    values = sorted(set(check(v) for v in (grid if grid is not None else default)))
-    if not values:
-        raise InvalidArgumentError(f"the {what} grid is empty")
-    return values
+def _check_evaluator(evaluate: object) -> None:
+    if not callable(evaluate):
+        raise InvalidArgumentError(f"evaluate must be a function fn(task, state_dict) -> score, got {evaluate!r}")
 
 
-def _score(evaluate: Evaluator, task: str, sd: Mapping[str, torch.Tensor]) -> float:
-    score = float(np.mean(evaluate(task, sd)))  # a number, or per-example scores (the dial's bound)
-    if score != score:
-        raise TallpackError(f"task {task!r}: the evaluator returned NaN")
-    return score
+def _score(evaluate: Evaluator, task: str, sd: Mapping[str, torch.Tensor], at: str) -> float:
+    """The evaluator's score of ``task`` (``at`` says on which model, for messages)."""
+    return _mean(evaluate(task, sd), f"task {task!r} {at}: the evaluator's score")
+
+
+def _mean(score: object, what: str) -> float:
+    """A score (a number, or per-example scores) as one number, summed exactly so that the order of
+    the examples does not matter."""
+    values = score_values(score, what).reshape(-1).tolist()
+    return math.fsum(values) / len(values)
 
 
 @dataclass(frozen=True)
@@ -72,7 +78,8 @@ def select_lambdas(inputs: PackInputs, method: MergeMethod, evaluate: Evaluator,
     """For each task, the lambda of ``grid`` (default: the paper's) whose reconstruction scores
     best on ``evaluate`` (raw scores, compared within the task, so any sign works); ties go to the
     smallest lambda, the densest mask."""
-    values = _grid(grid, LAMBDA_GRID, "lambda")
+    _check_evaluator(evaluate)
+    values = check_lambda_grid(grid if grid is not None else LAMBDA_GRID)
     base: dict[str, torch.Tensor] = {}
     mtl: dict[str, torch.Tensor] = {}
     for item in inputs.merged_items():
@@ -94,7 +101,7 @@ def select_lambdas(inputs: PackInputs, method: MergeMethod, evaluate: Evaluator,
                     sd[n] = reconstruct(base[n], mask, mtl[n], torch_dtype(src.info(n).dtype))
                 else:
                     sd[n] = exact[n]
-            scores[task][lam] = _score(evaluate, task, sd)
+            scores[task][lam] = _score(evaluate, task, sd, f"at lambda {lam}")
         chosen[task] = _best(scores[task])
         log.info("task %s: lambda %.2f (scores %s)", task, chosen[task], scores[task])
     return LambdaSelection(chosen, scores)
@@ -134,10 +141,34 @@ def normalize(scores: Mapping[float, Mapping[str, float]],
     names = list(reference)
     rule = "ratio" if all(reference[t] > 0 for t in names) else "difference"
     if rule == "ratio":
-        out = {a: sum(s[t] / reference[t] for t in names) / len(names) for a, s in scores.items()}
+        out = {a: math.fsum(s[t] / reference[t] for t in names) / len(names) for a, s in scores.items()}
     else:
-        out = {a: sum(s[t] - reference[t] for t in names) / len(names) for a, s in scores.items()}
+        out = {a: math.fsum(s[t] - reference[t] for t in names) / len(names) for a, s in scores.items()}
     return out, rule
+
+
+def _task_names(archive: "Archive", tasks: Sequence[str] | None) -> list[str]:
+    """The tasks to score: ``tasks`` (each checked to be in the archive) or all of the archive's."""
+    if tasks is None:
+        return list(archive.tasks)
+    if isinstance(tasks, (str, bytes)) or not isinstance(tasks, Iterable):
+        raise InvalidArgumentError(f"tasks must be a list of task names, got {tasks!r}")
+    names = list(tasks)
+    if not names:
+        raise InvalidArgumentError("tasks is empty: give at least one task name, or None for all")
+    for t in names:
+        archive.task_info(t)
+    return names
+
+
+def _reference(reference: Mapping[str, Any], names: list[str]) -> dict[str, float]:
+    """Each task's reference score from the user's mapping (numbers, or per-example scores averaged)."""
+    if not isinstance(reference, Mapping):
+        raise InvalidArgumentError(f"reference must map task names to scores, got {type(reference).__name__}")
+    missing = [t for t in names if t not in reference]
+    if missing:
+        raise InvalidArgumentError(f"reference has no score for task {missing[0]!r}: give one per task")
+    return {t: _mean(reference[t], f"task {t!r}: the reference score") for t in names}
 
 
 def select_alpha(archive: "Archive", method: str, evaluate: Evaluator, *, k: int = 2,
@@ -152,23 +183,19 @@ def select_alpha(archive: "Archive", method: str, evaluate: Evaluator, *, k: int
     >>> sel = tallpack.select_alpha(fam, "consensus-ta", evaluate=fn)
     >>> model = fam.merged("consensus-ta", alpha=sel.alpha)
     """
-    values = _grid(grid, ALPHA_GRID, "alpha", check_alpha)
-    names = list(tasks) if tasks is not None else list(archive.tasks)
-    for t in names:
-        archive.task_info(t)
-    missing = [t for t in names if reference is not None and t not in reference]
-    if missing:
-        raise InvalidArgumentError(f"reference has no score for task {missing[0]!r}: give one per task")
-    ref = {t: float(reference[t]) if reference is not None else _score(evaluate, t, archive.state_dict(t))
-           for t in names}
-    for t, r in ref.items():
-        if not math.isfinite(r):
-            raise InvalidArgumentError(f"task {t!r}: the reference score is {r}; selection needs finite scores")
+    _check_evaluator(evaluate)
+    values = checked_grid(grid if grid is not None else ALPHA_GRID, "grid", check_alpha)
+    names = _task_names(archive, tasks)
+    if reference is None:
+        ref = {t: _score(evaluate, t, archive.state_dict(t), "on its reconstruction") for t in names}
+    else:
+        ref = _reference(reference, names)
     parts = archive.merge_parts(method, k=k)
     k = parts.k  # a Python int (numpy's accepted)
     scores: dict[float, dict[str, float]] = {}
     for alpha in values:
-        scores[alpha] = {t: _score(evaluate, t, parts.state_dict(alpha, task=t)) for t in names}
+        scores[alpha] = {t: _score(evaluate, t, parts.state_dict(alpha, task=t), f"at alpha {alpha}")
+                         for t in names}
     normalized, rule = normalize(scores, ref)
     zero = [t for t in names if ref[t] == 0]
     if zero:  # an accuracy of 0 for a reconstruction is more likely a broken evaluator than a fact

@@ -418,3 +418,56 @@ def test_not_found_messages_are_one_bounded_line_with_a_hint(tmp_path, monkeypat
                 assert str(e.value) == f"names.tallpack: task 'cars' has no tensor {ask!r} {hint}"
         with pytest.raises(tallpack.TaskNotFoundError, match=r"no task 'crs' \(did you mean 'cars'\?\); tasks are cars, dtd$"):
             fam.keys("crs")
+
+
+# -- choosing lambdas with an evaluator --------------------------------------------------------
+
+@pytest.mark.parametrize("grid, match", [
+    ([float("inf")], "lambda_grid: lambda must be a finite number >= 0, got inf"),
+    ([0.3, float("nan")], "lambda_grid: lambda must be a finite number >= 0, got nan"),
+    ([-2.0], "lambda_grid: lambda must be a finite number >= 0, got -2.0"),
+    (["0.3"], "lambda_grid: lambda must be a finite number >= 0, got '0.3'"),
+    ([], "lambda_grid is empty"),
+    (0.3, "lambda_grid must be a sequence of numbers, got 0.3"),
+])
+def test_lambda_grid_is_checked_before_any_evaluation(tmp_path, grid, match) -> None:
+    """A bad grid is refused up front (inf and NaN crashed writing the manifest after every
+    evaluation; -2 was refused only after them, with a garbled message)."""
+    calls: list[str] = []
+    base, tasks = _family()
+    with pytest.raises(InvalidArgumentError, match=match) as e:
+        tallpack.pack(base, tasks, tmp_path / "g.tallpack", evaluate=lambda t, sd: calls.append(t) or 1.0,
+                      lambda_grid=grid)
+    assert calls == [] and "\n" not in str(e.value)
+    assert not (tmp_path / "g.tallpack").exists()
+
+
+def test_lambda_grid_without_evaluate_is_refused(tmp_path) -> None:
+    base, tasks = _family()
+    with pytest.raises(InvalidArgumentError, match="lambda_grid is searched with evaluate"):
+        tallpack.pack(base, tasks, tmp_path / "g.tallpack", lambda_grid=[0.3])
+
+
+def test_lambda_grid_from_numpy_is_taken(tmp_path) -> None:
+    base, tasks = _family()
+    m = tallpack.pack(base, tasks, tmp_path / "g.tallpack", evaluate=lambda t, sd: 1.0,
+                      lambda_grid=np.array([0.5, 0.3], dtype=np.float32))
+    assert {t.lam for t in m.tasks} == {float(np.float32(0.3))}
+
+
+def test_pack_takes_an_evaluators_torch_scores(tmp_path) -> None:
+    """A 0-d tensor (an accuracy) chooses lambdas, and per-example bool tensors set the dial; both
+    crashed in numpy's mean."""
+    base, tasks = _family()
+
+    def accuracy(task: str, sd) -> torch.Tensor:  # the share of weights within 0.01 of the original
+        return ((sd["w"] - tasks[task]["w"]).abs() < 0.01).float().mean()
+
+    def correct(task: str, sd) -> torch.Tensor:  # per example: one row of "w" within 0.05 of the original
+        return ((sd["w"] - tasks[task]["w"]).abs() < 0.05).all(dim=1)
+
+    m = tallpack.pack(base, tasks, tmp_path / "a.tallpack", evaluate=accuracy, lambda_grid=[0.2, 0.6])
+    assert set(m.stats["selection"]["lambda"]["chosen"]) == {"a", "b"}
+    m = tallpack.pack(base, tasks, tmp_path / "d.tallpack", evaluate=correct, lambda_grid=[0.4], fidelity=0.5)
+    with tallpack.open(tmp_path / "d.tallpack") as fam:
+        assert all(fam.task_info(t).fidelity["score"] >= 0.5 for t in fam.tasks)

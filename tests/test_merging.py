@@ -1,5 +1,9 @@
 """Merge methods against direct implementations of the official code's formulas."""
 
+import itertools
+import math
+
+import numpy as np
 import pytest
 import torch
 from hypothesis import example, given, settings
@@ -193,7 +197,7 @@ def test_normalized_scores_keep_every_tasks_order_for_any_sign(data, tasks, alph
                 assert got[a] >= got[b]
     if all(r > 0 for r in ref.values()):
         assert rule == "ratio"
-        assert got == {a: sum(s[t] / ref[t] for t in names) / len(names) for a, s in scores.items()}
+        assert got == {a: math.fsum(s[t] / ref[t] for t in names) / len(names) for a, s in scores.items()}
     else:
         assert rule == "difference"
         best = max(sum(s.values()) for s in scores.values())
@@ -252,6 +256,86 @@ def test_a_zero_reference_does_not_collapse_the_selection(goal_archive, caplog):
         tallpack.select_alpha(fam, "consensus-ta", evaluate, reference={"t0": 1.0, "t1": 1.0})
     with pytest.raises(tallpack.InvalidArgumentError, match="task 't1': the reference score is inf"):
         tallpack.select_alpha(fam, "consensus-ta", evaluate, reference={"t0": 1.0, "t1": float("inf"), "t2": 1.0})
+
+
+def _as_float64_tensor(x):
+    return torch.tensor(x, dtype=torch.float64)
+
+
+def _with_grad(x):  # a score computed from a tensor that requires grad, as a loss is
+    return torch.tensor(x, dtype=torch.float64, requires_grad=True) * 1
+
+
+@pytest.mark.parametrize("wrap", [_as_float64_tensor, _with_grad, lambda x: torch.tensor([x, x], dtype=torch.float64),
+                                  lambda x: np.float64(x), lambda x: np.array([x, x]), lambda x: [x, x]],
+                         ids=["tensor", "tensor with grad", "per-example tensor", "numpy scalar", "numpy array", "list"])
+def test_alpha_selection_takes_scores_from_torch_and_numpy(goal_archive, wrap):
+    """An evaluator's tensor (``(pred == y).float().mean()``, or per-example ``pred == y``) is taken
+    as the number or per-example scores it holds (it crashed inside numpy's mean)."""
+    fam, goal = goal_archive
+
+    def number(task, sd):
+        return 1.0 / (1.0 + distance(sd, goal[task]))
+
+    want = tallpack.select_alpha(fam, "consensus-ta", number, grid=[0.4, 0.7, 1.0])
+    got = tallpack.select_alpha(fam, "consensus-ta", lambda t, sd: wrap(number(t, sd)), grid=[0.4, 0.7, 1.0])
+    assert got.alpha == want.alpha == 0.7 and got.scores == want.scores
+
+
+def test_per_example_bool_tensors_score_their_mean(goal_archive):
+    fam, _ = goal_archive
+    sel = tallpack.select_alpha(fam, "ta", lambda t, sd: torch.tensor([True, False, True, True]), grid=[0.5])
+    assert sel.scores == {0.5: {t: 0.75 for t in fam.tasks}} and sel.reference == {t: 0.75 for t in fam.tasks}
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(tasks=[]), "tasks is empty"),
+    (dict(tasks="t0"), "tasks must be a list of task names, got 't0'"),
+    (dict(grid=0.3), "grid must be a sequence of numbers, got 0.3"),
+    (dict(grid="0.2"), "grid must be a sequence of numbers, got '0.2'"),
+    (dict(grid=[]), "grid is empty"),
+    (dict(reference={"t0": "x", "t1": 1.0, "t2": 1.0}), "task 't0': the reference score must be a number or per-"),
+    (dict(reference=[1.0, 1.0, 1.0]), "reference must map task names to scores, got list"),
+    (dict(evaluate=None), "evaluate must be a function"),
+    (dict(evaluate=lambda t, sd: None), "task 't0' on its reconstruction: the evaluator's score must be a number or "
+                                        r"per-example scores \(a 1-d sequence of numbers\), got None"),
+    (dict(evaluate=lambda t, sd: {"acc": 0.5}), "the evaluator's score must be .*, got {'acc': 0.5}"),
+    (dict(evaluate=lambda t, sd: "0.5"), "the evaluator's score must be .*, got '0.5'"),
+    (dict(evaluate=lambda t, sd: [[1, 0], [1]]), r"the evaluator's score must be .*, got \[\[1, 0\], \[1\]\]"),
+    (dict(evaluate=lambda t, sd: [[1, 0], [1, 1]]), "the evaluator's score must be"),
+    (dict(evaluate=lambda t, sd: []), "the evaluator's score must be"),
+    (dict(evaluate=lambda t, sd: 1 + 2j), r"the evaluator's score must be .*, got \(1\+2j\)"),
+    (dict(evaluate=lambda t, sd: torch.ones(2, 2)), "got a Tensor of shape \\(2, 2\\)"),
+    (dict(evaluate=lambda t, sd: float("nan")), "task 't0' on its reconstruction: the evaluator's score is nan"),
+    (dict(evaluate=lambda t, sd: [1.0, float("inf")]), "the evaluator's score holds inf; scores must be finite"),
+    (dict(evaluate=lambda t, sd: None, reference={"t0": 1.0, "t1": 1.0, "t2": 1.0}),
+     "task 't0' at alpha 0.5: the evaluator's score must be"),
+])
+def test_bad_selection_arguments_are_one_line_errors(goal_archive, kwargs, match):
+    """Each bad argument or evaluator result is an InvalidArgumentError naming it (and the task and
+    alpha it came from), not a ZeroDivisionError, TypeError or ValueError from inside."""
+    fam, _ = goal_archive
+    kwargs = {"evaluate": lambda t, sd: 1.0, "grid": [0.5], **kwargs}
+    with pytest.raises(tallpack.InvalidArgumentError, match=match) as e:
+        tallpack.select_alpha(fam, "consensus-ta", **kwargs)
+    assert "\n" not in str(e.value)
+
+
+def test_a_tie_in_another_task_order_goes_to_the_smallest_alpha(goal_archive):
+    """The same task scores in another order are a tie (0.3 + 0.2 + 0.1 != 0.1 + 0.2 + 0.3 in floats)."""
+    fam, _ = goal_archive
+    seq = iter([0.3, 0.2, 0.1, 0.1, 0.2, 0.3])  # alpha 0.2, then 0.4, tasks t0..t2
+    sel = tallpack.select_alpha(fam, "consensus-ta", lambda t, sd: next(seq), grid=[0.2, 0.4],
+                                reference={t: 1.0 for t in fam.tasks})
+    assert sel.normalized[0.2] == sel.normalized[0.4] and sel.alpha == 0.2
+
+
+def test_a_lambda_tie_in_another_example_order_goes_to_the_smallest_lambda(tmp_path):
+    base, fts = family(5, tasks=2)
+    scores = itertools.cycle([[0.3, 0.2, 0.1], [0.1, 0.2, 0.3]])  # lambda 0.2, then 0.4, per task
+    m = tallpack.pack(base, fts, tmp_path / "f.tallpack", evaluate=lambda t, sd: next(scores),
+                      lambda_grid=[0.2, 0.4])
+    assert {t.name: t.lam for t in m.tasks} == {"t0": 0.2, "t1": 0.2}
 
 def test_merge_through_the_cli(tmp_path):
     base, fts = family(7)
