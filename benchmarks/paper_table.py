@@ -195,13 +195,14 @@ def evaluate_archives(names: list[str], archives: dict, acc: dict, val: Evaluato
                 continue
             key = method if lam_mode == "selected" else f"{method}@default-lambda"
             with tallpack.open(archives[f"{merge}-{lam_mode}"]["path"]) as ar:
-                sel = tallpack.select_alpha(ar, method, val, k=K, reference=ref_val)
-                parts = ar.merge_parts(method, k=K)
+                kk = K if method.startswith("consensus") else None  # k only for consensus
+                sel = tallpack.select_alpha(ar, method, val, k=kk, reference=ref_val)
+                parts = ar.merge_parts(method, k=kk)
                 scores = {}
                 for t in names:
                     sd = parts.state_dict(sel.alpha, task=t)
                     if t == names[0]:  # the public one-shot API gives the same model
-                        sd2 = ar.merged(method, k=K, alpha=sel.alpha, task=t)
+                        sd2 = ar.merged(method, k=kk, alpha=sel.alpha, task=t)
                         check("merged() equals merge_parts().state_dict()",
                               sd.keys() == sd2.keys() and all(torch.equal(sd[n], sd2[n]) for n in sd))
                     scores[t] = test(t, sd)
@@ -215,7 +216,7 @@ def evaluate_archives(names: list[str], archives: dict, acc: dict, val: Evaluato
                     f"test avg {mean(scores.values()):.4f}")
                 if lam_mode == "selected":
                     # diagnostic: a finer alpha grid (below and around the paper's smallest values)
-                    fs = tallpack.select_alpha(ar, method, val, k=K, reference=ref_val, grid=FINE_ALPHA_GRID)
+                    fs = tallpack.select_alpha(ar, method, val, k=kk, reference=ref_val, grid=FINE_ALPHA_GRID)
                     ft_test = acc["test"]["finetuned"]
                     fine[method] = {"alpha": fs.alpha, "val_normalized": fs.normalized[fs.alpha],
                                     "test_norm_avg": mean(test(t, parts.state_dict(fs.alpha, task=t)) / ft_test[t]

@@ -379,7 +379,7 @@ def merge(archive: str, method: str | None, k: int, alpha: float | None, task: s
     with tallpack.open(archive) as fam:
         method = default_model(fam.manifest) if method is None else method
         alpha = default_alpha(method, len(fam.tasks)) if alpha is None else alpha
-        path, n = tallpack.write_merged(fam, output, method, k=k, alpha=alpha, task=task,
+        path, n = tallpack.write_merged(fam, output, method, k=k if is_consensus(method) else None, alpha=alpha, task=task,
                                         max_shard_size=max_shard_size, progress=_progress(), overwrite=force)
         left = [] if task is not None else left_out(fam.manifest)
     shown_k = f", k={k}" if is_consensus(method) else ""  # the others have no k

@@ -68,6 +68,10 @@ def left_out(manifest: Manifest) -> list[str]:
     return sorted(names, key=lambda n: order.get(n, len(order)))
 
 
+#: Consensus Merging's k when none is given (the paper's default: weights at least two tasks use)
+DEFAULT_K = 2
+
+
 def default_model(manifest: Manifest) -> str:
     """The merged model to build when none is named: Consensus Merging on the archive's own
     merged vector (``consensus-ta`` or ``consensus-ties``), the paper's recommendation."""
@@ -87,7 +91,7 @@ class MergeParts:
     ``left_out``: the tensors every task has that the merged model cannot include (:func:`left_out`);
     ``state_dict`` without ``task`` warns once that they are missing."""
 
-    def __init__(self, family: Family, model: str, k: int):
+    def __init__(self, family: Family, model: str, k: int | None = None):
         manifest, name, read = family.manifest, family.name, family.read_array
         cls = merged_model_method(model)
         packed = manifest.merge.get("method")
@@ -95,7 +99,9 @@ class MergeParts:
             raise InvalidArgumentError(
                 f"{name}: {model} needs an archive packed with --merge {cls.name}, "
                 f"this one was packed with --merge {packed}")
-        value = integer(k)
+        if k is not None and not is_consensus(model):  # an option without effect is an error
+            raise InvalidArgumentError(f"k: only the consensus models use it, not {model!r}")
+        value = DEFAULT_K if k is None else integer(k)
         if value is None or value < 0:
             raise InvalidArgumentError(f"k must be a non-negative integer, got {k!r}")
         k = value

@@ -26,7 +26,7 @@ from .errors import InvalidArgumentError
 from .folders import write_files
 from .fsutil import atomic_write, make_folder, transaction
 from .manifest import check_task_name
-from .merging import check_alpha, default_alpha, integer
+from .merging import check_alpha, default_alpha, is_consensus
 from .merged import default_model
 from .originals import write_originals
 from .progress import ProgressLike
@@ -220,7 +220,7 @@ def write_tasks(archive: "Archive", tasks: Sequence[str] | None, outdir: str | o
         return [_shown(outdir, local, Path(p)) for p in paths]
 
 
-def write_merged(archive: "Archive", outdir: str | os.PathLike, method: str | None = None, *, k: int = 2,
+def write_merged(archive: "Archive", outdir: str | os.PathLike, method: str | None = None, *, k: int | None = None,
                  alpha: float, task: str | None = None, max_shard_size: int | str | None = None,
                  progress: ProgressLike = None, storage_options: dict[str, Any] | None = None,
                  overwrite: bool = False) -> tuple[Path | str, int]:
@@ -229,10 +229,10 @@ def write_merged(archive: "Archive", outdir: str | os.PathLike, method: str | No
     _check_call("write_merged", archive, outdir)
     method = default_model(archive.manifest) if method is None else method  # the archive's consensus model
     alpha = default_alpha(method, len(archive.tasks)) if alpha is None else check_alpha(alpha)
-    k = k if integer(k) is None else int(k)  # numpy's ints too (the metadata is JSON); others: merged() refuses
-    sd = archive.merged(method, k=k, alpha=alpha, task=task)
-    meta = {"tallpack.merge": method, "tallpack.k": k, "tallpack.alpha": alpha,
-            "tallpack.tasks": list(archive.tasks)} | ({"tallpack.task": task} if task else {})
+    parts = archive.merge_parts(method, k=k)  # k checked: numpy's ints taken, and only for consensus
+    sd = parts.state_dict(alpha, task=task)
+    meta = {"tallpack.merge": method, **({"tallpack.k": parts.k} if is_consensus(method) else {}),
+            "tallpack.alpha": alpha, "tallpack.tasks": list(archive.tasks)} | ({"tallpack.task": task} if task else {})
     where = archive.task_info(task) if task else None
     source = where.source if where else archive.manifest.base
     config = (where.metadata if where else archive.manifest.base.get("metadata", {})).get("config")

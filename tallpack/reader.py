@@ -785,12 +785,12 @@ class Archive:
         return self.read_array(entry.arrays["base"], f"tensor {name!r} (base)")
 
     # -- merged models -----------------------------------------------------------------------
-    def merge_parts(self, method: str, *, k: int = 2) -> MergeParts:
+    def merge_parts(self, method: str, *, k: int | None = None) -> MergeParts:
         """The pieces of a merged model that do not depend on alpha (base and direction per
         tensor), computed once; ``MergeParts.state_dict(alpha)`` then builds models quickly."""
         return MergeParts(self, method, k)
 
-    def merged(self, method: str | None = None, *, k: int = 2, alpha: float | None = None,
+    def merged(self, method: str | None = None, *, k: int | None = None, alpha: float | None = None,
                task: str | None = None) -> dict[str, torch.Tensor]:
         """The multi-task model: ``theta_0 + alpha * d`` for every tensor all tasks share.
 

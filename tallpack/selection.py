@@ -171,7 +171,7 @@ def _reference(reference: Mapping[str, Any], names: list[str]) -> dict[str, floa
     return {t: _mean(reference[t], f"task {t!r}: the reference score") for t in names}
 
 
-def select_alpha(archive: "Archive", method: str, evaluate: Evaluator, *, k: int = 2,
+def select_alpha(archive: "Archive", method: str, evaluate: Evaluator, *, k: int | None = None,
                  grid: Sequence[float] | None = None, tasks: Sequence[str] | None = None,
                  reference: Mapping[str, float] | None = None) -> AlphaSelection:
     """The alpha of ``grid`` (default 0.1..1.0) whose merged model has the best average

@@ -157,7 +157,7 @@ def test_stats_merge_inspect_verify_on_derived_masks(small_family, tmp_path: Pat
     with tallpack.open(plain) as p, tallpack.open(derived) as d:
         assert stats.compute(d).to_dict() == stats.compute(p).to_dict()
         for model in ("consensus-ta", "ta"):
-            mp, md = p.merged(model, k=2, alpha=0.4), d.merged(model, k=2, alpha=0.4)
+            mp, md = p.merged(model, alpha=0.4), d.merged(model, alpha=0.4)  # consensus: the default k = 2
             assert mp.keys() == md.keys() and all(_same(mp[k], md[k]) for k in mp)
         sp, sd = p.summary(), d.summary()
         assert [t["density"] for t in sd["tasks"]] == [t["density"] for t in sp["tasks"]]

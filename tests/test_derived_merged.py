@@ -142,7 +142,7 @@ def test_stats_merge_inspect_verify_on_derived_merged_vectors(small_family, tmp_
         assert DM in _encodings(d) and DM not in _encodings(s)
         assert stats.compute(d).to_dict() == stats.compute(s).to_dict()
         for model in ("consensus-ties", "ties"):
-            ms, md = s.merged(model, k=2), d.merged(model, k=2)
+            ms, md = s.merged(model), d.merged(model)  # consensus: the default k = 2
             assert ms.keys() == md.keys() and all(_same(ms[k], md[k]) for k in ms)
         ss, sd = s.summary(), d.summary()
         assert sd["stored_bytes"]["merged"] == 0 == sd["stored_bytes"]["counts"] < ss["stored_bytes"]["merged"]

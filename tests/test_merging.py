@@ -402,3 +402,20 @@ def test_all_equal_is_same_dtype_shape_and_bytes(n, count, where, dtype, other):
     want = all(t.dtype == first.dtype and t.shape == first.shape
                and bytes(t.view(torch.uint8).numpy()) == bytes(first.view(torch.uint8).numpy()) for t in tensors)
     assert all_equal(tensors) is want
+
+
+def test_k_is_refused_for_models_without_consensus(small_family, tmp_path):
+    """k does nothing for plain TA or TIES: given there, it is an error (not ignored), in every
+    entry point; left out, consensus uses the paper's k = 2."""
+    out = tmp_path / "f.tallpack"
+    tallpack.pack(small_family["base"], small_family["tasks"], out)
+    with tallpack.open(out) as fam:
+        for call in (lambda: fam.merged("ta", k=3), lambda: fam.merge_parts("ta", k=0),
+                     lambda: tallpack.write_merged(fam, tmp_path / "m", "ta", k=2, alpha=0.3),
+                     lambda: tallpack.select_alpha(fam, "ta", lambda t, sd: 1.0, k=2)):
+            with pytest.raises(tallpack.InvalidArgumentError, match="k: only the consensus models use it"):
+                call()
+        assert fam.merge_parts("consensus-ta").k == 2 and fam.merge_parts("ta").k == 2
+        default, two = fam.merged("consensus-ta", alpha=0.3), fam.merged("consensus-ta", k=2, alpha=0.3)
+        assert all(torch.equal(default[n], two[n]) for n in two)
+    assert not (tmp_path / "m").exists()

@@ -173,7 +173,7 @@ def _exercise(path: str, outdir: str) -> None:
         method = fam.manifest.merge.get("method")
         for model, needs in MERGED_MODELS.items():
             if needs == method:
-                fam.merged(model, k=1)
+                fam.merged(model, **({"k": 1} if model.startswith("consensus") else {}))
         if fam.tasks and _WRITE_EVERY.tick():
             try:
                 tallpack.write_task(fam, fam.tasks[0], outdir)
