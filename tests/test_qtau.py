@@ -151,7 +151,7 @@ def test_no_qtau_with_ties_keeps_merged(tmp_path):
         from tallpack.merged import MergeParts
 
         for model in ("ties", "consensus-ties"):
-            sd = MergeParts(fam, model, 2).state_dict(task="t0")
+            sd = MergeParts(fam, model).state_dict(task="t0")
             assert set(sd) == set(fts["t0"]) and all(bool(torch.isfinite(v).all()) for v in sd.values())
 
 
@@ -177,7 +177,7 @@ def test_derived_masks_and_merges(tmp_path):
             total = total + deq[t]
         masks = {t: tall_mask(deq[t], total, fam.task_info(t).lam) for t in fam.tasks}
         assert all(int(masks[t].sum()) == e.tasks[t].params["ones"] for t in fam.tasks)
-        ta = MergeParts(fam, "ta", 2).parts[e.name]
+        ta = MergeParts(fam, "ta").parts[e.name]
         assert torch.equal(ta[1].reshape(-1), total)
         cons = MergeParts(fam, "consensus-ta", 2).parts[e.name]
         count = sum(m.to(torch.int32) for m in masks.values())
