@@ -15,7 +15,7 @@ from click.core import ParameterSource
 
 import tallpack
 from tallpack.errors import TallpackError
-from tallpack.fsutil import check_replaceable, committed
+from tallpack.fsutil import committed
 from tallpack.checksums import CHECKSUMS
 from tallpack.kernels import COMPILED
 from tallpack.merged import default_model, left_out
@@ -258,10 +258,6 @@ def pack(base, task_specs, output, lambda_specs, merge, codec, level, checksum, 
     lambdas = _parse_lambdas(lambda_specs, tasks)
     if chunk_elements % 8:
         raise click.BadParameter("must be a multiple of 8", param_hint="--chunk-elements")
-    if not staging.is_url(output):
-        check_replaceable(staging.local_path(output))  # -o /dev/null: not "pass --force", which would not help
-    if staging.exists(output) and not force:
-        _fail(f"{output}: already exists; pass --force to overwrite it")
     prefix = f"{merge}_"
     merge_spec = {"method": merge} | {k[len(prefix):]: v for k, v in method_options.items() if k.startswith(prefix)}
     options = PackOptions(lambdas=lambdas, merge=merge_spec, codec=codec, level=level, checksum=checksum,

@@ -35,7 +35,7 @@ from .plan import Kind, TensorPlan
 from .progress import track
 from .selection import select_lambdas
 from .sources import Source, SourceLike, stem
-from .staging import fetched, local_path, staged
+from .staging import exists, fetched, local_path, staged
 from .storage import is_url
 from .tall import Fidelity
 
@@ -65,7 +65,8 @@ def pack(base: SourceLike, tasks: TasksLike, out: str | os.PathLike, options: Pa
     _check_pack_call(tasks, out)
     if not is_url(out):
         check_replaceable(local_path(out))  # never a device or a link, even with overwrite (file:// too)
-    if not opts.overwrite and not is_url(out) and os.path.lexists(local_path(out)):
+    there = exists(out, storage_options) if is_url(out) else os.path.lexists(local_path(out))
+    if not opts.overwrite and there:  # before any input is read (or, at URLs, downloaded)
         raise OutputExistsError(f"{out}: already exists; pass --force (overwrite=True) to replace it")
     named: dict[str | int, SourceLike] = (dict(tasks.items()) if isinstance(tasks, Mapping)
                                           else {i: t for i, t in enumerate(tasks)})
