@@ -48,6 +48,31 @@ class _Group(click.Group):
     """Turns every library error into one ``error: ...`` line and a non-zero exit; SIGTERM and
     Ctrl-C clean up as any failure does, and exit 143 and 130 as shells expect."""
 
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        """Click's own handling, except that a usage error is one line (``error: ...``, where to
+        find the command's options) with exit 2, as every other error is one line."""
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode, **extra)
+        try:
+            rv = super().main(args, prog_name, complete_var, False, **extra)
+        except click.exceptions.UsageError as e:
+            if type(e).__name__ == "NoArgsIsHelpError":  # bare ``tallpack``: the help, as click shows it
+                e.show()
+                sys.exit(e.exit_code)
+            message = _one_line(e.format_message())
+            if e.ctx is not None:
+                see = f"see '{e.ctx.command_path} --help'"
+                message += f" {see[0].upper()}{see[1:]}." if message.endswith(".") else f" ({see})"
+            click.echo(f"error: {message}", err=True)
+            sys.exit(e.exit_code)
+        except click.exceptions.ClickException as e:
+            e.show()
+            sys.exit(e.exit_code)
+        except click.exceptions.Abort:
+            click.echo("Aborted!", err=True)
+            sys.exit(1)
+        sys.exit(rv if isinstance(rv, int) else 0)
+
     def invoke(self, ctx):
         main_thread = threading.current_thread() is threading.main_thread()
         previous = signal.signal(signal.SIGTERM, _terminate) if main_thread else None
