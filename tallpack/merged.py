@@ -180,6 +180,22 @@ class MergeParts:
         return {name: merged[name] if name in merged else self._family.get_tensor(task, name)
                 for name in self._family.keys(task)}
 
+    def warn_overflow(self, merged: dict[str, torch.Tensor], alpha: float | None) -> list[str]:
+        """Warn once per call, and return, the tensors of a merged model that ``alpha`` pushed past
+        their dtype's range (inf where base and direction are finite: a large alpha on a float16
+        model). One pass over the model; ``select_alpha``'s evaluations do not make it."""
+        over = [name for name, (t, d) in self.parts.items()
+                if d is not None and name in merged and t.is_floating_point()
+                and not bool(torch.isfinite(merged[name]).all())
+                and bool(torch.isfinite(t).all()) and bool(torch.isfinite(d).all())]
+        if over:
+            value = default_alpha(self.model, len(self.tasks)) if alpha is None else alpha
+            names = ", ".join(map(repr, over[:SHOWN_NAMES])) + (", ..." if len(over) > SHOWN_NAMES else "")
+            log.warning("%s: alpha %g overflows %d tensor%s of the %s model (inf where the base and the merged "
+                        "vector are finite; %s): %s", self._family.name, value, len(over), "" if len(over) == 1 else "s",
+                        self.model, merged[over[0]].dtype, names)
+        return over
+
     def _warn_left_out(self) -> None:
         """Say once which tensors every task has that this merged model lacks, and why."""
         n = len(self.left_out)

@@ -231,6 +231,7 @@ def write_merged(archive: "Archive", outdir: str | os.PathLike, method: str | No
     alpha = default_alpha(method, len(archive.tasks)) if alpha is None else check_alpha(alpha)
     parts = archive.merge_parts(method, k=k)  # k checked: numpy's ints taken, and only for consensus
     sd = parts.state_dict(alpha, task=task)
+    parts.warn_overflow(sd, alpha)
     meta = {"tallpack.merge": method, **({"tallpack.k": parts.k} if is_consensus(method) else {}),
             "tallpack.alpha": alpha, "tallpack.tasks": list(archive.tasks)} | ({"tallpack.task": task} if task else {})
     where = archive.task_info(task) if task else None

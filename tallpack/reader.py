@@ -808,8 +808,10 @@ class Archive:
 
         >>> sd = fam.merged("consensus-ta", k=2, alpha=0.4)
         """
-        return self.merge_parts(default_model(self.manifest) if method is None else method, k=k).state_dict(
-            alpha, task=task)
+        parts = self.merge_parts(default_model(self.manifest) if method is None else method, k=k)
+        sd = parts.state_dict(alpha, task=task)
+        parts.warn_overflow(sd, alpha)
+        return sd
 
     # -- checking ----------------------------------------------------------------------------
     def chunk_count(self) -> int:

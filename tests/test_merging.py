@@ -2,6 +2,8 @@
 
 import itertools
 import math
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -419,3 +421,21 @@ def test_k_is_refused_for_models_without_consensus(small_family, tmp_path):
         default, two = fam.merged("consensus-ta", alpha=0.3), fam.merged("consensus-ta", k=2, alpha=0.3)
         assert all(torch.equal(default[n], two[n]) for n in two)
     assert not (tmp_path / "m").exists()
+
+
+def test_an_alpha_that_overflows_float16_is_named(tmp_path, caplog):
+    """A finite alpha can push a float16 model past 65504: merged() and merge say which tensors."""
+    base, fts = family(tasks=2)
+    base = {k: v.half() for k, v in base.items()}
+    fts = {t: {k: v.half() for k, v in sd.items()} for t, sd in fts.items()}
+    tallpack.pack(base, fts, tmp_path / "h.tallpack")
+    with tallpack.open(tmp_path / "h.tallpack") as fam:
+        caplog.clear()
+        fam.merged("ta", alpha=0.5)
+        assert "alpha 0.5 overflows" not in caplog.text
+        sd = fam.merged("ta", alpha=1e30)
+        assert not torch.isfinite(sd["w0"]).all()
+        assert "alpha 1e+30 overflows 3 tensors of the ta model" in caplog.text and "'w0'" in caplog.text
+    r = subprocess.run([sys.executable, "-m", "tallpack", "merge", tmp_path / "h.tallpack", "--method", "ta",
+                        "--alpha", "1e30", "-o", tmp_path / "m"], capture_output=True, text=True)
+    assert r.returncode == 0 and "alpha 1e+30 overflows 3 tensors" in r.stderr, r.stderr
