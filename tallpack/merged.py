@@ -18,8 +18,9 @@ from .encodings.exact import TALL_ENCODINGS
 from .encodings.qtau import task_masks
 from .errors import FormatError, InvalidArgumentError, UnsupportedVersionError
 from .manifest import Manifest
-from .merging import (MERGED_MODELS, METHODS, apply_direction, check_alpha, default_alpha, integer, is_consensus, merge_direction,
-                      merged_model_method)
+from .merging import (MERGED_MODELS, METHODS, MergeMethod, apply_direction, check_alpha, default_alpha, integer,
+                      is_consensus, merge_direction, merged_model_method)
+from .tall import tall_mask, task_vector
 
 
 #: The task encodings of a tensor that the merged models build from its base and merged vector
@@ -82,6 +83,25 @@ def default_model(manifest: Manifest) -> str:
 
 #: The most names of left-out tensors a warning lists.
 SHOWN_NAMES = 5
+
+
+def shared_direction(model: str, base: torch.Tensor, data: torch.Tensor, tasks: tuple[str, ...],
+                     lambdas: dict[str, float | None], k: int, method: MergeMethod, where: str = "") -> torch.Tensor:
+    """d of a tensor every task changed to the same ``data``: the merge of T equal task vectors
+    ``f32(data) - f32(base)``, with the masks and TIES trimming of §6.2, as if stored merged."""
+    tau = task_vector(data, base).reshape(-1)
+    taus = [tau] * len(tasks)
+    mtl = method.combine(taus)
+    masks = None
+    if is_consensus(model):
+        masks = []
+        for t in tasks:
+            lam = lambdas.get(t)
+            if lam is None:
+                raise FormatError(f"{where}: task {t!r} has no lambda, which its consensus mask needs")
+            masks.append(tall_mask(tau, mtl, lam))
+    extras = method.extras(taus) if not is_consensus(model) else None
+    return merge_direction(model, mtl, masks, extras, k, method).reshape(base.shape)
 
 
 class MergeParts:
@@ -154,6 +174,15 @@ class MergeParts:
                         self.parts[m.name] = (base[run].view(m.shape), direction[run].view(m.shape))
                 else:
                     self.parts[e.name] = (base, direction)
+            elif how == "shared" and "base" in e.arrays and not e.members:
+                # 1.13: every task at one value that is not the base's; merged as any merged
+                # tensor, every tau_t the same (§6.1.3)
+                data = read(e.arrays["data"], where)
+                base = read(e.arrays["base"], f"{where} (base)")
+                if base.shape != data.shape or not base.is_floating_point():
+                    raise FormatError(f"{name}: {where} has a base of another shape or dtype kind than its data")
+                self.parts[e.name] = (base, shared_direction(model, base, data, self.tasks, lambdas, k, method,
+                                                                f"{name}: {where}"))
             elif how == "shared":
                 data = read(e.arrays["data"], where)
                 if e.members:  # a group (format 1.12): each member's run, a tensor of its own

@@ -22,6 +22,7 @@ from .container import ContainerWriter
 from .dial import Dial
 from .encodings import BY_KIND, Item, Later, WriteContext, settled
 from .encodings.exact import RESIDUAL_CODECS, add_exact
+from .encodings.shared import keeps_base
 from .errors import InvalidArgumentError, OutputExistsError
 from .folders import FileStore
 from .fsutil import check_replaceable, writing
@@ -230,6 +231,8 @@ class _Groups:
             if item.base is None or any(t.dtype != item.base.dtype for t in item.thetas):
                 return False
         elif item.kind != Kind.SHARED.value:  # task-own tensors differ per task: stored alone
+            return False
+        elif keeps_base(item):  # tasks agreeing on another value than the base's keep it: alone
             return False
         base_dtype = item.base.dtype if item.base is not None and item.planned == Kind.MERGED.value else None
         key = (item.kind, item.planned, first.dtype, base_dtype, item.tasks)

@@ -439,3 +439,49 @@ def test_an_alpha_that_overflows_float16_is_named(tmp_path, caplog):
     r = subprocess.run([sys.executable, "-m", "tallpack", "merge", tmp_path / "h.tallpack", "--method", "ta",
                         "--alpha", "1e30", "-o", tmp_path / "m"], capture_output=True, text=True)
     assert r.returncode == 0 and "alpha 1e+30 overflows 3 tensors" in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_tensor_every_task_changed_alike_merges_by_the_formulas(tmp_path, dtype):
+    """Tasks that agree on a value other than the base's (fine-tunes of one intermediate checkpoint
+    with a layer frozen) are stored once with the base (format 1.13): each task gets the value back
+    exactly, and the merged models follow the paper's formulas for it, TIES trimming included."""
+    base, fts = family(seed=3)
+    g = torch.Generator().manual_seed(7)
+    base["s"], base["f"] = torch.randn(6, 5, generator=g), torch.randn(9, generator=g)
+    delta = torch.where(torch.arange(30).reshape(6, 5) % 2 == 0, torch.full((6, 5), 0.3), torch.full((6, 5), 1e-4))
+    for sd in fts.values():
+        sd["s"], sd["f"] = base["s"] + delta, base["f"].clone()
+    base = {k: v.to(dtype) for k, v in base.items()}
+    fts = {t: {k: v.to(dtype) for k, v in sd.items()} for t, sd in fts.items()}
+    shared = [k for k in base if k != "head"]
+    for merge in ("ta", "ties"):
+        out = tmp_path / f"{merge}.tallpack"
+        tallpack.pack(base, fts, out, merge={"method": merge, "top_k": 0.2} if merge == "ties" else merge)
+        tv = flat_taus({k: base[k].float() for k in shared}, {t: {k: sd[k].float() for k in shared} for t, sd in fts.items()})
+        with tallpack.open(out) as fam:
+            assert fam.format_version == (1, 13)
+            entries = {e.name: e for e in fam.manifest.tensors}
+            assert sorted(entries["s"].arrays) == ["base", "data"] and not entries["s"].members
+            assert all(fam.state_dict(t)["s"].equal(sd["s"]) for t, sd in fts.items())
+            a = torch.tensor(0.3)
+            if merge == "ta":
+                mtl = sum(tv.unbind(0)[1:], tv[0] + 0.0)
+            else:
+                mtl = official_ties(tv, 0.2, "sum")
+            mtl = unflatten(mtl, {k: base[k] for k in shared})
+            taus = {t: {k: sd[k].float() - base[k].float() for k in shared} for t, sd in fts.items()}
+            for model in (merge, f"consensus-{merge}"):
+                got = fam.merged(model, alpha=0.3)
+                for k in ("s", "f", "w0"):
+                    if model == "ties":
+                        d = unflatten(official_ties(tv, 0.2, "mean"), {k: base[k] for k in shared})[k]
+                    elif model == "ta":
+                        d = mtl[k]
+                    else:
+                        masks = [taus[t][k].abs() > torch.tensor(0.4) * (mtl[k] - taus[t][k]).abs() for t in fts]
+                        d = (torch.stack(masks).sum(0) >= 2).float() * mtl[k]
+                    want = (base[k].float() + a * d).to(dtype)
+                    assert torch.equal(got[k], want), (merge, model, k)
+            if merge == "ties":  # the small half of the change is trimmed: those elements stay at the base
+                assert torch.equal(fam.merged("ties", alpha=1.0)["s"][0, 1], base["s"][0, 1])

@@ -1,5 +1,6 @@
 """``shared``: a tensor equal (bit for bit) in every task that has it, stored once in the tensor
-entry (frozen layers, buffers)."""
+entry (frozen layers, buffers). Where the tasks agree on a value that is not the base's (1.13), the
+entry keeps the base too, so that merged models follow the paper's formulas for it."""
 
 from __future__ import annotations
 
@@ -9,8 +10,22 @@ from .._torch import torch
 from ..arrays import ArrayRef
 from ..dtypes import dtype_name
 from ..errors import FormatError
-from ..tall import task_vector
+from ..tall import in_tall_range, task_vector
 from .base import Encoding, Item, TaskTensor, TensorEntry, Use, WriteContext, register
+
+
+def keeps_base(item: Item) -> bool:
+    """Whether a ``shared`` tensor also stores its base (format 1.13): planned merged (a floating
+    tensor of the base's shape in every task), every task at one value that is not the base's, and
+    task vectors a merge can sum (``in_tall_range``). Merged models then build it as any merged
+    tensor, ``theta_0 + alpha * d`` with every tau_t the same; without the base they could only
+    return the tasks' value, whatever alpha."""
+    if item.planned != "merged" or item.base is None or not item.thetas:
+        return False
+    first, base = item.thetas[0], item.base
+    same = (first.dtype == base.dtype and first.shape == base.shape
+            and torch.equal(first.reshape(-1).view(torch.uint8), base.reshape(-1).view(torch.uint8)))
+    return not same and in_tall_range(base, item.thetas[:1] * len(item.thetas))
 
 
 @register
@@ -34,8 +49,12 @@ class Shared(Encoding):
             for t, x in zip(item.tasks, item.thetas):
                 ctx.fidelity[t].add_exact(task_vector(x, item.base))
         dt, shape = dtype_name(first.dtype), tuple(first.shape)
-        return TensorEntry(item.name, cls.kind, {t: TaskTensor(cls.name, dt, shape) for t in item.tasks},
-                           {"data": ctx.whole(first)})
+        arrays = {"data": ctx.whole(first)}
+        if keeps_base(item):
+            assert item.base is not None
+            arrays["base"] = ctx.whole(item.base)
+            ctx.writer.use("field:shared-base")
+        return TensorEntry(item.name, cls.kind, {t: TaskTensor(cls.name, dt, shape) for t in item.tasks}, arrays)
 
     @classmethod
     def inputs(cls, entry: TensorEntry, tt: TaskTensor) -> dict[str, tuple[ArrayRef, Use]]:
