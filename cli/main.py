@@ -18,7 +18,7 @@ from tallpack.errors import TallpackError
 from tallpack.fsutil import committed
 from tallpack.checksums import CHECKSUMS
 from tallpack.kernels import COMPILED
-from tallpack.merged import default_model, left_out
+from tallpack.merged import default_model, in_some_tasks, left_out
 from tallpack.merging import MERGED_MODELS, METHODS, MergeMethod, Option, default_alpha, is_consensus
 from tallpack.options import DENSE_PRESETS, PackOptions
 from tallpack.progress import LogLines
@@ -403,11 +403,15 @@ def merge(archive: str, method: str | None, k: int, alpha: float | None, task: s
         path, n = tallpack.write_merged(fam, output, method, k=k if is_consensus(method) else None, alpha=alpha, task=task,
                                         max_shard_size=max_shard_size, progress=_progress(), overwrite=force)
         left = [] if task is not None else left_out(fam.manifest)
+        some = [] if task is not None else in_some_tasks(fam.manifest)
     shown_k = f", k={k}" if is_consensus(method) else ""  # the others have no k
     # what the model lacks belongs in the result line, which -q keeps (the warning it repeats does not)
     lacks = (f"; {len(left)} tensor{'s' if len(left) > 1 else ''} every task has left out, as each task stores "
              f"its own: {', '.join(map(repr, left[:3]))}{', ...' if len(left) > 3 else ''} (--task NAME takes "
              "one task's)") if left else ""
+    lacks += (f"; {len(some)} tensor{'s' if len(some) > 1 else ''} only some tasks have left out: "
+              f"{', '.join(map(repr, some[:3]))}{', ...' if len(some) > 3 else ''} (--task NAME takes "
+              "that task's)") if some else ""
     click.echo(f"wrote {path} ({method}{shown_k}, alpha={alpha:g}, {n} tensors{lacks})")
 
 

@@ -69,6 +69,25 @@ def left_out(manifest: Manifest) -> list[str]:
     return sorted(names, key=lambda n: order.get(n, len(order)))
 
 
+def in_some_tasks(manifest: Manifest) -> list[str]:
+    """The tensors that some tasks have and others lack, in the checkpoints' order (a causal LM's
+    ``lm_head.weight`` in a family with a classifier task; one task's own head). A merged model
+    leaves them out: the archive stores them per task, with no base to merge onto; ``merged(...,
+    task=...)`` takes that task's.
+
+    >>> in_some_tasks(fam.manifest)
+    ['lm_head.weight', 'score.weight']
+    """
+    tasks = {t.name for t in manifest.tasks}
+    names = {n for e in manifest.tensors if e.tasks and set(e.tasks) < tasks
+             for n in ([m.name for m in e.members] if e.members else [e.name])}
+    order: dict[str, int] = {}
+    for t in manifest.tasks:
+        for name in t.keys:
+            order.setdefault(name, len(order))
+    return sorted(names, key=lambda n: order.get(n, len(order)))
+
+
 #: Consensus Merging's k when none is given (the paper's default: weights at least two tasks use)
 DEFAULT_K = 2
 
@@ -130,6 +149,7 @@ class MergeParts:
         self.tasks = tuple(t.name for t in manifest.tasks)
         self._family = family
         self.left_out = tuple(left_out(manifest))
+        self.in_some_tasks = tuple(in_some_tasks(manifest))
         self._warned = False
         lambdas = {t.name: t.lam for t in manifest.tasks}
         self.parts: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
@@ -227,13 +247,22 @@ class MergeParts:
 
     def _warn_left_out(self) -> None:
         """Say once which tensors every task has that this merged model lacks, and why."""
-        n = len(self.left_out)
-        if not n or self._warned:
+        if self._warned:
             return
         self._warned = True
+        some = self.in_some_tasks
+        if some:
+            shown = ", ".join(map(repr, some[:SHOWN_NAMES])) + (", ..." if len(some) > SHOWN_NAMES else "")
+            log.warning("%s: %d tensor%s that only some tasks have %s left out of the %s model: %s (stored per task, "
+                        "no base to merge onto); task=NAME (--task NAME) takes that task's", self._family.name,
+                        len(some), "" if len(some) == 1 else "s", "is" if len(some) == 1 else "are", self.model, shown)
+        n = len(self.left_out)
+        if not n:
+            return
         names = ", ".join(map(repr, self.left_out[:SHOWN_NAMES])) + (", ..." if n > SHOWN_NAMES else "")
         one = n == 1
         log.warning("%s: %d tensor%s that every task has %s left out of the %s model: %s (each task stores its own: "
-                    "not in the base, another shape or dtype, integers that differ, or NaN/inf; no base to merge "
+                    "not in the base, another shape or dtype, integers that differ, NaN/inf, or task vectors too large "
+                    "to sum in float32; no base to merge "
                     "onto); task=NAME (--task NAME) takes %s from that task", self._family.name, n, "" if one else "s",
                     "is" if one else "are", self.model, names, "it" if one else "them")

@@ -176,9 +176,10 @@ def select_alpha(archive: "Archive", method: str, evaluate: Evaluator, *, k: int
                  reference: Mapping[str, float] | None = None) -> AlphaSelection:
     """The alpha of ``grid`` (default 0.1..1.0) whose merged model has the best average
     normalized score over ``tasks``; a task's score is normalized by ``reference[task]``
-    (default: the score of the archive's reconstruction of that task): divided by it when every
-    reference is positive (accuracies: the paper's rule), else less it (``-loss``: the best mean
-    score), see :func:`normalize`. Ties go to the smallest alpha.
+    (default: the score of the archive's reconstruction of that task; the paper divides by the
+    fine-tuned checkpoint's score, which ``reference`` takes): divided by it when every reference
+    is positive (accuracies), else less it (``-loss``: the best mean score), see :func:`normalize`.
+    Ties go to the smallest alpha.
 
     >>> sel = tallpack.select_alpha(fam, "consensus-ta", evaluate=fn)
     >>> model = fam.merged("consensus-ta", alpha=sel.alpha)

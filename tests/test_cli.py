@@ -396,3 +396,27 @@ def test_usage_errors_are_one_line_naming_the_help(tmp_path):
         assert "--help'" in r.stderr
     r = subprocess.run([sys.executable, "-m", "tallpack"], capture_output=True, text=True, cwd=tmp_path)
     assert "Commands:" in r.stdout + r.stderr
+
+
+def test_merge_names_the_tensors_only_some_tasks_have(tmp_path, caplog):
+    """A causal LM family with one classifier task: lm_head is in the base and two tasks, not the
+    third; merged models leave it out (no base copy stored) and say so, in the warning and in
+    merge's result line (kept with -q)."""
+    g = torch.Generator().manual_seed(0)
+    base = {"w": torch.randn(8, 4, generator=g), "lm_head.weight": torch.randn(6, 4, generator=g)}
+    tasks = {}
+    for t in ("a", "b", "cls"):
+        sd = {k: v + 0.01 * torch.randn(v.shape, generator=g) for k, v in base.items()}
+        if t == "cls":
+            del sd["lm_head.weight"]
+            sd["score.weight"] = torch.randn(2, 4, generator=g)
+        tasks[t] = sd
+    tallpack.pack(base, tasks, tmp_path / "f.tallpack", allow_mismatch=True)
+    with tallpack.open(tmp_path / "f.tallpack") as fam:
+        assert tallpack.merged.in_some_tasks(fam.manifest) == ["lm_head.weight", "score.weight"]
+        sd = fam.merged("ta")
+        assert "lm_head.weight" not in sd
+        assert "2 tensors that only some tasks have are left out of the ta model: 'lm_head.weight'" in caplog.text
+        assert "lm_head.weight" in fam.merged("ta", task="a")
+    out = run("-q", "merge", tmp_path / "f.tallpack", "--method", "ta", "-o", tmp_path / "m").stdout
+    assert "2 tensors only some tasks have left out: 'lm_head.weight', 'score.weight' (--task NAME" in out
