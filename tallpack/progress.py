@@ -12,7 +12,7 @@ from typing import TypeVar, Union
 
 T = TypeVar("T")
 #: What a ``progress`` argument may be.
-ProgressLike = Union[bool, None, Callable[[str, int, int], None]]
+ProgressLike = Union[bool, None, Callable[[str, int, int], None], "Labelled"]
 
 
 def track(items: Iterable[T], progress: ProgressLike, desc: str, total: int | None = None,
@@ -24,6 +24,8 @@ def track(items: Iterable[T], progress: ProgressLike, desc: str, total: int | No
     if not progress:
         yield from items
         return
+    if isinstance(progress, Labelled):
+        desc, progress = f"{progress.label}: {desc}", progress.progress
     if total is None:
         try:
             total = len(items)  # type: ignore[arg-type]
@@ -34,11 +36,30 @@ def track(items: Iterable[T], progress: ProgressLike, desc: str, total: int | No
 
         yield from tqdm(items, desc=desc, total=total or None, unit=unit)
         return
+    assert callable(progress)
     done = 0
     for item in items:
         yield item
         done += 1
         progress(desc, done, total)
+
+
+class Labelled:
+    """A ``progress`` whose steps are shown under ``label`` (``"cars: writing"``): each task of a
+    multi-task unpack.
+
+    >>> write_task(fam, "cars", "out/cars", progress=Labelled(True, "cars"))
+    """
+
+    def __init__(self, progress: ProgressLike, label: str):
+        self.progress, self.label = progress, label
+
+    def __bool__(self) -> bool:
+        return bool(self.progress)
+
+    def __call__(self, desc: str, done: int, total: int) -> None:  # as a callable ``progress``
+        if callable(self.progress):
+            self.progress(f"{self.label}: {desc}", done, total)
 
 
 class LogLines:
@@ -51,8 +72,12 @@ class LogLines:
     def __init__(self, emit: Callable[[str], None], steps: int = 10):
         self._emit, self._steps = emit, steps
         self._last: dict[str, int] = {}
+        self._done: dict[str, int] = {}
 
     def __call__(self, desc: str, done: int, total: int) -> None:
+        if done <= self._done.get(desc, 0):  # a new run under the same name (the next task's writing)
+            self._last.pop(desc, None)
+        self._done[desc] = done
         step = done * self._steps // total if total else done
         if done == total or step > self._last.get(desc, 0 if total else -1):
             self._last[desc] = step

@@ -143,6 +143,24 @@ def test_progress_helpers(capsys):
     assert list(track([1, 2], None, "none")) == [1, 2]
 
 
+def test_log_lines_show_every_run_of_a_step_under_its_label():
+    """Each task of a multi-task unpack shows its own ~10% lines, named (a second run under the
+    same name showed only its last step)."""
+    from tallpack.progress import Labelled
+
+    seen = []
+    lines = LogLines(seen.append)
+    for task in ("a", "b"):
+        list(track(range(5), Labelled(lines, task), "writing"))
+    assert seen == [f"{t}: writing: {i}/5" for t in "ab" for i in range(1, 6)]
+    seen.clear()
+    for _ in range(2):  # unlabelled, twice: both runs shown
+        list(track(range(3), lines, "writing"))
+    assert seen == [f"writing: {i}/3" for _ in range(2) for i in range(1, 4)]
+    assert list(track([1, 2], Labelled(True, "a"), "bar")) == [1, 2]
+    assert list(track([1, 2], Labelled(None, "a"), "none")) == [1, 2]
+
+
 def test_inspect_keeps_its_columns_with_long_task_names(tmp_path):
     from tallpack.report import render
 
