@@ -44,9 +44,32 @@ def _terminate(signum, frame) -> None:
     raise _Terminated()
 
 
+class _Command(click.Command):
+    """A command whose single-value options may be given once: click keeps the last of a repeated
+    one without a word (``merge --task cars --task dtd`` merged with dtd's head alone)."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        once = {o: p for p in self.params if isinstance(p, click.Option) and not (p.multiple or p.count or p.is_flag)
+                for o in p.opts}
+        seen: set[str] = set()
+        for arg in args:
+            if arg == "--":
+                break
+            spelled = arg.split("=", 1)[0] if arg.startswith("--") else arg[:2] if arg.startswith("-") else None
+            option = once.get(spelled) if spelled else None
+            if option is None or option.name is None:
+                continue
+            if option.name in seen:
+                raise click.UsageError(f"{'/'.join(option.opts)} given twice; give it once", ctx)
+            seen.add(option.name)
+        return super().parse_args(ctx, args)
+
+
 class _Group(click.Group):
     """Turns every library error into one ``error: ...`` line and a non-zero exit; SIGTERM and
     Ctrl-C clean up as any failure does, and exit 143 and 130 as shells expect."""
+
+    command_class = _Command
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
         """Click's own handling, except that a usage error is one line (``error: ...``, where to
@@ -347,6 +370,9 @@ def unpack(archive: str, task_names: tuple[str, ...], all_tasks: bool, output: s
     files byte for byte. All or nothing: a failure leaves no output."""
     if task_names and all_tasks:
         _fail("--task and --all: --all writes every task; give --task NAME (repeat for several) or --all")
+    twice = next((t for i, t in enumerate(task_names) if t in task_names[:i]), None)
+    if twice is not None:
+        raise click.UsageError(f"task {twice!r} given twice", click.get_current_context())
     one = len(task_names) == 1 and not all_tasks  # then base and merged vectors are read once: no cache
     cache: dict[str, Any] = {"cache_bytes": 0} if one else {}
     with tallpack.open(archive, **cache) as fam:

@@ -147,6 +147,7 @@ class MergeParts:
         method = METHODS[packed].from_params(manifest.merge)
         self.model, self.k = model, k
         self.tasks = tuple(t.name for t in manifest.tasks)
+        k = min(k, len(self.tasks) + 1)  # any k over T keeps no weight (the base): one a tensor can compare
         self._family = family
         self.left_out = tuple(left_out(manifest))
         self.in_some_tasks = tuple(in_some_tasks(manifest))

@@ -420,3 +420,21 @@ def test_merge_names_the_tensors_only_some_tasks_have(tmp_path, caplog):
         assert "lm_head.weight" in fam.merged("ta", task="a")
     out = run("-q", "merge", tmp_path / "f.tallpack", "--method", "ta", "-o", tmp_path / "m").stdout
     assert "2 tensors only some tasks have left out: 'lm_head.weight', 'score.weight' (--task NAME" in out
+
+
+@pytest.mark.parametrize("args, says", [
+    (["merge", "A", "--task", "a", "--task", "b"], "--task given twice; give it once"),
+    (["merge", "A", "--alpha", "0.1", "--alpha=0.2"], "--alpha given twice"),
+    (["merge", "A", "-o", "x", "--output", "y"], "-o/--output given twice"),
+    (["unpack", "A", "--max-shard-size", "1MB", "--max-shard-size", "2MB", "--all"], "--max-shard-size given twice"),
+])
+def test_single_value_options_given_twice_are_usage_errors(args, says, tmp_path):
+    """click keeps the last of a repeated option without a word; tallpack refuses it."""
+    r = run(*args, ok=False)
+    assert r.exit_code == 2 and says in r.output and not any(tmp_path.iterdir())
+
+
+def test_unpack_refuses_a_task_named_twice_before_any_work(packed, tmp_path):
+    r = run("unpack", packed, "--task", "a", "--task", "b", "--task", "a", "-o", tmp_path / "u", ok=False)
+    assert r.exit_code == 2 and "task 'a' given twice" in r.output and "writing" not in r.output
+    assert not (tmp_path / "u").exists()

@@ -485,3 +485,13 @@ def test_a_tensor_every_task_changed_alike_merges_by_the_formulas(tmp_path, dtyp
                     assert torch.equal(got[k], want), (merge, model, k)
             if merge == "ties":  # the small half of the change is trimmed: those elements stay at the base
                 assert torch.equal(fam.merged("ties", alpha=1.0)["s"][0, 1], base["s"][0, 1])
+
+
+def test_a_k_past_any_integer_type_gives_the_base(tmp_path):
+    base, fts = family(tasks=2)
+    tallpack.pack(base, fts, tmp_path / "f.tallpack")
+    with tallpack.open(tmp_path / "f.tallpack") as fam:
+        sd = fam.merged("consensus-ta", k=2**64, alpha=0.5)
+        assert all(torch.equal(sd[k], base[k]) for k in base)
+    r = run("-q", "merge", tmp_path / "f.tallpack", "--k", str(2**70), "-o", tmp_path / "m")
+    assert f"k={2**70}" in r.stdout
