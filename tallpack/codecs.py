@@ -9,6 +9,7 @@ size before it decodes, and never allocates more than the manifest announced.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import struct
@@ -696,10 +697,17 @@ def from_config(config: Any) -> Codec:
     if cls is None:
         raise UnsupportedVersionError(f"unknown codec {config['id']!r}: a newer tallpack may read it")
     kwargs = {k: v for k, v in config.items() if k != "id"}
-    try:
-        return cls(**kwargs)
-    except TypeError as e:
-        raise CodecError(f"bad parameters for codec {config['id']!r}: {e}") from None
+    # the parameters a config records (every codec is a dataclass; a writer's choice that is not
+    # recorded, as zstd's ``keep_below``, is no parameter)
+    fields = [f for f in dataclasses.fields(cls) if f.compare]  # type: ignore[arg-type]
+    unknown = sorted(set(kwargs) - {f.name for f in fields})
+    if unknown:  # configs are closed (spec §5): a new parameter comes with a new id
+        raise CodecError(f"codec {config['id']!r}: unknown parameter {', '.join(map(repr, unknown))}; "
+                         f"it takes {', '.join(repr(f.name) for f in fields) or 'none'}")
+    missing = [f.name for f in fields if f.name not in kwargs and f.default is dataclasses.MISSING]
+    if missing:
+        raise CodecError(f"codec {config['id']!r}: parameter {', '.join(map(repr, missing))} missing")
+    return cls(**kwargs)
 
 
 class Chain:

@@ -68,7 +68,7 @@ ALIGNMENT = 64
 
 #: A remote array is fetched in windows of at most this many stored bytes.
 PREFETCH_BYTES = 64 << 20
-__all__ = ["ArrayRef", "Chunk", "ContainerReader", "ContainerWriter", "DEFAULT_CHUNK_ELEMENTS",
+__all__ = ["ArrayRef", "Chunk", "ContainerReader", "ContainerWriter", "DEFAULT_CHUNK_ELEMENTS", "check_json",
            "FEATURE_MINOR", "FOOTER", "HEADER", "MAJOR", "MINOR"]
 
 
@@ -193,8 +193,14 @@ class ContainerWriter:
         self._f.seek(self._pos)
         self._f.truncate()
 
-    def _stored_manifest(self, manifest: dict[str, Any]) -> tuple[bytes, int]:
-        raw = json.dumps(manifest, separators=(",", ":"), allow_nan=False).encode()
+    def _serialized(self, manifest: dict[str, Any]) -> bytes:
+        try:
+            return json.dumps(manifest, separators=(",", ":"), allow_nan=False).encode()
+        except (ValueError, TypeError) as e:  # NaN/Infinity (metadata is checked before: a last guard)
+            raise InvalidArgumentError(f"{self.path}: the manifest cannot be stored: {e}") from None
+
+    def _stored_manifest(self, manifest: dict[str, Any], raw: bytes | None = None) -> tuple[bytes, int]:
+        raw = self._serialized(manifest) if raw is None else raw
         if len(raw) > MAX_MANIFEST_BYTES:
             raise InvalidArgumentError(f"{self.path}: manifest of {len(raw)} bytes exceeds the format's "
                                        f"limit of {MAX_MANIFEST_BYTES} (too much metadata?)")
@@ -212,7 +218,13 @@ class ContainerWriter:
     def finish(self, manifest: dict[str, Any]) -> Path:
         """Write the manifest and footer, then atomically rename the file to its final name."""
         self.drain()
-        stored, flags = self._stored_manifest(manifest)
+        raw = self._serialized(manifest)
+        try:  # the last guard: never an archive that no reader opens (spec §7); nothing is renamed
+            _strict_loads(raw.decode("utf-8"))
+        except (ValueError, RecursionError) as e:
+            raise InvalidArgumentError(f"{self.path}: not written: its manifest would not be valid JSON "
+                                       f"for readers ({str(e)[:200]})") from None
+        stored, flags = self._stored_manifest(manifest, raw)
         offset = self._write(stored)
         self._f.write(FOOTER.pack(offset, len(stored), crc32(stored), flags, END_MAGIC))
         self._f.seek(0)  # the version may have grown with features chosen while writing (``use``)
@@ -372,23 +384,68 @@ def _check(value: Any, numbers: bool) -> None:
         _check_values(value, numbers)
 
 
-def _parse_manifest(raw: bytes | memoryview, name: str) -> Any:
-    """Strict JSON: UTF-8, no duplicate keys, no NaN/Infinity, numbers within int64 and finite
-    floats, bounded nesting. The duplicate-key hook and the walk run compiled when the kernels are
-    (a 480-tensor family's manifest: 22 against 9 ms, BENCHMARKS.md)."""
+def _strict_loads(text: str) -> Any:
+    """``text`` parsed as the manifest's strict JSON (``_parse_manifest``); ValueError or
+    RecursionError says what breaks it."""
     pairs = kernels.json_pairs or _no_duplicates
+    if _bounded_int_parsing():  # numbers checked after parsing (one hook call fewer per number)
+        value = json.loads(text, object_pairs_hook=pairs, parse_constant=_no_constants)
+        _check(value, numbers=True)
+    else:
+        value = json.loads(text, object_pairs_hook=pairs, parse_constant=_no_constants,
+                           parse_int=_int, parse_float=_float)
+        _check(value, numbers=False)
+    # A lone surrogate can only come from a \uD800-\uDFFF escape (the UTF-8 decoder refuses encoded
+    # ones): it is no Unicode character, and a name holding one cannot be written to a safetensors
+    # header or a file name (spec §3). Only a text holding such an escape needs the walk.
+    if "\\ud" in text or "\\uD" in text:
+        try:
+            json.dumps(value, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError as e:
+            bad = e.object[e.start : e.end] if isinstance(e.object, str) else ""
+            raise ValueError(f"a string holds a lone surrogate {ascii(bad)}, which is no Unicode "
+                             "character (not UTF-8 text)") from None
+    return value
+
+
+def _parse_manifest(raw: bytes | memoryview, name: str) -> Any:
+    """Strict JSON: UTF-8 with no lone surrogate escapes, no duplicate keys, no NaN/Infinity,
+    numbers within int64 and finite floats, bounded nesting. The duplicate-key hook and the walk
+    run compiled when the kernels are (a 480-tensor family's manifest: 22 against 9 ms,
+    BENCHMARKS.md)."""
     try:
-        text = bytes(raw).decode("utf-8")
-        if _bounded_int_parsing():  # numbers checked after parsing (one hook call fewer per number)
-            value = json.loads(text, object_pairs_hook=pairs, parse_constant=_no_constants)
-            _check(value, numbers=True)
-        else:
-            value = json.loads(text, object_pairs_hook=pairs, parse_constant=_no_constants,
-                               parse_int=_int, parse_float=_float)
-            _check(value, numbers=False)
-        return value
+        return _strict_loads(bytes(raw).decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError) as e:
         raise FormatError(f"{name}: manifest is not valid JSON: {str(e)[:200]}") from None
+
+
+def check_json(value: Any, at: int = 0) -> None:
+    """ValueError, saying what, unless ``value`` serializes to JSON that a reader's strict parser
+    takes back (spec §3, §7): no NaN or Infinity, integers in [-2**63, 2**64), nesting at most 64,
+    no lone surrogate in a string. Writers check what users give (metadata, a folder's
+    config.json) with it before it goes into a manifest, ``at`` containers deep in it (the value
+    of a key of the top-level ``metadata``: 2).
+
+    >>> check_json({"x": 2**70})
+    Traceback (most recent call last):
+    ValueError: integer 1180591620717411303424 outside [-2**63, 2**64)
+    """
+    for _ in range(at):  # nesting counts from the manifest's top
+        value = [value]
+    try:
+        text = json.dumps(value, allow_nan=False)
+    except ValueError as e:
+        if "circular" in str(e).lower():
+            raise ValueError("it refers to itself (a circular reference)") from None
+        raise ValueError("NaN or Infinity cannot be stored in the manifest (spec §3)") from None
+    except TypeError as e:
+        raise ValueError(str(e)) from None
+    except RecursionError:
+        raise ValueError(f"containers nest deeper than {MAX_DEPTH}") from None
+    try:
+        _strict_loads(text)
+    except RecursionError:
+        raise ValueError(f"containers nest deeper than {MAX_DEPTH}") from None
 
 
 #: The dtypes a reader may take as byte planes (``read_planar``), with their element sizes.
@@ -555,7 +612,8 @@ class ContainerReader:
         key = (c.offset, c.nbytes, c.checksum)
         if recheck or key not in self._checked:
             if self.checksum(stored) != c.checksum:
-                raise IntegrityError(f"{self.name}: {where}: checksum mismatch in chunk {i} (damaged archive)")
+                why = getattr(self.source, "changed", lambda: None)()  # a remote object replaced while open
+                raise IntegrityError(f"{self.name}: {why or f'{where}: checksum mismatch in chunk {i} (damaged archive)'}")
             if self._remember_checked:
                 self._checked.add(key)
         return stored
@@ -614,7 +672,8 @@ class ContainerReader:
     def verify_chunks(self, ref: ArrayRef, where: str) -> None:
         for i, c in enumerate(ref.chunks):
             if self.checksum(self.source.read(c.offset, c.nbytes)) != c.checksum:
-                raise IntegrityError(f"{self.name}: {where}: checksum mismatch in chunk {i}")
+                why = getattr(self.source, "changed", lambda: None)()
+                raise IntegrityError(f"{self.name}: {why or f'{where}: checksum mismatch in chunk {i}'}")
 
     def close(self) -> None:
         self.source.close()

@@ -131,7 +131,8 @@ class Ties(MergeMethod):
             raise InvalidArgumentError(f"TIES top_k must be in (0, 1], got {top_k!r}")
         self.top_k = value
         self.thresholds: list[float] | None = None
-        self.majority_sign: float | None = None
+        #: -1, 0 or 1, written as a JSON integer (archives before tallpack 0.2 hold -1.0 and the like)
+        self.majority_sign: int | float | None = None
 
     def prepare(self, passes: Passes, num_tasks: int) -> None:
         # Exact global k-th magnitude per task by radix selection on the float32 bit patterns
@@ -161,8 +162,8 @@ class Ties(MergeMethod):
         total = 0
         for taus in passes():
             total += int(self._elect(taus).sum())
-        self.majority_sign = float(np.sign(total))
-        log.info("TIES thresholds %s, majority sign %+g", self.thresholds, self.majority_sign)
+        self.majority_sign = int(np.sign(total))
+        log.info("TIES thresholds %s, majority sign %+d", self.thresholds, self.majority_sign)
 
     # Sums run over the tasks in task order, element by element (``_sum``), as spec §6.1.9 derives
     # them: ``torch.sum(dim=0)`` of stacked tasks orders its additions by the tensor's length (for
@@ -206,8 +207,8 @@ class Ties(MergeMethod):
         thresholds, sign = params.get("thresholds"), params.get("majority_sign")
         if thresholds is not None and (not isinstance(thresholds, list) or not all(_finite(v) for v in thresholds)):
             raise FormatError("merge: TIES thresholds must be a list of finite numbers")
-        if sign is not None and sign not in (-1, 0, 1):
-            raise FormatError("merge: TIES majority_sign must be -1, 0 or 1")
+        if sign is not None and (type(sign) not in (int, float) or sign not in (-1, 0, 1)):  # not a boolean (spec §3)
+            raise FormatError(f"merge: TIES majority_sign must be -1, 0 or 1, got {sign!r}")
         m.thresholds, m.majority_sign = thresholds, sign
         return m
 
@@ -351,6 +352,17 @@ def derive_merged(taus: list[torch.Tensor], method: MergeMethod) -> dict[str, to
     for k in kept:
         counts += (k != 0).to(torch.uint8)
     return {"merged": _sum(kept), "counts": counts}
+
+
+def no_derived_merged(method: MergeMethod) -> str:
+    """Why ``derive_merged`` gives nothing for ``method`` (a format error where an archive needs
+    it, spec §6.1.9), e.g. "merge: TIES majority_sign is missing from the manifest's merge
+    parameters"."""
+    if method.name != "ties":
+        return f"merge method {method.name!r} gives no derived merged vector"
+    missing = [k for k in ("thresholds", "majority_sign") if getattr(method, k, None) is None]
+    return (f"merge: TIES {' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} missing from the "
+            "manifest's merge parameters, which a derived merged vector needs (spec §6.1.9)")
 
 
 def _sum(xs: list[torch.Tensor]) -> torch.Tensor:

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any, TypeAlias, cast
 from .arrays import DEFAULT_CHUNK_ELEMENTS, check_chunk_elements
 from .checksums import CHECKSUMS, DEFAULT_CHECKSUM
 from .codecs import DENSE_PRESETS, Chain, CodecError, Planes, dense_chain, mask_chain
+from .container import check_json
 from .elements import itemsize
 from .errors import InvalidArgumentError
 from .merging import MergeMethod, checked_grid, get_method, integer, real
@@ -124,6 +125,7 @@ class PackOptions:
         if self.threads is not None and (type(self.threads) is not int or self.threads < 1):
             raise InvalidArgumentError(f"threads must be a positive integer, got {self.threads!r}")
         _check_dial(self)
+        _check_metadata(self.metadata)
         if self.lambda_grid is not None:
             if self.evaluate is None:
                 raise InvalidArgumentError("lambda_grid is searched with evaluate: give evaluate too, or lambdas "
@@ -226,6 +228,20 @@ def check_lambda_grid(grid: object) -> list[float]:
     [0.25, 0.4]
     """
     return checked_grid(grid, "lambda_grid", _lambda)
+
+
+def _check_metadata(metadata: Any) -> None:
+    """User metadata goes into the manifest as it is: it must be JSON that readers take back
+    (spec §3, §7), else the archive would open nowhere."""
+    if metadata is None:
+        return
+    if not isinstance(metadata, Mapping):
+        raise InvalidArgumentError(f"metadata must be a mapping of names to JSON values, got {type(metadata).__name__}")
+    for key, value in metadata.items():
+        try:
+            check_json({key: value}, at=1)  # the manifest's ``metadata`` object, one level down
+        except ValueError as e:
+            raise InvalidArgumentError(f"metadata[{key!r}]: {e}") from None
 
 
 def _check_exact_tier(o: PackOptions) -> None:

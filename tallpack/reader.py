@@ -101,9 +101,10 @@ class Archive:
             self.manifest = Manifest.from_dict(raw)
         except FormatError as e:  # the manifest's checks name the tensor and task; this, the file
             raise type(e)(f"{self.name}: {e}") from None
-        if self.manifest.format_version[0] != container.version[0]:
-            raise FormatError(f"{self.name}: manifest says format {self.manifest.format_version}, "
-                              f"header says {container.version}")
+        if tuple(self.manifest.format_version) != tuple(container.version):  # spec §3.1: minor too
+            raise FormatError(f"{self.name}: header says format {container.version[0]}.{container.version[1]}, "
+                              f"manifest says {self.manifest.format_version[0]}.{self.manifest.format_version[1]} "
+                              "(they must be equal)")
         self._tensors: dict[str, TensorEntry] = {t.name: t for t in self.manifest.tensors if not t.members}
         #: groups (format 1.12): by the group's name, and each member by its name
         self._groups: dict[str, TensorEntry] = {t.name: t for t in self.manifest.tensors if t.members}

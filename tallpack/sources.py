@@ -41,6 +41,7 @@ from typing import Any, Union
 from safetensors import safe_open
 
 from ._torch import torch
+from .container import check_json
 from .dtypes import SAFETENSORS_DTYPES as _ST_DTYPES
 from .dtypes import dtype_name
 from .elements import itemsize, numel
@@ -431,9 +432,13 @@ def open_source(obj: SourceLike, *, label: str | None = None) -> Source:
             _in_folder(path, config, roots)
         if config.is_file():
             try:
-                src.metadata["config"] = json.loads(config.read_text())
-            except ValueError:
-                log.warning("%s: config.json is not valid JSON; ignored", config)
+                value = json.loads(config.read_text())
+                check_json(value, at=4)  # as a task's metadata.config (spec §3, §7): else no reader opens the archive
+            except (ValueError, RecursionError) as e:  # it stays a folder file, its bytes as they are
+                log.warning("%s: not kept in the archive's metadata (%s); stored as a folder file only",
+                            config, str(e)[:200] if isinstance(e, ValueError) else "nested too deep")
+            else:
+                src.metadata["config"] = value
         return src
     if not path.exists():
         raise CheckpointNotFoundError(f"{path}: no such file or folder")

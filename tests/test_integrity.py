@@ -1,5 +1,6 @@
 """Damaged, truncated, hostile and foreign files: a TallpackError, never a crash or a hang."""
 
+import json
 import os
 
 import pytest
@@ -441,3 +442,125 @@ def test_damage_is_reported_once_by_the_name_a_user_knows(hf_family, small_famil
     with tallpack.open(ex) as fam, pytest.raises(IntegrityError) as e:
         fam.get_tensor("b", "body.w")
     assert str(e.value).count(str(ex)) == 1 and "'body.w'" in str(e.value), str(e.value)
+
+
+def _deep(n: int) -> object:
+    x: object = 1
+    for _ in range(n):
+        x = {"a": x}
+    return x
+
+
+@pytest.mark.parametrize("value", [2**70, -(2**63) - 1, float("nan"), float("inf"), _deep(63), "x\udc80", b"\x00"],
+                         ids=["big", "small", "nan", "inf", "deep", "surrogate", "bytes"])
+def test_metadata_a_reader_would_refuse_is_refused_by_pack(small_family, tmp_path, value):
+    """Spec §3, §7: an archive holds only JSON its readers take back; user metadata that breaks
+    it is one error naming the key, and nothing is written."""
+    out = tmp_path / "m.tallpack"
+    with pytest.raises(tallpack.errors.InvalidArgumentError, match=r"^metadata\['k'\]: ") as e:
+        tallpack.pack(small_family["base"], {"a": small_family["tasks"]["a"]}, out, metadata={"k": value})
+    assert "\n" not in str(e.value)
+    assert not out.exists()
+    tallpack.pack(small_family["base"], {"a": small_family["tasks"]["a"]}, out, metadata={"k": _deep(62)})
+    with tallpack.open(out) as fam:  # the deepest that readers take
+        assert fam.manifest.metadata == {"k": _deep(62)}
+
+
+@pytest.mark.parametrize("text", ['{"x": 123456789012345678901234567890}', '{"x": NaN}', '{"x": Infinity}',
+                                  '{"x": 1e999}', json.dumps(_deep(61)), "[" * 5000 + "]" * 5000])
+def test_a_config_json_readers_would_refuse_stays_a_folder_file(small_family, tmp_path, text, caplog):
+    """A folder's config.json that the manifest cannot hold (spec §3) is kept only as a folder
+    file, its bytes as they are, with a warning naming it: before, pack wrote an archive that no
+    reader opened (or failed with an internal error on NaN)."""
+    from safetensors.torch import save_file
+
+    folder = tmp_path / "ft"
+    folder.mkdir()
+    save_file(small_family["tasks"]["a"], folder / "model.safetensors")
+    (folder / "config.json").write_text(text)
+    out = tmp_path / "c.tallpack"
+    with caplog.at_level("WARNING", logger="tallpack"):
+        tallpack.pack(small_family["base"], {"a": folder}, out, allow_mismatch=True)
+    assert any("config.json: not kept in the archive's metadata" in r.getMessage() for r in caplog.records)
+    with tallpack.open(out) as fam:
+        assert "config" not in fam.task_info("a").metadata
+        tallpack.write_task(fam, "a", tmp_path / "back")
+    assert (tmp_path / "back" / "config.json").read_text() == text
+
+
+def test_a_config_json_at_the_nesting_limit_stays_in_the_metadata(small_family, tmp_path):
+    from safetensors.torch import save_file
+
+    folder = tmp_path / "ft"
+    folder.mkdir()
+    save_file(small_family["tasks"]["a"], folder / "model.safetensors")
+    (folder / "config.json").write_text(json.dumps(_deep(60)))
+    tallpack.pack(small_family["base"], {"a": folder}, tmp_path / "c.tallpack")
+    with tallpack.open(tmp_path / "c.tallpack") as fam:
+        assert fam.task_info("a").metadata["config"] == _deep(60)
+
+
+@pytest.mark.parametrize("value", [2**64, float("nan"), _deep(70), "\udc80"])
+def test_the_writer_never_renames_an_unreadable_archive_into_place(tmp_path, value):
+    """The last guard (spec §7): the container writer parses its own manifest as readers do."""
+    from tallpack.container import ContainerWriter
+    from tallpack.errors import InvalidArgumentError
+
+    out = tmp_path / "w.tallpack"
+    with pytest.raises(InvalidArgumentError, match="w.tallpack"):
+        with ContainerWriter(out) as w:
+            w.finish({"format": "tallpack", "metadata": {"x": value}})
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("escape", ["\\udc80", "\\ud800", "\\uDBFF x", "\\ud83d\\u0041"])
+def test_lone_surrogates_in_the_manifest_are_refused_at_open(archive, escape):
+    """Spec §2: the manifest is UTF-8 JSON; a \\uD800-\\uDFFF escape not in a pair is no character,
+    and a name holding one cannot be written to a safetensors header (one FormatError at open)."""
+    import json as _json
+    import zlib
+
+    import zstandard
+
+    raw = archive.read_bytes()
+    m_off, m_len, _, flags, end = FOOTER.unpack(raw[-FOOTER.size:])
+    text = zstandard.ZstdDecompressor().decompress(raw[m_off:m_off + m_len]).decode()
+    text = text.replace('"tasks":', f'"note":"a{escape}b","tasks":', 1)
+    assert _json.loads(text)["note"]
+    stored = zstandard.ZstdCompressor().compress(text.encode())
+    archive.write_bytes(raw[:m_off] + stored + FOOTER.pack(m_off, len(stored), zlib.crc32(stored), flags, end))
+    with pytest.raises(FormatError, match="lone surrogate") as e:
+        tallpack.open(archive)
+    assert "\n" not in str(e.value)
+
+
+def test_surrogate_pairs_and_escaped_backslashes_are_fine(archive):
+    rewrite_manifest(archive, lambda m: m["metadata"].update(emoji="\U0001F600", path="C:\\ud80"))
+    with tallpack.open(archive) as fam:
+        assert fam.manifest.metadata["emoji"] == "\U0001F600" and fam.manifest.metadata["path"] == "C:\\ud80"
+
+
+@pytest.mark.parametrize("minor", [0, 11, 99])
+def test_a_manifest_version_other_than_the_headers_is_refused(single_archive, minor):
+    """Spec §3.1: format_version MUST equal the header's; open refuses what verify reported."""
+    with tallpack.open(single_archive) as fam:
+        major, header_minor = fam.format_version
+    rewrite_manifest(single_archive, lambda m: m.update(format_version=[1, minor]))
+    if minor == header_minor:
+        tallpack.open(single_archive).close()
+        return
+    with pytest.raises(FormatError, match=rf"header says format 1\.{header_minor}, manifest says 1\.{minor}"):
+        tallpack.open(single_archive)
+
+
+def test_unknown_or_missing_codec_parameters_are_named(single_archive):
+    """Spec §5: codec configs are closed; the error names the parameter and the codec."""
+    def edit(m, params):
+        _first_merged(m)["merged"]["codecs"] = [params]
+
+    rewrite_manifest(single_archive, lambda m: edit(m, {"id": "planes-exp", "itemsize": 4, "level": 1, "window": 3}))
+    with pytest.raises(FormatError, match=r"codec 'planes-exp': unknown parameter 'window'; it takes 'itemsize', 'level'$"):
+        tallpack.open(single_archive)
+    rewrite_manifest(single_archive, lambda m: edit(m, {"id": "planes-exp", "level": 1}))
+    with pytest.raises(FormatError, match=r"codec 'planes-exp': parameter 'itemsize' missing$"):
+        tallpack.open(single_archive)

@@ -18,7 +18,7 @@ from __future__ import annotations
 from .._torch import torch
 from ..arrays import ArrayRef
 from ..errors import FormatError
-from ..merging import MergeMethod, derive_merged
+from ..merging import MergeMethod, derive_merged, no_derived_merged
 from ..tall import task_vector
 from .base import ReadArray, TaskTensor, TensorEntry, Use, register
 from .derived import DERIVED_MERGED, DerivedMerged, TallDerived, check_derived_entry, merged_source
@@ -42,13 +42,13 @@ def rebuild_merged(read: ReadArray, entry: TensorEntry, order: list[str], method
         b = base[a : a + COMPUTE_ELEMENTS]
         part = derive_merged([task_vector(x[a : a + COMPUTE_ELEMENTS], b) for x in thetas], method)
         if part is None:
-            raise FormatError(f"{where}: merge method {method.name!r} gives no derived merged vector")
+            raise FormatError(f"{where}: {no_derived_merged(method)}")
         for k, v in part.items():
             out.setdefault(k, torch.empty(base.numel(), dtype=v.dtype))[a : a + v.numel()] = v
     if not out:  # an empty tensor
         empty = derive_merged([torch.empty(0) for _ in order], method)
         if empty is None:
-            raise FormatError(f"{where}: merge method {method.name!r} gives no derived merged vector")
+            raise FormatError(f"{where}: {no_derived_merged(method)}")
         out = empty
     return {k: v.reshape(shape) for k, v in out.items()}
 
