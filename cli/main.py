@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import signal
 import sys
 import threading
@@ -32,6 +33,23 @@ _DEFAULTS = PackOptions()
 def _fail(message: str) -> None:
     click.echo(f"error: {message}", err=True)
     sys.exit(1)
+
+
+def _usage(message: str) -> None:
+    """An option or its value the command cannot take: a usage error (exit 2), as click's own."""
+    raise click.UsageError(message, click.get_current_context())
+
+
+class _Finite(click.FloatRange):
+    """A float option that is a finite number (click's ranges let NaN and inf through)."""
+
+    name = "number"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        rv = super().convert(value, param, ctx)
+        if not math.isfinite(rv):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        return rv
 
 
 class _Terminated(BaseException):
@@ -154,10 +172,6 @@ def _progress(enabled: bool = True):
     return LogLines(lambda line: click.echo(line, err=True))
 
 
-_MAX_SHARD = click.option("--max-shard-size", default=None, metavar="SIZE",
-                          help="Shards of at most SIZE (5GB, 500MB: decimal units) with an index; "
-                               "default: the original's shards when the archive recorded them.")
-
 
 def _exists(path: str) -> bool:
     try:
@@ -170,6 +184,28 @@ def _output(ctx: click.Context, param: click.Parameter, value: str) -> str:
     if not value.strip():
         raise click.BadParameter("an empty path names no output")
     return value
+
+
+def _nonempty(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    if value is not None and not value.strip():
+        raise click.BadParameter("an empty path names nothing")
+    return value
+
+
+def _shard_size(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """--max-shard-size checked before any work: a usage error, not a failure after the rebuild."""
+    if value is not None:
+        from tallpack.sharding import parse_size
+        try:
+            parse_size(value)
+        except TallpackError as e:
+            raise click.BadParameter(_one_line(str(e))) from None
+    return value
+
+
+_MAX_SHARD = click.option("--max-shard-size", default=None, metavar="SIZE", callback=_shard_size,
+                          help="Shards of at most SIZE (5GB, 500MB: decimal units) with an index; "
+                               "default: the original's shards when the archive recorded them.")
 
 
 def _parse_tasks(specs: tuple[str, ...]) -> dict[str, str]:
@@ -199,6 +235,10 @@ def _parse_lambdas(specs: tuple[str, ...], tasks: dict[str, str]) -> dict[str, f
             v = float(value)
         except ValueError:
             raise click.BadParameter(f"{spec!r}: expected a number or NAME=NUMBER", param_hint="--lambda") from None
+        if not (math.isfinite(v) and v >= 0):
+            raise click.BadParameter(f"{spec!r}: lambda must be a finite number >= 0", param_hint="--lambda")
+        if sep and name not in tasks:
+            raise click.BadParameter(f"{spec!r}: no task {name!r} (tasks: {', '.join(tasks)})", param_hint="--lambda")
         if (name if sep else None) in seen:  # a second value would silently win
             what = f"lambda for task {name!r}" if sep else "lambda for all tasks"
             raise click.BadParameter(f"{what} given twice ({seen[name if sep else None]!r} and {spec!r})",
@@ -208,7 +248,7 @@ def _parse_lambdas(specs: tuple[str, ...], tasks: dict[str, str]) -> dict[str, f
             per[name] = v
         else:
             default = v
-    return {t: default for t in tasks} | per  # the library rejects names that are not tasks
+    return {t: default for t in tasks} | per
 
 
 def _given() -> set[str]:
@@ -226,7 +266,8 @@ def _method_options(f):
     for method in reversed(list(METHODS.values())):
         for opt in reversed(method.options):
             f = click.option(_method_flag(method, opt), f"{method.name}_{opt.name}",
-                             type=opt.type, default=opt.default, show_default=True, help=opt.help)(f)
+                             type=_Finite() if opt.type is float else opt.type, default=opt.default,
+                             show_default=True, help=opt.help)(f)
     return f
 
 
@@ -238,20 +279,20 @@ def _refuse_ignored_pack_flags(merge: str, exact: bool, dial: bool, derive_masks
     for method in METHODS.values():
         for opt in method.options:
             if f"{method.name}_{opt.name}" in given and method.name != merge:
-                _fail(f"{_method_flag(method, opt)} is an option of --merge {method.name}, not of --merge {merge}")
+                _usage(f"{_method_flag(method, opt)} is an option of --merge {method.name}, not of --merge {merge}")
     if "group" in given and params["group"] and (exact or dial):
         what = "--exact: the exact tier" if exact else "--fidelity or --budget: the fidelity dial"
-        _fail(f"--group has no effect with {what} works tensor by tensor; leave --group out")
+        _usage(f"--group has no effect with {what} works tensor by tensor; leave --group out")
     for key, flag in (("derive_masks", "--derive-masks"), ("derive_merged", "--derive-merged")):
         if key in given and params[key]:
             if not exact:
-                _fail(f"{flag} needs --exact: without the exact tier every mask and merged vector is stored")
+                _usage(f"{flag} needs --exact: without the exact tier every mask and merged vector is stored")
     if "derive_merged" in given and params["derive_merged"] and not derive_masks:
-        _fail("--derive-merged needs --derive-masks: with --store-masks every merged vector is stored")
+        _usage("--derive-merged needs --derive-masks: with --store-masks every merged vector is stored")
 
 
 @main.command()
-@click.option("--base", "base", required=True, help="The base model: .safetensors, .bin/.pt/.pth, or a model folder.")
+@click.option("--base", "base", required=True, callback=_nonempty, help="The base model: .safetensors, .bin/.pt/.pth, or a model folder.")
 @click.option("--task", "task_specs", multiple=True, required=True, metavar="NAME=PATH",
               help="A fine-tuned member (repeat). A bare PATH is named after its stem.")
 @click.option("-o", "--output", required=True, callback=_output, help="The archive to write (a path or a URL).")
@@ -290,9 +331,9 @@ def _refuse_ignored_pack_flags(merge: str, exact: bool, dial: bool, derive_masks
 @click.option("--derive-merged/--store-merged", default=True, show_default=True,
               help="With --exact and --derive-masks: also leave out the merged vector where every mask of a tensor "
                    "is derived (smaller; a lossy read of one task then rebuilds every task's original of it).")
-@click.option("--fidelity", type=click.FloatRange(0, 1, min_open=True), default=None,
+@click.option("--fidelity", type=_Finite(0, 1, min_open=True), default=None,
               help="Reconstruct every task at least this well (weight fidelity; 1: exact), adding corrections.")
-@click.option("--budget", type=click.FloatRange(0, min_open=True), default=None,
+@click.option("--budget", type=_Finite(0, min_open=True), default=None,
               help="Keep the archive within this many times one task checkpoint, best fidelity within it.")
 @click.option("--sensitivity", "sensitivity_file", default=None, metavar="FILE",
               help="With --fidelity or --budget: weights of each element's error, a safetensors file keyed "
@@ -369,7 +410,7 @@ def unpack(archive: str, task_names: tuple[str, ...], all_tasks: bool, output: s
     original) and the folder's kept files (config, tokenizer, ...); with --exact, the original
     files byte for byte. All or nothing: a failure leaves no output."""
     if task_names and all_tasks:
-        _fail("--task and --all: --all writes every task; give --task NAME (repeat for several) or --all")
+        _usage("--task and --all: --all writes every task; give --task NAME (repeat for several) or --all")
     twice = next((t for i, t in enumerate(task_names) if t in task_names[:i]), None)
     if twice is not None:
         raise click.UsageError(f"task {twice!r} given twice", click.get_current_context())
@@ -411,7 +452,7 @@ def verify(archive: str) -> None:
 @click.option("--k", type=click.IntRange(0), default=2, show_default=True,
               help="Consensus: keep weights used by at least k tasks (0: every weight; for consensus-ta that is "
                    "plain TA, for consensus-ties the TIES disjoint sum, where ties takes their mean).")
-@click.option("--alpha", type=float, default=None,
+@click.option("--alpha", type=_Finite(), default=None,
               help="Scale of the merged vector (default: 1/T for sums, 1.0 for TIES).")
 @click.option("--task", "task", default=None, help="Add this task's own tensors (its head) to the model.")
 @click.option("-o", "--output", required=True, callback=_output, help="The folder to write into (a path or a URL).")
@@ -422,7 +463,7 @@ def merge(archive: str, method: str | None, k: int, alpha: float | None, task: s
     """Write one multi-task model merged from the archive's tasks."""
     if "k" in _given() and method is not None and not is_consensus(method):
         consensus = ", ".join(m for m in MERGED_MODELS if is_consensus(m))
-        _fail(f"--k: only the consensus methods use it ({consensus}), not --method {method}")
+        _usage(f"--k: only the consensus methods use it ({consensus}), not --method {method}")
     with tallpack.open(archive) as fam:
         method = default_model(fam.manifest) if method is None else method
         alpha = default_alpha(method, len(fam.tasks)) if alpha is None else alpha
@@ -443,7 +484,7 @@ def merge(archive: str, method: str | None, k: int, alpha: float | None, task: s
 
 @main.command()
 @click.argument("archive")
-@click.option("--plot", "plot_path", default=None, metavar="PNG",
+@click.option("--plot", "plot_path", default=None, metavar="PNG", callback=_nonempty,
               help="Also draw the figure (tasks using each weight, density per task and per layer); needs matplotlib.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
 @click.option("-f", "--force", is_flag=True, help="Replace the --plot file if it exists.")
@@ -451,27 +492,31 @@ def stats(archive: str, plot_path: str | None, as_json: bool, force: bool) -> No
     """How many tasks use each weight (catastrophic, selfish, consensus), density per task and layer."""
     from tallpack import stats as mask_stats
 
-    if plot_path:  # before the masks are read: a name matplotlib cannot write, an existing file
+    if plot_path is not None:  # before the masks are read: a name matplotlib cannot write, an existing file
         mask_stats.check_plot_path(plot_path, overwrite=force)
     elif force:
-        _fail("--force: only --plot writes a file here")
+        _usage("--force: only --plot writes a file here")
     with tallpack.open(archive) as fam:
         s = mask_stats.compute(fam, progress=_progress())
     click.echo(json.dumps(s.to_dict(), indent=2) if as_json else mask_stats.render(s))
-    if plot_path:
+    if plot_path is not None:
         title = f"{Path(archive).name}: {len(s.tasks)} tasks"
         click.echo(f"wrote {mask_stats.plot(s, plot_path, title=title, overwrite=force)}", err=as_json)
 
 
 @main.command()
 @click.option("--dir", "workdir", default=".tallpack-demo", show_default=True, type=click.Path(file_okay=False),
+              callback=_nonempty,
               help="Where the demo family, the archive and the unpacked task go (reused when present).")
 @click.option("--size", type=click.Choice(["full", "tiny"]), default="full", show_default=True)
 @click.option("--task", default=None, help="The task to unpack (default: the first).")
 def demo(workdir: str, size: str, task: str | None) -> None:
     """Build a small real model family, pack, inspect, unpack one task and score it; then the fidelity dial."""
+    from tallpack.demo import TASKS
     from tallpack.demo.run import run_demo
 
+    if task is not None and task not in TASKS:  # before minutes of building
+        raise click.BadParameter(f"{task!r} is not a demo task ({', '.join(TASKS)})", param_hint="--task")
     click.echo(f"building (or reusing) the demo family in {workdir}/family ...")
     if not (click.get_current_context().obj or {}).get("quiet"):  # the build's steps: a few minutes on 2 cores
         steps = logging.getLogger("tallpack.demo")

@@ -1,5 +1,5 @@
 """``python -m tallpack``: the command line."""
 
-from tallpack_cli.main import main
+from tallpack_cli import run
 
-main(prog_name="tallpack")
+run()

@@ -254,13 +254,16 @@ def render_tensors(rows: list[dict[str, Any]], tasks: list[str]) -> str:
     # a very long name overflows its own row, not every row's column
     width = max([len("tensor"), *(len(n) for n in names if len(n) <= NAME_COLUMN_MAX)])
     cols = [_show(t)[:8] for t in tasks]
-    header = (f"{'tensor':<{width}} {'kind':<9} {'shape':<14} {'dtype':<9} {'stored':>9} {'codec':<22} "
+    codecs = max([22, *(len(", ".join(r["codecs"])) for r in rows if "group" not in r)])
+    header = (f"{'tensor':<{width}} {'kind':<9} {'shape':<14} {'dtype':<9} {'stored':>9} {'codec':<{codecs}} "
               + " ".join(f"{c:>8}" for c in cols))
     lines = [header, "-" * len(header)]
     for r, name in zip(rows, names):
         shape = "per task" if "shapes" in r else "x".join(map(str, r["shape"] or [])) or "scalar"
         dens = " ".join(f"{_fmt(r['density'].get(t), '.3f'):>8}" for t in tasks)
         kind = "group" if "members" in r else r["kind"]
-        stored = f"in {_show(r['group'])}" if "group" in r else f"{format_size(r['stored_bytes']):>9} {', '.join(r['codecs']):<22}"
+        # a group's member: where it is stored, in the stored and codec columns (the densities stay aligned)
+        stored = (f"{'in ' + _show(r['group']):<{10 + codecs}}" if "group" in r
+                  else f"{format_size(r['stored_bytes']):>9} {', '.join(r['codecs']):<{codecs}}")
         lines.append(f"{name:<{width}} {kind:<9} {shape:<14} {r['dtype'] or '-':<9} {stored} {dens}")
     return "\n".join(lines)

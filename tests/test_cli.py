@@ -132,7 +132,7 @@ def test_error_bad_lambda_and_unknown_options(packed, small_family, tmp_path):
     base = small_family["base_path"]
     a = small_family["task_paths"]["a"]
     r = run("pack", "--base", base, "--task", a, "--lambda", "zz=0.3", "-o", tmp_path / "o.tallpack", ok=False)
-    assert "unknown task" in one_error_line(r)
+    assert r.exit_code == 2 and "no task 'zz' (tasks: a)" in one_error_line(r)
     r = run("pack", "--base", base, "--task", a, "--lambda", "abc", "-o", tmp_path / "o.tallpack", ok=False)
     assert r.exit_code == 2 and "expected a number" in r.output
     for twice in (["a=0.3", "a=0.5"], ["0.3", "0.5"]):  # a second value would silently win
@@ -438,3 +438,29 @@ def test_unpack_refuses_a_task_named_twice_before_any_work(packed, tmp_path):
     r = run("unpack", packed, "--task", "a", "--task", "b", "--task", "a", "-o", tmp_path / "u", ok=False)
     assert r.exit_code == 2 and "task 'a' given twice" in r.output and "writing" not in r.output
     assert not (tmp_path / "u").exists()
+
+
+@pytest.mark.parametrize("args, says", [
+    (["pack", "--base", "B", "--task", "T", "-o", "x.tp", "--lambda", "nan"], "lambda must be a finite number >= 0"),
+    (["pack", "--base", "B", "--task", "T", "-o", "x.tp", "--lambda", "-1"], "lambda must be a finite number >= 0"),
+    (["pack", "--base", "B", "--task", "T", "-o", "x.tp", "--lambda", "nosuch=0.3"], "no task 'nosuch' (tasks: T)"),
+    (["pack", "--base", "B", "--task", "T", "-o", "x.tp", "--fidelity", "nan"], "'nan' is not a finite number"),
+    (["pack", "--base", "B", "--task", "T", "-o", "x.tp", "--budget", "inf"], "'inf' is not a finite number"),
+    (["pack", "--base", "B", "--task", "T", "-o", "x.tp", "--ties-top-k", "0.3"], "is an option of --merge ties"),
+    (["pack", "--base", "", "--task", "T", "-o", "x.tp"], "an empty path names nothing"),
+    (["merge", "A", "-o", "m", "--alpha", "nan"], "'nan' is not a finite number"),
+    (["merge", "A", "-o", "m", "--method", "ta", "--k", "2"], "--k: only the consensus methods use it"),
+    (["unpack", "A", "--task", "a", "-o", "u", "--max-shard-size", "abc"], "--max-shard-size"),
+    (["unpack", "A", "--all", "--task", "a", "-o", "u"], "--task and --all"),
+    (["stats", "A", "--plot", ""], "an empty path names nothing"),
+    (["stats", "A", "--force"], "--force: only --plot writes a file here"),
+    (["demo", "--dir", ""], "an empty path names nothing"),
+    (["demo", "--task", "nosuch"], "'nosuch' is not a demo task"),
+])
+def test_a_bad_or_conflicting_option_is_a_usage_error_before_any_work(args, says, tmp_path, monkeypatch):
+    """Exit 2 for every mistake in calling the command (1 is for bad inputs and archives), before
+    any input is read: the archive "A" and checkpoints "B", "T" do not exist."""
+    monkeypatch.chdir(tmp_path)
+    r = run(*args, ok=False)
+    assert r.exit_code == 2 and says in r.output, r.output
+    assert not any(tmp_path.iterdir())

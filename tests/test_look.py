@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 
 import pytest
@@ -172,3 +173,22 @@ def test_inspect_keeps_its_columns_with_long_task_names(tmp_path):
     head = next(i for i, ln in enumerate(lines) if ln.startswith("task "))
     rows = lines[head + 2 : head + 4]
     assert rows[0].startswith(long) and all(r.index("0.40") == lines[head].index("lambda") + 2 for r in rows), lines
+
+
+def test_inspect_tensors_keeps_group_members_densities_under_their_tasks(tmp_path):
+    """A group's member says where it is stored in the stored and codec columns, padded so that
+    its densities sit under the task columns, as every other row's."""
+    from tallpack.report import render_tensors, tensor_rows
+
+    g = torch.Generator().manual_seed(0)
+    base = {f"n{i}": torch.randn(64, generator=g) for i in range(3)} | {"w": torch.randn(600, 600, generator=g)}
+    tasks = {t: {k: v + 0.01 * torch.randn(v.shape, generator=g) for k, v in base.items()} for t in ("cars", "dtd")}
+    tallpack.pack(base, tasks, tmp_path / "f.tallpack")
+    with tallpack.open(tmp_path / "f.tallpack") as fam:
+        text = render_tensors(tensor_rows(fam.manifest, fam.read_array, fam.packed_bits), list(fam.tasks))
+    lines = text.splitlines()
+    end = lines[0].index("cars") + len("cars")  # right-aligned under the header
+    rows = [line for line in lines[2:] if line.split()[0] in base or line.startswith("tallpack.group")]
+    assert any(" in tallpack.group" in line for line in rows)
+    for line in rows:  # cars' density ends where its header does, and dtd's column follows
+        assert re.fullmatch(r" [01]\.\d{3}", line[end - 6:end]) and line[end] == " ", line
