@@ -4,8 +4,11 @@ files, model card, chat template, ...), stored in the archive and written back o
 Each distinct content is stored once across the family, as a ``uint8`` array keyed by its SHA-256
 (manifest ``files``, spec §3.6); each task (and the base) maps relative names to those keys.
 Names are checked when written and when read: relative, ``/``-separated, no empty, ``.`` or
-``..`` component, no backslash, NUL or other control character. Writing back never leaves the
-output folder: a target whose folder resolves elsewhere (a link planted in the output) is refused.
+``..`` component, no backslash, NUL or other control character, no component over 255 bytes and
+no name over 4096 (file systems' limits: such a name could never be written). Writing back never
+leaves the output folder: a target whose folder resolves elsewhere (a link planted in the output)
+is refused, and so is a set of names where one is another's folder (``config.json`` and
+``config.json/x``), before anything is written.
 """
 
 from __future__ import annotations
@@ -15,7 +18,8 @@ import hashlib
 import logging
 import os
 import re
-from collections.abc import Callable, Mapping, Set
+import shutil
+from collections.abc import Callable, Iterable, Iterator, Mapping, Set
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -30,12 +34,17 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 _SHA256 = re.compile(r"[0-9a-f]{64}")
+#: the longest file name component and path file systems take (NAME_MAX, PATH_MAX), in UTF-8 bytes
+NAME_MAX, PATH_MAX = 255, 4096
 #: Reads one stored array's decoded bytes (``read(ref, where)``).
 ReadBytes = Callable[[ArrayRef, str], "bytes | bytearray | memoryview"]
+#: Reads the decoded bytes of elements ``[start, stop)`` of one stored array (``read(ref, where, start, stop)``).
+ReadRange = Callable[[ArrayRef, str, int, int], "bytes | bytearray | memoryview"]
 
 
 def check_file_name(name: object) -> str:
-    """A stored file's name: a plain relative path with ``/`` separators that stays in the folder."""
+    """A stored file's name: a plain relative path with ``/`` separators that stays in the folder
+    and that a file system can hold."""
     why = None
     if not isinstance(name, str) or not name:
         why = "is not a non-empty string"
@@ -46,9 +55,32 @@ def check_file_name(name: object) -> str:
     elif any(part in ("", ".", "..") for part in name.split("/")):
         why = "has an empty, '.' or '..' component"
     if why:
-        raise FormatError(f"file name {name!r} {why}; files must stay inside the folder")
+        raise FormatError(f"file name {name!r:.200} {why}; files must stay inside the folder")
     assert isinstance(name, str)  # (else ``why`` says so)
+    if len(name.encode()) > PATH_MAX:
+        why = f"is longer than {PATH_MAX} bytes"
+    elif any(len(part.encode()) > NAME_MAX for part in name.split("/")):
+        why = f"has a component longer than {NAME_MAX} bytes"
+    if why:
+        raise FormatError(f"file name {name!r:.100}... {why}; no file system can hold it")
     return name
+
+
+def check_no_clash(names: Iterable[str], where: str) -> None:
+    """FormatError when one of an output's file names is the folder of another (``config.json``
+    and ``config.json/x``, ``model.safetensors.index.json/x`` beside the weights): a file system
+    can hold only one of them.
+
+    >>> check_no_clash(["zz", "zz/y"], "fam.tallpack: task 'cars'")
+    Traceback (most recent call last):
+    FormatError: fam.tallpack: task 'cars': files 'zz' and 'zz/y' cannot both be written ...
+    """
+    # in component order a name's first follower is inside it, if anything is
+    parts = sorted({tuple(name.split("/")) for name in names})
+    for a, b in zip(parts, parts[1:]):
+        if b[:len(a)] == a:
+            raise FormatError(f"{where}: files {'/'.join(a)!r} and {'/'.join(b)!r} cannot both be written: "
+                              "the first would have to be the second's folder")
 
 
 def check_digest(key: object) -> str:
@@ -106,10 +138,22 @@ class FileStore:
 
 def read_blob(read: ReadBytes, digest: str, ref: ArrayRef, where: str) -> bytes:
     """One stored file's bytes, checked against its SHA-256."""
-    data = bytes(read(ref, where))
+    data = read(ref, where)
     if hashlib.sha256(data).hexdigest() != digest:
         raise IntegrityError(f"{where}: content does not match its SHA-256 (damaged archive)")
-    return data
+    return bytes(data)
+
+
+def blob_pieces(read: ReadRange, digest: str, ref: ArrayRef, where: str) -> Iterator[memoryview]:
+    """One stored file's bytes a chunk at a time (one decoded chunk in memory, not the file),
+    checked against its SHA-256 once the last has been taken."""
+    h = hashlib.sha256()
+    for start in range(0, ref.numel, ref.chunk_elements):
+        piece = memoryview(read(ref, where, start, min(start + ref.chunk_elements, ref.numel))).cast("B")
+        h.update(piece)
+        yield piece
+    if h.hexdigest() != digest:
+        raise IntegrityError(f"{where}: content does not match its SHA-256 (damaged archive)")
 
 
 def safe_target(outdir: Path, name: str) -> Path:
@@ -124,14 +168,33 @@ def safe_target(outdir: Path, name: str) -> Path:
 
 
 def write_files(outdir: str | os.PathLike, files: Mapping[str, str], blobs: Mapping[str, ArrayRef],
-                read: ReadBytes, *, skip: Set[str] = frozenset()) -> list[Path]:
-    """Write a task's (or the base's) files into ``outdir``, each atomically; returns the paths."""
+                read: ReadRange, *, skip: Set[str] = frozenset()) -> list[Path]:
+    """Write a task's (or the base's) files into ``outdir``, each atomically; returns the paths.
+
+    Each content is decoded once, a chunk at a time, straight into the first file that holds it;
+    the other names that hold it get a copy of that file.
+    """
     out = Path(outdir)
     written = []
+    first: dict[str, tuple[Path, list[Path]]] = {}  # digest -> the first file of it, and that one's temporary
     for name, digest in files.items():
         if name in skip:
             continue
         target = safe_target(out, name)
-        data = read_blob(read, digest, blobs[digest], f"file {name!r}")
-        written.append(atomic_write(target, functools.partial(Path.write_bytes, data=data)))
+        if digest in first:
+            earlier, temp = first[digest]
+            # in a transaction the earlier file is still its temporary; alone, it is in place
+            source = temp[0] if temp and temp[0].exists() else earlier
+            written.append(atomic_write(target, functools.partial(shutil.copyfile, source)))
+        else:
+            first[digest] = (target, [])
+            write = functools.partial(_decode_into, read, digest, blobs[digest], f"file {name!r}", first[digest][1])
+            written.append(atomic_write(target, write))
     return written
+
+
+def _decode_into(read: ReadRange, digest: str, ref: ArrayRef, where: str, temp: list[Path], path: Path) -> None:
+    temp.append(path)
+    with open(path, "wb") as f:
+        for piece in blob_pieces(read, digest, ref, where):
+            f.write(piece)

@@ -2,7 +2,8 @@
 
 A temporary is named ``.{target}.{host}-{boot}-{pid}-{random}.partial``: ``host`` is a hash of the
 host name and PID namespace (the space in which ``pid`` means something), ``boot`` a hash of the
-kernel's boot id, ``pid`` the writer's process id. Its creator holds an exclusive ``flock`` on the
+kernel's boot id, ``pid`` the writer's process id. (A target whose name is too long for that, over
+200 bytes, stands in it as its first 150 bytes, ``~`` and a hash of the whole name.) Its creator holds an exclusive ``flock`` on the
 descriptor ``temp_beside`` returns for as long as that descriptor is open.
 
 A writer killed outright (``kill -9``, power loss) leaves its temporary behind. Creating a new
@@ -82,6 +83,15 @@ def _umask() -> int:
     return mask
 
 
+def _stem(name: str) -> str:
+    """``name`` as it stands in its temporaries' names: whole, unless the temporary's name would
+    then pass the file systems' 255 bytes."""
+    raw = name.encode("utf-8", "surrogateescape")
+    if len(raw) <= 200:
+        return name
+    return raw[:150].decode("utf-8", "ignore") + "~" + hashlib.sha256(raw).hexdigest()[:8]
+
+
 def temp_beside(target: Path) -> tuple[int, Path]:
     """An open, locked descriptor and the path of a new temporary file in ``target``'s folder,
     with the permissions a plain ``open`` would give.
@@ -97,7 +107,7 @@ def temp_beside(target: Path) -> tuple[int, Path]:
     tag = f"{_host_tag()}-{_boot_tag()}-{os.getpid()}"
     flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
     for _ in range(100):
-        tmp = target.parent / f".{target.name}.{tag}-{secrets.token_hex(4)}.partial"
+        tmp = target.parent / f".{_stem(target.name)}.{tag}-{secrets.token_hex(4)}.partial"
         try:
             fd = os.open(tmp, flags, 0o666)  # the umask applies, as for a plain open
         except FileExistsError:
@@ -136,7 +146,7 @@ def remove_stale_temporaries(target: Path) -> list[Path]:
     target = Path(target)
     if fcntl is None:  # pragma: no cover
         return []
-    prefix, removed = f".{target.name}.", []
+    prefix, removed = f".{_stem(target.name)}.", []
     host, boot = _host_tag(), _boot_tag()
     with os.scandir(target.parent) as entries:
         names = [e.name for e in entries if e.name.startswith(prefix) and e.name.endswith(".partial")]
@@ -296,12 +306,23 @@ def writing(target: str | os.PathLike) -> Iterator[None]:
     try:
         yield
     except OSError as e:
+        if e.errno == errno.ENAMETOOLONG and not isinstance(e, OutputError):
+            raise _too_long(target) from None
         if isinstance(e, OutputError) or e.errno not in _FULL_DISK:
             raise
         err = OutputError(f"{target}: {_FULL_DISK[e.errno]} while writing "
                           "(nothing was written under that name)")
         err.errno = e.errno  # not filename: OSError's str() would then drop the message
         raise err from None
+
+
+def _too_long(path: str | os.PathLike) -> OutputError:
+    """ENAMETOOLONG of ``path`` as one line (the path itself may be thousands of bytes)."""
+    shown = os.fspath(path)
+    shown = shown if len(shown) <= 300 else f"{shown[:150]}...{shown[-100:]}"
+    err = OutputError(f"{shown}: the path is too long for the file system (nothing was written under that name)")
+    err.errno = errno.ENAMETOOLONG
+    return err
 
 
 # -- several files as one output --------------------------------------------------------------
@@ -333,11 +354,15 @@ class Transaction:
     def folder(self, path: Path) -> Path:
         missing = [p for p in (path, *path.parents) if not p.exists()]
         for p in reversed(missing):
+            if any(t == p for _, _, t in self.staged):
+                raise OutputError(f"{p}: a file of this output, and the folder of another; refusing to write either")
             p.mkdir()
             self.created.append(p)
         return path
 
     def stage(self, target: Path, write: Callable[[Path], object]) -> None:
+        if target in self.created:
+            raise OutputError(f"{target}: a file of this output, and the folder of another; refusing to write either")
         self.check(target)
         if any(t == target for _, _, t in self.staged):
             raise OutputError(f"{target}: written twice in one output")
@@ -358,11 +383,28 @@ class Transaction:
             self._commit()
 
     def _commit(self) -> None:
-        while self.staged:
-            fd, tmp, target = self.staged[0]
-            commit(tmp, target, overwrite=self.overwrite)
+        global _committed
+        for _, _, target in self.staged:  # all refusals before the first rename
+            self.check(target)
+        before, done = _committed, []
+        try:
+            for fd, tmp, target in self.staged:
+                existed = os.path.lexists(target)
+                aside = _keep_aside(target) if existed and self.overwrite else None
+                done.append((fd, target, existed, aside))
+                commit(tmp, target, overwrite=self.overwrite)
+        except BaseException:
+            # a rename failed after the checks (a race, an I/O error): the files put in place
+            # before it go again, and the files they replaced come back
+            for fd, target, existed, aside in reversed(done):
+                _put_back(fd, target, existed, aside)
+            _committed = before
+            raise
+        for fd, _, _, aside in done:
+            if aside is not None:
+                aside.unlink(missing_ok=True)
             os.close(fd)
-            self.staged.pop(0)
+        self.staged = []
         for target in self.obsolete:
             try:
                 target.unlink()
@@ -384,6 +426,41 @@ class Transaction:
                 p.rmdir()  # only if empty: never anything someone else put there
             except OSError:
                 pass
+
+
+def _keep_aside(target: Path) -> Path | None:
+    """A second name (a temporary's) for the existing file ``target``, so that it can be put back
+    if the output it is replaced by fails; None where the file system has no hard links."""
+    tag = f"{_host_tag()}-{_boot_tag()}-{os.getpid()}"
+    aside = target.parent / f".{_stem(target.name)}.{tag}-{secrets.token_hex(4)}.partial"
+    try:
+        os.link(target, aside, follow_symlinks=False)
+    except OSError as e:
+        log.debug("%s: cannot keep the file it replaces: %s", target, e)
+        return None
+    return aside
+
+
+def _put_back(fd: int, target: Path, existed: bool, aside: Path | None) -> None:
+    """Undo one rename of a failed commit: ``target`` gets back the file it had (or none), if it
+    still holds this output's file (the one behind the locked descriptor ``fd``)."""
+    try:
+        now, ours = os.lstat(target), os.fstat(fd)
+    except OSError:
+        return
+    if (now.st_dev, now.st_ino) != (ours.st_dev, ours.st_ino):
+        if aside is not None:
+            aside.unlink(missing_ok=True)  # the earlier file is still in place
+        return
+    try:
+        if aside is not None:
+            os.replace(aside, target)
+        elif not existed:
+            target.unlink()
+        else:
+            log.warning("%s: replaced by a file of an output that failed, and the earlier file could not be kept", target)
+    except OSError as e:
+        log.warning("%s: could not be undone after a failed output: %s", target, e)
 
 
 @contextmanager
@@ -414,15 +491,20 @@ def make_folder(path: str | os.PathLike) -> Path:
     """Create ``path`` and its parents as needed (inside a transaction, they are removed again if
     the output fails)."""
     p = Path(path)
-    if p.exists() and not p.is_dir():
-        from .errors import InvalidArgumentError
+    try:
+        if p.exists() and not p.is_dir():
+            from .errors import InvalidArgumentError
 
-        raise InvalidArgumentError(f"{p}: exists and is not a folder")
-    tx = _current.get()
-    if tx is not None:
-        return tx.folder(p)
-    p.mkdir(parents=True, exist_ok=True)
-    return p
+            raise InvalidArgumentError(f"{p}: exists and is not a folder")
+        tx = _current.get()
+        if tx is not None:
+            return tx.folder(p)
+        p.mkdir(parents=True, exist_ok=True)
+        return p
+    except OSError as e:
+        if e.errno == errno.ENAMETOOLONG and not isinstance(e, OutputError):
+            raise _too_long(p) from None
+        raise
 
 
 def remove_on_commit(target: str | os.PathLike) -> None:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping, Sequence, Set
+from collections.abc import Collection, Mapping, Sequence, Set
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -22,8 +22,9 @@ from . import reader
 from ._torch import torch
 from .dtypes import torch_dtype
 from .elements import itemsize, numel
+from .encodings import Use
 from .errors import InvalidArgumentError
-from .folders import write_files
+from .folders import check_no_clash, write_files
 from .fsutil import atomic_write, make_folder, transaction
 from .manifest import check_task_name
 from .merging import check_alpha, default_alpha, is_consensus
@@ -50,6 +51,8 @@ def write_checkpoint(
     progress: ProgressLike = None,
     overwrite: bool = False,
     specs: Mapping[str, tuple[torch.dtype, tuple[int, ...]]] | None = None,
+    also: Collection[str] = (),
+    where: str | None = None,
 ) -> Path:
     """Write ``OUTDIR/model.safetensors`` (and ``config.json`` when given); returns the file's path.
 
@@ -58,6 +61,9 @@ def write_checkpoint(
     instead; then the index's path is returned. ``sizes`` (bytes per tensor) spares reading a lazy
     ``state_dict`` to plan by size, and ``specs`` (dtype and shape per tensor) let a lazy one be read
     one tensor at a time while it is written. Existing files are replaced only with ``overwrite``.
+    ``also`` names the files the caller adds to the folder afterwards (in the same transaction):
+    one that is the folder of another or of a weight file is refused before anything is written
+    (a FormatError that starts with ``where``).
 
     >>> write_checkpoint(fam.state_dict("cars"), "cars/", metadata={"task": "cars"})
     """
@@ -73,6 +79,7 @@ def write_checkpoint(
             plan = plan_from_layout(keys, layout.get("shards"))
         plan = plan or {SINGLE: keys}
         names = {*plan, *([INDEX] if len(plan) > 1 else []), *(["config.json"] if config is not None else [])}
+        check_no_clash([*names, *also], str(out) if where is None else where)
         for fname in names:
             tx.check(out / fname)  # before anything is written
         check_planned(out / fname for fname in sorted(names))  # the same, at a URL written to
@@ -111,25 +118,33 @@ def _specs(archive: "Archive", task: str) -> dict[str, tuple[torch.dtype, tuple[
     return {k: (torch_dtype(dt), tuple(shape)) for k, (dt, shape) in _task_tensors(archive, task).items()}
 
 
-def _folder(archive: "Archive", state_dict: Mapping[str, torch.Tensor], out: Path, *, meta: dict[str, Any],
+def _folder(archive: "Archive", state_dict: Mapping[str, torch.Tensor], out: Path, *, where: str, meta: dict[str, Any],
             config: Mapping[str, Any] | None, files: Mapping[str, str], layout: Mapping[str, Any] | None,
             max_shard_size: int | str | None, sizes: Mapping[str, int] | None, progress: ProgressLike,
             overwrite: bool, specs: Mapping[str, tuple[torch.dtype, tuple[int, ...]]] | None = None) -> Path:
-    """Weights, then the kept folder files (never over a weight file or index), as one output."""
+    """Weights, then the kept folder files (never over a weight file or index), as one output;
+    ``where`` (the archive and task) starts the error when the files' names cannot all be written."""
     with transaction(overwrite=overwrite):
         target = write_checkpoint(state_dict, out, metadata=meta, config=None if "config.json" in files else config,
                                   layout=layout, max_shard_size=max_shard_size, sizes=sizes, progress=progress,
-                                  overwrite=overwrite, specs=specs)
+                                  overwrite=overwrite, specs=specs, also=_kept_names(files), where=where)
         _kept_files(archive, files, out)
         return target
+
+
+def _kept_names(files: Mapping[str, str], skip: Set[str] = frozenset()) -> list[str]:
+    """The names of ``files`` that are written: not a weight file, the index or a name in ``skip``."""
+    return [n for n in files if not n.endswith(".safetensors") and n != INDEX and n not in skip]
 
 
 def _kept_files(archive: "Archive", files: Mapping[str, str], out: Path, skip: Set[str] = frozenset()) -> list[Path]:
     """The kept folder files ``files`` (name -> SHA-256) into ``out``, never over a weight file, the
     index or a name in ``skip``."""
-    weights = {n for n in files if n.endswith(".safetensors")} | {INDEX}
+    kept = set(_kept_names(files, skip))
     return write_files(out, files, archive.manifest.files,
-                       lambda ref, where: archive.read_array(ref, where).numpy().tobytes(), skip=weights | skip)
+                       lambda ref, where, start, stop: archive.read_array(ref, where, Use.INPUT, start=start,
+                                                                         stop=stop).numpy().data,
+                       skip=set(files) - kept)
 
 
 def _check_call(fn: str, archive: object, outdir: object) -> None:
@@ -183,7 +198,8 @@ def write_task(archive: "Archive", task: str, outdir: str | os.PathLike, *, exac
             return _shown(outdir, local, Path(paths[0]))
     meta, config = task_metadata(archive, task)
     with staged(outdir, storage_options, overwrite=overwrite, stale=weights_among) as local:
-        path = _folder(archive, archive.state_dict(task, lazy=True), local, meta=meta, config=config,
+        path = _folder(archive, archive.state_dict(task, lazy=True), local, where=f"{archive.name}: task {task!r}",
+                       meta=meta, config=config,
                        files=archive.files(task), layout=archive.task_info(task).source,
                        max_shard_size=max_shard_size, sizes=_sizes(archive, task), progress=progress,
                        overwrite=overwrite, specs=_specs(archive, task))
@@ -238,7 +254,8 @@ def write_merged(archive: "Archive", outdir: str | os.PathLike, method: str | No
     source = where.source if where else archive.manifest.base
     config = (where.metadata if where else archive.manifest.base.get("metadata", {})).get("config")
     with staged(outdir, storage_options, overwrite=overwrite, stale=weights_among) as local:
-        path = _folder(archive, sd, local, meta=meta, config=config, files=archive.files(task),
+        path = _folder(archive, sd, local, where=f"{archive.name}: {f'task {task!r}' if task else 'the base'}",
+                       meta=meta, config=config, files=archive.files(task),
                        layout=source, max_shard_size=max_shard_size, sizes=None, progress=progress,
                        overwrite=overwrite)
         return _shown(outdir, local, path), len(sd)

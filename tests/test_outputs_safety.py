@@ -226,3 +226,207 @@ def test_a_failed_write_names_the_file_asked_for_not_its_temporary(small_family)
     r = CliRunner().invoke(main, ["-q", "pack", "--base", str(small_family["base_path"]),
                                   "--task", f"a={small_family['task_paths']['a']}", "-o", "/proc/x.tallpack"])
     assert r.exit_code != 0 and r.output.strip().startswith("error: /proc/x.tallpack: ") and ".partial" not in r.output
+
+
+# -- folder files whose names cannot all be written; long names; large contents ----------------
+
+def _folder_model(folder: Path, sd: dict, *, extra: dict[str, bytes]) -> Path:
+    """A model folder of two shards and an index, as transformers writes one, plus ``extra`` files."""
+    folder.mkdir(parents=True)
+    keys = sorted(sd)
+    shards = {"model-00001-of-00002.safetensors": keys[:1], "model-00002-of-00002.safetensors": keys[1:]}
+    for name, part in shards.items():
+        save_file({k: sd[k] for k in part}, folder / name, metadata={"format": "pt"})
+    index = {"metadata": {"total_size": 0}, "weight_map": {k: f for f, ks in shards.items() for k in ks}}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    for name, data in extra.items():
+        (folder / name).write_bytes(data)
+    return folder
+
+
+@pytest.fixture
+def folder_archive(tmp_path) -> Path:
+    """An archive of a folder family (shards, index, config.json, tokenizer.json) with one task."""
+    g = torch.Generator().manual_seed(3)
+    base = {"a.w": torch.randn(16, 8, generator=g), "b.w": torch.randn(32, generator=g)}
+    task = {k: v + 0.1 * torch.randn(v.shape, generator=g) for k, v in base.items()}
+    extra = {"config.json": b'{"model_type": "x"}', "tokenizer.json": b'{"tok": 1}'}
+    out = tmp_path / "fam.tallpack"
+    tallpack.pack(_folder_model(tmp_path / "base", base, extra=extra),
+                  {"cars": _folder_model(tmp_path / "cars", task, extra=extra)}, out)
+    return out
+
+
+def _add_names(archive: Path, names: list[str]) -> None:
+    """Give task 'cars' more folder files, holding the content of its tokenizer.json."""
+    from test_integrity import rewrite_manifest
+
+    def edit(m):
+        files = m["tasks"][0]["files"]
+        files.update({name: files["tokenizer.json"] for name in names})
+    rewrite_manifest(archive, edit)
+
+
+@pytest.mark.parametrize("names, clash", [
+    (["model.safetensors.index.json/x"], ("model.safetensors.index.json", "model.safetensors.index.json/x")),
+    (["model-00002-of-00002.safetensors/x"], ("model-00002-of-00002.safetensors", "model-00002-of-00002.safetensors/x")),
+    (["config.json/x"], ("config.json", "config.json/x")),
+    (["zz", "zz/y/w"], ("zz", "zz/y/w")),
+])
+def test_a_file_name_that_is_the_folder_of_another_is_refused_before_anything_is_written(
+        folder_archive, tmp_path, names, clash):
+    """A kept file 'model.safetensors.index.json/x' (or 'zz' beside 'zz/y') could only be written by
+    making a folder where a file goes: refused at once, one line naming the archive, the task and
+    both names; no shard left behind, no false 'already exists' (the unpack used to leave the
+    shards and say the index existed)."""
+    _add_names(folder_archive, names)
+    out = tmp_path / "o"
+    with tallpack.open(folder_archive) as fam:
+        with pytest.raises(tallpack.FormatError) as e:
+            tallpack.write_task(fam, "cars", out)
+        assert str(e.value) == (f"{fam.name}: task 'cars': files {clash[0]!r} and {clash[1]!r} cannot both be "
+                                "written: the first would have to be the second's folder")
+        assert not out.exists()
+        out.mkdir()
+        with pytest.raises(tallpack.FormatError):
+            tallpack.write_task(fam, "cars", out, overwrite=True)
+        assert list(out.iterdir()) == []
+        with pytest.raises(tallpack.FormatError):
+            tallpack.write_merged(fam, tmp_path / "m", "ta", alpha=0.5, task="cars")
+    code, text = cli("unpack", folder_archive, "--all", "-o", tmp_path / "all")
+    assert code == 1 and text.count("\n") == 1 and "cannot both be written" in text, text
+    assert not (tmp_path / "all").exists()
+
+
+def test_an_output_whose_last_rename_fails_is_undone(tmp_path):
+    """The files of one output are renamed into place one after another: when a later rename fails
+    (its folder moved away meanwhile), the earlier ones are undone, and a file they replaced comes
+    back."""
+    from tallpack.fsutil import atomic_write, make_folder, transaction
+
+    def write(text):
+        return lambda tmp: tmp.write_text(text)
+
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "a.txt").write_text("old")
+    for overwrite in (False, True):
+        with pytest.raises(FileNotFoundError):
+            with transaction(overwrite=overwrite):
+                atomic_write(out / "new.txt", write("new"))
+                if overwrite:
+                    atomic_write(out / "a.txt", write("replaced"))
+                atomic_write(make_folder(out / "sub") / "b.txt", write("b"))
+                (out / "sub").rename(tmp_path / f"moved{overwrite}")
+        assert tree(out) == {"a.txt": b"old"}
+
+
+def test_an_output_checks_all_its_names_before_the_first_rename(tmp_path):
+    """A name taken by someone else while the output was written (a file, or a folder with
+    --force) stops the output before any of its files is renamed into place."""
+    from tallpack.fsutil import atomic_write, transaction
+
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "a.txt").write_text("old")
+    for overwrite, taken in ((False, "file"), (True, "folder")):
+        with pytest.raises(tallpack.OutputError, match="already exists" if taken == "file" else "is a folder"):
+            with transaction(overwrite=overwrite):
+                atomic_write(out / "a.txt" if overwrite else out / "new.txt", lambda tmp: tmp.write_text("new"))
+                atomic_write(out / "z.txt", lambda tmp: tmp.write_text("z"))
+                (out / "z.txt").mkdir() if taken == "folder" else (out / "z.txt").write_text("theirs")
+        assert (out / "a.txt").read_text() == "old" and not (out / "new.txt").exists()
+        (out / "z.txt").rmdir() if taken == "folder" else (out / "z.txt").unlink()
+
+
+@pytest.mark.parametrize("name, why", [("a" * 256, "a component longer than 255 bytes"),
+                                       ("é" * 128, "a component longer than 255 bytes"),
+                                       ("a/" * 2048 + "b", "longer than 4096 bytes")],
+                         ids=["256 bytes", "128 two-byte letters", "4097 bytes"])
+def test_file_names_no_file_system_can_hold_are_refused_at_open(folder_archive, name, why):
+    from tallpack.folders import check_file_name
+
+    with pytest.raises(tallpack.FormatError, match=why):
+        check_file_name(name)
+    _add_names(folder_archive, [name])
+    with pytest.raises(tallpack.FormatError, match=why):
+        tallpack.open(folder_archive)
+
+
+def test_long_names_that_fit_are_written_and_a_path_too_long_is_an_output_error(folder_archive, tmp_path):
+    """A 255-byte name is written (its temporary's name is shortened to fit); a name that fits
+    but makes the whole path too long for the file system is a TallpackError, not a bare OSError."""
+    long_name, deep = "n" * 255, "d/" * 1900 + "x"
+    _add_names(folder_archive, [long_name, deep])
+    with tallpack.open(folder_archive) as fam:
+        with pytest.raises(tallpack.OutputError, match="too long for the file system"):
+            tallpack.write_task(fam, "cars", tmp_path / ("o" * 200) / ("o" * 200))
+        assert not (tmp_path / ("o" * 200)).exists()
+    rewrite = __import__("test_integrity").rewrite_manifest
+    rewrite(folder_archive, lambda m: m["tasks"][0]["files"].pop(deep))
+    with tallpack.open(folder_archive) as fam:
+        tallpack.write_task(fam, "cars", tmp_path / "o")
+        assert (tmp_path / "o" / long_name).read_bytes() == fam.read_file("tokenizer.json", "cars")
+    assert not [p for p in (tmp_path / "o").iterdir() if p.name.endswith(".partial")]
+
+
+BLOB = """
+    import resource, sys, tallpack
+    with tallpack.open(sys.argv[1]) as fam:
+        tallpack.write_task(fam, "cars", sys.argv[2])
+    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+"""
+
+
+def _add_blob(archive: Path, names: list[str], size: int, chunk: int) -> None:
+    """Give task 'cars' the files ``names``, all holding one ``size``-byte content (zeros) stored in
+    zstd chunks of ``chunk`` bytes: a few KB in the archive."""
+    import hashlib
+    import zlib
+
+    import zstandard
+
+    from tallpack.checksums import checksum_function
+    from tallpack.container import FOOTER
+
+    raw = archive.read_bytes()
+    m_off, m_len, _, flags, end = FOOTER.unpack(raw[-FOOTER.size:])
+    m = json.loads(zstandard.ZstdDecompressor().decompress(raw[m_off:m_off + m_len]))
+    area = bytearray(raw[:m_off])
+    frame = zstandard.ZstdCompressor(write_content_size=True).compress(bytes(chunk))
+    cs = checksum_function(m.get("checksum", "crc32"))
+    chunks = []
+    for _ in range(size // chunk):
+        area += b"\0" * (-len(area) % 64)
+        chunks.append([len(area), len(frame), cs(frame)])
+        area += frame
+    area += b"\0" * (-len(area) % 64)
+    digest = hashlib.sha256(bytes(size)).hexdigest()
+    m["files"][digest] = {"dtype": "uint8", "shape": [size], "codecs": [{"id": "zstd", "level": 3}],
+                          "chunk_elements": chunk, "chunks": chunks}
+    m["tasks"][0]["files"].update({name: digest for name in names})
+    stored = zstandard.ZstdCompressor().compress(json.dumps(m).encode())
+    archive.write_bytes(bytes(area) + stored + FOOTER.pack(len(area), len(stored), zlib.crc32(stored), flags, end))
+
+
+def test_a_large_folder_file_is_decoded_once_and_streamed_a_chunk_at_a_time(folder_archive, tmp_path):
+    """A 96 MiB content (4 MiB chunks) held by three names: each name gets its bytes, and the
+    unpack's peak memory grows by far less than the content (it held the file about three times
+    over per name before, decoded once per name)."""
+    plain = tmp_path / "plain.tallpack"
+    plain.write_bytes(folder_archive.read_bytes())
+    names = ["big.bin", "sub/big.bin", "again.bin"]
+    _add_blob(folder_archive, names, 96 << 20, 4 << 20)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), *sys.path]))
+
+    def peak_kib(archive, out):
+        r = subprocess.run([sys.executable, "-c", textwrap.dedent(BLOB), str(archive), str(out)],
+                           capture_output=True, text=True, env=env, timeout=300)
+        assert r.returncode == 0, r.stderr[-3000:]
+        return int(r.stdout)
+
+    grown = peak_kib(folder_archive, tmp_path / "o") - peak_kib(plain, tmp_path / "p")
+    for name in names:
+        f = tmp_path / "o" / name
+        assert f.stat().st_size == 96 << 20 and f.read_bytes() == bytes(96 << 20)
+    assert grown < 48 << 10, f"peak memory grew by {grown} KiB for a 96 MiB file"
