@@ -180,6 +180,10 @@ def _exists(path: str) -> bool:
         return False
 
 
+#: Paths and URLs, as given (nothing checked here), completed as file names by the shell's completion.
+_PATH = click.Path(path_type=str)
+
+
 def _output(ctx: click.Context, param: click.Parameter, value: str) -> str:
     if not value.strip():
         raise click.BadParameter("an empty path names no output")
@@ -292,10 +296,10 @@ def _refuse_ignored_pack_flags(merge: str, exact: bool, dial: bool, derive_masks
 
 
 @main.command()
-@click.option("--base", "base", required=True, callback=_nonempty, help="The base model: .safetensors, .bin/.pt/.pth, or a model folder.")
-@click.option("--task", "task_specs", multiple=True, required=True, metavar="NAME=PATH",
+@click.option("--base", "base", required=True, type=_PATH, callback=_nonempty, help="The base model: .safetensors, .bin/.pt/.pth, or a model folder.")
+@click.option("--task", "task_specs", multiple=True, required=True, metavar="NAME=PATH", type=_PATH,
               help="A fine-tuned member (repeat). A bare PATH is named after its stem.")
-@click.option("-o", "--output", required=True, callback=_output, help="The archive to write (a path or a URL).")
+@click.option("-o", "--output", required=True, type=_PATH, callback=_output, help="The archive to write (a path or a URL).")
 @click.option("--lambda", "lambda_specs", multiple=True, metavar="[NAME=]VALUE",
               help=f"Mask lambda, for all tasks or one (repeat). Default {tallpack.DEFAULT_LAMBDA}.")
 @click.option("--merge", type=click.Choice(list(METHODS)), default=_DEFAULTS.merge, show_default=True,
@@ -335,7 +339,7 @@ def _refuse_ignored_pack_flags(merge: str, exact: bool, dial: bool, derive_masks
               help="Reconstruct every task at least this well (weight fidelity; 1: exact), adding corrections.")
 @click.option("--budget", type=_Finite(0, min_open=True), default=None,
               help="Keep the archive within this many times one task checkpoint, best fidelity within it.")
-@click.option("--sensitivity", "sensitivity_file", default=None, metavar="FILE",
+@click.option("--sensitivity", "sensitivity_file", default=None, metavar="FILE", type=_PATH,
               help="With --fidelity or --budget: weights of each element's error, a safetensors file keyed "
                    "TASK/TENSOR (tallpack.sensitivity.save).")
 def pack(base, task_specs, output, lambda_specs, merge, codec, level, checksum, chunk_elements,
@@ -382,7 +386,7 @@ def _unmet(dial: Any) -> str:
 
 
 @main.command()
-@click.argument("archive")
+@click.argument("archive", type=_PATH)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
 @click.option("--tensors", is_flag=True, help="Per tensor: kind, shape, dtype, stored bytes, codec, density per task.")
 def inspect(archive: str, as_json: bool, tensors: bool) -> None:
@@ -397,10 +401,10 @@ def inspect(archive: str, as_json: bool, tensors: bool) -> None:
 
 
 @main.command()
-@click.argument("archive")
+@click.argument("archive", type=_PATH)
 @click.option("--task", "task_names", multiple=True, help="The task to write (repeat for several).")
 @click.option("--all", "all_tasks", is_flag=True, help="Write every task, each in OUTDIR/NAME.")
-@click.option("-o", "--output", required=True, callback=_output, help="The folder to write into (a path or a URL).")
+@click.option("-o", "--output", required=True, type=_PATH, callback=_output, help="The folder to write into (a path or a URL).")
 @_MAX_SHARD
 @click.option("--exact", is_flag=True, help="Write the original files byte for byte (archives packed with --exact).")
 @click.option("-f", "--force", is_flag=True, help="Replace files that already exist in the output folder.")
@@ -430,7 +434,7 @@ def unpack(archive: str, task_names: tuple[str, ...], all_tasks: bool, output: s
 
 
 @main.command()
-@click.argument("archive")
+@click.argument("archive", type=_PATH)
 def verify(archive: str) -> None:
     """Check every checksum and decode every section; exit 1 if anything is damaged."""
     with tallpack.open(archive) as fam:
@@ -444,7 +448,7 @@ def verify(archive: str) -> None:
 
 
 @main.command()
-@click.argument("archive")
+@click.argument("archive", type=_PATH)
 @click.option("--method", type=click.Choice(list(MERGED_MODELS)), default=None,
               help="Each needs an archive packed with the matching --merge: "
                    + "; ".join(f"{m} needs --merge {p}" for m, p in MERGED_MODELS.items())
@@ -455,7 +459,7 @@ def verify(archive: str) -> None:
 @click.option("--alpha", type=_Finite(), default=None,
               help="Scale of the merged vector (default: 1/T for sums, 1.0 for TIES).")
 @click.option("--task", "task", default=None, help="Add this task's own tensors (its head) to the model.")
-@click.option("-o", "--output", required=True, callback=_output, help="The folder to write into (a path or a URL).")
+@click.option("-o", "--output", required=True, type=_PATH, callback=_output, help="The folder to write into (a path or a URL).")
 @_MAX_SHARD
 @click.option("-f", "--force", is_flag=True, help="Replace files that already exist in the output folder.")
 def merge(archive: str, method: str | None, k: int, alpha: float | None, task: str | None, output: str,
@@ -483,8 +487,8 @@ def merge(archive: str, method: str | None, k: int, alpha: float | None, task: s
 
 
 @main.command()
-@click.argument("archive")
-@click.option("--plot", "plot_path", default=None, metavar="PNG", callback=_nonempty,
+@click.argument("archive", type=_PATH)
+@click.option("--plot", "plot_path", default=None, metavar="PNG", type=_PATH, callback=_nonempty,
               help="Also draw the figure (tasks using each weight, density per task and per layer); needs matplotlib.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
 @click.option("-f", "--force", is_flag=True, help="Replace the --plot file if it exists.")

@@ -464,3 +464,14 @@ def test_a_bad_or_conflicting_option_is_a_usage_error_before_any_work(args, says
     r = run(*args, ok=False)
     assert r.exit_code == 2 and says in r.output, r.output
     assert not any(tmp_path.iterdir())
+
+
+def test_shell_completion_completes_archive_and_path_arguments(tmp_path):
+    """The completion the README sets up answers file names for archives and paths (an empty
+    answer left Tab completing nothing at all)."""
+    import os
+
+    for words, cword in (("tallpack inspect fa", 2), ("tallpack pack --base fa", 3), ("tallpack unpack x -o fa", 4)):
+        env = dict(os.environ, COMP_WORDS=words, COMP_CWORD=str(cword), _TALLPACK_COMPLETE="bash_complete")
+        r = subprocess.run([sys.executable, "-m", "tallpack"], capture_output=True, text=True, env=env, cwd=tmp_path)
+        assert r.stdout.startswith("file,"), (words, r.stdout, r.stderr)
