@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 import signal
 import sys
 import threading
@@ -102,8 +103,9 @@ class _Group(click.Group):
                 sys.exit(e.exit_code)
             message = _one_line(e.format_message())
             if e.ctx is not None:
-                see = f"see '{e.ctx.command_path} --help'"
-                message += f" {see[0].upper()}{see[1:]}." if message.endswith(".") else f" ({see})"
+                if re.search(r"[A-Za-z')]\.$", message):  # click's sentences: the hint in their place
+                    message = message[:-1]
+                message += f" (see '{e.ctx.command_path} --help')"
             click.echo(f"error: {message}", err=True)
             sys.exit(e.exit_code)
         except click.exceptions.ClickException as e:
@@ -125,8 +127,8 @@ class _Group(click.Group):
             done = " after its output was written" if committed() > before else "; nothing was written"
             click.echo(f"error: {what}{done}", err=True)
             sys.exit(128 + (signal.SIGTERM if isinstance(e, _Terminated) else signal.SIGINT))
-        except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
-            raise  # usage errors and exits: click prints them
+        except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort, BrokenPipeError):
+            raise  # usage errors and exits: click prints them; a reader gone (| head): click exits quietly
         except TallpackError as e:
             _fail(_one_line(str(e)))
         except OSError as e:
@@ -363,7 +365,7 @@ def pack(base, task_specs, output, lambda_specs, merge, codec, level, checksum, 
     m = tallpack.pack(base, tasks, output, options)
     size = staging.size(output)
     src = m.stats["source_bytes"]
-    click.echo(f"wrote {output}: {len(m.tasks)} tasks, {format_size(size)} from {format_size(src)} ({src / size:.2f}x)"
+    click.echo(f"wrote {output}: {len(m.tasks)} task{'' if len(m.tasks) == 1 else 's'}, {format_size(size)} from {format_size(src)} ({src / size:.2f}x)"
                + _unmet(m.stats.get("dial")))
 
 
@@ -504,7 +506,7 @@ def stats(archive: str, plot_path: str | None, as_json: bool, force: bool) -> No
         s = mask_stats.compute(fam, progress=_progress())
     click.echo(json.dumps(s.to_dict(), indent=2) if as_json else mask_stats.render(s))
     if plot_path is not None:
-        title = f"{Path(archive).name}: {len(s.tasks)} tasks"
+        title = f"{Path(archive).name}: {len(s.tasks)} task{'' if len(s.tasks) == 1 else 's'}"
         click.echo(f"wrote {mask_stats.plot(s, plot_path, title=title, overwrite=force)}", err=as_json)
 
 

@@ -124,7 +124,7 @@ def compute(archive: "Archive", *, progress: ProgressLike = None) -> MaskStats:
 def render(s: MaskStats) -> str:
     """The text summary ``tallpack stats`` prints."""
     f = s.fractions()
-    lines = [f"{s.weights} masked weights, {len(s.tasks)} tasks: "
+    lines = [f"{s.weights} masked weights, {len(s.tasks)} task{'' if len(s.tasks) == 1 else 's'}: "
              f"catastrophic {f['catastrophic']:.1%} (no task), selfish {f['selfish']:.1%} (one task), "
              f"consensus {f['consensus']:.1%} (two or more)", "",
              "tasks using a weight:  " + "  ".join(f"{k}: {v / (s.weights or 1):.1%}" for k, v in enumerate(s.tasks_using)),
@@ -237,7 +237,7 @@ def plot(s: MaskStats, path: str | Path, *, title: str | None = None, overwrite:
         ax.legend(fontsize=7, frameon=False, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     ax.grid(alpha=0.3)
 
-    fig.suptitle(title or f"TALL masks: {T} tasks, {s.weights:,} masked weights", fontsize=11)
+    fig.suptitle(title or f"TALL masks: {T} task{'' if T == 1 else 's'}, {s.weights:,} masked weights", fontsize=11)
     fig.tight_layout()
     out = Path(path)
     try:

@@ -475,3 +475,13 @@ def test_shell_completion_completes_archive_and_path_arguments(tmp_path):
         env = dict(os.environ, COMP_WORDS=words, COMP_CWORD=str(cword), _TALLPACK_COMPLETE="bash_complete")
         r = subprocess.run([sys.executable, "-m", "tallpack"], capture_output=True, text=True, env=env, cwd=tmp_path)
         assert r.stdout.startswith("file,"), (words, r.stdout, r.stderr)
+
+
+def test_output_cut_short_by_its_reader_is_no_error_line(packed):
+    """``tallpack inspect ... | head -1``: the reader going away is not an error to report."""
+    p = subprocess.Popen([sys.executable, "-m", "tallpack", "inspect", str(packed), "--tensors"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    p.stdout.close()  # before anything is written
+    err = p.stderr.read().decode()
+    p.wait(timeout=120)
+    assert "error" not in err.lower(), err
