@@ -34,6 +34,13 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 _SHA256 = re.compile(r"[0-9a-f]{64}")
+#: What a file name may not hold (spec §3.6): controls (Unicode Cc), format characters (Cf: soft
+#: hyphen, zero-width and direction marks, BOM, tags...), and line, paragraph and space separators
+#: other than U+0020 (Zl, Zp, Zs), as of Unicode 15.
+_INVISIBLE = re.compile("[\x00-\x1f\x7f-\xa0\xad\u0600-\u0605\u061c\u06dd\u070f\u0890\u0891\u08e2\u1680"
+                        "\u180e\u2000-\u200f\u2028-\u202f\u205f-\u2064\u2066-\u206f\u3000\ufeff\ufff9-\ufffb"
+                        "\U000110bd\U000110cd\U00013430-\U0001343f\U0001bca0-\U0001bca3\U0001d173-\U0001d17a"
+                        "\U000e0001\U000e0020-\U000e007f]")
 #: the longest file name component and path file systems take (NAME_MAX, PATH_MAX), in UTF-8 bytes
 NAME_MAX, PATH_MAX = 255, 4096
 #: Reads one stored array's decoded bytes (``read(ref, where)``).
@@ -48,8 +55,11 @@ def check_file_name(name: object) -> str:
     why = None
     if not isinstance(name, str) or not name:
         why = "is not a non-empty string"
-    elif "\\" in name or not name.isprintable():
-        why = "holds a backslash or a control character"
+    elif "\\" in name:
+        why = "holds a backslash"
+    elif (bad := _INVISIBLE.search(name)) is not None:  # a fixed list (spec §3.6), not Python's Unicode tables
+        raise FormatError(f"file name {name!r:.200} holds U+{ord(bad.group()):04X}, a control or invisible "
+                          "format character (spec §3.6)")
     elif name.startswith("/") or (len(name) > 1 and name[1] == ":"):
         why = "is an absolute path"
     elif any(part in ("", ".", "..") for part in name.split("/")):

@@ -10,6 +10,7 @@ import importlib.util
 import hashlib
 import json
 import math
+import re
 import struct
 import zlib
 from collections.abc import Callable
@@ -878,3 +879,95 @@ def test_readers_refuse_broken_groups(what: str, tmp_path: Path) -> None:
         MiniArchive(path)
     with pytest.raises(FormatError):
         tallpack.open(path).close()
+
+
+def test_majority_sign_is_written_as_an_integer(tmp_path: Path) -> None:
+    """§6.1.9: s₀ ∈ {−1, 0, 1} is an integer, so the writer writes a JSON integer (a reader that
+    types it as one reads tallpack's archives); the goldens' `-1.0` still reads the same, and a
+    boolean is refused (§3: a boolean is not an integer)."""
+    out = _pack_again("v1_0_ties_raw", tmp_path)
+    raw = out.read_bytes()
+    m_off, m_len, _, flags, _ = struct.unpack("<QQII8s", raw[-32:])
+    stored = raw[m_off : m_off + m_len]
+    text = (zstandard.ZstdDecompressor().decompress(stored) if flags & 1 else stored).decode()
+    sign = json.loads(text)["merge"]["majority_sign"]
+    assert type(sign) is int and re.search(rf'"majority_sign":{sign}[,}}]', text)
+    assert type(MiniArchive(GOLDEN / "v1_0_ties_raw.tallpack").manifest["merge"]["majority_sign"]) is float
+    order, expected = _expected("v1_0_ties_raw")
+    as_int = _rewritten("v1_0_ties_raw", lambda m: m["merge"].update(majority_sign=int(m["merge"]["majority_sign"])),
+                        tmp_path / "int.tallpack")
+    with tallpack.open(as_int) as fam:
+        for task in fam.tasks:
+            assert all(_same(v, expected[f"{task}/{k}"]) for k, v in fam.state_dict(task).items())
+    as_bool = _rewritten("v1_0_ties_raw", lambda m: m["merge"].update(majority_sign=True), tmp_path / "bool.tallpack")
+    with pytest.raises(FormatError, match="majority_sign must be -1, 0 or 1, got True"):
+        tallpack.open(as_bool)
+
+
+def test_missing_ties_parameters_are_named(tmp_path: Path) -> None:
+    """§6.1.9: a tall-derived-merged TIES archive without majority_sign is a format error that
+    says what is missing."""
+    path = _rewritten("v1_8_derived_merged", lambda m: m["merge"].pop("majority_sign"), tmp_path / "m.tallpack")
+    with tallpack.open(path) as fam:
+        assert fam.manifest.merge["method"] == "ties"
+        with pytest.raises(FormatError, match=r"tensor '.*': merge: TIES majority_sign is missing from the manifest"):
+            fam.state_dict(fam.tasks[0])
+
+
+def _relaid(name: str, tmp_path: Path, tensor: str, key: str, chain: list[dict], encode, label: str = "relaid") -> Path:
+    """Golden ``name`` with one dense array's chunks stored again with ``chain`` (``encode``: a
+    chunk's decoded bytes to its stored bytes), appended to the data area."""
+    raw = (GOLDEN / f"{name}.tallpack").read_bytes()
+    m_off = struct.unpack_from("<Q", raw, len(raw) - 32)[0]
+    mini = MiniArchive(GOLDEN / f"{name}.tallpack")
+    manifest = mini.manifest
+    entry = next(t for t in manifest["tensors"] if t["name"] == tensor)
+    ref = entry[key]
+    data = mini.array(ref).tobytes()
+    step = ref["chunk_elements"] * np.dtype(ref["dtype"]).itemsize
+    area = bytearray(raw[:m_off])
+    chunks = []
+    for i in range(0, len(data), step):
+        area += b"\0" * (-len(area) % 64)
+        stored = encode(data[i : i + step])
+        chunks.append([len(area), len(stored), zlib.crc32(stored) if manifest.get("checksum", "crc32") == "crc32"
+                       else xxhash.xxh3_64_intdigest(stored)])
+        area += stored
+    ref.update(codecs=chain, chunks=chunks)
+    area += b"\0" * (-len(area) % 64)
+    text = json.dumps(manifest).encode()
+    out = tmp_path / f"{name}.{label}.tallpack"
+    out.write_bytes(bytes(area) + text + struct.pack("<QQII8s", len(area), len(text), zlib.crc32(text), 0, b"TALLPEND"))
+    return out
+
+
+def _planes(data: bytes, k: int, zstd_plane: int | None) -> bytes:
+    """``planes`` (§5) of ``data``: every plane verbatim, but ``zstd_plane`` as a zstd frame even
+    when that is longer than the plane."""
+    planes = [data[j::k] for j in range(k)]
+    stored = [zstandard.ZstdCompressor().compress(p) if j == zstd_plane else p for j, p in enumerate(planes)]
+    return struct.pack(f"<{k}I", *map(len, stored)) + b"".join(stored)
+
+
+def test_planes_chunks_are_bounded_as_the_spec_says(tmp_path: Path) -> None:
+    """§5/§7: a `planes` chunk stores at most 4k + s bytes (a plane's frame is shorter than the
+    plane, else it is stored verbatim); readers refuse a longer chunk at open. Random mantissa
+    bytes do not compress: their frame is longer than the plane."""
+    chain = [{"id": "planes", "itemsize": 4, "level": 1}]
+    ok = _relaid("v1_0_ta", tmp_path, "embed.weight", "base", chain, lambda d: _planes(d, 4, None))
+    order, expected = _expected("v1_0_ta")
+    with tallpack.open(ok) as fam:
+        assert all(_same(fam.get_tensor(t, "embed.weight"), expected[f"{t}/embed.weight"]) for t in fam.tasks)
+    long = _relaid("v1_0_ta", tmp_path, "embed.weight", "base", chain, lambda d: _planes(d, 4, 0), "long")
+    with pytest.raises(FormatError, match=r"'embed.weight' \(base\): chunk 0 stores \d+ bytes, which cannot decode"):
+        tallpack.open(long)
+
+
+@pytest.mark.parametrize("k", [1, 2, 8])
+def test_bytegroup_must_use_the_arrays_itemsize(k: int, tmp_path: Path) -> None:
+    """§5: `bytegroup`'s k MUST equal the array's itemsize; readers refuse another at open."""
+    chain = [{"id": "bytegroup", "itemsize": k}, {"id": "zstd", "level": 3}]
+    path = _relaid("v1_0_ta", tmp_path, "embed.weight", "base", chain,
+                   lambda d: zstandard.ZstdCompressor().compress(np.frombuffer(d, np.uint8).reshape(-1, k).T.tobytes()))
+    with pytest.raises(FormatError, match=f"bytegroup itemsize {k} for float32 elements"):
+        tallpack.open(path)

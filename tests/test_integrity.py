@@ -564,3 +564,23 @@ def test_unknown_or_missing_codec_parameters_are_named(single_archive):
     rewrite_manifest(single_archive, lambda m: edit(m, {"id": "planes-exp", "level": 1}))
     with pytest.raises(FormatError, match=r"codec 'planes-exp': parameter 'itemsize' missing$"):
         tallpack.open(single_archive)
+
+
+@pytest.mark.parametrize("name", ["a\x85b.txt", "a\u2028b.txt", "a\u200bb.txt", "\ufeffa.txt", "a\u202eb.txt",
+                                  "a\xa0b.txt", "a\U000e0041.txt", "a\x7f"])
+def test_file_names_with_invisible_characters_are_refused_saying_so(archive, name):
+    """Spec §3.6 lists the characters a folder file's name may not hold; the error says which, and
+    no longer that the name leaves the folder."""
+    with tallpack.open(archive) as fam:
+        task = fam.tasks[0]
+    rewrite_manifest(archive, lambda m: m["tasks"][0].__setitem__("files", {name: "0" * 64}))
+    with pytest.raises(FormatError, match=rf"task '{task}': file name .* holds U\+{ord(name.strip('ab.tx')[0]):04X}, "
+                                          r"a control or invisible format character \(spec §3\.6\)$"):
+        tallpack.open(archive)
+
+
+@pytest.mark.parametrize("name", ["caf\xe9.txt", "a b.txt", "a\ue000.txt", "\u4e2d\u6587/x.json", "ab:c.txt"])
+def test_file_names_of_printable_characters_are_taken(name):
+    from tallpack.folders import check_file_name
+
+    assert check_file_name(name) == name
