@@ -77,7 +77,7 @@ def pack(base: SourceLike, tasks: TasksLike, out: str | os.PathLike, options: Pa
         if origin and not isinstance(tasks, Mapping):  # named after the URL's last part, as a path is
             if any(isinstance(t, Mapping) for t in tasks):
                 raise InvalidArgumentError("a task given as a dict of tensors needs a name: pass {name: dict}")
-            local_tasks = {stem(t): v for t, v in zip(tasks, local_tasks)}
+            local_tasks = {stem(v): v for v in local_tasks}  # a local copy: named as its URL, less any query
         fam = PackInputs(local["\0base"], local_tasks, allow_mismatch=opts.allow_mismatch,
                          chunk_elements=opts.chunk_elements)
         for src in (fam.base, *fam.tasks.values()):

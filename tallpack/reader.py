@@ -1247,7 +1247,7 @@ def open(path: str | bytes | os.PathLike, *, storage_options: dict[str, Any] | N
     source = open_bytes(text, storage_options)
     try:
         with _gc_paused():
-            fam = Archive(ContainerReader(source, text), cache_bytes=budget, threads=workers)
+            fam = Archive(ContainerReader(source, getattr(source, "url", text)), cache_bytes=budget, threads=workers)
     except BaseException:
         source.close()
         raise

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Sequence
+from http import HTTPStatus
 from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from .errors import ArchiveClosedError, ArchiveNotFoundError, IntegrityError, TallpackError, quoted
 
@@ -23,6 +25,94 @@ DEFAULT_GAP = 64
 MAX_REQUEST = 32 << 20
 #: The prefetch cache holds at most this many bytes; older entries go first.
 MAX_CACHE = 256 << 20
+#: Query parameters that grant access (signed links of S3, GCS and Azure, tokens): never recorded
+#: in an archive nor shown in a message (``redact``); compared in lower case.
+SECRET_PARAMETERS = frozenset({
+    "x-amz-signature", "x-amz-credential", "x-amz-security-token", "x-amz-algorithm", "x-amz-date",
+    "x-amz-expires", "x-amz-signedheaders", "awsaccesskeyid", "signature", "expires",
+    "x-goog-signature", "x-goog-credential", "x-goog-algorithm", "x-goog-date", "x-goog-expires",
+    "x-goog-signedheaders", "googleaccessid", "sig", "token", "access_token", "api_key", "apikey", "key",
+    "password", "secret", "auth", "authorization", "code"})
+#: What identifies one version of an object in fsspec's ``info`` (S3, GCS, Azure, HTTP), strongest first.
+IDENTITY_KEYS = ("VersionId", "generation", "version_id", "ETag", "etag", "LastModified", "Last-Modified",
+                 "last_modified", "updated", "mtime")
+
+
+def redact(url: str) -> str:
+    """``url`` without the secrets it may carry: a ``user:password@`` part and the query parameters
+    of a signed link or token (``SECRET_PARAMETERS``); what archives record and messages show.
+
+    >>> redact("https://me:pw@host/cars.safetensors?X-Amz-Signature=ab&X-Amz-Credential=k&v=2")
+    'https://host/cars.safetensors?v=2'
+    """
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return url
+    netloc = parts.netloc.rpartition("@")[2]
+    query = parts.query
+    if query:
+        pairs = parse_qsl(query, keep_blank_values=True)
+        kept = [(k, v) for k, v in pairs if k.lower() not in SECRET_PARAMETERS]
+        if len(kept) != len(pairs):
+            query = urlencode(kept)
+    if (netloc, query) == (parts.netloc, parts.query):
+        return url
+    return urlunsplit(parts._replace(netloc=netloc, query=query))
+
+
+def refusal(e: BaseException) -> str | None:
+    """Why the server refused, behind ``e`` (its causes and contexts): ``"forbidden (HTTP 403)"``,
+    ``"server error (HTTP 500)"``, ``"cannot connect (...)"``; None for a missing object (404) or
+    anything else. fsspec's HTTP file system reports every failed request as FileNotFoundError."""
+    for c in _chain(e):
+        status = _status(c)
+        if status is None or status == 404 or status < 400:
+            continue
+        try:
+            phrase = HTTPStatus(status).phrase.lower()
+        except ValueError:
+            phrase = "refused"
+        if status in (401, 403):
+            return f"{phrase} (HTTP {status}): the link may have expired, or the credentials do not allow it"
+        if status >= 500:
+            return f"server error (HTTP {status}: {phrase}); try again later"
+        return f"{phrase} (HTTP {status})"
+    cause = _connection_error(e)
+    if cause is not None:
+        return f"cannot connect ({type(cause).__name__}: {quoted(cause)})"
+    return None
+
+
+def _chain(e: BaseException) -> list[BaseException]:
+    out: list[BaseException] = []
+    c: BaseException | None = e
+    while c is not None and all(c is not o for o in out):
+        out.append(c)
+        c = c.__cause__ or c.__context__
+    return out
+
+
+def _status(e: BaseException) -> int | None:
+    """The HTTP status of an aiohttp response error, or of a botocore ClientError."""
+    status = getattr(e, "status", None)
+    if isinstance(status, int) and type(e).__name__.startswith("Client"):
+        return status
+    response = getattr(e, "response", None)
+    if isinstance(response, dict):
+        code = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        return code if isinstance(code, int) else None
+    return None
+
+
+def identity(info: dict[str, Any]) -> dict[str, str]:
+    """What tells one version of an object from another in its fsspec ``info``: its version, else
+    its ETag, else its modification time (the first of ``IDENTITY_KEYS`` given)."""
+    for key in IDENTITY_KEYS:
+        value = info.get(key)
+        if value not in (None, ""):
+            return {key: str(value)}
+    return {}
 
 
 def coalesce(ranges: Sequence[tuple[int, int]], gap: int = DEFAULT_GAP,
@@ -52,7 +142,7 @@ class RemoteFile:
             from fsspec.core import url_to_fs
         except ImportError:  # pragma: no cover - fsspec is a dependency
             raise TallpackError(f"{url}: reading remote archives needs fsspec") from None
-        self.url = url
+        self.url = redact(url)  # what messages name: without the credentials a signed link carries
         self.gap = gap
         #: range requests made, and bytes they fetched
         self.requests = 0
@@ -63,16 +153,52 @@ class RemoteFile:
         self.closed = False
         try:
             self._fs, self._path = url_to_fs(url, **(storage_options or {}))
-            self.size = int(self._fs.size(self._path))
+            info = self._fs.info(self._path)
         except FileNotFoundError as e:
-            cause = _connection_error(e)
-            if cause is not None:  # fsspec's HTTP file system reports a failed connection as missing
-                raise TallpackError(f"{url}: cannot connect ({type(cause).__name__}: {quoted(cause)})") from None
-            raise ArchiveNotFoundError(f"{url}: no such archive") from None
+            why = refusal(e)  # fsspec's HTTP file system reports any failed request as missing
+            if why is not None:
+                raise TallpackError(f"{self.url}: {why}") from None
+            raise ArchiveNotFoundError(f"{self.url}: no such archive") from None
         except ImportError as e:
-            raise TallpackError(f"{url}: this kind of URL needs another package ({quoted(e)})") from None
+            raise TallpackError(f"{self.url}: this kind of URL needs another package ({quoted(e)})") from None
         except Exception as e:
-            raise TallpackError(f"{url}: cannot open ({type(e).__name__}: {quoted(e)})") from None
+            why = refusal(e)
+            raise TallpackError(f"{self.url}: {why}" if why else
+                                f"{self.url}: cannot open ({type(e).__name__}: {quoted(e)})") from None
+        if info.get("size") is None:
+            raise TallpackError(f"{self.url}: the server does not give the object's size; tallpack reads "
+                                "archives from servers that do (Content-Length, Range requests)")
+        self.size = int(info["size"])
+        #: the version opened (ETag, version id or modification time): a failed read compares it again
+        self.identity = identity(info)
+
+    def changed(self) -> str | None:
+        """Why the object at the URL is no longer the one opened (removed, another size, ETag or
+        version), or None when it is the same or the store will not say; asked after a read fails
+        (a short read, a checksum that does not match), never before each read.
+
+        >>> f = RemoteFile("s3://models/family.tallpack")   # then a new version is uploaded
+        >>> f.changed()
+        'changed on the server since it was opened (its ETag differs); reopen it'
+        """
+        try:
+            self._fs.invalidate_cache(self._path)  # s3fs and others keep listings
+            info = self._fs.info(self._path)
+        except FileNotFoundError as e:
+            if refusal(e) is None:
+                return "removed from the server since it was opened"
+            return None
+        except Exception:
+            return None
+        size = info.get("size")
+        if size is not None and int(size) != self.size:
+            return (f"changed on the server since it was opened (now {int(size)} bytes, was {self.size}); "
+                    "reopen it")
+        now = identity(info)
+        key = next(iter(self.identity), None)
+        if key is not None and key in now and now[key] != self.identity[key]:
+            return f"changed on the server since it was opened (its {key} differs); reopen it"
+        return None
 
     def _check(self, offset: int, nbytes: int) -> None:
         if self.closed:
@@ -89,13 +215,17 @@ class RemoteFile:
                 data = self._fs.cat_ranges([self._path] * len(spans), [s for s, _ in spans],
                                            [e for _, e in spans], on_error="raise")
         except Exception as e:
-            raise TallpackError(f"{self.url}: range read at {spans[0][0]} failed ({type(e).__name__}: {quoted(e)})") from None
+            why = self.changed() or refusal(e)  # a new version of another size: a 416 or a 404
+            raise TallpackError(f"{self.url}: range read at {spans[0][0]} failed "
+                                f"({why or f'{type(e).__name__}: {quoted(e)}'})") from None
         for (start, end), d in zip(spans, data):
             if len(d) > end - start:  # the whole file for a range: tallpack needs Range requests
                 raise TallpackError(f"{self.url}: the server ignored a range request ({len(d)} bytes sent for "
                                     f"{end - start}); tallpack reads archives from servers that honour Range requests")
             if len(d) != end - start:
-                raise IntegrityError(f"{self.url}: short read at {start} (changed or truncated?)")
+                why = self.changed()
+                raise IntegrityError(f"{self.url}: {why}" if why else f"{self.url}: short read at {start} "
+                                     "(changed or truncated?)")
         with self._lock:
             self.requests += len(spans)
             self.fetched += sum(len(d) for d in data)
@@ -149,11 +279,4 @@ class RemoteFile:
 
 def _connection_error(e: BaseException) -> BaseException | None:
     """The failed connection behind ``e`` (its causes and contexts), if one is there."""
-    seen = set()
-    c: BaseException | None = e.__cause__ or e.__context__
-    while c is not None and id(c) not in seen:
-        seen.add(id(c))
-        if isinstance(c, ConnectionError) or "Connect" in type(c).__name__:
-            return c
-        c = c.__cause__ or c.__context__
-    return None
+    return next((c for c in _chain(e)[1:] if isinstance(c, ConnectionError) or "Connect" in type(c).__name__), None)

@@ -3,7 +3,8 @@
 An output (archive or folder) is written to a local staging folder, then uploaded with fsspec
 (``put``) once complete, so a failed write leaves nothing at the URL. A pack input given as a URL
 (a checkpoint file or a model folder: ``s3://...``, ``hf://org/model``, ...) is downloaded into a
-temporary folder first, then read like a local one; the archive records the URL.
+temporary folder first, then read like a local one; the archive records the URL, less the
+credentials a link may carry (``remote.redact``: a password, the signature of a presigned link).
 
 Local paths (and ``file://`` URLs) are written and read in place, as before. The staging folders
 are temporary folders under ``$TMPDIR``: they need room for the whole output, or the inputs.
@@ -18,9 +19,11 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import unquote, urlsplit
 
 from .errors import CheckpointError, CheckpointNotFoundError, OutputError, OutputExistsError, TallpackError, quoted
 from .fsutil import committed, forget_commits
+from .remote import redact, refusal
 from .storage import is_url
 
 log = logging.getLogger(__name__)
@@ -219,8 +222,9 @@ def size(target: str | os.PathLike, storage_options: dict[str, Any] | None = Non
 def fetched(inputs: Mapping[_K, Any], storage_options: dict[str, Any] | None = None
             ) -> Iterator[tuple[dict[_K, Any], dict[str, str]]]:
     """``inputs`` with every URL replaced by a local copy (a file, or a folder with all its files),
-    and a map from each copy's path to its URL; the copies are removed when the block ends.
-    Other inputs (paths, dicts of tensors) pass through.
+    and a map from each copy's path to its URL (``redact``-ed: what archives record and errors
+    show); the copies are removed when the block ends. Other inputs (paths, dicts of tensors) pass
+    through. A TallpackError raised in the block names the URL, not the copy.
 
     >>> with fetched({"base": "s3://models/base", "cars": "ft/cars"}) as (local, urls):
     ...     pack(local["base"], {"cars": local["cars"]}, "family.tallpack")
@@ -232,40 +236,97 @@ def fetched(inputs: Mapping[_K, Any], storage_options: dict[str, Any] | None = N
     with tempfile.TemporaryDirectory(prefix="tallpack-fetch-") as tmp:
         local, origin = dict(inputs), {}
         for i, (key, url) in enumerate(urls.items()):
+            shown = redact(url)
             fs, rpath = _fs(url.rstrip("/"), storage_options)
-            try:
-                if not fs.exists(rpath):
-                    raise CheckpointNotFoundError(f"{url}: no such file or folder")
-                folder = fs.isdir(rpath)
-                dest = Path(tmp) / str(i) / (Path(rpath).name or "input")
-                dest.parent.mkdir()
-                log.info("downloading %s", url)
-                if folder:
-                    dest.mkdir()
-                    _get_folder(fs, rpath.rstrip("/"), dest)
-                else:
-                    fs.get(rpath, str(dest))
-            except TallpackError:
-                raise
-            except (OSError, ValueError) as e:
-                raise CheckpointError(f"{url}: cannot download: {quoted(e)}") from None
+            dest = Path(tmp) / str(i) / _local_name(fs, rpath)
+            dest.parent.mkdir()
+            _download(fs, rpath, shown, dest)
             local[key] = dest
-            origin[str(dest)] = url
-        yield local, origin
+            origin[str(dest)] = shown
+        try:
+            yield local, origin
+        except TallpackError as e:  # "/tmp/tallpack-fetch-.../0/cars.safetensors: ..." names its URL
+            if len(e.args) == 1 and isinstance(e.args[0], str):
+                text = e.args[0]
+                for path, shown in origin.items():
+                    text = text.replace(path, shown)
+                e.args = (text,)
+            raise
 
 
-def _get_folder(fs: Any, rpath: str, dest: Path) -> None:
+def _local_name(fs: Any, rpath: str) -> str:
+    """The name of a URL's local copy: the last part of its path (an HTTP URL's without its query
+    string, %-escapes decoded), so that a checkpoint keeps its suffix."""
+    if _protocols(fs) & {"http", "https"}:
+        rpath = unquote(urlsplit(rpath).path)
+    name = rpath.rstrip("/").rsplit("/", 1)[-1]
+    return "input" if name in ("", ".", "..") or "\0" in name else name
+
+
+def _protocols(fs: Any) -> set[str]:
+    return {fs.protocol} if isinstance(fs.protocol, str) else set(fs.protocol)
+
+
+def _download(fs: Any, rpath: str, shown: str, dest: Path) -> None:
+    """The file or folder at ``rpath`` into ``dest``; a CheckpointError naming ``shown`` (the URL)
+    for anything that goes wrong: a missing object, a refusal (HTTP 403, 500), a transfer cut short."""
+    try:
+        info = fs.info(rpath)
+    except FileNotFoundError as e:
+        why = refusal(e)  # fsspec's HTTP file system reports any failed request as missing
+        if why is None:
+            raise CheckpointNotFoundError(f"{shown}: no such file or folder") from None
+        raise CheckpointError(f"{shown}: cannot download: {why}") from None
+    except Exception as e:
+        raise CheckpointError(f"{shown}: cannot download: {_failure(e)}") from None
+    log.info("downloading %s", shown)
+    try:
+        if info.get("type") == "directory" or fs.isdir(rpath):
+            dest.mkdir()
+            _get_folder(fs, rpath.rstrip("/"), dest, shown)
+        else:
+            _get_file(fs, rpath, dest, info.get("size"), shown)
+    except TallpackError:
+        raise
+    except Exception as e:  # aiohttp's, botocore's and fsspec's own errors too; never KeyboardInterrupt
+        raise CheckpointError(f"{shown}: cannot download: {_failure(e)}") from None
+
+
+def _get_file(fs: Any, rpath: str, dest: Path, size: Any, shown: str) -> None:
+    """One file, by ``get_file`` (``get`` would take the ``?`` of a signed link or the ``[`` of a key
+    for a pattern); a copy of another size than the store announced is an error (a transfer cut short)."""
+    try:
+        fs.get_file(rpath, str(dest))
+    except FileNotFoundError as e:
+        raise CheckpointError(f"{shown}: cannot download: {refusal(e) or 'removed while downloading'}") from None
+    except Exception as e:
+        got = dest.stat().st_size if dest.is_file() else 0
+        if isinstance(size, int) and got < size:
+            raise CheckpointError(f"{shown}: cannot download: the transfer broke off after {got} of {size} bytes "
+                                  f"(truncated; {type(e).__name__}); try again") from None
+        raise
+    got = dest.stat().st_size
+    if isinstance(size, int) and got != size:
+        raise CheckpointError(f"{shown}: cannot download: {got} bytes received of {size} (truncated); try again")
+
+
+def _failure(e: BaseException) -> str:
+    return refusal(e) or f"{type(e).__name__}: {quoted(e)}"
+
+
+def _get_folder(fs: Any, rpath: str, dest: Path, shown: str) -> None:
     """Every file below the folder ``rpath`` into ``dest``, file by file under the same relative
     names (fsspec's recursive ``get`` trips over the folder entries an HTTP listing gives). Names
     that would land outside ``dest`` are refused."""
-    for path in sorted(fs.find(rpath)):
+    found = fs.find(rpath, detail=True)
+    for path in sorted(found):
         path = str(path)
         if not path.startswith(rpath + "/"):
             continue  # a listing's link to elsewhere (an HTTP page may link anywhere)
         rel = path[len(rpath) + 1:]
         parts = rel.split("/")
         if not rel or any(p in ("", ".", "..") for p in parts) or "\\" in rel:
-            raise CheckpointError(f"{rpath}/{rel}: a file name that would leave the folder")
+            raise CheckpointError(f"{shown}/{rel}: a file name that would leave the folder")
         target = dest.joinpath(*parts)
         target.parent.mkdir(parents=True, exist_ok=True)
-        fs.get_file(path, str(target))
+        _get_file(fs, path, target, found[path].get("size"), f"{shown}/{rel}")

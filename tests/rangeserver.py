@@ -1,5 +1,7 @@
 """A plain HTTP server on loopback that serves a folder and honours Range requests (the standard
-library's SimpleHTTPRequestHandler ignores them), counting every request and byte it sends."""
+library's SimpleHTTPRequestHandler ignores them), counting every request and byte it sends.
+Like nginx, it sends an ETag (the file's modification time and size); ``status`` and ``cut``
+make it misbehave for chosen names, as real servers do (an expired link, a dropped connection)."""
 
 from __future__ import annotations
 
@@ -14,7 +16,10 @@ _RANGE = re.compile(r"bytes=(\d*)-(\d*)")
 
 class RangeServer(ThreadingHTTPServer):
     """``RangeServer(folder)``: ``.url`` is its base URL, ``.log`` its ``(method, start, nbytes)``
-    requests; ``.served()`` the body bytes sent since ``.reset()``."""
+    requests; ``.served()`` the body bytes sent since ``.reset()``. ``.status[name] = 403``
+    answers every request for ``name`` (its path less the leading ``/``) with that status;
+    ``.cut.add(name)`` sends half of each body for ``name`` and closes the connection;
+    ``.etags = False`` sends no ETag."""
 
     daemon_threads = True
     request_queue_size = 256  # fsspec opens many connections at once; the default 5 drops them
@@ -23,6 +28,9 @@ class RangeServer(ThreadingHTTPServer):
         super().__init__(("127.0.0.1", 0), _Handler)
         self.root = Path(root).resolve()
         self.log: list[tuple[str, int, int]] = []
+        self.status: dict[str, int] = {}
+        self.cut: set[str] = set()
+        self.etags = True
         self._lock = threading.Lock()
         self.url = f"http://127.0.0.1:{self.server_address[1]}"
         self._thread = threading.Thread(target=self.serve_forever, daemon=True)
@@ -64,9 +72,11 @@ class _Handler(BaseHTTPRequestHandler):
         self._serve(body=True)
 
     def _serve(self, body: bool) -> None:
-        path = (self.server.root / unquote(urlparse(self.path).path).lstrip("/")).resolve()
-        if not path.is_relative_to(self.server.root) or not path.is_file():
-            self.send_response(404)
+        name = unquote(urlparse(self.path).path).lstrip("/")
+        path = (self.server.root / name).resolve()
+        refused = self.server.status.get(name)
+        if refused is not None or not path.is_relative_to(self.server.root) or not path.is_file():
+            self.send_response(refused or 404)
             self.send_header("Content-Length", "0")
             self.end_headers()
             return
@@ -89,11 +99,20 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Type", "application/octet-stream")
         self.send_header("Accept-Ranges", "bytes")
         self.send_header("Content-Length", str(end - start))
+        if self.server.etags:
+            st = path.stat()
+            self.send_header("ETag", f'"{st.st_mtime_ns:x}-{st.st_size:x}"')
         if status == 206:
             self.send_header("Content-Range", f"bytes {start}-{end - 1}/{size}")
         self.end_headers()
         if body:
             with open(path, "rb") as f:
                 f.seek(start)
-                self.wfile.write(f.read(end - start))
+                data = f.read(end - start)
+            if name in self.server.cut:
+                self.wfile.write(data[: len(data) // 2])
+                self.wfile.flush()
+                self.close_connection = True
+                return
+            self.wfile.write(data)
         self.server.record("GET" if body else "HEAD", start, end - start if body else 0)

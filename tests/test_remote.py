@@ -190,3 +190,41 @@ def test_outputs_at_urls_replace_objects_only_when_asked(s3, small_family, hf_fa
     with pytest.raises(tallpack.OutputError, match="no bucket 'nobucket'"):
         tallpack.pack(small_family["base"], small_family["tasks"], "s3://nobucket/x.tallpack", storage_options=opts)
     assert "nobucket" not in [b.rstrip("/") for b in fs.ls("")]
+
+
+def test_s3_inputs_with_brackets_and_presigned_links_are_downloaded(s3, small_family, tmp_path, monkeypatch):
+    """A ``[`` in a key and a presigned link's query string are no glob patterns; the archive
+    records the link without its signature."""
+    import boto3
+    import fsspec.config
+
+    fs, opts = s3
+    fs.put_file(str(small_family["base_path"]), "family/odd/my base.safetensors")
+    fs.put_file(str(small_family["task_paths"]["a"]), "family/odd/cars[v2].safetensors")
+    client = boto3.client("s3", aws_access_key_id="test", aws_secret_access_key="test", **opts["client_kwargs"])
+    link = client.generate_presigned_url("get_object", Params={"Bucket": "family", "Key": "odd/my base.safetensors"},
+                                         ExpiresIn=600)
+    assert "Signature=" in link
+    monkeypatch.setitem(fsspec.config.conf, "s3", dict(opts))  # (storage_options would go to the link too)
+    tallpack.pack(link, {"cars": "s3://family/odd/cars[v2].safetensors"}, tmp_path / "odd.tallpack")
+    with tallpack.open(tmp_path / "odd.tallpack") as fam:
+        assert fam.task_info("cars").source["path"] == "s3://family/odd/cars[v2].safetensors"
+        assert fam.manifest.base["path"] == link.split("?")[0]  # its signature and key id left out
+        assert torch.equal(fam.get_tensor("cars", "body.w"), small_family["tasks"]["a"]["body.w"])
+
+
+def test_an_s3_object_replaced_while_open_is_not_called_damaged(s3, small_family, tmp_path):
+    """A reader holding an archive open while a new version is uploaded over its key is told the
+    object changed (its ETag), not that the archive is damaged."""
+    fs, opts = s3
+    for name, lam in (("old", 0.4), ("new", 0.6)):
+        tallpack.pack(small_family["base"], small_family["tasks"], tmp_path / f"{name}.tallpack",
+                      chunk_elements=512, group=False, lambdas=lam)
+    fs.put_file(str(tmp_path / "old.tallpack"), "family/swap.tallpack")
+    with tallpack.open("s3://family/swap.tallpack", storage_options=opts) as fam:
+        fam.get_tensor("a", "head.w")
+        fs.put_file(str(tmp_path / "new.tallpack"), "family/swap.tallpack")
+        with pytest.raises(tallpack.IntegrityError, match="changed on the server since it was opened.*reopen it"):
+            for task in fam.tasks:
+                for name in fam.keys(task):
+                    fam.get_tensor(task, name)

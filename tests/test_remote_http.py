@@ -4,11 +4,14 @@ URLs (memory://, S3 on loopback), and every command on a URL."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 
 import pytest
 import torch
 from click.testing import CliRunner
+from hypothesis import given
+from hypothesis import strategies as st
 
 import tallpack
 from tallpack import kernels
@@ -280,3 +283,117 @@ def test_a_role_that_may_write_but_not_list_is_not_told_the_bucket_is_missing():
     assert staging._no_bucket(Store(FileNotFoundError("NoSuchBucket")), "b")
     assert not staging._no_bucket(Store(PermissionError("Forbidden")), "b")
     assert staging._exists(Store(None), "b/key") is False
+
+
+@pytest.fixture
+def own_server(tmp_path):
+    """A Range server of this test's own (its misbehaviours set per test), serving ``tmp_path / "www"``."""
+    from rangeserver import RangeServer
+
+    (tmp_path / "www").mkdir()
+    server = RangeServer(tmp_path / "www").start()
+    yield server
+    server.stop()
+
+
+def _checkpoints(root, small_family, names):
+    """The small family's base and task "a" as .safetensors files under ``names`` in ``root``."""
+    from safetensors.torch import save_file
+
+    save_file(small_family["base"], str(root / names[0]))
+    save_file(small_family["tasks"]["a"], str(root / names[1]))
+
+
+def test_inputs_at_signed_links_and_names_with_brackets_are_downloaded(own_server, small_family, tmp_path):
+    """A presigned link's query string (its ``?``) and a ``[`` in a name are no glob patterns: the
+    files download and pack as local ones; the archive records the URLs without the credentials."""
+    _checkpoints(own_server.root, small_family, ["base.safetensors", "cars[v2].safetensors"])
+    host = own_server.url.removeprefix("http://")
+    base = f"{own_server.url}/base.safetensors?X-Amz-Credential=AKIA&X-Amz-Signature=abc123&versionId=7"
+    task = f"http://user:s3cretpw@{host}/cars[v2].safetensors?sig=zz99"
+    out = tmp_path / "url.tallpack"
+    tallpack.pack(base, [task], out)
+    tallpack.pack(small_family["base"], {"cars[v2]": small_family["tasks"]["a"]}, tmp_path / "local.tallpack")
+    with tallpack.open(out) as a, tallpack.open(tmp_path / "local.tallpack") as b:
+        assert a.tasks == ("cars[v2]",)  # named after the URL's path, as a local file would be
+        assert a.task_info("cars[v2]").source["path"] == f"{own_server.url}/cars[v2].safetensors"
+        assert a.manifest.base["path"] == f"{own_server.url}/base.safetensors?versionId=7"
+        text = json.dumps(a.manifest.to_dict())
+        assert not any(s in text for s in ("s3cretpw", "user:", "abc123", "AKIA", "zz99"))
+        sa, sb = a.state_dict("cars[v2]"), b.state_dict("cars[v2]")
+        assert sorted(sa) == sorted(sb) and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_refused_requests_are_not_missing_files(own_server, small_family, served, tmp_path):
+    """An expired link (403) or a failing server (500) is named as such, for archives and pack
+    inputs alike: fsspec reports both as FileNotFoundError."""
+    _checkpoints(own_server.root, small_family, ["base.safetensors", "a.safetensors"])
+    shutil.copy(served["local"], own_server.root / "fam.tallpack")
+    for status, words in ((403, r"forbidden \(HTTP 403\)"), (500, r"server error \(HTTP 500")):
+        own_server.status = {"fam.tallpack": status, "base.safetensors": status}
+        with pytest.raises(tallpack.TallpackError, match=f"fam.tallpack: {words}") as e:
+            tallpack.open(f"{own_server.url}/fam.tallpack")
+        assert not isinstance(e.value, tallpack.ArchiveNotFoundError) and "\n" not in str(e.value)
+        with pytest.raises(tallpack.CheckpointError, match=f"base.safetensors: cannot download: {words}") as e:
+            tallpack.pack(f"{own_server.url}/base.safetensors", [f"{own_server.url}/a.safetensors"],
+                          tmp_path / "x.tallpack")
+        assert not isinstance(e.value, FileNotFoundError) and not (tmp_path / "x.tallpack").exists()
+    own_server.status = {}
+    with pytest.raises(tallpack.CheckpointNotFoundError, match="nope.safetensors: no such file"):
+        tallpack.pack(f"{own_server.url}/nope.safetensors", [f"{own_server.url}/a.safetensors"], tmp_path / "x.tallpack")
+
+
+def test_a_download_cut_short_is_one_error_naming_the_url(own_server, small_family, tmp_path):
+    """A connection that closes before the whole body came (aiohttp's ClientPayloadError) is a
+    CheckpointError naming the URL, not an internal error; nothing is written."""
+    _checkpoints(own_server.root, small_family, ["base.safetensors", "a.safetensors"])
+    own_server.cut.add("a.safetensors")
+    with pytest.raises(tallpack.CheckpointError, match=r"a.safetensors: cannot download: .*truncated") as e:
+        tallpack.pack(f"{own_server.url}/base.safetensors?token=t0k", [f"{own_server.url}/a.safetensors?token=t0k"],
+                      tmp_path / "x.tallpack")
+    assert "\n" not in str(e.value) and "t0k" not in str(e.value) and not (tmp_path / "x.tallpack").exists()
+
+
+def _replace(path, flip):
+    """A new file at ``path`` of the same size (a re-upload): its data bytes ``flip`` changed."""
+    raw = bytearray(path.read_bytes())
+    m_off = FOOTER.unpack(raw[-FOOTER.size:])[0]
+    for i in range(HEADER.size, m_off, 97):
+        raw[i] ^= flip
+    new = path.with_name("new")
+    new.write_bytes(raw)
+    st = path.stat()
+    os.utime(new, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    os.replace(new, path)
+
+
+def test_an_archive_replaced_on_the_server_while_open_is_not_called_damaged(own_server, served):
+    """The ETag taken at open is compared again when a chunk fails its checksum: an archive
+    re-uploaded meanwhile says so (reopen it); one damaged in place, on a server without ETags,
+    is still "damaged". Messages never show a URL's password."""
+    path = own_server.root / "fam.tallpack"
+    url = own_server.url.replace("http://", "http://user:s3cretpw@") + "/fam.tallpack"
+    for etags, want in ((True, "changed on the server since it was opened"), (False, "damaged archive")):
+        shutil.copy(served["local"], path)
+        own_server.etags = etags
+        with tallpack.open(url) as fam:
+            fam.get_tensor("a", "head")
+            _replace(path, 0x5A)
+            with pytest.raises(tallpack.IntegrityError, match=want) as e:
+                fam.get_tensor("b", "layers.0.w")
+            assert "s3cretpw" not in str(e.value) and "\n" not in str(e.value)
+
+
+@given(user=st.text(alphabet="abcxyz09", min_size=1, max_size=8),
+       secret=st.text(alphabet="ABCXYZ789+/=%", min_size=6, max_size=20),
+       param=st.sampled_from(["X-Amz-Signature", "X-Amz-Credential", "X-Amz-Security-Token", "Signature", "sig",
+                              "token", "AWSAccessKeyId", "X-Goog-Signature"]))
+def test_redact_removes_every_credential(user, secret, param):
+    from urllib.parse import quote
+
+    from tallpack.remote import redact
+
+    url = f"https://{user}:{quote(secret, safe='')}@host:8443/a%20b/cars.safetensors?{param}={quote(secret, safe='')}&rev=2"
+    shown = redact(url)
+    assert shown == "https://host:8443/a%20b/cars.safetensors?rev=2"
+    assert redact(shown) == shown and redact("s3://bucket/key[1].safetensors") == "s3://bucket/key[1].safetensors"
