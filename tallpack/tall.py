@@ -203,6 +203,8 @@ def reconstruct(theta_0: torch.Tensor, mask: torch.Tensor | Bits, tau_mtl: torch
                 ) -> torch.Tensor:
     """``theta_t = theta_0 + m_t * tau_MTL``, computed in float32 and cast to ``dtype``; ``mask``
     a bool tensor or its stored bits."""
+    if theta_0.numel() == 0:  # numpy cannot hold some empty shapes ([0, 2**62]: too many bytes "per row")
+        return torch.empty(theta_0.shape, dtype=dtype, device=theta_0.device)
     bits = isinstance(mask, Bits)
     if dtype == torch.float32 == theta_0.dtype == tau_mtl.dtype and _one_pass(theta_0, mask, tau_mtl):
         out = torch.empty(theta_0.shape, dtype=torch.float32)
