@@ -12,8 +12,8 @@ rebuilt: their tensors come back exactly, as ``model.safetensors``.
 from __future__ import annotations
 
 import base64
+import binascii
 import hashlib
-import json
 import os
 import struct
 from collections.abc import Iterator
@@ -21,9 +21,12 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .container import _strict_loads
 from .dtypes import dtype_name, tensor_to_bytes
 from .errors import CheckpointError, FormatError, IntegrityError, TallpackError
+from .folders import check_digest, check_file_name, check_no_clash, safe_target
 from .fsutil import atomic_write, make_folder, remove_on_commit
+from .limits import MAX_DEPTH
 from .sharding import previous_weights
 from .sources import _ST_DTYPES, Source
 
@@ -86,32 +89,79 @@ def record(src: Source) -> dict[str, Any]:
 
 def _layout(f: dict[str, Any], keys, seen: set, where: str) -> list[tuple[int, int, str, str, tuple]]:
     """The tensors of a recorded safetensors file in data order: (begin, end, name, dtype, shape),
-    checked to cover the data area exactly."""
-    header = f["header"].encode("utf-8")
+    checked to cover the data area exactly. The header comes from an archive (or a file being
+    packed): it is parsed as strictly as the manifest (nesting, numbers), and every field checked."""
+    label = f"{where}: file record {f.get('name')!r}"
+    header = _utf8(f.get("header"), label, "header")
     try:
-        doc = json.loads(header)
-        spans = sorted((int(v["data_offsets"][0]), int(v["data_offsets"][1]), k, _ST_DTYPES[v["dtype"]],
-                        tuple(v["shape"])) for k, v in doc.items() if k != "__metadata__")
-    except (ValueError, KeyError, TypeError, AttributeError) as e:
-        raise FormatError(f"{where}: file record {f.get('name')!r}: bad safetensors header ({e})") from None
+        doc = _strict_loads(f["header"])
+    except RecursionError:
+        raise FormatError(f"{label}: bad safetensors header (containers nest deeper than {MAX_DEPTH})") from None
+    except ValueError as e:
+        raise FormatError(f"{label}: bad safetensors header ({str(e)[:200]})") from None
+    if not isinstance(doc, dict):
+        raise FormatError(f"{label}: bad safetensors header (not a JSON object)")
+    spans = []
+    for k, v in doc.items():
+        if k == "__metadata__":
+            continue
+        dt = v.get("dtype") if isinstance(v, dict) else None
+        if not (isinstance(dt, str) and dt in _ST_DTYPES and _naturals(v.get("data_offsets"), 2)
+                and _naturals(v.get("shape"))):
+            raise FormatError(f"{label}: bad safetensors header (tensor {k!r:.200} needs a known dtype, a shape "
+                              "and two data_offsets, of non-negative integers)")
+        spans.append((v["data_offsets"][0], v["data_offsets"][1], k, _ST_DTYPES[dt], tuple(v["shape"])))
+    spans.sort()
     pos = 0
     for begin, end, name, _, _ in spans:
         if begin != pos or end < begin or name not in keys or name in seen:
-            raise FormatError(f"{where}: file record {f['name']!r}: tensor {name!r} is not laid out "
+            raise FormatError(f"{label}: tensor {name!r:.200} is not laid out "
                               "contiguously or is not one of the task's tensors")
         seen.add(name)
         pos = end
-    if 8 + len(header) + pos != f["size"]:
-        raise FormatError(f"{where}: file record {f['name']!r}: header and tensors do not add up to "
-                          f"{f['size']} bytes")
+    if 8 + len(header) + pos != f.get("size"):
+        raise FormatError(f"{label}: header and tensors do not add up to {f.get('size')} bytes")
     return spans
 
 
-def _safe_name(name: Any, where: str) -> str:
-    if (not isinstance(name, str) or not name or name.startswith("/") or "\\" in name or "\0" in name
-            or any(p in ("", ".", "..") for p in name.split("/"))):
-        raise FormatError(f"{where}: bad file name {name!r} in the file records")
-    return name
+def _naturals(value: Any, n: int | None = None) -> bool:
+    """Whether ``value`` is a list of non-negative integers (of ``n`` of them)."""
+    return (isinstance(value, list) and (n is None or len(value) == n)
+            and all(type(x) is int and x >= 0 for x in value))
+
+
+def _utf8(text: Any, label: str, field: str) -> bytes:
+    if not isinstance(text, str):
+        raise FormatError(f"{label}: no {field} text")
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate escape in the manifest
+        raise FormatError(f"{label}: its {field} is not Unicode text") from None
+
+
+_ROLES = ("safetensors", "torch", "file")
+
+
+def _check_record(f: dict[str, Any], where: str) -> None:
+    """A file record's fields, checked before any of it is used: FormatError naming the record."""
+    try:
+        check_file_name(f.get("name"))
+    except FormatError as e:
+        raise FormatError(f"{where}: file record: {e}") from None
+    label = f"{where}: file record {f['name']!r}"
+    role, size = f.get("role"), f.get("size")
+    if role not in _ROLES:
+        raise FormatError(f"{label}: role {role!r:.40} is none of {', '.join(_ROLES)}")
+    if type(size) is not int or size < 0:
+        raise FormatError(f"{label}: size {size!r:.40} is not a non-negative integer")
+    try:
+        check_digest(f.get("sha256"))
+    except FormatError as e:
+        raise FormatError(f"{label}: {e}") from None
+    if role == "safetensors" and not isinstance(f.get("header"), str):
+        raise FormatError(f"{label}: a safetensors record without its header text")
+    if role == "file" and not isinstance(f.get("base64" if "base64" in f else "text"), str):
+        raise FormatError(f"{label}: a file record without its text or base64 content")
 
 
 def _files(archive: "Archive", task: str) -> list[dict[str, Any]]:
@@ -121,17 +171,27 @@ def _files(archive: "Archive", task: str) -> list[dict[str, Any]]:
     files = rec.get("files") if isinstance(rec, dict) else None
     if not isinstance(files, list) or not all(isinstance(f, dict) for f in files):
         raise FormatError(f"{archive.name}: task {task!r}: malformed file records")
+    for f in files:
+        _check_record(f, f"{archive.name}: task {task!r}")
     return files
 
 
 def _pieces(archive: "Archive", task: str, f: dict[str, Any], seen: set) -> Iterator[bytes | memoryview]:
     """The bytes of one recorded file, in order."""
     where = f"{archive.name}: task {task!r}"
-    if f.get("role") == "file":
-        yield (base64.b64decode(f["base64"]) if "base64" in f else str(f["text"]).encode("utf-8"))
+    label = f"{where}: file record {f['name']!r}"
+    if f["role"] == "file" and "base64" in f:
+        try:
+            data = base64.b64decode(f["base64"], validate=True)
+        except (binascii.Error, ValueError):
+            raise FormatError(f"{label}: its base64 content is not valid base64") from None
+        yield data
         return
-    header = str(f["header"]).encode("utf-8")
+    if f["role"] == "file":
+        yield _utf8(f["text"], label, "text")
+        return
     spans = _layout(f, set(archive.keys(task)), seen, where)
+    header = f["header"].encode("utf-8")
     yield struct.pack("<Q", len(header)) + header
     # the next tensor is rebuilt while this one is hashed and written (numpy and zstd release the
     # GIL): at most two tensors in memory
@@ -179,12 +239,13 @@ def write_originals(archive: "Archive", task: str, outdir: str | os.PathLike) ->
     written: list[Path] = []
     seen: set = set()
     tensor_files = rebuildable(files)
-    for f in files:
-        role = f.get("role")
-        if role == "torch" or (not tensor_files and (role == "safetensors" or str(f.get("name")).endswith(".index.json"))):
-            continue
-        target = out / _safe_name(f.get("name"), f"{archive.name}: task {task!r}")
-        make_folder(target.parent)
+    chosen = [f for f in files if not (f["role"] == "torch" or (not tensor_files and (
+        f["role"] == "safetensors" or f["name"].endswith(".index.json"))))]
+    # every target checked before anything is written: none leaves the folder (spec §6.5), none
+    # is another's folder (the task's kept files are written beside them)
+    check_no_clash([*(f["name"] for f in chosen), *archive.files(task)], f"{archive.name}: task {task!r}")
+    targets = [(f, safe_target(out, f["name"])) for f in chosen]
+    for f, target in targets:
 
         def write(tmp: Path, f=f) -> None:
             h, size = hashlib.sha256(), 0

@@ -93,30 +93,39 @@ def _shard_file(name: Any) -> str | None:
 
 def plan_from_layout(keys: Sequence[str], shards: Any) -> dict[str, list[str]] | None:
     """The recorded layout (runs of ``[file, count]`` over the original key order) applied to
-    ``keys``: file name -> tensor names. Tensors the layout does not place join the last file;
-    None when the layout is missing or malformed (then the caller decides)."""
+    ``keys``: file name -> tensor names. None when the layout is missing, malformed or does not
+    add up to ``len(keys)`` (a merged model's keys): then the caller decides (spec §3.6: such a
+    layout is ignored). The layout comes from an archive, so it is checked before anything it
+    declares is built: work and memory linear in ``len(keys)`` and the number of runs.
+
+    >>> plan_from_layout(["a", "b", "c"], [["x.safetensors", 2], ["y.safetensors", 1]])
+    {'x.safetensors': ['a', 'b'], 'y.safetensors': ['c']}
+    """
     if not isinstance(shards, list) or not shards:
         return None
-    where: dict[str, str] = {}
-    order: list[str] = []
-    original: list[str] = []
+    if len(shards) > len(keys):  # more runs than tensors: only runs of 0 could explain it
+        log.warning("ignoring a recorded shard layout of %d runs for %d tensors", len(shards), len(keys))
+        return None
+    runs: list[tuple[str, int]] = []
+    total = 0
     for run in shards:
         if not (isinstance(run, list) and len(run) == 2 and type(run[1]) is int and run[1] >= 0):
+            log.warning("ignoring a recorded shard layout with a run that is not [file name, count >= 0]")
             return None
         f = _shard_file(run[0])
         if f is None:
-            log.warning("ignoring a recorded shard layout with a bad file name %r", run[0])
+            log.warning("ignoring a recorded shard layout with a bad file name %.80r",
+                        run[0] if isinstance(run[0], str) else type(run[0]).__name__)
             return None
-        if f not in order:
-            order.append(f)
-        original += [f] * run[1]
-    if len(original) != len(keys):  # a different key list (a merged model): match by position only if equal
+        total += run[1]
+        runs.append((f, run[1]))
+    if total != len(keys):  # a different key list (a merged model): match by position only if equal
         return None
-    for k, f in zip(keys, original):
-        where[k] = f
-    plan: dict[str, list[str]] = {f: [] for f in order}
-    for k in keys:
-        plan[where[k]].append(k)
+    plan: dict[str, list[str]] = {}
+    pos = 0
+    for f, n in runs:
+        plan.setdefault(f, []).extend(keys[pos : pos + n])
+        pos += n
     return {f: names for f, names in plan.items() if names} or None
 
 
@@ -154,6 +163,9 @@ def write_shards(tensors: Mapping[str, torch.Tensor], plan: Mapping[str, list[st
         pass
     if len(plan) == 1 and next(iter(plan)) == SINGLE:
         return outdir / SINGLE
+    if index_metadata is not None and not isinstance(index_metadata, Mapping):  # from an archive: informative
+        log.warning("ignoring recorded index metadata that is not an object (%s)", type(index_metadata).__name__)
+        index_metadata = None
     index = {"metadata": {**(index_metadata or {}), "total_size": total}, "weight_map": weight_map}
     atomic_write(outdir / INDEX, lambda tmp: tmp.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n"))
     return outdir / INDEX
