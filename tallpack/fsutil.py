@@ -334,7 +334,10 @@ class Transaction:
     """The files of one output (a folder of shards, config and tokenizer files): each written under
     a locked temporary name beside its target, all renamed into place only when every one is
     complete. A failure removes the temporaries and the folders this output created, and leaves
-    existing files as they were; an existing file is replaced only with ``overwrite``.
+    existing files as they were; an existing file is replaced only with ``overwrite``. Every
+    target is checked again before the first rename, and a rename that fails even so (a race, an
+    I/O error) undoes the ones before it; a name that is both a file and another's folder in one
+    output is refused.
 
     Writers call :func:`atomic_write` and :func:`make_folder`, which join the transaction that
     :func:`transaction` opened in this context (or act alone when there is none).
