@@ -9,7 +9,7 @@ from ._torch import torch
 from .encodings import Item
 from .errors import InvalidArgumentError
 from .manifest import check_task_name
-from .plan import Kind, Plan, TensorPlan, make_plan, resolve
+from .plan import Kind, Plan, TensorPlan, aligned_base, make_plan, resolve
 from .sources import Source, SourceLike, open_source, stem
 from .tall import blocks, in_tall_range
 
@@ -54,6 +54,7 @@ class PackInputs:
         self.base = open_source(base, label="base")
         try:
             self.tasks = open_tasks(tasks)
+            self.base = aligned_base(self.base, self.tasks)
             self.plan: Plan = make_plan(self.base, self.tasks, allow_mismatch=allow_mismatch)
         except BaseException:
             self.base.close()

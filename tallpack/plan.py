@@ -68,6 +68,55 @@ def resolve(planned: Kind, base: torch.Tensor | None, thetas: list[torch.Tensor]
     return planned
 
 
+class Renamed(Source):
+    """The base seen under its tasks' names: each of its tensors ``name`` as ``prefix + name``
+    (a bare model, ``embeddings.*``, fine-tuned with a head, ``bert.embeddings.*``)."""
+
+    def __init__(self, inner: Source, prefix: str):
+        super().__init__(inner.label)
+        self.inner, self.prefix, self.kind = inner, prefix, inner.kind
+        self._infos = {prefix + k: v for k, v in inner._infos.items()}
+        self.metadata, self.files, self.layout = inner.metadata, inner.files, inner.layout
+        self.weight_files, self.other_files, self.root = inner.weight_files, inner.other_files, inner.root
+
+    def get(self, name: str) -> torch.Tensor:
+        return self.inner.get(name[len(self.prefix):])
+
+    def describe(self) -> dict:
+        return self.inner.describe() | {"prefix": self.prefix}
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+#: A prefix is taken when the base's names with it cover at least this share of the base.
+PREFIX_COVER = 0.5
+
+
+def aligned_base(base: Source, tasks: dict[str, Source]) -> Source:
+    """The base, renamed when no task shares a tensor name with it but every task names the
+    base's tensors with one prefix in front (Hugging Face's ``base_model_prefix``: the bare
+    ``BertModel`` as the base, ``BertForSequenceClassification`` fine-tunes); else as it is."""
+    names = base.keys()
+    if not names or not tasks or any(n in src for src in tasks.values() for n in names):
+        return base
+    prefix = None
+    for src in tasks.values():
+        counts: dict[str, int] = {}
+        for k in src.keys():
+            head, dot, rest = k.partition(".")
+            if dot and rest in base:
+                counts[head + dot] = counts.get(head + dot, 0) + 1
+        best = max(counts.items(), key=lambda kv: kv[1], default=None)
+        if best is None or best[1] < PREFIX_COVER * len(names) or prefix not in (None, best[0]):
+            return base
+        prefix = best[0]
+    assert prefix is not None
+    log.warning("base %s: its tensors are named as the tasks' with %r in front (a bare model as the base, the "
+                "tasks with a head); matched by those names", base.label, prefix)
+    return Renamed(base, prefix)
+
+
 def make_plan(base: Source, tasks: dict[str, Source], *, allow_mismatch: bool = False) -> Plan:
     """Classify every tensor name of the family.
 

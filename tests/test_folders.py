@@ -14,6 +14,7 @@ import tallpack
 from tallpack.errors import CheckpointError, FormatError, OutputError
 from tallpack.folders import check_file_name, safe_target
 from tallpack.manifest import Manifest
+from conftest import expected_reconstruction
 from tallpack.sharding import parse_size, plan_by_size
 from conftest import written
 
@@ -298,3 +299,29 @@ def test_sharded_pytorch_bin_folders_unpack_as_safetensors_shards(tmp_path):
     index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())
     assert index["weight_map"] == {"layers.0.w": "model-00001-of-00002.safetensors", "layers.1.w": "model-00001-of-00002.safetensors",
                                    "layers.2.w": "model-00002-of-00002.safetensors", "layers.3.w": "model-00002-of-00002.safetensors"}
+
+
+def test_a_bare_base_model_matches_fine_tunes_with_a_head(bert_family, tmp_path):
+    """The base saved as the bare ``BertModel`` (``embeddings.*``), the tasks as classifiers
+    (``bert.embeddings.*``): the base's tensors are matched under the tasks' prefix, so the
+    encoder is stored as merged tensors (it was refused, or with --allow-mismatch stored whole
+    per task), and each task rebuilds as the paper's formula says."""
+    from safetensors.torch import load_file
+    from transformers import BertModel
+
+    bare = tmp_path / "bare"
+    BertModel.from_pretrained(bert_family["base"]).save_pretrained(bare)
+    assert not any(k.startswith("bert.") for k in load_file(bare / "model.safetensors"))
+    tasks = {k: v for k, v in bert_family.items() if k != "base"}
+    out = tmp_path / "f.tallpack"
+    tallpack.pack(bare, tasks, out)
+    base = {f"bert.{k}": v for k, v in load_file(bare / "model.safetensors").items()}
+    with tallpack.open(out) as fam:
+        assert fam.manifest.base["prefix"] == "bert."
+        kinds = {e.kind for e in fam.manifest.tensors for _ in (e.members or [e])}
+        assert "merged" in kinds
+        want = expected_reconstruction(base, {t: load_file(f / "model.safetensors") for t, f in tasks.items()},
+                                       dict.fromkeys(tasks, 0.4))
+        for t in tasks:
+            got = fam.state_dict(t)
+            assert len(want[t]) == len(base) and all(torch.equal(got[k], v) for k, v in want[t].items())
