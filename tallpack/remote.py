@@ -33,6 +33,12 @@ SECRET_PARAMETERS = frozenset({
     "x-goog-signature", "x-goog-credential", "x-goog-algorithm", "x-goog-date", "x-goog-expires",
     "x-goog-signedheaders", "googleaccessid", "sig", "token", "access_token", "api_key", "apikey", "key",
     "password", "secret", "auth", "authorization", "code"})
+#: Seconds an HTTP request may wait for its connection, and for each next byte, before it is given
+#: up (aiohttp's default instead bounds the whole request at 300 s: a large download failed however
+#: steadily it went, and a server that accepted but never answered held a command for 10 minutes).
+#: ``client_kwargs={"timeout": ...}`` in the storage options (or fsspec's configuration) replaces it.
+HTTP_CONNECT_TIMEOUT = 30
+HTTP_IDLE_TIMEOUT = 60
 #: What identifies one version of an object in fsspec's ``info`` (S3, GCS, Azure, HTTP), strongest first.
 IDENTITY_KEYS = ("VersionId", "generation", "version_id", "ETag", "etag", "LastModified", "Last-Modified",
                  "last_modified", "updated", "mtime")
@@ -61,6 +67,25 @@ def redact(url: str) -> str:
     return urlunsplit(parts._replace(netloc=netloc, query=query))
 
 
+def with_timeouts(url: str, storage_options: dict[str, Any] | None) -> dict[str, Any]:
+    """``storage_options`` for ``url``: at an HTTP(S) URL, with timeouts on connecting and on each
+    wait for data (``HTTP_IDLE_TIMEOUT``), none on the whole transfer, unless a timeout is given."""
+    opts = dict(storage_options or {})
+    if url.split("://", 1)[0].lower() not in ("http", "https"):
+        return opts
+    import fsspec.config
+
+    client = {**fsspec.config.conf.get("http", {}).get("client_kwargs", {}), **opts.get("client_kwargs", {})}
+    if "timeout" not in client:
+        try:
+            from aiohttp import ClientTimeout
+        except ImportError:  # fsspec says what is missing
+            return opts
+        client["timeout"] = ClientTimeout(total=None, sock_connect=HTTP_CONNECT_TIMEOUT, sock_read=HTTP_IDLE_TIMEOUT)
+        opts["client_kwargs"] = client
+    return opts
+
+
 def refusal(e: BaseException) -> str | None:
     """Why the server refused, behind ``e`` (its causes and contexts): ``"forbidden (HTTP 403)"``,
     ``"server error (HTTP 500)"``, ``"cannot connect (...)"``; None for a missing object (404) or
@@ -81,6 +106,9 @@ def refusal(e: BaseException) -> str | None:
     cause = _connection_error(e)
     if cause is not None:
         return f"cannot connect ({type(cause).__name__}: {quoted(cause)})"
+    late = next((c for c in _chain(e) if isinstance(c, TimeoutError) or "Timeout" in type(c).__name__), None)
+    if late is not None:  # (HTTP: no byte for HTTP_IDLE_TIMEOUT seconds)
+        return f"timed out ({type(late).__name__}{': ' + quoted(late) if str(late) else ''})"
     return None
 
 
@@ -152,7 +180,7 @@ class RemoteFile:
         self._lock = threading.Lock()
         self.closed = False
         try:
-            self._fs, self._path = url_to_fs(url, **(storage_options or {}))
+            self._fs, self._path = url_to_fs(url, **with_timeouts(url, storage_options))
             info = self._fs.info(self._path)
         except FileNotFoundError as e:
             why = refusal(e)  # fsspec's HTTP file system reports any failed request as missing

@@ -23,7 +23,7 @@ from urllib.parse import unquote, urlsplit
 
 from .errors import CheckpointError, CheckpointNotFoundError, OutputError, OutputExistsError, TallpackError, quoted
 from .fsutil import committed, forget_commits
-from .remote import redact, refusal
+from .remote import redact, refusal, with_timeouts
 from .storage import is_url
 
 log = logging.getLogger(__name__)
@@ -50,7 +50,7 @@ def _fs(url: str, storage_options: dict[str, Any] | None):
     from fsspec.core import url_to_fs
 
     try:
-        return url_to_fs(url, **(storage_options or {}))
+        return url_to_fs(url, **with_timeouts(url, storage_options))
     except ImportError as e:
         raise TallpackError(f"{url}: this kind of URL needs another package ({quoted(e)})") from None
 
@@ -301,6 +301,9 @@ def _get_file(fs: Any, rpath: str, dest: Path, size: Any, shown: str) -> None:
         raise CheckpointError(f"{shown}: cannot download: {refusal(e) or 'removed while downloading'}") from None
     except Exception as e:
         got = dest.stat().st_size if dest.is_file() else 0
+        why = refusal(e)
+        if why is not None:  # a timeout: no byte came for that long
+            raise CheckpointError(f"{shown}: cannot download: {why}, after {got} of {size} bytes") from None
         if isinstance(size, int) and got < size:
             raise CheckpointError(f"{shown}: cannot download: the transfer broke off after {got} of {size} bytes "
                                   f"(truncated; {type(e).__name__}); try again") from None

@@ -19,6 +19,7 @@ class RangeServer(ThreadingHTTPServer):
     requests; ``.served()`` the body bytes sent since ``.reset()``. ``.status[name] = 403``
     answers every request for ``name`` (its path less the leading ``/``) with that status;
     ``.cut.add(name)`` sends half of each body for ``name`` and closes the connection;
+    ``.stall.add(name)`` sends half of each body for ``name``, then nothing until ``.stop()``;
     ``.etags = False`` sends no ETag."""
 
     daemon_threads = True
@@ -30,6 +31,8 @@ class RangeServer(ThreadingHTTPServer):
         self.log: list[tuple[str, int, int]] = []
         self.status: dict[str, int] = {}
         self.cut: set[str] = set()
+        self.stall: set[str] = set()
+        self.stopped = threading.Event()
         self.etags = True
         self._lock = threading.Lock()
         self.url = f"http://127.0.0.1:{self.server_address[1]}"
@@ -40,6 +43,7 @@ class RangeServer(ThreadingHTTPServer):
         return self
 
     def stop(self) -> None:
+        self.stopped.set()
         self.shutdown()
         self.server_close()
 
@@ -109,9 +113,11 @@ class _Handler(BaseHTTPRequestHandler):
             with open(path, "rb") as f:
                 f.seek(start)
                 data = f.read(end - start)
-            if name in self.server.cut:
+            if name in self.server.cut or name in self.server.stall:
                 self.wfile.write(data[: len(data) // 2])
                 self.wfile.flush()
+                if name in self.server.stall:
+                    self.server.stopped.wait(60)
                 self.close_connection = True
                 return
             self.wfile.write(data)

@@ -397,3 +397,22 @@ def test_redact_removes_every_credential(user, secret, param):
     shown = redact(url)
     assert shown == "https://host:8443/a%20b/cars.safetensors?rev=2"
     assert redact(shown) == shown and redact("s3://bucket/key[1].safetensors") == "s3://bucket/key[1].safetensors"
+
+
+def test_a_server_that_stops_sending_is_given_up_on(own_server, small_family, served, tmp_path, monkeypatch):
+    """HTTP requests wait at most HTTP_IDLE_TIMEOUT for each next byte (here 1 s), and have no bound
+    on the whole transfer: a stalled download or archive is one error saying it timed out."""
+    from tallpack import remote
+
+    monkeypatch.setattr(remote, "HTTP_IDLE_TIMEOUT", 1)
+    _checkpoints(own_server.root, small_family, ["base.safetensors", "a.safetensors"])
+    shutil.copy(served["local"], own_server.root / "fam.tallpack")
+    own_server.stall |= {"a.safetensors", "fam.tallpack"}
+    with pytest.raises(tallpack.CheckpointError, match=r"a.safetensors: cannot download: timed out") as e:
+        tallpack.pack(f"{own_server.url}/base.safetensors", [f"{own_server.url}/a.safetensors"], tmp_path / "x.tallpack")
+    assert "\n" not in str(e.value) and not (tmp_path / "x.tallpack").exists()
+    with pytest.raises(tallpack.TallpackError, match=r"fam.tallpack: range read at \d+ failed \(timed out"):
+        tallpack.open(f"{own_server.url}/fam.tallpack")
+    timeout = remote.with_timeouts("https://host/x", None)["client_kwargs"]["timeout"]
+    assert timeout.total is None and timeout.sock_read == 1  # a long download that keeps going is not cut off
+    assert remote.with_timeouts("https://h/x", {"client_kwargs": {"timeout": 5}}) == {"client_kwargs": {"timeout": 5}}
