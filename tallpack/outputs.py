@@ -31,7 +31,7 @@ from .merging import check_alpha, default_alpha, is_consensus
 from .merged import default_model
 from .originals import write_originals
 from .progress import ProgressLike
-from .sharding import INDEX, SINGLE, plan_by_size, plan_from_layout, previous_weights, weights_among, write_shards
+from .sharding import INDEX, SINGLE, needs_index, plan_by_size, plan_from_layout, previous_weights, weights_among, write_shards
 from .staging import check_planned, staged
 from .storage import is_url
 
@@ -78,7 +78,7 @@ def write_checkpoint(
         elif layout:
             plan = plan_from_layout(keys, layout.get("shards"))
         plan = plan or {SINGLE: keys}
-        names = {*plan, *([INDEX] if len(plan) > 1 else []), *(["config.json"] if config is not None else [])}
+        names = {*plan, *([INDEX] if needs_index(plan) else []), *(["config.json"] if config is not None else [])}
         check_no_clash([*names, *also], str(out) if where is None else where)
         for fname in names:
             tx.check(out / fname)  # before anything is written

@@ -84,6 +84,17 @@ def plan_by_size(sizes: Mapping[str, int], max_shard_size: int | str) -> dict[st
     return dict(zip(shard_names(len(groups)), groups))
 
 
+#: A shard's name, which only an index makes a model of.
+_SHARD_NAME = re.compile(r".*-\d+-of-\d+\.safetensors")
+
+
+def needs_index(plan: Mapping[str, Any]) -> bool:
+    """Whether a plan's files make a model only with ``model.safetensors.index.json``: several
+    files, or one shard (``model-00001-of-00001.safetensors``); one file of another name
+    (``model.safetensors``, a PEFT adapter's ``adapter_model.safetensors``) is loaded by its name."""
+    return len(plan) > 1 or any(_SHARD_NAME.fullmatch(f) for f in plan)
+
+
 def _shard_file(name: Any) -> str | None:
     if (isinstance(name, str) and name.endswith(".safetensors") and name.isprintable() and "/" not in name
             and "\\" not in name and name not in (".safetensors",) and not name.startswith(".")):
@@ -161,8 +172,8 @@ def write_shards(tensors: Mapping[str, torch.Tensor], plan: Mapping[str, list[st
         del shard
     for _ in steps:  # report the last step
         pass
-    if len(plan) == 1 and next(iter(plan)) == SINGLE:
-        return outdir / SINGLE
+    if not needs_index(plan):  # model.safetensors, adapter_model.safetensors, ...: loaded by its name
+        return outdir / next(iter(plan))
     if index_metadata is not None and not isinstance(index_metadata, Mapping):  # from an archive: informative
         log.warning("ignoring recorded index metadata that is not an object (%s)", type(index_metadata).__name__)
         index_metadata = None

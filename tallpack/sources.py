@@ -32,6 +32,7 @@ import math
 import os
 import pickle
 import time
+import urllib.parse
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -384,17 +385,25 @@ def _read_index(index: Path) -> list[str]:
     return sorted({_shard_name(index, k, v) for k, v in weight_map.items()})
 
 
+#: A folder's weights, in the order transformers' ``from_pretrained`` looks for them: the first
+#: present is the model it loads (a single file before a shard index, safetensors before pickles).
+_WEIGHT_SETS = (("model.safetensors", "safetensors", False), ("model.safetensors.index.json", "safetensors", True),
+                ("pytorch_model.bin", "torch", False), ("pytorch_model.bin.index.json", "torch", True))
+
+
 def _folder_files(folder: Path, roots: list[Path]) -> tuple[str, list[Path], Path | None]:
-    """The weights' kind, their files, and the shard index when there is one."""
-    for index_name, kind in (("model.safetensors.index.json", "safetensors"),
-                             ("pytorch_model.bin.index.json", "torch")):
-        index = folder / index_name
-        if index.is_file() or index.is_symlink():
-            _in_folder(folder, index, roots)
-            return kind, [_in_folder(folder, folder / s, roots) for s in _read_index(index)], index
-    for name, kind in (("model.safetensors", "safetensors"), ("pytorch_model.bin", "torch")):
-        if (folder / name).is_file() or (folder / name).is_symlink():
-            return kind, [_in_folder(folder, folder / name, roots)], None
+    """The weights' kind, their files, and the shard index when there is one: the weights
+    transformers loads, the others (a stale single file beside shards) left out with a warning."""
+    present = [w for w in _WEIGHT_SETS if (folder / w[0]).is_file() or (folder / w[0]).is_symlink()]
+    if present:
+        name, kind, indexed = present[0]
+        if len(present) > 1:
+            log.warning("%s: holds %s too; packing %s, which transformers loads, and leaving the others out",
+                        folder, ", ".join(w[0] for w in present[1:]), name)
+        path = _in_folder(folder, folder / name, roots)
+        if indexed:
+            return kind, [_in_folder(folder, folder / s, roots) for s in _read_index(path)], path
+        return kind, [path], None
     found = sorted(folder.glob("*.safetensors"))
     if len(found) == 1:
         return "safetensors", [_in_folder(folder, found[0], roots)], None
@@ -427,6 +436,8 @@ def open_source(obj: SourceLike, *, label: str | None = None) -> Source:
         src.files = _other_files(path, roots, {*files, *([index] if index else [])})
         if index is not None:
             src.layout = _layout(src, index)
+        elif files[0].name not in ("model.safetensors", "pytorch_model.bin"):  # adapter_model.safetensors, ...
+            src.layout = {"shards": [[files[0].name, len(src.keys())]]}  # unpacked under its own name
         config = path / "config.json"
         if config.is_file() or config.is_symlink():
             _in_folder(path, config, roots)
@@ -525,9 +536,11 @@ def stem(obj: SourceLike) -> str:
     """The default task name of a path: the folder's name or the file's stem (for a URL, its last
     part, less a checkpoint suffix)."""
     if isinstance(obj, (str, os.PathLike)) and is_url(obj):
-        name = os.fspath(obj).rstrip("/").rsplit("/", 1)[-1]
+        name = urllib.parse.urlsplit(os.fspath(obj)).path.rstrip("/").rsplit("/", 1)[-1]  # no ?query
         for suffix in (".safetensors", ".bin", ".pt", ".pth"):
             name = name.removesuffix(suffix)
         return name
     p = Path(obj)  # type: ignore[arg-type]
+    if p.is_dir() and p.parent.name == "snapshots" and p.parent.parent.name.startswith("models--"):
+        return p.parent.parent.name.rsplit("--", 1)[-1]  # a Hugging Face cache snapshot: the repository's name
     return p.name if p.is_dir() else p.stem

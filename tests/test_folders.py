@@ -325,3 +325,44 @@ def test_a_bare_base_model_matches_fine_tunes_with_a_head(bert_family, tmp_path)
         for t in tasks:
             got = fam.state_dict(t)
             assert len(want[t]) == len(base) and all(torch.equal(got[k], v) for k, v in want[t].items())
+
+
+def _small(seed: int) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    return {"a.weight": torch.randn(16, 8, generator=g), "b.weight": torch.randn(8, generator=g)}
+
+
+def test_a_single_weight_file_keeps_its_name_and_a_stale_one_is_left_out(tmp_path, caplog):
+    """A folder's one weight file under another name (a PEFT adapter's adapter_model.safetensors)
+    comes back under that name; a folder holding a single file beside shards is packed as
+    transformers loads it (the single file), with a warning; a cache snapshot's task is named
+    after its repository, a URL's without its query."""
+    from safetensors.torch import load_file, save_file
+
+    from tallpack.sources import stem
+
+    base = _small(0)
+    ada = tmp_path / "ada"
+    ada.mkdir()
+    tuned = {k: v + 0.01 for k, v in base.items()}
+    save_file(tuned, ada / "adapter_model.safetensors")
+    (ada / "adapter_config.json").write_text("{}")
+    both = tmp_path / "models--org--both" / "snapshots" / ("a" * 40)
+    both.mkdir(parents=True)
+    loaded = {k: v - 0.01 for k, v in base.items()}
+    save_file(loaded, both / "model.safetensors")
+    save_file({"a.weight": base["a.weight"]}, both / "model-00001-of-00002.safetensors")
+    save_file({"b.weight": base["b.weight"]}, both / "model-00002-of-00002.safetensors")
+    (both / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {}, "weight_map": {"a.weight": "model-00001-of-00002.safetensors",
+                                        "b.weight": "model-00002-of-00002.safetensors"}}))
+    assert stem(both) == "both" and stem("https://h/x/cars.safetensors?X-Amz-Signature=a%2Fb") == "cars"
+    tallpack.pack(base, [ada, both], tmp_path / "f.tallpack")
+    assert "holds model.safetensors.index.json too; packing model.safetensors" in caplog.text
+    with tallpack.open(tmp_path / "f.tallpack") as fam:
+        assert fam.tasks == ("ada", "both")
+        tallpack.write_task(fam, "ada", tmp_path / "u")
+        tallpack.write_task(fam, "both", tmp_path / "b")
+    assert sorted(p.name for p in (tmp_path / "u").iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert set(load_file(tmp_path / "u" / "adapter_model.safetensors")) == set(base)
+    assert torch.allclose(load_file(tmp_path / "b" / "model.safetensors")["a.weight"], loaded["a.weight"], atol=0.02)
