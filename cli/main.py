@@ -218,7 +218,7 @@ def _parse_tasks(specs: tuple[str, ...]) -> dict[str, str]:
     tasks: dict[str, str] = {}
     for spec in specs:
         name, sep, path = spec.partition("=")
-        if not sep or _exists(spec):  # a bare path, even one with '=' in it
+        if not sep or _exists(spec) or "://" in name:  # a bare path or URL, even one with '=' in it (?sig=...)
             name, path = stem(spec), spec
         if path and not name and not sep:
             raise click.BadParameter(f"{spec!r}: no task name can be taken from this path; give NAME={spec}",

@@ -485,3 +485,11 @@ def test_output_cut_short_by_its_reader_is_no_error_line(packed):
     err = p.stderr.read().decode()
     p.wait(timeout=120)
     assert "error" not in err.lower(), err
+
+
+def test_a_bare_task_url_with_a_query_is_a_path_not_name_equals_path():
+    from tallpack_cli.main import _parse_tasks
+
+    assert _parse_tasks(("https://h/x/cars.safetensors?X-Amz-Signature=a%2Fb=",)) == {
+        "cars": "https://h/x/cars.safetensors?X-Amz-Signature=a%2Fb="}
+    assert _parse_tasks(("dtd=s3://b/d.safetensors",)) == {"dtd": "s3://b/d.safetensors"}
