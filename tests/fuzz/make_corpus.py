@@ -23,18 +23,20 @@ from fuzz_open import FILE, MANIFEST, RESUMMED, manifest_text  # noqa: E402
 
 
 def family(seed: int, dtype: torch.dtype = torch.float32) -> tuple[dict, dict]:
-    """A base and three tasks: merged (masked), shared, task-own (heads of other shapes, an int
-    buffer that differs), a bool tensor and an empty one."""
+    """A base and three tasks: merged (masked), shared (one of them changed alike in every task,
+    stored with its base), task-own (heads of other shapes, an int buffer that differs), a bool
+    tensor and an empty one."""
     g = torch.Generator().manual_seed(seed)
     base = {"w": torch.randn(12, 10, generator=g).to(dtype), "b": torch.randn(70, generator=g).to(dtype),
             "ids": torch.arange(9), "frozen": torch.randn(5, generator=g), "flag": torch.tensor([True, False]),
-            "empty": torch.zeros(0, 3)}
+            "empty": torch.zeros(0, 3), "moved": torch.randn(6, generator=g).to(dtype)}
     tasks = {}
     for i, t in enumerate(("cars", "dtd", "svhn")):
         sd = {k: v.clone() for k, v in base.items()}
         sd["w"] = (base["w"].float() + 0.1 * torch.randn(12, 10, generator=g)).to(dtype)
         sd["b"] = (base["b"].float() + 0.1 * torch.randn(70, generator=g)).to(dtype)
         sd["head"] = torch.randn(i + 2, 10, generator=g)
+        sd["moved"] = (base["moved"].float() + 0.5).to(dtype)  # changed alike in every task: shared with its base (1.13)
         if i == 1:
             sd["ids"] = torch.arange(9) * 2
         tasks[t] = sd
