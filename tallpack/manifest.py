@@ -31,12 +31,23 @@ KINDS = ("merged", "shared", "task-own", "base-only")
 
 def check_task_name(name: object) -> str:
     """A task name must be usable as a file name and on the command line: non-empty, at most 255
-    characters, no '/', '\\', '=', control characters or edge spaces, and not '.' or '..'."""
-    if (not isinstance(name, str) or not name or len(name) > 255 or name != name.strip() or name in (".", "..")
-            or any(c in name for c in "/\\=") or not name.isprintable()):
-        raise InvalidArgumentError(
-            f"bad task name {name!r}: use a non-empty file-name-safe name without '=', '/' or '\\'")
-    return name
+    bytes in UTF-8 (a file name's limit), no '/', '\\', '=', control characters or edge spaces, and
+    not '.' or '..'. The error says which rule the name breaks."""
+    if not isinstance(name, str) or not name:
+        why = "it is empty" if name == "" else f"a task name is a string, not a {type(name).__name__}"
+    elif name in (".", ".."):
+        why = f"{name!r} names a folder"
+    elif name != name.strip():
+        why = "it starts or ends with a space"
+    elif any(c in name for c in "/\\="):
+        why = "it holds '/', '\\' or '=' (NAME=PATH on the command line; a folder name when unpacked)"
+    elif not name.isprintable():
+        why = "it holds a control character"
+    elif len(name.encode("utf-8", "surrogatepass")) > 255:
+        why = f"it is {len(name.encode('utf-8', 'surrogatepass'))} bytes in UTF-8; a folder name holds at most 255"
+    else:
+        return name
+    raise InvalidArgumentError(f"bad task name {name!r}: {why}")
 
 
 def count_kinds(entries: tuple[TensorEntry, ...] | list[TensorEntry]) -> dict[str, int]:

@@ -493,3 +493,19 @@ def test_a_bare_task_url_with_a_query_is_a_path_not_name_equals_path():
     assert _parse_tasks(("https://h/x/cars.safetensors?X-Amz-Signature=a%2Fb=",)) == {
         "cars": "https://h/x/cars.safetensors?X-Amz-Signature=a%2Fb="}
     assert _parse_tasks(("dtd=s3://b/d.safetensors",)) == {"dtd": "s3://b/d.safetensors"}
+
+
+@pytest.mark.parametrize("name, why", [
+    ("ü" * 200, "400 bytes in UTF-8; a folder name holds at most 255"),
+    (" lead", "starts or ends with a space"),
+    ("a/b", "holds '/'"),
+    ("..", "names a folder"),
+    ("a\tb", "control character"),
+])
+def test_a_task_name_no_folder_can_hold_is_refused_at_pack_saying_why(name, why, small_family, tmp_path):
+    """Bytes, not characters: 200 'ü' are 400 bytes, which unpack --all could never write."""
+    from tallpack.manifest import check_task_name
+
+    with pytest.raises(tallpack.TallpackError, match=why):
+        check_task_name(name)
+    assert check_task_name("ü" * 127) == "ü" * 127
