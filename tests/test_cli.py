@@ -502,7 +502,7 @@ def test_a_bare_task_url_with_a_query_is_a_path_not_name_equals_path():
     ("..", "names a folder"),
     ("a\tb", "control character"),
 ])
-def test_a_task_name_no_folder_can_hold_is_refused_at_pack_saying_why(name, why, small_family, tmp_path):
+def test_a_task_name_no_folder_can_hold_is_refused_at_pack_saying_why(name, why):
     """Bytes, not characters: 200 'ü' are 400 bytes, which unpack --all could never write."""
     from tallpack.manifest import check_task_name
 
