@@ -467,7 +467,8 @@ def test_metadata_a_reader_would_refuse_is_refused_by_pack(small_family, tmp_pat
 
 
 @pytest.mark.parametrize("text", ['{"x": 123456789012345678901234567890}', '{"x": NaN}', '{"x": Infinity}',
-                                  '{"x": 1e999}', json.dumps(_deep(61)), "[" * 5000 + "]" * 5000])
+                                  '{"x": 1e999}', json.dumps(_deep(61)), "[" * 5000 + "]" * 5000],
+                         ids=["big", "nan", "inf", "1e999", "deep", "very-deep"])
 def test_a_config_json_readers_would_refuse_stays_a_folder_file(small_family, tmp_path, text, caplog):
     """A folder's config.json that the manifest cannot hold (spec §3) is kept only as a folder
     file, its bytes as they are, with a warning naming it: before, pack wrote an archive that no
