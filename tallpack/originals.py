@@ -227,6 +227,12 @@ def rebuildable(files: list[dict[str, Any]]) -> bool:
     return any(f.get("role") == "safetensors" for f in files) and not any(f.get("role") == "torch" for f in files)
 
 
+def rebuilt_whole(archive: "Archive", task: str) -> bool:
+    """Whether an exact unpack of ``task`` writes its original tensor files byte for byte
+    (safetensors inputs), rather than its exact tensors as new safetensors files."""
+    return rebuildable(_files(archive, task))
+
+
 def write_originals(archive: "Archive", task: str, outdir: str | os.PathLike) -> tuple[list[Path], bool]:
     """Write the task's recorded files into ``outdir``, each checked against its SHA-256.
 

@@ -29,7 +29,7 @@ from .fsutil import atomic_write, make_folder, transaction
 from .manifest import check_task_name
 from .merging import check_alpha, default_alpha, is_consensus
 from .merged import default_model
-from .originals import write_originals
+from .originals import rebuilt_whole, write_originals
 from .progress import ProgressLike
 from .sharding import INDEX, SINGLE, needs_index, plan_by_size, plan_from_layout, previous_weights, weights_among, write_shards
 from .staging import check_planned, staged
@@ -174,23 +174,26 @@ def write_task(archive: "Archive", task: str, outdir: str | os.PathLike, *, exac
 
     With ``exact=True`` (archives packed with the exact tier), the original files byte for byte
     (each checked against its SHA-256), the folder's other files (tokenizer, model card) among
-    them; for PyTorch or in-memory inputs, the original tensors as ``model.safetensors``. Returns
-    the first file written.
+    them; for PyTorch or in-memory inputs, which cannot be rebuilt byte for byte, the original
+    tensors as safetensors files, sharded like the original (or by ``max_shard_size``). Returns
+    the first file written (or the weights file or index).
 
     >>> write_task(fam, "cars", "cars/")
     >>> write_task(fam, "cars", "s3://models/cars", max_shard_size="5GB")
     """
     _check_call("write_task", archive, outdir)
     if exact:
-        _no_shard_size(max_shard_size)
         archive.require_exact(task)
+        _no_shard_size(archive, task, max_shard_size)
         with staged(outdir, storage_options, overwrite=overwrite, stale=weights_among) as local, transaction(overwrite=overwrite):
             written, complete = write_originals(archive, task, local)
             paths = written
-            if not complete:
+            if not complete:  # pickles or tensors: the exact tensors, in the shards a lossy unpack writes
                 meta, _ = task_metadata(archive, task)
-                paths = [write_checkpoint(archive.state_dict(task, exact=True), local, metadata=meta,
-                                          overwrite=overwrite)]
+                paths = [write_checkpoint(archive.state_dict(task, lazy=True, exact=True), local, metadata=meta,
+                                          layout=archive.task_info(task).source, max_shard_size=max_shard_size,
+                                          sizes=_sizes(archive, task), specs=_specs(archive, task),
+                                          progress=progress, overwrite=overwrite)]
             # the folder's other files (tokenizer, generation config, model card), as a lossy unpack
             # writes them, each checked against its SHA-256; the recorded ones are written above
             _kept_files(archive, archive.files(task), local,
@@ -206,10 +209,14 @@ def write_task(archive: "Archive", task: str, outdir: str | os.PathLike, *, exac
         return _shown(outdir, local, path)
 
 
-def _no_shard_size(max_shard_size: int | str | None) -> None:
-    if max_shard_size is not None:
-        raise InvalidArgumentError("max_shard_size (--max-shard-size) has no effect with exact=True (--exact): the "
-                                   "original files come back as they were, shards and all")
+def _no_shard_size(archive: "Archive", task: str, max_shard_size: int | str | None) -> None:
+    """InvalidArgumentError for a ``max_shard_size`` with ``exact=True`` on a task whose original
+    files come back byte for byte (safetensors inputs); pickle and in-memory inputs come back as
+    new safetensors files, which it shards."""
+    if max_shard_size is not None and rebuilt_whole(archive, task):
+        raise InvalidArgumentError(f"{archive.name}: task {task!r}: max_shard_size (--max-shard-size) has no effect "
+                                   "with exact=True (--exact): its original safetensors files come back byte for "
+                                   "byte, shards and all (it shards only tasks packed from PyTorch files or tensors)")
 
 
 def write_tasks(archive: "Archive", tasks: Sequence[str] | None, outdir: str | os.PathLike, *,
@@ -222,14 +229,13 @@ def write_tasks(archive: "Archive", tasks: Sequence[str] | None, outdir: str | o
     when one is bad.
     """
     _check_call("write_tasks", archive, outdir)
-    if exact:
-        _no_shard_size(max_shard_size)
     names = list(archive.tasks if tasks is None else tasks)
     for name in names:
         archive.task_info(name)
         check_task_name(name)  # an archive's task name becomes a folder name
         if exact:
             archive.require_exact(name)
+            _no_shard_size(archive, name, max_shard_size)
     with staged(outdir, storage_options, overwrite=overwrite, stale=weights_among) as local, transaction(overwrite=overwrite):
         paths = [write_task(archive, name, local / name, exact=exact, max_shard_size=max_shard_size,
                             progress=progress, overwrite=overwrite) for name in names]

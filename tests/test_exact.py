@@ -330,3 +330,60 @@ def test_a_residual_that_passes_its_checksum_but_not_the_hash_is_said_once_with_
             fam.get_tensor("b", "body.w", exact=True)
         problems = fam.verify()
     assert len(problems) == 1 and problems[0].startswith(f"{bad}: ") and "original's hash" in problems[0], problems
+
+
+def _to_bin_shards(folder: Path) -> dict:
+    """Turn a sharded safetensors folder into ``pytorch_model-0000i-of-0000N.bin`` shards and
+    their index, as older transformers saved; returns the tensors."""
+    from safetensors.torch import load_file
+
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    files = sorted(set(index["weight_map"].values()))
+    weight_map, tensors = {}, {}
+    for i, f in enumerate(files, 1):
+        sd = load_file(folder / f)
+        name = f"pytorch_model-{i:05d}-of-{len(files):05d}.bin"
+        torch.save(sd, folder / name)
+        weight_map |= dict.fromkeys(sd, name)
+        tensors |= sd
+        (folder / f).unlink()
+    (folder / "model.safetensors.index.json").unlink()
+    (folder / "pytorch_model.bin.index.json").write_text(json.dumps({"metadata": index["metadata"],
+                                                                     "weight_map": weight_map}))
+    return tensors
+
+
+def test_sharded_pickles_come_back_sharded_exactly(hf_family, tmp_path: Path) -> None:
+    """A folder of pytorch_model-*.bin shards cannot be rebuilt byte for byte: its exact tensors
+    come back in the safetensors shards a lossy unpack writes (not one file of the whole model),
+    or in shards of max_shard_size; a safetensors task refuses max_shard_size, saying why."""
+    from safetensors.torch import load_file
+
+    folder = shutil.copytree(hf_family["tasks"]["cars"], tmp_path / "in" / "cars")
+    original = _to_bin_shards(folder)
+    n = len(list(folder.glob("pytorch_model-*.bin")))
+    assert n > 2
+    out = tmp_path / "bin.tallpack"
+    tallpack.pack(hf_family["base"], {"cars": folder, "dtd": hf_family["tasks"]["dtd"]}, out, exact=True)
+    with tallpack.open(out) as fam:
+        tallpack.write_task(fam, "cars", tmp_path / "lossy")
+        tallpack.write_task(fam, "cars", tmp_path / "exact", exact=True)
+        lossy = sorted(p.name for p in (tmp_path / "lossy").iterdir())
+        assert sorted(p.name for p in (tmp_path / "exact").iterdir()) == lossy
+        assert "model.safetensors.index.json" in lossy and len([x for x in lossy if x.startswith("model-")]) == n
+        got = load_folder(tmp_path / "exact")
+        assert set(got) == set(original) and all(_same(got[k], v) for k, v in original.items())
+        assert _sha(tmp_path / "exact" / "config.json") == _sha(folder / "config.json")
+
+        limit = max(v.numel() * v.element_size() for v in original.values())
+        tallpack.write_tasks(fam, ["cars"], tmp_path / "small", exact=True, max_shard_size=limit)
+        shards = sorted((tmp_path / "small" / "cars").glob("model-*.safetensors"))
+        assert len(shards) > n
+        for p in shards:
+            assert sum(v.numel() * v.element_size() for v in load_file(p).values()) <= limit
+        got = load_folder(tmp_path / "small" / "cars")
+        assert set(got) == set(original) and all(_same(got[k], v) for k, v in original.items())
+
+        with pytest.raises(tallpack.InvalidArgumentError, match="task 'dtd'.*come back byte for byte"):
+            tallpack.write_tasks(fam, None, tmp_path / "all", exact=True, max_shard_size="1MB")
+        assert not (tmp_path / "all").exists()
