@@ -51,6 +51,8 @@ except ImportError:  # pragma: no cover - not POSIX: no locks, so no cleanup eit
 log = logging.getLogger(__name__)
 
 _TAG = re.compile(r"([0-9a-f]{8})-([0-9a-f]{8})-([0-9]{1,10})-[0-9a-f]{8}")
+#: a temporary's name: its target's stem, then the tag (which has no dots: the stem is the rest)
+_TEMPORARY = re.compile(r"\.(.+)\.([0-9a-f]{8}-[0-9a-f]{8}-[0-9]{1,10}-[0-9a-f]{8})\.partial", re.S)
 _FULL_DISK = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
               errno.EFBIG: "file too large (a file size limit was reached)"}
 
@@ -92,7 +94,7 @@ def _stem(name: str) -> str:
     return raw[:150].decode("utf-8", "ignore") + "~" + hashlib.sha256(raw).hexdigest()[:8]
 
 
-def temp_beside(target: Path) -> tuple[int, Path]:
+def temp_beside(target: Path, *, listed: dict[Path, dict[str, list[str]]] | None = None) -> tuple[int, Path]:
     """An open, locked descriptor and the path of a new temporary file in ``target``'s folder,
     with the permissions a plain ``open`` would give.
 
@@ -102,6 +104,9 @@ def temp_beside(target: Path) -> tuple[int, Path]:
     >>> fd, tmp = temp_beside(Path("family.tallpack"))
     >>> with os.fdopen(fd, "wb") as f: f.write(data)
     >>> commit(tmp, Path("family.tallpack"))
+
+    ``listed`` (a dict kept by the caller across calls, see :func:`remove_stale_temporaries`)
+    spares listing a folder again for each of many files written into it.
     """
     target = Path(target)
     tag = f"{_host_tag()}-{_boot_tag()}-{os.getpid()}"
@@ -124,7 +129,7 @@ def temp_beside(target: Path) -> tuple[int, Path]:
         except OSError:  # a file system without locks: the pid in the name still guards the file
             pass
         try:
-            remove_stale_temporaries(target)
+            remove_stale_temporaries(target, listed=listed)
         except OSError as e:  # cleanup must never cost the write itself
             log.debug("%s: could not look for stale temporaries: %s", target.parent, e)
     return fd, tmp
@@ -140,16 +145,27 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def remove_stale_temporaries(target: Path) -> list[Path]:
+def remove_stale_temporaries(target: Path, *, listed: dict[Path, dict[str, list[str]]] | None = None) -> list[Path]:
     """Remove the temporaries of ``target`` whose writers are gone (see the module docstring);
-    returns the paths removed."""
+    returns the paths removed.
+
+    With ``listed`` (folder -> target stem -> temporaries' names, filled here), each folder is
+    listed once for all the files written into it, not once per file (which made writing many
+    files into one folder quadratic); a temporary that appears after that listing is left for a
+    later write to judge.
+    """
     target = Path(target)
     if fcntl is None:  # pragma: no cover
         return []
     prefix, removed = f".{_stem(target.name)}.", []
     host, boot = _host_tag(), _boot_tag()
-    with os.scandir(target.parent) as entries:
-        names = [e.name for e in entries if e.name.startswith(prefix) and e.name.endswith(".partial")]
+    if listed is None:
+        with os.scandir(target.parent) as entries:
+            names = [e.name for e in entries if e.name.startswith(prefix) and e.name.endswith(".partial")]
+    else:
+        if target.parent not in listed:
+            listed[target.parent] = _temporaries(target.parent)
+        names = listed[target.parent].pop(_stem(target.name), [])
     for name in names:
         m = _TAG.fullmatch(name[len(prefix):-len(".partial")])
         if not m or m[1] != host:
@@ -166,6 +182,17 @@ def remove_stale_temporaries(target: Path) -> list[Path]:
                         "earlier write (process %d)", path, size, pid)
             removed.append(path)
     return removed
+
+
+def _temporaries(folder: Path) -> dict[str, list[str]]:
+    """The names in ``folder`` that have a temporary's form, by the stem of their target."""
+    found: dict[str, list[str]] = {}
+    with os.scandir(folder) as entries:
+        for e in entries:
+            m = _TEMPORARY.fullmatch(e.name)
+            if m:
+                found.setdefault(m[1], []).append(e.name)
+    return found
 
 
 def _remove_if_unlocked(path: Path) -> int | None:
@@ -258,10 +285,11 @@ def check_replaceable(target: str | os.PathLike) -> None:
                       "replaces only those: name another path")
 
 
-def commit(tmp: Path, target: Path, *, overwrite: bool = True) -> None:
+def commit(tmp: Path, target: Path, *, overwrite: bool = True, sync: bool = True) -> None:
     """Rename ``tmp`` to ``target`` and make the rename durable. With ``overwrite=False`` an
     existing ``target`` is never replaced (OutputExistsError), even one created a moment ago:
-    the file is linked to its name, which fails if the name exists, and then unlinked."""
+    the file is linked to its name, which fails if the name exists, and then unlinked. With
+    ``sync=False`` the caller syncs the folder (once for many renames: :func:`sync_folder`)."""
     global _committed
     if overwrite:
         check_replaceable(target)  # checked before the write too; a device may have appeared meanwhile
@@ -281,8 +309,14 @@ def commit(tmp: Path, target: Path, *, overwrite: bool = True) -> None:
         else:
             os.unlink(tmp)
     _committed += 1
+    if sync:
+        sync_folder(target.parent)
+
+
+def sync_folder(folder: Path) -> None:
+    """Make the renames in ``folder`` durable."""
     try:
-        dfd = os.open(target.parent, os.O_RDONLY)
+        dfd = os.open(folder, os.O_RDONLY)
     except OSError:  # pragma: no cover - some platforms cannot open folders
         return
     try:
@@ -347,6 +381,11 @@ class Transaction:
         self.overwrite = overwrite
         self.created: list[Path] = []  # folders this output made, outermost first
         self.staged: list[tuple[int, Path, Path]] = []  # (locked descriptor, temporary, target)
+        # the targets and folders above as sets, and each folder's temporaries listed once: an
+        # output of many files costs time in proportion to their number, not its square
+        self._targets: set[Path] = set()
+        self._folders: set[Path] = set()
+        self._listed: dict[Path, dict[str, list[str]]] = {}
         self.obsolete: list[Path] = []  # existing files this output replaces by others: removed on commit
 
     def check(self, target: Path) -> None:
@@ -357,22 +396,24 @@ class Transaction:
     def folder(self, path: Path) -> Path:
         missing = [p for p in (path, *path.parents) if not p.exists()]
         for p in reversed(missing):
-            if any(t == p for _, _, t in self.staged):
+            if p in self._targets:
                 raise OutputError(f"{p}: a file of this output, and the folder of another; refusing to write either")
             p.mkdir()
             self.created.append(p)
+            self._folders.add(p)
         return path
 
     def stage(self, target: Path, write: Callable[[Path], object]) -> None:
-        if target in self.created:
+        if target in self._folders:
             raise OutputError(f"{target}: a file of this output, and the folder of another; refusing to write either")
         self.check(target)
-        if any(t == target for _, _, t in self.staged):
+        if target in self._targets:
             raise OutputError(f"{target}: written twice in one output")
         with writing(target):
             with signals_held():  # made and recorded together: an abort finds every temporary
-                fd, tmp = temp_beside(target)
+                fd, tmp = temp_beside(target, listed=self._listed)
                 self.staged.append((fd, tmp, target))  # the descriptor stays open: its lock guards tmp
+                self._targets.add(target)
             write(tmp)
 
     def remove_on_commit(self, target: Path) -> None:
@@ -395,7 +436,9 @@ class Transaction:
                 existed = os.path.lexists(target)
                 aside = _keep_aside(target) if existed and self.overwrite else None
                 done.append((fd, target, existed, aside))
-                commit(tmp, target, overwrite=self.overwrite)
+                commit(tmp, target, overwrite=self.overwrite, sync=False)
+            for folder in dict.fromkeys(target.parent for _, _, target in self.staged):
+                sync_folder(folder)  # once per folder, not per file
         except BaseException:
             # a rename failed after the checks (a race, an I/O error): the files put in place
             # before it go again, and the files they replaced come back
@@ -408,6 +451,7 @@ class Transaction:
                 aside.unlink(missing_ok=True)
             os.close(fd)
         self.staged = []
+        self._targets = set()
         for target in self.obsolete:
             try:
                 target.unlink()
@@ -424,6 +468,7 @@ class Transaction:
             tmp.unlink(missing_ok=True)
             os.close(fd)
         self.staged = []
+        self._targets = set()
         for p in reversed(self.created):
             try:
                 p.rmdir()  # only if empty: never anything someone else put there
