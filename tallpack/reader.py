@@ -12,6 +12,7 @@ import difflib
 import gc
 import logging
 import os
+import sys
 import threading
 import weakref
 from collections import OrderedDict
@@ -55,8 +56,14 @@ log = logging.getLogger(__name__)
 def _after_fork_in_child() -> None:
     """A forked child has none of its parent's threads, and a lock some other parent thread held
     stays held: each archive open at the fork starts a fresh pool (and locks) when next it reads,
-    rather than waiting forever on workers that do not exist (a DataLoader's forked workers)."""
-    for archive in list(_OPEN):
+    rather than waiting forever on workers that do not exist (a DataLoader's forked workers). With
+    an archive open, torch runs on one thread in the child, as DataLoader's workers do: torch's
+    OpenMP pool, which the parent's reads started, does not survive a fork, and the child's next
+    parallel operation would wait for it forever (``multiprocessing``'s fork pools)."""
+    archives = list(_OPEN)
+    if archives and "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(1)
+    for archive in archives:
         archive._pool, archive._pool_lock = None, threading.Lock()
         archive._cache.after_fork()
 

@@ -54,3 +54,31 @@ def test_a_forked_child_reads_an_archive_its_parent_opened(tmp_path):
                 pytest.fail("the forked child hung reading the archive")
             time.sleep(0.05)
         assert os.waitstatus_to_exitcode(status) == 0
+
+
+@pytest.mark.parametrize("exact", [False, True])
+def test_a_fork_pool_reads_after_the_parent_did_without_setting_torch_threads(tmp_path, exact):
+    """multiprocessing's fork pools (Linux's default before 3.14): the parent's reads ran torch's
+    OpenMP pool, which the child does not have; with an archive open the reader puts torch on one
+    thread in the child, as a DataLoader does for its workers (the exact tier's reads, which run
+    torch's operations, waited forever)."""
+    import multiprocessing
+
+    g = torch.Generator().manual_seed(1)
+    base = {"w": torch.randn(512, 512, generator=g)}
+    tasks = {t: {"w": base["w"] + 0.01 * torch.randn(512, 512, generator=g)} for t in ("x", "y")}
+    tallpack.pack(base, tasks, tmp_path / "f.tallpack", exact=exact)
+    global _FAM
+    with tallpack.open(tmp_path / "f.tallpack") as _FAM:
+        want = {t: _FAM.get_tensor(t, "w", exact=exact) for t in ("x", "y")}  # the parent's torch threads ran
+        with multiprocessing.get_context("fork").Pool(2) as pool:
+            got = pool.map_async(_read_w, [(t, exact) for t in ("x", "y")]).get(timeout=90)
+        assert all(torch.equal(a, want[t]) for a, t in zip(got, ("x", "y")))
+
+
+_FAM = None
+
+
+def _read_w(args):
+    task, exact = args
+    return _FAM.get_tensor(task, "w", exact=exact)
