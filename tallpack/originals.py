@@ -27,6 +27,7 @@ from .errors import CheckpointError, FormatError, IntegrityError, TallpackError
 from .folders import check_digest, check_file_name, check_no_clash, safe_target
 from .fsutil import atomic_write, make_folder, remove_on_commit
 from .limits import MAX_DEPTH
+from .progress import ProgressLike, track
 from .sharding import previous_weights
 from .sources import _ST_DTYPES, Source
 
@@ -271,13 +272,13 @@ def write_originals(archive: "Archive", task: str, outdir: str | os.PathLike) ->
     return written, tensor_files
 
 
-def verify_originals(archive: "Archive") -> list[str]:
+def verify_originals(archive: "Archive", progress: ProgressLike = None) -> list[str]:
     """Rebuild every exact tensor and every recorded file of every task with the exact tier and
-    check them against their hashes; returns the problems found."""
+    check them against their hashes, a ``progress`` step per tensor; returns the problems found."""
     problems: list[str] = []
-    for task in archive.tasks:
-        if archive.task_info(task).exact is None:
-            continue
+    tasks = [t for t in archive.tasks if archive.task_info(t).exact is not None]
+    steps = iter(track(range(sum(len(archive.keys(t)) for t in tasks)), progress, "checking originals"))
+    for task in tasks:
         try:
             files = _files(archive, task)
             seen: set = set()
@@ -286,7 +287,9 @@ def verify_originals(archive: "Archive") -> list[str]:
                     if f.get("role") == "torch":
                         continue
                     h, size = hashlib.sha256(), 0
-                    for piece in _pieces(archive, task, f, seen):
+                    for i, piece in enumerate(_pieces(archive, task, f, seen)):
+                        if i and f.get("role") == "safetensors":  # a tensor; the header comes first
+                            next(steps, None)
                         h.update(piece)
                         size += len(piece)
                     _check(archive, task, f, h, size)
@@ -296,8 +299,11 @@ def verify_originals(archive: "Archive") -> list[str]:
         for name in archive.keys(task):
             if name in seen:
                 continue
+            next(steps, None)
             try:
                 archive.get_tensor(task, name, exact=True)
             except TallpackError as e:
                 problems.append(str(e))
+    for _ in steps:  # the last step reported, and those of a task that failed before its tensors
+        pass
     return problems

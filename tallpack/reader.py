@@ -856,16 +856,16 @@ class Archive:
                 read_blob(self._c.read_array, digest, ref, named.get(digest, f"file content {digest[:12]}"))
             except TallpackError as e:
                 problems.append(str(e))
-        later = verify_originals(self)
-        for entry in self.manifest.tensors:  # derived masks: their set bits against the manifest's
-            for t, tt in entry.tasks.items():
-                if tt.encoding in TALL_ENCODINGS and tt.encoding != "tall":
-                    if any(f"tensor {entry.name!r}" in p for p in later):
-                        continue  # an original of it did not rebuild, said above: the mask derives from them
-                    try:
-                        task_mask(self.read_array, entry, tt, f"{self.name}: task {t!r}, tensor {entry.name!r}")
-                    except TallpackError as e:
-                        later.append(str(e))
+        later = verify_originals(self, progress)
+        derived = [(entry, t, tt) for entry in self.manifest.tensors for t, tt in entry.tasks.items()
+                   if tt.encoding in TALL_ENCODINGS and tt.encoding != "tall"]
+        for entry, t, tt in track(derived, progress, "checking derived masks"):  # set bits against the manifest's
+            if any(f"tensor {entry.name!r}" in p for p in later):
+                continue  # an original of it did not rebuild, said above: the mask derives from them
+            try:
+                task_mask(self.read_array, entry, tt, f"{self.name}: task {t!r}, tensor {entry.name!r}")
+            except TallpackError as e:
+                later.append(str(e))
         # a damaged chunk is said once: the rebuilds that read it (every task's, where a merged
         # vector is derived from one task's original) fail on it again, and are not repeated
         said = {f"tensor {name!r}" for name, _, ref in iter_arrays(self.manifest.tensors) if id(ref) in damaged}

@@ -387,3 +387,30 @@ def test_sharded_pickles_come_back_sharded_exactly(hf_family, tmp_path: Path) ->
         with pytest.raises(tallpack.InvalidArgumentError, match="task 'dtd'.*come back byte for byte"):
             tallpack.write_tasks(fam, None, tmp_path / "all", exact=True, max_shard_size="1MB")
         assert not (tmp_path / "all").exists()
+
+
+def test_verify_shows_progress_while_it_checks_the_originals(small_family, tmp_path: Path) -> None:
+    """verify's long part, rebuilding every original (safetensors files and a pickle's tensors)
+    and the masks derived from them, has progress steps of its own, ending at its total; -q
+    shows none."""
+    from click.testing import CliRunner
+    from tallpack_cli.main import main
+
+    paths = dict(small_family["task_paths"])
+    paths["a"] = tmp_path / "a.pt"
+    torch.save(small_family["tasks"]["a"], paths["a"])
+    out = tmp_path / "v.tallpack"
+    tallpack.pack(small_family["base_path"], paths, out, exact=True, chunk_elements=64)
+    calls: list[tuple[str, int, int]] = []
+    with tallpack.open(out) as fam:
+        assert fam.verify(progress=lambda *step: calls.append(step)) == []
+        tensors, chunks = sum(len(fam.keys(t)) for t in fam.tasks), fam.chunk_count()
+    checking = [(done, total) for desc, done, total in calls if desc == "checking originals"]
+    assert checking == [(i, tensors) for i in range(1, tensors + 1)]
+    assert calls.index(("checking originals", 1, tensors)) > max(i for i, c in enumerate(calls) if c[0] == "verifying")
+    derived = [(done, total) for desc, done, total in calls if desc == "checking derived masks"]
+    assert not derived or derived[-1][0] == derived[-1][1]
+    r = CliRunner().invoke(main, ["verify", str(out)])
+    assert r.exit_code == 0 and f"checking originals: {tensors}/{tensors}\n" in r.output, r.output
+    r = CliRunner().invoke(main, ["-q", "verify", str(out)])
+    assert r.exit_code == 0 and r.output == f"ok: {out}: {chunks} chunks intact\n", r.output
