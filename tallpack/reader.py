@@ -28,7 +28,7 @@ from . import kernels
 from .arrays import ArrayRef
 from .cache import DEFAULT_CACHE_BYTES, ByteLRU
 from .container import FOOTER, PLANAR_DTYPES, PREFETCH_BYTES, ContainerReader
-from .dtypes import SAFETENSORS_DTYPES, bytes_to_tensor, view_tensor
+from .dtypes import SAFETENSORS_DTYPES, bytes_to_tensor, torch_dtype, view_tensor
 from .elements import numel
 from .encodings import Encoding, TaskTensor, TensorEntry, Use, encoding_for, iter_arrays
 from .encodings.base import split_parts
@@ -592,6 +592,11 @@ class Archive:
         once and kept in the cache on that device, so other tasks send only their masks.
         """
         device = _usable(device)
+        if device is not None and device.type == "meta":  # shapes and dtypes only: nothing to read
+            if exact:
+                self.require_exact(task)
+            dtype, shape = self.tensor_spec(task, name)
+            return torch.empty(shape, dtype=torch_dtype(dtype), device=device)
         member = self._member(task, name)
         if member is not None:
             return self._rebuild(task, member[0].name, self._workers(), exact, device, parts=[member[1]])[0]
@@ -647,6 +652,8 @@ class Archive:
         sd = LazyStateDict(self, task, exact=exact, device=_usable(device))
         if lazy:
             return sd
+        if _is_meta(sd._device):  # a model's skeleton: nothing decoded
+            return {name: self.get_tensor(task, name, exact=exact, device=sd._device) for name in sd}
         with _gc_paused(), self._scanning():  # see _gc_paused: a full pass would cost as much as the rebuild
             return self._whole(sd, task, exact, device)
 
@@ -1025,6 +1032,10 @@ def _group_where(entry: TensorEntry) -> str:
     return f"tensor group {entry.name!r} ({len(entry.members)} tensors: {names})"
 
 
+def _is_meta(device: torch.device | str | None) -> bool:
+    return device is not None and torch.device(device).type == "meta"
+
+
 def _usable(device: torch.device | str | None) -> torch.device | None:
     """``device`` as a torch.device this process can allocate on (None: the CPU, as given);
     InvalidArgumentError for a name torch does not know or a device it has not."""
@@ -1098,7 +1109,7 @@ class LazyStateDict(Mapping):
 
     def __getitem__(self, name: str) -> torch.Tensor:
         member = self._archive._member(self._task, name)
-        if member is None:
+        if member is None or _is_meta(self._device):
             return self._archive.get_tensor(self._task, name, exact=self._exact, device=self._device)
         group = member[0]
         with self._lock:

@@ -471,3 +471,22 @@ def test_pack_takes_an_evaluators_torch_scores(tmp_path) -> None:
     m = tallpack.pack(base, tasks, tmp_path / "d.tallpack", evaluate=correct, lambda_grid=[0.4], fidelity=0.5)
     with tallpack.open(tmp_path / "d.tallpack") as fam:
         assert all(fam.task_info(t).fidelity["score"] >= 0.5 for t in fam.tasks)
+
+
+@pytest.mark.parametrize("exact", [False, True])
+def test_device_meta_gives_the_skeleton_without_decoding(tmp_path, exact):
+    """``device="meta"`` (a model built on the meta device, then loaded): every tensor of the right
+    shape and dtype, read from the manifest alone, for any archive (the exact tier's derived masks
+    failed with torch's NotImplementedError), eager, lazy, and one tensor."""
+    g = torch.Generator().manual_seed(0)
+    base = {"w": torch.randn(64, 32, generator=g), "n": torch.randn(32, generator=g).bfloat16(), "i": torch.arange(4)}
+    tasks = {t: {k: (v.float() + 0.01 * torch.randn(v.shape, generator=g)).to(v.dtype) if v.is_floating_point()
+                 else v for k, v in base.items()} | {"head": torch.randn(3 + i, 2, generator=g)}
+             for i, t in enumerate(("a", "b"))}
+    tallpack.pack(base, tasks, tmp_path / "f.tallpack", exact=exact)
+    with tallpack.open(tmp_path / "f.tallpack") as fam:
+        ref = fam.state_dict("b")
+        for sd in (fam.state_dict("b", device="meta"), fam.state_dict("b", device="meta", lazy=True)):
+            assert list(sd) == list(ref)
+            assert all(sd[k].is_meta and sd[k].shape == v.shape and sd[k].dtype == v.dtype for k, v in ref.items())
+        assert fam.get_tensor("a", "head", device="meta", exact=exact).shape == (3, 2)
