@@ -495,3 +495,23 @@ def test_a_k_past_any_integer_type_gives_the_base(tmp_path):
         assert all(torch.equal(sd[k], base[k]) for k in base)
     r = run("-q", "merge", tmp_path / "f.tallpack", "--k", str(2**70), "-o", tmp_path / "m")
     assert f"k={2**70}" in r.stdout
+
+
+def test_a_ties_archive_without_its_statistics_names_them_for_a_tensor_changed_alike(tmp_path):
+    """The fuzzer's find: merging a tensor every task changed alike trims by TIES' thresholds; an
+    archive whose manifest lacks them is a format error naming them, not an AssertionError."""
+    from test_fuzz import manifest_of, with_manifest
+
+    base = {"w": torch.zeros(64), "s": torch.zeros(4)}
+    g = torch.Generator().manual_seed(0)
+    tasks = {t: {"w": torch.randn(64, generator=g), "s": torch.ones(4)} for t in ("a", "b")}
+    tallpack.pack(base, tasks, tmp_path / "t.tallpack", merge="ties")
+    raw = (tmp_path / "t.tallpack").read_bytes()
+    for key in ("thresholds", "majority_sign"):
+        m = manifest_of(raw)
+        del m["merge"][key]
+        (tmp_path / "m.tallpack").write_bytes(with_manifest(raw, m))
+        with tallpack.open(tmp_path / "m.tallpack") as fam:
+            for model in ("ties", "consensus-ties"):
+                with pytest.raises(tallpack.TallpackError, match=f"tensor 's': merge: ties {key} missing"):
+                    fam.merged(model)
