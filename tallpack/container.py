@@ -36,7 +36,7 @@ from .arrays import (DEFAULT_CHUNK_ELEMENTS, ArrayRef, Chunk, check_chunk_bytes,
                      check_chunk_elements, check_shape)
 from .checksums import DEFAULT_CHECKSUM, checksum_function, crc32
 from .elements import itemsize, numel
-from .errors import FormatError, IntegrityError, InvalidArgumentError, UnsupportedVersionError
+from .errors import FormatError, IntegrityError, InvalidArgumentError, TallpackError, UnsupportedVersionError
 from .fsutil import commit, signals_held, temp_beside
 from .memory import empty
 from .limits import (MAX_DEPTH, MAX_JSON_INT, MAX_MANIFEST_BYTES, MAX_NUMBER_CHARS, MIN_JSON_INT,
@@ -495,6 +495,7 @@ class ContainerReader:
         stored = source.read(m_off, m_len)
         if crc32(stored) != m_crc:
             raise IntegrityError(f"{name}: manifest checksum mismatch (damaged archive)")
+        self._ends = (bytes(source.read(0, HEADER.size)), bytes(source.read(size - FOOTER.size, FOOTER.size)))
         raw: bytes | memoryview = stored
         if flags & FLAG_MANIFEST_ZSTD:
             raw = _decompress_manifest(stored, name, max_manifest_bytes(size))
@@ -530,6 +531,23 @@ class ContainerReader:
                     where = f"tensor {where[0]!r} ({where[1]})"
                 raise FormatError(f"{self.name}: {where}: chunk at {off} overlaps another or the manifest")
             end = off + n
+
+    def verify_ends(self) -> list[str]:
+        """The header, footer and manifest read again: as they were at open, and the manifest's
+        checksum right (a file damaged or cut in place since, which the open archive does not
+        read again, would not open again)."""
+        try:
+            size = self.source.size
+            head, foot = bytes(self.source.read(0, HEADER.size)), bytes(self.source.read(size - FOOTER.size, FOOTER.size))
+            if (head, foot) != self._ends:
+                return [f"{self.name}: {'header' if head != self._ends[0] else 'footer'} changed since the archive "
+                        "was opened (damaged or replaced in place)"]
+            m_off, m_len, m_crc, _, _ = FOOTER.unpack(foot)
+            if crc32(self.source.read(m_off, m_len)) != m_crc:
+                return [f"{self.name}: manifest checksum mismatch (damaged archive)"]
+        except TallpackError as e:
+            return [str(e)]
+        return []
 
     def verify_padding(self) -> list[str]:
         """Bytes that no chunk covers (alignment padding) must be zero: no hidden data."""

@@ -838,6 +838,9 @@ class Archive:
         is zero; with the exact tier, rebuild every original tensor and file and check their
         hashes; and that the header's version is the manifest's. Returns the problems found (empty:
         intact)."""
+        problems = self._c.verify_ends()  # the file damaged or cut in place since it was opened
+        if problems:  # nothing else can be trusted (nor read: a cut file's chunks are past its end)
+            return problems
         problems = self._c.verify_padding()
         if tuple(self.manifest.format_version) != self.format_version:  # the header's minor too
             problems.append(f"{self.name}: header says format {self.format_version[0]}.{self.format_version[1]}, "

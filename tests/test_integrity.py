@@ -585,3 +585,32 @@ def test_file_names_of_printable_characters_are_taken(name):
     from tallpack.folders import check_file_name
 
     assert check_file_name(name) == name
+
+
+@pytest.mark.parametrize("how", ["cut 1", "cut 1000", "cut half", "manifest byte", "footer byte"])
+def test_verify_of_an_open_archive_sees_its_ends_damaged_in_place(small_family, tmp_path, how):
+    """A long-lived process that verifies its open archive (a health check) is told when the file
+    was cut or its manifest or footer damaged since it opened it: a verify saying "intact" of a
+    file no one can open again was wrong."""
+    import shutil
+
+    src = tmp_path / "src.tallpack"
+    tallpack.pack(small_family["base_path"], small_family["task_paths"], src)
+    p = tmp_path / "f.tallpack"
+    shutil.copy(src, p)
+    size = p.stat().st_size
+    with tallpack.open(p) as fam:
+        assert fam.verify() == []
+        if how.startswith("cut"):
+            os.truncate(p, size // 2 if how == "cut half" else size - int(how.split()[1]))
+        else:
+            at = size - (300 if how == "manifest byte" else 10)
+            with open(p, "r+b") as f:
+                f.seek(at)
+                b = f.read(1)
+                f.seek(at)
+                f.write(bytes([b[0] ^ 0xFF]))
+        problems = fam.verify()
+    assert len(problems) == 1 and str(p) in problems[0], problems
+    with pytest.raises(tallpack.TallpackError):
+        tallpack.open(p)
