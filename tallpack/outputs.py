@@ -96,13 +96,17 @@ def write_checkpoint(
 
 
 def task_metadata(archive: "Archive", task: str) -> tuple[dict[str, Any], dict[str, Any] | None]:
-    """The safetensors metadata and HF config to write beside an unpacked task."""
+    """The safetensors metadata and HF config to write beside an unpacked task: tallpack's keys,
+    and the original files' header metadata (a license, ...) but for its ``format`` (the files
+    written are PyTorch's) and ``tallpack.*`` keys (an earlier unpack's, which would misdescribe
+    this one)."""
     info = archive.task_info(task)
     meta = {"tallpack.task": task, "tallpack.lambda": info.lam, "tallpack.archive": os.path.basename(archive.name.rstrip("/"))}
     for k, v in info.metadata.items():
-        if isinstance(v, str):
+        if isinstance(v, str) and k != "format" and not k.startswith("tallpack."):
             meta.setdefault(k, v)
-    return meta, info.metadata.get("config")
+    config = info.metadata.get("config")
+    return meta, config if isinstance(config, dict) else None  # a header's "config" string is not config.json
 
 
 def _task_tensors(archive: "Archive", task: str) -> dict[str, tuple[str, tuple[int, ...]]]:

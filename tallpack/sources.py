@@ -163,6 +163,10 @@ class Source:
         pass
 
 
+#: The most bytes (keys and values) of safetensors header metadata an input keeps (all its files together).
+MAX_HEADER_METADATA = 64 << 10
+
+
 class SafetensorsSource(Source):
     """One or more safetensors files (the shards of one model)."""
 
@@ -172,11 +176,10 @@ class SafetensorsSource(Source):
         super().__init__(label)
         self.weight_files = list(files)
         self._handles: dict[Path, Any] = {}
+        used = 0
         for path in files:
             f = self._open(path)
-            meta = f.metadata() or {}
-            if len(files) == 1:
-                self.metadata.update(meta)
+            used = self._keep_metadata(path, f.metadata() or {}, used)
             # the file's own order (what load_file returns), where safetensors can tell it
             for name in f.offset_keys() if hasattr(f, "offset_keys") else f.keys():
                 sl = f.get_slice(name)
@@ -185,6 +188,30 @@ class SafetensorsSource(Source):
                     raise CheckpointError(f"{path}: tensor {name!r} has unsupported dtype {st}")
                 self._infos[name] = TensorInfo(tuple(sl.get_shape()), _ST_DTYPES[st])
                 self._where[name] = path
+
+    def _keep_metadata(self, path: Path, meta: Mapping[str, Any], used: int) -> int:
+        """A file's header metadata (``license``, ...) into ``metadata``, whose string entries an
+        unpack writes back: a key's first file wins, up to ``MAX_HEADER_METADATA`` bytes in all
+        (``used`` so far; returns the new count), each entry checked as the manifest will hold it."""
+        left_out = []
+        for k, v in meta.items():
+            if not (isinstance(k, str) and isinstance(v, str)) or k in self.metadata:
+                continue
+            n = len(k.encode("utf-8", "surrogatepass")) + len(v.encode("utf-8", "surrogatepass"))
+            try:
+                check_json({k: v}, at=3)  # tasks[i].metadata (spec §3, §7): else no reader opens the archive
+            except ValueError:
+                n = MAX_HEADER_METADATA + 1
+            if used + n > MAX_HEADER_METADATA:
+                left_out.append(k)
+                continue
+            self.metadata[k] = v
+            used += n
+        if left_out:
+            log.warning("%s: header metadata %s not kept (over %d bytes in all, or not storable in the manifest)",
+                        path, ", ".join(f"{k[:80]!r}" for k in left_out[:5]) + (", ..." if len(left_out) > 5 else ""),
+                        MAX_HEADER_METADATA)
+        return used
 
     def _open(self, path: Path):
         if path not in self._handles:

@@ -238,3 +238,35 @@ def test_a_task_in_another_dtype_than_the_base_is_packed_with_a_warning(tmp_path
     assert len(said) == 1 and said[0].startswith("task 'a': ") and "float16" in said[0], said
     with tallpack.open(tmp_path / "d.tallpack") as fam:
         assert fam.get_tensor("a", "w").dtype == torch.float16 and fam.get_tensor("b", "w").dtype == torch.float32
+
+
+def test_header_metadata_of_sharded_files_comes_back_in_a_lossy_unpack(hf_family, tmp_path, caplog):
+    """Each shard's safetensors ``__metadata__`` (a license, ...) is kept with the task and written
+    into the unpacked files, beside tallpack's own keys, which it never overrides, nor "format";
+    an entry too large for the bound is left out with a warning, and the archive still packs."""
+    import shutil
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from tallpack.sources import MAX_HEADER_METADATA
+
+    folder = shutil.copytree(hf_family["tasks"]["cars"], tmp_path / "cars")
+    shards = sorted(folder.glob("model-*.safetensors"))
+    assert len(shards) > 2
+    save_file(load_file(shards[0]), shards[0], metadata={"format": "tf", "license": "apache-2.0",
+                                                        "tallpack.task": "old", "tallpack.merge": "ties"})
+    save_file(load_file(shards[1]), shards[1], metadata={"format": "pt", "license": "other", "quant": "none",
+                                                        "huge": "x" * MAX_HEADER_METADATA})
+    with caplog.at_level("WARNING", logger="tallpack"):
+        tallpack.pack(hf_family["base"], {"cars": folder}, tmp_path / "m.tallpack")
+    assert "'huge' not kept" in caplog.text
+    with tallpack.open(tmp_path / "m.tallpack") as fam:
+        tallpack.write_task(fam, "cars", tmp_path / "out")
+    written = sorted((tmp_path / "out").glob("model-*.safetensors"))
+    assert [p.name for p in written] == [p.name for p in shards]
+    for p in written:
+        with safe_open(p, "pt") as f:
+            meta = f.metadata()
+        assert meta == {"format": "pt", "license": "apache-2.0", "quant": "none", "tallpack.task": "cars",
+                        "tallpack.lambda": meta["tallpack.lambda"], "tallpack.archive": "m.tallpack"}, meta
