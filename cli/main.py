@@ -499,7 +499,7 @@ def stats(archive: str, plot_path: str | None, as_json: bool, force: bool) -> No
     from tallpack import stats as mask_stats
 
     if plot_path is not None:  # before the masks are read: a name matplotlib cannot write, an existing file
-        mask_stats.check_plot_path(plot_path, overwrite=force)
+        mask_stats.check_plot_path(plot_path, overwrite=force, archive=archive)
     elif force:
         _usage("--force: only --plot writes a file here")
     with tallpack.open(archive) as fam:
@@ -507,7 +507,7 @@ def stats(archive: str, plot_path: str | None, as_json: bool, force: bool) -> No
     click.echo(json.dumps(s.to_dict(), indent=2) if as_json else mask_stats.render(s))
     if plot_path is not None:
         title = f"{Path(archive).name}: {len(s.tasks)} task{'' if len(s.tasks) == 1 else 's'}"
-        click.echo(f"wrote {mask_stats.plot(s, plot_path, title=title, overwrite=force)}", err=as_json)
+        click.echo(f"wrote {mask_stats.plot(s, plot_path, title=title, overwrite=force, archive=archive)}", err=as_json)
 
 
 @main.command()

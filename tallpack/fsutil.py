@@ -41,7 +41,7 @@ from contextvars import ContextVar
 from functools import lru_cache
 from pathlib import Path
 
-from .errors import OutputError, OutputExistsError
+from .errors import InvalidArgumentError, OutputError, OutputExistsError
 
 try:
     import fcntl
@@ -145,7 +145,8 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def remove_stale_temporaries(target: Path, *, listed: dict[Path, dict[str, list[str]]] | None = None) -> list[Path]:
+def remove_stale_temporaries(target: Path, *,
+                             listed: dict[Path, dict[str, list[str]]] | None = None) -> list[Path]:
     """Remove the temporaries of ``target`` whose writers are gone (see the module docstring);
     returns the paths removed.
 
@@ -268,14 +269,66 @@ def signals_held() -> Iterator[None]:
             signal.raise_signal(signum)  # now, with the handlers the block found
 
 
+#: the files being read (an archive) that no output may replace or remove: (st_dev, st_ino) and name
+_reading: ContextVar[tuple[tuple[tuple[int, int], str], ...]] = ContextVar("tallpack_reading", default=())
+
+
+def file_identity(path: str | os.PathLike) -> tuple[int, int] | None:
+    """The file at ``path`` as ``(st_dev, st_ino)`` (the same file under any name or link); None
+    when there is none."""
+    try:
+        st = os.stat(path)
+    except (OSError, ValueError):
+        return None
+    return st.st_dev, st.st_ino
+
+
+@contextmanager
+def reading(identity: tuple[int, int] | None, name: str) -> Iterator[None]:
+    """Inside the block, an output that would replace or remove the file ``identity`` (the archive
+    ``name`` being read, by any name: compared by device and inode) is refused by
+    :func:`check_replaceable`, which every output checks its targets with before writing them.
+
+    >>> with reading(file_identity("dd/model.safetensors"), "dd/model.safetensors"):
+    ...     write_task(fam, "cars", "dd", overwrite=True)  # InvalidArgumentError
+    """
+    if identity is None:
+        yield
+        return
+    token = _reading.set((*_reading.get(), (identity, name)))
+    try:
+        yield
+    finally:
+        _reading.reset(token)
+
+
+def check_not_read(target: str | os.PathLike, st: os.stat_result | None = None) -> None:
+    """InvalidArgumentError when ``target`` (its ``lstat``, ``st``, if already taken) is a file
+    being read inside a :func:`reading` block."""
+    if not _reading.get():
+        return
+    if st is None:
+        try:
+            st = os.lstat(target)
+        except OSError:
+            return
+    for identity, name in _reading.get():
+        if (st.st_dev, st.st_ino) == identity:
+            also = "" if os.path.abspath(name) == os.path.abspath(target) else f" ({name})"
+            raise InvalidArgumentError(f"{target}: is the archive being read{also}; write elsewhere")
+
+
 def check_replaceable(target: str | os.PathLike) -> None:
     """OutputError when ``target`` exists and is not a regular file: an overwrite replaces old
     outputs, never a device (``-o /dev/null``), a FIFO, a socket, a folder or a link (whose file
-    would be left as it was, the link replaced)."""
+    would be left as it was, the link replaced). InvalidArgumentError when it is the archive being
+    read (see :func:`reading`): ``--force`` is meant for old outputs, not for the input."""
     try:
-        mode = os.lstat(target).st_mode
+        st = os.lstat(target)
     except OSError:  # not there (or not reachable: the write says why)
         return
+    check_not_read(target, st)
+    mode = st.st_mode
     if stat.S_ISREG(mode):
         return
     what = ("a symbolic link" if stat.S_ISLNK(mode) else "a folder" if stat.S_ISDIR(mode)
@@ -541,8 +594,6 @@ def make_folder(path: str | os.PathLike) -> Path:
     p = Path(path)
     try:
         if p.exists() and not p.is_dir():
-            from .errors import InvalidArgumentError
-
             raise InvalidArgumentError(f"{p}: exists and is not a folder")
         tx = _current.get()
         if tx is not None:

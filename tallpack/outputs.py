@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Collection, Mapping, Sequence, Set
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -25,14 +26,14 @@ from .elements import itemsize, numel
 from .encodings import Use
 from .errors import InvalidArgumentError
 from .folders import check_no_clash, write_files
-from .fsutil import atomic_write, make_folder, transaction
+from .fsutil import atomic_write, check_not_read, make_folder, reading, transaction
 from .manifest import check_task_name
 from .merging import check_alpha, default_alpha, is_consensus
 from .merged import default_model
 from .originals import rebuilt_whole, write_originals
 from .progress import ProgressLike
 from .sharding import INDEX, SINGLE, needs_index, plan_by_size, plan_from_layout, previous_weights, weights_among, write_shards
-from .staging import check_planned, staged
+from .staging import check_planned, local_path, staged
 from .storage import is_url
 
 if TYPE_CHECKING:
@@ -80,7 +81,7 @@ def write_checkpoint(
         plan = plan or {SINGLE: keys}
         names = {*plan, *([INDEX] if needs_index(plan) else []), *(["config.json"] if config is not None else [])}
         check_no_clash([*names, *also], str(out) if where is None else where)
-        for fname in names:
+        for fname in [*sorted(names), *also]:
             tx.check(out / fname)  # before anything is written
         check_planned(out / fname for fname in sorted(names))  # the same, at a URL written to
         # The weights of an earlier write in this folder that the new layout does not have (a
@@ -151,6 +152,31 @@ def _kept_files(archive: "Archive", files: Mapping[str, str], out: Path, skip: S
                        skip=set(files) - kept)
 
 
+def _reading(archive: "Archive") -> AbstractContextManager[None]:
+    """While the block writes, an output file that is the archive itself (an archive named
+    ``dd/model.safetensors`` unpacked into ``dd``) is refused, with or without ``overwrite``."""
+    return reading(getattr(archive.source, "identity", None), archive.name)
+
+
+def _refuse_archive_in(archive: "Archive", outdir: str | os.PathLike, files: Mapping[str, str],
+                      layout: Mapping[str, Any] | None, exact: Mapping[str, Any] | None = None) -> None:
+    """Before any work: InvalidArgumentError when the archive is one of the files the output in
+    ``outdir`` writes or removes (weights, index, config, kept files, an earlier output's weights).
+    Others it might write are refused as they are (:func:`_reading`)."""
+    identity = getattr(archive.source, "identity", None)
+    out = local_path(outdir)
+    if identity is None or is_url(outdir) or not out.is_dir():
+        return
+    names = {SINGLE, INDEX, "config.json", *files, *previous_weights(out)}
+    for records in ((layout or {}).get("shards"), (exact or {}).get("files")):
+        for r in records if isinstance(records, list) else ():
+            name = r.get("name") if isinstance(r, dict) else r[0] if isinstance(r, list) and r else None
+            names |= {name} if isinstance(name, str) else set()
+    with _reading(archive):
+        for name in sorted(names):
+            check_not_read(out / name)
+
+
 def _check_call(fn: str, archive: object, outdir: object) -> None:
     """InvalidArgumentError unless ``archive`` is an open archive and ``outdir`` a path or URL."""
     if isinstance(archive, (str, bytes, os.PathLike)):
@@ -186,10 +212,14 @@ def write_task(archive: "Archive", task: str, outdir: str | os.PathLike, *, exac
     >>> write_task(fam, "cars", "s3://models/cars", max_shard_size="5GB")
     """
     _check_call("write_task", archive, outdir)
+    info = archive.task_info(task)
     if exact:
         archive.require_exact(task)
         _no_shard_size(archive, task, max_shard_size)
-        with staged(outdir, storage_options, overwrite=overwrite, stale=weights_among) as local, transaction(overwrite=overwrite):
+    _refuse_archive_in(archive, outdir, info.files, info.source, info.exact if exact else None)
+    if exact:
+        with (_reading(archive), staged(outdir, storage_options, overwrite=overwrite, stale=weights_among) as local,
+              transaction(overwrite=overwrite)):
             written, complete = write_originals(archive, task, local)
             paths = written
             if not complete:  # pickles or tensors: the exact tensors, in the shards a lossy unpack writes
@@ -204,7 +234,7 @@ def write_task(archive: "Archive", task: str, outdir: str | os.PathLike, *, exac
                         skip={Path(p).relative_to(local).as_posix() for p in written})
             return _shown(outdir, local, Path(paths[0]))
     meta, config = task_metadata(archive, task)
-    with staged(outdir, storage_options, overwrite=overwrite, stale=weights_among) as local:
+    with _reading(archive), staged(outdir, storage_options, overwrite=overwrite, stale=weights_among) as local:
         path = _folder(archive, archive.state_dict(task, lazy=True), local, where=f"{archive.name}: task {task!r}",
                        meta=meta, config=config,
                        files=archive.files(task), layout=archive.task_info(task).source,
@@ -240,7 +270,11 @@ def write_tasks(archive: "Archive", tasks: Sequence[str] | None, outdir: str | o
         if exact:
             archive.require_exact(name)
             _no_shard_size(archive, name, max_shard_size)
-    with staged(outdir, storage_options, overwrite=overwrite, stale=weights_among) as local, transaction(overwrite=overwrite):
+    for name in names if not is_url(outdir) else ():
+        info = archive.task_info(name)
+        _refuse_archive_in(archive, local_path(outdir) / name, info.files, info.source, info.exact if exact else None)
+    with (_reading(archive), staged(outdir, storage_options, overwrite=overwrite, stale=weights_among) as local,
+          transaction(overwrite=overwrite)):
         paths = [write_task(archive, name, local / name, exact=exact, max_shard_size=max_shard_size,
                             progress=progress, overwrite=overwrite) for name in names]
         return [_shown(outdir, local, Path(p)) for p in paths]
@@ -255,6 +289,8 @@ def write_merged(archive: "Archive", outdir: str | os.PathLike, method: str | No
     _check_call("write_merged", archive, outdir)
     method = default_model(archive.manifest) if method is None else method  # the archive's consensus model
     alpha = default_alpha(method, len(archive.tasks)) if alpha is None else check_alpha(alpha)
+    _refuse_archive_in(archive, outdir, archive.files(task),
+                       archive.task_info(task).source if task else archive.manifest.base)
     parts = archive.merge_parts(method, k=k)  # k checked: numpy's ints taken, and only for consensus
     sd = parts.state_dict(alpha, task=task)
     parts.warn_overflow(sd, alpha)
@@ -263,7 +299,7 @@ def write_merged(archive: "Archive", outdir: str | os.PathLike, method: str | No
     where = archive.task_info(task) if task else None
     source = where.source if where else archive.manifest.base
     config = (where.metadata if where else archive.manifest.base.get("metadata", {})).get("config")
-    with staged(outdir, storage_options, overwrite=overwrite, stale=weights_among) as local:
+    with _reading(archive), staged(outdir, storage_options, overwrite=overwrite, stale=weights_among) as local:
         path = _folder(archive, sd, local, where=f"{archive.name}: {f'task {task!r}' if task else 'the base'}",
                        meta=meta, config=config, files=archive.files(task),
                        layout=source, max_shard_size=max_shard_size, sizes=None, progress=progress,

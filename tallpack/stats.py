@@ -19,8 +19,9 @@ from ._torch import torch
 from .encodings.derived import has_mask, task_mask
 from .encodings.qtau import task_masks
 from .errors import InvalidArgumentError, OutputExistsError, TallpackError
-from .fsutil import atomic_write, check_replaceable
+from .fsutil import atomic_write, check_replaceable, file_identity, reading
 from .progress import ProgressLike, track
+from .storage import is_url
 
 if TYPE_CHECKING:
     from .reader import Archive
@@ -157,10 +158,26 @@ def _pyplot():
 NEEDS_TOOLS = frozenset({"pgf"})
 
 
-def check_plot_path(path: str | os.PathLike, *, overwrite: bool = False) -> str:
+def _being_read(archive: "str | os.PathLike | Archive | None") -> tuple[tuple[int, int] | None, str]:
+    """The archive's file (``(st_dev, st_ino)``; None for a URL or none given) and its name."""
+    if archive is None or isinstance(archive, (str, os.PathLike)):
+        text = "" if archive is None else os.fspath(archive)
+        if not text or is_url(text):
+            return None, text
+        return file_identity(text.removeprefix("file://")), text
+    return getattr(archive.source, "identity", None), archive.name
+
+
+def check_plot_path(path: str | os.PathLike, *, overwrite: bool = False,
+                    archive: "str | os.PathLike | Archive | None" = None) -> str:
     """The image format of ``path`` (its suffix, one matplotlib writes), checked before any work:
-    InvalidArgumentError for another suffix, OutputError for a folder or device, and
-    OutputExistsError for an existing file without ``overwrite``."""
+    InvalidArgumentError for another suffix or for the file of ``archive`` (the one the statistics
+    are read from: a path or an open archive), OutputError for a folder or device, and
+    OutputExistsError for an existing file without ``overwrite``.
+
+    >>> check_plot_path("stats.png", archive="family.tallpack")
+    'png'
+    """
     plt = _pyplot()
     known = set(plt.figure().canvas.get_supported_filetypes()) - NEEDS_TOOLS
     plt.close("all")
@@ -168,7 +185,8 @@ def check_plot_path(path: str | os.PathLike, *, overwrite: bool = False) -> str:
     if fmt not in known:
         raise InvalidArgumentError(f"{path}: the plot's name must end in an image format matplotlib writes "
                                    f"by itself ({', '.join('.' + k for k in sorted(known))}), e.g. stats.png")
-    check_replaceable(path)
+    with reading(*_being_read(archive)):
+        check_replaceable(path)
     if not overwrite and os.path.lexists(path):
         raise OutputExistsError(f"{path}: already exists; pass --force (overwrite=True) to replace it")
     if not Path(path).absolute().parent.is_dir():
@@ -176,11 +194,13 @@ def check_plot_path(path: str | os.PathLike, *, overwrite: bool = False) -> str:
     return fmt
 
 
-def plot(s: MaskStats, path: str | Path, *, title: str | None = None, overwrite: bool = False) -> Path:
+def plot(s: MaskStats, path: str | Path, *, title: str | None = None, overwrite: bool = False,
+         archive: "str | os.PathLike | Archive | None" = None) -> Path:
     """Draw the three panels (tasks using each weight; density per task; density per layer) to
     a PNG (or any image format matplotlib knows, from the suffix), written as every output is: under
-    a temporary name, renamed when complete; an existing file is replaced only with ``overwrite``."""
-    fmt = check_plot_path(path, overwrite=overwrite)
+    a temporary name, renamed when complete; an existing file is replaced only with ``overwrite``,
+    and never when it is ``archive``'s (the archive ``s`` was read from: its path, or the archive)."""
+    fmt = check_plot_path(path, overwrite=overwrite, archive=archive)
     plt = _pyplot()
     T = len(s.tasks)
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.8), gridspec_kw={"width_ratios": [1.1, 1, 1.5]})
@@ -241,7 +261,8 @@ def plot(s: MaskStats, path: str | Path, *, title: str | None = None, overwrite:
     fig.tight_layout()
     out = Path(path)
     try:
-        atomic_write(out, lambda tmp: fig.savefig(tmp, dpi=120, format=fmt))
+        with reading(*_being_read(archive)):  # checked again as the file is put in place
+            atomic_write(out, lambda tmp: fig.savefig(tmp, dpi=120, format=fmt))
     finally:
         plt.close(fig)
     return out

@@ -77,7 +77,10 @@ class LocalFile:
         self.path = str(path)
         fd = _open_regular(self.path)
         self._f = os.fdopen(fd, "rb")
-        self.size = os.fstat(self._f.fileno()).st_size
+        st = os.fstat(self._f.fileno())
+        self.size = st.st_size
+        #: the file as ``(st_dev, st_ino)``: outputs refuse to replace it, whatever name they give it
+        self.identity = (st.st_dev, st.st_ino)
         self._fd = self._f.fileno()
         self._map = mmap.mmap(self._fd, 0, access=mmap.ACCESS_READ) if self.size else None
         self._view = memoryview(self._map) if self._map is not None else memoryview(b"")

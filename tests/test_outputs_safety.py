@@ -496,3 +496,48 @@ def test_unpacking_many_kept_files_costs_in_proportion_to_their_number(folder_ar
         assert len(list((tmp_path / f"out{n}").rglob("f*"))) == n
         assert not list((tmp_path / f"out{n}").rglob("*.partial"))
     assert work[400] - work[0] < 5 * (work[100] - work[0]), work
+
+
+def test_force_never_replaces_the_archive_being_read(small_family, tmp_path):
+    """An output file that is the archive itself (an archive named dd/model.safetensors unpacked
+    into dd, a plot named as the archive, a hard link to it) is refused before any work, with or
+    without --force, one line naming it; the archive and the folder stay as they were. Pack
+    already refused writing over its inputs."""
+    pytest.importorskip("matplotlib")
+    base, tasks = small_family["base_path"], small_family["task_paths"]
+    packed = tmp_path / "f.tallpack"
+    tallpack.pack(base, {"a": tasks["a"], "b": tasks["b"]}, packed, exact=True)
+    dd = tmp_path / "dd"
+    dd.mkdir()
+    cases = {  # the archive's name -> the command that would write over it
+        dd / "model.safetensors": [("unpack", "--task", "a", "-o", dd), ("merge", "--method", "ta", "-o", dd),
+                                   ("merge", "--method", "ta", "--task", "a", "-o", dd)],
+        dd / "a.safetensors": [("unpack", "--task", "a", "--exact", "-o", dd)],  # the original's name
+        dd / "b" / "config.json": [("unpack", "--all", "-o", dd)],
+        dd / "arch.png": [("stats", "--plot", dd / "arch.png")],
+    }
+    for name, commands in cases.items():
+        name.parent.mkdir(exist_ok=True)
+        name.write_bytes(packed.read_bytes())
+        before = tree(dd)
+        for command in commands:
+            for force in ((), ("--force",)):
+                code, text = cli("-q", command[0], name, *command[1:], *force)
+                assert code == 1 and text == f"error: {name}: is the archive being read; write elsewhere\n", (command, text)
+                assert tree(dd) == before, command
+        name.unlink()
+        if name.parent != dd:
+            name.parent.rmdir()
+    link = dd / "model.safetensors"
+    os.link(packed, link)  # another name of the same file: compared by identity, not by name
+    with tallpack.open(packed) as fam:
+        for write in (lambda: tallpack.write_task(fam, "a", dd, overwrite=True),
+                      lambda: tallpack.write_merged(fam, dd, "ta", alpha=0.3, overwrite=True)):
+            with pytest.raises(tallpack.InvalidArgumentError, match=f"^{link}: is the archive being read .{packed}.; "):
+                write()
+    os.link(packed, dd / "plot.png")
+    code, text = cli("-q", "stats", packed, "--plot", dd / "plot.png", "--force")
+    assert code == 1 and text == f"error: {dd / 'plot.png'}: is the archive being read ({packed}); write elsewhere\n"
+    assert tree(dd) == {"model.safetensors": packed.read_bytes(), "plot.png": packed.read_bytes()}
+    with tallpack.open(link) as fam:
+        assert fam.verify() == []
