@@ -66,10 +66,13 @@ def _after_fork_in_child() -> None:
     for archive in archives:
         archive._pool, archive._pool_lock = None, threading.Lock()
         archive._cache.after_fork()
+    for lazy in list(_LAZY.values()):  # one another parent thread was reading at the fork: its lock stays held
+        lazy._lock = threading.Lock()
 
 
-#: Every open archive, for ``_after_fork_in_child``.
+#: Every open archive, and every lazy state dict, for ``_after_fork_in_child``.
 _OPEN: "weakref.WeakSet[Archive]" = weakref.WeakSet()
+_LAZY: "weakref.WeakValueDictionary[int, LazyStateDict]" = weakref.WeakValueDictionary()  # (a Mapping: unhashable)
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
 
@@ -1106,6 +1109,7 @@ class LazyStateDict(Mapping):
         self._exact = exact
         self._device = device
         self._lock = threading.Lock()
+        _LAZY[id(self)] = self
         #: by group name, the members not yet handed out, the least recently read group first
         self._held: OrderedDict[str, dict[str, torch.Tensor]] = OrderedDict()
         self._held_bytes = 0
