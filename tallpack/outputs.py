@@ -12,6 +12,7 @@ then uploaded (:mod:`tallpack.staging`).
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from collections.abc import Collection, Mapping, Sequence, Set
@@ -26,14 +27,14 @@ from .elements import itemsize, numel
 from .encodings import Use
 from .errors import InvalidArgumentError
 from .folders import check_no_clash, write_files
-from .fsutil import atomic_write, check_not_read, make_folder, reading, transaction
+from .fsutil import atomic_write, check_not_read, make_folder, reading, remove_on_commit, transaction
 from .manifest import check_task_name
 from .merging import check_alpha, default_alpha, is_consensus
 from .merged import default_model
 from .originals import rebuilt_whole, write_originals
 from .progress import ProgressLike
 from .sharding import INDEX, SINGLE, needs_index, plan_by_size, plan_from_layout, previous_weights, weights_among, write_shards
-from .staging import check_planned, local_path, staged
+from .staging import Stale, check_planned, local_path, staged
 from .storage import is_url
 
 if TYPE_CHECKING:
@@ -54,6 +55,7 @@ def write_checkpoint(
     specs: Mapping[str, tuple[torch.dtype, tuple[int, ...]]] | None = None,
     also: Collection[str] = (),
     where: str | None = None,
+    originals: Collection[str] = (),
 ) -> Path:
     """Write ``OUTDIR/model.safetensors`` (and ``config.json`` when given); returns the file's path.
 
@@ -64,7 +66,9 @@ def write_checkpoint(
     one tensor at a time while it is written. Existing files are replaced only with ``overwrite``.
     ``also`` names the files the caller adds to the folder afterwards (in the same transaction):
     one that is the folder of another or of a weight file is refused before anything is written
-    (a FormatError that starts with ``where``).
+    (a FormatError that starts with ``where``). With ``overwrite``, the weight files of an earlier
+    write in the folder that this one does not replace are removed: ``model.safetensors``, shards
+    and their index, and the safetensors files named in ``originals`` (those an exact unpack wrote).
 
     >>> write_checkpoint(fam.state_dict("cars"), "cars/", metadata={"task": "cars"})
     """
@@ -87,7 +91,7 @@ def write_checkpoint(
         # The weights of an earlier write in this folder that the new layout does not have (a
         # model.safetensors beside new shards would be loaded instead of them; shards and an index
         # of another layout would mislead) are removed when the new files are in place.
-        for fname in sorted(previous_weights(out) - names):
+        for fname in sorted(previous_weights(out, originals) - names):
             tx.remove_on_commit(out / fname)
         target = write_shards(state_dict, plan, out, metadata=meta, sizes=sizes,
                               index_metadata=(layout or {}).get("index_metadata"), progress=progress, specs=specs)
@@ -132,7 +136,8 @@ def _folder(archive: "Archive", state_dict: Mapping[str, torch.Tensor], out: Pat
     with transaction(overwrite=overwrite):
         target = write_checkpoint(state_dict, out, metadata=meta, config=None if "config.json" in files else config,
                                   layout=layout, max_shard_size=max_shard_size, sizes=sizes, progress=progress,
-                                  overwrite=overwrite, specs=specs, also=_kept_names(files), where=where)
+                                  overwrite=overwrite, specs=specs, also=_kept_names(files), where=where,
+                                  originals=_originals(archive))
         _kept_files(archive, files, out)
         return target
 
@@ -152,6 +157,28 @@ def _kept_files(archive: "Archive", files: Mapping[str, str], out: Path, skip: S
                        skip=set(files) - kept)
 
 
+def _originals(archive: "Archive") -> set[str]:
+    """The names an exact unpack gives the weight files of the archive's tasks: the original
+    files' (``cars.safetensors`` for a task packed from that file, where a lossy unpack writes
+    ``model.safetensors``), from the exact tier's records or, without it, the task's source."""
+    names = set()
+    for task in archive.tasks:
+        info = archive.task_info(task)
+        records = (info.exact or {}).get("files")
+        for f in records if isinstance(records, list) else ():
+            if isinstance(f, dict) and f.get("role") == "safetensors" and isinstance(f.get("name"), str):
+                names.add(f["name"])
+        path = info.source.get("path")
+        if info.source.get("format") == "safetensors" and isinstance(path, str):
+            names.add(path.split("?", 1)[0].replace("\\", "/").rsplit("/", 1)[-1])
+    return names
+
+
+def _stale(archive: "Archive") -> Stale:
+    """``sharding.weights_among`` for a URL's folder, which knows the archive's original names."""
+    return functools.partial(weights_among, originals=_originals(archive))
+
+
 def _reading(archive: "Archive") -> AbstractContextManager[None]:
     """While the block writes, an output file that is the archive itself (an archive named
     ``dd/model.safetensors`` unpacked into ``dd``) is refused, with or without ``overwrite``."""
@@ -167,7 +194,7 @@ def _refuse_archive_in(archive: "Archive", outdir: str | os.PathLike, files: Map
     out = local_path(outdir)
     if identity is None or is_url(outdir) or not out.is_dir():
         return
-    names = {SINGLE, INDEX, "config.json", *files, *previous_weights(out)}
+    names = {SINGLE, INDEX, "config.json", *files, *previous_weights(out, _originals(archive))}
     for records in ((layout or {}).get("shards"), (exact or {}).get("files")):
         for r in records if isinstance(records, list) else ():
             name = r.get("name") if isinstance(r, dict) else r[0] if isinstance(r, list) and r else None
@@ -218,7 +245,7 @@ def write_task(archive: "Archive", task: str, outdir: str | os.PathLike, *, exac
         _no_shard_size(archive, task, max_shard_size)
     _refuse_archive_in(archive, outdir, info.files, info.source, info.exact if exact else None)
     if exact:
-        with (_reading(archive), staged(outdir, storage_options, overwrite=overwrite, stale=weights_among) as local,
+        with (_reading(archive), staged(outdir, storage_options, overwrite=overwrite, stale=_stale(archive)) as local,
               transaction(overwrite=overwrite)):
             written, complete = write_originals(archive, task, local)
             paths = written
@@ -227,14 +254,18 @@ def write_task(archive: "Archive", task: str, outdir: str | os.PathLike, *, exac
                 paths = [write_checkpoint(archive.state_dict(task, lazy=True, exact=True), local, metadata=meta,
                                           layout=archive.task_info(task).source, max_shard_size=max_shard_size,
                                           sizes=_sizes(archive, task), specs=_specs(archive, task),
-                                          progress=progress, overwrite=overwrite)]
+                                          progress=progress, overwrite=overwrite, originals=_originals(archive))]
+            else:  # the files an earlier exact unpack of another task wrote here, which these do not replace
+                mine = {Path(p).relative_to(local).as_posix() for p in written}
+                for name in sorted(previous_weights(local, _originals(archive)) - previous_weights(local) - mine):
+                    remove_on_commit(local / name)
             # the folder's other files (tokenizer, generation config, model card), as a lossy unpack
             # writes them, each checked against its SHA-256; the recorded ones are written above
             _kept_files(archive, archive.files(task), local,
                         skip={Path(p).relative_to(local).as_posix() for p in written})
             return _shown(outdir, local, Path(paths[0]))
     meta, config = task_metadata(archive, task)
-    with _reading(archive), staged(outdir, storage_options, overwrite=overwrite, stale=weights_among) as local:
+    with _reading(archive), staged(outdir, storage_options, overwrite=overwrite, stale=_stale(archive)) as local:
         path = _folder(archive, archive.state_dict(task, lazy=True), local, where=f"{archive.name}: task {task!r}",
                        meta=meta, config=config,
                        files=archive.files(task), layout=archive.task_info(task).source,
@@ -273,7 +304,7 @@ def write_tasks(archive: "Archive", tasks: Sequence[str] | None, outdir: str | o
     for name in names if not is_url(outdir) else ():
         info = archive.task_info(name)
         _refuse_archive_in(archive, local_path(outdir) / name, info.files, info.source, info.exact if exact else None)
-    with (_reading(archive), staged(outdir, storage_options, overwrite=overwrite, stale=weights_among) as local,
+    with (_reading(archive), staged(outdir, storage_options, overwrite=overwrite, stale=_stale(archive)) as local,
           transaction(overwrite=overwrite)):
         paths = [write_task(archive, name, local / name, exact=exact, max_shard_size=max_shard_size,
                             progress=progress, overwrite=overwrite) for name in names]
@@ -299,7 +330,7 @@ def write_merged(archive: "Archive", outdir: str | os.PathLike, method: str | No
     where = archive.task_info(task) if task else None
     source = where.source if where else archive.manifest.base
     config = (where.metadata if where else archive.manifest.base.get("metadata", {})).get("config")
-    with _reading(archive), staged(outdir, storage_options, overwrite=overwrite, stale=weights_among) as local:
+    with _reading(archive), staged(outdir, storage_options, overwrite=overwrite, stale=_stale(archive)) as local:
         path = _folder(archive, sd, local, where=f"{archive.name}: {f'task {task!r}' if task else 'the base'}",
                        meta=meta, config=config, files=archive.files(task),
                        layout=source, max_shard_size=max_shard_size, sizes=None, progress=progress,

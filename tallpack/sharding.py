@@ -21,7 +21,7 @@ import logging
 import os
 import re
 import struct
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any
 
@@ -251,16 +251,29 @@ def _write_file(path: Path, tensors: Mapping[str, torch.Tensor], metadata: Mappi
         os.fsync(f.fileno())
 
 
-def previous_weights(folder: Path) -> set[str]:
+def previous_weights(folder: Path, originals: Collection[str] = ()) -> set[str]:
     """The weight files an earlier checkpoint write left in ``folder``: ``model.safetensors``, the
-    index and the shards it names (plain ``.safetensors`` names in the folder only)."""
-    return weights_among({f for f in (SINGLE, INDEX) if (folder / f).is_file()},
-                         lambda name: (folder / name).read_bytes(), lambda name: (folder / name).is_file())
+    index and the shards it names (plain ``.safetensors`` names in the folder only), and those of
+    ``originals`` (the names an exact unpack gives a task's original files, ``cars.safetensors``)
+    that are safetensors files."""
+    def read(name: str, start: int = 0, end: int | None = None) -> bytes:
+        with open(folder / name, "rb") as f:
+            f.seek(start)
+            return f.read(-1 if end is None else end - start)
+    return weights_among({f for f in (SINGLE, INDEX, *originals) if (folder / f).is_file()}, read,
+                         lambda name: (folder / name).is_file(), originals=originals)
 
 
-def weights_among(present: set[str], read: Callable[[str], bytes], is_file: Callable[[str], bool]) -> set[str]:
+def weights_among(present: set[str], read: Callable[..., bytes], is_file: Callable[[str], bool], *,
+                  originals: Collection[str] = ()) -> set[str]:
     """``previous_weights`` of a folder anywhere (a URL's, ``staging.staged``): ``present`` the
-    names of the files in it, ``read(name)`` a file's bytes, ``is_file(name)`` whether one exists."""
+    names of the files in it, ``read(name, start=0, end=None)`` a file's bytes (or a range of them),
+    ``is_file(name)`` whether one exists.
+
+    A name of ``originals`` counts only as a plain ``.safetensors`` name whose file has a
+    safetensors header (of tensors, read alone): a file of that name that is anything else (a
+    user's notes, a broken download) is left where it is.
+    """
     found = set(present) & {SINGLE, INDEX}
     if INDEX in found:
         try:
@@ -268,6 +281,27 @@ def weights_among(present: set[str], read: Callable[[str], bytes], is_file: Call
             shards = set(weight_map.values()) if isinstance(weight_map, dict) else set()
         except (OSError, ValueError, AttributeError):
             shards = set()  # an unreadable index is replaced; the files it may name are left alone
-        found |= {s for s in shards if isinstance(s, str) and s.endswith(".safetensors")
-                  and Path(s).name == s and s not in (".", "..") and is_file(s)}
+        found |= {s for s in shards if _plain_weights(s) and is_file(s)}
+    found |= {s for s in set(originals) & set(present) - found if _plain_weights(s) and _is_safetensors(s, read)}
     return found
+
+
+def _plain_weights(name: object) -> bool:
+    """A ``.safetensors`` file name without a folder."""
+    return isinstance(name, str) and name.endswith(".safetensors") and Path(name).name == name
+
+
+def _is_safetensors(name: str, read: Callable[..., bytes]) -> bool:
+    """Whether the file ``name`` starts with a safetensors header that lists tensors."""
+    try:
+        n = int.from_bytes(read(name, 0, 8), "little")
+        if not 2 <= n <= 100_000_000:  # safetensors' own limit on a header
+            return False
+        header = json.loads(read(name, 8, 8 + n))
+    except Exception:  # any doubt (an unreadable file, a store's error) keeps the file
+        return False
+    if not isinstance(header, dict):
+        return False
+    tensors = [v for k, v in header.items() if k != "__metadata__"]
+    return bool(tensors) and all(isinstance(v, dict) and {"dtype", "shape", "data_offsets"} <= v.keys()
+                                 for v in tensors)

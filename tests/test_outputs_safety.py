@@ -541,3 +541,31 @@ def test_force_never_replaces_the_archive_being_read(small_family, tmp_path):
     assert tree(dd) == {"model.safetensors": packed.read_bytes(), "plot.png": packed.read_bytes()}
     with tallpack.open(link) as fam:
         assert fam.verify() == []
+
+
+def test_force_over_an_exact_unpack_replaces_its_weight_files_in_both_directions(small_family, tmp_path):
+    """An exact unpack of a file task writes the original's name (a.safetensors), a lossy one
+    model.safetensors: --force in either direction (or with another task) leaves the new weights
+    alone, as for shards and an index. Only safetensors files of the archive's original names go:
+    a user's file of such a name that is not a safetensors file, or a safetensors file of another
+    name, stays."""
+    tasks = small_family["task_paths"]
+    packed = tmp_path / "e.tallpack"
+    tallpack.pack(small_family["base_path"], {"a": tasks["a"], "b": tasks["b"]}, packed, exact=True)
+    out = tmp_path / "u"
+    save_file({"lora.w": torch.ones(2)}, tmp_path / "adapter.safetensors")
+    steps = [(("--task", "a", "--exact"), ["a.safetensors"]),
+             (("--task", "a"), ["model.safetensors"]),
+             (("--task", "b", "--exact"), ["b.safetensors"]),
+             (("--task", "a", "--exact"), ["a.safetensors"]),
+             (("--task", "b"), ["model.safetensors"])]
+    for i, (args, expected) in enumerate(steps):
+        code, text = cli("-q", "unpack", packed, *args, "-o", out, *(("--force",) if i else ()))
+        assert code == 0, text
+        assert sorted(p.name for p in out.iterdir()) == expected, args
+    (out / "a.safetensors").write_bytes(b"my notes, not weights")
+    (out / "adapter.safetensors").write_bytes((tmp_path / "adapter.safetensors").read_bytes())
+    with tallpack.open(packed) as fam:
+        tallpack.write_task(fam, "b", out, exact=True, overwrite=True)
+    assert sorted(p.name for p in out.iterdir()) == ["a.safetensors", "adapter.safetensors", "b.safetensors"]
+    assert (out / "a.safetensors").read_bytes() == b"my notes, not weights"
