@@ -182,7 +182,7 @@ def _stale(archive: "Archive") -> Stale:
 def _reading(archive: "Archive") -> AbstractContextManager[None]:
     """While the block writes, an output file that is the archive itself (an archive named
     ``dd/model.safetensors`` unpacked into ``dd``) is refused, with or without ``overwrite``."""
-    return reading(getattr(archive.source, "identity", None), archive.name)
+    return reading(getattr(archive.source, "device_inode", None), archive.name)
 
 
 def _refuse_archive_in(archive: "Archive", outdir: str | os.PathLike, files: Mapping[str, str],
@@ -190,7 +190,7 @@ def _refuse_archive_in(archive: "Archive", outdir: str | os.PathLike, files: Map
     """Before any work: InvalidArgumentError when the archive is one of the files the output in
     ``outdir`` writes or removes (weights, index, config, kept files, an earlier output's weights).
     Others it might write are refused as they are (:func:`_reading`)."""
-    identity = getattr(archive.source, "identity", None)
+    identity = getattr(archive.source, "device_inode", None)
     out = local_path(outdir)
     if identity is None or is_url(outdir) or not out.is_dir():
         return

@@ -165,7 +165,7 @@ def _being_read(archive: "str | os.PathLike | Archive | None") -> tuple[tuple[in
         if not text or is_url(text):
             return None, text
         return file_identity(text.removeprefix("file://")), text
-    return getattr(archive.source, "identity", None), archive.name
+    return getattr(archive.source, "device_inode", None), archive.name
 
 
 def check_plot_path(path: str | os.PathLike, *, overwrite: bool = False,

@@ -80,7 +80,7 @@ class LocalFile:
         st = os.fstat(self._f.fileno())
         self.size = st.st_size
         #: the file as ``(st_dev, st_ino)``: outputs refuse to replace it, whatever name they give it
-        self.identity = (st.st_dev, st.st_ino)
+        self.device_inode = (st.st_dev, st.st_ino)
         self._fd = self._f.fileno()
         self._map = mmap.mmap(self._fd, 0, access=mmap.ACCESS_READ) if self.size else None
         self._view = memoryview(self._map) if self._map is not None else memoryview(b"")
