@@ -174,9 +174,12 @@ def _originals(archive: "Archive") -> set[str]:
     return names
 
 
-def _stale(archive: "Archive") -> Stale:
-    """``sharding.weights_among`` for a URL's folder, which knows the archive's original names."""
-    return functools.partial(weights_among, originals=_originals(archive))
+def _staged(archive: "Archive", outdir: str | os.PathLike, storage_options: dict[str, Any] | None,
+            overwrite: bool) -> AbstractContextManager[Path]:
+    """``staging.staged`` for a folder of the archive's: at a URL, the weight files of an earlier
+    output that the new one does not replace go (those of the archive's original names too)."""
+    stale: Stale = functools.partial(weights_among, originals=_originals(archive))
+    return staged(outdir, storage_options, overwrite=overwrite, stale=stale, folder=True)
 
 
 def _reading(archive: "Archive") -> AbstractContextManager[None]:
@@ -245,7 +248,7 @@ def write_task(archive: "Archive", task: str, outdir: str | os.PathLike, *, exac
         _no_shard_size(archive, task, max_shard_size)
     _refuse_archive_in(archive, outdir, info.files, info.source, info.exact if exact else None)
     if exact:
-        with (_reading(archive), staged(outdir, storage_options, overwrite=overwrite, stale=_stale(archive)) as local,
+        with (_reading(archive), _staged(archive, outdir, storage_options, overwrite) as local,
               transaction(overwrite=overwrite)):
             written, complete = write_originals(archive, task, local)
             paths = written
@@ -265,7 +268,7 @@ def write_task(archive: "Archive", task: str, outdir: str | os.PathLike, *, exac
                         skip={Path(p).relative_to(local).as_posix() for p in written})
             return _shown(outdir, local, Path(paths[0]))
     meta, config = task_metadata(archive, task)
-    with _reading(archive), staged(outdir, storage_options, overwrite=overwrite, stale=_stale(archive)) as local:
+    with _reading(archive), _staged(archive, outdir, storage_options, overwrite) as local:
         path = _folder(archive, archive.state_dict(task, lazy=True), local, where=f"{archive.name}: task {task!r}",
                        meta=meta, config=config,
                        files=archive.files(task), layout=archive.task_info(task).source,
@@ -304,7 +307,7 @@ def write_tasks(archive: "Archive", tasks: Sequence[str] | None, outdir: str | o
     for name in names if not is_url(outdir) else ():
         info = archive.task_info(name)
         _refuse_archive_in(archive, local_path(outdir) / name, info.files, info.source, info.exact if exact else None)
-    with (_reading(archive), staged(outdir, storage_options, overwrite=overwrite, stale=_stale(archive)) as local,
+    with (_reading(archive), _staged(archive, outdir, storage_options, overwrite) as local,
           transaction(overwrite=overwrite)):
         paths = [write_task(archive, name, local / name, exact=exact, max_shard_size=max_shard_size,
                             progress=progress, overwrite=overwrite) for name in names]
@@ -330,7 +333,7 @@ def write_merged(archive: "Archive", outdir: str | os.PathLike, method: str | No
     where = archive.task_info(task) if task else None
     source = where.source if where else archive.manifest.base
     config = (where.metadata if where else archive.manifest.base.get("metadata", {})).get("config")
-    with _reading(archive), staged(outdir, storage_options, overwrite=overwrite, stale=_stale(archive)) as local:
+    with _reading(archive), _staged(archive, outdir, storage_options, overwrite) as local:
         path = _folder(archive, sd, local, where=f"{archive.name}: {f'task {task!r}' if task else 'the base'}",
                        meta=meta, config=config, files=archive.files(task),
                        layout=source, max_shard_size=max_shard_size, sizes=None, progress=progress,

@@ -25,7 +25,7 @@ from .encodings.exact import RESIDUAL_CODECS, add_exact
 from .encodings.shared import keeps_base
 from .errors import InvalidArgumentError, OutputExistsError
 from .folders import FileStore
-from .fsutil import check_replaceable, writing
+from .fsutil import writing
 from .groups import GROUP_ELEMENTS, SMALL_ELEMENTS, Member, concat, group_elements, layout
 from .inputs import PackInputs, TasksLike
 from .manifest import Manifest, TaskInfo, TensorEntry, count_kinds
@@ -36,7 +36,7 @@ from .plan import Kind, TensorPlan
 from .progress import track
 from .selection import select_lambdas
 from .sources import Source, SourceLike, stem
-from .staging import exists, fetched, local_path, staged
+from .staging import check_file_output, exists, fetched, local_path, staged
 from .storage import is_url
 from .tall import Fidelity
 
@@ -64,8 +64,7 @@ def pack(base: SourceLike, tasks: TasksLike, out: str | os.PathLike, options: Pa
     v = opts.validated()
     opts = v.options  # numbers as Python's (numpy's scalars given)
     _check_pack_call(tasks, out)
-    if not is_url(out):
-        check_replaceable(local_path(out))  # never a device or a link, even with overwrite (file:// too)
+    check_file_output(out, storage_options)  # never a device, a link or a folder, even with overwrite (URLs too)
     there = exists(out, storage_options) if is_url(out) else os.path.lexists(local_path(out))
     if not opts.overwrite and there:  # before any input is read (or, at URLs, downloaded)
         raise OutputExistsError(f"{out}: already exists; pass --force (overwrite=True) to replace it")

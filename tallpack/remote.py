@@ -16,7 +16,7 @@ from http import HTTPStatus
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
-from .errors import ArchiveClosedError, ArchiveNotFoundError, IntegrityError, TallpackError, quoted
+from .errors import ArchiveClosedError, ArchiveNotFoundError, FormatError, IntegrityError, TallpackError, quoted
 
 #: Ranges at most this far apart are fetched as one request: chunks separated only by alignment
 #: padding (spec §1: under 64 bytes), so a read fetches its own bytes and hardly any others.
@@ -193,6 +193,8 @@ class RemoteFile:
             why = refusal(e)
             raise TallpackError(f"{self.url}: {why}" if why else
                                 f"{self.url}: cannot open ({type(e).__name__}: {quoted(e)})") from None
+        if info.get("type") == "directory":  # a prefix or a bucket: its "size" of 0 would read as an empty file
+            raise FormatError(f"{self.url}: is a directory, not a tallpack archive")
         if info.get("size") is None:
             raise TallpackError(f"{self.url}: the server does not give the object's size; tallpack reads "
                                 "archives from servers that do (Content-Length, Range requests)")

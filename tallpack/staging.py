@@ -21,8 +21,9 @@ from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import unquote, urlsplit
 
-from .errors import CheckpointError, CheckpointNotFoundError, OutputError, OutputExistsError, TallpackError, quoted
-from .fsutil import committed, forget_commits
+from .errors import (CheckpointError, CheckpointNotFoundError, InvalidArgumentError, OutputError, OutputExistsError,
+                     TallpackError, quoted)
+from .fsutil import check_replaceable, committed, forget_commits
 from .remote import redact, refusal, with_timeouts
 from .storage import is_url
 
@@ -63,12 +64,28 @@ def exists(target: str | os.PathLike, storage_options: dict[str, Any] | None = N
     return bool(fs.exists(path))
 
 
+def check_file_output(target: str | os.PathLike, storage_options: dict[str, Any] | None = None) -> None:
+    """Before any work, for an output written as one file: never a device, a link or a folder,
+    ``overwrite`` or not (``fsutil.check_replaceable``); at a URL, never a folder (objects below
+    its name)."""
+    if not is_url(target):
+        check_replaceable(local_path(target))
+        return
+    url = os.fspath(target).rstrip("/")
+    fs, rpath = _fs(url, storage_options)
+    if _isdir(fs, rpath):
+        raise _a_folder(url)
+
+
 @contextmanager
 def staged(target: str | os.PathLike, storage_options: dict[str, Any] | None = None, *, overwrite: bool = False,
-           stale: Stale | None = None) -> Iterator[Path]:
-    """A local path to write ``target`` at; for a URL, uploaded when the block succeeds. A URL's
-    existing objects are replaced only with ``overwrite`` (checked before the block for the target
-    itself, before the upload for every file of a folder), and its bucket must exist.
+           stale: Stale | None = None, folder: bool = False) -> Iterator[Path]:
+    """A local path to write ``target`` at (a file, or with ``folder`` a folder); for a URL,
+    uploaded when the block succeeds. A URL's existing objects are replaced only with ``overwrite``
+    (checked before the block for the target itself, before the upload for every file of a
+    folder), and its bucket must exist. As on a disk, a file is never written where the URL holds
+    a folder (objects below its name), nor a folder where it holds an object, ``overwrite`` or not:
+    one name would then be both, which no file system can copy.
 
     >>> with staged("s3://models/family.tallpack") as local:
     ...     write(local)      # then put to s3://models/family.tallpack
@@ -78,7 +95,7 @@ def staged(target: str | os.PathLike, storage_options: dict[str, Any] | None = N
         return
     url = os.fspath(target).rstrip("/")
     fs, rpath = _fs(url, storage_options)
-    _check_target(fs, rpath, url, overwrite)
+    _check_target(fs, rpath, url, overwrite, folder)
     with tempfile.TemporaryDirectory(prefix="tallpack-stage-") as tmp:
         local = Path(tmp) / (Path(rpath).name or "out")
         _active[local] = (fs, rpath, url, overwrite)
@@ -108,14 +125,56 @@ def check_planned(paths: Iterable[Path]) -> None:
                                         "to replace it")
 
 
-def _check_target(fs: Any, rpath: str, url: str, overwrite: bool) -> None:
-    """Before any work: the bucket exists, and the target is no existing object (without ``overwrite``)."""
+def _check_target(fs: Any, rpath: str, url: str, overwrite: bool, folder: bool = False) -> None:
+    """Before any work: the bucket exists, the target is of its kind where it exists (a folder's
+    name no object, a file's no folder), and no existing object (without ``overwrite``)."""
     if _buckets(fs):
         bucket = rpath.split("/", 1)[0]
         if _no_bucket(fs, bucket):
             raise OutputError(f"{url}: there is no bucket {bucket!r} (tallpack does not create buckets)")
-    if not overwrite and _exists(fs, rpath) and not _isdir(fs, rpath):
+    if folder and _isfile(fs, rpath):
+        raise _not_a_folder(url)
+    parts = rpath.split("/")
+    for i in range(2 if _buckets(fs) else 1, len(parts)):  # a folder above it that is an object
+        if _isfile(fs, "/".join(parts[:i])):
+            raise _not_a_folder(url[:len(url) - len("/".join(parts[i:])) - 1])
+    if not folder and _isdir(fs, rpath):
+        raise _a_folder(url)
+    if not overwrite and not folder and _exists(fs, rpath):
         raise OutputExistsError(f"{url}: already exists; pass --force (overwrite=True) to replace it")
+
+
+def _not_a_folder(url: str) -> InvalidArgumentError:
+    return InvalidArgumentError(f"{url}: exists and is not a folder")  # as fsutil.make_folder says it
+
+
+def _a_folder(url: str) -> OutputError:
+    return OutputError(f"{url}: is a folder; outputs are written as regular files, and --force (overwrite=True) "
+                       "replaces only those: name another path")  # as fsutil.check_replaceable says it
+
+
+def _check_kinds(fs: Any, rpath: str, url: str, written: list[str]) -> None:
+    """Before the upload: no file of it is a folder at the URL (objects below its name), and no
+    folder it needs is an object there. One listing of ``rpath``; a store that will not list is
+    not asked again (the target itself was checked before the work)."""
+    try:
+        fs.invalidate_cache(rpath)
+        existing = {str(p) for p in fs.find(rpath)}
+    except Exception:
+        return
+    folders = set()
+    for key in existing:
+        while "/" in key and len(key) > len(rpath):
+            key = key.rsplit("/", 1)[0]
+            folders.add(key)
+    for b in written:
+        if b in folders:
+            raise _a_folder(url + b[len(rpath):])
+        parent = b
+        while "/" in parent and len(parent) > len(rpath):
+            parent = parent.rsplit("/", 1)[0]
+            if parent in existing:
+                raise _not_a_folder(url + parent[len(rpath):])
 
 
 def _buckets(fs: Any) -> bool:
@@ -161,6 +220,13 @@ def _isdir(fs: Any, path: str) -> bool:
         return False
 
 
+def _isfile(fs: Any, path: str) -> bool:
+    try:
+        return bool(fs.isfile(path))
+    except Exception:
+        return False
+
+
 def upload(local: Path, fs: Any, rpath: str, url: str, *, overwrite: bool = False, stale: Stale | None = None) -> None:
     """Put a local file, or every file under a local folder, at ``rpath`` (same relative names):
     an existing object is replaced only with ``overwrite``; then, with ``stale``, the weight files
@@ -171,6 +237,7 @@ def upload(local: Path, fs: Any, rpath: str, url: str, *, overwrite: bool = Fals
         pairs = [(str(local), rpath)]
     else:
         return
+    _check_kinds(fs, rpath, url, [b for _, b in pairs])
     old = _stale_objects(fs, rpath, [b for _, b in pairs], stale) if stale is not None and local.is_dir() else []
     if not overwrite:  # files the write would replace, or remove (an old layout's shards): as on a disk
         taken = [b for _, b in pairs if _exists(fs, b)] + old

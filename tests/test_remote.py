@@ -228,3 +228,43 @@ def test_an_s3_object_replaced_while_open_is_not_called_damaged(s3, small_family
             for task in fam.tasks:
                 for name in fam.keys(task):
                     fam.get_tensor(task, name)
+
+
+def test_a_url_output_never_makes_one_name_both_a_file_and_a_folder(s3, small_family, hf_family):
+    """As on a disk: an archive is never written where the URL holds a folder (objects below its
+    name), nor a folder where it holds an object, with --force or not: one line, nothing uploaded
+    (the upload used to put both under one name). Reading a folder as an archive says so."""
+    fs, opts = s3
+    folder, afile = "s3://family/kinds/adir", "s3://family/kinds/afile.tallpack"
+    tallpack.pack(small_family["base"], small_family["tasks"], afile, storage_options=opts)
+    with tallpack.open(afile, storage_options=opts) as fam:
+        tallpack.write_task(fam, "a", folder, storage_options=opts)
+
+    def listing():
+        fs.invalidate_cache()
+        return sorted(fs.find("family/kinds")) + sorted(fs.find("family/kinds", withdirs=True))
+
+    before = listing()
+    for overwrite in (False, True):
+        with pytest.raises(tallpack.OutputError, match=f"^{folder}: is a folder; outputs are written as regular files"):
+            tallpack.pack(small_family["base"], small_family["tasks"], folder, storage_options=opts, overwrite=overwrite)
+        with tallpack.open(afile, storage_options=opts) as fam:
+            for out in (afile, f"{afile}/sub"):
+                for write in (lambda: tallpack.write_task(fam, "a", out, storage_options=opts, overwrite=overwrite),
+                              lambda: tallpack.write_tasks(fam, ["a"], out, storage_options=opts, overwrite=overwrite),
+                              lambda: tallpack.write_merged(fam, out, "ta", alpha=0.3, storage_options=opts,
+                                                            overwrite=overwrite)):
+                    with pytest.raises(tallpack.InvalidArgumentError, match=f"^{afile}: exists and is not a folder$"):
+                        write()
+    assert listing() == before
+    # deeper: a kept file whose name is a folder at the URL
+    fs.pipe("family/kinds/hf/config.json/note.txt", b"someone's")
+    tallpack.pack(hf_family["base"], hf_family["tasks"], "s3://family/kinds/hf.tallpack", storage_options=opts)
+    with tallpack.open("s3://family/kinds/hf.tallpack", storage_options=opts) as fam:
+        with pytest.raises(tallpack.OutputError, match="^s3://family/kinds/hf/config.json: is a folder"):
+            tallpack.write_task(fam, "dtd", "s3://family/kinds/hf", storage_options=opts, overwrite=True)
+    fs.invalidate_cache()
+    assert fs.find("family/kinds/hf") == ["family/kinds/hf/config.json/note.txt"]
+    for url in (folder, "s3://family"):
+        with pytest.raises(tallpack.FormatError, match=f"^{url}: is a directory, not a tallpack archive$"):
+            tallpack.open(url, storage_options=opts)
