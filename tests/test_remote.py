@@ -268,3 +268,19 @@ def test_a_url_output_never_makes_one_name_both_a_file_and_a_folder(s3, small_fa
     for url in (folder, "s3://family"):
         with pytest.raises(tallpack.FormatError, match=f"^{url}: is a directory, not a tallpack archive$"):
             tallpack.open(url, storage_options=opts)
+
+
+def test_force_at_a_url_replaces_an_exact_unpacks_weight_files(s3, small_family, tmp_path):
+    """As on a disk: at a URL, an exact unpack's a.safetensors goes when a lossy unpack writes
+    model.safetensors over it with --force, and the other way round."""
+    fs, opts = s3
+    packed = tmp_path / "e.tallpack"
+    tasks = small_family["task_paths"]
+    tallpack.pack(small_family["base_path"], {"a": tasks["a"], "b": tasks["b"]}, packed, exact=True)
+    url = "s3://family/exact-then-lossy"
+    with tallpack.open(packed) as fam:
+        for i, (task, exact, expected) in enumerate([("a", True, ["a.safetensors"]), ("a", False, ["model.safetensors"]),
+                                                     ("b", True, ["b.safetensors"])]):
+            tallpack.write_task(fam, task, url, exact=exact, storage_options=opts, overwrite=bool(i))
+            fs.invalidate_cache()
+            assert sorted(p.rsplit("/", 1)[1] for p in fs.ls(url.removeprefix("s3://"))) == expected
