@@ -472,7 +472,8 @@ class ContainerReader:
         size = source.size
         if size < HEADER.size + FOOTER.size:
             self._not_tallpack(size)
-        magic, major, minor, reserved = HEADER.unpack(source.read(0, HEADER.size))
+        head = bytes(source.read(0, HEADER.size))
+        magic, major, minor, reserved = HEADER.unpack(head)
         if magic != MAGIC:
             self._not_tallpack(size)
         if major != MAJOR:
@@ -482,7 +483,8 @@ class ContainerReader:
         if reserved:
             raise UnsupportedVersionError(f"{name}: header field 'reserved' is set; a newer tallpack may read it")
         self.version = (major, minor)
-        m_off, m_len, m_crc, flags, end = FOOTER.unpack(source.read(size - FOOTER.size, FOOTER.size))
+        foot = bytes(source.read(size - FOOTER.size, FOOTER.size))
+        m_off, m_len, m_crc, flags, end = FOOTER.unpack(foot)
         if end != END_MAGIC:
             raise IntegrityError(f"{name}: footer missing (truncated or damaged archive)")
         self.data_end = m_off
@@ -495,7 +497,7 @@ class ContainerReader:
         stored = source.read(m_off, m_len)
         if crc32(stored) != m_crc:
             raise IntegrityError(f"{name}: manifest checksum mismatch (damaged archive)")
-        self._ends = (bytes(source.read(0, HEADER.size)), bytes(source.read(size - FOOTER.size, FOOTER.size)))
+        self._ends = (head, foot)  # for verify_ends
         raw: bytes | memoryview = stored
         if flags & FLAG_MANIFEST_ZSTD:
             raw = _decompress_manifest(stored, name, max_manifest_bytes(size))
