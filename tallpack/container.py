@@ -36,7 +36,8 @@ from .arrays import (DEFAULT_CHUNK_ELEMENTS, ArrayRef, Chunk, check_chunk_bytes,
                      check_chunk_elements, check_shape)
 from .checksums import DEFAULT_CHECKSUM, checksum_function, crc32
 from .elements import itemsize, numel
-from .errors import FormatError, IntegrityError, InvalidArgumentError, TallpackError, UnsupportedVersionError
+from .errors import (ArchiveClosedError, FormatError, IntegrityError, InvalidArgumentError, TallpackError,
+                     UnsupportedVersionError)
 from .fsutil import commit, signals_held, temp_beside
 from .memory import empty
 from .limits import (MAX_DEPTH, MAX_JSON_INT, MAX_MANIFEST_BYTES, MAX_NUMBER_CHARS, MIN_JSON_INT,
@@ -547,6 +548,8 @@ class ContainerReader:
             m_off, m_len, m_crc, _, _ = FOOTER.unpack(foot)
             if crc32(self.source.read(m_off, m_len)) != m_crc:
                 return [f"{self.name}: manifest checksum mismatch (damaged archive)"]
+        except ArchiveClosedError:
+            raise
         except TallpackError as e:
             return [str(e)]
         return []
