@@ -32,7 +32,7 @@ from .manifest import check_task_name
 from .merging import check_alpha, default_alpha, is_consensus
 from .merged import default_model
 from .originals import rebuilt_whole, write_originals
-from .progress import ProgressLike
+from .progress import Labelled, ProgressLike
 from .sharding import INDEX, SINGLE, needs_index, plan_by_size, plan_from_layout, previous_weights, weights_among, write_shards
 from .staging import Stale, check_planned, local_path, staged
 from .storage import is_url
@@ -310,7 +310,8 @@ def write_tasks(archive: "Archive", tasks: Sequence[str] | None, outdir: str | o
     with (_reading(archive), _staged(archive, outdir, storage_options, overwrite) as local,
           transaction(overwrite=overwrite)):
         paths = [write_task(archive, name, local / name, exact=exact, max_shard_size=max_shard_size,
-                            progress=progress, overwrite=overwrite) for name in names]
+                            progress=Labelled(progress, name) if progress and len(names) > 1 else progress,
+                            overwrite=overwrite) for name in names]  # each task's steps under its name
         return [_shown(outdir, local, Path(p)) for p in paths]
 
 

@@ -192,3 +192,15 @@ def test_inspect_tensors_keeps_group_members_densities_under_their_tasks(tmp_pat
     assert any(" in tallpack.group" in line for line in rows)
     for line in rows:  # cars' density ends where its header does, and dtd's column follows
         assert re.fullmatch(r" [01]\.\d{3}", line[end - 6:end]) and line[end] == " ", line
+
+
+def test_unpack_all_names_each_tasks_progress(tmp_path):
+    """Log lines of a multi-task unpack say whose they are, and every task gets its ~10% lines."""
+    g = torch.Generator().manual_seed(0)
+    base = {f"w{i}": torch.randn(300, 300, generator=g) for i in range(3)}
+    tasks = {t: {k: v + 0.01 * torch.randn(v.shape, generator=g) for k, v in base.items()} for t in ("a", "b")}
+    tallpack.pack(base, tasks, tmp_path / "f.tallpack", group=False)
+    seen: list[str] = []
+    tallpack.write_tasks(tallpack.open(tmp_path / "f.tallpack"), None, tmp_path / "u", progress=LogLines(seen.append))
+    assert [line for line in seen if line.endswith("3/3")] == ["a: writing: 3/3", "b: writing: 3/3"]
+    assert sum(line.startswith("b: ") for line in seen) == 3
