@@ -12,7 +12,7 @@ then uploaded (:mod:`tallpack.staging`).
 
 from __future__ import annotations
 
-import functools
+import logging
 import json
 import os
 from collections.abc import Collection, Mapping, Sequence, Set
@@ -27,18 +27,20 @@ from .elements import itemsize, numel
 from .encodings import Use
 from .errors import InvalidArgumentError
 from .folders import check_no_clash, write_files
-from .fsutil import atomic_write, check_not_read, make_folder, reading, remove_on_commit, transaction
+from .fsutil import atomic_write, check_not_read, make_folder, reading, transaction
 from .manifest import check_task_name
 from .merging import check_alpha, default_alpha, is_consensus
 from .merged import default_model
 from .originals import rebuilt_whole, write_originals
 from .progress import Labelled, ProgressLike
 from .sharding import INDEX, SINGLE, needs_index, plan_by_size, plan_from_layout, previous_weights, weights_among, write_shards
-from .staging import Stale, check_planned, local_path, staged
+from .staging import check_planned, local_path, staged
 from .storage import is_url
 
 if TYPE_CHECKING:
     from .reader import Archive
+
+log = logging.getLogger(__name__)
 
 
 def write_checkpoint(
@@ -55,7 +57,6 @@ def write_checkpoint(
     specs: Mapping[str, tuple[torch.dtype, tuple[int, ...]]] | None = None,
     also: Collection[str] = (),
     where: str | None = None,
-    originals: Collection[str] = (),
 ) -> Path:
     """Write ``OUTDIR/model.safetensors`` (and ``config.json`` when given); returns the file's path.
 
@@ -68,7 +69,8 @@ def write_checkpoint(
     one that is the folder of another or of a weight file is refused before anything is written
     (a FormatError that starts with ``where``). With ``overwrite``, the weight files of an earlier
     write in the folder that this one does not replace are removed: ``model.safetensors``, shards
-    and their index, and the safetensors files named in ``originals`` (those an exact unpack wrote).
+    and their index (never a file of another name: an exact unpack's originals, which nothing tells
+    apart from the checkpoints a family was packed from, are left, with a warning).
 
     >>> write_checkpoint(fam.state_dict("cars"), "cars/", metadata={"task": "cars"})
     """
@@ -91,7 +93,7 @@ def write_checkpoint(
         # The weights of an earlier write in this folder that the new layout does not have (a
         # model.safetensors beside new shards would be loaded instead of them; shards and an index
         # of another layout would mislead) are removed when the new files are in place.
-        for fname in sorted(previous_weights(out, originals) - names):
+        for fname in sorted(previous_weights(out) - names):
             tx.remove_on_commit(out / fname)
         target = write_shards(state_dict, plan, out, metadata=meta, sizes=sizes,
                               index_metadata=(layout or {}).get("index_metadata"), progress=progress, specs=specs)
@@ -136,9 +138,9 @@ def _folder(archive: "Archive", state_dict: Mapping[str, torch.Tensor], out: Pat
     with transaction(overwrite=overwrite):
         target = write_checkpoint(state_dict, out, metadata=meta, config=None if "config.json" in files else config,
                                   layout=layout, max_shard_size=max_shard_size, sizes=sizes, progress=progress,
-                                  overwrite=overwrite, specs=specs, also=_kept_names(files), where=where,
-                                  originals=_originals(archive))
+                                  overwrite=overwrite, specs=specs, also=_kept_names(files), where=where)
         _kept_files(archive, files, out)
+        _warn_originals_left(archive, out, {Path(target).name})
         return target
 
 
@@ -157,29 +159,42 @@ def _kept_files(archive: "Archive", files: Mapping[str, str], out: Path, skip: S
                        skip=set(files) - kept)
 
 
-def _originals(archive: "Archive") -> set[str]:
-    """The names an exact unpack gives the weight files of the archive's tasks: the original
-    files' (``cars.safetensors`` for a task packed from that file, where a lossy unpack writes
-    ``model.safetensors``), from the exact tier's records or, without it, the task's source."""
-    names = set()
+def _originals(archive: "Archive") -> dict[str, tuple[int, str]]:
+    """The safetensors files an exact unpack of the archive's tasks writes (``cars.safetensors``,
+    where a lossy unpack writes ``model.safetensors``), by name: their size and SHA-256 from the
+    exact tier's records. A file of such a name counts as an earlier output's only when it holds
+    exactly those bytes, which the archive gives back: a user's own checkpoint of that name (the
+    file a task was packed from) is never taken for one. Without the exact tier, none."""
+    names: dict[str, tuple[int, str]] = {}
     for task in archive.tasks:
-        info = archive.task_info(task)
-        records = (info.exact or {}).get("files")
+        records = (archive.task_info(task).exact or {}).get("files")
         for f in records if isinstance(records, list) else ():
-            if isinstance(f, dict) and f.get("role") == "safetensors" and isinstance(f.get("name"), str):
-                names.add(f["name"])
-        path = info.source.get("path")
-        if info.source.get("format") == "safetensors" and isinstance(path, str):
-            names.add(path.split("?", 1)[0].replace("\\", "/").rsplit("/", 1)[-1])
+            if (isinstance(f, dict) and f.get("role") == "safetensors" and isinstance(f.get("name"), str)
+                    and type(f.get("size")) is int and isinstance(f.get("sha256"), str)):
+                names[f["name"]] = (f["size"], f["sha256"])
     return names
+
+
+def _warn_originals_left(archive: "Archive", out: Path, written: Set[str]) -> None:
+    """Warn of safetensors files in ``out`` that hold an original of the archive's exact tier byte
+    for byte (an earlier ``unpack --exact``, or the very file a task was packed from) beside the
+    weights just written: they are never removed, since nothing tells the two apart, but a loader
+    that globs ``*.safetensors`` would take both."""
+    originals = _originals(archive)
+    if not originals or is_url(out) or not Path(out).is_dir():
+        return
+    left = sorted(previous_weights(Path(out), originals) - previous_weights(Path(out)) - set(written))
+    if left:
+        log.warning("%s: left %s beside the weights written (an original of this archive: an earlier exact unpack, "
+                    "or the file a task was packed from); remove %s if not wanted", out, ", ".join(left),
+                    "it" if len(left) == 1 else "them")
 
 
 def _staged(archive: "Archive", outdir: str | os.PathLike, storage_options: dict[str, Any] | None,
             overwrite: bool) -> AbstractContextManager[Path]:
     """``staging.staged`` for a folder of the archive's: at a URL, the weight files of an earlier
     output that the new one does not replace go (those of the archive's original names too)."""
-    stale: Stale = functools.partial(weights_among, originals=_originals(archive))
-    return staged(outdir, storage_options, overwrite=overwrite, stale=stale, folder=True)
+    return staged(outdir, storage_options, overwrite=overwrite, stale=weights_among, folder=True)
 
 
 def _reading(archive: "Archive") -> AbstractContextManager[None]:
@@ -197,7 +212,7 @@ def _refuse_archive_in(archive: "Archive", outdir: str | os.PathLike, files: Map
     out = local_path(outdir)
     if identity is None or is_url(outdir) or not out.is_dir():
         return
-    names = {SINGLE, INDEX, "config.json", *files, *previous_weights(out, _originals(archive))}
+    names = {SINGLE, INDEX, "config.json", *files, *previous_weights(out)}
     for records in ((layout or {}).get("shards"), (exact or {}).get("files")):
         for r in records if isinstance(records, list) else ():
             name = r.get("name") if isinstance(r, dict) else r[0] if isinstance(r, list) and r else None
@@ -257,11 +272,8 @@ def write_task(archive: "Archive", task: str, outdir: str | os.PathLike, *, exac
                 paths = [write_checkpoint(archive.state_dict(task, lazy=True, exact=True), local, metadata=meta,
                                           layout=archive.task_info(task).source, max_shard_size=max_shard_size,
                                           sizes=_sizes(archive, task), specs=_specs(archive, task),
-                                          progress=progress, overwrite=overwrite, originals=_originals(archive))]
-            else:  # the files an earlier exact unpack of another task wrote here, which these do not replace
-                mine = {Path(p).relative_to(local).as_posix() for p in written}
-                for name in sorted(previous_weights(local, _originals(archive)) - previous_weights(local) - mine):
-                    remove_on_commit(local / name)
+                                          progress=progress, overwrite=overwrite)]
+            _warn_originals_left(archive, local, {Path(p).relative_to(local).as_posix() for p in paths})
             # the folder's other files (tokenizer, generation config, model card), as a lossy unpack
             # writes them, each checked against its SHA-256; the recorded ones are written above
             _kept_files(archive, archive.files(task), local,

@@ -16,12 +16,13 @@ Exactly the tensors given are written: a tied weight that the original files lef
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import logging
 import os
 import re
 import struct
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any
 
@@ -251,29 +252,31 @@ def _write_file(path: Path, tensors: Mapping[str, torch.Tensor], metadata: Mappi
         os.fsync(f.fileno())
 
 
-def previous_weights(folder: Path, originals: Collection[str] = ()) -> set[str]:
+def previous_weights(folder: Path, originals: Mapping[str, tuple[int, str]] | None = None) -> set[str]:
     """The weight files an earlier checkpoint write left in ``folder``: ``model.safetensors``, the
     index and the shards it names (plain ``.safetensors`` names in the folder only), and those of
-    ``originals`` (the names an exact unpack gives a task's original files, ``cars.safetensors``)
-    that are safetensors files."""
-    def read(name: str, start: int = 0, end: int | None = None) -> bytes:
-        with open(folder / name, "rb") as f:
-            f.seek(start)
-            return f.read(-1 if end is None else end - start)
-    return weights_among({f for f in (SINGLE, INDEX, *originals) if (folder / f).is_file()}, read,
-                         lambda name: (folder / name).is_file(), originals=originals)
+    ``originals`` (the files an exact unpack writes, ``cars.safetensors``: name -> size and
+    SHA-256) that hold exactly the recorded bytes."""
+    originals = originals or {}
+
+    def read(name: str) -> bytes:
+        return (folder / name).read_bytes()
+    present = {f for f in (SINGLE, INDEX) if (folder / f).is_file()}
+    present |= {f for f, (size, _) in originals.items() if _plain_weights(f) and (folder / f).is_file()
+                and (folder / f).stat().st_size == size}
+    return weights_among(present, read, lambda name: (folder / name).is_file(), originals=originals)
 
 
-def weights_among(present: set[str], read: Callable[..., bytes], is_file: Callable[[str], bool], *,
-                  originals: Collection[str] = ()) -> set[str]:
+def weights_among(present: set[str], read: Callable[[str], bytes], is_file: Callable[[str], bool], *,
+                  originals: Mapping[str, tuple[int, str]] | None = None) -> set[str]:
     """``previous_weights`` of a folder anywhere (a URL's, ``staging.staged``): ``present`` the
-    names of the files in it, ``read(name, start=0, end=None)`` a file's bytes (or a range of them),
-    ``is_file(name)`` whether one exists.
+    names of the files in it, ``read(name)`` a file's bytes, ``is_file(name)`` whether one exists.
 
-    A name of ``originals`` counts only as a plain ``.safetensors`` name whose file has a
-    safetensors header (of tensors, read alone): a file of that name that is anything else (a
-    user's notes, a broken download) is left where it is.
+    A name of ``originals`` counts only when its file holds exactly the recorded original's bytes
+    (size and SHA-256), which the archive's exact tier gives back: anything else of that name (a
+    user's own checkpoint, notes, a broken download) is left where it is.
     """
+    originals = originals or {}
     found = set(present) & {SINGLE, INDEX}
     if INDEX in found:
         try:
@@ -282,8 +285,18 @@ def weights_among(present: set[str], read: Callable[..., bytes], is_file: Callab
         except (OSError, ValueError, AttributeError):
             shards = set()  # an unreadable index is replaced; the files it may name are left alone
         found |= {s for s in shards if _plain_weights(s) and is_file(s)}
-    found |= {s for s in set(originals) & set(present) - found if _plain_weights(s) and _is_safetensors(s, read)}
+    found |= {s for s in set(originals) & set(present) - found
+              if _plain_weights(s) and _same_bytes(s, read, *originals[s])}
     return found
+
+
+def _same_bytes(name: str, read: Callable[[str], bytes], size: int, sha256: str) -> bool:
+    """Whether the file ``name`` holds exactly ``size`` bytes of that SHA-256."""
+    try:
+        data = read(name)
+    except Exception:  # any doubt (an unreadable file, a store's error) keeps the file
+        return False
+    return len(data) == size and hashlib.sha256(data).hexdigest() == sha256
 
 
 def _plain_weights(name: object) -> bool:
@@ -291,17 +304,3 @@ def _plain_weights(name: object) -> bool:
     return isinstance(name, str) and name.endswith(".safetensors") and Path(name).name == name
 
 
-def _is_safetensors(name: str, read: Callable[..., bytes]) -> bool:
-    """Whether the file ``name`` starts with a safetensors header that lists tensors."""
-    try:
-        n = int.from_bytes(read(name, 0, 8), "little")
-        if not 2 <= n <= 100_000_000:  # safetensors' own limit on a header
-            return False
-        header = json.loads(read(name, 8, 8 + n))
-    except Exception:  # any doubt (an unreadable file, a store's error) keeps the file
-        return False
-    if not isinstance(header, dict):
-        return False
-    tensors = [v for k, v in header.items() if k != "__metadata__"]
-    return bool(tensors) and all(isinstance(v, dict) and {"dtype", "shape", "data_offsets"} <= v.keys()
-                                 for v in tensors)

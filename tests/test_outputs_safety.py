@@ -543,29 +543,48 @@ def test_force_never_replaces_the_archive_being_read(small_family, tmp_path):
         assert fam.verify() == []
 
 
-def test_force_over_an_exact_unpack_replaces_its_weight_files_in_both_directions(small_family, tmp_path):
+def test_force_leaves_an_exact_unpacks_originals_with_a_warning(small_family, tmp_path, caplog):
     """An exact unpack of a file task writes the original's name (a.safetensors), a lossy one
-    model.safetensors: --force in either direction (or with another task) leaves the new weights
-    alone, as for shards and an index. Only safetensors files of the archive's original names go:
-    a user's file of such a name that is not a safetensors file, or a safetensors file of another
-    name, stays."""
+    model.safetensors. --force replaces a lossy output's layout (model.safetensors, shards, index)
+    in either direction, but never a file of an original's name: its bytes are the original's, so
+    nothing tells it from the checkpoint the task was packed from. It is left, with a warning."""
     tasks = small_family["task_paths"]
     packed = tmp_path / "e.tallpack"
     tallpack.pack(small_family["base_path"], {"a": tasks["a"], "b": tasks["b"]}, packed, exact=True)
     out = tmp_path / "u"
-    save_file({"lora.w": torch.ones(2)}, tmp_path / "adapter.safetensors")
-    steps = [(("--task", "a", "--exact"), ["a.safetensors"]),
-             (("--task", "a"), ["model.safetensors"]),
-             (("--task", "b", "--exact"), ["b.safetensors"]),
-             (("--task", "a", "--exact"), ["a.safetensors"]),
-             (("--task", "b"), ["model.safetensors"])]
-    for i, (args, expected) in enumerate(steps):
-        code, text = cli("-q", "unpack", packed, *args, "-o", out, *(("--force",) if i else ()))
-        assert code == 0, text
-        assert sorted(p.name for p in out.iterdir()) == expected, args
-    (out / "a.safetensors").write_bytes(b"my notes, not weights")
-    (out / "adapter.safetensors").write_bytes((tmp_path / "adapter.safetensors").read_bytes())
+    steps = [("a", True, ["a.safetensors"], None),
+             ("a", False, ["a.safetensors", "model.safetensors"], "left a.safetensors"),
+             ("b", True, ["a.safetensors", "b.safetensors"], "left a.safetensors"),
+             ("b", False, ["a.safetensors", "b.safetensors", "model.safetensors"], "left a.safetensors, b.safetensors")]
     with tallpack.open(packed) as fam:
-        tallpack.write_task(fam, "b", out, exact=True, overwrite=True)
-    assert sorted(p.name for p in out.iterdir()) == ["a.safetensors", "adapter.safetensors", "b.safetensors"]
-    assert (out / "a.safetensors").read_bytes() == b"my notes, not weights"
+        for i, (task, exact, expected, warned) in enumerate(steps):
+            caplog.clear()
+            tallpack.write_task(fam, task, out, exact=exact, overwrite=bool(i))
+            assert sorted(p.name for p in out.iterdir()) == expected, (task, exact)
+            assert (warned or "left ") in caplog.text if warned else "left " not in caplog.text
+
+
+@pytest.mark.parametrize("exact", [False, True])
+def test_force_never_removes_the_checkpoints_a_family_was_packed_from(tmp_path, exact):
+    """A folder holding the original fine-tunes (cars.safetensors, dtd.safetensors), unpacked into
+    with --force: only the files of a lossy output's layout go (model.safetensors, shards, index);
+    files of the originals' names stay, with or without the exact tier, which writes the same
+    bytes (the reviewer's find: both originals were deleted)."""
+    import torch
+    from safetensors.torch import save_file
+
+    models = tmp_path / "models"
+    models.mkdir()
+    g = torch.Generator().manual_seed(0)
+    base = {"w": torch.randn(32, 8, generator=g)}
+    save_file(base, models / "base.safetensors")
+    for t in ("cars", "dtd"):
+        save_file({"w": base["w"] + 0.01 * torch.randn(32, 8, generator=g)}, models / f"{t}.safetensors")
+    before = {p.name: p.read_bytes() for p in models.iterdir()}
+    tallpack.pack(models / "base.safetensors", [models / "cars.safetensors", models / "dtd.safetensors"],
+                  tmp_path / "f.tallpack", exact=exact)
+    with tallpack.open(tmp_path / "f.tallpack") as fam:
+        tallpack.write_task(fam, "cars", models, overwrite=True)
+        tallpack.write_merged(fam, models, "ta", alpha=0.5, overwrite=True)
+    after = {p.name: p.read_bytes() for p in models.iterdir()}
+    assert all(after[n] == b for n, b in before.items()), sorted(after)

@@ -270,17 +270,19 @@ def test_a_url_output_never_makes_one_name_both_a_file_and_a_folder(s3, small_fa
             tallpack.open(url, storage_options=opts)
 
 
-def test_force_at_a_url_replaces_an_exact_unpacks_weight_files(s3, small_family, tmp_path):
-    """As on a disk: at a URL, an exact unpack's a.safetensors goes when a lossy unpack writes
-    model.safetensors over it with --force, and the other way round."""
+def test_force_at_a_url_leaves_an_exact_unpacks_originals(s3, small_family, tmp_path):
+    """As on a disk: at a URL, --force replaces a lossy output's model.safetensors when an exact
+    unpack is written over it, but an exact unpack's a.safetensors (the original's bytes, which
+    nothing tells from the file the task was packed from) stays."""
     fs, opts = s3
     packed = tmp_path / "e.tallpack"
     tasks = small_family["task_paths"]
     tallpack.pack(small_family["base_path"], {"a": tasks["a"], "b": tasks["b"]}, packed, exact=True)
     url = "s3://family/exact-then-lossy"
     with tallpack.open(packed) as fam:
-        for i, (task, exact, expected) in enumerate([("a", True, ["a.safetensors"]), ("a", False, ["model.safetensors"]),
-                                                     ("b", True, ["b.safetensors"])]):
+        for i, (task, exact, expected) in enumerate([("a", True, ["a.safetensors"]),
+                                                     ("a", False, ["a.safetensors", "model.safetensors"]),
+                                                     ("b", True, ["a.safetensors", "b.safetensors"])]):
             tallpack.write_task(fam, task, url, exact=exact, storage_options=opts, overwrite=bool(i))
             fs.invalidate_cache()
             assert sorted(p.rsplit("/", 1)[1] for p in fs.ls(url.removeprefix("s3://"))) == expected
