@@ -57,6 +57,8 @@ def check_file_name(name: object) -> str:
         why = "is not a non-empty string"
     elif "\\" in name:
         why = "holds a backslash"
+    elif any("\ud800" <= c <= "\udfff" for c in name):  # bytes that are not UTF-8, as os.fsdecode keeps them
+        raise FormatError(f"file name {name!r:.200} is not valid UTF-8, which an archive's names are (spec §3)")
     elif (bad := _INVISIBLE.search(name)) is not None:  # a fixed list (spec §3.6), not Python's Unicode tables
         raise FormatError(f"file name {name!r:.200} holds U+{ord(bad.group()):04X}, a control or invisible "
                           "format character (spec §3.6)")

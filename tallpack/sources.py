@@ -46,7 +46,8 @@ from .container import check_json
 from .dtypes import SAFETENSORS_DTYPES as _ST_DTYPES
 from .dtypes import dtype_name
 from .elements import itemsize, numel
-from .errors import CheckpointError, CheckpointNotFoundError, TallpackError, UnsafeCheckpointError, quoted
+from .errors import CheckpointError, CheckpointNotFoundError, FormatError, TallpackError, UnsafeCheckpointError, quoted
+from .folders import check_file_name
 from .storage import is_url
 
 log = logging.getLogger(__name__)
@@ -528,6 +529,11 @@ def _other_files(folder: Path, roots: list[Path], weights: set[Path]) -> dict[st
             if p.is_dir():
                 walk(p, f"{name}/")
             elif p.is_file():
+                try:
+                    check_file_name(name)  # as readers check it: a name an archive cannot hold
+                except FormatError as err:
+                    log.warning("%s: left out of the archive: %s", folder, err)  # the name, escaped
+                    continue
                 out[name] = p
             elif p.exists():
                 log.warning("%s: not a regular file; left out of the archive", p)

@@ -443,3 +443,28 @@ def test_a_file_that_is_no_pickle_is_not_called_one_that_needs_code(tmp_path: Pa
     with pytest.raises(UnsafeCheckpointError, match="needs code execution"):
         tallpack.pack(base, {"a": tmp_path / "obj.bin"}, tmp_path / "o.tallpack")
     assert not (tmp_path / "o.tallpack").exists()
+
+
+def test_a_folder_file_whose_name_no_archive_holds_is_left_out_with_a_warning(tmp_path, caplog):
+    """A tokenizer folder's file named with bytes that are not UTF-8, or with a zero-width space,
+    is left out with a warning naming it, and the pack goes on (a name of undecodable bytes ended
+    the whole pack in an internal UnicodeEncodeError)."""
+    import os
+
+    from safetensors.torch import save_file
+
+    task = tmp_path / "t"
+    task.mkdir()
+    save_file({"w": torch.zeros(8)}, tmp_path / "base.safetensors")
+    save_file({"w": torch.ones(8)}, task / "model.safetensors")
+    (task / "ok.txt").write_text("z")
+    (task / "a\u200bb.txt").write_text("y")
+    try:
+        with open(os.path.join(os.fsencode(task), b"bad\xff.txt"), "wb") as f:
+            f.write(b"x")
+    except OSError:  # a file system that refuses such names
+        pass
+    tallpack.pack(tmp_path / "base.safetensors", [task], tmp_path / "o.tallpack")
+    with tallpack.open(tmp_path / "o.tallpack") as fam:
+        assert list(fam.files("t")) == ["ok.txt"]
+    assert "holds U+200B" in caplog.text and "left out of the archive" in caplog.text
