@@ -76,7 +76,11 @@ def pack(base: SourceLike, tasks: TasksLike, out: str | os.PathLike, options: Pa
         if origin and not isinstance(tasks, Mapping):  # named after the URL's last part, as a path is
             if any(isinstance(t, Mapping) for t in tasks):
                 raise InvalidArgumentError("a task given as a dict of tensors needs a name: pass {name: dict}")
-            local_tasks = {stem(v): v for v in local_tasks}  # a local copy: named as its URL, less any query
+            names = [stem(v) for v in local_tasks]  # a local copy: named as its URL, less any query
+            twice = next((n for i, n in enumerate(names) if n in names[:i]), None)
+            if twice is not None:  # .../a/model.safetensors and .../b/model.safetensors: one would go
+                raise InvalidArgumentError(f"task {twice!r} given twice; name tasks with NAME=PATH ({{name: url}})")
+            local_tasks = dict(zip(names, local_tasks))
         fam = PackInputs(local["\0base"], local_tasks, allow_mismatch=opts.allow_mismatch,
                          chunk_elements=opts.chunk_elements)
         for src in (fam.base, *fam.tasks.values()):

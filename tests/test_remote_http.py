@@ -416,3 +416,19 @@ def test_a_server_that_stops_sending_is_given_up_on(own_server, small_family, se
     timeout = remote.with_timeouts("https://host/x", None)["client_kwargs"]["timeout"]
     assert timeout.total is None and timeout.sock_read == 1  # a long download that keeps going is not cut off
     assert remote.with_timeouts("https://h/x", {"client_kwargs": {"timeout": 5}}) == {"client_kwargs": {"timeout": 5}}
+
+
+def test_two_task_urls_of_one_file_name_are_refused_not_merged_into_one(own_server, small_family, tmp_path):
+    """.../a/model.safetensors and .../b/model.safetensors, given without names: both would be
+    task 'model', so the call is refused (one of them was silently dropped)."""
+    from safetensors.torch import save_file
+
+    for sub in ("a", "b"):
+        (own_server.root / sub).mkdir()
+        save_file(small_family["tasks"]["a"], str(own_server.root / sub / "model.safetensors"))
+    save_file(small_family["base"], str(own_server.root / "base.safetensors"))
+    with pytest.raises(tallpack.InvalidArgumentError, match="task 'model' given twice"):
+        tallpack.pack(f"{own_server.url}/base.safetensors",
+                      [f"{own_server.url}/a/model.safetensors", f"{own_server.url}/b/model.safetensors"],
+                      tmp_path / "x.tallpack")
+    assert not (tmp_path / "x.tallpack").exists()
