@@ -68,19 +68,41 @@ class _Command(click.Command):
     one without a word (``merge --task cars --task dtd`` merged with dtd's head alone)."""
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
-        once = {o: p for p in self.params if isinstance(p, click.Option) and not (p.multiple or p.count or p.is_flag)
-                for o in p.opts}
+        takes: dict[str, click.Option] = {}  # an option's spellings that take a value (the next argument's)
+        flags: set[str] = set()
+        for p in self.params:
+            if isinstance(p, click.Option):
+                for o in (*p.opts, *p.secondary_opts):
+                    (flags.add(o) if p.is_flag or p.count else takes.__setitem__(o, p))
         seen: set[str] = set()
-        for arg in args:
-            if arg == "--":
-                break
-            spelled = arg.split("=", 1)[0] if arg.startswith("--") else arg[:2] if arg.startswith("-") else None
-            option = once.get(spelled) if spelled else None
-            if option is None or option.name is None:
-                continue
+
+        def given(option: click.Option) -> None:
+            if option.multiple or option.name is None:
+                return
             if option.name in seen:
                 raise click.UsageError(f"{'/'.join(option.opts)} given twice; give it once", ctx)
             seen.add(option.name)
+
+        i = 0
+        while i < len(args):
+            arg = args[i]
+            i += 1
+            if arg == "--":
+                break
+            if arg.startswith("--"):
+                name, eq, _ = arg.partition("=")
+                if name in takes:
+                    i += 0 if eq else 1  # ``--opt value``: the value is no option
+                    given(takes[name])
+            elif arg.startswith("-") and len(arg) > 1:  # short options, perhaps bundled: -fo x
+                for j in range(1, len(arg)):
+                    short = "-" + arg[j]
+                    if short in takes:
+                        i += 1 if j == len(arg) - 1 else 0  # its value: the rest, or the next argument
+                        given(takes[short])
+                        break
+                    if short not in flags:  # not an option (a value such as -1): click decides
+                        break
         return super().parse_args(ctx, args)
 
 

@@ -541,6 +541,9 @@ class ContainerReader:
         read again, would not open again)."""
         try:
             size = self.source.size
+            now = getattr(self.source, "current_size", None)
+            if now is not None and now() != size:  # grown (appended to) or cut since it was opened
+                return [f"{self.name}: the file is {now()} bytes, {size} when it was opened; it was changed in place"]
             head, foot = bytes(self.source.read(0, HEADER.size)), bytes(self.source.read(size - FOOTER.size, FOOTER.size))
             if (head, foot) != self._ends:
                 return [f"{self.name}: {'header' if head != self._ends[0] else 'footer'} changed since the archive "

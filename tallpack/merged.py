@@ -259,7 +259,7 @@ class MergeParts:
         if some:
             shown = ", ".join(map(repr, some[:SHOWN_NAMES])) + (", ..." if len(some) > SHOWN_NAMES else "")
             log.warning("%s: %d tensor%s that only some tasks have %s left out of the %s model: %s (stored per task, "
-                        "no base to merge onto); task=NAME (--task NAME) takes that task's", self._family.name,
+                        "with no copy of the base's to merge onto); task=NAME (--task NAME) takes that task's", self._family.name,
                         len(some), "" if len(some) == 1 else "s", "is" if len(some) == 1 else "are", self.model, shown)
         n = len(self.left_out)
         if not n:

@@ -104,6 +104,13 @@ class LocalFile:
         except ValueError:  # released by a racing close()
             raise ArchiveClosedError(f"{self.path}: the archive is closed") from None
 
+    def current_size(self) -> int:
+        """The file's size now (``size`` is the size when it was opened)."""
+        try:
+            return os.fstat(self._fd).st_size
+        except (OSError, ValueError):  # the descriptor was closed by a racing close()
+            raise ArchiveClosedError(f"{self.path}: the archive is closed") from None
+
     def read_many(self, ranges: Sequence[tuple[int, int]]) -> list[memoryview]:
         """Several ``(offset, nbytes)`` ranges (a remote source coalesces them; here each is a view)."""
         return [self.read(off, n) for off, n in ranges]

@@ -427,6 +427,7 @@ def test_merge_names_the_tensors_only_some_tasks_have(tmp_path, caplog):
     (["merge", "A", "--alpha", "0.1", "--alpha=0.2"], "--alpha given twice"),
     (["merge", "A", "-o", "x", "--output", "y"], "-o/--output given twice"),
     (["unpack", "A", "--max-shard-size", "1MB", "--max-shard-size", "2MB", "--all"], "--max-shard-size given twice"),
+    (["merge", "A", "-fo", "x1", "-o", "y1"], "-o/--output given twice"),  # bundled short options
 ])
 def test_single_value_options_given_twice_are_usage_errors(args, says, tmp_path):
     """click keeps the last of a repeated option without a word; tallpack refuses it."""
@@ -509,3 +510,10 @@ def test_a_task_name_no_folder_can_hold_is_refused_at_pack_saying_why(name, why)
     with pytest.raises(tallpack.TallpackError, match=why):
         check_task_name(name)
     assert check_task_name("ü" * 127) == "ü" * 127
+
+
+def test_an_option_value_that_starts_with_a_dash_is_a_value(tmp_path, monkeypatch):
+    """``-o -out`` is one -o (click reads it so), not -o given twice."""
+    monkeypatch.chdir(tmp_path)
+    r = run("merge", "A", "-o", "-out", "--alpha", "-0.5", ok=False)
+    assert r.exit_code == 1 and "no such archive" in r.output, r.output

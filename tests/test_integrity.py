@@ -587,7 +587,7 @@ def test_file_names_of_printable_characters_are_taken(name):
     assert check_file_name(name) == name
 
 
-@pytest.mark.parametrize("how", ["cut 1", "cut 1000", "cut half", "manifest byte", "footer byte"])
+@pytest.mark.parametrize("how", ["cut 1", "cut 1000", "cut half", "manifest byte", "footer byte", "appended"])
 def test_verify_of_an_open_archive_sees_its_ends_damaged_in_place(small_family, tmp_path, how):
     """A long-lived process that verifies its open archive (a health check) is told when the file
     was cut or its manifest or footer damaged since it opened it: a verify saying "intact" of a
@@ -601,7 +601,10 @@ def test_verify_of_an_open_archive_sees_its_ends_damaged_in_place(small_family, 
     size = p.stat().st_size
     with tallpack.open(p) as fam:
         assert fam.verify() == []
-        if how.startswith("cut"):
+        if how == "appended":
+            with open(p, "ab") as f:
+                f.write(b"\0" * 100)
+        elif how.startswith("cut"):
             os.truncate(p, size // 2 if how == "cut half" else size - int(how.split()[1]))
         else:
             at = size - (300 if how == "manifest byte" else 10)
