@@ -69,18 +69,22 @@ class _Command(click.Command):
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
         takes: dict[str, click.Option] = {}  # an option's spellings that take a value (the next argument's)
+        pairs: dict[str, click.Option] = {}
         flags: set[str] = set()
         for p in self.params:
             if isinstance(p, click.Option):
                 for o in (*p.opts, *p.secondary_opts):
                     (flags.add(o) if p.is_flag or p.count else takes.__setitem__(o, p))
+                    if p.secondary_opts:  # an on/off pair (--group/--no-group): one of them, once
+                        pairs[o] = p
         seen: set[str] = set()
 
         def given(option: click.Option) -> None:
             if option.multiple or option.name is None:
                 return
             if option.name in seen:
-                raise click.UsageError(f"{'/'.join(option.opts)} given twice; give it once", ctx)
+                spelled = "/".join((*option.opts, *option.secondary_opts))
+                raise click.UsageError(f"{spelled} given twice; give it once", ctx)
             seen.add(option.name)
 
         i = 0
@@ -91,7 +95,9 @@ class _Command(click.Command):
                 break
             if arg.startswith("--"):
                 name, eq, _ = arg.partition("=")
-                if name in takes:
+                if name in pairs:
+                    given(pairs[name])
+                elif name in takes:
                     i += 0 if eq else 1  # ``--opt value``: the value is no option
                     given(takes[name])
             elif arg.startswith("-") and len(arg) > 1:  # short options, perhaps bundled: -fo x
@@ -312,11 +318,16 @@ def _refuse_ignored_pack_flags(merge: str, exact: bool, dial: bool, derive_masks
         what = "--exact: the exact tier" if exact else "--fidelity or --budget: the fidelity dial"
         _usage(f"--group has no effect with {what} works tensor by tensor; leave --group out")
     for key, flag in (("derive_masks", "--derive-masks"), ("derive_merged", "--derive-merged")):
-        if key in given and params[key]:
-            if not exact:
-                _usage(f"{flag} needs --exact: without the exact tier every mask and merged vector is stored")
-    if "derive_merged" in given and params["derive_merged"] and not derive_masks:
+        if key in given and not exact:  # either spelling: --derive-masks or --store-masks
+            spelled = flag if params[key] else flag.replace("--derive-", "--store-")
+            _usage(f"{spelled} needs --exact: without the exact tier every mask and merged vector is stored")
+    if "derive_merged" in given and params["derive_merged"] and not derive_masks:  # (--store-merged: as said)
         _usage("--derive-merged needs --derive-masks: with --store-masks every merged vector is stored")
+    if exact and dial:
+        _usage("--fidelity and --budget do not go with --exact: the exact tier already stores every task's "
+               "original bits; give one or the other")
+    if params.get("sensitivity_file") is not None and not dial:
+        _usage("--sensitivity weighs the fidelity dial's errors: give --fidelity or --budget too")
 
 
 @main.command()

@@ -328,7 +328,7 @@ def write_tasks(archive: "Archive", tasks: Sequence[str] | None, outdir: str | o
 
 
 def write_merged(archive: "Archive", outdir: str | os.PathLike, method: str | None = None, *, k: int | None = None,
-                 alpha: float, task: str | None = None, max_shard_size: int | str | None = None,
+                 alpha: float | None = None, task: str | None = None, max_shard_size: int | str | None = None,
                  progress: ProgressLike = None, storage_options: dict[str, Any] | None = None,
                  overwrite: bool = False) -> tuple[Path | str, int]:
     """Write a merged model (see :meth:`tallpack.Archive.merged`) with the folder files of the

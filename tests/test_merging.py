@@ -515,3 +515,17 @@ def test_a_ties_archive_without_its_statistics_names_them_for_a_tensor_changed_a
             for model in ("ties", "consensus-ties"):
                 with pytest.raises(tallpack.TallpackError, match=f"tensor 's': merge: ties {key} missing"):
                     fam.merged(model)
+
+
+def test_write_merged_defaults_like_merged(tmp_path):
+    """``write_merged(fam, out)``: the archive's consensus model at the data-free alpha, as
+    ``merged()`` and ``tallpack merge`` (alpha was a required keyword)."""
+    from safetensors.torch import load_file
+
+    base, fts = family(tasks=2)
+    tallpack.pack(base, fts, tmp_path / "f.tallpack")
+    with tallpack.open(tmp_path / "f.tallpack") as fam:
+        path, n = tallpack.write_merged(fam, tmp_path / "m")
+        want = fam.merged()
+    got = load_file(path)
+    assert n == len(want) and all(torch.equal(got[k], v) for k, v in want.items())
