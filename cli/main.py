@@ -518,7 +518,7 @@ def merge(archive: str, method: str | None, k: int, alpha: float | None, task: s
     lacks += (f"; {len(some)} tensor{'s' if len(some) > 1 else ''} only some tasks have left out: "
               f"{', '.join(map(repr, some[:3]))}{', ...' if len(some) > 3 else ''} (--task NAME takes "
               "that task's)") if some else ""
-    click.echo(f"wrote {path} ({method}{shown_k}, alpha={alpha:g}, {n} tensors{lacks})")
+    click.echo(f"wrote {path} ({method}{shown_k}, alpha={alpha:g}, {n} tensor{'' if n == 1 else 's'}{lacks})")
 
 
 @main.command()

@@ -407,7 +407,8 @@ class Archive:
                 return encoding.rebuild_parts(arrays, entry, tt, run)[0]
             out = encoding.rebuild(arrays, entry, tt)
         except IntegrityError as e:  # a derived mask's original (format 1.6): say which archive and task
-            raise IntegrityError(f"{self.name}: task {task!r}, {e}") from None
+            said = f"{self.name}: task {task!r}, "
+            raise IntegrityError(str(e) if str(e).startswith(said) else said + str(e)) from None
         return out if rows is None else out.reshape(rows[1] - rows[0], *tt.shape[1:])
 
     def _uncached(self, refs: list[ArrayRef], device: torch.device | str | None) -> list[ArrayRef]:

@@ -617,3 +617,22 @@ def test_verify_of_an_open_archive_sees_its_ends_damaged_in_place(small_family, 
     assert len(problems) == 1 and str(p) in problems[0], problems
     with pytest.raises(tallpack.TallpackError):
         tallpack.open(p)
+
+
+def test_a_damaged_chunk_read_without_the_cache_names_archive_and_task_once(tmp_path):
+    """Single-task unpack reads with cache_bytes=0: a damaged group's error said "ARCHIVE: task
+    'a', ARCHIVE: task 'a', ..."."""
+    g = torch.Generator().manual_seed(0)
+    base = {f"enc.{i}.w": torch.randn(64, 32, generator=g) for i in range(3)}
+    tasks = {t: {k: v + 0.01 * torch.randn(v.shape, generator=g) for k, v in base.items()} for t in ("a", "b")}
+    p = tmp_path / "f.tallpack"
+    tallpack.pack(base, tasks, p)
+    with tallpack.open(p) as fam:
+        ref = next(e for e in fam.manifest.tensors if e.members).arrays["base"]
+        at = ref.chunks[0].offset + ref.chunks[0].nbytes // 2
+    raw = bytearray(p.read_bytes())
+    raw[at] ^= 0xFF
+    p.write_bytes(bytes(raw))
+    with tallpack.open(p, cache_bytes=0) as fam, pytest.raises(tallpack.IntegrityError) as e:
+        fam.state_dict("a")
+    assert str(e.value).count("task 'a'") == 1, str(e.value)
