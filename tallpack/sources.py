@@ -195,7 +195,7 @@ class SafetensorsSource(Source):
         unpack writes back: a key's first file wins, up to ``MAX_HEADER_METADATA`` bytes in all
         (``used`` so far; returns the new count), each entry checked as the manifest will hold it."""
         left_out = []
-        for k, v in meta.items():
+        for k, v in sorted(meta.items(), key=lambda kv: str(kv[0])):  # safetensors gives them in hash order
             if not (isinstance(k, str) and isinstance(v, str)) or k in self.metadata:
                 continue
             n = len(k.encode("utf-8", "surrogatepass")) + len(v.encode("utf-8", "surrogatepass"))

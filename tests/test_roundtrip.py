@@ -270,3 +270,29 @@ def test_header_metadata_of_sharded_files_comes_back_in_a_lossy_unpack(hf_family
             meta = f.metadata()
         assert meta == {"format": "pt", "license": "apache-2.0", "quant": "none", "tallpack.task": "cars",
                         "tallpack.lambda": meta["tallpack.lambda"], "tallpack.archive": "m.tallpack"}, meta
+
+
+def test_the_same_files_pack_to_the_same_bytes_whatever_their_header_metadata(tmp_path):
+    """safetensors hands header metadata back in hash order, which changes per process: the
+    manifest records it sorted, so packing the same files twice gives the same archive."""
+    import hashlib
+    import os
+    import subprocess
+    import sys
+
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(0)
+    base = {"w": torch.randn(16, 8, generator=g)}
+    meta = {"format": "pt", "license": "mit", "author": "x", "zeta": "1", "alpha": "2"}
+    save_file(base, tmp_path / "base.safetensors", metadata=meta)
+    save_file({"w": base["w"] + 0.01}, tmp_path / "t.safetensors", metadata=meta)
+    digests = set()
+    for i, seed in enumerate(("1", "2", "3")):  # fresh processes: safetensors' order changes between them
+        out = tmp_path / f"o{i}.tallpack"
+        r = subprocess.run([sys.executable, "-m", "tallpack", "-q", "pack", "--base", "base.safetensors", "--task",
+                            "t.safetensors", "--no-paths", "-o", out.name], cwd=tmp_path, capture_output=True,
+                           text=True, env=dict(os.environ, PYTHONHASHSEED=seed))
+        assert r.returncode == 0, r.stderr
+        digests.add(hashlib.sha256(out.read_bytes()).hexdigest())
+    assert len(digests) == 1
