@@ -198,6 +198,9 @@ class SafetensorsSource(Source):
         for k, v in sorted(meta.items(), key=lambda kv: str(kv[0])):  # safetensors gives them in hash order
             if not (isinstance(k, str) and isinstance(v, str)) or k in self.metadata:
                 continue
+            if k == "config":  # the slot of a folder's config.json (an object), which readers write out
+                left_out.append(k)
+                continue
             n = len(k.encode("utf-8", "surrogatepass")) + len(v.encode("utf-8", "surrogatepass"))
             try:
                 check_json({k: v}, at=3)  # tasks[i].metadata (spec §3, §7): else no reader opens the archive
@@ -209,7 +212,8 @@ class SafetensorsSource(Source):
             self.metadata[k] = v
             used += n
         if left_out:
-            log.warning("%s: header metadata %s not kept (over %d bytes in all, or not storable in the manifest)",
+            log.warning("%s: header metadata %s not kept (over %d bytes in all, not storable in the manifest, or "
+                        "'config', the name of a folder's config.json there)",
                         path, ", ".join(f"{k[:80]!r}" for k in left_out[:5]) + (", ..." if len(left_out) > 5 else ""),
                         MAX_HEADER_METADATA)
         return used

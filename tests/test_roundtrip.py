@@ -296,3 +296,21 @@ def test_the_same_files_pack_to_the_same_bytes_whatever_their_header_metadata(tm
         assert r.returncode == 0, r.stderr
         digests.add(hashlib.sha256(out.read_bytes()).hexdigest())
     assert len(digests) == 1
+
+
+def test_a_header_metadata_key_named_config_is_not_taken_for_config_json(tmp_path, caplog):
+    """A safetensors file's header key ``config`` (a string) would land where a folder's
+    config.json is kept (an object), and readers write that out as config.json: it is left out,
+    with a warning."""
+    from safetensors.torch import save_file
+
+    base = {"w": torch.zeros(8, 4)}
+    save_file(base, tmp_path / "base.safetensors")
+    save_file({"w": base["w"] + 0.01}, tmp_path / "t.safetensors",
+              metadata={"format": "pt", "config": '{"model_type": "x"}', "license": "mit"})
+    tallpack.pack(tmp_path / "base.safetensors", [tmp_path / "t.safetensors"], tmp_path / "f.tallpack")
+    with tallpack.open(tmp_path / "f.tallpack") as fam:
+        meta = fam.task_info("t").metadata
+        assert "config" not in meta and meta.get("license") == "mit"
+        tallpack.write_task(fam, "t", tmp_path / "u")
+    assert not (tmp_path / "u" / "config.json").exists() and "'config'" in caplog.text
