@@ -33,7 +33,7 @@ from .merging import check_alpha, default_alpha, is_consensus
 from .merged import default_model
 from .originals import rebuilt_whole, write_originals
 from .progress import Labelled, ProgressLike
-from .sharding import INDEX, SINGLE, needs_index, plan_by_size, plan_from_layout, previous_weights, weights_among, write_shards
+from .sharding import INDEX, SINGLE, needs_index, plain_weights, plan_by_size, plan_from_layout, previous_weights, weights_among, write_shards
 from .staging import check_planned, local_path, staged
 from .storage import is_url
 
@@ -159,33 +159,31 @@ def _kept_files(archive: "Archive", files: Mapping[str, str], out: Path, skip: S
                        skip=set(files) - kept)
 
 
-def _originals(archive: "Archive") -> dict[str, tuple[int, str]]:
+def _originals(archive: "Archive") -> dict[str, int]:
     """The safetensors files an exact unpack of the archive's tasks writes (``cars.safetensors``,
-    where a lossy unpack writes ``model.safetensors``), by name: their size and SHA-256 from the
-    exact tier's records. A file of such a name counts as an earlier output's only when it holds
-    exactly those bytes, which the archive gives back: a user's own checkpoint of that name (the
-    file a task was packed from) is never taken for one. Without the exact tier, none."""
-    names: dict[str, tuple[int, str]] = {}
+    where a lossy unpack writes ``model.safetensors``), by name, with their sizes, from the exact
+    tier's records. Without the exact tier, none."""
+    names: dict[str, int] = {}
     for task in archive.tasks:
         records = (archive.task_info(task).exact or {}).get("files")
         for f in records if isinstance(records, list) else ():
-            if (isinstance(f, dict) and f.get("role") == "safetensors" and isinstance(f.get("name"), str)
-                    and type(f.get("size")) is int and isinstance(f.get("sha256"), str)):
-                names[f["name"]] = (f["size"], f["sha256"])
+            if (isinstance(f, dict) and f.get("role") == "safetensors" and plain_weights(f.get("name"))
+                    and type(f.get("size")) is int):
+                names[f["name"]] = f["size"]
     return names
 
 
 def _warn_originals_left(archive: "Archive", out: Path, written: Set[str]) -> None:
-    """Warn of safetensors files in ``out`` that hold an original of the archive's exact tier byte
-    for byte (an earlier ``unpack --exact``, or the very file a task was packed from) beside the
-    weights just written: they are never removed, since nothing tells the two apart, but a loader
-    that globs ``*.safetensors`` would take both."""
-    originals = _originals(archive)
-    if not originals or is_url(out) or not Path(out).is_dir():
+    """Warn of safetensors files in ``out`` of an original's name and size (an earlier ``unpack
+    --exact``, or the very file a task was packed from) beside the weights just written: they are
+    never removed, since nothing tells the two apart, but a loader that globs ``*.safetensors``
+    would take both. Names and sizes only: no file is read."""
+    if is_url(out) or not Path(out).is_dir():
         return
-    left = sorted(previous_weights(Path(out), originals) - previous_weights(Path(out)) - set(written))
+    left = sorted(n for n, size in _originals(archive).items()
+                  if n not in written and (Path(out) / n).is_file() and (Path(out) / n).stat().st_size == size)
     if left:
-        log.warning("%s: left %s beside the weights written (an original of this archive: an earlier exact unpack, "
+        log.warning("%s: left %s beside the weights written (of an original's name: an earlier exact unpack, "
                     "or the file a task was packed from); remove %s if not wanted", out, ", ".join(left),
                     "it" if len(left) == 1 else "them")
 

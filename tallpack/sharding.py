@@ -16,7 +16,6 @@ Exactly the tensors given are written: a tied weight that the original files lef
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import logging
 import os
@@ -252,31 +251,16 @@ def _write_file(path: Path, tensors: Mapping[str, torch.Tensor], metadata: Mappi
         os.fsync(f.fileno())
 
 
-def previous_weights(folder: Path, originals: Mapping[str, tuple[int, str]] | None = None) -> set[str]:
+def previous_weights(folder: Path) -> set[str]:
     """The weight files an earlier checkpoint write left in ``folder``: ``model.safetensors``, the
-    index and the shards it names (plain ``.safetensors`` names in the folder only), and those of
-    ``originals`` (the files an exact unpack writes, ``cars.safetensors``: name -> size and
-    SHA-256) that hold exactly the recorded bytes."""
-    originals = originals or {}
-
-    def read(name: str) -> bytes:
-        return (folder / name).read_bytes()
-    present = {f for f in (SINGLE, INDEX) if (folder / f).is_file()}
-    present |= {f for f, (size, _) in originals.items() if _plain_weights(f) and (folder / f).is_file()
-                and (folder / f).stat().st_size == size}
-    return weights_among(present, read, lambda name: (folder / name).is_file(), originals=originals)
+    index and the shards it names (plain ``.safetensors`` names in the folder only)."""
+    return weights_among({f for f in (SINGLE, INDEX) if (folder / f).is_file()},
+                         lambda name: (folder / name).read_bytes(), lambda name: (folder / name).is_file())
 
 
-def weights_among(present: set[str], read: Callable[[str], bytes], is_file: Callable[[str], bool], *,
-                  originals: Mapping[str, tuple[int, str]] | None = None) -> set[str]:
+def weights_among(present: set[str], read: Callable[[str], bytes], is_file: Callable[[str], bool]) -> set[str]:
     """``previous_weights`` of a folder anywhere (a URL's, ``staging.staged``): ``present`` the
-    names of the files in it, ``read(name)`` a file's bytes, ``is_file(name)`` whether one exists.
-
-    A name of ``originals`` counts only when its file holds exactly the recorded original's bytes
-    (size and SHA-256), which the archive's exact tier gives back: anything else of that name (a
-    user's own checkpoint, notes, a broken download) is left where it is.
-    """
-    originals = originals or {}
+    names of the files in it, ``read(name)`` a file's bytes, ``is_file(name)`` whether one exists."""
     found = set(present) & {SINGLE, INDEX}
     if INDEX in found:
         try:
@@ -284,22 +268,11 @@ def weights_among(present: set[str], read: Callable[[str], bytes], is_file: Call
             shards = set(weight_map.values()) if isinstance(weight_map, dict) else set()
         except (OSError, ValueError, AttributeError):
             shards = set()  # an unreadable index is replaced; the files it may name are left alone
-        found |= {s for s in shards if _plain_weights(s) and is_file(s)}
-    found |= {s for s in set(originals) & set(present) - found
-              if _plain_weights(s) and _same_bytes(s, read, *originals[s])}
+        found |= {s for s in shards if plain_weights(s) and is_file(s)}
     return found
 
 
-def _same_bytes(name: str, read: Callable[[str], bytes], size: int, sha256: str) -> bool:
-    """Whether the file ``name`` holds exactly ``size`` bytes of that SHA-256."""
-    try:
-        data = read(name)
-    except Exception:  # any doubt (an unreadable file, a store's error) keeps the file
-        return False
-    return len(data) == size and hashlib.sha256(data).hexdigest() == sha256
-
-
-def _plain_weights(name: object) -> bool:
+def plain_weights(name: object) -> bool:
     """A ``.safetensors`` file name without a folder."""
     return isinstance(name, str) and name.endswith(".safetensors") and Path(name).name == name
 

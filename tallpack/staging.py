@@ -36,7 +36,7 @@ BUCKET_PROTOCOLS = frozenset({"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "
 
 #: ``sharding.weights_among``: the weight files of an earlier write in a folder, which a write with
 #: ``overwrite`` removes when its own layout does not have them (a model.safetensors beside new shards)
-Stale = Callable[[set[str], Callable[..., bytes], Callable[[str], bool]], set[str]]
+Stale = Callable[[set[str], Callable[[str], bytes], Callable[[str], bool]], set[str]]
 
 #: the staging folders of the URLs being written: folder -> (file system, path, URL, overwrite)
 _active: dict[Path, tuple[Any, str, str, bool]] = {}
@@ -272,7 +272,7 @@ def _stale_objects(fs: Any, rpath: str, written: list[str], stale: Stale) -> lis
         except Exception:
             continue
         mine = {b.rsplit("/", 1)[1] for b in written if b.rsplit("/", 1)[0] == folder}
-        found = stale(present, lambda name, start=None, end=None: fs.cat_file(f"{folder}/{name}", start=start, end=end),
+        found = stale(present, lambda name: fs.cat_file(f"{folder}/{name}"),
                       lambda name: bool(fs.isfile(f"{folder}/{name}")))
         out += [f"{folder}/{name}" for name in sorted(found - mine)]
     return out
