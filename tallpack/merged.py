@@ -19,7 +19,7 @@ from .encodings.qtau import task_masks
 from .errors import FormatError, InvalidArgumentError, UnsupportedVersionError
 from .manifest import Manifest
 from .merging import (MERGED_MODELS, METHODS, MergeMethod, apply_direction, check_alpha, default_alpha, integer,
-                      is_consensus, merge_direction, merged_model_method)
+                      is_consensus, merge_direction, merged_model_method, missing_statistics)
 from .tall import tall_mask, task_vector
 
 
@@ -108,7 +108,7 @@ def shared_direction(model: str, base: torch.Tensor, data: torch.Tensor, tasks: 
                      lambdas: dict[str, float | None], k: int, method: MergeMethod, where: str = "") -> torch.Tensor:
     """d of a tensor every task changed to the same ``data``: the merge of T equal task vectors
     ``f32(data) - f32(base)``, with the masks and TIES trimming of §6.2, as if stored merged."""
-    missing = [k for k in ("thresholds", "majority_sign") if hasattr(method, k) and getattr(method, k) is None]
+    missing = missing_statistics(method)
     if missing:  # TIES' statistics, which the trimming needs (an archive whose writer left them out)
         raise FormatError(f"{where}: merge: {method.name} {' and '.join(missing)} missing from the manifest's "
                           "merge parameters, which a tensor every task changed alike needs (spec §6.1.3)")

@@ -354,13 +354,19 @@ def derive_merged(taus: list[torch.Tensor], method: MergeMethod) -> dict[str, to
     return {"merged": _sum(kept), "counts": counts}
 
 
+def missing_statistics(method: MergeMethod) -> list[str]:
+    """The global statistics a method rebuilt from a manifest lacks (TIES' ``thresholds`` and
+    ``majority_sign``, which its trimming needs); empty for a method that has none."""
+    return [key for key in ("thresholds", "majority_sign") if hasattr(method, key) and getattr(method, key) is None]
+
+
 def no_derived_merged(method: MergeMethod) -> str:
     """Why ``derive_merged`` gives nothing for ``method`` (a format error where an archive needs
     it, spec §6.1.9), e.g. "merge: TIES majority_sign is missing from the manifest's merge
     parameters"."""
     if method.name != "ties":
         return f"merge method {method.name!r} gives no derived merged vector"
-    missing = [k for k in ("thresholds", "majority_sign") if getattr(method, k, None) is None]
+    missing = missing_statistics(method)
     return (f"merge: TIES {' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} missing from the "
             "manifest's merge parameters, which a derived merged vector needs (spec §6.1.9)")
 
