@@ -39,7 +39,10 @@ class PackOptions:
     >>> PackOptions(merge={"method": "ties", "top_k": 0.3}, codec="raw").validated().method.params()
     """
 
-    lambdas: float | Mapping[str, float] = DEFAULT_LAMBDA
+    #: one value for every task or ``{task: value}`` (other tasks: the default 0.4). With
+    #: ``evaluate``, a mapping fixes those tasks' lambdas and the rest are chosen; one value for
+    #: every task is an error (``evaluate`` would choose them all)
+    lambdas: float | Mapping[str, float] | None = None
     merge: str | Mapping[str, Any] | MergeMethod = "ta"
     evaluate: Evaluator | None = None
     lambda_grid: Sequence[float] | None = None
@@ -126,6 +129,9 @@ class PackOptions:
             raise InvalidArgumentError(f"threads must be a positive integer, got {self.threads!r}")
         _check_dial(self)
         _check_metadata(self.metadata)
+        if self.evaluate is not None and self.lambdas is not None and not isinstance(self.lambdas, Mapping):
+            raise InvalidArgumentError("lambdas and evaluate conflict: evaluate chooses every task's lambda from "
+                                       "lambda_grid; give lambdas as {task: value} to fix some tasks' instead")
         if self.lambda_grid is not None:
             if self.evaluate is None:
                 raise InvalidArgumentError("lambda_grid is searched with evaluate: give evaluate too, or lambdas "
@@ -198,7 +204,7 @@ class Validated:
 
     def lambdas(self, tasks: Sequence[str]) -> dict[str, float]:
         """Each task's lambda: one value for all, or a mapping (other tasks get the default)."""
-        lambdas = self.options.lambdas
+        lambdas = DEFAULT_LAMBDA if self.options.lambdas is None else self.options.lambdas
         if isinstance(lambdas, Mapping):
             unknown = set(lambdas) - set(tasks)
             if unknown:

@@ -50,7 +50,7 @@ def pack(base: SourceLike, tasks: TasksLike, out: str | os.PathLike, options: Pa
     ``tasks`` maps names to checkpoints (paths, folders or dicts of tensors); a list takes each
     path's stem as its name. Options are a :class:`~tallpack.options.PackOptions` or its fields as
     keywords: ``lambdas`` (one value or one per task; with ``evaluate`` each task's lambda is
-    chosen from ``lambda_grid`` by its score instead), ``merge`` (``"ta"``, ``"ties"`` or
+    chosen from ``lambda_grid`` by its score, except the tasks ``lambdas`` maps), ``merge`` (``"ta"``, ``"ties"`` or
     ``{"method": "ties", "top_k": 0.3}``), ``codec``, ``level``, ``chunk_elements``, ...
     ``out`` may be a URL fsspec understands: the archive is written locally, then uploaded
     (``storage_options`` go to fsspec).
@@ -134,7 +134,9 @@ def _pack_opened(fam: PackInputs, opts: PackOptions, v: Validated, out: str | os
         v.method.prepare(fam.passes, len(names))
         selection = None
         if opts.evaluate is not None:
-            selection = select_lambdas(fam, v.method, opts.evaluate, grid=opts.lambda_grid)
+            given = opts.lambdas if isinstance(opts.lambdas, Mapping) else {}
+            selection = select_lambdas(fam, v.method, opts.evaluate, grid=opts.lambda_grid,
+                                       fixed={t: lams[t] for t in given})
             lams = selection.chosen
         with staged(out, storage_options, overwrite=opts.overwrite) as local:
             return _write(fam, v, lams, local, selection.to_dict() if selection else None)

@@ -74,10 +74,11 @@ class LambdaSelection:
 
 
 def select_lambdas(inputs: PackInputs, method: MergeMethod, evaluate: Evaluator, *,
-                   grid: Sequence[float] | None = None) -> LambdaSelection:
+                   grid: Sequence[float] | None = None, fixed: Mapping[str, float] | None = None) -> LambdaSelection:
     """For each task, the lambda of ``grid`` (default: the paper's) whose reconstruction scores
     best on ``evaluate`` (raw scores, compared within the task, so any sign works); ties go to the
-    smallest lambda, the densest mask."""
+    smallest lambda, the densest mask. Tasks in ``fixed`` keep its value, unscored."""
+    fixed = dict(fixed or {})
     _check_evaluator(evaluate)
     values = check_lambda_grid(grid if grid is not None else LAMBDA_GRID)
     base: dict[str, torch.Tensor] = {}
@@ -90,6 +91,10 @@ def select_lambdas(inputs: PackInputs, method: MergeMethod, evaluate: Evaluator,
     chosen: dict[str, float] = {}
     scores: dict[str, dict[float, float]] = {}
     for task, src in inputs.tasks.items():
+        if task in fixed:
+            chosen[task] = fixed[task]
+            log.info("task %s: lambda %.2f (given)", task, chosen[task])
+            continue
         exact = {n: src.get(n) for n in src.keys() if n not in mtl}
         taus = {n: task_vector(src.get(n), base[n]) for n in mtl}
         scores[task] = {}

@@ -448,6 +448,22 @@ def test_lambda_grid_without_evaluate_is_refused(tmp_path) -> None:
         tallpack.pack(base, tasks, tmp_path / "g.tallpack", lambda_grid=[0.3])
 
 
+def test_lambdas_with_evaluate_fix_the_tasks_they_name(tmp_path) -> None:
+    """``lambdas`` was ignored when ``evaluate`` was given: a mapping now fixes those tasks (left
+    unscored) and the others are chosen; one value for every task is refused before any scoring."""
+    calls: list[str] = []
+    base, tasks = _family()
+    m = tallpack.pack(base, tasks, tmp_path / "g.tallpack", evaluate=lambda t, sd: calls.append(t) or 1.0,
+                      lambdas={"a": 0.55}, lambda_grid=[0.3, 0.5])
+    assert {t.name: t.lam for t in m.tasks} == {"a": 0.55, "b": 0.3}
+    assert set(calls) == {"b"} and set(m.stats["selection"]["lambda"]["scores"]) == {"b"}
+    calls.clear()
+    with pytest.raises(InvalidArgumentError, match="lambdas and evaluate conflict"):
+        tallpack.pack(base, tasks, tmp_path / "h.tallpack", evaluate=lambda t, sd: calls.append(t) or 1.0,
+                      lambdas=0.4)
+    assert calls == [] and not (tmp_path / "h.tallpack").exists()
+
+
 def test_lambda_grid_from_numpy_is_taken(tmp_path) -> None:
     base, tasks = _family()
     m = tallpack.pack(base, tasks, tmp_path / "g.tallpack", evaluate=lambda t, sd: 1.0,
