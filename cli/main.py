@@ -506,8 +506,9 @@ def merge(archive: str, method: str | None, k: int, alpha: float | None, task: s
     with tallpack.open(archive) as fam:
         method = default_model(fam.manifest) if method is None else method
         alpha = default_alpha(method, len(fam.tasks)) if alpha is None else alpha
-        path, n = tallpack.write_merged(fam, output, method, k=k if is_consensus(method) else None, alpha=alpha, task=task,
-                                        max_shard_size=max_shard_size, progress=_progress(), overwrite=force)
+        written = tallpack.write_merged(fam, output, method, k=k if is_consensus(method) else None, alpha=alpha,
+                                        task=task, max_shard_size=max_shard_size, progress=_progress(), overwrite=force)
+        path, n = written
         left = [] if task is not None else left_out(fam.manifest)
         some = [] if task is not None else in_some_tasks(fam.manifest)
     shown_k = f", k={k}" if is_consensus(method) else ""  # the others have no k
@@ -518,6 +519,9 @@ def merge(archive: str, method: str | None, k: int, alpha: float | None, task: s
     lacks += (f"; {len(some)} tensor{'s' if len(some) > 1 else ''} only some tasks have left out: "
               f"{', '.join(map(repr, some[:3]))}{', ...' if len(some) > 3 else ''} (--task NAME takes "
               "that task's)") if some else ""
+    over = written.overflow
+    lacks += (f"; alpha {alpha:g} overflows {len(over)} tensor{'s' if len(over) > 1 else ''} (inf): "
+              f"{', '.join(map(repr, over[:3]))}{', ...' if len(over) > 3 else ''}") if over else ""
     click.echo(f"wrote {path} ({method}{shown_k}, alpha={alpha:g}, {n} tensor{'' if n == 1 else 's'}{lacks})")
 
 

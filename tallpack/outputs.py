@@ -325,12 +325,25 @@ def write_tasks(archive: "Archive", tasks: Sequence[str] | None, outdir: str | o
         return [_shown(outdir, local, Path(p)) for p in paths]
 
 
+class WrittenModel(tuple[Path | str, int]):
+    """``(path, tensors)``: the weights file (or index) written and its tensor count, unpacked as a
+    pair; ``overflow`` names the tensors that alpha pushed past their dtype's range (inf)."""
+
+    overflow: tuple[str, ...]
+
+    def __new__(cls, path: Path | str, tensors: int, overflow: Sequence[str] = ()) -> "WrittenModel":
+        self = super().__new__(cls, (path, tensors))
+        self.overflow = tuple(overflow)
+        return self
+
+
 def write_merged(archive: "Archive", outdir: str | os.PathLike, method: str | None = None, *, k: int | None = None,
                  alpha: float | None = None, task: str | None = None, max_shard_size: int | str | None = None,
                  progress: ProgressLike = None, storage_options: dict[str, Any] | None = None,
-                 overwrite: bool = False) -> tuple[Path | str, int]:
+                 overwrite: bool = False) -> WrittenModel:
     """Write a merged model (see :meth:`tallpack.Archive.merged`) with the folder files of the
-    task (or, without one, of the base); returns the weights file (or index) and its tensor count."""
+    task (or, without one, of the base); returns ``(path, tensors)``: the weights file (or index)
+    and its tensor count, with ``.overflow``, the tensors that ``alpha`` overflowed (warned)."""
     _check_call("write_merged", archive, outdir)
     method = default_model(archive.manifest) if method is None else method  # the archive's consensus model
     alpha = default_alpha(method, len(archive.tasks)) if alpha is None else check_alpha(alpha)
@@ -338,7 +351,7 @@ def write_merged(archive: "Archive", outdir: str | os.PathLike, method: str | No
                        archive.task_info(task).source if task else archive.manifest.base)
     parts = archive.merge_parts(method, k=k)  # k checked: numpy's ints taken, and only for consensus
     sd = parts.state_dict(alpha, task=task)
-    parts.warn_overflow(sd, alpha)
+    overflow = parts.warn_overflow(sd, alpha)
     meta = {"tallpack.merge": method, **({"tallpack.k": parts.k} if is_consensus(method) else {}),
             "tallpack.alpha": alpha, "tallpack.tasks": list(archive.tasks)} | ({"tallpack.task": task} if task else {})
     where = archive.task_info(task) if task else None
@@ -349,4 +362,4 @@ def write_merged(archive: "Archive", outdir: str | os.PathLike, method: str | No
                        meta=meta, config=config, files=archive.files(task),
                        layout=source, max_shard_size=max_shard_size, sizes=None, progress=progress,
                        overwrite=overwrite)
-        return _shown(outdir, local, path), len(sd)
+        return WrittenModel(_shown(outdir, local, path), len(sd), overflow)

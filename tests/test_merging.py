@@ -439,6 +439,15 @@ def test_an_alpha_that_overflows_float16_is_named(tmp_path, caplog):
     r = subprocess.run([sys.executable, "-m", "tallpack", "merge", tmp_path / "h.tallpack", "--method", "ta",
                         "--alpha", "1e30", "-o", tmp_path / "m"], capture_output=True, text=True)
     assert r.returncode == 0 and "alpha 1e+30 overflows 3 tensors" in r.stderr, r.stderr
+    # -q hides the warning; the result line, which -q keeps, carries it (and write_merged returns it)
+    r = subprocess.run([sys.executable, "-m", "tallpack", "-q", "merge", tmp_path / "h.tallpack", "--method", "ta",
+                        "--alpha", "1e30", "-o", tmp_path / "q"], capture_output=True, text=True)
+    assert r.returncode == 0 and r.stderr == "", r.stderr
+    assert "alpha 1e+30 overflows 3 tensors (inf): 'w0'" in r.stdout, r.stdout
+    with tallpack.open(tmp_path / "h.tallpack") as fam:
+        path, n = written = tallpack.write_merged(fam, tmp_path / "p", "ta", alpha=1e30)
+        assert "w0" in written.overflow and len(written.overflow) == 3
+        assert tallpack.write_merged(fam, tmp_path / "p2", "ta", alpha=0.5).overflow == ()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
