@@ -51,7 +51,7 @@ from ._torch import torch
 from .arrays import ArrayRef
 from .codecs import Chain
 from .container import ALIGNMENT, FOOTER, HEADER
-from .dtypes import dtype_name, tensor_to_bytes
+from .dtypes import dtype_name, narrow, tensor_to_bytes
 from .encodings import Item, TaskTensor, TensorEntry, WriteContext, iter_arrays, settled
 from .encodings.base import EXTRA_ARRAYS
 from .encodings.correction import (BLOCK, Correction, corrected, quant_decode, quant_encode, residual,
@@ -535,7 +535,7 @@ class Dial:
             sq_err = _errors(w)
             rec32 = torch.addcmul(base32, mask.to(torch.float32), merged)
             r = xf.to(torch.float32) - rec32
-            plain = rec32.to(x.dtype)
+            plain = narrow(rec32, x.dtype)
             zero = torch.zeros(1)
             sq, sq_plain, _ = sq_err(xf, zero)
             plan.theta_sq += sq
@@ -624,7 +624,7 @@ class Dial:
                 o = chosen.get(k)
                 shape = src.info(k).shape
                 if o is None or o.kind is None:
-                    sd[k] = rec32.to(dtype).reshape(shape)
+                    sd[k] = narrow(rec32, dtype).reshape(shape)
                 elif o.kind == "exact":
                     sd[k] = src.get(k)
                 elif o.kind == "qtau":
@@ -632,7 +632,7 @@ class Dial:
                     sd[k] = rebuilt(base32, decoded(o, candidate_arrays(o, tau), tau.numel()), dtype).reshape(shape)
                 else:
                     c = decoded(o, candidate_arrays(o, r), r.numel())
-                    sd[k] = (rec32 + c).to(dtype).reshape(shape)
+                    sd[k] = narrow(rec32 + c, dtype).reshape(shape)
             got = score_values(evaluate(t, sd), f"task {t!r} on a reconstruction: the evaluator's score")
             memo[key] = score_ratio(got, ref[t], self.z)
             return memo[key]

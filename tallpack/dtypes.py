@@ -38,6 +38,24 @@ SAFETENSORS_DTYPES: dict[str, str] = {
 }
 
 
+#: float8_e4m3fn's largest finite value. A float32 past it casts to it (saturates: infinities too,
+#: NaN stays NaN), as PyTorch casts since 2.13; earlier releases gave NaN. :func:`narrow` clamps
+#: first, so every torch gives the spec's bits (§6.1.1).
+E4M3_MAX = 448.0
+
+
+def narrow(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A float32 ``x`` cast to ``dtype`` as the spec's ``cast_d``: PyTorch's ``Tensor.to``, with a
+    float8_e4m3fn past its range saturating to +-448 whatever torch's own cast does.
+
+    >>> narrow(torch.tensor([500.0, -float("inf")]), torch.float8_e4m3fn).float()
+    tensor([ 448., -448.])
+    """
+    if dtype == getattr(torch, "float8_e4m3fn", None) and x.dtype != dtype:
+        x = x.clamp(-E4M3_MAX, E4M3_MAX)
+    return x.to(dtype)
+
+
 def dtype_name(dtype: torch.dtype) -> str:
     """The spec name of a torch dtype, e.g. ``torch.bfloat16 -> "bfloat16"``."""
     try:

@@ -69,6 +69,12 @@ def left_out(manifest: Manifest) -> list[str]:
     return sorted(names, key=lambda n: order.get(n, len(order)))
 
 
+def _finite(t: torch.Tensor) -> bool:
+    """Whether every value of ``t`` is finite (float8 through float32: torch has no ``isfinite``
+    for ``float8_e4m3fn``)."""
+    return bool(torch.isfinite(t.float() if t.element_size() == 1 else t).all())
+
+
 def in_some_tasks(manifest: Manifest) -> list[str]:
     """The tensors that some tasks have and others lack, in the checkpoints' order (a causal LM's
     ``lm_head.weight`` in a family with a classifier task; one task's own head). A merged model
@@ -240,8 +246,7 @@ class MergeParts:
         model). One pass over the model; ``select_alpha``'s evaluations do not make it."""
         over = [name for name, (t, d) in self.parts.items()
                 if d is not None and name in merged and t.is_floating_point()
-                and not bool(torch.isfinite(merged[name]).all())
-                and bool(torch.isfinite(t).all()) and bool(torch.isfinite(d).all())]
+                and not _finite(merged[name]) and _finite(t) and _finite(d)]
         if over:
             value = default_alpha(self.model, len(self.tasks)) if alpha is None else alpha
             names = ", ".join(map(repr, over[:SHOWN_NAMES])) + (", ..." if len(over) > SHOWN_NAMES else "")

@@ -19,6 +19,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from ._torch import torch
+from .dtypes import narrow
 from .errors import FormatError, InvalidArgumentError
 
 log = logging.getLogger(__name__)
@@ -460,4 +461,4 @@ def merge_direction(model: str, tau_mtl: torch.Tensor, masks: list[torch.Tensor]
 def apply_direction(theta_0: torch.Tensor, direction: torch.Tensor, alpha: float) -> torch.Tensor:
     """``theta_0 + alpha * d`` in float32 (alpha rounded to float32), cast to theta_0's dtype."""
     alpha32 = torch.tensor(alpha, dtype=torch.float32)
-    return (theta_0.to(torch.float32) + alpha32 * direction).to(theta_0.dtype)
+    return narrow(theta_0.to(torch.float32) + alpha32 * direction, theta_0.dtype)

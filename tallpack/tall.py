@@ -15,6 +15,7 @@ import numpy as np
 
 from ._torch import torch
 from . import kernels
+from .dtypes import narrow
 from .memory import ThreadBuffers
 
 #: The paper's lambda grid; a task's mask is ``|tau_t| > lambda_t * |tau_MTL - tau_t|``.
@@ -217,7 +218,7 @@ def reconstruct(theta_0: torch.Tensor, mask: torch.Tensor | Bits, tau_mtl: torch
         mask = mask.unpack()
     # addcmul is bit-identical to base + (mask * tau): the product (tau or a signed zero) is exact,
     # so fusing it leaves a single rounding, that of the addition.
-    return torch.addcmul(theta_0.to(torch.float32), _float_mask(mask), tau_mtl).to(dtype)
+    return narrow(torch.addcmul(theta_0.to(torch.float32), _float_mask(mask), tau_mtl), dtype)
 
 
 class Planar:

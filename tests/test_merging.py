@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file
 
 import tallpack
+from tallpack.dtypes import narrow
 from tallpack.merging import Ties, consensus_mask
 from test_cli import run
 
@@ -448,6 +449,40 @@ def test_an_alpha_that_overflows_float16_is_named(tmp_path, caplog):
         path, n = written = tallpack.write_merged(fam, tmp_path / "p", "ta", alpha=1e30)
         assert "w0" in written.overflow and len(written.overflow) == 3
         assert tallpack.write_merged(fam, tmp_path / "p2", "ta", alpha=0.5).overflow == ()
+
+
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2])
+def test_float8_models_merge(tmp_path, dtype):
+    """A float8_e4m3fn merged tensor failed every merged model (torch has no isfinite for it, which
+    the overflow check called); an alpha past float8_e5m2's range (inf) is named."""
+    g = torch.Generator().manual_seed(0)
+    b = torch.randn(64, generator=g)
+    base = {"w": b.to(dtype)}
+    fts = {f"t{i}": {"w": (b + 0.5 * torch.randn(64, generator=g)).to(dtype)} for i in range(2)}
+    tallpack.pack(base, fts, tmp_path / "f8.tallpack")
+    with tallpack.open(tmp_path / "f8.tallpack") as fam:
+        tau = sum(sd["w"].float() - b.to(dtype).float() for sd in fts.values())
+        want = (b.to(dtype).float() + torch.tensor(0.5) * tau).to(dtype)
+        got = fam.merged("ta", alpha=0.5)["w"]
+        assert got.dtype == dtype and torch.equal(got.view(torch.uint8), want.view(torch.uint8))
+        over = fam.merge_parts("ta").warn_overflow(fam.merged("ta", alpha=1e6), 1e6)
+        assert over == ([] if dtype == torch.float8_e4m3fn else ["w"])  # e4m3fn saturates (spec §6.1.1)
+
+
+def test_float8_e4m3fn_saturates_whatever_torchs_own_cast_does(tmp_path):
+    """Spec §6.1.1: a float8_e4m3fn rebuild past +-448 saturates (PyTorch's cast since 2.13; NaN
+    before), clamped first so every torch gives these bits; the exact tier still gives the original."""
+    e4 = torch.float8_e4m3fn
+    assert torch.equal(narrow(torch.tensor([464.0, 1e6, float("inf"), -1e6]), e4).float(),
+                       torch.tensor([448.0, 448.0, 448.0, -448.0]))
+    assert torch.isnan(narrow(torch.tensor([float("nan")]), e4).float()).all()
+    base = {"w": torch.full((16,), 416.0).to(e4)}
+    fts = {f"t{i}": {"w": torch.full((16,), 448.0).to(e4)} for i in range(2)}  # tau_MTL 64: 480 rebuilt
+    tallpack.pack(base, fts, tmp_path / "e4.tallpack", lambdas=0.0, exact=True)
+    with tallpack.open(tmp_path / "e4.tallpack") as fam:
+        assert torch.equal(fam.get_tensor("t0", "w").float(), torch.full((16,), 448.0))
+        assert torch.equal(fam.get_tensor("t0", "w", exact=True).view(torch.uint8), fts["t0"]["w"].view(torch.uint8))
+        assert torch.equal(fam.merged("ta", alpha=1.0)["w"].float(), torch.full((16,), 448.0))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -32,7 +32,7 @@ import numpy as np
 
 from .._torch import torch
 from ..arrays import ArrayRef
-from ..dtypes import torch_dtype
+from ..dtypes import narrow, torch_dtype
 from ..errors import FormatError
 from ..tall import Planar, reconstruct_planar
 from .base import ReadArray, TaskTensor, TensorEntry, Use, register_field
@@ -127,7 +127,7 @@ def corrected(base: torch.Tensor, mask: torch.Tensor, merged: torch.Tensor, c: t
               dtype: torch.dtype) -> torch.Tensor:
     """``cast_d((f32(theta_0) + m_t * tau_MTL) + C)``: the TALL rebuild plus a correction."""
     rec = torch.addcmul(base.to(torch.float32), mask.to(torch.float32), merged)
-    return rec.add_(c.reshape(rec.shape)).to(dtype)
+    return narrow(rec.add_(c.reshape(rec.shape)), dtype)
 
 
 # -- the manifest field --------------------------------------------------------------------------

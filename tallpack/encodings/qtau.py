@@ -24,7 +24,7 @@ import numpy as np
 
 from .._torch import torch
 from ..arrays import ArrayRef
-from ..dtypes import torch_dtype
+from ..dtypes import narrow, torch_dtype
 from ..elements import FLOATING
 from ..errors import FormatError
 from ..tall import tall_mask
@@ -139,7 +139,7 @@ def dequantize(codes: np.ndarray, scales: np.ndarray, bits: int, block: int, n: 
 
 def rebuilt(base: torch.Tensor, deq: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``cast_d(f32(theta_0) + deQ)``."""
-    return base.reshape(-1).to(torch.float32).add(deq).to(dtype)
+    return narrow(base.reshape(-1).to(torch.float32).add(deq), dtype)
 
 
 @register
