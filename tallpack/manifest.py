@@ -58,7 +58,7 @@ def count_kinds(entries: tuple[TensorEntry, ...] | list[TensorEntry]) -> dict[st
     return {k: c.get(k, 0) for k in KINDS}
 
 
-def _number(v: object, lo: float = -MAX_INT, hi: float = MAX_INT) -> bool:
+def _number(v: object, lo: float = -math.inf, hi: float = math.inf) -> bool:
     """None, or a finite int or float in [lo, hi] (JSON integers are already within int64)."""
     return v is None or ((type(v) is int or type(v) is float) and math.isfinite(v) and lo <= v <= hi)
 

@@ -154,7 +154,7 @@ def render(s: dict[str, Any]) -> str:
     lines += [header, "-" * len(header)]
     for t in s["tasks"]:
         f = t["fidelity"]
-        line = (f"{_show(t['name']):<{w}} {_fmt(t['lambda'], '.2f'):>6} {_fmt(t['density'], '.3f'):>8} "
+        line = (f"{_show(t['name']):<{w}} {_fmt(t['lambda'], '.2f' if t['lambda'] is None or t['lambda'] < 1000 else '.2g'):>6} {_fmt(t['density'], '.3f'):>8} "
                 f"{_fmt(f.get('rel_l2'), '.3f'):>7} {_fmt(f.get('cosine'), '.3f'):>7} "
                 f"{_fmt(t['mask_bits_per_param'], '.3f'):>9} {_fmt(t['mask_entropy_bits_per_param'], '.3f'):>6}")
         if dial:

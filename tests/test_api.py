@@ -4,6 +4,9 @@ do next."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -462,6 +465,20 @@ def test_lambdas_with_evaluate_fix_the_tasks_they_name(tmp_path) -> None:
         tallpack.pack(base, tasks, tmp_path / "h.tallpack", evaluate=lambda t, sd: calls.append(t) or 1.0,
                       lambdas=0.4)
     assert calls == [] and not (tmp_path / "h.tallpack").exists()
+
+
+@pytest.mark.parametrize("lam", [1e19, 3.4e38, 1e39])
+def test_a_huge_lambda_writes_an_archive_that_opens(tmp_path, lam) -> None:
+    """A lambda past 2**63 (any finite value is taken) wrote an archive that no reader opened
+    ("lambda must be a finite number >= 0"): the manifest's bound on numbers was int64's."""
+    base, tasks = _family()
+    tallpack.pack(base, tasks, tmp_path / "l.tallpack", lambdas={"a": lam}, exact=True)
+    with tallpack.open(tmp_path / "l.tallpack") as fam:
+        assert fam.task_info("a").lam == lam and fam.verify() == []
+        assert torch.equal(fam.get_tensor("a", "w"), base["w"])  # no element passes a huge lambda
+    r = subprocess.run([sys.executable, "-m", "tallpack", "inspect", str(tmp_path / "l.tallpack")],
+                       capture_output=True, text=True)
+    assert r.returncode == 0 and f"{lam:.2g}" in r.stdout, r.stderr
 
 
 def test_lambda_grid_from_numpy_is_taken(tmp_path) -> None:
