@@ -216,15 +216,22 @@ class ContainerWriter:
         self.drain()
         return self._pos + -self._pos % ALIGNMENT + len(self._stored_manifest(manifest)[0]) + FOOTER.size
 
-    def finish(self, manifest: dict[str, Any]) -> Path:
-        """Write the manifest and footer, then atomically rename the file to its final name."""
+    def finish(self, manifest: dict[str, Any], check: Callable[[Any], object] | None = None) -> Path:
+        """Write the manifest and footer, then atomically rename the file to its final name;
+        ``check`` (the reader's parse of a manifest) is given the manifest as a reader parses it."""
         self.drain()
         raw = self._serialized(manifest)
         try:  # the last guard: never an archive that no reader opens (spec §7); nothing is renamed
-            _strict_loads(raw.decode("utf-8"))
+            parsed = _strict_loads(raw.decode("utf-8"))
         except (ValueError, RecursionError) as e:
             raise InvalidArgumentError(f"{self.path}: not written: its manifest would not be valid JSON "
                                        f"for readers ({str(e)[:200]})") from None
+        if check is not None:
+            try:
+                check(parsed)
+            except FormatError as e:
+                raise InvalidArgumentError(f"{self.path}: not written: readers would refuse its manifest "
+                                           f"({str(e)[:200]})") from None
         stored, flags = self._stored_manifest(manifest, raw)
         offset = self._write(stored)
         self._f.write(FOOTER.pack(offset, len(stored), crc32(stored), flags, END_MAGIC))

@@ -514,6 +514,21 @@ def test_the_writer_never_renames_an_unreadable_archive_into_place(tmp_path, val
     assert list(tmp_path.iterdir()) == []
 
 
+def test_the_writer_checks_its_manifest_as_the_reader_parses_it(tmp_path):
+    """The writer's last guard runs the reader's parse of a manifest (``Manifest.from_dict``, given
+    by the packer), so a value the manifest's rules refuse stops the rename too."""
+    from tallpack.container import ContainerWriter
+    from tallpack.errors import InvalidArgumentError
+    from tallpack.manifest import Manifest
+
+    out = tmp_path / "w.tallpack"
+    with pytest.raises(InvalidArgumentError, match="w.tallpack: not written: readers would refuse its manifest"):
+        with ContainerWriter(out) as w:
+            w.finish({"format": "tallpack", "format_version": [1, 0], "tasks": [{"name": "a", "lambda": -1}]},
+                     check=Manifest.from_dict)
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize("escape", ["\\udc80", "\\ud800", "\\uDBFF x", "\\ud83d\\u0041"])
 def test_lone_surrogates_in_the_manifest_are_refused_at_open(archive, escape):
     """Spec §2: the manifest is UTF-8 JSON; a \\uD800-\\uDFFF escape not in a pair is no character,
