@@ -210,6 +210,8 @@ def _write(fam: PackInputs, v: Validated, lams: dict[str, float], out: Path, sel
             _write_dialed(dial, ctx, done, pending, lambda name: fam.load(plans[name]),
                           lambda: w.size_with(manifest().to_dict()))
         result = manifest()
+        for src in sources:  # after the exact tier hashed the files (in ``manifest``)
+            src.check_unchanged()
         w.finish(result.to_dict(), check=Manifest.from_dict)
     return result
 

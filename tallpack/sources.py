@@ -92,13 +92,29 @@ class Source:
         self.layout: dict[str, Any] = {}
         #: the file each tensor is read from (sources of files), and that file's identity and size when opened
         self._where: dict[str, Path] = {}
-        self._opened: dict[Path, tuple[int, int, int]] = {}
+        self._opened: dict[Path, tuple[int, int, int, int]] = {}
         self._checked: dict[Path, float] = {}  # when ``_unchanged`` last looked at each file
 
     def _remember(self, path: Path) -> None:
-        """Note ``path``'s identity and size as it is opened (see ``_unchanged``)."""
+        """Note ``path``'s identity, size and modification time as it is opened (see ``_unchanged``
+        and ``check_unchanged``)."""
         st = os.stat(path)
-        self._opened[path] = (st.st_dev, st.st_ino, st.st_size)
+        self._opened[path] = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+    def check_unchanged(self) -> None:
+        """Refuse, once everything was read, a file that changed since it was opened: written over
+        in place (its mapped pages then mix the old and the new checkpoint, and the exact tier's
+        hash, taken at the end, is the new file's), replaced or removed (a trainer saving its next
+        checkpoint over the one being packed)."""
+        for path, was in self._opened.items():
+            try:
+                st = os.stat(path)
+                now = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+            except OSError:
+                now = None
+            if now != was:
+                what = "removed" if now is None else "replaced" if now[:2] != was[:2] else "written over"
+                raise CheckpointError(f"{path}: {what} while it was packed; pack it again once it is complete")
 
     def _unchanged(self, name: str) -> None:
         """Refuse to read a tensor from a file that shrank in place since it was opened: its pages

@@ -425,6 +425,42 @@ def test_a_checkpoint_cut_in_place_while_open_is_refused_not_a_crash(tmp_path, k
     assert line.startswith("refused:") and "shrank from" in line and str(path) in line and "\n" not in line, line
 
 
+@pytest.mark.parametrize("exact", [False, True])
+@pytest.mark.parametrize("how", ["written over", "replaced"])
+def test_a_checkpoint_saved_over_while_it_packs_is_refused(tmp_path, exact, how) -> None:
+    """A trainer saving its next checkpoint over the one being packed: the archive held the old
+    tensors and, with the exact tier, the new file's hash (so its own verify failed and the exact
+    originals were lost); now pack refuses, naming the file, and leaves no archive."""
+    g = torch.Generator().manual_seed(0)
+    base = {f"w{i}": torch.randn(64, 64, generator=g) for i in range(4)}
+    save_file(base, tmp_path / "base.safetensors")
+    old = {k: v + 0.01 * torch.randn(v.shape, generator=g) for k, v in base.items()}
+    path = tmp_path / "t0.safetensors"
+    save_file(old, path)
+    done: list[int] = []
+
+    def progress(desc: str, i: int, total: int) -> None:
+        if desc == "packing" and i == 2 and not done:
+            new = {k: v + 1.0 for k, v in old.items()}
+            if how == "replaced":  # a new file renamed over the old (an atomic save)
+                save_file(new, tmp_path / "next.safetensors")
+                os.replace(tmp_path / "next.safetensors", path)
+            else:  # the same file written again in place (a trainer's own writer)
+                save_file(new, tmp_path / "next.safetensors")
+                with open(path, "r+b") as f:
+                    f.write((tmp_path / "next.safetensors").read_bytes())
+                (tmp_path / "next.safetensors").unlink()
+            st = path.stat()
+            os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))  # a coarse clock still moves
+            done.append(1)
+
+    out = tmp_path / "x.tallpack"
+    with pytest.raises(CheckpointError, match=f"t0.safetensors: {how} while it was packed; pack it again") as e:
+        tallpack.pack(tmp_path / "base.safetensors", {"t0": path}, out, exact=exact, progress=progress, threads=1)
+    assert done and "\n" not in str(e.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["base.safetensors", "t0.safetensors"]
+
+
 def test_a_file_that_is_no_pickle_is_not_called_one_that_needs_code(tmp_path: Path) -> None:
     """Text or random bytes named .bin are "not a PyTorch checkpoint"; a pickle of objects still
     "needs code execution"."""
