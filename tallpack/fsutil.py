@@ -226,6 +226,11 @@ def _remove_if_unlocked(path: Path) -> int | None:
 _NO_LINKS = {errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EXDEV, errno.EMLINK, errno.ENOSYS}
 
 
+#: how many of one output's temporaries keep their locked descriptor open until the renames; the
+#: rest are closed once written (their names' pid guards them: module docstring), so an output of
+#: thousands of files stays within any limit on open files (``ulimit -n``)
+HELD_LOCKS = 32
+
 #: how many outputs were put in place (renamed to their names) in this process: the command line
 #: tells an interrupt that came after its output was written from one that left nothing
 _committed = 0
@@ -433,7 +438,9 @@ class Transaction:
     def __init__(self, overwrite: bool):
         self.overwrite = overwrite
         self.created: list[Path] = []  # folders this output made, outermost first
-        self.staged: list[tuple[int, Path, Path]] = []  # (locked descriptor, temporary, target)
+        #: (locked descriptor, or None once closed; the temporary's device and inode; temporary, target)
+        self.staged: list[tuple[int | None, tuple[int, int], Path, Path]] = []
+        self._held = 0  # descriptors still open in ``staged``
         # the targets and folders above as sets, and each folder's temporaries listed once: an
         # output of many files costs time in proportion to their number, not its square
         self._targets: set[Path] = set()
@@ -465,9 +472,17 @@ class Transaction:
         with writing(target):
             with signals_held():  # made and recorded together: an abort finds every temporary
                 fd, tmp = temp_beside(target, listed=self._listed)
-                self.staged.append((fd, tmp, target))  # the descriptor stays open: its lock guards tmp
+                st = os.fstat(fd)
+                self.staged.append((fd, (st.st_dev, st.st_ino), tmp, target))  # the lock guards tmp
+                self._held += 1
                 self._targets.add(target)
             write(tmp)
+            if self._held > HELD_LOCKS:  # past that, the pid in the name alone guards it: an output
+                with signals_held():     # of thousands of files fits any limit on open files
+                    i = len(self.staged) - 1
+                    os.close(fd)
+                    self.staged[i] = (None, *self.staged[i][1:])
+                    self._held -= 1
 
     def remove_on_commit(self, target: Path) -> None:
         """``target`` (an existing file of an earlier output in this place, e.g. a shard the new
@@ -481,28 +496,28 @@ class Transaction:
 
     def _commit(self) -> None:
         global _committed
-        for _, _, target in self.staged:  # all refusals before the first rename
+        for _, _, _, target in self.staged:  # all refusals before the first rename
             self.check(target)
         before, done = _committed, []
         try:
-            for fd, tmp, target in self.staged:
+            for _, ident, tmp, target in self.staged:
                 existed = os.path.lexists(target)
                 aside = _keep_aside(target) if existed and self.overwrite else None
-                done.append((fd, target, existed, aside))
+                done.append((ident, target, existed, aside))
                 commit(tmp, target, overwrite=self.overwrite, sync=False)
-            for folder in dict.fromkeys(target.parent for _, _, target in self.staged):
+            for folder in dict.fromkeys(target.parent for _, _, _, target in self.staged):
                 sync_folder(folder)  # once per folder, not per file
         except BaseException:
             # a rename failed after the checks (a race, an I/O error): the files put in place
             # before it go again, and the files they replaced come back
-            for fd, target, existed, aside in reversed(done):
-                _put_back(fd, target, existed, aside)
+            for ident, target, existed, aside in reversed(done):
+                _put_back(ident, target, existed, aside)
             _committed = before
             raise
-        for fd, _, _, aside in done:
+        for _, _, _, aside in done:
             if aside is not None:
                 aside.unlink(missing_ok=True)
-            os.close(fd)
+        self._close()
         self.staged = []
         self._targets = set()
         for target in self.obsolete:
@@ -517,9 +532,9 @@ class Transaction:
             self._abort()
 
     def _abort(self) -> None:
-        for fd, tmp, _ in self.staged:
+        for _, _, tmp, _ in self.staged:
             tmp.unlink(missing_ok=True)
-            os.close(fd)
+        self._close()
         self.staged = []
         self._targets = set()
         for p in reversed(self.created):
@@ -527,6 +542,13 @@ class Transaction:
                 p.rmdir()  # only if empty: never anything someone else put there
             except OSError:
                 pass
+
+
+    def _close(self) -> None:
+        for fd, *_ in self.staged:
+            if fd is not None:
+                os.close(fd)
+        self._held = 0
 
 
 def _keep_aside(target: Path) -> Path | None:
@@ -542,14 +564,14 @@ def _keep_aside(target: Path) -> Path | None:
     return aside
 
 
-def _put_back(fd: int, target: Path, existed: bool, aside: Path | None) -> None:
+def _put_back(ident: tuple[int, int], target: Path, existed: bool, aside: Path | None) -> None:
     """Undo one rename of a failed commit: ``target`` gets back the file it had (or none), if it
-    still holds this output's file (the one behind the locked descriptor ``fd``)."""
+    still holds this output's file (device and inode ``ident``)."""
     try:
-        now, ours = os.lstat(target), os.fstat(fd)
+        now = os.lstat(target)
     except OSError:
         return
-    if (now.st_dev, now.st_ino) != (ours.st_dev, ours.st_ino):
+    if (now.st_dev, now.st_ino) != ident:
         if aside is not None:
             aside.unlink(missing_ok=True)  # the earlier file is still in place
         return

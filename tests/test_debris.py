@@ -277,9 +277,9 @@ def test_signals_wait_while_an_output_is_put_in_place(tmp_path):
     real_commit = fsutil.Transaction._commit
 
     def interrupted_commit(self):  # Ctrl-C between the first rename and the second
-        first = self.staged[0]
-        fsutil.commit(first[1], first[2], overwrite=self.overwrite)
-        os.close(first[0])
+        fd, _, tmp, target = self.staged[0]
+        fsutil.commit(tmp, target, overwrite=self.overwrite)
+        os.close(fd)
         self.staged.pop(0)
         os.kill(os.getpid(), signal.SIGINT)
         real_commit(self)

@@ -588,3 +588,34 @@ def test_force_never_removes_the_checkpoints_a_family_was_packed_from(tmp_path, 
         tallpack.write_merged(fam, models, "ta", alpha=0.5, overwrite=True)
     after = {p.name: p.read_bytes() for p in models.iterdir()}
     assert all(after[n] == b for n, b in before.items()), sorted(after)
+
+
+NOFILE_UNPACK = r"""
+import resource, sys
+resource.setrlimit(resource.RLIMIT_NOFILE, (int(sys.argv[1]), int(sys.argv[1])))
+from tallpack_cli import run
+sys.argv = ["tallpack", "-q", *sys.argv[2:]]
+run()
+"""
+
+
+def test_an_output_of_more_files_than_the_open_file_limit_is_written(tmp_path):
+    """Every staged temporary kept its locked descriptor open until the renames, so a folder of
+    more files than ``ulimit -n`` allows (1,024 on many machines: a repository with many files)
+    failed with "Too many open files" naming a hidden temporary; past fsutil.HELD_LOCKS they are
+    closed once written."""
+    g = torch.Generator().manual_seed(3)
+    base = {"a.w": torch.randn(16, 8, generator=g), "b.w": torch.randn(32, generator=g)}
+    task = {k: v + 0.1 * torch.randn(v.shape, generator=g) for k, v in base.items()}
+    extra = {f"file{i:03d}.txt": f"{i}\n".encode() for i in range(300)}
+    out = tmp_path / "many.tallpack"
+    tallpack.pack(_folder_model(tmp_path / "base", base, extra={}),
+                  {"cars": _folder_model(tmp_path / "cars", task, extra=extra)}, out)
+    for args in (["unpack", str(out), "--task", "cars", "-o", str(tmp_path / "u")],
+                 ["merge", str(out), "--task", "cars", "-o", str(tmp_path / "m")]):
+        r = subprocess.run([sys.executable, "-c", NOFILE_UNPACK, "200", *args], capture_output=True, text=True,
+                           timeout=300)
+        assert r.returncode == 0, r.stderr[-2000:]
+    written = tree(tmp_path / "u")
+    assert all(written[name] == data for name, data in extra.items())
+    assert not [p for p in (tmp_path / "u").iterdir() if p.name.endswith(".partial")]
