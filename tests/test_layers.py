@@ -38,3 +38,35 @@ def test_types_check() -> None:
     r = subprocess.run([sys.executable, "-m", "mypy"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-5000:] + r.stderr[-2000:]
     assert r.stdout.startswith("Success: no issues found"), r.stdout[-2000:]
+
+
+def test_a_wheel_holds_every_package_and_runs(tmp_path) -> None:
+    """A plain install (a wheel, ``pip install .``) left out ``tallpack.encodings``: the package
+    list in pyproject.toml is explicit, so every package folder must be in it. The wheel, built
+    here and imported without the editable install, reads archives and names its own version."""
+    pytest.importorskip("setuptools", reason="setuptools is in the test extra: pip install -e .[test]")
+    import sysconfig
+    import zipfile
+
+    r = subprocess.run([sys.executable, "-m", "pip", "wheel", str(ROOT), "--no-deps", "--no-build-isolation",
+                        "-q", "-w", str(tmp_path / "dist")], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    (wheel,) = (tmp_path / "dist").glob("tallpack-*.whl")
+    with zipfile.ZipFile(wheel) as z:
+        z.extractall(tmp_path / "site")
+    folders = {p.parent.relative_to(ROOT).as_posix() for p in (ROOT / "tallpack").rglob("__init__.py")}
+    shipped = {p.parent.relative_to(tmp_path / "site").as_posix() for p in (tmp_path / "site").rglob("__init__.py")}
+    assert folders <= shipped, sorted(folders - shipped)
+    code = ("import importlib.metadata, tallpack, tallpack.encodings.exact, tallpack_cli\n"
+            "assert tallpack.__file__.startswith(%r), tallpack.__file__\n"
+            "print(importlib.metadata.version('tallpack'), tallpack.__version__)") % str(tmp_path / "site")
+    env = {"PYTHONPATH": f"{tmp_path / 'site'}:{sysconfig.get_paths()['purelib']}", "PATH": "/usr/bin:/bin"}
+    # -S: without site, the editable install's finder is not loaded; torch comes from PYTHONPATH
+    r = subprocess.run([sys.executable, "-S", "-c", code], capture_output=True, text=True, timeout=120,
+                       cwd=tmp_path, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    meta, version = r.stdout.split()
+    assert meta == version
+    r = subprocess.run([sys.executable, "-S", "-m", "tallpack", "--version"], capture_output=True, text=True,
+                       timeout=120, cwd=tmp_path, env=env)
+    assert r.returncode == 0 and version in r.stdout, r.stdout + r.stderr[-2000:]
