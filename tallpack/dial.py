@@ -138,6 +138,8 @@ class Option:
     plain: float | None = None
     #: the rebuild has the original's bits (an ``err`` of 0 may not: ``-0.0`` rebuilt as ``0.0``)
     bit_exact: bool = False
+    #: elements its rebuild gives as +-inf or NaN (a float16 or float8 sum past the dtype's range)
+    overflow: int = 0
 
     @property
     def plain_err(self) -> float:
@@ -171,6 +173,8 @@ class TaskPlan:
     plain_tall_err: float = 0.0
     #: tensors whose plain TALL rebuild is not the original bit for bit
     tall_inexact: int = 0
+    #: per tensor, the elements its plain TALL rebuild gives as +-inf or NaN (``Option.overflow``)
+    tall_overflow: dict[str, int] = field(default_factory=dict)
     ladders: dict[str, list[Option]] = field(default_factory=dict)
     #: every qtau candidate measured, per tensor (the merged-vector pass picks among them)
     qtaus: dict[str, list[Option]] = field(default_factory=dict)
@@ -320,15 +324,28 @@ def _extras(ctx: WriteContext, item: Item) -> dict[str, torch.Tensor]:
     return {k: torch.cat([p[k] for p in parts]) for k in ctx.method.extra_arrays} if parts else {}
 
 
-def _errors(w: torch.Tensor | None) -> Callable[[torch.Tensor, torch.Tensor], tuple[float, float | None, bool]]:
-    """Squared error of a rebuild ``a`` against the original ``b`` as (weighted by ``w``, plain,
-    bit-exact), or (plain, None, bit-exact) without weights; bit-exact only where the plain error
-    is 0 and every bit is the same."""
-    def err(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float | None, bool]:
+def overflow_error(dtype: torch.dtype) -> float:
+    """The error an element rebuilt as +-inf or NaN counts for (its original finite: a float16 or
+    float8 rebuild past the dtype's range): twice the dtype's largest value, large enough that the
+    dial mends it first, finite so that every figure is."""
+    return 2.0 * float(torch.finfo(dtype).max)
+
+
+def _errors(w: torch.Tensor | None
+            ) -> Callable[[torch.Tensor, torch.Tensor], tuple[float, float | None, bool, int]]:
+    """Squared error of a rebuild ``a`` against the (finite) original ``b`` as (weighted by ``w``,
+    plain, bit-exact, elements of ``a`` that are +-inf or NaN), or (plain, None, ...) without
+    weights; bit-exact only where the plain error is 0 and every bit is the same. An element of
+    ``a`` that is not finite counts as ``overflow_error`` off."""
+    def err(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float | None, bool, int]:
         d = a.reshape(-1).to(torch.float64) - b.reshape(-1).to(torch.float64)
+        bad = ~torch.isfinite(d)
+        over = int(torch.count_nonzero(bad))
+        if over:
+            d = torch.where(bad, overflow_error(a.dtype), d)
         plain = float(torch.dot(d, d))
         exact = plain == 0 and same_bits(a, b)
-        return (plain, None, exact) if w is None else (float(torch.dot(d * w, d)), plain, exact)
+        return (plain, None, exact, over) if w is None else (float(torch.dot(d * w, d)), plain, exact, over)
     return err
 
 
@@ -537,15 +554,16 @@ class Dial:
             r = xf.to(torch.float32) - rec32
             plain = narrow(rec32, x.dtype)
             zero = torch.zeros(1)
-            sq, sq_plain, _ = sq_err(xf, zero)
+            sq, sq_plain, _, _ = sq_err(xf, zero)
             plan.theta_sq += sq
             plan.plain_theta_sq += sq if sq_plain is None else sq_plain
             plan.scale[item.name] = 1.0 / (sq or sq_err(base32, zero)[0] or 1.0)
-            err0, plain0, exact0 = sq_err(plain, xf)
+            err0, plain0, exact0, over0 = sq_err(plain, xf)
             plan.tall_err += err0
             plan.plain_tall_err += err0 if plain0 is None else plain0
             plan.tall_inexact += not exact0
-            opts = [Option(None, 0, err0, plain=plain0, bit_exact=exact0)]
+            plan.tall_overflow[item.name] = over0
+            opts = [Option(None, 0, err0, plain=plain0, bit_exact=exact0, overflow=over0)]
             n = r.numel()
             if n and self.qtau:
                 # measured even where TALL loses nothing (a task equal to the base: a zero task
@@ -557,8 +575,8 @@ class Dial:
                     o = Option("qtau", 0, 0.0, bits=b)
                     arrays = candidate_arrays(o, tau)
                     cost = sum(_array_cost(_chain(ctx, a), a, ce) for a in arrays.values()) + 40 - tier.masks[t]
-                    err, pe, same = sq_err(rebuilt(base32, decoded(o, arrays, n), x.dtype), xf)
-                    qs.append(Option("qtau", cost, err, bits=b, plain=pe, bit_exact=same))
+                    err, pe, same, over = sq_err(rebuilt(base32, decoded(o, arrays, n), x.dtype), xf)
+                    qs.append(Option("qtau", cost, err, bits=b, plain=pe, bit_exact=same, overflow=over))
                 plan.qtaus[item.name] = qs
                 opts += qs
             if n and err0 > 0:  # (a correction adds to the TALL rebuild: none mends a -0.0 it lost)
@@ -570,8 +588,8 @@ class Dial:
                 for o in cands:
                     arrays = candidate_arrays(o, r)
                     cost = sum(_array_cost(_chain(ctx, a), a, ce) for a in arrays.values()) + 40
-                    err, pe, same = sq_err(corrected(base32, mask, merged, decoded(o, arrays, n), x.dtype), xf)
-                    opts.append(Option(o.kind, cost, err, o.k, o.bits, pe, same))
+                    err, pe, same, over = sq_err(corrected(base32, mask, merged, decoded(o, arrays, n), x.dtype), xf)
+                    opts.append(Option(o.kind, cost, err, o.k, o.bits, pe, same, over))
             if n and not exact0 and "exact" in self.allowed:  # also where TALL errs by bits alone
                 cost = _exact_cost(ctx, x.reshape(-1), plain, item.base.reshape(-1))
                 opts.append(Option("exact", cost, 0.0, bit_exact=True))
@@ -980,6 +998,11 @@ class Dial:
               if (o := self.choice.get(t, {}).get(item.name)) is not None and o.kind == "qtau"}
         entry = _write_mixed(ctx, item, qt, item.name in self.dropped) if qt else settled(ctx, Tall.write(ctx, item))
         self._corrections(ctx, item, entry)
+        for t in item.tasks:  # what each task's rebuild still overflows, its correction applied
+            o = self.choice.get(t, {}).get(item.name)
+            plan = self.plans.get(t)
+            if plan is not None and item.name in plan.tall_overflow:
+                ctx.fidelity[t].set_overflow(item.name, o.overflow if o is not None else plan.tall_overflow[item.name])
         return entry
 
     def _corrections(self, ctx: WriteContext, item: Item, entry: TensorEntry) -> None:

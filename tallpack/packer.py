@@ -209,6 +209,9 @@ def _write(fam: PackInputs, v: Validated, lams: dict[str, float], out: Path, sel
             plans = {e.name: e for e in fam.plan.tensors}
             _write_dialed(dial, ctx, done, pending, lambda name: fam.load(plans[name]),
                           lambda: w.size_with(manifest().to_dict()))
+        _warn_overflow(fidelity, "a higher --fidelity or --budget mends them" if dial is not None else
+                       "the exact tier keeps them: read with exact=True (unpack --exact)" if opts.exact else
+                       "pack with --exact or --fidelity to keep them")
         result = manifest()
         for src in sources:  # after the exact tier hashed the files (in ``manifest``)
             src.check_unchanged()
@@ -275,11 +278,13 @@ class _Groups:
             assert column is not None
             flats.append(concat(column, offsets, length))
             columns[i] = None
-        written = BY_KIND[kind].write(self.ctx, Item(self._name(), planned, kind, tasks, base, flats))
+        written_name = self._name()
+        written = BY_KIND[kind].write(self.ctx, Item(written_name, planned, kind, tasks, base, flats))
         if kind == Kind.MERGED.value:
             gap = length - sum(m.numel for m in members)
             for t in tasks:  # the gaps' elements are zero everywhere: no mask bit, no error
                 self.ctx.fidelity[t].numel -= gap
+                self.ctx.fidelity[t].split_overflow(written_name, [(m.name, m.offset, m.numel) for m in members])
         self.ctx.writer.use("field:members")
         if isinstance(written, Later):
             later = written
@@ -295,6 +300,19 @@ class _Groups:
             if name not in self.names:
                 self.names.add(name)
                 return name
+
+
+def _warn_overflow(fidelity: Mapping[str, Fidelity], remedy: str) -> None:
+    """One warning naming the tensors that a task rebuilds as +-inf or NaN where its original is
+    finite (``Fidelity.overflow``: a float16 or float8 TALL rebuild past the dtype's range), and
+    ``remedy``, what to do."""
+    found = [(t, name, n) for t, fid in fidelity.items() for name, n in fid.overflow.items()]
+    if found:
+        log.warning("%d tensor(s) rebuild as inf or NaN where the original is finite (the TALL rebuild overflows "
+                    "the dtype there): %s; %s", len(found),
+                    ", ".join(f"task {t!r} tensor {name!r} ({n} element{'s' if n > 1 else ''})"
+                              for t, name, n in found[:5]) + (" ..." if len(found) > 5 else ""),
+                    remedy)
 
 
 def _write_dialed(dial: Dial, ctx: WriteContext, entries: list[TensorEntry | None], pending: dict[int, str],

@@ -8,7 +8,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -347,6 +347,11 @@ def _reconstruct_planar_parts(theta_0: Planar, mask: torch.Tensor | Bits, tau_mt
     return outs
 
 
+#: The most flat positions of overflowing elements ``Fidelity`` keeps per tensor (a group's
+#: elements, 1 << 20 at most, fit; a larger tensor's first ones are enough to name it).
+OVERFLOW_POSITIONS = 1 << 20
+
+
 @dataclass
 class Fidelity:
     """Weight-space fidelity of one task's reconstructed task vector ``m_t * tau_MTL`` against
@@ -361,6 +366,12 @@ class Fidelity:
     err_sq: float = 0.0
     ones: int = 0
     numel: int = 0
+    #: per tensor, how many elements the task rebuilds as +-inf or NaN where its original is
+    #: finite: ``cast_d(theta_0 + m_t * tau_MTL)`` (spec §6.1.1) past a float16 or float8 range,
+    #: which the float32 figures above do not see; and the first OVERFLOW_POSITIONS of their flat
+    #: positions (a group's, to name its members: ``split_overflow``)
+    overflow: dict[str, int] = field(default_factory=dict)
+    overflow_at: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def add(self, tau_t: torch.Tensor, mask: torch.Tensor, tau_mtl: torch.Tensor, ws: Workspace | None = None) -> int:
         """Accumulate one block; returns its number of set mask bits."""
@@ -393,12 +404,43 @@ class Fidelity:
         self.rec_sq += sq
         self.dot += sq
 
+    def add_overflow(self, name: str, positions: torch.Tensor) -> None:
+        """Count elements of tensor ``name`` (their flat ``positions``) rebuilt as +-inf or NaN."""
+        if positions.numel() == 0:
+            return
+        self.overflow[name] = self.overflow.get(name, 0) + positions.numel()
+        kept = self.overflow_at.get(name)
+        room = OVERFLOW_POSITIONS - (0 if kept is None else kept.numel())
+        if room > 0:
+            more = positions.reshape(-1)[:room].to(torch.int64)
+            self.overflow_at[name] = more if kept is None else torch.cat([kept, more])
+
+    def set_overflow(self, name: str, count: int) -> None:
+        """What tensor ``name`` rebuilds as +-inf or NaN, as decided elsewhere (the fidelity dial's
+        corrections mend some)."""
+        self.overflow_at.pop(name, None)
+        if count:
+            self.overflow[name] = count
+        else:
+            self.overflow.pop(name, None)
+
+    def split_overflow(self, name: str, members: Sequence[tuple[str, int, int]]) -> None:
+        """Move what a group ``name`` overflows to its members, ``(name, offset, numel)`` each."""
+        if self.overflow.pop(name, None) is None:
+            return
+        at = self.overflow_at.pop(name)  # (a group is at most GROUP_ELEMENTS: every position is kept)
+        for member, offset, n in members:
+            self.add_overflow(member, at[(at >= offset) & (at < offset + n)] - offset)
+
     def to_dict(self) -> dict[str, float | None]:
-        """``rel_l2 = |rec - tau| / |tau|`` and ``cosine(rec, tau)``; None where undefined."""
+        """``rel_l2 = |rec - tau| / |tau|`` and ``cosine(rec, tau)``; None where undefined. Both are
+        float32 figures before the cast to the task's dtype: ``overflow``, present when not 0, counts
+        the elements that cast gives +-inf or NaN."""
         rel = math.sqrt(self.err_sq / self.tau_sq) if self.tau_sq > 0 else (0.0 if self.err_sq == 0 else None)
         denom = math.sqrt(self.tau_sq * self.rec_sq)
         cos = self.dot / denom if denom > 0 else None
-        return {"rel_l2": rel, "cosine": cos}
+        over = sum(self.overflow.values())
+        return {"rel_l2": rel, "cosine": cos, **({"overflow": over} if over else {})}
 
     @property
     def density(self) -> float:

@@ -10,11 +10,11 @@ from .. import kernels
 from .._torch import torch
 from ..arrays import ArrayRef
 from ..container import ArrayBuilder, Encoded
-from ..dtypes import dtype_name, tensor_to_bytes, torch_dtype
+from ..dtypes import dtype_name, narrow, tensor_to_bytes, torch_dtype
 from ..elements import FLOATING, numel
 from ..errors import FormatError
-from ..tall import (Bits, Planar, Workspace, blocks, compiled_kind, elements, reconstruct, reconstruct_parts,
-                    reconstruct_planar, tall_mask_with_fidelity)
+from ..tall import (TALL_RANGE, Bits, Planar, Workspace, blocks, compiled_kind, elements, reconstruct,
+                    reconstruct_parts, reconstruct_planar, tall_mask_with_fidelity)
 from .base import EXTRA_ARRAYS, Encoding, Item, Later, TaskTensor, TensorEntry, Use, WriteContext, register
 
 
@@ -71,6 +71,39 @@ def _straight(ctx: WriteContext, tasks: Sequence[str], kind: str, base: torch.Te
         kernels.in_parts(len(tasks), groups, run)
 
 
+def narrow_dtypes(thetas: Sequence[torch.Tensor]) -> list[torch.dtype | None]:
+    """Each task's dtype where its TALL rebuild can pass the dtype's range (float16, float8: below
+    ``TALL_RANGE``, the bound on task vectors), else None (float32, bfloat16)."""
+    return [x.dtype if x.dtype.is_floating_point and torch.finfo(x.dtype).max < TALL_RANGE else None
+            for x in thetas]
+
+
+def _max_abs(t: torch.Tensor) -> float:
+    if t.numel() == 0:
+        return 0.0
+    lo, hi = torch.aminmax(t if t.dtype in (torch.float32, torch.float16, torch.bfloat16) else t.to(torch.float32))
+    return max(-float(lo), float(hi))
+
+
+def check_overflow(ctx: WriteContext, name: str, tasks: Sequence[str], dtypes: Sequence[torch.dtype | None],
+                   base: torch.Tensor, merged: torch.Tensor, masks: Sequence[torch.Tensor], offset: int) -> None:
+    """Count in ``ctx.fidelity`` each task's elements of this block (at ``offset`` of tensor
+    ``name``) that its rebuild ``cast_d(theta_0 + m_t * tau_MTL)`` gives as +-inf or NaN, the
+    original being finite (a float16 or float8 sum past the dtype's range; ``dtypes`` from
+    ``narrow_dtypes``). The rebuild is computed only where the block's largest |theta_0| plus its
+    largest |tau_MTL| passes the dtype's largest value: fine-tuned weights never come near."""
+    bound: float | None = None
+    for t, dt, mask in zip(tasks, dtypes, masks):
+        if dt is None:
+            continue
+        if bound is None:
+            bound = _max_abs(base) + _max_abs(merged)
+        if bound <= torch.finfo(dt).max:
+            continue
+        rec = narrow(torch.addcmul(base.to(torch.float32), mask.to(torch.float32), merged), dt)
+        ctx.fidelity[t].add_overflow(name, torch.nonzero(~torch.isfinite(rec.to(torch.float32))).reshape(-1) + offset)
+
+
 @register
 class Tall(Encoding):
     name = "tall"
@@ -109,6 +142,7 @@ class Tall(Encoding):
         spaces = {0: ws}  # each group's workspace, by its first task (only the loops without kernels use them)
         b_flat, flats = base.reshape(-1), [x.reshape(-1) for x in thetas]
         kind = compiled_kind(b_flat, flats) if ctx.method.plain_sum else None  # see _straight
+        narrows = narrow_dtypes(thetas)
         for k, a in enumerate(range(0, b_flat.numel(), ce)):
             # One chunk's merged vector, extras and masks, computed in sub-blocks: the T float32
             # task vectors (the largest working set) then take T x COMPUTE_ELEMENTS, not T x a chunk.
@@ -139,6 +173,8 @@ class Tall(Encoding):
                         ones[i] += tall_mask_with_fidelity(taus[i], merged[s], ctx.lambdas[t], masks[i][s],
                                                            ctx.fidelity[t], space)
                 kernels.in_parts(len(tasks), groups, run)
+            if any(narrows):
+                check_overflow(ctx, item.name, tasks, narrows, b, merged, masks, a)
             parts = {"base": b, "merged": merged, **extras}
             jobs = [(a_.chain, tensor_to_bytes(parts[key])) for key, a_ in entry_arrays.items()]
             jobs += [(ctx.masks, tensor_to_bytes(m)) for m in masks]
