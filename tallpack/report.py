@@ -165,6 +165,10 @@ def render(s: dict[str, Any]) -> str:
     if dial:
         lines.append("density, rel_l2, cosine: the TALL mask's rebuild alone; fidelity and score: the rebuild as "
                      "stored, corrections included")
+    over = [(t["name"], t["fidelity"]["overflow"]) for t in s["tasks"] if t["fidelity"].get("overflow")]
+    if over:  # a float16/float8 rebuild past the dtype's range (spec §6.4)
+        lines.append("rebuilt as inf or NaN where the original is finite (the dtype's range overflows): "
+                     + ", ".join(f"{_show(n)} {k} element{'s' if k > 1 else ''}" for n, k in over))
     return "\n".join(lines)
 
 

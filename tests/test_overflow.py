@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 import logging
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -64,6 +66,10 @@ def test_pack_warns_of_tasks_rebuilt_as_inf_naming_task_and_tensor(tmp_path, cap
     assert figures["a"]["overflow"] == figures["b"]["overflow"] == 2 and "overflow" not in figures["c"]
     with tallpack.open(out) as fam:  # the reader gives what spec 6.1.1 defines: inf, as said
         assert int((~torch.isfinite(fam.get_tensor("a", "w").float())).sum()) == 2
+    text = subprocess.run([sys.executable, "-m", "tallpack", "inspect", str(out)], capture_output=True,
+                          text=True).stdout
+    assert "rebuilt as inf or NaN where the original is finite (the dtype's range overflows): a 2 elements, " \
+           "b 2 elements" in text
 
 
 def test_a_member_of_a_group_is_named_not_its_group(tmp_path, caplog) -> None:
