@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ._torch import torch
+from ._torch import cpu_default, torch
 from .encodings.derived import has_mask, task_mask
 from .encodings.qtau import task_masks
 from .errors import InvalidArgumentError, OutputExistsError, TallpackError
@@ -26,9 +26,24 @@ from .storage import is_url
 if TYPE_CHECKING:
     from .reader import Archive
 
+#: at most this many layers labelled on the density-per-layer axis (and marked on its lines); a
+#: model of thousands of numbered blocks has every n-th labelled
+MAX_LAYER_TICKS = 40
 _LAYER = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block)\.(\d+)\.")
 #: a module list without a block name (``torch.nn.Sequential``): ``body.2.weight``
 _INDEXED = re.compile(r"(?:^|\.)(\d+)\.")
+
+
+def layer_ticks(blocks: int, other: bool) -> list[int]:
+    """The positions labelled on the density-per-layer axis: every block up to MAX_LAYER_TICKS,
+    else every n-th (a label per layer of a model of thousands took minutes to draw, unreadable),
+    and "other" after them.
+
+    >>> layer_ticks(3, True), layer_ticks(100, False)[:4]
+    ([0, 1, 2, 3], [0, 3, 6, 9])
+    """
+    step = max(1, -(-blocks // MAX_LAYER_TICKS))
+    return list(range(0, blocks, step)) + ([blocks] if other else [])
 
 
 def layer_of(name: str) -> str:
@@ -66,6 +81,7 @@ class MaskStats:
         return asdict(self) | {"weights": self.weights, "fractions": self.fractions()}
 
 
+@cpu_default
 def compute(archive: "Archive", *, progress: ProgressLike = None) -> MaskStats:
     """Read every mask once (tensor by tensor, memory bounded by one tensor's masks).
 
@@ -242,14 +258,16 @@ def plot(s: MaskStats, path: str | Path, *, title: str | None = None, overwrite:
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for i, t in enumerate(s.tasks):
         c = colours[i % len(colours)]
-        ax.plot(range(len(blocks)), [100 * (s.layers[lay][t] or 0) for lay in blocks], marker="o", markersize=3,
+        ax.plot(range(len(blocks)), [100 * (s.layers[lay][t] or 0) for lay in blocks],
+                marker="o" if len(blocks) <= MAX_LAYER_TICKS else None, markersize=3,
                 linewidth=1, alpha=0.85, color=c, label=t)
         if "other" in s.layers:  # embeddings, heads, norms: not a layer, so not on the line
             ax.plot([len(blocks)], [100 * (s.layers["other"][t] or 0)], marker="s", markersize=4, color=c)
     if "other" in s.layers and blocks:
         ax.axvline(len(blocks) - 0.5, color="grey", linestyle=":", linewidth=1)
-    ax.set_xticks(list(range(len(layers))), labels=[lay.removeprefix("layer ") for lay in layers],
-                  rotation=90 if len(layers) > 16 else 0, fontsize=8)
+    ticks = layer_ticks(len(blocks), "other" in s.layers)
+    ax.set_xticks(ticks, labels=[layers[i].removeprefix("layer ") for i in ticks],
+                  rotation=90 if len(ticks) > 16 else 0, fontsize=8)
     ax.set_xlabel("layer (other: tensors outside the blocks)")
     ax.set_ylabel("mask density (%)")
     ax.set_title("Density per layer")

@@ -204,3 +204,15 @@ def test_unpack_all_names_each_tasks_progress(tmp_path):
     tallpack.write_tasks(tallpack.open(tmp_path / "f.tallpack"), None, tmp_path / "u", progress=LogLines(seen.append))
     assert [line for line in seen if line.endswith("3/3")] == ["a: writing: 3/3", "b: writing: 3/3"]
     assert sum(line.startswith("b: ") for line in seen) == 3
+
+
+def test_thousands_of_layers_are_labelled_every_nth() -> None:
+    """A label per layer took minutes to draw for a model of thousands of numbered blocks, and the
+    axis was a black bar: at most MAX_LAYER_TICKS blocks are labelled, evenly, and "other" after."""
+    from tallpack.stats import MAX_LAYER_TICKS, layer_ticks
+
+    assert layer_ticks(12, True) == list(range(13))
+    for blocks in (41, 1000, 8000):
+        ticks = layer_ticks(blocks, True)
+        assert len(ticks) <= MAX_LAYER_TICKS + 1 and ticks[0] == 0 and ticks[-1] == blocks
+        assert len({b - a for a, b in zip(ticks, ticks[1:-1])}) == 1  # evenly spaced
