@@ -30,14 +30,15 @@ from .merging import ALPHA_GRID
 from .options import PackOptions
 from .outputs import write_merged, write_task, write_tasks
 from .packer import pack
-from .reader import Archive, open  # noqa: A004
+from .reader import Archive, LazyStateDict, TensorSlice, open  # noqa: A004
 from .selection import select_alpha
 from .tall import DEFAULT_LAMBDA, LAMBDA_GRID
 from . import sensitivity  # tallpack.sensitivity.input_moments / save / load: the dial's data-aware weights
 from . import stats  # tallpack.stats.compute / plot: how tasks share the weights
 
 __all__ = [
-    "__version__", "pack", "open", "select_alpha", "Archive", "PackOptions", "sensitivity", "stats",
+    "__version__", "pack", "open", "select_alpha", "Archive", "LazyStateDict", "TensorSlice", "PackOptions",
+    "sensitivity", "stats",
     "write_task", "write_tasks", "write_merged", "DEFAULT_LAMBDA", "LAMBDA_GRID", "ALPHA_GRID",
     "TallpackError", "FormatError", "IntegrityError", "UnsupportedVersionError", "CodecError",
     "CheckpointError", "CheckpointNotFoundError", "UnsafeCheckpointError", "InvalidArgumentError",

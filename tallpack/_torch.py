@@ -8,8 +8,11 @@ an ordinary module lookup (its names are copied over).
 
 from __future__ import annotations
 
+import sys
 import types
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from functools import wraps
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
 
 class _Torch(types.ModuleType):
@@ -24,3 +27,25 @@ if TYPE_CHECKING:  # type checkers see torch itself, so the library's annotation
     import torch as torch
 else:
     torch = _Torch("torch")
+
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def cpu_default(fn: Callable[_P, _R]) -> Callable[_P, _R]:
+    """``fn`` run with the CPU as torch's default device. tallpack makes its buffers without a
+    device and decodes into them with numpy: under ``with torch.device("meta")`` (a model built
+    as a skeleton, then loaded in the same block) or ``torch.set_default_device("cuda")`` (a
+    notebook's), they would be made there and fail to decode. Tensors come back on the CPU (or
+    ``device=``) whatever the default, as safetensors' do. Without a torch function mode (the
+    default device is then the CPU) nothing is entered: a device context costs every torch call
+    a Python hop."""
+    @wraps(fn)
+    def run(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+        real = sys.modules.get("torch")  # not imported yet (``verify`` needs none): no default device set
+        if real is None or not real._C._len_torch_function_stack():
+            return fn(*args, **kwargs)
+        with real.device("cpu"):
+            return fn(*args, **kwargs)
+    return run

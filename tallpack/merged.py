@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 from typing import Protocol
 
-from ._torch import torch
+from ._torch import cpu_default, torch
 from .arrays import ArrayRef
 from .encodings import TensorEntry, Use, encoding_for
 from .encodings.base import split_parts
@@ -224,6 +224,7 @@ class MergeParts:
             order = {name: i for i, name in enumerate(manifest.tasks[0].keys)}
             self.parts = dict(sorted(self.parts.items(), key=lambda kv: order.get(kv[0], len(order))))
 
+    @cpu_default
     def state_dict(self, alpha: float | None = None, *, task: str | None = None) -> dict[str, torch.Tensor]:
         """The merged model at ``alpha``; with ``task``, completed with that task's own tensors.
 

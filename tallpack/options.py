@@ -20,11 +20,18 @@ from .progress import ProgressLike
 from .tall import DEFAULT_LAMBDA
 
 if TYPE_CHECKING:
+    import numpy as np
+    import numpy.typing as npt
     import torch
 
-#: A task evaluator: ``fn(task_name, state_dict) -> score``, higher is better.
-Evaluator: TypeAlias = "Callable[[str, Mapping[str, torch.Tensor]], float]"
-__all__ = ["DENSE_PRESETS", "Evaluator", "PackOptions"]
+#: An evaluator's score, higher is better: a finite number, or per-example scores (one number per
+#: example, 1-d), as Python numbers, numpy values or torch tensors (``(pred == y).float().mean()``
+#: as it is; :func:`tallpack.merging.score_values` checks them at run time).
+Score: TypeAlias = ("float | np.integer[Any] | np.floating[Any] | np.bool_ | npt.NDArray[Any] | torch.Tensor"
+                    " | Sequence[float | np.integer[Any] | np.floating[Any] | torch.Tensor]")
+#: A task evaluator: ``fn(task_name, state_dict) -> score`` (:data:`Score`), higher is better.
+Evaluator: TypeAlias = "Callable[[str, Mapping[str, torch.Tensor]], Score]"
+__all__ = ["DENSE_PRESETS", "Evaluator", "PackOptions", "Score"]
 
 
 @dataclass(frozen=True)

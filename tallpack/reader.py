@@ -14,16 +14,17 @@ import logging
 import os
 import sys
 import threading
+import warnings
 import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
-from typing import Any, NamedTuple, cast
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple, TypeVar, cast, overload
 
 import numpy as np
 
-from ._torch import torch
+from ._torch import cpu_default, torch
 from . import kernels
 from .arrays import ArrayRef
 from .cache import DEFAULT_CACHE_BYTES, ByteLRU
@@ -76,6 +77,19 @@ _LAZY: "weakref.WeakValueDictionary[int, LazyStateDict]" = weakref.WeakValueDict
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
 
+_T = TypeVar("_T")
+
+
+def _collected(container: ContainerReader, name: str, warn: bool) -> None:
+    """An archive garbage-collected open (``Archive._finalizer``): its file closed. One the caller
+    opened is named in a ResourceWarning (as an unclosed file is, which would name only a
+    descriptor); one opened implicitly (a lazy state dict or slice deep-copied or unpickled:
+    ``_reopen``) is closed quietly, as nothing else could close it."""
+    container.close()
+    if warn:
+        warnings.warn(f"unclosed tallpack archive {name!r}: close it (fam.close(), or open it in a with block)",
+                      ResourceWarning)
+
 
 class Archive:
     """An open ``.tallpack`` archive. Use :func:`tallpack.open`.
@@ -126,6 +140,10 @@ class Archive:
         for digest, ref in self.manifest.files.items():
             container.register(ref, f"file content {digest[:12]}")
         container.check_layout()
+        #: closes the file when the archive is garbage-collected open (``_collected``); made last, as
+        #: an archive that fails to open is closed by ``open``
+        self._finalizer = weakref.finalize(self, _collected, container, self.name, True)
+        self._finalizer.atexit = False  # at exit the process closes it: no warning for an archive still in use
 
     # -- context manager -------------------------------------------------------------------
     def __enter__(self) -> "Archive":
@@ -135,6 +153,7 @@ class Archive:
         self.close()
 
     def close(self) -> None:
+        self._finalizer.detach()
         with self._pool_lock:
             self._closed = True
             pool, self._pool = self._pool, None
@@ -587,6 +606,7 @@ class Archive:
             ref.chain.codecs and not (use is Use.SHARED_INPUT and whole and ref.chunks and cached(k, ref)))]
         return len(heavy) > 1 and sum(getattr(r, "nbytes", PARALLEL_BYTES) for r in heavy) >= PARALLEL_BYTES
 
+    @cpu_default
     def get_tensor(self, task: str, name: str, *, exact: bool = False,
                    device: torch.device | str | None = None) -> torch.Tensor:
         """One tensor of one task, reading only the chunks it needs (its arrays decoded in parallel).
@@ -640,13 +660,27 @@ class Archive:
             raise ExactTierMissingError(
                 f"{self.name}: packed without --exact; repack with --exact to get the original bits")
 
+    @overload
+    def state_dict(self, task: str, *, lazy: Literal[False] = False, exact: bool = False,
+                   device: torch.device | str | None = None) -> dict[str, torch.Tensor]: ...
+
+    @overload
+    def state_dict(self, task: str, *, lazy: Literal[True], exact: bool = False,
+                   device: torch.device | str | None = None) -> "LazyStateDict": ...
+
+    @overload
+    def state_dict(self, task: str, *, lazy: bool, exact: bool = False,
+                   device: torch.device | str | None = None) -> dict[str, torch.Tensor] | "LazyStateDict": ...
+
+    @cpu_default
     def state_dict(self, task: str, *, lazy: bool = False, exact: bool = False,
                    device: torch.device | str | None = None) -> dict[str, torch.Tensor] | "LazyStateDict":
         """The task's whole state dict, with its original names, shapes and dtypes: the larger
         tensors rebuilt by the archive's threads and the calling one together (one tensor each at
         a time), the small ones by the calling thread.
 
-        With ``lazy=True``, a read-only mapping that rebuilds each tensor when it is indexed; with
+        With ``lazy=True``, a read-only mapping that rebuilds each tensor when it is indexed
+        (:class:`LazyStateDict`, a ``Mapping[str, torch.Tensor]``); with
         ``exact=True``, the original bits (archives packed with the exact tier); with ``device``,
         tensors rebuilt on that device (see :meth:`get_tensor`). From a remote archive, the
         chunks of a batch of tensors (up to 64 MiB stored) are fetched together.
@@ -788,6 +822,7 @@ class Archive:
             entries[getattr(e, "name", n)] = e
         self._c.prefetch([ref for e in entries.values() if e is not None for _, ref in e.all_arrays()])
 
+    @cpu_default
     def base_tensor(self, name: str) -> torch.Tensor | None:
         """theta_0 of a tensor, when the archive holds it (merged and base-only tensors)."""
         member = self._members.get(name)
@@ -804,11 +839,13 @@ class Archive:
         return self.read_array(entry.arrays["base"], f"tensor {name!r} (base)")
 
     # -- merged models -----------------------------------------------------------------------
+    @cpu_default
     def merge_parts(self, method: str, *, k: int | None = None) -> MergeParts:
         """The pieces of a merged model that do not depend on alpha (base and direction per
         tensor), computed once; ``MergeParts.state_dict(alpha)`` then builds models quickly."""
         return MergeParts(self, method, k)
 
+    @cpu_default
     def merged(self, method: str | None = None, *, k: int | None = None, alpha: float | None = None,
                task: str | None = None) -> dict[str, torch.Tensor]:
         """The multi-task model: ``theta_0 + alpha * d`` for every tensor all tasks share.
@@ -837,6 +874,7 @@ class Archive:
         """Number of stored chunks."""
         return sum(len(ref.chunks) for _, _, ref in iter_arrays(self.manifest.tensors))
 
+    @cpu_default
     def verify(self, *, progress: ProgressLike = None) -> list[str]:
         """Check every chunk's checksum and decode it, every kept file's SHA-256, and that padding
         is zero; with the exact tier, rebuild every original tensor and file and check their
@@ -912,6 +950,7 @@ class Archive:
             return dict(self.manifest.base.get("files") or {})
         return dict(self.task_info(task).files)
 
+    @cpu_default
     def read_file(self, name: str, task: str | None = None) -> bytes:
         """One kept folder file's bytes (``fam.read_file("tokenizer.json", "cars")``)."""
         digest = self.files(task).get(name)
@@ -963,6 +1002,10 @@ def _reopen(opened: _Opened, identity: bytes) -> "Archive":
     if fam._identity() != identity:
         fam.close()
         raise TallpackError(f"{fam.name}: the archive was replaced since it was sent to this process; open it again")
+    # no one holds it but what was sent (a lazy state dict, a slice): closed with the last of them, quietly
+    fam._finalizer.detach()
+    fam._finalizer = weakref.finalize(fam, _collected, fam._c, fam.name, False)
+    fam._finalizer.atexit = False
     return fam
 
 
@@ -1087,7 +1130,13 @@ def _batches(items: list[tuple[Any, list[ArrayRef]]]) -> list[list[tuple[Any, li
     return out
 
 
-class LazyStateDict(Mapping):
+if TYPE_CHECKING:  # a Mapping[str, Tensor] to type checkers; at run time, without importing torch
+    _TensorMapping = Mapping[str, torch.Tensor]
+else:
+    _TensorMapping = Mapping
+
+
+class LazyStateDict(_TensorMapping):
     """A read-only mapping over one task's tensors, each rebuilt when indexed; ``in``, ``len`` and
     iteration answer from the manifest's names, rebuilding nothing.
 
@@ -1115,6 +1164,7 @@ class LazyStateDict(Mapping):
         self._held: OrderedDict[str, dict[str, torch.Tensor]] = OrderedDict()
         self._held_bytes = 0
 
+    @cpu_default
     def __getitem__(self, name: str) -> torch.Tensor:
         member = self._archive._member(self._task, name)
         if member is None or _is_meta(self._device):
@@ -1144,6 +1194,12 @@ class LazyStateDict(Mapping):
 
     def __contains__(self, name: object) -> bool:
         return isinstance(name, str) and name in self._names
+
+    @overload
+    def get(self, name: str, /) -> torch.Tensor | None: ...
+
+    @overload
+    def get(self, name: str, /, default: torch.Tensor | _T) -> torch.Tensor | _T: ...
 
     def get(self, name: str, default: Any = None) -> Any:
         """The tensor, rebuilt, or ``default`` when the task has none of that name (nothing rebuilt)."""
@@ -1193,6 +1249,7 @@ class TensorSlice:
         """Sent to another process: the same slice of the archive opened there (``Archive.__reduce__``)."""
         return _slice, (self._archive, self._task, self._name, self._exact)
 
+    @cpu_default
     def __getitem__(self, index: Any) -> torch.Tensor:
         idx = index if isinstance(index, tuple) else (index,)
         bad = next((i for i in idx if isinstance(i, (str, bytes, float))), None)

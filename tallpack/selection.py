@@ -20,7 +20,7 @@ from .dtypes import torch_dtype
 from .errors import InvalidArgumentError
 from .inputs import PackInputs
 from .merging import ALPHA_GRID, MergeMethod, check_alpha, checked_grid, score_values
-from .options import Evaluator, check_lambda_grid
+from .options import Evaluator, Score, check_lambda_grid
 from .tall import LAMBDA_GRID, reconstruct, tall_mask, task_vector
 
 if TYPE_CHECKING:
@@ -178,7 +178,7 @@ def _reference(reference: Mapping[str, Any], names: list[str]) -> dict[str, floa
 
 def select_alpha(archive: "Archive", method: str, evaluate: Evaluator, *, k: int | None = None,
                  grid: Sequence[float] | None = None, tasks: Sequence[str] | None = None,
-                 reference: Mapping[str, float] | None = None) -> AlphaSelection:
+                 reference: Mapping[str, Score] | None = None) -> AlphaSelection:
     """The alpha of ``grid`` (default 0.1..1.0) whose merged model has the best average
     normalized score over ``tasks``; a task's score is normalized by ``reference[task]``
     (default: the score of the archive's reconstruction of that task; the paper divides by the

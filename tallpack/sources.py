@@ -544,6 +544,9 @@ def _other_files(folder: Path, roots: list[Path], weights: set[Path]) -> dict[st
                 continue
             if e.name.endswith(_WEIGHT_SUFFIXES) or e.name.endswith(".index.json") and "model" in e.name:
                 continue
+            if e.name.endswith(".tallpack"):  # an earlier archive of the family, packed into its folder
+                log.warning("%s: an archive, left out of the folder's files", p)
+                continue
             if e.is_symlink():
                 _in_folder(folder, p, roots)
             if p.is_dir():

@@ -366,3 +366,20 @@ def test_a_single_weight_file_keeps_its_name_and_a_stale_one_is_left_out(tmp_pat
     assert sorted(p.name for p in (tmp_path / "u").iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
     assert set(load_file(tmp_path / "u" / "adapter_model.safetensors")) == set(base)
     assert torch.allclose(load_file(tmp_path / "b" / "model.safetensors")["a.weight"], loaded["a.weight"], atol=0.02)
+
+
+def test_an_earlier_archive_in_a_folder_is_left_out(tmp_path, caplog):
+    """An archive packed into the model folder (``-o model/family.tallpack``) was stored whole in
+    the next archive of that folder, halving its ratio without a word: it is left out, warned."""
+    from safetensors.torch import save_file
+
+    base = _small(0)
+    ft = tmp_path / "ft"
+    ft.mkdir()
+    save_file({k: v + 0.01 for k, v in base.items()}, ft / "model.safetensors")
+    (ft / "config.json").write_text("{}")
+    tallpack.pack(base, {"ft": ft}, ft / "first.tallpack")
+    tallpack.pack(base, {"ft": ft}, tmp_path / "second.tallpack")
+    assert f"{ft / 'first.tallpack'}: an archive, left out of the folder's files" in caplog.text
+    with tallpack.open(tmp_path / "second.tallpack") as fam:
+        assert set(fam.files("ft")) == {"config.json"}
