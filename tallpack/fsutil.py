@@ -7,10 +7,11 @@ kernel's boot id, ``pid`` the writer's process id. (A target whose name is too l
 descriptor ``temp_beside`` returns for as long as that descriptor is open.
 
 A writer killed outright (``kill -9``, power loss) leaves its temporary behind. Creating a new
-temporary beside a target removes the earlier ones of *that* target whose writer is certainly
-gone, which takes all of:
+temporary in a folder removes the earlier ones in that folder whose writer is certainly gone,
+whatever their targets (a rerun that writes another shard layout leaves none of the old one's),
+which takes all of:
 
-- the name matches the pattern above for exactly that target (nothing else is touched);
+- the name matches the pattern above (nothing else is touched: no other name, no folder or link);
 - it was written on this host and PID namespace;
 - its writer's pid is not alive now, or it was written during an earlier boot;
 - no one holds the lock on it (taken with ``LOCK_EX | LOCK_NB`` while we remove it; on a file
@@ -57,6 +58,19 @@ _FULL_DISK = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota
               errno.EFBIG: "file too large (a file size limit was reached)"}
 
 
+def full_disk(e: BaseException) -> str | None:
+    """What a full disk's error means (``"no space left on device"``), for ``e`` or the error it
+    was raised from; None for any other error."""
+    seen: set[int] = set()
+    cause: BaseException | None = e
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        if isinstance(cause, OSError) and cause.errno in _FULL_DISK:
+            return _FULL_DISK[cause.errno]
+        cause = cause.__cause__ or cause.__context__
+    return None
+
+
 def _hash8(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:8]
 
@@ -94,18 +108,18 @@ def _stem(name: str) -> str:
     return raw[:150].decode("utf-8", "ignore") + "~" + hashlib.sha256(raw).hexdigest()[:8]
 
 
-def temp_beside(target: Path, *, listed: dict[Path, dict[str, list[str]]] | None = None) -> tuple[int, Path]:
+def temp_beside(target: Path, *, swept: set[Path] | None = None) -> tuple[int, Path]:
     """An open, locked descriptor and the path of a new temporary file in ``target``'s folder,
     with the permissions a plain ``open`` would give.
 
     Keep the descriptor open until the file is renamed or removed: the lock on it tells other
-    writers the file is in use. Earlier temporaries of ``target`` left by dead writers are removed.
+    writers the file is in use. Earlier temporaries in the folder left by dead writers are removed.
 
     >>> fd, tmp = temp_beside(Path("family.tallpack"))
     >>> with os.fdopen(fd, "wb") as f: f.write(data)
     >>> commit(tmp, Path("family.tallpack"))
 
-    ``listed`` (a dict kept by the caller across calls, see :func:`remove_stale_temporaries`)
+    ``swept`` (a set kept by the caller across calls, see :func:`remove_stale_temporaries`)
     spares listing a folder again for each of many files written into it.
     """
     target = Path(target)
@@ -129,7 +143,7 @@ def temp_beside(target: Path, *, listed: dict[Path, dict[str, list[str]]] | None
         except OSError:  # a file system without locks: the pid in the name still guards the file
             pass
         try:
-            remove_stale_temporaries(target, listed=listed)
+            remove_stale_temporaries(target, swept=swept)
         except OSError as e:  # cleanup must never cost the write itself
             log.debug("%s: could not look for stale temporaries: %s", target.parent, e)
     return fd, tmp
@@ -145,55 +159,43 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def remove_stale_temporaries(target: Path, *,
-                             listed: dict[Path, dict[str, list[str]]] | None = None) -> list[Path]:
-    """Remove the temporaries of ``target`` whose writers are gone (see the module docstring);
-    returns the paths removed.
+def remove_stale_temporaries(target: Path, *, swept: set[Path] | None = None) -> list[Path]:
+    """Remove the temporaries in ``target``'s folder whose writers are gone, of any target (see
+    the module docstring); returns the paths removed.
 
-    With ``listed`` (folder -> target stem -> temporaries' names, filled here), each folder is
-    listed once for all the files written into it, not once per file (which made writing many
-    files into one folder quadratic); a temporary that appears after that listing is left for a
-    later write to judge.
+    With ``swept`` (the folders already looked at, filled here), each folder is listed once for
+    all the files written into it, not once per file (which made writing many files into one
+    folder quadratic); a temporary that appears after that listing is left for a later write to
+    judge.
     """
-    target = Path(target)
+    folder = Path(target).parent
     if fcntl is None:  # pragma: no cover
         return []
-    prefix, removed = f".{_stem(target.name)}.", []
+    if swept is not None:
+        if folder in swept:
+            return []
+        swept.add(folder)
     host, boot = _host_tag(), _boot_tag()
-    if listed is None:
-        with os.scandir(target.parent) as entries:
-            names = [e.name for e in entries if e.name.startswith(prefix) and e.name.endswith(".partial")]
-    else:
-        if target.parent not in listed:
-            listed[target.parent] = _temporaries(target.parent)
-        names = listed[target.parent].pop(_stem(target.name), [])
+    removed = []
+    with os.scandir(folder) as entries:
+        names = [e.name for e in entries if e.name.startswith(".") and e.name.endswith(".partial")]
     for name in names:
-        m = _TAG.fullmatch(name[len(prefix):-len(".partial")])
-        if not m or m[1] != host:
+        m = _TEMPORARY.fullmatch(name)
+        t = _TAG.fullmatch(m[2]) if m else None
+        if not t or t[1] != host:
             continue  # not ours to judge: another pattern, host or PID namespace
-        pid = int(m[3])
+        pid = int(t[3])
         if pid <= 0:
             continue
-        if m[2] == boot and _pid_alive(pid):
+        if t[2] == boot and _pid_alive(pid):
             continue
-        path = target.parent / name
+        path = folder / name
         size = _remove_if_unlocked(path)
         if size is not None:
             log.warning("%s: removed a stale temporary file (%d bytes) left by an interrupted "
                         "earlier write (process %d)", path, size, pid)
             removed.append(path)
     return removed
-
-
-def _temporaries(folder: Path) -> dict[str, list[str]]:
-    """The names in ``folder`` that have a temporary's form, by the stem of their target."""
-    found: dict[str, list[str]] = {}
-    with os.scandir(folder) as entries:
-        for e in entries:
-            m = _TEMPORARY.fullmatch(e.name)
-            if m:
-                found.setdefault(m[1], []).append(e.name)
-    return found
 
 
 def _remove_if_unlocked(path: Path) -> int | None:
@@ -408,11 +410,31 @@ def writing(target: str | os.PathLike) -> Iterator[None]:
         raise err from None
 
 
+def file_above(path: str | os.PathLike) -> Path | None:
+    """The nearest existing entry above ``path`` when it is not a folder (a regular file where a
+    folder is needed: the cause of ``NotADirectoryError``); None when it is a folder.
+
+    >>> file_above("notes.txt/out/model.safetensors")
+    PosixPath('notes.txt')
+    """
+    for p in Path(path).parents:
+        try:
+            mode = os.stat(p).st_mode
+        except OSError:  # missing, or itself below a file: look further up
+            continue
+        return None if stat.S_ISDIR(mode) else p
+    return None
+
+
+def shortened(path: str | os.PathLike) -> str:
+    """``path`` for a message: at most 300 characters (a too-long path may be thousands)."""
+    shown = os.fspath(path)
+    return shown if len(shown) <= 300 else f"{shown[:150]}...{shown[-100:]}"
+
+
 def _too_long(path: str | os.PathLike) -> OutputError:
     """ENAMETOOLONG of ``path`` as one line (the path itself may be thousands of bytes)."""
-    shown = os.fspath(path)
-    shown = shown if len(shown) <= 300 else f"{shown[:150]}...{shown[-100:]}"
-    err = OutputError(f"{shown}: the path is too long for the file system (nothing was written under that name)")
+    err = OutputError(f"{shortened(path)}: the path is too long for the file system (nothing was written under that name)")
     err.errno = errno.ENAMETOOLONG
     return err
 
@@ -441,11 +463,11 @@ class Transaction:
         #: (locked descriptor, or None once closed; the temporary's device and inode; temporary, target)
         self.staged: list[tuple[int | None, tuple[int, int], Path, Path]] = []
         self._held = 0  # descriptors still open in ``staged``
-        # the targets and folders above as sets, and each folder's temporaries listed once: an
+        # the targets and folders above as sets, and each folder's temporaries judged once: an
         # output of many files costs time in proportion to their number, not its square
         self._targets: set[Path] = set()
         self._folders: set[Path] = set()
-        self._listed: dict[Path, dict[str, list[str]]] = {}
+        self._swept: set[Path] = set()
         self.obsolete: list[Path] = []  # existing files this output replaces by others: removed on commit
 
     def check(self, target: Path) -> None:
@@ -471,7 +493,7 @@ class Transaction:
             raise OutputError(f"{target}: written twice in one output")
         with writing(target):
             with signals_held():  # made and recorded together: an abort finds every temporary
-                fd, tmp = temp_beside(target, listed=self._listed)
+                fd, tmp = temp_beside(target, swept=self._swept)
                 st = os.fstat(fd)
                 self.staged.append((fd, (st.st_dev, st.st_ino), tmp, target))  # the lock guards tmp
                 self._held += 1
@@ -617,15 +639,27 @@ def make_folder(path: str | os.PathLike) -> Path:
     try:
         if p.exists() and not p.is_dir():
             raise InvalidArgumentError(f"{p}: exists and is not a folder")
+        check_folders_above(p)
         tx = _current.get()
         if tx is not None:
             return tx.folder(p)
         p.mkdir(parents=True, exist_ok=True)
         return p
+    except NotADirectoryError:  # a file put above it meanwhile
+        check_folders_above(p)
+        raise
     except OSError as e:
         if e.errno == errno.ENAMETOOLONG and not isinstance(e, OutputError):
             raise _too_long(p) from None
         raise
+
+
+def check_folders_above(path: str | os.PathLike) -> None:
+    """InvalidArgumentError when a regular file stands where a folder above ``path`` must be (an
+    output ``notes.txt/out``): the folder cannot be created there, whatever ``overwrite`` says."""
+    above = file_above(path)
+    if above is not None:
+        raise InvalidArgumentError(f"{above}: is a file, not a folder (it is above the output {path})")
 
 
 def remove_on_commit(target: str | os.PathLike) -> None:

@@ -265,9 +265,12 @@ def weights_among(present: set[str], read: Callable[[str], bytes], is_file: Call
     if INDEX in found:
         try:
             weight_map = json.loads(read(INDEX)).get("weight_map", {})
-            shards = set(weight_map.values()) if isinstance(weight_map, dict) else set()
-        except (OSError, ValueError, AttributeError):
-            shards = set()  # an unreadable index is replaced; the files it may name are left alone
+            values = list(weight_map.values()) if isinstance(weight_map, dict) else []
+        except (OSError, ValueError, AttributeError, RecursionError):  # RecursionError: JSON nested too deep
+            values = []
+        # an unreadable index (or one naming files by anything but strings: not ours) is replaced;
+        # the files it may name are left alone
+        shards = set(values) if all(isinstance(v, str) for v in values) else set()
         found |= {s for s in shards if plain_weights(s) and is_file(s)}
     return found
 

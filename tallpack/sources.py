@@ -46,7 +46,8 @@ from .container import check_json
 from .dtypes import SAFETENSORS_DTYPES as _ST_DTYPES
 from .dtypes import dtype_name
 from .elements import itemsize, numel
-from .errors import CheckpointError, CheckpointNotFoundError, FormatError, TallpackError, UnsafeCheckpointError, quoted
+from .errors import (CheckpointError, CheckpointNotFoundError, FormatError, OutOfMemoryError, TallpackError,
+                     UnsafeCheckpointError, memory_detail, out_of_memory, quoted)
 from .folders import check_file_name
 from .storage import is_url
 
@@ -238,10 +239,13 @@ class SafetensorsSource(Source):
         if path not in self._handles:
             if not path.is_file():
                 raise _not_a_file(path)
+            _check_readable(path)
             try:
                 self._remember(path)
                 self._handles[path] = safe_open(str(path), framework="pt")
             except Exception as e:
+                if out_of_memory(e):  # a mapping refused: not the file's fault
+                    raise OutOfMemoryError(f"{path}: out of memory while opening it ({memory_detail(e)})") from None
                 raise CheckpointError(f"{path}: not a readable safetensors file ({quoted(e)})") from None
         return self._handles[path]
 
@@ -280,9 +284,20 @@ def _not_a_file(path: Path) -> CheckpointError:
     return CheckpointNotFoundError(f"{path}: no such file")
 
 
+def _check_readable(path: Path) -> None:
+    """A CheckpointError saying why ``path`` cannot be opened for reading (permission denied, ...):
+    safetensors' own message for every failed open is "No such file or directory"."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    except OSError as e:
+        raise CheckpointError(f"{path}: {e.strerror or quoted(e)}") from None
+    os.close(fd)
+
+
 def _torch_load(path: Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise _not_a_file(path)
+    _check_readable(path)
     with open(path, "rb") as f:
         magic = f.read(2)
     if magic[:1] != b"\x80" and magic != b"PK":  # torch.save writes a zip, or (legacy) a pickle of protocol 2

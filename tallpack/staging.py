@@ -23,7 +23,7 @@ from urllib.parse import unquote, urlsplit
 
 from .errors import (CheckpointError, CheckpointNotFoundError, InvalidArgumentError, OutputError, OutputExistsError,
                      TallpackError, quoted)
-from .fsutil import check_replaceable, committed, forget_commits
+from .fsutil import check_folders_above, check_replaceable, committed, forget_commits, full_disk
 from .remote import redact, refusal, with_timeouts
 from .storage import is_url
 
@@ -69,6 +69,7 @@ def check_file_output(target: str | os.PathLike, storage_options: dict[str, Any]
     ``overwrite`` or not (``fsutil.check_replaceable``); at a URL, never a folder (objects below
     its name)."""
     if not is_url(target):
+        check_folders_above(local_path(target))
         check_replaceable(local_path(target))
         return
     url = os.fspath(target).rstrip("/")
@@ -96,19 +97,36 @@ def staged(target: str | os.PathLike, storage_options: dict[str, Any] | None = N
     url = os.fspath(target).rstrip("/")
     fs, rpath = _fs(url, storage_options)
     _check_target(fs, rpath, url, overwrite, folder)
-    with tempfile.TemporaryDirectory(prefix="tallpack-stage-") as tmp:
-        local = Path(tmp) / (Path(rpath).name or "out")
-        _active[local] = (fs, rpath, url, overwrite)
-        before = committed()
-        try:
+    try:
+        with tempfile.TemporaryDirectory(prefix="tallpack-stage-") as tmp:
+            local = Path(tmp) / (Path(rpath).name or "out")
+            _active[local] = (fs, rpath, url, overwrite)
+            before = committed()
             try:
-                yield local
-            finally:
-                del _active[local]
-            upload(local, fs, rpath, url, overwrite=overwrite, stale=stale)
-        except BaseException:
-            forget_commits(before)  # the staged copy is not the output: nothing was written at the URL
+                try:
+                    yield local
+                finally:
+                    del _active[local]
+                upload(local, fs, rpath, url, overwrite=overwrite, stale=stale)
+            except BaseException:
+                forget_commits(before)  # the staged copy is not the output: nothing was written at the URL
+                raise
+    except OSError as e:  # the staging folder is full: say so of the URL, not of a temporary folder now gone
+        why = full_disk(e)
+        if why is None or not _names_temp(e):
             raise
+        err = OutputError(f"{url}: {why} in the temporary folder {tempfile.gettempdir()} ($TMPDIR), where an "
+                          "output at a URL is written whole before its upload (nothing was written at the URL); "
+                          "set TMPDIR to a folder with room for the whole output")
+        err.errno = e.errno
+        raise err from None
+
+
+def _names_temp(e: OSError) -> bool:
+    """Whether ``e`` is about a path in the temporary folder (``$TMPDIR``)."""
+    root = os.path.realpath(tempfile.gettempdir())
+    text = f"{e.filename or ''} {e}"
+    return root in text or tempfile.gettempdir() in text
 
 
 def check_planned(paths: Iterable[Path]) -> None:
@@ -357,7 +375,16 @@ def _download(fs: Any, rpath: str, shown: str, dest: Path) -> None:
     except TallpackError:
         raise
     except Exception as e:  # aiohttp's, botocore's and fsspec's own errors too; never KeyboardInterrupt
+        if full_disk(e) is not None:
+            raise _no_room(shown, e) from None
         raise CheckpointError(f"{shown}: cannot download: {_failure(e)}") from None
+
+
+def _no_room(shown: str, e: BaseException, after: str = "") -> CheckpointError:
+    """A full temporary folder while ``shown`` was downloaded: retrying cannot help, more room can."""
+    return CheckpointError(f"{shown}: cannot download: {full_disk(e)} in the temporary folder "
+                           f"{tempfile.gettempdir()} ($TMPDIR){after}; inputs at URLs are downloaded there "
+                           "whole before packing: set TMPDIR to a folder with room for them")
 
 
 def _get_file(fs: Any, rpath: str, dest: Path, size: Any, shown: str) -> None:
@@ -369,6 +396,8 @@ def _get_file(fs: Any, rpath: str, dest: Path, size: Any, shown: str) -> None:
         raise CheckpointError(f"{shown}: cannot download: {refusal(e) or 'removed while downloading'}") from None
     except Exception as e:
         got = dest.stat().st_size if dest.is_file() else 0
+        if full_disk(e) is not None:
+            raise _no_room(shown, e, f", after {got} of {size} bytes") from None
         why = refusal(e)
         if why is not None:  # a timeout: no byte came for that long
             raise CheckpointError(f"{shown}: cannot download: {why}, after {got} of {size} bytes") from None

@@ -17,7 +17,8 @@ import stat
 from collections.abc import Sequence
 from typing import Any, Protocol
 
-from .errors import ArchiveClosedError, ArchiveNotFoundError, FormatError, IntegrityError
+from .errors import ArchiveClosedError, ArchiveNotFoundError, FormatError, IntegrityError, TallpackError, quoted
+from .fsutil import file_above, shortened
 
 
 class ByteSource(Protocol):
@@ -43,10 +44,18 @@ def _open_regular(path: str) -> int:
         raise ArchiveNotFoundError(f"{path}: no such archive") from None
     except IsADirectoryError:
         raise FormatError(f"{path}: is a directory, not a tallpack archive") from None
+    except NotADirectoryError:
+        above = file_above(path)
+        why = f" ({above} is a file, not a folder)" if above is not None else ""
+        raise ArchiveNotFoundError(f"{path}: no such archive{why}") from None
     except OSError as e:
         if e.errno == errno.ENXIO:  # a socket, or a FIFO without a writer on some systems
             raise FormatError(f"{path}: not a regular file, not a tallpack archive") from None
-        raise
+        if e.errno == errno.ENAMETOOLONG:
+            raise TallpackError(f"{shortened(path)}: cannot open the archive: the path is too long "
+                                "for the file system") from None
+        # a link loop, permission denied, an I/O error: what the system says, of the path given
+        raise TallpackError(f"{path}: cannot open the archive ({e.strerror or quoted(e)})") from None
     try:
         mode = os.fstat(fd).st_mode
         if stat.S_ISDIR(mode):

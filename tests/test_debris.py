@@ -1,5 +1,5 @@
 """What a killed or starved write leaves behind: stale temporaries are cleared by the next write
-to the same target (only those, only when their writer is gone), and a full disk is one line."""
+into the same folder (only those, only when their writer is gone), and a full disk is one line."""
 
 from __future__ import annotations
 
@@ -139,13 +139,15 @@ def test_a_held_lock_keeps_a_file_whatever_its_name_says(tmp_path):
     assert fsutil.remove_stale_temporaries(target) == [stale] and not stale.exists()
 
 
-def test_nothing_but_the_exact_pattern_of_that_target_is_removed(tmp_path):
+def test_nothing_but_the_exact_pattern_is_removed(tmp_path):
     target = tmp_path / "f.tallpack"
     old = _earlier_boot()
     stale = _name(target, boot=old)
-    kept = [
-        _name(tmp_path / "other.tallpack", boot=old),        # another target
+    others = [
+        _name(tmp_path / "other.tallpack", boot=old),        # another target (an old shard layout's)
         _name(tmp_path / "f.tallpack.x", boot=old),          # a target whose name extends ours
+    ]
+    kept = [
         _name(target, boot=old, host="ffffffff" if fsutil._host_tag() != "ffffffff" else "eeeeeeee"),
         tmp_path / ".f.tallpack.abcd1234.partial",           # an older tallpack's mkstemp name
         tmp_path / ".f.tallpack.partial",
@@ -154,7 +156,7 @@ def test_nothing_but_the_exact_pattern_of_that_target_is_removed(tmp_path):
         tmp_path / stale.name.replace("-0badc0de", "-0badc0de-1"),
         tmp_path / stale.name.replace(f"-{os.getpid()}-", "-0-"),
     ]
-    for p in [stale, *kept]:
+    for p in [stale, *others, *kept]:
         p.write_bytes(b"data")
     (tmp_path / "sub").mkdir()
     as_dir = _name(target, boot=old, pid=1)
@@ -163,7 +165,7 @@ def test_nothing_but_the_exact_pattern_of_that_target_is_removed(tmp_path):
     elsewhere.write_bytes(b"keep me")
     as_link = _name(target, boot=old, pid=2)
     as_link.symlink_to(elsewhere)                            # the pattern, but a link
-    assert fsutil.remove_stale_temporaries(target) == [stale]
+    assert sorted(fsutil.remove_stale_temporaries(target)) == sorted([stale, *others])
     assert all(p.exists() for p in kept) and as_dir.is_dir() and as_link.is_symlink()
     assert elsewhere.read_bytes() == b"keep me"
 
