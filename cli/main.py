@@ -22,7 +22,7 @@ from tallpack.checksums import CHECKSUMS
 from tallpack.kernels import COMPILED
 from tallpack.merged import default_model, in_some_tasks, left_out
 from tallpack.merging import MERGED_MODELS, METHODS, MergeMethod, Option, default_alpha, is_consensus
-from tallpack.options import DENSE_PRESETS, PackOptions
+from tallpack.options import DENSE_PRESETS, MAX_LEVEL, MIN_LEVEL, PackOptions
 from tallpack.progress import LogLines
 from tallpack.report import format_size, render, render_tensors, tensor_rows
 from tallpack.sources import stem
@@ -52,6 +52,10 @@ class _Finite(click.FloatRange):
             self.fail(f"{value!r} is not a finite number", param, ctx)
         return rv
 
+    def _describe_range(self) -> str:
+        """No range when unbounded (click's reads ``x<=None`` in the help)."""
+        return "" if self.min is None and self.max is None else super()._describe_range()
+
 
 class _Terminated(BaseException):
     """SIGTERM, raised where the main thread is, so that the command unwinds as on Ctrl-C: its
@@ -63,52 +67,61 @@ def _terminate(signum, frame) -> None:
     raise _Terminated()
 
 
+def _refuse_repeats(command: click.Command, ctx: click.Context, args: list[str], *, group: bool = False) -> None:
+    """A usage error for an option given twice: click keeps the last of a repeated one without a
+    word (``merge --task cars --task dtd`` merged with dtd's head alone). Options that take several
+    values (``multiple``) and counted ones (``-vv``) may repeat. A group's options end at its
+    command's name (``tallpack -q pack -q``: the second is pack's)."""
+    if ctx.resilient_parsing:  # shell completion: nothing is run
+        return
+    takes: dict[str, click.Option] = {}  # an option's spellings that take a value (the next argument's)
+    flags: dict[str, click.Option] = {}  # and those that take none (an on/off pair: one of them, once)
+    for p in command.params:
+        if isinstance(p, click.Option):
+            for o in (*p.opts, *p.secondary_opts):
+                (flags if p.is_flag or p.count else takes)[o] = p
+    seen: set[str] = set()
+
+    def given(option: click.Option) -> None:
+        if option.multiple or option.count or option.name is None:
+            return
+        if option.name in seen:
+            spelled = "/".join((*option.opts, *option.secondary_opts))
+            raise click.UsageError(f"{spelled} given twice; give it once", ctx)
+        seen.add(option.name)
+
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        i += 1
+        if arg == "--":
+            break
+        if arg.startswith("--"):
+            name, eq, _ = arg.partition("=")
+            if name in flags:
+                given(flags[name])
+            elif name in takes:
+                i += 0 if eq else 1  # ``--opt value``: the value is no option
+                given(takes[name])
+        elif arg.startswith("-") and len(arg) > 1:  # short options, perhaps bundled: -fo x
+            for j in range(1, len(arg)):
+                short = "-" + arg[j]
+                if short in takes:
+                    i += 1 if j == len(arg) - 1 else 0  # its value: the rest, or the next argument
+                    given(takes[short])
+                    break
+                if short not in flags:  # not an option (a value such as -1): click decides
+                    break
+                given(flags[short])
+        elif group:  # the command's name: the rest is the command's
+            break
+
+
 class _Command(click.Command):
-    """A command whose single-value options may be given once: click keeps the last of a repeated
-    one without a word (``merge --task cars --task dtd`` merged with dtd's head alone)."""
+    """A command whose single-value options may be given once (:func:`_refuse_repeats`)."""
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
-        takes: dict[str, click.Option] = {}  # an option's spellings that take a value (the next argument's)
-        pairs: dict[str, click.Option] = {}
-        flags: set[str] = set()
-        for p in self.params:
-            if isinstance(p, click.Option):
-                for o in (*p.opts, *p.secondary_opts):
-                    (flags.add(o) if p.is_flag or p.count else takes.__setitem__(o, p))
-                    if p.secondary_opts:  # an on/off pair (--group/--no-group): one of them, once
-                        pairs[o] = p
-        seen: set[str] = set()
-
-        def given(option: click.Option) -> None:
-            if option.multiple or option.name is None:
-                return
-            if option.name in seen:
-                spelled = "/".join((*option.opts, *option.secondary_opts))
-                raise click.UsageError(f"{spelled} given twice; give it once", ctx)
-            seen.add(option.name)
-
-        i = 0
-        while i < len(args):
-            arg = args[i]
-            i += 1
-            if arg == "--":
-                break
-            if arg.startswith("--"):
-                name, eq, _ = arg.partition("=")
-                if name in pairs:
-                    given(pairs[name])
-                elif name in takes:
-                    i += 0 if eq else 1  # ``--opt value``: the value is no option
-                    given(takes[name])
-            elif arg.startswith("-") and len(arg) > 1:  # short options, perhaps bundled: -fo x
-                for j in range(1, len(arg)):
-                    short = "-" + arg[j]
-                    if short in takes:
-                        i += 1 if j == len(arg) - 1 else 0  # its value: the rest, or the next argument
-                        given(takes[short])
-                        break
-                    if short not in flags:  # not an option (a value such as -1): click decides
-                        break
+        _refuse_repeats(self, ctx, args)
         return super().parse_args(ctx, args)
 
 
@@ -117,6 +130,10 @@ class _Group(click.Group):
     Ctrl-C clean up as any failure does, and exit 143 and 130 as shells expect."""
 
     command_class = _Command
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        _refuse_repeats(self, ctx, args, group=True)
+        return super().parse_args(ctx, args)
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
         """Click's own handling, except that a usage error is one line (``error: ...``, where to
@@ -131,7 +148,7 @@ class _Group(click.Group):
                 sys.exit(e.exit_code)
             message = _one_line(e.format_message())
             if e.ctx is not None:
-                if re.search(r"[A-Za-z')]\.$", message):  # click's sentences: the hint in their place
+                if re.search(r"[A-Za-z0-9')]\.$", message):  # click's sentences: the hint in their place
                     message = message[:-1]
                 message += f" (see '{e.ctx.command_path} --help')"
             click.echo(f"error: {message}", err=True)
@@ -187,6 +204,8 @@ def main(ctx: click.Context, verbose: int, quiet: bool) -> None:
 
     Archives and outputs may be local paths or URLs fsspec understands (s3://, https://, ...).
     """
+    if quiet and verbose:
+        _usage("-q/--quiet and -v/--verbose conflict: -q logs only errors, -v more; give one of them")
     level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
     logging.basicConfig(level=logging.ERROR if quiet else level, format="%(levelname)s %(name)s: %(message)s")
     ctx.obj = {"quiet": quiet}
@@ -300,7 +319,8 @@ def _method_options(f):
     for method in reversed(list(METHODS.values())):
         for opt in reversed(method.options):
             f = click.option(_method_flag(method, opt), f"{method.name}_{opt.name}",
-                             type=_Finite() if opt.type is float else opt.type, default=opt.default,
+                             type=_Finite(opt.low, opt.high, min_open=opt.low_open) if opt.type is float else opt.type,
+                             default=opt.default,
                              show_default=True, help=opt.help)(f)
     return f
 
@@ -314,15 +334,22 @@ def _refuse_ignored_pack_flags(merge: str, exact: bool, dial: bool, derive_masks
         for opt in method.options:
             if f"{method.name}_{opt.name}" in given and method.name != merge:
                 _usage(f"{_method_flag(method, opt)} is an option of --merge {method.name}, not of --merge {merge}")
-    if "group" in given and params["group"] and (exact or dial):
+    if "progress" in given and (click.get_current_context().obj or {}).get("quiet"):
+        spelled = "--progress" if params["progress"] else "--no-progress"
+        _usage(f"{spelled} has no effect with -q, which shows no progress; leave one of them out")
+    if "group" in given and (exact or dial):  # either spelling: neither changes a byte there
+        spelled = "--group" if params["group"] else "--no-group"
         what = "--exact: the exact tier" if exact else "--fidelity or --budget: the fidelity dial"
-        _usage(f"--group has no effect with {what} works tensor by tensor; leave --group out")
+        _usage(f"{spelled} has no effect with {what} works tensor by tensor, never in groups; leave {spelled} out")
     for key, flag in (("derive_masks", "--derive-masks"), ("derive_merged", "--derive-merged")):
         if key in given and not exact:  # either spelling: --derive-masks or --store-masks
             spelled = flag if params[key] else flag.replace("--derive-", "--store-")
             _usage(f"{spelled} needs --exact: without the exact tier every mask and merged vector is stored")
-    if "derive_merged" in given and params["derive_merged"] and not derive_masks:  # (--store-merged: as said)
-        _usage("--derive-merged needs --derive-masks: with --store-masks every merged vector is stored")
+    if "derive_merged" in given and not derive_masks:
+        if params["derive_merged"]:
+            _usage("--derive-merged needs --derive-masks: with --store-masks every merged vector is stored")
+        _usage("--store-merged has no effect with --store-masks, which stores every merged vector already; "
+               "leave --store-merged out")
     if exact and dial:
         _usage("--fidelity and --budget do not go with --exact: the exact tier already stores every task's "
                "original bits; give one or the other")
@@ -342,7 +369,7 @@ def _refuse_ignored_pack_flags(merge: str, exact: bool, dial: bool, derive_masks
 @_method_options
 @click.option("--codec", type=click.Choice(DENSE_PRESETS), default=_DEFAULTS.codec, show_default=True,
               help="Codec of dense sections: planes is the smallest, raw loads fastest.")
-@click.option("--level", type=click.IntRange(1, 22), default=_DEFAULTS.level, show_default=True, help="zstd level (planes: 10 and up choose how float32/bfloat16 exponent bits are split per chunk, about 0.3% smaller, slower to decode).")
+@click.option("--level", type=click.IntRange(MIN_LEVEL, MAX_LEVEL), default=_DEFAULTS.level, show_default=True, help="zstd level (planes: 10 and up choose how float32/bfloat16 exponent bits are split per chunk, about 0.3% smaller, slower to decode).")
 @click.option("--checksum", type=click.Choice(list(CHECKSUMS)), default=_DEFAULTS.checksum, show_default=True,
               help="Chunk checksum (crc32 with --codec bytegroup-zstd and --no-group, from files, gives a "
                    "format 1.0 archive that tallpack 0.1 reads).")
@@ -437,9 +464,12 @@ def inspect(archive: str, as_json: bool, tensors: bool) -> None:
 
 @main.command()
 @click.argument("archive", type=_PATH)
-@click.option("--task", "task_names", multiple=True, help="The task to write (repeat for several).")
-@click.option("--all", "all_tasks", is_flag=True, help="Write every task, each in OUTDIR/NAME.")
-@click.option("-o", "--output", required=True, type=_PATH, callback=_output, help="The folder to write into (a path or a URL).")
+@click.option("--task", "task_names", multiple=True, metavar="NAME",
+              help="The task to write (repeat for several): one task is written into OUTDIR itself, "
+                   "two or more each into OUTDIR/NAME.")
+@click.option("--all", "all_tasks", is_flag=True, help="Write every task, each into OUTDIR/NAME.")
+@click.option("-o", "--output", required=True, type=_PATH, callback=_output, metavar="OUTDIR",
+              help="The folder to write into (a path or a URL).")
 @_MAX_SHARD
 @click.option("--exact", is_flag=True, help="Write the original files byte for byte (archives packed with --exact).")
 @click.option("-f", "--force", is_flag=True, help="Replace files that already exist in the output folder.")
@@ -551,7 +581,8 @@ def stats(archive: str, plot_path: str | None, as_json: bool, force: bool) -> No
 @click.option("--dir", "workdir", default=".tallpack-demo", show_default=True, type=click.Path(file_okay=False),
               callback=_nonempty,
               help="Where the demo family, the archive and the unpacked task go (reused when present).")
-@click.option("--size", type=click.Choice(["full", "tiny"]), default="full", show_default=True)
+@click.option("--size", type=click.Choice(["full", "tiny"]), default="full", show_default=True,
+              help="tiny: a smaller family and demo (about a minute on two cores).")
 @click.option("--task", default=None, help="The task to unpack (default: the first).")
 def demo(workdir: str, size: str, task: str | None) -> None:
     """Build a small real model family, pack, inspect, unpack one task and score it; then the fidelity dial."""

@@ -38,6 +38,10 @@ class Option:
     type: type
     default: Any
     help: str
+    #: the values a number may take (None: unbounded), shown and checked by the command line
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
 
 
 class MergeMethod:
@@ -122,7 +126,7 @@ class Ties(MergeMethod):
     """
 
     name = "ties"
-    options = (Option("top_k", float, 0.2, "TIES: fraction of each task vector kept."),)
+    options = (Option("top_k", float, 0.2, "TIES: fraction of each task vector kept.", low=0, high=1, low_open=True),)
     extra_arrays = {"counts": "uint8"}
     max_tasks = 255  # counts are uint8
 

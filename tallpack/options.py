@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeAlias, cast
 
 from .arrays import DEFAULT_CHUNK_ELEMENTS, check_chunk_elements
 from .checksums import CHECKSUMS, DEFAULT_CHECKSUM
-from .codecs import DENSE_PRESETS, Chain, CodecError, Planes, dense_chain, mask_chain
+from .codecs import DENSE_PRESETS, Chain, Planes, dense_chain, mask_chain
 from .container import check_json
 from .elements import itemsize
 from .errors import InvalidArgumentError
@@ -43,7 +43,8 @@ class PackOptions:
     ``overwrite=True`` replaces an existing archive (the command line's ``--force``); without it
     ``pack`` refuses to.
 
-    >>> PackOptions(merge={"method": "ties", "top_k": 0.3}, codec="raw").validated().method.params()
+    >>> PackOptions(merge={"method": "ties", "top_k": 0.3}, codec="raw").validated().method.params()["top_k"]
+    0.3
     """
 
     #: one value for every task or ``{task: value}`` (other tasks: the default 0.4). With
@@ -118,10 +119,10 @@ class PackOptions:
         return self._plain_numbers()._checked()
 
     def _checked(self) -> "Validated":
-        try:
-            dense_chain(self.codec, 4, self.level)
-        except CodecError as e:
-            raise InvalidArgumentError(f"--level: {e}") from None
+        if type(self.level) is not int or not MIN_LEVEL <= self.level <= MAX_LEVEL:
+            raise InvalidArgumentError(f"level must be an integer {MIN_LEVEL}..{MAX_LEVEL} (zstd's levels), "
+                                       f"got {self.level!r}")
+        dense_chain(self.codec, 4, self.level)  # an unknown codec: InvalidArgumentError
         try:
             check_chunk_elements(self.chunk_elements)
         except ValueError as e:
@@ -281,6 +282,10 @@ def _check_dial_without_exact(o: PackOptions) -> None:
                                    "the dial corrects the lossy reads of archives without it; drop one of them")
 
 
+#: The zstd levels ``level`` (``pack --level``) may take. zstd's negative "fast" levels are left
+#: out: byte planes code at level 1 below level 10 whatever the level, and level 0 is zstd's 3.
+MIN_LEVEL, MAX_LEVEL = 1, 22
+
 #: The corrections the fidelity dial knows (``tallpack.dial.CORRECTIONS``).
 _CORRECTIONS = ("sparse", "quant4", "quant8", "qtau", "exact")
 
@@ -292,9 +297,15 @@ def _check_dial(o: PackOptions) -> None:
     if b is not None and (real(b) is None or not math.isfinite(b) or b <= 0):
         raise InvalidArgumentError(f"budget must be a positive number (times one checkpoint's size), got {b!r}")
     _check_dial_without_exact(o)
-    bad = [c for c in o.corrections if c not in _CORRECTIONS] if not isinstance(o.corrections, str) else [o.corrections]
+    c = o.corrections
+    if isinstance(c, (str, bytes)) or not isinstance(c, Collection):  # 'sparse' is no list of one
+        raise InvalidArgumentError(f"corrections must be a sequence of names from {', '.join(_CORRECTIONS)} "
+                                   f"(a list or tuple), got {c!r}")
+    bad = [name for name in c if name not in _CORRECTIONS]
     if bad:
         raise InvalidArgumentError(f"unknown correction(s) {bad}; choose from {', '.join(_CORRECTIONS)}")
+    if f is None and b is None and set(c) != set(_CORRECTIONS):  # the default (every one) is no choice
+        raise InvalidArgumentError("corrections choose what the fidelity dial stores: give fidelity or budget too")
     s = o.sensitivity
     if s is not None:
         if f is None and b is None:
