@@ -44,7 +44,8 @@ def cpu_default(fn: Callable[_P, _R]) -> Callable[_P, _R]:
     @wraps(fn)
     def run(*args: _P.args, **kwargs: _P.kwargs) -> _R:
         real = sys.modules.get("torch")  # not imported yet (``verify`` needs none): no default device set
-        if real is None or not real._C._len_torch_function_stack():
+        modes = getattr(getattr(real, "_C", None), "_len_torch_function_stack", None)  # private: guarded
+        if real is None or (modes is not None and not modes()):
             return fn(*args, **kwargs)
         with real.device("cpu"):
             return fn(*args, **kwargs)
