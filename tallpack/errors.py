@@ -7,6 +7,9 @@ Messages are one line that says what is wrong and where (file, tensor, task).
 
 from __future__ import annotations
 
+import errno
+import re
+
 #: The most characters of another library's message that an error quotes (:func:`quoted`).
 QUOTED_CHARS = 500
 
@@ -91,3 +94,37 @@ class ArchiveClosedError(TallpackError, ValueError):
 
 class OutputExistsError(OutputError, FileExistsError):
     """An output already exists; pass ``overwrite=True`` (``--force``) to replace it."""
+
+
+
+class OutOfMemoryError(TallpackError, MemoryError):
+    """Memory (or a thread) could not be had for a read: the archive is not damaged; free memory,
+    or read with fewer threads or a smaller cache."""
+
+
+def out_of_memory(e: BaseException) -> bool:
+    """Whether ``e`` says the process ran out of memory or threads: Python's ``MemoryError``, an
+    ``OSError`` ENOMEM (a mapping refused), torch's allocator failing (a ``RuntimeError``), a
+    thread that could not start, or safetensors' mapping failing."""
+    if isinstance(e, MemoryError) or (isinstance(e, OSError) and e.errno == errno.ENOMEM):
+        return True
+    text = str(e)
+    return not isinstance(e, TallpackError) and any(s in text for s in _OUT_OF_MEMORY)
+
+
+def memory_detail(e: BaseException) -> str:
+    """What ran out, in a few words, for an error that :func:`out_of_memory` recognised."""
+    text = str(e)
+    asked = re.search(r"(allocate|mmap) (\d+) bytes", text)
+    if asked:
+        return f"could not {'map' if asked.group(1) == 'mmap' else 'allocate'} {asked.group(2)} bytes"
+    if "thread" in text:
+        return "could not start a thread"
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror
+    return quoted(e, 200) or type(e).__name__
+
+
+#: What torch's CPU allocator, ``threading`` and the system (ENOMEM) say when memory or threads run out.
+_OUT_OF_MEMORY = ("can't allocate memory", "DefaultCPUAllocator", "can't start new thread", "CUDA out of memory",
+                  "Cannot allocate memory")
