@@ -16,7 +16,7 @@ import click
 from click.core import ParameterSource
 
 import tallpack
-from tallpack.errors import TallpackError
+from tallpack.errors import TallpackError, memory_detail, out_of_memory
 from tallpack.fsutil import committed
 from tallpack.checksums import CHECKSUMS
 from tallpack.kernels import COMPILED
@@ -177,15 +177,27 @@ class _Group(click.Group):
         except TallpackError as e:
             _fail(_one_line(str(e)))
         except OSError as e:
+            if out_of_memory(e):  # ENOMEM: a mapping refused
+                _fail(_out_of_memory(ctx, e))
             _fail(_one_line(f"{e.filename or ''}: {e.strerror or e}".lstrip(": ")))
-        except MemoryError:
-            _fail("out of memory")
-        except Exception as e:  # a bug: still one line, and where to report it
+        except Exception as e:
+            if out_of_memory(e):  # Python's MemoryError, torch's allocator, a thread that could not start
+                _fail(_out_of_memory(ctx, e))
+            # a bug: still one line, and where to report it
             _fail(_one_line(f"internal error: {type(e).__name__}: {e}")
                   + " (a bug in tallpack: please report it with the command that caused it)")
         finally:
             if main_thread and previous is not None:  # None: set outside Python, cannot be put back
                 signal.signal(signal.SIGTERM, previous)
+
+
+def _out_of_memory(ctx: click.Context, e: BaseException) -> str:
+    """The line of an error that says memory (or a thread) ran out: the command, and what it asked for."""
+    command = f" while running 'tallpack {ctx.invoked_subcommand}'" if ctx.invoked_subcommand else ""
+    detail = memory_detail(e)
+    if isinstance(e, OSError) and e.filename:
+        detail = f"{e.filename}: {detail}"
+    return f"out of memory{command} ({detail}): free memory and run it again"
 
 
 def _one_line(message: str, limit: int = 2000) -> str:

@@ -676,10 +676,8 @@ class ContainerReader:
             piece = self.read_chunk(ref, first, where)
             lo = (start - first * ce) * isz
             return memoryview(piece)[lo : lo + (stop - start) * isz] if (start, stop) != (0, ref.numel) else piece
-        try:  # not zeroed: every byte is written
-            out = into if into is not None else empty((stop - start) * isz).data
-        except MemoryError:
-            raise FormatError(f"{self.name}: {where}: array of {ref.nbytes} bytes is too large") from None
+        # not zeroed: every byte is written (a MemoryError is not the archive's fault: reader.Archive names it)
+        out = into if into is not None else empty((stop - start) * isz).data
         pos, ahead = 0, first
         fetch = getattr(self.source, "prefetch", None)
         for i in range(first, last + 1):

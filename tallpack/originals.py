@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from .container import _strict_loads
 from .dtypes import dtype_name, tensor_to_bytes
-from .errors import CheckpointError, FormatError, IntegrityError, TallpackError
+from .errors import CheckpointError, FormatError, IntegrityError, OutOfMemoryError, TallpackError
 from .folders import check_digest, check_file_name, check_no_clash, safe_target
 from .fsutil import atomic_write, make_folder, remove_on_commit
 from .limits import MAX_DEPTH
@@ -293,6 +293,8 @@ def verify_originals(archive: "Archive", progress: ProgressLike = None) -> list[
                         h.update(piece)
                         size += len(piece)
                     _check(archive, task, f, h, size)
+        except OutOfMemoryError:  # not damage
+            raise
         except TallpackError as e:
             problems.append(str(e))
             continue
@@ -302,6 +304,8 @@ def verify_originals(archive: "Archive", progress: ProgressLike = None) -> list[
             next(steps, None)
             try:
                 archive.get_tensor(task, name, exact=True)
+            except OutOfMemoryError:
+                raise
             except TallpackError as e:
                 problems.append(str(e))
     for _ in steps:  # the last step reported, and those of a task that failed before its tensors

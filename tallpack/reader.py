@@ -37,8 +37,8 @@ from .encodings.derived import DerivedMerged, task_mask
 from .encodings.derived_merged import rebuild_merged
 from .encodings.exact import TALL_ENCODINGS, rebuild_exact
 from .errors import (ArchiveClosedError, ExactTierMissingError, FormatError, IntegrityError, InvalidArgumentError,
-                     TallpackError, TaskNotFoundError, TensorNotFoundError, UnsupportedVersionError,
-                     quoted)
+                     OutOfMemoryError, TallpackError, TaskNotFoundError, TensorNotFoundError, UnsupportedVersionError,
+                     memory_detail, out_of_memory, quoted)
 from .memory import ThreadBuffers, release_thread_buffers
 from .manifest import Manifest, TaskInfo
 from .folders import read_blob
@@ -254,8 +254,20 @@ class Archive:
     def _submit(self, pool: ThreadPoolExecutor, fn, *args):
         try:
             return pool.submit(fn, *args)
-        except RuntimeError:  # the pool was shut down: another thread closed the archive
-            raise ArchiveClosedError(f"{self.name}: the archive was closed while it was read") from None
+        except RuntimeError as e:
+            if self._closed:  # the pool was shut down: another thread closed the archive
+                raise ArchiveClosedError(f"{self.name}: the archive was closed while it was read") from None
+            if out_of_memory(e):  # a thread that could not start: memory, or the process's thread limit
+                raise OutOfMemoryError(f"{self.name}: cannot start a reading thread ({quoted(e)}): out of memory or "
+                                       "at the thread limit (the archive is not damaged; free memory, or read with "
+                                       "fewer threads)") from None
+            raise
+
+    def _out_of_memory(self, where: str, nbytes: int) -> OutOfMemoryError:
+        """The error of a read that could not have its memory: not the archive's fault."""
+        said = where if where.startswith(f"{self.name}: ") else f"{self.name}: {where}"
+        return OutOfMemoryError(f"{said}: out of memory: could not allocate {nbytes} bytes to decode it "
+                                "(the archive is not damaged)")
 
     def read_array(self, ref: ArrayRef | DerivedMerged, where: str, use: Use = Use.OUTPUT, *,
                    device: torch.device | str | None = None, start: int = 0, stop: int | None = None,
@@ -298,7 +310,7 @@ class Archive:
                 into = self._slots.get(_slot, ref.nbytes).data
             buf = self._c.read_array(ref, where, start, stop, into)
         except MemoryError:
-            raise FormatError(f"{self.name}: {where}: too large to decode ({ref.nbytes} bytes)") from None
+            raise self._out_of_memory(where, ref.nbytes) from None
         shape = ref.shape if whole else (stop - start,)
         if ref.dtype == "bool" and "bitpack" not in ref.chain.ids() and len(buf) and int(np.frombuffer(buf, np.uint8).max()) > 1:
             raise FormatError(f"{self.name}: {where}: a bool array holds bytes other than 0 and 1 (spec §4)")
@@ -357,7 +369,7 @@ class Archive:
             entry, tt = self._entry(task, name, group=parts is not None)
             if exact:
                 self.require_exact(task)
-            where = f"task {task!r}, " + (_group_where(entry) if parts is not None else f"tensor {name!r}")
+            where = f"task {task!r}, " + (_group_where(entry, parts) if parts is not None else f"tensor {name!r}")
             encoding = encoding_for(tt.encoding)
             if encoding is None:
                 raise UnsupportedVersionError(
@@ -381,6 +393,8 @@ class Archive:
             if not exact and device is None:
                 self._plans[key] = plan
         entry, tt, encoding, where, needed, planar, bits, refs = plan
+        if parts is not None:  # the plan is shared by the group's reads: a member read alone is named here
+            where = f"task {task!r}, " + _group_where(entry, parts)
         row = numel(tt.shape[1:]) if tt.shape else 1
         start, stop = (0, None) if rows is None else (rows[0] * row, rows[1] * row)
         # rows (get_slice) of a tensor whose inputs are all byte planes and bits: rebuilt as one run
@@ -428,6 +442,11 @@ class Archive:
         except IntegrityError as e:  # a derived mask's original (format 1.6): say which archive and task
             said = f"{self.name}: task {task!r}, "
             raise IntegrityError(str(e) if str(e).startswith(said) else said + str(e)) from None
+        except (MemoryError, RuntimeError) as e:  # torch's allocator says so in a RuntimeError
+            if isinstance(e, TallpackError) or not out_of_memory(e):
+                raise
+            raise OutOfMemoryError(f"{self.name}: {where}: out of memory while rebuilding it ({memory_detail(e)}; "
+                                   "the archive is not damaged)") from None
         return out if rows is None else out.reshape(rows[1] - rows[0], *tt.shape[1:])
 
     def _uncached(self, refs: list[ArrayRef], device: torch.device | str | None) -> list[ArrayRef]:
@@ -488,7 +507,7 @@ class Archive:
         try:
             buf = self._slots.get(slot, size) if slot is not None else np.empty(size, np.uint8)
         except MemoryError:
-            raise FormatError(f"{self.name}: {where}: too large to decode ({ref.nbytes} bytes)") from None
+            raise self._out_of_memory(where, size) from None
         self._c.read_bits(ref, where, buf.data, chunks)
         out = Bits(buf, ref.numel, ref.shape)
         if key is not None:
@@ -898,6 +917,10 @@ class Archive:
                 try:
                     for i in range(len(ref.chunks)):
                         self._c.read_chunk(ref, i, where, recheck=True)  # even if read before
+                except OutOfMemoryError:  # not damage: verify cannot say, and fails
+                    raise
+                except MemoryError:
+                    raise self._out_of_memory(where, ref.nbytes) from None
                 except TallpackError as e:
                     problems.append(str(e))
                     damaged.add(id(ref))
@@ -906,6 +929,8 @@ class Archive:
                 continue
             try:
                 read_blob(self._c.read_array, digest, ref, named.get(digest, f"file content {digest[:12]}"))
+            except OutOfMemoryError:
+                raise
             except TallpackError as e:
                 problems.append(str(e))
         later = verify_originals(self, progress)
@@ -916,6 +941,8 @@ class Archive:
                 continue  # an original of it did not rebuild, said above: the mask derives from them
             try:
                 task_mask(self.read_array, entry, tt, f"{self.name}: task {t!r}, tensor {entry.name!r}")
+            except OutOfMemoryError:
+                raise
             except TallpackError as e:
                 later.append(str(e))
         # a damaged chunk is said once: the rebuilds that read it (every task's, where a merged
@@ -954,10 +981,20 @@ class Archive:
     def read_file(self, name: str, task: str | None = None) -> bytes:
         """One kept folder file's bytes (``fam.read_file("tokenizer.json", "cars")``)."""
         digest = self.files(task).get(name)
+        who = "the base" if task is None else f"task {task!r}"
         if digest is None:
-            who = "the base" if task is None else f"task {task!r}"
             raise TallpackError(f"{self.name}: {who} has no file {name!r}")
-        return read_blob(self._c.read_array, digest, self.manifest.files[digest], f"{self.name}: file {name!r}")
+        ref, where = self.manifest.files[digest], f"file {name!r} of {who}"
+        try:
+            return read_blob(self._c.read_array, digest, ref, where)
+        except OutOfMemoryError:
+            raise
+        except MemoryError:
+            raise self._out_of_memory(where, ref.nbytes) from None
+        except TallpackError as e:  # the chunks' errors name the archive; the file's hash does not
+            if str(e).startswith(f"{self.name}: "):
+                raise
+            raise type(e)(f"{self.name}: {e}") from None
 
     def summary(self) -> dict[str, Any]:
         """What ``tallpack inspect`` shows: tasks, sizes, ratios, densities, fidelity."""
@@ -1076,8 +1113,11 @@ def _near(name: object, names: Sequence[str], prefixes: bool = False) -> str:
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
-def _group_where(entry: TensorEntry) -> str:
-    """How errors name a group (format 1.12): by its name and its members' (the first few)."""
+def _group_where(entry: TensorEntry, parts: Sequence[Member] = ()) -> str:
+    """How errors name a group (format 1.12): by its name and its members' (the first few); a member
+    read alone (``parts``: one), by its own name first."""
+    if len(parts) == 1:
+        return f"tensor {parts[0].name!r} (in group {entry.name!r})"
     names = ", ".join(repr(m.name) for m in entry.members[:4]) + (", ..." if len(entry.members) > 4 else "")
     return f"tensor group {entry.name!r} ({len(entry.members)} tensors: {names})"
 
