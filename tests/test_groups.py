@@ -181,7 +181,7 @@ def test_a_damaged_group_names_its_tensors(small_family, tmp_path: Path) -> None
     raw[ref.chunks[0].offset] ^= 1
     out.write_bytes(bytes(raw))
     with tallpack.open(out) as fam:
-        with pytest.raises(IntegrityError, match="task 'b', tensor group 'tallpack.group.0' .2 tensors: 'body.w', 'body.b'") as e:
+        with pytest.raises(IntegrityError, match=r"task 'b', tensor 'body.w' \(in group 'tallpack.group.0'\)") as e:
             fam.get_tensor("b", "body.w")
         assert str(e.value).count(str(out)) == 1, e.value  # the archive named once
         with pytest.raises(IntegrityError, match="tallpack.group.0"):

@@ -115,11 +115,42 @@ def test_verify_out_of_memory_is_not_damage(family):
     check(under_pressure(["-q", "verify", family["exact"]]), "verify")
 
 
-def test_unpack_out_of_memory_says_so_not_that_the_archive_was_closed(family):
-    """F6: a reading thread that cannot start is not "the archive was closed while it was read"."""
+def test_unpack_short_of_memory_is_one_out_of_memory_line(family):
+    """F5/F6: unpack (lossy and exact) short of memory: one out-of-memory line, never damage nor
+    "the archive was closed while it was read"."""
     d = family["dir"]
     check(under_pressure(["-q", "unpack", family["archive"], "--task", "t0", "-o", d / "u-MB"]), "unpack")
     check(under_pressure(["-q", "unpack", family["exact"], "--task", "t0", "--exact", "-o", d / "x-MB"]), "unpack")
+
+
+THREAD = """
+    import json, resource, sys, threading
+    import torch, tallpack, tallpack.reader
+    def held():
+        return int(open("/proc/self/statm").read().split()[0]) * resource.getpagesize()
+    with tallpack.open(sys.argv[1], threads=4, cache_bytes=0) as fam:
+        threading.stack_size(64 << 20)  # a reading thread needs more than the cap leaves
+        resource.setrlimit(resource.RLIMIT_AS, (held() + (4 << 20), resource.RLIM_INFINITY))
+        try:
+            fam.get_tensor("t0", "layer0.weight")
+            got = ["returned", ""]
+        except BaseException as e:
+            got = [type(e).__name__, str(e)]
+        finally:
+            resource.setrlimit(resource.RLIMIT_AS, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+        threading.stack_size(0)
+        after = fam.get_tensor("t0", "layer0.weight").shape == (512, 512)  # not closed: it still reads
+    print(json.dumps(got + [after]))
+"""
+
+
+def test_a_thread_that_cannot_start_is_not_a_closed_archive(family):
+    """F6: a reading thread that cannot start (memory) is an OutOfMemoryError that says so, not
+    "the archive was closed while it was read"; the archive, open, reads once memory is back."""
+    kind, message, after = json.loads(child(THREAD, str(family["archive"])))
+    assert kind == "OutOfMemoryError", (kind, message)
+    assert message.startswith(f"{family['archive']}: cannot start a reading thread") and "closed" not in message
+    assert after
 
 
 def test_merge_and_pack_out_of_memory_are_not_bugs(family):
