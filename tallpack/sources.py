@@ -302,6 +302,7 @@ def _torch_load(path: Path) -> dict[str, torch.Tensor]:
         magic = f.read(2)
     if magic[:1] != b"\x80" and magic != b"PK":  # torch.save writes a zip, or (legacy) a pickle of protocol 2
         raise CheckpointError(f"{path}: not a PyTorch checkpoint (neither a zip archive nor a pickle)")
+    legacy = False
     try:
         with warnings.catch_warnings():  # torch warns about pickle protocols; our error says enough
             warnings.simplefilter("ignore", UserWarning)
@@ -311,6 +312,7 @@ def _torch_load(path: Path) -> dict[str, torch.Tensor]:
                 if "mmap" not in str(e) and "zip" not in str(e):
                     raise
                 obj = torch.load(path, map_location="cpu", weights_only=True)  # legacy, not zip
+                legacy = True
     except pickle.UnpicklingError as e:
         if "weights_only" in str(e) or "Weights only" in str(e):
             raise UnsafeCheckpointError(
@@ -324,7 +326,28 @@ def _torch_load(path: Path) -> dict[str, torch.Tensor]:
         obj = obj["state_dict"]
     if not isinstance(obj, Mapping):
         raise CheckpointError(f"{path}: holds a {type(obj).__name__}, not a state dict")
-    return _tensor_dict(str(path), obj)
+    tensors = _tensor_dict(str(path), obj)
+    return _mapped(path, tensors) if legacy else tensors
+
+
+def _mapped(path: Path, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A legacy (pre-zip) PyTorch file's tensors, which torch can only load whole, written once to
+    a temporary zip file in $TMPDIR and mapped back from it: a family of such files is packed
+    holding one of them in memory at a time (while it is converted), not all of them at once. The
+    temporary is removed at once (its mapping keeps it until the tensors go). Without room there,
+    the tensors stay in memory, with a warning."""
+    import tempfile
+
+    try:
+        with tempfile.NamedTemporaryFile(prefix=".tallpack-legacy-", suffix=".pt") as tmp:
+            torch.save(tensors, tmp)  # shared storages (tied weights) stay shared
+            tmp.flush()
+            back = torch.load(tmp.name, map_location="cpu", weights_only=True, mmap=True)
+    except (OSError, RuntimeError) as e:
+        log.warning("%s: a legacy (pre-zip) PyTorch file, kept in memory while packing: could not map a copy "
+                    "in the temporary folder (%s)", path, quoted(e))
+        return tensors
+    return back
 
 
 @functools.cache

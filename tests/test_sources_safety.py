@@ -504,3 +504,39 @@ def test_a_folder_file_whose_name_no_archive_holds_is_left_out_with_a_warning(tm
     with tallpack.open(tmp_path / "o.tallpack") as fam:
         assert list(fam.files("t")) == ["ok.txt"]
     assert "holds U+200B" in caplog.text and "left out of the archive" in caplog.text
+
+
+LEGACY_RSS = r"""
+import gc, sys, torch
+from tallpack.sources import open_source
+
+def anon():
+    for line in open("/proc/self/status"):
+        if line.startswith("RssAnon:"):
+            return int(line.split()[1]) * 1024
+
+before = anon()
+src = open_source(sys.argv[1])
+gc.collect()
+after = anon()
+print(after - before, float(src.get("w").sum()))
+"""
+
+
+def test_a_legacy_pytorch_file_is_held_mapped_not_in_memory(tmp_path) -> None:
+    """A legacy (pre-zip) .pt file, which torch loads only whole, stayed in memory for the whole
+    pack, so a family of them broke the packer's memory bound ((T + 4) x the largest tensor):
+    each is now copied once to a temporary zip file and mapped back (RssAnon measured in a child)."""
+    import subprocess
+    import sys
+
+    w = torch.randn(16 << 20)  # 64 MiB
+    path = tmp_path / "legacy.pt"
+    torch.save({"w": w, "tied": w, "b": torch.arange(5)}, path, _use_new_zipfile_serialization=False)
+    done = subprocess.run([sys.executable, "-c", LEGACY_RSS, str(path)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    grown, total = done.stdout.split()
+    assert int(grown) < 24 << 20, int(grown)  # the 64 MiB tensor is not held
+    assert float(total) == float(w.sum())
+    src = open_source(path)
+    assert torch.equal(src.get("w"), w) and torch.equal(src.get("tied"), w) and torch.equal(src.get("b"), torch.arange(5))
