@@ -13,6 +13,7 @@ import logging
 from dataclasses import dataclass
 
 from ._torch import torch
+from .arrays import check_shape
 from .dtypes import all_equal
 from .elements import FLOATING
 from .errors import IncompatibleCheckpointsError
@@ -136,6 +137,13 @@ def make_plan(base: Source, tasks: dict[str, Source], *, allow_mismatch: bool = 
     if long is not None:
         raise IncompatibleCheckpointsError(
             f"tensor name {long[:60]!r}... has {len(long)} characters; the format allows {MAX_NAME_CHARS}")
+    for label, src in (("the base", base), *((f"task {t!r}", s) for t, s in tasks.items())):
+        for name in src.keys():  # before any work: a shape the format cannot hold (safetensors can)
+            try:
+                check_shape(src.info(name).shape)
+            except ValueError as e:
+                raise IncompatibleCheckpointsError(f"{src.label}: {label}, tensor {name!r}: cannot be stored: {e}") \
+                    from None
     if not allow_mismatch:
         for task, src in tasks.items():
             _check_task(base, task, src)

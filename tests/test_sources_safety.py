@@ -540,3 +540,19 @@ def test_a_legacy_pytorch_file_is_held_mapped_not_in_memory(tmp_path) -> None:
     assert float(total) == float(w.sum())
     src = open_source(path)
     assert torch.equal(src.get("w"), w) and torch.equal(src.get("tied"), w) and torch.equal(src.get("b"), torch.arange(5))
+
+
+@pytest.mark.parametrize("numel", [1, 1 << 16])
+def test_a_shape_past_the_formats_dimensions_is_refused_before_packing(tmp_path, numel) -> None:
+    """A tensor of 33 dimensions (safetensors and torch hold it) was refused without its name, or,
+    small enough for a group, only once the whole family was packed: now before any work, named."""
+    shape = (numel,) + (1,) * 32
+    base = {"w": torch.zeros(8), "odd": torch.zeros(shape)}
+    save_file(base, tmp_path / "base.safetensors")
+    save_file({"w": torch.ones(8), "odd": torch.ones(shape)}, tmp_path / "t0.safetensors")
+    with pytest.raises(tallpack.errors.IncompatibleCheckpointsError,
+                       match=r"base.safetensors: the base, tensor 'odd': cannot be stored: a shape is a list of at "
+                             r"most 32 dimensions") as e:
+        tallpack.pack(tmp_path / "base.safetensors", {"t0": tmp_path / "t0.safetensors"}, tmp_path / "x.tallpack",
+                      progress=lambda *a: pytest.fail("packing started"))
+    assert "\n" not in str(e.value) and not (tmp_path / "x.tallpack").exists()
