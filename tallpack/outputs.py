@@ -336,6 +336,9 @@ class WrittenModel(tuple[Path | str, int]):
         self.overflow = tuple(overflow)
         return self
 
+    def __getnewargs__(self) -> tuple[Any, ...]:  # copies and pickles (a worker's result) keep it whole
+        return (*self, self.overflow)
+
 
 def write_merged(archive: "Archive", outdir: str | os.PathLike, method: str | None = None, *, k: int | None = None,
                  alpha: float | None = None, task: str | None = None, max_shard_size: int | str | None = None,

@@ -448,6 +448,10 @@ def test_an_alpha_that_overflows_float16_is_named(tmp_path, caplog):
     with tallpack.open(tmp_path / "h.tallpack") as fam:
         path, n = written = tallpack.write_merged(fam, tmp_path / "p", "ta", alpha=1e30)
         assert "w0" in written.overflow and len(written.overflow) == 3
+        import copy
+        import pickle
+        for again in (copy.copy(written), copy.deepcopy(written), pickle.loads(pickle.dumps(written))):
+            assert again == (path, n) and again.overflow == written.overflow  # a worker's result, whole
         assert tallpack.write_merged(fam, tmp_path / "p2", "ta", alpha=0.5).overflow == ()
 
 
