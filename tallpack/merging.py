@@ -309,7 +309,7 @@ def check_alpha(alpha: object) -> float:
     0.25
     """
     value = real(alpha)
-    if value is None or not math.isfinite(value) or not torch.isfinite(torch.tensor(value, dtype=torch.float32)):
+    if value is None or not math.isfinite(value) or not torch.isfinite(torch.tensor(value, dtype=torch.float32, device="cpu")):
         raise InvalidArgumentError(f"alpha must be a number finite in float32 (|alpha| < 3.4e38), got {alpha!r}")
     return value
 
@@ -349,9 +349,9 @@ def derive_merged(taus: list[torch.Tensor], method: MergeMethod) -> dict[str, to
         return None
     if len(thresholds) != len(taus):
         raise FormatError(f"merge: {len(thresholds)} TIES thresholds for {len(taus)} tasks")
-    trimmed = [tau * (tau.abs() >= torch.tensor(thr, dtype=torch.float32)) for tau, thr in zip(taus, thresholds)]
+    trimmed = [tau * (tau.abs() >= torch.tensor(thr, dtype=torch.float32, device=tau.device)) for tau, thr in zip(taus, thresholds)]
     sign = torch.sign(_sum(trimmed))
-    positive = torch.where(sign == 0, torch.tensor(float(majority)), sign) > 0
+    positive = torch.where(sign == 0, torch.tensor(float(majority), device=sign.device), sign) > 0
     kept = [r * torch.where(positive, r > 0, r < 0) for r in trimmed]
     counts = torch.zeros(taus[0].shape, dtype=torch.uint8)
     for k in kept:
@@ -464,5 +464,5 @@ def merge_direction(model: str, tau_mtl: torch.Tensor, masks: list[torch.Tensor]
 
 def apply_direction(theta_0: torch.Tensor, direction: torch.Tensor, alpha: float) -> torch.Tensor:
     """``theta_0 + alpha * d`` in float32 (alpha rounded to float32), cast to theta_0's dtype."""
-    alpha32 = torch.tensor(alpha, dtype=torch.float32)
+    alpha32 = torch.tensor(alpha, dtype=torch.float32, device=direction.device)
     return narrow(theta_0.to(torch.float32) + alpha32 * direction, theta_0.dtype)

@@ -204,6 +204,9 @@ def _every_read(fam: tallpack.Archive) -> dict[str, torch.Tensor]:
             "lazy": lazy["big"], "lazy member": lazy["b"], "lazy h": lazy["h"],
             "slice": fam.get_slice("a", "big")[8:20], "slice cols": fam.get_slice("a", "w")[:, 1:3],
             "merged": merged["big"], "merged task": fam.merged(task="a")["w"],
+            "merged alpha": fam.merged("ta", alpha=0.3)["big"], "consensus": fam.merged("consensus-ta", alpha=0.5)["big"],
+            "alpha chosen": torch.tensor(tallpack.select_alpha(fam, "ta", lambda t, sd: float(sd["big"].sum()),
+                                                               grid=[0.2, 0.4]).alpha, device="cpu"),
             "merge parts": fam.merge_parts("ta").state_dict(0.3)["big"], "base": fam.base_tensor("big"),
             "stats": torch.tensor(tallpack.stats.compute(fam).tasks_using, device="cpu")}
 
