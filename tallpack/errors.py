@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import errno
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 #: The most characters of another library's message that an error quotes (:func:`quoted`).
 QUOTED_CHARS = 500
@@ -110,6 +112,18 @@ def out_of_memory(e: BaseException) -> bool:
         return True
     text = str(e)
     return not isinstance(e, TallpackError) and any(s in text for s in _OUT_OF_MEMORY)
+
+
+@contextmanager
+def memory_named(where: str) -> Iterator[None]:
+    """Inside, running out of memory or threads (:func:`out_of_memory`) is an
+    :class:`OutOfMemoryError` naming ``where`` (an archive and what was being built)."""
+    try:
+        yield
+    except (MemoryError, RuntimeError, OSError) as e:
+        if isinstance(e, TallpackError) or not out_of_memory(e):
+            raise
+        raise OutOfMemoryError(f"{where}: out of memory ({memory_detail(e)}; the archive is not damaged)") from None
 
 
 def memory_detail(e: BaseException) -> str:

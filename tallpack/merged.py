@@ -16,7 +16,7 @@ from .encodings.base import split_parts
 from .encodings.derived import DerivedMerged, merged_source, task_mask
 from .encodings.exact import TALL_ENCODINGS
 from .encodings.qtau import task_masks
-from .errors import FormatError, InvalidArgumentError, UnsupportedVersionError
+from .errors import FormatError, InvalidArgumentError, UnsupportedVersionError, memory_named
 from .manifest import Manifest
 from .merging import (MERGED_MODELS, METHODS, MergeMethod, apply_direction, check_alpha, default_alpha, integer,
                       is_consensus, merge_direction, merged_model_method, missing_statistics)
@@ -234,7 +234,9 @@ class MergeParts:
         >>> parts = fam.merge_parts("ta"); models = [parts.state_dict(a) for a in (0.2, 0.4)]
         """
         value = default_alpha(self.model, len(self.tasks)) if alpha is None else check_alpha(alpha)
-        merged = {name: t.clone() if d is None else apply_direction(t, d, value) for name, (t, d) in self.parts.items()}
+        with memory_named(f"{self._family.name}: the {self.model} model"):  # torch's allocator: not a TallpackError
+            merged = {name: t.clone() if d is None else apply_direction(t, d, value)
+                      for name, (t, d) in self.parts.items()}
         if task is None:
             self._warn_left_out()
             return merged

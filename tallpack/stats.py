@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 from ._torch import cpu_default, torch
 from .encodings.derived import has_mask, task_mask
 from .encodings.qtau import task_masks
-from .errors import InvalidArgumentError, OutputExistsError, TallpackError
+from .errors import InvalidArgumentError, OutputExistsError, TallpackError, memory_named
 from .fsutil import atomic_write, check_replaceable, file_identity, reading
 from .progress import ProgressLike, track
 from .storage import is_url
@@ -88,6 +88,11 @@ def compute(archive: "Archive", *, progress: ProgressLike = None) -> MaskStats:
     >>> s = compute(fam); s.fractions()
     {'catastrophic': 0.41, 'selfish': 0.33, 'consensus': 0.26}
     """
+    with memory_named(f"{archive.name}: mask statistics"):  # torch's allocator: not a TallpackError
+        return _compute(archive, progress)
+
+
+def _compute(archive: "Archive", progress: ProgressLike) -> MaskStats:
     tasks = list(archive.tasks)
     hist = torch.zeros(len(tasks) + 1, dtype=torch.int64)
     ones = {t: 0 for t in tasks}

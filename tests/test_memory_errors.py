@@ -251,3 +251,43 @@ def test_a_damaged_group_names_the_member_asked_for(tmp_path):
             assert f"task 't0', tensor {name!r} (in group {group.name!r})" in str(e.value), str(e.value)
         with pytest.raises(IntegrityError, match=f"tensor group {group.name!r}"):  # the whole group: as a group
             fam.state_dict("t0")
+
+
+API = """
+    import json, resource, sys
+    import torch, tallpack, tallpack.merged, tallpack.stats
+    torch.set_num_threads(1)  # libgomp ends the process when it cannot start a thread: nothing to catch
+    def held():
+        return int(open("/proc/self/statm").read().split()[0]) * resource.getpagesize()
+    out = []
+    for what in ("merged", "merge_parts", "stats"):
+        for mb in (4, 6, 8, 10, 12, 16):
+            fam = tallpack.open(sys.argv[1], cache_bytes=0, threads=1)
+            fam.get_tensor("t0", "layer0.weight")
+            resource.setrlimit(resource.RLIMIT_AS, (held() + (mb << 20), resource.RLIM_INFINITY))
+            try:
+                if what == "merged":
+                    fam.merged("ta")
+                elif what == "merge_parts":
+                    fam.merge_parts("ta").state_dict(0.3)
+                else:
+                    tallpack.stats.compute(fam)
+                got = ["ok", ""]
+            except BaseException as e:
+                got = [type(e).__name__, str(e), isinstance(e, tallpack.TallpackError)]
+            finally:
+                resource.setrlimit(resource.RLIMIT_AS, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+            fam.close()
+            out.append([what, mb, got])
+    print(json.dumps(out))
+"""
+
+
+def test_merged_models_and_statistics_short_of_memory_are_out_of_memory_errors(family):
+    """merged(), a merge's state_dict and stats.compute short of memory raised torch's allocator
+    RuntimeError (not a TallpackError; the command line alone turned it into one line)."""
+    results = json.loads(child(API, str(family["archive"])))
+    failed = [r for r in results if r[2][0] != "ok"]
+    assert failed, results
+    for what, mb, got in failed:
+        assert got[0] == "OutOfMemoryError" and got[2] and "not damaged" in got[1], (what, mb, got)
