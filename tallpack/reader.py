@@ -18,7 +18,7 @@ import warnings
 import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from functools import partial
 from typing import TYPE_CHECKING, Any, Literal, NamedTuple, TypeVar, cast, overload
 
@@ -261,7 +261,14 @@ class Archive:
                 raise OutOfMemoryError(f"{self.name}: cannot start a reading thread ({quoted(e)}): out of memory or "
                                        "at the thread limit (the archive is not damaged; free memory, or read with "
                                        "fewer threads)") from None
-            raise
+            # the interpreter is shutting down (a read from a thread still running, or an atexit
+            # handler): concurrent.futures takes no more work, so the calling thread does it
+            done: Future = Future()
+            try:
+                done.set_result(fn(*args))
+            except BaseException as err:
+                done.set_exception(err)
+            return done
 
     def _out_of_memory(self, where: str, nbytes: int) -> OutOfMemoryError:
         """The error of a read that could not have its memory: not the archive's fault."""

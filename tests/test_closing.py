@@ -156,3 +156,33 @@ def test_an_unexpected_exception_is_still_one_line(archive, monkeypatch):
     assert r.exit_code == 1
     assert r.output.startswith("error: internal error: AttributeError") and "report it" in r.output
     assert r.output.count("\n") == 1
+
+
+AT_EXIT = r"""
+import atexit, sys, tallpack
+fam = tallpack.open(sys.argv[1], cache_bytes=0, threads=2)
+def late():
+    try:
+        sd = fam.state_dict("a")
+        print("read", sorted(sd), float(fam.get_tensor("a", "w").sum()))
+    except Exception as e:
+        print("failed", type(e).__name__, e)
+atexit.register(late)
+"""
+
+
+def test_a_read_while_the_interpreter_shuts_down_is_done_on_the_calling_thread(tmp_path) -> None:
+    """An atexit handler (or a thread still running when the main one ends) reading a tensor of
+    several chunks got concurrent.futures' RuntimeError ("cannot schedule new futures after
+    interpreter shutdown"); the calling thread now does the work the pool no longer takes."""
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    base = {"w": torch.randn(4096, generator=g)}
+    tasks = {"a": {"w": base["w"] + 0.1 * torch.randn(4096, generator=g)}}
+    tallpack.pack(base, tasks, tmp_path / "f.tallpack", chunk_elements=512)
+    with tallpack.open(tmp_path / "f.tallpack") as fam:
+        want = float(fam.get_tensor("a", "w").sum())
+    r = subprocess.run([sys.executable, "-c", AT_EXIT, str(tmp_path / "f.tallpack")], capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.split() == ["read", "['w']", str(want)], r.stdout + r.stderr[-2000:]
