@@ -141,4 +141,5 @@ def memory_detail(e: BaseException) -> str:
 
 #: What torch's CPU allocator, ``threading`` and the system (ENOMEM) say when memory or threads run out.
 _OUT_OF_MEMORY = ("can't allocate memory", "DefaultCPUAllocator", "can't start new thread", "CUDA out of memory",
-                  "Cannot allocate memory")
+                  "Cannot allocate memory",
+                  "failed to map segment from shared object")  # a library (torch) that cannot be loaded: ENOMEM

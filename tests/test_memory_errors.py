@@ -291,3 +291,12 @@ def test_merged_models_and_statistics_short_of_memory_are_out_of_memory_errors(f
     assert failed, results
     for what, mb, got in failed:
         assert got[0] == "OutOfMemoryError" and got[2] and "not damaged" in got[1], (what, mb, got)
+
+
+def test_a_library_that_cannot_be_mapped_is_out_of_memory() -> None:
+    """Under ``ulimit -v``, importing torch fails with the loader's ENOMEM as an ImportError
+    ("failed to map segment from shared object"): the command line called it a bug in tallpack."""
+    from tallpack.errors import out_of_memory
+
+    assert out_of_memory(ImportError("libtorch_cpu.so: failed to map segment from shared object"))
+    assert not out_of_memory(ImportError("No module named 'torch'"))

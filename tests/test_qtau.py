@@ -374,3 +374,17 @@ def test_budget_below_plain_tall_when_qtau_reaches_it(tmp_path):
     m = tallpack.pack(base, fts, out, budget=0.9 * plain / one)
     assert out.stat().st_size <= 0.9 * plain
     assert min(i.fidelity["weight"] for i in m.tasks) > min(i.fidelity["weight_tall"] for i in m.tasks)
+
+
+def test_float16_scales_past_the_range_fall_back_without_a_numpy_warning() -> None:
+    """A scale just past float16's range printed numpy's "overflow encountered in nextafter" (two
+    source lines, even under -q); it falls back to float32 scales quietly."""
+    import warnings
+
+    import numpy as np
+
+    from tallpack.encodings.qtau import _half_up
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert _half_up(np.array([65519.0], np.float32)) is None

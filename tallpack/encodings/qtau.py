@@ -56,10 +56,10 @@ def code_bytes(n: int, bits: int) -> int:
 
 def _half_up(s: np.ndarray) -> np.ndarray | None:
     """The scales as float16 rounded up, or None when float16 would cost precision or range."""
-    with np.errstate(over="ignore"):
+    with np.errstate(over="ignore"):  # past float16's range: inf, refused below
         h = s.astype(np.float16)
-    low = h.astype(np.float32) < s
-    h[low] = np.nextafter(h[low], np.float16(np.inf))
+        low = h.astype(np.float32) < s
+        h[low] = np.nextafter(h[low], np.float16(np.inf))
     up = h.astype(np.float32)
     if not np.isfinite(up).all() or (up > s * np.float32(HALF_SLACK)).any():
         return None
