@@ -46,6 +46,8 @@ def _open_regular(path: str) -> int:
         raise FormatError(f"{path}: is a directory, not a tallpack archive") from None
     except NotADirectoryError:
         above = file_above(path)
+        if above is None and str(path).endswith(("/", os.sep)) and os.path.isfile(str(path).rstrip("/" + os.sep)):
+            above = str(path).rstrip("/" + os.sep)  # "fam.tallpack/": the archive itself, given as a folder
         why = f" ({above} is a file, not a folder)" if above is not None else ""
         raise ArchiveNotFoundError(f"{path}: no such archive{why}") from None
     except OSError as e:

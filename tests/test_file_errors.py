@@ -187,7 +187,8 @@ def test_an_archive_path_that_cannot_be_opened_is_a_tallpack_error(tmp_path, arc
     through = archive / "inner.tallpack"
     for path, says in [(loop, f"{loop}: cannot open the archive (Too many levels of symbolic links)"),
                        (through, f"{through}: no such archive ({archive} is a file, not a folder)"),
-                       (long_name, "cannot open the archive: the path is too long for the file system")]:
+                       (long_name, "cannot open the archive: the path is too long for the file system"),
+                       (f"{archive}/", f"{archive}/: no such archive ({archive} is a file, not a folder)")]:
         with pytest.raises(TallpackError) as info:
             tallpack.open(path)
         text = _one_line(info.value)
