@@ -19,7 +19,7 @@ from ._torch import cpu_default, torch
 from .encodings.derived import has_mask, task_mask
 from .encodings.qtau import task_masks
 from .errors import InvalidArgumentError, OutputExistsError, TallpackError, memory_named
-from .fsutil import atomic_write, check_replaceable, file_identity, reading
+from .fsutil import atomic_write, check_folders_above, check_replaceable, file_identity, reading
 from .progress import ProgressLike, track
 from .storage import is_url
 
@@ -210,6 +210,7 @@ def check_plot_path(path: str | os.PathLike, *, overwrite: bool = False,
         check_replaceable(path)
     if not overwrite and os.path.lexists(path):
         raise OutputExistsError(f"{path}: already exists; pass --force (overwrite=True) to replace it")
+    check_folders_above(path)  # notes.txt/p.png: notes.txt is a file
     if not Path(path).absolute().parent.is_dir():
         raise InvalidArgumentError(f"{path}: the folder {Path(path).parent} does not exist")
     return fmt

@@ -216,3 +216,10 @@ def test_thousands_of_layers_are_labelled_every_nth() -> None:
         ticks = layer_ticks(blocks, True)
         assert len(ticks) <= MAX_LAYER_TICKS + 1 and ticks[0] == 0 and ticks[-1] == blocks
         assert len({b - a for a, b in zip(ticks, ticks[1:-1])}) == 1  # evenly spaced
+
+
+def test_a_plot_below_a_file_says_the_file_is_not_a_folder(packed, tmp_path) -> None:
+    """``--plot notes.txt/p.png`` said "the folder notes.txt does not exist" of an existing file."""
+    (tmp_path / "notes.txt").write_text("hi\n")
+    r = CliRunner().invoke(main, ["stats", str(packed), "--plot", str(tmp_path / "notes.txt" / "p.png")])
+    assert r.exit_code == 1 and f"{tmp_path / 'notes.txt'}: is a file, not a folder" in r.output, r.output
