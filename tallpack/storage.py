@@ -15,6 +15,7 @@ import mmap
 import os
 import stat
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, Protocol
 
 from .errors import ArchiveClosedError, ArchiveNotFoundError, FormatError, IntegrityError, TallpackError, quoted
@@ -47,7 +48,7 @@ def _open_regular(path: str) -> int:
     except NotADirectoryError:
         above = file_above(path)
         if above is None and str(path).endswith(("/", os.sep)) and os.path.isfile(str(path).rstrip("/" + os.sep)):
-            above = str(path).rstrip("/" + os.sep)  # "fam.tallpack/": the archive itself, given as a folder
+            above = Path(str(path).rstrip("/" + os.sep))  # "fam.tallpack/": the archive itself, given as a folder
         why = f" ({above} is a file, not a folder)" if above is not None else ""
         raise ArchiveNotFoundError(f"{path}: no such archive{why}") from None
     except OSError as e:
