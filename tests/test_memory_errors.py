@@ -253,7 +253,7 @@ def test_a_damaged_group_names_the_member_asked_for(tmp_path):
             fam.state_dict("t0")
 
 
-API = """
+MERGE_API = """
     import json, resource, sys
     import torch, tallpack, tallpack.merged, tallpack.stats
     torch.set_num_threads(1)  # libgomp ends the process when it cannot start a thread: nothing to catch
@@ -286,7 +286,7 @@ API = """
 def test_merged_models_and_statistics_short_of_memory_are_out_of_memory_errors(family):
     """merged(), a merge's state_dict and stats.compute short of memory raised torch's allocator
     RuntimeError (not a TallpackError; the command line alone turned it into one line)."""
-    results = json.loads(child(API, str(family["archive"])))
+    results = json.loads(child(MERGE_API, str(family["archive"])))
     failed = [r for r in results if r[2][0] != "ok"]
     assert failed, results
     for what, mb, got in failed:
