@@ -176,7 +176,8 @@ def remove_stale_temporaries(target: Path, *, swept: set[Path] | None = None) ->
             return []
         swept.add(folder)
     host, boot = _host_tag(), _boot_tag()
-    removed = []
+    removed: list[Path] = []
+    sizes, pids = 0, set()
     with os.scandir(folder) as entries:
         names = [e.name for e in entries if e.name.startswith(".") and e.name.endswith(".partial")]
     for name in names:
@@ -192,9 +193,16 @@ def remove_stale_temporaries(target: Path, *, swept: set[Path] | None = None) ->
         path = folder / name
         size = _remove_if_unlocked(path)
         if size is not None:
-            log.warning("%s: removed a stale temporary file (%d bytes) left by an interrupted "
-                        "earlier write (process %d)", path, size, pid)
             removed.append(path)
+            sizes += size
+            pids.add(pid)
+    if len(removed) == 1:
+        log.warning("%s: removed a stale temporary file (%d bytes) left by an interrupted earlier write "
+                    "(process %d)", removed[0], sizes, *pids)
+    elif removed:  # a killed output of hundreds of shards: one line, not one each
+        log.warning("%s: removed %d stale temporary files (%d bytes in all, e.g. %s) left by interrupted earlier "
+                    "writes (process%s %s)", folder, len(removed), sizes, removed[0].name,
+                    "es" if len(pids) > 1 else "", ", ".join(map(str, sorted(pids))))
     return removed
 
 

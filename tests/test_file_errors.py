@@ -289,7 +289,8 @@ def _partials(folder: Path) -> list[str]:
 
 
 @pytest.mark.parametrize("max_shard_size", [None, "300B"])
-def test_a_killed_writers_temporaries_go_with_the_next_write_of_another_layout(tmp_path, archive, max_shard_size):
+def test_a_killed_writers_temporaries_go_with_the_next_write_of_another_layout(tmp_path, archive, max_shard_size,
+                                                                               caplog):
     out = tmp_path / "out"
     out.mkdir()
     live = _python(HOLDING, str(out / "other.bin"), stdin=subprocess.PIPE, stdout=subprocess.PIPE)
@@ -298,9 +299,11 @@ def test_a_killed_writers_temporaries_go_with_the_next_write_of_another_layout(t
         shards = [f"model-0000{i}-of-00009.safetensors" for i in range(1, 10)]  # a layout the new write has not
         assert _python(KILLED, str(out), *shards).wait() == -9
         assert len(_partials(out)) == 10
-        with tallpack.open(archive) as fam:
+        with tallpack.open(archive) as fam, caplog.at_level("WARNING", logger="tallpack"):
             tallpack.write_task(fam, "t", out, max_shard_size=max_shard_size, overwrite=True)
         assert _partials(out) == [theirs.name]
+        stale = [r.getMessage() for r in caplog.records if "stale temporary" in r.getMessage()]
+        assert len(stale) == 1 and f"{out}: removed 9 stale temporary files" in stale[0], stale  # one line
     finally:
         live.stdin.close()
         live.wait()
