@@ -176,3 +176,25 @@ def exact_version(fam, minor: int) -> tuple[int, int]:
     chains = [ex.residual.codecs for e in fam.manifest.tensors for tt in e.tasks.values()
               if (ex := tt.extras.get("exact")) is not None]
     return 1, max(minor, 9) if any(c["id"] == "bitsplit" for chain in chains for c in chain) else minor
+
+
+#: For a child process's script (a test that sets limits on itself runs the command line in a child):
+#: ``run_cli(args)`` runs tallpack's command line in that process and returns ``[exit code, stdout,
+#: stderr]``; an exception the command line lets out is exit -1 and its name in stderr.
+RUN_CLI = """
+import contextlib, io
+from tallpack_cli.main import main as _main
+
+
+def run_cli(args):
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            _main(args, prog_name="tallpack")
+            code = 0
+        except SystemExit as e:
+            code = e.code
+        except BaseException as e:  # not caught by the command line: the test says which
+            code, err = -1, io.StringIO(f"escaped: {type(e).__name__}: {e}")
+    return [code, out.getvalue(), err.getvalue()]
+"""

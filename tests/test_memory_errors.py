@@ -20,6 +20,7 @@ import torch
 from safetensors.torch import save_file
 
 import tallpack
+from conftest import RUN_CLI
 from tallpack.errors import IntegrityError, OutOfMemoryError, TallpackError
 
 ROOT = Path(tallpack.__file__).resolve().parents[1]
@@ -30,36 +31,24 @@ pytestmark = pytest.mark.skipif(not Path("/proc/self/statm").is_file() or sys.pl
 #: Margins (MB) over what the child holds: from nothing spare to enough for the whole command.
 MARGINS = [0, 4, 10, 16, 25, 40, 200]
 
-CHILD = """
-    import contextlib, io, json, resource, sys
+CHILD = RUN_CLI + textwrap.dedent("""
+    import json, resource, sys
     import torch, numpy, safetensors.torch, tallpack, tallpack.reader, tallpack.outputs, tallpack.packer
     import tallpack.merged, tallpack.originals
-    from tallpack_cli.main import main
     torch.set_num_threads(1)  # libgomp ends the process when it cannot start a thread: nothing to catch
     def held():
         return int(open("/proc/self/statm").read().split()[0]) * resource.getpagesize()
-    def run(args):
-        out, err = io.StringIO(), io.StringIO()
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            try:
-                main(args, prog_name="tallpack")
-                code = 0
-            except SystemExit as e:
-                code = e.code
-            except BaseException as e:  # not caught by the CLI: the test says which
-                code, err = -1, io.StringIO(f"escaped: {type(e).__name__}: {e}")
-        return [code, out.getvalue(), err.getvalue()]
     args, margins = json.loads(sys.argv[1]), json.loads(sys.argv[2])
-    results = [["free", run([a.replace("MB", "free") for a in args])]]
+    results = [["free", run_cli([a.replace("MB", "free") for a in args])]]
     for mb in margins:
         resource.setrlimit(resource.RLIMIT_AS, (held() + (mb << 20), resource.RLIM_INFINITY))
         try:
-            got = run([a.replace("MB", str(mb)) for a in args])
+            got = run_cli([a.replace("MB", str(mb)) for a in args])
         finally:
             resource.setrlimit(resource.RLIMIT_AS, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
         results.append([mb, got])
     print(json.dumps(results))
-"""
+""")
 
 
 def child(code: str, *argv: str) -> str:

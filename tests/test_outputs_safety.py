@@ -17,6 +17,7 @@ from click.testing import CliRunner
 from safetensors.torch import load_file, safe_open, save_file
 
 import tallpack
+from conftest import RUN_CLI
 from tallpack.errors import OutputExistsError
 from tallpack.outputs import write_checkpoint
 from tallpack_cli.main import main
@@ -164,24 +165,13 @@ def test_our_safetensors_files_load_everywhere(tmp_path):
     assert path.stat().st_size == ref.stat().st_size
 
 
-FULL = """
-    import contextlib, io, json, resource, signal, sys
+FULL = RUN_CLI + textwrap.dedent("""
+    import json, resource, signal, sys
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG
-    from tallpack_cli.main import main
     limit, runs = int(sys.argv[1]), json.loads(sys.argv[2])
     resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
-    results = []
-    for args in runs:
-        out, err = io.StringIO(), io.StringIO()
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            try:
-                main(args, prog_name="tallpack")
-                code = 0
-            except SystemExit as e:
-                code = e.code
-        results.append([code, out.getvalue(), err.getvalue()])
-    print(json.dumps(results))
-"""
+    print(json.dumps([run_cli(args) for args in runs]))
+""")
 
 
 @pytest.fixture
@@ -207,7 +197,7 @@ def test_a_full_disk_is_one_line_and_leaves_nothing(big_family, tmp_path):
             ["-q", "unpack", archive, "--all", "-o", out / "all"],  # -q: no progress lines, errors only
             ["-q", "merge", archive, "--method", "ta", "-o", out / "merged"]]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), *sys.path]))
-    r = subprocess.run([sys.executable, "-c", textwrap.dedent(FULL), "300000",
+    r = subprocess.run([sys.executable, "-c", FULL, "300000",
                         json.dumps([[str(a) for a in args] for args in runs])],
                        capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
