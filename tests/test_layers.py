@@ -3,6 +3,7 @@ without torch, no cycles); and mypy, with its settings there, finds no type erro
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -60,7 +61,11 @@ def test_a_wheel_holds_every_package_and_runs(tmp_path) -> None:
     code = ("import importlib.metadata, tallpack, tallpack.encodings.exact, tallpack_cli\n"
             "assert tallpack.__file__.startswith(%r), tallpack.__file__\n"
             "print(importlib.metadata.version('tallpack'), tallpack.__version__)") % str(tmp_path / "site")
-    env = {"PYTHONPATH": f"{tmp_path / 'site'}:{sysconfig.get_paths()['purelib']}", "PATH": "/usr/bin:/bin"}
+    # every site-packages of this interpreter (a venv's and, with --system-site-packages, the
+    # system's: torch and numpy may be in either), after the wheel's files
+    sites = [p for p in sys.path if p.rstrip("/").endswith(("site-packages", "dist-packages"))]
+    sites += [sysconfig.get_paths()["purelib"]]
+    env = {"PYTHONPATH": os.pathsep.join([str(tmp_path / "site"), *dict.fromkeys(sites)]), "PATH": "/usr/bin:/bin"}
     # -S: without site, the editable install's finder is not loaded; torch comes from PYTHONPATH
     r = subprocess.run([sys.executable, "-S", "-c", code], capture_output=True, text=True, timeout=120,
                        cwd=tmp_path, env=env)
