@@ -287,7 +287,7 @@ def _exact_cost(ctx: WriteContext, x: torch.Tensor, rec: torch.Tensor, base: tor
     """What ``add_exact`` will store for this task's tensor (the same choice on the same sample)."""
     assert ctx.residuals is not None
     xb = bits(x.contiguous())
-    refs = {"tall": rec, "base": base.to(torch.float32).to(x.dtype), "zero": None}
+    refs = {"tall": rec, "base": narrow(base.to(torch.float32), x.dtype), "zero": None}
     if torch.isnan(rec).any():
         del refs["tall"]
     rbits = {k: (bits(v.contiguous()) if v is not None else np.zeros_like(xb)) for k, v in refs.items()}

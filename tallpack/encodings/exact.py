@@ -28,7 +28,7 @@ import xxhash
 from .._torch import torch
 from ..arrays import ArrayRef
 from ..codecs import BitSplit, Chain
-from ..dtypes import dtype_name, tensor_to_bytes, torch_dtype
+from ..dtypes import dtype_name, narrow, tensor_to_bytes, torch_dtype
 from ..errors import FormatError, IntegrityError
 from ..merging import derive_merged
 from ..tall import blocks, reconstruct, tall_mask
@@ -185,7 +185,7 @@ def reference(read: ReadArray, entry: TensorEntry, tt: TaskTensor, ref: str, whe
         arrays = {k: read(a, f"{where} ({k})", use) for k, (a, use) in Tall.plain_inputs(entry, tt).items()}
         return reconstruct(arrays["base"], arrays["mask"], arrays["merged"], dtype)  # §6.1.1, uncorrected
     if ref == "base":
-        return read(entry.arrays["base"], where + " (base)", Use.SHARED_INPUT).to(torch.float32).to(dtype)
+        return narrow(read(entry.arrays["base"], where + " (base)", Use.SHARED_INPUT).to(torch.float32), dtype)
     return torch.zeros(tt.shape, dtype=dtype)
 
 
@@ -346,7 +346,7 @@ def _references(item: Item, i: int, rec: torch.Tensor) -> dict[str, torch.Tensor
     """The references task ``i`` may be coded against (None: zero)."""
     assert item.base is not None
     x = item.thetas[i]
-    refs: dict[str, torch.Tensor | None] = {"tall": rec, "base": item.base.to(torch.float32).to(x.dtype), "zero": None}
+    refs: dict[str, torch.Tensor | None] = {"tall": rec, "base": narrow(item.base.to(torch.float32), x.dtype), "zero": None}
     if torch.isnan(rec).any():  # a NaN's payload is unspecified: never code against it
         del refs["tall"]
     return refs
