@@ -261,6 +261,8 @@ class Archive:
                 raise OutOfMemoryError(f"{self.name}: cannot start a reading thread ({quoted(e)}): out of memory or "
                                        "at the thread limit (the archive is not damaged; free memory, or read with "
                                        "fewer threads)") from None
+            if "interpreter shutdown" not in str(e):
+                raise
             # the interpreter is shutting down (a read from a thread still running, or an atexit
             # handler): concurrent.futures takes no more work, so the calling thread does it
             done: Future = Future()
