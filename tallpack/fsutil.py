@@ -36,7 +36,7 @@ import signal
 import socket
 import stat
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from functools import lru_cache
@@ -477,6 +477,9 @@ class Transaction:
         self._folders: set[Path] = set()
         self._swept: set[Path] = set()
         self.obsolete: list[Path] = []  # existing files this output replaces by others: removed on commit
+        #: (folder, find): ``find()`` names the files of an earlier output in ``folder`` that this one
+        #: replaces by others; asked again at the commit, under the folder's lock (``remove_found_on_commit``)
+        self.finders: list[tuple[Path, Callable[[], Iterable[str]]]] = []
 
     def check(self, target: Path) -> None:
         check_replaceable(target)
@@ -514,18 +517,39 @@ class Transaction:
                     self.staged[i] = (None, *self.staged[i][1:])
                     self._held -= 1
 
-    def remove_on_commit(self, target: Path) -> None:
-        """``target`` (an existing file of an earlier output in this place, e.g. a shard the new
-        layout does not have) is removed once the new files are in place; needs ``overwrite``."""
-        self.check(target)
-        self.obsolete.append(target)
+    def remove_found_on_commit(self, folder: Path, find: Callable[[], Iterable[str]]) -> None:
+        """Remove the files ``find()`` names in ``folder`` (the weights of an earlier output there
+        that this one's layout does not have) once the new files are in place; needs ``overwrite``
+        for any it finds. ``find`` is asked now, so that a refusal comes before any work, and again
+        at the commit under the folder's lock, so that what another output put there meanwhile
+        (a concurrent ``unpack --force`` of another layout) is judged as it then stands."""
+        for name in find():
+            self.check(folder / name)
+        self.finders.append((folder, find))
 
     def commit(self) -> None:
-        with signals_held():  # all the renames, or (on an error) none left half done by a signal
+        # the lock is taken outside signals_held: Ctrl-C still ends a wait for another output's commit
+        with folder_locks(self._locked()), signals_held():  # all the renames, or none left half done
             self._commit()
+
+    def _locked(self) -> list[Path]:
+        """The folders whose lock this output's commit holds: where it replaces earlier weights, and
+        the folder that holds all its files (two outputs into one folder take turns, whole)."""
+        folders = {folder for folder, _ in self.finders}
+        parents = {str(target.parent) for _, _, _, target in self.staged}
+        if parents:
+            folders.add(Path(os.path.commonpath(sorted(parents))))
+        return sorted(folders)
 
     def _commit(self) -> None:
         global _committed
+        for folder, find in self.finders:  # the folder as the last output committed there left it
+            for name in sorted(find()):
+                target = folder / name
+                if target not in self.obsolete and target not in self._targets:
+                    self.check(target)
+                    self.obsolete.append(target)
+        self.finders = []
         for _, _, _, target in self.staged:  # all refusals before the first rename
             self.check(target)
         before, done = _committed, []
@@ -567,6 +591,7 @@ class Transaction:
         self._close()
         self.staged = []
         self._targets = set()
+        self.obsolete, self.finders = [], []
         for p in reversed(self.created):
             try:
                 p.rmdir()  # only if empty: never anything someone else put there
@@ -579,6 +604,32 @@ class Transaction:
             if fd is not None:
                 os.close(fd)
         self._held = 0
+
+
+@contextmanager
+def folder_locks(folders: Iterable[Path]) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on each folder (in sorted order, so two holders never wait on
+    each other) for the block: the commits of outputs into one folder, by any process, take turns.
+    A folder that cannot be locked (a file system without locks on folders) is passed over."""
+    fds: list[int] = []
+    try:
+        for folder in sorted(folders):
+            if fcntl is None:
+                break
+            try:
+                fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+            except OSError as e:
+                log.debug("%s: cannot lock the folder: %s", folder, e)
+                continue
+            fds.append(fd)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            except OSError as e:
+                log.debug("%s: cannot lock the folder: %s", folder, e)
+        yield
+    finally:
+        for fd in fds:
+            os.close(fd)  # closing the last descriptor releases the lock
 
 
 def _keep_aside(target: Path) -> Path | None:
@@ -670,13 +721,14 @@ def check_folders_above(path: str | os.PathLike) -> None:
         raise InvalidArgumentError(f"{above}: is a file, not a folder (it is above the output {path})")
 
 
-def remove_on_commit(target: str | os.PathLike) -> None:
-    """Remove ``target``, a file an earlier output left that the one being written replaces by
-    others, once that output's files are in place (needs an open :func:`transaction`)."""
+def remove_found_on_commit(folder: str | os.PathLike, find: Callable[[], Iterable[str]]) -> None:
+    """Remove the files ``find()`` names in ``folder`` (an earlier output's, which the one being
+    written replaces by others) once that output's files are in place: see
+    :meth:`Transaction.remove_found_on_commit` (needs an open :func:`transaction`)."""
     tx = _current.get()
     if tx is None:
-        raise RuntimeError("remove_on_commit outside a transaction")
-    tx.remove_on_commit(Path(target))
+        raise RuntimeError("remove_found_on_commit outside a transaction")
+    tx.remove_found_on_commit(Path(folder), find)
 
 
 def atomic_write(target: str | os.PathLike, write: Callable[[Path], object]) -> Path:

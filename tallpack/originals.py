@@ -25,7 +25,7 @@ from .container import _strict_loads
 from .dtypes import dtype_name, tensor_to_bytes
 from .errors import CheckpointError, FormatError, IntegrityError, OutOfMemoryError, TallpackError
 from .folders import check_digest, check_file_name, check_no_clash, safe_target
-from .fsutil import atomic_write, make_folder, remove_on_commit
+from .fsutil import atomic_write, make_folder, remove_found_on_commit
 from .limits import MAX_DEPTH
 from .progress import ProgressLike, track
 from .sharding import previous_weights
@@ -267,8 +267,8 @@ def write_originals(archive: "Archive", task: str, outdir: str | os.PathLike) ->
 
         written.append(atomic_write(target, write))
     if tensor_files:  # the weights of an earlier output here that these files do not replace
-        for name in sorted(previous_weights(out) - {p.relative_to(out).as_posix() for p in written}):
-            remove_on_commit(out / name)
+        ours = {p.relative_to(out).as_posix() for p in written}
+        remove_found_on_commit(out, lambda: previous_weights(out) - ours)
     return written, tensor_files
 
 

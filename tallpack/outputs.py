@@ -93,8 +93,7 @@ def write_checkpoint(
         # The weights of an earlier write in this folder that the new layout does not have (a
         # model.safetensors beside new shards would be loaded instead of them; shards and an index
         # of another layout would mislead) are removed when the new files are in place.
-        for fname in sorted(previous_weights(out) - names):
-            tx.remove_on_commit(out / fname)
+        tx.remove_found_on_commit(out, lambda: previous_weights(out) - names)
         target = write_shards(state_dict, plan, out, metadata=meta, sizes=sizes,
                               index_metadata=(layout or {}).get("index_metadata"), progress=progress, specs=specs)
         if config is not None:

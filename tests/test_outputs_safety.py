@@ -609,3 +609,83 @@ def test_an_output_of_more_files_than_the_open_file_limit_is_written(tmp_path):
     written = tree(tmp_path / "u")
     assert all(written[name] == data for name, data in extra.items())
     assert not [p for p in (tmp_path / "u").iterdir() if p.name.endswith(".partial")]
+
+
+class _Paused(dict):
+    """A state dict whose last tensor waits for ``go``: its write is held open between the
+    moment it planned its layout and its commit."""
+
+    def __init__(self, tensors, go, reached):
+        super().__init__(tensors)
+        self.go, self.reached, self.last = go, reached, list(tensors)[-1]
+
+    def __getitem__(self, key):
+        if key == self.last:
+            self.reached.set()
+            assert self.go.wait(30)
+        return super().__getitem__(key)
+
+
+@pytest.mark.parametrize("first, second", [(None, "300B"), ("300B", None), ("200B", "600B")],
+                         ids=["one file, then shards", "shards, then one file", "six shards, then two"])
+def test_two_outputs_of_other_layouts_into_one_folder_leave_the_last_ones_files_alone(tmp_path, first, second):
+    """Two writes with --force into one folder at once (two `unpack --force` of other tasks or
+    shard sizes): the one that commits last leaves its own layout alone, whatever the other put
+    there after it planned its own, never a mix of both (a model.safetensors beside another
+    layout's index, or the shards of an index that was replaced)."""
+    import threading
+
+    out = tmp_path / "o"
+    tensors = {f"w{i}": torch.full((16,), float(i)) for i in range(6)}
+    go, reached = threading.Event(), threading.Event()
+    errors: list[BaseException] = []
+
+    def slow():
+        try:
+            write_checkpoint(_Paused(tensors, go, reached), out, max_shard_size=first, overwrite=True,
+                             sizes={k: v.numel() * v.element_size() for k, v in tensors.items()})
+        except BaseException as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    t = threading.Thread(target=slow)
+    t.start()
+    assert reached.wait(30)  # the slow write has planned its layout, and waits before its commit
+    write_checkpoint({k: v * 2 for k, v in tensors.items()}, out, max_shard_size=second, overwrite=True)
+    go.set()
+    t.join(30)
+    assert not errors
+    files = sorted(p.name for p in out.iterdir())
+    if first is None:
+        assert files == ["model.safetensors"]
+    else:
+        index = json.loads((out / "model.safetensors.index.json").read_text())
+        assert files == sorted({*index["weight_map"].values(), "model.safetensors.index.json"})
+    loaded = {}
+    for f in files:
+        if f.endswith(".safetensors"):
+            loaded.update(load_file(out / f))
+    assert sorted(loaded) == sorted(tensors) and all(torch.equal(loaded[k], tensors[k]) for k in tensors)
+
+
+def test_an_outputs_commit_waits_for_another_commit_into_its_folder(tmp_path):
+    """Commits into one folder take turns (a lock on the folder, held by any process): no output's
+    renames interleave with another's."""
+    import threading
+
+    from tallpack.fsutil import folder_locks
+
+    out = tmp_path / "o"
+    out.mkdir()
+    done = threading.Event()
+
+    def write():
+        write_checkpoint({"w": torch.ones(4)}, out, overwrite=True)
+        done.set()
+
+    with folder_locks([out]):
+        t = threading.Thread(target=write)
+        t.start()
+        assert not done.wait(1.0)  # written, but not put in place while the folder is held
+        assert not (out / "model.safetensors").exists()
+    t.join(30)
+    assert done.is_set() and torch.equal(load_file(out / "model.safetensors")["w"], torch.ones(4))
