@@ -200,8 +200,10 @@ class ContainerWriter:
         except (ValueError, TypeError) as e:  # NaN/Infinity (metadata is checked before: a last guard)
             raise InvalidArgumentError(f"{self.path}: the manifest cannot be stored: {e}") from None
 
-    def _stored_manifest(self, manifest: dict[str, Any], raw: bytes | None = None) -> tuple[bytes, int]:
-        raw = self._serialized(manifest) if raw is None else raw
+    def _stored_manifest(self, manifest: dict[str, Any] | None, raw: bytes | None = None) -> tuple[bytes, int]:
+        if raw is None:
+            assert manifest is not None
+            raw = self._serialized(manifest)
         if len(raw) > MAX_MANIFEST_BYTES:
             raise InvalidArgumentError(f"{self.path}: manifest of {len(raw)} bytes exceeds the format's "
                                        f"limit of {MAX_MANIFEST_BYTES} (too much metadata?)")
@@ -221,6 +223,7 @@ class ContainerWriter:
         ``check`` (the reader's parse of a manifest) is given the manifest as a reader parses it."""
         self.drain()
         raw = self._serialized(manifest)
+        del manifest  # only its bytes from here: a large family's manifest is not held twice while parsed
         try:  # the last guard: never an archive that no reader opens (spec §7); nothing is renamed
             parsed = _strict_loads(raw.decode("utf-8"))
         except (ValueError, RecursionError) as e:
@@ -232,7 +235,8 @@ class ContainerWriter:
             except FormatError as e:
                 raise InvalidArgumentError(f"{self.path}: not written: readers would refuse its manifest "
                                            f"({str(e)[:200]})") from None
-        stored, flags = self._stored_manifest(manifest, raw)
+        del parsed
+        stored, flags = self._stored_manifest(None, raw)
         offset = self._write(stored)
         self._f.write(FOOTER.pack(offset, len(stored), crc32(stored), flags, END_MAGIC))
         self._f.seek(0)  # the version may have grown with features chosen while writing (``use``)
