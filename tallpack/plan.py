@@ -83,6 +83,9 @@ class Renamed(Source):
     def get(self, name: str) -> torch.Tensor:
         return self.inner.get(name[len(self.prefix):])
 
+    def check_unchanged(self) -> None:
+        self.inner.check_unchanged()  # the files are the inner source's (it read them)
+
     def describe(self) -> dict:
         return self.inner.describe() | {"prefix": self.prefix}
 
@@ -144,6 +147,17 @@ def make_plan(base: Source, tasks: dict[str, Source], *, allow_mismatch: bool = 
             except ValueError as e:
                 raise IncompatibleCheckpointsError(f"{src.label}: {label}, tensor {name!r}: cannot be stored: {e}") \
                     from None
+            # A surrogate code point (a pickle or a dict keeps one) is no Unicode character: no manifest
+            # holds it (spec §3), and a pair of them would come back from the JSON as another name.
+            # (check_json takes a pair, which its JSON round trip joins into one character.)
+            if not name.isascii():
+                try:
+                    name.encode("utf-8")
+                except UnicodeEncodeError as e:
+                    raise IncompatibleCheckpointsError(
+                        f"{src.label}: {label}, tensor {name!r}: its name cannot be stored (it holds "
+                        f"{ascii(e.object[e.start:e.end])}: surrogates, which are no Unicode characters, not UTF-8 "
+                        "text); rename the tensor") from None
     if not allow_mismatch:
         for task, src in tasks.items():
             _check_task(base, task, src)

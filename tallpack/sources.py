@@ -11,6 +11,9 @@ What is refused, at open time (before anything is written), with a one-line
 - tensors without plain dense data: sparse (COO, CSR, CSC, BSR, BSC), other layouts (mkldnn),
   nested, meta (no data), quantized tensors, and tensor subclasses other than ``Parameter`` and
   ``Buffer`` (fake, distributed or wrapper tensors). Views, transposes and slices are fine.
+- a sharded folder whose shards do not hold each tensor once, where its index says: a tensor
+  in two shards, a tensor the index names but no shard holds (or another shard than the index
+  says), or one a shard holds that the index does not list.
 
 Paths in a model folder stay in the folder. The folder itself may be a link (the user named it),
 and so may a single file passed directly. Inside a folder, links (of files or of subfolders) are
@@ -101,6 +104,17 @@ class Source:
         and ``check_unchanged``)."""
         st = os.stat(path)
         self._opened[path] = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+    def _held(self, name: str, path: Path) -> None:
+        """Note that ``path`` holds tensor ``name``; refuse a name two files hold (two shards of one
+        folder): a loader takes the last one read, the shard index may name the other, and neither
+        the user nor tallpack can tell which is the model's."""
+        first = self._where.get(name)
+        if first is not None:
+            raise CheckpointError(f"{self.label}: tensor {name!r} is held by two shards, {_shown(first, self.label)} "
+                                  f"and {_shown(path, self.label)}; keep the model's in one shard only (and "
+                                  "name that shard in the index)")
+        self._where[name] = path
 
     def check_unchanged(self) -> None:
         """Refuse, once everything was read, a file that changed since it was opened: written over
@@ -204,8 +218,8 @@ class SafetensorsSource(Source):
                 st = sl.get_dtype()
                 if st not in _ST_DTYPES:
                     raise CheckpointError(f"{path}: tensor {name!r} has unsupported dtype {st}")
+                self._held(name, path)
                 self._infos[name] = TensorInfo(tuple(sl.get_shape()), _ST_DTYPES[st])
-                self._where[name] = path
 
     def _keep_metadata(self, path: Path, meta: Mapping[str, Any], used: int) -> int:
         """A file's header metadata (``license``, ...) into ``metadata``, whose string entries an
@@ -269,8 +283,8 @@ class TorchSource(Source):
             if path.is_file():
                 self._remember(path)
             for name, t in _torch_load(path).items():
+                self._held(name, path)
                 self._tensors[name] = t
-                self._where[name] = path
                 self._infos[name] = TensorInfo(tuple(t.shape), dtype_name(t.dtype))
 
     def _load(self, name: str) -> torch.Tensor:
@@ -459,7 +473,16 @@ def _shard_name(index: Path, key: Any, value: Any) -> str:
     )
 
 
-def _read_index(index: Path) -> list[str]:
+def _shown(path: Path, folder: str) -> str:
+    """``path`` as named from ``folder`` (a shard, as its index names it), else in full."""
+    try:
+        return path.relative_to(folder).as_posix()
+    except ValueError:
+        return str(path)
+
+
+def _read_index(index: Path) -> dict[str, str]:
+    """A shard index's ``weight_map``: tensor name -> shard file, each file name checked."""
     try:
         doc = json.loads(index.read_text())
         weight_map = doc["weight_map"]
@@ -468,7 +491,26 @@ def _read_index(index: Path) -> list[str]:
     if not isinstance(weight_map, dict):
         raise CheckpointError(f"{index}: not a valid shard index (weight_map is a "
                               f"{type(weight_map).__name__}, not an object)")
-    return sorted({_shard_name(index, k, v) for k, v in weight_map.items()})
+    return {k: _shard_name(index, k, v) for k, v in weight_map.items()}
+
+
+def _check_index(src: Source, folder: Path, index: Path, weight_map: dict[str, str]) -> None:
+    """Refuse a shard index that does not say where each tensor is. transformers loads every
+    tensor of every shard the index names, whatever its ``weight_map`` lists: a tensor listed but
+    in no shard is missing from the model, one in a shard but not listed is in the model all the
+    same; the folder is inconsistent either way, and an unpacked copy would not be the same folder."""
+    for name, shard in weight_map.items():
+        held = src._where.get(name)
+        if held is None:
+            raise CheckpointError(f"{index}: maps tensor {name!r} to {shard}, which does not hold it (nor does "
+                                  "any other shard); the folder is incomplete or the index is stale: fix the index")
+        if held != folder / shard:
+            raise CheckpointError(f"{index}: maps tensor {name!r} to {shard}, but {_shown(held, str(folder))} "
+                                  "holds it; fix the index")
+    for name, held in src._where.items():
+        if name not in weight_map:
+            raise CheckpointError(f"{index}: does not list tensor {name!r}, which {_shown(held, str(folder))} "
+                                  "holds; list it in weight_map, or remove it from the shard")
 
 
 #: A folder's weights, in the order transformers' ``from_pretrained`` looks for them: the first
@@ -477,9 +519,10 @@ _WEIGHT_SETS = (("model.safetensors", "safetensors", False), ("model.safetensors
                 ("pytorch_model.bin", "torch", False), ("pytorch_model.bin.index.json", "torch", True))
 
 
-def _folder_files(folder: Path, roots: list[Path]) -> tuple[str, list[Path], Path | None]:
-    """The weights' kind, their files, and the shard index when there is one: the weights
-    transformers loads, the others (a stale single file beside shards) left out with a warning."""
+def _folder_files(folder: Path, roots: list[Path]) -> tuple[str, list[Path], Path | None, dict[str, str]]:
+    """The weights' kind, their files, and the shard index and its ``weight_map`` when there is
+    one: the weights transformers loads, the others (a stale single file beside shards) left out
+    with a warning."""
     present = [w for w in _WEIGHT_SETS if (folder / w[0]).is_file() or (folder / w[0]).is_symlink()]
     if present:
         name, kind, indexed = present[0]
@@ -488,11 +531,13 @@ def _folder_files(folder: Path, roots: list[Path]) -> tuple[str, list[Path], Pat
                         folder, ", ".join(w[0] for w in present[1:]), name)
         path = _in_folder(folder, folder / name, roots)
         if indexed:
-            return kind, [_in_folder(folder, folder / s, roots) for s in _read_index(path)], path
-        return kind, [path], None
+            weight_map = _read_index(path)
+            return kind, [_in_folder(folder, folder / s, roots) for s in sorted(set(weight_map.values()))], path, \
+                weight_map
+        return kind, [path], None, {}
     found = sorted(folder.glob("*.safetensors"))
     if len(found) == 1:
-        return "safetensors", [_in_folder(folder, found[0], roots)], None
+        return "safetensors", [_in_folder(folder, found[0], roots)], None, {}
     raise CheckpointError(
         f"{folder}: no model.safetensors, shard index or pytorch_model.bin in this folder"
     )
@@ -513,8 +558,10 @@ def open_source(obj: SourceLike, *, label: str | None = None) -> Source:
     path = Path(os.fspath(obj).removeprefix("file://"))  # a file:// URL is a local path (as for archives)
     if path.is_dir():
         roots = _roots(path)
-        kind, files, index = _folder_files(path, roots)
+        kind, files, index, weight_map = _folder_files(path, roots)
         src: Source = SafetensorsSource(str(path), files) if kind == "safetensors" else TorchSource(str(path), files)
+        if index is not None:
+            _check_index(src, path, index, weight_map)
         src.kind = "hf-folder"
         src.root = path
         src.other_files = [_in_folder(path, path / n, roots) for n in (

@@ -556,3 +556,163 @@ def test_a_shape_past_the_formats_dimensions_is_refused_before_packing(tmp_path,
         tallpack.pack(tmp_path / "base.safetensors", {"t0": tmp_path / "t0.safetensors"}, tmp_path / "x.tallpack",
                       progress=lambda *a: pytest.fail("packing started"))
     assert "\n" not in str(e.value) and not (tmp_path / "x.tallpack").exists()
+
+
+# -- sharded folders whose shards and index disagree --------------------------------------------------
+
+def _two_shards(folder: Path, one: dict, two: dict, weight_map: dict, kind: str = "safetensors") -> Path:
+    """A folder of two shards, as transformers names them, and an index with ``weight_map``."""
+    folder.mkdir()
+    names = [f"model-0000{i}-of-00002.safetensors" for i in (1, 2)]
+    if kind == "torch":
+        names = [n.replace("model", "pytorch_model").replace(".safetensors", ".bin") for n in names]
+    for name, sd in zip(names, (one, two)):
+        save_file(sd, folder / name) if kind == "safetensors" else torch.save(sd, folder / name)
+    index = "model.safetensors.index.json" if kind == "safetensors" else "pytorch_model.bin.index.json"
+    return _write_index(folder, {"metadata": {}, "weight_map": {k: names[v - 1] for k, v in weight_map.items()}},
+                        index)
+
+
+@pytest.mark.parametrize("kind", ["safetensors", "torch"])
+def test_a_tensor_in_two_shards_is_refused_naming_both_before_packing(tmp_path, kind) -> None:
+    """Two shards of one folder both held 'a' (different values): the last shard's was packed,
+    whatever the index said, and with --exact the archive failed its own verify. Now refused at
+    open, naming the tensor and both shards, even with an index that names one of them."""
+    base = {"a": torch.randn(64), "b": torch.randn(64), "c": torch.randn(64)}
+    save_file(base, tmp_path / "base.safetensors")
+    ext = "safetensors" if kind == "safetensors" else "bin"
+    prefix = "model" if kind == "safetensors" else "pytorch_model"
+    _two_shards(tmp_path / "t", {"a": base["a"] + 0.1, "b": base["b"] + 0.1}, {"a": base["a"] + 5, "c": base["c"]},
+                {"a": 1, "b": 1, "c": 2}, kind)
+    out = tmp_path / "f.tallpack"
+    with pytest.raises(CheckpointError) as e:
+        tallpack.pack(tmp_path / "base.safetensors", {"t": tmp_path / "t"}, out, exact=True,
+                      progress=lambda *a: pytest.fail("packing started"))
+    _refused(e, f"{tmp_path / 't'}: tensor 'a' is held by two shards, {prefix}-00001-of-00002.{ext} and "
+                f"{prefix}-00002-of-00002.{ext}")
+    _nothing_written(tmp_path, out)
+
+
+@pytest.mark.parametrize("how", ["listed, in no shard", "listed in another shard", "in a shard, not listed"])
+def test_a_shard_index_that_disagrees_with_its_shards_is_refused(sharded, tmp_path, how) -> None:
+    """An index naming a tensor no shard holds was packed without a word (the member lacked it);
+    one naming another shard than the one holding it, or leaving out a tensor a shard holds, too.
+    Now each is refused at open, naming the index, the tensor and the shard."""
+    folder, index = sharded
+    weight_map = index["weight_map"]
+    name, shard = next(iter(weight_map.items()))
+    other = next(s for s in sorted(set(weight_map.values())) if s != shard)
+    if how == "listed, in no shard":
+        name = "model.layers.9.extra.weight"
+        weight_map[name] = shard
+        words = [f"maps tensor {name!r} to {shard}, which does not hold it"]
+    elif how == "listed in another shard":
+        weight_map[name] = other
+        words = [f"maps tensor {name!r} to {other}, but {shard} holds it"]
+    else:
+        del weight_map[name]
+        words = [f"does not list tensor {name!r}, which {shard} holds"]
+    path = _write_index(folder, index)
+    with pytest.raises(CheckpointError) as e:
+        tallpack.pack(folder, [folder], tmp_path / "f.tallpack", progress=lambda *a: pytest.fail("packing started"))
+    _refused(e, f"{path}: ", *words)
+    _nothing_written(tmp_path, tmp_path / "f.tallpack")
+
+
+def test_a_torch_shard_index_that_disagrees_with_its_shards_is_refused(tmp_path) -> None:
+    path = _two_shards(tmp_path / "t", {"a": torch.zeros(4)}, {"c": torch.zeros(4)}, {"a": 1, "b": 1, "c": 2},
+                       "torch")
+    with pytest.raises(CheckpointError) as e:
+        open_source(tmp_path / "t")
+    _refused(e, f"{path}: maps tensor 'b' to pytorch_model-00001-of-00002.bin, which does not hold it")
+
+
+# -- a base matched by a prefix ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("how", ["written over", "replaced"])
+def test_a_prefix_matched_base_saved_over_while_it_packs_is_refused(tmp_path, how) -> None:
+    """A bare base whose names the tasks prefix ('bert.') is read through a renaming wrapper,
+    which did not pass on the check for files changed while packing: the archive mixed the old
+    and the new base. Now refused as a base named like the tasks is."""
+    g = torch.Generator().manual_seed(0)
+    base = {f"l{i}.w": torch.randn(64, 64, generator=g) for i in range(4)}
+    path = tmp_path / "base.safetensors"
+    save_file(base, path)
+    task = {f"bert.{k}": v + 0.01 for k, v in base.items()}
+    done: list[int] = []
+
+    def progress(desc: str, i: int, total: int) -> None:
+        if desc == "packing" and i == 2 and not done:
+            save_file({k: v + 1.0 for k, v in base.items()}, tmp_path / "next.safetensors")
+            if how == "replaced":
+                os.replace(tmp_path / "next.safetensors", path)
+            else:
+                with open(path, "r+b") as f:
+                    f.write((tmp_path / "next.safetensors").read_bytes())
+                (tmp_path / "next.safetensors").unlink()
+            st = path.stat()
+            os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))  # a coarse clock still moves
+            done.append(1)
+
+    out = tmp_path / "x.tallpack"
+    with pytest.raises(CheckpointError, match=f"base.safetensors: {how} while it was packed; pack it again") as e:
+        tallpack.pack(path, {"t": task}, out, group=False, progress=progress, threads=1)
+    assert done and "\n" not in str(e.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["base.safetensors"]
+
+
+def test_a_prefix_matched_base_passes_on_what_a_source_does() -> None:
+    """The renaming wrapper answers from what it copies (names, shapes, metadata, files) or
+    passes on to the base it wraps: every other method of a Source is its own."""
+    from tallpack.plan import Renamed
+    from tallpack.sources import Source
+
+    inner = open_source({"w": torch.zeros(3)}, label="base")
+    wrapped = Renamed(inner, "bert.")
+    assert wrapped.keys() == ["bert.w"] and "bert.w" in wrapped and torch.equal(wrapped.get("bert.w"), torch.zeros(3))
+    assert wrapped.nbytes == inner.nbytes and wrapped.describe()["prefix"] == "bert."
+    from_copies = {"keys", "info", "_remember", "_unchanged", "_held", "_load"}  # (the last four: the inner's files)
+    methods = {k for k, v in vars(Source).items() if callable(v) and not k.startswith("__")}
+    assert [k for k in sorted(methods - from_copies) if getattr(Renamed, k) is getattr(Source, k)] == []
+
+
+# -- tensor names no archive can hold --------------------------------------------------------------------
+
+@pytest.mark.parametrize("where", ["base", "task"])
+def test_a_tensor_name_with_a_lone_surrogate_is_refused_before_packing(tmp_path, where) -> None:
+    """A .pt file's tensor name holding a lone surrogate (a pickle keeps one) was refused only once
+    the whole family was packed, naming neither the file nor the tensor."""
+    bad = "bad\udc80name"
+    sd = {"ok.weight": torch.randn(64, 64), bad: torch.randn(8)}
+    torch.save(sd, tmp_path / "base.pt")
+    torch.save({k: v + 0.01 for k, v in sd.items()}, tmp_path / "t.pt")
+    if where == "task":
+        torch.save({k: v for k, v in sd.items() if k != bad}, tmp_path / "base.pt")
+    out = tmp_path / "x.tallpack"
+    with pytest.raises(tallpack.errors.IncompatibleCheckpointsError) as e:
+        tallpack.pack(tmp_path / "base.pt", {"t": tmp_path / "t.pt"}, out,
+                      progress=lambda *a: pytest.fail("packing started"))
+    path, who = (tmp_path / "base.pt", "the base") if where == "base" else (tmp_path / "t.pt", "task 't'")
+    _refused(e, f"{path}: {who}, tensor {bad!r}: its name cannot be stored (it holds '\\udc80': surrogates",
+             "rename the tensor")
+    _nothing_written(tmp_path, out)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.text(st.one_of(st.characters(), st.characters(categories=["Cs"])), min_size=1, max_size=8))
+def test_a_tensor_name_is_planned_exactly_when_a_manifest_can_hold_it(name) -> None:
+    """Any name that is Unicode text is planned; one holding a surrogate code point is refused,
+    named: a lone one no manifest holds, and a pair came back from the manifest as another name
+    ('\\ud800\\udc00' as '\\U00010000')."""
+    from tallpack.errors import IncompatibleCheckpointsError
+    from tallpack.plan import make_plan
+
+    base = open_source({name: torch.zeros(2)}, label="base")
+    task = open_source({name: torch.ones(2)}, label="task 't'")
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        with pytest.raises(IncompatibleCheckpointsError, match="its name cannot be stored"):
+            make_plan(base, {"t": task})
+    else:
+        assert [e.name for e in make_plan(base, {"t": task}).tensors] == [name]
