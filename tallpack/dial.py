@@ -113,6 +113,19 @@ def capped(value: float, bit_exact: bool) -> float:
     return 1.0 if bit_exact else min(value, JUST_BELOW_ONE)
 
 
+def fidelity_of(err: float, theta_sq: float) -> float:
+    """``1 - sqrt(err / theta_sq)``; for a task whose weights are all zero (``theta_sq`` 0), 1 when
+    the error is 0 too and 0 otherwise, which meets no target (spec §6.4): any error is then
+    infinitely large against the weights, and the dial must store what rebuilds the zeros.
+
+    >>> fidelity_of(0.01, 1.0), fidelity_of(0.0, 0.0), fidelity_of(1e-30, 0.0)
+    (0.9, 1.0, 0.0)
+    """
+    if theta_sq > 0:
+        return 1.0 - math.sqrt(max(err, 0.0) / theta_sq)
+    return 1.0 if err <= 0 else 0.0
+
+
 def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Whether two tensors of one dtype hold the same bits (``-0.0`` is not ``0.0``; NaN payloads count)."""
     return a.dtype == b.dtype and a.numel() == b.numel() and np.array_equal(bits(a.reshape(-1).contiguous()),
@@ -196,11 +209,11 @@ class TaskPlan:
 
     def weight_fidelity(self, err: float) -> float:
         """1 - sqrt(err / sum of squares): the weight fidelity, weighted when a sensitivity is."""
-        return 1.0 - math.sqrt(max(err, 0.0) / self.theta_sq) if self.theta_sq > 0 else 1.0
+        return fidelity_of(err, self.theta_sq)
 
     def plain_fidelity(self, err: float) -> float:
         """The (unweighted) weight fidelity of a plain squared error."""
-        return 1.0 - math.sqrt(max(err, 0.0) / self.plain_theta_sq) if self.plain_theta_sq > 0 else 1.0
+        return fidelity_of(err, self.plain_theta_sq)
 
     def order(self) -> None:
         """The greedy sequence: best error removed per byte first, across tensors, each tensor's

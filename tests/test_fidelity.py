@@ -10,6 +10,8 @@ import math
 import pytest
 import torch
 from click.testing import CliRunner
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from safetensors.torch import save_file
 
 import tallpack
@@ -450,3 +452,99 @@ def test_a_target_out_of_the_budgets_reach_warns_once(tmp_path, monkeypatch, cap
     assert len({w[1] for w in writes}) > 1  # the writes differ: the figures warned of are the kept one's
     assert len(set(writes[:-1])) == len(writes) - 1
     assert out.stat().st_size == writes[-1][0] == max(w[0] for w in writes if w[0] <= budget)
+
+
+def _with_buffer(base_value: float, task_value: float, seed: int = 0):
+    """A fine-tuned 64x64 weight, plus an 8x8 buffer at ``base_value`` in the base (a causal mask
+    when -inf: -inf above the diagonal) that both tasks set to ``task_value`` (stored once, shared)."""
+    g = _gen(seed)
+    base = {"w": torch.randn(64, 64, generator=g), "buf": torch.triu(torch.full((8, 8), base_value), 1)}
+    tasks = {t: {"w": base["w"] + 0.01 * torch.randn(64, 64, generator=g),
+                 "buf": torch.triu(torch.full((8, 8), task_value), 1)} for t in ("a", "b")}
+    return base, tasks
+
+
+def _figures(m) -> dict[str, tuple]:
+    return {t.name: (t.fidelity["rel_l2"], t.fidelity["cosine"], t.fidelity.get("weight")) for t in m.tasks}
+
+
+@pytest.mark.parametrize("value", [float("-inf"), float("nan")])
+@pytest.mark.parametrize("options", [{}, {"group": False}, {"fidelity": 0.999}, {"merge": "ties"}])
+def test_a_frozen_non_finite_buffer_leaves_the_fidelity_figures(tmp_path, value, options):
+    """A buffer holding -inf or NaN, the same in the base and every task (a causal mask), is stored
+    once and rebuilds exactly; it cannot count for fidelity (its task vector is NaN: it would be
+    stored per task were it not shared, spec §6.3), and does not wipe out the weights' figures (they
+    were all null). Grouped or alone, plain or with the dial or TIES."""
+    base, tasks = _with_buffer(value, value)
+    without = tallpack.pack({"w": base["w"]}, {t: {"w": sd["w"]} for t, sd in tasks.items()},
+                            tmp_path / "w.tallpack", **options)
+    m = tallpack.pack(base, tasks, tmp_path / "buf.tallpack", **options)
+    assert _figures(m) == _figures(without)
+    assert all(f[0] is not None and f[1] is not None for f in _figures(m).values())
+    with tallpack.open(tmp_path / "buf.tallpack") as fam:
+        assert torch.equal(fam.get_tensor("a", "buf").isnan(), base["buf"].isnan())
+        assert torch.equal(fam.get_tensor("a", "buf").nan_to_num(), base["buf"].nan_to_num())
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(base_value=st.floats(width=32), task_value=st.floats(width=32))
+def test_a_buffer_every_task_sets_alike_never_spoils_the_figures(tmp_path, base_value, task_value):
+    """Whatever value every task gives a buffer (1e20 from 0: once "the manifest cannot be
+    stored"; inf, NaN, float32's largest), the archive is written, gives the value back, and the
+    figures are numbers: the buffer counts as a perfect rebuild where its task vector is in the
+    range of merged tensors (§6.3), else not at all."""
+    base, tasks = _with_buffer(base_value, task_value)
+    out = tmp_path / "h.tallpack"
+    m = tallpack.pack(base, tasks, out, overwrite=True)
+    for rel, cos, _ in _figures(m).values():
+        assert math.isfinite(rel) and math.isfinite(cos)
+    with tallpack.open(out) as fam:
+        got, want = fam.get_tensor("b", "buf"), tasks["b"]["buf"]
+        assert torch.equal(got.view(torch.int32), want.view(torch.int32))
+
+
+def test_tasks_agreeing_on_a_huge_value_are_packed_with_the_weights_figures(tmp_path):
+    """1e20 in every task where the base has 0 (finite float32, far past the range of merged
+    tensors): stored once, and the figures are the weights' alone (before: the float32 sum of
+    squares overflowed and the manifest could not be written)."""
+    base, tasks = _with_buffer(0.0, 1e20)
+    without = tallpack.pack({"w": base["w"]}, {t: {"w": sd["w"]} for t, sd in tasks.items()}, tmp_path / "w.tallpack")
+    m = tallpack.pack(base, tasks, tmp_path / "h.tallpack")
+    assert _figures(m) == _figures(without)
+    assert m.to_dict()["stats"]["kinds"]["shared"] == 1
+
+
+@pytest.mark.parametrize("target", [0.5, 0.99])
+def test_a_task_of_zero_weights_meets_a_target_only_rebuilt_as_zeros(tmp_path, target):
+    """A task whose merged weights are all zero: any error is infinitely large against them, so
+    its weight fidelity is 0 unless rebuilt with none (spec §6.4), and the dial stores what gives
+    the zeros back (before: 1 recorded, met, and 2-bit qtau rebuilt it far from zero)."""
+    g = _gen(4)
+    base = {"w": torch.randn(64, 32, generator=g), "v": torch.randn(32, 16, generator=g)}
+    tasks = {"a": {k: torch.zeros_like(x) for k, x in base.items()},
+             "b": {k: torch.randn(x.shape, generator=g) for k, x in base.items()}}
+    out = tmp_path / "z.tallpack"
+    m = tallpack.pack(base, tasks, out, fidelity=target)
+    assert m.stats["dial"]["met"]
+    with tallpack.open(out) as fam:
+        for k in base:
+            assert torch.equal(fam.get_tensor("a", k), tasks["a"][k])
+        assert fam.task_info("a").fidelity["weight"] >= target
+        assert fam.task_info("a").fidelity["weight_tall"] == 0.0
+
+
+def test_a_zero_task_under_a_budget_records_what_it_rebuilds(tmp_path):
+    """Under a budget too small to rebuild a zero task exactly, its recorded fidelity is 0, not 1."""
+    from tallpack.dial import fidelity_of
+
+    assert (fidelity_of(0.0, 0.0), fidelity_of(1e-300, 0.0), fidelity_of(0.25, 1.0)) == (1.0, 0.0, 0.5)
+    g = _gen(4)
+    base = {f"w{i}": torch.randn(64, 32, generator=g) * (i + 1) for i in range(4)}
+    tasks = {"a": {k: torch.zeros_like(x) for k, x in base.items()},
+             "b": {k: torch.randn(x.shape, generator=g) for k, x in base.items()}}
+    out = tmp_path / "b.tallpack"
+    m = tallpack.pack(base, tasks, out, budget=1.5)
+    with tallpack.open(out) as fam:
+        exact = all(torch.equal(fam.get_tensor("a", k), x) for k, x in tasks["a"].items())
+    weight = m.tasks[0].fidelity["weight"]
+    assert weight == 1.0 if exact else weight == 0.0

@@ -28,6 +28,15 @@ def keeps_base(item: Item) -> bool:
     return not same and in_tall_range(base, item.thetas[:1] * len(item.thetas))
 
 
+def counts_for_fidelity(item: Item) -> bool:
+    """Whether a ``shared`` tensor counts for the tasks' fidelity figures as a perfect rebuild
+    (rec = tau_t, spec §6.4): planned merged, with task vectors in ``in_tall_range``, as the merge
+    method's statistics take it. One out of range (a frozen causal mask of -inf: tau is NaN; values
+    near float32's limit) would have been stored task-own (spec §6.3), which fidelity does not count:
+    neither does it here, so that it neither wipes out the figures (NaN) nor makes them unwritable."""
+    return item.planned == "merged" and item.base is not None and in_tall_range(item.base, item.thetas)
+
+
 @register
 class Shared(Encoding):
     name = "shared"
@@ -44,10 +53,11 @@ class Shared(Encoding):
     @classmethod
     def write(cls, ctx: WriteContext, item: Item) -> TensorEntry:
         first = item.thetas[0]
-        if item.planned == "merged":  # stored exactly: counts for fidelity as a perfect rebuild
-            assert item.base is not None  # (planned merged: the base has it)
-            for t, x in zip(item.tasks, item.thetas):
-                ctx.fidelity[t].add_exact(task_vector(x, item.base))
+        if counts_for_fidelity(item):  # stored exactly: counts for fidelity as a perfect rebuild
+            assert item.base is not None
+            tau = task_vector(first, item.base)  # every task's: their values are the same, bit for bit
+            for t in item.tasks:
+                ctx.fidelity[t].add_exact(tau)
         dt, shape = dtype_name(first.dtype), tuple(first.shape)
         arrays = {"data": ctx.whole(first)}
         if keeps_base(item):
