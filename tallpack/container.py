@@ -458,6 +458,11 @@ def check_json(value: Any, at: int = 0) -> None:
         _strict_loads(text)
     except RecursionError:
         raise ValueError(f"containers nest deeper than {MAX_DEPTH}") from None
+    try:  # a surrogate pair as two code points passes the parse, and reads back as one other character
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"a string holds {e.object[e.start:e.end]!r}: surrogates, which are no Unicode "
+                         "characters (not UTF-8 text)") from None
 
 
 #: The dtypes a reader may take as byte planes (``read_planar``), with their element sizes.
