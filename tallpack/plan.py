@@ -205,7 +205,9 @@ def _check_task(base: Source, task: str, src: Source) -> None:
         )
         what = (f"{len(differ)} of its {len(common)} tensors named as in the base differ in shape ({examples})"
                 if common else "it shares no tensor name with the base")
+        in_memory = src.kind == "dict"  # its label already names the task, and there is no path to check
         raise IncompatibleCheckpointsError(
-            f"task {task!r} ({src.label}) does not look fine-tuned from the base: {what}; "
-            "check the paths, or pass allow_mismatch=True (--allow-mismatch) to pack it anyway"
+            f"task {task!r}{'' if in_memory else f' ({src.label})'} does not look fine-tuned from the base: "
+            f"{what}; check the {'tensors given' if in_memory else 'paths'}, or pass allow_mismatch=True "
+            "(--allow-mismatch) to pack it anyway"
         )

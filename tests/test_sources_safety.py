@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 
 import tallpack
 from conftest import expected_reconstruction
-from tallpack.errors import CheckpointError, CheckpointNotFoundError
+from tallpack.errors import CheckpointError, CheckpointNotFoundError, IncompatibleCheckpointsError
 from tallpack.sources import open_source
 
 
@@ -725,3 +725,12 @@ def test_a_tensor_name_is_planned_exactly_when_a_manifest_can_hold_it(name) -> N
             make_plan(base, {"t": task})
     else:
         assert [e.name for e in make_plan(base, {"t": task}).tensors] == [name]
+
+
+def test_a_task_in_memory_that_does_not_look_fine_tuned_is_named_once(tmp_path) -> None:
+    """A task given as tensors (no path) is named once, and not told to check paths it has not."""
+    base = {"a": torch.zeros(5), "b": torch.zeros(3)}
+    with pytest.raises(IncompatibleCheckpointsError) as e:
+        tallpack.pack(base, {"cars": {"a": torch.zeros(4), "b": torch.zeros(2)}}, tmp_path / "x.tallpack")
+    msg = str(e.value)
+    assert msg.count("cars") == 1 and "check the tensors given" in msg and "paths" not in msg, msg
