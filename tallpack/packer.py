@@ -64,7 +64,8 @@ def pack(base: SourceLike, tasks: TasksLike, out: str | os.PathLike, options: Pa
     v = opts.validated()
     opts = v.options  # numbers as Python's (numpy's scalars given)
     _check_pack_call(tasks, out)
-    check_file_output(out, storage_options)  # never a device, a link or a folder, even with overwrite (URLs too)
+    # never a device, a link or a folder, even with overwrite (URLs too), nor in a folder that is not there
+    check_file_output(out, storage_options, what="the archive's", example="family.tallpack")
     there = exists(out, storage_options) if is_url(out) else os.path.lexists(local_path(out))
     if not opts.overwrite and there:  # before any input is read (or, at URLs, downloaded)
         raise OutputExistsError(f"{out}: already exists; pass --force (overwrite=True) to replace it")

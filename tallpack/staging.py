@@ -64,13 +64,38 @@ def exists(target: str | os.PathLike, storage_options: dict[str, Any] | None = N
     return bool(fs.exists(path))
 
 
-def check_file_output(target: str | os.PathLike, storage_options: dict[str, Any] | None = None) -> None:
-    """Before any work, for an output written as one file: never a device, a link or a folder,
-    ``overwrite`` or not (``fsutil.check_replaceable``); at a URL, never a folder (objects below
-    its name)."""
+def check_file_name(target: str | os.PathLike, *, what: str = "the output's", example: str = "out") -> None:
+    """InvalidArgumentError for an output written as one file whose name ends in a separator, ``.``
+    or ``..`` (``newdir/``): it names a folder, and ``Path`` would drop the ``/`` and write a file
+    ``newdir``. ``what`` and ``example`` complete the message (``the archive's``, ``family.tallpack``).
+
+    >>> check_file_name("newdir/", what="the archive's", example="family.tallpack")
+    Traceback (most recent call last):
+    tallpack.errors.InvalidArgumentError: newdir/: names a folder; give the archive's file name, e.g. newdir/family.tallpack
+    """
+    raw = os.fspath(target)
+    path = urlsplit(raw).path if is_url(raw) else raw.removeprefix("file://")
+    last = path
+    for sep in {"/", os.sep, os.altsep or "/"}:
+        last = last.rsplit(sep, 1)[-1]
+    if last in ("", ".", ".."):
+        inside = raw if raw.endswith(("/", os.sep)) else raw + "/"
+        raise InvalidArgumentError(f"{raw}: names a folder; give {what} file name, e.g. {inside}{example}")
+
+
+def check_file_output(target: str | os.PathLike, storage_options: dict[str, Any] | None = None, *,
+                      what: str = "the output's", example: str = "out") -> None:
+    """Before any work, for an output written as one file: never a name that ends as a folder's
+    (``check_file_name``), a device, a link or a folder, ``overwrite`` or not
+    (``fsutil.check_replaceable``), nor below a folder that does not exist; at a URL, never a
+    folder (objects below its name)."""
+    check_file_name(target, what=what, example=example)
     if not is_url(target):
-        check_folders_above(local_path(target))
-        check_replaceable(local_path(target))
+        path = local_path(target)
+        check_folders_above(path)
+        check_replaceable(path)
+        if not path.parent.is_dir():  # as the writer would find it, but before any input is read
+            raise InvalidArgumentError(f"{path.parent}: output folder does not exist")
         return
     url = os.fspath(target).rstrip("/")
     fs, rpath = _fs(url, storage_options)

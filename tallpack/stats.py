@@ -21,6 +21,7 @@ from .encodings.qtau import task_masks
 from .errors import InvalidArgumentError, OutputExistsError, TallpackError, memory_named
 from .fsutil import atomic_write, check_folders_above, check_replaceable, file_identity, reading
 from .progress import ProgressLike, track
+from .staging import check_file_name
 from .storage import is_url
 
 if TYPE_CHECKING:
@@ -199,6 +200,7 @@ def check_plot_path(path: str | os.PathLike, *, overwrite: bool = False,
     >>> check_plot_path("stats.png", archive="family.tallpack")
     'png'
     """
+    check_file_name(path, what="the plot's", example="stats.png")  # x.png/: Path would drop the /
     plt = _pyplot()
     known = set(plt.figure().canvas.get_supported_filetypes()) - NEEDS_TOOLS
     plt.close("all")

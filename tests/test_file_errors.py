@@ -213,6 +213,53 @@ def test_an_output_below_a_file_says_the_file_is_not_a_folder(tmp_path, archive)
         "afile", "fam", "fam.tallpack", "fam2"]
 
 
+# -- an output that cannot be written: refused before any input is read ------------------------------
+
+@pytest.mark.parametrize("how", ["ta", "ties", "evaluate"])
+def test_a_missing_output_folder_is_refused_before_any_input_is_read(tmp_path, caplog, how):
+    """TIES' thresholds and an evaluator's lambda selection read the whole family before the
+    archive is opened: a mistyped output folder was reported only after them (minutes to hours)."""
+    base, task = _family(tmp_path / "fam")
+    scored: list[str] = []
+    options = {"ta": {}, "ties": {"merge": "ties"},
+               "evaluate": {"evaluate": lambda t, sd: scored.append(t) or 1.0}}[how]
+    out = tmp_path / "missing" / "x.tallpack"
+    with caplog.at_level("INFO", logger="tallpack"), pytest.raises(InvalidArgumentError) as info:
+        tallpack.pack(base, {"t": task}, out, **options)
+    assert _one_line(info.value) == f"{out.parent}: output folder does not exist"
+    assert scored == [] and not [r for r in caplog.records if "thresholds" in r.getMessage()]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fam"]
+
+
+@pytest.mark.parametrize("name", ["newdir/", "newdir//", "newdir/.", "newdir/..", ".", "newdir" + os.sep])
+def test_an_archive_name_that_ends_as_a_folder_is_refused(tmp_path, name):
+    """``-o newdir/`` wrote a regular file named ``newdir`` (``Path`` drops the ``/``)."""
+    base, task = _family(tmp_path / "fam")
+    (tmp_path / "w").mkdir()
+    out = f"{tmp_path / 'w'}/{name}"
+    with pytest.raises(InvalidArgumentError) as info:
+        tallpack.pack(base, {"t": task}, out)
+    inside = out if out.endswith(("/", os.sep)) else out + "/"
+    assert _one_line(info.value) == f"{out}: names a folder; give the archive's file name, e.g. {inside}family.tallpack"
+    assert list((tmp_path / "w").iterdir()) == []
+
+
+def test_a_url_or_plot_name_that_ends_as_a_folder_is_refused(tmp_path, archive, memory_root):
+    """The same for an archive at a URL (an object ``x`` was uploaded) and ``stats --plot x.png/``."""
+    from click.testing import CliRunner
+    from tallpack_cli.main import main
+
+    base, task = _family(tmp_path / "fam2")
+    with pytest.raises(InvalidArgumentError, match="names a folder; give the archive's file name"):
+        tallpack.pack(base, {"t": task}, f"memory://{memory_root}/x/")
+    assert not fsspec.filesystem("memory").exists(memory_root)
+    result = CliRunner().invoke(main, ["stats", str(archive), "--plot", str(tmp_path / "x.png") + "/"])
+    assert result.exit_code == 1
+    assert result.output.strip().splitlines()[-1] == (f"error: {tmp_path}/x.png/: names a folder; give the plot's file "
+                                                      f"name, e.g. {tmp_path}/x.png/stats.png")
+    assert not (tmp_path / "x.png").exists()
+
+
 # -- an old index that is not ours -----------------------------------------------------------------
 
 _JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8),
