@@ -19,6 +19,7 @@ import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import thread as _futures_thread
 from functools import partial
 from typing import TYPE_CHECKING, Any, Literal, NamedTuple, TypeVar, cast, overload
 
@@ -66,6 +67,9 @@ def _after_fork_in_child() -> None:
         sys.modules["torch"].set_num_threads(1)
     for archive in archives:
         archive._pool, archive._pool_lock = None, threading.Lock()
+        # a state_dict another parent thread was in does not go on in the child: its count would
+        # keep the child's cache from ever pushing anything out, and its lock may be held
+        archive._scans, archive._scans_lock = 0, threading.Lock()
         archive._cache.after_fork()
     for lazy in list(_LAZY.values()):  # one another parent thread was reading at the fork: its lock stays held
         lazy._lock = threading.Lock()
@@ -261,10 +265,11 @@ class Archive:
                 raise OutOfMemoryError(f"{self.name}: cannot start a reading thread ({quoted(e)}): out of memory or "
                                        "at the thread limit (the archive is not damaged; free memory, or read with "
                                        "fewer threads)") from None
-            if "interpreter shutdown" not in str(e):
+            if "interpreter shutdown" not in str(e) and not getattr(_futures_thread, "_shutdown", False):
                 raise
             # the interpreter is shutting down (a read from a thread still running, or an atexit
-            # handler): concurrent.futures takes no more work, so the calling thread does it
+            # handler): concurrent.futures takes no more work, so the calling thread does it (a
+            # pool that had run work was also marked shut down by its workers as they ended)
             done: Future = Future()
             try:
                 done.set_result(fn(*args))

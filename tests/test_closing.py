@@ -161,6 +161,8 @@ def test_an_unexpected_exception_is_still_one_line(archive, monkeypatch):
 AT_EXIT = r"""
 import atexit, sys, tallpack
 fam = tallpack.open(sys.argv[1], cache_bytes=0, threads=2)
+if sys.argv[2] == "used":
+    fam.state_dict("a")  # the pool started: at exit its workers mark it shut down
 def late():
     try:
         sd = fam.state_dict("a")
@@ -171,10 +173,12 @@ atexit.register(late)
 """
 
 
-def test_a_read_while_the_interpreter_shuts_down_is_done_on_the_calling_thread(tmp_path) -> None:
+@pytest.mark.parametrize("pool", ["unused", "used"])
+def test_a_read_while_the_interpreter_shuts_down_is_done_on_the_calling_thread(tmp_path, pool) -> None:
     """An atexit handler (or a thread still running when the main one ends) reading a tensor of
     several chunks got concurrent.futures' RuntimeError ("cannot schedule new futures after
-    interpreter shutdown"); the calling thread now does the work the pool no longer takes."""
+    interpreter shutdown", or, once the archive had read with its pool, "... after shutdown"); the
+    calling thread now does the work the pool no longer takes."""
     import torch
 
     g = torch.Generator().manual_seed(0)
@@ -183,6 +187,6 @@ def test_a_read_while_the_interpreter_shuts_down_is_done_on_the_calling_thread(t
     tallpack.pack(base, tasks, tmp_path / "f.tallpack", chunk_elements=512)
     with tallpack.open(tmp_path / "f.tallpack") as fam:
         want = float(fam.get_tensor("a", "w").sum())
-    r = subprocess.run([sys.executable, "-c", AT_EXIT, str(tmp_path / "f.tallpack")], capture_output=True,
+    r = subprocess.run([sys.executable, "-c", AT_EXIT, str(tmp_path / "f.tallpack"), pool], capture_output=True,
                        text=True, timeout=120)
     assert r.returncode == 0 and r.stdout.split() == ["read", "['w']", str(want)], r.stdout + r.stderr[-2000:]

@@ -122,3 +122,38 @@ def test_a_forked_child_reads_a_lazy_dict_another_thread_was_reading(tmp_path):
         finally:
             stop.set()
             th.join()
+
+
+def test_a_forked_child_does_not_inherit_a_state_dict_another_thread_was_in(tmp_path):
+    """While a state_dict runs, the cache pushes nothing out (the reader counts them). A child
+    forked while another parent thread was in one kept that count for good: its cache never let
+    anything go again. The child starts with none."""
+    import threading
+
+    g = torch.Generator().manual_seed(3)
+    base = {f"layer.{i}.weight": torch.randn(256, 256, generator=g) for i in range(8)}
+    tasks = {t: {k: v + 0.01 * torch.randn(256, 256, generator=g) for k, v in base.items()} for t in ("a", "b")}
+    tallpack.pack(base, tasks, tmp_path / "f.tallpack")
+    with tallpack.open(tmp_path / "f.tallpack") as fam:
+        stop, inside = threading.Event(), threading.Event()
+
+        def busy():
+            while not stop.is_set():
+                fam.state_dict("a")
+                inside.set()
+
+        th = threading.Thread(target=busy)
+        th.start()
+        try:
+            assert inside.wait(30)
+            for _ in range(20):  # until a fork lands inside a state_dict
+                while not fam._scans:
+                    pass
+                pid = os.fork()
+                if pid == 0:
+                    os._exit(0 if fam._scans == 0 else 1)
+                _, status = os.waitpid(pid, 0)
+                assert os.waitstatus_to_exitcode(status) == 0
+        finally:
+            stop.set()
+            th.join()
