@@ -654,8 +654,9 @@ class ContainerReader:
         key = (c.offset, c.nbytes, c.checksum)
         if recheck or key not in self._checked:
             if self.checksum(stored) != c.checksum:
-                why = getattr(self.source, "changed", lambda: None)()  # a remote object replaced while open
-                raise IntegrityError(f"{self.name}: {why or f'{where}: checksum mismatch in chunk {i} (damaged archive)'}")
+                why = getattr(self.source, "changed", lambda: None)()  # replaced or written in place while open
+                raise IntegrityError(f"{self.name}: {where}: checksum mismatch in chunk {i} "
+                                     f"({why or 'damaged archive'})")
             if self._remember_checked:
                 self._checked.add(key)
         return stored
@@ -713,7 +714,7 @@ class ContainerReader:
         for i, c in enumerate(ref.chunks):
             if self.checksum(self.source.read(c.offset, c.nbytes)) != c.checksum:
                 why = getattr(self.source, "changed", lambda: None)()
-                raise IntegrityError(f"{self.name}: {why or f'{where}: checksum mismatch in chunk {i}'}")
+                raise IntegrityError(f"{self.name}: {where}: checksum mismatch in chunk {i}{f' ({why})' if why else ''}")
 
     def close(self) -> None:
         self.source.close()

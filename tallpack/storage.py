@@ -93,6 +93,7 @@ class LocalFile:
         self.size = st.st_size
         #: the file as ``(st_dev, st_ino)``: outputs refuse to replace it, whatever name they give it
         self.device_inode = (st.st_dev, st.st_ino)
+        self._stamp = (st.st_size, st.st_mtime_ns, st.st_ctime_ns)  # for ``changed``
         self._fd = self._f.fileno()
         self._map = mmap.mmap(self._fd, 0, access=mmap.ACCESS_READ) if self.size else None
         self._view = memoryview(self._map) if self._map is not None else memoryview(b"")
@@ -122,6 +123,18 @@ class LocalFile:
             return os.fstat(self._fd).st_size
         except (OSError, ValueError):  # the descriptor was closed by a racing close()
             raise ArchiveClosedError(f"{self.path}: the archive is closed") from None
+
+    def changed(self) -> str | None:
+        """Why the file is no longer as it was opened (written in place: another size or
+        modification time), or None; asked after a checksum fails, never before each read."""
+        try:
+            st = os.fstat(self._fd)
+        except (OSError, ValueError):
+            return None
+        if (st.st_size, st.st_mtime_ns, st.st_ctime_ns) == self._stamp:
+            return None
+        size = f"now {st.st_size} bytes, was {self.size}" if st.st_size != self.size else "modified since"
+        return f"the file was written in place since it was opened ({size}); reopen it"
 
     def read_many(self, ranges: Sequence[tuple[int, int]]) -> list[memoryview]:
         """Several ``(offset, nbytes)`` ranges (a remote source coalesces them; here each is a view)."""

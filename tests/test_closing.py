@@ -109,6 +109,27 @@ def test_truncation_by_another_process_does_not_kill_the_reader(archive):
     assert out.strip() == "IntegrityError"
 
 
+def test_an_archive_copied_over_in_place_while_open_says_so_not_damaged(tmp_path):
+    """`cp new.tallpack served.tallpack` while a server has it open (the copy writes into the same
+    file): the next read's checksum fails, and the error said "damaged archive" though the file
+    is intact; it now says the file was written in place since it was opened, and to reopen it."""
+    import torch
+
+    g = torch.Generator().manual_seed(5)
+    base = {"w": torch.randn(128, 128, generator=g)}
+    served, new = tmp_path / "served.tallpack", tmp_path / "new.tallpack"
+    tallpack.pack(base, {"a": {"w": base["w"] + 0.1}}, served, codec="raw")
+    tallpack.pack({"w": base["w"] * 2}, {"a": {"w": base["w"] + 0.3}, "b": {"w": base["w"]}}, new, codec="raw")
+    with tallpack.open(served, cache_bytes=0) as fam:
+        with open(served, "r+b") as f:  # as cp does: the same inode, written from the start
+            f.write(new.read_bytes())
+        with pytest.raises(tallpack.IntegrityError) as e:
+            fam.get_tensor("a", "w")
+    msg = str(e.value)
+    assert "written in place since it was opened" in msg and "reopen it" in msg and "damaged" not in msg, msg
+    assert tallpack.open(served).verify() == []
+
+
 NON_REGULAR = """
     import contextlib, io, json, sys
     from tallpack_cli.main import main
