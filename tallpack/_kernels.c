@@ -36,6 +36,9 @@
  *                                        task vectors are never written to memory
  *   max_abs_diff(theta, base, kind)      the largest |theta - base| (a task vector's), as float32 bits
  *                                        (an inf or NaN above every finite value)
+ *   bitsplit(src, k, heads, low)         codec ``bitsplit``'s split of k-byte unsigned elements (the
+ *                                        writer's, exact-tier residuals): each one's head byte, and its
+ *                                        low bits as one LSB-first bit stream; returns the stream's bytes
  *
  * And the manifest's strict JSON checks (container._parse_manifest), which walk Python objects and
  * so hold the GIL; each gives the verdicts of its Python twin in container.py (tests compare them):
@@ -1168,6 +1171,80 @@ static PyObject *unpack_bits(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+/* -- bitsplit (codecs.BitSplit.encode) ------------------------------------------------------------ */
+
+#if defined(__GNUC__) || defined(__clang__)
+#define BIT_LENGTH(v) ((v) ? 32 - __builtin_clz(v) : 0)
+#else
+static inline int bit_length_any(uint32_t v) {
+    int n = 0;
+    while (v) {
+        n++;
+        v >>= 1;
+    }
+    return n;
+}
+#define BIT_LENGTH(v) bit_length_any(v)
+#endif
+
+/* Element v of bit length L: head 4 * L + t, t the two bits below its leading one (v - 2**(L-1)
+ * when L is 1 or 2), then its max(L - 3, 0) low bits appended to the stream (at most 29, so an
+ * accumulator below 32 bits plus them fits 64). Elements are read byte by byte (little-endian,
+ * any alignment). Returns the stream's length in bytes; the last byte's unused bits are zero. */
+static Py_ssize_t bitsplit_loop(const uint8_t *src, int k, Py_ssize_t n, uint8_t *heads, uint8_t *low) {
+    uint64_t acc = 0;
+    int fill = 0;
+    uint8_t *o = low;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        const uint8_t *p = src + i * k;
+        uint32_t v = k == 4 ? (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24
+                   : k == 2 ? (uint32_t)p[0] | (uint32_t)p[1] << 8 : p[0];
+        int len = BIT_LENGTH(v);
+        int width = len > 3 ? len - 3 : 0;
+        uint32_t lead = len >= 3 ? 4u : (uint32_t)len;  /* min(2**(L-1), 4); 0 for v = 0 */
+        heads[i] = (uint8_t)(4 * len + ((v >> width) - lead));
+        acc |= (uint64_t)(v & ((1u << width) - 1u)) << fill;
+        fill += width;
+        if (fill >= 32) {
+            o[0] = (uint8_t)acc; o[1] = (uint8_t)(acc >> 8); o[2] = (uint8_t)(acc >> 16); o[3] = (uint8_t)(acc >> 24);
+            o += 4;
+            acc >>= 32;
+            fill -= 32;
+        }
+    }
+    for (; fill > 0; fill -= 8) {
+        *o++ = (uint8_t)acc;
+        acc >>= 8;
+    }
+    return o - low;
+}
+
+static PyObject *bitsplit(PyObject *self, PyObject *args) {
+    Py_buffer src, heads, low;
+    int k;
+    if (!PyArg_ParseTuple(args, "y*iw*w*:bitsplit", &src, &k, &heads, &low))
+        return NULL;
+    Py_ssize_t n = (k == 1 || k == 2 || k == 4) ? src.len / k : -1;
+    /* the stream's bound: 8k - 3 bits an element, plus the last word's spare bytes */
+    int ok = n >= 0 && src.len % k == 0 && heads.len == n && n <= PY_SSIZE_T_MAX / 32
+             && low.len >= (n * (8 * k - 3) + 7) / 8;
+    Py_ssize_t got = 0;
+    if (ok) {
+        Py_BEGIN_ALLOW_THREADS
+        got = bitsplit_loop((const uint8_t *)src.buf, k, n, (uint8_t *)heads.buf, (uint8_t *)low.buf);
+        Py_END_ALLOW_THREADS
+    } else {
+        PyErr_Format(PyExc_ValueError, "bitsplit: %zd bytes of %d-byte elements, %zd head bytes, %zd for the low bits",
+                     src.len, k, heads.len, low.len);
+    }
+    PyBuffer_Release(&src);
+    PyBuffer_Release(&heads);
+    PyBuffer_Release(&low);
+    if (!ok)
+        return NULL;
+    return PyLong_FromSsize_t(got);
+}
+
 /* -- strict JSON ------------------------------------------------------------------------------ */
 
 static PyObject *json_pairs(PyObject *self, PyObject *pairs) {
@@ -1297,6 +1374,8 @@ static PyMethodDef methods[] = {
      "tall_mask_tv(theta, base, kind, merged, lam, mask): tall_mask_f32 of tau = widen(theta) - widen(base)"},
     {"max_abs_diff", max_abs_diff, METH_VARARGS,
      "max_abs_diff(theta, base, kind): the largest |theta - base| (widened to float32) as its float32 bits"},
+    {"bitsplit", bitsplit, METH_VARARGS,
+     "bitsplit(src, k, heads, low): codec bitsplit's head bytes and LSB-first low-bit stream; returns its bytes"},
     {"json_pairs", json_pairs, METH_O, "json_pairs(pairs): a dict of JSON object pairs; ValueError on a duplicate key"},
     {"json_check", json_check, METH_VARARGS,
      "json_check(value, numbers, depth): nesting below depth; with numbers, ints within int64/uint64 and floats finite"},

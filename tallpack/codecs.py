@@ -13,6 +13,7 @@ import dataclasses
 import functools
 import math
 import struct
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, cast
@@ -21,7 +22,7 @@ import numpy as np
 import zstandard
 
 from .errors import CodecError, InvalidArgumentError, UnsupportedVersionError
-from .kernels import join_exponent, join_planes, rotate, split_planes, unpack_bits
+from .kernels import bitsplit, join_exponent, join_planes, rotate, split_planes, unpack_bits
 from .memory import ThreadBuffers, empty
 from .limits import ZSTD_MAX_RATIO
 
@@ -465,20 +466,22 @@ class BitSplit(Codec):
         return head <= nbytes <= head + n + self._max_low_bytes(n) and n <= ZSTD_MAX_RATIO * max(1, nbytes - head)
 
     def encode(self, buf: memoryview) -> bytes:
-        v = np.frombuffer(buf, dtype=_UNSIGNED[self.itemsize]).astype(np.uint32)
-        length = np.frexp(v.astype(np.float64))[1].astype(np.uint8)  # bit length; exact below 2**32
-        width = _BITSPLIT_WIDTH[length]
-        heads = (length << 2) + ((v >> width).astype(np.uint8) - _BITSPLIT_LEAD[length])
-        low = v & ((np.uint32(1) << width) - np.uint32(1))
-        cctx = zstandard.ZstdCompressor(compression_params=zstandard.ZstdCompressionParameters.from_level(
-            1, min_match=7, write_content_size=True))
-        stored = []
-        for j in range(0, v.size, self.block):
-            part = heads[j : j + self.block].tobytes()
+        k = self.itemsize
+        if len(buf) % k:
+            raise CodecError(f"bitsplit: {len(buf)} bytes is not a whole number of {k}-byte elements")
+        n = len(buf) // k
+        heads = np.empty(n, np.uint8)
+        low = np.empty(self._max_low_bytes(n), np.uint8)
+        got = bitsplit(buf, k, heads, low)  # the compiled pass, else numpy's (the same bytes)
+        stream = low[:got].data if got is not None else _split_numpy(buf, k, heads)
+        cctx = _bitsplit_compressor()
+        stored: list[bytes | memoryview] = []
+        for j in range(0, n, self.block):
+            part = heads[j : j + self.block].data
             packed = cctx.compress(part)
             stored.append(packed if len(packed) <= self.KEEP_BELOW * len(part) and len(packed) != len(part) else part)
         sizes = struct.pack(f"<{len(stored)}I", *(len(p) for p in stored))
-        return sizes + b"".join(stored) + _pack_bits(low, width)
+        return b"".join([sizes, *stored, stream])
 
     def decode(self, buf: memoryview, size: int) -> memoryview:
         out = empty(size)
@@ -530,6 +533,38 @@ _BITSPLIT_T_LIMIT = np.array([1, 1, 2, 4], np.uint8)
 #: By bit length L (0 to 32): the low bits' width, and the leading bits' value ``v >> width`` less t.
 _BITSPLIT_WIDTH = np.array([max(n - 3, 0) for n in range(33)], np.uint32)
 _BITSPLIT_LEAD = np.array([min(1 << n >> 1, 4) for n in range(33)], np.uint8)
+
+
+_compressors = threading.local()
+
+
+def _bitsplit_compressor() -> zstandard.ZstdCompressor:
+    """This thread's compressor of head blocks (level 1, 7-byte matches; one per thread, as a
+    compressor may not be shared by threads at once)."""
+    c = getattr(_compressors, "bitsplit", None)
+    if c is None:
+        c = _compressors.bitsplit = zstandard.ZstdCompressor(
+            compression_params=zstandard.ZstdCompressionParameters.from_level(1, min_match=7, write_content_size=True))
+    return c
+
+
+def _split_numpy(buf: memoryview, itemsize: int, heads: np.ndarray) -> bytes:
+    """``kernels.bitsplit`` in numpy: the head bytes into ``heads``; returns the low bits' stream.
+    The bit length is read from the exponent of the element as a float (exact: float32 holds
+    every 16-bit integer, float64 every 32-bit one)."""
+    v = np.frombuffer(buf, dtype=_UNSIGNED[itemsize])
+    if itemsize == 4:
+        v = v.astype(np.uint32, copy=False)
+        exp = (v.astype(np.float64).view(np.uint64) >> np.uint64(52)).astype(np.uint32)
+        length = (np.maximum(exp, np.uint32(1022)) - np.uint32(1022)).astype(np.uint8)
+    else:
+        exp = v.astype(np.float32).view(np.uint32) >> np.uint32(23)
+        length = (np.maximum(exp, np.uint32(126)) - np.uint32(126)).astype(np.uint8)
+        v = v.astype(np.uint32)
+    width = _BITSPLIT_WIDTH[length]
+    np.left_shift(length, np.uint8(2), out=heads)
+    heads += (v >> width).astype(np.uint8) - _BITSPLIT_LEAD[length]
+    return _pack_bits(v & ((np.uint32(1) << width) - np.uint32(1)), width)
 
 
 _BAD_HEAD = np.uint32(0xFFFFFFFF)

@@ -143,6 +143,17 @@ def unpack_bits(packed: np.ndarray, out: np.ndarray) -> None:
         out[:] = np.unpackbits(packed, count=out.size, bitorder="little")
 
 
+def bitsplit(src: memoryview | np.ndarray, itemsize: int, heads: np.ndarray, low: np.ndarray) -> int | None:
+    """Codec ``bitsplit``'s split (codecs.BitSplit.encode) in one compiled pass: each of the
+    ``itemsize``-byte unsigned elements of ``src`` gets its head byte in ``heads`` (uint8, one per
+    element), and its low bits are appended to one LSB-first bit stream in ``low`` (uint8, at least
+    ``ceil(n * (8 * itemsize - 3) / 8)`` bytes); returns the stream's length in bytes. None, doing
+    nothing, without the compiled loops (the caller then runs its numpy split: the same bytes)."""
+    if _kernels is None:
+        return None
+    return _kernels.bitsplit(src, itemsize, heads, low)
+
+
 #: Elements per part from which a rebuild outside a pool (``get_tensor``) splits its loop across
 #: threads: parts of about a millisecond, against the 50-100 us a helper takes to wake. A 4 MB
 #: float32 tensor is one part: split in two it took 5-15% longer, timed in turns in one process on

@@ -221,6 +221,57 @@ def test_bitsplit_codes_residuals_smaller_than_planes():
     assert len(split) < 0.97 * len(planes)
 
 
+def _bitsplit_format_1_9(c: codecs.BitSplit, buf: memoryview) -> bytes:
+    """BitSplit.encode as format 1.9 shipped it (numpy, the bit length from float64 ``frexp``): the
+    stream every later encoder must give for the same input, so that its archives stay the same."""
+    import struct
+
+    import zstandard
+    v = np.frombuffer(buf, dtype=_UNSIGNED[c.itemsize]).astype(np.uint32)
+    length = np.frexp(v.astype(np.float64))[1].astype(np.uint8)
+    width = codecs._BITSPLIT_WIDTH[length]
+    heads = (length << 2) + ((v >> width).astype(np.uint8) - codecs._BITSPLIT_LEAD[length])
+    low = v & ((np.uint32(1) << width) - np.uint32(1))
+    cctx = zstandard.ZstdCompressor(compression_params=zstandard.ZstdCompressionParameters.from_level(
+        1, min_match=7, write_content_size=True))
+    stored = []
+    for j in range(0, v.size, c.block):
+        part = heads[j : j + c.block].tobytes()
+        packed = cctx.compress(part)
+        stored.append(packed if len(packed) <= c.KEEP_BELOW * len(part) and len(packed) != len(part) else part)
+    return struct.pack(f"<{len(stored)}I", *(len(p) for p in stored)) + b"".join(stored) + codecs._pack_bits(low, width)
+
+
+@given(residual_like(), st.integers(0, 3))
+@settings(max_examples=80)
+def test_bitsplit_encodes_as_format_1_9_did(case, offset):
+    """The compiled split (or, with TALLPACK_NO_KERNELS=1, the numpy one without float64 copies) gives
+    the bytes of the first encoder, for every bit length, block and alignment of the input."""
+    itemsize, block, a = case
+    c = codecs.BitSplit(itemsize, block)
+    buf = memoryview(bytearray(offset) + a.tobytes())[offset:]  # misaligned when offset is not 0
+    assert c.encode(buf) == _bitsplit_format_1_9(c, buf)
+    heads = np.empty(a.size, np.uint8)
+    assert codecs._split_numpy(buf, itemsize, heads) == codecs._pack_bits(*_low_and_width(a))
+
+
+def _low_and_width(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    v = a.astype(np.uint32)
+    width = codecs._BITSPLIT_WIDTH[np.frexp(v.astype(np.float64))[1].astype(np.uint8)]
+    return v & ((np.uint32(1) << width) - np.uint32(1)), width
+
+
+def test_bitsplit_encodes_large_residuals_as_format_1_9_did():
+    """Several blocks of residual-like values (zstd codes the heads) and the widest elements."""
+    rng = np.random.default_rng(5)
+    for itemsize in (1, 2, 4):
+        dt = _UNSIGNED[itemsize]
+        a = np.abs(rng.normal(0, 2.0 ** (6 * itemsize), 70_000)).astype(dt)
+        a[::97] = np.iinfo(dt).max
+        c = codecs.BitSplit(itemsize)
+        assert c.encode(memoryview(a.view(np.uint8))) == _bitsplit_format_1_9(c, memoryview(a.view(np.uint8)))
+
+
 @pytest.mark.parametrize("damage", ["lengths", "head", "small-head", "frame", "short", "long", "padding"])
 def test_bitsplit_refuses_damaged_chunks(damage):
     a = (np.arange(2000, dtype=np.uint32) * 37) % 5000

@@ -349,6 +349,35 @@ def test_unpack_bits_matches_numpy(n, seed):
 
 
 
+@given(st.integers(0, 3000), st.sampled_from([1, 2, 4]), st.integers(0, 3), st.integers(0, 2**32 - 1))
+def test_bitsplit_matches_numpy(n, k, offset, seed):
+    """The compiled split gives codecs._split_numpy's heads and low-bit stream, elements of every bit
+    length (each shifted right by a random amount), at any alignment of the input."""
+    from tallpack import codecs
+    rng = np.random.default_rng(seed)
+    dt = {1: np.uint8, 2: np.uint16, 4: np.uint32}[k]
+    a = rng.integers(0, 2 ** (8 * k), n, dtype=dt) >> rng.integers(0, 8 * k, n).astype(dt)
+    src = memoryview(bytearray(offset) + a.tobytes())[offset:]
+    heads, low = np.full(n, 0xAB, np.uint8), np.full(-(-n * (8 * k - 3) // 8), 0xCD, np.uint8)
+    got = _kernels.bitsplit(src, k, heads, low)
+    ref_heads = np.empty(n, np.uint8)
+    ref_low = codecs._split_numpy(src, k, ref_heads)
+    assert heads.tobytes() == ref_heads.tobytes()
+    assert low[:got].tobytes() == ref_low
+
+
+@pytest.mark.parametrize("args", [
+    (b"\0" * 8, 3, np.zeros(2, np.uint8), np.zeros(8, np.uint8)),  # itemsize 3
+    (b"\0" * 7, 4, np.zeros(1, np.uint8), np.zeros(8, np.uint8)),  # not whole elements
+    (b"\0" * 8, 4, np.zeros(3, np.uint8), np.zeros(8, np.uint8)),  # a head per element
+    (b"\0" * 8, 4, np.zeros(2, np.uint8), np.zeros(7, np.uint8)),  # room for 2 x 29 low bits
+    (b"\0" * 8, 4, np.zeros(2, np.uint8), b"\0" * 8),  # read-only output
+])
+def test_bitsplit_refuses_bad_buffers(args):
+    with pytest.raises((ValueError, TypeError, BufferError)):
+        _kernels.bitsplit(*args)
+
+
 def _split_rebuild(loop: str, base, merged, mask, out, threads: int) -> bool:
     """One of the TALL loops that split a large tensor across threads: ``tall_f32`` on floats, or
     ``tall_planes`` on stored planes (base as ``planes-exp``, merged as ``planes``); ``-bits``: the
