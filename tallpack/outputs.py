@@ -144,8 +144,10 @@ def _folder(archive: "Archive", state_dict: Mapping[str, torch.Tensor], out: Pat
 
 
 def _kept_names(files: Mapping[str, str], skip: Set[str] = frozenset()) -> list[str]:
-    """The names of ``files`` that are written: not a weight file, the index or a name in ``skip``."""
-    return [n for n in files if not n.endswith(".safetensors") and n != INDEX and n not in skip]
+    """The names of ``files`` that are written: not a weight file, the index or a name in ``skip``
+    (a subfolder's weight file, a sentence-transformers module's ``2_Dense/model.safetensors``, is
+    written: the weights are written at the top)."""
+    return [n for n in files if not plain_weights(n) and n != INDEX and n not in skip]
 
 
 def _kept_files(archive: "Archive", files: Mapping[str, str], out: Path, skip: Set[str] = frozenset()) -> list[Path]:

@@ -34,6 +34,7 @@ import logging
 import math
 import os
 import pickle
+import re
 import time
 import urllib.parse
 import warnings
@@ -520,18 +521,68 @@ def _check_index(src: Source, folder: Path, index: Path, weight_map: dict[str, s
 #: present is the model it loads (a single file before a shard index, safetensors before pickles).
 _WEIGHT_SETS = (("model.safetensors", "safetensors", False), ("model.safetensors.index.json", "safetensors", True),
                 ("pytorch_model.bin", "torch", False), ("pytorch_model.bin.index.json", "torch", True))
+#: The same names with a variant, as ``save_pretrained(variant="fp16")`` writes them and
+#: ``from_pretrained(variant="fp16")`` reads them (transformers' ``_add_variant``): ``model.fp16.safetensors``,
+#: ``model.safetensors.index.fp16.json`` (naming ``model.fp16-00001-of-00002.safetensors``, ...),
+#: ``pytorch_model.fp16.bin``, ``pytorch_model.bin.index.fp16.json``. A shard's name is no variant.
+_VARIANT_SETS = tuple((re.compile(re.escape(a) + r"\.(?P<v>[^/]+?)\." + re.escape(b)), kind, indexed)
+                      for (a, b), kind, indexed in ((("model", "safetensors"), "safetensors", False),
+                                                    (("model.safetensors.index", "json"), "safetensors", True),
+                                                    (("pytorch_model", "bin"), "torch", False),
+                                                    (("pytorch_model.bin.index", "json"), "torch", True)))
+_SHARD = re.compile(r".*-\d+-of-\d+")
+#: A weight file of transformers' own names (a weight set, a variant, a shard of either): one not
+#: packed is another weight set of the folder, or a stale one.
+_TRANSFORMERS_WEIGHTS = re.compile(r"(pytorch_)?model(\.[^/]+?)?(-\d+-of-\d+)?\.(safetensors|bin)")
+#: A shard index, plain or of a variant (``model.safetensors.index.fp16.json``).
+_INDEX = re.compile(r"[^/]*model[^/]*\.index(\.[^/]+)?\.json")
 
 
-def _folder_files(folder: Path, roots: list[Path]) -> tuple[str, list[Path], Path | None, dict[str, str]]:
+def _weight_sets(folder: Path) -> list[tuple[str, str, bool, str | None]]:
+    """The weight sets ``folder`` holds, as ``(file, kind, indexed, variant)``, in the order
+    transformers' ``from_pretrained`` takes them: the plain names first (it loads the first of
+    them without ``variant=``), then each variant's (sorted by variant) in the same order."""
+    def present(name: str) -> bool:
+        return (folder / name).is_file() or (folder / name).is_symlink()
+
+    found: list[tuple[str, str, bool, str | None]] = [(*w, None) for w in _WEIGHT_SETS if present(w[0])]
+    try:
+        names = sorted(os.listdir(folder))
+    except OSError as err:
+        raise CheckpointError(f"{folder}: cannot list the folder ({err.strerror or err})") from None
+    variants = []
+    for order, (pattern, kind, indexed) in enumerate(_VARIANT_SETS):
+        for name in names:
+            m = pattern.fullmatch(name)
+            if m and not _SHARD.fullmatch(m["v"]) and present(name):
+                variants.append((m["v"], order, name, kind, indexed))
+    return found + [(name, kind, indexed, v) for v, _, name, kind, indexed in sorted(variants)]
+
+
+def _folder_files(folder: Path, roots: list[Path], given: str | None = None
+                  ) -> tuple[str, list[Path], Path | None, dict[str, str]]:
     """The weights' kind, their files, and the shard index and its ``weight_map`` when there is
-    one: the weights transformers loads, the others (a stale single file beside shards) left out
-    with a warning."""
-    present = [w for w in _WEIGHT_SETS if (folder / w[0]).is_file() or (folder / w[0]).is_symlink()]
+    one: the weights transformers loads (or the index ``given``), the others (a stale single file
+    beside shards, another variant) left out with a warning."""
+    present = _weight_sets(folder)
+    if given is not None:
+        present = sorted(present, key=lambda w: w[0] != given)  # the index given first
+        if not present or present[0][0] != given:
+            raise CheckpointError(f"{folder / given}: not a shard index of transformers' names "
+                                  "(model.safetensors.index.json, model.safetensors.index.VARIANT.json, "
+                                  "pytorch_model.bin.index.json, ...); pass the model folder")
+    elif present and present[0][3] is not None and len({w[3] for w in present}) > 1:
+        raise CheckpointError(
+            f"{folder}: holds weight variants {', '.join(sorted({repr(w[3]) for w in present}))} and no plain "
+            "weights: transformers loads none of them without variant=; move the others out of the folder, or "
+            "pass the shard index of the one to pack (model.safetensors.index.VARIANT.json)")
     if present:
-        name, kind, indexed = present[0]
+        name, kind, indexed, variant = present[0]
         if len(present) > 1:
-            log.warning("%s: holds %s too; packing %s, which transformers loads, and leaving the others out",
-                        folder, ", ".join(w[0] for w in present[1:]), name)
+            why = ("the index given" if given is not None else f"which transformers loads with variant={variant!r}"
+                   if variant is not None else "which transformers loads")
+            log.warning("%s: holds %s too; packing %s, %s, and leaving the others out",
+                        folder, ", ".join(w[0] for w in present[1:]), name, why)
         path = _in_folder(folder, folder / name, roots)
         if indexed:
             weight_map = _read_index(path)
@@ -542,7 +593,8 @@ def _folder_files(folder: Path, roots: list[Path]) -> tuple[str, list[Path], Pat
     if len(found) == 1:
         return "safetensors", [_in_folder(folder, found[0], roots)], None, {}
     raise CheckpointError(
-        f"{folder}: no model.safetensors, shard index or pytorch_model.bin in this folder"
+        f"{folder}: no model.safetensors, shard index or pytorch_model.bin in this folder (nor a variant of them, "
+        "model.VARIANT.safetensors)"
     )
 
 
@@ -559,21 +611,27 @@ def open_source(obj: SourceLike, *, label: str | None = None) -> Source:
     if not isinstance(obj, (str, os.PathLike)):
         raise CheckpointError(f"cannot read a checkpoint from a {type(obj).__name__}")
     path = Path(os.fspath(obj).removeprefix("file://"))  # a file:// URL is a local path (as for archives)
+    given = None
+    if _INDEX.fullmatch(path.name) and path.is_file():  # a shard index: its folder, with these weights
+        path, given = path.parent, path.name
     if path.is_dir():
         roots = _roots(path)
-        kind, files, index, weight_map = _folder_files(path, roots)
+        kind, files, index, weight_map = _folder_files(path, roots, given)
         src: Source = SafetensorsSource(str(path), files) if kind == "safetensors" else TorchSource(str(path), files)
         if index is not None:
             _check_index(src, path, index, weight_map)
         src.kind = "hf-folder"
         src.root = path
-        src.other_files = [_in_folder(path, path / n, roots) for n in (
-            "model.safetensors.index.json", "pytorch_model.bin.index.json", "config.json") if (path / n).is_file()]
+        others = ["model.safetensors.index.json", "pytorch_model.bin.index.json", "config.json"]
+        if index is not None and kind == "safetensors" and index.name not in others:  # a variant's index
+            others.insert(0, index.name)  # (a pickles' one is not written back, as their own index is not)
+        src.other_files = [_in_folder(path, path / n, roots) for n in others if (path / n).is_file()]
         src.files = _other_files(path, roots, {*files, *([index] if index else [])})
+        _note_kept_weights(src)
         if index is not None:
             src.layout = _layout(src, index)
         elif files[0].name not in ("model.safetensors", "pytorch_model.bin"):  # adapter_model.safetensors, ...
-            src.layout = {"shards": [[files[0].name, len(src.keys())]]}  # unpacked under its own name
+            src.layout = {"shards": [[_written_name(files[0].name), len(src.keys())]]}  # unpacked under its own name
         config = path / "config.json"
         if config.is_file() or config.is_symlink():
             _in_folder(path, config, roots)
@@ -601,20 +659,30 @@ def open_source(obj: SourceLike, *, label: str | None = None) -> Source:
 #: Weight files of other frameworks, and the pickled training arguments, left out of a folder's
 #: files (the archive stores the weights themselves; ``training_args.bin`` is a pickle).
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx", ".npz")
+#: Weight files a subfolder keeps as folder files (a sentence-transformers module's ``2_Dense/model.safetensors``):
+#: PyTorch's, which are no other framework's copy of the model.
+_MODULE_WEIGHTS = (".safetensors", ".bin")
 
 
 def _other_files(folder: Path, roots: list[Path], weights: set[Path]) -> dict[str, Path]:
-    """The folder's files other than weights (config, tokenizer files, model card, chat
-    template, ...), by relative name with ``/`` separators, in sorted order.
+    """The folder's files other than the weights packed (config, tokenizer files, model card, chat
+    template, a subfolder's module weights, ...), by relative name with ``/`` separators, in sorted order.
 
-    Hidden entries (``.git``, ``.cache``) and weight files are left out; other non-regular files
-    (fifos, sockets) are skipped with a warning. Links, of files or of subfolders, must resolve
-    inside the folder (or its Hugging Face cache repository): the same rule as for the weights;
-    a link to nothing is an error, as a weight file's is.
+    Hidden entries (``.git``, ``.cache``) are left out, and so are weight files of other frameworks
+    (``.h5``, ``.onnx``, ...), ``.pt``/``.pth``/``.ckpt`` files and ``training_args.bin`` (training
+    state), anywhere. At the top, ``.safetensors``/``.bin`` files and shard indexes are left out too:
+    the weights packed, or another weight set (a variant, a stale file; warned by ``_folder_files``),
+    and any other one (a ``value_head.safetensors``) with a warning. In a subfolder they are module
+    weights (sentence-transformers' ``2_Dense/model.safetensors``), which transformers does not
+    load, and are kept, their bytes. Other non-regular files (fifos, sockets) are skipped with a
+    warning. Links, of files or of subfolders, must resolve inside the folder (or its Hugging Face
+    cache repository): the same rule as for the weights; a link to nothing is an error, as a weight
+    file's is.
     """
-    skip = {p.name for p in weights if p.parent == folder}
+    skip = {p.relative_to(folder).as_posix() for p in weights if p.is_relative_to(folder)}
     out: dict[str, Path] = {}
     seen: set[Path] = set()
+    beside: list[str] = []  # top-level weight files of no weight set of transformers'
 
     def walk(d: Path, rel: str) -> None:
         real = _resolve(d, d)
@@ -628,10 +696,13 @@ def _other_files(folder: Path, roots: list[Path], weights: set[Path]) -> dict[st
         for e in entries:
             name = f"{rel}{e.name}"
             p = d / e.name
-            if e.name.startswith(".") or (not rel and e.name in skip):
+            if e.name.startswith(".") or name in skip or e.name == "training_args.bin":
                 continue
-            if e.name.endswith(_WEIGHT_SUFFIXES) or e.name.endswith(".index.json") and "model" in e.name:
-                continue
+            if e.name.endswith(_WEIGHT_SUFFIXES) or _INDEX.fullmatch(e.name):
+                if not rel and e.name.endswith(_MODULE_WEIGHTS) and not _TRANSFORMERS_WEIGHTS.fullmatch(e.name):
+                    beside.append(e.name)
+                if not rel or not e.name.endswith((*_MODULE_WEIGHTS, ".json")):
+                    continue
             if e.name.endswith(".tallpack"):  # an earlier archive of the family, packed into its folder
                 log.warning("%s: an archive, left out of the folder's files", p)
                 continue
@@ -653,7 +724,26 @@ def _other_files(folder: Path, roots: list[Path], weights: set[Path]) -> dict[st
                     f"{p}: a link to a file that does not exist ({os.readlink(p)}); the folder is incomplete "
                     "(a Hugging Face cache whose file was removed? download it again)")
     walk(folder, "")
+    if beside:
+        log.warning("%s: %s left out of the archive: only the weights transformers loads are kept at the top of "
+                    "a model folder (a subfolder's weight files are kept as files)", folder, ", ".join(beside))
     return out
+
+
+def _note_kept_weights(src: Source) -> None:
+    """Say which subfolders' weight files are kept as folder files (stored whole, once per
+    content, not as tensors), and warn when they outweigh half the model: a trainer's
+    ``checkpoint-500/`` left in the folder, which a user may rather move out."""
+    kept = [n for n in src.files if n.endswith(_MODULE_WEIGHTS)]
+    if not kept:
+        return
+    size = sum(src.files[n].stat().st_size for n in kept)
+    shown = ", ".join(kept[:5]) + (f" and {len(kept) - 5} more" if len(kept) > 5 else "")
+    if size > src.nbytes // 2:
+        log.warning("%s: subfolder weight files %s (%d bytes) are kept whole as folder files, not packed as "
+                    "tensors; move them out of the folder if they are not part of the model", src.label, shown, size)
+    else:
+        log.info("%s: subfolder weight files %s kept as folder files (%d bytes)", src.label, shown, size)
 
 
 def _layout(src: Source, index: Path) -> dict[str, Any]:
@@ -662,9 +752,7 @@ def _layout(src: Source, index: Path) -> dict[str, Any]:
     where = src._where
     shards: list[list[Any]] = []
     for name in src.keys():
-        f = where[name].name
-        if f.endswith(".bin"):  # written back as safetensors
-            f = f.removeprefix("pytorch_").removesuffix(".bin") + ".safetensors"
+        f = _written_name(where[name].name)
         if shards and shards[-1][0] == f:
             shards[-1][1] += 1
         else:
@@ -676,6 +764,14 @@ def _layout(src: Source, index: Path) -> dict[str, Any]:
     return {"shards": shards, **({"index_metadata": meta} if isinstance(meta, dict) else {})}
 
 
+def _written_name(f: str) -> str:
+    """The name an unpack writes a weight file back as: a pickle as safetensors
+    (``pytorch_model.fp16-00001-of-00002.bin`` as ``model.fp16-00001-of-00002.safetensors``)."""
+    if f.endswith(".bin"):
+        return f.removeprefix("pytorch_").removesuffix(".bin") + ".safetensors"
+    return f
+
+
 def stem(obj: SourceLike) -> str:
     """The default task name of a path: the folder's name or the file's stem (for a URL, its last
     part, less a checkpoint suffix)."""
@@ -685,6 +781,8 @@ def stem(obj: SourceLike) -> str:
             name = name.removesuffix(suffix)
         return name
     p = Path(obj)  # type: ignore[arg-type]
+    if _INDEX.fullmatch(p.name) and p.is_file():  # a shard index: its folder
+        p = p.parent
     if p.is_dir() and p.parent.name == "snapshots" and p.parent.parent.name.startswith("models--"):
         return p.parent.parent.name.rsplit("--", 1)[-1]  # a Hugging Face cache snapshot: the repository's name
     return p.name if p.is_dir() else p.stem

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 
 import tallpack
 from tallpack.errors import CheckpointError, FormatError, OutputError
@@ -383,3 +385,148 @@ def test_an_earlier_archive_in_a_folder_is_left_out(tmp_path, caplog):
     assert f"{ft / 'first.tallpack'}: an archive, left out of the folder's files" in caplog.text
     with tallpack.open(tmp_path / "second.tallpack") as fam:
         assert set(fam.files("ft")) == {"config.json"}
+
+
+def _llama(seed: int):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                      num_key_value_heads=2, max_position_embeddings=32)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg).to(torch.float16)
+    if seed:
+        _perturb(model, seed)
+    return model
+
+
+def test_a_sharded_variant_folder_packs_and_unpacks_under_its_shard_names(tmp_path, caplog):
+    """``save_pretrained(variant="fp16", max_shard_size=...)`` writes ``model.fp16-0000i-of-0000n.safetensors``
+    and ``model.safetensors.index.fp16.json``: the folder packs (it was refused: no model.safetensors,
+    shard index or pytorch_model.bin), so does its index given as the input, and the task unpacks
+    with the same shards, loaded by from_pretrained as the original with variant="fp16"; an exact
+    unpack gives the original files back. Beside plain weights, the variant is left out, warned."""
+    from transformers import LlamaForCausalLM
+
+    from tallpack.sources import stem
+
+    folders = {}
+    for i, name in enumerate(["base", "ft"]):
+        folders[name] = tmp_path / name
+        _llama(i).save_pretrained(folders[name], variant="fp16", max_shard_size="20KB")
+    shards = sorted(p.name for p in folders["ft"].glob("model.fp16-*.safetensors"))
+    assert len(shards) > 1 and (folders["ft"] / "model.safetensors.index.fp16.json").is_file()
+    tallpack.pack(folders["base"], {"ft": folders["ft"]}, tmp_path / "f.tallpack", exact=True)
+    given = folders["ft"] / "model.safetensors.index.fp16.json"
+    assert stem(given) == "ft"
+    tallpack.pack(folders["base"] / "model.safetensors.index.fp16.json", [given], tmp_path / "g.tallpack")
+    with tallpack.open(tmp_path / "f.tallpack") as fam, tallpack.open(tmp_path / "g.tallpack") as fam2:
+        assert fam2.tasks == ("ft",) and fam2.task_info("ft").source["shards"] == fam.task_info("ft").source["shards"]
+        tallpack.write_task(fam, "ft", tmp_path / "out")
+        tallpack.write_task(fam, "ft", tmp_path / "exact", exact=True)
+    out = tmp_path / "out"
+    assert sorted(p.name for p in out.glob("*.safetensors")) == shards
+    orig = LlamaForCausalLM.from_pretrained(folders["ft"], variant="fp16").state_dict()
+    back = LlamaForCausalLM.from_pretrained(out).state_dict()  # model.safetensors.index.json names them
+    assert orig.keys() == back.keys() and all(torch.allclose(orig[k], back[k], atol=1e-3) for k in orig)
+    for f in folders["ft"].iterdir():
+        assert (tmp_path / "exact" / f.name).read_bytes() == f.read_bytes()
+
+    caplog.clear()
+    _llama(3).save_pretrained(folders["ft"])  # model.safetensors beside the fp16 shards
+    tallpack.pack(folders["base"], {"ft": folders["ft"]}, tmp_path / "h.tallpack")
+    assert ("holds model.safetensors.index.fp16.json too; packing model.safetensors, which transformers loads"
+            in caplog.text)
+    with tallpack.open(tmp_path / "h.tallpack") as fam:
+        assert "model.safetensors.index.fp16.json" not in fam.files("ft")  # no index of shards not written
+
+
+def test_pickled_and_ambiguous_variants(tmp_path):
+    """``pytorch_model.fp16.bin`` (single or sharded, with ``pytorch_model.bin.index.fp16.json``) packs
+    and unpacks as ``model.fp16.safetensors`` (shards ``model.fp16-0000i-of-00002.safetensors``); a
+    folder with two variants and no plain weights is refused, saying what to do."""
+    from safetensors.torch import load_file, save_file
+
+    base = _small(0)
+    single, sharded, both = (tmp_path / n for n in ("single", "sharded", "both"))
+    for d in (single, sharded, both):
+        d.mkdir()
+    torch.save({k: v + 0.01 for k, v in base.items()}, single / "pytorch_model.fp16.bin")
+    weight_map = {}
+    for i, k in enumerate(base, 1):
+        torch.save({k: base[k] - 0.01}, sharded / f"pytorch_model.fp16-0000{i}-of-00002.bin")
+        weight_map[k] = f"pytorch_model.fp16-0000{i}-of-00002.bin"
+    (sharded / "pytorch_model.bin.index.fp16.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    save_file(base, both / "model.fp16.safetensors")
+    save_file(base, both / "model.bf16.safetensors")
+    tallpack.pack(base, {"single": single, "sharded": sharded}, tmp_path / "f.tallpack")
+    with tallpack.open(tmp_path / "f.tallpack") as fam:
+        tallpack.write_task(fam, "single", tmp_path / "s")
+        tallpack.write_task(fam, "sharded", tmp_path / "h")
+    assert sorted(p.name for p in (tmp_path / "s").iterdir()) == ["model.fp16.safetensors"]
+    assert set(load_file(tmp_path / "s" / "model.fp16.safetensors")) == set(base)
+    index = json.loads((tmp_path / "h" / "model.safetensors.index.json").read_text())
+    assert index["weight_map"] == {"a.weight": "model.fp16-00001-of-00002.safetensors",
+                                   "b.weight": "model.fp16-00002-of-00002.safetensors"}
+    with pytest.raises(CheckpointError, match=r"holds weight variants 'bf16', 'fp16' and no plain weights.*move"):
+        tallpack.pack(base, {"both": both}, tmp_path / "b.tallpack")
+    with pytest.raises(CheckpointError, match="not a shard index of transformers' names"):
+        (both / "adapter_model.safetensors.index.json").write_text("{}")
+        tallpack.pack(base, {"both": both / "adapter_model.safetensors.index.json"}, tmp_path / "b.tallpack")
+
+
+@given(st.text(st.characters(blacklist_characters="/\0", blacklist_categories=("Cs",)), min_size=1, max_size=20))
+def test_variant_names_are_transformers_names(variant):
+    """Every name transformers' ``_add_variant`` makes is read back with its variant, except one
+    that looks like a shard (``x-00001-of-00002``), which is a shard of the variant before it."""
+    from transformers.modeling_utils import _add_variant
+
+    from tallpack.sources import _SHARD, _VARIANT_SETS
+
+    names = ["model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json"]
+    for name, (pattern, _, _) in zip(names, _VARIANT_SETS):
+        m = pattern.fullmatch(_add_variant(name, variant))
+        assert m is not None and (m["v"] == variant or _SHARD.fullmatch(variant))
+        assert pattern.fullmatch(name) is None
+
+
+def test_subfolder_weights_are_kept_as_files(tmp_path, caplog):
+    """A sentence-transformers folder (the model at the top, modules in subfolders, a Dense module's
+    ``2_Dense/model.safetensors``): the module weights were dropped without a word, by pack, unpack,
+    unpack --exact and verify alike. They are kept as folder files, each task's own, and come back
+    byte for byte; other frameworks' files (``onnx/model.onnx``) are still left out, and a weight
+    file beside the model's (a ``value_head.safetensors``) is left out with a warning."""
+    from safetensors.torch import save_file
+    from transformers import BertConfig, BertModel
+
+    cfg = BertConfig(vocab_size=32, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+                     max_position_embeddings=16)
+    torch.manual_seed(0)
+    model = BertModel(cfg)
+    folders = {}
+    for i, name in enumerate(["base", "t1", "t2"]):
+        d = folders[name] = tmp_path / name
+        if i:
+            _perturb(model, i)
+        model.save_pretrained(d)
+        (d / "modules.json").write_text(json.dumps([{"idx": 0, "path": ""}, {"idx": 1, "path": "2_Dense"}]))
+        (d / "2_Dense").mkdir()
+        (d / "2_Dense" / "config.json").write_text('{"in_features": 16, "out_features": 8}')
+        save_file({"linear.weight": torch.full((8, 16), float(i))}, d / "2_Dense" / "model.safetensors")
+        (d / "onnx").mkdir()
+        (d / "onnx" / "model.onnx").write_bytes(b"another framework's copy")
+        save_file({"v_head.weight": torch.ones(1, 16)}, d / "value_head.safetensors")
+    tasks = {k: v for k, v in folders.items() if k != "base"}
+    tallpack.pack(folders["base"], tasks, tmp_path / "f.tallpack", exact=True)
+    assert f"{folders['t1']}: value_head.safetensors left out of the archive" in caplog.text
+    with tallpack.open(tmp_path / "f.tallpack") as fam:
+        assert set(fam.files("t1")) == {"config.json", "modules.json", "2_Dense/config.json", "2_Dense/model.safetensors"}
+        assert fam.verify() == []
+        for t in tasks:
+            tallpack.write_task(fam, t, tmp_path / f"{t}-lossy")
+            tallpack.write_task(fam, t, tmp_path / f"{t}-exact", exact=True)
+    for t in tasks:
+        for how in ("lossy", "exact"):
+            dense = tmp_path / f"{t}-{how}" / "2_Dense" / "model.safetensors"
+            assert dense.read_bytes() == (folders[t] / "2_Dense" / "model.safetensors").read_bytes()
+            assert not (tmp_path / f"{t}-{how}" / "onnx").exists()
+            assert not (tmp_path / f"{t}-{how}" / "value_head.safetensors").exists()
