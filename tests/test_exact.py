@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import tallpack
 from tallpack.encodings import exact as exact_mod
@@ -414,3 +415,49 @@ def test_verify_shows_progress_while_it_checks_the_originals(small_family, tmp_p
     assert r.exit_code == 0 and f"checking originals: {tensors}/{tensors}\n" in r.output, r.output
     r = CliRunner().invoke(main, ["-q", "verify", str(out)])
     assert r.exit_code == 0 and r.output == f"ok: {out}: {chunks} chunks intact\n", r.output
+
+
+_SPECIAL_F32 = [0.0, -0.0, float("inf"), float("-inf"), float("nan"), 1e-45, -1e-45, 1e-38, 3e38, -3e38]
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(0, 300), st.floats(0, 4, width=32), st.integers(0, 2**32 - 1), st.booleans())
+def test_the_exact_tiers_masks_are_tall_masks_bits(n, lam, seed, specials):
+    """The references' masks (one compiled pass where it applies) have ``tall.tall_mask``'s bits,
+    for any values: signed zeros, subnormals, infinities, NaN."""
+    from tallpack.tall import tall_mask
+    rng = np.random.default_rng(seed)
+    tau, merged = (torch.from_numpy(rng.normal(0, 0.01, n).astype(np.float32)) for _ in range(2))
+    if specials and n:
+        for t in (tau, merged):
+            t[rng.integers(0, n, n // 3 + 1)] = torch.tensor(rng.choice(_SPECIAL_F32, n // 3 + 1), dtype=torch.float32)
+    assert torch.equal(exact_mod._mask(tau, merged, lam), tall_mask(tau, merged, lam))
+    wide = tau.to(torch.float64)  # another dtype: the torch formula
+    assert torch.equal(exact_mod._mask(wide, merged.to(torch.float64), lam), tall_mask(wide, merged.to(torch.float64), lam))
+
+
+def test_exact_archives_do_not_depend_on_threads_or_the_compiled_loops(tmp_path: Path) -> None:
+    """The residual work runs on the pack's threads (references, trial codings, residuals, their
+    chunks' encodings): the archive is byte for byte that of one thread; a process without the
+    compiled loops stores the same chunks (their numpy fallbacks give the same bytes; only the
+    fidelity figures, summed in another order, differ in the last digits)."""
+    base, fts = _family(FLOATS, tmp_path)
+    fts["d"] = {k: v.clone() for k, v in fts["a"].items()}
+    outs = {}
+    for threads in (1, 3):
+        outs[threads] = tmp_path / f"t{threads}.tallpack"
+        tallpack.pack(base, fts, outs[threads], exact=True, chunk_elements=64, threads=threads)
+    assert outs[1].read_bytes() == outs[3].read_bytes()
+    torch.save({"base": base, "tasks": fts}, tmp_path / "fam.pt")
+    code = ("import sys, torch, tallpack; from tallpack import kernels; assert not kernels.COMPILED; "
+            "f = torch.load(sys.argv[1]); "
+            "tallpack.pack(f['base'], f['tasks'], sys.argv[2], exact=True, chunk_elements=64, threads=3)")
+    env = {**__import__("os").environ, "TALLPACK_NO_KERNELS": "1"}
+    subprocess.run([sys.executable, "-c", code, str(tmp_path / "fam.pt"), str(tmp_path / "numpy.tallpack")],
+                   env=env, check=True, timeout=600)
+    with tallpack.open(tmp_path / "numpy.tallpack") as a, tallpack.open(outs[1]) as b:
+        assert [e.to_dict() for e in a.manifest.tensors] == [e.to_dict() for e in b.manifest.tensors]
+    with tallpack.open(outs[3]) as fam:
+        for t, sd in fts.items():
+            got = fam.state_dict(t, exact=True)
+            assert all(_same(got[k], v) for k, v in sd.items()), t

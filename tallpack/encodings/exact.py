@@ -20,13 +20,16 @@ BitX. The writer picks, per task and tensor, the combination that codes smallest
 from __future__ import annotations
 
 from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import xxhash
 
+from .. import kernels
 from .._torch import torch
 from ..arrays import ArrayRef
+from ..container import ArrayBuilder
 from ..codecs import BitSplit, Chain
 from ..dtypes import dtype_name, narrow, tensor_to_bytes, torch_dtype
 from ..errors import FormatError, IntegrityError
@@ -214,7 +217,8 @@ def rebuild_exact(read: ReadArray, entry: TensorEntry, tt: TaskTensor, where: st
 def _tall_references(ctx: WriteContext, item: Item, check: bool) -> tuple[list[torch.Tensor], bool]:
     """Each task's TALL reconstruction, computed as the reader will (same arrays, same formula);
     with ``check``, also whether the spec's derivation of the merged vector and the method's
-    arrays (``merging.derive_merged``, spec §6.1.9) gives the packer's bits."""
+    arrays (``merging.derive_merged``, spec §6.1.9) gives the packer's bits. Each block's tasks run
+    on up to ``ctx.threads`` threads."""
     base, ce = item.base, ctx.chunk_elements
     assert base is not None
     parts: list[list[torch.Tensor]] = [[] for _ in item.tasks]
@@ -226,10 +230,33 @@ def _tall_references(ctx: WriteContext, item: Item, check: bool) -> tuple[list[t
             packed = {"merged": merged, **ctx.method.extras(taus)}
             same = derived is not None and derived.keys() == packed.keys() and all(
                 torch.equal(_bits_of(derived[k]), _bits_of(v)) for k, v in packed.items())
-        for i, (t, tau, x) in enumerate(zip(item.tasks, taus, item.thetas)):
-            parts[i].append(reconstruct(b, tall_mask(tau, merged, ctx.lambdas[t]), merged, x.dtype))
+
+        def one(i: int, b: torch.Tensor = b, taus: list[torch.Tensor] = taus, merged: torch.Tensor = merged) -> None:
+            lam, x = ctx.lambdas[item.tasks[i]], item.thetas[i]
+            parts[i].append(reconstruct(b, _mask(taus[i], merged, lam), merged, x.dtype))
+        _each(ctx, len(item.tasks), one)
     return [torch.cat(p).reshape(x.shape) if p else torch.empty(x.shape, dtype=x.dtype)
             for p, x in zip(parts, item.thetas)], same
+
+
+def _mask(tau: torch.Tensor, merged: torch.Tensor, lam: float) -> torch.Tensor:
+    """``tall.tall_mask``'s bits: in one compiled pass where it applies (``kernels.tall_mask``)."""
+    if tau.dtype == merged.dtype == torch.float32 and tau.is_contiguous() and merged.is_contiguous():
+        out = torch.empty(tau.shape, dtype=torch.bool)
+        if kernels.tall_mask(tau.reshape(-1).numpy(), merged.reshape(-1).numpy(), lam,
+                             out.view(torch.uint8).reshape(-1).numpy()) is not None:
+            return out
+    return tall_mask(tau, merged, lam)
+
+
+def _each(ctx: WriteContext, count: int, fn: Callable[[int], object]) -> None:
+    """``fn(k)`` for each k below ``count``, on up to ``ctx.threads`` threads (the first on this
+    one; the loops they call then run on their thread alone)."""
+    def run(a: int, end: int) -> None:
+        with kernels.as_worker():
+            for k in range(a, end):
+                fn(k)
+    kernels.in_parts(count, ctx.threads, run)
 
 
 def _bits_of(t: torch.Tensor) -> torch.Tensor:
@@ -282,28 +309,37 @@ def add_exact(ctx: WriteContext, item: Item, entry: TensorEntry, tasks: set[str]
     talls, derivable = _tall_references(ctx, item, merged_held is not None and MERGED_POLICY == "derive")
     todo = [i for i, t in enumerate(item.tasks)
             if tasks is None or (t in tasks and "exact" not in entry.tasks[t].extras)]
-    refs = {i: _references(item, i, talls[i]) for i in todo}
+    bases: dict[torch.dtype, torch.Tensor] = {}  # the base reference, once per dtype (not per task)
+    refs = {i: _references(item, i, talls[i], bases) for i in todo}
     codecs = tuple(c for c in codecs if c in RESIDUAL_CODECS) or ("planes",)
-    choice = _choose(item, todo, {i: _sizes(ctx, item, i, refs[i], codecs) for i in todo}, held, merged_held,
-                     derivable)
-    ce = ctx.chunk_elements
+    sizes: dict[int, list[tuple[int, How]]] = {}
+    _each(ctx, len(todo), lambda k: sizes.__setitem__(todo[k], _sizes(ctx, item, todo[k], refs[todo[k]], codecs)))
+    choice = _choose(item, todo, sizes, held, merged_held, derivable)
+    w, ce = ctx.writer, ctx.chunk_elements
     for i in todo:
         t, x, tt = item.tasks[i], item.thetas[i], entry.tasks[item.tasks[i]]
         (ref, tr, codec), derive = choice[i]
-        xb = bits(x.contiguous())
-        r = refs[i][ref]
-        rb = bits(r.contiguous()) if r is not None else np.zeros_like(xb)
-        z = permute(forward(xb, rb, tr), rb, dtype_name(x.dtype), "exponent", ce)
-        residual = ctx.writer.write_array(z.view(np.uint8).data, _UINT[x.element_size()][1], tuple(x.shape),
-                                          _chains(ctx, x.element_size(), codecs)[codec], ce)
-        exact = Exact(ref, tr, "exponent", residual, tensor_hash(x))
+        z = _residual(ctx, x, refs[i][ref], tr)  # while the last task's residual is being encoded
+        if held is not None and not derive:
+            tt.arrays["mask"] = _write_held(ctx, held[i], tt.shape)
+        chain = _chains(ctx, x.element_size(), codecs)[codec]
+        builder = w.begin_array(_UINT[x.element_size()][1], tuple(x.shape), chain, ce)
+        data, step = z.view(np.uint8).data, ce * z.itemsize
+        futures = w.submit([(chain, data[a : a + step]) for a in range(0, len(data), step)])
+        for f in futures:
+            w.queue(builder.queued, f)
+        w.drain(leave=len(futures))  # the last task's chunks written: two residuals held at most
+        exact = _Pending(builder, ref, tr, tensor_hash(x))
         if derive:
             entry.tasks[t] = TaskTensor("tall-derived", tt.dtype, tt.shape, {},
                                         {"ones": tt.params["ones"], "lambda": ctx.lambdas[t]}, {"exact": exact})
-            continue
-        if held is not None:
-            tt.arrays["mask"] = _write_held(ctx, held[i], tt.shape)
-        tt.extras["exact"] = exact
+        else:
+            tt.extras["exact"] = exact
+    w.drain()
+    for tt in entry.tasks.values():
+        pending = tt.extras.get("exact")
+        if isinstance(pending, _Pending):
+            tt.extras["exact"] = pending.finished()
     if merged_held is not None:
         _merged_vector(ctx, entry, merged_held, derivable)
     return entry
@@ -342,11 +378,15 @@ def _choose(item: Item, todo: list[int], sizes: dict[int, list[tuple[int, How]]]
     return choice
 
 
-def _references(item: Item, i: int, rec: torch.Tensor) -> dict[str, torch.Tensor | None]:
-    """The references task ``i`` may be coded against (None: zero)."""
+def _references(item: Item, i: int, rec: torch.Tensor, bases: dict[torch.dtype, torch.Tensor]
+                ) -> dict[str, torch.Tensor | None]:
+    """The references task ``i`` may be coded against (None: zero); ``bases`` keeps the base
+    reference of each dtype for the item's other tasks."""
     assert item.base is not None
     x = item.thetas[i]
-    refs: dict[str, torch.Tensor | None] = {"tall": rec, "base": narrow(item.base.to(torch.float32), x.dtype), "zero": None}
+    if x.dtype not in bases:
+        bases[x.dtype] = narrow(item.base.to(torch.float32), x.dtype)
+    refs: dict[str, torch.Tensor | None] = {"tall": rec, "base": bases[x.dtype], "zero": None}
     if torch.isnan(rec).any():  # a NaN's payload is unspecified: never code against it
         del refs["tall"]
     return refs
@@ -363,10 +403,51 @@ def _sizes(ctx: WriteContext, item: Item, i: int, refs: dict[str, torch.Tensor |
         if k not in CANDIDATES:
             continue
         rb = bits(r.contiguous().reshape(-1)[:n]) if r is not None else np.zeros_like(xb)
+        orders = None if r is None else list(_orders(rb, dtype_name(x.dtype), ce))  # both transforms' order
         for tr in TRANSFORMS:
-            z = permute(forward(xb, rb, tr), rb, dtype_name(x.dtype), "exponent", ce).view(np.uint8).data
+            z = _permuted(forward(xb, rb, tr), orders).view(np.uint8).data
             out += [(len(chain.encode(z)), (k, tr, name)) for name, chain in chains.items()]
     return sorted(out)
+
+
+def _permuted(z: np.ndarray, orders: list[tuple[slice, np.ndarray]] | None) -> np.ndarray:
+    """``permute`` with each chunk's order given (None: a zero reference, whose exponent order is
+    the identity)."""
+    if orders is None:
+        return z
+    out = np.empty_like(z)
+    for s, perm in orders:
+        out[s] = z[s][perm]
+    return out
+
+
+def _residual(ctx: WriteContext, x: torch.Tensor, r: torch.Tensor | None, transform: str) -> np.ndarray:
+    """Task tensor ``x``'s stored residual against reference ``r`` (None: zero): the transform,
+    then each chunk in the stable order of R's exponent field; chunks on up to ``ctx.threads``
+    threads."""
+    xb, ce, dtype = bits(x.contiguous()), ctx.chunk_elements, dtype_name(x.dtype)
+    rb = bits(r.contiguous()) if r is not None else np.zeros_like(xb)
+    out = np.empty_like(xb)
+
+    def chunk(k: int) -> None:
+        s = slice(k * ce, (k + 1) * ce)
+        z = forward(xb[s], rb[s], transform)
+        out[s] = z if r is None else z[np.argsort(order_key(rb[s], dtype), kind="stable")]
+    _each(ctx, -(-xb.size // ce), chunk)
+    return out
+
+
+@dataclass
+class _Pending:
+    """An ``exact`` field whose residual's chunks are still being encoded and written."""
+
+    builder: ArrayBuilder
+    reference: str
+    transform: str
+    xxh3: int
+
+    def finished(self) -> Exact:
+        return Exact(self.reference, self.transform, "exponent", self.builder.finish(), self.xxh3)
 
 
 def _merged_vector(ctx: WriteContext, entry: TensorEntry, held: dict[str, tuple[str, list]],
