@@ -1,7 +1,8 @@
 """Merged (multi-task) models built from an archive alone: TA, TIES and Consensus Merging.
 
 ``theta_0 + alpha * d`` for every tensor all tasks share, with d given by the merge method the
-archive was packed with (:mod:`tallpack.merging`). The alpha-independent parts are read once.
+archive was packed with (:mod:`tallpack.merging`), and the base-only tensors the archive keeps as
+they are. The alpha-independent parts are read once.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from typing import Protocol
 
 from ._torch import cpu_default, torch
 from .arrays import ArrayRef
+from .elements import itemsize, numel
 from .encodings import TensorEntry, Use, encoding_for
 from .encodings.base import split_parts
 from .encodings.derived import DerivedMerged, merged_source, task_mask
@@ -94,6 +96,30 @@ def in_some_tasks(manifest: Manifest) -> list[str]:
     return sorted(names, key=lambda n: order.get(n, len(order)))
 
 
+def base_not_held(manifest: Manifest) -> int:
+    """Bytes of the base's tensors that the archive holds no copy of, from the base's recorded size:
+    its base-only tensors when packed without ``keep_base_only`` (the format records neither their
+    names nor their sizes), or the base's own version of a tensor the tasks store per task, where
+    it is larger than every task's. An estimate from below (a tensor only tasks have counts as
+    held): 0 when it holds them all, or cannot tell (the base's size not recorded).
+
+    >>> base_not_held(fam.manifest)  # an untied base's lm_head.weight, the tasks tied
+    12800
+    """
+    total = manifest.base.get("bytes")
+    if type(total) is not int:
+        return 0
+    held = 0
+    for e in manifest.tensors:
+        if "base" in e.arrays:
+            held += e.arrays["base"].nbytes
+        elif e.tasks:  # shared or task-own: the base's copy, where it has one, counted at the largest task's size
+            elements = sum(m.numel for m in e.members) if e.members else None
+            held += max(itemsize(tt.dtype) * (numel(tt.shape) if elements is None else elements)
+                        for tt in e.tasks.values())
+    return max(0, total - held)
+
+
 #: Consensus Merging's k when none is given (the paper's default: weights at least two tasks use)
 DEFAULT_K = 2
 
@@ -137,7 +163,11 @@ class MergeParts:
     """Alpha-independent parts of a merged model: for each tensor every task has, theta_0 and the
     direction d (float32), or the stored tensor itself when every task has it unchanged.
 
+    Base-only tensors the archive keeps (``keep_base_only``) are in it as the base has them (no task
+    changes them): a merged model has the base's tensors and files.
+
     ``left_out``: the tensors every task has that the merged model cannot include (:func:`left_out`);
+    ``not_held``: the bytes of base tensors the archive has no copy of (:func:`base_not_held`);
     ``state_dict`` without ``task`` warns once that they are missing."""
 
     def __init__(self, family: Family, model: str, k: int | None = None):
@@ -161,13 +191,21 @@ class MergeParts:
         self._family = family
         self.left_out = tuple(left_out(manifest))
         self.in_some_tasks = tuple(in_some_tasks(manifest))
+        self.not_held = base_not_held(manifest)
         self._warned = False
         lambdas = {t.name: t.lam for t in manifest.tasks}
         self.parts: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
         for e in manifest.tensors:
+            where = f"tensor {e.name!r}"
+            if not e.tasks and "base" in e.arrays:  # base-only (kept on request): no task changes it
+                base = read(e.arrays["base"], f"{where} (base)")
+                if e.members:
+                    self.parts.update((m.name, (part, None)) for m, part in zip(e.members, split_parts(base, e.members)))
+                else:
+                    self.parts[e.name] = (base, None)
+                continue
             if set(e.tasks) != set(self.tasks):
                 continue
-            where = f"tensor {e.name!r}"
             encodings = {tt.encoding for tt in e.tasks.values()}
             unknown = sorted(x for x in encodings if encoding_for(x) is None)
             if unknown:
@@ -269,6 +307,13 @@ class MergeParts:
             log.warning("%s: %d tensor%s that only some tasks have %s left out of the %s model: %s (stored per task, "
                         "with no copy of the base's to merge onto); task=NAME (--task NAME) takes that task's", self._family.name,
                         len(some), "" if len(some) == 1 else "s", "is" if len(some) == 1 else "are", self.model, shown)
+        if self.not_held:
+            log.warning("%s: the base has %d bytes of tensors that this archive holds no copy of, left out of the %s "
+                        "model (base-only tensors, which pack drops without keep_base_only=True (--keep-base-only), "
+                        "or the base's own version of a tensor the tasks store per task); a model whose config needs "
+                        "them (an untied lm_head.weight) loads them newly initialised: repack with --keep-base-only, "
+                        "or take a task's tensors and files with task=NAME (--task NAME)", self._family.name,
+                        self.not_held, self.model)
         n = len(self.left_out)
         if not n:
             return

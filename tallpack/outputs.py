@@ -257,6 +257,7 @@ def write_task(archive: "Archive", task: str, outdir: str | os.PathLike, *, exac
     """
     _check_call("write_task", archive, outdir)
     info = archive.task_info(task)
+    _warn_no_files(archive, task)
     if exact:
         archive.require_exact(task)
         _no_shard_size(archive, task, max_shard_size)
@@ -286,6 +287,19 @@ def write_task(archive: "Archive", task: str, outdir: str | os.PathLike, *, exac
                        max_shard_size=max_shard_size, sizes=_sizes(archive, task), progress=progress,
                        overwrite=overwrite, specs=_specs(archive, task))
         return _shown(outdir, local, path)
+
+
+def _warn_no_files(archive: "Archive", task: str) -> None:
+    """Warn that a task packed from a bare weights file is written with no config.json while the
+    base's is in the archive. The base's files are not taken: the task's config may differ from the
+    base's (its labels, tied weights), and a wrong config loads without a word."""
+    base = archive.files()
+    if archive.files(task) or "config.json" not in base or task_metadata(archive, task)[1] is not None:
+        return
+    log.warning("%s: task %r was packed from a bare weights file: its folder has no config.json, which from_pretrained "
+                "needs; the base's files (%s) are in the archive, not copied, since the task's config may differ from "
+                "the base's: tallpack.open(ARCHIVE).read_file('config.json') reads the base's", archive.name, task,
+                ", ".join(base))
 
 
 def _no_shard_size(archive: "Archive", task: str, max_shard_size: int | str | None) -> None:
@@ -341,6 +355,29 @@ class WrittenModel(tuple[Path | str, int]):
         return (*self, self.overflow)
 
 
+def _merged_files(archive: "Archive", task: str | None, config: Mapping[str, Any] | None) -> dict[str, str]:
+    """The folder files of a merged model: the task's, or the base's; for a base that has none
+    (packed from a bare weights file), the files every task has alike when their ``config.json``
+    is one and the same (said in one line). A folder left without a ``config.json`` while a task
+    has one is warned of."""
+    files = archive.files(task)
+    where = f"{archive.name}: {f'task {task!r}' if task else 'the base'}"
+    if task is None and not files and config is None and archive.tasks:
+        by_task = [archive.files(t) for t in archive.tasks]
+        alike = {n: h for n, h in by_task[0].items() if all(f.get(n) == h for f in by_task[1:])}
+        if "config.json" in alike:
+            differ = sorted({n for f in by_task for n in f} - set(alike))
+            log.log(logging.WARNING if differ else logging.INFO, "%s has no folder files (packed from a bare weights "
+                    "file): the merged model takes the ones every task has alike (%s)%s", where, ", ".join(alike),
+                    f"; not {', '.join(differ)}, which differ between tasks" if differ else "")
+            return alike
+    if "config.json" not in files and config is None and any("config.json" in archive.files(t) for t in archive.tasks):
+        why = " and the tasks' differ" if task is None and not files else ""
+        log.warning("%s has no config.json%s: the merged model's folder has none, which from_pretrained needs; "
+                    "task=NAME (--task NAME) takes a task's files and its own tensors", where, why)
+    return files
+
+
 def write_merged(archive: "Archive", outdir: str | os.PathLike, method: str | None = None, *, k: int | None = None,
                  alpha: float | None = None, task: str | None = None, max_shard_size: int | str | None = None,
                  progress: ProgressLike = None, storage_options: dict[str, Any] | None = None,
@@ -351,19 +388,20 @@ def write_merged(archive: "Archive", outdir: str | os.PathLike, method: str | No
     _check_call("write_merged", archive, outdir)
     method = default_model(archive.manifest) if method is None else method  # the archive's consensus model
     alpha = default_alpha(method, len(archive.tasks)) if alpha is None else check_alpha(alpha)
-    _refuse_archive_in(archive, outdir, archive.files(task),
-                       archive.task_info(task).source if task else archive.manifest.base)
+    where = archive.task_info(task) if task else None
+    source = where.source if where else archive.manifest.base
+    config = (where.metadata if where else archive.manifest.base.get("metadata", {})).get("config")
+    config = config if isinstance(config, dict) else None  # a header's "config" string is not config.json
+    files = _merged_files(archive, task, config)
+    _refuse_archive_in(archive, outdir, files, source)
     parts = archive.merge_parts(method, k=k)  # k checked: numpy's ints taken, and only for consensus
     sd = parts.state_dict(alpha, task=task)
     overflow = parts.warn_overflow(sd, alpha)
     meta = {"tallpack.merge": method, **({"tallpack.k": parts.k} if is_consensus(method) else {}),
             "tallpack.alpha": alpha, "tallpack.tasks": list(archive.tasks)} | ({"tallpack.task": task} if task else {})
-    where = archive.task_info(task) if task else None
-    source = where.source if where else archive.manifest.base
-    config = (where.metadata if where else archive.manifest.base.get("metadata", {})).get("config")
     with _reading(archive), _staged(archive, outdir, storage_options, overwrite) as local:
         path = _folder(archive, sd, local, where=f"{archive.name}: {f'task {task!r}' if task else 'the base'}",
-                       meta=meta, config=config, files=archive.files(task),
+                       meta=meta, config=config, files=files,
                        layout=source, max_shard_size=max_shard_size, sizes=None, progress=progress,
                        overwrite=overwrite)
         return WrittenModel(_shown(outdir, local, path), len(sd), overflow)

@@ -32,7 +32,7 @@ from .manifest import Manifest, TaskInfo, TensorEntry, count_kinds
 from .memory import release_thread_buffers
 from .options import PackOptions, Validated
 from .originals import record
-from .plan import Kind, TensorPlan
+from .plan import Kind, TensorPlan, warn_dropped
 from .progress import track
 from .selection import select_lambdas
 from .sources import Source, SourceLike, stem
@@ -132,6 +132,8 @@ def _pack_opened(fam: PackInputs, opts: PackOptions, v: Validated, out: str | os
         lams = v.lambdas(names)
         log.info("plan: %d merged, %d task-own, %d base-only tensors", fam.plan.count(Kind.MERGED),
                  fam.plan.count(Kind.TASK_OWN), fam.plan.count(Kind.BASE_ONLY))
+        if not opts.keep_base_only:
+            warn_dropped(fam.base, fam.plan)
         v.method.prepare(fam.passes, len(names))
         selection = None
         if opts.evaluate is not None:

@@ -176,6 +176,30 @@ def make_plan(base: Source, tasks: dict[str, Source], *, allow_mismatch: bool = 
     return Plan(tuple(tasks), tuple(out))
 
 
+#: The most names of dropped base-only tensors the pack warning lists.
+SHOWN_DROPPED = 5
+
+
+def warn_dropped(base: Source, plan: Plan) -> list[str]:
+    """Warn once, and return, the base-only tensors a pack without ``keep_base_only`` drops: a
+    merged model written with the base's config may need them (an untied base's ``lm_head.weight``
+    whose fine-tunes are tied), and nothing in the archive names them afterwards.
+
+    >>> warn_dropped(base, plan)
+    ['lm_head.weight']
+    """
+    names = [t.name for t in plan.tensors if t.kind is Kind.BASE_ONLY]
+    if names:
+        shown = ", ".join(map(repr, names[:SHOWN_DROPPED])) + (", ..." if len(names) > SHOWN_DROPPED else "")
+        one = len(names) == 1
+        them = "it" if one else "them"
+        log.warning("base %s: %d tensor%s that no task has %s not stored: %s; a merged model, written with the base's "
+                    "files, lacks %s (a config that needs %s loads %s newly initialised): keep_base_only=True "
+                    "(--keep-base-only) keeps %s", base.label, len(names), "" if one else "s", "is" if one else "are",
+                    shown, them, them, them, them)
+    return names
+
+
 def _warn_dtypes(base: Source, tasks: dict[str, Source], plan: list[TensorPlan]) -> None:
     # Merged all the same (tau_t in float32, the task rebuilt in its own dtype), but where a task
     # was converted from the base's dtype, the rounding counts as fine-tuning: a float16 copy of a
