@@ -278,7 +278,7 @@ def write_task(archive: "Archive", task: str, outdir: str | os.PathLike, *, exac
             # writes them, each checked against its SHA-256; the recorded ones are written above
             _kept_files(archive, archive.files(task), local,
                         skip={Path(p).relative_to(local).as_posix() for p in written})
-            return _shown(outdir, local, Path(paths[0]))
+            return _shown(outdir, local, _main_file([Path(p) for p in paths]))
     meta, config = task_metadata(archive, task)
     with _reading(archive), _staged(archive, outdir, storage_options, overwrite) as local:
         path = _folder(archive, archive.state_dict(task, lazy=True), local, where=f"{archive.name}: task {task!r}",
@@ -287,6 +287,31 @@ def write_task(archive: "Archive", task: str, outdir: str | os.PathLike, *, exac
                        max_shard_size=max_shard_size, sizes=_sizes(archive, task), progress=progress,
                        overwrite=overwrite, specs=_specs(archive, task))
         return _shown(outdir, local, path)
+
+
+def _without_count(layout: Mapping[str, Any], written: int) -> Mapping[str, Any]:
+    """A recorded layout for a merged model of ``written`` tensors: where that is fewer than the
+    original held (tensors left out), its index's ``total_parameters`` (transformers' count of the
+    original model's parameters) no longer holds and is dropped; ``total_size`` is counted anew."""
+    meta, shards = layout.get("index_metadata"), layout.get("shards")
+    if not isinstance(meta, Mapping) or "total_parameters" not in meta or not isinstance(shards, list):
+        return layout
+    try:
+        held = sum(int(count) for _, count in shards)
+    except (TypeError, ValueError):
+        return layout
+    if written >= held:
+        return layout
+    return {**layout, "index_metadata": {k: v for k, v in meta.items() if k != "total_parameters"}}
+
+
+def _main_file(paths: Sequence[Path]) -> Path:
+    """The file an exact unpack names in its result: the shard index (any variant's) where there
+    is one, as a lossy unpack names it, else the first weights file written."""
+    for p in paths:
+        if ".index" in p.name and p.name.endswith(".json"):
+            return p
+    return paths[0]
 
 
 def _warn_no_files(archive: "Archive", task: str) -> None:
@@ -402,6 +427,6 @@ def write_merged(archive: "Archive", outdir: str | os.PathLike, method: str | No
     with _reading(archive), _staged(archive, outdir, storage_options, overwrite) as local:
         path = _folder(archive, sd, local, where=f"{archive.name}: {f'task {task!r}' if task else 'the base'}",
                        meta=meta, config=config, files=files,
-                       layout=source, max_shard_size=max_shard_size, sizes=None, progress=progress,
-                       overwrite=overwrite)
+                       layout=_without_count(source, len(sd)), max_shard_size=max_shard_size, sizes=None,
+                       progress=progress, overwrite=overwrite)
         return WrittenModel(_shown(outdir, local, path), len(sd), overflow)

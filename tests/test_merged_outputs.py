@@ -178,3 +178,41 @@ def test_unpack_of_a_bare_file_task_says_the_base_files_are_not_taken(tie_family
     assert [p.name for p in (tmp_path / "t1").iterdir()] == ["model.safetensors"]
     said = [r.getMessage() for r in caplog.records if r.name == "tallpack.outputs"]
     assert len(said) == 1 and "task 't1'" in said[0] and "config.json" in said[0], said
+
+
+def _sharded(folder: Path, tensors: dict, total_parameters: int) -> None:
+    from safetensors.torch import save_file
+
+    folder.mkdir()
+    names = sorted(tensors)
+    halves = {"model-00001-of-00002.safetensors": names[: len(names) // 2],
+              "model-00002-of-00002.safetensors": names[len(names) // 2:]}
+    for f, group in halves.items():
+        save_file({n: tensors[n] for n in group}, folder / f, metadata={"format": "pt"})
+    index = {"metadata": {"total_parameters": total_parameters, "total_size": 0},
+             "weight_map": {n: f for f, group in halves.items() for n in group}}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+
+
+@pytest.mark.parametrize("left_out", [False, True])
+def test_a_merged_models_index_claims_no_parameter_count_it_does_not_hold(tmp_path, left_out):
+    """A merged model that leaves tensors out (a head of another shape in one task) copied the
+    base index's total_parameters, which counted them; the count is dropped then (total_size is
+    counted anew), and kept when every tensor is written."""
+    g = torch.Generator().manual_seed(0)
+    base = {f"layer.{i}.weight": torch.randn(16, 16, generator=g) for i in range(4)} | {"head.weight": torch.randn(3, 16)}
+    total = sum(t.numel() for t in base.values())
+    _sharded(tmp_path / "base", base, total)
+    for i, t in enumerate(("a", "b")):
+        sd = {k: v + 0.01 * torch.randn(v.shape, generator=g) for k, v in base.items()}
+        if left_out and t == "b":
+            sd["head.weight"] = torch.randn(5, 16, generator=g)  # another shape: stored per task, left out
+        _sharded(tmp_path / t, sd, total)
+    tallpack.pack(tmp_path / "base", {t: tmp_path / t for t in ("a", "b")}, tmp_path / "f.tallpack")
+    with tallpack.open(tmp_path / "f.tallpack") as fam:
+        path, n = tallpack.write_merged(fam, tmp_path / "m", "ta", max_shard_size="2KB")
+    index = json.loads(Path(path).read_text())
+    assert n == len(base) - left_out and len(index["weight_map"]) == n
+    assert ("total_parameters" in index["metadata"]) == (not left_out), index["metadata"]
+    if not left_out:
+        assert index["metadata"]["total_parameters"] == total

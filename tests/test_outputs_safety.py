@@ -689,3 +689,14 @@ def test_an_outputs_commit_waits_for_another_commit_into_its_folder(tmp_path):
         assert not (out / "model.safetensors").exists()
     t.join(30)
     assert done.is_set() and torch.equal(load_file(out / "model.safetensors")["w"], torch.ones(4))
+
+
+def test_an_exact_unpack_of_a_sharded_folder_names_its_index(hf_family, tmp_path):
+    """`unpack --exact` of a sharded folder named its first shard in the result line, where the
+    lossy unpack names the index."""
+    out = tmp_path / "f.tallpack"
+    tallpack.pack(hf_family["base"], {"cars": hf_family["tasks"]["cars"]}, out, exact=True)
+    with tallpack.open(out) as fam:
+        exact = tallpack.write_task(fam, "cars", tmp_path / "x", exact=True)
+        lossy = tallpack.write_task(fam, "cars", tmp_path / "l")
+    assert Path(exact).name == Path(lossy).name == "model.safetensors.index.json", (exact, lossy)
