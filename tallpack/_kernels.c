@@ -39,6 +39,10 @@
  *   bitsplit(src, k, heads, low)         codec ``bitsplit``'s split of k-byte unsigned elements (the
  *                                        writer's, exact-tier residuals): each one's head byte, and its
  *                                        low bits as one LSB-first bit stream; returns the stream's bytes
+ *   permute_key(src, key, k, shift, bits, out)
+ *                                        the exact tier's order (encodings/exact.py): src's k-byte
+ *                                        elements in the stable order of (key >> shift) & (2**bits - 1),
+ *                                        key's k-byte elements (a counting sort: numpy's stable argsort)
  *
  * And the manifest's strict JSON checks (container._parse_manifest), which walk Python objects and
  * so hold the GIL; each gives the verdicts of its Python twin in container.py (tests compare them):
@@ -1245,6 +1249,73 @@ static PyObject *bitsplit(PyObject *self, PyObject *args) {
     return PyLong_FromSsize_t(got);
 }
 
+/* -- the exact tier's exponent order (encodings/exact.py: permute) ------------------------------- */
+
+#define KEY_BITS_MAX 11
+
+static inline uint64_t load_le(const uint8_t *p, int k) {
+    uint64_t v = 0;
+    for (int j = k - 1; j >= 0; j--)
+        v = v << 8 | p[j];
+    return v;
+}
+
+/* out = src's elements in the stable order of their keys: a count of each key, then each element
+ * copied to the next place of its key's run. */
+ALWAYS_INLINE void permute_key_body(const uint8_t *src, const uint8_t *key, int k, int shift, int bits, uint8_t *out,
+                             Py_ssize_t n) {
+    Py_ssize_t place[1 << KEY_BITS_MAX];
+    const uint64_t mask = ((uint64_t)1 << bits) - 1;
+    memset(place, 0, sizeof(Py_ssize_t) << bits);
+    for (Py_ssize_t i = 0; i < n; i++)
+        place[(load_le(key + i * k, k) >> shift) & mask]++;
+    Py_ssize_t sum = 0;
+    for (Py_ssize_t b = 0; b < ((Py_ssize_t)1 << bits); b++) {
+        Py_ssize_t c = place[b];
+        place[b] = sum;
+        sum += c;
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        Py_ssize_t to = place[(load_le(key + i * k, k) >> shift) & mask]++;
+        memcpy(out + to * k, src + i * k, k);
+    }
+}
+
+/* The body with k a constant, so each loop's loads and copies are single moves. */
+static void permute_key_loop(const uint8_t *src, const uint8_t *key, int k, int shift, int bits, uint8_t *out,
+                             Py_ssize_t n) {
+    switch (k) {
+    case 1: permute_key_body(src, key, 1, shift, bits, out, n); break;
+    case 2: permute_key_body(src, key, 2, shift, bits, out, n); break;
+    case 4: permute_key_body(src, key, 4, shift, bits, out, n); break;
+    default: permute_key_body(src, key, 8, shift, bits, out, n); break;
+    }
+}
+
+static PyObject *permute_key(PyObject *self, PyObject *args) {
+    Py_buffer src, key, out;
+    int k, shift, bits;
+    if (!PyArg_ParseTuple(args, "y*y*iiiw*:permute_key", &src, &key, &k, &shift, &bits, &out))
+        return NULL;
+    int ok = (k == 1 || k == 2 || k == 4 || k == 8) && src.len % k == 0 && key.len == src.len && out.len == src.len
+             && bits >= 1 && bits <= KEY_BITS_MAX && shift >= 0 && shift + bits <= 8 * k;
+    if (ok) {
+        Py_BEGIN_ALLOW_THREADS
+        permute_key_loop((const uint8_t *)src.buf, (const uint8_t *)key.buf, k, shift, bits, (uint8_t *)out.buf,
+                         src.len / k);
+        Py_END_ALLOW_THREADS
+    } else {
+        PyErr_Format(PyExc_ValueError, "permute_key: %zd, %zd and %zd bytes of %d-byte elements, key bits %d from %d",
+                     src.len, key.len, out.len, k, bits, shift);
+    }
+    PyBuffer_Release(&src);
+    PyBuffer_Release(&key);
+    PyBuffer_Release(&out);
+    if (!ok)
+        return NULL;
+    Py_RETURN_NONE;
+}
+
 /* -- strict JSON ------------------------------------------------------------------------------ */
 
 static PyObject *json_pairs(PyObject *self, PyObject *pairs) {
@@ -1376,6 +1447,8 @@ static PyMethodDef methods[] = {
      "max_abs_diff(theta, base, kind): the largest |theta - base| (widened to float32) as its float32 bits"},
     {"bitsplit", bitsplit, METH_VARARGS,
      "bitsplit(src, k, heads, low): codec bitsplit's head bytes and LSB-first low-bit stream; returns its bytes"},
+    {"permute_key", permute_key, METH_VARARGS,
+     "permute_key(src, key, k, shift, bits, out): src's k-byte elements in the stable order of their keys' bit field"},
     {"json_pairs", json_pairs, METH_O, "json_pairs(pairs): a dict of JSON object pairs; ValueError on a duplicate key"},
     {"json_check", json_check, METH_VARARGS,
      "json_check(value, numbers, depth): nesting below depth; with numbers, ints within int64/uint64 and floats finite"},

@@ -154,6 +154,17 @@ def bitsplit(src: memoryview | np.ndarray, itemsize: int, heads: np.ndarray, low
     return _kernels.bitsplit(src, itemsize, heads, low)
 
 
+def permute_key(src: np.ndarray, key: np.ndarray, shift: int, bits: int, out: np.ndarray) -> bool:
+    """``out = src[np.argsort((key >> shift) & (2**bits - 1), kind="stable")]`` in two compiled
+    passes (a counting sort), for unsigned ``src`` and ``key`` of one itemsize and length, ``bits``
+    at most 11 (the exact tier's exponent order, encodings/exact.py). False, doing nothing,
+    without the compiled loops (the caller then sorts in numpy: the same order)."""
+    if _kernels is None:
+        return False
+    _kernels.permute_key(src, key, src.itemsize, shift, bits, out)
+    return True
+
+
 #: Elements per part from which a rebuild outside a pool (``get_tensor``) splits its loop across
 #: threads: parts of about a millisecond, against the 50-100 us a helper takes to wake. A 4 MB
 #: float32 tensor is one part: split in two it took 5-15% longer, timed in turns in one process on

@@ -378,6 +378,36 @@ def test_bitsplit_refuses_bad_buffers(args):
         _kernels.bitsplit(*args)
 
 
+@given(st.integers(0, 3000), st.sampled_from([1, 2, 4, 8]), st.integers(0, 2**32 - 1), st.data())
+def test_permute_key_is_numpys_stable_argsort(n, k, seed, data):
+    """The counting sort gives the order of numpy's stable argsort of the key field, for every
+    element size, field position and width (up to 11 bits: float64's exponent), few keys or many."""
+    bits = data.draw(st.integers(1, min(11, 8 * k)))
+    shift = data.draw(st.integers(0, 8 * k - bits))
+    rng = np.random.default_rng(seed)
+    dt = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}[k]
+    src = rng.integers(0, np.iinfo(dt).max, n, dtype=dt, endpoint=True)
+    key = rng.integers(0, np.iinfo(dt).max, n, dtype=dt, endpoint=True)
+    key[: n // 2] &= dt(~(((1 << bits) - 1) << shift) & np.iinfo(dt).max)  # many equal keys: stability shows
+    out = np.full(n, 7, dt)
+    assert kernels.permute_key(src, key, shift, bits, out) == kernels.COMPILED
+    field = (key >> dt(shift)) & dt((1 << bits) - 1)
+    assert out.tobytes() == src[np.argsort(field, kind="stable")].tobytes()
+
+
+@pytest.mark.parametrize("args", [
+    (np.zeros(4, np.uint32), np.zeros(4, np.uint32), 3, 0, 8, np.zeros(4, np.uint32)),  # itemsize 3
+    (np.zeros(4, np.uint32), np.zeros(3, np.uint32), 4, 0, 8, np.zeros(4, np.uint32)),  # key length
+    (np.zeros(4, np.uint32), np.zeros(4, np.uint32), 4, 0, 8, np.zeros(5, np.uint32)),  # out length
+    (np.zeros(4, np.uint32), np.zeros(4, np.uint32), 4, 0, 12, np.zeros(4, np.uint32)),  # 12 key bits
+    (np.zeros(4, np.uint32), np.zeros(4, np.uint32), 4, 25, 8, np.zeros(4, np.uint32)),  # past the element
+    (np.zeros(4, np.uint32), np.zeros(4, np.uint32), 4, 0, 8, b"\0" * 16),  # read-only output
+])
+def test_permute_key_refuses_bad_buffers(args):
+    with pytest.raises((ValueError, TypeError, BufferError)):
+        _kernels.permute_key(*args)
+
+
 def _split_rebuild(loop: str, base, merged, mask, out, threads: int) -> bool:
     """One of the TALL loops that split a large tensor across threads: ``tall_f32`` on floats, or
     ``tall_planes`` on stored planes (base as ``planes-exp``, merged as ``planes``); ``-bits``: the

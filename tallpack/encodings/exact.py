@@ -114,9 +114,16 @@ def permute(z: np.ndarray, r: np.ndarray, dtype: str, order: str, ce: int) -> np
     if order == "none":
         return z
     out = np.empty_like(z)
-    for s, perm in _orders(r, dtype, ce):
-        out[s] = z[s][perm]
+    for a in range(0, r.size, ce):
+        _in_order(z[a : a + ce], r[a : a + ce], dtype, out[a : a + ce])
     return out
+
+
+def _in_order(z: np.ndarray, r: np.ndarray, dtype: str, out: np.ndarray) -> None:
+    """One chunk of ``permute`` into ``out``: a compiled counting sort, else numpy's stable argsort."""
+    e, m = EXPONENT[dtype]
+    if not kernels.permute_key(z, r, m, e, out):
+        out[:] = z[np.argsort(order_key(r, dtype), kind="stable")]
 
 
 def unpermute(s: np.ndarray, r: np.ndarray, dtype: str, order: str, ce: int) -> np.ndarray:
@@ -235,8 +242,8 @@ def _tall_references(ctx: WriteContext, item: Item, check: bool) -> tuple[list[t
             lam, x = ctx.lambdas[item.tasks[i]], item.thetas[i]
             parts[i].append(reconstruct(b, _mask(taus[i], merged, lam), merged, x.dtype))
         _each(ctx, len(item.tasks), one)
-    return [torch.cat(p).reshape(x.shape) if p else torch.empty(x.shape, dtype=x.dtype)
-            for p, x in zip(parts, item.thetas)], same
+    return [(p[0] if len(p) == 1 else torch.cat(p)).reshape(x.shape) if p else torch.empty(x.shape, dtype=x.dtype)
+            for p, x in zip(parts, item.thetas)], same  # one chunk (most tensors): no copy
 
 
 def _mask(tau: torch.Tensor, merged: torch.Tensor, lam: float) -> torch.Tensor:
@@ -403,18 +410,18 @@ def _sizes(ctx: WriteContext, item: Item, i: int, refs: dict[str, torch.Tensor |
         if k not in CANDIDATES:
             continue
         rb = bits(r.contiguous().reshape(-1)[:n]) if r is not None else np.zeros_like(xb)
-        orders = None if r is None else list(_orders(rb, dtype_name(x.dtype), ce))  # both transforms' order
+        # numpy sorts each chunk's order once for both transforms; a zero reference's is the identity
+        orders = None if r is None or kernels.COMPILED else list(_orders(rb, dtype_name(x.dtype), ce))
         for tr in TRANSFORMS:
-            z = _permuted(forward(xb, rb, tr), orders).view(np.uint8).data
-            out += [(len(chain.encode(z)), (k, tr, name)) for name, chain in chains.items()]
+            z = forward(xb, rb, tr)
+            if r is not None:
+                z = _permuted(z, orders) if orders is not None else permute(z, rb, dtype_name(x.dtype), "exponent", ce)
+            out += [(len(chain.encode(z.view(np.uint8).data)), (k, tr, name)) for name, chain in chains.items()]
     return sorted(out)
 
 
-def _permuted(z: np.ndarray, orders: list[tuple[slice, np.ndarray]] | None) -> np.ndarray:
-    """``permute`` with each chunk's order given (None: a zero reference, whose exponent order is
-    the identity)."""
-    if orders is None:
-        return z
+def _permuted(z: np.ndarray, orders: list[tuple[slice, np.ndarray]]) -> np.ndarray:
+    """``permute`` with each chunk's order given."""
     out = np.empty_like(z)
     for s, perm in orders:
         out[s] = z[s][perm]
@@ -432,7 +439,10 @@ def _residual(ctx: WriteContext, x: torch.Tensor, r: torch.Tensor | None, transf
     def chunk(k: int) -> None:
         s = slice(k * ce, (k + 1) * ce)
         z = forward(xb[s], rb[s], transform)
-        out[s] = z if r is None else z[np.argsort(order_key(rb[s], dtype), kind="stable")]
+        if r is None:  # a zero reference's exponent order is the identity
+            out[s] = z
+        else:
+            _in_order(z, rb[s], dtype, out[s])
     _each(ctx, -(-xb.size // ce), chunk)
     return out
 
