@@ -156,10 +156,10 @@ class Tall(Encoding):
             for o, (sb, taus) in zip(range(0, n, COMPUTE_ELEMENTS), () if kind is not None else
                                      blocks(b, [f[a : a + ce] for f in flats], COMPUTE_ELEMENTS, ws)):
                 s = slice(o, o + sb.numel())
-                sub = ctx.method.combine(taus, out=merged[s])
+                sub, sub_extras = ctx.method.combine_with_extras(taus, out=merged[s])  # TIES: selected once
                 if sub.data_ptr() != merged[s].data_ptr():  # a method that cannot write into ``out``
                     merged[s].copy_(sub)
-                for key, x in ctx.method.extras(taus).items():
+                for key, x in sub_extras.items():
                     if key not in extras:
                         extras[key] = ws.get(f"{key}{side}", n, x.dtype)
                     extras[key][s].copy_(x)
