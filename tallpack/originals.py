@@ -16,17 +16,24 @@ import binascii
 import hashlib
 import os
 import struct
-from collections.abc import Iterator
+from collections import deque
+from collections.abc import Generator, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ._torch import torch
 from .container import _strict_loads
 from .dtypes import dtype_name, tensor_to_bytes
+from .encodings.base import TensorEntry, Use
+from .encodings.derived import DERIVED_MERGED, checked_mask, task_mask
+from .encodings.derived_merged import merged_from
+from .encodings.exact import TALL_ENCODINGS
 from .errors import CheckpointError, FormatError, IntegrityError, OutOfMemoryError, TallpackError
 from .folders import check_digest, check_file_name, check_no_clash, safe_target
 from .fsutil import atomic_write, make_folder, remove_found_on_commit
 from .limits import MAX_DEPTH
+from .merging import METHODS, MergeMethod
 from .progress import ProgressLike, track
 from .sharding import previous_weights
 from .sources import _ST_DTYPES, Source
@@ -177,23 +184,31 @@ def _files(archive: "Archive", task: str) -> list[dict[str, Any]]:
     return files
 
 
-def _pieces(archive: "Archive", task: str, f: dict[str, Any], seen: set) -> Iterator[bytes | memoryview]:
-    """The bytes of one recorded file, in order."""
+def _parts(archive: "Archive", task: str, f: dict[str, Any], seen: set
+           ) -> tuple[bytes, list[tuple[int, int, str, str, tuple]]]:
+    """One recorded file: its bytes before the tensors (a kept file's all), and its tensors' places
+    ``(begin, end, name, dtype, shape)`` in data order, whose bytes are their exact rebuilds."""
     where = f"{archive.name}: task {task!r}"
     label = f"{where}: file record {f['name']!r}"
     if f["role"] == "file" and "base64" in f:
         try:
-            data = base64.b64decode(f["base64"], validate=True)
+            return base64.b64decode(f["base64"], validate=True), []
         except (binascii.Error, ValueError):
             raise FormatError(f"{label}: its base64 content is not valid base64") from None
-        yield data
-        return
     if f["role"] == "file":
-        yield _utf8(f["text"], label, "text")
-        return
+        return _utf8(f["text"], label, "text"), []
     spans = _layout(f, set(archive.keys(task)), seen, where)
     header = f["header"].encode("utf-8")
-    yield struct.pack("<Q", len(header)) + header
+    return struct.pack("<Q", len(header)) + header, spans
+
+
+def _pieces(archive: "Archive", task: str, f: dict[str, Any], seen: set) -> Iterator[bytes | memoryview]:
+    """The bytes of one recorded file, in order."""
+    where = f"{archive.name}: task {task!r}"
+    head, spans = _parts(archive, task, f, seen)
+    yield head
+    if not spans:
+        return
     # the next tensor is rebuilt while this one is hashed and written (numpy and zstd release the
     # GIL): at most two tensors in memory
     with ThreadPoolExecutor(1, thread_name_prefix="tallpack-ahead") as ahead:
@@ -272,42 +287,177 @@ def write_originals(archive: "Archive", task: str, outdir: str | os.PathLike) ->
     return written, tensor_files
 
 
+#: The most bytes of originals that ``verify`` holds for the derived masks of tensors whose other
+#: tasks' originals have not come yet (tasks whose files list their tensors in different orders);
+#: beyond it, the oldest are let go and those masks derived again afterwards. Tasks whose files
+#: agree hold one tensor's originals at a time, however large.
+WAITING_BYTES = 1 << 28
+
+
 def verify_originals(archive: "Archive", progress: ProgressLike = None) -> list[str]:
     """Rebuild every exact tensor and every recorded file of every task with the exact tier and
-    check them against their hashes, a ``progress`` step per tensor; returns the problems found."""
-    problems: list[str] = []
+    check them against their hashes, a ``progress`` step per tensor, and every derived mask
+    (``tall-derived`` entries) against the manifest's set bits; returns the problems found.
+
+    Each original is rebuilt once, for its file's hash and for the masks derived from it: the tasks
+    are checked side by side, a tensor of each in turn, so that a tensor's originals of every task
+    (from which a derived merged vector comes) are at hand together. A mask that was not checked
+    on the way (a rebuild that failed, a task without the exact tier, files in other orders) is
+    derived again at the end, as a lossy read derives it (``task_mask``).
+    """
     tasks = [t for t in archive.tasks if archive.task_info(t).exact is not None]
     steps = iter(track(range(sum(len(archive.keys(t)) for t in tasks)), progress, "checking originals"))
-    for task in tasks:
+    said: dict[str, list[str]] = {t: [] for t in tasks}
+    masks = _Masks(archive, tasks)
+    # (task, its check, the tensor it asks for, that tensor's rebuild once submitted): one each,
+    # taken in turn; the next one's tensor is rebuilt while this one's is hashed and its masks derived
+    queue: deque[list[Any]] = deque()
+
+    def advance(task: str, check: Generator[str, Any, None], value: Any) -> None:
         try:
-            files = _files(archive, task)
-            seen: set = set()
-            if rebuildable(files):
-                for f in files:
-                    if f.get("role") == "torch":
-                        continue
-                    h, size = hashlib.sha256(), 0
-                    for i, piece in enumerate(_pieces(archive, task, f, seen)):
-                        if i and f.get("role") == "safetensors":  # a tensor; the header comes first
-                            next(steps, None)
-                        h.update(piece)
-                        size += len(piece)
-                    _check(archive, task, f, h, size)
+            if isinstance(value, TallpackError):
+                name = check.throw(value)
+            else:
+                name = check.send(value)
+        except StopIteration:
+            masks.done(task)
+            return
         except OutOfMemoryError:  # not damage
             raise
         except TallpackError as e:
-            problems.append(str(e))
-            continue
-        for name in archive.keys(task):
-            if name in seen:
-                continue
-            next(steps, None)
+            said[task].append(str(e))
+            masks.done(task)
+            return
+        queue.append([task, check, name, None])
+
+    with ThreadPoolExecutor(1, thread_name_prefix="tallpack-ahead") as ahead:
+        def submit_next() -> None:
+            if queue and queue[0][3] is None:
+                queue[0][3] = ahead.submit(archive.get_tensor, queue[0][0], queue[0][2], exact=True)
+
+        for task in tasks:
+            advance(task, _checking(archive, task, steps, said[task]), None)
+        while queue:
+            task, check, name, rebuilt = queue.popleft()
+            submit_next()
             try:
-                archive.get_tensor(task, name, exact=True)
+                t = rebuilt.result() if rebuilt is not None else archive.get_tensor(task, name, exact=True)
             except OutOfMemoryError:
                 raise
             except TallpackError as e:
-                problems.append(str(e))
+                advance(task, check, e)
+            else:
+                masks.saw(task, name, t)
+                advance(task, check, t)
+                del t
+            del rebuilt  # (its tensor with it)
+            submit_next()
     for _ in steps:  # the last step reported, and those of a task that failed before its tensors
         pass
+    problems = [p for t in tasks for p in said[t]]
+    left = [(entry, t, tt) for entry in archive.manifest.tensors for t, tt in entry.tasks.items()
+            if tt.encoding in TALL_ENCODINGS and tt.encoding != "tall" and (entry.name, t) not in masks.checked]
+    for entry, t, tt in track(left, progress, "checking derived masks"):  # set bits against the manifest's
+        if any(f"tensor {entry.name!r}" in p for p in problems):
+            continue  # an original of it did not rebuild, said above: the mask derives from them
+        try:
+            task_mask(archive.read_array, entry, tt, f"{archive.name}: task {t!r}, tensor {entry.name!r}")
+        except OutOfMemoryError:
+            raise
+        except TallpackError as e:
+            problems.append(str(e))
     return problems
+
+
+def _checking(archive: "Archive", task: str, steps: Iterator[int], said: list[str]) -> Generator[str, Any, None]:
+    """One task's share of :func:`verify_originals`: yields the name of each tensor it needs, and
+    is sent its exact rebuild (or the error of that rebuild) in return. A file's tensor that does
+    not rebuild ends the task (raised); any other is said in ``said``, and the next one asked for."""
+    files = _files(archive, task)
+    seen: set = set()
+    if rebuildable(files):
+        where = f"{archive.name}: task {task!r}"
+        for f in files:
+            if f["role"] == "torch":
+                continue
+            head, spans = _parts(archive, task, f, seen)
+            h, size = hashlib.sha256(head), len(head)
+            for begin, end, name, dtype, shape in spans:
+                t = yield name
+                next(steps, None)
+                data = _checked_bytes(t, begin, end, name, dtype, shape, where)
+                h.update(data)
+                size += len(data)
+                del t, data  # not held while this task waits for its next tensor
+            _check(archive, task, f, h, size)
+    for name in archive.keys(task):
+        if name in seen:
+            continue
+        next(steps, None)
+        try:
+            yield name
+        except TallpackError as e:
+            said.append(str(e))
+
+
+class _Masks:
+    """The derived masks ``verify`` checks on the originals it rebuilt for their files' hashes:
+    ``tall-derived`` ones at once, ``tall-derived-merged`` ones once every task's original of the
+    tensor has come (the merged vector derives from them all); ``checked`` says which passed."""
+
+    def __init__(self, archive: "Archive", tasks: list[str]):
+        self.archive = archive
+        self.entries = {e.name: e for e in archive.manifest.tensors}
+        self.coming = set(tasks)  # the tasks whose originals are still being rebuilt
+        self.waiting: dict[str, dict[str, torch.Tensor]] = {}  # tensor -> task -> original, oldest first
+        self.checked: set[tuple[str, str]] = set()  # (tensor, task)
+        self._method: MergeMethod | None = None
+
+    def saw(self, task: str, name: str, theta: torch.Tensor) -> None:
+        entry = self.entries.get(name)
+        tt = entry.tasks.get(task) if entry is not None else None
+        if entry is None or tt is None or tt.encoding not in ("tall-derived", DERIVED_MERGED):
+            return
+        if tt.encoding == "tall-derived":
+            self._check(entry, {task: theta})
+            return
+        order = [t for t in self.archive.tasks if t in entry.tasks]
+        got = self.waiting.pop(name, {})
+        if any(t not in got and t not in self.coming for t in order):
+            return  # a task's original will not come: derived again at the end
+        got[task] = theta
+        if len(got) == len(order):
+            self._check(entry, {t: got[t] for t in order})
+            return
+        self.waiting[name] = got  # (last: the newest)
+        held = sum(x.numel() * x.element_size() for g in self.waiting.values() for x in g.values())
+        for other in list(self.waiting):
+            if held <= WAITING_BYTES or other == name:
+                break
+            held -= sum(x.numel() * x.element_size() for x in self.waiting.pop(other).values())
+
+    def done(self, task: str) -> None:
+        """No more originals of ``task`` come: the tensors that wait for one are let go."""
+        self.coming.discard(task)
+        for name in [n for n, got in self.waiting.items() if task not in got]:
+            del self.waiting[name]
+
+    def _check(self, entry: TensorEntry, originals: dict[str, torch.Tensor]) -> None:
+        where = f"{self.archive.name}: tensor {entry.name!r}"
+        read = self.archive.read_array
+        try:
+            base = read(entry.arrays["base"], where + " (base)", Use.SHARED_INPUT).cpu()
+            if entry.tasks[next(iter(originals))].encoding == DERIVED_MERGED:
+                if self._method is None:
+                    merge = self.archive.manifest.merge
+                    self._method = METHODS[merge.get("method", "")].from_params(merge)
+                merged = merged_from(base, list(originals.values()), self._method, where)["merged"]
+            else:
+                merged = read(entry.arrays["merged"], where + " (merged)", Use.SHARED_INPUT).cpu()
+            for t, theta in originals.items():
+                checked_mask(theta, base, merged, entry.tasks[t], where)
+        except MemoryError:  # OutOfMemoryError too: not damage
+            raise
+        except Exception:  # noqa: BLE001 - whatever it is, the end's task_mask says it as a lossy read does
+            return
+        self.checked.update((entry.name, t) for t in originals)

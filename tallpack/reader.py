@@ -34,7 +34,7 @@ from .dtypes import SAFETENSORS_DTYPES, bytes_to_tensor, torch_dtype, view_tenso
 from .elements import numel
 from .encodings import Encoding, TaskTensor, TensorEntry, Use, encoding_for, iter_arrays
 from .encodings.base import split_parts
-from .encodings.derived import DerivedMerged, task_mask
+from .encodings.derived import DerivedMerged
 from .encodings.derived_merged import rebuild_merged
 from .encodings.exact import TALL_ENCODINGS, rebuild_exact
 from .errors import (ArchiveClosedError, ExactTierMissingError, FormatError, IntegrityError, InvalidArgumentError,
@@ -911,8 +911,8 @@ class Archive:
     def verify(self, *, progress: ProgressLike = None) -> list[str]:
         """Check every chunk's checksum and decode it, every kept file's SHA-256, and that padding
         is zero; with the exact tier, rebuild every original tensor and file and check their
-        hashes; and that the header's version is the manifest's. Returns the problems found (empty:
-        intact)."""
+        hashes, and the masks derived from them (each original rebuilt once); and that the header's
+        version is the manifest's. Returns the problems found (empty: intact)."""
         problems = self._c.verify_ends()  # the file damaged or cut in place since it was opened
         if problems:  # nothing else can be trusted (nor read: a cut file's chunks are past its end)
             return problems
@@ -947,18 +947,7 @@ class Archive:
                 raise
             except TallpackError as e:
                 problems.append(str(e))
-        later = verify_originals(self, progress)
-        derived = [(entry, t, tt) for entry in self.manifest.tensors for t, tt in entry.tasks.items()
-                   if tt.encoding in TALL_ENCODINGS and tt.encoding != "tall"]
-        for entry, t, tt in track(derived, progress, "checking derived masks"):  # set bits against the manifest's
-            if any(f"tensor {entry.name!r}" in p for p in later):
-                continue  # an original of it did not rebuild, said above: the mask derives from them
-            try:
-                task_mask(self.read_array, entry, tt, f"{self.name}: task {t!r}, tensor {entry.name!r}")
-            except OutOfMemoryError:
-                raise
-            except TallpackError as e:
-                later.append(str(e))
+        later = verify_originals(self, progress)  # the derived masks' set bits too
         # a damaged chunk is said once: the rebuilds that read it (every task's, where a merged
         # vector is derived from one task's original) fail on it again, and are not repeated
         said = {f"tensor {name!r}" for name, _, ref in iter_arrays(self.manifest.tensors) if id(ref) in damaged}

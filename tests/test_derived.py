@@ -245,6 +245,26 @@ def test_store_masks_option_keeps_format_1_3(small_family, tmp_path: Path) -> No
                 assert _same(s.get_tensor(t, k, exact=True), small_family["tasks"][t][k]), (t, k)
 
 
+@pytest.mark.parametrize("derive_merged", [True, False], ids=["merged-derived", "merged-stored"])
+def test_verify_checks_each_derived_mask_on_the_original_it_rebuilt(small_family, tmp_path: Path,
+                                                                   derive_merged: bool) -> None:
+    """verify rebuilds each original once: the masks derived from it are checked as it is rebuilt
+    for its file's hash, not in a second pass that rebuilds every original again (where the
+    tasks' files list their tensors in the same order, none is left for one)."""
+    out = tmp_path / "d.tallpack"
+    _pack(small_family["base_path"], small_family["task_paths"], out, "derive", chunk_elements=64,
+          derive_merged=derive_merged)
+    calls: list[tuple[str, int, int]] = []
+    with tallpack.open(out) as fam:
+        derived = [tt.encoding for e in fam.manifest.tensors for tt in e.tasks.values()
+                   if tt.encoding in ("tall-derived", "tall-derived-merged")]
+        assert derived.count("tall-derived-merged" if derive_merged else "tall-derived") >= 6
+        assert fam.verify(progress=lambda *step: calls.append(step)) == []
+        tensors = sum(len(fam.keys(t)) for t in fam.tasks)
+    assert [c for c in calls if c[0] == "checking derived masks"] == []
+    assert [c for c in calls if c[0] == "checking originals"][-1] == ("checking originals", tensors, tensors)
+
+
 def test_verify_checks_derived_masks_against_the_manifest(small_family, tmp_path: Path) -> None:
     """verify derives every derived mask and compares its set bits with the manifest's ``ones``."""
     import json

@@ -5,11 +5,15 @@ import os
 
 import pytest
 import torch
+import zstandard
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import tallpack
 from tallpack.sources import DictSource
 from tallpack.container import FOOTER, HEADER
 from tallpack.errors import FormatError, IntegrityError, TallpackError, UnsupportedVersionError
+from test_fuzz import with_manifest
 
 
 @pytest.fixture(params=[True, False], ids=["grouped", "single"])
@@ -653,3 +657,75 @@ def test_a_damaged_chunk_read_without_the_cache_names_archive_and_task_once(tmp_
     with tallpack.open(p, cache_bytes=0) as fam, pytest.raises(tallpack.IntegrityError) as e:
         fam.state_dict("a")
     assert str(e.value).count("task 'a'") == 1, str(e.value)
+
+
+def _save_in_order(sd: dict, path, order: list[str]) -> None:
+    """A safetensors file whose data lists the tensors in ``order`` (``save_file`` picks its own)."""
+    import struct
+
+    header, pos = {}, 0
+    for k in order:
+        n = sd[k].numel() * sd[k].element_size()
+        header[k] = {"dtype": {torch.float32: "F32", torch.int64: "I64"}[sd[k].dtype], "shape": list(sd[k].shape),
+                     "data_offsets": [pos, pos + n]}
+        pos += n
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(text)) + text)
+        for k in order:
+            f.write(sd[k].contiguous().numpy().tobytes())
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_verify_of_an_exact_archive_finds_its_damage_whatever_order_the_files_list_tensors(small_family, tmp_path,
+                                                                                          data):
+    """verify checks each derived mask on the originals it rebuilds for their files' hashes, the
+    tasks side by side; where the tasks' files list their tensors in other orders (or it may hold
+    none of them waiting, ``WAITING_BYTES`` 0), the masks not checked on the way are derived again
+    at the end: an intact archive is intact, a wrong set-bit count or a damaged residual is said
+    once, naming its task and tensor."""
+    from tallpack import originals
+    from tallpack.encodings import exact
+
+    paths = {}
+    for t, sd in small_family["tasks"].items():
+        paths[t] = tmp_path / f"{t}.ordered.safetensors"
+        _save_in_order(sd, paths[t], data.draw(st.permutations(list(sd)), label=f"order of {t}"))
+    out = tmp_path / "o.tallpack"
+    policy, exact.MASK_POLICY = exact.MASK_POLICY, "derive"  # every mask derived, none stored
+    try:
+        tallpack.pack(small_family["base_path"], paths, out, exact=True, chunk_elements=64, threads=1,
+                      derive_merged=data.draw(st.booleans(), label="derive_merged"), overwrite=True)
+    finally:
+        exact.MASK_POLICY = policy
+    with tallpack.open(out) as fam:
+        derived = [(e.name, t, tt) for e in fam.manifest.tensors for t, tt in e.tasks.items()
+                   if tt.encoding in ("tall-derived", "tall-derived-merged")]
+        name, task, tt = data.draw(st.sampled_from(derived), label="damaged")
+        chunk = tt.extras["exact"].residual.chunks[0]
+    damage = data.draw(st.sampled_from(["none", "ones", "residual"]), label="damage")
+    raw = bytearray(out.read_bytes())
+    if damage == "ones":
+        m_off, m_len, *_ = FOOTER.unpack(bytes(raw[-FOOTER.size:]))
+        manifest = json.loads(zstandard.ZstdDecompressor().decompress(bytes(raw[m_off:m_off + m_len])))
+        next(e for e in manifest["tensors"] if e["name"] == name)["tasks"][task]["ones"] += 1
+        raw = bytearray(with_manifest(bytes(raw), manifest))
+    elif damage == "residual":
+        raw[chunk.offset + chunk.nbytes // 2] ^= 0x10
+    out.write_bytes(bytes(raw))
+    old, originals.WAITING_BYTES = originals.WAITING_BYTES, data.draw(st.sampled_from([0, originals.WAITING_BYTES]))
+    try:
+        with tallpack.open(out) as fam:
+            problems = fam.verify()
+    finally:
+        originals.WAITING_BYTES = old
+    if damage == "none":
+        assert problems == []
+        return
+    assert len(problems) == 1 and f"tensor {name!r}" in problems[0], problems
+    if damage == "ones":
+        assert f"task {task!r}, tensor {name!r}" in problems[0] and "set bits" in problems[0], problems
+    else:
+        assert "checksum mismatch" in problems[0], problems

@@ -94,7 +94,17 @@ def _derived(read: ReadArray, entry: TensorEntry, tt: TaskTensor, base: torch.Te
              where: str) -> torch.Tensor:
     """The mask of a ``tall-derived`` entry: the original first (its hash checked), then the mask,
     its set bits checked against ``ones``."""
-    theta = rebuild_exact(read, entry, tt, where)
+    return checked_mask(rebuild_exact(read, entry, tt, where), base, merged, tt, where)
+
+
+def checked_mask(theta: torch.Tensor, base: torch.Tensor, merged: torch.Tensor, tt: TaskTensor,
+                 where: str) -> torch.Tensor:
+    """The mask a ``tall-derived`` entry derives from its original ``theta`` (checked against its
+    hash already), its set bits checked against ``ones``: ``verify`` checks the masks of the
+    originals it rebuilt for their files' hashes with it, rather than rebuilding them again.
+
+    >>> checked_mask(fam.get_tensor("cars", "w", exact=True), base, merged, entry.tasks["cars"], "w")
+    """
     mask = derive_mask(theta, base, merged, tt.params["lambda"])
     ones = int(torch.count_nonzero(mask))
     if ones != tt.params["ones"]:

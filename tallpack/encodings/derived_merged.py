@@ -33,9 +33,17 @@ def rebuild_merged(read: ReadArray, entry: TensorEntry, order: list[str], method
 
     >>> rebuild_merged(fam.read_array, entry, list(fam.tasks), method, "tensor 'w'")["merged"]
     """
-    base = read(entry.arrays["base"], where + " (base)", Use.SHARED_INPUT).reshape(-1)
-    thetas = [rebuild_exact(read, entry, entry.tasks[t], f"{where}, task {t!r}").reshape(-1) for t in order]
-    shape = entry.tasks[order[0]].shape
+    base = read(entry.arrays["base"], where + " (base)", Use.SHARED_INPUT)
+    thetas = [rebuild_exact(read, entry, entry.tasks[t], f"{where}, task {t!r}") for t in order]
+    return merged_from(base, thetas, method, where)
+
+
+def merged_from(base: torch.Tensor, thetas: list[torch.Tensor], method: MergeMethod, where: str
+                ) -> dict[str, torch.Tensor]:
+    """:func:`rebuild_merged` from the originals at hand (``verify`` has them from checking the
+    files' hashes): every task's, in the manifest's order, each of the base's shape."""
+    shape, base = base.shape, base.reshape(-1)
+    thetas = [x.reshape(-1) for x in thetas]
     out: dict[str, torch.Tensor] = {}
     # element by element, so in blocks: T float32 task vectors of one block at a time, as the packer
     for a in range(0, base.numel(), COMPUTE_ELEMENTS):
@@ -46,7 +54,7 @@ def rebuild_merged(read: ReadArray, entry: TensorEntry, order: list[str], method
         for k, v in part.items():
             out.setdefault(k, torch.empty(base.numel(), dtype=v.dtype))[a : a + v.numel()] = v
     if not out:  # an empty tensor
-        empty = derive_merged([torch.empty(0) for _ in order], method)
+        empty = derive_merged([torch.empty(0) for _ in thetas], method)
         if empty is None:
             raise FormatError(f"{where}: {no_derived_merged(method)}")
         out = empty
@@ -81,4 +89,4 @@ class TallDerivedMerged(TallDerived):
                 "exact/residual": (tt.extras["exact"].residual, Use.INPUT)}
 
 
-__all__ = ["TallDerivedMerged", "rebuild_merged"]
+__all__ = ["TallDerivedMerged", "merged_from", "rebuild_merged"]
