@@ -12,6 +12,7 @@ import logging
 import math
 import numbers
 import reprlib
+import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -148,12 +149,12 @@ class Ties(MergeMethod):
         # Exact global k-th magnitude per task by radix selection on the float32 bit patterns
         # (monotone for non-negative floats): high 16 bits in one pass, low 16 bits in a second.
         high = [np.zeros(1 << 16, np.int64) for _ in range(num_tasks)]
+        halves = _Halves()
         d = 0
         for taus in passes():
             d += taus[0].numel()
             for h, tau in zip(high, taus):
-                bits = tau.abs().reshape(-1).view(torch.int32).numpy()
-                h += np.bincount(bits >> 16, minlength=1 << 16)
+                h += np.bincount(halves(tau)[0], minlength=1 << 16)
         keep = int(d * self.top_k)
         k = d - keep  # official: kthvalue(d - int(d * K)); entries >= it are kept
         if k <= 0 or d == 0:
@@ -163,8 +164,8 @@ class Ties(MergeMethod):
             low = [np.zeros(1 << 16, np.int64) for _ in range(num_tasks)]
             for taus in passes():
                 for (b, _), lo, tau in zip(sel, low, taus):
-                    bits = tau.abs().reshape(-1).view(torch.int32).numpy()
-                    lo += np.bincount(bits[(bits >> 16) == b] & 0xFFFF, minlength=1 << 16)
+                    hi, low16 = halves(tau)
+                    lo += np.bincount(low16[hi == b], minlength=1 << 16)
             self.thresholds = []
             for (b, rank), lo in zip(sel, low):
                 lb, _ = kth_smallest_bits([lo], rank)
@@ -266,6 +267,22 @@ class Ties(MergeMethod):
     def plain_alpha(self, num_tasks: int) -> float:
         """1.0: the disjoint mean is already an average."""
         return 1.0
+
+
+class _Halves:
+    """The high and low 16 bits of ``|tau|``'s float32 bit patterns (numpy views), ``|tau|`` written
+    into one buffer reused from block to block (a fresh one a block and task cost its pages)."""
+
+    def __init__(self) -> None:
+        self._buf = torch.empty(0, dtype=torch.float32)
+        self._high = 1 if sys.byteorder == "little" else 0
+
+    def __call__(self, tau: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        n = tau.numel()
+        if self._buf.numel() < n:
+            self._buf = torch.empty(n, dtype=torch.float32)
+        halves = torch.abs(tau.reshape(-1), out=self._buf[:n]).view(torch.int32).numpy().view(np.uint16)
+        return halves[self._high :: 2], halves[1 - self._high :: 2]
 
 
 def _finite(v: object) -> bool:
