@@ -245,6 +245,30 @@ def test_store_masks_option_keeps_format_1_3(small_family, tmp_path: Path) -> No
                 assert _same(s.get_tensor(t, k, exact=True), small_family["tasks"][t][k]), (t, k)
 
 
+_SPECIAL = [0.0, -0.0, 1e-40, -1e-40, 1.0, -1.0, 3e38, float("inf"), float("-inf"), float("nan")]
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.sampled_from([torch.float32, torch.bfloat16, torch.float16]), st.integers(0, 300),
+       st.floats(0, 4, allow_nan=False), st.integers(0, 2**32 - 1))
+def test_derive_mask_has_the_formulas_bits(dtype: torch.dtype, n: int, lam: float, seed: int) -> None:
+    """``derive_mask`` (one compiled pass where it can: verify and lossy reads derive every mask
+    with it) gives the bits of ``tall_mask(task_vector(theta, base), merged, lambda)``, the
+    spec's float32 operations, on any values (ties, signed zeros, subnormals, inf, NaN)."""
+    from tallpack.tall import tall_mask, task_vector
+
+    g = torch.Generator().manual_seed(seed)
+    pick = lambda: torch.tensor(_SPECIAL)[torch.randint(len(_SPECIAL), (n,), generator=g)]  # noqa: E731
+    base = torch.where(torch.rand(n, generator=g) < 0.2, pick(), torch.randn(n, generator=g) * 0.02).to(dtype)
+    theta = torch.where(torch.rand(n, generator=g) < 0.2, pick(), base.float() + torch.randn(n, generator=g) * 0.01)
+    merged = torch.where(torch.rand(n, generator=g) < 0.2, pick(), torch.randn(n, generator=g) * 0.03)
+    theta = theta.to(dtype)
+    want = tall_mask(task_vector(theta, base), merged, lam)
+    assert torch.equal(derive_mask(theta, base, merged, lam), want)
+    assert torch.equal(derive_mask(theta.reshape(-1, 1), base.reshape(-1, 1), merged.reshape(-1, 1), lam),
+                       want.reshape(-1, 1))
+
+
 @pytest.mark.parametrize("derive_merged", [True, False], ids=["merged-derived", "merged-stored"])
 def test_verify_checks_each_derived_mask_on_the_original_it_rebuilt(small_family, tmp_path: Path,
                                                                    derive_merged: bool) -> None:

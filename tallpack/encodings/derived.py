@@ -22,11 +22,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import ClassVar
 
+from .. import kernels
 from .._torch import torch
 from ..arrays import ArrayRef
 from ..dtypes import torch_dtype
 from ..errors import FormatError, IntegrityError
-from ..tall import reconstruct, tall_mask, task_vector
+from ..tall import compiled_kind, elements, reconstruct, tall_mask, task_vector
 from .base import Encoding, ReadArray, TaskTensor, TensorEntry, Use, register
 from .exact import EXPONENT, TALL_ENCODINGS, rebuild_exact
 from .tall import check_merged_entry
@@ -39,6 +40,15 @@ def derive_mask(theta: torch.Tensor, base: torch.Tensor, merged: torch.Tensor, l
     >>> derive_mask(torch.tensor([1.0, 0.1]), torch.zeros(2), torch.tensor([1.0, 2.0]), 0.4)
     tensor([ True, False])
     """
+    kind = compiled_kind(base, [theta])
+    if kind is not None and merged.dtype == torch.float32 and merged.device.type == "cpu" \
+            and merged.is_contiguous() and base.numel() == theta.numel() == merged.numel():
+        # one compiled pass, the task vector never written to memory: the packer's own loop
+        # (``encodings.tall._straight``), the same bits
+        mask = torch.empty(theta.shape, dtype=torch.bool)
+        if kernels.tall_mask_tv(elements(theta.reshape(-1)), elements(base.reshape(-1)), kind,
+                                merged.reshape(-1).numpy(), lam, mask.view(torch.uint8).reshape(-1).numpy()) is not None:
+            return mask
     tau = task_vector(theta.reshape(-1), base.reshape(-1))
     return tall_mask(tau, merged.reshape(-1).to(torch.float32), lam).reshape(theta.shape)
 
