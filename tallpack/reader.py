@@ -881,7 +881,8 @@ class Archive:
     @cpu_default
     def merged(self, method: str | None = None, *, k: int | None = None, alpha: float | None = None,
                task: str | None = None) -> dict[str, torch.Tensor]:
-        """The multi-task model: ``theta_0 + alpha * d`` for every tensor all tasks share.
+        """The multi-task model: ``theta_0 + alpha * d`` for every tensor all tasks share, plus the
+        base-only tensors the archive keeps (``--keep-base-only``), at the base's value.
 
         ``method`` is ``ta``, ``ties``, ``consensus-ta`` or ``consensus-ties`` (the archive must
         have been packed with the matching ``merge``; by default, the consensus model of the
