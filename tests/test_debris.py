@@ -265,6 +265,15 @@ def test_signals_wait_while_an_output_is_put_in_place(tmp_path):
     effect when they are done: all of the output's files are in place, or none."""
     from tallpack.fsutil import signals_held, transaction
 
+    # a shell's background job starts with SIGINT ignored, and Python keeps it so: Ctrl-C's handler here
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        _signals_wait(tmp_path, signals_held, transaction)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _signals_wait(tmp_path, signals_held, transaction) -> None:
     steps = []
     with pytest.raises(KeyboardInterrupt):
         with signals_held():
