@@ -496,25 +496,30 @@ def _read_index(index: Path) -> dict[str, str]:
 
 
 def _check_index(src: Source, folder: Path, index: Path, weight_map: dict[str, str]) -> None:
-    """Refuse a shard index that lists a tensor no shard holds (transformers would start that
-    weight from random values: the folder is incomplete); warn, naming one tensor, where the
-    index says another shard or nothing of a tensor a shard holds (transformers loads every
-    tensor of every shard the index names, whatever its ``weight_map`` says, and so does the
-    packer: the unpacked folder's index then says where each tensor is)."""
+    """Warn, naming one tensor, where the index lists a tensor no shard holds (a tied weight that
+    safetensors' conversion bot dropped from the shards but not from the index, which transformers
+    ties again; otherwise an incomplete folder), names another shard for a tensor, or leaves out
+    one a shard holds: transformers loads every tensor of every shard the index names, whatever its
+    ``weight_map`` says, and so does the packer (the unpacked folder's index then says where each
+    tensor is)."""
     wrong: list[str] = []
+    absent: list[str] = []
     for name, shard in weight_map.items():
         held = src._where.get(name)
         if held is None:
-            raise CheckpointError(f"{index}: maps tensor {name!r} to {shard}, which does not hold it (nor does "
-                                  "any other shard); the folder is incomplete or the index is stale: fix the index")
-        if held != folder / shard:
+            absent.append(f"maps tensor {name!r} to {shard}, which does not hold it (nor does any other shard)")
+        elif held != folder / shard:
             wrong.append(f"maps tensor {name!r} to {shard}, but {_shown(held, str(folder))} holds it")
     unlisted = [f"does not list tensor {name!r}, which {_shown(held, str(folder))} holds"
                 for name, held in src._where.items() if name not in weight_map]
-    for what in (wrong, unlisted):
+    for what, why in ((absent, "; packing what the shards hold, as transformers loads it (a tied weight, "
+                               "which safetensors' conversion leaves in the index, is tied again; any other "
+                               "starts from random values: then the folder is incomplete)"),
+                      (wrong, "; packing what the shards hold, as transformers loads it"),
+                      (unlisted, "; packing what the shards hold, as transformers loads it")):
         if what:
             more = f" (and {len(what) - 1} more like it)" if len(what) > 1 else ""
-            log.warning("%s: %s%s; packing what the shards hold, as transformers loads it", index, what[0], more)
+            log.warning("%s: %s%s%s", index, what[0], more, why)
 
 
 #: A folder's weights, in the order transformers' ``from_pretrained`` looks for them: the first

@@ -594,19 +594,22 @@ def test_a_tensor_in_two_shards_is_refused_naming_both_before_packing(tmp_path, 
 
 
 @pytest.mark.parametrize("how", ["listed, in no shard", "listed in another shard", "in a shard, not listed"])
-def test_a_shard_index_that_disagrees_with_its_shards_is_refused_or_named(sharded, tmp_path, how, caplog) -> None:
-    """An index naming a tensor no shard holds was packed without a word (the member lacked it):
-    now refused at open, naming the index, the tensor and the shard. One naming another shard than
-    the one holding it, or leaving out a tensor a shard holds, is packed as transformers loads it
-    (every tensor of every shard), with a warning naming the index, the tensor and the shard."""
+def test_a_shard_index_that_disagrees_with_its_shards_is_packed_as_transformers_loads_it(sharded, tmp_path, how,
+                                                                                         caplog) -> None:
+    """An index naming a tensor no shard holds (safetensors' conversion bot leaves a tied weight it
+    dropped from the shards in the index; transformers ties it again), one naming another shard
+    than the one holding it, or leaving out a tensor a shard holds, is packed as transformers loads
+    it (every tensor of every shard), with one warning naming the index, the tensor and the shard.
+    (The first was refused for a round: a false refusal of real Hub folders.)"""
     folder, index = sharded
     weight_map = index["weight_map"]
     name, shard = next(iter(weight_map.items()))
     other = next(s for s in sorted(set(weight_map.values())) if s != shard)
+    held = name
     if how == "listed, in no shard":
-        name = "model.layers.9.extra.weight"
+        name = "lm_head.weight"
         weight_map[name] = shard
-        words = [f"maps tensor {name!r} to {shard}, which does not hold it"]
+        words = [f"maps tensor {name!r} to {shard}, which does not hold it", "tied again"]
     elif how == "listed in another shard":
         weight_map[name] = other
         words = [f"maps tensor {name!r} to {other}, but {shard} holds it"]
@@ -614,26 +617,22 @@ def test_a_shard_index_that_disagrees_with_its_shards_is_refused_or_named(sharde
         del weight_map[name]
         words = [f"does not list tensor {name!r}, which {shard} holds"]
     path = _write_index(folder, index)
-    if how == "listed, in no shard":
-        with pytest.raises(CheckpointError) as e:
-            tallpack.pack(folder, [folder], tmp_path / "f.tallpack", progress=lambda *a: pytest.fail("packing started"))
-        _refused(e, f"{path}: ", *words)
-        _nothing_written(tmp_path, tmp_path / "f.tallpack")
-        return
     with caplog.at_level("WARNING", logger="tallpack"):
         tallpack.pack(folder, {"t": folder}, tmp_path / "f.tallpack")
     warned = [r.getMessage() for r in caplog.records if str(path) in r.getMessage()]
     assert len(set(warned)) == 1 and all(w in warned[0] for w in words) and "packing what the shards hold" in warned[0]
     with tallpack.open(tmp_path / "f.tallpack") as fam:
-        assert name in fam.keys("t")
+        assert held in fam.keys("t") and "lm_head.weight" not in fam.keys("t")
 
 
-def test_a_torch_shard_index_that_disagrees_with_its_shards_is_refused(tmp_path) -> None:
+def test_a_torch_shard_index_that_lists_a_tensor_no_shard_holds_is_named(tmp_path, caplog) -> None:
     path = _two_shards(tmp_path / "t", {"a": torch.zeros(4)}, {"c": torch.zeros(4)}, {"a": 1, "b": 1, "c": 2},
                        "torch")
-    with pytest.raises(CheckpointError) as e:
-        open_source(tmp_path / "t")
-    _refused(e, f"{path}: maps tensor 'b' to pytorch_model-00001-of-00002.bin, which does not hold it")
+    with caplog.at_level("WARNING", logger="tallpack"):
+        src = open_source(tmp_path / "t")
+    assert sorted(src.keys()) == ["a", "c"]
+    assert any(f"{path}: maps tensor 'b' to pytorch_model-00001-of-00002.bin, which does not hold it" in r.getMessage()
+               for r in caplog.records)
 
 
 # -- a base matched by a prefix ------------------------------------------------------------------------
