@@ -35,6 +35,7 @@ import secrets
 import signal
 import socket
 import stat
+import tempfile
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -608,21 +609,24 @@ class Transaction:
 
 @contextmanager
 def folder_locks(folders: Iterable[Path]) -> Iterator[None]:
-    """Hold an exclusive ``flock`` on each folder (in sorted order, so two holders never wait on
-    each other) for the block: the commits of outputs into one folder, by any process, take turns.
-    A folder that cannot be locked (a file system without locks on folders) is passed over."""
+    """Hold an exclusive lock for each folder (in sorted order, so two holders never wait on each
+    other) for the block: the commits of outputs into one folder, by any process of this machine,
+    take turns. The lock is an ``flock`` on a file named by the folder's device and inode in a
+    folder of the user's under the temporary folder (``_lock_file``), not on the folder itself,
+    which ``flock DIR command`` (the shell's way to serialise jobs on a folder) may hold for the
+    whole command. A wait says so in one log line. A folder that cannot be locked (no room for the
+    lock file, a file system without locks) is passed over."""
     fds: list[int] = []
     try:
         for folder in sorted(folders):
-            if fcntl is None:
-                break
-            try:
-                fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-            except OSError as e:
-                log.debug("%s: cannot lock the folder: %s", folder, e)
+            fd = _lock_file(folder)
+            if fd is None:
                 continue
             fds.append(fd)
             try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                log.info("%s: waiting for another tallpack output's files to be put in place there", folder)
                 fcntl.flock(fd, fcntl.LOCK_EX)
             except OSError as e:
                 log.debug("%s: cannot lock the folder: %s", folder, e)
@@ -630,6 +634,24 @@ def folder_locks(folders: Iterable[Path]) -> Iterator[None]:
     finally:
         for fd in fds:
             os.close(fd)  # closing the last descriptor releases the lock
+
+
+def _lock_file(folder: Path) -> int | None:
+    """An open descriptor of the lock file of ``folder`` (``TMPDIR/tallpack-locks-UID/DEV-INO``,
+    zero bytes, left in place for the next output), or None where there can be none."""
+    if fcntl is None:
+        return None
+    try:
+        st = os.stat(folder)
+        locks = Path(tempfile.gettempdir()) / f"tallpack-locks-{os.getuid()}"
+        locks.mkdir(mode=0o700, exist_ok=True)
+        if not locks.is_dir() or locks.is_symlink():
+            return None
+        return os.open(locks / f"{st.st_dev:x}-{st.st_ino:x}", os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0),
+                       0o600)
+    except OSError as e:
+        log.debug("%s: cannot lock the folder: %s", folder, e)
+        return None
 
 
 def _keep_aside(target: Path) -> Path | None:

@@ -700,3 +700,23 @@ def test_an_exact_unpack_of_a_sharded_folder_names_its_index(hf_family, tmp_path
         exact = tallpack.write_task(fam, "cars", tmp_path / "x", exact=True)
         lossy = tallpack.write_task(fam, "cars", tmp_path / "l")
     assert Path(exact).name == Path(lossy).name == "model.safetensors.index.json", (exact, lossy)
+
+
+def test_an_output_into_a_folder_another_tool_holds_an_flock_on_is_written(tmp_path):
+    """`flock OUT tallpack unpack ... -o OUT` (the shell's way to serialise jobs on a folder)
+    hung for ever at the commit when tallpack locked the folder itself; its lock is elsewhere."""
+    import fcntl
+    import threading
+
+    out = tmp_path / "o"
+    out.mkdir()
+    fd = os.open(out, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        done = threading.Event()
+        t = threading.Thread(target=lambda: (write_checkpoint({"w": torch.ones(4)}, out), done.set()), daemon=True)
+        t.start()
+        assert done.wait(60), "the write waited for the folder's flock"
+    finally:
+        os.close(fd)
+    assert torch.equal(load_file(out / "model.safetensors")["w"], torch.ones(4))
