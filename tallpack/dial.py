@@ -54,11 +54,11 @@ from .container import ALIGNMENT, FOOTER, HEADER
 from .dtypes import dtype_name, narrow, tensor_to_bytes
 from .encodings import Item, TaskTensor, TensorEntry, WriteContext, iter_arrays, settled
 from .encodings.base import EXTRA_ARRAYS
-from .encodings.correction import (BLOCK, Correction, corrected, quant_decode, quant_encode, residual,
+from .encodings.correction import (BLOCK, Correction, quant_decode, quant_encode, quant_encode_widths, residual,
                                    sparse_decode, sparse_encode)
 from .encodings.exact import (CANDIDATES, SAMPLE_ELEMENTS, TRANSFORMS, add_exact, bits, forward, permute)
 from .encodings.qtau import BLOCK as QBLOCK
-from .encodings.qtau import dequantize, quantize, rebuilt
+from .encodings.qtau import dequantize, quantize, quantize_widths, rebuilt
 from .encodings.tall import Tall
 from .errors import InvalidArgumentError, TallpackError
 from .merging import score_values
@@ -344,22 +344,53 @@ def overflow_error(dtype: torch.dtype) -> float:
     return 2.0 * float(torch.finfo(dtype).max)
 
 
-def _errors(w: torch.Tensor | None
-            ) -> Callable[[torch.Tensor, torch.Tensor], tuple[float, float | None, bool, int]]:
-    """Squared error of a rebuild ``a`` against the (finite) original ``b`` as (weighted by ``w``,
-    plain, bit-exact, elements of ``a`` that are +-inf or NaN), or (plain, None, ...) without
-    weights; bit-exact only where the plain error is 0 and every bit is the same. An element of
-    ``a`` that is not finite counts as ``overflow_error`` off."""
-    def err(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float | None, bool, int]:
-        d = a.reshape(-1).to(torch.float64) - b.reshape(-1).to(torch.float64)
+def _squares(d: torch.Tensor, dtype: torch.dtype, w: torch.Tensor | None) -> tuple[float, float | None, int]:
+    """The sum of squares of float64 differences ``d`` as (weighted by ``w``, plain, elements
+    that are +-inf or NaN), or (plain, None, ...) without weights; an element that is not finite
+    counts as ``overflow_error(dtype)``. A finite plain sum has none: only then are they looked for."""
+    plain = float(torch.dot(d, d))
+    over = 0
+    if not math.isfinite(plain):
         bad = ~torch.isfinite(d)
         over = int(torch.count_nonzero(bad))
         if over:
-            d = torch.where(bad, overflow_error(a.dtype), d)
-        plain = float(torch.dot(d, d))
-        exact = plain == 0 and same_bits(a, b)
-        return (plain, None, exact, over) if w is None else (float(torch.dot(d * w, d)), plain, exact, over)
-    return err
+            d = torch.where(bad, overflow_error(dtype), d)
+            plain = float(torch.dot(d, d))
+    return (plain, None, over) if w is None else (float(torch.dot(d * w, d)), plain, over)
+
+
+_NUMPY_FLOATS = (torch.float16, torch.float32, torch.float64)
+
+
+class _Errors:
+    """Squared errors of rebuilds against one (finite) original: called with a rebuild ``a``, its
+    error as (weighted by ``w``, plain, bit-exact, elements of ``a`` that are +-inf or NaN), or
+    (plain, None, ...) without weights; bit-exact only where the plain error is 0 and every bit is
+    the same. An element of ``a`` that is not finite counts as ``overflow_error`` off. The dial
+    measures some twenty rebuilds of each task's tensor: the original is made float64 once, and
+    each difference is taken in one float64 buffer (fresh ones cost more than the arithmetic)."""
+
+    def __init__(self, original: torch.Tensor, w: torch.Tensor | None):
+        self.original, self.w = original.reshape(-1), w
+        self.wide = self.original.to(torch.float64)
+        self._d = torch.empty_like(self.wide)
+        self._np = (self.wide.numpy(), self._d.numpy())
+
+    def norm(self) -> tuple[float, float | None]:
+        """The original's own sum of squares, as (weighted, plain) or (plain, None)."""
+        sq, plain, _ = _squares(self.wide, self.original.dtype, self.w)
+        return sq, plain
+
+    def __call__(self, a: torch.Tensor) -> tuple[float, float | None, bool, int]:
+        a = a.reshape(-1)
+        if a.dtype in _NUMPY_FLOATS:  # numpy widens and subtracts in one pass
+            np.subtract(a.numpy(), self._np[0], out=self._np[1])
+            d = self._d
+        else:
+            d = self._d.copy_(a).sub_(self.wide)
+        err, plain, over = _squares(d, a.dtype, self.w)
+        exact = (err if plain is None else plain) == 0 and same_bits(a, self.original)
+        return err, plain, exact, over
 
 
 def sensitivity_weights(weights: Any, shape: tuple[int, ...], where: str) -> torch.Tensor:
@@ -562,47 +593,54 @@ class Dial:
             xf = x.reshape(-1)
             given = (self.sensitivity or {}).get(t, {}).get(item.name)
             w = None if given is None else sensitivity_weights(given, tuple(x.shape), f"task {t!r}, tensor {item.name!r}")
-            sq_err = _errors(w)
+            sq_err = _Errors(xf, w)
             rec32 = torch.addcmul(base32, mask.to(torch.float32), merged)
             r = xf.to(torch.float32) - rec32
             plain = narrow(rec32, x.dtype)
-            zero = torch.zeros(1)
-            sq, sq_plain, _, _ = sq_err(xf, zero)
+            sq, sq_plain = sq_err.norm()
             plan.theta_sq += sq
             plan.plain_theta_sq += sq if sq_plain is None else sq_plain
-            plan.scale[item.name] = 1.0 / (sq or sq_err(base32, zero)[0] or 1.0)
-            err0, plain0, exact0, over0 = sq_err(plain, xf)
+            plan.scale[item.name] = 1.0 / (sq or _squares(base32.to(torch.float64), base32.dtype, w)[0] or 1.0)
+            err0, plain0, exact0, over0 = sq_err(plain)
             plan.tall_err += err0
             plan.plain_tall_err += err0 if plain0 is None else plain0
             plan.tall_inexact += not exact0
             plan.tall_overflow[item.name] = over0
             opts = [Option(None, 0, err0, plain=plain0, bit_exact=exact0, overflow=over0)]
             n = r.numel()
+
+            def priced(arrays: Mapping[str, np.ndarray]) -> int:
+                return sum(_array_cost(_chain(ctx, a), a, ce) for a in arrays.values()) + 40
+
             if n and self.qtau:
                 # measured even where TALL loses nothing (a task equal to the base: a zero task
                 # vector, whose qtau is exact and nearly free): the merged-vector pass moves
                 # such a task to qtau so that the others may drop the merged vector
                 tau = xf.to(torch.float32) - base32
                 qs = []
-                for b in QTAU_BITS:
-                    o = Option("qtau", 0, 0.0, bits=b)
-                    arrays = candidate_arrays(o, tau)
-                    cost = sum(_array_cost(_chain(ctx, a), a, ce) for a in arrays.values()) + 40 - tier.masks[t]
-                    err, pe, same, over = sq_err(rebuilt(base32, decoded(o, arrays, n), x.dtype), xf)
-                    qs.append(Option("qtau", cost, err, bits=b, plain=pe, bit_exact=same, overflow=over))
+                for b, (codes, scales, deq) in zip(QTAU_BITS, quantize_widths(tau, QTAU_BITS, QBLOCK)):
+                    assert deq is not None
+                    err, pe, same, over = sq_err(narrow(deq.add_(base32), x.dtype))  # as ``rebuilt``
+                    qs.append(Option("qtau", priced({"codes": codes, "scales": scales}) - tier.masks[t], err, bits=b,
+                                     plain=pe, bit_exact=same, overflow=over))
                 plan.qtaus[item.name] = qs
                 opts += qs
             if n and err0 > 0:  # (a correction adds to the TALL rebuild: none mends a -0.0 it lost)
-                cands: list[Option] = []
+                # each candidate's correction c as its decoder gives it, the rebuild as ``corrected``
+                # (rec32 is its TALL part), without decoding the arrays again
                 if "sparse" in self.allowed:
+                    magnitude = r.abs()
                     for k in sorted({max(1, int(n * f)) for f in SPARSE_FRACTIONS}):
-                        cands.append(Option("sparse", 0, 0.0, k=k))
-                cands += [Option("quant", 0, 0.0, bits=b) for b in (4, 8) if f"quant{b}" in self.allowed]
-                for o in cands:
-                    arrays = candidate_arrays(o, r)
-                    cost = sum(_array_cost(_chain(ctx, a), a, ce) for a in arrays.values()) + 40
-                    err, pe, same, over = sq_err(corrected(base32, mask, merged, decoded(o, arrays, n), x.dtype), xf)
-                    opts.append(Option(o.kind, cost, err, o.k, o.bits, pe, same, over))
+                        gaps, values = sparse_encode(r, k, magnitude)
+                        c = torch.zeros(n, dtype=torch.float32)
+                        c[torch.from_numpy(np.cumsum(gaps.astype(np.int64)))] = torch.from_numpy(values.astype(np.float32))
+                        err, pe, same, over = sq_err(narrow(rec32 + c, x.dtype))
+                        opts.append(Option("sparse", priced({"indices": gaps, "values": values}), err, k, 0, pe, same, over))
+                widths = [b for b in (4, 8) if f"quant{b}" in self.allowed]
+                for b, (codes, scales, cq) in zip(widths, quant_encode_widths(r, widths, BLOCK)):
+                    assert cq is not None
+                    err, pe, same, over = sq_err(narrow(rec32 + cq, x.dtype))
+                    opts.append(Option("quant", priced({"scales": scales, "codes": codes}), err, 0, b, pe, same, over))
             if n and not exact0 and "exact" in self.allowed:  # also where TALL errs by bits alone
                 cost = _exact_cost(ctx, x.reshape(-1), plain, item.base.reshape(-1))
                 opts.append(Option("exact", cost, 0.0, bit_exact=True))

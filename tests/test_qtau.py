@@ -17,7 +17,7 @@ from test_fuzz import edit, json_values, manifest_of, paths, read_mutated
 
 import tallpack
 from conftest import read_everything, written
-from tallpack.encodings.qtau import BITS, dequantize, quantize
+from tallpack.encodings.qtau import BITS, dequantize, quantize, quantize_widths
 from tallpack.tall import tall_mask
 
 
@@ -55,6 +55,28 @@ def test_quantize_round_trip_matches_the_spec(n, bits, half, seed, scale, block)
     s = torch.from_numpy(scales.astype(np.float32)).repeat_interleave(block)[:n]
     assert bool(((deq - tau).abs() <= s * 0.5000001 + 1e-45).all())
     assert bool((deq[tau == 0] == 0).all())
+
+
+@settings(max_examples=60, deadline=None)
+@given(n=st.integers(0, 300), widths=st.lists(st.sampled_from(BITS), min_size=1, max_size=4),
+       half=st.booleans(), seed=st.integers(0, 2**31 - 1), block=st.sampled_from([1, 7, 64]))
+def test_quantizing_at_several_widths_gives_each_and_its_deq_bit_for_bit(n, widths, half, seed, block):
+    """The dial quantizes each task vector at six widths with the blocks' maxima found once, and
+    takes each deQ without unpacking the codes: the arrays are ``quantize``'s and the deQ is
+    ``dequantize``'s, bit for bit (0.0, not -0.0, where a small negative rounds to code 0)."""
+    g = torch.Generator().manual_seed(seed)
+    tau = torch.randn(n, generator=g) * 1e-3
+    tau[torch.rand(n, generator=g) < 0.3] *= 1e-4  # rounds to 0 from either side
+    tau[torch.rand(n, generator=g) < 0.1] = 0.0
+    got = list(quantize_widths(tau, widths, block, half=half))
+    assert len(got) == len(widths)
+    for bits, (codes, scales, deq) in zip(widths, got):
+        want_codes, want_scales = quantize(tau, bits, block, half=half)
+        assert np.array_equal(codes, want_codes) and np.array_equal(scales, want_scales)
+        assert scales.dtype == want_scales.dtype
+        want = dequantize(codes, scales, bits, block, n)
+        assert deq is not None and deq.shape == (n,)
+        assert np.array_equal(deq.numpy().view(np.uint32), want.numpy().view(np.uint32))
 
 
 def test_bit_streams_are_packed_in_pieces(monkeypatch):

@@ -24,7 +24,7 @@ TALL tier. Which correction each tensor gets is the fidelity dial's choice (``ta
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -56,15 +56,19 @@ def residual(theta: torch.Tensor, base: torch.Tensor, mask: torch.Tensor, merged
     return theta.reshape(-1).to(torch.float32) - rec
 
 
-def sparse_encode(r: torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarray]:
+def sparse_encode(r: torch.Tensor, k: int, magnitude: torch.Tensor | None = None) -> tuple[np.ndarray, np.ndarray]:
     """The ``k`` largest-magnitude entries of flat ``r``: (index gaps, values). Indices ascend;
-    the first gap is the first index, each next one the difference to the previous index."""
+    the first gap is the first index, each next one the difference to the previous index.
+    ``magnitude``: ``r.abs()``, when the caller has it (the dial tries several ``k``)."""
     k = max(0, min(k, r.numel()))
-    idx = torch.topk(r.abs(), k, sorted=False).indices.sort().values if k else torch.empty(0, dtype=torch.int64)
-    idx_np = idx.numpy().astype(np.int64)
+    if k:
+        top = torch.topk(r.abs() if magnitude is None else magnitude, k, sorted=False).indices
+        idx_np = np.sort(top.numpy())  # distinct indices: numpy's sort is many times torch's
+    else:
+        idx_np = np.empty(0, dtype=np.int64)
     gaps = np.diff(idx_np, prepend=0)
     gaps = gaps.astype(np.uint64 if r.numel() > 0xFFFFFFFF else np.uint32)
-    vals = r[idx].numpy()
+    vals = r[torch.from_numpy(idx_np)].numpy()
     if vals.size == 0 or float(np.abs(vals).max()) <= FLOAT16_MAX:
         vals = vals.astype(np.float16)
     return gaps, np.ascontiguousarray(vals)
@@ -91,22 +95,39 @@ def quant_encode(r: torch.Tensor, bits: int, block: int) -> tuple[np.ndarray, np
     """Symmetric per-block quantization of flat ``r``: (codes, float32 scales). 8 bits: int8 codes
     in [-127, 127]; 4 bits: two codes a byte (element 2j in the low nibble), each ``q + 8`` with q in
     [-7, 7]. ``scale = max|r| / qmax`` per block; ``q = round_half_even(r / scale)``."""
-    n, qmax = r.numel(), (1 << (bits - 1)) - 1
+    codes, scales, _ = next(quant_encode_widths(r, (bits,), block, deq=False))
+    return codes, scales
+
+
+def quant_encode_widths(r: torch.Tensor, widths: Iterable[int], block: int, *, deq: bool = True
+                        ) -> Iterator[tuple[np.ndarray, np.ndarray, torch.Tensor | None]]:
+    """``quant_encode`` at each of ``widths`` in turn, the blocks and their maxima found once, each
+    with its ``quant_decode`` (bit for bit, without decoding the arrays) when ``deq``."""
+    r = r.reshape(-1).to(torch.float32)
+    n = r.numel()
     nb = -(-n // block)
-    padded = torch.zeros(nb * block, dtype=torch.float32)
-    padded[:n] = r
-    blocks = padded.reshape(nb, block)
-    scales = blocks.abs().amax(dim=1) / qmax
-    safe = torch.where(scales > 0, scales, torch.ones_like(scales))
-    q = torch.round(blocks / safe[:, None]).clamp_(-qmax, qmax).to(torch.int8).reshape(-1)[:n]
-    if bits == 8:
-        codes = q.numpy().copy()
+    if n == nb * block:
+        blocks = r.reshape(nb, block)
     else:
-        u = (q.to(torch.int16) + 8).to(torch.uint8).numpy()
-        if n % 2:
-            u = np.append(u, np.uint8(8))
-        codes = (u[0::2] | (u[1::2] << 4)).astype(np.uint8)
-    return codes, scales.numpy().astype(np.float32)
+        blocks = torch.zeros(nb * block, dtype=torch.float32)
+        blocks[:n] = r
+        blocks = blocks.reshape(nb, block)
+    amax = blocks.abs().amax(dim=1)
+    for bits in widths:
+        qmax = (1 << (bits - 1)) - 1
+        scales = amax / qmax
+        safe = torch.where(scales > 0, scales, torch.ones_like(scales))
+        q = (blocks / safe[:, None]).round_().clamp_(-qmax, qmax).to(torch.int8)
+        d = (q.to(torch.float32) * scales[:, None]).reshape(-1)[:n] if deq else None  # (an int's 0 is +0.0)
+        q = q.reshape(-1)[:n]
+        if bits == 8:
+            codes = q.numpy().copy()
+        else:
+            u = (q.to(torch.int16) + 8).to(torch.uint8).numpy()
+            if n % 2:
+                u = np.append(u, np.uint8(8))
+            codes = (u[0::2] | (u[1::2] << 4)).astype(np.uint8)
+        yield codes, scales.numpy().astype(np.float32), d
 
 
 def quant_decode(codes: np.ndarray, scales: np.ndarray, bits: int, block: int, numel: int) -> torch.Tensor:

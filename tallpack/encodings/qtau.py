@@ -18,7 +18,7 @@ the dequantized vector (:func:`task_masks`): an approximation, stated in the spe
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Iterator, Mapping
 
 import numpy as np
 
@@ -77,22 +77,43 @@ def quantize(tau: torch.Tensor, bits: int, block: int = BLOCK,
 
     >>> codes, scales = quantize(torch.randn(1000), 3)
     """
-    if bits not in BITS:
-        raise ValueError(f"bits must be one of {BITS}, got {bits}")
+    codes, scales, _ = next(quantize_widths(tau, (bits,), block, half, deq=False))
+    return codes, scales
+
+
+def quantize_widths(tau: torch.Tensor, widths: Iterable[int], block: int = BLOCK, half: bool | None = None,
+                    *, deq: bool = True) -> Iterator[tuple[np.ndarray, np.ndarray, torch.Tensor | None]]:
+    """``quantize`` at each of ``widths`` in turn, the blocks and their maxima found once, each with
+    its deQ (``dequantize`` of the arrays, bit for bit, without unpacking them) when ``deq``.
+
+    >>> [codes.size for codes, _, _ in quantize_widths(torch.randn(1000), (2, 8))]
+    [250, 1000]
+    """
     tau = tau.reshape(-1).to(torch.float32)
-    n, qmax = tau.numel(), (1 << (bits - 1)) - 1
+    n = tau.numel()
     nb = -(-n // block)
-    padded = torch.zeros(nb * block, dtype=torch.float32)
-    padded[:n] = tau
-    blocks = padded.reshape(nb, block)
-    s = (blocks.abs().amax(dim=1) / qmax).numpy() if nb else np.zeros(0, np.float32)
-    scales = _half_up(s) if (HALF_SCALES if half is None else half) else None
-    scales = s.astype(np.float32) if scales is None else scales
-    used = torch.from_numpy(scales.astype(np.float32))
-    safe = torch.where(used > 0, used, torch.ones_like(used))
-    q = torch.round(blocks / safe[:, None]).clamp_(-qmax, qmax).reshape(-1)[:n]
-    u = (q.to(torch.int16) + (1 << (bits - 1))).to(torch.uint8).numpy()
-    return pack_codes(u, bits), np.ascontiguousarray(scales)
+    if n == nb * block:
+        blocks = tau.reshape(nb, block)
+    else:
+        blocks = torch.zeros(nb * block, dtype=torch.float32)
+        blocks[:n] = tau
+        blocks = blocks.reshape(nb, block)
+    amax = blocks.abs().amax(dim=1) if nb else None
+    for bits in widths:
+        if bits not in BITS:
+            raise ValueError(f"bits must be one of {BITS}, got {bits}")
+        qmax, offset = (1 << (bits - 1)) - 1, 1 << (bits - 1)
+        s = (amax / qmax).numpy() if amax is not None else np.zeros(0, np.float32)
+        scales = _half_up(s) if (HALF_SCALES if half is None else half) else None
+        scales = s.astype(np.float32) if scales is None else scales
+        used = torch.from_numpy(scales.astype(np.float32))
+        safe = torch.where(used > 0, used, torch.ones_like(used))
+        u = (blocks / safe[:, None]).round_().clamp_(-qmax, qmax).add_(offset)  # codes, as floats
+        codes = pack_codes(u.to(torch.uint8).reshape(-1)[:n].numpy(), bits)
+        d = None
+        if deq:  # as dequantize computes it: f32(u) - offset (0.0 where q was -0.0), times the scale
+            d = u.sub_(offset).mul_(used[:, None]).reshape(-1)[:n]
+        yield codes, np.ascontiguousarray(scales), d
 
 
 #: Codes handled at a time by the bit-stream (un)packers (a multiple of 8, so each piece starts on
