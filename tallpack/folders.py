@@ -25,11 +25,11 @@ from typing import TYPE_CHECKING
 
 from .arrays import ArrayRef
 from .codecs import Chain, Zstd
-from .errors import FormatError, IntegrityError, OutputError
+from .errors import CheckpointError, FormatError, IntegrityError, OutputError
 from .fsutil import atomic_write, make_folder
 
 if TYPE_CHECKING:
-    from .container import ContainerWriter
+    from .container import ArrayBuilder, ContainerWriter
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +47,35 @@ NAME_MAX, PATH_MAX = 255, 4096
 ReadBytes = Callable[[ArrayRef, str], "bytes | bytearray | memoryview"]
 #: Reads the decoded bytes of elements ``[start, stop)`` of one stored array (``read(ref, where, start, stop)``).
 ReadRange = Callable[[ArrayRef, str, int, int], "bytes | bytearray | memoryview"]
+
+
+#: transformers' weight-set names with a variant, as ``save_pretrained(variant="fp16")`` writes them
+#: and ``from_pretrained(variant="fp16")`` reads them (transformers' ``_add_variant``), in the order it
+#: looks for them: ``model.fp16.safetensors``, ``model.safetensors.index.fp16.json`` (naming
+#: ``model.fp16-00001-of-00002.safetensors``, ...), ``pytorch_model.fp16.bin``,
+#: ``pytorch_model.bin.index.fp16.json``; each with its kind and whether it is a shard index. Weight
+#: files, not folder files: read by the sources, removed by an output written over them.
+VARIANT_SETS = tuple((re.compile(re.escape(a) + r"\.(?P<v>[^/]+?)\." + re.escape(b)), kind, indexed)
+                     for (a, b), kind, indexed in ((("model", "safetensors"), "safetensors", False),
+                                                   (("model.safetensors.index", "json"), "safetensors", True),
+                                                   (("pytorch_model", "bin"), "torch", False),
+                                                   (("pytorch_model.bin.index", "json"), "torch", True)))
+#: A shard's name (``model-00001-of-00002``), which is no variant.
+SHARD = re.compile(r".*-\d+-of-\d+")
+
+
+def weight_variant(name: str) -> tuple[str, int] | None:
+    """The variant of one of transformers' weight-set names and the set's place in
+    ``VARIANT_SETS``; None for any other name (a plain one, a shard's).
+
+    >>> weight_variant("model.safetensors.index.fp16.json"), weight_variant("model-00001-of-00002.safetensors")
+    (('fp16', 1), None)
+    """
+    for order, (pattern, _, _) in enumerate(VARIANT_SETS):
+        m = pattern.fullmatch(name)
+        if m and not SHARD.fullmatch(m["v"]):
+            return m["v"], order
+    return None
 
 
 def check_file_name(name: object) -> str:
@@ -122,6 +151,10 @@ def check_blob(digest: str, ref: ArrayRef) -> None:
         raise FormatError(f"file content {digest[:12]}...: must be a 1-d uint8 array")
 
 
+#: How many chunks of a folder file are read, and encoded in parallel, at a time.
+_BATCH = 4
+
+
 class FileStore:
     """Pack time: write each distinct file content once; ``add`` returns a source's name map."""
 
@@ -131,21 +164,40 @@ class FileStore:
         self.blobs: dict[str, ArrayRef] = {}
 
     def add(self, files: Mapping[str, Path], label: str) -> dict[str, str]:
+        """Store each file's content (unless stored already) and return ``name -> SHA-256``. A file
+        is read twice, a chunk at a time (to hash it, then to store it if it is new): never whole
+        in memory, whatever its size."""
         out: dict[str, str] = {}
         for name, path in files.items():
             check_file_name(name)
-            try:
-                data = path.read_bytes()
-            except OSError as e:
-                raise OutputError(f"{path}: cannot read ({e.strerror or e})") from None
-            digest = hashlib.sha256(data).hexdigest()
+            digest = self._read(path, None)
             if digest not in self.blobs:
-                self.blobs[digest] = self._writer.write_array(memoryview(data), "uint8", (len(data),),
-                                                              self._chain, self._chunk_elements)
+                builder = self._writer.begin_array("uint8", (os.stat(path).st_size,), self._chain,
+                                                   self._chunk_elements)
+                if self._read(path, builder) != digest:
+                    raise CheckpointError(f"{path}: changed while it was packed; pack it again once it is complete")
+                self.blobs[digest] = builder.finish()
             out[name] = digest
         if out:
             log.info("%s: %d folder files kept (%d distinct contents so far)", label, len(out), len(self.blobs))
         return out
+
+    def _read(self, path: Path, builder: "ArrayBuilder | None") -> str:
+        """The file's SHA-256, read a few chunks at a time; with ``builder``, each chunk encoded (in
+        parallel) and added to it."""
+        h = hashlib.sha256()
+        step = self._chunk_elements
+        try:
+            with open(path, "rb") as f:
+                while batch := [p for p in (f.read(step) for _ in range(_BATCH)) if p]:
+                    for piece in batch:
+                        h.update(piece)
+                    if builder is not None:
+                        for encoded in self._writer.encode([(self._chain, memoryview(p)) for p in batch]):
+                            builder.add(encoded)
+        except OSError as e:
+            raise OutputError(f"{path}: cannot read ({e.strerror or e})") from None
+        return h.hexdigest()
 
 
 def read_blob(read: ReadBytes, digest: str, ref: ArrayRef, where: str) -> bytes:

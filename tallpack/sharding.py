@@ -28,6 +28,7 @@ from typing import IO, Any
 from ._torch import torch
 from .dtypes import SAFETENSORS_DTYPES, dtype_name, tensor_to_bytes
 from .errors import InvalidArgumentError
+from .folders import VARIANT_SETS, weight_variant
 from .fsutil import atomic_write
 from .progress import ProgressLike, track
 
@@ -253,30 +254,46 @@ def _write_file(path: Path, tensors: Mapping[str, torch.Tensor], metadata: Mappi
 
 def previous_weights(folder: Path) -> set[str]:
     """The weight files an earlier checkpoint write left in ``folder``: ``model.safetensors``, the
-    index and the shards it names (plain ``.safetensors`` names in the folder only)."""
-    return weights_among({f for f in (SINGLE, INDEX) if (folder / f).is_file()},
+    index and the shards it names (plain ``.safetensors`` names in the folder only), and the same
+    of a variant (``model.fp16.safetensors``, ``model.safetensors.index.fp16.json`` and its shards,
+    ``pytorch_model.fp16.bin``, ``pytorch_model.bin.index.fp16.json`` and its ``.bin`` shards)."""
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return set()
+    return weights_among({n for n in names if _weight_set(n) and (folder / n).is_file()},
                          lambda name: (folder / name).read_bytes(), lambda name: (folder / name).is_file())
+
+
+def _weight_set(name: str) -> bool:
+    """Whether ``name`` is one of transformers' weight-set names (a single file or a shard index),
+    plain or of a variant, that a checkpoint write makes or leaves."""
+    return name in (SINGLE, INDEX) or weight_variant(name) is not None
 
 
 def weights_among(present: set[str], read: Callable[[str], bytes], is_file: Callable[[str], bool]) -> set[str]:
     """``previous_weights`` of a folder anywhere (a URL's, ``staging.staged``): ``present`` the
     names of the files in it, ``read(name)`` a file's bytes, ``is_file(name)`` whether one exists."""
-    found = set(present) & {SINGLE, INDEX}
-    if INDEX in found:
+    found = {n for n in present if _weight_set(n)}
+    for index in sorted(found):
+        variant = weight_variant(index)
+        if index != INDEX and (variant is None or not VARIANT_SETS[variant[1]][2]):
+            continue  # a single file
         try:
-            weight_map = json.loads(read(INDEX)).get("weight_map", {})
+            weight_map = json.loads(read(index)).get("weight_map", {})
             values = list(weight_map.values()) if isinstance(weight_map, dict) else []
         except (OSError, ValueError, AttributeError, RecursionError):  # RecursionError: JSON nested too deep
             values = []
         # an unreadable index (or one naming files by anything but strings: not ours) is replaced;
         # the files it may name are left alone
         shards = set(values) if all(isinstance(v, str) for v in values) else set()
-        found |= {s for s in shards if plain_weights(s) and is_file(s)}
+        suffix = ".bin" if index.startswith("pytorch_") else ".safetensors"
+        found |= {s for s in shards if plain_weights(s, suffix) and is_file(s)}
     return found
 
 
-def plain_weights(name: object) -> bool:
-    """A ``.safetensors`` file name without a folder."""
-    return isinstance(name, str) and name.endswith(".safetensors") and Path(name).name == name
+def plain_weights(name: object, suffix: str = ".safetensors") -> bool:
+    """A ``.safetensors`` file name (or one of another ``suffix``) without a folder."""
+    return isinstance(name, str) and name.endswith(suffix) and Path(name).name == name
 
 

@@ -52,7 +52,7 @@ from .dtypes import dtype_name
 from .elements import itemsize, numel
 from .errors import (CheckpointError, CheckpointNotFoundError, FormatError, OutOfMemoryError, TallpackError,
                      UnsafeCheckpointError, memory_detail, out_of_memory, quoted)
-from .folders import check_file_name
+from .folders import VARIANT_SETS, check_file_name, weight_variant
 from .storage import is_url
 
 log = logging.getLogger(__name__)
@@ -526,16 +526,6 @@ def _check_index(src: Source, folder: Path, index: Path, weight_map: dict[str, s
 #: present is the model it loads (a single file before a shard index, safetensors before pickles).
 _WEIGHT_SETS = (("model.safetensors", "safetensors", False), ("model.safetensors.index.json", "safetensors", True),
                 ("pytorch_model.bin", "torch", False), ("pytorch_model.bin.index.json", "torch", True))
-#: The same names with a variant, as ``save_pretrained(variant="fp16")`` writes them and
-#: ``from_pretrained(variant="fp16")`` reads them (transformers' ``_add_variant``): ``model.fp16.safetensors``,
-#: ``model.safetensors.index.fp16.json`` (naming ``model.fp16-00001-of-00002.safetensors``, ...),
-#: ``pytorch_model.fp16.bin``, ``pytorch_model.bin.index.fp16.json``. A shard's name is no variant.
-_VARIANT_SETS = tuple((re.compile(re.escape(a) + r"\.(?P<v>[^/]+?)\." + re.escape(b)), kind, indexed)
-                      for (a, b), kind, indexed in ((("model", "safetensors"), "safetensors", False),
-                                                    (("model.safetensors.index", "json"), "safetensors", True),
-                                                    (("pytorch_model", "bin"), "torch", False),
-                                                    (("pytorch_model.bin.index", "json"), "torch", True)))
-_SHARD = re.compile(r".*-\d+-of-\d+")
 #: A weight file of transformers' own names (a weight set, a variant, a shard of either): one not
 #: packed is another weight set of the folder, or a stale one.
 _TRANSFORMERS_WEIGHTS = re.compile(r"(pytorch_)?model(\.[^/]+?)?(-\d+-of-\d+)?\.(safetensors|bin)")
@@ -555,13 +545,8 @@ def _weight_sets(folder: Path) -> list[tuple[str, str, bool, str | None]]:
         names = sorted(os.listdir(folder))
     except OSError as err:
         raise CheckpointError(f"{folder}: cannot list the folder ({err.strerror or err})") from None
-    variants = []
-    for order, (pattern, kind, indexed) in enumerate(_VARIANT_SETS):
-        for name in names:
-            m = pattern.fullmatch(name)
-            if m and not _SHARD.fullmatch(m["v"]) and present(name):
-                variants.append((m["v"], order, name, kind, indexed))
-    return found + [(name, kind, indexed, v) for v, _, name, kind, indexed in sorted(variants)]
+    variants = sorted((*w, name) for name in names if (w := weight_variant(name)) is not None and present(name))
+    return found + [(name, *VARIANT_SETS[order][1:], v) for v, order, name in variants]
 
 
 def _folder_files(folder: Path, roots: list[Path], given: str | None = None
@@ -635,8 +620,10 @@ def open_source(obj: SourceLike, *, label: str | None = None) -> Source:
         _note_kept_weights(src)
         if index is not None:
             src.layout = _layout(src, index)
-        elif files[0].name not in ("model.safetensors", "pytorch_model.bin"):  # adapter_model.safetensors, ...
-            src.layout = {"shards": [[_written_name(files[0].name), len(src.keys())]]}  # unpacked under its own name
+        elif files[0].name not in ("model.safetensors", "pytorch_model.bin") and weight_variant(files[0].name) is None:
+            # adapter_model.safetensors, ...: unpacked under its own name; a variant (model.fp16.safetensors)
+            # as model.safetensors, which from_pretrained(folder) loads without variant= (as a sharded one's index)
+            src.layout = {"shards": [[_written_name(files[0].name), len(src.keys())]]}
         config = path / "config.json"
         if config.is_file() or config.is_symlink():
             _in_folder(path, config, roots)
@@ -661,8 +648,14 @@ def open_source(obj: SourceLike, *, label: str | None = None) -> Source:
     )
 
 
-#: Weight files of other frameworks, and the pickled training arguments, left out of a folder's
-#: files (the archive stores the weights themselves; ``training_args.bin`` is a pickle).
+#: A trainer's checkpoint folders (transformers' Trainer ``checkpoint-500``, accelerate's
+#: ``checkpoint_3``, DeepSpeed's ``global_step500``): a training run's state, not the model's files.
+_CHECKPOINT_FOLDER = re.compile(r"checkpoint[-_]\d+|global_step\d+")
+#: A trainer's state files (optimizer, scheduler, loss scaler, random generators, arguments), anywhere
+#: (Trainer's ``optimizer.pt``, ``rng_state.pth``; accelerate's ``optimizer.bin``, ``random_states_0.pkl``).
+_TRAINING_STATE = re.compile(r"(optimizer|scheduler)\.(bin|pt)|scaler\.pt|rng_state.*\.pth|random_states_.*\.pkl"
+                             r"|training_args\.bin")
+#: Weight files of other frameworks, left out of a folder's files (the archive stores the weights themselves).
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx", ".npz")
 #: Weight files a subfolder keeps as folder files (a sentence-transformers module's ``2_Dense/model.safetensors``):
 #: PyTorch's, which are no other framework's copy of the model.
@@ -674,8 +667,11 @@ def _other_files(folder: Path, roots: list[Path], weights: set[Path]) -> dict[st
     template, a subfolder's module weights, ...), by relative name with ``/`` separators, in sorted order.
 
     Hidden entries (``.git``, ``.cache``) are left out, and so are weight files of other frameworks
-    (``.h5``, ``.onnx``, ...), ``.pt``/``.pth``/``.ckpt`` files and ``training_args.bin`` (training
-    state), anywhere. At the top, ``.safetensors``/``.bin`` files and shard indexes are left out too:
+    (``.h5``, ``.onnx``, ...) and ``.pt``/``.pth``/``.ckpt`` files, anywhere. A trainer's state is
+    left out with a warning naming it: its checkpoint folders (``checkpoint-500/``, ``global_step500/``)
+    and state files anywhere (``optimizer.bin``, ``scheduler.pt``, ``random_states_0.pkl``, ...;
+    ``training_args.bin`` alone is only logged), and ``trainer_state.json`` when the folder is a
+    checkpoint folder itself. At the top, ``.safetensors``/``.bin`` files and shard indexes are left out too:
     the weights packed, or another weight set (a variant, a stale file; warned by ``_folder_files``),
     and any other one (a ``value_head.safetensors``) with a warning. In a subfolder they are module
     weights (sentence-transformers' ``2_Dense/model.safetensors``), which transformers does not
@@ -688,6 +684,8 @@ def _other_files(folder: Path, roots: list[Path], weights: set[Path]) -> dict[st
     out: dict[str, Path] = {}
     seen: set[Path] = set()
     beside: list[str] = []  # top-level weight files of no weight set of transformers'
+    training: list[str] = []  # a trainer's state: checkpoint folders and state files
+    in_checkpoint = _CHECKPOINT_FOLDER.fullmatch(_resolve(folder, folder).name) is not None
 
     def walk(d: Path, rel: str) -> None:
         real = _resolve(d, d)
@@ -701,7 +699,11 @@ def _other_files(folder: Path, roots: list[Path], weights: set[Path]) -> dict[st
         for e in entries:
             name = f"{rel}{e.name}"
             p = d / e.name
-            if e.name.startswith(".") or name in skip or e.name == "training_args.bin":
+            if e.name.startswith(".") or name in skip:
+                continue
+            if (_TRAINING_STATE.fullmatch(e.name) or (_CHECKPOINT_FOLDER.fullmatch(e.name) and e.is_dir())
+                    or (in_checkpoint and name == "trainer_state.json")):
+                training.append(f"{name}/" if e.is_dir() else name)
                 continue
             if e.name.endswith(_WEIGHT_SUFFIXES) or _INDEX.fullmatch(e.name):
                 if not rel and e.name.endswith(_MODULE_WEIGHTS) and not _TRANSFORMERS_WEIGHTS.fullmatch(e.name):
@@ -729,6 +731,11 @@ def _other_files(folder: Path, roots: list[Path], weights: set[Path]) -> dict[st
                     f"{p}: a link to a file that does not exist ({os.readlink(p)}); the folder is incomplete "
                     "(a Hugging Face cache whose file was removed? download it again)")
     walk(folder, "")
+    if training:
+        shown = ", ".join(training[:5]) + (f" and {len(training) - 5} more" if len(training) > 5 else "")
+        level = logging.INFO if all(n.endswith("training_args.bin") for n in training) else logging.WARNING
+        log.log(level, "%s: %s left out of the archive: a trainer's state (checkpoints, optimizer, scheduler, "
+                "random states, arguments), not the model's files", folder, shown)
     if beside:
         log.warning("%s: %s left out of the archive: only the weights transformers loads are kept at the top of "
                     "a model folder (a subfolder's weight files are kept as files)", folder, ", ".join(beside))
@@ -737,8 +744,8 @@ def _other_files(folder: Path, roots: list[Path], weights: set[Path]) -> dict[st
 
 def _note_kept_weights(src: Source) -> None:
     """Say which subfolders' weight files are kept as folder files (stored whole, once per
-    content, not as tensors), and warn when they outweigh half the model: a trainer's
-    ``checkpoint-500/`` left in the folder, which a user may rather move out."""
+    content, not as tensors), and warn when they outweigh half the model: another model's copy
+    left in the folder, which a user may rather move out (a trainer's checkpoints are left out)."""
     kept = [n for n in src.files if n.endswith(_MODULE_WEIGHTS)]
     if not kept:
         return

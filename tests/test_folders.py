@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import tallpack
@@ -442,7 +442,8 @@ def test_a_sharded_variant_folder_packs_and_unpacks_under_its_shard_names(tmp_pa
 
 def test_pickled_and_ambiguous_variants(tmp_path):
     """``pytorch_model.fp16.bin`` (single or sharded, with ``pytorch_model.bin.index.fp16.json``) packs
-    and unpacks as ``model.fp16.safetensors`` (shards ``model.fp16-0000i-of-00002.safetensors``); a
+    and unpacks as ``model.safetensors`` (shards ``model.fp16-0000i-of-00002.safetensors`` with
+    ``model.safetensors.index.json``): what ``from_pretrained(folder)`` loads without ``variant=``; a
     folder with two variants and no plain weights is refused, saying what to do."""
     from safetensors.torch import load_file, save_file
 
@@ -462,8 +463,8 @@ def test_pickled_and_ambiguous_variants(tmp_path):
     with tallpack.open(tmp_path / "f.tallpack") as fam:
         tallpack.write_task(fam, "single", tmp_path / "s")
         tallpack.write_task(fam, "sharded", tmp_path / "h")
-    assert sorted(p.name for p in (tmp_path / "s").iterdir()) == ["model.fp16.safetensors"]
-    assert set(load_file(tmp_path / "s" / "model.fp16.safetensors")) == set(base)
+    assert sorted(p.name for p in (tmp_path / "s").iterdir()) == ["model.safetensors"]
+    assert set(load_file(tmp_path / "s" / "model.safetensors")) == set(base)
     index = json.loads((tmp_path / "h" / "model.safetensors.index.json").read_text())
     assert index["weight_map"] == {"a.weight": "model.fp16-00001-of-00002.safetensors",
                                    "b.weight": "model.fp16-00002-of-00002.safetensors"}
@@ -480,13 +481,14 @@ def test_variant_names_are_transformers_names(variant):
     that looks like a shard (``x-00001-of-00002``), which is a shard of the variant before it."""
     from transformers.modeling_utils import _add_variant
 
-    from tallpack.sources import _SHARD, _VARIANT_SETS
+    from tallpack.folders import SHARD, VARIANT_SETS, weight_variant
 
     names = ["model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json"]
-    for name, (pattern, _, _) in zip(names, _VARIANT_SETS):
+    for order, (name, (pattern, _, _)) in enumerate(zip(names, VARIANT_SETS)):
         m = pattern.fullmatch(_add_variant(name, variant))
-        assert m is not None and (m["v"] == variant or _SHARD.fullmatch(variant))
+        assert m is not None and (m["v"] == variant or SHARD.fullmatch(variant))
         assert pattern.fullmatch(name) is None
+        assert weight_variant(_add_variant(name, variant)) == (None if SHARD.fullmatch(variant) else (variant, order))
 
 
 def test_subfolder_weights_are_kept_as_files(tmp_path, caplog):
@@ -530,3 +532,146 @@ def test_subfolder_weights_are_kept_as_files(tmp_path, caplog):
             assert dense.read_bytes() == (folders[t] / "2_Dense" / "model.safetensors").read_bytes()
             assert not (tmp_path / f"{t}-{how}" / "onnx").exists()
             assert not (tmp_path / f"{t}-{how}" / "value_head.safetensors").exists()
+
+
+def test_a_trainers_state_is_left_out(tmp_path, caplog):
+    """A trainer's output folder packed as a task: its checkpoint folders (Trainer's ``checkpoint-500/``
+    with a full model and an optimizer, DeepSpeed's ``global_step500/``, accelerate's ``checkpoint_2/``)
+    and state files anywhere (``optimizer.bin``, ``scheduler.pt``, ``random_states_0.pkl``,
+    ``training_args.bin``) were packed whole as folder files (``.pkl``, subfolder ``.bin``): left out,
+    named in one warning; a module's weights (``2_Dense/model.safetensors``) are still kept. Packed
+    on its own, a checkpoint folder leaves out its ``trainer_state.json`` too."""
+    from safetensors.torch import save_file
+
+    base = _small(0)
+    ft = tmp_path / "ft"
+    for d in ("checkpoint-500/global_step500", "checkpoint_2", "2_Dense"):
+        (ft / d).mkdir(parents=True)
+    save_file({k: v + 0.01 for k, v in base.items()}, ft / "model.safetensors")
+    (ft / "config.json").write_text("{}")
+    save_file({k: v + 0.02 for k, v in base.items()}, ft / "checkpoint-500" / "model.safetensors")
+    (ft / "checkpoint-500" / "optimizer.bin").write_bytes(b"\0" * 4096)
+    (ft / "checkpoint-500" / "trainer_state.json").write_text("{}")
+    (ft / "checkpoint-500" / "global_step500" / "mp_rank_00_model_states.pt").write_bytes(b"pt")
+    (ft / "checkpoint_2" / "random_states_0.pkl").write_bytes(b"pickle")
+    for name in ("optimizer.bin", "scheduler.pt", "random_states_0.pkl", "training_args.bin", "trainer_state.json"):
+        (ft / name).write_bytes(b"state")
+    save_file({"linear.weight": torch.ones(2, 2)}, ft / "2_Dense" / "model.safetensors")
+    (ft / "2_Dense" / "scaler.pt").write_bytes(b"scaler")
+    tallpack.pack(base, {"ft": ft}, tmp_path / "f.tallpack")
+    with tallpack.open(tmp_path / "f.tallpack") as fam:
+        assert set(fam.files("ft")) == {"config.json", "trainer_state.json", "2_Dense/model.safetensors"}
+    left = [r.getMessage() for r in caplog.records if "a trainer's state" in r.getMessage()]
+    assert left == [f"{ft}: 2_Dense/scaler.pt, checkpoint-500/, checkpoint_2/, optimizer.bin, random_states_0.pkl "
+                    "and 2 more left out of the archive: a trainer's state (checkpoints, optimizer, scheduler, "
+                    "random states, arguments), not the model's files"]
+    assert "kept whole as folder files" not in caplog.text
+
+    tallpack.pack(base, {"ckpt": ft / "checkpoint-500"}, tmp_path / "c.tallpack")
+    with tallpack.open(tmp_path / "c.tallpack") as fam:
+        assert fam.files("ckpt") == {}
+
+
+def test_folder_files_are_stored_a_chunk_at_a_time(tmp_path):
+    """A large kept file (a module's weights) was read whole into memory to hash and store it:
+    it is read a few chunks at a time, and comes back byte for byte."""
+    import tracemalloc
+
+    from safetensors.torch import save_file
+
+    base = _small(0)
+    ft = tmp_path / "ft"
+    (ft / "2_Dense").mkdir(parents=True)
+    save_file({k: v + 0.01 for k, v in base.items()}, ft / "model.safetensors")
+    big = ft / "2_Dense" / "model.safetensors"
+    big.write_bytes(os.urandom(8 << 20))
+    tracemalloc.start()
+    try:
+        tallpack.pack(base, {"ft": ft}, tmp_path / "f.tallpack", chunk_elements=1 << 16)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 4 << 20, peak
+    with tallpack.open(tmp_path / "f.tallpack") as fam:
+        assert fam.verify() == []
+        tallpack.write_task(fam, "ft", tmp_path / "out")
+    assert (tmp_path / "out" / "2_Dense" / "model.safetensors").read_bytes() == big.read_bytes()
+
+
+def test_a_variant_folder_unpacks_and_merges_to_what_from_pretrained_loads(tmp_path):
+    """``save_pretrained(variant="fp16")`` writes one ``model.fp16.safetensors``: its lossy unpack and
+    merge wrote that name, which ``from_pretrained(folder)`` does not load (a sharded variant's wrote
+    ``model.safetensors.index.json``, which it does): both now write transformers' plain names, and
+    ``unpack --exact`` gives back the original file."""
+    from transformers import LlamaForCausalLM
+
+    folders = {}
+    for i, name in enumerate(["base", "a", "b"]):
+        folders[name] = tmp_path / name
+        _llama(i).save_pretrained(folders[name], variant="fp16")
+    assert (folders["a"] / "model.fp16.safetensors").is_file()
+    tallpack.pack(folders["base"], {t: folders[t] for t in ("a", "b")}, tmp_path / "f.tallpack", exact=True)
+    with tallpack.open(tmp_path / "f.tallpack") as fam:
+        tallpack.write_task(fam, "a", tmp_path / "lossy")
+        tallpack.write_task(fam, "a", tmp_path / "exact", exact=True)
+        tallpack.write_merged(fam, tmp_path / "merged")
+    orig = LlamaForCausalLM.from_pretrained(folders["a"], variant="fp16").state_dict()
+    for out in ("lossy", "merged"):
+        assert not list((tmp_path / out).glob("model.fp16*"))
+        back = LlamaForCausalLM.from_pretrained(tmp_path / out).state_dict()
+        assert orig.keys() == back.keys()
+    assert all(torch.allclose(orig[k], back[k], atol=0.1) for k in orig)
+    assert (tmp_path / "exact" / "model.fp16.safetensors").read_bytes() == \
+        (folders["a"] / "model.fp16.safetensors").read_bytes()
+
+
+@pytest.mark.parametrize("shard", ["20KB", None])
+def test_an_earlier_variant_output_is_replaced(tmp_path, shard):
+    """``unpack --exact`` of a variant folder writes its own names (``model.safetensors.index.fp16.json``
+    and its shards, or ``model.fp16.safetensors``); a later ``unpack --force`` of another task left
+    them beside its own weights, and ``from_pretrained(folder, variant="fp16")`` silently loaded the
+    earlier task. They are removed, as an earlier plain output's weights are; other files stay."""
+    from transformers import LlamaForCausalLM
+
+    folders = {}
+    for i, name in enumerate(["base", "a", "b"]):
+        folders[name] = tmp_path / name
+        _llama(i).save_pretrained(folders[name], variant="fp16", **({"max_shard_size": shard} if shard else {}))
+    tallpack.pack(folders["base"], {t: folders[t] for t in ("a", "b")}, tmp_path / "f.tallpack", exact=True)
+    out = tmp_path / "out"
+    with tallpack.open(tmp_path / "f.tallpack") as fam:
+        tallpack.write_task(fam, "a", out, exact=True)
+        assert any(p.name.startswith("model.fp16") for p in out.iterdir())
+        (out / "model.fp16.notes.txt").write_text("mine")
+        tallpack.write_task(fam, "b", out, overwrite=True, max_shard_size="60KB")
+    names = sorted(p.name for p in out.iterdir())
+    assert not [n for n in names if "fp16" in n and n != "model.fp16.notes.txt"], names
+    assert "model.fp16.notes.txt" in names and "config.json" in names
+    orig = LlamaForCausalLM.from_pretrained(folders["b"], variant="fp16").state_dict()
+    back = LlamaForCausalLM.from_pretrained(out).state_dict()
+    assert all(torch.allclose(orig[k], back[k], atol=0.1) for k in orig)
+
+
+@settings(deadline=None)  # the first example imports transformers
+@given(st.sampled_from(["fp16", "bf16", "v1.2", "a-b"]),
+       st.lists(st.text(st.characters(blacklist_characters="/\0", blacklist_categories=("Cs",)), min_size=1,
+                        max_size=30), max_size=5))
+def test_earlier_weights_are_transformers_weight_sets_only(variant, others):
+    """``weights_among`` finds the plain and variant weight sets of an earlier output (and the shards
+    their indexes name), never another file, whatever its name."""
+    from transformers.modeling_utils import _add_variant
+
+    from tallpack.folders import weight_variant
+    from tallpack.sharding import weights_among
+
+    others = [o for o in others if weight_variant(o) is None and o not in ("model.safetensors.index.json",)]
+    index = _add_variant("model.safetensors.index.json", variant)
+    bin_index = _add_variant("pytorch_model.bin.index.json", variant)
+    sets = {_add_variant("model.safetensors", variant), _add_variant("pytorch_model.bin", variant), index, bin_index,
+            "model.safetensors"}
+    shards = {index: [f"model.{variant}-00001-of-00002.safetensors", "../up.safetensors", "config.json"],
+              bin_index: [f"pytorch_model.{variant}-00001-of-00002.bin", "notes.txt"]}
+    files = {n: json.dumps({"weight_map": {str(i): s for i, s in enumerate(shards.get(n, []))}}).encode()
+             for n in sets | {s for v in shards.values() for s in v} | set(others)}
+    found = weights_among(set(files), files.__getitem__, files.__contains__)
+    assert found == sets | {shards[index][0], shards[bin_index][0]}
