@@ -359,7 +359,8 @@ def _squares(d: torch.Tensor, dtype: torch.dtype, w: torch.Tensor | None) -> tup
     return (plain, None, over) if w is None else (float(torch.dot(d * w, d)), plain, over)
 
 
-_NUMPY_FLOATS = (torch.float16, torch.float32, torch.float64)
+#: dtypes numpy subtracts as torch does (names: torch is imported on first use, not with the module)
+_NUMPY_FLOATS = frozenset({"float16", "float32", "float64"})
 
 
 class _Errors:
@@ -383,7 +384,7 @@ class _Errors:
 
     def __call__(self, a: torch.Tensor) -> tuple[float, float | None, bool, int]:
         a = a.reshape(-1)
-        if a.dtype in _NUMPY_FLOATS:  # numpy widens and subtracts in one pass
+        if str(a.dtype).removeprefix("torch.") in _NUMPY_FLOATS:  # numpy widens and subtracts in one pass
             np.subtract(a.numpy(), self._np[0], out=self._np[1])
             d = self._d
         else:
