@@ -181,8 +181,10 @@ def _warn_originals_left(archive: "Archive", out: Path, written: Set[str]) -> No
     would take both. Names and sizes only: no file is read."""
     if is_url(out) or not Path(out).is_dir():
         return
+    removed = previous_weights(Path(out))  # an earlier output's weight sets go at the commit (variants too)
     left = sorted(n for n, size in _originals(archive).items()
-                  if n not in written and (Path(out) / n).is_file() and (Path(out) / n).stat().st_size == size)
+                  if n not in written and n not in removed and (Path(out) / n).is_file()
+                  and (Path(out) / n).stat().st_size == size)
     if left:
         log.warning("%s: left %s beside the weights written (of an original's name: an earlier exact unpack, "
                     "or the file a task was packed from); remove %s if not wanted", out, ", ".join(left),
