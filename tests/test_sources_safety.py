@@ -425,6 +425,22 @@ def test_a_checkpoint_cut_in_place_while_open_is_refused_not_a_crash(tmp_path, k
     assert line.startswith("refused:") and "shrank from" in line and str(path) in line and "\n" not in line, line
 
 
+def _save_over(path, tensors, how: str) -> None:
+    """Save ``tensors`` over the checkpoint at ``path`` while it is packed: a new file renamed over
+    it (an atomic save: "replaced") or the same file written again in place (a trainer's own
+    writer: "written over"); its mtime moved on, as a coarse clock would still show."""
+    nxt = path.parent / "next.safetensors"
+    save_file(tensors, nxt)
+    if how == "replaced":
+        os.replace(nxt, path)
+    else:
+        with open(path, "r+b") as f:
+            f.write(nxt.read_bytes())
+        nxt.unlink()
+    st = path.stat()
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))
+
+
 @pytest.mark.parametrize("exact", [False, True])
 @pytest.mark.parametrize("how", ["written over", "replaced"])
 def test_a_checkpoint_saved_over_while_it_packs_is_refused(tmp_path, exact, how) -> None:
@@ -441,17 +457,7 @@ def test_a_checkpoint_saved_over_while_it_packs_is_refused(tmp_path, exact, how)
 
     def progress(desc: str, i: int, total: int) -> None:
         if desc == "packing" and i == 2 and not done:
-            new = {k: v + 1.0 for k, v in old.items()}
-            if how == "replaced":  # a new file renamed over the old (an atomic save)
-                save_file(new, tmp_path / "next.safetensors")
-                os.replace(tmp_path / "next.safetensors", path)
-            else:  # the same file written again in place (a trainer's own writer)
-                save_file(new, tmp_path / "next.safetensors")
-                with open(path, "r+b") as f:
-                    f.write((tmp_path / "next.safetensors").read_bytes())
-                (tmp_path / "next.safetensors").unlink()
-            st = path.stat()
-            os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))  # a coarse clock still moves
+            _save_over(path, {k: v + 1.0 for k, v in old.items()}, how)
             done.append(1)
 
     out = tmp_path / "x.tallpack"
@@ -651,15 +657,7 @@ def test_a_prefix_matched_base_saved_over_while_it_packs_is_refused(tmp_path, ho
 
     def progress(desc: str, i: int, total: int) -> None:
         if desc == "packing" and i == 2 and not done:
-            save_file({k: v + 1.0 for k, v in base.items()}, tmp_path / "next.safetensors")
-            if how == "replaced":
-                os.replace(tmp_path / "next.safetensors", path)
-            else:
-                with open(path, "r+b") as f:
-                    f.write((tmp_path / "next.safetensors").read_bytes())
-                (tmp_path / "next.safetensors").unlink()
-            st = path.stat()
-            os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))  # a coarse clock still moves
+            _save_over(path, {k: v + 1.0 for k, v in base.items()}, how)
             done.append(1)
 
     out = tmp_path / "x.tallpack"

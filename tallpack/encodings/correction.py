@@ -37,6 +37,7 @@ from ..errors import FormatError
 from ..tall import Planar, reconstruct_planar
 from .base import ReadArray, TaskTensor, TensorEntry, Use, register_field
 from .exact import rebuild_exact
+from .qtau import float_blocks
 from .tall import Tall
 
 KINDS = ("sparse", "quant", "exact")
@@ -103,15 +104,7 @@ def quant_encode_widths(r: torch.Tensor, widths: Iterable[int], block: int, *, d
                         ) -> Iterator[tuple[np.ndarray, np.ndarray, torch.Tensor | None]]:
     """``quant_encode`` at each of ``widths`` in turn, the blocks and their maxima found once, each
     with its ``quant_decode`` (bit for bit, without decoding the arrays) when ``deq``."""
-    r = r.reshape(-1).to(torch.float32)
-    n = r.numel()
-    nb = -(-n // block)
-    if n == nb * block:
-        blocks = r.reshape(nb, block)
-    else:
-        blocks = torch.zeros(nb * block, dtype=torch.float32)
-        blocks[:n] = r
-        blocks = blocks.reshape(nb, block)
+    blocks, n, nb = float_blocks(r, block)
     amax = blocks.abs().amax(dim=1)
     for bits in widths:
         qmax = (1 << (bits - 1)) - 1

@@ -81,6 +81,19 @@ def quantize(tau: torch.Tensor, bits: int, block: int = BLOCK,
     return codes, scales
 
 
+def float_blocks(x: torch.Tensor, block: int) -> tuple[torch.Tensor, int, int]:
+    """``x`` flat in float32 as ``[blocks, block]`` rows (the last padded with zeros), with its
+    element and block counts."""
+    x = x.reshape(-1).to(torch.float32)
+    n = x.numel()
+    nb = -(-n // block)
+    if n == nb * block:
+        return x.reshape(nb, block), n, nb
+    blocks = torch.zeros(nb * block, dtype=torch.float32)
+    blocks[:n] = x
+    return blocks.reshape(nb, block), n, nb
+
+
 def quantize_widths(tau: torch.Tensor, widths: Iterable[int], block: int = BLOCK, half: bool | None = None,
                     *, deq: bool = True) -> Iterator[tuple[np.ndarray, np.ndarray, torch.Tensor | None]]:
     """``quantize`` at each of ``widths`` in turn, the blocks and their maxima found once, each with
@@ -89,15 +102,7 @@ def quantize_widths(tau: torch.Tensor, widths: Iterable[int], block: int = BLOCK
     >>> [codes.size for codes, _, _ in quantize_widths(torch.randn(1000), (2, 8))]
     [250, 1000]
     """
-    tau = tau.reshape(-1).to(torch.float32)
-    n = tau.numel()
-    nb = -(-n // block)
-    if n == nb * block:
-        blocks = tau.reshape(nb, block)
-    else:
-        blocks = torch.zeros(nb * block, dtype=torch.float32)
-        blocks[:n] = tau
-        blocks = blocks.reshape(nb, block)
+    blocks, n, nb = float_blocks(tau, block)
     amax = blocks.abs().amax(dim=1) if nb else None
     for bits in widths:
         if bits not in BITS:
