@@ -344,19 +344,33 @@ def overflow_error(dtype: torch.dtype) -> float:
     return 2.0 * float(torch.finfo(dtype).max)
 
 
-def _squares(d: torch.Tensor, dtype: torch.dtype, w: torch.Tensor | None) -> tuple[float, float | None, int]:
+def sum_squares(d: torch.Tensor, w: torch.Tensor | None = None, scratch: np.ndarray | None = None) -> float:
+    """``Σ d²`` (or ``Σ w·d²``) of float64 ``d`` in numpy's pairwise order: the same float on every
+    machine and thread count, where BLAS's ``dot`` sums in another order with each thread count (the
+    dial's choices, and so an archive's bytes, followed the machine's cores). ``scratch``: a float64
+    buffer of ``d``'s size to reuse."""
+    x = d.reshape(-1).numpy()
+    sq = np.square(x, out=scratch if scratch is not None and scratch.shape == x.shape else None)
+    if w is not None:
+        np.multiply(sq, w.reshape(-1).numpy(), out=sq)
+    return float(np.add.reduce(sq))
+
+
+def _squares(d: torch.Tensor, dtype: torch.dtype, w: torch.Tensor | None,
+             scratch: np.ndarray | None = None) -> tuple[float, float | None, int]:
     """The sum of squares of float64 differences ``d`` as (weighted by ``w``, plain, elements
-    that are +-inf or NaN), or (plain, None, ...) without weights; an element that is not finite
-    counts as ``overflow_error(dtype)``. A finite plain sum has none: only then are they looked for."""
-    plain = float(torch.dot(d, d))
+    that are +-inf or NaN), or (plain, None, ...) without weights (``sum_squares``); an element
+    that is not finite counts as ``overflow_error(dtype)``. A finite plain sum has none: only then
+    are they looked for."""
+    plain = sum_squares(d, None, scratch)
     over = 0
     if not math.isfinite(plain):
         bad = ~torch.isfinite(d)
         over = int(torch.count_nonzero(bad))
         if over:
             d = torch.where(bad, overflow_error(dtype), d)
-            plain = float(torch.dot(d, d))
-    return (plain, None, over) if w is None else (float(torch.dot(d * w, d)), plain, over)
+            plain = sum_squares(d, None, scratch)
+    return (plain, None, over) if w is None else (sum_squares(d, w, scratch), plain, over)
 
 
 #: dtypes numpy subtracts as torch does (names: torch is imported on first use, not with the module)
@@ -376,10 +390,11 @@ class _Errors:
         self.wide = self.original.to(torch.float64)
         self._d = torch.empty_like(self.wide)
         self._np = (self.wide.numpy(), self._d.numpy())
+        self._sq = np.empty_like(self._np[0])  # the squares, summed in a fixed order (``sum_squares``)
 
     def norm(self) -> tuple[float, float | None]:
         """The original's own sum of squares, as (weighted, plain) or (plain, None)."""
-        sq, plain, _ = _squares(self.wide, self.original.dtype, self.w)
+        sq, plain, _ = _squares(self.wide, self.original.dtype, self.w, self._sq)
         return sq, plain
 
     def __call__(self, a: torch.Tensor) -> tuple[float, float | None, bool, int]:
@@ -389,7 +404,7 @@ class _Errors:
             d = self._d
         else:
             d = self._d.copy_(a).sub_(self.wide)
-        err, plain, over = _squares(d, a.dtype, self.w)
+        err, plain, over = _squares(d, a.dtype, self.w, self._sq)
         exact = (err if plain is None else plain) == 0 and same_bits(a, self.original)
         return err, plain, exact, over
 

@@ -551,8 +551,11 @@ def test_a_zero_task_under_a_budget_records_what_it_rebuilds(tmp_path):
 
 
 def _plain_error(a: torch.Tensor, b: torch.Tensor, w: torch.Tensor | None = None):
-    """The dial's squared error as first written: the float64 difference of the whole tensor, an
-    element that is not finite counted as twice the dtype's largest value off, then its dots."""
+    """The dial's squared error as a formula: the float64 difference of the whole tensor, an
+    element that is not finite counted as twice the dtype's largest value off, then the sums of
+    its squares (weighted: times ``w``) in numpy's pairwise order."""
+    import numpy as np
+
     from tallpack.dial import overflow_error, same_bits
 
     d = a.reshape(-1).to(torch.float64) - b.reshape(-1).to(torch.float64)
@@ -560,9 +563,30 @@ def _plain_error(a: torch.Tensor, b: torch.Tensor, w: torch.Tensor | None = None
     over = int(torch.count_nonzero(bad))
     if over:
         d = torch.where(bad, overflow_error(a.dtype), d)
-    plain = float(torch.dot(d, d))
+    sq = np.square(d.numpy())
+    plain = float(np.sum(sq))
     exact = plain == 0 and same_bits(a, b)
-    return (plain, None, exact, over) if w is None else (float(torch.dot(d * w, d)), plain, exact, over)
+    return (plain, None, exact, over) if w is None else (float(np.sum(sq * w.numpy())), plain, exact, over)
+
+
+def test_the_dials_errors_do_not_depend_on_the_thread_count():
+    """The dial's float64 sums went through BLAS's dot, which sums in another order with 1, 2 or 4
+    threads: its choices, and so an archive's bytes, followed the machine's core count."""
+    from tallpack.dial import _Errors
+
+    g = _gen(11)
+    b = torch.randn(1 << 22, generator=g)
+    a = b + torch.randn(1 << 22, generator=g) * 1e-3
+    w = torch.rand(1 << 22, generator=g, dtype=torch.float64)
+    before = torch.get_num_threads()
+    got = set()
+    try:
+        for threads in (1, 2, 4):
+            torch.set_num_threads(threads)
+            got.add((_Errors(b, None)(a), _Errors(b, w)(a), _Errors(b, w).norm()))
+    finally:
+        torch.set_num_threads(before)
+    assert len(got) == 1, got
 
 
 @settings(max_examples=80, deadline=None)
