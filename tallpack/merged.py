@@ -8,7 +8,8 @@ they are. The alpha-independent parts are read once.
 from __future__ import annotations
 
 import logging
-from typing import Protocol
+import weakref
+from typing import Any, Protocol
 
 from ._torch import cpu_default, torch
 from .arrays import ArrayRef
@@ -30,6 +31,10 @@ from .tall import tall_mask, task_vector
 MERGED_ENCODINGS = frozenset((*TALL_ENCODINGS, "qtau"))
 
 log = logging.getLogger(__name__)
+
+#: per open archive, the merged models whose left-out tensors were said: once each, not at every
+#: ``merged()`` call (a server building merged models over and over)
+_SAID: "weakref.WeakKeyDictionary[Any, set[tuple[str, int]]]" = weakref.WeakKeyDictionary()
 
 
 class Family(Protocol):
@@ -297,10 +302,18 @@ class MergeParts:
         return over
 
     def _warn_left_out(self) -> None:
-        """Say once which tensors every task has that this merged model lacks, and why."""
+        """Say once which tensors every task has that this merged model lacks, and why (once per
+        model of an open archive, not once per call)."""
         if self._warned:
             return
         self._warned = True
+        try:
+            said = _SAID.setdefault(self._family, set())
+        except TypeError:  # a family that takes no weak reference: once per MergeParts
+            said = set()
+        if (self.model, self.k) in said:
+            return
+        said.add((self.model, self.k))
         some = self.in_some_tasks
         if some:
             shown = ", ".join(map(repr, some[:SHOWN_NAMES])) + (", ..." if len(some) > SHOWN_NAMES else "")

@@ -87,7 +87,7 @@ def test_a_dropped_base_only_tensor_is_said_at_pack_and_at_merge(tie_family, tmp
         assert "lm_head.weight" not in fam.merged()
         tallpack.write_merged(fam, tmp_path / "merged")
     said = [r.getMessage() for r in caplog.records if "holds no copy" in r.getMessage()]
-    assert len(said) == 2 and "4096 bytes" in said[0] and "--keep-base-only" in said[0], said
+    assert len(said) == 1 and "4096 bytes" in said[0] and "--keep-base-only" in said[0], said  # once an archive
     assert "lm_head.weight" in _loading_info(tmp_path / "merged")["missing_keys"]  # what the warning is about
 
 
@@ -216,3 +216,27 @@ def test_a_merged_models_index_claims_no_parameter_count_it_does_not_hold(tmp_pa
     assert ("total_parameters" in index["metadata"]) == (not left_out), index["metadata"]
     if not left_out:
         assert index["metadata"]["total_parameters"] == total
+
+
+def test_a_merged_models_left_out_tensors_are_said_once_per_open_archive(tmp_path, caplog):
+    """A server that builds merged models over and over (`fam.merged()` per request) logged the
+    left-out warning at every call; it is said once per model of an open archive."""
+    g = torch.Generator().manual_seed(1)
+    base = {"w": torch.randn(16, 16, generator=g), "head.weight": torch.randn(3, 16, generator=g)}
+    tasks = {t: {"w": base["w"] + 0.01 * torch.randn(16, 16, generator=g),
+                 "head.weight": torch.randn(n, 16, generator=g)} for t, n in (("a", 3), ("b", 5))}
+    tallpack.pack(base, tasks, tmp_path / "f.tallpack")
+
+    def said() -> int:
+        return sum("left out of the" in r.getMessage() for r in caplog.records)
+
+    with caplog.at_level(logging.WARNING, logger="tallpack"):
+        with tallpack.open(tmp_path / "f.tallpack") as fam:
+            for _ in range(3):
+                assert "head.weight" not in fam.merged()
+            assert said() == 1
+            fam.merged("ta")  # another model: said for it too
+            assert said() == 2
+        with tallpack.open(tmp_path / "f.tallpack") as fam:  # another open archive: said again
+            fam.merged()
+            assert said() == 3
