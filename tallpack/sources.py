@@ -11,9 +11,9 @@ What is refused, at open time (before anything is written), with a one-line
 - tensors without plain dense data: sparse (COO, CSR, CSC, BSR, BSC), other layouts (mkldnn),
   nested, meta (no data), quantized tensors, and tensor subclasses other than ``Parameter`` and
   ``Buffer`` (fake, distributed or wrapper tensors). Views, transposes and slices are fine.
-- a sharded folder whose shards do not hold each tensor once, where its index says: a tensor
-  in two shards, a tensor the index names but no shard holds (or another shard than the index
-  says), or one a shard holds that the index does not list.
+- a sharded folder with a tensor in two shards. (An index that lists a tensor no shard holds,
+  names another shard than the one holding it, or leaves out one a shard holds is packed as
+  transformers loads it, every tensor of every shard, with a warning.)
 
 Paths in a model folder stay in the folder. The folder itself may be a link (the user named it),
 and so may a single file passed directly. Inside a folder, links (of files or of subfolders) are
