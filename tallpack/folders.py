@@ -49,17 +49,25 @@ ReadBytes = Callable[[ArrayRef, str], "bytes | bytearray | memoryview"]
 ReadRange = Callable[[ArrayRef, str, int, int], "bytes | bytearray | memoryview"]
 
 
+#: The stem of diffusers' weight files (a pipeline component's ``unet/diffusion_pytorch_model.safetensors``),
+#: which diffusers names as transformers names ``model``/``pytorch_model``: the same suffixes, variants and shards.
+DIFFUSERS = "diffusion_pytorch_model"
 #: transformers' weight-set names with a variant, as ``save_pretrained(variant="fp16")`` writes them
 #: and ``from_pretrained(variant="fp16")`` reads them (transformers' ``_add_variant``), in the order it
 #: looks for them: ``model.fp16.safetensors``, ``model.safetensors.index.fp16.json`` (naming
 #: ``model.fp16-00001-of-00002.safetensors``, ...), ``pytorch_model.fp16.bin``,
-#: ``pytorch_model.bin.index.fp16.json``; each with its kind and whether it is a shard index. Weight
-#: files, not folder files: read by the sources, removed by an output written over them.
+#: ``pytorch_model.bin.index.fp16.json``; then diffusers' same names of ``diffusion_pytorch_model``;
+#: each with its kind and whether it is a shard index. Weight files, not folder files: read by the
+#: sources, removed by an output written over them.
 VARIANT_SETS = tuple((re.compile(re.escape(a) + r"\.(?P<v>[^/]+?)\." + re.escape(b)), kind, indexed)
                      for (a, b), kind, indexed in ((("model", "safetensors"), "safetensors", False),
                                                    (("model.safetensors.index", "json"), "safetensors", True),
                                                    (("pytorch_model", "bin"), "torch", False),
-                                                   (("pytorch_model.bin.index", "json"), "torch", True)))
+                                                   (("pytorch_model.bin.index", "json"), "torch", True),
+                                                   ((DIFFUSERS, "safetensors"), "safetensors", False),
+                                                   ((f"{DIFFUSERS}.safetensors.index", "json"), "safetensors", True),
+                                                   ((DIFFUSERS, "bin"), "torch", False),
+                                                   ((f"{DIFFUSERS}.bin.index", "json"), "torch", True)))
 #: A shard's name (``model-00001-of-00002``), which is no variant.
 SHARD = re.compile(r".*-\d+-of-\d+")
 
@@ -76,6 +84,19 @@ def weight_variant(name: str) -> tuple[str, int] | None:
         if m and not SHARD.fullmatch(m["v"]):
             return m["v"], order
     return None
+
+
+def plain_name(name: str) -> str:
+    """A weight file's name without its variant: the name a folder is loaded by without ``variant=``.
+
+    >>> plain_name("diffusion_pytorch_model.fp16.safetensors"), plain_name("model-00001-of-00002.safetensors")
+    ('diffusion_pytorch_model.safetensors', 'model-00001-of-00002.safetensors')
+    """
+    w = weight_variant(name)
+    if w is None:
+        return name
+    return name.replace(f".index.{w[0]}.json", ".index.json") if VARIANT_SETS[w[1]][2] else \
+        name.replace(f".{w[0]}.", ".", 1)
 
 
 def check_file_name(name: object) -> str:

@@ -35,7 +35,7 @@ from .fsutil import atomic_write, make_folder, remove_found_on_commit
 from .limits import MAX_DEPTH
 from .merging import METHODS, MergeMethod
 from .progress import ProgressLike, track
-from .sharding import previous_weights
+from .sharding import previous_in
 from .sources import _ST_DTYPES, Source
 
 if TYPE_CHECKING:
@@ -73,20 +73,26 @@ def _header_text(path: Path) -> str:
 def record(src: Source) -> dict[str, Any]:
     """What the exact tier keeps of one input's files (``tasks[i].exact`` in the manifest)."""
     files = []
+    prefixes: dict[Path, str] = getattr(src, "prefixes", {})  # a pipeline's component of each file
+
+    def named(path: Path) -> str:
+        return os.path.relpath(path, src.root).replace(os.sep, "/") if src.root else path.name
+
     for path in src.weight_files:
-        name = os.path.relpath(path, src.root).replace(os.sep, "/") if src.root else path.name
         sha, size = _sha256(path)
-        f: dict[str, Any] = {"name": name, "size": size, "sha256": sha}
+        f: dict[str, Any] = {"name": named(path), "size": size, "sha256": sha}
         if path.suffix == ".safetensors":
             f["role"] = "safetensors"
             f["header"] = _header_text(path)
+            if prefixes.get(path):
+                f["prefix"] = prefixes[path]
             _layout(f, src.keys(), set(), str(path))  # refuse what cannot be rebuilt, at pack time
         else:
             f["role"] = "torch"
         files.append(f)
     for path in src.other_files:
         data = path.read_bytes()
-        f = {"name": path.name, "size": len(data), "sha256": hashlib.sha256(data).hexdigest(), "role": "file"}
+        f = {"name": named(path), "size": len(data), "sha256": hashlib.sha256(data).hexdigest(), "role": "file"}
         try:
             f["text"] = data.decode("utf-8")
         except UnicodeDecodeError:
@@ -109,6 +115,9 @@ def _layout(f: dict[str, Any], keys, seen: set, where: str) -> list[tuple[int, i
         raise FormatError(f"{label}: bad safetensors header ({str(e)[:200]})") from None
     if not isinstance(doc, dict):
         raise FormatError(f"{label}: bad safetensors header (not a JSON object)")
+    prefix = f.get("prefix", "")  # a pipeline component's file: its tensors are the task's PREFIX + name
+    if not _prefix_ok(prefix, f.get("name")):
+        raise FormatError(f"{label}: prefix {prefix!r:.80} is not the record's folder followed by '/'")
     spans = []
     for k, v in doc.items():
         if k == "__metadata__":
@@ -118,7 +127,7 @@ def _layout(f: dict[str, Any], keys, seen: set, where: str) -> list[tuple[int, i
                 and _naturals(v.get("shape"))):
             raise FormatError(f"{label}: bad safetensors header (tensor {k!r:.200} needs a known dtype, a shape "
                               "and two data_offsets, of non-negative integers)")
-        spans.append((v["data_offsets"][0], v["data_offsets"][1], k, _ST_DTYPES[dt], tuple(v["shape"])))
+        spans.append((v["data_offsets"][0], v["data_offsets"][1], prefix + k, _ST_DTYPES[dt], tuple(v["shape"])))
     spans.sort()
     pos = 0
     for begin, end, name, _, _ in spans:
@@ -130,6 +139,23 @@ def _layout(f: dict[str, Any], keys, seen: set, where: str) -> list[tuple[int, i
     if 8 + len(header) + pos != f.get("size"):
         raise FormatError(f"{label}: header and tensors do not add up to {f.get('size')} bytes")
     return spans
+
+
+def _prefix_ok(prefix: Any, name: Any) -> bool:
+    """Whether a record's ``prefix`` (spec §6.5) is ``""`` or the folder of its ``name`` and a
+    ``/`` (``unet/`` of ``unet/diffusion_pytorch_model.safetensors``), a folder of one component."""
+    if prefix == "":
+        return True
+    return (isinstance(prefix, str) and isinstance(name, str) and prefix.endswith("/") and prefix.count("/") == 1
+            and name.startswith(prefix) and "/" not in name[len(prefix):] and _name_ok(prefix[:-1]))
+
+
+def _name_ok(name: str) -> bool:
+    try:
+        check_file_name(name)
+    except FormatError:
+        return False
+    return True
 
 
 def _naturals(value: Any, n: int | None = None) -> bool:
@@ -168,6 +194,8 @@ def _check_record(f: dict[str, Any], where: str) -> None:
         raise FormatError(f"{label}: {e}") from None
     if role == "safetensors" and not isinstance(f.get("header"), str):
         raise FormatError(f"{label}: a safetensors record without its header text")
+    if role == "safetensors" and not _prefix_ok(f.get("prefix", ""), f["name"]):
+        raise FormatError(f"{label}: prefix {f.get('prefix')!r:.80} is not the record's folder followed by '/'")
     if role == "file" and not isinstance(f.get("base64" if "base64" in f else "text"), str):
         raise FormatError(f"{label}: a file record without its text or base64 content")
 
@@ -281,9 +309,9 @@ def write_originals(archive: "Archive", task: str, outdir: str | os.PathLike) ->
             _check(archive, task, f, h, size)
 
         written.append(atomic_write(target, write))
-    if tensor_files:  # the weights of an earlier output here that these files do not replace
+    if tensor_files:  # the weights of an earlier output here (a pipeline's: in its folders) these do not replace
         ours = {p.relative_to(out).as_posix() for p in written}
-        remove_found_on_commit(out, lambda: previous_weights(out) - ours)
+        remove_found_on_commit(out, lambda: previous_in(out, dict.fromkeys(ours)) - ours)
     return written, tensor_files
 
 

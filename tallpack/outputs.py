@@ -33,7 +33,8 @@ from .merging import check_alpha, default_alpha, is_consensus
 from .merged import default_model
 from .originals import rebuilt_whole, write_originals
 from .progress import Labelled, ProgressLike
-from .sharding import INDEX, SINGLE, needs_index, plain_weights, plan_by_size, plan_from_layout, previous_weights, weights_among, write_shards
+from .sharding import (INDEX, SINGLE, plain_weights, plan_by_size, plan_components_by_size, plan_from_layout, planned_files, previous_in,
+                       previous_weights, weights_among, write_shards)
 from .staging import check_planned, local_path, staged
 from .storage import is_url
 
@@ -81,11 +82,12 @@ def write_checkpoint(
         plan = None
         if max_shard_size is not None:
             sizes = sizes or {k: state_dict[k].numel() * state_dict[k].element_size() for k in keys}
-            plan = plan_by_size({k: sizes[k] for k in keys}, max_shard_size)
+            plan = (plan_components_by_size({k: sizes[k] for k in keys}, (layout or {}).get("shards"), max_shard_size)
+                    or plan_by_size({k: sizes[k] for k in keys}, max_shard_size))  # a pipeline: each component
         elif layout:
             plan = plan_from_layout(keys, layout.get("shards"))
         plan = plan or {SINGLE: keys}
-        names = {*plan, *([INDEX] if needs_index(plan) else []), *(["config.json"] if config is not None else [])}
+        names = {*planned_files(plan), *(["config.json"] if config is not None else [])}
         check_no_clash([*names, *also], str(out) if where is None else where)
         for fname in [*sorted(names), *also]:
             tx.check(out / fname)  # before anything is written
@@ -93,12 +95,19 @@ def write_checkpoint(
         # The weights of an earlier write in this folder that the new layout does not have (a
         # model.safetensors beside new shards would be loaded instead of them; shards and an index
         # of another layout would mislead) are removed when the new files are in place.
-        tx.remove_found_on_commit(out, lambda: previous_weights(out) - names)
+        tx.remove_found_on_commit(out, lambda: previous_in(out, plan) - names)
         target = write_shards(state_dict, plan, out, metadata=meta, sizes=sizes,
-                              index_metadata=(layout or {}).get("index_metadata"), progress=progress, specs=specs)
+                              index_metadata=(layout or {}).get("index_metadata"), progress=progress, specs=specs,
+                              components=_components(layout))
         if config is not None:
             atomic_write(out / "config.json", lambda tmp: tmp.write_text(json.dumps(config, indent=2) + "\n"))
         return target
+
+
+def _components(layout: Mapping[str, Any] | None) -> Mapping[str, Any] | None:
+    """A recorded pipeline layout's ``components`` (each one's index metadata), where it is an object."""
+    c = (layout or {}).get("components")
+    return c if isinstance(c, Mapping) else None
 
 
 def task_metadata(archive: "Archive", task: str) -> tuple[dict[str, Any], dict[str, Any] | None]:

@@ -27,8 +27,8 @@ from typing import IO, Any
 
 from ._torch import torch
 from .dtypes import SAFETENSORS_DTYPES, dtype_name, tensor_to_bytes
-from .errors import InvalidArgumentError
-from .folders import VARIANT_SETS, weight_variant
+from .errors import FormatError, InvalidArgumentError
+from .folders import DIFFUSERS, VARIANT_SETS, check_file_name, safe_target, weight_variant
 from .fsutil import atomic_write
 from .progress import ProgressLike, track
 
@@ -36,6 +36,9 @@ log = logging.getLogger(__name__)
 
 SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"
+#: diffusers' names of the same (a pipeline component's, ``unet/diffusion_pytorch_model.safetensors``)
+DIFFUSERS_SINGLE = f"{DIFFUSERS}.safetensors"
+DIFFUSERS_INDEX = f"{DIFFUSERS}.safetensors.index.json"
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 
@@ -89,7 +92,7 @@ def plan_by_size(sizes: Mapping[str, int], max_shard_size: int | str) -> dict[st
 _SHARD_NAME = re.compile(r".*-\d+-of-\d+\.safetensors")
 
 
-def needs_index(plan: Mapping[str, Any]) -> bool:
+def needs_index(plan: Mapping[str, Any] | Sequence[str]) -> bool:
     """Whether a plan's files make a model only with ``model.safetensors.index.json``: several
     files, or one shard (``model-00001-of-00001.safetensors``); one file of another name
     (``model.safetensors``, a PEFT adapter's ``adapter_model.safetensors``) is loaded by its name."""
@@ -101,6 +104,28 @@ def _shard_file(name: Any) -> str | None:
             and "\\" not in name and name not in (".safetensors",) and not name.startswith(".")):
         return name
     return None
+
+
+def _layout_file(name: Any) -> tuple[str, str] | None:
+    """A recorded run's file as ``(component, file)``: ``unet/diffusion_pytorch_model.safetensors``
+    as ``("unet", "diffusion_pytorch_model.safetensors")``, a plain name with component ``""``; None
+    for any other name (more than one folder, a folder no file name may have)."""
+    if not isinstance(name, str):
+        return None
+    component, _, f = name.rpartition("/")
+    if component:
+        try:
+            check_file_name(component)
+        except FormatError:
+            return None
+        if component.startswith(".") or "/" in component:
+            return None
+    f2 = _shard_file(f)
+    return None if f2 is None else (component, f2)
+
+
+def _joined(component: str, f: str) -> str:
+    return f"{component}/{f}" if component else f
 
 
 def plan_from_layout(keys: Sequence[str], shards: Any) -> dict[str, list[str]] | None:
@@ -115,38 +140,134 @@ def plan_from_layout(keys: Sequence[str], shards: Any) -> dict[str, list[str]] |
     """
     if not isinstance(shards, list) or not shards:
         return None
-    if len(shards) > len(keys):  # more runs than tensors: only runs of 0 could explain it
+    components = any(isinstance(r, list) and r and isinstance(r[0], str) and "/" in r[0] for r in shards)
+    if len(shards) > len(keys) and not components:  # more runs than tensors: only runs of 0 could explain it
         log.warning("ignoring a recorded shard layout of %d runs for %d tensors", len(shards), len(keys))
         return None
-    runs: list[tuple[str, int]] = []
+    runs: list[tuple[str, str, int]] = []
     total = 0
     for run in shards:
         if not (isinstance(run, list) and len(run) == 2 and type(run[1]) is int and run[1] >= 0):
             log.warning("ignoring a recorded shard layout with a run that is not [file name, count >= 0]")
             return None
-        f = _shard_file(run[0])
-        if f is None:
+        where = _layout_file(run[0])
+        if where is None:
             log.warning("ignoring a recorded shard layout with a bad file name %.80r",
                         run[0] if isinstance(run[0], str) else type(run[0]).__name__)
             return None
         total += run[1]
-        runs.append((f, run[1]))
+        runs.append((*where, run[1]))
+    if any(c for c, _, _ in runs):
+        return _plan_components(keys, runs)
     if total != len(keys):  # a different key list (a merged model): match by position only if equal
         return None
     plan: dict[str, list[str]] = {}
     pos = 0
-    for f, n in runs:
+    for _, f, n in runs:
         plan.setdefault(f, []).extend(keys[pos : pos + n])
         pos += n
     return {f: names for f, names in plan.items() if names} or None
 
 
+_SHARD_SUFFIX = re.compile(r"-\d+-of-\d+(?=\.safetensors$)")
+
+
+def _plan_components(keys: Sequence[str], runs: list[tuple[str, str, int]]) -> dict[str, list[str]] | None:
+    """A layout of components (a diffusers pipeline's ``unet/...``, spec §3.6): each key
+    ``COMPONENT/NAME`` goes to its component's files, the component's runs taken by position over
+    its own keys when their counts add up, else (a merged model's keys) to one file of the
+    component's first file name, unsharded; a key of no recorded component to ``model.safetensors``.
+
+    >>> plan_from_layout(["u/a", "u/b", "t/c"], [["u/x-00001-of-00002.safetensors", 1],
+    ...                  ["u/x-00002-of-00002.safetensors", 1], ["t/model.safetensors", 1]])
+    {'u/x-00001-of-00002.safetensors': ['u/a'], 'u/x-00002-of-00002.safetensors': ['u/b'], 't/model.safetensors': ['t/c']}
+    """
+    recorded: dict[str, list[tuple[str, int]]] = {}
+    for c, f, n in runs:
+        recorded.setdefault(c, []).append((f, n))
+    groups: dict[str, list[str]] = {}
+    for k in keys:
+        c = k.partition("/")[0] if "/" in k else ""
+        groups.setdefault(c if c in recorded else "", []).append(k)
+    plan: dict[str, list[str]] = {}
+    for c, names in groups.items():
+        mine = recorded.get(c, [])
+        if sum(n for _, n in mine) == len(names):
+            pos = 0
+            for f, n in mine:
+                plan.setdefault(_joined(c, f), []).extend(names[pos : pos + n])
+                pos += n
+        else:
+            plan.setdefault(_joined(c, _SHARD_SUFFIX.sub("", mine[0][0]) if mine else SINGLE), []).extend(names)
+    return {f: names for f, names in plan.items() if names} or None
+
+
+def plan_components_by_size(sizes: Mapping[str, int], shards: Any, max_shard_size: int | str
+                            ) -> dict[str, list[str]] | None:
+    """``plan_by_size`` for each component of a recorded component layout (spec §3.6), its shards
+    named as its recorded files are (``unet/diffusion_pytorch_model-00001-of-00003.safetensors``);
+    None for a layout of no components (then one model is sharded as a whole)."""
+    plan = plan_from_layout(list(sizes), shards) if isinstance(shards, list) and any(
+        isinstance(r, list) and r and isinstance(r[0], str) and "/" in r[0] for r in shards) else None
+    if plan is None:
+        return None
+    limit = parse_size(max_shard_size)
+    out: dict[str, list[str]] = {}
+    groups: dict[str, tuple[str, list[str]]] = {}
+    for fname, names in plan.items():
+        c, _, f = fname.rpartition("/")
+        groups.setdefault(c, (_SHARD_SUFFIX.sub("", f).removesuffix(".safetensors"), []))[1].extend(names)
+    for c, (stem, names) in groups.items():
+        mine = plan_by_size({n: sizes[n] for n in names}, limit)
+        for f, group in mine.items():
+            f = f.replace("model", stem, 1) if f != SINGLE else f"{stem}.safetensors"
+            out[_joined(c, f)] = group
+    return out
+
+
+def index_name(files: Sequence[str]) -> str:
+    """The shard index that makes ``files`` (of one folder) a model: diffusers' for its names,
+    transformers' for any other (a variant's shards' too, which a loader then takes without
+    ``variant=``).
+
+    >>> index_name(["diffusion_pytorch_model.fp16-00001-of-00002.safetensors"]), index_name(["model.safetensors"])
+    ('diffusion_pytorch_model.safetensors.index.json', 'model.safetensors.index.json')
+    """
+    stem = _SHARD_SUFFIX.sub("", files[0]).removesuffix(".safetensors").split(".")[0] if files else ""
+    return DIFFUSERS_INDEX if stem == DIFFUSERS else INDEX
+
+
+def _by_folder(plan: Mapping[str, Any]) -> dict[str, list[str]]:
+    """A plan's file names by component folder (``""``: the output folder itself)."""
+    out: dict[str, list[str]] = {}
+    for fname in plan:
+        c, _, f = fname.rpartition("/")
+        out.setdefault(c, []).append(f)
+    return out
+
+
+def planned_files(plan: Mapping[str, Any]) -> list[str]:
+    """The files ``write_shards`` writes for ``plan``: its own and each folder's index where one is needed."""
+    return [*plan, *(_joined(c, index_name(fs)) for c, fs in _by_folder(plan).items() if needs_index(fs))]
+
+
+def planned_folders(plan: Mapping[str, Any]) -> list[str]:
+    """The component folders of a plan (none for a single model's)."""
+    return [c for c in _by_folder(plan) if c]
+
+
 def write_shards(tensors: Mapping[str, torch.Tensor], plan: Mapping[str, list[str]], outdir: Path, *,
                  metadata: Mapping[str, str] | None = None, index_metadata: Mapping[str, Any] | None = None,
                  sizes: Mapping[str, int] | None = None, progress: ProgressLike = None,
-                 specs: Mapping[str, tuple[torch.dtype, tuple[int, ...]]] | None = None) -> Path:
+                 specs: Mapping[str, tuple[torch.dtype, tuple[int, ...]]] | None = None,
+                 components: Mapping[str, Any] | None = None) -> Path:
     """Write ``plan``'s files (each atomically) and, for more than one,
     ``model.safetensors.index.json``; returns the single file or the index.
+
+    A plan of component files (``unet/diffusion_pytorch_model.safetensors``, from a pipeline's
+    layout) writes each component's tensors without the ``unet/`` in front into its folder, with
+    the folder's own index where its files need one (``index_name``; ``components[c]
+    ["index_metadata"]`` in it), and returns the output folder.
 
     With ``specs`` (each tensor's dtype and shape, known without reading it) and a lazy
     ``tensors`` mapping, each tensor is read as it is written: one tensor in memory at a time;
@@ -154,33 +275,50 @@ def write_shards(tensors: Mapping[str, torch.Tensor], plan: Mapping[str, list[st
     meta = {"format": "pt", **(metadata or {})}
     names = [n for group in plan.values() for n in group]
     steps = iter(track(names, progress, "writing", len(names)))
-    weight_map: dict[str, str] = {}
-    total = 0
+    weight_maps: dict[str, dict[str, str]] = {}  # component folder -> its index's weight_map
+    totals: dict[str, int] = {}
     for fname, group in plan.items():
+        c, _, f = fname.rpartition("/")
+        inner = {n[len(c) + 1:] if c else n: n for n in group}  # name in the file (component stripped) -> key
         if specs is not None:
-            shard: Mapping[str, Any] = _Progressing({n: tensors for n in group}, steps)
-            shard_specs: Mapping[str, tuple[torch.dtype, tuple[int, ...]]] | None = {n: specs[n] for n in group}
+            shard: Mapping[str, Any] = _Progressing({i: (tensors, n) for i, n in inner.items()}, steps)
+            shard_specs: Mapping[str, tuple[torch.dtype, tuple[int, ...]]] | None = \
+                {i: specs[n] for i, n in inner.items()}
         else:
             shard, shard_specs = {}, None
-            for name in group:
+            for i, name in inner.items():
                 next(steps, None)
-                shard[name] = tensors[name].contiguous()
-        for name in group:
-            dt, shape = specs[name] if specs is not None else (shard[name].dtype, tuple(shard[name].shape))
-            total += sizes[name] if sizes else _numel(shape) * dt.itemsize
-            weight_map[name] = fname
-        atomic_write(outdir / fname, functools.partial(_write_file, tensors=shard, metadata=meta, specs=shard_specs))
+                shard[i] = tensors[name].contiguous()
+        for i, name in inner.items():
+            dt, shape = specs[name] if specs is not None else (shard[i].dtype, tuple(shard[i].shape))
+            totals[c] = totals.get(c, 0) + (sizes[name] if sizes else _numel(shape) * dt.itemsize)
+            weight_maps.setdefault(c, {})[i] = f
+        target = safe_target(outdir, fname) if c else outdir / fname
+        atomic_write(target, functools.partial(_write_file, tensors=shard, metadata=meta, specs=shard_specs))
         del shard
     for _ in steps:  # report the last step
         pass
-    if not needs_index(plan):  # model.safetensors, adapter_model.safetensors, ...: loaded by its name
-        return outdir / next(iter(plan))
     if index_metadata is not None and not isinstance(index_metadata, Mapping):  # from an archive: informative
         log.warning("ignoring recorded index metadata that is not an object (%s)", type(index_metadata).__name__)
         index_metadata = None
-    index = {"metadata": {**(index_metadata or {}), "total_size": total}, "weight_map": weight_map}
-    atomic_write(outdir / INDEX, lambda tmp: tmp.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n"))
-    return outdir / INDEX
+    main = None
+    for c, files in _by_folder(plan).items():
+        if not needs_index(files):  # model.safetensors, adapter_model.safetensors, ...: loaded by its name
+            main = main or outdir / _joined(c, files[0])
+            continue
+        recorded = (components or {}).get(c) if c else None  # from an archive: informative, checked
+        extra = (recorded.get("index_metadata") if isinstance(recorded, Mapping) else None) if c else index_metadata
+        index = {"metadata": {**(extra if isinstance(extra, Mapping) else {}), "total_size": totals.get(c, 0)},
+                 "weight_map": weight_maps.get(c, {})}
+        path = safe_target(outdir, _joined(c, index_name(files))) if c else outdir / index_name(files)
+        atomic_write(path, functools.partial(_write_index, index=index))
+        main = main or path
+    assert main is not None
+    return outdir if planned_folders(plan) else main  # a pipeline: its folder
+
+
+def _write_index(path: Path, index: Mapping[str, Any]) -> None:
+    path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
 
 
 _CODES = {name: code for code, name in SAFETENSORS_DTYPES.items()}
@@ -194,14 +332,15 @@ def _numel(shape: tuple[int, ...]) -> int:
 
 
 class _Progressing(Mapping):
-    """``name -> tensor`` read from a lazy mapping when indexed, a progress step each."""
+    """``name -> tensor`` read from a lazy mapping (under its key there) when indexed, a progress step each."""
 
-    def __init__(self, sources: Mapping[str, Mapping[str, torch.Tensor]], steps):
+    def __init__(self, sources: Mapping[str, tuple[Mapping[str, torch.Tensor], str]], steps):
         self._sources, self._steps = sources, steps
 
     def __getitem__(self, name: str) -> torch.Tensor:
         next(self._steps, None)
-        return self._sources[name][name]
+        tensors, key = self._sources[name]
+        return tensors[key]
 
     def __iter__(self):
         return iter(self._sources)
@@ -252,6 +391,12 @@ def _write_file(path: Path, tensors: Mapping[str, torch.Tensor], metadata: Mappi
         os.fsync(f.fileno())
 
 
+def previous_in(folder: Path, plan: Mapping[str, Any]) -> set[str]:
+    """``previous_weights`` of ``folder`` and of each component folder of ``plan`` in it
+    (``unet/diffusion_pytorch_model.safetensors``), by name relative to ``folder``."""
+    return previous_weights(folder) | {f"{c}/{n}" for c in planned_folders(plan) for n in previous_weights(folder / c)}
+
+
 def previous_weights(folder: Path) -> set[str]:
     """The weight files an earlier checkpoint write left in ``folder``: ``model.safetensors``, the
     index and the shards it names (plain ``.safetensors`` names in the folder only), and the same
@@ -268,7 +413,7 @@ def previous_weights(folder: Path) -> set[str]:
 def _weight_set(name: str) -> bool:
     """Whether ``name`` is one of transformers' weight-set names (a single file or a shard index),
     plain or of a variant, that a checkpoint write makes or leaves."""
-    return name in (SINGLE, INDEX) or weight_variant(name) is not None
+    return name in (SINGLE, INDEX, DIFFUSERS_SINGLE, DIFFUSERS_INDEX) or weight_variant(name) is not None
 
 
 def weights_among(present: set[str], read: Callable[[str], bytes], is_file: Callable[[str], bool]) -> set[str]:
@@ -277,7 +422,7 @@ def weights_among(present: set[str], read: Callable[[str], bytes], is_file: Call
     found = {n for n in present if _weight_set(n)}
     for index in sorted(found):
         variant = weight_variant(index)
-        if index != INDEX and (variant is None or not VARIANT_SETS[variant[1]][2]):
+        if index not in (INDEX, DIFFUSERS_INDEX) and (variant is None or not VARIANT_SETS[variant[1]][2]):
             continue  # a single file
         try:
             weight_map = json.loads(read(index)).get("weight_map", {})
@@ -287,7 +432,7 @@ def weights_among(present: set[str], read: Callable[[str], bytes], is_file: Call
         # an unreadable index (or one naming files by anything but strings: not ours) is replaced;
         # the files it may name are left alone
         shards = set(values) if all(isinstance(v, str) for v in values) else set()
-        suffix = ".bin" if index.startswith("pytorch_") else ".safetensors"
+        suffix = ".bin" if ".bin.index" in index else ".safetensors"
         found |= {s for s in shards if plain_weights(s, suffix) and is_file(s)}
     return found
 

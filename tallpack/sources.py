@@ -1,8 +1,10 @@
 """Sources: read checkpoints tensor by tensor, whatever they are stored in.
 
 ``open_source`` accepts a ``.safetensors`` file, a Hugging Face model folder (single or sharded
-safetensors, or ``pytorch_model.bin`` files), a PyTorch state-dict file read with
-``weights_only=True``, or a mapping of tensors. A source lists names, shapes and dtypes without
+safetensors, or ``pytorch_model.bin`` files; diffusers' ``diffusion_pytorch_model`` names too), a
+diffusers pipeline folder (``model_index.json``; each component subfolder's weights as tensors
+named ``COMPONENT/NAME``, spec §3.6), a PyTorch state-dict file read with ``weights_only=True``,
+or a mapping of tensors. A source lists names, shapes and dtypes without
 reading data, and loads one tensor at a time.
 
 What is refused, at open time (before anything is written), with a one-line
@@ -50,9 +52,9 @@ from .container import check_json
 from .dtypes import SAFETENSORS_DTYPES as _ST_DTYPES
 from .dtypes import dtype_name
 from .elements import itemsize, numel
-from .errors import (CheckpointError, CheckpointNotFoundError, FormatError, OutOfMemoryError, TallpackError,
-                     UnsafeCheckpointError, memory_detail, out_of_memory, quoted)
-from .folders import VARIANT_SETS, check_file_name, weight_variant
+from .errors import (CheckpointError, CheckpointNotFoundError, FormatError, IncompatibleCheckpointsError,
+                     OutOfMemoryError, TallpackError, UnsafeCheckpointError, memory_detail, out_of_memory, quoted)
+from .folders import DIFFUSERS, VARIANT_SETS, check_file_name, plain_name, weight_variant
 from .storage import is_url
 
 log = logging.getLogger(__name__)
@@ -524,11 +526,16 @@ def _check_index(src: Source, folder: Path, index: Path, weight_map: dict[str, s
 
 #: A folder's weights, in the order transformers' ``from_pretrained`` looks for them: the first
 #: present is the model it loads (a single file before a shard index, safetensors before pickles).
+#: Then diffusers' same names (a pipeline component's ``diffusion_pytorch_model.safetensors``).
 _WEIGHT_SETS = (("model.safetensors", "safetensors", False), ("model.safetensors.index.json", "safetensors", True),
-                ("pytorch_model.bin", "torch", False), ("pytorch_model.bin.index.json", "torch", True))
-#: A weight file of transformers' own names (a weight set, a variant, a shard of either): one not
-#: packed is another weight set of the folder, or a stale one.
-_TRANSFORMERS_WEIGHTS = re.compile(r"(pytorch_)?model(\.[^/]+?)?(-\d+-of-\d+)?\.(safetensors|bin)")
+                ("pytorch_model.bin", "torch", False), ("pytorch_model.bin.index.json", "torch", True),
+                (f"{DIFFUSERS}.safetensors", "safetensors", False),
+                (f"{DIFFUSERS}.safetensors.index.json", "safetensors", True),
+                (f"{DIFFUSERS}.bin", "torch", False), (f"{DIFFUSERS}.bin.index.json", "torch", True))
+#: A weight file of transformers' or diffusers' own names (a weight set, a variant, a shard of
+#: either): one not packed is another weight set of the folder, or a stale one.
+_TRANSFORMERS_WEIGHTS = re.compile(r"((pytorch_)?model|diffusion_pytorch_model)(\.[^/]+?)?(-\d+-of-\d+)?"
+                                   r"\.(safetensors|bin)")
 #: A shard index, plain or of a variant (``model.safetensors.index.fp16.json``).
 _INDEX = re.compile(r"[^/]*model[^/]*\.index(\.[^/]+)?\.json")
 
@@ -560,7 +567,8 @@ def _folder_files(folder: Path, roots: list[Path], given: str | None = None
         if not present or present[0][0] != given:
             raise CheckpointError(f"{folder / given}: not a shard index of transformers' names "
                                   "(model.safetensors.index.json, model.safetensors.index.VARIANT.json, "
-                                  "pytorch_model.bin.index.json, ...); pass the model folder")
+                                  "pytorch_model.bin.index.json, ...) or diffusers' "
+                                  "(diffusion_pytorch_model.safetensors.index.json, ...); pass the model folder")
     elif present and present[0][3] is not None and len({w[3] for w in present}) > 1:
         raise CheckpointError(
             f"{folder}: holds weight variants {', '.join(sorted({repr(w[3]) for w in present}))} and no plain "
@@ -606,36 +614,12 @@ def open_source(obj: SourceLike, *, label: str | None = None) -> Source:
         path, given = path.parent, path.name
     if path.is_dir():
         roots = _roots(path)
-        kind, files, index, weight_map = _folder_files(path, roots, given)
-        src: Source = SafetensorsSource(str(path), files) if kind == "safetensors" else TorchSource(str(path), files)
-        if index is not None:
-            _check_index(src, path, index, weight_map)
-        src.kind = "hf-folder"
-        src.root = path
-        others = ["model.safetensors.index.json", "pytorch_model.bin.index.json", "config.json"]
-        if index is not None and kind == "safetensors" and index.name not in others:  # a variant's index
-            others.insert(0, index.name)  # (a pickles' one is not written back, as their own index is not)
-        src.other_files = [_in_folder(path, path / n, roots) for n in others if (path / n).is_file()]
-        src.files = _other_files(path, roots, {*files, *([index] if index else [])})
+        components = _components(path, roots) if given is None else None
+        if components is not None:
+            return _open_pipeline(path, roots, components)
+        src, weights = _open_folder(path, roots, given)
+        src.files = _other_files(path, roots, weights)
         _note_kept_weights(src)
-        if index is not None:
-            src.layout = _layout(src, index)
-        elif files[0].name not in ("model.safetensors", "pytorch_model.bin") and weight_variant(files[0].name) is None:
-            # adapter_model.safetensors, ...: unpacked under its own name; a variant (model.fp16.safetensors)
-            # as model.safetensors, which from_pretrained(folder) loads without variant= (as a sharded one's index)
-            src.layout = {"shards": [[_written_name(files[0].name), len(src.keys())]]}
-        config = path / "config.json"
-        if config.is_file() or config.is_symlink():
-            _in_folder(path, config, roots)
-        if config.is_file():
-            try:
-                value = json.loads(config.read_text())
-                check_json(value, at=4)  # as a task's metadata.config (spec §3, §7): else no reader opens the archive
-            except (ValueError, RecursionError) as e:  # it stays a folder file, its bytes as they are
-                log.warning("%s: not kept in the archive's metadata (%s); stored as a folder file only",
-                            config, str(e)[:200] if isinstance(e, ValueError) else "nested too deep")
-            else:
-                src.metadata["config"] = value
         return src
     if not path.exists():
         raise CheckpointNotFoundError(f"{path}: no such file or folder")
@@ -662,7 +646,8 @@ _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msg
 _MODULE_WEIGHTS = (".safetensors", ".bin")
 
 
-def _other_files(folder: Path, roots: list[Path], weights: set[Path]) -> dict[str, Path]:
+def _other_files(folder: Path, roots: list[Path], weights: set[Path], tops: frozenset[str] | set[str] = frozenset({""})
+                 ) -> dict[str, Path]:
     """The folder's files other than the weights packed (config, tokenizer files, model card, chat
     template, a subfolder's module weights, ...), by relative name with ``/`` separators, in sorted order.
 
@@ -706,9 +691,9 @@ def _other_files(folder: Path, roots: list[Path], weights: set[Path]) -> dict[st
                 training.append(f"{name}/" if e.is_dir() else name)
                 continue
             if e.name.endswith(_WEIGHT_SUFFIXES) or _INDEX.fullmatch(e.name):
-                if not rel and e.name.endswith(_MODULE_WEIGHTS) and not _TRANSFORMERS_WEIGHTS.fullmatch(e.name):
-                    beside.append(e.name)
-                if not rel or not e.name.endswith((*_MODULE_WEIGHTS, ".json")):
+                if rel in tops and e.name.endswith(_MODULE_WEIGHTS) and not _TRANSFORMERS_WEIGHTS.fullmatch(e.name):
+                    beside.append(name)
+                if rel in tops or not e.name.endswith((*_MODULE_WEIGHTS, ".json")):
                     continue
             if e.name.endswith(".tallpack"):  # an earlier archive of the family, packed into its folder
                 log.warning("%s: an archive, left out of the folder's files", p)
@@ -778,10 +763,170 @@ def _layout(src: Source, index: Path) -> dict[str, Any]:
 
 def _written_name(f: str) -> str:
     """The name an unpack writes a weight file back as: a pickle as safetensors
-    (``pytorch_model.fp16-00001-of-00002.bin`` as ``model.fp16-00001-of-00002.safetensors``)."""
+    (``pytorch_model.fp16-00001-of-00002.bin`` as ``model.fp16-00001-of-00002.safetensors``), a
+    variant's single file without its variant (``diffusion_pytorch_model.fp16.safetensors`` as
+    ``diffusion_pytorch_model.safetensors``, which a loader takes without ``variant=``)."""
+    f = plain_name(f)
     if f.endswith(".bin"):
         return f.removeprefix("pytorch_").removesuffix(".bin") + ".safetensors"
     return f
+
+
+def _open_folder(path: Path, roots: list[Path], given: str | None = None) -> tuple[Source, set[Path]]:
+    """One model folder's weights (its index, layout and ``config.json`` noted), without its other
+    files; and the files of the weight set packed (shards and index), which are no folder files."""
+    kind, files, index, weight_map = _folder_files(path, roots, given)
+    src: Source = SafetensorsSource(str(path), files) if kind == "safetensors" else TorchSource(str(path), files)
+    if index is not None:
+        _check_index(src, path, index, weight_map)
+    src.kind = "hf-folder"
+    src.root = path
+    others = ["model.safetensors.index.json", "pytorch_model.bin.index.json", "config.json"]
+    if index is not None and kind == "safetensors" and index.name not in others:  # a variant's index, diffusers'
+        others.insert(0, index.name)  # (a pickles' one is not written back, as their own index is not)
+    src.other_files = [_in_folder(path, path / n, roots) for n in others if (path / n).is_file()]
+    if index is not None:
+        src.layout = _layout(src, index)
+    elif _written_name(files[0].name) != "model.safetensors":
+        # adapter_model.safetensors, diffusion_pytorch_model.safetensors, ...: unpacked under its own name;
+        # a variant (model.fp16.safetensors) without it, which from_pretrained(folder) loads without
+        # variant= (as a sharded one's index)
+        src.layout = {"shards": [[_written_name(files[0].name), len(src.keys())]]}
+    config = path / "config.json"
+    if config.is_file() or config.is_symlink():
+        _in_folder(path, config, roots)
+    if config.is_file():
+        try:
+            value = json.loads(config.read_text())
+            check_json(value, at=4)  # as a task's metadata.config (spec §3, §7): else no reader opens the archive
+        except (ValueError, RecursionError) as e:  # it stays a folder file, its bytes as they are
+            log.warning("%s: not kept in the archive's metadata (%s); stored as a folder file only",
+                        config, str(e)[:200] if isinstance(e, ValueError) else "nested too deep")
+        else:
+            src.metadata["config"] = value
+    return src, {*files, *([index] if index else [])}
+
+
+#: The file that makes a folder a diffusers pipeline (its components in subfolders).
+PIPELINE_INDEX = "model_index.json"
+
+
+def _components(folder: Path, roots: list[Path]) -> list[str] | None:
+    """A diffusers pipeline's components: the subfolders holding a weight set (``unet``,
+    ``text_encoder``, ``vae``), sorted; None when ``folder`` is no pipeline (no ``model_index.json``,
+    or weights at its top)."""
+    if not (folder / PIPELINE_INDEX).is_file() or _weight_sets(folder) or any(folder.glob("*.safetensors")):
+        return None
+    try:
+        entries = sorted(os.scandir(folder), key=lambda e: e.name)
+    except OSError as err:
+        raise CheckpointError(f"{folder}: cannot list the folder ({err.strerror or err})") from None
+    found = []
+    for e in entries:
+        if e.name.startswith(".") or not e.is_dir():
+            continue
+        _in_folder(folder, folder / e.name, roots)
+        if _weight_sets(folder / e.name):
+            found.append(e.name)
+    if not found:
+        raise CheckpointError(f"{folder}: a diffusers pipeline ({PIPELINE_INDEX}) with no component weights (no "
+                              f"subfolder holds {DIFFUSERS}.safetensors, model.safetensors, a shard index or "
+                              "pytorch_model.bin)")
+    return found
+
+
+class ComponentsSource(Source):
+    """A diffusers pipeline: each component subfolder's weights (opened as a model folder of its
+    own) under the component's name and ``/`` (``unet/conv_in.weight``)."""
+
+    kind = "diffusers-pipeline"
+
+    def __init__(self, label: str, root: Path, parts: dict[str, Source]):
+        super().__init__(label)
+        self.parts, self.root = parts, root
+        for c, part in parts.items():
+            self._infos.update((f"{c}/{k}", info) for k, info in part._infos.items())
+            self.weight_files += part.weight_files
+            self.other_files += part.other_files
+            for k, v in part.metadata.items():  # header metadata (a license); each config.json is a folder file
+                if k != "config":
+                    self.metadata.setdefault(k, v)
+        #: each weight file's component and '/' (its tensors' names there lack it): the exact tier's ``prefix``
+        self.prefixes = {p: f"{c}/" for c, part in parts.items() for p in part.weight_files}
+        shards = [[f"{c}/{f}", n] for c, part in parts.items()
+                  for f, n in (part.layout.get("shards") or [["model.safetensors", len(part.keys())]])]
+        self.layout = {"shards": shards, "components": {
+            c: {k: v for k, v in part.layout.items() if k == "index_metadata"} for c, part in parts.items()}}
+
+    def get(self, name: str) -> torch.Tensor:
+        c, _, rest = name.partition("/")
+        return self.parts[c].get(rest)  # checked, and its errors named, by the component's folder
+
+    def check_unchanged(self) -> None:
+        for part in self.parts.values():
+            part.check_unchanged()
+
+    def close(self) -> None:
+        for part in self.parts.values():
+            part.close()
+
+
+def _open_pipeline(path: Path, roots: list[Path], components: list[str]) -> Source:
+    parts: dict[str, Source] = {}
+    weights: set[Path] = set()
+    try:
+        for c in components:
+            parts[c], packed = _open_folder(path / c, roots)
+            weights |= packed
+    except BaseException:
+        for part in parts.values():
+            part.close()
+        raise
+    src = ComponentsSource(str(path), path, parts)
+    src.files = _other_files(path, roots, weights, tops={"", *(f"{c}/" for c in components)})
+    _note_kept_weights(src)
+    log.info("%s: a diffusers pipeline of components %s", path, ", ".join(components))
+    return src
+
+
+def check_components(base: Source, tasks: Mapping[str, Source], *, allow_mismatch: bool = False) -> None:
+    """Refuse a family that mixes diffusers pipelines and single model folders, or whose task
+    holds a component whose tensors are not the base's component's (IncompatibleCheckpointsError,
+    one line naming the folders and the component); warn of a component only the base, or only a
+    task, has (its tensors are stored as the tensors only some tasks have are)."""
+    ours = isinstance(base, ComponentsSource)
+    for task, src in tasks.items():
+        theirs = isinstance(src, ComponentsSource)
+        if ours != theirs and not allow_mismatch:
+            pipe = base if ours else src
+            assert isinstance(pipe, ComponentsSource)
+            raise IncompatibleCheckpointsError(
+                f"task {task!r} ({src.label}): {'a single model' if ours else 'a diffusers pipeline'}, but the base "
+                f"({base.label}) is {'a diffusers pipeline' if ours else 'a single model'} (components "
+                f"{', '.join(pipe.parts)}); pass {'pipeline folders' if ours else 'model folders'} for both, or the "
+                f"component's folder ({pipe.label}/{next(iter(pipe.parts))}) for the pipeline")
+        if not (ours and theirs):
+            continue
+        assert isinstance(base, ComponentsSource) and isinstance(src, ComponentsSource)
+        for c, part in src.parts.items():
+            mine = base.parts.get(c)
+            if mine is None:
+                log.warning("task %r (%s): component %r is not in the base (%s); its tensors are stored for the "
+                            "tasks that have it", task, src.label, c, base.label)
+                continue
+            common = [n for n in part.keys() if n in mine]
+            differ = [n for n in common if part.info(n).shape != mine.info(n).shape]
+            if (not common or len(differ) * 2 > len(common)) and not allow_mismatch:
+                what = (f"{len(differ)} of its {len(common)} tensors named as the base's differ in shape "
+                        f"({differ[0]!r} {part.info(differ[0]).shape} vs {mine.info(differ[0]).shape})" if common
+                        else "it shares no tensor name with the base's")
+                raise IncompatibleCheckpointsError(
+                    f"task {task!r} ({src.label}): component {c!r} does not look fine-tuned from the base's "
+                    f"({base.label}/{c}): {what}; pass allow_mismatch=True (--allow-mismatch) to pack it anyway")
+        missing = [c for c in base.parts if c not in src.parts]
+        if missing:
+            log.warning("task %r (%s): has no component %s of the base (%s); stored for the tasks that have it",
+                        task, src.label, ", ".join(map(repr, missing)), base.label)
 
 
 def stem(obj: SourceLike) -> str:

@@ -1,0 +1,298 @@
+"""Diffusers pipeline folders, packed and unpacked whole: every component's weights as tensors named
+``COMPONENT/NAME`` (``unet/conv_in.weight``), written back into their own folders under their own
+names (sharded like the original, with their own index), the other files kept; exact unpacks byte
+for byte; one-line errors for families that mix pipelines and single models."""
+
+from __future__ import annotations
+
+import filecmp
+import json
+import logging
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from safetensors.torch import load_file
+
+import diffusers  # a test dependency (pyproject's "test" extra): missing, these tests fail, not skip
+import tallpack
+from conftest import expected_reconstruction
+from tallpack.errors import IncompatibleCheckpointsError
+from tallpack.sharding import plan_from_layout
+from tallpack_cli.main import main
+
+diffusers.utils.logging.set_verbosity_error()
+
+
+def _models(seed: int = 0):
+    from diffusers import UNet2DModel, VQModel
+
+    torch.manual_seed(seed)
+    unet = UNet2DModel(sample_size=8, in_channels=3, out_channels=3, block_out_channels=(16, 32), layers_per_block=1,
+                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+                       norm_num_groups=8)
+    vqvae = VQModel(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",),
+                    up_block_types=("UpDecoderBlock2D",), block_out_channels=(8,), layers_per_block=1,
+                    latent_channels=3, num_vq_embeddings=16, norm_num_groups=8, vq_embed_dim=3)
+    return unet, vqvae
+
+
+def _perturb(model, seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            touch = (torch.rand(p.shape, generator=g) < 0.2).float()
+            p.add_(touch * 0.01 * torch.randn(p.shape, generator=g))
+
+
+def _family(root: Path, **save) -> dict[str, Path]:
+    """An LDM pipeline (unet, vqvae, scheduler) saved by diffusers: the base and two DreamBooth-like
+    fine-tunes of its unet (the vqvae untouched), each a few hundred KB."""
+    from diffusers import DDIMScheduler, LDMPipeline
+
+    unet, vqvae = _models()
+    out = {}
+    for i, name in enumerate(["base", "a", "b"]):
+        if i:
+            _perturb(unet, i)
+        LDMPipeline(vqvae=vqvae, unet=unet, scheduler=DDIMScheduler()).save_pretrained(root / name, **save)
+        out[name] = root / name
+    return out
+
+
+def _state(folder: Path) -> dict[str, torch.Tensor]:
+    """A pipeline folder's weights as diffusers loads them, named as the archive names them."""
+    pipe = diffusers.DiffusionPipeline.from_pretrained(folder)
+    return {f"{c}/{k}": v for c in ("unet", "vqvae") for k, v in getattr(pipe, c).state_dict().items()}
+
+
+def _cli(*args: str):
+    r = CliRunner().invoke(main, ["-q", *map(str, args)], catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    return r
+
+
+def _pack(fam: dict[str, Path], arch: Path, *more: str) -> Path:
+    _cli("pack", "--base", fam["base"], "--task", f"a={fam['a']}", "--task", f"b={fam['b']}", "-o", arch, *more)
+    return arch
+
+
+def _files(folder: Path) -> list[str]:
+    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
+
+
+@pytest.fixture(scope="module")
+def plain(tmp_path_factory) -> dict[str, Path]:
+    return _family(tmp_path_factory.mktemp("ldm"))
+
+
+def test_pipeline_round_trip_through_the_cli(plain, tmp_path):
+    """pack, unpack --all, merge and verify of diffusers pipelines: the fine-tuned unet masked,
+    the untouched vqvae stored once, each task's folder loaded by DiffusionPipeline.from_pretrained
+    with the paper's theta_0 + m_t * tau_MTL, its files under their own names."""
+    arch = _pack(plain, tmp_path / "ldm.tallpack")
+    fam = tallpack.open(arch)
+    keys = fam.keys("a")
+    assert keys[0].startswith("unet/") and any(k.startswith("vqvae/") for k in keys)
+    assert set(fam.files("a")) == {"model_index.json", "scheduler/scheduler_config.json", "unet/config.json",
+                                   "vqvae/config.json"}
+    kinds = fam.manifest.stats["kinds"]
+    vq = sum(k.startswith("vqvae/") for k in keys)
+    assert kinds.get("shared", 0) >= vq > 0 and kinds.get("merged", 0) > 0  # the untouched vqvae: stored once
+    sd = fam.state_dict("a")
+    assert torch.equal(fam.get_tensor("a", "unet/conv_in.weight"), sd["unet/conv_in.weight"])
+    _cli("unpack", arch, "--all", "-o", tmp_path / "out")
+    base = _state(plain["base"])
+    tasks = {t: _state(plain[t]) for t in ("a", "b")}
+    want = expected_reconstruction(base, tasks, {t: fam.task_info(t).lam for t in ("a", "b")})
+    for t in ("a", "b"):
+        out = tmp_path / "out" / t
+        assert _files(out) == _files(plain[t])  # the same names, weights in their component folders
+        got = _state(out)
+        assert set(got) == set(tasks[t])
+        for k, v in got.items():
+            assert torch.equal(v, want[t][k]), k
+        assert all(torch.equal(got[k], tasks[t][k]) for k in got if k.startswith("vqvae/"))  # shared, exact
+    assert any(not torch.equal(want["a"][k], tasks["a"][k]) for k in want["a"])  # the masks did something
+    _cli("merge", arch, "-o", tmp_path / "merged")
+    merged = fam.merged()
+    got = _state(tmp_path / "merged")
+    assert _files(tmp_path / "merged") == _files(plain["base"])
+    assert all(torch.equal(got[k], merged[k]) for k in got)
+    assert "ok" in _cli("verify", arch).output
+
+
+def test_exact_unpack_gives_every_file_back(tmp_path):
+    """--exact of a pipeline whose unet is sharded (diffusers' own shard names and index) gives
+    back every file byte for byte; verify rebuilds and checks them."""
+    fam = _family(tmp_path / "src", max_shard_size="100KB")
+    assert len(list((fam["a"] / "unet").glob("diffusion_pytorch_model-*.safetensors"))) > 2
+    arch = _pack(fam, tmp_path / "ldm.tallpack", "--exact")
+    record = tallpack.open(arch).task_info("a").exact
+    names = {f["name"]: f.get("prefix") for f in record["files"]}
+    assert names["unet/diffusion_pytorch_model.safetensors.index.json"] is None
+    assert names["vqvae/diffusion_pytorch_model.safetensors"] == "vqvae/"
+    _cli("unpack", arch, "--task", "a", "--exact", "-o", tmp_path / "a")
+    assert _files(tmp_path / "a") == _files(fam["a"])
+    for name in _files(fam["a"]):
+        assert filecmp.cmp(fam["a"] / name, tmp_path / "a" / name, shallow=False), name
+    assert "ok" in _cli("verify", arch).output
+
+
+def test_sharded_component_is_sharded_again(tmp_path):
+    """A lossy unpack writes a sharded unet in the original's shards, with its own
+    diffusion_pytorch_model.safetensors.index.json (index metadata kept), which diffusers loads."""
+    fam = _family(tmp_path / "src", max_shard_size="100KB")
+    arch = _pack(fam, tmp_path / "ldm.tallpack")
+    _cli("unpack", arch, "--task", "b", "-o", tmp_path / "b")
+    assert _files(tmp_path / "b") == _files(fam["b"])
+    name = "diffusion_pytorch_model.safetensors.index.json"
+    index, orig = (json.loads((d / "unet" / name).read_text()) for d in (tmp_path / "b", fam["b"]))
+    assert index["weight_map"] == orig["weight_map"]
+    assert index["metadata"]["total_size"] == orig["metadata"]["total_size"]
+    got, want = _state(tmp_path / "b"), tallpack.open(arch).state_dict("b")
+    assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in got)
+    # shards of a size asked for instead: each component sharded apart, in its folder, with its own index
+    _cli("unpack", arch, "--task", "b", "-o", tmp_path / "c", "--max-shard-size", "5GB")
+    assert [n for n in _files(tmp_path / "c") if n.endswith((".safetensors", ".index.json"))] == \
+        ["unet/diffusion_pytorch_model.safetensors", "vqvae/diffusion_pytorch_model.safetensors"]
+    _cli("unpack", arch, "--task", "b", "-o", tmp_path / "d", "--max-shard-size", "150KB")
+    shards = sorted((tmp_path / "d" / "unet").glob("diffusion_pytorch_model-*-of-*.safetensors"))
+    assert len(shards) > 1 and (tmp_path / "d" / "unet" / name).is_file()
+    assert not list((tmp_path / "d").glob("*.safetensors"))
+    got = _state(tmp_path / "d")
+    assert all(torch.equal(got[k], want[k]) for k in got)
+
+
+def test_variant_component_unpacks_under_the_plain_name(tmp_path):
+    """A pipeline saved with variant="fp16" names its weights diffusion_pytorch_model.fp16.safetensors;
+    an unpack writes diffusion_pytorch_model.safetensors, which loads without variant=; --exact
+    gives back the variant's names."""
+    fam = _family(tmp_path / "src", variant="fp16")
+    assert (fam["a"] / "unet" / "diffusion_pytorch_model.fp16.safetensors").is_file()
+    arch = _pack(fam, tmp_path / "ldm.tallpack", "--exact")
+    _cli("unpack", arch, "--task", "a", "-o", tmp_path / "a")
+    assert (tmp_path / "a" / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+    assert not list((tmp_path / "a").rglob("*.fp16.*"))
+    got, want = _state(tmp_path / "a"), tallpack.open(arch).state_dict("a")
+    assert all(torch.equal(got[k], want[k]) for k in got)
+    _cli("unpack", arch, "--task", "a", "--exact", "-o", tmp_path / "x")
+    for name in _files(fam["a"]):
+        assert filecmp.cmp(fam["a"] / name, tmp_path / "x" / name, shallow=False), name
+
+
+def test_force_over_another_layout_leaves_no_stale_component_weights(tmp_path):
+    fam = _family(tmp_path / "src", max_shard_size="100KB")
+    arch = _pack(fam, tmp_path / "ldm.tallpack")
+    out = tmp_path / "a"
+    _cli("unpack", arch, "--task", "a", "-o", out)
+    sharded = sorted(p.name for p in (out / "unet").glob("diffusion_pytorch_model*"))
+    assert len(sharded) > 3
+    plain = _pack(_family(tmp_path / "one"), tmp_path / "one.tallpack")
+    _cli("unpack", plain, "--task", "a", "-o", out, "--force")
+    assert sorted(p.name for p in (out / "unet").glob("diffusion_pytorch_model*")) == \
+        ["diffusion_pytorch_model.safetensors"]
+    assert _state(out) is not None
+
+
+def test_bare_sharded_unet_folder_gets_diffusers_index(tmp_path):
+    """A single diffusers model folder (a pipeline's unet/ passed alone), sharded, packs (its
+    shard index is diffusers') and unpacks with diffusers' index name, which UNet2DModel loads."""
+    from diffusers import UNet2DModel
+
+    unet, _ = _models()
+    unet.save_pretrained(tmp_path / "base", max_shard_size="100KB")
+    _perturb(unet, 1)
+    unet.save_pretrained(tmp_path / "a", max_shard_size="100KB")
+    _cli("pack", "--base", tmp_path / "base", "--task", f"a={tmp_path / 'a'}", "-o", tmp_path / "u.tallpack")
+    _cli("unpack", tmp_path / "u.tallpack", "--task", "a", "-o", tmp_path / "out")
+    assert _files(tmp_path / "out") == _files(tmp_path / "a")
+    got = UNet2DModel.from_pretrained(tmp_path / "out").state_dict()
+    want = tallpack.open(tmp_path / "u.tallpack").state_dict("a")
+    assert all(torch.equal(got[k], want[k]) for k in want)
+
+
+def _error(base: Path, task: Path, tmp_path: Path) -> str:
+    r = CliRunner().invoke(main, ["pack", "--base", str(base), "--task", f"t={task}", "-o",
+                                  str(tmp_path / "x.tallpack")])
+    assert r.exit_code != 0 and "Traceback" not in r.output
+    assert not (tmp_path / "x.tallpack").exists()
+    return r.output
+
+
+def test_mixing_pipelines_and_single_models_is_refused(plain, tmp_path):
+    out = _error(plain["base"], plain["a"] / "unet", tmp_path)
+    assert out.count("\n") == 1 and "task 't'" in out and "is a diffusers pipeline (components unet, vqvae)" in out
+    out = _error(plain["base"] / "unet", plain["a"], tmp_path)
+    assert out.count("\n") == 1 and "a diffusers pipeline, but the base" in out and str(plain["a"]) in out
+    with pytest.raises(IncompatibleCheckpointsError, match="a single model"):
+        tallpack.pack(plain["base"], {"t": plain["a"] / "unet"}, tmp_path / "y.tallpack")
+
+
+def test_component_of_another_model_is_refused(plain, tmp_path):
+    """A task whose vqvae is another model (no tensor name in common) is refused naming the
+    component, although its unet alone would make it look fine-tuned from the base."""
+    import shutil
+
+    from diffusers import UNet2DModel
+
+    other = tmp_path / "other"
+    shutil.copytree(plain["a"], other)
+    shutil.rmtree(other / "vqvae")
+    UNet2DModel(sample_size=8, block_out_channels=(8, 8), norm_num_groups=8, layers_per_block=1,
+                down_block_types=("DownBlock2D", "DownBlock2D"),
+                up_block_types=("UpBlock2D", "UpBlock2D")).save_pretrained(other / "vqvae")
+    out = _error(plain["base"], other, tmp_path)
+    assert out.count("\n") == 1 and "component 'vqvae' does not look fine-tuned from the base's" in out
+
+
+def test_missing_component_is_stored_for_the_tasks_that_have_it(plain, tmp_path, caplog):
+    """A task without the base's vqvae: warned, naming the task and the component; its vqvae
+    tensors are the ones only some tasks have (stored for those tasks), its unet masked as usual."""
+    import shutil
+
+    partial = tmp_path / "partial"
+    shutil.copytree(plain["b"], partial)
+    shutil.rmtree(partial / "vqvae")
+    with caplog.at_level(logging.WARNING, logger="tallpack"):
+        tallpack.pack(plain["base"], {"a": plain["a"], "b": partial}, tmp_path / "p.tallpack")
+    assert "task 'b'" in caplog.text and "has no component 'vqvae'" in caplog.text
+    fam = tallpack.open(tmp_path / "p.tallpack")
+    assert not any(k.startswith("vqvae/") for k in fam.keys("b"))
+    a = fam.state_dict("a")
+    want = _state(plain["a"])
+    assert all(torch.equal(a[k], want[k]) for k in a if k.startswith("vqvae/"))
+    _cli("unpack", tmp_path / "p.tallpack", "--task", "b", "-o", tmp_path / "b")
+    assert not (tmp_path / "b" / "vqvae").exists()
+    assert (tmp_path / "b" / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+
+
+_COMPONENT = st.sampled_from(["unet", "vae", "text_encoder"])
+
+
+@settings(max_examples=60, deadline=None)
+@given(counts=st.lists(st.tuples(_COMPONENT, st.integers(1, 4), st.integers(1, 3)), min_size=1, max_size=4,
+                       unique_by=lambda c: c[0]),
+       drop=st.integers(0, 3))
+def test_component_layout_plans_every_key_into_its_component(counts, drop):
+    """A component layout (spec §3.6) puts every key in exactly one file of its own component's
+    folder: by position where the component's counts add up, else (a merged model that left
+    tensors out) in one unsharded file of the component's name."""
+    keys, shards = [], []
+    for c, files, per in counts:
+        names = [f"{c}/w{i}" for i in range(files * per)]
+        keys += names
+        shards += [[f"{c}/diffusion_pytorch_model-{i + 1:05d}-of-{files:05d}.safetensors", per] for i in range(files)]
+    kept = keys[drop:] if drop < len(keys) else keys
+    plan = plan_from_layout(kept, shards)
+    assert plan is not None
+    placed = [k for names in plan.values() for k in names]
+    assert sorted(placed) == sorted(kept)
+    for f, names in plan.items():
+        assert all(k.split("/")[0] == f.split("/")[0] for k in names)
+    if kept == keys:
+        assert list(plan) == [s[0] for s in shards]
