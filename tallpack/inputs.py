@@ -10,7 +10,7 @@ from .encodings import Item
 from .errors import InvalidArgumentError
 from .manifest import check_task_name
 from .plan import Kind, Plan, TensorPlan, aligned_base, make_plan, resolve
-from .sources import Source, SourceLike, open_source, stem
+from .sources import Source, SourceLike, check_components, open_source, stem
 from .tall import blocks, in_tall_range
 
 #: What ``tallpack.pack`` takes as its tasks: a mapping of names to checkpoints, or a list of
@@ -54,6 +54,7 @@ class PackInputs:
         self.base = open_source(base, label="base")
         try:
             self.tasks = open_tasks(tasks)
+            check_components(self.base, self.tasks, allow_mismatch=allow_mismatch)
             self.base = aligned_base(self.base, self.tasks)
             self.plan: Plan = make_plan(self.base, self.tasks, allow_mismatch=allow_mismatch)
         except BaseException:
