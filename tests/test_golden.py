@@ -971,3 +971,37 @@ def test_bytegroup_must_use_the_arrays_itemsize(k: int, tmp_path: Path) -> None:
                    lambda d: zstandard.ZstdCompressor().compress(np.frombuffer(d, np.uint8).reshape(-1, k).T.tobytes()))
     with pytest.raises(FormatError, match=f"bytegroup itemsize {k} for float32 elements"):
         tallpack.open(path)
+
+
+# -- merged models (§6.2's last item) ---------------------------------------------------------------
+
+@pytest.mark.parametrize("name,models", [("v1_0_ta", ("ta", "consensus-ta")),
+                                         ("v1_0_ties_raw", ("ties", "consensus-ties")),
+                                         ("v1_12_groups", ("ta", "consensus-ta")),
+                                         ("v1_12_groups_ties_raw", ("ties", "consensus-ties"))])
+def test_spec_reader_builds_the_merged_models_bit_for_bit(name: str, models: tuple[str, str]) -> None:
+    """§6.2: a merged tensor is ``cast(f32(θ₀) + r32(f32(α) × d))``, d the merged vector (TIES: over
+    max(counts, 1); consensus, for TA and TIES alike: τ_MTL where at least k masks are set); the reference reader's merged
+    models are that, bit for bit, for every stored TALL entry, groups' members included."""
+    mini = MiniArchive(GOLDEN / f"{name}.tallpack")
+    alpha, k = 0.7, 2
+    with tallpack.open(GOLDEN / f"{name}.tallpack") as fam:
+        for model in models:
+            got = fam.merged(model, alpha=alpha, **({"k": k} if model.startswith("consensus") else {}))
+            checked = 0
+            for ename, e in mini.tensors.items():
+                if "merged" not in e or not e["tasks"] or any(tt["encoding"] != "tall" for tt in e["tasks"].values()):
+                    continue
+                b32 = _to_f32(mini.array(e["base"]), e["base"]["dtype"])
+                d = mini.array(e["merged"]).astype(np.float32).reshape(b32.shape)
+                if model == "ties":
+                    d = d / np.maximum(mini.array(e["counts"]).astype(np.float32).reshape(b32.shape), np.float32(1))
+                if model.startswith("consensus"):
+                    votes = sum(mini.array(tt["mask"]).astype(np.int64).reshape(b32.shape) for tt in e["tasks"].values())
+                    d = (votes >= k).astype(np.float32) * d
+                flat = _from_f32(b32 + np.float32(alpha) * d, e["base"]["dtype"]).reshape(-1)
+                for member, offset, shape in e.get("members") or [[ename, 0, list(b32.shape)]]:
+                    want = flat[offset : offset + math.prod(shape)]
+                    assert _bits(got[member]).tobytes() == want.tobytes(), (name, model, member)
+                    checked += 1
+            assert checked >= 2, (name, model)
