@@ -36,6 +36,19 @@
  *                                        task vectors are never written to memory
  *   max_abs_diff(theta, base, kind)      the largest |theta - base| (a task vector's), as float32 bits
  *                                        (an inf or NaN above every finite value)
+ *   ties_hist(theta, base, kind, b, hist)
+ *                                        TIES' threshold selection (merging.Ties.prepare): hist[high 16
+ *                                        bits of |tau|'s float32 bits] += 1 (b < 0), or, among the elements
+ *                                        whose high bits are b, hist[low 16 bits] += 1 (int64 counts)
+ *   ties_signs(base, thetas, kind, thr)  the counts of elements whose trimmed sum S = ((+0.0 + r_0) + r_1)
+ *                                        + ..., r_t = tau_t where |tau_t| >= thr[t] (else 0), is > 0 and < 0
+ *   ties_merge(base, thetas, kind, thr, s0, out, counts)
+ *                                        TIES' disjoint sum and counts (spec 6.1.9): out = (+0.0 + k_0) +
+ *                                        k_1 + ..., k_t = r_t where its sign is S's (s0's where S is 0)
+ *
+ *   For these three (and tv_sum, tall_mask_tv, max_abs_diff), tau_t = theta_t - base with both widened
+ *   exactly to float32 (kind 0 float32, 1 bfloat16, 2 float16), computed a block at a time on the
+ *   stack and never written to memory; an empty base makes the thetas the float32 task vectors.
  *   bitsplit(src, k, heads, low)         codec ``bitsplit``'s split of k-byte unsigned elements (the
  *                                        writer's, exact-tier residuals): each one's head byte, and its
  *                                        low bits as one LSB-first bit stream; returns the stream's bytes
@@ -1156,6 +1169,254 @@ static PyObject *tall_mask_tv(PyObject *self, PyObject *args) {
     return Py_BuildValue("Ldddd", (long long)ones, sums.tau_sq, sums.rec_sq, sums.dot, sums.err_sq);
 }
 
+/* -- TIES (merging.Ties): the threshold's histograms, the elected signs, the disjoint sum --------- */
+
+/* Elements [a, a + len) of task vector t: widen(theta) - b32, or, without a base (b32 NULL), the
+ * float32 thetas themselves. */
+static const float *tv_block(int kind, int f16c, const void *theta, const float *b32, Py_ssize_t a, Py_ssize_t len,
+                             float *xw, float *tau) {
+    const float *x = widened(kind, f16c, theta, a, len, xw);
+    if (b32 == NULL)
+        return x;
+    sub_f32(x, b32, tau, len);
+    return tau;
+}
+
+/* (n <= TV_BLOCK.) The zeros (most of a sparse fine-tune's task vector) are counted apart: one bin
+ * incremented element after element waits on its own last store each time (7 ns an element here). */
+HOT static void hist_high(const float *x, Py_ssize_t n, int64_t *hist) {
+    uint16_t high[TV_BLOCK];
+    Py_ssize_t k = 0;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        uint32_t v;
+        memcpy(&v, &x[i], 4);
+        v &= 0x7FFFFFFFu;
+        high[k] = (uint16_t)(v >> 16);
+        k += v != 0;
+    }
+    hist[0] += n - k;
+    for (Py_ssize_t i = 0; i < k; i++)
+        hist[high[i]]++;
+}
+
+/* Few elements fall in bin b: runs of 16 with none are told in one vector test. */
+HOT static void hist_low(const float *x, Py_ssize_t n, uint32_t b, int64_t *hist) {
+    for (Py_ssize_t a = 0; a < n; a += 16) {
+        Py_ssize_t e = a + 16 < n ? a + 16 : n;
+        int any = 0;
+        for (Py_ssize_t i = a; i < e; i++) {
+            uint32_t v;
+            memcpy(&v, &x[i], 4);
+            any |= ((v & 0x7FFFFFFFu) >> 16) == b;
+        }
+        for (Py_ssize_t i = a; any && i < e; i++) {
+            uint32_t v;
+            memcpy(&v, &x[i], 4);
+            v &= 0x7FFFFFFFu;
+            if (v >> 16 == b)
+                hist[v & 0xFFFFu]++;
+        }
+    }
+}
+
+static void ties_hist_loop(int kind, const void *theta, const void *base, Py_ssize_t n, long b, int64_t *hist) {
+    int f16c = has_f16c(kind);
+    float bw[TV_BLOCK], xw[TV_BLOCK], tau[TV_BLOCK];
+    for (Py_ssize_t a = 0; a < n; a += TV_BLOCK) {
+        Py_ssize_t len = n - a < TV_BLOCK ? n - a : TV_BLOCK;
+        const float *b32 = base ? widened(kind, f16c, base, a, len, bw) : NULL;
+        const float *x = tv_block(kind, f16c, theta, b32, a, len, xw, tau);
+        if (b < 0)
+            hist_high(x, len, hist);
+        else
+            hist_low(x, len, (uint32_t)b, hist);
+    }
+}
+
+/* s += r, r = x where |x| >= thr, else +0.0 (a trimmed -0.0 or +0.0 changes no sum that starts at +0.0
+ * but the sign of a zero, which sign() does not see). */
+HOT static void trim_add(const float *x, float thr, float *s, Py_ssize_t n) {
+    for (Py_ssize_t i = 0; i < n; i++)
+        s[i] += fabsf(x[i]) >= thr ? x[i] : 0.0f;
+}
+
+/* m += k, c += [k != 0], k = x where |x| >= thr and x has the elected sign (that of s, or of s0 where
+ * s is 0; where both are 0, the negative x). A kept x is never 0, so m, from +0.0, never becomes -0.0. */
+HOT static void select_add(const float *x, float thr, const float *s, float s0, float *m, uint8_t *c, Py_ssize_t n) {
+    for (Py_ssize_t i = 0; i < n; i++) {
+        float v = x[i], e = s[i] != 0.0f ? s[i] : s0;
+        int keep = fabsf(v) >= thr && (e > 0.0f ? v > 0.0f : v < 0.0f);
+        m[i] += keep ? v : 0.0f;
+        c[i] += (uint8_t)keep;
+    }
+}
+
+/* S of elements [a, a + len) into s. */
+static void trimmed_sum_block(int kind, int f16c, const void *base, const void *const *thetas, Py_ssize_t T,
+                              const float *thr, Py_ssize_t a, Py_ssize_t len, float *bw, float *xw, float *tau,
+                              float *s) {
+    const float *b32 = base ? widened(kind, f16c, base, a, len, bw) : NULL;
+    for (Py_ssize_t i = 0; i < len; i++)
+        s[i] = 0.0f;
+    for (Py_ssize_t t = 0; t < T; t++)
+        trim_add(tv_block(kind, f16c, thetas[t], b32, a, len, xw, tau), thr[t], s, len);
+}
+
+static void ties_signs_loop(int kind, const void *base, const void *const *thetas, Py_ssize_t T, const float *thr,
+                            Py_ssize_t n, int64_t *pos, int64_t *neg) {
+    int f16c = has_f16c(kind);
+    float bw[TV_BLOCK], xw[TV_BLOCK], tau[TV_BLOCK], s[TV_BLOCK];
+    int64_t p = 0, q = 0;
+    for (Py_ssize_t a = 0; a < n; a += TV_BLOCK) {
+        Py_ssize_t len = n - a < TV_BLOCK ? n - a : TV_BLOCK;
+        trimmed_sum_block(kind, f16c, base, thetas, T, thr, a, len, bw, xw, tau, s);
+        int32_t bp = 0, bq = 0;
+        for (Py_ssize_t i = 0; i < len; i++) {
+            bp += s[i] > 0.0f;
+            bq += s[i] < 0.0f;
+        }
+        p += bp;
+        q += bq;
+    }
+    *pos = p;
+    *neg = q;
+}
+
+static void ties_merge_loop(int kind, const void *base, const void *const *thetas, Py_ssize_t T, const float *thr,
+                            float s0, float *out, uint8_t *counts, Py_ssize_t n) {
+    int f16c = has_f16c(kind);
+    float bw[TV_BLOCK], xw[TV_BLOCK], tau[TV_BLOCK], s[TV_BLOCK];
+    for (Py_ssize_t a = 0; a < n; a += TV_BLOCK) {
+        Py_ssize_t len = n - a < TV_BLOCK ? n - a : TV_BLOCK;
+        trimmed_sum_block(kind, f16c, base, thetas, T, thr, a, len, bw, xw, tau, s);
+        const float *b32 = base ? widened(kind, f16c, base, a, len, bw) : NULL;
+        float *m = out + a;
+        uint8_t *c = counts + a;
+        for (Py_ssize_t i = 0; i < len; i++) {
+            m[i] = 0.0f;
+            c[i] = 0;
+        }
+        for (Py_ssize_t t = 0; t < T; t++)
+            select_add(tv_block(kind, f16c, thetas[t], b32, a, len, xw, tau), thr[t], s, s0, m, c, len);
+    }
+}
+
+/* The base (an empty buffer: none) and the thetas of a TIES call: n elements of ``kind`` each, the
+ * thetas' buffers in *views and their pointers in *th (PyMem arrays; ties_release frees them), and
+ * ``thr``'s float32 thresholds one per theta. Returns the number of thetas, or -1 with an exception set. */
+static Py_ssize_t ties_inputs(const char *fn, Py_buffer *base, PyObject *tseq, int kind, Py_ssize_t n,
+                              Py_buffer *thr, Py_buffer **views, const void ***th) {
+    int size = kind_size(kind);
+    *views = NULL;
+    *th = NULL;
+    if (!size || (base->len != 0 && (base->len != size * n || !WORDS_OK(base->buf, size)))
+        || (base->len == 0 && kind != KIND_F32) || !WORDS_OK(thr->buf, 4)) {
+        PyErr_Format(PyExc_ValueError, "%s: kind %d, base %zd bytes for %zd elements (or misaligned)", fn, kind,
+                     base->len, n);
+        return -1;
+    }
+    Py_ssize_t nt = get_views(tseq, views, size * n, size);
+    if (nt < 0)
+        return -1;
+    if (nt < 1 || thr->len != 4 * nt) {
+        PyErr_Format(PyExc_ValueError, "%s: %zd tasks and %zd bytes of thresholds", fn, nt, thr->len);
+        return nt;
+    }
+    *th = PyMem_New(const void *, nt);
+    if (*th == NULL) {
+        PyErr_NoMemory();
+        return nt;
+    }
+    for (Py_ssize_t t = 0; t < nt; t++)
+        (*th)[t] = (*views)[t].buf;
+    return nt;
+}
+
+static PyObject *ties_hist(PyObject *self, PyObject *args) {
+    Py_buffer theta, base, hist;
+    int kind;
+    long b;
+    if (!PyArg_ParseTuple(args, "y*y*ilw*:ties_hist", &theta, &base, &kind, &b, &hist))
+        return NULL;
+    int size = kind_size(kind);
+    Py_ssize_t n = size ? theta.len / size : 0;
+    int ok = size && theta.len % size == 0 && WORDS_OK(theta.buf, size) && b < 65536
+             && hist.len == 65536 * 8 && WORDS_OK(hist.buf, 8)
+             && (base.len == 0 ? kind == KIND_F32 : base.len == theta.len && WORDS_OK(base.buf, size));
+    if (ok) {
+        Py_BEGIN_ALLOW_THREADS
+        ties_hist_loop(kind, theta.buf, base.len ? base.buf : NULL, n, b, (int64_t *)hist.buf);
+        Py_END_ALLOW_THREADS
+    } else {
+        PyErr_Format(PyExc_ValueError, "ties_hist: kind %d, theta %zd, base %zd, hist %zd bytes, bin %ld "
+                     "(or misaligned)", kind, theta.len, base.len, hist.len, b);
+    }
+    PyBuffer_Release(&theta);
+    PyBuffer_Release(&base);
+    PyBuffer_Release(&hist);
+    if (!ok)
+        return NULL;
+    Py_RETURN_NONE;
+}
+
+static PyObject *ties_signs(PyObject *self, PyObject *args) {
+    Py_buffer base, thr;
+    PyObject *tseq;
+    int kind;
+    Py_ssize_t n;
+    if (!PyArg_ParseTuple(args, "y*Oiy*n:ties_signs", &base, &tseq, &kind, &thr, &n))
+        return NULL;
+    Py_buffer *tv = NULL;
+    const void **th = NULL;
+    int64_t pos = 0, neg = 0;
+    Py_ssize_t nt = n >= 0 ? ties_inputs("ties_signs", &base, tseq, kind, n, &thr, &tv, &th) : -1;
+    if (n < 0)
+        PyErr_SetString(PyExc_ValueError, "ties_signs: a negative length");
+    if (!PyErr_Occurred()) {
+        Py_BEGIN_ALLOW_THREADS
+        ties_signs_loop(kind, base.len ? base.buf : NULL, th, nt, (const float *)thr.buf, n, &pos, &neg);
+        Py_END_ALLOW_THREADS
+    }
+    PyMem_Free(th);
+    release_views(tv, nt);
+    PyBuffer_Release(&base);
+    PyBuffer_Release(&thr);
+    if (PyErr_Occurred())
+        return NULL;
+    return Py_BuildValue("LL", (long long)pos, (long long)neg);
+}
+
+static PyObject *ties_merge(PyObject *self, PyObject *args) {
+    Py_buffer base, thr, out, counts;
+    PyObject *tseq;
+    int kind;
+    float s0;
+    if (!PyArg_ParseTuple(args, "y*Oiy*fw*w*:ties_merge", &base, &tseq, &kind, &thr, &s0, &out, &counts))
+        return NULL;
+    Py_buffer *tv = NULL;
+    const void **th = NULL;
+    Py_ssize_t n = counts.len, nt = -1;
+    if (out.len != 4 * n || !WORDS_OK(out.buf, 4))
+        PyErr_Format(PyExc_ValueError, "ties_merge: out %zd bytes for %zd counts (or misaligned)", out.len, n);
+    else
+        nt = ties_inputs("ties_merge", &base, tseq, kind, n, &thr, &tv, &th);
+    if (!PyErr_Occurred()) {
+        Py_BEGIN_ALLOW_THREADS
+        ties_merge_loop(kind, base.len ? base.buf : NULL, th, nt, (const float *)thr.buf, s0, (float *)out.buf,
+                        (uint8_t *)counts.buf, n);
+        Py_END_ALLOW_THREADS
+    }
+    PyMem_Free(th);
+    release_views(tv, nt);
+    PyBuffer_Release(&base);
+    PyBuffer_Release(&thr);
+    PyBuffer_Release(&out);
+    PyBuffer_Release(&counts);
+    if (PyErr_Occurred())
+        return NULL;
+    Py_RETURN_NONE;
+}
+
 static PyObject *unpack_bits(PyObject *self, PyObject *args) {
     Py_buffer packed, out;
     if (!PyArg_ParseTuple(args, "y*w*:unpack_bits", &packed, &out))
@@ -1445,6 +1706,12 @@ static PyMethodDef methods[] = {
      "tall_mask_tv(theta, base, kind, merged, lam, mask): tall_mask_f32 of tau = widen(theta) - widen(base)"},
     {"max_abs_diff", max_abs_diff, METH_VARARGS,
      "max_abs_diff(theta, base, kind): the largest |theta - base| (widened to float32) as its float32 bits"},
+    {"ties_hist", ties_hist, METH_VARARGS,
+     "ties_hist(theta, base, kind, b, hist): counts of |tau|'s high 16 bits (b < 0), or of the low 16 where the high are b"},
+    {"ties_signs", ties_signs, METH_VARARGS,
+     "ties_signs(base, thetas, kind, thr, n): (elements whose TIES trimmed sum is > 0, < 0)"},
+    {"ties_merge", ties_merge, METH_VARARGS,
+     "ties_merge(base, thetas, kind, thr, s0, out, counts): TIES' disjoint sum and counts"},
     {"bitsplit", bitsplit, METH_VARARGS,
      "bitsplit(src, k, heads, low): codec bitsplit's head bytes and LSB-first low-bit stream; returns its bytes"},
     {"permute_key", permute_key, METH_VARARGS,

@@ -5,13 +5,15 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
 
+import numpy as np
+
 from ._torch import torch
 from .encodings import Item
 from .errors import InvalidArgumentError
 from .manifest import check_task_name
 from .plan import Kind, Plan, TensorPlan, aligned_base, make_plan, resolve
 from .sources import Source, SourceLike, check_components, open_source, stem
-from .tall import blocks, in_tall_range
+from .tall import blocks, compiled_kind, elements, in_tall_range
 
 #: What ``tallpack.pack`` takes as its tasks: a mapping of names to checkpoints, or a list of
 #: paths (each named after its stem).
@@ -86,14 +88,37 @@ class PackInputs:
         """One streaming pass, block by block, over the task vectors of every finite tensor planned
         as merged: the merge method's statistics (TIES' thresholds) cover the tensors stored once
         because every task left them unchanged, as in the official code's flattened model."""
+        for item in self._counted():
+            assert item.base is not None  # (planned merged: the base has it)
+            for _, taus in blocks(item.base, item.thetas, self.chunk_elements):
+                yield taus
+
+    def input_passes(self) -> Iterator[tuple[str, np.ndarray | None, list[np.ndarray]]]:
+        """:meth:`passes` as ``merging.InputPasses``: the blocks as the inputs hold them where the
+        compiled loops take them (``compiled_kind``), so that no task vector is written to memory;
+        elsewhere, their float32 task vectors."""
+        ce = self.chunk_elements
+        for item in self._counted():
+            assert item.base is not None
+            base, thetas = item.base.reshape(-1), [x.reshape(-1) for x in item.thetas]
+            kind = compiled_kind(base, thetas)
+            if kind is None:
+                for _, taus in blocks(base, thetas, ce):
+                    yield "float32", None, [t.numpy() for t in taus]
+                continue
+            b, xs = elements(base), [elements(x) for x in thetas]
+            for a in range(0, b.size, ce):
+                yield kind, b[a : a + ce], [x[a : a + ce] for x in xs]
+
+    def _counted(self) -> Iterator[Item]:
+        """The tensors the merge method's statistics cover, loaded (see :meth:`passes`)."""
         for entry in self.plan.tensors:
             if entry.kind is not Kind.MERGED:
                 continue
             item = self.load(entry)
             assert item.base is not None  # (planned merged: the base has it)
             if item.kind == Kind.MERGED or (item.kind == Kind.SHARED and in_tall_range(item.base, item.thetas)):
-                for _, taus in blocks(item.base, item.thetas, self.chunk_elements):
-                    yield taus
+                yield item
 
     @property
     def source_bytes(self) -> int:

@@ -393,6 +393,114 @@ def max_abs_diff(theta: np.ndarray, base: np.ndarray, kind: str) -> float | None
     return math.inf if bits >= 0x7F800000 else float(np.array(bits, np.uint32).view(np.float32))
 
 
+# -- TIES (merging.Ties): ``base`` None makes ``thetas`` the float32 task vectors themselves ----------
+
+def ties_hist(theta: np.ndarray, base: np.ndarray | None, kind: str, b: int, hist: np.ndarray) -> None:
+    """TIES' threshold selection over one task's block: ``hist`` (65536 int64 counts) += the counts
+    of the high 16 bits of ``|tau|``'s float32 bits (``b`` < 0), or, among the elements whose high
+    bits are ``b``, of their low 16 bits; ``tau = widen(theta) - widen(base)`` as :func:`tv_sum`."""
+    if _kernels is not None and _fit(theta, hist, *(() if base is None else (base,))):
+        _kernels.ties_hist(theta, _NO_BASE if base is None else base, KINDS.index(kind), b, hist)
+    else:
+        ties_hist_numpy(theta, base, kind, b, hist)
+
+
+def ties_hist_numpy(theta: np.ndarray, base: np.ndarray | None, kind: str, b: int, hist: np.ndarray) -> None:
+    """:func:`ties_hist` in numpy (the fallback: the same counts)."""
+    for a in range(0, theta.size, BLOCK):
+        bits = _tv_numpy(theta[a : a + BLOCK], None if base is None else base[a : a + BLOCK], kind).view(np.uint32)
+        bits = bits & np.uint32(0x7FFFFFFF)
+        if b >= 0:
+            bits = bits[bits >> 16 == b] & np.uint32(0xFFFF)
+        hist += np.bincount(bits >> 16 if b < 0 else bits, minlength=1 << 16)
+
+
+def ties_signs(base: np.ndarray | None, thetas: Sequence[np.ndarray], kind: str, thresholds: np.ndarray,
+               parts: int = 1) -> tuple[int, int]:
+    """How many elements of one block have a TIES trimmed sum ``S = ((+0.0 + r_0) + r_1) + ...``
+    above 0 and below 0, ``r_t = tau_t`` where ``|tau_t| >= thresholds[t]`` (float32), else 0."""
+    n = thetas[0].size
+    if _kernels is not None and _fit(thresholds, *thetas, *(() if base is None else (base,))):
+        k, found = KINDS.index(kind), {}
+
+        def run(a: int, b: int) -> None:
+            found[a] = _kernels.ties_signs(_NO_BASE if base is None else base[a:b], [x[a:b] for x in thetas],
+                                           k, thresholds, b - a)
+        _run_cuts(_cuts(n, parts), run)
+        return sum(p for p, _ in found.values()), sum(q for _, q in found.values())
+    return ties_signs_numpy(base, thetas, kind, thresholds)
+
+
+def ties_signs_numpy(base: np.ndarray | None, thetas: Sequence[np.ndarray], kind: str, thresholds: np.ndarray
+                     ) -> tuple[int, int]:
+    """:func:`ties_signs` in numpy (the fallback: the same counts)."""
+    n, pos, neg = thetas[0].size, 0, 0
+    for a in range(0, n, BLOCK):
+        s = _ties_sum_numpy(base, thetas, kind, thresholds, a, min(n, a + BLOCK))[0]
+        pos, neg = pos + int(np.count_nonzero(s > 0)), neg + int(np.count_nonzero(s < 0))
+    return pos, neg
+
+
+def ties_merge(base: np.ndarray | None, thetas: Sequence[np.ndarray], kind: str, thresholds: np.ndarray,
+               majority: float, out: np.ndarray, counts: np.ndarray, parts: int = 1) -> None:
+    """TIES' disjoint sum of one block (spec 6.1.9) into ``out`` (float32) and ``counts`` (uint8):
+    ``out = (+0.0 + k_0) + k_1 + ...``, ``k_t = r_t`` (as :func:`ties_signs`) where its sign is the
+    elected one, S's, or ``majority``'s where S is 0 (where both are 0, the negative ones), else 0;
+    ``counts``: how many k_t are not 0. In up to ``parts`` element ranges at once."""
+    if _kernels is not None and _fit(thresholds, out, counts, *thetas, *(() if base is None else (base,))):
+        k = KINDS.index(kind)
+        _run_cuts(_cuts(out.size, parts), lambda a, b: _kernels.ties_merge(
+            _NO_BASE if base is None else base[a:b], [x[a:b] for x in thetas], k, thresholds, majority,
+            out[a:b], counts[a:b]))
+    else:
+        ties_merge_numpy(base, thetas, kind, thresholds, majority, out, counts)
+
+
+def ties_merge_numpy(base: np.ndarray | None, thetas: Sequence[np.ndarray], kind: str, thresholds: np.ndarray,
+                     majority: float, out: np.ndarray, counts: np.ndarray) -> None:
+    """:func:`ties_merge` in numpy (the fallback: the same bits)."""
+    zero = np.float32(0)
+    for a in range(0, out.size, BLOCK):
+        b = min(out.size, a + BLOCK)
+        s, taus = _ties_sum_numpy(base, thetas, kind, thresholds, a, b)
+        positive = np.where(s != 0, s, np.float32(majority)) > 0
+        m, c = out[a:b], counts[a:b]
+        m[...], c[...] = 0, 0
+        for tau, thr in zip(taus, thresholds):
+            keep = (np.abs(tau) >= thr) & np.where(positive, tau > 0, tau < 0)
+            m += np.where(keep, tau, zero)
+            c += keep
+
+
+def _ties_sum_numpy(base: np.ndarray | None, thetas: Sequence[np.ndarray], kind: str, thresholds: np.ndarray,
+                    a: int, b: int) -> tuple[np.ndarray, list[np.ndarray]]:
+    """The trimmed sum S of elements [a, b) and their task vectors (the fallbacks' shared start)."""
+    taus = [_tv_numpy(x[a:b], None if base is None else base[a:b], kind) for x in thetas]
+    s = np.zeros(b - a, np.float32)  # +0.0, then the r_t in task order
+    for tau, thr in zip(taus, thresholds):
+        s += np.where(np.abs(tau) >= thr, tau, np.float32(0))
+    return s, taus
+
+
+def _tv_numpy(theta: np.ndarray, base: np.ndarray | None, kind: str) -> np.ndarray:
+    """``widen(theta) - widen(base)`` in float32 (``theta`` itself without a base)."""
+    if base is None:
+        return theta.astype(np.float32, copy=False)
+    return _widen(theta, kind) - _widen(base, kind)
+
+
+def _widen(x: np.ndarray, kind: str) -> np.ndarray:
+    if kind == "float32":
+        return x.view(np.float32)
+    if kind == "float16":
+        return x.view(np.float16).astype(np.float32)
+    return (x.view(np.uint16).astype(np.uint32) << 16).view(np.float32)  # bfloat16: its bits, widened exactly
+
+
+#: The compiled TIES loops' "no base" (the thetas are the task vectors).
+_NO_BASE = b""
+
+
 #: Elements from which ``tv_sum`` splits its pass (the helper's wake-up,
 #: 50-100 us here, against about 0.2 ms of work).
 PARTS_FROM = 1 << 17

@@ -1,8 +1,10 @@
 """Merge methods: how the multi-task vector tau_MTL is built from the task vectors.
 
 A method sees the family as a stream of blocks (one list of per-task float32 task vectors per
-block); methods that need global statistics (TIES' per-task top-k threshold and its majority sign)
-gather them in ``prepare`` over separate streaming passes, so no method holds the family in memory.
+block, or the inputs' blocks as they are, for the compiled loops that compute the task vectors on
+the way); methods that need global statistics (TIES' per-task top-k threshold and its majority
+sign) gather them in ``prepare`` over separate streaming passes, so no method holds the family in
+memory.
 The formulas follow the official TALL-masks code (github nik-dim/tall_masks).
 """
 
@@ -12,13 +14,13 @@ import logging
 import math
 import numbers
 import reprlib
-import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import numpy as np
 
+from . import kernels
 from ._torch import torch
 from .dtypes import narrow
 from .errors import FormatError, InvalidArgumentError
@@ -28,6 +30,11 @@ log = logging.getLogger(__name__)
 #: A callable returning a fresh pass over the family: an iterator of blocks, each a list of
 #: per-task float32 task vectors of the same shape.
 Passes = Callable[[], Iterator[list["torch.Tensor"]]]
+#: The same pass as the inputs give it: blocks ``(kind, base, thetas)`` of flat numpy arrays, whose
+#: task vectors are ``widen(theta) - widen(base)`` in float32 (``kind`` one of ``kernels.KINDS``,
+#: 16-bit floats as their bits, as ``kernels.tv_sum`` takes them), or, where ``base`` is None, the
+#: float32 task vectors themselves (kind ``"float32"``).
+InputPasses = Callable[[], Iterator[tuple[str, "np.ndarray | None", list[np.ndarray]]]]
 
 
 @dataclass(frozen=True)
@@ -58,13 +65,14 @@ class MergeMethod:
     options: ClassVar[tuple[Option, ...]] = ()
     extra_arrays: ClassVar[dict[str, str]] = {}
     max_tasks: ClassVar[int | None] = None
-    #: ``combine`` is the plain sum ``((tau_0 + 0) + tau_1) + ...`` in task order, with no extras:
-    #: the packer may then compute it, and the masks, straight from the inputs in compiled loops
-    #: that never write the task vectors to memory (``kernels.tv_sum``, ``kernels.tall_mask_tv``).
-    plain_sum: ClassVar[bool] = False
+    #: ``combine_inputs`` computes ``combine_with_extras`` straight from the inputs in compiled
+    #: loops that never write the task vectors to memory: the packer then does, and computes the
+    #: masks the same way (``kernels.tall_mask_tv``).
+    straight: ClassVar[bool] = False
 
-    def prepare(self, passes: Passes, num_tasks: int) -> None:
-        """Gather global statistics; the default needs none."""
+    def prepare(self, passes: Passes, num_tasks: int, inputs: InputPasses | None = None) -> None:
+        """Gather global statistics over ``passes`` (or ``inputs``, the same blocks as the inputs
+        give them, where the method takes those); the default needs none."""
 
     def combine(self, taus: list[torch.Tensor], out: torch.Tensor | None = None) -> torch.Tensor:
         """tau_MTL of one block (into ``out`` when given and the method can)."""
@@ -78,6 +86,14 @@ class MergeMethod:
                             ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """``(combine(taus, out), extras(taus))``, for a method whose two share their work computed once."""
         return self.combine(taus, out), self.extras(taus)
+
+    def combine_inputs(self, base: np.ndarray, thetas: list[np.ndarray], kind: str, out: np.ndarray,
+                       extras: dict[str, np.ndarray], parts: int = 1) -> None:
+        """``combine_with_extras`` of one block given as the inputs hold it (an ``InputPasses``
+        block with a base, of the ``kernels.tv_sum`` kind ``kind``), into ``out`` and ``extras``
+        (flat numpy arrays, one per ``extra_arrays`` key), in up to ``parts`` element ranges at
+        once: the same bits. Only for a method that is ``straight``."""
+        raise NotImplementedError
 
     def params(self) -> dict[str, Any]:
         return {"method": self.name}
@@ -105,13 +121,18 @@ class TaskArithmetic(MergeMethod):
     """``tau_MTL = sum_t tau_t``, summed in task order."""
 
     name = "ta"
-    plain_sum = True
+    straight = True
 
     def combine(self, taus: list[torch.Tensor], out: torch.Tensor | None = None) -> torch.Tensor:
         out = torch.add(taus[0], 0.0, out=out)  # (+0.0 + tau_1): a -0.0 becomes +0.0, as the spec's sum does
         for tau in taus[1:]:
             out += tau
         return out
+
+    def combine_inputs(self, base: np.ndarray, thetas: list[np.ndarray], kind: str, out: np.ndarray,
+                       extras: dict[str, np.ndarray], parts: int = 1) -> None:
+        ran = kernels.tv_sum(base, thetas, kind, out, parts)
+        assert ran, "combine_inputs without the compiled loops, or for arrays they refuse"
 
 
 def kth_smallest_bits(histograms: Iterable[np.ndarray], k: int) -> tuple[int, int]:
@@ -132,6 +153,7 @@ class Ties(MergeMethod):
     """
 
     name = "ties"
+    straight = True
     options = (Option("top_k", float, 0.2, "TIES: fraction of each task vector kept.", low=0, high=1, low_open=True),)
     extra_arrays = {"counts": "uint8"}
     max_tasks = 255  # counts are uint8
@@ -145,92 +167,58 @@ class Ties(MergeMethod):
         #: -1, 0 or 1, written as a JSON integer (archives before tallpack 0.2 hold -1.0 and the like)
         self.majority_sign: int | float | None = None
 
-    def prepare(self, passes: Passes, num_tasks: int) -> None:
+    def prepare(self, passes: Passes, num_tasks: int, inputs: InputPasses | None = None) -> None:
         # Exact global k-th magnitude per task by radix selection on the float32 bit patterns
-        # (monotone for non-negative floats): high 16 bits in one pass, low 16 bits in a second.
-        high = [np.zeros(1 << 16, np.int64) for _ in range(num_tasks)]
-        halves = _Halves()
+        # (monotone for non-negative floats): high 16 bits in one pass, low 16 bits in a second;
+        # the elected signs' total in a third. Each pass in compiled loops that compute the task
+        # vectors a block at a time from the inputs (``kernels.ties_hist``, ``ties_signs``), the
+        # tasks or element ranges side by side: counts, the same whatever the threads.
+        source = inputs if inputs is not None else _input_passes(passes)
+        threads = kernels.default_threads()
+        high = np.zeros((num_tasks, 1 << 16), np.int64)
         d = 0
-        for taus in passes():
-            d += taus[0].numel()
-            for h, tau in zip(high, taus):
-                h += np.bincount(halves(tau)[0], minlength=1 << 16)
+        for kind, base, xs in source():
+            d += xs[0].size
+            _histograms(kind, base, xs, [-1] * num_tasks, high, threads)
         keep = int(d * self.top_k)
         k = d - keep  # official: kthvalue(d - int(d * K)); entries >= it are kept
         if k <= 0 or d == 0:
             self.thresholds = [0.0] * num_tasks
         else:
             sel = [kth_smallest_bits([h], k) for h in high]
-            low = [np.zeros(1 << 16, np.int64) for _ in range(num_tasks)]
-            for taus in passes():
-                for (b, _), lo, tau in zip(sel, low, taus):
-                    hi, low16 = halves(tau)
-                    lo += np.bincount(low16[hi == b], minlength=1 << 16)
+            low = np.zeros_like(high)
+            for kind, base, xs in source():
+                _histograms(kind, base, xs, [b for b, _ in sel], low, threads)
             self.thresholds = []
             for (b, rank), lo in zip(sel, low):
                 lb, _ = kth_smallest_bits([lo], rank)
                 self.thresholds.append(float(np.array([(b << 16) | lb], np.int32).view(np.float32)[0]))
-        total = 0  # the sum of the elected signs, counted exactly (a float32 sum is exact to 2**24 only)
-        for taus in passes():
-            elected = self._trimmed_sum(taus).cpu().numpy()
-            total += int(np.count_nonzero(elected > 0)) - int(np.count_nonzero(elected < 0))
+        thresholds, total = _float32s(self.thresholds), 0  # the elected signs' sum, counted exactly
+        for kind, base, xs in source():
+            pos, neg = kernels.ties_signs(base, xs, kind, thresholds, threads)
+            total += pos - neg
         self.majority_sign = int(np.sign(total))
         log.info("TIES thresholds %s, majority sign %+d", self.thresholds, self.majority_sign)
 
-    # Sums run over the tasks in task order, element by element (``_sum``), as spec §6.1.9 derives
-    # them: ``torch.sum(dim=0)`` of stacked tasks orders its additions by the tensor's length (for
-    # short ones, several accumulators), so the last bit of a sum would depend on how the tensor is
-    # laid out (alone, or in a group of small tensors, format 1.12).
-    #
-    # The formula is ``derive_merged``'s, computed with a few buffers written in place: every
-    # temporary of a block costs fresh pages, and bool masks (``tau * (|tau| >= thr)``) cost more
-    # than the arithmetic (25-35x the TA pack). ``|x| >= thr_t`` is ``x > cut_t``, cut_t the float32
-    # just below thr_t (``hardshrink``, ``torch.threshold``). Where s is the elected sign (+1 or -1),
-    # ``k_t = s * a_t`` with ``a_t = s * tau_t`` where ``s * tau_t >= thr_t`` (and > 0), else 0; as
-    # rounding is symmetric, ``(+0.0 + k_1) + k_2 ... = s * ((+0.0 + a_1) + a_2 ...)``, up to the
-    # sign of a zero, which a final ``+ 0.0`` makes +0.0 as the sum in task order does. For finite
-    # task vectors (every merged tensor's: ``tall.in_tall_range``), the bits of ``derive_merged``.
-    def _cuts(self) -> list[float]:
-        """Per task, the float32 below which an entry's magnitude is trimmed: ``|x| >= thr`` is
-        ``|x| > cut`` (0.0 for a threshold <= 0, where every entry is kept)."""
-        assert self.thresholds is not None, "prepare() first"
-        cuts = []
-        for thr in self.thresholds:
-            thr32 = np.float32(thr)  # a tensor compared with a Python float: the float rounded to float32
-            cuts.append(float(np.nextafter(thr32, np.float32(-np.inf))) if thr32 > 0 else 0.0)
-        return cuts
+    # Sums run over the tasks in task order, element by element, as spec §6.1.9 derives them
+    # (``torch.sum(dim=0)`` of stacked tasks orders its additions by the tensor's length, so the
+    # last bit of a sum would depend on how the tensor is laid out: alone, or in a group of small
+    # tensors, format 1.12): ``kernels.ties_merge``, one pass over the task vectors (or the inputs)
+    # that writes tau_MTL and counts and nothing else, for ``derive_merged`` too.
+    def _merge(self, taus: list[torch.Tensor], out: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """tau_MTL (the disjoint sum, into ``out`` when given) and how many tasks each element's
+        sum took (uint8), computed once."""
+        assert self.thresholds is not None and self.majority_sign is not None, "prepare() first"
+        return _ties_block(taus, self.thresholds, self.majority_sign, out)
 
-    def _trimmed_sum(self, taus: list[torch.Tensor], scratch: torch.Tensor | None = None) -> torch.Tensor:
-        """``(+0.0 + r_1) + r_2 + ...``, r_t = tau_t where ``|tau_t| >= thr_t``, else 0 (a new tensor)."""
-        total = torch.zeros_like(taus[0], dtype=torch.float32)
-        scratch = torch.empty_like(total) if scratch is None else scratch
-        for tau, cut in zip(taus, self._cuts()):
-            total += torch.ops.aten.hardshrink.out(tau, cut, out=scratch)  # tau where |tau| > cut, else 0
-        return total
-
-    def _merge(self, taus: list[torch.Tensor], out: torch.Tensor | None, counts: bool
-               ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """tau_MTL (the disjoint sum, into ``out`` when given) and, with ``counts``, how many tasks
-        each element's sum took (uint8), computed once."""
-        assert self.majority_sign is not None, "prepare() first"
-        scratch = torch.empty_like(taus[0], dtype=torch.float32)
-        sign = self._trimmed_sum(taus, scratch)
-        torch.sign(sign, out=sign)
-        sign.masked_fill_(sign == 0, 1.0 if self.majority_sign > 0 else -1.0)  # 0: the r_t < 0 are kept
-        out = torch.zeros_like(sign) if out is None else out.zero_()
-        taken = torch.zeros_like(sign) if counts else None
-        for tau, cut in zip(taus, self._cuts()):
-            a = torch.mul(tau, sign, out=scratch)
-            torch.threshold_(a, cut, 0.0)
-            out += a
-            if taken is not None:
-                taken += torch.sign(a, out=a)  # 1 where the task is kept
-        out *= sign
-        out += 0.0  # -0.0 (an element no task kept, elected -1) is +0.0, as in the sum in task order
-        return out, None if taken is None else taken.to(torch.uint8)
+    def combine_inputs(self, base: np.ndarray, thetas: list[np.ndarray], kind: str, out: np.ndarray,
+                       extras: dict[str, np.ndarray], parts: int = 1) -> None:
+        assert self.thresholds is not None and self.majority_sign is not None, "prepare() first"
+        kernels.ties_merge(base, thetas, kind, _float32s(self.thresholds), float(self.majority_sign), out,
+                           extras["counts"], parts)
 
     def combine(self, taus: list[torch.Tensor], out: torch.Tensor | None = None) -> torch.Tensor:
-        return self._merge(taus, out, counts=False)[0]
+        return self._merge(taus, out)[0]
 
     def extras(self, taus: list[torch.Tensor]) -> dict[str, torch.Tensor]:
         """``counts``: per element, how many task vectors went into tau_MTL (the disjoint mean's divisor)."""
@@ -238,8 +226,7 @@ class Ties(MergeMethod):
 
     def combine_with_extras(self, taus: list[torch.Tensor], out: torch.Tensor | None = None
                             ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        merged, counts = self._merge(taus, out, counts=True)
-        assert counts is not None
+        merged, counts = self._merge(taus, out)
         return merged, {"counts": counts}
 
     def params(self) -> dict[str, Any]:
@@ -269,20 +256,45 @@ class Ties(MergeMethod):
         return 1.0
 
 
-class _Halves:
-    """The high and low 16 bits of ``|tau|``'s float32 bit patterns (numpy views), ``|tau|`` written
-    into one buffer reused from block to block (a fresh one a block and task cost its pages)."""
+def _input_passes(passes: Passes) -> InputPasses:
+    """``passes`` as ``InputPasses``: each block's float32 task vectors, without a base."""
+    return lambda: (("float32", None, [_elements32(t) for t in taus]) for taus in passes())
 
-    def __init__(self) -> None:
-        self._buf = torch.empty(0, dtype=torch.float32)
-        self._high = 1 if sys.byteorder == "little" else 0
 
-    def __call__(self, tau: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-        n = tau.numel()
-        if self._buf.numel() < n:
-            self._buf = torch.empty(n, dtype=torch.float32)
-        halves = torch.abs(tau.reshape(-1), out=self._buf[:n]).view(torch.int32).numpy().view(np.uint16)
-        return halves[self._high :: 2], halves[1 - self._high :: 2]
+def _elements32(t: torch.Tensor) -> np.ndarray:
+    """A float32 tensor's elements, flat and contiguous, as numpy (a view where it can be)."""
+    return t.detach().cpu().to(torch.float32).reshape(-1).contiguous().numpy()
+
+
+def _float32s(values: list[float]) -> np.ndarray:
+    """Thresholds rounded to float32 (spec §6.1.9), as a tensor compared with a Python float rounds
+    it; one past float32's range (a manifest may hold one) is inf, which trims every entry."""
+    with np.errstate(over="ignore"):
+        return np.array(values, np.float64).astype(np.float32)
+
+
+def _histograms(kind: str, base: np.ndarray | None, xs: list[np.ndarray], bins: list[int], hists: np.ndarray,
+                threads: int) -> None:
+    """``kernels.ties_hist`` of each task's block into its row of ``hists``, the tasks side by side."""
+    def run(first: int, end: int) -> None:
+        for t in range(first, end):
+            kernels.ties_hist(xs[t], base, kind, bins[t], hists[t])
+    kernels.in_parts(len(xs), threads, run)
+
+
+def _ties_block(taus: list[torch.Tensor], thresholds: list[float], majority: float, out: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """TIES' disjoint sum of one block of float32 task vectors (into ``out`` when given) and its
+    counts: ``kernels.ties_merge``, the formula of ``derive_merged``'s docstring."""
+    shape = taus[0].shape
+    into = out if out is not None and out.is_contiguous() and out.dtype == torch.float32 else None
+    merged = torch.empty(shape, dtype=torch.float32) if into is None else into
+    counts = torch.empty(shape, dtype=torch.uint8)
+    kernels.ties_merge(None, [_elements32(t) for t in taus], "float32", _float32s(thresholds), float(majority),
+                       merged.reshape(-1).numpy(), counts.reshape(-1).numpy())
+    if out is not None and into is None:
+        merged = out.copy_(merged)
+    return merged, counts
 
 
 def _finite(v: object) -> bool:
@@ -408,14 +420,8 @@ def derive_merged(taus: list[torch.Tensor], method: MergeMethod) -> dict[str, to
         return None
     if len(thresholds) != len(taus):
         raise FormatError(f"merge: {len(thresholds)} TIES thresholds for {len(taus)} tasks")
-    trimmed = [tau * (tau.abs() >= torch.tensor(thr, dtype=torch.float32, device=tau.device)) for tau, thr in zip(taus, thresholds)]
-    sign = torch.sign(_sum(trimmed))
-    positive = torch.where(sign == 0, torch.tensor(float(majority), device=sign.device), sign) > 0
-    kept = [r * torch.where(positive, r > 0, r < 0) for r in trimmed]
-    counts = torch.zeros(taus[0].shape, dtype=torch.uint8)
-    for k in kept:
-        counts += (k != 0).to(torch.uint8)
-    return {"merged": _sum(kept), "counts": counts}
+    merged, counts = _ties_block(taus, thresholds, majority)  # tests compare it with the formula written plainly
+    return {"merged": merged, "counts": counts}
 
 
 def missing_statistics(method: MergeMethod) -> list[str]:

@@ -134,7 +134,7 @@ def _pack_opened(fam: PackInputs, opts: PackOptions, v: Validated, out: str | os
                  fam.plan.count(Kind.TASK_OWN), fam.plan.count(Kind.BASE_ONLY))
         if not opts.keep_base_only:
             warn_dropped(fam.base, fam.plan)
-        v.method.prepare(fam.passes, len(names))
+        v.method.prepare(fam.passes, len(names), fam.input_passes)
         selection = None
         if opts.evaluate is not None:
             given = opts.lambdas if isinstance(opts.lambdas, Mapping) else {}

@@ -43,23 +43,25 @@ def check_merged_entry(entry: TensorEntry, tt: TaskTensor, where: str) -> None:
 
 
 def _straight(ctx: WriteContext, tasks: Sequence[str], kind: str, base: torch.Tensor, thetas: list[torch.Tensor],
-              merged: torch.Tensor, masks: list[torch.Tensor], ones: list[int], groups: int) -> None:
-    """One chunk's merged vector and masks computed straight from the inputs, for a method whose
-    merged vector is the plain sum (``MergeMethod.plain_sum``: Task Arithmetic) of inputs the
-    compiled loops take (``compiled_kind``): ``kernels.tv_sum`` (in element ranges on up to
-    ``ctx.threads`` threads), then each task's ``kernels.tall_mask_tv`` (the tasks in ``groups``
-    groups at once, all but the first on helper threads), which compute the task vectors a block
-    at a time on the stack instead of writing T float32 vectors to memory and reading them back
-    twice. The same operations in the same order as ``blocks``, ``combine`` and
+              merged: torch.Tensor, extras: dict[str, torch.Tensor], masks: list[torch.Tensor], ones: list[int],
+              groups: int) -> None:
+    """One chunk's merged vector, extras and masks computed straight from the inputs, for a method
+    that can (``MergeMethod.straight``: Task Arithmetic, TIES) and inputs the compiled loops take
+    (``compiled_kind``): the method's ``combine_inputs`` (``kernels.tv_sum``, ``ties_merge``, in
+    element ranges on up to ``ctx.threads`` threads), then each task's ``kernels.tall_mask_tv``
+    (the tasks in ``groups`` groups at once, all but the first on helper threads), which compute
+    the task vectors a block at a time on the stack instead of writing T float32 vectors to memory
+    and reading them back twice. The same operations in the same order as ``blocks``, ``combine`` and
     ``tall_mask_with_fidelity``, so the same bits (tests compare the archives). In sub-blocks of
     COMPUTE_ELEMENTS, so that the masks read a merged vector still in cache."""
     bb, xs = elements(base), [elements(x) for x in thetas]
     mv, mb = merged.numpy(), [m.view(torch.uint8).numpy() for m in masks]
+    ev = {key: x.numpy() for key, x in extras.items()}
     n = bb.size
     for o in range(0, n, COMPUTE_ELEMENTS):
         e = min(n, o + COMPUTE_ELEMENTS)
-        ran = kernels.tv_sum(bb[o:e], [x[o:e] for x in xs], kind, mv[o:e], ctx.threads)
-        assert ran, "compiled_kind admitted arrays the compiled loops refuse"
+        ctx.method.combine_inputs(bb[o:e], [x[o:e] for x in xs], kind, mv[o:e], {k: v[o:e] for k, v in ev.items()},
+                                  ctx.threads)
 
         def run(first: int, end: int, o: int = o, e: int = e) -> None:
             for i in range(first, end):
@@ -141,7 +143,7 @@ class Tall(Encoding):
         groups = min(ctx.threads, len(tasks))  # the tasks' masks in this many groups at once
         spaces = {0: ws}  # each group's workspace, by its first task (only the loops without kernels use them)
         b_flat, flats = base.reshape(-1), [x.reshape(-1) for x in thetas]
-        kind = compiled_kind(b_flat, flats) if ctx.method.plain_sum else None  # see _straight
+        kind = compiled_kind(b_flat, flats) if ctx.method.straight else None  # see _straight
         narrows = narrow_dtypes(thetas)
         for k, a in enumerate(range(0, b_flat.numel(), ce)):
             # One chunk's merged vector, extras and masks, computed in sub-blocks: the T float32
@@ -152,7 +154,9 @@ class Tall(Encoding):
             masks = [ws.get(f"mask{i}.{side}", n, torch.bool) for i in range(len(tasks))]
             extras: dict[str, torch.Tensor] = {}
             if kind is not None:
-                _straight(ctx, tasks, kind, b, [f[a : a + ce] for f in flats], merged, masks, ones, groups)
+                extras = {key: ws.get(f"{key}{side}", n, torch_dtype(dt))
+                          for key, dt in ctx.method.extra_arrays.items()}
+                _straight(ctx, tasks, kind, b, [f[a : a + ce] for f in flats], merged, extras, masks, ones, groups)
             for o, (sb, taus) in zip(range(0, n, COMPUTE_ELEMENTS), () if kind is not None else
                                      blocks(b, [f[a : a + ce] for f in flats], COMPUTE_ELEMENTS, ws)):
                 s = slice(o, o + sb.numel())
