@@ -15,15 +15,16 @@ manifest, which indexes them, goes last.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
-import operator
 import os
 import struct
 import sys
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
+from operator import attrgetter
 from pathlib import Path
 from typing import Any, BinaryIO, NamedTuple
 
@@ -468,8 +469,8 @@ def check_json(value: Any, at: int = 0) -> None:
 #: The dtypes a reader may take as byte planes (``read_planar``), with their element sizes.
 PLANAR_DTYPES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
-#: A chunk span's (offset, size): what spans sort by (their third field, where, may be a str or a pair).
-_span_start = operator.itemgetter(0, 1)
+#: an array ref's chunks; a flattening of iterables (``check_layout``)
+_chunks, _flat = attrgetter("chunks"), itertools.chain.from_iterable
 
 
 class ContainerReader:
@@ -523,7 +524,11 @@ class ContainerReader:
             raise FormatError(f"{name}: manifest is not a JSON object")
         self.manifest: dict[str, Any] = manifest
         self.checksum = checksum_function(manifest.get("checksum", "crc32"))
-        self._spans: list[tuple[int, int, str | tuple[str, str]]] = []
+        #: the arrays ``register`` records, and their names, until ``check_layout``
+        self._refs: list[ArrayRef] = []
+        self._wheres: list[str | tuple[str, str]] = []
+        #: every chunk's start and end, sorted by start then size (``check_layout``)
+        self._starts = self._stops = np.zeros(0, np.uint64)
 
     def take_manifest(self) -> dict[str, Any]:
         """The parsed manifest, handed over once: the reader keeps what it builds from it, and a
@@ -538,18 +543,30 @@ class ContainerReader:
     def register(self, ref: ArrayRef, where: str | tuple[str, str]) -> None:
         """Record an array's chunk spans; ``check_layout`` then checks them against each other.
         ``where`` names the array, or is a pair (tensor, key) formatted only for an error."""
-        self._spans += [(c.offset, c.nbytes, where) for c in ref.chunks]
+        self._refs.append(ref)
+        self._wheres.append(where)
 
     def check_layout(self) -> None:
-        """Every chunk lies in the data area, and no two overlap."""
-        end = HEADER.size
-        self._spans.sort(key=_span_start)
-        for off, n, where in self._spans:
-            if off < end or off + n > self.data_end:
-                if not isinstance(where, str):
-                    where = f"tensor {where[0]!r} ({where[1]})"
-                raise FormatError(f"{self.name}: {where}: chunk at {off} overlaps another or the manifest")
-            end = off + n
+        """Every chunk lies in the data area, and no two overlap: the spans sorted by start (then
+        size), each must start at or after the one before it ends, in one pass over arrays (an
+        archive of 64,000 task entries has as many chunks). The names are let go once checked."""
+        refs, wheres = self._refs, self._wheres
+        self._refs, self._wheres = [], []
+        # (offset, nbytes, checksum) of every chunk, in one array (checksums may pass 2**63)
+        spans = np.fromiter(_flat(_flat(map(_chunks, refs))), np.uint64).reshape(-1, 3)
+        order = np.lexsort((spans[:, 1], spans[:, 0]))
+        starts = spans[order, 0]
+        stops = starts + spans[order, 1]  # both below 2**63: no overflow in uint64
+        before = np.concatenate((np.array([HEADER.size], np.uint64), stops[:-1]))
+        bad = np.flatnonzero((starts < before) | (stops > np.uint64(self.data_end)))
+        if bad.size:
+            first = int(order[bad[0]])  # the first bad span in start order, as the spans go
+            counts = np.cumsum([len(ref.chunks) for ref in refs])
+            where = wheres[int(np.searchsorted(counts, first, side="right"))]
+            if not isinstance(where, str):
+                where = f"tensor {where[0]!r} ({where[1]})"
+            raise FormatError(f"{self.name}: {where}: chunk at {int(starts[bad[0]])} overlaps another or the manifest")
+        self._starts, self._stops = starts, stops
 
     def verify_ends(self) -> list[str]:
         """The header, footer and manifest read again: as they were at open, and the manifest's
@@ -575,12 +592,12 @@ class ContainerReader:
 
     def verify_padding(self) -> list[str]:
         """Bytes that no chunk covers (alignment padding) must be zero: no hidden data."""
-        problems, end = [], HEADER.size
-        for off, n, _ in [*self._spans, (self.data_end, 0, "manifest")]:
-            if off > end and any(self.source.read(end, off - end)):
-                problems.append(f"{self.name}: nonzero bytes in the padding at {end}..{off}")
-            end = max(end, off + n)
-        return problems
+        starts = np.append(self._starts, np.uint64(self.data_end))  # the manifest
+        ends = np.concatenate((np.array([HEADER.size], np.uint64), np.maximum.accumulate(self._stops)))
+        gaps = np.flatnonzero(starts > ends)
+        return [f"{self.name}: nonzero bytes in the padding at {end}..{off}"
+                for off, end in zip(starts[gaps].tolist(), ends[gaps].tolist())
+                if any(self.source.read(end, off - end))]
 
     def read_chunk(self, ref: ArrayRef, i: int, where: str, out: memoryview | None = None, *,
                    recheck: bool = False) -> bytes | bytearray | memoryview:
