@@ -65,17 +65,22 @@ def check_shape(shape: object) -> tuple[int, ...]:
     come back as one tuple (a manifest's tens of thousands of entries share a few shapes)."""
     if not isinstance(shape, (list, tuple)) or len(shape) > MAX_DIMS:
         raise ValueError(f"a shape is a list of at most {MAX_DIMS} dimensions")
-    span = 1
     for d in shape:
         if type(d) is not int or d < 0:
             raise ValueError("shape dimensions must be non-negative integers")
+    t = tuple(shape)
+    seen = _SHAPES.get(t)  # (integers only: no 16.0 or True taken for 16 or 1)
+    if seen is not None:
+        return seen
+    span = 1
+    for d in t:
         span *= max(d, 1)
         if span > MAX_INT:
             raise ValueError("shape too large (its dimensions multiply past 2**63)")
-    t = tuple(shape)
     if len(_SHAPES) >= _MAX_SHARED:
         _SHAPES.clear()
-    return _SHAPES.setdefault(t, t)
+    _SHAPES[t] = t
+    return t
 
 
 #: Shapes and array headers already seen, shared (``check_shape``, ``ArrayRef.from_dict``); each

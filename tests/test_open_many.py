@@ -52,6 +52,8 @@ def test_refs_of_one_header_share_it(many):
             assert not hasattr(ref, "__dict__")
             assert ref.shape is first.shape and ref.codecs is first.codecs and ref.chain is first.chain
             assert ref.dtype == "bool" and ref.numel == 16 and ref.nbytes == 16 and len(ref.chunks) == 1
+        shapes = {id(tt.shape) for e in fam.manifest.tensors for tt in e.tasks.values()}
+        assert len(shapes) == 1  # the task entries' shapes too (check_shape)
 
 
 def test_an_open_archive_holds_little_per_task_entry(many):
