@@ -741,7 +741,8 @@ def git_state() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--root", default=".tallpack-cache/demo-family", help="demo family folder (built if missing)")
+    ap.add_argument("--root", default=".tallpack-demo/family",
+                    help="demo family folder (built if missing; `tallpack demo` builds the same one there)")
     ap.add_argument("--seed", type=int, default=0, help="demo family seed")
     ap.add_argument("--out", default="benchmarks/out", help="archives, JSON and markdown go here")
     ap.add_argument("--figure", default="benchmarks/paper_table.png")
