@@ -1,7 +1,7 @@
 """How close do the stored masks come to their entropy, and would coding a family's masks jointly
 pay? Measured on the demo family's TA archive (built and packed by this script if missing).
 
-    python benchmarks/mask_coding.py [--root .tallpack-cache/demo-family] [--lambda 0.4]
+    python benchmarks/mask_coding.py [--root .tallpack-demo/family] [--lambda 0.4]
 
 Per parameter and per task, side by side in the same run:
 - stored: what the archive holds now (each task's mask bit-packed, zstd-3, per chunk);
@@ -32,7 +32,7 @@ def entropy(counts) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--root", type=Path, default=Path(".tallpack-cache/demo-family"))
+    ap.add_argument("--root", type=Path, default=Path(".tallpack-demo/family"))
     ap.add_argument("--lambda", dest="lam", type=float, default=tallpack.DEFAULT_LAMBDA)
     a = ap.parse_args()
     fam = build_family(a.root)
