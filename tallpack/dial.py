@@ -296,12 +296,14 @@ def _array_cost(chain: Chain, arr: np.ndarray, ce: int) -> int:
     return sum(len(chain.encode(p)) + CHUNK_OVERHEAD for p in pieces) + ARRAY_OVERHEAD
 
 
-def _exact_cost(ctx: WriteContext, x: torch.Tensor, rec: torch.Tensor, base: torch.Tensor) -> int:
-    """What ``add_exact`` will store for this task's tensor (the same choice on the same sample)."""
+def _exact_cost(ctx: WriteContext, x: torch.Tensor, rec: torch.Tensor, base: torch.Tensor,
+                finite: bool = False) -> int:
+    """What ``add_exact`` will store for this task's tensor (the same choice on the same sample);
+    ``finite``: ``rec`` is known to hold no NaN (its error counted no element that is not finite)."""
     assert ctx.residuals is not None
     xb = bits(x.contiguous())
     refs = {"tall": rec, "base": narrow(base.to(torch.float32), x.dtype), "zero": None}
-    if torch.isnan(rec).any():
+    if not finite and torch.isnan(rec).any():
         del refs["tall"]
     rbits = {k: (bits(v.contiguous()) if v is not None else np.zeros_like(xb)) for k, v in refs.items()}
     dt, ce, n = dtype_name(x.dtype), ctx.chunk_elements, SAMPLE_ELEMENTS
@@ -750,7 +752,7 @@ class Dial:
                     err, pe, same, over = sq_err(narrow(cq, x.dtype))
                     opts.append(Option("quant", priced({"scales": scales, "codes": codes}), err, 0, b, pe, same, over))
             if n and not exact0 and "exact" in self.allowed:  # also where TALL errs by bits alone
-                cost = _exact_cost(ctx, xf, plain, item.base.reshape(-1))
+                cost = _exact_cost(ctx, xf, plain, item.base.reshape(-1), finite=over0 == 0)
                 opts.append(Option("exact", cost, 0.0, bit_exact=True))
             plan.ladders[item.name] = hull(opts)
             if self.evaluate is not None:  # (the scratch buffers are overwritten by the next task)
