@@ -524,11 +524,10 @@ class ContainerReader:
             raise FormatError(f"{name}: manifest is not a JSON object")
         self.manifest: dict[str, Any] = manifest
         self.checksum = checksum_function(manifest.get("checksum", "crc32"))
-        #: the arrays ``register`` records, and their names, until ``check_layout``
+        #: the arrays ``register`` records (for ``verify_padding`` too), and their names until
+        #: ``check_layout``
         self._refs: list[ArrayRef] = []
         self._wheres: list[str | tuple[str, str]] = []
-        #: every chunk's start and end, sorted by start then size (``check_layout``)
-        self._starts = self._stops = np.zeros(0, np.uint64)
 
     def take_manifest(self) -> dict[str, Any]:
         """The parsed manifest, handed over once: the reader keeps what it builds from it, and a
@@ -546,27 +545,23 @@ class ContainerReader:
         self._refs.append(ref)
         self._wheres.append(where)
 
+    def _spans(self) -> list[Chunk]:
+        """Every registered chunk, sorted by offset, then size (then checksum)."""
+        return sorted(_flat(map(_chunks, self._refs)))  # the chunks themselves: no tuple made per chunk
+
     def check_layout(self) -> None:
-        """Every chunk lies in the data area, and no two overlap: the spans sorted by start (then
-        size), each must start at or after the one before it ends, in one pass over arrays (an
-        archive of 64,000 task entries has as many chunks). The names are let go once checked."""
-        refs, wheres = self._refs, self._wheres
-        self._refs, self._wheres = [], []
-        # (offset, nbytes, checksum) of every chunk, in one array (checksums may pass 2**63)
-        spans = np.fromiter(_flat(_flat(map(_chunks, refs))), np.uint64).reshape(-1, 3)
-        order = np.lexsort((spans[:, 1], spans[:, 0]))
-        starts = spans[order, 0]
-        stops = starts + spans[order, 1]  # both below 2**63: no overflow in uint64
-        before = np.concatenate((np.array([HEADER.size], np.uint64), stops[:-1]))
-        bad = np.flatnonzero((starts < before) | (stops > np.uint64(self.data_end)))
-        if bad.size:
-            first = int(order[bad[0]])  # the first bad span in start order, as the spans go
-            counts = np.cumsum([len(ref.chunks) for ref in refs])
-            where = wheres[int(np.searchsorted(counts, first, side="right"))]
-            if not isinstance(where, str):
-                where = f"tensor {where[0]!r} ({where[1]})"
-            raise FormatError(f"{self.name}: {where}: chunk at {int(starts[bad[0]])} overlaps another or the manifest")
-        self._starts, self._stops = starts, stops
+        """Every chunk lies in the data area, and no two overlap. The chunks are sorted as they
+        are (nearly in file order already: fast), and the names let go once checked (an archive
+        of 64,000 task entries has as many chunks)."""
+        end, data_end = HEADER.size, self.data_end
+        for off, n, checksum in self._spans():
+            if off < end or off + n > data_end:
+                where = next(w for ref, w in zip(self._refs, self._wheres) if (off, n, checksum) in ref.chunks)
+                if not isinstance(where, str):
+                    where = f"tensor {where[0]!r} ({where[1]})"
+                raise FormatError(f"{self.name}: {where}: chunk at {off} overlaps another or the manifest")
+            end = off + n
+        self._wheres = []
 
     def verify_ends(self) -> list[str]:
         """The header, footer and manifest read again: as they were at open, and the manifest's
@@ -592,12 +587,12 @@ class ContainerReader:
 
     def verify_padding(self) -> list[str]:
         """Bytes that no chunk covers (alignment padding) must be zero: no hidden data."""
-        starts = np.append(self._starts, np.uint64(self.data_end))  # the manifest
-        ends = np.concatenate((np.array([HEADER.size], np.uint64), np.maximum.accumulate(self._stops)))
-        gaps = np.flatnonzero(starts > ends)
-        return [f"{self.name}: nonzero bytes in the padding at {end}..{off}"
-                for off, end in zip(starts[gaps].tolist(), ends[gaps].tolist())
-                if any(self.source.read(end, off - end))]
+        problems, end = [], HEADER.size
+        for off, n, _ in [*self._spans(), (self.data_end, 0, 0)]:  # the manifest last
+            if off > end and any(self.source.read(end, off - end)):
+                problems.append(f"{self.name}: nonzero bytes in the padding at {end}..{off}")
+            end = max(end, off + n)
+        return problems
 
     def read_chunk(self, ref: ArrayRef, i: int, where: str, out: memoryview | None = None, *,
                    recheck: bool = False) -> bytes | bytearray | memoryview:
