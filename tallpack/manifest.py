@@ -220,6 +220,9 @@ class Manifest:
         for t in tensors:
             if t.name in by_name:
                 raise FormatError(f"tensor {t.name!r} appears twice in the manifest")
+            if not t.tasks and "base" not in t.arrays:  # §3.3: nothing to read, and no base for a merged model
+                raise FormatError(f"tensor {t.name!r}: in no task and holds no base; an entry with no tasks "
+                                  "must hold its base (spec §3.3)")
             by_name[t.name] = t
         groups = [t for t in tensors if t.members]
         if groups and "groups" not in requires:

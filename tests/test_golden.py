@@ -1005,3 +1005,16 @@ def test_spec_reader_builds_the_merged_models_bit_for_bit(name: str, models: tup
                     assert _bits(got[member]).tobytes() == want.tobytes(), (name, model, member)
                     checked += 1
             assert checked >= 2, (name, model)
+
+
+def test_an_entry_in_no_task_without_its_base_is_refused(tmp_path: Path) -> None:
+    """§3.3: a base-only entry (``tasks: {}``) without ``base`` holds nothing; it is refused at open,
+    not left out of merged models unnoticed (as an archive whose base was dropped would be)."""
+    def drop(m: dict) -> None:
+        entry = next(e for e in m["tensors"] if not e["tasks"])
+        del entry["base"]
+    path = _rewritten("v1_0_ties_raw", drop, tmp_path / "nobase.tallpack")
+    with pytest.raises(tallpack.FormatError, match="base_only.weight.*in no task and holds no base"):
+        tallpack.open(path)
+    with tallpack.open(_rewritten("v1_0_ties_raw", lambda m: None, tmp_path / "same.tallpack")) as fam:
+        assert "base_only.weight" in fam.merged("ties")
