@@ -20,7 +20,7 @@ from tallpack.errors import TallpackError, memory_detail, out_of_memory
 from tallpack.fsutil import committed
 from tallpack.checksums import CHECKSUMS
 from tallpack.kernels import COMPILED
-from tallpack.merged import default_model, in_some_tasks, left_out
+from tallpack.merged import default_model, in_some_tasks, left_out, missing_components
 from tallpack.merging import MERGED_MODELS, METHODS, MergeMethod, Option, default_alpha, is_consensus
 from tallpack.options import DENSE_PRESETS, MAX_LEVEL, MIN_LEVEL, PackOptions
 from tallpack.progress import LogLines
@@ -553,9 +553,13 @@ def merge(archive: str, method: str | None, k: int, alpha: float | None, task: s
         path, n = written
         left = [] if task is not None else left_out(fam.manifest)
         some = [] if task is not None else in_some_tasks(fam.manifest)
+        lost = {} if task is not None else missing_components(fam.manifest)
     shown_k = f", k={k}" if is_consensus(method) else ""  # the others have no k
     # what the model lacks belongs in the result line, which -q keeps (the warning it repeats does not)
-    lacks = (f"; {len(left)} tensor{'s' if len(left) > 1 else ''} every task has left out, as each task stores "
+    lacks = "".join(f"; pipeline component {c!r} left out, so the folder does not load ("
+                    + (f"--task {having[0]} takes that task's" if having else "repack with --keep-base-only") + ")"
+                    for c, having in lost.items())
+    lacks += (f"; {len(left)} tensor{'s' if len(left) > 1 else ''} every task has left out, as each task stores "
              f"its own: {', '.join(map(repr, left[:3]))}{', ...' if len(left) > 3 else ''} (--task NAME takes "
              "one task's)") if left else ""
     lacks += (f"; {len(some)} tensor{'s' if len(some) > 1 else ''} only some tasks have left out: "

@@ -101,6 +101,32 @@ def in_some_tasks(manifest: Manifest) -> list[str]:
     return sorted(names, key=lambda n: order.get(n, len(order)))
 
 
+def missing_components(manifest: Manifest) -> dict[str, list[str]]:
+    """The components of the base's diffusers pipeline (spec §3.6) that a merged model (without
+    ``task``) has no tensor of, each with the tasks that have it: only some tasks have it (stored
+    per task, with no copy of the base's to merge onto), or none (base-only, not kept). The base's
+    ``model_index.json`` lists them, so the pipeline folder written does not load without them.
+
+    >>> missing_components(fam.manifest)  # task 'sketch' packed from a pipeline without a vae
+    {'vae': ['photo', 'anime']}
+    """
+    components = manifest.base.get("components")
+    if not isinstance(components, dict):
+        return {}
+    tasks = {t.name for t in manifest.tasks}
+    merged: set[str] = set()
+    having: dict[str, set[str]] = {}
+    for e in manifest.tensors:
+        inside = (not e.tasks and "base" in e.arrays) or (set(e.tasks) == tasks and _how_merged(e) is not None)
+        for n in ([m.name for m in e.members] if e.members else [e.name]):
+            c = n.partition("/")[0]
+            having.setdefault(c, set()).update(e.tasks)
+            if inside:
+                merged.add(c)
+    order = [t.name for t in manifest.tasks]
+    return {c: [t for t in order if t in having.get(c, ())] for c in components if c not in merged}
+
+
 def base_not_held(manifest: Manifest) -> int:
     """Bytes of the base's tensors that the archive holds no copy of, from the base's recorded size:
     its base-only tensors when packed without ``keep_base_only`` (the format records neither their
@@ -314,6 +340,17 @@ class MergeParts:
         if (self.model, self.k) in said:
             return
         said.add((self.model, self.k))
+        for c, having in missing_components(self._family.manifest).items():
+            if having:
+                who = (f"only task{'s' if len(having) > 1 else ''} {', '.join(map(repr, having))} "
+                       f"ha{'ve' if len(having) > 1 else 's'} it (stored per task, with no copy of the base's to "
+                       "merge onto)")
+                how = f"task={having[0]!r} (--task {having[0]}) takes that task's"
+            else:
+                who, how = "no task has it (base-only tensors, not kept)", "repack with --keep-base-only"
+            log.warning("%s: the base's pipeline component %r is left out of the %s model: %s; the pipeline folder "
+                        "written lists it (model_index.json) and does not load without it: %s",
+                        self._family.name, c, self.model, who, how)
         some = self.in_some_tasks
         if some:
             shown = ", ".join(map(repr, some[:SHOWN_NAMES])) + (", ..." if len(some) > SHOWN_NAMES else "")

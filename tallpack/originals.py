@@ -266,9 +266,32 @@ def _check(archive: "Archive", task: str, f: dict[str, Any], h, size: int) -> No
                              f"original's SHA-256 {f.get('sha256')} (damaged archive)")
 
 
+def _folder(name: str) -> str:
+    """A record's folder: a pipeline's component (``unet`` of ``unet/diffusion_pytorch_model.bin``), else ``""``."""
+    return name.rpartition("/")[0]
+
+
+def _not_rebuilt(files: list[dict[str, Any]]) -> set[str]:
+    """The folders whose tensor files cannot be rebuilt: those holding a pickle (a pipeline saved
+    with ``safe_serialization=False`` keeps a safetensors text encoder beside pickled unet and vae:
+    each component folder on its own), and ``""`` where no file holds tensors (an in-memory input)."""
+    weights = [f for f in files if f.get("role") in ("safetensors", "torch")]
+    if not weights:
+        return {""}
+    return {_folder(f["name"]) for f in weights if f.get("role") == "torch"}
+
+
+def _rebuilt(f: dict[str, Any], not_rebuilt: set[str]) -> bool:
+    """Whether the record ``f`` is written back byte for byte: not a pickle, nor a safetensors file
+    or shard index of a folder whose tensors are written anew."""
+    if f["role"] == "torch":
+        return False
+    return not ((f["role"] == "safetensors" or f["name"].endswith(".index.json")) and _folder(f["name"]) in not_rebuilt)
+
+
 def rebuildable(files: list[dict[str, Any]]) -> bool:
     """Whether the task's tensor files can be rebuilt (safetensors inputs; not pickles, not dicts)."""
-    return any(f.get("role") == "safetensors" for f in files) and not any(f.get("role") == "torch" for f in files)
+    return not _not_rebuilt(files)
 
 
 def rebuilt_whole(archive: "Archive", task: str) -> bool:
@@ -277,20 +300,20 @@ def rebuilt_whole(archive: "Archive", task: str) -> bool:
     return rebuildable(_files(archive, task))
 
 
-def write_originals(archive: "Archive", task: str, outdir: str | os.PathLike) -> tuple[list[Path], bool]:
+def write_originals(archive: "Archive", task: str, outdir: str | os.PathLike) -> tuple[list[Path], list[str]]:
     """Write the task's recorded files into ``outdir``, each checked against its SHA-256.
 
-    Returns the paths written and whether the tensor files were among them (safetensors inputs);
-    for pickle or in-memory inputs only the folder's other files are written (the caller writes
-    the exact tensors).
+    Returns the paths written and the task's tensors that no file written holds: none for
+    safetensors inputs; for pickle or in-memory inputs (only the folder's other files are
+    written), every tensor; for a pipeline, the tensors of its components saved as pickles (its
+    safetensors components are written byte for byte). The caller writes those exact tensors.
     """
     files = _files(archive, task)
     out = make_folder(outdir)
     written: list[Path] = []
     seen: set = set()
-    tensor_files = rebuildable(files)
-    chosen = [f for f in files if not (f["role"] == "torch" or (not tensor_files and (
-        f["role"] == "safetensors" or f["name"].endswith(".index.json"))))]
+    not_rebuilt = _not_rebuilt(files)
+    chosen = [f for f in files if _rebuilt(f, not_rebuilt)]
     # every target checked before anything is written: none leaves the folder (spec §6.5), none
     # is another's folder (the task's kept files are written beside them)
     check_no_clash([*(f["name"] for f in chosen), *archive.files(task)], f"{archive.name}: task {task!r}")
@@ -309,10 +332,12 @@ def write_originals(archive: "Archive", task: str, outdir: str | os.PathLike) ->
             _check(archive, task, f, h, size)
 
         written.append(atomic_write(target, write))
-    if tensor_files:  # the weights of an earlier output here (a pipeline's: in its folders) these do not replace
+    weights = {f["name"] for f in chosen if f["role"] == "safetensors" or f["name"].endswith(".index.json")}
+    if weights:  # the weights of an earlier output here (a pipeline's: in its folders) these do not replace
         ours = {p.relative_to(out).as_posix() for p in written}
-        remove_found_on_commit(out, lambda: previous_in(out, dict.fromkeys(ours)) - ours)
-    return written, tensor_files
+        remove_found_on_commit(out, lambda: previous_in(out, dict.fromkeys(weights)) - ours)
+    keys = archive.keys(task)
+    return written, keys if "" in not_rebuilt else [k for k in keys if k.partition("/")[0] in not_rebuilt]
 
 
 #: The most bytes of originals that ``verify`` holds for the derived masks of tensors whose other
@@ -403,10 +428,11 @@ def _checking(archive: "Archive", task: str, steps: Iterator[int], said: list[st
     not rebuild ends the task (raised); any other is said in ``said``, and the next one asked for."""
     files = _files(archive, task)
     seen: set = set()
-    if rebuildable(files):
+    not_rebuilt = _not_rebuilt(files)
+    if "" not in not_rebuilt:  # the files of safetensors inputs (a pipeline's safetensors components)
         where = f"{archive.name}: task {task!r}"
         for f in files:
-            if f["role"] == "torch":
+            if not _rebuilt(f, not_rebuilt):
                 continue
             head, spans = _parts(archive, task, f, seen)
             h, size = hashlib.sha256(head), len(head)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import json
 import os
-from collections.abc import Collection, Mapping, Sequence, Set
+from collections.abc import Collection, Iterator, Mapping, Sequence, Set
 from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -247,7 +247,8 @@ def _shown(outdir: str | os.PathLike, local_root: Path, path: Path) -> Path | st
     """``path`` as the user will find it: under the URL when the output is one."""
     if not is_url(outdir):
         return path
-    return f"{os.fspath(outdir).rstrip('/')}/{path.relative_to(local_root).as_posix()}"
+    rel = path.relative_to(local_root).as_posix()
+    return os.fspath(outdir).rstrip("/") + ("" if rel == "." else f"/{rel}")  # the folder itself: no '/.'
 
 
 def write_task(archive: "Archive", task: str, outdir: str | os.PathLike, *, exact: bool = False,
@@ -255,13 +256,15 @@ def write_task(archive: "Archive", task: str, outdir: str | os.PathLike, *, exac
                storage_options: dict[str, Any] | None = None, overwrite: bool = False) -> Path | str:
     """Rebuild one task and write it as a folder: ``model.safetensors`` (or the original's shards
     and index, or shards of ``max_shard_size``), plus its kept folder files (``config.json``,
-    tokenizer, ...). ``outdir`` may be a URL. Returns the weights file or the index.
+    tokenizer, ...). ``outdir`` may be a URL. Returns the weights file or the index written (a
+    diffusers pipeline's folder, whose weights are in its component folders), under the URL for one.
 
     With ``exact=True`` (archives packed with the exact tier), the original files byte for byte
     (each checked against its SHA-256), the folder's other files (tokenizer, model card) among
     them; for PyTorch or in-memory inputs, which cannot be rebuilt byte for byte, the original
-    tensors as safetensors files, sharded like the original (or by ``max_shard_size``). Returns
-    the first file written (or the weights file or index).
+    tensors as safetensors files, sharded like the original (or by ``max_shard_size``): of a
+    pipeline, those of its pickled components only. Returns the same as without it (the shard
+    index where there is one, else the weights file; a pipeline's folder).
 
     >>> write_task(fam, "cars", "cars/")
     >>> write_task(fam, "cars", "s3://models/cars", max_shard_size="5GB")
@@ -276,20 +279,25 @@ def write_task(archive: "Archive", task: str, outdir: str | os.PathLike, *, exac
     if exact:
         with (_reading(archive), _staged(archive, outdir, storage_options, overwrite) as local,
               transaction(overwrite=overwrite)):
-            written, complete = write_originals(archive, task, local)
-            paths = written
-            if not complete:  # pickles or tensors: the exact tensors, in the shards a lossy unpack writes
+            written, left = write_originals(archive, task, local)
+            target = None
+            if left or not written:  # pickles or tensors (a pipeline's pickled components): the exact
+                # tensors, in the shards a lossy unpack writes; the safetensors files above stay as they are
                 meta, _ = task_metadata(archive, task)
-                paths = [write_checkpoint(archive.state_dict(task, lazy=True, exact=True), local, metadata=meta,
-                                          layout=archive.task_info(task).source, max_shard_size=max_shard_size,
+                sd = archive.state_dict(task, lazy=True, exact=True)
+                target = write_checkpoint(_Only(sd, left), local, metadata=meta,
+                                          layout=_only_components(info.source, left), max_shard_size=max_shard_size,
                                           sizes=_sizes(archive, task), specs=_specs(archive, task),
-                                          progress=progress, overwrite=overwrite)]
-            _warn_originals_left(archive, local, {Path(p).relative_to(local).as_posix() for p in paths})
+                                          progress=progress, overwrite=overwrite)
+            _warn_originals_left(archive, local, {Path(p).relative_to(local).as_posix()
+                                                  for p in [*written, *([target] if target else [])]})
             # the folder's other files (tokenizer, generation config, model card), as a lossy unpack
             # writes them, each checked against its SHA-256; the recorded ones are written above
             _kept_files(archive, archive.files(task), local,
                         skip={Path(p).relative_to(local).as_posix() for p in written})
-            return _shown(outdir, local, _main_file([Path(p) for p in paths]))
+            if _components(info.source):  # a pipeline: its folder, as a lossy unpack names it
+                return _shown(outdir, local, local)
+            return _shown(outdir, local, Path(target) if target else _main_file([Path(p) for p in written]))
     meta, config = task_metadata(archive, task)
     with _reading(archive), _staged(archive, outdir, storage_options, overwrite) as local:
         path = _folder(archive, archive.state_dict(task, lazy=True), local, where=f"{archive.name}: task {task!r}",
@@ -298,6 +306,36 @@ def write_task(archive: "Archive", task: str, outdir: str | os.PathLike, *, exac
                        max_shard_size=max_shard_size, sizes=_sizes(archive, task), progress=progress,
                        overwrite=overwrite, specs=_specs(archive, task))
         return _shown(outdir, local, path)
+
+
+class _Only(Mapping[str, "torch.Tensor"]):
+    """The tensors ``keys`` of a lazy state dict (a pipeline's pickled components), read when indexed."""
+
+    def __init__(self, sd: Mapping[str, torch.Tensor], keys: Sequence[str]):
+        self._sd, self._keys = sd, list(keys)
+        self._names = frozenset(self._keys)
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name not in self._names:
+            raise KeyError(name)
+        return self._sd[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+
+def _only_components(layout: Mapping[str, Any] | None, keys: Sequence[str]) -> Mapping[str, Any] | None:
+    """A pipeline's recorded layout reduced to the components of ``keys`` (the runs of the others
+    left out, so that the counts add up); a single model's as it is."""
+    shards = (layout or {}).get("shards")
+    if layout is None or not isinstance(shards, list) or not _components(layout):
+        return layout
+    wanted = {k.partition("/")[0] for k in keys}
+    runs = [r for r in shards if isinstance(r, list) and r and isinstance(r[0], str) and r[0].partition("/")[0] in wanted]
+    return {**layout, "shards": runs}
 
 
 def _without_count(layout: Mapping[str, Any], written: int) -> Mapping[str, Any]:

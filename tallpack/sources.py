@@ -2,8 +2,8 @@
 
 ``open_source`` accepts a ``.safetensors`` file, a Hugging Face model folder (single or sharded
 safetensors, or ``pytorch_model.bin`` files; diffusers' ``diffusion_pytorch_model`` names too), a
-diffusers pipeline folder (``model_index.json``; each component subfolder's weights as tensors
-named ``COMPONENT/NAME``, spec §3.6), a PyTorch state-dict file read with ``weights_only=True``,
+diffusers pipeline folder (``model_index.json``; the weights of each component subfolder it lists
+as tensors named ``COMPONENT/NAME``, spec §3.6; a single-file checkpoint at its top left out), a PyTorch state-dict file read with ``weights_only=True``,
 or a mapping of tensors. A source lists names, shapes and dtypes without
 reading data, and loads one tensor at a time.
 
@@ -646,8 +646,8 @@ _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msg
 _MODULE_WEIGHTS = (".safetensors", ".bin")
 
 
-def _other_files(folder: Path, roots: list[Path], weights: set[Path], tops: frozenset[str] | set[str] = frozenset({""})
-                 ) -> dict[str, Path]:
+def _other_files(folder: Path, roots: list[Path], weights: set[Path], tops: frozenset[str] | set[str] = frozenset({""}),
+                 pipeline: bool = False) -> dict[str, Path]:
     """The folder's files other than the weights packed (config, tokenizer files, model card, chat
     template, a subfolder's module weights, ...), by relative name with ``/`` separators, in sorted order.
 
@@ -663,13 +663,15 @@ def _other_files(folder: Path, roots: list[Path], weights: set[Path], tops: froz
     load, and are kept, their bytes. Other non-regular files (fifos, sockets) are skipped with a
     warning. Links, of files or of subfolders, must resolve inside the folder (or its Hugging Face
     cache repository): the same rule as for the weights; a link to nothing is an error, as a weight
-    file's is.
+    file's is. At the top of a diffusers ``pipeline``, every weight file is a single-file
+    checkpoint beside its components (``v1-5-pruned-emaonly.safetensors``), left out with a warning.
     """
     skip = {p.relative_to(folder).as_posix() for p in weights if p.is_relative_to(folder)}
     out: dict[str, Path] = {}
     seen: set[Path] = set()
     beside: list[str] = []  # top-level weight files of no weight set of transformers'
     training: list[str] = []  # a trainer's state: checkpoint folders and state files
+    single: list[str] = []  # a pipeline's single-file checkpoints at its top
     in_checkpoint = _CHECKPOINT_FOLDER.fullmatch(_resolve(folder, folder).name) is not None
 
     def walk(d: Path, rel: str) -> None:
@@ -691,7 +693,9 @@ def _other_files(folder: Path, roots: list[Path], weights: set[Path], tops: froz
                 training.append(f"{name}/" if e.is_dir() else name)
                 continue
             if e.name.endswith(_WEIGHT_SUFFIXES) or _INDEX.fullmatch(e.name):
-                if rel in tops and e.name.endswith(_MODULE_WEIGHTS) and not _TRANSFORMERS_WEIGHTS.fullmatch(e.name):
+                if pipeline and not rel:
+                    single.append(name)
+                elif rel in tops and e.name.endswith(_MODULE_WEIGHTS) and not _TRANSFORMERS_WEIGHTS.fullmatch(e.name):
                     beside.append(name)
                 if rel in tops or not e.name.endswith((*_MODULE_WEIGHTS, ".json")):
                     continue
@@ -721,13 +725,18 @@ def _other_files(folder: Path, roots: list[Path], weights: set[Path], tops: froz
         level = logging.INFO if all(n.endswith("training_args.bin") for n in training) else logging.WARNING
         log.log(level, "%s: %s left out of the archive: a trainer's state (checkpoints, optimizer, scheduler, "
                 "random states, arguments), not the model's files", folder, shown)
+    if single:
+        log.warning("%s: %s left out of the archive: a single-file checkpoint beside the diffusers pipeline's "
+                    "components (DiffusionPipeline.from_pretrained loads the components, which are packed; such a "
+                    "file is the same model in one file, for other tools), not written back by unpack", folder,
+                    ", ".join(single))
     if beside:
         log.warning("%s: %s left out of the archive: only the weights transformers loads are kept at the top of "
                     "a model folder (a subfolder's weight files are kept as files)", folder, ", ".join(beside))
     return out
 
 
-def _note_kept_weights(src: Source) -> None:
+def _note_kept_weights(src: Source, why: str = "") -> None:
     """Say which subfolders' weight files are kept as folder files (stored whole, once per
     content, not as tensors), and warn when they outweigh half the model: another model's copy
     left in the folder, which a user may rather move out (a trainer's checkpoints are left out)."""
@@ -738,9 +747,10 @@ def _note_kept_weights(src: Source) -> None:
     shown = ", ".join(kept[:5]) + (f" and {len(kept) - 5} more" if len(kept) > 5 else "")
     if size > src.nbytes // 2:
         log.warning("%s: subfolder weight files %s (%d bytes) are kept whole as folder files, not packed as "
-                    "tensors; move them out of the folder if they are not part of the model", src.label, shown, size)
+                    "tensors%s; move them out of the folder if they are not part of the model", src.label, shown,
+                    size, why)
     else:
-        log.info("%s: subfolder weight files %s kept as folder files (%d bytes)", src.label, shown, size)
+        log.info("%s: subfolder weight files %s kept as folder files (%d bytes)%s", src.label, shown, size, why)
 
 
 def _layout(src: Source, index: Path) -> dict[str, Any]:
@@ -811,28 +821,53 @@ def _open_folder(path: Path, roots: list[Path], given: str | None = None) -> tup
 PIPELINE_INDEX = "model_index.json"
 
 
-def _components(folder: Path, roots: list[Path]) -> list[str] | None:
-    """A diffusers pipeline's components: the subfolders holding a weight set (``unet``,
-    ``text_encoder``, ``vae``), sorted; None when ``folder`` is no pipeline (no ``model_index.json``,
-    or weights at its top)."""
-    if not (folder / PIPELINE_INDEX).is_file() or _weight_sets(folder) or any(folder.glob("*.safetensors")):
-        return None
+def _listed(folder: Path) -> list[str]:
+    """The components ``model_index.json`` lists: its keys whose value is a ``[library, class]``
+    pair of strings (``"unet": ["diffusers", "UNet2DConditionModel"]``; not ``[null, null]``, nor
+    ``_class_name`` and the pipeline's options)."""
+    index = folder / PIPELINE_INDEX
     try:
-        entries = sorted(os.scandir(folder), key=lambda e: e.name)
-    except OSError as err:
-        raise CheckpointError(f"{folder}: cannot list the folder ({err.strerror or err})") from None
+        doc = json.loads(index.read_text())
+    except (OSError, ValueError, RecursionError) as e:
+        raise CheckpointError(f"{index}: not a readable diffusers pipeline index ({quoted(e)[:200]})") from None
+    if not isinstance(doc, dict):
+        raise CheckpointError(f"{index}: not a diffusers pipeline index (a JSON {type(doc).__name__}, not an object)")
+    return sorted(k for k, v in doc.items() if isinstance(k, str) and not k.startswith("_") and isinstance(v, list)
+                  and len(v) == 2 and all(isinstance(x, str) for x in v))
+
+
+def _components(folder: Path, roots: list[Path]) -> list[str] | None:
+    """A diffusers pipeline's components: the subfolders that ``model_index.json`` lists as
+    components and that hold a weight set (``unet``, ``text_encoder``, ``vae``), sorted; None when
+    ``folder`` is no pipeline (no ``model_index.json``; or no component weights, but weights at
+    its top). Other subfolders (a trainer's ``checkpoint-500/``, an ``unet_ema/``) are no
+    components: what a model folder's subfolders are (:func:`_other_files`)."""
+    if not (folder / PIPELINE_INDEX).is_file():
+        return None
     found = []
-    for e in entries:
-        if e.name.startswith(".") or not e.is_dir():
+    for name in _listed(folder):
+        if not _folder_name(name) or not (folder / name).is_dir():
             continue
-        _in_folder(folder, folder / e.name, roots)
-        if _weight_sets(folder / e.name):
-            found.append(e.name)
-    if not found:
-        raise CheckpointError(f"{folder}: a diffusers pipeline ({PIPELINE_INDEX}) with no component weights (no "
-                              f"subfolder holds {DIFFUSERS}.safetensors, model.safetensors, a shard index or "
-                              "pytorch_model.bin)")
-    return found
+        _in_folder(folder, folder / name, roots)
+        if _weight_sets(folder / name):
+            found.append(name)
+    if found:
+        return found
+    if _weight_sets(folder) or any(folder.glob("*.safetensors")):
+        return None  # a model folder with a stray model_index.json: its weights at the top
+    raise CheckpointError(f"{folder}: a diffusers pipeline ({PIPELINE_INDEX}) with no component weights (no "
+                          f"subfolder it lists holds {DIFFUSERS}.safetensors, model.safetensors, a shard index or "
+                          "pytorch_model.bin)")
+
+
+def _folder_name(name: str) -> bool:
+    """Whether ``name`` (listed by a ``model_index.json``) is a plain, visible subfolder name that an
+    archive can hold."""
+    try:
+        check_file_name(name)
+    except FormatError:
+        return False
+    return "/" not in name and not name.startswith(".")
 
 
 class ComponentsSource(Source):
@@ -883,10 +918,21 @@ def _open_pipeline(path: Path, roots: list[Path], components: list[str]) -> Sour
             part.close()
         raise
     src = ComponentsSource(str(path), path, parts)
-    src.files = _other_files(path, roots, weights, tops={"", *(f"{c}/" for c in components)})
-    _note_kept_weights(src)
+    src.files = _other_files(path, roots, weights, tops={"", *(f"{c}/" for c in components)}, pipeline=True)
+    _note_kept_weights(src, f" (not components: {PIPELINE_INDEX} lists {', '.join(components)})")
     log.info("%s: a diffusers pipeline of components %s", path, ", ".join(components))
     return src
+
+
+def _matching_component(pipe: ComponentsSource, single: Source) -> str | None:
+    """The component of ``pipe`` that the single model ``single`` is: the one of its folder's
+    name (``unet``), else the one sharing the most tensor names with it; None when none shares any."""
+    if single.root is not None and single.root.name in pipe.parts:
+        return single.root.name
+    names = set(single.keys())
+    shared = {c: sum(n in names for n in part.keys()) for c, part in pipe.parts.items()}
+    best = max(shared, key=lambda c: shared[c], default=None)
+    return best if best is not None and shared[best] else None
 
 
 def check_components(base: Source, tasks: Mapping[str, Source], *, allow_mismatch: bool = False) -> None:
@@ -898,13 +944,17 @@ def check_components(base: Source, tasks: Mapping[str, Source], *, allow_mismatc
     for task, src in tasks.items():
         theirs = isinstance(src, ComponentsSource)
         if ours != theirs and not allow_mismatch:
-            pipe = base if ours else src
+            pipe, single = (base, src) if ours else (src, base)
             assert isinstance(pipe, ComponentsSource)
+            which = _matching_component(pipe, single)
+            pipeline = f"a diffusers pipeline (components {', '.join(pipe.parts)})"
+            whose = "the base" if ours else "the task"
+            hint = (f"{whose}'s component folder {pipe.label}/{which}" if which else
+                    f"the component folder of {whose} ({pipe.label}/COMPONENT) that {single.label} is")
             raise IncompatibleCheckpointsError(
-                f"task {task!r} ({src.label}): {'a single model' if ours else 'a diffusers pipeline'}, but the base "
-                f"({base.label}) is {'a diffusers pipeline' if ours else 'a single model'} (components "
-                f"{', '.join(pipe.parts)}); pass {'pipeline folders' if ours else 'model folders'} for both, or the "
-                f"component's folder ({pipe.label}/{next(iter(pipe.parts))}) for the pipeline")
+                f"task {task!r} ({src.label}): {'a single model' if ours else pipeline}, but the base "
+                f"({base.label}) is {pipeline if ours else 'a single model'}; pass pipeline folders for both, or "
+                f"{hint}")
         if not (ours and theirs):
             continue
         assert isinstance(base, ComponentsSource) and isinstance(src, ComponentsSource)
@@ -925,7 +975,8 @@ def check_components(base: Source, tasks: Mapping[str, Source], *, allow_mismatc
                     f"({base.label}/{c}): {what}; pass allow_mismatch=True (--allow-mismatch) to pack it anyway")
         missing = [c for c in base.parts if c not in src.parts]
         if missing:
-            log.warning("task %r (%s): has no component %s of the base (%s); stored for the tasks that have it",
+            log.warning("task %r (%s): has no component %s of the base (%s); stored for the tasks that have it, "
+                        "with no copy of the base's: a merged pipeline lacks it (merge --task NAME takes a task's)",
                         task, src.label, ", ".join(map(repr, missing)), base.label)
 
 

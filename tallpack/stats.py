@@ -49,12 +49,42 @@ def layer_ticks(blocks: int, other: bool) -> list[int]:
     return list(range(0, blocks, step)) + ([blocks] if other else [])
 
 
-def layer_of(name: str) -> str:
+def layer_of(name: str, *, pipeline: bool = False) -> str:
     """``"layer 3"`` for ``model.layers.3.mlp.up_proj.weight`` (and ``h.3``, ``blocks.3``, ...,
     and the first index of a plain module list, ``body.3.weight``), ``"other"`` for embeddings,
-    heads and norms outside the blocks."""
-    m = _LAYER.search(name) or _INDEXED.search(name)
-    return f"layer {int(m[1])}" if m else "other"
+    heads and norms outside the blocks. Of a diffusers ``pipeline`` (names ``COMPONENT/NAME``), each
+    component's own: ``"text_encoder/layer 0"``, else the name up to its first index
+    (``"unet/down_blocks.0"``, ``"vae/encoder.down_blocks.1"``), or ``"unet/other"``.
+
+    >>> layer_of("unet/down_blocks.1.resnets.0.conv1.weight", pipeline=True)
+    'unet/down_blocks.1'
+    """
+    component, slash, rest = name.partition("/")
+    if not (pipeline and slash):
+        m = _LAYER.search(name) or _INDEXED.search(name)
+        return f"layer {int(m[1])}" if m else "other"
+    m = _LAYER.search(rest)
+    if m:
+        return f"{component}/layer {int(m[1])}"
+    m = _INDEXED.search(rest)
+    return f"{component}/{rest[:m.start(1)]}{int(m[1])}" if m else f"{component}/other"
+
+
+def _layer_order(labels: list[str], pipeline: bool) -> list[str]:
+    """Layer labels in model order: by number, "other" last; of a pipeline, each component's
+    together (in the order they come), numbers in numeric order within it, its "other" last."""
+    if not pipeline:
+        return sorted(labels, key=lambda s: (s == "other", int(s.split()[-1]) if s != "other" else 0))
+    first: dict[str, int] = {}
+    for lay in labels:
+        first.setdefault(lay.partition("/")[0], len(first))
+
+    def key(lay: str) -> tuple:
+        component, _, rest = lay.partition("/")
+        parts = tuple((0, int(x), "") if x.isdigit() else (1, 0, x) for x in re.split(r"(\d+)", rest) if x)
+        return first[component], rest == "other", parts
+
+    return sorted(labels, key=key)
 
 
 @dataclass
@@ -102,6 +132,7 @@ def _compute(archive: "Archive", progress: ProgressLike) -> MaskStats:
     total = {t: 0 for t in tasks}
     per_layer: dict[str, dict[str, list[int]]] = {}
     lambdas = {t.name: t.lam for t in archive.manifest.tasks}
+    pipeline = isinstance(archive.manifest.base.get("components"), dict)  # a diffusers pipeline's (spec §3.6)
     entries = [e for e in archive.manifest.tensors
                if any(has_mask(tt) or tt.encoding == "qtau" for tt in e.tasks.values())]
     for e in track(entries, progress, "reading masks"):
@@ -111,10 +142,10 @@ def _compute(archive: "Archive", progress: ProgressLike) -> MaskStats:
         runs = [slice(x.offset, x.offset + x.numel) for x in e.members] if e.members else None
         pieces, at = [], 0  # the runs of the (gapless) mask, by layer; empty: the whole mask
         for x in e.members:
-            pieces.append((layer_of(x.name), slice(at, at + x.numel)))
+            pieces.append((layer_of(x.name, pipeline=pipeline), slice(at, at + x.numel)))
             at += x.numel
         layers = {lay: per_layer.setdefault(lay, {t: [0, 0] for t in tasks})
-                  for lay in ([lay for lay, _ in pieces] if pieces else [layer_of(e.name)])}
+                  for lay in ([lay for lay, _ in pieces] if pieces else [layer_of(e.name, pipeline=pipeline)])}
         derived = None  # the fidelity dial's qtau tasks have a mask derived from their deQ (spec §6.1.8)
         if any(tt.encoding == "qtau" for tt in e.tasks.values()):
             derived = task_masks(archive.read_array, e, lambdas)[1]
@@ -135,8 +166,8 @@ def _compute(archive: "Archive", progress: ProgressLike) -> MaskStats:
             ones[t] += n
             total[t] += m.size
             if not pieces:
-                layers[layer_of(e.name)][t][0] += n
-                layers[layer_of(e.name)][t][1] += m.size
+                layers[layer_of(e.name, pipeline=pipeline)][t][0] += n
+                layers[layer_of(e.name, pipeline=pipeline)][t][1] += m.size
             for lay, r in pieces:
                 layers[lay][t][0] += int(np.count_nonzero(m[r]))
                 layers[lay][t][1] += r.stop - r.start
@@ -150,7 +181,7 @@ def _compute(archive: "Archive", progress: ProgressLike) -> MaskStats:
     def frac(k: int, n: int) -> float | None:
         return k / n if n else None
 
-    order = sorted(per_layer, key=lambda s: (s == "other", int(s.split()[-1]) if s != "other" else 0))
+    order = _layer_order(list(per_layer), pipeline)
     return MaskStats(tasks, [int(v) for v in hist], {t: frac(ones[t], total[t]) for t in tasks},
                      {lay: {t: frac(*per_layer[lay][t]) for t in tasks} for lay in order})
 
@@ -293,8 +324,9 @@ def plot(s: MaskStats, path: str | Path, *, title: str | None = None, overwrite:
     if "other" in s.layers and blocks:
         ax.axvline(len(blocks) - 0.5, color="grey", linestyle=":", linewidth=1)
     ticks = layer_ticks(len(blocks), "other" in s.layers)
-    ax.set_xticks(ticks, labels=[layers[i].removeprefix("layer ") for i in ticks],
-                  rotation=90 if len(ticks) > 16 else 0, fontsize=8)
+    labels = [layers[i].removeprefix("layer ") for i in ticks]
+    ax.set_xticks(ticks, labels=labels,  # a pipeline's are long (unet/down_blocks.0): upright, they overlap
+                  rotation=90 if len(ticks) > 16 or max(map(len, labels), default=0) > 8 else 0, fontsize=8)
     ax.set_xlabel("layer (other: tensors outside the blocks)")
     ax.set_ylabel("mask density (%)")
     ax.set_title("Density per layer")

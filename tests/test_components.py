@@ -225,10 +225,18 @@ def _error(base: Path, task: Path, tmp_path: Path) -> str:
 
 
 def test_mixing_pipelines_and_single_models_is_refused(plain, tmp_path):
+    """One line, naming the pipeline's component folder that the single model is (by its folder's
+    name, else by the tensor names it shares), and whose components they are."""
     out = _error(plain["base"], plain["a"] / "unet", tmp_path)
     assert out.count("\n") == 1 and "task 't'" in out and "is a diffusers pipeline (components unet, vqvae)" in out
-    out = _error(plain["base"] / "unet", plain["a"], tmp_path)
-    assert out.count("\n") == 1 and "a diffusers pipeline, but the base" in out and str(plain["a"]) in out
+    assert out.rstrip().endswith(f"the base's component folder {plain['base'] / 'unet'}")
+    out = _error(plain["base"] / "vqvae", plain["a"], tmp_path)
+    assert out.count("\n") == 1 and "a diffusers pipeline (components unet, vqvae), but the base" in out
+    assert "is a single model;" in out and out.rstrip().endswith(f"the task's component folder {plain['a'] / 'vqvae'}")
+    bare = tmp_path / "vq.safetensors"  # no folder name to go by: the component sharing its tensor names
+    bare.write_bytes((plain["a"] / "vqvae" / "diffusion_pytorch_model.safetensors").read_bytes())
+    out = _error(plain["base"], bare, tmp_path)
+    assert out.rstrip().endswith(f"the base's component folder {plain['base'] / 'vqvae'}")
     with pytest.raises(IncompatibleCheckpointsError, match="a single model"):
         tallpack.pack(plain["base"], {"t": plain["a"] / "unet"}, tmp_path / "y.tallpack")
 
@@ -296,3 +304,178 @@ def test_component_layout_plans_every_key_into_its_component(counts, drop):
         assert all(k.split("/")[0] == f.split("/")[0] for k in names)
     if kept == keys:
         assert list(plan) == [s[0] for s in shards]
+
+
+def test_exact_unpack_of_a_pipeline_mixing_pickles_and_safetensors(tmp_path):
+    """A pipeline saved with safe_serialization=False beside a component of safetensors (as
+    transformers 5 writes its text encoder whatever it is asked): --exact gives the safetensors
+    component back byte for byte and the pickled one's exact tensors as safetensors; verify
+    checks the rebuilt file."""
+    from safetensors.torch import save_file
+
+    fam = _family(tmp_path / "src", safe_serialization=False)
+    for d in fam.values():  # the vqvae's weights as safetensors, the unet's a pickle
+        pickle = d / "vqvae" / "diffusion_pytorch_model.bin"
+        save_file(torch.load(pickle, weights_only=True), d / "vqvae" / "diffusion_pytorch_model.safetensors",
+                  metadata={"format": "pt"})
+        pickle.unlink()
+    assert (fam["a"] / "unet" / "diffusion_pytorch_model.bin").is_file()
+    arch = _pack(fam, tmp_path / "mixed.tallpack", "--exact")
+    out = _cli("unpack", arch, "--task", "a", "--exact", "-o", tmp_path / "a").output
+    assert out.strip() == f"wrote {tmp_path / 'a'}"
+    name = "vqvae/diffusion_pytorch_model.safetensors"
+    assert filecmp.cmp(fam["a"] / name, tmp_path / "a" / name, shallow=False)
+    written = tmp_path / "a" / "unet" / "diffusion_pytorch_model.safetensors"
+    want = torch.load(fam["a"] / "unet" / "diffusion_pytorch_model.bin", weights_only=True)
+    got = load_file(written)
+    assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in got)
+    assert not (tmp_path / "a" / "unet" / "diffusion_pytorch_model.bin").exists()
+    for other in ("model_index.json", "unet/config.json", "vqvae/config.json"):
+        assert filecmp.cmp(fam["a"] / other, tmp_path / "a" / other, shallow=False), other
+    assert _state(tmp_path / "a") is not None
+    # --force over it again: the byte-for-byte file and the new one both stay
+    _cli("unpack", arch, "--task", "a", "--exact", "-o", tmp_path / "a", "--force")
+    assert filecmp.cmp(fam["a"] / name, tmp_path / "a" / name, shallow=False) and written.is_file()
+    assert "ok" in _cli("verify", arch).output
+
+
+def test_merge_without_a_component_some_task_lacks_says_so(plain, tmp_path, caplog):
+    """A task without the base's vqvae: the archive holds no copy of the base's (stored per task),
+    so the merged pipeline lacks it and does not load; the warning and the result line name the
+    component and how to get a loadable one (--task NAME), which loads."""
+    import shutil
+
+    partial = tmp_path / "partial"
+    shutil.copytree(plain["b"], partial)
+    shutil.rmtree(partial / "vqvae")
+    index = json.loads((partial / "model_index.json").read_text())
+    del index["vqvae"]
+    (partial / "model_index.json").write_text(json.dumps(index))
+    arch = tmp_path / "p.tallpack"
+    _cli("pack", "--base", plain["base"], "--task", f"a={plain['a']}", "--task", f"b={partial}", "-o", arch)
+    fam = tallpack.open(arch)
+    from tallpack.merged import missing_components
+
+    assert missing_components(fam.manifest) == {"vqvae": ["a"]}
+    with caplog.at_level(logging.WARNING, logger="tallpack"):
+        out = _cli("merge", arch, "--method", "ta", "-o", tmp_path / "m").output
+    assert "pipeline component 'vqvae' left out, so the folder does not load (--task a takes that task's)" in out
+    assert "the base's pipeline component 'vqvae' is left out" in caplog.text and "--task a" in caplog.text
+    with pytest.raises(Exception):
+        diffusers.DiffusionPipeline.from_pretrained(tmp_path / "m")
+    out = _cli("merge", arch, "--method", "ta", "--task", "a", "-o", tmp_path / "ma").output
+    assert "left out" not in out
+    got, want = _state(tmp_path / "ma"), fam.merged("ta", task="a")
+    assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in got)
+
+
+def _single_file(folder: Path, name: str = "v1-5-pruned-emaonly.safetensors") -> None:
+    """The pipeline's components also saved as one file at its top (``unet.NAME``, ...), as on the Hub."""
+    from safetensors.torch import save_file
+
+    sd = {f"{c}.{k}": v for c in ("unet", "vqvae")
+          for k, v in load_file(folder / c / "diffusion_pytorch_model.safetensors").items()}
+    save_file(sd, folder / name)
+
+
+def test_single_file_checkpoint_beside_the_components_is_left_out(tmp_path, caplog):
+    """A Hub-style pipeline folder (model_index.json, the component folders and the same model as
+    one file at the top) packs its components as tensors, the top file left out with a warning
+    naming it; the merged pipeline is the tasks' merge, not the base."""
+    fam = _family(tmp_path / "src")
+    for d in fam.values():
+        _single_file(d)
+    with caplog.at_level(logging.WARNING, logger="tallpack"):
+        arch = _pack(fam, tmp_path / "top.tallpack")
+    assert "v1-5-pruned-emaonly.safetensors left out of the archive: a single-file checkpoint" in caplog.text
+    arch_fam = tallpack.open(arch)
+    assert all(k.startswith(("unet/", "vqvae/")) for k in arch_fam.keys("a"))
+    assert "v1-5-pruned-emaonly.safetensors" not in arch_fam.files("a")
+    _cli("merge", arch, "--method", "ta", "-o", tmp_path / "m")
+    assert not (tmp_path / "m" / "v1-5-pruned-emaonly.safetensors").exists()
+    got, want, base = _state(tmp_path / "m"), arch_fam.merged("ta"), _state(fam["base"])
+    assert all(torch.equal(got[k], want[k]) for k in got)
+    assert any(not torch.equal(got[k], base[k]) for k in got)
+    # a base of that kind with tasks without the top file: one family of pipelines
+    _cli("pack", "--base", fam["base"], "--task", f"a={plain_copy(fam['a'], tmp_path / 'plain-a')}",
+         "-o", tmp_path / "mixed.tallpack")
+
+
+def plain_copy(folder: Path, to: Path) -> Path:
+    import shutil
+
+    shutil.copytree(folder, to)
+    (to / "v1-5-pruned-emaonly.safetensors").unlink()
+    return to
+
+
+def test_only_the_components_model_index_lists_are_packed(plain, tmp_path, caplog):
+    """A trainer's checkpoint-500/ in a pipeline folder is left out (one warning, not then packed
+    as a component); an unet_ema/ that model_index.json does not list is kept as folder files,
+    as in a single model's folder, said so."""
+    import shutil
+
+    ck = tmp_path / "ck"
+    shutil.copytree(plain["a"], ck)
+    (ck / "checkpoint-500").mkdir()
+    shutil.copy(plain["b"] / "unet" / "diffusion_pytorch_model.safetensors", ck / "checkpoint-500" / "model.safetensors")
+    (ck / "checkpoint-500" / "optimizer.bin").write_bytes(b"y")
+    shutil.copytree(plain["b"] / "unet", ck / "unet_ema")
+    with caplog.at_level(logging.INFO, logger="tallpack"):
+        tallpack.pack(plain["base"], {"ck": ck}, tmp_path / "ck.tallpack")
+    assert "checkpoint-500/ left out of the archive: a trainer's state" in caplog.text
+    assert "'checkpoint-500'" not in caplog.text and "component 'unet_ema'" not in caplog.text
+    assert "unet_ema/diffusion_pytorch_model.safetensors" in caplog.text and "not components" in caplog.text
+    fam = tallpack.open(tmp_path / "ck.tallpack")
+    assert {k.split("/")[0] for k in fam.keys("ck")} == {"unet", "vqvae"}
+    assert "unet_ema/diffusion_pytorch_model.safetensors" in fam.files("ck")
+    assert not any(n.startswith("checkpoint-500") for n in fam.files("ck"))
+    _cli("unpack", tmp_path / "ck.tallpack", "--task", "ck", "-o", tmp_path / "out")
+    assert not (tmp_path / "out" / "checkpoint-500").exists()
+    assert filecmp.cmp(ck / "unet_ema" / "diffusion_pytorch_model.safetensors",
+                       tmp_path / "out" / "unet_ema" / "diffusion_pytorch_model.safetensors", shallow=False)
+
+
+def test_pipeline_outputs_name_their_folder(plain, tmp_path):
+    """write_task and write_merged name a pipeline's output folder, lossy or exact, at a URL
+    without a trailing '/.'."""
+    import uuid
+
+    import fsspec
+
+    arch = _pack(plain, tmp_path / "ldm.tallpack", "--exact")
+    fam = tallpack.open(arch)
+    root = f"/tallpack-test-{uuid.uuid4().hex}"
+    try:
+        assert tallpack.write_task(fam, "a", f"memory://{root}/a") == f"memory://{root}/a"
+        assert tallpack.write_task(fam, "a", f"memory://{root}/x", exact=True) == f"memory://{root}/x"
+        assert tallpack.write_merged(fam, f"memory://{root}/m/")[0] == f"memory://{root}/m"
+    finally:
+        fsspec.filesystem("memory").rm(root, recursive=True)
+    assert tallpack.write_task(fam, "a", tmp_path / "x", exact=True) == tmp_path / "x"
+    assert _cli("unpack", arch, "--task", "b", "-o", tmp_path / "b").output.strip() == f"wrote {tmp_path / 'b'}"
+
+
+def test_stats_layers_of_a_pipeline_are_per_component(plain, tmp_path):
+    """Density per layer of a pipeline: each component's blocks apart (unet/down_blocks.0), not
+    every component's block 0 in one row."""
+    from tallpack import stats
+
+    fam = tallpack.open(_pack(plain, tmp_path / "ldm.tallpack"))
+    layers = list(stats.compute(fam).layers)
+    assert layers and all(lay.startswith(("unet/", "vqvae/")) for lay in layers)
+    assert "unet/down_blocks.0" in layers and "unet/up_blocks.1" in layers
+    assert layers.index("unet/down_blocks.0") < layers.index("unet/down_blocks.1") < layers.index("unet/other")
+
+
+@settings(max_examples=100, deadline=None)
+@given(component=st.from_regex(r"[a-z_]{1,12}", fullmatch=True),
+       name=st.from_regex(r"([a-z_]{1,8}\.([0-9]{1,3}\.)?){0,4}weight", fullmatch=True))
+def test_layer_of_a_pipeline_tensor_stays_in_its_component(component, name):
+    """A pipeline tensor's layer is its component's, whatever the name; a plain model's is as before."""
+    from tallpack.stats import layer_of
+
+    label = layer_of(f"{component}/{name}", pipeline=True)
+    assert label.startswith(f"{component}/")
+    assert (label == f"{component}/other") == (layer_of(name) == "other")  # a block wherever a plain model has one
+    assert layer_of(f"{component}/{name}") == layer_of(f"{component}/{name}", pipeline=False)
