@@ -25,6 +25,7 @@ from .._torch import torch
 from ..arrays import ArrayRef, check_shape
 from ..codecs import Chain
 from ..dtypes import dtype_name, tensor_to_bytes
+from ..elements import ELEMENTS
 from ..errors import FormatError
 from ..groups import Member, parse_members
 from ..limits import MAX_NAME_CHARS
@@ -47,13 +48,48 @@ def _name(v: object) -> bool:
     return isinstance(v, str) and len(v) <= MAX_NAME_CHARS
 
 
+class _Empty(dict):
+    """An empty dict that cannot be changed: the one that every parsed entry without task arrays,
+    params or optional fields holds (a manifest of 64,000 task entries held three dicts each)."""
+
+    __slots__ = ()
+
+    def _refuse(self, *args: Any, **kwargs: Any) -> Any:
+        raise TypeError("a parsed manifest entry is read-only")
+
+    __setitem__ = __delitem__ = __ior__ = update = setdefault = pop = popitem = clear = _refuse
+
+    def __reduce__(self) -> tuple:
+        return _empty, ()
+
+
+def _empty() -> Any:
+    return EMPTY
+
+
+#: The shared empty mapping of parsed entries (``_Empty``).
+EMPTY: Any = _Empty()
+#: Element type names as one string each (a manifest repeats "float32" once per task entry).
+_DTYPES: dict[str, str] = {k: k for k in ELEMENTS}
+_new = object.__new__
+_set = object.__setattr__  # a frozen dataclass's fields, as its __init__ sets them (which is slower)
+
+
 def _arrays(d: Mapping[str, Any], keys: tuple[str, ...], where: str) -> dict[str, ArrayRef]:
-    return {k: ArrayRef.from_dict(d[k], (where, k)) for k in keys if d.get(k) is not None}
+    out = {}
+    for k in keys:
+        v = d.get(k)
+        if v is not None:
+            out[k] = ArrayRef.from_dict(v, (where, k))
+    return out or EMPTY
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class TaskTensor:
-    """One task's view of one tensor: its encoding, dtype and shape, and the encoding's fields."""
+    """One task's view of one tensor: its encoding, dtype and shape, and the encoding's fields.
+
+    A parsed entry (``from_dict``) holds the shared read-only ``EMPTY`` for absent arrays, params
+    and extras, and its encoding and dtype names as the registry's and ``ELEMENTS``' strings."""
 
     encoding: str
     dtype: str
@@ -81,31 +117,47 @@ class TaskTensor:
         if not isinstance(d, dict) or "encoding" not in d or "dtype" not in d or "shape" not in d:
             raise FormatError(f"{where}: malformed task entry")
         name, dtype = d["encoding"], d["dtype"]
-        if not _name(name):
+        enc = REGISTRY.get(name) if isinstance(name, str) else None
+        if enc is None and not _name(name):
             raise FormatError(f"{where}: the encoding is not a name")
         try:
             shape = check_shape(d["shape"])
         except ValueError as e:
             raise FormatError(f"{where}: {e}") from None
-        if not _name(dtype):
+        known = _DTYPES.get(dtype) if isinstance(dtype, str) else None
+        if known is None and not _name(dtype):
             raise FormatError(f"{where}: bad dtype")
-        enc = REGISTRY.get(name)
+        tt = _new(cls)  # a manifest has tens of thousands
+        _set(tt, "dtype", known or dtype)
+        _set(tt, "shape", shape)
         if enc is None:  # a newer encoding: this tensor fails when read, the rest stays readable
-            return cls(name, dtype, shape)
-        tt = cls.__new__(cls)  # a manifest has thousands: the frozen dataclass's __init__ is slow
-        tt.__dict__.update(encoding=name, dtype=dtype, shape=shape, arrays=_arrays(d, enc.task_arrays, where),
-                           params={k: d[k] for k in enc.task_params if k in d}, extras={})
+            for k, v in (("encoding", name), ("arrays", EMPTY), ("params", EMPTY), ("extras", EMPTY)):
+                _set(tt, k, v)
+            return tt
+        _set(tt, "encoding", enc.name)
+        arrays = _arrays(d, enc.task_arrays, where)
+        _set(tt, "arrays", arrays)
+        params = {}
+        for k in enc.task_params:
+            if k in d:
+                params[k] = d[k]
+        _set(tt, "params", params or EMPTY)
+        _set(tt, "extras", EMPTY)
         if enc.shaped_arrays:
-            for k, ref in tt.arrays.items():
+            for k, ref in arrays.items():
                 if ref.shape != shape:
                     raise FormatError(f"{where}: array {k!r} has shape {ref.shape}, the tensor {shape}")
-        for key, fcls in FIELDS.items():
-            if d.get(key) is not None:
-                tt.extras[key] = fcls.from_dict(d[key], tt, f"{where} ({key})")
+        if not _FIELD_KEYS.isdisjoint(d.keys()):
+            _set(tt, "extras", {})
+            for key, fcls in FIELDS.items():
+                if d.get(key) is not None:
+                    tt.extras[key] = fcls.from_dict(d[key], tt, f"{where} ({key})")
+            if not tt.extras:
+                _set(tt, "extras", EMPTY)
         return tt
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class TensorEntry:
     """One tensor name of the family and everything stored for it."""
 
@@ -119,10 +171,13 @@ class TensorEntry:
     def all_arrays(self) -> list[tuple[str, ArrayRef]]:
         """Every array of this entry, as ``(key, ref)``; task arrays keyed ``task/key``."""
         out = list(self.arrays.items())
+        add = out.append  # (no comprehension per task: an open lists 64,000 task entries' arrays)
         for task, tt in self.tasks.items():
-            out += [(f"{task}/{k}", a) for k, a in tt.arrays.items()]
+            for k, a in tt.arrays.items():
+                add((f"{task}/{k}", a))
             for key, v in tt.extras.items():
-                out += [(f"{task}/{key}/{k}", a) for k, a in v.arrays.items()]
+                for k, a in v.arrays.items():
+                    add((f"{task}/{key}/{k}", a))
         return out
 
     def to_dict(self) -> dict[str, Any]:
@@ -143,19 +198,25 @@ class TensorEntry:
         if not _name(name) or not _name(kind):
             raise FormatError(f"tensor entry: name and kind must be strings of at most {MAX_NAME_CHARS} characters")
         where = f"tensor {name!r}"
-        entry = cls.__new__(cls)  # as TaskTensor.from_dict
-        entry.__dict__.update(
-            name=name, kind=kind,
-            tasks={t: TaskTensor.from_dict(v, f"{where}, task {t!r}") for t, v in d["tasks"].items()},
-            arrays=_arrays(d, ENTRY_ARRAYS, where), members=())
+        entry = _new(cls)  # as TaskTensor.from_dict
+        _set(entry, "name", name)
+        _set(entry, "kind", kind)
+        wheres = {t: f"{where}, task {t!r}" for t in d["tasks"]}
+        _set(entry, "tasks", {t: TaskTensor.from_dict(v, wheres[t]) for t, v in d["tasks"].items()})
+        _set(entry, "arrays", _arrays(d, ENTRY_ARRAYS, where))
+        _set(entry, "members", ())
         if d.get("members") is not None:
-            entry.__dict__["members"] = _group_members(entry, d["members"], where)
+            _set(entry, "members", _group_members(entry, d["members"], where))
         if not tasks.issuperset(entry.tasks):
             raise FormatError(f"{where}: entries for unknown tasks {sorted(set(entry.tasks) - tasks)}")
+        last: tuple[type[Encoding] | None, tuple[int, ...] | None] = (None, None)
         for task, tt in entry.tasks.items():
             enc = REGISTRY.get(tt.encoding)
             if enc is not None:
-                enc.validate(entry, tt, f"{where}, task {task!r}")
+                enc.validate(entry, tt, wheres[task])
+                if enc is not last[0] or tt.shape is not last[1]:  # a tensor's tasks: one encoding and shape
+                    enc.validate_tensor(entry, tt, wheres[task])
+                    last = (enc, tt.shape)
         return entry
 
 
@@ -278,6 +339,12 @@ class Encoding:
                 raise FormatError(f"{where}: a {cls.name} entry needs the tensor's {k!r} array")
 
     @classmethod
+    def validate_tensor(cls, entry: TensorEntry, tt: TaskTensor, where: str) -> None:
+        """Check what a task entry of this encoding needs of the tensor entry alone, given its
+        shape (its base, its merged vector): called after ``validate``, once per tensor entry
+        and shape rather than once per task. Must not depend on anything else of ``tt``."""
+
+    @classmethod
     def write(cls, ctx: WriteContext, item: Item) -> "TensorEntry | Later":
         raise NotImplementedError
 
@@ -330,6 +397,7 @@ REGISTRY: dict[str, type[Encoding]] = {}
 #: whose instances have ``to_dict()`` and ``arrays`` (name -> ArrayRef). Readers that do not know
 #: a field ignore it (spec §8), so the entry's own encoding stays readable.
 FIELDS: dict[str, Any] = {}
+_FIELD_KEYS = FIELDS.keys()
 #: The encoding whose ``write`` stores each kind of tensor.
 BY_KIND: dict[str, type[Encoding]] = {}
 

@@ -30,7 +30,7 @@ from ..errors import FormatError, IntegrityError
 from ..tall import compiled_kind, elements, reconstruct, tall_mask, task_vector
 from .base import Encoding, ReadArray, TaskTensor, TensorEntry, Use, register
 from .exact import EXPONENT, TALL_ENCODINGS, rebuild_exact
-from .tall import check_merged_entry
+from .tall import check_merged_arrays, check_ones
 
 
 def derive_mask(theta: torch.Tensor, base: torch.Tensor, merged: torch.Tensor, lam: float) -> torch.Tensor:
@@ -143,7 +143,11 @@ class TallDerived(Encoding):
     @classmethod
     def validate(cls, entry: TensorEntry, tt: TaskTensor, where: str) -> None:
         check_derived_entry(tt, where)
-        check_merged_entry(entry, tt, where)
+        check_ones(tt, where)
+
+    @classmethod
+    def validate_tensor(cls, entry: TensorEntry, tt: TaskTensor, where: str) -> None:
+        check_merged_arrays(entry, tt, where)
 
     @classmethod
     def inputs(cls, entry: TensorEntry, tt: TaskTensor) -> dict[str, tuple[ArrayRef | DerivedMerged, Use]]:

@@ -83,6 +83,10 @@ class TallDerivedMerged(TallDerived):
             raise FormatError(f"{where}: bad count of set mask bits {ones!r}")
 
     @classmethod
+    def validate_tensor(cls, entry: TensorEntry, tt: TaskTensor, where: str) -> None:
+        """Nothing more: ``validate`` checks the tensor entry (no merged vector) for every task."""
+
+    @classmethod
     def inputs(cls, entry: TensorEntry, tt: TaskTensor) -> dict[str, tuple[ArrayRef | DerivedMerged, Use]]:
         return {"base": (entry.arrays["base"], Use.SHARED_INPUT),
                 "merged": (merged_source(entry), Use.SHARED_INPUT),  # a DerivedMerged

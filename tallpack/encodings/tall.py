@@ -5,13 +5,14 @@ are stored once (plus the merge method's extra arrays); per task, one bit-packed
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from math import prod
 
 from .. import kernels
 from .._torch import torch
 from ..arrays import ArrayRef
 from ..container import ArrayBuilder, Encoded
 from ..dtypes import dtype_name, narrow, tensor_to_bytes, torch_dtype
-from ..elements import FLOATING, numel
+from ..elements import FLOATING
 from ..errors import FormatError
 from ..tall import (TALL_RANGE, Bits, Planar, Workspace, blocks, compiled_kind, elements, reconstruct,
                     reconstruct_parts, reconstruct_planar, tall_mask_with_fidelity)
@@ -23,22 +24,27 @@ from .base import EXTRA_ARRAYS, Encoding, Item, Later, TaskTensor, TensorEntry, 
 COMPUTE_ELEMENTS = 1 << 20
 
 
-def check_merged_entry(entry: TensorEntry, tt: TaskTensor, where: str) -> None:
-    """What a task entry with a TALL mask (stored or derived) needs: its ``ones`` count, and the
-    tensor entry's base, merged vector and merge-method arrays, all of the task's shape."""
+def check_ones(tt: TaskTensor, where: str) -> None:
+    """A task entry with a TALL mask (stored or derived) needs its ``ones`` count."""
     ones = tt.params.get("ones")
-    if type(ones) is not int or not 0 <= ones <= numel(tt.shape):
+    if type(ones) is not int or not 0 <= ones <= prod(tt.shape):
         raise FormatError(f"{where}: bad count of set mask bits {ones!r}")
-    base, merged = entry.arrays.get("base"), entry.arrays.get("merged")
+
+
+def check_merged_arrays(entry: TensorEntry, tt: TaskTensor, where: str) -> None:
+    """What a task entry with a TALL mask needs of its tensor entry (``Encoding.validate_tensor``):
+    the base, merged vector and merge-method arrays, all of the task's shape."""
+    shape, arrays = tt.shape, entry.arrays
+    base, merged = arrays.get("base"), arrays.get("merged")
     if base is None or merged is None:
         raise FormatError(f"{where}: masks without base and merged vector")
-    if base.shape != tt.shape or merged.shape != tt.shape:
+    if base.shape != shape or merged.shape != shape:
         raise FormatError(f"{where}: shape differs from the base's")
     if merged.dtype != "float32" or base.dtype not in FLOATING:
         raise FormatError(f"{where}: merged vector must be float32 and the base floating")
     for key, dtype in EXTRA_ARRAYS.items():
-        ref = entry.arrays.get(key)
-        if ref is not None and (ref.shape != tt.shape or ref.dtype != dtype):
+        ref = arrays.get(key)
+        if ref is not None and (ref.shape != shape or ref.dtype != dtype):
             raise FormatError(f"{where}: {key} must be {dtype} of the base's shape")
 
 
@@ -120,7 +126,11 @@ class Tall(Encoding):
         mask = tt.arrays.get("mask")
         if mask is None or mask.dtype != "bool" or tt.dtype not in FLOATING:
             raise FormatError(f"{where}: a tall entry needs a bool mask and a floating dtype")
-        check_merged_entry(entry, tt, where)
+        check_ones(tt, where)
+
+    @classmethod
+    def validate_tensor(cls, entry: TensorEntry, tt: TaskTensor, where: str) -> None:
+        check_merged_arrays(entry, tt, where)
 
     @classmethod
     def write(cls, ctx: WriteContext, item: Item) -> "TensorEntry | Later":
