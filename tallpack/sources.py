@@ -844,8 +844,15 @@ def _components(folder: Path, roots: list[Path]) -> list[str] | None:
     components: what a model folder's subfolders are (:func:`_other_files`)."""
     if not (folder / PIPELINE_INDEX).is_file():
         return None
+    top = bool(_weight_sets(folder) or any(folder.glob("*.safetensors")))
+    try:
+        listed = _listed(folder)
+    except CheckpointError:
+        if top:  # a model folder with a stray file of that name
+            return None
+        raise
     found = []
-    for name in _listed(folder):
+    for name in listed:
         if not _folder_name(name) or not (folder / name).is_dir():
             continue
         _in_folder(folder, folder / name, roots)
@@ -853,7 +860,7 @@ def _components(folder: Path, roots: list[Path]) -> list[str] | None:
             found.append(name)
     if found:
         return found
-    if _weight_sets(folder) or any(folder.glob("*.safetensors")):
+    if top:
         return None  # a model folder with a stray model_index.json: its weights at the top
     raise CheckpointError(f"{folder}: a diffusers pipeline ({PIPELINE_INDEX}) with no component weights (no "
                           f"subfolder it lists holds {DIFFUSERS}.safetensors, model.safetensors, a shard index or "
