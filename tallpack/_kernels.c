@@ -1309,7 +1309,8 @@ static Py_ssize_t ties_inputs(const char *fn, Py_buffer *base, PyObject *tseq, i
     int size = kind_size(kind);
     *views = NULL;
     *th = NULL;
-    if (!size || (base->len != 0 && (base->len != size * n || !WORDS_OK(base->buf, size)))
+    if (!size || n > PY_SSIZE_T_MAX / size  /* size * n below must not wrap */
+        || (base->len != 0 && (base->len != size * n || !WORDS_OK(base->buf, size)))
         || (base->len == 0 && kind != KIND_F32) || !WORDS_OK(thr->buf, 4)) {
         PyErr_Format(PyExc_ValueError, "%s: kind %d, base %zd bytes for %zd elements (or misaligned)", fn, kind,
                      base->len, n);
@@ -1318,7 +1319,7 @@ static Py_ssize_t ties_inputs(const char *fn, Py_buffer *base, PyObject *tseq, i
     Py_ssize_t nt = get_views(tseq, views, size * n, size);
     if (nt < 0)
         return -1;
-    if (nt < 1 || thr->len != 4 * nt) {
+    if (nt < 1 || nt > 255 || thr->len != 4 * nt) {  /* counts are uint8 (spec 6.2: at most 255 tasks) */
         PyErr_Format(PyExc_ValueError, "%s: %zd tasks and %zd bytes of thresholds", fn, nt, thr->len);
         return nt;
     }

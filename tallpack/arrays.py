@@ -175,7 +175,8 @@ class ArrayRef:
         assert isinstance(other, ArrayRef)
         return self._fields() == other._fields()
 
-    __hash__ = None  # type: ignore[assignment]  # its codecs are dicts, as the dataclass's were
+    def __hash__(self) -> int:  # as the dataclass's: a TypeError where its codecs hold dicts (unhashable)
+        return hash(self._fields())
 
     def __repr__(self) -> str:
         h = self._head
@@ -184,6 +185,15 @@ class ArrayRef:
 
     def __reduce__(self) -> tuple:
         return ArrayRef, self._fields()
+
+    def __setstate__(self, state: Any) -> None:
+        """A ref pickled by tallpack before refs shared their headers (a frozen dataclass: its
+        fields as the state), read as a new one."""
+        d = state[1] if isinstance(state, tuple) else state
+        if not isinstance(d, dict) or not {"dtype", "shape", "codecs", "chunk_elements", "chunks"} <= d.keys():
+            raise TypeError("not the state of a pickled ArrayRef")
+        _set(self, "_head", _check_header(d["dtype"], tuple(d["shape"]), list(d["codecs"]), d["chunk_elements"]))
+        _set(self, "chunks", tuple(d["chunks"]))
 
     @property
     def nbytes(self) -> int:

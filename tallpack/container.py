@@ -24,9 +24,9 @@ import sys
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from operator import attrgetter
+from operator import attrgetter, itemgetter
 from pathlib import Path
-from typing import Any, BinaryIO, NamedTuple
+from typing import Any, BinaryIO, NamedTuple, NoReturn
 
 import numpy as np
 import zstandard
@@ -473,6 +473,9 @@ PLANAR_DTYPES = {"float32": 4, "bfloat16": 2, "float16": 2}
 _chunks, _flat = attrgetter("chunks"), itertools.chain.from_iterable
 
 
+_span_start = itemgetter(0, 1)
+
+
 class ContainerReader:
     """Reads a container from a :class:`ByteSource`, trusting nothing in it.
 
@@ -554,14 +557,27 @@ class ContainerReader:
         are (nearly in file order already: fast), and the names let go once checked (an archive
         of 64,000 task entries has as many chunks)."""
         end, data_end = HEADER.size, self.data_end
-        for off, n, checksum in self._spans():
+        for off, n, _ in self._spans():
             if off < end or off + n > data_end:
-                where = next(w for ref, w in zip(self._refs, self._wheres) if (off, n, checksum) in ref.chunks)
+                self._refuse_layout()
+            end = off + n
+        self._wheres = []
+
+    def _refuse_layout(self) -> NoReturn:
+        """The first chunk out of place, named as the check chunk by chunk names it: spans sorted by
+        offset and size alone, stably, in the order the manifest lists their arrays (of two chunks
+        copied to one place, the later entry's, which is the one a tampered manifest changed)."""
+        spans = sorted(((c.offset, c.nbytes, i) for i, ref in enumerate(self._refs) for c in ref.chunks),
+                       key=_span_start)
+        end = HEADER.size
+        for off, n, i in spans:
+            if off < end or off + n > self.data_end:
+                where = self._wheres[i]
                 if not isinstance(where, str):
                     where = f"tensor {where[0]!r} ({where[1]})"
                 raise FormatError(f"{self.name}: {where}: chunk at {off} overlaps another or the manifest")
             end = off + n
-        self._wheres = []
+        raise AssertionError("a layout refused that the chunk-by-chunk check accepts")
 
     def verify_ends(self) -> list[str]:
         """The header, footer and manifest read again: as they were at open, and the manifest's

@@ -691,3 +691,17 @@ print("ok")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]
     assert kernels.cores() == len(os.sched_getaffinity(0))
+
+
+@pytest.mark.parametrize("call", ["signs_wrapping_length", "merge_256_tasks"])
+def test_ties_loops_refuse_lengths_that_wrap_and_counts_that_overflow(call):
+    """A length whose byte size wraps the signed size was let through (every size check passed on
+    0 bytes) and the loop read past an empty buffer; 256 thetas wrapped the uint8 counts."""
+    f32 = np.zeros(1, np.float32)
+    with pytest.raises(ValueError):
+        if call == "signs_wrapping_length":
+            _kernels.ties_signs(b"", [np.zeros(0, np.float32)], 0, f32, 2**62)
+        else:
+            n = 4
+            _kernels.ties_merge(b"", [np.zeros(n, np.float32)] * 256, 0, np.zeros(256, np.float32), 1.0,
+                                np.zeros(n, np.float32), np.zeros(n, np.uint8))
