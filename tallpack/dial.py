@@ -55,7 +55,7 @@ from .dtypes import dtype_name, narrow, tensor_to_bytes
 from .encodings import Item, TaskTensor, TensorEntry, WriteContext, iter_arrays, settled
 from .encodings.base import EXTRA_ARRAYS
 from .encodings.correction import (BLOCK, Correction, quant_decode, quant_encode, quant_encode_widths, residual,
-                                   sparse_decode, sparse_encode, top_indices)
+                                   sparse_decode, sparse_encode)
 from .encodings.exact import (CANDIDATES, SAMPLE_ELEMENTS, TRANSFORMS, add_exact, bits, forward, permute)
 from .encodings.qtau import BLOCK as QBLOCK
 from .encodings.qtau import dequantize, quantize, quantize_widths, rebuilt
@@ -296,14 +296,12 @@ def _array_cost(chain: Chain, arr: np.ndarray, ce: int) -> int:
     return sum(len(chain.encode(p)) + CHUNK_OVERHEAD for p in pieces) + ARRAY_OVERHEAD
 
 
-def _exact_cost(ctx: WriteContext, x: torch.Tensor, rec: torch.Tensor, base: torch.Tensor,
-                finite: bool = False) -> int:
-    """What ``add_exact`` will store for this task's tensor (the same choice on the same sample);
-    ``finite``: ``rec`` is known to hold no NaN (its error counted no element that is not finite)."""
+def _exact_cost(ctx: WriteContext, x: torch.Tensor, rec: torch.Tensor, base: torch.Tensor) -> int:
+    """What ``add_exact`` will store for this task's tensor (the same choice on the same sample)."""
     assert ctx.residuals is not None
     xb = bits(x.contiguous())
     refs = {"tall": rec, "base": narrow(base.to(torch.float32), x.dtype), "zero": None}
-    if not finite and torch.isnan(rec).any():
+    if torch.isnan(rec).any():
         del refs["tall"]
     rbits = {k: (bits(v.contiguous()) if v is not None else np.zeros_like(xb)) for k, v in refs.items()}
     dt, ce, n = dtype_name(x.dtype), ctx.chunk_elements, SAMPLE_ELEMENTS
@@ -379,114 +377,36 @@ def _squares(d: torch.Tensor, dtype: torch.dtype, w: torch.Tensor | None,
 _NUMPY_FLOATS = frozenset({"float16", "float32", "float64"})
 
 
-class _Scratch:
-    """Float buffers kept across the dial's measurements, by name: a tensor's some twenty rebuilds,
-    the task vector's six quantizations and the tasks of every tensor share them (fresh tensors of
-    a large tensor's size cost more, in page faults, than the arithmetic done in them)."""
-
-    def __init__(self) -> None:
-        self._bufs: dict[str, torch.Tensor] = {}
-
-    def take(self, name: str, dtype: torch.dtype, n: int) -> torch.Tensor:
-        """``n`` elements of the buffer ``name`` (flat, contiguous; contents left over), grown as needed."""
-        buf = self._bufs.get(name)
-        if buf is None or buf.dtype != dtype or buf.numel() < n:
-            buf = self._bufs[name] = torch.empty(n, dtype=dtype)
-        return buf[:n]
-
-    def blocks(self, name: str, n: int, block: int) -> torch.Tensor:
-        """The float32 buffer ``name`` for ``n`` elements in whole blocks (a quantizer's ``scratch``)."""
-        return self.take(name, torch.float32, -(-n // block) * block)
-
-
 class _Errors:
     """Squared errors of rebuilds against one (finite) original: called with a rebuild ``a``, its
     error as (weighted by ``w``, plain, bit-exact, elements of ``a`` that are +-inf or NaN), or
     (plain, None, ...) without weights; bit-exact only where the plain error is 0 and every bit is
     the same. An element of ``a`` that is not finite counts as ``overflow_error`` off. The dial
     measures some twenty rebuilds of each task's tensor: the original is made float64 once, and
-    each difference is taken in one float64 buffer (fresh ones cost more than the arithmetic).
+    each difference is taken in one float64 buffer (fresh ones cost more than the arithmetic)."""
 
-    A rebuild measured with ``keep`` leaves its per-element squares behind, so that one differing
-    from it in a few elements (a sparse correction) is measured from those elements alone
-    (``patched``): the same squares summed in the same order, so the same float."""
-
-    def __init__(self, original: torch.Tensor, w: torch.Tensor | None, scratch: _Scratch | None = None):
+    def __init__(self, original: torch.Tensor, w: torch.Tensor | None):
         self.original, self.w = original.reshape(-1), w
-        n = self.original.numel()
-        self._scratch = scratch = scratch if scratch is not None else _Scratch()
-        self.wide = scratch.take("wide", torch.float64, n).copy_(self.original)
-        self._d = scratch.take("d", torch.float64, n)
+        self.wide = self.original.to(torch.float64)
+        self._d = torch.empty_like(self.wide)
         self._np = (self.wide.numpy(), self._d.numpy())
-        self._sq = scratch.take("sq", torch.float64, n).numpy()  # the squares, summed in a fixed order
-        #: with ``keep``: the kept rebuild's squares (plain, weighted or None), dtype, elements not finite
-        self._kept: tuple[np.ndarray, np.ndarray | None, torch.dtype, np.ndarray | None] | None = None
+        self._sq = np.empty_like(self._np[0])  # the squares, summed in a fixed order (``sum_squares``)
 
     def norm(self) -> tuple[float, float | None]:
         """The original's own sum of squares, as (weighted, plain) or (plain, None)."""
         sq, plain, _ = _squares(self.wide, self.original.dtype, self.w, self._sq)
         return sq, plain
 
-    def _diff(self, a: torch.Tensor) -> torch.Tensor:
+    def __call__(self, a: torch.Tensor) -> tuple[float, float | None, bool, int]:
+        a = a.reshape(-1)
         if str(a.dtype).removeprefix("torch.") in _NUMPY_FLOATS:  # numpy widens and subtracts in one pass
             np.subtract(a.numpy(), self._np[0], out=self._np[1])
-            return self._d
-        return self._d.copy_(a).sub_(self.wide)
-
-    def __call__(self, a: torch.Tensor, keep: bool = False) -> tuple[float, float | None, bool, int]:
-        a = a.reshape(-1)
-        d = self._diff(a)
+            d = self._d
+        else:
+            d = self._d.copy_(a).sub_(self.wide)
         err, plain, over = _squares(d, a.dtype, self.w, self._sq)
         exact = (err if plain is None else plain) == 0 and same_bits(a, self.original)
-        if keep:
-            self._keep(d, a.dtype, over)
         return err, plain, exact, over
-
-    def _keep(self, d: torch.Tensor, dtype: torch.dtype, over: int) -> None:
-        n = d.numel()
-        bad = None
-        if over:  # the squares ``_squares`` summed: not-finite elements as ``overflow_error``
-            bad_t = ~torch.isfinite(d)
-            bad = bad_t.numpy().copy()
-            d = torch.where(bad_t, overflow_error(dtype), d)
-        sq = np.square(d.numpy(), out=self._scratch.take("kept", torch.float64, n).numpy())
-        wsq = None
-        if self.w is not None:
-            wsq = np.multiply(sq, self.w.reshape(-1).numpy(), out=self._scratch.take("kept_w", torch.float64, n).numpy())
-        self._kept = (sq, wsq, dtype, bad)
-
-    def patched(self, idx: np.ndarray, values: torch.Tensor) -> tuple[float, float | None, int] | None:
-        """The error of the kept rebuild with its elements at ``idx`` (distinct) replaced by
-        ``values`` (of its dtype), as (weighted, plain, elements not finite) or (plain, None, ...),
-        the kept squares summed with those elements' own (each as ``__call__`` squares it); None
-        where the plain error is 0, whose bits ``__call__`` must look at."""
-        assert self._kept is not None
-        sq, wsq, dtype, bad = self._kept
-        v = values.reshape(-1)
-        wide_v = v.numpy() if str(v.dtype).removeprefix("torch.") in _NUMPY_FLOATS else v.to(torch.float64).numpy()
-        dn = np.subtract(wide_v, self._np[0][idx], dtype=np.float64)
-        over = 0 if bad is None else int(bad.sum()) - int(np.count_nonzero(bad[idx]))
-        bad_n = ~np.isfinite(dn)
-        if bad_n.any():
-            dn[bad_n] = overflow_error(dtype)
-            over += int(np.count_nonzero(bad_n))
-        sq_n = np.square(dn)
-        plain = _sum_with(sq, idx, sq_n)
-        if plain == 0:
-            return None
-        if wsq is None or self.w is None:
-            return plain, None, over
-        return _sum_with(wsq, idx, np.multiply(sq_n, self.w.reshape(-1).numpy()[idx])), plain, over
-
-
-def _sum_with(sq: np.ndarray, idx: np.ndarray, values: np.ndarray) -> float:
-    """``sum_squares``'s sum of ``sq`` with its elements at ``idx`` replaced by ``values``
-    (``sq`` left as it was)."""
-    saved = sq[idx]
-    sq[idx] = values
-    total = float(np.add.reduce(sq))
-    sq[idx] = saved
-    return total
 
 
 def sensitivity_weights(weights: Any, shape: tuple[int, ...], where: str) -> torch.Tensor:
@@ -633,7 +553,6 @@ class Dial:
         self.qtau = "qtau" in self.allowed
         #: whether a merged vector may be dropped (Task Arithmetic: tau_MTL is a plain sum)
         self.droppable = False
-        self._scratch = _Scratch()  # buffers of ``observe``, let go of once it has decided
         #: with an evaluator: per task and tensor, (f32 base, f32 TALL rebuild before the cast, residual, dtype)
         self._held: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.dtype]]] = {}
         self.choice: dict[str, dict[str, Option]] = {}
@@ -685,34 +604,26 @@ class Dial:
         tier = TierCost(_tensor_cost(ctx.dense(b_dt), item.base, ce), mcost,
                         {t: _tensor_cost(ctx.masks, m, ce) + 40 for t, m in zip(item.tasks, masks)})
         self.tier[item.name] = tier
-        ws = self._scratch
         for t, x, mask in zip(item.tasks, item.thetas, masks):
             plan = self.plans.setdefault(t, TaskPlan())
             xf = x.reshape(-1)
-            n = xf.numel()
             given = (self.sensitivity or {}).get(t, {}).get(item.name)
             w = None if given is None else sensitivity_weights(given, tuple(x.shape), f"task {t!r}, tensor {item.name!r}")
-            sq_err = _Errors(xf, w, ws)
-            # (elementwise work in numpy, one thread, in buffers kept across tasks: on a busy
-            # machine torch's threads wait on each other at every pass, and fresh tensors fault)
-            x32 = xf if xf.dtype == torch.float32 else ws.take("x32", torch.float32, n).copy_(xf)
-            mask32 = ws.take("mask", torch.float32, n)
-            np.copyto(mask32.numpy(), mask.numpy())
-            rec32 = torch.addcmul(base32, mask32, merged, out=ws.take("rec32", torch.float32, n))
-            r = ws.take("r", torch.float32, n)
-            np.subtract(x32.numpy(), rec32.numpy(), out=r.numpy())
+            sq_err = _Errors(xf, w)
+            rec32 = torch.addcmul(base32, mask.to(torch.float32), merged)
+            r = xf.to(torch.float32) - rec32
             plain = narrow(rec32, x.dtype)
             sq, sq_plain = sq_err.norm()
             plan.theta_sq += sq
             plan.plain_theta_sq += sq if sq_plain is None else sq_plain
             plan.scale[item.name] = 1.0 / (sq or _squares(base32.to(torch.float64), base32.dtype, w)[0] or 1.0)
-            sparse = "sparse" in self.allowed
-            err0, plain0, exact0, over0 = sq_err(plain, keep=sparse)
+            err0, plain0, exact0, over0 = sq_err(plain)
             plan.tall_err += err0
             plan.plain_tall_err += err0 if plain0 is None else plain0
             plan.tall_inexact += not exact0
             plan.tall_overflow[item.name] = over0
             opts = [Option(None, 0, err0, plain=plain0, bit_exact=exact0, overflow=over0)]
+            n = r.numel()
 
             def priced(arrays: Mapping[str, np.ndarray]) -> int:
                 return sum(_array_cost(_chain(ctx, a), a, ce) for a in arrays.values()) + 40
@@ -721,14 +632,11 @@ class Dial:
                 # measured even where TALL loses nothing (a task equal to the base: a zero task
                 # vector, whose qtau is exact and nearly free): the merged-vector pass moves
                 # such a task to qtau so that the others may drop the merged vector
-                tau = ws.take("tau", torch.float32, n)
-                np.subtract(x32.numpy(), base32.numpy(), out=tau.numpy())
+                tau = xf.to(torch.float32) - base32
                 qs = []
-                for b, (codes, scales, deq) in zip(QTAU_BITS, quantize_widths(tau, QTAU_BITS, QBLOCK,
-                                                                              scratch=ws.blocks("q", n, QBLOCK))):
+                for b, (codes, scales, deq) in zip(QTAU_BITS, quantize_widths(tau, QTAU_BITS, QBLOCK)):
                     assert deq is not None
-                    np.add(base32.numpy(), deq.numpy(), out=deq.numpy())  # as ``rebuilt``
-                    err, pe, same, over = sq_err(narrow(deq, x.dtype))
+                    err, pe, same, over = sq_err(narrow(deq.add_(base32), x.dtype))  # as ``rebuilt``
                     qs.append(Option("qtau", priced({"codes": codes, "scales": scales}) - tier.masks[t], err, bits=b,
                                      plain=pe, bit_exact=same, overflow=over))
                 plan.qtaus[item.name] = qs
@@ -736,42 +644,25 @@ class Dial:
             if n and err0 > 0:  # (a correction adds to the TALL rebuild: none mends a -0.0 it lost)
                 # each candidate's correction c as its decoder gives it, the rebuild as ``corrected``
                 # (rec32 is its TALL part), without decoding the arrays again
-                if sparse:
-                    ks = sorted({max(1, int(n * f)) for f in SPARSE_FRACTIONS})
-                    magnitude = ws.take("tau", torch.float32, n)
-                    tops = top_indices(torch.from_numpy(np.abs(r.numpy(), out=magnitude.numpy())), ks)
-                    for k in ks:
-                        gaps, values = sparse_encode(r, k, top=tops[k])
-                        err, pe, same, over = self._sparse_error(sq_err, rec32, tops[k], values, x.dtype)
+                if "sparse" in self.allowed:
+                    magnitude = r.abs()
+                    for k in sorted({max(1, int(n * f)) for f in SPARSE_FRACTIONS}):
+                        gaps, values = sparse_encode(r, k, magnitude)
+                        c = torch.zeros(n, dtype=torch.float32)
+                        c[torch.from_numpy(np.cumsum(gaps.astype(np.int64)))] = torch.from_numpy(values.astype(np.float32))
+                        err, pe, same, over = sq_err(narrow(rec32 + c, x.dtype))
                         opts.append(Option("sparse", priced({"indices": gaps, "values": values}), err, k, 0, pe, same, over))
                 widths = [b for b in (4, 8) if f"quant{b}" in self.allowed]
-                for b, (codes, scales, cq) in zip(widths, quant_encode_widths(r, widths, BLOCK,
-                                                                             scratch=ws.blocks("q", n, BLOCK))):
+                for b, (codes, scales, cq) in zip(widths, quant_encode_widths(r, widths, BLOCK)):
                     assert cq is not None
-                    np.add(rec32.numpy(), cq.numpy(), out=cq.numpy())
-                    err, pe, same, over = sq_err(narrow(cq, x.dtype))
+                    err, pe, same, over = sq_err(narrow(rec32 + cq, x.dtype))
                     opts.append(Option("quant", priced({"scales": scales, "codes": codes}), err, 0, b, pe, same, over))
             if n and not exact0 and "exact" in self.allowed:  # also where TALL errs by bits alone
-                cost = _exact_cost(ctx, xf, plain, item.base.reshape(-1), finite=over0 == 0)
+                cost = _exact_cost(ctx, x.reshape(-1), plain, item.base.reshape(-1))
                 opts.append(Option("exact", cost, 0.0, bit_exact=True))
             plan.ladders[item.name] = hull(opts)
-            if self.evaluate is not None:  # (the scratch buffers are overwritten by the next task)
-                self._held.setdefault(t, {})[item.name] = (base32, rec32.clone(), r.clone(), x.dtype)
-
-    @staticmethod
-    def _sparse_error(sq_err: _Errors, rec32: torch.Tensor, idx: np.ndarray, values: np.ndarray,
-                      dtype: torch.dtype) -> tuple[float, float | None, bool, int]:
-        """The error of the TALL rebuild (the one ``sq_err`` kept) with a sparse correction: its
-        rebuild as ``corrected`` differs from the plain one only at ``idx``, where it is
-        ``cast(rec32 + value)``, so only those elements are measured (``_Errors.patched``)."""
-        at = torch.from_numpy(idx)
-        got = sq_err.patched(idx, narrow(rec32[at] + torch.from_numpy(values.astype(np.float32)), dtype))
-        if got is not None:
-            err, pe, over = got
-            return err, pe, False, over
-        c = torch.zeros(rec32.numel(), dtype=torch.float32)  # no error left: its bits decide
-        c[at] = torch.from_numpy(values.astype(np.float32))
-        return sq_err(narrow(rec32 + c, dtype))
+            if self.evaluate is not None:
+                self._held.setdefault(t, {})[item.name] = (base32, rec32, r, x.dtype)
 
     def tier_bytes(self) -> int:
         """The TALL tier of every observed tensor, in bytes (what ``Tall.write`` would store)."""
@@ -934,7 +825,6 @@ class Dial:
 
     def decide(self, plain_bytes: int) -> None:
         """Choose every task's options; ``plain_bytes``: the archive's size as plain TALL."""
-        self._scratch = _Scratch()
         for plan in self.plans.values():
             plan.order()
         self.choice, self.achieved, self.below, self.met, self._lowered = {}, {}, {}, True, {}

@@ -37,7 +37,7 @@ from ..errors import FormatError
 from ..tall import Planar, reconstruct_planar
 from .base import ReadArray, TaskTensor, TensorEntry, Use, register_field
 from .exact import rebuild_exact
-from .qtau import _work, float_blocks
+from .qtau import float_blocks
 from .tall import Tall
 
 KINDS = ("sparse", "quant", "exact")
@@ -57,55 +57,22 @@ def residual(theta: torch.Tensor, base: torch.Tensor, mask: torch.Tensor, merged
     return theta.reshape(-1).to(torch.float32) - rec
 
 
-def sparse_encode(r: torch.Tensor, k: int, magnitude: torch.Tensor | None = None,
-                  top: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+def sparse_encode(r: torch.Tensor, k: int, magnitude: torch.Tensor | None = None) -> tuple[np.ndarray, np.ndarray]:
     """The ``k`` largest-magnitude entries of flat ``r``: (index gaps, values). Indices ascend;
     the first gap is the first index, each next one the difference to the previous index.
-    ``magnitude``: ``r.abs()``, when the caller has it (the dial tries several ``k``); ``top``: the
-    indices themselves, ascending, when the caller has them (:func:`top_indices`)."""
+    ``magnitude``: ``r.abs()``, when the caller has it (the dial tries several ``k``)."""
     k = max(0, min(k, r.numel()))
-    if top is not None:
-        idx_np = top
-    elif k:
-        idx_np = top_indices(r.abs() if magnitude is None else magnitude, (k,))[k]
+    if k:
+        top = torch.topk(r.abs() if magnitude is None else magnitude, k, sorted=False).indices
+        idx_np = np.sort(top.numpy())  # distinct indices: numpy's sort is many times torch's
     else:
         idx_np = np.empty(0, dtype=np.int64)
     gaps = np.diff(idx_np, prepend=0)
     gaps = gaps.astype(np.uint64 if r.numel() > 0xFFFFFFFF else np.uint32)
-    vals = r.numpy()[idx_np]
+    vals = r[torch.from_numpy(idx_np)].numpy()
     if vals.size == 0 or float(np.abs(vals).max()) <= FLOAT16_MAX:
         vals = vals.astype(np.float16)
     return gaps, np.ascontiguousarray(vals)
-
-
-def top_indices(magnitude: torch.Tensor, ks: Iterable[int]) -> dict[int, np.ndarray]:
-    """For each ``k`` of ``ks``, the indices of the ``k`` largest entries of flat float32
-    ``magnitude``, ascending (int64): ``torch.topk``'s set, sorted. One partition finds every
-    ``k``'s threshold; where the ``k``-th largest is strictly above the next, the set is the
-    entries at or above it, whichever way it is found; where it ties (or a NaN is near), the set
-    is ``torch.topk``'s own, as the writer has always chosen it."""
-    m = magnitude.reshape(-1)
-    n = m.numel()
-    ks = sorted({max(0, min(int(k), n)) for k in ks}, reverse=True)
-    out: dict[int, np.ndarray] = {}
-    a = m.numpy()
-    kth = sorted({n - k for k in ks if 0 < k} | {n - k - 1 for k in ks if 0 < k < n})
-    part = np.partition(a, kth) if kth else a
-    within: np.ndarray | None = None  # the indices of the largest k so far: a superset of the next's
-    for k in ks:
-        if k == 0:
-            out[k] = np.empty(0, dtype=np.int64)
-            continue
-        v = part[n - k]
-        if k < n and not part[n - k - 1] < v or np.isnan(v):  # a tie at the boundary (or NaN): topk's choice
-            out[k] = np.sort(torch.topk(m, k, sorted=False).indices.numpy())
-            continue
-        idx = np.flatnonzero(a >= v) if within is None else within[a[within] >= v]
-        if idx.size != k:  # (only a NaN above could do this) topk's choice
-            out[k] = np.sort(torch.topk(m, k, sorted=False).indices.numpy())
-            continue
-        out[k] = within = idx.astype(np.int64, copy=False)
-    return out
 
 
 def sparse_decode(gaps: np.ndarray, values: np.ndarray, numel: int, where: str = "sparse correction") -> torch.Tensor:
@@ -133,35 +100,23 @@ def quant_encode(r: torch.Tensor, bits: int, block: int) -> tuple[np.ndarray, np
     return codes, scales
 
 
-def quant_encode_widths(r: torch.Tensor, widths: Iterable[int], block: int, *, deq: bool = True,
-                        scratch: torch.Tensor | None = None
+def quant_encode_widths(r: torch.Tensor, widths: Iterable[int], block: int, *, deq: bool = True
                         ) -> Iterator[tuple[np.ndarray, np.ndarray, torch.Tensor | None]]:
     """``quant_encode`` at each of ``widths`` in turn, the blocks and their maxima found once, each
-    with its ``quant_decode`` (bit for bit, without decoding the arrays) when ``deq``. As
-    ``qtau.quantize_widths``, given ``scratch`` every width is worked in it, so that each
-    correction is overwritten by the next width's."""
+    with its ``quant_decode`` (bit for bit, without decoding the arrays) when ``deq``."""
     blocks, n, nb = float_blocks(r, block)
-    b = blocks.numpy()
-    work_t = _work(scratch, nb * block)
-    work = work_t.numpy().reshape(nb, block)
-    amax = torch.from_numpy(np.abs(b, out=work).max(axis=1))  # numpy: see qtau.quantize_widths
+    amax = blocks.abs().amax(dim=1)
     for bits in widths:
         qmax = (1 << (bits - 1)) - 1
         scales = amax / qmax
-        safe = torch.where(scales > 0, scales, torch.ones_like(scales)).numpy()
-        if scratch is None and deq:  # each correction its own
-            work_t = _work(None, nb * block)
-            work = work_t.numpy().reshape(nb, block)
-        qf = np.clip(np.rint(np.divide(b, safe[:, None], out=work), out=work), -qmax, qmax, out=work)
-        q = qf.reshape(-1)[:n].astype(np.int8)
-        d = None
-        if deq:  # (an int's 0 is +0.0: adding 0.0 turns a rounded -0.0 into it, as the int8 codes would)
-            np.multiply(np.add(qf, 0.0, out=qf), scales.numpy()[:, None], out=qf)
-            d = work_t[:n]
+        safe = torch.where(scales > 0, scales, torch.ones_like(scales))
+        q = (blocks / safe[:, None]).round_().clamp_(-qmax, qmax).to(torch.int8)
+        d = (q.to(torch.float32) * scales[:, None]).reshape(-1)[:n] if deq else None  # (an int's 0 is +0.0)
+        q = q.reshape(-1)[:n]
         if bits == 8:
-            codes = q
+            codes = q.numpy().copy()
         else:
-            u = q.view(np.uint8) + np.uint8(8)  # q + 8 in [1, 15], modulo 256
+            u = (q.to(torch.int16) + 8).to(torch.uint8).numpy()
             if n % 2:
                 u = np.append(u, np.uint8(8))
             codes = (u[0::2] | (u[1::2] << 4)).astype(np.uint8)

@@ -95,24 +95,15 @@ def float_blocks(x: torch.Tensor, block: int) -> tuple[torch.Tensor, int, int]:
 
 
 def quantize_widths(tau: torch.Tensor, widths: Iterable[int], block: int = BLOCK, half: bool | None = None,
-                    *, deq: bool = True, scratch: torch.Tensor | None = None
-                    ) -> Iterator[tuple[np.ndarray, np.ndarray, torch.Tensor | None]]:
+                    *, deq: bool = True) -> Iterator[tuple[np.ndarray, np.ndarray, torch.Tensor | None]]:
     """``quantize`` at each of ``widths`` in turn, the blocks and their maxima found once, each with
     its deQ (``dequantize`` of the arrays, bit for bit, without unpacking them) when ``deq``.
-    Given ``scratch`` (float32, at least the blocks' elements), every width is worked in it, so
-    each deQ is a view of it that the next width overwrites (use it before asking for the next):
-    fresh tensors of a large tensor's size cost more, in page faults, than the arithmetic.
 
     >>> [codes.size for codes, _, _ in quantize_widths(torch.randn(1000), (2, 8))]
     [250, 1000]
     """
     blocks, n, nb = float_blocks(tau, block)
-    b = blocks.numpy()
-    work_t = _work(scratch, nb * block)
-    work = work_t.numpy().reshape(nb, block)
-    # numpy, one thread: on a busy machine torch's threads wait on each other at every pass
-    amax = torch.from_numpy(np.abs(b, out=work).max(axis=1)) if nb else None
-    u8 = np.empty(nb * block, np.uint8)
+    amax = blocks.abs().amax(dim=1) if nb else None
     for bits in widths:
         if bits not in BITS:
             raise ValueError(f"bits must be one of {BITS}, got {bits}")
@@ -120,27 +111,14 @@ def quantize_widths(tau: torch.Tensor, widths: Iterable[int], block: int = BLOCK
         s = (amax / qmax).numpy() if amax is not None else np.zeros(0, np.float32)
         scales = _half_up(s) if (HALF_SCALES if half is None else half) else None
         scales = s.astype(np.float32) if scales is None else scales
-        used = scales.astype(np.float32)
-        safe = np.where(used > 0, used, np.float32(1))
-        if scratch is None and deq:  # each deQ its own
-            work_t = _work(None, nb * block)
-            work = work_t.numpy().reshape(nb, block)
-        u = np.divide(b, safe[:, None], out=work)  # round half to even, clamp: the codes, as floats
-        np.add(np.clip(np.rint(u, out=u), -qmax, qmax, out=u), offset, out=u)
-        u8[:] = u.reshape(-1)
-        codes = pack_codes(u8[:n], bits)
+        used = torch.from_numpy(scales.astype(np.float32))
+        safe = torch.where(used > 0, used, torch.ones_like(used))
+        u = (blocks / safe[:, None]).round_().clamp_(-qmax, qmax).add_(offset)  # codes, as floats
+        codes = pack_codes(u.to(torch.uint8).reshape(-1)[:n].numpy(), bits)
         d = None
         if deq:  # as dequantize computes it: f32(u) - offset (0.0 where q was -0.0), times the scale
-            np.multiply(np.subtract(u, offset, out=u), used[:, None], out=u)
-            d = work_t[:n]
+            d = u.sub_(offset).mul_(used[:, None]).reshape(-1)[:n]
         yield codes, np.ascontiguousarray(scales), d
-
-
-def _work(scratch: torch.Tensor | None, n: int) -> torch.Tensor:
-    """``n`` float32 elements of ``scratch`` (flat), or fresh ones where it is None or too small."""
-    if scratch is not None and scratch.dtype == torch.float32 and scratch.numel() >= n:
-        return scratch.reshape(-1)[:n]
-    return torch.empty(n, dtype=torch.float32)
 
 
 #: Codes handled at a time by the bit-stream (un)packers (a multiple of 8, so each piece starts on
@@ -150,24 +128,16 @@ _PIECE = 1 << 20
 
 def pack_codes(u: np.ndarray, bits: int) -> np.ndarray:
     """Codes of ``bits`` bits as one little-endian bit stream (code i in bits [i*bits, (i+1)*bits)),
-    or, above ``PACKED_BITS``, one byte each. Eight codes at a time make ``bits`` whole bytes: each
-    group's codes are shifted into one little-endian word, whose low ``bits`` bytes are the stream's."""
+    or, above ``PACKED_BITS``, one byte each."""
     u = u.astype(np.uint8, copy=False)
     if bits > PACKED_BITS:
         return u.copy()
     out = np.empty(code_bytes(u.size, bits), np.uint8)
     for a in range(0, u.size, _PIECE):
         piece = u[a : a + _PIECE]
-        groups = -(-piece.size // 8)
-        if piece.size != groups * 8:  # the last group padded with zero codes, as the stream's last byte
-            piece = np.concatenate([piece, np.zeros(groups * 8 - piece.size, np.uint8)])
-        g = piece.reshape(groups, 8)
-        word = g[:, 0].astype(np.uint32)
-        for j in range(1, 8):
-            word |= g[:, j].astype(np.uint32) << np.uint32(bits * j)
-        stream = word.astype("<u4").view(np.uint8).reshape(groups, 4)[:, :bits].reshape(-1)
-        m = code_bytes(min(_PIECE, u.size - a), bits)
-        out[a * bits // 8 : a * bits // 8 + m] = stream[:m]
+        stream = np.unpackbits(piece[:, None], axis=1, bitorder="little")[:, :bits].reshape(-1)
+        packed = np.packbits(stream, bitorder="little")
+        out[a * bits // 8 : a * bits // 8 + packed.size] = packed
     return out
 
 
