@@ -930,8 +930,8 @@ class Dial:
         u, b = self.unit_bytes or 1.0, self.budget_bytes or 0
         raise FidelityError(
             f"budget {b / u:.2f}x ({b} bytes) is below the smallest archive the dial makes, "
-            f"{'' if measured else 'about '}{smallest} bytes; give --budget "
-            f"{math.ceil(100 * smallest / u) / 100:.2f} or more, or drop --budget")
+            f"{'' if measured else 'about '}{smallest} bytes; give --budget (budget=) "
+            f"{math.ceil(100 * smallest / u) / 100:.2f} or more, or drop it")
 
     def _refits(self) -> bool:
         """Whether a budget's archive is measured and written again (``refit``)."""

@@ -211,7 +211,7 @@ def test_a_budget_with_no_tensor_to_dial_writes_the_archive(tmp_path, case):
 def test_budget_below_tall_is_an_error(tmp_path):
     base, fts = family("dense")
     out = tmp_path / "small.tallpack"
-    with pytest.raises(FidelityError, match=r"below the smallest archive the dial makes.*give --budget \d"):
+    with pytest.raises(FidelityError, match=r"below the smallest archive the dial makes.*give --budget \(budget=\) \d"):
         tallpack.pack(base, fts, out, budget=0.5)
     assert not out.exists() and list(tmp_path.iterdir()) == []
 
