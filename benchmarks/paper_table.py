@@ -457,7 +457,9 @@ def markdown(res: dict, command: str) -> str:
     L.append("")
     L.append(f"Produced by `{command}` on {res['date']} ({res['machine']}; "
              f"2-core shared machine; sizes exact, times noisy; total runtime {res['runtime_s']:.0f}s). "
-             "Everything except times is deterministic. Raw numbers: `benchmarks/out/paper_table.json`.")
+             "Everything except times is deterministic (the archives record the family folder's path, so a run "
+             "over another folder, `--root`, changes their sizes by a few bytes). "
+             "Raw numbers: `benchmarks/out/paper_table.json`.")
     L.append("")
     L.append("Setup: the demo family of `tallpack.demo.family` (size `full`, seed "
              f"{res['seed']}): an MLP body pretrained on plain digits and fine-tuned on 10 digit "
