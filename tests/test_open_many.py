@@ -3,10 +3,8 @@ shared headers, and the layout check (every chunk in the data area, no two overl
 
 from __future__ import annotations
 
-import gc
 import json
 import pickle
-import tracemalloc
 from dataclasses import FrozenInstanceError
 
 import pytest
@@ -53,25 +51,6 @@ def test_refs_of_one_header_share_it(many):
             assert ref.dtype == "bool" and ref.numel == 16 and ref.nbytes == 16 and len(ref.chunks) == 1
         shapes = {id(tt.shape) for e in fam.manifest.tensors for tt in e.tasks.values()}
         assert len(shapes) == 1  # the task entries' shapes too (check_shape)
-
-
-def test_an_open_archive_holds_little_per_task_entry(many):
-    """Python objects the open archive holds: about 1.2 KB per task entry, 2.4 KB before refs shared
-    their headers and the layout check let go of its names (3.0 KB and 1.5 KB on this small
-    archive, whose fixed costs count too)."""
-    tallpack.open(many).close()  # imports and caches made
-    gc.collect()
-    tracemalloc.start()
-    try:
-        fam = tallpack.open(many)
-        gc.collect()
-        held = tracemalloc.get_traced_memory()[0]
-    finally:
-        tracemalloc.stop()
-    with fam:
-        entries = sum(len(e.tasks) for e in fam.manifest.tensors)
-    assert entries == TASKS * TENSORS
-    assert held / entries < 2000, f"{held / entries:.0f} bytes per task entry"
 
 
 def test_refs_read_as_before(many):
