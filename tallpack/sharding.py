@@ -392,9 +392,33 @@ def _write_file(path: Path, tensors: Mapping[str, torch.Tensor], metadata: Mappi
 
 
 def previous_in(folder: Path, plan: Mapping[str, Any]) -> set[str]:
-    """``previous_weights`` of ``folder`` and of each component folder of ``plan`` in it
-    (``unet/diffusion_pytorch_model.safetensors``), by name relative to ``folder``."""
-    return previous_weights(folder) | {f"{c}/{n}" for c in planned_folders(plan) for n in previous_weights(folder / c)}
+    """``previous_weights`` of ``folder``, of each component folder of ``plan`` in it
+    (``unet/diffusion_pytorch_model.safetensors``) and of each one the folder's earlier
+    ``model_index.json`` lists (an earlier pipeline's ``vae/`` that this output lacks: left, its
+    weights would load as this output's), by name relative to ``folder``."""
+    folders = {*planned_folders(plan), *_listed_components(folder)}
+    return previous_weights(folder) | {f"{c}/{n}" for c in sorted(folders) for n in previous_weights(folder / c)}
+
+
+def _listed_components(folder: Path) -> list[str]:
+    """The plain subfolder names ``folder/model_index.json`` lists as components (``"vae":
+    ["diffusers", "AutoencoderKL"]``); none when it is missing or not such an object."""
+    try:
+        doc = json.loads((folder / "model_index.json").read_bytes())
+    except (OSError, ValueError, RecursionError):
+        return []
+    if not isinstance(doc, dict):
+        return []
+    return [k for k, v in doc.items() if isinstance(k, str) and _component_folder(k) and isinstance(v, list)
+            and len(v) == 2 and all(isinstance(x, str) for x in v) and (folder / k).is_dir()]
+
+
+def _component_folder(name: str) -> bool:
+    try:
+        check_file_name(name)
+    except FormatError:
+        return False
+    return not name.startswith(("_", ".")) and "/" not in name
 
 
 def previous_weights(folder: Path) -> set[str]:

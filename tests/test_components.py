@@ -339,18 +339,23 @@ def test_exact_unpack_of_a_pipeline_mixing_pickles_and_safetensors(tmp_path):
     assert "ok" in _cli("verify", arch).output
 
 
+def _without_vqvae(folder: Path, to: Path) -> Path:
+    """A copy of a pipeline folder without its vqvae (nor model_index.json's entry for it)."""
+    import shutil
+
+    shutil.copytree(folder, to)
+    shutil.rmtree(to / "vqvae")
+    index = json.loads((to / "model_index.json").read_text())
+    del index["vqvae"]
+    (to / "model_index.json").write_text(json.dumps(index))
+    return to
+
+
 def test_merge_without_a_component_some_task_lacks_says_so(plain, tmp_path, caplog):
     """A task without the base's vqvae: the archive holds no copy of the base's (stored per task),
     so the merged pipeline lacks it and does not load; the warning and the result line name the
     component and how to get a loadable one (--task NAME), which loads."""
-    import shutil
-
-    partial = tmp_path / "partial"
-    shutil.copytree(plain["b"], partial)
-    shutil.rmtree(partial / "vqvae")
-    index = json.loads((partial / "model_index.json").read_text())
-    del index["vqvae"]
-    (partial / "model_index.json").write_text(json.dumps(index))
+    partial = _without_vqvae(plain["b"], tmp_path / "partial")
     arch = tmp_path / "p.tallpack"
     _cli("pack", "--base", plain["base"], "--task", f"a={plain['a']}", "--task", f"b={partial}", "-o", arch)
     fam = tallpack.open(arch)
@@ -367,6 +372,22 @@ def test_merge_without_a_component_some_task_lacks_says_so(plain, tmp_path, capl
     assert "left out" not in out
     got, want = _state(tmp_path / "ma"), fam.merged("ta", task="a")
     assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in got)
+
+
+@pytest.mark.parametrize("how", [("merge", "--method", "ta"), ("unpack", "--task", "b"),
+                                 ("unpack", "--task", "b", "--exact")])
+def test_force_over_a_pipeline_removes_the_weights_of_a_component_the_new_one_lacks(plain, tmp_path, how):
+    """An output without the vqvae written with --force over an earlier one that had it removes
+    the earlier vqvae's weights (as at a URL): left, diffusers would load them as this output's."""
+    partial = _without_vqvae(plain["b"], tmp_path / "partial")
+    arch = tmp_path / "p.tallpack"
+    _cli("pack", "--base", plain["base"], "--task", f"a={plain['a']}", "--task", f"b={partial}", "-o", arch, "--exact")
+    out = tmp_path / "out"
+    _cli("unpack", arch, "--task", "a", "-o", out)
+    assert (out / "vqvae" / "diffusion_pytorch_model.safetensors").is_file()
+    _cli(*how[:1], arch, *how[1:], "-o", out, "--force")
+    assert not [n for n in _files(out) if n.startswith("vqvae/") and n.endswith(".safetensors")]
+    assert (out / "unet" / "diffusion_pytorch_model.safetensors").is_file()
 
 
 def _single_file(folder: Path, name: str = "v1-5-pruned-emaonly.safetensors") -> None:
