@@ -28,7 +28,7 @@ from typing import IO, Any
 from ._torch import torch
 from .dtypes import SAFETENSORS_DTYPES, dtype_name, tensor_to_bytes
 from .errors import FormatError, InvalidArgumentError
-from .folders import DIFFUSERS, VARIANT_SETS, check_file_name, safe_target, weight_variant
+from .folders import DIFFUSERS, VARIANT_SETS, check_file_name, plain_name, safe_target, weight_variant
 from .fsutil import atomic_write
 from .progress import ProgressLike, track
 
@@ -172,11 +172,19 @@ def plan_from_layout(keys: Sequence[str], shards: Any) -> dict[str, list[str]] |
 _SHARD_SUFFIX = re.compile(r"-\d+-of-\d+(?=\.safetensors$)")
 
 
+def _stem(f: str) -> str:
+    """The name of a recorded file's set, less the shard suffix and a variant, for the files of a
+    layout of its own (``diffusion_pytorch_model.fp16-00001-of-00002.safetensors`` ->
+    ``diffusion_pytorch_model``): a variant comes back under the plain name, which loads without
+    ``variant=``."""
+    return plain_name(_SHARD_SUFFIX.sub("", f)).removesuffix(".safetensors")
+
+
 def _plan_components(keys: Sequence[str], runs: list[tuple[str, str, int]]) -> dict[str, list[str]] | None:
     """A layout of components (a diffusers pipeline's ``unet/...``, spec §3.6): each key
     ``COMPONENT/NAME`` goes to its component's files, the component's runs taken by position over
     its own keys when their counts add up, else (a merged model's keys) to one file of the
-    component's first file name, unsharded; a key of no recorded component to ``model.safetensors``.
+    component's first file name, unsharded and without a variant; a key of no recorded component to ``model.safetensors``.
 
     >>> plan_from_layout(["u/a", "u/b", "t/c"], [["u/x-00001-of-00002.safetensors", 1],
     ...                  ["u/x-00002-of-00002.safetensors", 1], ["t/model.safetensors", 1]])
@@ -198,14 +206,14 @@ def _plan_components(keys: Sequence[str], runs: list[tuple[str, str, int]]) -> d
                 plan.setdefault(_joined(c, f), []).extend(names[pos : pos + n])
                 pos += n
         else:
-            plan.setdefault(_joined(c, _SHARD_SUFFIX.sub("", mine[0][0]) if mine else SINGLE), []).extend(names)
+            plan.setdefault(_joined(c, f"{_stem(mine[0][0])}.safetensors" if mine else SINGLE), []).extend(names)
     return {f: names for f, names in plan.items() if names} or None
 
 
 def plan_components_by_size(sizes: Mapping[str, int], shards: Any, max_shard_size: int | str
                             ) -> dict[str, list[str]] | None:
     """``plan_by_size`` for each component of a recorded component layout (spec §3.6), its shards
-    named as its recorded files are (``unet/diffusion_pytorch_model-00001-of-00003.safetensors``);
+    named as its recorded files are, less a variant (``unet/diffusion_pytorch_model-00001-of-00003.safetensors``);
     None for a layout of no components (then one model is sharded as a whole)."""
     plan = plan_from_layout(list(sizes), shards) if isinstance(shards, list) and any(
         isinstance(r, list) and r and isinstance(r[0], str) and "/" in r[0] for r in shards) else None
@@ -216,7 +224,7 @@ def plan_components_by_size(sizes: Mapping[str, int], shards: Any, max_shard_siz
     groups: dict[str, tuple[str, list[str]]] = {}
     for fname, names in plan.items():
         c, _, f = fname.rpartition("/")
-        groups.setdefault(c, (_SHARD_SUFFIX.sub("", f).removesuffix(".safetensors"), []))[1].extend(names)
+        groups.setdefault(c, (_stem(f), []))[1].extend(names)
     for c, (stem, names) in groups.items():
         mine = plan_by_size({n: sizes[n] for n in names}, limit)
         for f, group in mine.items():

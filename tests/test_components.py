@@ -22,7 +22,7 @@ import diffusers  # a test dependency (pyproject's "test" extra): missing, these
 import tallpack
 from conftest import expected_reconstruction
 from tallpack.errors import IncompatibleCheckpointsError
-from tallpack.sharding import plan_from_layout
+from tallpack.sharding import DIFFUSERS_SINGLE, _by_folder, plan_components_by_size, plan_from_layout
 from tallpack_cli.main import main
 
 diffusers.utils.logging.set_verbosity_error()
@@ -304,6 +304,51 @@ def test_component_layout_plans_every_key_into_its_component(counts, drop):
         assert all(k.split("/")[0] == f.split("/")[0] for k in names)
     if kept == keys:
         assert list(plan) == [s[0] for s in shards]
+
+
+@settings(max_examples=60, deadline=None)
+@given(counts=st.lists(st.tuples(_COMPONENT, st.integers(1, 4), st.integers(1, 3)), min_size=1, max_size=4,
+                       unique_by=lambda t: t[0]),
+       drop=st.integers(0, 3), limit=st.integers(1, 40))
+def test_variant_layout_of_its_own_is_written_under_the_plain_names(counts, drop, limit):
+    """A component saved as a variant's shards (``diffusion_pytorch_model.fp16-00001-of-00002``)
+    whose output has a layout of its own (a maximum shard size, or a merge that left tensors out)
+    gets plain names, which from_pretrained loads without variant=: one file
+    ``diffusion_pytorch_model.safetensors``, or shards named for the index beside them."""
+    keys, shards = [], []
+    for c, files, per in counts:
+        names = [f"{c}/w{i}" for i in range(files * per)]
+        keys += names
+        shards += [[f"{c}/diffusion_pytorch_model.fp16-{i + 1:05d}-of-{files:05d}.safetensors", per]
+                   for i in range(files)]
+    kept = keys[drop:] if 0 < drop < len(keys) else keys
+    changed = {k.split("/")[0] for k in keys if k not in kept}  # as recorded where a component's keys are
+    plans = [(plan_components_by_size(dict.fromkeys(kept, 10), shards, limit), {c for c, _, _ in counts})]
+    if changed:
+        plans.append((plan_from_layout(kept, shards), changed))
+    for plan, own in plans:
+        assert plan is not None
+        assert sorted(k for names in plan.values() for k in names) == sorted(kept)
+        for folder, files in _by_folder(plan).items():
+            if folder not in own:
+                continue
+            assert not [f for f in files if ".fp16" in f]
+            assert files == [DIFFUSERS_SINGLE] if len(files) == 1 else \
+                all(f.startswith("diffusion_pytorch_model-") for f in files)
+
+
+def test_sharded_variant_pipeline_with_a_shard_size_loads(tmp_path):
+    """A pipeline saved with variant="fp16" in shards, unpacked with a --max-shard-size each
+    component fits in: one plain-named file per component, which loads without variant=."""
+    fam = _family(tmp_path / "src", variant="fp16", max_shard_size="100KB")
+    assert list((fam["a"] / "unet").glob("diffusion_pytorch_model.fp16-*-of-*.safetensors"))
+    arch = _pack(fam, tmp_path / "ldm.tallpack")
+    _cli("unpack", arch, "--task", "a", "-o", tmp_path / "a", "--max-shard-size", "10MB")
+    assert [n for n in _files(tmp_path / "a") if n.endswith((".safetensors", ".json")) and "/" in n
+            and not n.endswith("config.json")] == \
+        ["unet/diffusion_pytorch_model.safetensors", "vqvae/diffusion_pytorch_model.safetensors"]
+    got, want = _state(tmp_path / "a"), tallpack.open(arch).state_dict("a")
+    assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in got)
 
 
 def test_exact_unpack_of_a_pipeline_mixing_pickles_and_safetensors(tmp_path):
