@@ -33,8 +33,8 @@ from .merging import check_alpha, default_alpha, is_consensus
 from .merged import default_model
 from .originals import rebuilt_whole, write_originals
 from .progress import Labelled, ProgressLike
-from .sharding import (INDEX, SINGLE, plain_weights, plan_by_size, plan_components_by_size, plan_from_layout, planned_files, previous_in,
-                       previous_weights, weights_among, write_shards)
+from .sharding import (INDEX, SINGLE, plain_weights, plan_by_size_as, plan_from_layout, planned_files, previous_in,
+                       previous_weights, single_file, weights_among, write_shards)
 from .staging import check_planned, local_path, staged
 from .storage import is_url
 
@@ -82,11 +82,11 @@ def write_checkpoint(
         plan = None
         if max_shard_size is not None:
             sizes = sizes or {k: state_dict[k].numel() * state_dict[k].element_size() for k in keys}
-            plan = (plan_components_by_size({k: sizes[k] for k in keys}, (layout or {}).get("shards"), max_shard_size)
-                    or plan_by_size({k: sizes[k] for k in keys}, max_shard_size))  # a pipeline: each component
+            # a pipeline: each component apart; a diffusers model: under diffusers' names
+            plan = plan_by_size_as({k: sizes[k] for k in keys}, (layout or {}).get("shards"), max_shard_size)
         elif layout:
             plan = plan_from_layout(keys, layout.get("shards"))
-        plan = plan or {SINGLE: keys}
+        plan = plan or {single_file((layout or {}).get("shards")): keys}
         names = {*planned_files(plan), *(["config.json"] if config is not None else [])}
         check_no_clash([*names, *also], str(out) if where is None else where)
         for fname in [*sorted(names), *also]:

@@ -233,6 +233,39 @@ def plan_components_by_size(sizes: Mapping[str, int], shards: Any, max_shard_siz
     return out
 
 
+def plan_by_size_as(sizes: Mapping[str, int], shards: Any, max_shard_size: int | str) -> dict[str, list[str]]:
+    """``plan_components_by_size`` for a recorded component layout, else ``plan_by_size``, under
+    diffusers' names where the recorded files had them (a single diffusers model folder, a
+    ``unet/`` passed alone: ``diffusion_pytorch_model-00001-of-00002.safetensors``, which
+    ``UNet2DConditionModel.from_pretrained`` loads, where ``model-...`` is not looked for).
+
+    >>> plan_by_size_as({"a": 6, "b": 6}, [["diffusion_pytorch_model.safetensors", 2]], 10)
+    {'diffusion_pytorch_model-00001-of-00002.safetensors': ['a'], 'diffusion_pytorch_model-00002-of-00002.safetensors': ['b']}
+    """
+    plan = plan_components_by_size(sizes, shards, max_shard_size)
+    if plan is not None:
+        return plan
+    plan = plan_by_size(sizes, max_shard_size)
+    if not _diffusers_layout(shards):
+        return plan
+    return {DIFFUSERS_SINGLE if f == SINGLE else f.replace("model", DIFFUSERS, 1): names for f, names in plan.items()}
+
+
+def single_file(shards: Any) -> str:
+    """The one file a model is written to when its recorded layout does not apply (a merged
+    model's keys): ``diffusion_pytorch_model.safetensors`` for a diffusers model folder's layout
+    (what diffusers loads), else ``model.safetensors``."""
+    return DIFFUSERS_SINGLE if _diffusers_layout(shards) else SINGLE
+
+
+def _diffusers_layout(shards: Any) -> bool:
+    """Whether a recorded layout of no components names diffusers' files (a variant's too)."""
+    if not (isinstance(shards, list) and shards and isinstance(shards[0], list) and shards[0]):
+        return False
+    where = _layout_file(shards[0][0])
+    return where is not None and not where[0] and _stem(where[1]) == DIFFUSERS
+
+
 def index_name(files: Sequence[str]) -> str:
     """The shard index that makes ``files`` (of one folder) a model: diffusers' for its names,
     transformers' for any other (a variant's shards' too, which a loader then takes without

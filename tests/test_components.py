@@ -216,6 +216,31 @@ def test_bare_sharded_unet_folder_gets_diffusers_index(tmp_path):
     assert all(torch.equal(got[k], want[k]) for k in want)
 
 
+@pytest.mark.parametrize("shard", ["100KB", "10GB"])
+def test_single_diffusers_model_resharded_keeps_diffusers_names(tmp_path, shard):
+    """A single diffusers model folder (sharded or not) unpacked or merged with --max-shard-size is
+    sharded under diffusers' names and index (one file: diffusion_pytorch_model.safetensors), which
+    UNet2DModel.from_pretrained loads; model-0000i-of-0000n it does not look for."""
+    from diffusers import UNet2DModel
+
+    unet, _ = _models()
+    unet.save_pretrained(tmp_path / "base", max_shard_size=shard)
+    _perturb(unet, 1)
+    unet.save_pretrained(tmp_path / "a", max_shard_size=shard)
+    arch = tmp_path / "u.tallpack"
+    _cli("pack", "--base", tmp_path / "base", "--task", f"a={tmp_path / 'a'}", "-o", arch)
+    fam = tallpack.open(arch)
+    for cmd, size, want in (("unpack", "50KB", fam.state_dict("a")), ("unpack", "10MB", fam.state_dict("a")),
+                            ("merge", "50KB", fam.merged())):
+        out = tmp_path / f"{cmd}-{size}"
+        _cli(cmd, arch, *(["--task", "a"] if cmd == "unpack" else []), "-o", out, "--max-shard-size", size)
+        weights = [n for n in _files(out) if n != "config.json"]
+        assert weights == ["diffusion_pytorch_model.safetensors"] if size == "10MB" else \
+            all(n.startswith("diffusion_pytorch_model") for n in weights) and len(weights) > 2, weights
+        got = UNet2DModel.from_pretrained(out).state_dict()
+        assert all(torch.equal(got[k], want[k]) for k in want)
+
+
 def _error(base: Path, task: Path, tmp_path: Path) -> str:
     r = CliRunner().invoke(main, ["pack", "--base", str(base), "--task", f"t={task}", "-o",
                                   str(tmp_path / "x.tallpack")])
