@@ -926,9 +926,26 @@ def _open_pipeline(path: Path, roots: list[Path], components: list[str]) -> Sour
         raise
     src = ComponentsSource(str(path), path, parts)
     src.files = _other_files(path, roots, weights, tops={"", *(f"{c}/" for c in components)}, pipeline=True)
-    _note_kept_weights(src, f" (not components: {PIPELINE_INDEX} lists {', '.join(components)})")
+    _note_kept_weights(src, _why_kept(path, components, src.files))
     log.info("%s: a diffusers pipeline of components %s", path, ", ".join(components))
     return src
+
+
+def _why_kept(path: Path, components: list[str], files: Mapping[str, Any]) -> str:
+    """Why a pipeline's subfolder weight files are no component's: a folder ``model_index.json``
+    lists that holds none of the weight names looked for (``unet/unet.safetensors``, or one level
+    down), or a folder it does not list (an ``unet_ema/``)."""
+    listed = set(_listed(path))
+    folders = sorted({n.split("/")[0] for n in files if "/" in n and n.endswith(_MODULE_WEIGHTS)})
+    odd = [f for f in folders if f in listed and f not in components]
+    why = []
+    if odd:
+        why.append(f"{PIPELINE_INDEX} lists {', '.join(map(repr, odd))}, but {'/, '.join(odd)}/ "
+                   f"{'holds' if len(odd) == 1 else 'hold'} no {DIFFUSERS}.safetensors, model.safetensors, shard "
+                   "index or .bin weights at its top")
+    if len(odd) < len(folders):
+        why.append(f"not components: {PIPELINE_INDEX} lists {', '.join(sorted(listed))}")
+    return f" ({'; '.join(why)})" if why else ""
 
 
 def _matching_component(pipe: ComponentsSource, single: Source) -> str | None:

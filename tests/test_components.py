@@ -527,6 +527,24 @@ def test_only_the_components_model_index_lists_are_packed(plain, tmp_path, caplo
                        tmp_path / "out" / "unet_ema" / "diffusion_pytorch_model.safetensors", shallow=False)
 
 
+@pytest.mark.parametrize("where", ["unet/unet.safetensors", "unet/sub/diffusion_pytorch_model.safetensors"])
+def test_listed_component_without_weight_names_says_why(plain, tmp_path, caplog, where):
+    """A component model_index.json lists whose weights are under another name or one folder
+    down: the warning says that model_index.json lists it and that its folder holds none of the
+    names looked for, not that it is unlisted."""
+    import shutil
+
+    odd = tmp_path / "odd"
+    shutil.copytree(plain["a"], odd)
+    (odd / where).parent.mkdir(exist_ok=True)
+    (odd / "unet" / "diffusion_pytorch_model.safetensors").rename(odd / where)
+    with caplog.at_level(logging.WARNING, logger="tallpack"):
+        tallpack.pack(plain["base"], {"odd": odd}, tmp_path / "odd.tallpack")
+    assert f"{where} (" in caplog.text
+    assert "model_index.json lists 'unet', but unet/ holds no diffusion_pytorch_model.safetensors" in caplog.text
+    assert "not components" not in caplog.text
+
+
 def test_pipeline_outputs_name_their_folder(plain, tmp_path):
     """write_task and write_merged name a pipeline's output folder, lossy or exact, at a URL
     without a trailing '/.'."""
