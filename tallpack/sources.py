@@ -426,7 +426,7 @@ class DictSource(Source):
         return self._tensors[name].detach().cpu()
 
     def describe(self) -> dict[str, Any]:
-        return {"format": self.kind, "bytes": self.nbytes}
+        return {"format": self.kind, "bytes": self.nbytes, **self.layout}  # a layout: a pipeline's tensors
 
 
 def _roots(folder: Path) -> list[Path]:
@@ -959,6 +959,42 @@ def _matching_component(pipe: ComponentsSource, single: Source) -> str | None:
     return best if best is not None and shared[best] else None
 
 
+def _as_pipeline(base: ComponentsSource, src: DictSource) -> bool:
+    """Take tensors named ``COMPONENT/NAME``, each ``COMPONENT`` one of the base pipeline's, as a
+    fine-tune of that pipeline: its layout the base's components' files (the base's shards where a
+    component has the base's tensor names in their order, else one file of the base's name) and
+    the base's folder files, so that an unpack writes a pipeline folder. False for other names."""
+    names = src.keys()
+    own: dict[str, list[str]] = {}
+    for n in names:
+        c, sep, rest = n.partition("/")
+        if not sep or not rest or c not in base.parts:
+            return False
+        own.setdefault(c, []).append(rest)
+    if not own:
+        return False
+    recorded = base.layout.get("components") or {}
+    shards: list[list[Any]] = []
+    components: dict[str, Any] = {}
+    for c, inner in own.items():
+        part = base.parts[c]
+        runs = part.layout.get("shards") or [["model.safetensors", len(part.keys())]]
+        if inner == part.keys():
+            components[c] = recorded.get(c, {})
+        else:
+            runs = [[_SHARD_SUFFIX.sub("", plain_name(runs[0][0])), len(inner)]]
+            components[c] = {}
+        shards += [[f"{c}/{f}", n] for f, n in runs]
+    src.layout = {"shards": shards, "components": components}
+    src.files = dict(base.files)
+    log.info("%s: tensors of the base pipeline's components %s, packed as its fine-tune", src.label, ", ".join(own))
+    return True
+
+
+#: A shard's suffix (``-00001-of-00002``) before ``.safetensors``.
+_SHARD_SUFFIX = re.compile(r"-\d+-of-\d+(?=\.safetensors$)")
+
+
 def check_components(base: Source, tasks: Mapping[str, Source], *, allow_mismatch: bool = False) -> None:
     """Refuse a family that mixes diffusers pipelines and single model folders, or whose task
     holds a component whose tensors are not the base's component's (IncompatibleCheckpointsError,
@@ -966,6 +1002,8 @@ def check_components(base: Source, tasks: Mapping[str, Source], *, allow_mismatc
     task, has (its tensors are stored as the tensors only some tasks have are)."""
     ours = isinstance(base, ComponentsSource)
     for task, src in tasks.items():
+        if isinstance(base, ComponentsSource) and isinstance(src, DictSource) and _as_pipeline(base, src):
+            continue  # the base pipeline's tensors, COMPONENT/NAME (fam.state_dict(task) edited)
         theirs = isinstance(src, ComponentsSource)
         if ours != theirs and not allow_mismatch:
             pipe, single = (base, src) if ours else (src, base)
@@ -975,8 +1013,11 @@ def check_components(base: Source, tasks: Mapping[str, Source], *, allow_mismatc
             whose = "the base" if ours else "the task"
             hint = (f"{whose}'s component folder {pipe.label}/{which}" if which else
                     f"the component folder of {whose} ({pipe.label}/COMPONENT) that {single.label} is")
+            if ours and isinstance(src, DictSource):  # tensors: no folder to pass
+                hint = f"name every tensor COMPONENT/NAME, COMPONENT one of {', '.join(pipe.parts)}"
+            who = f"task {task!r}" if src.label == f"task {task!r}" else f"task {task!r} ({src.label})"
             raise IncompatibleCheckpointsError(
-                f"task {task!r} ({src.label}): {'a single model' if ours else pipeline}, but the base "
+                f"{who}: {'a single model' if ours else pipeline}, but the base "
                 f"({base.label}) is {pipeline if ours else 'a single model'}; pass pipeline folders for both, or "
                 f"{hint}")
         if not (ours and theirs):

@@ -545,6 +545,32 @@ def test_listed_component_without_weight_names_says_why(plain, tmp_path, caplog,
     assert "not components" not in caplog.text
 
 
+def test_tensors_named_as_a_pipeline_pack_as_its_fine_tune(tmp_path):
+    """A task given as tensors named COMPONENT/NAME (fam.state_dict("a") edited, packed again)
+    against a pipeline base is that pipeline's fine-tune: it unpacks as the base's pipeline folder
+    (the base's shards where a component has all the base's tensors, one file where not, the
+    base's folder files), which loads; other names are refused in one line saying what to pass."""
+    fam = _family(tmp_path / "src", max_shard_size="100KB")
+    arch = tallpack.open(_pack(fam, tmp_path / "ldm.tallpack"))
+    edited = {k: v.clone() for k, v in arch.state_dict("a").items()}
+    edited["unet/conv_in.bias"] += 1
+    partial = {k: v for k, v in edited.items() if k != "vqvae/encoder.conv_in.bias"}
+    tallpack.pack(fam["base"], {"e": edited, "p": partial}, tmp_path / "e.tallpack")
+    again = tallpack.open(tmp_path / "e.tallpack")
+    tallpack.write_task(again, "e", tmp_path / "e")
+    assert _files(tmp_path / "e") == _files(fam["a"])
+    got, want = _state(tmp_path / "e"), again.state_dict("e")
+    assert set(got) == set(edited) and all(torch.equal(got[k], want[k]) for k in got)
+    tallpack.write_task(again, "p", tmp_path / "p")
+    assert [n for n in _files(tmp_path / "p") if n.startswith("vqvae/")] == \
+        ["vqvae/config.json", "vqvae/diffusion_pytorch_model.safetensors"]
+    with pytest.raises(IncompatibleCheckpointsError) as e:
+        tallpack.pack(fam["base"], {"x": {"conv_in.weight": edited["unet/conv_in.weight"]}}, tmp_path / "x.tallpack")
+    msg = str(e.value)
+    assert "\n" not in msg and msg.count("task 'x'") == 1 and "folder of the base" not in msg
+    assert "name every tensor COMPONENT/NAME, COMPONENT one of unet, vqvae" in msg
+
+
 def test_pipeline_outputs_name_their_folder(plain, tmp_path):
     """write_task and write_merged name a pipeline's output folder, lossy or exact, at a URL
     without a trailing '/.'."""
