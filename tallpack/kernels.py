@@ -2,7 +2,10 @@
 
 ``setup.py`` builds the C module when the machine installing tallpack has a C compiler; without
 one the install still succeeds and these functions run their numpy fallbacks, which give the
-same bytes in more passes over memory (BENCHMARKS.md measures both). ``TALLPACK_NO_KERNELS=1``
+same bytes in more passes over memory (BENCHMARKS.md measures both): the same tensors and stored
+arrays; only the float64 sums of a packed task's fidelity figures (``tall.Fidelity``: ``rel_l2``,
+``cosine`` in the manifest) are added in another order, agreeing to about 1e-6, so an archive
+packed without the loops differs in those figures' last digits. ``TALLPACK_NO_KERNELS=1``
 in the environment makes a process use the fallbacks (the tests compare the two).
 """
 
