@@ -231,12 +231,14 @@ def _tall_references(ctx: WriteContext, item: Item, check: bool) -> tuple[list[t
     parts: list[list[torch.Tensor]] = [[] for _ in item.tasks]
     same = check
     for b, taus in blocks(base, item.thetas, ce):
-        merged = ctx.method.combine(taus)
-        if same:
+        if same:  # the merged vector and TIES' counts in one pass, then the spec's derivation beside them
+            merged, extras = ctx.method.combine_with_extras(taus)
             derived = derive_merged(taus, ctx.method)
-            packed = {"merged": merged, **ctx.method.extras(taus)}
+            packed = {"merged": merged, **extras}
             same = derived is not None and derived.keys() == packed.keys() and all(
                 torch.equal(_bits_of(derived[k]), _bits_of(v)) for k, v in packed.items())
+        else:
+            merged = ctx.method.combine(taus)
 
         def one(i: int, b: torch.Tensor = b, taus: list[torch.Tensor] = taus, merged: torch.Tensor = merged) -> None:
             lam, x = ctx.lambdas[item.tasks[i]], item.thetas[i]
