@@ -414,7 +414,7 @@ def derive_merged(taus: list[torch.Tensor], method: MergeMethod) -> dict[str, to
     tensor([0.5000])
     """
     if method.name == "ta":
-        return {"merged": _sum(taus)}
+        return {"merged": TaskArithmetic().combine(taus)}
     thresholds, majority = getattr(method, "thresholds", None), getattr(method, "majority_sign", None)
     if method.name != "ties" or thresholds is None or majority is None:
         return None
@@ -439,13 +439,6 @@ def no_derived_merged(method: MergeMethod) -> str:
     missing = missing_statistics(method)
     return (f"merge: TIES {' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} missing from the "
             "manifest's merge parameters, which a derived merged vector needs (spec §6.1.9)")
-
-
-def _sum(xs: list[torch.Tensor]) -> torch.Tensor:
-    out = torch.add(xs[0], 0.0)  # +0.0 + x_1: a -0.0 becomes +0.0
-    for x in xs[1:]:
-        out += x
-    return out
 
 
 #: Merge methods by name.

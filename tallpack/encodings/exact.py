@@ -223,22 +223,18 @@ def rebuild_exact(read: ReadArray, entry: TensorEntry, tt: TaskTensor, where: st
 
 def _tall_references(ctx: WriteContext, item: Item, check: bool) -> tuple[list[torch.Tensor], bool]:
     """Each task's TALL reconstruction, computed as the reader will (same arrays, same formula);
-    with ``check``, also whether the spec's derivation of the merged vector and the method's
-    arrays (``merging.derive_merged``, spec §6.1.9) gives the packer's bits. Each block's tasks run
-    on up to ``ctx.threads`` threads."""
+    with ``check``, also whether the reader can derive the merged vector and the method's arrays
+    (``merging.derive_merged``, spec §6.1.9, whose code the packer's merge shares): the references
+    are then built from that derivation. Each block's tasks run on up to ``ctx.threads`` threads."""
     base, ce = item.base, ctx.chunk_elements
     assert base is not None
     parts: list[list[torch.Tensor]] = [[] for _ in item.tasks]
     same = check
     for b, taus in blocks(base, item.thetas, ce):
-        if same:  # the merged vector and TIES' counts in one pass, then the spec's derivation beside them
-            merged, extras = ctx.method.combine_with_extras(taus)
-            derived = derive_merged(taus, ctx.method)
-            packed = {"merged": merged, **extras}
-            same = derived is not None and derived.keys() == packed.keys() and all(
-                torch.equal(_bits_of(derived[k]), _bits_of(v)) for k, v in packed.items())
-        else:
-            merged = ctx.method.combine(taus)
+        # the reader's derivation itself (spec §6.1.9), which the packer's merge shares its code with
+        derived = derive_merged(taus, ctx.method) if same else None
+        same = derived is not None
+        merged = derived["merged"] if derived is not None else ctx.method.combine(taus)
 
         def one(i: int, b: torch.Tensor = b, taus: list[torch.Tensor] = taus, merged: torch.Tensor = merged) -> None:
             lam, x = ctx.lambdas[item.tasks[i]], item.thetas[i]
@@ -266,11 +262,6 @@ def _each(ctx: WriteContext, count: int, fn: Callable[[int], object]) -> None:
             for k in range(a, end):
                 fn(k)
     kernels.in_parts(count, ctx.threads, run)
-
-
-def _bits_of(t: torch.Tensor) -> torch.Tensor:
-    """A tensor's bytes as a uint8 tensor (to compare bit patterns: -0.0 is not +0.0)."""
-    return t.contiguous().reshape(-1).view(torch.uint8)
 
 
 def _chains(ctx: WriteContext, itemsize: int, codecs: tuple[str, ...]) -> dict[str, Chain]:
