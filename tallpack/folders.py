@@ -86,6 +86,16 @@ def weight_variant(name: str) -> tuple[str, int] | None:
     return None
 
 
+def listed_components(doc: object) -> list[str]:
+    """The components a parsed diffusers ``model_index.json`` lists, in its order: its keys whose
+    value is a ``[library, class]`` pair of strings (``"unet": ["diffusers", "UNet2DConditionModel"]``;
+    not ``[null, null]``, nor ``_class_name`` and the pipeline's options); none for a non-object."""
+    if not isinstance(doc, dict):
+        return []
+    return [k for k, v in doc.items() if isinstance(k, str) and not k.startswith(("_", ".")) and isinstance(v, list)
+            and len(v) == 2 and all(isinstance(x, str) for x in v)]
+
+
 def plain_name(name: str) -> str:
     """A weight file's name without its variant: the name a folder is loaded by without ``variant=``.
 

@@ -28,7 +28,7 @@ from typing import IO, Any
 from ._torch import torch
 from .dtypes import SAFETENSORS_DTYPES, dtype_name, tensor_to_bytes
 from .errors import FormatError, InvalidArgumentError
-from .folders import DIFFUSERS, VARIANT_SETS, check_file_name, plain_name, safe_target, weight_variant
+from .folders import DIFFUSERS, VARIANT_SETS, check_file_name, listed_components, plain_name, safe_target, weight_variant
 from .fsutil import atomic_write
 from .progress import ProgressLike, track
 
@@ -448,10 +448,7 @@ def _listed_components(folder: Path) -> list[str]:
         doc = json.loads((folder / "model_index.json").read_bytes())
     except (OSError, ValueError, RecursionError):
         return []
-    if not isinstance(doc, dict):
-        return []
-    return [k for k, v in doc.items() if isinstance(k, str) and _component_folder(k) and isinstance(v, list)
-            and len(v) == 2 and all(isinstance(x, str) for x in v) and (folder / k).is_dir()]
+    return [k for k in listed_components(doc) if _component_folder(k) and (folder / k).is_dir()]
 
 
 def _component_folder(name: str) -> bool:
@@ -459,7 +456,7 @@ def _component_folder(name: str) -> bool:
         check_file_name(name)
     except FormatError:
         return False
-    return not name.startswith(("_", ".")) and "/" not in name
+    return "/" not in name
 
 
 def previous_weights(folder: Path) -> set[str]:

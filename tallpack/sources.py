@@ -54,7 +54,7 @@ from .dtypes import dtype_name
 from .elements import itemsize, numel
 from .errors import (CheckpointError, CheckpointNotFoundError, FormatError, IncompatibleCheckpointsError,
                      OutOfMemoryError, TallpackError, UnsafeCheckpointError, memory_detail, out_of_memory, quoted)
-from .folders import DIFFUSERS, VARIANT_SETS, check_file_name, plain_name, weight_variant
+from .folders import DIFFUSERS, VARIANT_SETS, check_file_name, listed_components, plain_name, weight_variant
 from .storage import is_url
 
 log = logging.getLogger(__name__)
@@ -822,9 +822,8 @@ PIPELINE_INDEX = "model_index.json"
 
 
 def _listed(folder: Path) -> list[str]:
-    """The components ``model_index.json`` lists: its keys whose value is a ``[library, class]``
-    pair of strings (``"unet": ["diffusers", "UNet2DConditionModel"]``; not ``[null, null]``, nor
-    ``_class_name`` and the pipeline's options)."""
+    """The components ``model_index.json`` lists (``folders.listed_components``), sorted; an
+    unreadable index, or one that is not a JSON object, is a one-line error."""
     index = folder / PIPELINE_INDEX
     try:
         doc = json.loads(index.read_text())
@@ -832,8 +831,7 @@ def _listed(folder: Path) -> list[str]:
         raise CheckpointError(f"{index}: not a readable diffusers pipeline index ({quoted(e)[:200]})") from None
     if not isinstance(doc, dict):
         raise CheckpointError(f"{index}: not a diffusers pipeline index (a JSON {type(doc).__name__}, not an object)")
-    return sorted(k for k, v in doc.items() if isinstance(k, str) and not k.startswith("_") and isinstance(v, list)
-                  and len(v) == 2 and all(isinstance(x, str) for x in v))
+    return sorted(listed_components(doc))
 
 
 def _components(folder: Path, roots: list[Path]) -> list[str] | None:
