@@ -96,6 +96,24 @@ def listed_components(doc: object) -> list[str]:
             and len(v) == 2 and all(isinstance(x, str) for x in v)]
 
 
+#: The file that makes a folder a sentence-transformers model: its modules, in order, each
+#: ``{"idx": 2, "name": "2", "path": "2_Dense", "type": "sentence_transformers.models.Dense"}``.
+MODULES = "modules.json"
+
+
+def listed_modules(doc: object) -> list[str]:
+    """The module folders a parsed sentence-transformers ``modules.json`` lists, in its order: each
+    entry's ``path`` that is a non-empty string (``""`` is the model folder itself, the
+    transformer's); none for anything but a list. The paths are not checked here.
+
+    >>> listed_modules([{"path": ""}, {"path": "1_Pooling"}, {"path": "2_Dense"}, "x"])
+    ['1_Pooling', '2_Dense']
+    """
+    if not isinstance(doc, list):
+        return []
+    return [e["path"] for e in doc if isinstance(e, dict) and isinstance(e.get("path"), str) and e["path"]]
+
+
 def plain_name(name: str) -> str:
     """A weight file's name without its variant: the name a folder is loaded by without ``variant=``.
 

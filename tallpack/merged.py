@@ -106,6 +106,7 @@ def missing_components(manifest: Manifest) -> dict[str, list[str]]:
     ``task``) has no tensor of, each with the tasks that have it: only some tasks have it (stored
     per task, with no copy of the base's to merge onto), or none (base-only, not kept). The base's
     ``model_index.json`` lists them, so the pipeline folder written does not load without them.
+    The same of a sentence-transformers base's module folders (``2_Dense``, ``modules.json``).
 
     >>> missing_components(fam.manifest)  # task 'sketch' packed from a pipeline without a vae
     {'vae': ['photo', 'anime']}
@@ -348,9 +349,11 @@ class MergeParts:
                 how = f"task={having[0]!r} (--task {having[0]}) takes that task's"
             else:
                 who, how = "no task has it (base-only tensors, not kept)", "repack with --keep-base-only"
-            log.warning("%s: the base's pipeline component %r is left out of the %s model: %s; the pipeline folder "
-                        "written lists it (model_index.json) and does not load without it: %s",
-                        self._family.name, c, self.model, who, how)
+            st = self._family.manifest.base.get("format") == "sentence-transformers"
+            log.warning("%s: the base's %s %r is left out of the %s model: %s; the %s folder written lists it (%s) "
+                        "and does not load without it: %s", self._family.name, "module" if st else "pipeline component",
+                        c, self.model, who, "model" if st else "pipeline", "modules.json" if st else "model_index.json",
+                        how)
         some = self.in_some_tasks
         if some:
             shown = ", ".join(map(repr, some[:SHOWN_NAMES])) + (", ..." if len(some) > SHOWN_NAMES else "")

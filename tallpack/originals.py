@@ -267,8 +267,17 @@ def _check(archive: "Archive", task: str, f: dict[str, Any], h, size: int) -> No
 
 
 def _folder(name: str) -> str:
-    """A record's folder: a pipeline's component (``unet`` of ``unet/diffusion_pytorch_model.bin``), else ``""``."""
+    """A record's folder: a pipeline's component (``unet`` of ``unet/diffusion_pytorch_model.bin``),
+    a sentence-transformers module (``2_Dense`` of ``2_Dense/pytorch_model.bin``), else ``""``."""
     return name.rpartition("/")[0]
+
+
+def _key_folders(keys: list[str], files: list[dict[str, Any]]) -> dict[str, str]:
+    """Each tensor's folder among the task's recorded weight files: ``unet`` of ``unet/conv_in.weight``
+    where ``unet/`` holds weights, else ``""`` (a sentence-transformers model's transformer at the
+    top, whose names are its own; every tensor of an in-memory input)."""
+    folders = {_folder(f["name"]) for f in files if f.get("role") in ("safetensors", "torch")} - {""}
+    return {k: c if "/" in k and (c := k.partition("/")[0]) in folders else "" for k in keys}
 
 
 def _not_rebuilt(files: list[dict[str, Any]]) -> set[str]:
@@ -337,7 +346,7 @@ def write_originals(archive: "Archive", task: str, outdir: str | os.PathLike) ->
         ours = {p.relative_to(out).as_posix() for p in written}
         remove_found_on_commit(out, lambda: previous_in(out, dict.fromkeys(weights)) - ours)
     keys = archive.keys(task)
-    return written, keys if "" in not_rebuilt else [k for k in keys if k.partition("/")[0] in not_rebuilt]
+    return written, [k for k, c in _key_folders(keys, files).items() if c in not_rebuilt]
 
 
 #: The most bytes of originals that ``verify`` holds for the derived masks of tensors whose other
@@ -429,7 +438,9 @@ def _checking(archive: "Archive", task: str, steps: Iterator[int], said: list[st
     files = _files(archive, task)
     seen: set = set()
     not_rebuilt = _not_rebuilt(files)
-    if "" not in not_rebuilt:  # the files of safetensors inputs (a pipeline's safetensors components)
+    # the files of safetensors inputs (a pipeline's safetensors components; a sentence-transformers
+    # module's beside a pickled transformer)
+    if "" not in not_rebuilt or any(f["role"] == "safetensors" and _rebuilt(f, not_rebuilt) for f in files):
         where = f"{archive.name}: task {task!r}"
         for f in files:
             if not _rebuilt(f, not_rebuilt):

@@ -154,8 +154,8 @@ def _folder(archive: "Archive", state_dict: Mapping[str, torch.Tensor], out: Pat
 
 def _kept_names(files: Mapping[str, str], skip: Set[str] = frozenset()) -> list[str]:
     """The names of ``files`` that are written: not a weight file, the index or a name in ``skip``
-    (a subfolder's weight file, a sentence-transformers module's ``2_Dense/model.safetensors``, is
-    written: the weights are written at the top)."""
+    (a subfolder's weight file kept as a folder file, an ``unet_ema/``'s or an archive's from before
+    sentence-transformers modules were packed, ``2_Dense/model.safetensors``, is written)."""
     return [n for n in files if not plain_weights(n) and n != INDEX and n not in skip]
 
 
@@ -328,13 +328,15 @@ class _Only(Mapping[str, "torch.Tensor"]):
 
 
 def _only_components(layout: Mapping[str, Any] | None, keys: Sequence[str]) -> Mapping[str, Any] | None:
-    """A pipeline's recorded layout reduced to the components of ``keys`` (the runs of the others
-    left out, so that the counts add up); a single model's as it is."""
+    """A pipeline's (or sentence-transformers model's) recorded layout reduced to the components
+    of ``keys`` (the runs of the others left out, so that the counts add up); a single model's as it is."""
     shards = (layout or {}).get("shards")
-    if layout is None or not isinstance(shards, list) or not _components(layout):
+    components = _components(layout)
+    if layout is None or not isinstance(shards, list) or not components:
         return layout
-    wanted = {k.partition("/")[0] for k in keys}
-    runs = [r for r in shards if isinstance(r, list) and r and isinstance(r[0], str) and r[0].partition("/")[0] in wanted]
+    # a key of no component: a sentence-transformers model's transformer, at the top (runs of no folder)
+    wanted = {c if "/" in k and (c := k.partition("/")[0]) in components else "" for k in keys}
+    runs = [r for r in shards if isinstance(r, list) and r and isinstance(r[0], str) and r[0].rpartition("/")[0] in wanted]
     return {**layout, "shards": runs}
 
 

@@ -28,7 +28,8 @@ from typing import IO, Any
 from ._torch import torch
 from .dtypes import SAFETENSORS_DTYPES, dtype_name, tensor_to_bytes
 from .errors import FormatError, InvalidArgumentError
-from .folders import DIFFUSERS, VARIANT_SETS, check_file_name, listed_components, plain_name, safe_target, weight_variant
+from .folders import (DIFFUSERS, MODULES, VARIANT_SETS, check_file_name, listed_components, listed_modules, plain_name,
+                      safe_target, weight_variant)
 from .fsutil import atomic_write
 from .progress import ProgressLike, track
 
@@ -436,19 +437,24 @@ def previous_in(folder: Path, plan: Mapping[str, Any]) -> set[str]:
     """``previous_weights`` of ``folder``, of each component folder of ``plan`` in it
     (``unet/diffusion_pytorch_model.safetensors``) and of each one the folder's earlier
     ``model_index.json`` lists (an earlier pipeline's ``vae/`` that this output lacks: left, its
-    weights would load as this output's), by name relative to ``folder``."""
+    weights would load as this output's) or its earlier ``modules.json`` (a sentence-transformers
+    model's ``2_Dense/``), by name relative to ``folder``."""
     folders = {*planned_folders(plan), *_listed_components(folder)}
     return previous_weights(folder) | {f"{c}/{n}" for c in sorted(folders) for n in previous_weights(folder / c)}
 
 
 def _listed_components(folder: Path) -> list[str]:
     """The plain subfolder names ``folder/model_index.json`` lists as components (``"vae":
-    ["diffusers", "AutoencoderKL"]``); none when it is missing or not such an object."""
-    try:
-        doc = json.loads((folder / "model_index.json").read_bytes())
-    except (OSError, ValueError, RecursionError):
-        return []
-    return [k for k in listed_components(doc) if _component_folder(k) and (folder / k).is_dir()]
+    ["diffusers", "AutoencoderKL"]``) and ``folder/modules.json`` as module folders (``2_Dense``);
+    none of a file that is missing or not such a document."""
+    found: list[str] = []
+    for index, listed in (("model_index.json", listed_components), (MODULES, listed_modules)):
+        try:
+            doc = json.loads((folder / index).read_bytes())
+        except (OSError, ValueError, RecursionError):
+            continue
+        found += [k for k in listed(doc) if _component_folder(k) and (folder / k).is_dir()]
+    return found
 
 
 def _component_folder(name: str) -> bool:

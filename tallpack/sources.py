@@ -3,7 +3,10 @@
 ``open_source`` accepts a ``.safetensors`` file, a Hugging Face model folder (single or sharded
 safetensors, or ``pytorch_model.bin`` files; diffusers' ``diffusion_pytorch_model`` names too), a
 diffusers pipeline folder (``model_index.json``; the weights of each component subfolder it lists
-as tensors named ``COMPONENT/NAME``, spec §3.6; a single-file checkpoint at its top left out), a PyTorch state-dict file read with ``weights_only=True``,
+as tensors named ``COMPONENT/NAME``, spec §3.6; a single-file checkpoint at its top left out), a
+sentence-transformers folder (``modules.json``; the transformer's weights at its top under their
+own names, each module folder's that holds weights as ``MODULE/NAME``, ``2_Dense/linear.weight``),
+a PyTorch state-dict file read with ``weights_only=True``,
 or a mapping of tensors. A source lists names, shapes and dtypes without
 reading data, and loads one tensor at a time.
 
@@ -54,7 +57,8 @@ from .dtypes import dtype_name
 from .elements import itemsize, numel
 from .errors import (CheckpointError, CheckpointNotFoundError, FormatError, IncompatibleCheckpointsError,
                      OutOfMemoryError, TallpackError, UnsafeCheckpointError, memory_detail, out_of_memory, quoted)
-from .folders import DIFFUSERS, VARIANT_SETS, check_file_name, listed_components, plain_name, weight_variant
+from .folders import (DIFFUSERS, MODULES, VARIANT_SETS, check_file_name, listed_components, listed_modules, plain_name,
+                      weight_variant)
 from .storage import is_url
 
 log = logging.getLogger(__name__)
@@ -617,6 +621,9 @@ def open_source(obj: SourceLike, *, label: str | None = None) -> Source:
         components = _components(path, roots) if given is None else None
         if components is not None:
             return _open_pipeline(path, roots, components)
+        modules = _modules(path, roots) if given is None else None
+        if modules is not None:
+            return _open_modules(path, roots, modules)
         src, weights = _open_folder(path, roots, given)
         src.files = _other_files(path, roots, weights)
         _note_kept_weights(src)
@@ -641,7 +648,8 @@ _TRAINING_STATE = re.compile(r"(optimizer|scheduler)\.(bin|pt)|scaler\.pt|rng_st
                              r"|training_args\.bin")
 #: Weight files of other frameworks, left out of a folder's files (the archive stores the weights themselves).
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx", ".npz")
-#: Weight files a subfolder keeps as folder files (a sentence-transformers module's ``2_Dense/model.safetensors``):
+#: Weight files a subfolder keeps as folder files (a pipeline's ``unet_ema/``, a sentence-transformers module's
+#: ``2_Dense/model.safetensors`` of an unreadable ``modules.json``; a listed module's are packed as tensors):
 #: PyTorch's, which are no other framework's copy of the model.
 _MODULE_WEIGHTS = (".safetensors", ".bin")
 
@@ -658,9 +666,10 @@ def _other_files(folder: Path, roots: list[Path], weights: set[Path], tops: froz
     ``training_args.bin`` alone is only logged), and ``trainer_state.json`` when the folder is a
     checkpoint folder itself. At the top, ``.safetensors``/``.bin`` files and shard indexes are left out too:
     the weights packed, or another weight set (a variant, a stale file; warned by ``_folder_files``),
-    and any other one (a ``value_head.safetensors``) with a warning. In a subfolder they are module
-    weights (sentence-transformers' ``2_Dense/model.safetensors``), which transformers does not
-    load, and are kept, their bytes. Other non-regular files (fifos, sockets) are skipped with a
+    and any other one (a ``value_head.safetensors``) with a warning; the same in each folder of
+    ``tops`` (a pipeline's components, a sentence-transformers model's module folders, whose weights
+    are packed). In another subfolder they are kept, their bytes (a folder no index lists, which
+    transformers does not load). Other non-regular files (fifos, sockets) are skipped with a
     warning. Links, of files or of subfolders, must resolve inside the folder (or its Hugging Face
     cache repository): the same rule as for the weights; a link to nothing is an error, as a weight
     file's is. At the top of a diffusers ``pipeline``, every weight file is a single-file
@@ -877,7 +886,9 @@ def _folder_name(name: str) -> bool:
 
 class ComponentsSource(Source):
     """A diffusers pipeline: each component subfolder's weights (opened as a model folder of its
-    own) under the component's name and ``/`` (``unet/conv_in.weight``)."""
+    own) under the component's name and ``/`` (``unet/conv_in.weight``). A part named ``""`` (a
+    sentence-transformers model's transformer, :class:`ModulesSource`) is the folder's own
+    weights, under their own names."""
 
     kind = "diffusers-pipeline"
 
@@ -885,21 +896,34 @@ class ComponentsSource(Source):
         super().__init__(label)
         self.parts, self.root = parts, root
         for c, part in parts.items():
-            self._infos.update((f"{c}/{k}", info) for k, info in part._infos.items())
+            self._infos.update((_joined(c, k), info) for k, info in part._infos.items())
             self.weight_files += part.weight_files
             self.other_files += part.other_files
-            for k, v in part.metadata.items():  # header metadata (a license); each config.json is a folder file
-                if k != "config":
+            for k, v in part.metadata.items():  # header metadata (a license); a component's config.json is a folder file
+                if k != "config" or not c:
                     self.metadata.setdefault(k, v)
+        if len(self._infos) < sum(len(part._infos) for part in parts.values()):
+            clash = next(k for k in parts[""].keys() if "/" in k and k.partition("/")[0] in parts)
+            raise CheckpointError(f"{label}: tensor {clash!r} of the folder's own weights is named as a tensor of "
+                                  f"its module folder {clash.partition('/')[0]}/ is; rename one of them")
         #: each weight file's component and '/' (its tensors' names there lack it): the exact tier's ``prefix``
-        self.prefixes = {p: f"{c}/" for c, part in parts.items() for p in part.weight_files}
-        shards = [[f"{c}/{f}", n] for c, part in parts.items()
+        self.prefixes = {p: f"{c}/" for c, part in parts.items() if c for p in part.weight_files}
+        shards = [[_joined(c, f), n] for c, part in parts.items()
                   for f, n in (part.layout.get("shards") or [["model.safetensors", len(part.keys())]])]
-        self.layout = {"shards": shards, "components": {
-            c: {k: v for k, v in part.layout.items() if k == "index_metadata"} for c, part in parts.items()}}
+        top = parts[""].layout if "" in parts else {}
+        self.layout = {"shards": shards, **{k: v for k, v in top.items() if k == "index_metadata"}, "components": {
+            c: {k: v for k, v in part.layout.items() if k == "index_metadata"} for c, part in parts.items() if c}}
+
+    def part_of(self, name: str) -> tuple[str, str]:
+        """The part a tensor name is of and its name there: ``("unet", "conv_in.weight")``; a name
+        of no component (a sentence-transformers transformer's) is the ``""`` part's."""
+        c, sep, rest = name.partition("/")
+        if sep and c and c in self.parts and rest in self.parts[c]:
+            return c, rest
+        return "", name
 
     def get(self, name: str) -> torch.Tensor:
-        c, _, rest = name.partition("/")
+        c, rest = self.part_of(name)
         return self.parts[c].get(rest)  # checked, and its errors named, by the component's folder
 
     def check_unchanged(self) -> None:
@@ -911,17 +935,28 @@ class ComponentsSource(Source):
             part.close()
 
 
-def _open_pipeline(path: Path, roots: list[Path], components: list[str]) -> Source:
+def _joined(c: str, name: str) -> str:
+    return f"{c}/{name}" if c else name
+
+
+def _open_parts(path: Path, roots: list[Path], names: list[str]) -> tuple[dict[str, Source], set[Path]]:
+    """Each subfolder of ``names`` (``""``: the folder itself) opened as a model folder, and the
+    weight files they pack."""
     parts: dict[str, Source] = {}
     weights: set[Path] = set()
     try:
-        for c in components:
-            parts[c], packed = _open_folder(path / c, roots)
+        for c in names:
+            parts[c], packed = _open_folder(path / c if c else path, roots)
             weights |= packed
     except BaseException:
         for part in parts.values():
             part.close()
         raise
+    return parts, weights
+
+
+def _open_pipeline(path: Path, roots: list[Path], components: list[str]) -> Source:
+    parts, weights = _open_parts(path, roots, components)
     src = ComponentsSource(str(path), path, parts)
     src.files = _other_files(path, roots, weights, tops={"", *(f"{c}/" for c in components)}, pipeline=True)
     _note_kept_weights(src, _why_kept(path, components, src.files))
@@ -946,6 +981,77 @@ def _why_kept(path: Path, components: list[str], files: Mapping[str, Any]) -> st
     return f" ({'; '.join(why)})" if why else ""
 
 
+class ModulesSource(ComponentsSource):
+    """A sentence-transformers model folder (``modules.json``): the transformer's weights at its
+    top under their own names (the ``""`` part), and each module folder's that holds weights
+    (``2_Dense/model.safetensors``, or ``pytorch_model.bin``) under the module's path and ``/``
+    (``2_Dense/linear.weight``), as a pipeline's components are."""
+
+    kind = "sentence-transformers"
+
+
+def _modules(folder: Path, roots: list[Path]) -> list[str] | None:
+    """A sentence-transformers folder's module folders that hold a weight set (``2_Dense``), in
+    ``modules.json``'s order; None when ``folder`` has no ``modules.json`` or none of its modules
+    has a folder with weights (a transformer, pooling and normalization: a single model). An
+    unreadable ``modules.json`` (the folder packed as a single model, as before modules were
+    packed) and a module path that is no plain subfolder name (``../x``, ``/x``, ``a/b``, hidden)
+    are warned of and left alone: nothing outside the folder is read, and such a module's files
+    stay folder files. A module folder that is a link leading outside the folder is refused, as
+    any link out of a model folder is."""
+    index = folder / MODULES
+    if not index.is_file():
+        return None
+    try:
+        doc = json.loads(index.read_text())
+        if not isinstance(doc, list):
+            raise ValueError(f"a JSON {type(doc).__name__}, not a list of modules")
+    except (OSError, ValueError, RecursionError) as e:
+        log.warning("%s: not a readable sentence-transformers module list (%s); the folder is packed as one model, "
+                    "its subfolders' weight files kept as folder files", index, quoted(e)[:200])
+        return None
+    found: list[str] = []
+    for name in listed_modules(doc):
+        if not _folder_name(name):
+            log.warning("%s: module path %r is not a plain subfolder name of the model folder (as 2_Dense); not "
+                        "packed as a module (nothing outside the folder is read)", index, name[:200])
+            continue
+        sub = folder / name
+        if name in found or not (sub.is_dir() or sub.is_symlink()):
+            continue
+        _in_folder(folder, sub, roots)  # a link out of the folder: refused
+        if sub.is_dir() and _weight_sets(sub):
+            found.append(name)
+    return found or None
+
+
+def _open_modules(path: Path, roots: list[Path], modules: list[str]) -> Source:
+    top = bool(_weight_sets(path) or any(path.glob("*.safetensors")))  # (a static embedding model has none)
+    parts, weights = _open_parts(path, roots, [*([""] if top else []), *modules])
+    try:
+        src = ModulesSource(str(path), path, parts)
+    except BaseException:
+        for part in parts.values():
+            part.close()
+        raise
+    src.files = _other_files(path, roots, weights, tops={"", *(f"{m}/" for m in modules)})
+    _note_kept_weights(src)
+    log.info("%s: a sentence-transformers model with module weights %s", path, ", ".join(f"{m}/" for m in modules))
+    return src
+
+
+def _pipeline(src: Source) -> bool:
+    """Whether ``src`` is a diffusers pipeline (not a sentence-transformers model, whose modules
+    are beside a single model's weights)."""
+    return isinstance(src, ComponentsSource) and not isinstance(src, ModulesSource)
+
+
+def _parts(src: Source) -> Mapping[str, Source]:
+    """A source's parts: a pipeline's components, a sentence-transformers model's top and modules;
+    a single model's own weights as the top, ``""``."""
+    return src.parts if isinstance(src, ComponentsSource) else {"": src}
+
+
 def _matching_component(pipe: ComponentsSource, single: Source) -> str | None:
     """The component of ``pipe`` that the single model ``single`` is: the one of its folder's
     name (``unet``), else the one sharing the most tensor names with it; None when none shares any."""
@@ -961,31 +1067,40 @@ def _as_pipeline(base: ComponentsSource, src: DictSource) -> bool:
     """Take tensors named ``COMPONENT/NAME``, each ``COMPONENT`` one of the base pipeline's, as a
     fine-tune of that pipeline: its layout the base's components' files (the base's shards where a
     component has the base's tensor names in their order, else one file of the base's name) and
-    the base's folder files, so that an unpack writes a pipeline folder. False for other names."""
+    the base's folder files, so that an unpack writes a pipeline folder. False for other names.
+    Of a sentence-transformers base, names of no module are the transformer's (at least one name
+    must be a module's, ``2_Dense/linear.weight``: else the tensors are a single model's)."""
     names = src.keys()
     own: dict[str, list[str]] = {}
     for n in names:
         c, sep, rest = n.partition("/")
-        if not sep or not rest or c not in base.parts:
+        if not (sep and rest and c in base.parts):
+            c, rest = "", n
+        if c not in base.parts:
             return False
         own.setdefault(c, []).append(rest)
-    if not own:
+    if not any(own):
         return False
     recorded = base.layout.get("components") or {}
     shards: list[list[Any]] = []
     components: dict[str, Any] = {}
+    top: dict[str, Any] = {}
     for c, inner in own.items():
         part = base.parts[c]
         runs = part.layout.get("shards") or [["model.safetensors", len(part.keys())]]
-        if inner == part.keys():
-            components[c] = recorded.get(c, {})
-        else:
+        same = inner == part.keys()
+        if not same:
             runs = [[_SHARD_SUFFIX.sub("", plain_name(runs[0][0])), len(inner)]]
-            components[c] = {}
-        shards += [[f"{c}/{f}", n] for f, n in runs]
-    src.layout = {"shards": shards, "components": components}
+        if c:
+            components[c] = recorded.get(c, {}) if same else {}
+        elif same and "index_metadata" in base.layout:
+            top["index_metadata"] = base.layout["index_metadata"]
+        shards += [[_joined(c, f), n] for f, n in runs]
+    src.layout = {"shards": shards, **top, "components": components}
     src.files = dict(base.files)
-    log.info("%s: tensors of the base pipeline's components %s, packed as its fine-tune", src.label, ", ".join(own))
+    log.info("%s: tensors of the base %s's %s %s, packed as its fine-tune", src.label,
+             "pipeline" if _pipeline(base) else "model", "components" if _pipeline(base) else "modules",
+             ", ".join(c or "(the transformer)" for c in own))
     return True
 
 
@@ -997,12 +1112,15 @@ def check_components(base: Source, tasks: Mapping[str, Source], *, allow_mismatc
     """Refuse a family that mixes diffusers pipelines and single model folders, or whose task
     holds a component whose tensors are not the base's component's (IncompatibleCheckpointsError,
     one line naming the folders and the component); warn of a component only the base, or only a
-    task, has (its tensors are stored as the tensors only some tasks have are)."""
-    ours = isinstance(base, ComponentsSource)
+    task, has (its tensors are stored as the tensors only some tasks have are). The same of a
+    sentence-transformers model's module folders (``2_Dense``), whose transformer is a single
+    model: such a model and a plain model folder (no ``modules.json``, a task without the module)
+    may be packed together."""
+    ours = _pipeline(base)
     for task, src in tasks.items():
         if isinstance(base, ComponentsSource) and isinstance(src, DictSource) and _as_pipeline(base, src):
             continue  # the base pipeline's tensors, COMPONENT/NAME (fam.state_dict(task) edited)
-        theirs = isinstance(src, ComponentsSource)
+        theirs = _pipeline(src)
         if ours != theirs and not allow_mismatch:
             pipe, single = (base, src) if ours else (src, base)
             assert isinstance(pipe, ComponentsSource)
@@ -1018,29 +1136,33 @@ def check_components(base: Source, tasks: Mapping[str, Source], *, allow_mismatc
                 f"{who}: {'a single model' if ours else pipeline}, but the base "
                 f"({base.label}) is {pipeline if ours else 'a single model'}; pass pipeline folders for both, or "
                 f"{hint}")
-        if not (ours and theirs):
+        if ours != theirs or not (ours or isinstance(base, ModulesSource) or isinstance(src, ModulesSource)):
             continue
-        assert isinstance(base, ComponentsSource) and isinstance(src, ComponentsSource)
-        for c, part in src.parts.items():
-            mine = base.parts.get(c)
+        what = "component" if ours else "module"
+        mine_all, theirs_all = _parts(base), _parts(src)
+        for c, part in theirs_all.items():
+            mine = mine_all.get(c)
+            if not c:  # a sentence-transformers model's transformer: a single model, checked as one by the plan
+                continue
             if mine is None:
-                log.warning("task %r (%s): component %r is not in the base (%s); its tensors are stored for the "
-                            "tasks that have it", task, src.label, c, base.label)
+                log.warning("task %r (%s): %s %r is not in the base (%s); its tensors are stored for the "
+                            "tasks that have it", task, src.label, what, c, base.label)
                 continue
             common = [n for n in part.keys() if n in mine]
             differ = [n for n in common if part.info(n).shape != mine.info(n).shape]
             if (not common or len(differ) * 2 > len(common)) and not allow_mismatch:
-                what = (f"{len(differ)} of its {len(common)} tensors named as the base's differ in shape "
-                        f"({differ[0]!r} {part.info(differ[0]).shape} vs {mine.info(differ[0]).shape})" if common
-                        else "it shares no tensor name with the base's")
+                why = (f"{len(differ)} of its {len(common)} tensors named as the base's differ in shape "
+                       f"({differ[0]!r} {part.info(differ[0]).shape} vs {mine.info(differ[0]).shape})" if common
+                       else "it shares no tensor name with the base's")
                 raise IncompatibleCheckpointsError(
-                    f"task {task!r} ({src.label}): component {c!r} does not look fine-tuned from the base's "
-                    f"({base.label}/{c}): {what}; pass allow_mismatch=True (--allow-mismatch) to pack it anyway")
-        missing = [c for c in base.parts if c not in src.parts]
+                    f"task {task!r} ({src.label}): {what} {c!r} does not look fine-tuned from the base's "
+                    f"({base.label}/{c}): {why}; pass allow_mismatch=True (--allow-mismatch) to pack it anyway")
+        missing = [c for c in mine_all if c and c not in theirs_all]
         if missing:
-            log.warning("task %r (%s): has no component %s of the base (%s); stored for the tasks that have it, "
-                        "with no copy of the base's: a merged pipeline lacks it (merge --task NAME takes a task's)",
-                        task, src.label, ", ".join(map(repr, missing)), base.label)
+            log.warning("task %r (%s): has no %s %s of the base (%s); stored for the tasks that have it, "
+                        "with no copy of the base's: a merged %s lacks it (merge --task NAME takes a task's)",
+                        task, src.label, what, ", ".join(map(repr, missing)), base.label,
+                        "pipeline" if ours else "model")
 
 
 def stem(obj: SourceLike) -> str:

@@ -54,7 +54,8 @@ def layer_of(name: str, *, pipeline: bool = False) -> str:
     and the first index of a plain module list, ``body.3.weight``), ``"other"`` for embeddings,
     heads and norms outside the blocks. Of a diffusers ``pipeline`` (names ``COMPONENT/NAME``), each
     component's own: ``"text_encoder/layer 0"``, else the name up to its first index
-    (``"unet/down_blocks.0"``, ``"vae/encoder.down_blocks.1"``), or ``"unet/other"``.
+    (``"unet/down_blocks.0"``, ``"vae/encoder.down_blocks.1"``), or ``"unet/other"``; the same of a
+    sentence-transformers model's module (``"2_Dense/other"``), whose transformer's names have no ``/``.
 
     >>> layer_of("unet/down_blocks.1.resnets.0.conv1.weight", pipeline=True)
     'unet/down_blocks.1'
@@ -72,17 +73,27 @@ def layer_of(name: str, *, pipeline: bool = False) -> str:
 
 def _layer_order(labels: list[str], pipeline: bool) -> list[str]:
     """Layer labels in model order: by number, "other" last; of a pipeline, each component's
-    together (in the order they come), numbers in numeric order within it, its "other" last."""
+    together (in the order they come), numbers in numeric order within it, its "other" last (the
+    labels of no component, a sentence-transformers transformer's, together as one, first).
+
+    >>> _layer_order(["layer 10", "2_Dense/other", "other", "layer 2"], True)
+    ['layer 2', 'layer 10', 'other', '2_Dense/other']
+    """
     if not pipeline:
         return sorted(labels, key=lambda s: (s == "other", int(s.split()[-1]) if s != "other" else 0))
+
+    def split(lay: str) -> tuple[str, str]:
+        component, slash, rest = lay.partition("/")
+        return (component, rest) if slash else ("", lay)
+
     first: dict[str, int] = {}
     for lay in labels:
-        first.setdefault(lay.partition("/")[0], len(first))
+        first.setdefault(split(lay)[0], len(first))
 
     def key(lay: str) -> tuple:
-        component, _, rest = lay.partition("/")
+        component, rest = split(lay)
         parts = tuple((0, int(x), "") if x.isdigit() else (1, 0, x) for x in re.split(r"(\d+)", rest) if x)
-        return first[component], rest == "other", parts
+        return component != "", first[component], rest == "other", parts  # the top model first
 
     return sorted(labels, key=key)
 
@@ -132,7 +143,10 @@ def _compute(archive: "Archive", progress: ProgressLike) -> MaskStats:
     total = {t: 0 for t in tasks}
     per_layer: dict[str, dict[str, list[int]]] = {}
     lambdas = {t.name: t.lam for t in archive.manifest.tasks}
-    pipeline = isinstance(archive.manifest.base.get("components"), dict)  # a diffusers pipeline's (spec §3.6)
+    # a diffusers pipeline's, or a sentence-transformers model's with module weights (spec §3.6; a
+    # base without the modules of its tasks too)
+    pipeline = any(isinstance((s or {}).get("components"), dict)
+                   for s in (archive.manifest.base, *(archive.task_info(t).source for t in tasks)))
     entries = [e for e in archive.manifest.tensors
                if any(has_mask(tt) or tt.encoding == "qtau" for tt in e.tasks.values())]
     for e in track(entries, progress, "reading masks"):

@@ -1,0 +1,355 @@
+"""sentence-transformers model folders packed whole: the transformer's weights at the top under
+their own names, each module folder's weights (``2_Dense/model.safetensors``) as tensors named
+``MODULE/NAME`` (``2_Dense/linear.weight``), TALL-compressed like the rest and written back into
+their folders; exact unpacks byte for byte; one-line errors for modules that do not match, and
+no read outside the folder whatever ``modules.json`` says."""
+
+from __future__ import annotations
+
+import filecmp
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from safetensors.torch import load_file, save_file
+
+import sentence_transformers  # a test dependency (pyproject's "test" extra): missing, these tests fail, not skip
+import tallpack
+from conftest import expected_reconstruction
+from tallpack.errors import CheckpointError, IncompatibleCheckpointsError
+from tallpack.sources import open_source
+from tallpack_cli.main import main
+
+WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *"the a cat dog sat on mat ran fast slow big small red".split()]
+SENTENCES = ["the cat sat on the mat", "a big dog ran fast", "red"]
+
+
+def _family(root: Path, **save) -> dict[str, Path]:
+    """A tiny BERT (hidden 32, 2 layers, a word-list tokenizer) as Transformer + Pooling + Dense +
+    Normalize, saved by sentence-transformers' own save(): the base and two fine-tunes of its last
+    layer and its Dense module (the embeddings and first layer untouched), each about 100 KB."""
+    from sentence_transformers import SentenceTransformer, models
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    hf = root / "hf"
+    hf.mkdir(parents=True)
+    (hf / "vocab.txt").write_text("\n".join(WORDS) + "\n")
+    BertTokenizerFast(vocab_file=str(hf / "vocab.txt")).save_pretrained(hf)
+    torch.manual_seed(0)
+    BertModel(BertConfig(vocab_size=len(WORDS), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                         intermediate_size=64, max_position_embeddings=32)).save_pretrained(hf)
+    model = SentenceTransformer(modules=[models.Transformer(str(hf), max_seq_length=16), models.Pooling(32, "mean"),
+                                         models.Dense(32, 16), models.Normalize()], device="cpu")
+    out = {}
+    for i, name in enumerate(["base", "a", "b"]):
+        if i:
+            g = torch.Generator().manual_seed(i)
+            with torch.no_grad():
+                for n, p in model.named_parameters():
+                    if ".layer.1." in n or n.startswith("2."):  # the last layer and the Dense module
+                        touch = (torch.rand(p.shape, generator=g) < 0.3).float()
+                        p.add_(touch * 0.02 * torch.randn(p.shape, generator=g))
+        model.save(str(root / name), **save)
+        out[name] = root / name
+    return out
+
+
+def _load(folder: Path):
+    from sentence_transformers import SentenceTransformer
+
+    return SentenceTransformer(str(folder), device="cpu")
+
+
+def _state(folder: Path) -> dict[str, torch.Tensor]:
+    """A model folder's weights as sentence-transformers loads them, named as the archive names
+    them: the transformer's as transformers names them, a module's as ``2_Dense/NAME``."""
+    model = _load(folder)
+    out = {k: v for k, v in model[0].auto_model.state_dict().items()}
+    out |= {f"2_Dense/{k}": v for k, v in model[2].state_dict().items()}
+    return out
+
+
+def _encode(folder: Path) -> torch.Tensor:
+    return _load(folder).encode(SENTENCES, convert_to_tensor=True)
+
+
+def _cli(*args: object):
+    r = CliRunner().invoke(main, ["-q", *map(str, args)], catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    return r
+
+
+def _pack(fam: dict[str, Path], arch: Path, *more: str) -> Path:
+    _cli("pack", "--base", fam["base"], "--task", f"a={fam['a']}", "--task", f"b={fam['b']}", "-o", arch, *more)
+    return arch
+
+
+def _error(base: Path, task: Path, tmp_path: Path) -> str:
+    r = CliRunner().invoke(main, ["pack", "--base", str(base), "--task", f"t={task}", "-o",
+                                  str(tmp_path / "x.tallpack")])
+    assert r.exit_code != 0 and "Traceback" not in r.output
+    assert not (tmp_path / "x.tallpack").exists()
+    return r.output
+
+
+def _entry(archive, name: str):
+    """The manifest entry holding tensor ``name`` (alone, or as a member of a group)."""
+    return next(e for e in archive.manifest.tensors if e.name == name or any(m.name == name for m in e.members))
+
+
+def _files(folder: Path) -> list[str]:
+    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
+
+
+@pytest.fixture(scope="module")
+def fam(tmp_path_factory) -> dict[str, Path]:
+    return _family(tmp_path_factory.mktemp("st"))
+
+
+@pytest.fixture(scope="module")
+def pickled(tmp_path_factory) -> dict[str, Path]:
+    """The same family saved with safe_serialization=False: the Dense module as 2_Dense/pytorch_model.bin."""
+    return _family(tmp_path_factory.mktemp("st_bin"), safe_serialization=False)
+
+
+def test_modules_round_trip_through_the_cli(fam, tmp_path):
+    """pack, unpack --all, merge, verify, inspect and stats of sentence-transformers folders: the
+    Dense module's weights are TALL tensors 2_Dense/NAME (masked where fine-tuned), the transformer's
+    keep their plain names, the untouched embeddings are stored once; each folder written loads in
+    SentenceTransformer with the paper's theta_0 + m_t * tau_MTL for every tensor, the Dense's
+    included, and embeds close to the original; the merge's 2_Dense is the merged one."""
+    arch = _pack(fam, tmp_path / "st.tallpack")
+    archive = tallpack.open(arch)
+    keys = archive.keys("a")
+    assert "embeddings.word_embeddings.weight" in keys and "2_Dense/linear.weight" in keys
+    assert not any("/" in k for k in keys if not k.startswith("2_Dense/"))
+    assert set(archive.files("a")) == {n for n in _files(fam["a"]) if n not in ("model.safetensors",
+                                                                                "2_Dense/model.safetensors")}
+    assert archive.task_info("a").source["format"] == "sentence-transformers"
+    masked = _entry(archive, "2_Dense/linear.weight")
+    assert masked.kind == "merged" and {tt.encoding for tt in masked.tasks.values()} == {"tall"}  # TALL, not a copy
+    sd = archive.state_dict("a")
+    assert "2_Dense/linear.weight" in sd
+    assert torch.equal(archive.get_tensor("a", "2_Dense/linear.weight"), sd["2_Dense/linear.weight"])
+
+    _cli("unpack", arch, "--all", "-o", tmp_path / "out")
+    base = _state(fam["base"])
+    tasks = {t: _state(fam[t]) for t in ("a", "b")}
+    want = expected_reconstruction(base, tasks, {t: archive.task_info(t).lam for t in ("a", "b")})
+    for t in ("a", "b"):
+        out = tmp_path / "out" / t
+        assert _files(out) == _files(fam[t])  # the module's weights back in 2_Dense/, under their name
+        got = _state(out)
+        assert set(got) == set(tasks[t])
+        for k, v in got.items():
+            assert torch.equal(v, want[t][k]), k
+        cos = torch.nn.functional.cosine_similarity(_encode(out), _encode(fam[t]))
+        assert cos.min() > 0.9, cos
+    assert not torch.equal(want["a"]["2_Dense/linear.weight"], tasks["a"]["2_Dense/linear.weight"])  # masked
+
+    _cli("merge", arch, "-o", tmp_path / "merged")
+    merged = archive.merged()
+    dense = load_file(tmp_path / "merged" / "2_Dense" / "model.safetensors")
+    assert torch.equal(dense["linear.weight"], merged["2_Dense/linear.weight"])
+    assert not torch.equal(dense["linear.weight"], base["2_Dense/linear.weight"])  # not the base's
+    assert torch.equal(_load(tmp_path / "merged")[2].linear.weight, merged["2_Dense/linear.weight"])
+
+    assert "ok:" in _cli("verify", arch).output
+    assert "2 tasks" in _cli("inspect", arch).output or "task" in _cli("inspect", arch).output
+    stats = json.loads(_cli("stats", arch, "--json").output)
+    assert list(stats["layers"])[-1] == "2_Dense/other" and "layer 1" in stats["layers"]
+
+
+def test_unchanged_module_costs_nothing_per_task(fam, tmp_path):
+    """A Dense module no task changed is stored once (shared), as an untouched component is."""
+    quiet = {}
+    for t in ("a", "b"):
+        quiet[t] = tmp_path / t
+        shutil.copytree(fam[t], quiet[t])
+        shutil.copy(fam["base"] / "2_Dense" / "model.safetensors", quiet[t] / "2_Dense" / "model.safetensors")
+    archive = tallpack.open(_pack({"base": fam["base"], **quiet}, tmp_path / "q.tallpack"))
+    assert _entry(archive, "2_Dense/linear.weight").kind == "shared" and torch.equal(archive.get_tensor("b", "2_Dense/linear.weight"),
+                                                  load_file(fam["base"] / "2_Dense/model.safetensors")["linear.weight"])
+
+
+def test_exact_unpack_gives_every_file_back(fam, tmp_path):
+    """unpack --exact: every file byte for byte, the module's model.safetensors too, and the same
+    embeddings bit for bit; verify rebuilds them."""
+    arch = _pack(fam, tmp_path / "ex.tallpack", "--exact")
+    _cli("unpack", arch, "--all", "--exact", "-o", tmp_path / "out")
+    for t in ("a", "b"):
+        out = tmp_path / "out" / t
+        assert _files(out) == _files(fam[t])
+        for name in _files(fam[t]):
+            assert filecmp.cmp(out / name, fam[t] / name, shallow=False), name
+        assert torch.equal(_encode(out), _encode(fam[t]))
+    records = tallpack.open(arch).task_info("a").exact["files"]
+    assert {"name": "2_Dense/model.safetensors", "prefix": "2_Dense/"}.items() <= \
+        next(f for f in records if f["name"] == "2_Dense/model.safetensors").items()
+    assert "ok:" in _cli("verify", arch).output
+
+
+def test_pickled_dense_module(pickled, tmp_path):
+    """A Dense module saved as 2_Dense/pytorch_model.bin (safe_serialization=False) is packed as
+    tensors too and comes back as 2_Dense/model.safetensors (as a pickled transformer comes back as
+    model.safetensors), which sentence-transformers loads first: exact tensors and embeddings bit
+    for bit from --exact, every other file byte for byte."""
+    arch = _pack(pickled, tmp_path / "bin.tallpack", "--exact")
+    archive = tallpack.open(arch)
+    assert "2_Dense/linear.weight" in archive.keys("a")
+    assert "2_Dense/pytorch_model.bin" not in archive.files("a")
+    _cli("unpack", arch, "--all", "--exact", "-o", tmp_path / "exact")
+    _cli("unpack", arch, "--task", "a", "-o", tmp_path / "lossy")
+    for t in ("a", "b"):
+        out = tmp_path / "exact" / t
+        assert _files(out) == sorted(n.replace("2_Dense/pytorch_model.bin", "2_Dense/model.safetensors")
+                                     for n in _files(pickled[t]))
+        for name in _files(pickled[t]):
+            if not name.endswith(".bin"):
+                assert filecmp.cmp(out / name, pickled[t] / name, shallow=False), name
+        assert torch.equal(_encode(out), _encode(pickled[t]))
+    assert (tmp_path / "lossy" / "2_Dense" / "model.safetensors").is_file()
+    assert torch.equal(_state(tmp_path / "lossy")["2_Dense/linear.weight"],
+                       archive.get_tensor("a", "2_Dense/linear.weight"))
+    assert "ok:" in _cli("verify", arch).output
+
+
+def test_exact_unpack_of_a_pickled_transformer_beside_a_safetensors_module(fam, tmp_path):
+    """A transformer saved as pytorch_model.bin beside 2_Dense/model.safetensors: the module's file
+    comes back byte for byte, the transformer's exact tensors as model.safetensors (not the module's
+    tensors a second time at the top)."""
+    mixed = {}
+    for t in ("base", "a", "b"):
+        mixed[t] = tmp_path / t
+        shutil.copytree(fam[t], mixed[t])
+        torch.save(load_file(mixed[t] / "model.safetensors"), mixed[t] / "pytorch_model.bin")
+        (mixed[t] / "model.safetensors").unlink()
+    arch = _pack(mixed, tmp_path / "m.tallpack", "--exact")
+    _cli("unpack", arch, "--task", "a", "--exact", "-o", tmp_path / "out")
+    out = tmp_path / "out"
+    assert filecmp.cmp(out / "2_Dense" / "model.safetensors", fam["a"] / "2_Dense" / "model.safetensors", shallow=False)
+    assert set(load_file(out / "model.safetensors")) == set(load_file(fam["a"] / "model.safetensors"))
+    assert torch.equal(_encode(out), _encode(fam["a"]))
+    assert "ok:" in _cli("verify", arch).output
+
+
+def test_task_without_modules_json_is_packed_without_the_module(fam, tmp_path, caplog):
+    """A task that is a plain transformers folder (no modules.json, no module folders) beside a
+    sentence-transformers base: allowed, as a pipeline task without a component is, and warned
+    naming the task and the module; it unpacks as the plain folder it was, and a merge without
+    --task lacks the module (said), --task a takes a's."""
+    plain = tmp_path / "plain"
+    shutil.copytree(fam["b"], plain)
+    for name in ("modules.json", "1_Pooling", "2_Dense", "3_Normalize"):
+        shutil.rmtree(plain / name) if (plain / name).is_dir() else (plain / name).unlink()
+    with caplog.at_level(logging.WARNING, logger="tallpack"):
+        tallpack.pack(fam["base"], {"a": fam["a"], "b": plain}, tmp_path / "p.tallpack")
+    assert "task 'b'" in caplog.text and "has no module '2_Dense' of the base" in caplog.text
+    archive = tallpack.open(tmp_path / "p.tallpack")
+    assert not any(k.startswith("2_Dense/") for k in archive.keys("b")) and "2_Dense/linear.weight" in archive.keys("a")
+    tallpack.write_task(archive, "b", tmp_path / "b")
+    assert _files(tmp_path / "b") == _files(plain)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="tallpack"):
+        out = _cli("merge", tmp_path / "p.tallpack", "-o", tmp_path / "merged").output
+    assert "the base's module '2_Dense' is left out" in caplog.text and "modules.json" in caplog.text
+    assert "'2_Dense' left out" in out
+    _cli("merge", tmp_path / "p.tallpack", "--task", "a", "-o", tmp_path / "merged_a")
+    assert torch.equal(_load(tmp_path / "merged_a")[2].linear.weight, archive.get_tensor("a", "2_Dense/linear.weight"))
+
+
+def test_module_of_another_model_is_refused(fam, tmp_path):
+    """A task whose Dense module holds other tensor names is refused in one line naming the task's
+    folder, the module and the base's module folder, although its transformer looks fine-tuned."""
+    other = tmp_path / "other"
+    shutil.copytree(fam["a"], other)
+    dense = load_file(other / "2_Dense" / "model.safetensors")
+    save_file({f"proj.{k}": v for k, v in dense.items()}, other / "2_Dense" / "model.safetensors")
+    out = _error(fam["base"], other, tmp_path)
+    assert out.count("\n") == 1 and f"task 't' ({other})" in out
+    assert f"module '2_Dense' does not look fine-tuned from the base's ({fam['base']}/2_Dense)" in out
+
+
+def test_unreadable_modules_json_packs_a_single_model(fam, tmp_path, caplog):
+    """A modules.json that is not JSON (or not a list) is warned of, and the folder packed as a
+    single model, as before modules were packed: the module's weight file kept as a folder file."""
+    for i, text in enumerate(["{not json", '{"path": "2_Dense"}']):
+        broken = tmp_path / f"broken{i}"
+        shutil.copytree(fam["a"], broken)
+        (broken / "modules.json").write_text(text)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="tallpack"):
+            src = open_source(broken)
+        assert f"{broken / 'modules.json'}: not a readable sentence-transformers module list" in caplog.text
+        assert "\n" not in caplog.records[0].getMessage()
+        assert src.kind == "hf-folder" and "2_Dense/model.safetensors" in src.files
+        assert not any(k.startswith("2_Dense/") for k in src.keys())
+
+
+@pytest.mark.parametrize("path", ["../outside", "/ABS", "1_Pooling/../../outside", "a/b", ".hidden"])
+def test_module_path_leading_out_is_not_read(fam, tmp_path, caplog, path):
+    """A module path of modules.json that is no plain subfolder name (outside the folder, absolute,
+    nested, hidden) is warned of and not read: no tensor comes from where it leads."""
+    model = tmp_path / "model"
+    shutil.copytree(fam["a"], model)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    save_file({"secret": torch.ones(3)}, outside / "model.safetensors")
+    path = path.replace("/ABS", str(outside))
+    doc = json.loads((model / "modules.json").read_text())
+    doc.append({"idx": 4, "name": "4", "path": path, "type": "sentence_transformers.models.Dense"})
+    (model / "modules.json").write_text(json.dumps(doc))
+    with caplog.at_level(logging.WARNING, logger="tallpack"):
+        src = open_source(model)
+    assert f"module path {path!r} is not a plain subfolder name" in caplog.text
+    assert not any("secret" in k for k in src.keys()) and "2_Dense/linear.weight" in src.keys()
+
+
+def test_module_folder_linked_outside_is_refused(fam, tmp_path):
+    """A module folder that is a link out of the model folder is refused, naming it, as any link
+    out of a model folder is: nothing there is read."""
+    model = tmp_path / "model"
+    shutil.copytree(fam["a"], model)
+    shutil.move(model / "2_Dense", tmp_path / "elsewhere")
+    (model / "2_Dense").symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(CheckpointError, match=r"2_Dense: is a symlink to .*outside the input folder"):
+        open_source(model)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(paths=st.lists(st.one_of(st.sampled_from(["", "2_Dense", "..", "../x", "/x", "x/..", "2_Dense/..", "."]),
+                                st.text(alphabet="./_x", max_size=6), st.integers(), st.none()), max_size=5))
+def test_any_modules_json_reads_only_plain_subfolders(tmp_path, paths):
+    """Whatever the paths modules.json lists, a source's tensors come from the folder's own weights
+    and its plain subfolders' only: a listed subfolder with weights is a module, MODULE/NAME."""
+    root = tmp_path / f"m{abs(hash(tuple(map(str, paths))))}"
+    (root / "2_Dense").mkdir(parents=True, exist_ok=True)
+    save_file({"w": torch.zeros(2)}, root / "model.safetensors")
+    save_file({"linear.weight": torch.zeros(2)}, root / "2_Dense" / "model.safetensors")
+    (root / "modules.json").write_text(json.dumps([{"path": p} for p in paths]))
+    keys = set(open_source(root).keys())
+    assert keys == ({"w", "2_Dense/linear.weight"} if "2_Dense" in paths else {"w"})
+
+
+def test_tensors_named_as_modules_pack_as_its_fine_tune(fam, tmp_path):
+    """A task given as tensors (fam.state_dict("a") edited) with a module's names against a
+    sentence-transformers base unpacks as the base's model folder, which loads."""
+    archive = tallpack.open(_pack(fam, tmp_path / "st.tallpack"))
+    edited = {k: v.clone() for k, v in archive.state_dict("a").items()}
+    edited["2_Dense/linear.bias"] += 1
+    tallpack.pack(fam["base"], {"e": edited}, tmp_path / "e.tallpack")
+    again = tallpack.open(tmp_path / "e.tallpack")
+    tallpack.write_task(again, "e", tmp_path / "e")
+    assert _files(tmp_path / "e") == _files(fam["a"])
+    assert torch.equal(_load(tmp_path / "e")[2].linear.bias, again.get_tensor("e", "2_Dense/linear.bias"))
+
+
+def test_sentence_transformers_is_installed():
+    """The test extra installs sentence-transformers: these tests never skip for want of it."""
+    assert int(sentence_transformers.__version__.split(".")[0]) >= 3
