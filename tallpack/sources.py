@@ -899,7 +899,8 @@ class ComponentsSource(Source):
             self._infos.update((_joined(c, k), info) for k, info in part._infos.items())
             self.weight_files += part.weight_files
             self.other_files += part.other_files
-            for k, v in part.metadata.items():  # header metadata (a license); a component's config.json is a folder file
+            for k, v in part.metadata.items():  # header metadata (a license); a component's config.json is a
+                # folder file (the top's, a sentence-transformers transformer's, is its metadata, as a single model's)
                 if k != "config" or not c:
                     self.metadata.setdefault(k, v)
         if len(self._infos) < sum(len(part._infos) for part in parts.values()):

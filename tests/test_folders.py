@@ -495,8 +495,8 @@ def test_subfolder_weights_are_kept_as_files(tmp_path, caplog):
     """A sentence-transformers folder (the model at the top, modules in subfolders, a Dense module's
     ``2_Dense/model.safetensors``): the module weights were dropped without a word, by pack, unpack,
     unpack --exact and verify alike. They are packed as tensors ``2_Dense/NAME`` (tests/test_st_modules.py),
-    written back into ``2_Dense/``, byte for byte by unpack --exact; other frameworks' files (``onnx/model.onnx``) are still left out, and a weight
-    file beside the model's (a ``value_head.safetensors``) is left out with a warning."""
+    written back into ``2_Dense/``, byte for byte by unpack --exact; other frameworks' files
+    (``onnx/model.onnx``) are still left out, and a weight file beside the model's (a ``value_head.safetensors``) is left out with a warning."""
     from safetensors.torch import load_file, save_file
     from transformers import BertConfig, BertModel
 

@@ -34,8 +34,13 @@ def _family(root: Path, **save) -> dict[str, Path]:
     """A tiny BERT (hidden 32, 2 layers, a word-list tokenizer) as Transformer + Pooling + Dense +
     Normalize, saved by sentence-transformers' own save(): the base and two fine-tunes of its last
     layer and its Dense module (the embeddings and first layer untouched), each about 100 KB."""
-    from sentence_transformers import SentenceTransformer, models
+    from sentence_transformers import SentenceTransformer
     from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    try:  # sentence-transformers 6 (sentence_transformers.models warns there), else 3-5
+        from sentence_transformers.sentence_transformer import modules as models
+    except ImportError:
+        from sentence_transformers import models
 
     hf = root / "hf"
     hf.mkdir(parents=True)
@@ -174,8 +179,9 @@ def test_unchanged_module_costs_nothing_per_task(fam, tmp_path):
         shutil.copytree(fam[t], quiet[t])
         shutil.copy(fam["base"] / "2_Dense" / "model.safetensors", quiet[t] / "2_Dense" / "model.safetensors")
     archive = tallpack.open(_pack({"base": fam["base"], **quiet}, tmp_path / "q.tallpack"))
-    assert _entry(archive, "2_Dense/linear.weight").kind == "shared" and torch.equal(archive.get_tensor("b", "2_Dense/linear.weight"),
-                                                  load_file(fam["base"] / "2_Dense/model.safetensors")["linear.weight"])
+    assert _entry(archive, "2_Dense/linear.weight").kind == "shared"
+    assert torch.equal(archive.get_tensor("b", "2_Dense/linear.weight"),
+                       load_file(fam["base"] / "2_Dense/model.safetensors")["linear.weight"])
 
 
 def test_exact_unpack_gives_every_file_back(fam, tmp_path):
@@ -320,6 +326,19 @@ def test_module_folder_linked_outside_is_refused(fam, tmp_path):
     (model / "2_Dense").symlink_to(tmp_path / "elsewhere")
     with pytest.raises(CheckpointError, match=r"2_Dense: is a symlink to .*outside the input folder"):
         open_source(model)
+
+
+def test_top_tensor_named_as_a_module_tensor_is_refused(fam, tmp_path):
+    """A tensor of the folder's own weights named MODULE/NAME as a module's tensor is: one line
+    naming the tensor and the module folder, not one of the two read in place of the other."""
+    model = tmp_path / "model"
+    shutil.copytree(fam["a"], model)
+    top = load_file(model / "model.safetensors")
+    save_file({**top, "2_Dense/linear.weight": torch.zeros(1)}, model / "model.safetensors")
+    with pytest.raises(CheckpointError, match=r"tensor '2_Dense/linear.weight' of the folder's own weights is named "
+                                              r"as a tensor of its module folder 2_Dense/ is") as e:
+        open_source(model)
+    assert "\n" not in str(e.value)
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
