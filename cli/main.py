@@ -556,7 +556,8 @@ def merge(archive: str, method: str | None, k: int, alpha: float | None, task: s
         lost = {} if task is not None else missing_components(fam.manifest)
     shown_k = f", k={k}" if is_consensus(method) else ""  # the others have no k
     # what the model lacks belongs in the result line, which -q keeps (the warning it repeats does not)
-    lacks = "".join(f"; pipeline component {c!r} left out, so the folder does not load ("
+    part = "module" if fam.manifest.base.get("format") == "sentence-transformers" else "pipeline component"
+    lacks = "".join(f"; {part} {c!r} left out, so the folder does not load ("
                     + (f"--task {having[0]} takes that task's" if having else "repack with --keep-base-only") + ")"
                     for c, having in lost.items())
     lacks += (f"; {len(left)} tensor{'s' if len(left) > 1 else ''} every task has left out, as each task stores "
