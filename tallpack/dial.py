@@ -604,6 +604,7 @@ class Dial:
         tier = TierCost(_tensor_cost(ctx.dense(b_dt), item.base, ce), mcost,
                         {t: _tensor_cost(ctx.masks, m, ce) + 40 for t, m in zip(item.tasks, masks)})
         self.tier[item.name] = tier
+        scratch = torch.empty(base32.numel() + max(QBLOCK, BLOCK))  # the quantizers' work: no fresh pages
         for t, x, mask in zip(item.tasks, item.thetas, masks):
             plan = self.plans.setdefault(t, TaskPlan())
             xf = x.reshape(-1)
@@ -634,7 +635,8 @@ class Dial:
                 # such a task to qtau so that the others may drop the merged vector
                 tau = xf.to(torch.float32) - base32
                 qs = []
-                for b, (codes, scales, deq) in zip(QTAU_BITS, quantize_widths(tau, QTAU_BITS, QBLOCK)):
+                deqs = quantize_widths(tau, QTAU_BITS, QBLOCK, scratch=scratch)
+                for b, (codes, scales, deq) in zip(QTAU_BITS, deqs):
                     assert deq is not None
                     err, pe, same, over = sq_err(narrow(deq.add_(base32), x.dtype))  # as ``rebuilt``
                     qs.append(Option("qtau", priced({"codes": codes, "scales": scales}) - tier.masks[t], err, bits=b,
@@ -653,7 +655,7 @@ class Dial:
                         err, pe, same, over = sq_err(narrow(rec32 + c, x.dtype))
                         opts.append(Option("sparse", priced({"indices": gaps, "values": values}), err, k, 0, pe, same, over))
                 widths = [b for b in (4, 8) if f"quant{b}" in self.allowed]
-                for b, (codes, scales, cq) in zip(widths, quant_encode_widths(r, widths, BLOCK)):
+                for b, (codes, scales, cq) in zip(widths, quant_encode_widths(r, widths, BLOCK, scratch=scratch)):
                     assert cq is not None
                     err, pe, same, over = sq_err(narrow(rec32 + cq, x.dtype))
                     opts.append(Option("quant", priced({"scales": scales, "codes": codes}), err, 0, b, pe, same, over))

@@ -37,7 +37,7 @@ from ..errors import FormatError
 from ..tall import Planar, reconstruct_planar
 from .base import ReadArray, TaskTensor, TensorEntry, Use, register_field
 from .exact import rebuild_exact
-from .qtau import float_blocks
+from .qtau import float_blocks, scratch_floats
 from .tall import Tall
 
 KINDS = ("sparse", "quant", "exact")
@@ -100,27 +100,42 @@ def quant_encode(r: torch.Tensor, bits: int, block: int) -> tuple[np.ndarray, np
     return codes, scales
 
 
-def quant_encode_widths(r: torch.Tensor, widths: Iterable[int], block: int, *, deq: bool = True
+def quant_encode_widths(r: torch.Tensor, widths: Iterable[int], block: int, *, deq: bool = True,
+                        scratch: torch.Tensor | None = None
                         ) -> Iterator[tuple[np.ndarray, np.ndarray, torch.Tensor | None]]:
     """``quant_encode`` at each of ``widths`` in turn, the blocks and their maxima found once, each
-    with its ``quant_decode`` (bit for bit, without decoding the arrays) when ``deq``."""
+    with its ``quant_decode`` (bit for bit, without decoding the arrays) when ``deq``. As
+    ``qtau.quantize_widths``, given ``scratch`` every width is worked in it, so that each
+    correction is overwritten by the next width's."""
     blocks, n, nb = float_blocks(r, block)
-    amax = blocks.abs().amax(dim=1)
+    b = blocks.numpy()
+    work_t = scratch_floats(scratch, nb * block)
+    w = work_t.numpy().reshape(nb, block)
+    amax = np.abs(b, out=w).max(axis=1)  # numpy's passes: see qtau.quantize_widths
+    first = True
     for bits in widths:
         qmax = (1 << (bits - 1)) - 1
-        scales = amax / qmax
-        safe = torch.where(scales > 0, scales, torch.ones_like(scales))
-        q = (blocks / safe[:, None]).round_().clamp_(-qmax, qmax).to(torch.int8)
-        d = (q.to(torch.float32) * scales[:, None]).reshape(-1)[:n] if deq else None  # (an int's 0 is +0.0)
-        q = q.reshape(-1)[:n]
+        scales = np.divide(amax, np.float32(qmax))
+        safe = np.where(scales > 0, scales, np.float32(1))
+        if scratch is None and deq and not first:  # each correction its own
+            work_t = scratch_floats(None, nb * block)
+            w = work_t.numpy().reshape(nb, block)
+        first = False
+        qf = np.clip(np.rint(np.divide(b, safe[:, None], out=w), out=w), -qmax, qmax, out=w)
+        with np.errstate(invalid="ignore"):  # (only a NaN of r: its code is unspecified)
+            q = qf.reshape(-1)[:n].astype(np.int8)
+        d = None
+        if deq:  # (an int's 0 is +0.0: adding 0.0 turns a rounded -0.0 into it, as the int8 codes would)
+            np.multiply(np.add(qf, np.float32(0.0), out=qf), scales[:, None], out=qf)
+            d = work_t[:n]
         if bits == 8:
-            codes = q.numpy().copy()
+            codes = q
         else:
-            u = (q.to(torch.int16) + 8).to(torch.uint8).numpy()
+            u = q.view(np.uint8) + np.uint8(8)  # q + 8 in [1, 15], modulo 256
             if n % 2:
                 u = np.append(u, np.uint8(8))
-            codes = (u[0::2] | (u[1::2] << 4)).astype(np.uint8)
-        yield codes, scales.numpy().astype(np.float32), d
+            codes = u[0::2] | (u[1::2] << np.uint8(4))
+        yield codes, scales.astype(np.float32), d
 
 
 def quant_decode(codes: np.ndarray, scales: np.ndarray, bits: int, block: int, numel: int) -> torch.Tensor:

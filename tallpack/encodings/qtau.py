@@ -95,30 +95,56 @@ def float_blocks(x: torch.Tensor, block: int) -> tuple[torch.Tensor, int, int]:
 
 
 def quantize_widths(tau: torch.Tensor, widths: Iterable[int], block: int = BLOCK, half: bool | None = None,
-                    *, deq: bool = True) -> Iterator[tuple[np.ndarray, np.ndarray, torch.Tensor | None]]:
+                    *, deq: bool = True, scratch: torch.Tensor | None = None
+                    ) -> Iterator[tuple[np.ndarray, np.ndarray, torch.Tensor | None]]:
     """``quantize`` at each of ``widths`` in turn, the blocks and their maxima found once, each with
     its deQ (``dequantize`` of the arrays, bit for bit, without unpacking them) when ``deq``.
+    Given ``scratch`` (float32, at least the blocks' elements), every width is worked in it, so
+    each deQ is a view of it that the next width overwrites (use it before asking for the next):
+    fresh tensors of a large tensor's size cost more, in page faults, than the arithmetic.
 
     >>> [codes.size for codes, _, _ in quantize_widths(torch.randn(1000), (2, 8))]
     [250, 1000]
     """
     blocks, n, nb = float_blocks(tau, block)
-    amax = blocks.abs().amax(dim=1) if nb else None
+    b = blocks.numpy()
+    work_t = scratch_floats(scratch, nb * block)
+    w = work_t.numpy().reshape(nb, block)
+    # numpy's passes, not torch's: on few (or busy) cores torch's threads wait on each other at
+    # every pass, several times the arithmetic (BENCHMARKS.md, twenty-fourth round)
+    amax = np.abs(b, out=w).max(axis=1) if nb else np.zeros(0, np.float32)
+    u8 = np.empty(nb * block, np.uint8)
+    first = True
     for bits in widths:
         if bits not in BITS:
             raise ValueError(f"bits must be one of {BITS}, got {bits}")
         qmax, offset = (1 << (bits - 1)) - 1, 1 << (bits - 1)
-        s = (amax / qmax).numpy() if amax is not None else np.zeros(0, np.float32)
+        s = np.divide(amax, np.float32(qmax))
         scales = _half_up(s) if (HALF_SCALES if half is None else half) else None
         scales = s.astype(np.float32) if scales is None else scales
-        used = torch.from_numpy(scales.astype(np.float32))
-        safe = torch.where(used > 0, used, torch.ones_like(used))
-        u = (blocks / safe[:, None]).round_().clamp_(-qmax, qmax).add_(offset)  # codes, as floats
-        codes = pack_codes(u.to(torch.uint8).reshape(-1)[:n].numpy(), bits)
+        used = scales.astype(np.float32)
+        safe = np.where(used > 0, used, np.float32(1))
+        if scratch is None and deq and not first:  # each deQ its own
+            work_t = scratch_floats(None, nb * block)
+            w = work_t.numpy().reshape(nb, block)
+        first = False
+        u = np.divide(b, safe[:, None], out=w)  # round half to even, clamp: the codes, as floats
+        np.add(np.clip(np.rint(u, out=u), -qmax, qmax, out=u), offset, out=u)
+        with np.errstate(invalid="ignore"):  # (only a NaN of tau: its code is unspecified)
+            u8[:] = u.reshape(-1)
+        codes = pack_codes(u8[:n], bits)
         d = None
         if deq:  # as dequantize computes it: f32(u) - offset (0.0 where q was -0.0), times the scale
-            d = u.sub_(offset).mul_(used[:, None]).reshape(-1)[:n]
+            np.multiply(np.subtract(u, offset, out=u), used[:, None], out=u)
+            d = work_t[:n]
         yield codes, np.ascontiguousarray(scales), d
+
+
+def scratch_floats(scratch: torch.Tensor | None, n: int) -> torch.Tensor:
+    """``n`` float32 elements of ``scratch`` (flat), or fresh ones where it is None or too small."""
+    if scratch is not None and scratch.dtype == torch.float32 and scratch.is_contiguous() and scratch.numel() >= n:
+        return scratch.reshape(-1)[:n]
+    return torch.empty(n, dtype=torch.float32)
 
 
 #: Codes handled at a time by the bit-stream (un)packers (a multiple of 8, so each piece starts on
@@ -128,16 +154,31 @@ _PIECE = 1 << 20
 
 def pack_codes(u: np.ndarray, bits: int) -> np.ndarray:
     """Codes of ``bits`` bits as one little-endian bit stream (code i in bits [i*bits, (i+1)*bits)),
-    or, above ``PACKED_BITS``, one byte each."""
+    or, above ``PACKED_BITS``, one byte each. Only a code's low ``bits`` bits are kept. Eight codes
+    make ``bits`` whole bytes: each eight's codes are shifted into one little-endian word (2 and 4
+    bits: into bytes), whose low ``bits`` bytes are the stream's."""
     u = u.astype(np.uint8, copy=False)
     if bits > PACKED_BITS:
         return u.copy()
     out = np.empty(code_bytes(u.size, bits), np.uint8)
+    low = np.uint8((1 << bits) - 1)
     for a in range(0, u.size, _PIECE):
-        piece = u[a : a + _PIECE]
-        stream = np.unpackbits(piece[:, None], axis=1, bitorder="little")[:, :bits].reshape(-1)
-        packed = np.packbits(stream, bitorder="little")
-        out[a * bits // 8 : a * bits // 8 + packed.size] = packed
+        size = min(_PIECE, u.size - a)
+        m = code_bytes(size, bits)
+        piece = np.zeros(-(-size // 8) * 8, np.uint8)  # the last eight padded with zero codes
+        np.bitwise_and(u[a : a + size], low, out=piece[:size])
+        if 8 % bits == 0:  # 8 // bits codes a byte
+            g = piece.reshape(-1, 8 // bits)
+            stream = g[:, 0].copy()
+            for j in range(1, 8 // bits):
+                stream |= g[:, j] << np.uint8(bits * j)
+        else:
+            g = piece.reshape(-1, 8)
+            word = g[:, 0].astype(np.uint32)
+            for j in range(1, 8):
+                word |= g[:, j].astype(np.uint32) << np.uint32(bits * j)
+            stream = word.astype("<u4", copy=False).view(np.uint8).reshape(-1, 4)[:, :bits].reshape(-1)
+        out[a * bits // 8 : a * bits // 8 + m] = stream[:m]
     return out
 
 
