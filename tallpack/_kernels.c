@@ -24,14 +24,16 @@
  *   written to memory and read back: the AVX2 loops test each lane's bit, the others get the bits
  *   unpacked BITS_BLOCK elements at a time into a buffer on the stack.
  *
- *   tall_mask_f32(tau, merged, lam, mask)
+ *   tall_mask_f32(tau, merged, lam, mask, state, at)
  *                                        the packer's TALL mask, mask = |tau| > lam * |merged - tau|
  *                                        (float32, as tall.tall_mask), and the fidelity sums of
- *                                        rec = mask * merged against tau, in one pass
+ *                                        rec = mask * merged against tau, in one pass: elements [at,
+ *                                        at + n) of a tensor, added to a task's state in spec 6.4's
+ *                                        order (kernels.Sums); returns the set bits
  *   tv_sum(base, thetas, kind, out)      the packer's merged vector for Task Arithmetic, out = ((tau_0 + 0)
  *                                        + tau_1) + ..., tau_t = thetas[t] - base, each widened exactly
  *                                        to float32 (kind 0 float32, 1 bfloat16, 2 float16)
- *   tall_mask_tv(theta, base, kind, merged, lam, mask)
+ *   tall_mask_tv(theta, base, kind, merged, lam, mask, state, at)
  *                                        tall_mask_f32 with tau = theta - base computed on the way: the
  *                                        task vectors are never written to memory
  *   max_abs_diff(theta, base, kind)      the largest |theta - base| (a task vector's), as float32 bits
@@ -66,9 +68,20 @@
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <float.h>
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
+
+/* Every loop here rounds each float32 operation to float32 (the same bits as numpy and torch): no
+ * wider evaluation (x87), no fused multiply-add (setup.py: -ffp-contract=off; MSVC's pragma below).
+ * TALLPACK_PORTABLE builds without the AVX2 paths (the tests build it so, to compare the bits). */
+#if defined(FLT_EVAL_METHOD) && FLT_EVAL_METHOD != 0
+#error "tallpack._kernels needs float32 arithmetic evaluated in float32 (FLT_EVAL_METHOD 0); the numpy fallbacks run instead"
+#endif
+#if defined(_MSC_VER) && !defined(__clang__)
+#pragma fp_contract(off)
+#endif
 
 #define MAX_PLANES 16
 /* A mask's length for n elements: n bytes, or ceil(n / 8) bit-packed. */
@@ -89,7 +102,7 @@
 #define WORDS_OK(ptr, size) 0
 #endif
 
-#if defined(__GNUC__) && defined(__x86_64__) && defined(__linux__) && !defined(__clang__)
+#if defined(__GNUC__) && defined(__x86_64__) && defined(__linux__) && !defined(__clang__) && !defined(TALLPACK_PORTABLE)
 #define HOT __attribute__((target_clones("avx2", "default")))
 #else
 #define HOT
@@ -185,7 +198,7 @@ HOT static void tall_planes_loop(const uint8_t *const *b, int rb, const uint8_t 
     }
 }
 
-#if defined(__GNUC__) && defined(__x86_64__) && defined(__linux__) && !defined(__clang__)
+#if defined(__GNUC__) && defined(__x86_64__) && defined(__linux__) && !defined(__clang__) && !defined(TALLPACK_PORTABLE)
 #include <immintrin.h>
 #define HAVE_AVX2_PLANES 1
 
@@ -822,68 +835,262 @@ static PyObject *tall_planes_f16(PyObject *self, PyObject *args) {
 /* The packer's TALL mask in one pass: mask[i] = |tau[i]| > lam * |merged[i] - tau[i]|, each step
  * rounded to float32 as torch's ops on float32 tensors round it (tall.tall_mask: the same bits),
  * and the sums Fidelity reports, of rec = mask * merged against tau: sum tau^2, rec^2, rec*tau and
- * (rec - tau)^2, in float32 lanes (``omp simd``) within blocks of MASK_BLOCK elements and in double
- * across blocks (reported figures, within float32 rounding of torch's float32 dots, which sum in their
- * own order). Branch-free, so it vectorizes. */
+ * (rec - tau)^2, in the one order spec 6.4 defines, so every build, CPU and thread count gets the
+ * same bits (kernels.Sums is the numpy twin; tests compare them):
+ *
+ *   - a tensor's elements in blocks of MASK_BLOCK from its start (the last one may be shorter);
+ *   - within a block, 8 float32 lanes: lane j adds the products of the elements i with i % 8 == j,
+ *     in index order, from +0.0; each product rounded to float32 (no fused multiply-add: setup.py
+ *     builds with -ffp-contract=off), each addition rounded;
+ *   - a block's sum: its lanes added as ((l0 + l4) + (l2 + l6)) + ((l1 + l5) + (l3 + l7)), float32;
+ *   - across blocks (and tensors), exactly: each block's float32 sum is an integer multiple of
+ *     2^-149, kept as its signed 24-bit significand in a bin per exponent (int64: no overflow before
+ *     2^39 blocks), so the total does not depend on how the calls cut the tensors or in which order
+ *     the tensors come; kernels.Sums rounds it once to float64. A block sum that is +-inf or NaN
+ *     (never, within spec 6.3's bound) goes to a float64 sum of its own instead.
+ *
+ * The lanes are plain C arrays whose elements never mix, so any vector width the compiler picks
+ * (AVX2's 8, SSE's 4, none) gives the same bits. A call covers elements [at, at + n) of a tensor:
+ * at % MASK_BLOCK == 0 closes the block left open by the tensor before (a short last block); else
+ * the call continues the open block, which must hold at % MASK_BLOCK elements (from lane at % 8). */
 #define MASK_BLOCK 2048
-typedef struct { double tau_sq, rec_sq, dot, err_sq; } fidelity_sums;
+#define LANES 8
+#define SUMS 4
+#define EXPONENTS 256
+typedef struct {
+    int64_t bins[SUMS][EXPONENTS];  /* exact sums of closed blocks' significands, by float32 exponent field */
+    float lanes[SUMS][LANES];       /* the open block's lanes: tau^2, rec^2, rec*tau, (rec - tau)^2 */
+    double special[SUMS];           /* the sum of closed blocks' infinite or NaN sums */
+    int64_t fill;                   /* elements in the open block */
+} fidelity_state;
+/* kernels.Sums lays the state out so: */
+typedef char fidelity_state_is_8360_bytes[sizeof(fidelity_state) == 8360 ? 1 : -1];
 
-HOT static int64_t tall_mask_loop(const float *tau, const float *merged, float lam, uint8_t *mask, Py_ssize_t n,
-                                  fidelity_sums *out) {
-    int64_t ones = 0;
-    double T = 0, R = 0, D = 0, E = 0;
-    for (Py_ssize_t a = 0; a < n; a += MASK_BLOCK) {
-        Py_ssize_t b = a + MASK_BLOCK < n ? a + MASK_BLOCK : n;
-        float ts = 0, rs = 0, ds = 0, es = 0;
-        int32_t cnt = 0;  /* signed: an int converts to float in one vector instruction */
-#pragma omp simd reduction(+ : ts, rs, ds, es, cnt)
-        for (Py_ssize_t i = a; i < b; i++) {
-            float t = tau[i], m = merged[i];
-            int32_t k = fabsf(t) > fabsf(m - t) * lam;
-            float r = m * (float)k, e = r - t;
-            mask[i] = (uint8_t)k;
-            cnt += k;
-            ts += t * t;
-            rs += r * r;
-            ds += r * t;
-            es += e * e;
-        }
-        ones += cnt;
-        T += ts;
-        R += rs;
-        D += ds;
-        E += es;
+/* One element's mask bit and its products added to lane j. */
+#define MASK_LANE(tau, merged, lam, mask, i, j, cnt, ts, rs, ds, es) do { \
+        float t_ = (tau)[i], m_ = (merged)[i]; \
+        int32_t k_ = fabsf(t_) > fabsf(m_ - t_) * (lam); \
+        float r_ = m_ * (float)k_, e_ = r_ - t_; \
+        (mask)[i] = (uint8_t)k_; \
+        (cnt) += k_; \
+        (ts)[j] += t_ * t_; \
+        (rs)[j] += r_ * r_; \
+        (ds)[j] += r_ * t_; \
+        (es)[j] += e_ * e_; \
+    } while (0)
+
+/* The lanes' loop, W lanes to a vector (GCC's and clang's vector extensions: elementwise IEEE
+ * float32 operations, whatever instructions carry them): W = 8 for AVX2, or two vectors of 4 (SSE2,
+ * NEON). Written as vectors because GCC 12 vectorizes the same loop over arrays of lanes only two
+ * lanes at a time, and lowers 8-lane comparisons to scalar ones without AVX. A mask byte is the low
+ * byte of its lane's 0 or 1 (little-endian: the vectors are only used there). */
+#if (defined(__GNUC__) || defined(__clang__)) && defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+#define HAVE_LANE_VECTORS 1
+#if defined(__clang__)
+#define LOW_BYTES(v, IB, ...) __builtin_shufflevector((v), (v), __VA_ARGS__)
+#else
+#define LOW_BYTES(v, IB, ...) __builtin_shuffle((v), (IB){__VA_ARGS__})
+#endif
+/* Elements [i, i + W) into the lanes (vt, vr, vd, ve: W floats each) and their mask bytes. */
+#define LANES_STEP(F, I, IB, tau, merged, vlam, mask, i, vcnt, vt, vr, vd, ve, ...) do { \
+        const I mag_ = (I){0} + 0x7FFFFFFF; \
+        F t_, m_; \
+        memcpy(&t_, (tau) + (i), sizeof t_); \
+        memcpy(&m_, (merged) + (i), sizeof m_); \
+        I k_ = -((F)((I)t_ & mag_) > (F)((I)(m_ - t_) & mag_) * (vlam)); /* 0 or 1 */ \
+        F r_ = m_ * __builtin_convertvector(k_, F), e_ = r_ - t_; \
+        IB b_ = LOW_BYTES((IB)k_, IB, __VA_ARGS__); \
+        memcpy((mask) + (i), &b_, sizeof(F) / 4); \
+        (vcnt) += k_; \
+        (vt) += t_ * t_; \
+        (vr) += r_ * r_; \
+        (vd) += r_ * t_; \
+        (ve) += e_ * e_; \
+    } while (0)
+
+typedef float f32x4 __attribute__((vector_size(16)));
+typedef int32_t i32x4 __attribute__((vector_size(16)));
+typedef uint8_t u8x16 __attribute__((vector_size(16)));
+#define BYTES4 0, 4, 8, 12, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0
+
+/* Lanes 0-3 and 4-7 as two vectors; returns the set bits. Elements and lanes as taken element by
+ * element (a vector's element j is lane j, or j + 4), so the bits of the scalar loop. */
+static Py_ssize_t lanes_x4(const float *tau, const float *merged, float lam, uint8_t *mask, Py_ssize_t n,
+                           float ts[LANES], float rs[LANES], float ds[LANES], float es[LANES], int64_t *cnt) {
+    f32x4 t0, r0, d0, e0, t1, r1, d1, e1;
+    for (int j = 0; j < 4; j++) {
+        t0[j] = ts[j], r0[j] = rs[j], d0[j] = ds[j], e0[j] = es[j];
+        t1[j] = ts[j + 4], r1[j] = rs[j + 4], d1[j] = ds[j + 4], e1[j] = es[j + 4];
     }
-    out->tau_sq = T;
-    out->rec_sq = R;
-    out->dot = D;
-    out->err_sq = E;
+    const f32x4 vlam = (f32x4){0} + lam;
+    i32x4 c0 = {0}, c1 = {0};
+    Py_ssize_t i = 0;
+    for (; i + LANES <= n; i += LANES) {
+        LANES_STEP(f32x4, i32x4, u8x16, tau, merged, vlam, mask, i, c0, t0, r0, d0, e0, BYTES4);
+        LANES_STEP(f32x4, i32x4, u8x16, tau, merged, vlam, mask, i + 4, c1, t1, r1, d1, e1, BYTES4);
+    }
+    for (int j = 0; j < 4; j++) {
+        *cnt += c0[j] + c1[j];
+        ts[j] = t0[j], rs[j] = r0[j], ds[j] = d0[j], es[j] = e0[j];
+        ts[j + 4] = t1[j], rs[j + 4] = r1[j], ds[j + 4] = d1[j], es[j + 4] = e1[j];
+    }
+    return i;
+}
+
+#ifdef HAVE_AVX2_PLANES
+typedef float f32x8 __attribute__((vector_size(32)));
+typedef int32_t i32x8 __attribute__((vector_size(32)));
+typedef uint8_t u8x32 __attribute__((vector_size(32)));
+#define BYTES8 0, 4, 8, 12, 16, 20, 24, 28, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0
+
+/* lanes_x4 with the eight lanes in one AVX2 vector: the same bits. */
+__attribute__((target("avx2"))) static Py_ssize_t lanes_x8(const float *tau, const float *merged, float lam,
+                                                            uint8_t *mask, Py_ssize_t n, float ts[LANES],
+                                                            float rs[LANES], float ds[LANES], float es[LANES],
+                                                            int64_t *cnt) {
+    f32x8 vt, vr, vd, ve;  /* element by element, not memcpy: a vector whose address is taken stays in memory */
+    for (int j = 0; j < LANES; j++)
+        vt[j] = ts[j], vr[j] = rs[j], vd[j] = ds[j], ve[j] = es[j];
+    const f32x8 vlam = (f32x8){0} + lam;
+    i32x8 c = {0};
+    Py_ssize_t i = 0;
+    for (; i + LANES <= n; i += LANES)
+        LANES_STEP(f32x8, i32x8, u8x32, tau, merged, vlam, mask, i, c, vt, vr, vd, ve, BYTES8);
+    for (int j = 0; j < LANES; j++) {
+        *cnt += c[j];
+        ts[j] = vt[j], rs[j] = vr[j], ds[j] = vd[j], es[j] = ve[j];
+    }
+    return i;
+}
+#endif
+#endif
+
+/* mask and lanes of n <= MASK_BLOCK elements, the first in lane j0; returns the set bits. */
+static int64_t mask_lanes(const float *tau, const float *merged, float lam, uint8_t *mask, Py_ssize_t n,
+                          float lanes[SUMS][LANES], int avx2, int j0) {
+    float ts[LANES], rs[LANES], ds[LANES], es[LANES];
+    memcpy(ts, lanes[0], sizeof ts);
+    memcpy(rs, lanes[1], sizeof rs);
+    memcpy(ds, lanes[2], sizeof ds);
+    memcpy(es, lanes[3], sizeof es);
+    int64_t cnt = 0;
+    Py_ssize_t i = 0;
+    for (int j = j0; j0 && j < LANES && i < n; i++, j++)  /* a call that starts within a row of 8 */
+        MASK_LANE(tau, merged, lam, mask, i, j, cnt, ts, rs, ds, es);
+#ifdef HAVE_LANE_VECTORS
+#ifdef HAVE_AVX2_PLANES
+    if (avx2)
+        i += lanes_x8(tau + i, merged + i, lam, mask + i, n - i, ts, rs, ds, es, &cnt);
+    else
+#endif
+        i += lanes_x4(tau + i, merged + i, lam, mask + i, n - i, ts, rs, ds, es, &cnt);
+#endif
+    (void)avx2;
+    for (; i + LANES <= n; i += LANES)
+        for (int j = 0; j < LANES; j++)
+            MASK_LANE(tau, merged, lam, mask, i + j, j, cnt, ts, rs, ds, es);
+    for (int j = 0; i + j < n; j++)  /* a tensor's last elements */
+        MASK_LANE(tau, merged, lam, mask, i + j, j, cnt, ts, rs, ds, es);
+    memcpy(lanes[0], ts, sizeof ts);
+    memcpy(lanes[1], rs, sizeof rs);
+    memcpy(lanes[2], ds, sizeof ds);
+    memcpy(lanes[3], es, sizeof es);
+    return cnt;
+}
+
+/* Whether mask_lanes may take its AVX2 loop. */
+static int lanes_avx2(void) {
+#ifdef HAVE_AVX2_PLANES
+    return __builtin_cpu_supports("avx2");
+#else
+    return 0;
+#endif
+}
+
+/* The open block's sums into the bins, its lanes back to +0.0. */
+static void close_block(fidelity_state *st) {
+    for (int k = 0; k < SUMS; k++) {
+        const float *l = st->lanes[k];
+        float s = ((l[0] + l[4]) + (l[2] + l[6])) + ((l[1] + l[5]) + (l[3] + l[7]));
+        uint32_t u;
+        memcpy(&u, &s, 4);
+        uint32_t e = (u >> 23) & 0xFFu;
+        if (e == 0xFFu) {
+            st->special[k] += (double)s;
+        } else {
+            int64_t m = (int64_t)((u & 0x7FFFFFu) | (e ? 0x800000u : 0u));
+            st->bins[k][e] += (u >> 31) ? -m : m;
+        }
+    }
+    memset(st->lanes, 0, sizeof st->lanes);
+    st->fill = 0;
+}
+
+/* Whether a call for elements [at, at + n) may go on from the state (with an exception set if not). */
+static int state_ok(const char *who, fidelity_state *st, Py_ssize_t at) {
+    if (at >= 0 && (at % MASK_BLOCK == 0 || st->fill == at % MASK_BLOCK)
+        && st->fill >= 0 && st->fill < MASK_BLOCK)
+        return 1;
+    PyErr_Format(PyExc_ValueError, "%s: elements from %zd do not follow the %lld of the open block", who, at,
+                 (long long)st->fill);
+    return 0;
+}
+
+/* The elements [pos, pos + len) of the open block: len <= MASK_BLOCK - pos. */
+#define NEXT_PIECE(st, n, i) ((n) - (i) < MASK_BLOCK - (st)->fill ? (n) - (i) : MASK_BLOCK - (st)->fill)
+
+static int64_t tall_mask_loop(const float *tau, const float *merged, float lam, uint8_t *mask, Py_ssize_t n,
+                              Py_ssize_t at, fidelity_state *st) {
+    int64_t ones = 0;
+    int avx2 = lanes_avx2();
+    if (at % MASK_BLOCK == 0 && st->fill)
+        close_block(st);
+    for (Py_ssize_t i = 0; i < n;) {
+        Py_ssize_t len = NEXT_PIECE(st, n, i);
+        ones += mask_lanes(tau + i, merged + i, lam, mask + i, len, st->lanes, avx2, (int)(st->fill % LANES));
+        i += len;
+        st->fill += len;
+        if (st->fill == MASK_BLOCK)
+            close_block(st);
+    }
     return ones;
 }
 
+/* A state buffer as the struct, or NULL with an exception set. */
+static fidelity_state *state_of(const char *who, Py_buffer *b) {
+    if (b->len == (Py_ssize_t)sizeof(fidelity_state) && WORDS_OK(b->buf, 8))
+        return (fidelity_state *)b->buf;
+    PyErr_Format(PyExc_ValueError, "%s: a fidelity state is %zd aligned bytes, got %zd", who,
+                 (Py_ssize_t)sizeof(fidelity_state), b->len);
+    return NULL;
+}
+
 static PyObject *tall_mask_f32(PyObject *self, PyObject *args) {
-    Py_buffer tau, merged, mask;
+    Py_buffer tau, merged, mask, state;
     float lam;
-    if (!PyArg_ParseTuple(args, "y*y*fw*:tall_mask_f32", &tau, &merged, &lam, &mask))
+    Py_ssize_t at;
+    if (!PyArg_ParseTuple(args, "y*y*fw*w*n:tall_mask_f32", &tau, &merged, &lam, &mask, &state, &at))
         return NULL;
     Py_ssize_t n = mask.len;
     int ok = tau.len == 4 * n && merged.len == 4 * n && WORDS_OK(tau.buf, 4) && WORDS_OK(merged.buf, 4);
-    int64_t ones = 0;
-    fidelity_sums sums = {0, 0, 0, 0};
-    if (ok) {
-        Py_BEGIN_ALLOW_THREADS
-        ones = tall_mask_loop((const float *)tau.buf, (const float *)merged.buf, lam, (uint8_t *)mask.buf, n, &sums);
-        Py_END_ALLOW_THREADS
-    } else {
+    if (!ok)
         PyErr_Format(PyExc_ValueError, "tall_mask_f32: %zd and %zd bytes of aligned float32 for %zd mask bytes",
                      tau.len, merged.len, n);
+    fidelity_state *st = ok ? state_of("tall_mask_f32", &state) : NULL;
+    ok = st != NULL && state_ok("tall_mask_f32", st, at);
+    int64_t ones = 0;
+    if (ok) {
+        Py_BEGIN_ALLOW_THREADS
+        ones = tall_mask_loop((const float *)tau.buf, (const float *)merged.buf, lam, (uint8_t *)mask.buf, n, at, st);
+        Py_END_ALLOW_THREADS
     }
     PyBuffer_Release(&tau);
     PyBuffer_Release(&merged);
     PyBuffer_Release(&mask);
+    PyBuffer_Release(&state);
     if (!ok)
         return NULL;
-    return Py_BuildValue("Ldddd", (long long)ones, sums.tau_sq, sums.rec_sq, sums.dot, sums.err_sq);
+    return PyLong_FromLongLong((long long)ones);
 }
 
 /* -- the packer's task vectors and their sum --------------------------------------------------- */
@@ -976,26 +1183,25 @@ static void tv_sum_loop(int kind, const void *base, const void *const *thetas, P
     }
 }
 
-/* tall_mask_loop with tau = widen(theta) - widen(theta_0) computed a block at a time on the stack:
- * the same blocks of MASK_BLOCK elements, so the same mask bits and the same sums. */
+/* tall_mask_loop with tau = widen(theta) - widen(theta_0) computed on the stack, a piece of the open
+ * block at a time: the same mask bits and the same state. */
 static int64_t tall_mask_tv_loop(int kind, const void *theta, const void *base, const float *merged, float lam,
-                                 uint8_t *mask, Py_ssize_t n, fidelity_sums *out) {
-    int f16c = has_f16c(kind);
+                                 uint8_t *mask, Py_ssize_t n, Py_ssize_t at, fidelity_state *st) {
+    int f16c = has_f16c(kind), avx2 = lanes_avx2();
     float bw[MASK_BLOCK], xw[MASK_BLOCK], tau[MASK_BLOCK];
     int64_t ones = 0;
-    fidelity_sums total = {0, 0, 0, 0};
-    for (Py_ssize_t a = 0; a < n; a += MASK_BLOCK) {
-        Py_ssize_t len = n - a < MASK_BLOCK ? n - a : MASK_BLOCK;
+    if (at % MASK_BLOCK == 0 && st->fill)
+        close_block(st);
+    for (Py_ssize_t a = 0; a < n;) {
+        Py_ssize_t len = NEXT_PIECE(st, n, a);
         const float *b32 = widened(kind, f16c, base, a, len, bw);
         sub_f32(widened(kind, f16c, theta, a, len, xw), b32, tau, len);
-        fidelity_sums part;
-        ones += tall_mask_loop(tau, merged + a, lam, mask + a, len, &part);
-        total.tau_sq += part.tau_sq;
-        total.rec_sq += part.rec_sq;
-        total.dot += part.dot;
-        total.err_sq += part.err_sq;
+        ones += mask_lanes(tau, merged + a, lam, mask + a, len, st->lanes, avx2, (int)(st->fill % LANES));
+        a += len;
+        st->fill += len;
+        if (st->fill == MASK_BLOCK)
+            close_block(st);
     }
-    *out = total;
     return ones;
 }
 
@@ -1140,33 +1346,36 @@ done:
 }
 
 static PyObject *tall_mask_tv(PyObject *self, PyObject *args) {
-    Py_buffer theta, base, merged, mask;
+    Py_buffer theta, base, merged, mask, state;
     int kind;
     float lam;
-    if (!PyArg_ParseTuple(args, "y*y*iy*fw*:tall_mask_tv", &theta, &base, &kind, &merged, &lam, &mask))
+    Py_ssize_t at;
+    if (!PyArg_ParseTuple(args, "y*y*iy*fw*w*n:tall_mask_tv", &theta, &base, &kind, &merged, &lam, &mask, &state, &at))
         return NULL;
     Py_ssize_t n = mask.len;
     int size = kind_size(kind);
     int ok = size && theta.len == size * n && base.len == size * n && merged.len == 4 * n
              && WORDS_OK(theta.buf, size) && WORDS_OK(base.buf, size) && WORDS_OK(merged.buf, 4);
+    if (!ok)
+        PyErr_Format(PyExc_ValueError, "tall_mask_tv: kind %d, theta %zd, base %zd, merged %zd bytes (or misaligned) "
+                     "for %zd mask bytes", kind, theta.len, base.len, merged.len, n);
+    fidelity_state *st = ok ? state_of("tall_mask_tv", &state) : NULL;
+    ok = st != NULL && state_ok("tall_mask_tv", st, at);
     int64_t ones = 0;
-    fidelity_sums sums = {0, 0, 0, 0};
     if (ok) {
         Py_BEGIN_ALLOW_THREADS
         ones = tall_mask_tv_loop(kind, theta.buf, base.buf, (const float *)merged.buf, lam, (uint8_t *)mask.buf, n,
-                                 &sums);
+                                 at, st);
         Py_END_ALLOW_THREADS
-    } else {
-        PyErr_Format(PyExc_ValueError, "tall_mask_tv: kind %d, theta %zd, base %zd, merged %zd bytes (or misaligned) "
-                     "for %zd mask bytes", kind, theta.len, base.len, merged.len, n);
     }
     PyBuffer_Release(&theta);
     PyBuffer_Release(&base);
     PyBuffer_Release(&merged);
     PyBuffer_Release(&mask);
+    PyBuffer_Release(&state);
     if (!ok)
         return NULL;
-    return Py_BuildValue("Ldddd", (long long)ones, sums.tau_sq, sums.rec_sq, sums.dot, sums.err_sq);
+    return PyLong_FromLongLong((long long)ones);
 }
 
 /* -- TIES (merging.Ties): the threshold's histograms, the elected signs, the disjoint sum --------- */
@@ -1700,11 +1909,12 @@ static PyMethodDef methods[] = {
     {"tall_planes_f16", tall_planes_f16, METH_VARARGS,
      "tall_planes_f16(base_planes, rb, merged_planes, rm, mask, out, bits=False): tall_planes for a float16 base and output"},
     {"tall_mask_f32", tall_mask_f32, METH_VARARGS,
-     "tall_mask_f32(tau, merged, lam, mask): the TALL mask and (ones, tau_sq, rec_sq, dot, err_sq) in one pass"},
+     "tall_mask_f32(tau, merged, lam, mask, state, at): the TALL mask, its set bits returned, and the fidelity sums "
+     "of elements [at, at + n) of a tensor added to state"},
     {"tv_sum", tv_sum, METH_VARARGS,
      "tv_sum(base, thetas, kind, out): out = sum of widen(thetas[t]) - widen(base), float32, in task order"},
     {"tall_mask_tv", tall_mask_tv, METH_VARARGS,
-     "tall_mask_tv(theta, base, kind, merged, lam, mask): tall_mask_f32 of tau = widen(theta) - widen(base)"},
+     "tall_mask_tv(theta, base, kind, merged, lam, mask, state, at): tall_mask_f32 of tau = widen(theta) - widen(base)"},
     {"max_abs_diff", max_abs_diff, METH_VARARGS,
      "max_abs_diff(theta, base, kind): the largest |theta - base| (widened to float32) as its float32 bits"},
     {"ties_hist", ties_hist, METH_VARARGS,

@@ -2,11 +2,11 @@
 
 ``setup.py`` builds the C module when the machine installing tallpack has a C compiler; without
 one the install still succeeds and these functions run their numpy fallbacks, which give the
-same bytes in more passes over memory (BENCHMARKS.md measures both): the same tensors and stored
-arrays; only the float64 sums of a packed task's fidelity figures (``tall.Fidelity``: ``rel_l2``,
-``cosine`` in the manifest) are added in another order, agreeing to about 1e-6, so an archive
-packed without the loops differs in those figures' last digits. ``TALLPACK_NO_KERNELS=1``
-in the environment makes a process use the fallbacks (the tests compare the two).
+same bytes in more passes over memory (BENCHMARKS.md measures both): the same tensors, stored
+arrays and fidelity figures (``Sums``: one summation order, spec §6.4, for the compiled loop and
+its numpy twin, whatever the CPU or thread count), so an archive packed without the loops is the
+same file. ``TALLPACK_NO_KERNELS=1`` in the environment makes a process use the fallbacks (the
+tests compare the two).
 """
 
 from __future__ import annotations
@@ -342,16 +342,164 @@ def _tall_planes_numpy(base: Sequence[np.ndarray], rb: int, merged: Sequence[np.
             np.add(joined[0], mask[a:b].astype(np.float32) * joined[1], out=out[a:b])
 
 
-def tall_mask(tau: np.ndarray, merged: np.ndarray, lam: float, mask: np.ndarray
-              ) -> tuple[int, float, float, float, float] | None:
+#: Elements of a fidelity block (spec §6.4; ``MASK_BLOCK`` in _kernels.c) and its float32 lanes.
+SUM_BLOCK, SUM_LANES = 2048, 8
+#: The exponent fields of float32: a block sum's bin.
+_EXPONENTS = 256
+
+
+class Sums:
+    """One task's fidelity sums (``tall.Fidelity``): sum tau^2, rec^2, rec*tau and (rec - tau)^2 over
+    the elements of its tensors, in one order whatever the build, CPU or thread count (spec §6.4):
+    each tensor in blocks of SUM_BLOCK elements from its start; within a block, float32 lane j
+    (of SUM_LANES) adds the float32 products of the elements i with i % 8 == j, in index order, from
+    +0.0; the block's sum is ``((l0 + l4) + (l2 + l6)) + ((l1 + l5) + (l3 + l7))`` in float32; the
+    blocks' sums are added exactly (each an integer multiple of 2^-149: its significand in a bin per
+    exponent) and the total rounded once to float64 (:meth:`totals`). So the figures do not depend
+    on how the packer cuts a tensor into calls, nor on the order of the tensors.
+
+    ``state`` is what the compiled loops (``_kernels.tall_mask_f32``, ``tall_mask_tv``) update in
+    place: int64 bins (4, 256), the open block's float32 lanes (4, 8), a float64 sum per figure of
+    the blocks whose sum is +-inf or NaN, and the open block's element count. A call covers
+    elements [at, at + n) of one tensor: ``at`` a multiple of SUM_BLOCK closes the block the tensor
+    before left open; else the call goes on with the open block. :meth:`add` is the numpy twin.
+
+    >>> s = Sums(); s.add(np.ones(3, np.float32), np.ones(3, np.float32)); s.totals()
+    (3.0, 3.0, 3.0, 0.0)
+    """
+
+    def __init__(self) -> None:
+        self.state = np.zeros(1045, np.int64)  # 8360 bytes, as _kernels.c's fidelity_state
+
+    def __deepcopy__(self, memo: dict) -> "Sums":
+        copy = Sums()
+        copy.state[:] = self.state
+        return copy
+
+    @property
+    def _bins(self) -> np.ndarray:
+        return self.state[:1024].reshape(4, _EXPONENTS)
+
+    @property
+    def _lanes(self) -> np.ndarray:
+        return self.state[1024:1040].view(np.float32).reshape(4, SUM_LANES)
+
+    @property
+    def _special(self) -> np.ndarray:
+        return self.state[1040:1044].view(np.float64)
+
+    def _begin(self, at: int) -> int:
+        """Check that a call for elements from ``at`` may go on from here; returns the open block's
+        elements (0 after closing the one a tensor before left)."""
+        fill = int(self.state[1044])
+        if at < 0 or (at % SUM_BLOCK and fill != at % SUM_BLOCK):
+            raise ValueError(f"fidelity sums: elements from {at} do not follow the {fill} of the open block")
+        if at % SUM_BLOCK == 0 and fill:
+            self._close(self._lanes[:, None, :].copy())
+            self._lanes[...] = 0
+            fill = self.state[1044] = 0
+        return fill
+
+    def _close(self, lanes: np.ndarray) -> None:
+        """Blocks' lanes (4, blocks, 8) into the bins."""
+        lanes = lanes.astype(np.float32, copy=False)
+        l0, l1, l2, l3, l4, l5, l6, l7 = (lanes[..., j] for j in range(SUM_LANES))
+        with np.errstate(all="ignore"):  # float32, each addition rounded (IEEE: inf past the range)
+            block = ((l0 + l4) + (l2 + l6)) + ((l1 + l5) + (l3 + l7))
+        u = block.view(np.uint32)
+        e = (u >> 23) & 0xFF
+        m = ((u & 0x7FFFFF) | np.where(e > 0, 0x800000, 0).astype(np.uint32)).astype(np.int64)
+        m = np.where(u >> 31 != 0, -m, m)
+        finite = e != 0xFF
+        bins = self._bins
+        for k in range(4):
+            np.add.at(bins[k], e[k][finite[k]], m[k][finite[k]])
+            for v in block[k][~finite[k]]:  # +-inf or NaN: never within spec §6.3's bound
+                self._special[k] += float(v)
+
+    def add(self, tau: np.ndarray, rec: np.ndarray, at: int = 0) -> None:
+        """Elements [at, at + n) of a tensor: ``tau`` and ``rec`` float32 (n each), their sums in
+        the compiled loops' order (the numpy twin: the same bits)."""
+        tau = np.ascontiguousarray(tau, np.float32).reshape(-1)
+        rec = np.ascontiguousarray(rec, np.float32).reshape(-1)
+        fill = self._begin(at)
+        n = tau.size
+        if n == 0:
+            return
+        total = fill + n
+        blocks = -(-total // SUM_BLOCK)
+        rows = SUM_BLOCK // SUM_LANES
+        # Each block's elements as rows of 8, +0.0 where it has none (adding +0.0 changes no lane:
+        # a lane is never -0.0), laid out (rows + 1, blocks, 8): row 0 the lanes each block starts
+        # from (the open block's, then +0.0). numpy reduces axis 0 of a C-contiguous array one row at
+        # a time, in order (the tests compare it with the C loop): the lanes' additions in index order.
+        tt, rr, err = (_scratch(name, blocks * SUM_BLOCK) for name in ("sums.tau", "sums.rec", "sums.err"))
+        for x, v in ((tt, tau), (rr, rec)):
+            x[:fill] = 0
+            x[fill:total] = v
+            x[total:] = 0
+        grid = _scratch("sums.grid", (rows + 1) * blocks * SUM_LANES).reshape(rows + 1, blocks, SUM_LANES)
+        lanes = np.empty((4, blocks, SUM_LANES), np.float32)
+        with np.errstate(all="ignore"):  # IEEE results, as the C loop's
+            t3, r3 = tt.reshape(blocks, rows, SUM_LANES), rr.reshape(blocks, rows, SUM_LANES)
+            err = np.subtract(r3, t3, out=err.reshape(blocks, rows, SUM_LANES))
+            for k, (a, b) in enumerate(((t3, t3), (r3, r3), (r3, t3), (err, err))):
+                np.multiply(a, b, out=grid[1:].transpose(1, 0, 2))
+                grid[0] = 0
+                grid[0, 0] = self._lanes[k]
+                np.add.reduce(grid, axis=0, out=lanes[k])
+        done = blocks if total % SUM_BLOCK == 0 else blocks - 1
+        if done:
+            self._close(lanes[:, :done])
+        self._lanes[...] = lanes[:, done] if done < blocks else 0
+        self.state[1044] = total % SUM_BLOCK
+
+    def totals(self) -> tuple[float, float, float, float]:
+        """The four sums, each rounded once to float64 from its exact value (the open block's
+        sum included); a sum with a block past float32's range is that float64 sum of theirs."""
+        bins, special = self._bins, self._special
+        fill = int(self.state[1044])
+        lanes = self._lanes.astype(np.float32)
+        out = []
+        for k in range(4):
+            if special[k] != 0 or np.isnan(special[k]):
+                out.append(float(special[k]))
+                continue
+            exact = sum(int(v) << max(e - 1, 0) for e, v in enumerate(bins[k].tolist()) if v)  # units of 2^-149
+            if fill:
+                l0, l1, l2, l3, l4, l5, l6, l7 = lanes[k]
+                with np.errstate(all="ignore"):
+                    last = float(((l0 + l4) + (l2 + l6)) + ((l1 + l5) + (l3 + l7)))
+                if not math.isfinite(last):
+                    out.append(last)
+                    continue
+                exact += int(last * 2.0**149)
+            out.append(exact / (1 << 149))  # int / int: correctly rounded
+        return out[0], out[1], out[2], out[3]
+
+
+def _scratch(name: str, n: int) -> np.ndarray:
+    """n float32 elements of a buffer this thread reuses (``Sums.add``'s: fresh pages per call cost
+    as much as its arithmetic); valid until its next use."""
+    bufs = getattr(_local, "scratch", None)
+    if bufs is None:
+        bufs = _local.scratch = {}
+    b = bufs.get(name)
+    if b is None or b.size < n:
+        b = bufs[name] = np.empty(n, np.float32)
+    return b[:n]
+
+
+def tall_mask(tau: np.ndarray, merged: np.ndarray, lam: float, mask: np.ndarray, sums: Sums | None = None,
+              at: int = 0) -> int | None:
     """The packer's TALL mask ``|tau| > lam * |merged - tau|`` (float32, lam rounded to float32)
-    written into ``mask`` (n bytes), and (set bits, sum tau^2, sum rec^2, sum rec*tau, sum
-    (rec - tau)^2) for ``rec = mask * merged``, in one pass; None, doing nothing, without the
-    compiled loops or for unaligned floats (the caller then runs ``tall.tall_mask`` and
-    ``Fidelity.add``: the same mask bits)."""
+    written into ``mask`` (n bytes), and the fidelity sums of ``rec = mask * merged`` against
+    ``tau`` added to ``sums``, when given (elements [at, at + n) of a tensor), in one pass; returns
+    the set bits. None, doing nothing, without the compiled loops or for unaligned floats (the
+    caller then runs ``tall.tall_mask`` and ``Fidelity.add``: the same mask bits and sums)."""
     if _kernels is None or not (tau.flags.aligned and merged.flags.aligned):
         return None
-    return _kernels.tall_mask_f32(tau, merged, lam, mask)
+    return _kernels.tall_mask_f32(tau, merged, lam, mask, (Sums() if sums is None else sums).state, at)
 
 
 #: The element kinds ``tv_sum`` and ``tall_mask_tv`` widen to float32: float32, bfloat16 and
@@ -376,14 +524,16 @@ def tv_sum(base: np.ndarray, thetas: Sequence[np.ndarray], kind: str, out: np.nd
     return True
 
 
-def tall_mask_tv(theta: np.ndarray, base: np.ndarray, kind: str, merged: np.ndarray, lam: float, mask: np.ndarray
-                 ) -> tuple[int, float, float, float, float] | None:
+def tall_mask_tv(theta: np.ndarray, base: np.ndarray, kind: str, merged: np.ndarray, lam: float, mask: np.ndarray,
+                 sums: Sums | None = None, at: int = 0) -> int | None:
     """:func:`tall_mask` with ``tau = widen(theta) - widen(base)`` computed a block at a time on the
-    way (``kind`` as for :func:`tv_sum`): the same mask bits and sums, the task vector never
-    written to memory. None, doing nothing, without the compiled loops or for unaligned arrays."""
+    way (``kind`` as for :func:`tv_sum`): the same mask bits and sums (into ``sums``, when given),
+    the task vector never written to memory. None, doing nothing, without the compiled loops or for
+    unaligned arrays."""
     if _kernels is None or not _fit(theta, base, merged):
         return None
-    return _kernels.tall_mask_tv(theta, base, KINDS.index(kind), merged, lam, mask)
+    return _kernels.tall_mask_tv(theta, base, KINDS.index(kind), merged, lam, mask,
+                                 (Sums() if sums is None else sums).state, at)
 
 
 def max_abs_diff(theta: np.ndarray, base: np.ndarray, kind: str) -> float | None:

@@ -69,18 +69,29 @@ def tall_mask(tau_t: torch.Tensor, tau_mtl: torch.Tensor, lam: float, out: torch
 
 
 def tall_mask_with_fidelity(tau_t: torch.Tensor, tau_mtl: torch.Tensor, lam: float, out: torch.Tensor,
-                            fidelity: "Fidelity", ws: Workspace | None = None) -> int:
-    """:func:`tall_mask` into ``out`` (bool) and :meth:`Fidelity.add` of it; returns the set bits.
-    One compiled pass over a contiguous float32 block on the CPU (``kernels.tall_mask``: the same
-    mask bits, 2-3x faster than the dozen torch passes), else the two calls."""
+                            fidelity: "Fidelity", ws: Workspace | None = None, at: int = 0) -> int:
+    """:func:`tall_mask` into ``out`` (bool) and :meth:`Fidelity.add` of it, the block being
+    elements [at, at + n) of its tensor; returns the set bits. One compiled pass over a contiguous
+    float32 block on the CPU (``kernels.tall_mask``: the same mask bits and sums, 2-3x faster than
+    the dozen torch passes), else the two calls."""
     if tau_t.dtype == tau_mtl.dtype == torch.float32 and _one_pass(tau_t, out, tau_mtl):  # as tall_f32 needs
-        got = kernels.tall_mask(_flat(tau_t), _flat(tau_mtl), lam, _flat(out.view(torch.uint8)))
-        if got is not None:
-            ones, *sums = got
-            fidelity.add_sums(ones, out.numel(), *sums)
+        ones = kernels.tall_mask(_flat(tau_t), _flat(tau_mtl), lam, _flat(out.view(torch.uint8)), fidelity.sums, at)
+        if ones is not None:
+            fidelity.count(ones, out.numel())
             return ones
     tall_mask(tau_t, tau_mtl, lam, out=out, ws=ws)
-    return fidelity.add(tau_t, out, tau_mtl, ws)
+    return fidelity.add(tau_t, out, tau_mtl, ws, at)
+
+
+def tall_mask_tv_with_fidelity(theta: np.ndarray, base: np.ndarray, kind: str, merged: np.ndarray, lam: float,
+                               mask: np.ndarray, fidelity: "Fidelity", at: int) -> int | None:
+    """``kernels.tall_mask_tv`` (the task vector computed on the way) with its sums added to
+    ``fidelity``, the block being elements [at, at + n) of its tensor; returns the set bits, or
+    None without the compiled loops (as ``tall_mask_tv``)."""
+    ones = kernels.tall_mask_tv(theta, base, kind, merged, lam, mask, fidelity.sums, at)
+    if ones is not None:
+        fidelity.count(ones, mask.size)
+    return ones
 
 
 def blocks(base: torch.Tensor, thetas: list[torch.Tensor], chunk_elements: int, ws: Workspace | None = None
@@ -121,8 +132,8 @@ TALL_RANGE = 2.0 ** 50
 def in_tall_range(base: torch.Tensor, thetas: list[torch.Tensor]) -> bool:
     """Whether a tensor can be stored with TALL masks: every task vector finite (no inf or NaN in
     the inputs, no difference that overflows) and below ``TALL_RANGE / (T + 1)`` in magnitude, so
-    that neither the merged vector nor the fidelity sums (float32 dots of up to 2^22 elements)
-    overflow float32. (A merged vector that overflowed would rebuild the elements a mask leaves out
+    that neither the merged vector nor the fidelity sums (float32 within blocks of
+    ``kernels.SUM_BLOCK`` elements) overflow float32. (A merged vector that overflowed would rebuild the elements a mask leaves out
     as NaN, 0 * inf; fidelity sums that overflowed cannot be written to the manifest.) Fine-tuned
     weights are many orders of magnitude below it; a tensor that is not is stored exactly
     (task-own). One compiled pass over each task's and the base's values (``kernels.max_abs_diff``),
@@ -173,6 +184,11 @@ def _one_pass(theta_0: torch.Tensor, mask: "torch.Tensor | Bits", tau_mtl: torch
 
 def _flat(t: torch.Tensor) -> np.ndarray:
     return t.reshape(-1).numpy()
+
+
+def _numpy32(t: torch.Tensor) -> np.ndarray:
+    """A tensor's elements as flat float32 numpy (on the CPU)."""
+    return t.detach().reshape(-1).to(device="cpu", dtype=torch.float32).numpy()
 
 
 def _bytes(mask: torch.Tensor) -> torch.Tensor:
@@ -355,15 +371,12 @@ OVERFLOW_POSITIONS = 1 << 20
 @dataclass
 class Fidelity:
     """Weight-space fidelity of one task's reconstructed task vector ``m_t * tau_MTL`` against
-    ``tau_t``: float32 dot products per block (BLAS; or the compiled pass's float32 lanes,
-    ``tall_mask_with_fidelity``), accumulated over blocks in float64. These are reported figures,
-    not reconstruction inputs, so float32 blocks are precise enough (the two ways agree to about
-    1e-6 of each sum, not to the bit)."""
+    ``tau_t``: sums over its tensors' elements in the one order of spec §6.4 (``kernels.Sums``:
+    float32 lanes within blocks of 2048 elements, the blocks added exactly and rounded once), the
+    compiled pass's and the numpy fallback's alike, so the figures are the same bits on every
+    build, CPU and thread count."""
 
-    tau_sq: float = 0.0
-    rec_sq: float = 0.0
-    dot: float = 0.0
-    err_sq: float = 0.0
+    sums: kernels.Sums = field(default_factory=kernels.Sums)
     ones: int = 0
     numel: int = 0
     #: per tensor, how many elements the task rebuilds as +-inf or NaN where its original is
@@ -373,36 +386,46 @@ class Fidelity:
     overflow: dict[str, int] = field(default_factory=dict)
     overflow_at: dict[str, torch.Tensor] = field(default_factory=dict)
 
-    def add(self, tau_t: torch.Tensor, mask: torch.Tensor, tau_mtl: torch.Tensor, ws: Workspace | None = None) -> int:
-        """Accumulate one block; returns its number of set mask bits."""
+    @property
+    def tau_sq(self) -> float:
+        return self.sums.totals()[0]
+
+    @property
+    def rec_sq(self) -> float:
+        return self.sums.totals()[1]
+
+    @property
+    def dot(self) -> float:
+        return self.sums.totals()[2]
+
+    @property
+    def err_sq(self) -> float:
+        return self.sums.totals()[3]
+
+    def add(self, tau_t: torch.Tensor, mask: torch.Tensor, tau_mtl: torch.Tensor, ws: Workspace | None = None,
+            at: int = 0) -> int:
+        """Accumulate one block, elements [at, at + n) of its tensor (``kernels.Sums.add``, the
+        compiled loop's numpy twin); returns its number of set mask bits."""
         if ws is None:
             rec = (mask.to(torch.float32) * tau_mtl).reshape(-1)
         else:
             rec = ws.get("rec", mask.numel())
             rec.copy_(_bytes(mask.reshape(-1))).mul_(tau_mtl.reshape(-1))
-        tau = tau_t.reshape(-1)
-        tau_sq, rec_sq, dot = float(torch.dot(tau, tau)), float(torch.dot(rec, rec)), float(torch.dot(rec, tau))
-        err = rec.sub_(tau)  # rec is not needed any more
+        self.sums.add(_numpy32(tau_t), _numpy32(rec), at)
         ones = int(torch.count_nonzero(mask))  # far faster than a bool sum
-        self.add_sums(ones, mask.numel(), tau_sq, rec_sq, dot, float(torch.dot(err, err)))
+        self.count(ones, mask.numel())
         return ones
 
-    def add_sums(self, ones: int, numel: int, tau_sq: float, rec_sq: float, dot: float, err_sq: float) -> None:
-        """Accumulate one block's sums, computed elsewhere (``kernels.tall_mask``)."""
-        self.tau_sq += tau_sq
-        self.rec_sq += rec_sq
-        self.dot += dot
-        self.err_sq += err_sq
+    def count(self, ones: int, numel: int) -> None:
+        """Count a block's set mask bits and elements (its sums added elsewhere)."""
         self.ones += ones
         self.numel += numel
 
     def add_exact(self, tau_t: torch.Tensor) -> None:
-        """A tensor stored exactly (rec = tau_t): counts for fidelity, not for mask density."""
-        tau = tau_t.reshape(-1)
-        sq = float(torch.dot(tau, tau))
-        self.tau_sq += sq
-        self.rec_sq += sq
-        self.dot += sq
+        """A tensor stored exactly (rec = tau_t): counts for fidelity, not for mask density. Its
+        sums are those of the mask pass of tau_t against itself (every element kept, rec = tau_t)."""
+        tau = _numpy32(tau_t)
+        self.sums.add(tau, tau, 0)
 
     def add_overflow(self, name: str, positions: torch.Tensor) -> None:
         """Count elements of tensor ``name`` (their flat ``positions``) rebuilt as +-inf or NaN."""
@@ -436,9 +459,10 @@ class Fidelity:
         """``rel_l2 = |rec - tau| / |tau|`` and ``cosine(rec, tau)``; None where undefined. Both are
         float32 figures before the cast to the task's dtype: ``overflow``, present when not 0, counts
         the elements that cast gives +-inf or NaN."""
-        rel = math.sqrt(self.err_sq / self.tau_sq) if self.tau_sq > 0 else (0.0 if self.err_sq == 0 else None)
-        denom = math.sqrt(self.tau_sq * self.rec_sq)
-        cos = self.dot / denom if denom > 0 else None
+        tau_sq, rec_sq, dot, err_sq = self.sums.totals()
+        rel = math.sqrt(err_sq / tau_sq) if tau_sq > 0 else (0.0 if err_sq == 0 else None)
+        denom = math.sqrt(tau_sq * rec_sq)
+        cos = dot / denom if denom > 0 else None
         over = sum(self.overflow.values())
         return {"rel_l2": rel, "cosine": cos, **({"overflow": over} if over else {})}
 

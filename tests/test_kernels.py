@@ -611,12 +611,13 @@ def test_the_packers_straight_loops_give_the_torch_paths_bits(kind, n, tasks, se
     assert _same_floats(got, want)
     for t, tau in zip(thetas, taus):
         m_want, m_got = np.empty(n, np.uint8), np.full(n, 9, np.uint8)
-        s_want = kernels.tall_mask(tau.numpy(), want, lam, m_want)
-        s_got = kernels.tall_mask_tv(elements(t), elements(base), kind, want, lam, m_got)
+        sums_want, sums_got = kernels.Sums(), kernels.Sums()
+        s_want = kernels.tall_mask(tau.numpy(), want, lam, m_want, sums_want)
+        s_got = kernels.tall_mask_tv(elements(t), elements(base), kind, want, lam, m_got, sums_got)
         assert np.array_equal(m_got, m_want)
         assert s_got is not None and s_want is not None
-        assert s_got[0] == s_want[0]
-        assert np.array_equal(np.array(s_got[1:]), np.array(s_want[1:]), equal_nan=True)
+        assert s_got == s_want
+        assert np.array_equal(np.array(sums_got.totals()), np.array(sums_want.totals()), equal_nan=True)
 
 
 @pytest.mark.parametrize("kind", kernels.KINDS)
@@ -661,7 +662,8 @@ def test_the_packers_loops_refuse_bad_buffers():
     with pytest.raises(ValueError):
         _kernels.tv_sum(f16, [], 1, f32)  # no task
     with pytest.raises(ValueError):
-        _kernels.tall_mask_tv(f16, f16, 1, f32[:4], 0.4, np.empty(8, np.uint8))  # merged too short
+        _kernels.tall_mask_tv(f16, f16, 1, f32[:4], 0.4, np.empty(8, np.uint8), kernels.Sums().state,
+                              0)  # merged too short
     with pytest.raises(ValueError):
         _kernels.max_abs_diff(np.zeros(3, np.uint8), np.zeros(3, np.uint8), 1)  # not whole 16-bit elements
     with pytest.raises(ValueError):

@@ -15,7 +15,7 @@ from ..dtypes import dtype_name, narrow, tensor_to_bytes, torch_dtype
 from ..elements import FLOATING
 from ..errors import FormatError
 from ..tall import (TALL_RANGE, Bits, Planar, Workspace, blocks, compiled_kind, elements, reconstruct,
-                    reconstruct_parts, reconstruct_planar, tall_mask_with_fidelity)
+                    reconstruct_parts, reconstruct_planar, tall_mask_tv_with_fidelity, tall_mask_with_fidelity)
 from .base import EXTRA_ARRAYS, Encoding, Item, Later, TaskTensor, TensorEntry, Use, WriteContext, register
 
 
@@ -50,7 +50,7 @@ def check_merged_arrays(entry: TensorEntry, tt: TaskTensor, where: str) -> None:
 
 def _straight(ctx: WriteContext, tasks: Sequence[str], kind: str, base: torch.Tensor, thetas: list[torch.Tensor],
               merged: torch.Tensor, extras: dict[str, torch.Tensor], masks: list[torch.Tensor], ones: list[int],
-              groups: int) -> None:
+              at: int, groups: int) -> None:
     """One chunk's merged vector, extras and masks computed straight from the inputs, for a method
     that can (``MergeMethod.straight``: Task Arithmetic, TIES) and inputs the compiled loops take
     (``compiled_kind``): the method's ``combine_inputs`` (``kernels.tv_sum``, ``ties_merge``, in
@@ -59,7 +59,8 @@ def _straight(ctx: WriteContext, tasks: Sequence[str], kind: str, base: torch.Te
     the task vectors a block at a time on the stack instead of writing T float32 vectors to memory
     and reading them back twice. The same operations in the same order as ``blocks``, ``combine`` and
     ``tall_mask_with_fidelity``, so the same bits (tests compare the archives). In sub-blocks of
-    COMPUTE_ELEMENTS, so that the masks read a merged vector still in cache."""
+    COMPUTE_ELEMENTS, so that the masks read a merged vector still in cache. The chunk is elements
+    [at, at + n) of its tensor (the fidelity sums' blocks count from the tensor's start)."""
     bb, xs = elements(base), [elements(x) for x in thetas]
     mv, mb = merged.numpy(), [m.view(torch.uint8).numpy() for m in masks]
     ev = {key: x.numpy() for key, x in extras.items()}
@@ -72,10 +73,10 @@ def _straight(ctx: WriteContext, tasks: Sequence[str], kind: str, base: torch.Te
         def run(first: int, end: int, o: int = o, e: int = e) -> None:
             for i in range(first, end):
                 t = tasks[i]
-                got = kernels.tall_mask_tv(xs[i][o:e], bb[o:e], kind, mv[o:e], ctx.lambdas[t], mb[i][o:e])
+                got = tall_mask_tv_with_fidelity(xs[i][o:e], bb[o:e], kind, mv[o:e], ctx.lambdas[t], mb[i][o:e],
+                                                 ctx.fidelity[t], at + o)
                 assert got is not None, "compiled_kind admitted arrays the compiled loops refuse"
-                ones[i] += got[0]
-                ctx.fidelity[t].add_sums(got[0], e - o, *got[1:])
+                ones[i] += got
         kernels.in_parts(len(tasks), groups, run)
 
 
@@ -166,7 +167,7 @@ class Tall(Encoding):
             if kind is not None:
                 extras = {key: ws.get(f"{key}{side}", n, torch_dtype(dt))
                           for key, dt in ctx.method.extra_arrays.items()}
-                _straight(ctx, tasks, kind, b, [f[a : a + ce] for f in flats], merged, extras, masks, ones, groups)
+                _straight(ctx, tasks, kind, b, [f[a : a + ce] for f in flats], merged, extras, masks, ones, a, groups)
             for o, (sb, taus) in zip(range(0, n, COMPUTE_ELEMENTS), () if kind is not None else
                                      blocks(b, [f[a : a + ce] for f in flats], COMPUTE_ELEMENTS, ws)):
                 s = slice(o, o + sb.numel())
@@ -178,14 +179,14 @@ class Tall(Encoding):
                         extras[key] = ws.get(f"{key}{side}", n, x.dtype)
                     extras[key][s].copy_(x)
 
-                def run(first: int, end: int, s: slice = s, taus: list = taus) -> None:
+                def run(first: int, end: int, s: slice = s, taus: list = taus, at: int = a + o) -> None:
                     space = spaces.get(first)
                     if space is None:  # (the groups' first tasks are the same in every block)
                         space = spaces.setdefault(first, Workspace())
                     for i in range(first, end):
                         t = tasks[i]
                         ones[i] += tall_mask_with_fidelity(taus[i], merged[s], ctx.lambdas[t], masks[i][s],
-                                                           ctx.fidelity[t], space)
+                                                           ctx.fidelity[t], space, at)
                 kernels.in_parts(len(tasks), groups, run)
             if any(narrows):
                 check_overflow(ctx, item.name, tasks, narrows, b, merged, masks, a)
