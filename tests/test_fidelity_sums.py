@@ -243,3 +243,51 @@ def test_archives_are_the_same_file_with_or_without_the_compiled_loops_and_threa
                           other, merge=merge, group=group, threads=1, chunk_elements=4096, overwrite=True)
             with tallpack.open(other) as fam:
                 assert {t.name: t.fidelity for t in fam.manifest.tasks} == figures, name
+
+
+def _spec_sum(products: list[np.ndarray]) -> float:
+    """Spec §6.4's order, read from its words: per tensor, blocks of 2,048 from its first element;
+    eight float32 lanes (lane j: elements i with i mod 8 = j, in index order, from +0.0); the
+    fixed tree of lanes; the block sums of all tensors added exactly (``math.fsum``)."""
+    import math
+    blocks = []
+    for p in products:
+        for a in range(0, p.size, 2048):
+            lanes = [np.float32(0.0)] * 8
+            for i, x in enumerate(p[a:a + 2048]):
+                lanes[i % 8] = np.float32(lanes[i % 8] + x)
+            a0, a1, a2, a3, a4, a5, a6, a7 = lanes
+            blocks.append(float(np.float32(np.float32(np.float32(a0 + a4) + np.float32(a2 + a6))
+                                           + np.float32(np.float32(a1 + a5) + np.float32(a3 + a7)))))
+    return math.fsum(blocks)
+
+
+def test_the_figures_are_the_spec_s_sums(tmp_path):
+    """``rel_l2`` and ``cosine`` of every task, recomputed from the archive's own masks and merged
+    vector and the inputs by the words of spec §6.4 (plain Python float32 lanes, not the packer's
+    code), equal the manifest's to the bit."""
+    import math
+    from safetensors.torch import load_file
+    _family(tmp_path / "fam", "float32")
+    fam_dir = tmp_path / "fam"
+    out = tmp_path / "f.tallpack"
+    tallpack.pack(f"{fam_dir}/base.safetensors", {t: f"{fam_dir}/{t}.safetensors" for t in ("a", "b", "c")},
+                  out, group=False, chunk_elements=4096)
+    base = load_file(str(fam_dir / "base.safetensors"))
+    with tallpack.open(out) as fam:
+        for info in fam.manifest.tasks:
+            orig = load_file(str(fam_dir / f"{info.name}.safetensors"))
+            sq: dict[str, list[np.ndarray]] = {"tau": [], "rec": [], "dot": [], "err": []}
+            for name in sorted(base):
+                tau = (orig[name] - base[name]).reshape(-1).numpy()
+                entry = fam._tensors[name]  # the archive's own mask and merged vector (§6.1.1)
+                m = fam.read_array(entry.tasks[info.name].arrays["mask"], name).reshape(-1).numpy()
+                rec = m.astype(np.float32) * fam.read_array(entry.arrays["merged"], name).reshape(-1).numpy()
+                err = (rec - tau).astype(np.float32)
+                sq["tau"].append(tau * tau)
+                sq["rec"].append(rec * rec)
+                sq["dot"].append(rec * tau)
+                sq["err"].append(err * err)
+            t, r, d, e = (_spec_sum(sq[k]) for k in ("tau", "rec", "dot", "err"))
+            assert info.fidelity["rel_l2"] == math.sqrt(e / t), info.name
+            assert info.fidelity["cosine"] == d / math.sqrt(t * r), info.name
