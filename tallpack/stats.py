@@ -18,15 +18,21 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ._torch import cpu_default
-from .encodings.derived import has_mask, task_mask
+from .encodings.derived import DERIVED_MERGED, has_mask, task_mask
+from .encodings.derived_merged import task_masks as derived_merged_masks
 from .encodings.qtau import task_masks
 from .errors import InvalidArgumentError, OutputExistsError, TallpackError, memory_named
 from .fsutil import atomic_write, check_folders_above, check_replaceable, file_identity, reading
+from .merging import METHODS, MergeMethod
 from .progress import ProgressLike, track
 from .staging import check_file_name
 from .storage import is_url
 
 if TYPE_CHECKING:
+    from collections.abc import Iterable, Iterator
+
+    from ._torch import torch
+    from .encodings.base import TensorEntry
     from .reader import Archive
 
 #: at most this many layers labelled on the density-per-layer axis (and marked on its lines); a
@@ -149,6 +155,7 @@ def _compute(archive: "Archive", progress: ProgressLike) -> MaskStats:
                    for s in (archive.manifest.base, *(archive.task_info(t).source for t in tasks)))
     entries = [e for e in archive.manifest.tensors
                if any(has_mask(tt) or tt.encoding == "qtau" for tt in e.tasks.values())]
+    method = _merge_method(archive)
     for e in track(entries, progress, "reading masks"):
         archive.prefetch([e.name])  # remote: the tensor's masks in one request, not one each
         count: np.ndarray | None = None
@@ -160,18 +167,16 @@ def _compute(archive: "Archive", progress: ProgressLike) -> MaskStats:
             at += x.numel
         layers = {lay: per_layer.setdefault(lay, {t: [0, 0] for t in tasks})
                   for lay in ([lay for lay, _ in pieces] if pieces else [layer_of(e.name, pipeline=pipeline)])}
-        derived = None  # the fidelity dial's qtau tasks have a mask derived from their deQ (spec §6.1.8)
+        # the fidelity dial's qtau tasks have a mask derived from their deQ (spec §6.1.8)
+        derived: "Iterable[tuple[str, torch.Tensor]] | None" = None
         if any(tt.encoding == "qtau" for tt in e.tasks.values()):
-            derived = task_masks(archive.read_array, e, lambdas)[1]
-        for t, tt in e.tasks.items():
-            if derived is not None:
-                if t not in derived:
-                    continue
-                mask = derived[t]
-            elif not has_mask(tt):
-                continue
-            else:
-                mask = task_mask(archive.read_array, e, tt, f"task {t!r}, tensor {e.name!r}")
+            derived = task_masks(archive.read_array, e, lambdas)[1].items()
+        elif method is not None and any(tt.encoding == DERIVED_MERGED for tt in e.tasks.values()):
+            # every original rebuilt once, for the merged vector and its masks (spec §6.1.9), one
+            # mask at a time
+            derived = derived_merged_masks(archive.read_array, e, [t for t in tasks if t in e.tasks], method,
+                                           f"{archive.name}: tensor {e.name!r}")
+        for t, mask in _masks(archive, e, derived):
             # counted by numpy: torch's bool sum widens every element to int64 (5-20x slower)
             m = mask.reshape(-1).cpu().numpy()
             if runs is not None:  # a group's members, without the gaps between them
@@ -198,6 +203,29 @@ def _compute(archive: "Archive", progress: ProgressLike) -> MaskStats:
     order = _layer_order(list(per_layer), pipeline)
     return MaskStats(tasks, [int(v) for v in hist], {t: frac(ones[t], total[t]) for t in tasks},
                      {lay: {t: frac(*per_layer[lay][t]) for t in tasks} for lay in order})
+
+
+def _merge_method(archive: "Archive") -> MergeMethod | None:
+    """The archive's merge method, which derives its derived merged vectors; None where this
+    tallpack does not know it or its parameters are bad (each mask is then read as a lossy read
+    reads it, which says so)."""
+    cls = METHODS.get(archive.manifest.merge.get("method", ""))
+    try:
+        return None if cls is None else cls.from_params(archive.manifest.merge)
+    except TallpackError:
+        return None
+
+
+def _masks(archive: "Archive", e: "TensorEntry", derived: "Iterable[tuple[str, torch.Tensor]] | None"
+           ) -> "Iterator[tuple[str, torch.Tensor]]":
+    """(task, mask) of each task of ``e`` with a mask: those ``derived`` gives where given, else
+    each task's as a lossy read has it (``task_mask``)."""
+    if derived is not None:
+        yield from derived
+        return
+    for t, tt in e.tasks.items():
+        if has_mask(tt):
+            yield t, task_mask(archive.read_array, e, tt, f"task {t!r}, tensor {e.name!r}")
 
 
 def _histogram(count: np.ndarray, bins: int) -> np.ndarray:

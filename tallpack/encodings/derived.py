@@ -40,17 +40,24 @@ def derive_mask(theta: torch.Tensor, base: torch.Tensor, merged: torch.Tensor, l
     >>> derive_mask(torch.tensor([1.0, 0.1]), torch.zeros(2), torch.tensor([1.0, 2.0]), 0.4)
     tensor([ True, False])
     """
+    return _mask_and_ones(theta, base, merged, lam)[0]
+
+
+def _mask_and_ones(theta: torch.Tensor, base: torch.Tensor, merged: torch.Tensor, lam: float
+                   ) -> tuple[torch.Tensor, int | None]:
+    """:func:`derive_mask`, and its set bits where the compiled pass counted them (None: not)."""
     kind = compiled_kind(base, [theta])
     if kind is not None and merged.dtype == torch.float32 and merged.device.type == "cpu" \
             and merged.is_contiguous() and base.numel() == theta.numel() == merged.numel():
         # one compiled pass, the task vector never written to memory: the packer's own loop
         # (``encodings.tall._straight``), the same bits
         mask = torch.empty(theta.shape, dtype=torch.bool)
-        if kernels.tall_mask_tv(elements(theta.reshape(-1)), elements(base.reshape(-1)), kind,
-                                merged.reshape(-1).numpy(), lam, mask.view(torch.uint8).reshape(-1).numpy()) is not None:
-            return mask
+        ones = kernels.tall_mask_tv(elements(theta.reshape(-1)), elements(base.reshape(-1)), kind,
+                                    merged.reshape(-1).numpy(), lam, mask.view(torch.uint8).reshape(-1).numpy())
+        if ones is not None:
+            return mask, ones
     tau = task_vector(theta.reshape(-1), base.reshape(-1))
-    return tall_mask(tau, merged.reshape(-1).to(torch.float32), lam).reshape(theta.shape)
+    return tall_mask(tau, merged.reshape(-1).to(torch.float32), lam).reshape(theta.shape), None
 
 
 #: The encoding of a tensor whose merged vector is derived too (``encodings/derived_merged.py``).
@@ -115,8 +122,8 @@ def checked_mask(theta: torch.Tensor, base: torch.Tensor, merged: torch.Tensor, 
 
     >>> checked_mask(fam.get_tensor("cars", "w", exact=True), base, merged, entry.tasks["cars"], "w")
     """
-    mask = derive_mask(theta, base, merged, tt.params["lambda"])
-    ones = int(torch.count_nonzero(mask))
+    mask, counted = _mask_and_ones(theta, base, merged, tt.params["lambda"])
+    ones = int(torch.count_nonzero(mask)) if counted is None else counted
     if ones != tt.params["ones"]:
         raise IntegrityError(f"{where}: the derived mask has {ones} set bits, the manifest says {tt.params['ones']}")
     return mask
@@ -158,9 +165,9 @@ class TallDerived(Encoding):
     def rebuild(cls, arrays: Mapping[str, torch.Tensor], entry: TensorEntry, tt: TaskTensor) -> torch.Tensor:
         device = arrays["base"].device
         cpu = {k: v.cpu() for k, v in arrays.items()}
-        base32 = cpu["base"].to(torch.float32)  # once, for the mask and the rebuild (a no-op for float32)
         by_ref = {id(ref): cpu[k] for k, (ref, _) in cls.inputs(entry, tt).items()}
         read: ReadArray = lambda ref, where, use=Use.OUTPUT: by_ref[id(ref)]  # noqa: E731
-        mask = _derived(read, entry, tt, base32, cpu["merged"], f"tensor {entry.name!r}")
-        out = reconstruct(base32, mask, cpu["merged"], torch_dtype(tt.dtype))
+        # the mask from the base as stored: of the original's dtype, the compiled pass takes them
+        mask = _derived(read, entry, tt, cpu["base"], cpu["merged"], f"tensor {entry.name!r}")
+        out = reconstruct(cpu["base"].to(torch.float32), mask, cpu["merged"], torch_dtype(tt.dtype))
         return out if device.type == "cpu" else out.to(device)

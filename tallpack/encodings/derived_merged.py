@@ -15,13 +15,16 @@ tau_MTL (cached with the base, :class:`DerivedMerged`), then the task's mask as 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
+from .. import kernels
 from .._torch import torch
 from ..arrays import ArrayRef
 from ..errors import FormatError
 from ..merging import MergeMethod, derive_merged, no_derived_merged
-from ..tall import task_vector
+from ..tall import compiled_kind, elements, task_vector
 from .base import ReadArray, TaskTensor, TensorEntry, Use, register
-from .derived import DERIVED_MERGED, DerivedMerged, TallDerived, check_derived_entry, merged_source
+from .derived import DERIVED_MERGED, DerivedMerged, TallDerived, check_derived_entry, checked_mask, merged_source
 from .exact import rebuild_exact
 from .tall import COMPUTE_ELEMENTS
 
@@ -44,7 +47,10 @@ def merged_from(base: torch.Tensor, thetas: list[torch.Tensor], method: MergeMet
     files' hashes): every task's, in the manifest's order, each of the base's shape."""
     shape, base = base.shape, base.reshape(-1)
     thetas = [x.reshape(-1) for x in thetas]
-    out: dict[str, torch.Tensor] = {}
+    out = _straight(base, thetas, method)
+    if out is not None:
+        return {k: v.reshape(shape) for k, v in out.items()}
+    out = {}
     # element by element, so in blocks: T float32 task vectors of one block at a time, as the packer
     for a in range(0, base.numel(), COMPUTE_ELEMENTS):
         b = base[a : a + COMPUTE_ELEMENTS]
@@ -59,6 +65,39 @@ def merged_from(base: torch.Tensor, thetas: list[torch.Tensor], method: MergeMet
             raise FormatError(f"{where}: {no_derived_merged(method)}")
         out = empty
     return {k: v.reshape(shape) for k, v in out.items()}
+
+
+def _straight(base: torch.Tensor, thetas: list[torch.Tensor], method: MergeMethod) -> dict[str, torch.Tensor] | None:
+    """:func:`merged_from`'s arrays (flat) in one compiled pass over the originals, the task
+    vectors never written to memory: the method's ``combine_inputs``, the packer's own loops (the
+    same bits as ``derive_merged``). None where they do not apply (no compiled loops, another
+    dtype, an empty tensor, a method the spec does not derive: the caller's blocks say why)."""
+    kind = compiled_kind(base, thetas)
+    if kind is None or not method.straight or not thetas or base.numel() == 0:
+        return None
+    arrays = derive_merged([torch.empty(0) for _ in thetas], method)  # its arrays and their dtypes
+    if arrays is None:
+        return None
+    out = {k: torch.empty(base.numel(), dtype=v.dtype) for k, v in arrays.items()}
+    method.combine_inputs(elements(base), [elements(x) for x in thetas], kind, out["merged"].numpy(),
+                          {k: v.numpy() for k, v in out.items() if k != "merged"}, kernels.default_threads())
+    return out
+
+
+def task_masks(read: ReadArray, entry: TensorEntry, order: list[str], method: MergeMethod, where: str
+               ) -> Iterator[tuple[str, torch.Tensor]]:
+    """Every task's mask of a ``tall-derived-merged`` tensor, in ``order`` (the manifest's), each
+    original rebuilt once (checked against its hash) for the merged vector and its own mask
+    (``task_mask`` of each task rebuilds it again after the merged vector's derivation), each mask's
+    set bits checked against ``ones``. Holds the tensor's originals, as the derivation does.
+
+    >>> masks = dict(task_masks(fam.read_array, entry, list(fam.tasks), method, "tensor 'w'"))
+    """
+    base = read(entry.arrays["base"], where + " (base)", Use.SHARED_INPUT).cpu()
+    thetas = {t: rebuild_exact(read, entry, entry.tasks[t], f"{where}, task {t!r}") for t in order}
+    merged = merged_from(base, list(thetas.values()), method, where)["merged"]
+    for t in order:
+        yield t, checked_mask(thetas.pop(t), base, merged, entry.tasks[t], f"{where}, task {t!r}")
 
 
 @register
@@ -93,4 +132,4 @@ class TallDerivedMerged(TallDerived):
                 "exact/residual": (tt.extras["exact"].residual, Use.INPUT)}
 
 
-__all__ = ["TallDerivedMerged", "merged_from", "rebuild_merged"]
+__all__ = ["TallDerivedMerged", "merged_from", "rebuild_merged", "task_masks"]
