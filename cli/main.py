@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import re
+import shlex
 import signal
 import sys
 import threading
@@ -223,14 +225,15 @@ def main(ctx: click.Context, verbose: int, quiet: bool) -> None:
     ctx.obj = {"quiet": quiet}
 
 
-def _progress(enabled: bool = True):
-    """A bar on a terminal, a plain line per ~10% otherwise, nothing with -q."""
+def _progress(enabled: bool = True, *, parts: int = 1):
+    """A bar on a terminal, a plain line per ~10% otherwise (of all ``parts``: the tasks of a
+    multi-task unpack), nothing with -q."""
     ctx = click.get_current_context()
     if not enabled or (ctx.obj or {}).get("quiet"):
         return None
     if sys.stderr.isatty():
         return True
-    return LogLines(lambda line: click.echo(line, err=True))
+    return LogLines(lambda line: click.echo(line, err=True), parts=parts)
 
 
 
@@ -273,21 +276,58 @@ _MAX_SHARD = click.option("--max-shard-size", default=None, metavar="SIZE", call
                                "default: the original's shards when the archive recorded them.")
 
 
-def _parse_tasks(specs: tuple[str, ...]) -> dict[str, str]:
+def _parse_tasks(specs: tuple[str, ...], more: tuple[str, ...] = ()) -> dict[str, str]:
+    """``--task`` values, then the positional TASKs (``more``): each ``NAME=PATH`` or ``PATH``."""
     tasks: dict[str, str] = {}
-    for spec in specs:
+    for spec, hint in [*((s, "--task") for s in specs), *((s, "TASK") for s in more)]:
         name, sep, path = spec.partition("=")
         if not sep or _exists(spec) or "://" in name:  # a bare path or URL, even one with '=' in it (?sig=...)
             name, path = stem(spec), spec
         if path and not name and not sep:
             raise click.BadParameter(f"{spec!r}: no task name can be taken from this path; give NAME={spec}",
-                                     param_hint="--task")
+                                     param_hint=hint)
         if not name or not path:
-            raise click.BadParameter(f"{spec!r}: expected NAME=PATH or PATH", param_hint="--task")
+            raise click.BadParameter(f"{spec!r}: expected NAME=PATH or PATH", param_hint=hint)
         if name in tasks:
-            raise click.BadParameter(f"task {name!r} given twice (name tasks with NAME=PATH)", param_hint="--task")
+            raise click.BadParameter(f"task {name!r} given twice (name tasks with NAME=PATH)", param_hint=hint)
+        _one_model(path, hint)
         tasks[name] = path
     return tasks
+
+
+def _one_model(path: str, hint: str) -> None:
+    """A usage error for a folder of model folders given as one task, with the command to type."""
+    from tallpack.inputs import model_folders  # (it imports torch, which --help does without)
+
+    inside = model_folders(path)
+    if not inside:
+        return
+    ctx = click.get_current_context()
+    base = ctx.params.get("base")
+    base_in = base is not None and any(_same(d, base) for d in inside)
+    tasks = [d for d in inside if not (base is not None and _same(d, base))]
+    names = [d.name for d in tasks]
+    prefix = os.path.commonprefix(names) if len(names) > 1 else ""
+    folder = path.rstrip("/") or path
+    listed = {e.name for e in Path(path).iterdir() if not e.name.startswith(".")}  # what a shell's * matches
+    if len(names) > 1 and listed == set(names):
+        spelled = shlex.quote(folder + "/") + "*"
+    elif prefix and {n for n in listed if n.startswith(prefix)} == set(names):
+        spelled = shlex.quote(f"{folder}/{prefix}") + "*"
+    else:
+        spelled = " ".join(shlex.quote(str(d)) for d in tasks[:3]) + (" ..." if len(tasks) > 3 else "")
+    shown = ", ".join(d.name for d in inside[:3]) + (", ..." if len(inside) > 3 else "")
+    raise click.BadParameter(
+        f"{path} holds no model but {len(inside)} model folder{'s' if len(inside) > 1 else ''} ({shown}); give "
+        f"each as a task: tallpack pack --base {shlex.quote(base or 'BASE')} -o "
+        f"{shlex.quote(ctx.params.get('output') or 'OUT')} {spelled}", param_hint=hint)
+
+
+def _same(folder: Path, path: str) -> bool:
+    try:
+        return folder.resolve() == Path(path).resolve()
+    except OSError:
+        return False
 
 
 def _parse_lambdas(specs: tuple[str, ...], tasks: dict[str, str]) -> dict[str, float]:
@@ -371,8 +411,10 @@ def _refuse_ignored_pack_flags(merge: str, exact: bool, dial: bool, derive_masks
 
 @main.command()
 @click.option("--base", "base", required=True, type=_PATH, callback=_nonempty, help="The base model: .safetensors, .bin/.pt/.pth, or a model folder.")
-@click.option("--task", "task_specs", multiple=True, required=True, metavar="NAME=PATH", type=_PATH,
-              help="A fine-tuned member (repeat). A bare PATH is named after its stem.")
+@click.argument("more_tasks", nargs=-1, metavar="[TASK]...", type=_PATH)
+@click.option("--task", "task_specs", multiple=True, metavar="NAME=PATH", type=_PATH,
+              help="A fine-tuned member (repeat), as a TASK argument is: NAME=PATH, or a PATH named after its "
+                   "folder or file stem (ft/cars/ and ft/cars/model.safetensors: cars).")
 @click.option("-o", "--output", required=True, type=_PATH, callback=_output, help="The archive to write (a path or a URL).")
 @click.option("--lambda", "lambda_specs", multiple=True, metavar="[NAME=]VALUE",
               help=f"Mask lambda, for all tasks or one (repeat). Default {tallpack.DEFAULT_LAMBDA}.")
@@ -416,12 +458,18 @@ def _refuse_ignored_pack_flags(merge: str, exact: bool, dial: bool, derive_masks
 @click.option("--sensitivity", "sensitivity_file", default=None, metavar="FILE", type=_PATH,
               help="With --fidelity or --budget: weights of each element's error, a safetensors file keyed "
                    "TASK/TENSOR (tallpack.sensitivity.save).")
-def pack(base, task_specs, output, lambda_specs, merge, codec, level, checksum, chunk_elements,
+def pack(base, more_tasks, task_specs, output, lambda_specs, merge, codec, level, checksum, chunk_elements,
          keep_base_only, allow_mismatch, group, threads, force, progress, exact, derive_masks, derive_merged, fidelity,
          budget, sensitivity_file, no_paths, **method_options) -> None:
-    """Pack a base model and its fine-tuned tasks into one archive."""
+    """Pack a base model and its fine-tuned tasks into one archive.
+
+    Each TASK (and --task) is a fine-tuned member: NAME=PATH or PATH, so that a shell glob gives
+    many (tallpack pack --base base/ -o family.tallpack ft/*).
+    """
+    if not task_specs and not more_tasks:
+        _usage("no task: give the fine-tuned members as TASK arguments (NAME=PATH or PATH, ft/*) or --task")
     _refuse_ignored_pack_flags(merge, exact, fidelity is not None or budget is not None, derive_masks)
-    tasks = _parse_tasks(task_specs)
+    tasks = _parse_tasks(task_specs, more_tasks)
     lambdas = _parse_lambdas(lambda_specs, tasks)
     if chunk_elements % 8:
         raise click.BadParameter("must be a multiple of 8", param_hint="--chunk-elements")
@@ -500,7 +548,8 @@ def unpack(archive: str, task_names: tuple[str, ...], all_tasks: bool, output: s
     with tallpack.open(archive, **cache) as fam:
         if not task_names and not all_tasks:
             raise click.UsageError(f"name a task with --task (tasks: {', '.join(fam.tasks)}) or pass --all")
-        kw = {"max_shard_size": max_shard_size, "progress": _progress()}
+        parts = len(fam.tasks if all_tasks else task_names)  # progress lines: ~10 for the whole call
+        kw = {"max_shard_size": max_shard_size, "progress": _progress(parts=parts)}
         if len(task_names) == 1 and not all_tasks:
             paths = [tallpack.write_task(fam, task_names[0], output, exact=exact, overwrite=force, **kw)]
         else:

@@ -3,7 +3,9 @@ tensor (and block by block for the merge method's statistics)."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
 
 import numpy as np
 
@@ -13,6 +15,7 @@ from .errors import InvalidArgumentError
 from .manifest import check_task_name
 from .plan import Kind, Plan, TensorPlan, aligned_base, make_plan, resolve
 from .sources import Source, SourceLike, check_components, open_source, stem
+from .storage import is_url
 from .tall import blocks, compiled_kind, elements, in_tall_range
 
 #: What ``tallpack.pack`` takes as its tasks: a mapping of names to checkpoints, or a list of
@@ -20,8 +23,40 @@ from .tall import blocks, compiled_kind, elements, in_tall_range
 TasksLike = Mapping[str, SourceLike] | Sequence[SourceLike]
 
 
+#: What makes a folder a model's (or a pipeline's, or sentence-transformers'): a weight file, a
+#: shard index (``*.index.json``), or the file that lists its parts.
+_WEIGHTS = (".safetensors", ".bin", ".pt", ".pth", ".index.json")
+_PARTS = ("model_index.json", "modules.json")
+
+
+def _holds_model(folder: Path) -> bool:
+    try:
+        return any(f.name in _PARTS or f.name.endswith(_WEIGHTS) for f in folder.iterdir() if not f.is_dir())
+    except OSError:
+        return False
+
+
+def model_folders(path: SourceLike) -> list[Path]:
+    """The model folders in ``path`` when it is a local folder that holds no model itself but
+    folders that do (a folder of fine-tunes, given as one task), sorted; else ``[]``.
+
+    >>> model_folders("ft")   # ft/cars/model.safetensors, ft/dtd/model.safetensors
+    [PosixPath('ft/cars'), PosixPath('ft/dtd')]
+    """
+    if not isinstance(path, (str, os.PathLike)) or is_url(path):
+        return []
+    folder = Path(path)
+    try:
+        if not folder.is_dir() or _holds_model(folder):
+            return []
+        return sorted(d for d in folder.iterdir() if d.is_dir() and _holds_model(d))
+    except OSError:  # unreadable: opening it says why
+        return []
+
+
 def open_tasks(tasks: TasksLike) -> dict[str, Source]:
-    """Name and open every task; InvalidArgumentError for bad or repeated names."""
+    """Name and open every task; InvalidArgumentError for bad or repeated names, or a folder of
+    model folders given as one task."""
     if isinstance(tasks, Mapping):
         items = list(tasks.items())
     else:
@@ -36,6 +71,13 @@ def open_tasks(tasks: TasksLike) -> dict[str, Source]:
             check_task_name(name)
             if name in out:
                 raise InvalidArgumentError(f"task {name!r} given twice; name tasks with NAME=PATH")
+            inside = model_folders(obj)
+            if inside:
+                shown = ", ".join(d.name for d in inside[:3]) + (", ..." if len(inside) > 3 else "")
+                raise InvalidArgumentError(
+                    f"task {name!r}: {obj} holds no model but {len(inside)} model folder"
+                    f"{'s' if len(inside) > 1 else ''} ({shown}): give each as a task (a list of their paths "
+                    "names each after its folder)")
             out[name] = open_source(obj, label=f"task {name!r}")
     except BaseException:
         for s in out.values():

@@ -77,7 +77,7 @@ def pack(base: SourceLike, tasks: TasksLike, out: str | os.PathLike, options: Pa
         if origin and not isinstance(tasks, Mapping):  # named after the URL's last part, as a path is
             if any(isinstance(t, Mapping) for t in tasks):
                 raise InvalidArgumentError("a task given as a dict of tensors needs a name: pass {name: dict}")
-            names = [stem(v) for v in local_tasks]  # a local copy: named as its URL, less any query
+            names = [stem(origin.get(str(v), v)) for v in local_tasks]  # named as its URL, less any query
             twice = next((n for i, n in enumerate(names) if n in names[:i]), None)
             if twice is not None:  # .../a/model.safetensors and .../b/model.safetensors: one would go
                 raise InvalidArgumentError(f"task {twice!r} given twice; name tasks with NAME=PATH ({{name: url}})")

@@ -24,8 +24,8 @@ def track(items: Iterable[T], progress: ProgressLike, desc: str, total: int | No
     if not progress:
         yield from items
         return
-    if isinstance(progress, Labelled):
-        desc, progress = f"{progress.label}: {desc}", progress.progress
+    if isinstance(progress, Labelled) and not isinstance(progress.progress, LogLines):
+        desc, progress = f"{progress.label}: {desc}", progress.progress  # (LogLines: told the label apart)
     if total is None:
         try:
             total = len(items)  # type: ignore[arg-type]
@@ -53,28 +53,52 @@ class Labelled:
 
     def __init__(self, progress: ProgressLike, label: str):
         self.progress, self.label = progress, label
+        if isinstance(progress, LogLines):  # its place among the parts, though it reports no step
+            progress.part(label)
 
     def __bool__(self) -> bool:
         return bool(self.progress)
 
     def __call__(self, desc: str, done: int, total: int) -> None:  # as a callable ``progress``
-        if callable(self.progress):
+        if isinstance(self.progress, LogLines):
+            self.progress(desc, done, total, label=self.label)
+        elif callable(self.progress):
             self.progress(f"{self.label}: {desc}", done, total)
 
 
 class LogLines:
     """A ``progress`` callable that emits one line per ~10% (and the last step) through ``emit``:
-    for logs and pipes, where a bar would be noise.
+    for logs and pipes, where a bar would be noise. With ``parts``, the number of tasks a call
+    works through one after another under their labels (:class:`Labelled`: a multi-task unpack),
+    a line per ~10% of all of them, not of each.
 
     >>> tallpack.pack(base, tasks, out, progress=LogLines(print))
+    >>> write_tasks(fam, None, "out", progress=LogLines(print, parts=len(fam.tasks)))
     """
 
-    def __init__(self, emit: Callable[[str], None], steps: int = 10):
-        self._emit, self._steps = emit, steps
+    def __init__(self, emit: Callable[[str], None], steps: int = 10, *, parts: int = 1):
+        self._emit, self._steps, self._parts = emit, steps, parts
         self._last: dict[str, int] = {}
         self._done: dict[str, int] = {}
+        self._labels: dict[str, int] = {}  # each label's place, as first seen
+        self._whole = 0  # the last step of the whole call shown
 
-    def __call__(self, desc: str, done: int, total: int) -> None:
+    def part(self, label: str) -> int:
+        """The place of the part ``label`` (from 0), the next one when it is new."""
+        return self._labels.setdefault(label, len(self._labels))
+
+    def __call__(self, desc: str, done: int, total: int, *, label: str | None = None) -> None:
+        if label is not None and self._parts > 1:
+            i = self.part(label)
+            part = min(done / total, 1.0) if total else 0.0
+            step = int(min((i + part) / self._parts, 1.0) * self._steps)
+            if step > self._whole or (i + 1 >= self._parts and done == total):
+                self._whole = step
+                self._emit(f"{label}: {desc}: {done}/{total} (task {min(i + 1, self._parts)} of {self._parts})"
+                           if total else f"{label}: {desc}: {done} (task {min(i + 1, self._parts)} of {self._parts})")
+            return
+        if label is not None:
+            desc = f"{label}: {desc}"
         if done <= self._done.get(desc, 0):  # a new run under the same name (the next task's writing)
             self._last.pop(desc, None)
         self._done[desc] = done

@@ -249,8 +249,9 @@ class Archive:
         self.task_info(task)
         entry = (self._groups if group else self._tensors).get(name) if isinstance(name, str) else None
         if entry is None or task not in entry.tasks:
-            hint = _near(name, self._tasks[task].keys, prefixes=True) if isinstance(name, str) else (
-                f" (tensor names are strings, not {type(name).__name__})")
+            hint = _tied(self._tasks[task], name) or (
+                _near(name, self._tasks[task].keys, prefixes=True) if isinstance(name, str) else (
+                    f" (tensor names are strings, not {type(name).__name__})"))
             raise TensorNotFoundError(f"{self.name}: task {task!r} has no tensor {name!r}{hint}")
         return entry, entry.tasks[task]
 
@@ -1088,6 +1089,38 @@ LISTED_TASKS = 10
 #: cost grows with them: about 0.2 ms a name): of those about as long, the ones that differ in
 #: one dotted part first. A prefix added or removed is looked for among all.
 COMPARED_NAMES = 200
+
+
+#: The output embeddings that transformers ties to the input embeddings (``tie_word_embeddings``),
+#: by the names its models give them, and the input embeddings' last parts.
+_TIED_HEADS = ("lm_head.weight", "cls.predictions.decoder.weight")
+_EMBEDDINGS = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight", "shared.weight")
+
+
+def _tied(info: TaskInfo, name: object) -> str:
+    """The hint for a missing output embedding that the task's ``config.json`` ties to the input
+    embeddings: the checkpoint holds that weight once, as ``save_pretrained`` writes it."""
+    if not isinstance(name, str):
+        return ""
+    head = next((h for h in _TIED_HEADS if name == h or name.endswith("." + h)), None)
+    if head is None:
+        return ""
+    config = info.metadata.get("config")
+    if not isinstance(config, Mapping):
+        return ""
+    tie = config.get("tie_word_embeddings")
+    text = config.get("text_config")
+    if tie is None and isinstance(text, Mapping):  # a multimodal model's language part
+        tie = text.get("tie_word_embeddings")
+    if tie is not True:
+        return ""
+    found = [k for k in info.keys if any(k == e or k.endswith("." + e) for e in _EMBEDDINGS)]
+    owner = name[: len(name) - len(head)]  # "language_model." of a multimodal model's head: its embeddings first
+    found.sort(key=lambda k: not k.startswith(owner))
+    what = f"the input embeddings {found[0]!r}" if found else "the input embeddings"
+    return (f": its config ties it to {what} (tie_word_embeddings), so the checkpoint holds that weight once, as "
+            "transformers' save_pretrained writes it; transformers loads such a state dict with "
+            "model.load_state_dict(sd, strict=False), then model.tie_weights()")
 
 
 def _near(name: object, names: Sequence[str], prefixes: bool = False) -> str:

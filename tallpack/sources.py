@@ -1167,16 +1167,36 @@ def check_components(base: Source, tasks: Mapping[str, Source], *, allow_mismatc
 
 
 def stem(obj: SourceLike) -> str:
-    """The default task name of a path: the folder's name or the file's stem (for a URL, its last
-    part, less a checkpoint suffix)."""
+    """The default task name of a path: the folder's name or the file's stem; a weight file of
+    transformers' or diffusers' own names (``model.safetensors``, ``pytorch_model.bin``, a shard
+    index) is named after its folder, as the folder itself is (for a URL, its last part less a
+    checkpoint suffix, or its folder's for those names; a Hugging Face ``resolve`` URL's repository).
+
+    >>> stem("ft/cars.safetensors"), stem("ft/cars/model.safetensors"), stem("ft/cars/")
+    ('cars', 'cars', 'cars')
+    """
     if isinstance(obj, (str, os.PathLike)) and is_url(obj):
-        name = urllib.parse.urlsplit(os.fspath(obj)).path.rstrip("/").rsplit("/", 1)[-1]  # no ?query
+        url = urllib.parse.urlsplit(os.fspath(obj))
+        path = urllib.parse.unquote(url.path) if url.scheme in ("http", "https") else url.path  # as its local copy
+        parts = [p for p in path.split("/") if p]  # no ?query
+        name = parts[-1] if parts else ""
+        if _own_weights(name) and len(parts) > 1:
+            # .../REPO/resolve/REVISION/model.safetensors (the Hub's https URLs): the repository
+            repo = parts[-4] if len(parts) >= 4 and parts[-3] == "resolve" else parts[-2]
+            return repo.split("@", 1)[0]  # hf://org/repo@revision/...
         for suffix in (".safetensors", ".bin", ".pt", ".pth"):
             name = name.removesuffix(suffix)
         return name
     p = Path(obj)  # type: ignore[arg-type]
-    if _INDEX.fullmatch(p.name) and p.is_file():  # a shard index: its folder
-        p = p.parent
-    if p.is_dir() and p.parent.name == "snapshots" and p.parent.parent.name.startswith("models--"):
+    folder = p.is_dir()
+    if not folder and _own_weights(p.name):  # its folder (".." and "." as the path says, links kept)
+        p, folder = Path(os.path.abspath(p)).parent, True
+    if folder and p.parent.name == "snapshots" and p.parent.parent.name.startswith("models--"):
         return p.parent.parent.name.rsplit("--", 1)[-1]  # a Hugging Face cache snapshot: the repository's name
-    return p.name if p.is_dir() else p.stem
+    return p.name if folder else p.stem
+
+
+def _own_weights(name: str) -> bool:
+    """Whether a file name is one of transformers' or diffusers' weight names (a shard index, a
+    variant, a shard): a file that names nothing but its folder's model."""
+    return bool(_INDEX.fullmatch(name) or _TRANSFORMERS_WEIGHTS.fullmatch(name))

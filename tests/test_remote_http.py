@@ -419,16 +419,16 @@ def test_a_server_that_stops_sending_is_given_up_on(own_server, small_family, se
 
 
 def test_two_task_urls_of_one_file_name_are_refused_not_merged_into_one(own_server, small_family, tmp_path):
-    """.../a/model.safetensors and .../b/model.safetensors, given without names: both would be
-    task 'model', so the call is refused (one of them was silently dropped)."""
+    """.../a/model.safetensors and .../b/a/model.safetensors, given without names: both would be
+    task 'a' (named after their folders), so the call is refused (one of them was silently dropped)."""
     from safetensors.torch import save_file
 
-    for sub in ("a", "b"):
-        (own_server.root / sub).mkdir()
+    for sub in ("a", "b/a"):
+        (own_server.root / sub).mkdir(parents=True)
         save_file(small_family["tasks"]["a"], str(own_server.root / sub / "model.safetensors"))
     save_file(small_family["base"], str(own_server.root / "base.safetensors"))
-    with pytest.raises(tallpack.InvalidArgumentError, match="task 'model' given twice"):
+    with pytest.raises(tallpack.InvalidArgumentError, match="task 'a' given twice"):
         tallpack.pack(f"{own_server.url}/base.safetensors",
-                      [f"{own_server.url}/a/model.safetensors", f"{own_server.url}/b/model.safetensors"],
+                      [f"{own_server.url}/a/model.safetensors", f"{own_server.url}/b/a/model.safetensors"],
                       tmp_path / "x.tallpack")
     assert not (tmp_path / "x.tallpack").exists()
