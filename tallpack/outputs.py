@@ -70,7 +70,8 @@ def write_checkpoint(
     one that is the folder of another or of a weight file is refused before anything is written
     (a FormatError that starts with ``where``). With ``overwrite``, the weight files of an earlier
     write in the folder that this one does not replace are removed: ``model.safetensors``, shards
-    and their index (never a file of another name: an exact unpack's originals, which nothing tells
+    and their index, ``pytorch_model.bin`` and its shards and index, diffusers' same names, their
+    variants (never a file of another name: an exact unpack's originals, which nothing tells
     apart from the checkpoints a family was packed from, are left, with a warning).
 
     >>> write_checkpoint(fam.state_dict("cars"), "cars/", metadata={"task": "cars"})

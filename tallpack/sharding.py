@@ -467,8 +467,11 @@ def _component_folder(name: str) -> bool:
 
 def previous_weights(folder: Path) -> set[str]:
     """The weight files an earlier checkpoint write left in ``folder``: ``model.safetensors``, the
-    index and the shards it names (plain ``.safetensors`` names in the folder only), and the same
-    of a variant (``model.fp16.safetensors``, ``model.safetensors.index.fp16.json`` and its shards,
+    index and the shards it names (plain ``.safetensors`` names in the folder only), the pickles a
+    loader takes when the safetensors are missing (``pytorch_model.bin``,
+    ``pytorch_model.bin.index.json`` and its ``.bin`` shards), diffusers' same names
+    (``diffusion_pytorch_model.safetensors``, ...), and the same of a variant
+    (``model.fp16.safetensors``, ``model.safetensors.index.fp16.json`` and its shards,
     ``pytorch_model.fp16.bin``, ``pytorch_model.bin.index.fp16.json`` and its ``.bin`` shards)."""
     try:
         names = os.listdir(folder)
@@ -481,7 +484,15 @@ def previous_weights(folder: Path) -> set[str]:
 def _weight_set(name: str) -> bool:
     """Whether ``name`` is one of transformers' weight-set names (a single file or a shard index),
     plain or of a variant, that a checkpoint write makes or leaves."""
-    return name in (SINGLE, INDEX, DIFFUSERS_SINGLE, DIFFUSERS_INDEX) or weight_variant(name) is not None
+    return name in _PLAIN_SETS or weight_variant(name) is not None
+
+
+#: The plain weight-set names (no variant), in the order transformers and diffusers look for them, and
+#: the shard indexes among them: a sentence-transformers module's pickled ``2_Dense/pytorch_model.bin``
+#: left beside an output without that module would be loaded as the output's.
+_PLAIN_SETS = (SINGLE, INDEX, "pytorch_model.bin", "pytorch_model.bin.index.json", DIFFUSERS_SINGLE, DIFFUSERS_INDEX,
+               f"{DIFFUSERS}.bin", f"{DIFFUSERS}.bin.index.json")
+_PLAIN_INDEXES = frozenset(n for n in _PLAIN_SETS if n.endswith(".index.json"))
 
 
 def weights_among(present: set[str], read: Callable[[str], bytes], is_file: Callable[[str], bool]) -> set[str]:
@@ -490,7 +501,7 @@ def weights_among(present: set[str], read: Callable[[str], bytes], is_file: Call
     found = {n for n in present if _weight_set(n)}
     for index in sorted(found):
         variant = weight_variant(index)
-        if index not in (INDEX, DIFFUSERS_INDEX) and (variant is None or not VARIANT_SETS[variant[1]][2]):
+        if index not in _PLAIN_INDEXES and (variant is None or not VARIANT_SETS[variant[1]][2]):
             continue  # a single file
         try:
             weight_map = json.loads(read(index)).get("weight_map", {})

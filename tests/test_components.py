@@ -614,3 +614,32 @@ def test_layer_of_a_pipeline_tensor_stays_in_its_component(component, name):
     assert label.startswith(f"{component}/")
     assert (label == f"{component}/other") == (layer_of(name) == "other")  # a block wherever a plain model has one
     assert layer_of(f"{component}/{name}") == layer_of(f"{component}/{name}", pipeline=False)
+
+
+@pytest.mark.parametrize("how", [("merge", "--method", "ta"), ("unpack", "--task", "a")])
+def test_force_over_pickled_components_leaves_none_a_loader_takes(plain, tmp_path, how):
+    """--force over an earlier pipeline saved with safe_serialization=False (each component's
+    diffusion_pytorch_model.bin; the vqvae's also as .bin shards and their index) removes those
+    pickles: a merge that leaves the vqvae out does not load (not with the earlier vqvae), an
+    unpack loads its own weights."""
+    import shutil
+
+    partial = _without_vqvae(plain["b"], tmp_path / "partial")
+    arch = tmp_path / "p.tallpack"
+    _cli("pack", "--base", plain["base"], "--task", f"a={plain['a']}", "--task", f"b={partial}", "-o", arch)
+    out = _family(tmp_path / "bin", safe_serialization=False)["b"]
+    vq = torch.load(out / "vqvae" / "diffusion_pytorch_model.bin")
+    names = sorted(vq)
+    for i, part in enumerate((names[:3], names[3:])):
+        torch.save({k: vq[k] for k in part}, out / "vqvae" / f"diffusion_pytorch_model-0000{i + 1}-of-00002.bin")
+    (out / "vqvae" / "diffusion_pytorch_model.bin.index.json").write_text(json.dumps(
+        {"weight_map": {k: f"diffusion_pytorch_model-0000{1 + (k not in names[:3])}-of-00002.bin" for k in names}}))
+    shutil.rmtree(tmp_path / "bin" / "a")  # (the family's other folders, not needed)
+    _cli(*how[:1], arch, *how[1:], "-o", out, "--force")
+    assert not [n for n in _files(out) if n.endswith((".bin", ".bin.index.json"))], _files(out)
+    if how[0] == "merge":  # vqvae left out: the folder does not load, rather than with the earlier vqvae
+        with pytest.raises(Exception):
+            diffusers.DiffusionPipeline.from_pretrained(out)
+    else:
+        got, want = _state(out), tallpack.open(arch).state_dict("a")
+        assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in got)

@@ -372,3 +372,40 @@ def test_tensors_named_as_modules_pack_as_its_fine_tune(fam, tmp_path):
 def test_sentence_transformers_is_installed():
     """The test extra installs sentence-transformers: these tests never skip for want of it."""
     assert int(sentence_transformers.__version__.split(".")[0]) >= 3
+
+
+def _without_dense(folder: Path, to: Path) -> Path:
+    """A copy of a sentence-transformers folder without its Dense module (nor modules.json's entry)."""
+    shutil.copytree(folder, to)
+    shutil.rmtree(to / "2_Dense")
+    (to / "modules.json").write_text(json.dumps([m for m in json.loads((to / "modules.json").read_text())
+                                                 if m["path"] != "2_Dense"]))
+    return to
+
+
+@pytest.mark.parametrize("how", [("merge", "--method", "ta"), ("unpack", "--task", "a")])
+def test_force_over_pickled_weights_leaves_none_a_loader_takes(fam, pickled, tmp_path, how):
+    """--force over an earlier folder saved with safe_serialization=False (2_Dense/pytorch_model.bin,
+    and a pickled transformer, plain and sharded, at the top) removes those pickles: a merge that
+    leaves the module out then does not load (not with the earlier Dense), an unpack loads its own."""
+    arch = tmp_path / "p.tallpack"
+    tallpack.pack(fam["base"], {"a": fam["a"], "nodense": _without_dense(fam["b"], tmp_path / "nd")}, arch)
+    out = tmp_path / "out"
+    shutil.copytree(pickled["b"], out)
+    top = load_file(out / "model.safetensors")
+    torch.save(top, out / "pytorch_model.bin")
+    names = sorted(top)
+    for i, part in enumerate((names[:5], names[5:])):
+        torch.save({k: top[k] for k in part}, out / f"pytorch_model-0000{i + 1}-of-00002.bin")
+    (out / "pytorch_model.bin.index.json").write_text(json.dumps(
+        {"weight_map": {k: f"pytorch_model-0000{1 + (k not in names[:5])}-of-00002.bin" for k in names}}))
+    assert (out / "2_Dense" / "pytorch_model.bin").is_file()
+    _cli(*how[:1], arch, *how[1:], "-o", out, "--force")
+    assert not [n for n in _files(out) if n.endswith(".bin") or n.endswith(".bin.index.json")], _files(out)
+    if how[0] == "merge":  # module '2_Dense' left out: the folder does not load, rather than with b's Dense
+        with pytest.raises(Exception, match="model.safetensors"):
+            _load(out)
+    else:
+        got = _state(out)
+        want = tallpack.open(arch).state_dict("a")
+        assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in got)
