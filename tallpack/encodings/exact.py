@@ -200,7 +200,7 @@ def reference(read: ReadArray, entry: TensorEntry, tt: TaskTensor, ref: str, whe
 
 
 #: The 16-bit floating types' bit patterns above which, the sign bit aside, a value is a NaN.
-_NAN_ABOVE = {torch.bfloat16: 0x7F80, torch.float16: 0x7C00}
+_NAN_ABOVE = {"bfloat16": 0x7F80, "float16": 0x7C00}  # by name: no torch at import (the CLI starts without it)
 
 
 def base_reference(base: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -216,9 +216,10 @@ def base_reference(base: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     if base.dtype == dtype and base.device.type == "cpu":
         if dtype == torch.float32:  # ``.to(float32)`` of float32 is the tensor itself, NaNs too
             return base
-        if dtype in _NAN_ABOVE:  # a NaN narrows to torch's own pattern: those take torch's path
+        above = _NAN_ABOVE.get(dtype_name(dtype))
+        if above is not None:  # a NaN narrows to torch's own pattern: those take torch's path
             u = bits(base)
-            if not ((u & np.uint16(0x7FFF)) > np.uint16(_NAN_ABOVE[dtype])).any():
+            if not ((u & np.uint16(0x7FFF)) > np.uint16(above)).any():
                 return base
     return narrow(base.to(torch.float32), dtype)
 
