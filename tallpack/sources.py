@@ -1158,7 +1158,14 @@ def check_components(base: Source, tasks: Mapping[str, Source], *, allow_mismatc
                 raise IncompatibleCheckpointsError(
                     f"task {task!r} ({src.label}): {what} {c!r} does not look fine-tuned from the base's "
                     f"({base.label}/{c}): {why}; pass allow_mismatch=True (--allow-mismatch) to pack it anyway")
-        missing = [c for c in mine_all if c and c not in theirs_all]
+        # a single file's (or tensors') MODULE/NAME tensors are the module's, under the archive's names
+        named = set() if isinstance(src, ComponentsSource) else \
+            {c for c in mine_all if c and any(k.startswith(f"{c}/") for k in src.keys())}
+        if named:
+            log.info("task %r (%s): holds the tensors of %s %s under their archive names (%s/NAME); merged with the "
+                     "base's, and unpacked as one weights file", task, src.label, what, ", ".join(map(repr, named)),
+                     sorted(named)[0])
+        missing = [c for c in mine_all if c and c not in theirs_all and c not in named]
         if missing:
             log.warning("task %r (%s): has no %s %s of the base (%s); stored for the tasks that have it, "
                         "with no copy of the base's: a merged %s lacks it (merge --task NAME takes a task's)",

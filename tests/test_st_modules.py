@@ -409,3 +409,19 @@ def test_force_over_pickled_weights_leaves_none_a_loader_takes(fam, pickled, tmp
         got = _state(out)
         want = tallpack.open(arch).state_dict("a")
         assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in got)
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".bin"])
+def test_single_file_with_module_tensors_is_not_warned_as_lacking_them(fam, tmp_path, caplog, suffix):
+    """A task given as one weights file holding the module's tensors under the archive's names
+    (fam.state_dict("a") saved, 2_Dense/linear.weight among them): no warning that it lacks the
+    module, and the merge holds the merged Dense (as the warning would have said it does not)."""
+    sd = {k: v.clone() for k, v in tallpack.open(_pack(fam, tmp_path / "st.tallpack")).state_dict("a").items()}
+    flat = tmp_path / f"flat{suffix}"
+    save_file(sd, flat) if suffix == ".safetensors" else torch.save(sd, flat)
+    with caplog.at_level(logging.WARNING, logger="tallpack"):
+        tallpack.pack(fam["base"], {"a": flat, "b": fam["b"]}, tmp_path / "f.tallpack")
+    assert "has no module" not in caplog.text and "lacks it" not in caplog.text, caplog.text
+    assert not caplog.records
+    merged = tallpack.open(tmp_path / "f.tallpack").merged("ta")
+    assert {"2_Dense/linear.weight", "2_Dense/linear.bias"} <= set(merged)
