@@ -26,7 +26,7 @@ from .dtypes import torch_dtype
 from .elements import itemsize, numel
 from .encodings import Use
 from .errors import InvalidArgumentError
-from .folders import check_no_clash, write_files
+from .folders import MODULES, check_no_clash, write_files
 from .fsutil import atomic_write, check_not_read, make_folder, reading, transaction
 from .manifest import check_task_name
 from .merging import check_alpha, default_alpha, is_consensus
@@ -58,6 +58,7 @@ def write_checkpoint(
     specs: Mapping[str, tuple[torch.dtype, tuple[int, ...]]] | None = None,
     also: Collection[str] = (),
     where: str | None = None,
+    modules: bool = False,
 ) -> Path:
     """Write ``OUTDIR/model.safetensors`` (and ``config.json`` when given); returns the file's path.
 
@@ -72,7 +73,10 @@ def write_checkpoint(
     write in the folder that this one does not replace are removed: ``model.safetensors``, shards
     and their index, ``pytorch_model.bin`` and its shards and index, diffusers' same names, their
     variants (never a file of another name: an exact unpack's originals, which nothing tells
-    apart from the checkpoints a family was packed from, are left, with a warning).
+    apart from the checkpoints a family was packed from, are left, with a warning). A layout of a
+    sentence-transformers model (its ``format``, or ``modules``: the folder files hold
+    ``modules.json``) is sharded at its top only, each module's weights one file, as
+    sentence-transformers loads them.
 
     >>> write_checkpoint(fam.state_dict("cars"), "cars/", metadata={"task": "cars"})
     """
@@ -84,7 +88,9 @@ def write_checkpoint(
         if max_shard_size is not None:
             sizes = sizes or {k: state_dict[k].numel() * state_dict[k].element_size() for k in keys}
             # a pipeline: each component apart; a diffusers model: under diffusers' names
-            plan = plan_by_size_as({k: sizes[k] for k in keys}, (layout or {}).get("shards"), max_shard_size)
+            modules = modules or (layout or {}).get("format") == "sentence-transformers"
+            plan = plan_by_size_as({k: sizes[k] for k in keys}, (layout or {}).get("shards"), max_shard_size,
+                                   modules=modules)
         elif layout:
             plan = plan_from_layout(keys, layout.get("shards"))
         plan = plan or {single_file((layout or {}).get("shards")): keys}
@@ -147,7 +153,8 @@ def _folder(archive: "Archive", state_dict: Mapping[str, torch.Tensor], out: Pat
     with transaction(overwrite=overwrite):
         target = write_checkpoint(state_dict, out, metadata=meta, config=None if "config.json" in files else config,
                                   layout=layout, max_shard_size=max_shard_size, sizes=sizes, progress=progress,
-                                  overwrite=overwrite, specs=specs, also=_kept_names(files), where=where)
+                                  overwrite=overwrite, specs=specs, also=_kept_names(files), where=where,
+                                  modules=MODULES in files)
         _kept_files(archive, files, out)
         _warn_originals_left(archive, out, {Path(target).name})
         return target
@@ -289,7 +296,8 @@ def write_task(archive: "Archive", task: str, outdir: str | os.PathLike, *, exac
                 target = write_checkpoint(_Only(sd, left), local, metadata=meta,
                                           layout=_only_components(info.source, left), max_shard_size=max_shard_size,
                                           sizes=_sizes(archive, task), specs=_specs(archive, task),
-                                          progress=progress, overwrite=overwrite)
+                                          progress=progress, overwrite=overwrite,
+                                          modules=MODULES in archive.files(task))
             _warn_originals_left(archive, local, {Path(p).relative_to(local).as_posix()
                                                   for p in [*written, *([target] if target else [])]})
             # the folder's other files (tokenizer, generation config, model card), as a lossy unpack

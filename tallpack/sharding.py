@@ -211,11 +211,14 @@ def _plan_components(keys: Sequence[str], runs: list[tuple[str, str, int]]) -> d
     return {f: names for f, names in plan.items() if names} or None
 
 
-def plan_components_by_size(sizes: Mapping[str, int], shards: Any, max_shard_size: int | str
-                            ) -> dict[str, list[str]] | None:
+def plan_components_by_size(sizes: Mapping[str, int], shards: Any, max_shard_size: int | str, *,
+                            modules: bool = False) -> dict[str, list[str]] | None:
     """``plan_by_size`` for each component of a recorded component layout (spec §3.6), its shards
     named as its recorded files are, less a variant (``unet/diffusion_pytorch_model-00001-of-00003.safetensors``);
-    None for a layout of no components (then one model is sharded as a whole)."""
+    None for a layout of no components (then one model is sharded as a whole). With ``modules`` (a
+    sentence-transformers model's layout) only the top (the transformer's weights) is sharded: each
+    module's weights stay one file (``2_Dense/model.safetensors``), the only one its loader takes,
+    with a warning where they are larger than ``max_shard_size``."""
     plan = plan_from_layout(list(sizes), shards) if isinstance(shards, list) and any(
         isinstance(r, list) and r and isinstance(r[0], str) and "/" in r[0] for r in shards) else None
     if plan is None:
@@ -227,6 +230,14 @@ def plan_components_by_size(sizes: Mapping[str, int], shards: Any, max_shard_siz
         c, _, f = fname.rpartition("/")
         groups.setdefault(c, (_stem(f), []))[1].extend(names)
     for c, (stem, names) in groups.items():
+        if modules and c:
+            size = sum(sizes[n] for n in names)
+            if size > limit:
+                log.warning("module %s/: its weights (%d bytes) kept in one file over the maximum shard size (%d "
+                            "bytes): sentence-transformers loads a module's weights from one %s.safetensors only",
+                            c, size, limit, stem)
+            out[_joined(c, f"{stem}.safetensors")] = names
+            continue
         mine = plan_by_size({n: sizes[n] for n in names}, limit)
         for f, group in mine.items():
             f = f.replace("model", stem, 1) if f != SINGLE else f"{stem}.safetensors"
@@ -234,8 +245,10 @@ def plan_components_by_size(sizes: Mapping[str, int], shards: Any, max_shard_siz
     return out
 
 
-def plan_by_size_as(sizes: Mapping[str, int], shards: Any, max_shard_size: int | str) -> dict[str, list[str]]:
-    """``plan_components_by_size`` for a recorded component layout, else ``plan_by_size``, under
+def plan_by_size_as(sizes: Mapping[str, int], shards: Any, max_shard_size: int | str, *,
+                    modules: bool = False) -> dict[str, list[str]]:
+    """``plan_components_by_size`` for a recorded component layout (with ``modules``, a
+    sentence-transformers model's: its modules unsharded), else ``plan_by_size``, under
     diffusers' names where the recorded files had them (a single diffusers model folder, a
     ``unet/`` passed alone: ``diffusion_pytorch_model-00001-of-00002.safetensors``, which
     ``UNet2DConditionModel.from_pretrained`` loads, where ``model-...`` is not looked for).
@@ -243,7 +256,7 @@ def plan_by_size_as(sizes: Mapping[str, int], shards: Any, max_shard_size: int |
     >>> plan_by_size_as({"a": 6, "b": 6}, [["diffusion_pytorch_model.safetensors", 2]], 10)
     {'diffusion_pytorch_model-00001-of-00002.safetensors': ['a'], 'diffusion_pytorch_model-00002-of-00002.safetensors': ['b']}
     """
-    plan = plan_components_by_size(sizes, shards, max_shard_size)
+    plan = plan_components_by_size(sizes, shards, max_shard_size, modules=modules)
     if plan is not None:
         return plan
     plan = plan_by_size(sizes, max_shard_size)

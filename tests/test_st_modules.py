@@ -425,3 +425,26 @@ def test_single_file_with_module_tensors_is_not_warned_as_lacking_them(fam, tmp_
     assert not caplog.records
     merged = tallpack.open(tmp_path / "f.tallpack").merged("ta")
     assert {"2_Dense/linear.weight", "2_Dense/linear.bias"} <= set(merged)
+
+
+def test_max_shard_size_shards_the_transformer_only(fam, tmp_path, caplog):
+    """unpack/merge --max-shard-size shard the transformer's weights at the top (which it loads
+    sharded) and keep each module's in one 2_Dense/model.safetensors, the only file
+    sentence-transformers loads for it (warned when larger than the size); the folders load with
+    the archive's tensors. The same for a task packed from tensors (format "dict")."""
+    arch = _pack(fam, tmp_path / "st.tallpack")
+    archive = tallpack.open(arch)
+    edited = {k: v.clone() for k, v in archive.state_dict("a").items()}
+    tallpack.pack(fam["base"], {"e": edited}, tmp_path / "e.tallpack")
+    with caplog.at_level(logging.WARNING, logger="tallpack"):
+        _cli("unpack", arch, "--task", "a", "-o", tmp_path / "u", "--max-shard-size", "1KB")
+        _cli("merge", arch, "--method", "ta", "-o", tmp_path / "m", "--max-shard-size", "20KB")
+        tallpack.write_task(tallpack.open(tmp_path / "e.tallpack"), "e", tmp_path / "e", max_shard_size="20KB")
+    assert "module 2_Dense/: its weights (2112 bytes) kept in one file over the maximum shard size" in caplog.text
+    for out, want in ((tmp_path / "u", archive.state_dict("a")), (tmp_path / "m", archive.merged("ta")),
+                      (tmp_path / "e", edited)):
+        assert [n for n in _files(out) if n.startswith("2_Dense/")] == ["2_Dense/config.json",
+                                                                        "2_Dense/model.safetensors"]
+        assert len(list(out.glob("model-*-of-*.safetensors"))) > 1 and (out / "model.safetensors.index.json").is_file()
+        got = _state(out)
+        assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in got)
