@@ -114,6 +114,21 @@ def listed_modules(doc: object) -> list[str]:
     return [e["path"] for e in doc if isinstance(e, dict) and isinstance(e.get("path"), str) and e["path"]]
 
 
+def component_of(name: str, components: Iterable[str]) -> str:
+    """The component (of ``components``: folder paths, ``unet``, ``2_Dense``, a sentence-transformers
+    Router's ``2_Router/query_0_Dense``) a tensor name ``COMPONENT/NAME`` is of: the longest one
+    it starts with and ``/``; ``""`` for a name of none (a sentence-transformers transformer's).
+
+    >>> component_of("2_Router/query_0_Dense/linear.weight", ["2_Router/query_0_Dense", "2_Dense"])
+    '2_Router/query_0_Dense'
+    """
+    best = ""
+    for c in components:
+        if c and len(c) > len(best) and name.startswith(c) and name[len(c):len(c) + 1] == "/":
+            best = c
+    return best
+
+
 def plain_name(name: str) -> str:
     """A weight file's name without its variant: the name a folder is loaded by without ``variant=``.
 

@@ -20,6 +20,7 @@ from .encodings.derived import DerivedMerged, merged_source, task_mask
 from .encodings.exact import TALL_ENCODINGS
 from .encodings.qtau import task_masks
 from .errors import FormatError, InvalidArgumentError, UnsupportedVersionError, memory_named
+from .folders import component_of
 from .manifest import Manifest
 from .merging import (MERGED_MODELS, METHODS, MergeMethod, apply_direction, check_alpha, default_alpha, integer,
                       is_consensus, merge_direction, merged_model_method, missing_statistics)
@@ -120,7 +121,7 @@ def missing_components(manifest: Manifest) -> dict[str, list[str]]:
     for e in manifest.tensors:
         inside = (not e.tasks and "base" in e.arrays) or (set(e.tasks) == tasks and _how_merged(e) is not None)
         for n in ([m.name for m in e.members] if e.members else [e.name]):
-            c = n.partition("/")[0]
+            c = component_of(n, components)
             having.setdefault(c, set()).update(e.tasks)
             if inside:
                 merged.add(c)

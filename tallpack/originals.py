@@ -30,7 +30,7 @@ from .encodings.derived import DERIVED_MERGED, checked_mask, task_mask
 from .encodings.derived_merged import merged_from
 from .encodings.exact import TALL_ENCODINGS
 from .errors import CheckpointError, FormatError, IntegrityError, OutOfMemoryError, TallpackError
-from .folders import check_digest, check_file_name, check_no_clash, safe_target
+from .folders import check_digest, check_file_name, check_no_clash, component_of, safe_target
 from .fsutil import atomic_write, make_folder, remove_found_on_commit
 from .limits import MAX_DEPTH
 from .merging import METHODS, MergeMethod
@@ -143,11 +143,12 @@ def _layout(f: dict[str, Any], keys, seen: set, where: str) -> list[tuple[int, i
 
 def _prefix_ok(prefix: Any, name: Any) -> bool:
     """Whether a record's ``prefix`` (spec §6.5) is ``""`` or the folder of its ``name`` and a
-    ``/`` (``unet/`` of ``unet/diffusion_pytorch_model.safetensors``), a folder of one component."""
+    ``/`` (``unet/`` of ``unet/diffusion_pytorch_model.safetensors``, a Router module's
+    ``2_Router/query_0_Dense/``), the folder of one component."""
     if prefix == "":
         return True
-    return (isinstance(prefix, str) and isinstance(name, str) and prefix.endswith("/") and prefix.count("/") == 1
-            and name.startswith(prefix) and "/" not in name[len(prefix):] and _name_ok(prefix[:-1]))
+    return (isinstance(prefix, str) and isinstance(name, str) and prefix.endswith("/") and name.startswith(prefix)
+            and "/" not in name[len(prefix):] and _name_ok(prefix[:-1]))
 
 
 def _name_ok(name: str) -> bool:
@@ -277,7 +278,7 @@ def _key_folders(keys: list[str], files: list[dict[str, Any]]) -> dict[str, str]
     where ``unet/`` holds weights, else ``""`` (a sentence-transformers model's transformer at the
     top, whose names are its own; every tensor of an in-memory input)."""
     folders = {_folder(f["name"]) for f in files if f.get("role") in ("safetensors", "torch")} - {""}
-    return {k: c if "/" in k and (c := k.partition("/")[0]) in folders else "" for k in keys}
+    return {k: component_of(k, folders) for k in keys}
 
 
 def _not_rebuilt(files: list[dict[str, Any]]) -> set[str]:

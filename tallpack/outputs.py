@@ -26,7 +26,7 @@ from .dtypes import torch_dtype
 from .elements import itemsize, numel
 from .encodings import Use
 from .errors import InvalidArgumentError
-from .folders import MODULES, check_no_clash, write_files
+from .folders import MODULES, check_no_clash, component_of, write_files
 from .fsutil import atomic_write, check_not_read, make_folder, reading, transaction
 from .manifest import check_task_name
 from .merging import check_alpha, default_alpha, is_consensus
@@ -344,7 +344,7 @@ def _only_components(layout: Mapping[str, Any] | None, keys: Sequence[str]) -> M
     if layout is None or not isinstance(shards, list) or not components:
         return layout
     # a key of no component: a sentence-transformers model's transformer, at the top (runs of no folder)
-    wanted = {c if "/" in k and (c := k.partition("/")[0]) in components else "" for k in keys}
+    wanted = {component_of(k, components) for k in keys}
     runs = [r for r in shards if isinstance(r, list) and r and isinstance(r[0], str) and r[0].rpartition("/")[0] in wanted]
     return {**layout, "shards": runs}
 

@@ -28,8 +28,8 @@ from typing import IO, Any
 from ._torch import torch
 from .dtypes import SAFETENSORS_DTYPES, dtype_name, tensor_to_bytes
 from .errors import FormatError, InvalidArgumentError
-from .folders import (DIFFUSERS, MODULES, VARIANT_SETS, check_file_name, listed_components, listed_modules, plain_name,
-                      safe_target, weight_variant)
+from .folders import (DIFFUSERS, MODULES, VARIANT_SETS, check_file_name, component_of, listed_components,
+                      listed_modules, plain_name, safe_target, weight_variant)
 from .fsutil import atomic_write
 from .progress import ProgressLike, track
 
@@ -109,8 +109,10 @@ def _shard_file(name: Any) -> str | None:
 
 def _layout_file(name: Any) -> tuple[str, str] | None:
     """A recorded run's file as ``(component, file)``: ``unet/diffusion_pytorch_model.safetensors``
-    as ``("unet", "diffusion_pytorch_model.safetensors")``, a plain name with component ``""``; None
-    for any other name (more than one folder, a folder no file name may have)."""
+    as ``("unet", "diffusion_pytorch_model.safetensors")``, a sentence-transformers Router's
+    ``2_Router/query_0_Dense/model.safetensors`` as ``("2_Router/query_0_Dense", "model.safetensors")``
+    (a reader that takes one-folder components only ignores such a layout), a plain name with component ``""``;
+    None for any other name (a folder no file name may have, a hidden one)."""
     if not isinstance(name, str):
         return None
     component, _, f = name.rpartition("/")
@@ -119,7 +121,7 @@ def _layout_file(name: Any) -> tuple[str, str] | None:
             check_file_name(component)
         except FormatError:
             return None
-        if component.startswith(".") or "/" in component:
+        if any(part.startswith(".") for part in component.split("/")):
             return None
     f2 = _shard_file(f)
     return None if f2 is None else (component, f2)
@@ -196,8 +198,7 @@ def _plan_components(keys: Sequence[str], runs: list[tuple[str, str, int]]) -> d
         recorded.setdefault(c, []).append((f, n))
     groups: dict[str, list[str]] = {}
     for k in keys:
-        c = k.partition("/")[0] if "/" in k else ""
-        groups.setdefault(c if c in recorded else "", []).append(k)
+        groups.setdefault(component_of(k, recorded), []).append(k)
     plan: dict[str, list[str]] = {}
     for c, names in groups.items():
         mine = recorded.get(c, [])
@@ -458,15 +459,25 @@ def previous_in(folder: Path, plan: Mapping[str, Any]) -> set[str]:
 
 def _listed_components(folder: Path) -> list[str]:
     """The plain subfolder names ``folder/model_index.json`` lists as components (``"vae":
-    ["diffusers", "AutoencoderKL"]``) and ``folder/modules.json`` as module folders (``2_Dense``);
-    none of a file that is missing or not such a document."""
+    ["diffusers", "AutoencoderKL"]``) and ``folder/modules.json`` as module folders (``2_Dense``,
+    ``2_Dense/``; and a module folder's subfolders, a Router's ``2_Router/query_0_Dense``); none of
+    a file that is missing or not such a document."""
     found: list[str] = []
     for index, listed in (("model_index.json", listed_components), (MODULES, listed_modules)):
         try:
             doc = json.loads((folder / index).read_bytes())
         except (OSError, ValueError, RecursionError):
             continue
-        found += [k for k in listed(doc) if _component_folder(k) and (folder / k).is_dir()]
+        names = [k.rstrip("/") or k for k in listed(doc)] if index == MODULES else listed(doc)
+        for k in names:
+            if _component_folder(k) and (folder / k).is_dir():
+                found.append(k)
+                if index == MODULES:
+                    try:
+                        subs = sorted(e.name for e in os.scandir(folder / k) if e.is_dir(follow_symlinks=False))
+                    except OSError:
+                        subs = []
+                    found += [f"{k}/{d}" for d in subs if not d.startswith(".") and _component_folder(d)]
     return found
 
 

@@ -57,8 +57,8 @@ from .dtypes import dtype_name
 from .elements import itemsize, numel
 from .errors import (CheckpointError, CheckpointNotFoundError, FormatError, IncompatibleCheckpointsError,
                      OutOfMemoryError, TallpackError, UnsafeCheckpointError, memory_detail, out_of_memory, quoted)
-from .folders import (DIFFUSERS, MODULES, VARIANT_SETS, check_file_name, listed_components, listed_modules, plain_name,
-                      weight_variant)
+from .folders import (DIFFUSERS, MODULES, VARIANT_SETS, check_file_name, component_of, listed_components, listed_modules,
+                      plain_name, weight_variant)
 from .storage import is_url
 
 log = logging.getLogger(__name__)
@@ -904,9 +904,9 @@ class ComponentsSource(Source):
                 if k != "config" or not c:
                     self.metadata.setdefault(k, v)
         if len(self._infos) < sum(len(part._infos) for part in parts.values()):
-            clash = next(k for k in parts[""].keys() if "/" in k and k.partition("/")[0] in parts)
-            raise CheckpointError(f"{label}: tensor {clash!r} of the folder's own weights is named as a tensor of "
-                                  f"its module folder {clash.partition('/')[0]}/ is; rename one of them")
+            clash = next(k for k in parts[""].keys() if component_of(k, parts))
+            raise CheckpointError(f"{label}: tensor {clash!r} of the folder's own weights has the name of a tensor "
+                                  f"of its module folder {component_of(clash, parts)}/; rename one of them")
         #: each weight file's component and '/' (its tensors' names there lack it): the exact tier's ``prefix``
         self.prefixes = {p: f"{c}/" for c, part in parts.items() if c for p in part.weight_files}
         shards = [[_joined(c, f), n] for c, part in parts.items()
@@ -918,9 +918,9 @@ class ComponentsSource(Source):
     def part_of(self, name: str) -> tuple[str, str]:
         """The part a tensor name is of and its name there: ``("unet", "conv_in.weight")``; a name
         of no component (a sentence-transformers transformer's) is the ``""`` part's."""
-        c, sep, rest = name.partition("/")
-        if sep and c and c in self.parts and rest in self.parts[c]:
-            return c, rest
+        c = component_of(name, self.parts)
+        if c and name[len(c) + 1:] in self.parts[c]:
+            return c, name[len(c) + 1:]
         return "", name
 
     def get(self, name: str) -> torch.Tensor:
@@ -1012,7 +1012,8 @@ def _modules(folder: Path, roots: list[Path]) -> list[str] | None:
                     "its subfolders' weight files kept as folder files", index, quoted(e)[:200])
         return None
     found: list[str] = []
-    for name in listed_modules(doc):
+    for listed in listed_modules(doc):
+        name = listed.rstrip("/") if listed.rstrip("/") else listed  # "2_Dense/", which sentence-transformers loads
         if not _folder_name(name):
             log.warning("%s: module path %r is not a plain subfolder name of the model folder (as 2_Dense); not "
                         "packed as a module (nothing outside the folder is read)", index, name[:200])
@@ -1023,7 +1024,27 @@ def _modules(folder: Path, roots: list[Path]) -> list[str] | None:
         _in_folder(folder, sub, roots)  # a link out of the folder: refused
         if sub.is_dir() and _weight_sets(sub):
             found.append(name)
+        elif sub.is_dir():  # a Router's (or Asym's) modules, each in a folder of its own: 2_Router/query_0_Dense
+            found += [f"{name}/{d}" for d in _nested_modules(folder, sub, roots)]
     return found or None
+
+
+def _nested_modules(folder: Path, sub: Path, roots: list[Path]) -> list[str]:
+    """The subfolders of module folder ``sub`` that hold a weight set, sorted: a sentence-transformers
+    Router's (and Asym's) own modules, which it saves in folders of their own (``2_Router/query_0_Dense``,
+    named in its ``router_config.json``) and loads as modules are loaded."""
+    try:
+        names = sorted(e.name for e in os.scandir(sub) if e.is_dir())
+    except OSError as err:
+        raise CheckpointError(f"{sub}: cannot list the folder ({err.strerror or err})") from None
+    found = []
+    for d in names:
+        if not _folder_name(d):
+            continue
+        _in_folder(folder, sub / d, roots)
+        if _weight_sets(sub / d):
+            found.append(d)
+    return found
 
 
 def _open_modules(path: Path, roots: list[Path], modules: list[str]) -> Source:
@@ -1037,8 +1058,25 @@ def _open_modules(path: Path, roots: list[Path], modules: list[str]) -> Source:
         raise
     src.files = _other_files(path, roots, weights, tops={"", *(f"{m}/" for m in modules)})
     _note_kept_weights(src)
+    _warn_module_files(src, path)
     log.info("%s: a sentence-transformers model with module weights %s", path, ", ".join(f"{m}/" for m in modules))
     return src
+
+
+def _warn_module_files(src: Source, path: Path) -> None:
+    """Warn of weight files in a folder of a module ``modules.json`` lists that are kept as folder
+    files, not packed as tensors (a module's subfolder two levels down, or beside the module's own
+    weights): a merged model writes them back as they are, the base's, not merged."""
+    try:
+        listed = {m.rstrip("/") for m in listed_modules(json.loads((path / MODULES).read_text()))}
+    except (OSError, ValueError, RecursionError):
+        return
+    kept = sorted(n for n in src.files if n.endswith(_MODULE_WEIGHTS) and n.partition("/")[0] in listed)
+    if kept:
+        log.warning("%s: %s kept as folder files, not packed as the module's tensors (only a listed module folder's "
+                    "weights, or one level of its subfolders', are): a merged model takes them as they are, the "
+                    "base's, not merged", path, ", ".join(kept[:5]) + (f" and {len(kept) - 5} more" if len(kept) > 5
+                                                                        else ""))
 
 
 def _pipeline(src: Source) -> bool:
@@ -1074,8 +1112,9 @@ def _as_pipeline(base: ComponentsSource, src: DictSource) -> bool:
     names = src.keys()
     own: dict[str, list[str]] = {}
     for n in names:
-        c, sep, rest = n.partition("/")
-        if not (sep and rest and c in base.parts):
+        c = component_of(n, base.parts)
+        rest = n[len(c) + 1:] if c else n
+        if not rest:
             c, rest = "", n
         if c not in base.parts:
             return False

@@ -22,7 +22,8 @@ import diffusers  # a test dependency (pyproject's "test" extra): missing, these
 import tallpack
 from conftest import expected_reconstruction
 from tallpack.errors import IncompatibleCheckpointsError
-from tallpack.sharding import DIFFUSERS_SINGLE, _by_folder, plan_components_by_size, plan_from_layout
+from tallpack.folders import component_of
+from tallpack.sharding import DIFFUSERS_SINGLE, _by_folder, plan_by_size_as, plan_components_by_size, plan_from_layout
 from tallpack_cli.main import main
 
 diffusers.utils.logging.set_verbosity_error()
@@ -643,3 +644,29 @@ def test_force_over_pickled_components_leaves_none_a_loader_takes(plain, tmp_pat
     else:
         got, want = _state(out), tallpack.open(arch).state_dict("a")
         assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in got)
+
+
+@settings(max_examples=60, deadline=None)
+@given(counts=st.lists(st.tuples(st.sampled_from(["", "2_Dense", "2_Router", "2_Router/query_0_Dense",
+                                                  "2_Router/document_0_Dense"]), st.integers(1, 3)),
+                       min_size=1, max_size=5, unique_by=lambda c: c[0]),
+       drop=st.integers(0, 2), limit=st.none() | st.integers(1, 10))
+def test_nested_component_layout_plans_every_key_into_its_own_folder(counts, drop, limit):
+    """Components of several folders (a sentence-transformers Router's 2_Router/query_0_Dense, spec
+    §3.6) beside one-folder ones: every key goes to a file of the longest recorded component it
+    is named under, written there without that component's name; by size too, modules unsharded."""
+    keys, shards = [], []
+    for c, n in counts:
+        keys += [f"{c}/w{i}" if c else f"w{i}" for i in range(n)]
+        shards.append([f"{c}/model.safetensors" if c else "model.safetensors", n])
+    kept = keys[drop:] if drop < len(keys) else keys
+    plan = (plan_from_layout(kept, shards) if limit is None else
+            plan_by_size_as(dict.fromkeys(kept, 4), shards, limit, modules=True))
+    assert plan is not None
+    assert sorted(k for names in plan.values() for k in names) == sorted(kept)
+    components = [c for c, _ in counts if c]
+    for f, names in plan.items():
+        folder = f.rpartition("/")[0]
+        assert all(component_of(k, components) == folder for k in names), (f, names)
+        if folder and limit is not None:
+            assert f == f"{folder}/model.safetensors"

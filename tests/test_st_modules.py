@@ -335,8 +335,8 @@ def test_top_tensor_named_as_a_module_tensor_is_refused(fam, tmp_path):
     shutil.copytree(fam["a"], model)
     top = load_file(model / "model.safetensors")
     save_file({**top, "2_Dense/linear.weight": torch.zeros(1)}, model / "model.safetensors")
-    with pytest.raises(CheckpointError, match=r"tensor '2_Dense/linear.weight' of the folder's own weights is named "
-                                              r"as a tensor of its module folder 2_Dense/ is") as e:
+    with pytest.raises(CheckpointError, match=r"tensor '2_Dense/linear.weight' of the folder's own weights has the "
+                                              r"name of a tensor of its module folder 2_Dense/; rename one") as e:
         open_source(model)
     assert "\n" not in str(e.value)
 
@@ -448,3 +448,95 @@ def test_max_shard_size_shards_the_transformer_only(fam, tmp_path, caplog):
         assert len(list(out.glob("model-*-of-*.safetensors"))) > 1 and (out / "model.safetensors.index.json").is_file()
         got = _state(out)
         assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in got)
+
+
+def _router_family(root: Path, fam: dict[str, Path]) -> dict[str, Path]:
+    """The family's transformer and pooling with a Router (sentence-transformers 5+) of a query and
+    a document Dense, which it saves in folders of their own: 2_Router/query_0_Dense/model.safetensors
+    (modules.json lists 2_Router only). The fine-tunes change both Dense layers."""
+    from sentence_transformers import SentenceTransformer
+
+    try:
+        from sentence_transformers.sentence_transformer import modules as models
+    except ImportError:
+        from sentence_transformers import models
+
+    base = _load(fam["base"])
+    torch.manual_seed(3)
+    router = models.Router.for_query_document(query_modules=[models.Dense(32, 16)],
+                                              document_modules=[models.Dense(32, 16)])
+    model = SentenceTransformer(modules=[base[0], base[1], router], device="cpu")
+    out = {}
+    for i, name in enumerate(["base", "a", "b"]):
+        if i:
+            g = torch.Generator().manual_seed(i)
+            with torch.no_grad():
+                for n, p in model.named_parameters():
+                    if n.startswith("2."):
+                        touch = (torch.rand(p.shape, generator=g) < 0.3).float()
+                        p.add_(touch * 0.02 * torch.randn(p.shape, generator=g))
+        model.save(str(root / name))
+        out[name] = root / name
+    return out
+
+
+def test_router_modules_are_packed_and_merged(fam, tmp_path):
+    """A Router's Dense modules (2_Router/query_0_Dense/model.safetensors, one level below the
+    folder modules.json lists) are module tensors 2_Router/query_0_Dense/NAME, TALL-merged: the
+    merge's Router holds the merged weights (not the base's files), and loads; unpack writes them
+    back in their folders (--exact byte for byte, verify rebuilds them)."""
+    rf = _router_family(tmp_path / "src", fam)
+    assert (rf["a"] / "2_Router" / "query_0_Dense" / "model.safetensors").is_file()
+    arch = _pack(rf, tmp_path / "r.tallpack", "--exact")
+    archive = tallpack.open(arch)
+    inner = [k for k in archive.keys("a") if k.startswith("2_Router/")]
+    assert sorted(inner) == [f"2_Router/{d}_0_Dense/linear.{p}" for d in ("document", "query") for p in ("bias", "weight")]
+    assert not [n for n in archive.files("a") if n.endswith(".safetensors")]
+    _cli("merge", arch, "--method", "ta", "-o", tmp_path / "m")
+    merged = archive.merged("ta")
+    got = _load(tmp_path / "m")[2].state_dict()
+    base = load_file(rf["base"] / "2_Router" / "query_0_Dense" / "model.safetensors")
+    assert torch.equal(got["sub_modules.query.0.linear.weight"], merged["2_Router/query_0_Dense/linear.weight"])
+    assert torch.equal(got["sub_modules.document.0.linear.bias"], merged["2_Router/document_0_Dense/linear.bias"])
+    assert not torch.equal(got["sub_modules.query.0.linear.weight"], base["linear.weight"])  # not the base's
+    _cli("unpack", arch, "--task", "a", "-o", tmp_path / "a")
+    assert _files(tmp_path / "a") == _files(rf["a"])
+    got = _load(tmp_path / "a")[2].state_dict()
+    assert torch.equal(got["sub_modules.query.0.linear.weight"],
+                       archive.get_tensor("a", "2_Router/query_0_Dense/linear.weight"))
+    _cli("unpack", arch, "--task", "b", "--exact", "-o", tmp_path / "x")
+    for name in _files(rf["b"]):
+        assert filecmp.cmp(tmp_path / "x" / name, rf["b"] / name, shallow=False), name
+    assert "ok:" in _cli("verify", arch).output
+
+
+def test_module_path_with_a_trailing_slash_is_packed_and_merged(fam, tmp_path, caplog):
+    """A modules.json path "2_Dense/" (which sentence-transformers loads) is the module 2_Dense: packed
+    as tensors without a warning, and the merge's 2_Dense holds the merged weights."""
+    slash = {}
+    for t in ("base", "a", "b"):
+        slash[t] = tmp_path / t
+        shutil.copytree(fam[t], slash[t])
+        doc = json.loads((slash[t] / "modules.json").read_text())
+        (slash[t] / "modules.json").write_text(json.dumps([{**m, "path": m["path"].replace("2_Dense", "2_Dense/")}
+                                                           for m in doc]))
+    with caplog.at_level(logging.WARNING, logger="tallpack"):
+        arch = _pack(slash, tmp_path / "s.tallpack")
+    assert not caplog.records, caplog.text
+    archive = tallpack.open(arch)
+    assert "2_Dense/linear.weight" in archive.keys("a") and "2_Dense/model.safetensors" not in archive.files("a")
+    _cli("merge", arch, "--method", "ta", "-o", tmp_path / "m")
+    assert torch.equal(_load(tmp_path / "m")[2].linear.weight, archive.merged("ta")["2_Dense/linear.weight"])
+
+
+def test_module_weights_kept_as_files_are_warned_of(fam, tmp_path, caplog):
+    """Weight files in a listed module's folder that are not packed as its tensors (two levels
+    down) are warned of at pack: a merged model carries them as they are."""
+    model = tmp_path / "model"
+    shutil.copytree(fam["a"], model)
+    (model / "2_Dense" / "x" / "y").mkdir(parents=True)
+    save_file({"w": torch.zeros(2)}, model / "2_Dense" / "x" / "y" / "model.safetensors")
+    with caplog.at_level(logging.WARNING, logger="tallpack"):
+        src = open_source(model)
+    assert "2_Dense/x/y/model.safetensors" in src.files
+    assert "2_Dense/x/y/model.safetensors kept as folder files, not packed as the module's tensors" in caplog.text
