@@ -76,7 +76,7 @@ def write_checkpoint(
     apart from the checkpoints a family was packed from, are left, with a warning). A layout of a
     sentence-transformers model (its ``format``, or ``modules``: the folder files hold
     ``modules.json``) is sharded at its top only, each module's weights one file, as
-    sentence-transformers loads them.
+    sentence-transformers loads them; the folder is returned, as a pipeline's is.
 
     >>> write_checkpoint(fam.state_dict("cars"), "cars/", metadata={"task": "cars"})
     """
@@ -84,11 +84,11 @@ def write_checkpoint(
         out = make_folder(outdir)
         meta = {str(k): v if isinstance(v, str) else json.dumps(v) for k, v in (metadata or {}).items()}
         keys = list(state_dict)
+        modules = modules or (layout or {}).get("format") == "sentence-transformers"
         plan = None
         if max_shard_size is not None:
             sizes = sizes or {k: state_dict[k].numel() * state_dict[k].element_size() for k in keys}
             # a pipeline: each component apart; a diffusers model: under diffusers' names
-            modules = modules or (layout or {}).get("format") == "sentence-transformers"
             plan = plan_by_size_as({k: sizes[k] for k in keys}, (layout or {}).get("shards"), max_shard_size,
                                    modules=modules)
         elif layout:
@@ -108,7 +108,7 @@ def write_checkpoint(
                               components=_components(layout))
         if config is not None:
             atomic_write(out / "config.json", lambda tmp: tmp.write_text(json.dumps(config, indent=2) + "\n"))
-        return target
+        return out if modules else target  # a sentence-transformers model: its folder, with or without modules
 
 
 def _components(layout: Mapping[str, Any] | None) -> Mapping[str, Any] | None:
@@ -265,7 +265,8 @@ def write_task(archive: "Archive", task: str, outdir: str | os.PathLike, *, exac
     """Rebuild one task and write it as a folder: ``model.safetensors`` (or the original's shards
     and index, or shards of ``max_shard_size``), plus its kept folder files (``config.json``,
     tokenizer, ...). ``outdir`` may be a URL. Returns the weights file or the index written (a
-    diffusers pipeline's folder, whose weights are in its component folders), under the URL for one.
+    diffusers pipeline's or sentence-transformers model's folder, whose weights are in its
+    component or module folders too), under the URL for one.
 
     With ``exact=True`` (archives packed with the exact tier), the original files byte for byte
     (each checked against its SHA-256), the folder's other files (tokenizer, model card) among

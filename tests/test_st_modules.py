@@ -540,3 +540,14 @@ def test_module_weights_kept_as_files_are_warned_of(fam, tmp_path, caplog):
         src = open_source(model)
     assert "2_Dense/x/y/model.safetensors" in src.files
     assert "2_Dense/x/y/model.safetensors kept as folder files, not packed as the module's tensors" in caplog.text
+
+
+def test_outputs_name_their_folder(fam, tmp_path):
+    """merge and unpack of a sentence-transformers archive name the folder written, whether or not
+    it has module weights (a merge that leaves the module out, a task without it), as a pipeline's do."""
+    arch = tmp_path / "p.tallpack"
+    tallpack.pack(fam["base"], {"a": fam["a"], "nodense": _without_dense(fam["b"], tmp_path / "nd")}, arch)
+    for how, out in ((("merge", "--method", "ta"), tmp_path / "m"), (("unpack", "--task", "nodense"), tmp_path / "u"),
+                     (("unpack", "--task", "a"), tmp_path / "a")):
+        r = CliRunner().invoke(main, [*how[:1], str(arch), *how[1:], "-o", str(out)], catch_exceptions=False)
+        assert r.exit_code == 0 and f"wrote {out}" in r.output and f"wrote {out}/" not in r.output, r.output
