@@ -279,10 +279,17 @@ _MAX_SHARD = click.option("--max-shard-size", default=None, metavar="SIZE", call
 def _parse_tasks(specs: tuple[str, ...], more: tuple[str, ...] = ()) -> dict[str, str]:
     """``--task`` values, then the positional TASKs (``more``): each ``NAME=PATH`` or ``PATH``."""
     tasks: dict[str, str] = {}
+    base = click.get_current_context().params.get("base")
     for spec, hint in [*((s, "--task") for s in specs), *((s, "TASK") for s in more)]:
         name, sep, path = spec.partition("=")
         if not sep or _exists(spec) or "://" in name:  # a bare path or URL, even one with '=' in it (?sig=...)
             name, path = stem(spec), spec
+            if hint == "TASK" and base is not None and _exists(spec) and _same(Path(spec), base):
+                # a glob over the family's folder matches the base too: never a task of itself
+                logging.getLogger("tallpack.cli").warning(
+                    "%s is the base (--base), left out of the tasks (a shell glob's match?); give it as "
+                    "--task NAME=%s to pack the base as a task too", spec, spec)
+                continue
         if path and not name and not sep:
             raise click.BadParameter(f"{spec!r}: no task name can be taken from this path; give NAME={spec}",
                                      param_hint=hint)

@@ -198,3 +198,16 @@ def test_log_lines_of_many_labelled_parts_are_about_ten(totals):
     assert len(lines) <= 11
     if totals[-1]:
         assert lines[-1] == f"t{len(totals) - 1}: writing: {totals[-1]}/{totals[-1]} (task {len(totals)} of {len(totals)})"
+
+
+def test_a_glob_that_matches_the_base_leaves_the_base_out(folders, tmp_path, caplog):
+    """``pack --base fam/base -o f.tallpack fam/*``: the glob's match of the base is no task (it
+    would count in 1/T and in the ratio), said in a warning; ``--task NAME=PATH`` still packs it."""
+    everything = sorted(folders.iterdir())  # what the shell makes of fam/*: base among them
+    assert folders / "base" in everything
+    with caplog.at_level("WARNING"):
+        run("pack", "--base", folders / "base", "-o", tmp_path / "g.tallpack", *everything)
+    assert "base" not in _names(tmp_path / "g.tallpack")
+    assert "is the base (--base), left out of the tasks" in caplog.text
+    run("pack", "--base", folders / "base", "-o", tmp_path / "h.tallpack", f"same={folders / 'base'}", folders / "t00")
+    assert _names(tmp_path / "h.tallpack") == ["same", "t00"]
