@@ -348,6 +348,10 @@ SUM_BLOCK, SUM_LANES = 2048, 8
 _EXPONENTS = 256
 
 
+#: The most elements :meth:`Sums.add` takes in one pass (its thread's scratch: about 20 bytes each).
+_SUMS_STEP = 64 * SUM_BLOCK
+
+
 class Sums:
     """One task's fidelity sums (``tall.Fidelity``): sum tau^2, rec^2, rec*tau and (rec - tau)^2 over
     the elements of its tensors, in one order whatever the build, CPU or thread count (spec §6.4):
@@ -422,6 +426,10 @@ class Sums:
         the compiled loops' order (the numpy twin: the same bits)."""
         tau = np.ascontiguousarray(tau, np.float32).reshape(-1)
         rec = np.ascontiguousarray(rec, np.float32).reshape(-1)
+        if tau.size > _SUMS_STEP:  # in pieces: the scratch below stays a few MB whatever the tensor
+            for a in range(0, tau.size, _SUMS_STEP):
+                self.add(tau[a:a + _SUMS_STEP], rec[a:a + _SUMS_STEP], at + a)
+            return
         fill = self._begin(at)
         n = tau.size
         if n == 0:

@@ -291,3 +291,30 @@ def test_the_figures_are_the_spec_s_sums(tmp_path):
             t, r, d, e = (_spec_sum(sq[k]) for k in ("tau", "rec", "dot", "err"))
             assert info.fidelity["rel_l2"] == math.sqrt(e / t), info.name
             assert info.fidelity["cosine"] == d / math.sqrt(t * r), info.name
+
+
+def test_a_large_tensor_s_sums_hold_a_bounded_scratch():
+    """``Sums.add`` of a tensor of millions of elements (a shared embedding's ``add_exact``) works in
+    pieces: what its thread keeps afterwards is a few MB, not 16 bytes an element; and the pieces'
+    sums are those of one pass (the order is cut-independent)."""
+    import threading
+    import tracemalloc
+    n = 3_000_000 + 17
+    g = np.random.default_rng(3)
+    tau = g.standard_normal(n).astype(np.float32)
+    rec = (tau * (g.random(n) < 0.5)).astype(np.float32)
+    whole, cut = kernels.Sums(), kernels.Sums()
+
+    def run() -> None:
+        tracemalloc.start()
+        whole.add(tau, rec, 0)
+        held.append(tracemalloc.get_traced_memory()[0])
+        tracemalloc.stop()
+    held: list[int] = []
+    t = threading.Thread(target=run)  # a fresh thread: its scratch starts empty
+    t.start()
+    t.join()
+    assert held[0] < 8 << 20, held  # n * 16 bytes would be 48 MB
+    for a, b in zip([0, 5, 2048 * 70 + 3, n // 2], [5, 2048 * 70 + 3, n // 2, n]):
+        cut.add(tau[a:b], rec[a:b], a)
+    assert whole.totals() == cut.totals()
