@@ -262,34 +262,57 @@ def _spec_sum(products: list[np.ndarray]) -> float:
     return math.fsum(blocks)
 
 
-def test_the_figures_are_the_spec_s_sums(tmp_path):
+@pytest.mark.parametrize("dtype, merge, group", [("float32", "ta", False), ("bfloat16", "ties", True),
+                                                 ("float16", "ta", True)])
+def test_the_figures_are_the_spec_s_sums(tmp_path, dtype, merge, group):
     """``rel_l2`` and ``cosine`` of every task, recomputed from the archive's own masks and merged
     vector and the inputs by the words of spec §6.4 (plain Python float32 lanes, not the packer's
-    code), equal the manifest's to the bit."""
+    code), equal the manifest's to the bit: 16-bit families, TIES, groups (a group's flat tensor,
+    its gaps zeros) and a tensor every task shares (rec = tau_t)."""
     import math
-    from safetensors.torch import load_file
-    _family(tmp_path / "fam", "float32")
+    from safetensors.torch import load_file, save_file
+    _family(tmp_path / "fam", dtype)
     fam_dir = tmp_path / "fam"
-    out = tmp_path / "f.tallpack"
-    tallpack.pack(f"{fam_dir}/base.safetensors", {t: f"{fam_dir}/{t}.safetensors" for t in ("a", "b", "c")},
-                  out, group=False, chunk_elements=4096)
     base = load_file(str(fam_dir / "base.safetensors"))
+    shared = (base["l1.w"].float() + 0.02).to(base["l1.w"].dtype)  # the same fine-tune in every task
+    origs = {}
+    for t in ("a", "b", "c"):
+        origs[t] = load_file(str(fam_dir / f"{t}.safetensors"))
+        origs[t]["l1.w"] = shared.clone()
+        save_file(origs[t], str(fam_dir / f"{t}.safetensors"))
+    out = tmp_path / "f.tallpack"
+    tallpack.pack(f"{fam_dir}/base.safetensors", {t: f"{fam_dir}/{t}.safetensors" for t in origs},
+                  out, merge=merge, group=group, chunk_elements=4096)
     with tallpack.open(out) as fam:
+        kinds = {e.kind for e in fam.manifest.tensors}
+        assert {"shared", "merged"} <= kinds and (not group or any(e.members for e in fam.manifest.tensors))
         for info in fam.manifest.tasks:
-            orig = load_file(str(fam_dir / f"{info.name}.safetensors"))
             sq: dict[str, list[np.ndarray]] = {"tau": [], "rec": [], "dot": [], "err": []}
-            for name in sorted(base):
-                tau = (orig[name] - base[name]).reshape(-1).numpy()
-                entry = fam._tensors[name]  # the archive's own mask and merged vector (§6.1.1)
-                m = fam.read_array(entry.tasks[info.name].arrays["mask"], name).reshape(-1).numpy()
-                rec = m.astype(np.float32) * fam.read_array(entry.arrays["merged"], name).reshape(-1).numpy()
+            for e in fam.manifest.tensors:
+                members = e.members or ()
+                names = [m.name for m in members] or [e.name]
+                if e.kind == "shared":  # rec = tau_t: err 0
+                    for nm in names:
+                        tau = (origs[info.name][nm].float() - base[nm].float()).reshape(-1).numpy()
+                        sq["tau"].append(tau * tau), sq["rec"].append(tau * tau), sq["dot"].append(tau * tau)
+                        sq["err"].append(np.zeros_like(tau))
+                    continue
+                if e.kind != "merged":
+                    continue
+                tt = e.tasks[info.name]
+                n = tt.shape[0] if members else math.prod(tt.shape)
+                tau = np.zeros(n, np.float32)
+                for m in members or [None]:
+                    nm, at = (e.name, 0) if m is None else (m.name, m.offset)
+                    x = (origs[info.name][nm].float() - base[nm].float()).reshape(-1).numpy()
+                    tau[at:at + x.size] = x
+                m_t = fam.read_array(tt.arrays["mask"], e.name).reshape(-1).numpy()  # §6.1.1's mask and τ_MTL
+                rec = m_t.astype(np.float32) * fam.read_array(e.arrays["merged"], e.name).reshape(-1).numpy()
                 err = (rec - tau).astype(np.float32)
-                sq["tau"].append(tau * tau)
-                sq["rec"].append(rec * rec)
-                sq["dot"].append(rec * tau)
+                sq["tau"].append(tau * tau), sq["rec"].append(rec * rec), sq["dot"].append(rec * tau)
                 sq["err"].append(err * err)
-            t, r, d, e = (_spec_sum(sq[k]) for k in ("tau", "rec", "dot", "err"))
-            assert info.fidelity["rel_l2"] == math.sqrt(e / t), info.name
+            t, r, d, e2 = (_spec_sum(sq[k]) for k in ("tau", "rec", "dot", "err"))
+            assert info.fidelity["rel_l2"] == math.sqrt(e2 / t), info.name
             assert info.fidelity["cosine"] == d / math.sqrt(t * r), info.name
 
 
