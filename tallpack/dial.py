@@ -31,6 +31,12 @@ what they have costs less than its merged vector is switched so (no task's error
 Fidelity 1 is bit-exact: an option counts as exact only where its rebuild has the original's bits
 (a squared error of 0 is not enough: ``-0.0`` rebuilt as ``0.0`` has none), and a task whose
 rebuild differs from the original in any bit records a fidelity below 1 (``JUST_BELOW_ONE`` at most).
+
+Where the exact tier (``pack --exact``) would be about as small as the archive decided, or smaller
+(a target near 1: on bf16 fine-tunes the exact tier derives masks and merged vectors from the
+originals, which no dial archive can), the dial says so in one warning with both sizes: it weighs
+each task's exact residual as ``add_exact`` does, on the same sample (``exact_tier_cost``), so
+nothing is packed twice.
 """
 
 from __future__ import annotations
@@ -56,16 +62,20 @@ from .encodings import Item, TaskTensor, TensorEntry, WriteContext, iter_arrays,
 from .encodings.base import EXTRA_ARRAYS
 from .encodings.correction import (BLOCK, Correction, quant_decode, quant_encode, quant_encode_widths, residual,
                                    sparse_decode, sparse_encode)
-from .encodings.exact import (CANDIDATES, SAMPLE_ELEMENTS, TRANSFORMS, add_exact, bits, forward, permute)
+from .encodings.exact import (RESIDUAL_CODECS, SAMPLE_ELEMENTS, _references, _sizes, add_exact, bits, forward,
+                              permute)
 from .encodings.qtau import BLOCK as QBLOCK
 from .encodings.qtau import dequantize, quantize, quantize_widths, rebuilt
 from .encodings.tall import Tall
 from .errors import InvalidArgumentError, TallpackError
-from .merging import score_values
+from .merging import MergeMethod, missing_statistics, score_values
 from .options import Evaluator
+from .report import format_size
 from .tall import blocks, tall_mask
 
 log = logging.getLogger(__name__)
+#: The residual codecs the exact tier tries, ``planes`` among them (the dial's exact corrections use it).
+EXACT_CODECS = ("planes", *(c for c in RESIDUAL_CODECS if c != "planes"))
 
 #: Correction families a pack may use (``PackOptions.corrections``), cheapest first.
 CORRECTIONS: tuple[str, ...] = ("sparse", "quant4", "quant8", "qtau", "exact")
@@ -95,6 +105,9 @@ ARRAY_OVERHEAD, CHUNK_OVERHEAD = 64, 64
 #: The highest fidelity a rebuild that is not the original bit for bit records (its squared error
 #: may be 0: ``-0.0`` rebuilt as ``0.0``), so that a fidelity of 1 means bit-exact.
 JUST_BELOW_ONE = math.nextafter(1.0, 0.0)
+#: The dial warns that ``--exact`` is the better choice where the exact tier's estimated size is at
+#: most this many times the dial's archive (both estimated alike): about as small, and lossless.
+EXACT_HINT = 1.05
 #: How far below a target (under 1) a fidelity may fall and still meet it: float residue.
 TOLERANCE = 1e-12
 
@@ -296,24 +309,45 @@ def _array_cost(chain: Chain, arr: np.ndarray, ce: int) -> int:
     return sum(len(chain.encode(p)) + CHUNK_OVERHEAD for p in pieces) + ARRAY_OVERHEAD
 
 
-def _exact_cost(ctx: WriteContext, x: torch.Tensor, rec: torch.Tensor, base: torch.Tensor) -> int:
-    """What ``add_exact`` will store for this task's tensor (the same choice on the same sample)."""
+def derives_merged(method: MergeMethod) -> bool:
+    """Whether the exact tier can leave a merged vector of ``method`` out (spec §6.1.9)."""
+    return method.name == "ta" or method.name == "ties" and not missing_statistics(method)
+
+
+def _exact_cost(ctx: WriteContext, x: torch.Tensor, sizes: list[tuple[int, tuple[str, str, str]]],
+                refs: Mapping[str, torch.Tensor | None]) -> int:
+    """What ``add_exact`` will store for this task's tensor: the smallest ``planes`` coding of
+    ``sizes`` (``exact._sizes``: the sample's codings, smallest first; ``planes`` is the dial's
+    codec), the whole tensor coded, against ``refs`` (``exact._references``)."""
     assert ctx.residuals is not None
-    xb = bits(x.contiguous())
-    refs = {"tall": rec, "base": narrow(base.to(torch.float32), x.dtype), "zero": None}
-    if torch.isnan(rec).any():
-        del refs["tall"]
-    rbits = {k: (bits(v.contiguous()) if v is not None else np.zeros_like(xb)) for k, v in refs.items()}
-    dt, ce, n = dtype_name(x.dtype), ctx.chunk_elements, SAMPLE_ELEMENTS
-    chain = ctx.residuals(x.element_size())
-
-    def size(z: np.ndarray) -> int:
-        return len(chain.encode(z.view(np.uint8).data))
-
-    _, ref, tr = min((size(permute(forward(xb[:n], rb[:n], t), rb[:n], dt, "exponent", ce)), k, t)
-                     for k, rb in rbits.items() if k in CANDIDATES for t in TRANSFORMS)
-    rb = rbits[ref]
+    ref, tr = next(how[:2] for _, how in sizes if how[2] == "planes")
+    xb = bits(x.reshape(-1).contiguous())
+    r = refs[ref]
+    rb = bits(r.reshape(-1).contiguous()) if r is not None else np.zeros_like(xb)
+    dt, ce, chain = dtype_name(x.dtype), ctx.chunk_elements, ctx.residuals(x.element_size())
     return _array_cost(chain, permute(forward(xb, rb, tr), rb, dt, "exponent", ce), ce) + 40
+
+
+def exact_tier_cost(tier: TierCost, sizes: Mapping[str, list[tuple[int, tuple[str, str, str]]]], n: int, ce: int,
+                    derivable: bool) -> int:
+    """About the bytes ``pack --exact`` stores for one merged tensor (``add_exact``'s choice made
+    on the same sample sizes, scaled): its base, and per task the residual with its mask, or
+    against the base or zero without it (a derived mask); the merged vector too unless every mask
+    is derived and the method's merged vector can be (spec §6.1.7, §6.1.9). ``sizes``: per task,
+    ``exact._sizes``."""
+    scale = n / max(1, min(SAMPLE_ELEMENTS, n))
+    per_array = ARRAY_OVERHEAD + CHUNK_OVERHEAD * -(-n // max(ce, 1))
+    each, derived, all_derived = 0.0, 0.0, True
+    for t, s in sizes.items():
+        with_mask = s[0][0] * scale + tier.masks[t]
+        alone = next((b * scale for b, how in s if how[0] != "tall"), None)
+        all_derived = all_derived and alone is not None
+        each += with_mask if alone is None else min(with_mask, alone)
+        derived += alone if alone is not None else with_mask
+    best = each + tier.merged
+    if derivable and all_derived:
+        best = min(best, derived)
+    return tier.base + int(best) + per_array * len(sizes)
 
 
 def tall_parts(ctx: WriteContext, item: Item) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -549,6 +583,8 @@ class Dial:
         self.unit_bytes = unit_bytes  # one task checkpoint's bytes, the budget's unit
         self.plans: dict[str, TaskPlan] = {}
         self.tier: dict[str, TierCost] = {}
+        #: per merged tensor, about what ``pack --exact`` would store for it (``exact_tier_cost``)
+        self.exact_tier: dict[str, int] = {}
         #: qtau candidates (the dial never runs with the exact tier: ``PackOptions`` refuses it)
         self.qtau = "qtau" in self.allowed
         #: whether a merged vector may be dropped (Task Arithmetic: tau_MTL is a plain sum)
@@ -605,7 +641,9 @@ class Dial:
                         {t: _tensor_cost(ctx.masks, m, ce) + 40 for t, m in zip(item.tasks, masks)})
         self.tier[item.name] = tier
         scratch = torch.empty(base32.numel() + max(QBLOCK, BLOCK))  # the quantizers' work: no fresh pages
-        for t, x, mask in zip(item.tasks, item.thetas, masks):
+        sizes: dict[str, list[tuple[int, tuple[str, str, str]]]] = {}
+        bases: dict[torch.dtype, torch.Tensor] = {}  # the exact tier's base reference, once per dtype
+        for i, (t, x, mask) in enumerate(zip(item.tasks, item.thetas, masks)):
             plan = self.plans.setdefault(t, TaskPlan())
             xf = x.reshape(-1)
             given = (self.sensitivity or {}).get(t, {}).get(item.name)
@@ -659,12 +697,16 @@ class Dial:
                     assert cq is not None
                     err, pe, same, over = sq_err(narrow(rec32 + cq, x.dtype))
                     opts.append(Option("quant", priced({"scales": scales, "codes": codes}), err, 0, b, pe, same, over))
-            if n and not exact0 and "exact" in self.allowed:  # also where TALL errs by bits alone
-                cost = _exact_cost(ctx, x.reshape(-1), plain, item.base.reshape(-1))
-                opts.append(Option("exact", cost, 0.0, bit_exact=True))
+            if n:  # the exact tier's residual, weighed as ``pack --exact`` would (``exact_tier_cost``)
+                refs = _references(item, i, plain, bases)
+                sizes[t] = _sizes(ctx, item, i, refs, EXACT_CODECS)
+                if not exact0 and "exact" in self.allowed:  # also where TALL errs by bits alone
+                    opts.append(Option("exact", _exact_cost(ctx, x, sizes[t], refs), 0.0, bit_exact=True))
             plan.ladders[item.name] = hull(opts)
             if self.evaluate is not None:
                 self._held.setdefault(t, {})[item.name] = (base32, rec32, r, x.dtype)
+        n = base32.numel()  # (an empty tensor: its base entry alone)
+        self.exact_tier[item.name] = exact_tier_cost(tier, sizes, n, ce, derives_merged(ctx.method)) if n else tier.base
 
     def tier_bytes(self) -> int:
         """The TALL tier of every observed tensor, in bytes (what ``Tall.write`` would store)."""
@@ -873,9 +915,40 @@ class Dial:
         if want is not None and not reaches(got, want):
             self.below[t] = got
 
+    def estimates(self) -> tuple[int, int]:
+        """The dial's archive as decided and the exact tier's (``pack --exact``: every task bit for
+        bit), in bytes, estimated alike (the tensors the dial does not touch count the same in
+        both: ``decide``'s plain bytes)."""
+        assert self._plain is not None
+        tall = self.tier_bytes()
+        dial = self._plain + sum(o.cost for ch in self.choice.values() for o in ch.values()) - sum(
+            self.tier[name].merged for name in self.dropped)
+        return dial, self._plain - tall + sum(self.exact_tier.values())
+
+    def _hint_exact(self) -> None:
+        """Warn where the exact tier would be about as small as the dial's archive or smaller
+        (``EXACT_HINT``; with a budget, within it): ``--exact`` then gives every task bit for bit,
+        and packs faster. Both sizes are the dial's estimates (nothing is packed twice)."""
+        if self._plain is None or not self.tier:
+            return
+        dial, exact = self.estimates()
+        log.info("dial: archive about %s; the exact tier's about %s (estimates)", format_size(dial), format_size(exact))
+        budget = self.budget_bytes
+        if exact > (EXACT_HINT * dial if budget is None else budget):
+            return
+        chosen = [o for ch in self.choice.values() for o in ch.values()]
+        pairs = sum(len(plan.ladders) for plan in self.plans.values())
+        what = (f"fidelity target {self.target:.4g}" if budget is None
+                else f"budget {budget / (self.unit_bytes or 1.0):.2f}x ({format_size(budget)})")
+        log.warning("%s: --exact (exact=True) would take about %s against the dial's %s (estimates) and keep every "
+                    "task bit for bit, faster to pack: use it instead (%d of %d task tensors needed a correction or "
+                    "their own quantized task vector, %d their exact residual)", what, format_size(exact),
+                    format_size(dial), len(chosen), pairs, sum(o.kind == "exact" for o in chosen))
+
     def _report(self) -> None:
         """Warn of targets lowered or not reached, with the figures of the archive written (once:
-        a budget's earlier writes are discarded)."""
+        a budget's earlier writes are discarded), and where ``--exact`` would be as small."""
+        self._hint_exact()
         if self._lowered:
             log.warning("fidelity target %.4g lowered for %d task(s) to what their validation examples certify "
                         "(give more examples): %s", self.target, len(self._lowered),
