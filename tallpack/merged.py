@@ -15,11 +15,12 @@ from ._torch import cpu_default, torch
 from .arrays import ArrayRef
 from .elements import itemsize, numel
 from .encodings import TensorEntry, Use, encoding_for
-from .encodings.base import split_parts
-from .encodings.derived import DerivedMerged, merged_source, task_mask
-from .encodings.exact import TALL_ENCODINGS
+from .encodings.base import ReadArray, split_parts
+from .encodings.derived import DerivedMerged, checked_mask, merged_source, task_mask
+from .encodings.derived_merged import merged_from
+from .encodings.exact import TALL_ENCODINGS, rebuild_exact
 from .encodings.qtau import task_masks
-from .errors import FormatError, InvalidArgumentError, UnsupportedVersionError, memory_named
+from .errors import FormatError, InvalidArgumentError, TallpackError, UnsupportedVersionError, memory_named
 from .folders import component_of
 from .manifest import Manifest
 from .merging import (MERGED_MODELS, METHODS, MergeMethod, apply_direction, check_alpha, default_alpha, integer,
@@ -192,6 +193,23 @@ def shared_direction(model: str, base: torch.Tensor, data: torch.Tensor, tasks: 
     return merge_direction(model, mtl, masks, extras, k, method).reshape(base.shape)
 
 
+def _derived_merged_masks(read: ReadArray, entry: TensorEntry, order: tuple[str, ...], method: MergeMethod,
+                          name: str) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """tau_MTL of a ``tall-derived-merged`` tensor of archive ``name`` and every task's mask (in
+    ``entry.tasks``' order), each original rebuilt once (checked against its hash), the derivation
+    in ``order`` (the manifest's): the bits ``read(merged_source(entry))`` and ``task_mask`` give."""
+    where = f"tensor {entry.name!r}"
+    try:
+        base = read(entry.arrays["base"], where + " (base)", Use.SHARED_INPUT).cpu()
+        thetas = {t: rebuild_exact(read, entry, entry.tasks[t], f"{where}, task {t!r}") for t in order}
+        tau = merged_from(base, list(thetas.values()), method, where)["merged"]
+        return tau, [checked_mask(thetas.pop(t), base, tau, tt, f"{where}, task {t!r}") for t, tt in entry.tasks.items()]
+    except TallpackError as e:  # the reads name the archive; the hashes and the derivation do not
+        if str(e).startswith(f"{name}: "):
+            raise
+        raise type(e)(f"{name}: {e}") from None
+
+
 class MergeParts:
     """Alpha-independent parts of a merged model: for each tensor every task has, theta_0 and the
     direction d (float32), or the stored tensor itself when every task has it unchanged.
@@ -255,6 +273,10 @@ class MergeParts:
                     tau, by_task = task_masks(read, e, lambdas)
                     tau = tau.reshape(base.shape)
                     masks = [m.reshape(base.shape) for m in by_task.values()]
+                elif is_consensus(model) and isinstance(sources["merged"], DerivedMerged):
+                    # format 1.8 (§6.1.9): tau_MTL and every mask from one rebuild of each original
+                    # (not once for tau_MTL and again for each task's mask)
+                    tau, masks = _derived_merged_masks(read, e, self.tasks, method, name)
                 elif sources["merged"] is None:
                     raise FormatError(f"{name}: {where} has no merged vector")
                 else:  # stored, or derived from the exact originals (format 1.8, §6.1.9)

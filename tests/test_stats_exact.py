@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from safetensors.torch import save_file
 
 import tallpack
+from tallpack import merged as merged_mod
 from tallpack import stats
 from tallpack.dtypes import narrow
 from tallpack.encodings import Use
@@ -171,5 +172,69 @@ def test_stats_of_a_damaged_original_says_where(tmp_path: Path) -> None:
     out.write_bytes(bytes(data))
     with tallpack.open(out) as fam, pytest.raises(tallpack.IntegrityError) as err:
         stats.compute(fam)
+    text = str(err.value)
+    assert "\n" not in text and str(out) in text and "embed.weight" in text, text
+
+
+@pytest.mark.parametrize("merge", MERGES, ids=["ta", "ties"])
+def test_consensus_merge_rebuilds_each_original_once(tmp_path: Path, monkeypatch, merge) -> None:
+    """A consensus merge of an exact archive rebuilds each task's original of a tensor once, for
+    the derived merged vector and every mask alike (it rebuilt each twice: once for tau_MTL, again
+    for the task's mask). The real rebuild runs; the calls are counted."""
+    _, paths = _family(tmp_path, torch.bfloat16)
+    out = tmp_path / "x.tallpack"
+    with _masks_derived():
+        tallpack.pack(tmp_path / "base.safetensors", paths, out, exact=True, merge=merge, chunk_elements=64, threads=1)
+    calls: dict[tuple[str, str], int] = {}
+    real = exact_mod.rebuild_exact
+
+    def counted(read, entry, tt, where):
+        task = next(t for t, v in entry.tasks.items() if v is tt)
+        calls[entry.name, task] = calls.get((entry.name, task), 0) + 1
+        return real(read, entry, tt, where)
+
+    for module in (dm, derived_mod, merged_mod):
+        monkeypatch.setattr(module, "rebuild_exact", counted, raising=False)
+    with tallpack.open(out) as fam:
+        model = fam.merged(f"consensus-{fam.manifest.merge['method']}")
+        assert set(model) == {e.name for e in fam.manifest.tensors}
+        assert calls == {(e.name, t): 1 for e in fam.manifest.tensors for t in e.tasks}
+
+
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=str)
+@pytest.mark.parametrize("merge", MERGES, ids=["ta", "ties"])
+def test_consensus_merge_of_exact_archive_is_the_lossy_archives(tmp_path: Path, dtype, merge) -> None:
+    """The consensus model of an exact archive (merged vector and masks derived from the originals,
+    each rebuilt once) has the bits of the lossy archive's, which stores both; k=1 too."""
+    _, paths = _family(tmp_path, dtype)
+    kw = dict(merge=merge, chunk_elements=64, threads=1)
+    exact, lossy = tmp_path / "x.tallpack", tmp_path / "s.tallpack"
+    with _masks_derived():
+        tallpack.pack(tmp_path / "base.safetensors", paths, exact, exact=True, **kw)
+    tallpack.pack(tmp_path / "base.safetensors", paths, lossy, group=False, **kw)
+    with tallpack.open(exact) as x, tallpack.open(lossy) as s:
+        model = f"consensus-{x.manifest.merge['method']}"
+        for k in (None, 1):
+            got, want = x.merged(model, k=k), s.merged(model, k=k)
+            assert list(got) == list(want)
+            for name in want:
+                assert got[name].dtype == want[name].dtype == dtype
+                assert _bits(got[name]) == _bits(want[name]), (name, k)
+
+
+def test_consensus_merge_of_a_damaged_original_says_where(tmp_path: Path) -> None:
+    """A damaged residual: a consensus merge fails in one line naming the archive and the tensor."""
+    _, paths = _family(tmp_path, torch.float16)
+    out = tmp_path / "x.tallpack"
+    with _masks_derived():
+        tallpack.pack(tmp_path / "base.safetensors", paths, out, exact=True, chunk_elements=64, threads=1)
+    with tallpack.open(out) as fam:
+        e = next(x for x in fam.manifest.tensors if x.name == "embed.weight")
+        c = e.tasks["b"].extras["exact"].residual.chunks[0]
+    data = bytearray(out.read_bytes())
+    data[c.offset + c.nbytes // 2] ^= 0x10
+    out.write_bytes(bytes(data))
+    with tallpack.open(out) as fam, pytest.raises(tallpack.IntegrityError) as err:
+        fam.merged("consensus-ta")
     text = str(err.value)
     assert "\n" not in text and str(out) in text and "embed.weight" in text, text
