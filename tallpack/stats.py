@@ -22,6 +22,7 @@ from .encodings.derived import DERIVED_MERGED, has_mask, task_mask
 from .encodings.derived_merged import task_masks as derived_merged_masks
 from .encodings.qtau import task_masks
 from .errors import InvalidArgumentError, OutputExistsError, TallpackError, memory_named
+from .folders import component_of
 from .fsutil import atomic_write, check_folders_above, check_replaceable, file_identity, reading
 from .merging import METHODS, MergeMethod
 from .progress import ProgressLike, track
@@ -55,19 +56,32 @@ def layer_ticks(blocks: int, other: bool) -> list[int]:
     return list(range(0, blocks, step)) + ([blocks] if other else [])
 
 
-def layer_of(name: str, *, pipeline: bool = False) -> str:
+def _split(name: str, components: "Iterable[str]") -> tuple[str, str]:
+    """(component, the rest) of a pipeline's name: the longest of ``components`` it starts with
+    (a sentence-transformers Router's ``2_Router/query_0_Dense``), else its first folder
+    (``unet``); ``""`` and the name for a name of none (a sentence-transformers transformer's)."""
+    component = component_of(name, components)
+    if component:
+        return component, name[len(component) + 1:]
+    first, slash, rest = name.partition("/")
+    return (first, rest) if slash else ("", name)
+
+
+def layer_of(name: str, *, pipeline: bool = False, components: "Iterable[str]" = ()) -> str:
     """``"layer 3"`` for ``model.layers.3.mlp.up_proj.weight`` (and ``h.3``, ``blocks.3``, ...,
     and the first index of a plain module list, ``body.3.weight``), ``"other"`` for embeddings,
     heads and norms outside the blocks. Of a diffusers ``pipeline`` (names ``COMPONENT/NAME``), each
     component's own: ``"text_encoder/layer 0"``, else the name up to its first index
     (``"unet/down_blocks.0"``, ``"vae/encoder.down_blocks.1"``), or ``"unet/other"``; the same of a
     sentence-transformers model's module (``"2_Dense/other"``), whose transformer's names have no ``/``.
+    The component is the longest of ``components`` the name starts with (a Router's modules are
+    each their own: ``"2_Router/query_0_Dense/other"``), else the name's first folder.
 
     >>> layer_of("unet/down_blocks.1.resnets.0.conv1.weight", pipeline=True)
     'unet/down_blocks.1'
     """
-    component, slash, rest = name.partition("/")
-    if not (pipeline and slash):
+    component, rest = _split(name, components) if pipeline else ("", name)
+    if not component:
         m = _LAYER.search(name) or _INDEXED.search(name)
         return f"layer {int(m[1])}" if m else "other"
     m = _LAYER.search(rest)
@@ -77,7 +91,7 @@ def layer_of(name: str, *, pipeline: bool = False) -> str:
     return f"{component}/{rest[:m.start(1)]}{int(m[1])}" if m else f"{component}/other"
 
 
-def _layer_order(labels: list[str], pipeline: bool) -> list[str]:
+def _layer_order(labels: list[str], pipeline: bool, components: "Iterable[str]" = ()) -> list[str]:
     """Layer labels in model order: by number, "other" last; of a pipeline, each component's
     together (in the order they come), numbers in numeric order within it, its "other" last (the
     labels of no component, a sentence-transformers transformer's, together as one, first).
@@ -87,17 +101,13 @@ def _layer_order(labels: list[str], pipeline: bool) -> list[str]:
     """
     if not pipeline:
         return sorted(labels, key=lambda s: (s == "other", int(s.split()[-1]) if s != "other" else 0))
-
-    def split(lay: str) -> tuple[str, str]:
-        component, slash, rest = lay.partition("/")
-        return (component, rest) if slash else ("", lay)
-
+    components = list(components)
     first: dict[str, int] = {}
     for lay in labels:
-        first.setdefault(split(lay)[0], len(first))
+        first.setdefault(_split(lay, components)[0], len(first))
 
     def key(lay: str) -> tuple:
-        component, rest = split(lay)
+        component, rest = _split(lay, components)
         parts = tuple((0, int(x), "") if x.isdigit() else (1, 0, x) for x in re.split(r"(\d+)", rest) if x)
         return component != "", first[component], rest == "other", parts  # the top model first
 
@@ -151,8 +161,10 @@ def _compute(archive: "Archive", progress: ProgressLike) -> MaskStats:
     lambdas = {t.name: t.lam for t in archive.manifest.tasks}
     # a diffusers pipeline's, or a sentence-transformers model's with module weights (spec §3.6; a
     # base without the modules of its tasks too)
-    pipeline = any(isinstance((s or {}).get("components"), dict)
-                   for s in (archive.manifest.base, *(archive.task_info(t).source for t in tasks)))
+    found = [c for s in (archive.manifest.base, *(archive.task_info(t).source for t in tasks))
+             if isinstance(c := (s or {}).get("components"), dict)]
+    pipeline = bool(found)
+    components = {name for c in found for name in c}  # a Router's modules: 2_Router/query_0_Dense
     entries = [e for e in archive.manifest.tensors
                if any(has_mask(tt) or tt.encoding == "qtau" for tt in e.tasks.values())]
     method = _merge_method(archive)
@@ -163,10 +175,11 @@ def _compute(archive: "Archive", progress: ProgressLike) -> MaskStats:
         runs = [slice(x.offset, x.offset + x.numel) for x in e.members] if e.members else None
         pieces, at = [], 0  # the runs of the (gapless) mask, by layer; empty: the whole mask
         for x in e.members:
-            pieces.append((layer_of(x.name, pipeline=pipeline), slice(at, at + x.numel)))
+            pieces.append((layer_of(x.name, pipeline=pipeline, components=components), slice(at, at + x.numel)))
             at += x.numel
+        whole = layer_of(e.name, pipeline=pipeline, components=components)
         layers = {lay: per_layer.setdefault(lay, {t: [0, 0] for t in tasks})
-                  for lay in ([lay for lay, _ in pieces] if pieces else [layer_of(e.name, pipeline=pipeline)])}
+                  for lay in ([lay for lay, _ in pieces] if pieces else [whole])}
         # the fidelity dial's qtau tasks have a mask derived from their deQ (spec §6.1.8)
         derived: "Iterable[tuple[str, torch.Tensor]] | None" = None
         if any(tt.encoding == "qtau" for tt in e.tasks.values()):
@@ -185,8 +198,8 @@ def _compute(archive: "Archive", progress: ProgressLike) -> MaskStats:
             ones[t] += n
             total[t] += m.size
             if not pieces:
-                layers[layer_of(e.name, pipeline=pipeline)][t][0] += n
-                layers[layer_of(e.name, pipeline=pipeline)][t][1] += m.size
+                layers[whole][t][0] += n
+                layers[whole][t][1] += m.size
             for lay, r in pieces:
                 layers[lay][t][0] += int(np.count_nonzero(m[r]))
                 layers[lay][t][1] += r.stop - r.start
@@ -200,7 +213,7 @@ def _compute(archive: "Archive", progress: ProgressLike) -> MaskStats:
     def frac(k: int, n: int) -> float | None:
         return k / n if n else None
 
-    order = _layer_order(list(per_layer), pipeline)
+    order = _layer_order(list(per_layer), pipeline, components)
     return MaskStats(tasks, [int(v) for v in hist], {t: frac(ones[t], total[t]) for t in tasks},
                      {lay: {t: frac(*per_layer[lay][t]) for t in tasks} for lay in order})
 

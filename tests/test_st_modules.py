@@ -510,6 +510,29 @@ def test_router_modules_are_packed_and_merged(fam, tmp_path):
     assert "ok:" in _cli("verify", arch).output
 
 
+def test_stats_group_a_routers_modules_each_on_its_own(fam, tmp_path):
+    """stats of a Router's family: each Dense module of the Router (its longest component,
+    2_Router/query_0_Dense) has its own rows, not one 2_Router/other for both; the same from an
+    archive that stores them in groups and from one that does not."""
+    rf = _router_family(tmp_path / "src", fam)
+    grouped, single = _pack(rf, tmp_path / "g.tallpack"), _pack(rf, tmp_path / "s.tallpack", "--no-group")
+    with tallpack.open(grouped) as g, tallpack.open(single) as s:
+        got = tallpack.stats.compute(g)
+        assert got.to_dict() == tallpack.stats.compute(s).to_dict()
+    modules = [lay for lay in got.layers if lay.startswith("2_Router/")]
+    assert modules == ["2_Router/document_0_Dense/other", "2_Router/query_0_Dense/other"], list(got.layers)
+    assert "2_Router/query_0_Dense/other" in _cli("stats", single).output
+    components = ["2_Router/query_0_Dense", "2_Router/document_0_Dense", "2_Dense"]
+    layer_of = tallpack.stats.layer_of
+    assert layer_of("2_Router/query_0_Dense/linear.weight", pipeline=True, components=components) \
+        == "2_Router/query_0_Dense/other"
+    assert layer_of("2_Router/query_0_Dense/blocks.3.w", pipeline=True, components=components) \
+        == "2_Router/query_0_Dense/layer 3"
+    assert layer_of("2_Dense/linear.weight", pipeline=True, components=components) == "2_Dense/other"
+    assert layer_of("unet/down_blocks.1.w", pipeline=True, components=components) == "unet/down_blocks.1"
+    assert layer_of("encoder.layer.1.w", pipeline=True, components=components) == "layer 1"
+
+
 def test_module_path_with_a_trailing_slash_is_packed_and_merged(fam, tmp_path, caplog):
     """A modules.json path "2_Dense/" (which sentence-transformers loads) is the module 2_Dense: packed
     as tensors without a warning, and the merge's 2_Dense holds the merged weights."""
