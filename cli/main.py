@@ -279,7 +279,8 @@ _MAX_SHARD = click.option("--max-shard-size", default=None, metavar="SIZE", call
 def _parse_tasks(specs: tuple[str, ...], more: tuple[str, ...] = ()) -> dict[str, str]:
     """``--task`` values, then the positional TASKs (``more``): each ``NAME=PATH`` or ``PATH``."""
     tasks: dict[str, str] = {}
-    base = click.get_current_context().params.get("base")
+    ctx = click.get_current_context(silent=True)  # (none when called as a function)
+    base = None if ctx is None else ctx.params.get("base")
     for spec, hint in [*((s, "--task") for s in specs), *((s, "TASK") for s in more)]:
         name, sep, path = spec.partition("=")
         if not sep or _exists(spec) or "://" in name:  # a bare path or URL, even one with '=' in it (?sig=...)
