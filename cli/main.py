@@ -8,6 +8,7 @@ import math
 import os
 import re
 import shlex
+import shutil
 import signal
 import sys
 import threading
@@ -26,7 +27,7 @@ from tallpack.merged import default_model, in_some_tasks, left_out, missing_comp
 from tallpack.merging import MERGED_MODELS, METHODS, MergeMethod, Option, default_alpha, is_consensus
 from tallpack.options import DENSE_PRESETS, MAX_LEVEL, MIN_LEVEL, PackOptions
 from tallpack.progress import LogLines
-from tallpack.report import format_size, render, render_tensors, tensor_rows
+from tallpack.report import TABLE_WIDTH, format_size, render, render_tensors, tensor_rows
 from tallpack.sources import stem
 from tallpack import staging
 
@@ -515,19 +516,50 @@ def _unmet(dial: Any) -> str:
     return f"; fidelity target {target:g} not reached for {len(short)} task{'s' if len(short) > 1 else ''} ({shown})"
 
 
+def _table_width() -> int:
+    """The width tables fit: the terminal's (or $COLUMNS), else TABLE_WIDTH (a file, a pipe)."""
+    if sys.stdout.isatty() or os.environ.get("COLUMNS", "").isdigit():
+        return max(40, shutil.get_terminal_size((TABLE_WIDTH, 24)).columns)
+    return TABLE_WIDTH
+
+
+def _chosen_tasks(fam: tallpack.Archive, names: tuple[str, ...], what: str, as_json: bool) -> list[str] | None:
+    """--task NAME...: checked against the archive (TaskNotFoundError names its tasks); None: none given."""
+    if not names:
+        return None
+    if as_json:
+        _usage(f"--task chooses the {what}'s columns; --json gives every task's")
+    for t in names:
+        fam.task_info(t)
+    return list(dict.fromkeys(names))
+
+
+_TASK_COLUMNS = click.option(
+    "--task", "task_names", multiple=True, metavar="NAME",
+    help="A density column for this task (repeat for several), however many tasks there are; without it, "
+         "past what fits the terminal (or $COLUMNS, else 120 columns), min / median / max across the tasks.")
+
+
 @main.command()
 @click.argument("archive", type=_PATH)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
 @click.option("--tensors", is_flag=True, help="Per tensor: kind, shape, dtype, stored bytes, codec, density per task.")
-def inspect(archive: str, as_json: bool, tensors: bool) -> None:
+@_TASK_COLUMNS
+def inspect(archive: str, as_json: bool, tensors: bool, task_names: tuple[str, ...]) -> None:
     """Show an archive's tasks, sizes, ratios, mask densities and fidelity."""
+    if task_names and not tensors:
+        _usage("--task chooses the density columns of --tensors' table; add --tensors")
     with tallpack.open(archive) as fam:
+        chosen = _chosen_tasks(fam, task_names, "--tensors table", as_json)
         s = fam.summary()
         rows = tensor_rows(fam.manifest, fam.read_array, fam.packed_bits) if tensors else None
     if as_json:
         click.echo(json.dumps(s | ({"tensors": rows} if rows is not None else {}), indent=2))
+    elif rows is None:
+        click.echo(render(s))
     else:
-        click.echo(render(s) + (f"\n\n{render_tensors(rows, list(fam.tasks))}" if rows is not None else ""))
+        table = render_tensors(rows, chosen or list(fam.tasks), width=_table_width(), spread_tasks=not chosen)
+        click.echo(f"{render(s)}\n\n{table}")
 
 
 @main.command()
@@ -635,7 +667,8 @@ def merge(archive: str, method: str | None, k: int, alpha: float | None, task: s
               help="Also draw the figure (tasks using each weight, density per task and per layer); needs matplotlib.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
 @click.option("-f", "--force", is_flag=True, help="Replace the --plot file if it exists.")
-def stats(archive: str, plot_path: str | None, as_json: bool, force: bool) -> None:
+@_TASK_COLUMNS
+def stats(archive: str, plot_path: str | None, as_json: bool, force: bool, task_names: tuple[str, ...]) -> None:
     """How many tasks use each weight (catastrophic, selfish, consensus), density per task and layer."""
     from tallpack import stats as mask_stats
 
@@ -644,8 +677,10 @@ def stats(archive: str, plot_path: str | None, as_json: bool, force: bool) -> No
     elif force:
         _usage("--force: only --plot writes a file here")
     with tallpack.open(archive) as fam:
+        chosen = _chosen_tasks(fam, task_names, "density-per-layer table", as_json)  # before the masks are read
         s = mask_stats.compute(fam, progress=_progress())
-    click.echo(json.dumps(s.to_dict(), indent=2) if as_json else mask_stats.render(s))
+    click.echo(json.dumps(s.to_dict(), indent=2) if as_json
+               else mask_stats.render(s, width=_table_width(), tasks=chosen))
     if plot_path is not None:
         title = f"{Path(archive).name}: {len(s.tasks)} task{'' if len(s.tasks) == 1 else 's'}"
         click.echo(f"wrote {mask_stats.plot(s, plot_path, title=title, overwrite=force, archive=archive)}", err=as_json)

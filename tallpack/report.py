@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable
-from typing import Any
+import statistics
+import textwrap
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -250,24 +252,131 @@ def _group_rows(e, read: Callable[..., Any] | None, bits: Callable[[ArrayRef, st
 
 #: the widest tensor-name column of ``render_tensors``; longer names overflow their row
 NAME_COLUMN_MAX = 72
+#: the width text tables fit where no terminal says otherwise (a file, a pipe, Python)
+TABLE_WIDTH = 120
+#: a task's density column: 8 characters and the space before it
+_COLUMN = 9
+#: the shortest a task's name is cut to at a density extreme (a task column's width)
+_NAME_MIN = 8
 
 
-def render_tensors(rows: list[dict[str, Any]], tasks: list[str]) -> str:
-    """The text table of :func:`tensor_rows`: one density column per task."""
+class Spread(NamedTuple):
+    """The densities of one tensor (or layer) across tasks: the extremes, each with its tasks."""
+
+    low: float
+    low_tasks: list[str]
+    median: float
+    high: float
+    high_tasks: list[str]
+
+
+def spread(density: Mapping[str, float | None]) -> Spread | None:
+    """Min, median and max of the tasks' densities (a task without a mask, None or absent, left
+    out), each extreme with every task at it, in the given order; None where no task has one.
+
+    >>> spread({"a": 0.2, "b": 0.1, "c": None, "d": 0.1})
+    Spread(low=0.1, low_tasks=['b', 'd'], median=0.1, high=0.2, high_tasks=['a'])
+    """
+    known = {t: d for t, d in density.items() if d is not None}
+    if not known:
+        return None
+    low, high = min(known.values()), max(known.values())
+    return Spread(low, [t for t, d in known.items() if d == low], statistics.median(known.values()),
+                  high, [t for t, d in known.items() if d == high])
+
+
+def _cut(name: str, n: int) -> str:
+    return name if len(name) <= n else name[: n - 1] + "~"
+
+
+def _extreme(value: float, tasks: list[str], n: int) -> str:
+    """``0.000 t00 +3``: the value, the first task at it (cut to ``n``), how many more share it."""
+    return f"{value:.3f} {_cut(_show(tasks[0]), n)}" + (f" +{len(tasks) - 1}" if len(tasks) > 1 else "")
+
+
+def density_columns(rows: Sequence[Mapping[str, float | None]], tasks: Sequence[str], room: int | None
+                    ) -> tuple[str, list[str], str | None]:
+    """The density part of a table: its header, one cell per row, and the note to print under
+    the table (None: none). A column per task where they fit in ``room`` characters (None:
+    always), else min / median / max across the tasks, the first task at each extreme named (cut
+    to fit; ``+N``: N more tasks at it), unless that is not a column narrower (a few tasks).
+
+    >>> density_columns([{"a": 0.5, "b": 0.25}], ["a", "b"], None)[:2]
+    ('       a        b', ['   0.500    0.250'])
+    """
+    per_task = (" ".join(f"{_show(t)[:8]:>8}" for t in tasks),
+                [" ".join(f"{_fmt(r.get(t), '.3f'):>8}" for t in tasks) for r in rows], None)
+    if room is None or len(tasks) * _COLUMN - 1 <= room:
+        return per_task
+    spreads = [spread({t: r.get(t) for t in tasks}) for r in rows]
+    at = [s.low_tasks[0] for s in spreads if s] + [s.high_tasks[0] for s in spreads if s]
+    longest = max([len(_show(t)) for t in at] or [1])
+    for n in range(longest, min(_NAME_MIN, longest) - 1, -1):  # task names as long as the room allows
+        lows = ["-" if s is None else _extreme(s.low, s.low_tasks, n) for s in spreads]
+        highs = ["-" if s is None else _extreme(s.high, s.high_tasks, n) for s in spreads]
+        wl, wh = max([len("min"), *map(len, lows)]), max([len("max"), *map(len, highs)])
+        if wl + wh + 10 <= room:
+            break
+    if wl + wh + 10 + _COLUMN > len(tasks) * _COLUMN - 1:  # a few tasks: their own columns, as narrow
+        return per_task
+    header = f"{'min':<{wl}}  {'median':>6}  {'max':<{wh}}"
+    cells = [f"{lo:<{wl}}  {_fmt(None if s is None else s.median, '.3f'):>6}  {hi:<{wh}}"
+             for s, lo, hi in zip(spreads, lows, highs)]
+    note = (f"min, max: the lowest and highest density of the {len(tasks)} tasks, and the first task at each "
+            "(+N: N more at it); median: of the tasks with a mask; --task NAME: a task's own column")
+    return header, cells, note
+
+
+def wrap(text: str, width: int | None, indent: int = 0) -> list[str]:
+    """``text`` as lines of at most ``width`` characters (None: one line), broken at spaces, the
+    lines after the first indented by ``indent``."""
+    if width is None or len(text) <= width:
+        return [text]
+    return textwrap.wrap(text, width, subsequent_indent=" " * indent, break_on_hyphens=False) or [text]
+
+
+def _shape(r: dict[str, Any]) -> str:
+    return "per task" if "shapes" in r else "x".join(map(str, r["shape"] or [])) or "scalar"
+
+
+def render_tensors(rows: list[dict[str, Any]], tasks: list[str], *, width: int | None = TABLE_WIDTH,
+                   spread_tasks: bool = True) -> str:
+    """The text table of :func:`tensor_rows`: one density column per task where the table fits in
+    ``width`` characters (None: always), else its other columns as narrow as their contents and,
+    with ``spread_tasks``, min / median / max across the tasks (see :func:`density_columns`).
+
+    >>> print(render_tensors(tensor_rows(fam.manifest), fam.tasks, width=100))  # doctest: +SKIP
+    """
     names = [_show(r["name"]) for r in rows]  # control characters from the archive escaped
     # a very long name overflows its own row, not every row's column
-    width = max([len("tensor"), *(len(n) for n in names if len(n) <= NAME_COLUMN_MAX)])
-    cols = [_show(t)[:8] for t in tasks]
-    codecs = max([22, *(len(", ".join(r["codecs"])) for r in rows if "group" not in r)])
-    header = (f"{'tensor':<{width}} {'kind':<9} {'shape':<14} {'dtype':<9} {'stored':>9} {'codec':<{codecs}} "
-              + " ".join(f"{c:>8}" for c in cols))
+    name_w = max([len("tensor"), *(len(n) for n in names if len(n) <= NAME_COLUMN_MAX)])
+    chains = [", ".join(r["codecs"]) for r in rows if "group" not in r]
+    kinds = ["group" if "members" in r else r["kind"] for r in rows]
+    shapes, dtypes = [_shape(r) for r in rows], [r["dtype"] or "-" for r in rows]
+    sizes = [format_size(r["stored_bytes"]) for r in rows]
+    # as today's table where a column per task fits; else each column as wide as what it holds
+    roomy = width is None or name_w + 46 + max([22, *map(len, chains)]) + len(tasks) * _COLUMN <= width
+    if roomy:
+        kind_w, shape_w, dtype_w, size_w, codecs = 9, 14, 9, 9, max([22, *map(len, chains)])
+    else:
+        def fit(title: str, cells: list[str]) -> int:
+            return max([len(title), *map(len, cells)])
+
+        kind_w, shape_w, dtype_w = fit("kind", kinds), fit("shape", shapes), fit("dtype", dtypes)
+        size_w = fit("stored", [z for z, r in zip(sizes, rows) if "group" not in r])
+        held = [len("in " + _show(r["group"])) - size_w - 1 for r in rows if "group" in r]  # across both
+        codecs = max([fit("codec", chains), *held])
+    fixed = name_w + kind_w + shape_w + dtype_w + size_w + codecs + 6  # the columns and the spaces after them
+    head, dens, note = density_columns([r["density"] for r in rows], tasks,
+                                        None if width is None or not spread_tasks else width - fixed)
+    header = (f"{'tensor':<{name_w}} {'kind':<{kind_w}} {'shape':<{shape_w}} {'dtype':<{dtype_w}} {'stored':>{size_w}} "
+              f"{'codec':<{codecs}} " + head)
+    header = header if roomy else header.rstrip()
     lines = [header, "-" * len(header)]
-    for r, name in zip(rows, names):
-        shape = "per task" if "shapes" in r else "x".join(map(str, r["shape"] or [])) or "scalar"
-        dens = " ".join(f"{_fmt(r['density'].get(t), '.3f'):>8}" for t in tasks)
-        kind = "group" if "members" in r else r["kind"]
+    for r, name, kind, shape, dtype, size, d in zip(rows, names, kinds, shapes, dtypes, sizes, dens):
         # a group's member: where it is stored, in the stored and codec columns (the densities stay aligned)
-        stored = (f"{'in ' + _show(r['group']):<{10 + codecs}}" if "group" in r
-                  else f"{format_size(r['stored_bytes']):>9} {', '.join(r['codecs']):<{codecs}}")
-        lines.append(f"{name:<{width}} {kind:<9} {shape:<14} {r['dtype'] or '-':<9} {stored} {dens}")
-    return "\n".join(lines)
+        stored = (f"{'in ' + _show(r['group']):<{size_w + 1 + codecs}}" if "group" in r
+                  else f"{size:>{size_w}} {', '.join(r['codecs']):<{codecs}}")
+        line = f"{name:<{name_w}} {kind:<{kind_w}} {shape:<{shape_w}} {dtype:<{dtype_w}} {stored} {d}"
+        lines.append(line if roomy else line.rstrip())
+    return "\n".join(lines + ([] if note is None else wrap(note, width)))

@@ -21,16 +21,17 @@ from ._torch import cpu_default
 from .encodings.derived import DERIVED_MERGED, has_mask, task_mask
 from .encodings.derived_merged import task_masks as derived_merged_masks
 from .encodings.qtau import task_masks
-from .errors import InvalidArgumentError, OutputExistsError, TallpackError, memory_named
+from .errors import InvalidArgumentError, OutputExistsError, TallpackError, TaskNotFoundError, memory_named
 from .folders import component_of
 from .fsutil import atomic_write, check_folders_above, check_replaceable, file_identity, reading
 from .merging import METHODS, MergeMethod
 from .progress import ProgressLike, track
+from .report import TABLE_WIDTH, density_columns, wrap
 from .staging import check_file_name
 from .storage import is_url
 
 if TYPE_CHECKING:
-    from collections.abc import Iterable, Iterator
+    from collections.abc import Iterable, Iterator, Sequence
 
     from ._torch import torch
     from .encodings.base import TensorEntry
@@ -249,21 +250,65 @@ def _histogram(count: np.ndarray, bins: int) -> np.ndarray:
     return np.bincount(count, minlength=bins)[:bins]
 
 
-def render(s: MaskStats) -> str:
-    """The text summary ``tallpack stats`` prints."""
+def render(s: MaskStats, *, width: int | None = TABLE_WIDTH, tasks: "Sequence[str] | None" = None) -> str:
+    """The text summary ``tallpack stats`` prints, its lines within ``width`` characters where they
+    can be (None: one line each, as long as it comes): the counts of tasks using a weight end in one
+    item for the tail that rounds to 0.0%, the lists go on over several lines, and the density per
+    layer is min / median / max across the tasks past what fits (:func:`report.density_columns`);
+    ``tasks``: a column for each of these tasks instead, however many.
+
+    >>> print(render(compute(fam), width=100, tasks=["t03"]))  # doctest: +SKIP
+    """
+    unknown = [t for t in tasks or () if t not in s.density]
+    if unknown:
+        raise TaskNotFoundError(f"no task {unknown[0]!r} in these statistics; tasks are {', '.join(s.tasks)}")
     f = s.fractions()
-    lines = [f"{s.weights} masked weights, {len(s.tasks)} task{'' if len(s.tasks) == 1 else 's'}: "
-             f"catastrophic {f['catastrophic']:.1%} (no task), selfish {f['selfish']:.1%} (one task), "
-             f"consensus {f['consensus']:.1%} (two or more)", "",
-             "tasks using a weight:  " + "  ".join(f"{k}: {v / (s.weights or 1):.1%}" for k, v in enumerate(s.tasks_using)),
-             "", "density per task:     " + "  ".join(
-                 f"{t}: {'-' if d is None else f'{d:.3f}'}" for t, d in s.density.items())]
-    if s.layers:  # one row per layer, a column per task (names cut to their column)
-        width = max(6, *(len(lay) for lay in s.layers))
-        lines += ["", "density per layer:", f"{'':<{width}} " + " ".join(f"{t[:8]:>8}" for t in s.tasks)]
-        lines += [f"{lay:<{width}} " + " ".join(f"{'-' if d is None else f'{d:.3f}':>8}" for d in (row.get(t) for t in s.tasks))
-                  for lay, row in s.layers.items()]
+    n = s.weights or 1
+    lines = wrap(f"{s.weights} masked weights, {len(s.tasks)} task{'' if len(s.tasks) == 1 else 's'}: "
+                 f"catastrophic {f['catastrophic']:.1%} (no task), selfish {f['selfish']:.1%} (one task), "
+                 f"consensus {f['consensus']:.1%} (two or more)", width, 2) + [""]
+    using = [f"{k}: {v / n:.1%}" for k, v in enumerate(s.tasks_using)]
+    if width is not None and len("tasks using a weight:  " + "  ".join(using)) > width:
+        using = _fold_tail(s.tasks_using, n)
+    lines += _listing("tasks using a weight:  ", using, width)
+    lines += [""] + _listing("density per task:     ", [f"{t}: {'-' if d is None else f'{d:.3f}'}"
+                                                         for t, d in s.density.items()], width)
+    if s.layers:  # one row per layer, a column per task (names cut to their column), or their spread
+        label = max(6, *(len(lay) for lay in s.layers))
+        shown = list(s.tasks if tasks is None else tasks)
+        head, cells, note = density_columns(list(s.layers.values()), shown,
+                                            None if width is None or tasks is not None else width - label - 1)
+        lines += ["", "density per layer:", f"{'':<{label}} {head}".rstrip()]
+        lines += [f"{lay:<{label}} {c}".rstrip() for lay, c in zip(s.layers, cells)]
+        lines += [] if note is None else wrap(note, width)
     return "\n".join(lines)
+
+
+def _fold_tail(tasks_using: list[int], n: int) -> list[str]:
+    """``0: 8.9%``, ... with the longest tail of counts that is 0.0% in all as one item, ``8-20: 0.0%``
+    (``none`` where no weight is in it)."""
+    items = [f"{k}: {v / n:.1%}" for k, v in enumerate(tasks_using)]
+    last = len(tasks_using) - 1
+    for k in range(2, last):  # two or more counts in the tail
+        tail = sum(tasks_using[k:])
+        if f"{tail / n:.1%}" == "0.0%":
+            return items[:k] + [f"{k}-{last}: {'none' if tail == 0 else f'{tail / n:.1%}'}"]
+    return items
+
+
+def _listing(label: str, items: list[str], width: int | None) -> list[str]:
+    """``label`` and the items two spaces apart, over as many lines as ``width`` needs, each item
+    whole and the lines after the first under the first item."""
+    if width is None or len(label) + len("  ".join(items)) <= width:
+        return [label + "  ".join(items)]
+    rows, row = [], ""
+    for item in items:
+        if row and len(label) + len(row) + 2 + len(item) > width:
+            rows.append(row)
+            row = item
+        else:
+            row = f"{row}  {item}" if row else item
+    return [(label if i == 0 else " " * len(label)) + r for i, r in enumerate([*rows, row])]
 
 
 _COLOURS = {"catastrophic": "#c0392b", "selfish": "#e67e22", "consensus": "#27ae60"}

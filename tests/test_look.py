@@ -285,3 +285,134 @@ def test_a_plot_below_a_file_says_the_file_is_not_a_folder(packed, tmp_path) -> 
     (tmp_path / "notes.txt").write_text("hi\n")
     r = CliRunner().invoke(main, ["stats", str(packed), "--plot", str(tmp_path / "notes.txt" / "p.png")])
     assert r.exit_code == 1 and f"{tmp_path / 'notes.txt'}: is a file, not a folder" in r.output, r.output
+
+
+# --- many tasks: tables within the terminal's width (r24 F5) ---
+
+_SPREAD_ROW = re.compile(r"(\d\.\d{3}) (\S+)(?: \+(\d+))?\s+(\d\.\d{3})\s+(\d\.\d{3}) (\S+)(?: \+(\d+))?")
+
+
+@pytest.fixture
+def many_tasks(tmp_path):
+    """12 tasks of a tiny layered model (a few KB): t0 equals the base, t5 equals t1 (ties at the extremes)."""
+    base, fts = _layered_family(1, 12)
+    fts["t0"], fts["t5"] = dict(base), dict(fts["t1"])
+    out = tmp_path / "many.tallpack"
+    tallpack.pack(base, fts, out, chunk_elements=64)
+    return out
+
+
+def _cli(*args, columns=None):
+    r = CliRunner().invoke(main, [str(a) for a in args], env={"COLUMNS": columns}, catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    return r.stdout
+
+
+def _check_spread(cells: str, density: dict) -> None:
+    """A min / median / max cell of a table against the tasks' densities, the first task at each extreme named."""
+    import statistics
+
+    m = _SPREAD_ROW.fullmatch(cells.strip())
+    assert m, cells
+    known = {t: d for t, d in density.items() if d is not None}
+    for value, task, more, want in ((m[1], m[2], m[3], min(known.values())), (m[5], m[6], m[7], max(known.values()))):
+        at = [t for t, d in known.items() if d == want]
+        assert (value, task, int(more or 0)) == (f"{want:.3f}", at[0], len(at) - 1), (cells, density)
+    assert m[4] == f"{statistics.median(known.values()):.3f}", cells
+
+
+def test_inspect_tensors_of_many_tasks_fit_the_width_as_min_median_max(many_tasks):
+    """Past what fits in 120 columns (a file, a pipe), a tensor's densities are min / median / max across
+    the tasks, the tasks at the extremes named (a column per task made rows of 20 tasks 296 wide);
+    the terminal's width ($COLUMNS) gives room for a column per task again; --json is unchanged."""
+    rows = {r["name"]: r for r in json.loads(_cli("inspect", many_tasks, "--json", "--tensors"))["tensors"]}
+    assert all(set(r) >= {"name", "density"} for r in rows.values()) and "t11" in rows["embed.weight"]["density"]
+    lines = _cli("inspect", many_tasks, "--tensors").splitlines()[1:]  # the first: the archive's (long) path
+    assert max(map(len, lines)) <= 120, max(lines, key=len)
+    head = next(i for i, ln in enumerate(lines) if ln.startswith("tensor "))
+    assert lines[head].split()[-3:] == ["min", "median", "max"]
+    at = lines[head].index("min")
+    checked = 0
+    for line in lines[head + 2:]:
+        name = line.split()[0]
+        if name in rows and rows[name]["density"]:
+            _check_spread(line[at:], rows[name]["density"])
+            checked += 1
+    assert checked >= 8 and any(" +1" in ln for ln in lines)  # t1 and t5 tie at the top of some tensor
+    assert any(ln.startswith("min, max:") for ln in lines)
+    wide = _cli("inspect", many_tasks, "--tensors", columns="300").splitlines()
+    head = next(i for i, ln in enumerate(wide) if ln.startswith("tensor "))
+    assert wide[head].split()[-12:] == [f"t{j}" for j in range(12)] and max(map(len, wide[1:])) <= 300
+
+
+def test_inspect_and_stats_show_chosen_tasks_columns(many_tasks):
+    """--task NAME (repeatable): that task's density column, whatever the number of tasks; a task the
+    archive lacks is named in one line; --json keeps every task (--task with it is refused)."""
+    rows = {r["name"]: r for r in json.loads(_cli("inspect", many_tasks, "--json", "--tensors"))["tensors"]}
+    lines = _cli("inspect", many_tasks, "--tensors", "--task", "t7", "--task", "t3").splitlines()
+    head = next(i for i, ln in enumerate(lines) if ln.startswith("tensor "))
+    assert lines[head].split()[-2:] == ["t7", "t3"] and max(map(len, lines[1:])) <= 120
+    shown = {ln.split()[0]: ln.split()[-2:] for ln in lines[head + 2:]}
+    for name, r in rows.items():
+        if r["density"]:
+            assert shown[name] == [f"{r['density'][t]:.3f}" for t in ("t7", "t3")], name
+    s = json.loads(_cli("stats", many_tasks, "--json"))
+    text = _cli("stats", many_tasks, "--task", "t7").splitlines()
+    table = text[text.index("density per layer:") + 1:]
+    assert table[0].split() == ["t7"]
+    assert {ln.split()[-1] for ln in table[1:]} >= {f"{s['layers']['other']['t7']:.3f}"}
+    for args in (["inspect", many_tasks, "--tensors", "--task", "nope"], ["stats", many_tasks, "--task", "nope"]):
+        r = CliRunner().invoke(main, [str(a) for a in args])
+        assert r.exit_code == 1 and "no task 'nope'" in r.output and r.output.count("\n") == 1, r.output
+    for args in (["inspect", many_tasks, "--tensors", "--json", "--task", "t1"], ["inspect", many_tasks, "--task", "t1"]):
+        r = CliRunner().invoke(main, [str(a) for a in args])
+        assert r.exit_code == 2 and "--task" in r.output, r.output
+
+
+def test_stats_of_many_tasks_fit_the_width(many_tasks):
+    """stats of 12 tasks in 100 columns: the density per layer as min / median / max (equal to the
+    figures of --json), the lists over several lines, every line within the width."""
+    s = json.loads(_cli("stats", many_tasks, "--json"))
+    lines = _cli("stats", many_tasks, columns="100").splitlines()
+    assert max(map(len, lines)) <= 100, max(lines, key=len)
+    table = lines[lines.index("density per layer:") + 1:]
+    assert table[0].split() == ["min", "median", "max"]
+    for line in table[1:]:
+        layer = next((lay for lay in s["layers"] if line.startswith(lay + " ")), None)
+        if layer is not None:
+            _check_spread(line[len(layer):], s["layers"][layer])
+    assert {lay for lay in s["layers"] if any(ln.startswith(lay + " ") for ln in table)} == set(s["layers"])
+    listed = " ".join(lines[lines.index(next(ln for ln in lines if ln.startswith("density per task:"))):])
+    assert all(f"{t}: {d:.3f}" in listed for t, d in s["density"].items())
+
+
+_names = st.text("abcdefghijklmnopqrstuvwxyz_0123456789", min_size=1, max_size=14)
+
+
+@settings(max_examples=40, deadline=None)
+@given(names=st.lists(_names, min_size=1, max_size=30, unique=True), width=st.integers(80, 220), data=st.data())
+def test_stats_text_keeps_within_the_width_and_folds_the_empty_tail(names, width, data):
+    """Any number of tasks and widths from 80: every line of ``stats.render`` fits, the counts of tasks
+    using a weight cover 0..T once (a tail of 0.0% as one item, ``8-20: 0.0%``), the per-layer spread is
+    the tasks' own min / median / max, and a table that fits is the one printed without a width."""
+    dens = st.one_of(st.none(), st.integers(0, 1000).map(lambda k: k / 1000))
+    layers = {lay: {t: data.draw(dens) for t in names} for lay in ("layer 0", "layer 1", "other")}
+    using = data.draw(st.lists(st.integers(0, 10**6) | st.just(0), min_size=len(names) + 1, max_size=len(names) + 1))
+    using[0] += 1
+    s = stats.MaskStats(list(names), using, {t: data.draw(dens) for t in names}, layers)
+    lines = stats.render(s, width=width).splitlines()
+    assert max(map(len, lines)) <= width, max(lines, key=len)
+    listing = " ".join(ln.strip() for ln in lines if ln)
+    covered = []
+    for a, b in re.findall(r"(?<![\d.])(\d+)(?:-(\d+))?: (?:[\d.]+%|none)", listing.split("density per task:")[0]):
+        covered += range(int(a), int(b or a) + 1)
+    assert covered == list(range(len(names) + 1))
+    table = lines[lines.index("density per layer:") + 1:]
+    if table[0].split() == ["min", "median", "max"]:
+        for line in table[1:1 + len(layers)]:
+            lay = next(lay for lay in layers if line.startswith(lay + " "))
+            if any(d is not None for d in layers[lay].values()):
+                m = _SPREAD_ROW.fullmatch(line[len(lay):].strip())
+                assert m and m[1] == f"{min(d for d in layers[lay].values() if d is not None):.3f}", line
+    else:
+        assert table == stats.render(s, width=None).splitlines()[-len(table):]
