@@ -157,8 +157,8 @@ def test_merged_from_compiled_pass_gives_the_spec_formula(dtype) -> None:
             assert got[k].dtype == want[k].dtype and _bits(got[k]) == _bits(want[k]), (method.name, k)
 
 
-def test_stats_of_a_damaged_original_says_where(tmp_path: Path) -> None:
-    """A damaged residual: stats fails in one line naming the archive and the tensor."""
+def _damaged_exact_archive(tmp_path: Path) -> Path:
+    """An exact float16 archive whose task b's residual of ``embed.weight`` has one bit flipped."""
     _, paths = _family(tmp_path, torch.float16)
     out = tmp_path / "x.tallpack"
     with _masks_derived():
@@ -170,8 +170,16 @@ def test_stats_of_a_damaged_original_says_where(tmp_path: Path) -> None:
     data = bytearray(out.read_bytes())
     data[c.offset + c.nbytes // 2] ^= 0x10
     out.write_bytes(bytes(data))
+    return out
+
+
+@pytest.mark.parametrize("command", ["stats", "consensus merge"])
+def test_a_damaged_original_says_where(tmp_path: Path, command: str) -> None:
+    """A damaged residual: stats, and a consensus merge, fail in one line naming the archive and
+    the tensor."""
+    out = _damaged_exact_archive(tmp_path)
     with tallpack.open(out) as fam, pytest.raises(tallpack.IntegrityError) as err:
-        stats.compute(fam)
+        stats.compute(fam) if command == "stats" else fam.merged("consensus-ta")
     text = str(err.value)
     assert "\n" not in text and str(out) in text and "embed.weight" in text, text
 
@@ -220,21 +228,3 @@ def test_consensus_merge_of_exact_archive_is_the_lossy_archives(tmp_path: Path, 
             for name in want:
                 assert got[name].dtype == want[name].dtype == dtype
                 assert _bits(got[name]) == _bits(want[name]), (name, k)
-
-
-def test_consensus_merge_of_a_damaged_original_says_where(tmp_path: Path) -> None:
-    """A damaged residual: a consensus merge fails in one line naming the archive and the tensor."""
-    _, paths = _family(tmp_path, torch.float16)
-    out = tmp_path / "x.tallpack"
-    with _masks_derived():
-        tallpack.pack(tmp_path / "base.safetensors", paths, out, exact=True, chunk_elements=64, threads=1)
-    with tallpack.open(out) as fam:
-        e = next(x for x in fam.manifest.tensors if x.name == "embed.weight")
-        c = e.tasks["b"].extras["exact"].residual.chunks[0]
-    data = bytearray(out.read_bytes())
-    data[c.offset + c.nbytes // 2] ^= 0x10
-    out.write_bytes(bytes(data))
-    with tallpack.open(out) as fam, pytest.raises(tallpack.IntegrityError) as err:
-        fam.merged("consensus-ta")
-    text = str(err.value)
-    assert "\n" not in text and str(out) in text and "embed.weight" in text, text
