@@ -26,6 +26,23 @@ def cli_pack(family: dict, out: Path, *flags: str) -> None:
     assert r.returncode == 0, r.stderr
 
 
+def cli_ok(*args: object):
+    """``tallpack -q ARGS`` through click's runner in this process; the test fails on a nonzero
+    exit, with the command's output."""
+    from click.testing import CliRunner
+    from tallpack_cli.main import main
+
+    r = CliRunner().invoke(main, ["-q", *map(str, args)], catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    return r
+
+
+def pack_ab(fam: dict[str, Path], arch: Path, *more: str) -> Path:
+    """``tallpack pack`` of ``fam``'s base and its tasks a and b into ``arch``, with ``more``."""
+    cli_ok("pack", "--base", fam["base"], "--task", f"a={fam['a']}", "--task", f"b={fam['b']}", "-o", arch, *more)
+    return arch
+
+
 def written(minor: int) -> tuple[int, int]:
     """The version of an archive of float32 or bfloat16 arrays packed with the default codec
     (``planes-exp``) whose other features need format 1.``minor``."""

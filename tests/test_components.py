@@ -8,7 +8,6 @@ from __future__ import annotations
 import filecmp
 import json
 import logging
-import os
 from pathlib import Path
 
 import pytest
@@ -20,7 +19,7 @@ from safetensors.torch import load_file
 
 import diffusers  # a test dependency (pyproject's "test" extra): missing, these tests fail, not skip
 import tallpack
-from conftest import expected_reconstruction
+from conftest import cli_ok as _cli, expected_reconstruction, pack_ab as _pack
 from tallpack.errors import IncompatibleCheckpointsError
 from tallpack.folders import component_of
 from tallpack.sharding import DIFFUSERS_SINGLE, _by_folder, plan_by_size_as, plan_components_by_size, plan_from_layout
@@ -69,17 +68,6 @@ def _state(folder: Path) -> dict[str, torch.Tensor]:
     """A pipeline folder's weights as diffusers loads them, named as the archive names them."""
     pipe = diffusers.DiffusionPipeline.from_pretrained(folder)
     return {f"{c}/{k}": v for c in ("unet", "vqvae") for k, v in getattr(pipe, c).state_dict().items()}
-
-
-def _cli(*args: str):
-    r = CliRunner().invoke(main, ["-q", *map(str, args)], catch_exceptions=False)
-    assert r.exit_code == 0, r.output
-    return r
-
-
-def _pack(fam: dict[str, Path], arch: Path, *more: str) -> Path:
-    _cli("pack", "--base", fam["base"], "--task", f"a={fam['a']}", "--task", f"b={fam['b']}", "-o", arch, *more)
-    return arch
 
 
 def _files(folder: Path) -> list[str]:

@@ -21,8 +21,8 @@ from safetensors.torch import load_file, save_file
 
 import sentence_transformers  # a test dependency (pyproject's "test" extra): missing, these tests fail, not skip
 import tallpack
-from conftest import expected_reconstruction
-from tallpack.errors import CheckpointError, IncompatibleCheckpointsError
+from conftest import cli_ok as _cli, expected_reconstruction, pack_ab as _pack
+from tallpack.errors import CheckpointError
 from tallpack.sources import open_source
 from tallpack_cli.main import main
 
@@ -82,17 +82,6 @@ def _state(folder: Path) -> dict[str, torch.Tensor]:
 
 def _encode(folder: Path) -> torch.Tensor:
     return _load(folder).encode(SENTENCES, convert_to_tensor=True)
-
-
-def _cli(*args: object):
-    r = CliRunner().invoke(main, ["-q", *map(str, args)], catch_exceptions=False)
-    assert r.exit_code == 0, r.output
-    return r
-
-
-def _pack(fam: dict[str, Path], arch: Path, *more: str) -> Path:
-    _cli("pack", "--base", fam["base"], "--task", f"a={fam['a']}", "--task", f"b={fam['b']}", "-o", arch, *more)
-    return arch
 
 
 def _error(base: Path, task: Path, tmp_path: Path) -> str:
