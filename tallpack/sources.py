@@ -630,6 +630,8 @@ def open_source(obj: SourceLike, *, label: str | None = None) -> Source:
         return src
     if not path.exists():
         raise CheckpointNotFoundError(f"{path}: no such file or folder")
+    if path.suffix == ".safetensors" or path.suffix in _TORCH_SUFFIXES:
+        _note_folder_left(path)
     if path.suffix == ".safetensors":
         return SafetensorsSource(str(path), [path])
     if path.suffix in _TORCH_SUFFIXES:
@@ -637,6 +639,20 @@ def open_source(obj: SourceLike, *, label: str | None = None) -> Source:
     raise CheckpointError(
         f"{path}: unknown checkpoint type; expected .safetensors, .bin/.pt/.pth or a model folder"
     )
+
+
+#: The files that make a folder beside a weights file a model's folder (whose other files a file
+#: given alone leaves behind).
+_MODEL_FOLDER_FILES = ("config.json", "model_index.json", "modules.json")
+
+
+def _note_folder_left(path: Path) -> None:
+    """Warn when a weights file given alone sits in a model folder: the folder's config and
+    tokenizer files are then not packed, which its folder, given instead, would keep."""
+    beside = [n for n in _MODEL_FOLDER_FILES if (path.parent / n).is_file()]
+    if beside:
+        log.warning("%s is packed as a file alone: its folder's %s, tokenizer and other files are not kept "
+                    "(give the folder, %s, to keep them)", path, beside[0], path.parent)
 
 
 #: A trainer's checkpoint folders (transformers' Trainer ``checkpoint-500``, accelerate's

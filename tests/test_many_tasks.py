@@ -211,3 +211,21 @@ def test_a_glob_that_matches_the_base_leaves_the_base_out(folders, tmp_path, cap
     assert "is the base (--base), left out of the tasks" in caplog.text
     run("pack", "--base", folders / "base", "-o", tmp_path / "h.tallpack", f"same={folders / 'base'}", folders / "t00")
     assert _names(tmp_path / "h.tallpack") == ["same", "t00"]
+
+
+def test_a_weight_file_of_a_model_folder_warns_that_the_folder_s_files_stay(folders, tmp_path, caplog):
+    """``--task ft/cars/model.safetensors`` packs that file alone: its folder's config.json and
+    tokenizer are not kept, which is said (the folder, given instead, keeps them); a weights file
+    with no model folder around it is packed without a word."""
+    (folders / "t01" / "config.json").write_text('{"model_type": "bert"}')
+    with caplog.at_level("WARNING"):
+        run("pack", "--base", folders / "base", "-o", tmp_path / "g.tallpack", folders / "t01" / "model.safetensors")
+    assert "model.safetensors is packed as a file alone: its folder's config.json" in caplog.text
+    assert f"give the folder, {folders / 't01'}, to keep them" in caplog.text
+    caplog.clear()
+    lone = tmp_path / "lone"
+    lone.mkdir()
+    save_file(_weights(9), lone / "chat.safetensors")
+    with caplog.at_level("WARNING"):
+        run("pack", "--base", folders / "base", "-o", tmp_path / "h.tallpack", lone / "chat.safetensors")
+    assert "packed as a file alone" not in caplog.text
