@@ -16,9 +16,9 @@ from .arrays import ArrayRef
 from .elements import itemsize, numel
 from .encodings import TensorEntry, Use, encoding_for
 from .encodings.base import ReadArray, split_parts
-from .encodings.derived import DerivedMerged, checked_mask, merged_source, task_mask
-from .encodings.derived_merged import merged_from
-from .encodings.exact import TALL_ENCODINGS, rebuild_exact
+from .encodings.derived import DerivedMerged, merged_source, task_mask
+from .encodings.derived_merged import task_masks as derived_merged_masks
+from .encodings.exact import TALL_ENCODINGS
 from .encodings.qtau import task_masks
 from .errors import FormatError, InvalidArgumentError, TallpackError, UnsupportedVersionError, memory_named
 from .folders import component_of
@@ -198,12 +198,10 @@ def _derived_merged_masks(read: ReadArray, entry: TensorEntry, order: tuple[str,
     """tau_MTL of a ``tall-derived-merged`` tensor of archive ``name`` and every task's mask (in
     ``entry.tasks``' order), each original rebuilt once (checked against its hash), the derivation
     in ``order`` (the manifest's): the bits ``read(merged_source(entry))`` and ``task_mask`` give."""
-    where = f"tensor {entry.name!r}"
     try:
-        base = read(entry.arrays["base"], where + " (base)", Use.SHARED_INPUT).cpu()
-        thetas = {t: rebuild_exact(read, entry, entry.tasks[t], f"{where}, task {t!r}") for t in order}
-        tau = merged_from(base, list(thetas.values()), method, where)["merged"]
-        return tau, [checked_mask(thetas.pop(t), base, tau, tt, f"{where}, task {t!r}") for t, tt in entry.tasks.items()]
+        tau, pairs = derived_merged_masks(read, entry, list(order), method, f"tensor {entry.name!r}")
+        by_task = dict(pairs)
+        return tau, [by_task[t] for t in entry.tasks]
     except TallpackError as e:  # the reads name the archive; the hashes and the derivation do not
         if str(e).startswith(f"{name}: "):
             raise

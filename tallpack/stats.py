@@ -189,7 +189,7 @@ def _compute(archive: "Archive", progress: ProgressLike) -> MaskStats:
             # every original rebuilt once, for the merged vector and its masks (spec §6.1.9), one
             # mask at a time
             derived = derived_merged_masks(archive.read_array, e, [t for t in tasks if t in e.tasks], method,
-                                           f"{archive.name}: tensor {e.name!r}")
+                                           f"{archive.name}: tensor {e.name!r}")[1]
         for t, mask in _masks(archive, e, derived):
             # counted by numpy: torch's bool sum widens every element to int64 (5-20x slower)
             m = mask.reshape(-1).cpu().numpy()

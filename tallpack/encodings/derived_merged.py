@@ -85,19 +85,22 @@ def _straight(base: torch.Tensor, thetas: list[torch.Tensor], method: MergeMetho
 
 
 def task_masks(read: ReadArray, entry: TensorEntry, order: list[str], method: MergeMethod, where: str
-               ) -> Iterator[tuple[str, torch.Tensor]]:
-    """Every task's mask of a ``tall-derived-merged`` tensor, in ``order`` (the manifest's), each
-    original rebuilt once (checked against its hash) for the merged vector and its own mask
+               ) -> tuple[torch.Tensor, Iterator[tuple[str, torch.Tensor]]]:
+    """A ``tall-derived-merged`` tensor's merged vector, and every task's mask in ``order`` (the
+    manifest's) one at a time, each original rebuilt once (checked against its hash) for both
     (``task_mask`` of each task rebuilds it again after the merged vector's derivation), each mask's
-    set bits checked against ``ones``. Holds the tensor's originals, as the derivation does.
+    set bits checked against ``ones``. Holds the tensor's originals until their masks are taken.
 
-    >>> masks = dict(task_masks(fam.read_array, entry, list(fam.tasks), method, "tensor 'w'"))
+    >>> merged, masks = task_masks(fam.read_array, entry, list(fam.tasks), method, "tensor 'w'")
     """
     base = read(entry.arrays["base"], where + " (base)", Use.SHARED_INPUT).cpu()
     thetas = {t: rebuild_exact(read, entry, entry.tasks[t], f"{where}, task {t!r}") for t in order}
     merged = merged_from(base, list(thetas.values()), method, where)["merged"]
-    for t in order:
-        yield t, checked_mask(thetas.pop(t), base, merged, entry.tasks[t], f"{where}, task {t!r}")
+
+    def masks() -> Iterator[tuple[str, torch.Tensor]]:
+        for t in order:
+            yield t, checked_mask(thetas.pop(t), base, merged, entry.tasks[t], f"{where}, task {t!r}")
+    return merged, masks()
 
 
 @register
