@@ -12,6 +12,8 @@ import shutil
 import signal
 import sys
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +21,7 @@ import click
 from click.core import ParameterSource
 
 import tallpack
-from tallpack.errors import TallpackError, memory_detail, out_of_memory
+from tallpack.errors import TallpackError, TaskNotFoundError, memory_detail, out_of_memory
 from tallpack.fsutil import committed
 from tallpack.checksums import CHECKSUMS
 from tallpack.kernels import COMPILED
@@ -523,6 +525,17 @@ def _table_width() -> int:
     return TABLE_WIDTH
 
 
+@contextmanager
+def _opened(archive: str, **kw: Any) -> Iterator[tallpack.Archive]:
+    """``tallpack.open(archive)``, where a task named on the command line that the archive lacks
+    is an error that also says which command lists its tasks."""
+    with tallpack.open(archive, **kw) as fam:
+        try:
+            yield fam
+        except TaskNotFoundError as e:
+            raise TaskNotFoundError(f"{e} (tallpack inspect {shlex.quote(archive)} lists them)") from None
+
+
 def _chosen_tasks(fam: tallpack.Archive, names: tuple[str, ...], what: str, as_json: bool) -> list[str] | None:
     """--task NAME...: checked against the archive (TaskNotFoundError names its tasks); None: none given."""
     if not names:
@@ -549,7 +562,7 @@ def inspect(archive: str, as_json: bool, tensors: bool, task_names: tuple[str, .
     """Show an archive's tasks, sizes, ratios, mask densities and fidelity."""
     if task_names and not tensors:
         _usage("--task chooses the density columns of --tensors' table; add --tensors")
-    with tallpack.open(archive) as fam:
+    with _opened(archive) as fam:
         chosen = _chosen_tasks(fam, task_names, "--tensors table", as_json)
         s = fam.summary()
         rows = tensor_rows(fam.manifest, fam.read_array, fam.packed_bits) if tensors else None
@@ -585,9 +598,12 @@ def unpack(archive: str, task_names: tuple[str, ...], all_tasks: bool, output: s
         raise click.UsageError(f"task {twice!r} given twice", click.get_current_context())
     one = len(task_names) == 1 and not all_tasks  # then base and merged vectors are read once: no cache
     cache: dict[str, Any] = {"cache_bytes": 0} if one else {}
-    with tallpack.open(archive, **cache) as fam:
+    with _opened(archive, **cache) as fam:
         if not task_names and not all_tasks:
-            raise click.UsageError(f"name a task with --task (tasks: {', '.join(fam.tasks)}) or pass --all")
+            n = len(fam.tasks)
+            some = ", ".join(fam.tasks[:3]) + (", ..." if n > 3 else "")
+            raise click.UsageError(f"name a task with --task NAME (the archive has {n} task{'s' if n > 1 else ''}: "
+                                   f"{some}; tallpack inspect {shlex.quote(archive)} lists them) or pass --all")
         parts = len(fam.tasks if all_tasks else task_names)  # progress lines: ~10 for the whole call
         kw = {"max_shard_size": max_shard_size, "progress": _progress(parts=parts)}
         if len(task_names) == 1 and not all_tasks:
@@ -634,7 +650,7 @@ def merge(archive: str, method: str | None, k: int, alpha: float | None, task: s
     if "k" in _given() and method is not None and not is_consensus(method):
         consensus = ", ".join(m for m in MERGED_MODELS if is_consensus(m))
         _usage(f"--k: only the consensus methods use it ({consensus}), not --method {method}")
-    with tallpack.open(archive) as fam:
+    with _opened(archive) as fam:
         method = default_model(fam.manifest) if method is None else method
         alpha = default_alpha(method, len(fam.tasks)) if alpha is None else alpha
         written = tallpack.write_merged(fam, output, method, k=k if is_consensus(method) else None, alpha=alpha,
@@ -676,7 +692,7 @@ def stats(archive: str, plot_path: str | None, as_json: bool, force: bool, task_
         mask_stats.check_plot_path(plot_path, overwrite=force, archive=archive)
     elif force:
         _usage("--force: only --plot writes a file here")
-    with tallpack.open(archive) as fam:
+    with _opened(archive) as fam:
         chosen = _chosen_tasks(fam, task_names, "density-per-layer table", as_json)  # before the masks are read
         s = mask_stats.compute(fam, progress=_progress())
     click.echo(json.dumps(s.to_dict(), indent=2) if as_json

@@ -229,10 +229,9 @@ class Archive:
             return self._tasks[task]
         except (KeyError, TypeError):
             names = self.tasks
-            listed = ", ".join(names[:LISTED_TASKS])
-            if len(names) > LISTED_TASKS:
-                listed += f", ... ({len(names)} tasks; see fam.tasks)"
-            raise TaskNotFoundError(f"{self.name}: no task {task!r}{_near(task, names)}; tasks are {listed}") from None
+            listed = (f"tasks are {', '.join(names)}" if len(names) <= LISTED_TASKS
+                      else f"it has {len(names)} tasks: {', '.join(names[:LISTED_TASKS])}, ...")
+            raise TaskNotFoundError(f"{self.name}: no task {task!r}{_near(task, names)}; {listed}") from None
 
     def keys(self, task: str) -> list[str]:
         """The task's tensor names, in its checkpoint's order."""

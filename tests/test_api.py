@@ -407,8 +407,8 @@ def test_not_found_messages_are_one_bounded_line_with_a_hint(tmp_path, monkeypat
         with pytest.raises(tallpack.TaskNotFoundError) as e:
             fam.get_tensor("task_31", "w")
         text = str(e.value)
-        assert text.startswith("many.tallpack: no task 'task_31' (did you mean 'task_031'?); tasks are task_000, ")
-        assert text.endswith(", task_009, ... (40 tasks; see fam.tasks)") and len(text) < 300
+        assert text.startswith("many.tallpack: no task 'task_31' (did you mean 'task_031'?); it has 40 tasks: task_000, ")
+        assert text.endswith(", task_009, ...") and len(text) < 300
     with tallpack.open("names.tallpack") as fam:
         lazy = fam.state_dict("cars", lazy=True)
         for ask, hint in [("layers.3.mlp.weight", "(did you mean 'model.layers.3.mlp.weight', with 'model.'?)"),
