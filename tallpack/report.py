@@ -258,6 +258,8 @@ TABLE_WIDTH = 120
 _COLUMN = 9
 #: the shortest a task's name is cut to at a density extreme (a task column's width)
 _NAME_MIN = 8
+#: the narrowest the tensor-name column gets to fit the table in its width (names elided to it)
+TENSOR_NAME_MIN = 24
 
 
 class Spread(NamedTuple):
@@ -287,6 +289,63 @@ def spread(density: Mapping[str, float | None]) -> Spread | None:
 
 def _cut(name: str, n: int) -> str:
     return name if len(name) <= n else name[: n - 1] + "~"
+
+
+def _joined(parts: Sequence[str], keep: Mapping[int, str]) -> str:
+    """The dotted ``parts`` whose indices ``keep`` has, each as it shows it (a part cut short ends
+    in ``~``), each run of parts left out a ``~``."""
+    out, gap = "", False
+    for i in range(len(parts)):
+        if i not in keep:
+            gap = True
+            continue
+        out += ("" if out.endswith("~") else "~" if gap else "." if out else "") + keep[i]
+        gap = False
+    return out + ("~" if gap and not out.endswith("~") else "")
+
+
+def elide(name: str, n: int, *, first: Sequence[int] = ()) -> str:
+    """``name`` in at most ``n`` characters: dotted parts left out of its middle (``~`` where
+    they were). Kept first: its last part, its numbers (layer indices), the parts of ``first``
+    (indices; cut short where they do not fit whole), the part before its last, the part before
+    each number, then the others from the start; a name no choice of parts shortens enough is
+    cut in its middle.
+
+    >>> elide("model.layers.31.self_attn.q_proj.weight", 30)
+    'model.layers.31~q_proj.weight'
+    """
+    if len(name) <= n:
+        return name
+    parts = name.split(".")
+    last = len(parts) - 1
+    numbers = [i for i in range(last - 1, -1, -1) if parts[i].isdigit()]
+    order = [last, *numbers, *first, last - 1, *(i - 1 for i in numbers), *range(last)]
+    keep: dict[int, str] = {}
+    for i in dict.fromkeys(i for i in order if 0 <= i <= last):
+        shown = [parts[i]] + ([parts[i][:k] + "~" for k in range(len(parts[i]) - 1, 2, -1)] if i in first else [])
+        keep |= next(({i: x} for x in shown if len(_joined(parts, keep | {i: x})) <= n), {})
+    if last in keep:
+        return _joined(parts, keep)
+    head = max(0, (n - 1) // 2)
+    return name[:head] + "~" + name[len(name) - (n - 1 - head):] if n > 1 else name[:n]
+
+
+def elide_all(names: Sequence[str], n: int) -> list[str]:
+    """Each of ``names`` elided to ``n`` characters (:func:`elide`); names that would be shortened
+    alike keep first the parts that tell them apart (counted from their ends)."""
+    out = [elide(x, n) for x in names]
+    alike: dict[str, list[int]] = {}
+    for i, y in enumerate(out):
+        alike.setdefault(y, []).append(i)
+    for same in alike.values():
+        if len(same) < 2:
+            continue
+        split = [names[i].split(".") for i in same]
+        differ = [k for k in range(2, max(map(len, split)) + 1)
+                  if len({p[-k] if k <= len(p) else None for p in split}) > 1]
+        for i, p in zip(same, split):
+            out[i] = elide(names[i], n, first=[len(p) - k for k in differ if k <= len(p)])
+    return out
 
 
 def _extreme(value: float, tasks: list[str], n: int) -> str:
@@ -342,8 +401,9 @@ def _shape(r: dict[str, Any]) -> str:
 def render_tensors(rows: list[dict[str, Any]], tasks: list[str], *, width: int | None = TABLE_WIDTH,
                    spread_tasks: bool = True) -> str:
     """The text table of :func:`tensor_rows`: one density column per task where the table fits in
-    ``width`` characters (None: always), else its other columns as narrow as their contents and,
-    with ``spread_tasks``, min / median / max across the tasks (see :func:`density_columns`).
+    ``width`` characters (None: always), else its other columns as narrow as their contents, long
+    names elided in their middle to fit (:func:`elide_all`) and, with ``spread_tasks``, min /
+    median / max across the tasks (see :func:`density_columns`).
 
     >>> print(render_tensors(tensor_rows(fam.manifest), fam.tasks, width=100))  # doctest: +SKIP
     """
@@ -366,9 +426,21 @@ def render_tensors(rows: list[dict[str, Any]], tasks: list[str], *, width: int |
         size_w = fit("stored", [z for z, r in zip(sizes, rows) if "group" not in r])
         held = [len("in " + _show(r["group"])) - size_w - 1 for r in rows if "group" in r]  # across both
         codecs = max([fit("codec", chains), *held])
-    fixed = name_w + kind_w + shape_w + dtype_w + size_w + codecs + 6  # the columns and the spaces after them
-    head, dens, note = density_columns([r["density"] for r in rows], tasks,
-                                        None if width is None or not spread_tasks else width - fixed)
+    others = kind_w + shape_w + dtype_w + size_w + codecs + 6  # the columns after the name and their spaces
+    densities = [r["density"] for r in rows]
+    elided = False
+    if not roomy and width is not None:  # names elided in their middle to what the narrowest densities leave
+        head, cells, _ = density_columns(densities, tasks, 0 if spread_tasks else None)
+        narrowest = max(map(len, [head, *cells]))
+        room = max(TENSOR_NAME_MIN, len("tensor"), width - others - narrowest)
+        if any(len(x) > room for x in names):
+            name_w, elided = min(room, max(len(x) for x in names)), True
+            names = elide_all(names, name_w)
+    fixed = name_w + others
+    head, dens, note = density_columns(densities, tasks, None if width is None or not spread_tasks else width - fixed)
+    if elided:
+        note = ("tensor names shortened to fit (~: parts left out); --json gives them whole"
+                + ("" if note is None else f". {note}"))
     header = (f"{'tensor':<{name_w}} {'kind':<{kind_w}} {'shape':<{shape_w}} {'dtype':<{dtype_w}} {'stored':>{size_w}} "
               f"{'codec':<{codecs}} " + head)
     header = header if roomy else header.rstrip()

@@ -11,8 +11,11 @@ import shlex
 import pytest
 import torch
 from click.testing import CliRunner
+from hypothesis import given
+from hypothesis import strategies as st
 
 import tallpack
+from tallpack.report import elide
 from tallpack_cli.main import main
 
 TASKS = [f"task_{i:02d}" for i in range(14)]
@@ -78,3 +81,71 @@ def test_unpack_without_a_task_lists_a_few_not_all(many, tmp_path):
     assert (f"name a task with --task NAME (the archive has 14 tasks: task_00, task_01, task_02, ...; "
             f"tallpack inspect {shlex.quote(str(many))} lists them) or pass --all") in line
     assert "task_13" not in line
+
+
+# -- the tensor table of long names --------------------------------------------------------------
+
+LONG = ([f"model.layers.{i}.self_attn.{p}_proj.weight" for i in (0, 7, 31) for p in "qk"]
+        + [f"model.layers.{i}.mlp.experts.{p}_proj_blocks.scales.weight" for i in (0, 31) for p in ("gate_up", "down")]
+        + ["model.embed_tokens.weight"])
+
+
+@pytest.fixture(scope="module")
+def long_names(tmp_path_factory):
+    """12 tasks of tensors named as a large model's (up to 61 characters), each tensor its own
+    row (no groups), a mask and a dense codec each: a few KB."""
+    where = tmp_path_factory.mktemp("long")
+    g = torch.Generator().manual_seed(1)
+    base = {k: torch.randn(64, generator=g) for k in LONG}
+    tasks = {f"t{i:02d}": {k: v + torch.randn(64, generator=g) * 0.01 for k, v in base.items()} for i in range(12)}
+    tallpack.pack(base, tasks, where / "long.tallpack", group=False)
+    return where / "long.tallpack"
+
+
+def table(text: str) -> list[str]:
+    """The lines of the tensor table and its notes (after the header of ``inspect --tensors``)."""
+    lines = text.splitlines()
+    return lines[next(i for i, line in enumerate(lines) if line.startswith("tensor ")):]
+
+
+@pytest.mark.parametrize("env", [{}, {"COLUMNS": "120"}, {"COLUMNS": "140"}])
+@pytest.mark.parametrize("chosen", [[], ["--task", "t03"]])
+def test_inspect_tensors_fits_its_width_names_elided_in_the_middle(long_names, env, chosen):
+    r = CliRunner(env=env).invoke(main, ["inspect", str(long_names), "--tensors", *chosen], catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    width = int(env.get("COLUMNS", 120))
+    rows = table(r.output)
+    assert max(map(len, rows)) <= width, "\n".join(rows)
+    names = [line.split()[0] for line in rows[2:2 + len(LONG)]]
+    assert ("--json gives them whole" in r.output) == (names != LONG)
+    assert len(set(names)) == len(LONG)  # still told apart
+    for full, shown in zip(LONG, names):
+        assert shown == full or "~" in shown
+        assert shown.endswith(full.split(".")[-1])  # the last part, and the layer number, visible
+        layer = re.search(r"\.(\d+)\.", full)
+        assert layer is None or re.search(rf"(^|[.~]){layer.group(1)}([.~]|$)", shown), (full, shown)
+    if width == 120:  # too narrow for whole names
+        assert names != LONG and ("min" in rows[0]) == (not chosen)
+        assert chosen or "model.layers.31~q_proj.weight" in names
+
+
+def test_inspect_tensors_json_keeps_whole_names(long_names):
+    rows = json.loads(run("inspect", long_names, "--tensors", "--json").output)["tensors"]
+    assert [row["name"] for row in rows] == LONG
+
+
+def test_a_roomy_table_is_not_elided(long_names):
+    r = CliRunner(env={"COLUMNS": "400"}).invoke(main, ["inspect", str(long_names), "--tensors"])
+    assert r.exit_code == 0 and "~" not in "\n".join(table(r.output)) and "shortened" not in r.output
+    assert all(name in r.output for name in LONG)
+
+
+@given(parts=st.lists(st.one_of(st.from_regex(r"[a-z_]{1,20}", fullmatch=True), st.integers(0, 99).map(str)),
+                      min_size=1, max_size=8),
+       n=st.integers(12, 80))
+def test_elide_keeps_a_name_within_its_width(parts, n):
+    name = ".".join(parts)
+    shown = elide(name, n)
+    assert len(shown) <= n and (shown == name) == (len(name) <= n)
+    if len(name) > n and len(parts[-1]) + 1 <= n:
+        assert shown.endswith(("." + parts[-1], "~" + parts[-1])) or shown == parts[-1]
