@@ -493,11 +493,24 @@ def pack(base, more_tasks, task_specs, output, lambda_specs, merge, codec, level
                           derive_merged=derive_merged, overwrite=force, record_paths=not no_paths,
                           fidelity=fidelity, budget=budget,
                           sensitivity=None if sensitivity_file is None else tallpack.sensitivity.load(sensitivity_file))
-    m = tallpack.pack(base, tasks, output, options)
+    dial_log = logging.getLogger("tallpack.dial")
+    dial_log.addFilter(_no_exact_hint)  # the hint is a result line here, kept with -q
+    try:
+        m = tallpack.pack(base, tasks, output, options)
+    finally:
+        dial_log.removeFilter(_no_exact_hint)
     size = staging.size(output)
     src = m.stats["source_bytes"]
     click.echo(f"wrote {output}: {len(m.tasks)} task{'' if len(m.tasks) == 1 else 's'}, {format_size(size)} from {format_size(src)} ({src / size:.2f}x)"
                + _unmet(m.stats.get("dial")))
+    for hint in m.hints:
+        click.echo(f"hint: {hint}")
+
+
+def _no_exact_hint(record: logging.LogRecord) -> bool:
+    """Leaves out the fidelity dial's log record of its hint that --exact would be as small, which
+    pack prints with its result (the record is the library's, for its callers)."""
+    return not getattr(record, "exact_hint", False)
 
 
 def _unmet(dial: Any) -> str:

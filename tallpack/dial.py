@@ -599,6 +599,9 @@ class Dial:
         self.achieved: dict[str, dict[str, float]] = {}
         self.met = True
         self.below: dict[str, float] = {}
+        #: the warning that the exact tier would be about as small (``_hint_exact``), else None:
+        #: ``pack`` returns it on the manifest's ``hints``, for a caller to show beside its result
+        self.hint: str | None = None
         #: bytes by which a budget's estimate is corrected, measured on the archive being written
         self.calibration = 0
         self._writes = 0
@@ -928,7 +931,9 @@ class Dial:
     def _hint_exact(self) -> None:
         """Warn where the exact tier would be about as small as the dial's archive or smaller
         (``EXACT_HINT``; with a budget, within it): ``--exact`` then gives every task bit for bit,
-        and packs faster. Both sizes are the dial's estimates (nothing is packed twice)."""
+        and packs faster. Both sizes are the dial's estimates (nothing is packed twice). Its log
+        record carries ``exact_hint`` (the command line shows the hint in its result line instead)."""
+        self.hint = None
         if self._plain is None or not self.tier:
             return
         dial, exact = self.estimates()
@@ -940,10 +945,11 @@ class Dial:
         pairs = sum(len(plan.ladders) for plan in self.plans.values())
         what = (f"fidelity target {self.target:.4g}" if budget is None
                 else f"budget {budget / (self.unit_bytes or 1.0):.2f}x ({format_size(budget)})")
-        log.warning("%s: --exact (exact=True) would take about %s against the dial's %s (estimates) and keep every "
-                    "task bit for bit, faster to pack: use it instead (%d of %d task tensors needed a correction or "
-                    "their own quantized task vector, %d their exact residual)", what, format_size(exact),
-                    format_size(dial), len(chosen), pairs, sum(o.kind == "exact" for o in chosen))
+        self.hint = (f"{what}: --exact (exact=True) would take about {format_size(exact)} against the dial's "
+                     f"{format_size(dial)} (estimates) and keep every task bit for bit, faster to pack: use it instead "
+                     f"({len(chosen)} of {pairs} task tensors needed a correction or their own quantized task vector, "
+                     f"{sum(o.kind == 'exact' for o in chosen)} their exact residual)")
+        log.warning("%s", self.hint, extra={"exact_hint": True})
 
     def _report(self) -> None:
         """Warn of targets lowered or not reached, with the figures of the archive written (once:

@@ -147,6 +147,9 @@ class Manifest:
     files: dict[str, ArrayRef] = field(default_factory=dict)
     #: what a reader must know to read it (1.12): ``"groups"``
     requires: tuple[str, ...] = ()
+    #: what ``pack`` advises of the archive it wrote, beside it and not recorded in it (the fidelity
+    #: dial's hint that exact=True would be as small): empty for a manifest read from an archive
+    hints: tuple[str, ...] = field(default=(), compare=False)
 
     def to_dict(self) -> dict[str, Any]:
         files = {"files": {k: v.to_dict() for k, v in self.files.items()}} if self.files else {}

@@ -219,7 +219,7 @@ def _write(fam: PackInputs, v: Validated, lams: dict[str, float], out: Path, sel
         for src in sources:  # after the exact tier hashed the files (in ``manifest``)
             src.check_unchanged()
         w.finish(result.to_dict(), check=Manifest.from_dict)
-    return result
+    return result if dial is None or dial.hint is None else dataclasses.replace(result, hints=(dial.hint,))
 
 
 class _Groups:

@@ -149,3 +149,62 @@ def test_elide_keeps_a_name_within_its_width(parts, n):
     assert len(shown) <= n and (shown == name) == (len(name) <= n)
     if len(name) > n and len(parts[-1]) + 1 <= n:
         assert shown.endswith(("." + parts[-1], "~" + parts[-1])) or shown == parts[-1]
+
+
+# -- the fidelity dial's hint that --exact would do better ---------------------------------------
+
+def bf16_family(where, tasks: int = 2) -> list[str]:
+    """A bf16 base and fine-tunes with small dense updates everywhere, as safetensors files (a
+    few hundred KB): a high fidelity target costs about what the exact tier does. The
+    arguments of ``pack`` for it."""
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(0)
+    shapes = {"a.weight": (256, 128), "b.weight": (128, 256), "a.bias": (256,)}
+    base = {k: torch.randn(s, generator=g) * 0.05 for k, s in shapes.items()}
+    save_file({k: v.to(torch.bfloat16) for k, v in base.items()}, str(where / "base.safetensors"))
+    args = ["pack", "--base", str(where / "base.safetensors")]
+    for i in range(tasks):
+        save_file({k: (b + torch.randn(b.shape, generator=g) * 0.001).to(torch.bfloat16) for k, b in base.items()},
+                   str(where / f"t{i}.safetensors"))
+        args += ["--task", str(where / f"t{i}.safetensors")]
+    return args
+
+
+def pack_cli(*args: str):
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "tallpack", *args], capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("quiet", [[], ["-q"]])
+def test_pack_shows_the_exact_hint_with_its_result_once(tmp_path, quiet):
+    r = pack_cli(*quiet, *bf16_family(tmp_path), "--fidelity", "0.9999", *([] if quiet else ["--no-progress"]),
+                 "-o", str(tmp_path / "f.tallpack"))
+    assert r.returncode == 0, r.stderr
+    wrote, hint = r.stdout.splitlines()
+    assert wrote.startswith(f"wrote {tmp_path / 'f.tallpack'}: 2 tasks, ")
+    assert hint.startswith("hint: fidelity target 0.9999: --exact (exact=True) would take about ")
+    assert "keep every task bit for bit" in hint
+    assert "--exact" not in r.stderr  # said once, as a result (kept with -q), not as a warning too
+
+
+def test_pack_with_an_ordinary_target_has_no_hint(tmp_path):
+    r = pack_cli("-q", *bf16_family(tmp_path), "--fidelity", "0.99", "-o", str(tmp_path / "f.tallpack"))
+    assert r.returncode == 0, r.stderr
+    assert len(r.stdout.splitlines()) == 1 and "hint" not in r.stdout
+
+
+def test_the_library_returns_the_hint_and_still_logs_it(tmp_path, caplog):
+    import logging
+
+    args = bf16_family(tmp_path)
+    base, tasks = args[2], args[4::2]
+    with caplog.at_level(logging.WARNING, logger="tallpack.dial"):
+        m = tallpack.pack(base, tasks, tmp_path / "f.tallpack", fidelity=0.9999)
+    [hint] = m.hints
+    assert [r.getMessage() for r in caplog.records if getattr(r, "exact_hint", False)] == [hint]
+    assert hint.startswith("fidelity target 0.9999: --exact (exact=True) would take about ")
+    with tallpack.open(tmp_path / "f.tallpack") as fam:  # not recorded in the archive
+        assert fam.manifest.hints == () and "would take" not in json.dumps(fam.manifest.to_dict())

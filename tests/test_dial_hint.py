@@ -88,5 +88,5 @@ def test_cli_pack_shows_the_warning(tmp_path):
                         "--fidelity", "0.9999", "--no-progress", "-o", str(tmp_path / "f.tallpack")],
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
-    assert "WARNING tallpack.dial: fidelity target 0.9999: --exact (exact=True) would take about" in r.stderr
+    assert "hint: fidelity target 0.9999: --exact (exact=True) would take about" in r.stdout
     assert r.stdout.startswith("wrote ")
