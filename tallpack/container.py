@@ -50,14 +50,15 @@ log = logging.getLogger(__name__)
 MAGIC = b"TALLPACK"
 END_MAGIC = b"TALLPEND"
 #: The format version this reader implements (it reads every minor of this major).
-MAJOR, MINOR = 1, 13
+MAJOR, MINOR = 1, 14
 #: The minor version that introduced each optional feature (a checksum, a codec id, ...): a writer
 #: writes the lowest minor version that covers the features it uses (spec §8).
 FEATURE_MINOR: dict[str, int] = {"checksum:crc32": 0, "checksum:xxh3-64": 1, "codec:zstd": 0, "codec:bytegroup": 0,
                                  "codec:bitpack": 0, "field:exact": 2, "codec:planes": 3, "field:files": 4,
                                  "field:correction": 5, "encoding:tall-derived": 6, "encoding:qtau": 7,
                                  "encoding:tall-derived-merged": 8, "codec:bitsplit": 9, "codec:planes-exp": 11,
-                                 "field:members": 12, "field:shared-base": 13}
+                                 "field:members": 12, "field:shared-base": 13,
+                                 "field:aliases": 14}
 
 
 def format_version(features: set[str] | frozenset[str]) -> tuple[int, int]:

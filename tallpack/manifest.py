@@ -23,8 +23,8 @@ from .merging import METHODS
 __all__ = ["Manifest", "TaskInfo", "TaskTensor", "TensorEntry", "check_task_name", "count_kinds"]
 
 #: What an archive may ``require`` of its reader (spec §3.1, 1.12): ``groups``, tensor entries
-#: with ``members`` (§3.7).
-KNOWN_REQUIRES = frozenset({"groups"})
+#: with ``members`` (§3.7); ``aliases`` (1.14), names of a stored tensor listed as tensors (§3.8).
+KNOWN_REQUIRES = frozenset({"groups", "aliases"})
 #: The kinds of tensor entries, in the order reports list them.
 KINDS = ("merged", "shared", "task-own", "base-only")
 
@@ -145,8 +145,10 @@ class Manifest:
     checksum: str = "crc32"
     #: stored folder files (1.4): SHA-256 -> the content as a uint8 array
     files: dict[str, ArrayRef] = field(default_factory=dict)
-    #: what a reader must know to read it (1.12): ``"groups"``
+    #: what a reader must know to read it (1.12): ``"groups"``, ``"aliases"``
     requires: tuple[str, ...] = ()
+    #: (1.14) tensor names that are another stored tensor (a tied weight): alias -> target
+    aliases: dict[str, str] = field(default_factory=dict)
     #: what ``pack`` advises of the archive it wrote, beside it and not recorded in it (the fidelity
     #: dial's hint that exact=True would be as small): empty for a manifest read from an archive
     hints: tuple[str, ...] = field(default=(), compare=False)
@@ -163,6 +165,7 @@ class Manifest:
             "base": self.base,
             "tasks": [t.to_dict() for t in self.tasks],
             "tensors": [t.to_dict() for t in self.tensors],
+            **({"aliases": dict(self.aliases)} if self.aliases else {}),
             "stats": self.stats,
             "metadata": self.metadata,
             **files,
@@ -201,8 +204,13 @@ class Manifest:
         if not all(isinstance(k, str) for k in blob_refs):
             raise FormatError("file content keys must be strings")
         blobs = {k: ArrayRef.from_dict(v, f"file content {k[:12]}") for k, v in blob_refs.items()}
+        aliases = _object(d, "aliases", "manifest")
+        if aliases and "aliases" not in requires:
+            raise FormatError("aliases in an archive that does not require 'aliases' (spec §3.8)")
+        if not all(_name(k) and _name(v) for k, v in aliases.items()):
+            raise FormatError(f"aliases must map names to names (strings of at most {MAX_NAME_CHARS} characters)")
         m = cls((version[0], version[1]), writer, d["merge"], tasks, tensors, base, stats,
-                _object(d, "metadata", "manifest"), d.get("checksum", "crc32"), blobs, tuple(requires))
+                _object(d, "metadata", "manifest"), d.get("checksum", "crc32"), blobs, tuple(requires), dict(aliases))
         for digest, ref in blobs.items():
             check_blob(digest, ref)
         for info in tasks:
@@ -240,8 +248,31 @@ class Manifest:
         for g in groups:
             if g.name in by_name:
                 raise FormatError(f"group {g.name!r} has the name of a tensor")
+        _check_aliases(aliases, by_name, {g.name for g in groups})
         for info in tasks:
+            listed = set(info.keys)
             for key in info.keys:
-                if key not in by_name or info.name not in by_name[key].tasks:
+                target = aliases.get(key)
+                if target is not None:
+                    if target not in listed:
+                        raise FormatError(f"task {info.name!r}: alias {key!r} listed without its target {target!r}")
+                elif key not in by_name or info.name not in by_name[key].tasks:
                     raise FormatError(f"task {info.name!r}: tensor {key!r} listed but not stored")
         return m
+
+
+def _check_aliases(aliases: dict[str, str], stored: dict[str, TensorEntry], groups: set[str]) -> None:
+    """Spec §3.8: each alias names no stored tensor or group, and its target is a stored tensor
+    (an entry or a group's member), not an alias (so no chain and no cycle) nor the alias itself."""
+    for alias, target in aliases.items():
+        if alias == target:
+            why = "names itself"
+        elif alias in stored or alias in groups:
+            why = "has the name of a stored tensor" if alias in stored else "has the name of a group"
+        elif target in aliases:
+            why = f"names another alias, {target!r} (a target must be a stored tensor)"
+        elif target not in stored:
+            why = "names no stored tensor" if target not in groups else "names a group, not a tensor"
+        else:
+            continue
+        raise FormatError(f"alias {alias!r} -> {target!r}: {why} (spec §3.8)")

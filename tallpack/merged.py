@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import weakref
+from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
 from ._torch import cpu_default, torch
@@ -208,6 +209,16 @@ def _derived_merged_masks(read: ReadArray, entry: TensorEntry, order: tuple[str,
         raise type(e)(f"{name}: {e}") from None
 
 
+def _with_aliases(merged: dict[str, torch.Tensor], aliases: Mapping[str, str], order: Sequence[str]
+                  ) -> dict[str, torch.Tensor]:
+    """A merged model with each alias (spec §3.8) of a tensor it has as that same tensor, placed
+    where the first task's checkpoint lists it (tied weights stay tied)."""
+    out = dict(merged)
+    out.update((a, merged[t]) for a, t in aliases.items() if t in merged)
+    at = {name: i for i, name in enumerate(order)}
+    return dict(sorted(out.items(), key=lambda kv: at.get(kv[0], len(at))))
+
+
 class MergeParts:
     """Alpha-independent parts of a merged model: for each tensor every task has, theta_0 and the
     direction d (float32), or the stored tensor itself when every task has it unchanged.
@@ -328,6 +339,9 @@ class MergeParts:
         with memory_named(f"{self._family.name}: the {self.model} model"):  # torch's allocator: not a TallpackError
             merged = {name: t.clone() if d is None else apply_direction(t, d, value)
                       for name, (t, d) in self.parts.items()}
+        aliases = self._family.manifest.aliases
+        if aliases:  # (format 1.14) a tied weight's other names: the same tensor, in the checkpoints' order
+            merged = _with_aliases(merged, aliases, self._family.manifest.tasks[0].keys)
         if task is None:
             self._warn_left_out()
             return merged

@@ -35,7 +35,7 @@ from .originals import record
 from .plan import Kind, TensorPlan, warn_dropped
 from .progress import track
 from .selection import select_lambdas
-from .sources import Source, SourceLike, stem
+from .sources import Source, SourceLike, family_aliases, stem
 from .staging import check_file_output, exists, fetched, local_path, staged
 from .storage import is_url
 from .tall import Fidelity
@@ -127,6 +127,11 @@ def _pack_opened(fam: PackInputs, opts: PackOptions, v: Validated, out: str | os
                  storage_options: dict[str, Any] | None) -> Manifest:
     try:
         names = list(fam.tasks)
+        aliases = family_aliases(fam.base, fam.tasks)
+        if aliases:  # a tied weight: stored once, its other names recorded (spec §3.8)
+            log.info("%d tensor name(s) stored as aliases of another: %s", len(aliases),
+                     ", ".join(f"{a!r} -> {t!r}" for a, t in list(aliases.items())[:5]))
+            fam.plan = dataclasses.replace(fam.plan, tensors=tuple(e for e in fam.plan.tensors if e.name not in aliases))
         if v.method.max_tasks is not None and len(names) > v.method.max_tasks:
             raise InvalidArgumentError(f"{v.method.name} archives hold at most {v.method.max_tasks} tasks")
         lams = v.lambdas(names)
@@ -142,21 +147,23 @@ def _pack_opened(fam: PackInputs, opts: PackOptions, v: Validated, out: str | os
                                        fixed={t: lams[t] for t in given})
             lams = selection.chosen
         with staged(out, storage_options, overwrite=opts.overwrite) as local:
-            return _write(fam, v, lams, local, selection.to_dict() if selection else None)
+            return _write(fam, v, lams, local, selection.to_dict() if selection else None, aliases)
     finally:
         fam.close()
         release_thread_buffers()  # what reconstructing fidelity figures kept in this thread
 
 
-def _write(fam: PackInputs, v: Validated, lams: dict[str, float], out: Path, selection: dict | None) -> Manifest:
+def _write(fam: PackInputs, v: Validated, lams: dict[str, float], out: Path, selection: dict | None,
+           aliases: dict[str, str]) -> Manifest:
     opts = v.options
     names = list(fam.tasks)
     fidelity = {t: Fidelity() for t in names}
     entries: list[TensorEntry | Later | None] = []
     tensors = track(fam.plan.tensors, opts.progress, "packing")
-    dial = _dial(fam, v)
+    dial = _dial(fam, v, aliases)
     sources = [fam.base, *fam.tasks.values()]
-    features = v.features() | ({"field:files"} if any(s.files for s in sources) else set())
+    features = (v.features() | ({"field:files"} if any(s.files for s in sources) else set())
+                | ({"field:aliases"} if aliases else set()))
     with writing(out), ContainerWriter(out, threads=opts.threads, checksum=opts.checksum,
                                        features=frozenset(features), overwrite=opts.overwrite) as w:
         store = FileStore(w, opts.level, opts.chunk_elements)
@@ -187,6 +194,8 @@ def _write(fam: PackInputs, v: Validated, lams: dict[str, float], out: Path, sel
 
         def described(src: Source) -> dict[str, Any]:
             d = src.describe()
+            if aliases:  # its bytes as the file holds them: a tied weight once
+                d["bytes"] = _bytes_once(src, aliases)
             return d if opts.record_paths else {k: v for k, v in d.items() if k != "path"}
 
         def manifest() -> Manifest:
@@ -201,11 +210,12 @@ def _write(fam: PackInputs, v: Validated, lams: dict[str, float], out: Path, sel
             return Manifest(
                 w.version, f"tallpack {__version__}", v.method.params(), tuple(infos), tuple(stored),
                 base=described(fam.base) | {"metadata": fam.base.metadata} | ({"files": base_files} if base_files else {}),
-                stats={"source_bytes": fam.source_bytes, "kinds": count_kinds(stored),
+                stats={"source_bytes": sum(_bytes_once(s, aliases) for s in sources), "kinds": count_kinds(stored),
                        **({"selection": selection} if selection else {}),
                        **({"dial": dial.record()} if dial is not None else {})},
                 metadata=dict(opts.metadata or {}), checksum=w.checksum_name, files=store.blobs,
-                requires=("groups",) if any(e.members for e in stored) else (),
+                requires=(*(("groups",) if any(e.members for e in stored) else ()), *(("aliases",) if aliases else ())),
+                aliases=aliases,
             )
 
         if dial is not None:  # the fidelity dial: decide on the TALL tier's size, then write merged tensors
@@ -345,12 +355,17 @@ def _loaded(fam: PackInputs, tensors: Iterable[TensorPlan], keep_base_only: bool
             yield item
 
 
-def _dial(fam: PackInputs, v: Validated) -> Dial | None:
+def _bytes_once(src: Source, aliases: Mapping[str, str]) -> int:
+    """The bytes of a checkpoint's tensors, each tensor of several names (``aliases``) once."""
+    return src.nbytes - sum(src.info(a).nbytes for a in aliases if a in src)
+
+
+def _dial(fam: PackInputs, v: Validated, aliases: Mapping[str, str]) -> Dial | None:
     """The fidelity dial for these options, or None when off."""
     opts = v.options
     if not v.dial:
         return None
-    one = sum(s.nbytes for s in fam.tasks.values()) / len(fam.tasks)  # the average task checkpoint
+    one = sum(_bytes_once(s, aliases) for s in fam.tasks.values()) / len(fam.tasks)  # the average task checkpoint
     budget = None if opts.budget is None else int(opts.budget * one)
     if opts.sensitivity is not None:
         _check_sensitivity(opts.sensitivity, fam)

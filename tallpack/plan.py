@@ -86,6 +86,9 @@ class Renamed(Source):
     def check_unchanged(self) -> None:
         self.inner.check_unchanged()  # the files are the inner source's (it read them)
 
+    def aliases(self) -> dict[str, str]:
+        return {self.prefix + k: self.prefix + v for k, v in self.inner.aliases().items()}
+
     def describe(self) -> dict:
         return self.inner.describe() | {"prefix": self.prefix}
 

@@ -139,6 +139,10 @@ class Archive:
         self._members: dict[str, tuple[TensorEntry, Member]] = {
             m.name: (g, m) for g in self._groups.values() for m in g.members}
         self._tasks: dict[str, TaskInfo] = {t.name: t for t in self.manifest.tasks}
+        #: (format 1.14, spec §3.8) names that are another stored tensor, and the tasks that list each
+        self._aliases: dict[str, str] = dict(self.manifest.aliases)
+        self._alias_tasks: dict[str, frozenset[str]] = {
+            a: frozenset(t.name for t in self.manifest.tasks if a in t.keys) for a in self._aliases}
         for name, key, ref in iter_arrays(self.manifest.tensors):
             container.register(ref, (name, key))
         for digest, ref in self.manifest.files.items():
@@ -236,6 +240,11 @@ class Archive:
     def keys(self, task: str) -> list[str]:
         """The task's tensor names, in its checkpoint's order."""
         return list(self.task_info(task).keys)
+
+    def _resolve(self, task: str, name: str) -> str:
+        """The stored tensor a task's tensor name reads: an alias's target (format 1.14), else the name."""
+        target = self._aliases.get(name) if isinstance(name, str) else None
+        return target if target is not None and task in self._alias_tasks[name] else name
 
     def _member(self, task: str, name: object) -> tuple[TensorEntry, Member] | None:
         """The group and member record of ``name`` when it is a group's member that ``task`` has
@@ -654,6 +663,7 @@ class Archive:
                 self.require_exact(task)
             dtype, shape = self.tensor_spec(task, name)
             return torch.empty(shape, dtype=torch_dtype(dtype), device=device)
+        name = self._resolve(task, name)  # an alias reads its target (the tensor torch.load ties to it)
         member = self._member(task, name)
         if member is not None:
             return self._rebuild(task, member[0].name, self._workers(), exact, device, parts=[member[1]])[0]
@@ -662,6 +672,7 @@ class Archive:
     def tensor_spec(self, task: str, name: str) -> tuple[str, tuple[int, ...]]:
         """The dtype (spec name, e.g. ``"float32"``) and shape of one task's tensor, from the
         manifest alone."""
+        name = self._resolve(task, name)
         member = self._member(task, name)
         if member is not None:
             return member[0].tasks[task].dtype, member[1].shape
@@ -681,6 +692,7 @@ class Archive:
         """
         if exact:
             self.require_exact(task)
+        name = self._resolve(task, name)
         member = self._member(task, name)
         if member is not None:  # a group's member: small, read whole
             return TensorSlice(self, task, name, member[0].tasks[task], member[1].shape, exact=exact)
@@ -759,6 +771,8 @@ class Archive:
         needs: list[tuple[tuple[str, list[Member] | None], list[ArrayRef]]] = []
         groups: dict[str, list[Member]] = {}  # a group's members this task reads, in one job
         for name in sd:
+            if self._resolve(task, name) != name:  # an alias: its target's tensor, rebuilt once
+                continue
             member = self._members.get(name)
             if member is not None:
                 group, m = member
@@ -795,7 +809,7 @@ class Archive:
                                                  batch[i][0][1]) for i in order], [sizes[i] for i in order])
             for i, result in zip(order, results):
                 keep(batch[i][0], result)
-        return {k: got[k] for k in sd}
+        return {k: got[self._resolve(task, k)] for k in sd}  # an alias: the same tensor as its target
 
     def _share(self, pool: ThreadPoolExecutor, jobs: list[Callable[[], Any]], sizes: list[int]) -> list[Any]:
         """Each job's result, run by this thread and the pool's together (``_together``). Jobs
@@ -858,6 +872,7 @@ class Archive:
     @cpu_default
     def base_tensor(self, name: str) -> torch.Tensor | None:
         """theta_0 of a tensor, when the archive holds it (merged and base-only tensors)."""
+        name = self._aliases.get(name, name)
         member = self._members.get(name)
         if member is not None:  # a group's member (format 1.12): its run of the group's base
             group, m = member
@@ -1239,9 +1254,42 @@ class LazyStateDict(_TensorMapping):
         #: by group name, the members not yet handed out, the least recently read group first
         self._held: OrderedDict[str, dict[str, torch.Tensor]] = OrderedDict()
         self._held_bytes = 0
+        #: (format 1.14) a tensor of several names (an alias and its target): all its names, and
+        #: while some are not handed out yet, the tensor and those names (one tensor, as torch.load ties them)
+        self._names_of: dict[str, list[str]] = {}
+        for k in self._keys:
+            target = archive._resolve(task, k)
+            if target != k:
+                self._names_of.setdefault(target, [target]).append(k)
+        self._tied: dict[str, tuple[torch.Tensor, set[str]]] = {}
 
     @cpu_default
     def __getitem__(self, name: str) -> torch.Tensor:
+        target = self._archive._resolve(self._task, name) if self._names_of and isinstance(name, str) else name
+        names = self._names_of.get(target)
+        if names is None or _is_meta(self._device):
+            return self._get(name)
+        got = self._take_tied(target, name)
+        if got is None:
+            out = self._get(target)
+            with self._lock:  # (unless another thread rebuilt it meanwhile)
+                self._tied.setdefault(target, (out, set(names)))
+            got = self._take_tied(target, name)
+            assert got is not None
+        return got
+
+    def _take_tied(self, target: str, name: str) -> torch.Tensor | None:
+        """The held tensor of ``target`` handed out as ``name``; let go once every name has had it."""
+        with self._lock:
+            held = self._tied.get(target)
+            if held is None:
+                return None
+            held[1].discard(name)
+            if not held[1]:
+                del self._tied[target]
+            return held[0]
+
+    def _get(self, name: str) -> torch.Tensor:
         member = self._archive._member(self._task, name)
         if member is None or _is_meta(self._device):
             return self._archive.get_tensor(self._task, name, exact=self._exact, device=self._device)

@@ -105,6 +105,8 @@ def summarize(manifest: Manifest, *, path: str, archive_bytes: int,
         "groups": [sum(1 for e in m.tensors if e.members), sum(len(e.members) for e in m.tensors)],
         #: merged tensors whose merged vector is derived from the exact originals (format 1.8), of all
         "merged_derived": [derived_merged, len(merged_tensors)],
+        #: (format 1.14) tensor names that are another stored tensor (tied weights, stored once)
+        **({"aliases": dict(m.aliases)} if m.aliases else {}),
         "tasks": tasks,
         "metadata": m.metadata,
     }
@@ -135,6 +137,10 @@ def render(s: dict[str, Any]) -> str:
              f"merge: {_show(s['merge'].get('method'))}   tensors: " + ", ".join(f"{v} {k}" for k, v in s["kinds"].items())
              + (f" ({s['groups'][1]} of them in {s['groups'][0]} group{'s' if s['groups'][0] > 1 else ''})"
                 if s.get("groups", [0])[0] else "")]
+    aliases = s.get("aliases") or {}
+    if aliases:
+        lines.append("aliases (tied weights, stored once): " + ", ".join(
+            f"{_show(a)} = {_show(t)}" for a, t in list(aliases.items())[:3]) + (" ..." if len(aliases) > 3 else ""))
     ratio = f"{s['ratio']:.2f}x" if s["ratio"] else "-"
     lines.append(f"size: {format_size(s['archive_bytes'])} from {format_size(s['source_bytes'])} of checkpoints ({ratio})")
     lines.append("stored: " + ", ".join(f"{k} {format_size(v)}" for k, v in s["stored_bytes"].items() if v))

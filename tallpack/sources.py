@@ -176,6 +176,12 @@ class Source:
         """Total size of the checkpoint's tensors."""
         return sum(i.nbytes for i in self._infos.values())
 
+    def aliases(self) -> dict[str, str]:
+        """The checkpoint's exact aliases: each name whose tensor is another's (a tied weight,
+        which ``torch.save`` stores once) -> the first name of that tensor, in the checkpoint's
+        order. Empty where a file cannot hold one (safetensors refuses shared tensors)."""
+        return {}
+
     def get(self, name: str) -> torch.Tensor:
         """Load one tensor."""
         self._unchanged(name)
@@ -296,6 +302,56 @@ class TorchSource(Source):
 
     def _load(self, name: str) -> torch.Tensor:
         return self._tensors[name].detach()
+
+    def aliases(self) -> dict[str, str]:
+        return exact_aliases(self._tensors)
+
+
+def exact_aliases(tensors: Mapping[str, torch.Tensor]) -> dict[str, str]:
+    """Each name whose tensor is an exact alias of an earlier one (the same storage, storage
+    offset, shape, strides and dtype: ``lm_head.weight`` tied to ``transformer.wte.weight``) ->
+    the first name of it. Views of part of a storage, or of another shape, are no aliases; nor
+    are empty tensors (storages of no bytes tell nothing apart).
+
+    >>> exact_aliases({"wte": w, "lm_head": w, "other": w[:2]})
+    {'lm_head': 'wte'}
+    """
+    first: dict[tuple, str] = {}
+    out: dict[str, str] = {}
+    for name, t in tensors.items():
+        if t.numel() == 0:
+            continue
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
+        if key in first:
+            out[name] = first[key]
+        else:
+            first[key] = name
+    return out
+
+
+def family_aliases(base: Source, tasks: Mapping[str, Source]) -> dict[str, str]:
+    """The aliases an archive of this family stores (spec §3.8): ``name -> target`` where
+    ``name`` is an exact alias of ``target`` in the base and in every task (the base's target,
+    the first of the tensor's names in its order). Elsewhere both are stored as tensors, as
+    before, and the debug log says why.
+
+    >>> family_aliases(open_source("base.pt"), {"a": open_source("a.pt")})
+    {'lm_head.weight': 'transformer.wte.weight'}
+    """
+    found = base.aliases()
+    if not found:
+        return {}
+    others = [(f"task {t!r} ({s.label})", s, s.aliases()) for t, s in tasks.items()]
+    out = {}
+    for name, target in found.items():
+        for who, src, theirs in others:
+            if name not in src or target not in src or theirs.get(name, name) != theirs.get(target, target):
+                log.debug("tensor %r: stored as a tensor of its own, not as an alias of %r: %s %s", name, target, who,
+                          "lacks one of them" if name not in src or target not in src else "does not tie them")
+                break
+        else:
+            out[name] = target
+    return out
 
 
 def _not_a_file(path: Path) -> CheckpointError:
@@ -428,6 +484,9 @@ class DictSource(Source):
 
     def _load(self, name: str) -> torch.Tensor:
         return self._tensors[name].detach().cpu()
+
+    def aliases(self) -> dict[str, str]:
+        return exact_aliases(self._tensors)
 
     def describe(self) -> dict[str, Any]:
         return {"format": self.kind, "bytes": self.nbytes, **self.layout}  # a layout: a pipeline's tensors
