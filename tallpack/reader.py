@@ -1265,9 +1265,11 @@ class LazyStateDict(_TensorMapping):
 
     @cpu_default
     def __getitem__(self, name: str) -> torch.Tensor:
-        target = self._archive._resolve(self._task, name) if self._names_of and isinstance(name, str) else name
+        if not self._names_of or not isinstance(name, str) or _is_meta(self._device):
+            return self._get(name)
+        target = self._archive._resolve(self._task, name)
         names = self._names_of.get(target)
-        if names is None or _is_meta(self._device):
+        if names is None:
             return self._get(name)
         got = self._take_tied(target, name)
         if got is None:

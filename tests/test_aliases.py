@@ -353,3 +353,16 @@ def test_malformed_aliases(small_tied, tmp_path, value):
     m["aliases"] = value
     with pytest.raises(TallpackError):
         tallpack.open(_open_crafted(tmp_path, small_tied, m))
+
+
+def test_names_not_found_with_aliases(small_tied, tmp_path):
+    """Unknown and non-string names stay a TensorNotFoundError in an archive with aliases."""
+    p = tmp_path / "s.tallpack"
+    p.write_bytes(small_tied)
+    with tallpack.open(p) as fam:
+        lazy = fam.state_dict("a", lazy=True)
+        for ask in ("w3", ["w2"]):
+            for read in (lambda: fam.get_tensor("a", ask), lambda: lazy[ask], lambda: fam.get_slice("a", ask)):
+                with pytest.raises(tallpack.TensorNotFoundError):
+                    read()
+        assert ["w2"] not in lazy and "w2" in lazy
