@@ -143,6 +143,23 @@ def small_family(tmp_path) -> dict:
             "task_paths": {n: tmp_path / f"{n}.safetensors" for n in tasks}}
 
 
+@pytest.fixture(scope="session")
+def demo_tiny(tmp_path_factory):
+    """The tiny demo family (``tallpack.demo.build_family``), built once per session: the slowest
+    fixture there is. Tests that write into a family work on a copy (``demo_copy``)."""
+    from tallpack.demo import build_family
+
+    return build_family(tmp_path_factory.mktemp("demo") / "family", size="tiny")
+
+
+def demo_copy(tiny, dest: Path) -> Path:
+    """A copy of the ``demo_tiny`` family in ``dest``, which ``build_family`` reuses as it is."""
+    import shutil
+
+    shutil.copytree(tiny.root, dest)
+    return dest
+
+
 @pytest.fixture(scope="module")
 def http_server(tmp_path_factory):
     """A plain HTTP server on loopback serving a temporary folder, with Range support; its

@@ -12,11 +12,13 @@ from safetensors import safe_open
 
 from tallpack.demo import TASKS, FamilyPaths, build_family, evaluate
 from tallpack.demo import family as fam
+from conftest import demo_copy
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory: pytest.TempPathFactory) -> FamilyPaths:
-    return build_family(tmp_path_factory.mktemp("demo") / "family", size="tiny")
+@pytest.fixture
+def tiny(demo_tiny: FamilyPaths) -> FamilyPaths:
+    """The tiny family, built once per session (conftest); building it is most of this file's time."""
+    return demo_tiny
 
 
 def _files(root: Path) -> dict[str, bytes]:
@@ -65,23 +67,28 @@ def test_tiny_family_layout(tiny: FamilyPaths) -> None:
 
 
 def test_deterministic(tiny: FamilyPaths, tmp_path: Path) -> None:
-    again = build_family(tmp_path / "again", size="tiny")
+    """A second build gives the same bytes. It is also the rebuild of a folder whose family.json
+    names a different configuration (here: seed 1), which replaces that folder."""
+    root = demo_copy(tiny, tmp_path / "again")
+    cfg = json.loads((root / "family.json").read_text())
+    (root / "family.json").write_text(json.dumps({**cfg, "seed": 1}, indent=2, sort_keys=True) + "\n")
+    ckpt = root / next(iter(tiny.tasks.values())).relative_to(tiny.root) / "model.safetensors"
+    stamp = ckpt.stat().st_mtime_ns, ckpt.stat().st_ino
+    again = build_family(root, size="tiny")
+    assert json.loads((root / "family.json").read_text())["seed"] == 0
+    assert (ckpt.stat().st_mtime_ns, ckpt.stat().st_ino) != stamp
     assert _files(again.root) == _files(tiny.root)
 
 
-def test_cache_reuse_and_rebuild(tmp_path: Path) -> None:
-    root = tmp_path / "fam"
+def test_cache_reuse_and_rebuild(tiny: FamilyPaths, tmp_path: Path) -> None:
+    root = demo_copy(tiny, tmp_path / "fam")
     paths = build_family(root, size="tiny")
     ckpt = paths.tasks[next(iter(paths.tasks))] / "model.safetensors"
     stamp = ckpt.stat().st_mtime_ns, ckpt.stat().st_ino
     again = build_family(str(root), size="tiny")
     assert again == paths
     assert (ckpt.stat().st_mtime_ns, ckpt.stat().st_ino) == stamp
-
-    # A different configuration (here: seed) replaces the folder.
-    build_family(root, size="tiny", seed=1)
-    assert json.loads((root / "family.json").read_text())["seed"] == 1
-    assert (ckpt.stat().st_mtime_ns, ckpt.stat().st_ino) != stamp
+    # (A different configuration replacing the folder: test_deterministic, whose build it is.)
 
     # A folder without family.json (e.g. some unrelated data) is never overwritten.
     other = tmp_path / "other"

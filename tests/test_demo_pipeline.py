@@ -7,10 +7,14 @@ import tallpack
 from tallpack.demo import build_family, evaluate
 from tallpack.demo.run import DIAL_TARGET, run_demo
 from test_cli import run
-from conftest import written_str
+from conftest import demo_copy, written_str
 
 
-def test_demo_command_runs_the_whole_path(tmp_path):
+# Both start from a copy of the session's tiny family (conftest.demo_tiny), which the demo reuses
+# as it would its own from an earlier run: building it is test_demo_family's part.
+
+def test_demo_command_runs_the_whole_path(tmp_path, demo_tiny):
+    demo_copy(demo_tiny, tmp_path / "family")
     out = run("demo", "--size", "tiny", "--dir", tmp_path).output
     assert f"tallpack format {written_str(12)}" in out  # 1.4: the folders' config.json files are kept; 1.12: groups
     assert (tmp_path / "unpacked" / "hflip" / "config.json").exists()
@@ -20,7 +24,8 @@ def test_demo_command_runs_the_whole_path(tmp_path):
     assert "--fidelity 0.97" in out and "(worst task " in out  # the dial, beyond the paper
 
 
-def test_tiny_family_reconstructions_score_close_to_the_originals(tmp_path):
+def test_tiny_family_reconstructions_score_close_to_the_originals(tmp_path, demo_tiny):
+    demo_copy(demo_tiny, tmp_path / "family")
     r = run_demo(tmp_path, size="tiny", task="invert")
     fam = build_family(tmp_path / "family", size="tiny")
     with tallpack.open(r.archive) as arc:
