@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 from .arrays import ArrayRef
 from .codecs import Chain, Zstd
 from .errors import CheckpointError, FormatError, IntegrityError, OutputError
-from .fsutil import atomic_write, make_folder
+from .fsutil import atomic_write, check_inside, make_folder
 
 if TYPE_CHECKING:
     from .container import ArrayBuilder, ContainerWriter
@@ -285,13 +285,13 @@ def blob_pieces(read: ReadRange, digest: str, ref: ArrayRef, where: str) -> Iter
 
 
 def safe_target(outdir: Path, name: str) -> Path:
-    """Where file ``name`` goes in ``outdir``; refuses a name or a folder that leads outside."""
+    """Where file ``name`` goes in ``outdir``, its folder made; refuses a name or a folder that
+    leads outside (through a link in ``outdir``), before any folder is made through it."""
     check_file_name(name)
     target = outdir.joinpath(*name.split("/"))
-    root = outdir.resolve()
-    parent = make_folder(target.parent)
-    if not parent.resolve().is_relative_to(root):
-        raise OutputError(f"{target}: its folder leads outside {outdir}; refusing to write there")
+    check_inside(outdir, target)
+    make_folder(target.parent)
+    check_inside(outdir, target)  # again: a link put there meanwhile
     return target
 
 

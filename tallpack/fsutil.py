@@ -354,6 +354,59 @@ def check_replaceable(target: str | os.PathLike) -> None:
                       "replaces only those: name another path")
 
 
+def check_inside(root: str | os.PathLike, path: str | os.PathLike, doing: str = "write there") -> None:
+    """OutputError when ``path``'s folder, its links followed, is not ``root`` (its links followed
+    too: an output folder the user named may be a link) or a folder below it: a link in the
+    output (``out/vae -> ../elsewhere``) leads an output's write or removal outside it. The line
+    names the link and where it leads. A link to a folder inside ``root`` is followed.
+
+    >>> check_inside("out", "out/vae/model.safetensors", "remove it")  # out/vae -> ../elsewhere
+    OutputError: out/vae/model.safetensors: its folder leads outside out (out/vae is a link to /w/elsewhere); ...
+    """
+    real_root = os.path.realpath(root)
+    folder = os.path.dirname(os.path.abspath(path))
+    if _within(os.path.realpath(folder), real_root):
+        link = _dangling_link(root, folder)
+        if link is None:
+            return
+        raise OutputError(f"{shortened(path)}: its folder leads through {shortened(link)}, a link to "
+                          f"{shortened(os.path.realpath(link))}, which does not exist; refusing to {doing}")
+    link = _first_link(root, folder)
+    via = f" ({shortened(link)} is a link to {shortened(os.path.realpath(link))})" if link else ""
+    hint = "" if doing == "write there" else " (remove the link, or name another output folder)"
+    raise OutputError(f"{shortened(path)}: its folder leads outside {shortened(root)}{via}; refusing to {doing}{hint}")
+
+
+_REMOVE = "remove it as an earlier output's weights"
+
+
+def _within(real: str, real_root: str) -> bool:
+    return real == real_root or real.startswith(real_root.rstrip(os.sep) + os.sep)
+
+
+def _links_below(root: str | os.PathLike, folder: str) -> Iterator[str]:
+    """The links among the folders from ``root`` (not itself) down to ``folder``, outermost first."""
+    base = os.path.abspath(root)
+    rel = os.path.relpath(folder, base)
+    if rel == os.curdir or rel.startswith(os.pardir):
+        return
+    p = Path(root)
+    for part in Path(rel).parts:
+        p = p / part
+        if os.path.islink(p):
+            yield str(p)
+
+
+def _first_link(root: str | os.PathLike, folder: str) -> str | None:
+    return next(_links_below(root, folder), None)
+
+
+def _dangling_link(root: str | os.PathLike, folder: str) -> str | None:
+    """A link below ``root`` on the way to ``folder`` that leads nowhere (a folder cannot be made
+    through it)."""
+    return next((link for link in _links_below(root, folder) if not os.path.exists(link)), None)
+
+
 def commit(tmp: Path, target: Path, *, overwrite: bool = True, sync: bool = True) -> None:
     """Rename ``tmp`` to ``target`` and make the rename durable. With ``overwrite=False`` an
     existing ``target`` is never replaced (OutputExistsError), even one created a moment ago:
@@ -477,7 +530,12 @@ class Transaction:
         self._targets: set[Path] = set()
         self._folders: set[Path] = set()
         self._swept: set[Path] = set()
-        self.obsolete: list[Path] = []  # existing files this output replaces by others: removed on commit
+        #: existing files this output replaces by others, each with the output folder it must stay in: removed on commit
+        self.obsolete: list[tuple[Path, Path]] = []
+        #: each folder written into, as its links led when its first file was staged: the renames
+        #: into it are refused if it leads elsewhere by the commit (a link put in its place)
+        self._real: dict[Path, str] = {}
+        self._by_real: dict[str, Path] = {}  # each target's real path (its folder's links followed)
         #: (folder, find): ``find()`` names the files of an earlier output in ``folder`` that this one
         #: replaces by others; asked again at the commit, under the folder's lock (``remove_found_on_commit``)
         self.finders: list[tuple[Path, Callable[[], Iterable[str]]]] = []
@@ -503,6 +561,12 @@ class Transaction:
         self.check(target)
         if target in self._targets:
             raise OutputError(f"{target}: written twice in one output")
+        if target.parent not in self._real:
+            self._real[target.parent] = os.path.realpath(target.parent)
+        real = os.path.join(self._real[target.parent], target.name)
+        if real in self._by_real:  # a link inside the output (vae -> unet) makes two names one file
+            raise OutputError(f"{shortened(target)}: the same file as {shortened(self._by_real[real])} (a link in "
+                              "the output leads one folder to the other); refusing to write either")
         with writing(target):
             with signals_held():  # made and recorded together: an abort finds every temporary
                 fd, tmp = temp_beside(target, swept=self._swept)
@@ -510,6 +574,7 @@ class Transaction:
                 self.staged.append((fd, (st.st_dev, st.st_ino), tmp, target))  # the lock guards tmp
                 self._held += 1
                 self._targets.add(target)
+                self._by_real[real] = target
             write(tmp)
             if self._held > HELD_LOCKS:  # past that, the pid in the name alone guards it: an output
                 with signals_held():     # of thousands of files fits any limit on open files
@@ -523,10 +588,16 @@ class Transaction:
         that this one's layout does not have) once the new files are in place; needs ``overwrite``
         for any it finds. ``find`` is asked now, so that a refusal comes before any work, and again
         at the commit under the folder's lock, so that what another output put there meanwhile
-        (a concurrent ``unpack --force`` of another layout) is judged as it then stands."""
-        for name in find():
-            self.check(folder / name)
+        (a concurrent ``unpack --force`` of another layout) is judged as it then stands. A file
+        whose folder leads outside ``folder`` (through a link in it: ``vae -> ../elsewhere``) is
+        refused, never removed."""
+        for name in sorted(find()):
+            self._check_removal(folder, folder / name)
         self.finders.append((folder, find))
+
+    def _check_removal(self, folder: Path, target: Path) -> None:
+        check_inside(folder, target, _REMOVE)
+        self.check(target)
 
     def commit(self) -> None:
         # the lock is taken outside signals_held: Ctrl-C still ends a wait for another output's commit
@@ -544,15 +615,25 @@ class Transaction:
 
     def _commit(self) -> None:
         global _committed
+        # this output's files by their real names: a link inside the output (vae -> unet) must not
+        # make one of them an earlier output's file to remove
+        ours = self._by_real
+        listed = {target for _, target in self.obsolete}
         for folder, find in self.finders:  # the folder as the last output committed there left it
             for name in sorted(find()):
                 target = folder / name
-                if target not in self.obsolete and target not in self._targets:
-                    self.check(target)
-                    self.obsolete.append(target)
+                if (target not in self._targets and target not in listed
+                        and os.path.join(os.path.realpath(folder / os.path.dirname(name)), target.name) not in ours):
+                    self._check_removal(folder, target)
+                    self.obsolete.append((folder, target))
+                    listed.add(target)
         self.finders = []
         for _, _, _, target in self.staged:  # all refusals before the first rename
             self.check(target)
+        for folder, was in self._real.items():
+            if os.path.realpath(folder) != was:
+                raise OutputError(f"{shortened(folder)}: now leads to {shortened(os.path.realpath(folder))}, not "
+                                  f"{shortened(was)} where this output's files were written; refusing to put them there")
         before, done = _committed, []
         try:
             for _, ident, tmp, target in self.staged:
@@ -575,7 +656,13 @@ class Transaction:
         self._close()
         self.staged = []
         self._targets = set()
-        for target in self.obsolete:
+        self._real, self._by_real = {}, {}
+        for folder, target in self.obsolete:
+            try:
+                check_inside(folder, target, _REMOVE)  # again: a link may have been put in meanwhile
+            except OutputError as e:
+                log.warning("%s", e)  # the output is in place: the earlier file is left, not refused
+                continue
             try:
                 target.unlink()
             except FileNotFoundError:
@@ -592,6 +679,7 @@ class Transaction:
         self._close()
         self.staged = []
         self._targets = set()
+        self._real, self._by_real = {}, {}
         self.obsolete, self.finders = [], []
         for p in reversed(self.created):
             try:

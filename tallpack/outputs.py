@@ -27,7 +27,7 @@ from .elements import itemsize, numel
 from .encodings import Use
 from .errors import InvalidArgumentError
 from .folders import MODULES, check_no_clash, component_of, write_files
-from .fsutil import atomic_write, check_not_read, make_folder, reading, transaction
+from .fsutil import atomic_write, check_inside, check_not_read, make_folder, reading, transaction
 from .manifest import check_task_name
 from .merging import check_alpha, default_alpha, is_consensus
 from .merged import default_model
@@ -97,6 +97,8 @@ def write_checkpoint(
         names = {*planned_files(plan), *(["config.json"] if config is not None else [])}
         check_no_clash([*names, *also], str(out) if where is None else where)
         for fname in [*sorted(names), *also]:
+            if "/" in fname:  # a component's: its folder not a link out of the output
+                check_inside(out, out / fname)
             tx.check(out / fname)  # before anything is written
         check_planned(out / fname for fname in sorted(names))  # the same, at a URL written to
         # The weights of an earlier write in this folder that the new layout does not have (a
