@@ -186,18 +186,25 @@ def test_builds_for_other_cpus_give_the_same_sums(tmp_path):
 _PACKS = [(dtype, merge, group) for dtype in ("float32", "bfloat16", "float16") for merge in ("ta", "ties")
           for group in (True, False)]
 
+#: One child per setting of the compiled loops (read once, at import); it packs every family on each
+#: of its thread counts and chunk sizes (starting the process is most of a child's time).
 _CHILD = r"""
 import json, os, sys, tallpack
 from tallpack import kernels
-root, threads, compiled = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "1"
+root, compiled = sys.argv[1], sys.argv[2] == "1"
 assert kernels.COMPILED == compiled
-os.makedirs(f"{root}/out-{threads}-{int(compiled)}")
-for dtype, merge, group in json.loads(sys.argv[4]):
-    fam = f"{root}/{dtype}"
-    tallpack.pack(f"{fam}/base.safetensors", {t: f"{fam}/{t}.safetensors" for t in ("a", "b", "c")},
-                  f"{root}/out-{threads}-{int(compiled)}/{dtype}-{merge}-{int(group)}.tallpack",
-                  merge=merge, group=group, threads=threads, chunk_elements=%d)
+for threads, chunk_elements in json.loads(sys.argv[3]):
+    out = f"{root}/out-{chunk_elements}/{threads}-{int(compiled)}"
+    os.makedirs(out)
+    for dtype, merge, group in json.loads(sys.argv[4]):
+        fam = f"{root}/{dtype}"
+        tallpack.pack(f"{fam}/base.safetensors", {t: f"{fam}/{t}.safetensors" for t in ("a", "b", "c")},
+                      f"{out}/{dtype}-{merge}-{int(group)}.tallpack",
+                      merge=merge, group=group, threads=threads, chunk_elements=chunk_elements)
 """
+
+_RUNS = [(1, True), (2, True), (2, False)]
+_CHUNKS = (4096, 1000)
 
 
 def _family(folder: Path, dtype: str) -> None:
@@ -213,32 +220,43 @@ def _family(folder: Path, dtype: str) -> None:
                    for k, v in base.items()}, str(folder / f"{t}.safetensors"))
 
 
+@pytest.fixture(scope="module")
+def packed_by_children(tmp_path_factory) -> Path:
+    """The families of ``_family`` packed (``_PACKS``) by child processes with and without the compiled
+    loops, on each thread count of ``_RUNS`` and each chunk size of ``_CHUNKS``: ROOT/out-CHUNK/THREADS-COMPILED."""
+    root = tmp_path_factory.mktemp("children")
+    for dtype in ("float32", "bfloat16", "float16"):
+        _family(root / dtype, dtype)
+    env = {**os.environ}
+    env.pop("TALLPACK_NO_KERNELS", None)
+    for compiled in (True, False):
+        e = env if compiled else {**env, "TALLPACK_NO_KERNELS": "1"}
+        settings = [(threads, chunk) for chunk in _CHUNKS for threads, c in _RUNS if c == compiled]
+        subprocess.run([sys.executable, "-c", _CHILD, str(root), "1" if compiled else "0", json.dumps(settings),
+                        json.dumps(_PACKS)], env=e, check=True, timeout=600)
+    return root
+
+
 @needs_kernels
-@pytest.mark.parametrize("chunk_elements", [4096, 1000])
-def test_archives_are_the_same_file_with_or_without_the_compiled_loops_and_threads(tmp_path, chunk_elements):
+@pytest.mark.parametrize("chunk_elements", _CHUNKS)
+def test_archives_are_the_same_file_with_or_without_the_compiled_loops_and_threads(packed_by_children, tmp_path,
+                                                                                  chunk_elements):
     """float32, bfloat16 and float16 families, Task Arithmetic and TIES, grouped or not: packed with
     the compiled loops on 1 and 2 threads and without them, byte for byte the same archive; and a
     chunk size that cuts the fidelity blocks (1000) gives the same figures as one that does not."""
-    for dtype in ("float32", "bfloat16", "float16"):
-        _family(tmp_path / dtype, dtype)
-    env = {**os.environ}
-    env.pop("TALLPACK_NO_KERNELS", None)
-    runs = [(1, True), (2, True), (2, False)]
-    for threads, compiled in runs:
-        e = env if compiled else {**env, "TALLPACK_NO_KERNELS": "1"}
-        subprocess.run([sys.executable, "-c", _CHILD % chunk_elements, str(tmp_path), str(threads),
-                        "1" if compiled else "0", json.dumps(_PACKS)], env=e, check=True, timeout=600)
+    root = packed_by_children
+    runs = _RUNS
     for dtype, merge, group in _PACKS:
         name = f"{dtype}-{merge}-{int(group)}.tallpack"
-        first = tmp_path / "out-1-1" / name
+        first = root / f"out-{chunk_elements}" / "1-1" / name
         for threads, compiled in runs[1:]:
-            assert filecmp.cmp(first, tmp_path / f"out-{threads}-{int(compiled)}" / name, shallow=False), \
-                (name, threads, compiled)
+            assert filecmp.cmp(first, root / f"out-{chunk_elements}" / f"{threads}-{int(compiled)}" / name,
+                               shallow=False), (name, threads, compiled)
         with tallpack.open(first) as fam:
             figures = {t.name: t.fidelity for t in fam.manifest.tasks}
         if chunk_elements == 1000:
             other = tmp_path / "same-figures.tallpack"
-            fam_dir = tmp_path / dtype
+            fam_dir = root / dtype
             tallpack.pack(f"{fam_dir}/base.safetensors", {t: f"{fam_dir}/{t}.safetensors" for t in ("a", "b", "c")},
                           other, merge=merge, group=group, threads=1, chunk_elements=4096, overwrite=True)
             with tallpack.open(other) as fam:
