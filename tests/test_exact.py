@@ -252,16 +252,20 @@ def test_archive_without_the_tier_says_so(small_family, tmp_path: Path) -> None:
 def test_cli_pack_unpack_verify_exact(small_family, tmp_path: Path) -> None:
     out = tmp_path / "cli.tallpack"
     tasks = [f"{t}={p}" for t, p in small_family["task_paths"].items()]
-    run = lambda *a: subprocess.run([sys.executable, "-m", "tallpack", *a], capture_output=True, text=True,
-                                    timeout=120)
+    # in this process (click's runner): `pack --exact` in a process of its own is test_derived's
+    # test_store_masks_option_keeps_format_1_3 (conftest.cli_pack)
+    from click.testing import CliRunner
+    from tallpack_cli.main import main
+
+    run = lambda *a: CliRunner().invoke(main, [*a], catch_exceptions=False)
     r = run("pack", "--exact", "--base", str(small_family["base_path"]), *sum((["--task", t] for t in tasks), []),
             "-o", str(out), "--chunk-elements", "64")
-    assert r.returncode == 0, r.stderr
+    assert r.exit_code == 0, r.output
     r = run("unpack", str(out), "--task", "b", "--exact", "-o", str(tmp_path / "b"))
-    assert r.returncode == 0, r.stderr
+    assert r.exit_code == 0, r.output
     assert _sha(tmp_path / "b" / "b.safetensors") == _sha(small_family["task_paths"]["b"])
     r = run("verify", str(out))
-    assert r.returncode == 0 and r.stdout.startswith("ok"), r.stderr
+    assert r.exit_code == 0 and r.stdout.startswith("ok"), r.output
     manifest = json.loads(json.dumps(tallpack.open(out).manifest.to_dict()))
     assert manifest["format_version"] == list(written(8))  # the exact tier with derived masks and merged vectors
 
