@@ -137,8 +137,15 @@ def test_layout_check_says_what_the_chunk_by_chunk_rule_says(archive_file, array
 
 
 @pytest.fixture(scope="module")
-def archive_file(many):
-    return many
+def archive_file(tmp_path_factory):
+    """A small archive: the layout check sees only the chunks registered on it, and opening
+    ``many`` (its manifest) once per example was most of the property's time."""
+    g = torch.Generator().manual_seed(0)
+    base = {"w": torch.randn(16, generator=g)}
+    out = tmp_path_factory.mktemp("small") / "small.tallpack"
+    tallpack.pack(base, {t: {"w": base["w"] + 0.01 * torch.randn(16, generator=g)} for t in "ab"}, out,
+                  progress=False, threads=1)
+    return out
 
 
 @pytest.mark.parametrize("change", ["past the end", "overlap", "before the data"])
