@@ -513,7 +513,9 @@ class Transaction:
     existing files as they were; an existing file is replaced only with ``overwrite``. Every
     target is checked again before the first rename, and a rename that fails even so (a race, an
     I/O error) undoes the ones before it; a name that is both a file and another's folder in one
-    output is refused.
+    output is refused, and so are two names of one file (through a link inside the output), a
+    folder written into that leads elsewhere by the commit, and an earlier output's file to remove
+    whose folder leads outside the output folder (:func:`check_inside`).
 
     Writers call :func:`atomic_write` and :func:`make_folder`, which join the transaction that
     :func:`transaction` opened in this context (or act alone when there is none).

@@ -452,7 +452,9 @@ def previous_in(folder: Path, plan: Mapping[str, Any]) -> set[str]:
     (``unet/diffusion_pytorch_model.safetensors``) and of each one the folder's earlier
     ``model_index.json`` lists (an earlier pipeline's ``vae/`` that this output lacks: left, its
     weights would load as this output's) or its earlier ``modules.json`` (a sentence-transformers
-    model's ``2_Dense/``), by name relative to ``folder``."""
+    model's ``2_Dense/``), by name relative to ``folder``. A listed folder may be a link; the
+    transaction that removes these refuses one whose folder leads outside ``folder``
+    (``fsutil.check_inside``), and a component named ``../x`` or by an absolute path is never listed."""
     folders = {*planned_folders(plan), *_listed_components(folder)}
     return previous_weights(folder) | {f"{c}/{n}" for c in sorted(folders) for n in previous_weights(folder / c)}
 
