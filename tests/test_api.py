@@ -476,9 +476,12 @@ def test_a_huge_lambda_writes_an_archive_that_opens(tmp_path, lam) -> None:
     with tallpack.open(tmp_path / "l.tallpack") as fam:
         assert fam.task_info("a").lam == lam and fam.verify() == []
         assert torch.equal(fam.get_tensor("a", "w"), base["w"])  # no element passes a huge lambda
-    r = subprocess.run([sys.executable, "-m", "tallpack", "inspect", str(tmp_path / "l.tallpack")],
-                       capture_output=True, text=True)
-    assert r.returncode == 0 and f"{lam:.2g}" in r.stdout, r.stderr
+    from click.testing import CliRunner
+    from tallpack_cli.main import main
+
+    # in this process: `inspect` in a process of its own is test_cli's (test_commands_that_need_no_tensors...)
+    r = CliRunner().invoke(main, ["inspect", str(tmp_path / "l.tallpack")], catch_exceptions=False)
+    assert r.exit_code == 0 and f"{lam:.2g}" in r.stdout, r.output
 
 
 def test_lambda_grid_from_numpy_is_taken(tmp_path) -> None:
