@@ -66,6 +66,8 @@ CONFIGS = {
     # masks that zstd does not shrink by 10%, written as zstd frames of raw blocks (from 4 KiB
     # packed in real archives; here from any size, so that these tiny masks are too)
     "ta_raw_block_masks": dict(merge="ta", checksum="xxh3-64", raw_masks=True),
+    # a tied weight (one tensor under two names in the base and every task) stored once (1.14)
+    "ta_aliases": dict(merge="ta", checksum="xxh3-64", tied=True),
 }
 
 
@@ -77,6 +79,9 @@ def archives(workdir: Path) -> dict[str, bytes]:
         base, tasks = family(i, dtype)
         if cfg.get("keep_base_only"):
             base["only_in_base"] = torch.randn(6)
+        if cfg.pop("tied", False):
+            for sd in (base, *tasks.values()):
+                sd["w_tied"] = sd["w"]
         path = workdir / f"{name}.tallpack"
         path.unlink(missing_ok=True)
         raw_from = codecs.Zstd.RAW_FROM
