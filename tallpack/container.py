@@ -19,6 +19,7 @@ import itertools
 import json
 import logging
 import os
+import re
 import struct
 import sys
 from collections import deque
@@ -403,7 +404,13 @@ def _strict_loads(text: str) -> Any:
     RecursionError says what breaks it."""
     pairs = kernels.json_pairs or _no_duplicates
     if _bounded_int_parsing():  # numbers checked after parsing (one hook call fewer per number)
-        value = json.loads(text, object_pairs_hook=pairs, parse_constant=_no_constants)
+        try:
+            value = json.loads(text, object_pairs_hook=pairs, parse_constant=_no_constants)
+        except ValueError as e:  # Python's own refusal of a huge integer, in the reader's words
+            digits = re.search(r"value has (\d+) digits", str(e))
+            if digits is None:
+                raise
+            raise ValueError(f"integer of {digits[1]} digits (integers lie in [-2**63, 2**64))") from None
         _check(value, numbers=True)
     else:
         value = json.loads(text, object_pairs_hook=pairs, parse_constant=_no_constants,

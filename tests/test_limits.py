@@ -231,6 +231,17 @@ def test_huge_numbers_are_refused_with_pythons_digit_limit_turned_off(seed, tmp_
         sys.set_int_max_str_digits(old)
 
 
+def test_an_integer_past_pythons_digit_limit_is_refused_in_the_readers_words(seed, tmp_path):
+    """Python's own refusal of a 5,000-digit integer ("use sys.set_int_max_str_digits()") is advice
+    for programmers: the reader says what is wrong with the archive instead."""
+    p = tmp_path / "n.tallpack"
+    p.write_bytes(frame(seed, _set(manifest_of(seed), "offset", "9" * 5000).encode()))
+    with pytest.raises(FormatError, match=r"integer of 5000 digits \(integers lie in"):
+        tallpack.open(p)
+    r = CliRunner().invoke(main, ["inspect", str(p)])
+    assert r.exit_code == 1 and "sys." not in r.output and "integer of 5000 digits" in r.output, r.output
+
+
 @pytest.mark.parametrize("where, token", [("lambda", "-0.5"), ("density", "1.5"), ("lambda", "true"),
                                           ("source_bytes", "-1"), ("source_bytes", "1.5"),
                                           ("format_version", "65536"), ("ones", "-1")])
