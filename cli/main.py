@@ -29,7 +29,7 @@ from tallpack.merged import default_model, in_some_tasks, left_out, missing_comp
 from tallpack.merging import MERGED_MODELS, METHODS, MergeMethod, Option, default_alpha, is_consensus
 from tallpack.options import DENSE_PRESETS, MAX_LEVEL, MIN_LEVEL, PackOptions
 from tallpack.progress import LogLines
-from tallpack.report import TABLE_WIDTH, format_size, render, render_tensors, tensor_rows
+from tallpack.report import TABLE_WIDTH, format_size, render, render_tensors, show_name, tensor_rows
 from tallpack.sources import stem
 from tallpack import staging
 
@@ -614,7 +614,7 @@ def unpack(archive: str, task_names: tuple[str, ...], all_tasks: bool, output: s
     with _opened(archive, **cache) as fam:
         if not task_names and not all_tasks:
             n = len(fam.tasks)
-            some = ", ".join(fam.tasks[:3]) + (", ..." if n > 3 else "")
+            some = ", ".join(map(show_name, fam.tasks[:3])) + (", ..." if n > 3 else "")
             raise click.UsageError(f"name a task with --task NAME (the archive has {n} task{'s' if n > 1 else ''}: "
                                    f"{some}; tallpack inspect {shlex.quote(archive)} lists them) or pass --all")
         parts = len(fam.tasks if all_tasks else task_names)  # progress lines: ~10 for the whole call

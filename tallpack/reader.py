@@ -48,7 +48,7 @@ from .merged import MergeParts, default_model
 from .merging import METHODS, integer
 from .originals import verify_originals
 from .progress import ProgressLike, track
-from .report import summarize
+from .report import show_name, summarize
 from .storage import is_url, open_bytes
 from .tall import Bits, Planar
 
@@ -233,8 +233,9 @@ class Archive:
             return self._tasks[task]
         except (KeyError, TypeError):
             names = self.tasks
-            listed = (f"tasks are {', '.join(names)}" if len(names) <= LISTED_TASKS
-                      else f"it has {len(names)} tasks: {', '.join(names[:LISTED_TASKS])}, ...")
+            shown = [show_name(n) for n in names[:LISTED_TASKS]]  # the archive's names: control characters escaped
+            listed = (f"tasks are {', '.join(shown)}" if len(names) <= LISTED_TASKS
+                      else f"it has {len(names)} tasks: {', '.join(shown)}, ...")
             raise TaskNotFoundError(f"{self.name}: no task {task!r}{_near(task, names)}; {listed}") from None
 
     def keys(self, task: str) -> list[str]:

@@ -121,10 +121,19 @@ def format_size(n: float) -> str:
     return f"{n}"
 
 
-def _show(text: object) -> str:
-    """A string from the archive as the terminal should see it: control characters escaped."""
+def show_name(text: object) -> str:
+    """A name from the archive (a task's, a tensor's, a file's) as the terminal should see it: as
+    it is when every character is printable, else quoted with control, format and bidi characters
+    escaped (``'b\\x1b]0;...'``), so that an archive cannot set the terminal's title or colours.
+
+    >>> show_name("cars"), show_name("b\\x1b[31m")
+    ('cars', "'b\\x1b[31m'")
+    """
     text = str(text)
     return text if text.isprintable() else repr(text)
+
+
+_show = show_name
 
 
 def _fmt(v, spec: str) -> str:

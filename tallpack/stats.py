@@ -26,7 +26,7 @@ from .folders import component_of
 from .fsutil import atomic_write, check_folders_above, check_replaceable, file_identity, reading
 from .merging import METHODS, MergeMethod
 from .progress import ProgressLike, track
-from .report import TABLE_WIDTH, density_columns, wrap
+from .report import TABLE_WIDTH, density_columns, show_name, wrap
 from .staging import check_file_name
 from .storage import is_url
 
@@ -261,7 +261,8 @@ def render(s: MaskStats, *, width: int | None = TABLE_WIDTH, tasks: "Sequence[st
     """
     unknown = [t for t in tasks or () if t not in s.density]
     if unknown:
-        raise TaskNotFoundError(f"no task {unknown[0]!r} in these statistics; tasks are {', '.join(s.tasks)}")
+        raise TaskNotFoundError(f"no task {unknown[0]!r} in these statistics; tasks are "
+                                f"{', '.join(map(show_name, s.tasks))}")
     f = s.fractions()
     n = s.weights or 1
     lines = wrap(f"{s.weights} masked weights, {len(s.tasks)} task{'' if len(s.tasks) == 1 else 's'}: "
@@ -271,15 +272,16 @@ def render(s: MaskStats, *, width: int | None = TABLE_WIDTH, tasks: "Sequence[st
     if width is not None and len("tasks using a weight:  " + "  ".join(using)) > width:
         using = _fold_tail(s.tasks_using, n)
     lines += _listing("tasks using a weight:  ", using, width)
-    lines += [""] + _listing("density per task:     ", [f"{t}: {'-' if d is None else f'{d:.3f}'}"
+    lines += [""] + _listing("density per task:     ", [f"{show_name(t)}: {'-' if d is None else f'{d:.3f}'}"
                                                          for t, d in s.density.items()], width)
     if s.layers:  # one row per layer, a column per task (names cut to their column), or their spread
-        label = max(6, *(len(lay) for lay in s.layers))
+        layers = [show_name(lay) for lay in s.layers]  # a pipeline's: the archive's component names
+        label = max(6, *map(len, layers))
         shown = list(s.tasks if tasks is None else tasks)
         head, cells, note = density_columns(list(s.layers.values()), shown,
                                             None if width is None or tasks is not None else width - label - 1)
         lines += ["", "density per layer:", f"{'':<{label}} {head}".rstrip()]
-        lines += [f"{lay:<{label}} {c}".rstrip() for lay, c in zip(s.layers, cells)]
+        lines += [f"{lay:<{label}} {c}".rstrip() for lay, c in zip(layers, cells)]
         lines += [] if note is None else wrap(note, width)
     return "\n".join(lines)
 
