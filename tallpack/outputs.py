@@ -418,6 +418,9 @@ def write_tasks(archive: "Archive", tasks: Sequence[str] | None, outdir: str | o
             archive.require_exact(name)
             _no_shard_size(archive, name, max_shard_size)
     for name in names if not is_url(outdir) else ():
+        # a task's folder is in the output the caller named: a link OUT/NAME (the archive picks
+        # NAME) leading outside it is refused, before anything is written
+        check_inside(local_path(outdir), local_path(outdir) / name / SINGLE)
         info = archive.task_info(name)
         _refuse_archive_in(archive, local_path(outdir) / name, info.files, info.source, info.exact if exact else None)
     with (_reading(archive), _staged(archive, outdir, storage_options, overwrite) as local,
