@@ -19,6 +19,7 @@ from .errors import FormatError, InvalidArgumentError, UnsupportedVersionError
 from .folders import check_blob, check_file_map
 from .limits import MAX_INT, MAX_NAME_CHARS, MAX_TASKS
 from .merging import METHODS
+from .sources import _INDEX, _TRANSFORMERS_WEIGHTS
 
 __all__ = ["Manifest", "TaskInfo", "TaskTensor", "TensorEntry", "check_task_name", "count_kinds"]
 
@@ -215,7 +216,9 @@ class Manifest:
             check_blob(digest, ref)
         for info in tasks:
             check_file_map(info.files, f"task {info.name!r}", blobs)
+            _check_no_weight_files(info.files, info.source, f"task {info.name!r}")
         check_file_map(base.get("files") or {}, "base", blobs)
+        _check_no_weight_files(base.get("files") or {}, base, "the base")
         _object(base, "metadata", "base")
         if not _number(base.get("bytes"), 0):
             raise FormatError("base bytes must be a non-negative number")
@@ -259,6 +262,27 @@ class Manifest:
                 elif key not in by_name or info.name not in by_name[key].tasks:
                     raise FormatError(f"task {info.name!r}: tensor {key!r} listed but not stored")
         return m
+
+
+def _check_no_weight_files(files: dict[str, str], layout: dict[str, Any], where: str) -> None:
+    """Spec §3.6: no folder file has the name of a weight file that unpack or merge writes, or
+    removes as an earlier output's weights: a shard of the recorded layout, or, at the folder's top
+    and in each component or module folder the layout names, one of transformers' and diffusers'
+    weight names (``model.safetensors``, ``pytorch_model.bin``, a variant's, a shard's) or a shard
+    index. The writer never keeps one (it leaves weight files out there); an archive that has one
+    is damaged or made by hand, and which of the two files an output would hold is not defined.
+    A subfolder the layout does not name keeps its weight files as folder files (a pipeline's
+    ``unet_ema/``)."""
+    shards = layout.get("shards")
+    runs = {r[0] for r in shards if isinstance(r, list) and r and isinstance(r[0], str)} if isinstance(shards, list) else set()
+    components = layout.get("components")
+    folders = {"", *(c for c in components if isinstance(c, str))} if isinstance(components, dict) else {""}
+    folders |= {r.rpartition("/")[0] for r in runs}
+    for name in files:
+        folder, _, base = name.rpartition("/")
+        if name in runs or (folder in folders and (_TRANSFORMERS_WEIGHTS.fullmatch(base) or _INDEX.fullmatch(base))):
+            raise FormatError(f"{where}: folder file {name!r} has the name of a weight file that unpack and merge "
+                              "write (or replace); a damaged or hand-made archive (spec §3.6)")
 
 
 def _check_aliases(aliases: dict[str, str], stored: dict[str, TensorEntry], groups: set[str]) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import logging
 import os
 import struct
 from collections import deque
@@ -36,10 +37,12 @@ from .limits import MAX_DEPTH
 from .merging import METHODS, MergeMethod
 from .progress import ProgressLike, track
 from .sharding import previous_in
-from .sources import _ST_DTYPES, Source
+from .sources import _ST_DTYPES, _TRANSFORMERS_WEIGHTS, Source
 
 if TYPE_CHECKING:
     from .reader import Archive
+
+log = logging.getLogger(__name__)
 
 _READ = 1 << 24
 #: A safetensors header larger than this is refused (the safetensors library's own limit).
@@ -208,9 +211,42 @@ def _files(archive: "Archive", task: str) -> list[dict[str, Any]]:
     files = rec.get("files") if isinstance(rec, dict) else None
     if not isinstance(files, list) or not all(isinstance(f, dict) for f in files):
         raise FormatError(f"{archive.name}: task {task!r}: malformed file records")
+    where = f"{archive.name}: task {task!r}"
     for f in files:
-        _check_record(f, f"{archive.name}: task {task!r}")
+        _check_record(f, where)
+    _check_names(files, archive.files(task), where)
     return files
+
+
+def _check_names(files: list[dict[str, Any]], kept: dict[str, str], where: str) -> None:
+    """Records an exact unpack can write side by side (spec §6.5), checked before any is used, so
+    that ``verify`` refuses what the unpack would: each name once; no ``"file"`` record of a weight
+    file's name (``model.safetensors``, a shard's, ``pytorch_model.bin``) at the top or in a folder
+    of the task's weight records, where the unpack writes weights (a subfolder's kept weight file,
+    a pipeline's ``unet_ema/...``, is a record of its own folder); no name another's folder (the
+    task's folder files too: ``config.json`` and ``config.json/x``)."""
+    seen: set[str] = set()
+    for f in files:
+        if f["name"] in seen:
+            raise FormatError(f"{where}: file record {f['name']!r} is listed twice")
+        seen.add(f["name"])
+    weights = {_folder(f["name"]) for f in files if f["role"] in ("safetensors", "torch")} | {""}
+    for f in files:
+        folder, _, base = f["name"].rpartition("/")
+        if f["role"] == "file" and folder in weights and _TRANSFORMERS_WEIGHTS.fullmatch(base):
+            raise FormatError(f"{where}: file record {f['name']!r} has the name of a weight file, as a kept file "
+                              "(role 'file'); a damaged or hand-made archive (spec §6.5)")
+    check_no_clash([*seen, *kept], where)
+
+
+def _disagreeing(files: list[dict[str, Any]], kept: dict[str, str], where: str) -> list[str]:
+    """A line for each ``"file"`` record whose SHA-256 is not that of the task's folder file of the
+    same name: the writer takes both from one file, so the archive contradicts itself; an exact
+    unpack writes the record's bytes, a lossy one the folder file's."""
+    return [f"{where}: file record {f['name']!r} (SHA-256 {f['sha256'][:12]}...) differs from the folder file of "
+            f"that name ({kept[f['name']][:12]}...): unpack --exact writes the record's bytes, unpack the folder "
+            "file's (a damaged or hand-made archive)"
+            for f in files if f["role"] == "file" and f["name"] in kept and kept[f["name"]] != f["sha256"]]
 
 
 def _parts(archive: "Archive", task: str, f: dict[str, Any], seen: set
@@ -324,9 +360,10 @@ def write_originals(archive: "Archive", task: str, outdir: str | os.PathLike) ->
     seen: set = set()
     not_rebuilt = _not_rebuilt(files)
     chosen = [f for f in files if _rebuilt(f, not_rebuilt)]
-    # every target checked before anything is written: none leaves the folder (spec §6.5), none
-    # is another's folder (the task's kept files are written beside them)
-    check_no_clash([*(f["name"] for f in chosen), *archive.files(task)], f"{archive.name}: task {task!r}")
+    for line in _disagreeing(files, archive.files(task), f"{archive.name}: task {task!r}"):
+        log.warning("%s", line)
+    # every target checked before anything is written: none leaves the folder (spec §6.5); none
+    # is another's folder, the task's kept files' included (``_files``)
     targets = [(f, safe_target(out, f["name"])) for f in chosen]
     for f, target in targets:
 
@@ -437,6 +474,7 @@ def _checking(archive: "Archive", task: str, steps: Iterator[int], said: list[st
     is sent its exact rebuild (or the error of that rebuild) in return. A file's tensor that does
     not rebuild ends the task (raised); any other is said in ``said``, and the next one asked for."""
     files = _files(archive, task)
+    said.extend(_disagreeing(files, archive.files(task), f"{archive.name}: task {task!r}"))
     seen: set = set()
     not_rebuilt = _not_rebuilt(files)
     # the files of safetensors inputs (a pipeline's safetensors components; a sentence-transformers
