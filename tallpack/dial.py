@@ -643,7 +643,7 @@ class Dial:
         tier = TierCost(_tensor_cost(ctx.dense(b_dt), item.base, ce), mcost,
                         {t: _tensor_cost(ctx.masks, m, ce) + 40 for t, m in zip(item.tasks, masks)})
         self.tier[item.name] = tier
-        scratch = torch.empty(base32.numel() + max(QBLOCK, BLOCK))  # the quantizers' work: no fresh pages
+        scratch = torch.empty(base32.numel() + max(QBLOCK, BLOCK), dtype=torch.float32)  # the quantizers' work: no fresh pages
         sizes: dict[str, list[tuple[int, tuple[str, str, str]]]] = {}
         bases: dict[torch.dtype, torch.Tensor] = {}  # the exact tier's base reference, once per dtype
         for i, (t, x, mask) in enumerate(zip(item.tasks, item.thetas, masks)):

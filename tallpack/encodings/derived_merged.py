@@ -60,7 +60,7 @@ def merged_from(base: torch.Tensor, thetas: list[torch.Tensor], method: MergeMet
         for k, v in part.items():
             out.setdefault(k, torch.empty(base.numel(), dtype=v.dtype))[a : a + v.numel()] = v
     if not out:  # an empty tensor
-        empty = derive_merged([torch.empty(0) for _ in thetas], method)
+        empty = derive_merged([torch.empty(0, dtype=torch.float32) for _ in thetas], method)
         if empty is None:
             raise FormatError(f"{where}: {no_derived_merged(method)}")
         out = empty
@@ -75,7 +75,8 @@ def _straight(base: torch.Tensor, thetas: list[torch.Tensor], method: MergeMetho
     kind = compiled_kind(base, thetas)
     if kind is None or not method.straight or not thetas or base.numel() == 0:
         return None
-    arrays = derive_merged([torch.empty(0) for _ in thetas], method)  # its arrays and their dtypes
+    # its arrays and their dtypes: float32 task vectors, whatever torch's default dtype (the compiled loops take no other)
+    arrays = derive_merged([torch.empty(0, dtype=torch.float32) for _ in thetas], method)
     if arrays is None:
         return None
     out = {k: torch.empty(base.numel(), dtype=v.dtype) for k, v in arrays.items()}
