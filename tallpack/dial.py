@@ -46,7 +46,8 @@ import json
 import logging
 import math
 import statistics
-from collections.abc import Callable, Hashable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -57,11 +58,12 @@ from ._torch import torch
 from .arrays import ArrayRef
 from .codecs import Chain
 from .container import ALIGNMENT, FOOTER, HEADER
-from .dtypes import dtype_name, narrow, tensor_to_bytes
+from . import kernels
+from .dtypes import dtype_name, narrow, tensor_to_bytes, torch_dtype
 from .encodings import Item, TaskTensor, TensorEntry, WriteContext, iter_arrays, settled
 from .encodings.base import EXTRA_ARRAYS
 from .encodings.correction import (BLOCK, Correction, quant_decode, quant_encode, quant_encode_widths, residual,
-                                   sparse_decode, sparse_encode)
+                                   sparse_decode, sparse_encode, sparse_encode_ks)
 from .encodings.exact import (RESIDUAL_CODECS, SAMPLE_ELEMENTS, _references, _sizes, add_exact, bits, forward,
                               permute)
 from .encodings.qtau import BLOCK as QBLOCK
@@ -71,7 +73,7 @@ from .errors import InvalidArgumentError, TallpackError
 from .merging import MergeMethod, missing_statistics, score_values
 from .options import Evaluator
 from .report import format_size
-from .tall import blocks, tall_mask
+from .tall import blocks, compiled_kind, elements, tall_mask
 
 log = logging.getLogger(__name__)
 #: The residual codecs the exact tier tries, ``planes`` among them (the dial's exact corrections use it).
@@ -352,7 +354,36 @@ def exact_tier_cost(tier: TierCost, sizes: Mapping[str, list[tuple[int, tuple[st
 
 def tall_parts(ctx: WriteContext, item: Item) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """tau_MTL and every task's mask of a merged tensor, flat, as the tall encoding writes them."""
+    merged, masks, _ = _tall_parts(ctx, item)
+    return merged, masks
+
+
+def _tall_parts(ctx: WriteContext, item: Item, extras: bool = False
+                ) -> tuple[torch.Tensor, list[torch.Tensor], dict[str, torch.Tensor] | None]:
+    """``tall_parts`` and, with ``extras``, the method's extra arrays (``_extras``). Where the
+    method and the inputs allow (``Tall.write``'s ``_straight``), in its compiled loops, which
+    never write the task vectors to memory: the same bits as the blocks of ``blocks``, ``combine``
+    and ``tall_mask`` (the methods that have them are elementwise, so one pass over the tensor).
+    Else (an extras dict of None when ``extras`` is False) block by block in torch."""
     assert item.base is not None
+    b_flat, flats = item.base.reshape(-1), [x.reshape(-1) for x in item.thetas]
+    kind = compiled_kind(b_flat, flats) if ctx.method.straight else None
+    if kind is not None:
+        n = b_flat.numel()
+        bb, xs = elements(b_flat), [elements(x) for x in flats]
+        merged = torch.empty(n, dtype=torch.float32)
+        ex = {k: torch.empty(n, dtype=torch_dtype(dt)) for k, dt in ctx.method.extra_arrays.items()}
+        ctx.method.combine_inputs(bb, xs, kind, merged.numpy(), {k: v.numpy() for k, v in ex.items()}, ctx.threads)
+        masks = [torch.empty(n, dtype=torch.bool) for _ in item.tasks]
+        mv = merged.numpy()
+
+        def run(first: int, end: int) -> None:
+            for i in range(first, end):
+                got = kernels.tall_mask_tv(xs[i], bb, kind, mv, ctx.lambdas[item.tasks[i]],
+                                           masks[i].view(torch.uint8).numpy())
+                assert got is not None, "compiled_kind admitted arrays the compiled loops refuse"
+        kernels.in_parts(len(item.tasks), min(ctx.threads, len(item.tasks)), run)
+        return merged, masks, ex if extras else None
     merged_parts: list[torch.Tensor] = []
     mask_parts: list[list[torch.Tensor]] = [[] for _ in item.tasks]
     for _, taus in blocks(item.base, item.thetas, ctx.chunk_elements):
@@ -361,7 +392,8 @@ def tall_parts(ctx: WriteContext, item: Item) -> tuple[torch.Tensor, list[torch.
         for i, (t, tau) in enumerate(zip(item.tasks, taus)):
             mask_parts[i].append(tall_mask(tau, m, ctx.lambdas[t]))
     cat = lambda ps, dt: torch.cat(ps) if ps else torch.empty(0, dtype=dt)  # noqa: E731
-    return cat(merged_parts, torch.float32), [cat(p, torch.bool) for p in mask_parts]
+    return (cat(merged_parts, torch.float32), [cat(p, torch.bool) for p in mask_parts],
+            _extras(ctx, item) if extras else None)
 
 
 def _extras(ctx: WriteContext, item: Item) -> dict[str, torch.Tensor]:
@@ -369,6 +401,24 @@ def _extras(ctx: WriteContext, item: Item) -> dict[str, torch.Tensor]:
     assert item.base is not None
     parts = [ctx.method.extras(taus) for _, taus in blocks(item.base, item.thetas, ctx.chunk_elements)]
     return {k: torch.cat([p[k] for p in parts]) for k in ctx.method.extra_arrays} if parts else {}
+
+
+@contextmanager
+def torch_alone() -> Iterator[None]:
+    """torch's operations on this thread alone for a while (its thread count restored after). The
+    dial runs some twenty elementwise passes per task tensor between its numpy and zstd steps, each
+    too short for torch's OpenMP workers to pay: they spin between them, and on a busy machine they
+    wait for a core each time. On one thread a dial pack took a quarter of the CPU seconds and of
+    the wall time (BENCHMARKS.md, twenty-fifth round); torch's results do not depend on its threads."""
+    before = torch.get_num_threads()
+    if before == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def overflow_error(dtype: torch.dtype) -> float:
@@ -632,14 +682,19 @@ class Dial:
     # -- pass 1 -------------------------------------------------------------------------------
     def observe(self, ctx: WriteContext, item: Item) -> None:
         """Measure the TALL tier and every candidate of every task's copy of one merged tensor."""
+        with torch_alone():
+            self._observe(ctx, item)
+
+    def _observe(self, ctx: WriteContext, item: Item) -> None:
         assert item.base is not None
-        merged, masks = tall_parts(ctx, item)
+        merged, masks, extras = _tall_parts(ctx, item, extras=True)
+        assert extras is not None
         base32 = item.base.reshape(-1).to(torch.float32)
         ce = ctx.chunk_elements
         self.droppable = DROP_MERGED and self.qtau and ctx.method.name == "ta"
         b_dt = dtype_name(item.base.dtype)
         mcost = _tensor_cost(ctx.dense("float32"), merged, ce) + sum(
-            _tensor_cost(ctx.dense(EXTRA_ARRAYS[k]), v, ce) for k, v in _extras(ctx, item).items())
+            _tensor_cost(ctx.dense(EXTRA_ARRAYS[k]), v, ce) for k, v in extras.items())
         tier = TierCost(_tensor_cost(ctx.dense(b_dt), item.base, ce), mcost,
                         {t: _tensor_cost(ctx.masks, m, ce) + 40 for t, m in zip(item.tasks, masks)})
         self.tier[item.name] = tier
@@ -688,12 +743,15 @@ class Dial:
                 # each candidate's correction c as its decoder gives it, the rebuild as ``corrected``
                 # (rec32 is its TALL part), without decoding the arrays again
                 if "sparse" in self.allowed:
-                    magnitude = r.abs()
-                    for k in sorted({max(1, int(n * f)) for f in SPARSE_FRACTIONS}):
-                        gaps, values = sparse_encode(r, k, magnitude)
-                        c = torch.zeros(n, dtype=torch.float32)
-                        c[torch.from_numpy(np.cumsum(gaps.astype(np.int64)))] = torch.from_numpy(values.astype(np.float32))
-                        err, pe, same, over = sq_err(narrow(rec32 + c, x.dtype))
+                    # rec32 + c, c zero but at the k indices: rec32 + 0.0 (a -0.0 becomes +0.0),
+                    # the k entries added to; in one buffer
+                    rz, work = torch.add(rec32, 0.0), torch.empty(n, dtype=torch.float32)
+                    ks = sorted({max(1, int(n * f)) for f in SPARSE_FRACTIONS})
+                    for k, gaps, values in sparse_encode_ks(r, ks):
+                        idx = torch.from_numpy(np.cumsum(gaps.astype(np.int64)))
+                        work.copy_(rz)
+                        work[idx] = rec32[idx] + torch.from_numpy(values.astype(np.float32))
+                        err, pe, same, over = sq_err(narrow(work, x.dtype))
                         opts.append(Option("sparse", priced({"indices": gaps, "values": values}), err, k, 0, pe, same, over))
                 widths = [b for b in (4, 8) if f"quant{b}" in self.allowed]
                 for b, (codes, scales, cq) in zip(widths, quant_encode_widths(r, widths, BLOCK, scratch=scratch)):
@@ -1142,6 +1200,10 @@ class Dial:
     def write_tensor(self, ctx: WriteContext, item: Item) -> TensorEntry:
         """One merged tensor as decided: its TALL tier (masks of the qtau tasks left out, the merged
         vector too when dropped), the qtau entries, the corrections."""
+        with torch_alone():
+            return self._write_tensor(ctx, item)
+
+    def _write_tensor(self, ctx: WriteContext, item: Item) -> TensorEntry:
         qt = {t: o.bits for t in item.tasks
               if (o := self.choice.get(t, {}).get(item.name)) is not None and o.kind == "qtau"}
         entry = _write_mixed(ctx, item, qt, item.name in self.dropped) if qt else settled(ctx, Tall.write(ctx, item))
@@ -1211,13 +1273,14 @@ def _write_mixed(ctx: WriteContext, item: Item, qt: Mapping[str, int], drop: boo
     assert item.base is not None
     w, ce, shape = ctx.writer, ctx.chunk_elements, tuple(item.base.shape)
     w.use("encoding:qtau")
-    merged, masks = tall_parts(ctx, item)
+    merged, masks, extras = _tall_parts(ctx, item, extras=not drop)
     base32 = item.base.reshape(-1).to(torch.float32)
     b_dt = dtype_name(item.base.dtype)
     arrays = {"base": w.write_array(tensor_to_bytes(item.base.contiguous()), b_dt, shape, ctx.dense(b_dt), ce)}
     if not drop:
         arrays["merged"] = w.write_array(tensor_to_bytes(merged), "float32", shape, ctx.dense("float32"), ce)
-        for k, v in _extras(ctx, item).items():
+        assert extras is not None
+        for k, v in extras.items():
             arrays[k] = w.write_array(tensor_to_bytes(v), EXTRA_ARRAYS[k], shape, ctx.dense(EXTRA_ARRAYS[k]), ce)
     tts: dict[str, TaskTensor] = {}
     deqs: dict[str, tuple[torch.Tensor, dict[str, ArrayRef]]] = {}

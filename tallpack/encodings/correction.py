@@ -75,6 +75,36 @@ def sparse_encode(r: torch.Tensor, k: int, magnitude: torch.Tensor | None = None
     return gaps, np.ascontiguousarray(vals)
 
 
+def sparse_encode_ks(r: torch.Tensor, ks: Iterable[int], magnitude: torch.Tensor | None = None
+                     ) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+    """``(k, *sparse_encode(r, k))`` for each of ``ks`` (ascending, distinct), the largest
+    magnitudes found by one partial sort of them all: where the ``k`` largest are one set (the
+    ``k``-th largest magnitude is held by no entry left out), they are the entries at least that
+    large, which come in ascending order; elsewhere (a tie across the cut, a NaN) ``sparse_encode``
+    itself picks them, as ``torch.topk`` does. The same arrays either way."""
+    ks = list(ks)
+    magnitude = r.abs() if magnitude is None else magnitude
+    mag = magnitude.numpy()
+    n = mag.size
+    kth = sorted({n - k for k in ks if 0 < k < n} | ({n - 1} if n else set()))
+    part = np.partition(mag, kth) if kth else mag
+    fast = n > 0 and not np.isnan(part[-1])  # (np.partition puts NaN last; topk takes it as largest)
+    sel = np.empty(n, dtype=bool)
+    for k in ks:
+        if fast and 0 < k < n:
+            v = part[n - k]
+            np.greater_equal(mag, v, out=sel)
+            if int(np.count_nonzero(sel)) == k:  # no entry as large is left out: the one set
+                idx = np.flatnonzero(sel)
+                gaps = np.diff(idx, prepend=0).astype(np.uint64 if n > 0xFFFFFFFF else np.uint32)
+                vals = r[torch.from_numpy(idx)].numpy()
+                if vals.size == 0 or float(np.abs(vals).max()) <= FLOAT16_MAX:
+                    vals = vals.astype(np.float16)
+                yield k, gaps, np.ascontiguousarray(vals)
+                continue
+        yield (k, *sparse_encode(r, k, magnitude))
+
+
 def sparse_decode(gaps: np.ndarray, values: np.ndarray, numel: int, where: str = "sparse correction") -> torch.Tensor:
     """The flat float32 correction of a sparse one (checks the indices)."""
     if gaps.size != values.size:
