@@ -61,7 +61,9 @@ def make_family(root: Path, width: int, dtype: str, tasks: int = 4) -> None:
 def run(tree: Path, fam: Path, out: Path, opts: dict) -> dict[str, float]:
     """One pack in a fresh process: its wall and CPU seconds (every thread's)."""
     env = dict(os.environ, PYTHONPATH=f"{tree}{os.pathsep}{tree / 'cli'}")
-    got = subprocess.run([sys.executable, "-c", _RUN, str(fam), str(out), json.dumps(opts)], env=env,
+    # in the tree: ``python -c`` puts its folder first on the path, so run from elsewhere both
+    # sides would import the tallpack found there
+    got = subprocess.run([sys.executable, "-c", _RUN, str(fam), str(out), json.dumps(opts)], env=env, cwd=tree,
                          capture_output=True, text=True, check=True)
     return json.loads(got.stdout.strip().splitlines()[-1])
 
