@@ -43,9 +43,14 @@ def cpu_default(fn: Callable[_P, _R]) -> Callable[_P, _R]:
     a Python hop."""
     @wraps(fn)
     def run(*args: _P.args, **kwargs: _P.kwargs) -> _R:
-        real = sys.modules.get("torch")  # not imported yet (``verify`` needs none): no default device set
+        if "torch" not in sys.modules:  # not imported yet (``verify`` needs none): no default device set
+            return fn(*args, **kwargs)
+        # sys.modules holds torch from the start of its import: while another thread imports it,
+        # only an import statement waits for it to finish (the module's import lock)
+        import torch as real
+
         modes = getattr(getattr(real, "_C", None), "_len_torch_function_stack", None)  # private: guarded
-        if real is None or (modes is not None and not modes()):
+        if modes is not None and not modes():
             return fn(*args, **kwargs)
         with real.device("cpu"):
             return fn(*args, **kwargs)

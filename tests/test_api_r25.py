@@ -79,9 +79,8 @@ def _has_exact(fam) -> bool:
 
 
 @pytest.fixture(scope="module")
-def archives(tmp_path_factory) -> dict[str, tuple[Path, dict[str, torch.Tensor]]]:
-    """Default, ``--exact`` and ``--fidelity`` archives of a float32 and a bfloat16 family, each
-    with its reads under torch's own default dtype (float32)."""
+def packed(tmp_path_factory) -> dict[str, Path]:
+    """Default, ``--exact`` and ``--fidelity`` archives of a float32 and a bfloat16 family."""
     root = tmp_path_factory.mktemp("r25api")
     out = {}
     for dt in (torch.float32, torch.bfloat16):
@@ -89,8 +88,14 @@ def archives(tmp_path_factory) -> dict[str, tuple[Path, dict[str, torch.Tensor]]
         for label, kw in (("default", {}), ("exact", {"exact": True}), ("fidelity", {"fidelity": 0.999})):
             path = root / f"{label}-{str(dt)[6:]}.tallpack"
             tallpack.pack(base, tasks, path, **kw)
-            out[path.stem] = (path, _reads(path))
+            out[path.stem] = path
     return out
+
+
+@pytest.fixture(scope="module")
+def archives(packed) -> dict[str, tuple[Path, dict[str, torch.Tensor]]]:
+    """``packed``'s archives, each with its reads under torch's own default dtype (float32)."""
+    return {stem: (path, _reads(path)) for stem, path in packed.items()}
 
 
 @pytest.mark.parametrize("default", DEFAULTS, ids=lambda d: str(d)[6:])
@@ -107,3 +112,44 @@ def test_reads_under_another_default_dtype_equal_those_under_float32(archives, d
         assert got.keys() == want.keys(), stem
         differ = [k for k in want if got[k].dtype != want[k].dtype or not torch.equal(got[k], want[k])]
         assert differ == [], (stem, differ[:5])
+
+
+FIRST_READS = """
+import sys, threading, time
+import tallpack
+
+assert "torch" not in sys.modules
+fam = tallpack.open(sys.argv[1])
+reads = [lambda t: fam.get_tensor(t, "w"), lambda t: fam.state_dict(t),
+         lambda t: fam.state_dict(t, lazy=True)["w"], lambda t: fam.get_slice(t, "w")[1:3]]
+errors, first_done = [], threading.Event()
+
+def first_request(i):
+    # the other requests come while the first imports torch (or once it is done, should it never)
+    while i and "torch" not in sys.modules and not first_done.is_set():
+        time.sleep(0.0005)
+    try:
+        reads[i % len(reads)](fam.tasks[i % len(fam.tasks)])
+    except BaseException as e:
+        errors.append(f"{type(e).__name__}: {e}")
+    finally:
+        if not i:
+            first_done.set()
+
+threads = [threading.Thread(target=first_request, args=(i,)) for i in range(8)]
+[t.start() for t in threads]
+[t.join() for t in threads]
+print(errors)
+"""
+
+
+def test_first_reads_from_several_threads_before_torch_is_imported(packed) -> None:
+    """F2: a program that imported tallpack only (not torch) and reads from 8 threads (a service's
+    first requests, the 7 later ones while the first imports torch): every thread gets its tensor.
+    Those that came while another thread was importing torch saw its half-made module and raised
+    AttributeError ("partially initialized module 'torch' has no attribute 'device")."""
+    for _ in range(3):
+        r = subprocess.run([sys.executable, "-c", FIRST_READS, str(packed["default-float32"])],
+                           capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-2000:]
+        assert r.stdout.strip() == "[]", r.stdout[-2000:]
