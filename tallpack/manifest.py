@@ -10,7 +10,7 @@ import math
 import reprlib
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, TypeGuard
+from typing import Any, TypeGuard, cast
 
 from .arrays import ArrayRef
 from .checksums import checksum_function
@@ -21,7 +21,7 @@ from .limits import MAX_INT, MAX_NAME_CHARS, MAX_TASKS
 from .merging import METHODS
 from .sources import _INDEX, _TRANSFORMERS_WEIGHTS
 
-__all__ = ["Manifest", "TaskInfo", "TaskTensor", "TensorEntry", "check_task_name", "count_kinds"]
+__all__ = ["Manifest", "TaskInfo", "TaskTensor", "TensorEntry", "check_task_name", "count_kinds", "task_name_problem"]
 
 #: What an archive may ``require`` of its reader (spec §3.1, 1.12): ``groups``, tensor entries
 #: with ``members`` (§3.7); ``aliases`` (1.14), names of a stored tensor listed as tensors (§3.8).
@@ -34,6 +34,14 @@ def check_task_name(name: object) -> str:
     """A task name must be usable as a file name and on the command line: non-empty, at most 255
     bytes in UTF-8 (a file name's limit), no '/', '\\', '=', control characters or edge spaces, and
     not '.' or '..'. The error says which rule the name breaks."""
+    why = task_name_problem(name)
+    if why is None:
+        return cast(str, name)
+    raise InvalidArgumentError(f"bad task name {name!r}: {why}")
+
+
+def task_name_problem(name: object) -> str | None:
+    """Which rule of :func:`check_task_name` ``name`` breaks, in a few words; None: none."""
     if not isinstance(name, str) or not name:
         why = "it is empty" if name == "" else f"a task name is a string, not a {type(name).__name__}"
     elif name in (".", ".."):
@@ -47,8 +55,8 @@ def check_task_name(name: object) -> str:
     elif len(name.encode("utf-8", "surrogatepass")) > 255:
         why = f"it is {len(name.encode('utf-8', 'surrogatepass'))} bytes in UTF-8; a folder name holds at most 255"
     else:
-        return name
-    raise InvalidArgumentError(f"bad task name {name!r}: {why}")
+        return None
+    return why
 
 
 def count_kinds(entries: tuple[TensorEntry, ...] | list[TensorEntry]) -> dict[str, int]:

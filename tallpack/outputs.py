@@ -28,7 +28,7 @@ from .encodings import Use
 from .errors import InvalidArgumentError
 from .folders import MODULES, check_no_clash, component_of, write_files
 from .fsutil import atomic_write, check_inside, check_not_read, make_folder, reading, transaction
-from .manifest import check_task_name
+from .manifest import task_name_problem
 from .merging import check_alpha, default_alpha, is_consensus
 from .merged import default_model
 from .originals import rebuilt_whole, write_originals
@@ -94,8 +94,14 @@ def write_checkpoint(
         elif layout:
             plan = plan_from_layout(keys, layout.get("shards"))
         plan = plan or {single_file((layout or {}).get("shards")): keys}
+        where = str(out) if where is None else where
+        for fname, group in plan.items():  # (a component's file holds its names without the folder)
+            reserved = "/".join([*fname.split("/")[:-1], "__metadata__"])
+            if reserved in group:
+                raise InvalidArgumentError(f"{where}: tensor {reserved!r} cannot be written: safetensors keeps the "
+                                           "name '__metadata__' for a file's metadata")
         names = {*planned_files(plan), *(["config.json"] if config is not None else [])}
-        check_no_clash([*names, *also], str(out) if where is None else where)
+        check_no_clash([*names, *also], where)
         for fname in [*sorted(names), *also]:
             if "/" in fname:  # a component's: its folder not a link out of the output
                 check_inside(out, out / fname)
@@ -296,7 +302,7 @@ def write_task(archive: "Archive", task: str, outdir: str | os.PathLike, *, exac
                 # tensors, in the shards a lossy unpack writes; the safetensors files above stay as they are
                 meta, _ = task_metadata(archive, task)
                 sd = archive.state_dict(task, lazy=True, exact=True)
-                target = write_checkpoint(_Only(sd, left), local, metadata=meta,
+                target = write_checkpoint(_Only(sd, left), local, metadata=meta, where=f"{archive.name}: task {task!r}",
                                           layout=_only_components(info.source, left), max_shard_size=max_shard_size,
                                           sizes=_sizes(archive, task), specs=_specs(archive, task),
                                           progress=progress, overwrite=overwrite,
@@ -413,7 +419,10 @@ def write_tasks(archive: "Archive", tasks: Sequence[str] | None, outdir: str | o
     names = list(archive.tasks if tasks is None else tasks)
     for name in names:
         archive.task_info(name)
-        check_task_name(name)  # an archive's task name becomes a folder name
+        why = task_name_problem(name)  # an archive's task name becomes a folder name
+        if why is not None:
+            raise InvalidArgumentError(f"{archive.name}: task {name!r} cannot be a folder of {outdir} ({why}); write "
+                                       "it alone: write_task(archive, NAME, FOLDER) (unpack --task NAME -o FOLDER)")
         if exact:
             archive.require_exact(name)
             _no_shard_size(archive, name, max_shard_size)

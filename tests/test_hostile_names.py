@@ -272,3 +272,46 @@ def test_an_exact_record_that_differs_from_its_folder_file_is_a_verify_problem(a
     assert "differs from the folder file" in caplog.text
     assert json.loads((tmp_path / "l" / "modules.json").read_text())[2]["path"] == "2_Dense"
     shutil.rmtree(tmp_path / "x")
+
+
+# -- names the output cannot take: refused naming the archive and the task -------------------------------
+
+def rename_tensor(m: dict, old: str, new: str) -> None:
+    for e in m["tensors"]:
+        if e["name"] == old:
+            e["name"] = new
+        for member in e.get("members") or ():
+            if member[0] == old:
+                member[0] = new
+    for t in m["tasks"]:
+        t["keys"] = [new if k == old else k for k in t["keys"]]
+
+
+@pytest.mark.parametrize("old, new", [("embed.weight", "__metadata__"),
+                                      ("2_Dense/linear.weight", "2_Dense/__metadata__")])
+def test_a_tensor_named_like_safetensors_metadata_is_refused_naming_archive_and_task(archives, tmp_path, old, new):
+    """safetensors keeps ``__metadata__`` (in each file: a module's ``2_Dense/__metadata__`` too):
+    unpack and merge said "a tensor named '__metadata__' cannot be stored in safetensors", naming
+    neither the archive nor the task; the archive still opens (its tensors read)."""
+    arch = crafted(archives["plain"], tmp_path / "t.tallpack", lambda m: rename_tensor(m, old, new))
+    with tallpack.open(arch) as fam:
+        assert new in fam.keys("a") and fam.get_tensor("a", new).numel()
+    code, text = cli("unpack", arch, "--task", "a", "-o", tmp_path / "out")
+    assert code == 1 and _error(text) == (f"error: {arch}: task 'a': tensor {new!r} cannot be written: safetensors "
+                                          "keeps the name '__metadata__' for a file's metadata")
+    code, text = cli("merge", arch, "--task", "b", "-o", tmp_path / "m")
+    assert code == 1 and _error(text).startswith(f"error: {arch}: task 'b': tensor {new!r} cannot be written")
+    assert not (tmp_path / "out").exists() and not (tmp_path / "m").exists()
+
+
+def test_a_task_name_that_cannot_be_a_folder_is_refused_naming_the_archive(archives, tmp_path):
+    """Task ``..`` with ``unpack --all``: "bad task name '..'" read as if the user had typed it; now
+    the line names the archive and says how to write that task (alone, into a folder named for it)."""
+    arch = crafted(archives["plain"], tmp_path / "d.tallpack", lambda m: rename_task(m, "b", ".."))
+    code, text = cli("unpack", arch, "--all", "-o", tmp_path / "out")
+    line = _error(text)
+    assert code == 1 and line.startswith(f"error: {arch}: task '..' cannot be a folder of {tmp_path / 'out'} ")
+    assert "names a folder" in line and "--task NAME -o FOLDER" in line
+    assert not (tmp_path / "out").exists()
+    code, text = cli("unpack", arch, "--task", "..", "-o", tmp_path / "dots")
+    assert code == 0 and (tmp_path / "dots" / "model.safetensors").is_file(), text
