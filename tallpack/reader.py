@@ -1421,14 +1421,41 @@ def _gc_paused():
     imported torch, the cyclic garbage collector's full passes over everything torch made cost
     more than the work (90 ms against 9 ms to parse a 450-array manifest; about 50 ms of a 120 ms
     state dict, measured). What is made here forms no cycles that need collecting meanwhile; the
-    collector is on again when the call returns."""
-    enabled = gc.isenabled()
-    gc.disable()
+    collector is as the caller had it again when the last of the calls in progress (in any
+    thread) returns: counted, as each call saving and restoring it would turn it on under the
+    others, or leave it off for good (one finding it off as another turns it on)."""
+    global _gc_holders, _gc_was_enabled
+    with _gc_lock:
+        if not _gc_holders:
+            _gc_was_enabled = gc.isenabled()
+            gc.disable()
+        _gc_holders += 1
     try:
         yield
     finally:
-        if enabled:
-            gc.enable()
+        with _gc_lock:
+            _gc_holders -= 1
+            if not _gc_holders and _gc_was_enabled:
+                gc.enable()
+
+
+_gc_lock = threading.Lock()
+_gc_holders = 0  # calls in _gc_paused now
+_gc_was_enabled = False  # the collector's state when the first of them came
+
+
+def _gc_after_fork_in_child() -> None:
+    """A child forked while another thread was in ``_gc_paused`` has not that thread: the
+    collector is as it was before, and the lock (which that thread may have held) a fresh one."""
+    global _gc_lock, _gc_holders
+    _gc_lock = threading.Lock()
+    if _gc_holders and _gc_was_enabled:
+        gc.enable()
+    _gc_holders = 0
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_gc_after_fork_in_child)
 
 
 def open(path: str | bytes | os.PathLike, *, storage_options: dict[str, Any] | None = None,  # noqa: A001

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import os
 import subprocess
 import sys
 import textwrap
@@ -15,6 +16,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import tallpack
 
@@ -153,3 +156,128 @@ def test_first_reads_from_several_threads_before_torch_is_imported(packed) -> No
                            capture_output=True, text=True, timeout=300)
         assert r.returncode == 0, r.stderr[-2000:]
         assert r.stdout.strip() == "[]", r.stdout[-2000:]
+
+
+# -- the cyclic garbage collector, paused while state dicts are read (r25 API tester's lead) ------
+
+@contextlib.contextmanager
+def _gc_state(enabled: bool) -> Iterator[None]:
+    """The collector on or off for the test, as it was after."""
+    was = gc.isenabled()
+    gc.enable() if enabled else gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable() if was else gc.disable()
+
+
+@settings(max_examples=200, deadline=None)
+@given(user_on=st.booleans(), order=st.lists(st.integers(0, 3), min_size=1, max_size=6).flatmap(
+    lambda ids: st.permutations(ids + ids)))  # each reader's turns: it enters, then leaves
+def test_the_collector_is_paused_until_the_last_reader_leaves(user_on, order) -> None:
+    """Readers entering and leaving ``_gc_paused`` in any overlapping order (each its own state
+    dict, in another thread; the helper keeps no per-thread state): the collector is off while any
+    is inside, and as the user had it once the last has left. Each reader saved the collector's
+    state on entering and restored it on leaving, so the first to leave turned it on under the
+    others (and a reader that found it off as another left could leave it off for good)."""
+    from tallpack.reader import _gc_paused
+
+    with _gc_state(user_on):
+        inside: dict[int, contextlib.AbstractContextManager] = {}
+        for k, who in enumerate(order):
+            if who in inside:  # its second turn: it leaves
+                inside.pop(who).__exit__(None, None, None)
+            else:
+                inside[who] = _gc_paused()
+                inside[who].__enter__()
+            assert gc.isenabled() == (user_on and not inside), (order[: k + 1], user_on)
+        assert not inside and gc.isenabled() == user_on
+
+
+def test_overlapping_state_dicts_in_threads_leave_the_collector_as_it_was(packed) -> None:
+    """Two threads in ``_gc_paused`` at once, the first to enter leaving first: the collector
+    stays off until the second leaves, then is on again; an exception inside restores it too; a
+    user who turned it off finds it off. Then real state dicts from 4 threads, each failing once on
+    a damaged archive: the collector as the user had it after."""
+    from tallpack.reader import _gc_paused
+
+    def reader(entered: threading.Event, leave: threading.Event, fail: bool) -> None:
+        with contextlib.suppress(RuntimeError), _gc_paused():
+            entered.set()
+            leave.wait(60)
+            if fail:
+                raise RuntimeError("inside")
+
+    for user_on in (True, False):
+        with _gc_state(user_on):
+            events = [(threading.Event(), threading.Event()) for _ in range(2)]
+            threads = [threading.Thread(target=reader, args=(*ev, i == 0)) for i, ev in enumerate(events)]
+            for t, (entered, _) in zip(threads, events):
+                t.start()
+                assert entered.wait(60)
+            assert not gc.isenabled()
+            events[0][1].set()  # the first leaves (by an exception)
+            threads[0].join(60)
+            assert not gc.isenabled()
+            events[1][1].set()
+            threads[1].join(60)
+            assert gc.isenabled() == user_on
+
+    good = packed["exact-float32"]
+    bad = good.with_name("damaged.tallpack")
+    data = bytearray(good.read_bytes())
+    with tallpack.open(good) as fam:  # a byte of the base of "w", which every task reads
+        ref = next(e.arrays["base"] for e in fam.manifest.tensors if e.name == "w")
+    data[ref.chunks[0].offset + 8] ^= 0xFF
+    bad.write_bytes(bytes(data))
+    for user_on in (True, False):
+        with _gc_state(user_on), tallpack.open(good) as fam, tallpack.open(bad) as broken:
+            errors: list[BaseException] = []
+
+            def load(i: int) -> None:
+                for k in range(6):
+                    try:
+                        (broken if k == i % 6 else fam).state_dict(fam.tasks[(i + k) % len(fam.tasks)])
+                    except tallpack.TallpackError as e:
+                        errors.append(e)
+
+            threads = [threading.Thread(target=load, args=(i,)) for i in range(4)]
+            [t.start() for t in threads]
+            [t.join(120) for t in threads]
+            assert len(errors) == 4 and gc.isenabled() == user_on
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork on this platform")
+def test_a_child_forked_while_a_thread_reads_has_its_collector_on(packed) -> None:
+    """A child forked while another thread of the parent is inside ``_gc_paused`` (a state dict
+    read as a DataLoader forks its workers) has not that thread, which would have turned the
+    collector on again: the child's collector is on, and its own state dicts pause and restore it."""
+    from tallpack.reader import _gc_paused
+
+    entered, leave = threading.Event(), threading.Event()
+
+    def reader() -> None:
+        with _gc_paused():
+            entered.set()
+            leave.wait(60)
+
+    with _gc_state(True), tallpack.open(packed["default-float32"]) as fam:
+        t = threading.Thread(target=reader)
+        t.start()
+        try:
+            assert entered.wait(60) and not gc.isenabled()
+            pid = os.fork()
+            if pid == 0:  # the child: exit 0 only if the collector is on before and after a state dict
+                ok = False
+                try:
+                    before = gc.isenabled()
+                    fam.state_dict(fam.tasks[0])
+                    ok = before and gc.isenabled()
+                finally:
+                    os._exit(0 if ok else 1)
+            _, status = os.waitpid(pid, 0)
+        finally:
+            leave.set()
+            t.join(60)
+        assert os.waitstatus_to_exitcode(status) == 0
+        assert gc.isenabled()
