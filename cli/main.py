@@ -32,6 +32,7 @@ from tallpack.progress import LogLines
 from tallpack.report import TABLE_WIDTH, format_size, render, render_tensors, show_name, tensor_rows
 from tallpack.sources import stem
 from tallpack import staging
+from tallpack.reader import LISTED_TASKS
 
 _DEFAULTS = PackOptions()
 
@@ -546,6 +547,8 @@ def _opened(archive: str, **kw: Any) -> Iterator[tallpack.Archive]:
         try:
             yield fam
         except TaskNotFoundError as e:
+            if len(fam.tasks) <= LISTED_TASKS:  # the message names them all already
+                raise
             raise TaskNotFoundError(f"{e} (tallpack inspect {shlex.quote(archive)} lists them)") from None
 
 
@@ -615,8 +618,9 @@ def unpack(archive: str, task_names: tuple[str, ...], all_tasks: bool, output: s
         if not task_names and not all_tasks:
             n = len(fam.tasks)
             some = ", ".join(map(show_name, fam.tasks[:3])) + (", ..." if n > 3 else "")
+            listing = f"; tallpack inspect {shlex.quote(archive)} lists them" if n > 3 else ""
             raise click.UsageError(f"name a task with --task NAME (the archive has {n} task{'s' if n > 1 else ''}: "
-                                   f"{some}; tallpack inspect {shlex.quote(archive)} lists them) or pass --all")
+                                   f"{some}{listing}) or pass --all")
         parts = len(fam.tasks if all_tasks else task_names)  # progress lines: ~10 for the whole call
         kw = {"max_shard_size": max_shard_size, "progress": _progress(parts=parts)}
         if len(task_names) == 1 and not all_tasks:

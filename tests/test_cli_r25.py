@@ -83,6 +83,17 @@ def test_unpack_without_a_task_lists_a_few_not_all(many, tmp_path):
     assert "task_13" not in line
 
 
+def test_a_few_tasks_listed_whole_need_no_pointer(tmp_path):
+    """An archive of a few tasks: the message names them all, so it points nowhere else."""
+    g = torch.Generator().manual_seed(1)
+    base = {"w": torch.randn(16, generator=g)}
+    tallpack.pack(base, {t: {"w": base["w"] + 0.01} for t in ("a", "b")}, tmp_path / "f.tallpack")
+    line = error_line(run("stats", tmp_path / "f.tallpack", "--task", "nope", ok=False))
+    assert line == f"error: {tmp_path / 'f.tallpack'}: no task 'nope'; tasks are a, b"
+    line = error_line(run("unpack", tmp_path / "f.tallpack", "-o", tmp_path / "o", ok=False))
+    assert "(the archive has 2 tasks: a, b) or pass --all" in line and "lists them" not in line
+
+
 # -- the tensor table of long names --------------------------------------------------------------
 
 LONG = ([f"model.layers.{i}.self_attn.{p}_proj.weight" for i in (0, 7, 31) for p in "qk"]
