@@ -76,7 +76,14 @@ def left_out(manifest: Manifest) -> list[str]:
     names = [n for e in manifest.tensors if tasks and set(e.tasks) == tasks and _how_merged(e) is None
              for n in ([m.name for m in e.members] if e.members else [e.name])]
     order = {name: i for i, name in enumerate(manifest.tasks[0].keys)} if manifest.tasks else {}
-    return sorted(names, key=lambda n: order.get(n, len(order)))
+    return sorted(_and_aliases(names, manifest), key=lambda n: order.get(n, len(order)))
+
+
+def _and_aliases(names: list[str], manifest: Manifest) -> list[str]:
+    """``names`` with the aliases (spec §3.8) of each: a tied weight's other names are left out of
+    a merged model with it (``lm_head.weight`` with ``wte.weight``), and a model needs them too."""
+    have = set(names)
+    return names + [a for a, t in manifest.aliases.items() if t in have and a not in have]
 
 
 def _finite(t: torch.Tensor) -> bool:
@@ -95,8 +102,8 @@ def in_some_tasks(manifest: Manifest) -> list[str]:
     ['lm_head.weight', 'score.weight']
     """
     tasks = {t.name for t in manifest.tasks}
-    names = {n for e in manifest.tensors if e.tasks and set(e.tasks) < tasks
-             for n in ([m.name for m in e.members] if e.members else [e.name])}
+    names = set(_and_aliases([n for e in manifest.tensors if e.tasks and set(e.tasks) < tasks
+                              for n in ([m.name for m in e.members] if e.members else [e.name])], manifest))
     order: dict[str, int] = {}
     for t in manifest.tasks:
         for name in t.keys:
@@ -345,8 +352,12 @@ class MergeParts:
         if task is None:
             self._warn_left_out()
             return merged
-        return {name: merged[name] if name in merged else self._family.get_tensor(task, name)
-                for name in self._family.keys(task)}
+        names = self._family.keys(task)
+        listed = set(names)
+        tied = {a: t for a, t in aliases.items() if a in listed and t in listed}  # read once, as its target
+        got = {name: merged[name] if name in merged else self._family.get_tensor(task, name)
+               for name in names if name not in tied}
+        return {name: got[tied.get(name, name)] for name in names}
 
     def warn_overflow(self, merged: dict[str, torch.Tensor], alpha: float | None) -> list[str]:
         """Warn once per call, and return, the tensors of a merged model that ``alpha`` pushed past

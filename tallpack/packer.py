@@ -34,7 +34,7 @@ from .options import PackOptions, Validated
 from .originals import record
 from .plan import Kind, TensorPlan, warn_dropped
 from .progress import track
-from .selection import select_lambdas
+from .selection import select_lambdas, tied_evaluator
 from .sources import Source, SourceLike, family_aliases, stem
 from .staging import check_file_output, exists, fetched, local_path, staged
 from .storage import is_url
@@ -143,7 +143,7 @@ def _pack_opened(fam: PackInputs, opts: PackOptions, v: Validated, out: str | os
         selection = None
         if opts.evaluate is not None:
             given = opts.lambdas if isinstance(opts.lambdas, Mapping) else {}
-            selection = select_lambdas(fam, v.method, opts.evaluate, grid=opts.lambda_grid,
+            selection = select_lambdas(fam, v.method, tied_evaluator(opts.evaluate, aliases), grid=opts.lambda_grid,
                                        fixed={t: lams[t] for t in given})
             lams = selection.chosen
         with staged(out, storage_options, overwrite=opts.overwrite) as local:
@@ -367,20 +367,47 @@ def _dial(fam: PackInputs, v: Validated, aliases: Mapping[str, str]) -> Dial | N
         return None
     one = sum(_bytes_once(s, aliases) for s in fam.tasks.values()) / len(fam.tasks)  # the average task checkpoint
     budget = None if opts.budget is None else int(opts.budget * one)
-    if opts.sensitivity is not None:
-        _check_sensitivity(opts.sensitivity, fam)
+    sensitivity = None if opts.sensitivity is None else _check_sensitivity(opts.sensitivity, fam, aliases)
+    evaluate = None if opts.evaluate is None else tied_evaluator(opts.evaluate, aliases)
     return Dial(target=opts.fidelity, budget_bytes=budget, allowed=opts.corrections,
-                evaluate=opts.evaluate, sources=fam.tasks, unit_bytes=one, sensitivity=opts.sensitivity)
+                evaluate=evaluate, sources=fam.tasks, unit_bytes=one, sensitivity=sensitivity)
 
 
-def _check_sensitivity(sensitivity: Mapping[str, Mapping[str, Any]], fam: PackInputs) -> None:
-    """Every task and tensor a sensitivity names is in the family (a misspelt name would
-    silently weigh nothing); the weights themselves are checked when their tensor is measured."""
+def _check_sensitivity(sensitivity: Mapping[str, Mapping[str, Any]], fam: PackInputs,
+                       aliases: Mapping[str, str]) -> dict[str, dict[str, Any]]:
+    """The sensitivity by the names stored: every task and tensor it names is in the family (a
+    misspelt name would silently weigh nothing), and a tied weight's alias (spec §3.8) weighs its
+    target, the one tensor stored; the weights themselves are checked when their tensor is measured."""
+    out = {}
     for t, by_name in sensitivity.items():
         if t not in fam.tasks:
             raise InvalidArgumentError(f"sensitivity names task {t!r}, which is not one of the tasks packed")
         have = {e.name for e in fam.plan.tensors if t in e.tasks}
-        unknown = sorted(set(by_name) - have)
+        unknown = sorted(n for n in by_name if n not in have and aliases.get(n) not in have)
         if unknown:
             raise InvalidArgumentError(f"sensitivity of task {t!r} names tensors it does not have: "
                                        f"{', '.join(map(repr, unknown[:5]))}{' ...' if len(unknown) > 5 else ''}")
+        weights = {n: w for n, w in by_name.items() if n not in aliases}
+        for n, w in by_name.items():
+            target = aliases.get(n)
+            if target is None:
+                continue
+            if target in weights and not _same_weights(weights[target], w):
+                raise InvalidArgumentError(
+                    f"sensitivity of task {t!r} gives {n!r} and {target!r} different weights, but they are one "
+                    f"tensor (tied: {n!r} is stored as {target!r}); give one of them")
+            weights.setdefault(target, w)
+        out[t] = weights
+    return out
+
+
+def _same_weights(a: Any, b: Any) -> bool:
+    """Whether two sensitivity weights are the same values (after broadcasting; False when either
+    is no tensor, which measuring then refuses)."""
+    if a is b:
+        return True
+    try:
+        x, y = torch.broadcast_tensors(torch.as_tensor(a, dtype=torch.float64), torch.as_tensor(b, dtype=torch.float64))
+        return bool(torch.equal(x, y))
+    except (TypeError, ValueError, RuntimeError):
+        return False

@@ -224,7 +224,8 @@ def _maskable(base: Source, name: str, tasks) -> bool:
 
 
 def _check_task(base: Source, task: str, src: Source) -> None:
-    common = [n for n in src.keys() if n in base]
+    tied = src.aliases()  # a tied weight is one tensor of the task, whatever its names
+    common = [n for n in src.keys() if n in base and n not in tied]
     differ = [n for n in common if src.info(n).shape != base.info(n).shape]
     if not common or len(differ) * 2 > len(common):
         examples = ", ".join(

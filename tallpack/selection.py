@@ -49,6 +49,23 @@ def _check_evaluator(evaluate: object) -> None:
         raise InvalidArgumentError(f"evaluate must be a function fn(task, state_dict) -> score, got {evaluate!r}")
 
 
+def tied_evaluator(evaluate: Evaluator, aliases: Mapping[str, str]) -> Evaluator:
+    """``evaluate`` called with each alias (spec §3.8) of its state dict the target's very tensor,
+    as the archive gives it: a tied ``lm_head.weight`` scored as the rebuilt ``wte.weight``, not as
+    the checkpoint's original, which the archive never returns.
+
+    >>> tied_evaluator(fn, {"lm_head.weight": "wte.weight"})("a", sd)  # fn sees sd's wte.weight twice
+    """
+    if not aliases:
+        return evaluate
+
+    def tied(task: str, sd: Mapping[str, torch.Tensor]) -> Score:
+        sd = dict(sd)
+        sd.update((a, sd[t]) for a, t in aliases.items() if a in sd and t in sd)
+        return evaluate(task, sd)
+    return tied
+
+
 def _score(evaluate: Evaluator, task: str, sd: Mapping[str, torch.Tensor], at: str) -> float:
     """The evaluator's score of ``task`` (``at`` says on which model, for messages)."""
     return _mean(evaluate(task, sd), f"task {task!r} {at}: the evaluator's score")
