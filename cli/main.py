@@ -24,6 +24,7 @@ import tallpack
 from tallpack.errors import TallpackError, TaskNotFoundError, memory_detail, out_of_memory
 from tallpack.fsutil import committed
 from tallpack.checksums import CHECKSUMS
+from tallpack.dial import shown as shown_fidelity
 from tallpack.kernels import COMPILED
 from tallpack.merged import default_model, in_some_tasks, left_out, missing_components
 from tallpack.merging import MERGED_MODELS, METHODS, MergeMethod, Option, default_alpha, is_consensus
@@ -526,10 +527,11 @@ def _unmet(dial: Any) -> str:
                                if isinstance(d, dict) and isinstance(d.get(measure), (int, float))
                                and d[measure] < target}
     if not short:
-        return f"; fidelity target {target:g} not met"
+        return f"; fidelity target {shown_fidelity(target)} not met"
     worst = sorted(short.items(), key=lambda kv: kv[1])[:3]
-    shown = ", ".join(f"{t} {w:.4f}" for t, w in worst) + (", ..." if len(short) > 3 else "")
-    return f"; fidelity target {target:g} not reached for {len(short)} task{'s' if len(short) > 1 else ''} ({shown})"
+    shown = ", ".join(f"{t} {shown_fidelity(w, below=target)}" for t, w in worst) + (", ..." if len(short) > 3 else "")
+    return (f"; fidelity target {shown_fidelity(target)} not reached for {len(short)} "
+            f"task{'s' if len(short) > 1 else ''} ({shown})")
 
 
 def _table_width() -> int:

@@ -123,6 +123,24 @@ def reaches(value: float, target: float) -> bool:
     return value >= 1.0 if target >= 1 else value >= target - TOLERANCE
 
 
+def shown(value: float, *, below: float | None = None) -> str:
+    """A fidelity for a message: a target as it was given (``0.99999``, never rounded to ``1``,
+    which is the exact tier's); with ``below`` (the target a score falls short of), four decimals,
+    or as many more as keep it reading below it (``0.99996``, not ``1.0000``).
+
+    >>> shown(0.99999), shown(0.999962, below=0.99999), shown(0.91234, below=0.95)
+    ('0.99999', '0.99996', '0.9123')
+    """
+    value = float(value)
+    if below is None:
+        return repr(value)
+    for places in range(4, 17):
+        text = f"{value:.{places}f}"
+        if float(text) < below or value >= below:
+            return text
+    return repr(value)
+
+
 def capped(value: float, bit_exact: bool) -> float:
     """A fidelity as recorded: 1 for a bit-exact rebuild, else at most ``JUST_BELOW_ONE``."""
     return 1.0 if bit_exact else min(value, JUST_BELOW_ONE)
@@ -1001,8 +1019,8 @@ class Dial:
             return
         chosen = [o for ch in self.choice.values() for o in ch.values()]
         pairs = sum(len(plan.ladders) for plan in self.plans.values())
-        what = (f"fidelity target {self.target:.4g}" if budget is None
-                else f"budget {budget / (self.unit_bytes or 1.0):.2f}x ({format_size(budget)})")
+        what = (f"budget {budget / (self.unit_bytes or 1.0):.2f}x ({format_size(budget)})" if budget is not None
+                else f"fidelity target {shown(self.target)}" if self.target is not None else "the dial")
         self.hint = (f"{what}: --exact (exact=True) would take about {format_size(exact)} against the dial's "
                      f"{format_size(dial)} (estimates) and keep every task bit for bit, faster to pack: use it instead "
                      f"({len(chosen)} of {pairs} task tensors needed a correction or their own quantized task vector, "
@@ -1013,14 +1031,17 @@ class Dial:
         """Warn of targets lowered or not reached, with the figures of the archive written (once:
         a budget's earlier writes are discarded), and where ``--exact`` would be as small."""
         self._hint_exact()
+        target = self.target
+        if target is None:  # tasks fall short of a target only (lowered or not)
+            return
         if self._lowered:
-            log.warning("fidelity target %.4g lowered for %d task(s) to what their validation examples certify "
-                        "(give more examples): %s", self.target, len(self._lowered),
-                        ", ".join(f"{t} ({v:.4f})" for t, v in self._lowered.items()))
+            log.warning("fidelity target %s lowered for %d task(s) to what their validation examples certify "
+                        "(give more examples): %s", shown(target), len(self._lowered),
+                        ", ".join(f"{t} ({shown(v, below=target)})" for t, v in self._lowered.items()))
         if self.below:
             what = "the budget" if self.budget_bytes is not None else "the corrections allowed"
-            log.warning("fidelity target %.4g not reached within %s for %d task(s): %s", self.target, what,
-                        len(self.below), ", ".join(f"{t} (best {v:.4f})" for t, v in self.below.items()))
+            log.warning("fidelity target %s not reached within %s for %d task(s): %s", shown(target), what,
+                        len(self.below), ", ".join(f"{t} (best {shown(v, below=target)})" for t, v in self.below.items()))
 
     def _fill(self, ps: dict[str, int], spare: int, score) -> dict[str, int]:
         """Spend what the bisection left of a budget: the weakest task that can take its next step
