@@ -538,6 +538,9 @@ class Transaction:
         #: into it are refused if it leads elsewhere by the commit (a link put in its place)
         self._real: dict[Path, str] = {}
         self._by_real: dict[str, Path] = {}  # each target's real path (its folder's links followed)
+        #: folder -> the output folder it must stay in, and the file it was checked with (an ``unpack
+        #: --all``'s task folder: :meth:`confine`)
+        self._confined: dict[Path, tuple[Path, Path]] = {}
         #: (folder, find): ``find()`` names the files of an earlier output in ``folder`` that this one
         #: replaces by others; asked again at the commit, under the folder's lock (``remove_found_on_commit``)
         self.finders: list[tuple[Path, Callable[[], Iterable[str]]]] = []
@@ -547,9 +550,30 @@ class Transaction:
         if not self.overwrite and os.path.lexists(target):
             raise OutputExistsError(f"{target}: already exists; pass --force (overwrite=True) to replace it")
 
+    def confine(self, root: Path, target: Path) -> None:
+        """Keep the folder of ``target`` (a file this output will write there: an ``unpack
+        --all``'s ``OUT/NAME/model.safetensors``) inside ``root``: checked now (:func:`check_inside`),
+        where it leads kept as it is now; each folder made and file staged below it is checked
+        again, and the commit refuses it if it leads elsewhere by then (a link put in its place
+        while an earlier task was written)."""
+        folder = target.parent
+        self._real[folder] = os.path.realpath(folder)  # before the check: a swap after it is seen at the commit
+        check_inside(root, target)
+        self._confined[folder] = (root, target)
+
+    def _check_confined(self, path: Path, doing: str = "write there") -> None:
+        """:func:`check_inside` of ``path`` against the output folder its confined folder must stay in."""
+        if not self._confined:
+            return
+        for p in (path, *path.parents):
+            if p in self._confined:
+                check_inside(self._confined[p][0], path, doing)
+                return
+
     def folder(self, path: Path) -> Path:
         missing = [p for p in (path, *path.parents) if not p.exists()]
         for p in reversed(missing):
+            self._check_confined(p)  # its folder, where it is made
             if p in self._targets:
                 raise OutputError(f"{p}: a file of this output, and the folder of another; refusing to write either")
             p.mkdir()
@@ -561,6 +585,7 @@ class Transaction:
         if target in self._folders:
             raise OutputError(f"{target}: a file of this output, and the folder of another; refusing to write either")
         self.check(target)
+        self._check_confined(target)  # again for each file: its folder may have been swapped for a link
         if target in self._targets:
             raise OutputError(f"{target}: written twice in one output")
         if target.parent not in self._real:
@@ -632,6 +657,9 @@ class Transaction:
         self.finders = []
         for _, _, _, target in self.staged:  # all refusals before the first rename
             self.check(target)
+            self._check_confined(target)
+        for root, target in self._confined.values():  # those no file was written into directly too
+            check_inside(root, target)
         for folder, was in self._real.items():
             if os.path.realpath(folder) != was:
                 raise OutputError(f"{shortened(folder)}: now leads to {shortened(os.path.realpath(folder))}, not "
@@ -659,9 +687,13 @@ class Transaction:
         self.staged = []
         self._targets = set()
         self._real, self._by_real = {}, {}
+        confined, self._confined = self._confined, {}
         for folder, target in self.obsolete:
             try:
                 check_inside(folder, target, _REMOVE)  # again: a link may have been put in meanwhile
+                within = next((confined[p][0] for p in target.parents if p in confined), None)
+                if within is not None:  # and the output folder its task folder must stay in
+                    check_inside(within, target, _REMOVE)
             except OutputError as e:
                 log.warning("%s", e)  # the output is in place: the earlier file is left, not refused
                 continue
@@ -681,7 +713,7 @@ class Transaction:
         self._close()
         self.staged = []
         self._targets = set()
-        self._real, self._by_real = {}, {}
+        self._real, self._by_real, self._confined = {}, {}, {}
         self.obsolete, self.finders = [], []
         for p in reversed(self.created):
             try:
@@ -811,6 +843,7 @@ def make_folder(path: str | os.PathLike) -> Path:
         if p.exists() and not p.is_dir():
             raise InvalidArgumentError(f"{p}: exists and is not a folder")
         check_folders_above(p)
+        check_no_dangling_link(p)
         tx = _current.get()
         if tx is not None:
             return tx.folder(p)
@@ -831,6 +864,34 @@ def check_folders_above(path: str | os.PathLike) -> None:
     above = file_above(path)
     if above is not None:
         raise InvalidArgumentError(f"{above}: is a file, not a folder (it is above the output {path})")
+
+
+def check_no_dangling_link(path: str | os.PathLike) -> None:
+    """OutputError when ``path``, or a folder above it, is a link that leads nowhere (``out ->
+    ../nowhere``): the folder is not made through it, which would put the output where the user did
+    not name (a link to an unmounted disk's folder writes onto the disk below); the line says where
+    it leads.
+
+    >>> check_no_dangling_link("o3/a")  # o3 -> nowhere
+    OutputError: o3/a: its folder o3 is a link to /w/nowhere, which does not exist; ...
+    """
+    p = Path(path)
+    for q in reversed((p, *p.parents)):  # the outermost: the first a mkdir would meet
+        if not os.path.islink(q):
+            continue
+        try:
+            os.stat(q)
+            continue  # it leads somewhere
+        except OSError as e:
+            if e.errno == errno.ELOOP:
+                where = "a link in a loop of links"
+            elif e.errno in (errno.ENOENT, errno.ENOTDIR):
+                where = f"a link to {shortened(os.path.realpath(q))}, which does not exist"
+            else:  # not ours to judge (a folder we may not read): the write says why
+                continue
+        what = "is" if q == p else f"its folder {shortened(q)} is"
+        raise OutputError(f"{shortened(p)}: {what} {where}; create the folder it leads to, or name another output "
+                          "(a folder is not made through a link)")
 
 
 def remove_found_on_commit(folder: str | os.PathLike, find: Callable[[], Iterable[str]]) -> None:

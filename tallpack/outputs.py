@@ -433,10 +433,15 @@ def write_tasks(archive: "Archive", tasks: Sequence[str] | None, outdir: str | o
         info = archive.task_info(name)
         _refuse_archive_in(archive, local_path(outdir) / name, info.files, info.source, info.exact if exact else None)
     with (_reading(archive), _staged(archive, outdir, storage_options, overwrite) as local,
-          transaction(overwrite=overwrite)):
-        paths = [write_task(archive, name, local / name, exact=exact, max_shard_size=max_shard_size,
-                            progress=Labelled(progress, name) if progress and len(names) > 1 else progress,
-                            overwrite=overwrite) for name in names]  # each task's steps under its name
+          transaction(overwrite=overwrite) as tx):
+        paths = []
+        for name in names:
+            # again as the task is written (a link put in place of OUT/NAME while the tasks before
+            # it were): its files as they are staged, and at the commit
+            tx.confine(local, local / name / SINGLE)
+            paths.append(write_task(archive, name, local / name, exact=exact, max_shard_size=max_shard_size,
+                                    progress=Labelled(progress, name) if progress and len(names) > 1 else progress,
+                                    overwrite=overwrite))  # each task's steps under its name
         return [_shown(outdir, local, Path(p)) for p in paths]
 
 
