@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from pathlib import Path
@@ -20,40 +19,15 @@ import pytest
 import torch
 from click.testing import CliRunner
 from hypothesis import given, strategies as st
-from safetensors.torch import save_file
 
 import tallpack
 import tallpack.outputs
 from tallpack.dial import shown
 from tallpack.errors import OutputError
 from tallpack_cli.main import _unmet, main
+from test_output_links import archives  # noqa: F401  (the fixture: the same tiny family, packed plain and exact)
 
 links = pytest.mark.skipif(not hasattr(os, "symlink") or os.name == "nt", reason="needs symbolic links")
-
-
-def _model(folder: Path, base: dict[str, torch.Tensor] | None, seed: int) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    sd = ({"embed.weight": torch.randn(16, 8, generator=g), "layer.weight": torch.randn(8, 8, generator=g)}
-          if base is None else {k: v + 0.1 * torch.randn(v.shape, generator=g) for k, v in base.items()})
-    folder.mkdir(parents=True)
-    save_file(sd, folder / "model.safetensors")
-    (folder / "config.json").write_text(json.dumps({"model_type": "bert", "hidden_size": 8}))
-    return sd
-
-
-@pytest.fixture(scope="module")
-def archives(tmp_path_factory) -> dict[str, Path]:
-    """A tiny transformers-style family (base, a, b: a model.safetensors and a config each), packed
-    plain and with the exact tier: a few KB."""
-    root = tmp_path_factory.mktemp("r25")
-    base = _model(root / "base", None, 0)
-    tasks = {t: root / t for t in ("a", "b")}
-    for i, p in enumerate(tasks.values()):
-        _model(p, base, i + 1)
-    out = {"plain": root / "f.tallpack", "exact": root / "x.tallpack"}
-    tallpack.pack(root / "base", tasks, out["plain"], chunk_elements=64, threads=1)
-    tallpack.pack(root / "base", tasks, out["exact"], exact=True, chunk_elements=64, threads=1)
-    return out
 
 
 def _outside(tmp_path: Path) -> tuple[Path, Path]:
