@@ -333,25 +333,47 @@ def family_aliases(base: Source, tasks: Mapping[str, Source]) -> dict[str, str]:
     """The aliases an archive of this family stores (spec §3.8): ``name -> target`` where
     ``name`` is an exact alias of ``target`` in the base and in every task (the base's target,
     the first of the tensor's names in its order). Elsewhere both are stored as tensors, as
-    before, and the debug log says why.
+    before; where some checkpoint ties a pair that is stored apart, a warning says which and why
+    (their lossy reads give two tensors, no longer tied).
 
     >>> family_aliases(open_source("base.pt"), {"a": open_source("a.pt")})
     {'lm_head.weight': 'transformer.wte.weight'}
     """
     found = base.aliases()
-    if not found:
+    theirs = {t: s.aliases() for t, s in tasks.items()}
+    if not found and not any(theirs.values()):
         return {}
-    others = [(f"task {t!r} ({s.label})", s, s.aliases()) for t, s in tasks.items()]
     out = {}
     for name, target in found.items():
-        for who, src, theirs in others:
-            if name not in src or target not in src or theirs.get(name, name) != theirs.get(target, target):
-                log.debug("tensor %r: stored as a tensor of its own, not as an alias of %r: %s %s", name, target, who,
-                          "lacks one of them" if name not in src or target not in src else "does not tie them")
+        for t, src in tasks.items():
+            tied = theirs[t]
+            if name not in src or target not in src or tied.get(name, name) != tied.get(target, target):
+                _stored_apart(name, target, f"task {t!r} ({src.label}) "
+                              + ("lacks one of them" if name not in src or target not in src else "does not tie them"),
+                              [u for u in tasks if theirs[u].get(name) == target])
                 break
         else:
             out[name] = target
+    apart: dict[tuple[str, str], list[str]] = {}  # pairs tasks tie that the base does not
+    for t, tied in theirs.items():
+        for name, target in tied.items():
+            if found.get(name) != target and found.get(target) != name:
+                apart.setdefault((name, target), []).append(t)
+    for (name, target), which in apart.items():
+        _stored_apart(name, target, f"the base ({base.label}) "
+                      + ("lacks one of them" if name not in base or target not in base else "does not tie them"), which)
     return out
+
+
+def _stored_apart(name: str, target: str, why: str, tied_in: list[str]) -> None:
+    """Warn that tasks which tie ``name`` to ``target`` get them stored apart, and why."""
+    if not tied_in:
+        log.debug("tensor %r: stored as a tensor of its own, not as an alias of %r: %s", name, target, why)
+        return
+    shown = ", ".join(map(repr, tied_in[:3])) + (f" and {len(tied_in) - 3} more" if len(tied_in) > 3 else "")
+    log.warning("tensors %r and %r are one tensor in task%s %s but are stored apart, since %s: lossy reads of "
+                "those tasks give two different tensors, no longer tied (exact=True / --exact gives the originals)",
+                target, name, "s" if len(tied_in) > 1 else "", shown, why)
 
 
 def _not_a_file(path: Path) -> CheckpointError:
@@ -404,7 +426,60 @@ def _torch_load(path: Path) -> dict[str, torch.Tensor]:
     if not isinstance(obj, Mapping):
         raise CheckpointError(f"{path}: holds a {type(obj).__name__}, not a state dict")
     tensors = _tensor_dict(str(path), obj)
+    if not legacy:
+        _check_records(path, tensors)
     return _mapped(path, tensors) if legacy else tensors
+
+
+def _check_records(path: Path, tensors: Mapping[str, torch.Tensor]) -> None:
+    """CheckpointError when a tensor's storage record in the zip is shorter than its storage, or
+    compressed: torch.load(mmap=True) maps the storage from the record's offset without checking
+    its size, so a damaged file would be read with whatever bytes follow the record."""
+    import struct
+    import zipfile
+
+    records: dict[int, zipfile.ZipInfo] = {}  # data offset in the file -> storage record
+    try:
+        with zipfile.ZipFile(path) as z, open(path, "rb") as f:
+            for info in z.infolist():
+                if "/data/" not in info.filename or info.is_dir():
+                    continue
+                f.seek(info.header_offset)
+                head = f.read(30)
+                if len(head) < 30 or head[:4] != b"PK\x03\x04":
+                    raise CheckpointError(f"{path}: storage record {info.filename!r} has no valid zip header: "
+                                          "the file is damaged")
+                n, m = struct.unpack("<HH", head[26:30])
+                records[info.header_offset + 30 + n + m] = info
+    except (OSError, zipfile.BadZipFile, zipfile.LargeZipFile) as e:
+        raise CheckpointError(f"{path}: not a readable PyTorch file ({quoted(e)})") from None
+    storages: dict[int, tuple[str, int]] = {}  # data pointer -> (first tensor name, storage bytes)
+    for name, t in tensors.items():
+        st = t.untyped_storage()
+        if st.nbytes() and st.data_ptr() not in storages:
+            storages[st.data_ptr()] = (name, st.nbytes())
+    if not storages:
+        return
+    offsets = sorted(records)
+    ptrs = sorted(storages)
+    # every storage is a slice of one mapping of the whole file, at its record's offset
+    for cand in offsets:
+        base = ptrs[0] - cand
+        if all(p - base in records for p in ptrs):
+            break
+    else:
+        raise CheckpointError(f"{path}: its tensors' storages do not match the zip's storage records: "
+                              "the file is damaged")
+    for p in ptrs:
+        name, need = storages[p]
+        info = records[p - base]
+        if info.compress_type != 0:
+            raise CheckpointError(f"{path}: tensor {name!r}: its storage record {info.filename!r} is compressed; "
+                                  "PyTorch files store them uncompressed: re-save it with torch.save")
+        if info.file_size < need:
+            raise CheckpointError(f"{path}: tensor {name!r}: its storage record {info.filename!r} holds "
+                                  f"{info.file_size} bytes, the tensor's storage needs {need}: the file is damaged "
+                                  "(torch.load refuses it too)")
 
 
 def _mapped(path: Path, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -179,3 +179,40 @@ def test_dial_and_select_alpha_score_the_tie(tied_family, tmp_path):
     with tallpack.open(out) as fam:
         tallpack.select_alpha(fam, "ta", _watching(seen), grid=[0.3, 0.6])
     assert seen and all(tied for _, tied, _ in seen)
+
+
+def _family(d, tied: dict[str, bool]) -> dict:
+    """Checkpoints ``name -> path`` of a small model, tied or untied per name (``base`` first)."""
+    g = torch.Generator().manual_seed(3)
+    b = {TARGET: torch.randn(32, 8, generator=g), "h.w": torch.randn(8, 8, generator=g)}
+    paths = {}
+    for name, tie in tied.items():
+        sd = b if name == "base" else {k: v + 0.01 * torch.randn(v.shape, generator=g) for k, v in b.items()}
+        sd = _tie(sd) if tie else {**sd, ALIAS: sd[TARGET].clone()}
+        torch.save(sd, d / f"{name}.pt")
+        paths[name] = d / f"{name}.pt"
+    return paths
+
+
+@pytest.mark.parametrize("tied, why", [
+    ({"base": True, "t0": True, "t1": True, "t2": False}, "task 't2' ("),
+    ({"base": False, "t0": True, "t1": True}, "the base ("),
+])
+def test_a_tie_stored_apart_is_warned_of_naming_the_tied_tasks_and_why(tmp_path, caplog, tied, why):
+    """A tie some checkpoint does not share is stored as two tensors: the tasks that tie them then
+    read back two different tensors, which pack says (not a debug line only)."""
+    paths = _family(tmp_path, tied)
+    with caplog.at_level(logging.WARNING, logger="tallpack"):
+        tallpack.pack(paths.pop("base"), paths, tmp_path / "f.tallpack")
+    [line] = [r.getMessage() for r in caplog.records if "stored apart" in r.getMessage()]
+    assert line.startswith(f"tensors '{TARGET}' and '{ALIAS}' are one tensor in tasks 't0', 't1' but are stored "
+                           f"apart, since {why}") and "does not tie them" in line
+    with tallpack.open(tmp_path / "f.tallpack") as fam:
+        assert fam.manifest.aliases == {}
+
+
+def test_a_tie_every_checkpoint_shares_is_not_warned_of(tmp_path, caplog):
+    paths = _family(tmp_path, {"base": True, "t0": True, "t1": True})
+    with caplog.at_level(logging.WARNING, logger="tallpack"):
+        tallpack.pack(paths.pop("base"), paths, tmp_path / "f.tallpack")
+    assert not [r for r in caplog.records if "stored apart" in r.getMessage()]
