@@ -421,14 +421,50 @@ def _torch_load(path: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{path}: not a readable PyTorch file ({quoted(e)})") from None
     except Exception as e:
         raise CheckpointError(f"{path}: not a readable PyTorch file ({type(e).__name__}: {quoted(e)})") from None
-    if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
-        obj = obj["state_dict"]
     if not isinstance(obj, Mapping):
-        raise CheckpointError(f"{path}: holds a {type(obj).__name__}, not a state dict")
-    tensors = _tensor_dict(str(path), obj)
+        raise CheckpointError(f"{path}: holds {_a(type(obj).__name__)}, not a state dict")
+    tensors = _tensor_dict(str(path), _unwrapped(path, obj))
     if not legacy:
         _check_records(path, tensors)
     return _mapped(path, tensors) if legacy else tensors
+
+
+#: The keys under which training checkpoints keep the model's state dict: Lightning's and
+#: timm's ``state_dict``, nanoGPT's ``model``, PyTorch's tutorial ``model_state_dict``,
+#: DeepSpeed's ``module``.
+WRAPPER_KEYS = ("state_dict", "model", "model_state_dict", "module")
+
+
+def _a(word: str) -> str:
+    return ("an " if word[:1].lower() in "aeiou" else "a ") + word
+
+
+def _unwrapped(path: Path, obj: Mapping) -> Mapping:
+    """The state dict in a training checkpoint (``{"model": state_dict, "optimizer": ...,
+    "iter_num": ...}``): the one entry that holds a mapping of tensors, when its key is one of
+    :data:`WRAPPER_KEYS`; the other entries (optimizer state, counters) are not packed. Two such
+    entries, or one under another key, are refused: which is the model's is not guessed."""
+    if all(isinstance(v, torch.Tensor) for v in obj.values()):
+        return obj
+    held = [k for k, v in obj.items() if isinstance(v, Mapping) and v
+            and any(isinstance(t, torch.Tensor) for t in v.values())]
+    if len(held) == 1 and held[0] in WRAPPER_KEYS:
+        key = held[0]
+        others = [str(k) for k in obj if k != key]
+        log.info("%s: a training checkpoint: packing the state dict under %r%s", path, key,
+                 f"; its other entries ({', '.join(others)}) are not packed" if others else "")
+        return obj[key]
+    if held:
+        names = ", ".join(repr(k) for k in held)
+        raise CheckpointError(
+            f"{path}: holds a training checkpoint, not a state dict: {'entries' if len(held) > 1 else 'entry'} "
+            f"{names} {'hold' if len(held) > 1 else 'holds'} a mapping of tensors; save the model's as a state "
+            f"dict (torch.save(ckpt[{held[0]!r}], 'model.pt')) and pack that")
+    nested = [k for k, v in obj.items() if isinstance(v, Mapping)]
+    if nested and not any(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CheckpointError(f"{path}: holds no tensors at its top nor a mapping of tensors under "
+                              f"{', '.join(repr(k) for k in nested)}: not a state dict")
+    return obj
 
 
 def _check_records(path: Path, tensors: Mapping[str, torch.Tensor]) -> None:
@@ -534,7 +570,9 @@ def _tensor_dict(label: str, obj: Mapping) -> dict[str, torch.Tensor]:
         if not isinstance(name, str):
             raise CheckpointError(f"{label}: entry {name!r}: tensor names must be strings, got {type(name).__name__}")
         if not isinstance(t, torch.Tensor):
-            raise CheckpointError(f"{label}: entry {name!r} is a {type(t).__name__}, not a tensor")
+            raise CheckpointError(f"{label}: entry {name!r} is {_a(type(t).__name__)}, not a tensor; a state dict "
+                                  "holds only tensors: drop it (torch.save({k: v for k, v in sd.items() "
+                                  "if isinstance(v, torch.Tensor)}, ...))")
         why = _why_unreadable(t)
         if why:
             raise CheckpointError(f"{label}: tensor {name!r} {why}")

@@ -52,3 +52,51 @@ def test_intact_and_tied_storages_pass(tmp_path: Path) -> None:
     src = open_source(tmp_path / "t.pt")
     assert torch.equal(src.get("view"), sd["view"])
     assert src.aliases() == {"tied": "a.weight"}
+
+
+def _optimizer(sd: dict[str, torch.Tensor]) -> dict:
+    params = [torch.nn.Parameter(t.clone()) for t in sd.values()]
+    opt = torch.optim.AdamW(params)
+    sum(p.sum() for p in params).backward()
+    opt.step()
+    return opt.state_dict()
+
+
+@pytest.mark.parametrize("key, extra", [
+    ("model", {"iter_num": 5, "best_val_loss": torch.tensor(1.5), "config": {"lr": 0.1}}),  # nanoGPT
+    ("model_state_dict", {"epoch": 3}),  # PyTorch's tutorial
+    ("state_dict", {"epoch": 3, "global_step": 7}),  # Lightning
+    ("module", {}),  # DeepSpeed
+])
+def test_training_checkpoint_unwrapped(tmp_path: Path, caplog: pytest.LogCaptureFixture, key: str, extra: dict) -> None:
+    torch.save(_sd(0), tmp_path / "base.pt")
+    tasks = []
+    for i in (1, 2):
+        sd = _sd(i)
+        opt_key = "optimizer_state_dict" if key == "model_state_dict" else "optimizer"
+        torch.save({key: sd, opt_key: _optimizer(sd), **extra}, tmp_path / f"t{i}.pt")
+        tasks.append(tmp_path / f"t{i}.pt")
+    torch.save({key: _sd(0), **extra}, tmp_path / "wrapped_base.pt")  # the base too
+    with caplog.at_level("INFO", logger="tallpack.sources"):
+        tallpack.pack(tmp_path / "wrapped_base.pt", tasks, tmp_path / "o.tallpack", exact=True)
+    assert f"packing the state dict under {key!r}" in caplog.text
+    with tallpack.open(tmp_path / "o.tallpack") as fam:
+        got = fam.state_dict("t1", exact=True)
+        assert set(got) == set(_sd(1))
+        for name, t in _sd(1).items():
+            assert torch.equal(got[name], t)
+
+
+def test_two_state_dicts_refused(tmp_path: Path) -> None:
+    torch.save({"model": _sd(1), "ema": _sd(2), "iter_num": 3}, tmp_path / "t.pt")
+    with pytest.raises(CheckpointError, match=r"t\.pt: holds a training checkpoint.*'model', 'ema'.*torch\.save"):
+        open_source(tmp_path / "t.pt")
+    torch.save({"weights": _sd(1), "step": 3}, tmp_path / "u.pt")  # not a well-known key: not guessed
+    with pytest.raises(CheckpointError, match=r"entry 'weights' holds a mapping of tensors.*ckpt\['weights'\]"):
+        open_source(tmp_path / "u.pt")
+
+
+def test_extra_entry_in_state_dict_says_drop_it(tmp_path: Path) -> None:
+    torch.save({**_sd(1), "iter_num": 3}, tmp_path / "t.pt")
+    with pytest.raises(CheckpointError, match=r"entry 'iter_num' is an int, not a tensor.*drop it"):
+        open_source(tmp_path / "t.pt")
