@@ -31,7 +31,7 @@ from tallpack.merging import MERGED_MODELS, METHODS, MergeMethod, Option, defaul
 from tallpack.options import DENSE_PRESETS, MAX_LEVEL, MIN_LEVEL, PackOptions
 from tallpack.progress import LogLines
 from tallpack.report import TABLE_WIDTH, format_size, render, render_tensors, show_name, tensor_rows
-from tallpack.sources import stem
+from tallpack.sources import stems
 from tallpack import staging
 from tallpack.reader import LISTED_TASKS
 
@@ -286,10 +286,12 @@ def _parse_tasks(specs: tuple[str, ...], more: tuple[str, ...] = ()) -> dict[str
     tasks: dict[str, str] = {}
     ctx = click.get_current_context(silent=True)  # (none when called as a function)
     base = None if ctx is None else ctx.params.get("base")
+    bare = [s for s in (*specs, *more) if "=" not in s or _exists(s) or "://" in s.partition("=")[0]]
+    auto = dict(zip(bare, stems(bare)))  # files of one name (runs/*/ckpt.pt) named after their folders
     for spec, hint in [*((s, "--task") for s in specs), *((s, "TASK") for s in more)]:
         name, sep, path = spec.partition("=")
         if not sep or _exists(spec) or "://" in name:  # a bare path or URL, even one with '=' in it (?sig=...)
-            name, path = stem(spec), spec
+            name, path = auto[spec], spec
             if hint == "TASK" and base is not None and _exists(spec) and _same(Path(spec), base):
                 # a glob over the family's folder matches the base too: never a task of itself
                 logging.getLogger("tallpack.cli").warning(
@@ -310,7 +312,7 @@ def _parse_tasks(specs: tuple[str, ...], more: tuple[str, ...] = ()) -> dict[str
 
 def _one_model(path: str, hint: str) -> None:
     """A usage error for a folder of model folders given as one task, with the command to type."""
-    from tallpack.inputs import model_folders  # (it imports torch, which --help does without)
+    from tallpack.inputs import lone_file, model_folders  # (it imports torch, which --help does without)
 
     inside = model_folders(path)
     if not inside:
@@ -323,12 +325,15 @@ def _one_model(path: str, hint: str) -> None:
     prefix = os.path.commonprefix(names) if len(names) > 1 else ""
     folder = path.rstrip("/") or path
     listed = {e.name for e in Path(path).iterdir() if not e.name.startswith(".")}  # what a shell's * matches
+    lone = lone_file(tasks)  # nanoGPT's out-a/ckpt.pt: the files, which are named after their folders
+    tail = "/" + shlex.quote(lone) if lone else ""
     if len(names) > 1 and listed == set(names):
-        spelled = shlex.quote(folder + "/") + "*"
+        spelled = shlex.quote(folder + "/") + "*" + tail
     elif prefix and {n for n in listed if n.startswith(prefix)} == set(names):
-        spelled = shlex.quote(f"{folder}/{prefix}") + "*"
+        spelled = shlex.quote(f"{folder}/{prefix}") + "*" + tail
     else:
-        spelled = " ".join(shlex.quote(str(d)) for d in tasks[:3]) + (" ..." if len(tasks) > 3 else "")
+        spelled = " ".join(shlex.quote(str(d / lone) if lone else str(d)) for d in tasks[:3]) + \
+            (" ..." if len(tasks) > 3 else "")
     shown = ", ".join(d.name for d in inside[:3]) + (", ..." if len(inside) > 3 else "")
     raise click.BadParameter(
         f"{path} holds no model but {len(inside)} model folder{'s' if len(inside) > 1 else ''} ({shown}); give "

@@ -14,7 +14,7 @@ from .encodings import Item
 from .errors import InvalidArgumentError
 from .manifest import check_task_name
 from .plan import Kind, Plan, TensorPlan, aligned_base, make_plan, resolve
-from .sources import Source, SourceLike, check_components, open_source, stem
+from .sources import Source, SourceLike, check_components, open_source, stems
 from .storage import is_url
 from .tall import blocks, compiled_kind, elements, in_tall_range
 
@@ -54,17 +54,32 @@ def model_folders(path: SourceLike) -> list[Path]:
         return []
 
 
+def lone_file(folders: Sequence[Path]) -> str | None:
+    """The file name every one of ``folders`` holds as its only weights, when that is a PyTorch
+    file (nanoGPT's ``ckpt.pt``): a folder of no weight names a loader knows, whose file must be
+    given itself (``runs/*/ckpt.pt``); else None."""
+    found = set()
+    for d in folders:
+        try:
+            files = [f.name for f in d.iterdir() if not f.is_dir() and (f.name in _PARTS or f.name.endswith(_WEIGHTS))]
+        except OSError:
+            return None
+        if len(files) != 1 or not files[0].endswith((".pt", ".pth")):
+            return None
+        found.add(files[0])
+    return found.pop() if len(found) == 1 else None
+
+
 def open_tasks(tasks: TasksLike) -> dict[str, Source]:
     """Name and open every task; InvalidArgumentError for bad or repeated names, or a folder of
     model folders given as one task."""
     if isinstance(tasks, Mapping):
         items = list(tasks.items())
     else:
-        items = []
         for t in tasks:
             if isinstance(t, Mapping):
                 raise InvalidArgumentError("a task given as a dict of tensors needs a name: pass {name: dict}")
-            items.append((stem(t), t))
+        items = list(zip(stems(tasks), tasks))
     out: dict[str, Source] = {}
     try:
         for name, obj in items:
@@ -74,10 +89,12 @@ def open_tasks(tasks: TasksLike) -> dict[str, Source]:
             inside = model_folders(obj)
             if inside:
                 shown = ", ".join(d.name for d in inside[:3]) + (", ..." if len(inside) > 3 else "")
+                lone = lone_file(inside)
                 raise InvalidArgumentError(
                     f"task {name!r}: {obj} holds no model but {len(inside)} model folder"
-                    f"{'s' if len(inside) > 1 else ''} ({shown}): give each as a task (a list of their paths "
-                    "names each after its folder)")
+                    f"{'s' if len(inside) > 1 else ''} ({shown}): give each "
+                    + (f"one's {lone} as a task (a list of their paths" if lone else "as a task (a list of their paths")
+                    + " names each after its folder)")
             out[name] = open_source(obj, label=f"task {name!r}")
     except BaseException:
         for s in out.values():

@@ -6,7 +6,8 @@ diffusers pipeline folder (``model_index.json``; the weights of each component s
 as tensors named ``COMPONENT/NAME``, spec §3.6; a single-file checkpoint at its top left out), a
 sentence-transformers folder (``modules.json``; the transformer's weights at its top under their
 own names, each module folder's that holds weights as ``MODULE/NAME``, ``2_Dense/linear.weight``),
-a PyTorch state-dict file read with ``weights_only=True``,
+a PyTorch state-dict file read with ``weights_only=True`` (or a training checkpoint holding
+one under a key of :data:`WRAPPER_KEYS`, ``{"model": state_dict, "optimizer": ...}``),
 or a mapping of tensors. A source lists names, shapes and dtypes without
 reading data, and loads one tensor at a time.
 
@@ -40,10 +41,11 @@ import math
 import os
 import pickle
 import re
+import shlex
 import time
 import urllib.parse
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Union
@@ -766,9 +768,13 @@ def _folder_files(folder: Path, roots: list[Path], given: str | None = None
     found = sorted(folder.glob("*.safetensors"))
     if len(found) == 1:
         return "safetensors", [_in_folder(folder, found[0], roots)], None, {}
+    pickles = sorted(f.name for f in folder.glob("*.pt*") if f.suffix in (".pt", ".pth"))
+    held = (f"; it holds {', '.join(pickles[:3])}{', ...' if len(pickles) > 3 else ''} (PyTorch file"
+            f"{'s' if len(pickles) > 1 else ''}): pass the file itself ({shlex.quote(f'{folder.name}={folder / pickles[0]}')})"
+            if pickles else "")
     raise CheckpointError(
         f"{folder}: no model.safetensors, shard index or pytorch_model.bin in this folder (nor a variant of them, "
-        "model.VARIANT.safetensors)"
+        f"model.VARIANT.safetensors){held}"
     )
 
 
@@ -1428,6 +1434,22 @@ def stem(obj: SourceLike) -> str:
     if folder and p.parent.name == "snapshots" and p.parent.parent.name.startswith("models--"):
         return p.parent.parent.name.rsplit("--", 1)[-1]  # a Hugging Face cache snapshot: the repository's name
     return p.name if folder else p.stem
+
+
+def stems(objs: Sequence[SourceLike]) -> list[str]:
+    """The default task names of several paths: each one's :func:`stem`, but files that share a
+    file name (nanoGPT's ``out-a/ckpt.pt``, ``out-b/ckpt.pt``) each named after its folder.
+
+    >>> stems(["runs/out-a/ckpt.pt", "runs/out-b/ckpt.pt", "ft/cars.pt"])
+    ['out-a', 'out-b', 'cars']
+    """
+    names = [stem(o) for o in objs]
+    out = []
+    for obj, name in zip(objs, names):
+        if names.count(name) > 1 and isinstance(obj, (str, os.PathLike)) and not is_url(obj) and Path(obj).is_file():
+            name = stem(Path(os.path.abspath(obj)).parent)
+        out.append(name)
+    return out
 
 
 def _own_weights(name: str) -> bool:

@@ -100,3 +100,41 @@ def test_extra_entry_in_state_dict_says_drop_it(tmp_path: Path) -> None:
     torch.save({**_sd(1), "iter_num": 3}, tmp_path / "t.pt")
     with pytest.raises(CheckpointError, match=r"entry 'iter_num' is an int, not a tensor.*drop it"):
         open_source(tmp_path / "t.pt")
+
+
+def _runs(tmp_path: Path) -> Path:
+    """nanoGPT's out folders: runs/out-a/ckpt.pt, ..., and the base."""
+    torch.save(_sd(0), tmp_path / "base.pt")
+    for i, run in enumerate(("out-a", "out-b", "out-c"), 1):
+        (tmp_path / "runs" / run).mkdir(parents=True)
+        torch.save({"model": _sd(i), "iter_num": 10}, tmp_path / "runs" / run / "ckpt.pt")
+    return tmp_path / "runs"
+
+
+def test_files_of_one_name_named_after_their_folders(tmp_path: Path) -> None:
+    runs = _runs(tmp_path)
+    files = sorted(runs.glob("*/ckpt.pt"))
+    tallpack.pack(tmp_path / "base.pt", files, tmp_path / "o.tallpack")
+    with tallpack.open(tmp_path / "o.tallpack") as fam:
+        assert list(fam.tasks) == ["out-a", "out-b", "out-c"]
+
+
+def test_cli_run_folders_suggestion_works(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from click.testing import CliRunner
+    from tallpack_cli.main import main
+
+    _runs(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    r = CliRunner().invoke(main, ["pack", "--no-progress", "--base", "base.pt", "-o", "o.tallpack", "runs"])
+    assert r.exit_code == 2
+    assert "runs/*/ckpt.pt" in r.output
+    # what it says to type, as the shell expands it
+    r = CliRunner().invoke(main, ["pack", "--no-progress", "--base", "base.pt", "-o", "o.tallpack",
+                                  *sorted(str(p) for p in Path("runs").glob("*/ckpt.pt"))])
+    assert r.exit_code == 0, r.output
+    with tallpack.open(tmp_path / "o.tallpack") as fam:
+        assert list(fam.tasks) == ["out-a", "out-b", "out-c"]
+    # a run folder itself says which file to pass
+    r = CliRunner().invoke(main, ["pack", "--no-progress", "--base", "base.pt", "-o", "p.tallpack", "runs/out-a"])
+    assert r.exit_code == 1
+    assert "it holds ckpt.pt (PyTorch file): pass the file itself (out-a=runs/out-a/ckpt.pt)" in r.output
