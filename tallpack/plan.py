@@ -18,7 +18,7 @@ from .dtypes import all_equal
 from .elements import FLOATING
 from .errors import IncompatibleCheckpointsError
 from .limits import MAX_NAME_CHARS, MAX_TASKS
-from .sources import Source
+from .sources import Source, prefix_hint
 from .tall import in_tall_range
 
 log = logging.getLogger(__name__)
@@ -233,9 +233,10 @@ def _check_task(base: Source, task: str, src: Source) -> None:
         )
         what = (f"{len(differ)} of its {len(common)} tensors named as in the base differ in shape ({examples})"
                 if common else "it shares no tensor name with the base")
+        hint = None if common else prefix_hint(base, src)  # a wrapper's prefix: no mismatch to allow
         in_memory = src.kind == "dict"  # its label already names the task, and there is no path to check
         raise IncompatibleCheckpointsError(
             f"task {task!r}{'' if in_memory else f' ({src.label})'} does not look fine-tuned from the base: "
-            f"{what}; check the {'tensors given' if in_memory else 'paths'}, or pass allow_mismatch=True "
-            "(--allow-mismatch) to pack it anyway"
+            + (hint or f"{what}; check the {'tensors given' if in_memory else 'paths'}, or pass allow_mismatch=True "
+               "(--allow-mismatch) to pack it anyway")
         )

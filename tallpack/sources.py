@@ -428,7 +428,40 @@ def _torch_load(path: Path) -> dict[str, torch.Tensor]:
     tensors = _tensor_dict(str(path), _unwrapped(path, obj))
     if not legacy:
         _check_records(path, tensors)
+    tensors = _uncompiled(path, tensors)
     return _mapped(path, tensors) if legacy else tensors
+
+
+#: The prefix torch.compile's wrapper puts before every name of a compiled model's state dict.
+COMPILED_PREFIX = "_orig_mod."
+
+
+def prefix_hint(base: Source, task: Source) -> str | None:
+    """Why a task shares no tensor name with the base when one side's names are all the other's
+    with one prefix in front (``module.``: saved from a DDP or DataParallel wrapper), and what to
+    do; else None."""
+    for has, other, side in ((task, base, "its"), (base, task, "the base's")):
+        heads = {k.partition(".")[0] for k in has.keys()}
+        if len(heads) != 1 or not has.keys() or any("." not in k for k in has.keys()):
+            continue
+        prefix = heads.pop() + "."
+        if all(k.removeprefix(prefix) in other for k in has.keys()):
+            whose = "the base's" if side == "its" else "the task's"
+            return (f"{side} tensor names are {whose} with {prefix!r} in front (a model saved from a DDP, "
+                    f"DataParallel or other wrapper); save the state dict without it "
+                    f"({{k.removeprefix({prefix!r}): v for k, v in sd.items()}})")
+    return None
+
+
+def _uncompiled(path: Path, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The state dict of a torch.compile'd model under the model's own names: ``_orig_mod.`` is
+    torch's wrapper, never a module of the model, and the uncompiled model (which the base or the
+    other fine-tunes usually are) loads only the names without it (nanoGPT strips it too)."""
+    if not tensors or not all(k.startswith(COMPILED_PREFIX) for k in tensors):
+        return tensors
+    log.info("%s: saved from a torch.compile'd model: its tensors are read without the %r in front of "
+             "their names", path, COMPILED_PREFIX)
+    return {k.removeprefix(COMPILED_PREFIX): t for k, t in tensors.items()}
 
 
 #: The keys under which training checkpoints keep the model's state dict: Lightning's and

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import tallpack
-from tallpack.errors import CheckpointError
+from tallpack.errors import CheckpointError, IncompatibleCheckpointsError
 from tallpack.sources import open_source
 
 
@@ -138,3 +138,41 @@ def test_cli_run_folders_suggestion_works(tmp_path: Path, monkeypatch: pytest.Mo
     r = CliRunner().invoke(main, ["pack", "--no-progress", "--base", "base.pt", "-o", "p.tallpack", "runs/out-a"])
     assert r.exit_code == 1
     assert "it holds ckpt.pt (PyTorch file): pass the file itself (out-a=runs/out-a/ckpt.pt)" in r.output
+
+
+class _Net(torch.nn.Module):
+    def __init__(self, seed: int) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.fc1 = torch.nn.Linear(8, 16)
+        self.fc2 = torch.nn.Linear(16, 4)
+
+
+def test_compiled_model_state_dict_read_under_the_models_names(tmp_path: Path) -> None:
+    torch.save(_Net(0).state_dict(), tmp_path / "base.pt")
+    compiled = torch.compile(_Net(1)).state_dict()  # wrapped, not compiled until run
+    assert all(k.startswith("_orig_mod.") for k in compiled)
+    torch.save(compiled, tmp_path / "a.pt")
+    torch.save(_Net(2).state_dict(), tmp_path / "b.pt")
+    tallpack.pack(tmp_path / "base.pt", [tmp_path / "a.pt", tmp_path / "b.pt"], tmp_path / "o.tallpack", exact=True)
+    with tallpack.open(tmp_path / "o.tallpack") as fam:
+        got = fam.state_dict("a", exact=True)
+        _Net(0).load_state_dict(got, strict=True)  # loads into the uncompiled model
+        for name, t in _Net(1).state_dict().items():
+            assert torch.equal(got[name], t)
+    # the base saved from the compiled model, the tasks plain
+    torch.save(torch.compile(_Net(0)).state_dict(), tmp_path / "cbase.pt")
+    tallpack.pack(tmp_path / "cbase.pt", [tmp_path / "b.pt"], tmp_path / "c.tallpack")
+
+
+def test_ddp_prefix_named_in_the_error(tmp_path: Path) -> None:
+    torch.save(_Net(0).state_dict(), tmp_path / "base.pt")
+    torch.save({f"module.{k}": v for k, v in _Net(1).state_dict().items()}, tmp_path / "ddp.pt")
+    torch.save(_Net(2).state_dict(), tmp_path / "b.pt")
+    with pytest.raises(IncompatibleCheckpointsError) as e:
+        tallpack.pack(tmp_path / "base.pt", {"a": tmp_path / "ddp.pt", "b": tmp_path / "b.pt"}, tmp_path / "o.tallpack")
+    msg = str(e.value)
+    assert "task 'a'" in msg and "its tensor names are the base's with 'module.' in front" in msg
+    assert "removeprefix('module.')" in msg and "allow" not in msg and "\n" not in msg
+    with pytest.raises(IncompatibleCheckpointsError, match="the base's tensor names are the task's with 'module.'"):
+        tallpack.pack(tmp_path / "ddp.pt", [tmp_path / "b.pt"], tmp_path / "o.tallpack")
