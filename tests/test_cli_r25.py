@@ -17,21 +17,9 @@ from hypothesis import strategies as st
 import tallpack
 from tallpack.report import elide
 from tallpack_cli.main import main
+from test_many_tasks import one_error_line as error_line, run
 
 TASKS = [f"task_{i:02d}" for i in range(14)]
-
-
-def run(*args: object, ok: bool = True):
-    r = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
-    if ok:
-        assert r.exit_code == 0, r.output
-    return r
-
-
-def error_line(r) -> str:
-    lines = [line for line in r.output.splitlines() if line.strip()]
-    assert r.exit_code != 0 and len(lines) == 1 and lines[0].startswith("error: "), r.output
-    return lines[0]
 
 
 @pytest.fixture(scope="module")
