@@ -133,7 +133,6 @@ def show_name(text: object) -> str:
     return text if text.isprintable() else repr(text)
 
 
-_show = show_name
 
 
 def _fmt(v, spec: str) -> str:
@@ -142,14 +141,14 @@ def _fmt(v, spec: str) -> str:
 
 def render(s: dict[str, Any]) -> str:
     """The text table of a :func:`summarize` result."""
-    lines = [f"{_show(s['path'])}: tallpack format {s['format_version']}, written by {_show(s['writer'])}",
-             f"merge: {_show(s['merge'].get('method'))}   tensors: " + ", ".join(f"{v} {k}" for k, v in s["kinds"].items())
+    lines = [f"{show_name(s['path'])}: tallpack format {s['format_version']}, written by {show_name(s['writer'])}",
+             f"merge: {show_name(s['merge'].get('method'))}   tensors: " + ", ".join(f"{v} {k}" for k, v in s["kinds"].items())
              + (f" ({s['groups'][1]} of them in {s['groups'][0]} group{'s' if s['groups'][0] > 1 else ''})"
                 if s.get("groups", [0])[0] else "")]
     aliases = s.get("aliases") or {}
     if aliases:
         lines.append("aliases (tied weights, stored once): " + ", ".join(
-            f"{_show(a)} = {_show(t)}" for a, t in list(aliases.items())[:3]) + (" ..." if len(aliases) > 3 else ""))
+            f"{show_name(a)} = {show_name(t)}" for a, t in list(aliases.items())[:3]) + (" ..." if len(aliases) > 3 else ""))
     ratio = f"{s['ratio']:.2f}x" if s["ratio"] else "-"
     lines.append(f"size: {format_size(s['archive_bytes'])} from {format_size(s['source_bytes'])} of checkpoints ({ratio})")
     lines.append("stored: " + ", ".join(f"{k} {format_size(v)}" for k, v in s["stored_bytes"].items() if v))
@@ -163,7 +162,7 @@ def render(s: dict[str, Any]) -> str:
     lines.append("")
     dial = any("weight" in t["fidelity"] for t in s["tasks"])
     weighted = any("weighted" in t["fidelity"] for t in s["tasks"])  # packed with a sensitivity
-    w = max([20, *(len(_show(t["name"])) for t in s["tasks"])])  # long task names keep the columns straight
+    w = max([20, *(len(show_name(t["name"])) for t in s["tasks"])])  # long task names keep the columns straight
     header = f"{'task':<{w}} {'lambda':>6} {'density':>8} {'rel_l2':>7} {'cosine':>7} {'mask b/p':>9} {'H(p)':>6}"
     if dial:  # the fidelity dial (format 1.4): achieved fidelity, and what each merged tensor holds
         header += (f" {'fidelity':>8}" + (f" {'weighted':>8}" if weighted else "")
@@ -171,7 +170,7 @@ def render(s: dict[str, Any]) -> str:
     lines += [header, "-" * len(header)]
     for t in s["tasks"]:
         f = t["fidelity"]
-        line = (f"{_show(t['name']):<{w}} {_fmt(t['lambda'], '.2f' if t['lambda'] is None or t['lambda'] < 1000 else '.2g'):>6} {_fmt(t['density'], '.3f'):>8} "
+        line = (f"{show_name(t['name']):<{w}} {_fmt(t['lambda'], '.2f' if t['lambda'] is None or t['lambda'] < 1000 else '.2g'):>6} {_fmt(t['density'], '.3f'):>8} "
                 f"{_fmt(f.get('rel_l2'), '.3f'):>7} {_fmt(f.get('cosine'), '.3f'):>7} "
                 f"{_fmt(t['mask_bits_per_param'], '.3f'):>9} {_fmt(t['mask_entropy_bits_per_param'], '.3f'):>6}")
         if dial:
@@ -185,7 +184,7 @@ def render(s: dict[str, Any]) -> str:
     over = [(t["name"], t["fidelity"]["overflow"]) for t in s["tasks"] if t["fidelity"].get("overflow")]
     if over:  # a float16/float8 rebuild past the dtype's range (spec §6.4)
         lines.append("rebuilt as inf or NaN where the original is finite (the dtype's range overflows): "
-                     + ", ".join(f"{_show(n)} {k} element{'s' if k > 1 else ''}" for n, k in over))
+                     + ", ".join(f"{show_name(n)} {k} element{'s' if k > 1 else ''}" for n, k in over))
     return "\n".join(lines)
 
 
@@ -365,7 +364,7 @@ def elide_all(names: Sequence[str], n: int) -> list[str]:
 
 def _extreme(value: float, tasks: list[str], n: int) -> str:
     """``0.000 t00 +3``: the value, the first task at it (cut to ``n``), how many more share it."""
-    return f"{value:.3f} {_cut(_show(tasks[0]), n)}" + (f" +{len(tasks) - 1}" if len(tasks) > 1 else "")
+    return f"{value:.3f} {_cut(show_name(tasks[0]), n)}" + (f" +{len(tasks) - 1}" if len(tasks) > 1 else "")
 
 
 def density_columns(rows: Sequence[Mapping[str, float | None]], tasks: Sequence[str], room: int | None
@@ -378,13 +377,13 @@ def density_columns(rows: Sequence[Mapping[str, float | None]], tasks: Sequence[
     >>> density_columns([{"a": 0.5, "b": 0.25}], ["a", "b"], None)[:2]
     ('       a        b', ['   0.500    0.250'])
     """
-    per_task = (" ".join(f"{_show(t)[:8]:>8}" for t in tasks),
+    per_task = (" ".join(f"{show_name(t)[:8]:>8}" for t in tasks),
                 [" ".join(f"{_fmt(r.get(t), '.3f'):>8}" for t in tasks) for r in rows], None)
     if room is None or len(tasks) * _COLUMN - 1 <= room:
         return per_task
     spreads = [spread({t: r.get(t) for t in tasks}) for r in rows]
     at = [s.low_tasks[0] for s in spreads if s] + [s.high_tasks[0] for s in spreads if s]
-    longest = max([len(_show(t)) for t in at] or [1])
+    longest = max([len(show_name(t)) for t in at] or [1])
     for n in range(longest, min(_NAME_MIN, longest) - 1, -1):  # task names as long as the room allows
         lows = ["-" if s is None else _extreme(s.low, s.low_tasks, n) for s in spreads]
         highs = ["-" if s is None else _extreme(s.high, s.high_tasks, n) for s in spreads]
@@ -422,7 +421,7 @@ def render_tensors(rows: list[dict[str, Any]], tasks: list[str], *, width: int |
 
     >>> print(render_tensors(tensor_rows(fam.manifest), fam.tasks, width=100))  # doctest: +SKIP
     """
-    names = [_show(r["name"]) for r in rows]  # control characters from the archive escaped
+    names = [show_name(r["name"]) for r in rows]  # control characters from the archive escaped
     # a very long name overflows its own row, not every row's column
     name_w = max([len("tensor"), *(len(n) for n in names if len(n) <= NAME_COLUMN_MAX)])
     chains = [", ".join(r["codecs"]) for r in rows if "group" not in r]
@@ -439,7 +438,7 @@ def render_tensors(rows: list[dict[str, Any]], tasks: list[str], *, width: int |
 
         kind_w, shape_w, dtype_w = fit("kind", kinds), fit("shape", shapes), fit("dtype", dtypes)
         size_w = fit("stored", [z for z, r in zip(sizes, rows) if "group" not in r])
-        held = [len("in " + _show(r["group"])) - size_w - 1 for r in rows if "group" in r]  # across both
+        held = [len("in " + show_name(r["group"])) - size_w - 1 for r in rows if "group" in r]  # across both
         codecs = max([fit("codec", chains), *held])
     others = kind_w + shape_w + dtype_w + size_w + codecs + 6  # the columns after the name and their spaces
     densities = [r["density"] for r in rows]
@@ -462,7 +461,7 @@ def render_tensors(rows: list[dict[str, Any]], tasks: list[str], *, width: int |
     lines = [header, "-" * len(header)]
     for r, name, kind, shape, dtype, size, d in zip(rows, names, kinds, shapes, dtypes, sizes, dens):
         # a group's member: where it is stored, in the stored and codec columns (the densities stay aligned)
-        stored = (f"{'in ' + _show(r['group']):<{size_w + 1 + codecs}}" if "group" in r
+        stored = (f"{'in ' + show_name(r['group']):<{size_w + 1 + codecs}}" if "group" in r
                   else f"{size:>{size_w}} {', '.join(r['codecs']):<{codecs}}")
         line = f"{name:<{name_w}} {kind:<{kind_w}} {shape:<{shape_w}} {dtype:<{dtype_w}} {stored} {d}"
         lines.append(line if roomy else line.rstrip())
