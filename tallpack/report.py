@@ -133,8 +133,6 @@ def show_name(text: object) -> str:
     return text if text.isprintable() else repr(text)
 
 
-
-
 def _fmt(v, spec: str) -> str:
     return "-" if v is None else format(v, spec)
 
