@@ -134,6 +134,8 @@ def memory_detail(e: BaseException) -> str:
         return f"could not {'map' if asked.group(1) == 'mmap' else 'allocate'} {asked.group(2)} bytes"
     if "thread" in text:
         return "could not start a thread"
+    if "lock" in text:
+        return "could not allocate a lock"
     if isinstance(e, OSError) and e.strerror:
         return e.strerror
     return quoted(e, 200) or type(e).__name__
@@ -141,5 +143,6 @@ def memory_detail(e: BaseException) -> str:
 
 #: What torch's CPU allocator, ``threading`` and the system (ENOMEM) say when memory or threads run out.
 _OUT_OF_MEMORY = ("can't allocate memory", "DefaultCPUAllocator", "can't start new thread", "CUDA out of memory",
+                  "can't allocate lock",  # threading.Lock() when the process is short of memory
                   "Cannot allocate memory",
                   "failed to map segment from shared object")  # a library (torch) that cannot be loaded: ENOMEM

@@ -298,3 +298,16 @@ def test_a_library_that_cannot_be_mapped_is_out_of_memory() -> None:
 
     assert out_of_memory(ImportError("libtorch_cpu.so: failed to map segment from shared object"))
     assert not out_of_memory(ImportError("No module named 'torch'"))
+
+
+def test_a_lock_that_cannot_be_allocated_is_out_of_memory() -> None:
+    """CI (stop 37): verify under a 10 MB margin failed with CPython's ``RuntimeError("can't
+    allocate lock")`` from ``threading.Lock()``, which the command line called a bug in tallpack."""
+    from tallpack.errors import memory_detail, memory_named, out_of_memory
+
+    e = RuntimeError("can't allocate lock")
+    assert out_of_memory(e) and memory_detail(e) == "could not allocate a lock"
+    with pytest.raises(OutOfMemoryError, match="could not allocate a lock; the archive is not damaged"):
+        with memory_named("a.tallpack: verify"):
+            raise e
+    assert not out_of_memory(RuntimeError("lock held by another thread"))
