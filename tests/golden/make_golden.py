@@ -1,4 +1,4 @@
-"""Build the golden archives (formats 1.0 to 1.12) from fixed, seeded tensors.
+"""Build the golden archives (formats 1.0 to 1.14) from fixed, seeded tensors.
 
     python tests/golden/make_golden.py [NAME ...]     # all, or only the named ones
 
@@ -38,9 +38,23 @@ writes, beside this script:
   tasks of a float32 base) stays alone;
 * ``v1_12_groups_ties_raw.tallpack`` (format 1.12): the same layout with merge "ties" (top_k 0.3),
   codec "raw", crc32 and base-only kept;
+* ``v1_13_shared_base.tallpack`` (format 1.13): ``shared`` entries with ``base`` (spec §6.1.3):
+  the tensors of ``SHIFTED`` (float32, bfloat16, float16, and one float32 in the base and float16
+  in the tasks), which every task changes to one value, so merged models build them from the base;
+  merge "ta" with lambdas 0.5, 0.3 and 0.6 (masks of ``|tau| > lambda * |3 tau - tau|``: at the
+  edge, all set and none set), codec "planes", grouped (the entries with ``base`` stay alone);
+* ``v1_13_shared_base_ties.tallpack`` (format 1.13): the same with merge "ties" (top_k 0.3), codec
+  "raw", crc32 and base-only kept;
+* ``v1_14_aliases.tallpack`` (format 1.14): tied weights (spec §3.8), the base and the first task
+  given as ``.pt`` files, the others as state dicts, every one tying the names of ``TIED``, so they
+  are stored as aliases of targets that are a merged tensor alone (``mixed.weight``), a member of a
+  merged group (``embed.weight``) and a member of a shared group (``frozen.weight``); the first
+  task alone also ties ``TIED_FIRST``, which is stored as two tensors (blocks=3, merge "ta",
+  codec "planes", paths left out of the manifest so that the bytes do not depend on them);
 * ``<name>.expected.safetensors`` for each: every task's reconstructed state dict under the keys
   ``"<task>/<tensor>"``; the metadata key ``"order"`` holds, as JSON, ``{task: [tensor names]}`` in
-  the order ``state_dict(task)`` returns them (safetensors itself does not keep an order).
+  the order ``state_dict(task)`` returns them (safetensors itself does not keep an order); an
+  alias is stored there as a copy of its target (safetensors does not share tensors).
 
 The golden files are committed; ``tests/test_golden.py`` reads them back. Rerun this script only
 when the format deliberately changes (then bump the file names with the version), and only for the
@@ -92,9 +106,25 @@ BLOCK_SHAPES = {1: {"weight": (5, 13), "bias": (30,), "norm": (45,), "frozen": (
 BLOCK_DTYPES = {"weight": torch.bfloat16, "bias": torch.float16, "norm": torch.float32, "frozen": torch.float32}
 
 
-def family(seed: int, tasks: list[str], head_rows: dict[str, int], blocks: int = 1):
+#: Tensors every task changes to one value (1.13): fine-tunes of one intermediate checkpoint that kept
+#: these layers frozen; ``shifted.mixed`` is float32 in the base and float16 in the tasks.
+SHIFTED = {"shifted.0.weight": ((6, 11), torch.float32, torch.float32),
+           "shifted.1.weight": ((40,), torch.bfloat16, torch.bfloat16),
+           "shifted.2.bias": ((70,), torch.float16, torch.float16),
+           "shifted.mixed": ((3, 5), torch.float32, torch.float16)}
+
+#: Tied weights (1.14): alias -> target, one tensor in the base and in every task.
+TIED = {"frozen.tied": "frozen.weight", "mixed.tied": "mixed.weight", "lm_head.weight": "embed.weight"}
+#: Tied in the first task only (it ties the names, the base and the other tasks do not): stored apart.
+TIED_FIRST = ("block.0.bias.copy", "block.0.bias")
+
+
+def family(seed: int, tasks: list[str], head_rows: dict[str, int], blocks: int = 1, shifted: bool = False,
+           tied: bool = False):
     """A base and its fine-tunes covering every tensor class and the common dtypes; with
-    ``blocks`` > 1, the small tensors of blocks 1 to ``blocks - 1`` follow ``block.0``'s."""
+    ``blocks`` > 1, the small tensors of blocks 1 to ``blocks - 1`` follow ``block.0``'s; with
+    ``shifted``, the tensors of ``SHIFTED`` follow them, at one value in every task that is not the
+    base's; with ``tied``, the names of ``TIED`` (and ``TIED_FIRST``) come last, tied as they say."""
     g = _gen(seed)
     base = {
         "embed.weight": _randn((12, 10), g),                      # float32, 2 chunks
@@ -116,6 +146,14 @@ def family(seed: int, tasks: list[str], head_rows: dict[str, int], blocks: int =
         names, every = list(base), base | more
         at = names.index("block.0.scale") + 1
         base = {k: every[k] for k in names[:at] + list(more) + names[at:]}
+    moved = {}
+    if shifted:
+        gs = _gen(seed * 1000)
+        for k, (shape, dt, task_dt) in SHIFTED.items():
+            base[k] = _randn(shape, gs, dt, 0.1)
+            moved[k] = _finetune(base[k], gs, 0.05).to(task_dt)
+        base["shifted.0.weight"][0, 0] = 0.0
+        moved["shifted.0.weight"][0, 0] = -0.0  # tau = -0.0 - 0.0 = -0.0: bits differ, values equal
     fts = {}
     for i, t in enumerate(tasks):
         gt = _gen(seed * 100 + i + 1)
@@ -125,6 +163,8 @@ def family(seed: int, tasks: list[str], head_rows: dict[str, int], blocks: int =
                 continue
             if name in ("position_ids", "frozen.weight", "empty.weight") or name.endswith(".frozen"):
                 ft[name] = x.clone()
+            elif name in moved:
+                ft[name] = moved[name].clone()
             elif name == "head.weight":
                 ft[name] = _randn((head_rows[t], 10), gt)
             elif name == "mixed.weight":
@@ -140,6 +180,11 @@ def family(seed: int, tasks: list[str], head_rows: dict[str, int], blocks: int =
         ft["embed.weight"][0, 0] = float([1, 2, 0][i])
         ft["embed.weight"][0, 1] = -0.0
         fts[t] = ft
+    if tied:
+        copy, of = TIED_FIRST
+        for i, sd in enumerate([base, *fts.values()]):
+            sd.update((alias, sd[target]) for alias, target in TIED.items())
+            sd[copy] = sd[of] if i == 1 else sd[of].clone()
     return base, fts
 
 
@@ -190,12 +235,26 @@ ARCHIVES = {
                                   pack=dict(merge={"method": "ties", "top_k": 0.3}, codec="raw", checksum="crc32",
                                             lambdas={"record": 0.3, "anli": 0.5, "boolq3": 0.6},
                                             keep_base_only=True)),
+    "v1_13_shared_base": dict(seed=14, tasks=["sciq", "obqa", "arc_e"], head_rows={"sciq": 2, "obqa": 4, "arc_e": 3},
+                              shifted=True, pack=dict(merge="ta", codec="planes", checksum="xxh3-64",
+                                                      lambdas={"sciq": 0.5, "obqa": 0.3, "arc_e": 0.6})),
+    "v1_13_shared_base_ties": dict(seed=15, tasks=["siqa", "csqa", "arc_c"],
+                                   head_rows={"siqa": 3, "csqa": 5, "arc_c": 4}, shifted=True,
+                                   pack=dict(merge={"method": "ties", "top_k": 0.3}, codec="raw", checksum="crc32",
+                                             lambdas={"siqa": 0.3, "csqa": 0.5, "arc_c": 0.6},
+                                             keep_base_only=True)),
+    "v1_14_aliases": dict(seed=16, tasks=["lambada", "wikitext", "ptb"],
+                          head_rows={"lambada": 2, "wikitext": 2, "ptb": 3}, blocks=3, tied=True,
+                          pt=("base", "lambada"),
+                          pack=dict(merge="ta", codec="planes", checksum="xxh3-64",
+                                    lambdas={"lambada": 0.5, "wikitext": 0.3, "ptb": 0.4}, record_paths=False)),
 }
 
 
 def _check_against_inputs(name: str, base, fts, got: dict[str, dict[str, torch.Tensor]], manifest) -> None:
     """Cross-check what the reader rebuilt against the inputs, independently of the reader."""
     entries = holders(manifest)
+    entries |= {a: entries[t] for a, t in manifest.aliases.items()}  # 1.14: an alias is its target
     kinds = {k: e.kind for k, e in entries.items()}
     for task, sd in got.items():
         # a dict keeps its order; a safetensors file has its own (the reader keeps the file's)
@@ -252,12 +311,36 @@ def as_folders(base: dict, fts: dict, root: Path) -> tuple[Path, dict[str, Path]
     return paths.pop("base"), paths
 
 
+def as_pt(base: dict, fts: dict, which: tuple[str, ...], root: Path) -> tuple[object, dict[str, object]]:
+    """The family with the checkpoints ``which`` names (``"base"`` or a task) written as ``.pt``
+    files under ``root`` (``torch.save``: a storage held under several names is saved once); the
+    others stay state dicts."""
+    out = {}
+    for name, sd in {"base": base, **fts}.items():
+        if name in which:
+            path = root / f"{name}.pt"
+            torch.save(sd, path)
+            out[name] = path
+        else:
+            out[name] = sd
+    return out.pop("base"), out
+
+
+def inputs(name: str) -> tuple[dict, dict]:
+    """Golden archive ``name``'s inputs: the base and the tasks' state dicts."""
+    spec = ARCHIVES[name]
+    return family(spec["seed"], spec["tasks"], spec["head_rows"], spec.get("blocks", 1),
+                  shifted=spec.get("shifted", False), tied=spec.get("tied", False))
+
+
 def pack_inputs(name: str, out: Path, tmp: Path):
     """Pack golden archive ``name`` to ``out`` from its inputs (folders under ``tmp`` when the
     archive keeps folder files); returns the manifest and the inputs as tensors."""
     spec = ARCHIVES[name]
-    base, fts = family(spec["seed"], spec["tasks"], spec["head_rows"], spec.get("blocks", 1))
+    base, fts = inputs(name)
     base_in, fts_in = as_folders(base, fts, tmp) if spec.get("folders") else (base, fts)
+    if spec.get("pt"):  # these as .pt files, which keep tied weights tied (one storage)
+        base_in, fts_in = as_pt(base, fts, spec["pt"], tmp)
     choose, saved = ExponentPlanes._choose, exact_mod.RESIDUAL_CODECS
     if spec.get("every_rotation"):
         turn = iter(range(1 << 30))
@@ -283,6 +366,10 @@ def build(name: str, spec: dict) -> None:
     for task, sd in got.items():
         order[task] = list(sd)
         for k, v in sd.items():
+            target = manifest.aliases.get(k)
+            if target is not None:  # 1.14: the target's tensor itself; safetensors wants a copy
+                assert v is sd[target], (task, k)
+                v = v.clone()
             expected[f"{task}/{k}"] = v.contiguous()
     meta = {"order": json.dumps(order)}
     if spec.get("folders"):
