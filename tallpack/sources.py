@@ -334,7 +334,8 @@ def exact_aliases(tensors: Mapping[str, torch.Tensor]) -> dict[str, str]:
 def family_aliases(base: Source, tasks: Mapping[str, Source]) -> dict[str, str]:
     """The aliases an archive of this family stores (spec §3.8): ``name -> target`` where
     ``name`` is an exact alias of ``target`` in the base and in every task (the base's target,
-    the first of the tensor's names in its order). Elsewhere both are stored as tensors, as
+    the first of the tensor's names in its order), or where every task ties names of which the
+    base holds one alone (the target: :func:`_held_once`). Elsewhere both are stored as tensors, as
     before; where some checkpoint ties a pair that is stored apart, a warning says which and why
     (their lossy reads give two tensors, no longer tied).
 
@@ -356,14 +357,40 @@ def family_aliases(base: Source, tasks: Mapping[str, Source]) -> dict[str, str]:
                 break
         else:
             out[name] = target
+    out.update(_held_once(base, found, theirs))
     apart: dict[tuple[str, str], list[str]] = {}  # pairs tasks tie that the base does not
     for t, tied in theirs.items():
         for name, target in tied.items():
-            if found.get(name) != target and found.get(target) != name:
+            if found.get(name) != target and found.get(target) != name and name not in out and target not in out:
                 apart.setdefault((name, target), []).append(t)
     for (name, target), which in apart.items():
         _stored_apart(name, target, f"the base ({base.label}) "
                       + ("lacks one of them" if name not in base or target not in base else "does not tie them"), which)
+    return out
+
+
+def _held_once(base: Source, found: Mapping[str, str], theirs: Mapping[str, Mapping[str, str]]) -> dict[str, str]:
+    """Aliases of names that every task ties together where the base holds only one of them: a
+    base written by safetensors' ``save_model`` (or ``save_pretrained``) keeps one name of a tied
+    weight and drops the others, while tasks saved with ``torch.save`` hold them all as one
+    tensor. Each dropped name becomes an alias of the one the base holds (the target), so the
+    tensor is stored once and read tied, instead of once per task under the dropped name."""
+    groups: list[frozenset[str]] | None = None  # each task's tied groups: a first name and its aliases
+    for tied in theirs.values():
+        by_first: dict[str, set[str]] = {}
+        for name, first in tied.items():
+            by_first.setdefault(first, {first}).add(name)
+        mine = {frozenset(g) for g in by_first.values()}
+        groups = list(mine) if groups is None else [g for g in groups if g in mine]
+    out: dict[str, str] = {}
+    for group in groups or ():
+        held = [n for n in group if n in base]
+        if len(held) != 1 or any(n in found or n in found.values() for n in group):
+            continue  # the base holds them apart (or ties them itself: family_aliases' first loop)
+        (target,) = held
+        out.update((n, target) for n in sorted(group) if n != target)
+        log.debug("tensors %s: one tensor in every task, of which the base holds %r alone: stored once",
+                  ", ".join(map(repr, sorted(group))), target)
     return out
 
 
