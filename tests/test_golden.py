@@ -1,4 +1,4 @@
-"""Golden archives of formats 1.0 to 1.12: the current reader, the JSON schema, and a reader written from
+"""Golden archives of formats 1.0 to 1.14: the current reader, the JSON schema, and a reader written from
 ``spec/FORMAT.md`` alone must all agree with the expected state dicts, bit for bit.
 
 The golden files are made by ``tests/golden/make_golden.py`` (run it only when the format changes).
@@ -31,9 +31,11 @@ GOLDEN = ROOT / "tests" / "golden"
 SCHEMA = ROOT / "spec" / "manifest.schema.json"
 NAMES = ["v1_0_ta", "v1_0_ties_raw", "v1_1_ta_zstd", "v1_2_exact", "v1_3_planes", "v1_4_files", "v1_5_correction",
          "v1_6_derived", "v1_7_qtau", "v1_8_derived_merged", "v1_9_bitsplit", "v1_11_planes_exp",
-         "v1_12_groups", "v1_12_groups_ties_raw"]
+         "v1_12_groups", "v1_12_groups_ties_raw", "v1_13_shared_base", "v1_13_shared_base_ties", "v1_14_aliases"]
 #: The goldens with tensor groups (format 1.12, spec §3.7).
 GROUPED = ["v1_12_groups", "v1_12_groups_ties_raw"]
+#: The goldens whose ``shared`` entries hold ``base`` (format 1.13, spec §6.1.3).
+SHARED_BASE = ["v1_13_shared_base", "v1_13_shared_base_ties"]
 
 
 def _version(name: str) -> tuple[int, int]:
@@ -270,7 +272,7 @@ NP = {"float64": "<f8", "float32": "<f4", "float16": "<f2", "bfloat16": "<u2", "
 UINT = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
 EXPONENT = {"float64": (11, 52), "float32": (8, 23), "float16": (5, 10), "bfloat16": (8, 7)}
 #: The features of ``requires`` this reader implements (§3.1).
-KNOWN_REQUIRES = {"groups"}
+KNOWN_REQUIRES = {"groups", "aliases"}
 
 
 class NeedsNewerReader(Exception):
@@ -316,8 +318,21 @@ class MiniArchive:
                 for m, offset, shape in _members(t):
                     assert m not in self.tensors and m not in self.members
                     self.members[m] = (t["name"], offset, shape)
+        #: §3.8: each alias -> its target, a stored tensor (an entry without members, or a member)
+        self.aliases: dict[str, str] = self.manifest.get("aliases", {})
+        assert isinstance(self.aliases, dict)
+        assert not self.aliases or "aliases" in requires
+        for alias, target in self.aliases.items():
+            assert isinstance(alias, str) and isinstance(target, str) and len(alias) <= 4096 and len(target) <= 4096
+            assert alias != target and alias not in self.tensors and alias not in self.members
+            assert target not in self.aliases
+            assert target in self.members or (target in self.tensors and "members" not in self.tensors[target])
         for info in self.manifest["tasks"]:  # §3.2: a key names a plain entry or a member, never a group
+            assert len(set(info["keys"])) == len(info["keys"])
             for k in info["keys"]:
+                if k in self.aliases:  # §3.8: listed with its target, which the lines below check
+                    assert self.aliases[k] in info["keys"]
+                    continue
                 assert k in self.members or "members" not in self.tensors[k]
                 assert info["name"] in self.entry(k)["tasks"]
         spans = sorted((c[0], c[1]) for t in self.manifest["tensors"] for ref in self._refs(t) for c in ref["chunks"])
@@ -327,7 +342,9 @@ class MiniArchive:
             end_prev = off + n
 
     def entry(self, name: str) -> dict:
-        """The tensor entry that holds tensor ``name``: its own, or its group's (§3.7)."""
+        """The tensor entry that holds tensor ``name``: its own, or its group's (§3.7); an alias's
+        is its target's (§3.8)."""
+        name = self.aliases.get(name, name)
         return self.tensors[self.members[name][0] if name in self.members else name]
 
     @staticmethod
@@ -404,6 +421,8 @@ class MiniArchive:
         return np.frombuffer(b"".join(parts), NP[ref["dtype"]]).reshape(shape)
 
     def tensor(self, task: str, name: str) -> tuple[str, np.ndarray]:
+        if name in self.aliases:  # §3.8: the target's tensor of that task
+            return self.tensor(task, self.aliases[name])
         if name in self.members:  # §3.7: the member's run of its group rebuilt whole, in its shape
             group, offset, shape = self.members[name]
             dtype, flat = self.tensor(task, group)
@@ -470,27 +489,11 @@ class MiniArchive:
             dtype, x = self.exact_tensor(t, name)
             assert xxhash.xxh3_64_intdigest(np.ascontiguousarray(x).tobytes()) == entry["tasks"][t]["exact"]["xxh3"]
             taus.append(_to_f32(x.view(NP[dtype]), dtype) - b32)
-
-        def total(vs):
-            out = np.float32(0.0) + vs[0]  # +0.0 + v_1: a -0.0 becomes +0.0
-            for v in vs[1:]:
-                out = out + v
-            return out
-
-        merge = self.manifest["merge"]
-        if merge["method"] == "ta":
-            return {"merged": total(taus)}
-        assert merge["method"] == "ties" and len(merge["thresholds"]) == len(self.manifest["tasks"])
-        thr = {t["name"]: np.float32(v) for t, v in zip(self.manifest["tasks"], merge["thresholds"])}
-        trimmed = [tau * (np.abs(tau) >= thr[t]).astype(np.float32) for t, tau in zip(order, taus)]
-        s = np.sign(total(trimmed))
-        s = np.where(s == 0, np.float32(merge["majority_sign"]), s)
-        kept = [r * np.where(s > 0, r > 0, r < 0).astype(np.float32) for r in trimmed]
-        counts = sum((k != 0).astype(np.uint8) for k in kept).astype(np.uint8)
-        return {"merged": total(kept), "counts": counts}
+        return _merge_vectors(self.manifest, order, taus)
 
     def exact_tensor(self, task: str, name: str) -> tuple[str, np.ndarray]:
         """§6.1.5: the original bits, as unsigned integers of the dtype's itemsize."""
+        name = self.aliases.get(name, name)
         entry = self.tensors[name]
         tt = entry["tasks"][task]
         dtype, u = tt["dtype"], UINT[ITEMSIZE[tt["dtype"]]]
@@ -524,6 +527,28 @@ class MiniArchive:
             d = (z >> one) ^ (u(0) - (z & one))
             x = flip(flip(r) + d)
         return dtype, x.reshape(tt["shape"])
+
+
+def _merge_vectors(manifest: dict, order: list[str], taus: list[np.ndarray]) -> dict[str, np.ndarray]:
+    """§6.1.9's tau_MTL (and TIES counts) of the task vectors ``taus`` of the tasks ``order`` (in
+    the manifest's order), element by element in float32, every sum left to right from +0.0."""
+    def total(vs):
+        out = np.float32(0.0) + vs[0]  # +0.0 + v_1: a -0.0 becomes +0.0
+        for v in vs[1:]:
+            out = out + v
+        return out
+
+    merge = manifest["merge"]
+    if merge["method"] == "ta":
+        return {"merged": total(taus)}
+    assert merge["method"] == "ties" and len(merge["thresholds"]) == len(manifest["tasks"])
+    thr = {t["name"]: np.float32(v) for t, v in zip(manifest["tasks"], merge["thresholds"])}
+    trimmed = [tau * (np.abs(tau) >= thr[t]).astype(np.float32) for t, tau in zip(order, taus)]
+    s = np.sign(total(trimmed))
+    s = np.where(s == 0, np.float32(merge["majority_sign"]), s)
+    kept = [r * np.where(s > 0, r > 0, r < 0).astype(np.float32) for r in trimmed]
+    counts = sum((k != 0).astype(np.uint8) for k in kept).astype(np.uint8)
+    return {"merged": total(kept), "counts": counts}
 
 
 def _members(t: dict) -> list[tuple[str, int, tuple[int, ...]]]:
@@ -722,7 +747,7 @@ def test_spec_worked_example_matches_golden_footer() -> None:
     assert f"({len(data)} bytes)" in text.split("**Worked example**", 1)[1][:200]
 
 
-@pytest.mark.parametrize("name", ["v1_0_ta", "v1_0_ties_raw", "v1_1_ta_zstd", *GROUPED])
+@pytest.mark.parametrize("name", ["v1_0_ta", "v1_0_ties_raw", "v1_1_ta_zstd", *GROUPED, *SHARED_BASE, "v1_14_aliases"])
 def test_current_writer_writes_the_same_bytes(name: str, tmp_path: Path) -> None:
     """Packing the golden inputs again gives the committed archive byte for byte (data area and
     manifest, the writer's version string aside): archives of this and earlier writers are
@@ -975,36 +1000,82 @@ def test_bytegroup_must_use_the_arrays_itemsize(k: int, tmp_path: Path) -> None:
 
 # -- merged models (§6.2's last item) ---------------------------------------------------------------
 
+def _spec_merged_model(mini: MiniArchive, model: str, alpha: float, k: int) -> dict[str, np.ndarray]:
+    """A merged model as §6.2's last item, §6.1.3 and §3.8 define it, for archives whose merged
+    tensors are all ``tall``: each tensor every task has (a group's members, each its run), and the
+    base-only ones, as element arrays of its dtype (bfloat16 as bit patterns); the aliases of those
+    at their targets' values. d is tau_MTL (TIES: over max(counts, 1); consensus: where at least k
+    masks are set); a ``shared`` entry with ``base`` (1.13) has T equal task vectors
+    ``f32(data) - f32(base)``, with tau_MTL, counts and masks by §6.2's formulas; one without
+    ``base`` is its ``data``; a ``base-only`` entry is the base."""
+    manifest = mini.manifest
+    tasks = [t["name"] for t in manifest["tasks"]]
+    lam = {t["name"]: np.float32(t["lambda"]) for t in manifest["tasks"]}
+    out: dict[str, np.ndarray] = {}
+    for ename, e in mini.tensors.items():
+        encodings = {tt["encoding"] for tt in e["tasks"].values()}
+        if not e["tasks"]:  # base-only: theta_0
+            flat, dtype = mini.array(e["base"]).reshape(-1), None
+        elif set(e["tasks"]) != set(tasks) or encodings == {"dense"}:
+            continue  # in some tasks only, or stored per task: no base to merge onto
+        elif encodings == {"shared"} and "base" not in e:
+            flat = mini.array(e["data"]).reshape(-1)
+        else:
+            b32 = _to_f32(mini.array(e["base"]), e["base"]["dtype"]).reshape(-1)
+            if encodings == {"shared"}:  # 1.13: T equal task vectors, merged as a merged tensor's
+                assert "members" not in e and e["base"]["shape"] == e["data"]["shape"]
+                tau = _to_f32(mini.array(e["data"]), e["data"]["dtype"]).reshape(-1) - b32
+                arrays = _merge_vectors(manifest, tasks, [tau] * len(tasks))
+                mtl, counts = arrays["merged"], arrays.get("counts")
+                masks = [np.abs(tau) > lam[t] * np.abs(mtl - tau) for t in tasks]
+            else:
+                assert encodings == {"tall"}
+                mtl = mini.array(e["merged"]).astype(np.float32).reshape(-1)
+                counts = mini.array(e["counts"]).reshape(-1) if "counts" in e else None
+                masks = [mini.array(tt["mask"]).reshape(-1) for tt in e["tasks"].values()]
+            d = mtl
+            if model == "ties":
+                d = mtl / np.maximum(counts.astype(np.float32), np.float32(1))
+            if model.startswith("consensus"):
+                d = (sum(m.astype(np.int64) for m in masks) >= k).astype(np.float32) * mtl
+            prod = np.float32(alpha) * d  # r32: rounded to float32 before the sum
+            flat = _from_f32(b32 + prod, e["base"]["dtype"])
+        for member, offset, shape in _members(e) if "members" in e else [(ename, 0, tuple(e.get("base", e.get("data"))["shape"]))]:
+            out[member] = flat[offset : offset + math.prod(shape)].reshape(shape)
+    out |= {a: out[t] for a, t in mini.aliases.items() if t in out}
+    return out
+
+
 @pytest.mark.parametrize("name,models", [("v1_0_ta", ("ta", "consensus-ta")),
                                          ("v1_0_ties_raw", ("ties", "consensus-ties")),
                                          ("v1_12_groups", ("ta", "consensus-ta")),
-                                         ("v1_12_groups_ties_raw", ("ties", "consensus-ties"))])
+                                         ("v1_12_groups_ties_raw", ("ties", "consensus-ties")),
+                                         ("v1_13_shared_base", ("ta", "consensus-ta")),
+                                         ("v1_13_shared_base_ties", ("ties", "consensus-ties")),
+                                         ("v1_14_aliases", ("ta", "consensus-ta"))])
 def test_spec_reader_builds_the_merged_models_bit_for_bit(name: str, models: tuple[str, str]) -> None:
     """§6.2: a merged tensor is ``cast(f32(θ₀) + r32(f32(α) × d))``, d the merged vector (TIES: over
-    max(counts, 1); consensus, for TA and TIES alike: τ_MTL where at least k masks are set); the reference reader's merged
-    models are that, bit for bit, for every stored TALL entry, groups' members included."""
+    max(counts, 1); consensus, for TA and TIES alike: τ_MTL where at least k masks are set); a 1.13
+    ``shared`` entry with ``base`` is built the same way from its T equal task vectors (§6.1.3); a
+    1.14 alias is its target's tensor, the same object (§3.8). The reference reader's merged models
+    are that, bit for bit, tensor for tensor, groups' members included."""
     mini = MiniArchive(GOLDEN / f"{name}.tallpack")
     alpha, k = 0.7, 2
     with tallpack.open(GOLDEN / f"{name}.tallpack") as fam:
         for model in models:
             got = fam.merged(model, alpha=alpha, **({"k": k} if model.startswith("consensus") else {}))
-            checked = 0
-            for ename, e in mini.tensors.items():
-                if "merged" not in e or not e["tasks"] or any(tt["encoding"] != "tall" for tt in e["tasks"].values()):
-                    continue
-                b32 = _to_f32(mini.array(e["base"]), e["base"]["dtype"])
-                d = mini.array(e["merged"]).astype(np.float32).reshape(b32.shape)
-                if model == "ties":
-                    d = d / np.maximum(mini.array(e["counts"]).astype(np.float32).reshape(b32.shape), np.float32(1))
-                if model.startswith("consensus"):
-                    votes = sum(mini.array(tt["mask"]).astype(np.int64).reshape(b32.shape) for tt in e["tasks"].values())
-                    d = (votes >= k).astype(np.float32) * d
-                flat = _from_f32(b32 + np.float32(alpha) * d, e["base"]["dtype"]).reshape(-1)
-                for member, offset, shape in e.get("members") or [[ename, 0, list(b32.shape)]]:
-                    want = flat[offset : offset + math.prod(shape)]
-                    assert _bits(got[member]).tobytes() == want.tobytes(), (name, model, member)
-                    checked += 1
-            assert checked >= 2, (name, model)
+            want = _spec_merged_model(mini, model, alpha, k)
+            assert set(got) == set(want), (name, model, set(got) ^ set(want))
+            for n, w in want.items():
+                assert tuple(got[n].shape) == w.shape and _bits(got[n]).tobytes() == w.tobytes(), (name, model, n)
+            assert all(got[a] is got[t] for a, t in mini.aliases.items() if t in got), (name, model)
+            shared_base = [n for n, e in mini.tensors.items() if e["kind"] == "shared" and "base" in e]
+            if name in SHARED_BASE:  # built from the base: not the tasks' value (what a 1.12 reader gives)
+                assert len(shared_base) == 4
+                assert all(not np.array_equal(want[n], mini.array(mini.tensors[n]["data"])) for n in shared_base)
+                assert str(got["shifted.mixed"].dtype) == "torch.float32"  # theta_0's dtype, not the tasks'
+            else:
+                assert not shared_base
 
 
 def test_an_entry_in_no_task_without_its_base_is_refused(tmp_path: Path) -> None:
@@ -1018,3 +1089,125 @@ def test_an_entry_in_no_task_without_its_base_is_refused(tmp_path: Path) -> None
         tallpack.open(path)
     with tallpack.open(_rewritten("v1_0_ties_raw", lambda m: None, tmp_path / "same.tallpack")) as fam:
         assert "base_only.weight" in fam.merged("ties")
+
+
+# -- shared entries with a base (format 1.13) -------------------------------------------------------
+
+@pytest.mark.parametrize("name", SHARED_BASE)
+def test_golden_shared_base_covers_the_layout(name: str) -> None:
+    """The 1.13 goldens hold what they check (§6.1.3): ``shared`` entries with ``base`` of each
+    floating dtype, one whose base is float32 and data float16, none a group's; ``shared`` entries
+    without it beside them (the tensors the tasks left at the base's value); no ``requires`` name
+    of 1.13 (an earlier reader opens the archive). The tasks read the data, never the base."""
+    mini = MiniArchive(GOLDEN / f"{name}.tallpack")
+    assert mini.manifest["format_version"] == [1, 13] and mini.manifest["requires"] == ["groups"]
+    with_base = {n: e for n, e in mini.tensors.items() if e["kind"] == "shared" and "base" in e}
+    assert sorted(with_base) == sorted(_make_golden().SHIFTED)
+    assert {(e["base"]["dtype"], e["data"]["dtype"]) for e in with_base.values()} == {
+        ("float32", "float32"), ("bfloat16", "bfloat16"), ("float16", "float16"), ("float32", "float16")}
+    assert all("members" not in e and e["base"]["shape"] == e["data"]["shape"] for e in with_base.values())
+    assert any(e["kind"] == "shared" and "base" not in e and "members" not in e for e in mini.tensors.values())
+    order, expected = _expected(name)
+    for n, e in with_base.items():
+        data = mini.array(e["data"])
+        assert not np.array_equal(mini.array(e["base"]).view(np.uint8), data.view(np.uint8))
+        for task in e["tasks"]:
+            assert mini.tensor(task, n)[1].tobytes() == data.tobytes() == _bits(expected[f"{task}/{n}"]).tobytes()
+
+
+# -- aliases (format 1.14) ----------------------------------------------------------------------------
+
+def test_golden_aliases_cover_the_layout() -> None:
+    """The 1.14 golden holds what it checks (§3.8): ``requires`` with ``"aliases"``; aliases whose
+    targets are a merged tensor stored alone, a merged group's member and a shared group's member;
+    the pair only the first task ties stored as two tensors; the sizes counting a tied tensor once."""
+    mg = _make_golden()
+    mini = MiniArchive(GOLDEN / "v1_14_aliases.tallpack")
+    m = mini.manifest
+    assert m["format_version"] == [1, 14] and m["requires"] == ["groups", "aliases"]
+    assert mini.aliases == mg.TIED
+    assert "members" not in mini.tensors["mixed.weight"] and mini.tensors["mixed.weight"]["kind"] == "merged"
+    assert mini.entry("lm_head.weight")["kind"] == "merged" and "embed.weight" in mini.members
+    assert mini.entry("frozen.tied")["kind"] == "shared" and "frozen.weight" in mini.members
+    copy, of = mg.TIED_FIRST
+    assert copy not in mini.aliases and (copy in mini.members or copy in mini.tensors)
+    assert all(copy in info["keys"] and set(mg.TIED) <= set(info["keys"]) for info in m["tasks"])
+    assert [t["source"]["format"] for t in m["tasks"]] == ["torch", "dict", "dict"] and m["base"]["format"] == "torch"
+    base, fts = mg.inputs("v1_14_aliases")
+    stored = len(mini.members) + sum("members" not in e for e in mini.tensors.values())
+    assert sum(m["stats"]["kinds"].values()) == stored == len(base) - 1 - len(mg.TIED) + 1  # base_only out, extra.bias in
+    once = lambda sd: sum(v.numel() * v.element_size() for k, v in sd.items() if k not in mg.TIED)
+    assert m["base"]["bytes"] == once(base) and [t["source"]["bytes"] for t in m["tasks"]] == [once(sd) for sd in fts.values()]
+
+
+def test_aliases_read_as_their_targets() -> None:
+    """§3.8: for a task whose keys list an alias, the tensor is the target's of that task; the reference
+    reader returns the same tensor object (memory shared, as ``torch.load`` gives them), in the state
+    dict and its lazy form, and the stored-apart pair as two tensors."""
+    mg = _make_golden()
+    order, expected = _expected("v1_14_aliases")
+    mini = MiniArchive(GOLDEN / "v1_14_aliases.tallpack")
+    with tallpack.open(GOLDEN / "v1_14_aliases.tallpack") as fam:
+        for task in fam.tasks:
+            sd = fam.state_dict(task)
+            for alias, target in mg.TIED.items():
+                assert sd[alias] is sd[target], (task, alias)
+                assert _same(sd[alias], expected[f"{task}/{target}"]) and _same(expected[f"{task}/{alias}"], sd[target])
+                assert mini.tensor(task, alias)[1].tobytes() == mini.tensor(task, target)[1].tobytes()
+                assert _same(fam.get_tensor(task, alias), sd[target])
+            assert sd[mg.TIED_FIRST[0]] is not sd[mg.TIED_FIRST[1]]
+            lazy = fam.state_dict(task, lazy=True)
+            assert all(_same(lazy[a], sd[a]) for a in mg.TIED)
+
+
+def _alias_edits() -> dict[str, Callable[[dict], None]]:
+    """Ways to break the 1.14 golden's aliases (§3.8), each a rule a reader checks at open."""
+    def alias(name: str, target) -> Callable[[dict], None]:
+        return lambda m: m["aliases"].__setitem__(name, target)
+
+    def drop_key(m: dict) -> None:  # the first task lists lm_head.weight without embed.weight
+        m["tasks"][0]["keys"].remove("embed.weight")
+
+    return {
+        "aliases without requires": lambda m: m["requires"].remove("aliases"),
+        "aliases not an object": lambda m: m.update(aliases=[["lm_head.weight", "embed.weight"]]),
+        "a target not a string": alias("lm_head.weight", 3),
+        "an alias its own target": alias("lm_head.weight", "lm_head.weight"),
+        "an alias named as an entry": alias("head.weight", "embed.weight"),
+        "an alias named as a group": alias("tallpack.group.0", "embed.weight"),
+        "an alias named as a member": alias("block.1.weight", "embed.weight"),
+        "a target that is an alias": alias("wte.tied", "lm_head.weight"),
+        "a target that is a group": alias("wte.tied", "tallpack.group.0"),
+        "a target stored nowhere": alias("wte.tied", "wte.weight"),
+        "a key listing an alias without its target": drop_key,
+    }
+
+
+#: Edits of ``_alias_edits`` that JSON Schema cannot see (names compared across the manifest).
+ALIAS_SCHEMA_BLIND = {"an alias its own target", "an alias named as an entry", "an alias named as a group",
+                      "an alias named as a member", "a target that is an alias", "a target that is a group",
+                      "a target stored nowhere", "a key listing an alias without its target"}
+
+
+@pytest.mark.parametrize("what", list(_alias_edits()))
+def test_readers_refuse_broken_aliases(what: str, tmp_path: Path, validator) -> None:
+    """§3.8: both readers refuse, when they open the archive, each way of breaking the aliases; the
+    schema sees those that need no comparison of names."""
+    assert "tallpack.group.0" in MiniArchive(GOLDEN / "v1_14_aliases.tallpack").tensors
+    path = _rewritten("v1_14_aliases", _alias_edits()[what], tmp_path / "broken.tallpack")
+    with pytest.raises(AssertionError):
+        MiniArchive(path)
+    with pytest.raises(FormatError):
+        tallpack.open(path).close()
+    manifest = MiniArchive(GOLDEN / "v1_14_aliases.tallpack").manifest
+    _alias_edits()[what](manifest)
+    assert validator.is_valid(manifest) == (what in ALIAS_SCHEMA_BLIND), what
+
+
+def test_readers_before_aliases_refuse_them(tmp_path: Path, monkeypatch) -> None:
+    """§3.1/§8: a reader that does not implement aliases (this one made a 1.13 reader) refuses the
+    archive at open, before it reads a tensor; without aliases the same file is a 1.12 one that it reads."""
+    monkeypatch.setattr(f"{__name__}.KNOWN_REQUIRES", {"groups"})
+    with pytest.raises(NeedsNewerReader, match="aliases"):
+        MiniArchive(GOLDEN / "v1_14_aliases.tallpack")
+    assert MiniArchive(GOLDEN / "v1_12_groups.tallpack").members
