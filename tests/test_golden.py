@@ -1211,3 +1211,17 @@ def test_readers_before_aliases_refuse_them(tmp_path: Path, monkeypatch) -> None
     with pytest.raises(NeedsNewerReader, match="aliases"):
         MiniArchive(GOLDEN / "v1_14_aliases.tallpack")
     assert MiniArchive(GOLDEN / "v1_12_groups.tallpack").members
+
+
+def test_readers_refuse_a_shared_group_with_a_base(tmp_path: Path) -> None:
+    """§6.1.3: a group of ``shared`` tensors holding ``base`` is refused at open by both readers
+    (the reference reader's merged models ignored it: a group's members were taken as ``data``)."""
+    def edit(m: dict) -> None:
+        [g] = [e for e in m["tensors"] if e.get("members") and e["kind"] == "shared"][:1]
+        g["base"] = dict(g["data"])
+
+    path = _rewritten("v1_14_aliases", edit, tmp_path / "group_base.tallpack")
+    with pytest.raises(AssertionError):
+        MiniArchive(path)
+    with pytest.raises(FormatError, match="group of shared tensors holds a base"):
+        tallpack.open(path).close()

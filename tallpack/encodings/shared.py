@@ -49,6 +49,10 @@ class Shared(Encoding):
         data = entry.arrays.get("data")
         if data is None or data.shape != tt.shape or data.dtype != tt.dtype:
             raise FormatError(f"{where}: shared data missing or of another shape/dtype")
+        base = entry.arrays.get("base")
+        if base is not None and entry.members:  # merged models would ignore it (spec §6.1.3)
+            raise FormatError(f"{where}: a group of shared tensors holds a base (spec §6.1.3: only an entry "
+                              "without members may)")
 
     @classmethod
     def write(cls, ctx: WriteContext, item: Item) -> TensorEntry:
