@@ -41,15 +41,19 @@ nothing is packed twice.
 
 from __future__ import annotations
 
+import functools
 import heapq
 import json
 import logging
 import math
+import resource
 import statistics
+import threading
 from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import closing, contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import zstandard
@@ -76,6 +80,7 @@ from .report import format_size
 from .tall import blocks, compiled_kind, elements, tall_mask
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 #: The residual codecs the exact tier tries, ``planes`` among them (the dial's exact corrections use it).
 EXACT_CODECS = ("planes", *(c for c in RESIDUAL_CODECS if c != "planes"))
 
@@ -439,6 +444,109 @@ def torch_alone() -> Iterator[None]:
         torch.set_num_threads(before)
 
 
+#: Bytes one task's measurement of a merged tensor works in, per element of the tensor (measured:
+#: about 95 for float32 and 113 for bfloat16 tasks: the float64 error buffers, the rebuild,
+#: residual and task vector, the quantizers' work, the candidates' arrays), rounded up; and per
+#: thread beside it (its stack and malloc arena, which an address-space limit counts).
+WORK_PER_ELEMENT, THREAD_BYTES = 128, 64 << 20
+#: The share of the memory the process may still take (``memory_free``) that the tasks measured
+#: beside the first may work in (``in_flight``).
+MEMORY_SHARE = 0.25
+
+
+def in_flight(threads: int, tasks: int, elements: int, free: int | None) -> int:
+    """How many of a merged tensor's ``tasks`` the dial measures at once: up to ``threads``, and
+    beside the first only as many as keep their work (``WORK_PER_ELEMENT`` bytes an element, and
+    ``THREAD_BYTES``, each) within ``MEMORY_SHARE`` of ``free``, the bytes the process may still
+    take (None: not known, no cap).
+
+    >>> in_flight(8, 20, 1000, 4 << 30), in_flight(8, 20, 1 << 24, 9 << 30), in_flight(8, 3, 10, None)
+    (8, 2, 3)
+    """
+    parts = max(1, min(threads, tasks))
+    if parts > 1 and free is not None:
+        parts = min(parts, 1 + int(MEMORY_SHARE * free) // (WORK_PER_ELEMENT * elements + THREAD_BYTES))
+    return parts
+
+
+def memory_free() -> int | None:
+    """About the bytes this process may still take: the least of the machine's available memory
+    (Linux's ``MemAvailable``), its cgroup's limit less its use (cgroup v2, seen from inside a
+    container) and its address-space limit (``ulimit -v``) less what it maps; None where none is known."""
+    found: list[int] = []
+    try:
+        with open("/proc/meminfo") as f:
+            found += [int(line.split()[1]) << 10 for line in f if line.startswith("MemAvailable:")]
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        with open("/sys/fs/cgroup/memory.max") as f, open("/sys/fs/cgroup/memory.current") as g:
+            limit = f.read().strip()
+            if limit != "max":
+                found.append(int(limit) - int(g.read()))
+    except (OSError, ValueError):
+        pass
+    try:
+        soft = resource.getrlimit(resource.RLIMIT_AS)[0]
+        if soft != resource.RLIM_INFINITY:
+            with open("/proc/self/statm") as f:
+                found.append(soft - int(f.read().split()[0]) * resource.getpagesize())
+    except (OSError, ValueError, IndexError, AttributeError):
+        pass
+    return max(0, min(found)) if found else None
+
+
+@dataclass(frozen=True)
+class _Measured:
+    """One task's measurements of one merged tensor (``Dial._measure``), recorded in task order."""
+
+    sq: float  # the original's sum of squares, weighted with a sensitivity
+    sq_plain: float | None  # its plain one with a sensitivity, else None
+    scale: float  # ``TaskPlan.scale``
+    tall: Option  # the plain TALL rebuild
+    ladder: list[Option]
+    qtaus: list[Option] | None  # every qtau measured (None: none)
+    sizes: list[tuple[int, tuple[str, str, str]]] | None  # ``exact._sizes`` (None: an empty tensor)
+    held: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.dtype] | None  # ``Dial._held``'s, with an evaluator
+
+
+class _Scratch:
+    """A float32 buffer of ``n`` elements for each thread that asks (the quantizers' ``scratch``)."""
+
+    def __init__(self, n: int):
+        self.n, self._local = n, threading.local()
+
+    def get(self) -> torch.Tensor:
+        buf = getattr(self._local, "buf", None)
+        if buf is None:
+            buf = self._local.buf = torch.empty(self.n, dtype=torch.float32)
+        return buf
+
+
+def _in_order(run: Callable[[int], T], count: int, parts: int) -> Iterator[Callable[[], T]]:
+    """``run(i)`` for each i of ``range(count)``, up to ``parts`` at once on threads of their own
+    (one: each on this thread when its turn comes), given in order as calls that return its result
+    or raise its error. Closed (``contextlib.closing``) before its end, on an error say, it cancels
+    the runs not begun and waits for those under way: no thread is left running."""
+    if parts <= 1:
+        for i in range(count):
+            yield functools.partial(run, i)
+        return
+    pool = ThreadPoolExecutor(parts, thread_name_prefix="tallpack-dial")
+    try:
+        futures = [pool.submit(_alone, run, i) for i in range(count)]
+        for f in futures:
+            yield f.result
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _alone(run: Callable[[int], T], i: int) -> T:
+    """``run(i)`` on a pool's thread, its loops on that thread alone (``kernels.as_worker``)."""
+    with kernels.as_worker():
+        return run(i)
+
+
 def overflow_error(dtype: torch.dtype) -> float:
     """The error an element rebuilt as +-inf or NaN counts for (its original finite: a float16 or
     float8 rebuild past the dtype's range): twice the dtype's largest value, large enough that the
@@ -716,76 +824,102 @@ class Dial:
         tier = TierCost(_tensor_cost(ctx.dense(b_dt), item.base, ce), mcost,
                         {t: _tensor_cost(ctx.masks, m, ce) + 40 for t, m in zip(item.tasks, masks)})
         self.tier[item.name] = tier
-        scratch = torch.empty(base32.numel() + max(QBLOCK, BLOCK), dtype=torch.float32)  # the quantizers' work: no fresh pages
-        sizes: dict[str, list[tuple[int, tuple[str, str, str]]]] = {}
-        bases: dict[torch.dtype, torch.Tensor] = {}  # the exact tier's base reference, once per dtype
-        for i, (t, x, mask) in enumerate(zip(item.tasks, item.thetas, masks)):
-            plan = self.plans.setdefault(t, TaskPlan())
-            xf = x.reshape(-1)
-            given = (self.sensitivity or {}).get(t, {}).get(item.name)
-            w = None if given is None else sensitivity_weights(given, tuple(x.shape), f"task {t!r}, tensor {item.name!r}")
-            sq_err = _Errors(xf, w)
-            rec32 = torch.addcmul(base32, mask.to(torch.float32), merged)
-            r = xf.to(torch.float32) - rec32
-            plain = narrow(rec32, x.dtype)
-            sq, sq_plain = sq_err.norm()
-            plan.theta_sq += sq
-            plan.plain_theta_sq += sq if sq_plain is None else sq_plain
-            plan.scale[item.name] = 1.0 / (sq or _squares(base32.to(torch.float64), base32.dtype, w)[0] or 1.0)
-            err0, plain0, exact0, over0 = sq_err(plain)
-            plan.tall_err += err0
-            plan.plain_tall_err += err0 if plain0 is None else plain0
-            plan.tall_inexact += not exact0
-            plan.tall_overflow[item.name] = over0
-            opts = [Option(None, 0, err0, plain=plain0, bit_exact=exact0, overflow=over0)]
-            n = r.numel()
-
-            def priced(arrays: Mapping[str, np.ndarray]) -> int:
-                return sum(_array_cost(_chain(ctx, a), a, ce) for a in arrays.values()) + 40
-
-            if n and self.qtau:
-                # measured even where TALL loses nothing (a task equal to the base: a zero task
-                # vector, whose qtau is exact and nearly free): the merged-vector pass moves
-                # such a task to qtau so that the others may drop the merged vector
-                tau = xf.to(torch.float32) - base32
-                qs = []
-                deqs = quantize_widths(tau, QTAU_BITS, QBLOCK, scratch=scratch)
-                for b, (codes, scales, deq) in zip(QTAU_BITS, deqs):
-                    assert deq is not None
-                    err, pe, same, over = sq_err(narrow(deq.add_(base32), x.dtype))  # as ``rebuilt``
-                    qs.append(Option("qtau", priced({"codes": codes, "scales": scales}) - tier.masks[t], err, bits=b,
-                                     plain=pe, bit_exact=same, overflow=over))
-                plan.qtaus[item.name] = qs
-                opts += qs
-            if n and err0 > 0:  # (a correction adds to the TALL rebuild: none mends a -0.0 it lost)
-                # each candidate's correction c as its decoder gives it, the rebuild as ``corrected``
-                # (rec32 is its TALL part), without decoding the arrays again
-                if "sparse" in self.allowed:
-                    # rec32 + c, c zero but at the k indices: rec32 + 0.0 (a -0.0 becomes +0.0),
-                    # the k entries added to; in one buffer
-                    rz, work = torch.add(rec32, 0.0), torch.empty(n, dtype=torch.float32)
-                    ks = sorted({max(1, int(n * f)) for f in SPARSE_FRACTIONS})
-                    for k, gaps, values in sparse_encode_ks(r, ks):
-                        idx = torch.from_numpy(np.cumsum(gaps.astype(np.int64)))
-                        work.copy_(rz)
-                        work[idx] = rec32[idx] + torch.from_numpy(values.astype(np.float32))
-                        err, pe, same, over = sq_err(narrow(work, x.dtype))
-                        opts.append(Option("sparse", priced({"indices": gaps, "values": values}), err, k, 0, pe, same, over))
-                widths = [b for b in (4, 8) if f"quant{b}" in self.allowed]
-                for b, (codes, scales, cq) in zip(widths, quant_encode_widths(r, widths, BLOCK, scratch=scratch)):
-                    assert cq is not None
-                    err, pe, same, over = sq_err(narrow(rec32 + cq, x.dtype))
-                    opts.append(Option("quant", priced({"scales": scales, "codes": codes}), err, 0, b, pe, same, over))
-            if n:  # the exact tier's residual, weighed as ``pack --exact`` would (``exact_tier_cost``)
-                refs = _references(item, i, plain, bases)
-                sizes[t] = _sizes(ctx, item, i, refs, EXACT_CODECS)
-                if not exact0 and "exact" in self.allowed:  # also where TALL errs by bits alone
-                    opts.append(Option("exact", _exact_cost(ctx, x, sizes[t], refs), 0.0, bit_exact=True))
-            plan.ladders[item.name] = hull(opts)
-            if self.evaluate is not None:
-                self._held.setdefault(t, {})[item.name] = (base32, rec32, r, x.dtype)
         n = base32.numel()  # (an empty tensor: its base entry alone)
+        bases: dict[torch.dtype, torch.Tensor] = {}  # the exact tier's base reference, once per dtype
+        for x in item.thetas if n else ():  # made here, before the tasks share them
+            if x.dtype not in bases:
+                bases[x.dtype] = narrow(item.base.to(torch.float32), x.dtype)  # as ``_references``
+        scratch = _Scratch(n + max(QBLOCK, BLOCK))  # the quantizers' work: no fresh pages
+
+        def measure(i: int) -> _Measured:
+            return self._measure(ctx, item, i, base32, merged, masks[i], tier, bases, scratch.get())
+
+        sizes: dict[str, list[tuple[int, tuple[str, str, str]]]] = {}
+        parts = in_flight(ctx.threads, len(item.tasks), n, memory_free() if ctx.threads > 1 else None)
+        with closing(_in_order(measure, len(item.tasks), parts)) as results:
+            for t, got in zip(item.tasks, results):
+                plan = self.plans.setdefault(t, TaskPlan())
+                m = got()  # a task's error is raised here, after the tasks before it are recorded
+                plan.theta_sq += m.sq
+                plan.plain_theta_sq += m.sq if m.sq_plain is None else m.sq_plain
+                plan.scale[item.name] = m.scale
+                plan.tall_err += m.tall.err
+                plan.plain_tall_err += m.tall.plain_err
+                plan.tall_inexact += not m.tall.bit_exact
+                plan.tall_overflow[item.name] = m.tall.overflow
+                if m.qtaus is not None:
+                    plan.qtaus[item.name] = m.qtaus
+                if m.sizes is not None:
+                    sizes[t] = m.sizes
+                plan.ladders[item.name] = m.ladder
+                if self.evaluate is not None:
+                    assert m.held is not None
+                    self._held.setdefault(t, {})[item.name] = m.held
         self.exact_tier[item.name] = exact_tier_cost(tier, sizes, n, ce, derives_merged(ctx.method)) if n else tier.base
+
+    def _measure(self, ctx: WriteContext, item: Item, i: int, base32: torch.Tensor, merged: torch.Tensor,
+                 mask: torch.Tensor, tier: TierCost, bases: dict[torch.dtype, torch.Tensor],
+                 scratch: torch.Tensor) -> _Measured:
+        """Task ``i``'s candidates of one merged tensor, measured without touching the dial's state
+        (the tasks of a tensor are measured on several threads at once: ``_observe`` records them)."""
+        t, x, ce = item.tasks[i], item.thetas[i], ctx.chunk_elements
+        xf = x.reshape(-1)
+        given = (self.sensitivity or {}).get(t, {}).get(item.name)
+        w = None if given is None else sensitivity_weights(given, tuple(x.shape), f"task {t!r}, tensor {item.name!r}")
+        sq_err = _Errors(xf, w)
+        rec32 = torch.addcmul(base32, mask.to(torch.float32), merged)
+        r = xf.to(torch.float32) - rec32
+        plain = narrow(rec32, x.dtype)
+        sq, sq_plain = sq_err.norm()
+        scale = 1.0 / (sq or _squares(base32.to(torch.float64), base32.dtype, w)[0] or 1.0)
+        err0, plain0, exact0, over0 = sq_err(plain)
+        opts = [Option(None, 0, err0, plain=plain0, bit_exact=exact0, overflow=over0)]
+        qs: list[Option] | None = None
+        sizes: list[tuple[int, tuple[str, str, str]]] | None = None
+        n = r.numel()
+
+        def priced(arrays: Mapping[str, np.ndarray]) -> int:
+            return sum(_array_cost(_chain(ctx, a), a, ce) for a in arrays.values()) + 40
+
+        if n and self.qtau:
+            # measured even where TALL loses nothing (a task equal to the base: a zero task
+            # vector, whose qtau is exact and nearly free): the merged-vector pass moves
+            # such a task to qtau so that the others may drop the merged vector
+            tau = xf.to(torch.float32) - base32
+            qs = []
+            deqs = quantize_widths(tau, QTAU_BITS, QBLOCK, scratch=scratch)
+            for b, (codes, scales, deq) in zip(QTAU_BITS, deqs):
+                assert deq is not None
+                err, pe, same, over = sq_err(narrow(deq.add_(base32), x.dtype))  # as ``rebuilt``
+                qs.append(Option("qtau", priced({"codes": codes, "scales": scales}) - tier.masks[t], err, bits=b,
+                                 plain=pe, bit_exact=same, overflow=over))
+            opts += qs
+        if n and err0 > 0:  # (a correction adds to the TALL rebuild: none mends a -0.0 it lost)
+            # each candidate's correction c as its decoder gives it, the rebuild as ``corrected``
+            # (rec32 is its TALL part), without decoding the arrays again
+            if "sparse" in self.allowed:
+                # rec32 + c, c zero but at the k indices: rec32 + 0.0 (a -0.0 becomes +0.0),
+                # the k entries added to; in one buffer
+                rz, work = torch.add(rec32, 0.0), torch.empty(n, dtype=torch.float32)
+                ks = sorted({max(1, int(n * f)) for f in SPARSE_FRACTIONS})
+                for k, gaps, values in sparse_encode_ks(r, ks):
+                    idx = torch.from_numpy(np.cumsum(gaps.astype(np.int64)))
+                    work.copy_(rz)
+                    work[idx] = rec32[idx] + torch.from_numpy(values.astype(np.float32))
+                    err, pe, same, over = sq_err(narrow(work, x.dtype))
+                    opts.append(Option("sparse", priced({"indices": gaps, "values": values}), err, k, 0, pe, same, over))
+            widths = [b for b in (4, 8) if f"quant{b}" in self.allowed]
+            for b, (codes, scales, cq) in zip(widths, quant_encode_widths(r, widths, BLOCK, scratch=scratch)):
+                assert cq is not None
+                err, pe, same, over = sq_err(narrow(rec32 + cq, x.dtype))
+                opts.append(Option("quant", priced({"scales": scales, "codes": codes}), err, 0, b, pe, same, over))
+        if n:  # the exact tier's residual, weighed as ``pack --exact`` would (``exact_tier_cost``)
+            refs = _references(item, i, plain, bases)
+            sizes = _sizes(ctx, item, i, refs, EXACT_CODECS)
+            if not exact0 and "exact" in self.allowed:  # also where TALL errs by bits alone
+                opts.append(Option("exact", _exact_cost(ctx, x, sizes, refs), 0.0, bit_exact=True))
+        held = (base32, rec32, r, x.dtype) if self.evaluate is not None else None
+        return _Measured(sq, sq_plain, scale, opts[0], hull(opts), qs, sizes, held)
 
     def tier_bytes(self) -> int:
         """The TALL tier of every observed tensor, in bytes (what ``Tall.write`` would store)."""
