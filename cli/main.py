@@ -342,8 +342,16 @@ def _one_model(path: str, hint: str) -> None:
 
 
 def _same(folder: Path, path: str) -> bool:
+    """Whether two paths are one model (a Hugging Face cache repository folder and its snapshot too)."""
+    from tallpack.sources import hub_snapshot
+
+    def model(p: Path) -> Path:
+        try:
+            return (hub_snapshot(p) or p).resolve()
+        except TallpackError:  # several snapshots: the folder itself
+            return p.resolve()
     try:
-        return folder.resolve() == Path(path).resolve()
+        return model(folder) == model(Path(path))
     except OSError:
         return False
 

@@ -14,7 +14,7 @@ from .encodings import Item
 from .errors import InvalidArgumentError
 from .manifest import check_task_name
 from .plan import Kind, Plan, TensorPlan, aligned_base, make_plan, resolve
-from .sources import Source, SourceLike, check_components, open_source, stems
+from .sources import Source, SourceLike, check_components, is_hub_repo, open_source, stems
 from .storage import is_url
 from .tall import blocks, compiled_kind, elements, in_tall_range
 
@@ -47,9 +47,10 @@ def model_folders(path: SourceLike) -> list[Path]:
         return []
     folder = Path(path)
     try:
-        if not folder.is_dir() or _holds_model(folder):
+        if not folder.is_dir() or _holds_model(folder) or is_hub_repo(folder):
             return []
-        return sorted(d for d in folder.iterdir() if d.is_dir() and _holds_model(d))
+        # a Hugging Face cache (~/.cache/huggingface/hub) holds repository folders, each a model's
+        return sorted(d for d in folder.iterdir() if d.is_dir() and (_holds_model(d) or is_hub_repo(d)))
     except OSError:  # unreadable: opening it says why
         return []
 

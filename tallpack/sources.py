@@ -409,7 +409,15 @@ def _not_a_file(path: Path) -> CheckpointError:
     """The error for a checkpoint path that is no regular file: missing, or a FIFO, device, ..."""
     if os.path.exists(path):
         return CheckpointError(f"{path}: not a regular file")
+    if os.path.islink(path):  # as a folder file's dangling link is named
+        return CheckpointNotFoundError(_dangling(path))
     return CheckpointNotFoundError(f"{path}: no such file")
+
+
+def _dangling(path: Path) -> str:
+    """The message for a link to a file that does not exist (a cache blob removed, or never downloaded)."""
+    return (f"{path}: a link to a file that does not exist ({os.readlink(path)}); the folder is incomplete "
+            "(a Hugging Face cache whose file was removed, or a download cut off? download it again)")
 
 
 def _check_readable(path: Path) -> None:
@@ -463,10 +471,21 @@ def _torch_load(path: Path) -> dict[str, torch.Tensor]:
 COMPILED_PREFIX = "_orig_mod."
 
 
+#: A PEFT adapter's tensor names (LoRA, LoHa, LoKr, IA3, DoRA: ``...q_proj.lora_A.weight``).
+_ADAPTER = re.compile(r"\.(lora_[AB]|lora_embedding_[AB]|lora_magnitude_vector|hada_w[12]_[ab]|lokr_w[12](_[ab])?"
+                      r"|ia3_l)(\.|$)")
+
+
 def prefix_hint(base: Source, task: Source) -> str | None:
     """Why a task shares no tensor name with the base when one side's names are all the other's
-    with one prefix in front (``module.``: saved from a DDP or DataParallel wrapper), and what to
-    do; else None."""
+    with one prefix in front (``module.``: saved from a DDP or DataParallel wrapper), or when one
+    side is a PEFT adapter (LoRA's ``...lora_A.weight``), and what to do; else None."""
+    for has, side in ((task, "it is"), (base, "the base is")):
+        lora = next((k for k in has.keys() if _ADAPTER.search(k)), None)
+        if lora is not None:
+            return (f"{side} a PEFT adapter ({lora!r}), not a model's weights; merge it into its base model first "
+                    "(PeftModel.from_pretrained(model, ADAPTER).merge_and_unload().save_pretrained(OUT)) "
+                    "and pack OUT")
     for has, other, side in ((task, base, "its"), (base, task, "the base's")):
         heads = {k.partition(".")[0] for k in has.keys()}
         if len(heads) != 1 or not has.keys() or any("." not in k for k in has.keys()):
@@ -667,6 +686,73 @@ class DictSource(Source):
         return {"format": self.kind, "bytes": self.nbytes, **self.layout}  # a layout: a pipeline's tensors
 
 
+def is_hub_repo(path: Path) -> bool:
+    """Whether ``path`` is a Hugging Face cache repository folder: ``snapshots/`` and ``blobs/`` in it."""
+    return (path / "snapshots").is_dir() and (path / "blobs").is_dir()
+
+
+def hub_snapshot(path: Path) -> Path | None:
+    """The snapshot a Hugging Face cache repository folder stands for (``models--org--name``, which
+    holds ``snapshots/``, ``blobs/`` and ``refs/``): the one ``refs/main`` names, which
+    ``from_pretrained`` loads offline, or the folder's only snapshot; None for any other path.
+    CheckpointError when it holds several snapshots and ``refs/main`` names none of them.
+
+    >>> hub_snapshot(Path("~/.cache/huggingface/hub/models--org--gpt2").expanduser())
+    PosixPath('.../models--org--gpt2/snapshots/e078b5...')
+    """
+    if not is_hub_repo(path):
+        return None
+    snapshots = path / "snapshots"
+    try:
+        revision = (path / "refs" / "main").read_text().strip()
+    except (OSError, UnicodeDecodeError):
+        revision = ""
+    if revision and "/" not in revision and revision not in (".", "..") and (snapshots / revision).is_dir():
+        log.info("%s: a Hugging Face cache repository; reading its snapshot %s (refs/main)", path, revision)
+        return snapshots / revision
+    try:
+        found = sorted(d.name for d in snapshots.iterdir() if d.is_dir())
+    except OSError as err:
+        raise CheckpointError(f"{snapshots}: cannot list the folder ({err.strerror or err})") from None
+    if len(found) == 1:
+        log.info("%s: a Hugging Face cache repository; reading its only snapshot %s", path, found[0])
+        return snapshots / found[0]
+    if not found:
+        raise CheckpointNotFoundError(f"{path}: a Hugging Face cache repository without a snapshot (a download "
+                                      "cut off? download it again)")
+    shown = ", ".join(found[:3]) + (f" and {len(found) - 3} more" if len(found) > 3 else "")
+    raise CheckpointError(
+        f"{path}: a Hugging Face cache repository of {len(found)} snapshots ({shown}) and no refs/main naming one; "
+        f"pass the snapshot to pack ({shlex.quote(str(snapshots / found[-1]))})")
+
+
+#: A Hugging Face repository id (``org/name``, or a canonical model's ``gpt2``).
+_REPO_ID = re.compile(r"(?:[A-Za-z0-9][\w.-]*/)?[A-Za-z0-9][\w.-]*")
+
+
+def hub_cache() -> Path:
+    """The Hugging Face cache folder, as huggingface_hub finds it: ``$HF_HUB_CACHE``, else
+    ``$HF_HOME/hub``, else ``$XDG_CACHE_HOME/huggingface/hub`` (``~/.cache/huggingface/hub``)."""
+    if os.environ.get("HF_HUB_CACHE") or os.environ.get("HUGGINGFACE_HUB_CACHE"):
+        return Path(os.environ.get("HF_HUB_CACHE") or os.environ["HUGGINGFACE_HUB_CACHE"]).expanduser()
+    home = os.environ.get("HF_HOME") or os.path.join(os.environ.get("XDG_CACHE_HOME") or "~/.cache", "huggingface")
+    return Path(home).expanduser() / "hub"
+
+
+def _repo_id_hint(given: str) -> str:
+    """For a path that does not exist but reads as a Hub repository id: where its download is in
+    the local Hugging Face cache, or that tallpack reads local files only; else ''."""
+    if not _REPO_ID.fullmatch(given) or given.endswith(tuple(_WEIGHT_SUFFIXES)):
+        return ""
+    repo = hub_cache() / ("models--" + given.replace("/", "--"))
+    if is_hub_repo(repo):
+        return f"; the Hugging Face repository {given}'s download is in the cache: pass {shlex.quote(str(repo))}"
+    if "/" not in given:
+        return ""
+    return (f"; a Hugging Face repository id? tallpack reads local files only: download it first "
+            f"(hf download {given}, into {shlex.quote(str(repo))}) and pass that folder")
+
+
 def _roots(folder: Path) -> list[Path]:
     """Where the files of ``folder`` may resolve to: the folder, and for a Hugging Face cache
     snapshot (or a subfolder of one), its cache repository folder."""
@@ -851,6 +937,7 @@ def open_source(obj: SourceLike, *, label: str | None = None) -> Source:
     if not isinstance(obj, (str, os.PathLike)):
         raise CheckpointError(f"cannot read a checkpoint from a {type(obj).__name__}")
     path = Path(os.fspath(obj).removeprefix("file://"))  # a file:// URL is a local path (as for archives)
+    path = hub_snapshot(path) or path
     given = None
     if _INDEX.fullmatch(path.name) and path.is_file():  # a shard index: its folder, with these weights
         path, given = path.parent, path.name
@@ -867,7 +954,7 @@ def open_source(obj: SourceLike, *, label: str | None = None) -> Source:
         _note_kept_weights(src)
         return src
     if not path.exists():
-        raise CheckpointNotFoundError(f"{path}: no such file or folder")
+        raise CheckpointNotFoundError(f"{path}: no such file or folder{_repo_id_hint(os.fspath(obj))}")
     if path.suffix == ".safetensors" or path.suffix in _TORCH_SUFFIXES:
         _note_folder_left(path)
     if path.suffix == ".safetensors":
@@ -900,6 +987,9 @@ _CHECKPOINT_FOLDER = re.compile(r"checkpoint[-_]\d+|global_step\d+")
 #: (Trainer's ``optimizer.pt``, ``rng_state.pth``; accelerate's ``optimizer.bin``, ``random_states_0.pkl``).
 _TRAINING_STATE = re.compile(r"(optimizer|scheduler)\.(bin|pt)|scaler\.pt|rng_state.*\.pth|random_states_.*\.pkl"
                              r"|training_args\.bin")
+#: Hidden files kept with a folder's files: every Hugging Face repository's ``.gitattributes`` (which
+#: files Git LFS stores), part of its download; other hidden entries (``.git``, ``.cache``) are left out.
+_KEPT_HIDDEN = frozenset({".gitattributes"})
 #: Weight files of other frameworks, left out of a folder's files (the archive stores the weights themselves).
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx", ".npz")
 #: Weight files a subfolder keeps as folder files (a pipeline's ``unet_ema/``, a sentence-transformers module's
@@ -913,7 +1003,7 @@ def _other_files(folder: Path, roots: list[Path], weights: set[Path], tops: froz
     """The folder's files other than the weights packed (config, tokenizer files, model card, chat
     template, a subfolder's module weights, ...), by relative name with ``/`` separators, in sorted order.
 
-    Hidden entries (``.git``, ``.cache``) are left out, and so are weight files of other frameworks
+    Hidden entries (``.git``, ``.cache``) but ``.gitattributes`` are left out, and so are weight files of other frameworks
     (``.h5``, ``.onnx``, ...) and ``.pt``/``.pth``/``.ckpt`` files, anywhere. A trainer's state is
     left out with a warning naming it: its checkpoint folders (``checkpoint-500/``, ``global_step500/``)
     and state files anywhere (``optimizer.bin``, ``scheduler.pt``, ``random_states_0.pkl``, ...;
@@ -949,7 +1039,7 @@ def _other_files(folder: Path, roots: list[Path], weights: set[Path], tops: froz
         for e in entries:
             name = f"{rel}{e.name}"
             p = d / e.name
-            if e.name.startswith(".") or name in skip:
+            if (e.name.startswith(".") and e.name not in _KEPT_HIDDEN) or name in skip:
                 continue
             if (_TRAINING_STATE.fullmatch(e.name) or (_CHECKPOINT_FOLDER.fullmatch(e.name) and e.is_dir())
                     or (in_checkpoint and name == "trainer_state.json")):
@@ -979,9 +1069,7 @@ def _other_files(folder: Path, roots: list[Path], weights: set[Path], tops: froz
             elif p.exists():
                 log.warning("%s: not a regular file; left out of the archive", p)
             elif e.is_symlink():  # as a weight file's dangling link is: the folder is not whole
-                raise CheckpointNotFoundError(
-                    f"{p}: a link to a file that does not exist ({os.readlink(p)}); the folder is incomplete "
-                    "(a Hugging Face cache whose file was removed? download it again)")
+                raise CheckpointNotFoundError(_dangling(p))
     walk(folder, "")
     if training:
         shown = ", ".join(training[:5]) + (f" and {len(training) - 5} more" if len(training) > 5 else "")
@@ -1491,6 +1579,8 @@ def stem(obj: SourceLike) -> str:
     folder = p.is_dir()
     if not folder and _own_weights(p.name):  # its folder (".." and "." as the path says, links kept)
         p, folder = Path(os.path.abspath(p)).parent, True
+    if folder and p.name.startswith("models--") and is_hub_repo(p):  # a cache repository's folder
+        return p.name.rsplit("--", 1)[-1]
     if folder and p.parent.name == "snapshots" and p.parent.parent.name.startswith("models--"):
         return p.parent.parent.name.rsplit("--", 1)[-1]  # a Hugging Face cache snapshot: the repository's name
     return p.name if folder else p.stem
