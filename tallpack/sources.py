@@ -25,7 +25,9 @@ Paths in a model folder stay in the folder. The folder itself may be a link (the
 and so may a single file passed directly. Inside a folder, links (of files or of subfolders) are
 followed only when their target resolves inside the folder's resolved path; in a Hugging Face
 cache snapshot (``<repo>/snapshots/<rev>/file -> ../../blobs/<hash>``), a target inside the same
-cache repository folder (the one holding ``snapshots/`` and ``blobs/``) is allowed too. A shard
+cache repository folder (the one holding ``snapshots/`` and ``blobs/``) is allowed too, and from
+any folder, a file directly in such a repository's ``blobs/`` (a ``--local-dir`` download of
+huggingface_hub before 0.23 links its large files there). A shard
 index's ``weight_map`` values must be strings naming plain relative files: no absolute paths, no
 empty, ``.`` or ``..`` components, no backslashes or NUL characters. Anything else is refused,
 naming the file and where it leads (or the index and its bad entry). The check runs before each
@@ -763,6 +765,15 @@ def _roots(folder: Path) -> list[Path]:
     return [root]
 
 
+def _hub_blob(real: Path) -> bool:
+    """Whether ``real`` (resolved) is a file directly in the ``blobs/`` folder of a Hugging Face
+    cache repository (``models--org--name``, which holds ``snapshots/`` too): a download's bytes,
+    named by their hash."""
+    repo = real.parent.parent
+    return (real.parent.name == "blobs" and repo.name.startswith("models--") and (repo / "snapshots").is_dir()
+            and real.is_file())
+
+
 def _resolve(path: Path, shown: Path) -> Path:
     try:
         return path.resolve()
@@ -774,6 +785,9 @@ def _in_folder(folder: Path, path: Path, roots: list[Path]) -> Path:
     """``path``, after checking that it resolves inside ``roots``."""
     real = _resolve(path, path)
     if any(real.is_relative_to(r) for r in roots):
+        return path
+    if _hub_blob(real):  # a --local-dir download of huggingface_hub before 0.23 links its large files there
+        log.debug("%s: a link to %s, a file of a Hugging Face cache repository", path, real)
         return path
     how = "is a symlink to" if path.is_symlink() else "leads through a symlinked folder to"
     where = "the input folder" if len(roots) == 1 else "the input folder and its Hugging Face cache repository"

@@ -136,6 +136,37 @@ def test_local_dir_download_keeps_gitattributes_not_its_cache(hub, tmp_path):
         assert not any(n.startswith(".cache") for n in fam.files("gpt2-local"))
 
 
+def test_old_local_dir_download_links_into_the_cache_blobs(hub, tmp_path):
+    """huggingface_hub before 0.23: ``--local-dir`` made a download's large files links to the
+    cache's ``blobs/`` (absolute); they are read, while a link elsewhere outside the folder, or to
+    a file of the repository that is not a blob, is still refused."""
+    import tallpack
+    from tallpack.errors import CheckpointError
+
+    local = tmp_path / "ld"
+    snap = hub["snaps"]["code"]
+    local.mkdir()
+    for f in snap.iterdir():
+        if f.name.endswith(".safetensors"):
+            os.symlink(f.resolve(), local / f.name)  # into models--bob--gpt2-code/blobs/
+        else:
+            shutil.copyfile(f, local / f.name)
+    tallpack.pack(hub["snaps"]["base"], {"ld": local}, tmp_path / "a.tallpack", exact=True)
+    with tallpack.open(tmp_path / "a.tallpack") as fam:
+        assert fam.verify() == []
+    (tmp_path / "elsewhere").mkdir()
+    shard = next(local.glob("*.safetensors"))
+    blob = shard.resolve()
+    outside = [tmp_path / "elsewhere" / "x.safetensors", hub["repos"]["code"] / "snapshots" / "x.safetensors"]
+    for target in outside:
+        shutil.copyfile(blob, target)
+        shard.unlink()
+        os.symlink(target, shard)
+        with pytest.raises(CheckpointError, match="outside the input folder"):
+            tallpack.pack(hub["snaps"]["base"], {"ld": local}, tmp_path / "b.tallpack")
+    outside[1].unlink()  # the module's cache, as it was
+
+
 def test_repository_of_several_snapshots_without_refs_main_names_them(hub, tmp_path):
     repo = tmp_path / "models--alice--gpt2-chat"
     shutil.copytree(hub["repos"]["chat"], repo, symlinks=True)
