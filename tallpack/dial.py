@@ -452,18 +452,24 @@ WORK_PER_ELEMENT, THREAD_BYTES = 128, 64 << 20
 #: The share of the memory the process may still take (``memory_free``) that the tasks measured
 #: beside the first may work in (``in_flight``).
 MEMORY_SHARE = 0.25
+#: Tensors of fewer elements have their tasks measured one after another: each task then takes a
+#: few milliseconds, most of them in Python (holding the interpreter's lock), and threads only
+#: contend for it.
+THREADS_FROM = 1 << 14
 
 
 def in_flight(threads: int, tasks: int, elements: int, free: int | None) -> int:
-    """How many of a merged tensor's ``tasks`` the dial measures at once: up to ``threads``, and
-    beside the first only as many as keep their work (``WORK_PER_ELEMENT`` bytes an element, and
-    ``THREAD_BYTES``, each) within ``MEMORY_SHARE`` of ``free``, the bytes the process may still
-    take (None: not known, no cap).
+    """How many of the ``tasks`` of a merged tensor of ``elements`` the dial measures at once: up to
+    ``threads`` (one below ``THREADS_FROM`` elements), and beside the first only as many as keep
+    their work (``WORK_PER_ELEMENT`` bytes an element, and ``THREAD_BYTES``, each) within
+    ``MEMORY_SHARE`` of ``free``, the bytes the process may still take (None: not known, no cap).
 
-    >>> in_flight(8, 20, 1000, 4 << 30), in_flight(8, 20, 1 << 24, 9 << 30), in_flight(8, 3, 10, None)
+    >>> in_flight(8, 20, 1 << 16, 4 << 30), in_flight(8, 20, 1 << 24, 9 << 30), in_flight(8, 3, 1 << 20, None)
     (8, 2, 3)
+    >>> in_flight(8, 20, 1000, None)
+    1
     """
-    parts = max(1, min(threads, tasks))
+    parts = max(1, min(threads, tasks)) if elements >= THREADS_FROM else 1
     if parts > 1 and free is not None:
         parts = min(parts, 1 + int(MEMORY_SHARE * free) // (WORK_PER_ELEMENT * elements + THREAD_BYTES))
     return parts
@@ -526,25 +532,36 @@ class _Scratch:
 def _in_order(run: Callable[[int], T], count: int, parts: int) -> Iterator[Callable[[], T]]:
     """``run(i)`` for each i of ``range(count)``, up to ``parts`` at once on threads of their own
     (one: each on this thread when its turn comes), given in order as calls that return its result
-    or raise its error. Closed (``contextlib.closing``) before its end, on an error say, it cancels
-    the runs not begun and waits for those under way: no thread is left running."""
+    or raise its error. Runs begin in order, and none begins once one has failed (the caller stops
+    at that error, or an earlier one). Closed (``contextlib.closing``) before its end, on an error
+    say, it cancels the runs not begun and waits for those under way: no thread is left running."""
     if parts <= 1:
         for i in range(count):
             yield functools.partial(run, i)
         return
+    failed = threading.Event()
+
+    def alone(i: int) -> T:
+        if failed.is_set():
+            raise _Skipped  # (never asked for: a run before it failed)
+        try:
+            with kernels.as_worker():  # its loops on this thread alone
+                return run(i)
+        except BaseException:
+            failed.set()
+            raise
+
     pool = ThreadPoolExecutor(parts, thread_name_prefix="tallpack-dial")
     try:
-        futures = [pool.submit(_alone, run, i) for i in range(count)]
+        futures = [pool.submit(alone, i) for i in range(count)]
         for f in futures:
             yield f.result
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _alone(run: Callable[[int], T], i: int) -> T:
-    """``run(i)`` on a pool's thread, its loops on that thread alone (``kernels.as_worker``)."""
-    with kernels.as_worker():
-        return run(i)
+class _Skipped(Exception):
+    """A run ``_in_order`` did not begin, one before it having failed."""
 
 
 def overflow_error(dtype: torch.dtype) -> float:
