@@ -118,7 +118,9 @@ class MergeMethod:
 
 
 class TaskArithmetic(MergeMethod):
-    """``tau_MTL = sum_t tau_t``, summed in task order."""
+    """``tau_MTL = sum_t tau_t``, summed in task order (the official code's ``torch.sum`` over the
+    task axis orders its additions by the flattened model's size: the same sum, another last bit
+    on some elements when there are many tasks)."""
 
     name = "ta"
     straight = True

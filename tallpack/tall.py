@@ -58,7 +58,9 @@ def tall_mask(tau_t: torch.Tensor, tau_mtl: torch.Tensor, lam: float, out: torch
     """``m_t = |tau_t| > lambda * |tau_MTL - tau_t|``, strict as in the official code.
 
     ``lam`` is rounded to float32 and all arithmetic is float32, so any implementation gets the
-    same bits.
+    same bits. (The official code evaluates the formula on weights, ``|theta_0 - theta_t| >
+    |(theta_0 + tau_MTL) - theta_t| * lambda``, which rounds otherwise: about one bit in 10^7
+    differs, at elements on the boundary; tests/test_paper_r26.py pins one.)
     """
     lam32 = torch.tensor(lam, dtype=torch.float32)
     n = tau_t.numel()
