@@ -10,6 +10,9 @@ the wire.
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import re
 import threading
 from collections.abc import Sequence
 from http import HTTPStatus
@@ -39,6 +42,11 @@ SECRET_PARAMETERS = frozenset({
 #: ``client_kwargs={"timeout": ...}`` in the storage options (or fsspec's configuration) replaces it.
 HTTP_CONNECT_TIMEOUT = 30
 HTTP_IDLE_TIMEOUT = 60
+#: Range requests of one read in flight at once (botocore's pool holds 10 connections): a request
+#: that is tried again (s3fs: 5 times) waits behind at most this many, so the first that fails
+#: ends the read within its own tries, and the others are cancelled (fsspec's ``cat_ranges`` waited
+#: for every range: a stalled S3 server held one tensor's 97 ranges for 12 minutes).
+CONCURRENT_REQUESTS = 10
 #: What identifies one version of an object in fsspec's ``info`` (S3, GCS, Azure, HTTP), strongest first.
 IDENTITY_KEYS = ("VersionId", "generation", "version_id", "ETag", "etag", "LastModified", "Last-Modified",
                  "last_modified", "updated", "mtime")
@@ -65,6 +73,34 @@ def redact(url: str) -> str:
     if (netloc, query) == (parts.netloc, parts.query):
         return url
     return urlunsplit(parts._replace(netloc=netloc, query=query))
+
+
+_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"<>]+")
+
+
+def redact_text(text: str) -> str:
+    """``text`` with every URL in it ``redact``-ed.
+
+    >>> redact_text("GET https://host/a?sig=zz&v=2 failed")
+    'GET https://host/a?v=2 failed'
+    """
+    return _URL.sub(lambda m: redact(m[0]), text)
+
+
+class RedactingFilter(logging.Filter):
+    """Takes the credentials out of the URLs a library logs (fsspec's HTTP file system logs each
+    signed link whole at DEBUG, which ``-vv`` shows)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        shown = redact_text(text)
+        if shown != text:
+            record.msg, record.args = shown, ()
+        return True
+
+
+for _name in ("fsspec", "fsspec.http"):
+    logging.getLogger(_name).addFilter(RedactingFilter())
 
 
 def with_timeouts(url: str, storage_options: dict[str, Any] | None) -> dict[str, Any]:
@@ -179,6 +215,9 @@ class RemoteFile:
         self._cached = 0
         self._lock = threading.Lock()
         self.closed = False
+        #: a small range read at open (the footer) and its bytes, read again when a read fails:
+        #: other bytes there mean the server answers ranges wrongly (or the object was replaced)
+        self._probe: tuple[int, bytes] | None = None
         try:
             self._fs, self._path = url_to_fs(url, **with_timeouts(url, storage_options))
             info = self._fs.info(self._path)
@@ -211,6 +250,9 @@ class RemoteFile:
         >>> f.changed()
         'changed on the server since it was opened (its ETag differs); reopen it'
         """
+        with self._lock:  # what was prefetched with the failed read may be as wrong: never served again
+            self._cache.clear()
+            self._cached = 0
         try:
             self._fs.invalidate_cache(self._path)  # s3fs and others keep listings
             info = self._fs.info(self._path)
@@ -228,7 +270,27 @@ class RemoteFile:
         key = next(iter(self.identity), None)
         if key is not None and key in now and now[key] != self.identity[key]:
             return f"changed on the server since it was opened (its {key} differs); reopen it"
-        return None
+        return self._misread(key)
+
+    def _misread(self, key: str | None) -> str | None:
+        """Why the bytes read at open (``_probe``) come back different, or None: a server or proxy
+        that answers Range requests with other bytes than asked for (a wrong Content-Range),
+        which a checksum would otherwise call damage."""
+        if self._probe is None:
+            return None
+        off, want = self._probe
+        try:
+            got = self._fs.cat_file(self._path, start=off, end=off + len(want))
+        except Exception:
+            return None
+        if got == want:
+            return None
+        where = f"the {len(want)} bytes at {off} differ from those read at open"
+        if key is None:
+            return (f"{where}: the object was replaced in place, or the server answers range requests with other "
+                    "bytes than asked for; reopen it")
+        return (f"the server answers range requests with other bytes than asked for ({where}, its {key} is the "
+                "same): a misbehaving server or proxy, not a damaged archive")
 
     def _check(self, offset: int, nbytes: int) -> None:
         if self.closed:
@@ -241,6 +303,10 @@ class RemoteFile:
             if len(spans) == 1:
                 start, end = spans[0]
                 data = [self._fs.cat_file(self._path, start=start, end=end)]
+            elif getattr(self._fs, "async_impl", False):
+                from fsspec.asyn import sync
+
+                data = sync(self._fs.loop, self._gather, spans)
             else:
                 data = self._fs.cat_ranges([self._path] * len(spans), [s for s, _ in spans],
                                            [e for _, e in spans], on_error="raise")
@@ -259,7 +325,26 @@ class RemoteFile:
         with self._lock:
             self.requests += len(spans)
             self.fetched += sum(len(d) for d in data)
+            if self._probe is None and 0 < spans[0][0] and len(data[0]) <= 4096:  # the footer, at open
+                self._probe = (spans[0][0], bytes(data[0]))
         return data
+
+    async def _gather(self, spans: list[tuple[int, int]]) -> list[bytes]:
+        """The spans, ``CONCURRENT_REQUESTS`` at a time; the first that fails cancels the rest."""
+        limit = asyncio.Semaphore(CONCURRENT_REQUESTS)
+
+        async def one(start: int, end: int) -> bytes:
+            async with limit:
+                data: bytes = await self._fs._cat_file(self._path, start=start, end=end)
+                return data
+
+        tasks = [asyncio.ensure_future(one(s, e)) for s, e in spans]
+        try:
+            return list(await asyncio.gather(*tasks))
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
 
     def read(self, offset: int, nbytes: int) -> memoryview:
         self._check(offset, nbytes)

@@ -60,8 +60,12 @@ def exists(target: str | os.PathLike, storage_options: dict[str, Any] | None = N
     """Whether a local path or a URL exists."""
     if not is_url(target):
         return local_path(target).exists()
-    fs, path = _fs(os.fspath(target), storage_options)
-    return bool(fs.exists(path))
+    url = os.fspath(target)
+    fs, path = _fs(url, storage_options)
+    try:
+        return bool(fs.exists(path))
+    except Exception as e:  # an endpoint that does not answer: botocore's own error escaped
+        raise OutputError(f"{redact(url)}: cannot check the output ({_failure(e)})") from None
 
 
 def check_file_name(target: str | os.PathLike, *, what: str = "the output's", example: str = "out") -> None:
@@ -100,7 +104,7 @@ def check_file_output(target: str | os.PathLike, storage_options: dict[str, Any]
     url = os.fspath(target).rstrip("/")
     fs, rpath = _fs(url, storage_options)
     if _isdir(fs, rpath):
-        raise _a_folder(url)
+        raise _a_folder(redact(url))
 
 
 @contextmanager
@@ -119,8 +123,9 @@ def staged(target: str | os.PathLike, storage_options: dict[str, Any] | None = N
     if not is_url(target):
         yield local_path(target)
         return
-    url = os.fspath(target).rstrip("/")
-    fs, rpath = _fs(url, storage_options)
+    raw = os.fspath(target).rstrip("/")
+    fs, rpath = _fs(raw, storage_options)
+    url = redact(raw)  # what messages and logs name: never a signed link's credentials
     _check_target(fs, rpath, url, overwrite, folder)
     try:
         with tempfile.TemporaryDirectory(prefix="tallpack-stage-") as tmp:
@@ -301,7 +306,25 @@ def upload(local: Path, fs: Any, rpath: str, url: str, *, overwrite: bool = Fals
             log.info("removing %s, a weight file of the earlier output", path)
             fs.rm_file(path)
     except Exception as e:
-        raise OutputError(f"{url}: upload failed ({type(e).__name__}: {quoted(e)})") from None
+        raise OutputError(f"{url}: upload failed ({_failure(e)}){_left(fs, rpath, pairs, overwrite)}") from None
+
+
+def _left(fs: Any, rpath: str, pairs: list[tuple[str, str]], overwrite: bool) -> str:
+    """What a failed upload left at the URL, as the end of its message: nothing, or the files put
+    before it failed (a folder is put file by file, and nothing takes them back)."""
+    if overwrite:
+        return ("; files already there may be the earlier output's or this one's: write it again" if len(pairs) > 1
+                else "")
+    try:
+        fs.invalidate_cache()
+        there = [b for _, b in pairs if fs.exists(b)]
+    except Exception:
+        return ""
+    if not there:
+        return "; nothing was written at the URL"
+    names = ", ".join(b[len(rpath) + 1:] or b for b in there[:3]) + (", ..." if len(there) > 3 else "")
+    return (f"; {len(there)} of {len(pairs)} files were uploaded before it failed ({names}): the output there is "
+            "incomplete; write it again with --force (overwrite=True), or remove them")
 
 
 def _stale_objects(fs: Any, rpath: str, written: list[str], stale: Stale) -> list[str]:
