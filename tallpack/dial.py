@@ -8,7 +8,9 @@ fidelity** ``1 - ||theta_hat - theta||_2 / ||theta||_2`` over the task's merged 
 ones TALL approximates), computed from the rebuilt tensors exactly as the reader returns them.
 ``BENCHMARKS.md`` ("The fidelity dial") shows how it predicts accuracy.
 
-For each (task, tensor) the packer measures, before writing any merged tensor, every candidate:
+For each (task, tensor) the packer measures, before writing any merged tensor (the tasks of a
+tensor on up to ``threads`` threads at once, as memory allows: ``in_flight``; recorded in task
+order, so the archive is the same bytes for any thread count), every candidate:
 nothing; the largest ``k`` entries of the residual (several ``k``); the residual quantized to 8
 or 4 bits per block of 64; the exact residual; and, instead of the mask, the task's own task
 vector quantized to 2, 3, 4, 5, 6 or 8 bits per block of 64 (``qtau``, format 1.7: its cost is its
@@ -49,7 +51,7 @@ import math
 import resource
 import statistics
 import threading
-from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Generator, Hashable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import closing, contextmanager
 from dataclasses import dataclass, field
@@ -444,10 +446,11 @@ def torch_alone() -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-#: Bytes one task's measurement of a merged tensor works in, per element of the tensor (measured:
-#: about 95 for float32 and 113 for bfloat16 tasks: the float64 error buffers, the rebuild,
-#: residual and task vector, the quantizers' work, the candidates' arrays), rounded up; and per
-#: thread beside it (its stack and malloc arena, which an address-space limit counts).
+#: Bytes one task's measurement of a merged tensor works in, per element of the tensor (the
+#: float64 error buffers, the rebuild, residual and task vector, the quantizers' work, the
+#: candidates' arrays: a second task measured at once raised the peak RSS by 58 bytes an element
+#: for float32 tasks, 68 for bfloat16), with a margin; and per thread beside it (its stack and
+#: malloc arena, which an address-space limit counts).
 WORK_PER_ELEMENT, THREAD_BYTES = 128, 64 << 20
 #: The share of the memory the process may still take (``memory_free``) that the tasks measured
 #: beside the first may work in (``in_flight``).
@@ -529,7 +532,7 @@ class _Scratch:
         return buf
 
 
-def _in_order(run: Callable[[int], T], count: int, parts: int) -> Iterator[Callable[[], T]]:
+def _in_order(run: Callable[[int], T], count: int, parts: int) -> Generator[Callable[[], T], None, None]:
     """``run(i)`` for each i of ``range(count)``, up to ``parts`` at once on threads of their own
     (one: each on this thread when its turn comes), given in order as calls that return its result
     or raise its error. Runs begin in order, and none begins once one has failed (the caller stops
