@@ -34,6 +34,7 @@ from tallpack.report import TABLE_WIDTH, format_size, render, render_tensors, sh
 from tallpack.sources import stems
 from tallpack import staging
 from tallpack.reader import LISTED_TASKS
+from tallpack.remote import redact
 
 _DEFAULTS = PackOptions()
 
@@ -212,6 +213,10 @@ def _one_line(message: str, limit: int = 2000) -> str:
     return message if len(message) <= limit else message[:limit] + "..."
 
 
+#: Libraries whose debug log shows HTTP request headers (an S3 request's ``Authorization``): kept at
+#: INFO under ``-vv``.
+_SIGNING_LOGGERS = ("botocore", "aiobotocore", "urllib3", "s3transfer", "boto3")
+
 @click.group(cls=_Group)
 @click.version_option(tallpack.__version__, prog_name="tallpack", message=(
     "%(prog)s, version %(version)s (" + ("compiled kernels" if COMPILED else "numpy loops, no compiled kernels") + ")"))
@@ -227,6 +232,8 @@ def main(ctx: click.Context, verbose: int, quiet: bool) -> None:
         _usage("-q/--quiet and -v/--verbose conflict: -q logs only errors, -v more; give one of them")
     level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
     logging.basicConfig(level=logging.ERROR if quiet else level, format="%(levelname)s %(name)s: %(message)s")
+    for name in _SIGNING_LOGGERS:  # their debug lines hold request headers: a signature, an access key id
+        logging.getLogger(name).setLevel(max(logging.INFO, logging.getLogger(name).getEffectiveLevel()))
     ctx.obj = {"quiet": quiet}
 
 
@@ -516,7 +523,7 @@ def pack(base, more_tasks, task_specs, output, lambda_specs, merge, codec, level
         dial_log.removeFilter(_no_exact_hint)
     size = staging.size(output)
     src = m.stats["source_bytes"]
-    click.echo(f"wrote {output}: {len(m.tasks)} task{'' if len(m.tasks) == 1 else 's'}, {format_size(size)} from {format_size(src)} ({src / size:.2f}x)"
+    click.echo(f"wrote {redact(output)}: {len(m.tasks)} task{'' if len(m.tasks) == 1 else 's'}, {format_size(size)} from {format_size(src)} ({src / size:.2f}x)"
                + _unmet(m.stats.get("dial")))
     for hint in m.hints:
         click.echo(f"hint: {hint}")
@@ -644,7 +651,7 @@ def unpack(archive: str, task_names: tuple[str, ...], all_tasks: bool, output: s
             paths = tallpack.write_tasks(fam, None if all_tasks else task_names, output, exact=exact,
                                          overwrite=force, **kw)
     for path in paths:
-        click.echo(f"wrote {path}")
+        click.echo(f"wrote {redact(str(path))}")
 
 
 @main.command()
@@ -658,7 +665,7 @@ def verify(archive: str) -> None:
         for p in problems:
             click.echo(f"error: {p}", err=True)
         sys.exit(1)
-    click.echo(f"ok: {archive}: {n} chunks intact")
+    click.echo(f"ok: {redact(archive)}: {n} chunks intact")
 
 
 @main.command()
@@ -706,7 +713,7 @@ def merge(archive: str, method: str | None, k: int, alpha: float | None, task: s
     over = written.overflow
     lacks += (f"; alpha {alpha:g} overflows {len(over)} tensor{'s' if len(over) > 1 else ''} (inf): "
               f"{', '.join(map(repr, over[:3]))}{', ...' if len(over) > 3 else ''}") if over else ""
-    click.echo(f"wrote {path} ({method}{shown_k}, alpha={alpha:g}, {n} tensor{'' if n == 1 else 's'}{lacks})")
+    click.echo(f"wrote {redact(str(path))} ({method}{shown_k}, alpha={alpha:g}, {n} tensor{'' if n == 1 else 's'}{lacks})")
 
 
 @main.command()

@@ -37,6 +37,7 @@ from .progress import track
 from .selection import select_lambdas, tied_evaluator
 from .sources import Source, SourceLike, family_aliases, stem
 from .staging import check_file_output, exists, fetched, local_path, staged
+from .remote import redact
 from .storage import is_url
 from .tall import Fidelity
 
@@ -68,7 +69,7 @@ def pack(base: SourceLike, tasks: TasksLike, out: str | os.PathLike, options: Pa
     check_file_output(out, storage_options, what="the archive's", example="family.tallpack")
     there = exists(out, storage_options) if is_url(out) else os.path.lexists(local_path(out))
     if not opts.overwrite and there:  # before any input is read (or, at URLs, downloaded)
-        raise OutputExistsError(f"{out}: already exists; pass --force (overwrite=True) to replace it")
+        raise OutputExistsError(f"{redact(str(out))}: already exists; pass --force (overwrite=True) to replace it")
     named: dict[str | int, SourceLike] = (dict(tasks.items()) if isinstance(tasks, Mapping)
                                           else {i: t for i, t in enumerate(tasks)})
     with fetched({"\0base": base, **named}, storage_options) as (local, origin):  # URL inputs, downloaded
