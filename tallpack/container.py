@@ -23,8 +23,9 @@ import re
 import struct
 import sys
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from operator import attrgetter, itemgetter
 from pathlib import Path
 from typing import Any, BinaryIO, NamedTuple, NoReturn
@@ -686,7 +687,8 @@ class ContainerReader:
     def _stored(self, ref: ArrayRef, i: int, where: str, recheck: bool = False) -> memoryview:
         """Chunk ``i``'s stored bytes, its checksum checked (once while open, unless ``recheck``)."""
         c = ref.chunks[i]
-        stored = self.source.read(c.offset, c.nbytes)
+        with _reading(f"{where}, chunk {i}"):
+            stored = self.source.read(c.offset, c.nbytes)
         key = (c.offset, c.nbytes, c.checksum)
         if recheck or key not in self._checked:
             if self.checksum(stored) != c.checksum:
@@ -697,12 +699,14 @@ class ContainerReader:
                 self._checked.add(key)
         return stored
 
-    def prefetch(self, refs: list[ArrayRef]) -> None:
+    def prefetch(self, refs: list[ArrayRef], where: str | None = None) -> None:
         """Announce the chunks of ``refs`` as read next: a remote source fetches them together
-        (coalesced; larger arrays are fetched in windows by ``read_array``); a local file needs nothing."""
+        (coalesced; larger arrays are fetched in windows by ``read_array``); a local file needs
+        nothing. A failed fetch names ``where`` (what they are read for: a tensor, a task)."""
         fetch = getattr(self.source, "prefetch", None)
         if fetch is not None and sum(ref.stored_nbytes for ref in refs) <= PREFETCH_BYTES:
-            fetch([(c.offset, c.nbytes) for ref in refs for c in ref.chunks])
+            with _reading(where):
+                fetch([(c.offset, c.nbytes) for ref in refs for c in ref.chunks])
 
     def read_array(self, ref: ArrayRef, where: str, start: int = 0, stop: int | None = None,
                    into: memoryview | None = None) -> bytes | bytearray | memoryview:
@@ -754,3 +758,18 @@ class ContainerReader:
 
     def close(self) -> None:
         self.source.close()
+
+
+@contextmanager
+def _reading(where: str | None) -> Iterator[None]:
+    """A remote source's failed fetch (``RemoteFile``: "... range read at N failed ...") says what
+    it was fetched for: ``where`` (a tensor and task, a chunk)."""
+    try:
+        yield
+    except ArchiveClosedError:
+        raise
+    except TallpackError as e:
+        text = str(e)
+        if where is None or "range read at" not in text:
+            raise
+        raise type(e)(f"{text} (reading {where})") from None

@@ -431,7 +431,7 @@ class Archive:
             else:
                 planar = bits = ()
         if rows is None and prefetch:
-            self._c.prefetch(self._uncached(refs, device))  # remote: one coalesced fetch
+            self._c.prefetch(self._uncached(refs, device), where)  # remote: one coalesced fetch
 
         # some of a group's members (get_tensor of one, format 1.12): the task's mask of the whole
         # group is kept in the cache, so that reading its members one by one decodes it once
@@ -799,7 +799,7 @@ class Archive:
                 got.update(zip([m.name for m in parts], result))
 
         for batch in _batches(needs):
-            self._c.prefetch(self._uncached([r for _, refs in batch for r in refs], device))
+            self._c.prefetch(self._uncached([r for _, refs in batch for r in refs], device), f"task {task!r}")
             if pool is None:
                 for (k, parts), _ in batch:
                     keep((k, parts), self._rebuild(task, k, None, exact, device, None, False, parts))
@@ -943,7 +943,8 @@ class Archive:
         batches = _batches([((where, ref), [ref]) for where, ref in arrays])
         damaged = set()
         for batch in track(batches, progress, "verifying", unit="batch"):
-            self._c.prefetch([ref for (_, ref), _ in batch if ref.stored_nbytes <= PREFETCH_BYTES])
+            self._c.prefetch([ref for (_, ref), _ in batch if ref.stored_nbytes <= PREFETCH_BYTES],
+                             ", ".join(w for (w, _), _ in batch[:2]) + (", ..." if len(batch) > 2 else ""))
             for (where, ref), _ in batch:
                 try:
                     for i in range(len(ref.chunks)):

@@ -227,3 +227,15 @@ def test_a_signed_link_is_never_shown_nor_logged(http_server, s3, caplog):
     logged = [r.getMessage() for r in caplog.records]
     assert any("signed.tallpack" in m for m in logged)  # fsspec's DEBUG records were taken
     assert not [m for m in logged if "SEKRIT" in m]
+
+
+def test_a_failed_range_read_names_what_it_was_read_for(s3, proxy):
+    """A fetch that fails says which tensor and task (or task, for a state dict) it was for, not
+    only the byte offset."""
+    with tallpack.open("s3://family/f.tallpack", storage_options=s3["opts"], cache_bytes=0) as fam:
+        proxy.rules = [("GET", r"f\.tallpack", 500)]
+        with pytest.raises(tallpack.TallpackError, match=r"range read at \d+ failed .*\(reading task 'a', "
+                                                         r"tensor 'l2\.w'\)$"):
+            fam.get_tensor("a", "l2.w")
+        with pytest.raises(tallpack.TallpackError, match=r"range read at \d+ failed .*\(reading task 'b'"):
+            fam.state_dict("b")
