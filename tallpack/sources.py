@@ -570,7 +570,8 @@ def _check_records(path: Path, tensors: Mapping[str, torch.Tensor]) -> None:
                                           "the file is damaged")
                 n, m = struct.unpack("<HH", head[26:30])
                 records[info.header_offset + 30 + n + m] = info
-    except (OSError, zipfile.BadZipFile, zipfile.LargeZipFile) as e:
+    except (OSError, zipfile.BadZipFile, zipfile.LargeZipFile, NotImplementedError, EOFError) as e:
+        # (zipfile: NotImplementedError for a damaged version or method field, EOFError for a cut record)
         raise CheckpointError(f"{path}: not a readable PyTorch file ({quoted(e)})") from None
     storages: dict[int, tuple[str, int]] = {}  # data pointer -> (first tensor name, storage bytes)
     for name, t in tensors.items():

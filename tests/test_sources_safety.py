@@ -731,3 +731,21 @@ def test_a_task_in_memory_that_does_not_look_fine_tuned_is_named_once(tmp_path) 
         tallpack.pack(base, {"cars": {"a": torch.zeros(4), "b": torch.zeros(2)}}, tmp_path / "x.tallpack")
     msg = str(e.value)
     assert msg.count("cars") == 1 and "check the tensors given" in msg and "paths" not in msg, msg
+
+
+def test_a_pytorch_file_whose_zip_version_is_damaged_gives_one_line(damaged_inputs) -> None:
+    """Damage run 42: a flipped byte in a central-directory record's "version needed" field
+    (torch's reader ignores it) made Python's zipfile raise NotImplementedError ("zip file version
+    7.3"), which left pack as a traceback; it is a CheckpointError naming the file."""
+    d = damaged_inputs["dir"]
+    raw = bytearray(damaged_inputs["raw"]["pt"])
+    at = raw.index(b"PK\x01\x02")  # the first central-directory record
+    raw[at + 6 : at + 8] = (73).to_bytes(2, "little")  # version needed to extract: 7.3
+    bad = d / "bad.pt"
+    bad.write_bytes(bytes(raw))
+    out = d / "out.tallpack"
+    out.unlink(missing_ok=True)
+    with pytest.raises(CheckpointError, match="not a readable PyTorch file.*zip file version 7.3") as e:
+        tallpack.pack(d / "base.safetensors", {"t0": d / "t0.safetensors", "t1": bad}, out)
+    assert "\n" not in str(e.value) and str(bad) in str(e.value)
+    _nothing_written(d, out)
