@@ -124,8 +124,12 @@ def staged(target: str | os.PathLike, storage_options: dict[str, Any] | None = N
         yield local_path(target)
         return
     raw = os.fspath(target).rstrip("/")
-    fs, rpath = _fs(raw, storage_options)
     url = redact(raw)  # what messages and logs name: never a signed link's credentials
+    if folder and urlsplit(raw).query:  # its files' URLs would go after the query (or into an S3 key)
+        raise InvalidArgumentError(f"{url}: a folder cannot be written at a URL with a query string (a signed link "
+                                   "names one object); give the folder's URL (s3://bucket/prefix), or write it to a "
+                                   "local folder and upload its files")
+    fs, rpath = _fs(raw, storage_options)
     _check_target(fs, rpath, url, overwrite, folder)
     try:
         with tempfile.TemporaryDirectory(prefix="tallpack-stage-") as tmp:

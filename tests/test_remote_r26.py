@@ -239,3 +239,16 @@ def test_a_failed_range_read_names_what_it_was_read_for(s3, proxy):
             fam.get_tensor("a", "l2.w")
         with pytest.raises(tallpack.TallpackError, match=r"range read at \d+ failed .*\(reading task 'b'"):
             fam.state_dict("b")
+
+
+def test_a_folder_output_at_a_signed_link_is_refused_before_any_work(s3, http_server):
+    """A folder's files would be put at ``<url>?<query>/<file>`` (or, on S3, into keys holding the
+    query): a folder output at a URL with a query string is refused, its secrets not shown."""
+    secret = "X-Amz-Signature=SEKRIT5ig&X-Amz-Credential=AKIASEKRIT"
+    with tallpack.open(s3["local"]) as fam:
+        for url in (f"{http_server.url}/out?{secret}", f"s3://family/out?{secret}"):
+            with pytest.raises(tallpack.InvalidArgumentError, match="a folder cannot be written at a URL with a "
+                                                                    "query string") as e:
+                tallpack.write_tasks(fam, ["a", "b"], url, storage_options=s3["opts"] if url[:2] == "s3" else None)
+            assert "SEKRIT" not in str(e.value)
+    assert not [k for k in s3["fs"].ls("family") if "out" in k]
