@@ -133,7 +133,8 @@ def staged(target: str | os.PathLike, storage_options: dict[str, Any] | None = N
     _check_target(fs, rpath, url, overwrite, folder)
     try:
         with tempfile.TemporaryDirectory(prefix="tallpack-stage-") as tmp:
-            local = Path(tmp) / (Path(rpath).name or "out")
+            # (a signed link's query is no part of the name: logs show the local path)
+            local = Path(tmp) / (Path(rpath.split("?", 1)[0]).name or "out")
             _active[local] = (fs, rpath, url, overwrite)
             before = committed()
             try:

@@ -221,8 +221,8 @@ def test_a_signed_link_is_never_shown_nor_logged(http_server, s3, caplog):
     caplog.set_level(logging.DEBUG)
     with tallpack.open(f"{http_server.url}/signed.tallpack?{secret}") as fam:
         assert fam.get_tensor("c", "l0.w").shape == (128, 128)
-        with pytest.raises(tallpack.OutputError, match=r"^http://127.0.0.1:\d+/out.safetensors: upload failed") as e:
-            tallpack.write_task(fam, "c", f"{http_server.url}/out.safetensors?{secret}")  # no PUT there
+        with pytest.raises(tallpack.OutputError, match=r"^http://127.0.0.1:\d+/out.tallpack: upload failed") as e:
+            tallpack.pack(s3["base"], s3["tasks"], f"{http_server.url}/out.tallpack?{secret}")  # no PUT there
     assert "SEKRIT" not in str(e.value)
     logged = [r.getMessage() for r in caplog.records]
     assert any("signed.tallpack" in m for m in logged)  # fsspec's DEBUG records were taken
