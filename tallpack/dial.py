@@ -48,7 +48,6 @@ import heapq
 import json
 import logging
 import math
-import resource
 import statistics
 import threading
 from collections.abc import Callable, Generator, Hashable, Iterator, Mapping, Sequence
@@ -496,11 +495,13 @@ def memory_free() -> int | None:
     except (OSError, ValueError):
         pass
     try:
+        import resource  # (Unix only)
+
         soft = resource.getrlimit(resource.RLIMIT_AS)[0]
         if soft != resource.RLIM_INFINITY:
             with open("/proc/self/statm") as f:
                 found.append(soft - int(f.read().split()[0]) * resource.getpagesize())
-    except (OSError, ValueError, IndexError, AttributeError):
+    except (ImportError, OSError, ValueError, IndexError, AttributeError):
         pass
     return max(0, min(found)) if found else None
 
@@ -542,17 +543,20 @@ def _in_order(run: Callable[[int], T], count: int, parts: int) -> Generator[Call
         for i in range(count):
             yield functools.partial(run, i)
         return
-    failed = threading.Event()
+    failed = [count]  # the first run in order that failed (count: none); a list: set from the threads
 
     def alone(i: int) -> T:
-        if failed.is_set():
-            raise _Skipped  # (never asked for: a run before it failed)
+        if failed[0] < i:  # (a run before it failed: raised first. Not "any run failed": a later
+            raise _Skipped  # one may fail before a thread takes up this one, whose result is asked for)
         try:
             with kernels.as_worker():  # its loops on this thread alone
                 return run(i)
         except BaseException:
-            failed.set()
+            with lock:
+                failed[0] = min(failed[0], i)
             raise
+
+    lock = threading.Lock()
 
     pool = ThreadPoolExecutor(parts, thread_name_prefix="tallpack-dial")
     try:
