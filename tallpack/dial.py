@@ -452,8 +452,9 @@ def torch_alone() -> Iterator[None]:
 #: malloc arena, which an address-space limit counts).
 WORK_PER_ELEMENT, THREAD_BYTES = 128, 64 << 20
 #: The share of the memory the process may still take (``memory_free``) that the tasks measured
-#: beside the first may work in (``in_flight``).
-MEMORY_SHARE = 0.25
+#: beside the first may work in (``in_flight``): by the margin above, about a quarter in fact; the
+#: rest is the packer's (the next tensor, read ahead; the writer's queue).
+MEMORY_SHARE = 0.5
 #: Tensors of fewer elements have their tasks measured one after another: each task then takes a
 #: few milliseconds, most of them in Python (holding the interpreter's lock), and threads only
 #: contend for it.
@@ -466,7 +467,7 @@ def in_flight(threads: int, tasks: int, elements: int, free: int | None) -> int:
     their work (``WORK_PER_ELEMENT`` bytes an element, and ``THREAD_BYTES``, each) within
     ``MEMORY_SHARE`` of ``free``, the bytes the process may still take (None: not known, no cap).
 
-    >>> in_flight(8, 20, 1 << 16, 4 << 30), in_flight(8, 20, 1 << 24, 9 << 30), in_flight(8, 3, 1 << 20, None)
+    >>> in_flight(8, 20, 1 << 16, 4 << 30), in_flight(8, 20, 1 << 24, 5 << 30), in_flight(8, 3, 1 << 20, None)
     (8, 2, 3)
     >>> in_flight(8, 20, 1000, None)
     1
@@ -536,14 +537,14 @@ class _Scratch:
 def _in_order(run: Callable[[int], T], count: int, parts: int) -> Generator[Callable[[], T], None, None]:
     """``run(i)`` for each i of ``range(count)``, up to ``parts`` at once on threads of their own
     (one: each on this thread when its turn comes), given in order as calls that return its result
-    or raise its error. Runs begin in order, and none begins once one has failed (the caller stops
-    at that error, or an earlier one). Closed (``contextlib.closing``) before its end, on an error
+    or raise its error. Runs begin in order, and none begins once one before it has failed (the
+    caller stops at that error, or an earlier one: a run before it always runs). Closed (``contextlib.closing``) before its end, on an error
     say, it cancels the runs not begun and waits for those under way: no thread is left running."""
     if parts <= 1:
         for i in range(count):
             yield functools.partial(run, i)
         return
-    failed = [count]  # the first run in order that failed (count: none); a list: set from the threads
+    failed, lock = [count], threading.Lock()  # the first run in order that failed (count: none)
 
     def alone(i: int) -> T:
         if failed[0] < i:  # (a run before it failed: raised first. Not "any run failed": a later
@@ -555,8 +556,6 @@ def _in_order(run: Callable[[int], T], count: int, parts: int) -> Generator[Call
             with lock:
                 failed[0] = min(failed[0], i)
             raise
-
-    lock = threading.Lock()
 
     pool = ThreadPoolExecutor(parts, thread_name_prefix="tallpack-dial")
     try:
