@@ -132,9 +132,9 @@ def memory_detail(e: BaseException) -> str:
     asked = re.search(r"(allocate|mmap) (\d+) bytes", text)
     if asked:
         return f"could not {'map' if asked.group(1) == 'mmap' else 'allocate'} {asked.group(2)} bytes"
-    if "thread" in text:
+    if "can't start new thread" in text:  # (not any "thread" or "lock": a path's "block_3.bin" is none)
         return "could not start a thread"
-    if "lock" in text:
+    if "can't allocate lock" in text:
         return "could not allocate a lock"
     if isinstance(e, OSError) and e.strerror:
         return e.strerror

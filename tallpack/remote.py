@@ -14,6 +14,7 @@ import asyncio
 import logging
 import re
 import threading
+import traceback
 from collections.abc import Sequence
 from http import HTTPStatus
 from typing import Any
@@ -89,13 +90,19 @@ def redact_text(text: str) -> str:
 
 class RedactingFilter(logging.Filter):
     """Takes the credentials out of the URLs a library logs (fsspec's HTTP file system logs each
-    signed link whole at DEBUG, which ``-vv`` shows)."""
+    signed link whole at DEBUG, which ``-vv`` shows), in its message and in the traceback it logs
+    (a refused HEAD's aiohttp error names the link: ``url='...?X-Amz-Signature=...'``)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         text = record.getMessage()
         shown = redact_text(text)
         if shown != text:
             record.msg, record.args = shown, ()
+        if record.exc_info and record.exc_info[1] is not None:  # formatted here, redacted, and kept as text only
+            record.exc_text = redact_text("".join(traceback.format_exception(*record.exc_info)).rstrip("\n"))
+            record.exc_info = None
+        elif record.exc_text:
+            record.exc_text = redact_text(record.exc_text)
         return True
 
 
