@@ -31,7 +31,8 @@ GOLDEN = ROOT / "tests" / "golden"
 SCHEMA = ROOT / "spec" / "manifest.schema.json"
 NAMES = ["v1_0_ta", "v1_0_ties_raw", "v1_1_ta_zstd", "v1_2_exact", "v1_3_planes", "v1_4_files", "v1_5_correction",
          "v1_6_derived", "v1_7_qtau", "v1_8_derived_merged", "v1_9_bitsplit", "v1_11_planes_exp",
-         "v1_12_groups", "v1_12_groups_ties_raw", "v1_13_shared_base", "v1_13_shared_base_ties", "v1_14_aliases"]
+         "v1_12_groups", "v1_12_groups_ties_raw", "v1_13_shared_base", "v1_13_shared_base_ties", "v1_14_aliases",
+         "v1_14_aliases_exact"]
 #: The goldens with tensor groups (format 1.12, spec §3.7).
 GROUPED = ["v1_12_groups", "v1_12_groups_ties_raw"]
 #: The goldens whose ``shared`` entries hold ``base`` (format 1.13, spec §6.1.3).
@@ -665,9 +666,10 @@ def test_spec_reader_rebuilds_every_tensor(name: str) -> None:
             assert got.reshape(-1).view(np.uint8).tobytes() == _bits(want).tobytes(), (task, k)
     # the golden files cover every encoding and the common dtypes
     masked = {"v1_6_derived": "tall-derived", "v1_7_qtau": "qtau",
-              "v1_8_derived_merged": "tall-derived-merged", "v1_9_bitsplit": "tall-derived-merged"}.get(name, "tall")
-    # 1.8's and 1.9's goldens: every merged vector derived
-    plain = set() if name in ("v1_8_derived_merged", "v1_9_bitsplit") else {"tall"}
+              "v1_8_derived_merged": "tall-derived-merged", "v1_9_bitsplit": "tall-derived-merged",
+              "v1_14_aliases_exact": "tall-derived-merged"}.get(name, "tall")
+    # 1.8's, 1.9's and the exact 1.14's goldens: every merged vector derived
+    plain = set() if name in ("v1_8_derived_merged", "v1_9_bitsplit", "v1_14_aliases_exact") else {"tall"}
     assert {e for e, _ in encodings} == {"dense", "shared"} | plain | {masked}
     assert {d for e, d in encodings if e == masked} >= {"float32", "bfloat16", "float16"}
 
@@ -686,24 +688,27 @@ def test_spec_reader_covers_the_dials_fields() -> None:
     assert any(e["kind"] == "merged" and "merged" not in e for e in m["tensors"])
 
 
-@pytest.mark.parametrize("name", ["v1_2_exact", "v1_6_derived", "v1_8_derived_merged", "v1_9_bitsplit"])
+@pytest.mark.parametrize("name", ["v1_2_exact", "v1_6_derived", "v1_8_derived_merged", "v1_9_bitsplit",
+                                  "v1_14_aliases_exact"])
 def test_spec_reader_rebuilds_the_originals_bit_for_bit(name: str) -> None:
     """The exact tier (format 1.2; with derived masks, 1.6; and merged vectors, 1.8; residuals in
-    ``bitsplit``, 1.9) read by the spec-only reader: every original tensor, bit for bit."""
+    ``bitsplit``, 1.9; tied weights' aliases, 1.14) read by the spec-only reader: every original
+    tensor, bit for bit."""
     mini = MiniArchive(GOLDEN / f"{name}.tallpack")
     assert mini.manifest["format_version"] == list(_version(name))
     with safe_open(str(GOLDEN / f"{name}.originals.safetensors"), "pt") as f:
         originals = {k: f.get_tensor(k) for k in f.keys()}
     seen, refs, codecs = set(), set(), set()
     for info in mini.manifest["tasks"]:
-        assert info["exact"]["files"] == []  # in-memory inputs: tensors only
+        # in-memory inputs: tensors only; a .pt file (1.14's tied weights) is recorded as a file
+        assert [f["role"] for f in info["exact"]["files"]] == (["torch"] if info["name"] == "hellaswag" else [])
         for k in info["keys"]:
             dtype, got = mini.exact_tensor(info["name"], k)
             want = originals[f"{info['name']}/{k}"]
             assert dtype == str(want.dtype).removeprefix("torch.")
             assert got.reshape(-1).view(np.uint8).tobytes() == _bits(want).tobytes(), (info["name"], k)
             seen.add(f"{info['name']}/{k}")
-            ex = mini.tensors[k]["tasks"][info["name"]].get("exact")
+            ex = mini.tensors[mini.aliases.get(k, k)]["tasks"][info["name"]].get("exact")
             if ex:
                 refs.add((ex["reference"], ex["transform"]))
                 codecs.add((ex["residual"]["codecs"][0]["id"], dtype))
@@ -712,7 +717,8 @@ def test_spec_reader_rebuilds_the_originals_bit_for_bit(name: str) -> None:
         assert {c for c, _ in codecs} == {"bitsplit"} and {d for _, d in codecs} == {"float32", "bfloat16", "float16"}
         assert {r for r, _ in refs} == {"base"}
     else:  # both references are exercised (1.8's derived merged vectors need base or zero)
-        assert {r for r, _ in refs} >= ({"base", "zero"} if name == "v1_8_derived_merged" else {"tall", "base"})
+        want = {"v1_8_derived_merged": {"base", "zero"}, "v1_14_aliases_exact": {"base"}}.get(name, {"tall", "base"})
+        assert {r for r, _ in refs} >= want
     with tallpack.open(GOLDEN / f"{name}.tallpack") as fam:
         for key, want in originals.items():
             t, k = key.split("/", 1)
@@ -747,7 +753,8 @@ def test_spec_worked_example_matches_golden_footer() -> None:
     assert f"({len(data)} bytes)" in text.split("**Worked example**", 1)[1][:200]
 
 
-@pytest.mark.parametrize("name", ["v1_0_ta", "v1_0_ties_raw", "v1_1_ta_zstd", *GROUPED, *SHARED_BASE, "v1_14_aliases"])
+@pytest.mark.parametrize("name", ["v1_0_ta", "v1_0_ties_raw", "v1_1_ta_zstd", *GROUPED, *SHARED_BASE, "v1_14_aliases",
+                                  "v1_14_aliases_exact"])
 def test_current_writer_writes_the_same_bytes(name: str, tmp_path: Path) -> None:
     """Packing the golden inputs again gives the committed archive byte for byte (data area and
     manifest, the writer's version string aside): archives of this and earlier writers are

@@ -51,6 +51,9 @@ writes, beside this script:
   merged group (``embed.weight``) and a member of a shared group (``frozen.weight``); the first
   task alone also ties ``TIED_FIRST``, which is stored as two tensors (blocks=3, merge "ta",
   codec "planes", paths left out of the manifest so that the bytes do not depend on them);
+* ``v1_14_aliases_exact.tallpack`` (format 1.14): the same layout of tied weights with the exact
+  tier (two tasks), and ``v1_14_aliases_exact.originals.safetensors``: an alias's original bits
+  are its target's;
 * ``<name>.expected.safetensors`` for each: every task's reconstructed state dict under the keys
   ``"<task>/<tensor>"``; the metadata key ``"order"`` holds, as JSON, ``{task: [tensor names]}`` in
   the order ``state_dict(task)`` returns them (safetensors itself does not keep an order); an
@@ -248,6 +251,12 @@ ARCHIVES = {
                           pt=("base", "lambada"),
                           pack=dict(merge="ta", codec="planes", checksum="xxh3-64",
                                     lambdas={"lambada": 0.5, "wikitext": 0.3, "ptb": 0.4}, record_paths=False)),
+    "v1_14_aliases_exact": dict(seed=17, tasks=["hellaswag", "winogrande"],
+                                head_rows={"hellaswag": 2, "winogrande": 3}, blocks=3, tied=True,
+                                pt=("base", "hellaswag"),
+                                pack=dict(merge="ta", codec="planes", checksum="xxh3-64",
+                                          lambdas={"hellaswag": 0.4, "winogrande": 0.3}, exact=True,
+                                          record_paths=False)),
 }
 
 
@@ -376,7 +385,8 @@ def build(name: str, spec: dict) -> None:
         meta["files"] = json.dumps({t: folder_files(t) for t in fts})
     save_file(expected, str(HERE / f"{name}.expected.safetensors"), metadata=meta)
     if spec["pack"].get("exact"):
-        originals = {f"{t}/{k}": v.contiguous() for t, sd in fts.items() for k, v in sd.items()}
+        # (a tied weight's names are one tensor: safetensors wants copies)
+        originals = {f"{t}/{k}": v.contiguous().clone() for t, sd in fts.items() for k, v in sd.items()}
         with tallpack.open(path) as fam:
             for key, v in originals.items():
                 t, k = key.split("/", 1)
