@@ -690,8 +690,11 @@ class DictSource(Source):
 
 
 def is_hub_repo(path: Path) -> bool:
-    """Whether ``path`` is a Hugging Face cache repository folder: ``snapshots/`` and ``blobs/`` in it."""
-    return (path / "snapshots").is_dir() and (path / "blobs").is_dir()
+    """Whether ``path`` is a Hugging Face cache repository folder: ``models--org--name`` with
+    ``snapshots/`` and ``blobs/`` in it (the name too: a model folder of one's own that holds such
+    subfolders is read as it is, not as its snapshot)."""
+    return (Path(os.path.abspath(path)).name.startswith("models--") and (path / "snapshots").is_dir()
+            and (path / "blobs").is_dir())
 
 
 def hub_snapshot(path: Path) -> Path | None:
@@ -1594,7 +1597,7 @@ def stem(obj: SourceLike) -> str:
     folder = p.is_dir()
     if not folder and _own_weights(p.name):  # its folder (".." and "." as the path says, links kept)
         p, folder = Path(os.path.abspath(p)).parent, True
-    if folder and p.name.startswith("models--") and is_hub_repo(p):  # a cache repository's folder
+    if folder and is_hub_repo(p):  # a cache repository's folder
         return p.name.rsplit("--", 1)[-1]
     if folder and p.parent.name == "snapshots" and p.parent.parent.name.startswith("models--"):
         return p.parent.parent.name.rsplit("--", 1)[-1]  # a Hugging Face cache snapshot: the repository's name

@@ -92,3 +92,23 @@ def test_out_of_memory_says_what_ran_out_whatever_the_path(path):
     with pytest.raises(OutOfMemoryError, match=r"could not allocate a lock"):
         with memory_named("x.tallpack"):
             raise RuntimeError("can't allocate lock")
+
+
+def test_a_model_folder_holding_snapshots_and_blobs_is_read_as_it_is(tmp_path):
+    """A model folder of one's own with ``snapshots/`` and ``blobs/`` subfolders (a training run's
+    copies) was taken for a Hugging Face cache repository: its snapshot's weights were packed,
+    not the folder's. Only a ``models--org--name`` folder is one."""
+    from safetensors.torch import save_file
+
+    from tallpack.sources import open_source
+
+    folder = tmp_path / "run"
+    (folder / "snapshots" / "step100").mkdir(parents=True)
+    (folder / "blobs").mkdir()
+    save_file({"w": torch.full((8, 8), 1.0)}, folder / "model.safetensors")
+    save_file({"w": torch.full((8, 8), 2.0)}, folder / "snapshots" / "step100" / "model.safetensors")
+    assert open_source(folder).get("w")[0, 0].item() == 1.0
+    repo = tmp_path / "models--org--run"
+    folder.rename(repo)
+    (repo / "model.safetensors").unlink()
+    assert open_source(repo).get("w")[0, 0].item() == 2.0  # a cache repository: its only snapshot
