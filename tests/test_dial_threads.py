@@ -31,7 +31,7 @@ ENV = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "cli"),
 
 
 def family(root: Path, dtype: torch.dtype) -> tuple[Path, dict[str, Path]]:
-    """A base and three fine-tunes, each moving 30% of every tensor's entries (about 0.5 MB a member)."""
+    """A base and three fine-tunes, each moving 30% of every tensor's entries (about 200 KB a float32 member)."""
     g = torch.Generator().manual_seed(7)
     base = {k: torch.randn(s, generator=g) * 0.05 for k, s in SHAPES.items()}
     root.mkdir(parents=True, exist_ok=True)
@@ -88,6 +88,16 @@ def test_one_and_two_threads_write_the_same_bytes(tmp_path, dtype, options, spie
     assert ("c.bias", True) not in on
     with tallpack.open(tmp_path / "j2.tallpack") as fam:
         assert tuple(fam.tasks) == TASKS
+
+
+def test_weighted_by_a_sensitivity_one_and_two_threads_write_the_same_bytes(tmp_path, spied):
+    base, tasks = family(tmp_path / "fam", torch.float32)
+    g = torch.Generator().manual_seed(3)
+    sensitivity = {t: {k: torch.rand(s, generator=g) for k, s in SHAPES.items()} for t in TASKS}
+    for j in (1, 2):
+        tallpack.pack(base, tasks, tmp_path / f"j{j}.tallpack", threads=j, fidelity=0.999, sensitivity=sensitivity)
+    assert (tmp_path / "j1.tallpack").read_bytes() == (tmp_path / "j2.tallpack").read_bytes()
+    assert any(who.startswith("tallpack-dial") for _, _, who in spied)
 
 
 def test_the_cli_with_j_writes_what_one_thread_does(tmp_path):
