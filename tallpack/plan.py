@@ -99,6 +99,10 @@ class Renamed(Source):
 #: A prefix is taken when the base's names with it cover at least this share of the base.
 PREFIX_COVER = 0.5
 
+#: Prefixes that a training wrapper puts before every name (DDP's and DataParallel's ``module``),
+#: never a model's ``base_model_prefix``: a base is not matched under them.
+WRAPPER_PREFIXES = ("module.",)
+
 
 def aligned_base(base: Source, tasks: dict[str, Source]) -> Source:
     """The base, renamed when no task shares a tensor name with it but every task names the
@@ -119,6 +123,8 @@ def aligned_base(base: Source, tasks: dict[str, Source]) -> Source:
             return base
         prefix = best[0]
     assert prefix is not None
+    if prefix in WRAPPER_PREFIXES:  # a DDP-saved family, not a bare base: the fine-tune check names the prefix
+        return base
     log.warning("base %s: its tensors are named as the tasks' with %r in front (a bare model as the base, the "
                 "tasks with a head); matched by those names", base.label, prefix)
     return Renamed(base, prefix)
