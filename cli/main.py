@@ -746,7 +746,7 @@ def stats(archive: str, plot_path: str | None, as_json: bool, force: bool, task_
               callback=_nonempty,
               help="Where the demo family, the archive and the unpacked task go (reused when present).")
 @click.option("--size", type=click.Choice(["full", "tiny"]), default="full", show_default=True,
-              help="tiny: a smaller family and demo (about a minute on two cores).")
+              help="tiny: a smaller family and demo (a few seconds; full: about a minute, on two cores).")
 @click.option("--task", default=None, help="The task to unpack (default: the first).")
 def demo(workdir: str, size: str, task: str | None) -> None:
     """Build a small real model family, pack, inspect, unpack one task and score it; then the fidelity dial."""
