@@ -21,13 +21,13 @@ import click
 from click.core import ParameterSource
 
 import tallpack
-from tallpack.errors import TallpackError, TaskNotFoundError, memory_detail, out_of_memory
+from tallpack.errors import InvalidArgumentError, TallpackError, TaskNotFoundError, memory_detail, out_of_memory
 from tallpack.fsutil import committed
 from tallpack.checksums import CHECKSUMS
 from tallpack.dial import shown as shown_fidelity
 from tallpack.kernels import COMPILED
-from tallpack.merged import default_model, in_some_tasks, left_out, missing_components
-from tallpack.merging import MERGED_MODELS, METHODS, MergeMethod, Option, default_alpha, is_consensus
+from tallpack.merged import base_not_held, default_model, in_some_tasks, left_out, missing_components
+from tallpack.merging import MERGED_MODELS, METHODS, MergeMethod, Option, check_alpha, default_alpha, is_consensus
 from tallpack.options import DENSE_PRESETS, MAX_LEVEL, MIN_LEVEL, PackOptions
 from tallpack.progress import LogLines
 from tallpack.report import TABLE_WIDTH, format_size, render, render_tensors, show_name, tensor_rows
@@ -63,6 +63,18 @@ class _Finite(click.FloatRange):
     def _describe_range(self) -> str:
         """No range when unbounded (click's reads ``x<=None`` in the help)."""
         return "" if self.min is None and self.max is None else super()._describe_range()
+
+
+class _Alpha(_Finite):
+    """A merge's alpha: a number that stays finite rounded to float32, as the merge uses it
+    (``merging.check_alpha``), refused here with a usage error before the archive is read."""
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        rv = super().convert(value, param, ctx)
+        try:
+            return check_alpha(rv)
+        except InvalidArgumentError:
+            self.fail(f"{value!r} is past float32's range (|alpha| < 3.4e38), in which the merge scales", param, ctx)
 
 
 class _Terminated(BaseException):
@@ -677,7 +689,7 @@ def verify(archive: str) -> None:
 @click.option("--k", type=click.IntRange(0), default=2, show_default=True,
               help="Consensus: keep weights used by at least k tasks (0: every weight; for consensus-ta that is "
                    "plain TA, for consensus-ties the TIES disjoint sum, where ties takes their mean).")
-@click.option("--alpha", type=_Finite(), default=None,
+@click.option("--alpha", type=_Alpha(), default=None,
               help="Scale of the merged vector (default: 1/T for sums, 1.0 for TIES).")
 @click.option("--task", "task", default=None, help="Add this task's own tensors (its head) to the model.")
 @click.option("-o", "--output", required=True, type=_PATH, callback=_output, help="The folder to write into (a path or a URL).")
@@ -698,6 +710,8 @@ def merge(archive: str, method: str | None, k: int, alpha: float | None, task: s
         left = [] if task is not None else left_out(fam.manifest)
         some = [] if task is not None else in_some_tasks(fam.manifest)
         lost = {} if task is not None else missing_components(fam.manifest)
+        not_held = 0 if task is not None else base_not_held(fam.manifest)
+        num_tasks = len(fam.tasks)
     shown_k = f", k={k}" if is_consensus(method) else ""  # the others have no k
     # what the model lacks belongs in the result line, which -q keeps (the warning it repeats does not)
     part = "module" if fam.manifest.base.get("format") == "sentence-transformers" else "pipeline component"
@@ -710,6 +724,10 @@ def merge(archive: str, method: str | None, k: int, alpha: float | None, task: s
     lacks += (f"; {len(some)} tensor{'s' if len(some) > 1 else ''} only some tasks have left out: "
               f"{', '.join(map(repr, some[:3]))}{', ...' if len(some) > 3 else ''} (--task NAME takes "
               "that task's)") if some else ""
+    lacks += (f"; {format_size(not_held)} of the base's tensors not in the archive left out (--keep-base-only at "
+              "pack keeps them; --task NAME takes one task's)") if not_held else ""
+    lacks += (f"; k={k} is over the {num_tasks} task{'s' if num_tasks > 1 else ''}: the model is the base "
+              f"(--k {max(num_tasks, 1)} keeps the weights every task uses)") if is_consensus(method) and k > num_tasks else ""
     over = written.overflow
     lacks += (f"; alpha {alpha:g} overflows {len(over)} tensor{'s' if len(over) > 1 else ''} (inf): "
               f"{', '.join(map(repr, over[:3]))}{', ...' if len(over) > 3 else ''}") if over else ""

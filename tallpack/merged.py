@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 
 #: per open archive, the merged models whose left-out tensors were said: once each, not at every
 #: ``merged()`` call (a server building merged models over and over)
-_SAID: "weakref.WeakKeyDictionary[Any, set[tuple[str, int]]]" = weakref.WeakKeyDictionary()
+_SAID: "weakref.WeakKeyDictionary[Any, set[tuple[str, str, int]]]" = weakref.WeakKeyDictionary()
 
 
 class Family(Protocol):
@@ -242,9 +242,11 @@ class MergeParts:
         cls = merged_model_method(model)
         packed = manifest.merge.get("method")
         if cls.name != packed:
+            gives = (" and ".join(METHODS[packed].merged_models()) if isinstance(packed, str) and packed in METHODS
+                     else "no merged model")
             raise InvalidArgumentError(
                 f"{name}: {model} needs an archive packed with --merge {cls.name}, "
-                f"this one was packed with --merge {packed}")
+                f"this one was packed with --merge {packed}, which gives {gives}")
         if k is not None and not is_consensus(model):  # an option without effect is an error
             raise InvalidArgumentError(f"k: only the consensus models use it, not {model!r}")
         value = DEFAULT_K if k is None else integer(k)
@@ -254,8 +256,10 @@ class MergeParts:
         method = METHODS[packed].from_params(manifest.merge)
         self.model, self.k = model, k
         self.tasks = tuple(t.name for t in manifest.tasks)
-        k = min(k, len(self.tasks) + 1)  # any k over T keeps no weight (the base): one a tensor can compare
         self._family = family
+        if is_consensus(model) and k > len(self.tasks):
+            self._say_base()
+        k = min(k, len(self.tasks) + 1)  # any k over T keeps no weight (the base): one a tensor can compare
         self.left_out = tuple(left_out(manifest))
         self.in_some_tasks = tuple(in_some_tasks(manifest))
         self.not_held = base_not_held(manifest)
@@ -374,19 +378,36 @@ class MergeParts:
                         self.model, merged[over[0]].dtype, names)
         return over
 
+    def _say_base(self) -> None:
+        """Warn (once per model and k of an open archive) that k is over the task count: no weight
+        is used by k tasks, so every merged tensor stays at the base's value."""
+        if not self._first_time(("base", self.model, self.k)):
+            return
+        n = len(self.tasks)
+        log.warning("%s: k=%d is more than the archive's %d task%s, so no weight is used by k tasks: the %s model is "
+                    "the base, every merged tensor unchanged; k=%d (--k %d) keeps the weights every task uses",
+                    self._family.name, self.k, n, "" if n == 1 else "s", self.model, max(n, 1), max(n, 1))
+
+    def _first_time(self, key: tuple[str, str, int]) -> bool:
+        """Whether ``key`` is said for the first time of this open archive (a server building merged
+        models over and over is told once)."""
+        try:
+            said = _SAID.setdefault(self._family, set())
+        except TypeError:  # a family that takes no weak reference: once per MergeParts
+            return True
+        if key in said:
+            return False
+        said.add(key)
+        return True
+
     def _warn_left_out(self) -> None:
         """Say once which tensors every task has that this merged model lacks, and why (once per
         model of an open archive, not once per call)."""
         if self._warned:
             return
         self._warned = True
-        try:
-            said = _SAID.setdefault(self._family, set())
-        except TypeError:  # a family that takes no weak reference: once per MergeParts
-            said = set()
-        if (self.model, self.k) in said:
+        if not self._first_time(("left out", self.model, self.k)):
             return
-        said.add((self.model, self.k))
         for c, having in missing_components(self._family.manifest).items():
             if having:
                 who = (f"only task{'s' if len(having) > 1 else ''} {', '.join(map(repr, having))} "

@@ -1,0 +1,83 @@
+"""Merged models as a demanding user meets them (review r26): a consensus k over the task count,
+an alpha past float32's range on the command line, the quiet result line of a merge that lacks
+base tensors, and the error for a merged model the archive cannot give."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+import tallpack
+from tallpack.errors import InvalidArgumentError
+from tallpack.merged import base_not_held
+from tallpack.report import format_size
+from tallpack_cli.main import main
+
+
+def _pack(family: dict, out, names=None) -> str:
+    tasks = {t: str(p) for t, p in family["task_paths"].items() if names is None or t in names}
+    tallpack.pack(str(family["base_path"]), tasks, str(out))
+    return str(out)
+
+
+def _merge(*args: object):
+    return CliRunner().invoke(main, ["-q", "merge", *map(str, args)], catch_exceptions=False)
+
+
+def test_k_over_the_task_count_says_the_model_is_the_base(small_family, tmp_path, caplog):
+    arch = _pack(small_family, tmp_path / "f.tallpack")
+    with tallpack.open(arch) as fam, caplog.at_level(logging.WARNING, logger="tallpack.merged"):
+        sd = fam.merged("consensus-ta", k=4, alpha=0.5)
+        said = [r.getMessage() for r in caplog.records if "k=4 is more than" in r.getMessage()]
+        fam.merged("consensus-ta", k=4, alpha=0.7)  # said once per open archive, not at every call
+        again = [r.getMessage() for r in caplog.records if "k=4 is more than" in r.getMessage()]
+        caplog.clear()
+        fam.merged("consensus-ta", k=3, alpha=0.5)  # k = T keeps the weights every task uses: nothing said
+        assert not [r for r in caplog.records if "is more than" in r.getMessage()]
+        base = fam.merged("ta", alpha=0.0)
+    assert len(said) == 1 and len(again) == 1
+    assert "3 tasks" in said[0] and "is the base" in said[0] and "k=3" in said[0]
+    assert torch.equal(sd["body.w"], base["body.w"]) and torch.equal(sd["body.b"], base["body.b"])
+    r = _merge(arch, "--k", 4, "-o", tmp_path / "m")  # -q: the result line says it
+    assert r.exit_code == 0, r.output
+    assert "k=4 is over the 3 tasks: the model is the base (--k 3 keeps" in r.output
+    r = _merge(arch, "--k", 3, "-o", tmp_path / "m3")
+    assert r.exit_code == 0 and "is over" not in r.output, r.output
+
+
+def test_one_task_archive_default_merge_is_flagged(small_family, tmp_path):
+    arch = _pack(small_family, tmp_path / "one.tallpack", names=("a",))
+    r = _merge(arch, "-o", tmp_path / "m")  # the default model: consensus-ta, k=2
+    assert r.exit_code == 0, r.output
+    assert "k=2 is over the 1 task: the model is the base (--k 1 keeps" in r.output
+
+
+@pytest.mark.parametrize("alpha", ["1e39", "-3.5e38"])
+def test_alpha_past_float32_is_a_usage_error_before_the_archive_is_read(tmp_path, alpha):
+    out = tmp_path / "m"
+    r = _merge(tmp_path / "missing.tallpack", f"--alpha={alpha}", "-o", out)
+    assert r.exit_code == 2, r.output
+    assert "past float32's range" in r.output and "merge --help" in r.output
+    assert "missing.tallpack" not in r.output and not out.exists()
+
+
+def test_quiet_result_line_names_the_base_tensors_the_archive_lacks(small_family, tmp_path):
+    arch = _pack(small_family, tmp_path / "f.tallpack")
+    with tallpack.open(arch) as fam:
+        lacking = base_not_held(fam.manifest)  # the base's larger head, the tasks' own heads stored per task
+    assert lacking > 0
+    r = _merge(arch, "-o", tmp_path / "m")
+    assert r.exit_code == 0, r.output
+    assert f"{format_size(lacking)} of the base's tensors not in the archive left out (--keep-base-only" in r.output
+    r = _merge(arch, "--task", "a", "-o", tmp_path / "ma")  # a task's tensors complete it: nothing lacks
+    assert r.exit_code == 0 and "not in the archive" not in r.output, r.output
+
+
+def test_a_model_of_another_merge_names_what_the_archive_gives(small_family, tmp_path):
+    arch = _pack(small_family, tmp_path / "f.tallpack")
+    with tallpack.open(arch) as fam, pytest.raises(InvalidArgumentError, match=r"packed with --merge ta, which gives "
+                                                                                  r"ta and consensus-ta$"):
+        fam.merged("consensus-ties")
