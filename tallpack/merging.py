@@ -378,10 +378,12 @@ def check_alpha(alpha: object) -> float:
     (as :func:`apply_direction` uses it: 1e39 would make every merged weight inf or NaN);
     InvalidArgumentError otherwise.
 
-    >>> check_alpha(np.float32(0.25))
-    0.25
+    A 0-d tensor or array (``grid[scores.argmax()]`` in torch) is taken as its number.
+
+    >>> check_alpha(np.float32(0.25)), check_alpha(torch.tensor(0.5))
+    (0.25, 0.5)
     """
-    value = real(alpha)
+    value = real(alpha.item() if isinstance(alpha, (torch.Tensor, np.ndarray)) and alpha.ndim == 0 else alpha)
     if value is None or not math.isfinite(value) or not torch.isfinite(torch.tensor(value, dtype=torch.float32, device="cpu")):
         raise InvalidArgumentError(f"alpha must be a number finite in float32 (|alpha| < 3.4e38), got {alpha!r}")
     return value

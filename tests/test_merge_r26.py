@@ -81,3 +81,16 @@ def test_a_model_of_another_merge_names_what_the_archive_gives(small_family, tmp
     with tallpack.open(arch) as fam, pytest.raises(InvalidArgumentError, match=r"packed with --merge ta, which gives "
                                                                                   r"ta and consensus-ta$"):
         fam.merged("consensus-ties")
+
+
+def test_a_0d_tensor_alpha_is_its_number(small_family, tmp_path):
+    arch = _pack(small_family, tmp_path / "f.tallpack")
+    with tallpack.open(arch) as fam:
+        grid, scores = torch.tensor([0.25, 0.5, 0.75]), torch.tensor([0.1, 0.9, 0.3])
+        chosen = grid[scores.argmax()]  # what a torch user's selection gives: a 0-d tensor
+        got, want = fam.merged("ta", alpha=chosen), fam.merged("ta", alpha=0.5)
+        assert all(torch.equal(got[n], want[n]) for n in want)
+        with pytest.raises(InvalidArgumentError, match="alpha must be a number"):
+            fam.merged("ta", alpha=torch.tensor([0.5]))  # a 1-element vector is not a number
+        with pytest.raises(InvalidArgumentError, match="alpha must be a number"):
+            fam.merged("ta", alpha=torch.tensor(True))
