@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import weakref
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Protocol
 
 from ._torch import cpu_default, torch
@@ -288,7 +288,8 @@ class MergeParts:
                     raise FormatError(f"{name}: {where} has no base")
                 sources = {x: merged_source(e, x) for x in ("merged", *method.extra_arrays)}
                 base = read(e.arrays["base"], f"{where} (base)")
-                masks = extras = None
+                masks: Iterable[torch.Tensor] | None = None
+                extras = None
                 if any(tt.encoding == "qtau" for tt in e.tasks.values()):  # the dial's (format 1.7, §6.1.8)
                     tau, by_task = task_masks(read, e, lambdas)
                     tau = tau.reshape(base.shape)
@@ -302,8 +303,8 @@ class MergeParts:
                 else:  # stored, or derived from the exact originals (format 1.8, §6.1.9)
                     tau = read(sources["merged"], f"{where} (merged)")
                 if is_consensus(model):
-                    if masks is None:
-                        masks = [task_mask(read, e, tt, f"task {t!r}, {where}") for t, tt in e.tasks.items()]
+                    if masks is None:  # read as they are counted: one task's mask held at a time
+                        masks = (task_mask(read, e, tt, f"task {t!r}, {where}") for t, tt in e.tasks.items())
                 else:
                     missing = [x for x in method.extra_arrays if sources[x] is None]
                     if missing:

@@ -473,11 +473,20 @@ def get_method(spec: "str | Mapping[str, Any] | MergeMethod", **options: Any) ->
     return cls(**options)
 
 
-def consensus_mask(masks: list[torch.Tensor], k: int) -> torch.Tensor:
-    """``m_cons = (sum_t m_t) >= k``: weights used by at least ``k`` tasks."""
-    count = torch.zeros(masks[0].shape, dtype=torch.int32)
+def consensus_mask(masks: Iterable[torch.Tensor], k: int) -> torch.Tensor:
+    """``m_cons = (sum_t m_t) >= k``: weights used by at least ``k`` tasks. ``masks`` may be an
+    iterator: each is counted as it comes, so the tasks' masks need not be held at once.
+
+    >>> consensus_mask(iter([torch.tensor([True, False]), torch.tensor([True, True])]), 2)
+    tensor([ True, False])
+    """
+    count: torch.Tensor | None = None
     for m in masks:
-        count += m.to(torch.int32)
+        if count is None:  # int16 counts up to 32767 tasks: half the memory of int32 for a large tensor
+            count = torch.zeros(m.shape, dtype=torch.int16, device=m.device)
+        count += m
+    if count is None:
+        raise InvalidArgumentError("consensus_mask: no masks")
     return count >= k
 
 
@@ -507,19 +516,21 @@ def default_alpha(model: str, num_tasks: int) -> float:
     return 1.0 / max(1, num_tasks) if is_consensus(model) else cls().plain_alpha(num_tasks)
 
 
-def merge_direction(model: str, tau_mtl: torch.Tensor, masks: list[torch.Tensor] | None = None,
+def merge_direction(model: str, tau_mtl: torch.Tensor, masks: Iterable[torch.Tensor] | None = None,
                     extras: Mapping[str, torch.Tensor] | None = None, k: int = 2,
                     method: MergeMethod | None = None) -> torch.Tensor:
     """The float32 vector d of one tensor such that the merged model is ``theta_0 + alpha * d``.
 
     Plain models: the method's ``plain_direction`` (TA: tau_MTL; TIES: the disjoint mean
     ``tau_MTL / max(counts, 1)``); ``consensus-*``: ``m_cons * tau_MTL`` with
-    ``m_cons = (sum_t m_t) >= k``.
+    ``m_cons = (sum_t m_t) >= k`` (``masks`` counted as they come: an iterator holds one at a time).
     """
     if is_consensus(model):
         merged_model_method(model)
         assert masks is not None
-        return consensus_mask(masks, k).to(torch.float32) * tau_mtl
+        # tau_MTL times the boolean mask, promoted as it goes: the bits of 0.0/1.0 times tau_MTL
+        # (-0.0 where a negative element is dropped), without a float32 copy of the mask
+        return tau_mtl * consensus_mask(masks, k)
     method = method or merged_model_method(model)()
     return method.plain_direction(tau_mtl, extras or {})
 

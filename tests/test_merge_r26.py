@@ -94,3 +94,17 @@ def test_a_0d_tensor_alpha_is_its_number(small_family, tmp_path):
             fam.merged("ta", alpha=torch.tensor([0.5]))  # a 1-element vector is not a number
         with pytest.raises(InvalidArgumentError, match="alpha must be a number"):
             fam.merged("ta", alpha=torch.tensor(True))
+
+
+def test_consensus_counts_masks_as_they_come_with_the_formula_bits():
+    from tallpack.merging import consensus_mask, merge_direction
+
+    masks = [torch.tensor([True, False, True, False]), torch.tensor([True, True, False, False])]
+    assert consensus_mask(iter(masks), 2).tolist() == [True, False, False, False]  # an iterator: one held at a time
+    tau = torch.tensor([-1.5, -2.0, 3.0, 0.5])
+    d = merge_direction("consensus-ta", tau, iter(masks), k=2)
+    want = consensus_mask(masks, 2).to(torch.float32) * tau  # the spec's 0.0/1.0 times tau_MTL
+    assert d.tolist() == want.tolist() and torch.equal(torch.signbit(d), torch.signbit(want))
+    assert torch.signbit(d[1])  # a dropped negative element is -0.0, as 0.0 * tau is
+    with pytest.raises(InvalidArgumentError, match="no masks"):
+        consensus_mask(iter([]), 1)
