@@ -688,7 +688,8 @@ def verify(archive: str) -> None:
                    + ". Default: the consensus model of the archive's merge (consensus-ta or consensus-ties).")
 @click.option("--k", type=click.IntRange(0), default=2, show_default=True,
               help="Consensus: keep weights used by at least k tasks (0: every weight; for consensus-ta that is "
-                   "plain TA, for consensus-ties the TIES disjoint sum, where ties takes their mean).")
+                   "plain TA, for consensus-ties the TIES disjoint sum, where ties takes their mean; over the "
+                   "number of tasks: none, the base).")
 @click.option("--alpha", type=_Alpha(), default=None,
               help="Scale of the merged vector (default: 1/T for sums, 1.0 for TIES).")
 @click.option("--task", "task", default=None, help="Add this task's own tensors (its head) to the model.")

@@ -46,6 +46,8 @@ def test_k_over_the_task_count_says_the_model_is_the_base(small_family, tmp_path
     assert "k=4 is over the 3 tasks: the model is the base (--k 3 keeps" in r.output
     r = _merge(arch, "--k", 3, "-o", tmp_path / "m3")
     assert r.exit_code == 0 and "is over" not in r.output, r.output
+    shown = " ".join(CliRunner().invoke(main, ["merge", "--help"]).output.split())
+    assert "over the number of tasks: none, the base" in shown
 
 
 def test_one_task_archive_default_merge_is_flagged(small_family, tmp_path):
