@@ -413,26 +413,46 @@ def commit(tmp: Path, target: Path, *, overwrite: bool = True, sync: bool = True
     the file is linked to its name, which fails if the name exists, and then unlinked. With
     ``sync=False`` the caller syncs the folder (once for many renames: :func:`sync_folder`)."""
     global _committed
-    if overwrite:
-        check_replaceable(target)  # checked before the write too; a device may have appeared meanwhile
-        os.replace(tmp, target)
-    else:
-        try:
-            os.link(tmp, target, follow_symlinks=False)
-        except FileExistsError:
-            raise OutputExistsError(f"{target}: already exists; pass --force (overwrite=True) to replace it") from None
-        except OSError as e:
-            if e.errno not in _NO_LINKS:
-                raise
-            if os.path.lexists(target):  # a file system without hard links: check, then rename
-                raise OutputExistsError(f"{target}: already exists; pass --force (overwrite=True) "
-                                        "to replace it") from None
-            os.replace(tmp, target)
-        else:
-            os.unlink(tmp)
+    try:
+        _put_in_place(tmp, target, overwrite)
+    except OutputError:  # already says what is wrong with ``target``
+        raise
+    except OSError as e:  # a folder made read-only meanwhile: say it of the output, not of a hidden temporary
+        raise type(e)(e.errno, e.strerror, str(target)) from None
     _committed += 1
     if sync:
         sync_folder(target.parent)
+
+
+def _put_in_place(tmp: Path, target: Path, overwrite: bool) -> None:
+    if overwrite:
+        check_replaceable(target)  # checked before the write too; a device may have appeared meanwhile
+        os.replace(tmp, target)
+        return
+    try:
+        os.link(tmp, target, follow_symlinks=False)
+    except FileExistsError:
+        raise OutputExistsError(f"{target}: already exists; pass --force (overwrite=True) to replace it") from None
+    except OSError as e:
+        if e.errno not in _NO_LINKS:
+            raise
+        if os.path.lexists(target):  # a file system without hard links: check, then rename
+            raise OutputExistsError(f"{target}: already exists; pass --force (overwrite=True) "
+                                    "to replace it") from None
+        os.replace(tmp, target)
+    else:
+        os.unlink(tmp)
+
+
+def left_behind(paths: Iterable[Path], why: OSError) -> None:
+    """Log, as one warning, the temporaries a failed output could not remove (its folder made
+    read-only meanwhile): the next write into that folder removes them."""
+    paths = list(paths)
+    if paths:
+        log.warning("%s: could not remove %s of a failed output (%s); the next tallpack write into that "
+                    "folder removes %s", shortened(paths[0]),
+                    "this temporary file" if len(paths) == 1 else f"this and {len(paths) - 1} other temporary files",
+                    why.strerror or why, "it" if len(paths) == 1 else "them")
 
 
 def sync_folder(folder: Path) -> None:
@@ -708,8 +728,14 @@ class Transaction:
             self._abort()
 
     def _abort(self) -> None:
-        for _, _, tmp, _ in self.staged:
-            tmp.unlink(missing_ok=True)
+        left: list[Path] = []
+        why: OSError | None = None
+        for _, _, tmp, _ in self.staged:  # each one tried: one that cannot go must not keep the others
+            try:
+                tmp.unlink(missing_ok=True)
+            except OSError as e:
+                left.append(tmp)
+                why = e
         self._close()
         self.staged = []
         self._targets = set()
@@ -720,6 +746,8 @@ class Transaction:
                 p.rmdir()  # only if empty: never anything someone else put there
             except OSError:
                 pass
+        if why is not None:
+            left_behind(left, why)
 
 
     def _close(self) -> None:
@@ -923,7 +951,10 @@ def atomic_write(target: str | os.PathLike, write: Callable[[Path], object]) -> 
                 commit(tmp, target)
         except BaseException:
             if tmp is not None:
-                tmp.unlink(missing_ok=True)
+                try:
+                    tmp.unlink(missing_ok=True)
+                except OSError as e:  # the error that ended the write is the one to tell
+                    left_behind([tmp], e)
             raise
         finally:
             if fd >= 0:
