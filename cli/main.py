@@ -34,7 +34,7 @@ from tallpack.report import TABLE_WIDTH, format_size, render, render_tensors, sh
 from tallpack.sources import stems
 from tallpack import staging
 from tallpack.reader import LISTED_TASKS
-from tallpack.remote import redact
+from tallpack.remote import RedactingFilter, redact
 
 _DEFAULTS = PackOptions()
 
@@ -246,6 +246,9 @@ def main(ctx: click.Context, verbose: int, quiet: bool) -> None:
     logging.basicConfig(level=logging.ERROR if quiet else level, format="%(levelname)s %(name)s: %(message)s")
     for name in _SIGNING_LOGGERS:  # their debug lines hold request headers: a signature, an access key id
         logging.getLogger(name).setLevel(max(logging.INFO, logging.getLogger(name).getEffectiveLevel()))
+    for handler in logging.getLogger().handlers:  # every library's records: a signed link's secrets taken out
+        if not any(isinstance(f, RedactingFilter) for f in handler.filters):
+            handler.addFilter(RedactingFilter())
     ctx.obj = {"quiet": quiet}
 
 

@@ -64,3 +64,21 @@ def test_debug_log_of_an_s3_read_holds_no_request_signature(family):
     assert "DEBUG s3fs" in r.stderr  # -vv's debug log is on
     for secret in ("Authorization", "Signature=", "AKIATESTKEYID"):
         assert secret not in r.stderr, secret
+
+
+def test_every_logger_the_command_line_shows_is_redacted(family, http_server):
+    """A record of any library (not only fsspec's loggers, where the library's filter sits) passes
+    the command line's handler with a signed link's secrets taken out."""
+    shutil.copy(family, http_server.root / "signed2.tallpack")
+    code = (f"import logging, sys; sys.argv = ['tallpack', '-vv', 'verify', {http_server.url + '/signed2.tallpack?' + SECRET!r}]\n"
+            "import tallpack_cli.main as m\n"
+            "orig = m.main.callback\n"
+            "def spy(**kw):\n"
+            "    orig(**kw)\n"
+            f"    logging.getLogger('some.library.child').debug('GET {http_server.url}/x?{SECRET} failed')\n"
+            "m.main.callback = spy\n"
+            "m.main(standalone_mode=False)\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "cli")]))
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "some.library.child" in r.stderr and "SEKRIT" not in r.stderr + r.stdout, r.stderr
