@@ -41,7 +41,7 @@ from .checksums import DEFAULT_CHECKSUM, checksum_function, crc32
 from .elements import itemsize, numel
 from .errors import (ArchiveClosedError, FormatError, IntegrityError, InvalidArgumentError, TallpackError,
                      UnsupportedVersionError)
-from .fsutil import commit, signals_held, temp_beside
+from .fsutil import commit, left_behind, signals_held, temp_beside
 from .memory import empty
 from .limits import (MAX_DEPTH, MAX_JSON_INT, MAX_MANIFEST_BYTES, MAX_NUMBER_CHARS, MIN_JSON_INT,
                      max_manifest_bytes)
@@ -259,8 +259,14 @@ class ContainerWriter:
         with signals_held():  # a second Ctrl-C while the encoders finish does not leave the temporary
             self._done = True
             self._queue.clear()
-            self._f.close()
-            self._tmp.unlink(missing_ok=True)  # first: the running encoders only hand back bytes
+            try:
+                self._tmp.unlink(missing_ok=True)  # first: the running encoders only hand back bytes
+            except OSError as e:  # its folder made read-only meanwhile
+                left_behind([self._tmp], e)
+            try:
+                self._f.close()  # flushes its buffer: on a full disk that fails again, after the unlink
+            except OSError:
+                pass
             self._pool.shutdown(cancel_futures=True)
 
 

@@ -68,8 +68,6 @@ def small_tmpfs(tmp_path):
         subprocess.run(["umount", str(where)], check=False)
 
 
-@pytest.mark.xfail(strict=True, reason="ContainerWriter.abort closes the file (ENOSPC again) before it removes the "
-                   "temporary: tallpack/container.py, outside this change; drop this mark with its fix")
 def test_a_disk_full_at_the_archives_last_page_leaves_no_temporary(tmp_path, small_tmpfs):
     """The manifest and footer are the last, buffered writes: their ENOSPC came again when the
     writer's abort closed the file, before it removed the temporary (a `.partial` beside the target,
