@@ -216,6 +216,17 @@ def _derived_merged_masks(read: ReadArray, entry: TensorEntry, order: tuple[str,
         raise type(e)(f"{name}: {e}") from None
 
 
+def _reads_every_array(entry: TensorEntry, consensus: bool) -> bool:
+    """Whether a merged model reads every array of a merged tensor, so that fetching them all at
+    once wastes nothing. A consensus model reads the masks (derived ones from the exact residuals),
+    not a residual stored beside a mask (``tall`` with the exact tier); a plain one reads no mask,
+    only the residuals that derive its merged vector (format 1.8)."""
+    encodings = {tt.encoding for tt in entry.tasks.values()}
+    if not consensus:
+        return encodings == {"tall-derived-merged"}
+    return not any(tt.encoding == "tall" and "exact" in tt.extras for tt in entry.tasks.values())
+
+
 def _with_aliases(merged: dict[str, torch.Tensor], aliases: Mapping[str, str], order: Sequence[str]
                   ) -> dict[str, torch.Tensor]:
     """A merged model with each alias (spec §3.8) of a tensor it has as that same tensor, placed
@@ -265,6 +276,8 @@ class MergeParts:
         self.not_held = base_not_held(manifest)
         self._warned = False
         lambdas = {t.name: t.lam for t in manifest.tasks}
+        # a remote archive fetches each tensor's arrays in one request, not one per array (stats' way)
+        prefetch = getattr(family, "prefetch", None)
         self.parts: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
         for e in manifest.tensors:
             where = f"tensor {e.name!r}"
@@ -286,6 +299,8 @@ class MergeParts:
             if how == "merged":
                 if "base" not in e.arrays:
                     raise FormatError(f"{name}: {where} has no base")
+                if prefetch is not None and _reads_every_array(e, is_consensus(model)):
+                    prefetch([e.name])
                 sources = {x: merged_source(e, x) for x in ("merged", *method.extra_arrays)}
                 base = read(e.arrays["base"], f"{where} (base)")
                 masks: Iterable[torch.Tensor] | None = None

@@ -110,3 +110,27 @@ def test_consensus_counts_masks_as_they_come_with_the_formula_bits():
     assert torch.signbit(d[1])  # a dropped negative element is -0.0, as 0.0 * tau is
     with pytest.raises(InvalidArgumentError, match="no masks"):
         consensus_mask(iter([]), 1)
+
+
+@pytest.mark.parametrize("exact, model", [(False, "consensus-ta"), (True, "consensus-ta"), (True, "ta")])
+def test_a_remote_merge_fetches_each_tensor_in_one_request(http_server, tmp_path, exact, model):
+    """Over HTTP, a merged model fetches each tensor's arrays together (base, merged vector, every
+    task's mask; or every task's residual where they derive them), not one request an array."""
+    pytest.importorskip("aiohttp")  # fsspec's HTTP file system
+    g = torch.Generator().manual_seed(5)
+    base = {f"layers.{i}.w": torch.randn(64, 96, generator=g) for i in range(4)}
+    tasks = {t: {k: v + 0.05 * torch.randn(v.shape, generator=g) * (torch.rand(v.shape, generator=g) < 0.4)
+                 for k, v in base.items()} for t in ("a", "b", "c")}
+    name = f"merge-{exact}-{model}.tallpack"
+    local = tmp_path / name
+    tallpack.pack(base, tasks, local, chunk_elements=1024, group=False, exact=exact)
+    local.replace(http_server.root / name)
+    with tallpack.open(f"{http_server.url}/{name}") as fam, tallpack.open(http_server.root / name) as ref:
+        arrays = sum(1 for e in fam.manifest.tensors for _ in e.all_arrays())
+        http_server.reset()
+        got = fam.merged(model, alpha=0.4)
+        gets = http_server.gets()
+        want = ref.merged(model, alpha=0.4)
+    assert all(torch.equal(got[n], want[n]) for n in want)
+    # one coalesced request a tensor (2x: room for an HTTP retry under load), against one an array
+    assert gets <= 2 * len(base) < arrays, (gets, len(base), arrays)
