@@ -19,7 +19,7 @@ from ._torch import torch
 from .dtypes import torch_dtype
 from .errors import InvalidArgumentError
 from .inputs import PackInputs
-from .merging import ALPHA_GRID, MergeMethod, check_alpha, checked_grid, score_values
+from .merging import ALPHA_GRID, MergeMethod, check_alpha, checked_grid, is_consensus, score_values
 from .options import Evaluator, Score, check_lambda_grid
 from .tall import LAMBDA_GRID, reconstruct, tall_mask, task_vector
 
@@ -135,7 +135,7 @@ class AlphaSelection:
     they were normalized (``ratio`` or ``difference``: :func:`normalize`)."""
 
     method: str
-    k: int
+    k: int | None  # None for ta and ties, which take no k
     alpha: float
     scores: dict[float, dict[str, float]]
     normalized: dict[float, float]
@@ -214,7 +214,7 @@ def select_alpha(archive: "Archive", method: str, evaluate: Evaluator, *, k: int
     else:
         ref = _reference(reference, names)
     parts = archive.merge_parts(method, k=k)
-    k = parts.k  # a Python int (numpy's accepted)
+    k = parts.k if is_consensus(method) else None  # a Python int; None for ta and ties (merged() takes no k there)
     scores: dict[float, dict[str, float]] = {}
     for alpha in values:
         scores[alpha] = {t: _score(evaluate, t, parts.state_dict(alpha, task=t), f"at alpha {alpha}")
@@ -222,8 +222,8 @@ def select_alpha(archive: "Archive", method: str, evaluate: Evaluator, *, k: int
     normalized, rule = normalize(scores, ref)
     zero = [t for t in names if ref[t] == 0]
     if zero:  # an accuracy of 0 for a reconstruction is more likely a broken evaluator than a fact
-        log.warning("%s k=%d: reference score 0 for %s: alphas ranked by score - reference, not the ratio",
+        log.warning("%s k=%s: reference score 0 for %s: alphas ranked by score - reference, not the ratio",
                     method, k, ", ".join(map(repr, zero)))
     alpha = _best(normalized)
-    log.info("%s k=%d: alpha %.2f (normalized %.4f, %s)", method, k, alpha, normalized[alpha], rule)
+    log.info("%s k=%s: alpha %.2f (normalized %.4f, %s)", method, k, alpha, normalized[alpha], rule)
     return AlphaSelection(method, k, alpha, scores, normalized, ref, rule)

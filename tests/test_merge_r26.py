@@ -134,3 +134,18 @@ def test_a_remote_merge_fetches_each_tensor_in_one_request(http_server, tmp_path
     assert all(torch.equal(got[n], want[n]) for n in want)
     # one coalesced request a tensor (2x: room for an HTTP retry under load), against one an array
     assert gets <= 2 * len(base) < arrays, (gets, len(base), arrays)
+
+
+def test_select_alpha_of_a_plain_merge_gives_a_k_that_merged_takes(tmp_path):
+    """``select_alpha(fam, "ta")`` returned k=2, so ``merged(sel.method, k=sel.k, alpha=sel.alpha)``
+    raised "k: only the consensus models use it": k is None for ta and ties."""
+    g = torch.Generator().manual_seed(4)
+    base = {"w": torch.randn(16, 16, generator=g)}
+    tasks = {t: {"w": base["w"] + 0.05 * torch.randn(16, 16, generator=g)} for t in ("a", "b")}
+    tallpack.pack(base, tasks, tmp_path / "f.tallpack")
+    with tallpack.open(tmp_path / "f.tallpack") as fam:
+        for method in ("ta", "consensus-ta"):
+            sel = tallpack.select_alpha(fam, method, lambda t, sd: -float((sd["w"] - tasks[t]["w"]).norm()),
+                                        grid=[0.3, 0.6])
+            assert (sel.k is None) == (method == "ta") and sel.to_dict()["k"] == sel.k
+            fam.merged(sel.method, k=sel.k, alpha=sel.alpha)
