@@ -488,7 +488,7 @@ def _refuse_ignored_pack_flags(merge: str, exact: bool, dial: bool, derive_masks
 @click.option("--group/--no-group", default=_DEFAULTS.group, show_default=True,
               help="Store small merged or shared tensors (under 262,144 elements) together, up to 1M elements a group: "
                    "faster loads of checkpoints with many tensors (format 1.12). Not with --exact or the dial.")
-@click.option("-j", "--threads", type=click.IntRange(1), default=None, help="Encoder threads (default: the CPUs this process may run on, at most 8).")
+@click.option("-j", "--threads", type=click.IntRange(1), default=None, help="Encoder threads, and the tasks the fidelity dial measures at once (default: the CPUs this process may run on, at most 8).")
 @click.option("-f", "--force", is_flag=True, help="Overwrite an existing archive.")
 @click.option("--progress/--no-progress", default=True, show_default=True,
               help="Show progress (a bar on a terminal, log lines otherwise).")
