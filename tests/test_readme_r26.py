@@ -9,14 +9,7 @@ from click.testing import CliRunner
 import tallpack
 from tallpack.errors import IncompatibleCheckpointsError
 from tallpack_cli.main import main
-
-
-class _Net(torch.nn.Module):
-    def __init__(self, seed: int) -> None:
-        super().__init__()
-        torch.manual_seed(seed)
-        self.fc1 = torch.nn.Linear(8, 16)
-        self.fc2 = torch.nn.Linear(16, 4)
+from test_pt_sources import _Net
 
 
 def _ddp(seed: int) -> dict[str, torch.Tensor]:
