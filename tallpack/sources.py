@@ -773,9 +773,7 @@ def _hub_blob(real: Path) -> bool:
     """Whether ``real`` (resolved) is a file directly in the ``blobs/`` folder of a Hugging Face
     cache repository (``models--org--name``, which holds ``snapshots/`` too): a download's bytes,
     named by their hash."""
-    repo = real.parent.parent
-    return (real.parent.name == "blobs" and repo.name.startswith("models--") and (repo / "snapshots").is_dir()
-            and real.is_file())
+    return real.parent.name == "blobs" and is_hub_repo(real.parent.parent) and real.is_file()
 
 
 def _resolve(path: Path, shown: Path) -> Path:
