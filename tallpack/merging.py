@@ -473,6 +473,10 @@ def get_method(spec: "str | Mapping[str, Any] | MergeMethod", **options: Any) ->
     return cls(**options)
 
 
+#: the most tasks an int16 count holds (consensus_mask)
+_INT16_MAX = torch.iinfo(torch.int16).max
+
+
 def consensus_mask(masks: Iterable[torch.Tensor], k: int) -> torch.Tensor:
     """``m_cons = (sum_t m_t) >= k``: weights used by at least ``k`` tasks. ``masks`` may be an
     iterator: each is counted as it comes, so the tasks' masks need not be held at once.
@@ -481,13 +485,17 @@ def consensus_mask(masks: Iterable[torch.Tensor], k: int) -> torch.Tensor:
     tensor([ True, False])
     """
     count: torch.Tensor | None = None
-    for m in masks:
+    for n, m in enumerate(masks):
         if count is None:  # int16 counts up to 32767 tasks: half the memory of int32 for a large tensor
             count = torch.zeros(m.shape, dtype=torch.int16, device=m.device)
+        elif n == _INT16_MAX:  # an archive may hold up to 65536 tasks (limits.MAX_TASKS): wider past 32767
+            count = count.to(torch.int32)
         count += m
     if count is None:
         raise InvalidArgumentError("consensus_mask: no masks")
-    return count >= k
+    if k > torch.iinfo(count.dtype).max:  # compared in the count's dtype, k would wrap (32768 as -32768)
+        return torch.zeros(count.shape, dtype=torch.bool, device=count.device)
+    return count >= max(k, 0)  # (a count is never negative: any k <= 0 keeps every weight)
 
 
 # -- merged (multi-task) models -------------------------------------------------------------

@@ -94,7 +94,13 @@ class RedactingFilter(logging.Filter):
     (a refused HEAD's aiohttp error names the link: ``url='...?X-Amz-Signature=...'``)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        text = record.getMessage()
+        try:
+            text = record.getMessage()
+        except Exception:  # a library's malformed record: its handler reports it, as without this filter
+            record.msg = redact_text(str(record.msg))  # (the report shows the message and its arguments)
+            if isinstance(record.args, tuple):
+                record.args = tuple(redact_text(a) if isinstance(a, str) else a for a in record.args)
+            return True
         shown = redact_text(text)
         if shown != text:
             record.msg, record.args = shown, ()

@@ -1,0 +1,62 @@
+"""Review of round 26's late commits (second pass): consensus counts past int16 and a k past them
+(cfa2221), and the command line's redacting handler filter meeting a malformed record (3b2815c)."""
+
+from __future__ import annotations
+
+import io
+import logging
+
+import torch
+
+from tallpack.merging import consensus_mask, merge_direction
+from tallpack.remote import RedactingFilter
+
+
+def _formula(tau: torch.Tensor, masks: list[torch.Tensor], k: int) -> torch.Tensor:
+    """``m_cons * tau_MTL`` with the counts in int64 and m_cons as 0.0/1.0 (spec §6.2)."""
+    count = torch.stack([m.to(torch.int64) for m in masks]).sum(0)
+    return (count >= k).to(torch.float32) * tau
+
+
+def _bits(t: torch.Tensor) -> list[int]:
+    return t.view(torch.int32).tolist()
+
+
+def test_consensus_counts_past_int16():
+    # an archive may hold 65536 tasks (limits.MAX_TASKS): the 32768th mask wrapped an int16 count
+    # to -32768, so no weight every task uses was kept at k=2
+    n = 32768
+    kept = consensus_mask((torch.ones(2, dtype=torch.bool) for _ in range(n)), 2)
+    assert kept.tolist() == [True, True]
+    assert consensus_mask([torch.tensor([True, False])] * n, n).tolist() == [True, False]
+
+
+def test_k_past_the_count_dtype_keeps_nothing():
+    # MergeParts clamps k to T + 1: 32768 for 32767 tasks, which an int16 comparison took as -32768
+    assert consensus_mask([torch.ones(2, dtype=torch.bool)] * 32767, 32768).tolist() == [False, False]
+    tau = torch.tensor([1.0, -2.0, float("nan"), -0.0, float("inf")])
+    masks = [torch.tensor([True, True, False, True, True])] * 3
+    for k in (0, 2, 3, 4, 40000, 70000, 1 << 40):  # 40000 and 70000 wrapped to -25536 and 4464
+        assert _bits(merge_direction("consensus-ta", tau, iter(masks), k=k)) == _bits(_formula(tau, masks, k)), k
+
+
+def test_redacting_handler_filter_lets_logging_report_a_malformed_record(capsys):
+    # a library's bad format string: logging reports it and the program goes on, as without the
+    # filter; with it on the handler, getMessage's TypeError escaped from the library's log call
+    out = io.StringIO()
+    handler = logging.StreamHandler(out)
+    handler.addFilter(RedactingFilter())
+    log = logging.getLogger("tallpack-test-review2.somelib")
+    log.addHandler(handler)
+    log.propagate = False
+    link = "https://host/a.bin?X-Amz-Signature=" + "s3cr3t&v=2"  # (the report shows the call's line)
+    try:
+        log.warning("%d bytes from %s", "many", link)
+        log.warning("fine: %s", "https://host/b.bin?X-Amz-Signature=s3cr3t")
+    finally:
+        log.removeHandler(handler)
+        log.propagate = True
+    assert out.getvalue() == "fine: https://host/b.bin\n"
+    report = capsys.readouterr().err
+    assert "--- Logging error ---" in report and "https://host/a.bin?v=2" in report
+    assert "s3cr3t" not in report
