@@ -219,12 +219,13 @@ def _derived_merged_masks(read: ReadArray, entry: TensorEntry, order: tuple[str,
 def _reads_every_array(entry: TensorEntry, consensus: bool) -> bool:
     """Whether a merged model reads every array of a merged tensor, so that fetching them all at
     once wastes nothing. A consensus model reads the masks (derived ones from the exact residuals),
-    not a residual stored beside a mask (``tall`` with the exact tier); a plain one reads no mask,
-    only the residuals that derive its merged vector (format 1.8)."""
+    not what a ``tall`` entry stores beside its mask (the exact tier's residual, the dial's
+    correction); a plain one reads no mask, only the residuals that derive its merged vector (format 1.8)."""
     encodings = {tt.encoding for tt in entry.tasks.values()}
     if not consensus:
         return encodings == {"tall-derived-merged"}
-    return not any(tt.encoding == "tall" and "exact" in tt.extras for tt in entry.tasks.values())
+    return not any(tt.encoding == "tall" and ("exact" in tt.extras or "correction" in tt.extras)
+                   for tt in entry.tasks.values())
 
 
 def _with_aliases(merged: dict[str, torch.Tensor], aliases: Mapping[str, str], order: Sequence[str]

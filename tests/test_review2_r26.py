@@ -60,3 +60,39 @@ def test_redacting_handler_filter_lets_logging_report_a_malformed_record(capsys)
     report = capsys.readouterr().err
     assert "--- Logging error ---" in report and "https://host/a.bin?v=2" in report
     assert "s3cr3t" not in report
+
+
+def test_remote_consensus_merge_fetches_no_dial_correction(tmp_path):
+    # 51ac1b1 fetched every array of a tensor at once for a consensus model, the dial's
+    # corrections too, which it never reads: they stayed in the remote file's cache (up to 256 MiB)
+    import uuid
+
+    import fsspec
+    from safetensors.torch import save_file
+
+    import tallpack
+    from tallpack.options import PackOptions
+
+    g = torch.Generator().manual_seed(0)
+    base = {"body.w": torch.randn(128, 64, generator=g), "body.b": torch.randn(64, generator=g)}
+    save_file(base, tmp_path / "base.safetensors")
+    tasks = {}
+    for n in "abc":
+        save_file({k: v + 0.05 * torch.randn(v.shape, generator=g) for k, v in base.items()}, tmp_path / f"{n}.safetensors")
+        tasks[n] = str(tmp_path / f"{n}.safetensors")
+    out = tmp_path / "dial.tallpack"
+    tallpack.pack(str(tmp_path / "base.safetensors"), tasks, str(out),
+                  options=PackOptions(fidelity=0.999, corrections=("sparse", "quant8")))
+    with tallpack.open(str(out)) as fam:
+        assert any("correction" in tt.extras for e in fam.manifest.tensors for tt in e.tasks.values())
+        local = fam.merged("consensus-ta", k=2, alpha=0.3)
+    fs = fsspec.filesystem("memory")
+    path = f"/review2-{uuid.uuid4().hex}.tallpack"
+    fs.pipe(path, out.read_bytes())
+    try:
+        with tallpack.open(f"memory://{path}") as fam:
+            merged = fam.merged("consensus-ta", k=2, alpha=0.3)
+            assert fam._c.source._cached == 0  # every byte fetched was read
+    finally:
+        fs.rm(path)
+    assert all(torch.equal(merged[k], local[k]) for k in local)
