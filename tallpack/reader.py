@@ -868,7 +868,16 @@ class Archive:
         for n in names:  # a tensor, a group's member (its group's arrays), or a group by its name
             e = self._members[n][0] if n in self._members else self._tensors.get(n) or self._groups.get(n)
             entries[getattr(e, "name", n)] = e
-        self._c.prefetch([ref for e in entries.values() if e is not None for _, ref in e.all_arrays()])
+        where = ", ".join(map(self._named, names[:2])) + (", ..." if len(names) > 2 else "")  # for a failed fetch
+        self._c.prefetch([ref for e in entries.values() if e is not None for _, ref in e.all_arrays()], where)
+
+    def _named(self, name: str) -> str:
+        """A tensor, or a group (format 1.12) by its name with its first members, as messages name it."""
+        group = self._groups.get(name)
+        if group is None:
+            return f"tensor {name!r}"
+        members = ", ".join(repr(m.name) for m in group.members[:2]) + (", ..." if len(group.members) > 2 else "")
+        return f"group {name!r} (tensors {members})"
 
     @cpu_default
     def base_tensor(self, name: str) -> torch.Tensor | None:

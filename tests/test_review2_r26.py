@@ -1,14 +1,25 @@
 """Review of round 26's late commits (second pass): consensus counts past int16 and a k past them
-(cfa2221), and the command line's redacting handler filter meeting a malformed record (3b2815c)."""
+(cfa2221), the command line's redacting handler filter meeting a malformed record (3b2815c), and a
+remote merged model's prefetch: what it fetches (51ac1b1) and what its failure names (f1d9ff4)."""
 
 from __future__ import annotations
 
 import io
 import logging
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 
+import fsspec
+import pytest
 import torch
+from safetensors.torch import save_file
 
+import tallpack
+from tallpack.errors import TallpackError
 from tallpack.merging import consensus_mask, merge_direction
+from tallpack.options import PackOptions
 from tallpack.remote import RedactingFilter
 
 
@@ -62,17 +73,8 @@ def test_redacting_handler_filter_lets_logging_report_a_malformed_record(capsys)
     assert "s3cr3t" not in report
 
 
-def test_remote_consensus_merge_fetches_no_dial_correction(tmp_path):
-    # 51ac1b1 fetched every array of a tensor at once for a consensus model, the dial's
-    # corrections too, which it never reads: they stayed in the remote file's cache (up to 256 MiB)
-    import uuid
-
-    import fsspec
-    from safetensors.torch import save_file
-
-    import tallpack
-    from tallpack.options import PackOptions
-
+def _family(tmp_path) -> tuple[str, dict[str, str]]:
+    """A base and three float32 fine-tunes as safetensors files: (base path, task -> path)."""
     g = torch.Generator().manual_seed(0)
     base = {"body.w": torch.randn(128, 64, generator=g), "body.b": torch.randn(64, generator=g)}
     save_file(base, tmp_path / "base.safetensors")
@@ -80,19 +82,52 @@ def test_remote_consensus_merge_fetches_no_dial_correction(tmp_path):
     for n in "abc":
         save_file({k: v + 0.05 * torch.randn(v.shape, generator=g) for k, v in base.items()}, tmp_path / f"{n}.safetensors")
         tasks[n] = str(tmp_path / f"{n}.safetensors")
+    return str(tmp_path / "base.safetensors"), tasks
+
+
+@contextmanager
+def _in_memory(archive: Path) -> Iterator[str]:
+    """``archive`` at a memory:// URL (fsspec's in-memory file system: a remote archive, read by ranges)."""
+    fs = fsspec.filesystem("memory")
+    path = f"/review2-{uuid.uuid4().hex}.tallpack"
+    fs.pipe(path, archive.read_bytes())
+    try:
+        yield f"memory://{path}"
+    finally:
+        fs.rm(path)
+
+
+def test_remote_consensus_merge_fetches_no_dial_correction(tmp_path):
+    # 51ac1b1 fetched every array of a tensor at once for a consensus model, the dial's
+    # corrections too, which it never reads: they stayed in the remote file's cache (up to 256 MiB)
+    base, tasks = _family(tmp_path)
     out = tmp_path / "dial.tallpack"
-    tallpack.pack(str(tmp_path / "base.safetensors"), tasks, str(out),
-                  options=PackOptions(fidelity=0.999, corrections=("sparse", "quant8")))
+    tallpack.pack(base, tasks, str(out), options=PackOptions(fidelity=0.999, corrections=("sparse", "quant8")))
     with tallpack.open(str(out)) as fam:
         assert any("correction" in tt.extras for e in fam.manifest.tensors for tt in e.tasks.values())
         local = fam.merged("consensus-ta", k=2, alpha=0.3)
-    fs = fsspec.filesystem("memory")
-    path = f"/review2-{uuid.uuid4().hex}.tallpack"
-    fs.pipe(path, out.read_bytes())
-    try:
-        with tallpack.open(f"memory://{path}") as fam:
-            merged = fam.merged("consensus-ta", k=2, alpha=0.3)
-            assert fam._c.source._cached == 0  # every byte fetched was read
-    finally:
-        fs.rm(path)
+    with _in_memory(out) as url, tallpack.open(url) as fam:
+        merged = fam.merged("consensus-ta", k=2, alpha=0.3)
+        assert fam._c.source._cached == 0  # every byte fetched was read
     assert all(torch.equal(merged[k], local[k]) for k in local)
+
+
+def test_remote_merge_failed_fetch_names_the_tensors(tmp_path):
+    # the merged model's prefetch (51ac1b1) went through Archive.prefetch, which named nothing
+    # (f1d9ff4): "range read at 64 failed (...)" without the tensor it was for
+    base, tasks = _family(tmp_path)
+    out = tmp_path / "f.tallpack"
+    tallpack.pack(base, tasks, str(out))
+    with _in_memory(out) as url, tallpack.open(url) as fam:
+        fs = fam._c.source._fs
+
+        def reset(*args: object, **kwargs: object) -> None:
+            raise ConnectionResetError("reset by peer")
+
+        saved = fs.cat_file, fs.cat_ranges
+        fs.cat_file = fs.cat_ranges = reset
+        try:
+            with pytest.raises(TallpackError, match=r"range read at \d+ failed .*\(reading .*'body\.w'"):
+                fam.merged("consensus-ta")
+        finally:
+            fs.cat_file, fs.cat_ranges = saved
