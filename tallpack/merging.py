@@ -383,7 +383,13 @@ def check_alpha(alpha: object) -> float:
     >>> check_alpha(np.float32(0.25)), check_alpha(torch.tensor(0.5))
     (0.25, 0.5)
     """
-    value = real(alpha.item() if isinstance(alpha, (torch.Tensor, np.ndarray)) and alpha.ndim == 0 else alpha)
+    number = alpha
+    if isinstance(alpha, (torch.Tensor, np.ndarray)) and alpha.ndim == 0:
+        try:
+            number = alpha.item()
+        except RuntimeError:  # a meta tensor holds no value
+            number = None
+    value = real(number)
     if value is None or not math.isfinite(value) or not torch.isfinite(torch.tensor(value, dtype=torch.float32, device="cpu")):
         raise InvalidArgumentError(f"alpha must be a number finite in float32 (|alpha| < 3.4e38), got {alpha!r}")
     return value

@@ -131,3 +131,13 @@ def test_remote_merge_failed_fetch_names_the_tensors(tmp_path):
                 fam.merged("consensus-ta")
         finally:
             fs.cat_file, fs.cat_ranges = saved
+
+
+def test_alpha_as_a_meta_tensor_is_an_invalid_argument():
+    # 69e5c9a took a 0-d tensor's .item(), whose RuntimeError escaped for a tensor without a value
+    from tallpack.errors import InvalidArgumentError
+    from tallpack.merging import check_alpha
+
+    assert check_alpha(torch.tensor(0.25, dtype=torch.float64)) == 0.25
+    with pytest.raises(InvalidArgumentError, match="alpha must be a number"):
+        check_alpha(torch.tensor(0.5, device="meta"))
