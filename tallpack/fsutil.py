@@ -446,11 +446,12 @@ def _put_in_place(tmp: Path, target: Path, overwrite: bool) -> None:
 
 def left_behind(paths: Iterable[Path], why: OSError) -> None:
     """Log, as one warning, the temporaries a failed output could not remove (its folder made
-    read-only meanwhile): the next write into that folder removes them."""
+    read-only meanwhile): a tallpack write into that folder removes them once this process has
+    ended (the sweep spares a live process's temporaries)."""
     paths = list(paths)
     if paths:
-        log.warning("%s: could not remove %s of a failed output (%s); the next tallpack write into that "
-                    "folder removes %s", shortened(paths[0]),
+        log.warning("%s: could not remove %s of a failed output (%s); a tallpack write into that folder removes "
+                    "%s once this process has ended", shortened(paths[0]),
                     "this temporary file" if len(paths) == 1 else f"this and {len(paths) - 1} other temporary files",
                     why.strerror or why, "it" if len(paths) == 1 else "them")
 
