@@ -480,7 +480,7 @@ def get_method(spec: "str | Mapping[str, Any] | MergeMethod", **options: Any) ->
 
 
 #: the most tasks an int16 count holds (consensus_mask)
-_INT16_MAX = torch.iinfo(torch.int16).max
+_INT16_MAX = (1 << 15) - 1  # (torch.iinfo would import torch when tallpack is imported)
 
 
 def consensus_mask(masks: Iterable[torch.Tensor], k: int) -> torch.Tensor:
