@@ -693,8 +693,10 @@ class ContainerReader:
     def _stored(self, ref: ArrayRef, i: int, where: str, recheck: bool = False) -> memoryview:
         """Chunk ``i``'s stored bytes, its checksum checked (once while open, unless ``recheck``)."""
         c = ref.chunks[i]
-        with _reading(f"{where}, chunk {i}"):
+        try:  # (no context manager: this runs for every chunk read)
             stored = self.source.read(c.offset, c.nbytes)
+        except TallpackError as e:
+            raise _named(e, f"{where}, chunk {i}") from None
         key = (c.offset, c.nbytes, c.checksum)
         if recheck or key not in self._checked:
             if self.checksum(stored) != c.checksum:
@@ -772,10 +774,14 @@ def _reading(where: str | None) -> Iterator[None]:
     it was fetched for: ``where`` (a tensor and task, a chunk)."""
     try:
         yield
-    except ArchiveClosedError:
-        raise
     except TallpackError as e:
-        text = str(e)
-        if where is None or "range read at" not in text:
-            raise
-        raise type(e)(f"{text} (reading {where})") from None
+        raise _named(e, where) from None
+
+
+def _named(e: TallpackError, where: str | None) -> TallpackError:
+    """``e``, or for a remote source's failed fetch ("... range read at N failed ...") the same
+    error saying what it was fetched for: ``where``."""
+    text = str(e)
+    if where is None or isinstance(e, ArchiveClosedError) or "range read at" not in text:
+        return e
+    return type(e)(f"{text} (reading {where})")
