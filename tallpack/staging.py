@@ -62,10 +62,7 @@ def exists(target: str | os.PathLike, storage_options: dict[str, Any] | None = N
         return local_path(target).exists()
     url = os.fspath(target)
     fs, path = _fs(url, storage_options)
-    try:
-        return bool(fs.exists(path))
-    except Exception as e:  # an endpoint that does not answer: botocore's own error escaped
-        raise OutputError(f"{redact(url)}: cannot check the output ({_failure(e)})") from None
+    return _exists(fs, path, redact(url))
 
 
 def check_file_name(target: str | os.PathLike, *, what: str = "the output's", example: str = "out") -> None:
@@ -255,15 +252,16 @@ def _no_bucket(fs: Any, bucket: str) -> bool:
     return False
 
 
-def _exists(fs: Any, path: str) -> bool:
+def _exists(fs: Any, path: str, shown: str | None = None) -> bool:
     """Whether an object is there; False where the store will not say (S3 answers 403 for a key
-    that is not there to a role that may not list its bucket)."""
+    that is not there to a role that may not list its bucket). An endpoint that does not answer is
+    an OutputError naming ``shown`` (default: ``path``, its secrets taken out)."""
     try:
         return bool(fs.exists(path))
     except PermissionError:
         return False
-    except Exception as e:
-        raise OutputError(f"{path}: cannot check the output ({type(e).__name__}: {quoted(e)})") from None
+    except Exception as e:  # botocore's own errors, a connection refused
+        raise OutputError(f"{shown or redact(path)}: cannot check the output ({_failure(e)})") from None
 
 
 def _isdir(fs: Any, path: str) -> bool:
