@@ -767,29 +767,74 @@ def folder_locks(folders: Iterable[Path]) -> Iterator[None]:
     which ``flock DIR command`` (the shell's way to serialise jobs on a folder) may hold for the
     whole command. A wait says so in one log line. A folder that cannot be locked (no room for the
     lock file, a file system without locks) is passed over."""
-    fds: list[int] = []
+    held: list[tuple[int, Path | None]] = []  # each descriptor, and its lock file's path where it holds the lock
     try:
         for folder in sorted(folders):
-            fd = _lock_file(folder)
-            if fd is None:
-                continue
-            fds.append(fd)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                log.info("%s: waiting for another tallpack output's files to be put in place there", folder)
-                fcntl.flock(fd, fcntl.LOCK_EX)
-            except OSError as e:
-                log.debug("%s: cannot lock the folder: %s", folder, e)
+            _lock(folder, held)
         yield
     finally:
-        for fd in fds:
-            os.close(fd)  # closing the last descriptor releases the lock
+        with signals_held():  # each lock file removed and closed, not left behind by a second Ctrl-C
+            for fd, path in held:
+                if path is not None:
+                    _remove_lock_file(fd, path)
+                os.close(fd)  # closing the last descriptor releases the lock
 
 
-def _lock_file(folder: Path) -> int | None:
+def _lock(folder: Path, held: list[tuple[int, Path | None]]) -> None:
+    """Lock ``folder``'s lock file, appending its descriptor to ``held`` (with its path once locked).
+    The holder before us may have removed the file as it let go (``_remove_lock_file``): the lock
+    we got is then on a file no one else will open, so it is let go and taken again on the file
+    now at the path."""
+    waited = False
+    while True:
+        opened = _lock_file(folder)
+        if opened is None:
+            return
+        fd, path = opened
+        if any(p == path for _, p in held):  # one folder under two names (a link): locked once, not waited on for ever
+            os.close(fd)
+            return
+        held.append((fd, None))
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if not waited:
+                log.info("%s: waiting for another tallpack output's files to be put in place there", folder)
+                waited = True
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError as e:
+            log.debug("%s: cannot lock the folder: %s", folder, e)
+            return
+        if _same_file(fd, path):
+            held[-1] = (fd, path)
+            return
+        held.pop()
+        os.close(fd)
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    """Whether ``fd`` is still the file at ``path`` (not removed, nor replaced by another)."""
+    try:
+        now, ours = os.stat(path, follow_symlinks=False), os.fstat(fd)
+    except OSError:
+        return False
+    return ours.st_nlink > 0 and (now.st_dev, now.st_ino) == (ours.st_dev, ours.st_ino)
+
+
+def _remove_lock_file(fd: int, path: Path) -> None:
+    """Remove the lock file ``path`` while ``fd`` still holds its lock: a process that opened it
+    meanwhile finds, once it has the lock, that the file is gone (``_lock``), and so no lock file
+    is left for each folder ever written into."""
+    try:
+        if _same_file(fd, path):
+            path.unlink()
+    except OSError as e:
+        log.debug("%s: cannot remove the lock file: %s", path, e)
+
+
+def _lock_file(folder: Path) -> tuple[int, Path] | None:
     """An open descriptor of the lock file of ``folder`` (``TMPDIR/tallpack-locks-UID/DEV-INO``,
-    zero bytes, left in place for the next output), or None where there can be none."""
+    zero bytes, removed by its holder as it lets go) and its path, or None where there can be none."""
     if fcntl is None:
         return None
     try:
@@ -798,8 +843,8 @@ def _lock_file(folder: Path) -> int | None:
         locks.mkdir(mode=0o700, exist_ok=True)
         if not locks.is_dir() or locks.is_symlink():
             return None
-        return os.open(locks / f"{st.st_dev:x}-{st.st_ino:x}", os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0),
-                       0o600)
+        path = locks / f"{st.st_dev:x}-{st.st_ino:x}"
+        return os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o600), path
     except OSError as e:
         log.debug("%s: cannot lock the folder: %s", folder, e)
         return None
