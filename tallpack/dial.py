@@ -50,8 +50,9 @@ import logging
 import math
 import statistics
 import threading
+from collections import deque
 from collections.abc import Callable, Generator, Hashable, Iterator, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import closing, contextmanager
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -534,12 +535,16 @@ class _Scratch:
         return buf
 
 
-def _in_order(run: Callable[[int], T], count: int, parts: int) -> Generator[Callable[[], T], None, None]:
+def _in_order(run: Callable[[int], T], count: int, parts: int,
+              window: int | None = None) -> Generator[Callable[[], T], None, None]:
     """``run(i)`` for each i of ``range(count)``, up to ``parts`` at once on threads of their own
     (one: each on this thread when its turn comes), given in order as calls that return its result
     or raise its error. Runs begin in order, and none begins once one before it has failed (the
-    caller stops at that error, or an earlier one: a run before it always runs). Closed (``contextlib.closing``) before its end, on an error
-    say, it cancels the runs not begun and waits for those under way: no thread is left running."""
+    caller stops at that error, or an earlier one: a run before it always runs). With ``window``,
+    a run is handed to the threads only once fewer than ``window`` are handed and not yet given
+    (their results wait for the caller: the window bounds what they hold). Closed
+    (``contextlib.closing``) before its end, on an error say, it cancels the runs not begun and
+    waits for those under way: no thread is left running."""
     if parts <= 1:
         for i in range(count):
             yield functools.partial(run, i)
@@ -558,10 +563,13 @@ def _in_order(run: Callable[[int], T], count: int, parts: int) -> Generator[Call
             raise
 
     pool = ThreadPoolExecutor(parts, thread_name_prefix="tallpack-dial")
+    ahead = count if window is None else max(window, parts)
     try:
-        futures = [pool.submit(alone, i) for i in range(count)]
-        for f in futures:
-            yield f.result
+        futures: deque[Future[T]] = deque()
+        for i in range(count):
+            while len(futures) < ahead and i + len(futures) < count:
+                futures.append(pool.submit(alone, i + len(futures)))
+            yield futures.popleft().result
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
 
@@ -1377,15 +1385,24 @@ class Dial:
 
     def write_tensor(self, ctx: WriteContext, item: Item) -> TensorEntry:
         """One merged tensor as decided: its TALL tier (masks of the qtau tasks left out, the merged
-        vector too when dropped), the qtau entries, the corrections."""
+        vector too when dropped), the qtau entries, the corrections. Each task's part (its task
+        vector's figures, quantization, residual) on up to ``threads`` threads, as many as
+        ``_observe`` measures at once; its arrays written in task order, so the bytes are the same
+        for any thread count."""
         with torch_alone():
             return self._write_tensor(ctx, item)
 
     def _write_tensor(self, ctx: WriteContext, item: Item) -> TensorEntry:
+        assert item.base is not None
         qt = {t: o.bits for t in item.tasks
               if (o := self.choice.get(t, {}).get(item.name)) is not None and o.kind == "qtau"}
-        entry = _write_mixed(ctx, item, qt, item.name in self.dropped) if qt else settled(ctx, Tall.write(ctx, item))
-        self._corrections(ctx, item, entry)
+        parts = in_flight(ctx.threads, len(item.tasks), item.base.numel(), memory_free() if ctx.threads > 1 else None)
+        tall: tuple[torch.Tensor, list[torch.Tensor]] | None = None
+        if qt:
+            entry, tall = _write_mixed(ctx, item, qt, item.name in self.dropped, parts)
+        else:
+            entry = settled(ctx, Tall.write(ctx, item))
+        self._corrections(ctx, item, entry, parts, tall)
         for t in item.tasks:  # what each task's rebuild still overflows, its correction applied
             o = self.choice.get(t, {}).get(item.name)
             plan = self.plans.get(t)
@@ -1393,30 +1410,38 @@ class Dial:
                 ctx.fidelity[t].set_overflow(item.name, o.overflow if o is not None else plan.tall_overflow[item.name])
         return entry
 
-    def _corrections(self, ctx: WriteContext, item: Item, entry: TensorEntry) -> None:
+    def _corrections(self, ctx: WriteContext, item: Item, entry: TensorEntry, parts: int,
+                     tall: tuple[torch.Tensor, list[torch.Tensor]] | None) -> None:
+        """The sparse, quant and exact corrections decided for ``item``'s tasks: the exact ones
+        first (``add_exact``), then the others in task order, each task's residual encoded on the
+        threads (``parts`` at once). ``tall``: tau_MTL and the masks, when the caller has them."""
         name = item.name
         todo = {t: o for t in item.tasks if (o := self.choice.get(t, {}).get(name)) is not None
                 and o.kind in ("sparse", "quant", "exact")}
         if not todo:
             return
         assert item.base is not None
-        merged, masks = tall_parts(ctx, item)
+        merged, masks = tall if tall is not None else tall_parts(ctx, item)
         base32 = item.base.reshape(-1).to(torch.float32)
         exact = {t for t, o in todo.items() if o.kind == "exact"}
         if exact:
             add_exact(ctx, item, entry, tasks=exact)
-        for t, x, mask in zip(item.tasks, item.thetas, masks):
-            o = todo.get(t)
-            if o is None:
-                continue
-            tt = entry.tasks[t]
-            if o.kind == "exact":
-                tt.extras["correction"] = Correction("exact")
-                continue
-            assert o.kind is not None  # (todo: sparse, quant or exact)
-            r = residual(x, base32, mask, merged)
-            refs = {k: _write(ctx, a) for k, a in candidate_arrays(o, r).items()}
-            tt.extras["correction"] = Correction(o.kind, refs, o.bits or None, BLOCK if o.kind == "quant" else None)
+            for t in exact:
+                entry.tasks[t].extras["correction"] = Correction("exact")
+        lossy = [i for i, t in enumerate(item.tasks) if t in todo and t not in exact]
+
+        def encoded(j: int) -> dict[str, np.ndarray]:
+            i = lossy[j]
+            return candidate_arrays(todo[item.tasks[i]], residual(item.thetas[i], base32, masks[i], merged))
+
+        with closing(_in_order(encoded, len(lossy), min(parts, len(lossy)), 2 * parts)) as results:
+            for i, got in zip(lossy, results):
+                t = item.tasks[i]
+                o = todo[t]
+                assert o.kind is not None  # (sparse or quant)
+                refs = {k: _write(ctx, a) for k, a in got().items()}
+                entry.tasks[t].extras["correction"] = Correction(o.kind, refs, o.bits or None,
+                                                                 BLOCK if o.kind == "quant" else None)
 
     def record(self) -> dict[str, Any]:
         """What the manifest's ``stats.dial`` keeps: the request, and per task what was stored."""
@@ -1445,14 +1470,18 @@ def _write(ctx: WriteContext, a: np.ndarray) -> ArrayRef:
                                   (a.size,), _chain(ctx, a), ctx.chunk_elements)
 
 
-def _write_mixed(ctx: WriteContext, item: Item, qt: Mapping[str, int], drop: bool) -> TensorEntry:
+def _write_mixed(ctx: WriteContext, item: Item, qt: Mapping[str, int], drop: bool, parts: int = 1
+                 ) -> tuple[TensorEntry, tuple[torch.Tensor, list[torch.Tensor]]]:
     """A merged tensor where the tasks of ``qt`` store their own quantized task vector (``qtau``,
-    ``bits``) and no mask; the merged vector (and the method's extras) left out when ``drop``."""
+    ``bits``) and no mask; the merged vector (and the method's extras) left out when ``drop``.
+    Each task's figures and quantization on up to ``parts`` threads, its arrays written in task
+    order. Returns the entry, and tau_MTL and the masks (``tall_parts``) for the corrections."""
     assert item.base is not None
     w, ce, shape = ctx.writer, ctx.chunk_elements, tuple(item.base.shape)
     w.use("encoding:qtau")
     merged, masks, extras = _tall_parts(ctx, item, extras=not drop)
     base32 = item.base.reshape(-1).to(torch.float32)
+    n = base32.numel()
     b_dt = dtype_name(item.base.dtype)
     arrays = {"base": w.write_array(tensor_to_bytes(item.base.contiguous()), b_dt, shape, ctx.dense(b_dt), ce)}
     if not drop:
@@ -1460,27 +1489,50 @@ def _write_mixed(ctx: WriteContext, item: Item, qt: Mapping[str, int], drop: boo
         assert extras is not None
         for k, v in extras.items():
             arrays[k] = w.write_array(tensor_to_bytes(v), EXTRA_ARRAYS[k], shape, ctx.dense(EXTRA_ARRAYS[k]), ce)
+    scratch = _Scratch(n + QBLOCK)  # the quantizer's work: no fresh pages
+
+    def task(i: int) -> tuple[int, tuple[np.ndarray, np.ndarray] | None, torch.Tensor | None]:
+        """Task i's figures (the plain TALL ones, as for every merged tensor) and, for a qtau task,
+        its arrays: (mask ones or qtau ones, (codes, scales) or None, its deQ when ``drop``)."""
+        t = item.tasks[i]
+        tau = item.thetas[i].reshape(-1).to(torch.float32) - base32
+        ones = ctx.fidelity[t].add(tau, masks[i], merged)
+        if t not in qt:
+            return ones, None, None
+        # with ``drop`` the deQ outlives this call (the readers' reference sums it): its own memory
+        codes, scales, deq = next(quantize_widths(tau, (qt[t],), QBLOCK, scratch=None if drop else scratch.get()))
+        assert deq is not None  # (as ``dequantize`` gives it, bit for bit)
+        if drop:
+            return 0, (codes, scales), deq
+        return int(torch.count_nonzero(tall_mask(deq, merged, ctx.lambdas[t]))), (codes, scales), None
+
     tts: dict[str, TaskTensor] = {}
-    deqs: dict[str, tuple[torch.Tensor, dict[str, ArrayRef]]] = {}
-    for t, x, mask in zip(item.tasks, item.thetas, masks):
-        tau = x.reshape(-1).to(torch.float32) - base32
-        ctx.fidelity[t].add(tau, mask, merged)  # the plain TALL figures, as for every merged tensor
-        if t in qt:
-            codes, scales = quantize(tau, qt[t], QBLOCK)
-            deqs[t] = (dequantize(codes, scales, qt[t], QBLOCK, tau.numel()),
-                       {"codes": _write(ctx, codes), "scales": _write(ctx, scales)})
-        else:
-            tts[t] = TaskTensor("tall", dtype_name(x.dtype), shape,
-                                {"mask": w.write_array(tensor_to_bytes(mask), "bool", shape, ctx.masks, ce)},
-                                {"ones": int(torch.count_nonzero(mask))})
-    ref = merged
-    if drop:  # what readers use instead (spec §6.1.8): the float32 sum of the deQ, in task order
-        ref = torch.zeros_like(merged)
-        for t in item.tasks:
-            ref = ref + deqs[t][0]
+    qs: dict[str, tuple[np.ndarray, np.ndarray, dict[str, ArrayRef], int]] = {}
+    ref = torch.zeros_like(merged) if drop else merged
+    with closing(_in_order(task, len(item.tasks), parts, 2 * parts)) as results:
+        for t, x, mask, got in zip(item.tasks, item.thetas, masks, results):
+            ones, q, deq = got()
+            if q is None:
+                tts[t] = TaskTensor("tall", dtype_name(x.dtype), shape,
+                                    {"mask": w.write_array(tensor_to_bytes(mask), "bool", shape, ctx.masks, ce)},
+                                    {"ones": ones})
+                continue
+            qs[t] = (*q, {"codes": _write(ctx, q[0]), "scales": _write(ctx, q[1])}, ones)
+            if deq is not None:  # what readers use instead (spec §6.1.8): the float32 sum of the deQ, in task order
+                ref.add_(deq)
+    if drop:  # each qtau mask against that sum, its deQ made again (not held: a tensor's size per task)
+        order = list(qt)
+
+        def against(j: int) -> int:
+            t = order[j]
+            deq = dequantize(qs[t][0], qs[t][1], qt[t], QBLOCK, n)
+            return int(torch.count_nonzero(tall_mask(deq, ref, ctx.lambdas[t])))
+
+        with closing(_in_order(against, len(order), min(parts, len(order)), 2 * parts)) as counts:
+            for t, count in zip(order, counts):
+                qs[t] = (*qs[t][:3], count())
     for t, x in zip(item.tasks, item.thetas):
         if t in qt:
-            ones = int(torch.count_nonzero(tall_mask(deqs[t][0], ref, ctx.lambdas[t])))
-            tts[t] = TaskTensor("qtau", dtype_name(x.dtype), shape, deqs[t][1],
-                                {"bits": qt[t], "block": QBLOCK, "ones": ones})
-    return TensorEntry(item.name, "merged", {t: tts[t] for t in item.tasks}, arrays)
+            tts[t] = TaskTensor("qtau", dtype_name(x.dtype), shape, qs[t][2],
+                                {"bits": qt[t], "block": QBLOCK, "ones": qs[t][3]})
+    return TensorEntry(item.name, "merged", {t: tts[t] for t in item.tasks}, arrays), (merged, masks)
