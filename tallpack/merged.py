@@ -8,9 +8,11 @@ they are. The alpha-independent parts are read once.
 from __future__ import annotations
 
 import logging
+import threading
 import weakref
-from collections.abc import Iterable, Mapping, Sequence
-from typing import Any, Protocol
+from collections import OrderedDict
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from typing import Any, Literal, Protocol, overload
 
 from ._torch import cpu_default, torch
 from .arrays import ArrayRef
@@ -52,6 +54,8 @@ class Family(Protocol):
 
     def get_tensor(self, task: str, name: str) -> torch.Tensor: ...
 
+    def tensor_spec(self, task: str, name: str) -> tuple[str, tuple[int, ...]]: ...
+
 
 def _how_merged(entry: TensorEntry) -> str | None:
     """How a merged model builds a tensor: ``"merged"`` (its encodings all in MERGED_ENCODINGS:
@@ -84,6 +88,12 @@ def _and_aliases(names: list[str], manifest: Manifest) -> list[str]:
     a merged model with it (``lm_head.weight`` with ``wte.weight``), and a model needs them too."""
     have = set(names)
     return names + [a for a, t in manifest.aliases.items() if t in have and a not in have]
+
+
+def _overflowed(out: torch.Tensor, theta_0: torch.Tensor, d: torch.Tensor) -> bool:
+    """Whether ``out = theta_0 + alpha * d`` went past its dtype's range: not finite where base and
+    direction are (``out`` checked first: one pass over a tensor that did not overflow)."""
+    return theta_0.is_floating_point() and not _finite(out) and _finite(theta_0) and _finite(d)
 
 
 def _finite(t: torch.Tensor) -> bool:
@@ -176,6 +186,9 @@ def default_model(manifest: Manifest) -> str:
 
 #: The most names of left-out tensors a warning lists.
 SHOWN_NAMES = 5
+#: The most bytes of built tensors a lazy merged model holds for names not indexed yet (a group's
+#: other members, a tied tensor's other names), over the most recent one (as a lazy state dict's).
+HELD_BYTES = 32 << 20
 
 
 def shared_direction(model: str, base: torch.Tensor, data: torch.Tensor, tasks: tuple[str, ...],
@@ -249,7 +262,7 @@ class MergeParts:
     ``not_held``: the bytes of base tensors the archive has no copy of (:func:`base_not_held`);
     ``state_dict`` without ``task`` warns once that they are missing."""
 
-    def __init__(self, family: Family, model: str, k: int | None = None):
+    def __init__(self, family: Family, model: str, k: int | None = None, *, lazy: bool = False):
         manifest, name, read = family.manifest, family.name, family.read_array
         cls = merged_model_method(model)
         packed = manifest.merge.get("method")
@@ -276,94 +289,151 @@ class MergeParts:
         self.in_some_tasks = tuple(in_some_tasks(manifest))
         self.not_held = base_not_held(manifest)
         self._warned = False
-        lambdas = {t.name: t.lam for t in manifest.tasks}
+        self._method, self._k_used = method, k
+        self._lambdas = {t.name: t.lam for t in manifest.tasks}
         # a remote archive fetches each tensor's arrays in one request, not one per array (stats' way)
-        prefetch = getattr(family, "prefetch", None)
-        self.parts: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
+        self._prefetch = getattr(family, "prefetch", None)
+        #: the entries a merged model has tensors of, in the manifest's order (read in it)
+        self._entries: list[TensorEntry] = []
+        #: each tensor of the merged model: the entry that gives it, in the checkpoints' order
+        self._entry_of: dict[str, TensorEntry] = {}
         for e in manifest.tensors:
-            where = f"tensor {e.name!r}"
-            if not e.tasks and "base" in e.arrays:  # base-only (kept on request): no task changes it
-                base = read(e.arrays["base"], f"{where} (base)")
-                if e.members:
-                    self.parts.update((m.name, (part, None)) for m, part in zip(e.members, split_parts(base, e.members)))
-                else:
-                    self.parts[e.name] = (base, None)
-                continue
-            if set(e.tasks) != set(self.tasks):
-                continue
-            encodings = {tt.encoding for tt in e.tasks.values()}
-            unknown = sorted(x for x in encodings if encoding_for(x) is None)
-            if unknown:
-                raise UnsupportedVersionError(f"{name}: {where} is stored as {', '.join(map(repr, unknown))}, "
-                                              "which this tallpack cannot merge; upgrade it")
-            how = _how_merged(e)
-            if how == "merged":
-                if "base" not in e.arrays:
-                    raise FormatError(f"{name}: {where} has no base")
-                if prefetch is not None and _reads_every_array(e, is_consensus(model)):
-                    prefetch([e.name])
-                sources = {x: merged_source(e, x) for x in ("merged", *method.extra_arrays)}
-                base = read(e.arrays["base"], f"{where} (base)")
-                masks: Iterable[torch.Tensor] | None = None
-                extras = None
-                if any(tt.encoding == "qtau" for tt in e.tasks.values()):  # the dial's (format 1.7, §6.1.8)
-                    tau, by_task = task_masks(read, e, lambdas)
-                    tau = tau.reshape(base.shape)
-                    masks = [m.reshape(base.shape) for m in by_task.values()]
-                elif is_consensus(model) and isinstance(sources["merged"], DerivedMerged):
-                    # format 1.8 (§6.1.9): tau_MTL and every mask from one rebuild of each original
-                    # (not once for tau_MTL and again for each task's mask)
-                    tau, masks = _derived_merged_masks(read, e, self.tasks, method, name)
-                elif sources["merged"] is None:
-                    raise FormatError(f"{name}: {where} has no merged vector")
-                else:  # stored, or derived from the exact originals (format 1.8, §6.1.9)
-                    tau = read(sources["merged"], f"{where} (merged)")
-                if is_consensus(model):
-                    if masks is None:  # read as they are counted: one task's mask held at a time
-                        masks = (task_mask(read, e, tt, f"task {t!r}, {where}") for t, tt in e.tasks.items())
-                else:
-                    missing = [x for x in method.extra_arrays if sources[x] is None]
-                    if missing:
-                        raise FormatError(f"{name}: {where} has no {', '.join(missing)} for {model}")
-                    extras = {x: read(s, f"{where} ({x})") for x in method.extra_arrays
-                              if (s := sources[x]) is not None}
-                direction = merge_direction(model, tau, masks, extras, k, method)
-                if e.members:  # a group (format 1.12): each member's run of the flat tensors
-                    base, direction = base.reshape(-1), direction.reshape(-1)
-                    for m in e.members:
-                        run = slice(m.offset, m.offset + m.numel)
-                        self.parts[m.name] = (base[run].view(m.shape), direction[run].view(m.shape))
-                else:
-                    self.parts[e.name] = (base, direction)
-            elif how == "shared" and "base" in e.arrays and not e.members:
-                # 1.13: every task at one value that is not the base's; merged as any merged
-                # tensor, every tau_t the same (§6.1.3)
-                data = read(e.arrays["data"], where)
-                base = read(e.arrays["base"], f"{where} (base)")
-                if base.shape != data.shape or not base.is_floating_point():
-                    raise FormatError(f"{name}: {where} has a base of another shape or dtype kind than its data")
-                self.parts[e.name] = (base, shared_direction(model, base, data, self.tasks, lambdas, k, method,
-                                                                f"{name}: {where}"))
-            elif how == "shared":
-                data = read(e.arrays["data"], where)
-                if e.members:  # a group (format 1.12): each member's run, a tensor of its own
-                    self.parts.update((m.name, (part, None)) for m, part in zip(e.members, split_parts(data, e.members)))
-                else:
-                    self.parts[e.name] = (data, None)
+            names = self._names(e)
+            if names:
+                self._entries.append(e)
+                self._entry_of.update((n, e) for n in names)
         if manifest.tasks:  # in the checkpoints' order (a group's members were stored together)
             order = {name: i for i, name in enumerate(manifest.tasks[0].keys)}
-            self.parts = dict(sorted(self.parts.items(), key=lambda kv: order.get(kv[0], len(order))))
+            self._entry_of = dict(sorted(self._entry_of.items(), key=lambda kv: order.get(kv[0], len(order))))
+        self._parts: dict[str, tuple[torch.Tensor, torch.Tensor | None]] | None = None
+        if not lazy:
+            self.parts  # noqa: B018 (read now: a damaged archive fails here, as before)
+
+    @property
+    def parts(self) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
+        """Each tensor's theta_0 and direction d (None: the tensor as it is), read on first use and
+        kept (``select_alpha`` builds a model per alpha from them)."""
+        if self._parts is None:
+            got: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
+            for e in self._entries:
+                got.update(self.entry_parts(e))
+            self._parts = {name: got[name] for name in self._entry_of}
+        return self._parts
+
+    def _names(self, e: TensorEntry) -> list[str]:
+        """The tensors of the merged model that entry ``e`` gives (none: every task's own, or only
+        some tasks have it), checked as far as the manifest tells, nothing read."""
+        name = self._family.name
+        if not e.tasks and "base" in e.arrays:  # base-only (kept on request): no task changes it
+            return [m.name for m in e.members] if e.members else [e.name]
+        if set(e.tasks) != set(self.tasks):
+            return []
+        unknown = sorted(x for x in {tt.encoding for tt in e.tasks.values()} if encoding_for(x) is None)
+        if unknown:
+            raise UnsupportedVersionError(f"{name}: tensor {e.name!r} is stored as {', '.join(map(repr, unknown))}, "
+                                          "which this tallpack cannot merge; upgrade it")
+        how = _how_merged(e)
+        if how == "merged" and "base" not in e.arrays:
+            raise FormatError(f"{name}: tensor {e.name!r} has no base")
+        if how in ("merged", "shared"):
+            return [m.name for m in e.members] if e.members else [e.name]
+        return []
+
+    def spec(self, name: str) -> tuple[str, tuple[int, ...]]:
+        """The dtype (spec name) and shape of the merged model's tensor ``name``, from the manifest
+        alone: a merged tensor has its base's, one stored alike for every task its data's."""
+        e = self._entry_of[name]
+        held = e.arrays["base"] if "base" in e.arrays and (not e.tasks or _how_merged(e) == "merged"
+                                                           or not e.members) else e.arrays["data"]
+        if e.members:
+            return held.dtype, next(m.shape for m in e.members if m.name == name)
+        return held.dtype, tuple(held.shape)
+
+    def entry_parts(self, e: TensorEntry) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
+        """theta_0 and d (or the tensor as it is, and None) of each tensor entry ``e`` gives."""
+        name, read, method, k = self._family.name, self._family.read_array, self._method, self._k_used
+        model, lambdas, prefetch = self.model, self._lambdas, self._prefetch
+        where = f"tensor {e.name!r}"
+        if not e.tasks and "base" in e.arrays:  # base-only (kept on request): no task changes it
+            base = read(e.arrays["base"], f"{where} (base)")
+            if e.members:
+                return {m.name: (part, None) for m, part in zip(e.members, split_parts(base, e.members))}
+            return {e.name: (base, None)}
+        how = _how_merged(e)
+        if how == "merged":
+            if prefetch is not None and _reads_every_array(e, is_consensus(model)):
+                prefetch([e.name])
+            sources = {x: merged_source(e, x) for x in ("merged", *method.extra_arrays)}
+            base = read(e.arrays["base"], f"{where} (base)")
+            masks: Iterable[torch.Tensor] | None = None
+            extras = None
+            if any(tt.encoding == "qtau" for tt in e.tasks.values()):  # the dial's (format 1.7, §6.1.8)
+                tau, by_task = task_masks(read, e, lambdas)
+                tau = tau.reshape(base.shape)
+                masks = [m.reshape(base.shape) for m in by_task.values()]
+            elif is_consensus(model) and isinstance(sources["merged"], DerivedMerged):
+                # format 1.8 (§6.1.9): tau_MTL and every mask from one rebuild of each original
+                # (not once for tau_MTL and again for each task's mask)
+                tau, masks = _derived_merged_masks(read, e, self.tasks, method, name)
+            elif sources["merged"] is None:
+                raise FormatError(f"{name}: {where} has no merged vector")
+            else:  # stored, or derived from the exact originals (format 1.8, §6.1.9)
+                tau = read(sources["merged"], f"{where} (merged)")
+            if is_consensus(model):
+                if masks is None:  # read as they are counted: one task's mask held at a time
+                    masks = (task_mask(read, e, tt, f"task {t!r}, {where}") for t, tt in e.tasks.items())
+            else:
+                missing = [x for x in method.extra_arrays if sources[x] is None]
+                if missing:
+                    raise FormatError(f"{name}: {where} has no {', '.join(missing)} for {model}")
+                extras = {x: read(s, f"{where} ({x})") for x in method.extra_arrays
+                          if (s := sources[x]) is not None}
+            direction = merge_direction(model, tau, masks, extras, k, method)
+            if e.members:  # a group (format 1.12): each member's run of the flat tensors
+                base, direction = base.reshape(-1), direction.reshape(-1)
+                return {m.name: (base[m.offset:m.offset + m.numel].view(m.shape),
+                                 direction[m.offset:m.offset + m.numel].view(m.shape)) for m in e.members}
+            return {e.name: (base, direction)}
+        if "base" in e.arrays and not e.members:
+            # 1.13: every task at one value that is not the base's; merged as any merged
+            # tensor, every tau_t the same (§6.1.3)
+            data = read(e.arrays["data"], where)
+            base = read(e.arrays["base"], f"{where} (base)")
+            if base.shape != data.shape or not base.is_floating_point():
+                raise FormatError(f"{name}: {where} has a base of another shape or dtype kind than its data")
+            return {e.name: (base, shared_direction(model, base, data, self.tasks, lambdas, k, method,
+                                                    f"{name}: {where}"))}
+        data = read(e.arrays["data"], where)
+        if e.members:  # a group (format 1.12): each member's run, a tensor of its own
+            return {m.name: (part, None) for m, part in zip(e.members, split_parts(data, e.members))}
+        return {e.name: (data, None)}
+
+    @overload
+    def state_dict(self, alpha: float | None = None, *, task: str | None = None,
+                   lazy: Literal[False] = False) -> dict[str, torch.Tensor]: ...
+
+    @overload
+    def state_dict(self, alpha: float | None = None, *, task: str | None = None,
+                   lazy: Literal[True]) -> "MergedModel": ...
 
     @cpu_default
-    def state_dict(self, alpha: float | None = None, *, task: str | None = None) -> dict[str, torch.Tensor]:
+    def state_dict(self, alpha: float | None = None, *, task: str | None = None,
+                   lazy: bool = False) -> "dict[str, torch.Tensor] | MergedModel":
         """The merged model at ``alpha``; with ``task``, completed with that task's own tensors.
 
         Every call returns tensors of its own (the ones no task changes, copied), so a caller may
         change one model in place without changing the next (``select_alpha``'s evaluations).
+        With ``lazy=True``, a read-only mapping that builds each tensor when it is indexed from
+        that tensor's parts alone (kept by nothing): writing a model one tensor at a time holds
+        one tensor's parts, not the whole model's (``write_merged``).
 
         >>> parts = fam.merge_parts("ta"); models = [parts.state_dict(a) for a in (0.2, 0.4)]
         """
         value = default_alpha(self.model, len(self.tasks)) if alpha is None else check_alpha(alpha)
+        if lazy:
+            if task is None:
+                self._warn_left_out()
+            return MergedModel(self, value, task)
         with memory_named(f"{self._family.name}: the {self.model} model"):  # torch's allocator: not a TallpackError
             merged = {name: t.clone() if d is None else apply_direction(t, d, value)
                       for name, (t, d) in self.parts.items()}
@@ -385,15 +455,18 @@ class MergeParts:
         their dtype's range (inf where base and direction are finite: a large alpha on a float16
         model). One pass over the model; ``select_alpha``'s evaluations do not make it."""
         over = [name for name, (t, d) in self.parts.items()
-                if d is not None and name in merged and t.is_floating_point()
-                and not _finite(merged[name]) and _finite(t) and _finite(d)]
+                if d is not None and name in merged and _overflowed(merged[name], t, d)]
+        self.say_overflow(over, merged[over[0]].dtype if over else None, alpha)
+        return over
+
+    def say_overflow(self, over: Sequence[str], dtype: torch.dtype | None, alpha: float | None) -> None:
+        """Warn that ``alpha`` overflowed the tensors ``over`` (of ``dtype``), if any."""
         if over:
             value = default_alpha(self.model, len(self.tasks)) if alpha is None else alpha
             names = ", ".join(map(repr, over[:SHOWN_NAMES])) + (", ..." if len(over) > SHOWN_NAMES else "")
             log.warning("%s: alpha %g overflows %d tensor%s of the %s model (inf where the base and the merged "
                         "vector are finite; %s): %s", self._family.name, value, len(over), "" if len(over) == 1 else "s",
-                        self.model, merged[over[0]].dtype, names)
-        return over
+                        self.model, dtype, names)
 
     def _say_base(self) -> None:
         """Warn (once per model and k of an open archive) that k is over the task count: no weight
@@ -461,3 +534,149 @@ class MergeParts:
                     "to sum in float32; no base to merge "
                     "onto); task=NAME (--task NAME) takes %s from that task", self._family.name, n, "" if one else "s",
                     "is" if one else "are", self.model, names, "it" if one else "them")
+
+
+class MergedModel(Mapping[str, "torch.Tensor"]):
+    """A merged model (``MergeParts.state_dict(alpha, lazy=True)``): a read-only mapping that
+    builds each tensor when it is indexed, from its own entry's parts, which nothing keeps; ``in``,
+    ``len`` and iteration answer from the manifest. The names and order are ``state_dict``'s.
+
+    A group's other members (format 1.12), and a tied tensor's other names (format 1.14), are held
+    until indexed: the most recent up to HELD_BYTES (an older one is built again if asked for).
+    ``overflow`` lists the tensors built so far that ``alpha`` overflowed (``warn_overflow`` says so).
+    """
+
+    def __init__(self, parts: MergeParts, alpha: float, task: str | None):
+        self._parts, self._alpha, self._task = parts, alpha, task
+        fam = parts._family
+        aliases = fam.manifest.aliases
+        entry_of = parts._entry_of
+        #: each name: where its tensor comes from, ("merged", name) or ("task", name)
+        self._source: dict[str, tuple[str, str]] = {}
+        if task is None:
+            names = [*entry_of, *(a for a, t in aliases.items() if t in entry_of and a not in entry_of)]
+            at = {name: i for i, name in enumerate(fam.manifest.tasks[0].keys)} if fam.manifest.tasks else {}
+            names.sort(key=lambda n: at.get(n, len(at)))  # stable: _with_aliases' order
+            self._source = {n: ("merged", n if n in entry_of else aliases[n]) for n in names}
+        else:
+            names = fam.keys(task)
+            listed = set(names)
+            tied = {a: t for a, t in aliases.items() if a in listed and t in listed}
+            for n in names:
+                key = tied.get(n, n)
+                if key in entry_of:
+                    self._source[n] = ("merged", key)
+                elif key in aliases and aliases[key] in entry_of:
+                    self._source[n] = ("merged", aliases[key])
+                else:
+                    self._source[n] = ("task", key)
+        self._keys = names
+        #: the names that share each source (a tied tensor's): held until each has had it
+        self._names_of: dict[tuple[str, str], list[str]] = {}
+        for n, src in self._source.items():
+            self._names_of.setdefault(src, []).append(n)
+        self._held: OrderedDict[tuple[str, str], tuple[torch.Tensor, set[str]]] = OrderedDict()
+        self._held_bytes = 0
+        self._lock = threading.Lock()
+        self._task_sd: Mapping[str, torch.Tensor] | None = None
+        self.overflow: list[str] = []
+        self._overflow_dtype: torch.dtype | None = None
+
+    def spec(self, name: str) -> tuple[str, tuple[int, ...]]:
+        """The dtype (spec name) and shape of tensor ``name``, from the manifest alone."""
+        kind, key = self._source[name]
+        if kind == "merged":
+            return self._parts.spec(key)
+        assert self._task is not None  # (a task's own tensor: only with a task)
+        return self._parts._family.tensor_spec(self._task, key)
+
+    @cpu_default
+    def __getitem__(self, name: str) -> torch.Tensor:
+        src = self._source[name]  # KeyError for a name the model lacks, as a dict
+        with self._lock:
+            got = self._take(src, name)
+            if got is not None:
+                return got
+            built = self._build(src)
+            out = built.pop(src)
+            for other, t in ((src, out), *built.items()):
+                wanted = set(self._names_of.get(other, ())) - ({name} if other == src else set())
+                if wanted:
+                    self._held[other] = (t, wanted)
+                    self._held_bytes += _nbytes(t)
+            while self._held_bytes > HELD_BYTES and len(self._held) > 1:  # the oldest go first
+                _, (t, _) = self._held.popitem(last=False)
+                self._held_bytes -= _nbytes(t)
+            return out
+
+    def _take(self, src: tuple[str, str], name: str) -> torch.Tensor | None:
+        """The held tensor of ``src`` handed out as ``name``; let go once every name has had it."""
+        held = self._held.get(src)
+        if held is None or name not in held[1]:
+            return None
+        held[1].discard(name)
+        if not held[1]:
+            del self._held[src]
+            self._held_bytes -= _nbytes(held[0])
+        return held[0]
+
+    def _build(self, src: tuple[str, str]) -> dict[tuple[str, str], torch.Tensor]:
+        """The tensor of ``src``, with the other members of its group (built with it)."""
+        kind, key = src
+        parts = self._parts
+        if kind == "task":
+            assert self._task is not None  # (a task's own tensor: only with a task)
+            if self._task_sd is None:
+                fam = parts._family
+                lazy = getattr(fam, "state_dict", None)
+                self._task_sd = lazy(self._task, lazy=True) if lazy is not None else _TaskTensors(fam, self._task)
+            return {src: self._task_sd[key]}
+        entry = parts._entry_of[key]
+        fam = parts._family
+        with memory_named(f"{fam.name}: the {parts.model} model"):  # torch's allocator: not a TallpackError
+            out = {}
+            for n, (t, d) in parts.entry_parts(entry).items():
+                if ("merged", n) not in self._names_of:
+                    continue  # a member the model lacks (none: a group's members are all the model's)
+                if d is None:
+                    out[("merged", n)] = t.clone()
+                    continue
+                out[("merged", n)] = merged = apply_direction(t, d, self._alpha)
+                if _overflowed(merged, t, d):
+                    self.overflow.append(n)
+                    self._overflow_dtype = merged.dtype
+        return out
+
+    def warn_overflow(self) -> list[str]:
+        """Warn of, and return, the tensors built so far that ``alpha`` overflowed."""
+        self._parts.say_overflow(self.overflow, self._overflow_dtype, self._alpha)
+        return list(self.overflow)
+
+    def __contains__(self, name: object) -> bool:
+        return isinstance(name, str) and name in self._source
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+
+class _TaskTensors(Mapping[str, "torch.Tensor"]):
+    """A family's task tensors by ``get_tensor`` (a family without lazy state dicts)."""
+
+    def __init__(self, family: Family, task: str):
+        self._family, self._task = family, task
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self._family.get_tensor(self._task, name)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._family.keys(self._task))
+
+    def __len__(self) -> int:
+        return len(self._family.keys(self._task))
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()

@@ -923,9 +923,10 @@ class Archive:
 
         >>> sd = fam.merged("consensus-ta", k=2, alpha=0.4)
         """
-        parts = self.merge_parts(default_model(self.manifest) if method is None else method, k=k)
-        sd = parts.state_dict(alpha, task=task)
-        parts.warn_overflow(sd, alpha)
+        parts = MergeParts(self, default_model(self.manifest) if method is None else method, k, lazy=True)
+        model = parts.state_dict(alpha, task=task, lazy=True)  # one tensor's parts held at a time
+        sd = dict(model)
+        model.warn_overflow()
         return sd
 
     # -- checking ----------------------------------------------------------------------------
