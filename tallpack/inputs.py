@@ -97,6 +97,7 @@ def open_tasks(tasks: TasksLike) -> dict[str, Source]:
                     + (f"one's {lone} as a task (a list of their paths" if lone else "as a task (a list of their paths")
                     + " names each after its folder)")
             out[name] = open_source(obj, label=f"task {name!r}")
+            out[name].task = name  # named by the errors of its files
     except BaseException:
         for s in out.values():
             s.close()

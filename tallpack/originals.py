@@ -75,6 +75,7 @@ def _header_text(path: Path) -> str:
 
 def record(src: Source) -> dict[str, Any]:
     """What the exact tier keeps of one input's files (``tasks[i].exact`` in the manifest)."""
+    src.check_unchanged()  # a file changed since its tensors were read: refused before its hash is taken
     files = []
     prefixes: dict[Path, str] = getattr(src, "prefixes", {})  # a pipeline's component of each file
 
@@ -82,7 +83,13 @@ def record(src: Source) -> dict[str, Any]:
         return os.path.relpath(path, src.root).replace(os.sep, "/") if src.root else path.name
 
     for path in src.weight_files:
-        sha, size = _sha256(path)
+        try:
+            sha, size = _sha256(path)
+        except OSError as e:  # removed (or made unreadable) while it was packed: name it, and the task
+            task = f" (the file of task {src.task!r})" if src.task is not None else ""
+            what = "removed" if isinstance(e, FileNotFoundError) else f"unreadable ({e.strerror or e})"
+            raise CheckpointError(f"{path}: {what} while it was packed; pack it again once it is complete{task}") \
+                from None
         f: dict[str, Any] = {"name": named(path), "size": size, "sha256": sha}
         if path.suffix == ".safetensors":
             f["role"] = "safetensors"

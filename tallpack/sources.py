@@ -9,7 +9,8 @@ own names, each module folder's that holds weights as ``MODULE/NAME``, ``2_Dense
 a PyTorch state-dict file read with ``weights_only=True`` (or a training checkpoint holding
 one under a key of :data:`WRAPPER_KEYS`, ``{"model": state_dict, "optimizer": ...}``),
 or a mapping of tensors. A source lists names, shapes and dtypes without
-reading data, and loads one tensor at a time.
+reading data, and loads one tensor at a time, read from its file into memory of its own (a
+file cut in place while it is read is then a CheckpointError, not a crash: see ``_read_tensor``).
 
 What is refused, at open time (before anything is written), with a one-line
 :class:`~tallpack.errors.CheckpointError` naming the file (or label) and the tensor:
@@ -39,25 +40,23 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import math
 import os
 import pickle
 import re
 import shlex
-import time
 import urllib.parse
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, BinaryIO, Union
 
 from safetensors import safe_open
 
 from ._torch import torch
-from .container import check_json
+from .container import _strict_loads, check_json
 from .dtypes import SAFETENSORS_DTYPES as _ST_DTYPES
-from .dtypes import dtype_name
+from .dtypes import dtype_name, torch_dtype
 from .elements import itemsize, numel
 from .errors import (CheckpointError, CheckpointNotFoundError, FormatError, IncompatibleCheckpointsError,
                      OutOfMemoryError, TallpackError, UnsafeCheckpointError, memory_detail, out_of_memory, quoted)
@@ -83,10 +82,6 @@ class TensorInfo:
         return numel(self.shape) * itemsize(self.dtype)
 
 
-#: How often, at most, ``Source.get`` looks at a file again for having shrunk since it was opened.
-CHECK_SECONDS = 0.05
-
-
 class Source:
     """A checkpoint, read lazily. Subclasses fill ``_infos`` (in the checkpoint's order)."""
 
@@ -108,13 +103,17 @@ class Source:
         #: the file each tensor is read from (sources of files), and that file's identity and size when opened
         self._where: dict[str, Path] = {}
         self._opened: dict[Path, tuple[int, int, int, int]] = {}
-        self._checked: dict[Path, float] = {}  # when ``_unchanged`` last looked at each file
+        #: the task this checkpoint is (set by ``inputs.open_tasks``), named by the errors of its files
+        self.task: str | None = None
 
-    def _remember(self, path: Path) -> None:
-        """Note ``path``'s identity, size and modification time as it is opened (see ``_unchanged``
-        and ``check_unchanged``)."""
-        st = os.stat(path)
+    def _remember(self, path: Path) -> BinaryIO:
+        """Open ``path`` for the reads of its tensors (:func:`_read_tensor`) and note its identity,
+        size and modification time (see ``check_unchanged``). The open file reads the file as it
+        was opened when another replaces it, as a mapping did."""
+        f = open(path, "rb", buffering=0)  # noqa: SIM115 (the source holds it until ``close``)
+        st = os.fstat(f.fileno())
         self._opened[path] = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+        return f
 
     def _held(self, name: str, path: Path) -> None:
         """Note that ``path`` holds tensor ``name``; refuse a name two files hold (two shards of one
@@ -140,31 +139,8 @@ class Source:
                 now = None
             if now != was:
                 what = "removed" if now is None else "replaced" if now[:2] != was[:2] else "written over"
-                raise CheckpointError(f"{path}: {what} while it was packed; pack it again once it is complete")
-
-    def _unchanged(self, name: str) -> None:
-        """Refuse to read a tensor from a file that shrank in place since it was opened: its pages
-        are mapped, and touching one past the new end kills the process (SIGBUS). A file replaced
-        by another (a new inode, as an atomic save makes) keeps the old mapping and is read as it
-        was. This narrows the window, as the archive reader's check does (RELIABILITY.md): a
-        file cut while a tensor already read is in use still is not caught. A file is looked at
-        again at most every CHECK_SECONDS: each ``stat`` hands the GIL to the packer's busy threads
-        and waits to get it back, which cost a family of 480 small tensors 10% of its pack time."""
-        path = self._where.get(name)
-        if path is None or path not in self._opened:
-            return
-        now = time.monotonic()
-        if now - self._checked.get(path, -math.inf) < CHECK_SECONDS:
-            return
-        self._checked[path] = now
-        was = self._opened[path]
-        try:
-            st = os.stat(path)
-        except OSError:  # removed: the mapping keeps the old file
-            return
-        if (st.st_dev, st.st_ino) == was[:2] and st.st_size < was[2]:
-            raise CheckpointError(f"{path}: the file shrank from {was[2]} to {st.st_size} bytes while it was "
-                                  "read (changed in place, by a save over it?); pack it again once it is complete")
+                raise CheckpointError(f"{path}: {what} while it was packed; pack it again once it is complete"
+                                      + (f" (the file of task {self.task!r})" if self.task is not None else ""))
 
     def keys(self) -> list[str]:
         return list(self._infos)
@@ -188,7 +164,6 @@ class Source:
 
     def get(self, name: str) -> torch.Tensor:
         """Load one tensor."""
-        self._unchanged(name)
         try:
             t = self._load(name)
         except TallpackError:
@@ -224,19 +199,29 @@ class SafetensorsSource(Source):
     def __init__(self, label: str, files: list[Path]):
         super().__init__(label)
         self.weight_files = list(files)
-        self._handles: dict[Path, Any] = {}
+        self._files: dict[Path, BinaryIO] = {}
+        self._at: dict[str, int] = {}  # each tensor's first byte in its file
         used = 0
-        for path in files:
-            f = self._open(path)
-            used = self._keep_metadata(path, f.metadata() or {}, used)
-            # the file's own order (what load_file returns), where safetensors can tell it
-            for name in f.offset_keys() if hasattr(f, "offset_keys") else f.keys():
-                sl = f.get_slice(name)
-                st = sl.get_dtype()
-                if st not in _ST_DTYPES:
-                    raise CheckpointError(f"{path}: tensor {name!r} has unsupported dtype {st}")
-                self._held(name, path)
-                self._infos[name] = TensorInfo(tuple(sl.get_shape()), _ST_DTYPES[st])
+        try:
+            for path in files:
+                f = self._open(path)
+                used = self._keep_metadata(path, f.metadata() or {}, used)
+                at = _data_offsets(path, self._files[path])
+                # the file's own order (what load_file returns), where safetensors can tell it
+                for name in f.offset_keys() if hasattr(f, "offset_keys") else f.keys():
+                    sl = f.get_slice(name)
+                    st = sl.get_dtype()
+                    if st not in _ST_DTYPES:
+                        raise CheckpointError(f"{path}: tensor {name!r} has unsupported dtype {st}")
+                    self._held(name, path)
+                    self._infos[name] = TensorInfo(tuple(sl.get_shape()), _ST_DTYPES[st])
+                    begin, end = at.get(name, (0, -1))
+                    if end - begin != self._infos[name].nbytes:  # (safetensors checked them: never, but say so)
+                        raise CheckpointError(f"{path}: tensor {name!r}: its data_offsets do not match its shape")
+                    self._at[name] = begin
+        except BaseException:
+            self.close()
+            raise
 
     def _keep_metadata(self, path: Path, meta: Mapping[str, Any], used: int) -> int:
         """A file's header metadata (``license``, ...) into ``metadata``, whose string entries an
@@ -266,49 +251,127 @@ class SafetensorsSource(Source):
                         MAX_HEADER_METADATA)
         return used
 
-    def _open(self, path: Path):
-        if path not in self._handles:
-            if not path.is_file():
-                raise _not_a_file(path)
-            _check_readable(path)
-            try:
-                self._remember(path)
-                self._handles[path] = safe_open(str(path), framework="pt")
-            except Exception as e:
-                if out_of_memory(e):  # a mapping refused: not the file's fault
-                    raise OutOfMemoryError(f"{path}: out of memory while opening it ({memory_detail(e)})") from None
-                raise CheckpointError(f"{path}: not a readable safetensors file ({quoted(e)})") from None
-        return self._handles[path]
+    def _open(self, path: Path) -> Any:
+        """``path`` opened for reading (kept in ``_files``), and safetensors' reader of it, for its
+        header only: tensors are read from the open file (:func:`_read_tensor`), never from
+        safetensors' mapping of it."""
+        if not path.is_file():
+            raise _not_a_file(path)
+        _check_readable(path)
+        try:
+            self._files[path] = self._remember(path)
+            return safe_open(str(path), framework="pt")
+        except Exception as e:
+            if out_of_memory(e):  # a mapping refused: not the file's fault
+                raise OutOfMemoryError(f"{path}: out of memory while opening it ({memory_detail(e)})") from None
+            raise CheckpointError(f"{path}: not a readable safetensors file ({quoted(e)})") from None
 
     def _load(self, name: str) -> torch.Tensor:
-        return self._open(self._where[name]).get_tensor(name)
+        info = self._infos[name]
+        path = self._where[name]
+        t = torch.empty(info.shape, dtype=torch_dtype(info.dtype))
+        _read_tensor(self._files[path], path, name, self._at[name], t, self._opened[path][2])
+        return t
 
     def close(self) -> None:
-        self._handles.clear()
+        _close_all(self._files)
 
 
 class TorchSource(Source):
-    """PyTorch state-dict files, loaded with ``weights_only=True`` (memory-mapped when possible)."""
+    """PyTorch state-dict files, loaded with ``weights_only=True``: torch.load maps a zip file
+    (the default since torch 1.6), for the tensors' names, shapes and places, and each tensor is
+    read from the file on ``get`` (a legacy file is loaded whole: :func:`_mapped`)."""
 
     kind = "torch"
 
     def __init__(self, label: str, files: list[Path]):
         super().__init__(label)
         self.weight_files = list(files)
-        self._tensors: dict[str, torch.Tensor] = {}
-        for path in files:
-            if path.is_file():
-                self._remember(path)
-            for name, t in _torch_load(path).items():
-                self._held(name, path)
-                self._tensors[name] = t
-                self._infos[name] = TensorInfo(tuple(t.shape), dtype_name(t.dtype))
+        self._tensors: dict[str, torch.Tensor] = {}  # mapped by torch.load: never touched, but for a legacy file's
+        self._files: dict[Path, BinaryIO] = {}
+        self._at: dict[str, int] = {}  # each tensor's storage's first byte in its file (zip files)
+        try:
+            for path in files:
+                if path.is_file():
+                    _check_readable(path)
+                    self._files[path] = self._remember(path)
+                tensors, storages = _torch_load(path)
+                for name, t in tensors.items():
+                    self._held(name, path)
+                    self._tensors[name] = t
+                    self._infos[name] = TensorInfo(tuple(t.shape), dtype_name(t.dtype))
+                    at = storages.get(t.untyped_storage().data_ptr()) if t.numel() else None
+                    if at is not None:
+                        self._at[name] = at
+        except BaseException:
+            self.close()
+            raise
 
     def _load(self, name: str) -> torch.Tensor:
-        return self._tensors[name].detach()
+        t = self._tensors[name]
+        at = self._at.get(name)
+        if at is None:  # empty, or a legacy file's (a mapping of tallpack's own unlinked copy, or in memory)
+            return t.detach()
+        # the bytes the tensor spans in its storage, read into a storage of their own, viewed as torch.load viewed them
+        extent = 1 + sum((n - 1) * s for n, s in zip(t.shape, t.stride()))
+        out = torch.empty(extent, dtype=t.dtype)
+        path = self._where[name]
+        _read_tensor(self._files[path], path, name, at + t.storage_offset() * t.element_size(), out,
+                     self._opened[path][2])
+        return out.as_strided(t.shape, t.stride())
+
+    def close(self) -> None:
+        _close_all(self._files)
 
     def aliases(self) -> dict[str, str]:
         return exact_aliases(self._tensors)
+
+
+def _read_tensor(f: BinaryIO, path: Path, name: str, offset: int, out: torch.Tensor, size: int) -> None:
+    """Fill ``out`` (a new contiguous tensor) with the bytes of file ``f`` from ``offset``.
+
+    Tensors are read, never handed out as views of a mapping of the file: a file cut in place
+    (a trainer saving over it) while the packer used such a view killed the process (SIGBUS);
+    a read past the new end comes back short instead, refused here in one line. ``size``: the
+    file's size when it was opened."""
+    if not out.numel():
+        return
+    view = memoryview(out.reshape(-1).view(torch.uint8).numpy())
+    got = 0
+    while got < len(view):
+        n = os.preadv(f.fileno(), [view[got:]], offset + got)
+        if n <= 0:
+            now = os.fstat(f.fileno()).st_size
+            raise CheckpointError(f"{path}: tensor {name!r}: the file shrank from {size} to {now} bytes while it was "
+                                  "read (changed in place, by a save over it?); pack it again once it is complete")
+        got += n
+
+
+def _close_all(files: dict[Path, BinaryIO]) -> None:
+    for f in files.values():
+        f.close()
+    files.clear()
+
+
+def _data_offsets(path: Path, f: BinaryIO) -> dict[str, tuple[int, int]]:
+    """Each tensor's first and past-last byte in the safetensors file ``f``, from its header
+    (which safetensors has just checked: the offsets lie in the file, one after the other)."""
+    head = os.pread(f.fileno(), 8, 0)
+    n = int.from_bytes(head, "little") if len(head) == 8 else -1
+    raw = os.pread(f.fileno(), n, 8) if 0 <= n <= MAX_HEADER_BYTES else b""
+    try:
+        if len(raw) != n:
+            raise ValueError("the header is cut short")
+        header = _strict_loads(raw.decode("utf-8"))
+        start = 8 + n
+        return {k: (start + v["data_offsets"][0], start + v["data_offsets"][1])
+                for k, v in header.items() if k != "__metadata__"}
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError, RecursionError) as e:
+        raise CheckpointError(f"{path}: not a readable safetensors file (its header: {quoted(e)})") from None
+
+
+#: A safetensors header larger than this is refused (the safetensors library's own limit).
+MAX_HEADER_BYTES = 100_000_000
 
 
 def exact_aliases(tensors: Mapping[str, torch.Tensor]) -> dict[str, str]:
@@ -432,7 +495,9 @@ def _check_readable(path: Path) -> None:
     os.close(fd)
 
 
-def _torch_load(path: Path) -> dict[str, torch.Tensor]:
+def _torch_load(path: Path) -> tuple[dict[str, torch.Tensor], dict[int, int]]:
+    """A PyTorch file's tensors (mapped by torch.load; see ``TorchSource``), and where in the file
+    each of their storages starts (by the storage's data pointer; empty for a legacy file)."""
     if not path.is_file():
         raise _not_a_file(path)
     _check_readable(path)
@@ -463,10 +528,9 @@ def _torch_load(path: Path) -> dict[str, torch.Tensor]:
     if not isinstance(obj, Mapping):
         raise CheckpointError(f"{path}: holds {_a(type(obj).__name__)}, not a state dict")
     tensors = _tensor_dict(str(path), _unwrapped(path, obj))
-    if not legacy:
-        _check_records(path, tensors)
+    storages = {} if legacy else _check_records(path, tensors)
     tensors = _uncompiled(path, tensors)
-    return _mapped(path, tensors) if legacy else tensors
+    return (_mapped(path, tensors) if legacy else tensors), storages
 
 
 #: The prefix torch.compile's wrapper puts before every name of a compiled model's state dict.
@@ -550,10 +614,12 @@ def _unwrapped(path: Path, obj: Mapping) -> Mapping:
     return obj
 
 
-def _check_records(path: Path, tensors: Mapping[str, torch.Tensor]) -> None:
-    """CheckpointError when a tensor's storage record in the zip is shorter than its storage, or
-    compressed: torch.load(mmap=True) maps the storage from the record's offset without checking
-    its size, so a damaged file would be read with whatever bytes follow the record."""
+def _check_records(path: Path, tensors: Mapping[str, torch.Tensor]) -> dict[int, int]:
+    """Where in the file each storage's record data starts (by the storage's data pointer in
+    torch.load's mapping of the file), the bytes ``TorchSource`` reads. CheckpointError when a
+    tensor's storage record in the zip is shorter than its storage, or compressed: torch.load(mmap=True)
+    maps the storage from the record's offset without checking its size, so a damaged file would
+    be read with whatever bytes follow the record."""
     import struct
     import zipfile
 
@@ -579,7 +645,7 @@ def _check_records(path: Path, tensors: Mapping[str, torch.Tensor]) -> None:
         if st.nbytes() and st.data_ptr() not in storages:
             storages[st.data_ptr()] = (name, st.nbytes())
     if not storages:
-        return
+        return {}
     offsets = sorted(records)
     ptrs = sorted(storages)
     # every storage is a slice of one mapping of the whole file, at its record's offset
@@ -600,6 +666,7 @@ def _check_records(path: Path, tensors: Mapping[str, torch.Tensor]) -> None:
             raise CheckpointError(f"{path}: tensor {name!r}: its storage record {info.filename!r} holds "
                                   f"{info.file_size} bytes, the tensor's storage needs {need}: the file is damaged "
                                   "(torch.load refuses it too)")
+    return {p: p - base for p in ptrs}
 
 
 def _mapped(path: Path, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -1287,6 +1354,7 @@ class ComponentsSource(Source):
 
     def check_unchanged(self) -> None:
         for part in self.parts.values():
+            part.task = self.task  # (its errors name the task)
             part.check_unchanged()
 
     def close(self) -> None:
