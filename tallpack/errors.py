@@ -81,6 +81,13 @@ class ArchiveNotFoundError(TallpackError, FileNotFoundError):
     """The archive to open does not exist."""
 
 
+class RemoteError(TallpackError):
+    """A remote archive's server did not give the bytes asked for: it refused (HTTP 403, 500),
+    could not be reached, cut the connection or stopped sending. Not damage: the message says
+    what to do (try again, check the server or the link). No ``OSError``: code that turns an
+    ``OSError`` into "cannot write the output" must not take a failed read for one."""
+
+
 class OutputError(TallpackError, OSError):
     """An output could not be written (for example, the disk is full); nothing was written under
     the output's name. ``errno`` is the operating system's error number."""

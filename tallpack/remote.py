@@ -20,7 +20,8 @@ from http import HTTPStatus
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
-from .errors import ArchiveClosedError, ArchiveNotFoundError, FormatError, IntegrityError, TallpackError, quoted
+from .errors import (ArchiveClosedError, ArchiveNotFoundError, FormatError, IntegrityError, RemoteError, TallpackError,
+                     quoted)
 
 #: Ranges at most this far apart are fetched as one request: chunks separated only by alignment
 #: padding (spec §1: under 64 bytes), so a read fetches its own bytes and hardly any others.
@@ -51,6 +52,17 @@ CONCURRENT_REQUESTS = 10
 #: What identifies one version of an object in fsspec's ``info`` (S3, GCS, Azure, HTTP), strongest first.
 IDENTITY_KEYS = ("VersionId", "generation", "version_id", "ETag", "etag", "LastModified", "Last-Modified",
                  "last_modified", "updated", "mtime")
+#: What aiohttp and botocore call a connection that broke after it was made: the server closed or
+#: reset it, or the response ended short of its Content-Length (a server killed mid-read).
+CUT_ERRORS = frozenset({"ClientPayloadError", "ServerDisconnectedError", "ContentLengthError", "TransferEncodingError",
+                        "ResponseStreamingError", "IncompleteReadError", "ConnectionClosedError"})
+#: What a failed read whose server may answer next time says to do.
+RETRY = "try again, and check the server if it keeps failing"
+#: The loggers whose records may hold a signed link (fsspec's file systems and caches, the stores'
+#: own): each gets a RedactingFilter. Filters of a logger do not see its children's records, so
+#: each is named (and any other ``fsspec.*`` logger is found when an archive is opened).
+REDACTED_LOGGERS = ("fsspec", "fsspec.http", "fsspec.asyn", "fsspec.caching", "fsspec.cached", "fsspec.reference",
+                    "s3fs", "gcsfs", "adlfs")
 
 
 def redact(url: str) -> str:
@@ -104,16 +116,28 @@ class RedactingFilter(logging.Filter):
         shown = redact_text(text)
         if shown != text:
             record.msg, record.args = shown, ()
-        if record.exc_info and record.exc_info[1] is not None:  # formatted here, redacted, and kept as text only
-            record.exc_text = redact_text("".join(traceback.format_exception(*record.exc_info)).rstrip("\n"))
-            record.exc_info = None
+        if record.exc_info and record.exc_info[1] is not None:
+            text = "".join(traceback.format_exception(*record.exc_info)).rstrip("\n")
+            shown = redact_text(text)
+            if shown != text:  # formatted here, redacted, and kept as text only (else left for other handlers)
+                record.exc_text, record.exc_info = shown, None
         elif record.exc_text:
             record.exc_text = redact_text(record.exc_text)
         return True
 
 
-for _name in ("fsspec", "fsspec.http"):
-    logging.getLogger(_name).addFilter(RedactingFilter())
+def redact_logs() -> None:
+    """A RedactingFilter on each of ``REDACTED_LOGGERS`` and on every ``fsspec.*`` logger there is
+    now, once each: a library user's DEBUG logging shows no signed link's secrets either (the
+    command line's handler filters every record besides)."""
+    names = {*REDACTED_LOGGERS, *(n for n in list(logging.root.manager.loggerDict) if n.startswith("fsspec."))}
+    for name in names:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, RedactingFilter) for f in logger.filters):
+            logger.addFilter(RedactingFilter())
+
+
+redact_logs()
 
 
 def with_timeouts(url: str, storage_options: dict[str, Any] | None) -> dict[str, Any]:
@@ -155,10 +179,44 @@ def refusal(e: BaseException) -> str | None:
     cause = _connection_error(e)
     if cause is not None:
         return f"cannot connect ({type(cause).__name__}: {quoted(cause)})"
-    late = next((c for c in _chain(e) if isinstance(c, TimeoutError) or "Timeout" in type(c).__name__), None)
+    late = next((c for c in _chain(e) if _late(c)), None)
     if late is not None:  # (HTTP: no byte for HTTP_IDLE_TIMEOUT seconds)
         return f"timed out ({type(late).__name__}{': ' + quoted(late) if str(late) else ''})"
     return None
+
+
+def lost(e: BaseException) -> str | None:
+    """How the connection behind ``e`` broke after it was made (the server closed or reset it, the
+    response ended short: a server killed mid-read), in a few words; None for anything else (a
+    refusal, a connection never made, a timeout: ``refusal`` names those).
+
+    >>> lost(aiohttp.ServerDisconnectedError())
+    'the connection was cut mid-transfer (ServerDisconnectedError)'
+    """
+    for c in _chain(e):
+        name = type(c).__name__
+        if _late(c) or "Connector" in name:  # aiohttp's ClientConnectorError is a ClientOSError too
+            return None
+        if name in CUT_ERRORS or isinstance(c, (ConnectionResetError, ConnectionAbortedError, BrokenPipeError,
+                                                 asyncio.IncompleteReadError)):
+            return f"the connection was cut mid-transfer ({name})"
+    return None
+
+
+def _failed(e: BaseException) -> tuple[str, bool] | None:
+    """Why a request failed (``lost``, else ``refusal``), and whether trying again may help (a cut
+    connection, a server that could not be reached or stopped sending); None when neither says."""
+    cut = lost(e)  # first: refusal takes a reset connection for one that could not be made
+    if cut is not None:
+        return cut, True
+    why = refusal(e)
+    if why is None:
+        return None
+    return why, why.startswith(("cannot connect", "timed out"))
+
+
+def _late(e: BaseException) -> bool:
+    return isinstance(e, TimeoutError) or "Timeout" in type(e).__name__
 
 
 def _chain(e: BaseException) -> list[BaseException]:
@@ -218,8 +276,9 @@ class RemoteFile:
         try:
             from fsspec.core import url_to_fs
         except ImportError:  # pragma: no cover - fsspec is a dependency
-            raise TallpackError(f"{url}: reading remote archives needs fsspec") from None
+            raise TallpackError(f"{redact(url)}: reading remote archives needs fsspec") from None
         self.url = redact(url)  # what messages name: without the credentials a signed link carries
+        redact_logs()  # fsspec's loggers made since tallpack was imported
         self.gap = gap
         #: range requests made, and bytes they fetched
         self.requests = 0
@@ -235,16 +294,17 @@ class RemoteFile:
             self._fs, self._path = url_to_fs(url, **with_timeouts(url, storage_options))
             info = self._fs.info(self._path)
         except FileNotFoundError as e:
-            why = refusal(e)  # fsspec's HTTP file system reports any failed request as missing
-            if why is not None:
-                raise TallpackError(f"{self.url}: {why}") from None
+            failed = _failed(e)  # fsspec's HTTP file system reports any failed request as missing
+            if failed is not None:
+                raise RemoteError(self._failure(*failed)) from None
             raise ArchiveNotFoundError(f"{self.url}: no such archive") from None
         except ImportError as e:
             raise TallpackError(f"{self.url}: this kind of URL needs another package ({quoted(e)})") from None
         except Exception as e:
-            why = refusal(e)
-            raise TallpackError(f"{self.url}: {why}" if why else
-                                f"{self.url}: cannot open ({type(e).__name__}: {quoted(e)})") from None
+            failed = _failed(e)
+            if failed is not None:
+                raise RemoteError(self._failure(*failed)) from None
+            raise TallpackError(redact_text(f"{self.url}: cannot open ({type(e).__name__}: {quoted(e)})")) from None
         if info.get("type") == "directory":  # a prefix or a bucket: its "size" of 0 would read as an empty file
             raise FormatError(f"{self.url}: is a directory, not a tallpack archive")
         if info.get("size") is None:
@@ -305,6 +365,11 @@ class RemoteFile:
         return (f"the server answers range requests with other bytes than asked for ({where}, its {key} is the "
                 "same): a misbehaving server or proxy, not a damaged archive")
 
+    def _failure(self, text: str, retry: bool) -> str:
+        """The one line a failed request raises: the archive, ``text`` (what failed and why), and
+        what to do; any URL in it (an aiohttp message quotes its link) without its secrets."""
+        return redact_text(f"{self.url}: {text}; {RETRY}" if retry else f"{self.url}: {text}")
+
     def _check(self, offset: int, nbytes: int) -> None:
         if self.closed:
             raise ArchiveClosedError(f"{self.url}: the archive is closed")
@@ -324,13 +389,16 @@ class RemoteFile:
                 data = self._fs.cat_ranges([self._path] * len(spans), [s for s, _ in spans],
                                            [e for _, e in spans], on_error="raise")
         except Exception as e:
-            why = self.changed() or refusal(e)  # a new version of another size: a 416 or a 404
-            raise TallpackError(f"{self.url}: range read at {spans[0][0]} failed "
-                                f"({why or f'{type(e).__name__}: {quoted(e)}'})") from None
+            failed = _failed(e)
+            if failed is None or not failed[1]:  # (not after a cut or a timeout: asking again would wait as long)
+                changed = self.changed()  # a new version of another size: a 416 or a 404
+                failed = (changed, False) if changed else failed or (f"{type(e).__name__}: {quoted(e)}", False)
+            reason, retry = failed
+            raise RemoteError(self._failure(f"range read at {spans[0][0]} failed ({reason})", retry)) from None
         for (start, end), d in zip(spans, data):
             if len(d) > end - start:  # the whole file for a range: tallpack needs Range requests
-                raise TallpackError(f"{self.url}: the server ignored a range request ({len(d)} bytes sent for "
-                                    f"{end - start}); tallpack reads archives from servers that honour Range requests")
+                raise RemoteError(f"{self.url}: the server ignored a range request ({len(d)} bytes sent for "
+                                  f"{end - start}); tallpack reads archives from servers that honour Range requests")
             if len(d) != end - start:
                 why = self.changed()
                 raise IntegrityError(f"{self.url}: {why}" if why else f"{self.url}: short read at {start} "

@@ -6,6 +6,9 @@ make it misbehave for chosen names, as real servers do (an expired link, a dropp
 from __future__ import annotations
 
 import re
+import socket
+import struct
+import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -20,7 +23,11 @@ class RangeServer(ThreadingHTTPServer):
     answers every request for ``name`` (its path less the leading ``/``) with that status;
     ``.cut.add(name)`` sends half of each body for ``name`` and closes the connection;
     ``.stall.add(name)`` sends half of each body for ``name``, then nothing until ``.stop()``;
-    ``.etags = False`` sends no ETag."""
+    ``.cut_after[name] = n`` serves ``name`` whole until ``n`` body bytes of it were sent (since
+    it was set, or since ``.reset()``), then
+    cuts every later body for it as ``cut`` does (a server that dies mid-read, after the open);
+    ``.rst.add(name)`` answers a GET for ``name`` by resetting the connection ("Connection reset
+    by peer"); ``.broken`` counts the bodies cut, stalled or reset; ``.etags = False`` sends no ETag."""
 
     daemon_threads = True
     request_queue_size = 256  # fsspec opens many connections at once; the default 5 drops them
@@ -32,6 +39,10 @@ class RangeServer(ThreadingHTTPServer):
         self.status: dict[str, int] = {}
         self.cut: set[str] = set()
         self.stall: set[str] = set()
+        self.cut_after: dict[str, int] = {}
+        self._sent: dict[str, int] = {}
+        self.rst: set[str] = set()
+        self.broken = 0
         self.stopped = threading.Event()
         self.etags = True
         self._lock = threading.Lock()
@@ -51,9 +62,25 @@ class RangeServer(ThreadingHTTPServer):
         with self._lock:
             self.log.append((method, start, n))
 
+    def handle_error(self, request, client_address) -> None:
+        """Quiet about clients that hang up (a cut or stalled body, a cancelled request)."""
+        if not isinstance(sys.exc_info()[1], (BrokenPipeError, ConnectionResetError)):
+            super().handle_error(request, client_address)
+
+    def cutting(self, name: str, nbytes: int) -> bool:
+        """Whether a body of ``nbytes`` for ``name`` is cut; counts the bytes sent for ``cut_after``."""
+        with self._lock:
+            limit, sent = self.cut_after.get(name), self._sent.get(name, 0)
+            if limit is not None and sent < limit:
+                self._sent[name] = sent + nbytes
+            cut = name in self.cut or name in self.stall or (limit is not None and sent >= limit)
+            self.broken += cut
+            return cut
+
     def reset(self) -> None:
         with self._lock:
             self.log.clear()
+            self._sent.clear()
 
     def served(self) -> int:
         return sum(n for m, _, n in self.log if m == "GET")
@@ -84,6 +111,13 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_header("Content-Length", "0")
             self.end_headers()
             return
+        if body and name in self.server.rst:  # closed at once, unread request and all: an RST
+            with self.server._lock:
+                self.server.broken += 1
+            self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            self.connection.close()
+            self.close_connection = True
+            return
         size = path.stat().st_size
         start, end, status = 0, size, 200
         m = _RANGE.fullmatch(self.headers.get("Range", "").strip())
@@ -113,7 +147,7 @@ class _Handler(BaseHTTPRequestHandler):
             with open(path, "rb") as f:
                 f.seek(start)
                 data = f.read(end - start)
-            if name in self.server.cut or name in self.server.stall:
+            if self.server.cutting(name, len(data)):
                 self.wfile.write(data[: len(data) // 2])
                 self.wfile.flush()
                 if name in self.server.stall:
