@@ -87,6 +87,61 @@ def _terminate(signum, frame) -> None:
     raise _Terminated()
 
 
+def _signal_line(signum: int, written: bool) -> str:
+    """The one line of a command ended by ``signum``: whether its output is in place."""
+    what = "terminated (SIGTERM)" if signum == signal.SIGTERM else "interrupted"
+    return f"error: {what}{' after its output was written' if written else '; nothing was written'}"
+
+
+def _end_at_once(before: int, said: list[bool]) -> None:
+    """From the end of the command to the end of the process (click's return, Python's shutdown:
+    threads joined, atexit handlers, finalizers), SIGINT and SIGTERM end it at once with the
+    command's signal line and exit 130 or 143, as during the command. Left to Python, SIGTERM
+    killed it without a line and Ctrl-C gave a traceback, or none and exit 0, after its ``wrote``
+    line. ``said``: the command's own line is already out (a second signal adds none). Only in
+    the command's own process (``run``): a caller's process keeps its handlers."""
+
+    def end(signum: int, frame: Any) -> None:
+        for stream in (sys.stdout, sys.stderr):  # what the command printed goes out before its end
+            try:
+                stream.flush()
+            except (OSError, ValueError):
+                pass
+        if not said:
+            try:
+                os.write(2, (_signal_line(signum, committed() > before) + "\n").encode())
+            except OSError:
+                pass
+        os._exit(128 + signum)
+
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not where the shell ignores it (cmd &)
+        signal.signal(signal.SIGINT, end)
+    signal.signal(signal.SIGTERM, end)
+
+
+def end_process(code: int | str | None) -> None:
+    """End the ``tallpack`` command's own process with exit status ``code`` (a ``SystemExit``'s)
+    once its threads are done and its ``atexit`` callbacks have run, without the rest of Python's
+    shutdown: a second of module and library teardown (torch's) in which a signal could no longer
+    be told, so that it killed the process without a line after its ``wrote`` line (-15, -2).
+    Where another thread still runs, Python's own shutdown waits for it."""
+    import atexit
+
+    main_thread = threading.main_thread()
+    if any(t is not main_thread and t.is_alive() and not t.daemon for t in threading.enumerate()):
+        raise SystemExit(code)
+    atexit._run_exitfuncs()  # as Python's shutdown would: logging's flush, weakref.finalize's, ...
+    if code is not None and not isinstance(code, int):  # sys.exit("message"): said, then 1
+        print(code, file=sys.stderr)
+        code = 1
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code or 0)
+
+
 def _refuse_repeats(command: click.Command, ctx: click.Context, args: list[str], *, group: bool = False) -> None:
     """A usage error for an option given twice: click keeps the last of a repeated one without a
     word (``merge --task cars --task dtd`` merged with dtd's head alone). Options that take several
@@ -181,17 +236,24 @@ class _Group(click.Group):
             sys.exit(1)
         sys.exit(rv if isinstance(rv, int) else 0)
 
+    #: True in the ``tallpack`` command's own process (``run``): once a command has ended, a signal
+    #: ends the process at once, with its line (:func:`_end_at_once`)
+    own_process = False
+
     def invoke(self, ctx):
         main_thread = threading.current_thread() is threading.main_thread()
         previous = signal.signal(signal.SIGTERM, _terminate) if main_thread else None
         before = committed()  # outputs are renamed into place all at once, signals held (fsutil)
+        said: list[bool] = []
         try:
             return super().invoke(ctx)
         except (_Terminated, KeyboardInterrupt) as e:
-            what = "terminated (SIGTERM)" if isinstance(e, _Terminated) else "interrupted"
-            done = " after its output was written" if committed() > before else "; nothing was written"
-            click.echo(f"error: {what}{done}", err=True)
-            sys.exit(128 + (signal.SIGTERM if isinstance(e, _Terminated) else signal.SIGINT))
+            signum = signal.SIGTERM if isinstance(e, _Terminated) else signal.SIGINT
+            if main_thread and self.own_process:
+                _end_at_once(before, said)  # a second signal while this line is written: still a line
+            click.echo(_signal_line(signum, committed() > before), err=True)
+            said.append(True)
+            sys.exit(128 + signum)
         except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort, BrokenPipeError):
             raise  # usage errors and exits: click prints them; a reader gone (| head): click exits quietly
         except TallpackError as e:
@@ -207,7 +269,9 @@ class _Group(click.Group):
             _fail(_one_line(f"internal error: {type(e).__name__}: {e}")
                   + " (a bug in tallpack: please report it with the command that caused it)")
         finally:
-            if main_thread and previous is not None:  # None: set outside Python, cannot be put back
+            if main_thread and self.own_process:
+                _end_at_once(before, said)
+            elif main_thread and previous is not None:  # None: set outside Python, cannot be put back
                 signal.signal(signal.SIGTERM, previous)
 
 

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import signal
+import subprocess
+import sys
 import tempfile
 import threading
 from pathlib import Path
@@ -118,3 +121,65 @@ def test_one_folder_under_two_names_is_locked_once(tmp_path, locks):
     assert done.wait(30), "the second name of the folder waited for its own lock"
     t.join(30)
     assert list(locks.iterdir()) == []
+
+
+# -- a signal after the command's ``wrote`` line ------------------------------------------------
+
+#: the ``tallpack`` command (its entry point, ``run``) in a child whose shutdown waits, after the
+#: command, until its input closes: a signal lands after the ``wrote`` line, every time
+AFTER_WROTE = """
+import atexit, signal, sys
+signal.signal(signal.SIGINT, signal.default_int_handler)  # a background job's is ignored: Ctrl-C's own
+def wait():
+    print("exiting", flush=True)
+    sys.stdin.read()
+atexit.register(wait)
+sys.argv = ["tallpack", *sys.argv[1:]]
+from tallpack_cli import run
+run()
+"""
+
+
+@pytest.fixture
+def archive(tmp_path) -> Path:
+    import tallpack
+
+    g = torch.Generator().manual_seed(0)
+    base = {"w": torch.randn(64, 32, generator=g), "b": torch.randn(32, generator=g)}
+    tasks = {t: {k: v + 0.05 * torch.randn(v.shape, generator=g) for k, v in base.items()} for t in ("a", "b", "c")}
+    out = tmp_path / "f.tallpack"
+    tallpack.pack(base, tasks, out)
+    return out
+
+
+def _env() -> dict[str, str]:
+    root = Path(__file__).resolve().parents[1]
+    return dict(os.environ, PYTHONPATH=os.pathsep.join([str(root), str(root / "cli"), os.environ.get("PYTHONPATH", "")]))
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_after_the_wrote_line_ends_in_one_line(archive, tmp_path, signum):
+    """SIGTERM after ``wrote`` killed the process without a line (-15), Ctrl-C gave a traceback or
+    exit 0: after the command, as during it, a signal ends the process with the line that says
+    its output was written, and exit 143 or 130."""
+    out = tmp_path / "out"
+    p = subprocess.Popen([sys.executable, "-c", AFTER_WROTE, "unpack", str(archive), "--task", "a", "-o", str(out)],
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
+    lines = [p.stdout.readline(), p.stdout.readline()]
+    assert lines == [f"wrote {out / 'model.safetensors'}\n", "exiting\n"], (lines, p.stderr.read())
+    p.send_signal(signum)
+    _, err = p.communicate(timeout=60)
+    what = "terminated (SIGTERM)" if signum == signal.SIGTERM else "interrupted"
+    assert p.returncode == 128 + signum, err
+    assert err.strip().splitlines()[-1] == f"error: {what} after its output was written" and "Traceback" not in err
+    assert sorted(load_file(out / "model.safetensors")) == ["b", "w"]
+
+
+def test_the_command_keeps_its_exit_status_and_its_atexit_callbacks(archive, tmp_path):
+    """The command's own process ends without Python's module teardown, but with its status (1 for
+    an error) and after its atexit callbacks."""
+    code = AFTER_WROTE.replace("sys.stdin.read()", "print('callback ran', flush=True)")
+    r = subprocess.run([sys.executable, "-c", code, "unpack", str(archive), "--task", "nope", "-o", str(tmp_path / "o")],
+                       capture_output=True, text=True, env=_env(), timeout=60)
+    assert (r.returncode, r.stdout) == (1, "exiting\ncallback ran\n"), r.stderr
+    assert r.stderr.startswith("error: ") and r.stderr.count("\n") == 1, r.stderr
