@@ -26,8 +26,10 @@ class RangeServer(ThreadingHTTPServer):
     ``.cut_after[name] = n`` serves ``name`` whole until ``n`` body bytes of it were sent (since
     it was set, or since ``.reset()``), then
     cuts every later body for it as ``cut`` does (a server that dies mid-read, after the open);
-    ``.rst.add(name)`` answers a GET for ``name`` by resetting the connection ("Connection reset
-    by peer"); ``.broken`` counts the bodies cut, stalled or reset; ``.etags = False`` sends no ETag."""
+    ``.hangup.add(name)`` closes the connection of every request for ``name`` unanswered (a server
+    killed while the request waited); ``.rst.add(name)`` does so with a reset ("Connection reset by
+    peer"); ``.broken`` counts the bodies cut or stalled and the requests hung up on; ``.etags = False``
+    sends no ETag."""
 
     daemon_threads = True
     request_queue_size = 256  # fsspec opens many connections at once; the default 5 drops them
@@ -41,6 +43,7 @@ class RangeServer(ThreadingHTTPServer):
         self.stall: set[str] = set()
         self.cut_after: dict[str, int] = {}
         self._sent: dict[str, int] = {}
+        self.hangup: set[str] = set()
         self.rst: set[str] = set()
         self.broken = 0
         self.stopped = threading.Event()
@@ -111,10 +114,11 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_header("Content-Length", "0")
             self.end_headers()
             return
-        if body and name in self.server.rst:  # closed at once, unread request and all: an RST
+        if name in self.server.hangup or name in self.server.rst:
             with self.server._lock:
                 self.server.broken += 1
-            self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            if name in self.server.rst:  # closed at once with a zero linger: an RST, not a FIN
+                self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             self.connection.close()
             self.close_connection = True
             return

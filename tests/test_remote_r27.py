@@ -8,6 +8,7 @@ from __future__ import annotations
 import http.client
 import logging
 import re
+import socket
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -84,6 +85,18 @@ def test_a_connection_cut_mid_read_is_one_remote_error(server, packed, how):
         assert torch.equal(fam.get_tensor("a", "l0.w"), local.get_tensor("a", "l0.w"))
 
 
+@pytest.mark.parametrize("how", ["hangup", "rst"])
+def test_a_server_that_hangs_up_at_open_is_not_a_missing_archive(server, how):
+    """A server that closes (or resets) the connection before it answers: fsspec reports the failed
+    HEAD and GET as FileNotFoundError, which read "no such archive" (or, reset, "cannot connect")."""
+    getattr(server, how).add("f.tallpack")
+    with pytest.raises(RemoteError, match=r"^http://127.0.0.1:\d+/f.tallpack: the connection was cut mid-transfer "
+                                          rf"\((ServerDisconnectedError|ConnectionResetError)\){RETRY}$") as e:
+        tallpack.open(server.signed)
+    assert not isinstance(e.value, FileNotFoundError) and server.broken >= 2  # (its HEAD and its GET)
+    _one_line(e.value)
+
+
 def _cli(*args: object):
     r = CliRunner().invoke(main, ["-q", *map(str, args)], catch_exceptions=False)
     return r.exit_code, r.output
@@ -151,7 +164,8 @@ def test_verify_does_not_call_a_cut_connection_damage(server):
 
 class CutProxy(ThreadingHTTPServer):
     """Forwards every request to ``upstream``; once ``cut_after`` bytes of GET bodies went through
-    (None: never), each further GET body is sent half and the connection closed."""
+    (None: never), each further GET body is sent half and the connection closed. ``stop()`` closes
+    every connection too, as a killed server's do."""
 
     daemon_threads = True
     request_queue_size = 256
@@ -163,7 +177,13 @@ class CutProxy(ThreadingHTTPServer):
         self.cut_after: int | None = None
         self.sent = 0
         self.lock = threading.Lock()
+        self.connections: list[socket.socket] = []
         threading.Thread(target=self.serve_forever, daemon=True).start()
+
+    def process_request(self, request, client_address) -> None:
+        with self.lock:
+            self.connections.append(request)
+        super().process_request(request, client_address)
 
     def arm(self, after: int = 0) -> None:
         with self.lock:
@@ -175,6 +195,12 @@ class CutProxy(ThreadingHTTPServer):
     def stop(self) -> None:
         self.shutdown()
         self.server_close()
+        with self.lock:
+            for c in self.connections:
+                try:
+                    c.shutdown(socket.SHUT_RDWR)
+                except OSError:  # closed already
+                    pass
 
 
 class _Forward(BaseHTTPRequestHandler):
