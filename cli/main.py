@@ -29,7 +29,7 @@ from tallpack.kernels import COMPILED
 from tallpack.merged import base_not_held, default_model, in_some_tasks, left_out, missing_components
 from tallpack.merging import MERGED_MODELS, METHODS, MergeMethod, Option, check_alpha, default_alpha, is_consensus
 from tallpack.options import DENSE_PRESETS, MAX_LEVEL, MIN_LEVEL, PackOptions
-from tallpack.progress import LogLines
+from tallpack.progress import Bar, LogLines
 from tallpack.report import TABLE_WIDTH, format_size, render, render_tensors, show_name, tensor_rows
 from tallpack.sources import stems
 from tallpack import staging
@@ -317,13 +317,13 @@ def main(ctx: click.Context, verbose: int, quiet: bool) -> None:
 
 
 def _progress(enabled: bool = True, *, parts: int = 1):
-    """A bar on a terminal, a plain line per ~10% otherwise (of all ``parts``: the tasks of a
-    multi-task unpack), nothing with -q."""
+    """A bar on a terminal (one for all ``parts``: the tasks of a multi-task unpack), a plain line
+    per ~10% otherwise (of all ``parts``), nothing with -q."""
     ctx = click.get_current_context()
     if not enabled or (ctx.obj or {}).get("quiet"):
         return None
     if sys.stderr.isatty():
-        return True
+        return Bar(parts) if parts > 1 else True
     return LogLines(lambda line: click.echo(line, err=True), parts=parts)
 
 
@@ -723,12 +723,17 @@ def unpack(archive: str, task_names: tuple[str, ...], all_tasks: bool, output: s
             raise click.UsageError(f"name a task with --task NAME (the archive has {n} task{'s' if n > 1 else ''}: "
                                    f"{some}{listing}) or pass --all")
         parts = len(fam.tasks if all_tasks else task_names)  # progress lines: ~10 for the whole call
-        kw = {"max_shard_size": max_shard_size, "progress": _progress(parts=parts)}
-        if len(task_names) == 1 and not all_tasks:
-            paths = [tallpack.write_task(fam, task_names[0], output, exact=exact, overwrite=force, **kw)]
-        else:
-            paths = tallpack.write_tasks(fam, None if all_tasks else task_names, output, exact=exact,
-                                         overwrite=force, **kw)
+        progress = _progress(parts=parts)
+        kw = {"max_shard_size": max_shard_size, "progress": progress}
+        try:
+            if len(task_names) == 1 and not all_tasks:
+                paths = [tallpack.write_task(fam, task_names[0], output, exact=exact, overwrite=force, **kw)]
+            else:
+                paths = tallpack.write_tasks(fam, None if all_tasks else task_names, output, exact=exact,
+                                             overwrite=force, **kw)
+        finally:
+            if isinstance(progress, Bar):  # where it got, on its own line before the error's
+                progress.close()
     for path in paths:
         click.echo(f"wrote {redact(str(path))}")
 

@@ -7,8 +7,9 @@ one that prints plain log lines when stderr is not a terminal).
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterable, Iterator
-from typing import TypeVar, Union
+from typing import Any, TypeVar, Union
 
 T = TypeVar("T")
 #: What a ``progress`` argument may be.
@@ -24,8 +25,8 @@ def track(items: Iterable[T], progress: ProgressLike, desc: str, total: int | No
     if not progress:
         yield from items
         return
-    if isinstance(progress, Labelled) and not isinstance(progress.progress, LogLines):
-        desc, progress = f"{progress.label}: {desc}", progress.progress  # (LogLines: told the label apart)
+    if isinstance(progress, Labelled) and not isinstance(progress.progress, (LogLines, Bar)):
+        desc, progress = f"{progress.label}: {desc}", progress.progress  # (LogLines, Bar: told the label apart)
     if total is None:
         try:
             total = len(items)  # type: ignore[arg-type]
@@ -53,14 +54,14 @@ class Labelled:
 
     def __init__(self, progress: ProgressLike, label: str):
         self.progress, self.label = progress, label
-        if isinstance(progress, LogLines):  # its place among the parts, though it reports no step
+        if isinstance(progress, (LogLines, Bar)):  # its place among the parts, though it reports no step
             progress.part(label)
 
     def __bool__(self) -> bool:
         return bool(self.progress)
 
     def __call__(self, desc: str, done: int, total: int) -> None:  # as a callable ``progress``
-        if isinstance(self.progress, LogLines):
+        if isinstance(self.progress, (LogLines, Bar)):
             self.progress(desc, done, total, label=self.label)
         elif callable(self.progress):
             self.progress(f"{self.label}: {desc}", done, total)
@@ -106,3 +107,61 @@ class LogLines:
         if done == total or step > self._last.get(desc, 0 if total else -1):
             self._last[desc] = step
             self._emit(f"{desc}: {done}/{total}" if total else f"{desc}: {done}")
+
+
+class Bar:
+    """A ``progress`` callable that shows one tqdm bar on stderr for a call that works through
+    ``parts`` one after another under their labels (:class:`Labelled`: the tasks of a multi-task
+    unpack): the bar measures the whole call and its text names the part at work (``cars:
+    writing (task 2 of 5)``), so that one line is left on the terminal, not one per part. It is
+    closed when the last part's last step is done, or by :meth:`close` (a failure: where it got).
+
+    >>> with Bar(parts=len(fam.tasks)) as bar:
+    ...     write_tasks(fam, None, "out", progress=bar)
+    """
+
+    _STEPS = 1000  # the bar's own scale: parts' steps differ in number, each part is a share of it
+
+    def __init__(self, parts: int = 1):
+        self._parts = max(parts, 1)
+        self._labels: dict[str, int] = {}
+        self._bar: Any = None  # the tqdm bar, made at the first step
+        self._lock = threading.Lock()  # steps may come from worker threads
+
+    def part(self, label: str) -> int:
+        """The place of the part ``label`` (from 0), the next one when it is new."""
+        return self._labels.setdefault(label, len(self._labels))
+
+    def __call__(self, desc: str, done: int, total: int, *, label: str | None = None) -> None:
+        i = 0 if label is None else self.part(label)
+        share = min(done / total, 1.0) if total else 1.0
+        last = i + 1 >= self._parts and share >= 1.0
+        text = desc if label is None else f"{label}: {desc}"
+        if self._parts > 1:  # the whole call's line, once done
+            text = f"{desc} ({self._parts} tasks)" if last else f"{text} (task {min(i + 1, self._parts)} of {self._parts})"
+        with self._lock:
+            if self._bar is None:
+                from tqdm.auto import tqdm
+
+                self._bar = tqdm(total=self._STEPS, desc=text,
+                                 bar_format="{desc}: {percentage:3.0f}%|{bar}| [{elapsed}<{remaining}]")
+            self._bar.set_description_str(text, refresh=False)
+            self._bar.update(max(round(min((i + share) / self._parts, 1.0) * self._STEPS) - self._bar.n, 0))
+            if last:
+                self._close()
+
+    def close(self) -> None:
+        """Leave the bar as it stands, on its own line (the next output starts on a new one)."""
+        with self._lock:
+            self._close()
+
+    def _close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+    def __enter__(self) -> "Bar":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

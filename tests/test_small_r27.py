@@ -183,3 +183,59 @@ def test_the_command_keeps_its_exit_status_and_its_atexit_callbacks(archive, tmp
                        capture_output=True, text=True, env=_env(), timeout=60)
     assert (r.returncode, r.stdout) == (1, "exiting\ncallback ran\n"), r.stderr
     assert r.stderr.startswith("error: ") and r.stderr.count("\n") == 1, r.stderr
+
+
+# -- unpack --all on a terminal: one bar ---------------------------------------------------------
+
+def _on_a_terminal(args: list[str]) -> tuple[int, list[str]]:
+    """``tallpack ARGS`` with a pseudo terminal (100 columns) as its input and outputs: its exit
+    status and the lines as the terminal shows them at the end (each line's text after its last
+    carriage return: a bar redrawn in place is one line)."""
+    import fcntl
+    import pty
+    import struct
+    import termios
+
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))
+    p = subprocess.Popen([sys.executable, "-m", "tallpack", *args], stdin=slave, stdout=slave, stderr=slave,
+                         env=_env(), close_fds=True)
+    os.close(slave)
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(master, 65536)
+        except OSError:  # EIO: the child's side is closed
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    os.close(master)
+    code = p.wait(60)
+    text = b"".join(chunks).decode(errors="replace").replace("\r\n", "\n")
+    return code, [line.split("\r")[-1] for line in text.split("\n") if line.split("\r")[-1]]
+
+
+def test_unpack_all_on_a_terminal_leaves_one_bar(archive, tmp_path):
+    """A bar per task was left on the terminal: one bar measures the whole call, named by the
+    task at work as it runs, then one ``wrote`` line per task."""
+    code, lines = _on_a_terminal(["unpack", str(archive), "--all", "-o", str(tmp_path / "out")])
+    assert code == 0, lines
+    bars = [line for line in lines if "%|" in line]
+    assert len(bars) == 1 and bars[0].startswith("writing (3 tasks): 100%|"), lines
+    assert lines[1:] == [f"wrote {tmp_path / 'out' / t / 'model.safetensors'}" for t in ("a", "b", "c")], lines
+
+
+def test_one_bar_names_each_task_as_it_is_written():
+    """The bar's text as the steps of three tasks come (``Labelled`` as ``write_tasks`` wraps each
+    task's progress), and where it stands."""
+    from tallpack.progress import Bar, Labelled, track
+
+    seen = []
+    with Bar(parts=3) as bar:
+        for task in ("a", "b", "c"):
+            for _ in track(range(4), Labelled(bar, task), "writing"):
+                if bar._bar is not None:
+                    seen.append((bar._bar.desc, bar._bar.n))
+    assert seen[0] == ("a: writing (task 1 of 3)", 83) and seen[4] == ("b: writing (task 2 of 3)", 417)
+    assert seen[-1] == ("c: writing (task 3 of 3)", 917) and bar._bar is None
