@@ -99,7 +99,10 @@ def _overflowed(out: torch.Tensor, theta_0: torch.Tensor, d: torch.Tensor) -> bo
 def _finite(t: torch.Tensor) -> bool:
     """Whether every value of ``t`` is finite (float8 through float32: torch has no ``isfinite``
     for ``float8_e4m3fn``)."""
-    return bool(torch.isfinite(t.float() if t.element_size() == 1 else t).all())
+    if t.numel() == 0:
+        return True
+    lo, hi = torch.aminmax(t.float() if t.element_size() == 1 else t)  # NaN propagates; ~100x isfinite().all()
+    return bool(torch.isfinite(lo)) and bool(torch.isfinite(hi))
 
 
 def in_some_tasks(manifest: Manifest) -> list[str]:

@@ -12,11 +12,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from safetensors.torch import load_file
 
 import tallpack
 from tallpack.merged import MergeParts
-from tallpack.merging import MERGED_MODELS
+from tallpack.merging import MERGED_MODELS, apply_direction, consensus_mask
 
 GOLDEN = Path(__file__).parent / "golden"
 
@@ -155,3 +157,32 @@ def test_writing_a_merged_model_holds_a_few_tensors_not_the_model(tmp_path: Path
     with tallpack.open(out) as fam:  # and the file written is the eager model
         eager = fam.merged("consensus-ta", alpha=0.5)
         _same(_ordered(load_file(str(tmp_path / "merged" / "model.safetensors")), eager), eager, "big")
+
+
+@settings(max_examples=60, deadline=None)
+@given(tasks=st.integers(1, 600), k=st.integers(-2, 603), n=st.integers(1, 40), seed=st.integers(0, 2**31 - 1))
+def test_consensus_counts_are_the_sum_of_the_masks(tasks: int, k: int, n: int, seed: int) -> None:
+    # uint8 counts in blocks of 255 masks, summed as int32 past them: the int64 sum's comparison
+    g = torch.Generator().manual_seed(seed)
+    masks = [torch.rand(n, generator=g) < 0.9 for _ in range(tasks)]
+    before = [m.clone() for m in masks]
+    want = torch.stack([m.to(torch.int64) for m in masks]).sum(0) >= max(k, 0)
+    assert torch.equal(consensus_mask(iter(masks), k), want)
+    assert all(torch.equal(a, b) for a, b in zip(masks, before))  # the masks are not changed
+
+
+@settings(max_examples=60, deadline=None)
+@given(dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]), alpha=st.floats(0.0, 2.0),
+       seed=st.integers(0, 2**31 - 1), scale=st.sampled_from([1e-3, 1.0, 1e4]))
+def test_apply_direction_is_the_formula_bit_for_bit(dtype: torch.dtype, alpha: float, seed: int, scale: float) -> None:
+    g = torch.Generator().manual_seed(seed)
+    theta = (torch.randn(257, generator=g) * scale).to(dtype)
+    theta[:3] = torch.tensor([-0.0, 0.0, float("inf")])
+    d = torch.randn(257, generator=g) * scale
+    d[3] = -0.0
+    alpha32 = torch.tensor(alpha, dtype=torch.float32)
+    want = (theta.to(torch.float32) + alpha32 * d).to(dtype)
+    before = theta.clone()
+    got = apply_direction(theta, d, alpha)
+    assert got.dtype == dtype and torch.equal(got.view(-1).view(torch.uint8), want.view(-1).view(torch.uint8))
+    assert torch.equal(theta.view(torch.uint8), before.view(torch.uint8))  # theta_0 is not changed
