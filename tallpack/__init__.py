@@ -20,6 +20,7 @@ from .errors import (
     InvalidArgumentError,
     OutputError,
     OutputExistsError,
+    RemoteError,
     TallpackError,
     TaskNotFoundError,
     TensorNotFoundError,
@@ -43,5 +44,5 @@ __all__ = [
     "TallpackError", "FormatError", "IntegrityError", "UnsupportedVersionError", "CodecError",
     "CheckpointError", "CheckpointNotFoundError", "UnsafeCheckpointError", "InvalidArgumentError",
     "ArchiveNotFoundError", "ExactTierMissingError", "IncompatibleCheckpointsError", "TaskNotFoundError", "TensorNotFoundError",
-    "OutputError", "OutputExistsError", "ArchiveClosedError",
+    "OutputError", "OutputExistsError", "ArchiveClosedError", "RemoteError",
 ]

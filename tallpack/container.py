@@ -39,7 +39,7 @@ from .arrays import (DEFAULT_CHUNK_ELEMENTS, ArrayRef, Chunk, check_chunk_bytes,
                      check_chunk_elements, check_shape)
 from .checksums import DEFAULT_CHECKSUM, checksum_function, crc32
 from .elements import itemsize, numel
-from .errors import (ArchiveClosedError, FormatError, IntegrityError, InvalidArgumentError, TallpackError,
+from .errors import (ArchiveClosedError, FormatError, IntegrityError, InvalidArgumentError, RemoteError, TallpackError,
                      UnsupportedVersionError)
 from .fsutil import commit, left_behind, signals_held, temp_beside
 from .memory import empty
@@ -610,7 +610,7 @@ class ContainerReader:
             m_off, m_len, m_crc, _, _ = FOOTER.unpack(foot)
             if crc32(self.source.read(m_off, m_len)) != m_crc:
                 return [f"{self.name}: manifest checksum mismatch (damaged archive)"]
-        except ArchiveClosedError:
+        except (ArchiveClosedError, RemoteError):  # not damage: verify cannot say, and fails
             raise
         except TallpackError as e:
             return [str(e)]

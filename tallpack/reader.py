@@ -38,8 +38,8 @@ from .encodings.derived import DerivedMerged
 from .encodings.derived_merged import rebuild_merged
 from .encodings.exact import TALL_ENCODINGS, rebuild_exact
 from .errors import (ArchiveClosedError, ExactTierMissingError, FormatError, IntegrityError, InvalidArgumentError,
-                     OutOfMemoryError, TallpackError, TaskNotFoundError, TensorNotFoundError, UnsupportedVersionError,
-                     memory_detail, out_of_memory, quoted)
+                     OutOfMemoryError, RemoteError, TallpackError, TaskNotFoundError, TensorNotFoundError,
+                     UnsupportedVersionError, memory_detail, out_of_memory, quoted)
 from .memory import ThreadBuffers, release_thread_buffers
 from .manifest import Manifest, TaskInfo
 from .folders import read_blob
@@ -959,7 +959,7 @@ class Archive:
                 try:
                     for i in range(len(ref.chunks)):
                         self._c.read_chunk(ref, i, where, recheck=True)  # even if read before
-                except OutOfMemoryError:  # not damage: verify cannot say, and fails
+                except (OutOfMemoryError, RemoteError):  # not damage: verify cannot say, and fails
                     raise
                 except MemoryError:
                     raise self._out_of_memory(where, ref.nbytes) from None
@@ -971,7 +971,7 @@ class Archive:
                 continue
             try:
                 read_blob(self._c.read_array, digest, ref, named.get(digest, f"file content {digest[:12]}"))
-            except OutOfMemoryError:
+            except (OutOfMemoryError, RemoteError):
                 raise
             except TallpackError as e:
                 problems.append(str(e))

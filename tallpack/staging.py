@@ -24,7 +24,7 @@ from urllib.parse import unquote, urlsplit
 from .errors import (CheckpointError, CheckpointNotFoundError, InvalidArgumentError, OutputError, OutputExistsError,
                      TallpackError, quoted)
 from .fsutil import check_folders_above, check_replaceable, committed, forget_commits, full_disk
-from .remote import redact, refusal, with_timeouts
+from .remote import lost, redact, refusal, with_timeouts
 from .storage import is_url
 
 log = logging.getLogger(__name__)
@@ -410,7 +410,7 @@ def _download(fs: Any, rpath: str, shown: str, dest: Path) -> None:
     try:
         info = fs.info(rpath)
     except FileNotFoundError as e:
-        why = refusal(e)  # fsspec's HTTP file system reports any failed request as missing
+        why = _why(e)  # fsspec's HTTP file system reports any failed request as missing
         if why is None:
             raise CheckpointNotFoundError(f"{shown}: no such file or folder") from None
         raise CheckpointError(f"{shown}: cannot download: {why}") from None
@@ -444,12 +444,12 @@ def _get_file(fs: Any, rpath: str, dest: Path, size: Any, shown: str) -> None:
     try:
         fs.get_file(rpath, str(dest))
     except FileNotFoundError as e:
-        raise CheckpointError(f"{shown}: cannot download: {refusal(e) or 'removed while downloading'}") from None
+        raise CheckpointError(f"{shown}: cannot download: {_why(e) or 'removed while downloading'}") from None
     except Exception as e:
         got = dest.stat().st_size if dest.is_file() else 0
         if full_disk(e) is not None:
             raise _no_room(shown, e, f", after {got} of {size} bytes") from None
-        why = refusal(e)
+        why = refusal(e) if lost(e) is None else None  # a cut or reset: said as the transfer broken off, below
         if why is not None:  # a timeout: no byte came for that long
             raise CheckpointError(f"{shown}: cannot download: {why}, after {got} of {size} bytes") from None
         if isinstance(size, int) and got < size:
@@ -461,8 +461,14 @@ def _get_file(fs: Any, rpath: str, dest: Path, size: Any, shown: str) -> None:
         raise CheckpointError(f"{shown}: cannot download: {got} bytes received of {size} (truncated); try again")
 
 
+def _why(e: BaseException) -> str | None:
+    """Why a request failed: a connection cut or reset (``remote.lost``, first: ``refusal`` takes a
+    reset for a connection never made), a refusal or a timeout; None when neither says."""
+    return lost(e) or refusal(e)
+
+
 def _failure(e: BaseException) -> str:
-    return refusal(e) or f"{type(e).__name__}: {quoted(e)}"
+    return _why(e) or f"{type(e).__name__}: {quoted(e)}"
 
 
 def _get_folder(fs: Any, rpath: str, dest: Path, shown: str) -> None:

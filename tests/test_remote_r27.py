@@ -151,8 +151,6 @@ def test_a_stalled_http_read_ends_at_its_first_timed_out_range(server, monkeypat
         assert server.broken <= remote.CONCURRENT_REQUESTS  # the first batch only: no probe, no further ranges
 
 
-@pytest.mark.xfail(strict=True, reason="reader.verify and container.verify_ends record a RemoteError as a problem "
-                                       "(damage); they should re-raise it (see the r27 report)")
 def test_verify_does_not_call_a_cut_connection_damage(server):
     with tallpack.open(server.signed) as fam:
         server.cut.add("f.tallpack")
