@@ -121,16 +121,17 @@ def _end_at_once(before: int, said: list[bool]) -> None:
 
 def end_process(code: int | str | None) -> None:
     """End the ``tallpack`` command's own process with exit status ``code`` (a ``SystemExit``'s)
-    once its threads are done and its ``atexit`` callbacks have run, without the rest of Python's
-    shutdown: a second of module and library teardown (torch's) in which a signal could no longer
-    be told, so that it killed the process without a line after its ``wrote`` line (-15, -2).
-    Where another thread still runs, Python's own shutdown waits for it."""
+    as Python's shutdown begins (its threads ended and joined, its ``atexit`` callbacks run), not
+    the rest of it: a second of module and library teardown (torch's) in which a signal could no
+    longer be told, so that it killed the process without a line after its ``wrote`` line (-15,
+    -2). Where Python has no ``threading._shutdown``, its own shutdown does it all."""
     import atexit
 
-    main_thread = threading.main_thread()
-    if any(t is not main_thread and t.is_alive() and not t.daemon for t in threading.enumerate()):
+    shutdown = getattr(threading, "_shutdown", None)  # its pools' workers told to end, and every thread joined
+    if shutdown is None:
         raise SystemExit(code)
-    atexit._run_exitfuncs()  # as Python's shutdown would: logging's flush, weakref.finalize's, ...
+    shutdown()
+    atexit._run_exitfuncs()  # logging's flush, weakref.finalize's, ...
     if code is not None and not isinstance(code, int):  # sys.exit("message"): said, then 1
         print(code, file=sys.stderr)
         code = 1

@@ -157,28 +157,57 @@ def _env() -> dict[str, str]:
     return dict(os.environ, PYTHONPATH=os.pathsep.join([str(root), str(root / "cli"), os.environ.get("PYTHONPATH", "")]))
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
-def test_a_signal_after_the_wrote_line_ends_in_one_line(archive, tmp_path, signum):
+@pytest.mark.parametrize("command, signum", [("unpack", signal.SIGTERM), ("unpack", signal.SIGINT),
+                                             ("pack", signal.SIGTERM)])  # pack: the kernels' pool's threads
+def test_a_signal_after_the_wrote_line_ends_in_one_line(archive, tmp_path, command, signum):
     """SIGTERM after ``wrote`` killed the process without a line (-15), Ctrl-C gave a traceback or
     exit 0: after the command, as during it, a signal ends the process with the line that says
     its output was written, and exit 143 or 130."""
-    out = tmp_path / "out"
-    p = subprocess.Popen([sys.executable, "-c", AFTER_WROTE, "unpack", str(archive), "--task", "a", "-o", str(out)],
+    if command == "unpack":
+        out = tmp_path / "out"
+        args = ["unpack", str(archive), "--task", "a", "-o", str(out)]
+        wrote = f"wrote {out / 'model.safetensors'}"
+    else:
+        from safetensors.torch import save_file
+
+        for name in ("base", "a", "b"):
+            save_file({"w": torch.randn(256, 64)}, tmp_path / f"{name}.safetensors")
+        out = tmp_path / "g.tallpack"
+        args = ["pack", "--base", str(tmp_path / "base.safetensors"), str(tmp_path / "a.safetensors"),
+                str(tmp_path / "b.safetensors"), "-o", str(out), "-j", "2"]
+        wrote = f"wrote {out}: 2 tasks"
+    p = subprocess.Popen([sys.executable, "-c", AFTER_WROTE, *args],
                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
     lines = [p.stdout.readline(), p.stdout.readline()]
-    assert lines == [f"wrote {out / 'model.safetensors'}\n", "exiting\n"], (lines, p.stderr.read())
+    assert lines[0].startswith(wrote) and lines[1] == "exiting\n", (lines, p.stderr.read())
     p.send_signal(signum)
     _, err = p.communicate(timeout=60)
     what = "terminated (SIGTERM)" if signum == signal.SIGTERM else "interrupted"
     assert p.returncode == 128 + signum, err
     assert err.strip().splitlines()[-1] == f"error: {what} after its output was written" and "Traceback" not in err
-    assert sorted(load_file(out / "model.safetensors")) == ["b", "w"]
+    if command == "unpack":
+        assert sorted(load_file(out / "model.safetensors")) == ["b", "w"]
+    else:
+        import tallpack
+
+        with tallpack.open(out) as fam:
+            assert list(fam.tasks) == ["a", "b"] and fam.verify() == []
+
+
+#: an object that says when the interpreter's teardown collects it
+TORN_DOWN = """
+class Said:
+    def __del__(self):
+        print("torn down", flush=True)
+said = Said()
+"""
 
 
 def test_the_command_keeps_its_exit_status_and_its_atexit_callbacks(archive, tmp_path):
-    """The command's own process ends without Python's module teardown, but with its status (1 for
-    an error) and after its atexit callbacks."""
-    code = AFTER_WROTE.replace("sys.stdin.read()", "print('callback ran', flush=True)")
+    """The command's own process ends without Python's module teardown (a second of torch's, in
+    which no signal can be told), but with its status (1 for an error) and after its atexit
+    callbacks."""
+    code = TORN_DOWN + AFTER_WROTE.replace("sys.stdin.read()", "print('callback ran', flush=True)")
     r = subprocess.run([sys.executable, "-c", code, "unpack", str(archive), "--task", "nope", "-o", str(tmp_path / "o")],
                        capture_output=True, text=True, env=_env(), timeout=60)
     assert (r.returncode, r.stdout) == (1, "exiting\ncallback ran\n"), r.stderr
