@@ -618,34 +618,63 @@ def _squares(d: torch.Tensor, dtype: torch.dtype, w: torch.Tensor | None,
 _NUMPY_FLOATS = frozenset({"float16", "float32", "float64"})
 
 
+def _squared_sums(sq: np.ndarray, dtype: torch.dtype, w: torch.Tensor | None) -> tuple[float, float | None, int]:
+    """``_squares`` of float64 differences held in ``sq``, squared there in place (the buffer is
+    overwritten): the same floats, without a second buffer. The squares are finite where the
+    differences are (those of float32 values stay far below float64's range), so an element that
+    is not finite counts as ``overflow_error(dtype)`` squared."""
+    np.square(sq, out=sq)
+    plain = float(np.add.reduce(sq))
+    over = 0
+    if not math.isfinite(plain):
+        bad = ~np.isfinite(sq)
+        over = int(np.count_nonzero(bad))
+        if over:
+            e = overflow_error(dtype)
+            sq[bad] = e * e
+            plain = float(np.add.reduce(sq))
+    if w is None:
+        return plain, None, over
+    np.multiply(sq, w.reshape(-1).numpy(), out=sq)
+    return float(np.add.reduce(sq)), plain, over
+
+
+#: Elements of an original (bfloat16, float8) widened to float64 at a time by ``_Errors``.
+_WIDEN_ELEMENTS = 1 << 16
+
+
 class _Errors:
     """Squared errors of rebuilds against one (finite) original: called with a rebuild ``a``, its
     error as (weighted by ``w``, plain, bit-exact, elements of ``a`` that are +-inf or NaN), or
     (plain, None, ...) without weights; bit-exact only where the plain error is 0 and every bit is
     the same. An element of ``a`` that is not finite counts as ``overflow_error`` off. The dial
-    measures some twenty rebuilds of each task's tensor: the original is made float64 once, and
-    each difference is taken in one float64 buffer (fresh ones cost more than the arithmetic)."""
+    measures some twenty rebuilds of each task's tensor: each difference is taken in one float64
+    buffer, widened as it is subtracted, and squared and summed there (``_squared_sums``): fresh
+    buffers cost more than the arithmetic, and each float64 copy of the tensor is twice a float32
+    task's size in every task measured at once."""
 
     def __init__(self, original: torch.Tensor, w: torch.Tensor | None):
         self.original, self.w = original.reshape(-1), w
-        self.wide = self.original.to(torch.float64)
-        self._d = torch.empty_like(self.wide)
-        self._np = (self.wide.numpy(), self._d.numpy())
-        self._sq = np.empty_like(self._np[0])  # the squares, summed in a fixed order (``sum_squares``)
+        self._d = torch.empty(self.original.numel(), dtype=torch.float64)
+        self._np = self._d.numpy()
+        numpy = str(self.original.dtype).removeprefix("torch.") in _NUMPY_FLOATS
+        self._orig_np = self.original.numpy() if numpy else None
 
     def norm(self) -> tuple[float, float | None]:
         """The original's own sum of squares, as (weighted, plain) or (plain, None)."""
-        sq, plain, _ = _squares(self.wide, self.original.dtype, self.w, self._sq)
+        sq, plain, _ = _squared_sums(self._d.copy_(self.original).numpy(), self.original.dtype, self.w)
         return sq, plain
 
     def __call__(self, a: torch.Tensor) -> tuple[float, float | None, bool, int]:
         a = a.reshape(-1)
-        if str(a.dtype).removeprefix("torch.") in _NUMPY_FLOATS:  # numpy widens and subtracts in one pass
-            np.subtract(a.numpy(), self._np[0], out=self._np[1])
-            d = self._d
-        else:
-            d = self._d.copy_(a).sub_(self.wide)
-        err, plain, over = _squares(d, a.dtype, self.w, self._sq)
+        if self._orig_np is not None and str(a.dtype).removeprefix("torch.") in _NUMPY_FLOATS:
+            # numpy widens both and subtracts in one pass (float64(a) - float64(original), exactly)
+            np.subtract(a.numpy(), self._orig_np, out=self._np, dtype=np.float64)
+        else:  # the original widened a piece at a time (exact): no float64 copy of it held
+            d, step = self._d.copy_(a), _WIDEN_ELEMENTS
+            for i in range(0, d.numel(), step):
+                d[i : i + step].sub_(self.original[i : i + step].to(torch.float64))
+        err, plain, over = _squared_sums(self._np, a.dtype, self.w)
         exact = (err if plain is None else plain) == 0 and same_bits(a, self.original)
         return err, plain, exact, over
 

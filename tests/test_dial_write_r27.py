@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 
 import tallpack
 from tallpack import dial as dial_module
+from tallpack.dial import _Errors
 from tallpack.tall import Fidelity
 from test_dial_threads import dial_threads, family
 
@@ -158,3 +159,25 @@ def test_a_window_bounds_the_runs_handed_ahead_of_the_caller():
                 assert got() == i
         assert sorted(began) == list(range(12))
         assert (max(ahead) <= 2) == bounded
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float8_e4m3fn, torch.float8_e5m2])
+@pytest.mark.parametrize("weighted", [False, True], ids=["plain", "weighted"])
+def test_errors_in_one_float64_buffer_are_the_plain_formulas_bits(dtype, weighted):
+    """``_Errors`` keeps no float64 copy of the original and squares in the difference's own
+    buffer (a bfloat16 or float8 original widened a piece at a time): the same floats, to the bit,
+    as the whole-tensor formula, over several pieces, with +-inf and NaN rebuilt."""
+    from test_fidelity import _plain_error
+
+    n = 3 * dial_module._WIDEN_ELEMENTS + 5
+    g = torch.Generator().manual_seed(1)
+    b = (torch.randn(n, generator=g) * 0.1).to(dtype)
+    a = (b.float() + torch.randn(n, generator=g) * 1e-2).to(dtype)
+    a[7], a[n - 1] = float("inf"), float("nan")  # (float8_e4m3fn has no inf: 448, finite)
+    w = torch.rand(n, generator=g, dtype=torch.float64) if weighted else None
+    errors = _Errors(b, w)
+    for _ in range(2):  # the buffer is reused
+        got, want = errors(a), _plain_error(a, b, w)
+        assert got == want and got[3] == int(torch.count_nonzero(~torch.isfinite(a.float()))) >= 1
+        assert errors(b) == _plain_error(b, b, w)
+    assert errors.norm() == _plain_error(b, torch.zeros(1), w)[:2]
