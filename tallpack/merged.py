@@ -638,7 +638,10 @@ class MergedModel(Mapping[str, "torch.Tensor"]):
         fam = parts._family
         with memory_named(f"{fam.name}: the {parts.model} model"):  # torch's allocator: not a TallpackError
             out = {}
-            for n, (t, d) in parts.entry_parts(entry).items():
+            held = parts._parts  # read already (an eager MergeParts): not read again
+            got = ({m.name: held[m.name] for m in entry.members} if entry.members else {entry.name: held[entry.name]}
+                   ) if held is not None else parts.entry_parts(entry)
+            for n, (t, d) in got.items():
                 if ("merged", n) not in self._names_of:
                     continue  # a member the model lacks (none: a group's members are all the model's)
                 if d is None:

@@ -30,7 +30,7 @@ from .folders import MODULES, check_no_clash, component_of, write_files
 from .fsutil import atomic_write, check_inside, check_not_read, make_folder, reading, transaction
 from .manifest import task_name_problem
 from .merging import check_alpha, default_alpha, is_consensus
-from .merged import MergeParts, default_model
+from .merged import default_model
 from .originals import rebuilt_whole, write_originals
 from .progress import Labelled, ProgressLike
 from .sharding import (INDEX, SINGLE, plain_weights, plan_by_size_as, plan_from_layout, planned_files, previous_in,
@@ -499,7 +499,7 @@ def write_merged(archive: "Archive", outdir: str | os.PathLike, method: str | No
     config = config if isinstance(config, dict) else None  # a header's "config" string is not config.json
     files = _merged_files(archive, task, config)
     _refuse_archive_in(archive, outdir, files, source)
-    parts = MergeParts(archive, method, k, lazy=True)  # k checked: numpy's ints taken, and only for consensus
+    parts = archive.merge_parts(method, k=k, lazy=True)  # k checked: numpy's ints taken, and only for consensus
     sd = parts.state_dict(alpha, task=task, lazy=True)  # built as written: one tensor's parts held at a time
     specs = {name: sd.spec(name) for name in sd}
     meta = {"tallpack.merge": method, **({"tallpack.k": parts.k} if is_consensus(method) else {}),

@@ -898,10 +898,12 @@ class Archive:
 
     # -- merged models -----------------------------------------------------------------------
     @cpu_default
-    def merge_parts(self, method: str, *, k: int | None = None) -> MergeParts:
+    def merge_parts(self, method: str, *, k: int | None = None, lazy: bool = False) -> MergeParts:
         """The pieces of a merged model that do not depend on alpha (base and direction per
-        tensor), computed once; ``MergeParts.state_dict(alpha)`` then builds models quickly."""
-        return MergeParts(self, method, k)
+        tensor), computed once; ``MergeParts.state_dict(alpha)`` then builds models quickly. With
+        ``lazy=True``, nothing is read until a model is built: ``state_dict(alpha, lazy=True)``
+        then reads each tensor's parts as it is indexed and keeps none (``write_merged``'s way)."""
+        return MergeParts(self, method, k, lazy=lazy)
 
     @cpu_default
     def merged(self, method: str | None = None, *, k: int | None = None, alpha: float | None = None,
@@ -923,7 +925,7 @@ class Archive:
 
         >>> sd = fam.merged("consensus-ta", k=2, alpha=0.4)
         """
-        parts = MergeParts(self, default_model(self.manifest) if method is None else method, k, lazy=True)
+        parts = self.merge_parts(default_model(self.manifest) if method is None else method, k=k, lazy=True)
         model = parts.state_dict(alpha, task=task, lazy=True)  # one tensor's parts held at a time
         sd = dict(model)
         model.warn_overflow()

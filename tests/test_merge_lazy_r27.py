@@ -58,6 +58,8 @@ def test_lazy_merged_model_is_the_eager_one_for_every_golden_archive(path: Path)
                         assert (str(eager[name].dtype).removeprefix("torch."), tuple(eager[name].shape)) == \
                             (dt, tuple(shape)), (path.name, model, name)
                     _same(dict(lazy), eager, f"{path.name} {model} task={task} alpha={alpha}")
+                    held = parts.state_dict(alpha, task=task, lazy=True)  # from the parts already read
+                    _same(dict(held), eager, f"held {path.name} {model} task={task} alpha={alpha}")
                     _same(fam.merged(model, alpha=alpha, task=task), eager, f"merged() {path.name} {model}")
 
 
