@@ -673,18 +673,33 @@ def _mapped(path: Path, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Ten
     """A legacy (pre-zip) PyTorch file's tensors, which torch can only load whole, written once to
     a temporary zip file in $TMPDIR and mapped back from it: a family of such files is packed
     holding one of them in memory at a time (while it is converted), not all of them at once. The
-    temporary is removed at once (its mapping keeps it until the tensors go). Without room there,
-    the tensors stay in memory, with a warning."""
+    temporary is removed at once (its mapping keeps it until the tensors go: nobody else can cut
+    it). Without room there, the tensors stay in memory, with a warning in our words (torch's, an
+    ``[enforce fail at inline_container.cc] unexpected pos``, names no folder)."""
+    import shutil
     import tempfile
 
+    folder = tempfile.gettempdir()
+    need = sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors.values()}.values())
+    kept = (f"{path}: a legacy (pre-zip) PyTorch file, kept in memory while it is packed ({need / 1e6:.1f} MB): "
+            f"no room for a copy in the temporary folder {folder} ")
+    fix = "(set TMPDIR to a folder with room, or re-save the file with torch.save, to pack it without)"
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        free = None
+    if free is not None and free < need + (1 << 20):  # (the zip's records and padding: well under a MB)
+        log.warning("%s(%.1f MB free) %s", kept, free / 1e6, fix)
+        return tensors
     try:
         with tempfile.NamedTemporaryFile(prefix=".tallpack-legacy-", suffix=".pt") as tmp:
             torch.save(tensors, tmp)  # shared storages (tied weights) stay shared
             tmp.flush()
             back = torch.load(tmp.name, map_location="cpu", weights_only=True, mmap=True)
-    except (OSError, RuntimeError) as e:
-        log.warning("%s: a legacy (pre-zip) PyTorch file, kept in memory while packing: could not map a copy "
-                    "in the temporary folder (%s)", path, quoted(e))
+    except (OSError, RuntimeError) as e:  # (filled meanwhile; torch's RuntimeError names neither folder nor cause)
+        why = e.strerror if isinstance(e, OSError) and e.strerror else "writing it failed: full, or not writable?"
+        log.warning("%s(%s) %s", kept, why, fix)
+        log.debug("%s: torch's error: %s", path, quoted(e))
         return tensors
     return back
 

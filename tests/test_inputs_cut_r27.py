@@ -122,3 +122,36 @@ def test_an_input_removed_while_an_exact_pack_runs_names_the_file_and_the_task(t
         tallpack.pack(base, {"a": t0, "b": t1}, tmp_path / "x.tallpack", exact=True, progress=progress, threads=1)
     assert done and str(e.value) == (f"{t1}: removed while it was packed; pack it again once it is complete "
                                      "(the file of task 'b')")
+
+
+#: Open a legacy PyTorch file (ARGV[1]) with no room for tallpack's temporary copy of it: files
+#: this process writes are limited to 64 KB (a write past that fails, as on a full disk).
+NO_ROOM = r"""
+import logging, resource, signal, sys
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 16, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s", stream=sys.stdout)
+from tallpack.sources import open_source
+src = open_source(sys.argv[1])
+print("sum", float(src.get("w").sum()))
+"""
+
+
+def test_a_legacy_file_without_room_for_its_copy_is_warned_of_in_our_words(tmp_path) -> None:
+    """A legacy (pre-zip) .bin whose copy in $TMPDIR cannot be written was warned of in torch's
+    words ("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598"); now the
+    warning names the folder, the cause and what to do, and the tensors are read from memory."""
+    w = torch.randn(256, 1024)
+    path = tmp_path / "pytorch_model.bin"
+    torch.save({"w": w}, path, _use_new_zipfile_serialization=False)
+    env = {**os.environ, "TMPDIR": str(tmp_path), "PYTHONPATH": os.pathsep.join(
+        [str(Path(tallpack.__file__).parents[1]), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, "-c", NO_ROOM, str(path)], capture_output=True, text=True, timeout=120,
+                          env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    warning, result = done.stdout.strip().splitlines()
+    assert warning.startswith(f"WARNING {path}: a legacy (pre-zip) PyTorch file, kept in memory while it is packed")
+    assert f"no room for a copy in the temporary folder {tmp_path}" in warning and "set TMPDIR" in warning, warning
+    assert "enforce fail" not in warning and "inline_container" not in warning, warning
+    assert result == f"sum {float(w.sum())}"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pytorch_model.bin"]  # no temporary left
