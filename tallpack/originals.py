@@ -37,7 +37,7 @@ from .limits import MAX_DEPTH
 from .merging import METHODS, MergeMethod
 from .progress import ProgressLike, track
 from .sharding import previous_in
-from .sources import _ST_DTYPES, _TRANSFORMERS_WEIGHTS, Source
+from .sources import _ST_DTYPES, _TRANSFORMERS_WEIGHTS, MAX_HEADER, Source
 
 if TYPE_CHECKING:
     from .reader import Archive
@@ -45,8 +45,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 _READ = 1 << 24
-#: A safetensors header larger than this is refused (the safetensors library's own limit).
-MAX_HEADER = 100_000_000
 
 
 def _sha256(path: Path) -> tuple[str, int]:

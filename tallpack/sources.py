@@ -270,7 +270,7 @@ class SafetensorsSource(Source):
         info = self._infos[name]
         path = self._where[name]
         t = torch.empty(info.shape, dtype=torch_dtype(info.dtype))
-        _read_tensor(self._files[path], path, name, self._at[name], t, self._opened[path][2])
+        _read_tensor(_file(self._files, self._opened, path), path, name, self._at[name], t, self._opened[path][2])
         return t
 
     def close(self) -> None:
@@ -316,8 +316,8 @@ class TorchSource(Source):
         extent = 1 + sum((n - 1) * s for n, s in zip(t.shape, t.stride()))
         out = torch.empty(extent, dtype=t.dtype)
         path = self._where[name]
-        _read_tensor(self._files[path], path, name, at + t.storage_offset() * t.element_size(), out,
-                     self._opened[path][2])
+        at += int(t.storage_offset()) * t.element_size()
+        _read_tensor(_file(self._files, self._opened, path), path, name, at, out, self._opened[path][2])
         return out.as_strided(t.shape, t.stride())
 
     def close(self) -> None:
@@ -336,7 +336,7 @@ def _read_tensor(f: BinaryIO, path: Path, name: str, offset: int, out: torch.Ten
     file's size when it was opened."""
     if not out.numel():
         return
-    view = memoryview(out.reshape(-1).view(torch.uint8).numpy())
+    view = memoryview(out.reshape(-1).view(torch.uint8).numpy().data)
     got = 0
     while got < len(view):
         n = os.preadv(f.fileno(), [view[got:]], offset + got)
@@ -345,6 +345,20 @@ def _read_tensor(f: BinaryIO, path: Path, name: str, offset: int, out: torch.Ten
             raise CheckpointError(f"{path}: tensor {name!r}: the file shrank from {size} to {now} bytes while it was "
                                   "read (changed in place, by a save over it?); pack it again once it is complete")
         got += n
+
+
+def _file(files: dict[Path, BinaryIO], opened: Mapping[Path, tuple[int, int, int, int]], path: Path) -> BinaryIO:
+    """The open file ``path`` of a source, opened again after ``close`` (a source used again after
+    a pack closed it) when it is still the file that was opened; else a CheckpointError."""
+    f = files.get(path)
+    if f is None:
+        f = open(path, "rb", buffering=0)  # noqa: SIM115 (held in ``files`` until ``close``)
+        st = os.fstat(f.fileno())
+        if (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns) != opened[path]:
+            f.close()
+            raise CheckpointError(f"{path}: changed since it was opened (saved over?); open it again")
+        files[path] = f
+    return f
 
 
 def _close_all(files: dict[Path, BinaryIO]) -> None:
@@ -358,7 +372,7 @@ def _data_offsets(path: Path, f: BinaryIO) -> dict[str, tuple[int, int]]:
     (which safetensors has just checked: the offsets lie in the file, one after the other)."""
     head = os.pread(f.fileno(), 8, 0)
     n = int.from_bytes(head, "little") if len(head) == 8 else -1
-    raw = os.pread(f.fileno(), n, 8) if 0 <= n <= MAX_HEADER_BYTES else b""
+    raw = os.pread(f.fileno(), n, 8) if 0 <= n <= MAX_HEADER else b""
     try:
         if len(raw) != n:
             raise ValueError("the header is cut short")
@@ -371,7 +385,7 @@ def _data_offsets(path: Path, f: BinaryIO) -> dict[str, tuple[int, int]]:
 
 
 #: A safetensors header larger than this is refused (the safetensors library's own limit).
-MAX_HEADER_BYTES = 100_000_000
+MAX_HEADER = 100_000_000
 
 
 def exact_aliases(tensors: Mapping[str, torch.Tensor]) -> dict[str, str]:
