@@ -546,6 +546,8 @@ class MergedModel(Mapping[str, "torch.Tensor"]):
 
     A group's other members (format 1.12), and a tied tensor's other names (format 1.14), are held
     until indexed: the most recent up to HELD_BYTES (an older one is built again if asked for).
+    A tensor handed out that its caller still keeps is handed out again, as a dict would: tied
+    names of a model being filled into a dict are one tensor, as the eager model's are.
     ``overflow`` lists the tensors built so far that ``alpha`` overflowed (``warn_overflow`` says so).
     """
 
@@ -582,6 +584,8 @@ class MergedModel(Mapping[str, "torch.Tensor"]):
         self._held_bytes = 0
         self._lock = threading.Lock()
         self._task_sd: Mapping[str, torch.Tensor] | None = None
+        #: each source's tensor last handed out, while the caller keeps it (tied names get one tensor)
+        self._handed: dict[tuple[str, str], weakref.ref[torch.Tensor]] = {}
         self.overflow: list[str] = []
         self._overflow_dtype: torch.dtype | None = None
 
@@ -598,13 +602,20 @@ class MergedModel(Mapping[str, "torch.Tensor"]):
         src = self._source[name]  # KeyError for a name the model lacks, as a dict
         with self._lock:
             got = self._take(src, name)
+            if got is None:  # handed out before and still alive (a dict being filled): the same tensor, as tied
+                got = self._handed[src]() if src in self._handed else None
             if got is not None:
+                self._handed[src] = weakref.ref(got)
                 return got
             built = self._build(src)
             out = built.pop(src)
+            self._handed[src] = weakref.ref(out)
             for other, t in ((src, out), *built.items()):
                 wanted = set(self._names_of.get(other, ())) - ({name} if other == src else set())
                 if wanted:
+                    old = self._held.pop(other, None)  # built again: its bytes counted once
+                    if old is not None:
+                        self._held_bytes -= _nbytes(old[0])
                     self._held[other] = (t, wanted)
                     self._held_bytes += _nbytes(t)
             while self._held_bytes > HELD_BYTES and len(self._held) > 1:  # the oldest go first
@@ -648,15 +659,17 @@ class MergedModel(Mapping[str, "torch.Tensor"]):
                     out[("merged", n)] = t.clone()
                     continue
                 out[("merged", n)] = merged = apply_direction(t, d, self._alpha)
-                if _overflowed(merged, t, d):
+                if n not in self.overflow and _overflowed(merged, t, d):  # (a group built again: listed once)
                     self.overflow.append(n)
                     self._overflow_dtype = merged.dtype
         return out
 
     def warn_overflow(self) -> list[str]:
         """Warn of, and return, the tensors built so far that ``alpha`` overflowed."""
-        self._parts.say_overflow(self.overflow, self._overflow_dtype, self._alpha)
-        return list(self.overflow)
+        at = {name: i for i, name in enumerate(self._parts._entry_of)}
+        over = sorted(self.overflow, key=lambda n: at.get(n, len(at)))  # the model's order, as the eager one's
+        self._parts.say_overflow(over, self._overflow_dtype, self._alpha)
+        return over
 
     def __contains__(self, name: object) -> bool:
         return isinstance(name, str) and name in self._source
