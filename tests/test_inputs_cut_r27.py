@@ -155,3 +155,25 @@ def test_a_legacy_file_without_room_for_its_copy_is_warned_of_in_our_words(tmp_p
     assert "enforce fail" not in warning and "inline_container" not in warning, warning
     assert result == f"sum {float(w.sum())}"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["pytorch_model.bin"]  # no temporary left
+
+
+def test_tensors_read_into_freed_memory_stay_their_own(tmp_path) -> None:
+    """Reads reuse the memory of tensors read before and freed (fresh pages cost four times the
+    read): a tensor still held, or a view of it, is never written over by a later read."""
+    import gc
+
+    from tallpack.sources import open_source
+
+    sd = {k: torch.randn(256, 512) for k in "abc"}  # 512 KB each, the size reads reuse
+    save_file(sd, tmp_path / "m.safetensors")
+    src = open_source(tmp_path / "m.safetensors")
+    try:
+        a = src.get("a")
+        row = src.get("b")[3]  # a view: holds its tensor's memory
+        del a
+        gc.collect()
+        got = {k: src.get(k) for k in "cab"}  # "c" in the memory "a" had
+        assert all(torch.equal(got[k], sd[k]) for k in "abc") and torch.equal(row, sd["b"][3])
+        assert len({t.data_ptr() for t in got.values()} | {row.data_ptr()}) == 4
+    finally:
+        src.close()
