@@ -105,7 +105,7 @@ def _end_at_once(before: int, said: list[bool]) -> None:
         for stream in (sys.stdout, sys.stderr):  # what the command printed goes out before its end
             try:
                 stream.flush()
-            except (OSError, ValueError):
+            except (OSError, ValueError, RuntimeError):  # RuntimeError: the signal came mid-write (reentrant)
                 pass
         if not said:
             try:
