@@ -30,7 +30,7 @@ from .encodings.base import TensorEntry, Use
 from .encodings.derived import DERIVED_MERGED, checked_mask, task_mask
 from .encodings.derived_merged import merged_from
 from .encodings.exact import TALL_ENCODINGS
-from .errors import CheckpointError, FormatError, IntegrityError, OutOfMemoryError, TallpackError
+from .errors import CheckpointError, FormatError, IntegrityError, OutOfMemoryError, RemoteError, TallpackError
 from .folders import check_digest, check_file_name, check_no_clash, component_of, safe_target
 from .fsutil import atomic_write, make_folder, remove_found_on_commit
 from .limits import MAX_DEPTH
@@ -427,7 +427,7 @@ def verify_originals(archive: "Archive", progress: ProgressLike = None) -> list[
         except StopIteration:
             masks.done(task)
             return
-        except OutOfMemoryError:  # not damage
+        except (OutOfMemoryError, RemoteError):  # not damage: verify cannot say, and fails
             raise
         except TallpackError as e:
             said[task].append(str(e))
@@ -447,7 +447,7 @@ def verify_originals(archive: "Archive", progress: ProgressLike = None) -> list[
             submit_next()
             try:
                 t = rebuilt.result() if rebuilt is not None else archive.get_tensor(task, name, exact=True)
-            except OutOfMemoryError:
+            except (OutOfMemoryError, RemoteError):
                 raise
             except TallpackError as e:
                 advance(task, check, e)
@@ -467,7 +467,7 @@ def verify_originals(archive: "Archive", progress: ProgressLike = None) -> list[
             continue  # an original of it did not rebuild, said above: the mask derives from them
         try:
             task_mask(archive.read_array, entry, tt, f"{archive.name}: task {t!r}, tensor {entry.name!r}")
-        except OutOfMemoryError:
+        except (OutOfMemoryError, RemoteError):
             raise
         except TallpackError as e:
             problems.append(str(e))
