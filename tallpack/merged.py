@@ -587,7 +587,7 @@ class MergedModel(Mapping[str, "torch.Tensor"]):
         #: each source's tensor last handed out, while the caller keeps it (tied names get one tensor)
         self._handed: dict[tuple[str, str], weakref.ref[torch.Tensor]] = {}
         self.overflow: list[str] = []
-        self._overflow_dtype: torch.dtype | None = None
+        self._overflow_dtypes: dict[str, torch.dtype] = {}  # each one's: the warning names the first's
 
     def spec(self, name: str) -> tuple[str, tuple[int, ...]]:
         """The dtype (spec name) and shape of tensor ``name``, from the manifest alone."""
@@ -661,14 +661,14 @@ class MergedModel(Mapping[str, "torch.Tensor"]):
                 out[("merged", n)] = merged = apply_direction(t, d, self._alpha)
                 if n not in self.overflow and _overflowed(merged, t, d):  # (a group built again: listed once)
                     self.overflow.append(n)
-                    self._overflow_dtype = merged.dtype
+                    self._overflow_dtypes[n] = merged.dtype
         return out
 
     def warn_overflow(self) -> list[str]:
         """Warn of, and return, the tensors built so far that ``alpha`` overflowed."""
         at = {name: i for i, name in enumerate(self._parts._entry_of)}
         over = sorted(self.overflow, key=lambda n: at.get(n, len(at)))  # the model's order, as the eager one's
-        self._parts.say_overflow(over, self._overflow_dtype, self._alpha)
+        self._parts.say_overflow(over, self._overflow_dtypes[over[0]] if over else None, self._alpha)
         return over
 
     def __contains__(self, name: object) -> bool:
