@@ -357,12 +357,13 @@ def _empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
 
 
 def _give_back(block: np.ndarray) -> None:
-    if _freed_bytes[0] + block.nbytes > REUSE_BYTES:  # (the sizes of other tensors: dropped)
+    if block.nbytes > REUSE_BYTES:
+        return
+    if _freed_bytes[0] + block.nbytes > REUSE_BYTES:  # (blocks of the sizes of tensors before: let go)
         _freed.clear()
         _freed_bytes[0] = 0
-    if block.nbytes <= REUSE_BYTES:
-        _freed.setdefault(block.nbytes, []).append(block)
-        _freed_bytes[0] += block.nbytes
+    _freed.setdefault(block.nbytes, []).append(block)
+    _freed_bytes[0] += block.nbytes
 
 
 def _read_tensor(f: BinaryIO, path: Path, name: str, offset: int, out: torch.Tensor, size: int) -> None:
