@@ -447,9 +447,10 @@ def torch_alone() -> Iterator[None]:
 
 
 #: Bytes one task's measurement of a merged tensor works in, per element of the tensor (the
-#: float64 error buffers, the rebuild, residual and task vector, the quantizers' work, the
-#: candidates' arrays: a second task measured at once raised the peak RSS by 58 bytes an element
-#: for float32 tasks, 68 for bfloat16), with a margin; and per thread beside it (its stack and
+#: float64 error buffer, the rebuild, residual and task vector, the quantizers' work, the
+#: candidates' arrays: a second task measured at once raised the live peak by 37 bytes an element
+#: for float32 tasks, 51 for bfloat16; 59 and 78 while the errors kept two more float64 copies),
+#: with a margin; the second pass's work per task is less; and per thread beside it (its stack and
 #: malloc arena, which an address-space limit counts).
 WORK_PER_ELEMENT, THREAD_BYTES = 128, 64 << 20
 #: The share of the memory the process may still take (``memory_free``) that the tasks measured
@@ -954,20 +955,22 @@ class Dial:
                 qs.append(Option("qtau", priced({"codes": codes, "scales": scales}) - tier.masks[t], err, bits=b,
                                  plain=pe, bit_exact=same, overflow=over))
             opts += qs
+            del tau, deqs  # (not held through the corrections' work)
         if n and err0 > 0:  # (a correction adds to the TALL rebuild: none mends a -0.0 it lost)
             # each candidate's correction c as its decoder gives it, the rebuild as ``corrected``
             # (rec32 is its TALL part), without decoding the arrays again
             if "sparse" in self.allowed:
                 # rec32 + c, c zero but at the k indices: rec32 + 0.0 (a -0.0 becomes +0.0),
-                # the k entries added to; in one buffer
-                rz, work = torch.add(rec32, 0.0), torch.empty(n, dtype=torch.float32)
+                # the k entries added to; in one buffer, put back at those entries after each k
+                work = torch.add(rec32, 0.0)
                 ks = sorted({max(1, int(n * f)) for f in SPARSE_FRACTIONS})
                 for k, gaps, values in sparse_encode_ks(r, ks):
                     idx = torch.from_numpy(np.cumsum(gaps.astype(np.int64)))
-                    work.copy_(rz)
                     work[idx] = rec32[idx] + torch.from_numpy(values.astype(np.float32))
                     err, pe, same, over = sq_err(narrow(work, x.dtype))
+                    work[idx] = rec32[idx] + 0.0
                     opts.append(Option("sparse", priced({"indices": gaps, "values": values}), err, k, 0, pe, same, over))
+                del work
             widths = [b for b in (4, 8) if f"quant{b}" in self.allowed]
             for b, (codes, scales, cq) in zip(widths, quant_encode_widths(r, widths, BLOCK, scratch=scratch)):
                 assert cq is not None
