@@ -2,7 +2,8 @@
 (its figures, quantized task vector, residual) on up to ``threads`` threads, as many at once as
 ``_observe`` measures (``in_flight``: half the free memory), and writes its arrays in task order:
 the archive is the same bytes for any thread count, with a merged vector dropped, corrections of
-every kind, a budget's rewrites and an evaluator."""
+every kind, a budget's rewrites and an evaluator. And the first pass's errors, taken in one float64
+buffer without a float64 copy of the original, are the plain formula's floats."""
 
 from __future__ import annotations
 
