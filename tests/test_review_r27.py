@@ -100,3 +100,31 @@ def test_a_lazy_model_says_the_dtype_of_the_first_tensor_it_overflowed_as_the_ea
             caplog.clear()
             assert model.warn_overflow() == ["a", "b"]
             assert [r.getMessage() for r in caplog.records] == eager, order
+
+
+def test_inspect_tensors_of_a_cut_connection_fails_not_a_warning_per_group(tmp_path):
+    """``inspect --tensors`` reads each group's masks for its members' densities: a damaged mask is
+    warned of and the table shown, but a cut connection (RemoteError) is no damage: it fails once,
+    not one warning per group each asking the dead server again."""
+    pytest.importorskip("aiohttp")  # fsspec's HTTP file system
+    from rangeserver import RangeServer
+
+    from tallpack.report import tensor_rows
+
+    g = torch.Generator().manual_seed(27)
+    base = {f"l{i}.b": torch.randn(300, generator=g) for i in range(40)}  # small tensors: stored in groups
+    tasks = {t: {k: v + 0.05 * torch.randn(v.shape, generator=g) * (torch.rand(v.shape, generator=g) < 0.4)
+                 for k, v in base.items()} for t in ("a", "b")}
+    (tmp_path / "www").mkdir()
+    tallpack.pack(base, tasks, tmp_path / "www" / "g.tallpack")
+    srv = RangeServer(tmp_path / "www").start()
+    try:
+        with tallpack.open(f"{srv.url}/g.tallpack", cache_bytes=0) as fam:
+            assert any(e.members for e in fam.manifest.tensors)
+            rows = tensor_rows(fam.manifest, fam.read_array, fam.packed_bits)
+            assert any(r.get("group") and r["density"] for r in rows)  # the members' densities, read
+            srv.cut.add("g.tallpack")
+            with pytest.raises(RemoteError):
+                tensor_rows(fam.manifest, fam.read_array, fam.packed_bits)
+    finally:
+        srv.stop()
