@@ -198,11 +198,14 @@ class Tall(Encoding):
                 w.queue(arr.queued, f)
             w.drain(leave=len(futures))  # the chunk before this one written (this tensor's, or the last one's)
 
+        # (names, not the tensors: a deferred entry, held to the end of the pack, would hold them)
+        name, dtypes = item.name, [dtype_name(x.dtype) for x in thetas]
+
         def entry() -> TensorEntry:
             return TensorEntry(
-                item.name, cls.kind,
-                {t: TaskTensor(cls.name, dtype_name(x.dtype), shape, {} if held else {"mask": _finish(k)}, {"ones": n})
-                 for t, x, k, n in zip(tasks, thetas, mask_arrays, ones)},
+                name, cls.kind,
+                {t: TaskTensor(cls.name, dt, shape, {} if held else {"mask": _finish(k)}, {"ones": n})
+                 for t, dt, k, n in zip(tasks, dtypes, mask_arrays, ones)},
                 {k: _finish(a) for k, a in entry_arrays.items()},
             )
         if ctx.defer and not (held or hold):
