@@ -780,17 +780,13 @@ def folder_locks(folders: Iterable[Path]) -> Iterator[None]:
                 os.close(fd)  # closing the last descriptor releases the lock
 
 
-#: Times a lock is taken again on a lock file removed by the holder before (``_lock``).
-LOCK_TRIES = 100
-
-
 def _lock(folder: Path, held: list[tuple[int, Path | None]]) -> None:
     """Lock ``folder``'s lock file, appending its descriptor to ``held`` (with its path once locked).
     The holder before us may have removed the file as it let go (``_remove_lock_file``): the lock
     we got is then on a file no one else will open, so it is let go and taken again on the file
     now at the path."""
     waited = False
-    for attempt in range(LOCK_TRIES):
+    while True:
         opened = _lock_file(folder)
         if opened is None:
             return
@@ -809,8 +805,8 @@ def _lock(folder: Path, held: list[tuple[int, Path | None]]) -> None:
         except OSError as e:
             log.debug("%s: cannot lock the folder: %s", folder, e)
             return
-        if _same_file(fd, path) or attempt == LOCK_TRIES - 1:  # (a file system whose stat and fstat
-            held[-1] = (fd, path)  # never agree, some FUSE or overlay ones: the lock kept, not looped on)
+        if _same_file(fd, path):
+            held[-1] = (fd, path)
             return
         held.pop()
         os.close(fd)
