@@ -292,12 +292,15 @@ class TorchSource(Source):
         self._tensors: dict[str, torch.Tensor] = {}  # mapped by torch.load: never touched, but for a legacy file's
         self._files: dict[Path, BinaryIO] = {}
         self._at: dict[str, int] = {}  # each tensor's storage's first byte in its file (zip files)
+        self._swapped: set[Path] = set()  # files saved big-endian: their elements read are byte-swapped
         try:
             for path in files:
                 if path.is_file():
                     _check_readable(path)
                     self._files[path] = self._remember(path)
                 tensors, storages = _torch_load(path)
+                if storages and _big_endian(path):
+                    self._swapped.add(path)
                 for name, t in tensors.items():
                     self._held(name, path)
                     self._tensors[name] = t
@@ -320,6 +323,8 @@ class TorchSource(Source):
         path = self._where[name]
         at += int(t.storage_offset()) * t.element_size()
         _read_tensor(_file(self._files, self._opened, path), path, name, at, out, self._opened[path][2])
+        if path in self._swapped:  # as torch.load swaps them (its mapping's were)
+            out.untyped_storage().byteswap(out.dtype)
         return out.as_strided(t.shape, t.stride())
 
     def close(self) -> None:
@@ -665,6 +670,19 @@ def _unwrapped(path: Path, obj: Mapping) -> Mapping:
         raise CheckpointError(f"{path}: holds no tensors at its top nor a mapping of tensors under "
                               f"{', '.join(repr(k) for k in nested)}: not a state dict")
     return obj
+
+
+def _big_endian(path: Path) -> bool:
+    """Whether the PyTorch zip file ``path`` was saved on a big-endian machine (its ``byteorder``
+    record says ``big``): torch.load swaps the elements of its storages, and so do its reads."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as z:
+            name = next((n for n in z.namelist() if n.endswith("/byteorder") and n.count("/") == 1), None)
+            return name is not None and z.read(name).strip() == b"big"
+    except (OSError, zipfile.BadZipFile, zipfile.LargeZipFile, NotImplementedError, EOFError) as e:
+        raise CheckpointError(f"{path}: not a readable PyTorch file ({quoted(e)})") from None
 
 
 def _check_records(path: Path, tensors: Mapping[str, torch.Tensor]) -> dict[int, int]:
