@@ -37,6 +37,7 @@ file is opened; it does not defend against a folder changed by someone else whil
 
 from __future__ import annotations
 
+import errno
 import functools
 import json
 import logging
@@ -545,12 +546,59 @@ def _dangling(path: Path) -> str:
 
 def _check_readable(path: Path) -> None:
     """A CheckpointError saying why ``path`` cannot be opened for reading (permission denied, ...):
-    safetensors' own message for every failed open is "No such file or directory"."""
+    safetensors' own message for every failed open is "No such file or directory". Also makes sure
+    the process may open ``FILES_AHEAD`` more files (each input file is held open while it is
+    packed, and its reader opens it again): see :func:`_room_for_files`."""
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+    for again in (True, False):
+        fds: list[int] = []
+        try:
+            fds.append(os.open(path, flags))
+            fds += [os.dup(fds[0]) for _ in range(FILES_AHEAD)]
+        except OSError as e:
+            if e.errno != errno.EMFILE:
+                raise CheckpointError(f"{path}: {e.strerror or quoted(e)}") from None
+            if not (again and _room_for_files()):
+                raise _too_many_files(path) from None
+            continue
+        finally:
+            for fd in fds:
+                os.close(fd)
+        return
+
+
+#: The files a source may open beyond the one it checks (its reader's, torch.load's, the zip's).
+FILES_AHEAD = 4
+
+
+def _room_for_files() -> bool:
+    """Raise this process's soft limit of open files towards its hard one (pack holds every input
+    file open: a family of many shards needs more than the usual 1024); whether it rose."""
     try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
-    except OSError as e:
-        raise CheckpointError(f"{path}: {e.strerror or quoted(e)}") from None
-    os.close(fd)
+        import resource  # (Unix only)
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        want = max(4 * soft, 4096) if hard == resource.RLIM_INFINITY else min(hard, max(4 * soft, 4096))
+        if want <= soft:
+            return False
+        resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+    except (ImportError, OSError, ValueError):
+        return False
+    log.info("open files: this process's limit raised from %d to %d (every input file is held open while packed)",
+             soft, want)
+    return True
+
+
+def _too_many_files(path: Path) -> CheckpointError:
+    """The error for an input file the process has no file descriptor left for."""
+    try:
+        import resource
+
+        limit = f"{resource.getrlimit(resource.RLIMIT_NOFILE)[1]}"
+    except (ImportError, OSError):
+        limit = "reached"
+    return CheckpointError(f"{path}: too many open files (the limit, ulimit -n, is {limit}; pack holds each input "
+                           "file open while it packs): raise it (ulimit -n 65536) or merge the shards into fewer files")
 
 
 def _torch_load(path: Path) -> tuple[dict[str, torch.Tensor], dict[int, int]]:

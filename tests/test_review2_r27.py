@@ -49,3 +49,69 @@ def test_a_big_endian_torch_file_reads_as_torch_load_reads_it(tmp_path: Path) ->
             assert torch.equal(got.contiguous().reshape(-1).view(torch.uint8), t.contiguous().reshape(-1).view(torch.uint8)), name
     finally:
         src.close()
+
+
+#: Packs the sharded family in ARGV[1] with at most ARGV[2] open files (soft limit) of ARGV[3] (hard).
+PACK_LIMITED = r"""
+import resource, sys
+resource.setrlimit(resource.RLIMIT_NOFILE, (int(sys.argv[2]), int(sys.argv[3])))
+root = sys.argv[1]
+sys.argv = ["tallpack", "pack", "--base", root + "/base", "-o", root + "/out.tallpack", root + "/t0", root + "/t1"]
+from tallpack_cli import run
+run()
+"""
+
+
+def _sharded_family(d: Path, shards: int) -> None:
+    """A base and two tasks, each a folder of ``shards`` safetensors shards and their index."""
+    import json
+
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(0)
+    base = {f"l{i}.weight": torch.randn(8, 8, generator=g) for i in range(shards)}
+    for m in ("base", "t0", "t1"):
+        (d / m).mkdir()
+        sd = base if m == "base" else {k: v + 0.01 * torch.randn(v.shape, generator=g) for k, v in base.items()}
+        where = {}
+        for i, (k, v) in enumerate(sd.items()):
+            where[k] = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
+            save_file({k: v}, d / m / where[k], metadata={"format": "pt"})
+        (d / m / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": where}))
+
+
+def _pack_limited(d: Path, soft: int, hard: int):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    return subprocess.run([sys.executable, "-c", PACK_LIMITED, str(d), str(soft), str(hard)], env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_a_family_of_more_files_than_the_open_files_limit_says_so_in_one_line(tmp_path: Path) -> None:
+    """Every input file is held open while pack runs: 3 x 40 shards under ``ulimit -n 64`` ran out of
+    file descriptors, said as 'not a readable safetensors file' (safe_open's failed open)."""
+    _sharded_family(tmp_path, 40)
+    r = _pack_limited(tmp_path, 64, 64)
+    assert r.returncode != 0
+    lines = [x for x in r.stderr.splitlines() if x.strip() and not x.startswith("packing")]
+    assert len(lines) == 1, r.stderr
+    assert "too many open files" in lines[0] and "ulimit -n" in lines[0] and "not a readable" not in lines[0], lines
+
+
+def test_a_soft_open_files_limit_below_the_hard_one_is_raised_for_the_inputs(tmp_path: Path) -> None:
+    """Before the inputs were read into memory of their own, such a family packed under a soft limit
+    of 64 (safe_open's mappings hold no descriptor); the soft limit is now raised towards the hard one."""
+    import resource
+
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    if hard != resource.RLIM_INFINITY and hard < 512:
+        import pytest
+
+        pytest.skip(f"the hard limit of open files is {hard}")
+    _sharded_family(tmp_path, 40)
+    r = _pack_limited(tmp_path, 64, hard)
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "out.tallpack").is_file()
