@@ -45,6 +45,7 @@ import os
 import pickle
 import re
 import shlex
+import threading
 import urllib.parse
 import warnings
 import weakref
@@ -384,12 +385,33 @@ def _read_tensor(f: BinaryIO, path: Path, name: str, offset: int, out: torch.Ten
     view = memoryview(out.reshape(-1).view(torch.uint8).numpy().data)
     got = 0
     while got < len(view):
-        n = os.preadv(f.fileno(), [view[got:]], offset + got)
+        n = _pread_into(f, view[got:], offset + got)
         if n <= 0:
             now = os.fstat(f.fileno()).st_size
             raise CheckpointError(f"{path}: tensor {name!r}: the file shrank from {size} to {now} bytes while it was "
                                   "read (changed in place, by a save over it?); pack it again once it is complete")
         got += n
+
+
+_seek_lock = threading.Lock()
+
+
+def _pread_into(f: BinaryIO, view: memoryview, offset: int) -> int:
+    """Read into ``view`` the bytes of ``f`` from ``offset`` (at most ``len(view)``); the count read.
+    Where os.preadv is missing (Windows, macOS before 11), a seek and a read, one thread at a time."""
+    if hasattr(os, "preadv"):
+        return os.preadv(f.fileno(), [view], offset)
+    with _seek_lock:
+        f.seek(offset)
+        return f.readinto(view) or 0
+
+
+def _pread(f: BinaryIO, n: int, offset: int) -> bytes:
+    """Up to ``n`` bytes of ``f`` from ``offset`` (os.pread, where there is one)."""
+    if hasattr(os, "pread"):
+        return os.pread(f.fileno(), n, offset)
+    buf = bytearray(n)
+    return bytes(buf[:_pread_into(f, memoryview(buf), offset)])
 
 
 def _file(files: dict[Path, BinaryIO], opened: Mapping[Path, tuple[int, int, int, int]], path: Path) -> BinaryIO:
@@ -415,9 +437,9 @@ def _close_all(files: dict[Path, BinaryIO]) -> None:
 def _data_offsets(path: Path, f: BinaryIO) -> dict[str, tuple[int, int]]:
     """Each tensor's first and past-last byte in the safetensors file ``f``, from its header
     (which safetensors has just checked: the offsets lie in the file, one after the other)."""
-    head = os.pread(f.fileno(), 8, 0)
+    head = _pread(f, 8, 0)
     n = int.from_bytes(head, "little") if len(head) == 8 else -1
-    raw = os.pread(f.fileno(), n, 8) if 0 <= n <= MAX_HEADER else b""
+    raw = _pread(f, n, 8) if 0 <= n <= MAX_HEADER else b""
     try:
         if len(raw) != n:
             raise ValueError("the header is cut short")

@@ -115,3 +115,27 @@ def test_a_soft_open_files_limit_below_the_hard_one_is_raised_for_the_inputs(tmp
     r = _pack_limited(tmp_path, 64, hard)
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "out.tallpack").is_file()
+
+
+def test_inputs_read_where_os_has_no_pread(tmp_path: Path, monkeypatch) -> None:
+    """os.pread and os.preadv are missing on Windows (and preadv on macOS before 11): the reads of
+    safetensors and PyTorch files fall back to a seek and a read (every tensor failed 'cannot be read')."""
+    import os
+
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(1)
+    sd = {"big": torch.randn(300, 300, generator=g), "small": torch.randn(7, 3, generator=g).to(torch.bfloat16),
+          "scalar": torch.tensor(2.5)}
+    save_file(sd, tmp_path / "m.safetensors")
+    torch.save({**sd, "t": sd["big"].t()[::2]}, tmp_path / "m.pt")
+    monkeypatch.delattr(os, "preadv", raising=False)
+    monkeypatch.delattr(os, "pread", raising=False)
+    for path in (tmp_path / "m.safetensors", tmp_path / "m.pt"):
+        want = torch.load(path, weights_only=True) if path.suffix == ".pt" else sd
+        src = open_source(path)
+        try:
+            for name, t in want.items():
+                assert torch.equal(src.get(name), t), (path, name)
+        finally:
+            src.close()
