@@ -241,7 +241,7 @@ class _Group(click.Group):
     #: ends the process at once, with its line (:func:`_end_at_once`)
     own_process = False
 
-    def invoke(self, ctx):
+    def invoke(self, ctx: click.Context) -> Any:
         main_thread = threading.current_thread() is threading.main_thread()
         previous = signal.signal(signal.SIGTERM, _terminate) if main_thread else None
         before = committed()  # outputs are renamed into place all at once, signals held (fsutil)
