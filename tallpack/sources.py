@@ -114,7 +114,7 @@ class Source:
         """Open ``path`` for the reads of its tensors (:func:`_read_tensor`) and note its identity,
         size and modification time (see ``check_unchanged``). The open file reads the file as it
         was opened when another replaces it, as a mapping did."""
-        f = open(path, "rb", buffering=0)  # noqa: SIM115 (the source holds it until ``close``)
+        f = _opened_file(path)
         st = os.fstat(f.fileno())
         self._opened[path] = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
         return f
@@ -344,19 +344,24 @@ REUSE_FROM = 256 << 10
 REUSE_BYTES = 64 << 20
 _freed: dict[int, list[np.ndarray]] = {}  # bytes -> blocks of that size, free
 _freed_bytes = [0]
+#: the sources' files open: blocks are kept for reuse only while there are some (none kept after a pack)
+_files_open = [0]
+_pool_lock = threading.RLock()  # (reentrant: a collection inside may free a tensor, whose block is given back)
 
 
 def _empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     """A new contiguous CPU tensor to read a tensor's bytes into, in a freed block of its size
-    when there is one (its bytes are not zeroed: the read fills them all). Lock-free: list and
-    dict operations are atomic, and a block given back meanwhile is at worst not used again."""
+    when there is one (its bytes are not zeroed: the read fills them all). Blocks are kept while
+    some source's files are open (``_close_all`` of the last lets them go), under ``_pool_lock``."""
     n = numel(shape) * itemsize(dtype_name(dtype))
     if n < REUSE_FROM:
         return torch.empty(shape, dtype=dtype)
-    try:
-        block = _freed[n].pop()
-        _freed_bytes[0] -= n
-    except (KeyError, IndexError):
+    with _pool_lock:
+        blocks = _freed.get(n)
+        block = blocks.pop() if blocks else None
+        if block is not None:
+            _freed_bytes[0] -= n
+    if block is None:
         block = np.empty(n, dtype=np.uint8)
     held = block.view()  # what the tensor holds: once it is freed, ``block`` is given back
     weakref.finalize(held, _give_back, block).atexit = False
@@ -364,13 +369,28 @@ def _empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
 
 
 def _give_back(block: np.ndarray) -> None:
-    if block.nbytes > REUSE_BYTES:
-        return
-    if _freed_bytes[0] + block.nbytes > REUSE_BYTES:  # (blocks of the sizes of tensors before: let go)
+    with _pool_lock:
+        if block.nbytes > REUSE_BYTES or not _files_open[0]:
+            return
+        if _freed_bytes[0] + block.nbytes > REUSE_BYTES:  # (blocks of the sizes of tensors before: let go)
+            _let_go()
+        _freed.setdefault(block.nbytes, []).append(block)
+        _freed_bytes[0] += block.nbytes
+
+
+def _let_go() -> None:
+    """Drop the blocks kept for reuse."""
+    with _pool_lock:
         _freed.clear()
         _freed_bytes[0] = 0
-    _freed.setdefault(block.nbytes, []).append(block)
-    _freed_bytes[0] += block.nbytes
+
+
+def _opened_file(path: Path) -> BinaryIO:
+    """``path`` opened for a source's reads, counted in ``_files_open`` until ``_close_all``."""
+    f = open(path, "rb", buffering=0)  # noqa: SIM115 (the source holds it until ``close``)
+    with _pool_lock:
+        _files_open[0] += 1
+    return f
 
 
 def _read_tensor(f: BinaryIO, path: Path, name: str, offset: int, out: torch.Tensor, size: int) -> None:
@@ -419,18 +439,23 @@ def _file(files: dict[Path, BinaryIO], opened: Mapping[Path, tuple[int, int, int
     a pack closed it) when it is still the file that was opened; else a CheckpointError."""
     f = files.get(path)
     if f is None:
-        f = open(path, "rb", buffering=0)  # noqa: SIM115 (held in ``files`` until ``close``)
+        f = _opened_file(path)
         st = os.fstat(f.fileno())
         if (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns) != opened[path]:
-            f.close()
+            _close_all({path: f})
             raise CheckpointError(f"{path}: changed since it was opened (saved over?); open it again")
         files[path] = f
     return f
 
 
 def _close_all(files: dict[Path, BinaryIO]) -> None:
+    """Close a source's files; the last of all sources' lets the blocks kept for reuse go."""
     for f in files.values():
         f.close()
+    with _pool_lock:
+        _files_open[0] -= len(files)
+        if not _files_open[0]:
+            _let_go()
     files.clear()
 
 
