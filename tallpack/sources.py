@@ -68,6 +68,11 @@ from .folders import (DIFFUSERS, MODULES, VARIANT_SETS, check_file_name, compone
                       plain_name, weight_variant)
 from .storage import is_url
 
+try:  # (imported now: with no file descriptor left, an import fails)
+    import resource
+except ImportError:  # pragma: no cover - Windows
+    resource = None  # type: ignore[assignment]
+
 log = logging.getLogger(__name__)
 
 #: Anything ``open_source`` accepts.
@@ -621,15 +626,15 @@ FILES_AHEAD = 4
 def _room_for_files() -> bool:
     """Raise this process's soft limit of open files towards its hard one (pack holds every input
     file open: a family of many shards needs more than the usual 1024); whether it rose."""
+    if resource is None:
+        return False
     try:
-        import resource  # (Unix only)
-
         soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
         want = max(4 * soft, 4096) if hard == resource.RLIM_INFINITY else min(hard, max(4 * soft, 4096))
         if want <= soft:
             return False
         resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
-    except (ImportError, OSError, ValueError):
+    except (OSError, ValueError):
         return False
     log.info("open files: this process's limit raised from %d to %d (every input file is held open while packed)",
              soft, want)
@@ -639,12 +644,10 @@ def _room_for_files() -> bool:
 def _too_many_files(path: Path) -> CheckpointError:
     """The error for an input file the process has no file descriptor left for."""
     try:
-        import resource
-
-        limit = f"{resource.getrlimit(resource.RLIMIT_NOFILE)[1]}"
-    except (ImportError, OSError):
+        limit = f"is {resource.getrlimit(resource.RLIMIT_NOFILE)[0]}" if resource is not None else "reached"
+    except OSError:
         limit = "reached"
-    return CheckpointError(f"{path}: too many open files (the limit, ulimit -n, is {limit}; pack holds each input "
+    return CheckpointError(f"{path}: too many open files (the limit, ulimit -n, {limit}; pack holds each input "
                            "file open while it packs): raise it (ulimit -n 65536) or merge the shards into fewer files")
 
 

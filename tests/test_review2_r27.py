@@ -51,10 +51,9 @@ def test_a_big_endian_torch_file_reads_as_torch_load_reads_it(tmp_path: Path) ->
         src.close()
 
 
-#: Packs the sharded family in ARGV[1] with at most ARGV[2] open files (soft limit) of ARGV[3] (hard).
+#: Packs the sharded family in ARGV[1] (run under a limit of open files: ``_pack_limited``).
 PACK_LIMITED = r"""
-import resource, sys
-resource.setrlimit(resource.RLIMIT_NOFILE, (int(sys.argv[2]), int(sys.argv[3])))
+import sys
 root = sys.argv[1]
 sys.argv = ["tallpack", "pack", "--base", root + "/base", "-o", root + "/out.tallpack", root + "/t0", root + "/t1"]
 from tallpack_cli import run
@@ -81,13 +80,16 @@ def _sharded_family(d: Path, shards: int) -> None:
 
 
 def _pack_limited(d: Path, soft: int, hard: int):
+    """The pack of ``PACK_LIMITED`` in a process that may open ``soft`` files (``hard`` at most),
+    set before it starts (as ``ulimit -n``: no module of the process imported before)."""
     import os
+    import resource
     import subprocess
     import sys
 
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-    return subprocess.run([sys.executable, "-c", PACK_LIMITED, str(d), str(soft), str(hard)], env=env,
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run([sys.executable, "-c", PACK_LIMITED, str(d)], env=env, capture_output=True, text=True,
+                          timeout=120, preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard)))
 
 
 def test_a_family_of_more_files_than_the_open_files_limit_says_so_in_one_line(tmp_path: Path) -> None:
@@ -98,7 +100,7 @@ def test_a_family_of_more_files_than_the_open_files_limit_says_so_in_one_line(tm
     assert r.returncode != 0
     lines = [x for x in r.stderr.splitlines() if x.strip() and not x.startswith("packing")]
     assert len(lines) == 1, r.stderr
-    assert "too many open files" in lines[0] and "ulimit -n" in lines[0] and "not a readable" not in lines[0], lines
+    assert "too many open files" in lines[0] and "ulimit -n, is 64;" in lines[0] and "not a readable" not in lines[0], lines
 
 
 def test_a_soft_open_files_limit_below_the_hard_one_is_raised_for_the_inputs(tmp_path: Path) -> None:
