@@ -428,7 +428,7 @@ def _pread_into(f: BinaryIO, view: memoryview, offset: int) -> int:
         return os.preadv(f.fileno(), [view], offset)
     with _seek_lock:
         f.seek(offset)
-        return f.readinto(view) or 0
+        return f.readinto(view) or 0  # type: ignore[attr-defined]  # (the sources' files are io.FileIO)
 
 
 def _pread(f: BinaryIO, n: int, offset: int) -> bytes:

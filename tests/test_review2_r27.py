@@ -46,7 +46,8 @@ def test_a_big_endian_torch_file_reads_as_torch_load_reads_it(tmp_path: Path) ->
         for name, t in want.items():
             got = src.get(name)
             assert got.dtype == t.dtype and got.shape == t.shape
-            assert torch.equal(got.contiguous().reshape(-1).view(torch.uint8), t.contiguous().reshape(-1).view(torch.uint8)), name
+            raw = [x.contiguous().reshape(-1).view(torch.uint8) for x in (got, t)]
+            assert torch.equal(*raw), name
     finally:
         src.close()
 
@@ -100,7 +101,8 @@ def test_a_family_of_more_files_than_the_open_files_limit_says_so_in_one_line(tm
     assert r.returncode != 0
     lines = [x for x in r.stderr.splitlines() if x.strip() and not x.startswith("packing")]
     assert len(lines) == 1, r.stderr
-    assert "too many open files" in lines[0] and "ulimit -n, is 64;" in lines[0] and "not a readable" not in lines[0], lines
+    assert "too many open files" in lines[0] and "ulimit -n, is 64;" in lines[0], lines
+    assert "not a readable" not in lines[0], lines
 
 
 def test_a_soft_open_files_limit_below_the_hard_one_is_raised_for_the_inputs(tmp_path: Path) -> None:
@@ -157,7 +159,8 @@ def test_the_blocks_kept_for_reuse_are_let_go_when_the_inputs_close(tmp_path: Pa
     base = {"emb": torch.randn(512, 512, generator=g), "b": torch.randn(5, generator=g)}  # 1 MB
     save_file(base, tmp_path / "base.safetensors")
     for t in range(2):
-        save_file({k: v + 0.01 * torch.randn(v.shape, generator=g) for k, v in base.items()}, tmp_path / f"t{t}.safetensors")
+        sd = {k: v + 0.01 * torch.randn(v.shape, generator=g) for k, v in base.items()}
+        save_file(sd, tmp_path / f"t{t}.safetensors")
     tallpack.pack(tmp_path / "base.safetensors", {f"t{t}": tmp_path / f"t{t}.safetensors" for t in range(2)},
                   tmp_path / "out.tallpack")
     gc.collect()
