@@ -349,8 +349,9 @@ REUSE_FROM = 256 << 10
 REUSE_BYTES = 64 << 20
 _freed: dict[int, list[np.ndarray]] = {}  # bytes -> blocks of that size, free
 _freed_bytes = [0]
-#: the sources' files open: blocks are kept for reuse only while there are some (none kept after a pack)
-_files_open = [0]
+#: the sources' open files (a source let go unclosed drops out): blocks are kept for reuse only while
+#: there are some (none kept after a pack)
+_files_open: "weakref.WeakSet[BinaryIO]" = weakref.WeakSet()
 _pool_lock = threading.RLock()  # (reentrant: a collection inside may free a tensor, whose block is given back)
 
 
@@ -375,7 +376,9 @@ def _empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
 
 def _give_back(block: np.ndarray) -> None:
     with _pool_lock:
-        if block.nbytes > REUSE_BYTES or not _files_open[0]:
+        if not _files_open:  # (the last source let go unclosed: what it kept goes too)
+            _let_go()
+        if block.nbytes > REUSE_BYTES or not _files_open:
             return
         if _freed_bytes[0] + block.nbytes > REUSE_BYTES:  # (blocks of the sizes of tensors before: let go)
             _let_go()
@@ -391,10 +394,10 @@ def _let_go() -> None:
 
 
 def _opened_file(path: Path) -> BinaryIO:
-    """``path`` opened for a source's reads, counted in ``_files_open`` until ``_close_all``."""
+    """``path`` opened for a source's reads, in ``_files_open`` until ``_close_all``."""
     f = open(path, "rb", buffering=0)  # noqa: SIM115 (the source holds it until ``close``)
     with _pool_lock:
-        _files_open[0] += 1
+        _files_open.add(f)
     return f
 
 
@@ -458,8 +461,9 @@ def _close_all(files: dict[Path, BinaryIO]) -> None:
     for f in files.values():
         f.close()
     with _pool_lock:
-        _files_open[0] -= len(files)
-        if not _files_open[0]:
+        for f in files.values():
+            _files_open.discard(f)
+        if not _files_open:
             _let_go()
     files.clear()
 

@@ -155,6 +155,7 @@ def test_the_blocks_kept_for_reuse_are_let_go_when_the_inputs_close(tmp_path: Pa
     import tallpack
     from tallpack import sources
 
+    gc.collect()  # (sources other tests let go unclosed)
     g = torch.Generator().manual_seed(2)
     base = {"emb": torch.randn(512, 512, generator=g), "b": torch.randn(5, generator=g)}  # 1 MB
     save_file(base, tmp_path / "base.safetensors")
