@@ -282,6 +282,9 @@ class MergeParts:
             raise InvalidArgumentError(f"k must be a non-negative integer, got {k!r}")
         k = value
         method = METHODS[packed].from_params(manifest.merge)
+        thresholds = getattr(method, "thresholds", None)
+        if thresholds is not None and len(thresholds) != len(manifest.tasks):  # one per task (spec §6.1.9)
+            raise FormatError(f"{name}: merge: {len(thresholds)} TIES thresholds for {len(manifest.tasks)} tasks")
         self.model, self.k = model, k
         self.tasks = tuple(t.name for t in manifest.tasks)
         self._family = family

@@ -188,3 +188,28 @@ def test_apply_direction_is_the_formula_bit_for_bit(dtype: torch.dtype, alpha: f
     got = apply_direction(theta, d, alpha)
     assert got.dtype == dtype and torch.equal(got.view(-1).view(torch.uint8), want.view(-1).view(torch.uint8))
     assert torch.equal(theta.view(torch.uint8), before.view(torch.uint8))  # theta_0 is not changed
+
+
+@pytest.mark.parametrize("count", [2, 4])
+def test_ties_thresholds_not_one_per_task_are_a_format_error(tmp_path: Path, count: int) -> None:
+    # fuzz run 42: a TIES archive's thresholds for 4 tasks where it has 3 reached the C kernel of a
+    # tensor every task changed alike (format 1.13) as a ValueError; every merged model refuses it
+    import shutil
+
+    from test_integrity import rewrite_manifest
+
+    from tallpack.errors import FormatError
+
+    path = tmp_path / "t.tallpack"
+    shutil.copy(GOLDEN / "v1_13_shared_base_ties.tallpack", path)
+    with tallpack.open(path) as fam:
+        tasks = len(fam.tasks)
+    assert tasks != count
+
+    def edit(m: dict) -> None:
+        m["merge"]["thresholds"] = [0.0] * count
+    rewrite_manifest(path, edit)
+    with tallpack.open(path) as fam:
+        for model in _models(fam):
+            with pytest.raises(FormatError, match=rf"{count} TIES thresholds for {tasks} tasks"):
+                fam.merged(model)
