@@ -232,3 +232,32 @@ def run_cli(args):
             code, err = -1, io.StringIO(f"escaped: {type(e).__name__}: {e}")
     return [code, out.getvalue(), err.getvalue()]
 """
+
+
+def anon_growth(setup: str, work: str, timeout: int = 300) -> int:
+    """The peak RssAnon growth (bytes) of a fresh process while it runs ``work`` (Python source),
+    over its RssAnon after ``setup`` (torch and tallpack imported first): sampled by a thread every
+    2 ms; RssAnon, not VmRSS, which would count a mapped archive's or input's pages."""
+    import json
+    import subprocess
+    import sys
+    import textwrap
+
+    code = "\n".join([
+        "import gc, json, threading, time, tallpack, torch",
+        "def anon():",
+        "    return int(open('/proc/self/status').read().split('RssAnon:')[1].split()[0]) * 1024",
+        textwrap.dedent(setup),
+        "gc.collect(); before = anon(); peak = [before]; done = []",
+        "def sample():",
+        "    while not done:",
+        "        peak[0] = max(peak[0], anon()); time.sleep(0.002)",
+        "th = threading.Thread(target=sample); th.start()",
+        textwrap.dedent(work),
+        "done.append(1); th.join()",
+        "print(json.dumps({'before': before, 'hwm': peak[0]}))",
+    ])
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout)
+    assert r.returncode == 0, r.stderr[-2000:]
+    m = json.loads(r.stdout.strip().splitlines()[-1])
+    return m["hwm"] - m["before"]

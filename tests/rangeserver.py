@@ -5,6 +5,7 @@ make it misbehave for chosen names, as real servers do (an expired link, a dropp
 
 from __future__ import annotations
 
+import http.client
 import re
 import socket
 import struct
@@ -160,3 +161,25 @@ class _Handler(BaseHTTPRequestHandler):
                 return
             self.wfile.write(data)
         self.server.record("GET" if body else "HEAD", start, end - start if body else 0)
+
+
+def relay(handler: BaseHTTPRequestHandler, upstream: str, headers: dict, body: bytes | None) -> bytes | None:
+    """Send ``handler``'s request to ``upstream`` (``host:port``) with ``headers``, and its answer's
+    status and headers back (a test proxy's first half); the answer's body, for the proxy to send
+    (whole, cut or stalled), or None for a HEAD (answered already)."""
+    conn = http.client.HTTPConnection(upstream, timeout=30)
+    conn.putrequest(handler.command, handler.path, skip_host=True, skip_accept_encoding=True)
+    for k, v in headers.items():
+        conn.putheader(k, v)
+    conn.endheaders(body or None)
+    r = conn.getresponse()
+    data = r.read()
+    handler.send_response(r.status)
+    for k, v in r.getheaders():
+        if k.lower() not in ("transfer-encoding", "connection") and (k.lower() != "content-length"
+                                                                     or handler.command == "HEAD"):
+            handler.send_header(k, v)
+    if handler.command != "HEAD":
+        handler.send_header("Content-Length", str(len(data)))
+    handler.end_headers()
+    return None if handler.command == "HEAD" else data

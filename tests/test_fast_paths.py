@@ -3,10 +3,6 @@ the same bits as the plain path, never a stale or shared tensor, and bounded mem
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-import textwrap
 import tracemalloc
 
 import pytest
@@ -15,7 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import tallpack
-from conftest import expected_reconstruction
+from conftest import anon_growth, expected_reconstruction
 from tallpack.encodings.base import iter_arrays
 from tallpack import codecs, kernels, reader
 from tallpack.encodings import tall as encodings_tall
@@ -553,29 +549,12 @@ def test_lazy_reading_keeps_memory_to_a_few_tensors(tmp_path) -> None:
     out = tmp_path / "big.tallpack"
     tallpack.pack(base, tasks, out)
     del base, tasks
-    # RssAnon (not VmRSS, which counts the mapped archive's pages), sampled by a thread
-    code = textwrap.dedent(f"""
-        import json, gc, threading, time, tallpack, torch
-        def anon():
-            return int(open("/proc/self/status").read().split("RssAnon:")[1].split()[0]) * 1024
-        fam = tallpack.open({str(out)!r}, cache_bytes=0, threads=2)
-        gc.collect(); before = anon(); peak = [before]; done = []
-        def sample():
-            while not done:
-                peak[0] = max(peak[0], anon()); time.sleep(0.002)
-        th = threading.Thread(target=sample); th.start()
-        for k, v in fam.state_dict("a", lazy=True).items():
-            s = float(v[0]); del v
-        done.append(1); th.join()
-        print(json.dumps({{"before": before, "hwm": peak[0]}}))
-    """)
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-2000:]
-    m = json.loads(r.stdout)
+    grown = anon_growth(f"fam = tallpack.open({str(out)!r}, cache_bytes=0, threads=2)",
+                        "for k, v in fam.state_dict('a', lazy=True).items():\n    s = float(v[0]); del v")
     tensor_bytes = n * 4
     # 7-10 tensors alone, up to 12.4 after other tests (the allocator's and transparent huge
     # pages' rounding: RssAnon grows in 2 MB steps then); the member is 24
-    assert m["hwm"] - m["before"] <= 16 * tensor_bytes, {k: v / 2**20 for k, v in m.items()}
+    assert grown <= 16 * tensor_bytes, grown / 2**20
 
 
 def test_get_slice_reads_only_the_rows_asked(tmp_path) -> None:
@@ -798,25 +777,11 @@ def _pack_peak(tmp_path, n: int, tasks: int = 4) -> int:
     for t in range(tasks):
         save_file({"w": w + 1e-3 * torch.randn(n, generator=g)}, d / f"t{t}.safetensors")
     del w
-    code = textwrap.dedent(f"""
-        import json, gc, threading, time, tallpack, torch
-        def anon():
-            return int(open("/proc/self/status").read().split("RssAnon:")[1].split()[0]) * 1024
-        gc.collect(); before = anon(); peak = [before]; done = []
-        def sample():
-            while not done:
-                peak[0] = max(peak[0], anon()); time.sleep(0.002)
-        th = threading.Thread(target=sample); th.start()
-        tallpack.pack({str(d / "base.safetensors")!r},
-                      {{f"t{{t}}": {str(d)!r} + f"/t{{t}}.safetensors" for t in range({tasks})}},
-                      {str(d / "f.tallpack")!r}, threads=2)
-        done.append(1); th.join()
-        print(json.dumps({{"before": before, "hwm": peak[0]}}))
-    """)
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-2000:]
-    m = json.loads(r.stdout)
-    return m["hwm"] - m["before"]
+    return anon_growth("", f"""
+tallpack.pack({str(d / "base.safetensors")!r},
+              {{f"t{{t}}": {str(d)!r} + f"/t{{t}}.safetensors" for t in range({tasks})}},
+              {str(d / "f.tallpack")!r}, threads=2)
+""")
 
 
 def test_packing_memory_does_not_grow_with_the_tensor(tmp_path) -> None:

@@ -5,9 +5,6 @@ one tensor's parts, not the whole model's."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -19,6 +16,8 @@ from safetensors.torch import load_file
 import tallpack
 from tallpack.merged import MergeParts
 from tallpack.merging import MERGED_MODELS, apply_direction, consensus_mask
+
+from conftest import anon_growth
 
 GOLDEN = Path(__file__).parent / "golden"
 
@@ -126,24 +125,8 @@ def test_a_lazy_merged_model_rebuilds_a_name_asked_for_again(tmp_path: Path) -> 
 
 
 def _merge_peak(archive: Path, outdir: Path) -> int:
-    code = textwrap.dedent(f"""
-        import gc, json, threading, time, tallpack, torch  # torch imported before the baseline (~120 MB)
-        def anon():
-            return int(open("/proc/self/status").read().split("RssAnon:")[1].split()[0]) * 1024
-        fam = tallpack.open({str(archive)!r}, cache_bytes=0, threads=1)
-        gc.collect(); before = anon(); peak = [before]; done = []
-        def sample():
-            while not done:
-                peak[0] = max(peak[0], anon()); time.sleep(0.002)
-        th = threading.Thread(target=sample); th.start()
-        tallpack.write_merged(fam, {str(outdir)!r}, "consensus-ta", alpha=0.5)
-        done.append(1); th.join()
-        print(json.dumps({{"before": before, "hwm": peak[0]}}))
-    """)
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-2000:]
-    m = json.loads(r.stdout)
-    return m["hwm"] - m["before"]
+    return anon_growth(f"fam = tallpack.open({str(archive)!r}, cache_bytes=0, threads=1)",
+                       f"tallpack.write_merged(fam, {str(outdir)!r}, 'consensus-ta', alpha=0.5)")
 
 
 def test_writing_a_merged_model_holds_a_few_tensors_not_the_model(tmp_path: Path) -> None:

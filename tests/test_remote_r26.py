@@ -3,7 +3,6 @@ loopback that misbehaves on request (stalls, 500s, wrong ranges), and signed lin
 
 from __future__ import annotations
 
-import http.client
 import logging
 import re
 import threading
@@ -13,6 +12,7 @@ import pytest
 import torch
 
 import tallpack
+from rangeserver import relay
 
 moto_server = pytest.importorskip("moto.server")
 s3fs = pytest.importorskip("s3fs")
@@ -80,22 +80,8 @@ class _Forward(BaseHTTPRequestHandler):
         if action == "shift" and "Range" in headers:
             a, b = re.fullmatch(r"bytes=(\d+)-(\d+)", headers["Range"]).groups()
             headers["Range"] = f"bytes={int(a) + 1}-{int(b) + 1}"
-        conn = http.client.HTTPConnection(srv.upstream, timeout=30)
-        conn.putrequest(self.command, self.path, skip_host=True, skip_accept_encoding=True)
-        for k, v in headers.items():
-            conn.putheader(k, v)
-        conn.endheaders(body or None)
-        r = conn.getresponse()
-        data = r.read()
-        self.send_response(r.status)
-        for k, v in r.getheaders():
-            if k.lower() not in ("transfer-encoding", "connection") and (k.lower() != "content-length"
-                                                                         or self.command == "HEAD"):
-                self.send_header(k, v)
-        if self.command != "HEAD":
-            self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        if self.command == "HEAD":
+        data = relay(self, srv.upstream, headers, body)
+        if data is None:
             return
         if action == "stall":
             self.wfile.write(data[: len(data) // 2])

@@ -5,7 +5,6 @@ signed link's secrets; and fsspec's log records without them at DEBUG."""
 
 from __future__ import annotations
 
-import http.client
 import logging
 import re
 import socket
@@ -19,6 +18,7 @@ from click.testing import CliRunner
 import tallpack
 from tallpack.errors import RemoteError
 from tallpack_cli.main import main
+from rangeserver import relay
 
 pytest.importorskip("aiohttp")  # fsspec's HTTP file system
 
@@ -211,23 +211,9 @@ class _Forward(BaseHTTPRequestHandler):
     def _go(self) -> None:
         n = int(self.headers.get("Content-Length") or 0)
         body = self.rfile.read(n) if n else None
-        conn = http.client.HTTPConnection(self.server.upstream, timeout=30)
-        conn.putrequest(self.command, self.path, skip_host=True, skip_accept_encoding=True)
-        for k, v in self.headers.items():
-            if k.lower() != "connection":
-                conn.putheader(k, v)
-        conn.endheaders(body)
-        r = conn.getresponse()
-        data = r.read()
-        self.send_response(r.status)
-        for k, v in r.getheaders():
-            if k.lower() not in ("transfer-encoding", "connection") and (k.lower() != "content-length"
-                                                                         or self.command == "HEAD"):
-                self.send_header(k, v)
-        if self.command != "HEAD":
-            self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        if self.command == "HEAD":
+        data = relay(self, self.server.upstream, {k: v for k, v in self.headers.items() if k.lower() != "connection"},
+                     body)
+        if data is None:
             return
         srv = self.server
         with srv.lock:
