@@ -618,12 +618,12 @@ class MergedModel(Mapping[str, "torch.Tensor"]):
                 if wanted:
                     old = self._held.pop(other, None)  # built again: its bytes counted once
                     if old is not None:
-                        self._held_bytes -= _nbytes(old[0])
+                        self._held_bytes -= old[0].nbytes
                     self._held[other] = (t, wanted)
-                    self._held_bytes += _nbytes(t)
+                    self._held_bytes += t.nbytes
             while self._held_bytes > HELD_BYTES and len(self._held) > 1:  # the oldest go first
                 _, (t, _) = self._held.popitem(last=False)
-                self._held_bytes -= _nbytes(t)
+                self._held_bytes -= t.nbytes
             return out
 
     def _take(self, src: tuple[str, str], name: str) -> torch.Tensor | None:
@@ -634,7 +634,7 @@ class MergedModel(Mapping[str, "torch.Tensor"]):
         held[1].discard(name)
         if not held[1]:
             del self._held[src]
-            self._held_bytes -= _nbytes(held[0])
+            self._held_bytes -= held[0].nbytes
         return held[0]
 
     def _build(self, src: tuple[str, str]) -> dict[tuple[str, str], torch.Tensor]:
@@ -698,7 +698,3 @@ class _TaskTensors(Mapping[str, "torch.Tensor"]):
 
     def __len__(self) -> int:
         return len(self._family.keys(self._task))
-
-
-def _nbytes(t: torch.Tensor) -> int:
-    return t.numel() * t.element_size()

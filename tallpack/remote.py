@@ -203,16 +203,19 @@ def lost(e: BaseException) -> str | None:
     return None
 
 
+def failure(e: BaseException) -> str | None:
+    """Why a request failed: a connection cut or reset (``lost``, first: ``refusal`` takes a reset
+    for a connection never made), else a refusal or a timeout; None when neither says."""
+    return lost(e) or refusal(e)
+
+
 def _failed(e: BaseException) -> tuple[str, bool] | None:
-    """Why a request failed (``lost``, else ``refusal``), and whether trying again may help (a cut
-    connection, a server that could not be reached or stopped sending); None when neither says."""
-    cut = lost(e)  # first: refusal takes a reset connection for one that could not be made
-    if cut is not None:
-        return cut, True
-    why = refusal(e)
+    """``failure(e)``, and whether trying again may help (a cut connection, a server that could
+    not be reached or stopped sending); None when neither says."""
+    why = failure(e)
     if why is None:
         return None
-    return why, why.startswith(("cannot connect", "timed out"))
+    return why, lost(e) is not None or why.startswith(("cannot connect", "timed out"))
 
 
 def _late(e: BaseException) -> bool:

@@ -24,7 +24,7 @@ from urllib.parse import unquote, urlsplit
 from .errors import (CheckpointError, CheckpointNotFoundError, InvalidArgumentError, OutputError, OutputExistsError,
                      TallpackError, quoted)
 from .fsutil import check_folders_above, check_replaceable, committed, forget_commits, full_disk
-from .remote import lost, redact, refusal, with_timeouts
+from .remote import failure, lost, redact, refusal, with_timeouts
 from .storage import is_url
 
 log = logging.getLogger(__name__)
@@ -410,7 +410,7 @@ def _download(fs: Any, rpath: str, shown: str, dest: Path) -> None:
     try:
         info = fs.info(rpath)
     except FileNotFoundError as e:
-        why = _why(e)  # fsspec's HTTP file system reports any failed request as missing
+        why = failure(e)  # fsspec's HTTP file system reports any failed request as missing
         if why is None:
             raise CheckpointNotFoundError(f"{shown}: no such file or folder") from None
         raise CheckpointError(f"{shown}: cannot download: {why}") from None
@@ -444,7 +444,7 @@ def _get_file(fs: Any, rpath: str, dest: Path, size: Any, shown: str) -> None:
     try:
         fs.get_file(rpath, str(dest))
     except FileNotFoundError as e:
-        raise CheckpointError(f"{shown}: cannot download: {_why(e) or 'removed while downloading'}") from None
+        raise CheckpointError(f"{shown}: cannot download: {failure(e) or 'removed while downloading'}") from None
     except Exception as e:
         got = dest.stat().st_size if dest.is_file() else 0
         if full_disk(e) is not None:
@@ -461,14 +461,8 @@ def _get_file(fs: Any, rpath: str, dest: Path, size: Any, shown: str) -> None:
         raise CheckpointError(f"{shown}: cannot download: {got} bytes received of {size} (truncated); try again")
 
 
-def _why(e: BaseException) -> str | None:
-    """Why a request failed: a connection cut or reset (``remote.lost``, first: ``refusal`` takes a
-    reset for a connection never made), a refusal or a timeout; None when neither says."""
-    return lost(e) or refusal(e)
-
-
 def _failure(e: BaseException) -> str:
-    return _why(e) or f"{type(e).__name__}: {quoted(e)}"
+    return failure(e) or f"{type(e).__name__}: {quoted(e)}"
 
 
 def _get_folder(fs: Any, rpath: str, dest: Path, shown: str) -> None:
