@@ -115,13 +115,14 @@ class PackInputs:
     def __init__(self, base: SourceLike, tasks: TasksLike, *, allow_mismatch: bool = False,
                  chunk_elements: int):
         self.base = open_source(base, label="base")
+        self.tasks: dict[str, Source] = {}
         try:
             self.tasks = open_tasks(tasks)
             check_components(self.base, self.tasks, allow_mismatch=allow_mismatch)
             self.base = aligned_base(self.base, self.tasks)
             self.plan: Plan = make_plan(self.base, self.tasks, allow_mismatch=allow_mismatch)
-        except BaseException:
-            self.base.close()
+        except BaseException:  # the inputs' open files closed now, not when collected
+            self.close()
             raise
         self.chunk_elements = chunk_elements
         self._kinds: dict[str, Kind] = {}

@@ -87,7 +87,11 @@ def pack(base: SourceLike, tasks: TasksLike, out: str | os.PathLike, options: Pa
                          chunk_elements=opts.chunk_elements)
         for src in (fam.base, *fam.tasks.values()):
             src.label = origin.get(src.label, src.label)  # errors and the manifest name the URL
-        _refuse_own_inputs(out, fam)
+        try:
+            _refuse_own_inputs(out, fam)
+        except BaseException:  # the inputs' open files closed now (_pack_opened closes them after)
+            fam.close()
+            raise
         return _pack_opened(fam, opts, v, out, storage_options)
 
 

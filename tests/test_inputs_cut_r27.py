@@ -177,3 +177,29 @@ def test_tensors_read_into_freed_memory_stay_their_own(tmp_path) -> None:
         assert len({t.data_ptr() for t in got.values()} | {row.data_ptr()}) == 4
     finally:
         src.close()
+
+
+def _open_inputs(folder: Path) -> list[str]:
+    """The files under ``folder`` this process holds open."""
+    found = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith(str(folder)):
+            found.append(target)
+    return found
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc")
+def test_a_pack_refused_at_its_plan_closes_every_input_at_once(tmp_path: Path) -> None:
+    # (review r27) inputs hold their files open; a family refused while planned (a task's tensor
+    # name that cannot be stored) closed the base's and left the tasks' open until collected
+    bad = "bad\udc80name"
+    torch.save({"w": torch.ones(8)}, tmp_path / "base.pt")
+    torch.save({"w": torch.ones(8) * 2, bad: torch.ones(2)}, tmp_path / "t.pt")
+    with pytest.raises(tallpack.errors.TallpackError) as e:
+        tallpack.pack(tmp_path / "base.pt", {"t": tmp_path / "t.pt"}, tmp_path / "x.tallpack")
+    assert "cannot be stored" in str(e.value)
+    assert _open_inputs(tmp_path) == []  # while the error's traceback (its frames) is still held
