@@ -10,10 +10,12 @@ from pathlib import Path
 import numpy as np
 
 from ._torch import torch
+from .dtypes import torch_dtype
+from .elements import numel
 from .encodings import Item
 from .errors import InvalidArgumentError
 from .manifest import check_task_name
-from .plan import Kind, Plan, TensorPlan, aligned_base, make_plan, resolve
+from .plan import Kind, Plan, TensorPlan, aligned_base, make_plan, resolve, resolve_blocks
 from .sources import Source, SourceLike, check_components, is_hub_repo, open_source, stems
 from .storage import is_url
 from .tall import blocks, compiled_kind, elements, in_tall_range
@@ -105,6 +107,30 @@ def open_tasks(tasks: TasksLike) -> dict[str, Source]:
     return out
 
 
+#: A tensor planned as merged whose copies (the base's and every task's) take more than this many
+#: bytes together, and more than one block of ``chunk_elements``, is read a block at a time
+#: (``Streamed``): the packer then holds a block of each copy, not T + 1 whole copies (an
+#: embedding of 1 GB with 20 tasks: 21 GB). Smaller tensors are read whole, once.
+HOLD_BYTES = 256 << 20
+
+
+class Streamed:
+    """One tensor's inputs read from their files a block at a time (``encodings.Stream``)."""
+
+    def __init__(self, name: str, base: Source, tasks: list[Source]):
+        self.name, self.base, self.tasks = name, base, tasks
+        self.shape: tuple[int, ...] = base.info(name).shape
+        self.dtypes: tuple[torch.dtype | None, tuple[torch.dtype, ...]] = (
+            torch_dtype(base.info(name).dtype), tuple(torch_dtype(s.info(name).dtype) for s in tasks))
+
+    def whole(self) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
+        return self.base.get(self.name), [s.get(self.name) for s in self.tasks]
+
+    def block(self, start: int, stop: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        name = self.name
+        return self.base.get_range(name, start, stop), [s.get_range(name, start, stop) for s in self.tasks]
+
+
 class PackInputs:
     """The opened inputs of a pack: base, tasks and their plan.
 
@@ -129,14 +155,36 @@ class PackInputs:
 
     def load(self, entry: TensorPlan) -> Item:
         """One tensor of the base (when it has it) and of every task that has it, with its kind."""
-        base = self.base.get(entry.name) if entry.in_base else None
         if entry.kind is Kind.BASE_ONLY:
+            base = self.base.get(entry.name) if entry.in_base else None
             return Item(entry.name, entry.kind.value, entry.kind.value, (), base, [])
+        stream = self._stream(entry)
+        base = self.base.get(entry.name) if entry.in_base and stream is None else None
+        if stream is not None:
+            kind = self._kinds.get(entry.name)
+            if kind is None:
+                same = len(set(stream.dtypes[1])) == 1
+                ce, n = self.chunk_elements, numel(stream.shape)
+                kind = self._kinds[entry.name] = resolve_blocks(
+                    entry.kind, len(entry.tasks), same, (stream.block(a, min(n, a + ce)) for a in range(0, n, ce)))
+            return Item(entry.name, entry.kind.value, kind.value, entry.tasks, None, [], stream)
         thetas = [self.tasks[t].get(entry.name) for t in entry.tasks]
         kind = self._kinds.get(entry.name)
         if kind is None:
             kind = self._kinds[entry.name] = resolve(entry.kind, base, thetas)
         return Item(entry.name, entry.kind.value, kind.value, entry.tasks, base, thetas)
+
+    def _stream(self, entry: TensorPlan) -> Streamed | None:
+        """The tensor's inputs to read a block at a time (see HOLD_BYTES), or None to read them whole."""
+        if entry.kind is not Kind.MERGED or not entry.in_base:
+            return None
+        name, srcs = entry.name, [self.tasks[t] for t in entry.tasks]
+        info = self.base.info(name)
+        if (numel(info.shape) <= self.chunk_elements or info.nbytes + sum(s.info(name).nbytes for s in srcs) <= HOLD_BYTES
+                or any(s.info(name).shape != info.shape for s in srcs)
+                or not all(s.reads_ranges(name) for s in (self.base, *srcs))):
+            return None
+        return Streamed(name, self.base, srcs)
 
     def merged_items(self) -> Iterator[Item]:
         """Every tensor stored as ``merged``, loaded."""
@@ -151,9 +199,10 @@ class PackInputs:
         as merged: the merge method's statistics (TIES' thresholds) cover the tensors stored once
         because every task left them unchanged, as in the official code's flattened model."""
         for item in self._counted():
-            assert item.base is not None  # (planned merged: the base has it)
-            for _, taus in blocks(item.base, item.thetas, self.chunk_elements):
-                yield taus
+            for _, base, thetas in item.blocks(self.chunk_elements):
+                assert base is not None  # (planned merged: the base has it)
+                for _, taus in blocks(base, thetas, self.chunk_elements):
+                    yield taus
 
     def input_passes(self) -> Iterator[tuple[str, np.ndarray | None, list[np.ndarray]]]:
         """:meth:`passes` as ``merging.InputPasses``: the blocks as the inputs hold them where the
@@ -161,16 +210,14 @@ class PackInputs:
         elsewhere, their float32 task vectors."""
         ce = self.chunk_elements
         for item in self._counted():
-            assert item.base is not None
-            base, thetas = item.base.reshape(-1), [x.reshape(-1) for x in item.thetas]
-            kind = compiled_kind(base, thetas)
-            if kind is None:
-                for _, taus in blocks(base, thetas, ce):
-                    yield "float32", None, [t.numpy() for t in taus]
-                continue
-            b, xs = elements(base), [elements(x) for x in thetas]
-            for a in range(0, b.size, ce):
-                yield kind, b[a : a + ce], [x[a : a + ce] for x in xs]
+            for _, base, thetas in item.blocks(ce):
+                assert base is not None  # (planned merged: the base has it)
+                kind = compiled_kind(base, thetas)
+                if kind is None:
+                    for _, taus in blocks(base, thetas, ce):
+                        yield "float32", None, [t.numpy() for t in taus]
+                else:
+                    yield kind, elements(base), [elements(x) for x in thetas]
 
     def _counted(self) -> Iterator[Item]:
         """The tensors the merge method's statistics cover, loaded (see :meth:`passes`)."""
@@ -178,8 +225,7 @@ class PackInputs:
             if entry.kind is not Kind.MERGED:
                 continue
             item = self.load(entry)
-            assert item.base is not None  # (planned merged: the base has it)
-            if item.kind == Kind.MERGED or (item.kind == Kind.SHARED and in_tall_range(item.base, item.thetas)):
+            if item.kind == Kind.MERGED or (item.kind == Kind.SHARED and in_tall_range(*_held(item))):
                 yield item
 
     @property
@@ -189,3 +235,9 @@ class PackInputs:
     def close(self) -> None:
         for s in (self.base, *self.tasks.values()):
             s.close()
+
+
+def _held(item: Item) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """A tensor planned as merged, its base and tasks' copies held whole."""
+    assert item.base is not None  # (planned merged: the base has it)
+    return item.base, item.thetas

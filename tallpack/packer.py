@@ -20,6 +20,7 @@ from ._torch import torch
 from ._version import __version__
 from .container import ContainerWriter
 from .dial import Dial
+from .elements import numel
 from .encodings import BY_KIND, Item, Later, WriteContext, settled
 from .encodings.exact import RESIDUAL_CODECS, add_exact
 from .encodings.shared import keeps_base
@@ -252,11 +253,12 @@ class _Groups:
     def add(self, item: Item, entries: list[TensorEntry | Later | None]) -> bool:
         """Hold ``item`` for a group (writing a full group to ``entries`` first); False when it is
         not a tensor to group."""
-        first = item.thetas[0] if item.thetas else None
-        if first is None or not 0 < first.numel() < SMALL_ELEMENTS:
+        base_dt, dts = item.dtypes  # (shapes and dtypes first: an item read a block at a time stays so)
+        if not dts or not 0 < numel(item.shape) < SMALL_ELEMENTS:
             return False
+        first = item.thetas[0]
         if item.kind == Kind.MERGED.value:  # base and every task of one dtype (the rebuild's)
-            if item.base is None or any(t.dtype != item.base.dtype for t in item.thetas):
+            if base_dt is None or any(dt != base_dt for dt in dts):
                 return False
         elif item.kind != Kind.SHARED.value:  # task-own tensors differ per task: stored alone
             return False

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import enum
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from ._torch import torch
@@ -69,6 +70,29 @@ def resolve(planned: Kind, base: torch.Tensor | None, thetas: list[torch.Tensor]
     return planned
 
 
+def resolve_blocks(planned: Kind, tasks: int, same_layout: bool,
+                   blocks: Iterable[tuple[torch.Tensor, list[torch.Tensor]]]) -> Kind:
+    """:func:`resolve` of a tensor given as its blocks (base block, task blocks), read one at a
+    time: the same decision. ``same_layout``: whether the tasks' copies share dtype and shape
+    (their bytes can then be equal). One pass, which stops once the tensor is known to differ
+    between tasks and to be out of range."""
+    if planned is Kind.BASE_ONLY:
+        return planned
+    equal, in_range = tasks > 1 and same_layout, planned is Kind.MERGED
+    for base, thetas in blocks:
+        if equal:
+            equal = all_equal(thetas)
+        if in_range:
+            in_range = in_tall_range(base, thetas)
+        if not equal and not in_range:
+            break
+    if equal:
+        return Kind.SHARED
+    if planned is Kind.MERGED and not in_range:
+        return Kind.TASK_OWN
+    return planned
+
+
 class Renamed(Source):
     """The base seen under its tasks' names: each of its tensors ``name`` as ``prefix + name``
     (a bare model, ``embeddings.*``, fine-tuned with a head, ``bert.embeddings.*``)."""
@@ -82,6 +106,12 @@ class Renamed(Source):
 
     def get(self, name: str) -> torch.Tensor:
         return self.inner.get(name[len(self.prefix):])
+
+    def reads_ranges(self, name: str) -> bool:
+        return self.inner.reads_ranges(name[len(self.prefix):])
+
+    def get_range(self, name: str, start: int, stop: int) -> torch.Tensor:
+        return self.inner.get_range(name[len(self.prefix):], start, stop)
 
     def check_unchanged(self) -> None:
         self.inner.check_unchanged()  # the files are the inner source's (it read them)

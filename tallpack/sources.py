@@ -189,6 +189,29 @@ class Source:
     def _load(self, name: str) -> torch.Tensor:
         raise NotImplementedError
 
+    def reads_ranges(self, name: str) -> bool:
+        """Whether :meth:`get_range` can read part of tensor ``name`` from its file (a tensor laid
+        out in C order in a file the source reads; not one held in memory, or a view of a storage
+        in another order)."""
+        return False
+
+    def get_range(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Elements ``[start, stop)`` of tensor ``name`` in C order, as a new flat tensor read from
+        its file (where :meth:`reads_ranges`): the packer's blocks of a tensor too large to hold
+        every task's copy of at once."""
+        info = self._infos[name]
+        if not 0 <= start <= stop <= numel(info.shape):
+            raise ValueError(f"elements [{start}, {stop}) of tensor {name!r} of shape {info.shape}")
+        try:
+            return self._load_range(name, start, stop)
+        except TallpackError:
+            raise
+        except Exception as e:  # a damaged file fails here, mid-read: say which tensor
+            raise CheckpointError(f"{self.label}: tensor {name!r} cannot be read: {quoted(e)}") from None
+
+    def _load_range(self, name: str, start: int, stop: int) -> torch.Tensor:
+        raise NotImplementedError
+
     def describe(self) -> dict[str, Any]:
         return {"format": self.kind, "path": self.label, "bytes": self.nbytes, **self.layout}
 
@@ -282,6 +305,16 @@ class SafetensorsSource(Source):
         _read_tensor(_file(self._files, self._opened, path), path, name, self._at[name], t, self._opened[path][2])
         return t
 
+    def reads_ranges(self, name: str) -> bool:
+        return name in self._at
+
+    def _load_range(self, name: str, start: int, stop: int) -> torch.Tensor:
+        dt = torch_dtype(self._infos[name].dtype)
+        path, t = self._where[name], _empty((stop - start,), dt)
+        at = self._at[name] + start * t.element_size()
+        _read_tensor(_file(self._files, self._opened, path), path, name, at, t, self._opened[path][2])
+        return t
+
     def close(self) -> None:
         _close_all(self._files)
 
@@ -333,6 +366,18 @@ class TorchSource(Source):
         if path in self._swapped:  # as torch.load swaps them (its mapping's were)
             out.untyped_storage().byteswap(out.dtype)
         return out.as_strided(t.shape, t.stride())
+
+    def reads_ranges(self, name: str) -> bool:
+        return name in self._at and self._tensors[name].is_contiguous()
+
+    def _load_range(self, name: str, start: int, stop: int) -> torch.Tensor:
+        t, path = self._tensors[name], self._where[name]
+        out = _empty((stop - start,), t.dtype)
+        at = self._at[name] + (int(t.storage_offset()) + start) * t.element_size()
+        _read_tensor(_file(self._files, self._opened, path), path, name, at, out, self._opened[path][2])
+        if path in self._swapped:
+            out.untyped_storage().byteswap(out.dtype)
+        return out
 
     def close(self) -> None:
         _close_all(self._files)
@@ -1539,6 +1584,14 @@ class ComponentsSource(Source):
     def get(self, name: str) -> torch.Tensor:
         c, rest = self.part_of(name)
         return self.parts[c].get(rest)  # checked, and its errors named, by the component's folder
+
+    def reads_ranges(self, name: str) -> bool:
+        c, rest = self.part_of(name)
+        return self.parts[c].reads_ranges(rest)
+
+    def get_range(self, name: str, start: int, stop: int) -> torch.Tensor:
+        c, rest = self.part_of(name)
+        return self.parts[c].get_range(rest, start, stop)
 
     def check_unchanged(self) -> None:
         for part in self.parts.values():

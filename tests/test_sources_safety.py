@@ -677,7 +677,7 @@ def test_a_prefix_matched_base_passes_on_what_a_source_does() -> None:
     wrapped = Renamed(inner, "bert.")
     assert wrapped.keys() == ["bert.w"] and "bert.w" in wrapped and torch.equal(wrapped.get("bert.w"), torch.zeros(3))
     assert wrapped.nbytes == inner.nbytes and wrapped.describe()["prefix"] == "bert."
-    from_copies = {"keys", "info", "_remember", "_unchanged", "_held", "_load"}  # (the last four: the inner's files)
+    from_copies = {"keys", "info", "_remember", "_unchanged", "_held", "_load", "_load_range"}  # (the last five: the inner's files)
     methods = {k for k, v in vars(Source).items() if callable(v) and not k.startswith("__")}
     assert [k for k in sorted(methods - from_copies) if getattr(Renamed, k) is getattr(Source, k)] == []
 

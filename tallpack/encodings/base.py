@@ -19,13 +19,13 @@ from __future__ import annotations
 import enum
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 from .._torch import torch
 from ..arrays import ArrayRef, check_shape
 from ..codecs import Chain
 from ..dtypes import dtype_name, tensor_to_bytes
-from ..elements import ELEMENTS
+from ..elements import ELEMENTS, numel
 from ..errors import FormatError
 from ..groups import Member, parse_members
 from ..limits import MAX_NAME_CHARS
@@ -285,17 +285,92 @@ def settled(ctx: WriteContext, written: "TensorEntry | Later") -> TensorEntry:
     return written
 
 
-@dataclass(frozen=True)
+class Stream(Protocol):
+    """The inputs of one tensor, read from their files a block at a time (``inputs.Streamed``)."""
+
+    @property
+    def shape(self) -> tuple[int, ...]: ...
+
+    @property
+    def dtypes(self) -> tuple[torch.dtype | None, tuple[torch.dtype, ...]]:
+        """The base's dtype (None: absent) and the tasks'."""
+        ...
+
+    def whole(self) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
+        """The base and every task's tensor, read whole."""
+        ...
+
+    def block(self, start: int, stop: int) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
+        """Elements ``[start, stop)`` of the base and of every task's tensor, flat, each read anew."""
+        ...
+
+
 class Item:
     """One tensor of the family at pack time: its name, the kind it was planned as and the kind it
-    is stored as (``plan.resolve``), its tasks, and the tensors (``base`` None when absent)."""
+    is stored as (``plan.resolve``), its tasks, and the tensors (``base`` None when absent).
 
-    name: str
-    planned: str
-    kind: str
-    tasks: tuple[str, ...]
-    base: torch.Tensor | None
-    thetas: list[torch.Tensor]
+    With a ``stream``, the tensors are read from their files only when ``base`` or ``thetas`` is
+    first asked for; :meth:`blocks` reads them a block at a time instead, so that a tensor whose
+    copies are too large to hold at once (``inputs.HOLD_BYTES``) costs a block of each."""
+
+    __slots__ = ("name", "planned", "kind", "tasks", "_base", "_thetas", "_stream")
+
+    def __init__(self, name: str, planned: str, kind: str, tasks: tuple[str, ...], base: torch.Tensor | None,
+                 thetas: list[torch.Tensor], stream: Stream | None = None) -> None:
+        self.name, self.planned, self.kind, self.tasks = name, planned, kind, tasks
+        self._base, self._thetas, self._stream = base, thetas, stream
+
+    def _hold(self) -> None:
+        if self._stream is not None:
+            self._base, self._thetas = self._stream.whole()
+            self._stream = None
+
+    @property
+    def base(self) -> torch.Tensor | None:
+        self._hold()
+        return self._base
+
+    @property
+    def thetas(self) -> list[torch.Tensor]:
+        self._hold()
+        return self._thetas
+
+    @property
+    def streamed(self) -> bool:
+        """Whether the tensors are still read a block at a time (``base``/``thetas`` not asked for)."""
+        return self._stream is not None
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """The first task's shape (else the base's), without reading it."""
+        if self._stream is not None:
+            return self._stream.shape
+        first = self._thetas[0] if self._thetas else self._base
+        assert first is not None
+        return tuple(first.shape)
+
+    @property
+    def dtypes(self) -> tuple[torch.dtype | None, tuple[torch.dtype, ...]]:
+        """The base's dtype (None when absent) and each task's, without reading them."""
+        if self._stream is not None:
+            return self._stream.dtypes
+        return (None if self._base is None else self._base.dtype), tuple(t.dtype for t in self._thetas)
+
+    def blocks(self, elements: int) -> Iterator[tuple[int, torch.Tensor | None, list[torch.Tensor]]]:
+        """``(start, base block, task blocks)`` for each run of ``elements`` elements of the flat
+        tensors, in order: views of the tensors held, or each block read anew when streamed (every
+        block a tensor of its own, which later blocks do not overwrite)."""
+        n = numel(self.shape)
+        if self._stream is not None:
+            stream = self._stream
+            for a in range(0, n, elements):
+                b, xs = stream.block(a, min(n, a + elements))
+                yield a, b, xs
+            return
+        base = None if self._base is None else self._base.reshape(-1)
+        flats = [t.reshape(-1) for t in self._thetas]
+        for a in range(0, n, elements):
+            yield a, (None if base is None else base[a : a + elements]), [f[a : a + elements] for f in flats]
 
 
 class Use(enum.Enum):

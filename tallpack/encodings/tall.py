@@ -80,11 +80,10 @@ def _straight(ctx: WriteContext, tasks: Sequence[str], kind: str, base: torch.Te
         kernels.in_parts(len(tasks), groups, run)
 
 
-def narrow_dtypes(thetas: Sequence[torch.Tensor]) -> list[torch.dtype | None]:
+def narrow_dtypes(dtypes: Sequence[torch.dtype]) -> list[torch.dtype | None]:
     """Each task's dtype where its TALL rebuild can pass the dtype's range (float16, float8: below
     ``TALL_RANGE``, the bound on task vectors), else None (float32, bfloat16)."""
-    return [x.dtype if x.dtype.is_floating_point and torch.finfo(x.dtype).max < TALL_RANGE else None
-            for x in thetas]
+    return [dt if dt.is_floating_point and torch.finfo(dt).max < TALL_RANGE else None for dt in dtypes]
 
 
 def _max_abs(t: torch.Tensor) -> float:
@@ -136,10 +135,11 @@ class Tall(Encoding):
     @classmethod
     def write(cls, ctx: WriteContext, item: Item) -> "TensorEntry | Later":
         """Stream the tensor block by block: base, tau_MTL, the method's extras and every mask."""
-        base, thetas, tasks, w = item.base, item.thetas, item.tasks, ctx.writer
-        assert base is not None
-        shape, ce = tuple(base.shape), ctx.chunk_elements
-        b_dt = dtype_name(base.dtype)
+        tasks, w = item.tasks, ctx.writer
+        base_dtype, dtypes = item.dtypes
+        assert base_dtype is not None
+        shape, ce = item.shape, ctx.chunk_elements
+        b_dt = dtype_name(base_dtype)
         derivable = {"merged": "float32", **ctx.method.extra_arrays}  # held for the exact tier (format 1.8)
         hold = ctx.held_merged is not None
         entry_arrays: dict[str, _Held | ArrayBuilder] = {"base": w.begin_array(b_dt, shape, ctx.dense(b_dt), ce)}
@@ -153,13 +153,12 @@ class Tall(Encoding):
         ws = Workspace()
         groups = min(ctx.threads, len(tasks))  # the tasks' masks in this many groups at once
         spaces = {0: ws}  # each group's workspace, by its first task (only the loops without kernels use them)
-        b_flat, flats = base.reshape(-1), [x.reshape(-1) for x in thetas]
-        kind = compiled_kind(b_flat, flats) if ctx.method.straight else None  # see _straight
-        narrows = narrow_dtypes(thetas)
-        for k, a in enumerate(range(0, b_flat.numel(), ce)):
+        narrows = narrow_dtypes(dtypes)
+        for k, (a, b, xs) in enumerate(item.blocks(ce)):  # (a streamed item's read a block at a time)
             # One chunk's merged vector, extras and masks, computed in sub-blocks: the T float32
             # task vectors (the largest working set) then take T x COMPUTE_ELEMENTS, not T x a chunk.
-            b = b_flat[a : a + ce]
+            assert b is not None
+            kind = compiled_kind(b, xs) if ctx.method.straight else None  # see _straight
             n, side = b.numel(), k % 2  # what is being encoded (merged, masks) alternates between two sets
             merged = ws.get(f"merged{side}", n)
             masks = [ws.get(f"mask{i}.{side}", n, torch.bool) for i in range(len(tasks))]
@@ -167,9 +166,9 @@ class Tall(Encoding):
             if kind is not None:
                 extras = {key: ws.get(f"{key}{side}", n, torch_dtype(dt))
                           for key, dt in ctx.method.extra_arrays.items()}
-                _straight(ctx, tasks, kind, b, [f[a : a + ce] for f in flats], merged, extras, masks, ones, a, groups)
+                _straight(ctx, tasks, kind, b, xs, merged, extras, masks, ones, a, groups)
             for o, (sb, taus) in zip(range(0, n, COMPUTE_ELEMENTS), () if kind is not None else
-                                     blocks(b, [f[a : a + ce] for f in flats], COMPUTE_ELEMENTS, ws)):
+                                     blocks(b, xs, COMPUTE_ELEMENTS, ws)):
                 s = slice(o, o + sb.numel())
                 sub, sub_extras = ctx.method.combine_with_extras(taus, out=merged[s])  # TIES: selected once
                 if sub.data_ptr() != merged[s].data_ptr():  # a method that cannot write into ``out``
@@ -197,15 +196,16 @@ class Tall(Encoding):
             for arr, f in zip(arrays, futures):
                 w.queue(arr.queued, f)
             w.drain(leave=len(futures))  # the chunk before this one written (this tensor's, or the last one's)
+            del b, xs  # (a streamed item's blocks, let go before the next are read)
 
         # (names, not the tensors: a deferred entry, held to the end of the pack, would hold them)
-        name, dtypes = item.name, [dtype_name(x.dtype) for x in thetas]
+        name, names = item.name, [dtype_name(x) for x in dtypes]
 
         def entry() -> TensorEntry:
             return TensorEntry(
                 name, cls.kind,
                 {t: TaskTensor(cls.name, dt, shape, {} if held else {"mask": _finish(k)}, {"ones": n})
-                 for t, dt, k, n in zip(tasks, dtypes, mask_arrays, ones)},
+                 for t, dt, k, n in zip(tasks, names, mask_arrays, ones)},
                 {k: _finish(a) for k, a in entry_arrays.items()},
             )
         if ctx.defer and not (held or hold):
