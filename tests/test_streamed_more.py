@@ -1,0 +1,216 @@
+"""Tensors read a block at a time (``inputs.HOLD_BYTES``), tried as users meet them: files written by
+safetensors, torch.save, transformers' save_pretrained (sharded) and diffusers; every pack compared
+byte for byte with the same pack reading each tensor whole, and read back."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import tallpack
+from tallpack import inputs
+from tallpack.errors import CheckpointError
+
+CHUNK = 1 << 16  # with 4 blocks or more, tensors are past groups.SMALL_ELEMENTS: written alone, streamed
+
+
+def _count(monkeypatch) -> list[int]:
+    count = [0]
+    block = inputs.Streamed.block
+
+    def counted(self, start: int, stop: int):
+        count[0] += 1
+        return block(self, start, stop)
+
+    monkeypatch.setattr(inputs.Streamed, "block", counted)
+    return count
+
+
+def _both(tmp: Path, monkeypatch, base, tasks, *, chunk: int = CHUNK, **kw) -> tuple[Path, int]:
+    """Pack whole and streamed; assert the same bytes; the streamed archive and its block count."""
+    count = _count(monkeypatch)
+    out = []
+    for hold in (1 << 60, 0):
+        monkeypatch.setattr(inputs, "HOLD_BYTES", hold)
+        path = tmp / f"a{hold}.tallpack"
+        tallpack.pack(base, tasks, path, chunk_elements=chunk, overwrite=True, **kw)
+        out.append(path)
+    assert out[0].read_bytes() == out[1].read_bytes()
+    return out[1], count[0]
+
+
+def _same(a: dict[str, torch.Tensor], b) -> None:
+    assert set(a) == set(b.keys())
+    for k, v in a.items():
+        w = b[k]
+        assert v.dtype == w.dtype and v.shape == w.shape, k
+        assert torch.equal(v.contiguous().reshape(-1).view(torch.uint8), w.contiguous().reshape(-1).view(torch.uint8)), k
+
+
+def _family(d: Path, n: int, *, dtype=torch.float32, tasks: int = 2, extra=None, save=save_file, ext="safetensors"):
+    g = torch.Generator().manual_seed(n)
+    base = {"big.weight": (torch.randn(n, generator=g) * 0.02).to(dtype), "small": torch.randn(8, generator=g)}
+    if extra:
+        base.update(extra)
+    save(base, d / f"base.{ext}")
+    paths = {}
+    for i in range(tasks):
+        sd = {k: (v.float() + 1e-3 * torch.randn(v.shape, generator=g)).to(v.dtype) if v.is_floating_point() and v.numel()
+              else v.clone() for k, v in base.items()}
+        save(sd, d / f"t{i}.{ext}")
+        paths[f"t{i}"] = d / f"t{i}.{ext}"
+    return d / f"base.{ext}", paths
+
+
+@pytest.mark.parametrize("n,chunk", [(4 * CHUNK, CHUNK), (4 * CHUNK + 1, CHUNK), (5 * CHUNK - 1, CHUNK),
+                                     (3 * 1024, 1024), (3 * 1024 + 1, 1024)])
+def test_numel_on_and_off_a_block_edge(tmp_path, monkeypatch, n, chunk):
+    """Beside a 0-d and an empty tensor; a tensor under SMALL_ELEMENTS is grouped (then read whole
+    for writing, after its kind was settled a block at a time)."""
+    base, tasks = _family(tmp_path, n, extra={"scalar": torch.tensor(1.5), "empty": torch.zeros(0, 4)})
+    out, blocks = _both(tmp_path, monkeypatch, base, tasks, chunk=chunk)
+    assert blocks >= (2 if chunk == CHUNK else 1) * -(-n // chunk)
+    fam = tallpack.open(out)
+    want = tallpack.open(tmp_path / f"a{1 << 60}.tallpack")
+    for t in tasks:
+        _same(dict(want.state_dict(t)), fam.state_dict(t))
+
+
+N = 4 * CHUNK + 77  # five blocks, the last short
+
+
+def _readback(out: Path, want: dict[str, dict[str, torch.Tensor]]) -> None:
+    fam = tallpack.open(out)
+    for t, sd in want.items():
+        got = fam.state_dict(t)
+        assert set(got.keys()) == set(sd)
+        for k, v in sd.items():
+            assert got[k].shape == v.shape and got[k].dtype == v.dtype, k
+
+
+@pytest.mark.parametrize("opts", [{"merge": "ties"}, {"fidelity": 0.99}, {"budget": 1.5}, {"exact": True},
+                                  {"keep_base_only": True}, {"threads": 1}, {"threads": 2},
+                                  {"progress": True}, {"allow_mismatch": True}, {"lambdas": {"t0": 0.3, "t1": 0.7, "t2": 1.0}},
+                                  {"group": False}])
+def test_options(tmp_path, monkeypatch, opts):
+    extra = {"only.base": torch.randn(N)}
+    base, tasks = _family(tmp_path, N, tasks=3, extra=extra)
+    if "keep_base_only" in opts or "allow_mismatch" in opts:  # a tensor no task has, one whose shape differs
+        from safetensors.torch import load_file
+        for i, p in enumerate(tasks.values()):
+            sd = load_file(p)
+            del sd["only.base"]
+            if i == 1:
+                sd["small"] = torch.randn(9)
+            save_file(sd, p)
+    calls = []
+    if opts.get("progress"):
+        opts = {"progress": lambda desc, done, total: calls.append((desc, done, total))}
+    out, blocks = _both(tmp_path, monkeypatch, base, tasks, **opts)
+    assert blocks >= 5
+    fam = tallpack.open(out)
+    for t in tasks:
+        fam.state_dict(t)["big.weight"]
+    if calls:
+        assert calls[-1][1] == calls[-1][2], calls[-3:]
+
+
+def _pt_family(d: Path, sds: list[dict[str, torch.Tensor]]) -> tuple[Path, dict[str, Path]]:
+    paths = []
+    for i, sd in enumerate(sds):
+        torch.save(sd, d / f"m{i}.pt")
+        paths.append(d / f"m{i}.pt")
+    return paths[0], {f"t{i}": p for i, p in enumerate(paths[1:])}
+
+
+def _noisy(sd: dict[str, torch.Tensor], seed: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {k: v + 1e-3 * torch.randn(v.shape, generator=g).to(v.dtype) for k, v in sd.items()}
+
+
+@pytest.mark.parametrize("layout", ["offset", "strided", "tied", "tied-offset"])
+def test_torch_files_of_views(tmp_path, monkeypatch, layout):
+    """torch.save of a tensor that is part of a larger storage (at an offset, contiguous), of a
+    strided one (read whole), and of a tied weight (one storage, two names)."""
+    sds = []
+    g = torch.Generator().manual_seed(0)
+    first = torch.randn(N + 3000, generator=g) * 0.02
+    for i in range(3):
+        store = first + i * 1e-3 * torch.randn(N + 3000, generator=g)
+        if layout == "offset":
+            sd = {"big.weight": store[1000 : 1000 + N], "head": store[:1000]}
+        elif layout == "strided":
+            sd = {"big.weight": store[: 2 * (N // 2)][::2], "head": store[-10:]}
+        elif layout == "tied":
+            w = store[:N].reshape(-1, 1)
+            sd = {"emb.weight": w, "lm_head.weight": w, "head": store[-10:].clone()}
+        else:
+            w = store[7 : 7 + N]
+            sd = {"emb.weight": w, "lm_head.weight": w, "head": store[:7]}
+        sds.append(sd)
+    base, tasks = _pt_family(tmp_path, sds)
+    out, blocks = _both(tmp_path, monkeypatch, base, tasks)
+    assert blocks == 0 if layout == "strided" else blocks >= 10
+    fam = tallpack.open(out)
+    for t, sd in zip(tasks, sds[1:]):
+        got = fam.state_dict(t)
+        assert set(got.keys()) == set(sd)
+        for k, v in sd.items():
+            assert got[k].shape == v.shape
+            assert (got[k].float() - v.float()).abs().max() < 0.1, k
+
+
+def test_a_big_endian_torch_file(tmp_path, monkeypatch):
+    from test_review2_r27 import _big_endian
+    g = torch.Generator().manual_seed(0)
+    first = torch.randn(N, generator=g) * 0.02
+    sds = [{"big.weight": first + i * 1e-3 * torch.randn(N, generator=g),
+            "b16": (first + i * 1e-3 * torch.randn(N, generator=g)).to(torch.bfloat16)} for i in range(3)]
+    base, tasks = _pt_family(tmp_path, sds)
+    for p in [base, *tasks.values()]:
+        _big_endian(p, p.with_suffix(".be.pt"), {"0": 4, "1": 2})
+    be = {k: p.with_suffix(".be.pt") for k, p in tasks.items()}
+    out, blocks = _both(tmp_path, monkeypatch, base.with_suffix(".be.pt"), be)
+    assert blocks >= 20
+    fam = tallpack.open(out)
+    for t, sd in zip(be, sds[1:]):
+        got = fam.state_dict(t)
+        for k, v in sd.items():
+            assert (got[k].float() - v.float()).abs().max() < 0.05, k
+
+
+def test_tasks_of_mixed_dtypes(tmp_path, monkeypatch):
+    """Base bfloat16; one task float32, one bfloat16, one float16."""
+    g = torch.Generator().manual_seed(0)
+    b = torch.randn(N, generator=g) * 0.02
+    save_file({"big.weight": b.to(torch.bfloat16)}, tmp_path / "base.safetensors")
+    tasks = {}
+    for i, dt in enumerate([torch.float32, torch.bfloat16, torch.float16]):
+        save_file({"big.weight": (b + 1e-3 * torch.randn(N, generator=g)).to(dt)}, tmp_path / f"t{i}.safetensors")
+        tasks[f"t{i}"] = tmp_path / f"t{i}.safetensors"
+    out, blocks = _both(tmp_path, monkeypatch, tmp_path / "base.safetensors", tasks)
+    assert blocks >= 10
+    fam = tallpack.open(out)
+    assert [fam.get_tensor(t, "big.weight").dtype for t in tasks] == [torch.float32, torch.bfloat16, torch.float16]
+
+
+def test_float16_rebuilds_that_overflow_in_a_late_block(tmp_path, monkeypatch, caplog):
+    """check_overflow runs per block: the positions are the tensor's, whichever way it is read."""
+    g = torch.Generator().manual_seed(0)
+    b = (torch.randn(N, generator=g) * 0.02).to(torch.float16)
+    b[N - 5 : N - 2] = 60000
+    save_file({"big.weight": b}, tmp_path / "base.safetensors")
+    tasks = {}
+    for i in range(3):
+        x = b.float() + 1e-3 * torch.randn(N, generator=g)
+        x[N - 5 : N - 2] = 65000
+        save_file({"big.weight": x.to(torch.float16)}, tmp_path / f"t{i}.safetensors")
+        tasks[f"t{i}"] = tmp_path / f"t{i}.safetensors"
+    out, blocks = _both(tmp_path, monkeypatch, tmp_path / "base.safetensors", tasks)
+    assert blocks >= 10
+    warned = [r.getMessage() for r in caplog.records if "overflows" in r.getMessage()]
+    assert len(warned) == 2 and warned[0] == warned[1] and "'big.weight' (3 elements)" in warned[0], warned
