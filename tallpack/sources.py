@@ -91,6 +91,13 @@ class TensorInfo:
         return numel(self.shape) * itemsize(self.dtype)
 
 
+def _of_task(src: Source, e: TallpackError) -> TallpackError:
+    """``e``, an error of a file read mid-way (cut by a save over it, damaged), naming the task whose file it is."""
+    if type(e) is not CheckpointError or src.task is None or f"task {src.task!r}" in str(e):
+        return e
+    return CheckpointError(f"{e} (the file of task {src.task!r})")
+
+
 class Source:
     """A checkpoint, read lazily. Subclasses fill ``_infos`` (in the checkpoint's order)."""
 
@@ -175,10 +182,10 @@ class Source:
         """Load one tensor."""
         try:
             t = self._load(name)
-        except TallpackError:
-            raise
+        except TallpackError as e:
+            raise _of_task(self, e) from None
         except Exception as e:  # a damaged file fails here, mid-read: say which tensor
-            raise CheckpointError(f"{self.label}: tensor {name!r} cannot be read: {quoted(e)}") from None
+            raise _of_task(self, CheckpointError(f"{self.label}: tensor {name!r} cannot be read: {quoted(e)}")) from None
         want = self._infos[name]
         if tuple(t.shape) != want.shape or dtype_name(t.dtype) != want.dtype:
             raise CheckpointError(f"{self.label}: tensor {name!r} does not match its header")
@@ -204,10 +211,10 @@ class Source:
             raise ValueError(f"elements [{start}, {stop}) of tensor {name!r} of shape {info.shape}")
         try:
             return self._load_range(name, start, stop)
-        except TallpackError:
-            raise
+        except TallpackError as e:
+            raise _of_task(self, e) from None
         except Exception as e:  # a damaged file fails here, mid-read: say which tensor
-            raise CheckpointError(f"{self.label}: tensor {name!r} cannot be read: {quoted(e)}") from None
+            raise _of_task(self, CheckpointError(f"{self.label}: tensor {name!r} cannot be read: {quoted(e)}")) from None
 
     def _load_range(self, name: str, start: int, stop: int) -> torch.Tensor:
         raise NotImplementedError
@@ -1583,6 +1590,7 @@ class ComponentsSource(Source):
 
     def get(self, name: str) -> torch.Tensor:
         c, rest = self.part_of(name)
+        self.parts[c].task = self.task  # (its errors name the task)
         return self.parts[c].get(rest)  # checked, and its errors named, by the component's folder
 
     def reads_ranges(self, name: str) -> bool:
@@ -1591,6 +1599,7 @@ class ComponentsSource(Source):
 
     def get_range(self, name: str, start: int, stop: int) -> torch.Tensor:
         c, rest = self.part_of(name)
+        self.parts[c].task = self.task
         return self.parts[c].get_range(rest, start, stop)
 
     def check_unchanged(self) -> None:

@@ -214,3 +214,108 @@ def test_float16_rebuilds_that_overflow_in_a_late_block(tmp_path, monkeypatch, c
     assert blocks >= 10
     warned = [r.getMessage() for r in caplog.records if "overflows" in r.getMessage()]
     assert len(warned) == 2 and warned[0] == warned[1] and "'big.weight' (3 elements)" in warned[0], warned
+
+
+def _perturb(model, seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1e-3 * torch.randn(p.shape, generator=g))
+
+
+def _hf_ours(fam, task: str, model) -> None:
+    """The archive's task against the model saved (shapes, dtypes, and values near)."""
+    got = fam.state_dict(task)
+    sd = model.state_dict()
+    for k in got.keys():
+        assert k in sd, k
+        assert got[k].shape == sd[k].shape, k
+        assert (got[k].float() - sd[k].float()).abs().max() < 0.02, k
+
+
+def test_sharded_llama_folders_large_tensors_in_the_first_and_last_shards(tmp_path, monkeypatch):
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=8200, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=2, tie_word_embeddings=False)
+    model = LlamaForCausalLM(cfg)
+    model.save_pretrained(tmp_path / "base", max_shard_size="300KB")
+    shards = sorted(p.name for p in (tmp_path / "base").glob("*.safetensors"))
+    assert len(shards) >= 3, shards
+    models = {}
+    for i in range(2):
+        _perturb(model, i + 1)
+        model.save_pretrained(tmp_path / f"t{i}", max_shard_size="300KB")
+        models[f"t{i}"] = LlamaForCausalLM.from_pretrained(tmp_path / f"t{i}")
+    import json
+    where = json.loads((tmp_path / "base" / "model.safetensors.index.json").read_text())["weight_map"]
+    assert where["lm_head.weight"] != shards[0] and where["model.embed_tokens.weight"] == shards[0], where
+    out, blocks = _both(tmp_path, monkeypatch, tmp_path / "base", {t: tmp_path / t for t in models})
+    assert blocks >= 2 * 2 * 5  # embed_tokens and lm_head, five blocks each, twice
+    fam = tallpack.open(out)
+    for t, m in models.items():
+        _hf_ours(fam, t, m)
+
+
+def test_a_bare_base_and_sequence_classification_tasks(tmp_path, monkeypatch):
+    """BertModel as the base, BertForSequenceClassification fine-tunes (``bert.`` prefix), sharded."""
+    from transformers import BertConfig, BertForSequenceClassification, BertModel
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=8200, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                     num_attention_heads=2, max_position_embeddings=64)
+    bare = BertModel(cfg, add_pooling_layer=True)
+    bare.save_pretrained(tmp_path / "base", max_shard_size="500KB")
+    models = {}
+    for i in range(2):
+        m = BertForSequenceClassification(cfg)
+        m.bert.load_state_dict(bare.state_dict())
+        _perturb(m, i + 1)
+        m.save_pretrained(tmp_path / f"t{i}", max_shard_size="500KB")
+        models[f"t{i}"] = m
+    out, blocks = _both(tmp_path, monkeypatch, tmp_path / "base", {t: tmp_path / t for t in models})
+    assert blocks >= 10
+    fam = tallpack.open(out)
+    kinds = {e.name: e.kind for e in fam.manifest.tensors}
+    assert kinds["bert.embeddings.word_embeddings.weight"] == "merged"
+    for t, m in models.items():
+        _hf_ours(fam, t, m)
+
+
+def test_a_diffusers_pipeline(tmp_path, monkeypatch):
+    from test_components import _family as _ldm
+    roots = _ldm(tmp_path)
+    out, blocks = _both(tmp_path, monkeypatch, roots["base"], {"a": roots["a"], "b": roots["b"]}, chunk=1024)
+    assert blocks > 0
+    fam = tallpack.open(out)
+    assert any(k.startswith("unet/") for k in fam.state_dict("a").keys())
+
+
+@pytest.mark.parametrize("how", ["cut", "removed", "rewritten"])
+@pytest.mark.parametrize("when", [2, 9])  # while its kind is settled, while it is written
+def test_an_input_changed_between_blocks(tmp_path, monkeypatch, how, when):
+    """One CheckpointError line naming the file, and the task (and the tensor, when a read fails)."""
+    base, tasks = _family(tmp_path, N, tasks=3)
+    victim = tasks["t1"]
+    count = _count(monkeypatch)
+    block = inputs.Streamed.block
+
+    def change(self, start, stop):
+        if count[0] == when:
+            if how == "cut":
+                os.truncate(victim, victim.stat().st_size // 2)
+            elif how == "removed":
+                victim.unlink()
+            else:
+                data = victim.read_bytes()
+                victim.write_bytes(data[:-8] + b"\0" * 8)
+        return block(self, start, stop)
+
+    monkeypatch.setattr(inputs.Streamed, "block", change)
+    monkeypatch.setattr(inputs, "HOLD_BYTES", 0)
+    with pytest.raises(CheckpointError) as e:
+        tallpack.pack(base, tasks, tmp_path / "a.tallpack", chunk_elements=CHUNK)
+    msg = str(e.value)
+    assert "\n" not in msg and str(victim) in msg and "'t1'" in msg, msg
+    if how == "cut":
+        assert "big.weight" in msg
+    assert not (tmp_path / "a.tallpack").exists()
