@@ -20,7 +20,7 @@ BitX. The writer picks, per task and tensor, the combination that codes smallest
 from __future__ import annotations
 
 from dataclasses import dataclass
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -32,6 +32,7 @@ from ..arrays import ArrayRef
 from ..container import ArrayBuilder
 from ..codecs import BitSplit, Chain
 from ..dtypes import dtype_name, narrow, tensor_to_bytes, torch_dtype
+from ..elements import numel
 from ..errors import FormatError, IntegrityError
 from ..merging import derive_merged
 from ..tall import blocks, reconstruct, tall_mask
@@ -269,6 +270,101 @@ def _tall_references(ctx: WriteContext, item: Item, check: bool) -> tuple[list[t
             for p, x in zip(parts, item.thetas)], same  # one chunk (most tensors): no copy
 
 
+@dataclass
+class _Scan:
+    """What the exact tier needs of a streamed item before it writes (``_scan``): each task's
+    xxh3, whether its TALL reference holds a NaN anywhere, the first SAMPLE_ELEMENTS elements of
+    the task, of its TALL reference and of the base reference (of each dtype), and how many of the
+    blocks' merged vectors the reader derives (``derived``; all of them: ``derivable``)."""
+
+    hashes: dict[int, int]
+    nan: dict[int, bool]
+    x: dict[int, torch.Tensor]
+    tall: dict[int, torch.Tensor]
+    base: dict[torch.dtype, torch.Tensor]
+    derived: int
+    derivable: bool
+
+    def refs(self, i: int) -> dict[str, torch.Tensor | None]:
+        """``_references``'s, of the sample."""
+        out: dict[str, torch.Tensor | None] = {"tall": self.tall[i], "base": self.base[self.x[i].dtype], "zero": None}
+        if self.nan[i]:
+            del out["tall"]
+        return out
+
+
+def _scan(ctx: WriteContext, item: Item, todo: list[int], check: bool) -> _Scan:
+    """One pass over a streamed item's blocks for ``_Scan``, the TALL references built as
+    ``_tall_references`` builds them, a block at a time (each task's on up to ``ctx.threads``)."""
+    ce, sample = ctx.chunk_elements, SAMPLE_ELEMENTS
+    hashers = {i: xxhash.xxh3_64() for i in todo}
+    nan = {i: False for i in todo}
+    xs_kept: dict[int, list[torch.Tensor]] = {i: [] for i in todo}
+    talls: dict[int, list[torch.Tensor]] = {i: [] for i in todo}
+    bases: dict[torch.dtype, list[torch.Tensor]] = {}
+    count = derived = 0
+    for a, b, xs in item.blocks(ce):
+        assert b is not None
+        for i in todo:
+            hashers[i].update(tensor_to_bytes(xs[i]))
+        merged, taus = _block_merged(ctx, b, xs, check and derived == count)
+        if merged is not None:
+            derived += 1
+        else:
+            merged = ctx.method.combine(taus)
+        count += 1
+        keep = max(0, min(b.numel(), sample - a))  # of this block, in the sample
+
+        def one(k: int, b: torch.Tensor = b, xs: list[torch.Tensor] = xs, taus: list[torch.Tensor] = taus,
+                merged: torch.Tensor = merged) -> None:
+            i = todo[k]
+            rec = reconstruct(b, _mask(taus[i], merged, ctx.lambdas[item.tasks[i]]), merged, xs[i].dtype)
+            nan[i] = nan[i] or bool(torch.isnan(rec).any())
+            if keep:
+                talls[i].append(rec[:keep].clone())
+        _each(ctx, len(todo), one)
+        if keep:
+            for i in todo:
+                xs_kept[i].append(xs[i][:keep].clone())
+            for dt in {xs[i].dtype for i in todo}:
+                bases.setdefault(dt, []).append(narrow(b[:keep].to(torch.float32), dt))
+        del b, xs, taus, merged  # (before the next block is read)
+    return _Scan({i: h.intdigest() for i, h in hashers.items()}, nan,
+                 {i: torch.cat(p) for i, p in xs_kept.items()}, {i: torch.cat(p) for i, p in talls.items()},
+                 {dt: torch.cat(p) for dt, p in bases.items()}, derived, check and derived == count)
+
+
+def _block_merged(ctx: WriteContext, b: torch.Tensor, xs: list[torch.Tensor], derive: bool
+                  ) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
+    """A block's merged vector as the reader derives it (spec §6.1.9), with ``derive`` and where
+    the method derives it (else None), and its float32 task vectors."""
+    ((_, taus),) = blocks(b, xs, b.numel())
+    derived = derive_merged(taus, ctx.method) if derive else None
+    return (None if derived is None else derived["merged"]), taus
+
+
+def _streamed_residuals(ctx: WriteContext, item: Item, i: int, ref: str, transform: str, derived: int
+                        ) -> Iterator[np.ndarray]:
+    """Task ``i``'s residual against ``ref``, a block (one chunk) at a time, each block read anew:
+    the TALL reference's merged vector derived in the first ``derived`` blocks (``_Scan``),
+    combined in the others, as ``_tall_references`` builds it."""
+    dtype = item.dtypes[1][i]
+    for k, (_, b, xs) in enumerate(item.blocks(ctx.chunk_elements)):
+        assert b is not None
+        r: torch.Tensor | None = None
+        if ref == "tall":
+            merged, taus = _block_merged(ctx, b, xs, k < derived)
+            if merged is None:
+                merged = ctx.method.combine(taus)
+            r = reconstruct(b, _mask(taus[i], merged, ctx.lambdas[item.tasks[i]]), merged, dtype)
+            del taus, merged
+        elif ref == "base":
+            r = narrow(b.to(torch.float32), dtype)
+        x = xs[i]
+        del b, xs
+        yield _residual(ctx, x, r, transform)
+
+
 def _mask(tau: torch.Tensor, merged: torch.Tensor, lam: float) -> torch.Tensor:
     """``tall.tall_mask``'s bits: in one compiled pass where it applies (``kernels.tall_mask``)."""
     if tau.dtype == merged.dtype == torch.float32 and tau.is_contiguous() and merged.is_contiguous():
@@ -329,32 +425,49 @@ def add_exact(ctx: WriteContext, item: Item, entry: TensorEntry, tasks: set[str]
     if not any(tt.encoding == "tall" for tt in entry.tasks.values()):
         assert held is None and merged_held is None
         return entry
-    assert ctx.residuals is not None and item.base is not None
+    assert ctx.residuals is not None and item.dtypes[0] is not None
     assert held is None or tasks is None
-    talls, derivable = _tall_references(ctx, item, merged_held is not None and MERGED_POLICY == "derive")
+    check = merged_held is not None and MERGED_POLICY == "derive"
     todo = [i for i, t in enumerate(item.tasks)
             if tasks is None or (t in tasks and "exact" not in entry.tasks[t].extras)]
-    bases: dict[torch.dtype, torch.Tensor] = {}  # the base reference, once per dtype (not per task)
-    refs = {i: _references(item, i, talls[i], bases) for i in todo}
     codecs = tuple(c for c in codecs if c in RESIDUAL_CODECS) or ("planes",)
     sizes: dict[int, list[tuple[int, How]]] = {}
-    _each(ctx, len(todo), lambda k: sizes.__setitem__(todo[k], _sizes(ctx, item, todo[k], refs[todo[k]], codecs)))
+    streamed = item.streamed
+    if streamed:  # too large to hold whole (``inputs.HOLD_BYTES``): a block at a time
+        scan = _scan(ctx, item, todo, check)
+        derivable, hashes = scan.derivable, scan.hashes
+        _each(ctx, len(todo), lambda k: sizes.__setitem__(
+            todo[k], _sample_sizes(ctx, scan.x[todo[k]], scan.refs(todo[k]), codecs)))
+        scan.x, scan.tall, scan.base = {}, {}, {}  # (the samples, let go)
+        residuals: Callable[[int, str, str], Iterator[np.ndarray]] = (
+            lambda i, ref, tr: _streamed_residuals(ctx, item, i, ref, tr, scan.derived))
+    else:
+        talls, derivable = _tall_references(ctx, item, check)
+        bases: dict[torch.dtype, torch.Tensor] = {}  # the base reference, once per dtype (not per task)
+        refs = {i: _references(item, i, talls[i], bases) for i in todo}
+        _each(ctx, len(todo), lambda k: sizes.__setitem__(todo[k], _sizes(ctx, item, todo[k], refs[todo[k]], codecs)))
+        hashes = {i: tensor_hash(item.thetas[i]) for i in todo}
+        residuals = lambda i, ref, tr: iter((_residual(ctx, item.thetas[i], refs[i][ref], tr),))
     choice = _choose(item, todo, sizes, held, merged_held, derivable)
     w, ce = ctx.writer, ctx.chunk_elements
+    shape, dtypes = item.shape, item.dtypes[1]
     for i in todo:
-        t, x, tt = item.tasks[i], item.thetas[i], entry.tasks[item.tasks[i]]
+        t, tt, size = item.tasks[i], entry.tasks[item.tasks[i]], dtypes[i].itemsize
         (ref, tr, codec), derive = choice[i]
-        z = _residual(ctx, x, refs[i][ref], tr)  # while the last task's residual is being encoded
+        parts = residuals(i, ref, tr)
+        z: np.ndarray | None = next(parts)  # (while the last task's residual is being encoded)
         if held is not None and not derive:
             tt.arrays["mask"] = _write_held(ctx, held[i], tt.shape)
-        chain = _chains(ctx, x.element_size(), codecs)[codec]
-        builder = w.begin_array(_UINT[x.element_size()][1], tuple(x.shape), chain, ce)
-        data, step = z.view(np.uint8).data, ce * z.itemsize
-        futures = w.submit([(chain, data[a : a + step]) for a in range(0, len(data), step)])
-        for f in futures:
-            w.queue(builder.queued, f)
-        w.drain(leave=len(futures))  # the last task's chunks written: two residuals held at most
-        exact = _Pending(builder, ref, tr, tensor_hash(x))
+        chain = _chains(ctx, size, codecs)[codec]
+        builder = w.begin_array(_UINT[size][1], shape, chain, ce)
+        while z is not None:  # the whole residual, or (streamed) a block's, which is one chunk
+            data, step = z.view(np.uint8).data, ce * z.itemsize
+            futures = w.submit([(chain, data[a : a + step]) for a in range(0, len(data), step)])
+            for f in futures:
+                w.queue(builder.queued, f)
+            w.drain(leave=max(len(futures), ctx.threads if streamed else 0))  # two residuals (or a few blocks') at most
+            z = next(parts, None)
+        exact = _Pending(builder, ref, tr, hashes[i])
         if derive:
             entry.tasks[t] = TaskTensor("tall-derived", tt.dtype, tt.shape, {},
                                         {"ones": tt.params["ones"], "lambda": ctx.lambdas[t]}, {"exact": exact})
@@ -386,7 +499,7 @@ def _choose(item: Item, todo: list[int], sizes: dict[int, list[tuple[int, How]]]
     cost = 0.0  # the per-task choice, scaled from the sample to the tensor
     best: dict[int, tuple[float, How] | None] = {}
     for i in todo:
-        n = item.thetas[i].numel()
+        n = numel(item.shape)
         scale = n / max(1, min(SAMPLE_ELEMENTS, n))
         with_mask = min(s * scale + sum(len(c) for c in held[i]) for s, _ in sizes[i])
         best[i] = next(((s * scale, how) for s, how in sizes[i] if how[0] != "tall"), None)
@@ -420,7 +533,14 @@ def _references(item: Item, i: int, rec: torch.Tensor, bases: dict[torch.dtype, 
 def _sizes(ctx: WriteContext, item: Item, i: int, refs: dict[str, torch.Tensor | None],
            codecs: tuple[str, ...]) -> list[tuple[int, How]]:
     """(coded bytes of the first SAMPLE_ELEMENTS elements, how), smallest first."""
-    x, n, ce = item.thetas[i], SAMPLE_ELEMENTS, ctx.chunk_elements
+    return _sample_sizes(ctx, item.thetas[i], refs, codecs)
+
+
+def _sample_sizes(ctx: WriteContext, x: torch.Tensor, refs: dict[str, torch.Tensor | None],
+                  codecs: tuple[str, ...]) -> list[tuple[int, How]]:
+    """``_sizes`` of task tensor ``x`` (or its first SAMPLE_ELEMENTS elements, flat) against ``refs``
+    (the same elements of each)."""
+    n, ce = SAMPLE_ELEMENTS, ctx.chunk_elements
     xb = bits(x.contiguous().reshape(-1)[:n])
     chains = _chains(ctx, x.element_size(), codecs)
     out = []
