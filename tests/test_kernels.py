@@ -707,3 +707,15 @@ def test_ties_loops_refuse_lengths_that_wrap_and_counts_that_overflow(call):
             n = 4
             _kernels.ties_merge(b"", [np.zeros(n, np.float32)] * 256, 0, np.zeros(256, np.float32), 1.0,
                                 np.zeros(n, np.float32), np.zeros(n, np.uint8))
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.sampled_from([torch.float16, torch.bfloat16]), st.lists(st.integers(0, 0xFFFF), min_size=1, max_size=64))
+def test_max_abs_of_16_bit_floats_from_their_bits_is_abs_max(dtype, patterns):
+    """``encodings.tall._max_abs`` reads a 16-bit tensor's largest magnitude from its bits: the
+    same value as ``abs().max()`` for every pattern (zeros, subnormals, inf; NaN when one is)."""
+    from tallpack.encodings.tall import _max_abs
+    x = torch.tensor(patterns, dtype=torch.int32).to(torch.int16).view(dtype)
+    want = float(x.float().abs().max())
+    got = _max_abs(x)
+    assert got == want or (np.isnan(got) and np.isnan(want))

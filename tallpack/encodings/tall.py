@@ -87,8 +87,14 @@ def narrow_dtypes(dtypes: Sequence[torch.dtype]) -> list[torch.dtype | None]:
 
 
 def _max_abs(t: torch.Tensor) -> float:
+    """The largest |t| (NaN when t holds one; t is float32, 16-bit or float8)."""
     if t.numel() == 0:
         return 0.0
+    if t.dtype in (torch.float16, torch.bfloat16) and t.is_contiguous():
+        # |x|'s bits are x's without the sign, ordered as the magnitudes: their largest is the
+        # largest |x| (a NaN's bits pass every number's). torch.aminmax of float16 took 10x as long.
+        top = int((t.reshape(-1).view(torch.int16).numpy() & 0x7FFF).max())
+        return float(torch.tensor([top], dtype=torch.int16).view(t.dtype)[0])
     lo, hi = torch.aminmax(t if t.dtype in (torch.float32, torch.float16, torch.bfloat16) else t.to(torch.float32))
     return max(-float(lo), float(hi))
 
