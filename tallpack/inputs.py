@@ -167,6 +167,10 @@ class PackInputs:
                 ce, n = self.chunk_elements, numel(stream.shape)
                 kind = self._kinds[entry.name] = resolve_blocks(
                     entry.kind, len(entry.tasks), same, (stream.block(a, min(n, a + ce)) for a in range(0, n, ce)))
+            if kind is Kind.SHARED:  # every task's copy the same, bit for bit: one read serves them all
+                first = stream.tasks[0].get(entry.name)
+                return Item(entry.name, entry.kind.value, kind.value, entry.tasks, self.base.get(entry.name),
+                            [first] * len(entry.tasks))
             return Item(entry.name, entry.kind.value, kind.value, entry.tasks, None, [], stream)
         thetas = [self.tasks[t].get(entry.name) for t in entry.tasks]
         kind = self._kinds.get(entry.name)
