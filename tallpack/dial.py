@@ -67,10 +67,11 @@ from .container import ALIGNMENT, FOOTER, HEADER
 from . import kernels
 from .dtypes import dtype_name, narrow, tensor_to_bytes, torch_dtype
 from .encodings import Item, TaskTensor, TensorEntry, WriteContext, iter_arrays, settled
+from .elements import numel
 from .encodings.base import EXTRA_ARRAYS
 from .encodings.correction import (BLOCK, Correction, quant_decode, quant_encode, quant_encode_widths, residual,
                                    sparse_decode, sparse_encode, sparse_encode_ks)
-from .encodings.exact import (RESIDUAL_CODECS, SAMPLE_ELEMENTS, _references, _sizes, add_exact, bits, forward,
+from .encodings.exact import (RESIDUAL_CODECS, SAMPLE_ELEMENTS, _sample_sizes, add_exact, bits, forward,
                               permute)
 from .encodings.qtau import BLOCK as QBLOCK
 from .encodings.qtau import dequantize, quantize, quantize_widths, rebuilt
@@ -378,8 +379,9 @@ def exact_tier_cost(tier: TierCost, sizes: Mapping[str, list[tuple[int, tuple[st
 
 
 def tall_parts(ctx: WriteContext, item: Item) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """tau_MTL and every task's mask of a merged tensor, flat, as the tall encoding writes them."""
-    merged, masks, _ = _tall_parts(ctx, item)
+    """tau_MTL and every task's mask of a merged tensor, flat, as the tall encoding writes them (a
+    streamed item read a block at a time: ``_whole_parts``)."""
+    _, merged, masks, _ = _whole_parts(ctx, item)
     return merged, masks
 
 
@@ -426,6 +428,53 @@ def _extras(ctx: WriteContext, item: Item) -> dict[str, torch.Tensor]:
     assert item.base is not None
     parts = [ctx.method.extras(taus) for _, taus in blocks(item.base, item.thetas, ctx.chunk_elements)]
     return {k: torch.cat([p[k] for p in parts]) for k in ctx.method.extra_arrays} if parts else {}
+
+
+def _whole_parts(ctx: WriteContext, item: Item, extras: bool = False
+                 ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor], dict[str, torch.Tensor] | None]:
+    """The base, flat, and ``_tall_parts``. A streamed item (``Item.streamed``: its copies too large
+    to hold at once, ``inputs.HOLD_BYTES``) is read a block of ``chunk_elements`` at a time and
+    stays streamed: each block's parts made as ``_tall_parts`` makes them (elementwise, or in the
+    same blocks: the same bits), so the dial holds the base, tau_MTL and the masks, never every
+    task's copy."""
+    if not item.streamed:
+        assert item.base is not None
+        return (item.base.reshape(-1), *_tall_parts(ctx, item, extras))
+    n, base_dtype = numel(item.shape), item.dtypes[0]
+    assert base_dtype is not None  # (planned merged: the base has it)
+    base, merged = torch.empty(n, dtype=base_dtype), torch.empty(n, dtype=torch.float32)
+    masks = [torch.empty(n, dtype=torch.bool) for _ in item.tasks]
+    ex: dict[str, torch.Tensor] | None = {} if extras else None
+    for a, b, xs in item.blocks(ctx.chunk_elements):
+        assert b is not None
+        s = slice(a, a + b.numel())
+        m, ms, e = _tall_parts(ctx, Item(item.name, item.planned, item.kind, item.tasks, b, xs), extras)
+        base[s], merged[s] = b, m
+        for mask, part in zip(masks, ms):
+            mask[s] = part
+        if ex is not None and e is not None:
+            for k, v in e.items():
+                ex.setdefault(k, torch.empty(n, dtype=v.dtype))[s] = v
+        del b, xs, m, ms, e  # (the block's copies, let go before the next is read)
+    return base, merged, masks, ex
+
+
+def _reader(item: Item) -> Callable[[int], torch.Tensor]:
+    """Task ``i``'s tensor, whole: held, or for a streamed item read from its file alone (one task's
+    copy at a time, never every task's: ``Stream.whole`` reads them all), one read at a time."""
+    if not item.streamed:
+        return lambda i: item.thetas[i]
+    stream: Any = item._stream  # (inputs.Streamed: its sources)
+    lock = threading.Lock()
+
+    def read(i: int) -> torch.Tensor:
+        with lock:
+            src = getattr(stream, "tasks", None)
+            if src is not None:
+                return src[i].get(stream.name)
+            # another Stream: task i's blocks, joined (every task's block is read to get one)
+            return torch.cat([xs[i].reshape(-1) for _, _, xs in item.blocks(1 << 20)]).reshape(item.shape)
+    return read
 
 
 @contextmanager
@@ -873,27 +922,28 @@ class Dial:
             self._observe(ctx, item)
 
     def _observe(self, ctx: WriteContext, item: Item) -> None:
-        assert item.base is not None
-        merged, masks, extras = _tall_parts(ctx, item, extras=True)
+        base, merged, masks, extras = _whole_parts(ctx, item, extras=True)
         assert extras is not None
-        base32 = item.base.reshape(-1).to(torch.float32)
+        base32 = base.to(torch.float32)
         ce = ctx.chunk_elements
         self.droppable = DROP_MERGED and self.qtau and ctx.method.name == "ta"
-        b_dt = dtype_name(item.base.dtype)
+        b_dt = dtype_name(base.dtype)
         mcost = _tensor_cost(ctx.dense("float32"), merged, ce) + sum(
             _tensor_cost(ctx.dense(EXTRA_ARRAYS[k]), v, ce) for k, v in extras.items())
-        tier = TierCost(_tensor_cost(ctx.dense(b_dt), item.base, ce), mcost,
+        tier = TierCost(_tensor_cost(ctx.dense(b_dt), base, ce), mcost,
                         {t: _tensor_cost(ctx.masks, m, ce) + 40 for t, m in zip(item.tasks, masks)})
         self.tier[item.name] = tier
         n = base32.numel()  # (an empty tensor: its base entry alone)
         bases: dict[torch.dtype, torch.Tensor] = {}  # the exact tier's base reference, once per dtype
-        for x in item.thetas if n else ():  # made here, before the tasks share them
-            if x.dtype not in bases:
-                bases[x.dtype] = narrow(item.base.to(torch.float32), x.dtype)  # as ``_references``
+        for dt in item.dtypes[1] if n else ():  # made here, before the tasks share them
+            if dt not in bases:
+                bases[dt] = narrow(base.to(torch.float32), dt)  # as ``_references``
+        del base
         scratch = _Scratch(n + max(QBLOCK, BLOCK))  # the quantizers' work: no fresh pages
+        read = _reader(item)  # (a streamed item: each task's copy read as its turn comes)
 
         def measure(i: int) -> _Measured:
-            return self._measure(ctx, item, i, base32, merged, masks[i], tier, bases, scratch.get())
+            return self._measure(ctx, item, i, read(i), base32, merged, masks[i], tier, bases, scratch.get())
 
         sizes: dict[str, list[tuple[int, tuple[str, str, str]]]] = {}
         parts = in_flight(ctx.threads, len(item.tasks), n, memory_free() if ctx.threads > 1 else None)
@@ -918,12 +968,13 @@ class Dial:
                     self._held.setdefault(t, {})[item.name] = m.held
         self.exact_tier[item.name] = exact_tier_cost(tier, sizes, n, ce, derives_merged(ctx.method)) if n else tier.base
 
-    def _measure(self, ctx: WriteContext, item: Item, i: int, base32: torch.Tensor, merged: torch.Tensor,
-                 mask: torch.Tensor, tier: TierCost, bases: dict[torch.dtype, torch.Tensor],
+    def _measure(self, ctx: WriteContext, item: Item, i: int, x: torch.Tensor, base32: torch.Tensor,
+                 merged: torch.Tensor, mask: torch.Tensor, tier: TierCost, bases: dict[torch.dtype, torch.Tensor],
                  scratch: torch.Tensor) -> _Measured:
-        """Task ``i``'s candidates of one merged tensor, measured without touching the dial's state
-        (the tasks of a tensor are measured on several threads at once: ``_observe`` records them)."""
-        t, x, ce = item.tasks[i], item.thetas[i], ctx.chunk_elements
+        """Task ``i``'s candidates of one merged tensor (``x``: its copy), measured without touching
+        the dial's state (the tasks of a tensor are measured on several threads at once:
+        ``_observe`` records them)."""
+        t, ce = item.tasks[i], ctx.chunk_elements
         xf = x.reshape(-1)
         given = (self.sensitivity or {}).get(t, {}).get(item.name)
         w = None if given is None else sensitivity_weights(given, tuple(x.shape), f"task {t!r}, tensor {item.name!r}")
@@ -977,8 +1028,10 @@ class Dial:
                 err, pe, same, over = sq_err(narrow(rec32 + cq, x.dtype))
                 opts.append(Option("quant", priced({"scales": scales, "codes": codes}), err, 0, b, pe, same, over))
         if n:  # the exact tier's residual, weighed as ``pack --exact`` would (``exact_tier_cost``)
-            refs = _references(item, i, plain, bases)
-            sizes = _sizes(ctx, item, i, refs, EXACT_CODECS)
+            refs: dict[str, torch.Tensor | None] = {"tall": plain, "base": bases[x.dtype], "zero": None}
+            if torch.isnan(plain).any():  # as ``exact._references``: never coded against a NaN
+                del refs["tall"]
+            sizes = _sample_sizes(ctx, x, refs, EXACT_CODECS)
             if not exact0 and "exact" in self.allowed:  # also where TALL errs by bits alone
                 opts.append(Option("exact", _exact_cost(ctx, x, sizes, refs), 0.0, bit_exact=True))
         held = (base32, rec32, r, x.dtype) if self.evaluate is not None else None
@@ -1425,11 +1478,10 @@ class Dial:
             return self._write_tensor(ctx, item)
 
     def _write_tensor(self, ctx: WriteContext, item: Item) -> TensorEntry:
-        assert item.base is not None
         qt = {t: o.bits for t in item.tasks
               if (o := self.choice.get(t, {}).get(item.name)) is not None and o.kind == "qtau"}
-        parts = in_flight(ctx.threads, len(item.tasks), item.base.numel(), memory_free() if ctx.threads > 1 else None)
-        tall: tuple[torch.Tensor, list[torch.Tensor]] | None = None
+        parts = in_flight(ctx.threads, len(item.tasks), numel(item.shape), memory_free() if ctx.threads > 1 else None)
+        tall: tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]] | None = None
         if qt:
             entry, tall = _write_mixed(ctx, item, qt, item.name in self.dropped, parts)
         else:
@@ -1443,18 +1495,23 @@ class Dial:
         return entry
 
     def _corrections(self, ctx: WriteContext, item: Item, entry: TensorEntry, parts: int,
-                     tall: tuple[torch.Tensor, list[torch.Tensor]] | None) -> None:
+                     tall: tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]] | None) -> None:
         """The sparse, quant and exact corrections decided for ``item``'s tasks: the exact ones
         first (``add_exact``), then the others in task order, each task's residual encoded on the
-        threads (``parts`` at once). ``tall``: tau_MTL and the masks, when the caller has them."""
+        threads (``parts`` at once). ``tall``: the float32 base, tau_MTL and the masks, when the
+        caller has them."""
         name = item.name
         todo = {t: o for t in item.tasks if (o := self.choice.get(t, {}).get(name)) is not None
                 and o.kind in ("sparse", "quant", "exact")}
         if not todo:
             return
-        assert item.base is not None
-        merged, masks = tall if tall is not None else tall_parts(ctx, item)
-        base32 = item.base.reshape(-1).to(torch.float32)
+        if tall is None:
+            base, merged, masks, _ = _whole_parts(ctx, item)
+            base32 = base.to(torch.float32)
+            del base
+        else:
+            base32, merged, masks = tall
+        read = _reader(item)  # (a streamed item: each lossy task's copy read as its turn comes)
         exact = {t for t, o in todo.items() if o.kind == "exact"}
         if exact:
             add_exact(ctx, item, entry, tasks=exact)
@@ -1464,7 +1521,7 @@ class Dial:
 
         def encoded(j: int) -> dict[str, np.ndarray]:
             i = lossy[j]
-            return candidate_arrays(todo[item.tasks[i]], residual(item.thetas[i], base32, masks[i], merged))
+            return candidate_arrays(todo[item.tasks[i]], residual(read(i), base32, masks[i], merged))
 
         with closing(_in_order(encoded, len(lossy), min(parts, len(lossy)), 2 * parts)) as results:
             for i, got in zip(lossy, results):
@@ -1503,19 +1560,21 @@ def _write(ctx: WriteContext, a: np.ndarray) -> ArrayRef:
 
 
 def _write_mixed(ctx: WriteContext, item: Item, qt: Mapping[str, int], drop: bool, parts: int = 1
-                 ) -> tuple[TensorEntry, tuple[torch.Tensor, list[torch.Tensor]]]:
+                 ) -> tuple[TensorEntry, tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]]:
     """A merged tensor where the tasks of ``qt`` store their own quantized task vector (``qtau``,
     ``bits``) and no mask; the merged vector (and the method's extras) left out when ``drop``.
     Each task's figures and quantization on up to ``parts`` threads, its arrays written in task
-    order. Returns the entry, and tau_MTL and the masks (``tall_parts``) for the corrections."""
-    assert item.base is not None
-    w, ce, shape = ctx.writer, ctx.chunk_elements, tuple(item.base.shape)
+    order. Returns the entry, and the float32 base, tau_MTL and the masks (``tall_parts``) for the
+    corrections. A streamed item stays streamed (``_whole_parts``; each task's copy read alone)."""
+    w, ce, shape = ctx.writer, ctx.chunk_elements, item.shape
     w.use("encoding:qtau")
-    merged, masks, extras = _tall_parts(ctx, item, extras=not drop)
-    base32 = item.base.reshape(-1).to(torch.float32)
+    base, merged, masks, extras = _whole_parts(ctx, item, extras=not drop)
+    base32 = base.to(torch.float32)
     n = base32.numel()
-    b_dt = dtype_name(item.base.dtype)
-    arrays = {"base": w.write_array(tensor_to_bytes(item.base.contiguous()), b_dt, shape, ctx.dense(b_dt), ce)}
+    b_dt = dtype_name(base.dtype)
+    arrays = {"base": w.write_array(tensor_to_bytes(base.contiguous()), b_dt, shape, ctx.dense(b_dt), ce)}
+    del base
+    read = _reader(item)
     if not drop:
         arrays["merged"] = w.write_array(tensor_to_bytes(merged), "float32", shape, ctx.dense("float32"), ce)
         assert extras is not None
@@ -1527,7 +1586,7 @@ def _write_mixed(ctx: WriteContext, item: Item, qt: Mapping[str, int], drop: boo
         """Task i's figures (the plain TALL ones, as for every merged tensor) and, for a qtau task,
         its arrays: (mask ones or qtau ones, (codes, scales) or None, its deQ when ``drop``)."""
         t = item.tasks[i]
-        tau = item.thetas[i].reshape(-1).to(torch.float32) - base32
+        tau = read(i).reshape(-1).to(torch.float32) - base32
         ones = ctx.fidelity[t].add(tau, masks[i], merged)
         if t not in qt:
             return ones, None, None
@@ -1542,10 +1601,10 @@ def _write_mixed(ctx: WriteContext, item: Item, qt: Mapping[str, int], drop: boo
     qs: dict[str, tuple[np.ndarray, np.ndarray, dict[str, ArrayRef], int]] = {}
     ref = torch.zeros_like(merged) if drop else merged
     with closing(_in_order(task, len(item.tasks), parts, 2 * parts)) as results:
-        for t, x, mask, got in zip(item.tasks, item.thetas, masks, results):
+        for t, dt, mask, got in zip(item.tasks, item.dtypes[1], masks, results):
             ones, q, deq = got()
             if q is None:
-                tts[t] = TaskTensor("tall", dtype_name(x.dtype), shape,
+                tts[t] = TaskTensor("tall", dtype_name(dt), shape,
                                     {"mask": w.write_array(tensor_to_bytes(mask), "bool", shape, ctx.masks, ce)},
                                     {"ones": ones})
                 continue
@@ -1563,8 +1622,8 @@ def _write_mixed(ctx: WriteContext, item: Item, qt: Mapping[str, int], drop: boo
         with closing(_in_order(against, len(order), min(parts, len(order)), 2 * parts)) as counts:
             for t, count in zip(order, counts):
                 qs[t] = (*qs[t][:3], count())
-    for t, x in zip(item.tasks, item.thetas):
+    for t, dt in zip(item.tasks, item.dtypes[1]):
         if t in qt:
-            tts[t] = TaskTensor("qtau", dtype_name(x.dtype), shape, qs[t][2],
+            tts[t] = TaskTensor("qtau", dtype_name(dt), shape, qs[t][2],
                                 {"bits": qt[t], "block": QBLOCK, "ones": qs[t][3]})
-    return TensorEntry(item.name, "merged", {t: tts[t] for t in item.tasks}, arrays), (merged, masks)
+    return TensorEntry(item.name, "merged", {t: tts[t] for t in item.tasks}, arrays), (base32, merged, masks)

@@ -1,0 +1,164 @@
+"""The fidelity dial on a tensor read a block at a time (``inputs.HOLD_BYTES``).
+
+A tensor planned as merged whose copies are too large to hold at once stays streamed through the
+dial: its TALL parts (base, tau_MTL, masks) are made block by block, and each task's copy is read
+from its file alone, one task at a time, when its candidates are measured or its correction
+written; ``Stream.whole`` (every task's copy at once) is never read. The archive is the same, byte
+for byte, as when every tensor is read whole.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import tallpack
+from tallpack import inputs
+
+from conftest import anon_growth
+
+CHUNK = 1 << 16
+N = 5 * CHUNK + 1000  # six blocks, the last a short one
+
+
+def _family(d: Path, dtype: torch.dtype, tasks: int = 3) -> tuple[Path, dict[str, Path]]:
+    """A base and ``tasks`` fine-tunes of one streamed tensor and a small one, each task changed
+    by its own amount (so their ladders and choices differ), a few entries changed a lot (so
+    sparse corrections pay)."""
+    g = torch.Generator().manual_seed(1)
+    base = {"big.weight": (torch.randn(N, generator=g) * 0.02).to(dtype),
+            "other.weight": (torch.randn(64, 32, generator=g) * 0.02).to(dtype)}
+    paths = {}
+    for i in range(-1, tasks):
+        if i < 0:
+            sd = base
+        else:
+            sd = {k: (v.float() + (1 + i) * 1e-3 * torch.randn(v.shape, generator=g)).to(dtype)
+                  for k, v in base.items()}
+            big = sd["big.weight"].float()
+            idx = torch.randint(0, N, (200,), generator=g)
+            big[idx] += 0.05 * torch.randn(200, generator=g)
+            sd["big.weight"] = big.to(dtype)
+        p = d / f"m{i + 1}.safetensors"
+        save_file(sd, p)
+        paths[f"t{i}"] = p
+    return paths.pop("t-1"), paths
+
+
+def _pack_both(tmp: Path, monkeypatch, base: Path, tasks: dict[str, Path], **kw) -> tuple[bytes, bytes, int]:
+    """The archive packed with every tensor read whole, and with the large one read a block at a
+    time; and how often the streamed tensor was read whole (every task's copy at once)."""
+    wholes = [0]
+    whole = inputs.Streamed.whole
+
+    def counted(self):
+        wholes[0] += 1
+        return whole(self)
+
+    monkeypatch.setattr(inputs.Streamed, "whole", counted)
+    out = []
+    for hold in (1 << 60, 0):
+        monkeypatch.setattr(inputs, "HOLD_BYTES", hold)
+        path = tmp / f"a{hold}.tallpack"
+        tallpack.pack(base, tasks, path, chunk_elements=CHUNK, **kw)
+        out.append(path.read_bytes())
+    return out[0], out[1], wholes[0]
+
+
+def _stored(path: Path) -> dict[str, int]:
+    """What the dial stored, counted over tasks (``stats.dial``)."""
+    with tallpack.open(path) as a:
+        counts: dict[str, int] = {}
+        for rec in a.manifest.stats["dial"]["tasks"].values():
+            for k, v in rec["stored"].items():
+                counts[k] = counts.get(k, 0) + v
+        return counts
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("merge", ["ta", "ties"])
+@pytest.mark.parametrize("dial", [{"fidelity": 0.999}, {"fidelity": 0.98}, {"budget": 2.0}])
+def test_dial_streamed_is_the_same_bytes(tmp_path, monkeypatch, dtype, merge, dial):
+    base, tasks = _family(tmp_path, dtype)
+    whole, streamed, wholes = _pack_both(tmp_path, monkeypatch, base, tasks, merge=merge, **dial)
+    assert wholes == 0  # never every task's copy at once
+    assert streamed == whole
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("opts", [{"fidelity": 0.9995, "corrections": ("sparse",)},
+                                  {"fidelity": 0.9995, "corrections": ("quant4", "quant8")},
+                                  {"fidelity": 0.9995, "corrections": ("qtau",)},
+                                  {"fidelity": 1.0},
+                                  {"budget": 1.5}])
+def test_dial_streamed_options_and_threads(tmp_path, monkeypatch, threads, opts):
+    base, tasks = _family(tmp_path, torch.bfloat16)
+    whole, streamed, wholes = _pack_both(tmp_path, monkeypatch, base, tasks, threads=threads, **opts)
+    assert wholes == 0
+    assert streamed == whole
+    stored = _stored(tmp_path / "a0.tallpack")
+    assert sum(v for k, v in stored.items() if k != "tall") > 0, stored  # some correction written streamed
+
+
+def test_dial_streamed_sensitivity(tmp_path, monkeypatch):
+    base, tasks = _family(tmp_path, torch.float32)
+    g = torch.Generator().manual_seed(2)
+    sens = {t: {"big.weight": torch.rand(N, generator=g)} for t in tasks}
+    whole, streamed, wholes = _pack_both(tmp_path, monkeypatch, base, tasks, fidelity=0.999, sensitivity=sens)
+    assert wholes == 0
+    assert streamed == whole
+
+
+def test_dial_streamed_reads_each_task_alone(tmp_path, monkeypatch):
+    """Each task's copy of the streamed tensor is read from its file whole once to be measured, and
+    once more where its lossy correction is written: never all of them for one step."""
+    base, tasks = _family(tmp_path, torch.float32)
+    from tallpack import sources
+
+    reads: list[str] = []
+    get = sources.Source.get
+
+    def counted(self, name, *a, **k):
+        if name == "big.weight":
+            reads.append(getattr(self, "task", None) or "base")
+        return get(self, name, *a, **k)
+
+    monkeypatch.setattr(sources.Source, "get", counted)
+    monkeypatch.setattr(inputs, "HOLD_BYTES", 0)
+    tallpack.pack(base, tasks, tmp_path / "a.tallpack", chunk_elements=CHUNK, fidelity=0.999,
+                  corrections=("sparse", "quant4", "quant8"))
+    assert "base" not in reads  # the base is read a block at a time
+    assert sorted(set(reads)) == sorted(tasks) and len(reads) <= 2 * len(tasks), reads
+
+
+def test_dial_streamed_memory(tmp_path):
+    """A 32 MB float32 tensor, base and 3 tasks, fidelity 0.999: streamed, the dial holds one
+    task's copy at a time, not the three."""
+    g = torch.Generator().manual_seed(0)
+    n = 8 << 20
+    base = torch.randn(n, generator=g) * 0.02
+    save_file({"big.weight": base}, tmp_path / "base.safetensors")
+    for i in range(3):
+        save_file({"big.weight": base + 1e-3 * torch.randn(n, generator=g)}, tmp_path / f"t{i}.safetensors")
+    del base
+    setup = f"""
+        from pathlib import Path
+        from tallpack import inputs
+        d = Path({str(tmp_path)!r})
+        tasks = {{f"t{{i}}": d / f"t{{i}}.safetensors" for i in range(3)}}
+    """
+    growth = {}
+    for hold in (1 << 60, 0):
+        work = f"""
+            inputs.HOLD_BYTES = {hold}
+            tallpack.pack(d / "base.safetensors", tasks, d / "a{hold}.tallpack", chunk_elements=1 << 18,
+                          fidelity=0.999, threads=1)
+        """
+        growth[hold] = anon_growth(setup, work)
+    assert (tmp_path / "a0.tallpack").read_bytes() == (tmp_path / f"a{1 << 60}.tallpack").read_bytes()
+    print({k: v >> 20 for k, v in growth.items()})
+    # the two task copies not held (64 MB), less noise
+    assert growth[0] < growth[1 << 60] - (40 << 20), growth
