@@ -281,10 +281,12 @@ def test_a_bare_base_and_sequence_classification_tasks(tmp_path, monkeypatch):
         _hf_ours(fam, t, m)
 
 
-def test_a_diffusers_pipeline(tmp_path, monkeypatch):
+@pytest.mark.parametrize("opts", [{}, {"group": False}, {"group": False, "exact": True}])
+def test_a_diffusers_pipeline(tmp_path, monkeypatch, opts):
+    """Components' tensors read a block at a time (``--no-group``: also for writing)."""
     from test_components import _family as _ldm
     roots = _ldm(tmp_path)
-    out, blocks = _both(tmp_path, monkeypatch, roots["base"], {"a": roots["a"], "b": roots["b"]}, chunk=1024)
+    out, blocks = _both(tmp_path, monkeypatch, roots["base"], {"a": roots["a"], "b": roots["b"]}, chunk=1024, **opts)
     assert blocks > 0
     fam = tallpack.open(out)
     assert any(k.startswith("unet/") for k in fam.state_dict("a").keys())
@@ -400,3 +402,55 @@ def test_a_shared_tensor_read_once_packs_the_same_bytes(tmp_path, monkeypatch, o
     fam = tallpack.open(out)
     assert {e.name: e.kind for e in fam.manifest.tensors}["big.weight"] == "shared"
     assert torch.equal(fam.get_tensor("t2", "big.weight"), fam.get_tensor("t0", "big.weight"))
+
+
+def _bin_shards(sd: dict[str, torch.Tensor], folder: Path) -> None:
+    """``sd`` as transformers 4 saved it with safe_serialization=False: two .bin shards and their
+    index, the last tensor (lm_head) in the second."""
+    import json
+    folder.mkdir()
+    names = list(sd)
+    parts = {"pytorch_model-00001-of-00002.bin": names[:-1], "pytorch_model-00002-of-00002.bin": names[-1:]}
+    for f, keys in parts.items():
+        torch.save({k: sd[k] for k in keys}, folder / f)
+    index = {"metadata": {"total_size": 0}, "weight_map": {k: f for f, keys in parts.items() for k in keys}}
+    (folder / "pytorch_model.bin.index.json").write_text(json.dumps(index))
+
+
+@pytest.mark.parametrize("case", ["subset", "dict-task", "legacy-pt", "bin-shards"])
+def test_other_inputs(tmp_path, monkeypatch, case):
+    """A tensor only some tasks have; a task given as a dict of tensors (read whole) beside files;
+    a legacy (not zip) torch.save; transformers' .bin shards (a large tensor in a later shard)."""
+    if case == "bin-shards":
+        from transformers import LlamaConfig, LlamaForCausalLM
+        torch.manual_seed(0)
+        cfg = LlamaConfig(vocab_size=8200, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                          num_attention_heads=2, num_key_value_heads=2, tie_word_embeddings=False)
+        model = LlamaForCausalLM(cfg)
+        for i, name in enumerate(["base", "t0", "t1"]):
+            if i:
+                _perturb(model, i)
+            _bin_shards(model.state_dict(), tmp_path / name)
+        base, tasks = tmp_path / "base", {"t0": tmp_path / "t0", "t1": tmp_path / "t1"}
+        want = 2 * 2 * 5
+    elif case == "legacy-pt":
+        def legacy(sd, p):
+            torch.save(sd, p, _use_new_zipfile_serialization=False)
+        base, tasks = _family(tmp_path, N, tasks=2, save=legacy, ext="pt")
+        want = 0
+    else:
+        base, tasks = _family(tmp_path, N, tasks=3)
+        from safetensors.torch import load_file
+        if case == "subset":
+            sd = load_file(tasks["t1"])
+            del sd["big.weight"]
+            save_file(sd, tasks["t1"])
+            want = 0  # (task-own: read whole)
+        else:
+            tasks = {**tasks, "t1": load_file(tasks["t1"])}
+            want = 0
+    out, blocks = _both(tmp_path, monkeypatch, base, tasks)
+    assert (blocks >= want) if want else (blocks == 0), blocks
+    fam = tallpack.open(out)
+    for t in tasks:
+        fam.state_dict(t)
