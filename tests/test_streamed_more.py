@@ -333,7 +333,7 @@ run()
 """
 
 
-@pytest.mark.parametrize("extra", [[], ["--merge", "ties", "-j", "1"], ["--exact"], ["--fidelity", "0.99"]])
+@pytest.mark.parametrize("extra", [[], ["--merge", "ties", "-j", "1"], ["--exact"], ["--fidelity", "0.99"], ["--progress"]])
 def test_the_command_line(tmp_path, extra):
     """``tallpack pack --chunk-elements N`` in a process of its own, HOLD_BYTES 0 and past every tensor."""
     import subprocess
@@ -342,7 +342,7 @@ def test_the_command_line(tmp_path, extra):
     outs = []
     for hold in (1 << 60, 0):
         out = tmp_path / f"c{hold}.tallpack"
-        args = ["pack", "--base", str(base), "-o", str(out), "--chunk-elements", str(CHUNK), "--no-progress", *extra,
+        args = ["pack", "--base", str(base), "-o", str(out), "--chunk-elements", str(CHUNK), *extra,
                 *(f"{t}={p}" for t, p in tasks.items())]
         r = subprocess.run([sys.executable, "-c", CLI, str(hold), *args], capture_output=True, text=True,
                            env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}, timeout=300)
@@ -454,3 +454,22 @@ def test_other_inputs(tmp_path, monkeypatch, case):
     fam = tallpack.open(out)
     for t in tasks:
         fam.state_dict(t)
+
+
+def test_the_loader_reads_the_next_tensor_while_this_one_is_written(tmp_path, monkeypatch):
+    """Two large tensors in a row: the second's kind is settled, a block at a time, on the loader
+    thread while the first is written, a block at a time, on the caller's."""
+    import threading
+    base, tasks = _family(tmp_path, N, tasks=2, extra={"next.weight": torch.randn(N + 5) * 0.02})
+    seen: list[tuple[str, str]] = []
+    block = inputs.Streamed.block
+
+    def noted(self, start, stop):
+        seen.append((self.name, threading.current_thread().name))
+        return block(self, start, stop)
+
+    monkeypatch.setattr(inputs.Streamed, "block", noted)
+    out, _ = _both(tmp_path, monkeypatch, base, tasks, threads=2)
+    loader = {n for n, th in seen if th.startswith("tallpack-load")}
+    writer = {n for n, th in seen if th == threading.main_thread().name}
+    assert loader == writer == {"big.weight", "next.weight"}, seen
