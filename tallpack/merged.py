@@ -48,7 +48,8 @@ class Family(Protocol):
     name: str
     manifest: Manifest
 
-    def read_array(self, ref: ArrayRef | DerivedMerged, where: str, use: Use = Use.OUTPUT) -> torch.Tensor: ...
+    def read_array(self, ref: ArrayRef | DerivedMerged, where: str, use: Use = Use.OUTPUT, *, start: int = 0,
+                   stop: int | None = None) -> torch.Tensor: ...
 
     def keys(self, task: str) -> list[str]: ...
 
@@ -187,6 +188,16 @@ def default_model(manifest: Manifest) -> str:
     return model if MERGED_MODELS.get(model) == method else "consensus-ta"
 
 
+#: A merged tensor of more elements than this, whose arrays are all stored and elementwise (base,
+#: merged vector, stored masks, TIES' counts; not a group, the dial's, or one derived from the exact
+#: originals), is built by a lazy merged model (``write_merged``, ``Archive.merged``) RUN_ELEMENTS at
+#: a time straight into its output, allocated once in its dtype: peak memory the output and a run's
+#: float32 buffers, not five or six float32 copies of the tensor (12 GB for an 8B model's 1 GB
+#: bfloat16 embedding). The same bits: every step is elementwise. 16M elements: a 64 MB float32 tensor.
+CHUNKED_FROM = 1 << 24
+#: The elements of one run (rounded up to a whole number of the arrays' chunks, so that no chunk
+#: is decoded twice): 1M, 4 MB float32 buffers.
+RUN_ELEMENTS = 1 << 20
 #: The most names of left-out tensors a warning lists.
 SHOWN_NAMES = 5
 #: The most bytes of built tensors a lazy merged model holds for names not indexed yet (a group's
@@ -413,6 +424,65 @@ class MergeParts:
         if e.members:  # a group (format 1.12): each member's run, a tensor of its own
             return {m.name: (part, None) for m, part in zip(e.members, split_parts(data, e.members))}
         return {e.name: (data, None)}
+
+    def _in_runs(self, e: TensorEntry) -> dict[str, ArrayRef] | None:
+        """The stored arrays a merged tensor of entry ``e`` is built from, by key (``"base"``,
+        ``"merged"``, the method's extras or each task's ``"mask"`` as ``"mask:TASK"``), when it is
+        built RUN_ELEMENTS at a time (CHUNKED_FROM); None: built whole, as ``entry_parts`` does."""
+        base = e.arrays.get("base")
+        if (e.members or not e.tasks or base is None or base.numel <= CHUNKED_FROM or _how_merged(e) != "merged"
+                or any(tt.encoding == "qtau" for tt in e.tasks.values())):
+            return None
+        refs: dict[str, ArrayRef | DerivedMerged | None] = {"base": base, "merged": merged_source(e)}
+        if is_consensus(self.model):
+            if any(tt.encoding != "tall" for tt in e.tasks.values()):  # derived masks: from the exact originals
+                return None
+            refs.update((f"mask:{t}", tt.arrays.get("mask")) for t, tt in e.tasks.items())
+        else:
+            refs.update((x, merged_source(e, x)) for x in self._method.extra_arrays)
+        got = {k: r for k, r in refs.items() if isinstance(r, ArrayRef) and r.numel == base.numel}
+        return got if len(got) == len(refs) else None  # (one missing or odd: entry_parts says what is wrong)
+
+    def build_in_runs(self, e: TensorEntry, alpha: float) -> tuple[torch.Tensor, bool] | None:
+        """The merged tensor of entry ``e`` at ``alpha``, and whether ``alpha`` overflowed it, built
+        RUN_ELEMENTS at a time into its output (``apply_direction`` and ``_overflowed`` on each run:
+        the bits of the whole tensor's); None for an entry built whole (:meth:`_in_runs`)."""
+        refs = self._in_runs(e)
+        if refs is None:
+            return None
+        read, model, method, k = self._family.read_array, self.model, self._method, self._k_used
+        where = f"tensor {e.name!r}"
+        base = refs["base"]
+        ce = max(r.chunk_elements for r in refs.values())
+        run = max(1, -(-RUN_ELEMENTS // ce)) * ce
+        out: torch.Tensor | None = None
+        out_finite = inputs_finite = True  # every run's part finite; base and d finite where checked
+        for a in range(0, base.numel, run):
+            b = min(base.numel, a + run)
+            theta = read(base, f"{where} (base)", Use.INPUT, start=a, stop=b)
+            tau = read(refs["merged"], f"{where} (merged)", Use.INPUT, start=a, stop=b)
+            masks: Iterable[torch.Tensor] | None = None
+            extras = None
+            if is_consensus(model):  # read as they are counted, in the tasks' order
+                masks = (read(refs[f"mask:{t}"], f"task {t!r}, {where} (mask)", Use.INPUT, start=a, stop=b)
+                         for t in e.tasks)
+            else:
+                extras = {x: read(refs[x], f"{where} ({x})", Use.INPUT, start=a, stop=b) for x in method.extra_arrays}
+            d = merge_direction(model, tau, masks, extras, k, method)
+            part = apply_direction(theta, d, alpha)
+            if out is None:
+                out = torch.empty(tuple(base.shape), dtype=part.dtype)
+            out.view(-1)[a:b] = part.reshape(-1)  # (one run of the whole tensor: read in its shape)
+            if theta.is_floating_point() and inputs_finite:
+                # a run's part not finite, or a saturating cast (float8_e4m3fn: inf to 448): its base and d
+                # are checked; where the part is finite without one, they are (inf or NaN in stays in)
+                finite = _finite(part)
+                out_finite = out_finite and finite
+                if not finite or part.dtype == getattr(torch, "float8_e4m3fn", None):
+                    inputs_finite = _finite(theta) and _finite(d)
+            del theta, tau, masks, extras, d, part
+        assert out is not None  # (more than CHUNKED_FROM elements: at least one run)
+        return out, out.is_floating_point() and not out_finite and inputs_finite
 
     @overload
     def state_dict(self, alpha: float | None = None, *, task: str | None = None,
@@ -653,6 +723,13 @@ class MergedModel(Mapping[str, "torch.Tensor"]):
         with memory_named(f"{fam.name}: the {parts.model} model"):  # torch's allocator: not a TallpackError
             out = {}
             held = parts._parts  # read already (an eager MergeParts): not read again
+            whole = parts.build_in_runs(entry, self._alpha) if held is None else None  # a large one: a run at a time
+            if whole is not None:
+                out[("merged", entry.name)], over = whole
+                if over and entry.name not in self.overflow:
+                    self.overflow.append(entry.name)
+                    self._overflow_dtypes[entry.name] = whole[0].dtype
+                return out
             got = ({m.name: held[m.name] for m in entry.members} if entry.members else {entry.name: held[entry.name]}
                    ) if held is not None else parts.entry_parts(entry)
             for n, (t, d) in got.items():
