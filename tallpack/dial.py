@@ -381,8 +381,9 @@ def exact_tier_cost(tier: TierCost, sizes: Mapping[str, list[tuple[int, tuple[st
 def tall_parts(ctx: WriteContext, item: Item) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """tau_MTL and every task's mask of a merged tensor, flat, as the tall encoding writes them (a
     streamed item read a block at a time: ``_whole_parts``)."""
-    _, merged, masks, _ = _whole_parts(ctx, item)
-    return merged, masks
+    parts = _whole_parts(ctx, item)
+    read = _reader(item)
+    return parts.merged, [parts.mask(ctx, item, i, read(i)) for i in range(len(item.tasks))]
 
 
 def _tall_parts(ctx: WriteContext, item: Item, extras: bool = False
@@ -430,33 +431,56 @@ def _extras(ctx: WriteContext, item: Item) -> dict[str, torch.Tensor]:
     return {k: torch.cat([p[k] for p in parts]) for k in ctx.method.extra_arrays} if parts else {}
 
 
-def _whole_parts(ctx: WriteContext, item: Item, extras: bool = False
-                 ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor], dict[str, torch.Tensor] | None]:
+@dataclass
+class _Parts:
+    """A merged tensor's base (flat, its own dtype), float32 base, tau_MTL and the method's extra
+    arrays, as ``_tall_parts`` makes them, and each task's mask: held (``masks``), or for a
+    streamed item made again from the task's copy when its turn comes (``mask``: the same bits,
+    ``tall_mask`` being elementwise), with each mask's stored bytes (``mask_costs``,
+    ``_tensor_cost``) measured as the blocks went by."""
+
+    base: torch.Tensor
+    base32: torch.Tensor
+    merged: torch.Tensor
+    extras: dict[str, torch.Tensor] | None
+    masks: list[torch.Tensor] | None
+    mask_costs: list[int] | None = None
+
+    def mask(self, ctx: WriteContext, item: Item, i: int, x: torch.Tensor) -> torch.Tensor:
+        """Task ``i``'s mask, flat (``x``: its copy)."""
+        if self.masks is not None:
+            return self.masks[i]
+        return tall_mask(x.reshape(-1).to(torch.float32) - self.base32, self.merged, ctx.lambdas[item.tasks[i]])
+
+
+def _whole_parts(ctx: WriteContext, item: Item, extras: bool = False) -> _Parts:
     """The base, flat, and ``_tall_parts``. A streamed item (``Item.streamed``: its copies too large
     to hold at once, ``inputs.HOLD_BYTES``) is read a block of ``chunk_elements`` at a time and
     stays streamed: each block's parts made as ``_tall_parts`` makes them (elementwise, or in the
-    same blocks: the same bits), so the dial holds the base, tau_MTL and the masks, never every
+    same blocks: the same bits), so the dial holds the base, tau_MTL and no mask, never every
     task's copy."""
     if not item.streamed:
         assert item.base is not None
-        return (item.base.reshape(-1), *_tall_parts(ctx, item, extras))
-    n, base_dtype = numel(item.shape), item.dtypes[0]
+        merged, masks, held = _tall_parts(ctx, item, extras)
+        base = item.base.reshape(-1)
+        return _Parts(base, base.to(torch.float32), merged, held, masks)
+    n, base_dtype, ce = numel(item.shape), item.dtypes[0], ctx.chunk_elements
     assert base_dtype is not None  # (planned merged: the base has it)
     base, merged = torch.empty(n, dtype=base_dtype), torch.empty(n, dtype=torch.float32)
-    masks = [torch.empty(n, dtype=torch.bool) for _ in item.tasks]
+    costs = [ARRAY_OVERHEAD + 40] * len(item.tasks)  # (``_observe``'s charge per mask)
     ex: dict[str, torch.Tensor] | None = {} if extras else None
-    for a, b, xs in item.blocks(ctx.chunk_elements):
+    for a, b, xs in item.blocks(ce):
         assert b is not None
         s = slice(a, a + b.numel())
         m, ms, e = _tall_parts(ctx, Item(item.name, item.planned, item.kind, item.tasks, b, xs), extras)
         base[s], merged[s] = b, m
-        for mask, part in zip(masks, ms):
-            mask[s] = part
+        for i, mask in enumerate(ms):  # a block is whole chunks: the chunks' bytes of the whole mask
+            costs[i] += _tensor_cost(ctx.masks, mask, ce) - ARRAY_OVERHEAD
         if ex is not None and e is not None:
             for k, v in e.items():
                 ex.setdefault(k, torch.empty(n, dtype=v.dtype))[s] = v
         del b, xs, m, ms, e  # (the block's copies, let go before the next is read)
-    return base, merged, masks, ex
+    return _Parts(base, base.to(torch.float32), merged, ex, None, costs)
 
 
 def _reader(item: Item) -> Callable[[int], torch.Tensor]:
@@ -922,16 +946,17 @@ class Dial:
             self._observe(ctx, item)
 
     def _observe(self, ctx: WriteContext, item: Item) -> None:
-        base, merged, masks, extras = _whole_parts(ctx, item, extras=True)
+        tp = _whole_parts(ctx, item, extras=True)
+        base, base32, merged, extras = tp.base, tp.base32, tp.merged, tp.extras
         assert extras is not None
-        base32 = base.to(torch.float32)
         ce = ctx.chunk_elements
         self.droppable = DROP_MERGED and self.qtau and ctx.method.name == "ta"
         b_dt = dtype_name(base.dtype)
         mcost = _tensor_cost(ctx.dense("float32"), merged, ce) + sum(
             _tensor_cost(ctx.dense(EXTRA_ARRAYS[k]), v, ce) for k, v in extras.items())
-        tier = TierCost(_tensor_cost(ctx.dense(b_dt), base, ce), mcost,
-                        {t: _tensor_cost(ctx.masks, m, ce) + 40 for t, m in zip(item.tasks, masks)})
+        masks = tp.mask_costs if tp.masks is None else [_tensor_cost(ctx.masks, m, ce) + 40 for m in tp.masks]
+        assert masks is not None
+        tier = TierCost(_tensor_cost(ctx.dense(b_dt), base, ce), mcost, dict(zip(item.tasks, masks)))
         self.tier[item.name] = tier
         n = base32.numel()  # (an empty tensor: its base entry alone)
         bases: dict[torch.dtype, torch.Tensor] = {}  # the exact tier's base reference, once per dtype
@@ -939,11 +964,14 @@ class Dial:
             if dt not in bases:
                 bases[dt] = narrow(base.to(torch.float32), dt)  # as ``_references``
         del base
+        tp.base = tp.base[:0]  # (let go while the tasks are measured: they take the float32 base)
         scratch = _Scratch(n + max(QBLOCK, BLOCK))  # the quantizers' work: no fresh pages
-        read = _reader(item)  # (a streamed item: each task's copy read as its turn comes)
+        read = _reader(item)  # (a streamed item: each task's copy read, and its mask made, as its turn comes)
 
         def measure(i: int) -> _Measured:
-            return self._measure(ctx, item, i, read(i), base32, merged, masks[i], tier, bases, scratch.get())
+            x = read(i)
+            return self._measure(ctx, item, i, x, base32, merged, tp.mask(ctx, item, i, x), tier, bases,
+                                 scratch.get())
 
         sizes: dict[str, list[tuple[int, tuple[str, str, str]]]] = {}
         parts = in_flight(ctx.threads, len(item.tasks), n, memory_free() if ctx.threads > 1 else None)
@@ -1481,7 +1509,7 @@ class Dial:
         qt = {t: o.bits for t in item.tasks
               if (o := self.choice.get(t, {}).get(item.name)) is not None and o.kind == "qtau"}
         parts = in_flight(ctx.threads, len(item.tasks), numel(item.shape), memory_free() if ctx.threads > 1 else None)
-        tall: tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]] | None = None
+        tall: _Parts | None = None
         if qt:
             entry, tall = _write_mixed(ctx, item, qt, item.name in self.dropped, parts)
         else:
@@ -1495,22 +1523,17 @@ class Dial:
         return entry
 
     def _corrections(self, ctx: WriteContext, item: Item, entry: TensorEntry, parts: int,
-                     tall: tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]] | None) -> None:
+                     tall: _Parts | None) -> None:
         """The sparse, quant and exact corrections decided for ``item``'s tasks: the exact ones
         first (``add_exact``), then the others in task order, each task's residual encoded on the
-        threads (``parts`` at once). ``tall``: the float32 base, tau_MTL and the masks, when the
-        caller has them."""
+        threads (``parts`` at once). ``tall``: the TALL parts (``_whole_parts``), when the caller
+        has them."""
         name = item.name
         todo = {t: o for t in item.tasks if (o := self.choice.get(t, {}).get(name)) is not None
                 and o.kind in ("sparse", "quant", "exact")}
         if not todo:
             return
-        if tall is None:
-            base, merged, masks, _ = _whole_parts(ctx, item)
-            base32 = base.to(torch.float32)
-            del base
-        else:
-            base32, merged, masks = tall
+        tp = tall if tall is not None else _whole_parts(ctx, item)
         read = _reader(item)  # (a streamed item: each lossy task's copy read as its turn comes)
         exact = {t for t, o in todo.items() if o.kind == "exact"}
         if exact:
@@ -1521,7 +1544,9 @@ class Dial:
 
         def encoded(j: int) -> dict[str, np.ndarray]:
             i = lossy[j]
-            return candidate_arrays(todo[item.tasks[i]], residual(read(i), base32, masks[i], merged))
+            x = read(i)
+            return candidate_arrays(todo[item.tasks[i]],
+                                    residual(x, tp.base32, tp.mask(ctx, item, i, x), tp.merged))
 
         with closing(_in_order(encoded, len(lossy), min(parts, len(lossy)), 2 * parts)) as results:
             for i, got in zip(lossy, results):
@@ -1560,20 +1585,19 @@ def _write(ctx: WriteContext, a: np.ndarray) -> ArrayRef:
 
 
 def _write_mixed(ctx: WriteContext, item: Item, qt: Mapping[str, int], drop: bool, parts: int = 1
-                 ) -> tuple[TensorEntry, tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]]:
+                 ) -> tuple[TensorEntry, _Parts]:
     """A merged tensor where the tasks of ``qt`` store their own quantized task vector (``qtau``,
     ``bits``) and no mask; the merged vector (and the method's extras) left out when ``drop``.
     Each task's figures and quantization on up to ``parts`` threads, its arrays written in task
-    order. Returns the entry, and the float32 base, tau_MTL and the masks (``tall_parts``) for the
-    corrections. A streamed item stays streamed (``_whole_parts``; each task's copy read alone)."""
+    order. Returns the entry, and the TALL parts (``_whole_parts``) for the corrections. A
+    streamed item stays streamed (each task's copy read, and its mask made, alone)."""
     w, ce, shape = ctx.writer, ctx.chunk_elements, item.shape
     w.use("encoding:qtau")
-    base, merged, masks, extras = _whole_parts(ctx, item, extras=not drop)
-    base32 = base.to(torch.float32)
+    tp = _whole_parts(ctx, item, extras=not drop)
+    base32, merged, extras = tp.base32, tp.merged, tp.extras
     n = base32.numel()
-    b_dt = dtype_name(base.dtype)
-    arrays = {"base": w.write_array(tensor_to_bytes(base.contiguous()), b_dt, shape, ctx.dense(b_dt), ce)}
-    del base
+    b_dt = dtype_name(tp.base.dtype)
+    arrays = {"base": w.write_array(tensor_to_bytes(tp.base.contiguous()), b_dt, shape, ctx.dense(b_dt), ce)}
     read = _reader(item)
     if not drop:
         arrays["merged"] = w.write_array(tensor_to_bytes(merged), "float32", shape, ctx.dense("float32"), ce)
@@ -1582,14 +1606,15 @@ def _write_mixed(ctx: WriteContext, item: Item, qt: Mapping[str, int], drop: boo
             arrays[k] = w.write_array(tensor_to_bytes(v), EXTRA_ARRAYS[k], shape, ctx.dense(EXTRA_ARRAYS[k]), ce)
     scratch = _Scratch(n + QBLOCK)  # the quantizer's work: no fresh pages
 
-    def task(i: int) -> tuple[int, tuple[np.ndarray, np.ndarray] | None, torch.Tensor | None]:
-        """Task i's figures (the plain TALL ones, as for every merged tensor) and, for a qtau task,
-        its arrays: (mask ones or qtau ones, (codes, scales) or None, its deQ when ``drop``)."""
-        t = item.tasks[i]
-        tau = read(i).reshape(-1).to(torch.float32) - base32
-        ones = ctx.fidelity[t].add(tau, masks[i], merged)
+    def task(i: int) -> tuple[int, tuple[np.ndarray, np.ndarray] | torch.Tensor, torch.Tensor | None]:
+        """Task i's figures (the plain TALL ones, as for every merged tensor) and its arrays: (mask
+        ones or qtau ones, its mask or, for a qtau task, (codes, scales), its deQ when ``drop``)."""
+        t, x = item.tasks[i], read(i)
+        tau = x.reshape(-1).to(torch.float32) - base32
+        mask = tp.mask(ctx, item, i, x)
+        ones = ctx.fidelity[t].add(tau, mask, merged)
         if t not in qt:
-            return ones, None, None
+            return ones, mask, None
         # with ``drop`` the deQ outlives this call (the readers' reference sums it): its own memory
         codes, scales, deq = next(quantize_widths(tau, (qt[t],), QBLOCK, scratch=None if drop else scratch.get()))
         assert deq is not None  # (as ``dequantize`` gives it, bit for bit)
@@ -1601,11 +1626,11 @@ def _write_mixed(ctx: WriteContext, item: Item, qt: Mapping[str, int], drop: boo
     qs: dict[str, tuple[np.ndarray, np.ndarray, dict[str, ArrayRef], int]] = {}
     ref = torch.zeros_like(merged) if drop else merged
     with closing(_in_order(task, len(item.tasks), parts, 2 * parts)) as results:
-        for t, dt, mask, got in zip(item.tasks, item.dtypes[1], masks, results):
+        for t, dt, got in zip(item.tasks, item.dtypes[1], results):
             ones, q, deq = got()
-            if q is None:
+            if isinstance(q, torch.Tensor):  # (its mask)
                 tts[t] = TaskTensor("tall", dtype_name(dt), shape,
-                                    {"mask": w.write_array(tensor_to_bytes(mask), "bool", shape, ctx.masks, ce)},
+                                    {"mask": w.write_array(tensor_to_bytes(q), "bool", shape, ctx.masks, ce)},
                                     {"ones": ones})
                 continue
             qs[t] = (*q, {"codes": _write(ctx, q[0]), "scales": _write(ctx, q[1])}, ones)
@@ -1626,4 +1651,4 @@ def _write_mixed(ctx: WriteContext, item: Item, qt: Mapping[str, int], drop: boo
         if t in qt:
             tts[t] = TaskTensor("qtau", dtype_name(dt), shape, qs[t][2],
                                 {"bits": qt[t], "block": QBLOCK, "ones": qs[t][3]})
-    return TensorEntry(item.name, "merged", {t: tts[t] for t in item.tasks}, arrays), (base32, merged, masks)
+    return TensorEntry(item.name, "merged", {t: tts[t] for t in item.tasks}, arrays), tp
