@@ -473,3 +473,14 @@ def test_the_loader_reads_the_next_tensor_while_this_one_is_written(tmp_path, mo
     loader = {n for n, th in seen if th.startswith("tallpack-load")}
     writer = {n for n, th in seen if th == threading.main_thread().name}
     assert loader == writer == {"big.weight", "next.weight"}, seen
+
+
+@pytest.mark.parametrize("merge", ["ta", "ties"])
+def test_streamed_with_one_thread_or_three(tmp_path, monkeypatch, merge):
+    base, tasks = _family(tmp_path, N, tasks=3, dtype=torch.bfloat16)
+    monkeypatch.setattr(inputs, "HOLD_BYTES", 0)
+    got = []
+    for threads in (1, 3):
+        tallpack.pack(base, tasks, tmp_path / f"j{threads}.tallpack", chunk_elements=CHUNK, threads=threads, merge=merge)
+        got.append((tmp_path / f"j{threads}.tallpack").read_bytes())
+    assert got[0] == got[1]
