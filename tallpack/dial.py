@@ -488,16 +488,12 @@ def _reader(item: Item) -> Callable[[int], torch.Tensor]:
     copy at a time, never every task's: ``Stream.whole`` reads them all), one read at a time."""
     if not item.streamed:
         return lambda i: item.thetas[i]
-    stream: Any = item._stream  # (inputs.Streamed: its sources)
+    stream: Any = item._stream  # (inputs.Streamed: its tasks' sources, which ``Stream`` does not name)
     lock = threading.Lock()
 
     def read(i: int) -> torch.Tensor:
         with lock:
-            src = getattr(stream, "tasks", None)
-            if src is not None:
-                return src[i].get(stream.name)
-            # another Stream: task i's blocks, joined (every task's block is read to get one)
-            return torch.cat([xs[i].reshape(-1) for _, _, xs in item.blocks(1 << 20)]).reshape(item.shape)
+            return stream.tasks[i].get(stream.name)
     return read
 
 

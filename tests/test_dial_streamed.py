@@ -9,6 +9,7 @@ for byte, as when every tensor is read whole.
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 
 import pytest
@@ -48,14 +49,17 @@ def _family(d: Path, dtype: torch.dtype, tasks: int = 3) -> tuple[Path, dict[str
     return paths.pop("t-1"), paths
 
 
-def _pack_both(tmp: Path, monkeypatch, base: Path, tasks: dict[str, Path], **kw) -> tuple[bytes, bytes, int]:
+def _pack_both(tmp: Path, monkeypatch, base: Path, tasks: dict[str, Path], *, by: str = "", **kw
+               ) -> tuple[bytes, bytes, int]:
     """The archive packed with every tensor read whole, and with the large one read a block at a
-    time; and how often the streamed tensor was read whole (every task's copy at once)."""
+    time; and how often the streamed tensor was read whole (every task's copy at once), by a
+    caller in the module file ``by`` when given."""
     wholes = [0]
     whole = inputs.Streamed.whole
 
     def counted(self):
-        wholes[0] += 1
+        if not by or any(f.filename.endswith(by) for f in inspect.stack()):
+            wholes[0] += 1
         return whole(self)
 
     monkeypatch.setattr(inputs.Streamed, "whole", counted)
@@ -162,3 +166,22 @@ def test_dial_streamed_memory(tmp_path):
     print({k: v >> 20 for k, v in growth.items()})
     # the two task copies not held (64 MB), less noise
     assert growth[0] < growth[1 << 60] - (40 << 20), growth
+
+
+def test_dial_streamed_with_an_evaluator(tmp_path, monkeypatch):
+    """With an evaluator the dial holds each task's rebuild to score it; the streamed tensor still
+    gives the same archive and the dial does not read it whole (``select_lambdas``, which an
+    evaluator runs, does)."""
+    base, tasks = _family(tmp_path, torch.float32)
+    from safetensors.torch import load_file
+
+    originals = {t: load_file(p) for t, p in tasks.items()}
+
+    def score(task, sd):  # closeness to the fine-tune, a stand-in for accuracy
+        err = sum(float(((sd[k].float() - originals[task][k].float()) ** 2).sum()) for k in originals[task])
+        return 1.0 / (1.0 + 50 * err)
+
+    whole, streamed, wholes = _pack_both(tmp_path, monkeypatch, base, tasks, by="tallpack/dial.py", fidelity=0.99,
+                                         evaluate=score, lambda_grid=[0.4])
+    assert wholes == 0
+    assert streamed == whole
