@@ -193,8 +193,9 @@ def default_model(manifest: Manifest) -> str:
 #: originals), is built by a lazy merged model (``write_merged``, ``Archive.merged``) RUN_ELEMENTS at
 #: a time straight into its output, allocated once in its dtype: peak memory the output and a run's
 #: float32 buffers, not five or six float32 copies of the tensor (12 GB for an 8B model's 1 GB
-#: bfloat16 embedding). The same bits: every step is elementwise. 16M elements: a 64 MB float32 tensor.
-CHUNKED_FROM = 1 << 24
+#: bfloat16 embedding). The same bits: every step is elementwise. 4M elements (a 16 MB float32
+#: tensor, one default chunk): a tensor of more than one default chunk is built in runs.
+CHUNKED_FROM = 1 << 22
 #: The elements of one run (rounded up to a whole number of the arrays' chunks, so that no chunk
 #: is decoded twice): 1M, 4 MB float32 buffers.
 RUN_ELEMENTS = 1 << 20
