@@ -623,6 +623,8 @@ class MergedModel(Mapping[str, "torch.Tensor"]):
     A tensor handed out that its caller still keeps is handed out again, as a dict would: tied
     names of a model being filled into a dict are one tensor, as the eager model's are.
     ``overflow`` lists the tensors built so far that ``alpha`` overflowed (``warn_overflow`` says so).
+    A tensor of more than CHUNKED_FROM elements is built a run of chunks at a time into its output
+    (``MergeParts.build_in_runs``): the same bits, the output and a run's buffers held.
     """
 
     def __init__(self, parts: MergeParts, alpha: float, task: str | None):
@@ -724,12 +726,12 @@ class MergedModel(Mapping[str, "torch.Tensor"]):
         with memory_named(f"{fam.name}: the {parts.model} model"):  # torch's allocator: not a TallpackError
             out = {}
             held = parts._parts  # read already (an eager MergeParts): not read again
-            whole = parts.build_in_runs(entry, self._alpha) if held is None else None  # a large one: a run at a time
-            if whole is not None:
-                out[("merged", entry.name)], over = whole
+            in_runs = parts.build_in_runs(entry, self._alpha) if held is None else None  # a large one (CHUNKED_FROM)
+            if in_runs is not None:
+                out[("merged", entry.name)], over = in_runs
                 if over and entry.name not in self.overflow:
                     self.overflow.append(entry.name)
-                    self._overflow_dtypes[entry.name] = whole[0].dtype
+                    self._overflow_dtypes[entry.name] = in_runs[0].dtype
                 return out
             got = ({m.name: held[m.name] for m in entry.members} if entry.members else {entry.name: held[entry.name]}
                    ) if held is not None else parts.entry_parts(entry)
