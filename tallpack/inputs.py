@@ -126,6 +126,9 @@ class Streamed:
     def whole(self) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
         return self.base.get(self.name), [s.get(self.name) for s in self.tasks]
 
+    def task(self, i: int) -> torch.Tensor:
+        return self.tasks[i].get(self.name)
+
     def block(self, start: int, stop: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
         name = self.name
         return self.base.get_range(name, start, stop), [s.get_range(name, start, stop) for s in self.tasks]

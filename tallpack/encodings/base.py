@@ -304,6 +304,10 @@ class Stream(Protocol):
         """Elements ``[start, stop)`` of the base and of every task's tensor, flat, each read anew."""
         ...
 
+    def task(self, i: int) -> torch.Tensor:
+        """Task ``i``'s tensor alone, read whole."""
+        ...
+
 
 class Item:
     """One tensor of the family at pack time: its name, the kind it was planned as and the kind it
@@ -334,6 +338,10 @@ class Item:
     def thetas(self) -> list[torch.Tensor]:
         self._hold()
         return self._thetas
+
+    def task(self, i: int) -> torch.Tensor:
+        """Task ``i``'s tensor: held, or (streamed) read whole, that task's copy alone, each time asked."""
+        return self._thetas[i] if self._stream is None else self._stream.task(i)
 
     @property
     def streamed(self) -> bool:
