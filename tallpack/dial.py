@@ -484,16 +484,16 @@ def _whole_parts(ctx: WriteContext, item: Item, extras: bool = False) -> _Parts:
 
 
 def _reader(item: Item) -> Callable[[int], torch.Tensor]:
-    """Task ``i``'s tensor, whole: held, or for a streamed item read from its file alone (one task's
-    copy at a time, never every task's: ``Stream.whole`` reads them all), one read at a time."""
+    """Task ``i``'s tensor, whole (``Item.task``: held, or for a streamed item read from that task's
+    file alone: one task's copy at a time, never every task's as ``Stream.whole`` reads them), one
+    read at a time."""
     if not item.streamed:
-        return lambda i: item.thetas[i]
-    stream: Any = item._stream  # (inputs.Streamed: its tasks' sources, which ``Stream`` does not name)
+        return item.task
     lock = threading.Lock()
 
     def read(i: int) -> torch.Tensor:
         with lock:
-            return stream.tasks[i].get(stream.name)
+            return item.task(i)
     return read
 
 
