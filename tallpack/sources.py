@@ -830,12 +830,14 @@ def _big_endian(path: Path) -> bool:
     """Whether the PyTorch zip file ``path`` was saved on a big-endian machine (its ``byteorder``
     record says ``big``): torch.load swaps the elements of its storages, and so do its reads."""
     import zipfile
+    import zlib
 
     try:
         with zipfile.ZipFile(path) as z:
             name = next((n for n in z.namelist() if n.endswith("/byteorder") and n.count("/") == 1), None)
             return name is not None and z.read(name).strip() == b"big"
-    except (OSError, zipfile.BadZipFile, zipfile.LargeZipFile, NotImplementedError, EOFError) as e:
+    except (OSError, zipfile.BadZipFile, zipfile.LargeZipFile, NotImplementedError, EOFError, ValueError,
+            RuntimeError, zlib.error) as e:  # (a damaged record's name: UnicodeDecodeError; encrypted: RuntimeError)
         raise CheckpointError(f"{path}: not a readable PyTorch file ({quoted(e)})") from None
 
 

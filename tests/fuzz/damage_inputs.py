@@ -6,7 +6,7 @@ bytes, bytes inserted, a header number replaced: ``damage``) and packs. Every tr
 ``TallpackError`` whose message is one line; anything else is printed as a finding and its file
 kept. ``tests/test_sources_safety.py`` runs the same damages under hypothesis.
 
-    PYTHONPATH=. python tests/fuzz/damage_inputs.py /tmp/damage --seconds 150 --seed 1
+    PYTHONPATH=. python tests/fuzz/damage_inputs.py /tmp/damage --seconds 150 --seed 1 [--streamed]
 """
 
 from __future__ import annotations
@@ -67,9 +67,16 @@ def main() -> None:
     ap.add_argument("work", type=Path)
     ap.add_argument("--seconds", type=float, default=120)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--streamed", action="store_true",
+                    help="read every tensor of more than 64 elements a block of 64 at a time (inputs.HOLD_BYTES 0)")
     a = ap.parse_args()
     import tallpack
+    from tallpack import inputs
     from tallpack.errors import TallpackError
+
+    chunks = {}
+    if a.streamed:
+        inputs.HOLD_BYTES, chunks = 0, {"chunk_elements": 64}
 
     logging.getLogger("tallpack").setLevel(logging.ERROR)  # the packer's warnings about odd values
     d: Path = a.work
@@ -88,7 +95,7 @@ def main() -> None:
         finding = None
         try:
             tallpack.pack(d / "base.safetensors", {"t0": d / "t0.safetensors", "t1": bad}, d / "out.tallpack",
-                          overwrite=True)
+                          overwrite=True, **chunks)
             outcomes["packed"] += 1
         except TallpackError as e:
             outcomes[type(e).__name__] += 1
