@@ -453,6 +453,8 @@ class MergeParts:
             return None
         read, model, method, k = self._family.read_array, self.model, self._method, self._k_used
         where = f"tensor {e.name!r}"
+        if self._prefetch is not None and _reads_every_array(e, is_consensus(model)):
+            self._prefetch([e.name])  # remote: as ``entry_parts`` does, one coalesced fetch, not one a chunk
         base = refs["base"]
         ce = max(r.chunk_elements for r in refs.values())
         run = max(1, -(-RUN_ELEMENTS // ce)) * ce
