@@ -256,7 +256,6 @@ class _Groups:
         base_dt, dts = item.dtypes  # (shapes and dtypes first: an item read a block at a time stays so)
         if not dts or not 0 < numel(item.shape) < SMALL_ELEMENTS:
             return False
-        first = item.thetas[0]
         if item.kind == Kind.MERGED.value:  # base and every task of one dtype (the rebuild's)
             if base_dt is None or any(dt != base_dt for dt in dts):
                 return False
@@ -264,6 +263,7 @@ class _Groups:
             return False
         elif keeps_base(item):  # tasks agreeing on another value than the base's keep it: alone
             return False
+        first = item.thetas[0]  # (a tensor to group: held whole)
         base_dtype = item.base.dtype if item.base is not None and item.planned == Kind.MERGED.value else None
         key = (item.kind, item.planned, first.dtype, base_dtype, item.tasks)
         size = layout([first.shape])[1]

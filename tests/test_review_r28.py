@@ -43,3 +43,57 @@ def test_a_remote_consensus_merge_built_in_runs_fetches_its_tensor_at_once(http_
     (whole, whole_gets), (runs, runs_gets) = got[1 << 60], got[CE]
     assert torch.equal(_bits(runs), _bits(whole))
     assert runs_gets <= whole_gets + 1, (runs_gets, whole_gets)
+
+
+N = 5 * CE + 100  # six blocks, the last a short one
+
+
+def _streamed_family(d: Path, edit) -> tuple[Path, dict[str, Path]]:
+    from safetensors.torch import save_file
+    g = torch.Generator().manual_seed(3)
+    base = {"big.weight": torch.randn(N, generator=g) * 0.02, "other": torch.randn(8, 8, generator=g)}
+    save_file(base, d / "base.safetensors")
+    tasks = {}
+    for i in range(3):
+        sd = {k: v + 1e-3 * torch.randn(v.shape, generator=g) for k, v in base.items()}
+        edit(i, sd)
+        save_file(sd, d / f"t{i}.safetensors")
+        tasks[f"t{i}"] = d / f"t{i}.safetensors"
+    return d / "base.safetensors", tasks
+
+
+def _pack_both(d: Path, monkeypatch: pytest.MonkeyPatch, base: Path, tasks: dict[str, Path], **kw) -> tuple[bytes, bytes]:
+    from tallpack import inputs
+    out = []
+    for hold in (1 << 60, 0):
+        monkeypatch.setattr(inputs, "HOLD_BYTES", hold)
+        path = d / f"a{hold}.tallpack"
+        tallpack.pack(base, tasks, path, chunk_elements=CE, **kw)
+        out.append(path.read_bytes())
+    return out[0], out[1]
+
+
+@pytest.mark.parametrize("opts", [{}, {"exact": True}, {"fidelity": 0.999}])
+def test_a_streamed_tensor_stored_per_task_is_read_one_task_at_a_time(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                       opts: dict) -> None:
+    """A large tensor settled as task-own (a NaN in one task) was read whole, every task's copy and
+    the base's at once (``Dense.write`` took ``Item.thetas``): now one task's copy at a time, the
+    same bytes."""
+    from tallpack import inputs
+
+    def edit(i: int, sd: dict) -> None:
+        if i == 1:
+            sd["big.weight"][N - 5] = float("nan")
+    base, tasks = _streamed_family(tmp_path, edit)
+    wholes = [0]
+    real = inputs.Streamed.whole
+
+    def counted(self: inputs.Streamed) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
+        wholes[0] += 1
+        return real(self)
+    monkeypatch.setattr(inputs.Streamed, "whole", counted)
+    whole, streamed = _pack_both(tmp_path, monkeypatch, base, tasks, **opts)
+    assert streamed == whole
+    assert wholes[0] == 0
+    with tallpack.open(tmp_path / "a0.tallpack") as fam:
+        assert {e.name: e.kind for e in fam.manifest.tensors}["big.weight"] == "task-own"

@@ -27,9 +27,14 @@ class Dense(Encoding):
 
     @classmethod
     def write(cls, ctx: WriteContext, item: Item) -> TensorEntry:
-        return TensorEntry(item.name, cls.kind, {
-            t: TaskTensor(cls.name, dtype_name(x.dtype), tuple(x.shape), {"data": ctx.whole(x)})
-            for t, x in zip(item.tasks, item.thetas)})
+        """Each task's tensor as it is; a streamed item's (``Item.streamed``: a large tensor stored
+        per task, holding inf or NaN) read one task's copy at a time (``Item.task``), not all at once."""
+        tts = {}
+        for i, t in enumerate(item.tasks):
+            x = item.task(i)
+            tts[t] = TaskTensor(cls.name, dtype_name(x.dtype), tuple(x.shape), {"data": ctx.whole(x)})
+            del x
+        return TensorEntry(item.name, cls.kind, tts)
 
     @classmethod
     def inputs(cls, entry: TensorEntry, tt: TaskTensor) -> dict[str, tuple[ArrayRef, Use]]:
