@@ -11,66 +11,33 @@ bytes, medians of ``--rounds`` runs alternated. Numbers go in BENCHMARKS.md.
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
 import statistics
-import subprocess
 import sys
-import tempfile
-import textwrap
 from pathlib import Path
 
-import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from pack_scale import make_family  # noqa: E402
+from pack_scale import made_family, memory_options, run_child  # noqa: E402
 
-CHILD = textwrap.dedent("""
-    import gc, json, sys, threading, time, tallpack, torch
-    def anon():
-        return int(open("/proc/self/status").read().split("RssAnon:")[1].split()[0]) * 1024
-    archive, out, what = sys.argv[1:4]
-    fam = tallpack.open(archive, cache_bytes=0)
-    gc.collect(); before = anon(); peak = [before]; done = []
-    def sample():
-        while not done:
-            peak[0] = max(peak[0], anon()); time.sleep(0.002)
-    th = threading.Thread(target=sample); th.start()
-    t0 = time.perf_counter()
-    if what == "merge":
-        tallpack.write_merged(fam, out, alpha=0.5, overwrite=True)
-    else:
-        tallpack.write_task(fam, fam.tasks[0], out, overwrite=True)
-    dt = time.perf_counter() - t0
-    done.append(1); th.join()
-    print(json.dumps({"grown": peak[0] - before, "seconds": dt, "file": tallpack.__file__}))
-""")
+CHILD = """
+archive, out, what = sys.argv[1:4]
+fam = tallpack.open(archive, cache_bytes=0)
+if what == "merge":
+    measured(lambda: tallpack.write_merged(fam, out, alpha=0.5, overwrite=True))
+else:
+    measured(lambda: tallpack.write_task(fam, fam.tasks[0], out, overwrite=True))
+"""
 
 
 def run(checkout: Path, archive: Path, out: Path, what: str) -> dict:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(checkout), str(checkout / "cli")])}
-    r = subprocess.run([sys.executable, "-c", CHILD, str(archive), str(out), what], capture_output=True,
-                       text=True, env=env, cwd="/", check=True)
-    got = json.loads(r.stdout.strip().splitlines()[-1])
-    assert got["file"].startswith(str(checkout)), (got["file"], checkout)  # the checkout meant, not another
-    return got
+    return run_child(checkout, CHILD, str(archive), str(out), what)
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--params", type=float, default=100e6)
-    ap.add_argument("--tasks", type=int, default=4)
-    ap.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--other", type=lambda s: Path(s).resolve(), help="another checkout (built in place)")
-    a = ap.parse_args()
+    a = memory_options(__doc__, 100e6)
     here = HERE.parent
-    with tempfile.TemporaryDirectory(dir=HERE / "out" if (HERE / "out").is_dir() else None) as tmp:
-        root = Path(tmp)
-        (root / "fam").mkdir()
-        base, tasks, largest = make_family(root / "fam", a.params, a.tasks, getattr(torch, a.dtype))
+    with made_family(a) as (root, base, tasks, largest):
         archive = root / "f.tallpack"
         import tallpack
         tallpack.pack(base, tasks, archive)

@@ -16,78 +16,34 @@ BENCHMARKS.md.
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
 import shutil
 import statistics
-import subprocess
 import sys
-import tempfile
-import textwrap
-import time
 from pathlib import Path
 
-import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from pack_scale import make_family  # noqa: E402
+from ab_pack import zstd  # noqa: E402
+from pack_scale import made_family, memory_options, run_child  # noqa: E402
 
-CHILD = textwrap.dedent("""
-    import gc, json, sys, threading, time, torch, tallpack
-    def anon():
-        return int(open("/proc/self/status").read().split("RssAnon:")[1].split()[0]) * 1024
-    base, out, tasks = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
-    gc.collect(); before = anon(); peak = [before]; done = []
-    def sample():
-        while not done:
-            peak[0] = max(peak[0], anon()); time.sleep(0.002)
-    th = threading.Thread(target=sample); th.start()
-    t0 = time.perf_counter()
-    tallpack.pack(base, tasks, out, threads=2, overwrite=True)
-    dt = time.perf_counter() - t0
-    done.append(1); th.join()
-    print(json.dumps({"grown": peak[0] - before, "seconds": dt, "file": tallpack.__file__}))
-""")
+CHILD = """
+base, out, tasks = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+measured(lambda: tallpack.pack(base, tasks, out, threads=2, overwrite=True))
+"""
 
 
 def pack(checkout: Path, base: Path, tasks: dict[str, Path], out: Path) -> dict:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(checkout), str(checkout / "cli")])}
-    r = subprocess.run([sys.executable, "-c", CHILD, str(base), str(out), json.dumps({k: str(v) for k, v in tasks.items()})],
-                       capture_output=True, text=True, env=env, cwd="/", check=True)
-    got = json.loads(r.stdout.strip().splitlines()[-1])
-    assert got["file"].startswith(str(checkout)), (got["file"], checkout)  # the checkout meant, not another
+    got = run_child(checkout, CHILD, str(base), str(out), json.dumps({k: str(v) for k, v in tasks.items()}))
     got["size"] = out.stat().st_size
     return got
 
 
-def zstd(files: list[Path], outdir: Path) -> float:
-    exe = shutil.which("zstd")
-    if exe is None:
-        raise SystemExit("pack_memory.py needs the zstd command line tool")
-    outdir.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
-    subprocess.run([exe, "-3", "-T2", "-q", "-f", "--output-dir-flat", str(outdir), *map(str, files)], check=True)
-    return time.perf_counter() - t0
-
-
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--params", type=float, default=200e6)
-    ap.add_argument("--hidden", type=int, default=2048)
-    ap.add_argument("--vocab", type=int, default=32000)
-    ap.add_argument("--tasks", type=int, default=4)
-    ap.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--other", type=lambda s: Path(s).resolve(), help="another checkout (built in place)")
-    a = ap.parse_args()
+    a = memory_options(__doc__, 200e6, shape=True)
     here = HERE.parent
-    with tempfile.TemporaryDirectory(dir=HERE / "out" if (HERE / "out").is_dir() else None) as tmp:
-        root = Path(tmp)
-        (root / "fam").mkdir()
-        base, tasks, largest = make_family(root / "fam", a.params, a.tasks, getattr(torch, a.dtype),
-                                           hidden=a.hidden, vocab=a.vocab)
+    with made_family(a) as (root, base, tasks, largest):
         files = [base, *tasks.values()]
         inputs = sum(f.stat().st_size for f in files)
         for f in files:  # the page cache warm for every side

@@ -16,6 +16,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -23,6 +25,66 @@ import zstandard
 from safetensors.torch import load_file, save_file
 
 HERE = Path(__file__).resolve().parent
+
+#: The start of a fresh process's code (merge_memory.py's and pack_memory.py's children):
+#: ``measured(work)`` runs ``work()`` while a thread samples RssAnon every 2 ms (the mapped
+#: archive's and inputs' pages are not counted) and prints its peak over the RssAnon before it,
+#: the seconds it took and the tallpack imported (the checkout meant, not another).
+SAMPLER = """
+import gc, json, sys, threading, time, torch, tallpack
+def anon():
+    return int(open("/proc/self/status").read().split("RssAnon:")[1].split()[0]) * 1024
+def measured(work):
+    gc.collect(); before = anon(); peak = [before]; done = []
+    def sample():
+        while not done:
+            peak[0] = max(peak[0], anon()); time.sleep(0.002)
+    th = threading.Thread(target=sample); th.start()
+    t0 = time.perf_counter()
+    work()
+    dt = time.perf_counter() - t0
+    done.append(1); th.join()
+    print(json.dumps({"grown": peak[0] - before, "seconds": dt, "file": tallpack.__file__}))
+"""
+
+
+def memory_options(doc: str, params: float, *, shape: bool = False) -> argparse.Namespace:
+    """merge_memory.py's and pack_memory.py's options: the family's (``--params``, ``--tasks``,
+    ``--dtype``; with ``shape``, ``--hidden`` and ``--vocab``), ``--rounds`` and ``--other``."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--params", type=float, default=params)
+    if shape:
+        ap.add_argument("--hidden", type=int, default=2048)
+        ap.add_argument("--vocab", type=int, default=32000)
+    ap.add_argument("--tasks", type=int, default=4)
+    ap.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--other", type=lambda s: Path(s).resolve(), help="another checkout (built in place)")
+    return ap.parse_args()
+
+
+@contextmanager
+def made_family(a: argparse.Namespace) -> Iterator[tuple[Path, Path, dict[str, Path], int]]:
+    """A temporary folder (under benchmarks/out when there is one) holding ``make_family`` of the
+    options ``a``: (the folder, base, tasks, largest tensor's bytes)."""
+    with tempfile.TemporaryDirectory(dir=HERE / "out" if (HERE / "out").is_dir() else None) as tmp:
+        root = Path(tmp)
+        (root / "fam").mkdir()
+        shape = {"hidden": a.hidden, "vocab": a.vocab} if hasattr(a, "hidden") else {}
+        base, tasks, largest = make_family(root / "fam", a.params, a.tasks, getattr(torch, a.dtype), **shape)
+        yield root, base, tasks, largest
+
+
+def run_child(checkout: Path, code: str, *args: str) -> dict:
+    """``code`` (after SAMPLER) in a fresh process with ``checkout`` on PYTHONPATH, run from ``/``;
+    what it printed last, as JSON."""
+    import os
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(checkout), str(checkout / "cli")])}
+    r = subprocess.run([sys.executable, "-c", SAMPLER + code, *args], capture_output=True, text=True, env=env,
+                       cwd="/", check=True)
+    got = json.loads(r.stdout.strip().splitlines()[-1])
+    assert got["file"].startswith(str(checkout)), (got["file"], checkout)  # the checkout meant, not another
+    return got
 
 
 def make_family(root: Path, params: float, tasks: int, dtype: torch.dtype, hidden: int = 768,

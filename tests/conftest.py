@@ -261,3 +261,51 @@ def anon_growth(setup: str, work: str, timeout: int = 300) -> int:
     assert r.returncode == 0, r.stderr[-2000:]
     m = json.loads(r.stdout.strip().splitlines()[-1])
     return m["hwm"] - m["before"]
+
+
+def pack_both_ways(tmp: Path, monkeypatch, base, tasks, *, chunk: int, by: str = "", **kw
+                   ) -> tuple[bytes, bytes, int, int]:
+    """Pack ``base`` + ``tasks`` twice, in ``chunk``-element chunks: every tensor read whole
+    (``inputs.HOLD_BYTES`` 1<<60; archive ``a{1 << 60}.tallpack`` in ``tmp``) and each large one
+    read a block at a time (0; ``a0.tallpack``). Returns both archives' bytes, how many blocks were
+    read, and how many times a streamed tensor was read whole all the same (by a caller in the
+    module file ``by`` only, when given)."""
+    import inspect
+
+    import tallpack
+    from tallpack import inputs
+
+    counts = {"block": 0, "whole": 0}
+    block, whole = inputs.Streamed.block, inputs.Streamed.whole
+
+    def counted_block(self, start: int, stop: int):
+        counts["block"] += 1
+        return block(self, start, stop)
+
+    def counted_whole(self):
+        if not by or any(f.filename.endswith(by) for f in inspect.stack()):
+            counts["whole"] += 1
+        return whole(self)
+
+    monkeypatch.setattr(inputs.Streamed, "block", counted_block)
+    monkeypatch.setattr(inputs.Streamed, "whole", counted_whole)
+    out = []
+    for hold in (1 << 60, 0):
+        monkeypatch.setattr(inputs, "HOLD_BYTES", hold)
+        path = tmp / f"a{hold}.tallpack"
+        tallpack.pack(base, tasks, path, chunk_elements=chunk, overwrite=True, **kw)
+        out.append(path.read_bytes())
+    return out[0], out[1], counts["block"], counts["whole"]
+
+
+def big_family(d: Path, tasks: int = 3, elements: int = 8 << 20) -> dict[str, str]:
+    """``base.safetensors`` and ``t0..`` in ``d``: one float32 tensor ``big.weight`` of ``elements``
+    (32 MB), fine-tuned by small noise; the tasks' paths, for the memory tests of large tensors."""
+    g = torch.Generator().manual_seed(0)
+    big = torch.randn(elements, generator=g) * 0.02
+    save_file({"big.weight": big}, d / "base.safetensors")
+    paths = {}
+    for i in range(tasks):
+        save_file({"big.weight": big + 1e-3 * torch.randn(big.shape, generator=g)}, d / f"t{i}.safetensors")
+        paths[f"t{i}"] = str(d / f"t{i}.safetensors")
+    return paths

@@ -9,7 +9,6 @@ for byte, as when every tensor is read whole.
 
 from __future__ import annotations
 
-import inspect
 from pathlib import Path
 
 import pytest
@@ -19,7 +18,7 @@ from safetensors.torch import save_file
 import tallpack
 from tallpack import inputs
 
-from conftest import anon_growth
+from conftest import anon_growth, pack_both_ways
 
 CHUNK = 1 << 16
 N = 5 * CHUNK + 1000  # six blocks, the last a short one
@@ -51,25 +50,11 @@ def _family(d: Path, dtype: torch.dtype, tasks: int = 3) -> tuple[Path, dict[str
 
 def _pack_both(tmp: Path, monkeypatch, base: Path, tasks: dict[str, Path], *, by: str = "", **kw
                ) -> tuple[bytes, bytes, int]:
-    """The archive packed with every tensor read whole, and with the large one read a block at a
-    time; and how often the streamed tensor was read whole (every task's copy at once), by a
-    caller in the module file ``by`` when given."""
-    wholes = [0]
-    whole = inputs.Streamed.whole
-
-    def counted(self):
-        if not by or any(f.filename.endswith(by) for f in inspect.stack()):
-            wholes[0] += 1
-        return whole(self)
-
-    monkeypatch.setattr(inputs.Streamed, "whole", counted)
-    out = []
-    for hold in (1 << 60, 0):
-        monkeypatch.setattr(inputs, "HOLD_BYTES", hold)
-        path = tmp / f"a{hold}.tallpack"
-        tallpack.pack(base, tasks, path, chunk_elements=CHUNK, **kw)
-        out.append(path.read_bytes())
-    return out[0], out[1], wholes[0]
+    """The archive with every tensor read whole, and with tensors read a block at a time; and how
+    often the streamed tensor was read whole (every task's copy at once), by a caller in the
+    module file ``by`` when given (``conftest.pack_both_ways``)."""
+    whole, streamed, _, wholes = pack_both_ways(tmp, monkeypatch, base, tasks, chunk=CHUNK, by=by, **kw)
+    return whole, streamed, wholes
 
 
 def _stored(path: Path) -> dict[str, int]:

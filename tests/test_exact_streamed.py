@@ -22,7 +22,7 @@ import tallpack
 from tallpack import inputs
 from tallpack.encodings import exact
 
-from conftest import anon_growth
+from conftest import anon_growth, big_family, pack_both_ways
 
 CHUNK = 1 << 16
 N = 5 * CHUNK + 1000  # six blocks, the last a short one (the sample, SAMPLE_ELEMENTS, spans four)
@@ -47,23 +47,11 @@ def _family(d: Path, dtype: torch.dtype, tasks: int = 3, *, dtypes=None, edit=No
 
 
 def _pack_both(tmp: Path, monkeypatch, base: Path, tasks: dict[str, Path], **kw) -> tuple[bytes, bytes, int]:
-    """The archive packed with every tensor read whole (``a0``) and read a block at a time
-    (``a1``); how many times a streamed tensor was read whole all the same (0 expected)."""
-    whole = [0]
-    read = inputs.Streamed.whole
-
-    def counted(self):
-        whole[0] += 1
-        return read(self)
-
-    monkeypatch.setattr(inputs.Streamed, "whole", counted)
-    out = []
-    for k, hold in enumerate((1 << 60, 0)):
-        monkeypatch.setattr(inputs, "HOLD_BYTES", hold)
-        path = tmp / f"a{k}.tallpack"
-        tallpack.pack(base, tasks, path, chunk_elements=CHUNK, exact=True, overwrite=True, **kw)
-        out.append(path.read_bytes())
-    return out[0], out[1], whole[0]
+    """The archive packed with every tensor read whole and read a block at a time (``a0``,
+    ``conftest.pack_both_ways``); how many times a streamed tensor was read whole all the same
+    (0 expected)."""
+    whole, streamed, _, wholes = pack_both_ways(tmp, monkeypatch, base, tasks, chunk=CHUNK, exact=True, **kw)
+    return whole, streamed, wholes
 
 
 def _bits(t: torch.Tensor) -> bytes:
@@ -90,7 +78,7 @@ def test_streamed_exact_archives_are_the_same_bytes(tmp_path, monkeypatch, dtype
     whole, streamed, read_whole = _pack_both(tmp_path, monkeypatch, base, tasks, merge=merge)
     assert read_whole == 0  # the exact tier read the tensor a block at a time too
     assert streamed == whole
-    _rebuilds(tmp_path / "a1.tallpack", tasks)
+    _rebuilds(tmp_path / "a0.tallpack", tasks)
 
 
 @pytest.mark.parametrize("policy", ["store", "derive"])
@@ -102,8 +90,8 @@ def test_streamed_exact_with_each_mask_policy(tmp_path, monkeypatch, policy, mer
     base, tasks = _family(tmp_path, torch.bfloat16)
     whole, streamed, read_whole = _pack_both(tmp_path, monkeypatch, base, tasks, merge=merge)
     assert read_whole == 0 and streamed == whole
-    assert _encodings(tmp_path / "a1.tallpack") == {"store": {"tall"}, "derive": {"tall-derived-merged"}}[policy]
-    _rebuilds(tmp_path / "a1.tallpack", tasks)
+    assert _encodings(tmp_path / "a0.tallpack") == {"store": {"tall"}, "derive": {"tall-derived-merged"}}[policy]
+    _rebuilds(tmp_path / "a0.tallpack", tasks)
 
 
 @pytest.mark.parametrize("opts", [{"derive_masks": False}, {"derive_merged": False}])
@@ -111,7 +99,7 @@ def test_streamed_exact_with_masks_or_merged_stored(tmp_path, monkeypatch, opts)
     base, tasks = _family(tmp_path, torch.float32)
     whole, streamed, read_whole = _pack_both(tmp_path, monkeypatch, base, tasks, **opts)
     assert read_whole == 0 and streamed == whole
-    _rebuilds(tmp_path / "a1.tallpack", tasks)
+    _rebuilds(tmp_path / "a0.tallpack", tasks)
 
 
 @pytest.mark.parametrize("candidates,merged", [(("tall",), True), (("tall",), False), (("base",), True),
@@ -124,10 +112,10 @@ def test_streamed_exact_against_each_reference(tmp_path, monkeypatch, candidates
     base, tasks = _family(tmp_path, torch.float16)
     whole, streamed, read_whole = _pack_both(tmp_path, monkeypatch, base, tasks, merge="ties", derive_merged=merged)
     assert read_whole == 0 and streamed == whole
-    with tallpack.open(tmp_path / "a1.tallpack") as a:
+    with tallpack.open(tmp_path / "a0.tallpack") as a:
         big = next(e for e in a.manifest.tensors if e.name == "big.weight")
         assert {tt.extras["exact"].reference for tt in big.tasks.values()} == set(candidates)
-    _rebuilds(tmp_path / "a1.tallpack", tasks)
+    _rebuilds(tmp_path / "a0.tallpack", tasks)
 
 
 def test_streamed_exact_never_codes_against_a_tall_reference_with_a_nan(tmp_path, monkeypatch):
@@ -154,13 +142,13 @@ def test_streamed_exact_never_codes_against_a_tall_reference_with_a_nan(tmp_path
         save_file({"big.weight": big + 1e-3 * torch.randn(N, generator=g)}, tasks[f"t{i}"])
     whole, streamed, read_whole = _pack_both(tmp_path, monkeypatch, tmp_path / "base.safetensors", tasks)
     assert read_whole == 0 and streamed == whole
-    with tallpack.open(tmp_path / "a1.tallpack") as a:
+    with tallpack.open(tmp_path / "a0.tallpack") as a:
         big_entry = next(e for e in a.manifest.tensors if e.name == "big.weight")
         assert {tt.extras["exact"].reference for tt in big_entry.tasks.values()} <= {"base", "zero"}
     monkeypatch.setattr(exact, "CANDIDATES", ("tall",))  # the same family coded against TALL's otherwise
     monkeypatch.setattr(exact, "reconstruct", rebuild)
     _pack_both(tmp_path, monkeypatch, tmp_path / "base.safetensors", tasks)
-    with tallpack.open(tmp_path / "a1.tallpack") as a:
+    with tallpack.open(tmp_path / "a0.tallpack") as a:
         big_entry = next(e for e in a.manifest.tensors if e.name == "big.weight")
         assert {tt.extras["exact"].reference for tt in big_entry.tasks.values()} == {"tall"}
 
@@ -174,19 +162,19 @@ def test_streamed_exact_with_a_nan_or_inf_in_a_later_block(tmp_path, monkeypatch
     base, tasks = _family(tmp_path, torch.float32, edit=edit)
     whole, streamed, _ = _pack_both(tmp_path, monkeypatch, base, tasks)
     assert streamed == whole
-    with tallpack.open(tmp_path / "a1.tallpack") as a:
+    with tallpack.open(tmp_path / "a0.tallpack") as a:
         assert {e.name: e.kind for e in a.manifest.tensors}["big.weight"] == "task-own"
-    _rebuilds(tmp_path / "a1.tallpack", tasks)
+    _rebuilds(tmp_path / "a0.tallpack", tasks)
 
 
 def test_streamed_exact_of_tasks_in_two_dtypes(tmp_path, monkeypatch):
     base, tasks = _family(tmp_path, torch.float32, dtypes=[torch.bfloat16, torch.float32, torch.bfloat16])
     whole, streamed, read_whole = _pack_both(tmp_path, monkeypatch, base, tasks)
-    with tallpack.open(tmp_path / "a1.tallpack") as a:
+    with tallpack.open(tmp_path / "a0.tallpack") as a:
         if {e.name: e.kind for e in a.manifest.tensors}["big.weight"] != "merged":
             pytest.skip("the packer stores tasks of two dtypes apart")
     assert read_whole == 0 and streamed == whole
-    _rebuilds(tmp_path / "a1.tallpack", tasks)
+    _rebuilds(tmp_path / "a0.tallpack", tasks)
 
 
 def test_streamed_hash_is_the_whole_tensors():
@@ -203,14 +191,7 @@ def test_streamed_exact_holds_a_block_of_each_copy(tmp_path):
     """Peak memory of ``pack --exact`` of a tensor of 32 MB with three tasks: read whole, the four
     copies and the tasks' references (over 128 MB); a block at a time (1 MB blocks), a few blocks
     of each."""
-    g = torch.Generator().manual_seed(0)
-    big = torch.randn(8 << 20, generator=g) * 0.02
-    save_file({"big.weight": big}, tmp_path / "base.safetensors")
-    tasks = {}
-    for i in range(3):
-        save_file({"big.weight": big + 1e-3 * torch.randn(big.shape, generator=g)}, tmp_path / f"t{i}.safetensors")
-        tasks[f"t{i}"] = str(tmp_path / f"t{i}.safetensors")
-    del big
+    tasks = big_family(tmp_path)
     grown, took = {}, {}
     for hold in (1 << 60, 1 << 20):
         setup = f"import tallpack.inputs as I; I.HOLD_BYTES = {hold}"

@@ -18,7 +18,7 @@ from tallpack.encodings import TensorEntry
 from tallpack.merged import MergeParts
 from tallpack.merging import MERGED_MODELS
 
-from conftest import anon_growth
+from conftest import anon_growth, big_family
 
 CE = 1 << 16  # chunk_elements: the large tensor has several chunks, and runs of several chunks
 ALPHAS = (None, 0.3, 7.5)
@@ -190,14 +190,7 @@ def test_a_tensor_built_in_runs_holds_its_output_and_a_run(tmp_path: Path) -> No
     """Peak memory of writing a merged model of one 32 MB float32 tensor (base and three tasks):
     built whole, about five float32 copies of it (base widened, tau_MTL, mask counts, alpha * d,
     the output); in runs (1M elements), the output and a few runs' buffers."""
-    g = torch.Generator().manual_seed(0)
-    big = torch.randn(8 << 20, generator=g) * 0.02
-    save_file({"big.weight": big}, tmp_path / "base.safetensors")
-    tasks = {}
-    for i in range(3):
-        save_file({"big.weight": big + 1e-3 * torch.randn(big.shape, generator=g)}, tmp_path / f"t{i}.safetensors")
-        tasks[f"t{i}"] = str(tmp_path / f"t{i}.safetensors")
-    del big
+    tasks = big_family(tmp_path)
     archive = tmp_path / "a.tallpack"
     tallpack.pack(str(tmp_path / "base.safetensors"), tasks, archive, chunk_elements=1 << 18)
     grown = {}

@@ -733,37 +733,31 @@ def test_a_task_in_memory_that_does_not_look_fine_tuned_is_named_once(tmp_path) 
     assert msg.count("cars") == 1 and "check the tensors given" in msg and "paths" not in msg, msg
 
 
-def test_a_pytorch_file_whose_byteorder_record_name_is_damaged_gives_one_line(damaged_inputs) -> None:
-    """Damage run 44: a byte of the ``byteorder`` record's name flipped in its local header (the
-    central directory's copy intact) made Python's zipfile raise UnicodeDecodeError while the
-    packer asked whether the file was saved big-endian: a traceback; it is a CheckpointError."""
-    d = damaged_inputs["dir"]
-    raw = bytearray(damaged_inputs["raw"]["pt"])
-    at = raw.index(b"/byteorder")  # the local header's copy of the name comes first
-    raw[at + 4] = 0xCA  # "/byt\xcaorder": not UTF-8
-    bad = d / "bad.pt"
-    bad.write_bytes(bytes(raw))
-    out = d / "out.tallpack"
-    out.unlink(missing_ok=True)
-    with pytest.raises(CheckpointError, match="not a readable PyTorch file") as e:
-        tallpack.pack(d / "base.safetensors", {"t0": d / "t0.safetensors", "t1": bad}, out)
-    assert "\n" not in str(e.value) and str(bad) in str(e.value)
-    _nothing_written(d, out)
-
-
-def test_a_pytorch_file_whose_zip_version_is_damaged_gives_one_line(damaged_inputs) -> None:
-    """Damage run 42: a flipped byte in a central-directory record's "version needed" field
-    (torch's reader ignores it) made Python's zipfile raise NotImplementedError ("zip file version
-    7.3"), which left pack as a traceback; it is a CheckpointError naming the file."""
-    d = damaged_inputs["dir"]
-    raw = bytearray(damaged_inputs["raw"]["pt"])
+def _zip_version_7_3(raw: bytearray) -> None:
     at = raw.index(b"PK\x01\x02")  # the first central-directory record
     raw[at + 6 : at + 8] = (73).to_bytes(2, "little")  # version needed to extract: 7.3
+
+
+def _byteorder_name_not_utf8(raw: bytearray) -> None:
+    raw[raw.index(b"/byteorder") + 4] = 0xCA  # the local header's copy of the name (first): "/byt\xcaorder"
+
+
+@pytest.mark.parametrize("damage, said", [(_zip_version_7_3, "zip file version 7.3"), (_byteorder_name_not_utf8, "utf-8")])
+def test_a_pytorch_file_whose_zip_records_are_damaged_gives_one_line(damaged_inputs, damage, said) -> None:
+    """Damage run 42: a flipped byte in a central-directory record's "version needed" field
+    (torch's reader ignores it) made Python's zipfile raise NotImplementedError ("zip file version
+    7.3"); damage run 44: a byte of the ``byteorder`` record's name flipped in its local header
+    (the central directory's copy intact) made it raise UnicodeDecodeError while the packer asked
+    whether the file was saved big-endian. Each left pack as a traceback; each is a
+    CheckpointError naming the file."""
+    d = damaged_inputs["dir"]
+    raw = bytearray(damaged_inputs["raw"]["pt"])
+    damage(raw)
     bad = d / "bad.pt"
     bad.write_bytes(bytes(raw))
     out = d / "out.tallpack"
     out.unlink(missing_ok=True)
-    with pytest.raises(CheckpointError, match="not a readable PyTorch file.*zip file version 7.3") as e:
+    with pytest.raises(CheckpointError, match=f"not a readable PyTorch file.*{said}") as e:
         tallpack.pack(d / "base.safetensors", {"t0": d / "t0.safetensors", "t1": bad}, out)
     assert "\n" not in str(e.value) and str(bad) in str(e.value)
     _nothing_written(d, out)

@@ -20,10 +20,9 @@ from safetensors.torch import save_file
 
 import tallpack
 from tallpack import inputs
-from tallpack.errors import CheckpointError
 from tallpack.plan import Kind, resolve, resolve_blocks
 
-from conftest import anon_growth
+from conftest import anon_growth, big_family, pack_both_ways
 
 CHUNK = 1 << 16
 N = 5 * CHUNK + 1000  # a tensor of six blocks, the last a short one, and not grouped (SMALL_ELEMENTS)
@@ -50,22 +49,9 @@ def _family(d: Path, dtype: torch.dtype, kind: str = "safetensors", tasks: int =
 
 def _pack_both(tmp: Path, monkeypatch, base: Path, tasks: dict[str, Path], **kw) -> tuple[bytes, bytes, int]:
     """The archive packed with every tensor read whole, and with tensors read a block at a time;
-    and how many blocks were read."""
-    count = [0]
-    block = inputs.Streamed.block
-
-    def counted(self, start: int, stop: int):
-        count[0] += 1
-        return block(self, start, stop)
-
-    monkeypatch.setattr(inputs.Streamed, "block", counted)
-    out = []
-    for hold in (1 << 60, 0):
-        monkeypatch.setattr(inputs, "HOLD_BYTES", hold)
-        path = tmp / f"a{hold}.tallpack"
-        tallpack.pack(base, tasks, path, chunk_elements=CHUNK, **kw)
-        out.append(path.read_bytes())
-    return out[0], out[1], count[0]
+    and how many blocks were read (``conftest.pack_both_ways``)."""
+    whole, streamed, blocks, _ = pack_both_ways(tmp, monkeypatch, base, tasks, chunk=CHUNK, **kw)
+    return whole, streamed, blocks
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -166,30 +152,6 @@ def test_resolve_blocks_of_tasks_in_different_dtypes_never_shared():
     assert resolve_blocks(Kind.MERGED, 2, True, [(base, thetas)]) is Kind.SHARED
 
 
-def test_an_input_cut_between_blocks_is_one_line(tmp_path, monkeypatch):
-    """A task file cut in place (a save over it) between two blocks' reads: a CheckpointError
-    naming the file and the tensor, as for a tensor read whole."""
-    base, tasks = _family(tmp_path, torch.float32)
-    victim = tasks["t1"]
-    block = inputs.Streamed.block
-    seen = [0]
-
-    def cut(self, start: int, stop: int):
-        seen[0] += 1
-        if seen[0] == 3:
-            import os
-            os.truncate(victim, victim.stat().st_size // 2)
-        return block(self, start, stop)
-
-    monkeypatch.setattr(inputs.Streamed, "block", cut)
-    monkeypatch.setattr(inputs, "HOLD_BYTES", 0)
-    with pytest.raises(CheckpointError) as e:
-        tallpack.pack(base, tasks, tmp_path / "a.tallpack", chunk_elements=CHUNK)
-    msg = str(e.value)
-    assert "\n" not in msg and str(victim) in msg and "big.weight" in msg and "shrank" in msg
-    assert not (tmp_path / "a.tallpack").exists()
-
-
 def test_streamed_base_under_a_prefix(tmp_path, monkeypatch):
     """A bare base whose tasks name its tensors with a prefix (``plan.Renamed``) is read in ranges too."""
     base, tasks = _family(tmp_path, torch.float32)
@@ -204,14 +166,7 @@ def test_streamed_base_under_a_prefix(tmp_path, monkeypatch):
 def test_packing_holds_a_block_of_each_copy(tmp_path):
     """Peak memory of packing a tensor of 32 MB with three tasks: read whole, the four copies
     (128 MB) are held at once; read a block at a time (1 MB blocks), a few blocks of each."""
-    g = torch.Generator().manual_seed(0)
-    big = torch.randn(8 << 20, generator=g) * 0.02
-    save_file({"big.weight": big}, tmp_path / "base.safetensors")
-    tasks = {}
-    for i in range(3):
-        save_file({"big.weight": big + 1e-3 * torch.randn(big.shape, generator=g)}, tmp_path / f"t{i}.safetensors")
-        tasks[f"t{i}"] = str(tmp_path / f"t{i}.safetensors")
-    del big
+    tasks = big_family(tmp_path)
     grown = {}
     for hold in (1 << 60, 1 << 20):
         setup = f"import tallpack.inputs as I; I.HOLD_BYTES = {hold}"

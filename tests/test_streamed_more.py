@@ -15,32 +15,16 @@ import tallpack
 from tallpack import inputs
 from tallpack.errors import CheckpointError
 
+from conftest import pack_both_ways
+
 CHUNK = 1 << 16  # with 4 blocks or more, tensors are past groups.SMALL_ELEMENTS: written alone, streamed
-
-
-def _count(monkeypatch) -> list[int]:
-    count = [0]
-    block = inputs.Streamed.block
-
-    def counted(self, start: int, stop: int):
-        count[0] += 1
-        return block(self, start, stop)
-
-    monkeypatch.setattr(inputs.Streamed, "block", counted)
-    return count
 
 
 def _both(tmp: Path, monkeypatch, base, tasks, *, chunk: int = CHUNK, **kw) -> tuple[Path, int]:
     """Pack whole and streamed; assert the same bytes; the streamed archive and its block count."""
-    count = _count(monkeypatch)
-    out = []
-    for hold in (1 << 60, 0):
-        monkeypatch.setattr(inputs, "HOLD_BYTES", hold)
-        path = tmp / f"a{hold}.tallpack"
-        tallpack.pack(base, tasks, path, chunk_elements=chunk, overwrite=True, **kw)
-        out.append(path)
-    assert out[0].read_bytes() == out[1].read_bytes()
-    return out[1], count[0]
+    whole, streamed, blocks, _ = pack_both_ways(tmp, monkeypatch, base, tasks, chunk=chunk, **kw)
+    assert whole == streamed
+    return tmp / "a0.tallpack", blocks
 
 
 def _same(a: dict[str, torch.Tensor], b) -> None:
@@ -298,11 +282,12 @@ def test_an_input_changed_between_blocks(tmp_path, monkeypatch, how, when):
     """One CheckpointError line naming the file, and the task (and the tensor, when a read fails)."""
     base, tasks = _family(tmp_path, N, tasks=3)
     victim = tasks["t1"]
-    count = _count(monkeypatch)
+    count = [0]
     block = inputs.Streamed.block
 
     def change(self, start, stop):
-        if count[0] == when:
+        count[0] += 1
+        if count[0] == when + 1:
             if how == "cut":
                 os.truncate(victim, victim.stat().st_size // 2)
             elif how == "removed":
@@ -319,7 +304,7 @@ def test_an_input_changed_between_blocks(tmp_path, monkeypatch, how, when):
     msg = str(e.value)
     assert "\n" not in msg and str(victim) in msg and "'t1'" in msg, msg
     if how == "cut":
-        assert "big.weight" in msg
+        assert "big.weight" in msg and "shrank" in msg
     assert not (tmp_path / "a.tallpack").exists()
 
 
