@@ -24,7 +24,7 @@ from .elements import numel
 from .encodings import BY_KIND, Item, Later, WriteContext, settled
 from .encodings.exact import RESIDUAL_CODECS, add_exact
 from .encodings.shared import keeps_base
-from .errors import InvalidArgumentError, OutputExistsError
+from .errors import CheckpointError, InvalidArgumentError, OutputExistsError
 from .folders import FileStore
 from .fsutil import writing
 from .groups import GROUP_ELEMENTS, SMALL_ELEMENTS, Member, concat, group_elements, layout
@@ -96,6 +96,18 @@ def pack(base: SourceLike, tasks: TasksLike, out: str | os.PathLike, options: Pa
         return _pack_opened(fam, opts, v, out, storage_options)
 
 
+def _input_changed(fam: PackInputs) -> CheckpointError | None:
+    """``Source.check_unchanged``'s refusal of an input file changed while it was packed, if one
+    was: a pack that failed reports it rather than what the change led to (a tensor read a block
+    at a time is read in several passes, which then disagree: a NaN the first did not see)."""
+    for src in (fam.base, *fam.tasks.values()):
+        try:
+            src.check_unchanged()
+        except CheckpointError as e:
+            return e
+    return None
+
+
 def _check_pack_call(tasks: object, out: object) -> None:
     """InvalidArgumentError for ``tasks`` given as one checkpoint, or an ``out`` that is no path."""
     if isinstance(tasks, (str, bytes, os.PathLike)):
@@ -154,6 +166,11 @@ def _pack_opened(fam: PackInputs, opts: PackOptions, v: Validated, out: str | os
             lams = selection.chosen
         with staged(out, storage_options, overwrite=opts.overwrite) as local:
             return _write(fam, v, lams, local, selection.to_dict() if selection else None, aliases)
+    except Exception as e:
+        changed = None if isinstance(e, CheckpointError) else _input_changed(fam)  # (a file's own error says it)
+        if changed is not None:  # the cause: a large tensor's passes (read a block at a time) then disagree
+            raise changed from None
+        raise
     finally:
         fam.close()
         release_thread_buffers()  # what reconstructing fidelity figures kept in this thread

@@ -11,6 +11,8 @@ import torch
 
 import tallpack
 import tallpack.merged as M
+from tallpack.encodings import Item
+from tallpack.plan import TensorPlan
 
 CE = 1 << 14
 
@@ -97,3 +99,35 @@ def test_a_streamed_tensor_stored_per_task_is_read_one_task_at_a_time(tmp_path: 
     assert wholes[0] == 0
     with tallpack.open(tmp_path / "a0.tallpack") as fam:
         assert {e.name: e.kind for e in fam.manifest.tensors}["big.weight"] == "task-own"
+
+
+def test_a_file_written_over_between_a_streamed_tensors_passes_is_what_the_pack_reports(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A large tensor is read in several passes (its kind, the dial's measures, the writing): a task's
+    file written over in place after the first (NaN where there were numbers) failed the pack with
+    "the manifest cannot be stored: Out of range float values" (the dial's figures NaN), not with the
+    file's change. Now the changed file is the error, naming the task; no archive is left."""
+    import os
+
+    from tallpack import inputs
+    from tallpack.errors import CheckpointError
+
+    base, tasks = _streamed_family(tmp_path, lambda i, sd: None)
+    monkeypatch.setattr(inputs, "HOLD_BYTES", 0)
+    real = inputs.PackInputs.load
+
+    def load(self: inputs.PackInputs, entry: TensorPlan) -> Item:
+        item = real(self, entry)
+        if entry.name == "big.weight" and item.streamed:  # its kind settled: then saved over, in place
+            victim = tasks["t1"]
+            st = os.stat(victim)
+            with open(victim, "r+b") as f:
+                f.seek(-4000, os.SEEK_END)
+                f.write(b"\xff" * 4000)  # NaNs in the last block
+            os.utime(victim, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+        return item
+    monkeypatch.setattr(inputs.PackInputs, "load", load)
+    out = tmp_path / "o.tallpack"
+    with pytest.raises(CheckpointError, match=r"written over while it was packed.*task 't1'"):
+        tallpack.pack(base, tasks, out, chunk_elements=CE, fidelity=0.999)
+    assert not out.exists()
