@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING, Any
 
 from ._torch import torch
 from .dtypes import torch_dtype
+from .elements import numel
+from .encodings import Item
 from .errors import InvalidArgumentError
 from .inputs import PackInputs
 from .merging import ALPHA_GRID, MergeMethod, check_alpha, checked_grid, is_consensus, score_values
@@ -101,10 +103,7 @@ def select_lambdas(inputs: PackInputs, method: MergeMethod, evaluate: Evaluator,
     base: dict[str, torch.Tensor] = {}
     mtl: dict[str, torch.Tensor] = {}
     for item in inputs.merged_items():
-        b = item.base
-        assert b is not None
-        base[item.name] = b
-        mtl[item.name] = method.combine([task_vector(t, b) for t in item.thetas]).reshape(b.shape)
+        base[item.name], mtl[item.name] = _base_and_mtl(item, method, inputs.chunk_elements)
     chosen: dict[str, float] = {}
     scores: dict[str, dict[float, float]] = {}
     for task, src in inputs.tasks.items():
@@ -127,6 +126,24 @@ def select_lambdas(inputs: PackInputs, method: MergeMethod, evaluate: Evaluator,
         chosen[task] = _best(scores[task])
         log.info("task %s: lambda %.2f (scores %s)", task, chosen[task], scores[task])
     return LambdaSelection(chosen, scores)
+
+
+def _base_and_mtl(item: Item, method: MergeMethod, chunk_elements: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A merged tensor's base and tau_MTL, in its shape; a streamed item (``Item.streamed``: too large
+    to hold every task's copy at once) read a block at a time (``combine`` is blockwise), never whole."""
+    if not item.streamed:
+        b = item.base
+        assert b is not None
+        return b, method.combine([task_vector(t, b) for t in item.thetas]).reshape(b.shape)
+    base_dtype, n = item.dtypes[0], numel(item.shape)
+    assert base_dtype is not None  # (planned merged: the base has it)
+    b, mtl = torch.empty(n, dtype=base_dtype), torch.empty(n, dtype=torch.float32)
+    for a, bb, xs in item.blocks(chunk_elements):
+        assert bb is not None
+        s = slice(a, a + bb.numel())
+        b[s], mtl[s] = bb, method.combine([task_vector(x, bb) for x in xs])
+        del bb, xs  # (before the next block is read)
+    return b.reshape(item.shape), mtl.reshape(item.shape)
 
 
 @dataclass(frozen=True)

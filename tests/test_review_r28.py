@@ -131,3 +131,28 @@ def test_a_file_written_over_between_a_streamed_tensors_passes_is_what_the_pack_
     with pytest.raises(CheckpointError, match=r"written over while it was packed.*task 't1'"):
         tallpack.pack(base, tasks, out, chunk_elements=CE, fidelity=0.999)
     assert not out.exists()
+
+
+@pytest.mark.parametrize("merge", ["ta", "ties"])
+def test_lambda_selection_reads_a_streamed_tensor_a_block_at_a_time(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                    merge: str) -> None:
+    """``pack(evaluate=...)`` (lambda selection) took a streamed tensor's ``Item.base`` and
+    ``Item.thetas``: the base and every task's copy read whole at once. Now its base and tau_MTL
+    are built a block at a time; the scores, the lambdas chosen and the archive are the same."""
+    from tallpack import inputs
+
+    base, tasks = _streamed_family(tmp_path, lambda i, sd: None)
+    wholes = [0]
+    real = inputs.Streamed.whole
+
+    def counted(self: inputs.Streamed) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
+        wholes[0] += 1
+        return real(self)
+    monkeypatch.setattr(inputs.Streamed, "whole", counted)
+
+    def evaluate(task: str, sd: dict[str, torch.Tensor]) -> float:
+        return -float(sd["big.weight"].float().abs().sum()) - float(sd["other"].float().sum())
+    whole, streamed = _pack_both(tmp_path, monkeypatch, base, tasks, merge=merge, evaluate=evaluate,
+                                 lambda_grid=[0.2, 0.4, 0.6], group=False)  # (N: a tensor to group, else)
+    assert streamed == whole
+    assert wholes[0] == 0
