@@ -171,9 +171,17 @@ def _exercise(path: str, outdir: str) -> None:
         for e in fam.manifest.tensors:
             fam.base_tensor(e.name)
         method = fam.manifest.merge.get("method")
+        from tallpack import merged as merged_module
         for model, needs in MERGED_MODELS.items():
             if needs == method:
                 fam.merged(model, **({"k": 1} if model.startswith("consensus") else {}))
+                # and built a run of 8 elements at a time (``merged.CHUNKED_FROM``), as large tensors are
+                was = merged_module.CHUNKED_FROM, merged_module.RUN_ELEMENTS
+                merged_module.CHUNKED_FROM, merged_module.RUN_ELEMENTS = 0, 8
+                try:
+                    fam.merged(model, **({"k": 1} if model.startswith("consensus") else {}))
+                finally:
+                    merged_module.CHUNKED_FROM, merged_module.RUN_ELEMENTS = was
         if fam.tasks and _WRITE_EVERY.tick():
             try:
                 tallpack.write_task(fam, fam.tasks[0], outdir)
