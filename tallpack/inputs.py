@@ -133,6 +133,10 @@ class Streamed:
         name = self.name
         return self.base.get_range(name, start, stop), [s.get_range(name, start, stop) for s in self.tasks]
 
+    def pair(self, i: int, start: int, stop: int, base: bool) -> tuple[torch.Tensor | None, torch.Tensor]:
+        name = self.name
+        return (self.base.get_range(name, start, stop) if base else None), self.tasks[i].get_range(name, start, stop)
+
 
 class PackInputs:
     """The opened inputs of a pack: base, tasks and their plan.

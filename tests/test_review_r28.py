@@ -156,3 +156,39 @@ def test_lambda_selection_reads_a_streamed_tensor_a_block_at_a_time(tmp_path: Pa
                                  lambda_grid=[0.2, 0.4, 0.6], group=False)  # (N: a tensor to group, else)
     assert streamed == whole
     assert wholes[0] == 0
+
+
+@pytest.mark.parametrize("opts", [{"exact": True}, {"exact": True, "derive_masks": False}, {"exact": True, "merge": "ties"}])
+def test_a_streamed_residual_against_the_base_or_zero_reads_two_copies_not_every_tasks(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, opts: dict) -> None:
+    """The exact tier's residual of a streamed tensor is written one task at a time, each a pass
+    over the blocks: against the base or zero (a ``tall-derived`` task, the usual choice) every
+    pass read the base's and every task's blocks, T x (T + 1) copies in all where 2 T are needed.
+    Now such a pass reads the base's and that task's blocks alone; the same bytes."""
+    from tallpack import inputs
+
+    base, tasks = _streamed_family(tmp_path, lambda i, sd: None)
+    seen = {"block": 0, "pair": 0}
+    block, pair = inputs.Streamed.block, inputs.Streamed.pair
+
+    def counted_block(self: inputs.Streamed, start: int, stop: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        seen["block"] += 1
+        return block(self, start, stop)
+
+    def counted_pair(self: inputs.Streamed, i: int, start: int, stop: int, base: bool
+                     ) -> tuple[torch.Tensor | None, torch.Tensor]:
+        seen["pair"] += 1
+        return pair(self, i, start, stop, base)
+    monkeypatch.setattr(inputs.Streamed, "block", counted_block)
+    monkeypatch.setattr(inputs.Streamed, "pair", counted_pair)
+    whole, streamed = _pack_both(tmp_path, monkeypatch, base, tasks, group=False, **opts)
+    assert streamed == whole
+    with tallpack.open(tmp_path / "a0.tallpack") as fam:
+        entry = next(e for e in fam.manifest.tensors if e.name == "big.weight")
+        refs = [tt.extras["exact"].reference for tt in entry.tasks.values()]
+    per_pass = -(-N // CE)
+    plain = sum(r != "tall" for r in refs)
+    assert seen["pair"] == plain * per_pass
+    if opts.get("merge") != "ties":  # (TIES' statistics take passes of their own)
+        # its kind, the writing, the exact tier's scan, and a residual against TALL's reference each
+        assert seen["block"] == (3 + len(refs) - plain) * per_pass, (seen, refs)

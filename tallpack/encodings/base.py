@@ -308,6 +308,11 @@ class Stream(Protocol):
         """Task ``i``'s tensor alone, read whole."""
         ...
 
+    def pair(self, i: int, start: int, stop: int, base: bool) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """Elements ``[start, stop)`` of the base (with ``base``, else None) and of task ``i``'s
+        tensor alone, flat, each read anew."""
+        ...
+
 
 class Item:
     """One tensor of the family at pack time: its name, the kind it was planned as and the kind it
@@ -379,6 +384,22 @@ class Item:
         flats = [t.reshape(-1) for t in self._thetas]
         for a in range(0, n, elements):
             yield a, (None if base is None else base[a : a + elements]), [f[a : a + elements] for f in flats]
+
+    def task_blocks(self, i: int, elements: int, base: bool = True
+                    ) -> Iterator[tuple[int, torch.Tensor | None, torch.Tensor]]:
+        """:meth:`blocks` of the base (with ``base``, else None) and of task ``i`` alone: a streamed
+        item reads those two copies' blocks, not every task's."""
+        n = numel(self.shape)
+        if self._stream is not None:
+            stream = self._stream
+            for a in range(0, n, elements):
+                b, x = stream.pair(i, a, min(n, a + elements), base)
+                yield a, b, x
+            return
+        flat = self._thetas[i].reshape(-1)
+        b_flat = None if self._base is None or not base else self._base.reshape(-1)
+        for a in range(0, n, elements):
+            yield a, (None if b_flat is None else b_flat[a : a + elements]), flat[a : a + elements]
 
 
 class Use(enum.Enum):

@@ -347,8 +347,16 @@ def _streamed_residuals(ctx: WriteContext, item: Item, i: int, ref: str, transfo
                         ) -> Iterator[np.ndarray]:
     """Task ``i``'s residual against ``ref``, a block (one chunk) at a time, each block read anew:
     the TALL reference's merged vector derived in the first ``derived`` blocks (``_Scan``),
-    combined in the others, as ``_tall_references`` builds it."""
+    combined in the others, as ``_tall_references`` builds it. Against the base or zero, only the
+    base's and the task's blocks are read (``Item.task_blocks``), not every task's."""
     dtype = item.dtypes[1][i]
+    if ref != "tall":
+        for _, b, x in item.task_blocks(i, ctx.chunk_elements, base=ref == "base"):
+            against = None if b is None else narrow(b.to(torch.float32), dtype)
+            del b
+            yield _residual(ctx, x, against, transform)
+            del against, x  # (before the next block is read)
+        return
     for k, (_, b, xs) in enumerate(item.blocks(ctx.chunk_elements)):
         assert b is not None
         r: torch.Tensor | None = None
