@@ -14,6 +14,8 @@ import tallpack.merged as M
 from tallpack.encodings import Item
 from tallpack.plan import TensorPlan
 
+from conftest import pack_both_ways
+
 CE = 1 << 14
 
 
@@ -64,39 +66,19 @@ def _streamed_family(d: Path, edit) -> tuple[Path, dict[str, Path]]:
     return d / "base.safetensors", tasks
 
 
-def _pack_both(d: Path, monkeypatch: pytest.MonkeyPatch, base: Path, tasks: dict[str, Path], **kw) -> tuple[bytes, bytes]:
-    from tallpack import inputs
-    out = []
-    for hold in (1 << 60, 0):
-        monkeypatch.setattr(inputs, "HOLD_BYTES", hold)
-        path = d / f"a{hold}.tallpack"
-        tallpack.pack(base, tasks, path, chunk_elements=CE, **kw)
-        out.append(path.read_bytes())
-    return out[0], out[1]
-
-
 @pytest.mark.parametrize("opts", [{}, {"exact": True}, {"fidelity": 0.999}])
 def test_a_streamed_tensor_stored_per_task_is_read_one_task_at_a_time(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                                        opts: dict) -> None:
     """A large tensor settled as task-own (a NaN in one task) was read whole, every task's copy and
     the base's at once (``Dense.write`` took ``Item.thetas``): now one task's copy at a time, the
     same bytes."""
-    from tallpack import inputs
-
     def edit(i: int, sd: dict) -> None:
         if i == 1:
             sd["big.weight"][N - 5] = float("nan")
     base, tasks = _streamed_family(tmp_path, edit)
-    wholes = [0]
-    real = inputs.Streamed.whole
-
-    def counted(self: inputs.Streamed) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
-        wholes[0] += 1
-        return real(self)
-    monkeypatch.setattr(inputs.Streamed, "whole", counted)
-    whole, streamed = _pack_both(tmp_path, monkeypatch, base, tasks, **opts)
+    whole, streamed, _, wholes = pack_both_ways(tmp_path, monkeypatch, base, tasks, chunk=CE, **opts)
     assert streamed == whole
-    assert wholes[0] == 0
+    assert wholes == 0
     with tallpack.open(tmp_path / "a0.tallpack") as fam:
         assert {e.name: e.kind for e in fam.manifest.tensors}["big.weight"] == "task-own"
 
@@ -139,23 +121,14 @@ def test_lambda_selection_reads_a_streamed_tensor_a_block_at_a_time(tmp_path: Pa
     """``pack(evaluate=...)`` (lambda selection) took a streamed tensor's ``Item.base`` and
     ``Item.thetas``: the base and every task's copy read whole at once. Now its base and tau_MTL
     are built a block at a time; the scores, the lambdas chosen and the archive are the same."""
-    from tallpack import inputs
-
     base, tasks = _streamed_family(tmp_path, lambda i, sd: None)
-    wholes = [0]
-    real = inputs.Streamed.whole
-
-    def counted(self: inputs.Streamed) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
-        wholes[0] += 1
-        return real(self)
-    monkeypatch.setattr(inputs.Streamed, "whole", counted)
 
     def evaluate(task: str, sd: dict[str, torch.Tensor]) -> float:
         return -float(sd["big.weight"].float().abs().sum()) - float(sd["other"].float().sum())
-    whole, streamed = _pack_both(tmp_path, monkeypatch, base, tasks, merge=merge, evaluate=evaluate,
-                                 lambda_grid=[0.2, 0.4, 0.6], group=False)  # (N: a tensor to group, else)
-    assert streamed == whole
-    assert wholes[0] == 0
+    whole, streamed, _, wholes = pack_both_ways(tmp_path, monkeypatch, base, tasks, chunk=CE, merge=merge,
+                                                evaluate=evaluate, lambda_grid=[0.2, 0.4, 0.6], group=False)
+    assert streamed == whole  # (group=False: N is small enough to group, else)
+    assert wholes == 0
 
 
 @pytest.mark.parametrize("opts", [{"exact": True}, {"exact": True, "derive_masks": False}, {"exact": True, "merge": "ties"}])
@@ -181,7 +154,7 @@ def test_a_streamed_residual_against_the_base_or_zero_reads_two_copies_not_every
         return pair(self, i, start, stop, base)
     monkeypatch.setattr(inputs.Streamed, "block", counted_block)
     monkeypatch.setattr(inputs.Streamed, "pair", counted_pair)
-    whole, streamed = _pack_both(tmp_path, monkeypatch, base, tasks, group=False, **opts)
+    whole, streamed, _, _ = pack_both_ways(tmp_path, monkeypatch, base, tasks, chunk=CE, group=False, **opts)
     assert streamed == whole
     with tallpack.open(tmp_path / "a0.tallpack") as fam:
         entry = next(e for e in fam.manifest.tensors if e.name == "big.weight")
