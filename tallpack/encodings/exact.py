@@ -19,9 +19,13 @@ BitX. The writer picks, per task and tensor, the combination that codes smallest
 
 from __future__ import annotations
 
+import logging
+import os
+import tempfile
 from dataclasses import dataclass
 from collections.abc import Callable, Iterator
-from typing import Any
+from pathlib import Path
+from typing import IO, Any
 
 import numpy as np
 import xxhash
@@ -33,7 +37,7 @@ from ..container import ArrayBuilder
 from ..codecs import BitSplit, Chain
 from ..dtypes import dtype_name, narrow, tensor_to_bytes, torch_dtype
 from ..elements import numel
-from ..errors import FormatError, IntegrityError
+from ..errors import FormatError, IntegrityError, OutputError
 from ..merging import derive_merged
 from ..tall import blocks, reconstruct, tall_mask
 from .base import FIELDS, Item, ReadArray, TaskTensor, TensorEntry, Use, WriteContext, register_field
@@ -70,6 +74,8 @@ SAMPLE_ELEMENTS = 1 << 18
 #: archive's residual chain) and ``bitsplit`` (format 1.9: each element's bit length and two bits
 #: below its leading one, zstd-coded, then its low bits verbatim; itemsizes 1, 2 and 4).
 RESIDUAL_CODECS: tuple[str, ...] = ("planes", "bitsplit")
+
+log = logging.getLogger(__name__)
 
 
 # -- the transforms, on bit patterns as unsigned integers (numpy, wrapping arithmetic) -------------
@@ -271,37 +277,52 @@ def _tall_references(ctx: WriteContext, item: Item, check: bool) -> tuple[list[t
 
 
 @dataclass
-class _Scan:
-    """What the exact tier needs of a streamed item before it writes (``_scan``): each task's
-    xxh3, whether its TALL reference holds a NaN anywhere, the first SAMPLE_ELEMENTS elements of
-    the task, of its TALL reference and of the base reference (of each dtype), and how many of the
-    blocks' merged vectors the reader derives (``derived``; all of them: ``derivable``)."""
+class _Sample:
+    """The first SAMPLE_ELEMENTS elements of a streamed item's tasks, of their TALL references and
+    of the base reference (of each dtype), which the exact tier's choice is made on (``_scan``)."""
 
-    hashes: dict[int, int]
-    nan: dict[int, bool]
     x: dict[int, torch.Tensor]
     tall: dict[int, torch.Tensor]
     base: dict[torch.dtype, torch.Tensor]
+
+    def refs(self, i: int) -> dict[str, torch.Tensor | None]:
+        """``_references``'s, of the sample, TALL's always (a NaN found later drops its sizes)."""
+        return {"tall": self.tall[i], "base": self.base[self.x[i].dtype], "zero": None}
+
+
+@dataclass
+class _Scan:
+    """What the exact tier needs of a streamed item before it writes (``_scan``): each task's
+    xxh3, whether its TALL reference holds a NaN anywhere, and how many of the blocks' merged
+    vectors the reader derives (``derived``; all of them: ``derivable``)."""
+
+    hashes: dict[int, int]
+    nan: dict[int, bool]
     derived: int
     derivable: bool
 
-    def refs(self, i: int) -> dict[str, torch.Tensor | None]:
-        """``_references``'s, of the sample."""
-        out: dict[str, torch.Tensor | None] = {"tall": self.tall[i], "base": self.base[self.x[i].dtype], "zero": None}
-        if self.nan[i]:
-            del out["tall"]
-        return out
 
-
-def _scan(ctx: WriteContext, item: Item, todo: list[int], check: bool) -> _Scan:
+def _scan(ctx: WriteContext, item: Item, todo: list[int], check: bool,
+          sampled: Callable[[_Sample, bool], bool], spill: "_Spill") -> _Scan:
     """One pass over a streamed item's blocks for ``_Scan``, the TALL references built as
-    ``_tall_references`` builds them, a block at a time (each task's on up to ``ctx.threads``)."""
-    ce, sample = ctx.chunk_elements, SAMPLE_ELEMENTS
+    ``_tall_references`` builds them, a block at a time (each task's on up to ``ctx.threads``).
+    Once the sample is read, ``sampled(sample, derivable)`` (the blocks' merged vectors derived
+    so far) says whether a task may be coded against TALL's reference: then each block's merged
+    vector goes to ``spill`` for the tasks' passes."""
+    ce, n = ctx.chunk_elements, numel(item.shape)
+    sample = min(n, SAMPLE_ELEMENTS)
     hashers = {i: xxhash.xxh3_64() for i in todo}
     nan = {i: False for i in todo}
     xs_kept: dict[int, list[torch.Tensor]] = {i: [] for i in todo}
     talls: dict[int, list[torch.Tensor]] = {i: [] for i in todo}
     bases: dict[torch.dtype, list[torch.Tensor]] = {}
+
+    def decide() -> None:
+        spill.want(sampled(_Sample({i: torch.cat(p) for i, p in xs_kept.items()},
+                                   {i: torch.cat(p) for i, p in talls.items()},
+                                   {dt: torch.cat(p) for dt, p in bases.items()}), check and derived == count))
+        for kept in (xs_kept, talls, bases):  # (the sample, let go)
+            kept.clear()
     count = derived = 0
     for a, b, xs in item.blocks(ce):
         assert b is not None
@@ -328,10 +349,112 @@ def _scan(ctx: WriteContext, item: Item, todo: list[int], check: bool) -> _Scan:
                 xs_kept[i].append(xs[i][:keep].clone())
             for dt in {xs[i].dtype for i in todo}:
                 bases.setdefault(dt, []).append(narrow(b[:keep].to(torch.float32), dt))
+        spill.add(merged)
+        if a < sample <= a + b.numel():
+            decide()
         del b, xs, taus, merged  # (before the next block is read)
-    return _Scan({i: h.intdigest() for i, h in hashers.items()}, nan,
-                 {i: torch.cat(p) for i, p in xs_kept.items()}, {i: torch.cat(p) for i, p in talls.items()},
-                 {dt: torch.cat(p) for dt, p in bases.items()}, derived, check and derived == count)
+    if not sample:  # (an empty tensor)
+        decide()
+    spill.done(count)
+    return _Scan({i: h.intdigest() for i, h in hashers.items()}, nan, derived, check and derived == count)
+
+
+class _Spill:
+    """Each block's merged vector (float32) of a streamed item, as ``_scan`` built it, kept for the
+    passes of the tasks coded against TALL's reference: with it, such a pass reads the base's and
+    its task's blocks (``Item.task_blocks``), not every task's, and merges nothing.
+
+    The blocks' vectors are held until ``want`` says whether a task may need them (the choice on
+    the scan's sample), then written to a temporary file in ``folder`` (the archive's: the disk the
+    user gave it) or dropped. The file has no name (``tempfile.TemporaryFile``): the system frees
+    it when it is closed (``close``: ``add_exact`` returns or fails) or its process dies. A write
+    that fails (a full disk) drops the file, and each pass merges its blocks anew (``usable``
+    False), as before: the same bytes."""
+
+    def __init__(self, folder: str | None, name: str) -> None:
+        self.folder, self.name = folder, name
+        self._held: list[np.ndarray] | None = []  # until ``want``
+        self._file: IO[bytes] | None = None
+        self._sizes: list[int] = []
+        self.usable = False
+
+    def __enter__(self) -> "_Spill":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def add(self, merged: torch.Tensor) -> None:
+        assert merged.dtype == torch.float32
+        v = merged.contiguous().reshape(-1).numpy()
+        self._sizes.append(v.size)
+        if self._held is not None:
+            self._held.append(v.copy())
+        elif self._file is not None:
+            self._write(v)
+
+    def want(self, wanted: bool) -> None:
+        held, self._held = self._held or [], None
+        if not wanted:
+            return
+        try:
+            self._file = tempfile.TemporaryFile(dir=self.folder)
+        except OSError as e:
+            self._failed(e)
+            return
+        log.debug("%s: each block's merged vector kept in a temporary file (%d bytes)", self.name, 4 * sum(self._sizes))
+        for v in held:
+            self._write(v)
+
+    def _write(self, v: np.ndarray) -> None:
+        if self._file is None:  # (a write failed: dropped)
+            return
+        try:
+            self._file.write(v.view(np.uint8).data)
+        except OSError as e:
+            self._failed(e)
+
+    def _failed(self, e: OSError) -> None:
+        log.warning("%s: the merged vectors could not be kept on disk (%s): each task coded against TALL's "
+                    "reference reads every task's blocks", self.name, e)
+        self.close()
+
+    def done(self, blocks: int) -> None:
+        """The scan read all ``blocks``: the vectors are usable if every one was written."""
+        if self._file is not None:
+            try:
+                self._file.flush()
+            except OSError as e:
+                self._failed(e)
+        self.usable = self._file is not None and len(self._sizes) == blocks
+
+    def merged(self) -> Iterator[torch.Tensor]:
+        """Each block's merged vector, read back in order."""
+        f = self._file
+        assert self.usable and f is not None
+        f.seek(0)
+        for n in self._sizes:
+            v = np.empty(n, np.float32)
+            try:
+                got = f.readinto(v.view(np.uint8).data)  # type: ignore[attr-defined]
+            except OSError as e:
+                raise OutputError(f"{self.name}: the exact tier's temporary file of merged vectors could not "
+                                  f"be read back ({e})") from e
+            if got != v.nbytes:
+                raise OutputError(f"{self.name}: the exact tier's temporary file of merged vectors came back "
+                                  f"short ({got} of {v.nbytes} bytes)")
+            yield torch.from_numpy(v)
+
+    def close(self) -> None:
+        f, self._file, self._held, self.usable = self._file, None, None, False
+        if f is not None:
+            f.close()
+
+
+def _spill_folder(ctx: WriteContext) -> str | None:
+    """Where ``_Spill`` writes: the archive's folder (None: ``tempfile``'s default)."""
+    path = getattr(ctx.writer, "path", None)
+    return None if path is None else os.fspath(Path(path).parent)
 
 
 def _block_merged(ctx: WriteContext, b: torch.Tensor, xs: list[torch.Tensor], derive: bool
@@ -343,33 +466,39 @@ def _block_merged(ctx: WriteContext, b: torch.Tensor, xs: list[torch.Tensor], de
     return (None if derived is None else derived["merged"]), taus
 
 
-def _streamed_residuals(ctx: WriteContext, item: Item, i: int, ref: str, transform: str, derived: int
-                        ) -> Iterator[np.ndarray]:
-    """Task ``i``'s residual against ``ref``, a block (one chunk) at a time, each block read anew:
-    the TALL reference's merged vector derived in the first ``derived`` blocks (``_Scan``),
-    combined in the others, as ``_tall_references`` builds it. Against the base or zero, only the
-    base's and the task's blocks are read (``Item.task_blocks``), not every task's."""
-    dtype = item.dtypes[1][i]
+def _streamed_residuals(ctx: WriteContext, item: Item, i: int, ref: str, transform: str, scan: _Scan,
+                        spill: _Spill) -> Iterator[np.ndarray]:
+    """Task ``i``'s residual against ``ref``, a block (one chunk) at a time, each block read anew.
+    Against the base or zero, only the base's and the task's blocks are read (``Item.task_blocks``),
+    not every task's; against TALL's reference too, with each block's merged vector read back from
+    ``spill``, as ``_scan`` built it. Without it (a full disk), every task's blocks are read and
+    the merged vector built again: derived in the first ``scan.derived`` blocks, combined in the
+    others, as ``_tall_references`` builds it."""
+    dtype, ce = item.dtypes[1][i], ctx.chunk_elements
     if ref != "tall":
-        for _, b, x in item.task_blocks(i, ctx.chunk_elements, base=ref == "base"):
+        for _, b, x in item.task_blocks(i, ce, base=ref == "base"):
             against = None if b is None else narrow(b.to(torch.float32), dtype)
             del b
             yield _residual(ctx, x, against, transform)
             del against, x  # (before the next block is read)
         return
-    for k, (_, b, xs) in enumerate(item.blocks(ctx.chunk_elements)):
+    lam = ctx.lambdas[item.tasks[i]]
+    if spill.usable:
+        for (_, b, x), merged in zip(item.task_blocks(i, ce), spill.merged(), strict=True):
+            assert b is not None
+            ((_, (tau,)),) = blocks(b, [x], b.numel())  # task i's vector, as ``_block_merged`` gives it
+            r = reconstruct(b, _mask(tau, merged, lam), merged, dtype)
+            del b, tau, merged
+            yield _residual(ctx, x, r, transform)
+            del r, x
+        return
+    for k, (_, b, xs) in enumerate(item.blocks(ce)):
         assert b is not None
-        r: torch.Tensor | None = None
-        if ref == "tall":
-            merged, taus = _block_merged(ctx, b, xs, k < derived)
-            if merged is None:
-                merged = ctx.method.combine(taus)
-            r = reconstruct(b, _mask(taus[i], merged, ctx.lambdas[item.tasks[i]]), merged, dtype)
-            del taus, merged
-        elif ref == "base":
-            r = narrow(b.to(torch.float32), dtype)
+        merged_k, taus = _block_merged(ctx, b, xs, k < scan.derived)
+        merged = ctx.method.combine(taus) if merged_k is None else merged_k
+        r = reconstruct(b, _mask(taus[i], merged, lam), merged, dtype)
         x = xs[i]
-        del b, xs
+        del b, xs, taus, merged, merged_k
         yield _residual(ctx, x, r, transform)
 
 
@@ -427,7 +556,18 @@ def add_exact(ctx: WriteContext, item: Item, entry: TensorEntry, tasks: set[str]
     ``tall-derived`` entry, whose reader derives the mask from the original) + residual against
     ``base`` or ``zero``; the sizes are those of the first ``SAMPLE_ELEMENTS`` elements, scaled.
     Where it also held the merged vector (``ctx.held_merged``), deriving every mask and leaving
-    the merged vector out (``tall-derived-merged``, format 1.8) is weighed against that choice."""
+    the merged vector out (``tall-derived-merged``, format 1.8) is weighed against that choice.
+
+    A tensor read a block at a time (``Item.streamed``) is read once for the hashes and the sample,
+    then once per task, its base's and its own blocks: each block's merged vector, where a task
+    may be coded against TALL's reference, kept from the first pass in a temporary file (``_Spill``,
+    4 bytes an element) that is gone when this returns or fails."""
+    with _Spill(_spill_folder(ctx), item.name) as spill:
+        return _add_exact(ctx, item, entry, tasks, codecs, spill)
+
+
+def _add_exact(ctx: WriteContext, item: Item, entry: TensorEntry, tasks: set[str] | None,
+               codecs: tuple[str, ...], spill: _Spill) -> TensorEntry:
     held = ctx.held_masks.pop(item.name, None) if ctx.held_masks is not None else None
     merged_held = ctx.held_merged.pop(item.name, None) if ctx.held_merged is not None else None
     if not any(tt.encoding == "tall" for tt in entry.tasks.values()):
@@ -442,13 +582,23 @@ def add_exact(ctx: WriteContext, item: Item, entry: TensorEntry, tasks: set[str]
     sizes: dict[int, list[tuple[int, How]]] = {}
     streamed = item.streamed
     if streamed:  # too large to hold whole (``inputs.HOLD_BYTES``): a block at a time
-        scan = _scan(ctx, item, todo, check)
+        def sampled(sample: _Sample, derivable: bool) -> bool:
+            """The sample's sizes; whether a task may be coded against TALL's reference: ``_choose``
+            before a NaN is seen (a NaN takes a task off TALL's reference; the others keep their
+            choice, or all derive their masks). Where the merged vectors of the blocks after the
+            sample turn out not derivable after all (the method derives all blocks or none), a
+            task on TALL's reference finds no spill and merges its blocks again: the same bytes."""
+            _each(ctx, len(todo), lambda k: sizes.__setitem__(
+                todo[k], _sample_sizes(ctx, sample.x[todo[k]], sample.refs(todo[k]), codecs)))
+            chosen = _choose(item, todo, sizes, held, merged_held, derivable)
+            return any(how[0] == "tall" for how, _ in chosen.values())
+        scan = _scan(ctx, item, todo, check, sampled, spill)
         derivable, hashes = scan.derivable, scan.hashes
-        _each(ctx, len(todo), lambda k: sizes.__setitem__(
-            todo[k], _sample_sizes(ctx, scan.x[todo[k]], scan.refs(todo[k]), codecs)))
-        scan.x, scan.tall, scan.base = {}, {}, {}  # (the samples, let go)
+        for i in todo:
+            if scan.nan[i]:  # a NaN's payload is unspecified: never code against it (``_references``)
+                sizes[i] = [s for s in sizes[i] if s[1][0] != "tall"]
         residuals: Callable[[int, str, str], Iterator[np.ndarray]] = (
-            lambda i, ref, tr: _streamed_residuals(ctx, item, i, ref, tr, scan.derived))
+            lambda i, ref, tr: _streamed_residuals(ctx, item, i, ref, tr, scan, spill))
     else:
         talls, derivable = _tall_references(ctx, item, check)
         bases: dict[torch.dtype, torch.Tensor] = {}  # the base reference, once per dtype (not per task)
