@@ -69,17 +69,19 @@ from .dtypes import dtype_name, narrow, tensor_to_bytes, torch_dtype
 from .encodings import Item, TaskTensor, TensorEntry, WriteContext, iter_arrays, settled
 from .elements import numel
 from .encodings.base import EXTRA_ARRAYS
-from .encodings.correction import (BLOCK, Correction, quant_decode, quant_encode, quant_encode_widths, residual,
+from .encodings.correction import (BLOCK, FLOAT16_MAX, Correction, quant_decode, quant_encode, quant_encode_widths, residual,
                                    sparse_decode, sparse_encode, sparse_encode_ks)
 from .encodings.exact import (RESIDUAL_CODECS, SAMPLE_ELEMENTS, _sample_sizes, add_exact, bits, forward,
                               permute)
 from .encodings.qtau import BLOCK as QBLOCK
-from .encodings.qtau import dequantize, quantize, quantize_widths, rebuilt
+from .encodings.qtau import (block_maxima, dequantize, float_blocks, quantize, quantize_widths, quantized, rebuilt,
+                             width_scales)
 from .encodings.tall import Tall
 from .errors import InvalidArgumentError, TallpackError
 from .merging import MergeMethod, missing_statistics, score_values
 from .options import Evaluator
 from .report import format_size
+from .sums import PairwiseSum
 from .tall import blocks, compiled_kind, elements, tall_mask
 
 log = logging.getLogger(__name__)
@@ -749,6 +751,203 @@ class _Errors:
         return err, plain, exact, over
 
 
+# -- a streamed tensor's task measured a run of blocks at a time ------------------------------------
+#
+# A tensor too large to hold whole (``Item.streamed``) has each task measured a run of whole chunks
+# (and whole blocks of 64) at a time, in two or three passes over the task's copy, with the same
+# figures as ``Dial._measure`` on the whole: every squared error summed in numpy's pairwise order
+# across the runs (``sums.PairwiseSum``), every array's stored bytes coded chunk by chunk as they
+# fill (``_ArrayCost``), the qtau scales decided over the whole tensor (float16 only where every
+# block's fits) before any code is made, the sparse entries selected by the k-th largest magnitude,
+# found by a radix selection (the high 16 bits' counts, then the low ones' within its bin).
+
+def _run_elements(ce: int) -> int:
+    """Elements a streamed tensor's task is worked in at a time: whole chunks of ``ce`` (each array's
+    chunks coded as they fill) and whole quantization blocks (``BLOCK``, ``QBLOCK``)."""
+    assert BLOCK == QBLOCK
+    return ce * (QBLOCK // math.gcd(ce, QBLOCK))
+
+
+class _ArrayCost:
+    """``_array_cost`` of an array given a piece at a time, in order: each chunk of ``ce`` elements
+    coded once it is whole (a piece's part held, copied, until then)."""
+
+    def __init__(self, chain: Chain, ce: int, dtype: np.dtype):
+        self.chain, self.ce, self.dtype = chain, ce, np.dtype(dtype)
+        self._held: list[np.ndarray] = []
+        self._count = self._chunks = 0
+        self._cost = ARRAY_OVERHEAD
+
+    def add(self, a: np.ndarray) -> None:
+        a = a.reshape(-1)
+        while a.size:
+            take = min(self.ce - self._count, a.size)
+            if take == self.ce:  # a whole chunk in the piece: coded where it is
+                self._code(a[:take])
+            else:
+                self._held.append(a[:take].copy())
+                self._count += take
+                if self._count == self.ce:
+                    self._code(np.concatenate(self._held))
+            a = a[take:]
+
+    def _code(self, chunk: np.ndarray) -> None:
+        data = np.ascontiguousarray(chunk).view(np.uint8).data.cast("B")
+        self._cost += len(self.chain.encode(data)) + CHUNK_OVERHEAD
+        self._held, self._count, self._chunks = [], 0, self._chunks + 1
+
+    @property
+    def total(self) -> int:
+        """The bytes, once every piece is in (the last chunk, or an empty array's one, coded now)."""
+        if self._count or not self._chunks:
+            self._code(np.concatenate(self._held) if self._held else np.empty(0, self.dtype))
+        return self._cost
+
+
+class _BlockSquares:
+    """``_squared_sums`` of float64 differences given a block at a time, in order: the same floats
+    (an element that is not finite counts as ``overflow_error(dtype)`` wherever it falls)."""
+
+    def __init__(self, n: int, dtype: torch.dtype, weighted: bool):
+        self.dtype, self.over, self.same = dtype, 0, True
+        self._plain = PairwiseSum(n)
+        self._weighted = PairwiseSum(n) if weighted else None
+
+    def add(self, sq: np.ndarray, w: np.ndarray | None) -> bool:
+        """One block's differences, squared in ``sq`` (overwritten); whether every one is 0."""
+        np.square(sq, out=sq)
+        top = float(sq.max()) if sq.size else 0.0
+        if not math.isfinite(top):
+            bad = ~np.isfinite(sq)
+            self.over += int(np.count_nonzero(bad))
+            e = overflow_error(self.dtype)
+            sq[bad] = e * e
+        self._plain.add(sq)
+        if self._weighted is not None:
+            assert w is not None
+            np.multiply(sq, w, out=sq)
+            self._weighted.add(sq)
+        return top == 0
+
+    def result(self) -> tuple[float, float | None, int]:
+        plain = self._plain.value
+        return (plain, None, self.over) if self._weighted is None else (self._weighted.value, plain, self.over)
+
+
+class _BlockErrors(_BlockSquares):
+    """``_Errors``'s figures of one rebuild given a block at a time: (weighted, plain, bit-exact,
+    overflow) or (plain, None, ...)."""
+
+    def add_rebuild(self, a: torch.Tensor, x: torch.Tensor, d: np.ndarray, w: np.ndarray | None) -> None:
+        """Rebuild block ``a`` against the original's ``x`` (flat), worked in float64 ``d``."""
+        d = d[: a.numel()]
+        if (str(a.dtype).removeprefix("torch.") in _NUMPY_FLOATS
+                and str(x.dtype).removeprefix("torch.") in _NUMPY_FLOATS):
+            np.subtract(a.numpy(), x.numpy(), out=d, dtype=np.float64)
+        else:
+            torch.from_numpy(d).copy_(a).sub_(x.to(torch.float64))
+        zero = self.add(d, w)
+        self.same = self.same and zero and same_bits(a, x)  # (only where no error is left)
+
+    def figures(self) -> tuple[float, float | None, bool, int]:
+        err, plain, over = self.result()
+        return err, plain, (err if plain is None else plain) == 0 and self.same, over
+
+
+def _magnitude_bits(r: torch.Tensor) -> np.ndarray:
+    """``|r|``'s float32 bit patterns, ordered as the magnitudes are (a NaN's above +inf's)."""
+    return np.abs(r.numpy()).view(np.uint32)
+
+
+def _kth(counts: np.ndarray, k: int) -> tuple[int, int]:
+    """The bin of ``counts`` (one per value, ascending) holding the k-th largest entry, and how many
+    of that bin's entries are among the k largest."""
+    above = np.cumsum(counts[::-1])[::-1]  # entries in this bin or a higher one
+    h = int(np.count_nonzero(above >= k)) - 1
+    return h, k - (int(above[h + 1]) if h + 1 < above.size else 0)
+
+
+class _Sparse:
+    """The entries each sparse candidate (``ks``) keeps of a streamed residual, given a run at a
+    time, as ``sparse_encode_ks`` picks them from the whole: where no entry as large as the k-th
+    largest magnitude is left out, those at least as large, found by a radix selection (the counts
+    of the magnitudes' high 16 bits, :meth:`high`, then of the low ones within the k-th's bin,
+    :meth:`low`); elsewhere (a tie across the cut, or a NaN) ``torch.topk`` chooses over the whole
+    tensor, so its choice is made so here too (:meth:`settle`, on the magnitudes held whole for the
+    while: 4 bytes an element, and topk's own work)."""
+
+    def __init__(self, n: int, ks: Sequence[int]):
+        self.n, self.ks = n, list(ks)
+        self._high = np.zeros(1 << 16, np.int64)
+        self._low: dict[int, np.ndarray] = {}
+        self._bins: dict[int, tuple[int, int]] = {}
+        self.nan, self.top = False, 0
+        self.cut: dict[int, np.uint32] = {}  # k -> the k-th largest magnitude's bits
+        self.picked: dict[int, np.ndarray] = {}  # k -> topk's indices, ascending
+
+    def high(self, r: torch.Tensor) -> None:
+        u = _magnitude_bits(r)
+        if u.size:
+            self.top = max(self.top, int(u.max()))
+            self._high += np.bincount(u >> np.uint32(16), minlength=1 << 16)
+
+    def lows(self) -> bool:
+        """After every run's :meth:`high`: whether a pass of :meth:`low` is wanted."""
+        self.nan = self.top > 0x7F800000  # (np.partition puts a NaN last, and topk takes it first)
+        if not self.nan:
+            self._bins = {k: _kth(self._high, k) for k in self.ks if 0 < k < self.n}
+        self._low = {h: np.zeros(1 << 16, np.int64) for h, _ in self._bins.values()}
+        return bool(self._low)
+
+    def low(self, r: torch.Tensor) -> None:
+        u = _magnitude_bits(r)
+        top16 = u >> np.uint32(16)
+        for h, counts in self._low.items():
+            counts += np.bincount(u[top16 == h] & np.uint32(0xFFFF), minlength=1 << 16)
+
+    def settle(self, magnitudes: Callable[[], torch.Tensor]) -> None:
+        """Each k's cut, or where there is none, topk's choice on ``magnitudes()`` (``|r|``, whole)."""
+        for k, (h, need) in self._bins.items():
+            above = np.cumsum(self._low[h][::-1])[::-1]
+            lo = int(np.count_nonzero(above >= need)) - 1
+            if int(above[lo]) == need:  # no entry as large is left out: the one set
+                self.cut[k] = np.uint32((h << 16) | lo)
+        rest = [k for k in self.ks if k not in self.cut]
+        if rest:
+            mag = magnitudes()
+            for k in rest:  # as ``sparse_encode``
+                top = torch.topk(mag, max(0, min(k, self.n)), sorted=False).indices
+                self.picked[k] = np.sort(top.numpy())
+                del top
+
+    @property
+    def half(self) -> bool:
+        """Whether the values are stored as float16: the largest magnitude kept (the largest of all)
+        within ``FLOAT16_MAX``."""
+        return not self.nan and float(np.array(self.top, np.uint32).view(np.float32)) <= FLOAT16_MAX
+
+    def kept(self, k: int, s: slice, r: torch.Tensor) -> np.ndarray:
+        """The positions within run ``s`` (its residual ``r``) of the entries candidate ``k`` keeps."""
+        if k in self.cut:
+            return np.flatnonzero(_magnitude_bits(r) >= self.cut[k])
+        at = self.picked[k]
+        first, stop = np.searchsorted(at, [s.start, s.stop])
+        return at[first:stop] - s.start
+
+
+class _Gaps:
+    """A sparse candidate's index gaps, given a run's kept positions at a time (``sparse_encode``'s)."""
+
+    def __init__(self, n: int):
+        self.dtype = np.uint64 if n > 0xFFFFFFFF else np.uint32
+        self._last = 0
+
+    def __call__(self, s: slice, local: np.ndarray) -> np.ndarray:
+        idx = local.astype(np.int64) + s.start
+        gaps = np.diff(idx, prepend=self._last).astype(self.dtype)
+        self._last = int(idx[-1]) if idx.size else self._last
+        return gaps
+
 def sensitivity_weights(weights: Any, shape: tuple[int, ...], where: str) -> torch.Tensor:
     """A sensitivity's weights for a tensor of ``shape``, flat in float64, as given: with a layer's
     input second moments each tensor's weighted error is its layer's output error, so tensors
@@ -962,10 +1161,13 @@ class Dial:
         del base
         tp.base = tp.base[:0]  # (let go while the tasks are measured: they take the float32 base)
         scratch = _Scratch(n + max(QBLOCK, BLOCK))  # the quantizers' work: no fresh pages
-        read = _reader(item)  # (a streamed item: each task's copy read, and its mask made, as its turn comes)
+        read = _reader(item)
+        lock = threading.Lock()
 
         def measure(i: int) -> _Measured:
-            x = read(i)
+            if item.streamed and self.evaluate is None:  # (an evaluator holds each rebuild whole: ``held``)
+                return self._measure_streamed(ctx, item, i, base32, merged, tier, bases, lock)
+            x = read(i)  # (a streamed item with an evaluator: each task's copy read as its turn comes)
             return self._measure(ctx, item, i, x, base32, merged, tp.mask(ctx, item, i, x), tier, bases,
                                  scratch.get())
 
@@ -1060,6 +1262,183 @@ class Dial:
                 opts.append(Option("exact", _exact_cost(ctx, x, sizes, refs), 0.0, bit_exact=True))
         held = (base32, rec32, r, x.dtype) if self.evaluate is not None else None
         return _Measured(sq, sq_plain, scale, opts[0], hull(opts), qs, sizes, held)
+
+    def _measure_streamed(self, ctx: WriteContext, item: Item, i: int, base32: torch.Tensor, merged: torch.Tensor,
+                          tier: TierCost, bases: dict[torch.dtype, torch.Tensor], lock: threading.Lock) -> _Measured:
+        """``_measure`` of a streamed item's task ``i``, its copy read a run of blocks at a time
+        (``_run_elements``): pass 1 the TALL rebuild, the original's norm, the quant corrections, the
+        qtau blocks' maxima and the sparse magnitudes' high bits; pass 2 the qtau candidates (their
+        scales decided), the exact residual's chunks and the sparse magnitudes' low bits; pass 3 the
+        sparse candidates. The same figures as ``_measure`` on the whole copy, and no array of the
+        tensor's size but ``tau_MTL`` and the bases the tasks share (and a sensitivity's weights)."""
+        t, ce, dt, n = item.tasks[i], ctx.chunk_elements, item.dtypes[1][i], base32.numel()
+        lam, run = ctx.lambdas[t], _run_elements(ce)
+        given = (self.sensitivity or {}).get(t, {}).get(item.name)
+        wt = None if given is None else sensitivity_weights(given, item.shape, f"task {t!r}, tensor {item.name!r}")
+        w = None if wt is None else wt.numpy()
+        weighted = w is not None
+        d = np.empty(run, np.float64)  # each difference's float64 work
+        scratch = torch.empty(run + QBLOCK, dtype=torch.float32)
+
+        def runs() -> Iterator[tuple[slice, np.ndarray | None, torch.Tensor, torch.Tensor, torch.Tensor,
+                                     torch.Tensor, torch.Tensor]]:
+            """Per run: its slice, weights, the copy's elements, the float32 base's, the TALL rebuild
+            (float32), its residual and the rebuild in the task's dtype; read one run at a time."""
+            blocks_of = item.task_blocks(i, run, base=False)
+            while True:
+                with lock:
+                    got = next(blocks_of, None)
+                if got is None:
+                    return
+                a, _, xb = got
+                x = xb.reshape(-1)
+                s = slice(a, a + x.numel())
+                b32, mg = base32[s], merged[s]
+                x32 = x.to(torch.float32)
+                rec = torch.addcmul(b32, tall_mask(x32 - b32, mg, lam).to(torch.float32), mg)
+                yield s, (None if w is None else w[s]), x, b32, rec, x32 - rec, narrow(rec, dt)
+
+        def priced(costs: Sequence[_ArrayCost]) -> int:
+            return sum(c.total for c in costs) + 40
+
+        def cost_of(of: Any) -> _ArrayCost:
+            dtype = np.dtype(of)
+            return _ArrayCost(ctx.dense(dtype.name), ce, dtype)
+
+        # -- pass 1
+        norm, tall = _BlockSquares(n, dt, weighted), _BlockErrors(n, dt, weighted)
+        widths = [b for b in (4, 8) if f"quant{b}" in self.allowed]
+        quants = {b: (_BlockErrors(n, dt, weighted), cost_of(np.float32), cost_of(np.int8 if b == 8 else np.uint8))
+                  for b in widths}
+        sparse = "sparse" in self.allowed
+        amax = np.empty(-(-n // QBLOCK), np.float32) if self.qtau else None
+        ks = sorted({max(1, int(n * f)) for f in SPARSE_FRACTIONS}) if sparse and n else []
+        picks = _Sparse(n, ks) if ks else None
+        nan_plain = False
+        sample = min(SAMPLE_ELEMENTS, n)
+        xs: list[torch.Tensor] = []
+        plains: list[torch.Tensor] = []
+        for s, ws, x, b32, rec, r, plain in runs():
+            m = x.numel()
+            torch.from_numpy(d[:m]).copy_(x)
+            norm.add(d[:m], ws)
+            tall.add_rebuild(plain, x, d, ws)
+            nan_plain = nan_plain or bool(torch.isnan(plain).any())
+            if s.start < sample:
+                xs.append(x[: sample - s.start].clone())
+                plains.append(plain[: sample - s.start].clone())
+            if amax is not None:
+                rows, _, nb = float_blocks(x.to(torch.float32) - b32, QBLOCK)
+                amax[s.start // QBLOCK : s.start // QBLOCK + nb] = block_maxima(
+                    rows.numpy(), scratch[: nb * QBLOCK].numpy().reshape(nb, QBLOCK))
+            for b, (codes, scales, cq) in zip(widths, quant_encode_widths(r, widths, BLOCK, scratch=scratch)):
+                assert cq is not None
+                errs, scale_cost, code_cost = quants[b]
+                errs.add_rebuild(narrow(rec + cq, dt), x, d, ws)
+                scale_cost.add(scales)
+                code_cost.add(codes)
+            if picks is not None:
+                picks.high(r)
+        sq, sq_plain, _ = norm.result()
+        if sq:
+            scale = 1.0 / sq
+        else:  # (as ``_squares`` of the float32 base)
+            base_sq = _BlockSquares(n, base32.dtype, weighted)
+            for a in range(0, n, run):
+                m = min(run, n - a)
+                torch.from_numpy(d[:m]).copy_(base32[a : a + m])
+                base_sq.add(d[:m], None if w is None else w[a : a + m])
+            scale = 1.0 / (base_sq.result()[0] or 1.0)
+        err0, plain0, exact0, over0 = tall.figures()
+        opts = [Option(None, 0, err0, plain=plain0, bit_exact=exact0, overflow=over0)]
+        lossy = bool(n) and err0 > 0
+        # the exact tier's sample, and the reference of the dial's exact candidate
+        x_sample = torch.cat(xs) if xs else torch.empty(0, dtype=dt)
+        refs: dict[str, torch.Tensor | None] = {"tall": torch.cat(plains) if plains else x_sample,
+                                                "base": bases[dt] if n else None, "zero": None}
+        if nan_plain:
+            del refs["tall"]
+        sizes = _sample_sizes(ctx, x_sample, refs, EXACT_CODECS) if n else None
+        del xs, plains, x_sample
+        exact_ref: tuple[str, str] | None = None
+        if sizes is not None and not exact0 and "exact" in self.allowed:
+            exact_ref = next(how[:2] for _, how in sizes if how[2] == "planes")
+        # -- pass 2
+        qtaus: dict[int, tuple[np.ndarray, np.ndarray, _BlockErrors, _ArrayCost]] = {}
+        if amax is not None and n:
+            for b in QTAU_BITS:
+                stored, used = width_scales(amax, b)
+                qtaus[b] = (stored, used, _BlockErrors(n, dt, weighted), cost_of(np.uint8))
+        if not lossy:  # (a correction adds to the TALL rebuild: none mends a -0.0 it lost)
+            picks = None
+        low = picks is not None and picks.lows()
+        exact_cost = None
+        if exact_ref is not None:
+            assert ctx.residuals is not None
+            size = torch.empty(0, dtype=dt).element_size()
+            exact_cost = _ArrayCost(ctx.residuals(size), ce, np.dtype(f"u{size}"))
+        if qtaus or low or exact_cost is not None:
+            u8 = np.empty(run, np.uint8)
+            for s, ws, x, b32, rec, r, plain in runs():
+                if qtaus:
+                    rows, m, nb = float_blocks(x.to(torch.float32) - b32, QBLOCK)
+                    work = scratch[: nb * QBLOCK]
+                    for b, (_, used, errs, code_cost) in qtaus.items():
+                        code_cost.add(quantized(rows.numpy(), used[s.start // QBLOCK : s.start // QBLOCK + nb], b, m,
+                                                work.numpy().reshape(nb, QBLOCK), u8[: nb * QBLOCK]))
+                        errs.add_rebuild(narrow(work[:m].add_(b32), dt), x, d, ws)  # as ``rebuilt``
+                if low:
+                    assert picks is not None
+                    picks.low(r)
+                if exact_cost is not None:
+                    assert exact_ref is not None
+                    ref, tr = exact_ref
+                    xb = bits(x.contiguous())
+                    rt = {"tall": plain, "base": bases[dt][s], "zero": None}[ref]
+                    rb = bits(rt.contiguous()) if rt is not None else np.zeros_like(xb)
+                    exact_cost.add(permute(forward(xb, rb, tr), rb, dtype_name(dt), "exponent", ce))
+        qs: list[Option] | None = None
+        if amax is not None and n:
+            qs = []
+            for b, (stored, _, errs, code_cost) in qtaus.items():
+                err, pe, same, over = errs.figures()
+                cost = code_cost.total + _array_cost(_chain(ctx, stored), stored, ce) + 40
+                qs.append(Option("qtau", cost - tier.masks[t], err, bits=b, plain=pe, bit_exact=same, overflow=over))
+            opts += qs
+        # -- pass 3: the sparse candidates
+        if picks is not None:
+            def magnitudes() -> torch.Tensor:
+                mag = torch.empty(n, dtype=torch.float32)
+                for s, _, _, _, _, r, _ in runs():
+                    torch.abs(r, out=mag[s])
+                return mag
+
+            picks.settle(magnitudes)
+            half = picks.half
+            found = {k: (_BlockErrors(n, dt, weighted), _Gaps(n), cost_of(_Gaps(n).dtype),
+                         cost_of(np.float16 if half else np.float32)) for k in ks}
+            for s, ws, x, _, rec, r, _ in runs():
+                for k, (errs, gaps, gap_cost, value_cost) in found.items():
+                    local = picks.kept(k, s, r)
+                    gap_cost.add(gaps(s, local))
+                    values = r.numpy()[local]
+                    values = values.astype(np.float16) if half else values
+                    value_cost.add(values)
+                    work = torch.add(rec, 0.0)  # as ``_measure``'s: rec + 0.0, the k entries added to
+                    where = torch.from_numpy(local)
+                    work[where] = rec[where] + torch.from_numpy(values.astype(np.float32))
+                    errs.add_rebuild(narrow(work, dt), x, d, ws)
+            for k, (errs, _, gap_cost, value_cost) in found.items():
+                err, pe, same, over = errs.figures()
+                opts.append(Option("sparse", priced((gap_cost, value_cost)), err, k, 0, pe, same, over))
+        if lossy:
+            for b in widths:
+                errs, scale_cost, code_cost = quants[b]
+                err, pe, same, over = errs.figures()
+                opts.append(Option("quant", priced((scale_cost, code_cost)), err, 0, b, pe, same, over))
+        if exact_cost is not None:
+            opts.append(Option("exact", exact_cost.total + 40, 0.0, bit_exact=True))
+        return _Measured(sq, sq_plain, scale, opts[0], hull(opts), qs, sizes, None)
 
     def tier_bytes(self) -> int:
         """The TALL tier of every observed tensor, in bytes (what ``Tall.write`` would store)."""

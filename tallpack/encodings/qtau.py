@@ -112,32 +112,49 @@ def quantize_widths(tau: torch.Tensor, widths: Iterable[int], block: int = BLOCK
     w = work_t.numpy().reshape(nb, block)
     # numpy's passes, not torch's: on few (or busy) cores torch's threads wait on each other at
     # every pass, several times the arithmetic (BENCHMARKS.md, twenty-fourth round)
-    amax = np.abs(b, out=w).max(axis=1) if nb else np.zeros(0, np.float32)
+    amax = block_maxima(b, w)
     u8 = np.empty(nb * block, np.uint8)
     first = True
     for bits in widths:
-        if bits not in BITS:
-            raise ValueError(f"bits must be one of {BITS}, got {bits}")
-        qmax, offset = (1 << (bits - 1)) - 1, 1 << (bits - 1)
-        s = np.divide(amax, np.float32(qmax))
-        scales = _half_up(s) if (HALF_SCALES if half is None else half) else None
-        scales = s.astype(np.float32) if scales is None else scales
-        used = scales.astype(np.float32)
-        safe = np.where(used > 0, used, np.float32(1))
+        scales, used = width_scales(amax, bits, half)
         if scratch is None and deq and not first:  # each deQ its own
             work_t = scratch_floats(None, nb * block)
             w = work_t.numpy().reshape(nb, block)
         first = False
-        u = np.divide(b, safe[:, None], out=w)  # round half to even, clamp: the codes, as floats
-        np.add(np.clip(np.rint(u, out=u), -qmax, qmax, out=u), offset, out=u)
-        with np.errstate(invalid="ignore"):  # (only a NaN of tau: its code is unspecified)
-            u8[:] = u.reshape(-1)
-        codes = pack_codes(u8[:n], bits)
-        d = None
-        if deq:  # as dequantize computes it: f32(u) - offset (0.0 where q was -0.0), times the scale
-            np.multiply(np.subtract(u, offset, out=u), used[:, None], out=u)
-            d = work_t[:n]
-        yield codes, np.ascontiguousarray(scales), d
+        codes = quantized(b, used, bits, n, w, u8, deq)
+        yield codes, scales, work_t[:n] if deq else None
+
+
+def block_maxima(b: np.ndarray, work: np.ndarray) -> np.ndarray:
+    """Each row's largest magnitude (``b``: ``float_blocks``' rows; ``work``: a buffer of its shape)."""
+    return np.abs(b, out=work).max(axis=1) if b.shape[0] else np.zeros(0, np.float32)
+
+
+def width_scales(amax: np.ndarray, bits: int, half: bool | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The scales stored for blocks of largest magnitudes ``amax`` at ``bits`` (float16 only where
+    every block's fits: ``quantize``), and the float32 scales the codes are made against."""
+    if bits not in BITS:
+        raise ValueError(f"bits must be one of {BITS}, got {bits}")
+    s = np.divide(amax, np.float32((1 << (bits - 1)) - 1))
+    scales = _half_up(s) if (HALF_SCALES if half is None else half) else None
+    scales = s.astype(np.float32) if scales is None else scales
+    return np.ascontiguousarray(scales), scales.astype(np.float32)
+
+
+def quantized(b: np.ndarray, used: np.ndarray, bits: int, n: int, work: np.ndarray, u8: np.ndarray,
+              deq: bool = True) -> np.ndarray:
+    """The codes of the first ``n`` elements of rows ``b`` against scales ``used`` (``width_scales``),
+    worked in ``work`` (``b``'s shape; with ``deq``, left holding the deQ) and ``u8`` (its size)."""
+    qmax, offset = (1 << (bits - 1)) - 1, 1 << (bits - 1)
+    safe = np.where(used > 0, used, np.float32(1))
+    u = np.divide(b, safe[:, None], out=work)  # round half to even, clamp: the codes, as floats
+    np.add(np.clip(np.rint(u, out=u), -qmax, qmax, out=u), offset, out=u)
+    with np.errstate(invalid="ignore"):  # (only a NaN of tau: its code is unspecified)
+        u8[:] = u.reshape(-1)
+    codes = pack_codes(u8[:n], bits)
+    if deq:  # as dequantize computes it: f32(u) - offset (0.0 where q was -0.0), times the scale
+        np.multiply(np.subtract(u, offset, out=u), used[:, None], out=u)
+    return codes
 
 
 def scratch_floats(scratch: torch.Tensor | None, n: int) -> torch.Tensor:

@@ -1,0 +1,185 @@
+"""The fidelity dial's work on a streamed tensor a run of blocks at a time (``Dial._measure_streamed``).
+
+Each task of a tensor too large to hold whole (``inputs.HOLD_BYTES``) is measured, and its
+corrections made, a run of whole chunks at a time: every figure the same float as on the whole
+copy (numpy's pairwise sums rebuilt across the runs: ``sums.PairwiseSum``), every array's stored
+bytes coded chunk by chunk, so the archive is the same bytes as when every tensor is read whole.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from safetensors.torch import save_file
+
+import tallpack
+from tallpack import dial, inputs
+from tallpack.codecs import dense_chain
+from tallpack.sums import PairwiseSum
+
+from conftest import anon_growth, big_family, pack_both_ways
+
+
+@settings(max_examples=300, deadline=None)
+@given(n=st.one_of(st.integers(0, 3000), st.integers(3000, 300_000)), cut=st.integers(1, 5000),
+       seed=st.integers(0, 2**32 - 1), spread=st.booleans())
+def test_pairwise_sum_in_pieces_is_numpys(n, cut, seed, spread):
+    """Pieces of any lengths (cuts anywhere, leaves of the pairwise tree cut too) sum to
+    ``np.add.reduce`` of the whole, bit for bit."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal(n) ** 2
+    if spread:  # magnitudes 16 decades apart: any other order of additions rounds otherwise
+        x *= 10.0 ** rng.integers(-8, 8, n)
+    s, a = PairwiseSum(n), 0
+    while a < n:
+        step = int(rng.integers(1, 2 * cut + 1))
+        s.add(x[a : a + step])
+        a += step
+    assert s.value == float(np.add.reduce(x))
+
+
+def test_pairwise_sum_refuses_too_many_or_too_few():
+    s = PairwiseSum(10)
+    s.add(np.ones(4))
+    with pytest.raises(ValueError):
+        s.value
+    with pytest.raises(ValueError):
+        s.add(np.ones(7))
+
+
+@settings(max_examples=60, deadline=None)
+@given(n=st.integers(0, 5000), ce=st.sampled_from([8, 64, 1000]), cut=st.integers(1, 3000),
+       dtype=st.sampled_from(["uint8", "float16", "uint32"]))
+def test_array_cost_in_pieces_is_the_whole_ones(n, ce, cut, dtype):
+    rng = np.random.default_rng(n)
+    a = (rng.integers(0, 7, n)).astype(dtype)
+    chain = dense_chain("planes", a.itemsize, 3, dtype)
+    cost = dial._ArrayCost(chain, ce, np.dtype(dtype))
+    for s in range(0, n, cut):
+        cost.add(a[s : s + cut])
+    assert cost.total == dial._array_cost(chain, a, ce)
+
+
+CHUNK = 1000  # not a multiple of 64: runs of 8 chunks
+N = 23 * CHUNK + 37  # not a multiple of the run
+
+
+def _family(d: Path, dtype: torch.dtype, tasks: int = 3, n: int = N) -> tuple[Path, dict[str, Path]]:
+    """A base and ``tasks`` fine-tunes of one streamed tensor and a small one, each task changed
+    by its own amount, a few entries changed a lot (so sparse corrections pay)."""
+    g = torch.Generator().manual_seed(3)
+    base = {"big.weight": (torch.randn(n, generator=g) * 0.02).to(dtype),
+            "other.weight": (torch.randn(64, 32, generator=g) * 0.02).to(dtype)}
+    paths = {}
+    for i in range(-1, tasks):
+        sd = base
+        if i >= 0:
+            sd = {k: (v.float() + (1 + i) * 1e-3 * torch.randn(v.shape, generator=g)).to(dtype)
+                  for k, v in base.items()}
+            big = sd["big.weight"].float()
+            idx = torch.randint(0, n, (100,), generator=g)
+            big[idx] += 0.05 * torch.randn(100, generator=g)
+            sd["big.weight"] = big.to(dtype)
+        p = d / f"m{i + 1}.safetensors"
+        save_file(sd, p)
+        paths[f"t{i}"] = p
+    return paths.pop("t-1"), paths
+
+
+class _Count:
+    """Counts of the dial's streamed measurements and of sparse choices left to ``torch.topk``."""
+
+    def __init__(self, monkeypatch):
+        self.streamed = self.topk = 0
+        measure, settle = dial.Dial._measure_streamed, dial._Sparse.settle
+
+        def counted(this, *a, **k):
+            self.streamed += 1
+            return measure(this, *a, **k)
+
+        def settled(this, magnitudes):
+            settle(this, magnitudes)
+            self.topk += len(this.picked)
+
+        monkeypatch.setattr(dial.Dial, "_measure_streamed", counted)
+        monkeypatch.setattr(dial._Sparse, "settle", settled)
+
+
+def _same(tmp: Path, monkeypatch, base: Path, tasks: dict[str, Path], **kw) -> None:
+    whole, streamed, _, wholes = pack_both_ways(tmp, monkeypatch, base, tasks, chunk=CHUNK, **kw)
+    assert wholes == 0
+    assert streamed == whole
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("merge", ["ta", "ties"])
+@pytest.mark.parametrize("dial_opts", [{"fidelity": 0.999}, {"fidelity": 0.98}, {"budget": 3.0}])
+def test_blockwise_dial_is_the_same_bytes(tmp_path, monkeypatch, dtype, merge, dial_opts):
+    base, tasks = _family(tmp_path, dtype)
+    count = _Count(monkeypatch)
+    _same(tmp_path, monkeypatch, base, tasks, merge=merge, **dial_opts)
+    assert count.streamed >= len(tasks)  # each task of the streamed tensor measured a run at a time
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("corrections", [("sparse",), ("quant4",), ("quant8",), ("qtau",), ("exact",)])
+def test_blockwise_each_correction_alone(tmp_path, monkeypatch, threads, corrections):
+    base, tasks = _family(tmp_path, torch.float32)
+    _same(tmp_path, monkeypatch, base, tasks, fidelity=0.9995, corrections=corrections, threads=threads)
+    with tallpack.open(tmp_path / "a0.tallpack") as a:
+        stored = {k for rec in a.manifest.stats["dial"]["tasks"].values() for k in rec["stored"]}
+    assert stored - {"tall"}, stored  # the correction was chosen somewhere
+
+
+def test_blockwise_sparse_cut_and_ties(tmp_path, monkeypatch):
+    """float32 residuals: each sparse cut found by the radix selection; float16 ones, many equal
+    magnitudes: ties across the cut, left to ``torch.topk`` on the whole magnitudes. Same bytes."""
+    count = _Count(monkeypatch)
+    for dtype, ties in ((torch.float32, False), (torch.float16, True)):
+        d = tmp_path / str(dtype)
+        d.mkdir()
+        base, tasks = _family(d, dtype)
+        count.topk = 0
+        _same(d, monkeypatch, base, tasks, fidelity=0.9995, corrections=("sparse",))
+        assert (count.topk > 0) == ties, (dtype, count.topk)
+
+
+def test_blockwise_nan_and_sensitivity(tmp_path, monkeypatch):
+    """A NaN in a task (topk takes it first) and a sensitivity's weights: the same bytes."""
+    base, tasks = _family(tmp_path, torch.float32)
+    from safetensors.torch import load_file
+
+    sd = load_file(tasks["t1"])
+    sd["big.weight"][5 * CHUNK + 3] = float("nan")
+    save_file(sd, tasks["t1"])
+    g = torch.Generator().manual_seed(4)
+    sens = {t: {"big.weight": torch.rand(N, generator=g)} for t in tasks}
+    _same(tmp_path, monkeypatch, base, tasks, fidelity=0.999, sensitivity=sens)
+
+
+def test_blockwise_memory(tmp_path):
+    """A 32 MB float32 tensor, base and 3 tasks, fidelity 0.999: a streamed task measured a run at
+    a time, not with its copy and a dozen whole working arrays."""
+    big_family(tmp_path)
+    setup = f"""
+        from pathlib import Path
+        from tallpack import inputs
+        d = Path({str(tmp_path)!r})
+        tasks = {{f"t{{i}}": d / f"t{{i}}.safetensors" for i in range(3)}}
+    """
+    growth = {}
+    for hold in (1 << 60, 0):
+        work = f"""
+            inputs.HOLD_BYTES = {hold}
+            tallpack.pack(d / "base.safetensors", tasks, d / "a{hold}.tallpack", chunk_elements=1 << 18,
+                          fidelity=0.999, threads=1)
+        """
+        growth[hold] = anon_growth(setup, work)
+    assert (tmp_path / "a0.tallpack").read_bytes() == (tmp_path / f"a{1 << 60}.tallpack").read_bytes()
+    print({k: v >> 20 for k, v in growth.items()})
+    assert growth[0] < growth[1 << 60] - (150 << 20), growth
