@@ -350,9 +350,10 @@ def _scan(ctx: WriteContext, item: Item, todo: list[int], check: bool,
             for dt in {xs[i].dtype for i in todo}:
                 bases.setdefault(dt, []).append(narrow(b[:keep].to(torch.float32), dt))
         spill.add(merged)
-        if a < sample <= a + b.numel():
+        last = a < sample <= a + b.numel()  # of the sample
+        del b, xs, taus, merged  # (before the next block is read, or the sample coded)
+        if last:
             decide()
-        del b, xs, taus, merged  # (before the next block is read)
     if not sample:  # (an empty tensor)
         decide()
     spill.done(count)
