@@ -74,8 +74,8 @@ from .encodings.correction import (BLOCK, FLOAT16_MAX, Correction, quant_decode,
 from .encodings.exact import (RESIDUAL_CODECS, SAMPLE_ELEMENTS, _sample_sizes, add_exact, bits, forward,
                               permute)
 from .encodings.qtau import BLOCK as QBLOCK
-from .encodings.qtau import (block_maxima, dequantize, float_blocks, quantize, quantize_widths, quantized, rebuilt,
-                             width_scales)
+from .encodings.qtau import (PACKED_BITS, block_maxima, code_bytes, dequantize, float_blocks, quantize, quantize_widths,
+                             quantized, rebuilt, width_scales)
 from .encodings.tall import Tall
 from .errors import InvalidArgumentError, TallpackError
 from .merging import MergeMethod, missing_statistics, score_values
@@ -768,6 +768,20 @@ def _run_elements(ce: int) -> int:
     return ce * (QBLOCK // math.gcd(ce, QBLOCK))
 
 
+
+def _task_runs(item: Item, i: int, run: int, lock: threading.Lock) -> Iterator[tuple[slice, torch.Tensor]]:
+    """Task ``i``'s copy of a streamed item, flat, ``run`` elements at a time (``Item.task_blocks``:
+    that task's file alone), each read under ``lock`` (one read at a time)."""
+    blocks_of = item.task_blocks(i, run, base=False)
+    while True:
+        with lock:
+            got = next(blocks_of, None)
+        if got is None:
+            return
+        a, _, xb = got
+        x = xb.reshape(-1)
+        yield slice(a, a + x.numel()), x
+
 class _ArrayCost:
     """``_array_cost`` of an array given a piece at a time, in order: each chunk of ``ce`` elements
     coded once it is whole (a piece's part held, copied, until then)."""
@@ -947,6 +961,54 @@ class _Gaps:
         gaps = np.diff(idx, prepend=self._last).astype(self.dtype)
         self._last = int(idx[-1]) if idx.size else self._last
         return gaps
+
+
+def _sparse_runs(n: int, k: int, residuals: Callable[[], Iterator[tuple[slice, torch.Tensor]]]) -> _Sparse:
+    """A sparse candidate's choice (:class:`_Sparse`) of a streamed residual, ``residuals()`` giving
+    it a run at a time (each call a pass over the task's copy): settled."""
+    picks = _Sparse(n, [k])
+    for _, r in residuals():
+        picks.high(r)
+    if picks.lows():
+        for _, r in residuals():
+            picks.low(r)
+    picks.settle(lambda: _magnitudes(n, residuals()))
+    return picks
+
+
+def _magnitudes(n: int, residuals: Iterator[tuple[slice, torch.Tensor]]) -> torch.Tensor:
+    """``|r|`` of a residual given a run at a time, whole (``torch.topk`` is to choose on it)."""
+    mag = torch.empty(n, dtype=torch.float32)
+    for s, r in residuals:
+        torch.abs(r, out=mag[s])
+    return mag
+
+
+def _streamed_correction(ctx: WriteContext, item: Item, i: int, option: Option, base32: torch.Tensor,
+                         merged: torch.Tensor, lock: threading.Lock) -> dict[str, np.ndarray]:
+    """``candidate_arrays`` of a sparse or quant correction of a streamed item's task ``i``, its
+    residual made a run at a time (``_run_elements``): the same arrays, and of the tensor's size
+    only they (a byte an element at most) and, for a sparse choice ``torch.topk`` makes
+    (``_Sparse``), the magnitudes for the while."""
+    n, run, lam = base32.numel(), _run_elements(ctx.chunk_elements), ctx.lambdas[item.tasks[i]]
+
+    def residuals() -> Iterator[tuple[slice, torch.Tensor]]:
+        for s, x in _task_runs(item, i, run, lock):
+            b32, mg = base32[s], merged[s]
+            yield s, residual(x, b32, tall_mask(x.to(torch.float32) - b32, mg, lam), mg)
+
+    if option.kind == "quant":
+        parts = [quant_encode(r, option.bits, BLOCK) for _, r in residuals()]  # (whole blocks: see quant_encode)
+        return {"scales": np.concatenate([p[1] for p in parts]), "codes": np.concatenate([p[0] for p in parts])}
+    assert option.kind == "sparse"
+    picks = _sparse_runs(n, option.k, residuals)
+    gaps_of, gaps, values = _Gaps(n), [], []
+    for s, r in residuals():
+        local = picks.kept(option.k, s, r)
+        gaps.append(gaps_of(s, local))
+        values.append(r.numpy()[local])
+    v = np.concatenate(values)
+    return {"indices": np.concatenate(gaps), "values": np.ascontiguousarray(v.astype(np.float16) if picks.half else v)}
 
 def sensitivity_weights(weights: Any, shape: tuple[int, ...], where: str) -> torch.Tensor:
     """A sensitivity's weights for a tensor of ``shape``, flat in float64, as given: with a layer's
@@ -1284,15 +1346,7 @@ class Dial:
                                      torch.Tensor, torch.Tensor]]:
             """Per run: its slice, weights, the copy's elements, the float32 base's, the TALL rebuild
             (float32), its residual and the rebuild in the task's dtype; read one run at a time."""
-            blocks_of = item.task_blocks(i, run, base=False)
-            while True:
-                with lock:
-                    got = next(blocks_of, None)
-                if got is None:
-                    return
-                a, _, xb = got
-                x = xb.reshape(-1)
-                s = slice(a, a + x.numel())
+            for s, x in _task_runs(item, i, run, lock):
                 b32, mg = base32[s], merged[s]
                 x32 = x.to(torch.float32)
                 rec = torch.addcmul(b32, tall_mask(x32 - b32, mg, lam).to(torch.float32), mg)
@@ -1407,13 +1461,7 @@ class Dial:
             opts += qs
         # -- pass 3: the sparse candidates
         if picks is not None:
-            def magnitudes() -> torch.Tensor:
-                mag = torch.empty(n, dtype=torch.float32)
-                for s, _, _, _, _, r, _ in runs():
-                    torch.abs(r, out=mag[s])
-                return mag
-
-            picks.settle(magnitudes)
+            picks.settle(lambda: _magnitudes(n, ((s, r) for s, _, _, _, _, r, _ in runs())))
             half = picks.half
             found = {k: (_BlockErrors(n, dt, weighted), _Gaps(n), cost_of(_Gaps(n).dtype),
                          cost_of(np.float16 if half else np.float32)) for k in ks}
@@ -1917,8 +1965,12 @@ class Dial:
                 entry.tasks[t].extras["correction"] = Correction("exact")
         lossy = [i for i, t in enumerate(item.tasks) if t in todo and t not in exact]
 
+        lock = threading.Lock()
+
         def encoded(j: int) -> dict[str, np.ndarray]:
             i = lossy[j]
+            if item.streamed:  # its residual a run at a time
+                return _streamed_correction(ctx, item, i, todo[item.tasks[i]], tp.base32, tp.merged, lock)
             x = read(i)
             return candidate_arrays(todo[item.tasks[i]],
                                     residual(x, tp.base32, tp.mask(ctx, item, i, x), tp.merged))
@@ -1980,10 +2032,13 @@ def _write_mixed(ctx: WriteContext, item: Item, qt: Mapping[str, int], drop: boo
         for k, v in extras.items():
             arrays[k] = w.write_array(tensor_to_bytes(v), EXTRA_ARRAYS[k], shape, ctx.dense(EXTRA_ARRAYS[k]), ce)
     scratch = _Scratch(n + QBLOCK)  # the quantizer's work: no fresh pages
+    lock, run = threading.Lock(), _run_elements(ce)
 
     def task(i: int) -> tuple[int, tuple[np.ndarray, np.ndarray] | torch.Tensor, torch.Tensor | None]:
         """Task i's figures (the plain TALL ones, as for every merged tensor) and its arrays: (mask
         ones or qtau ones, its mask or, for a qtau task, (codes, scales), its deQ when ``drop``)."""
+        if item.streamed:  # a run at a time
+            return _mixed_task(ctx, item, i, qt.get(item.tasks[i]), drop, base32, merged, lock)
         t, x = item.tasks[i], read(i)
         tau = x.reshape(-1).to(torch.float32) - base32
         mask = tp.mask(ctx, item, i, x)
@@ -2011,11 +2066,17 @@ def _write_mixed(ctx: WriteContext, item: Item, qt: Mapping[str, int], drop: boo
             qs[t] = (*q, {"codes": _write(ctx, q[0]), "scales": _write(ctx, q[1])}, ones)
             if deq is not None:  # what readers use instead (spec §6.1.8): the float32 sum of the deQ, in task order
                 ref.add_(deq)
+            elif drop and item.streamed:  # (its deQ made a run at a time, from its arrays: the same bits)
+                for s, piece in _deq_runs(q[0], q[1], qt[t], n, run):
+                    ref[s].add_(piece)
     if drop:  # each qtau mask against that sum, its deQ made again (not held: a tensor's size per task)
         order = list(qt)
 
         def against(j: int) -> int:
             t = order[j]
+            if item.streamed:
+                return sum(int(torch.count_nonzero(tall_mask(piece, ref[s], ctx.lambdas[t])))
+                           for s, piece in _deq_runs(qs[t][0], qs[t][1], qt[t], n, run))
             deq = dequantize(qs[t][0], qs[t][1], qt[t], QBLOCK, n)
             return int(torch.count_nonzero(tall_mask(deq, ref, ctx.lambdas[t])))
 
@@ -2027,3 +2088,57 @@ def _write_mixed(ctx: WriteContext, item: Item, qt: Mapping[str, int], drop: boo
             tts[t] = TaskTensor("qtau", dtype_name(dt), shape, qs[t][2],
                                 {"bits": qt[t], "block": QBLOCK, "ones": qs[t][3]})
     return TensorEntry(item.name, "merged", {t: tts[t] for t in item.tasks}, arrays), tp
+
+
+def _mixed_task(ctx: WriteContext, item: Item, i: int, bits: int | None, drop: bool, base32: torch.Tensor,
+                merged: torch.Tensor, lock: threading.Lock
+                ) -> tuple[int, tuple[np.ndarray, np.ndarray] | torch.Tensor, torch.Tensor | None]:
+    """``_write_mixed``'s work for task ``i`` of a streamed item (``bits``: its qtau's, None for a
+    mask), its copy read a run at a time (``_run_elements``): its figures and its mask in one pass;
+    for a qtau, its blocks' maxima then, the scales decided over the whole tensor (float16 only
+    where every block's fits), its codes in a second pass. The same results (its deQ is not
+    returned: with ``drop`` the caller makes it again a run at a time, ``_deq_runs``); of the
+    tensor's size only its mask or its codes (a byte an element at most)."""
+    t, n, run, lam = item.tasks[i], base32.numel(), _run_elements(ctx.chunk_elements), ctx.lambdas[item.tasks[i]]
+    mask = torch.empty(n, dtype=torch.bool) if bits is None else None
+    amax = np.empty(-(-n // QBLOCK), np.float32)
+    work = torch.empty(run, dtype=torch.float32)
+    ones = 0
+    for s, x in _task_runs(item, i, run, lock):
+        b32, mg = base32[s], merged[s]
+        tau = x.to(torch.float32) - b32
+        block_mask = tall_mask(tau, mg, lam)
+        ones += ctx.fidelity[t].add(tau, block_mask, mg, at=s.start)
+        if mask is not None:
+            mask[s] = block_mask
+        else:
+            rows, _, nb = float_blocks(tau, QBLOCK)
+            amax[s.start // QBLOCK : s.start // QBLOCK + nb] = block_maxima(
+                rows.numpy(), work[: nb * QBLOCK].numpy().reshape(nb, QBLOCK))
+    if bits is None:
+        assert mask is not None
+        return ones, mask, None
+    stored, used = width_scales(amax, bits)
+    codes = np.empty(code_bytes(n, bits), np.uint8)
+    u8 = np.empty(run, np.uint8)
+    count = 0
+    for s, x in _task_runs(item, i, run, lock):
+        b32, mg = base32[s], merged[s]
+        rows, m, nb = float_blocks(x.to(torch.float32) - b32, QBLOCK)
+        got = quantized(rows.numpy(), used[s.start // QBLOCK : s.start // QBLOCK + nb], bits, m,
+                        work[: nb * QBLOCK].numpy().reshape(nb, QBLOCK), u8[: nb * QBLOCK], deq=not drop)
+        at = s.start * bits // 8 if bits <= PACKED_BITS else s.start  # (a run starts on a whole byte)
+        codes[at : at + got.size] = got
+        if not drop:
+            count += int(torch.count_nonzero(tall_mask(work[:m], mg, lam)))
+    return count, (codes, stored), None
+
+
+def _deq_runs(codes: np.ndarray, scales: np.ndarray, bits: int, n: int, run: int
+              ) -> Iterator[tuple[slice, torch.Tensor]]:
+    """``dequantize`` of a qtau's arrays, ``run`` elements (whole blocks, whole bytes) at a time."""
+    for a in range(0, n, run):
+        m = min(run, n - a)
+        at = a * bits // 8 if bits <= PACKED_BITS else a
+        yield slice(a, a + m), dequantize(codes[at : at + code_bytes(m, bits)], scales[a // QBLOCK : -(-(a + m) // QBLOCK)],
+                                          bits, QBLOCK, m)
