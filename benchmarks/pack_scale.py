@@ -39,11 +39,13 @@ def measured(work):
     def sample():
         while not done:
             peak[0] = max(peak[0], anon()); time.sleep(0.002)
-    th = threading.Thread(target=sample); th.start()
+    th = threading.Thread(target=sample, daemon=True); th.start()
     t0 = time.perf_counter()
-    work()
-    dt = time.perf_counter() - t0
-    done.append(1); th.join()
+    try:
+        work()
+    finally:  # (a failed work ends the sampler too: the child exits with its traceback)
+        dt = time.perf_counter() - t0
+        done.append(1); th.join()
     print(json.dumps({"grown": peak[0] - before, "seconds": dt, "file": tallpack.__file__}))
 """
 
