@@ -1217,7 +1217,8 @@ class Dial:
         self.tier[item.name] = tier
         n = base32.numel()  # (an empty tensor: its base entry alone)
         bases: dict[torch.dtype, torch.Tensor] = {}  # the exact tier's base reference, once per dtype
-        for dt in item.dtypes[1] if n else ():  # made here, before the tasks share them
+        by_runs = item.streamed and self.evaluate is None  # (``_measure_streamed``: narrowed a run at a time)
+        for dt in item.dtypes[1] if n and not by_runs else ():  # made here, before the tasks share them
             if dt not in bases:
                 bases[dt] = narrow(base.to(torch.float32), dt)  # as ``_references``
         del base
@@ -1227,8 +1228,8 @@ class Dial:
         lock = threading.Lock()
 
         def measure(i: int) -> _Measured:
-            if item.streamed and self.evaluate is None:  # (an evaluator holds each rebuild whole: ``held``)
-                return self._measure_streamed(ctx, item, i, base32, merged, tier, bases, lock)
+            if by_runs:  # (an evaluator holds each rebuild whole: ``held``)
+                return self._measure_streamed(ctx, item, i, base32, merged, tier, lock)
             x = read(i)  # (a streamed item with an evaluator: each task's copy read as its turn comes)
             return self._measure(ctx, item, i, x, base32, merged, tp.mask(ctx, item, i, x), tier, bases,
                                  scratch.get())
@@ -1326,13 +1327,15 @@ class Dial:
         return _Measured(sq, sq_plain, scale, opts[0], hull(opts), qs, sizes, held)
 
     def _measure_streamed(self, ctx: WriteContext, item: Item, i: int, base32: torch.Tensor, merged: torch.Tensor,
-                          tier: TierCost, bases: dict[torch.dtype, torch.Tensor], lock: threading.Lock) -> _Measured:
+                          tier: TierCost, lock: threading.Lock) -> _Measured:
         """``_measure`` of a streamed item's task ``i``, its copy read a run of blocks at a time
         (``_run_elements``): pass 1 the TALL rebuild, the original's norm, the quant corrections, the
         qtau blocks' maxima and the sparse magnitudes' high bits; pass 2 the qtau candidates (their
         scales decided), the exact residual's chunks and the sparse magnitudes' low bits; pass 3 the
         sparse candidates. The same figures as ``_measure`` on the whole copy, and no array of the
-        tensor's size but ``tau_MTL`` and the bases the tasks share (and a sensitivity's weights)."""
+        tensor's size but the float32 base and ``tau_MTL`` the tasks share (and a sensitivity's
+        weights; and where ``torch.topk`` chooses a sparse candidate's entries, ``_Sparse``, the
+        magnitudes and topk's own work for the while)."""
         t, ce, dt, n = item.tasks[i], ctx.chunk_elements, item.dtypes[1][i], base32.numel()
         lam, run = ctx.lambdas[t], _run_elements(ce)
         given = (self.sensitivity or {}).get(t, {}).get(item.name)
@@ -1409,7 +1412,7 @@ class Dial:
         # the exact tier's sample, and the reference of the dial's exact candidate
         x_sample = torch.cat(xs) if xs else torch.empty(0, dtype=dt)
         refs: dict[str, torch.Tensor | None] = {"tall": torch.cat(plains) if plains else x_sample,
-                                                "base": bases[dt] if n else None, "zero": None}
+                                                "base": narrow(base32[:sample], dt), "zero": None}
         if nan_plain:
             del refs["tall"]
         sizes = _sample_sizes(ctx, x_sample, refs, EXACT_CODECS) if n else None
@@ -1448,7 +1451,7 @@ class Dial:
                     assert exact_ref is not None
                     ref, tr = exact_ref
                     xb = bits(x.contiguous())
-                    rt = {"tall": plain, "base": bases[dt][s], "zero": None}[ref]
+                    rt = {"tall": plain, "base": narrow(b32, dt), "zero": None}[ref]  # (as ``_references``)
                     rb = bits(rt.contiguous()) if rt is not None else np.zeros_like(xb)
                     exact_cost.add(permute(forward(xb, rb, tr), rb, dtype_name(dt), "exponent", ce))
         qs: list[Option] | None = None
