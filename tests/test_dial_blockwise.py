@@ -150,6 +150,40 @@ def test_blockwise_sparse_cut_and_ties(tmp_path, monkeypatch):
         assert (count.topk > 0) == ties, (dtype, count.topk)
 
 
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("sensitive", [False, True])
+def test_blockwise_figures_are_the_same_floats(tmp_path, monkeypatch, dtype, sensitive):
+    """Every figure a task's measurement gives (sums of squares, each candidate's error and bytes,
+    the exact tier's sample sizes) is the same float a run at a time as on the whole copy: the
+    archive's bytes alone would not show a last bit (a fidelity near 1 hides it)."""
+    base, tasks = _family(tmp_path, dtype)
+    got: dict[str, list] = {"whole": [], "runs": []}
+    measure, streamed = dial.Dial._measure, dial.Dial._measure_streamed
+
+    def whole(self, ctx, item, i, *a, **k):
+        m = measure(self, ctx, item, i, *a, **k)
+        got["whole"].append((item.name, i, m))
+        return m
+
+    def runs(self, ctx, item, i, *a, **k):
+        m = streamed(self, ctx, item, i, *a, **k)
+        got["runs"].append((item.name, i, m))
+        return m
+
+    monkeypatch.setattr(dial.Dial, "_measure", whole)
+    monkeypatch.setattr(dial.Dial, "_measure_streamed", runs)
+    g = torch.Generator().manual_seed(5)
+    sens = {t: {"big.weight": torch.rand(N, generator=g)} for t in tasks} if sensitive else None
+    _same(tmp_path, monkeypatch, base, tasks, fidelity=0.999, sensitivity=sens)
+    whole_, runs_ = (sorted(got[k], key=lambda g: g[:2]) for k in ("whole", "runs"))  # (threads: any order)
+    assert [w[:2] for w in whole_] == [r[:2] for r in runs_]  # (both tensors streamed: 2 chunks or more)
+    for (_, _, a), (_, _, b) in zip(whole_, runs_):
+        assert (a.sq, a.sq_plain, a.scale, a.tall, a.qtaus, a.sizes) == (b.sq, b.sq_plain, b.scale, b.tall, b.qtaus,
+                                                                          b.sizes)
+        assert a.ladder == b.ladder
+        assert len(a.ladder) > 2  # (candidates of several kinds compared)
+
 def test_blockwise_nan_and_sensitivity(tmp_path, monkeypatch):
     """A NaN in a task (topk takes it first) and a sensitivity's weights: the same bytes."""
     base, tasks = _family(tmp_path, torch.float32)
