@@ -184,18 +184,45 @@ def test_blockwise_figures_are_the_same_floats(tmp_path, monkeypatch, dtype, sen
         assert a.ladder == b.ladder
         assert len(a.ladder) > 2  # (candidates of several kinds compared)
 
-def test_blockwise_nan_and_sensitivity(tmp_path, monkeypatch):
-    """A NaN in a task (topk takes it first) and a sensitivity's weights: the same bytes."""
-    base, tasks = _family(tmp_path, torch.float32)
-    from safetensors.torch import load_file
+@settings(max_examples=150, deadline=None)
+@given(n=st.integers(1, 4000), run=st.sampled_from([64, 128, 512, 1024]), fraction=st.sampled_from(dial.SPARSE_FRACTIONS),
+       values=st.sampled_from(["spread", "few", "zeros"]), special=st.sampled_from([None, "nan", "inf", "big"]),
+       seed=st.integers(0, 2**32 - 1))
+def test_sparse_choice_a_run_at_a_time_is_sparse_encodes(n, run, fraction, values, special, seed):
+    """The entries a sparse correction keeps, found a run at a time (the radix selection, or where
+    magnitudes tie across the cut or one is NaN, ``torch.topk`` on the whole magnitudes), and its
+    arrays: those of ``sparse_encode`` (and ``sparse_encode_ks``) on the whole residual."""
+    from tallpack.encodings.correction import sparse_encode, sparse_encode_ks
 
-    sd = load_file(tasks["t1"])
-    sd["big.weight"][5 * CHUNK + 3] = float("nan")
-    save_file(sd, tasks["t1"])
-    g = torch.Generator().manual_seed(4)
-    sens = {t: {"big.weight": torch.rand(N, generator=g)} for t in tasks}
-    _same(tmp_path, monkeypatch, base, tasks, fidelity=0.999, sensitivity=sens)
+    rng = np.random.default_rng(seed)
+    if values == "spread":
+        r = rng.standard_normal(n).astype(np.float32) * 10.0 ** rng.integers(-6, 2, n).astype(np.float32)
+    elif values == "few":  # many equal magnitudes, of both signs: ties across the cut
+        r = rng.choice(np.float32([-2.0, -0.5, 0.0, 0.25, 0.5, 1.0, 2.0]), n)
+    else:
+        r = np.zeros(n, np.float32)
+        r[rng.integers(0, n, 3)] = 1.0
+    if special is not None:
+        r[rng.integers(0, n)] = {"nan": np.nan, "inf": -np.inf, "big": 1e6}[special]
+    res = torch.from_numpy(r)
+    k = max(1, int(n * fraction))
 
+    def residuals():
+        return ((slice(a, min(n, a + run)), res[a : a + run]) for a in range(0, n, run))
+
+    picks = dial._sparse_runs(n, k, residuals)
+    gaps_of, gaps, kept = dial._Gaps(n), [], []
+    for s, piece in residuals():
+        local = picks.kept(k, s, piece)
+        gaps.append(gaps_of(s, local))
+        kept.append(piece.numpy()[local])
+    v = np.concatenate(kept)
+    v = v.astype(np.float16) if picks.half else v
+    want = sparse_encode(res, k)
+    assert np.concatenate(gaps).tobytes() == want[0].tobytes() and v.tobytes() == want[1].tobytes()
+    assert v.dtype == want[1].dtype and np.concatenate(gaps).dtype == want[0].dtype
+    (_, g2, v2), = sparse_encode_ks(res, [k])
+    assert g2.tobytes() == want[0].tobytes() and v2.tobytes() == want[1].tobytes()
 
 
 @pytest.mark.parametrize("opts", [{"fidelity": 0.999}, {"fidelity": 0.9, "corrections": ("qtau",)}, {"budget": 3.0}])
