@@ -897,7 +897,7 @@ class _Sparse:
         self._bins: dict[int, tuple[int, int]] = {}
         self.nan, self.top = False, 0
         self.cut: dict[int, np.uint32] = {}  # k -> the k-th largest magnitude's bits
-        self.picked: dict[int, np.ndarray] = {}  # k -> topk's indices, ascending
+        self.picked: dict[int, np.ndarray] = {}  # k -> topk's indices, ascending (uint32 where they fit)
 
     def high(self, r: torch.Tensor) -> None:
         u = _magnitude_bits(r)
@@ -929,10 +929,11 @@ class _Sparse:
         rest = [k for k in self.ks if k not in self.cut]
         if rest:
             mag = magnitudes()
-            for k in rest:  # as ``sparse_encode``
-                top = torch.topk(mag, max(0, min(k, self.n)), sorted=False).indices
-                self.picked[k] = np.sort(top.numpy())
-                del top
+            for k in rest:  # as ``sparse_encode`` (sorted in place, kept in 4 bytes where they fit)
+                idx = torch.topk(mag, max(0, min(k, self.n)), sorted=False).indices.numpy()
+                idx.sort()
+                self.picked[k] = idx.astype(np.uint32) if self.n <= 0xFFFFFFFF else idx
+                del idx
 
     @property
     def half(self) -> bool:
@@ -946,7 +947,7 @@ class _Sparse:
             return np.flatnonzero(_magnitude_bits(r) >= self.cut[k])
         at = self.picked[k]
         first, stop = np.searchsorted(at, [s.start, s.stop])
-        return at[first:stop] - s.start
+        return at[first:stop].astype(np.int64) - s.start
 
 
 class _Gaps:
