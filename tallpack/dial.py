@@ -39,6 +39,11 @@ Where the exact tier (``pack --exact``) would be about as small as the archive d
 originals, which no dial archive can), the dial says so in one warning with both sizes: it weighs
 each task's exact residual as ``add_exact`` does, on the same sample (``exact_tier_cost``), so
 nothing is packed twice.
+
+A tensor too large to hold whole (``inputs.HOLD_BYTES``) has each task measured, and its masks,
+qtau codes and corrections made, a run of whole chunks at a time (``_measure_streamed``), with the
+same figures to the last bit (numpy's pairwise sums rebuilt across the runs: ``sums.PairwiseSum``)
+and so the same archive; with an evaluator, its tasks are measured whole (each rebuild is held).
 """
 
 from __future__ import annotations
@@ -488,7 +493,8 @@ def _whole_parts(ctx: WriteContext, item: Item, extras: bool = False) -> _Parts:
 def _reader(item: Item) -> Callable[[int], torch.Tensor]:
     """Task ``i``'s tensor, whole (``Item.task``: held, or for a streamed item read from that task's
     file alone: one task's copy at a time, never every task's as ``Stream.whole`` reads them), one
-    read at a time."""
+    read at a time. (A streamed item's tasks are read whole only where an evaluator holds them:
+    elsewhere the dial reads them a run at a time, ``_task_runs``.)"""
     if not item.streamed:
         return item.task
     lock = threading.Lock()
@@ -1961,7 +1967,7 @@ class Dial:
         if not todo:
             return
         tp = tall if tall is not None else _whole_parts(ctx, item)
-        read = _reader(item)  # (a streamed item: each lossy task's copy read as its turn comes)
+        read = _reader(item)  # (a streamed item: ``_streamed_correction`` instead)
         exact = {t for t, o in todo.items() if o.kind == "exact"}
         if exact:
             add_exact(ctx, item, entry, tasks=exact)
@@ -2021,7 +2027,7 @@ def _write_mixed(ctx: WriteContext, item: Item, qt: Mapping[str, int], drop: boo
     ``bits``) and no mask; the merged vector (and the method's extras) left out when ``drop``.
     Each task's figures and quantization on up to ``parts`` threads, its arrays written in task
     order. Returns the entry, and the TALL parts (``_whole_parts``) for the corrections. A
-    streamed item stays streamed (each task's copy read, and its mask made, alone)."""
+    streamed item stays streamed (each task's copy read a run at a time: ``_mixed_task``)."""
     w, ce, shape = ctx.writer, ctx.chunk_elements, item.shape
     w.use("encoding:qtau")
     tp = _whole_parts(ctx, item, extras=not drop)
