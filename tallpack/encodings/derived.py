@@ -40,11 +40,11 @@ def derive_mask(theta: torch.Tensor, base: torch.Tensor, merged: torch.Tensor, l
     >>> derive_mask(torch.tensor([1.0, 0.1]), torch.zeros(2), torch.tensor([1.0, 2.0]), 0.4)
     tensor([ True, False])
     """
-    return _mask_and_ones(theta, base, merged, lam)[0]
+    return mask_and_ones(theta, base, merged, lam)[0]
 
 
-def _mask_and_ones(theta: torch.Tensor, base: torch.Tensor, merged: torch.Tensor, lam: float
-                   ) -> tuple[torch.Tensor, int | None]:
+def mask_and_ones(theta: torch.Tensor, base: torch.Tensor, merged: torch.Tensor, lam: float
+                  ) -> tuple[torch.Tensor, int | None]:
     """:func:`derive_mask`, and its set bits where the compiled pass counted them (None: not)."""
     kind = compiled_kind(base, [theta])
     if kind is not None and merged.dtype == torch.float32 and merged.device.type == "cpu" \
@@ -122,11 +122,15 @@ def checked_mask(theta: torch.Tensor, base: torch.Tensor, merged: torch.Tensor, 
 
     >>> checked_mask(fam.get_tensor("cars", "w", exact=True), base, merged, entry.tasks["cars"], "w")
     """
-    mask, counted = _mask_and_ones(theta, base, merged, tt.params["lambda"])
-    ones = int(torch.count_nonzero(mask)) if counted is None else counted
+    mask, counted = mask_and_ones(theta, base, merged, tt.params["lambda"])
+    check_set_bits(int(torch.count_nonzero(mask)) if counted is None else counted, tt, where)
+    return mask
+
+
+def check_set_bits(ones: int, tt: TaskTensor, where: str) -> None:
+    """Raise IntegrityError where a derived mask's set bits are not the entry's ``ones``."""
     if ones != tt.params["ones"]:
         raise IntegrityError(f"{where}: the derived mask has {ones} set bits, the manifest says {tt.params['ones']}")
-    return mask
 
 
 def check_derived_entry(tt: TaskTensor, where: str) -> None:
@@ -166,7 +170,9 @@ class TallDerived(Encoding):
         device = arrays["base"].device
         cpu = {k: v.cpu() for k, v in arrays.items()}
         by_ref = {id(ref): cpu[k] for k, (ref, _) in cls.inputs(entry, tt).items()}
-        read: ReadArray = lambda ref, where, use=Use.OUTPUT: by_ref[id(ref)]  # noqa: E731
+        # element ranges too: a large original is rebuilt a run at a time (``exact.Original``)
+        read: ReadArray = lambda ref, where, use=Use.OUTPUT, *, start=0, stop=None: (  # noqa: E731
+            by_ref[id(ref)] if (start, stop) == (0, None) else by_ref[id(ref)].reshape(-1)[start:stop])
         # the mask from the base as stored: of the original's dtype, the compiled pass takes them
         mask = _derived(read, entry, tt, cpu["base"], cpu["merged"], f"tensor {entry.name!r}")
         out = reconstruct(cpu["base"].to(torch.float32), mask, cpu["merged"], torch_dtype(tt.dtype))

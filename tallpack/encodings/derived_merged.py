@@ -24,21 +24,57 @@ from ..errors import FormatError
 from ..merging import MergeMethod, derive_merged, no_derived_merged
 from ..tall import compiled_kind, elements, task_vector
 from .base import ReadArray, TaskTensor, TensorEntry, Use, register
-from .derived import DERIVED_MERGED, DerivedMerged, TallDerived, check_derived_entry, checked_mask, merged_source
-from .exact import rebuild_exact
+from .derived import (DERIVED_MERGED, DerivedMerged, TallDerived, check_derived_entry, check_set_bits, checked_mask,
+                      mask_and_ones, merged_source)
+from .exact import Original, in_runs, rebuild_exact, runs
 from .tall import COMPUTE_ELEMENTS
 
 
 def rebuild_merged(read: ReadArray, entry: TensorEntry, order: list[str], method: MergeMethod,
                    where: str) -> dict[str, torch.Tensor]:
     """tau_MTL and the method's extras of a ``tall-derived-merged`` tensor, from every task's
-    original (each checked against its hash), the tasks in ``order`` (the manifest's).
+    original (each checked against its hash), the tasks in ``order`` (the manifest's). A tensor
+    of more than ``exact.RUNS_FROM`` elements is derived a run at a time (:func:`_derived_in_runs`).
 
     >>> rebuild_merged(fam.read_array, entry, list(fam.tasks), method, "tensor 'w'")["merged"]
     """
+    if in_runs(read, entry, [entry.tasks[t] for t in order]):
+        return _derived_in_runs(read, entry, order, method, where)[0]
     base = read(entry.arrays["base"], where + " (base)", Use.SHARED_INPUT)
     thetas = [rebuild_exact(read, entry, entry.tasks[t], f"{where}, task {t!r}") for t in order]
     return merged_from(base, thetas, method, where)
+
+
+def _derived_in_runs(read: ReadArray, entry: TensorEntry, order: list[str], method: MergeMethod, where: str,
+             masks: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, tuple[torch.Tensor, int]]]:
+    """:func:`rebuild_merged` a run of the residuals' chunks at a time (``exact.runs``): each run
+    of the base and of every task's original (``exact.Original``, hashed as it comes), the
+    run's arrays from :func:`merged_from` (element by element: the whole tensor's bits), every
+    hash checked after the last run, in ``order``. Holds the arrays and a run of each original,
+    not every original whole. With ``masks``, also every task's mask (of the base as stored, as
+    ``task_masks``) and its set bits, from the same runs."""
+    base_ref = entry.arrays["base"]
+    n, shape = base_ref.numel, tuple(base_ref.shape)
+    originals = [Original(read, entry, entry.tasks[t], f"{where}, task {t!r}") for t in order]
+    out: dict[str, torch.Tensor] = {}
+    held = {t: (torch.empty(shape, dtype=torch.bool), 0) for t in order} if masks else {}
+    refs = [o.ex.residual for o in originals] + [base_ref]
+    for a, b in runs(read, refs, where):
+        base = read(base_ref, where + " (base)", Use.INPUT, start=a, stop=b)
+        thetas = [o.tensor(o.run(a, b, base)) for o in originals]
+        for k, v in merged_from(base, thetas, method, where).items():
+            out.setdefault(k, torch.empty(n, dtype=v.dtype))[a:b] = v
+        if masks:
+            merged = out["merged"][a:b]
+            for t, x, o in zip(order, thetas, originals):
+                mask, ones = held[t]
+                part, counted = mask_and_ones(x, base, merged, o.tt.params["lambda"])
+                mask.view(-1)[a:b] = part
+                held[t] = mask, ones + (int(torch.count_nonzero(part)) if counted is None else counted)
+        del base, thetas
+    for o in originals:
+        o.check()
+    return {k: v.reshape(shape) for k, v in out.items()}, held
 
 
 def merged_from(base: torch.Tensor, thetas: list[torch.Tensor], method: MergeMethod, where: str
@@ -90,10 +126,20 @@ def task_masks(read: ReadArray, entry: TensorEntry, order: list[str], method: Me
     """A ``tall-derived-merged`` tensor's merged vector, and every task's mask in ``order`` (the
     manifest's) one at a time, each original rebuilt once (checked against its hash) for both
     (``task_mask`` of each task rebuilds it again after the merged vector's derivation), each mask's
-    set bits checked against ``ones``. Holds the tensor's originals until their masks are taken.
+    set bits checked against ``ones``. Holds the tensor's originals until their masks are taken;
+    a tensor of more than ``exact.RUNS_FROM`` elements, every mask (from runs of the originals).
 
     >>> merged, masks = task_masks(fam.read_array, entry, list(fam.tasks), method, "tensor 'w'")
     """
+    if in_runs(read, entry, [entry.tasks[t] for t in order]):
+        derived, held = _derived_in_runs(read, entry, order, method, where, masks=True)
+
+        def checked() -> Iterator[tuple[str, torch.Tensor]]:
+            for t in order:
+                mask, ones = held.pop(t)
+                check_set_bits(ones, entry.tasks[t], f"{where}, task {t!r}")
+                yield t, mask
+        return derived["merged"], checked()
     base = read(entry.arrays["base"], where + " (base)", Use.SHARED_INPUT).cpu()
     thetas = {t: rebuild_exact(read, entry, entry.tasks[t], f"{where}, task {t!r}") for t in order}
     merged = merged_from(base, list(thetas.values()), method, where)["merged"]

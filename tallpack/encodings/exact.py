@@ -19,7 +19,9 @@ BitX. The writer picks, per task and tensor, the combination that codes smallest
 
 from __future__ import annotations
 
+import inspect
 import logging
+import math
 import os
 import tempfile
 from dataclasses import dataclass
@@ -33,7 +35,8 @@ import xxhash
 from .. import kernels
 from .._torch import torch
 from ..arrays import ArrayRef
-from ..container import ArrayBuilder
+from ..container import PREFETCH_BYTES, ArrayBuilder
+from ..container import _reading as fetching  # a failed remote fetch names what it was for
 from ..codecs import BitSplit, Chain
 from ..dtypes import dtype_name, narrow, tensor_to_bytes, torch_dtype
 from ..elements import numel
@@ -237,8 +240,16 @@ def has_exact(tt: TaskTensor) -> bool:
 
 
 def rebuild_exact(read: ReadArray, entry: TensorEntry, tt: TaskTensor, where: str) -> torch.Tensor:
-    """The original tensor of a ``tall`` entry with an ``exact`` field, checked against its hash."""
+    """The original tensor of a ``tall`` entry with an ``exact`` field, checked against its hash.
+
+    A tensor of more than RUNS_FROM elements, where ``read`` takes element ranges, is rebuilt a
+    run of its residual's chunks at a time straight into its output (:class:`Original`): the same
+    bits, the output and a run's temporaries held, not the reference, the residual and the
+    transforms' copies of the whole tensor.
+    """
     ex: Exact = tt.extras["exact"]
+    if in_runs(read, entry, [tt]):
+        return Original(read, entry, tt, where).whole()
     r = reference(read, entry, tt, ex.reference, where)
     rb = bits(r)
     stored = read(ex.residual, where + " (exact residual)", Use.INPUT)
@@ -249,6 +260,142 @@ def rebuild_exact(read: ReadArray, entry: TensorEntry, tt: TaskTensor, where: st
     if tensor_hash(out) != ex.xxh3:
         raise IntegrityError(f"{where}: the exact rebuild does not match the original's hash")
     return out
+
+
+#: A tensor of more elements than this is rebuilt exactly a run of its residual's chunks at a time
+#: (:class:`Original`), where the reader takes element ranges: an 8B model's 1 GB bfloat16
+#: embedding held once, not five or six times (reference, residual, their transforms' copies). 4M
+#: elements, as ``merged.CHUNKED_FROM``; smaller ones are rebuilt whole.
+RUNS_FROM = 1 << 22
+#: The elements of one run, rounded up to whole chunks of the arrays read (1M: a few MB a task).
+RUN_ELEMENTS = 1 << 20
+
+
+def _takes_ranges(read: ReadArray) -> bool:
+    """Whether ``read`` reads element ranges (``start``/``stop``, as ``Archive.read_array``);
+    the rebuilds from arrays already read (``Encoding.rebuild``) may pass one that does not."""
+    try:
+        return "stop" in inspect.signature(read).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def _reference_refs(entry: TensorEntry, tt: TaskTensor) -> list[Any]:
+    """The arrays a task's exact reference reads (stored ones, or a derived merged vector)."""
+    ref = tt.extras["exact"].reference
+    if ref == "tall":
+        return [r for r, _ in Tall.plain_inputs(entry, tt).values()]
+    return [entry.arrays.get("base")] if ref == "base" else []
+
+
+def in_runs(read: ReadArray, entry: TensorEntry, tts: list[TaskTensor]) -> bool:
+    """Whether the originals of these task entries (of one tensor, each with an ``exact`` field) are
+    rebuilt in runs: more than RUNS_FROM elements, a ``read`` that takes element ranges, every
+    array read a stored one of the tensor's elements, the residuals chunked alike."""
+    if not tts:
+        return False
+    residuals = [tt.extras["exact"].residual for tt in tts]
+    n = residuals[0].numel
+    refs = residuals + [r for tt in tts for r in _reference_refs(entry, tt)]
+    return (n > RUNS_FROM and len({r.chunk_elements for r in residuals}) == 1
+            and all(isinstance(r, ArrayRef) and r.numel == n for r in refs) and _takes_ranges(read))
+
+
+def runs(read: ReadArray, refs: list[ArrayRef], where: str) -> Iterator[tuple[int, int]]:
+    """The runs ``[a, b)`` in which arrays ``refs`` (the first a residual) are read: RUN_ELEMENTS
+    rounded up to whole chunks of them all (of the residual where their chunks do not nest). From
+    a remote archive, each window of runs' chunks (up to PREFETCH_BYTES) is fetched in one
+    coalesced request first, as a whole array's read fetches its chunks, not one request a run."""
+    n, ce = refs[0].numel, refs[0].chunk_elements
+    every = math.lcm(*(r.chunk_elements for r in refs))
+    step = every if every <= max(RUN_ELEMENTS, ce) else ce
+    run = max(1, -(-RUN_ELEMENTS // step)) * step
+    fetch = getattr(getattr(getattr(read, "__self__", None), "source", None), "prefetch", None)
+    fetched = 0  # the runs below this element were fetched
+    for a in range(0, n, run):
+        if fetch is not None and a >= fetched:
+            fetched = _fetch(fetch, refs, a, run, where)
+        yield a, min(n, a + run)
+
+
+def _fetch(fetch: Callable[[list[tuple[int, int]]], None], refs: list[ArrayRef], a: int, run: int, where: str) -> int:
+    """Fetch the chunks of the runs from element ``a`` on, up to PREFETCH_BYTES (one run at
+    least), in one request; returns the element the fetched runs end at."""
+    n, size = refs[0].numel, 0
+    ranges: list[tuple[int, int]] = []
+    while a < n:
+        b = min(n, a + run)
+        more = [(c.offset, c.nbytes) for r in refs
+                for c in r.chunks[a // r.chunk_elements : -(-b // r.chunk_elements)]]
+        nbytes = sum(k for _, k in more)
+        if ranges and size + nbytes > PREFETCH_BYTES:
+            break
+        ranges += more
+        size += nbytes
+        a = b
+    with fetching(where):
+        fetch(ranges)
+    return a
+
+
+class Original:
+    """A task's original of one tensor rebuilt a run at a time (:func:`runs`): each run's bits
+    from the same runs of the reference's arrays and of the residual (``unpermute`` is per chunk,
+    the transforms and references element by element: the whole tensor's bits), its xxh3 computed
+    over the runs as they come; :meth:`check` compares it with the manifest's after the last."""
+
+    def __init__(self, read: ReadArray, entry: TensorEntry, tt: TaskTensor, where: str) -> None:
+        self.read, self.entry, self.tt, self.where = read, entry, tt, where
+        self.ex: Exact = tt.extras["exact"]
+        self.dtype = torch_dtype(tt.dtype)
+        self.uint = _UINT[self.dtype.itemsize][0]
+        self.hash = xxhash.xxh3_64()
+
+    @property
+    def refs(self) -> list[ArrayRef]:
+        """The arrays it reads: its residual first."""
+        return [self.ex.residual, *_reference_refs(self.entry, self.tt)]
+
+    def run(self, a: int, b: int, base: torch.Tensor | None = None, into: np.ndarray | None = None) -> np.ndarray:
+        """The original's bits ``[a, b)`` (runs in order, from 0), into ``into`` where given;
+        ``base``: the base's elements ``[a, b)`` where the caller read them already."""
+        ex, where, read = self.ex, self.where, self.read
+        if ex.reference == "tall":
+            arrays = {k: read(r, f"{where} ({k})", Use.INPUT, start=a, stop=b)
+                      for k, (r, _) in Tall.plain_inputs(self.entry, self.tt).items()}
+            rb = bits(reconstruct(arrays["base"], arrays["mask"], arrays["merged"], self.dtype))
+            del arrays
+        elif ex.reference == "base":
+            if base is None:
+                base = read(self.entry.arrays["base"], where + " (base)", Use.INPUT, start=a, stop=b)
+            rb = bits(base_reference(base, self.dtype))
+        else:
+            rb = np.zeros(b - a, self.uint)
+        stored = read(ex.residual, where + " (exact residual)", Use.INPUT, start=a, stop=b)
+        s = np.frombuffer(tensor_to_bytes(stored), rb.dtype)
+        x = inverse(unpermute(s, rb, self.tt.dtype, ex.order, ex.residual.chunk_elements), rb, ex.transform)
+        if into is not None:
+            into[...] = x
+            x = into
+        self.hash.update(x.view(np.uint8).data)
+        return x
+
+    def tensor(self, x: np.ndarray) -> torch.Tensor:
+        """Bits as a flat tensor of the original's dtype (no copy)."""
+        return torch.from_numpy(x.view(np.uint8)).view(self.dtype)
+
+    def check(self) -> None:
+        """Raise IntegrityError where the runs' bits do not hash to the manifest's xxh3."""
+        if self.hash.intdigest() != self.ex.xxh3:
+            raise IntegrityError(f"{self.where}: the exact rebuild does not match the original's hash")
+
+    def whole(self) -> torch.Tensor:
+        """The original, every run rebuilt into it, then checked."""
+        out = np.empty(self.ex.residual.numel, self.uint)
+        for a, b in runs(self.read, self.refs, self.where):
+            self.run(a, b, into=out[a:b])
+        self.check()
+        return self.tensor(out).reshape(self.tt.shape)
 
 
 # -- writing --------------------------------------------------------------------------------------
