@@ -530,6 +530,11 @@ def torch_alone() -> Iterator[None]:
 #: with a margin; the second pass's work per task is less; and per thread beside it (its stack and
 #: malloc arena, which an address-space limit counts).
 WORK_PER_ELEMENT, THREAD_BYTES = 128, 64 << 20
+#: ``WORK_PER_ELEMENT`` of a streamed tensor's task, worked a run at a time (``_measure_streamed``):
+#: what stays is a sparse cut that ties, left to ``torch.topk`` on the whole magnitudes (its queue
+#: of 16 bytes an element, the magnitudes, its result): a second task measured at once raised the
+#: live peak by 24 bytes an element for bfloat16 tasks (every cut tied), 7 for float32; with a margin.
+STREAMED_WORK_PER_ELEMENT = 48
 #: The share of the memory the process may still take (``memory_free``) that the tasks measured
 #: beside the first may work in (``in_flight``): by the margin above, about a quarter in fact; the
 #: rest is the packer's (the next tensor, read ahead; the writer's queue).
@@ -540,20 +545,20 @@ MEMORY_SHARE = 0.5
 THREADS_FROM = 1 << 14
 
 
-def in_flight(threads: int, tasks: int, elements: int, free: int | None) -> int:
+def in_flight(threads: int, tasks: int, elements: int, free: int | None, per_element: int = WORK_PER_ELEMENT) -> int:
     """How many of the ``tasks`` of a merged tensor of ``elements`` the dial measures at once: up to
     ``threads`` (one below ``THREADS_FROM`` elements), and beside the first only as many as keep
-    their work (``WORK_PER_ELEMENT`` bytes an element, and ``THREAD_BYTES``, each) within
+    their work (``per_element`` bytes an element, and ``THREAD_BYTES``, each) within
     ``MEMORY_SHARE`` of ``free``, the bytes the process may still take (None: not known, no cap).
 
     >>> in_flight(8, 20, 1 << 16, 4 << 30), in_flight(8, 20, 1 << 24, 5 << 30), in_flight(8, 3, 1 << 20, None)
     (8, 2, 3)
-    >>> in_flight(8, 20, 1000, None)
-    1
+    >>> in_flight(8, 20, 1000, None), in_flight(8, 20, 1 << 24, 5 << 30, STREAMED_WORK_PER_ELEMENT)
+    (1, 4)
     """
     parts = max(1, min(threads, tasks)) if elements >= THREADS_FROM else 1
     if parts > 1 and free is not None:
-        parts = min(parts, 1 + int(MEMORY_SHARE * free) // (WORK_PER_ELEMENT * elements + THREAD_BYTES))
+        parts = min(parts, 1 + int(MEMORY_SHARE * free) // (per_element * elements + THREAD_BYTES))
     return parts
 
 
@@ -1242,7 +1247,8 @@ class Dial:
                                  scratch.get())
 
         sizes: dict[str, list[tuple[int, tuple[str, str, str]]]] = {}
-        parts = in_flight(ctx.threads, len(item.tasks), n, memory_free() if ctx.threads > 1 else None)
+        parts = in_flight(ctx.threads, len(item.tasks), n, memory_free() if ctx.threads > 1 else None,
+                          STREAMED_WORK_PER_ELEMENT if by_runs else WORK_PER_ELEMENT)
         with closing(_in_order(measure, len(item.tasks), parts)) as results:
             for t, got in zip(item.tasks, results):
                 plan = self.plans.setdefault(t, TaskPlan())
@@ -1941,7 +1947,8 @@ class Dial:
     def _write_tensor(self, ctx: WriteContext, item: Item) -> TensorEntry:
         qt = {t: o.bits for t in item.tasks
               if (o := self.choice.get(t, {}).get(item.name)) is not None and o.kind == "qtau"}
-        parts = in_flight(ctx.threads, len(item.tasks), numel(item.shape), memory_free() if ctx.threads > 1 else None)
+        parts = in_flight(ctx.threads, len(item.tasks), numel(item.shape), memory_free() if ctx.threads > 1 else None,
+                          STREAMED_WORK_PER_ELEMENT if item.streamed else WORK_PER_ELEMENT)
         tall: _Parts | None = None
         if qt:
             entry, tall = _write_mixed(ctx, item, qt, item.name in self.dropped, parts)
