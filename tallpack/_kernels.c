@@ -54,10 +54,13 @@
  *   bitsplit(src, k, heads, low)         codec ``bitsplit``'s split of k-byte unsigned elements (the
  *                                        writer's, exact-tier residuals): each one's head byte, and its
  *                                        low bits as one LSB-first bit stream; returns the stream's bytes
+ *   bitjoin(heads, low, k, out)          its inverse (codecs.BitSplit.decode_into): 0, or which check failed
  *   permute_key(src, key, k, shift, bits, out)
  *                                        the exact tier's order (encodings/exact.py): src's k-byte
  *                                        elements in the stable order of (key >> shift) & (2**bits - 1),
  *                                        key's k-byte elements (a counting sort: numpy's stable argsort)
+ *   unpermute_key(src, key, k, shift, bits, out)
+ *                                        its inverse with the same keys (exact.unpermute)
  *
  * And the manifest's strict JSON checks (container._parse_manifest), which walk Python objects and
  * so hold the GIL; each gives the verdicts of its Python twin in container.py (tests compare them):
@@ -1720,6 +1723,78 @@ static PyObject *bitsplit(PyObject *self, PyObject *args) {
     return PyLong_FromSsize_t(got);
 }
 
+/* -- bitsplit (codecs.BitSplit.decode_into) ------------------------------------------------------ */
+
+/* The inverse of bitsplit_loop: each head byte 4 * L + t names an element of bit length L whose
+ * leading bits are min(2**(L-1), 4) + t and whose max(L - 3, 0) low bits come next in the stream.
+ * A first pass checks every head against k-byte elements and sums the widths (the stream must be
+ * exactly that long, its last byte's unused bits zero), so the second never reads past it.
+ * Returns 0, or -1 (a head names no k-byte element), -2 (the stream's length), -3 (padding). */
+static int bitjoin_loop(const uint8_t *heads, Py_ssize_t n, const uint8_t *low, Py_ssize_t nlow, int k,
+                        uint8_t *out) {
+    static const uint8_t t_limit[4] = {1, 1, 2, 4};
+    uint8_t width[256], valid[256];
+    uint32_t lead[256];
+    for (int h = 0; h < 256; h++) {
+        int len = h >> 2, t = h & 3;
+        valid[h] = len <= 8 * k && t < t_limit[len < 3 ? len : 3];
+        width[h] = (uint8_t)(len > 3 ? len - 3 : 0);
+        lead[h] = (len >= 3 ? 4u : (uint32_t)(1u << len >> 1)) + (uint32_t)t;
+    }
+    uint64_t total = 0;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        if (!valid[heads[i]])
+            return -1;
+        total += width[heads[i]];
+    }
+    if ((uint64_t)nlow != (total + 7) / 8)
+        return -2;
+    if (total % 8 && (low[nlow - 1] >> (total % 8)))
+        return -3;
+    uint64_t acc = 0;
+    int fill = 0;
+    const uint8_t *p = low;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        int w = width[heads[i]];
+        while (fill < w) { /* at most 29 bits wanted: acc never passes 36 */
+            acc |= (uint64_t)*p++ << fill;
+            fill += 8;
+        }
+        uint32_t v = lead[heads[i]] << w | (uint32_t)(acc & ((1u << w) - 1u));
+        acc >>= w;
+        fill -= w;
+        uint8_t *o = out + i * k;
+        o[0] = (uint8_t)v;
+        if (k > 1) o[1] = (uint8_t)(v >> 8);
+        if (k > 2) { o[2] = (uint8_t)(v >> 16); o[3] = (uint8_t)(v >> 24); }
+    }
+    return 0;
+}
+
+static PyObject *bitjoin(PyObject *self, PyObject *args) {
+    Py_buffer heads, low, out;
+    int k;
+    if (!PyArg_ParseTuple(args, "y*y*iw*:bitjoin", &heads, &low, &k, &out))
+        return NULL;
+    int ok = (k == 1 || k == 2 || k == 4) && out.len == heads.len * k;
+    int status = 0;
+    if (ok) {
+        Py_BEGIN_ALLOW_THREADS
+        status = bitjoin_loop((const uint8_t *)heads.buf, heads.len, (const uint8_t *)low.buf, low.len, k,
+                              (uint8_t *)out.buf);
+        Py_END_ALLOW_THREADS
+    } else {
+        PyErr_Format(PyExc_ValueError, "bitjoin: %zd head bytes, %zd output bytes of %d-byte elements",
+                     heads.len, out.len, k);
+    }
+    PyBuffer_Release(&heads);
+    PyBuffer_Release(&low);
+    PyBuffer_Release(&out);
+    if (!ok)
+        return NULL;
+    return PyLong_FromLong(status);
+}
+
 /* -- the exact tier's exponent order (encodings/exact.py: permute) ------------------------------- */
 
 #define KEY_BITS_MAX 11
@@ -1734,7 +1809,7 @@ static inline uint64_t load_le(const uint8_t *p, int k) {
 /* out = src's elements in the stable order of their keys: a count of each key, then each element
  * copied to the next place of its key's run. */
 ALWAYS_INLINE void permute_key_body(const uint8_t *src, const uint8_t *key, int k, int shift, int bits, uint8_t *out,
-                             Py_ssize_t n) {
+                             Py_ssize_t n, int gather) {
     Py_ssize_t place[1 << KEY_BITS_MAX];
     const uint64_t mask = ((uint64_t)1 << bits) - 1;
     memset(place, 0, sizeof(Py_ssize_t) << bits);
@@ -1748,36 +1823,39 @@ ALWAYS_INLINE void permute_key_body(const uint8_t *src, const uint8_t *key, int 
     }
     for (Py_ssize_t i = 0; i < n; i++) {
         Py_ssize_t to = place[(load_le(key + i * k, k) >> shift) & mask]++;
-        memcpy(out + to * k, src + i * k, k);
+        if (gather) /* the inverse: element i of the output is the one permute put at ``to`` */
+            memcpy(out + i * k, src + to * k, k);
+        else
+            memcpy(out + to * k, src + i * k, k);
     }
 }
 
 /* The body with k a constant, so each loop's loads and copies are single moves. */
 static void permute_key_loop(const uint8_t *src, const uint8_t *key, int k, int shift, int bits, uint8_t *out,
-                             Py_ssize_t n) {
+                             Py_ssize_t n, int gather) {
     switch (k) {
-    case 1: permute_key_body(src, key, 1, shift, bits, out, n); break;
-    case 2: permute_key_body(src, key, 2, shift, bits, out, n); break;
-    case 4: permute_key_body(src, key, 4, shift, bits, out, n); break;
-    default: permute_key_body(src, key, 8, shift, bits, out, n); break;
+    case 1: permute_key_body(src, key, 1, shift, bits, out, n, gather); break;
+    case 2: permute_key_body(src, key, 2, shift, bits, out, n, gather); break;
+    case 4: permute_key_body(src, key, 4, shift, bits, out, n, gather); break;
+    default: permute_key_body(src, key, 8, shift, bits, out, n, gather); break;
     }
 }
 
-static PyObject *permute_key(PyObject *self, PyObject *args) {
+static PyObject *permute_key_any(PyObject *args, int gather) {
     Py_buffer src, key, out;
     int k, shift, bits;
-    if (!PyArg_ParseTuple(args, "y*y*iiiw*:permute_key", &src, &key, &k, &shift, &bits, &out))
+    if (!PyArg_ParseTuple(args, gather ? "y*y*iiiw*:unpermute_key" : "y*y*iiiw*:permute_key", &src, &key, &k, &shift, &bits, &out))
         return NULL;
     int ok = (k == 1 || k == 2 || k == 4 || k == 8) && src.len % k == 0 && key.len == src.len && out.len == src.len
              && bits >= 1 && bits <= KEY_BITS_MAX && shift >= 0 && shift + bits <= 8 * k;
     if (ok) {
         Py_BEGIN_ALLOW_THREADS
         permute_key_loop((const uint8_t *)src.buf, (const uint8_t *)key.buf, k, shift, bits, (uint8_t *)out.buf,
-                         src.len / k);
+                         src.len / k, gather);
         Py_END_ALLOW_THREADS
     } else {
-        PyErr_Format(PyExc_ValueError, "permute_key: %zd, %zd and %zd bytes of %d-byte elements, key bits %d from %d",
-                     src.len, key.len, out.len, k, bits, shift);
+        PyErr_Format(PyExc_ValueError, "%s: %zd, %zd and %zd bytes of %d-byte elements, key bits %d from %d",
+                     gather ? "unpermute_key" : "permute_key", src.len, key.len, out.len, k, bits, shift);
     }
     PyBuffer_Release(&src);
     PyBuffer_Release(&key);
@@ -1786,6 +1864,10 @@ static PyObject *permute_key(PyObject *self, PyObject *args) {
         return NULL;
     Py_RETURN_NONE;
 }
+
+static PyObject *permute_key(PyObject *self, PyObject *args) { return permute_key_any(args, 0); }
+
+static PyObject *unpermute_key(PyObject *self, PyObject *args) { return permute_key_any(args, 1); }
 
 /* -- strict JSON ------------------------------------------------------------------------------ */
 
@@ -1927,6 +2009,10 @@ static PyMethodDef methods[] = {
      "bitsplit(src, k, heads, low): codec bitsplit's head bytes and LSB-first low-bit stream; returns its bytes"},
     {"permute_key", permute_key, METH_VARARGS,
      "permute_key(src, key, k, shift, bits, out): src's k-byte elements in the stable order of their keys' bit field"},
+    {"unpermute_key", unpermute_key, METH_VARARGS,
+     "unpermute_key(src, key, k, shift, bits, out): the inverse of permute_key with the same keys"},
+    {"bitjoin", bitjoin, METH_VARARGS,
+     "bitjoin(heads, low, k, out): codec bitsplit's k-byte elements from head bytes and low bits; 0, or -1/-2/-3"},
     {"json_pairs", json_pairs, METH_O, "json_pairs(pairs): a dict of JSON object pairs; ValueError on a duplicate key"},
     {"json_check", json_check, METH_VARARGS,
      "json_check(value, numbers, depth): nesting below depth; with numbers, ints within int64/uint64 and floats finite"},

@@ -22,7 +22,7 @@ import numpy as np
 import zstandard
 
 from .errors import CodecError, InvalidArgumentError, UnsupportedVersionError
-from .kernels import bitsplit, join_exponent, join_planes, rotate, split_planes, unpack_bits
+from .kernels import bitjoin, bitsplit, join_exponent, join_planes, rotate, split_planes, unpack_bits
 from .memory import ThreadBuffers, empty
 from .limits import ZSTD_MAX_RATIO
 
@@ -512,6 +512,14 @@ class BitSplit(Codec):
             else:
                 zstd.decode_into(piece, dst.data)
             pos += length
+        got = bitjoin(heads, buf[pos:], k, out)  # the compiled pass, else numpy's below (the same checks)
+        if got is not None:
+            if got == -2:  # (the numpy join's words, its numbers worked out only here)
+                total = int(np.take(_head_table(k), heads).astype(np.int64).__rshift__(8).sum())
+                raise CodecError(f"bitsplit: {len(buf) - pos} bytes of low bits, the heads say {-(-total // 8)}")
+            if got:
+                raise CodecError(_BITJOIN_ERRORS[got])
+            return
         # one table lookup per element: its low bits' width and leading bits, or _BAD_HEAD
         looked = np.take(_head_table(k), heads)
         if n and (looked == _BAD_HEAD).any():
@@ -568,6 +576,9 @@ def _split_numpy(buf: memoryview, itemsize: int, heads: np.ndarray) -> bytes:
 
 
 _BAD_HEAD = np.uint32(0xFFFFFFFF)
+#: ``kernels.bitjoin``'s failures, in the words of the numpy join's checks.
+_BITJOIN_ERRORS = {-1: "bitsplit: a head byte names no element of this itemsize",
+                   -3: "bitsplit: nonzero padding after the low bits"}
 _HEAD_TABLES: dict[int, np.ndarray] = {}
 
 

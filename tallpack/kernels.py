@@ -157,6 +157,17 @@ def bitsplit(src: memoryview | np.ndarray, itemsize: int, heads: np.ndarray, low
     return _kernels.bitsplit(src, itemsize, heads, low)
 
 
+def bitjoin(heads: np.ndarray, low: memoryview, itemsize: int, out: memoryview) -> int | None:
+    """Codec ``bitsplit``'s elements (codecs.BitSplit.decode_into) from their head bytes and low-bit
+    stream in one compiled pass, into ``out`` (``itemsize`` bytes an element, little-endian): 0, or
+    which check failed (-1 a head names no element of ``itemsize`` bytes, -2 the stream is not as
+    long as the heads say, -3 its padding bits are not zero; ``out`` then holds nothing of use).
+    None, doing nothing, without the compiled loops (the caller then joins in numpy)."""
+    if _kernels is None:
+        return None
+    return _kernels.bitjoin(heads, low, itemsize, out)
+
+
 def permute_key(src: np.ndarray, key: np.ndarray, shift: int, bits: int, out: np.ndarray) -> bool:
     """``out = src[np.argsort((key >> shift) & (2**bits - 1), kind="stable")]`` in two compiled
     passes (a counting sort), for unsigned ``src`` and ``key`` of one itemsize and length, ``bits``
@@ -165,6 +176,15 @@ def permute_key(src: np.ndarray, key: np.ndarray, shift: int, bits: int, out: np
     if _kernels is None:
         return False
     _kernels.permute_key(src, key, src.itemsize, shift, bits, out)
+    return True
+
+
+def unpermute_key(src: np.ndarray, key: np.ndarray, shift: int, bits: int, out: np.ndarray) -> bool:
+    """The inverse of :func:`permute_key` with the same ``key``: ``out[perm] = src``, ``perm`` that
+    stable order, in two compiled passes. False, doing nothing, without the compiled loops."""
+    if _kernels is None:
+        return False
+    _kernels.unpermute_key(src, key, src.itemsize, shift, bits, out)
     return True
 
 
