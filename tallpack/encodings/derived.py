@@ -29,7 +29,7 @@ from ..dtypes import torch_dtype
 from ..errors import FormatError, IntegrityError
 from ..tall import compiled_kind, elements, reconstruct, tall_mask, task_vector
 from .base import Encoding, ReadArray, TaskTensor, TensorEntry, Use, register
-from .exact import EXPONENT, TALL_ENCODINGS, rebuild_exact
+from .exact import EXPONENT, TALL_ENCODINGS, Original, in_runs, rebuild_exact, runs
 from .tall import check_merged_arrays, check_ones
 
 
@@ -133,6 +133,28 @@ def check_set_bits(ones: int, tt: TaskTensor, where: str) -> None:
         raise IntegrityError(f"{where}: the derived mask has {ones} set bits, the manifest says {tt.params['ones']}")
 
 
+def _in_runs(read: ReadArray, entry: TensorEntry, tt: TaskTensor, base: torch.Tensor, merged: torch.Tensor,
+             where: str) -> torch.Tensor:
+    """``TallDerived.rebuild`` of a large tensor (``exact.in_runs``) a run at a time, from its
+    arrays at hand: each run of the original (``exact.Original``), of its mask and of the rebuild
+    straight into the output (element by element: the whole tensor's bits), not the original, the
+    mask and float32 copies of the whole tensor; the hash checked after the last run, then the
+    mask's set bits, as :func:`_derived` does."""
+    original = Original(read, entry, tt, where)
+    out = torch.empty(tt.shape, dtype=original.dtype)
+    flat, base, merged = out.view(-1), base.reshape(-1), merged.reshape(-1)
+    ones = 0
+    for a, b in runs(read, original.refs, where):
+        theta = original.tensor(original.run(a, b))
+        mask, counted = mask_and_ones(theta, base[a:b], merged[a:b], tt.params["lambda"])
+        ones += int(torch.count_nonzero(mask)) if counted is None else counted
+        flat[a:b] = reconstruct(base[a:b].to(torch.float32), mask, merged[a:b], original.dtype)
+        del theta, mask
+    original.check()
+    check_set_bits(ones, tt, where)
+    return out
+
+
 def check_derived_entry(tt: TaskTensor, where: str) -> None:
     """The fields of a task entry whose mask is derived: a floating dtype, lambda, the exact field."""
     if tt.dtype not in EXPONENT:
@@ -170,10 +192,13 @@ class TallDerived(Encoding):
         device = arrays["base"].device
         cpu = {k: v.cpu() for k, v in arrays.items()}
         by_ref = {id(ref): cpu[k] for k, (ref, _) in cls.inputs(entry, tt).items()}
-        # element ranges too: a large original is rebuilt a run at a time (``exact.Original``)
         read: ReadArray = lambda ref, where, use=Use.OUTPUT, *, start=0, stop=None: (  # noqa: E731
             by_ref[id(ref)] if (start, stop) == (0, None) else by_ref[id(ref)].reshape(-1)[start:stop])
-        # the mask from the base as stored: of the original's dtype, the compiled pass takes them
-        mask = _derived(read, entry, tt, cpu["base"], cpu["merged"], f"tensor {entry.name!r}")
-        out = reconstruct(cpu["base"].to(torch.float32), mask, cpu["merged"], torch_dtype(tt.dtype))
+        where = f"tensor {entry.name!r}"
+        if in_runs(read, entry, [tt]):
+            out = _in_runs(read, entry, tt, cpu["base"], cpu["merged"], where)
+        else:
+            # the mask from the base as stored: of the original's dtype, the compiled pass takes them
+            mask = _derived(read, entry, tt, cpu["base"], cpu["merged"], where)
+            out = reconstruct(cpu["base"].to(torch.float32), mask, cpu["merged"], torch_dtype(tt.dtype))
         return out if device.type == "cpu" else out.to(device)

@@ -269,6 +269,8 @@ def rebuild_exact(read: ReadArray, entry: TensorEntry, tt: TaskTensor, where: st
 RUNS_FROM = 1 << 22
 #: The elements of one run, rounded up to whole chunks of the arrays read (1M: a few MB a task).
 RUN_ELEMENTS = 1 << 20
+#: The elements the inverse transform of a run takes at a time (its several temporaries: 1 MB each).
+_INVERSE_ELEMENTS = 1 << 18
 
 
 def _takes_ranges(read: ReadArray) -> bool:
@@ -372,11 +374,13 @@ class Original:
         else:
             rb = np.zeros(b - a, self.uint)
         stored = read(ex.residual, where + " (exact residual)", Use.INPUT, start=a, stop=b)
-        s = np.frombuffer(tensor_to_bytes(stored), rb.dtype)
-        x = inverse(unpermute(s, rb, self.tt.dtype, ex.order, ex.residual.chunk_elements), rb, ex.transform)
-        if into is not None:
-            into[...] = x
-            x = into
+        z = unpermute(np.frombuffer(tensor_to_bytes(stored), rb.dtype), rb, self.tt.dtype, ex.order,
+                      ex.residual.chunk_elements)
+        del stored
+        x = np.empty(b - a, self.uint) if into is None else into
+        for c in range(0, b - a, _INVERSE_ELEMENTS):  # element by element: its temporaries a block's
+            x[c : c + _INVERSE_ELEMENTS] = inverse(z[c : c + _INVERSE_ELEMENTS], rb[c : c + _INVERSE_ELEMENTS],
+                                                   ex.transform)
         self.hash.update(x.view(np.uint8).data)
         return x
 
