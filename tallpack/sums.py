@@ -45,7 +45,10 @@ class PairwiseSum:
             self._value = float(0.0 + done.value)  # (numpy's reduce starts from its identity, 0.0)
 
     def add(self, piece: np.ndarray) -> None:
-        """The next ``len(piece)`` elements (float64, 1-d; read now, not kept but for a cut leaf)."""
+        """The next ``len(piece)`` elements (float64, 1-d, contiguous: numpy sums a strided array in
+        buffered runs, another order; read now, not kept but for a cut leaf)."""
+        if piece.dtype != np.float64 or piece.ndim != 1 or not piece.flags.c_contiguous:
+            raise ValueError(f"a contiguous 1-d float64 piece, not {piece.dtype} of shape {piece.shape}")
         if piece.size == 0:
             return
         if self._value is not None or self._end + piece.size > self.n:
