@@ -261,9 +261,13 @@ def rebuild_exact(read: ReadArray, entry: TensorEntry, tt: TaskTensor, where: st
     z = unpermute(s, rb, tt.dtype, ex.order, ex.residual.chunk_elements)
     x = inverse(z, rb, ex.transform)
     out = torch.from_numpy(x.view(np.uint8)).view(torch_dtype(tt.dtype)).reshape(tt.shape)
-    if tensor_hash(out) != ex.xxh3:
-        raise IntegrityError(f"{where}: the exact rebuild does not match the original's hash")
+    _check_hash(tensor_hash(out), ex, where)
     return out
+
+
+def _check_hash(digest: int, ex: Exact, where: str) -> None:
+    if digest != ex.xxh3:
+        raise IntegrityError(f"{where}: the exact rebuild does not match the original's hash")
 
 
 #: A tensor of more elements than this is rebuilt exactly a run of its residual's chunks at a time
@@ -394,8 +398,7 @@ class Original:
 
     def check(self) -> None:
         """Raise IntegrityError where the runs' bits do not hash to the manifest's xxh3."""
-        if self.hash.intdigest() != self.ex.xxh3:
-            raise IntegrityError(f"{self.where}: the exact rebuild does not match the original's hash")
+        _check_hash(self.hash.intdigest(), self.ex, self.where)
 
     def whole(self) -> torch.Tensor:
         """The original, every run rebuilt into it, then checked."""
