@@ -16,7 +16,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -50,14 +50,18 @@ def measured(work):
 """
 
 
-def memory_options(doc: str, params: float, *, shape: bool = False) -> argparse.Namespace:
-    """merge_memory.py's and pack_memory.py's options: the family's (``--params``, ``--tasks``,
-    ``--dtype``; with ``shape``, ``--hidden`` and ``--vocab``), ``--rounds`` and ``--other``."""
+def memory_options(doc: str, params: float, *, shape: bool = False, vocab: int = 32000,
+                   more: Callable[[argparse.ArgumentParser], None] | None = None) -> argparse.Namespace:
+    """merge_memory.py's, pack_memory.py's and commands_memory.py's options: the family's
+    (``--params``, ``--tasks``, ``--dtype``; with ``shape``, ``--hidden`` and ``--vocab``),
+    ``--rounds``, ``--other``, and what ``more`` adds."""
     ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--params", type=float, default=params)
     if shape:
         ap.add_argument("--hidden", type=int, default=2048)
-        ap.add_argument("--vocab", type=int, default=32000)
+        ap.add_argument("--vocab", type=int, default=vocab)
+    if more is not None:
+        more(ap)
     ap.add_argument("--tasks", type=int, default=4)
     ap.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
     ap.add_argument("--rounds", type=int, default=3)
