@@ -74,8 +74,9 @@ from .dtypes import dtype_name, narrow, tensor_to_bytes, torch_dtype
 from .encodings import Item, TaskTensor, TensorEntry, WriteContext, iter_arrays, settled
 from .elements import numel
 from .encodings.base import EXTRA_ARRAYS
-from .encodings.correction import (BLOCK, FLOAT16_MAX, Correction, quant_decode, quant_encode, quant_encode_widths, residual,
-                                   sparse_decode, sparse_encode, sparse_encode_ks)
+from .encodings.correction import (BLOCK, FLOAT16_MAX, Correction, magnitude_bits, quant_decode, quant_encode,
+                                   quant_encode_widths, residual, sparse_decode, sparse_encode, sparse_encode_ks,
+                                   sparse_kept)
 from .encodings.exact import (RESIDUAL_CODECS, SAMPLE_ELEMENTS, _sample_sizes, add_exact, bits, forward,
                               permute)
 from .encodings.qtau import BLOCK as QBLOCK
@@ -879,11 +880,6 @@ class _BlockErrors(_BlockSquares):
         return err, plain, (err if plain is None else plain) == 0 and self.same, over
 
 
-def _magnitude_bits(r: torch.Tensor) -> np.ndarray:
-    """``|r|``'s float32 bit patterns, ordered as the magnitudes are (a NaN's above +inf's)."""
-    return np.abs(r.numpy()).view(np.uint32)
-
-
 def _kth(counts: np.ndarray, k: int) -> tuple[int, int]:
     """The bin of ``counts`` (one per value, ascending) holding the k-th largest entry, and how many
     of that bin's entries are among the k largest."""
@@ -894,71 +890,68 @@ def _kth(counts: np.ndarray, k: int) -> tuple[int, int]:
 
 class _Sparse:
     """The entries each sparse candidate (``ks``) keeps of a streamed residual, given a run at a
-    time, as ``sparse_encode_ks`` picks them from the whole: where no entry as large as the k-th
-    largest magnitude is left out, those at least as large, found by a radix selection (the counts
-    of the magnitudes' high 16 bits, :meth:`high`, then of the low ones within the k-th's bin,
-    :meth:`low`); elsewhere (a tie across the cut, or a NaN) ``torch.topk`` chooses over the whole
-    tensor, so its choice is made so here too (:meth:`settle`, on the magnitudes held whole for the
-    while: 4 bytes an element, and topk's own work)."""
+    time, as ``sparse_encode_ks`` picks them from the whole (the k largest magnitudes, ties at the
+    cut broken by the lowest index): each k-th largest magnitude found by a radix selection (the
+    counts of the magnitudes' high 16 bits, :meth:`high`, then of the low ones within the k-th's
+    bin, :meth:`low`; :meth:`settle`), and how many entries equal to it are kept; then, a pass over
+    the runs in index order (:meth:`chooser`), those above it and the first that many equal to it."""
 
     def __init__(self, n: int, ks: Sequence[int]):
         self.n, self.ks = n, list(ks)
         self._high = np.zeros(1 << 16, np.int64)
         self._low: dict[int, np.ndarray] = {}
         self._bins: dict[int, tuple[int, int]] = {}
-        self.nan, self.top = False, 0
-        self.cut: dict[int, np.uint32] = {}  # k -> the k-th largest magnitude's bits
-        self.picked: dict[int, np.ndarray] = {}  # k -> topk's indices, ascending (uint32 where they fit)
+        self.top = 0
+        self.cut: dict[int, tuple[np.uint32, int]] = {}  # k -> the k-th largest magnitude's bits, the ties kept
 
     def high(self, r: torch.Tensor) -> None:
-        u = _magnitude_bits(r)
+        u = magnitude_bits(r)
         if u.size:
             self.top = max(self.top, int(u.max()))
             self._high += np.bincount(u >> np.uint32(16), minlength=1 << 16)
 
     def lows(self) -> bool:
         """After every run's :meth:`high`: whether a pass of :meth:`low` is wanted."""
-        self.nan = self.top > 0x7F800000  # (np.partition puts a NaN last, and topk takes it first)
-        if not self.nan:
-            self._bins = {k: _kth(self._high, k) for k in self.ks if 0 < k < self.n}
+        self._bins = {k: _kth(self._high, k) for k in self.ks if 0 < k < self.n}
         self._low = {h: np.zeros(1 << 16, np.int64) for h, _ in self._bins.values()}
         return bool(self._low)
 
     def low(self, r: torch.Tensor) -> None:
-        u = _magnitude_bits(r)
+        u = magnitude_bits(r)
         top16 = u >> np.uint32(16)
         for h, counts in self._low.items():
             counts += np.bincount(u[top16 == h] & np.uint32(0xFFFF), minlength=1 << 16)
 
-    def settle(self, magnitudes: Callable[[], torch.Tensor]) -> None:
-        """Each k's cut, or where there is none, topk's choice on ``magnitudes()`` (``|r|``, whole)."""
+    def settle(self) -> None:
+        """After every run's :meth:`low`: each k's cut and the ties it keeps."""
         for k, (h, need) in self._bins.items():
-            above = np.cumsum(self._low[h][::-1])[::-1]
-            lo = int(np.count_nonzero(above >= need)) - 1
-            if int(above[lo]) == need:  # no entry as large is left out: the one set
-                self.cut[k] = np.uint32((h << 16) | lo)
-        rest = [k for k in self.ks if k not in self.cut]
-        if rest:
-            mag = magnitudes()
-            for k in rest:  # as ``sparse_encode`` (sorted in place, kept in 4 bytes where they fit)
-                idx = torch.topk(mag, max(0, min(k, self.n)), sorted=False).indices.numpy()
-                idx.sort()
-                self.picked[k] = idx.astype(np.uint32) if self.n <= 0xFFFFFFFF else idx
-                del idx
+            lo, ties = _kth(self._low[h], need)
+            self.cut[k] = (np.uint32((h << 16) | lo), ties)
 
     @property
     def half(self) -> bool:
         """Whether the values are stored as float16: the largest magnitude kept (the largest of all)
-        within ``FLOAT16_MAX``."""
-        return not self.nan and float(np.array(self.top, np.uint32).view(np.float32)) <= FLOAT16_MAX
+        within ``FLOAT16_MAX`` (a NaN's is not)."""
+        return float(np.array(self.top, np.uint32).view(np.float32)) <= FLOAT16_MAX
 
-    def kept(self, k: int, s: slice, r: torch.Tensor) -> np.ndarray:
-        """The positions within run ``s`` (its residual ``r``) of the entries candidate ``k`` keeps."""
-        if k in self.cut:
-            return np.flatnonzero(_magnitude_bits(r) >= self.cut[k])
-        at = self.picked[k]
-        first, stop = np.searchsorted(at, [s.start, s.stop])
-        return at[first:stop].astype(np.int64) - s.start
+    def chooser(self) -> Callable[[int, slice, np.ndarray], np.ndarray]:
+        """``kept(k, s, u)``: the positions within run ``s`` (``u``, its residual's
+        ``magnitude_bits``) of the entries candidate ``k`` keeps; for one pass, given every run in
+        index order."""
+        left = {k: ties for k, (_, ties) in self.cut.items()}
+        at = dict.fromkeys(self.ks, 0)
+
+        def kept(k: int, s: slice, u: np.ndarray) -> np.ndarray:
+            if s.start != at[k]:  # (ties are kept by index: a run out of order would keep others)
+                raise AssertionError(f"sparse runs out of order: {s.start} after {at[k]}")
+            at[k] = s.stop
+            if k not in self.cut:  # (k 0, or every entry)
+                return np.arange(u.size if k >= self.n else 0, dtype=np.int64)
+            local, took = sparse_kept(u, self.cut[k][0], left[k])
+            left[k] -= took
+            return local
+
+        return kept
 
 
 class _Gaps:
@@ -984,24 +977,15 @@ def _sparse_runs(n: int, k: int, residuals: Callable[[], Iterator[tuple[slice, t
     if picks.lows():
         for _, r in residuals():
             picks.low(r)
-    picks.settle(lambda: _magnitudes(n, residuals()))
+    picks.settle()
     return picks
-
-
-def _magnitudes(n: int, residuals: Iterator[tuple[slice, torch.Tensor]]) -> torch.Tensor:
-    """``|r|`` of a residual given a run at a time, whole (``torch.topk`` is to choose on it)."""
-    mag = torch.empty(n, dtype=torch.float32)
-    for s, r in residuals:
-        torch.abs(r, out=mag[s])
-    return mag
 
 
 def _streamed_correction(ctx: WriteContext, item: Item, i: int, option: Option, base32: torch.Tensor,
                          merged: torch.Tensor, lock: threading.Lock) -> dict[str, np.ndarray]:
     """``candidate_arrays`` of a sparse or quant correction of a streamed item's task ``i``, its
     residual made a run at a time (``_run_elements``): the same arrays, and of the tensor's size
-    only they (a byte an element at most) and, for a sparse choice ``torch.topk`` makes
-    (``_Sparse``), the magnitudes for the while."""
+    only they (a byte an element at most)."""
     n, run, lam = base32.numel(), _run_elements(ctx.chunk_elements), ctx.lambdas[item.tasks[i]]
 
     def residuals() -> Iterator[tuple[slice, torch.Tensor]]:
@@ -1014,9 +998,9 @@ def _streamed_correction(ctx: WriteContext, item: Item, i: int, option: Option, 
         return {"scales": np.concatenate([p[1] for p in parts]), "codes": np.concatenate([p[0] for p in parts])}
     assert option.kind == "sparse"
     picks = _sparse_runs(n, option.k, residuals)
-    gaps_of, gaps, values = _Gaps(n), [], []
+    kept, gaps_of, gaps, values = picks.chooser(), _Gaps(n), [], []
     for s, r in residuals():
-        local = picks.kept(option.k, s, r)
+        local = kept(option.k, s, magnitude_bits(r))
         gaps.append(gaps_of(s, local))
         values.append(r.numpy()[local])
     v = np.concatenate(values)
@@ -1347,8 +1331,7 @@ class Dial:
         scales decided), the exact residual's chunks and the sparse magnitudes' low bits; pass 3 the
         sparse candidates. The same figures as ``_measure`` on the whole copy, and no array of the
         tensor's size but the float32 base and ``tau_MTL`` the tasks share (and a sensitivity's
-        weights; and where ``torch.topk`` chooses a sparse candidate's entries, ``_Sparse``, the
-        magnitudes and topk's own work for the while)."""
+        weights)."""
         t, ce, dt, n = item.tasks[i], ctx.chunk_elements, item.dtypes[1][i], base32.numel()
         lam, run = ctx.lambdas[t], _run_elements(ce)
         given = (self.sensitivity or {}).get(t, {}).get(item.name)
@@ -1477,13 +1460,14 @@ class Dial:
             opts += qs
         # -- pass 3: the sparse candidates
         if picks is not None:
-            picks.settle(lambda: _magnitudes(n, ((s, r) for s, _, _, _, _, r, _ in runs())))
-            half = picks.half
+            picks.settle()
+            half, kept = picks.half, picks.chooser()
             found = {k: (_BlockErrors(n, dt, weighted), _Gaps(n), cost_of(_Gaps(n).dtype),
                          cost_of(np.float16 if half else np.float32)) for k in ks}
             for s, ws, x, _, rec, r, _ in runs():
+                u = magnitude_bits(r)
                 for k, (errs, gaps, gap_cost, value_cost) in found.items():
-                    local = picks.kept(k, s, r)
+                    local = kept(k, s, u)
                     gap_cost.add(gaps(s, local))
                     values = r.numpy()[local]
                     values = values.astype(np.float16) if half else values

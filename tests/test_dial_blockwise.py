@@ -94,19 +94,22 @@ def _family(d: Path, dtype: torch.dtype, tasks: int = 3, n: int = N) -> tuple[Pa
 
 
 class _Count:
-    """Counts of the dial's streamed measurements and of sparse choices left to ``torch.topk``."""
+    """Counts of the dial's streamed measurements and of sparse cuts that tie (more entries of the
+    k-th largest magnitude than are kept)."""
 
     def __init__(self, monkeypatch):
-        self.streamed = self.topk = 0
+        self.streamed = self.tied = 0
         measure, settle = dial.Dial._measure_streamed, dial._Sparse.settle
 
         def counted(this, *a, **k):
             self.streamed += 1
             return measure(this, *a, **k)
 
-        def settled(this, magnitudes):
-            settle(this, magnitudes)
-            self.topk += len(this.picked)
+        def settled(this):
+            settle(this)
+            for k, (cut, ties) in this.cut.items():
+                h = int(cut) >> 16
+                self.tied += int(this._low[h][int(cut) & 0xFFFF]) > ties
 
         monkeypatch.setattr(dial.Dial, "_measure_streamed", counted)
         monkeypatch.setattr(dial._Sparse, "settle", settled)
@@ -140,16 +143,25 @@ def test_blockwise_each_correction_alone(tmp_path, monkeypatch, threads, correct
 
 
 def test_blockwise_sparse_cut_and_ties(tmp_path, monkeypatch):
-    """float32 residuals: each sparse cut found by the radix selection; float16 ones, many equal
-    magnitudes: ties across the cut, left to ``torch.topk`` on the whole magnitudes. Same bytes."""
+    """float32 residuals: each sparse cut found by the radix selection, none tied; float16 and
+    bfloat16 ones, many equal magnitudes: ties across the cut, the lowest indices kept, a run at a
+    time as on the whole (``torch.topk`` nowhere). Same bytes."""
     count = _Count(monkeypatch)
-    for dtype, ties in ((torch.float32, False), (torch.float16, True)):
+
+    def no_topk(*a, **k):
+        raise AssertionError("torch.topk called")
+
+    monkeypatch.setattr(torch, "topk", no_topk)
+    for dtype, ties in ((torch.float32, False), (torch.float16, True), (torch.bfloat16, True)):
         d = tmp_path / str(dtype)
         d.mkdir()
         base, tasks = _family(d, dtype)
-        count.topk = 0
+        count.tied = 0
         _same(d, monkeypatch, base, tasks, fidelity=0.9995, corrections=("sparse",))
-        assert (count.topk > 0) == ties, (dtype, count.topk)
+        assert (count.tied > 0) == ties, (dtype, count.tied)
+        with tallpack.open(d / "a0.tallpack") as a:
+            stored = {k for rec in a.manifest.stats["dial"]["tasks"].values() for k in rec["stored"]}
+        assert "sparse" in stored, (dtype, stored)
 
 
 
@@ -191,10 +203,10 @@ def test_blockwise_figures_are_the_same_floats(tmp_path, monkeypatch, dtype, sen
        values=st.sampled_from(["spread", "few", "zeros"]), special=st.sampled_from([None, "nan", "inf", "big"]),
        seed=st.integers(0, 2**32 - 1))
 def test_sparse_choice_a_run_at_a_time_is_sparse_encodes(n, run, fraction, values, special, seed):
-    """The entries a sparse correction keeps, found a run at a time (the radix selection, or where
-    magnitudes tie across the cut or one is NaN, ``torch.topk`` on the whole magnitudes), and its
-    arrays: those of ``sparse_encode`` (and ``sparse_encode_ks``) on the whole residual."""
-    from tallpack.encodings.correction import sparse_encode, sparse_encode_ks
+    """The entries a sparse correction keeps, found a run at a time (the radix selection, ties at
+    the cut kept by the lowest index as the runs come), and its arrays: those of ``sparse_encode``
+    (and ``sparse_encode_ks``) on the whole residual."""
+    from tallpack.encodings.correction import magnitude_bits, sparse_encode, sparse_encode_ks
 
     rng = np.random.default_rng(seed)
     if values == "spread":
@@ -213,9 +225,9 @@ def test_sparse_choice_a_run_at_a_time_is_sparse_encodes(n, run, fraction, value
         return ((slice(a, min(n, a + run)), res[a : a + run]) for a in range(0, n, run))
 
     picks = dial._sparse_runs(n, k, residuals)
-    gaps_of, gaps, kept = dial._Gaps(n), [], []
+    chosen, gaps_of, gaps, kept = picks.chooser(), dial._Gaps(n), [], []
     for s, piece in residuals():
-        local = picks.kept(k, s, piece)
+        local = chosen(k, s, magnitude_bits(piece))
         gaps.append(gaps_of(s, local))
         kept.append(piece.numpy()[local])
     v = np.concatenate(kept)

@@ -57,52 +57,93 @@ def residual(theta: torch.Tensor, base: torch.Tensor, mask: torch.Tensor, merged
     return theta.reshape(-1).to(torch.float32) - rec
 
 
-def sparse_encode(r: torch.Tensor, k: int, magnitude: torch.Tensor | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """The ``k`` largest-magnitude entries of flat ``r``: (index gaps, values). Indices ascend;
-    the first gap is the first index, each next one the difference to the previous index.
-    ``magnitude``: ``r.abs()``, when the caller has it (the dial tries several ``k``)."""
-    k = max(0, min(k, r.numel()))
-    if k:
-        top = torch.topk(r.abs() if magnitude is None else magnitude, k, sorted=False).indices
-        idx_np = np.sort(top.numpy())  # distinct indices: numpy's sort is many times torch's
-    else:
-        idx_np = np.empty(0, dtype=np.int64)
-    gaps = np.diff(idx_np, prepend=0)
-    gaps = gaps.astype(np.uint64 if r.numel() > 0xFFFFFFFF else np.uint32)
-    vals = r[torch.from_numpy(idx_np)].numpy()
+#: ``magnitude_bits``'s pattern of every NaN: above +inf's (0x7F800000), all NaNs one magnitude.
+NAN_BITS = np.uint32(0x7F800001)
+#: Elements ``sparse_select`` compares at a time (its boolean and index work stays this small).
+SELECT_RUN = 1 << 20
+
+
+def magnitude_bits(r: torch.Tensor | np.ndarray) -> np.ndarray:
+    """``|r|``'s float32 bit patterns (uint32, a new array), ordered as the magnitudes are: -0.0
+    and 0.0 one, every NaN ``NAN_BITS``, above +inf. ``r``: flat float32 (or its ``abs()``)."""
+    a = r.numpy() if isinstance(r, torch.Tensor) else r
+    u = np.abs(a).view(np.uint32)
+    return np.minimum(u, NAN_BITS, out=u)
+
+
+def sparse_kept(u: np.ndarray, cut: int | np.integer[Any], ties: int) -> tuple[np.ndarray, int]:
+    """The positions (ascending) in ``u`` (magnitude bits, in index order) of the entries above
+    ``cut`` and of the first ``ties`` equal to it; and how many equal to it are among them. Given
+    a tensor's pieces in index order, each with the ties left after the ones before, the choice is
+    the whole tensor's.
+
+    >>> sparse_kept(np.uint32([3, 5, 3, 9, 3]), 3, 1)
+    (array([0, 1, 3]), 1)
+    """
+    sel = np.greater(u, cut)
+    took = 0
+    if ties > 0:
+        eq = np.flatnonzero(u == cut)[:ties]
+        sel[eq] = True
+        took = eq.size
+    return np.flatnonzero(sel), took
+
+
+def sparse_select(u: np.ndarray, ks: Iterable[int]) -> Iterator[tuple[int, np.ndarray]]:
+    """``(k, indices)`` for each of ``ks``: the ``k`` entries of ``u`` (``magnitude_bits``) of
+    largest magnitude, ties at the cut broken by the lowest index (those above the ``k``-th
+    largest, then the first of those equal to it), ascending int64; every cut from one partial
+    sort. ``k`` is clipped to ``[0, u.size]``.
+
+    >>> [(k, i.tolist()) for k, i in sparse_select(np.uint32([1, 4, 4, 2, 4]), [1, 2, 4])]
+    [(1, [1]), (2, [1, 2]), (4, [1, 2, 3, 4])]
+    """
+    n, ks = u.size, list(ks)
+    kth = sorted({n - k for k in ks if 0 < k < n})
+    part = np.partition(u, kth) if kth else u
+    for k in ks:
+        if not 0 < k < n:
+            yield k, np.arange(max(0, min(k, n)), dtype=np.int64)
+            continue
+        cut = part[n - k]
+        ties = int(np.count_nonzero(part[n - k :] == cut))  # (every entry above the cut is there too)
+        picked = []
+        for a in range(0, n, SELECT_RUN):
+            local, took = sparse_kept(u[a : a + SELECT_RUN], cut, ties)
+            ties -= took
+            picked.append(local + a)
+        yield k, np.concatenate(picked)
+
+
+def sparse_arrays(r: torch.Tensor, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A sparse correction's arrays of flat ``r`` kept at ``idx`` (ascending): (index gaps, values).
+    The first gap is the first index, each next one the difference to the previous index; values
+    float16 where every one kept is within ``FLOAT16_MAX``, else float32."""
+    gaps = np.diff(idx, prepend=0).astype(np.uint64 if r.numel() > 0xFFFFFFFF else np.uint32)
+    vals = r.numpy()[idx]
     if vals.size == 0 or float(np.abs(vals).max()) <= FLOAT16_MAX:
         vals = vals.astype(np.float16)
     return gaps, np.ascontiguousarray(vals)
 
 
+def sparse_encode(r: torch.Tensor, k: int, magnitude: torch.Tensor | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The ``k`` largest-magnitude entries of flat float32 ``r``, ties at the cut broken by the
+    lowest index (``sparse_select``; a NaN above every number): (index gaps, values), indices
+    ascending (``sparse_arrays``). ``magnitude``: ``r.abs()``, when the caller has it.
+
+    >>> sparse_encode(torch.tensor([0.5, -2.0, 0.5, 0.5]), 2)
+    (array([0, 1], dtype=uint32), array([ 0.5, -2. ], dtype=float16))
+    """
+    return next(sparse_encode_ks(r, [k], magnitude))[1:]
+
+
 def sparse_encode_ks(r: torch.Tensor, ks: Iterable[int], magnitude: torch.Tensor | None = None
                      ) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
-    """``(k, *sparse_encode(r, k))`` for each of ``ks`` (ascending, distinct), the largest
-    magnitudes found by one partial sort of them all: where the ``k`` largest are one set (the
-    ``k``-th largest magnitude is held by no entry left out), they are the entries at least that
-    large, which come in ascending order; elsewhere (a tie across the cut, a NaN) ``sparse_encode``
-    itself picks them, as ``torch.topk`` does. The same arrays either way."""
-    ks = list(ks)
-    magnitude = r.abs() if magnitude is None else magnitude
-    mag = magnitude.numpy()
-    n = mag.size
-    kth = sorted({n - k for k in ks if 0 < k < n} | ({n - 1} if n else set()))
-    part = np.partition(mag, kth) if kth else mag
-    fast = n > 0 and not np.isnan(part[-1])  # (np.partition puts NaN last; topk takes it as largest)
-    sel = np.empty(n, dtype=bool)
-    for k in ks:
-        if fast and 0 < k < n:
-            v = part[n - k]
-            np.greater_equal(mag, v, out=sel)
-            if int(np.count_nonzero(sel)) == k:  # no entry as large is left out: the one set
-                idx = np.flatnonzero(sel)
-                gaps = np.diff(idx, prepend=0).astype(np.uint64 if n > 0xFFFFFFFF else np.uint32)
-                vals = r[torch.from_numpy(idx)].numpy()
-                if vals.size == 0 or float(np.abs(vals).max()) <= FLOAT16_MAX:
-                    vals = vals.astype(np.float16)
-                yield k, gaps, np.ascontiguousarray(vals)
-                continue
-        yield (k, *sparse_encode(r, k, magnitude))
+    """``(k, *sparse_encode(r, k))`` for each of ``ks`` (ascending, distinct), their cuts found by
+    one partial sort of the magnitudes (``sparse_select``)."""
+    u = magnitude_bits(r if magnitude is None else magnitude)
+    for k, idx in sparse_select(u, ks):
+        yield (k, *sparse_arrays(r, idx))
 
 
 def sparse_decode(gaps: np.ndarray, values: np.ndarray, numel: int, where: str = "sparse correction") -> torch.Tensor:
