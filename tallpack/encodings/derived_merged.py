@@ -11,6 +11,8 @@ tensor becomes ``tall-derived-merged`` (the ``tall-derived`` fields) and the ten
 
 A lossy read of one task rebuilds every task's original of the tensor (each hash-checked), derives
 tau_MTL (cached with the base, :class:`DerivedMerged`), then the task's mask as for ``tall-derived``.
+A tensor of more than ``exact.RUNS_FROM`` elements is derived a run of chunks at a time from every
+task's run of its original: tau_MTL and a run of each original held, not every original whole.
 """
 
 from __future__ import annotations
