@@ -205,7 +205,9 @@ def test_reads_from_a_remote_archive_fetch_a_window_of_runs_at_once(tmp_path, mo
                 got[t] = _bits(a.get_tensor(t, "big.weight", exact=True))
                 got["requests"].append(a.source.requests - before)
             before = a.source.requests  # the base and every task's residual
-            got["merged"] = _bits(a.read_array(merged_source(entry), "merged", Use.SHARED_INPUT))
+            derived = merged_source(entry)
+            assert derived is not None
+            got["merged"] = _bits(a.read_array(derived, "merged", Use.SHARED_INPUT))
             got["requests"].append(a.source.requests - before)
         return got
 
