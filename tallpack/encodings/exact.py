@@ -302,12 +302,12 @@ def in_runs(read: ReadArray, entry: TensorEntry, tts: list[TaskTensor]) -> bool:
     """Whether the originals of these task entries (of one tensor, each with an ``exact`` field) are
     rebuilt in runs: more than RUNS_FROM elements, a ``read`` that takes element ranges, every
     array read a stored one of the tensor's elements, the residuals chunked alike."""
-    if not tts:
-        return False
     residuals = [tt.extras["exact"].residual for tt in tts]
+    if not residuals or residuals[0].numel <= RUNS_FROM:  # (most tensors: nothing more to look at)
+        return False
     n = residuals[0].numel
     refs = residuals + [r for tt in tts for r in _reference_refs(entry, tt)]
-    return (n > RUNS_FROM and len({r.chunk_elements for r in residuals}) == 1
+    return (len({r.chunk_elements for r in residuals}) == 1
             and all(isinstance(r, ArrayRef) and r.numel == n for r in refs) and _takes_ranges(read))
 
 
