@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import tallpack
-from tallpack.encodings import Use, exact
+from tallpack.encodings import Use, derived, exact
 from tallpack.encodings.derived import merged_source
 from tallpack.errors import IntegrityError, TallpackError
 
@@ -130,6 +130,26 @@ def test_derived_merged_vector_in_runs_is_the_whole_one(tmp_path, monkeypatch, d
     assert in_runs == whole
     for t, p in tasks.items():
         assert whole[t, "exact"] == {k: _bits(v) for k, v in load_file(p).items()}
+
+
+@pytest.mark.parametrize("merged,dtype", [("derive", torch.bfloat16), ("store", torch.float32)])
+def test_a_derived_entry_rebuilt_from_runs_of_its_base_and_residual(tmp_path, monkeypatch, merged, dtype):
+    """``derived.rebuild_in_runs`` (for the reader's plain read: the merged vector alone read
+    whole) gives ``get_tensor``'s bits, for ``tall-derived-merged`` and ``tall-derived`` entries."""
+    monkeypatch.setattr(exact, "MERGED_POLICY", merged)
+    path, tasks = _pack(tmp_path, monkeypatch, dtype, policy="derive", candidates=("base", "zero"))
+    encodings = {tt.encoding for tt in _big(path).tasks.values()}
+    assert encodings == {"tall-derived-merged" if merged == "derive" else "tall-derived"}
+    with monkeypatch.context() as m:
+        runs = _Runs(m, on=True)
+        with tallpack.open(path, cache_bytes=0) as a:
+            entry = next(e for e in a.manifest.tensors if e.name == "big.weight")
+            for t in tasks:
+                got = derived.rebuild_in_runs(a.read_array, entry, entry.tasks[t], f"task {t!r}")
+                assert got is not None and _bits(got) == _bits(a.get_tensor(t, "big.weight")), t
+            other = next(e for e in a.manifest.tensors if e.name == "other.weight")
+            assert derived.rebuild_in_runs(a.read_array, other, other.tasks["t0"], "t0") is None  # a small one
+    assert runs.count >= 3 * len(tasks)
 
 
 def _flip(path: Path, offset: int) -> None:

@@ -133,23 +133,40 @@ def check_set_bits(ones: int, tt: TaskTensor, where: str) -> None:
         raise IntegrityError(f"{where}: the derived mask has {ones} set bits, the manifest says {tt.params['ones']}")
 
 
-def _in_runs(read: ReadArray, entry: TensorEntry, tt: TaskTensor, base: torch.Tensor, merged: torch.Tensor,
+def rebuild_in_runs(read: ReadArray, entry: TensorEntry, tt: TaskTensor, where: str) -> torch.Tensor | None:
+    """The lossy rebuild of a large ``tall-derived`` or ``tall-derived-merged`` task entry
+    (``exact.in_runs``) with only its merged vector read whole (shared: stored, or derived a run at
+    a time and kept by the cache), the base and the residual a run at a time; None for an entry
+    rebuilt whole. The same bits and errors as ``TallDerived.rebuild`` on the arrays read whole.
+
+    >>> t = rebuild_in_runs(fam.read_array, entry, entry.tasks["cars"], "task 'cars', tensor 'w'")
+    """
+    if tt.encoding not in ("tall-derived", DERIVED_MERGED) or not in_runs(read, entry, [tt]):
+        return None
+    merged = read(merged_source(entry), where + " (merged)", Use.SHARED_INPUT).cpu()
+    return _in_runs(read, entry, tt, None, merged, where)
+
+
+def _in_runs(read: ReadArray, entry: TensorEntry, tt: TaskTensor, base: torch.Tensor | None, merged: torch.Tensor,
              where: str) -> torch.Tensor:
-    """``TallDerived.rebuild`` of a large tensor (``exact.in_runs``) a run at a time, from its
-    arrays at hand: each run of the original (``exact.Original``), of its mask and of the rebuild
-    straight into the output (element by element: the whole tensor's bits), not the original, the
-    mask and float32 copies of the whole tensor; the hash checked after the last run, then the
-    mask's set bits, as :func:`_derived` does."""
+    """``TallDerived.rebuild`` of a large tensor (``exact.in_runs``) a run at a time, from its base
+    at hand (None: read a run at a time) and merged vector: each run of the original
+    (``exact.Original``), of its mask and of the rebuild straight into the output (element by
+    element: the whole tensor's bits), not the original, the mask and float32 copies of the whole
+    tensor; the hash checked after the last run, then the mask's set bits, as :func:`_derived`."""
     original = Original(read, entry, tt, where)
     out = torch.empty(tt.shape, dtype=original.dtype)
-    flat, base, merged = out.view(-1), base.reshape(-1), merged.reshape(-1)
+    flat, merged = out.view(-1), merged.reshape(-1)
+    whole = None if base is None else base.reshape(-1)
     ones = 0
     for a, b in runs(read, original.refs, where):
-        theta = original.tensor(original.run(a, b))
-        mask, counted = mask_and_ones(theta, base[a:b], merged[a:b], tt.params["lambda"])
+        part = whole[a:b] if whole is not None else read(entry.arrays["base"], where + " (base)", Use.INPUT,
+                                                           start=a, stop=b)
+        theta = original.tensor(original.run(a, b, part))
+        mask, counted = mask_and_ones(theta, part, merged[a:b], tt.params["lambda"])
         ones += int(torch.count_nonzero(mask)) if counted is None else counted
-        flat[a:b] = reconstruct(base[a:b].to(torch.float32), mask, merged[a:b], original.dtype)
-        del theta, mask
+        flat[a:b] = reconstruct(part.to(torch.float32), mask, merged[a:b], original.dtype)
+        del part, theta, mask
     original.check()
     check_set_bits(ones, tt, where)
     return out
