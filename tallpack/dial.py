@@ -531,11 +531,11 @@ def torch_alone() -> Iterator[None]:
 #: with a margin; the second pass's work per task is less; and per thread beside it (its stack and
 #: malloc arena, which an address-space limit counts).
 WORK_PER_ELEMENT, THREAD_BYTES = 128, 64 << 20
-#: ``WORK_PER_ELEMENT`` of a streamed tensor's task, worked a run at a time (``_measure_streamed``):
-#: what stays is a sparse cut that ties, left to ``torch.topk`` on the whole magnitudes (its queue
-#: of 16 bytes an element, the magnitudes, its result): a second task measured at once raised the
-#: live peak by 24 bytes an element for bfloat16 tasks (every cut tied), 7 for float32; with a margin.
-STREAMED_WORK_PER_ELEMENT = 48
+#: ``WORK_PER_ELEMENT`` of a streamed tensor's task, worked a run at a time (``_measure_streamed``;
+#: its sparse cuts, tied or not, chosen a run at a time too): a second task measured at once raised
+#: the pack's peak by 9 bytes an element for float32 tasks, 6 for bfloat16 (every cut tied; 24
+#: while ``torch.topk`` chose on the whole magnitudes); with a margin.
+STREAMED_WORK_PER_ELEMENT = 24
 #: The share of the memory the process may still take (``memory_free``) that the tasks measured
 #: beside the first may work in (``in_flight``): by the margin above, about a quarter in fact; the
 #: rest is the packer's (the next tensor, read ahead; the writer's queue).
@@ -555,7 +555,7 @@ def in_flight(threads: int, tasks: int, elements: int, free: int | None, per_ele
     >>> in_flight(8, 20, 1 << 16, 4 << 30), in_flight(8, 20, 1 << 24, 5 << 30), in_flight(8, 3, 1 << 20, None)
     (8, 2, 3)
     >>> in_flight(8, 20, 1000, None), in_flight(8, 20, 1 << 24, 5 << 30, STREAMED_WORK_PER_ELEMENT)
-    (1, 4)
+    (1, 6)
     """
     parts = max(1, min(threads, tasks)) if elements >= THREADS_FROM else 1
     if parts > 1 and free is not None:
