@@ -11,11 +11,12 @@ ones TALL approximates), computed from the rebuilt tensors exactly as the reader
 For each (task, tensor) the packer measures, before writing any merged tensor (the tasks of a
 tensor on up to ``threads`` threads at once, as memory allows: ``in_flight``; recorded in task
 order, so the archive is the same bytes for any thread count), every candidate:
-nothing; the largest ``k`` entries of the residual (several ``k``); the residual quantized to 8
-or 4 bits per block of 64; the exact residual; and, instead of the mask, the task's own task
-vector quantized to 2, 3, 4, 5, 6 or 8 bits per block of 64 (``qtau``, format 1.7: its cost is its
-arrays less the mask it replaces). Each has a size in bytes (encoded with the
-archive's codecs, plus chunk padding and manifest) and a squared error. Per tensor the candidates
+nothing; the largest ``k`` entries of the residual (several ``k``; ties at the cut: the lowest
+indices); the residual quantized to 8 or 4 bits per block of 64; the exact residual; and,
+instead of the mask, the task's own task vector quantized to 2, 3, 4, 5, 6 or 8 bits per block
+of 64 (``qtau``, format 1.7: its cost is its arrays less the mask it replaces). Each has a size
+in bytes (encoded with the archive's codecs, plus chunk padding and manifest) and a squared
+error. Per tensor the candidates
 on the lower convex hull of (bytes, error) form a ladder; per task, steps up the ladders are
 taken greedily by *relative* error removed per byte, each tensor's squared error over its own
 sum of squares (the classic bit-allocation rule, optimal at hull points, for the sum of the

@@ -5,7 +5,8 @@ TALL rebuilds a task's tensor as ``theta_0 + m_t * tau_MTL``; what it loses is t
 ``r_t = f32(theta_t) - (f32(theta_0) + m_t * tau_MTL)``. A ``tall`` task entry may carry an optional
 ``correction`` field that stores part of it, cheapest first:
 
-* ``sparse``: the largest entries of ``r_t`` (delta-coded indices, float16 or float32 values)::
+* ``sparse``: the k largest-magnitude entries of ``r_t``, ties at the cut broken by the lowest
+  index (``sparse_select``; delta-coded indices, float16 or float32 values)::
 
       {"kind": "sparse", "indices": <uint32|uint64 ref, [k]>, "values": <float16|float32 ref, [k]>}
 
