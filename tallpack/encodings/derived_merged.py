@@ -48,7 +48,7 @@ def rebuild_merged(read: ReadArray, entry: TensorEntry, order: list[str], method
 
 
 def _derived_in_runs(read: ReadArray, entry: TensorEntry, order: list[str], method: MergeMethod, where: str,
-             masks: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, tuple[torch.Tensor, int]]]:
+                     masks: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, tuple[torch.Tensor, int]]]:
     """:func:`rebuild_merged` a run of the residuals' chunks at a time (``exact.runs``): each run
     of the base and of every task's original (``exact.Original``, hashed as it comes), the
     run's arrays from :func:`merged_from` (element by element: the whole tensor's bits), every
