@@ -34,9 +34,9 @@ from .dtypes import SAFETENSORS_DTYPES, bytes_to_tensor, torch_dtype, view_tenso
 from .elements import numel
 from .encodings import Encoding, TaskTensor, TensorEntry, Use, encoding_for, iter_arrays
 from .encodings.base import split_parts
-from .encodings.derived import DerivedMerged
+from .encodings.derived import DerivedMerged, rebuild_in_runs
 from .encodings.derived_merged import rebuild_merged
-from .encodings.exact import TALL_ENCODINGS, rebuild_exact
+from .encodings.exact import DERIVED_ENCODINGS, TALL_ENCODINGS, rebuild_exact
 from .errors import (ArchiveClosedError, ExactTierMissingError, FormatError, IntegrityError, InvalidArgumentError,
                      OutOfMemoryError, RemoteError, TallpackError, TaskNotFoundError, TensorNotFoundError,
                      UnsupportedVersionError, memory_detail, out_of_memory, quoted)
@@ -417,6 +417,14 @@ class Archive:
             if not exact and device is None:
                 self._plans[key] = plan
         entry, tt, encoding, where, needed, planar, bits, refs = plan
+        if not exact and rows is None and parts is None and device is None and tt.encoding in DERIVED_ENCODINGS:
+            try:  # a large tall-derived entry: its base and residual a run at a time (derived.rebuild_in_runs)
+                out = rebuild_in_runs(self.read_array, entry, tt, where)
+            except IntegrityError as e:  # a hash or a mask's set bits: say which archive
+                text = str(e)
+                raise IntegrityError(text if text.startswith(f"{self.name}:") else f"{self.name}: {text}") from None
+            if out is not None:
+                return out
         if parts is not None:  # the plan is shared by the group's reads: a member read alone is named here
             where = f"task {task!r}, " + _group_where(entry, parts)
         row = numel(tt.shape[1:]) if tt.shape else 1
