@@ -161,7 +161,7 @@ def _in_runs(read: ReadArray, entry: TensorEntry, tt: TaskTensor, base: torch.Te
     ones = 0
     for a, b in runs(read, original.refs, where):
         part = whole[a:b] if whole is not None else read(entry.arrays["base"], where + " (base)", Use.INPUT,
-                                                           start=a, stop=b)
+                                                           start=a, stop=b).reshape(-1)  # (one run: its shape)
         theta = original.tensor(original.run(a, b, part))
         mask, counted = mask_and_ones(theta, part, merged[a:b], tt.params["lambda"])
         ones += int(torch.count_nonzero(mask)) if counted is None else counted

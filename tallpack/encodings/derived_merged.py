@@ -62,7 +62,7 @@ def _derived_in_runs(read: ReadArray, entry: TensorEntry, order: list[str], meth
     held = {t: (torch.empty(shape, dtype=torch.bool), 0) for t in order} if masks else {}
     refs = [o.ex.residual for o in originals] + [base_ref]
     for a, b in runs(read, refs, where):
-        base = read(base_ref, where + " (base)", Use.INPUT, start=a, stop=b)
+        base = read(base_ref, where + " (base)", Use.INPUT, start=a, stop=b).reshape(-1)  # (one run: its shape)
         thetas = [o.tensor(o.run(a, b, base)) for o in originals]
         for k, v in merged_from(base, thetas, method, where).items():
             out.setdefault(k, torch.empty(n, dtype=v.dtype))[a:b] = v

@@ -1,0 +1,58 @@
+"""Review of the twenty-ninth round (exact originals and derived reads a run at a time, the dial
+and the exact tier's writing a run of chunks at a time, compiled bitsplit joins): corner cases
+found by trying to break it, each pinned here with its fix."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import tallpack
+from tallpack.encodings import exact
+
+CHUNK = 1 << 12
+N = 5 * CHUNK + 40  # rows of 8: a 2-d tensor
+
+
+def _family(d: Path, dtype: torch.dtype) -> dict[str, Path]:
+    g = torch.Generator().manual_seed(5)
+    base = {"big.weight": (torch.randn(N // 8, 8, generator=g) * 0.02).to(dtype)}
+    save_file(base, d / "base.safetensors")
+    paths = {}
+    for i in range(3):
+        paths[f"t{i}"] = d / f"t{i}.safetensors"
+        save_file({k: (v.float() + 1e-3 * torch.randn(v.shape, generator=g)).to(dtype) for k, v in base.items()},
+                  paths[f"t{i}"])
+    return paths
+
+
+def _bits(t: torch.Tensor) -> bytes:
+    return t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
+@pytest.mark.parametrize("merged", ["derive", "store"])
+def test_a_large_derived_tensor_in_one_run_reads_as_rebuilt_whole(tmp_path, monkeypatch, merged):
+    """A tensor over RUNS_FROM in a single chunk (``--chunk-elements`` above its size: one run of
+    all its elements): the run's reads came back in the tensor's shape, not flat, and the plain
+    read (``derived.rebuild_in_runs``) and the merged vector's derivation (``_derived_in_runs``)
+    failed with torch's RuntimeError (expand ... the number of sizes provided)."""
+    monkeypatch.setattr(exact, "MASK_POLICY", "derive")
+    monkeypatch.setattr(exact, "MERGED_POLICY", merged)
+    monkeypatch.setattr(exact, "CANDIDATES", ("base", "zero"))
+    tasks = _family(tmp_path, torch.bfloat16)
+    out = tmp_path / "a.tallpack"
+    tallpack.pack(tmp_path / "base.safetensors", tasks, out, exact=True, chunk_elements=8 * CHUNK)
+    got = {}
+    for start in (1 << 60, CHUNK):  # whole, then in runs (one run: the tensor's one chunk)
+        monkeypatch.setattr(exact, "RUNS_FROM", start)
+        with tallpack.open(out, cache_bytes=0) as a:
+            assert {tt.encoding for tt in a.manifest.tensors[0].tasks.values()} == {
+                "tall-derived-merged" if merged == "derive" else "tall-derived"}
+            got[start] = ({t: _bits(a.get_tensor(t, "big.weight")) for t in tasks},
+                          {t: _bits(a.get_tensor(t, "big.weight", exact=True)) for t in tasks},
+                          {k: _bits(v) for k, v in a.merged("consensus-ta", alpha=0.5).items()}, a.verify())
+    assert got[CHUNK] == got[1 << 60]
+    assert got[CHUNK][1] == {t: _bits(load_file(p)["big.weight"]) for t, p in tasks.items()}
