@@ -123,18 +123,26 @@ _SMALL_CACHE_EVERY = _Every(3)
 #: Every fifth archive that opens is also sent through pickle (``Archive.__reduce__``: opened again
 #: from its path, and checked to be the same file), as a spawn DataLoader worker receives it.
 _PICKLE_EVERY = _Every(5)
+#: Every other input is read with the exact tier's originals (and derived merged vectors and masks)
+#: rebuilt a run of 8 elements at a time (``exact.RUNS_FROM`` 0), the path of large tensors.
+_RUNS_EVERY = _Every(3)
 
 
 def exercise(path: str, outdir: str) -> None:
     """Everything a user can do with an archive, short of writing one."""
     from tallpack import reader
+    from tallpack.encodings import exact
 
     old = reader.PLANAR_MIN_ELEMENTS
     reader.PLANAR_MIN_ELEMENTS = 0 if _PLANAR_EVERY.tick() else old
+    runs = exact.RUNS_FROM, exact.RUN_ELEMENTS
+    if _RUNS_EVERY.tick():
+        exact.RUNS_FROM, exact.RUN_ELEMENTS = 0, 8
     try:
         _exercise(path, outdir)
     finally:
         reader.PLANAR_MIN_ELEMENTS = old
+        exact.RUNS_FROM, exact.RUN_ELEMENTS = runs
 
 
 def _exercise(path: str, outdir: str) -> None:
