@@ -56,3 +56,31 @@ def test_a_large_derived_tensor_in_one_run_reads_as_rebuilt_whole(tmp_path, monk
                           {k: _bits(v) for k, v in a.merged("consensus-ta", alpha=0.5).items()}, a.verify())
     assert got[CHUNK] == got[1 << 60]
     assert got[CHUNK][1] == {t: _bits(load_file(p)["big.weight"]) for t, p in tasks.items()}
+
+
+def test_a_remote_derived_plain_read_against_zero_fetches_its_base_with_the_runs(tmp_path, monkeypatch):
+    """A ``tall-derived`` entry coded against zero: ``derived.rebuild_in_runs`` read the base a run
+    at a time, but fetched only the residual's runs ahead (``exact.runs``: the original's arrays),
+    so each run's base was a request of its own: 7 requests for 6 runs, 1 whole (a 1 GB embedding
+    from S3: one request per 1M elements)."""
+    fsspec = pytest.importorskip("fsspec")
+    monkeypatch.setattr(exact, "MASK_POLICY", "derive")
+    monkeypatch.setattr(exact, "MERGED_POLICY", "store")
+    monkeypatch.setattr(exact, "CANDIDATES", ("zero",))
+    tasks = _family(tmp_path, torch.bfloat16)
+    path = tmp_path / "a.tallpack"
+    tallpack.pack(tmp_path / "base.safetensors", tasks, path, exact=True, chunk_elements=CHUNK)
+    url = "memory://r29/a.tallpack"
+    with fsspec.open(url, "wb") as f:
+        f.write(path.read_bytes())
+    got = {}
+    for start in (1 << 60, CHUNK):
+        monkeypatch.setattr(exact, "RUNS_FROM", start)
+        monkeypatch.setattr(exact, "RUN_ELEMENTS", CHUNK)  # six runs
+        with tallpack.open(url, cache_bytes=1 << 30) as a:
+            assert {tt.encoding for tt in a.manifest.tensors[0].tasks.values()} == {"tall-derived"}
+            a.get_tensor("t0", "big.weight")  # the merged vector in the cache
+            before = a.source.requests
+            got[start] = _bits(a.get_tensor("t1", "big.weight")), a.source.requests - before
+    assert got[CHUNK][0] == got[1 << 60][0]
+    assert got[CHUNK][1] <= 2, got  # the base's and the residual's runs in one window (1 whole)

@@ -159,7 +159,10 @@ def _in_runs(read: ReadArray, entry: TensorEntry, tt: TaskTensor, base: torch.Te
     flat, merged = out.view(-1), merged.reshape(-1)
     whole = None if base is None else base.reshape(-1)
     ones = 0
-    for a, b in runs(read, original.refs, where):
+    refs = original.refs  # with the base where read a run at a time (a remote archive fetches them together)
+    if whole is None and not any(r is entry.arrays["base"] for r in refs):
+        refs = [*refs, entry.arrays["base"]]
+    for a, b in runs(read, refs, where):
         part = whole[a:b] if whole is not None else read(entry.arrays["base"], where + " (base)", Use.INPUT,
                                                            start=a, stop=b).reshape(-1)  # (one run: its shape)
         theta = original.tensor(original.run(a, b, part))
