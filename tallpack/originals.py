@@ -27,7 +27,7 @@ from ._torch import torch
 from .container import _strict_loads
 from .dtypes import dtype_name, tensor_to_bytes
 from .encodings.base import TensorEntry, Use
-from .encodings.derived import DERIVED_MERGED, checked_mask, task_mask
+from .encodings.derived import DERIVED_MERGED, checked_mask, rebuild_in_runs, task_mask
 from .encodings.derived_merged import merged_from
 from .encodings.exact import TALL_ENCODINGS
 from .errors import CheckpointError, FormatError, IntegrityError, OutOfMemoryError, RemoteError, TallpackError
@@ -395,7 +395,8 @@ def write_originals(archive: "Archive", task: str, outdir: str | os.PathLike) ->
 #: The most bytes of originals that ``verify`` holds for the derived masks of tensors whose other
 #: tasks' originals have not come yet (tasks whose files list their tensors in different orders);
 #: beyond it, the oldest are let go and those masks derived again afterwards. Tasks whose files
-#: agree hold one tensor's originals at a time, however large.
+#: agree hold one tensor's originals at a time, unless they pass it together: a large tensor's
+#: masks are then checked at the end, each task's a run at a time (``derived.rebuild_in_runs``).
 WAITING_BYTES = 1 << 28
 
 
@@ -465,8 +466,10 @@ def verify_originals(archive: "Archive", progress: ProgressLike = None) -> list[
     for entry, t, tt in track(left, progress, "checking derived masks"):  # set bits against the manifest's
         if any(f"tensor {entry.name!r}" in p for p in problems):
             continue  # an original of it did not rebuild, said above: the mask derives from them
-        try:
-            task_mask(archive.read_array, entry, tt, f"{archive.name}: task {t!r}, tensor {entry.name!r}")
+        where = f"{archive.name}: task {t!r}, tensor {entry.name!r}"
+        try:  # a large tensor's mask a run at a time (the rebuild checks its set bits), else whole
+            if rebuild_in_runs(archive.read_array, entry, tt, where) is None:
+                task_mask(archive.read_array, entry, tt, where)
         except (OutOfMemoryError, RemoteError):
             raise
         except TallpackError as e:
@@ -531,6 +534,8 @@ class _Masks:
             self._check(entry, {task: theta})
             return
         order = [t for t in self.archive.tasks if t in entry.tasks]
+        if theta.numel() * theta.element_size() * len(order) > WAITING_BYTES:
+            return  # every task's original of it would pass the bound: its masks checked at the end, in runs
         got = self.waiting.pop(name, {})
         if any(t not in got and t not in self.coming for t in order):
             return  # a task's original will not come: derived again at the end
