@@ -39,7 +39,7 @@ from .encodings.derived_merged import rebuild_merged
 from .encodings.exact import DERIVED_ENCODINGS, TALL_ENCODINGS, rebuild_exact
 from .errors import (ArchiveClosedError, ExactTierMissingError, FormatError, IntegrityError, InvalidArgumentError,
                      OutOfMemoryError, RemoteError, TallpackError, TaskNotFoundError, TensorNotFoundError,
-                     UnsupportedVersionError, memory_detail, out_of_memory, quoted)
+                     UnsupportedVersionError, memory_detail, memory_named, out_of_memory, quoted)
 from .memory import ThreadBuffers, release_thread_buffers
 from .manifest import Manifest, TaskInfo
 from .folders import read_blob
@@ -419,12 +419,13 @@ class Archive:
         entry, tt, encoding, where, needed, planar, bits, refs = plan
         if not exact and rows is None and parts is None and device is None and tt.encoding in DERIVED_ENCODINGS:
             try:  # a large tall-derived entry: its base and residual a run at a time (derived.rebuild_in_runs)
-                out = rebuild_in_runs(self.read_array, entry, tt, where)
+                with memory_named(f"{self.name}: {where}"):  # its output or a run's buffers (torch's allocator)
+                    in_runs = rebuild_in_runs(self.read_array, entry, tt, where)
             except IntegrityError as e:  # a hash or a mask's set bits: say which archive
                 text = str(e)
                 raise IntegrityError(text if text.startswith(f"{self.name}:") else f"{self.name}: {text}") from None
-            if out is not None:
-                return out
+            if in_runs is not None:
+                return in_runs
         if parts is not None:  # the plan is shared by the group's reads: a member read alone is named here
             where = f"task {task!r}, " + _group_where(entry, parts)
         row = numel(tt.shape[1:]) if tt.shape else 1

@@ -84,3 +84,52 @@ def test_a_remote_derived_plain_read_against_zero_fetches_its_base_with_the_runs
             got[start] = _bits(a.get_tensor("t1", "big.weight")), a.source.requests - before
     assert got[CHUNK][0] == got[1 << 60][0]
     assert got[CHUNK][1] <= 2, got  # the base's and the residual's runs in one window (1 whole)
+
+
+_SHORT_OF_MEMORY = r"""
+import resource, sys
+import torch, tallpack
+from tallpack.encodings import exact
+torch.set_num_threads(1)
+exact.RUNS_FROM = 1 << 16
+a = tallpack.open(sys.argv[1], cache_bytes=0, threads=1)
+held = int(open("/proc/self/statm").read().split()[0]) * resource.getpagesize()
+resource.setrlimit(resource.RLIMIT_AS, (held + (int(sys.argv[2]) << 20), resource.RLIM_INFINITY))
+try:
+    a.get_tensor("t1", "big.weight")
+    print("ok")
+except tallpack.TallpackError as e:
+    print(type(e).__name__, str(e))
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/statm").is_file(), reason="RLIMIT_AS and /proc/self/statm: Linux")
+def test_a_large_derived_plain_read_short_of_memory_is_an_out_of_memory_error(tmp_path, monkeypatch):
+    """``derived.rebuild_in_runs`` ran outside the reader's rebuild that names running out of
+    memory: a margin that let the merged vector be read but not the output allocated raised
+    torch's RuntimeError (DefaultCPUAllocator: can't allocate memory), not OutOfMemoryError."""
+    import os
+    import subprocess
+    import sys
+
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(1 << 22, generator=g) * 0.02  # 16 MB: the output and the merged vector
+    save_file({"big.weight": base}, tmp_path / "base.safetensors")
+    tasks = {}
+    for i in range(2):
+        tasks[f"t{i}"] = tmp_path / f"t{i}.safetensors"
+        save_file({"big.weight": base + 1e-3 * torch.randn(base.shape, generator=g)}, tasks[f"t{i}"])
+    monkeypatch.setattr(exact, "MASK_POLICY", "derive")
+    monkeypatch.setattr(exact, "MERGED_POLICY", "store")
+    monkeypatch.setattr(exact, "CANDIDATES", ("zero",))
+    path = tmp_path / "a.tallpack"
+    tallpack.pack(tmp_path / "base.safetensors", tasks, path, exact=True, chunk_elements=1 << 18)
+    root = Path(tallpack.__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(root), *sys.path]))
+    margins = range(14, 34, 4)  # MB over what the child holds: the merged vector read, the output not
+    children = [subprocess.Popen([sys.executable, "-c", _SHORT_OF_MEMORY, str(path), str(mb)], env=env, text=True,
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE) for mb in margins]
+    got = {mb: c.communicate(timeout=300) for mb, c in zip(margins, children)}
+    for mb, (out, err) in got.items():
+        assert out.startswith(("ok", "OutOfMemoryError")), (mb, out, err[-2000:])
+    assert any(out.startswith("OutOfMemoryError") for out, _ in got.values()), got  # (the margins reach it)
