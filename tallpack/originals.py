@@ -30,7 +30,8 @@ from .encodings.base import TensorEntry, Use
 from .encodings.derived import DERIVED_MERGED, checked_mask, rebuild_in_runs, task_mask
 from .encodings.derived_merged import merged_from
 from .encodings.exact import TALL_ENCODINGS
-from .errors import CheckpointError, FormatError, IntegrityError, OutOfMemoryError, RemoteError, TallpackError
+from .errors import (CheckpointError, FormatError, IntegrityError, OutOfMemoryError, RemoteError, TallpackError,
+                     memory_named)
 from .folders import check_digest, check_file_name, check_no_clash, component_of, safe_target
 from .fsutil import atomic_write, make_folder, remove_found_on_commit
 from .limits import MAX_DEPTH
@@ -439,7 +440,8 @@ def verify_originals(archive: "Archive", progress: ProgressLike = None) -> list[
     with ThreadPoolExecutor(1, thread_name_prefix="tallpack-ahead") as ahead:
         def submit_next() -> None:
             if queue and queue[0][3] is None:
-                queue[0][3] = ahead.submit(archive.get_tensor, queue[0][0], queue[0][2], exact=True)
+                with memory_named(f"{archive.name}: checking the originals"):  # (its thread may not start)
+                    queue[0][3] = ahead.submit(archive.get_tensor, queue[0][0], queue[0][2], exact=True)
 
         for task in tasks:
             advance(task, _checking(archive, task, steps, said[task]), None)
