@@ -403,7 +403,8 @@ class Archive:
                 if "exact" not in tt.extras:
                     raise ExactTierMissingError(f"{self.name}: {where} has no exact residual (damaged manifest)")
                 try:
-                    out = rebuild_exact(self.read_array, entry, tt, where)
+                    with memory_named(f"{self.name}: {where}"):  # its output or a run's (numpy's, torch's allocator)
+                        out = rebuild_exact(self.read_array, entry, tt, where)
                 except IntegrityError as e:  # a hash that does not match: say which archive
                     text = str(e)
                     raise IntegrityError(text if text.startswith(f"{self.name}:") else f"{self.name}: {text}") from None

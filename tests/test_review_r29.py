@@ -91,12 +91,12 @@ import resource, sys
 import torch, tallpack
 from tallpack.encodings import exact
 torch.set_num_threads(1)
-exact.RUNS_FROM = 1 << 16
+exact.RUNS_FROM = int(sys.argv[3])
 a = tallpack.open(sys.argv[1], cache_bytes=0, threads=1)
 held = int(open("/proc/self/statm").read().split()[0]) * resource.getpagesize()
 resource.setrlimit(resource.RLIMIT_AS, (held + (int(sys.argv[2]) << 20), resource.RLIM_INFINITY))
 try:
-    a.get_tensor("t1", "big.weight")
+    a.get_tensor("t1", "big.weight", exact=sys.argv[4] == "exact")
     print("ok")
 except tallpack.TallpackError as e:
     print(type(e).__name__, str(e))
@@ -104,10 +104,11 @@ except tallpack.TallpackError as e:
 
 
 @pytest.mark.skipif(not Path("/proc/self/statm").is_file(), reason="RLIMIT_AS and /proc/self/statm: Linux")
-def test_a_large_derived_plain_read_short_of_memory_is_an_out_of_memory_error(tmp_path, monkeypatch):
+def test_a_large_tensor_read_short_of_memory_is_an_out_of_memory_error(tmp_path, monkeypatch):
     """``derived.rebuild_in_runs`` ran outside the reader's rebuild that names running out of
     memory: a margin that let the merged vector be read but not the output allocated raised
-    torch's RuntimeError (DefaultCPUAllocator: can't allocate memory), not OutOfMemoryError."""
+    torch's RuntimeError (DefaultCPUAllocator: can't allocate memory), not OutOfMemoryError; an
+    exact read (``exact.rebuild_exact``, whole or in runs) raised numpy's MemoryError or torch's."""
     import os
     import subprocess
     import sys
@@ -126,10 +127,13 @@ def test_a_large_derived_plain_read_short_of_memory_is_an_out_of_memory_error(tm
     tallpack.pack(tmp_path / "base.safetensors", tasks, path, exact=True, chunk_elements=1 << 18)
     root = Path(tallpack.__file__).resolve().parents[1]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(root), *sys.path]))
-    margins = range(14, 34, 4)  # MB over what the child holds: the merged vector read, the output not
-    children = [subprocess.Popen([sys.executable, "-c", _SHORT_OF_MEMORY, str(path), str(mb)], env=env, text=True,
-                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE) for mb in margins]
-    got = {mb: c.communicate(timeout=300) for mb, c in zip(margins, children)}
-    for mb, (out, err) in got.items():
-        assert out.startswith(("ok", "OutOfMemoryError")), (mb, out, err[-2000:])
-    assert any(out.startswith("OutOfMemoryError") for out, _ in got.values()), got  # (the margins reach it)
+    # MB over what the child holds: from nothing spare to the merged vector read and the output not
+    cases = [(mb, 1 << 16, "plain") for mb in (14, 18, 22, 26, 30)] + [
+        (mb, runs, "exact") for runs in (1 << 16, 1 << 60) for mb in (0, 8)]
+    children = [subprocess.Popen([sys.executable, "-c", _SHORT_OF_MEMORY, str(path), *map(str, case)], env=env,
+                                 text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE) for case in cases]
+    got = {case: c.communicate(timeout=300) for case, c in zip(cases, children)}
+    for case, (out, err) in got.items():
+        assert out.startswith(("ok", "OutOfMemoryError")), (case, out, err[-2000:])
+    for mode in ("plain", "exact"):  # (the margins reach it)
+        assert any(out.startswith("OutOfMemoryError") for case, (out, _) in got.items() if case[2] == mode), got
