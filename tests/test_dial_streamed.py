@@ -2,9 +2,8 @@
 
 A tensor planned as merged whose copies are too large to hold at once stays streamed through the
 dial: its TALL parts (base, tau_MTL, masks) are made block by block, and each task's copy is read
-from its file alone, one task at a time, when its candidates are measured or its correction
-written; ``Stream.whole`` (every task's copy at once) is never read. The archive is the same, byte
-for byte, as when every tensor is read whole.
+a run at a time (tests/test_dial_blockwise.py: no copy read whole, and the dial's memory). The
+archive is the same, byte for byte, as when every tensor is read whole.
 """
 
 from __future__ import annotations
@@ -18,7 +17,7 @@ from safetensors.torch import save_file
 import tallpack
 from tallpack import inputs
 
-from conftest import anon_growth, pack_both_ways
+from conftest import pack_both_ways
 
 CHUNK = 1 << 16
 N = 5 * CHUNK + 1000  # six blocks, the last a short one
@@ -99,28 +98,6 @@ def test_dial_streamed_sensitivity(tmp_path, monkeypatch):
     whole, streamed, wholes = _pack_both(tmp_path, monkeypatch, base, tasks, fidelity=0.999, sensitivity=sens)
     assert wholes == 0
     assert streamed == whole
-
-
-def test_dial_streamed_reads_each_task_alone(tmp_path, monkeypatch):
-    """No task's copy of the streamed tensor is read from its file whole: each is worked a run of
-    chunks at a time (tests/test_dial_blockwise.py)."""
-    base, tasks = _family(tmp_path, torch.float32)
-    from tallpack import sources
-
-    reads: list[str] = []
-    get = sources.Source.get
-
-    def counted(self, name, *a, **k):
-        if name == "big.weight":
-            reads.append(getattr(self, "task", None) or "base")
-        return get(self, name, *a, **k)
-
-    monkeypatch.setattr(sources.Source, "get", counted)
-    monkeypatch.setattr(inputs, "HOLD_BYTES", 0)
-    tallpack.pack(base, tasks, tmp_path / "a.tallpack", chunk_elements=CHUNK, fidelity=0.999,
-                  corrections=("sparse", "quant4", "quant8"))
-    assert "base" not in reads  # the base is read a block at a time
-    assert reads == [], reads
 
 
 def test_dial_streamed_with_an_evaluator(tmp_path, monkeypatch):
