@@ -20,6 +20,7 @@ import struct
 from collections import deque
 from collections.abc import Generator, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -437,9 +438,11 @@ def verify_originals(archive: "Archive", progress: ProgressLike = None) -> list[
             return
         queue.append([task, check, name, None])
 
-    with ThreadPoolExecutor(1, thread_name_prefix="tallpack-ahead") as ahead:
+    # the next tensor rebuilt on a thread of its own while this one is hashed; none for an archive
+    # opened with one thread (``threads=1``: verify then starts no thread at all)
+    with ThreadPoolExecutor(1, thread_name_prefix="tallpack-ahead") if archive.threads > 1 else nullcontext() as ahead:
         def submit_next() -> None:
-            if queue and queue[0][3] is None:
+            if ahead is not None and queue and queue[0][3] is None:
                 with memory_named(f"{archive.name}: checking the originals"):  # (its thread may not start)
                     queue[0][3] = ahead.submit(archive.get_tensor, queue[0][0], queue[0][2], exact=True)
 

@@ -167,9 +167,13 @@ API = """
     def held():
         return int(open("/proc/self/statm").read().split()[0]) * resource.getpagesize()
     path, margins = sys.argv[1], json.loads(sys.argv[2])
+    torch.set_num_threads(1)  # (nor torch's own pool, started on a first parallel op)
     results = []
     for mb in margins:
-        with tallpack.open(path, cache_bytes=0) as fam:
+        # one thread: verify starts none, so the limit bites in allocations Python sees, not in a
+        # thread's start, where glibc may abort the process ("cannot allocate memory for
+        # thread-local data"): a limit of the platform's, which no library can turn into an error
+        with tallpack.open(path, cache_bytes=0, threads=1) as fam:
             resource.setrlimit(resource.RLIMIT_AS, (held() + (mb << 20), resource.RLIM_INFINITY))
             try:
                 got = ["returned", fam.verify()]

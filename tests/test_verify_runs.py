@@ -98,3 +98,24 @@ def test_originals_past_the_bound_are_not_held(tmp_path, monkeypatch):
     with tallpack.open(path) as a:
         assert a.verify() == []
     assert 0 < most[0] < N  # the small tensor's originals waited for the third task's; no big one did
+
+
+def test_verify_of_an_archive_opened_with_one_thread_starts_none(tmp_path, monkeypatch):
+    """``threads=1``: no read-ahead thread (under a memory limit a thread's start may abort the
+    process in glibc, which no library can turn into an error)."""
+    import threading
+
+    path = _pack(tmp_path, monkeypatch)
+    started: list[str] = []
+    start = threading.Thread.start
+
+    def counted(self):
+        started.append(self.name)
+        return start(self)
+    monkeypatch.setattr(threading.Thread, "start", counted)
+    with tallpack.open(path, threads=1) as a:
+        assert a.verify() == []
+    assert not [n for n in started if n.startswith("tallpack")], started
+    with tallpack.open(path, threads=2) as a:  # (the test can fail: with two, the read-ahead starts)
+        assert a.verify() == []
+    assert [n for n in started if n.startswith("tallpack-ahead")], started
