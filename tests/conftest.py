@@ -309,3 +309,28 @@ def big_family(d: Path, tasks: int = 3, elements: int = 8 << 20) -> dict[str, st
         save_file({"big.weight": big + 1e-3 * torch.randn(big.shape, generator=g)}, d / f"t{i}.safetensors")
         paths[f"t{i}"] = str(d / f"t{i}.safetensors")
     return paths
+
+
+def dial_family(d: Path, dtype, n: int, *, tasks: int = 3, seed: int = 1, spikes: int = 200
+                ) -> tuple[Path, dict[str, Path]]:
+    """A base and ``tasks`` fine-tunes of one tensor of ``n`` elements (``big.weight``, streamed
+    when ``inputs.HOLD_BYTES`` is low) and a small one, each task changed by its own amount (so
+    the dial's ladders and choices differ), ``spikes`` entries changed a lot (so sparse corrections
+    pay): (base path, task paths)."""
+    g = torch.Generator().manual_seed(seed)
+    base = {"big.weight": (torch.randn(n, generator=g) * 0.02).to(dtype),
+            "other.weight": (torch.randn(64, 32, generator=g) * 0.02).to(dtype)}
+    paths = {}
+    for i in range(-1, tasks):
+        sd = base
+        if i >= 0:
+            sd = {k: (v.float() + (1 + i) * 1e-3 * torch.randn(v.shape, generator=g)).to(dtype)
+                  for k, v in base.items()}
+            big = sd["big.weight"].float()
+            idx = torch.randint(0, n, (spikes,), generator=g)
+            big[idx] += 0.05 * torch.randn(spikes, generator=g)
+            sd["big.weight"] = big.to(dtype)
+        p = d / f"m{i + 1}.safetensors"
+        save_file(sd, p)
+        paths[f"t{i}"] = p
+    return paths.pop("t-1"), paths

@@ -15,14 +15,13 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from safetensors.torch import save_file
 
 import tallpack
 from tallpack import dial, inputs
 from tallpack.codecs import dense_chain
 from tallpack.sums import PairwiseSum
 
-from conftest import anon_growth, big_family, pack_both_ways
+from conftest import anon_growth, big_family, dial_family, pack_both_ways
 
 
 @settings(max_examples=200, deadline=None)
@@ -72,25 +71,8 @@ N = 23 * CHUNK + 37  # not a multiple of the run
 
 
 def _family(d: Path, dtype: torch.dtype, tasks: int = 3, n: int = N) -> tuple[Path, dict[str, Path]]:
-    """A base and ``tasks`` fine-tunes of one streamed tensor and a small one, each task changed
-    by its own amount, a few entries changed a lot (so sparse corrections pay)."""
-    g = torch.Generator().manual_seed(3)
-    base = {"big.weight": (torch.randn(n, generator=g) * 0.02).to(dtype),
-            "other.weight": (torch.randn(64, 32, generator=g) * 0.02).to(dtype)}
-    paths = {}
-    for i in range(-1, tasks):
-        sd = base
-        if i >= 0:
-            sd = {k: (v.float() + (1 + i) * 1e-3 * torch.randn(v.shape, generator=g)).to(dtype)
-                  for k, v in base.items()}
-            big = sd["big.weight"].float()
-            idx = torch.randint(0, n, (100,), generator=g)
-            big[idx] += 0.05 * torch.randn(100, generator=g)
-            sd["big.weight"] = big.to(dtype)
-        p = d / f"m{i + 1}.safetensors"
-        save_file(sd, p)
-        paths[f"t{i}"] = p
-    return paths.pop("t-1"), paths
+    """``conftest.dial_family`` of a tensor of ``n`` elements (not a multiple of the run)."""
+    return dial_family(d, dtype, n, tasks=tasks, seed=3, spikes=100)
 
 
 class _Count:

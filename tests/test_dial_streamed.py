@@ -12,39 +12,19 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_file
 
 import tallpack
 from tallpack import inputs
 
-from conftest import pack_both_ways
+from conftest import dial_family, pack_both_ways
 
 CHUNK = 1 << 16
 N = 5 * CHUNK + 1000  # six blocks, the last a short one
 
 
 def _family(d: Path, dtype: torch.dtype, tasks: int = 3) -> tuple[Path, dict[str, Path]]:
-    """A base and ``tasks`` fine-tunes of one streamed tensor and a small one, each task changed
-    by its own amount (so their ladders and choices differ), a few entries changed a lot (so
-    sparse corrections pay)."""
-    g = torch.Generator().manual_seed(1)
-    base = {"big.weight": (torch.randn(N, generator=g) * 0.02).to(dtype),
-            "other.weight": (torch.randn(64, 32, generator=g) * 0.02).to(dtype)}
-    paths = {}
-    for i in range(-1, tasks):
-        if i < 0:
-            sd = base
-        else:
-            sd = {k: (v.float() + (1 + i) * 1e-3 * torch.randn(v.shape, generator=g)).to(dtype)
-                  for k, v in base.items()}
-            big = sd["big.weight"].float()
-            idx = torch.randint(0, N, (200,), generator=g)
-            big[idx] += 0.05 * torch.randn(200, generator=g)
-            sd["big.weight"] = big.to(dtype)
-        p = d / f"m{i + 1}.safetensors"
-        save_file(sd, p)
-        paths[f"t{i}"] = p
-    return paths.pop("t-1"), paths
+    """``conftest.dial_family`` of a tensor of six blocks."""
+    return dial_family(d, dtype, N, tasks=tasks, seed=1, spikes=200)
 
 
 def _pack_both(tmp: Path, monkeypatch, base: Path, tasks: dict[str, Path], *, by: str = "", **kw
