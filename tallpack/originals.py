@@ -21,16 +21,18 @@ from collections import deque
 from collections.abc import Generator, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ._torch import torch
 from .container import _strict_loads
-from .dtypes import dtype_name, tensor_to_bytes
+from .dtypes import dtype_name, tensor_to_bytes, torch_dtype
+from .elements import numel
 from .encodings.base import TensorEntry, Use
 from .encodings.derived import DERIVED_MERGED, checked_mask, rebuild_in_runs, task_mask
-from .encodings.derived_merged import merged_from
-from .encodings.exact import TALL_ENCODINGS
+from .encodings.derived_merged import checked_in_runs, merged_from
+from .encodings.exact import TALL_ENCODINGS, in_runs
 from .errors import (CheckpointError, FormatError, IntegrityError, OutOfMemoryError, RemoteError, TallpackError,
                      memory_named)
 from .folders import check_digest, check_file_name, check_no_clash, component_of, safe_target
@@ -296,12 +298,20 @@ def _pieces(archive: "Archive", task: str, f: dict[str, Any], seen: set) -> Iter
 
 def _checked_bytes(t, begin: int, end: int, name: str, dtype: str, shape: tuple, where: str) -> memoryview:
     """A rebuilt tensor's bytes, checked against its place in the file's header."""
-    if dtype_name(t.dtype) != dtype or tuple(t.shape) != shape:
-        raise FormatError(f"{where}: tensor {name!r} is not {dtype} {shape} as its file's header says")
+    _check_kind(dtype_name(t.dtype), tuple(t.shape), name, dtype, shape, where)
     data = tensor_to_bytes(t)
-    if len(data) != end - begin:
-        raise FormatError(f"{where}: tensor {name!r} does not fill its {end - begin} bytes")
+    _check_size(len(data), begin, end, name, where)
     return data
+
+
+def _check_kind(got_dtype: str, got_shape: tuple, name: str, dtype: str, shape: tuple, where: str) -> None:
+    if got_dtype != dtype or got_shape != shape:
+        raise FormatError(f"{where}: tensor {name!r} is not {dtype} {shape} as its file's header says")
+
+
+def _check_size(nbytes: int, begin: int, end: int, name: str, where: str) -> None:
+    if nbytes != end - begin:
+        raise FormatError(f"{where}: tensor {name!r} does not fill its {end - begin} bytes")
 
 
 def _check(archive: "Archive", task: str, f: dict[str, Any], h, size: int) -> None:
@@ -417,16 +427,18 @@ def verify_originals(archive: "Archive", progress: ProgressLike = None) -> list[
     steps = iter(track(range(sum(len(archive.keys(t)) for t in tasks)), progress, "checking originals"))
     said: dict[str, list[str]] = {t: [] for t in tasks}
     masks = _Masks(archive, tasks)
-    # (task, its check, the tensor it asks for, that tensor's rebuild once submitted): one each,
-    # taken in turn; the next one's tensor is rebuilt while this one's is hashed and its masks derived
+    together = _Together(archive, masks)
+    # (task, its check, the tensor it asks for, its file's hash so far, that tensor's rebuild once
+    # submitted): one each, taken in turn; the next one's tensor is rebuilt while this one's is
+    # hashed and its masks derived
     queue: deque[list[Any]] = deque()
 
-    def advance(task: str, check: Generator[str, Any, None], value: Any) -> None:
+    def advance(task: str, check: Generator[tuple[str, Any], Any, None], value: Any) -> None:
         try:
             if isinstance(value, TallpackError):
-                name = check.throw(value)
+                name, h = check.throw(value)
             else:
-                name = check.send(value)
+                name, h = check.send(value)
         except StopIteration:
             masks.done(task)
             return
@@ -436,32 +448,42 @@ def verify_originals(archive: "Archive", progress: ProgressLike = None) -> list[
             said[task].append(str(e))
             masks.done(task)
             return
-        queue.append([task, check, name, None])
+        queue.append([task, check, name, h, None])
+
+    def one(task: str, check: Generator[tuple[str, Any], Any, None], name: str, rebuilt: Future | None) -> None:
+        try:
+            t = rebuilt.result() if rebuilt is not None else archive.get_tensor(task, name, exact=True)
+        except (OutOfMemoryError, RemoteError):
+            raise
+        except TallpackError as e:
+            advance(task, check, e)
+        else:
+            masks.saw(task, name, t)
+            advance(task, check, t)
 
     # the next tensor rebuilt on a thread of its own while this one is hashed; none for an archive
     # opened with one thread (``threads=1``: verify then starts no thread at all)
     with ThreadPoolExecutor(1, thread_name_prefix="tallpack-ahead") if archive.threads > 1 else nullcontext() as ahead:
         def submit_next() -> None:
-            if ahead is not None and queue and queue[0][3] is None:
+            if ahead is not None and queue and queue[0][4] is None and not together.wanted(queue[0][0], queue[0][2]):
                 with memory_named(f"{archive.name}: checking the originals"):  # (its thread may not start)
-                    queue[0][3] = ahead.submit(archive.get_tensor, queue[0][0], queue[0][2], exact=True)
+                    queue[0][4] = ahead.submit(archive.get_tensor, queue[0][0], queue[0][2], exact=True)
 
         for task in tasks:
             advance(task, _checking(archive, task, steps, said[task]), None)
         while queue:
-            task, check, name, rebuilt = queue.popleft()
+            first = queue.popleft()
+            group = together.take(first, queue)
             submit_next()
-            try:
-                t = rebuilt.result() if rebuilt is not None else archive.get_tensor(task, name, exact=True)
-            except (OutOfMemoryError, RemoteError):
-                raise
-            except TallpackError as e:
-                advance(task, check, e)
-            else:
-                masks.saw(task, name, t)
-                advance(task, check, t)
-                del t
-            del rebuilt  # (its tensor with it)
+            if group is None:
+                one(first[0], first[1], first[2], first[4])
+            else:  # every task's original of a large tensor at once, a run at a time
+                for task, check, value in together.check(group):
+                    if value is None:  # not checked: each task's rebuilt as before, to say what it finds
+                        one(task, check, group[0][2], None)
+                    else:
+                        advance(task, check, value)
+            del first, group  # (a rebuilt tensor with it)
             submit_next()
     for _ in steps:  # the last step reported, and those of a task that failed before its tensors
         pass
@@ -482,10 +504,13 @@ def verify_originals(archive: "Archive", progress: ProgressLike = None) -> list[
     return problems
 
 
-def _checking(archive: "Archive", task: str, steps: Iterator[int], said: list[str]) -> Generator[str, Any, None]:
-    """One task's share of :func:`verify_originals`: yields the name of each tensor it needs, and
-    is sent its exact rebuild (or the error of that rebuild) in return. A file's tensor that does
-    not rebuild ends the task (raised); any other is said in ``said``, and the next one asked for."""
+def _checking(archive: "Archive", task: str, steps: Iterator[int], said: list[str]
+              ) -> Generator[tuple[str, Any], Any, None]:
+    """One task's share of :func:`verify_originals`: yields the name of each tensor it needs (and
+    its file's hash so far, None for a tensor of no file), and is sent its exact rebuild, a
+    :class:`_Fed` (its bytes given to a copy of that hash), or the error of that rebuild in return.
+    A file's tensor that does not rebuild ends the task (raised); any other is said in ``said``, and
+    the next one asked for."""
     files = _files(archive, task)
     said.extend(_disagreeing(files, archive.files(task), f"{archive.name}: task {task!r}"))
     seen: set = set()
@@ -500,8 +525,13 @@ def _checking(archive: "Archive", task: str, steps: Iterator[int], said: list[st
             head, spans = _parts(archive, task, f, seen)
             h, size = hashlib.sha256(head), len(head)
             for begin, end, name, dtype, shape in spans:
-                t = yield name
+                t = yield name, h
                 next(steps, None)
+                if isinstance(t, _Fed):  # rebuilt in runs beside the other tasks', its bytes fed to a copy of h
+                    _check_kind(t.dtype, t.shape, name, dtype, shape, where)
+                    _check_size(t.nbytes, begin, end, name, where)
+                    h, size = t.h, size + t.nbytes
+                    continue
                 data = _checked_bytes(t, begin, end, name, dtype, shape, where)
                 h.update(data)
                 size += len(data)
@@ -512,7 +542,7 @@ def _checking(archive: "Archive", task: str, steps: Iterator[int], said: list[st
             continue
         next(steps, None)
         try:
-            yield name
+            yield name, None
         except TallpackError as e:
             said.append(str(e))
 
@@ -580,3 +610,102 @@ class _Masks:
         except Exception:  # noqa: BLE001 - whatever it is, the end's task_mask says it as a lossy read does
             return
         self.checked.update((entry.name, t) for t in originals)
+
+
+@dataclass(frozen=True)
+class _Fed:
+    """What ``verify`` sends a task's check for a tensor rebuilt with the other tasks'
+    (:class:`_Together`), checked against its hash: its file's hash so far (a copy) given the
+    original's bytes, and the dtype, shape and size the rebuilt tensor has."""
+
+    h: Any
+    dtype: str
+    shape: tuple[int, ...]
+    nbytes: int
+
+
+class _Together:
+    """The large ``tall-derived-merged`` tensors (``exact.in_runs``) whose originals ``verify``
+    rebuilds once, every task's together, a run at a time (``derived_merged.checked_in_runs``):
+    each run's bytes fed to each task's file hash, the merged vector derived from the runs (never
+    whole) and each task's mask's set bits counted from them. Rebuilt one task at a time, each
+    original came three times (its file's hash, the merged vector, its mask) and the merged vector
+    whole. Where not every task asks for the tensor at once (files listing their tensors in other
+    orders, a task that failed) or the pass finds anything wrong, each task's original is rebuilt
+    as before, which says what is wrong in the same words."""
+
+    def __init__(self, archive: "Archive", masks: _Masks):
+        self.archive, self.masks = archive, masks
+        self._wanted: dict[str, tuple[TensorEntry, list[str]] | None] = {}
+        self._method: MergeMethod | None = None
+        merge = archive.manifest.merge
+        method = METHODS.get(merge.get("method", ""))
+        try:
+            self._method = None if method is None else method.from_params(merge)
+        except Exception:  # noqa: BLE001 - each task's rebuild says what is wrong with it, as before
+            self._method = None
+
+    def wanted(self, task: str, name: str) -> bool:
+        """Whether ``task``'s original of ``name`` is rebuilt together with the other tasks'."""
+        if name not in self._wanted:
+            entry = self.masks.entries.get(name)
+            self._wanted[name] = None
+            if entry is not None and self._method is not None and all(
+                    tt.encoding == DERIVED_MERGED and "exact" in tt.extras for tt in entry.tasks.values()):
+                order = [t for t in self.archive.tasks if t in entry.tasks]
+                if in_runs(self.archive.read_array, entry, [entry.tasks[t] for t in order]):
+                    self._wanted[name] = entry, order
+        archive = self.archive
+        return (self._wanted[name] is not None and archive._resolve(task, name) == name
+                and archive._member(task, name) is None)
+
+    def take(self, first: list[Any], queue: deque[list[Any]]) -> list[list[Any]] | None:
+        """``first`` (a request: task, check, tensor, hash, rebuild) and every other task's request
+        for its tensor, taken from ``queue``, in the manifest's order of tasks; None where the
+        tensor is not rebuilt together, or a task of it does not ask for it now."""
+        task, _, name, _, rebuilt = first
+        if rebuilt is not None or not self.wanted(task, name):
+            return None
+        wanted = self._wanted[name]
+        assert wanted is not None
+        found = {task: first}
+        for item in queue:
+            if item[2] == name and item[0] in wanted[1] and item[4] is None and self.wanted(item[0], name):
+                found[item[0]] = item
+        if set(found) != set(wanted[1]):
+            return None
+        taken = {id(item) for item in found.values()}
+        rest = [item for item in queue if id(item) not in taken]
+        queue.clear()
+        queue.extend(rest)
+        return [found[t] for t in wanted[1]]
+
+    def check(self, group: list[list[Any]]) -> list[tuple[str, Any, _Fed | None]]:
+        """Each task of ``group`` (from :meth:`take`), its check and what to send it: a
+        :class:`_Fed`, or None where the pass found anything wrong (each task's original is then
+        rebuilt on its own). Masks whose set bits are the manifest's are marked checked."""
+        name = group[0][2]
+        wanted = self._wanted[name]
+        assert wanted is not None and self._method is not None
+        entry, order = wanted
+        fed = {item[0]: (item[3].copy() if item[3] is not None else None) for item in group}
+
+        def feed(task: str, data: memoryview) -> None:
+            h = fed[task]
+            if h is not None:
+                h.update(data)
+        try:
+            with memory_named(f"{self.archive.name}: checking the originals"):
+                ones = checked_in_runs(self.archive.read_array, entry, order, self._method, f"tensor {name!r}", feed)
+        except (OutOfMemoryError, RemoteError):  # not damage: verify cannot say, and fails
+            raise
+        except Exception:  # noqa: BLE001 - each task's rebuild says what is wrong, as before
+            return [(item[0], item[1], None) for item in group]
+        out: list[tuple[str, Any, _Fed | None]] = []
+        for item in group:
+            tt = entry.tasks[item[0]]
+            if ones[item[0]] == tt.params["ones"]:  # else derived again at the end, which says it
+                self.masks.checked.add((name, item[0]))
+            nbytes = numel(tt.shape) * torch_dtype(tt.dtype).itemsize
+            out.append((item[0], item[1], _Fed(fed[item[0]], tt.dtype, tuple(tt.shape), nbytes)))
+        return out

@@ -17,11 +17,12 @@ task's run of its original: tau_MTL and a run of each original held, not every o
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from .. import kernels
 from .._torch import torch
 from ..arrays import ArrayRef
+from ..dtypes import tensor_to_bytes
 from ..errors import FormatError
 from ..merging import MergeMethod, derive_merged, no_derived_merged
 from ..tall import compiled_kind, elements, task_vector
@@ -49,34 +50,66 @@ def rebuild_merged(read: ReadArray, entry: TensorEntry, order: list[str], method
 
 def _derived_in_runs(read: ReadArray, entry: TensorEntry, order: list[str], method: MergeMethod, where: str,
                      masks: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, tuple[torch.Tensor, int]]]:
-    """:func:`rebuild_merged` a run of the residuals' chunks at a time (``exact.runs``): each run
-    of the base and of every task's original (``exact.Original``, hashed as it comes), the
-    run's arrays from :func:`merged_from` (element by element: the whole tensor's bits), every
-    hash checked after the last run, in ``order``. Holds the arrays and a run of each original,
-    not every original whole. With ``masks``, also every task's mask (of the base as stored, as
-    ``task_masks``) and its set bits, from the same runs."""
-    base_ref = entry.arrays["base"]
-    n, shape = base_ref.numel, tuple(base_ref.shape)
-    originals = [Original(read, entry, entry.tasks[t], f"{where}, task {t!r}") for t in order]
+    """:func:`rebuild_merged` a run of the residuals' chunks at a time (:func:`_each_run`), the
+    run's arrays kept whole. Holds the arrays and a run of each original, not every original whole.
+    With ``masks``, also every task's mask (of the base as stored, as ``task_masks``) and its set
+    bits, from the same runs."""
+    n, shape = entry.arrays["base"].numel, tuple(entry.arrays["base"].shape)
     out: dict[str, torch.Tensor] = {}
     held = {t: (torch.empty(shape, dtype=torch.bool), 0) for t in order} if masks else {}
+    lams = [entry.tasks[t].params["lambda"] for t in order]
+
+    def each(a: int, b: int, base: torch.Tensor, thetas: list[torch.Tensor], part: dict[str, torch.Tensor]) -> None:
+        for k, v in part.items():
+            out.setdefault(k, torch.empty(n, dtype=v.dtype))[a:b] = v
+        if masks:
+            for t, x, lam in zip(order, thetas, lams):
+                mask, ones = held[t]
+                bits, counted = mask_and_ones(x, base, part["merged"], lam)
+                mask.view(-1)[a:b] = bits
+                held[t] = mask, ones + (int(torch.count_nonzero(bits)) if counted is None else counted)
+    _each_run(read, entry, order, method, where, each)
+    return {k: v.reshape(shape) for k, v in out.items()}, held
+
+
+def _each_run(read: ReadArray, entry: TensorEntry, order: list[str], method: MergeMethod, where: str,
+              each: Callable[[int, int, torch.Tensor, list[torch.Tensor], dict[str, torch.Tensor]], None]) -> None:
+    """Every run ``[a, b)`` of the residuals' chunks (``exact.runs``): the base's run, every task's
+    run of its original (``exact.Original``, hashed as it comes, in ``order``) and the run's
+    arrays from :func:`merged_from` (element by element: the whole tensor's bits) given to
+    ``each(a, b, base, thetas, arrays)``; every hash checked after the last run, in ``order``."""
+    base_ref = entry.arrays["base"]
+    originals = [Original(read, entry, entry.tasks[t], f"{where}, task {t!r}") for t in order]
     refs = [o.ex.residual for o in originals] + [base_ref]
     for a, b in runs(read, refs, where):
         base = read(base_ref, where + " (base)", Use.INPUT, start=a, stop=b).reshape(-1)  # (one run: its shape)
         thetas = [o.tensor(o.run(a, b, base)) for o in originals]
-        for k, v in merged_from(base, thetas, method, where).items():
-            out.setdefault(k, torch.empty(n, dtype=v.dtype))[a:b] = v
-        if masks:
-            merged = out["merged"][a:b]
-            for t, x, o in zip(order, thetas, originals):
-                mask, ones = held[t]
-                part, counted = mask_and_ones(x, base, merged, o.tt.params["lambda"])
-                mask.view(-1)[a:b] = part
-                held[t] = mask, ones + (int(torch.count_nonzero(part)) if counted is None else counted)
+        each(a, b, base, thetas, merged_from(base, thetas, method, where))
         del base, thetas
     for o in originals:
         o.check()
-    return {k: v.reshape(shape) for k, v in out.items()}, held
+
+
+def checked_in_runs(read: ReadArray, entry: TensorEntry, order: list[str], method: MergeMethod, where: str,
+                    feed: Callable[[str, memoryview], None]) -> dict[str, int]:
+    """Every task's original of a large ``tall-derived-merged`` tensor (``exact.in_runs``) rebuilt
+    once, a run at a time, for ``verify``: each run's bytes given to ``feed(task, data)`` (its
+    file's hash), the merged vector derived from the runs (never whole) and each task's mask's set
+    bits counted from them; each original's hash checked after the last run (IntegrityError).
+    Returns each task's set bits, for the caller to compare with ``ones``.
+
+    >>> ones = checked_in_runs(fam.read_array, entry, list(entry.tasks), method, "tensor 'w'", feed)
+    """
+    ones = dict.fromkeys(order, 0)
+    lams = [entry.tasks[t].params["lambda"] for t in order]
+
+    def each(a: int, b: int, base: torch.Tensor, thetas: list[torch.Tensor], part: dict[str, torch.Tensor]) -> None:
+        for t, x, lam in zip(order, thetas, lams):
+            feed(t, tensor_to_bytes(x))
+            mask, counted = mask_and_ones(x, base, part["merged"], lam)
+            ones[t] += int(torch.count_nonzero(mask)) if counted is None else counted
+    _each_run(read, entry, order, method, where, each)
+    return ones
 
 
 def merged_from(base: torch.Tensor, thetas: list[torch.Tensor], method: MergeMethod, where: str
@@ -184,4 +217,4 @@ class TallDerivedMerged(TallDerived):
                 "exact/residual": (tt.extras["exact"].residual, Use.INPUT)}
 
 
-__all__ = ["TallDerivedMerged", "merged_from", "rebuild_merged", "task_masks"]
+__all__ = ["TallDerivedMerged", "checked_in_runs", "merged_from", "rebuild_merged", "task_masks"]
