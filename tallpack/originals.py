@@ -409,6 +409,8 @@ def write_originals(archive: "Archive", task: str, outdir: str | os.PathLike) ->
 #: beyond it, the oldest are let go and those masks derived again afterwards. Tasks whose files
 #: agree hold one tensor's originals at a time, unless they pass it together: a large tensor's
 #: masks are then checked at the end, each task's a run at a time (``derived.rebuild_in_runs``).
+#: (A large ``tall-derived-merged`` tensor's originals are rebuilt together a run at a time,
+#: :class:`_Together`, and held by none.)
 WAITING_BYTES = 1 << 28
 
 
@@ -419,7 +421,8 @@ def verify_originals(archive: "Archive", progress: ProgressLike = None) -> list[
 
     Each original is rebuilt once, for its file's hash and for the masks derived from it: the tasks
     are checked side by side, a tensor of each in turn, so that a tensor's originals of every task
-    (from which a derived merged vector comes) are at hand together. A mask that was not checked
+    (from which a derived merged vector comes) are at hand together; a large ``tall-derived-merged``
+    tensor's, every task's together a run at a time (:class:`_Together`). A mask that was not checked
     on the way (a rebuild that failed, a task without the exact tier, files in other orders) is
     derived again at the end, as a lossy read derives it (``task_mask``).
     """
