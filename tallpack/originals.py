@@ -699,7 +699,8 @@ class _Together:
                 h.update(data)
         try:
             with memory_named(f"{self.archive.name}: checking the originals"):
-                ones = checked_in_runs(self.archive.read_array, entry, order, self._method, f"tensor {name!r}", feed)
+                ones = checked_in_runs(self.archive.read_array, entry, order, self._method, f"tensor {name!r}", feed,
+                                       self.archive.threads)
         except (OutOfMemoryError, RemoteError):  # not damage: verify cannot say, and fails
             raise
         except Exception:  # noqa: BLE001 - each task's rebuild says what is wrong, as before

@@ -73,29 +73,51 @@ def _derived_in_runs(read: ReadArray, entry: TensorEntry, order: list[str], meth
 
 
 def _each_run(read: ReadArray, entry: TensorEntry, order: list[str], method: MergeMethod, where: str,
-              each: Callable[[int, int, torch.Tensor, list[torch.Tensor], dict[str, torch.Tensor]], None]) -> None:
+              each: Callable[[int, int, torch.Tensor, list[torch.Tensor], dict[str, torch.Tensor]], None],
+              threads: int = 1) -> None:
     """Every run ``[a, b)`` of the residuals' chunks (``exact.runs``): the base's run, every task's
-    run of its original (``exact.Original``, hashed as it comes, in ``order``) and the run's
-    arrays from :func:`merged_from` (element by element: the whole tensor's bits) given to
-    ``each(a, b, base, thetas, arrays)``; every hash checked after the last run, in ``order``."""
+    run of its original (``exact.Original``, hashed as it comes, in ``order``; the tasks' on up to
+    ``threads`` threads) and the run's arrays from :func:`merged_from` (element by element: the
+    whole tensor's bits) given to ``each(a, b, base, thetas, arrays)``; every hash checked after
+    the last run, in ``order``."""
     base_ref = entry.arrays["base"]
     originals = [Original(read, entry, entry.tasks[t], f"{where}, task {t!r}") for t in order]
     refs = [o.ex.residual for o in originals] + [base_ref]
     for a, b in runs(read, refs, where):
         base = read(base_ref, where + " (base)", Use.INPUT, start=a, stop=b).reshape(-1)  # (one run: its shape)
-        thetas = [o.tensor(o.run(a, b, base)) for o in originals]
+        thetas: list[torch.Tensor] = [base] * len(originals)
+
+        def rebuild(i: int, a: int = a, b: int = b, base: torch.Tensor = base, thetas: list = thetas) -> None:
+            thetas[i] = originals[i].tensor(originals[i].run(a, b, base))
+        in_tasks(len(originals), threads, rebuild)
         each(a, b, base, thetas, merged_from(base, thetas, method, where))
         del base, thetas
     for o in originals:
         o.check()
 
 
+def in_tasks(count: int, threads: int, fn: Callable[[int], None]) -> None:
+    """``fn(i)`` for each task ``i`` below ``count``, on up to ``threads`` threads (the first on
+    this one; the compiled loops they call then run on their thread alone); one: this thread alone."""
+    if threads <= 1 or count <= 1:
+        for i in range(count):
+            fn(i)
+        return
+
+    def part(first: int, end: int) -> None:
+        with kernels.as_worker():
+            for i in range(first, end):
+                fn(i)
+    kernels.in_parts(count, threads, part)
+
+
 def checked_in_runs(read: ReadArray, entry: TensorEntry, order: list[str], method: MergeMethod, where: str,
-                    feed: Callable[[str, memoryview], None]) -> dict[str, int]:
+                    feed: Callable[[str, memoryview], None], threads: int = 1) -> dict[str, int]:
     """Every task's original of a large ``tall-derived-merged`` tensor (``exact.in_runs``) rebuilt
     once, a run at a time, for ``verify``: each run's bytes given to ``feed(task, data)`` (its
     file's hash), the merged vector derived from the runs (never whole) and each task's mask's set
-    bits counted from them; each original's hash checked after the last run (IntegrityError).
+    bits counted from them; each original's hash checked after the last run (IntegrityError). The
+    tasks' runs on up to ``threads`` threads (``feed`` is called from them, each task's in order).
     Returns each task's set bits, for the caller to compare with ``ones``.
 
     >>> ones = checked_in_runs(fam.read_array, entry, list(entry.tasks), method, "tensor 'w'", feed)
@@ -104,11 +126,12 @@ def checked_in_runs(read: ReadArray, entry: TensorEntry, order: list[str], metho
     lams = [entry.tasks[t].params["lambda"] for t in order]
 
     def each(a: int, b: int, base: torch.Tensor, thetas: list[torch.Tensor], part: dict[str, torch.Tensor]) -> None:
-        for t, x, lam in zip(order, thetas, lams):
-            feed(t, tensor_to_bytes(x))
-            mask, counted = mask_and_ones(x, base, part["merged"], lam)
-            ones[t] += int(torch.count_nonzero(mask)) if counted is None else counted
-    _each_run(read, entry, order, method, where, each)
+        def one(i: int) -> None:
+            feed(order[i], tensor_to_bytes(thetas[i]))
+            mask, counted = mask_and_ones(thetas[i], base, part["merged"], lams[i])
+            ones[order[i]] += int(torch.count_nonzero(mask)) if counted is None else counted
+        in_tasks(len(order), threads, one)
+    _each_run(read, entry, order, method, where, each, threads)
     return ones
 
 
