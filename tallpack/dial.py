@@ -442,18 +442,32 @@ def _extras(ctx: WriteContext, item: Item) -> dict[str, torch.Tensor]:
 
 @dataclass
 class _Parts:
-    """A merged tensor's base (flat, its own dtype), float32 base, tau_MTL and the method's extra
-    arrays, as ``_tall_parts`` makes them, and each task's mask: held (``masks``), or for a
-    streamed item made again from the task's copy when its turn comes (``mask``: the same bits,
-    ``tall_mask`` being elementwise), with each mask's stored bytes (``mask_costs``,
-    ``_tensor_cost``) measured as the blocks went by."""
+    """A merged tensor's base (flat, its own dtype), tau_MTL and the method's extra arrays, as
+    ``_tall_parts`` makes them, and each task's mask: held (``masks``), or for a streamed item made
+    again from the task's copy when its turn comes (``mask``: the same bits, ``tall_mask`` being
+    elementwise), with each mask's stored bytes (``mask_costs``, ``_tensor_cost``) measured as the
+    blocks went by. The float32 base whole (``base32``) only where asked for: the work a run at a
+    time widens a run of the base (``widened``), exactly."""
 
     base: torch.Tensor
-    base32: torch.Tensor
     merged: torch.Tensor
     extras: dict[str, torch.Tensor] | None
     masks: list[torch.Tensor] | None
     mask_costs: list[int] | None = None
+
+    @functools.cached_property
+    def base32(self) -> torch.Tensor:
+        """The base widened to float32, whole (held from the first ask; the base itself if float32)."""
+        return self.base.to(torch.float32)
+
+    def widened(self, s: slice) -> torch.Tensor:
+        """Elements ``s`` of ``base32``: of the whole where it is held, else the base's widened."""
+        held = self.__dict__.get("base32")
+        return (held if held is not None else self.base)[s].to(torch.float32)
+
+    @property
+    def n(self) -> int:
+        return self.merged.numel()
 
     def mask(self, ctx: WriteContext, item: Item, i: int, x: torch.Tensor) -> torch.Tensor:
         """Task ``i``'s mask, flat (``x``: its copy)."""
@@ -471,8 +485,7 @@ def _whole_parts(ctx: WriteContext, item: Item, extras: bool = False) -> _Parts:
     if not item.streamed:
         assert item.base is not None
         merged, masks, held = _tall_parts(ctx, item, extras)
-        base = item.base.reshape(-1)
-        return _Parts(base, base.to(torch.float32), merged, held, masks)
+        return _Parts(item.base.reshape(-1), merged, held, masks)
     n, base_dtype, ce = numel(item.shape), item.dtypes[0], ctx.chunk_elements
     assert base_dtype is not None  # (planned merged: the base has it)
     base, merged = torch.empty(n, dtype=base_dtype), torch.empty(n, dtype=torch.float32)
@@ -489,7 +502,7 @@ def _whole_parts(ctx: WriteContext, item: Item, extras: bool = False) -> _Parts:
             for k, v in e.items():
                 ex.setdefault(k, torch.empty(n, dtype=v.dtype))[s] = v
         del b, xs, m, ms, e  # (the block's copies, let go before the next is read)
-    return _Parts(base, base.to(torch.float32), merged, ex, None, costs)
+    return _Parts(base, merged, ex, None, costs)
 
 
 def _reader(item: Item) -> Callable[[int], torch.Tensor]:
@@ -537,6 +550,11 @@ WORK_PER_ELEMENT, THREAD_BYTES = 128, 64 << 20
 #: the pack's peak by 9 bytes an element for float32 tasks, 6 for bfloat16 (every cut tied; 24
 #: while ``torch.topk`` chose on the whole magnitudes); with a margin.
 STREAMED_WORK_PER_ELEMENT = 24
+#: Bytes a task's measurement of a tensor held whole works in, per element, in fact (without
+#: ``WORK_PER_ELEMENT``'s margin: ``memray`` at the peak of a bfloat16 family, 35 an element), and
+#: the bytes from which such a tensor's tasks are measured a run at a time instead (``Dial._by_runs``:
+#: the same figures, a run's work rather than the whole's).
+WHOLE_WORK_PER_ELEMENT, RUNS_FROM = 40, 256 << 20
 #: The share of the memory the process may still take (``memory_free``) that the tasks measured
 #: beside the first may work in (``in_flight``): by the margin above, about a quarter in fact; the
 #: rest is the packer's (the next tensor, read ahead; the writer's queue).
@@ -982,16 +1000,16 @@ def _sparse_runs(n: int, k: int, residuals: Callable[[], Iterator[tuple[slice, t
     return picks
 
 
-def _streamed_correction(ctx: WriteContext, item: Item, i: int, option: Option, base32: torch.Tensor,
-                         merged: torch.Tensor, lock: threading.Lock) -> dict[str, np.ndarray]:
+def _streamed_correction(ctx: WriteContext, item: Item, i: int, option: Option, tp: _Parts,
+                         lock: threading.Lock) -> dict[str, np.ndarray]:
     """``candidate_arrays`` of a sparse or quant correction of a streamed item's task ``i``, its
     residual made a run at a time (``_run_elements``): the same arrays, and of the tensor's size
     only they (a byte an element at most)."""
-    n, run, lam = base32.numel(), _run_elements(ctx.chunk_elements), ctx.lambdas[item.tasks[i]]
+    n, run, lam = tp.n, _run_elements(ctx.chunk_elements), ctx.lambdas[item.tasks[i]]
 
     def residuals() -> Iterator[tuple[slice, torch.Tensor]]:
         for s, x in _task_runs(item, i, run, lock):
-            b32, mg = base32[s], merged[s]
+            b32, mg = tp.widened(s), tp.merged[s]
             yield s, residual(x, b32, tall_mask(x.to(torch.float32) - b32, mg, lam), mg)
 
     if option.kind == "quant":
@@ -1201,7 +1219,7 @@ class Dial:
 
     def _observe(self, ctx: WriteContext, item: Item) -> None:
         tp = _whole_parts(ctx, item, extras=True)
-        base, base32, merged, extras = tp.base, tp.base32, tp.merged, tp.extras
+        base, merged, extras = tp.base, tp.merged, tp.extras
         assert extras is not None
         ce = ctx.chunk_elements
         self.droppable = DROP_MERGED and self.qtau and ctx.method.name == "ta"
@@ -1212,21 +1230,23 @@ class Dial:
         assert masks is not None
         tier = TierCost(_tensor_cost(ctx.dense(b_dt), base, ce), mcost, dict(zip(item.tasks, masks)))
         self.tier[item.name] = tier
-        n = base32.numel()  # (an empty tensor: its base entry alone)
+        n = merged.numel()  # (an empty tensor: its base entry alone)
         bases: dict[torch.dtype, torch.Tensor] = {}  # the exact tier's base reference, once per dtype
-        by_runs = item.streamed and self.evaluate is None  # (``_measure_streamed``: narrowed a run at a time)
+        by_runs = self._by_runs(ctx, item)  # (``_measure_streamed``: the base widened and narrowed a run at a time)
+        base32 = torch.empty(0) if by_runs else tp.base32
         for dt in item.dtypes[1] if n and not by_runs else ():  # made here, before the tasks share them
             if dt not in bases:
-                bases[dt] = narrow(base.to(torch.float32), dt)  # as ``_references``
+                bases[dt] = narrow(base32, dt)  # as ``_references``
         del base
-        tp.base = tp.base[:0]  # (let go while the tasks are measured: they take the float32 base)
+        if not by_runs:  # (let go while the tasks are measured: they take the float32 base; a view would hold it)
+            tp.base = tp.base.new_empty(0)
         scratch = _Scratch(n + max(QBLOCK, BLOCK))  # the quantizers' work: no fresh pages
         read = _reader(item)
         lock = threading.Lock()
 
         def measure(i: int) -> _Measured:
             if by_runs:  # (an evaluator holds each rebuild whole: ``held``)
-                return self._measure_streamed(ctx, item, i, base32, merged, tier, lock)
+                return self._measure_streamed(ctx, item, i, tp, tier, lock)
             x = read(i)  # (a streamed item with an evaluator: each task's copy read as its turn comes)
             return self._measure(ctx, item, i, x, base32, merged, tp.mask(ctx, item, i, x), tier, bases,
                                  scratch.get())
@@ -1254,6 +1274,16 @@ class Dial:
                     assert m.held is not None
                     self._held.setdefault(t, {})[item.name] = m.held
         self.exact_tier[item.name] = exact_tier_cost(tier, sizes, n, ce, derives_merged(ctx.method)) if n else tier.base
+
+    def _by_runs(self, ctx: WriteContext, item: Item) -> bool:
+        """Whether ``item``'s tasks are measured and corrected a run at a time (``_measure_streamed``):
+        a streamed one, and one held whole whose measurement would work in more than ``RUNS_FROM``
+        bytes (``WHOLE_WORK_PER_ELEMENT``) and span more than one run; not with an evaluator, which
+        holds each rebuild whole."""
+        if self.evaluate is not None:
+            return False
+        n = numel(item.shape)
+        return item.streamed or (n > _run_elements(ctx.chunk_elements) and n * WHOLE_WORK_PER_ELEMENT > RUNS_FROM)
 
     def _measure(self, ctx: WriteContext, item: Item, i: int, x: torch.Tensor, base32: torch.Tensor,
                  merged: torch.Tensor, mask: torch.Tensor, tier: TierCost, bases: dict[torch.dtype, torch.Tensor],
@@ -1324,16 +1354,17 @@ class Dial:
         held = (base32, rec32, r, x.dtype) if self.evaluate is not None else None
         return _Measured(sq, sq_plain, scale, opts[0], hull(opts), qs, sizes, held)
 
-    def _measure_streamed(self, ctx: WriteContext, item: Item, i: int, base32: torch.Tensor, merged: torch.Tensor,
-                          tier: TierCost, lock: threading.Lock) -> _Measured:
+    def _measure_streamed(self, ctx: WriteContext, item: Item, i: int, tp: _Parts, tier: TierCost,
+                          lock: threading.Lock) -> _Measured:
         """``_measure`` of a streamed item's task ``i``, its copy read a run of blocks at a time
         (``_run_elements``): pass 1 the TALL rebuild, the original's norm, the quant corrections, the
         qtau blocks' maxima and the sparse magnitudes' high bits; pass 2 the qtau candidates (their
         scales decided), the exact residual's chunks and the sparse magnitudes' low bits; pass 3 the
         sparse candidates. The same figures as ``_measure`` on the whole copy, and no array of the
-        tensor's size but the float32 base and ``tau_MTL`` the tasks share (and a sensitivity's
-        weights)."""
-        t, ce, dt, n = item.tasks[i], ctx.chunk_elements, item.dtypes[1][i], base32.numel()
+        tensor's size but the base and ``tau_MTL`` the tasks share (``tp``: the base widened a run at
+        a time) and a sensitivity's weights."""
+        t, ce, dt, merged = item.tasks[i], ctx.chunk_elements, item.dtypes[1][i], tp.merged
+        n = merged.numel()
         lam, run = ctx.lambdas[t], _run_elements(ce)
         given = (self.sensitivity or {}).get(t, {}).get(item.name)
         wt = None if given is None else sensitivity_weights(given, item.shape, f"task {t!r}, tensor {item.name!r}")
@@ -1347,7 +1378,7 @@ class Dial:
             """Per run: its slice, weights, the copy's elements, the float32 base's, the TALL rebuild
             (float32), its residual and the rebuild in the task's dtype; read one run at a time."""
             for s, x in _task_runs(item, i, run, lock):
-                b32, mg = base32[s], merged[s]
+                b32, mg = tp.widened(s), merged[s]
                 x32 = x.to(torch.float32)
                 rec = torch.addcmul(b32, tall_mask(x32 - b32, mg, lam).to(torch.float32), mg)
                 yield s, (None if w is None else w[s]), x, b32, rec, x32 - rec, narrow(rec, dt)
@@ -1397,10 +1428,10 @@ class Dial:
         if sq:
             scale = 1.0 / sq
         else:  # (as ``_squares`` of the float32 base)
-            base_sq = _BlockSquares(n, base32.dtype, weighted)
+            base_sq = _BlockSquares(n, torch.float32, weighted)
             for a in range(0, n, run):
                 m = min(run, n - a)
-                torch.from_numpy(d[:m]).copy_(base32[a : a + m])
+                torch.from_numpy(d[:m]).copy_(tp.widened(slice(a, a + m)))
                 base_sq.add(d[:m], None if w is None else w[a : a + m])
             scale = 1.0 / (base_sq.result()[0] or 1.0)
         err0, plain0, exact0, over0 = tall.figures()
@@ -1409,7 +1440,7 @@ class Dial:
         # the exact tier's sample, and the reference of the dial's exact candidate
         x_sample = torch.cat(xs) if xs else torch.empty(0, dtype=dt)
         refs: dict[str, torch.Tensor | None] = {"tall": torch.cat(plains) if plains else x_sample,
-                                                "base": narrow(base32[:sample], dt), "zero": None}
+                                                "base": narrow(tp.widened(slice(0, sample)), dt), "zero": None}
         if nan_plain:
             del refs["tall"]
         sizes = _sample_sizes(ctx, x_sample, refs, EXACT_CODECS) if n else None
@@ -1932,14 +1963,17 @@ class Dial:
     def _write_tensor(self, ctx: WriteContext, item: Item) -> TensorEntry:
         qt = {t: o.bits for t in item.tasks
               if (o := self.choice.get(t, {}).get(item.name)) is not None and o.kind == "qtau"}
+        by_runs = item.streamed or self._by_runs(ctx, item)  # (with an evaluator too: nothing held to read)
         parts = in_flight(ctx.threads, len(item.tasks), numel(item.shape), memory_free() if ctx.threads > 1 else None,
-                          STREAMED_WORK_PER_ELEMENT if item.streamed else WORK_PER_ELEMENT)
-        tall: _Parts | None = None
+                          STREAMED_WORK_PER_ELEMENT if by_runs else WORK_PER_ELEMENT)
+        tall: list[_Parts] = []  # (given over to ``_corrections``, which lets them go when it may)
         if qt:
-            entry, tall = _write_mixed(ctx, item, qt, item.name in self.dropped, parts)
+            entry, tp = _write_mixed(ctx, item, qt, item.name in self.dropped, parts, by_runs)
+            tall.append(tp)
+            del tp
         else:
             entry = settled(ctx, Tall.write(ctx, item))
-        self._corrections(ctx, item, entry, parts, tall)
+        self._corrections(ctx, item, entry, parts, tall, by_runs)
         for t in item.tasks:  # what each task's rebuild still overflows, its correction applied
             o = self.choice.get(t, {}).get(item.name)
             plan = self.plans.get(t)
@@ -1948,34 +1982,42 @@ class Dial:
         return entry
 
     def _corrections(self, ctx: WriteContext, item: Item, entry: TensorEntry, parts: int,
-                     tall: _Parts | None) -> None:
+                     tall: list[_Parts], by_runs: bool) -> None:
         """The sparse, quant and exact corrections decided for ``item``'s tasks: the exact ones
         first (``add_exact``), then the others in task order, each task's residual encoded on the
-        threads (``parts`` at once). ``tall``: the TALL parts (``_whole_parts``), when the caller
-        has them."""
+        threads (``parts`` at once). ``tall``: the TALL parts (``_whole_parts``) when the caller
+        has them, given over (the list emptied): made only for the corrections that need them,
+        after the exact tier's work, and let go before it when none does. ``by_runs``: each
+        residual made a run at a time (``_streamed_correction``)."""
         name = item.name
         todo = {t: o for t in item.tasks if (o := self.choice.get(t, {}).get(name)) is not None
                 and o.kind in ("sparse", "quant", "exact")}
-        if not todo:
-            return
-        tp = tall if tall is not None else _whole_parts(ctx, item)
-        read = _reader(item)  # (a streamed item: ``_streamed_correction`` instead)
+        held = tall.pop() if tall else None
         exact = {t for t, o in todo.items() if o.kind == "exact"}
+        lossy = [i for i, t in enumerate(item.tasks) if t in todo and t not in exact]
+        if not lossy:
+            held = None
         if exact:
             add_exact(ctx, item, entry, tasks=exact)
             for t in exact:
                 entry.tasks[t].extras["correction"] = Correction("exact")
-        lossy = [i for i, t in enumerate(item.tasks) if t in todo and t not in exact]
+        if not lossy:
+            return
+        tp = held if held is not None else _whole_parts(ctx, item)
+        del held
+        base32 = None if by_runs else tp.base32  # (widened here, before the threads share it)
+        read = _reader(item)  # (a streamed item: ``_streamed_correction`` instead)
 
         lock = threading.Lock()
 
         def encoded(j: int) -> dict[str, np.ndarray]:
             i = lossy[j]
-            if item.streamed:  # its residual a run at a time
-                return _streamed_correction(ctx, item, i, todo[item.tasks[i]], tp.base32, tp.merged, lock)
+            if by_runs:  # its residual a run at a time
+                return _streamed_correction(ctx, item, i, todo[item.tasks[i]], tp, lock)
             x = read(i)
+            assert base32 is not None
             return candidate_arrays(todo[item.tasks[i]],
-                                    residual(x, tp.base32, tp.mask(ctx, item, i, x), tp.merged))
+                                    residual(x, base32, tp.mask(ctx, item, i, x), tp.merged))
 
         with closing(_in_order(encoded, len(lossy), min(parts, len(lossy)), 2 * parts)) as results:
             for i, got in zip(lossy, results):
@@ -2013,18 +2055,20 @@ def _write(ctx: WriteContext, a: np.ndarray) -> ArrayRef:
                                   (a.size,), _chain(ctx, a), ctx.chunk_elements)
 
 
-def _write_mixed(ctx: WriteContext, item: Item, qt: Mapping[str, int], drop: bool, parts: int = 1
-                 ) -> tuple[TensorEntry, _Parts]:
+def _write_mixed(ctx: WriteContext, item: Item, qt: Mapping[str, int], drop: bool, parts: int,
+                 by_runs: bool) -> tuple[TensorEntry, _Parts]:
     """A merged tensor where the tasks of ``qt`` store their own quantized task vector (``qtau``,
     ``bits``) and no mask; the merged vector (and the method's extras) left out when ``drop``.
     Each task's figures and quantization on up to ``parts`` threads, its arrays written in task
-    order. Returns the entry, and the TALL parts (``_whole_parts``) for the corrections. A
-    streamed item stays streamed (each task's copy read a run at a time: ``_mixed_task``)."""
+    order. Returns the entry, and the TALL parts (``_whole_parts``) for the corrections. With
+    ``by_runs`` (a streamed item, or a large held one: ``Dial._by_runs``) each task's copy is
+    worked a run at a time (``_mixed_task``)."""
     w, ce, shape = ctx.writer, ctx.chunk_elements, item.shape
     w.use("encoding:qtau")
     tp = _whole_parts(ctx, item, extras=not drop)
-    base32, merged, extras = tp.base32, tp.merged, tp.extras
-    n = base32.numel()
+    merged, extras = tp.merged, tp.extras
+    n = tp.n
+    base32 = None if by_runs else tp.base32  # (widened here, before the threads share it)
     b_dt = dtype_name(tp.base.dtype)
     arrays = {"base": w.write_array(tensor_to_bytes(tp.base.contiguous()), b_dt, shape, ctx.dense(b_dt), ce)}
     read = _reader(item)
@@ -2039,9 +2083,10 @@ def _write_mixed(ctx: WriteContext, item: Item, qt: Mapping[str, int], drop: boo
     def task(i: int) -> tuple[int, tuple[np.ndarray, np.ndarray] | torch.Tensor, torch.Tensor | None]:
         """Task i's figures (the plain TALL ones, as for every merged tensor) and its arrays: (mask
         ones or qtau ones, its mask or, for a qtau task, (codes, scales), its deQ when ``drop``)."""
-        if item.streamed:  # a run at a time
-            return _mixed_task(ctx, item, i, qt.get(item.tasks[i]), drop, base32, merged, lock)
+        if by_runs:  # a run at a time
+            return _mixed_task(ctx, item, i, qt.get(item.tasks[i]), drop, tp, lock)
         t, x = item.tasks[i], read(i)
+        assert base32 is not None
         tau = x.reshape(-1).to(torch.float32) - base32
         mask = tp.mask(ctx, item, i, x)
         ones = ctx.fidelity[t].add(tau, mask, merged)
@@ -2068,7 +2113,7 @@ def _write_mixed(ctx: WriteContext, item: Item, qt: Mapping[str, int], drop: boo
             qs[t] = (*q, {"codes": _write(ctx, q[0]), "scales": _write(ctx, q[1])}, ones)
             if deq is not None:  # what readers use instead (spec §6.1.8): the float32 sum of the deQ, in task order
                 ref.add_(deq)
-            elif drop and item.streamed:  # (its deQ made a run at a time, from its arrays: the same bits)
+            elif drop and by_runs:  # (its deQ made a run at a time, from its arrays: the same bits)
                 for s, piece in _deq_runs(q[0], q[1], qt[t], n, run):
                     ref[s].add_(piece)
     if drop:  # each qtau mask against that sum, its deQ made again (not held: a tensor's size per task)
@@ -2076,7 +2121,7 @@ def _write_mixed(ctx: WriteContext, item: Item, qt: Mapping[str, int], drop: boo
 
         def against(j: int) -> int:
             t = order[j]
-            if item.streamed:
+            if by_runs:
                 return sum(int(torch.count_nonzero(tall_mask(piece, ref[s], ctx.lambdas[t])))
                            for s, piece in _deq_runs(qs[t][0], qs[t][1], qt[t], n, run))
             deq = dequantize(qs[t][0], qs[t][1], qt[t], QBLOCK, n)
@@ -2092,8 +2137,8 @@ def _write_mixed(ctx: WriteContext, item: Item, qt: Mapping[str, int], drop: boo
     return TensorEntry(item.name, "merged", {t: tts[t] for t in item.tasks}, arrays), tp
 
 
-def _mixed_task(ctx: WriteContext, item: Item, i: int, bits: int | None, drop: bool, base32: torch.Tensor,
-                merged: torch.Tensor, lock: threading.Lock
+def _mixed_task(ctx: WriteContext, item: Item, i: int, bits: int | None, drop: bool, tp: _Parts,
+                lock: threading.Lock
                 ) -> tuple[int, tuple[np.ndarray, np.ndarray] | torch.Tensor, torch.Tensor | None]:
     """``_write_mixed``'s work for task ``i`` of a streamed item (``bits``: its qtau's, None for a
     mask), its copy read a run at a time (``_run_elements``): its figures and its mask in one pass;
@@ -2101,13 +2146,13 @@ def _mixed_task(ctx: WriteContext, item: Item, i: int, bits: int | None, drop: b
     where every block's fits), its codes in a second pass. The same results (its deQ is not
     returned: with ``drop`` the caller makes it again a run at a time, ``_deq_runs``); of the
     tensor's size only its mask or its codes (a byte an element at most)."""
-    t, n, run, lam = item.tasks[i], base32.numel(), _run_elements(ctx.chunk_elements), ctx.lambdas[item.tasks[i]]
+    t, n, run, lam = item.tasks[i], tp.n, _run_elements(ctx.chunk_elements), ctx.lambdas[item.tasks[i]]
     mask = torch.empty(n, dtype=torch.bool) if bits is None else None
     amax = np.empty(-(-n // QBLOCK), np.float32)
     work = torch.empty(run, dtype=torch.float32)
     ones = 0
     for s, x in _task_runs(item, i, run, lock):
-        b32, mg = base32[s], merged[s]
+        b32, mg = tp.widened(s), tp.merged[s]
         tau = x.to(torch.float32) - b32
         block_mask = tall_mask(tau, mg, lam)
         ones += ctx.fidelity[t].add(tau, block_mask, mg, at=s.start)
@@ -2125,7 +2170,7 @@ def _mixed_task(ctx: WriteContext, item: Item, i: int, bits: int | None, drop: b
     u8 = np.empty(run, np.uint8)
     count = 0
     for s, x in _task_runs(item, i, run, lock):
-        b32, mg = base32[s], merged[s]
+        b32, mg = tp.widened(s), tp.merged[s]
         rows, m, nb = float_blocks(x.to(torch.float32) - b32, QBLOCK)
         got = quantized(rows.numpy(), used[s.start // QBLOCK : s.start // QBLOCK + nb], bits, m,
                         work[: nb * QBLOCK].numpy().reshape(nb, QBLOCK), u8[: nb * QBLOCK], deq=not drop)

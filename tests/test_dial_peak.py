@@ -1,0 +1,135 @@
+"""The fidelity dial's peak memory on a family: a tensor held whole whose measurement would work in
+more than ``dial.RUNS_FROM`` bytes is measured and corrected a run at a time, as a streamed one is
+(``Dial._by_runs``); the run-wise work widens the base a run at a time (``_Parts.widened``), not
+into a float32 copy of the whole; and a tensor whose corrections are all exact makes no TALL parts
+for them. The same archive bytes as the whole path's.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+import tallpack
+from tallpack import dial, inputs
+
+from conftest import anon_growth, dial_family
+
+CHUNK = 1000  # runs of 8 chunks
+N = 23 * CHUNK + 37
+
+
+def _pack(d: Path, base: Path, tasks: dict[str, Path], name: str, **kw) -> bytes:
+    tallpack.pack(base, tasks, d / name, chunk_elements=CHUNK, overwrite=True, **kw)
+    return (d / name).read_bytes()
+
+
+class _Calls:
+    """Which tensors the dial measured whole (``_measure``) and a run at a time, and how many times a
+    whole float32 base was made (``_Parts.base32``)."""
+
+    def __init__(self, monkeypatch):
+        self.whole: list[str] = []
+        self.runs: list[str] = []
+        self.widened = 0
+        measure, streamed = dial.Dial._measure, dial.Dial._measure_streamed
+        base32 = dial._Parts.base32.func
+
+        def whole(this, ctx, item, *a, **k):
+            self.whole.append(item.name)
+            return measure(this, ctx, item, *a, **k)
+
+        def runs(this, ctx, item, *a, **k):
+            self.runs.append(item.name)
+            return streamed(this, ctx, item, *a, **k)
+
+        def widened(this):
+            self.widened += 1
+            return base32(this)
+
+        monkeypatch.setattr(dial.Dial, "_measure", whole)
+        monkeypatch.setattr(dial.Dial, "_measure_streamed", runs)
+        monkeypatch.setattr(dial._Parts, "base32", property(widened))  # (counted on every ask)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("merge", ["ta", "ties"])
+@pytest.mark.parametrize("dial_opts", [{"fidelity": 0.999}, {"budget": 3.0}])
+def test_held_tensor_by_runs_is_the_same_bytes(tmp_path, monkeypatch, threads, dtype, merge, dial_opts):
+    """A held tensor past ``RUNS_FROM`` measured and corrected a run at a time: the same archive as
+    measured whole (``RUNS_FROM`` out of reach: the path before), every task of it run-wise."""
+    base, tasks = dial_family(tmp_path, dtype, N, seed=3, spikes=100)
+    kw = dict(merge=merge, threads=threads, **dial_opts)
+    calls = _Calls(monkeypatch)
+    monkeypatch.setattr(dial, "RUNS_FROM", 1 << 60)
+    whole = _pack(tmp_path, base, tasks, "whole.tallpack", **kw)
+    assert calls.whole.count("big.weight") == len(tasks) and not calls.runs
+    calls.whole.clear()
+    monkeypatch.setattr(dial, "RUNS_FROM", 0)
+    runs = _pack(tmp_path, base, tasks, "runs.tallpack", **kw)
+    assert calls.runs.count("big.weight") >= len(tasks) and "big.weight" not in calls.whole
+    assert "other.weight" in calls.whole  # (a tensor of one run: measured whole all the same)
+    assert runs == whole
+    with tallpack.open(tmp_path / "runs.tallpack") as a:
+        stored = {k for rec in a.manifest.stats["dial"]["tasks"].values() for k in rec["stored"]}
+    assert stored - {"tall"}, stored
+
+
+@pytest.mark.parametrize("opts", [{"fidelity": 0.999}, {"fidelity": 0.9, "corrections": ("qtau",)},
+                                  {"fidelity": 0.9995, "corrections": ("sparse", "quant8")}])
+def test_streamed_tensor_holds_no_float32_base(tmp_path, monkeypatch, opts):
+    """A streamed bfloat16 tensor's measurement, masks, qtau codes and corrections widen its base a
+    run at a time: no whole float32 copy is made (a tensor held whole, measured whole, makes one)."""
+    base, tasks = dial_family(tmp_path, torch.bfloat16, N, seed=3, spikes=100)
+    calls = _Calls(monkeypatch)
+    monkeypatch.setattr(inputs, "HOLD_BYTES", 0)
+    _pack(tmp_path, base, tasks, "a.tallpack", **opts)
+    assert calls.runs and calls.widened == 0
+    monkeypatch.setattr(inputs, "HOLD_BYTES", 1 << 60)
+    _pack(tmp_path, base, tasks, "b.tallpack", **opts)
+    assert calls.widened > 0
+    assert (tmp_path / "a.tallpack").read_bytes() == (tmp_path / "b.tallpack").read_bytes()
+
+
+def test_exact_corrections_make_no_tall_parts(tmp_path, monkeypatch):
+    """Where every correction of a tensor is exact, its TALL parts are not made for them (for a
+    streamed tensor, every task's copy read once more)."""
+    base, tasks = dial_family(tmp_path, torch.bfloat16, N, seed=3, spikes=100)
+    made: list[str] = []
+    whole_parts = dial._whole_parts
+
+    def counted(ctx, item, *a, **k):
+        made.append(item.name)
+        return whole_parts(ctx, item, *a, **k)
+
+    monkeypatch.setattr(dial, "_whole_parts", counted)
+    monkeypatch.setattr(inputs, "HOLD_BYTES", 0)
+    _pack(tmp_path, base, tasks, "a.tallpack", fidelity=0.99999, corrections=("exact",))
+    with tallpack.open(tmp_path / "a.tallpack") as a:
+        stored = a.manifest.stats["dial"]["tasks"]
+    assert all(rec["stored"].get("exact") for rec in stored.values()), stored
+    assert made.count("big.weight") == 1  # (observed; written by Tall.write and add_exact)
+
+
+def test_held_tensor_by_runs_memory(tmp_path):
+    """A 4 MB bfloat16 tensor held whole (2M elements), base and 3 tasks, fidelity 0.999, two
+    threads, ``RUNS_FROM`` 16 MB: measured a run at a time, its two tasks at once no longer work in
+    some 35 bytes an element each (the whole path's float64 errors, rebuilds, residuals, candidates)."""
+    base, tasks = dial_family(tmp_path, torch.bfloat16, 2 << 20, seed=3, spikes=100)
+    setup = f"""
+        from pathlib import Path
+        from tallpack import dial
+        d = Path({str(tmp_path)!r})
+        tasks = {{t: d / f"m{{i + 1}}.safetensors" for i, t in enumerate({sorted(tasks)!r})}}
+    """
+    work = """
+        dial.RUNS_FROM = 16 << 20
+        tallpack.pack(d / "m0.safetensors", tasks, d / "a.tallpack", chunk_elements=1 << 16, fidelity=0.999,
+                      threads=2)
+    """
+    growth = anon_growth(setup, work)
+    # measured whole (``RUNS_FROM`` out of reach, the path before): 264 MB; a run at a time: 120 MB
+    assert growth < 190 << 20, growth >> 20
