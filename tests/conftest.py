@@ -8,9 +8,23 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import settings
 from safetensors.torch import save_file
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+# No test is timed (BENCHMARKS.md holds the speed goals): hypothesis's per-example deadline is a timing
+# assertion that a loaded machine, or two test processes on two cores (pytest-xdist), can miss.
+settings.register_profile("tallpack", deadline=None)
+settings.load_profile("tallpack")
+
+
+@pytest.fixture(autouse=True)
+def _no_terminal_size(monkeypatch) -> None:
+    """Tables fit $COLUMNS when it is set (pytest-xdist's workers set 80, a terminal may set
+    anything): every test starts without it, as from a file or a pipe, and sets it where it means to."""
+    monkeypatch.delenv("COLUMNS", raising=False)
+    monkeypatch.delenv("LINES", raising=False)
 
 
 def cli_pack(family: dict, out: Path, *flags: str) -> None:

@@ -69,14 +69,16 @@ def test_zstd_refuses_a_frame_that_announces_another_size():
         codecs.Zstd().decode(memoryview(frame + b"junk"), 100)
 
 
-@given(st.integers(0, 3 << 17).map(lambda n: n if n % 5 else n - n % (1 << 17)), st.booleans(), st.randoms())
+@given(st.integers(0, 3 << 17).map(lambda n: n if n % 5 else n - n % (1 << 17)), st.booleans(), st.integers(0, 2**32 - 1))
 @settings(max_examples=40, deadline=None)
-def test_raw_frames_are_zstd_frames_that_decode_to_their_input(n, into, rnd):
+def test_raw_frames_are_zstd_frames_that_decode_to_their_input(n, into, seed):
     """``raw_frame``: one standard zstd frame of raw blocks (lengths around the 128 KiB block,
     zero included), which zstandard itself and every decode path of ours read back."""
+    import random
+
     import zstandard
 
-    data = rnd.randbytes(n)
+    data = random.Random(seed).randbytes(n)  # (hypothesis's randoms() draw every byte from its engine: minutes)
     frame = codecs.raw_frame(data)
     assert len(frame) == 14 + 3 * max(1, -(-n // (1 << 17))) + n
     assert zstandard.frame_content_size(frame) == n

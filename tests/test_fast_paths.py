@@ -412,14 +412,26 @@ def test_state_dict_shares_large_tensors_across_threads_and_raises_the_first_err
     tallpack.pack(base, tasks, out, group=False)  # each tensor a job of its own (groups: test_groups.py)
     who: dict[str, int] = {}
     rebuild = reader.Archive._rebuild
+    big_threads: set[int] = set()
+    both = threading.Event()
 
     def spy(self, task, name, *args, **kwargs):
         who[name] = threading.get_ident()
+        if self.threads > 1 and name.startswith("big"):
+            # On a loaded machine the pool's thread can start after the calling one has rebuilt every
+            # large tensor (each takes a millisecond): the first large rebuild of a task waits for a
+            # second thread to come to one. If none ever comes, the assertion below fails.
+            big_threads.add(threading.get_ident())
+            if len(big_threads) > 1:
+                both.set()
+            both.wait(timeout=30)
         return rebuild(self, task, name, *args, **kwargs)
 
     monkeypatch.setattr(reader.Archive, "_rebuild", spy)
     with tallpack.open(out, threads=1) as one, tallpack.open(out, threads=2) as two:
         for t in tasks:
+            big_threads.clear()
+            both.clear()
             want, got = one.state_dict(t), two.state_dict(t)
             assert list(got) == list(want) == list(base) and _same(want, got)
     assert {who[f"small{i}"] for i in range(20)} == {threading.get_ident()}
