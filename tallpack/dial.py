@@ -792,11 +792,18 @@ class _Errors:
 # block's fits) before any code is made, the sparse entries selected by the k-th largest magnitude,
 # found by a radix selection (the high 16 bits' counts, then the low ones' within its bin).
 
+#: The most elements a task is worked in at a time (``_run_elements``), a multiple of the blocks:
+#: about 80 bytes of work an element (float64 differences, float32 rebuilds and residuals).
+RUN_ELEMENTS = 1 << 20
+
+
 def _run_elements(ce: int) -> int:
-    """Elements a streamed tensor's task is worked in at a time: whole chunks of ``ce`` (each array's
-    chunks coded as they fill) and whole quantization blocks (``BLOCK``, ``QBLOCK``)."""
-    assert BLOCK == QBLOCK
-    return ce * (QBLOCK // math.gcd(ce, QBLOCK))
+    """Elements a streamed tensor's task is worked in at a time: whole quantization blocks
+    (``BLOCK``, ``QBLOCK``), ``RUN_ELEMENTS`` at most, else whole chunks of ``ce`` (each array's
+    chunks coded as they fill, a chunk's pieces held until then: ``_ArrayCost``, ``_Permuted``)."""
+    assert BLOCK == QBLOCK and RUN_ELEMENTS % QBLOCK == 0
+    whole = ce * (QBLOCK // math.gcd(ce, QBLOCK))
+    return whole if whole <= RUN_ELEMENTS else RUN_ELEMENTS
 
 
 
@@ -847,6 +854,40 @@ class _ArrayCost:
         if self._count or not self._chunks:
             self._code(np.concatenate(self._held) if self._held else np.empty(0, self.dtype))
         return self._cost
+
+
+class _Permuted:
+    """``permute`` of a residual given a piece at a time, in order, into ``cost``: each chunk of
+    ``ce`` elements permuted once it is whole (its pieces, and their reference's, held until then)."""
+
+    def __init__(self, cost: _ArrayCost, dtype: str, ce: int):
+        self.cost, self.dtype, self.ce = cost, dtype, ce
+        self._held: list[tuple[np.ndarray, np.ndarray]] = []
+        self._count = 0
+
+    def add(self, z: np.ndarray, r: np.ndarray) -> None:
+        while z.size:
+            take = min(self.ce - self._count, z.size)
+            if take == self.ce:  # a whole chunk in the piece: permuted where it is
+                self.cost.add(permute(z[:take], r[:take], self.dtype, "exponent", self.ce))
+            else:
+                self._held.append((z[:take].copy(), r[:take].copy()))
+                self._count += take
+                if self._count == self.ce:
+                    self._flush()
+            z, r = z[take:], r[take:]
+
+    def _flush(self) -> None:
+        if self._held:
+            z, r = (np.concatenate(p) for p in zip(*self._held))
+            self.cost.add(permute(z, r, self.dtype, "exponent", self.ce))
+        self._held, self._count = [], 0
+
+    @property
+    def total(self) -> int:
+        """``cost.total``, once every piece is in (the last chunk permuted now)."""
+        self._flush()
+        return self.cost.total
 
 
 class _BlockSquares:
@@ -1461,7 +1502,7 @@ class Dial:
         if exact_ref is not None:
             assert ctx.residuals is not None
             size = torch.empty(0, dtype=dt).element_size()
-            exact_cost = _ArrayCost(ctx.residuals(size), ce, np.dtype(f"u{size}"))
+            exact_cost = _Permuted(_ArrayCost(ctx.residuals(size), ce, np.dtype(f"u{size}")), dtype_name(dt), ce)
         if qtaus or low or exact_cost is not None:
             u8 = np.empty(run, np.uint8)
             for s, ws, x, b32, rec, r, plain in runs():
@@ -1481,7 +1522,7 @@ class Dial:
                     xb = bits(x.contiguous())
                     rt = {"tall": plain, "base": narrow(b32, dt), "zero": None}[ref]  # (as ``_references``)
                     rb = bits(rt.contiguous()) if rt is not None else np.zeros_like(xb)
-                    exact_cost.add(permute(forward(xb, rb, tr), rb, dtype_name(dt), "exponent", ce))
+                    exact_cost.add(forward(xb, rb, tr), rb)
         qs: list[Option] | None = None
         if amax is not None and n:
             qs = []
@@ -1969,7 +2010,8 @@ class Dial:
         tall: list[_Parts] = []  # (given over to ``_corrections``, which lets them go when it may)
         if qt:
             entry, tp = _write_mixed(ctx, item, qt, item.name in self.dropped, parts, by_runs)
-            tall.append(tp)
+            if tp is not None:
+                tall.append(tp)
             del tp
         else:
             entry = settled(ctx, Tall.write(ctx, item))
@@ -2056,13 +2098,15 @@ def _write(ctx: WriteContext, a: np.ndarray) -> ArrayRef:
 
 
 def _write_mixed(ctx: WriteContext, item: Item, qt: Mapping[str, int], drop: bool, parts: int,
-                 by_runs: bool) -> tuple[TensorEntry, _Parts]:
+                 by_runs: bool) -> tuple[TensorEntry, _Parts | None]:
     """A merged tensor where the tasks of ``qt`` store their own quantized task vector (``qtau``,
     ``bits``) and no mask; the merged vector (and the method's extras) left out when ``drop``.
     Each task's figures and quantization on up to ``parts`` threads, its arrays written in task
-    order. Returns the entry, and the TALL parts (``_whole_parts``) for the corrections. With
-    ``by_runs`` (a streamed item, or a large held one: ``Dial._by_runs``) each task's copy is
-    worked a run at a time (``_mixed_task``)."""
+    order. Returns the entry, and the TALL parts (``_whole_parts``) for the corrections (None when
+    ``drop``: every task is qtau, none has a correction). With ``by_runs`` (a streamed item, or a
+    large held one: ``Dial._by_runs``) each task's copy is worked a run at a time (``_mixed_task``),
+    and with ``drop`` the qtau masks counted a run at a time once the parts are let go
+    (``_qtau_ones``)."""
     w, ce, shape = ctx.writer, ctx.chunk_elements, item.shape
     w.use("encoding:qtau")
     tp = _whole_parts(ctx, item, extras=not drop)
@@ -2101,7 +2145,7 @@ def _write_mixed(ctx: WriteContext, item: Item, qt: Mapping[str, int], drop: boo
 
     tts: dict[str, TaskTensor] = {}
     qs: dict[str, tuple[np.ndarray, np.ndarray, dict[str, ArrayRef], int]] = {}
-    ref = torch.zeros_like(merged) if drop else merged
+    ref = None if drop and by_runs else torch.zeros_like(merged) if drop else merged
     with closing(_in_order(task, len(item.tasks), parts, 2 * parts)) as results:
         for t, dt, got in zip(item.tasks, item.dtypes[1], results):
             ones, q, deq = got()
@@ -2112,18 +2156,20 @@ def _write_mixed(ctx: WriteContext, item: Item, qt: Mapping[str, int], drop: boo
                 continue
             qs[t] = (*q, {"codes": _write(ctx, q[0]), "scales": _write(ctx, q[1])}, ones)
             if deq is not None:  # what readers use instead (spec §6.1.8): the float32 sum of the deQ, in task order
+                assert ref is not None
                 ref.add_(deq)
-            elif drop and by_runs:  # (its deQ made a run at a time, from its arrays: the same bits)
-                for s, piece in _deq_runs(q[0], q[1], qt[t], n, run):
-                    ref[s].add_(piece)
-    if drop:  # each qtau mask against that sum, its deQ made again (not held: a tensor's size per task)
+    if drop and by_runs:
+        assert not set(item.tasks) - set(qt)  # (a merged vector is dropped only where every task is qtau)
+        del tp, merged, extras  # (nothing left to use them: the base and tau_MTL let go)
+        counted = _qtau_ones({t: (qs[t][0], qs[t][1], qt[t]) for t in qs}, ctx.lambdas, n, run, parts)
+        for t in qt:
+            qs[t] = (*qs[t][:3], counted[t])
+    elif drop:  # each qtau mask against that sum, its deQ made again (not held: a tensor's size per task)
+        assert ref is not None
         order = list(qt)
 
         def against(j: int) -> int:
             t = order[j]
-            if by_runs:
-                return sum(int(torch.count_nonzero(tall_mask(piece, ref[s], ctx.lambdas[t])))
-                           for s, piece in _deq_runs(qs[t][0], qs[t][1], qt[t], n, run))
             deq = dequantize(qs[t][0], qs[t][1], qt[t], QBLOCK, n)
             return int(torch.count_nonzero(tall_mask(deq, ref, ctx.lambdas[t])))
 
@@ -2134,7 +2180,31 @@ def _write_mixed(ctx: WriteContext, item: Item, qt: Mapping[str, int], drop: boo
         if t in qt:
             tts[t] = TaskTensor("qtau", dtype_name(dt), shape, qs[t][2],
                                 {"bits": qt[t], "block": QBLOCK, "ones": qs[t][3]})
-    return TensorEntry(item.name, "merged", {t: tts[t] for t in item.tasks}, arrays), tp
+    return TensorEntry(item.name, "merged", {t: tts[t] for t in item.tasks}, arrays), None if drop else tp
+
+
+def _qtau_ones(qs: Mapping[str, tuple[np.ndarray, np.ndarray, int]], lambdas: Mapping[str, float], n: int,
+               run: int, parts: int) -> dict[str, int]:
+    """With the merged vector dropped, each qtau task's mask ones (``qs``: its codes, scales and
+    bits) against the float32 sum of every task's deQ in task order (spec §6.1.8: what readers use
+    instead), a run at a time (``parts`` runs at once): each run of the sum made from the runs of
+    the deQs, then each deQ's run made again (from its arrays: the same bits) and its mask counted.
+    No deQ or sum is held whole."""
+    def ones(j: int) -> dict[str, int]:
+        a = j * run
+        m = min(run, n - a)
+        ref = torch.zeros(m, dtype=torch.float32)
+        for codes, scales, bits in qs.values():
+            ref.add_(_deq_run(codes, scales, bits, a, m))
+        return {t: int(torch.count_nonzero(tall_mask(_deq_run(codes, scales, bits, a, m), ref, lambdas[t])))
+                for t, (codes, scales, bits) in qs.items()}
+
+    total = dict.fromkeys(qs, 0)
+    with closing(_in_order(ones, -(-n // run), parts, 2 * parts)) as results:
+        for got in results:
+            for t, c in got().items():
+                total[t] += c
+    return total
 
 
 def _mixed_task(ctx: WriteContext, item: Item, i: int, bits: int | None, drop: bool, tp: _Parts,
@@ -2144,7 +2214,7 @@ def _mixed_task(ctx: WriteContext, item: Item, i: int, bits: int | None, drop: b
     mask), its copy read a run at a time (``_run_elements``): its figures and its mask in one pass;
     for a qtau, its blocks' maxima then, the scales decided over the whole tensor (float16 only
     where every block's fits), its codes in a second pass. The same results (its deQ is not
-    returned: with ``drop`` the caller makes it again a run at a time, ``_deq_runs``); of the
+    returned: with ``drop`` the caller makes it again a run at a time, ``_qtau_ones``); of the
     tensor's size only its mask or its codes (a byte an element at most)."""
     t, n, run, lam = item.tasks[i], tp.n, _run_elements(ctx.chunk_elements), ctx.lambdas[item.tasks[i]]
     mask = torch.empty(n, dtype=torch.bool) if bits is None else None
@@ -2181,11 +2251,7 @@ def _mixed_task(ctx: WriteContext, item: Item, i: int, bits: int | None, drop: b
     return count, (codes, stored), None
 
 
-def _deq_runs(codes: np.ndarray, scales: np.ndarray, bits: int, n: int, run: int
-              ) -> Iterator[tuple[slice, torch.Tensor]]:
-    """``dequantize`` of a qtau's arrays, ``run`` elements (whole blocks, whole bytes) at a time."""
-    for a in range(0, n, run):
-        m = min(run, n - a)
-        at = a * bits // 8 if bits <= PACKED_BITS else a
-        yield slice(a, a + m), dequantize(codes[at : at + code_bytes(m, bits)], scales[a // QBLOCK : -(-(a + m) // QBLOCK)],
-                                          bits, QBLOCK, m)
+def _deq_run(codes: np.ndarray, scales: np.ndarray, bits: int, a: int, m: int) -> torch.Tensor:
+    """``dequantize`` of elements [a, a + m) of a qtau's arrays (``a`` on a whole block and byte)."""
+    at = a * bits // 8 if bits <= PACKED_BITS else a
+    return dequantize(codes[at : at + code_bytes(m, bits)], scales[a // QBLOCK : -(-(a + m) // QBLOCK)], bits, QBLOCK, m)

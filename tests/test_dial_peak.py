@@ -57,7 +57,7 @@ class _Calls:
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("merge", ["ta", "ties"])
-@pytest.mark.parametrize("dial_opts", [{"fidelity": 0.999}, {"budget": 3.0}])
+@pytest.mark.parametrize("dial_opts", [{"fidelity": 0.999}, {"budget": 3.0}, {"fidelity": 0.9, "corrections": ("qtau",)}])
 def test_held_tensor_by_runs_is_the_same_bytes(tmp_path, monkeypatch, threads, dtype, merge, dial_opts):
     """A held tensor past ``RUNS_FROM`` measured and corrected a run at a time: the same archive as
     measured whole (``RUNS_FROM`` out of reach: the path before), every task of it run-wise."""
@@ -76,6 +76,8 @@ def test_held_tensor_by_runs_is_the_same_bytes(tmp_path, monkeypatch, threads, d
     with tallpack.open(tmp_path / "runs.tallpack") as a:
         stored = {k for rec in a.manifest.stats["dial"]["tasks"].values() for k in rec["stored"]}
     assert stored - {"tall"}, stored
+    if "corrections" in dial_opts and merge == "ta":  # (every task qtau: the merged vector dropped, a run at a time)
+        assert a.manifest.stats["dial"]["merged_dropped"] == 2
 
 
 @pytest.mark.parametrize("opts", [{"fidelity": 0.999}, {"fidelity": 0.9, "corrections": ("qtau",)},
@@ -88,10 +90,50 @@ def test_streamed_tensor_holds_no_float32_base(tmp_path, monkeypatch, opts):
     monkeypatch.setattr(inputs, "HOLD_BYTES", 0)
     _pack(tmp_path, base, tasks, "a.tallpack", **opts)
     assert calls.runs and calls.widened == 0
+    if "corrections" in opts and opts["corrections"] == ("qtau",):
+        with tallpack.open(tmp_path / "a.tallpack") as a:
+            assert a.manifest.stats["dial"]["merged_dropped"] == 2  # (big.weight's too)
     monkeypatch.setattr(inputs, "HOLD_BYTES", 1 << 60)
     _pack(tmp_path, base, tasks, "b.tallpack", **opts)
     assert calls.widened > 0
     assert (tmp_path / "a.tallpack").read_bytes() == (tmp_path / "b.tallpack").read_bytes()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("opts", [{"fidelity": 0.999, "merge": "ties", "threads": 2},
+                                  {"fidelity": 0.9, "corrections": ("qtau",)}, {"budget": 3.0, "threads": 2}])
+def test_runs_within_a_chunk_are_the_same(tmp_path, monkeypatch, dtype, opts):
+    """Runs shorter than a chunk (``RUN_ELEMENTS`` 640, chunks of 1000: each chunk's pieces held
+    until it is whole, for its stored bytes and the exact residual's permutation): every figure of
+    every task's measurement the same as measured whole, and the same archive."""
+    base, tasks = dial_family(tmp_path, dtype, N, seed=3, spikes=100)
+    monkeypatch.setattr(dial, "RUN_ELEMENTS", 640)
+    got: dict[str, dict] = {"whole": {}, "runs": {}}
+    measure, streamed = dial.Dial._measure, dial.Dial._measure_streamed
+
+    def whole(self, ctx, item, i, *a, **k):
+        got["whole"][item.name, i] = m = measure(self, ctx, item, i, *a, **k)
+        return m
+
+    def runs(self, ctx, item, i, *a, **k):
+        assert dial._run_elements(ctx.chunk_elements) == 640
+        got["runs"][item.name, i] = m = streamed(self, ctx, item, i, *a, **k)
+        return m
+
+    monkeypatch.setattr(dial.Dial, "_measure", whole)
+    monkeypatch.setattr(dial.Dial, "_measure_streamed", runs)
+    monkeypatch.setattr(inputs, "HOLD_BYTES", 1 << 60)
+    a = _pack(tmp_path, base, tasks, "whole.tallpack", **opts)
+    monkeypatch.setattr(inputs, "HOLD_BYTES", 0)
+    b = _pack(tmp_path, base, tasks, "runs.tallpack", **opts)
+    assert a == b
+    assert sorted(got["whole"]) == sorted(got["runs"]) and got["runs"]
+    for key, w in got["whole"].items():
+        r = got["runs"][key]
+        assert (w.sq, w.sq_plain, w.scale, w.tall, w.qtaus, w.sizes, w.ladder) == (
+            r.sq, r.sq_plain, r.scale, r.tall, r.qtaus, r.sizes, r.ladder), key
+    if "corrections" not in opts:  # (the exact residual's bytes weighed, a chunk of pieces at a time)
+        assert any(o.kind == "exact" for m in got["runs"].values() for o in m.ladder)
 
 
 def test_exact_corrections_make_no_tall_parts(tmp_path, monkeypatch):
