@@ -175,3 +175,14 @@ def test_held_tensor_by_runs_memory(tmp_path):
     growth = anon_growth(setup, work)
     # measured whole (``RUNS_FROM`` out of reach, the path before): 264 MB; a run at a time: 120 MB
     assert growth < 190 << 20, growth >> 20
+
+
+def test_free_pages_given_back_after_large_tensors(tmp_path, monkeypatch):
+    """The allocator's free pages are handed back (``dial.give_back``: glibc's ``malloc_trim``) after
+    a large tensor's parts, each of its tasks' measurement, and its writing; not after a small one."""
+    base, tasks = dial_family(tmp_path, torch.float32, N, seed=3, spikes=100)
+    trimmed: list[int] = []
+    monkeypatch.setattr(dial, "_TRIM", trimmed.append)
+    monkeypatch.setattr(dial, "GIVE_BACK_FROM", N)
+    _pack(tmp_path, base, tasks, "a.tallpack", fidelity=0.999)
+    assert len(trimmed) == 1 + len(tasks) + 2  # (big.weight's: parts, each task, observed, written)
