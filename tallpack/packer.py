@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, cast
 
-from . import kernels
+from . import kernels, memory
 from ._torch import torch
 from ._version import __version__
 from .container import ContainerWriter
@@ -209,6 +209,7 @@ def _write(fam: PackInputs, v: Validated, lams: dict[str, float], out: Path, sel
                 entries.append(None)
                 continue
             written = BY_KIND[item.kind].write(ctx, item)
+            memory.give_back(numel(item.shape))  # the write's buffers, before the next tensor's (or the exact tier's)
             entries.append(add_exact(ctx, item, settled(ctx, written), codecs=RESIDUAL_CODECS) if opts.exact else written)
         if groups is not None:
             groups.flush_all(entries)

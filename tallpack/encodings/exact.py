@@ -32,7 +32,7 @@ from typing import IO, Any
 import numpy as np
 import xxhash
 
-from .. import kernels
+from .. import kernels, memory
 from .._torch import torch
 from ..arrays import ArrayRef
 from ..container import PREFETCH_BYTES, ArrayBuilder
@@ -752,6 +752,7 @@ def _add_exact(ctx: WriteContext, item: Item, entry: TensorEntry, tasks: set[str
             chosen = _choose(item, todo, sizes, held, merged_held, derivable)
             return any(how[0] == "tall" for how, _ in chosen.values())
         scan = _scan(ctx, item, todo, check, sampled, spill)
+        memory.give_back(numel(item.shape))  # the scan's blocks' buffers, before the tasks' passes
         derivable, hashes = scan.derivable, scan.hashes
         for i in todo:
             if scan.nan[i]:  # a NaN's payload is unspecified: never code against it (``_references``)
@@ -784,6 +785,8 @@ def _add_exact(ctx: WriteContext, item: Item, entry: TensorEntry, tasks: set[str
                 w.queue(builder.queued, f)
             w.drain(leave=max(len(futures), ctx.threads if streamed else 0))  # two residuals (or a few blocks') at most
             z = next(parts, None)
+        if streamed:  # this task's pass over the blocks, its buffers freed
+            memory.give_back(numel(shape))
         exact = _Pending(builder, ref, tr, hashes[i])
         if derive:
             entry.tasks[t] = TaskTensor("tall-derived", tt.dtype, tt.shape, {},
@@ -797,6 +800,7 @@ def _add_exact(ctx: WriteContext, item: Item, entry: TensorEntry, tasks: set[str
             tt.extras["exact"] = pending.finished()
     if merged_held is not None:
         _merged_vector(ctx, entry, merged_held, derivable)
+    memory.give_back(numel(shape))
     return entry
 
 
