@@ -49,7 +49,6 @@ and so the same archive; with an evaluator, its tasks are measured whole (each r
 
 from __future__ import annotations
 
-import ctypes
 import functools
 import heapq
 import json
@@ -87,6 +86,7 @@ from .encodings.qtau import (PACKED_BITS, block_maxima, code_bytes, dequantize, 
                              quantized, rebuilt, width_scales)
 from .encodings.tall import Tall
 from .errors import InvalidArgumentError, TallpackError
+from .memory import give_back  # (glibc's malloc_trim after a large tensor's work)
 from .merging import MergeMethod, missing_statistics, score_values
 from .options import Evaluator
 from .report import format_size
@@ -520,35 +520,6 @@ def _reader(item: Item) -> Callable[[int], torch.Tensor]:
         with lock:
             return item.task(i)
     return read
-
-
-def _malloc_trim() -> Callable[[int], int] | None:
-    """glibc's ``malloc_trim``; None elsewhere (another C library, another system)."""
-    if not sys.platform.startswith("linux"):
-        return None
-    try:  # the process's own symbols, libc's among them (as ``memory._madvise``)
-        fn = ctypes.CDLL(None).malloc_trim
-    except (OSError, AttributeError):
-        return None
-    fn.argtypes, fn.restype = [ctypes.c_size_t], ctypes.c_int
-    return fn
-
-
-_TRIM = _malloc_trim()
-#: Tensors of this many elements or more have the allocator's free pages handed back after their
-#: measurement and their writing (``give_back``).
-GIVE_BACK_FROM = 1 << 20
-
-
-def give_back(elements: int) -> None:
-    """After a tensor's work (``elements``: its size): the allocator's free pages handed back to the
-    system (``malloc_trim``). The dial's work on a large tensor frees hundreds of MB of buffers of
-    a few MB each, on two or more threads; glibc keeps such freed memory in its arenas (the pages
-    numpy backs with huge pages among them), where the next tensor's work, of other sizes, reuses
-    it only in part: on a family, the resident memory stood 0.5 to 1 GB above the live heap
-    (``memray``), more than the measurement's own peak. A few milliseconds a tensor."""
-    if _TRIM is not None and elements >= GIVE_BACK_FROM:
-        _TRIM(0)
 
 
 @contextmanager

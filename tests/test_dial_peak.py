@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import tallpack
-from tallpack import dial, inputs
+from tallpack import dial, inputs, memory
 
 from conftest import anon_growth, dial_family
 
@@ -178,11 +178,11 @@ def test_held_tensor_by_runs_memory(tmp_path):
 
 
 def test_free_pages_given_back_after_large_tensors(tmp_path, monkeypatch):
-    """The allocator's free pages are handed back (``dial.give_back``: glibc's ``malloc_trim``) after
+    """The allocator's free pages are handed back (``memory.give_back``: glibc's ``malloc_trim``) after
     a large tensor's parts, each of its tasks' measurement, and its writing; not after a small one."""
     base, tasks = dial_family(tmp_path, torch.float32, N, seed=3, spikes=100)
     trimmed: list[int] = []
-    monkeypatch.setattr(dial, "_TRIM", trimmed.append)
-    monkeypatch.setattr(dial, "GIVE_BACK_FROM", N)
+    monkeypatch.setattr(memory, "_TRIM", trimmed.append)
+    monkeypatch.setattr(memory, "GIVE_BACK_FROM", N)
     _pack(tmp_path, base, tasks, "a.tallpack", fidelity=0.999)
     assert len(trimmed) == 1 + len(tasks) + 2  # (big.weight's: parts, each task, observed, written)
