@@ -55,7 +55,6 @@ import json
 import logging
 import math
 import statistics
-import sys
 import threading
 from collections import deque
 from collections.abc import Callable, Generator, Hashable, Iterator, Mapping, Sequence
