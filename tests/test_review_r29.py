@@ -87,19 +87,37 @@ def test_a_remote_derived_plain_read_against_zero_fetches_its_base_with_the_runs
 
 
 _SHORT_OF_MEMORY = r"""
-import resource, sys
+import json, os, resource, sys
 import torch, tallpack
 from tallpack.encodings import exact
 torch.set_num_threads(1)
-exact.RUNS_FROM = int(sys.argv[3])
-a = tallpack.open(sys.argv[1], cache_bytes=0, threads=1)
-held = int(open("/proc/self/statm").read().split()[0]) * resource.getpagesize()
-resource.setrlimit(resource.RLIMIT_AS, (held + (int(sys.argv[2]) << 20), resource.RLIM_INFINITY))
-try:
-    a.get_tensor("t1", "big.weight", exact=sys.argv[4] == "exact")
-    print("ok")
-except tallpack.TallpackError as e:
-    print(type(e).__name__, str(e))
+got = []
+for mb, runs, mode in json.loads(sys.argv[2]):  # each case in a child forked after torch's import
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(r)
+        try:
+            exact.RUNS_FROM = runs
+            a = tallpack.open(sys.argv[1], cache_bytes=0, threads=1)
+            held = int(open("/proc/self/statm").read().split()[0]) * resource.getpagesize()
+            resource.setrlimit(resource.RLIMIT_AS, (held + (mb << 20), resource.RLIM_INFINITY))
+            try:
+                a.get_tensor("t1", "big.weight", exact=mode == "exact")
+                said = "ok"
+            except tallpack.TallpackError as e:
+                said = f"{type(e).__name__} {e}"
+        except BaseException as e:
+            said = f"not a TallpackError: {type(e).__name__}: {e}"
+        os.write(w, said.encode())
+        os._exit(0)
+    os.close(w)
+    said = b""
+    while part := os.read(r, 1 << 16):
+        said += part
+    os.close(r)
+    got.append([[mb, runs, mode], said.decode(), os.waitpid(pid, 0)[1]])
+print(json.dumps(got))
 """
 
 
@@ -109,6 +127,7 @@ def test_a_large_tensor_read_short_of_memory_is_an_out_of_memory_error(tmp_path,
     memory: a margin that let the merged vector be read but not the output allocated raised
     torch's RuntimeError (DefaultCPUAllocator: can't allocate memory), not OutOfMemoryError; an
     exact read (``exact.rebuild_exact``, whole or in runs) raised numpy's MemoryError or torch's."""
+    import json
     import os
     import subprocess
     import sys
@@ -130,10 +149,11 @@ def test_a_large_tensor_read_short_of_memory_is_an_out_of_memory_error(tmp_path,
     # MB over what the child holds: from nothing spare to the merged vector read and the output not
     cases = [(mb, 1 << 16, "plain") for mb in (14, 18, 22, 26, 30)] + [
         (mb, runs, "exact") for runs in (1 << 16, 1 << 60) for mb in (0, 8)]
-    children = [subprocess.Popen([sys.executable, "-c", _SHORT_OF_MEMORY, str(path), *map(str, case)], env=env,
-                                 text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE) for case in cases]
-    got = {case: c.communicate(timeout=300) for case, c in zip(cases, children)}
-    for case, (out, err) in got.items():
-        assert out.startswith(("ok", "OutOfMemoryError")), (case, out, err[-2000:])
+    r = subprocess.run([sys.executable, "-c", _SHORT_OF_MEMORY, str(path), json.dumps(cases)], env=env, text=True,
+                       capture_output=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    got = {tuple(case): (out, status) for case, out, status in json.loads(r.stdout)}
+    for case, (out, status) in got.items():
+        assert status == 0 and out.startswith(("ok", "OutOfMemoryError")), (case, out, status, r.stderr[-2000:])
     for mode in ("plain", "exact"):  # (the margins reach it)
         assert any(out.startswith("OutOfMemoryError") for case, (out, _) in got.items() if case[2] == mode), got
