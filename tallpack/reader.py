@@ -34,9 +34,9 @@ from .dtypes import SAFETENSORS_DTYPES, bytes_to_tensor, torch_dtype, view_tenso
 from .elements import numel
 from .encodings import Encoding, TaskTensor, TensorEntry, Use, encoding_for, iter_arrays
 from .encodings.base import split_parts
-from .encodings.derived import DerivedMerged, rebuild_in_runs
-from .encodings.derived_merged import rebuild_merged
-from .encodings.exact import DERIVED_ENCODINGS, TALL_ENCODINGS, rebuild_exact
+from .encodings.derived import DERIVED_MERGED, DerivedMerged, rebuild_in_runs
+from .encodings.derived_merged import rebuild_merged, task_in_runs
+from .encodings.exact import DERIVED_ENCODINGS, TALL_ENCODINGS, in_runs, rebuild_exact
 from .errors import (ArchiveClosedError, ExactTierMissingError, FormatError, IntegrityError, InvalidArgumentError,
                      OutOfMemoryError, RemoteError, TallpackError, TaskNotFoundError, TensorNotFoundError,
                      UnsupportedVersionError, memory_detail, memory_named, out_of_memory, quoted)
@@ -357,18 +357,7 @@ class Archive:
         key = ("derived-merged", ref.entry.name, ref.key, where_dev)
         hit = self._cache.get(key)
         if hit is None:
-            method = METHODS.get(self.manifest.merge.get("method", ""))
-            if method is None:
-                raise UnsupportedVersionError(f"{self.name}: {where}: merge method "
-                                              f"{self.manifest.merge.get('method')!r} is unknown to this tallpack")
-            order = [t for t in self.tasks if t in ref.entry.tasks]
-            try:
-                derived = rebuild_merged(self.read_array, ref.entry, order, method.from_params(self.manifest.merge),
-                                         f"tensor {ref.entry.name!r}")
-            except TallpackError as e:  # reads name the archive already; the rest, here
-                if str(e).startswith(f"{self.name}: "):
-                    raise
-                raise type(e)(f"{self.name}: {e}") from None
+            derived = self._derive(rebuild_merged, ref.entry, where)
             if ref.key not in derived:
                 raise FormatError(f"{self.name}: {where}: no derived {ref.key} array")
             for k, v in derived.items():
@@ -378,6 +367,30 @@ class Archive:
                     hit = v
         assert hit is not None
         return hit.clone() if use is Use.OUTPUT else hit
+
+    def _derive(self, fn: Callable[..., _T], entry: TensorEntry, where: str) -> _T:
+        """``fn(read, entry, order, method, "tensor 'name'")`` of a ``tall-derived-merged`` tensor
+        (``derived_merged``): the archive's merge method, its tasks in the manifest's order; errors
+        named with the archive."""
+        method = METHODS.get(self.manifest.merge.get("method", ""))
+        if method is None:
+            raise UnsupportedVersionError(f"{self.name}: {where}: merge method "
+                                          f"{self.manifest.merge.get('method')!r} is unknown to this tallpack")
+        order = [t for t in self.tasks if t in entry.tasks]
+        try:
+            return fn(self.read_array, entry, order, method.from_params(self.manifest.merge), f"tensor {entry.name!r}")
+        except TallpackError as e:  # reads name the archive already; the rest, here
+            if str(e).startswith(f"{self.name}: "):
+                raise
+            raise type(e)(f"{self.name}: {e}") from None
+
+    def _merged_unkept(self, entry: TensorEntry, tt: TaskTensor) -> bool:
+        """Whether a lossy read of a large ``tall-derived-merged`` entry derives tau_MTL a run at a
+        time beside its output (``derived_merged.task_in_runs``): the cache holds it not, and would
+        not keep it whole (its float32 bytes over the cache's room: ``cache_bytes=0``, the CLI's)."""
+        return (tt.encoding == DERIVED_MERGED and in_runs(self.read_array, entry, [tt])
+                and ("derived-merged", entry.name, "merged", None) not in self._cache
+                and 4 * entry.arrays["base"].numel > self._room())
 
     def _rebuild(self, task: str, name: str, pool: ThreadPoolExecutor | None, exact: bool = False,
                  device: torch.device | str | None = None, rows: tuple[int, int] | None = None,
@@ -421,12 +434,15 @@ class Archive:
         if not exact and rows is None and parts is None and device is None and tt.encoding in DERIVED_ENCODINGS:
             try:  # a large tall-derived entry: its base and residual a run at a time (derived.rebuild_in_runs)
                 with memory_named(f"{self.name}: {where}"):  # its output or a run's buffers (torch's allocator)
-                    in_runs = rebuild_in_runs(self.read_array, entry, tt, where)
+                    derive = partial(task_in_runs, task=task, task_where=where)  # tau_MTL beside it, never whole
+                    rebuilt = self._derive(derive, entry, where + " (merged)") if self._merged_unkept(entry, tt) else None
+                    if rebuilt is None:
+                        rebuilt = rebuild_in_runs(self.read_array, entry, tt, where)
             except IntegrityError as e:  # a hash or a mask's set bits: say which archive
                 text = str(e)
                 raise IntegrityError(text if text.startswith(f"{self.name}:") else f"{self.name}: {text}") from None
-            if in_runs is not None:
-                return in_runs
+            if rebuilt is not None:
+                return rebuilt
         if parts is not None:  # the plan is shared by the group's reads: a member read alone is named here
             where = f"task {task!r}, " + _group_where(entry, parts)
         row = numel(tt.shape[1:]) if tt.shape else 1

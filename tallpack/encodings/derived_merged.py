@@ -22,10 +22,10 @@ from collections.abc import Callable, Iterator
 from .. import kernels
 from .._torch import torch
 from ..arrays import ArrayRef
-from ..dtypes import tensor_to_bytes
+from ..dtypes import tensor_to_bytes, torch_dtype
 from ..errors import FormatError
 from ..merging import MergeMethod, derive_merged, no_derived_merged
-from ..tall import compiled_kind, elements, task_vector
+from ..tall import compiled_kind, elements, reconstruct, task_vector
 from .base import ReadArray, TaskTensor, TensorEntry, Use, register
 from .derived import (DERIVED_MERGED, DerivedMerged, TallDerived, check_derived_entry, check_set_bits, checked_mask,
                       mask_and_ones, merged_source)
@@ -94,6 +94,36 @@ def _each_run(read: ReadArray, entry: TensorEntry, order: list[str], method: Mer
         del base, thetas
     for o in originals:
         o.check()
+
+
+def task_in_runs(read: ReadArray, entry: TensorEntry, order: list[str], method: MergeMethod, where: str,
+                 task: str, task_where: str) -> torch.Tensor | None:
+    """The lossy rebuild of ``task`` of a large ``tall-derived-merged`` tensor (``exact.in_runs``)
+    with tau_MTL never whole: one pass (:func:`_each_run`) derives each run of it from every
+    task's run of its original and rebuilds this task's run from its own original of the same
+    pass. For a reader whose cache would not keep tau_MTL: holds the output and a run of each
+    original. The same bits and errors as ``derived.rebuild_in_runs`` on tau_MTL derived whole
+    (``where`` the derivation's, ``task_where`` the task's: its mask's set bits); None where the
+    tensor is not derived in runs.
+
+    >>> t = task_in_runs(fam.read_array, entry, order, method, "tensor 'w'", "cars", "task 'cars', tensor 'w'")
+    """
+    tt = entry.tasks[task]
+    if not in_runs(read, entry, [entry.tasks[t] for t in order]) or not in_runs(read, entry, [tt]):
+        return None
+    i, lam = order.index(task), tt.params["lambda"]
+    out = torch.empty(tt.shape, dtype=torch_dtype(tt.dtype))
+    flat, ones = out.view(-1), 0
+
+    def each(a: int, b: int, base: torch.Tensor, thetas: list[torch.Tensor], part: dict[str, torch.Tensor]) -> None:
+        nonlocal ones
+        merged = part["merged"].reshape(-1)
+        mask, counted = mask_and_ones(thetas[i], base, merged, lam)
+        ones += int(torch.count_nonzero(mask)) if counted is None else counted
+        flat[a:b] = reconstruct(base.to(torch.float32), mask, merged, out.dtype)
+    _each_run(read, entry, order, method, where, each)
+    check_set_bits(ones, tt, task_where)
+    return out
 
 
 def in_tasks(count: int, threads: int, fn: Callable[[int], None]) -> None:
@@ -240,4 +270,4 @@ class TallDerivedMerged(TallDerived):
                 "exact/residual": (tt.extras["exact"].residual, Use.INPUT)}
 
 
-__all__ = ["TallDerivedMerged", "checked_in_runs", "merged_from", "rebuild_merged", "task_masks"]
+__all__ = ["TallDerivedMerged", "checked_in_runs", "merged_from", "rebuild_merged", "task_in_runs", "task_masks"]
