@@ -434,8 +434,10 @@ class Archive:
         if not exact and rows is None and parts is None and device is None and tt.encoding in DERIVED_ENCODINGS:
             try:  # a large tall-derived entry: its base and residual a run at a time (derived.rebuild_in_runs)
                 with memory_named(f"{self.name}: {where}"):  # its output or a run's buffers (torch's allocator)
-                    derive = partial(task_in_runs, task=task, task_where=where)  # tau_MTL beside it, never whole
-                    rebuilt = self._derive(derive, entry, where + " (merged)") if self._merged_unkept(entry, tt) else None
+                    rebuilt = None
+                    if self._merged_unkept(entry, tt):  # tau_MTL derived beside it a run at a time, never whole
+                        derive = partial(task_in_runs, task=task, task_where=where)
+                        rebuilt = self._derive(derive, entry, where + " (merged)")
                     if rebuilt is None:
                         rebuilt = rebuild_in_runs(self.read_array, entry, tt, where)
             except IntegrityError as e:  # a hash or a mask's set bits: say which archive

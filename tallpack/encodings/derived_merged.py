@@ -13,6 +13,8 @@ A lossy read of one task rebuilds every task's original of the tensor (each hash
 tau_MTL (cached with the base, :class:`DerivedMerged`), then the task's mask as for ``tall-derived``.
 A tensor of more than ``exact.RUNS_FROM`` elements is derived a run of chunks at a time from every
 task's run of its original: tau_MTL and a run of each original held, not every original whole.
+Where the reader's cache would not keep tau_MTL (``cache_bytes=0``, the CLI's ``unpack --task``),
+its lossy read derives each run of it beside the task's output (:func:`task_in_runs`): never whole.
 """
 
 from __future__ import annotations
