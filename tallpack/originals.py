@@ -429,6 +429,9 @@ def verify_originals(archive: "Archive", progress: ProgressLike = None) -> list[
     tasks = [t for t in archive.tasks if archive.task_info(t).exact is not None]
     steps = iter(track(range(sum(len(archive.keys(t)) for t in tasks)), progress, "checking originals"))
     said: dict[str, list[str]] = {t: [] for t in tasks}
+    # the rebuilds that failed (not a file record's problems: the masks derive from the originals all
+    # the same), and below the masks that did not check: their tensors' other masks are not derived again
+    named: list[str] = []
     masks = _Masks(archive, tasks)
     together = _Together(archive, masks)
     # (task, its check, the tensor it asks for, its file's hash so far, that tensor's rebuild once
@@ -459,6 +462,7 @@ def verify_originals(archive: "Archive", progress: ProgressLike = None) -> list[
         except (OutOfMemoryError, RemoteError):
             raise
         except TallpackError as e:
+            named.append(str(e))
             advance(task, check, e)
         else:
             masks.saw(task, name, t)
@@ -494,16 +498,18 @@ def verify_originals(archive: "Archive", progress: ProgressLike = None) -> list[
     left = [(entry, t, tt) for entry in archive.manifest.tensors for t, tt in entry.tasks.items()
             if tt.encoding in TALL_ENCODINGS and tt.encoding != "tall" and (entry.name, t) not in masks.checked]
     for entry, t, tt in track(left, progress, "checking derived masks"):  # set bits against the manifest's
-        if any(f"tensor {entry.name!r}" in p for p in problems):
-            continue  # an original of it did not rebuild, said above: the mask derives from them
+        if any(f"tensor {entry.name!r}" in p for p in named):
+            continue  # an original of it did not rebuild, or another task's mask of it failed: said already
         where = f"{archive.name}: task {t!r}, tensor {entry.name!r}"
         try:  # a large tensor's mask a run at a time (the rebuild checks its set bits), else whole
-            if rebuild_in_runs(archive.read_array, entry, tt, where) is None:
-                task_mask(archive.read_array, entry, tt, where)
+            with memory_named(f"{archive.name}: checking the derived masks"):
+                if rebuild_in_runs(archive.read_array, entry, tt, where) is None:
+                    task_mask(archive.read_array, entry, tt, where)
         except (OutOfMemoryError, RemoteError):
             raise
         except TallpackError as e:
             problems.append(str(e))
+            named.append(str(e))  # (one problem a tensor: its other tasks' masks not derived again)
     return problems
 
 
