@@ -374,7 +374,8 @@ class Archive:
         named with the archive."""
         method = METHODS.get(self.manifest.merge.get("method", ""))
         if method is None:
-            raise UnsupportedVersionError(f"{self.name}: {where}: merge method "
+            named = where if where.startswith(f"{self.name}: ") else f"{self.name}: {where}"  # (verify's names it)
+            raise UnsupportedVersionError(f"{named}: merge method "
                                           f"{self.manifest.merge.get('method')!r} is unknown to this tallpack")
         order = [t for t in self.tasks if t in entry.tasks]
         try:

@@ -137,3 +137,20 @@ def test_a_damaged_file_record_does_not_hide_a_masks_set_bits(tmp_path, monkeypa
     assert len(problems) == 2, problems
     assert "task 't1'" in problems[0] and "is not float16" in problems[0], problems
     assert "task 't0'" in problems[1] and "set bits" in problems[1], problems
+
+
+@pytest.mark.parametrize("large", [False, True])
+def test_an_unknown_merge_method_is_said_once_naming_the_archive_once(tmp_path, monkeypatch, large):
+    """A merge method this tallpack does not know: verify says so for the derived tensors, each line
+    naming the archive once (the end's mask check passed a place already naming it, and the reader
+    named it again: "a.tallpack: a.tallpack: task ...")."""
+    path = _pack(tmp_path, monkeypatch)
+    raw = path.read_bytes()
+    m_off, m_len, *_ = FOOTER.unpack(raw[-FOOTER.size:])
+    manifest = json.loads(zstandard.ZstdDecompressor().decompress(raw[m_off:m_off + m_len]))
+    manifest["merge"]["method"] = "TA"
+    path.write_bytes(with_manifest(raw, manifest))
+    problems, _ = _verify(path, monkeypatch, large=large)
+    said = [p for p in problems if "merge method 'TA' is unknown" in p]
+    assert said, problems
+    assert all(p.count(path.name) == 1 for p in said), said
