@@ -348,3 +348,21 @@ def dial_family(d: Path, dtype, n: int, *, tasks: int = 3, seed: int = 1, spikes
         save_file(sd, p)
         paths[f"t{i}"] = p
     return paths.pop("t-1"), paths
+
+
+def save_in_order(sd: dict[str, torch.Tensor], path: Path, order: list[str]) -> None:
+    """A safetensors file whose data lists the tensors in ``order`` (``save_file`` picks its own)."""
+    import struct
+
+    kinds = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.int64: "I64"}
+    header, pos = {}, 0
+    for k in order:
+        n = sd[k].numel() * sd[k].element_size()
+        header[k] = {"dtype": kinds[sd[k].dtype], "shape": list(sd[k].shape), "data_offsets": [pos, pos + n]}
+        pos += n
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(text)) + text)
+        for k in order:
+            f.write(sd[k].contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import re
-import struct
 from collections import Counter
 from pathlib import Path
 
@@ -25,26 +24,12 @@ from tallpack import originals, reader
 from tallpack.container import FOOTER
 from tallpack.encodings import derived, derived_merged, exact
 
+from conftest import save_in_order
 from test_integrity import with_manifest
 
 CHUNK = 1 << 14
 N = 5 * CHUNK + 512
 BIG = "big.weight"
-
-
-def _save_in_order(sd: dict[str, torch.Tensor], path: Path, order: list[str]) -> None:
-    """A bfloat16 safetensors file whose data lists the tensors in ``order``."""
-    header, pos = {}, 0
-    for k in order:
-        n = sd[k].numel() * sd[k].element_size()
-        header[k] = {"dtype": "BF16", "shape": list(sd[k].shape), "data_offsets": [pos, pos + n]}
-        pos += n
-    text = json.dumps(header).encode()
-    text += b" " * (-len(text) % 8)
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(text)) + text)
-        for k in order:
-            f.write(sd[k].contiguous().view(torch.uint8).numpy().tobytes())
 
 
 def _pack(d: Path, monkeypatch, reordered: str | None = None) -> Path:
@@ -60,7 +45,7 @@ def _pack(d: Path, monkeypatch, reordered: str | None = None) -> Path:
         t = f"t{i}"
         tasks[t] = d / f"{t}.safetensors"
         sd = {k: (v.float() + 2e-3 * torch.randn(v.shape, generator=g)).bfloat16() for k, v in base.items()}
-        _save_in_order(sd, tasks[t], [BIG, "small.weight"][:: -1 if t == reordered else 1])
+        save_in_order(sd, tasks[t], [BIG, "small.weight"][:: -1 if t == reordered else 1])
     out = d / "a.tallpack"
     tallpack.pack(d / "base.safetensors", tasks, out, exact=True, chunk_elements=CHUNK)
     with tallpack.open(out) as a:

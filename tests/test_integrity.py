@@ -13,6 +13,7 @@ import tallpack
 from tallpack.sources import DictSource
 from tallpack.container import FOOTER, HEADER
 from tallpack.errors import FormatError, IntegrityError, TallpackError, UnsupportedVersionError
+from conftest import save_in_order
 from test_fuzz import with_manifest
 
 
@@ -677,24 +678,6 @@ def test_a_damaged_chunk_read_without_the_cache_names_archive_and_task_once(tmp_
     assert str(e.value).count("task 'a'") == 1, str(e.value)
 
 
-def _save_in_order(sd: dict, path, order: list[str]) -> None:
-    """A safetensors file whose data lists the tensors in ``order`` (``save_file`` picks its own)."""
-    import struct
-
-    header, pos = {}, 0
-    for k in order:
-        n = sd[k].numel() * sd[k].element_size()
-        header[k] = {"dtype": {torch.float32: "F32", torch.int64: "I64"}[sd[k].dtype], "shape": list(sd[k].shape),
-                     "data_offsets": [pos, pos + n]}
-        pos += n
-    text = json.dumps(header).encode()
-    text += b" " * (-len(text) % 8)
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(text)) + text)
-        for k in order:
-            f.write(sd[k].contiguous().numpy().tobytes())
-
-
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())
 def test_verify_of_an_exact_archive_finds_its_damage_whatever_order_the_files_list_tensors(small_family, tmp_path,
@@ -710,7 +693,7 @@ def test_verify_of_an_exact_archive_finds_its_damage_whatever_order_the_files_li
     paths = {}
     for t, sd in small_family["tasks"].items():
         paths[t] = tmp_path / f"{t}.ordered.safetensors"
-        _save_in_order(sd, paths[t], data.draw(st.permutations(list(sd)), label=f"order of {t}"))
+        save_in_order(sd, paths[t], data.draw(st.permutations(list(sd)), label=f"order of {t}"))
     out = tmp_path / "o.tallpack"
     policy, exact.MASK_POLICY = exact.MASK_POLICY, "derive"  # every mask derived, none stored
     try:

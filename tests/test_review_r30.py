@@ -21,7 +21,8 @@ import tallpack
 from tallpack.container import FOOTER
 from tallpack.encodings import exact
 
-from test_exact_r30 import _pack, _save_in_order, _verify
+from conftest import save_in_order
+from test_exact_r30 import _pack, _verify
 from test_integrity import with_manifest
 
 ROOT = Path(tallpack.__file__).resolve().parents[1]
@@ -79,7 +80,7 @@ def large(tmp_path_factory) -> dict[str, Path]:
             for t, sd in sds.items():
                 tasks[t] = d / name / f"{t}.safetensors"
                 tasks[t].parent.mkdir(exist_ok=True)
-                _save_in_order(sd, tasks[t], [BIG, "small.weight"][:: -1 if t == reordered else 1])
+                save_in_order(sd, tasks[t], [BIG, "small.weight"][:: -1 if t == reordered else 1])
             out[name] = d / f"{name}.tallpack"
             tallpack.pack(d / "base.safetensors", tasks, out[name], exact=True, chunk_elements=CHUNK)
             with tallpack.open(out[name]) as a:
