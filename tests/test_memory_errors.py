@@ -161,12 +161,15 @@ def test_merge_and_pack_out_of_memory_are_not_bugs(family):
 
 
 API = """
-    import json, resource, sys
+    import importlib, json, resource, sys
     import torch, tallpack, tallpack.reader, tallpack.originals
     from tallpack.errors import OutOfMemoryError
     def held():
         return int(open("/proc/self/statm").read().split()[0]) * resource.getpagesize()
-    path, margins = sys.argv[1], json.loads(sys.argv[2])
+    path, margins, settings = sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.argv[3])
+    for where, value in settings.items():  # module attributes ("tallpack.encodings.exact.RUNS_FROM": 4096)
+        module, name = where.rsplit(".", 1)
+        setattr(importlib.import_module(module), name, value)
     torch.set_num_threads(1)  # (nor torch's own pool, started on a first parallel op)
     results = []
     for mb in margins:
@@ -188,11 +191,11 @@ API = """
 """
 
 
-def test_verify_raises_out_of_memory_instead_of_listing_damage(family):
-    """F5, the Python API: Archive.verify short of memory raises OutOfMemoryError (a TallpackError
-    and a MemoryError) naming the archive, rather than returning problems for an intact archive."""
-    assert issubclass(OutOfMemoryError, TallpackError) and issubclass(OutOfMemoryError, MemoryError)
-    results = json.loads(child(API, str(family["exact"]), json.dumps(MARGINS)))
+def verify_short_of_memory(path: Path, margins: list[int] = MARGINS, settings: dict | None = None) -> None:
+    """``Archive.verify`` of the intact ``path`` in a child, under each margin (MB over what it
+    holds; ``settings``: module attributes set first): no problem where it has enough, else an
+    OutOfMemoryError naming the archive once, in one line; some margin short, the last enough."""
+    results = json.loads(child(API, str(path), json.dumps(margins), json.dumps(settings or {})))
     raised = 0
     for mb, kind, got in results:
         if kind == "returned":
@@ -200,9 +203,16 @@ def test_verify_raises_out_of_memory_instead_of_listing_damage(family):
             continue
         raised += 1
         assert kind == "OutOfMemoryError", (mb, kind, got)
-        assert got.startswith(f"{family['exact']}: ") and "\n" not in got and "damaged archive" not in got, got
-        assert got.count("x.tallpack") == 1, got
-    assert raised and results[-1][1:] == ["returned", []]
+        assert got.startswith(f"{path}: ") and "\n" not in got and "damaged archive" not in got, got
+        assert got.count(path.name) == 1, got
+    assert raised and results[-1][1:] == ["returned", []], results
+
+
+def test_verify_raises_out_of_memory_instead_of_listing_damage(family):
+    """F5, the Python API: Archive.verify short of memory raises OutOfMemoryError (a TallpackError
+    and a MemoryError) naming the archive, rather than returning problems for an intact archive."""
+    assert issubclass(OutOfMemoryError, TallpackError) and issubclass(OutOfMemoryError, MemoryError)
+    verify_short_of_memory(family["exact"])
 
 
 def test_read_file_names_the_archive_once_and_the_task(tmp_path):

@@ -6,10 +6,7 @@ hid a derived mask's wrong set bits."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -23,42 +20,13 @@ from tallpack.encodings import exact
 
 from conftest import save_in_order
 from test_exact_r30 import _pack, _verify
+from test_memory_errors import verify_short_of_memory
 from test_integrity import with_manifest
 
-ROOT = Path(tallpack.__file__).resolve().parents[1]
 CHUNK = 1 << 16
 N = 32 * CHUNK + 512  # 2M bfloat16 elements: its float32 work (8 MB) passes the small margins
 BIG = "big.weight"
 MARGINS = [0, 4, 8, 13, 20, 200]
-
-#: verify under each margin (MB) over what the process holds, the large tensor rebuilt in runs
-#: (exact.RUNS_FROM) and its originals past WAITING_BYTES together: what it returned or raised.
-CHILD = """
-    import json, resource, sys
-    import torch, tallpack, tallpack.reader, tallpack.originals
-    from tallpack import originals
-    from tallpack.encodings import exact
-    from tallpack.errors import OutOfMemoryError
-    path, n, chunk, margins = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), json.loads(sys.argv[4])
-    originals.WAITING_BYTES, exact.RUNS_FROM, exact.RUN_ELEMENTS = n, chunk, 2 * chunk
-    torch.set_num_threads(1)  # (as test_memory_errors: the limit bites in allocations, not a thread's start)
-    def held():
-        return int(open("/proc/self/statm").read().split()[0]) * resource.getpagesize()
-    results = []
-    for mb in margins:
-        with tallpack.open(path, cache_bytes=0, threads=1) as fam:
-            resource.setrlimit(resource.RLIMIT_AS, (held() + (mb << 20), resource.RLIM_INFINITY))
-            try:
-                got = ["returned", fam.verify()]
-            except OutOfMemoryError as e:
-                got = ["OutOfMemoryError", str(e)]
-            except BaseException as e:
-                got = [type(e).__name__, str(e)]
-            finally:
-                resource.setrlimit(resource.RLIMIT_AS, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
-        results.append([mb] + got)
-    print(json.dumps(results))
-"""
 
 
 @pytest.fixture(scope="module")
@@ -96,21 +64,9 @@ def test_verify_short_of_memory_raises_out_of_memory(large, which):
     """Short of memory, verify raises OutOfMemoryError naming the archive (never torch's or
     threading's RuntimeError: the large tensor's derived masks checked at the end, a run at a
     time, ran outside ``memory_named``), and returns no problem where it has enough."""
-    path = large[which]
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "cli"), *sys.path]))
-    r = subprocess.run([sys.executable, "-c", textwrap.dedent(CHILD), str(path), str(N), str(CHUNK),
-                        json.dumps(MARGINS)], capture_output=True, text=True, env=env, timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
-    results = json.loads(r.stdout)
-    raised = 0
-    for mb, kind, got in results:
-        if kind == "returned":
-            assert got == [], (mb, got)  # intact
-            continue
-        raised += 1
-        assert kind == "OutOfMemoryError", (mb, kind, got)
-        assert got.startswith(f"{path}: ") and got.count(path.name) == 1 and "damaged archive" not in got, got
-    assert raised and results[-1][1:] == ["returned", []], results
+    verify_short_of_memory(large[which], MARGINS, {"tallpack.originals.WAITING_BYTES": N,
+                                                 "tallpack.encodings.exact.RUNS_FROM": CHUNK,
+                                                 "tallpack.encodings.exact.RUN_ELEMENTS": 2 * CHUNK})
 
 
 def _ones_and_header(path: Path) -> None:
