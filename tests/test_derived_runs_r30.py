@@ -12,12 +12,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_file
 
 import tallpack
 from tallpack import reader
 from tallpack.encodings import exact
 from tallpack.errors import TallpackError
+
+from test_exact_read_runs import _bits, _family
 
 NAME = "big.weight"
 
@@ -25,16 +26,7 @@ NAME = "big.weight"
 def _pack(d: Path, monkeypatch, dtype: torch.dtype, tasks: int, merge: str, chunk: int) -> Path:
     """A base and ``tasks`` fine-tunes of a tensor of about five chunks (the last a short one) and a
     small one, packed exact with every mask derived: ``big.weight`` is ``tall-derived-merged``."""
-    g = torch.Generator().manual_seed(tasks)
-    n = 5 * chunk + 808
-    base = {NAME: (torch.randn(n // 8, 8, generator=g) * 0.02).to(dtype),
-            "other.weight": torch.randn(16, 8, generator=g).to(dtype)}
-    save_file(base, d / "base.safetensors")
-    paths = {}
-    for i in range(tasks):
-        sd = {k: (v.float() + 1e-3 * torch.randn(v.shape, generator=g)).to(dtype) for k, v in base.items()}
-        paths[f"t{i}"] = d / f"t{i}.safetensors"
-        save_file(sd, paths[f"t{i}"])
+    paths = _family(d, dtype, tasks, n=5 * chunk + 808, seed=tasks)
     monkeypatch.setattr(exact, "MASK_POLICY", "derive")
     out = d / "a.tallpack"
     tallpack.pack(d / "base.safetensors", paths, out, exact=True, chunk_elements=chunk, merge=merge, overwrite=True,
@@ -43,10 +35,6 @@ def _pack(d: Path, monkeypatch, dtype: torch.dtype, tasks: int, merge: str, chun
         entry = next(e for e in a.manifest.tensors if e.name == NAME)
         assert {tt.encoding for tt in entry.tasks.values()} == {"tall-derived-merged"}
     return out
-
-
-def _bits(t: torch.Tensor) -> bytes:
-    return t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
 
 
 class _Counts:

@@ -28,10 +28,10 @@ N = 5 * CHUNK + 1000  # six chunks, the last a short one
 WHOLE = 1 << 60  # RUNS_FROM: every tensor rebuilt whole
 
 
-def _family(d: Path, dtype: torch.dtype, tasks: int = 3) -> dict[str, Path]:
-    """``base.safetensors`` and ``t0..`` in ``d``: a tensor of six chunks and a small one."""
-    g = torch.Generator().manual_seed(3)
-    base = {"big.weight": (torch.randn(N // 8, 8, generator=g) * 0.02).to(dtype),
+def _family(d: Path, dtype: torch.dtype, tasks: int = 3, n: int = N, seed: int = 3) -> dict[str, Path]:
+    """``base.safetensors`` and ``t0..`` in ``d``: a tensor of ``n`` elements (six chunks) and a small one."""
+    g = torch.Generator().manual_seed(seed)
+    base = {"big.weight": (torch.randn(n // 8, 8, generator=g) * 0.02).to(dtype),
             "other.weight": torch.randn(64, 32, generator=g).to(dtype)}
     save_file(base, d / "base.safetensors")
     paths = {}
