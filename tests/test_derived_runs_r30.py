@@ -18,7 +18,7 @@ from tallpack import reader
 from tallpack.encodings import exact
 from tallpack.errors import TallpackError
 
-from test_exact_read_runs import _bits, _family
+from test_exact_read_runs import _bits, _family, _flip
 
 NAME = "big.weight"
 
@@ -100,14 +100,6 @@ def test_a_read_the_cache_would_not_keep_derives_tau_mtl_a_run_at_a_time(tmp_pat
     with tallpack.open(path, cache_bytes=4 * len(want[names[0]]) // dtype.itemsize - 8) as a:
         assert [_bits(a.get_tensor(t, NAME)) for t in names] == list(want.values())
     assert counts.whole == 1 and counts.task == 2 * tasks + 1
-
-
-def _flip(path: Path, offset: int) -> None:
-    with open(path, "r+b") as f:
-        f.seek(offset)
-        byte = f.read(1)
-        f.seek(offset)
-        f.write(bytes([byte[0] ^ 0x10]))
 
 
 @pytest.mark.parametrize("damage", ["chunk", "xxh3", "ones"])
