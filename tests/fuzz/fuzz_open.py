@@ -118,8 +118,11 @@ _WRITE_EVERY = _Every(int(os.environ.get("TALLPACK_FUZZ_WRITE_EVERY", "8")))
 #: the corpus's tensors are below ``reader.PLANAR_MIN_ELEMENTS``, so that path would go unread.
 _PLANAR_EVERY = _Every(2)
 #: Every third input is read through a cache of a few KB: the arrays that pass it keep only the
-#: chunks that fit (reader._decode_planar), read from the plane lengths before decoding.
+#: chunks that fit (reader._decode_planar), read from the plane lengths before decoding; every other
+#: one of those through none (``cache_bytes=0``): with the runs below, a large derived merged vector
+#: is then derived a run at a time beside the task's output (``derived_merged.task_in_runs``).
 _SMALL_CACHE_EVERY = _Every(3)
+_NO_CACHE_EVERY = _Every(2)
 #: Every fifth archive that opens is also sent through pickle (``Archive.__reduce__``: opened again
 #: from its path, and checked to be the same file), as a spawn DataLoader worker receives it.
 _PICKLE_EVERY = _Every(5)
@@ -150,7 +153,8 @@ def _exercise(path: str, outdir: str) -> None:
     from tallpack.merging import MERGED_MODELS
     from tallpack.report import render, render_tensors, tensor_rows
 
-    with tallpack.open(path, **({"cache_bytes": 4096} if _SMALL_CACHE_EVERY.tick() else {})) as fam:
+    small = _SMALL_CACHE_EVERY.tick()
+    with tallpack.open(path, **({"cache_bytes": 0 if _NO_CACHE_EVERY.tick() else 4096} if small else {})) as fam:
         s = fam.summary()
         render(s)
         json.dumps(s)
