@@ -535,7 +535,7 @@ def _refuse_ignored_pack_flags(merge: str, exact: bool, dial: bool, derive_masks
               help="How the merged vector tau_MTL is built.")
 @_method_options
 @click.option("--codec", type=click.Choice(DENSE_PRESETS), default=_DEFAULTS.codec, show_default=True,
-              help="Codec of dense sections: planes is the smallest, raw loads fastest.")
+              help="Codec of dense sections: planes is the smallest, raw loads fastest (its masks kept verbatim too).")
 @click.option("--level", type=click.IntRange(MIN_LEVEL, MAX_LEVEL), default=_DEFAULTS.level, show_default=True, help="zstd level (planes: 10 and up choose how float32/bfloat16 exponent bits are split per chunk, about 0.3% smaller, slower to decode).")
 @click.option("--checksum", type=click.Choice(list(CHECKSUMS)), default=_DEFAULTS.checksum, show_default=True,
               help="Chunk checksum (crc32 with --codec bytegroup-zstd and --no-group, from files, gives a "

@@ -101,6 +101,8 @@ class Zstd(Codec):
             raise CodecError(f"zstd: bad level {self.level!r}")
 
     def encode(self, buf: memoryview) -> bytes:
+        if self.keep_below <= 0 and len(buf) >= self.RAW_FROM:  # kept verbatim whatever zstd would do
+            return raw_frame(buf)
         packed = zstandard.ZstdCompressor(level=self.level, write_content_size=True).compress(buf)
         if self.keep_below < 1 and len(buf) >= self.RAW_FROM and len(packed) > self.keep_below * len(buf):
             return raw_frame(buf)
@@ -879,6 +881,8 @@ def dense_chain(preset: str, itemsize: int, level: int = 3, dtype: str | None = 
 MASK_KEEP_BELOW = 0.90
 
 
-def mask_chain(level: int = 3) -> Chain:
-    """The chain for TALL masks: bit-packed, then zstd (where it saves ``MASK_KEEP_BELOW``)."""
-    return Chain([BitPack(), Zstd(level, keep_below=MASK_KEEP_BELOW)])
+def mask_chain(level: int = 3, keep_below: float | None = None) -> Chain:
+    """The chain for TALL masks: bit-packed, then zstd where it saves ``keep_below`` (default
+    ``MASK_KEEP_BELOW``; 0 keeps every chunk of ``Zstd.RAW_FROM`` bytes or more verbatim, as the
+    ``raw`` preset does)."""
+    return Chain([BitPack(), Zstd(level, keep_below=MASK_KEEP_BELOW if keep_below is None else keep_below)])

@@ -201,7 +201,9 @@ class Validated:
         return self.derive_masks and bool(self.options.derive_merged)
 
     def masks(self) -> Chain:
-        return mask_chain(self.options.level)
+        """The masks' chain: zstd where it saves 10%, except with ``codec="raw"`` (speed over
+        size), whose mask chunks of 4 KiB or more are kept verbatim: a read copies their bits."""
+        return mask_chain(self.options.level, 0.0 if self.options.codec == "raw" else None)
 
     def residuals(self, dtype_itemsize: int) -> Chain:
         """The chain of the exact tier's residuals, whatever ``codec`` says: byte planes, each zstd

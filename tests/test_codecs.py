@@ -111,6 +111,24 @@ def test_masks_that_zstd_barely_shrinks_are_stored_as_raw_blocks(density, raw):
     assert stored == codecs.Zstd().encode(memoryview(codecs.BitPack().encode(memoryview(small))))
 
 
+@pytest.mark.parametrize("density", [0.0, 0.02, 0.5])
+def test_the_raw_presets_masks_are_stored_verbatim_at_every_density(density):
+    """``codec="raw"`` (speed over size) keeps every mask chunk of ``Zstd.RAW_FROM`` packed bytes
+    or more as a frame of raw blocks, however well zstd would code it; smaller ones as the default."""
+    from tallpack.options import PackOptions
+
+    rng = np.random.default_rng(2)
+    raw_chain, default = PackOptions(codec="raw").validated().masks(), PackOptions().validated().masks()
+    assert raw_chain.configs() == default.configs()  # the same recorded chain: nothing changes for readers
+    mask = (rng.random(1 << 16) < density).astype(np.uint8).tobytes()
+    stored = raw_chain.encode(memoryview(mask))
+    assert stored == codecs.raw_frame(np.packbits(np.frombuffer(mask, np.uint8), bitorder="little"))
+    assert bytes(default.decode(memoryview(stored), len(mask))) == mask
+    assert (default.encode(memoryview(mask)) == stored) == (density == 0.5)
+    small = (rng.random(8 * 1000) < density).astype(np.uint8).tobytes()
+    assert raw_chain.encode(memoryview(small)) == default.encode(memoryview(small))
+
+
 def test_dense_zstd_frames_are_zstds_own() -> None:
     """Only masks are written as raw blocks: the ``zstd`` codec of dense arrays keeps zstd's own
     frame, even for bytes it cannot shrink."""
