@@ -709,7 +709,11 @@ class _Together:
                                        self.archive.threads)
         except (OutOfMemoryError, RemoteError):  # not damage: verify cannot say, and fails
             raise
-        except Exception:  # noqa: BLE001 - each task's rebuild says what is wrong, as before
+        except Exception as e:  # noqa: BLE001 - each task's rebuild says what is wrong, as before
+            # (said at debug level, so that a fault of this pass itself, which would only show as
+            # slowness, can be seen with -vv)
+            log.debug("%s: tensor %r: originals rebuilt one task at a time (%s: %s)", self.archive.name, name,
+                      type(e).__name__, e)
             return [(item[0], item[1], None) for item in group]
         out: list[tuple[str, Any, _Fed | None]] = []
         for item in group:

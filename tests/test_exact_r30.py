@@ -10,6 +10,7 @@ on a damaged archive.
 from __future__ import annotations
 
 import json
+import logging
 import re
 from collections import Counter
 from pathlib import Path
@@ -118,7 +119,7 @@ def _damaged(path: Path, damage: str) -> None:
 
 @pytest.mark.parametrize("damage", ["ones", "xxh3", "residual"])
 @pytest.mark.parametrize("reordered", [None, "t2"])
-def test_verify_of_a_damaged_large_tensor_says_what_it_said(tmp_path, monkeypatch, damage, reordered):
+def test_verify_of_a_damaged_large_tensor_says_what_it_said(tmp_path, monkeypatch, caplog, damage, reordered):
     """The same problems, in the same words, as a check of the tensor read whole (each task's
     original rebuilt on its own, as before); with a task's file in another order (the tasks do not
     ask for BIG together: each rebuilt on its own) too."""
@@ -127,6 +128,11 @@ def test_verify_of_a_damaged_large_tensor_says_what_it_said(tmp_path, monkeypatc
         assert _verify(path, monkeypatch)[0] == []
     _damaged(path, damage)
     whole, _ = _verify(path, monkeypatch, large=False)
-    in_runs, _ = _verify(path, monkeypatch)
+    with caplog.at_level(logging.DEBUG, logger="tallpack.originals"):
+        in_runs, _ = _verify(path, monkeypatch)
     assert in_runs == whole
+    # a pass that fails falls back to one task at a time, and says so at debug level (-vv)
+    fell_back = [r.getMessage() for r in caplog.records if "one task at a time" in r.getMessage()]
+    assert bool(fell_back) == (reordered is None and damage != "ones"), fell_back  # (ones: counted after)
+    assert all(f"tensor {BIG!r}" in m for m in fell_back)
     assert len(whole) == 1 and f"tensor {BIG!r}" in whole[0] and "t1" in whole[0], whole
