@@ -36,7 +36,7 @@ from .originals import record
 from .plan import Kind, TensorPlan, warn_dropped
 from .progress import track
 from .selection import select_lambdas, tied_evaluator
-from .sources import Source, SourceLike, family_aliases, stem
+from .sources import Source, SourceLike, family_aliases, stem, tied_in_base_alone
 from .staging import check_file_output, exists, fetched, local_path, staged
 from .remote import redact
 from .storage import is_url
@@ -149,7 +149,13 @@ def _pack_opened(fam: PackInputs, opts: PackOptions, v: Validated, out: str | os
         if aliases:  # a tied weight: stored once, its other names recorded (spec §3.8)
             log.info("%d tensor name(s) stored as aliases of another: %s", len(aliases),
                      ", ".join(f"{a!r} -> {t!r}" for a, t in list(aliases.items())[:5]))
-            fam.plan = dataclasses.replace(fam.plan, tensors=tuple(e for e in fam.plan.tensors if e.name not in aliases))
+        tied_alone = tied_in_base_alone(fam.base, fam.tasks, aliases)
+        if tied_alone:  # the base's second name of a weight the tasks hold under another: not the base's own
+            log.info("base: %s, tied to a tensor every task holds under another name, is left out as the tasks leave "
+                     "it out", ", ".join(map(repr, tied_alone)))
+        if aliases or tied_alone:
+            fam.plan = dataclasses.replace(fam.plan, tensors=tuple(
+                e for e in fam.plan.tensors if e.name not in aliases and e.name not in tied_alone))
         if v.method.max_tasks is not None and len(names) > v.method.max_tasks:
             raise InvalidArgumentError(f"{v.method.name} archives hold at most {v.method.max_tasks} tasks")
         lams = v.lambdas(names)
@@ -165,7 +171,8 @@ def _pack_opened(fam: PackInputs, opts: PackOptions, v: Validated, out: str | os
                                        fixed={t: lams[t] for t in given})
             lams = selection.chosen
         with staged(out, storage_options, overwrite=opts.overwrite) as local:
-            return _write(fam, v, lams, local, selection.to_dict() if selection else None, aliases)
+            return _write(fam, v, lams, local, selection.to_dict() if selection else None, aliases,
+                          dict.fromkeys(tied_alone, ""))
     except Exception as e:
         changed = None if isinstance(e, CheckpointError) else _input_changed(fam)  # (a file's own error says it)
         if changed is not None:  # the cause: a large tensor's passes (read a block at a time) then disagree
@@ -177,8 +184,9 @@ def _pack_opened(fam: PackInputs, opts: PackOptions, v: Validated, out: str | os
 
 
 def _write(fam: PackInputs, v: Validated, lams: dict[str, float], out: Path, selection: dict | None,
-           aliases: dict[str, str]) -> Manifest:
+           aliases: dict[str, str], tied_alone: Mapping[str, str]) -> Manifest:
     opts = v.options
+    once = {**aliases, **tied_alone}  # names of a tensor counted under another: its bytes once
     names = list(fam.tasks)
     fidelity = {t: Fidelity() for t in names}
     entries: list[TensorEntry | Later | None] = []
@@ -218,8 +226,8 @@ def _write(fam: PackInputs, v: Validated, lams: dict[str, float], out: Path, sel
 
         def described(src: Source) -> dict[str, Any]:
             d = src.describe()
-            if aliases:  # its bytes as the file holds them: a tied weight once
-                d["bytes"] = _bytes_once(src, aliases)
+            if once:  # its bytes as the file holds them: a tied weight once
+                d["bytes"] = _bytes_once(src, once)
             return d if opts.record_paths else {k: v for k, v in d.items() if k != "path"}
 
         def manifest() -> Manifest:
@@ -234,7 +242,7 @@ def _write(fam: PackInputs, v: Validated, lams: dict[str, float], out: Path, sel
             return Manifest(
                 w.version, f"tallpack {__version__}", v.method.params(), tuple(infos), tuple(stored),
                 base=described(fam.base) | {"metadata": fam.base.metadata} | ({"files": base_files} if base_files else {}),
-                stats={"source_bytes": sum(_bytes_once(s, aliases) for s in sources), "kinds": count_kinds(stored),
+                stats={"source_bytes": sum(_bytes_once(s, once) for s in sources), "kinds": count_kinds(stored),
                        **({"selection": selection} if selection else {}),
                        **({"dial": dial.record()} if dial is not None else {})},
                 metadata=dict(opts.metadata or {}), checksum=w.checksum_name, files=store.blobs,

@@ -626,6 +626,28 @@ def _held_once(base: Source, found: Mapping[str, str], theirs: Mapping[str, Mapp
     return out
 
 
+def tied_in_base_alone(base: Source, tasks: Mapping[str, Source], aliases: Mapping[str, str]) -> list[str]:
+    """The base's names of a tied weight that no task holds while every task holds another name
+    of it: a tied base saved with ``torch.save`` (``lm_head.weight`` is its embeddings) whose
+    fine-tunes ``save_pretrained`` wrote as safetensors, which keep one name. Such a name is no
+    tensor of the base's own: neither stored nor warned of as dropped (a copy kept by
+    ``keep_base_only`` would hold the base's embeddings beside the merged ones and untie a
+    merged model).
+
+    >>> tied_in_base_alone(open_source("base/"), {"a": open_source("a/")}, {})
+    ['lm_head.weight']
+    """
+    groups: dict[str, set[str]] = {}
+    for name, first in base.aliases().items():
+        groups.setdefault(first, {first}).add(name)
+    out = []
+    for group in groups.values():
+        if any(n in aliases for n in group) or not any(all(n in s for s in tasks.values()) for n in group):
+            continue  # stored as an alias (family_aliases), or no name of it that every task holds
+        out += sorted(n for n in group if not any(n in s for s in tasks.values()))
+    return out
+
+
 def _stored_apart(name: str, target: str, why: str, tied_in: list[str]) -> None:
     """Warn that tasks which tie ``name`` to ``target`` get them stored apart, and why."""
     if not tied_in:
