@@ -390,10 +390,15 @@ def _warn_no_files(archive: "Archive", task: str) -> None:
     base = archive.files()
     if archive.files(task) or "config.json" not in base or task_metadata(archive, task)[1] is not None:
         return
-    log.warning("%s: task %r was packed from a bare weights file: its folder has no config.json, which from_pretrained "
+    log.warning("%s: task %r was packed from %s: its folder has no config.json, which from_pretrained "
                 "needs; the base's files (%s) are in the archive, not copied, since the task's config may differ from "
                 "the base's: tallpack.open(ARCHIVE).read_file('config.json') reads the base's", archive.name, task,
-                ", ".join(base))
+                _packed_from(archive.task_info(task).source), ", ".join(base))
+
+
+def _packed_from(source: Mapping[str, Any]) -> str:
+    """What a checkpoint without folder files was packed from, as its recorded source says."""
+    return "tensors given in memory" if source.get("format") == "dict" else "a bare weights file"
 
 
 def _no_shard_size(archive: "Archive", task: str, max_shard_size: int | str | None) -> None:
@@ -472,9 +477,9 @@ def _merged_files(archive: "Archive", task: str | None, config: Mapping[str, Any
         alike = {n: h for n, h in by_task[0].items() if all(f.get(n) == h for f in by_task[1:])}
         if "config.json" in alike:
             differ = sorted({n for f in by_task for n in f} - set(alike))
-            log.log(logging.WARNING if differ else logging.INFO, "%s has no folder files (packed from a bare weights "
-                    "file): the merged model takes the ones every task has alike (%s)%s", where, ", ".join(alike),
-                    f"; not {', '.join(differ)}, which differ between tasks" if differ else "")
+            log.log(logging.WARNING if differ else logging.INFO, "%s has no folder files (packed from %s): the merged "
+                    "model takes the ones every task has alike (%s)%s", where, _packed_from(archive.manifest.base),
+                    ", ".join(alike), f"; not {', '.join(differ)}, which differ between tasks" if differ else "")
             return alike
     if "config.json" not in files and config is None and any("config.json" in archive.files(t) for t in archive.tasks):
         why = " and the tasks' differ" if task is None and not files else ""

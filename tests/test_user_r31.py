@@ -101,3 +101,22 @@ def test_a_tied_pickled_base_with_safetensors_tasks_drops_nothing(bin_base_famil
     ids = torch.arange(8)[None]
     with torch.no_grad():
         assert torch.equal(a(input_ids=ids).logits, b(input_ids=ids).logits)
+
+
+def test_a_task_given_as_tensors_is_named_so_when_unpacked_without_config(bin_base_family, tmp_path, caplog):
+    """``pack(base_folder, {"code": model.state_dict()})``: the unpacked folder has no
+    ``config.json``, and the warning says the task was given as tensors, not "a bare weights
+    file" (there was none); a base given so is named alike when a merge takes the tasks' files."""
+    f = bin_base_family
+    code = transformers.AutoModelForCausalLM.from_pretrained(f["tasks"]["code"]).state_dict()
+    out = tmp_path / "fam.tallpack"
+    tallpack.pack(f["base"], {"chat": f["tasks"]["chat"], "code": code}, out)
+    with tallpack.open(out) as fam, caplog.at_level(logging.WARNING, logger="tallpack"):
+        tallpack.write_task(fam, "code", tmp_path / "code")
+    assert "task 'code' was packed from tensors given in memory: its folder has no config.json" in caplog.text
+    base = torch.load(f["base"] / "pytorch_model.bin", weights_only=True)
+    tallpack.pack(base, {"chat": f["tasks"]["chat"], "code": f["tasks"]["chat"]}, tmp_path / "b.tallpack")
+    with tallpack.open(tmp_path / "b.tallpack") as fam, caplog.at_level(logging.INFO, logger="tallpack"):
+        tallpack.write_merged(fam, tmp_path / "merged", "ta")
+    assert "the base has no folder files (packed from tensors given in memory)" in caplog.text
+    assert (tmp_path / "merged" / "config.json").is_file()
