@@ -768,7 +768,7 @@ class Archive:
         if _is_meta(sd._device):  # a model's skeleton: nothing decoded
             return {name: self.get_tensor(task, name, exact=exact, device=sd._device) for name in sd}
         with _gc_paused(), self._scanning():  # see _gc_paused: a full pass would cost as much as the rebuild
-            return self._whole(sd, task, exact, device)
+            return self._whole(sd, task, exact, sd._device)
 
     @contextlib.contextmanager
     def _scanning(self) -> Iterator[None]:
@@ -1221,7 +1221,8 @@ def _is_meta(device: torch.device | str | None) -> bool:
 
 
 def _usable(device: torch.device | str | None) -> torch.device | None:
-    """``device`` as a torch.device this process can allocate on (None: the CPU, as given);
+    """``device`` as a torch.device this process can allocate on; None for the CPU, given or not
+    (``"cpu"`` reads as the default does: a large tensor's run-wise paths, the reads' plans kept);
     InvalidArgumentError for a name torch does not know or a device it has not."""
     if device is None:
         return None
@@ -1230,7 +1231,7 @@ def _usable(device: torch.device | str | None) -> torch.device | None:
         torch.empty(0, device=dev)
     except (RuntimeError, AssertionError, TypeError, ValueError) as e:  # torch's own, per backend
         raise InvalidArgumentError(f"device {device!r} cannot be used here ({quoted(e)})") from None
-    return dev
+    return None if dev.type == "cpu" else dev
 
 
 def _cache_key(ref: ArrayRef, dev: torch.device | None) -> tuple:

@@ -1,0 +1,32 @@
+"""Review of the thirty-first round's read paths: a large ``tall-derived-merged`` tensor read from
+an archive whose cache would not keep its merged vector (``cache_bytes=0``)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import tallpack
+
+from test_derived_runs_r30 import NAME, _Counts, _pack
+from test_exact_read_runs import _bits
+
+
+@pytest.mark.parametrize("device", ["cpu", torch.device("cpu"), "cpu:0"])
+def test_device_cpu_reads_as_the_default_does(tmp_path, monkeypatch, device):
+    """``device="cpu"`` (as safetensors' ``safe_open`` is often called) reads a large tensor as no
+    device does: tau_MTL derived a run at a time beside the output (``task_in_runs``), never whole
+    with the base and every residual read whole (twice the memory of the run-wise read: 586
+    against 295 MB for a 64 MB bfloat16 tensor of 3 tasks); the same bits."""
+    chunk = 4096
+    path = _pack(tmp_path, monkeypatch, torch.bfloat16, 3, "ta", chunk)
+    counts = _Counts(monkeypatch, chunk, 2 * chunk)
+    with tallpack.open(path, cache_bytes=0) as a:
+        want = {t: _bits(a.get_tensor(t, NAME)) for t in ("t0", "t1", "t2")}
+        want_sd = {k: _bits(v) for k, v in a.state_dict("t1").items()}
+        assert counts.task == 3 + 1 and counts.whole == 0
+        got = {t: _bits(a.get_tensor(t, NAME, device=device)) for t in ("t0", "t1", "t2")}
+        got_sd = {k: _bits(v) for k, v in a.state_dict("t1", device=device).items()}
+        lazy = _bits(a.state_dict("t2", lazy=True, device=device)[NAME])
+    assert got == want and got_sd == want_sd and lazy == want["t2"]
+    assert counts.whole == 0 and counts.task == 2 * (3 + 1) + 1
