@@ -346,20 +346,36 @@ def elide(name: str, n: int, *, first: Sequence[int] = ()) -> str:
 
 def elide_all(names: Sequence[str], n: int) -> list[str]:
     """Each of ``names`` elided to ``n`` characters (:func:`elide`); names that would be shortened
-    alike keep first the parts that tell them apart (counted from their ends)."""
+    alike keep first the parts that tell them apart (counted from their ends), again while names
+    so shortened meet others (BERT's ``output.dense.bias`` and ``output.LayerNorm.bias``)."""
     out = [elide(x, n) for x in names]
-    alike: dict[str, list[int]] = {}
-    for i, y in enumerate(out):
-        alike.setdefault(y, []).append(i)
-    for same in alike.values():
-        if len(same) < 2:
-            continue
-        split = [names[i].split(".") for i in same]
-        differ = [k for k in range(2, max(map(len, split)) + 1)
-                  if len({p[-k] if k <= len(p) else None for p in split}) > 1]
-        for i, p in zip(same, split):
-            out[i] = elide(names[i], n, first=[len(p) - k for k in differ if k <= len(p)])
+    first: dict[int, list[int]] = {}  # by name, the parts kept first so far
+    for _ in range(len(names)):
+        alike: dict[str, list[int]] = {}
+        for i, y in enumerate(out):
+            alike.setdefault(y, []).append(i)
+        before = list(out)
+        for same in (same for same in alike.values() if len(same) > 1):
+            split = [names[i].split(".") for i in same]
+            for i, p in zip(same, split):
+                mine = first.setdefault(i, [])
+                mine += [j for j in (len(p) - k for k in _telling_apart(split) if k <= len(p)) if j not in mine]
+                out[i] = elide(names[i], n, first=mine)
+        if out == before:  # told apart, or as far as these widths allow
+            break
     return out
+
+
+def _telling_apart(split: Sequence[Sequence[str]]) -> list[int]:
+    """The fewest parts, counted from the ends (2: the one before the last), nearest the end
+    first, that tell dotted names (``split``) apart."""
+    chosen: list[int] = []
+    for k in range(2, max(map(len, split)) + 1):
+        if len({tuple(p[-c] if c <= len(p) else None for c in chosen) for p in split}) == len(split):
+            break
+        if len({p[-k] if k <= len(p) else None for p in split}) > 1:
+            chosen.append(k)
+    return chosen
 
 
 def _extreme(value: float, tasks: list[str], n: int) -> str:

@@ -120,3 +120,30 @@ def test_a_task_given_as_tensors_is_named_so_when_unpacked_without_config(bin_ba
         tallpack.write_merged(fam, tmp_path / "merged", "ta")
     assert "the base has no folder files (packed from tensors given in memory)" in caplog.text
     assert (tmp_path / "merged" / "config.json").is_file()
+
+
+def test_inspect_tensors_tells_every_bert_tensor_apart(tmp_path):
+    """``inspect --tensors`` of a BERT classifier family in 120 columns: each shortened name is
+    another tensor's no longer (``output.dense.bias`` and ``output.LayerNorm.bias`` of a layer
+    were both shown as ``bert.encoder.layer.1.output~bias``)."""
+    from click.testing import CliRunner
+    from tallpack_cli.main import main
+
+    from tallpack.report import elide_all
+
+    cfg = transformers.BertConfig(vocab_size=32, hidden_size=8, num_hidden_layers=2, num_attention_heads=2,
+                                  intermediate_size=16, max_position_embeddings=16, num_labels=3)
+    torch.manual_seed(0)
+    base = transformers.BertForSequenceClassification(cfg).state_dict()
+    tasks = {t: {k: v + 0.01 * torch.randn_like(v) if v.is_floating_point() else v for k, v in base.items()}
+             for t in ("sst2", "mnli", "yelp")}
+    tallpack.pack(base, tasks, tmp_path / "bert.tallpack")
+    for columns in range(96, 125, 4):  # names shortened to several widths
+        r = CliRunner(env={"COLUMNS": str(columns)}).invoke(
+            main, ["inspect", str(tmp_path / "bert.tallpack"), "--tensors"], catch_exceptions=False)
+        assert r.exit_code == 0, r.output
+        rows = r.output.split("\ntensor ")[1].splitlines()[2:]
+        names = [line.split()[0] for line in rows if line.split() and line.split()[1] in ("merged", "group")]
+        assert "shortened" in r.output and len(names) == len(base) + 1  # every tensor and the group
+        assert len(set(names)) == len(names), "\n".join(n for n in names if names.count(n) > 1)
+    assert all(len(set(elide_all(list(base), n))) == len(base) for n in range(16, 61))
