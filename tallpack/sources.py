@@ -1320,11 +1320,21 @@ _MODEL_FOLDER_FILES = ("config.json", "model_index.json", "modules.json")
 
 def _note_folder_left(path: Path) -> None:
     """Warn when a weights file given alone sits in a model folder: the folder's config and
-    tokenizer files are then not packed, which its folder, given instead, would keep."""
+    tokenizer files are then not packed, which its folder, given instead, would keep; or is one
+    shard of several (``model-00001-of-00003.safetensors``): then the model's other tensors are not."""
     beside = [n for n in _MODEL_FOLDER_FILES if (path.parent / n).is_file()]
-    if beside:
+    shard = _ONE_SHARD.search(path.name)
+    if shard is not None and int(shard.group(1)) > 1:  # a part of the model: its other shards' tensors left out
+        log.warning("%s is packed as a file alone: it is one of %s shards of a model, so the other shards' tensors "
+                    "are not packed%s (give the folder, %s, to pack the whole model)", path, int(shard.group(1)),
+                    f", nor its folder's {beside[0]} and tokenizer" if beside else "", path.parent)
+    elif beside:
         log.warning("%s is packed as a file alone: its folder's %s, tokenizer and other files are not kept "
                     "(give the folder, %s, to keep them)", path, beside[0], path.parent)
+
+
+#: A shard's name ends in its number and the count (``model-00001-of-00003.safetensors``).
+_ONE_SHARD = re.compile(r"-\d+-of-(\d+)\.(safetensors|bin)$")
 
 
 #: A trainer's checkpoint folders (transformers' Trainer ``checkpoint-500``, accelerate's

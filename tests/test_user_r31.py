@@ -147,3 +147,20 @@ def test_inspect_tensors_tells_every_bert_tensor_apart(tmp_path):
         assert "shortened" in r.output and len(names) == len(base) + 1  # every tensor and the group
         assert len(set(names)) == len(names), "\n".join(n for n in names if names.count(n) > 1)
     assert all(len(set(elide_all(list(base), n))) == len(base) for n in range(16, 61))
+
+
+def test_one_shard_given_as_a_task_is_named_as_part_of_a_model(tmp_path, caplog):
+    """``ft/code/model-00001-of-00003.safetensors`` (a glob that caught a shard) packs a third
+    of the model's tensors: the warning says it is one of 3 shards, not only that the folder's
+    config is left."""
+    model = _llama(tied=False)
+    model.save_pretrained(tmp_path / "base", max_shard_size="8KB")
+    _fine_tune(model, 3)
+    model.save_pretrained(tmp_path / "code", max_shard_size="8KB")
+    shards = sorted((tmp_path / "code").glob("model-*.safetensors"))
+    assert len(shards) > 1
+    with caplog.at_level(logging.WARNING, logger="tallpack"):
+        tallpack.pack(tmp_path / "base", [shards[0]], tmp_path / "f.tallpack")
+    assert (f"{shards[0]} is packed as a file alone: it is one of {len(shards)} shards of a model, so the other "
+            "shards' tensors are not packed, nor its folder's config.json and tokenizer (give the folder, "
+            f"{tmp_path / 'code'}, to pack the whole model)") in caplog.text
