@@ -7,7 +7,6 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
-import shutil
 from pathlib import Path
 
 import pytest
