@@ -33,8 +33,8 @@ from .encodings.base import TensorEntry, Use
 from .encodings.derived import DERIVED_MERGED, checked_mask, rebuild_in_runs, task_mask
 from .encodings.derived_merged import checked_in_runs, merged_from
 from .encodings.exact import TALL_ENCODINGS, in_runs
-from .errors import (CheckpointError, FormatError, IntegrityError, OutOfMemoryError, RemoteError, TallpackError,
-                     memory_named)
+from .errors import (ArchiveClosedError, CheckpointError, FormatError, IntegrityError, OutOfMemoryError, RemoteError,
+                     TallpackError, memory_named)
 from .folders import check_digest, check_file_name, check_no_clash, component_of, safe_target
 from .fsutil import atomic_write, make_folder, remove_found_on_commit
 from .limits import MAX_DEPTH
@@ -448,7 +448,7 @@ def verify_originals(archive: "Archive", progress: ProgressLike = None) -> list[
         except StopIteration:
             masks.done(task)
             return
-        except (OutOfMemoryError, RemoteError):  # not damage: verify cannot say, and fails
+        except (OutOfMemoryError, RemoteError, ArchiveClosedError):  # not damage: verify cannot say, and fails
             raise
         except TallpackError as e:
             said[task].append(str(e))
@@ -459,7 +459,7 @@ def verify_originals(archive: "Archive", progress: ProgressLike = None) -> list[
     def one(task: str, check: Generator[tuple[str, Any], Any, None], name: str, rebuilt: Future | None) -> None:
         try:
             t = rebuilt.result() if rebuilt is not None else archive.get_tensor(task, name, exact=True)
-        except (OutOfMemoryError, RemoteError):
+        except (OutOfMemoryError, RemoteError, ArchiveClosedError):
             raise
         except TallpackError as e:
             named.append(str(e))
@@ -505,7 +505,7 @@ def verify_originals(archive: "Archive", progress: ProgressLike = None) -> list[
             with memory_named(f"{archive.name}: checking the derived masks"):
                 if rebuild_in_runs(archive.read_array, entry, tt, where) is None:
                     task_mask(archive.read_array, entry, tt, where)
-        except (OutOfMemoryError, RemoteError):
+        except (OutOfMemoryError, RemoteError, ArchiveClosedError):
             raise
         except TallpackError as e:
             problems.append(str(e))
@@ -707,7 +707,7 @@ class _Together:
             with memory_named(f"{self.archive.name}: checking the originals"):
                 ones = checked_in_runs(self.archive.read_array, entry, order, self._method, f"tensor {name!r}", feed,
                                        self.archive.threads)
-        except (OutOfMemoryError, RemoteError):  # not damage: verify cannot say, and fails
+        except (OutOfMemoryError, RemoteError, ArchiveClosedError):  # not damage: verify cannot say, and fails
             raise
         except Exception as e:  # noqa: BLE001 - each task's rebuild says what is wrong, as before
             # (said at debug level, so that a fault of this pass itself, which would only show as

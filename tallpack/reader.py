@@ -990,7 +990,7 @@ class Archive:
                 try:
                     for i in range(len(ref.chunks)):
                         self._c.read_chunk(ref, i, where, recheck=True)  # even if read before
-                except (OutOfMemoryError, RemoteError):  # not damage: verify cannot say, and fails
+                except (OutOfMemoryError, RemoteError, ArchiveClosedError):  # not damage: verify cannot say, and fails
                     raise
                 except MemoryError:
                     raise self._out_of_memory(where, ref.nbytes) from None
@@ -1002,7 +1002,7 @@ class Archive:
                 continue
             try:
                 read_blob(self._c.read_array, digest, ref, named.get(digest, f"file content {digest[:12]}"))
-            except (OutOfMemoryError, RemoteError):
+            except (OutOfMemoryError, RemoteError, ArchiveClosedError):
                 raise
             except TallpackError as e:
                 problems.append(str(e))

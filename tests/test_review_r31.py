@@ -7,6 +7,8 @@ import pytest
 import torch
 
 import tallpack
+from tallpack import originals
+from tallpack.errors import ArchiveClosedError
 
 from test_derived_runs_r30 import NAME, _Counts, _pack
 from test_exact_read_runs import _bits
@@ -30,3 +32,39 @@ def test_device_cpu_reads_as_the_default_does(tmp_path, monkeypatch, device):
         lazy = _bits(a.state_dict("t2", lazy=True, device=device)[NAME])
     assert got == want and got_sd == want_sd and lazy == want["t2"]
     assert counts.whole == 0 and counts.task == 2 * (3 + 1) + 1
+
+
+@pytest.mark.parametrize("at", ["chunks", "together", "one"])
+def test_verify_of_an_archive_closed_meanwhile_raises(tmp_path, monkeypatch, at):
+    """An archive closed (by another thread) while ``verify`` runs is not a damaged one: verify
+    raises ArchiveClosedError, as for a close before it (``verify_ends``), from its chunk checks,
+    the pass over a large tensor's originals together (``originals._Together``) or a tensor
+    rebuilt alone, rather than returning "the archive is closed" among the problems found."""
+    chunk = 4096
+    path = _pack(tmp_path, monkeypatch, torch.bfloat16, 3, "ta", chunk)
+    _Counts(monkeypatch, chunk, 2 * chunk)
+    a = tallpack.open(path, threads=1)
+    if at == "chunks":
+        read_chunk = a._c.read_chunk
+
+        def closing(*args, **kw):
+            a.close()
+            return read_chunk(*args, **kw)
+        monkeypatch.setattr(a._c, "read_chunk", closing)
+    elif at == "together":
+        pass_ = originals.checked_in_runs
+
+        def closing(*args, **kw):
+            a.close()
+            return pass_(*args, **kw)
+        monkeypatch.setattr(originals, "checked_in_runs", closing)
+    else:
+        get_tensor = a.get_tensor
+
+        def closing(task, name, **kw):
+            if name != NAME:
+                a.close()
+            return get_tensor(task, name, **kw)
+        monkeypatch.setattr(a, "get_tensor", closing)
+    with pytest.raises(ArchiveClosedError):
+        print(a.verify())
