@@ -68,3 +68,17 @@ def test_verify_of_an_archive_closed_meanwhile_raises(tmp_path, monkeypatch, at)
         monkeypatch.setattr(a, "get_tensor", closing)
     with pytest.raises(ArchiveClosedError):
         print(a.verify())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_device_cuda_still_rebuilds_there(tmp_path, monkeypatch):
+    """The CPU read as no device; another device as before: every read on it, the CPU's bits."""
+    chunk = 4096
+    path = _pack(tmp_path, monkeypatch, torch.bfloat16, 3, "ta", chunk)
+    _Counts(monkeypatch, chunk, 2 * chunk)
+    with tallpack.open(path, cache_bytes=0) as a:
+        want = {k: _bits(v) for k, v in a.state_dict("t1").items()}
+        got = a.state_dict("t1", device="cuda")
+        one = a.get_tensor("t1", NAME, device="cuda")
+    assert {v.device.type for v in got.values()} == {"cuda"} and one.device.type == "cuda"
+    assert {k: _bits(v.cpu()) for k, v in got.items()} == want and _bits(one.cpu()) == want[NAME]
