@@ -36,7 +36,7 @@ from .encodings import Encoding, TaskTensor, TensorEntry, Use, encoding_for, ite
 from .encodings.base import split_parts
 from .encodings.derived import DERIVED_MERGED, DerivedMerged, rebuild_in_runs
 from .encodings.derived_merged import rebuild_merged, task_in_runs
-from .encodings.exact import DERIVED_ENCODINGS, TALL_ENCODINGS, in_runs, rebuild_exact
+from .encodings.exact import DERIVED_ENCODINGS, TALL_ENCODINGS, in_runs, original_rows, rebuild_exact
 from .errors import (ArchiveClosedError, ExactTierMissingError, FormatError, IntegrityError, InvalidArgumentError,
                      OutOfMemoryError, RemoteError, TallpackError, TaskNotFoundError, TensorNotFoundError,
                      UnsupportedVersionError, memory_detail, memory_named, out_of_memory, quoted)
@@ -416,12 +416,20 @@ class Archive:
             if exact and tt.encoding in TALL_ENCODINGS:
                 if "exact" not in tt.extras:
                     raise ExactTierMissingError(f"{self.name}: {where} has no exact residual (damaged manifest)")
+                row = numel(tt.shape[1:]) if tt.shape else 1
                 try:
                     with memory_named(f"{self.name}: {where}"):  # its output or a run's (numpy's, torch's allocator)
-                        out = rebuild_exact(self.read_array, entry, tt, where)
+                        out = None if rows is None else original_rows(self.read_array, entry, tt, where,
+                                                                      rows[0] * row, rows[1] * row)
+                        if out is None:
+                            out = rebuild_exact(self.read_array, entry, tt, where)
                 except IntegrityError as e:  # a hash that does not match: say which archive
                     text = str(e)
                     raise IntegrityError(text if text.startswith(f"{self.name}:") else f"{self.name}: {text}") from None
+                if rows is not None:  # rows of it (get_slice): only the chunks that hold them, or the whole's
+                    if out.numel() != (rows[1] - rows[0]) * row:  # rebuilt whole: its rows, not a view of it
+                        out = out.reshape(-1)[rows[0] * row : rows[1] * row].clone()
+                    out = out.reshape(rows[1] - rows[0], *tt.shape[1:])
                 out = out if device is None else out.to(device)
                 return out if parts is None else split_parts(out, parts)
             needed = encoding.inputs(entry, tt)
@@ -714,9 +722,11 @@ class Archive:
         chunks that hold rows ``a:b`` (as safetensors' ``get_slice``, for tensor-parallel loading;
         ``get_shape()`` and ``get_dtype()`` as safetensors gives them: ``[768, 768]``, ``"BF16"``).
 
-        With ``exact=True`` (archives packed with the exact tier), the original bits: a tensor
-        the exact tier stores (a merged one) is rebuilt whole, then sliced, at the cost of a
-        ``get_tensor(..., exact=True)`` per index; the others read only their rows, as without.
+        With ``exact=True`` (archives packed with the exact tier), the original bits, also read
+        from only the chunks that hold the rows (``exact.original_rows``): each chunk is checked
+        against its checksum, but the original's XXH3-64, which covers every element, only by a
+        whole read or ``verify``. A lossy read of a tensor whose mask or merged vector is derived
+        from the originals (``tall-derived``, ``tall-derived-merged``) rebuilds it whole, then slices.
 
         >>> fam.get_slice("cars", "embed.weight", exact=True)[0:1000]
         """
@@ -1428,7 +1438,12 @@ class TensorSlice:
         shape, first = self._tt.shape, idx[0] if idx else slice(None)
         enc = encoding_for(self._tt.encoding)
         rows = None
-        if shape and enc is not None and enc.elementwise and not self._tt.extras and self._member_shape is None:
+        # rows read alone: entries rebuilt element by element (a lossy read of one with an exact
+        # residual too), and the exact originals of TALL entries (``exact.original_rows``)
+        extras = set(self._tt.extras)
+        by_rows = (enc is not None and enc.elementwise and extras <= {"exact"} and not (self._exact and extras)
+                   or self._exact and extras == {"exact"} and self._tt.encoding in TALL_ENCODINGS)
+        if shape and by_rows and self._member_shape is None:
             if isinstance(first, int) and not isinstance(first, bool):
                 i = first + shape[0] if first < 0 else first
                 if not 0 <= i < shape[0]:

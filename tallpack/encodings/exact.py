@@ -409,6 +409,41 @@ class Original:
         return self.tensor(out).reshape(self.tt.shape)
 
 
+def original_rows(read: ReadArray, entry: TensorEntry, tt: TaskTensor, where: str, start: int, stop: int
+                  ) -> torch.Tensor | None:
+    """Elements ``[start, stop)`` of a task's original (rows of it: ``get_slice(..., exact=True)``),
+    from the chunks of its residual and reference arrays that hold them, a run at a time
+    (:meth:`Original.run` from the residual chunk ``start`` falls in); a flat tensor of the
+    original's dtype. Each chunk read is checked against its checksum, as every read's; the
+    original's XXH3-64 covers every element, so a part is not checked against it (a whole read and
+    ``verify`` do). None where ``read`` takes no element ranges (the caller rebuilds it whole)."""
+    ex: Exact = tt.extras["exact"]
+    refs = [ex.residual, *_reference_refs(entry, tt)]
+    n, ce = ex.residual.numel, ex.residual.chunk_elements
+    if not (0 <= start <= stop <= n and _takes_ranges(read)
+            and all(isinstance(r, ArrayRef) and r.numel == n for r in refs)):
+        return None
+    original = Original(read, entry, tt, where)
+    out = np.empty(stop - start, original.uint)
+    a, b = start // ce * ce, min(n, -(-stop // ce) * ce)  # the residual's chunks (unpermute is per chunk)
+    if stop > start:
+        fetch = getattr(getattr(getattr(read, "__self__", None), "source", None), "prefetch", None)
+        if fetch is not None:  # a remote archive: the chunks of every array in one request
+            with fetching(where):
+                fetch([(c.offset, c.nbytes) for r in refs
+                       for c in r.chunks[a // r.chunk_elements : -(-b // r.chunk_elements)]])
+        step = max(1, -(-RUN_ELEMENTS // ce)) * ce
+        for c in range(a, b, step):
+            e = min(b, c + step)
+            if start <= c and e <= stop:  # a run inside the rows: straight into the output
+                original.run(c, e, into=out[c - start : e - start])
+            else:  # the first or last: its elements in the rows
+                lo, hi = max(c, start), min(e, stop)
+                out[lo - start : hi - start] = original.run(c, e)[lo - c : hi - c]
+    return original.tensor(out)
+
+
+# -- writing --------------------------------------------------------------------------------------
 # -- writing --------------------------------------------------------------------------------------
 
 def _tall_references(ctx: WriteContext, item: Item, check: bool) -> tuple[list[torch.Tensor], bool]:
