@@ -34,8 +34,8 @@ from .dtypes import SAFETENSORS_DTYPES, bytes_to_tensor, torch_dtype, view_tenso
 from .elements import numel
 from .encodings import Encoding, TaskTensor, TensorEntry, Use, encoding_for, iter_arrays
 from .encodings.base import split_parts
-from .encodings.derived import DERIVED_MERGED, DerivedMerged, rebuild_in_runs
-from .encodings.derived_merged import rebuild_merged, task_in_runs
+from .encodings.derived import DERIVED_MERGED, DerivedMerged, rebuild_in_runs, rows_of
+from .encodings.derived_merged import rebuild_merged, task_in_runs, task_rows
 from .encodings.exact import DERIVED_ENCODINGS, TALL_ENCODINGS, in_runs, original_rows, rebuild_exact
 from .errors import (ArchiveClosedError, ExactTierMissingError, FormatError, IntegrityError, InvalidArgumentError,
                      OutOfMemoryError, RemoteError, TallpackError, TaskNotFoundError, TensorNotFoundError,
@@ -393,6 +393,29 @@ class Archive:
                 and ("derived-merged", entry.name, "merged", None) not in self._cache
                 and 4 * entry.arrays["base"].numel > self._room())
 
+    def _derived_rows(self, task: str, entry: TensorEntry, tt: TaskTensor, where: str, rows: tuple[int, int]
+                      ) -> torch.Tensor | None:
+        """Rows ``[r0, r1)`` of the lossy rebuild of a ``tall-derived`` or ``tall-derived-merged``
+        entry from the chunks that hold them (``derived.rows_of``; ``derived_merged.task_rows``,
+        tau_MTL derived from every task's rows, unless the cache keeps it whole); None where they
+        are not read by ranges."""
+        row = numel(tt.shape[1:]) if tt.shape else 1
+        start, stop = rows[0] * row, rows[1] * row
+        try:
+            with memory_named(f"{self.name}: {where}"):  # a run's buffers (numpy's, torch's allocator)
+                kept = (self._cache.peek(("derived-merged", entry.name, "merged", None))
+                        if tt.encoding == DERIVED_MERGED else None)
+                if tt.encoding == DERIVED_MERGED and kept is None:
+                    derive = partial(task_rows, task=task, start=start, stop=stop)
+                    out = self._derive(derive, entry, where + " (merged)")
+                else:
+                    out = rows_of(self.read_array, entry, tt, where, start, stop,
+                                  None if kept is None else kept.reshape(-1))
+        except IntegrityError as e:  # say which archive
+            text = str(e)
+            raise IntegrityError(text if text.startswith(f"{self.name}:") else f"{self.name}: {text}") from None
+        return None if out is None else out.reshape(rows[1] - rows[0], *tt.shape[1:])
+
     def _rebuild(self, task: str, name: str, pool: ThreadPoolExecutor | None, exact: bool = False,
                  device: torch.device | str | None = None, rows: tuple[int, int] | None = None,
                  prefetch: bool = True, parts: list[Member] | None = None) -> Any:
@@ -440,6 +463,10 @@ class Archive:
             if not exact and device is None:
                 self._plans[key] = plan
         entry, tt, encoding, where, needed, planar, bits, refs = plan
+        if not exact and rows is not None and parts is None and device is None and tt.encoding in DERIVED_ENCODINGS:
+            part = self._derived_rows(task, entry, tt, where, rows)  # get_slice: the chunks of those rows
+            if part is not None:
+                return part
         if not exact and rows is None and parts is None and device is None and tt.encoding in DERIVED_ENCODINGS:
             try:  # a large tall-derived entry: its base and residual a run at a time (derived.rebuild_in_runs)
                 with memory_named(f"{self.name}: {where}"):  # its output or a run's buffers (torch's allocator)
@@ -725,8 +752,9 @@ class Archive:
         With ``exact=True`` (archives packed with the exact tier), the original bits, also read
         from only the chunks that hold the rows (``exact.original_rows``): each chunk is checked
         against its checksum, but the original's XXH3-64, which covers every element, only by a
-        whole read or ``verify``. A lossy read of a tensor whose mask or merged vector is derived
-        from the originals (``tall-derived``, ``tall-derived-merged``) rebuilds it whole, then slices.
+        whole read or ``verify``. So are the lossy rows of a tensor whose mask or merged vector
+        the exact tier derives from the originals (``tall-derived``, ``tall-derived-merged``: from
+        those rows of the originals, ``Archive._derived_rows``; the mask's set bits unchecked too).
 
         >>> fam.get_slice("cars", "embed.weight", exact=True)[0:1000]
         """
@@ -1439,10 +1467,11 @@ class TensorSlice:
         enc = encoding_for(self._tt.encoding)
         rows = None
         # rows read alone: entries rebuilt element by element (a lossy read of one with an exact
-        # residual too), and the exact originals of TALL entries (``exact.original_rows``)
+        # residual too), the exact originals of TALL entries (``exact.original_rows``) and the lossy
+        # rebuilds of derived ones (``_derived_rows``)
         extras = set(self._tt.extras)
         by_rows = (enc is not None and enc.elementwise and extras <= {"exact"} and not (self._exact and extras)
-                   or self._exact and extras == {"exact"} and self._tt.encoding in TALL_ENCODINGS)
+                   or extras == {"exact"} and self._tt.encoding in (TALL_ENCODINGS if self._exact else DERIVED_ENCODINGS))
         if shape and by_rows and self._member_shape is None:
             if isinstance(first, int) and not isinstance(first, bool):
                 i = first + shape[0] if first < 0 else first

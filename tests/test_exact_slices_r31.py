@@ -17,20 +17,22 @@ from safetensors.torch import save_file
 import tallpack
 from tallpack import reader
 from tallpack.container import FOOTER
-from tallpack.encodings import exact
+from tallpack.encodings import derived, exact
 from tallpack.errors import IntegrityError
 from test_integrity import with_manifest
 
 ROWS, COLS, CHUNK = 3000, 64, 4096  # the embedding: 192,000 elements in 47 chunks
 
 
-def _family(root: Path, dtype: torch.dtype) -> tuple[str, dict[str, str]]:
+def _family(root: Path, dtype: torch.dtype, share: float = 0.2) -> tuple[str, dict[str, str]]:
+    """Base and three tasks, each changing ``share`` of the weights (1: all, where the exact tier
+    derives masks from the originals and stores residuals against the base)."""
     g = torch.Generator().manual_seed(0)
     base = {"emb": torch.randn(ROWS, COLS, generator=g).to(dtype), "w": torch.randn(64, 64, generator=g).to(dtype)}
     save_file(base, root / "base.safetensors")
     tasks = {}
     for t in range(3):
-        sd = {k: (v.float() + 0.01 * torch.randn(v.shape, generator=g) * (torch.rand(v.shape, generator=g) < 0.2)
+        sd = {k: (v.float() + 0.01 * torch.randn(v.shape, generator=g) * (torch.rand(v.shape, generator=g) < share)
                   ).to(dtype) for k, v in base.items()}
         save_file(sd, root / f"t{t}.safetensors")
         tasks[f"t{t}"] = str(root / f"t{t}.safetensors")
@@ -38,14 +40,19 @@ def _family(root: Path, dtype: torch.dtype) -> tuple[str, dict[str, str]]:
 
 
 @pytest.fixture(scope="module", params=[
-    ("float32", {}), ("bfloat16", {}), ("float32", {"derive_masks": False}), ("bfloat16", {"derive_masks": False})],
-    ids=["f32-derived-merged", "bf16-derived-merged", "f32-stored-masks", "bf16-stored-masks"])
+    ("float32", 0.2, {}, "tall-derived-merged"), ("bfloat16", 0.2, {}, "tall-derived-merged"),
+    ("float32", 0.2, {"derive_masks": False}, "tall"), ("bfloat16", 0.2, {"derive_masks": False}, "tall"),
+    ("float32", 1.0, {"derive_merged": False}, "tall-derived"), ("bfloat16", 1.0, {}, "tall-derived-merged")],
+    ids=["f32-derived-merged", "bf16-derived-merged", "f32-stored-masks", "bf16-stored-masks", "f32-derived-masks",
+         "bf16-dense-derived-merged"])
 def packed(request, tmp_path_factory) -> Path:
-    dtype, opts = request.param
+    dtype, share, opts, encoding = request.param
     root = tmp_path_factory.mktemp("fam")
-    base, tasks = _family(root, getattr(torch, dtype))
+    base, tasks = _family(root, getattr(torch, dtype), share)
     out = root / "x.tallpack"
     tallpack.pack(base, tasks, str(out), exact=True, chunk_elements=CHUNK, **opts)
+    with tallpack.open(out) as fam:
+        assert {tt.encoding for tt in fam._tensors["emb"].tasks.values()} == {encoding}
     return out
 
 
@@ -55,14 +62,24 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
 
 @pytest.fixture
 def counted(monkeypatch) -> list[str]:
-    """The names of the tensors rebuilt whole for an exact read."""
+    """The names of the tensors rebuilt whole: an exact read, or a lossy one of a derived entry."""
     calls: list[str] = []
-    whole = reader.rebuild_exact
+    whole, lossy, derived_whole = reader.rebuild_exact, derived.TallDerived.rebuild.__func__, reader.rebuild_in_runs
 
     def counting(read, entry, tt, where):
         calls.append(entry.name)
         return whole(read, entry, tt, where)
+
+    def counting_lossy(cls, arrays, entry, tt):
+        calls.append(entry.name)
+        return lossy(cls, arrays, entry, tt)
+
+    def counting_runs(read, entry, tt, where):
+        calls.append(entry.name)
+        return derived_whole(read, entry, tt, where)
     monkeypatch.setattr(reader, "rebuild_exact", counting)
+    monkeypatch.setattr(reader, "rebuild_in_runs", counting_runs)
+    monkeypatch.setattr(derived.TallDerived, "rebuild", classmethod(counting_lossy))
     return calls
 
 
@@ -86,7 +103,7 @@ def test_exact_rows_are_the_originals_rows_without_the_whole(packed, counted, ca
             assert torch.equal(_bits(fam.get_slice(t, "emb", exact=True)[17]), _bits(whole[17]))
             assert torch.equal(_bits(fam.get_slice(t, "emb", exact=True)[-1]), _bits(whole[-1]))
             assert torch.equal(_bits(fam.get_slice(t, "emb", exact=True)[10:20, 3:9]), _bits(whole[10:20, 3:9]))
-            assert counted == [], counted  # no exact row read rebuilt the whole tensor
+            assert counted == [], counted  # no row read, exact or lossy, rebuilt the whole tensor
             assert torch.equal(_bits(fam.get_slice(t, "emb", exact=True)[:]), _bits(whole))  # all rows: get_tensor
 
 
@@ -132,6 +149,12 @@ def test_a_damaged_chunk_fails_the_rows_it_holds_and_only_those(packed, tmp_path
         with pytest.raises(IntegrityError):
             fam.get_tensor("t1", "emb", exact=True)
         assert any("'emb'" in p and "t1" in p for p in fam.verify())
+        encoding = fam._tensors["emb"].tasks["t1"].encoding
+        if encoding != "tall":  # a lossy read of a derived entry reads the original too: the same
+            for t in (["t0", "t1", "t2"] if encoding == "tall-derived-merged" else ["t1"]):
+                with pytest.raises(IntegrityError) as e:
+                    fam.get_slice(t, "emb")[lo - 3 : lo + 1]
+                assert str(e.value).startswith(f"{path}:") and "'t1'" in str(e.value), e.value
 
 
 def test_a_wrong_original_hash_is_a_whole_reads_finding_not_a_slices(packed, tmp_path):
@@ -162,6 +185,21 @@ def test_exact_rows_over_http_fetch_only_their_chunks(http_server, packed):
         assert torch.equal(_bits(got), _bits(want))
         entry = next(e for e in fam.manifest.tensors if e.name == "emb")
         refs = [entry.tasks["t0"].extras["exact"].residual, *exact._reference_refs(entry, entry.tasks["t0"])]
-        total = sum(r.stored_nbytes for r in refs)
-        assert 0 < http_server.served() < total / 4  # 100 of 3000 rows: a few chunks, not the tensor
-        assert http_server.gets() <= len(refs)  # one coalesced fetch: a span of chunks per array at most
+        chunks = [c for r in refs for c in r.chunks[1000 * COLS // CHUNK : -(-1100 * COLS // CHUNK)]]
+        need = sum(c.nbytes for c in chunks)
+        # the chunks of those rows and the padding between, each once, not the tensor's
+        assert need <= http_server.served() <= need + 63 * len(chunks)
+        assert http_server.gets() <= len(chunks)
+
+
+def test_lossy_rows_over_http_fetch_a_few_chunks(http_server, packed):
+    """A lossy slice of every kind of entry (a derived merged vector derived from every task's rows,
+    with no cache) fetches about those rows' chunks, not the tensor's."""
+    name = f"lossy-{packed.parent.name}.tallpack"
+    shutil.copy(packed, http_server.root / name)
+    with tallpack.open(f"{http_server.url}/{name}", cache_bytes=0) as fam, tallpack.open(packed) as local:
+        for t in fam.tasks:
+            want = local.get_tensor(t, "emb")[1000:1100]
+            http_server.reset()
+            assert torch.equal(_bits(fam.get_slice(t, "emb")[1000:1100]), _bits(want))
+            assert 0 < http_server.served() < packed.stat().st_size / 8

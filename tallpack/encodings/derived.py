@@ -29,7 +29,7 @@ from ..dtypes import torch_dtype
 from ..errors import FormatError, IntegrityError
 from ..tall import compiled_kind, elements, reconstruct, tall_mask, task_vector
 from .base import Encoding, ReadArray, TaskTensor, TensorEntry, Use, register
-from .exact import EXPONENT, TALL_ENCODINGS, Original, in_runs, rebuild_exact, runs
+from .exact import EXPONENT, TALL_ENCODINGS, Original, by_ranges, in_runs, rebuild_exact, runs, spans
 from .tall import check_merged_arrays, check_ones
 
 
@@ -172,6 +172,34 @@ def _in_runs(read: ReadArray, entry: TensorEntry, tt: TaskTensor, base: torch.Te
         del part, theta, mask
     original.check()
     check_set_bits(ones, tt, where)
+    return out
+
+
+def rows_of(read: ReadArray, entry: TensorEntry, tt: TaskTensor, where: str, start: int, stop: int,
+            merged: torch.Tensor | None = None) -> torch.Tensor | None:
+    """Elements ``[start, stop)`` of the lossy rebuild of a ``tall-derived`` task entry, or of a
+    ``tall-derived-merged`` one whose tau_MTL is at hand (``merged``, flat: the reader's cache), from
+    the chunks that hold them (``exact.spans``): each run of the original, of its mask and of the
+    rebuild, as :func:`_in_runs`, the same bits. Each chunk is checked against its checksum; the
+    original's hash and the mask's set bits cover every element, so a part is not checked against
+    them (whole reads and ``verify`` are). None where it is not read by ranges (``exact.by_ranges``)."""
+    source = merged_source(entry) if merged is None else None
+    if tt.encoding not in TALL_ENCODINGS[1:] or not by_ranges(read, entry, [tt]) or (
+            merged is None and not isinstance(source, ArrayRef)) or not 0 <= start <= stop <= tt.extras["exact"].residual.numel:
+        return None
+    original = Original(read, entry, tt, where)
+    out = torch.empty(stop - start, dtype=original.dtype)
+    base_ref, lam = entry.arrays["base"], tt.params["lambda"]
+    refs = [*original.refs, *([] if any(r is base_ref for r in original.refs) else [base_ref]),
+            *([source] if isinstance(source, ArrayRef) else [])]
+    for a, b, lo, hi in spans(read, refs, start, stop, where):
+        base = read(base_ref, where + " (base)", Use.INPUT, start=a, stop=b).reshape(-1)
+        tau = (merged[a:b] if merged is not None
+               else read(source, where + " (merged)", Use.INPUT, start=a, stop=b).reshape(-1))
+        theta = original.tensor(original.run(a, b, base))
+        mask = mask_and_ones(theta, base, tau, lam)[0]
+        out[lo - start : hi - start] = reconstruct(base.to(torch.float32), mask, tau, original.dtype)[lo - a : hi - a]
+        del base, tau, theta, mask
     return out
 
 

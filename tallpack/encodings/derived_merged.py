@@ -31,7 +31,7 @@ from ..tall import compiled_kind, elements, reconstruct, task_vector
 from .base import ReadArray, TaskTensor, TensorEntry, Use, register
 from .derived import (DERIVED_MERGED, DerivedMerged, TallDerived, check_derived_entry, check_set_bits, checked_mask,
                       mask_and_ones, merged_source)
-from .exact import Original, in_runs, rebuild_exact, runs
+from .exact import Original, by_ranges, in_runs, rebuild_exact, runs, spans
 from .tall import COMPUTE_ELEMENTS
 
 
@@ -76,16 +76,19 @@ def _derived_in_runs(read: ReadArray, entry: TensorEntry, order: list[str], meth
 
 def _each_run(read: ReadArray, entry: TensorEntry, order: list[str], method: MergeMethod, where: str,
               each: Callable[[int, int, torch.Tensor, list[torch.Tensor], dict[str, torch.Tensor]], None],
-              threads: int = 1) -> None:
+              threads: int = 1, span: tuple[int, int] | None = None) -> None:
     """Every run ``[a, b)`` of the residuals' chunks (``exact.runs``): the base's run, every task's
     run of its original (``exact.Original``, hashed as it comes, in ``order``; the tasks' on up to
     ``threads`` threads) and the run's arrays from :func:`merged_from` (element by element: the
     whole tensor's bits) given to ``each(a, b, base, thetas, arrays)``; every hash checked after
-    the last run, in ``order``."""
+    the last run, in ``order``. With ``span`` (elements ``[start, stop)``), only the runs that
+    hold them (``exact.spans``), and no hash checked (they cover every element)."""
     base_ref = entry.arrays["base"]
     originals = [Original(read, entry, entry.tasks[t], f"{where}, task {t!r}") for t in order]
     refs = [o.ex.residual for o in originals] + [base_ref]
-    for a, b in runs(read, refs, where):
+    cuts = (runs(read, refs, where) if span is None
+            else ((a, b) for a, b, _, _ in spans(read, refs, span[0], span[1], where)))
+    for a, b in cuts:
         base = read(base_ref, where + " (base)", Use.INPUT, start=a, stop=b).reshape(-1)  # (one run: its shape)
         thetas: list[torch.Tensor] = [base] * len(originals)
 
@@ -94,8 +97,9 @@ def _each_run(read: ReadArray, entry: TensorEntry, order: list[str], method: Mer
         in_tasks(len(originals), threads, rebuild)
         each(a, b, base, thetas, merged_from(base, thetas, method, where))
         del base, thetas
-    for o in originals:
-        o.check()
+    if span is None:
+        for o in originals:
+            o.check()
 
 
 def task_in_runs(read: ReadArray, entry: TensorEntry, order: list[str], method: MergeMethod, where: str,
@@ -125,6 +129,30 @@ def task_in_runs(read: ReadArray, entry: TensorEntry, order: list[str], method: 
         flat[a:b] = reconstruct(base.to(torch.float32), mask, merged, out.dtype)
     _each_run(read, entry, order, method, where, each)
     check_set_bits(ones, tt, task_where)
+    return out
+
+
+def task_rows(read: ReadArray, entry: TensorEntry, order: list[str], method: MergeMethod, where: str,
+              task: str, start: int, stop: int) -> torch.Tensor | None:
+    """Elements ``[start, stop)`` of the lossy rebuild of ``task`` of a ``tall-derived-merged``
+    tensor (rows of it: ``get_slice``), from the chunks that hold them: each run of tau_MTL derived
+    from every task's run of its original, as :func:`task_in_runs`, the same bits. Each chunk is
+    checked against its checksum; the originals' hashes and the mask's set bits cover every
+    element, so a part is not checked against them (whole reads and ``verify`` are). None where
+    the tensor is not read by ranges (``exact.by_ranges``)."""
+    tt = entry.tasks[task]
+    if not by_ranges(read, entry, [entry.tasks[t] for t in order]) or not 0 <= start <= stop <= entry.arrays["base"].numel:
+        return None
+    i, lam = order.index(task), tt.params["lambda"]
+    out = torch.empty(stop - start, dtype=torch_dtype(tt.dtype))
+
+    def each(a: int, b: int, base: torch.Tensor, thetas: list[torch.Tensor], part: dict[str, torch.Tensor]) -> None:
+        lo, hi = max(a, start), min(b, stop)
+        merged = part["merged"].reshape(-1)
+        mask = mask_and_ones(thetas[i], base, merged, lam)[0]
+        out[lo - start : hi - start] = reconstruct(base.to(torch.float32), mask, merged, out.dtype)[lo - a : hi - a]
+    if stop > start:
+        _each_run(read, entry, order, method, where, each, span=(start, stop))
     return out
 
 

@@ -300,15 +300,44 @@ def _reference_refs(entry: TensorEntry, tt: TaskTensor) -> list[Any]:
 
 def in_runs(read: ReadArray, entry: TensorEntry, tts: list[TaskTensor]) -> bool:
     """Whether the originals of these task entries (of one tensor, each with an ``exact`` field) are
-    rebuilt in runs: more than RUNS_FROM elements, a ``read`` that takes element ranges, every
-    array read a stored one of the tensor's elements, the residuals chunked alike."""
+    rebuilt in runs: more than RUNS_FROM elements, and :func:`by_ranges`."""
     residuals = [tt.extras["exact"].residual for tt in tts]
     if not residuals or residuals[0].numel <= RUNS_FROM:  # (most tensors: nothing more to look at)
+        return False
+    return by_ranges(read, entry, tts)
+
+
+def by_ranges(read: ReadArray, entry: TensorEntry, tts: list[TaskTensor]) -> bool:
+    """Whether the originals of these task entries can be rebuilt a range of elements at a time: a
+    ``read`` that takes element ranges, every array read a stored one of the tensor's elements, the
+    residuals chunked alike."""
+    residuals = [tt.extras["exact"].residual for tt in tts]
+    if not residuals:
         return False
     n = residuals[0].numel
     refs = residuals + [r for tt in tts for r in _reference_refs(entry, tt)]
     return (len({r.chunk_elements for r in residuals}) == 1
             and all(isinstance(r, ArrayRef) and r.numel == n for r in refs) and _takes_ranges(read))
+
+
+def spans(read: ReadArray, refs: list[ArrayRef], start: int, stop: int, where: str
+          ) -> Iterator[tuple[int, int, int, int]]:
+    """The runs ``[a, b)`` of whole chunks of ``refs[0]`` (a residual: ``unpermute`` is per chunk)
+    that hold elements ``[start, stop)``, up to RUN_ELEMENTS each, with the part ``[lo, hi)`` of
+    each in that range; from a remote archive, every array's chunks of them fetched in one request
+    first (rows of a tensor: ``original_rows``, and the lossy rows of derived entries)."""
+    n, ce = refs[0].numel, refs[0].chunk_elements
+    a, b = start // ce * ce, min(n, -(-stop // ce) * ce)
+    if stop <= start:
+        return
+    fetch = getattr(getattr(getattr(read, "__self__", None), "source", None), "prefetch", None)
+    if fetch is not None:  # a remote archive: the chunks of every array in one request
+        with fetching(where):
+            fetch([(c.offset, c.nbytes) for r in refs for c in r.chunks[a // r.chunk_elements : -(-b // r.chunk_elements)]])
+    step = max(1, -(-RUN_ELEMENTS // ce)) * ce
+    for c in range(a, b, step):
+        e = min(b, c + step)
+        yield c, e, max(c, start), min(e, stop)
 
 
 def runs(read: ReadArray, refs: list[ArrayRef], where: str) -> Iterator[tuple[int, int]]:
@@ -413,33 +442,19 @@ def original_rows(read: ReadArray, entry: TensorEntry, tt: TaskTensor, where: st
                   ) -> torch.Tensor | None:
     """Elements ``[start, stop)`` of a task's original (rows of it: ``get_slice(..., exact=True)``),
     from the chunks of its residual and reference arrays that hold them, a run at a time
-    (:meth:`Original.run` from the residual chunk ``start`` falls in); a flat tensor of the
-    original's dtype. Each chunk read is checked against its checksum, as every read's; the
-    original's XXH3-64 covers every element, so a part is not checked against it (a whole read and
-    ``verify`` do). None where ``read`` takes no element ranges (the caller rebuilds it whole)."""
-    ex: Exact = tt.extras["exact"]
-    refs = [ex.residual, *_reference_refs(entry, tt)]
-    n, ce = ex.residual.numel, ex.residual.chunk_elements
-    if not (0 <= start <= stop <= n and _takes_ranges(read)
-            and all(isinstance(r, ArrayRef) and r.numel == n for r in refs)):
+    (:func:`spans`, :meth:`Original.run`); a flat tensor of the original's dtype. Each chunk read is
+    checked against its checksum, as every read's; the original's XXH3-64 covers every element, so
+    a part is not checked against it (a whole read and ``verify`` do). None where it cannot be read
+    by ranges (:func:`by_ranges`: the caller rebuilds it whole)."""
+    if not (0 <= start <= stop <= tt.extras["exact"].residual.numel and by_ranges(read, entry, [tt])):
         return None
     original = Original(read, entry, tt, where)
     out = np.empty(stop - start, original.uint)
-    a, b = start // ce * ce, min(n, -(-stop // ce) * ce)  # the residual's chunks (unpermute is per chunk)
-    if stop > start:
-        fetch = getattr(getattr(getattr(read, "__self__", None), "source", None), "prefetch", None)
-        if fetch is not None:  # a remote archive: the chunks of every array in one request
-            with fetching(where):
-                fetch([(c.offset, c.nbytes) for r in refs
-                       for c in r.chunks[a // r.chunk_elements : -(-b // r.chunk_elements)]])
-        step = max(1, -(-RUN_ELEMENTS // ce)) * ce
-        for c in range(a, b, step):
-            e = min(b, c + step)
-            if start <= c and e <= stop:  # a run inside the rows: straight into the output
-                original.run(c, e, into=out[c - start : e - start])
-            else:  # the first or last: its elements in the rows
-                lo, hi = max(c, start), min(e, stop)
-                out[lo - start : hi - start] = original.run(c, e)[lo - c : hi - c]
+    for a, b, lo, hi in spans(read, original.refs, start, stop, where):
+        if (lo, hi) == (a, b):  # a run inside the rows: straight into the output
+            original.run(a, b, into=out[a - start : b - start])
+        else:  # the first or last: its elements in the rows
+            out[lo - start : hi - start] = original.run(a, b)[lo - a : hi - a]
     return original.tensor(out)
 
 
