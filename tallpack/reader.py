@@ -1350,28 +1350,27 @@ class LazyStateDict(_TensorMapping):
         if not self._names_of or not isinstance(name, str) or _is_meta(self._device):
             return self._get(name)
         target = self._archive._resolve(self._task, name)
-        names = self._names_of.get(target)
-        if names is None:
+        if target not in self._names_of:
             return self._get(name)
         got = self._take_tied(target, name)
-        if got is None:
-            out = self._get(target)
-            with self._lock:  # (unless another thread rebuilt it meanwhile)
-                self._tied.setdefault(target, (out, set(names)))
-            got = self._take_tied(target, name)
-            assert got is not None
+        if got is None:  # rebuilt, as any read: the tensor its other names get next
+            got = self._take_tied(target, name, self._get(target))
         return got
 
-    def _take_tied(self, target: str, name: str) -> torch.Tensor | None:
-        """The held tensor of ``target`` handed out as ``name``; let go once every name has had it."""
+    def _take_tied(self, target: str, name: str, built: torch.Tensor | None = None) -> torch.Tensor | None:
+        """The held tensor of ``target`` for ``name``, when ``name`` has not had it yet (let go once
+        every name has); else ``built`` (None: not built yet), then held for the other names. A
+        name read again gets a tensor of its own, not the one its caller may have changed."""
         with self._lock:
             held = self._tied.get(target)
-            if held is None:
-                return None
-            held[1].discard(name)
-            if not held[1]:
-                del self._tied[target]
-            return held[0]
+            if held is not None and name in held[1]:  # (another thread's, of another name, meanwhile)
+                held[1].discard(name)
+                if not held[1]:
+                    del self._tied[target]
+                return held[0]
+            if built is not None:
+                self._tied[target] = (built, {n for n in self._names_of[target] if n != name})
+            return built
 
     def _get(self, name: str) -> torch.Tensor:
         member = self._archive._member(self._task, name)
@@ -1510,7 +1509,8 @@ def _gc_paused():
     state dict, measured). What is made here forms no cycles that need collecting meanwhile; the
     collector is as the caller had it again when the last of the calls in progress (in any
     thread) returns: counted, as each call saving and restoring it would turn it on under the
-    others, or leave it off for good (one finding it off as another turns it on)."""
+    others, or leave it off for good (one finding it off as another turns it on); one that returns
+    while others go on collects the young generations (``_collect_young``)."""
     global _gc_holders, _gc_was_enabled
     with _gc_lock:
         if not _gc_holders:
@@ -1522,8 +1522,22 @@ def _gc_paused():
     finally:
         with _gc_lock:
             _gc_holders -= 1
+            others = bool(_gc_holders) and _gc_was_enabled
             if not _gc_holders and _gc_was_enabled:
                 gc.enable()
+        if others:
+            _collect_young()
+
+
+def _collect_young() -> None:
+    """A call that returns while others (other threads') keep the collector paused: the young
+    generations collected, when the collector would have by now. Threads that read all the time
+    (a server) keep some call in progress at every moment: the collector would never run again,
+    and the whole program's cyclic garbage would stay (four threads reading state dicts for
+    8 s beside one making cycles: 1.9 GB of RSS, against 0.3 GB)."""
+    first = gc.get_threshold()[0]
+    if first and gc.get_count()[0] >= first:
+        gc.collect(1)
 
 
 _gc_lock = threading.Lock()
