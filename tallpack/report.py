@@ -18,7 +18,7 @@ import numpy as np
 
 from .arrays import ArrayRef
 from .elements import numel
-from .errors import RemoteError, TallpackError
+from .errors import ArchiveClosedError, OutOfMemoryError, RemoteError, TallpackError
 from .manifest import Manifest, count_kinds
 
 log = logging.getLogger(__name__)
@@ -254,7 +254,7 @@ def _group_rows(e, read: Callable[..., Any] | None, bits: Callable[[ArrayRef, st
                 counts = [int(flat[m.offset : m.offset + m.numel].sum()) for m in e.members]
             else:
                 continue
-        except RemoteError:  # a cut connection: no damage, and the next group would ask the server again
+        except (RemoteError, ArchiveClosedError, OutOfMemoryError):  # no damage: the next group would fail alike
             raise
         except TallpackError as err:  # a damaged mask: the table still shows what the manifest says
             log.warning("%s", err)
