@@ -8,6 +8,7 @@ they are. The alpha-independent parts are read once.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import weakref
 from collections import OrderedDict
@@ -661,6 +662,7 @@ class MergedModel(Mapping[str, "torch.Tensor"]):
         self._held: OrderedDict[tuple[str, str], tuple[torch.Tensor, set[str]]] = OrderedDict()
         self._held_bytes = 0
         self._lock = threading.Lock()
+        _MODELS[id(self)] = self  # a fresh lock in a forked child (_after_fork_in_child)
         self._task_sd: Mapping[str, torch.Tensor] | None = None
         #: each source's tensor last handed out, while the caller keeps it (tied names get one tensor)
         self._handed: dict[tuple[str, str], weakref.ref[torch.Tensor]] = {}
@@ -764,6 +766,22 @@ class MergedModel(Mapping[str, "torch.Tensor"]):
 
     def __len__(self) -> int:
         return len(self._keys)
+
+
+#: Every lazily built merged model, for ``_after_fork_in_child`` (by id: a Mapping is unhashable).
+_MODELS: "weakref.WeakValueDictionary[int, MergedModel]" = weakref.WeakValueDictionary()
+
+
+def _after_fork_in_child() -> None:
+    """A merged model's lock is held while it builds a tensor: one that another parent thread was
+    building at the fork stays held in the child, which has not that thread (a DataLoader's fork
+    workers would wait on it forever). Each gets a fresh one there, as lazy state dicts do."""
+    for model in list(_MODELS.values()):
+        model._lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 class _TaskTensors(Mapping[str, "torch.Tensor"]):

@@ -4,7 +4,9 @@ program's other threads, processes, lifetimes of what reads hand out."""
 from __future__ import annotations
 
 import gc
+import os
 import threading
+import time
 import weakref
 
 import pytest
@@ -100,3 +102,43 @@ def test_a_tied_name_read_again_is_rebuilt_not_the_tensor_a_caller_changed(tied_
         head = lazy["lm_head.weight"]
         assert head is again  # still tied: the other name gets the latest read's tensor
         assert torch.equal(lazy["wte.weight"], want["wte.weight"])
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork on this platform")
+def test_a_forked_child_reads_a_merged_model_another_thread_was_reading(small_family, tmp_path):
+    """A lazily built merged model holds its lock while it builds a tensor: a child forked while a
+    parent thread was building one (a DataLoader's fork workers, a fork pool) waited forever on
+    it (10 of 10 forks). Each merged model gets a fresh lock in the child, as lazy state dicts do."""
+    g = torch.Generator().manual_seed(3)
+    base = {f"layer.{i}.weight": torch.randn(64, 64, generator=g) for i in range(8)}
+    tasks = {t: {k: v + 0.01 * torch.randn(v.shape, generator=g) for k, v in base.items()} for t in ("a", "b")}
+    tallpack.pack(base, tasks, tmp_path / "f.tallpack")
+    with tallpack.open(tmp_path / "f.tallpack", cache_bytes=0) as fam:
+        model = fam.merge_parts("ta", lazy=True).state_dict(0.3, lazy=True)
+        want = fam.merged("ta", alpha=0.3)
+        stop = threading.Event()
+
+        def busy() -> None:
+            while not stop.is_set():
+                for k in base:
+                    model[k]
+
+        th = threading.Thread(target=busy)
+        th.start()
+        try:
+            for _ in range(5):
+                time.sleep(0.02)
+                pid = os.fork()
+                if pid == 0:
+                    os._exit(0 if all(torch.equal(model[k], want[k]) for k in base) else 1)
+                deadline = time.monotonic() + 30
+                while not (done := os.waitpid(pid, os.WNOHANG))[0]:
+                    if time.monotonic() > deadline:
+                        os.kill(pid, 9)
+                        os.waitpid(pid, 0)
+                        pytest.fail("the forked child hung on the merged model's lock")
+                    time.sleep(0.02)
+                assert os.waitstatus_to_exitcode(done[1]) == 0
+        finally:
+            stop.set()
+            th.join()
