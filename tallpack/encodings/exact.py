@@ -324,18 +324,21 @@ def spans(read: ReadArray, refs: list[ArrayRef], start: int, stop: int, where: s
           ) -> Iterator[tuple[int, int, int, int]]:
     """The runs ``[a, b)`` of whole chunks of ``refs[0]`` (a residual: ``unpermute`` is per chunk)
     that hold elements ``[start, stop)``, up to RUN_ELEMENTS each, with the part ``[lo, hi)`` of
-    each in that range; from a remote archive, every array's chunks of them fetched in one request
-    first (rows of a tensor: ``original_rows``, and the lossy rows of derived entries)."""
+    each in that range; from a remote archive, every array's chunks of the runs fetched a window
+    (:func:`_fetch`, up to PREFETCH_BYTES) in one request, as :func:`runs` (rows of a tensor:
+    ``original_rows``, and the lossy rows of derived entries). Not all the rows' at once: those of
+    many rows (a rank's share of a large embedding, every task's residual) outgrow the remote
+    cache, which would drop the first before they are read, to be fetched again."""
     n, ce = refs[0].numel, refs[0].chunk_elements
     a, b = start // ce * ce, min(n, -(-stop // ce) * ce)
     if stop <= start:
         return
     fetch = getattr(getattr(getattr(read, "__self__", None), "source", None), "prefetch", None)
-    if fetch is not None:  # a remote archive: the chunks of every array in one request
-        with fetching(where):
-            fetch([(c.offset, c.nbytes) for r in refs for c in r.chunks[a // r.chunk_elements : -(-b // r.chunk_elements)]])
     step = max(1, -(-RUN_ELEMENTS // ce)) * ce
+    fetched = a  # the runs below this element were fetched
     for c in range(a, b, step):
+        if fetch is not None and c >= fetched:
+            fetched = _fetch(fetch, refs, c, step, where, b)
         e = min(b, c + step)
         yield c, e, max(c, start), min(e, stop)
 
@@ -357,10 +360,12 @@ def runs(read: ReadArray, refs: list[ArrayRef], where: str) -> Iterator[tuple[in
         yield a, min(n, a + run)
 
 
-def _fetch(fetch: Callable[[list[tuple[int, int]]], None], refs: list[ArrayRef], a: int, run: int, where: str) -> int:
-    """Fetch the chunks of the runs from element ``a`` on, up to PREFETCH_BYTES (one run at
-    least), in one request; returns the element the fetched runs end at."""
-    n, size = refs[0].numel, 0
+def _fetch(fetch: Callable[[list[tuple[int, int]]], None], refs: list[ArrayRef], a: int, run: int, where: str,
+           end: int | None = None) -> int:
+    """Fetch the chunks of the runs from element ``a`` on (to ``end``, default the array's),
+    up to PREFETCH_BYTES (one run at least), in one request; returns the element the fetched
+    runs end at."""
+    n, size = refs[0].numel if end is None else end, 0
     ranges: list[tuple[int, int]] = []
     while a < n:
         b = min(n, a + run)

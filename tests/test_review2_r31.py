@@ -1,0 +1,56 @@
+"""The review of this round's row reads (``exact.spans``: ``get_slice`` of exact originals and of
+the lossy rebuilds of derived entries): the findings, each a test that failed before its fix."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+import tallpack
+from tallpack import remote
+from tallpack.encodings import exact
+from test_exact_slices_r31 import CHUNK, COLS, ROWS, _bits, _family
+
+
+@pytest.fixture(scope="module")
+def derived_merged(tmp_path_factory) -> Path:
+    """Three float32 tasks changing every weight: ``tall-derived-merged`` entries."""
+    root = tmp_path_factory.mktemp("fam")
+    base, tasks = _family(root, torch.float32, 1.0)
+    out = root / "x.tallpack"
+    tallpack.pack(base, tasks, str(out), exact=True, chunk_elements=CHUNK)
+    with tallpack.open(out) as fam:
+        assert {tt.encoding for tt in fam._tensors["emb"].tasks.values()} == {"tall-derived-merged"}
+    return out
+
+
+@pytest.mark.parametrize("exact_read", [True, False], ids=["exact", "lossy"])
+def test_remote_rows_are_fetched_in_windows_each_chunk_once(http_server, derived_merged, monkeypatch, exact_read):
+    """Rows of many chunks from a remote archive: their chunks fetched a window (PREFETCH_BYTES)
+    at a time, as a whole read's runs (``exact.runs``), each once; not every array's chunks of the
+    rows in one request, more than the remote cache keeps (MAX_CACHE, 256 MiB: a rank's share of
+    an 8B model's embedding and its tasks' residuals), whose first chunks it then drops before
+    they are read, and fetches again one by one."""
+    name = f"windows-{exact_read}.tallpack"
+    shutil.copy(derived_merged, http_server.root / name)
+    monkeypatch.setattr(exact, "RUN_ELEMENTS", CHUNK)  # a run a chunk: many runs in the rows
+    monkeypatch.setattr(exact, "PREFETCH_BYTES", 32 << 10)
+    monkeypatch.setattr(remote, "MAX_CACHE", 128 << 10)  # the rows' chunks are several times more
+    a, b = 100, ROWS - 100
+    with tallpack.open(f"{http_server.url}/{name}", cache_bytes=0) as fam, tallpack.open(derived_merged) as local:
+        want = local.get_tensor("t0", "emb", exact=exact_read)[a:b]
+        entry = fam._tensors["emb"]
+        tasks = ["t0"] if exact_read else list(fam.tasks)  # a lossy row of tau_MTL needs every task's
+        refs = [entry.tasks[t].extras["exact"].residual for t in tasks] + [entry.arrays["base"]]
+        chunks = [c for r in refs for c in r.chunks[a * COLS // CHUNK : -(-b * COLS // CHUNK)]]
+        need = sum(c.nbytes for c in chunks)
+        assert need > 4 * remote.MAX_CACHE
+        http_server.reset()
+        got = fam.get_slice("t0", "emb", exact=exact_read)[a:b]
+        assert torch.equal(_bits(got), _bits(want))
+        assert need <= http_server.served() <= need + 63 * len(chunks), (http_server.served(), need)
+        biggest = max(c.nbytes for c in chunks)
+        assert max(n for m, _, n in http_server.log if m == "GET") <= exact.PREFETCH_BYTES + len(refs) * (biggest + 63)
