@@ -767,6 +767,11 @@ class MergedModel(Mapping[str, "torch.Tensor"]):
     def __len__(self) -> int:
         return len(self._keys)
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        """Sent to another process: the same model over its parts there (their archive opened
+        again, ``Archive.__reduce__``), nothing built yet."""
+        return MergedModel, (self._parts, self._alpha, self._task)
+
 
 #: Every lazily built merged model, for ``_after_fork_in_child`` (by id: a Mapping is unhashable).
 _MODELS: "weakref.WeakValueDictionary[int, MergedModel]" = weakref.WeakValueDictionary()

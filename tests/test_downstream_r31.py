@@ -142,3 +142,17 @@ def test_a_forked_child_reads_a_merged_model_another_thread_was_reading(small_fa
         finally:
             stop.set()
             th.join()
+
+
+def test_a_lazily_merged_model_is_sent_to_another_process_as_lazy_state_dicts_are(archive):
+    """A lazy state dict pickles (a spawn DataLoader worker, a process pool) by opening the archive
+    again there; a lazily merged model raised "cannot pickle '_thread.lock' object"."""
+    import pickle
+
+    with tallpack.open(archive) as fam:
+        model = fam.merge_parts("consensus-ta", lazy=True).state_dict(0.4, task="b", lazy=True)
+        want = fam.merged("consensus-ta", alpha=0.4, task="b")
+        sent = pickle.loads(pickle.dumps(model))
+        assert list(sent) == list(want)
+        for k in want:
+            assert torch.equal(sent[k], want[k]), k
