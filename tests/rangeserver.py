@@ -138,6 +138,14 @@ class _Handler(BaseHTTPRequestHandler):
                 self.end_headers()
                 return
             status = 206
+        data = b""
+        if body:
+            with open(path, "rb") as f:
+                f.seek(start)
+                data = f.read(end - start)
+        cut = body and self.server.cutting(name, len(data))
+        if not cut:  # logged before a byte is sent: a client that has its answer finds it in the log
+            self.server.record("GET" if body else "HEAD", start, end - start if body else 0)
         self.send_response(status)
         self.send_header("Content-Type", "application/octet-stream")
         self.send_header("Accept-Ranges", "bytes")
@@ -148,19 +156,15 @@ class _Handler(BaseHTTPRequestHandler):
         if status == 206:
             self.send_header("Content-Range", f"bytes {start}-{end - 1}/{size}")
         self.end_headers()
+        if cut:
+            self.wfile.write(data[: len(data) // 2])
+            self.wfile.flush()
+            if name in self.server.stall:
+                self.server.stopped.wait(60)
+            self.close_connection = True
+            return
         if body:
-            with open(path, "rb") as f:
-                f.seek(start)
-                data = f.read(end - start)
-            if self.server.cutting(name, len(data)):
-                self.wfile.write(data[: len(data) // 2])
-                self.wfile.flush()
-                if name in self.server.stall:
-                    self.server.stopped.wait(60)
-                self.close_connection = True
-                return
             self.wfile.write(data)
-        self.server.record("GET" if body else "HEAD", start, end - start if body else 0)
 
 
 def relay(handler: BaseHTTPRequestHandler, upstream: str, headers: dict, body: bytes | None) -> bytes | None:
