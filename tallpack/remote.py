@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import re
 import threading
 import traceback
+import weakref
 from collections.abc import Sequence
 from http import HTTPStatus
 from typing import Any
@@ -293,8 +295,12 @@ class RemoteFile:
         #: a small range read at open (the footer) and its bytes, read again when a read fails:
         #: other bytes there mean the server answers ranges wrongly (or the object was replaced)
         self._probe: tuple[int, bytes] | None = None
+        #: how fsspec's file system was made, for a forked child to make its own (``_fs``)
+        self._made = (url, storage_options)
+        self._file_system: Any = None
+        _OPEN.add(self)
         try:
-            self._fs, self._path = url_to_fs(url, **with_timeouts(url, storage_options))
+            self._file_system, self._path = url_to_fs(url, **with_timeouts(url, storage_options))
             info = self._fs.info(self._path)
         except FileNotFoundError as e:
             failed = _failed(e)  # fsspec's HTTP file system reports any failed request as missing
@@ -316,6 +322,20 @@ class RemoteFile:
         self.size = int(info["size"])
         #: the version opened (ETag, version id or modification time): a failed read compares it again
         self.identity = identity(info)
+
+    @property
+    def _fs(self) -> Any:
+        """fsspec's file system; in a forked child, one made there (``_after_fork_in_child``)."""
+        if self._file_system is None:
+            from fsspec.core import url_to_fs
+
+            url, options = self._made
+            self._file_system = url_to_fs(url, **with_timeouts(url, options))[0]
+        return self._file_system
+
+    @_fs.setter
+    def _fs(self, fs: Any) -> None:
+        self._file_system = fs
 
     def changed(self) -> str | None:
         """Why the object at the URL is no longer the one opened (removed, another size, ETag or
@@ -474,6 +494,24 @@ class RemoteFile:
             self._cache.clear()
             self._cached = 0
         self.closed = True
+
+
+#: Every remote file, for ``_after_fork_in_child``.
+_OPEN: "weakref.WeakSet[RemoteFile]" = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    """A forked child (a DataLoader's fork workers) reads a remote archive its parent opened with a
+    file system of its own, made when first used: an async one's (HTTP, s3, gcs) event loop is the
+    parent's, which fsspec refuses in a child ("This class is not fork-safe"); and with a fresh
+    lock, as one another parent thread held at the fork stays held."""
+    for f in list(_OPEN):
+        f._lock = threading.Lock()
+        f._file_system = None
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _connection_error(e: BaseException) -> BaseException | None:

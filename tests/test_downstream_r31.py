@@ -156,3 +156,43 @@ def test_a_lazily_merged_model_is_sent_to_another_process_as_lazy_state_dicts_ar
         assert list(sent) == list(want)
         for k in want:
             assert torch.equal(sent[k], want[k]), k
+
+
+def _child_exit(pid: int, what: str) -> int:
+    """The exit code of forked child ``pid``; the test fails if it runs past 60 s (a hang)."""
+    deadline = time.monotonic() + 60
+    while not (done := os.waitpid(pid, os.WNOHANG))[0]:
+        if time.monotonic() > deadline:
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
+            pytest.fail(f"the forked child hung {what}")
+        time.sleep(0.02)
+    return os.waitstatus_to_exitcode(done[1])
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork on this platform")
+def test_a_forked_child_reads_a_remote_archive_its_parent_opened(archive, http_server):
+    """A local archive opened in a parent reads in its forked children (a DataLoader's workers); one
+    at an http:// (or s3://) URL failed there: fsspec's async file systems refuse their parent's
+    event loop in a child ("RemoteError: ... range read at N failed (RuntimeError: This class is
+    not fork-safe)"). The child makes its own file system."""
+    import shutil
+
+    shutil.copy(archive, http_server.root / "downstream.tallpack")
+    with tallpack.open(archive) as local:
+        want = local.state_dict("c")
+    with tallpack.open(f"{http_server.url}/downstream.tallpack", cache_bytes=0) as fam:
+        fam.state_dict("a")  # the parent's file system and event loop at work
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                got = fam.state_dict("c")
+                code = 0 if all(torch.equal(got[k], want[k]) for k in want) else 2
+            except BaseException:  # noqa: BLE001 - the parent's assertion says it failed
+                import traceback
+                traceback.print_exc()
+            finally:
+                os._exit(code)
+        assert _child_exit(pid, "reading a remote archive") == 0
+        assert torch.equal(fam.state_dict("c")["body.w"], want["body.w"])  # the parent's goes on
