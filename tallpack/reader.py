@@ -465,8 +465,9 @@ class Archive:
         entry, tt, encoding, where, needed, planar, bits, refs = plan
         if not exact and rows is not None and parts is None and device is None and tt.encoding in DERIVED_ENCODINGS:
             part = self._derived_rows(task, entry, tt, where, rows)  # get_slice: the chunks of those rows
-            if part is not None:
-                return part
+            if part is None:  # not read by ranges (tasks' residuals chunked unlike): the whole's rows
+                part = self._rebuild(task, name, pool, prefetch=prefetch)[rows[0] : rows[1]].clone()
+            return part
         if not exact and rows is None and parts is None and device is None and tt.encoding in DERIVED_ENCODINGS:
             try:  # a large tall-derived entry: its base and residual a run at a time (derived.rebuild_in_runs)
                 with memory_named(f"{self.name}: {where}"):  # its output or a run's buffers (torch's allocator)

@@ -69,3 +69,57 @@ def test_the_test_servers_log_holds_an_answer_once_it_is_received(http_server):
         with urllib.request.urlopen(req) as r:
             assert len(r.read()) == 4001
         assert len(http_server.log) == i + 1, i
+
+
+def _spliced(a: Path, b: Path, task: str, out: Path) -> None:
+    """Archive ``a`` with ``task``'s exact field of tensor "emb" taken from ``b`` (the same family
+    packed with other chunk_elements): its residual's chunks copied after ``a``'s data, 64-byte
+    aligned. A valid archive (spec §3: each array has its own chunk_elements) no tallpack packs:
+    the tasks' residuals of one tensor chunked unlike."""
+    import json
+    import zlib
+
+    import zstandard
+
+    from tallpack.container import FOOTER
+    from test_fuzz import manifest_of
+
+    raw_a, raw_b = a.read_bytes(), b.read_bytes()
+    ma, mb = manifest_of(raw_a), manifest_of(raw_b)
+    m_off, _, _, flags, end = FOOTER.unpack(raw_a[-FOOTER.size:])
+    ex = next(e for e in mb["tensors"] if e["name"] == "emb")["tasks"][task]["exact"]
+    data = bytearray(raw_a[:m_off])
+    for offset, nbytes, _ in next(e for e in ma["tensors"] if e["name"] == "emb")["tasks"][task]["exact"]["residual"]["chunks"]:
+        data[offset : offset + nbytes] = bytes(nbytes)  # ``a``'s own, no longer an array's: padding
+    for c in ex["residual"]["chunks"]:
+        data += bytes(-len(data) % 64)
+        offset, nbytes = c[0], c[1]
+        c[0] = len(data)
+        data += raw_b[offset : offset + nbytes]
+    data += bytes(-len(data) % 64)
+    next(e for e in ma["tensors"] if e["name"] == "emb")["tasks"][task]["exact"] = ex
+    stored = zstandard.ZstdCompressor().compress(json.dumps(ma).encode())
+    out.write_bytes(bytes(data) + stored + FOOTER.pack(len(data), len(stored), zlib.crc32(stored), flags, end))
+
+
+@pytest.mark.parametrize("cache_bytes", [0, None])
+def test_lossy_rows_of_a_tensor_whose_residuals_are_chunked_unlike(tmp_path, cache_bytes):
+    """A lossy slice of a ``tall-derived-merged`` tensor whose tasks' residuals have different
+    chunk_elements (not read by ranges: ``exact.by_ranges``): the whole tensor's rows, as before
+    this round (it went on to the row path of element-wise encodings: a RuntimeError)."""
+    base, tasks = _family(tmp_path, torch.float32, 1.0)
+    a, b, out = tmp_path / "a.tallpack", tmp_path / "b.tallpack", tmp_path / "x.tallpack"
+    tallpack.pack(base, tasks, str(a), exact=True, chunk_elements=CHUNK)
+    tallpack.pack(base, tasks, str(b), exact=True, chunk_elements=CHUNK + 8)
+    _spliced(a, b, "t1", out)
+    kw = {} if cache_bytes is None else {"cache_bytes": cache_bytes}
+    with tallpack.open(out, **kw) as fam:
+        entry = fam._tensors["emb"]
+        assert {tt.extras["exact"].residual.chunk_elements for tt in entry.tasks.values()} == {CHUNK, CHUNK + 8}
+        assert {tt.encoding for tt in entry.tasks.values()} == {"tall-derived-merged"}
+        assert fam.verify() == []
+        for t in fam.tasks:
+            whole, original = fam.get_tensor(t, "emb"), fam.get_tensor(t, "emb", exact=True)
+            for lo, hi in [(0, 1), (100, 200), (ROWS - 1, ROWS)]:
+                assert torch.equal(_bits(fam.get_slice(t, "emb")[lo:hi]), _bits(whole[lo:hi])), (t, lo, hi)
+                assert torch.equal(_bits(fam.get_slice(t, "emb", exact=True)[lo:hi]), _bits(original[lo:hi]))
