@@ -110,6 +110,8 @@ class LocalFile:
             except (OSError, ValueError):  # the descriptor was closed by a racing close()
                 raise ArchiveClosedError(f"{self.path}: the archive is closed") from None
             if now < offset + nbytes:
+                if self.closed:  # closed meanwhile: the descriptor's number may be another file's now
+                    raise ArchiveClosedError(f"{self.path}: the archive is closed")
                 raise IntegrityError(f"{self.path}: the file shrank to {now} bytes while open "
                                      f"(it was {self.size}); it was changed in place")
         try:
@@ -120,9 +122,12 @@ class LocalFile:
     def current_size(self) -> int:
         """The file's size now (``size`` is the size when it was opened)."""
         try:
-            return os.fstat(self._fd).st_size
+            now = os.fstat(self._fd).st_size
         except (OSError, ValueError):  # the descriptor was closed by a racing close()
             raise ArchiveClosedError(f"{self.path}: the archive is closed") from None
+        if self.closed:  # closed meanwhile: the descriptor's number may be another file's now
+            raise ArchiveClosedError(f"{self.path}: the archive is closed")
+        return now
 
     def changed(self) -> str | None:
         """Why the file is no longer as it was opened (written in place: another size or

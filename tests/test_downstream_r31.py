@@ -196,3 +196,58 @@ def test_a_forked_child_reads_a_remote_archive_its_parent_opened(archive, http_s
                 os._exit(code)
         assert _child_exit(pid, "reading a remote archive") == 0
         assert torch.equal(fam.state_dict("c")["body.w"], want["body.w"])  # the parent's goes on
+
+
+def test_a_read_racing_close_is_closed_not_damage_when_another_file_takes_the_descriptor(archive, tmp_path):
+    """A read checks the file's size (fstat of its descriptor) before it takes the bytes. When
+    close() ran in between and another thread opened a file meanwhile, the descriptor number was
+    that file's: the read said "IntegrityError: the file shrank to 10 bytes while open ... it was
+    changed in place" (1 of 300 closes racing a reader, with a third thread opening files), a
+    damage report for an archive closed and intact. The read is driven to that point with a trace
+    function in its own thread."""
+    import inspect
+    import sys
+
+    from tallpack.errors import ArchiveClosedError
+    from tallpack.storage import LocalFile
+
+    lines, first = inspect.getsourcelines(LocalFile.read)
+    at = first + next(i for i, text in enumerate(lines) if "os.fstat(self._fd)" in text)
+    (tmp_path / "small").write_bytes(b"x" * 10)
+    fam = tallpack.open(archive, threads=1, cache_bytes=0)
+    there, closed = threading.Event(), threading.Event()
+    got: list[BaseException] = []
+
+    def trace(frame, event, arg):
+        if frame.f_code is not LocalFile.read.__code__:
+            return None
+
+        def line(frame, event, arg):
+            if event == "line" and frame.f_lineno == at and not there.is_set():
+                there.set()
+                closed.wait(30)
+            return line
+        return line
+
+    def read() -> None:
+        sys.settrace(trace)
+        try:
+            fam.get_tensor("a", "body.w")
+        except BaseException as e:  # noqa: BLE001 - what the test looks at
+            got.append(e)
+        finally:
+            sys.settrace(None)
+
+    th = threading.Thread(target=read)
+    th.start()
+    fds = []
+    try:
+        assert there.wait(30)
+        fam.close()
+        fds = [os.open(tmp_path / "small", os.O_RDONLY) for _ in range(4)]  # the lowest free numbers: the archive's
+    finally:
+        closed.set()
+        th.join(30)
+        for fd in fds:
+            os.close(fd)
+    assert len(got) == 1 and isinstance(got[0], ArchiveClosedError), got
