@@ -1356,6 +1356,7 @@ class LazyStateDict(_TensorMapping):
         got = self._take_tied(target, name)
         if got is None:  # rebuilt, as any read: the tensor its other names get next
             got = self._take_tied(target, name, self._get(target))
+            assert got is not None  # (one built is handed out)
         return got
 
     def _take_tied(self, target: str, name: str, built: torch.Tensor | None = None) -> torch.Tensor | None:
