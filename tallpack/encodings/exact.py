@@ -464,7 +464,6 @@ def original_rows(read: ReadArray, entry: TensorEntry, tt: TaskTensor, where: st
 
 
 # -- writing --------------------------------------------------------------------------------------
-# -- writing --------------------------------------------------------------------------------------
 
 def _tall_references(ctx: WriteContext, item: Item, check: bool) -> tuple[list[torch.Tensor], bool]:
     """Each task's TALL reconstruction, computed as the reader will (same arrays, same formula);
