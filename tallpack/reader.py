@@ -110,6 +110,10 @@ class Archive:
                  threads: int | None = None):
         self._c = container
         self._cache = ByteLRU(cache_bytes)
+        #: views of whole raw arrays of a mapped file, read before (checked: ``check_once``), by
+        #: ``_cache_key``: no memory of their own, so outside the cache's budget; each with the end
+        #: of its last byte in the file, checked at every use as a read is (``_view``)
+        self._views: dict[tuple, tuple[torch.Tensor, int]] = {}
         self.threads = threads or kernels.default_threads()
         self._pool: ThreadPoolExecutor | None = None
         self._pool_lock = threading.Lock()
@@ -169,6 +173,7 @@ class Archive:
             pool.shutdown(wait=True)
         self._slots.release()
         self._cache.clear()
+        self._views.clear()
         self._c.close()
         if not any(not a._closed for a in list(_OPEN)):
             release_thread_buffers()  # the decoding buffers the caller's threads kept for the next read
@@ -325,6 +330,12 @@ class Archive:
             if key is not None:
                 self._keep(key, t, ref.nbytes)
             return t
+        view = (use is not Use.OUTPUT and whole and dev is None and not ref.chain.codecs and ref.chunks
+                and getattr(self._c.source, "check_once", False) and getattr(self._c.source, "mapped", False))
+        if view:  # a raw array read before: its view again, without reading its chunks anew
+            got = self._view(_cache_key(ref, None))
+            if got is not None:
+                return got
         slot = (_slot is not None and use is not Use.OUTPUT and whole and bool(ref.chain.codecs)
                 and (key is None or ref.nbytes > self._room()))
         into = None
@@ -346,7 +357,18 @@ class Archive:
             raise type(e)(f"{self.name}: {where}: {e}") from None
         if key is not None and into is None and not memoryview(buf).readonly:  # decoded, not a view of the file
             self._keep(key, t, ref.nbytes)
+        elif view and memoryview(buf).readonly:
+            self._views[_cache_key(ref, None)] = (t, max(c.offset + c.nbytes for c in ref.chunks))
         return t
+
+    def _view(self, key: tuple) -> torch.Tensor | None:
+        """The kept view of a raw array (``_views``), once the file is checked as a read of its
+        last byte checks it (open, not shrunk: a view past the end would fault); None if none."""
+        got = self._views.get(key)
+        if got is None:
+            return None
+        self._c.source.read(got[1] - 1, 1)  # ArchiveClosedError, or IntegrityError for a shrunk file
+        return got[0]
 
     def _derived_merged(self, ref: DerivedMerged, where: str, use: Use, device: torch.device | str | None
                         ) -> torch.Tensor:
