@@ -366,3 +366,48 @@ def save_in_order(sd: dict[str, torch.Tensor], path: Path, order: list[str]) -> 
         f.write(struct.pack("<Q", len(text)) + text)
         for k in order:
             f.write(sd[k].contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+
+
+def forks_while_reading(mapping, keys, check, what: str, forks: int = 5) -> None:
+    """Fork ``forks`` children while a thread reads every key of ``mapping`` (a lazy state dict, a
+    lazily merged model) in a loop: each child must finish ``check()`` (exit 0 when it holds)
+    within 30 s, not wait forever on a lock the reading thread held at the fork (``what`` names
+    that lock in the failure)."""
+    import os
+    import threading
+    import time
+
+    stop = threading.Event()
+
+    def busy() -> None:
+        while not stop.is_set():
+            for k in keys:
+                mapping[k]
+
+    th = threading.Thread(target=busy)
+    th.start()
+    try:
+        for _ in range(forks):
+            time.sleep(0.02)
+            pid = os.fork()
+            if pid == 0:
+                os._exit(0 if check() else 1)
+            assert child_exit(pid, f"on {what}", 30) == 0
+    finally:
+        stop.set()
+        th.join()
+
+
+def child_exit(pid: int, what: str, limit: float = 60) -> int:
+    """The exit code of forked child ``pid``; the test fails if it runs past ``limit`` s (a hang)."""
+    import os
+    import time
+
+    deadline = time.monotonic() + limit
+    while not (done := os.waitpid(pid, os.WNOHANG))[0]:
+        if time.monotonic() > deadline:
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
+            pytest.fail(f"the forked child hung {what}")
+        time.sleep(0.02)
+    return os.waitstatus_to_exitcode(done[1])

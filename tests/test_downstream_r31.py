@@ -14,6 +14,7 @@ import torch
 
 import tallpack
 from tallpack import reader
+from conftest import child_exit, forks_while_reading
 
 
 @pytest.fixture
@@ -116,32 +117,8 @@ def test_a_forked_child_reads_a_merged_model_another_thread_was_reading(small_fa
     with tallpack.open(tmp_path / "f.tallpack", cache_bytes=0) as fam:
         model = fam.merge_parts("ta", lazy=True).state_dict(0.3, lazy=True)
         want = fam.merged("ta", alpha=0.3)
-        stop = threading.Event()
-
-        def busy() -> None:
-            while not stop.is_set():
-                for k in base:
-                    model[k]
-
-        th = threading.Thread(target=busy)
-        th.start()
-        try:
-            for _ in range(5):
-                time.sleep(0.02)
-                pid = os.fork()
-                if pid == 0:
-                    os._exit(0 if all(torch.equal(model[k], want[k]) for k in base) else 1)
-                deadline = time.monotonic() + 30
-                while not (done := os.waitpid(pid, os.WNOHANG))[0]:
-                    if time.monotonic() > deadline:
-                        os.kill(pid, 9)
-                        os.waitpid(pid, 0)
-                        pytest.fail("the forked child hung on the merged model's lock")
-                    time.sleep(0.02)
-                assert os.waitstatus_to_exitcode(done[1]) == 0
-        finally:
-            stop.set()
-            th.join()
+        forks_while_reading(model, base, lambda: all(torch.equal(model[k], want[k]) for k in base),
+                            "the merged model's lock")
 
 
 def test_a_lazily_merged_model_is_sent_to_another_process_as_lazy_state_dicts_are(archive):
@@ -156,18 +133,6 @@ def test_a_lazily_merged_model_is_sent_to_another_process_as_lazy_state_dicts_ar
         assert list(sent) == list(want)
         for k in want:
             assert torch.equal(sent[k], want[k]), k
-
-
-def _child_exit(pid: int, what: str) -> int:
-    """The exit code of forked child ``pid``; the test fails if it runs past 60 s (a hang)."""
-    deadline = time.monotonic() + 60
-    while not (done := os.waitpid(pid, os.WNOHANG))[0]:
-        if time.monotonic() > deadline:
-            os.kill(pid, 9)
-            os.waitpid(pid, 0)
-            pytest.fail(f"the forked child hung {what}")
-        time.sleep(0.02)
-    return os.waitstatus_to_exitcode(done[1])
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork on this platform")
@@ -194,7 +159,7 @@ def test_a_forked_child_reads_a_remote_archive_its_parent_opened(archive, http_s
                 traceback.print_exc()
             finally:
                 os._exit(code)
-        assert _child_exit(pid, "reading a remote archive") == 0
+        assert child_exit(pid, "reading a remote archive") == 0
         assert torch.equal(fam.state_dict("c")["body.w"], want["body.w"])  # the parent's goes on
 
 

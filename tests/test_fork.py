@@ -12,6 +12,7 @@ from safetensors.torch import save_file
 
 import tallpack
 from tallpack import kernels
+from conftest import forks_while_reading
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork on this platform")
 
@@ -87,8 +88,6 @@ def _read_w(args):
 def test_a_forked_child_reads_a_lazy_dict_another_thread_was_reading(tmp_path):
     """A lazy state dict's lock, held by a parent thread at the fork, stays held in the child:
     the reader gives every lazy dict a fresh one there (9 of 10 forks waited forever)."""
-    import threading
-
     g = torch.Generator().manual_seed(2)
     base = {f"layer.{i}.bias": torch.randn(64, generator=g) for i in range(40)}
     tasks = {t: {k: v + 0.01 * torch.randn(64, generator=g) for k, v in base.items()} for t in ("a", "b")}
@@ -96,32 +95,7 @@ def test_a_forked_child_reads_a_lazy_dict_another_thread_was_reading(tmp_path):
     with tallpack.open(tmp_path / "f.tallpack", cache_bytes=0) as fam:
         lazy = fam.state_dict("a", lazy=True)
         want = lazy["layer.5.bias"].clone()
-        stop = threading.Event()
-
-        def busy():
-            while not stop.is_set():
-                for k in base:
-                    lazy[k]
-
-        th = threading.Thread(target=busy)
-        th.start()
-        try:
-            for _ in range(5):
-                time.sleep(0.02)
-                pid = os.fork()
-                if pid == 0:
-                    os._exit(0 if torch.equal(lazy["layer.5.bias"], want) else 1)
-                deadline = time.monotonic() + 30
-                while not (done := os.waitpid(pid, os.WNOHANG))[0]:
-                    if time.monotonic() > deadline:
-                        os.kill(pid, 9)
-                        os.waitpid(pid, 0)
-                        pytest.fail("the forked child hung on the lazy dict's lock")
-                    time.sleep(0.02)
-                assert os.waitstatus_to_exitcode(done[1]) == 0
-        finally:
-            stop.set()
-            th.join()
+        forks_while_reading(lazy, base, lambda: torch.equal(lazy["layer.5.bias"], want), "the lazy dict's lock")
 
 
 def test_a_forked_child_does_not_inherit_a_state_dict_another_thread_was_in(tmp_path):
