@@ -6,7 +6,6 @@ from __future__ import annotations
 import gc
 import os
 import threading
-import time
 import weakref
 
 import pytest
