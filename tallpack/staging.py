@@ -310,6 +310,27 @@ def upload(local: Path, fs: Any, rpath: str, url: str, *, overwrite: bool = Fals
             fs.rm_file(path)
     except Exception as e:
         raise OutputError(f"{url}: upload failed ({_failure(e)}){_left(fs, rpath, pairs, overwrite)}") from None
+    except BaseException:  # Ctrl-C or SIGTERM: s3fs aborts its multipart upload on errors only
+        _abort_uploads(fs, [b for _, b in pairs])
+        raise
+
+
+def _abort_uploads(fs: Any, keys: list[str]) -> None:
+    """Abort the multipart uploads open at ``keys`` on S3, as an interrupted ``put`` leaves them:
+    their parts stay stored (and billed) on the server, listed by no ``ls``. Best effort."""
+    if not hasattr(fs, "call_s3"):
+        return
+    for path in keys:
+        bucket, key, _ = fs.split_path(path)
+        try:
+            found = fs.call_s3("list_multipart_uploads", Bucket=bucket, Prefix=key).get("Uploads", [])
+            for up in found:
+                if up.get("Key") == key:
+                    log.info("aborting the interrupted upload of %s", path)
+                    fs.call_s3("abort_multipart_upload", Bucket=bucket, Key=key, UploadId=up["UploadId"])
+        except Exception as e:
+            log.warning("s3://%s: an interrupted upload may be left open on the server (%s); abort it there, or "
+                        "let a lifecycle rule remove it", path, _failure(e))
 
 
 def _left(fs: Any, rpath: str, pairs: list[tuple[str, str]], overwrite: bool) -> str:

@@ -1,0 +1,61 @@
+"""An archivist's workflows through the command line (round 31): archives moved to a real
+S3-compatible server (moto's, on loopback) and interrupted there."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+moto_server = pytest.importorskip("moto.server")
+boto3 = pytest.importorskip("boto3")
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def s3():
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    env = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1",
+           "AWS_ENDPOINT_URL": f"http://{host}:{port}"}
+    client = boto3.client("s3", aws_access_key_id="test", aws_secret_access_key="test", region_name="us-east-1",
+                          endpoint_url=env["AWS_ENDPOINT_URL"])
+    client.create_bucket(Bucket="family")
+    yield client, env
+    server.stop()
+
+
+def test_ctrl_c_during_a_multipart_upload_leaves_no_upload_open(s3, tmp_path):
+    """An archive of 100 MiB and more goes to S3 as a multipart upload (s3fs): Ctrl-C while its
+    parts are sent left the upload open (its parts kept, and billed, on the server, listed by no
+    ``ls``) while the command said that nothing was written; it is aborted now."""
+    client, env = s3
+    base = torch.zeros(28 * 2**20, dtype=torch.float32)  # 112 MiB: above s3fs's 2 x 50 MiB threshold
+    task = base.clone()
+    task[:1000] = 1.0
+    save_file({"w": base}, tmp_path / "base.safetensors")
+    save_file({"w": task}, tmp_path / "a.safetensors")
+    del base, task
+    cmd = [sys.executable, "-m", "tallpack", "-q", "pack", "--codec", "raw", "--base", str(tmp_path / "base.safetensors"),
+           "-o", "s3://family/f.tallpack", str(tmp_path / "a.safetensors")]
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                         env={**os.environ, **env, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'cli'}"},
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        while p.poll() is None and not client.list_multipart_uploads(Bucket="family").get("Uploads"):
+            time.sleep(0.01)
+        p.send_signal(signal.SIGINT)
+        out = p.communicate(timeout=60)[0]
+    finally:
+        p.kill()
+    assert p.returncode == 130, out
+    assert out.strip().splitlines()[-1] == "error: interrupted; nothing was written"
+    assert client.list_multipart_uploads(Bucket="family").get("Uploads", []) == []
+    assert client.list_objects_v2(Bucket="family").get("Contents", []) == []
