@@ -87,9 +87,12 @@ def _terminate(signum, frame) -> None:
     raise _Terminated()
 
 
-def _signal_line(signum: int, written: bool) -> str:
-    """The one line of a command ended by ``signum``: whether its output is in place."""
+def _signal_line(signum: int, written: bool, left: str | None = None) -> str:
+    """The one line of a command ended by ``signum``: whether its output is in place, or ``left``,
+    what an upload cut off left at its URL (``left_at_url`` of the signal's exception: staging)."""
     what = "terminated (SIGTERM)" if signum == signal.SIGTERM else "interrupted"
+    if left:
+        return f"error: {what}; {left}"
     return f"error: {what}{' after its output was written' if written else '; nothing was written'}"
 
 
@@ -252,7 +255,7 @@ class _Group(click.Group):
             signum = signal.SIGTERM if isinstance(e, _Terminated) else signal.SIGINT
             if main_thread and self.own_process:
                 _end_at_once(before, said)  # a second signal while this line is written: still a line
-            click.echo(_signal_line(signum, committed() > before), err=True)
+            click.echo(_signal_line(signum, committed() > before, getattr(e, "left_at_url", None)), err=True)
             said.append(True)
             sys.exit(128 + signum)
         except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort, BrokenPipeError):

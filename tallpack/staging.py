@@ -12,6 +12,8 @@ are temporary folders under ``$TMPDIR``: they need room for the whole output, or
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import logging
 import os
 import tempfile
@@ -304,14 +306,36 @@ def upload(local: Path, fs: Any, rpath: str, url: str, *, overwrite: bool = Fals
                 fs.makedirs(parent, exist_ok=True)
             except Exception:
                 pass
-        fs.put([a for a, _ in pairs], [b for _, b in pairs])
+        _put(fs, [a for a, _ in pairs], [b for _, b in pairs])
         for path in old:
             log.info("removing %s, a weight file of the earlier output", path)
             fs.rm_file(path)
     except Exception as e:
         raise OutputError(f"{url}: upload failed ({_failure(e)}){_left(fs, rpath, pairs, overwrite)}") from None
-    except BaseException:  # Ctrl-C or SIGTERM: s3fs aborts its multipart upload on errors only
+    except BaseException as e:  # Ctrl-C or SIGTERM: s3fs aborts its multipart upload on errors only
         _abort_uploads(fs, [b for _, b in pairs])
+        left = _left(fs, rpath, pairs, overwrite, interrupted=url)
+        if left and not left.endswith("nothing was written at the URL"):  # the command line's signal line says it
+            setattr(e, "left_at_url", left.removeprefix("; "))
+            if hasattr(e, "add_note"):  # Python 3.11: shown under a traceback
+                getattr(e, "add_note")(left.removeprefix("; "))
+        raise
+
+
+def _put(fs: Any, lpaths: list[str], rpaths: list[str]) -> None:
+    """``fs.put``; on Ctrl-C or SIGTERM an async file system's transfers are cancelled and waited
+    for (fsspec's ``sync`` leaves them running in its thread until the process ends: a file put
+    after the command said what it left, a multipart upload opened after it was aborted)."""
+    loop = getattr(fs, "loop", None) if getattr(fs, "async_impl", False) else None
+    if loop is None:
+        fs.put(lpaths, rpaths)
+        return
+    done = asyncio.run_coroutine_threadsafe(fs._put(lpaths, rpaths), loop)
+    try:
+        done.result()
+    except BaseException:
+        done.cancel()
+        concurrent.futures.wait([done], timeout=10)
         raise
 
 
@@ -333,11 +357,13 @@ def _abort_uploads(fs: Any, keys: list[str]) -> None:
                         "let a lifecycle rule remove it", path, _failure(e))
 
 
-def _left(fs: Any, rpath: str, pairs: list[tuple[str, str]], overwrite: bool) -> str:
+def _left(fs: Any, rpath: str, pairs: list[tuple[str, str]], overwrite: bool, *, interrupted: str | None = None) -> str:
     """What a failed upload left at the URL, as the end of its message: nothing, or the files put
-    before it failed (a folder is put file by file, and nothing takes them back)."""
+    before it failed (a folder is put file by file, and nothing takes them back); ``interrupted``:
+    the URL of an upload cut off by a signal, named in the text (the command line's only line)."""
+    where = f"at {interrupted}" if interrupted else "there"
     if overwrite:
-        return ("; files already there may be the earlier output's or this one's: write it again" if len(pairs) > 1
+        return (f"; files already {where} may be the earlier output's or this one's: write it again" if len(pairs) > 1
                 else "")
     try:
         fs.invalidate_cache()
@@ -347,7 +373,8 @@ def _left(fs: Any, rpath: str, pairs: list[tuple[str, str]], overwrite: bool) ->
     if not there:
         return "; nothing was written at the URL"
     names = ", ".join(b[len(rpath) + 1:] or b for b in there[:3]) + (", ..." if len(there) > 3 else "")
-    return (f"; {len(there)} of {len(pairs)} files were uploaded before it failed ({names}): the output there is "
+    when = f"to {interrupted} before it ended" if interrupted else "before it failed"
+    return (f"; {len(there)} of {len(pairs)} files were uploaded {when} ({names}): the output there is "
             "incomplete; write it again with --force (overwrite=True), or remove them")
 
 

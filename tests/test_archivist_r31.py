@@ -43,8 +43,8 @@ def test_ctrl_c_during_a_multipart_upload_leaves_no_upload_open(s3, tmp_path):
     save_file({"w": base}, tmp_path / "base.safetensors")
     save_file({"w": task}, tmp_path / "a.safetensors")
     del base, task
-    cmd = [sys.executable, "-m", "tallpack", "-q", "pack", "--codec", "raw", "--base", str(tmp_path / "base.safetensors"),
-           "-o", "s3://family/f.tallpack", str(tmp_path / "a.safetensors")]
+    cmd = [sys.executable, "-m", "tallpack", "-q", "pack", "--codec", "raw", "--base",
+           str(tmp_path / "base.safetensors"), "-o", "s3://family/f.tallpack", str(tmp_path / "a.safetensors")]
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                          env={**os.environ, **env, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'cli'}"},
                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
@@ -59,3 +59,39 @@ def test_ctrl_c_during_a_multipart_upload_leaves_no_upload_open(s3, tmp_path):
     assert out.strip().splitlines()[-1] == "error: interrupted; nothing was written"
     assert client.list_multipart_uploads(Bucket="family").get("Uploads", []) == []
     assert client.list_objects_v2(Bucket="family").get("Contents", []) == []
+
+
+def test_ctrl_c_during_a_folders_upload_says_what_it_left(s3, tmp_path):
+    """``unpack --exact`` to S3 puts a folder file by file: Ctrl-C once its small config.json is up
+    and while its 112 MiB weights are being sent said "nothing was written", with config.json
+    there; now the line names what is left (as a failed upload's does), and no part is kept."""
+    client, env = s3
+    w = torch.zeros(28 * 2**20, dtype=torch.float32)
+    for name in ("base", "a"):
+        (tmp_path / name).mkdir()
+        save_file({"w": w}, tmp_path / name / "model.safetensors")
+        (tmp_path / name / "config.json").write_text('{"model_type": "x"}')
+        w[:1000] = 1.0
+    del w
+    run = {"env": {**os.environ, **env, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'cli'}"}, "text": True,
+           "stdout": subprocess.PIPE, "stderr": subprocess.STDOUT}
+    packed = subprocess.run([sys.executable, "-m", "tallpack", "-q", "pack", "--exact", "--codec", "raw", "--base",
+                             str(tmp_path / "base"), "-o", str(tmp_path / "f.tallpack"), str(tmp_path / "a")], **run)
+    assert packed.returncode == 0, packed.stdout
+    p = subprocess.Popen([sys.executable, "-m", "tallpack", "-q", "unpack", str(tmp_path / "f.tallpack"), "--task", "a",
+                          "--exact", "-o", "s3://family/a"], **run,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        while p.poll() is None and not (client.list_objects_v2(Bucket="family").get("Contents")
+                                        and client.list_multipart_uploads(Bucket="family").get("Uploads")):
+            time.sleep(0.01)
+        p.send_signal(signal.SIGINT)
+        out = p.communicate(timeout=60)[0]
+    finally:
+        p.kill()
+    assert p.returncode == 130, out
+    assert [o["Key"] for o in client.list_objects_v2(Bucket="family").get("Contents", [])] == ["a/config.json"]
+    assert out.strip().splitlines()[-1] == (
+        "error: interrupted; 1 of 2 files were uploaded to s3://family/a before it ended (config.json): the output "
+        "there is incomplete; write it again with --force (overwrite=True), or remove them")
+    assert client.list_multipart_uploads(Bucket="family").get("Uploads", []) == []
