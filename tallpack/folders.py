@@ -296,8 +296,9 @@ def safe_target(outdir: Path, name: str) -> Path:
 
 
 def write_files(outdir: str | os.PathLike, files: Mapping[str, str], blobs: Mapping[str, ArrayRef],
-                read: ReadRange, *, skip: Set[str] = frozenset()) -> list[Path]:
+                read: ReadRange, *, skip: Set[str] = frozenset(), owner: str = "") -> list[Path]:
     """Write a task's (or the base's) files into ``outdir``, each atomically; returns the paths.
+    ``owner`` (``task 'cars'``, ``the base``) is named in errors: tasks keep files of one name.
 
     Each content is decoded once, a chunk at a time, straight into the first file that holds it;
     the other names that hold it get a copy of that file.
@@ -316,7 +317,8 @@ def write_files(outdir: str | os.PathLike, files: Mapping[str, str], blobs: Mapp
             written.append(atomic_write(target, functools.partial(shutil.copyfile, source)))
         else:
             first[digest] = (target, [])
-            write = functools.partial(_decode_into, read, digest, blobs[digest], f"file {name!r}", first[digest][1])
+            where = f"file {name!r} of {owner}" if owner else f"file {name!r}"
+            write = functools.partial(_decode_into, read, digest, blobs[digest], where, first[digest][1])
             written.append(atomic_write(target, write))
     return written
 

@@ -163,7 +163,7 @@ def _folder(archive: "Archive", state_dict: Mapping[str, torch.Tensor], out: Pat
                                   layout=layout, max_shard_size=max_shard_size, sizes=sizes, progress=progress,
                                   overwrite=overwrite, specs=specs, also=_kept_names(files), where=where,
                                   modules=MODULES in files)
-        _kept_files(archive, files, out)
+        _kept_files(archive, files, out, owner=where.removeprefix(f"{archive.name}: "))
         _warn_originals_left(archive, out, {Path(target).name})
         return target
 
@@ -175,14 +175,15 @@ def _kept_names(files: Mapping[str, str], skip: Set[str] = frozenset()) -> list[
     return [n for n in files if not plain_weights(n) and n != INDEX and n not in skip]
 
 
-def _kept_files(archive: "Archive", files: Mapping[str, str], out: Path, skip: Set[str] = frozenset()) -> list[Path]:
-    """The kept folder files ``files`` (name -> SHA-256) into ``out``, never over a weight file, the
-    index or a name in ``skip``."""
+def _kept_files(archive: "Archive", files: Mapping[str, str], out: Path, skip: Set[str] = frozenset(), *,
+                owner: str = "") -> list[Path]:
+    """The kept folder files ``files`` (name -> SHA-256) of ``owner`` (``task 'cars'``) into ``out``,
+    never over a weight file, the index or a name in ``skip``."""
     kept = set(_kept_names(files, skip))
     return write_files(out, files, archive.manifest.files,
                        lambda ref, where, start, stop: archive.read_array(ref, where, Use.INPUT, start=start,
                                                                          stop=stop).numpy().data,
-                       skip=set(files) - kept)
+                       skip=set(files) - kept, owner=owner)
 
 
 def _originals(archive: "Archive") -> dict[str, int]:
@@ -312,7 +313,7 @@ def write_task(archive: "Archive", task: str, outdir: str | os.PathLike, *, exac
             # the folder's other files (tokenizer, generation config, model card), as a lossy unpack
             # writes them, each checked against its SHA-256; the recorded ones are written above
             _kept_files(archive, archive.files(task), local,
-                        skip={Path(p).relative_to(local).as_posix() for p in written})
+                        skip={Path(p).relative_to(local).as_posix() for p in written}, owner=f"task {task!r}")
             if _components(info.source):  # a pipeline: its folder, as a lossy unpack names it
                 return _shown(outdir, local, local)
             return _shown(outdir, local, Path(target) if target else _main_file([Path(p) for p in written]))

@@ -95,3 +95,35 @@ def test_ctrl_c_during_a_folders_upload_says_what_it_left(s3, tmp_path):
         "error: interrupted; 1 of 2 files were uploaded to s3://family/a before it ended (config.json): the output "
         "there is incomplete; write it again with --force (overwrite=True), or remove them")
     assert client.list_multipart_uploads(Bucket="family").get("Uploads", []) == []
+
+
+@pytest.mark.parametrize("exact", [False, True])
+def test_unpack_names_the_task_of_a_damaged_folder_file(tmp_path, exact):
+    """Each task keeps its own tokenizer.json: a damaged one made ``unpack --all`` say "file
+    'tokenizer.json': checksum mismatch", not whose (verify says it); the task is named now."""
+    import tallpack
+
+    g = torch.Generator().manual_seed(0)
+    base = {"w": torch.randn(64, 32, generator=g)}
+    save_file(base, tmp_path / "base.safetensors")
+    tasks = {}
+    for t in ("cars", "svhn"):
+        d = tmp_path / t
+        d.mkdir()
+        save_file({"w": base["w"] + 0.01 * torch.randn(64, 32, generator=g)}, d / "model.safetensors")
+        (d / "config.json").write_text('{"model_type": "x"}')
+        (d / "tokenizer.json").write_text(f'{{"task": "{t}", "vocab": {list(range(40))}}}')
+        tasks[t] = d
+    archive = tmp_path / "f.tallpack"
+    tallpack.pack(tmp_path / "base.safetensors", tasks, archive, exact=True)
+    with tallpack.open(archive) as fam:
+        chunk = fam.manifest.files[fam.files("svhn")["tokenizer.json"]].chunks[0]
+    data = bytearray(archive.read_bytes())
+    data[chunk.offset + chunk.nbytes // 2] ^= 0x5A
+    archive.write_bytes(bytes(data))
+    r = subprocess.run([sys.executable, "-m", "tallpack", "-q", "unpack", str(archive), "--all", *(["--exact"] * exact),
+                        "-o", str(tmp_path / "out")], capture_output=True, text=True,
+                       env={**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'cli'}"})
+    assert r.returncode == 1
+    assert r.stderr == f"error: {archive}: file 'tokenizer.json' of task 'svhn': checksum mismatch in chunk 0 (damaged archive)\n"
+    assert not (tmp_path / "out").exists()
