@@ -68,6 +68,8 @@ def format_version(features: set[str] | frozenset[str]) -> tuple[int, int]:
     return MAJOR, max((FEATURE_MINOR[f] for f in features), default=0)
 HEADER = struct.Struct("<8sHHI")
 FOOTER = struct.Struct("<QQII8s")
+#: how far from its end a file whose last bytes are no footer is searched for one (bytes appended)
+APPENDED_SEARCH = 1 << 20
 FLAG_MANIFEST_ZSTD = 1
 ALIGNMENT = 64
 
@@ -521,6 +523,8 @@ class ContainerReader:
         self.version = (major, minor)
         foot = bytes(source.read(size - FOOTER.size, FOOTER.size))
         m_off, m_len, m_crc, flags, end = FOOTER.unpack(foot)
+        if end != END_MAGIC or (m_off + m_len != size - FOOTER.size and not flags & ~FLAG_MANIFEST_ZSTD):
+            self._appended(size)
         if end != END_MAGIC:
             raise IntegrityError(f"{name}: footer missing (truncated or damaged archive)")
         self.data_end = m_off
@@ -553,6 +557,22 @@ class ContainerReader:
         every later pass of the garbage collector to walk."""
         manifest, self.manifest = self.manifest, {}
         return manifest
+
+    def _appended(self, size: int) -> None:
+        """Raise if the file is an archive with bytes after its footer (a download resumed over a
+        whole one, ``cat >>``): the last footer in its last MiB whose manifest checks out."""
+        start = max(HEADER.size, size - APPENDED_SEARCH)
+        tail = bytes(self.source.read(start, size - start))
+        at = tail.rfind(END_MAGIC, 0, len(tail) - 1)
+        while at >= FOOTER.size - len(END_MAGIC):
+            end = start + at + len(END_MAGIC)
+            m_off, m_len, m_crc, flags, _ = FOOTER.unpack(tail[at + len(END_MAGIC) - FOOTER.size:at + len(END_MAGIC)])
+            if (HEADER.size <= m_off and m_off + m_len == end - FOOTER.size and m_len <= MAX_MANIFEST_BYTES
+                    and not flags & ~FLAG_MANIFEST_ZSTD and crc32(self.source.read(m_off, m_len)) == m_crc):
+                raise IntegrityError(f"{self.name}: {size - end} bytes after the archive's footer, which ends at byte "
+                                     f"{end} (appended to it?); the archive before them is whole if nothing else is "
+                                     "damaged")
+            at = tail.rfind(END_MAGIC, 0, at)
 
     def _not_tallpack(self, size: int):
         raise FormatError(f"{self.name}: not a tallpack archive ({size} bytes, no TALLPACK header)")

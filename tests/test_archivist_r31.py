@@ -127,3 +127,26 @@ def test_unpack_names_the_task_of_a_damaged_folder_file(tmp_path, exact):
     assert r.returncode == 1
     assert r.stderr == f"error: {archive}: file 'tokenizer.json' of task 'svhn': checksum mismatch in chunk 0 (damaged archive)\n"
     assert not (tmp_path / "out").exists()
+
+
+def test_bytes_appended_to_an_archive_are_named_as_such(small_family, tmp_path):
+    """An archive with bytes appended (a download resumed over a whole one, ``cat >>``) was
+    "footer missing (truncated or damaged archive)": it is whole, up to its footer, which is found
+    and named with the bytes after it; a truncated archive is still called so."""
+    import tallpack
+
+    archive = tmp_path / "f.tallpack"
+    tallpack.pack(small_family["base_path"], small_family["task_paths"], archive)
+    whole = archive.read_bytes()
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'cli'}"}
+    for tail, want in [(b"garbage!" * 10, f"80 bytes after the archive's footer, which ends at byte {len(whole)} (appended "
+                                          f"to it?); the archive before them is whole if nothing else is damaged"),
+                       (whole, f"{len(whole)} bytes after the archive's footer, which ends at byte {len(whole)} (appended "
+                               f"to it?); the archive before them is whole if nothing else is damaged")]:
+        archive.write_bytes(whole + tail)
+        r = subprocess.run([sys.executable, "-m", "tallpack", "verify", str(archive)], capture_output=True, text=True,
+                           env=env)
+        assert (r.returncode, r.stderr.splitlines()[-1]) == (1, f"error: {archive}: {want}")
+    archive.write_bytes(whole[:-1])
+    with pytest.raises(tallpack.IntegrityError, match=r"footer missing \(truncated or damaged archive\)$"):
+        tallpack.open(archive)
