@@ -32,6 +32,22 @@ def s3():
     server.stop()
 
 
+def _interrupted(args: list, env: dict, when) -> tuple[int, str]:
+    """Run ``tallpack ARGS``, send it Ctrl-C once ``when()`` is true; its exit status and output."""
+    p = subprocess.Popen([sys.executable, "-m", "tallpack", "-q", *map(str, args)], stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, text=True,
+                         env={**os.environ, **env, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'cli'}"},
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        while p.poll() is None and not when():
+            time.sleep(0.01)
+        p.send_signal(signal.SIGINT)
+        out = p.communicate(timeout=60)[0]
+        return p.returncode, out
+    finally:
+        p.kill()
+
+
 def test_ctrl_c_during_a_multipart_upload_leaves_no_upload_open(s3, tmp_path):
     """An archive of 100 MiB and more goes to S3 as a multipart upload (s3fs): Ctrl-C while its
     parts are sent left the upload open (its parts kept, and billed, on the server, listed by no
@@ -43,19 +59,10 @@ def test_ctrl_c_during_a_multipart_upload_leaves_no_upload_open(s3, tmp_path):
     save_file({"w": base}, tmp_path / "base.safetensors")
     save_file({"w": task}, tmp_path / "a.safetensors")
     del base, task
-    cmd = [sys.executable, "-m", "tallpack", "-q", "pack", "--codec", "raw", "--base",
-           str(tmp_path / "base.safetensors"), "-o", "s3://family/f.tallpack", str(tmp_path / "a.safetensors")]
-    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                         env={**os.environ, **env, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'cli'}"},
-                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    try:
-        while p.poll() is None and not client.list_multipart_uploads(Bucket="family").get("Uploads"):
-            time.sleep(0.01)
-        p.send_signal(signal.SIGINT)
-        out = p.communicate(timeout=60)[0]
-    finally:
-        p.kill()
-    assert p.returncode == 130, out
+    code, out = _interrupted(["pack", "--codec", "raw", "--base", tmp_path / "base.safetensors", "-o",
+                              "s3://family/f.tallpack", tmp_path / "a.safetensors"], env,
+                             lambda: client.list_multipart_uploads(Bucket="family").get("Uploads"))
+    assert code == 130, out
     assert out.strip().splitlines()[-1] == "error: interrupted; nothing was written"
     assert client.list_multipart_uploads(Bucket="family").get("Uploads", []) == []
     assert client.list_objects_v2(Bucket="family").get("Contents", []) == []
@@ -78,18 +85,10 @@ def test_ctrl_c_during_a_folders_upload_says_what_it_left(s3, tmp_path):
     packed = subprocess.run([sys.executable, "-m", "tallpack", "-q", "pack", "--exact", "--codec", "raw", "--base",
                              str(tmp_path / "base"), "-o", str(tmp_path / "f.tallpack"), str(tmp_path / "a")], **run)
     assert packed.returncode == 0, packed.stdout
-    p = subprocess.Popen([sys.executable, "-m", "tallpack", "-q", "unpack", str(tmp_path / "f.tallpack"), "--task", "a",
-                          "--exact", "-o", "s3://family/a"], **run,
-                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    try:
-        while p.poll() is None and not (client.list_objects_v2(Bucket="family").get("Contents")
-                                        and client.list_multipart_uploads(Bucket="family").get("Uploads")):
-            time.sleep(0.01)
-        p.send_signal(signal.SIGINT)
-        out = p.communicate(timeout=60)[0]
-    finally:
-        p.kill()
-    assert p.returncode == 130, out
+    code, out = _interrupted(["unpack", tmp_path / "f.tallpack", "--task", "a", "--exact", "-o", "s3://family/a"], env,
+                             lambda: (client.list_objects_v2(Bucket="family").get("Contents")
+                                      and client.list_multipart_uploads(Bucket="family").get("Uploads")))
+    assert code == 130, out
     assert [o["Key"] for o in client.list_objects_v2(Bucket="family").get("Contents", [])] == ["a/config.json"]
     assert out.strip().splitlines()[-1] == (
         "error: interrupted; 1 of 2 files were uploaded to s3://family/a before it ended (config.json): the output "
@@ -125,7 +124,8 @@ def test_unpack_names_the_task_of_a_damaged_folder_file(tmp_path, exact):
                         "-o", str(tmp_path / "out")], capture_output=True, text=True,
                        env={**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'cli'}"})
     assert r.returncode == 1
-    assert r.stderr == f"error: {archive}: file 'tokenizer.json' of task 'svhn': checksum mismatch in chunk 0 (damaged archive)\n"
+    assert r.stderr == (f"error: {archive}: file 'tokenizer.json' of task 'svhn': checksum mismatch in chunk 0 "
+                        "(damaged archive)\n")
     assert not (tmp_path / "out").exists()
 
 
@@ -139,10 +139,9 @@ def test_bytes_appended_to_an_archive_are_named_as_such(small_family, tmp_path):
     tallpack.pack(small_family["base_path"], small_family["task_paths"], archive)
     whole = archive.read_bytes()
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'cli'}"}
-    for tail, want in [(b"garbage!" * 10, f"80 bytes after the archive's footer, which ends at byte {len(whole)} (appended "
-                                          f"to it?); the archive before them is whole if nothing else is damaged"),
-                       (whole, f"{len(whole)} bytes after the archive's footer, which ends at byte {len(whole)} (appended "
-                               f"to it?); the archive before them is whole if nothing else is damaged")]:
+    rest = "(appended to it?); the archive before them is whole if nothing else is damaged"
+    for tail in (b"garbage!" * 10, whole):
+        want = f"{len(tail)} bytes after the archive's footer, which ends at byte {len(whole)} {rest}"
         archive.write_bytes(whole + tail)
         r = subprocess.run([sys.executable, "-m", "tallpack", "verify", str(archive)], capture_output=True, text=True,
                            env=env)
