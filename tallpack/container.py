@@ -70,6 +70,10 @@ HEADER = struct.Struct("<8sHHI")
 FOOTER = struct.Struct("<QQII8s")
 #: how far from its end a file whose last bytes are no footer is searched for one (bytes appended)
 APPENDED_SEARCH = 1 << 20
+#: how many footers found there have their manifest's CRC-32 checked: the last ones (a hostile tail
+#: of many footers, each naming a manifest of up to MAX_MANIFEST_BYTES, would otherwise cost a pass
+#: over the file for each)
+APPENDED_CHECKS = 4
 FLAG_MANIFEST_ZSTD = 1
 ALIGNMENT = 64
 
@@ -564,14 +568,17 @@ class ContainerReader:
         start = max(HEADER.size, size - APPENDED_SEARCH)
         tail = bytes(self.source.read(start, size - start))
         at = tail.rfind(END_MAGIC, 0, len(tail) - 1)
-        while at >= FOOTER.size - len(END_MAGIC):
+        checks = APPENDED_CHECKS
+        while at >= FOOTER.size - len(END_MAGIC) and checks:
             end = start + at + len(END_MAGIC)
             m_off, m_len, m_crc, flags, _ = FOOTER.unpack(tail[at + len(END_MAGIC) - FOOTER.size:at + len(END_MAGIC)])
-            if (HEADER.size <= m_off and m_off + m_len == end - FOOTER.size and m_len <= MAX_MANIFEST_BYTES
-                    and not flags & ~FLAG_MANIFEST_ZSTD and crc32(self.source.read(m_off, m_len)) == m_crc):
-                raise IntegrityError(f"{self.name}: {size - end} bytes after the archive's footer, which ends at byte "
-                                     f"{end} (appended to it?); the archive before them is whole if nothing else is "
-                                     "damaged")
+            if HEADER.size <= m_off and m_off + m_len == end - FOOTER.size and m_len <= MAX_MANIFEST_BYTES \
+                    and not flags & ~FLAG_MANIFEST_ZSTD:
+                checks -= 1
+                if crc32(self.source.read(m_off, m_len)) == m_crc:
+                    raise IntegrityError(f"{self.name}: {size - end} bytes after the archive's footer, which ends at "
+                                         f"byte {end} (appended to it?); the archive before them is whole if nothing "
+                                         "else is damaged")
             at = tail.rfind(END_MAGIC, 0, at)
 
     def _not_tallpack(self, size: int):

@@ -149,3 +149,30 @@ def test_bytes_appended_to_an_archive_are_named_as_such(small_family, tmp_path):
     archive.write_bytes(whole[:-1])
     with pytest.raises(tallpack.IntegrityError, match=r"footer missing \(truncated or damaged archive\)$"):
         tallpack.open(archive)
+
+
+def test_a_tail_of_many_footers_checks_a_few_manifests(small_family, tmp_path, monkeypatch):
+    """A hostile tail of footers, each naming a manifest that ends right before it, is searched
+    for an archive's footer with a few manifests' CRC-32 checked (``APPENDED_CHECKS``), not one
+    pass over the file per footer; then the archive is refused as damaged, in one line."""
+    import zlib
+
+    import tallpack
+    from tallpack import container
+    from tallpack.container import END_MAGIC, FOOTER, HEADER
+
+    path = tmp_path / "hostile.tallpack"
+    tallpack.pack(small_family["base_path"], small_family["task_paths"], path)
+    raw = bytearray(path.read_bytes())
+    raw += b"x" * 5  # (the archive's own footer no longer last, nor aligned to these)
+    for _ in range(2000):
+        end = len(raw) + FOOTER.size
+        raw += FOOTER.pack(HEADER.size, end - FOOTER.size - HEADER.size, 0, 0, END_MAGIC)
+    raw += b"!!!"  # the last bytes no footer: the search runs
+    path.write_bytes(bytes(raw))
+    checked = []
+    monkeypatch.setattr(container, "crc32", lambda b: checked.append(len(b)) or zlib.crc32(b))
+    with pytest.raises(tallpack.errors.TallpackError) as e:
+        tallpack.open(path)
+    assert "\n" not in str(e.value) and str(path) in str(e.value)
+    assert 0 < len(checked) <= 4, len(checked)  # (APPENDED_CHECKS), not one per footer (2000)
