@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -27,8 +28,11 @@ def s3():
            "AWS_ENDPOINT_URL": f"http://{host}:{port}"}
     client = boto3.client("s3", aws_access_key_id="test", aws_secret_access_key="test", region_name="us-east-1",
                           endpoint_url=env["AWS_ENDPOINT_URL"])
-    client.create_bucket(Bucket="family")
-    yield client, env
+    # moto keeps its buckets per process, shared with the other test files' servers in this worker
+    # (test_remote's "family"): a bucket of this test's own
+    bucket = f"archivist-{uuid.uuid4().hex[:12]}"
+    client.create_bucket(Bucket=bucket)
+    yield client, env, bucket
     server.stop()
 
 
@@ -52,7 +56,7 @@ def test_ctrl_c_during_a_multipart_upload_leaves_no_upload_open(s3, tmp_path):
     """An archive of 100 MiB and more goes to S3 as a multipart upload (s3fs): Ctrl-C while its
     parts are sent left the upload open (its parts kept, and billed, on the server, listed by no
     ``ls``) while the command said that nothing was written; it is aborted now."""
-    client, env = s3
+    client, env, bucket = s3
     base = torch.zeros(28 * 2**20, dtype=torch.float32)  # 112 MiB: above s3fs's 2 x 50 MiB threshold
     task = base.clone()
     task[:1000] = 1.0
@@ -60,19 +64,19 @@ def test_ctrl_c_during_a_multipart_upload_leaves_no_upload_open(s3, tmp_path):
     save_file({"w": task}, tmp_path / "a.safetensors")
     del base, task
     code, out = _interrupted(["pack", "--codec", "raw", "--base", tmp_path / "base.safetensors", "-o",
-                              "s3://family/f.tallpack", tmp_path / "a.safetensors"], env,
-                             lambda: client.list_multipart_uploads(Bucket="family").get("Uploads"))
+                              f"s3://{bucket}/f.tallpack", tmp_path / "a.safetensors"], env,
+                             lambda: client.list_multipart_uploads(Bucket=bucket).get("Uploads"))
     assert code == 130, out
     assert out.strip().splitlines()[-1] == "error: interrupted; nothing was written"
-    assert client.list_multipart_uploads(Bucket="family").get("Uploads", []) == []
-    assert client.list_objects_v2(Bucket="family").get("Contents", []) == []
+    assert client.list_multipart_uploads(Bucket=bucket).get("Uploads", []) == []
+    assert client.list_objects_v2(Bucket=bucket).get("Contents", []) == []
 
 
 def test_ctrl_c_during_a_folders_upload_says_what_it_left(s3, tmp_path):
     """``unpack --exact`` to S3 puts a folder file by file: Ctrl-C once its small config.json is up
     and while its 112 MiB weights are being sent said "nothing was written", with config.json
     there; now the line names what is left (as a failed upload's does), and no part is kept."""
-    client, env = s3
+    client, env, bucket = s3
     w = torch.zeros(28 * 2**20, dtype=torch.float32)
     for name in ("base", "a"):
         (tmp_path / name).mkdir()
@@ -85,15 +89,15 @@ def test_ctrl_c_during_a_folders_upload_says_what_it_left(s3, tmp_path):
     packed = subprocess.run([sys.executable, "-m", "tallpack", "-q", "pack", "--exact", "--codec", "raw", "--base",
                              str(tmp_path / "base"), "-o", str(tmp_path / "f.tallpack"), str(tmp_path / "a")], **run)
     assert packed.returncode == 0, packed.stdout
-    code, out = _interrupted(["unpack", tmp_path / "f.tallpack", "--task", "a", "--exact", "-o", "s3://family/a"], env,
-                             lambda: (client.list_objects_v2(Bucket="family").get("Contents")
-                                      and client.list_multipart_uploads(Bucket="family").get("Uploads")))
+    code, out = _interrupted(["unpack", tmp_path / "f.tallpack", "--task", "a", "--exact", "-o", f"s3://{bucket}/a"], env,
+                             lambda: (client.list_objects_v2(Bucket=bucket).get("Contents")
+                                      and client.list_multipart_uploads(Bucket=bucket).get("Uploads")))
     assert code == 130, out
-    assert [o["Key"] for o in client.list_objects_v2(Bucket="family").get("Contents", [])] == ["a/config.json"]
+    assert [o["Key"] for o in client.list_objects_v2(Bucket=bucket).get("Contents", [])] == ["a/config.json"]
     assert out.strip().splitlines()[-1] == (
-        "error: interrupted; 1 of 2 files were uploaded to s3://family/a before it ended (config.json): the output "
+        f"error: interrupted; 1 of 2 files were uploaded to s3://{bucket}/a before it ended (config.json): the output "
         "there is incomplete; write it again with --force (overwrite=True), or remove them")
-    assert client.list_multipart_uploads(Bucket="family").get("Uploads", []) == []
+    assert client.list_multipart_uploads(Bucket=bucket).get("Uploads", []) == []
 
 
 @pytest.mark.parametrize("exact", [False, True])
