@@ -205,6 +205,25 @@ def lost(e: BaseException) -> str | None:
     return None
 
 
+def upload_failure(e: BaseException, http: bool) -> str | None:
+    """Why an upload (an HTTP PUT, an object store's writes) failed, in a few words, when the server
+    does not take uploads: HTTP 405 or 501 (a plain web server: not a failure to try again), or, at
+    an ``http`` URL, a connection cut mid-upload (such a server answers before the body is sent and
+    closes the connection); None otherwise (``failure`` says why).
+
+    >>> upload_failure(aiohttp.ClientResponseError(None, (), status=501), http=True)
+    'the server does not take uploads (HTTP 501: not implemented)'
+    """
+    for c in _chain(e):
+        status = _status(c)
+        if status in (405, 501):
+            return f"the server does not take uploads (HTTP {status}: {HTTPStatus(status).phrase.lower()})"
+    cut = lost(e)
+    if http and cut is not None:
+        return f"{cut}: a server that does not take uploads (HTTP PUT) cuts them off so"
+    return None
+
+
 def failure(e: BaseException) -> str | None:
     """Why a request failed: a connection cut or reset (``lost``, first: ``refusal`` takes a reset
     for a connection never made), else a refusal or a timeout; None when neither says."""

@@ -26,7 +26,7 @@ from urllib.parse import unquote, urlsplit
 from .errors import (CheckpointError, CheckpointNotFoundError, InvalidArgumentError, OutputError, OutputExistsError,
                      TallpackError, quoted)
 from .fsutil import check_folders_above, check_replaceable, committed, forget_commits, full_disk
-from .remote import failure, lost, redact, refusal, with_timeouts
+from .remote import failure, lost, redact, refusal, upload_failure, with_timeouts
 from .storage import is_url
 
 log = logging.getLogger(__name__)
@@ -311,7 +311,8 @@ def upload(local: Path, fs: Any, rpath: str, url: str, *, overwrite: bool = Fals
             log.info("removing %s, a weight file of the earlier output", path)
             fs.rm_file(path)
     except Exception as e:
-        raise OutputError(f"{url}: upload failed ({_failure(e)}){_left(fs, rpath, pairs, overwrite)}") from None
+        why = upload_failure(e, url.split("://", 1)[0].lower() in ("http", "https")) or _failure(e)
+        raise OutputError(f"{url}: upload failed ({why}){_left(fs, rpath, pairs, overwrite)}") from None
     except BaseException as e:  # Ctrl-C or SIGTERM: s3fs aborts its multipart upload on errors only
         _abort_uploads(fs, [b for _, b in pairs])
         left = _left(fs, rpath, pairs, overwrite, interrupted=url)
