@@ -217,6 +217,23 @@ def _warn_originals_left(archive: "Archive", out: Path, written: Set[str]) -> No
                     "it" if len(left) == 1 else "them")
 
 
+def _warn_others_left(archive: "Archive", task: str, out: Path) -> None:
+    """Warn of folder files of the archive's other tasks or base (tokenizer, generation config) in
+    ``out`` that ``task``'s folder does not have: an earlier output into the same folder (``--force``
+    replaces files, it removes none), which a loader would take as the task's own. Files the archive
+    does not name are the user's and not mentioned. Names only: no file is read."""
+    if is_url(out) or not Path(out).is_dir():
+        return
+    own = set(archive.files(task)) | ({"config.json"} if task_metadata(archive, task)[1] is not None else set())
+    others = {n for t in archive.tasks if t != task for n in archive.files(t)} | set(archive.files())
+    left = sorted(n for n in others - own if (Path(out) / n).is_file())
+    if left:
+        log.warning("%s: left %s, of another task's or the base's folder (an earlier output?), which task %r "
+                    "does not have; remove %s if not wanted", out, ", ".join(left[:5]) + (
+                        f" and {len(left) - 5} more" if len(left) > 5 else ""), task,
+                    "it" if len(left) == 1 else "them")
+
+
 def _staged(archive: "Archive", outdir: str | os.PathLike, storage_options: dict[str, Any] | None,
             overwrite: bool) -> AbstractContextManager[Path]:
     """``staging.staged`` for a folder of the archive's: at a URL, the weight files of an earlier
@@ -314,6 +331,7 @@ def write_task(archive: "Archive", task: str, outdir: str | os.PathLike, *, exac
             # writes them, each checked against its SHA-256; the recorded ones are written above
             _kept_files(archive, archive.files(task), local,
                         skip={Path(p).relative_to(local).as_posix() for p in written}, owner=f"task {task!r}")
+            _warn_others_left(archive, task, local)
             if _components(info.source):  # a pipeline: its folder, as a lossy unpack names it
                 return _shown(outdir, local, local)
             return _shown(outdir, local, Path(target) if target else _main_file([Path(p) for p in written]))
@@ -324,6 +342,7 @@ def write_task(archive: "Archive", task: str, outdir: str | os.PathLike, *, exac
                        files=archive.files(task), layout=archive.task_info(task).source,
                        max_shard_size=max_shard_size, sizes=_sizes(archive, task), progress=progress,
                        overwrite=overwrite, specs=_specs(archive, task))
+        _warn_others_left(archive, task, local)
         return _shown(outdir, local, path)
 
 
