@@ -12,6 +12,8 @@ Example:
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
 import math
 import mmap
@@ -650,9 +652,19 @@ class SpecArchive:
             raise FormatError(f"{p}: task names {self.tasks!r}")
         self._task_info = {t["name"]: t for t in tasks}
         for t in tasks:
-            lam = t.get("lambda")
-            if lam is not None and (isinstance(lam, bool) or not isinstance(lam, (int, float)) or lam < 0):
+            lam, density = t.get("lambda"), t.get("density")
+            if lam is not None and not _is_number(lam, 0.0, math.inf):
                 raise FormatError(f"{p}: task {t['name']!r} lambda {lam!r}")
+            if density is not None and not _is_number(density, 0.0, 1.0):
+                raise FormatError(f"{p}: task {t['name']!r} density {density!r}")
+            for key in ("fidelity", "source", "metadata"):
+                if key in t and not isinstance(t[key], dict):
+                    raise FormatError(f"{p}: task {t['name']!r} {key} is not an object")
+        merge = m["merge"]
+        if merge.get("method") == "ties" and "majority_sign" in merge:
+            s0 = merge["majority_sign"]
+            if isinstance(s0, bool) or s0 not in (-1, 0, 1):
+                raise FormatError(f"{p}: majority_sign {s0!r}")
         # tensor entries, groups (§3.7)
         self._entries: dict[str, dict] = {}
         self._members: dict[str, _Where] = {}
@@ -793,12 +805,56 @@ class SpecArchive:
                         raise FormatError(f"{what}: ones {te.get('ones')!r}")
                     if not isinstance(te.get("exact"), dict) or te["exact"].get("reference") not in ("base", "zero"):
                         raise FormatError(f"{what}: exact field")
+                n = _numel(shape)
+                if enc in ("tall", "tall-derived", "tall-derived-merged", "qtau"):
+                    ones = te.get("ones")
+                    if ones is not None and not (_is_int(ones) and 0 <= ones <= n):
+                        raise FormatError(f"{what}: ones {ones!r}")
+                if enc == "qtau":
+                    bits, block = te.get("bits"), te.get("block")
+                    if not (_is_int(bits) and 2 <= bits <= 8 and _is_int(block) and 1 <= block <= 1 << 20):
+                        raise FormatError(f"{what}: qtau bits {bits!r} block {block!r}")
+                    codes = -(-n * bits // 8) if bits <= 4 else n
+                    self._expect(te.get("codes"), "uint8", [codes], f"{what} codes")
+                    self._expect(te.get("scales"), None, [-(-n // block)], f"{what} scales")
+                    if self._arrays[id(te["scales"])].dtype not in ("float16", "float32"):
+                        raise FormatError(f"{what}: qtau scales dtype")
+                if "correction" in te:
+                    self._check_correction(te, n, what)
                 if "exact" in te:
                     ex = te["exact"]
                     if (ex.get("reference") not in ("tall", "base", "zero") or ex.get("transform") not in ("sub", "xor")
                             or ex.get("order") not in ("exponent", "none") or not _is_int(ex.get("xxh3"))):
                         raise FormatError(f"{what}: exact field {ex!r}")
                     self._expect(ex.get("residual"), UINT_NAME[DTYPES[dtype][1]], shape, f"{what} residual")
+
+    def _check_correction(self, te: dict, n: int, what: str) -> None:
+        """§6.1.6, at open."""
+        corr = te["correction"]
+        kind = corr.get("kind") if isinstance(corr, dict) else None
+        if kind == "exact":
+            if "exact" not in te:
+                raise FormatError(f"{what}: exact correction without the exact field")
+        elif kind == "sparse":
+            k = self._arrays[id(corr["indices"])].shape if id(corr.get("indices")) in self._arrays else None
+            if k is None or len(k) != 1:
+                raise FormatError(f"{what}: sparse correction indices")
+            self._expect(corr.get("indices"), None, list(k), f"{what} correction indices")
+            self._expect(corr.get("values"), None, list(k), f"{what} correction values")
+            if (self._arrays[id(corr["indices"])].dtype not in ("uint32", "uint64")
+                    or self._arrays[id(corr["values"])].dtype not in ("float16", "float32")):
+                raise FormatError(f"{what}: sparse correction dtypes")
+        elif kind == "quant":
+            bits, block = corr.get("bits"), corr.get("block")
+            if bits not in (4, 8) or not _is_int(bits) or not (_is_int(block) and 1 <= block <= 1 << 20):
+                raise FormatError(f"{what}: quant correction bits {bits!r} block {block!r}")
+            self._expect(corr.get("scales"), "float32", [-(-n // block)], f"{what} correction scales")
+            if bits == 8:
+                self._expect(corr.get("codes"), "int8", [n], f"{what} correction codes")
+            else:
+                self._expect(corr.get("codes"), "uint8", [-(-n // 2)], f"{what} correction codes")
+        else:
+            raise FormatError(f"{what}: correction kind {kind!r}")
 
     def _expect(self, ref: Any, dtype: str | None, shape: list, what: str, floating: bool = False) -> None:
         if not isinstance(ref, dict) or id(ref) not in self._arrays:
@@ -877,6 +933,38 @@ class SpecArchive:
 
     def state_dict(self, task: str, *, exact: bool = False) -> dict[str, Any]:
         return {k: self.tensor(task, k, exact=exact) for k in self.tensor_names(task)}
+
+    # §3.6, §6.5 -----------------------------------------------------------------------------------
+    def file(self, name: str, task: str | None = None) -> bytes:
+        """A kept folder file of a task (or of the base), its SHA-256 checked (§3.6)."""
+        owner = self.manifest.get("base", {}) if task is None else self._info(task)
+        key = (owner.get("files") or {})[name]
+        data = self.read_array(self.manifest["files"][key], f"file {name!r}").tobytes()
+        if hashlib.sha256(data).hexdigest() != key:
+            raise IntegrityError(f"{self.path}: file {name!r}: SHA-256 mismatch")
+        return data
+
+    def original_file(self, task: str, name: str) -> bytes:
+        """A recorded input file rebuilt byte for byte (§6.5: roles "safetensors" and "file")."""
+        record = next(f for f in self._info(task)["exact"]["files"] if f["name"] == name)
+        if record["role"] == "file":
+            data = (record["text"].encode("utf-8") if "text" in record
+                    else base64.b64decode(record["base64"], validate=True))
+        elif record["role"] == "safetensors":
+            header = record["header"].encode("utf-8")
+            parse_json(header)
+            meta = json.loads(header)
+            prefix = record.get("prefix", "")
+            parts = [struct.pack("<Q", len(header)), header]
+            tensors = sorted((v["data_offsets"], k) for k, v in meta.items() if k != "__metadata__")
+            for _, tname in tensors:
+                parts.append(np.ascontiguousarray(self.tensor_bits(task, prefix + tname, exact=True)[1]).tobytes())
+            data = b"".join(parts)
+        else:
+            raise FormatError(f"{self.path}: task {task!r} file {name!r}: role {record['role']!r} is not rebuilt")
+        if len(data) != record["size"] or hashlib.sha256(data).hexdigest() != record["sha256"]:
+            raise IntegrityError(f"{self.path}: task {task!r} file {name!r}: rebuilt bytes do not match the record")
+        return data
 
     # §6.1 ---------------------------------------------------------------------------------------
     def _rebuild(self, entry: dict, task: str, exact: bool) -> np.ndarray:
@@ -1049,6 +1137,10 @@ class SpecArchive:
             k = [rj * np.where(s > 0, rj > 0, rj < 0).astype(np.float32) for rj in r]
             return total(k)
         raise FormatError(f"{self.path}: tensor {name!r}: merge method {method!r} cannot be derived")
+
+
+def _is_number(v: Any, low: float, high: float) -> bool:
+    return not isinstance(v, bool) and isinstance(v, (int, float)) and low <= v <= high
 
 
 UINT_NAME = {1: "uint8", 2: "uint16", 4: "uint32", 8: "uint64"}
