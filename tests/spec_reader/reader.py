@@ -927,7 +927,7 @@ class SpecArchive:
         if dtype in ("bfloat16", "float8_e4m3fn", "float8_e5m2"):
             import torch
 
-            raw = torch.from_numpy(np.ascontiguousarray(bits).copy())
+            raw = torch.from_numpy(np.array(bits, copy=True))
             return raw.view(torch.int16 if dtype == "bfloat16" else torch.uint8).view(getattr(torch, dtype))
         return bits
 
@@ -1073,7 +1073,9 @@ class SpecArchive:
         elif ex["reference"] == "base":
             base_arr = self._arrays[id(entry["base"])]
             base = self.read_array(entry["base"], f"tensor {name!r} base")
-            ref = base if base_arr.dtype == dtype else cast_f32(to_f32(base, base_arr.dtype), dtype)
+            # cast_d(f32(B)): through float32 even for a float64 base and task (found by
+            # experiment: §6.1.5's "B's own bits when B has dtype d" is not so for float64)
+            ref = cast_f32(to_f32(base, base_arr.dtype), dtype)
         else:
             ref = np.zeros(_numel(te["shape"]), DTYPES[dtype][0])
         r = np.ascontiguousarray(ref).reshape(-1).view(udt)
