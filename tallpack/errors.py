@@ -106,6 +106,22 @@ class OutputExistsError(OutputError, FileExistsError):
 
 
 
+#: The URL protocols whose fsspec packages (s3fs, aiohttp) the ``remote`` extra installs (pyproject.toml).
+REMOTE_EXTRA_PROTOCOLS = frozenset({"s3", "s3a", "http", "https"})
+
+
+def missing_package(url: str, e: ImportError) -> TallpackError:
+    """The error for a URL whose fsspec package is not installed: fsspec's words and, where the
+    ``remote`` extra holds the package, the line that installs it.
+
+    >>> print(missing_package("s3://b/x", ImportError("Install s3fs to access S3")))
+    s3://b/x: this kind of URL needs another package (Install s3fs to access S3): pip install 'tallpack[remote]'
+    """
+    protocol = url.split("://", 1)[0].rsplit("::", 1)[-1].lower()
+    extra = ": pip install 'tallpack[remote]'" if protocol in REMOTE_EXTRA_PROTOCOLS else ""
+    return TallpackError(f"{url}: this kind of URL needs another package ({quoted(e)}){extra}")
+
+
 class OutOfMemoryError(TallpackError, MemoryError):
     """Memory (or a thread) could not be had for a read: the archive is not damaged; free memory,
     or read with fewer threads or a smaller cache."""

@@ -24,7 +24,7 @@ from typing import Any, TypeVar
 from urllib.parse import unquote, urlsplit
 
 from .errors import (CheckpointError, CheckpointNotFoundError, InvalidArgumentError, OutputError, OutputExistsError,
-                     TallpackError, quoted)
+                     TallpackError, missing_package, quoted)
 from .fsutil import check_folders_above, check_replaceable, committed, forget_commits, full_disk
 from .remote import failure, lost, redact, refusal, upload_failure, with_timeouts
 from .storage import is_url
@@ -55,7 +55,7 @@ def _fs(url: str, storage_options: dict[str, Any] | None):
     try:
         return url_to_fs(url, **with_timeouts(url, storage_options))
     except ImportError as e:
-        raise TallpackError(f"{url}: this kind of URL needs another package ({quoted(e)})") from None
+        raise missing_package(redact(url), e) from None
 
 
 def exists(target: str | os.PathLike, storage_options: dict[str, Any] | None = None) -> bool:

@@ -40,6 +40,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.nn import functional as F
 
+from ..errors import TallpackError
+
 __all__ = [
     "FAMILY_VERSION",
     "SIZES",
@@ -72,7 +74,11 @@ _SPLITS = ("train", "val", "test")
 @functools.lru_cache(maxsize=1)
 def _digits() -> tuple[np.ndarray, np.ndarray]:
     """The digits images (N, 8, 8) as float32 in [0, 16] and labels (N,) as int64."""
-    from sklearn.datasets import load_digits
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError:
+        raise TallpackError("the demo needs scikit-learn (its digits data): pip install 'tallpack[demo]' "
+                            "(or scikit-learn itself)") from None
 
     data = load_digits()
     return data.images.astype(np.float32), data.target.astype(np.int64)
