@@ -26,6 +26,7 @@ from tallpack.fsutil import committed
 from tallpack.checksums import CHECKSUMS
 from tallpack.dial import shown as shown_fidelity
 from tallpack.kernels import COMPILED
+from tallpack.manifest import task_name_problem
 from tallpack.merged import base_not_held, default_model, in_some_tasks, left_out, missing_components
 from tallpack.merging import MERGED_MODELS, METHODS, MergeMethod, Option, check_alpha, default_alpha, is_consensus
 from tallpack.options import DENSE_PRESETS, MAX_LEVEL, MIN_LEVEL, PackOptions
@@ -382,6 +383,10 @@ def _parse_tasks(specs: tuple[str, ...], more: tuple[str, ...] = ()) -> dict[str
         name, sep, path = spec.partition("=")
         if not sep or _exists(spec) or "://" in name:  # a bare path or URL, even one with '=' in it (?sig=...)
             name, path = auto[spec], spec
+            why = task_name_problem(name) if name else None
+            if why is not None:  # Lightning's epoch=3-step=500.ckpt
+                raise click.BadParameter(f"{spec!r}: the task name taken from it, {name!r}, cannot be used ({why}); "
+                                         f"give NAME={spec}", param_hint=hint)
             if hint == "TASK" and base is not None and _exists(spec) and _same(Path(spec), base):
                 # a glob over the family's folder matches the base too: never a task of itself
                 logging.getLogger("tallpack.cli").warning(

@@ -27,7 +27,7 @@ TasksLike = Mapping[str, SourceLike] | Sequence[SourceLike]
 
 #: What makes a folder a model's (or a pipeline's, or sentence-transformers'): a weight file, a
 #: shard index (``*.index.json``), or the file that lists its parts.
-_WEIGHTS = (".safetensors", ".bin", ".pt", ".pth", ".index.json")
+_WEIGHTS = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".pth.tar", ".index.json")
 _PARTS = ("model_index.json", "modules.json")
 
 
@@ -67,7 +67,7 @@ def lone_file(folders: Sequence[Path]) -> str | None:
             files = [f.name for f in d.iterdir() if not f.is_dir() and (f.name in _PARTS or f.name.endswith(_WEIGHTS))]
         except OSError:
             return None
-        if len(files) != 1 or not files[0].endswith((".pt", ".pth")):
+        if len(files) != 1 or not files[0].endswith((".pt", ".pth", ".ckpt", ".pth.tar")):
             return None
         found.add(files[0])
     return found.pop() if len(found) == 1 else None

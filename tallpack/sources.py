@@ -78,7 +78,15 @@ log = logging.getLogger(__name__)
 #: Anything ``open_source`` accepts.
 SourceLike = Union[str, os.PathLike, Mapping[str, "torch.Tensor"], "Source"]
 
-_TORCH_SUFFIXES = (".bin", ".pt", ".pth")
+_TORCH_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+#: PyTorch files named ``.pth.tar`` (timm's and PyTorch's ImageNet example's training checkpoints).
+_TORCH_TAR = ".pth.tar"
+
+
+def _is_torch_file(path: Path) -> bool:
+    """Whether ``path`` is named as a PyTorch file: ``.bin``, ``.pt``, ``.pth``, Lightning's ``.ckpt``
+    or timm's ``.pth.tar`` (each read with ``weights_only=True``, whatever its name)."""
+    return path.suffix in _TORCH_SUFFIXES or path.name.endswith(_TORCH_TAR)
 
 
 @dataclass(frozen=True)
@@ -752,9 +760,13 @@ def _torch_load(path: Path) -> tuple[dict[str, torch.Tensor], dict[int, int]]:
                 legacy = True
     except pickle.UnpicklingError as e:
         if "weights_only" in str(e) or "Weights only" in str(e):
+            held = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+            what = f"{held.group(1)}, not only tensors" if held else "more than tensors"
             raise UnsafeCheckpointError(
-                f"{path}: loading needs code execution (it pickles more than tensors); tallpack only "
-                "loads weights_only files: re-save it as a plain state dict or as safetensors"
+                f"{path}: loading needs code execution (it pickles {what}: a whole model saved with torch.save(model), "
+                "or a checkpoint whose other entries, arguments or hyperparameters, hold objects); tallpack only "
+                "loads weights_only files: re-save the model's state dict alone (torch.save(model.state_dict(), "
+                "'model.pt')) or as safetensors"
             ) from None
         raise CheckpointError(f"{path}: not a readable PyTorch file ({quoted(e)})") from None
     except Exception as e:
@@ -762,6 +774,13 @@ def _torch_load(path: Path) -> tuple[dict[str, torch.Tensor], dict[int, int]]:
     if not isinstance(obj, Mapping):
         raise CheckpointError(f"{path}: holds {_a(type(obj).__name__)}, not a state dict")
     tensors = _tensor_dict(str(path), _unwrapped(path, obj))
+    if len(tensors) > 1 and not any(t.numel() for t in tensors.values()):
+        raise CheckpointError(
+            f"{path}: all its {len(tensors)} tensors are empty ({next(iter(tensors))!r}: shape "
+            f"{tuple(next(iter(tensors.values())).shape)}), placeholders rather than weights: a DeepSpeed ZeRO-3 "
+            "model file? its weights are partitioned in the zero_pp_rank_* files beside it: consolidate them with "
+            "the zero_to_fp32.py DeepSpeed saves in the checkpoint folder (python zero_to_fp32.py CHECKPOINT_DIR OUT) "
+            "and pack OUT")
     storages = {} if legacy else _check_records(path, tensors)
     tensors = _uncompiled(path, tensors)
     return (_mapped(path, tensors) if legacy else tensors), storages
@@ -776,22 +795,29 @@ _ADAPTER = re.compile(r"\.(lora_[AB]|lora_embedding_[AB]|lora_magnitude_vector|h
                       r"|ia3_l)(\.|$)")
 
 
+#: The share of one side's names that, without its one prefix, must be the other's for the prefix to be named.
+PREFIX_SHARE = 0.5
+
+#: What to do with a PEFT adapter given as a model.
+MERGE_ADAPTER = ("merge it into its base model first (PeftModel.from_pretrained(model, ADAPTER).merge_and_unload()"
+                 ".save_pretrained(OUT)) and pack OUT")
+
+
 def prefix_hint(base: Source, task: Source) -> str | None:
-    """Why a task shares no tensor name with the base when one side's names are all the other's
-    with one prefix in front (``module.``: saved from a DDP or DataParallel wrapper), or when one
+    """Why a task shares no tensor name with the base when one side's names are the other's (most
+    of them, all but a tied head) with one prefix in front (``module.``: saved from a DDP or DataParallel wrapper), or when one
     side is a PEFT adapter (LoRA's ``...lora_A.weight``), and what to do; else None."""
     for has, side in ((task, "it is"), (base, "the base is")):
         lora = next((k for k in has.keys() if _ADAPTER.search(k)), None)
         if lora is not None:
-            return (f"{side} a PEFT adapter ({lora!r}), not a model's weights; merge it into its base model first "
-                    "(PeftModel.from_pretrained(model, ADAPTER).merge_and_unload().save_pretrained(OUT)) "
-                    "and pack OUT")
+            return f"{side} a PEFT adapter ({lora!r}), not a model's weights; {MERGE_ADAPTER}"
     for has, other, side in ((task, base, "its"), (base, task, "the base's")):
         heads = {k.partition(".")[0] for k in has.keys()}
         if len(heads) != 1 or not has.keys() or any("." not in k for k in has.keys()):
             continue
         prefix = heads.pop() + "."
-        if all(k.removeprefix(prefix) in other for k in has.keys()):
+        # most names, not all: a state dict keeps a tied head that save_pretrained left out of the other side
+        if sum(k.removeprefix(prefix) in other for k in has.keys()) >= PREFIX_SHARE * len(has.keys()):
             whose = "the base's" if side == "its" else "the task's"
             return (f"{side} tensor names are {whose} with {prefix!r} in front (a model saved from a DDP, "
                     f"DataParallel or other wrapper); save the state dict without it "
@@ -1261,7 +1287,15 @@ def _folder_files(folder: Path, roots: list[Path], given: str | None = None
     found = sorted(folder.glob("*.safetensors"))
     if len(found) == 1:
         return "safetensors", [_in_folder(folder, found[0], roots)], None, {}
-    pickles = sorted(f.name for f in folder.glob("*.pt*") if f.suffix in (".pt", ".pth"))
+    if (folder / ".metadata").is_file() and any(folder.glob("*.distcp")):
+        raise CheckpointError(
+            f"{folder}: a torch.distributed.checkpoint (DCP) folder (.metadata, *.distcp), which tallpack does not read "
+            "(its .metadata is a pickle); convert it into one file first (python -m "
+            f"torch.distributed.checkpoint.format_utils dcp_to_torch {shlex.quote(str(folder))} model.pt) and pack that")
+    if (folder / "adapter_config.json").is_file():
+        raise CheckpointError(f"{folder}: a PEFT adapter (adapter_config.json), not a model's weights; {MERGE_ADAPTER}")
+    pickles = sorted(f.name for f in folder.iterdir()
+                     if f.suffix != ".bin" and _is_torch_file(f) and not _TRAINING_STATE.fullmatch(f.name))
     held = (f"; it holds {', '.join(pickles[:3])}{', ...' if len(pickles) > 3 else ''} (PyTorch file"
             f"{'s' if len(pickles) > 1 else ''}): pass the file itself ({shlex.quote(f'{folder.name}={folder / pickles[0]}')})"
             if pickles else "")
@@ -1302,14 +1336,14 @@ def open_source(obj: SourceLike, *, label: str | None = None) -> Source:
         return src
     if not path.exists():
         raise CheckpointNotFoundError(f"{path}: no such file or folder{_repo_id_hint(os.fspath(obj))}")
-    if path.suffix == ".safetensors" or path.suffix in _TORCH_SUFFIXES:
+    if path.suffix == ".safetensors" or _is_torch_file(path):
         _note_folder_left(path)
     if path.suffix == ".safetensors":
         return SafetensorsSource(str(path), [path])
-    if path.suffix in _TORCH_SUFFIXES:
+    if _is_torch_file(path):
         return TorchSource(str(path), [path])
     raise CheckpointError(
-        f"{path}: unknown checkpoint type; expected .safetensors, .bin/.pt/.pth or a model folder"
+        f"{path}: unknown checkpoint type; expected .safetensors, .bin/.pt/.pth/.ckpt/.pth.tar or a model folder"
     )
 
 
@@ -1341,9 +1375,11 @@ _ONE_SHARD = re.compile(r"-\d+-of-(\d+)\.(safetensors|bin)$")
 #: ``checkpoint_3``, DeepSpeed's ``global_step500``): a training run's state, not the model's files.
 _CHECKPOINT_FOLDER = re.compile(r"checkpoint[-_]\d+|global_step\d+")
 #: A trainer's state files (optimizer, scheduler, loss scaler, random generators, arguments), anywhere
-#: (Trainer's ``optimizer.pt``, ``rng_state.pth``; accelerate's ``optimizer.bin``, ``random_states_0.pkl``).
-_TRAINING_STATE = re.compile(r"(optimizer|scheduler)\.(bin|pt)|scaler\.pt|rng_state.*\.pth|random_states_.*\.pkl"
-                             r"|training_args\.bin")
+#: (Trainer's ``optimizer.pt``, ``rng_state.pth``; accelerate's ``optimizer.bin``, ``optimizer_1.bin`` of a second
+#: optimizer, ``sampler.bin``, ``dl_state_dict.bin``, ``random_states_0.pkl``, ``custom_checkpoint_0.pkl`` of its
+#: registered objects).
+_TRAINING_STATE = re.compile(r"(optimizer|scheduler|sampler|dl_state_dict)(_\d+)?\.(bin|pt)|scaler\.pt"
+                             r"|rng_state.*\.pth|random_states_.*\.pkl|custom_checkpoint_\d+\.pkl|training_args\.bin")
 #: Hidden files kept with a folder's files: every Hugging Face repository's ``.gitattributes`` (which
 #: files Git LFS stores), part of its download; other hidden entries (``.git``, ``.cache``) are left out.
 _KEPT_HIDDEN = frozenset({".gitattributes"})
@@ -1940,7 +1976,7 @@ def stem(obj: SourceLike) -> str:
             # .../REPO/resolve/REVISION/model.safetensors (the Hub's https URLs): the repository
             repo = parts[-4] if len(parts) >= 4 and parts[-3] == "resolve" else parts[-2]
             return repo.split("@", 1)[0]  # hf://org/repo@revision/...
-        for suffix in (".safetensors", ".bin", ".pt", ".pth"):
+        for suffix in (".safetensors", _TORCH_TAR, *_TORCH_SUFFIXES):
             name = name.removesuffix(suffix)
         return name
     p = Path(obj)  # type: ignore[arg-type]
@@ -1951,12 +1987,13 @@ def stem(obj: SourceLike) -> str:
         return p.name.rsplit("--", 1)[-1]
     if folder and p.parent.name == "snapshots" and p.parent.parent.name.startswith("models--"):
         return p.parent.parent.name.rsplit("--", 1)[-1]  # a Hugging Face cache snapshot: the repository's name
-    return p.name if folder else p.stem
+    return p.name if folder else p.name.removesuffix(_TORCH_TAR) if p.name.endswith(_TORCH_TAR) else p.stem
 
 
 def stems(objs: Sequence[SourceLike]) -> list[str]:
-    """The default task names of several paths: each one's :func:`stem`, but files that share a
-    file name (nanoGPT's ``out-a/ckpt.pt``, ``out-b/ckpt.pt``) each named after its folder.
+    """The default task names of several paths: each one's :func:`stem`, but files or folders that
+    share a name (nanoGPT's ``out-a/ckpt.pt``, ``out-b/ckpt.pt``; Trainer's ``run-a/checkpoint-500``,
+    ``run-b/checkpoint-500``) each named after its folder.
 
     >>> stems(["runs/out-a/ckpt.pt", "runs/out-b/ckpt.pt", "ft/cars.pt"])
     ['out-a', 'out-b', 'cars']
@@ -1964,7 +2001,7 @@ def stems(objs: Sequence[SourceLike]) -> list[str]:
     names = [stem(o) for o in objs]
     out = []
     for obj, name in zip(objs, names):
-        if names.count(name) > 1 and isinstance(obj, (str, os.PathLike)) and not is_url(obj) and Path(obj).is_file():
+        if names.count(name) > 1 and isinstance(obj, (str, os.PathLike)) and not is_url(obj) and Path(obj).exists():
             name = stem(Path(os.path.abspath(obj)).parent)
         out.append(name)
     return out
