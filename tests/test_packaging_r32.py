@@ -18,11 +18,15 @@ from safetensors.torch import save_file
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _tallpack(*args: str, cwd: Path, block: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+def _tallpack(*args: str, cwd: Path, block: tuple[str, ...] = (),
+              report: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
     """``tallpack ARGS`` in a fresh interpreter where the modules ``block`` names cannot be imported
-    (as where their package is not installed)."""
-    code = ("import sys\n"
+    (as where their package is not installed); its last line of stderr, with ``report``, says which
+    of those modules the command imported (``imported: [...]``)."""
+    code = ("import atexit, sys\n"
             f"for m in {block!r}: sys.modules[m] = None\n"
+            f"if {report!r}: atexit.register(lambda: print('imported:', [m for m in {report!r} if m in sys.modules], "
+            "file=sys.stderr))\n"
             f"sys.argv = ['tallpack', *{list(args)!r}]\n"
             "from tallpack_cli import run\n"
             "run()\n")
@@ -91,18 +95,19 @@ def test_a_url_no_extra_covers_names_its_package_only(tmp_path) -> None:
 # --- start-up: what the command line imports before it has work to do --------------------------
 
 
-def test_help_and_inspect_load_neither_torch_nor_fsspec(family, tmp_path) -> None:
-    """`tallpack --help` and `inspect` of a local archive need neither torch (about a second to
-    import) nor fsspec; a top-level import of either would slow them (r32: it does not)."""
+def test_help_inspect_and_verify_import_neither_torch_nor_fsspec(family, tmp_path) -> None:
+    """`tallpack --help`, `inspect` and `verify` of a lossy local archive need neither torch (about a
+    second to import) nor fsspec (README: "Start time"); a top-level import of either would slow them."""
     archive = tmp_path / "family.tallpack"
     r = _tallpack("-q", "pack", "--base", str(family / "base.safetensors"), str(family / "cars.safetensors"),
                   str(family / "dtd.safetensors"), "-o", str(archive), cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
+    heavy = ("torch", "fsspec", "transformers", "s3fs", "tqdm")
     for args in (["--help"], ["inspect", str(archive)], ["inspect", "--tensors", str(archive)],
-                 ["inspect", "missing.tallpack"]):
-        r = _tallpack(*args, cwd=tmp_path, block=("torch", "fsspec", "transformers", "s3fs"))
-        assert "ImportError" not in r.stderr and "import of" not in r.stderr, (args, r.stderr[-2000:])
+                 ["-q", "verify", str(archive)], ["inspect", "missing.tallpack"]):
+        r = _tallpack(*args, cwd=tmp_path, report=heavy)
         assert r.returncode == (1 if "missing.tallpack" in args else 0), (args, r.stdout, r.stderr[-2000:])
+        assert r.stderr.splitlines()[-1] == "imported: []", (args, r.stderr[-2000:])
 
 
 # --- the sdist: what a packager builds and tests from -------------------------------------------
