@@ -385,7 +385,7 @@ def _parse_tasks(specs: tuple[str, ...], more: tuple[str, ...] = ()) -> dict[str
             name, path = auto[spec], spec
             why = task_name_problem(name) if name else None
             if why is not None:  # Lightning's epoch=3-step=500.ckpt
-                raise click.BadParameter(f"{spec!r}: the task name taken from it, {name!r}, cannot be used ({why}); "
+                raise click.BadParameter(f"{spec!r}: the task name taken from it, {name!r}, cannot be used: {why}; "
                                          f"give NAME={spec}", param_hint=hint)
             if hint == "TASK" and base is not None and _exists(spec) and _same(Path(spec), base):
                 # a glob over the family's folder matches the base too: never a task of itself

@@ -156,7 +156,10 @@ def aligned_base(base: Source, tasks: dict[str, Source]) -> Source:
     if prefix in WRAPPER_PREFIXES:  # a DDP-saved family, not a bare base: the fine-tune check names the prefix
         return base
     log.warning("base %s: its tensors are named as the tasks' with %r in front (a bare model as the base, the "
-                "tasks with a head); matched by those names", base.label, prefix)
+                "tasks with a head); matched by those names, which the archive, its unpacked tasks and merged models "
+                "keep (where %r is a training wrapper's, a LightningModule's self.model, and not the model's own, "
+                "save the tasks' state dicts without it: a model folder written with the base's config.json does not "
+                "load such names)", base.label, prefix, prefix)
     return Renamed(base, prefix)
 
 

@@ -241,3 +241,17 @@ def test_peft_adapter_folder_of_a_bin_named(tmp_path: Path) -> None:
         with pytest.raises((CheckpointError, IncompatibleCheckpointsError)) as e:
             tallpack.pack(base, {"a": task}, tmp_path / "o.tallpack")
         assert "PEFT adapter" in str(e.value) and "merge_and_unload" in str(e.value), str(e.value)
+
+
+def test_hub_base_with_lightning_tasks(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A base saved by save_pretrained, tasks from Lightning (``model.`` in front of every name): packed
+    under the tasks' names, and the warning says what that means for a folder written with the base's
+    config (a LightningModule's attribute is no name transformers strips)."""
+    base = _hf_folder(_model(0), tmp_path / "base")
+    tasks = [_lightning(_model(i), tmp_path / f"t{i}.ckpt") for i in (1, 2)]
+    with caplog.at_level(logging.WARNING, logger="tallpack.plan"):
+        tallpack.pack(base, tasks, tmp_path / "o.tallpack")
+    said = " ".join(r.getMessage() for r in caplog.records)
+    assert "with 'model.' in front" in said and "LightningModule" in said and "without it" in said, said
+    with tallpack.open(tmp_path / "o.tallpack") as fam:
+        assert "model.fc.weight" in fam.keys("t1")
