@@ -21,7 +21,7 @@ from ._torch import cpu_default
 from .encodings.derived import DERIVED_MERGED, has_mask, task_mask
 from .encodings.derived_merged import task_masks as derived_merged_masks
 from .encodings.qtau import task_masks
-from .errors import InvalidArgumentError, OutputExistsError, TallpackError, TaskNotFoundError, memory_named
+from .errors import InvalidArgumentError, OutputError, OutputExistsError, TallpackError, TaskNotFoundError, memory_named
 from .folders import component_of
 from .fsutil import atomic_write, check_folders_above, check_replaceable, file_identity, reading
 from .merging import METHODS, MergeMethod
@@ -346,8 +346,8 @@ def check_plot_path(path: str | os.PathLike, *, overwrite: bool = False,
                     archive: "str | os.PathLike | Archive | None" = None) -> str:
     """The image format of ``path`` (its suffix, one matplotlib writes), checked before any work:
     InvalidArgumentError for another suffix or for the file of ``archive`` (the one the statistics
-    are read from: a path or an open archive), OutputError for a folder or device, and
-    OutputExistsError for an existing file without ``overwrite``.
+    are read from: a path or an open archive), OutputError for a folder or device or in a folder it
+    cannot write into, and OutputExistsError for an existing file without ``overwrite``.
 
     >>> check_plot_path("stats.png", archive="family.tallpack")
     'png'
@@ -365,8 +365,11 @@ def check_plot_path(path: str | os.PathLike, *, overwrite: bool = False,
     if not overwrite and os.path.lexists(path):
         raise OutputExistsError(f"{path}: already exists; pass --force (overwrite=True) to replace it")
     check_folders_above(path)  # notes.txt/p.png: notes.txt is a file
-    if not Path(path).absolute().parent.is_dir():
+    folder = Path(path).absolute().parent
+    if not folder.is_dir():
         raise InvalidArgumentError(f"{path}: the folder {Path(path).parent} does not exist")
+    if not os.access(folder, os.W_OK | os.X_OK):  # else found once every mask was read
+        raise OutputError(f"{path}: Permission denied (cannot write into the folder {Path(path).parent})")
     return fmt
 
 

@@ -1,0 +1,70 @@
+"""tallpack run from scripts, CI jobs and services (thirty-second round): exit codes, what goes to
+stdout and stderr, outputs that cannot be written, and interruptions, through the command line in
+a process of its own as a pipeline runs it."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _unprivileged() -> list[str]:
+    """A prefix that runs a command without the power to write where its permissions say no:
+    root (these machines' user) is denied it by dropping the capabilities that override them."""
+    if os.geteuid() != 0:
+        return []
+    if shutil.which("setpriv") is None:
+        pytest.skip("running as root without setpriv: permissions are not enforced")
+    return ["setpriv", "--bounding-set=-dac_override,-dac_read_search,-fowner"]
+
+
+def _tallpack(*args: object, prefix: list[str] | None = None, **kw) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'cli'}"}
+    return subprocess.run([*(prefix or []), sys.executable, "-m", "tallpack", *map(str, args)],
+                          capture_output=True, text=True, env=env, timeout=120, **kw)
+
+
+@pytest.fixture(scope="module")
+def archive(tmp_path_factory) -> Path:
+    """A family of three tasks (2 MB of float32), packed by the command line."""
+    root = tmp_path_factory.mktemp("ops")
+    g = torch.Generator().manual_seed(0)
+    base = {f"layer{i}.weight": torch.randn(256, 256, generator=g) for i in range(3)}
+    save_file(base, root / "base.safetensors")
+    for t in ("a", "b", "c"):
+        keep = torch.rand(256, 256, generator=g) < 0.3
+        save_file({k: v + 0.01 * torch.randn(v.shape, generator=g) * keep for k, v in base.items()},
+                  root / f"{t}.safetensors")
+    out = root / "family.tallpack"
+    r = _tallpack("-q", "pack", "--base", root / "base.safetensors", "-o", out,
+                  *(root / f"{t}.safetensors" for t in ("a", "b", "c")))
+    assert r.returncode == 0, r.stderr
+    return out
+
+
+def test_stats_plot_into_a_folder_it_cannot_write_is_refused_before_the_masks_are_read(archive, tmp_path):
+    """``stats --json --plot ro/stats.png`` read every mask and printed its JSON on stdout, then
+    failed at the plot (exit 1): a script took the JSON of a command that failed. A folder it
+    cannot write into is now refused first, as a missing one is: one line, nothing on stdout."""
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    try:
+        r = _tallpack("stats", archive, "--json", "--plot", ro / "stats.png", prefix=_unprivileged())
+    finally:
+        ro.chmod(0o755)
+    assert r.returncode == 1, r
+    assert r.stdout == ""
+    assert "reading masks" not in r.stderr  # refused before any mask was read
+    assert r.stderr.count("\n") == 1 and r.stderr.startswith("error: ") and str(ro) in r.stderr, r.stderr
+    assert "permission denied" in r.stderr.lower(), r.stderr
+    assert list(ro.iterdir()) == []
