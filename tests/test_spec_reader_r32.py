@@ -96,7 +96,8 @@ def _family(folder: Path, tasks: int, seed: int) -> list[str]:
         "blk.0.scale": torch.randn((), generator=g),
         "half.weight": r(40, 24, dtype=torch.float16),
         "bf.weight": r(40, 24, dtype=torch.bfloat16),
-        "f64.weight": r(16, 8, dtype=torch.float64),
+        # full float64 precision: f32(B) is not B (§6.1.5's base reference goes through float32)
+        "f64.weight": torch.randn((16, 8), generator=g, dtype=torch.float64),
         "e4.weight": r(32, dtype=torch.float8_e4m3fn),
         "e5.weight": r(32, dtype=torch.float8_e5m2),
         # near the top of each dtype: the rebuild overflows (inf, or 448 for e4m3fn)
