@@ -1287,11 +1287,13 @@ def _folder_files(folder: Path, roots: list[Path], given: str | None = None
     found = sorted(folder.glob("*.safetensors"))
     if len(found) == 1:
         return "safetensors", [_in_folder(folder, found[0], roots)], None, {}
-    if (folder / ".metadata").is_file() and any(folder.glob("*.distcp")):
+    dcp = _dcp_folder(folder)
+    if dcp is not None:
+        fsdp = ", an FSDP sharded state dict" if dcp != folder else ""
         raise CheckpointError(
-            f"{folder}: a torch.distributed.checkpoint (DCP) folder (.metadata, *.distcp), which tallpack does not read "
-            "(its .metadata is a pickle); convert it into one file first (python -m "
-            f"torch.distributed.checkpoint.format_utils dcp_to_torch {shlex.quote(str(folder))} model.pt) and pack that")
+            f"{dcp}: a torch.distributed.checkpoint (DCP) folder (.metadata, *.distcp{fsdp}), "
+            "which tallpack does not read (its .metadata is a pickle); convert it into one file first (python -m "
+            f"torch.distributed.checkpoint.format_utils dcp_to_torch {shlex.quote(str(dcp))} model.pt) and pack that")
     if (folder / "adapter_config.json").is_file():
         raise CheckpointError(f"{folder}: a PEFT adapter (adapter_config.json), not a model's weights; {MERGE_ADAPTER}")
     pickles = sorted(f.name for f in folder.iterdir()
@@ -1303,6 +1305,22 @@ def _folder_files(folder: Path, roots: list[Path], given: str | None = None
         f"{folder}: no model.safetensors, shard index or pytorch_model.bin in this folder (nor a variant of them, "
         f"model.VARIANT.safetensors){held}"
     )
+
+
+def _dcp_folder(folder: Path) -> Path | None:
+    """``folder`` when it is a torch.distributed.checkpoint folder (``.metadata`` and ``*.distcp``
+    files), else its subfolder that holds a model's one (FSDP's sharded state dict in a Trainer's or
+    accelerate's checkpoint, ``pytorch_model_fsdp_0/``, not ``optimizer_0/``); else None."""
+    def is_dcp(d: Path) -> bool:
+        return (d / ".metadata").is_file() and any(d.glob("*.distcp"))
+
+    if is_dcp(folder):
+        return folder
+    try:
+        inside = sorted(d for d in folder.iterdir() if d.is_dir() and not d.name.startswith(("optimizer", ".")))
+    except OSError:
+        return None
+    return next((d for d in inside if is_dcp(d)), None)
 
 
 def open_source(obj: SourceLike, *, label: str | None = None) -> Source:

@@ -152,6 +152,18 @@ def test_dcp_folder_refused_with_the_conversion(tmp_path: Path) -> None:
     assert str(tmp_path / "dcp") in msg
     dcp_to_torch_save(str(tmp_path / "dcp"), str(tmp_path / "a.pt"))  # what the message says to run
     tallpack.pack(base, {"a": tmp_path / "a.pt"}, tmp_path / "o.tallpack")
+    # FSDP's sharded state dict in a Trainer's checkpoint folder: the model's DCP subfolder named
+    ck = tmp_path / "run" / "checkpoint-500"
+    opt, _ = _optimizer(_model(1))
+    with pytest.warns(UserWarning):
+        dcp.save({"optimizer": opt}, checkpoint_id=str(ck / "optimizer_0"))
+        dcp.save({"model": _model(1).state_dict()}, checkpoint_id=str(ck / "pytorch_model_fsdp_0"))
+    (ck / "config.json").write_text("{}")
+    with pytest.raises(CheckpointError) as e:
+        tallpack.pack(base, {"a": ck}, tmp_path / "q.tallpack")
+    assert str(ck / "pytorch_model_fsdp_0") in str(e.value) and "FSDP" in str(e.value), str(e.value)
+    dcp_to_torch_save(str(ck / "pytorch_model_fsdp_0"), str(tmp_path / "b.pt"))
+    tallpack.pack(base, {"a": tmp_path / "a.pt", "b": tmp_path / "b.pt"}, tmp_path / "p.tallpack")
 
 
 def test_deepspeed_zero3_placeholders_refused(tmp_path: Path) -> None:
