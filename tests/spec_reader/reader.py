@@ -514,6 +514,8 @@ def _check_stored_size(arr: ArrayRef, i: int, nbytes: int, what: str) -> None:
             ok = nbytes == encoded_size(last, s)
         elif cid == "zstd":
             ok = 1 <= nbytes and s <= ZSTD_RATIO * nbytes
+        elif cid in ("planes", "planes-exp", "bitsplit") and s % last["itemsize"]:
+            ok = False  # §5: the decoded size is a multiple of k (the reference reader checks at open)
         elif cid in ("planes", "planes-exp"):
             q = last["itemsize"]
             h = 4 * q + (4 if cid == "planes-exp" else 0)
