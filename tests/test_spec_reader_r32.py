@@ -8,6 +8,7 @@ read to the same bits with both readers, task by task, tensor by tensor.
 from __future__ import annotations
 
 import json
+import random
 import struct
 import zlib
 from pathlib import Path
@@ -446,6 +447,65 @@ def test_both_readers_accept_the_rewritten_manifest(tmp_path: Path) -> None:
         same = tmp_path / f"{golden}.tallpack"
         _rewrite(src, same, open_archive(src).manifest)
         assert _compare(same) > 0
+
+
+# -------------------------------------------------------------------------------------------------
+# random families: dtypes mixed between base and tasks, subnormals, zeros of both signs, options
+
+
+FLOATS = [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.float8_e4m3fn, torch.float8_e5m2]
+
+
+def _random_values(rng: random.Random, g: torch.Generator, shape: tuple[int, ...]) -> torch.Tensor:
+    x = torch.randn(shape, generator=g, dtype=torch.float64)  # full float64 precision
+    kind = rng.choice(["normal", "subnormal", "tiny", "big", "zeros", "negzero"])
+    if kind in ("subnormal", "tiny", "big"):
+        return x * {"subnormal": 1e-40, "tiny": 1e-6, "big": 1e4}[kind]
+    if kind in ("zeros", "negzero"):
+        fill = torch.full(shape, 0.0 if kind == "zeros" else -0.0, dtype=torch.float64)
+        return torch.where(torch.rand(shape, generator=g) < 0.5, fill, x)
+    return x
+
+
+def _random_family(folder: Path, seed: int) -> list[str]:
+    """pack's arguments for a random family and random options (the search that found §6.1.5's float64 rule)."""
+    rng, g = random.Random(seed), torch.Generator().manual_seed(seed)
+    n_tasks = rng.randint(1, 5)
+    base: dict[str, torch.Tensor] = {}
+    tasks: list[dict[str, torch.Tensor]] = [{} for _ in range(n_tasks)]
+    for i in range(rng.randint(1, 6)):
+        shape = tuple(rng.choice([1, 3, 8, 17, 64, 100, 700]) for _ in range(rng.randint(0, 2)))
+        dtype = rng.choice(FLOATS)
+        b = _random_values(rng, g, shape)
+        base[f"t{i}"] = b.to(dtype)
+        same_dtype = rng.random() < 0.7
+        for t in range(n_tasks):
+            delta = _random_values(rng, g, shape) * rng.choice([1e-3, 1e-1, 1.0, 0.0])
+            tasks[t][f"t{i}"] = (b + delta).to(dtype if same_dtype else rng.choice(FLOATS))
+    torch.save(base, folder / "base.pt")
+    args = ["--base", str(folder / "base.pt")]
+    for t in range(n_tasks):
+        torch.save(tasks[t], folder / f"f{t}.pt")
+        args.append(f"x{t}={folder / f'f{t}.pt'}")
+    if rng.random() < 0.5:
+        args += ["--merge", "ties", "--ties-top-k", str(rng.choice([0.1, 0.5, 1.0]))]
+    if rng.random() < 0.5:
+        args += ["--exact"] + rng.choice([[], ["--store-masks"], ["--store-merged"]])
+    elif rng.random() < 0.3:
+        args += ["--fidelity", str(rng.choice([0.9, 0.99, 0.999]))]
+    args += ["--codec", rng.choice(["raw", "zstd", "bytegroup-zstd", "planes"]),
+             "--chunk-elements", str(8 * rng.randint(1, 20)),
+             "--lambda", str(rng.choice([0.0, 0.1, 0.4, 1.0, 3.7, 1e-8]))]
+    return args + (["--level", "10"] if rng.random() < 0.3 else [])
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3, 14, 19, 38, 43])  # 14 to 43: a float64 base reference
+def test_random_families_read_alike(tmp_path: Path, seed: int) -> None:
+    out = tmp_path / "a.tallpack"
+    cmd = ["pack", "-o", str(out), "--no-progress", "-j", "1", "--allow-mismatch", *_random_family(tmp_path, seed)]
+    result = CliRunner().invoke(cli_main, cmd)
+    assert result.exit_code == 0, (result.output, result.exception)
+    assert _compare(out) > 0
 
 
 # -------------------------------------------------------------------------------------------------
