@@ -108,7 +108,8 @@ def _end_at_once(before: int, said: list[bool]) -> None:
     def end(signum: int, frame: Any) -> None:
         for stream in (sys.stdout, sys.stderr):  # what the command printed goes out before its end
             try:
-                stream.flush()
+                if stream is not None:  # None: closed when the process started (2>&-)
+                    stream.flush()
             except (OSError, ValueError, RuntimeError):  # RuntimeError: the signal came mid-write (reentrant)
                 pass
         if not said:
@@ -141,7 +142,8 @@ def end_process(code: int | str | None) -> None:
         code = 1
     for stream in (sys.stdout, sys.stderr):
         try:
-            stream.flush()
+            if stream is not None:  # None: closed when the process started (2>&-)
+                stream.flush()
         except (OSError, ValueError):
             pass
     os._exit(code or 0)
@@ -325,7 +327,7 @@ def _progress(enabled: bool = True, *, parts: int = 1):
     """A bar on a terminal (one for all ``parts``: the tasks of a multi-task unpack), a plain line
     per ~10% otherwise (of all ``parts``), nothing with -q."""
     ctx = click.get_current_context()
-    if not enabled or (ctx.obj or {}).get("quiet"):
+    if not enabled or (ctx.obj or {}).get("quiet") or sys.stderr is None:  # None: stderr closed (2>&-)
         return None
     if sys.stderr.isatty():
         return Bar(parts) if parts > 1 else True
@@ -644,7 +646,7 @@ def _unmet(dial: Any) -> str:
 
 def _table_width() -> int:
     """The width tables fit: the terminal's (or $COLUMNS), else TABLE_WIDTH (a file, a pipe)."""
-    if sys.stdout.isatty() or os.environ.get("COLUMNS", "").isdigit():
+    if (sys.stdout is not None and sys.stdout.isatty()) or os.environ.get("COLUMNS", "").isdigit():
         return max(40, shutil.get_terminal_size((TABLE_WIDTH, 24)).columns)
     return TABLE_WIDTH
 

@@ -7,9 +7,12 @@ one that prints plain log lines when stderr is not a terminal).
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, TypeVar, Union
+
+log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 #: What a ``progress`` argument may be.
@@ -73,12 +76,16 @@ class LogLines:
     works through one after another under their labels (:class:`Labelled`: a multi-task unpack),
     a line per ~10% of all of them, not of each.
 
+    A line ``emit`` cannot write (an ``OSError``: a log's pipe whose reader is gone) ends the lines,
+    not the work they report on.
+
     >>> tallpack.pack(base, tasks, out, progress=LogLines(print))
     >>> write_tasks(fam, None, "out", progress=LogLines(print, parts=len(fam.tasks)))
     """
 
     def __init__(self, emit: Callable[[str], None], steps: int = 10, *, parts: int = 1):
-        self._emit, self._steps, self._parts = emit, steps, parts
+        self._emit: Callable[[str], None] | None = emit
+        self._steps, self._parts = steps, parts
         self._last: dict[str, int] = {}
         self._done: dict[str, int] = {}
         self._labels: dict[str, int] = {}  # each label's place, as first seen
@@ -95,8 +102,8 @@ class LogLines:
             step = int(min((i + part) / self._parts, 1.0) * self._steps)
             if step > self._whole or (i + 1 >= self._parts and done == total):
                 self._whole = step
-                self._emit(f"{label}: {desc}: {done}/{total} (task {min(i + 1, self._parts)} of {self._parts})"
-                           if total else f"{label}: {desc}: {done} (task {min(i + 1, self._parts)} of {self._parts})")
+                self._say(f"{label}: {desc}: {done}/{total} (task {min(i + 1, self._parts)} of {self._parts})"
+                          if total else f"{label}: {desc}: {done} (task {min(i + 1, self._parts)} of {self._parts})")
             return
         if label is not None:
             desc = f"{label}: {desc}"
@@ -106,7 +113,16 @@ class LogLines:
         step = done * self._steps // total if total else done
         if done == total or step > self._last.get(desc, 0 if total else -1):
             self._last[desc] = step
-            self._emit(f"{desc}: {done}/{total}" if total else f"{desc}: {done}")
+            self._say(f"{desc}: {done}/{total}" if total else f"{desc}: {done}")
+
+    def _say(self, line: str) -> None:
+        if self._emit is None:
+            return
+        try:
+            self._emit(line)
+        except OSError as e:  # nobody can read them: the work goes on without its lines
+            self._emit = None
+            log.debug("progress lines stopped: %s", e)
 
 
 class Bar:

@@ -68,3 +68,39 @@ def test_stats_plot_into_a_folder_it_cannot_write_is_refused_before_the_masks_ar
     assert r.stderr.count("\n") == 1 and r.stderr.startswith("error: ") and str(ro) in r.stderr, r.stderr
     assert "permission denied" in r.stderr.lower(), r.stderr
     assert list(ro.iterdir()) == []
+
+
+def _family_args(archive: Path) -> list[object]:
+    root = archive.parent
+    return ["--base", root / "base.safetensors", root / "a.safetensors", root / "b.safetensors"]
+
+
+def _no_stderr(how: str):
+    """What a launcher leaves as the command's stderr: ``closed`` (``2>&-``, a daemon that closed its
+    descriptors) or ``gone`` (a pipe whose reader, a log collector, has exited)."""
+    if how == "closed":
+        return {"preexec_fn": lambda: os.close(2)}
+    r, w = os.pipe()
+    os.close(r)
+    return {"stderr": w, "pass_fds": (w,)}
+
+
+@pytest.mark.parametrize("how", ["closed", "gone"])
+def test_a_command_whose_stderr_cannot_be_written_still_does_its_work(archive, tmp_path, how):
+    """Progress lines go to stderr; with stderr closed every command failed at once with exit 1
+    and nothing written (``sys.stderr`` is None there: an internal AttributeError, which it could
+    not even say), and with a stderr pipe nobody reads, at the first progress line (a
+    BrokenPipeError). Progress nobody can see is no reason to stop: the work is done, exit 0."""
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'cli'}"}
+    commands = {"pack": ["pack", *_family_args(archive), "-o", tmp_path / "f.tallpack"],
+                "unpack": ["unpack", tmp_path / "f.tallpack", "--all", "-o", tmp_path / "u"],
+                "verify": ["verify", tmp_path / "f.tallpack"]}
+    for name, args in commands.items():
+        kw = _no_stderr(how)
+        r = subprocess.run([sys.executable, "-m", "tallpack", *map(str, args)], stdout=subprocess.PIPE, text=True,
+                           env=env, timeout=120, **kw)
+        if "stderr" in kw:
+            os.close(kw["stderr"])
+        assert r.returncode == 0, (name, r)
+        assert r.stdout.startswith(("wrote ", "ok: ")), (name, r.stdout)
+    assert sorted(p.name for p in (tmp_path / "u").iterdir()) == ["a", "b"]
