@@ -440,6 +440,22 @@ def test_both_readers_refuse_a_broken_manifest(tmp_path: Path, case: str) -> Non
         tallpack.open(bad)
 
 
+def test_an_unknown_encoding_fails_only_its_tensor(tmp_path: Path) -> None:
+    """§6.1: an unknown `encoding` fails when that tensor is read; the rest stays readable (§8)."""
+    src = GOLDEN / "v1_0_ta.tallpack"
+    manifest = open_archive(src).manifest
+    _task_entry(manifest, "embed.weight")["encoding"] = "lora"
+    _entry(manifest, "embed.weight")["kind"] = "adapter"  # kinds are informative for readers
+    bad = tmp_path / "future.tallpack"
+    _rewrite(src, bad, manifest)
+    spec, ref = open_archive(bad), tallpack.open(bad)
+    task = next(iter(_entry(manifest, "embed.weight")["tasks"]))
+    for reader in (spec, ref):
+        with pytest.raises(Exception, match="embed.weight"):
+            reader.get_tensor(task, "embed.weight") if reader is ref else reader.tensor(task, "embed.weight")
+    assert _bits(spec.tensor(task, "head.weight")) == _bits(ref.get_tensor(task, "head.weight"))
+
+
 def test_both_readers_accept_the_rewritten_manifest(tmp_path: Path) -> None:
     """The rewrite alone (manifest stored uncompressed) breaks nothing: the refusals above are the rule's."""
     for golden in {g for g, _ in BROKEN.values()}:
