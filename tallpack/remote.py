@@ -23,7 +23,7 @@ from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from .errors import (ArchiveClosedError, ArchiveNotFoundError, FormatError, IntegrityError, RemoteError, TallpackError,
-                     quoted)
+                     missing_package, quoted)
 
 #: Ranges at most this far apart are fetched as one request: chunks separated only by alignment
 #: padding (spec §1: under 64 bytes), so a read fetches its own bytes and hardly any others.
@@ -327,7 +327,7 @@ class RemoteFile:
                 raise RemoteError(self._failure(*failed)) from None
             raise ArchiveNotFoundError(f"{self.url}: no such archive") from None
         except ImportError as e:
-            raise TallpackError(f"{self.url}: this kind of URL needs another package ({quoted(e)})") from None
+            raise missing_package(self.url, e) from None
         except Exception as e:
             failed = _failed(e)
             if failed is not None:

@@ -76,7 +76,6 @@ def test_a_signed_output_link_without_aiohttp_is_named_without_its_secrets(famil
     assert "SECRET" not in r.stderr and "pw" not in r.stderr, r.stderr
 
 
-@pytest.mark.xfail(strict=True, reason="tallpack/remote.py's message: the change is proposed to the lead (r32)")
 def test_an_s3_archive_without_s3fs_names_the_remote_extra(tmp_path) -> None:
     """Reading (`inspect s3://...`) goes through tallpack/remote.py, which says the same as fsspec."""
     r = _tallpack("inspect", "s3://bucket/family.tallpack", cwd=tmp_path, block=("s3fs",))
@@ -163,7 +162,6 @@ def test_the_sdist_holds_no_build_outputs_or_benchmarks(sdist) -> None:
     assert wrong == [], wrong[:20]
 
 
-@pytest.mark.xfail(strict=True, reason="pyproject.toml's license: the change is proposed to the lead (r32)")
 def test_the_license_is_an_spdx_expression_with_its_file(sdist) -> None:
     """``license = { text = ... }`` is deprecated (setuptools: builds stop working after 2027-02-18);
     PEP 639: ``license = "Apache-2.0"`` and ``license-files``, so the text travels with the package."""
