@@ -465,6 +465,33 @@ def test_both_readers_accept_the_rewritten_manifest(tmp_path: Path) -> None:
         assert _compare(same) > 0
 
 
+def test_lambda_is_read_as_binary64_then_rounded_to_binary32(tmp_path: Path) -> None:
+    """f32(λ) of §6.1.7: the JSON text 1.0000000596046448 (λ = 1 + 2^-24, a binary32 midpoint) is
+    1.0 through binary64 (ties to even) but 1 + 2^-23 rounded from the decimal directly (strtof);
+    the stored `ones` agrees only with the first. The elements: |τ| = 1 + 2^-23, |M − τ| = 1."""
+    base = {"w": torch.zeros(64), "v": torch.linspace(-1, 1, 64)}
+    first = {"w": torch.full((64,), 1 + 2.0**-23), "v": base["v"] + 0.1}
+    second = {"w": torch.full((64,), -1.0), "v": base["v"] - 0.05}
+    for name, sd in (("base", base), ("a", first), ("b", second)):
+        torch.save(sd, tmp_path / f"{name}.pt")
+    out = tmp_path / "l.tallpack"
+    cmd = ["pack", "--base", str(tmp_path / "base.pt"), "-o", str(out), "--no-progress", "--exact",
+           "--store-merged", "--lambda", "1.0000000596046448", f"a={tmp_path / 'a.pt'}", f"b={tmp_path / 'b.pt'}"]
+    result = CliRunner().invoke(cli_main, cmd)
+    assert result.exit_code == 0, result.output
+    spec = open_archive(out)
+    entry = _entry(spec.manifest, "w")
+    task_entry = entry["tasks"]["a"]
+    assert task_entry["encoding"] == "tall-derived" and task_entry["ones"] == 64
+    tau = spec.tensor("a", "w", exact=True).astype(np.float32) - spec.read_array(entry["base"])
+    merged = spec.read_array(entry["merged"])
+    via_binary64 = np.float32(float("1.0000000596046448"))
+    direct = np.nextafter(np.float32(1.0), np.float32(2.0))  # the decimal's nearest binary32
+    assert int((np.abs(tau) > via_binary64 * np.abs(merged - tau)).sum()) == 64
+    assert int((np.abs(tau) > direct * np.abs(merged - tau)).sum()) == 0
+    assert _compare(out) > 0
+
+
 # -------------------------------------------------------------------------------------------------
 # random families: dtypes mixed between base and tasks, subnormals, zeros of both signs, options
 
