@@ -16,7 +16,7 @@ from .encodings import Item
 from .errors import InvalidArgumentError
 from .manifest import check_task_name
 from .plan import Kind, Plan, TensorPlan, aligned_base, make_plan, resolve, resolve_blocks
-from .sources import Source, SourceLike, check_components, is_hub_repo, open_source, stems
+from .sources import Source, SourceLike, check_components, is_hub_repo, is_training_state, open_source, stems
 from .storage import is_url
 from .tall import blocks, compiled_kind, elements, in_tall_range
 
@@ -32,8 +32,10 @@ _PARTS = ("model_index.json", "modules.json")
 
 
 def _holds_model(folder: Path) -> bool:
+    """Whether ``folder`` holds a model's files itself (a trainer's state files, ``optimizer.bin``, are none)."""
     try:
-        return any(f.name in _PARTS or f.name.endswith(_WEIGHTS) for f in folder.iterdir() if not f.is_dir())
+        return any((f.name in _PARTS or f.name.endswith(_WEIGHTS)) and not is_training_state(f.name)
+                   for f in folder.iterdir() if not f.is_dir())
     except OSError:
         return False
 

@@ -795,6 +795,10 @@ _ADAPTER = re.compile(r"\.(lora_[AB]|lora_embedding_[AB]|lora_magnitude_vector|h
                       r"|ia3_l)(\.|$)")
 
 
+#: A LoRA file's tensor names other than PEFT's: diffusers' (``...to_q.lora.down.weight``,
+#: ``...to_q_lora.up.weight``) and kohya's (``lora_unet_..._to_q.lora_down.weight``).
+_LORA = re.compile(r"[._]lora[._](down|up)\.weight$")
+
 #: The share of one side's names that, without its one prefix, must be the other's for the prefix to be named.
 PREFIX_SHARE = 0.5
 
@@ -811,6 +815,11 @@ def prefix_hint(base: Source, task: Source) -> str | None:
         lora = next((k for k in has.keys() if _ADAPTER.search(k)), None)
         if lora is not None:
             return f"{side} a PEFT adapter ({lora!r}), not a model's weights; {MERGE_ADAPTER}"
+        lora = next((k for k in has.keys() if _LORA.search(k)), None)
+        if lora is not None:
+            return (f"{side} a LoRA adapter ({lora!r}, diffusers' or kohya's names), not a model's weights; fuse it "
+                    "into its base model first (pipe.load_lora_weights(ADAPTER); pipe.fuse_lora(); "
+                    "pipe.save_pretrained(OUT)) and pack OUT")
     for has, other, side in ((task, base, "its"), (base, task, "the base's")):
         heads = {k.partition(".")[0] for k in has.keys()}
         if len(heads) != 1 or not has.keys() or any("." not in k for k in has.keys()):
@@ -1398,6 +1407,11 @@ _CHECKPOINT_FOLDER = re.compile(r"checkpoint[-_]\d+|global_step\d+")
 #: registered objects).
 _TRAINING_STATE = re.compile(r"(optimizer|scheduler|sampler|dl_state_dict)(_\d+)?\.(bin|pt)|scaler\.pt"
                              r"|rng_state.*\.pth|random_states_.*\.pkl|custom_checkpoint_\d+\.pkl|training_args\.bin")
+def is_training_state(name: str) -> bool:
+    """Whether a file name is a trainer's state file (``optimizer.bin``, ``rng_state.pth``, ...), no model's."""
+    return _TRAINING_STATE.fullmatch(name) is not None
+
+
 #: Hidden files kept with a folder's files: every Hugging Face repository's ``.gitattributes`` (which
 #: files Git LFS stores), part of its download; other hidden entries (``.git``, ``.cache``) are left out.
 _KEPT_HIDDEN = frozenset({".gitattributes"})
@@ -2011,18 +2025,32 @@ def stem(obj: SourceLike) -> str:
 def stems(objs: Sequence[SourceLike]) -> list[str]:
     """The default task names of several paths: each one's :func:`stem`, but files or folders that
     share a name (nanoGPT's ``out-a/ckpt.pt``, ``out-b/ckpt.pt``; Trainer's ``run-a/checkpoint-500``,
-    ``run-b/checkpoint-500``) each named after its folder.
+    ``run-b/checkpoint-500``) each named after its folder, or the nearest folders up that differ
+    (Lightning's ``version_0/checkpoints/last.ckpt``, ``version_1/...``: ``version_0``, ``version_1``).
 
     >>> stems(["runs/out-a/ckpt.pt", "runs/out-b/ckpt.pt", "ft/cars.pt"])
     ['out-a', 'out-b', 'cars']
     """
     names = [stem(o) for o in objs]
-    out = []
-    for obj, name in zip(objs, names):
-        if names.count(name) > 1 and isinstance(obj, (str, os.PathLike)) and not is_url(obj) and Path(obj).exists():
-            name = stem(Path(os.path.abspath(obj)).parent)
-        out.append(name)
-    return out
+    out = list(names)
+    for name in set(names):
+        at = [i for i, n in enumerate(names) if n == name and isinstance(objs[i], (str, os.PathLike))
+              and not is_url(objs[i]) and Path(objs[i]).exists()]
+        if len(at) < 2:
+            continue
+        folders = [Path(os.path.abspath(objs[i])).parent for i in at]  # type: ignore[arg-type]
+        for _ in range(STEM_LEVELS):  # the nearest folders that tell them apart (version_*/checkpoints/last.ckpt)
+            up = [stem(f) for f in folders]
+            if len(set(up)) == len(up):
+                for i, u in zip(at, up):
+                    out[i] = u
+                break
+            folders = [f.parent for f in folders]
+    return out  # (none that differ: one path given twice, whose error names it)
+
+
+#: How many folders up :func:`stems` looks for names that tell paths of one name apart.
+STEM_LEVELS = 3
 
 
 def _own_weights(name: str) -> bool:

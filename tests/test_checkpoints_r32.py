@@ -267,3 +267,42 @@ def test_hub_base_with_lightning_tasks(tmp_path: Path, caplog: pytest.LogCapture
     assert "with 'model.' in front" in said and "LightningModule" in said and "without it" in said, said
     with tallpack.open(tmp_path / "o.tallpack") as fam:
         assert "model.fc.weight" in fam.keys("t1")
+
+
+def test_diffusers_and_kohya_lora_named_as_adapters(tmp_path: Path) -> None:
+    """LoRA files of diffusers' training scripts (``...to_q.lora.down.weight``) and kohya's
+    (``lora_unet_..._to_q.lora_down.weight``) given as tasks are named as adapters to fuse first."""
+    base = _hf_folder(_model(0), tmp_path / "base")
+    save_file({"unet.fc.lora.down.weight": torch.randn(4, 8), "unet.fc.lora.up.weight": torch.zeros(8, 4)},
+              tmp_path / "pytorch_lora_weights.safetensors")
+    save_file({"lora_unet_fc.lora_down.weight": torch.randn(4, 8), "lora_unet_fc.lora_up.weight": torch.zeros(8, 4),
+               "lora_unet_fc.alpha": torch.tensor(4.0)}, tmp_path / "kohya.safetensors")
+    for f in ("pytorch_lora_weights.safetensors", "kohya.safetensors"):
+        with pytest.raises(IncompatibleCheckpointsError) as e:
+            tallpack.pack(base, [tmp_path / f], tmp_path / "o.tallpack")
+        assert "a LoRA adapter" in str(e.value) and "fuse_lora()" in str(e.value), str(e.value)
+
+
+def test_diffusers_training_checkpoint_names_its_model_folders(tmp_path: Path) -> None:
+    """A diffusers training script's ``checkpoint-500/`` holds ``unet/`` and ``unet_ema/`` beside
+    accelerate's state files: it is a folder of model folders (named), not a folder without weights."""
+    base = _hf_folder(_model(0), tmp_path / "base")
+    ck = tmp_path / "run" / "checkpoint-500"
+    for sub in ("unet", "unet_ema"):
+        _hf_folder(_model(1), ck / sub)
+    torch.save(_optimizer(_model(1))[0], ck / "optimizer.bin")
+    (ck / "random_states_0.pkl").write_bytes(pickle.dumps({"step": 0}))
+    with pytest.raises(tallpack.errors.InvalidArgumentError) as e:
+        tallpack.pack(base, {"a": ck}, tmp_path / "o.tallpack")
+    assert "holds no model but 2 model folders (unet, unet_ema)" in str(e.value), str(e.value)
+
+
+def test_names_of_one_name_taken_from_the_first_folders_that_differ(tmp_path: Path) -> None:
+    """Paths of one name two levels deep (Lightning's ``version_*/checkpoints/last.ckpt``, a diffusers
+    run's ``run*/checkpoint-500/unet``) are named after the nearest folders that tell them apart."""
+    ckpts = [_lightning(_model(i), tmp_path / "logs" / f"version_{i}" / "checkpoints" / "last.ckpt") for i in (1, 2)]
+    assert stems(ckpts) == ["version_1", "version_2"]
+    unets = [_hf_folder(_model(i), tmp_path / f"run{i}" / "checkpoint-500" / "unet") for i in (1, 2)]
+    assert stems(unets) == ["run1", "run2"]
+    assert stems([tmp_path / "run1" / "checkpoint-500", tmp_path / "run2" / "checkpoint-500", ckpts[0]]) == \
+        ["run1", "run2", "last"]
