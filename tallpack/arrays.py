@@ -320,6 +320,8 @@ def _check_header(dtype: Any, shape: Any, codecs: Any, chunk_elements: Any) -> _
     for c in chain.codecs:
         if isinstance(c, _codecs.ByteGroup) and c.itemsize != isz:
             raise FormatError(f"bytegroup itemsize {c.itemsize} for {dtype} elements")
+        if isinstance(c, _codecs.BitPack) and dtype != "bool":  # spec §5: bits of bool arrays only
+            raise FormatError(f"bitpack for {dtype} elements (it packs bool arrays only)")
     n = numel(shape)
     count = -(-n // chunk_elements)
     # each chunk's stored size must be able to hold its decoded size (``Chain.fits``): the sizes
