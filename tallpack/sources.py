@@ -876,6 +876,9 @@ def _unwrapped(path: Path, obj: Mapping) -> Mapping:
             f"{path}: holds a training checkpoint, not a state dict: {'entries' if len(held) > 1 else 'entry'} "
             f"{names} {'hold' if len(held) > 1 else 'holds'} a mapping of tensors; save the model's as a state "
             f"dict (torch.save(ckpt[{held[0]!r}], 'model.pt')) and pack that")
+    if {"state", "param_groups"} <= set(obj) and isinstance(obj["param_groups"], list):
+        raise CheckpointError(f"{path}: an optimizer's state (torch.optim's state_dict: 'state', 'param_groups'), not "
+                              "a model's weights")
     nested = [k for k, v in obj.items() if isinstance(v, Mapping)]
     if nested and not any(isinstance(v, torch.Tensor) for v in obj.values()):
         raise CheckpointError(f"{path}: holds no tensors at its top nor a mapping of tensors under "
@@ -1368,6 +1371,9 @@ def open_source(obj: SourceLike, *, label: str | None = None) -> Source:
     if path.suffix == ".safetensors":
         return SafetensorsSource(str(path), [path])
     if _is_torch_file(path):
+        if is_training_state(path.name):  # (a pickle, which weights_only may refuse with another reason)
+            raise CheckpointError(f"{path}: a trainer's state file (optimizer, scheduler, random states or arguments), "
+                                  f"not a model's weights; give the model: its folder ({path.parent}) or weights file")
         return TorchSource(str(path), [path])
     raise CheckpointError(
         f"{path}: unknown checkpoint type; expected .safetensors, .bin/.pt/.pth/.ckpt/.pth.tar or a model folder"

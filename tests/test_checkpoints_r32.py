@@ -306,3 +306,19 @@ def test_names_of_one_name_taken_from_the_first_folders_that_differ(tmp_path: Pa
     assert stems(unets) == ["run1", "run2"]
     assert stems([tmp_path / "run1" / "checkpoint-500", tmp_path / "run2" / "checkpoint-500", ckpts[0]]) == \
         ["run1", "run2", "last"]
+
+
+def test_trainer_state_files_given_as_models_named(tmp_path: Path) -> None:
+    """A Trainer's ``optimizer.pt``, ``training_args.bin`` or an optimizer's state under another name,
+    given as a model, is named as what it is, not as a pickle of objects or 'not a state dict'."""
+    base = _hf_folder(_model(0), tmp_path / "base")
+    ck = _hf_folder(_model(1), tmp_path / "checkpoint-500")
+    opt, _ = _optimizer(_model(1))
+    torch.save(opt, ck / "optimizer.pt")
+    torch.save(argparse.Namespace(lr=0.1), ck / "training_args.bin")
+    torch.save(opt, tmp_path / "adam.pt")
+    for f, said in ((ck / "optimizer.pt", "a trainer's state file"), (ck / "training_args.bin", "a trainer's state file"),
+                    (tmp_path / "adam.pt", "an optimizer's state")):
+        with pytest.raises(CheckpointError) as e:
+            tallpack.pack(base, {"a": f}, tmp_path / "o.tallpack")
+        assert said in str(e.value) and str(f) in str(e.value), str(e.value)
