@@ -95,9 +95,23 @@ def _boot_tag() -> str:
 
 
 def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
+    """The process's umask, read without changing it where the system says it (Linux 4.7 and
+    later): setting it to 0 and back, the only other way, leaves a moment in which a file another
+    thread creates (a service's) gets no umask at all."""
+    try:
+        with open("/proc/self/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    with _umask_lock:  # tallpack's own threads, at least, never read one another's 0
+        mask = os.umask(0)
+        os.umask(mask)
     return mask
+
+
+_umask_lock = threading.Lock()
 
 
 def _stem(name: str) -> str:

@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -104,3 +105,44 @@ def test_a_command_whose_stderr_cannot_be_written_still_does_its_work(archive, t
         assert r.returncode == 0, (name, r)
         assert r.stdout.startswith(("wrote ", "ok: ")), (name, r.stdout)
     assert sorted(p.name for p in (tmp_path / "u").iterdir()) == ["a", "b"]
+
+
+def test_reading_the_umask_never_changes_it_for_other_threads(tmp_path):
+    """Each output's temporary file (``fsutil.temp_beside``) read the umask by setting it to 0 and
+    back: a file that another thread of the process (a service's) created in that moment was
+    world-writable (0666 under umask 022; thousands in a second of reads here). It is read now
+    without being changed (Linux: ``/proc/self/status``)."""
+    import time
+
+    from tallpack import fsutil
+
+    before = os.umask(0o022)
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # threads take turns as often as they can, as on a loaded machine
+    stop, modes = threading.Event(), []
+
+    def service(k: int) -> None:
+        i = 0
+        while not stop.is_set():
+            path = tmp_path / f"s{k}-{i}"
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)  # a new file: the umask applies
+            modes.append(os.fstat(fd).st_mode & 0o777)
+            os.close(fd)
+            os.unlink(path)
+            i += 1
+
+    others = [threading.Thread(target=service, args=(k,)) for k in range(2)]
+    try:
+        for t in others:
+            t.start()
+        seen, end = set(), time.monotonic() + 1.0
+        while time.monotonic() < end:
+            seen.add(fsutil._umask())
+    finally:
+        stop.set()
+        for t in others:
+            t.join()
+        sys.setswitchinterval(interval)
+        os.umask(before)
+    assert seen == {0o022}
+    assert len(modes) > 1000 and set(modes) == {0o644}, sorted(set(map(oct, modes)))
