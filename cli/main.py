@@ -533,7 +533,7 @@ def _refuse_ignored_pack_flags(merge: str, exact: bool, dial: bool, derive_masks
 
 
 @main.command()
-@click.option("--base", "base", required=True, type=_PATH, callback=_nonempty, help="The base model: .safetensors, .bin/.pt/.pth, or a model folder.")
+@click.option("--base", "base", required=True, type=_PATH, callback=_nonempty, help="The base model: .safetensors, .bin/.pt/.pth/.ckpt, or a model folder.")
 @click.argument("more_tasks", nargs=-1, metavar="[TASK]...", type=_PATH)
 @click.option("--task", "task_specs", multiple=True, metavar="NAME=PATH", type=_PATH,
               help="A fine-tuned member (repeat), as a TASK argument is: NAME=PATH, or a PATH named after its "
