@@ -199,6 +199,10 @@ def _refuse_repeats(command: click.Command, ctx: click.Context, args: list[str],
             break
 
 
+#: The options of ``tallpack`` itself, which go before the command's name.
+_GROUP_OPTIONS = frozenset({"-q", "--quiet", "-v", "--verbose"})
+
+
 class _Command(click.Command):
     """A command whose single-value options may be given once (:func:`_refuse_repeats`)."""
 
@@ -229,7 +233,11 @@ class _Group(click.Group):
                 e.show()
                 sys.exit(e.exit_code)
             message = _one_line(e.format_message())
-            if e.ctx is not None:
+            if (isinstance(e, click.NoSuchOption) and e.option_name in _GROUP_OPTIONS and e.ctx is not None
+                    and e.ctx.parent is not None):  # tallpack verify x -q: the group's, given after the command
+                message = message.removesuffix(".") + (f" ({e.option_name} goes before the command: '{e.ctx.parent.command_path} "
+                            f"{e.option_name} {e.ctx.info_name} ...'; see '{e.ctx.parent.command_path} --help')")
+            elif e.ctx is not None:
                 if re.search(r"[A-Za-z0-9')]\.$", message):  # click's sentences: the hint in their place
                     message = message[:-1]
                 message += f" (see '{e.ctx.command_path} --help')"
@@ -387,7 +395,7 @@ def _parse_tasks(specs: tuple[str, ...], more: tuple[str, ...] = ()) -> dict[str
             name, path = auto[spec], spec
             why = task_name_problem(name) if name else None
             if why is not None:  # Lightning's epoch=3-step=500.ckpt
-                raise click.BadParameter(f"{spec!r}: the task name taken from it, {name!r}, cannot be used: {why}; "
+                raise click.BadParameter(f"{spec!r}: bad task name {name!r} (taken from the path): {why}; "
                                          f"give NAME={spec}", param_hint=hint)
             if hint == "TASK" and base is not None and _exists(spec) and _same(Path(spec), base):
                 # a glob over the family's folder matches the base too: never a task of itself
