@@ -146,3 +146,15 @@ def test_reading_the_umask_never_changes_it_for_other_threads(tmp_path):
         os.umask(before)
     assert seen == {0o022}
     assert len(modes) > 1000 and set(modes) == {0o644}, sorted(set(map(oct, modes)))
+
+
+@pytest.mark.parametrize("option", ["-q", "--quiet", "-v", "-vv", "--verbose"])
+def test_quiet_or_verbose_after_the_command_says_where_it_goes(archive, option):
+    """``tallpack verify x.tallpack -q`` (where most tools take it) said "No such option '-q' (see
+    'tallpack verify --help')", whose help does not list it either: the line now says that it is
+    tallpack's own option, given before the command, with the command to type."""
+    r = _tallpack("verify", archive, option)
+    assert r.returncode == 2 and r.stdout == "", r
+    flag = option[:2] if option.startswith("-v") and not option.startswith("--") else option
+    assert r.stderr == (f"error: No such option '{flag}' ({flag} goes before the command: "
+                        f"'tallpack {flag} verify ...'; see 'tallpack --help')\n"), r.stderr
