@@ -66,7 +66,8 @@ def lone_file(folders: Sequence[Path]) -> str | None:
     found = set()
     for d in folders:
         try:
-            files = [f.name for f in d.iterdir() if not f.is_dir() and (f.name in _PARTS or f.name.endswith(_WEIGHTS))]
+            files = [f.name for f in d.iterdir() if not f.is_dir() and (f.name in _PARTS or f.name.endswith(_WEIGHTS))
+                     and not is_training_state(f.name)]
         except OSError:
             return None
         if len(files) != 1 or not files[0].endswith((".pt", ".pth", ".ckpt", ".pth.tar")):

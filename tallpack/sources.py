@@ -1410,9 +1410,10 @@ _CHECKPOINT_FOLDER = re.compile(r"checkpoint[-_]\d+|global_step\d+")
 #: A trainer's state files (optimizer, scheduler, loss scaler, random generators, arguments), anywhere
 #: (Trainer's ``optimizer.pt``, ``rng_state.pth``; accelerate's ``optimizer.bin``, ``optimizer_1.bin`` of a second
 #: optimizer, ``sampler.bin``, ``dl_state_dict.bin``, ``random_states_0.pkl``, ``custom_checkpoint_0.pkl`` of its
-#: registered objects).
+#: registered objects; DeepSpeed's ``zero_pp_rank_0_mp_rank_00_optim_states.pt``).
 _TRAINING_STATE = re.compile(r"(optimizer|scheduler|sampler|dl_state_dict)(_\d+)?\.(bin|pt)|scaler\.pt"
-                             r"|rng_state.*\.pth|random_states_.*\.pkl|custom_checkpoint_\d+\.pkl|training_args\.bin")
+                             r"|rng_state.*\.pth|random_states_.*\.pkl|custom_checkpoint_\d+\.pkl|training_args\.bin"
+                             r"|(bf16_)?zero_pp_rank_\d+_mp_rank_\d+_optim_states\.pt")
 def is_training_state(name: str) -> bool:
     """Whether a file name is a trainer's state file (``optimizer.bin``, ``rng_state.pth``, ...), no model's."""
     return _TRAINING_STATE.fullmatch(name) is not None

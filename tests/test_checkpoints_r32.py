@@ -322,3 +322,27 @@ def test_trainer_state_files_given_as_models_named(tmp_path: Path) -> None:
         with pytest.raises(CheckpointError) as e:
             tallpack.pack(base, {"a": f}, tmp_path / "o.tallpack")
         assert said in str(e.value) and str(f) in str(e.value), str(e.value)
+
+
+def test_deepspeed_run_folder_names_its_model_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """DeepSpeed's save folder (``global_step500/`` holding the model states and ZeRO's optimizer
+    states): the command line names the model states file to pass, not the optimizer's."""
+    from click.testing import CliRunner
+    from tallpack_cli.main import main
+
+    _hf_folder(_model(0), tmp_path / "base")
+    step = tmp_path / "ds" / "global_step500"
+    step.mkdir(parents=True)
+    torch.save({"module": _model(1).state_dict(), "optimizer": None, "ds_version": "0.16.4"},
+               step / "mp_rank_00_model_states.pt")
+    torch.save({"optimizer_state_dict": {"zero_stage": 2}, "ds_version": "0.16.4"},
+               step / "zero_pp_rank_0_mp_rank_00_optim_states.pt")
+    (tmp_path / "ds" / "latest").write_text("global_step500")
+    monkeypatch.chdir(tmp_path)
+    r = CliRunner().invoke(main, ["pack", "--no-progress", "--base", "base", "-o", "o.tallpack", "ds"])
+    assert r.exit_code == 2 and "ds/global_step500/mp_rank_00_model_states.pt" in r.output, r.output
+    r = CliRunner().invoke(main, ["pack", "--no-progress", "--base", "base", "-o", "o.tallpack", "ds/global_step500"])
+    assert r.exit_code == 1 and "pass the file itself" in r.output and "optim_states" not in r.output, r.output
+    r = CliRunner().invoke(main, ["pack", "--no-progress", "--base", "base", "-o", "o.tallpack",
+                                  "ds/global_step500/mp_rank_00_model_states.pt"])
+    assert r.exit_code == 0, r.output
