@@ -14,6 +14,7 @@ import errno
 import mmap
 import os
 import stat
+import weakref
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol
@@ -87,15 +88,22 @@ class LocalFile:
 
     def __init__(self, path: str | os.PathLike):
         self.path = str(path)
-        fd = _open_regular(self.path)
-        self._f = os.fdopen(fd, "rb")
-        st = os.fstat(self._f.fileno())
+        # a bare descriptor, closed once (by ``close``, or quietly when the source is collected),
+        # not a file object: one still open at exit (a service's archive, which the process
+        # closes) would warn at shutdown, naming only its number
+        self._fd = _open_regular(self.path)
+        self._close_fd = weakref.finalize(self, os.close, self._fd)
+        self._close_fd.atexit = False
+        try:
+            st = os.fstat(self._fd)
+            self._map = mmap.mmap(self._fd, 0, access=mmap.ACCESS_READ) if st.st_size else None
+        except BaseException:
+            self._close_fd()
+            raise
         self.size = st.st_size
         #: the file as ``(st_dev, st_ino)``: outputs refuse to replace it, whatever name they give it
         self.device_inode = (st.st_dev, st.st_ino)
         self._stamp = (st.st_size, st.st_mtime_ns, st.st_ctime_ns)  # for ``changed``
-        self._fd = self._f.fileno()
-        self._map = mmap.mmap(self._fd, 0, access=mmap.ACCESS_READ) if self.size else None
         self._view = memoryview(self._map) if self._map is not None else memoryview(b"")
         self.closed = False
 
@@ -155,7 +163,7 @@ class LocalFile:
                 self._map.close()
             except BufferError:  # a caller still holds a view; the map goes with the last one
                 pass
-        self._f.close()
+        self._close_fd()
 
 
 def is_url(path: str | bytes | os.PathLike) -> bool:
