@@ -1,12 +1,29 @@
 """The tallpack command line (installed as the ``tallpack_cli`` package): parse, call, print."""
 
 
+def _terminated_loading(signum: int, frame: object) -> None:
+    """SIGTERM before the command has begun (its modules loading): nothing was written, so the
+    process ends at once, in the line and exit status it has later."""
+    import os
+
+    try:
+        os.write(2, b"error: terminated (SIGTERM); nothing was written\n")
+    except OSError:  # stderr closed
+        pass
+    os._exit(128 + signum)
+
+
 def run() -> None:
-    """The ``tallpack`` command: Ctrl-C while its modules load ends as any interrupt does, in one
-    line and exit 130 (not a traceback); so does a signal after the command has ended, until the
-    process has (``end_process``)."""
+    """The ``tallpack`` command: Ctrl-C or SIGTERM while its modules load ends as any interrupt
+    does, in one line and exit 130 or 143 (not a traceback, or a silent -15); so does a signal
+    after the command has ended, until the process has (``end_process``)."""
+    import signal
     import sys
 
+    try:
+        signal.signal(signal.SIGTERM, _terminated_loading)  # the command sets its own as it begins
+    except ValueError:  # not the main thread: a caller's process keeps its handlers
+        pass
     try:
         from .main import end_process, main
     except KeyboardInterrupt:

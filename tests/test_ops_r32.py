@@ -158,3 +158,23 @@ def test_quiet_or_verbose_after_the_command_says_where_it_goes(archive, option):
     flag = option[:2] if option.startswith("-v") and not option.startswith("--") else option
     assert r.stderr == (f"error: No such option '{flag}' ({flag} goes before the command: "
                         f"'tallpack {flag} verify ...'; see 'tallpack --help')\n"), r.stderr
+
+
+def test_sigterm_while_the_modules_load_is_one_line_and_exit_143(archive):
+    """``docker stop`` or a job's timeout in the second the command spends importing its modules
+    killed it without a word (-15) where Ctrl-C there gave "interrupted" and exit 130: SIGTERM now
+    ends it as it does later, in one line and exit 143 (nothing was written yet). The signal is sent
+    as the command line starts importing click, its first module."""
+    code = ("import os, signal, sys\n"
+            "class Signal:\n"
+            "    def find_spec(self, name, path=None, target=None):\n"
+            "        if name == 'click':\n"
+            "            os.kill(os.getpid(), signal.SIGTERM)\n"
+            "sys.meta_path.insert(0, Signal())\n"
+            f"sys.argv = ['tallpack', 'inspect', {str(archive)!r}]\n"
+            "from tallpack_cli import run\n"
+            "run()\n")
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'cli'}"}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert (r.returncode, r.stdout) == (143, ""), r
+    assert r.stderr == "error: terminated (SIGTERM); nothing was written\n", r.stderr
