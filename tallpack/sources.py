@@ -6,9 +6,10 @@ diffusers pipeline folder (``model_index.json``; the weights of each component s
 as tensors named ``COMPONENT/NAME``, spec §3.6; a single-file checkpoint at its top left out), a
 sentence-transformers folder (``modules.json``; the transformer's weights at its top under their
 own names, each module folder's that holds weights as ``MODULE/NAME``, ``2_Dense/linear.weight``),
-a PyTorch state-dict file read with ``weights_only=True`` (or a training checkpoint holding
-one under a key of :data:`WRAPPER_KEYS`, ``{"model": state_dict, "optimizer": ...}``),
-or a mapping of tensors. A source lists names, shapes and dtypes without
+a PyTorch state-dict file read with ``weights_only=True`` (``.bin``, ``.pt``, ``.pth``, Lightning's
+``.ckpt``, timm's ``.pth.tar``; or a training checkpoint holding one under a key of :data:`WRAPPER_KEYS`,
+``{"model": state_dict, "optimizer": ...}``; beside an EMA copy, the one Lightning's or timm's loader
+takes), or a mapping of tensors. A source lists names, shapes and dtypes without
 reading data, and loads one tensor at a time, read from its file into memory of its own (a
 file cut in place while it is read is then a CheckpointError, not a crash: see ``_read_tensor``).
 
@@ -855,6 +856,20 @@ def _a(word: str) -> str:
     return ("an " if word[:1].lower() in "aeiou" else "a ") + word
 
 
+def _loaded_key(obj: Mapping, held: list) -> tuple[str, str] | None:
+    """The entry a framework's own loader takes when a checkpoint holds several mappings of tensors,
+    and whose checkpoint it is: Lightning's ``state_dict`` (its load_from_checkpoint's; WeightAveraging
+    keeps the current weights in ``current_model_state`` beside the averaged ones), timm's ``state_dict``
+    beside ``state_dict_ema`` (its load_checkpoint's without use_ema); else None."""
+    if len(held) < 2 or "state_dict" not in held:
+        return None
+    if "pytorch-lightning_version" in obj:
+        return "state_dict", "a Lightning"
+    if set(held) == {"state_dict", "state_dict_ema"}:
+        return "state_dict", "a timm"
+    return None
+
+
 def _unwrapped(path: Path, obj: Mapping) -> Mapping:
     """The state dict in a training checkpoint (``{"model": state_dict, "optimizer": ...,
     "iter_num": ...}``): the one entry that holds a mapping of tensors, when its key is one of
@@ -864,6 +879,14 @@ def _unwrapped(path: Path, obj: Mapping) -> Mapping:
         return obj
     held = [k for k, v in obj.items() if isinstance(v, Mapping) and v
             and any(isinstance(t, torch.Tensor) for t in v.values())]
+    loaded = _loaded_key(obj, held)
+    if loaded is not None:
+        copies = [k for k in held if k != loaded[0]]
+        log.warning("%s: %s checkpoint: packing %r, the state dict its loader takes; %s %s not packed (to pack %s "
+                    "instead: torch.save(ckpt[%r], 'model.pt'))", path, loaded[1], loaded[0],
+                    ", ".join(map(repr, copies)), "is" if len(copies) == 1 else "are",
+                    "it" if len(copies) == 1 else "one", copies[0])
+        held = [loaded[0]]
     if len(held) == 1 and held[0] in WRAPPER_KEYS:
         key = held[0]
         others = [str(k) for k in obj if k != key]

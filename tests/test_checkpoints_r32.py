@@ -346,3 +346,33 @@ def test_deepspeed_run_folder_names_its_model_file(tmp_path: Path, monkeypatch: 
     r = CliRunner().invoke(main, ["pack", "--no-progress", "--base", "base", "-o", "o.tallpack",
                                   "ds/global_step500/mp_rank_00_model_states.pt"])
     assert r.exit_code == 0, r.output
+
+
+def test_ema_copies_beside_the_state_dict_packed_as_their_loaders_do(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Lightning's WeightAveraging (EMA) callback saves the averaged weights as ``state_dict``, the
+    current ones as ``current_model_state`` and ``averaging_state``; timm saves ``state_dict`` and
+    ``state_dict_ema``. The ``state_dict`` their loaders take (Lightning's load_from_checkpoint, timm's
+    load_checkpoint) is packed, with a warning naming the copy left out and how to pack it instead."""
+    base = _hf_folder(_model(0), tmp_path / "base")
+    ema, current = _model(1), _model(2)
+    light = _lightning(ema, tmp_path / "light.ckpt")
+    ck = torch.load(light, weights_only=True)
+    ck["state_dict"] = {k.removeprefix("model."): v for k, v in ck["state_dict"].items()}  # no prefix: plain names
+    ck["current_model_state"] = current.state_dict()
+    ck["averaging_state"] = {"n_averaged": torch.tensor(500)}
+    torch.save(ck, light)
+    torch.save({"epoch": 3, "state_dict": current.state_dict(), "state_dict_ema": ema.state_dict(), "version": 2},
+               tmp_path / "timm.pth.tar")
+    with caplog.at_level(logging.WARNING, logger="tallpack.sources"):
+        tallpack.pack(base, [light, tmp_path / "timm.pth.tar"], tmp_path / "o.tallpack", exact=True)
+    with tallpack.open(tmp_path / "o.tallpack") as fam:
+        assert torch.equal(fam.get_tensor("light", "fc.weight", exact=True), ema.fc.weight)
+        assert torch.equal(fam.get_tensor("timm", "fc.weight", exact=True), current.fc.weight)
+    said = " ".join(r.getMessage() for r in caplog.records)
+    assert "'current_model_state'" in said and "ckpt['current_model_state']" in said, said
+    assert "'state_dict_ema'" in said and "ckpt['state_dict_ema']" in said, said
+    # not Lightning's nor timm's: which is the model's is not guessed
+    torch.save({"model": ema.state_dict(), "ema": current.state_dict()}, tmp_path / "two.pt")
+    with pytest.raises(CheckpointError, match="'model', 'ema' hold a mapping of tensors"):
+        open_source(tmp_path / "two.pt")
