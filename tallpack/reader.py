@@ -1261,11 +1261,30 @@ def _near(name: object, names: Sequence[str], prefixes: bool = False) -> str:
         longer = next((n for n in names if n.endswith("." + name)), None)
         if longer is not None:
             return f" (did you mean {longer!r}, with {longer[: len(longer) - len(name)]!r}?)"
+        held = _in_modules(name, names)
+        if held:
+            return f" (did you mean {' or '.join(map(repr, held[:3]))}?)"
     alike = [n for n in names if abs(len(n) - len(name)) <= 2]
     parts = name.split(".")
     one_off = [n for n in alike if len(p := n.split(".")) == len(parts) and sum(a != b for a, b in zip(p, parts)) == 1]
     close = difflib.get_close_matches(name, (one_off or alike)[:COMPARED_NAMES], n=1, cutoff=0.75)
     return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _in_modules(name: str, names: Sequence[str]) -> list[str]:
+    """The archive's names (``MODULE/NAME``: a pipeline's component, a sentence-transformers
+    module) of a tensor asked by its module's own name (``conv_in.weight``), by the dotted path to
+    it (``unet.conv_in.weight``), or as ``SentenceTransformer.state_dict()`` names a numbered
+    module's (``2.linear.weight`` for ``2_Dense/linear.weight``)."""
+    found = []
+    for n in names:
+        module, _, rest = n.rpartition("/")
+        if not module:
+            continue
+        number = module.split("_", 1)[0]
+        if name in (rest, f"{module.replace('/', '.')}.{rest}") or (number.isdigit() and name == f"{number}.{rest}"):
+            found.append(n)
+    return found
 
 
 def _group_where(entry: TensorEntry, parts: Sequence[Member] = ()) -> str:

@@ -53,3 +53,83 @@ def test_an_archive_open_at_exit_leaves_no_unclosed_file_warning(mlp_family: Pat
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "served"
     assert "ResourceWarning" not in r.stderr, r.stderr
+
+
+@pytest.fixture(scope="module")
+def pipeline_family(tmp_path_factory) -> Path:
+    """A diffusers pipeline (a tiny UNet2DModel and its scheduler, ``DDPMPipeline.save_pretrained``)
+    and a fine-tune of its UNet, packed: the UNet's tensors are named ``unet/NAME`` in the archive."""
+    diffusers = pytest.importorskip("diffusers")
+    root = tmp_path_factory.mktemp("pipe")
+    torch.manual_seed(0)
+    unet = diffusers.UNet2DModel(sample_size=8, in_channels=3, out_channels=3, layers_per_block=1,
+                                 block_out_channels=(8, 16), down_block_types=("DownBlock2D", "DownBlock2D"),
+                                 up_block_types=("UpBlock2D", "UpBlock2D"), norm_num_groups=4)
+    scheduler = diffusers.DDPMScheduler(num_train_timesteps=10)
+    diffusers.DDPMPipeline(unet=unet, scheduler=scheduler).save_pretrained(root / "base")
+    opt = torch.optim.SGD(unet.parameters(), lr=0.01)
+    unet(torch.randn(2, 3, 8, 8), 5).sample.pow(2).mean().backward()
+    opt.step()
+    diffusers.DDPMPipeline(unet=unet, scheduler=scheduler).save_pretrained(root / "cats")
+    out = root / "pipe.tallpack"
+    tallpack.pack(root / "base", {"cats": root / "cats"}, out)
+    return out
+
+
+@pytest.mark.parametrize("name", ["conv_in.weight", "unet.conv_in.weight"])
+def test_a_component_tensor_asked_by_its_model_name_is_named_with_its_component(pipeline_family: Path,
+                                                                                name: str) -> None:
+    """A diffusers user asks for a tensor of ``pipe.unet`` by the name ``pipe.unet.state_dict()``
+    gives it (or ``pipe.unet``'s dotted path): the error said only that the task has no such
+    tensor, not that the archive names it ``unet/conv_in.weight``."""
+    with tallpack.open(pipeline_family) as fam:
+        want = fam.get_tensor("cats", "unet/conv_in.weight")
+        with pytest.raises(tallpack.errors.TensorNotFoundError, match=r"did you mean 'unet/conv_in\.weight'\?"):
+            fam.get_tensor("cats", name)
+        with pytest.raises(KeyError, match=r"did you mean 'unet/conv_in\.weight'\?"):
+            fam.get_slice("cats", name)
+    diffusers = pytest.importorskip("diffusers")
+    pipe = diffusers.DDPMPipeline.from_pretrained(pipeline_family.parent / "cats")
+    assert pipe.unet.conv_in.weight.shape == want.shape
+
+
+@pytest.fixture(scope="module")
+def st_family(tmp_path_factory) -> Path:
+    """A tiny sentence-transformers model (BERT, mean pooling, a Dense module; ``save()``) and a
+    fine-tune of its Dense module, packed: the Dense weights are ``2_Dense/linear.weight``."""
+    pytest.importorskip("sentence_transformers")
+    transformers = pytest.importorskip("transformers")
+    from sentence_transformers import SentenceTransformer
+
+    try:  # sentence-transformers 6 (sentence_transformers.models warns there), else 3-5
+        from sentence_transformers.sentence_transformer import modules as models
+    except ImportError:
+        from sentence_transformers import models
+
+    root = tmp_path_factory.mktemp("st")
+    hf = root / "hf"
+    hf.mkdir()
+    (hf / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "cat"]) + "\n")
+    transformers.BertTokenizerFast(vocab_file=str(hf / "vocab.txt")).save_pretrained(hf)
+    torch.manual_seed(0)
+    transformers.BertModel(transformers.BertConfig(vocab_size=7, hidden_size=16, num_hidden_layers=1,
+                                                   num_attention_heads=2, intermediate_size=32,
+                                                   max_position_embeddings=16)).save_pretrained(hf)
+    model = SentenceTransformer(modules=[models.Transformer(str(hf), max_seq_length=8), models.Pooling(16, "mean"),
+                                         models.Dense(16, 8)], device="cpu")
+    model.save(str(root / "base"))
+    with torch.no_grad():
+        model[2].linear.weight.add_(0.01)
+    model.save(str(root / "qa"))
+    out = root / "st.tallpack"
+    tallpack.pack(root / "base", {"qa": root / "qa"}, out)
+    return out
+
+
+def test_a_module_tensor_asked_by_its_model_name_is_named_with_its_module_folder(st_family: Path) -> None:
+    """``SentenceTransformer.state_dict()`` names the Dense module's weight ``2.linear.weight``;
+    the archive, ``2_Dense/linear.weight`` (its folder): the error gave no hint."""
+    with tallpack.open(st_family) as fam:
+        assert "2_Dense/linear.weight" in fam.keys("qa")
+        with pytest.raises(tallpack.errors.TensorNotFoundError, match=r"did you mean '2_Dense/linear\.weight'\?"):
+            fam.get_tensor("qa", "2.linear.weight")
