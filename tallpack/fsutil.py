@@ -846,6 +846,19 @@ def _remove_lock_file(fd: int, path: Path) -> None:
         log.debug("%s: cannot remove the lock file: %s", path, e)
 
 
+def _last_resort(root: str) -> bool:
+    """Whether ``root``, Python's temporary folder, is its last resort, the working folder ($TMPDIR,
+    /tmp and /var/tmp not writable: a read-only container): no lock folder goes there, among the
+    user's files (nor would processes started in other folders see it)."""
+    named = [os.environ.get(v) for v in ("TMPDIR", "TEMP", "TMP")] + ["/tmp", "/var/tmp", "/usr/tmp"]
+    try:
+        if not os.path.samefile(root, os.getcwd()):
+            return False
+        return not any(os.path.isdir(d) and os.path.samefile(root, d) for d in named if d)
+    except OSError:
+        return False
+
+
 def _lock_file(folder: Path) -> tuple[int, Path] | None:
     """An open descriptor of the lock file of ``folder`` (``TMPDIR/tallpack-locks-UID/DEV-INO``,
     zero bytes, removed by its holder as it lets go) and its path, or None where there can be none."""
@@ -853,7 +866,10 @@ def _lock_file(folder: Path) -> tuple[int, Path] | None:
         return None
     try:
         st = os.stat(folder)
-        locks = Path(tempfile.gettempdir()) / f"tallpack-locks-{os.getuid()}"
+        root = tempfile.gettempdir()
+        if _last_resort(root):
+            return None
+        locks = Path(root) / f"tallpack-locks-{os.getuid()}"
         locks.mkdir(mode=0o700, exist_ok=True)
         if not locks.is_dir() or locks.is_symlink():
             return None

@@ -178,3 +178,26 @@ def test_sigterm_while_the_modules_load_is_one_line_and_exit_143(archive):
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert (r.returncode, r.stdout) == (143, ""), r
     assert r.stderr == "error: terminated (SIGTERM); nothing was written\n", r.stderr
+
+
+def test_no_writable_temporary_folder_leaves_no_lock_folder_in_the_working_folder(archive, tmp_path):
+    """A container whose root file system is read-only (/tmp and /var/tmp too, no $TMPDIR) and
+    whose working folder is a writable volume: Python's last resort for a temporary folder is the
+    working folder, and every unpack left ``tallpack-locks-0/`` there, among the user's files (a
+    lock that two processes started in different folders would not even share). The folder locks
+    are skipped there, as where none can be made."""
+    if os.geteuid() != 0 or shutil.which("unshare") is None:
+        pytest.skip("needs root and unshare for a read-only /tmp of this test's own")
+    work = tmp_path / "work"
+    work.mkdir()
+    script = (f"mount --bind /tmp /tmp && mount -o remount,bind,ro /tmp && mount -t tmpfs -o ro none /var/tmp && "
+              f"mount --bind {work} {work} && mount -o remount,bind,rw {work} && cd {work} && "
+              f"exec {sys.executable} -m tallpack -q unpack {archive} --task a -o out")
+    env = {k: v for k, v in os.environ.items() if k not in ("TMPDIR", "TEMP", "TMP")}
+    env["PYTHONPATH"] = f"{ROOT}{os.pathsep}{ROOT / 'cli'}"
+    r = subprocess.run(["unshare", "-m", "--propagation", "private", "sh", "-c", script], capture_output=True,
+                       text=True, env=env, timeout=120)
+    if r.returncode != 0 and "mount" in r.stderr:
+        pytest.skip(f"cannot mount here: {r.stderr.strip()}")
+    assert r.returncode == 0, r
+    assert sorted(p.name for p in work.iterdir()) == ["out"]
