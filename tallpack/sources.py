@@ -2063,12 +2063,12 @@ def stems(objs: Sequence[SourceLike]) -> list[str]:
     """
     names = [stem(o) for o in objs]
     out = list(names)
+    paths = {i: o for i, o in enumerate(objs) if isinstance(o, (str, os.PathLike)) and not is_url(o) and Path(o).exists()}
     for name in set(names):
-        at = [i for i, n in enumerate(names) if n == name and isinstance(objs[i], (str, os.PathLike))
-              and not is_url(objs[i]) and Path(objs[i]).exists()]
+        at = [i for i in paths if names[i] == name]
         if len(at) < 2:
             continue
-        folders = [Path(os.path.abspath(objs[i])).parent for i in at]  # type: ignore[arg-type]
+        folders = [Path(os.path.abspath(paths[i])).parent for i in at]
         for _ in range(STEM_LEVELS):  # the nearest folders that tell them apart (version_*/checkpoints/last.ckpt)
             up = [stem(f) for f in folders]
             if len(set(up)) == len(up):
