@@ -810,8 +810,9 @@ MERGE_ADAPTER = ("merge it into its base model first (PeftModel.from_pretrained(
 
 def prefix_hint(base: Source, task: Source) -> str | None:
     """Why a task shares no tensor name with the base when one side's names are the other's (most
-    of them, all but a tied head) with one prefix in front (``module.``: saved from a DDP or DataParallel wrapper), or when one
-    side is a PEFT adapter (LoRA's ``...lora_A.weight``), and what to do; else None."""
+    of them, all but a tied head) with one prefix in front (``module.``: saved from a DDP or
+    DataParallel wrapper), or when one side is a PEFT adapter (LoRA's ``...lora_A.weight``) or
+    another LoRA file (diffusers', kohya's), and what to do; else None."""
     for has, side in ((task, "it is"), (base, "the base is")):
         lora = next((k for k in has.keys() if _ADAPTER.search(k)), None)
         if lora is not None:
@@ -2063,7 +2064,8 @@ def stems(objs: Sequence[SourceLike]) -> list[str]:
     """
     names = [stem(o) for o in objs]
     out = list(names)
-    paths = {i: o for i, o in enumerate(objs) if isinstance(o, (str, os.PathLike)) and not is_url(o) and Path(o).exists()}
+    paths = {i: o for i, o in enumerate(objs)
+             if isinstance(o, (str, os.PathLike)) and not is_url(o) and Path(o).exists()}
     for name in set(names):
         at = [i for i in paths if names[i] == name]
         if len(at) < 2:

@@ -317,8 +317,8 @@ def test_trainer_state_files_given_as_models_named(tmp_path: Path) -> None:
     torch.save(opt, ck / "optimizer.pt")
     torch.save(argparse.Namespace(lr=0.1), ck / "training_args.bin")
     torch.save(opt, tmp_path / "adam.pt")
-    for f, said in ((ck / "optimizer.pt", "a trainer's state file"), (ck / "training_args.bin", "a trainer's state file"),
-                    (tmp_path / "adam.pt", "an optimizer's state")):
+    for f, said in ((ck / "optimizer.pt", "a trainer's state file"),
+                    (ck / "training_args.bin", "a trainer's state file"), (tmp_path / "adam.pt", "an optimizer's state")):
         with pytest.raises(CheckpointError) as e:
             tallpack.pack(base, {"a": f}, tmp_path / "o.tallpack")
         assert said in str(e.value) and str(f) in str(e.value), str(e.value)
