@@ -378,11 +378,16 @@ def check_alpha(alpha: object) -> float:
     (as :func:`apply_direction` uses it: 1e39 would make every merged weight inf or NaN);
     InvalidArgumentError otherwise.
 
-    A 0-d tensor or array (``grid[scores.argmax()]`` in torch) is taken as its number.
+    A 0-d tensor or array (``grid[scores.argmax()]`` in torch) is taken as its number; one that
+    requires grad is refused (no gradient would reach it).
 
     >>> check_alpha(np.float32(0.25)), check_alpha(torch.tensor(0.5))
     (0.25, 0.5)
     """
+    if isinstance(alpha, torch.Tensor) and alpha.requires_grad:  # it would get no gradient, and no word said so
+        raise InvalidArgumentError("alpha is taken as a number, so a tensor that requires grad gets no gradient through "
+                                   "the merged model: pass alpha.item(); to differentiate a merge, build "
+                                   "theta_0 + alpha * d from fam.merge_parts(method).parts")
     number = alpha
     if isinstance(alpha, (torch.Tensor, np.ndarray)) and alpha.ndim == 0:
         try:

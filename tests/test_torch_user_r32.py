@@ -133,3 +133,24 @@ def test_a_module_tensor_asked_by_its_model_name_is_named_with_its_module_folder
         assert "2_Dense/linear.weight" in fam.keys("qa")
         with pytest.raises(tallpack.errors.TensorNotFoundError, match=r"did you mean '2_Dense/linear\.weight'\?"):
             fam.get_tensor("qa", "2.linear.weight")
+
+
+def test_an_alpha_that_requires_grad_is_refused_not_silently_detached(mlp_family: Path) -> None:
+    """Research code learning alpha by gradient (AdaMerging's way) passed ``alpha`` as a tensor
+    that requires grad: the merged model came back built from its value, with no graph, and the
+    loss's backward left ``alpha.grad`` None without a word. It is refused, saying what to pass
+    instead; the way the message names, ``merge_parts(method).parts``, differentiates."""
+    alpha = torch.tensor(0.3, requires_grad=True)
+    x = torch.randn(4, 8)
+    with tallpack.open(mlp_family) as fam:
+        for build in (lambda: fam.merged("ta", alpha=alpha), lambda: fam.merge_parts("ta").state_dict(alpha),
+                      lambda: tallpack.write_merged(fam, mlp_family.parent / "merged", "ta", alpha=alpha)):
+            with pytest.raises(tallpack.errors.InvalidArgumentError, match=r"requires grad.*alpha\.item\(\)"):
+                build()
+        assert not (mlp_family.parent / "merged").exists()
+        parts = fam.merge_parts("ta").parts
+        merged = {n: b if d is None else b + alpha * d for n, (b, d) in parts.items()}
+        want = fam.merged("ta", alpha=alpha.item())
+    assert all(torch.equal(merged[n].detach(), want[n]) for n in want)
+    torch.func.functional_call(_mlp(), merged, (x,)).sum().backward()
+    assert alpha.grad is not None and alpha.grad != 0
