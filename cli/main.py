@@ -79,19 +79,26 @@ class _Alpha(_Finite):
 
 
 class _Terminated(BaseException):
-    """SIGTERM, raised where the main thread is, so that the command unwinds as on Ctrl-C: its
-    temporaries and the folders it created are removed (not an ``Exception``: no handler takes it
-    for an error of its own)."""
+    """SIGTERM, or SIGHUP (the terminal or SSH session closed), raised where the main thread is, so
+    that the command unwinds as on Ctrl-C: its temporaries and the folders it created are removed
+    (not an ``Exception``: no handler takes it for an error of its own)."""
+
+    def __init__(self, signum: int = signal.SIGTERM):
+        super().__init__(signum)
+        self.signum = signum
 
 
 def _terminate(signum, frame) -> None:
-    raise _Terminated()
+    raise _Terminated(signum)
+
+
+_SIGHUP = getattr(signal, "SIGHUP", None)  # (none on Windows)
 
 
 def _signal_line(signum: int, written: bool, left: str | None = None) -> str:
     """The one line of a command ended by ``signum``: whether its output is in place, or ``left``,
     what an upload cut off left at its URL (``left_at_url`` of the signal's exception: staging)."""
-    what = "terminated (SIGTERM)" if signum == signal.SIGTERM else "interrupted"
+    what = {signal.SIGTERM: "terminated (SIGTERM)", _SIGHUP: "hung up (SIGHUP)"}.get(signum, "interrupted")
     if left:
         return f"error: {what}; {left}"
     return f"error: {what}{' after its output was written' if written else '; nothing was written'}"
@@ -122,6 +129,8 @@ def _end_at_once(before: int, said: list[bool]) -> None:
     if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not where the shell ignores it (cmd &)
         signal.signal(signal.SIGINT, end)
     signal.signal(signal.SIGTERM, end)
+    if _SIGHUP is not None and signal.getsignal(_SIGHUP) is _terminate:  # (not where it is ignored: nohup)
+        signal.signal(_SIGHUP, end)
 
 
 def end_process(code: int | str | None) -> None:
@@ -258,15 +267,21 @@ class _Group(click.Group):
     def invoke(self, ctx: click.Context) -> Any:
         main_thread = threading.current_thread() is threading.main_thread()
         previous = signal.signal(signal.SIGTERM, _terminate) if main_thread else None
+        hup = main_thread and _SIGHUP is not None and signal.getsignal(_SIGHUP) is signal.SIG_DFL  # not nohup's
+        if hup:
+            signal.signal(_SIGHUP, _terminate)
         before = committed()  # outputs are renamed into place all at once, signals held (fsutil)
         said: list[bool] = []
         try:
             return super().invoke(ctx)
         except (_Terminated, KeyboardInterrupt) as e:
-            signum = signal.SIGTERM if isinstance(e, _Terminated) else signal.SIGINT
+            signum = e.signum if isinstance(e, _Terminated) else signal.SIGINT
             if main_thread and self.own_process:
                 _end_at_once(before, said)  # a second signal while this line is written: still a line
-            click.echo(_signal_line(signum, committed() > before, getattr(e, "left_at_url", None)), err=True)
+            try:
+                click.echo(_signal_line(signum, committed() > before, getattr(e, "left_at_url", None)), err=True)
+            except OSError:  # the terminal that hung up, a log's pipe gone: the exit status says it
+                pass
             said.append(True)
             sys.exit(128 + signum)
         except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort, BrokenPipeError):
@@ -286,8 +301,11 @@ class _Group(click.Group):
         finally:
             if main_thread and self.own_process:
                 _end_at_once(before, said)
-            elif main_thread and previous is not None:  # None: set outside Python, cannot be put back
-                signal.signal(signal.SIGTERM, previous)
+            elif main_thread:
+                if previous is not None:  # None: set outside Python, cannot be put back
+                    signal.signal(signal.SIGTERM, previous)
+                if hup:
+                    signal.signal(_SIGHUP, signal.SIG_DFL)
 
 
 def _out_of_memory(ctx: click.Context, e: BaseException) -> str:

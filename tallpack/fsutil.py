@@ -275,14 +275,14 @@ def forget_commits(count: int) -> None:
 
 @contextmanager
 def signals_held() -> Iterator[None]:
-    """Ctrl-C and SIGTERM wait until the block ends, then take effect: the steps that make an
+    """Ctrl-C, SIGTERM and SIGHUP wait until the block ends, then take effect: the steps that make an
     output whole (its renames) or undo it (removing its temporaries) run to their end. Only the
     main thread gets signals, so elsewhere this does nothing; nor where a handler was set outside
     Python."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    kinds = (signal.SIGINT, signal.SIGTERM)
+    kinds = (signal.SIGINT, signal.SIGTERM, *([signal.SIGHUP] if hasattr(signal, "SIGHUP") else []))
     previous = {k: signal.getsignal(k) for k in kinds}
     if any(h is None for h in previous.values()):
         yield

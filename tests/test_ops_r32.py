@@ -201,3 +201,46 @@ def test_no_writable_temporary_folder_leaves_no_lock_folder_in_the_working_folde
         pytest.skip(f"cannot mount here: {r.stderr.strip()}")
     assert r.returncode == 0, r
     assert sorted(p.name for p in work.iterdir()) == ["out"]
+
+
+def _hung_up(archive: Path, out: Path, hup) -> tuple[subprocess.Popen, str]:
+    """``tallpack pack`` (slowly: zstd level 19, one thread) into ``out``, sent SIGHUP once its
+    archive is being written, with SIGHUP's disposition ``hup`` (a terminal's session: the
+    default; ``nohup``: ignored); tried again where the signal came after the pack was done."""
+    import signal
+    import time
+
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'cli'}"}
+    for _ in range(5):
+        p = subprocess.Popen([sys.executable, "-m", "tallpack", "pack", *map(str, _family_args(archive)), "-o",
+                              str(out), "--codec", "zstd", "--level", "19", "-j", "1", "-f"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                             preexec_fn=lambda: signal.signal(signal.SIGHUP, hup))
+        deadline = time.monotonic() + 60
+        while (p.poll() is None and time.monotonic() < deadline
+               and not any(n.endswith(".partial") for n in os.listdir(out.parent))):
+            time.sleep(0.005)
+        p.send_signal(signal.SIGHUP)
+        _, err = p.communicate(timeout=120)
+        if p.returncode != 0 or hup is signal.SIG_IGN:
+            return p, err
+        out.unlink()
+    return p, err
+
+
+def test_sighup_during_pack_cleans_up_as_sigterm_does(archive, tmp_path):
+    """Closing the terminal or losing the SSH session a pack runs in (SIGHUP) killed it without a
+    word (-1), leaving its partial archive (up to the whole size) beside the output until the next
+    write into that folder: it unwinds now as on SIGTERM, exit 129, no temporary left; under
+    ``nohup`` (SIGHUP ignored) the pack goes on."""
+    import signal
+
+    out = tmp_path / "out" / "f.tallpack"
+    out.parent.mkdir()
+    p, err = _hung_up(archive, out, signal.SIG_DFL)
+    assert p.returncode == 128 + signal.SIGHUP, err
+    assert err.strip().splitlines()[-1] == "error: hung up (SIGHUP); nothing was written", err
+    assert os.listdir(out.parent) == []
+    p, err = _hung_up(archive, out, signal.SIG_IGN)
+    assert p.returncode == 0, err
+    assert os.listdir(out.parent) == ["f.tallpack"]
