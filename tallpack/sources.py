@@ -38,11 +38,14 @@ file is opened; it does not defend against a folder changed by someone else whil
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import errno
 import functools
 import json
 import logging
 import os
+import pathlib
 import pickle
 import re
 import shlex
@@ -738,6 +741,20 @@ def _too_many_files(path: Path) -> CheckpointError:
                            "file open while it packs): raise it (ulimit -n 65536) or merge the shards into fewer files")
 
 
+#: Classes a training checkpoint commonly pickles beside its weights that weights_only may rebuild
+#: without running code (an instance made and its attributes set, or a path made from strings):
+#: timm's ``args`` (an ``argparse.Namespace``), Lightning's hyperparameters' paths.
+_HARMLESS = (argparse.Namespace, pathlib.PosixPath, pathlib.PurePosixPath, pathlib.WindowsPath,
+             pathlib.PureWindowsPath)
+
+
+def _harmless_globals() -> contextlib.AbstractContextManager[Any]:
+    """``torch.serialization.safe_globals(_HARMLESS)`` where torch has it (2.5 and later): the
+    load stays ``weights_only``, only these classes are added to what it may rebuild."""
+    safe = getattr(torch.serialization, "safe_globals", None)
+    return safe(list(_HARMLESS)) if safe is not None else contextlib.nullcontext()
+
+
 def _torch_load(path: Path) -> tuple[dict[str, torch.Tensor], dict[int, int]]:
     """A PyTorch file's tensors (mapped by torch.load; see ``TorchSource``), and where in the file
     each of their storages starts (by the storage's data pointer; empty for a legacy file)."""
@@ -750,7 +767,7 @@ def _torch_load(path: Path) -> tuple[dict[str, torch.Tensor], dict[int, int]]:
         raise CheckpointError(f"{path}: not a PyTorch checkpoint (neither a zip archive nor a pickle)")
     legacy = False
     try:
-        with warnings.catch_warnings():  # torch warns about pickle protocols; our error says enough
+        with warnings.catch_warnings(), _harmless_globals():  # torch warns about pickle protocols; our error says enough
             warnings.simplefilter("ignore", UserWarning)
             try:
                 obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)

@@ -7,6 +7,7 @@ torch and safetensors under the keys, names and layouts those libraries use."""
 from __future__ import annotations
 
 import argparse
+import fractions
 import copy
 import json
 import logging
@@ -188,13 +189,13 @@ def test_deepspeed_zero3_placeholders_refused(tmp_path: Path) -> None:
 
 
 def test_unsafe_pickle_names_what_it_holds(tmp_path: Path) -> None:
-    """A file weights_only refuses says which object it pickles (timm's ``args`` Namespace, a whole
-    model), so the user knows which entry to drop."""
-    torch.save({"epoch": 3, "state_dict": _model(1).state_dict(), "args": argparse.Namespace(lr=0.1)},
-               tmp_path / "timm.pth.tar")
+    """A file weights_only refuses says which object it pickles (a Fraction in the hyperparameters,
+    a whole model), so the user knows which entry to drop."""
+    torch.save({"epoch": 3, "state_dict": _model(1).state_dict(), "hparams": {"ratio": fractions.Fraction(1, 3)}},
+               tmp_path / "odd.pth.tar")
     with pytest.raises(UnsafeCheckpointError) as e:
-        open_source(tmp_path / "timm.pth.tar")
-    assert "argparse.Namespace" in str(e.value) and "needs code execution" in str(e.value), str(e.value)
+        open_source(tmp_path / "odd.pth.tar")
+    assert "fractions.Fraction" in str(e.value) and "needs code execution" in str(e.value), str(e.value)
     torch.save(torch.nn.Linear(2, 2), tmp_path / "whole.pt")
     with pytest.raises(UnsafeCheckpointError) as e:
         open_source(tmp_path / "whole.pt")
@@ -376,3 +377,20 @@ def test_ema_copies_beside_the_state_dict_packed_as_their_loaders_do(
     torch.save({"model": ema.state_dict(), "ema": current.state_dict()}, tmp_path / "two.pt")
     with pytest.raises(CheckpointError, match="'model', 'ema' hold a mapping of tensors"):
         open_source(tmp_path / "two.pt")
+
+
+def test_timm_args_and_lightning_paths_are_rebuilt_not_refused(tmp_path: Path) -> None:
+    """timm's train.py saves its ``args`` (an argparse.Namespace) and Lightning's hyperparameters often
+    hold paths: weights_only rebuilds these classes (torch.serialization.safe_globals), so such
+    checkpoints pack, their state dict unwrapped; nothing else is added to what the load allows."""
+    import pathlib
+
+    base = tmp_path / "base.pt"
+    torch.save(_model(0).state_dict(), base)
+    torch.save({"epoch": 3, "state_dict": _model(1).state_dict(),
+                "args": argparse.Namespace(lr=0.1, data_dir=pathlib.Path("/data/imagenet"))}, tmp_path / "timm.pth.tar")
+    torch.save({"epoch": 1, "state_dict": _model(2).state_dict(),
+                "hyper_parameters": {"root": pathlib.PurePosixPath("/runs/a"), "lr": 0.01}}, tmp_path / "b.ckpt")
+    tallpack.pack(str(base), {"a": str(tmp_path / "timm.pth.tar"), "b": str(tmp_path / "b.ckpt")}, tmp_path / "o.tallpack")
+    with tallpack.open(tmp_path / "o.tallpack") as fam:
+        assert list(fam.tasks) == ["a", "b"] and set(fam.keys("a")) == set(_model(1).state_dict())
