@@ -976,14 +976,21 @@ def _check_records(path: Path, tensors: Mapping[str, torch.Tensor]) -> dict[int,
         return {}
     offsets = sorted(records)
     ptrs = sorted(storages)
-    # every storage is a slice of one mapping of the whole file, at its record's offset
+    # every storage is a slice of one mapping of the whole file, at its record's offset; with fewer
+    # storages than records (an empty tensor's has no bytes) several offsets may line up: the one
+    # whose records hold each storage whole, else the first (whose short record is then named)
+    first: int | None = None
     for cand in offsets:
         base = ptrs[0] - cand
         if all(p - base in records for p in ptrs):
-            break
+            first = base if first is None else first
+            if all(records[p - base].file_size >= storages[p][1] for p in ptrs):
+                break
     else:
-        raise CheckpointError(f"{path}: its tensors' storages do not match the zip's storage records: "
-                              "the file is damaged")
+        if first is None:
+            raise CheckpointError(f"{path}: its tensors' storages do not match the zip's storage records: "
+                                  "the file is damaged")
+        base = first
     for p in ptrs:
         name, need = storages[p]
         info = records[p - base]
