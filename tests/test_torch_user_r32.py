@@ -154,3 +154,20 @@ def test_an_alpha_that_requires_grad_is_refused_not_silently_detached(mlp_family
     assert all(torch.equal(merged[n].detach(), want[n]) for n in want)
     torch.func.functional_call(_mlp(), merged, (x,)).sum().backward()
     assert alpha.grad is not None and alpha.grad != 0
+
+
+# the fix (tallpack/sources.py, open_source) is left to the lead: that file held another helper's
+# uncommitted change; drop this mark with it
+@pytest.mark.xfail(strict=True, reason="open_source's message for a model: not yet applied")
+def test_a_model_given_to_pack_is_refused_with_the_state_dict_to_give(tmp_path: Path) -> None:
+    """``tallpack.pack(base_model, {"a": model_a})``, models as they are in memory: the error said
+    "cannot read a checkpoint from a Sequential", neither which input nor what to pass instead."""
+    torch.manual_seed(0)
+    base, task = _mlp(), _mlp()
+    for given, which in (((base, {"a": task.state_dict()}), "base"), ((base.state_dict(), {"a": task}), "'a'")):
+        with pytest.raises(tallpack.errors.CheckpointError, match=rf"{which}.*Sequential.*state_dict\(\)") as e:
+            tallpack.pack(*given, tmp_path / "m.tallpack")
+        assert "\n" not in str(e.value)
+    tallpack.pack(base.state_dict(), {"a": task.state_dict()}, tmp_path / "m.tallpack")  # as the message says
+    with tallpack.open(tmp_path / "m.tallpack") as fam:
+        assert fam.tasks == ("a",)
