@@ -44,6 +44,7 @@ import errno
 import functools
 import json
 import logging
+import mmap
 import os
 import pathlib
 import pickle
@@ -942,6 +943,22 @@ def _big_endian(path: Path) -> bool:
         raise CheckpointError(f"{path}: not a readable PyTorch file ({quoted(e)})") from None
 
 
+def _same_bytes(path: Path, at: Mapping[int, int], storages: Mapping[int, tuple[str, int]]) -> bool:
+    """Whether the file's bytes at each offset ``at[p]`` are those of the storage mapped at ``p``
+    (its first and last 64 bytes, and 64 from its middle; each storage is alive in the caller's
+    tensors, so its memory may be read)."""
+    import ctypes
+
+    with open(path, "rb") as f:
+        for p, off in at.items():
+            n = storages[p][1]
+            for a in sorted({0, max(0, n // 2 - 32), max(0, n - 64)}):
+                k = min(64, n - a)
+                if os.pread(f.fileno(), k, off + a) != ctypes.string_at(p + a, k):
+                    return False
+    return True
+
+
 def _check_records(path: Path, tensors: Mapping[str, torch.Tensor]) -> dict[int, int]:
     """Where in the file each storage's record data starts (by the storage's data pointer in
     torch.load's mapping of the file), the bytes ``TorchSource`` reads. CheckpointError when a
@@ -976,21 +993,19 @@ def _check_records(path: Path, tensors: Mapping[str, torch.Tensor]) -> dict[int,
         return {}
     offsets = sorted(records)
     ptrs = sorted(storages)
-    # every storage is a slice of one mapping of the whole file, at its record's offset; with fewer
-    # storages than records (an empty tensor's has no bytes) several offsets may line up: the one
-    # whose records hold each storage whole, else the first (whose short record is then named)
-    first: int | None = None
-    for cand in offsets:
-        base = ptrs[0] - cand
-        if all(p - base in records for p in ptrs):
-            first = base if first is None else first
-            if all(records[p - base].file_size >= storages[p][1] for p in ptrs):
-                break
-    else:
-        if first is None:
-            raise CheckpointError(f"{path}: its tensors' storages do not match the zip's storage records: "
-                                  "the file is damaged")
-        base = first
+    # every storage is a slice of one mapping of the whole file (page-aligned, as mmap makes it), at
+    # its record's offset. Where the tensors use fewer storages than the file holds (a checkpoint's
+    # optimizer state, left out; an empty tensor's record of no bytes), several offsets may line up:
+    # the mapping's start is the one that is page-aligned and where the file's bytes are the storages'
+    # (torch.load swaps a big-endian file's elements in memory: there, alignment and sizes alone)
+    swapped = _big_endian(path)
+    lined = [ptrs[0] - cand for cand in offsets if all(p - (ptrs[0] - cand) in records for p in ptrs)]
+    if not lined:
+        raise CheckpointError(f"{path}: its tensors' storages do not match the zip's storage records: "
+                              "the file is damaged")
+    ranked = sorted(lined, key=lambda b: b % mmap.PAGESIZE != 0)  # (stable: the file's order otherwise)
+    base = next((b for b in ranked if all(records[p - b].file_size >= storages[p][1] for p in ptrs)
+                 and (swapped or _same_bytes(path, {p: p - b for p in ptrs}, storages))), ranked[0])
     for p in ptrs:
         name, need = storages[p]
         info = records[p - base]

@@ -1,0 +1,40 @@
+"""A PyTorch checkpoint whose state dict is not the first thing pickled (``{"optimizer": ...,
+"model": state_dict}``): the packer reads each tensor's bytes at its own storage record, not at
+another's of the same size (the optimizer's, left out), so the archive holds the model's weights."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import tallpack
+
+
+def _checkpoint(w: torch.Tensor, b: torch.Tensor, first: str) -> dict:
+    g = torch.Generator().manual_seed(7)
+    opt = {"state": {0: {"exp_avg": torch.randn(w.shape, generator=g), "exp_avg_sq": torch.rand(w.shape, generator=g)},
+                     1: {"exp_avg": torch.randn(b.shape, generator=g)}},
+           "param_groups": [{"lr": 0.1, "params": [0, 1]}]}
+    model = {"w": w, "b": b}
+    return {"optimizer": opt, "model": model} if first == "optimizer" else {"model": model, "optimizer": opt}
+
+
+@pytest.mark.parametrize("first", ["optimizer", "model"])
+@pytest.mark.parametrize("n", [8, 1024])  # records of 256 bytes, and of a page and more
+def test_state_dict_after_the_optimizer_packs_its_own_bytes(tmp_path, first, n):
+    g = torch.Generator().manual_seed(0)
+    w0, b0 = torch.randn(n, 8, generator=g), torch.randn(8, generator=g)
+    torch.save(_checkpoint(w0, b0, first), tmp_path / "base.pt")
+    tasks = {}
+    for t in "ab":
+        w, b = w0 + 0.01 * torch.randn(n, 8, generator=g), b0 + 0.01 * torch.randn(8, generator=g)
+        torch.save(_checkpoint(w, b, first), tmp_path / f"{t}.pt")
+        tasks[t] = {"w": w, "b": b}
+    out = tmp_path / "fam.tallpack"
+    tallpack.pack(str(tmp_path / "base.pt"), {t: str(tmp_path / f"{t}.pt") for t in tasks}, out, exact=True)
+    with tallpack.open(out) as fam:
+        assert torch.equal(fam.base_tensor("w"), w0)
+        for t, sd in tasks.items():
+            got = fam.state_dict(t, exact=True)
+            assert all(torch.equal(got[k], v) for k, v in sd.items()), t
+            assert (fam.state_dict(t)["w"] - sd["w"]).abs().max() < 0.1
