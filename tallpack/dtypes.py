@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import functools
 import sys
+import threading
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import numpy as np
 
@@ -119,9 +122,26 @@ def view_tensor(buf: bytes | bytearray | memoryview | np.ndarray, dtype: str, sh
         return torch.empty(shape, dtype=dt)
     if not mv.readonly:  # two torch calls: a few microseconds less for each of a task's small arrays
         return torch.frombuffer(mv, dtype=dt).view(shape)
-    with warnings.catch_warnings():  # read-only memory: the tensor is never written
-        warnings.simplefilter("ignore", UserWarning)
+    with no_user_warnings():  # read-only memory: the tensor is never written
         return torch.frombuffer(mv, dtype=dt).view(shape)
+
+
+@contextmanager
+def no_user_warnings() -> Iterator[None]:
+    """UserWarnings silenced in the block (torch's about read-only memory, or a pickle's protocol),
+    one thread at a time: ``warnings.catch_warnings`` saves and restores the process's filters, so
+    two threads' blocks that overlap leave one's ``ignore`` in them for good, silencing every
+    UserWarning of the program after (a service reading archives from several threads).
+
+    >>> with no_user_warnings():
+    ...     t = torch.frombuffer(read_only_view, dtype=torch.uint8)
+    """
+    with _quiet, warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        yield
+
+
+_quiet = threading.RLock()  # (re-entered where one such block runs in another)
 
 
 def bytes_to_tensor(buf: bytes | bytearray | memoryview | np.ndarray, dtype: str, shape) -> torch.Tensor:

@@ -244,3 +244,40 @@ def test_sighup_during_pack_cleans_up_as_sigterm_does(archive, tmp_path):
     p, err = _hung_up(archive, out, signal.SIG_IGN)
     assert p.returncode == 0, err
     assert os.listdir(out.parent) == ["f.tallpack"]
+
+
+def test_reading_from_many_threads_leaves_the_warning_filters_as_they_were(archive, tmp_path):
+    """A service's threads each open an archive and read a task: tallpack silences torch's warning
+    about a tensor over read-only memory (a raw array mapped from the file) with
+    ``warnings.catch_warnings``, which is not thread-safe: two threads' blocks interleaved left
+    ``ignore UserWarning`` in the process's filters for good, so every UserWarning of the
+    program was silenced from then on (within a second here)."""
+    import time
+    import warnings
+
+    import tallpack
+
+    raw = tmp_path / "raw.tallpack"
+    r = _tallpack("-q", "pack", *_family_args(archive), "-o", raw, "--codec", "raw")
+    assert r.returncode == 0, r.stderr
+    with tallpack.open(raw) as fam:
+        fam.state_dict("a")  # torch imported, with the filters it adds
+    before = list(warnings.filters)
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # threads take turns as often as they can, as on a loaded machine
+
+    def serve() -> None:
+        end = time.monotonic() + 1.5
+        while time.monotonic() < end:
+            with tallpack.open(raw) as fam:
+                fam.state_dict("b")
+
+    threads = [threading.Thread(target=serve) for _ in range(4)]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        sys.setswitchinterval(interval)
+    assert warnings.filters == before, [f for f in warnings.filters if f not in before]
