@@ -1409,7 +1409,11 @@ def open_source(obj: SourceLike, *, label: str | None = None) -> Source:
     if isinstance(obj, Mapping):
         return DictSource(label or "<dict>", obj)
     if not isinstance(obj, (str, os.PathLike)):
-        raise CheckpointError(f"cannot read a checkpoint from a {type(obj).__name__}")
+        said = f"{label}: " if label else ""
+        if callable(getattr(obj, "state_dict", None)):  # a model in memory (torch.nn.Module, a PreTrainedModel)
+            raise CheckpointError(f"{said}a {type(obj).__name__} is a model, not a checkpoint: pass model.state_dict(), "
+                                  "or the folder its save_pretrained() writes (which keeps its config.json)")
+        raise CheckpointError(f"{said}cannot read a checkpoint from a {type(obj).__name__}")
     path = Path(os.fspath(obj).removeprefix("file://"))  # a file:// URL is a local path (as for archives)
     path = hub_snapshot(path) or path
     given = None
