@@ -292,6 +292,9 @@ class _Group(click.Group):
             if out_of_memory(e):  # ENOMEM: a mapping refused
                 _fail(_out_of_memory(ctx, e))
             _fail(_one_line(f"{e.filename or ''}: {e.strerror or e}".lstrip(": ")))
+        except UnicodeEncodeError as e:  # a name for a file or folder in a locale that is not UTF-8 (PYTHONUTF8=0)
+            _fail(_one_line(f"{e.object!r}: {e.object[e.start:e.end]!r} cannot be written in this system's encoding "
+                            f"({e.encoding}): use a UTF-8 locale (LANG=C.UTF-8) or set PYTHONUTF8=1"))
         except Exception as e:
             if out_of_memory(e):  # Python's MemoryError, torch's allocator, a thread that could not start
                 _fail(_out_of_memory(ctx, e))

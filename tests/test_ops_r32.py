@@ -281,3 +281,23 @@ def test_reading_from_many_threads_leaves_the_warning_filters_as_they_were(archi
     finally:
         sys.setswitchinterval(interval)
     assert warnings.filters == before, [f for f in warnings.filters if f not in before]
+
+
+def test_a_name_the_systems_encoding_cannot_hold_is_one_line_saying_what_to_set(tmp_path):
+    """Under a locale that is not UTF-8 (``PYTHONUTF8=0 LC_ALL=C``: ASCII file names), ``unpack
+    --all`` of a task named ``café`` ended in "internal error: UnicodeEncodeError ... (a bug in
+    tallpack ...)": the line now names the name and the setting that lets it be written."""
+    g = torch.Generator().manual_seed(1)
+    base = {"w": torch.randn(64, 64, generator=g)}
+    save_file(base, tmp_path / "base.safetensors")
+    save_file({"w": base["w"] + 0.1 * torch.randn(64, 64, generator=g)}, tmp_path / "t.safetensors")
+    r = _tallpack("-q", "pack", "--base", tmp_path / "base.safetensors", "-o", tmp_path / "f.tallpack",
+                  f"café={tmp_path / 't.safetensors'}")
+    assert r.returncode == 0, r.stderr
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'cli'}", "PYTHONUTF8": "0", "LC_ALL": "C"}
+    r = subprocess.run([sys.executable, "-m", "tallpack", "-q", "unpack", str(tmp_path / "f.tallpack"), "--all",
+                        "-o", str(tmp_path / "out")], capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 1, r
+    assert "internal error" not in r.stderr and r.stderr.count("\n") == 1, r.stderr
+    assert ("'é'" in r.stderr or "'\\xe9'" in r.stderr) and "PYTHONUTF8=1" in r.stderr, r.stderr
+    assert not (tmp_path / "out").exists()
