@@ -52,7 +52,6 @@ import re
 import shlex
 import threading
 import urllib.parse
-import warnings
 import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -65,7 +64,7 @@ from safetensors import safe_open
 from ._torch import torch
 from .container import _strict_loads, check_json
 from .dtypes import SAFETENSORS_DTYPES as _ST_DTYPES
-from .dtypes import dtype_name, torch_dtype
+from .dtypes import dtype_name, no_user_warnings, torch_dtype
 from .elements import itemsize, numel
 from .errors import (CheckpointError, CheckpointNotFoundError, FormatError, IncompatibleCheckpointsError,
                      OutOfMemoryError, TallpackError, UnsafeCheckpointError, memory_detail, out_of_memory, quoted)
@@ -768,8 +767,7 @@ def _torch_load(path: Path) -> tuple[dict[str, torch.Tensor], dict[int, int]]:
         raise CheckpointError(f"{path}: not a PyTorch checkpoint (neither a zip archive nor a pickle)")
     legacy = False
     try:
-        with warnings.catch_warnings(), _harmless_globals():  # torch warns about pickle protocols; our error says enough
-            warnings.simplefilter("ignore", UserWarning)
+        with no_user_warnings(), _harmless_globals():  # torch warns about pickle protocols; our error says enough
             try:
                 obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
             except RuntimeError as e:
@@ -1029,11 +1027,16 @@ def _mapped(path: Path, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Ten
     import shutil
     import tempfile
 
-    folder = tempfile.gettempdir()
     need = sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors.values()}.values())
+    fix = "(set TMPDIR to a folder with room, or re-save the file with torch.save, to pack it without)"
+    try:
+        folder = tempfile.gettempdir()
+    except FileNotFoundError:  # no folder can be written: $TMPDIR, /tmp, /var/tmp, the working folder
+        log.warning("%s: a legacy (pre-zip) PyTorch file, kept in memory while it is packed (%.1f MB): no "
+                    "temporary folder can be written %s", path, need / 1e6, fix)
+        return tensors
     kept = (f"{path}: a legacy (pre-zip) PyTorch file, kept in memory while it is packed ({need / 1e6:.1f} MB): "
             f"no room for a copy in the temporary folder {folder} ")
-    fix = "(set TMPDIR to a folder with room, or re-save the file with torch.save, to pack it without)"
     try:
         free = shutil.disk_usage(folder).free
     except OSError:

@@ -301,3 +301,33 @@ def test_a_name_the_systems_encoding_cannot_hold_is_one_line_saying_what_to_set(
     assert "internal error" not in r.stderr and r.stderr.count("\n") == 1, r.stderr
     assert ("'é'" in r.stderr or "'\\xe9'" in r.stderr) and "PYTHONUTF8=1" in r.stderr, r.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_a_legacy_checkpoint_packs_where_no_temporary_folder_is_writable(tmp_path):
+    """A legacy (pre-zip) PyTorch file is copied to the temporary folder to be read from there,
+    and kept in memory, with a warning, where that has no room (README); where no folder at all
+    can be written (a read-only container: /tmp, /var/tmp and the working folder, no $TMPDIR) the
+    pack failed with Python's "No usable temporary directory found". It is kept in memory there too."""
+    if os.geteuid() != 0 or shutil.which("unshare") is None:
+        pytest.skip("needs root and unshare for a read-only /tmp of this test's own")
+    g = torch.Generator().manual_seed(2)
+    base = {"w": torch.randn(64, 64, generator=g)}
+    torch.save(base, tmp_path / "base.pt", _use_new_zipfile_serialization=False)
+    torch.save({"w": base["w"] + 0.1 * torch.randn(64, 64, generator=g)}, tmp_path / "t.pt",
+               _use_new_zipfile_serialization=False)
+    work, here = tmp_path / "work", tmp_path / "here"
+    work.mkdir()
+    here.mkdir()
+    script = (f"mount --bind /tmp /tmp && mount -o remount,bind,ro /tmp && mount -t tmpfs -o ro none /var/tmp && "
+              f"mount --bind {work} {work} && mount -o remount,bind,rw {work} && cd {here} && "
+              f"exec {sys.executable} -m tallpack pack --base {tmp_path / 'base.pt'} -o {work / 'f.tallpack'} "
+              f"{tmp_path / 't.pt'}")
+    env = {k: v for k, v in os.environ.items() if k not in ("TMPDIR", "TEMP", "TMP")}
+    env["PYTHONPATH"] = f"{ROOT}{os.pathsep}{ROOT / 'cli'}"
+    r = subprocess.run(["unshare", "-m", "--propagation", "private", "sh", "-c", script], capture_output=True,
+                       text=True, env=env, timeout=120)
+    if r.returncode != 0 and "mount" in r.stderr:
+        pytest.skip(f"cannot mount here: {r.stderr.strip()}")
+    assert r.returncode == 0, r
+    assert "kept in memory" in r.stderr and "TMPDIR" in r.stderr, r.stderr
+    assert sorted(p.name for p in work.iterdir()) == ["f.tallpack"]
