@@ -329,7 +329,10 @@ def _one_line(message: str, limit: int = 2000) -> str:
 #: INFO under ``-vv``.
 _SIGNING_LOGGERS = ("botocore", "aiobotocore", "urllib3", "s3transfer", "boto3")
 
-@click.group(cls=_Group)
+@click.group(cls=_Group, epilog=(
+    "Exit status: 0 done; 1 an error (verify: damage found); 2 a mistake in the command line (an option, "
+    "a value); 130 Ctrl-C, 143 SIGTERM, 129 SIGHUP (nothing is left half-written). Errors are one line on "
+    "stderr; results and --json output go to stdout, progress to stderr."))
 @click.version_option(tallpack.__version__, prog_name="tallpack", message=(
     "%(prog)s, version %(version)s (" + ("compiled kernels" if COMPILED else "numpy loops, no compiled kernels") + ")"))
 @click.option("-v", "--verbose", count=True, help="More log output (-v info, -vv debug).")

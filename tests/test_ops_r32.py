@@ -331,3 +331,14 @@ def test_a_legacy_checkpoint_packs_where_no_temporary_folder_is_writable(tmp_pat
     assert r.returncode == 0, r
     assert "kept in memory" in r.stderr and "TMPDIR" in r.stderr, r.stderr
     assert sorted(p.name for p in work.iterdir()) == ["f.tallpack"]
+
+
+def test_help_states_the_exit_statuses_a_script_tests():
+    """``tallpack --help`` said what each command does but not what its exit status means; a
+    script's author found 1 for ``verify``'s damage in verify's help alone."""
+    r = _tallpack("--help")
+    assert r.returncode == 0
+    text = " ".join(r.stdout.split())
+    assert "Exit status: 0 done; 1 an error (verify: damage found);" in text, text
+    for said in ("2 a mistake in the command line", "130 Ctrl-C", "143 SIGTERM", "129 SIGHUP"):
+        assert said in text, text
