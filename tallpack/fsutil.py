@@ -282,13 +282,15 @@ def signals_held() -> Iterator[None]:
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    kinds = (signal.SIGINT, signal.SIGTERM, *([signal.SIGHUP] if hasattr(signal, "SIGHUP") else []))
-    previous = {k: signal.getsignal(k) for k in kinds}
+    previous = {k: signal.getsignal(k) for k in (signal.SIGINT, signal.SIGTERM)}
     if any(h is None for h in previous.values()):
         yield
         return
+    hup = getattr(signal, "SIGHUP", None)  # (none on Windows; held where Python set its handler)
+    if hup is not None and signal.getsignal(hup) is not None:
+        previous[hup] = signal.getsignal(hup)
     held: list[int] = []
-    for k in kinds:
+    for k in previous:
         signal.signal(k, lambda signum, frame: held.append(signum))
     try:
         yield
