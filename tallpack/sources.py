@@ -941,18 +941,31 @@ def _big_endian(path: Path) -> bool:
         raise CheckpointError(f"{path}: not a readable PyTorch file ({quoted(e)})") from None
 
 
-def _same_bytes(path: Path, at: Mapping[int, int], storages: Mapping[int, tuple[str, int]]) -> bool:
+#: The bytes ``_same_bytes`` compares at a time when it compares whole storages.
+SAME_BYTES_STEP = 1 << 20
+
+
+def _same_bytes(path: Path, at: Mapping[int, int], storages: Mapping[int, tuple[str, int]],
+                swap: Mapping[int, int] | None = None, *, whole: bool = False) -> bool:
     """Whether the file's bytes at each offset ``at[p]`` are those of the storage mapped at ``p``
-    (its first and last 64 bytes, and 64 from its middle; each storage is alive in the caller's
-    tensors, so its memory may be read)."""
+    (its first and last 64 bytes, and 64 from its middle; ``whole``: all of them; each storage is
+    alive in the caller's tensors, so its memory may be read). ``swap``: each storage's element
+    size, for a big-endian file (torch.load swapped the elements in memory)."""
     import ctypes
 
     with open(path, "rb") as f:
         for p, off in at.items():
             n = storages[p][1]
-            for a in sorted({0, max(0, n // 2 - 32), max(0, n - 64)}):
-                k = min(64, n - a)
-                if os.pread(f.fileno(), k, off + a) != ctypes.string_at(p + a, k):
+            size = swap[p] if swap else 1
+            if whole:
+                spans = [(a, min(SAME_BYTES_STEP, n - a)) for a in range(0, n, SAME_BYTES_STEP)]
+            else:  # (the middle one starts at an element: a swap turns whole elements)
+                spans = [(a, min(64, n - a)) for a in sorted({0, max(0, n // 2 - 32) // size * size, max(0, n - 64)})]
+            for a, k in spans:
+                got = _pread(f, k, off + a)  # (os.pread, where there is one)
+                if size > 1 and len(got) == k:
+                    got = np.frombuffer(got, dtype=f"u{size}").byteswap().tobytes()
+                if got != ctypes.string_at(p + a, k):
                     return False
     return True
 
@@ -995,15 +1008,22 @@ def _check_records(path: Path, tensors: Mapping[str, torch.Tensor]) -> dict[int,
     # its record's offset. Where the tensors use fewer storages than the file holds (a checkpoint's
     # optimizer state, left out; an empty tensor's record of no bytes), several offsets may line up:
     # the mapping's start is the one that is page-aligned and where the file's bytes are the storages'
-    # (torch.load swaps a big-endian file's elements in memory: there, alignment and sizes alone)
-    swapped = _big_endian(path)
+    # (a big-endian file's swapped: torch.load swaps its elements in memory), at a few windows, or
+    # wholly where other records are alike there (a copy of the weights)
+    swap = {p: tensors[name].element_size() for p, (name, _) in storages.items()} if _big_endian(path) else None
     lined = [ptrs[0] - cand for cand in offsets if all(p - (ptrs[0] - cand) in records for p in ptrs)]
     if not lined:
         raise CheckpointError(f"{path}: its tensors' storages do not match the zip's storage records: "
                               "the file is damaged")
     ranked = sorted(lined, key=lambda b: b % mmap.PAGESIZE != 0)  # (stable: the file's order otherwise)
-    base = next((b for b in ranked if all(records[p - b].file_size >= storages[p][1] for p in ptrs)
-                 and (swapped or _same_bytes(path, {p: p - b for p in ptrs}, storages))), ranked[0])
+    fit = [b for b in ranked if all(records[p - b].file_size >= storages[p][1] for p in ptrs)]
+    alike = [b for b in fit if _same_bytes(path, {p: p - b for p in ptrs}, storages, swap)]
+    if len(alike) > 1:  # other records alike at the bytes compared (a copy of the weights, an EMA's): all of them
+        alike = [b for b in alike if _same_bytes(path, {p: p - b for p in ptrs}, storages, swap, whole=True)]
+    if fit and not alike:
+        raise CheckpointError(f"{path}: its tensors' bytes are not those of any of the zip's storage records "
+                              "(changed while it was read?); pack it again once it is complete")
+    base = alike[0] if alike else ranked[0]
     for p in ptrs:
         name, need = storages[p]
         info = records[p - base]
