@@ -13,12 +13,25 @@ def _terminated_loading(signum: int, frame: object) -> None:
     os._exit(128 + signum)
 
 
+#: OpenMP's wait policy for the command's process, unless the environment sets one: torch's
+#: element-wise operations (a merge's, the packer's) each wait for their OpenMP threads, which by
+#: default spin before they sleep; where other work keeps the cores busy the spinning thread is
+#: what waits for a turn, and a merge took 1.0-2.1 s against 0.2-0.4 s passive (BENCHMARKS.md,
+#: thirty-second round). A library user's process keeps the policy its author chose.
+OMP_WAIT_POLICY = "PASSIVE"
+
+
 def run() -> None:
     """The ``tallpack`` command: Ctrl-C or SIGTERM while its modules load ends as any interrupt
     does, in one line and exit 130 or 143 (not a traceback, or a silent -15); so does a signal
-    after the command has ended, until the process has (``end_process``)."""
+    after the command has ended, until the process has (``end_process``). OpenMP's threads wait
+    passively (``OMP_WAIT_POLICY``) unless the environment says otherwise."""
+    import os
     import signal
     import sys
+
+    if "torch" not in sys.modules:  # read once, when torch's OpenMP runtime loads
+        os.environ.setdefault("OMP_WAIT_POLICY", OMP_WAIT_POLICY)
 
     try:
         signal.signal(signal.SIGTERM, _terminated_loading)  # the command sets its own as it begins
