@@ -16,7 +16,7 @@ def _terminated_loading(signum: int, frame: object) -> None:
 #: OpenMP's wait policy for the command's process, unless the environment sets one: torch's
 #: element-wise operations (a merge's, the packer's) each wait for their OpenMP threads, which by
 #: default spin before they sleep; where other work keeps the cores busy the spinning thread is
-#: what waits for a turn, and a merge took 1.0-2.1 s against 0.2-0.4 s passive (BENCHMARKS.md,
+#: what waits for a turn: a merge took 4.4-5.7 s against 0.22-0.38 s passive, on two busy cores (BENCHMARKS.md,
 #: thirty-second round). A library user's process keeps the policy its author chose.
 OMP_WAIT_POLICY = "PASSIVE"
 
