@@ -92,13 +92,14 @@ def _terminate(signum, frame) -> None:
     raise _Terminated(signum)
 
 
-_SIGHUP = getattr(signal, "SIGHUP", None)  # (none on Windows)
+_SIGHUP: signal.Signals | None = getattr(signal, "SIGHUP", None)  # (none on Windows)
 
 
 def _signal_line(signum: int, written: bool, left: str | None = None) -> str:
     """The one line of a command ended by ``signum``: whether its output is in place, or ``left``,
     what an upload cut off left at its URL (``left_at_url`` of the signal's exception: staging)."""
-    what = {signal.SIGTERM: "terminated (SIGTERM)", _SIGHUP: "hung up (SIGHUP)"}.get(signum, "interrupted")
+    what = ("terminated (SIGTERM)" if signum == signal.SIGTERM else "hung up (SIGHUP)" if signum == _SIGHUP
+            else "interrupted")
     if left:
         return f"error: {what}; {left}"
     return f"error: {what}{' after its output was written' if written else '; nothing was written'}"
@@ -267,9 +268,9 @@ class _Group(click.Group):
     def invoke(self, ctx: click.Context) -> Any:
         main_thread = threading.current_thread() is threading.main_thread()
         previous = signal.signal(signal.SIGTERM, _terminate) if main_thread else None
-        hup = main_thread and _SIGHUP is not None and signal.getsignal(_SIGHUP) is signal.SIG_DFL  # not nohup's
-        if hup:
-            signal.signal(_SIGHUP, _terminate)
+        hup = _SIGHUP if main_thread and _SIGHUP is not None and signal.getsignal(_SIGHUP) is signal.SIG_DFL else None
+        if hup is not None:  # (not where it is ignored: nohup)
+            signal.signal(hup, _terminate)
         before = committed()  # outputs are renamed into place all at once, signals held (fsutil)
         said: list[bool] = []
         try:
@@ -307,8 +308,8 @@ class _Group(click.Group):
             elif main_thread:
                 if previous is not None:  # None: set outside Python, cannot be put back
                     signal.signal(signal.SIGTERM, previous)
-                if hup:
-                    signal.signal(_SIGHUP, signal.SIG_DFL)
+                if hup is not None:
+                    signal.signal(hup, signal.SIG_DFL)
 
 
 def _out_of_memory(ctx: click.Context, e: BaseException) -> str:
