@@ -201,7 +201,7 @@ class Source:
         want = self._infos[name]
         if tuple(t.shape) != want.shape or dtype_name(t.dtype) != want.dtype:
             raise CheckpointError(f"{self.label}: tensor {name!r} does not match its header")
-        t = _c_strides(t)
+        t = _c_order(t)
         if t.dtype == torch.bool and t.numel() and int(t.reshape(-1).view(torch.uint8).max()) > 1:
             raise CheckpointError(f"{self.label}: tensor {name!r} is bool but holds bytes other than 0 and 1")
         return t
@@ -239,12 +239,12 @@ class Source:
         pass
 
 
-def _c_strides(t: torch.Tensor) -> torch.Tensor:
-    """``t``, when contiguous, viewed with C order's strides: torch calls a tensor contiguous whatever
-    the strides of its dims of size 1, but views it as bytes only when its last stride is 1 (a
-    column of a one-row weight, ``w[:, 0]``: shape (1,), stride (k,); the packer failed on it)."""
-    if not t.is_contiguous():
-        return t
+def _c_order(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in C order with C order's strides, what the packer takes (a view of a file's storage in
+    another order, ``x[::2]``, made contiguous: the packer failed to view it as bytes). Torch calls a
+    tensor contiguous whatever the strides of its dims of size 1, but views it as bytes only when
+    its last stride is 1 (a column of a one-row weight, ``w[:, 0]``: shape (1,), stride (k,))."""
+    t = t.contiguous()
     strides, n = [], 1
     for size in reversed(t.shape):
         strides.append(n)
@@ -1456,9 +1456,14 @@ def open_source(obj: SourceLike, *, label: str | None = None) -> Source:
         return DictSource(label or "<dict>", obj)
     if not isinstance(obj, (str, os.PathLike)):
         said = f"{label}: " if label else ""
+        if hasattr(obj, "tasks") and callable(getattr(obj, "task_info", None)):  # tallpack's own Archive
+            raise CheckpointError(f"{said}a tallpack archive ({getattr(obj, 'name', '?')}) is not a checkpoint: "
+                                  "pass a task's tensors (fam.state_dict(TASK, lazy=True)) or the folder tallpack "
+                                  "unpack writes")
         if callable(getattr(obj, "state_dict", None)):  # a model in memory (torch.nn.Module, a PreTrainedModel)
-            raise CheckpointError(f"{said}a {type(obj).__name__} is a model, not a checkpoint: pass model.state_dict(), "
-                                  "or the folder its save_pretrained() writes (which keeps its config.json)")
+            raise CheckpointError(f"{said}{_a(type(obj).__name__)} is a model, not a checkpoint: pass "
+                                  "model.state_dict(), or the folder its save_pretrained() writes (which keeps its "
+                                  "config.json)")
         raise CheckpointError(f"{said}cannot read a checkpoint from a {type(obj).__name__}")
     path = Path(os.fspath(obj).removeprefix("file://"))  # a file:// URL is a local path (as for archives)
     path = hub_snapshot(path) or path

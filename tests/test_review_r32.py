@@ -43,11 +43,32 @@ def test_many_storages_of_one_size_are_matched_in_linear_steps(tmp_path, optimiz
     sd = {f"l{i}.w": torch.full((16,), float(i)) for i in range(n)}
     ck: dict = sd
     if optimizer:  # the optimizer's state first in the file: the weights' records are not the first ones
-        ck = {"optimizer": {"state": {i: {"exp_avg": torch.full((16,), -1.0 - i), "exp_avg_sq": torch.full((16,), 2.0 + i)}
-                                      for i in range(n)}, "param_groups": [{"params": list(range(n))}]}, "model": sd}
+        state = {i: {"exp_avg": torch.full((16,), -1.0 - i), "exp_avg_sq": torch.full((16,), 2.0 + i)}
+                 for i in range(n)}
+        ck = {"optimizer": {"state": state, "param_groups": [{"params": list(range(n))}]}, "model": sd}
     path = tmp_path / "ck.pt"
     torch.save(ck, path)
     assert _steps(path) < 20 * n
     src = open_source(path)
     for i in (0, 1, n // 2, n - 1):  # and the weights are the model's, not the optimizer's
         assert np.array_equal(src.get(f"l{i}.w").numpy(), np.full(16, i, np.float32))
+
+
+def test_an_archive_given_as_a_checkpoint_is_named_as_one(tmp_path):
+    # (it was 'a Archive is a model, not a checkpoint: pass model.state_dict(), or the folder its
+    # save_pretrained() writes': an archive's state_dict needs a task, and it has no save_pretrained)
+    import tallpack
+    from tallpack.errors import CheckpointError
+
+    g = torch.Generator().manual_seed(0)
+    base = {"w": torch.randn(16, 16, generator=g)}
+    path = tmp_path / "fam.tallpack"
+    tallpack.pack(base, {"a": {"w": base["w"] + 0.01}}, path)
+    with tallpack.open(path) as fam:
+        with pytest.raises(CheckpointError) as e:
+            tallpack.pack(base, {"b": fam}, tmp_path / "again.tallpack")
+    said = str(e.value)
+    assert "'b'" in said or said.startswith("b: "), said
+    assert "archive" in said and "state_dict(TASK" in said and "save_pretrained" not in said, said
+    with pytest.raises(CheckpointError, match=r"^a Linear is a model"):  # (a model is still named as one)
+        open_source(torch.nn.Linear(2, 2))
