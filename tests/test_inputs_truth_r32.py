@@ -6,6 +6,7 @@ tensors read a block at a time)."""
 from __future__ import annotations
 
 import json
+import os
 import struct
 import zipfile
 from pathlib import Path
@@ -71,6 +72,29 @@ def test_a_one_element_view_with_a_stride_packs(tmp_path, given):
     g = torch.Generator().manual_seed(0)
     sds = {t: {"w": torch.randn(1, 6, generator=g)[:, 0], "b": torch.randn(4, generator=g)} for t in ("base", "a", "b")}
     assert sds["a"]["w"].stride() == (6,) and sds["a"]["w"].is_contiguous()
+    if given == "zip":
+        for t, sd in sds.items():
+            torch.save(sd, tmp_path / f"{t}.pt")
+        base, tasks = str(tmp_path / "base.pt"), {t: str(tmp_path / f"{t}.pt") for t in "ab"}
+    else:
+        base, tasks = sds["base"], {t: sds[t] for t in "ab"}
+    out = tmp_path / "fam.tallpack"
+    tallpack.pack(base, tasks, out, exact=True)
+    with tallpack.open(out) as fam:
+        for t in "ab":
+            got = fam.state_dict(t, exact=True)
+            assert all(_same(got[k], v) for k, v in sds[t].items()), t
+
+
+
+@pytest.mark.parametrize("given", ["zip", "dict"])
+def test_a_strided_view_every_task_left_unchanged_packs(tmp_path, given):
+    """A 1-d view of every other element (``x[::2]``) that every task holds at one value, not the
+    base's (stored once, shared, with the base): packed and read back (the packer failed viewing it
+    as bytes: 'stride(-1) must be 1')."""
+    g = torch.Generator().manual_seed(0)
+    x0, x = torch.randn(8, generator=g), torch.randn(8, generator=g)
+    sds = {t: {"w": (x0 if t == "base" else x)[::2], "b": torch.randn(4, generator=g)} for t in ("base", "a", "b")}
     if given == "zip":
         for t, sd in sds.items():
             torch.save(sd, tmp_path / f"{t}.pt")
@@ -218,6 +242,8 @@ def _unwrapped(obj: dict, how: str) -> dict:
 def _save(sd: dict, other: dict, fmt: str, how: str, path: Path) -> tuple[str, dict[str, torch.Tensor]]:
     """``sd`` saved as ``fmt`` (wrapped as ``how``, for PyTorch files) at ``path``; the path to pack and
     what its own loader reads from it."""
+    if fmt == "legacy" and any(v.dtype in (torch.float8_e4m3fn, torch.float8_e5m2) for v in sd.values()):
+        fmt = "zip"  # (torch.load cannot read the legacy file torch.save writes of float8: 'no attribute dtype')
     if fmt in ("zip", "legacy"):
         torch.save(_wrapped(sd, other, how), path.with_suffix(".pt"), _use_new_zipfile_serialization=fmt == "zip")
         return str(path.with_suffix(".pt")), _unwrapped(torch.load(path.with_suffix(".pt"), weights_only=True), how)
@@ -240,7 +266,7 @@ def _save(sd: dict, other: dict, fmt: str, how: str, path: Path) -> tuple[str, d
     return str(path.with_suffix(".safetensors") if fmt == "safetensors" else path), want
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
+@settings(max_examples=int(os.environ.get("TRUTH_EXAMPLES", 40)), deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
                                                                   HealthCheck.too_slow])
 @given(layout=_views(), seed=st.integers(0, 2**32 - 1), formats=st.lists(st.sampled_from(FORMATS), min_size=3,
        max_size=3), wrappers=st.lists(st.sampled_from(WRAPPERS), min_size=3, max_size=3), streamed=st.booleans())
