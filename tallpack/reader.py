@@ -1258,12 +1258,12 @@ def _near(name: object, names: Sequence[str], prefixes: bool = False) -> str:
             if ".".join(parts[i:]) in known:
                 rest = ".".join(parts[i:])
                 return f" (did you mean {rest!r}, without {name[: len(name) - len(rest)]!r}?)"
+        held = _in_modules(name, names)  # (first: the vae's encoder.conv_in.weight is no unet's conv_in.weight)
+        if held:
+            return f" (did you mean {' or '.join(map(repr, held[:3]))}?)"
         longer = next((n for n in names if n.endswith("." + name)), None)
         if longer is not None:
             return f" (did you mean {longer!r}, with {longer[: len(longer) - len(name)]!r}?)"
-        held = _in_modules(name, names)
-        if held:
-            return f" (did you mean {' or '.join(map(repr, held[:3]))}?)"
     alike = [n for n in names if abs(len(n) - len(name)) <= 2]
     parts = name.split(".")
     one_off = [n for n in alike if len(p := n.split(".")) == len(parts) and sum(a != b for a, b in zip(p, parts)) == 1]

@@ -72,3 +72,21 @@ def test_an_archive_given_as_a_checkpoint_is_named_as_one(tmp_path):
     assert "archive" in said and "state_dict(TASK" in said and "save_pretrained" not in said, said
     with pytest.raises(CheckpointError, match=r"^a Linear is a model"):  # (a model is still named as one)
         open_source(torch.nn.Linear(2, 2))
+
+
+def test_a_components_own_name_is_named_before_a_longer_name_of_another_component(tmp_path):
+    # Stable Diffusion: the unet's conv_in.weight, the vae's encoder.conv_in.weight and decoder.conv_in.weight;
+    # fam.get_tensor(task, "conv_in.weight") suggested 'vae/encoder.conv_in.weight', not 'unet/conv_in.weight'
+    import tallpack
+    from tallpack.errors import TensorNotFoundError
+
+    g = torch.Generator().manual_seed(0)
+    base = {n: torch.randn(8, 8, generator=g)
+            for n in ("unet/conv_in.weight", "vae/encoder.conv_in.weight", "vae/decoder.conv_in.weight")}
+    path = tmp_path / "pipe.tallpack"
+    tallpack.pack(base, {"a": {k: v + 0.01 for k, v in base.items()}}, path)
+    with tallpack.open(path) as fam:
+        with pytest.raises(TensorNotFoundError, match=r"did you mean 'unet/conv_in\.weight'\?"):
+            fam.get_tensor("a", "conv_in.weight")
+        with pytest.raises(TensorNotFoundError, match=r"did you mean 'vae/encoder\.conv_in\.weight'"):
+            fam.get_tensor("a", "encoder.conv_in.weight")
