@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 import sys
 import threading
 import warnings
@@ -142,6 +143,17 @@ def no_user_warnings() -> Iterator[None]:
 
 
 _quiet = threading.RLock()  # (re-entered where one such block runs in another)
+
+
+def _after_fork_in_child() -> None:
+    """A fresh ``_quiet`` in a forked child: one another parent thread held at the fork (reading an
+    archive's raw arrays) stays held there, and the child's first read-only view waited forever."""
+    global _quiet
+    _quiet = threading.RLock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def bytes_to_tensor(buf: bytes | bytearray | memoryview | np.ndarray, dtype: str, shape) -> torch.Tensor:

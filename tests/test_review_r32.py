@@ -90,3 +90,23 @@ def test_a_components_own_name_is_named_before_a_longer_name_of_another_componen
             fam.get_tensor("a", "conv_in.weight")
         with pytest.raises(TensorNotFoundError, match=r"did you mean 'vae/encoder\.conv_in\.weight'"):
             fam.get_tensor("a", "encoder.conv_in.weight")
+
+
+class _ReadOnlyViews(dict):
+    """Each item a tensor viewed on read-only memory, as the reader views a mapped archive's raw arrays."""
+
+    def __getitem__(self, key):
+        from tallpack.dtypes import view_tensor
+
+        return view_tensor(memoryview(dict.__getitem__(self, key)), "float32", (4,))
+
+
+def test_a_fork_while_another_thread_views_read_only_memory_does_not_hang_the_child():
+    # dtypes' lock that keeps threads' warning filters apart (no_user_warnings), held by a reading
+    # thread at the fork, stayed held in the child: its first read-only view waited forever
+    from conftest import forks_while_reading
+    from tallpack.dtypes import view_tensor
+
+    views = _ReadOnlyViews({f"t{i}": bytes(16) for i in range(64)})
+    forks_while_reading(views, list(views), lambda: view_tensor(memoryview(bytes(8)), "float32", (2,)).numel() == 2,
+                        "dtypes' warnings lock", forks=40)
