@@ -765,9 +765,12 @@ _HARMLESS = (argparse.Namespace, pathlib.PosixPath, pathlib.PurePosixPath, pathl
 
 def _harmless_globals() -> contextlib.AbstractContextManager[Any]:
     """``torch.serialization.safe_globals(_HARMLESS)`` where torch has it (2.5 and later): the
-    load stays ``weights_only``, only these classes are added to what it may rebuild."""
+    load stays ``weights_only``, only these classes are added to what it may rebuild. Those the
+    process allows already are left out: the context removes its classes as it ends, and would take
+    the user's own ``add_safe_globals`` of them away."""
     safe = getattr(torch.serialization, "safe_globals", None)
-    return safe(list(_HARMLESS)) if safe is not None else contextlib.nullcontext()
+    held: list[Any] = getattr(torch.serialization, "get_safe_globals", list)()
+    return safe([c for c in _HARMLESS if c not in held]) if safe is not None else contextlib.nullcontext()
 
 
 def _torch_load(path: Path) -> tuple[dict[str, torch.Tensor], dict[int, int]]:

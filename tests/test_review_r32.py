@@ -110,3 +110,17 @@ def test_a_fork_while_another_thread_views_read_only_memory_does_not_hang_the_ch
     views = _ReadOnlyViews({f"t{i}": bytes(16) for i in range(64)})
     forks_while_reading(views, list(views), lambda: view_tensor(memoryview(bytes(8)), "float32", (2,)).numel() == 2,
                         "dtypes' warnings lock", forks=40)
+
+
+def test_packing_a_timm_checkpoint_leaves_the_users_own_safe_globals(tmp_path):
+    # torch's safe_globals context removes its classes on exit, the user's own add_safe_globals of
+    # them too: after tallpack read a timm checkpoint, the user's torch.load(weights_only=True) of it failed
+    import argparse
+
+    path = tmp_path / "model_best.pth.tar"
+    torch.save({"epoch": 3, "state_dict": {"w": torch.ones(4)}, "args": argparse.Namespace(lr=0.1)}, path)
+    with torch.serialization.safe_globals([argparse.Namespace]):  # (the user's, as add_safe_globals makes it)
+        assert open_source(path).keys() == ["w"]
+        assert argparse.Namespace in torch.serialization.get_safe_globals()
+        assert torch.load(path, weights_only=True)["args"].lr == 0.1
+    assert argparse.Namespace not in torch.serialization.get_safe_globals()  # (and none of tallpack's left behind)
