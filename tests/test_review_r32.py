@@ -124,3 +124,25 @@ def test_packing_a_timm_checkpoint_leaves_the_users_own_safe_globals(tmp_path):
         assert argparse.Namespace in torch.serialization.get_safe_globals()
         assert torch.load(path, weights_only=True)["args"].lr == 0.1
     assert argparse.Namespace not in torch.serialization.get_safe_globals()  # (and none of tallpack's left behind)
+
+
+def test_a_task_name_taken_from_a_path_in_a_list_says_so_and_how_to_name_it(tmp_path):
+    # Lightning names its checkpoints epoch=3-step=500.ckpt: pack(base, [that path]) said only
+    # "bad task name 'epoch=3-step=500': it holds '/', '\' or '=' (NAME=PATH on the command line...)"
+    import tallpack
+
+    g = torch.Generator().manual_seed(0)
+    base = {"w": torch.randn(8, 8, generator=g)}
+    torch.save(base, tmp_path / "base.pt")
+    for name in ("epoch=3-step=500.ckpt", "a.pt"):
+        (tmp_path / "b").mkdir(exist_ok=True)
+        torch.save({"w": base["w"] + 0.01}, tmp_path / name)
+        torch.save({"w": base["w"] + 0.02}, tmp_path / "b" / name)
+    ckpt = str(tmp_path / "epoch=3-step=500.ckpt")
+    with pytest.raises(tallpack.InvalidArgumentError) as e:
+        tallpack.pack(str(tmp_path / "base.pt"), [ckpt], tmp_path / "x.tallpack")
+    assert "'epoch=3-step=500'" in str(e.value) and ckpt in str(e.value) and "{NAME: PATH}" in str(e.value)
+    with pytest.raises(tallpack.InvalidArgumentError) as e:  # tmp/a.pt and tmp/b/a.pt: the folders' names, tmp's 'b'
+        paths = [str(tmp_path / "a.pt"), str(tmp_path / "b" / "a.pt"), str(tmp_path / "b.pt")]
+        tallpack.pack(str(tmp_path / "base.pt"), paths, tmp_path / "x.tallpack")
+    assert "given twice" in str(e.value) and "{NAME: PATH}" in str(e.value) and "NAME=PATH" not in str(e.value)
