@@ -161,7 +161,7 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int
 #: How a checkpoint holds its state dict (``sd``; ``other``: an optimizer's or EMA's copy of the same shapes).
 WRAPPERS = ["plain", "state_dict", "optimizer_first", "model_first", "module", "lightning_ema_first", "timm_ema",
             "nested_ema_first"]
-FORMATS = ["zip", "legacy", "safetensors", "sharded"]
+FORMATS = ["zip", "legacy", "safetensors", "sharded", "sharded_bin"]
 
 
 @st.composite
@@ -174,9 +174,14 @@ def _views(draw, n_groups: int = 3):
         dtype = draw(st.sampled_from(DTYPES))
         views, end = [], 1
         for v in range(draw(st.integers(1, 3))):
-            shape = tuple(draw(st.lists(st.integers(0, 4), max_size=3)))
-            order = draw(st.permutations(range(len(shape))))
-            step = draw(st.sampled_from([1, 1, 2]))
+            if draw(st.booleans()):  # over the blocks of 8 elements: read a block at a time where it can be
+                shape = tuple(draw(st.sampled_from([[st.integers(9, 30)], [st.integers(2, 4), st.integers(5, 8)]])))
+                shape = tuple(draw(d) for d in shape)
+                order, step = list(range(len(shape))), 1
+            else:
+                shape = tuple(draw(st.lists(st.integers(0, 4), max_size=3)))
+                order = draw(st.permutations(range(len(shape))))
+                step = draw(st.sampled_from([1, 1, 2]))
             stride, s = [0] * len(shape), step
             for d in reversed(order):  # C order of the permuted dims, every ``step``-th element
                 stride[d] = s
@@ -191,7 +196,10 @@ def _views(draw, n_groups: int = 3):
 
 
 def _random_bytes(rng: np.random.Generator, n: int, dtype: torch.dtype) -> torch.Tensor:
-    """``n`` elements of ``dtype`` of random bits (NaN payloads, -0.0, infinities; bool 0 or 1)."""
+    """``n`` elements of ``dtype``: weights' values, or (one time in four, and for integers) random
+    bits (NaN payloads, -0.0, infinities; bool 0 or 1)."""
+    if dtype.is_floating_point and rng.integers(0, 4):
+        return torch.from_numpy(rng.standard_normal(n, dtype=np.float32)).to(dtype)
     if dtype == torch.bool:
         return torch.from_numpy(rng.integers(0, 2, n, dtype=np.uint8)).view(torch.bool)
     size = torch.empty((), dtype=dtype).element_size()
@@ -208,12 +216,14 @@ def _state_dict(layout, storages: list[torch.Tensor]) -> dict[str, torch.Tensor]
 
 
 def _storages(layout, rng: np.random.Generator, like: list[torch.Tensor] | None) -> list[torch.Tensor]:
-    """Each group's storage, random, or (a task) ``like``'s: the same, a few bytes changed, or random."""
+    """Each group's storage, random, or (a task) ``like``'s: the same, a byte changed, fine-tuned, or random."""
     out = []
     for i, (dtype, n, _) in enumerate(layout):
-        how = rng.integers(0, 3) if like is not None else 2
+        how = rng.integers(0, 4) if like is not None else 2
         t = _random_bytes(rng, n, dtype) if how == 2 else like[i].clone()
-        if how == 1:
+        if how == 3 and dtype.is_floating_point:  # fine-tuned
+            t = (t.float() + 0.01 * torch.from_numpy(rng.standard_normal(n, dtype=np.float32))).to(dtype)
+        elif how == 1:
             t.view(torch.uint8)[rng.integers(0, t.view(torch.uint8).numel())] ^= 1 if dtype == torch.bool else 0x10
         out.append(t)
     out.append(_random_bytes(rng, 8, torch.float32) if like is None else like[-1] + 1)  # the anchor
@@ -247,6 +257,18 @@ def _save(sd: dict, other: dict, fmt: str, how: str, path: Path) -> tuple[str, d
     if fmt in ("zip", "legacy"):
         torch.save(_wrapped(sd, other, how), path.with_suffix(".pt"), _use_new_zipfile_serialization=fmt == "zip")
         return str(path.with_suffix(".pt")), _unwrapped(torch.load(path.with_suffix(".pt"), weights_only=True), how)
+    if fmt == "sharded_bin":  # pytorch_model-0000N-of-00002.bin: each shard torch.save's, views and all
+        path.mkdir()
+        half = {k: f"pytorch_model-0000{1 + (i % 2)}-of-00002.bin" for i, k in enumerate(sd)}
+        if any(len(s) > 1 and not any(sd[k].numel() for k in s) for s in ([k for k in sd if half[k] == f]
+                                                                        for f in set(half.values()))):
+            half = dict.fromkeys(sd, "pytorch_model-00001-of-00001.bin")  # (a shard of empty tensors: ZeRO-3's?)
+        want = {}
+        for f in sorted(set(half.values())):
+            torch.save({k: v for k, v in sd.items() if half[k] == f}, path / f)
+            want.update(torch.load(path / f, weights_only=True))
+        (path / "pytorch_model.bin.index.json").write_text(json.dumps({"metadata": {}, "weight_map": half}))
+        return str(path), want
     flat = {k: v.contiguous().clone() for k, v in sd.items()}  # (safetensors holds no views)
     if fmt == "safetensors":
         save_file(flat, path.with_suffix(".safetensors"))
