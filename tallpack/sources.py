@@ -770,7 +770,19 @@ def _harmless_globals() -> contextlib.AbstractContextManager[Any]:
     the user's own ``add_safe_globals`` of them away."""
     safe = getattr(torch.serialization, "safe_globals", None)
     held: list[Any] = getattr(torch.serialization, "get_safe_globals", list)()
-    return safe([c for c in _HARMLESS if c not in held]) if safe is not None else contextlib.nullcontext()
+    harmless: list[Any] = [c for c in _HARMLESS if c not in held]
+    if _torch_at_least(2, 6):  # (a class under another's name): another system's concrete path, as its pure one
+        other, pure = ((pathlib.WindowsPath, pathlib.PureWindowsPath) if os.name != "nt"
+                       else (pathlib.PosixPath, pathlib.PurePosixPath))
+        if other in harmless:  # (it cannot be made here: 'cannot instantiate WindowsPath on your system')
+            harmless[harmless.index(other)] = (pure, f"pathlib.{other.__name__}")
+    return safe(harmless) if safe is not None else contextlib.nullcontext()
+
+
+def _torch_at_least(major: int, minor: int) -> bool:
+    """Whether torch is this version or later (2.6: safe globals given as ``(class, name)``)."""
+    found = re.match(r"(\d+)\.(\d+)", torch.__version__)
+    return found is not None and (int(found.group(1)), int(found.group(2))) >= (major, minor)
 
 
 def _torch_load(path: Path) -> tuple[dict[str, torch.Tensor], dict[int, int]]:

@@ -3,6 +3,7 @@ records, archives' descriptors, unpack warnings)."""
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -146,3 +147,24 @@ def test_a_task_name_taken_from_a_path_in_a_list_says_so_and_how_to_name_it(tmp_
         paths = [str(tmp_path / "a.pt"), str(tmp_path / "b" / "a.pt"), str(tmp_path / "b.pt")]
         tallpack.pack(str(tmp_path / "base.pt"), paths, tmp_path / "x.tallpack")
     assert "given twice" in str(e.value) and "{NAME: PATH}" in str(e.value) and "NAME=PATH" not in str(e.value)
+
+
+class _WindowsPathPickled:
+    """Pickled as a Windows machine pickles ``pathlib.WindowsPath("C:/data")`` (no such path can be made here)."""
+
+    def __reduce__(self):
+        import pathlib
+
+        if os.name == "nt":
+            return (pathlib.PosixPath, ("/data",))
+        return (pathlib.WindowsPath, ("C:\\data",))
+
+
+def test_a_checkpoint_saved_on_another_system_with_a_path_in_its_hyperparameters_packs(tmp_path):
+    # a Lightning checkpoint trained on Windows (hyper_parameters: {"data_dir": WindowsPath(...)}) was
+    # 'not a readable PyTorch file (NotImplementedError: cannot instantiate 'WindowsPath' on your system)'
+    path = tmp_path / "last.ckpt"
+    torch.save({"pytorch-lightning_version": "2.4.0", "state_dict": {"w": torch.ones(4)},
+                "hyper_parameters": {"data_dir": _WindowsPathPickled()}}, path)
+    src = open_source(path)
+    assert src.keys() == ["w"] and torch.equal(src.get("w"), torch.ones(4))
