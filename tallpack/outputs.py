@@ -217,6 +217,20 @@ def _warn_originals_left(archive: "Archive", out: Path, written: Set[str]) -> No
                     "it" if len(left) == 1 else "them")
 
 
+def _sha256(path: Path) -> str | None:
+    """A file's SHA-256 (hex), None when it cannot be read."""
+    import hashlib
+
+    h = hashlib.sha256()
+    try:
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+    except OSError:
+        return None
+    return h.hexdigest()
+
+
 def _warn_others_left(archive: "Archive", task: str, out: Path) -> None:
     """Warn of folder files of the archive's other tasks or base (tokenizer, generation config) in
     ``out`` that ``task``'s folder does not have: an earlier output into the same folder (``--force``
@@ -226,7 +240,10 @@ def _warn_others_left(archive: "Archive", task: str, out: Path) -> None:
         return
     own = set(archive.files(task)) | ({"config.json"} if task_metadata(archive, task)[1] is not None else set())
     others = {n for t in archive.tasks if t != task for n in archive.files(t)} | set(archive.files())
-    left = sorted(n for n in others - own if (Path(out) / n).is_file())
+    base = archive.files()
+    # the base's own file, copied in (a tokenizer the task's folder lacked), is the user's choice: kept quietly
+    left = sorted(n for n in others - own if (Path(out) / n).is_file()
+                  and not (n in base and _sha256(Path(out) / n) == base[n]))
     if left:
         log.warning("%s: left %s, of another task's or the base's folder (an earlier output?), which task %r "
                     "does not have; remove %s if not wanted", out, ", ".join(left[:5]) + (

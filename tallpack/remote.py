@@ -220,7 +220,7 @@ def upload_failure(e: BaseException, http: bool) -> str | None:
             return f"the server does not take uploads (HTTP {status}: {HTTPStatus(status).phrase.lower()})"
     cut = lost(e)
     if http and cut is not None:
-        return f"{cut}: a server that does not take uploads (HTTP PUT) cuts them off so"
+        return f"{cut}; a network fault, or a plain web server that does not take uploads (HTTP PUT), which cuts them off so"
     return None
 
 

@@ -73,3 +73,23 @@ def test_the_command_line_shows_the_warning(archive, tmp_path):
     assert r.returncode == 0, r.stderr
     line = next(x for x in r.stderr.splitlines() if "another task" in x)
     assert "WARNING" in line and "chat_template" in line and "special_tokens_map.json" in line
+
+
+def test_the_bases_own_file_copied_in_is_not_named(tmp_path, caplog):
+    """A tokenizer the task's folder lacked, copied in from the base (the same bytes as the base's
+    kept file), is the user's choice: no warning; another task's leftover still is named."""
+    g = torch.Generator().manual_seed(6)
+    base = {"w": torch.randn(16, 16, generator=g)}
+    b = _folder(tmp_path / "base", base, {"tokenizer.json": '{"base": 1}'})
+    a = _folder(tmp_path / "a", {"w": base["w"] + 0.01}, {})
+    c = _folder(tmp_path / "c", {"w": base["w"] - 0.01}, {"chat_template.jinja": "{{ c }}"})
+    arch = tmp_path / "fam.tallpack"
+    tallpack.pack(str(b), {"a": str(a), "c": str(c)}, arch)
+    out = tmp_path / "out"
+    with tallpack.open(arch) as fam:
+        tallpack.write_task(fam, "c", out)
+        (out / "tokenizer.json").write_text('{"base": 1}')
+        with caplog.at_level(logging.WARNING, logger="tallpack"):
+            tallpack.write_task(fam, "a", out, overwrite=True)
+    lines = [r.getMessage() for r in caplog.records if "another task" in r.getMessage()]
+    assert len(lines) == 1 and "chat_template.jinja" in lines[0] and "tokenizer.json" not in lines[0], lines
