@@ -124,6 +124,12 @@ def open_tasks(tasks: TasksLike) -> dict[str, Source]:
 HOLD_BYTES = 256 << 20
 
 
+def _read(src: Source, name: str) -> torch.Tensor:
+    """Tensor ``name`` of ``src`` in C order, as the packer takes it (views it as bytes): a view of a
+    file's storage in another order (``x[::2]``, a transpose) made contiguous."""
+    return src.get(name).contiguous()
+
+
 class Streamed:
     """One tensor's inputs read from their files a block at a time (``encodings.Stream``)."""
 
@@ -134,10 +140,10 @@ class Streamed:
             torch_dtype(base.info(name).dtype), tuple(torch_dtype(s.info(name).dtype) for s in tasks))
 
     def whole(self) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
-        return self.base.get(self.name), [s.get(self.name) for s in self.tasks]
+        return _read(self.base, self.name), [_read(s, self.name) for s in self.tasks]
 
     def task(self, i: int) -> torch.Tensor:
-        return self.tasks[i].get(self.name)
+        return _read(self.tasks[i], self.name)
 
     def block(self, start: int, stop: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
         name = self.name
@@ -173,10 +179,10 @@ class PackInputs:
     def load(self, entry: TensorPlan) -> Item:
         """One tensor of the base (when it has it) and of every task that has it, with its kind."""
         if entry.kind is Kind.BASE_ONLY:
-            base = self.base.get(entry.name) if entry.in_base else None
+            base = _read(self.base, entry.name) if entry.in_base else None
             return Item(entry.name, entry.kind.value, entry.kind.value, (), base, [])
         stream = self._stream(entry)
-        base = self.base.get(entry.name) if entry.in_base and stream is None else None
+        base = _read(self.base, entry.name) if entry.in_base and stream is None else None
         if stream is not None:
             kind = self._kinds.get(entry.name)
             if kind is None:
@@ -185,11 +191,11 @@ class PackInputs:
                 kind = self._kinds[entry.name] = resolve_blocks(
                     entry.kind, len(entry.tasks), same, (stream.block(a, min(n, a + ce)) for a in range(0, n, ce)))
             if kind is Kind.SHARED:  # every task's copy the same, bit for bit: one read serves them all
-                first = stream.tasks[0].get(entry.name)
-                return Item(entry.name, entry.kind.value, kind.value, entry.tasks, self.base.get(entry.name),
+                first = _read(stream.tasks[0], entry.name)
+                return Item(entry.name, entry.kind.value, kind.value, entry.tasks, _read(self.base, entry.name),
                             [first] * len(entry.tasks))
             return Item(entry.name, entry.kind.value, kind.value, entry.tasks, None, [], stream)
-        thetas = [self.tasks[t].get(entry.name) for t in entry.tasks]
+        thetas = [_read(self.tasks[t], entry.name) for t in entry.tasks]
         kind = self._kinds.get(entry.name)
         if kind is None:
             kind = self._kinds[entry.name] = resolve(entry.kind, base, thetas)

@@ -201,7 +201,7 @@ class Source:
         want = self._infos[name]
         if tuple(t.shape) != want.shape or dtype_name(t.dtype) != want.dtype:
             raise CheckpointError(f"{self.label}: tensor {name!r} does not match its header")
-        t = _c_order(t)
+        t = _c_strides(t)
         if t.dtype == torch.bool and t.numel() and int(t.reshape(-1).view(torch.uint8).max()) > 1:
             raise CheckpointError(f"{self.label}: tensor {name!r} is bool but holds bytes other than 0 and 1")
         return t
@@ -239,12 +239,13 @@ class Source:
         pass
 
 
-def _c_order(t: torch.Tensor) -> torch.Tensor:
-    """``t`` in C order with C order's strides, what the packer takes (a view of a file's storage in
-    another order, ``x[::2]``, made contiguous: the packer failed to view it as bytes). Torch calls a
-    tensor contiguous whatever the strides of its dims of size 1, but views it as bytes only when
-    its last stride is 1 (a column of a one-row weight, ``w[:, 0]``: shape (1,), stride (k,))."""
-    t = t.contiguous()
+def _c_strides(t: torch.Tensor) -> torch.Tensor:
+    """``t``, when contiguous, viewed with C order's strides: torch calls a tensor contiguous whatever
+    the strides of its dims of size 1, but views it as bytes only when its last stride is 1 (a
+    column of a one-row weight, ``w[:, 0]``: shape (1,), stride (k,); the packer failed on it).
+    Other views keep torch.load's strides (the packer's inputs are made contiguous: ``inputs``)."""
+    if not t.is_contiguous():
+        return t
     strides, n = [], 1
     for size in reversed(t.shape):
         strides.append(n)
