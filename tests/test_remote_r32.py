@@ -29,14 +29,16 @@ def test_pack_to_a_server_without_put_says_it_takes_no_uploads(http_server, fami
     with pytest.raises(tallpack.OutputError) as e:
         tallpack.pack(base, tasks, url)
     text = str(e.value)
-    assert "does not take uploads (HTTP 501" in text and "try again" not in text, text
+    # the server answers 501 and closes: the client sees the answer, or (writing the body when the
+    # connection closes, a loaded machine) a cut connection; the line says what is likely either way
+    assert "does not take uploads" in text and "try again" not in text, text
     assert not (http_server.root / "new.tallpack").exists()
 
 
 def test_unpack_to_a_server_without_put_says_it_takes_no_uploads(http_server, family):
     r = CliRunner().invoke(main, ["unpack", str(family[2]), "--task", "a", "-o", f"{http_server.url}/out"])
     assert r.exit_code != 0
-    assert "does not take uploads (HTTP 501" in r.output and "try again" not in r.output, r.output
+    assert "does not take uploads" in r.output and "try again" not in r.output, r.output
     assert len(r.output.strip().splitlines()[-1]) < 300
 
 
