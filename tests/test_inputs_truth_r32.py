@@ -64,14 +64,9 @@ def test_a_copy_alike_at_its_first_middle_and_last_bytes_is_not_taken_for_the_we
 
 
 
-@pytest.mark.parametrize("given", ["zip", "dict"])
-def test_a_one_element_view_with_a_stride_packs(tmp_path, given):
-    """A column of a one-row weight (``w[:, 0]``: shape (1,), stride (6,)), which torch calls
-    contiguous: packed and read back as it is (the packer failed on it with torch's 'stride(-1) must
-    be 1 to view Float as Byte')."""
-    g = torch.Generator().manual_seed(0)
-    sds = {t: {"w": torch.randn(1, 6, generator=g)[:, 0], "b": torch.randn(4, generator=g)} for t in ("base", "a", "b")}
-    assert sds["a"]["w"].stride() == (6,) and sds["a"]["w"].is_contiguous()
+def _packs_exactly(tmp_path: Path, sds: dict, given: str) -> None:
+    """Base and tasks "a", "b" of ``sds`` saved as zip PyTorch files (``given="zip"``) or given as
+    dicts, packed exact: each task's exact state dict is its tensors' bits."""
     if given == "zip":
         for t, sd in sds.items():
             torch.save(sd, tmp_path / f"{t}.pt")
@@ -84,6 +79,17 @@ def test_a_one_element_view_with_a_stride_packs(tmp_path, given):
         for t in "ab":
             got = fam.state_dict(t, exact=True)
             assert all(_same(got[k], v) for k, v in sds[t].items()), t
+
+
+@pytest.mark.parametrize("given", ["zip", "dict"])
+def test_a_one_element_view_with_a_stride_packs(tmp_path, given):
+    """A column of a one-row weight (``w[:, 0]``: shape (1,), stride (6,)), which torch calls
+    contiguous: packed and read back as it is (the packer failed on it with torch's 'stride(-1) must
+    be 1 to view Float as Byte')."""
+    g = torch.Generator().manual_seed(0)
+    sds = {t: {"w": torch.randn(1, 6, generator=g)[:, 0], "b": torch.randn(4, generator=g)} for t in ("base", "a", "b")}
+    assert sds["a"]["w"].stride() == (6,) and sds["a"]["w"].is_contiguous()
+    _packs_exactly(tmp_path, sds, given)
 
 
 
@@ -95,18 +101,7 @@ def test_a_strided_view_every_task_left_unchanged_packs(tmp_path, given):
     g = torch.Generator().manual_seed(0)
     x0, x = torch.randn(8, generator=g), torch.randn(8, generator=g)
     sds = {t: {"w": (x0 if t == "base" else x)[::2], "b": torch.randn(4, generator=g)} for t in ("base", "a", "b")}
-    if given == "zip":
-        for t, sd in sds.items():
-            torch.save(sd, tmp_path / f"{t}.pt")
-        base, tasks = str(tmp_path / "base.pt"), {t: str(tmp_path / f"{t}.pt") for t in "ab"}
-    else:
-        base, tasks = sds["base"], {t: sds[t] for t in "ab"}
-    out = tmp_path / "fam.tallpack"
-    tallpack.pack(base, tasks, out, exact=True)
-    with tallpack.open(out) as fam:
-        for t in "ab":
-            got = fam.state_dict(t, exact=True)
-            assert all(_same(got[k], v) for k, v in sds[t].items()), t
+    _packs_exactly(tmp_path, sds, given)
 
 
 def _rewritten(src: Path, dst: Path, *, order: list[int] | None = None, align: int = 64, pad: int = 0,

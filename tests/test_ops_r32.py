@@ -180,6 +180,21 @@ def test_sigterm_while_the_modules_load_is_one_line_and_exit_143(archive):
     assert r.stderr == "error: terminated (SIGTERM); nothing was written\n", r.stderr
 
 
+def _with_read_only_tmp(work: Path, cwd: Path, args: str) -> subprocess.CompletedProcess:
+    """``tallpack ARGS`` run in ``cwd`` in a mount namespace of its own where /tmp and /var/tmp are
+    read-only and only ``work`` is writable, without $TMPDIR (skips where it cannot mount)."""
+    script = (f"mount --bind /tmp /tmp && mount -o remount,bind,ro /tmp && mount -t tmpfs -o ro none /var/tmp && "
+              f"mount --bind {work} {work} && mount -o remount,bind,rw {work} && cd {cwd} && "
+              f"exec {sys.executable} -m tallpack {args}")
+    env = {k: v for k, v in os.environ.items() if k not in ("TMPDIR", "TEMP", "TMP")}
+    env["PYTHONPATH"] = f"{ROOT}{os.pathsep}{ROOT / 'cli'}"
+    r = subprocess.run(["unshare", "-m", "--propagation", "private", "sh", "-c", script], capture_output=True,
+                       text=True, env=env, timeout=120)
+    if r.returncode != 0 and "mount" in r.stderr:
+        pytest.skip(f"cannot mount here: {r.stderr.strip()}")
+    return r
+
+
 def test_no_writable_temporary_folder_leaves_no_lock_folder_in_the_working_folder(archive, tmp_path):
     """A container whose root file system is read-only (/tmp and /var/tmp too, no $TMPDIR) and
     whose working folder is a writable volume: Python's last resort for a temporary folder is the
@@ -190,15 +205,7 @@ def test_no_writable_temporary_folder_leaves_no_lock_folder_in_the_working_folde
         pytest.skip("needs root and unshare for a read-only /tmp of this test's own")
     work = tmp_path / "work"
     work.mkdir()
-    script = (f"mount --bind /tmp /tmp && mount -o remount,bind,ro /tmp && mount -t tmpfs -o ro none /var/tmp && "
-              f"mount --bind {work} {work} && mount -o remount,bind,rw {work} && cd {work} && "
-              f"exec {sys.executable} -m tallpack -q unpack {archive} --task a -o out")
-    env = {k: v for k, v in os.environ.items() if k not in ("TMPDIR", "TEMP", "TMP")}
-    env["PYTHONPATH"] = f"{ROOT}{os.pathsep}{ROOT / 'cli'}"
-    r = subprocess.run(["unshare", "-m", "--propagation", "private", "sh", "-c", script], capture_output=True,
-                       text=True, env=env, timeout=120)
-    if r.returncode != 0 and "mount" in r.stderr:
-        pytest.skip(f"cannot mount here: {r.stderr.strip()}")
+    r = _with_read_only_tmp(work, work, f"-q unpack {archive} --task a -o out")
     assert r.returncode == 0, r
     assert sorted(p.name for p in work.iterdir()) == ["out"]
 
@@ -318,16 +325,7 @@ def test_a_legacy_checkpoint_packs_where_no_temporary_folder_is_writable(tmp_pat
     work, here = tmp_path / "work", tmp_path / "here"
     work.mkdir()
     here.mkdir()
-    script = (f"mount --bind /tmp /tmp && mount -o remount,bind,ro /tmp && mount -t tmpfs -o ro none /var/tmp && "
-              f"mount --bind {work} {work} && mount -o remount,bind,rw {work} && cd {here} && "
-              f"exec {sys.executable} -m tallpack pack --base {tmp_path / 'base.pt'} -o {work / 'f.tallpack'} "
-              f"{tmp_path / 't.pt'}")
-    env = {k: v for k, v in os.environ.items() if k not in ("TMPDIR", "TEMP", "TMP")}
-    env["PYTHONPATH"] = f"{ROOT}{os.pathsep}{ROOT / 'cli'}"
-    r = subprocess.run(["unshare", "-m", "--propagation", "private", "sh", "-c", script], capture_output=True,
-                       text=True, env=env, timeout=120)
-    if r.returncode != 0 and "mount" in r.stderr:
-        pytest.skip(f"cannot mount here: {r.stderr.strip()}")
+    r = _with_read_only_tmp(work, here, f"pack --base {tmp_path / 'base.pt'} -o {work / 'f.tallpack'} {tmp_path / 't.pt'}")
     assert r.returncode == 0, r
     assert "kept in memory" in r.stderr and "TMPDIR" in r.stderr, r.stderr
     assert sorted(p.name for p in work.iterdir()) == ["f.tallpack"]
