@@ -19,7 +19,7 @@ from .dtypes import all_equal
 from .elements import FLOATING
 from .errors import IncompatibleCheckpointsError
 from .limits import MAX_NAME_CHARS, MAX_TASKS
-from .sources import Source, prefix_hint
+from .sources import Source, adapter, prefix_hint
 from .tall import in_tall_range
 
 log = logging.getLogger(__name__)
@@ -203,6 +203,10 @@ def make_plan(base: Source, tasks: dict[str, Source], *, allow_mismatch: bool = 
     if not allow_mismatch:
         for task, src in tasks.items():
             _check_task(base, task, src)
+    said = adapter(base)  # base and tasks alike adapters: they share names, and nothing else would say so
+    if said is not None:
+        log.warning("base %s: %s (packed as given, but TALL's masks are meant for a fine-tune's weights, not for "
+                    "an adapter's factors)", base.label, said)
     out = []
     for name in names:
         have = tuple(t for t, src in tasks.items() if name in src)

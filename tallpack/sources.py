@@ -855,20 +855,29 @@ MERGE_ADAPTER = ("merge it into its base model first (PeftModel.from_pretrained(
                  ".save_pretrained(OUT)) and pack OUT")
 
 
+def adapter(src: Source) -> str | None:
+    """What ``src`` is when its tensors are an adapter's (PEFT's ``...lora_A.weight``, diffusers' or
+    kohya's LoRA names), one of them named, and what to do, as the end of a sentence; else None."""
+    lora = next((k for k in src.keys() if _ADAPTER.search(k)), None)
+    if lora is not None:
+        return f"a PEFT adapter ({lora!r}), not a model's weights; {MERGE_ADAPTER}"
+    lora = next((k for k in src.keys() if _LORA.search(k)), None)
+    if lora is not None:
+        return (f"a LoRA adapter ({lora!r}, diffusers' or kohya's names), not a model's weights; fuse it into its "
+                "base model first (pipe.load_lora_weights(ADAPTER); pipe.fuse_lora(); pipe.save_pretrained(OUT)) "
+                "and pack OUT")
+    return None
+
+
 def prefix_hint(base: Source, task: Source) -> str | None:
     """Why a task shares no tensor name with the base when one side's names are the other's (most
     of them, all but a tied head) with one prefix in front (``module.``: saved from a DDP or
     DataParallel wrapper), or when one side is a PEFT adapter (LoRA's ``...lora_A.weight``) or
     another LoRA file (diffusers', kohya's), and what to do; else None."""
     for has, side in ((task, "it is"), (base, "the base is")):
-        lora = next((k for k in has.keys() if _ADAPTER.search(k)), None)
-        if lora is not None:
-            return f"{side} a PEFT adapter ({lora!r}), not a model's weights; {MERGE_ADAPTER}"
-        lora = next((k for k in has.keys() if _LORA.search(k)), None)
-        if lora is not None:
-            return (f"{side} a LoRA adapter ({lora!r}, diffusers' or kohya's names), not a model's weights; fuse it "
-                    "into its base model first (pipe.load_lora_weights(ADAPTER); pipe.fuse_lora(); "
-                    "pipe.save_pretrained(OUT)) and pack OUT")
+        said = adapter(has)
+        if said is not None:
+            return f"{side} {said}"
     for has, other, side in ((task, base, "its"), (base, task, "the base's")):
         heads = {k.partition(".")[0] for k in has.keys()}
         if len(heads) != 1 or not has.keys() or any("." not in k for k in has.keys()):

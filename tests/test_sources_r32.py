@@ -38,3 +38,22 @@ def test_state_dict_after_the_optimizer_packs_its_own_bytes(tmp_path, first, n):
             got = fam.state_dict(t, exact=True)
             assert all(torch.equal(got[k], v) for k, v in sd.items()), t
             assert (fam.state_dict(t)["w"] - sd["w"]).abs().max() < 0.1
+
+
+def test_adapters_given_as_base_and_tasks_are_warned_of(tmp_path, caplog):
+    """PEFT adapters given as the base and as every task share their names, so nothing refused them:
+    they pack as given, with one warning that names an adapter's tensor and the merge to do first."""
+    import logging
+
+    g = torch.Generator().manual_seed(1)
+    names = [f"model.layers.{i}.self_attn.q_proj.lora_{ab}.weight" for i in range(2) for ab in "AB"]
+    base = {n: torch.randn(8, 32, generator=g) for n in names}
+    tasks = {t: {n: v + 0.01 * torch.randn(v.shape, generator=g) for n, v in base.items()} for t in "ab"}
+    with caplog.at_level(logging.WARNING, logger="tallpack"):
+        tallpack.pack(base, tasks, tmp_path / "lora.tallpack")
+    lines = [r.getMessage() for r in caplog.records if "PEFT adapter" in r.getMessage()]
+    assert len(lines) == 1 and "lora_A.weight" in lines[0] and "merge_and_unload" in lines[0], caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="tallpack"):  # a model's own weights: nothing said
+        tallpack.pack({"w": base[names[0]]}, {t: {"w": sd[names[0]]} for t, sd in tasks.items()}, tmp_path / "m.tallpack")
+    assert "adapter" not in caplog.text
