@@ -114,6 +114,17 @@ def _umask() -> int:
 _umask_lock = threading.Lock()
 
 
+def _new_umask_lock() -> None:
+    global _umask_lock
+    _umask_lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):  # no fork while another thread has the umask at 0 (the child would keep it
+    # at 0, and the lock held forever): the fork waits for the lock, and the child starts with one of its own
+    os.register_at_fork(before=lambda: _umask_lock.acquire(), after_in_parent=lambda: _umask_lock.release(),
+                        after_in_child=_new_umask_lock)
+
+
 def _stem(name: str) -> str:
     """``name`` as it stands in its temporaries' names: whole, unless the temporary's name would
     then pass the file systems' 255 bytes."""
