@@ -34,7 +34,8 @@ def run() -> None:
         os.environ.setdefault("OMP_WAIT_POLICY", OMP_WAIT_POLICY)
 
     try:
-        signal.signal(signal.SIGTERM, _terminated_loading)  # the command sets its own as it begins
+        if signal.getsignal(signal.SIGTERM) is not signal.SIG_IGN:  # (ignored by the parent: it stays so)
+            signal.signal(signal.SIGTERM, _terminated_loading)  # the command sets its own as it begins
     except ValueError:  # not the main thread: a caller's process keeps its handlers
         pass
     try:

@@ -129,7 +129,8 @@ def _end_at_once(before: int, said: list[bool]) -> None:
 
     if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not where the shell ignores it (cmd &)
         signal.signal(signal.SIGINT, end)
-    signal.signal(signal.SIGTERM, end)
+    if signal.getsignal(signal.SIGTERM) is not signal.SIG_IGN:  # (not where the parent ignores it)
+        signal.signal(signal.SIGTERM, end)
     if _SIGHUP is not None and signal.getsignal(_SIGHUP) is _terminate:  # (not where it is ignored: nohup)
         signal.signal(_SIGHUP, end)
 
@@ -267,7 +268,9 @@ class _Group(click.Group):
 
     def invoke(self, ctx: click.Context) -> Any:
         main_thread = threading.current_thread() is threading.main_thread()
-        previous = signal.signal(signal.SIGTERM, _terminate) if main_thread else None
+        # (SIGTERM or SIGHUP that the parent ignores, nohup's, stays ignored)
+        ignored = signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
+        previous = signal.signal(signal.SIGTERM, _terminate) if main_thread and not ignored else None
         hup = _SIGHUP if main_thread and _SIGHUP is not None and signal.getsignal(_SIGHUP) is signal.SIG_DFL else None
         if hup is not None:  # (not where it is ignored: nohup)
             signal.signal(hup, _terminate)
