@@ -2191,7 +2191,7 @@ def stems(objs: Sequence[SourceLike]) -> list[str]:
             continue
         folders = [Path(os.path.abspath(paths[i])).parent for i in at]
         for _ in range(STEM_LEVELS):  # the nearest folders that tell them apart (version_*/checkpoints/last.ckpt)
-            up = [stem(f) for f in folders]
+            up = [stem(f) or names[i] for i, f in zip(at, folders)]  # ('': the root folder, which has no name)
             if len(set(up)) == len(up):
                 for i, u in zip(at, up):
                     out[i] = u

@@ -57,3 +57,15 @@ def test_adapters_given_as_base_and_tasks_are_warned_of(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="tallpack"):  # a model's own weights: nothing said
         tallpack.pack({"w": base[names[0]]}, {t: {"w": sd[names[0]]} for t, sd in tasks.items()}, tmp_path / "m.tallpack")
     assert "adapter" not in caplog.text
+
+
+def test_a_file_at_the_root_keeps_its_own_name_beside_one_of_its_name_elsewhere(monkeypatch):
+    """Two paths of one file name, one in the root folder (``/x.pt`` and ``a/x.pt``): each is named
+    after its folder, and the root's, which has no name, keeps the file's own (it was named '')."""
+    from pathlib import Path
+
+    from tallpack.sources import stems
+
+    monkeypatch.setattr(Path, "exists", lambda self: True)  # (no file is written to /)
+    assert stems(["/x.pt", "runs/a/x.pt"]) == ["x", "a"]
+    assert stems(["/x/ckpt.pt", "/y/x/ckpt.pt"]) == ["ckpt", "y"]
