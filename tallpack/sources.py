@@ -1444,8 +1444,10 @@ def _folder_files(folder: Path, roots: list[Path], given: str | None = None
         raise CheckpointError(f"{folder}: a PEFT adapter (adapter_config.json), not a model's weights; {MERGE_ADAPTER}")
     pickles = sorted(f.name for f in folder.iterdir()
                      if f.suffix != ".bin" and _is_torch_file(f) and not _TRAINING_STATE.fullmatch(f.name))
+    # (Lightning's version_N/checkpoints/: the run's folder names the task)
+    name = folder.parent.name if folder.name == "checkpoints" and folder.parent.name else folder.name
     held = (f"; it holds {', '.join(pickles[:3])}{', ...' if len(pickles) > 3 else ''} (PyTorch file"
-            f"{'s' if len(pickles) > 1 else ''}): pass the file itself ({shlex.quote(f'{folder.name}={folder / pickles[0]}')})"
+            f"{'s' if len(pickles) > 1 else ''}): pass the file itself ({shlex.quote(f'{name}={folder / pickles[0]}')})"
             if pickles else "")
     raise CheckpointError(
         f"{folder}: no model.safetensors, shard index or pytorch_model.bin in this folder (nor a variant of them, "

@@ -69,3 +69,18 @@ def test_a_file_at_the_root_keeps_its_own_name_beside_one_of_its_name_elsewhere(
     monkeypatch.setattr(Path, "exists", lambda self: True)  # (no file is written to /)
     assert stems(["/x.pt", "runs/a/x.pt"]) == ["x", "a"]
     assert stems(["/x/ckpt.pt", "/y/x/ckpt.pt"]) == ["ckpt", "y"]
+
+
+def test_a_lightning_checkpoints_folder_suggests_the_runs_name(tmp_path):
+    """Lightning's ``version_0/checkpoints/`` given as a task: the line names the file to pass, under
+    the run's name (``version_0=...``), not ``checkpoints=...``."""
+    from tallpack.errors import CheckpointError
+
+    g = torch.Generator().manual_seed(3)
+    base = {"w": torch.randn(8, 8, generator=g)}
+    ck = tmp_path / "lightning_logs" / "version_0" / "checkpoints"
+    ck.mkdir(parents=True)
+    torch.save({"state_dict": {"w": base["w"] + 0.1}, "pytorch-lightning_version": "2.4.0"}, ck / "last.ckpt")
+    with pytest.raises(CheckpointError) as e:
+        tallpack.pack(base, {"a": str(ck)}, tmp_path / "f.tallpack")
+    assert f"version_0={ck / 'last.ckpt'}" in str(e.value) and "checkpoints=" not in str(e.value), str(e.value)
