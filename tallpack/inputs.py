@@ -14,7 +14,7 @@ from .dtypes import torch_dtype
 from .elements import numel
 from .encodings import Item
 from .errors import InvalidArgumentError
-from .manifest import check_task_name, task_name_problem
+from .manifest import task_name_problem
 from .plan import Kind, Plan, TensorPlan, aligned_base, make_plan, resolve, resolve_blocks
 from .sources import Source, SourceLike, check_components, is_hub_repo, is_training_state, open_source, stems
 from .storage import is_url
@@ -88,17 +88,17 @@ def open_tasks(tasks: TasksLike) -> dict[str, Source]:
         items = list(zip(stems(tasks), tasks))
     out: dict[str, Source] = {}
     try:
+        named = isinstance(tasks, Mapping)  # else each name is taken from a path: said so, with how to name it
         for name, obj in items:
-            if not isinstance(tasks, Mapping):  # a name taken from a path: said so, with how to name it
-                why = task_name_problem(name)
-                fix = "name the tasks: pass a dict, {NAME: PATH}"
-                if why is not None:
-                    raise InvalidArgumentError(f"bad task name {name!r}, taken from the path {obj}: {why}; {fix}")
-                if name in out:
-                    raise InvalidArgumentError(f"task {name!r} given twice (a name taken from the path {obj}); {fix}")
-            check_task_name(name)
+            why = task_name_problem(name)
+            if why is not None:
+                raise InvalidArgumentError(f"bad task name {name!r}: {why}" if named else
+                                           f"bad task name {name!r}, taken from the path {obj}: {why}; "
+                                           "name the tasks: pass a dict, {NAME: PATH}")
             if name in out:
-                raise InvalidArgumentError(f"task {name!r} given twice; name tasks with NAME=PATH")
+                raise InvalidArgumentError(f"task {name!r} given twice; name tasks with NAME=PATH" if named else
+                                           f"task {name!r} given twice (a name taken from the path {obj}); "
+                                           "name the tasks: pass a dict, {NAME: PATH}")
             inside = model_folders(obj)
             if inside:
                 shown = ", ".join(d.name for d in inside[:3]) + (", ..." if len(inside) > 3 else "")
