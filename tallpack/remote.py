@@ -14,6 +14,7 @@ import asyncio
 import logging
 import os
 import re
+import sys
 import threading
 import traceback
 import weakref
@@ -395,7 +396,7 @@ class RemoteFile:
             return None
         off, want = self._probe
         try:
-            got = self._fs.cat_file(self._path, start=off, end=off + len(want))
+            got = self._cat(off, off + len(want))
         except Exception:
             return None
         if got == want:
@@ -422,7 +423,7 @@ class RemoteFile:
         try:
             if len(spans) == 1:
                 start, end = spans[0]
-                data = [self._fs.cat_file(self._path, start=start, end=end)]
+                data = [self._cat(start, end)]
             elif getattr(self._fs, "async_impl", False):
                 from fsspec.asyn import sync
 
@@ -438,9 +439,10 @@ class RemoteFile:
             reason, retry = failed
             raise RemoteError(self._failure(f"range read at {spans[0][0]} failed ({reason})", retry)) from None
         for (start, end), d in zip(spans, data):
-            if len(d) > end - start:  # the whole file for a range: tallpack needs Range requests
-                raise RemoteError(f"{self.url}: the server ignored a range request ({len(d)} bytes sent for "
-                                  f"{end - start}); tallpack reads archives from servers that honour Range requests")
+            if len(d) > end - start:  # the whole file for a range (over HTTP, one byte more is read at most)
+                raise RemoteError(f"{self.url}: the server ignored a range request (it sent more than the "
+                                  f"{end - start} bytes asked for); tallpack reads archives from servers that "
+                                  "honour Range requests")
             if len(d) != end - start:
                 why = self.changed()
                 raise IntegrityError(f"{self.url}: {why}" if why else f"{self.url}: short read at {start} "
@@ -452,14 +454,31 @@ class RemoteFile:
                 self._probe = (spans[0][0], bytes(data[0]))
         return data
 
+    def _cat(self, start: int, end: int) -> bytes:
+        """Bytes ``[start, end)`` of the object (over HTTP, at most one more: ``_http_range``)."""
+        fs = self._fs
+        if _http(fs):
+            from fsspec.asyn import sync
+
+            return sync(fs.loop, _http_range, fs, self._path, start, end)
+        data: bytes = fs.cat_file(self._path, start=start, end=end)
+        return data
+
+    async def _cat_async(self, start: int, end: int) -> bytes:
+        """``_cat`` on an async file system's event loop."""
+        fs = self._fs
+        if _http(fs):
+            return await _http_range(fs, self._path, start, end)
+        data: bytes = await fs._cat_file(self._path, start=start, end=end)
+        return data
+
     async def _gather(self, spans: list[tuple[int, int]]) -> list[bytes]:
         """The spans, ``CONCURRENT_REQUESTS`` at a time; the first that fails cancels the rest."""
         limit = asyncio.Semaphore(CONCURRENT_REQUESTS)
 
         async def one(start: int, end: int) -> bytes:
             async with limit:
-                data: bytes = await self._fs._cat_file(self._path, start=start, end=end)
-                return data
+                return await self._cat_async(start, end)
 
         tasks = [asyncio.ensure_future(one(s, e)) for s, e in spans]
         try:
@@ -513,6 +532,34 @@ class RemoteFile:
             self._cache.clear()
             self._cached = 0
         self.closed = True
+
+
+def _http(fs: Any) -> bool:
+    """Whether ``fs`` is fsspec's HTTP(S) file system (its module is loaded when one was made)."""
+    http = sys.modules.get("fsspec.implementations.http")
+    return http is not None and isinstance(fs, http.HTTPFileSystem)
+
+
+async def _http_range(fs: Any, path: str, start: int, end: int) -> bytes:
+    """Bytes ``[start, end)`` at an HTTP(S) URL by a Range request, as fsspec's ``_cat_file`` gets
+    them, but reading at most one byte more than asked: fsspec reads the whole body, so a server
+    that answered a range with an endless (or a huge) body was read into memory until it ended or
+    memory ran out, before the size was checked. Fewer bytes at the body's end are returned as
+    they are (``_fetch`` calls that a short read)."""
+    kw = fs.kwargs.copy()
+    headers = {**kw.pop("headers", {}), "Range": f"bytes={start}-{end - 1}"}
+    session = await fs.set_session()
+    async with session.get(fs.encode_url(path), headers=headers, **kw) as r:
+        fs._raise_not_found_for_status(r, path)
+        try:
+            data = await r.content.readexactly(end - start)
+        except asyncio.IncompleteReadError as e:
+            return e.partial
+        more = await r.content.read(1)  # the body's end, or a byte past it: the server's fault
+        if more:
+            r.close()  # the rest is not read (the connection is dropped, not drained)
+            return data + more
+        return data
 
 
 #: Every remote file, for ``_after_fork_in_child``.
