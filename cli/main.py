@@ -596,6 +596,10 @@ def _refuse_ignored_pack_flags(merge: str, exact: bool, dial: bool, derive_masks
               help="Pack a task even if it does not look fine-tuned from the base (no tensor name in common, or "
                    "over half of the shared names differ in shape). Tensors whose shape differs from the base's "
                    "are stored per task either way.")
+@click.option("--strip-prefix", default=None, metavar="PREFIX",
+              help="Take PREFIX off the tensor names of the base and the tasks that start with it: a training "
+                   "wrapper's (Lightning's 'model.', DDP's 'module.'), so that unpacked and merged models load with "
+                   "the base's config. Not for a task of safetensors files with --exact (kept byte for byte).")
 @click.option("--group/--no-group", default=_DEFAULTS.group, show_default=True,
               help="Store small merged or shared tensors (under 262,144 elements) together, up to 1M elements a group: "
                    "faster loads of checkpoints with many tensors (format 1.12). Not with --exact or the dial.")
@@ -619,7 +623,7 @@ def _refuse_ignored_pack_flags(merge: str, exact: bool, dial: bool, derive_masks
                    "TASK/TENSOR (tallpack.sensitivity.save).")
 def pack(base, more_tasks, task_specs, output, lambda_specs, merge, codec, level, checksum, chunk_elements,
          keep_base_only, allow_mismatch, group, threads, force, progress, exact, derive_masks, derive_merged, fidelity,
-         budget, sensitivity_file, no_paths, **method_options) -> None:
+         budget, sensitivity_file, no_paths, strip_prefix, **method_options) -> None:
     """Pack a base model and its fine-tuned tasks into one archive.
 
     Each TASK (and --task) is a fine-tuned member: NAME=PATH or PATH, so that a shell glob gives
@@ -636,7 +640,7 @@ def pack(base, more_tasks, task_specs, output, lambda_specs, merge, codec, level
     merge_spec = {"method": merge} | {k[len(prefix):]: v for k, v in method_options.items() if k.startswith(prefix)}
     options = PackOptions(lambdas=lambdas, merge=merge_spec, codec=codec, level=level, checksum=checksum,
                           chunk_elements=chunk_elements, keep_base_only=keep_base_only,
-                          allow_mismatch=allow_mismatch, group=group, threads=threads,
+                          allow_mismatch=allow_mismatch, strip_prefix=strip_prefix, group=group, threads=threads,
                           progress=_progress(progress), exact=exact, derive_masks=derive_masks,
                           derive_merged=derive_merged, overwrite=force, record_paths=not no_paths,
                           fidelity=fidelity, budget=budget,

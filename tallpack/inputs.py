@@ -15,7 +15,7 @@ from .elements import numel
 from .encodings import Item
 from .errors import InvalidArgumentError
 from .manifest import task_name_problem
-from .plan import Kind, Plan, TensorPlan, aligned_base, make_plan, resolve, resolve_blocks
+from .plan import Kind, Plan, TensorPlan, aligned_base, make_plan, resolve, resolve_blocks, strip_prefix
 from .sources import Source, SourceLike, check_components, is_hub_repo, is_training_state, open_source, stems
 from .storage import is_url
 from .tall import blocks, compiled_kind, elements, in_tall_range
@@ -162,11 +162,13 @@ class PackInputs:
     """
 
     def __init__(self, base: SourceLike, tasks: TasksLike, *, allow_mismatch: bool = False,
-                 chunk_elements: int):
+                 chunk_elements: int, strip: str | None = None, exact: bool = False):
         self.base = open_source(base, label="base")
         self.tasks: dict[str, Source] = {}
         try:
             self.tasks = open_tasks(tasks)
+            if strip is not None:  # (``exact``: whether the tasks' files are recorded, which names may not change)
+                self.base, self.tasks = strip_prefix(self.base, self.tasks, strip, exact=exact)
             check_components(self.base, self.tasks, allow_mismatch=allow_mismatch)
             self.base = aligned_base(self.base, self.tasks)
             self.plan: Plan = make_plan(self.base, self.tasks, allow_mismatch=allow_mismatch)

@@ -62,6 +62,12 @@ class PackOptions:
     #: with it, or over half of the names it shares differ in shape), which is otherwise an error.
     #: Tensors whose shape differs from the base's are stored per task with or without it
     allow_mismatch: bool = False
+    #: take this prefix off every tensor name of the base and the tasks that starts with it: a
+    #: training wrapper's (a LightningModule's ``"model."``, DDP's ``"module."``), which the model's
+    #: own loader (a folder with the base's config.json) does not take. An error when no name
+    #: starts with it, where a name without it is the checkpoint's too, or with ``exact`` for a task
+    #: of safetensors files (the exact tier gives them back byte for byte, with their names)
+    strip_prefix: str | None = None
     metadata: Mapping[str, Any] = field(default_factory=dict)
     threads: int | None = None
     progress: ProgressLike = False  # True: a tqdm bar; or fn(desc, done, total)
@@ -133,6 +139,9 @@ class PackOptions:
             if not isinstance(getattr(self, key), bool):
                 raise InvalidArgumentError(f"{key} must be True or False, got {getattr(self, key)!r}")
         _check_exact_tier(self)
+        if self.strip_prefix is not None and (not isinstance(self.strip_prefix, str) or not self.strip_prefix):
+            raise InvalidArgumentError(f"strip_prefix must be a non-empty string (a prefix of tensor names, "
+                                       f"'model.'), got {self.strip_prefix!r}")
         if self.threads is not None and (type(self.threads) is not int or self.threads < 1):
             raise InvalidArgumentError(f"threads must be a positive integer, got {self.threads!r}")
         _check_dial(self)

@@ -85,7 +85,7 @@ def pack(base: SourceLike, tasks: TasksLike, out: str | os.PathLike, options: Pa
                 raise InvalidArgumentError(f"task {twice!r} given twice; name tasks with NAME=PATH ({{name: url}})")
             local_tasks = dict(zip(names, local_tasks))
         fam = PackInputs(local["\0base"], local_tasks, allow_mismatch=opts.allow_mismatch,
-                         chunk_elements=opts.chunk_elements)
+                         chunk_elements=opts.chunk_elements, strip=opts.strip_prefix, exact=opts.exact)
         for src in (fam.base, *fam.tasks.values()):
             src.label = origin.get(src.label, src.label)  # errors and the manifest name the URL
         try:

@@ -12,14 +12,15 @@ import enum
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 from ._torch import torch
 from .arrays import check_shape
 from .dtypes import all_equal
 from .elements import FLOATING
-from .errors import IncompatibleCheckpointsError
+from .errors import IncompatibleCheckpointsError, InvalidArgumentError
 from .limits import MAX_NAME_CHARS, MAX_TASKS
-from .sources import Source, adapter, prefix_hint
+from .sources import ComponentsSource, Source, adapter, prefix_hint
 from .tall import in_tall_range
 
 log = logging.getLogger(__name__)
@@ -93,37 +94,103 @@ def resolve_blocks(planned: Kind, tasks: int, same_layout: bool,
     return planned
 
 
-class Renamed(Source):
-    """The base seen under its tasks' names: each of its tensors ``name`` as ``prefix + name``
-    (a bare model, ``embeddings.*``, fine-tuned with a head, ``bert.embeddings.*``)."""
+class _Named(Source):
+    """A checkpoint seen under other names: each of its tensors ``names[name]`` as ``name`` (in
+    the checkpoint's order); ``described``: what the manifest's ``source`` says of the renaming."""
 
-    def __init__(self, inner: Source, prefix: str):
+    def __init__(self, inner: Source, names: dict[str, str], described: dict[str, Any]):
         super().__init__(inner.label)
-        self.inner, self.prefix, self.kind = inner, prefix, inner.kind
-        self._infos = {prefix + k: v for k, v in inner._infos.items()}
+        self.inner, self.kind, self.task, self._inner_names = inner, inner.kind, inner.task, names
+        self._described = described
+        self._infos = {k: inner.info(v) for k, v in names.items()}
         self.metadata, self.files, self.layout = inner.metadata, inner.files, inner.layout
         self.weight_files, self.other_files, self.root = inner.weight_files, inner.other_files, inner.root
 
     def get(self, name: str) -> torch.Tensor:
-        return self.inner.get(name[len(self.prefix):])
+        return self.inner.get(self._inner_names[name])
 
     def reads_ranges(self, name: str) -> bool:
-        return self.inner.reads_ranges(name[len(self.prefix):])
+        return self.inner.reads_ranges(self._inner_names[name])
 
     def get_range(self, name: str, start: int, stop: int) -> torch.Tensor:
-        return self.inner.get_range(name[len(self.prefix):], start, stop)
+        return self.inner.get_range(self._inner_names[name], start, stop)
 
     def check_unchanged(self) -> None:
         self.inner.check_unchanged()  # the files are the inner source's (it read them)
 
     def aliases(self) -> dict[str, str]:
-        return {self.prefix + k: self.prefix + v for k, v in self.inner.aliases().items()}
+        outer = {v: k for k, v in self._inner_names.items()}
+        return {outer[k]: outer[v] for k, v in self.inner.aliases().items()}
 
     def describe(self) -> dict:
-        return self.inner.describe() | {"prefix": self.prefix}
+        return self.inner.describe() | self._described
 
     def close(self) -> None:
         self.inner.close()
+
+
+class Renamed(_Named):
+    """The base seen under its tasks' names: each of its tensors ``name`` as ``prefix + name``
+    (a bare model, ``embeddings.*``, fine-tuned with a head, ``bert.embeddings.*``)."""
+
+    def __init__(self, inner: Source, prefix: str):
+        super().__init__(inner, {prefix + k: k for k in inner.keys()}, {"prefix": prefix})
+        self.prefix = prefix
+
+
+class Stripped(_Named):
+    """A checkpoint whose tensor names lose ``prefix`` where they start with it (a training
+    wrapper's: a LightningModule's ``model.``, DDP's ``module.``): see :func:`strip_prefix`."""
+
+    def __init__(self, inner: Source, prefix: str):
+        super().__init__(inner, {k.removeprefix(prefix): k for k in inner.keys()}, {"stripped": prefix})
+        self.prefix = prefix
+
+
+def strip_prefix(base: Source, tasks: dict[str, Source], prefix: str, *, exact: bool = False
+                 ) -> tuple[Source, dict[str, Source]]:
+    """The base and the tasks with ``prefix`` taken off each tensor name that starts with it
+    (``PackOptions.strip_prefix``); an input none of whose names starts with it is left as it is.
+    InvalidArgumentError when no name of any input starts with it; IncompatibleCheckpointsError
+    where a name without it is one the checkpoint holds too, or (``exact``) where a task's
+    safetensors file would lose its names: the exact tier gives such a file back byte for byte,
+    its names included, which a renamed task no longer has.
+
+    >>> base, tasks = strip_prefix(base, {"a": open_source("a.ckpt")}, "model.")
+    >>> tasks["a"].keys()[:1]
+    ['fc.weight']
+    """
+    inputs = {"the base": base, **{f"task {t!r}": s for t, s in tasks.items()}}
+    if not any(k.startswith(prefix) for s in inputs.values() for k in s.keys()):
+        shown = "; ".join(f"{what}: {s.keys()[0]!r}, ..." for what, s in inputs.items() if s.keys())
+        raise InvalidArgumentError(f"strip_prefix {prefix!r} (--strip-prefix): no tensor name of the base or of any "
+                                   f"task starts with it ({shown[:300]}); give the prefix their names have")
+    out = {}
+    for what, src in inputs.items():
+        if not any(k.startswith(prefix) for k in src.keys()):
+            out[what] = src
+            continue
+        if isinstance(src, ComponentsSource):
+            raise InvalidArgumentError(f"{src.label}: {what} is a pipeline or a sentence-transformers model, whose "
+                                       "tensor names are its folders'; strip_prefix (--strip-prefix) renames a "
+                                       "model's own tensors")
+        bare = next((k for k in src.keys() if k.startswith(prefix) and k.removeprefix(prefix)[:1] in ("", ".")), None)
+        if bare is not None:  # 'module' for 'module.': no model names a tensor '.weight' (or '')
+            raise InvalidArgumentError(f"strip_prefix {prefix!r} (--strip-prefix) would leave the tensor {bare!r} of "
+                                       f"{what} as {bare.removeprefix(prefix)!r}; give the whole prefix, up to its last '.'")
+        taken = next((k for k in src.keys() if k.startswith(prefix) and k.removeprefix(prefix) in src), None)
+        if taken is not None:
+            raise IncompatibleCheckpointsError(
+                f"{src.label}: {what}: stripping {prefix!r} from {taken!r} gives {taken.removeprefix(prefix)!r}, a "
+                "tensor it holds too; two tensors cannot have one name: pack it without strip_prefix (--strip-prefix)")
+        if exact and what != "the base" and any(p.suffix == ".safetensors" for p in src.weight_files):
+            raise IncompatibleCheckpointsError(
+                f"{src.label}: {what}: its safetensors file names its tensors with {prefix!r} in front, and the exact "
+                "tier (exact=True, --exact) gives that file back byte for byte, names included; pack it without "
+                "strip_prefix (--strip-prefix) to keep the names, or without exact to rename its tensors")
+        out[what] = Stripped(src, prefix)
+        log.info("%s (%s): %r taken off its tensor names", what, src.label, prefix)
+    return out.pop("the base"), dict(zip(tasks, out.values()))
 
 
 #: A prefix is taken when the base's names with it cover at least this share of the base.
@@ -158,8 +225,8 @@ def aligned_base(base: Source, tasks: dict[str, Source]) -> Source:
     log.warning("base %s: its tensors are named as the tasks' with %r in front (a bare model as the base, the "
                 "tasks with a head); matched by those names, which the archive, its unpacked tasks and merged models "
                 "keep (where %r is a training wrapper's, a LightningModule's self.model, and not the model's own, "
-                "save the tasks' state dicts without it: a model folder written with the base's config.json does not "
-                "load such names)", base.label, prefix, prefix)
+                "pack with strip_prefix=%r (--strip-prefix %s) to store them without it: a model folder written "
+                "with the base's config.json does not load such names)", base.label, prefix, prefix, prefix, prefix)
     return Renamed(base, prefix)
 
 

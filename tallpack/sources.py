@@ -887,8 +887,8 @@ def prefix_hint(base: Source, task: Source) -> str | None:
         if sum(k.removeprefix(prefix) in other for k in has.keys()) >= PREFIX_SHARE * len(has.keys()):
             whose = "the base's" if side == "its" else "the task's"
             return (f"{side} tensor names are {whose} with {prefix!r} in front (a model saved from a DDP, "
-                    f"DataParallel or other wrapper); save the state dict without it "
-                    f"({{k.removeprefix({prefix!r}): v for k, v in sd.items()}})")
+                    f"DataParallel or other wrapper); pack with strip_prefix={prefix!r} (--strip-prefix {prefix}), "
+                    f"or save the state dict without it ({{k.removeprefix({prefix!r}): v for k, v in sd.items()}})")
     return None
 
 

@@ -1,0 +1,107 @@
+"""What the last round's testers of training-framework checkpoints and of scripting left: a
+training wrapper's name prefix taken off (``strip_prefix``), DeepSpeed's ``last.ckpt/`` folder,
+tied weights of DCP-converted files, a reader of the output gone (``| head -1``), and signals while
+``python -m tallpack`` loads."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file, save_file
+from test_checkpoints_r32 import _hf_folder, _lightning, _model
+
+import tallpack
+from tallpack.errors import CheckpointError, IncompatibleCheckpointsError, InvalidArgumentError
+from tallpack_cli.main import main
+
+
+def _pack_cli(*args: object) -> tuple[int, str]:
+    r = CliRunner().invoke(main, ["pack", "--no-progress", *map(str, args)])
+    return r.exit_code, r.output
+
+
+# -- 1. a training wrapper's prefix: strip_prefix / --strip-prefix -----------------------------------------------
+
+def test_lightning_tasks_stripped_of_model_prefix_unpack_under_the_bases_names(tmp_path: Path) -> None:
+    """Lightning's ``model.`` taken off the tasks' names: the archive, its unpacked tasks (exact ones
+    too: a pickle comes back as safetensors, bit for bit) and its merged model hold the base's names,
+    which a folder with the base's config.json loads; the manifest says what was taken off."""
+    base = _hf_folder(_model(0), tmp_path / "base")
+    tasks = {f"t{i}": _lightning(_model(i), tmp_path / f"t{i}.ckpt") for i in (1, 2)}
+    out = tmp_path / "o.tallpack"
+    tallpack.pack(base, tasks, out, strip_prefix="model.", exact=True)
+    want = {k: v for k, v in _model(1).state_dict().items()}
+    with tallpack.open(out) as fam:
+        assert fam.task_info("t1").source["stripped"] == "model."
+        assert set(fam.keys("t1")) == set(want)  # the tied head too, no longer 'model.lm_head.weight'
+        got = fam.state_dict("t1", exact=True)
+        for k, v in want.items():
+            assert torch.equal(got[k], v), k
+        tallpack.write_task(fam, "t1", tmp_path / "t1", exact=True)
+        tallpack.write_merged(fam, tmp_path / "merged")
+    written = load_file(tmp_path / "t1" / "model.safetensors")
+    for k, v in written.items():
+        assert torch.equal(v, want[k]), k
+    assert set(load_file(tmp_path / "merged" / "model.safetensors")) <= set(want)
+
+
+def test_ddp_tasks_named_and_packed_with_strip_prefix(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """DDP's ``module.``: the refusal names --strip-prefix, which packs them under the base's names."""
+    _hf_folder(_model(0), tmp_path / "base")
+    for i in (1, 2):
+        torch.save({f"module.{k}": v for k, v in _model(i).state_dict().items()}, tmp_path / f"d{i}.pt")
+    monkeypatch.chdir(tmp_path)
+    code, said = _pack_cli("--base", "base", "-o", "o.tallpack", "d1.pt", "d2.pt")
+    assert code == 1 and "--strip-prefix module." in said, said
+    code, said = _pack_cli("--base", "base", "-o", "o.tallpack", "--strip-prefix", "module.", "d1.pt", "d2.pt")
+    assert code == 0, said
+    with tallpack.open(tmp_path / "o.tallpack") as fam:
+        assert "fc.weight" in fam.keys("d1") and not any(k.startswith("module.") for k in fam.keys("d2"))
+
+
+def test_a_prefixed_base_is_stripped_too(tmp_path: Path) -> None:
+    """Base and tasks all Lightning files: every input loses the prefix, not the tasks alone (which
+    would leave the base's names no task shares)."""
+    base = _lightning(_model(0), tmp_path / "base.ckpt")
+    a = _lightning(_model(1), tmp_path / "a.ckpt")
+    tallpack.pack(base, [a], tmp_path / "o.tallpack", strip_prefix="model.", keep_base_only=True)
+    with tallpack.open(tmp_path / "o.tallpack") as fam:
+        assert "fc.weight" in fam.keys("a") and fam.base_tensor("fc.weight") is not None
+
+
+def test_strip_prefix_refusals(tmp_path: Path) -> None:
+    """A prefix no name has (a typo), one that would leave names starting with '.', one whose names
+    without it the checkpoint holds too, and a safetensors task with the exact tier (its file comes
+    back byte for byte, with the names it had): each refused before any work, saying which."""
+    base = _hf_folder(_model(0), tmp_path / "base")
+    sd = _model(1).state_dict()
+    save_file({f"module.{k}": v.contiguous() for k, v in sd.items() if k != "lm_head.weight"}, tmp_path / "a.safetensors")
+    out = tmp_path / "o.tallpack"
+    with pytest.raises(InvalidArgumentError, match=r"strip_prefix 'modul\.' .*no tensor name .*task 'a': 'module\.fc\.bias'"):
+        tallpack.pack(base, {"a": tmp_path / "a.safetensors"}, out, strip_prefix="modul.")
+    with pytest.raises(InvalidArgumentError, match=r"would leave the tensor 'module\.\S+' of task 'a' as '\.\S+'"):
+        tallpack.pack(base, {"a": tmp_path / "a.safetensors"}, out, strip_prefix="module")
+    with pytest.raises(IncompatibleCheckpointsError, match=r"a\.safetensors: task 'a': its safetensors file .*--exact"):
+        tallpack.pack(base, {"a": tmp_path / "a.safetensors"}, out, strip_prefix="module.", exact=True)
+    torch.save({**{f"model.{k}": v for k, v in sd.items()}, "fc.weight": sd["fc.weight"]}, tmp_path / "b.pt")
+    with pytest.raises(IncompatibleCheckpointsError, match=r"'model\.fc\.weight' gives 'fc\.weight', a tensor it holds"):
+        tallpack.pack(base, {"b": tmp_path / "b.pt"}, out, strip_prefix="model.")
+    for bad in ("", 3):
+        with pytest.raises(InvalidArgumentError, match="strip_prefix must be a non-empty string"):
+            tallpack.pack(base, {"a": tmp_path / "a.safetensors"}, out, strip_prefix=bad)
+    assert not out.exists()
+    tallpack.pack(base, {"a": tmp_path / "a.safetensors"}, out, strip_prefix="module.")  # lossy: renamed, packed
+    with tallpack.open(out) as fam:
+        assert "fc.weight" in fam.keys("a")
+
+
+def test_lightning_warning_names_strip_prefix(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Without strip_prefix, the warning of a base matched under 'model.' names the option."""
+    base = _hf_folder(_model(0), tmp_path / "base")
+    with caplog.at_level(logging.WARNING, logger="tallpack.plan"):
+        tallpack.pack(base, [_lightning(_model(1), tmp_path / "a.ckpt")], tmp_path / "o.tallpack")
+    assert "--strip-prefix model." in caplog.text, caplog.text
