@@ -193,7 +193,8 @@ def _chain(ref) -> str:
 def tensor_rows(manifest: Manifest, read: Callable[..., Any] | None = None,
                 bits: Callable[[ArrayRef, str], np.ndarray] | None = None) -> list[dict[str, Any]]:
     """One row per tensor entry (``tallpack inspect --tensors``): kind, shape and dtype (of the
-    first task that has it, or of the base), stored bytes of every array it owns, the codec
+    first task that has it, or of the base; ``shapes`` and ``dtypes``, each task's, where the
+    tasks' differ), stored bytes of every array it owns, the codec
     chains used, and the mask density per task (tasks without a mask for it: absent). The
     manifest counts a group's set bits as a whole; with ``read`` (an archive's ``read_array``) its
     masks are read to give each member's density too, and with ``bits`` (``Archive.packed_bits``)
@@ -209,11 +210,13 @@ def tensor_rows(manifest: Manifest, read: Callable[..., Any] | None = None,
         density = {t: (tt.params.get("ones") or 0) / numel(tt.shape) if numel(tt.shape) else None
                    for t, tt in e.tasks.items() if "ones" in tt.params}
         shapes = {tuple(tt.shape) for tt in e.tasks.values()}
+        dtypes = {tt.dtype for tt in e.tasks.values()}  # tasks fine-tuned in other dtypes (float32 of a bf16 base)
         rows.append({
             "name": e.name, "kind": e.kind,
             "shape": list(ref.shape) if ref is not None else None,
             "dtype": ref.dtype if ref is not None else None,
             **({"shapes": {t: list(tt.shape) for t, tt in e.tasks.items()}} if len(shapes) > 1 else {}),
+            **({"dtypes": {t: tt.dtype for t, tt in e.tasks.items()}} if len(dtypes) > 1 else {}),
             "stored_bytes": sum(r.stored_nbytes for r in arrays),
             "codecs": sorted({_chain(r) for r in arrays}),
             "density": density,
@@ -442,7 +445,7 @@ def render_tensors(rows: list[dict[str, Any]], tasks: list[str], *, width: int |
     name_w = max([len("tensor"), *(len(n) for n in names if len(n) <= NAME_COLUMN_MAX)])
     chains = [", ".join(r["codecs"]) for r in rows if "group" not in r]
     kinds = ["group" if "members" in r else r["kind"] for r in rows]
-    shapes, dtypes = [_shape(r) for r in rows], [r["dtype"] or "-" for r in rows]
+    shapes, dtypes = [_shape(r) for r in rows], ["per task" if "dtypes" in r else r["dtype"] or "-" for r in rows]
     sizes = [format_size(r["stored_bytes"]) for r in rows]
     # as today's table where a column per task fits; else each column as wide as what it holds
     roomy = width is None or name_w + 46 + max([22, *map(len, chains)]) + len(tasks) * _COLUMN <= width
