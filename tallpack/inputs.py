@@ -16,7 +16,7 @@ from .encodings import Item
 from .errors import InvalidArgumentError
 from .manifest import task_name_problem
 from .plan import Kind, Plan, TensorPlan, aligned_base, make_plan, resolve, resolve_blocks, strip_prefix
-from .sources import Source, SourceLike, check_components, is_hub_repo, is_training_state, open_source, stems
+from .sources import Source, SourceLike, check_components, deepspeed_tag, is_hub_repo, is_training_state, open_source, stems
 from .storage import is_url
 from .tall import blocks, compiled_kind, elements, in_tall_range
 
@@ -53,6 +53,8 @@ def model_folders(path: SourceLike) -> list[Path]:
     try:
         if not folder.is_dir() or _holds_model(folder) or is_hub_repo(folder):
             return []
+        if folder.suffix == ".ckpt" and deepspeed_tag(folder) is not None:  # Lightning's: its model states file is
+            return []  # no model (the LightningModule's wrapper's names): opening it names the conversion
         # a Hugging Face cache (~/.cache/huggingface/hub) holds repository folders, each a model's
         return sorted(d for d in folder.iterdir() if d.is_dir() and (_holds_model(d) or is_hub_repo(d)))
     except OSError:  # unreadable: opening it says why

@@ -1455,6 +1455,47 @@ def _folder_files(folder: Path, roots: list[Path], given: str | None = None
     )
 
 
+#: A DeepSpeed model-states file (``mp_rank_00_model_states.pt``; ZeRO-3's ``zero_pp_rank_0_mp_rank_00_model_states.pt``).
+_MODEL_STATES = re.compile(r"(zero_pp_rank_\d+_)?mp_rank_\d+_model_states\.pt")
+
+
+def deepspeed_tag(folder: Path) -> str | None:
+    """The checkpoint folder (its tag: ``global_step500``, Lightning's ``checkpoint``) of a
+    DeepSpeed save folder, which holds a ``latest`` file naming that folder, of model-states and
+    ZeRO's partitioned files; else None."""
+    try:
+        latest = folder / "latest"
+        if not latest.is_file() or latest.stat().st_size > 4096:
+            return None
+        tag = latest.read_text(errors="replace").strip()
+        if not tag or "/" in tag or tag.startswith(".") or not (folder / tag).is_dir():
+            return None
+        return tag if any(_MODEL_STATES.fullmatch(f.name) for f in (folder / tag).iterdir()) else None
+    except OSError:
+        return None
+
+
+def _deepspeed_folder(folder: Path, tag: str) -> CheckpointError:
+    """The refusal of a DeepSpeed save folder given as a model, with the conversion into one file:
+    Lightning's (its DeepSpeed strategy saves a folder under the checkpoint's file name, ``last.ckpt/``,
+    whose model states name the LightningModule's tensors after its wrapper, ``_forward_module.``), or
+    DeepSpeed's own (whose ``zero_to_fp32.py`` it saves beside them)."""
+    q = shlex.quote(str(folder))
+    script = folder / "zero_to_fp32.py"  # (DeepSpeed's own module where the folder lacks its copy)
+    script_run = f"python {shlex.quote(str(script))}" if script.is_file() else "python -m deepspeed.utils.zero_to_fp32"
+    if folder.suffix == ".ckpt":
+        how = (f"Lightning's DeepSpeed strategy saves its checkpoints so, under the file's name; consolidate it into "
+               f"one file first (python -c \"from lightning.pytorch.utilities.deepspeed import "
+               f"convert_zero_checkpoint_to_fp32_state_dict as c; c({str(folder)!r}, 'model.ckpt')\", or "
+               f"{script_run} {q} model.pt) and pack that")
+    else:
+        how = (f"consolidate its weights into one file first ({script_run} {q} model.pt) and pack that, or, "
+               "saved with ZeRO-1 or 2, pack the model states file "
+               f"{shlex.quote(str(folder / tag / 'mp_rank_00_model_states.pt'))} (the weights in their training dtype)")
+    return CheckpointError(f"{folder}: a DeepSpeed checkpoint folder (latest, {tag}/ of model states and ZeRO's "
+                           f"partitions), not a model's folder: {how}")
+
+
 def _dcp_folder(folder: Path) -> Path | None:
     """``folder`` when it is a torch.distributed.checkpoint folder (``.metadata`` and ``*.distcp``
     files), else its subfolder that holds a model's one (FSDP's sharded state dict in a Trainer's or
@@ -1498,6 +1539,9 @@ def open_source(obj: SourceLike, *, label: str | None = None) -> Source:
     if _INDEX.fullmatch(path.name) and path.is_file():  # a shard index: its folder, with these weights
         path, given = path.parent, path.name
     if path.is_dir():
+        tag = deepspeed_tag(path)
+        if tag is not None:
+            raise _deepspeed_folder(path, tag)
         roots = _roots(path)
         components = _components(path, roots) if given is None else None
         if components is not None:

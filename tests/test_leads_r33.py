@@ -105,3 +105,47 @@ def test_lightning_warning_names_strip_prefix(tmp_path: Path, caplog: pytest.Log
     with caplog.at_level(logging.WARNING, logger="tallpack.plan"):
         tallpack.pack(base, [_lightning(_model(1), tmp_path / "a.ckpt")], tmp_path / "o.tallpack")
     assert "--strip-prefix model." in caplog.text, caplog.text
+
+
+# -- 2. DeepSpeed's save folder, Lightning's named like a file (last.ckpt/) ---------------------------------------
+
+def _deepspeed_save(folder: Path, tag: str, prefix: str = "") -> Path:
+    """A DeepSpeed save folder as its engine writes it (ZeRO-2): ``latest`` naming the tag folder,
+    which holds the model states (under 'module') and ZeRO's optimizer partition; zero_to_fp32.py."""
+    (folder / tag).mkdir(parents=True)
+    sd = {f"{prefix}{k}": v.half() for k, v in _model(1).state_dict().items()}
+    torch.save({"module": sd, "optimizer": None, "global_steps": 500, "ds_version": "0.16.4"},
+               folder / tag / "mp_rank_00_model_states.pt")
+    torch.save({"optimizer_state_dict": {"zero_stage": 2}, "ds_version": "0.16.4"},
+               folder / tag / "zero_pp_rank_0_mp_rank_00_optim_states.pt")
+    (folder / "latest").write_text(tag)
+    (folder / "zero_to_fp32.py").write_text("# DeepSpeed's script\n")
+    return folder
+
+
+def test_lightning_deepspeed_folder_named_with_its_conversion(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Lightning's DeepSpeed strategy writes ``last.ckpt/`` as a folder: given as base or task (by the
+    command line or the library) it is named as DeepSpeed's, with Lightning's conversion and
+    DeepSpeed's script, not as a folder without model.safetensors or its model states file (whose
+    names are the strategy wrapper's, ``_forward_module.model.*``)."""
+    _hf_folder(_model(0), tmp_path / "base")
+    _deepspeed_save(tmp_path / "run" / "last.ckpt", "checkpoint", "_forward_module.model.")
+    monkeypatch.chdir(tmp_path)
+    for args in (["--base", "base", "run/last.ckpt"], ["--base", "run/last.ckpt", "a=run/last.ckpt"]):
+        code, said = _pack_cli("-o", "o.tallpack", *args)
+        assert code == 1 and "run/last.ckpt: a DeepSpeed checkpoint folder" in said, said
+        assert "convert_zero_checkpoint_to_fp32_state_dict" in said and "run/last.ckpt/zero_to_fp32.py" in said, said
+    with pytest.raises(CheckpointError, match="DeepSpeed checkpoint folder .*convert_zero_checkpoint_to_fp32"):
+        tallpack.pack(tmp_path / "base", {"a": tmp_path / "run" / "last.ckpt"}, tmp_path / "o.tallpack")
+
+
+def test_deepspeed_folder_as_the_base_named(tmp_path: Path) -> None:
+    """DeepSpeed's own save folder given as the base (a task folder of it names its model states
+    file, test_checkpoints_r32): its conversion, and the model states file of ZeRO-1/2."""
+    ds = _deepspeed_save(tmp_path / "ds", "global_step500")
+    (ds / "zero_to_fp32.py").unlink()  # DeepSpeed's module then
+    with pytest.raises(CheckpointError) as e:
+        tallpack.pack(ds, [tmp_path / "x.pt"], tmp_path / "o.tallpack")
+    said = str(e.value)
+    assert "a DeepSpeed checkpoint folder" in said and "python -m deepspeed.utils.zero_to_fp32" in said, said
+    assert str(ds / "global_step500" / "mp_rank_00_model_states.pt") in said, said
