@@ -106,6 +106,12 @@ class TaskInfo:
     #: the folder's other files (1.4): relative name -> SHA-256 of a stored content
     files: dict[str, str] = field(default_factory=dict)
 
+    def __repr__(self) -> str:  # (a prompt shows this: not every key, nor the config's metadata)
+        fid = ", ".join(f"{k} {v:.3g}" for k, v in self.fidelity.items() if isinstance(v, (int, float)))
+        return (f"<tallpack TaskInfo {self.name!r}: lambda {self.lam}, density "
+                f"{'-' if self.density is None else f'{self.density:.3g}'}{', ' + fid if fid else ''}, "
+                f"{len(self.keys)} tensors{', exact' if self.exact is not None else ''}>")
+
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "lambda": self.lam, "density": self.density,
                 "fidelity": self.fidelity, "keys": list(self.keys), "source": self.source,
@@ -161,6 +167,11 @@ class Manifest:
     #: what ``pack`` advises of the archive it wrote, beside it and not recorded in it (the fidelity
     #: dial's hint that exact=True would be as small): empty for a manifest read from an archive
     hints: tuple[str, ...] = field(default=(), compare=False)
+
+    def __repr__(self) -> str:  # (what a notebook cell ending in pack(...) shows: not every tensor's chunks)
+        names = ", ".join(repr(t.name) for t in self.tasks[:8]) + (f", +{len(self.tasks) - 8}" if len(self.tasks) > 8 else "")
+        return (f"<tallpack Manifest {'.'.join(map(str, self.format_version))}: {len(self.tasks)} tasks ({names}), "
+                f"{len({k for t in self.tasks for k in t.keys})} tensors, merge {self.merge.get('method')!r}>")
 
     def to_dict(self) -> dict[str, Any]:
         files = {"files": {k: v.to_dict() for k, v in self.files.items()}} if self.files else {}

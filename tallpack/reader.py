@@ -191,7 +191,7 @@ class Archive:
             return self._pool
 
     def __repr__(self) -> str:
-        return f"<tallpack.Archive {self.name!r}: {len(self.tasks)} tasks>"
+        return f"<tallpack.Archive {self.name!r}: {len(self.tasks)} tasks{' (closed)' if self._closed else ''}>"
 
     def __reduce__(self) -> tuple[Any, ...]:
         """Sent to another process (a spawn or forkserver DataLoader worker, ``pickle``,
@@ -1387,6 +1387,10 @@ class LazyStateDict(_TensorMapping):
                 self._names_of.setdefault(target, [target]).append(k)
         self._tied: dict[str, tuple[torch.Tensor, set[str]]] = {}
 
+    def __repr__(self) -> str:  # (shown at a prompt: names only, nothing rebuilt)
+        return (f"<tallpack.LazyStateDict {self._archive.name!r}, task {self._task!r}: {len(self._keys)} tensors"
+                f"{', exact' if self._exact else ''}>")
+
     @cpu_default
     def __getitem__(self, name: str) -> torch.Tensor:
         if not self._names_of or not isinstance(name, str) or _is_meta(self._device):
@@ -1494,6 +1498,10 @@ class TensorSlice:
     def get_dtype(self) -> str:
         """The dtype as safetensors names it (``"F32"``, ``"BF16"``, ``"I64"``, ``"BOOL"``, ...)."""
         return _SAFETENSORS_CODES.get(self._tt.dtype, self._tt.dtype)
+
+    def __repr__(self) -> str:
+        return (f"<tallpack.TensorSlice {self._archive.name!r}, task {self._task!r}, {self._name!r}: "
+                f"{self._tt.dtype} {tuple(self.get_shape())}{', exact' if self._exact else ''}>")
 
     def __reduce__(self) -> tuple[Any, ...]:
         """Sent to another process: the same slice of the archive opened there (``Archive.__reduce__``)."""

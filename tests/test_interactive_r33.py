@@ -1,0 +1,67 @@
+"""A data scientist at a prompt (IPython, Jupyter, the REPL): what the objects show when displayed,
+and Ctrl-C in the middle of a call (thirty-third round)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import tallpack
+
+ROOT = Path(tallpack.__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def many(tmp_path) -> Path:
+    """An archive of 3 tasks and 120 small tensors, as a model's many layers."""
+    g = torch.Generator().manual_seed(0)
+    base = {f"model.layers.{i}.mlp.weight": torch.randn(8, 8, generator=g) for i in range(120)}
+    save_file(base, tmp_path / "base.safetensors")
+    tasks = {}
+    for name in ("cars", "dtd", "eurosat"):
+        save_file({k: v + 0.1 * torch.randn(v.shape, generator=g) for k, v in base.items()}, tmp_path / f"{name}.safetensors")
+        tasks[name] = tmp_path / f"{name}.safetensors"
+    out = tmp_path / "family.tallpack"
+    tallpack.pack(tmp_path / "base.safetensors", tasks, out)
+    return out
+
+
+def test_what_pack_returns_shows_in_a_few_words(many):
+    """A notebook cell ending in ``tallpack.pack(...)`` (or ``fam.manifest``, ``fam.task_info(t)``)
+    displays the value: one short line naming the tasks, not every tensor's chunks (it was 40 KB
+    for 25 tensors and 3 tasks, growing with the model)."""
+    with tallpack.open(many) as fam:
+        shown = repr(fam.manifest)
+        info = repr(fam.task_info("cars"))
+    assert len(shown) < 300, shown
+    assert "'cars', 'dtd', 'eurosat'" in shown and "120 tensors" in shown and "1." in shown
+    assert len(info) < 300, info
+    assert "'cars'" in info and "120 tensors" in info and "model.layers.7" not in info
+
+
+def test_lazy_mappings_and_slices_say_what_they_are(many):
+    """``fam.state_dict(t, lazy=True)`` and ``fam.get_slice(t, name)`` at the prompt name their
+    archive, task and tensor (they were ``<tallpack.reader.LazyStateDict object at 0x...>``), and
+    showing them reads nothing: a closed archive's too."""
+    fam = tallpack.open(many)
+    lazy = fam.state_dict("dtd", lazy=True)
+    part = fam.get_slice("dtd", "model.layers.3.mlp.weight")
+    assert " at 0x" not in repr(lazy) and " at 0x" not in repr(part)
+    assert "family.tallpack" in repr(lazy) and "'dtd'" in repr(lazy) and "120 tensors" in repr(lazy)
+    assert "'model.layers.3.mlp.weight'" in repr(part) and "(8, 8)" in repr(part) and "float32" in repr(part)
+    fam.close()
+    assert "'dtd'" in repr(lazy) and "(8, 8)" in repr(part)
+
+
+def test_a_closed_archive_says_so_when_shown(many):
+    """An archive displayed after ``close()`` (or after its ``with`` block) says it is closed; it
+    looked the same as an open one, and the next read then failed."""
+    with tallpack.open(many) as fam:
+        assert "(closed)" not in repr(fam)
+    assert repr(fam).endswith("(closed)>") and "family.tallpack" in repr(fam)
