@@ -27,6 +27,24 @@ ELEMENTS: dict[str, Element] = {
 }
 FLOATING = frozenset(k for k, v in ELEMENTS.items() if v.floating)
 
+#: each floating type's exponent and fraction bits
+FLOAT_BITS: dict[str, tuple[int, int]] = {
+    "float64": (11, 52), "float32": (8, 23), "float16": (5, 10), "bfloat16": (8, 7),
+    "float8_e4m3fn": (4, 3), "float8_e5m2": (5, 2),
+}
+
+
+def holds(wide: str, narrow: str) -> bool:
+    """Whether floating type ``wide`` holds every value of ``narrow`` (a cast from ``narrow`` is
+    exact): as many exponent and fraction bits or more. bfloat16 and float16 widen to float32;
+    neither holds the other.
+
+    >>> holds("float32", "bfloat16"), holds("float16", "bfloat16")
+    (True, False)
+    """
+    (we, wf), (ne, nf) = FLOAT_BITS[wide], FLOAT_BITS[narrow]
+    return we >= ne and wf >= nf
+
 
 def element(name: object) -> Element:
     """The element type of a spec name; a FormatError for anything else."""

@@ -40,7 +40,7 @@ from .sources import Source, SourceLike, family_aliases, stem, tied_in_base_alon
 from .staging import check_file_output, exists, fetched, local_path, staged
 from .remote import redact
 from .storage import is_url
-from .tall import Fidelity
+from .tall import TALL_RANGE, Fidelity
 
 log = logging.getLogger(__name__)
 
@@ -207,8 +207,8 @@ def _write(fam: PackInputs, v: Validated, lams: dict[str, float], out: Path, sel
         groups = _Groups(ctx, {e.name for e in fam.plan.tensors}, group_elements(len(names))) if v.group else None
         for item in _loaded(fam, tensors, opts.keep_base_only):
             if item.kind != item.planned and item.planned == Kind.MERGED and item.kind == Kind.TASK_OWN:
-                log.warning("tensor %r holds inf, NaN or values too large for float32 sums: stored per task, not masked",
-                            item.name)
+                log.warning("tensor %r: %s: stored per task, not masked (a merged model leaves it out; task=NAME, "
+                            "--task NAME, takes a task's)", item.name, _out_of_range(item, opts.chunk_elements))
             if groups is not None and groups.add(item, entries):
                 continue
             if dial is not None and item.kind == Kind.MERGED:
@@ -386,6 +386,29 @@ def _loaded(fam: PackInputs, tensors: Iterable[TensorPlan], keep_base_only: bool
             item = ahead.result()
             ahead = next((loader.submit(fam.load, e) for e in todo), None)
             yield item
+
+
+def _out_of_range(item: Item, elements: int) -> str:
+    """Why a tensor planned as merged is out of TALL's range (``tall.in_tall_range``), naming the
+    tasks (read again a block at a time: a diverged fine-tune is rare)."""
+    limit = TALL_RANGE / (len(item.tasks) + 1)
+    nonfinite, large = [], []
+    for i, t in enumerate(item.tasks):
+        for _, b, x in item.task_blocks(i, elements):
+            assert b is not None  # (planned merged: the base has it)
+            if not bool(torch.isfinite(b.float()).all()):
+                return "the base holds inf or NaN"
+            if not bool(torch.isfinite(x.float()).all()):
+                nonfinite.append(t)
+                break
+            if x.numel() and float((x.float() - b.float()).abs().max()) >= limit:
+                large.append(t)
+                break
+    said = [f"task{'s' if len(ts) > 1 else ''} {', '.join(map(repr, ts))} {what}" for ts, what in (
+        (nonfinite, "hold" + ("" if len(nonfinite) > 1 else "s") + " inf or NaN"),
+        (large, f"differ{'' if len(large) > 1 else 's'} from the base by {limit:.3g} or more, too much for "
+                "float32 sums")) if ts]
+    return "; ".join(said) or "values out of TALL's range"
 
 
 def _bytes_once(src: Source, aliases: Mapping[str, str]) -> int:

@@ -17,7 +17,7 @@ from typing import Any
 from ._torch import torch
 from .arrays import check_shape
 from .dtypes import all_equal
-from .elements import FLOATING
+from .elements import FLOATING, holds
 from .errors import IncompatibleCheckpointsError, InvalidArgumentError
 from .limits import MAX_NAME_CHARS, MAX_TASKS
 from .sources import ComponentsSource, Source, adapter, prefix_hint
@@ -321,9 +321,16 @@ def _warn_dtypes(base: Source, tasks: dict[str, Source], plan: list[TensorPlan])
         differ = [e.name for e in plan if e.kind is Kind.MERGED and src.info(e.name).dtype != base.info(e.name).dtype]
         if differ:
             n = differ[0]
+            mine, theirs = src.info(n).dtype, base.info(n).dtype
+            if holds(mine, theirs):  # float32 fine-tunes of a bfloat16 base: no rounding, but merged models narrow
+                log.warning("task %r: %d merged tensor(s) differ in dtype from the base (%r: %s, base %s); the base "
+                            "widens exactly (masks and rebuilds as a %s base gives), but merged models come out in "
+                            "the base's %s, which rounds away changes below its precision: a %s copy of the base "
+                            "keeps them", task, len(differ), n, mine, theirs, mine, theirs, mine)
+                continue
             log.warning("task %r: %d merged tensor(s) differ in dtype from the base (%r: %s, base %s); rounding to "
                         "the task's dtype counts as fine-tuning (denser masks, a larger archive): a base in the "
-                        "tasks' dtype avoids it", task, len(differ), n, src.info(n).dtype, base.info(n).dtype)
+                        "tasks' dtype avoids it", task, len(differ), n, mine, theirs)
 
 
 def _maskable(base: Source, name: str, tasks) -> bool:

@@ -212,7 +212,8 @@ def test_task_vectors_too_large_for_float32_sums_are_stored_exactly(tmp_path, ca
                     "w": w + 0.01 * torch.randn(64, generator=g)}
     with caplog.at_level("WARNING", logger="tallpack"):
         tallpack.pack(base, tasks, tmp_path / "f.tallpack", group=False)  # each tensor its own entry
-    assert "'huge' holds inf, NaN or values too large" in caplog.text and "'above'" in caplog.text
+    assert "'huge': task 'a' differs from the base by" in caplog.text  # (not 'b': its task vector is small)
+    assert "'above': tasks 'a', 'b' differ from the base by" in caplog.text
     with tallpack.open(tmp_path / "f.tallpack") as fam:
         kinds = {e.name: e.kind for e in fam.manifest.tensors}
         assert kinds["huge"] == kinds["above"] == "task-own" and kinds["below"] == kinds["large"] == "merged"
