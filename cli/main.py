@@ -135,6 +135,43 @@ def _end_at_once(before: int, said: list[bool]) -> None:
         signal.signal(_SIGHUP, end)
 
 
+#: The exit status of a command whose output's reader went away (``| head -1``): the one a shell
+#: reports for a command that SIGPIPE ended (128 + 13), as coreutils' are, so that ``set -o pipefail``
+#: takes tallpack as it takes ``cat``; 1 would be an error of its own.
+OUTPUT_GONE = 141
+
+
+def _stdout_gone() -> bool:
+    """Whether this process's standard output is a pipe whose reader is gone (its write end polls
+    POLLERR), the ``BrokenPipeError`` being its; where ``poll`` is missing (Windows), assumed so."""
+    import select
+
+    if not hasattr(select, "poll"):
+        return True
+    try:
+        fd = sys.__stdout__.fileno() if sys.__stdout__ is not None else 1
+        poller = select.poll()
+        poller.register(fd, 0)  # (POLLERR is reported whatever is asked)
+        return any(ev & select.POLLERR for _, ev in poller.poll(0))
+    except (OSError, ValueError):
+        return False
+
+
+def _output_gone(own_process: bool) -> None:
+    """End a command whose output's reader went away: quietly (no traceback, no line: the reader
+    asked for no more), with exit status OUTPUT_GONE. In the command's own process what stdout
+    still buffers goes to the null device (Python's recommended handling), not to a second error
+    at exit."""
+    if own_process:
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.__stdout__.fileno() if sys.__stdout__ is not None else 1)
+            os.close(devnull)
+        except (OSError, ValueError):
+            pass
+    sys.exit(OUTPUT_GONE)
+
+
 def end_process(code: int | str | None) -> None:
     """End the ``tallpack`` command's own process with exit status ``code`` (a ``SystemExit``'s)
     as Python's shutdown begins (its threads ended and joined, its ``atexit`` callbacks run), not
@@ -155,6 +192,9 @@ def end_process(code: int | str | None) -> None:
         try:
             if stream is not None:  # None: closed when the process started (2>&-)
                 stream.flush()
+        except BrokenPipeError:  # its output's last lines had no reader (| head -1): as during the command
+            if stream is sys.stdout and not code:
+                code = OUTPUT_GONE
         except (OSError, ValueError):
             pass
     os._exit(code or 0)
@@ -288,8 +328,12 @@ class _Group(click.Group):
                 pass
             said.append(True)
             sys.exit(128 + signum)
-        except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort, BrokenPipeError):
-            raise  # usage errors and exits: click prints them; a reader gone (| head): click exits quietly
+        except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+            raise  # usage errors and exits: click prints them
+        except BrokenPipeError as e:
+            if _stdout_gone():  # the reader of the output gone (| head -1); else a pipe or socket of its own work
+                _output_gone(main_thread and self.own_process)
+            _fail(_one_line(f"{e.filename or ''}: {e.strerror or e}".lstrip(": ")))
         except TallpackError as e:
             _fail(_one_line(str(e)))
         except OSError as e:
@@ -335,8 +379,9 @@ _SIGNING_LOGGERS = ("botocore", "aiobotocore", "urllib3", "s3transfer", "boto3")
 
 @click.group(cls=_Group, epilog=(
     "Exit status: 0 done; 1 an error (verify: damage found); 2 a mistake in the command line (an option, "
-    "a value); 130 Ctrl-C, 143 SIGTERM, 129 SIGHUP (nothing is left half-written). Errors are one line on "
-    "stderr; results and --json output go to stdout, progress to stderr."))
+    "a value); 130 Ctrl-C, 143 SIGTERM, 129 SIGHUP (nothing is left half-written); 141 the reader of the "
+    "output gone (| head). Errors are one line on stderr; results and --json output go to stdout, progress to "
+    "stderr."))
 @click.version_option(tallpack.__version__, prog_name="tallpack", message=(
     "%(prog)s, version %(version)s (" + ("compiled kernels" if COMPILED else "numpy loops, no compiled kernels") + ")"))
 @click.option("-v", "--verbose", count=True, help="More log output (-v info, -vv debug).")

@@ -149,3 +149,29 @@ def test_deepspeed_folder_as_the_base_named(tmp_path: Path) -> None:
     said = str(e.value)
     assert "a DeepSpeed checkpoint folder" in said and "python -m deepspeed.utils.zero_to_fp32" in said, said
     assert str(ds / "global_step500" / "mp_rank_00_model_states.pt") in said, said
+
+
+# -- 4. the reader of the output gone (| head -1) -----------------------------------------------------------------
+
+@pytest.mark.parametrize("command", [["inspect", "--json"], ["stats"]])
+def test_output_reader_gone_exits_141_quietly(tmp_path: Path, command: list[str]) -> None:
+    """``tallpack inspect X --json | head -1`` where head has gone before the output is written: exit
+    141, as a command that SIGPIPE ends (pipefail then takes it as it takes cat's), no traceback and
+    no error line (was 1, an error). The pipe's read end is closed before the command starts, so
+    its first write finds no reader."""
+    import os
+    import subprocess
+    import sys
+
+    base = _hf_folder(_model(0), tmp_path / "base")
+    tallpack.pack(base, [_lightning(_model(1), tmp_path / "a.ckpt")], tmp_path / "o.tallpack", strip_prefix="model.")
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        p = subprocess.Popen([sys.executable, "-m", "tallpack", command[0], str(tmp_path / "o.tallpack"), *command[1:]],
+                             stdout=write, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    finally:
+        os.close(write)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 141, (p.returncode, err)
+    assert "Traceback" not in err and "error" not in err.lower(), err
