@@ -48,6 +48,14 @@
  *                                        TIES' disjoint sum and counts (spec 6.1.9): out = (+0.0 + k_0) +
  *                                        k_1 + ..., k_t = r_t where its sign is S's (s0's where S is 0)
  *
+ *   merge_apply(theta, kind, d, masks, k, counts, alpha, out)
+ *                                        a merged model's tensor (merging.apply_direction, with
+ *                                        merge_direction's consensus mask or TIES' disjoint mean on the
+ *                                        way): out = narrow(widen(theta) + alpha * d'), d' = d * [count of
+ *                                        set masks >= k] (no masks: d), / max(counts, 1) (counts given);
+ *                                        kind 0-2 as below, 3 float64; returns whether out (1), theta or
+ *                                        d' (2) hold an inf or NaN
+ *
  *   For these three (and tv_sum, tall_mask_tv, max_abs_diff), tau_t = theta_t - base with both widened
  *   exactly to float32 (kind 0 float32, 1 bfloat16, 2 float16), computed a block at a time on the
  *   stack and never written to memory; an empty base makes the thetas the float32 task vectors.
@@ -1630,6 +1638,197 @@ static PyObject *ties_merge(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+/* -- merged models (merging.apply_direction, merged.MergeParts): one pass a tensor ------------------
+ *
+ * out = narrow(widen(theta) + alpha * d) with, first, d = d * (count >= k ? 1 : 0), count the number of
+ * 0/1 mask bytes set among the masks (Consensus Merging's m_cons * tau_MTL), and d = d / max(counts, 1)
+ * (TIES' disjoint mean): the same float32 operations in the same order as the torch expressions, so
+ * the same bits. ``kind`` is theta's and out's: 0 float32, 1 bfloat16, 2 float16 (their bits), 3
+ * float64 (rounded to float32 first, as Tensor.to(torch.float32), the sum widened back exactly). */
+enum { KIND_F64 = 3 };
+#define MERGE_BLOCK 1024
+/* the flags merge_apply returns */
+#define OUT_NOT_FINITE 1
+#define IN_NOT_FINITE 2
+
+/* d's block: the masks' consensus and the counts' division applied (torch's tau * m_cons, with the
+ * mask promoted to 0.0/1.0, and tau / clamp(counts.float(), min=1)). */
+HOT static void direction_block(const float *d, const uint8_t *const *masks, Py_ssize_t nm, long k,
+                                const uint8_t *counts, Py_ssize_t a, Py_ssize_t len, float *out) {
+    uint16_t c[MERGE_BLOCK];
+    for (Py_ssize_t i = 0; i < len; i++)
+        out[i] = d[a + i];
+    if (nm) {
+        for (Py_ssize_t i = 0; i < len; i++)
+            c[i] = 0;
+        for (Py_ssize_t t = 0; t < nm; t++) {
+            const uint8_t *m = masks[t] + a;
+            for (Py_ssize_t i = 0; i < len; i++)
+                c[i] = (uint16_t)(c[i] + m[i]);
+        }
+        for (Py_ssize_t i = 0; i < len; i++)
+            out[i] = out[i] * ((long)c[i] >= k ? 1.0f : 0.0f);
+    }
+    if (counts) {
+        const uint8_t *q = counts + a;
+        for (Py_ssize_t i = 0; i < len; i++) {
+            float f = (float)q[i];
+            out[i] = out[i] / (f < 1.0f ? 1.0f : f);
+        }
+    }
+}
+
+static inline uint32_t f32_bits(float v) {
+    uint32_t u;
+    memcpy(&u, &v, 4);
+    return u;
+}
+
+/* float32 theta and out; returns the flags of the block. */
+HOT static int apply_f32(const float *th, const float *d, float alpha, float *out, Py_ssize_t n) {
+    uint32_t bad_out = 0, bad_in = 0;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        float o = th[i] + alpha * d[i];
+        out[i] = o;
+        bad_out |= (f32_bits(o) & 0x7F800000u) == 0x7F800000u;
+        bad_in |= ((f32_bits(th[i]) & 0x7F800000u) == 0x7F800000u) | ((f32_bits(d[i]) & 0x7F800000u) == 0x7F800000u);
+    }
+    return (bad_out ? OUT_NOT_FINITE : 0) | (bad_in ? IN_NOT_FINITE : 0);
+}
+
+/* bfloat16 theta (its bits) and out, rounded to nearest even (bf16_rne). */
+HOT static int apply_bf16(const uint16_t *th, const float *d, float alpha, uint16_t *out, Py_ssize_t n) {
+    uint32_t bad_out = 0, bad_in = 0;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        uint32_t u = (uint32_t)th[i] << 16;
+        float t;
+        memcpy(&t, &u, 4);
+        uint16_t h = bf16_rne(t + alpha * d[i]);
+        out[i] = h;
+        bad_out |= (h & 0x7F80u) == 0x7F80u;
+        bad_in |= ((th[i] & 0x7F80u) == 0x7F80u) | ((f32_bits(d[i]) & 0x7F800000u) == 0x7F800000u);
+    }
+    return (bad_out ? OUT_NOT_FINITE : 0) | (bad_in ? IN_NOT_FINITE : 0);
+}
+
+#ifdef HAVE_AVX2_PLANES
+/* float32 to float16 eight at a time with F16C, rounding to nearest even (torch's own conversion);
+ * returns how many it wrote (a multiple of 8: the rest for f16_rne). */
+__attribute__((target("avx2,f16c"))) static Py_ssize_t narrow_f16_f16c(const float *v, uint16_t *out, Py_ssize_t n) {
+    Py_ssize_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        _mm_storeu_si128((__m128i *)(out + i), _mm256_cvtps_ph(_mm256_loadu_ps(v + i), _MM_FROUND_TO_NEAREST_INT));
+    return i;
+}
+#endif
+
+/* float16 theta (its bits, widened into ``tw``) and out. */
+static int apply_f16(int f16c, const uint16_t *th, const float *d, float alpha, uint16_t *out, Py_ssize_t n,
+                     float *tw) {
+    uint32_t bad_out = 0, bad_in = 0;
+    widen16(KIND_F16, f16c, th, tw, n);
+    for (Py_ssize_t i = 0; i < n; i++)
+        tw[i] = tw[i] + alpha * d[i];
+    Py_ssize_t i = 0;
+#ifdef HAVE_AVX2_PLANES
+    if (f16c)
+        i = narrow_f16_f16c(tw, out, n);
+#endif
+    for (; i < n; i++)
+        out[i] = f16_rne(tw[i]);
+    for (i = 0; i < n; i++) {
+        bad_out |= (out[i] & 0x7C00u) == 0x7C00u;
+        bad_in |= ((th[i] & 0x7C00u) == 0x7C00u) | ((f32_bits(d[i]) & 0x7F800000u) == 0x7F800000u);
+    }
+    return (bad_out ? OUT_NOT_FINITE : 0) | (bad_in ? IN_NOT_FINITE : 0);
+}
+
+/* float64 theta and out: theta rounded to float32, the float32 sum widened back. */
+HOT static int apply_f64(const double *th, const float *d, float alpha, double *out, Py_ssize_t n) {
+    uint32_t bad_out = 0, bad_in = 0;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        float o = (float)th[i] + alpha * d[i];
+        out[i] = (double)o;
+        uint64_t u;
+        memcpy(&u, &th[i], 8);
+        bad_out |= (f32_bits(o) & 0x7F800000u) == 0x7F800000u;
+        bad_in |= ((u & 0x7FF0000000000000ull) == 0x7FF0000000000000ull)
+                  | ((f32_bits(d[i]) & 0x7F800000u) == 0x7F800000u);
+    }
+    return (bad_out ? OUT_NOT_FINITE : 0) | (bad_in ? IN_NOT_FINITE : 0);
+}
+
+static int merge_apply_loop(int kind, const void *theta, const float *d, const uint8_t *const *masks, Py_ssize_t nm,
+                            long k, const uint8_t *counts, float alpha, void *out, Py_ssize_t n) {
+    int f16c = has_f16c(kind), flags = 0;
+    float dw[MERGE_BLOCK], tw[MERGE_BLOCK];
+    for (Py_ssize_t a = 0; a < n; a += MERGE_BLOCK) {
+        Py_ssize_t len = n - a < MERGE_BLOCK ? n - a : MERGE_BLOCK;
+        const float *db = d + a;
+        if (nm || counts) {
+            direction_block(d, masks, nm, k, counts, a, len, dw);
+            db = dw;
+        }
+        if (kind == KIND_F32)
+            flags |= apply_f32((const float *)theta + a, db, alpha, (float *)out + a, len);
+        else if (kind == KIND_BF16)
+            flags |= apply_bf16((const uint16_t *)theta + a, db, alpha, (uint16_t *)out + a, len);
+        else if (kind == KIND_F16)
+            flags |= apply_f16(f16c, (const uint16_t *)theta + a, db, alpha, (uint16_t *)out + a, len, tw);
+        else
+            flags |= apply_f64((const double *)theta + a, db, alpha, (double *)out + a, len);
+    }
+    return flags;
+}
+
+static PyObject *merge_apply(PyObject *self, PyObject *args) {
+    Py_buffer theta, d, counts, out;
+    PyObject *mseq;
+    int kind;
+    long k;
+    float alpha;
+    if (!PyArg_ParseTuple(args, "y*iy*Oly*fw*:merge_apply", &theta, &kind, &d, &mseq, &k, &counts, &alpha, &out))
+        return NULL;
+    Py_buffer *mv = NULL;
+    const uint8_t **mp = NULL;
+    Py_ssize_t nm = -1, n = d.len / 4;
+    int size = kind == KIND_F64 ? 8 : kind_size(kind), flags = 0;
+    if (!size || d.len % 4 || !WORDS_OK(d.buf, 4) || n > PY_SSIZE_T_MAX / 8 || theta.len != size * n
+        || out.len != size * n || !WORDS_OK(theta.buf, size) || !WORDS_OK(out.buf, size)
+        || (counts.len != 0 && counts.len != n)) {
+        PyErr_Format(PyExc_ValueError, "merge_apply: kind %d, theta %zd, d %zd, counts %zd and out %zd bytes "
+                     "(or misaligned)", kind, theta.len, d.len, counts.len, out.len);
+        goto done;
+    }
+    nm = get_views(mseq, &mv, n, 1);
+    if (nm < 0)
+        goto done;
+    mp = PyMem_New(const uint8_t *, nm > 0 ? nm : 1);
+    if (mp == NULL || nm > 65535) {
+        if (mp == NULL)
+            PyErr_NoMemory();
+        else
+            PyErr_Format(PyExc_ValueError, "merge_apply: %zd masks (at most 65535)", nm);
+        goto done;
+    }
+    for (Py_ssize_t t = 0; t < nm; t++)
+        mp[t] = (const uint8_t *)mv[t].buf;
+    Py_BEGIN_ALLOW_THREADS
+    flags = merge_apply_loop(kind, theta.buf, (const float *)d.buf, mp, nm, k,
+                             counts.len ? (const uint8_t *)counts.buf : NULL, alpha, out.buf, n);
+    Py_END_ALLOW_THREADS
+done:
+    PyMem_Free(mp);
+    release_views(mv, nm);
+    PyBuffer_Release(&theta);
+    PyBuffer_Release(&d);
+    PyBuffer_Release(&counts);
+    PyBuffer_Release(&out);
+    if (PyErr_Occurred())
+        return NULL;
+    return PyLong_FromLong(flags);
+}
+
 static PyObject *unpack_bits(PyObject *self, PyObject *args) {
     Py_buffer packed, out;
     if (!PyArg_ParseTuple(args, "y*w*:unpack_bits", &packed, &out))
@@ -2005,6 +2204,9 @@ static PyMethodDef methods[] = {
      "ties_signs(base, thetas, kind, thr, n): (elements whose TIES trimmed sum is > 0, < 0)"},
     {"ties_merge", ties_merge, METH_VARARGS,
      "ties_merge(base, thetas, kind, thr, s0, out, counts): TIES' disjoint sum and counts"},
+    {"merge_apply", merge_apply, METH_VARARGS,
+     "merge_apply(theta, kind, d, masks, k, counts, alpha, out): out = theta + alpha * d (d masked by the masks' "
+     "consensus, divided by max(counts, 1)), in theta's dtype; returns flags (1 out, 2 theta or d not finite)"},
     {"bitsplit", bitsplit, METH_VARARGS,
      "bitsplit(src, k, heads, low): codec bitsplit's head bytes and LSB-first low-bit stream; returns its bytes"},
     {"permute_key", permute_key, METH_VARARGS,

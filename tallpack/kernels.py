@@ -707,6 +707,37 @@ def _widen(x: np.ndarray, kind: str) -> np.ndarray:
 _NO_BASE = b""
 
 
+#: The element kinds of ``merge_apply``'s base and output: ``KINDS`` and float64.
+MERGE_KINDS = (*KINDS, "float64")
+#: ``merge_apply``'s flags: the output holds an inf or NaN; the base or the direction does.
+OUT_NOT_FINITE, IN_NOT_FINITE = 1, 2
+
+
+def merge_apply(theta: np.ndarray, kind: str, d: np.ndarray, masks: Sequence[np.ndarray], k: int,
+                counts: np.ndarray | None, alpha: np.float32, out: np.ndarray, parts: int = 1) -> int | None:
+    """A merged model's tensor in one compiled pass: ``out = narrow(widen(theta) + alpha * d')`` in
+    float32 (``kind``: one of MERGE_KINDS, theta's and out's, 16-bit floats as their bits; float64
+    rounded to float32 first), ``d' = d * [sum of masks >= k]`` (0/1 bytes; none: d as it is), then
+    ``/ max(counts, 1)`` when ``counts`` (uint8) is given: the bits of ``merging.merge_direction``
+    and ``apply_direction``. In up to ``parts`` element ranges at once. Returns OUT_NOT_FINITE and
+    IN_NOT_FINITE or'ed (theta or d' holds an inf or NaN); None, doing nothing, without the
+    compiled loops or for unaligned arrays."""
+    run = getattr(_kernels, "merge_apply", None)
+    if run is None or not _fit(theta, d, out, *masks, *(() if counts is None else (counts,))):
+        return None
+    kd, none, flags = MERGE_KINDS.index(kind), b"", [0]
+
+    def part(a: int, b: int) -> None:
+        got = run(theta[a:b], kd, d[a:b], [m[a:b] for m in masks], k, none if counts is None else counts[a:b],
+                  float(alpha), out[a:b])
+        flags.append(got)  # (list.append: atomic across the helper threads)
+    _run_cuts(_cuts(d.size, parts), part)
+    result = 0
+    for f in flags:
+        result |= f
+    return result
+
+
 #: Elements from which ``tv_sum`` splits its pass (the helper's wake-up,
 #: 50-100 us here, against about 0.2 ms of work).
 PARTS_FROM = 1 << 17

@@ -26,9 +26,11 @@ from .encodings.exact import TALL_ENCODINGS
 from .encodings.qtau import task_masks
 from .errors import FormatError, InvalidArgumentError, TallpackError, UnsupportedVersionError, memory_named
 from .folders import component_of
+from .kernels import IN_NOT_FINITE, OUT_NOT_FINITE
 from .manifest import Manifest
-from .merging import (MERGED_MODELS, METHODS, MergeMethod, apply_direction, check_alpha, default_alpha, integer,
-                      is_consensus, merge_direction, merged_model_method, missing_statistics)
+from .merging import (MERGED_MODELS, METHODS, MergeMethod, apply_direction, check_alpha, consensus_mask, default_alpha,
+                      fusable, fusable_dtype, fused_merge, integer, is_consensus, merge_direction, merged_model_method,
+                      missing_statistics)
 from .tall import tall_mask, task_vector
 
 
@@ -200,6 +202,9 @@ CHUNKED_FROM = 1 << 22
 #: The elements of one run (rounded up to a whole number of the arrays' chunks, so that no chunk
 #: is decoded twice): 1M, 4 MB float32 buffers.
 RUN_ELEMENTS = 1 << 20
+#: The most tasks whose masks of a run the compiled loop counts itself (each a byte an element); past
+#: it, torch counts them as they come (``consensus_mask``) and the loop takes the one consensus mask.
+FUSED_MASKS = 8
 #: The most names of left-out tensors a warning lists.
 SHOWN_NAMES = 5
 #: The most bytes of built tensors a lazy merged model holds for names not indexed yet (a group's
@@ -430,9 +435,11 @@ class MergeParts:
     def _in_runs(self, e: TensorEntry) -> dict[str, ArrayRef] | None:
         """The stored arrays a merged tensor of entry ``e`` is built from, by key (``"base"``,
         ``"merged"``, the method's extras or each task's ``"mask"`` as ``"mask:TASK"``), when it is
-        built RUN_ELEMENTS at a time (CHUNKED_FROM); None: built whole, as ``entry_parts`` does."""
+        built RUN_ELEMENTS at a time (CHUNKED_FROM; any size where the compiled loop builds it:
+        ``merging.fused_merge``); None: built whole, as ``entry_parts`` does."""
         base = e.arrays.get("base")
-        if (e.members or not e.tasks or base is None or base.numel <= CHUNKED_FROM or _how_merged(e) != "merged"
+        if (e.members or not e.tasks or base is None or _how_merged(e) != "merged"
+                or (base.numel <= CHUNKED_FROM and not (base.numel and fusable_dtype(base.dtype)))
                 or any(tt.encoding == "qtau" for tt in e.tasks.values())):
             return None
         refs: dict[str, ArrayRef | DerivedMerged | None] = {"base": base, "merged": merged_source(e)}
@@ -461,10 +468,18 @@ class MergeParts:
         run = max(1, -(-RUN_ELEMENTS // ce)) * ce
         out: torch.Tensor | None = None
         out_finite = inputs_finite = True  # every run's part finite; base and d finite where checked
+        flags = 0  # the compiled loop's, or'ed over the runs
         for a in range(0, base.numel, run):
             b = min(base.numel, a + run)
             theta = read(base, f"{where} (base)", Use.INPUT, start=a, stop=b)
             tau = read(refs["merged"], f"{where} (merged)", Use.INPUT, start=a, stop=b)
+            if out is None and fusable(theta):
+                out = torch.empty(tuple(base.shape), dtype=theta.dtype)
+            got = self._fused_run(e, refs, a, b, theta, tau, alpha, out) if out is not None else None
+            if got is not None:
+                flags |= got
+                del theta, tau
+                continue
             masks: Iterable[torch.Tensor] | None = None
             extras = None
             if is_consensus(model):  # read as they are counted, in the tasks' order
@@ -485,8 +500,34 @@ class MergeParts:
                 if not finite or part.dtype == getattr(torch, "float8_e4m3fn", None):
                     inputs_finite = _finite(theta) and _finite(d)
             del theta, tau, masks, extras, d, part
-        assert out is not None  # (more than CHUNKED_FROM elements: at least one run)
+        assert out is not None  # (at least one run)
+        out_finite = out_finite and not flags & OUT_NOT_FINITE
+        inputs_finite = inputs_finite and not flags & IN_NOT_FINITE
         return out, out.is_floating_point() and not out_finite and inputs_finite
+
+    def _fused_run(self, e: TensorEntry, refs: dict[str, ArrayRef], a: int, b: int, theta: torch.Tensor,
+                   tau: torch.Tensor, alpha: float, out: torch.Tensor) -> int | None:
+        """Elements [a, b) of the merged tensor of entry ``e`` built into ``out`` by the compiled
+        loop (``merging.fused_merge``): its flags; None where it does not run (nothing written)."""
+        read, where, k = self._family.read_array, f"tensor {e.name!r}", self._k_used
+        masks = counts = None
+        if is_consensus(self.model):
+            if len(e.tasks) > FUSED_MASKS:  # counted as they come, one mask held at a time; then one mask, k = 1
+                masks = [consensus_mask((read(refs[f"mask:{t}"], f"task {t!r}, {where} (mask)", Use.INPUT, start=a,
+                                              stop=b) for t in e.tasks), k)]
+                k = 1
+            else:
+                masks = [read(refs[f"mask:{t}"], f"task {t!r}, {where} (mask)", Use.INPUT, start=a, stop=b)
+                         for t in e.tasks]
+        elif self._method.name == "ties":  # its disjoint mean: tau_MTL / max(counts, 1)
+            counts = read(refs["counts"], f"{where} (counts)", Use.INPUT, start=a, stop=b)
+        elif self._method.name != "ta":  # (a method whose plain direction the loop does not know)
+            return None
+        part = out.view(-1)[a:b]
+        got = fused_merge(theta.reshape(-1), tau.reshape(-1), alpha, [m.reshape(-1) for m in masks or ()] or None, k,
+                          None if counts is None else counts.reshape(-1), part,
+                          getattr(self._family, "threads", 1))
+        return None if got is None else got[1]
 
     @overload
     def state_dict(self, alpha: float | None = None, *, task: str | None = None,

@@ -566,6 +566,63 @@ def merge_direction(model: str, tau_mtl: torch.Tensor, masks: Iterable[torch.Ten
 
 def apply_direction(theta_0: torch.Tensor, direction: torch.Tensor, alpha: float) -> torch.Tensor:
     """``theta_0 + alpha * d`` in float32 (alpha rounded to float32), cast to theta_0's dtype."""
+    got = fused_merge(theta_0, direction, alpha)
+    if got is not None:
+        return got[0]
     alpha32 = torch.tensor(alpha, dtype=torch.float32, device=direction.device)
     out = theta_0.to(torch.float32, copy=True)  # summed in place: one float32 buffer fewer (a + b is b + a)
     return narrow(out.add_(alpha32 * direction), theta_0.dtype)
+
+
+#: Whether merged tensors are built by the compiled loop (``kernels.merge_apply``) where it runs:
+#: one pass a tensor, on this thread and tallpack's helpers, not torch's ten element-wise passes,
+#: each an OpenMP parallel region (BENCHMARKS.md). The same bits either way; benchmarks turn it off.
+FUSED = True
+#: The torch dtypes ``kernels.merge_apply`` takes, by its kinds.
+_MERGE_KINDS = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16", "float64": "float64"}
+
+
+def _flat(t: torch.Tensor) -> np.ndarray:
+    """A contiguous CPU tensor's elements as flat numpy (16-bit floats as their bits, bool as bytes)."""
+    if t.dtype in (torch.bfloat16, torch.float16):
+        t = t.view(torch.int16)
+    elif t.dtype == torch.bool:
+        t = t.view(torch.uint8)
+    return t.reshape(-1).numpy()
+
+
+def fusable_dtype(dtype: str) -> bool:
+    """Whether :func:`fused_merge` builds a merged tensor of a base of ``dtype`` (a spec name)."""
+    return FUSED and kernels.COMPILED and dtype in _MERGE_KINDS
+
+
+def fusable(theta_0: torch.Tensor) -> bool:
+    """Whether :func:`fused_merge` builds a merged tensor of base ``theta_0``."""
+    return theta_0.device.type == "cpu" and fusable_dtype(str(theta_0.dtype).removeprefix("torch."))
+
+
+def fused_merge(theta_0: torch.Tensor, d: torch.Tensor, alpha: float, masks: list[torch.Tensor] | None = None,
+                k: int = 0, counts: torch.Tensor | None = None, out: torch.Tensor | None = None,
+                parts: int = 1) -> tuple[torch.Tensor, int] | None:
+    """``apply_direction(theta_0, merge_direction(...), alpha)`` in one compiled pass (the same
+    bits): ``d`` tau_MTL (or the direction), masked by ``consensus_mask(masks, k)`` when ``masks``
+    are given, divided by ``max(counts, 1)`` when ``counts`` are (TIES' disjoint mean); into
+    ``out`` when given (contiguous, theta_0's dtype), in up to ``parts`` ranges at once. Returns the
+    tensor and ``kernels.merge_apply``'s flags; None where the loop does not run (no compiled
+    loops, another dtype or device, a tensor not contiguous: the caller's torch path then runs)."""
+    tensors = [theta_0, d, *(masks or ()), *(() if counts is None else (counts,)), *(() if out is None else (out,))]
+    if (not fusable(theta_0) or d.dtype != torch.float32 or d.shape != theta_0.shape
+            or any(t.device.type != "cpu" or not t.is_contiguous() or t.numel() != d.numel() for t in tensors)
+            or any(m.dtype != torch.bool for m in masks or ()) or (counts is not None and counts.dtype != torch.uint8)
+            or (out is not None and out.dtype != theta_0.dtype) or (masks is not None and not 0 < len(masks) < 65536)
+            or any(t.requires_grad for t in tensors)):
+        return None
+    if out is None:
+        out = torch.empty(theta_0.shape, dtype=theta_0.dtype)
+    with np.errstate(over="ignore"):
+        alpha32 = np.float32(alpha)  # as torch.tensor(alpha, dtype=torch.float32) rounds it
+    flags = kernels.merge_apply(_flat(theta_0), _MERGE_KINDS[str(theta_0.dtype).removeprefix("torch.")], _flat(d),
+                                [_flat(m) for m in masks or ()], max(int(k), 0) if masks else 0,
+                                None if counts is None else _flat(counts), alpha32, _flat(out), parts)
+    return None if flags is None else (out, flags)
+
