@@ -2,15 +2,56 @@
 
 
 def _terminated_loading(signum: int, frame: object) -> None:
-    """SIGTERM before the command has begun (its modules loading): nothing was written, so the
-    process ends at once, in the line and exit status it has later."""
+    """SIGTERM or Ctrl-C before the command has begun (its modules loading): nothing was written,
+    so the process ends at once, in the line and exit status it has later."""
     import os
+    import signal
 
+    what = b"terminated (SIGTERM)" if signum == signal.SIGTERM else b"interrupted"
     try:
-        os.write(2, b"error: terminated (SIGTERM); nothing was written\n")
+        os.write(2, b"error: " + what + b"; nothing was written\n")
     except OSError:  # stderr closed
         pass
     os._exit(128 + signum)
+
+
+def begin() -> None:
+    """Set up the command's process before its modules load. OpenMP's threads wait passively
+    (``OMP_WAIT_POLICY``) unless the environment says otherwise; SIGTERM and Ctrl-C end the process
+    at once in one line and exit 143 or 130, not silently (-15) or in a traceback (torch's import
+    takes seconds); a signal the parent ignores stays ignored (nohup's; SIGINT of a shell's
+    ``cmd &``). ``run`` gives SIGINT back to Python before the command begins, and the command sets
+    its own SIGTERM handler. Called by ``run``, and by ``tallpack/__init__.py`` first when ``python
+    -m tallpack`` imports it (``as_module``)."""
+    import os
+    import signal
+    import sys
+
+    if "torch" not in sys.modules:  # read once, when torch's OpenMP runtime loads
+        os.environ.setdefault("OMP_WAIT_POLICY", OMP_WAIT_POLICY)
+    try:
+        if signal.getsignal(signal.SIGTERM) is not signal.SIG_IGN:  # (ignored by the parent: it stays so)
+            signal.signal(signal.SIGTERM, _terminated_loading)
+        if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+            signal.signal(signal.SIGINT, _terminated_loading)
+    except ValueError:  # not the main thread: a caller's process keeps its handlers
+        pass
+
+
+def as_module() -> bool:
+    """Whether this process is ``python -m tallpack`` locating its module (``sys.argv[0]`` is
+    ``-m`` until then), not a program that imports tallpack."""
+    import sys
+
+    if sys.argv[:1] != ["-m"]:
+        return False
+    argv = list(getattr(sys, "orig_argv", ()))
+    for i, arg in enumerate(argv[1:], 1):
+        if arg == "-m":
+            return argv[i + 1:i + 2] == ["tallpack"]
+        if arg.startswith("-m"):
+            return arg == "-mtallpack"
+    return False
 
 
 #: OpenMP's wait policy for the command's process, unless the environment sets one: torch's
@@ -22,27 +63,24 @@ OMP_WAIT_POLICY = "PASSIVE"
 
 
 def run() -> None:
-    """The ``tallpack`` command: Ctrl-C or SIGTERM while its modules load ends as any interrupt
-    does, in one line and exit 130 or 143 (not a traceback, or a silent -15); so does a signal
-    after the command has ended, until the process has (``end_process``). OpenMP's threads wait
-    passively (``OMP_WAIT_POLICY``) unless the environment says otherwise."""
-    import os
+    """The ``tallpack`` command (and ``python -m tallpack``): Ctrl-C or SIGTERM while its modules
+    load ends as any interrupt does, in one line and exit 130 or 143 (not a traceback, or a silent
+    -15; ``begin``); so does a signal after the command has ended, until the process has
+    (``end_process``)."""
     import signal
     import sys
 
-    if "torch" not in sys.modules:  # read once, when torch's OpenMP runtime loads
-        os.environ.setdefault("OMP_WAIT_POLICY", OMP_WAIT_POLICY)
-
-    try:
-        if signal.getsignal(signal.SIGTERM) is not signal.SIG_IGN:  # (ignored by the parent: it stays so)
-            signal.signal(signal.SIGTERM, _terminated_loading)  # the command sets its own as it begins
-    except ValueError:  # not the main thread: a caller's process keeps its handlers
-        pass
+    begin()
     try:
         from .main import end_process, main
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # (a caller's thread, where no handler was set)
         sys.stderr.write("error: interrupted; nothing was written\n")
         sys.exit(130)
+    try:
+        if signal.getsignal(signal.SIGINT) is _terminated_loading:  # Ctrl-C: KeyboardInterrupt again, which
+            signal.signal(signal.SIGINT, signal.default_int_handler)  # the command cleans up after
+    except ValueError:
+        pass
     main.own_process = True  # a signal after the command (its ``wrote`` line) still ends in its line
     try:
         main(prog_name="tallpack")

@@ -6,7 +6,27 @@
 ...     sd = fam.state_dict("cars")
 """
 
-from ._version import __version__
+
+def _command_first() -> None:
+    """``python -m tallpack``: the command's signal handling and OpenMP policy before torch loads
+    (``tallpack_cli.begin``), as the ``tallpack`` script has them; a program's import of tallpack,
+    or the command line not installed, sets nothing."""
+    import sys
+
+    if sys.argv[:1] != ["-m"]:  # a module being located by ``python -m``, this one or another that imports it
+        return
+    try:
+        import tallpack_cli
+    except ImportError:
+        return
+    if tallpack_cli.as_module():
+        tallpack_cli.begin()
+
+
+_command_first()
+del _command_first
+
+from ._version import __version__  # noqa: E402
 from .errors import (
     ArchiveClosedError,
     ArchiveNotFoundError,

@@ -175,3 +175,51 @@ def test_output_reader_gone_exits_141_quietly(tmp_path: Path, command: list[str]
     _, err = p.communicate(timeout=120)
     assert p.returncode == 141, (p.returncode, err)
     assert "Traceback" not in err and "error" not in err.lower(), err
+
+
+# -- 5. signals while ``python -m tallpack`` loads ---------------------------------------------------------------
+
+#: A sitecustomize that holds the process in tallpack's own import (at numpy's, which the package's
+#: modules import), says so on stderr, and waits there for the test's signal.
+_HOLD = '''
+import sys, time
+class _Hold:
+    done = False
+    def find_spec(self, name, path=None, target=None):
+        if name == "numpy" and "tallpack" in sys.modules and not self.done:
+            self.done = True
+            sys.stderr.write("loading\\n")
+            sys.stderr.flush()
+            time.sleep(120)
+        return None
+sys.meta_path.insert(0, _Hold())
+'''
+
+
+@pytest.mark.parametrize("signame", ["SIGTERM", "SIGINT"])
+@pytest.mark.parametrize("entry", [["-m", "tallpack"], ["-c", "import tallpack_cli; tallpack_cli.run()"]])
+def test_a_signal_while_the_package_loads_ends_in_one_line(tmp_path: Path, signame: str, entry: list[str]) -> None:
+    """``python -m tallpack`` imports the tallpack package before its __main__ sets the command's
+    handlers: SIGTERM there ended it silently (-15), Ctrl-C in a traceback. Now both entry points
+    (``-m`` and the ``tallpack`` script's ``run``) end in the line and status a signal has later."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    (tmp_path / "hook").mkdir()
+    (tmp_path / "hook" / "sitecustomize.py").write_text(_HOLD)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path / "hook"), *sys.path])}
+    p = subprocess.Popen([sys.executable, *entry, "inspect", str(tmp_path / "none.tallpack")], env=env,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert p.stderr is not None and p.stderr.readline() == "loading\n"
+        sig = getattr(signal, signame)
+        p.send_signal(sig)
+        _, err = p.communicate(timeout=120)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    what = "terminated (SIGTERM)" if signame == "SIGTERM" else "interrupted"
+    assert p.returncode == 128 + sig, (p.returncode, err)
+    assert err == f"error: {what}; nothing was written\n", err
