@@ -1666,14 +1666,20 @@ HOT static void direction_block(const float *d, const uint8_t *const *masks, Py_
             for (Py_ssize_t i = 0; i < len; i++)
                 c[i] = (uint16_t)(c[i] + m[i]);
         }
-        for (Py_ssize_t i = 0; i < len; i++)
-            out[i] = out[i] * ((long)c[i] >= k ? 1.0f : 0.0f);
+        /* 1.0f's bits where the count reaches k, else 0.0f's: no branch, so the loop vectorizes */
+        uint32_t kk = k <= 0 ? 0u : k > 65535 ? 65536u : (uint32_t)k;
+        for (Py_ssize_t i = 0; i < len; i++) {
+            uint32_t one = 0x3F800000u & (0u - (uint32_t)((uint32_t)c[i] >= kk));
+            float f;
+            memcpy(&f, &one, 4);
+            out[i] = out[i] * f;
+        }
     }
     if (counts) {
         const uint8_t *q = counts + a;
         for (Py_ssize_t i = 0; i < len; i++) {
-            float f = (float)q[i];
-            out[i] = out[i] / (f < 1.0f ? 1.0f : f);
+            int32_t c1 = (int32_t)q[i] + (q[i] == 0); /* max(counts, 1), exact in float32 */
+            out[i] = out[i] / (float)c1;
         }
     }
 }
