@@ -15,12 +15,25 @@ from functools import wraps
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
 
+def imported() -> types.ModuleType:
+    """The real ``torch``, imported with Ctrl-C (and SIGTERM) held until its import ends: torch
+    cannot be imported again in a process whose first import was cut off (every later use fails:
+    "partially initialized module 'torch'"), and the first import is the first call's (a notebook's
+    interrupt button in a first ``pack`` or ``state_dict``). A Ctrl-C meanwhile takes effect after it."""
+    if "torch" not in sys.modules:
+        from .fsutil import signals_held
+
+        with signals_held():
+            import torch
+    import torch
+    return torch
+
+
 class _Torch(types.ModuleType):
     def __getattr__(self, name: str) -> Any:
-        import torch  # the real module, once
-
-        self.__dict__.update({k: v for k, v in vars(torch).items() if not k.startswith("__")})
-        return getattr(torch, name)
+        real = imported()  # the real module, once
+        self.__dict__.update({k: v for k, v in vars(real).items() if not k.startswith("__")})
+        return getattr(real, name)
 
 
 if TYPE_CHECKING:  # type checkers see torch itself, so the library's annotations stay typed

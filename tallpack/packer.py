@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, cast
 
 from . import kernels, memory
-from ._torch import torch
+from ._torch import imported, torch
 from ._version import __version__
 from .container import ContainerWriter
 from .dial import Dial
@@ -84,6 +84,7 @@ def pack(base: SourceLike, tasks: TasksLike, out: str | os.PathLike, options: Pa
             if twice is not None:  # .../a/model.safetensors and .../b/model.safetensors: one would go
                 raise InvalidArgumentError(f"task {twice!r} given twice; name tasks with NAME=PATH ({{name: url}})")
             local_tasks = dict(zip(names, local_tasks))
+        imported()  # torch, whole whatever Ctrl-C does: the inputs' safe_open would import it unguarded
         fam = PackInputs(local["\0base"], local_tasks, allow_mismatch=opts.allow_mismatch,
                          chunk_elements=opts.chunk_elements, strip=opts.strip_prefix, exact=opts.exact)
         for src in (fam.base, *fam.tasks.values()):

@@ -65,3 +65,48 @@ def test_a_closed_archive_says_so_when_shown(many):
     with tallpack.open(many) as fam:
         assert "(closed)" not in repr(fam)
     assert repr(fam).endswith("(closed)>") and "family.tallpack" in repr(fam)
+
+
+_CUT_IMPORT = textwrap.dedent("""
+    import os, signal, sys, tallpack
+    assert "torch" not in sys.modules  # (import tallpack does not import torch)
+    d, first = sys.argv[1], sys.argv[2]
+    def call():
+        if first == "pack":
+            return tallpack.pack(f"{d}/base.safetensors", [f"{d}/a.safetensors", f"{d}/b.safetensors"],
+                                 f"{d}/f.tallpack", overwrite=True)
+        with tallpack.open(f"{d}/f.tallpack") as fam:
+            return fam.state_dict("a")["w"].sum().item()
+    def ctrl_c(event, args):  # Ctrl-C as torch's own modules load: the first call imports torch
+        if event == "import" and args[0] == "torch._utils":
+            sys.addaudithook(lambda *a: None)
+            os.kill(os.getpid(), signal.SIGINT)
+    sys.addaudithook(ctrl_c)
+    try:
+        call()
+        print("not interrupted")
+    except KeyboardInterrupt:
+        print("interrupted")
+    print("again:", call())
+""")
+
+
+@pytest.mark.parametrize("first", ["pack", "state_dict"])
+def test_ctrl_c_in_the_first_call_leaves_torch_usable(tmp_path, first):
+    """The first call that builds tensors imports torch (one to three seconds); Ctrl-C then (a
+    notebook's interrupt button) stops the call, and the same call run again in that process works.
+    It cut torch's import in the middle, and torch cannot be imported twice: every later call of
+    the session failed ("partially initialized module 'torch' has no attribute 'fx'",
+    "duplicate registrations for aten...") until the kernel was restarted."""
+    base = {"w": torch.zeros(16, 16)}
+    save_file(base, tmp_path / "base.safetensors")
+    save_file({"w": base["w"] + 0.5}, tmp_path / "a.safetensors")
+    save_file({"w": base["w"] - 0.5}, tmp_path / "b.safetensors")
+    if first == "state_dict":
+        tallpack.pack(tmp_path / "base.safetensors", [tmp_path / "a.safetensors", tmp_path / "b.safetensors"],
+                      tmp_path / "f.tallpack")
+    r = subprocess.run([sys.executable, "-c", _CUT_IMPORT, str(tmp_path), first], capture_output=True, text=True,
+                       timeout=120, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.splitlines()[0] == "interrupted", r.stdout
+    assert r.stdout.splitlines()[1].startswith("again:"), r.stdout
