@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sized
 from typing import Any, TypeVar, Union
 
 log = logging.getLogger(__name__)
@@ -27,6 +27,8 @@ def track(items: Iterable[T], progress: ProgressLike, desc: str, total: int | No
     """
     if not progress:
         yield from items
+        return
+    if isinstance(items, Sized) and not len(items):  # a step with nothing to do: no empty bar
         return
     if isinstance(progress, Labelled) and not isinstance(progress.progress, (LogLines, Bar)):
         desc, progress = f"{progress.label}: {desc}", progress.progress  # (LogLines, Bar: told the label apart)

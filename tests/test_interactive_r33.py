@@ -110,3 +110,15 @@ def test_ctrl_c_in_the_first_call_leaves_torch_usable(tmp_path, first):
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.splitlines()[0] == "interrupted", r.stdout
     assert r.stdout.splitlines()[1].startswith("again:"), r.stdout
+
+
+def test_progress_shows_no_bar_for_a_step_with_nothing_to_do(many, capsys):
+    """``fam.verify(progress=True)`` at a prompt: a bar for the chunks it checks, none for the exact
+    tier's steps an archive without one skips (they showed ``checking originals: 0tensor [00:00,
+    ?tensor/s]`` and ``checking derived masks: 0tensor ...``)."""
+    pytest.importorskip("tqdm")
+    with tallpack.open(many) as fam:
+        assert fam.verify(progress=True) == []
+    shown = capsys.readouterr().err
+    assert "verifying" in shown
+    assert "checking originals" not in shown and "checking derived masks" not in shown and "0tensor" not in shown
