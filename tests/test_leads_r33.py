@@ -223,3 +223,60 @@ def test_a_signal_while_the_package_loads_ends_in_one_line(tmp_path: Path, signa
     what = "terminated (SIGTERM)" if signame == "SIGTERM" else "interrupted"
     assert p.returncode == 128 + sig, (p.returncode, err)
     assert err == f"error: {what}; nothing was written\n", err
+
+
+# -- 3. tied weights that dcp_to_torch_save writes twice ---------------------------------------------------------
+
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
+def test_dcp_converted_tied_weights_come_back_and_the_copy_is_warned_of(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """torch.distributed.checkpoint's dcp_to_torch_save writes a tied head and its embedding as two
+    tensors of equal bytes. Beside a base save_pretrained wrote (the head left out) the head is
+    stored in every task, dense: the pack warns, naming the tie to make; an exact read gives both
+    back bit for bit. Tied again before saving, it is stored once (an alias), as torch.save's is."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    class _Big(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.wte = torch.nn.Embedding(1024, 256)
+            self.lm_head = torch.nn.Linear(256, 1024, bias=False)
+            self.lm_head.weight = self.wte.weight
+
+    def model(seed: int) -> _Big:
+        torch.manual_seed(0)
+        m = _Big()
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            m.wte.weight.add_((torch.rand(m.wte.weight.shape, generator=g) < 0.1) * 0.01 * seed)
+        return m
+
+    base = tmp_path / "base"
+    base.mkdir()
+    save_file({"wte.weight": model(0).wte.weight.detach().clone()}, base / "model.safetensors")
+    tasks = {}
+    for i in (1, 2):
+        dcp.save({"model": model(i).state_dict()}, checkpoint_id=str(tmp_path / f"dcp{i}"))
+        dcp_to_torch_save(str(tmp_path / f"dcp{i}"), str(tmp_path / f"d{i}.pt"))
+        tasks[f"d{i}"] = tmp_path / f"d{i}.pt"
+    with caplog.at_level(logging.WARNING, logger="tallpack.plan"):
+        tallpack.pack(base, tasks, tmp_path / "d.tallpack", exact=True)
+    assert "'lm_head.weight' and 'wte.weight' are equal bit for bit in every task" in caplog.text, caplog.text
+    assert "sd['lm_head.weight'] = sd['wte.weight']" in caplog.text, caplog.text
+    with tallpack.open(tmp_path / "d.tallpack") as fam:
+        sd = fam.state_dict("d1", exact=True)
+        assert torch.equal(sd["lm_head.weight"], model(1).wte.weight) and torch.equal(sd["wte.weight"], sd["lm_head.weight"])
+        assert not fam.manifest.aliases
+    for i in (1, 2):  # tied again, as the warning says
+        sd = torch.load(tasks[f"d{i}"], weights_only=True)["model"]
+        sd["lm_head.weight"] = sd["wte.weight"]
+        torch.save(sd, tasks[f"d{i}"])
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="tallpack.plan"):
+        tallpack.pack(base, tasks, tmp_path / "t.tallpack", exact=True)
+    assert "equal bit for bit" not in caplog.text
+    with tallpack.open(tmp_path / "t.tallpack") as fam:
+        assert fam.manifest.aliases == {"lm_head.weight": "wte.weight"}
+    sizes = [(tmp_path / f"{n}.tallpack").stat().st_size for n in "td"]
+    assert sizes[0] < 0.7 * sizes[1], sizes
