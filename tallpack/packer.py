@@ -26,7 +26,7 @@ from .encodings.exact import RESIDUAL_CODECS, add_exact
 from .encodings.shared import keeps_base
 from .errors import CheckpointError, InvalidArgumentError, OutputExistsError
 from .folders import FileStore
-from .fsutil import writing
+from .fsutil import file_identity, writing
 from .groups import GROUP_ELEMENTS, SMALL_ELEMENTS, Member, concat, group_elements, layout
 from .inputs import PackInputs, TasksLike
 from .manifest import Manifest, TaskInfo, TensorEntry, count_kinds
@@ -94,7 +94,23 @@ def pack(base: SourceLike, tasks: TasksLike, out: str | os.PathLike, options: Pa
         except BaseException:  # the inputs' open files closed now (_pack_opened closes them after)
             fam.close()
             raise
-        return _pack_opened(fam, opts, v, out, storage_options)
+        replaced = file_identity(local_path(out)) if there and not is_url(out) else None
+        manifest = _pack_opened(fam, opts, v, out, storage_options)
+    _warn_open_on(replaced, out)
+    return manifest
+
+
+def _warn_open_on(replaced: tuple[int, int] | None, out: str | os.PathLike) -> None:
+    """A warning when archives open in this process are on the file ``out`` replaced: they read
+    the old archive (a notebook's cell that packs run again, the one that opened not)."""
+    from .reader import _OPEN
+
+    stale = [a for a in list(_OPEN) if replaced is not None and not a._closed
+             and getattr(a.source, "device_inode", None) == replaced]
+    if stale:
+        log.warning("%s: replaced, but %s open in this process still read%s the old archive: open it again "
+                    "(tallpack.open)", out, "an Archive" if len(stale) == 1 else f"{len(stale)} Archives",
+                    "s" if len(stale) == 1 else "")
 
 
 def _input_changed(fam: PackInputs) -> CheckpointError | None:

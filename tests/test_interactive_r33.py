@@ -3,6 +3,7 @@ and Ctrl-C in the middle of a call (thirty-third round)."""
 
 from __future__ import annotations
 
+import logging
 import subprocess
 import sys
 import textwrap
@@ -122,3 +123,21 @@ def test_progress_shows_no_bar_for_a_step_with_nothing_to_do(many, capsys):
     shown = capsys.readouterr().err
     assert "verifying" in shown
     assert "checking originals" not in shown and "checking derived masks" not in shown and "0tensor" not in shown
+
+
+def test_repacking_an_archive_open_in_this_process_says_the_open_one_reads_the_old(many, caplog):
+    """A notebook: one cell packs, the next opens, a later one evaluates; the first is run again
+    with other lambdas (``overwrite=True``). The archive still open reads the file it opened, the
+    old one, without a word: the warning says so, naming the archive."""
+    base, tasks = many.parent / "base.safetensors", [many.parent / f"{t}.safetensors" for t in ("cars", "dtd")]
+    fam = tallpack.open(many)
+    before = fam.task_info("cars").lam
+    with caplog.at_level(logging.WARNING, logger="tallpack"):
+        tallpack.pack(base, tasks, many, overwrite=True, lambdas=0.1)
+    assert "family.tallpack" in caplog.text and "open it again" in caplog.text, caplog.text
+    assert fam.task_info("cars").lam == before  # (what the warning is about)
+    fam.close()
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="tallpack"):
+        tallpack.pack(base, tasks, many, overwrite=True, lambdas=0.2)
+    assert "open it again" not in caplog.text
