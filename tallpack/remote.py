@@ -47,6 +47,10 @@ SECRET_PARAMETERS = frozenset({
 #: ``client_kwargs={"timeout": ...}`` in the storage options (or fsspec's configuration) replaces it.
 HTTP_CONNECT_TIMEOUT = 30
 HTTP_IDLE_TIMEOUT = 60
+#: Bytes a second an HTTP range read must average over each ``HTTP_IDLE_TIMEOUT`` seconds, as
+#: curl's ``--speed-limit``: a server that drips a byte a little faster than the idle timeout
+#: (slowloris) held a read for days; one that sends steadily, however long, is not cut off.
+HTTP_MIN_RATE = 1024
 #: Range requests of one read in flight at once (botocore's pool holds 10 connections): a request
 #: that is tried again (s3fs: 5 times) waits behind at most this many, so the first that fails
 #: ends the read within its own tries, and the others are cancelled (fsspec's ``cat_ranges`` waited
@@ -545,21 +549,50 @@ async def _http_range(fs: Any, path: str, start: int, end: int) -> bytes:
     them, but reading at most one byte more than asked: fsspec reads the whole body, so a server
     that answered a range with an endless (or a huge) body was read into memory until it ended or
     memory ran out, before the size was checked. Fewer bytes at the body's end are returned as
-    they are (``_fetch`` calls that a short read)."""
+    they are (``_fetch`` calls that a short read). The server must send ``HTTP_MIN_RATE`` bytes a
+    second over each ``HTTP_IDLE_TIMEOUT`` seconds (its answer's headers within the first), else
+    ``RateTimeout``."""
     kw = fs.kwargs.copy()
     headers = {**kw.pop("headers", {}), "Range": f"bytes={start}-{end - 1}"}
     session = await fs.set_session()
-    async with session.get(fs.encode_url(path), headers=headers, **kw) as r:
+    want, window = end - start, HTTP_IDLE_TIMEOUT
+    try:  # the answer's status and headers within one window
+        r = await asyncio.wait_for(session.get(fs.encode_url(path), headers=headers, **kw), window)
+    except asyncio.TimeoutError:
+        raise RateTimeout(f"no answer in {window} s") from None
+    async with r:
         fs._raise_not_found_for_status(r, path)
+        body = r.content
+        reading = asyncio.ensure_future(_read_range(body, want))
+        seen = first = body.total_bytes  # (bytes received so far, however they are read)
         try:
-            data = await r.content.readexactly(end - start)
-        except asyncio.IncompleteReadError as e:
-            return e.partial
-        more = await r.content.read(1)  # the body's end, or a byte past it: the server's fault
-        if more:
+            while not (await asyncio.wait({reading}, timeout=window))[0]:
+                if body.total_bytes - seen < min(HTTP_MIN_RATE * window, want + 1 - (seen - first)):
+                    r.close()
+                    raise RateTimeout(f"{body.total_bytes - seen} bytes in {window} s, under {HTTP_MIN_RATE} a second")
+                seen = body.total_bytes
+        finally:  # (this read cancelled too: the other ranges' failed)
+            reading.cancel()
+        data = reading.result()
+        if len(data) > want:
             r.close()  # the rest is not read (the connection is dropped, not drained)
-            return data + more
         return data
+
+
+async def _read_range(body: Any, want: int) -> bytes:
+    """``want`` bytes of a response's body (an aiohttp StreamReader) and one more if it has more;
+    fewer if it ends first."""
+    try:
+        data: bytes = await body.readexactly(want)
+    except asyncio.IncompleteReadError as e:
+        return e.partial
+    more = await body.read(1)  # the body's end, or a byte past it: the server's fault
+    return data + more if more else data
+
+
+class RateTimeout(Exception):
+    """An HTTP server that sends under ``HTTP_MIN_RATE`` bytes a second (``_http_range``): ``refusal``
+    says the read timed out, and why (not a TimeoutError, which fsspec replaces by its own)."""
 
 
 #: Every remote file, for ``_after_fork_in_child``.
