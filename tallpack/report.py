@@ -26,6 +26,8 @@ log = logging.getLogger(__name__)
 #: Report names of stored arrays: tensor-entry keys, then task-entry keys (``task/key``).
 _ENTRY_ROLES = {"base": "base", "merged": "merged", "counts": "counts", "data": "shared"}
 _TASK_ROLES = {"mask": "masks", "data": "task_own", "codes": "qtau", "scales": "qtau"}
+#: the most task names a note under the task table lists
+SHOWN_TASKS = 5
 
 
 def _entropy(p: float) -> float:
@@ -179,6 +181,12 @@ def render(s: dict[str, Any]) -> str:
     if dial:
         lines.append("density, rel_l2, cosine: the TALL mask's rebuild alone; fidelity and score: the rebuild as "
                      "stored, corrections included")
+    far = [show_name(t["name"]) for t in s["tasks"] if (t["fidelity"].get("rel_l2") or 0) > 1]
+    if far and not dial:  # (the dial's fidelity column says what its corrections reached)
+        lines += wrap(f"rel_l2 above 1 ({', '.join(far[:SHOWN_TASKS])}{', ...' if len(far) > SHOWN_TASKS else ''}): "
+                      "the TALL rebuild is farther from the fine-tune than the base is (fine-tunes that share "
+                      "little, or one fine-tune packed twice, which tau_MTL counts twice): pack with --fidelity, "
+                      "or --exact and read with exact=True (unpack --exact)", TABLE_WIDTH)
     over = [(t["name"], t["fidelity"]["overflow"]) for t in s["tasks"] if t["fidelity"].get("overflow")]
     if over:  # a float16/float8 rebuild past the dtype's range (spec §6.4)
         lines.append("rebuilt as inf or NaN where the original is finite (the dtype's range overflows): "

@@ -156,3 +156,33 @@ def test_holds_is_what_a_cast_keeps():
             back = x.to(getattr(torch, wide)).to(x.dtype).float()
             kept = bool(((back == x.float()) | (back.isnan() & x.float().isnan())).all())
             assert kept == holds(wide, narrow), (narrow, wide)
+
+
+def test_inspect_says_what_a_rel_l2_above_1_means(mixed, tmp_path):
+    # the same fine-tune packed twice under two names (and a third task): tau_MTL counts its task
+    # vector twice, so each copy's TALL rebuild is off by about the whole of it (rel_l2 1.0-1.1) and
+    # inspect showed the figure alone; now a note under the table says what it means and what to do
+    from tallpack_cli.main import main
+
+    arch = tmp_path / "dup.tallpack"
+    tallpack.pack(mixed["base"], {"a": mixed["a32"], "again": mixed["a32"], "b": mixed["b32"]}, arch)
+    with tallpack.open(arch) as fam:
+        far = [t for t in fam.tasks if fam.task_info(t).fidelity["rel_l2"] > 1]
+    assert far == ["a", "again"]
+    import contextlib
+    import io
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        main(["inspect", str(arch)], standalone_mode=False)
+    text = " ".join(out.getvalue().split())  # (the note is wrapped to the table's width)
+    assert "rel_l2 above 1 (a, again): the TALL rebuild is farther" in text and "--fidelity" in text, text
+    lines = out.getvalue().splitlines()
+    at = next(i for i, x in enumerate(lines) if x.startswith("rel_l2 above 1"))
+    assert max(map(len, lines[at:])) <= 120
+    # a family whose rebuilds are nearer than the base: no note
+    near = tmp_path / "near.tallpack"
+    tallpack.pack(mixed["base"], {"a": mixed["a32"], "b": mixed["b32"]}, near)
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        main(["inspect", str(near)], standalone_mode=False)
+    assert "rel_l2 above 1" not in out.getvalue()
