@@ -16,7 +16,8 @@ from .encodings import Item
 from .errors import InvalidArgumentError
 from .manifest import task_name_problem
 from .plan import Kind, Plan, TensorPlan, aligned_base, make_plan, resolve, resolve_blocks, strip_prefix
-from .sources import Source, SourceLike, check_components, deepspeed_tag, is_hub_repo, is_training_state, open_source, stems
+from .sources import (Source, SourceLike, check_components, deepspeed_tag, is_hub_repo, is_training_state, open_source,
+                      stems)
 from .storage import is_url
 from .tall import blocks, compiled_kind, elements, in_tall_range
 

@@ -177,7 +177,8 @@ def strip_prefix(base: Source, tasks: dict[str, Source], prefix: str, *, exact: 
         bare = next((k for k in src.keys() if k.startswith(prefix) and k.removeprefix(prefix)[:1] in ("", ".")), None)
         if bare is not None:  # 'module' for 'module.': no model names a tensor '.weight' (or '')
             raise InvalidArgumentError(f"strip_prefix {prefix!r} (--strip-prefix) would leave the tensor {bare!r} of "
-                                       f"{what} as {bare.removeprefix(prefix)!r}; give the whole prefix, up to its last '.'")
+                                       f"{what} as {bare.removeprefix(prefix)!r}; give the whole prefix, up to its "
+                                       "last '.'")
         taken = next((k for k in src.keys() if k.startswith(prefix) and k.removeprefix(prefix) in src), None)
         if taken is not None:
             raise IncompatibleCheckpointsError(

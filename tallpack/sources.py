@@ -1455,7 +1455,8 @@ def _folder_files(folder: Path, roots: list[Path], given: str | None = None
     )
 
 
-#: A DeepSpeed model-states file (``mp_rank_00_model_states.pt``; ZeRO-3's ``zero_pp_rank_0_mp_rank_00_model_states.pt``).
+#: A DeepSpeed model-states file (``mp_rank_00_model_states.pt``; ZeRO-3's
+#: ``zero_pp_rank_0_mp_rank_00_model_states.pt``).
 _MODEL_STATES = re.compile(r"(zero_pp_rank_\d+_)?mp_rank_\d+_model_states\.pt")
 
 

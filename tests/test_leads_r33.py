@@ -79,16 +79,19 @@ def test_strip_prefix_refusals(tmp_path: Path) -> None:
     back byte for byte, with the names it had): each refused before any work, saying which."""
     base = _hf_folder(_model(0), tmp_path / "base")
     sd = _model(1).state_dict()
-    save_file({f"module.{k}": v.contiguous() for k, v in sd.items() if k != "lm_head.weight"}, tmp_path / "a.safetensors")
+    save_file({f"module.{k}": v.contiguous() for k, v in sd.items() if k != "lm_head.weight"},
+              tmp_path / "a.safetensors")
     out = tmp_path / "o.tallpack"
-    with pytest.raises(InvalidArgumentError, match=r"strip_prefix 'modul\.' .*no tensor name .*task 'a': 'module\.fc\.bias'"):
+    with pytest.raises(InvalidArgumentError,
+                       match=r"strip_prefix 'modul\.' .*no tensor name .*task 'a': 'module\.fc\.bias'"):
         tallpack.pack(base, {"a": tmp_path / "a.safetensors"}, out, strip_prefix="modul.")
     with pytest.raises(InvalidArgumentError, match=r"would leave the tensor 'module\.\S+' of task 'a' as '\.\S+'"):
         tallpack.pack(base, {"a": tmp_path / "a.safetensors"}, out, strip_prefix="module")
     with pytest.raises(IncompatibleCheckpointsError, match=r"a\.safetensors: task 'a': its safetensors file .*--exact"):
         tallpack.pack(base, {"a": tmp_path / "a.safetensors"}, out, strip_prefix="module.", exact=True)
     torch.save({**{f"model.{k}": v for k, v in sd.items()}, "fc.weight": sd["fc.weight"]}, tmp_path / "b.pt")
-    with pytest.raises(IncompatibleCheckpointsError, match=r"'model\.fc\.weight' gives 'fc\.weight', a tensor it holds"):
+    with pytest.raises(IncompatibleCheckpointsError,
+                       match=r"'model\.fc\.weight' gives 'fc\.weight', a tensor it holds"):
         tallpack.pack(base, {"b": tmp_path / "b.pt"}, out, strip_prefix="model.")
     for bad in ("", 3):
         with pytest.raises(InvalidArgumentError, match="strip_prefix must be a non-empty string"):
@@ -169,7 +172,8 @@ def test_output_reader_gone_exits_141_quietly(tmp_path: Path, command: list[str]
     os.close(read)
     try:
         p = subprocess.Popen([sys.executable, "-m", "tallpack", command[0], str(tmp_path / "o.tallpack"), *command[1:]],
-                             stdout=write, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+                             stdout=write, stderr=subprocess.PIPE, text=True,
+                             env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
     finally:
         os.close(write)
     _, err = p.communicate(timeout=120)
@@ -266,7 +270,8 @@ def test_dcp_converted_tied_weights_come_back_and_the_copy_is_warned_of(
     assert "sd['lm_head.weight'] = sd['wte.weight']" in caplog.text, caplog.text
     with tallpack.open(tmp_path / "d.tallpack") as fam:
         sd = fam.state_dict("d1", exact=True)
-        assert torch.equal(sd["lm_head.weight"], model(1).wte.weight) and torch.equal(sd["wte.weight"], sd["lm_head.weight"])
+        assert torch.equal(sd["lm_head.weight"], model(1).wte.weight)
+        assert torch.equal(sd["wte.weight"], sd["lm_head.weight"])
         assert not fam.manifest.aliases
     for i in (1, 2):  # tied again, as the warning says
         sd = torch.load(tasks[f"d{i}"], weights_only=True)["model"]
