@@ -348,21 +348,26 @@ def warn_dropped(base: Source, plan: Plan) -> list[str]:
 def _warn_dtypes(base: Source, tasks: dict[str, Source], plan: list[TensorPlan]) -> None:
     # Merged all the same (tau_t in float32, the task rebuilt in its own dtype), but where a task
     # was converted from the base's dtype, the rounding counts as fine-tuning: a float16 copy of a
-    # float32 fine-tune's 10% changes gives masks of over 80% density.
+    # float32 fine-tune's 10% changes gives masks of over 80% density. One warning for the tasks
+    # of one dtype (twenty float32 fine-tunes of a bfloat16 base: one line, not twenty).
+    alike: dict[tuple[str, str], list[tuple[str, int, str]]] = {}
     for task, src in tasks.items():
         differ = [e.name for e in plan if e.kind is Kind.MERGED and src.info(e.name).dtype != base.info(e.name).dtype]
         if differ:
             n = differ[0]
-            mine, theirs = src.info(n).dtype, base.info(n).dtype
-            if holds(mine, theirs):  # float32 fine-tunes of a bfloat16 base: no rounding, but merged models narrow
-                log.warning("task %r: %d merged tensor(s) differ in dtype from the base (%r: %s, base %s); the base "
-                            "widens exactly (masks and rebuilds as a %s base gives), but merged models come out in "
-                            "the base's %s, which rounds away changes below its precision: a %s copy of the base "
-                            "keeps them", task, len(differ), n, mine, theirs, mine, theirs, mine)
-                continue
-            log.warning("task %r: %d merged tensor(s) differ in dtype from the base (%r: %s, base %s); rounding to "
-                        "the task's dtype counts as fine-tuning (denser masks, a larger archive): a base in the "
-                        "tasks' dtype avoids it", task, len(differ), n, mine, theirs)
+            alike.setdefault((src.info(n).dtype, base.info(n).dtype), []).append((task, len(differ), n))
+    for (mine, theirs), said in alike.items():
+        (task, count, n), more = said[0], len(said) - 1
+        who = f"task {task!r}" + (f" (and {more} more task{'s' if more > 1 else ''} in {mine})" if more else "")
+        if holds(mine, theirs):  # float32 fine-tunes of a bfloat16 base: no rounding, but merged models narrow
+            log.warning("%s: %d merged tensor(s) differ in dtype from the base (%r: %s, base %s); the base widens "
+                        "exactly (masks and rebuilds as a %s base gives), but merged models come out in the base's "
+                        "%s, which rounds away changes below its precision: a %s copy of the base keeps them", who,
+                        count, n, mine, theirs, mine, theirs, mine)
+        else:
+            log.warning("%s: %d merged tensor(s) differ in dtype from the base (%r: %s, base %s); rounding to the "
+                        "task's dtype counts as fine-tuning (denser masks, a larger archive): a base in the tasks' "
+                        "dtype avoids it", who, count, n, mine, theirs)
 
 
 def _maskable(base: Source, name: str, tasks) -> bool:

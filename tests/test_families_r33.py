@@ -186,3 +186,14 @@ def test_inspect_says_what_a_rel_l2_above_1_means(mixed, tmp_path):
     with contextlib.redirect_stdout(out):
         main(["inspect", str(near)], standalone_mode=False)
     assert "rel_l2 above 1" not in out.getvalue()
+
+
+def test_tasks_of_one_dtype_get_one_dtype_warning(mixed, tmp_path, caplog):
+    # three float32 fine-tunes and a float16 one of a bfloat16 base: one line per dtype, not per task
+    with caplog.at_level(logging.WARNING, logger="tallpack"):
+        tallpack.pack(mixed["base"], {"a": mixed["a32"], "b": mixed["b32"], "c": mixed["a32"], "d": mixed["d16"]},
+                      tmp_path / "one.tallpack")
+    said = [r.getMessage() for r in caplog.records if "differ in dtype" in r.getMessage()]
+    assert len(said) == 2, said
+    assert said[0].startswith("task 'a' (and 2 more tasks in float32): ") and "widens exactly" in said[0]
+    assert said[1].startswith("task 'd': ") and "float16" in said[1] and "rounding" in said[1]
