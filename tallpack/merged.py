@@ -17,7 +17,7 @@ from typing import Any, Literal, Protocol, overload
 
 from ._torch import cpu_default, torch
 from .arrays import ArrayRef
-from .elements import itemsize, numel
+from .elements import FLOAT_BITS, holds, itemsize, numel
 from .encodings import TensorEntry, Use, encoding_for
 from .encodings.base import ReadArray, split_parts
 from .encodings.derived import DerivedMerged, merged_source, task_mask
@@ -551,6 +551,7 @@ class MergeParts:
         >>> parts = fam.merge_parts("ta"); models = [parts.state_dict(a) for a in (0.2, 0.4)]
         """
         value = default_alpha(self.model, len(self.tasks)) if alpha is None else check_alpha(alpha)
+        self._warn_precision()
         if lazy:
             if task is None:
                 self._warn_left_out()
@@ -610,6 +611,28 @@ class MergeParts:
             return False
         said.add(key)
         return True
+
+    def _warn_precision(self) -> None:
+        """Warn once (per model of an open archive) of tensors built in the base's dtype that every
+        task holds with more fraction bits (float32 fine-tunes of a bfloat16 base): the merge is
+        float32, its cast to the base's dtype (spec §6.2) rounds away changes below its precision."""
+        finer = [e for e in self._entries if "base" in e.arrays and e.tasks and e.arrays["base"].dtype in FLOAT_BITS
+                 and all(FLOAT_BITS.get(tt.dtype, (0, 0))[1] > FLOAT_BITS[e.arrays["base"].dtype][1]
+                         for tt in e.tasks.values())]
+        if not finer or not self._first_time(("precision", self.model, 0)):
+            return
+        names = [m.name for e in finer for m in (e.members or (e,))]
+        first = finer[0]
+        base = first.arrays["base"].dtype
+        held = list(dict.fromkeys(tt.dtype for tt in first.tasks.values()))  # (a float16 task beside float32 ones)
+        tasks = " and ".join(held)
+        keep = held[0] if len(held) == 1 and holds(held[0], base) else "float32"
+        shown = ", ".join(map(repr, names[:SHOWN_NAMES])) + (", ..." if len(names) > SHOWN_NAMES else "")
+        log.warning("%s: %d tensor%s of the %s model %s built in the base's %s, which the tasks hold in %s (%s): the "
+                    "merge is computed in float32, then rounded to the base's dtype, losing changes below its "
+                    "precision; for a %s merged model, pack a %s copy of the base (the same masks and rebuilds)",
+                    self._family.name, len(names), "" if len(names) == 1 else "s", self.model,
+                    "is" if len(names) == 1 else "are", base, tasks, shown, keep, keep)
 
     def _warn_left_out(self) -> None:
         """Say once which tensors every task has that this merged model lacks, and why (once per
