@@ -5,7 +5,8 @@ Each distinct content is stored once across the family, as a ``uint8`` array key
 (manifest ``files``, spec §3.6); each task (and the base) maps relative names to those keys.
 Names are checked when written and when read: relative, ``/``-separated, no empty, ``.`` or
 ``..`` component, no backslash, NUL or other control character, no component over 255 bytes and
-no name over 4096 (file systems' limits: such a name could never be written). Writing back never
+no name over 4096 (file systems' limits: such a name could never be written), none in a ``.git``
+or ``.hg`` folder (a repository's, whose files run commands). Writing back never
 leaves the output folder: a target whose folder resolves elsewhere (a link planted in the output)
 is refused, and so is a set of names where one is another's folder (``config.json`` and
 ``config.json/x``), before anything is written.
@@ -41,6 +42,12 @@ _INVISIBLE = re.compile("[\x00-\x1f\x7f-\xa0\xad\u0600-\u0605\u061c\u06dd\u070f\
                         "\u180e\u2000-\u200f\u2028-\u202f\u205f-\u2064\u2066-\u206f\u3000\ufeff\ufff9-\ufffb"
                         "\U000110bd\U000110cd\U00013430-\U0001343f\U0001bca0-\U0001bca3\U0001d173-\U0001d17a"
                         "\U000e0001\U000e0020-\U000e007f]")
+#: The folders of a version control repository, whose files its tool runs commands from (Git's
+#: ``config``: ``core.fsmonitor``, hooks; Mercurial's ``hgrc`` hooks): a folder file in one made the
+#: output folder a repository that ran the archive's command at the next ``git status`` (which a
+#: shell prompt runs on ``cd``). Compared as a file system that folds case or drops trailing dots
+#: and spaces (macOS, Windows) names them, NTFS's short names (``GIT~1``) too.
+VCS_FOLDERS = frozenset({".git", "git~1", ".hg", "hg~1"})
 #: the longest file name component and path file systems take (NAME_MAX, PATH_MAX), in UTF-8 bytes
 NAME_MAX, PATH_MAX = 255, 4096
 #: Reads one stored array's decoded bytes (``read(ref, where)``).
@@ -162,6 +169,10 @@ def check_file_name(name: object) -> str:
     if why:
         raise FormatError(f"file name {name!r:.200} {why}; files must stay inside the folder")
     assert isinstance(name, str)  # (else ``why`` says so)
+    vcs = next((part for part in name.split("/") if part.lower().rstrip(". ") in VCS_FOLDERS), None)
+    if vcs is not None:
+        raise FormatError(f"file name {name!r:.200} is in a {vcs!r} folder, a repository's, whose files run "
+                          "commands (Git's hooks and core.fsmonitor); no model folder holds one (spec §3.6)")
     if len(name.encode()) > PATH_MAX:
         why = f"is longer than {PATH_MAX} bytes"
     elif any(len(part.encode()) > NAME_MAX for part in name.split("/")):

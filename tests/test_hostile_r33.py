@@ -5,21 +5,31 @@
   memory whole, until it ended or memory ran out;
 - a server that drips its answer (slowloris: a byte at a time, each before the idle timeout) is
   given up on when it sends under 1 KiB a second for a minute, in one line; one that sends
-  slowly but steadily is read.
+  slowly but steadily is read;
+- a folder file in a ``.git`` (or ``.hg``) folder is refused when the archive is opened: unpacked,
+  it made the output folder a Git repository whose ``config`` ran the archive's command at the
+  next ``git status`` (``core.fsmonitor``), which a shell prompt runs on ``cd``.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import struct
+import subprocess
+import sys
 import threading
+import zlib
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 import torch
+import zstandard
 from safetensors.torch import save_file
 
 import tallpack
+from tallpack.container import FOOTER
 
 #: how much an endless body sends before the server gives up (a client that reads it all holds it)
 FLOOD = 256 << 20
@@ -156,3 +166,75 @@ def test_a_slow_server_that_keeps_sending_is_not_cut_off(family, monkeypatch):
         got = fam.state_dict("a")["w"]
     with tallpack.open(family) as local:
         assert torch.equal(got, local.state_dict("a")["w"])
+
+
+# -- folder files in a repository's folder ---------------------------------------------------------
+
+#: a Git config that runs a command at the next ``git status`` in its repository
+_GIT_CONFIG = '[core]\n\trepositoryformatversion = 0\n\tfsmonitor = "echo PWNED >{flag}; false"\n'
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory) -> Path:
+    """A family of model folders (base, a): task a's folder has files of a Git repository's
+    contents under plain names (``gitconfig``, ``HEADX``, ``readme.txt``), which a hostile writer
+    renames."""
+    root = tmp_path_factory.mktemp("vcs")
+    g = torch.Generator().manual_seed(0)
+    base = {"w": torch.randn(16, 16, generator=g)}
+    for name, sd in (("base", base), ("a", {"w": base["w"] + 0.1})):
+        (root / name).mkdir()
+        save_file(sd, root / name / "model.safetensors")
+        (root / name / "config.json").write_text('{"model_type": "bert"}')
+    (root / "a" / "gitconfig").write_text(_GIT_CONFIG.format(flag=root / "pwned"))
+    (root / "a" / "HEADX").write_text("ref: refs/heads/main\n")
+    (root / "a" / "readme.txt").write_text("x\n")
+    tallpack.pack(root / "base", {"a": root / "a"}, root / "f.tallpack", threads=1)
+    return root
+
+
+def _as_repository(src: Path, dest: Path, folder: str) -> Path:
+    """``src`` with task a's files renamed into ``folder`` as a repository's (``.git/config``,
+    ``.git/HEAD``, ``.git/objects/...``, ``.git/refs/...``): a hostile writer's, checksums valid."""
+    raw = src.read_bytes()
+    m_off, m_len, _, flags, end = FOOTER.unpack(raw[-FOOTER.size:])
+    m = json.loads(zstandard.ZstdDecompressor().decompress(raw[m_off:m_off + m_len]))
+    files = m["tasks"][0]["files"]
+    files.update({f"{folder}/config": files.pop("gitconfig"), f"{folder}/HEAD": files.pop("HEADX"),
+                  f"{folder}/objects/pack/readme": files["readme.txt"], f"{folder}/refs/heads/readme": files.pop("readme.txt")})
+    stored = zstandard.ZstdCompressor().compress(json.dumps(m).encode())
+    dest.write_bytes(raw[:m_off] + stored + FOOTER.pack(m_off, len(stored), zlib.crc32(stored), flags, end))
+    return dest
+
+
+@pytest.mark.parametrize("folder", [".git", "sub/.git", ".GIT", ".git.", "GIT~1", ".hg"])
+def test_a_folder_file_in_a_repositorys_folder_is_refused_at_open(folders, tmp_path, folder):
+    """``.git/config`` with ``core.fsmonitor`` set, ``.git/HEAD``, ``objects/`` and ``refs/``: an
+    unpack wrote them, and ``git status`` in the output ran the archive's command. Refused at
+    open in one line naming the archive, the task and the file, whatever the case (macOS and
+    Windows fold it), trailing dot or 8.3 short name; nothing is written."""
+    arch = _as_repository(folders / "f.tallpack", tmp_path / "evil.tallpack", folder)
+    with pytest.raises(tallpack.FormatError) as e:
+        tallpack.open(arch)
+    text = str(e.value)
+    assert text.startswith(f"{arch}: task 'a': file name '{folder}/") and "\n" not in text, text
+    assert f"is in a {folder.rpartition('/')[2]!r} folder, a repository's" in text, text
+    r = subprocess.run([sys.executable, "-m", "tallpack", "unpack", str(arch), "--task", "a", "-o", str(tmp_path / "out")],
+                       capture_output=True, text=True)
+    assert r.returncode == 1 and r.stderr.startswith("error: ") and "a repository's" in r.stderr, r.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_repositorys_files_under_other_names_are_written(folders, tmp_path):
+    """Names that only look like a repository's (``.gitattributes``, ``.github/``, ``git/``,
+    ``x.git``) are folder files as any other, written by an unpack."""
+    arch = _as_repository(folders / "f.tallpack", tmp_path / "ok.tallpack", ".github")
+    names = {".github/config", ".github/HEAD", ".github/objects/pack/readme", ".github/refs/heads/readme"}
+    with tallpack.open(arch) as fam:
+        assert names <= set(fam.files("a"))
+        tallpack.write_task(fam, "a", tmp_path / "out")
+    assert all((tmp_path / "out" / n).is_file() for n in names)
+    from tallpack.folders import check_file_name
+
+    for name in (".gitattributes", "git/config", "x.git/config", "a/.gitignore", "hg/x", ".hgrc"):
+        assert check_file_name(name) == name
