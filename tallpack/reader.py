@@ -1391,6 +1391,10 @@ class LazyStateDict(_TensorMapping):
         return (f"<tallpack.LazyStateDict {self._archive.name!r}, task {self._task!r}: {len(self._keys)} tensors"
                 f"{', exact' if self._exact else ''}>")
 
+    def _ipython_key_completions_(self) -> list[str]:
+        """The names IPython and Jupyter offer at ``sd["<Tab>`` (they complete a dict's keys only)."""
+        return list(self._keys)
+
     @cpu_default
     def __getitem__(self, name: str) -> torch.Tensor:
         if not self._names_of or not isinstance(name, str) or _is_meta(self._device):

@@ -141,3 +141,16 @@ def test_repacking_an_archive_open_in_this_process_says_the_open_one_reads_the_o
     with caplog.at_level(logging.WARNING, logger="tallpack"):
         tallpack.pack(base, tasks, many, overwrite=True, lambdas=0.2)
     assert "open it again" not in caplog.text
+
+
+def test_ipython_completes_a_lazy_state_dicts_names(many):
+    """``sd["model.layers.1<Tab>`` in IPython or Jupyter lists the task's tensor names, as it does
+    for a dict (a lazy state dict completed none: IPython completes keys of dicts only, or of
+    objects that name them)."""
+    completer = pytest.importorskip("IPython.core.completer")
+    with tallpack.open(many) as fam:
+        ipython = completer.IPCompleter(shell=None, namespace={"sd": fam.state_dict("cars", lazy=True)})
+        line = 'sd["model.layers.11'
+        offered = ipython.complete(line_buffer=line, cursor_pos=len(line))[1]  # (IPython's own matchers)
+    assert "model.layers.11.mlp.weight" in offered and "model.layers.110.mlp.weight" in offered, offered
+    assert "model.layers.12.mlp.weight" not in offered
