@@ -16,7 +16,7 @@ from .arrays import ArrayRef
 from .checksums import checksum_function
 from .encodings import TaskTensor, TensorEntry
 from .errors import FormatError, InvalidArgumentError, UnsupportedVersionError
-from .folders import check_blob, check_file_map
+from .folders import VCS_FOLDERS, check_blob, check_file_map
 from .limits import MAX_INT, MAX_NAME_CHARS, MAX_TASKS
 from .merging import METHODS
 from .sources import _INDEX, _TRANSFORMERS_WEIGHTS
@@ -33,7 +33,7 @@ KINDS = ("merged", "shared", "task-own", "base-only")
 def check_task_name(name: object) -> str:
     """A task name must be usable as a file name and on the command line: non-empty, at most 255
     bytes in UTF-8 (a file name's limit), no '/', '\\', '=', control characters or edge spaces, and
-    not '.' or '..'. The error says which rule the name breaks."""
+    not '.', '..' or a repository's folder ('.git', '.hg'). The error says which rule the name breaks."""
     why = task_name_problem(name)
     if why is None:
         return cast(str, name)
@@ -46,6 +46,8 @@ def task_name_problem(name: object) -> str | None:
         why = "it is empty" if name == "" else f"a task name is a string, not a {type(name).__name__}"
     elif name in (".", ".."):
         why = f"{name!r} names a folder"
+    elif name.lower().rstrip(". ") in VCS_FOLDERS:  # unpacked: OUT/.git/config, a repository's
+        why = f"{name!r} names a repository's folder, whose files run commands (Git's hooks and core.fsmonitor)"
     elif name != name.strip():
         why = "it starts or ends with a space"
     elif any(c in name for c in "/\\="):

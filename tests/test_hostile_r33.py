@@ -8,7 +8,8 @@
   slowly but steadily is read;
 - a folder file in a ``.git`` (or ``.hg``) folder is refused when the archive is opened: unpacked,
   it made the output folder a Git repository whose ``config`` ran the archive's command at the
-  next ``git status`` (``core.fsmonitor``), which a shell prompt runs on ``cd``.
+  next ``git status`` (``core.fsmonitor``), which a shell prompt runs on ``cd``; so is a task
+  named ``.git`` in ``unpack --all``, whose folder is ``OUT/.git``.
 """
 
 from __future__ import annotations
@@ -193,15 +194,20 @@ def folders(tmp_path_factory) -> Path:
     return root
 
 
-def _as_repository(src: Path, dest: Path, folder: str) -> Path:
+def _as_repository(src: Path, dest: Path, folder: str, task: str = "a") -> Path:
     """``src`` with task a's files renamed into ``folder`` as a repository's (``.git/config``,
-    ``.git/HEAD``, ``.git/objects/...``, ``.git/refs/...``): a hostile writer's, checksums valid."""
+    ``.git/HEAD``, ``.git/objects/...``, ``.git/refs/...``; ``""``: at the top) and the task
+    renamed ``task``: a hostile writer's, checksums valid."""
     raw = src.read_bytes()
     m_off, m_len, _, flags, end = FOOTER.unpack(raw[-FOOTER.size:])
     m = json.loads(zstandard.ZstdDecompressor().decompress(raw[m_off:m_off + m_len]))
     files = m["tasks"][0]["files"]
-    files.update({f"{folder}/config": files.pop("gitconfig"), f"{folder}/HEAD": files.pop("HEADX"),
-                  f"{folder}/objects/pack/readme": files["readme.txt"], f"{folder}/refs/heads/readme": files.pop("readme.txt")})
+    at = f"{folder}/" if folder else ""
+    files.update({f"{at}config": files.pop("gitconfig"), f"{at}HEAD": files.pop("HEADX"),
+                  f"{at}objects/pack/readme": files["readme.txt"], f"{at}refs/heads/readme": files.pop("readme.txt")})
+    m["tasks"][0]["name"] = task
+    for entry in m["tensors"]:
+        entry["tasks"] = {(task if k == "a" else k): v for k, v in entry["tasks"].items()}
     stored = zstandard.ZstdCompressor().compress(json.dumps(m).encode())
     dest.write_bytes(raw[:m_off] + stored + FOOTER.pack(m_off, len(stored), zlib.crc32(stored), flags, end))
     return dest
@@ -238,3 +244,22 @@ def test_a_repositorys_files_under_other_names_are_written(folders, tmp_path):
 
     for name in (".gitattributes", "git/config", "x.git/config", "a/.gitignore", "hg/x", ".hgrc"):
         assert check_file_name(name) == name
+
+
+@pytest.mark.parametrize("task", [".git", ".Git", ".hg"])
+def test_a_task_named_as_a_repositorys_folder_is_not_unpacked_into_one(folders, tmp_path, task):
+    """Task ``.git`` whose files are ``config`` (``core.fsmonitor`` set), ``HEAD``, ``objects/``,
+    ``refs/``: ``unpack --all -o OUT`` wrote them as ``OUT/.git/...``, and ``git status`` in
+    ``OUT`` ran the archive's command. Refused before anything is written, as a task name that
+    cannot be a folder is; such a name cannot be packed either."""
+    arch = _as_repository(folders / "f.tallpack", tmp_path / "evil.tallpack", "", task)
+    out = tmp_path / "out"
+    r = subprocess.run([sys.executable, "-m", "tallpack", "unpack", str(arch), "--all", "-o", str(out)],
+                       capture_output=True, text=True)
+    assert r.returncode == 1 and r.stderr.startswith(f"error: {arch}: task {task!r} cannot be a folder of "), r.stderr
+    assert "a repository's folder" in r.stderr and not out.exists(), r.stderr
+    with tallpack.open(arch) as fam, pytest.raises(tallpack.InvalidArgumentError, match="a repository's folder"):
+        tallpack.write_tasks(fam, None, out)
+    assert not out.exists()
+    with pytest.raises(tallpack.InvalidArgumentError, match=rf"{task!r} names a repository's folder"):
+        tallpack.pack(folders / "base", {task: folders / "a"}, tmp_path / "x.tallpack", threads=1)
