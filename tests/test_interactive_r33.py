@@ -154,3 +154,57 @@ def test_ipython_completes_a_lazy_state_dicts_names(many):
         offered = ipython.complete(line_buffer=line, cursor_pos=len(line))[1]  # (IPython's own matchers)
     assert "model.layers.11.mlp.weight" in offered and "model.layers.110.mlp.weight" in offered, offered
     assert "model.layers.12.mlp.weight" not in offered
+
+
+_STOP_AND_AGAIN = textwrap.dedent("""
+    import hashlib, os, signal, sys, threading
+    import tallpack
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # (a background job's is ignored)
+    d = sys.argv[1]
+    os.chdir(d)
+    T = {t: f"{t}.safetensors" for t in ("cars", "dtd", "eurosat")}
+    def ctrl_c_at(step):  # Ctrl-C at a chosen step: a progress callback sends it
+        return lambda desc, done, total: done == step and os.kill(os.getpid(), signal.SIGINT)
+    calls = {
+        "pack": lambda p: tallpack.pack("base.safetensors", T, "out.tallpack", overwrite=True, chunk_elements=64,
+                                        progress=p),
+        "unpack": lambda p: tallpack.write_tasks(fam, fam.tasks, "unpacked", overwrite=True, progress=p),
+        "merge": lambda p: tallpack.write_merged(fam, "merged", overwrite=True, max_shard_size=2048, progress=p),
+        "verify": lambda p: fam.verify(progress=p),
+    }
+    def files():
+        return sorted(os.path.join(r, f) for r, _, fs in os.walk(".") for f in fs if f != "family.tallpack")
+    def digest():
+        return {f: hashlib.sha256(open(f, "rb").read()).hexdigest() for f in files() if not f.endswith("safetensors")
+                or "/" in f}
+    fam = tallpack.open("family.tallpack")
+    for name, call in calls.items():
+        clean = call(None)
+        want = digest()
+        for step in (1, 5, 40):
+            before = set(files())
+            try:
+                call(ctrl_c_at(step))
+                print(name, step, "not interrupted")
+            except KeyboardInterrupt:
+                print(name, step, "interrupted")
+            left = sorted(set(files()) - before)
+            threads = sorted(t.name for t in threading.enumerate() if not t.name.startswith(("tallpack-loop", "tallpack-read")))
+            assert not left and threads == ["MainThread"], (name, step, left, threads)
+            assert call(None) == clean and digest() == want, (name, step)
+    print("ok")
+""")
+
+
+def test_ctrl_c_in_a_call_then_the_same_call_again(many):
+    """Ctrl-C in ``pack``, ``write_tasks``, ``write_merged`` and ``verify`` (early, midway, late):
+    the call stops with KeyboardInterrupt, leaves no file and no thread of its own, and run again in
+    the same process it gives the same files, bit for bit, as a call never interrupted."""
+    for t in ("cars", "dtd", "eurosat"):
+        assert (many.parent / f"{t}.safetensors").exists()
+    r = subprocess.run([sys.executable, "-c", _STOP_AND_AGAIN, str(many.parent)], capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.strip().splitlines()[-1] == "ok", r.stdout
+    stopped = {line.split()[0] for line in r.stdout.splitlines() if line.endswith(" interrupted")}
+    assert stopped == {"pack", "unpack", "merge", "verify"}, r.stdout
