@@ -124,8 +124,9 @@ class MaskStats:
     tasks_using: list[int]
     #: per task, the fraction of masked weights its mask keeps
     density: dict[str, float | None]
-    #: layer label -> task -> density, layers in model order ("other" last)
-    layers: dict[str, dict[str, float | None]] = field(default_factory=dict)
+    #: layer label -> task -> density, layers in model order ("other" last); left out of the repr
+    #: (what a prompt shows): thousands of characters for a real model
+    layers: dict[str, dict[str, float | None]] = field(default_factory=dict, repr=False)
 
     @property
     def weights(self) -> int:

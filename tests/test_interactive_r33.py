@@ -208,3 +208,13 @@ def test_ctrl_c_in_a_call_then_the_same_call_again(many):
     assert r.stdout.strip().splitlines()[-1] == "ok", r.stdout
     stopped = {line.split()[0] for line in r.stdout.splitlines() if line.endswith(" interrupted")}
     assert stopped == {"pack", "unpack", "merge", "verify"}, r.stdout
+
+
+def test_stats_shown_at_a_prompt_leave_the_per_layer_table_out(many):
+    """``tallpack.stats.compute(fam)`` as a cell's last line shows the counts and each task's density,
+    not the per-layer table (one dict per layer: thousands of characters for a real model), which
+    ``.layers`` and ``stats --plot`` give."""
+    with tallpack.open(many) as fam:
+        s = tallpack.stats.compute(fam)
+    assert len(s.layers) > 100 and len(repr(s)) < 400, repr(s)
+    assert "'cars'" in repr(s) and "tasks_using" in repr(s) and "layers" in s.to_dict()
