@@ -169,8 +169,12 @@ def with_timeouts(url: str, storage_options: dict[str, Any] | None) -> dict[str,
 def refusal(e: BaseException) -> str | None:
     """Why the server refused, behind ``e`` (its causes and contexts): ``"forbidden (HTTP 403)"``,
     ``"server error (HTTP 500)"``, ``"cannot connect (...)"``; None for a missing object (404) or
-    anything else. fsspec's HTTP file system reports every failed request as FileNotFoundError."""
+    anything else. fsspec's HTTP file system reports every failed request as FileNotFoundError
+    (a redirect to a ``file://`` URL, or in a loop, was "no such archive")."""
     for c in _chain(e):
+        redirect = _redirect(c)
+        if redirect is not None:
+            return redirect
         status = _status(c)
         if status is None or status == 404 or status < 400:
             continue
@@ -242,6 +246,17 @@ def _failed(e: BaseException) -> tuple[str, bool] | None:
     if why is None:
         return None
     return why, lost(e) is not None or why.startswith(("cannot connect", "timed out"))
+
+
+def _redirect(e: BaseException) -> str | None:
+    """What is wrong with a redirect aiohttp did not follow: to a URL that is not HTTP(S) (a
+    ``file://`` one), or one of too many (a loop); None for any other error."""
+    name = type(e).__name__
+    if name == "TooManyRedirects":
+        return "too many redirects (the server redirects in a loop)"
+    if name in ("NonHttpUrlRedirectClientError", "InvalidUrlRedirectClientError"):
+        return f"the server redirects to {redact(str(e))!r}, which is no HTTP(S) URL; not followed"
+    return None
 
 
 def _late(e: BaseException) -> bool:

@@ -9,7 +9,10 @@
 - a folder file in a ``.git`` (or ``.hg``) folder is refused when the archive is opened: unpacked,
   it made the output folder a Git repository whose ``config`` ran the archive's command at the
   next ``git status`` (``core.fsmonitor``), which a shell prompt runs on ``cd``; so is a task
-  named ``.git`` in ``unpack --all``, whose folder is ``OUT/.git``.
+  named ``.git`` in ``unpack --all``, whose folder is ``OUT/.git``;
+- a redirect to a ``file://`` (or other non-HTTP) URL, or a redirect loop, is said as such in one
+  line (it was "no such archive"), the target's secrets left out; a redirect to another host
+  does not take the Authorization header along.
 """
 
 from __future__ import annotations
@@ -263,3 +266,90 @@ def test_a_task_named_as_a_repositorys_folder_is_not_unpacked_into_one(folders, 
     assert not out.exists()
     with pytest.raises(tallpack.InvalidArgumentError, match=rf"{task!r} names a repository's folder"):
         tallpack.pack(folders / "base", {task: folders / "a"}, tmp_path / "x.tallpack", threads=1)
+
+
+# -- redirects -------------------------------------------------------------------------------------
+
+class _Redirects(ThreadingHTTPServer):
+    """Answers ``/NAME`` with a redirect to ``targets[NAME]`` (a path: its own; a URL: elsewhere),
+    or, for a name it has no target for, serves ``data`` honouring ranges; ``auth`` records the
+    Authorization header of each request, by name."""
+
+    daemon_threads = True
+
+    def __init__(self, data: bytes, targets: dict[str, str]):
+        super().__init__(("127.0.0.1", 0), _RedirectHandler)
+        self.data, self.targets, self.auth = data, targets, []
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+        self.port = self.server_address[1]
+
+    def __enter__(self) -> "_Redirects":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
+        self.server_close()
+
+
+class _RedirectHandler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server: _Redirects
+
+    def log_message(self, *args) -> None:
+        pass
+
+    def do_HEAD(self) -> None:
+        self._answer(body=False)
+
+    def do_GET(self) -> None:
+        self._answer(body=True)
+
+    def _answer(self, body: bool) -> None:
+        name = self.path.lstrip("/")
+        self.server.auth.append((name, self.headers.get("Authorization")))
+        target = self.server.targets.get(name)
+        if target is not None:
+            self.send_response(302)
+            self.send_header("Location", target)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        data = self.server.data
+        a, b = (int(x) for x in self.headers["Range"].removeprefix("bytes=").split("-")) if "Range" in self.headers \
+            else (0, len(data) - 1)
+        self.send_response(206 if "Range" in self.headers else 200)
+        self.send_header("Content-Length", str(b + 1 - a))
+        self.end_headers()
+        if body:
+            self.wfile.write(data[a:b + 1])
+
+
+def test_a_redirect_off_http_or_in_a_loop_is_said_as_such(family):
+    """``file:///etc/passwd`` (with a signature in its query), ``ftp://``, ``/loop -> /loop``: aiohttp
+    follows none of them, and fsspec reported each as a missing file, so the archive was "no such
+    archive"; now one line that says what the server did, and no secret of the target."""
+    targets = {"file.tallpack": "file:///etc/passwd?X-Amz-Signature=SECRET&v=1", "ftp.tallpack": "ftp://127.0.0.1/f",
+               "loop.tallpack": "/loop.tallpack"}
+    with _Redirects(family.read_bytes(), targets) as server:
+        for name, said in (("file", "the server redirects to 'file:///etc/passwd?v=1', which is no HTTP(S) URL; "
+                                    "not followed"),
+                           ("ftp", "the server redirects to 'ftp://127.0.0.1/f', which is no HTTP(S) URL; not followed"),
+                           ("loop", "too many redirects (the server redirects in a loop)")):
+            url = f"http://127.0.0.1:{server.port}/{name}.tallpack"
+            with pytest.raises(tallpack.RemoteError) as e:
+                tallpack.open(url)
+            assert str(e.value) == f"{url}: {said}"
+
+
+def test_a_redirect_to_another_host_does_not_take_the_authorization_header(family):
+    """A token given as a header (storage options) or as ``user:password@`` goes to the host named,
+    not to the one it redirects to (another origin: ``localhost``, not ``127.0.0.1``), which is
+    read without it."""
+    with _Redirects(family.read_bytes(), {}) as other:
+        with _Redirects(family.read_bytes(), {"f.tallpack": f"http://localhost:{other.port}/f.tallpack"}) as first:
+            for url, opts in ((f"http://127.0.0.1:{first.port}/f.tallpack", {"headers": {"Authorization": "Bearer T0K"}}),
+                              (f"http://me:PW@127.0.0.1:{first.port}/f.tallpack", None)):
+                with tallpack.open(url, storage_options=opts) as fam:
+                    assert fam.state_dict("a")["w"].shape == (64, 64)
+            assert first.auth and all(a is not None for _, a in first.auth)  # given to the host named
+            assert other.auth and all(a is None for _, a in other.auth), other.auth
