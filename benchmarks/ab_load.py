@@ -3,7 +3,9 @@
 Each round runs, in fresh processes and in this order: a load with this checkout's library, the
 same load with the other checkout's, and ``load_file`` + clone of the task's original. Rounds
 alternate the two libraries' order. Prints medians, and each library's median ratio to the
-alternative over the rounds (a ratio per round, so a slow stretch of the machine moves both sides).
+alternative over the rounds (a ratio per round, so a slow stretch of the machine moves both sides),
+and whether the two libraries returned the same tensors (a SHA-256 of each load's, after the clock;
+exit status 1 where they differ).
 
     git worktree add /tmp/old f90c82f && (cd /tmp/old && python setup.py build_ext --inplace)
     python benchmarks/perf.py                       # once: writes the archives and the alternative
@@ -43,6 +45,14 @@ WORK = HERE / "out" / "perf-work"
 CHILD = r"""
 import gc, json, sys, time
 import torch  # imported before timing, by every side
+def digest(sd):  # the tensors' names, dtypes and bytes, after the clock: both checkouts must agree
+    import hashlib
+    h = hashlib.sha256()
+    for k in sorted(sd):
+        t = sd[k].contiguous()
+        h.update(f"{k} {t.dtype} {tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
 # a full collection before each timed load (perf.py's _settle says why)
 kind, path, task, warm, cache = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5])
 steady, n = int(sys.argv[6]), int(sys.argv[7])
@@ -63,7 +73,8 @@ elif n:
         for k in fam.keys(task):
             part = fam.get_slice(task, k)
             sd[k] = part[0 : max(1, part.get_shape()[0] // n)]
-    print(json.dumps({"seconds": time.perf_counter() - t0, "tallpack": tallpack.__file__}))
+    s = time.perf_counter() - t0
+    print(json.dumps({"seconds": s, "tallpack": tallpack.__file__, "digest": digest(sd)}))
 elif steady and kind == "st":
     from safetensors.torch import load_file
     ts = []
@@ -108,7 +119,7 @@ else:
         with tallpack.open(path, **kw) as fam:
             sd = fam.state_dict(task)
         s = time.perf_counter() - t0
-    print(json.dumps({"seconds": s, "tallpack": tallpack.__file__}))
+    print(json.dumps({"seconds": s, "tallpack": tallpack.__file__, "digest": digest(sd)}))
 """
 
 
@@ -141,11 +152,14 @@ def main(argv: list[str] | None = None) -> int:
     sides = {"this": str(REPO), "other": str(a.other.resolve())}
     times: dict[str, list[float]] = {"this": [], "other": [], "alt": []}
     files = {}
+    digests: dict[str, set[str]] = {"this": set(), "other": set()}
     for i in range(a.rounds):
         for side in (("this", "other") if i % 2 == 0 else ("other", "this")):
             r = run("tp", a.archive, a.task, warm, a.cache_bytes, sides[side], a.steady, a.slice)
             times[side].append(r["seconds"])
             files[side] = r["tallpack"]
+            if r.get("digest"):
+                digests[side].add(r["digest"])
         times["alt"].append(run("st", a.original, a.task, "", -1, None, a.steady, a.slice)["seconds"])
     what = (f"one rank of {a.slice}: the first rows // {a.slice} rows of every tensor, fresh process "
             "(against safe_open + get_slice + clone)" if a.slice
@@ -156,7 +170,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{what}, {cache}, {a.rounds} rounds; alternative {'its slices' if a.slice else 'load_file + clone'}: "
           f"{statistics.median(times['alt']) * 1e3:.1f} ms")
     print_sides(times, files, "alt", "the alternative")
-    return 0
+    if a.steady:
+        print("  tensors not compared (--steady keeps none)")
+        return 0
+    same = len(digests["this"]) == 1 and digests["this"] == digests["other"]
+    print(f"  the two checkouts' tensors: {'identical' if same else 'DIFFER'} (SHA-256 of names, dtypes, shapes, bytes)")
+    return 0 if same else 1
 
 
 def print_sides(times: dict[str, list[float]], files: dict[str, str], alt: str, alt_name: str,

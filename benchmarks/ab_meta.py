@@ -34,8 +34,9 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     a = ap.parse_args()
     times: dict[str, list[float]] = {"this": [], "other": []}
-    for _ in range(a.rounds):
-        for name, root in (("other", a.other), ("this", str(HERE))):
+    sides = [("other", a.other), ("this", str(HERE))]
+    for i in range(a.rounds):  # the order swapped every round
+        for name, root in (sides if i % 2 == 0 else sides[::-1]):
             out = subprocess.run([sys.executable, "-c", CODE, root, a.archive, a.task], capture_output=True,
                                  text=True, check=True)
             times[name].append(float(out.stdout.strip().splitlines()[-1]))

@@ -85,8 +85,8 @@ def main() -> None:
         wall: dict[str, list[float]] = {k: [] for k in roots}
         cpu: dict[str, list[float]] = {k: [] for k in roots}
         mem: dict[str, tuple[float, float]] = {}
-        for _ in range(a.rounds):
-            for name, root in roots.items():
+        for i in range(a.rounds):  # the order swapped every round
+            for name, root in (list(roots.items()) if i % 2 == 0 else list(roots.items())[::-1]):
                 w, c = run(root, path, "time")
                 wall[name].append(w)
                 cpu[name].append(c)

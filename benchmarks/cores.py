@@ -4,7 +4,7 @@ The performance issue asks for packing faster than ``zstd -3 -T2`` and loading n
 speed "on every core". This run packs the goals' float32 family (base + 8, built by
 ``perf.make_family`` if missing) with ``threads=n`` alternated with ``zstd -3 -Tn`` over the same
 files (python-zstandard with n threads where the command is missing), and loads one member (``tallpack.open(threads=n).state_dict``, fresh process) alternated
-with ``load_file`` + clone, for each n up to the machine's cores. Prints a markdown table: each
+with ``load_file`` + clone, for each n (torch limited to n threads in every child, both sides) up to the machine's cores. Prints a markdown table: each
 side's median seconds, their ratio, and each side's speed-up over its own one-thread time.
 
     python benchmarks/cores.py [--threads 1 2 4 8 16] [--rounds 3] [--out benchmarks/out]
@@ -30,6 +30,7 @@ import gc, json, sys, time
 import torch  # imported before timing
 import tallpack
 base, out, tasks, threads = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), int(sys.argv[4])
+torch.set_num_threads(threads)  # torch's own arithmetic on n threads too, as zstd -Tn
 gc.collect()
 t0 = time.perf_counter()
 tallpack.pack(base, tasks, out, codec="planes", level=3, threads=threads, overwrite=True)
@@ -40,6 +41,7 @@ LOAD = r"""
 import gc, json, sys, time
 import torch
 kind, path, task, threads = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+torch.set_num_threads(threads)  # both sides: load_file's clone on n threads, as tallpack's work
 if kind == "st":
     from safetensors.torch import load_file
     gc.collect()

@@ -8,6 +8,7 @@ same bits, then prints a markdown table of the fastest of 5 repeats per loop and
 
 from __future__ import annotations
 
+import argparse
 import timeit
 
 import numpy as np
@@ -21,6 +22,7 @@ def fastest(fn, n: int) -> float:
 
 
 def main() -> None:
+    argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args()  # --help, nothing to set
     rng = np.random.default_rng(0)
     print("| elements | loop | unpack_bits | byte mask | unpack + byte mask | bits | bits / (unpack + bytes) |")
     print("|---:|---|---:|---:|---:|---:|---:|")
