@@ -66,3 +66,9 @@ __all__ = [
     "ArchiveNotFoundError", "ExactTierMissingError", "IncompatibleCheckpointsError", "TaskNotFoundError", "TensorNotFoundError",
     "OutputError", "OutputExistsError", "ArchiveClosedError", "RemoteError",
 ]
+
+
+def __dir__() -> list[str]:
+    """What ``dir(tallpack)`` and a prompt's Tab offer: the public API and the modules README names
+    (``tallpack.merged.left_out``, ``tallpack.progress.Bar``, ...), not every internal module."""
+    return sorted([*__all__, "errors", "merged", "options", "progress"])

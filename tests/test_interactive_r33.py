@@ -218,3 +218,12 @@ def test_stats_shown_at_a_prompt_leave_the_per_layer_table_out(many):
         s = tallpack.stats.compute(fam)
     assert len(s.layers) > 100 and len(repr(s)) < 400, repr(s)
     assert "'cars'" in repr(s) and "tasks_using" in repr(s) and "layers" in s.to_dict()
+
+
+def test_dir_offers_the_public_api_not_every_module() -> None:
+    import tallpack
+
+    names = dir(tallpack)
+    assert "open" in names and "Archive" in names and "progress" in names
+    assert "reader" not in names and "sources" not in names and "_kernels" not in names
+    assert all(hasattr(tallpack, n) for n in names)
