@@ -17,6 +17,7 @@ from typing import Any, Literal, Protocol, overload
 
 from ._torch import cpu_default, torch
 from .arrays import ArrayRef
+from .dtypes import torch_dtype
 from .elements import FLOAT_BITS, holds, itemsize, numel
 from .encodings import TensorEntry, Use, encoding_for
 from .encodings.base import ReadArray, split_parts
@@ -26,10 +27,10 @@ from .encodings.exact import TALL_ENCODINGS
 from .encodings.qtau import task_masks
 from .errors import FormatError, InvalidArgumentError, TallpackError, UnsupportedVersionError, memory_named
 from .folders import component_of
-from .kernels import IN_NOT_FINITE, OUT_NOT_FINITE
+from .kernels import IN_NOT_FINITE, OUT_NOT_FINITE, in_parts
 from .manifest import Manifest
 from .merging import (MERGED_MODELS, METHODS, MergeMethod, apply_direction, check_alpha, consensus_mask, default_alpha,
-                      fusable, fusable_dtype, fused_merge, integer, is_consensus, merge_direction, merged_model_method,
+                      fusable_dtype, fused_merge, integer, is_consensus, merge_direction, merged_model_method,
                       missing_statistics)
 from .tall import tall_mask, task_vector
 
@@ -469,17 +470,18 @@ class MergeParts:
         out: torch.Tensor | None = None
         out_finite = inputs_finite = True  # every run's part finite; base and d finite where checked
         flags = 0  # the compiled loop's, or'ed over the runs
+        fused = fusable_dtype(base.dtype)
         for a in range(0, base.numel, run):
             b = min(base.numel, a + run)
+            if fused:
+                if out is None:
+                    out = torch.empty(tuple(base.shape), dtype=torch_dtype(base.dtype))
+                got = self._fused_run(e, refs, a, b, alpha, out)
+                if got is not None:
+                    flags |= got
+                    continue
             theta = read(base, f"{where} (base)", Use.INPUT, start=a, stop=b)
             tau = read(refs["merged"], f"{where} (merged)", Use.INPUT, start=a, stop=b)
-            if out is None and fusable(theta):
-                out = torch.empty(tuple(base.shape), dtype=theta.dtype)
-            got = self._fused_run(e, refs, a, b, theta, tau, alpha, out) if out is not None else None
-            if got is not None:
-                flags |= got
-                del theta, tau
-                continue
             masks: Iterable[torch.Tensor] | None = None
             extras = None
             if is_consensus(model):  # read as they are counted, in the tasks' order
@@ -505,29 +507,34 @@ class MergeParts:
         inputs_finite = inputs_finite and not flags & IN_NOT_FINITE
         return out, out.is_floating_point() and not out_finite and inputs_finite
 
-    def _fused_run(self, e: TensorEntry, refs: dict[str, ArrayRef], a: int, b: int, theta: torch.Tensor,
-                   tau: torch.Tensor, alpha: float, out: torch.Tensor) -> int | None:
+    def _fused_run(self, e: TensorEntry, refs: dict[str, ArrayRef], a: int, b: int, alpha: float,
+                   out: torch.Tensor) -> int | None:
         """Elements [a, b) of the merged tensor of entry ``e`` built into ``out`` by the compiled
-        loop (``merging.fused_merge``): its flags; None where it does not run (nothing written)."""
-        read, where, k = self._family.read_array, f"tensor {e.name!r}", self._k_used
-        masks = counts = None
-        if is_consensus(self.model):
-            if len(e.tasks) > FUSED_MASKS:  # counted as they come, one mask held at a time; then one mask, k = 1
-                masks = [consensus_mask((read(refs[f"mask:{t}"], f"task {t!r}, {where} (mask)", Use.INPUT, start=a,
-                                              stop=b) for t in e.tasks), k)]
-                k = 1
-            else:
-                masks = [read(refs[f"mask:{t}"], f"task {t!r}, {where} (mask)", Use.INPUT, start=a, stop=b)
-                         for t in e.tasks]
-        elif self._method.name == "ties":  # its disjoint mean: tau_MTL / max(counts, 1)
-            counts = read(refs["counts"], f"{where} (counts)", Use.INPUT, start=a, stop=b)
-        elif self._method.name != "ta":  # (a method whose plain direction the loop does not know)
+        loop (``merging.fused_merge``), its arrays read side by side (this thread and tallpack's
+        helpers: decoding releases the GIL): the loop's flags; None where it does not run (nothing
+        written: the caller's torch path then reads them again)."""
+        read, where, k, tasks = self._family.read_array, f"tensor {e.name!r}", self._k_used, list(e.tasks)
+        consensus, method = is_consensus(self.model), self._method.name
+        if not consensus and method not in ("ta", "ties"):  # (a method whose plain direction the loop does not know)
             return None
-        part = out.view(-1)[a:b]
-        got = fused_merge(theta.reshape(-1), tau.reshape(-1), alpha, [m.reshape(-1) for m in masks or ()] or None, k,
-                          None if counts is None else counts.reshape(-1), part,
-                          getattr(self._family, "threads", 1))
-        return None if got is None else got[1]
+        masks = [f"mask:{t}" for t in tasks] if consensus and len(tasks) <= FUSED_MASKS else []
+        keys = ["base", *masks, *(["counts"] if not consensus and method == "ties" else []), "merged"]
+        said = {"base": f"{where} (base)", "merged": f"{where} (merged)", "counts": f"{where} (counts)",
+                **{f"mask:{t}": f"task {t!r}, {where} (mask)" for t in tasks}}
+        got: dict[str, torch.Tensor] = {}
+
+        def reads(first: int, end: int) -> None:  # (the large arrays at the two ends: one for each thread)
+            for key in keys[first:end]:
+                got[key] = read(refs[key], said[key], Use.INPUT, start=a, stop=b).reshape(-1)
+        in_parts(len(keys), getattr(self._family, "threads", 1), reads)
+        held = [got[m] for m in masks]
+        if consensus and not masks:  # counted as they come, one mask held at a time; then one mask, k = 1
+            held = [consensus_mask((read(refs[f"mask:{t}"], said[f"mask:{t}"], Use.INPUT, start=a, stop=b).reshape(-1)
+                                    for t in tasks), k)]
+            k = 1
+        done = fused_merge(got["base"], got["merged"], alpha, held or None, k, got.get("counts"), out.view(-1)[a:b],
+                           getattr(self._family, "threads", 1))
+        return None if done is None else done[1]
 
     @overload
     def state_dict(self, alpha: float | None = None, *, task: str | None = None,
