@@ -15,8 +15,10 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
+import math
 import os
 import tempfile
+import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -26,7 +28,8 @@ from urllib.parse import unquote, urlsplit
 from .errors import (CheckpointError, CheckpointNotFoundError, InvalidArgumentError, OutputError, OutputExistsError,
                      TallpackError, missing_package, quoted)
 from .fsutil import check_folders_above, check_replaceable, committed, forget_commits, full_disk
-from .remote import failure, lost, redact, refusal, upload_failure, with_timeouts
+from . import remote
+from .remote import RETRY, failure, lost, redact, refusal, upload_failure, with_timeouts
 from .storage import is_url
 
 log = logging.getLogger(__name__)
@@ -491,9 +494,11 @@ def _get_file(fs: Any, rpath: str, dest: Path, size: Any, shown: str) -> None:
     """One file, by ``get_file`` (``get`` would take the ``?`` of a signed link or the ``[`` of a key
     for a pattern); a copy of another size than the store announced is an error (a transfer cut short)."""
     try:
-        fs.get_file(rpath, str(dest))
+        fs.get_file(rpath, str(dest), callback=_received(size, shown))
     except FileNotFoundError as e:
         raise CheckpointError(f"{shown}: cannot download: {failure(e) or 'removed while downloading'}") from None
+    except CheckpointError:  # (the callback's: too much, or too slow)
+        raise
     except Exception as e:
         got = dest.stat().st_size if dest.is_file() else 0
         if full_disk(e) is not None:
@@ -508,6 +513,39 @@ def _get_file(fs: Any, rpath: str, dest: Path, size: Any, shown: str) -> None:
     got = dest.stat().st_size
     if isinstance(size, int) and got != size:
         raise CheckpointError(f"{shown}: cannot download: {got} bytes received of {size} (truncated); try again")
+
+
+def _received(size: Any, shown: str) -> Any:
+    """A callback for fsspec's ``get_file`` that counts what it receives as it comes: a download of
+    more bytes than the store announced (a server that answers with an endless body filled the
+    temporary folder), or one that sends under ``HTTP_MIN_RATE`` bytes a second over
+    ``HTTP_IDLE_TIMEOUT`` seconds (a byte at a time, each just before the idle timeout:
+    slowloris), ends in a CheckpointError naming ``shown``."""
+    from fsspec.callbacks import Callback
+
+    class Received(Callback):
+        def __init__(self) -> None:
+            super().__init__()
+            self.window = remote.HTTP_IDLE_TIMEOUT
+            self.ends, self.since = time.monotonic() + self.window, 0
+
+        def relative_update(self, inc: int | None = 1) -> None:
+            inc = inc or 0
+            self.value += inc
+            self.since += inc
+            announced = size if isinstance(size, int) else None
+            if announced is not None and self.value > announced:
+                raise CheckpointError(f"{shown}: cannot download: the server sent more than the {announced} "
+                                      "bytes it announced")
+            if time.monotonic() >= self.ends:
+                left = math.inf if announced is None else announced - (self.value - self.since)
+                if self.since < min(remote.HTTP_MIN_RATE * self.window, left):
+                    raise CheckpointError(f"{shown}: cannot download: timed out (the server sent {self.since} bytes "
+                                          f"in {self.window} s, under {remote.HTTP_MIN_RATE} a second), after "
+                                          f"{self.value} of {size} bytes; {RETRY}")
+                self.ends, self.since = time.monotonic() + self.window, 0
+
+    return Received()
 
 
 def _failure(e: BaseException) -> str:

@@ -12,7 +12,9 @@
   named ``.git`` in ``unpack --all``, whose folder is ``OUT/.git``;
 - a redirect to a ``file://`` (or other non-HTTP) URL, or a redirect loop, is said as such in one
   line (it was "no such archive"), the target's secrets left out; a redirect to another host
-  does not take the Authorization header along.
+  does not take the Authorization header along;
+- a checkpoint downloaded from a URL (pack's input) that the server sends endlessly is given up
+  on at the size it announced, and one it drips is given up on as an archive's range is.
 """
 
 from __future__ import annotations
@@ -353,3 +355,101 @@ def test_a_redirect_to_another_host_does_not_take_the_authorization_header(famil
                     assert fam.state_dict("a")["w"].shape == (64, 64)
             assert first.auth and all(a is not None for _, a in first.auth)  # given to the host named
             assert other.auth and all(a is None for _, a in other.auth), other.auth
+
+
+# -- downloads (pack's inputs at URLs) ---------------------------------------------------------------
+
+class _Downloads(ThreadingHTTPServer):
+    """Serves ``files`` (name -> bytes) whole, but for ``hostile``: its HEAD announces its size, its
+    GET sends an endless body (``mode`` ``chunked``) or drips it a byte every 0.3 s (``drip``)."""
+
+    daemon_threads = True
+
+    def __init__(self, files: dict[str, bytes], hostile: str, mode: str):
+        super().__init__(("127.0.0.1", 0), _DownloadHandler)
+        self.files, self.hostile, self.mode, self.sent = files, hostile, mode, 0
+        self.stopped = threading.Event()
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server_address[1]}"
+
+    def __enter__(self) -> "_Downloads":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stopped.set()
+        self.shutdown()
+        self.server_close()
+
+
+class _DownloadHandler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server: _Downloads
+
+    def log_message(self, *args) -> None:
+        pass
+
+    def do_HEAD(self) -> None:
+        data = self.server.files[self.path.lstrip("/")]
+        self.send_response(200)
+        self.send_header("Content-Type", "application/octet-stream")  # (no folder listing: fsspec reads none)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+
+    def do_GET(self) -> None:
+        name = self.path.lstrip("/")
+        data = self.server.files[name]
+        self.send_response(200)
+        self.send_header("Content-Type", "application/octet-stream")
+        self.close_connection = True
+        if name != self.server.hostile:
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+            return
+        try:
+            if self.server.mode == "drip":
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                for i in range(len(data)):
+                    self.wfile.write(data[i:i + 1])
+                    self.wfile.flush()
+                    if self.server.stopped.wait(0.3):
+                        return
+                return
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            block = b"\0" * (1 << 20)
+            while self.server.sent < FLOOD:
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(block), block))
+                self.server.sent += len(block)
+        except OSError:  # the client hung up
+            pass
+
+
+@pytest.mark.parametrize("mode", ["chunked", "drip"])
+def test_a_checkpoint_at_a_url_sent_endlessly_or_dripped_is_given_up_on(family, tmp_path, monkeypatch, mode):
+    """pack's input ``http://.../a.safetensors``, announced at its size (HEAD) and then sent as an
+    endless body: the download filled the temporary folder (256 MiB here, the disk in the wild)
+    before anything was checked; now it ends at the size announced, in one line. Dripped a byte
+    every 0.3 s (the idle timeout here 1 s), it held pack for hours; now given up on after a
+    window under 1 KiB a second. Nothing is written."""
+    from tallpack import remote
+
+    monkeypatch.setattr(remote, "HTTP_IDLE_TIMEOUT", 1)
+    d = family.parent
+    files = {f"{t}.safetensors": (d / f"{t}.safetensors").read_bytes() for t in ("base", "a")}
+    with _Downloads(files, "a.safetensors", mode) as server:
+        timer = threading.Timer(20, server.stopped.set)  # a download that waits on: cut off, and the test fails
+        timer.start()
+        with pytest.raises(tallpack.CheckpointError) as e:
+            tallpack.pack(f"{server.url}/base.safetensors", {"a": f"{server.url}/a.safetensors"}, tmp_path / "x.tallpack",
+                          threads=1)
+        timer.cancel()
+    text = str(e.value)
+    assert text.startswith(f"{server.url}/a.safetensors: cannot download: ") and "\n" not in text, text
+    if mode == "chunked":
+        assert f"the server sent more than the {len(files['a.safetensors'])} bytes it announced" in text, text
+        assert server.sent < 64 << 20, f"{server.sent >> 20} MiB downloaded for a file of 16 KB"
+    else:
+        assert "timed out (the server sent " in text and "under 1024 a second" in text, text
+    assert not (tmp_path / "x.tallpack").exists()
