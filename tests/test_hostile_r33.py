@@ -14,7 +14,9 @@
   line (it was "no such archive"), the target's secrets left out; a redirect to another host
   does not take the Authorization header along;
 - a checkpoint downloaded from a URL (pack's input) that the server sends endlessly is given up
-  on at the size it announced, and one it drips is given up on as an archive's range is.
+  on at the size it announced, and one it drips is given up on as an archive's range is;
+- code an archive carries (``modeling_*.py`` that ``trust_remote_code`` would import, a pickle
+  ``extra/evil.bin`` whose loading runs a command) is written by unpack and never run by tallpack.
 """
 
 from __future__ import annotations
@@ -453,3 +455,52 @@ def test_a_checkpoint_at_a_url_sent_endlessly_or_dripped_is_given_up_on(family, 
     else:
         assert "timed out (the server sent " in text and "under 1024 a second" in text, text
     assert not (tmp_path / "x.tallpack").exists()
+
+
+# -- code an archive carries ------------------------------------------------------------------------
+
+class _Payload:
+    """Unpickled, it creates the file ``flag`` (what a hostile pickle does, with worse commands)."""
+
+    def __init__(self, flag: Path):
+        self.flag = flag
+
+    def __reduce__(self):
+        return (open, (str(self.flag), "w"))
+
+
+def test_code_an_archive_carries_is_written_never_run(tmp_path):
+    """A task folder with ``modeling_evil.py`` (``config.json``'s ``auto_map`` names it, as
+    ``trust_remote_code`` models do) and a pickle in a subfolder (``extra/evil.bin``), each of
+    which creates a flag file when imported or unpickled: open, read, verify, stats, unpack and
+    merge write them byte for byte, and the flag is never made."""
+    import pickle
+
+    from tallpack.stats import compute
+
+    flag = tmp_path / "ran"
+    g = torch.Generator().manual_seed(0)
+    base = {"w": torch.randn(16, 16, generator=g)}
+    for name, sd in (("base", base), ("a", {"w": base["w"] + 0.1})):
+        (tmp_path / name).mkdir()
+        save_file(sd, tmp_path / name / "model.safetensors")
+        (tmp_path / name / "config.json").write_text(json.dumps(
+            {"model_type": "evil", "auto_map": {"AutoModel": "modeling_evil.EvilModel"}}))
+    code = f"open({str(flag)!r}, 'w').close()\nclass EvilModel: pass\n"
+    (tmp_path / "a" / "modeling_evil.py").write_text(code)
+    (tmp_path / "a" / "extra").mkdir()
+    (tmp_path / "a" / "extra" / "evil.bin").write_bytes(pickle.dumps(_Payload(flag)))
+    arch = tmp_path / "f.tallpack"
+    tallpack.pack(tmp_path / "base", {"a": tmp_path / "a"}, arch, threads=1)
+    with tallpack.open(arch) as fam:
+        assert {"modeling_evil.py", "extra/evil.bin"} <= set(fam.files("a"))
+        assert fam.read_file("modeling_evil.py", "a").decode() == code
+        fam.state_dict("a")
+        assert not fam.verify()
+        compute(fam)
+        tallpack.write_task(fam, "a", tmp_path / "out")
+        tallpack.write_merged(fam, tmp_path / "merged", task="a")
+    for out in ("out", "merged"):
+        assert (tmp_path / out / "modeling_evil.py").read_text() == code
+        assert (tmp_path / out / "extra" / "evil.bin").read_bytes() == (tmp_path / "a" / "extra" / "evil.bin").read_bytes()
+    assert not flag.exists() and "modeling_evil" not in sys.modules
