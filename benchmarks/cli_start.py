@@ -55,8 +55,11 @@ def make_archive(folder: Path) -> Path:
 
 def timed(argv: list[str]) -> float:
     t0 = time.perf_counter()
-    subprocess.run(argv, check=True, capture_output=True, cwd="/")
-    return time.perf_counter() - t0
+    done = subprocess.run(argv, capture_output=True, cwd="/")
+    dt = time.perf_counter() - t0
+    if done.returncode:  # the command's own error, not only its status
+        raise SystemExit(f"{' '.join(argv[3:])}: exit status {done.returncode}\n{done.stderr.decode()[-3000:]}")
+    return dt
 
 
 def main(argv: list[str] | None = None) -> int:

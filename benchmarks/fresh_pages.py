@@ -65,9 +65,10 @@ def main() -> None:
         child(a.child)
         return
     runs: dict[str, list[dict]] = {w: [] for w in WAYS}
-    for _ in range(a.repeats):
-        for way in WAYS:
-            out = subprocess.run([sys.executable, __file__, "--child", way], capture_output=True, text=True,
+    ways = list(WAYS)
+    for i in range(a.repeats):  # the order turned every repeat, so no way always runs first
+        for way in ways[i % len(ways):] + ways[: i % len(ways)]:
+            out = subprocess.run([sys.executable, __file__, "--child", way], stdout=subprocess.PIPE, text=True,
                                  check=True, env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})
             runs[way].append(json.loads(out.stdout))
     base = statistics.median(r["seconds"] for r in runs["torch"])

@@ -951,7 +951,7 @@ def run_goals(a, rep: Report, details: dict) -> None:
                                                {"path": str(c_alt)})
                 details[f"load_{dtype}_goal{goal}"] = {"tallpack": ours, "safetensors": theirs}
                 extra_open = {"open_seconds": median(r["open_seconds"] for r in ours)} if not warm_task else {}
-                rep.add(goal, f"{what}, planes, {dtype} (base + {CAST_TASKS}, 52 MB a member)",
+                rep.add(goal, f"{what}, planes, {dtype} (base + {CAST_TASKS}, {c_alt.stat().st_size / 1e6:.0f} MB a member)",
                         median(r["seconds"] for r in ours), median(r["seconds"] for r in theirs), "s", "<=", gx,
                         alt_label="load_file + clone", ratio_best=best(ours, theirs), **extra_open)
 
