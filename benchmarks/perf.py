@@ -1267,6 +1267,8 @@ def profile_md(prof: dict) -> str:
 
 
 def baseline_md(res: dict) -> str:
+    from tallpack.cache import DEFAULT_CACHE_BYTES as DEFAULT_CACHE
+
     m, fam, d = res["meta"], res["details"]["family"], res["details"]
     commit = m["commit"] + (" (library modified)" if m["library_dirty"] else "")
     met = sum(1 for r in res["rows"] if r.get("met"))
@@ -1290,7 +1292,9 @@ per safetensors file. Archives packed with `threads={res['args']['threads']}`, l
 How each row is measured:
 - loads (1-3): each sample is a fresh process that imports torch, tallpack and safetensors, then
   times only the load: `tallpack.open` + `state_dict(task)` (1, 2), or `state_dict(t2)` after an
-  untimed `state_dict(t1)` on the same open archive (3), against `load_file(original)` and a
+  untimed `state_dict(t1)` on the same open archive (3), the archive opened with
+  `cache_bytes={res['args']['cache_bytes']:,}` (`--cache-bytes`; the library's default is {DEFAULT_CACHE:,}) unless a row
+  says otherwise, against `load_file(original)` and a
   `clone()` of every tensor; page cache warm; the original read is a copy written in this run, as
   the archives are (a file just written and one written long ago sit differently in the page cache).
 - get_tensor (4): {res['args']['repeats']} processes per archive; in each, one warm-up call each,
