@@ -1,4 +1,5 @@
-"""Pack a synthetic family of a few hundred MB and compare, in the same run, with the alternatives:
+"""Pack a synthetic family of a few hundred MB (codecs raw, bytegroup-zstd and the default planes)
+and compare, in the same run, with the alternatives:
 the checkpoints as they are (safetensors), each checkpoint compressed with zstd-3, and
 loading one member with safetensors' own load_file.
 
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -87,7 +89,9 @@ def run_child(checkout: Path, code: str, *args: str) -> dict:
     import os
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(checkout), str(checkout / "cli")])}
     r = subprocess.run([sys.executable, "-c", SAMPLER + code, *args], capture_output=True, text=True, env=env,
-                       cwd="/", check=True)
+                       cwd="/")
+    if r.returncode:  # the child's own error, not only its exit status
+        raise SystemExit(f"a child of {checkout} failed ({' '.join(args)}):\n{r.stderr[-3000:]}")
     got = json.loads(r.stdout.strip().splitlines()[-1])
     assert got["file"].startswith(str(checkout)), (got["file"], checkout)  # the checkout meant, not another
     return got
@@ -122,13 +126,19 @@ def make_family(root: Path, params: float, tasks: int, dtype: torch.dtype, hidde
     return root / "base.safetensors", paths, largest
 
 
+class _Counted:
+    """A sink that keeps nothing: zstd's output bytes are only counted."""
+
+    def write(self, b) -> int:
+        return len(b)
+
+
 def zstd_size(path: Path) -> tuple[int, float]:
+    """The file as one zstd-3 stream (as ``zstd -3 -T0`` writes it), and the seconds it took."""
     t0 = time.perf_counter()
     c = zstandard.ZstdCompressor(level=3, threads=-1)
-    n = 0
     with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 24), b""):
-            n += len(c.compress(chunk))
+        _, n = c.copy_stream(f, _Counted())
     return n, time.perf_counter() - t0
 
 
@@ -174,21 +184,24 @@ def main() -> None:
         res = {"params": a.params, "tasks": a.tasks, "dtype": a.dtype, "checkpoint_bytes": raw,
                "zstd3_bytes": sum(s for s, _ in zs), "zstd3_seconds": sum(t for _, t in zs),
                "largest_tensor_bytes": largest, "codecs": {}}
-        for codec in ("raw", "bytegroup-zstd"):
+        for codec in ("raw", "bytegroup-zstd", "planes"):  # planes: the default (pack's codec)
             out = root / f"{codec}.tallpack"
             r = child_pack([json.dumps({"base": str(base), "tasks": {k: str(v) for k, v in tasks.items()},
                                         "out": str(out), "codec": codec})])
             size = out.stat().st_size
-            # one member: tallpack vs safetensors' load_file of the original, alternating, best of 3
+            # one member: tallpack vs safetensors' load_file of the original, alternated (the order
+            # swapped each time), medians of 5
             t_tp, t_st = [], []
-            for _ in range(3):
-                t0 = time.perf_counter()
-                with tallpack.open(out) as fam:
-                    fam.state_dict("task1")
-                t_tp.append(time.perf_counter() - t0)
-                t0 = time.perf_counter()
-                {k: v.clone() for k, v in load_file(tasks["task1"]).items()}  # into memory, as ours
-                t_st.append(time.perf_counter() - t0)
+            for i in range(5):
+                for side in ("tp", "st") if i % 2 == 0 else ("st", "tp"):
+                    t0 = time.perf_counter()
+                    if side == "tp":
+                        with tallpack.open(out) as fam:
+                            fam.state_dict("task1")
+                        t_tp.append(time.perf_counter() - t0)
+                    else:
+                        {k: v.clone() for k, v in load_file(tasks["task1"]).items()}  # into memory, as ours
+                        t_st.append(time.perf_counter() - t0)
             with tallpack.open(out) as fam:
                 name = "layers.0.q.weight"
                 t0 = time.perf_counter()
@@ -200,7 +213,7 @@ def main() -> None:
                 "pack_seconds": r["seconds"], "pack_vs_zstd3_time": r["seconds"] / res["zstd3_seconds"],
                 "pack_peak_anon_bytes": r["peak_rss"],
                 "peak_anon_over_largest_x_checkpoints": r["peak_rss"] / (largest * (a.tasks + 1)),
-                "load_task_vs_safetensors_time": min(t_tp) / min(t_st),
+                "load_task_vs_safetensors_time": statistics.median(t_tp) / statistics.median(t_st),
                 "one_tensor_seconds": one,
             }
     print(json.dumps(res, indent=2))
