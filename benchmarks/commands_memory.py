@@ -90,7 +90,9 @@ def main() -> None:
     with contextlib.ExitStack() as stack:
         if a.family:
             base = a.family / "base.safetensors"
-            tasks = {p.stem: p for p in sorted(a.family.glob("task*.safetensors"))}
+            tasks = {p.stem: p for p in sorted(a.family.glob("task*.safetensors"))[: a.tasks]}  # --tasks of them
+            if len(tasks) < 2:
+                raise SystemExit(f"{a.family}: {len(tasks)} task*.safetensors (two or more needed)")
             with safe_open(str(base), "pt") as f:
                 largest = max(_nbytes(f, k) for k in f.keys())
             root = Path(stack.enter_context(tempfile.TemporaryDirectory(dir=a.family)))

@@ -123,13 +123,13 @@ def main(argv=None) -> int:
                     "second_over_safetensors": med["second"] / med["safetensors"]})
         res["archives"][codec] = row
         print(f"  {codec}: same bits on the GPU; first task {med['first'] * 1e3:.1f} ms, second "
-              f"{med['second'] * 1e3:.1f} ms, load_file(device='cuda') {med['safetensors'] * 1e3:.1f} ms "
+              f"{med['second'] * 1e3:.1f} ms, load_file(device='{dev.type}') {med['safetensors'] * 1e3:.1f} ms "
               f"({row['first_over_safetensors']:.2f}x, {row['second_over_safetensors']:.2f}x)")
     (a.out / "gpu_check.json").write_text(json.dumps(res, indent=1))
     lines = [f"GPU check (`python benchmarks/gpu_check.py`) on {res['card']}, torch {res['torch']}: "
              f"{fam['params'] / 1e6:.1f}M float32 parameters a member, {a.tasks} tasks, medians of {a.repeats}.", "",
              "| codec | same bits as CPU | first task, fresh open | second task, open archive | "
-             "`load_file(device='cuda')` | first / load_file | second / load_file |",
+             f"`load_file(device='{dev.type}')` | first / load_file | second / load_file |",
              "|---|---|---:|---:|---:|---:|---:|"]
     for codec, row in res["archives"].items():
         m = row["median_seconds"]
