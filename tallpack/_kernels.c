@@ -1718,13 +1718,20 @@ HOT static int apply_bf16(const uint16_t *th, const float *d, float alpha, uint1
 }
 
 #ifdef HAVE_AVX2_PLANES
-/* float32 to float16 eight at a time with F16C, rounding to nearest even (torch's own conversion);
- * returns how many it wrote (a multiple of 8: the rest for f16_rne). */
+/* float32 to float16 eight at a time with F16C, rounding to nearest even as torch's own conversion
+ * does, a NaN's payload too (the last few through a padded block); returns n. */
 __attribute__((target("avx2,f16c"))) static Py_ssize_t narrow_f16_f16c(const float *v, uint16_t *out, Py_ssize_t n) {
     Py_ssize_t i = 0;
     for (; i + 8 <= n; i += 8)
         _mm_storeu_si128((__m128i *)(out + i), _mm256_cvtps_ph(_mm256_loadu_ps(v + i), _MM_FROUND_TO_NEAREST_INT));
-    return i;
+    if (i < n) {
+        float pad[8] = {0};
+        uint16_t got[8];
+        memcpy(pad, v + i, (size_t)(n - i) * 4);
+        _mm_storeu_si128((__m128i *)got, _mm256_cvtps_ph(_mm256_loadu_ps(pad), _MM_FROUND_TO_NEAREST_INT));
+        memcpy(out + i, got, (size_t)(n - i) * 2);
+    }
+    return n;
 }
 #endif
 
