@@ -17,7 +17,7 @@ import math
 import os
 import threading
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
 from types import ModuleType
 
 import numpy as np
@@ -803,7 +803,30 @@ def _run_cuts(cuts: list[int], run: Callable[[int, int], None]) -> None:
     try:
         run(cuts[0], cuts[1])
     finally:
-        errors = [f.exception() for f in futures]  # every range is done before anything is reused
+        errors = _all_done(futures)  # every range is done before anything is reused
     for e in errors:
         if e is not None:
             raise e
+
+
+def _all_done(futures: list[Future]) -> list[BaseException | None]:
+    """Each future's exception, once every one has ended: a Ctrl-C meanwhile cancels those not
+    started and waits for the running ones (a range each: milliseconds), then is raised, so that no
+    helper still writes into an output the caller has given up."""
+    interrupted: BaseException | None = None
+    errors: list[BaseException | None] = []
+    for f in futures:
+        while True:
+            try:
+                errors.append(f.exception())
+                break
+            except CancelledError:
+                errors.append(None)
+                break
+            except KeyboardInterrupt as e:
+                interrupted = interrupted or e
+                for other in futures:
+                    other.cancel()
+    if interrupted is not None:
+        raise interrupted
+    return errors

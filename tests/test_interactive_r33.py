@@ -227,3 +227,48 @@ def test_dir_offers_the_public_api_not_every_module() -> None:
     assert "open" in names and "Archive" in names and "progress" in names
     assert "reader" not in names and "sources" not in names and "_kernels" not in names
     assert all(hasattr(tallpack, n) for n in names)
+
+
+def test_ctrl_c_while_helpers_run_waits_for_their_ranges() -> None:
+    """A Ctrl-C while ``_run_cuts`` waits leaves no helper writing after the call unwound."""
+    import threading
+    import time
+
+    from tallpack import kernels
+
+    ended: list[int] = []
+    started = threading.Event()
+
+    def run(a: int, b: int) -> None:
+        if a == 0:  # this thread: interrupted while the helpers' ranges still run
+            started.wait(5)
+            raise KeyboardInterrupt
+        started.set()
+        time.sleep(0.2)
+        ended.append(a)
+
+    try:
+        kernels._run_cuts([0, 1, 2], run)
+    except KeyboardInterrupt:
+        pass
+    assert ended == [1]  # the helper's range ended before the interrupt came out
+
+
+def test_ctrl_c_during_the_wait_is_raised_after_the_ranges() -> None:
+    import _thread
+    import threading
+    import time
+
+    from tallpack import kernels
+
+    ended: list[int] = []
+
+    def run(a: int, b: int) -> None:
+        if a:
+            time.sleep(0.4)
+            ended.append(a)
+
+    threading.Timer(0.1, _thread.interrupt_main).start()  # arrives while the main thread waits
+    with pytest.raises(KeyboardInterrupt):
+        kernels._run_cuts([0, 1, 2], run)
+    assert ended == [1]
