@@ -126,6 +126,7 @@ else:
 def run(kind: str, path: Path, task: str, warm: str, cache: int, pythonpath: str | None, steady: int = 0,
         n: int = 0) -> dict:
     env = dict(os.environ)
+    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # both sides alike (perf.OMP_WAIT says why)
     if pythonpath:
         env["PYTHONPATH"] = pythonpath
     out = subprocess.run([sys.executable, "-c", CHILD, kind, str(path), task, warm, str(cache), str(steady), str(n)],

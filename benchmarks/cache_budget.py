@@ -86,6 +86,7 @@ def make_family(out: Path, rows: int, cols: int, tasks: int) -> dict:
 
 def run(kind: str, path: Path, cache: int, pythonpath: str | None) -> dict:
     env = dict(os.environ)
+    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # both sides alike (perf.OMP_WAIT says why)
     if pythonpath:
         env["PYTHONPATH"] = pythonpath
     out = subprocess.run([sys.executable, "-c", CHILD, kind, str(path), str(cache)],

@@ -546,9 +546,17 @@ def _tensor_floors(fam, f, task: str, name: str, reps: int, res: dict) -> None:
     res["floors"] = times
 
 
+#: OpenMP's wait in every child, both sides, unless the environment sets one: with its default
+#: (spin, then sleep) on busy cores, the alternative's ``clone`` (torch's OpenMP threads) took
+#: 57-60 ms against 16-26 ms passive in fresh processes (a 29 MB member, load 4-7; level on a
+#: quiet machine), a cost tallpack's own threads do not pay: busy runs flattered tallpack.
+OMP_WAIT = "PASSIVE"
+
+
 def child_env() -> dict:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [env.get("PYTHONPATH")])])
+    env.setdefault("OMP_WAIT_POLICY", OMP_WAIT)
     return env
 
 
@@ -1220,7 +1228,8 @@ def meta(a, command: str) -> dict:
     return {"date": time.strftime("%Y-%m-%d %H:%M"), "command": command, **g,
             "python": platform.python_version(), "torch": torch.__version__, "machine": platform.machine(),
             "cpus": os.cpu_count(), "repeats": a.repeats,
-            "loops": "compiled kernels" if kernels.COMPILED else "numpy loops (no compiled kernels)"}
+            "loops": "compiled kernels" if kernels.COMPILED else "numpy loops (no compiled kernels)",
+            "omp_wait_policy": child_env()["OMP_WAIT_POLICY"]}
 
 
 def table(rows: list[dict]) -> str:
@@ -1279,7 +1288,7 @@ def baseline_md(res: dict) -> str:
     return f"""{SECTION_BASELINE} at commit {commit}
 
 Produced by `{m['command']}` on {m['date']} ({m['machine']}, {m['cpus']} CPUs, Python {m['python']},
-torch {m['torch']}, tallpack's {m.get('loops', 'numpy loops')}; 2-core shared machine; sizes exact, times are medians of {m['repeats']} runs
+torch {m['torch']}, tallpack's {m.get('loops', 'numpy loops')}, OMP_WAIT_POLICY={m.get('omp_wait_policy', 'unset')} in every child; 2-core shared machine; sizes exact, times are medians of {m['repeats']} runs
 alternated with the alternative in the same run; total runtime {res['runtime_s'] / 60:.1f} min).
 Raw numbers and every sample: `benchmarks/out/{res['json_name']}`.
 
