@@ -9,7 +9,8 @@ other). Points: plain TALL (lambda 0.4); the dial at several weight-fidelity tar
 with an evaluator (validation accuracy) at 0.99; the exact tier. Baselines store the base and
 every task vector compressed at matched sizes: DARE (random drop with rescale), top-k by magnitude,
 uniform per-block quantization. Accuracy is on the TEST split, normalized by each fine-tune's.
-Writes ``benchmarks/out/fidelity_dial.json`` and ``benchmarks/fidelity_dial.png``.
+Writes ``benchmarks/out/fidelity_dial.json`` and ``benchmarks/fidelity_dial.png`` (``--quick``:
+``benchmarks/out/fidelity_dial_quick.json`` and ``.png``, leaving the full run's alone).
 """
 
 from __future__ import annotations
@@ -597,6 +598,8 @@ def main() -> None:
               + "\n" + paired_md(results) + "\n" + weighted_md(results))
         return
     logging.basicConfig(level=logging.WARNING)
+    # a quick run writes beside the full run's files, never over them (nor over the committed plot)
+    q = "_quick" if args.quick else ""
     work = OUT / "fidelity_dial"
     work.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -610,15 +613,15 @@ def main() -> None:
     b, tasks, ev, _, lg, *_ = fams["demo"]
     results["measure"] = measure_table(b, tasks, ev, lg, work)
     results["seconds"] = time.perf_counter() - t0
-    (OUT / "fidelity_dial.json").write_text(json.dumps(results, indent=1))
+    (OUT / f"fidelity_dial{q}.json").write_text(json.dumps(results, indent=1))
     md = paired_md(results)
-    (OUT / "fidelity_paired.md").write_text(md)
+    (OUT / f"fidelity_paired{q}.md").write_text(md)
     tables = "".join(f"#### {name}\n\n{family_md(fam)}\n" for name, fam in results["families"].items())
-    (OUT / "fidelity_tables.md").write_text(tables + "#### At the quantization baseline's own sizes\n\n"
+    (OUT / f"fidelity_tables{q}.md").write_text(tables + "#### At the quantization baseline's own sizes\n\n"
                                             + at_quant_md(results) + "\n#### Paired\n\n" + md
                                             + "\n#### Input-weighted\n\n" + weighted_md(results))
     print(md)
-    plot(results, ROOT / "benchmarks" / "fidelity_dial.png")
+    plot(results, OUT / "fidelity_dial_quick.png" if args.quick else ROOT / "benchmarks" / "fidelity_dial.png")
     print(f"done in {results['seconds']:.0f}s")
 
 
