@@ -46,7 +46,8 @@ _INVISIBLE = re.compile("[\x00-\x1f\x7f-\xa0\xad\u0600-\u0605\u061c\u06dd\u070f\
 #: ``config``: ``core.fsmonitor``, hooks; Mercurial's ``hgrc`` hooks): a folder file in one made the
 #: output folder a repository that ran the archive's command at the next ``git status`` (which a
 #: shell prompt runs on ``cd``). Compared as a file system that folds case or drops trailing dots
-#: and spaces (macOS, Windows) names them, NTFS's short names (``GIT~1``) too.
+#: and spaces (macOS, Windows) names them, NTFS's short names (``GIT~1``) and streams
+#: (``.git::$INDEX_ALLOCATION``, which Windows writes into as ``.git``) too: :func:`vcs_folder`.
 VCS_FOLDERS = frozenset({".git", "git~1", ".hg", "hg~1"})
 #: the longest file name component and path file systems take (NAME_MAX, PATH_MAX), in UTF-8 bytes
 NAME_MAX, PATH_MAX = 255, 4096
@@ -149,6 +150,12 @@ def plain_name(name: str) -> str:
         name.replace(f".{w[0]}.", ".", 1)
 
 
+def vcs_folder(part: str) -> bool:
+    """Whether a name component is one of VCS_FOLDERS as NTFS, macOS or Windows would read it (any
+    case, an NTFS stream's ``:...`` and trailing dots and spaces dropped)."""
+    return part.lower().partition(":")[0].rstrip(". ") in VCS_FOLDERS
+
+
 def check_file_name(name: object) -> str:
     """A stored file's name: a plain relative path with ``/`` separators that stays in the folder
     and that a file system can hold."""
@@ -169,7 +176,7 @@ def check_file_name(name: object) -> str:
     if why:
         raise FormatError(f"file name {name!r:.200} {why}; files must stay inside the folder")
     assert isinstance(name, str)  # (else ``why`` says so)
-    vcs = next((part for part in name.split("/") if part.lower().rstrip(". ") in VCS_FOLDERS), None)
+    vcs = next((part for part in name.split("/") if vcs_folder(part)), None)
     if vcs is not None:
         raise FormatError(f"file name {name!r:.200} is in a {vcs!r} folder, a repository's, whose files run "
                           "commands (Git's hooks and core.fsmonitor); no model folder holds one (spec §3.6)")

@@ -16,7 +16,7 @@ from .arrays import ArrayRef
 from .checksums import checksum_function
 from .encodings import TaskTensor, TensorEntry
 from .errors import FormatError, InvalidArgumentError, UnsupportedVersionError
-from .folders import VCS_FOLDERS, check_blob, check_file_map
+from .folders import check_blob, check_file_map, vcs_folder
 from .limits import MAX_INT, MAX_NAME_CHARS, MAX_TASKS
 from .merging import METHODS
 from .sources import _INDEX, _TRANSFORMERS_WEIGHTS
@@ -46,7 +46,7 @@ def task_name_problem(name: object) -> str | None:
         why = "it is empty" if name == "" else f"a task name is a string, not a {type(name).__name__}"
     elif name in (".", ".."):
         why = f"{name!r} names a folder"
-    elif name.lower().rstrip(". ") in VCS_FOLDERS:  # unpacked: OUT/.git/config, a repository's
+    elif vcs_folder(name):  # unpacked: OUT/.git/config, a repository's
         why = f"{name!r} names a repository's folder, whose files run commands (Git's hooks and core.fsmonitor)"
     elif name != name.strip():
         why = "it starts or ends with a space"
