@@ -1694,10 +1694,11 @@ static inline uint32_t f32_bits(float v) {
 HOT static int apply_f32(const float *th, const float *d, float alpha, float *out, Py_ssize_t n) {
     uint32_t bad_out = 0, bad_in = 0;
     for (Py_ssize_t i = 0; i < n; i++) {
-        float o = th[i] + alpha * d[i];
+        float t = th[i], v = d[i]; /* read before out is written: out may be theta or d */
+        float o = t + alpha * v;
         out[i] = o;
         bad_out |= (f32_bits(o) & 0x7F800000u) == 0x7F800000u;
-        bad_in |= ((f32_bits(th[i]) & 0x7F800000u) == 0x7F800000u) | ((f32_bits(d[i]) & 0x7F800000u) == 0x7F800000u);
+        bad_in |= ((f32_bits(t) & 0x7F800000u) == 0x7F800000u) | ((f32_bits(v) & 0x7F800000u) == 0x7F800000u);
     }
     return (bad_out ? OUT_NOT_FINITE : 0) | (bad_in ? IN_NOT_FINITE : 0);
 }
@@ -1706,13 +1707,14 @@ HOT static int apply_f32(const float *th, const float *d, float alpha, float *ou
 HOT static int apply_bf16(const uint16_t *th, const float *d, float alpha, uint16_t *out, Py_ssize_t n) {
     uint32_t bad_out = 0, bad_in = 0;
     for (Py_ssize_t i = 0; i < n; i++) {
-        uint32_t u = (uint32_t)th[i] << 16;
-        float t;
+        uint16_t b = th[i]; /* read before out is written: out may be theta */
+        uint32_t u = (uint32_t)b << 16;
+        float t, v = d[i];
         memcpy(&t, &u, 4);
-        uint16_t h = bf16_rne(t + alpha * d[i]);
+        uint16_t h = bf16_rne(t + alpha * v);
         out[i] = h;
         bad_out |= (h & 0x7F80u) == 0x7F80u;
-        bad_in |= ((th[i] & 0x7F80u) == 0x7F80u) | ((f32_bits(d[i]) & 0x7F800000u) == 0x7F800000u);
+        bad_in |= ((b & 0x7F80u) == 0x7F80u) | ((f32_bits(v) & 0x7F800000u) == 0x7F800000u);
     }
     return (bad_out ? OUT_NOT_FINITE : 0) | (bad_in ? IN_NOT_FINITE : 0);
 }
@@ -1740,8 +1742,10 @@ static int apply_f16(int f16c, const uint16_t *th, const float *d, float alpha, 
                      float *tw) {
     uint32_t bad_out = 0, bad_in = 0;
     widen16(KIND_F16, f16c, th, tw, n);
-    for (Py_ssize_t i = 0; i < n; i++)
+    for (Py_ssize_t i = 0; i < n; i++) { /* theta read before out is written: out may be theta */
         tw[i] = tw[i] + alpha * d[i];
+        bad_in |= ((th[i] & 0x7C00u) == 0x7C00u) | ((f32_bits(d[i]) & 0x7F800000u) == 0x7F800000u);
+    }
     Py_ssize_t i = 0;
 #ifdef HAVE_AVX2_PLANES
     if (f16c)
@@ -1749,10 +1753,8 @@ static int apply_f16(int f16c, const uint16_t *th, const float *d, float alpha, 
 #endif
     for (; i < n; i++)
         out[i] = f16_rne(tw[i]);
-    for (i = 0; i < n; i++) {
+    for (i = 0; i < n; i++)
         bad_out |= (out[i] & 0x7C00u) == 0x7C00u;
-        bad_in |= ((th[i] & 0x7C00u) == 0x7C00u) | ((f32_bits(d[i]) & 0x7F800000u) == 0x7F800000u);
-    }
     return (bad_out ? OUT_NOT_FINITE : 0) | (bad_in ? IN_NOT_FINITE : 0);
 }
 
@@ -1760,13 +1762,15 @@ static int apply_f16(int f16c, const uint16_t *th, const float *d, float alpha, 
 HOT static int apply_f64(const double *th, const float *d, float alpha, double *out, Py_ssize_t n) {
     uint32_t bad_out = 0, bad_in = 0;
     for (Py_ssize_t i = 0; i < n; i++) {
-        float o = (float)th[i] + alpha * d[i];
+        double t = th[i]; /* read before out is written: out may be theta */
+        float v = d[i];
+        float o = (float)t + alpha * v;
         out[i] = (double)o;
         uint64_t u;
-        memcpy(&u, &th[i], 8);
+        memcpy(&u, &t, 8);
         bad_out |= (f32_bits(o) & 0x7F800000u) == 0x7F800000u;
         bad_in |= ((u & 0x7FF0000000000000ull) == 0x7FF0000000000000ull)
-                  | ((f32_bits(d[i]) & 0x7F800000u) == 0x7F800000u);
+                  | ((f32_bits(v) & 0x7F800000u) == 0x7F800000u);
     }
     return (bad_out ? OUT_NOT_FINITE : 0) | (bad_in ? IN_NOT_FINITE : 0);
 }

@@ -622,7 +622,7 @@ def fused_merge(theta_0: torch.Tensor, d: torch.Tensor, alpha: float, masks: lis
     with np.errstate(over="ignore"):
         alpha32 = np.float32(alpha)  # as torch.tensor(alpha, dtype=torch.float32) rounds it
     flags = kernels.merge_apply(_flat(theta_0), _MERGE_KINDS[str(theta_0.dtype).removeprefix("torch.")], _flat(d),
-                                [_flat(m) for m in masks or ()], max(int(k), 0) if masks else 0,
+                                [_flat(m) for m in masks or ()], min(max(int(k), 0), 1 << 16) if masks else 0,
                                 None if counts is None else _flat(counts), alpha32, _flat(out), parts)
     return None if flags is None else (out, flags)
 

@@ -3,16 +3,22 @@ its fix.
 
 - a folder file (or a task) named ``.git::$INDEX_ALLOCATION`` (an NTFS stream of the ``.git``
   folder, which Windows writes into as ``.git``: Git's CVE-2019-1352) was taken, though ``.git``
-  in any case, with trailing dots or as its 8.3 short name was refused.
+  in any case, with trailing dots or as its 8.3 short name was refused;
+- the compiled merge loop read its base (and direction) again after writing the output, so one
+  written in place (``out`` the base) had an overflow called a non-finite input;
+- ``merging.fused_merge`` raised OverflowError for a consensus ``k`` past a C long.
 """
 
 from __future__ import annotations
 
 import pytest
+import torch
 
 import tallpack
+from tallpack import kernels
 from tallpack.folders import check_file_name
 from tallpack.manifest import task_name_problem
+from tallpack.merging import apply_direction, consensus_mask, fused_merge
 
 from test_hostile_r33 import _as_repository, folders  # noqa: F401 (a fixture)
 
@@ -38,7 +44,38 @@ def test_a_task_named_as_a_repositorys_folder_stream_is_refused(task):
     assert "a repository's folder" in (task_name_problem(task) or "")
 
 
-@pytest.mark.parametrize("name", ["ab:c/config.json", "git:x/y", ".gitx:y/z", ".github/workflows/a.yml", "x/.gitignore"])
+@pytest.mark.parametrize("name", ["ab:c/config.json", "git:x/y", ".gitx:y/z", ".github/a.yml", "x/.gitignore"])
 def test_colons_elsewhere_are_names_as_any_other(name):
     """Only a repository's folder (before any stream name) is refused; other names with a colon stay."""
     assert check_file_name(name) == name
+
+
+# -- the compiled merge loop (kernels.merge_apply) -------------------------------------------------
+
+@pytest.mark.skipif(not kernels.COMPILED, reason="built without a C compiler: the torch path runs")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_an_output_that_is_its_base_has_the_same_flags(dtype):
+    """``fused_merge(..., out=theta)`` (in place): the loop read theta's elements again after
+    writing them, so an output overflowed by alpha was called an input that was not finite (its
+    overflow then went unsaid); now the flags are those of a fresh output, and so are the bits."""
+    big = 6e4 if dtype == torch.float16 else 3e38
+    theta, d = torch.full((1100,), big, dtype=dtype), torch.ones(1100)
+    fresh = fused_merge(theta.clone(), d, 1e38)
+    assert fresh is not None and fresh[1] == kernels.OUT_NOT_FINITE
+    in_place = fused_merge(theta, d, 1e38, out=theta)
+    assert in_place is not None and in_place[1] == kernels.OUT_NOT_FINITE
+    assert torch.equal(in_place[0], fresh[0])
+    d = torch.full((1100,), 3e38)  # float32: the output the direction's memory
+    got = fused_merge(torch.full((1100,), 3e38), d, 1.0, out=d)
+    assert got is not None and got[1] == kernels.OUT_NOT_FINITE
+
+
+def test_a_k_past_a_c_long_keeps_no_weight_as_torch_does():
+    """``k`` is any integer (``consensus_mask`` compares it in the count's dtype): one past a C long
+    raised OverflowError in the loop's arguments; now, as torch's, no weight is kept."""
+    theta, d = torch.zeros(70), torch.ones(70)
+    masks = [torch.ones(70, dtype=torch.bool)] * 3
+    for k in (1 << 40, 1 << 63, 1 << 70):
+        got = fused_merge(theta, d, 0.5, masks, k)
+        want = apply_direction(theta, d * consensus_mask(iter(masks), k), 0.5)
+        assert got is None or torch.equal(got[0], want), k
