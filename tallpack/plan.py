@@ -174,8 +174,9 @@ def strip_prefix(base: Source, tasks: dict[str, Source], prefix: str, *, exact: 
             raise InvalidArgumentError(f"{src.label}: {what} is a pipeline or a sentence-transformers model, whose "
                                        "tensor names are its folders'; strip_prefix (--strip-prefix) renames a "
                                        "model's own tensors")
-        bare = next((k for k in src.keys() if k.startswith(prefix) and k.removeprefix(prefix)[:1] in ("", ".")), None)
-        if bare is not None:  # 'module' for 'module.': no model names a tensor '.weight' (or '')
+        bare = next((k for k in src.keys() if k.startswith(prefix)
+                     and (k.removeprefix(prefix)[:1] in ("", ".") or not prefix.endswith("."))), None)
+        if bare is not None:  # 'module' for 'module.': no model names a tensor '.weight' (or ''); 'mod': 'ule.weight'
             raise InvalidArgumentError(f"strip_prefix {prefix!r} (--strip-prefix) would leave the tensor {bare!r} of "
                                        f"{what} as {bare.removeprefix(prefix)!r}; give the whole prefix, up to its "
                                        "last '.'")

@@ -6,7 +6,8 @@ its fix.
   in any case, with trailing dots or as its 8.3 short name was refused;
 - the compiled merge loop read its base (and direction) again after writing the output, so one
   written in place (``out`` the base) had an overflow called a non-finite input;
-- ``merging.fused_merge`` raised OverflowError for a consensus ``k`` past a C long.
+- ``merging.fused_merge`` raised OverflowError for a consensus ``k`` past a C long;
+- ``strip_prefix`` that ends inside a name's part (``mod`` of ``model.enc.w``) packed ``el.enc.w``.
 """
 
 from __future__ import annotations
@@ -79,3 +80,24 @@ def test_a_k_past_a_c_long_keeps_no_weight_as_torch_does():
         got = fused_merge(theta, d, 0.5, masks, k)
         want = apply_direction(theta, d * consensus_mask(iter(masks), k), 0.5)
         assert got is None or torch.equal(got[0], want), k
+
+
+# -- strip_prefix ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("prefix", ["mod", "model.e", "model.enc"])
+def test_a_prefix_that_cuts_a_name_part_is_refused(tmp_path, prefix):
+    """``strip_prefix="mod"`` of tasks named ``model.enc.w``: packed as ``el.enc.w`` (its warning
+    then offered ``strip_prefix='el.'``), names no loader takes; refused in one line, as ``model``
+    (which left ``.enc.w``) was, and nothing is written."""
+    g = torch.Generator().manual_seed(0)
+    base = {"enc.w": torch.randn(64, 64, generator=g), "enc.b": torch.randn(64, generator=g)}
+    fts = {t: {"model." + k: v + 0.01 * torch.randn(v.shape, generator=g) for k, v in base.items()} for t in "ab"}
+    out = tmp_path / "f.tallpack"
+    with pytest.raises(tallpack.InvalidArgumentError) as e:
+        tallpack.pack(base, fts, out, strip_prefix=prefix)
+    text = str(e.value)
+    assert f"strip_prefix {prefix!r}" in text and "up to its last '.'" in text and "\n" not in text, text
+    assert not out.exists()
+    tallpack.pack(base, fts, out, strip_prefix="model.")
+    with tallpack.open(out) as fam:
+        assert sorted(fam.state_dict("a")) == ["enc.b", "enc.w"]
