@@ -17,7 +17,7 @@ from typing import Any
 from ._torch import torch
 from .arrays import check_shape
 from .dtypes import all_equal
-from .elements import FLOATING, holds
+from .elements import FLOATING, holds, numel
 from .errors import IncompatibleCheckpointsError, InvalidArgumentError
 from .limits import MAX_NAME_CHARS, MAX_TASKS
 from .sources import ComponentsSource, Source, adapter, prefix_hint
@@ -311,8 +311,12 @@ def _warn_untied_copies(base: Source, tasks: dict[str, Source], plan: list[Tenso
         info = srcs[0].info(e.name)
         if info.nbytes < COPY_BYTES or any(e.name in s.aliases() for s in srcs):
             continue
+        heads: list[torch.Tensor] = []  # (its first elements in each task, read once a candidate is seen)
         for other in base.keys():
-            if all(other in s and s.info(other) == info == s.info(e.name) for s in srcs) and all(
+            if not all(other in s and s.info(other) == info == s.info(e.name) for s in srcs):
+                continue
+            heads = heads or [_head(s, e.name) for s in srcs]  # first elements first: layers of one shape differ there
+            if all(torch.equal(h, _head(s, other)) for s, h in zip(srcs, heads)) and all(
                     torch.equal(s.get(e.name), s.get(other)) for s in srcs):
                 log.warning("tensors %r and %r are equal bit for bit in every task, but not one tensor (a tied weight "
                             "saved twice, as dcp_to_torch_save writes it), and the base holds %r alone: %r is stored "
@@ -320,6 +324,12 @@ def _warn_untied_copies(base: Source, tasks: dict[str, Source], plan: list[Tenso
                             "torch.save(sd, PATH)) and it is stored once", e.name, other, other, e.name,
                             info.nbytes / 1e6, e.name, other)
                 break
+
+
+def _head(src: Source, name: str, n: int = 256) -> torch.Tensor:
+    """The first ``n`` elements of tensor ``name``: read alone where the source reads ranges."""
+    k = min(n, numel(src.info(name).shape))
+    return src.get_range(name, 0, k) if src.reads_ranges(name) else src.get(name).reshape(-1)[:k]
 
 
 #: The most names of dropped base-only tensors the pack warning lists.
