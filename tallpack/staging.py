@@ -527,7 +527,8 @@ def _received(size: Any, shown: str) -> Any:
         def __init__(self) -> None:
             super().__init__()
             self.window = remote.HTTP_IDLE_TIMEOUT
-            self.ends, self.since = time.monotonic() + self.window, 0
+            self.ends: float | None = None  # the window's end, from the first bytes
+            self.since = 0
 
         def relative_update(self, inc: int | None = 1) -> None:
             inc = inc or 0
@@ -537,7 +538,10 @@ def _received(size: Any, shown: str) -> Any:
             if announced is not None and self.value > announced:
                 raise CheckpointError(f"{shown}: cannot download: the server sent more than the {announced} "
                                       "bytes it announced")
-            if time.monotonic() >= self.ends:
+            if self.ends is None:
+                if inc:  # (its first bytes: the wait for the answer is the idle timeout's)
+                    self.ends = time.monotonic() + self.window
+            elif time.monotonic() >= self.ends:
                 left = math.inf if announced is None else announced - (self.value - self.since)
                 if self.since < min(remote.HTTP_MIN_RATE * self.window, left):
                     raise CheckpointError(f"{shown}: cannot download: timed out (the server sent {self.since} bytes "

@@ -9,7 +9,9 @@ its fix.
 - ``merging.fused_merge`` raised OverflowError for a consensus ``k`` past a C long;
 - ``strip_prefix`` that ends inside a name's part (``mod`` of ``model.enc.w``) packed ``el.enc.w``;
 - the untied-copy warning read every tensor new in the tasks whole against every same-shaped base
-  tensor (seconds to minutes of planning for models with layers added).
+  tensor (seconds to minutes of planning for models with layers added);
+- a checkpoint download's rate window began before the request: a server that answered late, then
+  steadily fast enough, was given up on.
 """
 
 from __future__ import annotations
@@ -134,3 +136,59 @@ def test_tensors_new_in_every_task_are_not_each_read_against_every_base_tensor(t
     fam.close()
     assert set(whole) <= {"head.w", "layers.0.w"}, sorted(set(whole))  # (the copy and its original: compared whole)
     assert "tensors 'head.w' and 'layers.0.w' are equal bit for bit in every task" in caplog.text
+
+
+# -- a checkpoint downloaded from a URL (staging's rate rule) --------------------------------------
+
+def test_a_download_whose_answer_comes_late_is_timed_from_its_first_byte(tmp_path, monkeypatch):
+    """The rate rule's first window began before the request was sent: a server that answered
+    near the idle timeout (here 1.8 s of 2), then sent steadily at four times the least rate, was
+    given up on for the few bytes it had sent by the window's end. Timed from the first byte, as
+    an archive's range reads are, it is downloaded."""
+    import threading
+    import time
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    import safetensors.torch as st
+
+    from tallpack import remote
+
+    monkeypatch.setattr(remote, "HTTP_IDLE_TIMEOUT", 2)
+    monkeypatch.setattr(remote, "HTTP_MIN_RATE", 256)
+    g = torch.Generator().manual_seed(0)
+    base = {"w": torch.randn(16, 16, generator=g)}
+    ft = {"w": base["w"] + 0.01}
+    st.save_file(ft, tmp_path / "a.safetensors")
+    data = (tmp_path / "a.safetensors").read_bytes()
+
+    class Late(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *args) -> None:
+            pass
+
+        def do_HEAD(self) -> None:
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+
+        def do_GET(self) -> None:
+            time.sleep(1.8)  # (under the idle timeout: aiohttp waits for it)
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            for i in range(0, len(data), 100):  # 1000 bytes a second: four times the least rate
+                self.wfile.write(data[i:i + 100])
+                self.wfile.flush()
+                time.sleep(0.1)
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Late)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_port}/a.safetensors"
+        tallpack.pack(base, {"a": url, "b": {"w": base["w"] - 0.01}}, tmp_path / "f.tallpack")
+    finally:
+        server.shutdown()
+    with tallpack.open(tmp_path / "f.tallpack") as fam:
+        assert list(fam.tasks) == ["a", "b"] and fam.state_dict("a")["w"].shape == (16, 16)
