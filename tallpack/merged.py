@@ -27,6 +27,7 @@ from .encodings.exact import TALL_ENCODINGS
 from .encodings.qtau import task_masks
 from .errors import FormatError, InvalidArgumentError, TallpackError, UnsupportedVersionError, memory_named
 from .folders import component_of
+from . import kernels
 from .kernels import IN_NOT_FINITE, OUT_NOT_FINITE, in_parts
 from .manifest import Manifest
 from .merging import (MERGED_MODELS, METHODS, MergeMethod, apply_direction, check_alpha, consensus_mask, default_alpha,
@@ -524,8 +525,9 @@ class MergeParts:
         got: dict[str, torch.Tensor] = {}
 
         def reads(first: int, end: int) -> None:  # (the large arrays at the two ends: one for each thread)
-            for key in keys[first:end]:
-                got[key] = read(refs[key], said[key], Use.INPUT, start=a, stop=b).reshape(-1)
+            with kernels.as_worker():  # a read's own loops unsplit: no wait on the helpers from one of them
+                for key in keys[first:end]:
+                    got[key] = read(refs[key], said[key], Use.INPUT, start=a, stop=b).reshape(-1)
         in_parts(len(keys), getattr(self._family, "threads", 1), reads)
         held = [got[m] for m in masks]
         if consensus and not masks:  # counted as they come, one mask held at a time; then one mask, k = 1
