@@ -37,9 +37,9 @@ from .encodings.base import split_parts
 from .encodings.derived import DERIVED_MERGED, DerivedMerged, rebuild_in_runs, rows_of
 from .encodings.derived_merged import rebuild_merged, task_in_runs, task_rows
 from .encodings.exact import DERIVED_ENCODINGS, TALL_ENCODINGS, in_runs, original_rows, rebuild_exact
-from .errors import (ArchiveClosedError, ExactTierMissingError, FormatError, IntegrityError, InvalidArgumentError,
-                     OutOfMemoryError, RemoteError, TallpackError, TaskNotFoundError, TensorNotFoundError,
-                     UnsupportedVersionError, memory_detail, memory_named, out_of_memory, quoted)
+from .errors import (ArchiveClosedError, ArchiveNotFoundError, ExactTierMissingError, FormatError, IntegrityError,
+                     InvalidArgumentError, OutOfMemoryError, RemoteError, TallpackError, TaskNotFoundError,
+                     TensorNotFoundError, UnsupportedVersionError, memory_detail, memory_named, out_of_memory, quoted)
 from .memory import ThreadBuffers, release_thread_buffers
 from .manifest import Manifest, TaskInfo
 from .folders import read_blob
@@ -1016,8 +1016,10 @@ class Archive:
         >>> sd = fam.merged("consensus-ta", k=2, alpha=0.4)
         """
         parts = self.merge_parts(default_model(self.manifest) if method is None else method, k=k, lazy=True)
-        model = parts.state_dict(alpha, task=task, lazy=True)  # one tensor's parts held at a time
-        sd = dict(model)
+        model = parts.state_dict(alpha, task=task, lazy=True)
+        pool = self._workers()  # tensors built side by side on the archive's threads, largest first (as _whole)
+        with _gc_paused():
+            sd = model.whole(None if pool is None else partial(self._share, pool))
         model.warn_overflow()
         return sd
 
@@ -1157,8 +1159,12 @@ class _Opened(NamedTuple):
 def _reopen(opened: _Opened, identity: bytes) -> "Archive":
     """An archive sent to this process (``Archive.__reduce__``): opened again, and refused unless it
     is the file that was sent (not one that replaced it since)."""
-    fam = open(opened.path, storage_options=opened.storage_options, cache_bytes=opened.cache_bytes,
-               threads=opened.threads)
+    try:
+        fam = open(opened.path, storage_options=opened.storage_options, cache_bytes=opened.cache_bytes,
+                   threads=opened.threads)
+    except ArchiveNotFoundError as e:  # said from inside unpickling (a spawn worker's start-up): say why it was opened
+        raise ArchiveNotFoundError(f"{e}: the archive sent to this process (opened by another one) is not "
+                                   "there now: removed or renamed since, or not visible from this process") from None
     if fam._identity() != identity:
         fam.close()
         raise TallpackError(f"{fam.name}: the archive was replaced since it was sent to this process; open it again")
