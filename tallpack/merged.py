@@ -12,7 +12,8 @@ import os
 import threading
 import weakref
 from collections import OrderedDict
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from functools import partial
 from typing import Any, Literal, Protocol, overload
 
 from ._torch import cpu_default, torch
@@ -824,6 +825,33 @@ class MergedModel(Mapping[str, "torch.Tensor"]):
                     self._overflow_dtypes[n] = merged.dtype
         return out
 
+    def whole(self, share: Callable[[list[Callable[[], Any]], list[int]], list[Any]] | None = None
+              ) -> dict[str, torch.Tensor]:
+        """Every tensor of the model, in its order, as ``dict(self)`` gives them (tied names: one
+        tensor). With ``share(jobs, sizes)`` (the archive's ``_share``: each job's result, the jobs
+        largest first by their inputs' decoded bytes), the merged tensors are built side by side,
+        one entry a job (a group's members together); a task's own tensors then one at a time."""
+        if share is None:
+            return dict(self)
+        firsts: dict[str, tuple[str, str]] = {}  # each entry the model has tensors of: one of its sources
+        for src in self._names_of:
+            if src[0] == "merged":
+                firsts.setdefault(self._parts._entry_of[src[1]].name, src)
+        sizes = {e: _input_bytes(self._parts._entry_of[src[1]], is_consensus(self._parts.model))
+                 for e, src in firsts.items()}
+        order = sorted(firsts, key=sizes.__getitem__, reverse=True)
+        # one that would keep a thread busy while the others run out of work is built alone, its
+        # loops split across the threads (as dict(self) builds each)
+        alone = sum(sizes.values()) // (2 * max(1, getattr(self._parts._family, "threads", 1)))
+        built: dict[tuple[str, str], torch.Tensor] = {}
+        for e in order:
+            if sizes[e] > alone:
+                built.update(self._build(firsts[e]))
+        rest = [e for e in order if sizes[e] <= alone]
+        for got in share([partial(self._build, firsts[e]) for e in rest], [sizes[e] for e in rest]):
+            built.update(got)
+        return {name: built[src] if (src := self._source[name]) in built else self[name] for name in self._keys}
+
     def warn_overflow(self) -> list[str]:
         """Warn of, and return, the tensors built so far that ``alpha`` overflowed."""
         at = {name: i for i, name in enumerate(self._parts._entry_of)}
@@ -844,6 +872,15 @@ class MergedModel(Mapping[str, "torch.Tensor"]):
         """Sent to another process: the same model over its parts there (their archive opened
         again, ``Archive.__reduce__``), nothing built yet."""
         return MergedModel, (self._parts, self._alpha, self._task)
+
+
+def _input_bytes(e: TensorEntry, consensus: bool) -> int:
+    """The decoded bytes a merged model reads for entry ``e``: its own arrays (base, merged vector,
+    the method's extras or the data), and each task's mask for a consensus model."""
+    held = sum(r.nbytes for r in e.arrays.values() if isinstance(r, ArrayRef))
+    if consensus:
+        held += sum(r.nbytes for tt in e.tasks.values() if isinstance(r := tt.arrays.get("mask"), ArrayRef))
+    return held
 
 
 #: Every lazily built merged model, for ``_after_fork_in_child`` (by id: a Mapping is unhashable).
