@@ -1016,8 +1016,10 @@ class Archive:
         >>> sd = fam.merged("consensus-ta", k=2, alpha=0.4)
         """
         parts = self.merge_parts(default_model(self.manifest) if method is None else method, k=k, lazy=True)
-        model = parts.state_dict(alpha, task=task, lazy=True)  # one tensor's parts held at a time
-        sd = dict(model)
+        model = parts.state_dict(alpha, task=task, lazy=True)
+        pool = self._workers()  # tensors built side by side on the archive's threads, largest first (as _whole)
+        with _gc_paused():
+            sd = model.whole(None if pool is None else partial(self._share, pool))
         model.warn_overflow()
         return sd
 
