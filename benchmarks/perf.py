@@ -30,6 +30,14 @@ written long ago); medians are reported. Peak memory is the child's
 RssAnon (``/proc/<pid>/status``) sampled by this process every 20 ms: mapped input files are page
 cache, not memory the process holds. Children run the library of this checkout (PYTHONPATH).
 
+Every timed load's values are checked after its timer stops (``check_values``): tallpack's side
+(``state_dict``, a second task, ``get_tensor``'s first and last call, ``get_slice``, the profiled
+load, the files ``tallpack unpack`` wrote) against the paper's formula theta_0 + m_t * tau_MTL
+computed by this process from the original files, one tensor at a time, before the loads
+(``reference``: dtype, shape and a SHA-256 of each tensor's bytes), the alternative's side against
+the original file it copied (``original_reference``). A difference ends the run with exit 1,
+naming the load and the tensor: a fast path that returned wrong data cannot win.
+
 The synthetic family (cached in benchmarks/out/family-*/, keyed by its shape and seed): float32,
 hidden 512, an 8000x512 embedding (the largest tensor), transformer layers with q, k, v, o
 (512x512), up (2048x512), down (512x2048) and a norm; fine-tunes add 1e-4 noise everywhere and
@@ -39,6 +47,7 @@ hidden 512, an 8000x512 embedding (the largest tensor), transformer layers with 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import os
@@ -212,6 +221,100 @@ def warm(paths) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# the values a timed load returned, checked after its timer stopped
+
+
+class ValueMismatch(RuntimeError):
+    """A timed load returned values that differ from its reference: the run is void."""
+
+
+#: What a child prints on stderr before it exits 1 when a load's values differ from the reference.
+MISMATCH = "VALUE MISMATCH"
+
+
+def digest(t) -> str:
+    """A tensor's dtype, shape and the SHA-256 of its bytes (row-major)."""
+    import hashlib
+    import torch
+    flat = t.detach().contiguous().reshape(-1)
+    data = flat.view(torch.uint8).numpy() if flat.numel() else b""
+    return f"{str(t.dtype).removeprefix('torch.')}{list(t.shape)}:{hashlib.sha256(data).hexdigest()}"
+
+
+def _rows(t, div: int):
+    """The first rows // div rows (at least one) of ``t``: one rank's slice (the ``slices`` child's)."""
+    return t[0 : max(1, t.shape[0] // div)]
+
+
+def reference(base: Path, tasks: dict, task: str, out: Path, *, rows_div: int = 0, only: str = "") -> str:
+    """The digests of ``task``'s tensors as the paper's formula gives them, computed here from the
+    original files (not through the library), one tensor at a time: tau_t = theta_t - theta_0 in
+    float32, tau_MTL = sum of the tau_t in the archive's task order, m_t = |tau_t| >
+    lambda |tau_MTL - tau_t| (lambda = tallpack.DEFAULT_LAMBDA, as pack uses), theta_t' = theta_0
+    + m_t * tau_MTL cast to the task's dtype (as tests/conftest.py's expected_reconstruction).
+    ``rows_div``: the digests of one rank's rows instead; ``only``: that tensor alone. Written
+    to ``out`` (JSON, ``{name: digest}``); returns its path."""
+    import torch
+    from safetensors import safe_open
+    from tallpack import DEFAULT_LAMBDA
+    lam = torch.tensor(DEFAULT_LAMBDA, dtype=torch.float32)
+    with contextlib.ExitStack() as stack:
+        fb = stack.enter_context(safe_open(str(base), "pt"))
+        handles = {t: stack.enter_context(safe_open(str(p), "pt")) for t, p in tasks.items()}
+        ref = {}
+        for name in ([only] if only else fb.keys()):
+            b = fb.get_tensor(name)
+            ts = {t: h.get_tensor(name) for t, h in handles.items()}
+            if not b.is_floating_point() or any(v.shape != b.shape for v in ts.values()):
+                raise ValueError(f"{base}: tensor {name!r} is not one the formula covers")
+            if all(torch.equal(v, ts[task]) for v in ts.values()) and len(ts) > 1:
+                want = ts[task]  # stored once, exactly
+            else:
+                b32 = b.float()
+                mtl = torch.zeros_like(b32)
+                for v in ts.values():
+                    mtl = mtl + (v.float() - b32)
+                tau = ts[task].float() - b32
+                want = (b32 + (tau.abs() > lam * (mtl - tau).abs()).float() * mtl).to(ts[task].dtype)
+            ref[name] = digest(_rows(want, rows_div) if rows_div else want)
+    out.write_text(json.dumps(ref))
+    return str(out)
+
+
+def original_reference(path: Path, out: Path, *, rows_div: int = 0, only: str = "") -> str:
+    """The digests of a safetensors file's tensors as they are (``rows_div``, ``only``: as
+    ``reference``), for the alternative's loads; written to ``out``; returns its path."""
+    from safetensors import safe_open
+    with safe_open(str(path), "pt") as f:
+        ref = {k: digest(_rows(f.get_tensor(k), rows_div) if rows_div else f.get_tensor(k))
+               for k in ([only] if only else f.keys())}
+    out.write_text(json.dumps(ref))
+    return str(out)
+
+
+def mismatch(got: dict, ref_path: str, what: str) -> str | None:
+    """What differs between the tensors ``got`` holds (a mapping) and the reference (dtype, shape,
+    bytes; a name missing or extra), naming the first tensor that does; None when nothing does."""
+    ref = json.loads(Path(ref_path).read_text())
+    if set(got.keys()) != set(ref):
+        extra, missing = sorted(set(got.keys()) - set(ref)), sorted(set(ref) - set(got.keys()))
+        return f"{MISMATCH}: {what}: tensors {extra[:3]} not in the reference, {missing[:3]} missing"
+    for k in ref:
+        d = digest(got[k])
+        if d != ref[k]:
+            return f"{MISMATCH}: {what}: tensor {k!r} is {d}, the reference {ref[k]}"
+    return None
+
+
+def check_values(got: dict, ref_path: str | None, what: str) -> None:
+    """In a child, after its timer stopped: ``mismatch``, and on one exit 1 saying it (the parent
+    raises ValueMismatch). A child given no reference checks nothing (``ref_path`` None)."""
+    if ref_path is not None and (msg := mismatch(got, ref_path, what)):
+        print(msg, file=sys.stderr)
+        raise SystemExit(1)
+
+
+# ---------------------------------------------------------------------------------------------
 # children: fresh processes that time one thing and print one JSON line
 
 
@@ -286,6 +389,7 @@ def child(kind: str, a: dict) -> dict:
                 t0 = time.perf_counter()
                 sd = fam.state_dict(a["task"])
                 res["seconds"] = time.perf_counter() - t0
+                check_values(sd, a.get("ref"), f"state_dict({a['task']!r}) after {a['warm_task']!r}, {a['archive']}")
         else:
             _settle()
             t0 = time.perf_counter()
@@ -295,6 +399,7 @@ def child(kind: str, a: dict) -> dict:
                 res["cache_held"] = fam._cache.size  # what the load kept for a next task (bytes)
             res["seconds"] = time.perf_counter() - t0
             res["open_seconds"] = t1 - t0
+            check_values(sd, a.get("ref"), f"state_dict({a['task']!r}), {a['archive']}")
         res["n"] = len(sd)
     elif kind == "slices":
         # one rank of n-way tensor parallelism: the first rows // n rows of every tensor
@@ -311,12 +416,14 @@ def child(kind: str, a: dict) -> dict:
             with safe_open(a["path"], "pt") as f:
                 sd = {k: f.get_slice(k)[0 : max(1, f.get_slice(k).get_shape()[0] // n)].clone() for k in f.keys()}
         res["seconds"] = time.perf_counter() - t0
+        check_values(sd, a.get("ref"), f"rows // {n} of every tensor, {a.get('archive') or a['path']}")
         res["n"] = len(sd)
     elif kind == "load_st":
         _settle()
         t0 = time.perf_counter()
         sd = {k: v.clone() for k, v in load_file(a["path"]).items()}
         res["seconds"] = time.perf_counter() - t0
+        check_values(sd, a.get("ref"), f"load_file + clone, {a['path']}")
         res["n"] = len(sd)
     elif kind == "get_tensor":
         kw = _open_kwargs(tallpack, a)
@@ -327,6 +434,8 @@ def child(kind: str, a: dict) -> dict:
             y = f.get_tensor(name).clone()
             res["nbytes"] = x.numel() * x.element_size()
             assert x.shape == y.shape
+            check_values({name: x}, a.get("ref"), f"get_tensor({task!r}, {name!r}), first call, {a['archive']}")
+            check_values({name: y}, a.get("ref_st"), f"safe_open get_tensor + clone, {a['path']}")
             tp, st = [], []
             for i in range(a["reps"]):
                 for side in ((0, 1) if i % 2 == 0 else (1, 0)):
@@ -337,6 +446,9 @@ def child(kind: str, a: dict) -> dict:
                     else:
                         y = f.get_tensor(name).clone()
                         st.append(time.perf_counter() - t0)
+            # the last call of each side (the first checked above): after the timed loop
+            check_values({name: x}, a.get("ref"), f"get_tensor({task!r}, {name!r}), last call, {a['archive']}")
+            check_values({name: y}, a.get("ref_st"), f"safe_open get_tensor + clone, last call, {a['path']}")
             if a.get("floors"):
                 _tensor_floors(fam, f, task, name, a["reps"], res)
         res["tallpack"] = tp
@@ -491,9 +603,10 @@ def child(kind: str, a: dict) -> dict:
             prof = cProfile.Profile()
             t0 = time.perf_counter()
             prof.enable()
-            fam.state_dict(a["task"])
+            sd = fam.state_dict(a["task"])
             prof.disable()
             res["seconds"] = time.perf_counter() - t0
+            check_values(sd, a.get("ref"), f"state_dict({a['task']!r}) under cProfile, {a['archive']}")
         st = pstats.Stats(prof)
         rows = []
         lib = str(REPO / "tallpack")
@@ -585,6 +698,8 @@ def run_child(kind: str, a: dict, *, sample_memory: bool = False, interval: floa
         err.seek(0)
         text, etext = out.read(), err.read()
     if rc != 0:
+        if MISMATCH in etext:
+            raise ValueMismatch(etext[etext.index(MISMATCH):].strip().splitlines()[0])
         raise RuntimeError(f"child {kind} failed (rc {rc}):\n{etext[-4000:]}")
     res = json.loads(text.strip().splitlines()[-1])
     if not res["tallpack_file"].startswith(str(REPO)):
@@ -892,13 +1007,18 @@ def run_goals(a, rep: Report, details: dict) -> None:
         many_arch, alt_many = work / "many-planes.tallpack", work / "alt-many-t1.safetensors"
         extra[("many-planes", MANY_TASKS)] = do_pack(many, list(many["tasks"]), many_arch, "planes", a.threads)
         shutil.copyfile(many["tasks"]["t1"], alt_many)
-        casts = {}  # goal 1's and 3's 16-bit rows: dtype -> (archive, the alternative's copy of task 1)
+        many_refs = {"ref": reference(many["base"], many["tasks"], "t1", work / "ref-many-t1.json")}, \
+            {"ref": original_reference(many["tasks"]["t1"], work / "ref-many-t1-original.json")}
+        casts, cast_refs = {}, {}  # goal 1's and 3's 16-bit rows: dtype -> (archive, the alternative's copy of task 1)
         for dtype in ("bfloat16", "float16"):
             cf = make_cast_family(fam, dtype)
             casts[dtype] = (work / f"{cf['short']}-planes.tallpack", work / f"alt-{cf['short']}-t1.safetensors")
             extra[(f"{cf['short']}-planes", CAST_TASKS)] = do_pack(cf, list(cf["tasks"]), casts[dtype][0], "planes",
                                                                    a.threads)
             shutil.copyfile(cf["tasks"][names[1]], casts[dtype][1])
+            cast_refs[dtype] = (
+                {"ref": reference(cf["base"], cf["tasks"], names[1], work / f"ref-{cf['short']}-{names[1]}.json")},
+                {"ref": original_reference(cf["tasks"][names[1]], work / f"ref-{cf['short']}-{names[1]}-original.json")})
             # goal 5 on the 16-bit family too (the goal's family is float32): zstd has half the
             # bytes a parameter to code there, the packer the same float32 work
             rep.load.mark()
@@ -923,6 +1043,12 @@ def run_goals(a, rep: Report, details: dict) -> None:
     for key, dst in alt.items():
         shutil.copyfile(fam["base"] if key == "base" else fam["tasks"][key], dst)
     fam["alt"] = {k: str(v) for k, v in alt.items()}
+    # what every timed load must return, computed here and not timed: the paper's formula over
+    # the original files for tallpack's side, the original file for the alternative's (which
+    # reads a copy); each child checks its result after its timer stops (check_values)
+    log(f"computing the reference values of {t1!r} (the paper's formula over the original files)")
+    ref = {"ref": reference(fam["base"], fam["tasks"], t1, work / f"ref-{T}-{t1}.json")}
+    ref_st = {"ref": original_reference(fam["tasks"][t1], work / f"ref-{t1}-original.json")}
     warm([*files, *sub.values(), *alt.values(),
           *([] if a.quick else [many_arch, alt_many, *(p for pair in casts.values() for p in pair)])])
 
@@ -930,8 +1056,8 @@ def run_goals(a, rep: Report, details: dict) -> None:
     for goal, codec, gx in (("1", "planes", 3.0), ("2", "raw", 1.5)):
         rep.load.mark()
         log(f"goal {goal}: state_dict({t1!r}) from the {codec} archive vs load_file + clone, {n} each")
-        ours, theirs = alternate_loads(n, {"archive": str(arch[codec]), "task": t1, **cb},
-                                       {"path": fam["alt"][t1]})
+        ours, theirs = alternate_loads(n, {"archive": str(arch[codec]), "task": t1, **cb, **ref},
+                                       {"path": fam["alt"][t1], **ref_st})
         details[f"load_{codec}"] = {"tallpack": ours, "safetensors": theirs}
         rep.add(goal, f"state_dict, fresh process, {codec}", median(r["seconds"] for r in ours),
                 median(r["seconds"] for r in theirs), "s", "<=", gx, alt_label="load_file + clone",
@@ -941,7 +1067,8 @@ def run_goals(a, rep: Report, details: dict) -> None:
     if not a.quick:
         rep.load.mark()
         log(f"goal 1, many small tensors: state_dict('t1') of the 480-tensor family vs load_file + clone, {n} each")
-        ours, theirs = alternate_loads(n, {"archive": str(many_arch), "task": "t1", **cb}, {"path": str(alt_many)})
+        ours, theirs = alternate_loads(n, {"archive": str(many_arch), "task": "t1", **cb, **many_refs[0]},
+                                       {"path": str(alt_many), **many_refs[1]})
         details["load_many"] = {"tallpack": ours, "safetensors": theirs}
         rep.add("1", "state_dict, fresh process, planes, 480 small tensors (12.7M parameters)",
                 median(r["seconds"] for r in ours), median(r["seconds"] for r in theirs), "s", "<=", 3.0,
@@ -955,8 +1082,8 @@ def run_goals(a, rep: Report, details: dict) -> None:
                                               ("3", t2, 1.5, "second task, same open archive")):
                 rep.load.mark()
                 log(f"goal {goal}, {dtype}: {what} of the {dtype} family vs load_file + clone, {n} each")
-                ours, theirs = alternate_loads(n, {"archive": str(c_arch), "task": t1, "warm_task": warm_task, **cb},
-                                               {"path": str(c_alt)})
+                ours, theirs = alternate_loads(n, {"archive": str(c_arch), "task": t1, "warm_task": warm_task, **cb,
+                                                   **cast_refs[dtype][0]}, {"path": str(c_alt), **cast_refs[dtype][1]})
                 details[f"load_{dtype}_goal{goal}"] = {"tallpack": ours, "safetensors": theirs}
                 extra_open = {"open_seconds": median(r["open_seconds"] for r in ours)} if not warm_task else {}
                 rep.add(goal, f"{what}, planes, {dtype} (base + {CAST_TASKS}, {c_alt.stat().st_size / 1e6:.0f} MB a member)",
@@ -967,8 +1094,8 @@ def run_goals(a, rep: Report, details: dict) -> None:
     if not a.quick:
         rep.load.mark()
         log(f"goal 1, for comparison: state_dict({t1!r}) from the planes archive opened with cache_bytes=0, {n} each")
-        ours, theirs = alternate_loads(n, {"archive": str(arch["planes"]), "task": t1, "cache_bytes": 0},
-                                       {"path": fam["alt"][t1]})
+        ours, theirs = alternate_loads(n, {"archive": str(arch["planes"]), "task": t1, "cache_bytes": 0, **ref},
+                                       {"path": fam["alt"][t1], **ref_st})
         details["load_planes_no_cache"] = {"tallpack": ours, "safetensors": theirs}
         rep.floor("1", "for comparison, not a floor: the same load from an archive opened with cache_bytes=0 "
                   "(nothing kept for a next task)", median(r["seconds"] for r in ours),
@@ -978,8 +1105,8 @@ def run_goals(a, rep: Report, details: dict) -> None:
     for codec in (("planes",) if a.quick else ("planes", "raw")):
         rep.load.mark()
         log(f"goal 3: state_dict({t1!r}) after state_dict({t2!r}) in one open {codec} archive, {n} each")
-        ours, theirs = alternate_loads(n, {"archive": str(arch[codec]), "task": t1, "warm_task": t2, **cb},
-                                       {"path": fam["alt"][t1]})
+        ours, theirs = alternate_loads(n, {"archive": str(arch[codec]), "task": t1, "warm_task": t2, **cb, **ref},
+                                       {"path": fam["alt"][t1], **ref_st})
         details[f"second_task_{codec}"] = {"tallpack": ours, "safetensors": theirs}
         rep.add("3", f"second task, same open archive, {codec}", median(r["seconds"] for r in ours),
                 median(r["seconds"] for r in theirs), "s", "<=", 1.5, alt_label="load_file + clone",
@@ -990,6 +1117,9 @@ def run_goals(a, rep: Report, details: dict) -> None:
     log(f"goal 4: get_tensor({t1!r}, {name!r}) vs safe_open().get_tensor() + clone, "
         f"{n} processes of {a.tensor_reps} alternated calls each, archives of {a.get_tensor_tasks} tasks")
     details["get_tensor"] = {}
+    tensor_refs = {"ref_st": original_reference(fam["tasks"][t1], work / f"ref-{t1}-{name}-original.json", only=name),
+                   **{k: reference(fam["base"], {t: fam["tasks"][t] for t in names[:k]}, t1,
+                                   work / f"ref-{k}-{t1}-{name}.json", only=name) for k in a.get_tensor_tasks}}
     for codec, gx in (("raw", 2.0), ("planes", 4.0)):
         for k in a.get_tensor_tasks:
             rep.load.mark()
@@ -997,6 +1127,7 @@ def run_goals(a, rep: Report, details: dict) -> None:
             # several processes: one process's calls move together (where its buffers landed)
             runs = [run_child("get_tensor", {"archive": str(sub[(codec, k)]), "task": t1, "name": name,
                                              "path": fam["alt"][t1], "reps": a.tensor_reps,
+                                             "ref": tensor_refs[k], "ref_st": tensor_refs["ref_st"],
                                              "floors": k == T and i == 0, **cb}) for i in range(n)]
             details["get_tensor"][f"{codec}-{k}"] = runs
             rep.add("4", f"get_tensor {runs[0]['nbytes'] / MB:.1f} MB, {codec}, {k} tasks",
@@ -1005,11 +1136,14 @@ def run_goals(a, rep: Report, details: dict) -> None:
                     ratio_best=min(min(r["tallpack"]) / min(r["safetensors"]) for r in runs))
 
     # 4, for comparison: one rank of 8-way tensor parallelism (get_slice of every tensor)
+    slice_refs = (reference(fam["base"], fam["tasks"], t1, work / f"ref-{T}-{t1}-rows8.json", rows_div=8),
+                  original_reference(fam["tasks"][t1], work / f"ref-{t1}-rows8-original.json", rows_div=8))
     for codec in ("planes", "raw"):
         rep.load.mark()
         log(f"goal 4, for comparison: get_slice of 1/8 of every tensor's rows, {codec}, fresh process, {n} each")
-        ours, theirs = alternate(n, lambda: run_child("slices", {"archive": str(arch[codec]), "task": t1, "n": 8, **cb}),
-                                 lambda: run_child("slices", {"path": fam["alt"][t1], "n": 8}))
+        ours, theirs = alternate(n, lambda: run_child("slices", {"archive": str(arch[codec]), "task": t1, "n": 8, **cb,
+                                                                 "ref": slice_refs[0]}),
+                                 lambda: run_child("slices", {"path": fam["alt"][t1], "n": 8, "ref": slice_refs[1]}))
         details[f"slices_{codec}"] = {"tallpack": ours, "safetensors": theirs}
         rep.floor("4", f"for comparison, not a floor: one rank of 8-way tensor parallelism, fresh process (open, then "
                   f"`get_slice(task, name)[0:rows // 8]` of every tensor), {codec}", median(r["seconds"] for r in ours),
@@ -1020,13 +1154,14 @@ def run_goals(a, rep: Report, details: dict) -> None:
     log(f"goal 6: planes vs ZipNN on the base's bytes, decode {n} each, 2 threads")
     goal_codec(fam, n, rep, details)
 
-    floors(fam, arch, t1, t2, T, n, rep, details, a.cache_bytes)
+    floors(fam, arch, t1, t2, T, n, rep, details, a.cache_bytes, ref_st)
     if not a.quick:
-        floors_16(fam, casts, t1, n, rep, details)
+        floors_16(fam, casts, t1, n, rep, details, cast_refs)
 
     # 8: unpack peak memory
     rep.load.mark()
     log(f"goal 8: tallpack unpack --task {t1} (planes archive), {min(n, 3)} runs")
+    from safetensors import safe_open
     unp = []
     for _ in range(min(n, 3)):
         d = work / "unpacked"
@@ -1034,6 +1169,11 @@ def run_goals(a, rep: Report, details: dict) -> None:
             shutil.rmtree(d)
         unp.append(run_child("unpack_cli", {"archive": str(arch["planes"]), "task": t1, "dir": str(d)},
                              sample_memory=True))
+        with contextlib.ExitStack() as stack:  # what it wrote, checked here after the child ended
+            files = [stack.enter_context(safe_open(str(p), "pt")) for p in sorted(d.glob("*.safetensors"))]
+            got = {k: f.get_tensor(k) for f in files for k in f.keys()}
+            if msg := mismatch(got, ref["ref"], f"tallpack unpack --task {t1}, {d}"):
+                raise ValueMismatch(msg)
     details["unpack"] = unp
     rep.add("8", f"unpack peak RssAnon (max of {len(unp)})", max(u["peak_anon"] for u in unp),
             3 * fam["largest_bytes"] + 300 * MB, "B", "<=", 1.0, alt_label="budget 3 x largest + 300 MB",
@@ -1041,14 +1181,15 @@ def run_goals(a, rep: Report, details: dict) -> None:
 
     # where state_dict spends its time
     log("profiling state_dict (cProfile)")
-    details["profile"] = {c: run_child("profile", {"archive": str(arch[c]), "task": t1, **cb})
+    details["profile"] = {c: run_child("profile", {"archive": str(arch[c]), "task": t1, **cb, **ref})
                           for c in ("planes", "raw")}
 
 
 def floors(fam: dict, arch: dict[str, Path], t1: str, t2: str, T: int, n: int, rep: Report, details: dict,
-           cache_bytes: int) -> None:
+           cache_bytes: int, ref_st: dict) -> None:
     """How far down goals 1 to 4 can go, measured in this run: the parts of the work that any
-    reader of this format must do, each against the goal's own alternative."""
+    reader of this format must do, each against the goal's own alternative (its loads checked
+    against ``ref_st``, the original's values)."""
     st1 = median(r["seconds"] for r in details["load_planes"]["safetensors"])
     label = "load_file + clone (goal 1's median)"
     codec = details.get("codec", {})
@@ -1059,7 +1200,7 @@ def floors(fam: dict, arch: dict[str, Path], t1: str, t2: str, T: int, n: int, r
     numels = [_prod(s) for s in shapes(fam["layers"]).values()]
     rep.load.mark()
     log(f"floor 2: a fresh process doing raw's arithmetic alone, {n} each")
-    load_st = lambda: run_child("load_st", {"path": fam["alt"][t1]})  # noqa: E731
+    load_st = lambda: run_child("load_st", {"path": fam["alt"][t1], **ref_st})  # noqa: E731
     ar, st = alternate(n, lambda: run_child("arith_fresh", {"base": fam["alt"]["base"], "other": fam["alt"][t1]}),
                        load_st)
     details["floor_arith_fresh"] = {"arith": ar, "safetensors": st}
@@ -1106,14 +1247,14 @@ def floors(fam: dict, arch: dict[str, Path], t1: str, t2: str, T: int, n: int, r
                       "safe_open get_tensor + clone (alternated)")
 
 
-def floors_16(fam: dict, casts: dict, t1: str, n: int, rep: Report, details: dict) -> None:
+def floors_16(fam: dict, casts: dict, t1: str, n: int, rep: Report, details: dict, cast_refs: dict) -> None:
     """Goal 1's floors for the 16-bit families: a first task decodes a float32 merged vector (4
     bytes a parameter) for a member of 2, and keeps what it decoded for the next task. The
     decoding alone, the fresh pages alone, and the same load keeping nothing, each against the
     16-bit member's load_file + clone, alternated."""
     numels = [_prod(s) for s in shapes(fam["layers"]).values()]
     for dtype, (c_arch, c_alt) in casts.items():
-        load_st = lambda: run_child("load_st", {"path": str(c_alt)})  # noqa: E731
+        load_st = lambda: run_child("load_st", {"path": str(c_alt), **cast_refs[dtype][1]})  # noqa: E731
         rep.load.mark()
         log(f"floor 1, {dtype}: a fresh process decoding the coded planes alone, {n} each")
         dec, st = alternate(n, lambda: run_child("decode_planes", {"archive": str(c_arch)}), load_st)
@@ -1132,7 +1273,8 @@ def floors_16(fam: dict, casts: dict, t1: str, n: int, rep: Report, details: dic
                   median(r["seconds"] for r in fill), median(r["seconds"] for r in st), "load_file + clone (alternated)")
         rep.load.mark()
         log(f"goal 1, {dtype}, for comparison: state_dict({t1!r}) opened with cache_bytes=0, {n} each")
-        ours, theirs = alternate_loads(n, {"archive": str(c_arch), "task": t1, "cache_bytes": 0}, {"path": str(c_alt)})
+        ours, theirs = alternate_loads(n, {"archive": str(c_arch), "task": t1, "cache_bytes": 0, **cast_refs[dtype][0]},
+                                       {"path": str(c_alt), **cast_refs[dtype][1]})
         details[f"load_{dtype}_no_cache"] = {"tallpack": ours, "safetensors": theirs}
         rep.floor("1", f"{dtype}: for comparison, not a floor: the same load opened with cache_bytes=0 (nothing "
                   "kept for a next task)", median(r["seconds"] for r in ours), median(r["seconds"] for r in theirs),
@@ -1168,8 +1310,11 @@ def run_scaling(a) -> dict:
             other = work / "alt-scaling.safetensors"  # written now, as the archive (see run_goals)
             shutil.copyfile(fam["tasks"][names[1]], other)
             warm([arch, other])
-            ours, theirs = alternate_loads(a.scaling_repeats, {"archive": str(arch), "task": names[1], **cb},
-                                           {"path": str(other)})
+            refs = (reference(fam["base"], {t: fam["tasks"][t] for t in names[:T]}, names[1],
+                              work / f"ref-scaling-L{fam['layers']}-{T}.json"),
+                    original_reference(fam["tasks"][names[1]], work / f"ref-scaling-L{fam['layers']}-original.json"))
+            ours, theirs = alternate_loads(a.scaling_repeats, {"archive": str(arch), "task": names[1], **cb,
+                                                               "ref": refs[0]}, {"path": str(other), "ref": refs[1]})
             pt = {"params": fam["params"], "layers": fam["layers"], "tasks": T,
                   "input_bytes": sum(f.stat().st_size for f in files), "archive_bytes": p["archive_bytes"],
                   "pack_seconds": p["seconds"], "zstd_seconds": z["seconds"], "zstd_bytes": z["bytes"],
@@ -1428,7 +1573,11 @@ def main(argv=None) -> int:
     if a.scaling:
         if a.quick:
             a.figure = a.out / "perf_scaling_quick.png"
-        res = run_scaling(a)
+        try:
+            res = run_scaling(a)
+        except ValueMismatch as e:
+            log(f"FAILED: a timed load returned wrong values: {e}")
+            return 1
         path = a.out / ("perf_scaling_quick.json" if a.quick else "perf_scaling.json")
         fig = a.figure.resolve()
         res.update(meta=meta(a, command), args=args_json, runtime_s=time.perf_counter() - t_start,
@@ -1443,7 +1592,11 @@ def main(argv=None) -> int:
         return 0
 
     rep, details = Report(), {}
-    run_goals(a, rep, details)
+    try:
+        run_goals(a, rep, details)
+    except ValueMismatch as e:
+        log(f"FAILED: a timed load returned wrong values: {e}")
+        return 1
     rep.load.stop()
     details["runnable_samples"] = rep.load.samples
     rep.rows.sort(key=lambda r: r["goal"])
