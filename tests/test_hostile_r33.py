@@ -56,30 +56,39 @@ def family(tmp_path_factory) -> Path:
     return d / "f.tallpack"
 
 
-class _Hostile(ThreadingHTTPServer):
-    """Serves one archive honestly at open (HEAD, header, footer, manifest), and answers a range of
-    the data area as ``mode`` says: ``chunked``, an endless body; ``length``, a body of a
-    Content-Length of 1 TiB; ``drip``, a byte every 0.3 s; ``headers``, its headers a byte every
-    0.3 s; ``steady``, 4 KiB every 0.25 s (slow, but not slowloris). ``sent`` counts the bytes of
-    those bodies."""
+class _Loopback(ThreadingHTTPServer):
+    """A server on loopback, serving on a thread of its own from the start, with ``handler``;
+    ``stopped`` is set when the ``with`` block ends (a dripping answer is cut off then)."""
 
     daemon_threads = True
 
-    def __init__(self, data: bytes, mode: str):
-        super().__init__(("127.0.0.1", 0), _HostileHandler)
-        self.data, self.mode, self.sent = data, mode, 0
-        self.stopped = threading.Event()  # set: a dripping answer is cut off (a failing test ends)
-        self.manifest_at = struct.unpack("<Q", data[-32:-24])[0]
+    def __init__(self, handler: type[BaseHTTPRequestHandler]):
+        self.stopped = threading.Event()
+        super().__init__(("127.0.0.1", 0), handler)
         threading.Thread(target=self.serve_forever, daemon=True).start()
-        self.url = f"http://127.0.0.1:{self.server_address[1]}/f.tallpack"
+        self.port = self.server_address[1]
 
-    def __enter__(self) -> "_Hostile":
+    def __enter__(self) -> "_Loopback":
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.stopped.set()
         self.shutdown()
         self.server_close()
+
+
+class _Hostile(_Loopback):
+    """Serves one archive honestly at open (HEAD, header, footer, manifest), and answers a range of
+    the data area as ``mode`` says: ``chunked``, an endless body; ``length``, a body of a
+    Content-Length of 1 TiB; ``drip``, a byte every 0.3 s; ``headers``, its headers a byte every
+    0.3 s; ``steady``, 4 KiB every 0.25 s (slow, but not slowloris). ``sent`` counts the bytes of
+    those bodies."""
+
+    def __init__(self, data: bytes, mode: str):
+        self.data, self.mode, self.sent = data, mode, 0
+        self.manifest_at = struct.unpack("<Q", data[-32:-24])[0]
+        super().__init__(_HostileHandler)
+        self.url = f"http://127.0.0.1:{self.port}/f.tallpack"
 
 
 class _HostileHandler(BaseHTTPRequestHandler):
@@ -274,25 +283,14 @@ def test_a_task_named_as_a_repositorys_folder_is_not_unpacked_into_one(folders, 
 
 # -- redirects -------------------------------------------------------------------------------------
 
-class _Redirects(ThreadingHTTPServer):
+class _Redirects(_Loopback):
     """Answers ``/NAME`` with a redirect to ``targets[NAME]`` (a path: its own; a URL: elsewhere),
     or, for a name it has no target for, serves ``data`` honouring ranges; ``auth`` records the
     Authorization header of each request, by name."""
 
-    daemon_threads = True
-
     def __init__(self, data: bytes, targets: dict[str, str]):
-        super().__init__(("127.0.0.1", 0), _RedirectHandler)
         self.data, self.targets, self.auth = data, targets, []
-        threading.Thread(target=self.serve_forever, daemon=True).start()
-        self.port = self.server_address[1]
-
-    def __enter__(self) -> "_Redirects":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.shutdown()
-        self.server_close()
+        super().__init__(_RedirectHandler)
 
 
 class _RedirectHandler(BaseHTTPRequestHandler):
@@ -361,26 +359,14 @@ def test_a_redirect_to_another_host_does_not_take_the_authorization_header(famil
 
 # -- downloads (pack's inputs at URLs) ---------------------------------------------------------------
 
-class _Downloads(ThreadingHTTPServer):
+class _Downloads(_Loopback):
     """Serves ``files`` (name -> bytes) whole, but for ``hostile``: its HEAD announces its size, its
     GET sends an endless body (``mode`` ``chunked``) or drips it a byte every 0.3 s (``drip``)."""
 
-    daemon_threads = True
-
     def __init__(self, files: dict[str, bytes], hostile: str, mode: str):
-        super().__init__(("127.0.0.1", 0), _DownloadHandler)
         self.files, self.hostile, self.mode, self.sent = files, hostile, mode, 0
-        self.stopped = threading.Event()
-        threading.Thread(target=self.serve_forever, daemon=True).start()
-        self.url = f"http://127.0.0.1:{self.server_address[1]}"
-
-    def __enter__(self) -> "_Downloads":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stopped.set()
-        self.shutdown()
-        self.server_close()
+        super().__init__(_DownloadHandler)
+        self.url = f"http://127.0.0.1:{self.port}"
 
 
 class _DownloadHandler(BaseHTTPRequestHandler):
