@@ -810,9 +810,10 @@ def _run_cuts(cuts: list[int], run: Callable[[int, int], None]) -> None:
 
 
 def _all_done(futures: list[Future]) -> list[BaseException | None]:
-    """Each future's exception, once every one has ended: a Ctrl-C meanwhile cancels those not
-    started and waits for the running ones (a range each: milliseconds), then is raised, so that no
-    helper still writes into an output the caller has given up."""
+    """Each future's exception, once every one has ended: a Ctrl-C meanwhile (or another signal's
+    exception: the command line's SIGTERM and SIGHUP) cancels those not started and waits for the
+    running ones (a range each: milliseconds), then is raised, so that no helper still writes into
+    an output the caller has given up."""
     interrupted: BaseException | None = None
     errors: list[BaseException | None] = []
     for f in futures:
@@ -823,7 +824,7 @@ def _all_done(futures: list[Future]) -> list[BaseException | None]:
             except CancelledError:
                 errors.append(None)
                 break
-            except KeyboardInterrupt as e:
+            except BaseException as e:  # noqa: BLE001 (a signal handler's: raised once the ranges end)
                 interrupted = interrupted or e
                 for other in futures:
                     other.cancel()

@@ -1,0 +1,44 @@
+"""Second review of round 33's late changes: the faults found, each with the test that shows it."""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+
+import pytest
+
+from tallpack import kernels
+
+
+class _Terminated(BaseException):
+    """As the command line's: SIGTERM or SIGHUP raised where the main thread is (not a KeyboardInterrupt)."""
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGUSR1") or not hasattr(signal, "pthread_kill"), reason="POSIX signals")
+def test_sigterm_during_the_wait_is_raised_after_the_ranges() -> None:
+    """The command line turns SIGTERM and SIGHUP into an exception raised in the main thread
+    (``cli.main._Terminated``, as Ctrl-C is a KeyboardInterrupt): while ``_run_cuts`` waits for its
+    helpers, it too must come out only after their ranges end, not while a helper still writes."""
+    ended: list[int] = []
+
+    def run(a: int, b: int) -> None:
+        if a:
+            time.sleep(0.4)
+            ended.append(a)
+
+    def terminate(signum: int, frame: object) -> None:
+        raise _Terminated(signum)
+
+    previous = signal.signal(signal.SIGUSR1, terminate)
+    main = threading.main_thread().ident
+    assert main is not None
+    timer = threading.Timer(0.1, signal.pthread_kill, (main, signal.SIGUSR1))  # arrives while this thread waits
+    try:
+        timer.start()
+        with pytest.raises(_Terminated):
+            kernels._run_cuts([0, 1, 2], run)
+        assert ended == [1]  # the helper's range ended before the signal's exception came out
+    finally:
+        timer.cancel()
+        signal.signal(signal.SIGUSR1, previous)
