@@ -244,7 +244,8 @@ def _helper_pool() -> ThreadPoolExecutor:
     global _helpers
     with _helpers_lock:
         if _helpers is None:
-            _helpers = ThreadPoolExecutor(max(1, min(7, cores() - 1)), thread_name_prefix="tallpack-loop")
+            _helpers = ThreadPoolExecutor(max(1, min(7, cores() - 1)), thread_name_prefix="tallpack-loop",
+                                          initializer=mark_worker)  # a split from a helper: unsplit, never a wait on itself
         return _helpers
 
 

@@ -42,3 +42,26 @@ def test_sigterm_during_the_wait_is_raised_after_the_ranges() -> None:
     finally:
         timer.cancel()
         signal.signal(signal.SIGUSR1, previous)
+
+
+def test_a_split_from_a_helper_thread_runs_there_unsplit() -> None:
+    """A helper thread that splits work again (a read whose loops split) runs it there, in one
+    call: on a machine of one helper thread it would otherwise wait for itself."""
+    from tallpack import kernels
+
+    calls: list[tuple[int, int]] = []
+
+    def inner(a: int, b: int) -> None:
+        calls.append((a, b))
+
+    def outer(a: int, b: int) -> None:
+        if a:  # the range on a helper thread
+            kernels.in_parts(100, 4, inner)
+
+    import threading
+
+    done = threading.Thread(target=kernels.in_parts, args=(2, 2, outer), daemon=True)
+    done.start()
+    done.join(30)
+    assert not done.is_alive(), "a helper's split waited for itself"
+    assert calls == [(0, 100)]
