@@ -942,6 +942,11 @@ class Archive:
         try:
             with kernels.as_worker():  # side by side with the pool's threads: loops run unsplit
                 loop()
+        except BaseException as e:  # (a Ctrl-C between two items: the helpers take no more)
+            with lock:
+                if state["error"] is None:
+                    state["error"] = e
+            raise
         finally:
             for f in futures:
                 if not f.cancel():
