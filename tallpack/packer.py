@@ -10,8 +10,9 @@ import copy
 import dataclasses
 import logging
 import os
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Generator, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import closing
 from pathlib import Path
 from typing import Any, cast
 
@@ -222,20 +223,22 @@ def _write(fam: PackInputs, v: Validated, lams: dict[str, float], out: Path, sel
                            threads=opts.threads or kernels.default_threads(), defer=not opts.exact and dial is None)
         pending: dict[int, str] = {}  # with the dial: merged tensors, written once it has decided
         groups = _Groups(ctx, {e.name for e in fam.plan.tensors}, group_elements(len(names))) if v.group else None
-        for item in _loaded(fam, tensors, opts.keep_base_only):
-            if item.kind != item.planned and item.planned == Kind.MERGED and item.kind == Kind.TASK_OWN:
-                log.warning("tensor %r: %s: stored per task, not masked (a merged model leaves it out; task=NAME, "
-                            "--task NAME, takes a task's)", item.name, _out_of_range(item, opts.chunk_elements))
-            if groups is not None and groups.add(item, entries):
-                continue
-            if dial is not None and item.kind == Kind.MERGED:
-                dial.observe(ctx, item)
-                pending[len(entries)] = item.name
-                entries.append(None)
-                continue
-            written = BY_KIND[item.kind].write(ctx, item)
-            memory.give_back(numel(item.shape))  # the write's buffers, before the next tensor's (or the exact tier's)
-            entries.append(add_exact(ctx, item, settled(ctx, written), codecs=RESIDUAL_CODECS) if opts.exact else written)
+        with closing(_loaded(fam, tensors, opts.keep_base_only)) as loaded:  # (its loader ends before inputs close)
+            for item in loaded:
+                if item.kind != item.planned and item.planned == Kind.MERGED and item.kind == Kind.TASK_OWN:
+                    log.warning("tensor %r: %s: stored per task, not masked (a merged model leaves it out; task=NAME, "
+                                "--task NAME, takes a task's)", item.name, _out_of_range(item, opts.chunk_elements))
+                if groups is not None and groups.add(item, entries):
+                    continue
+                if dial is not None and item.kind == Kind.MERGED:
+                    dial.observe(ctx, item)
+                    pending[len(entries)] = item.name
+                    entries.append(None)
+                    continue
+                written = BY_KIND[item.kind].write(ctx, item)
+                memory.give_back(numel(item.shape))  # the write's buffers, before the next tensor's (or the exact's)
+                entries.append(add_exact(ctx, item, settled(ctx, written), codecs=RESIDUAL_CODECS) if opts.exact
+                               else written)
         if groups is not None:
             groups.flush_all(entries)
         done: list[TensorEntry | None] = [None if e is None else settled(ctx, e) for e in entries]
@@ -392,17 +395,36 @@ def _write_dialed(dial: Dial, ctx: WriteContext, entries: list[TensorEntry | Non
         dial.finish(ctx, entries, pending, load)
 
 
-def _loaded(fam: PackInputs, tensors: Iterable[TensorPlan], keep_base_only: bool) -> Iterator[Item]:
+def _loaded(fam: PackInputs, tensors: Iterable[TensorPlan], keep_base_only: bool) -> Generator[Item, None, None]:
     """Each tensor to store, loaded (``PackInputs.load``: its inputs read, their finiteness and
     equality checked, its kind settled), the next one on a helper thread while the caller writes
     this one: the checks' first reads of the mapped inputs then overlap the writing."""
     todo = (e for e in tensors if keep_base_only or e.kind is not Kind.BASE_ONLY)
-    with ThreadPoolExecutor(1, thread_name_prefix="tallpack-load") as loader:
+    loader = ThreadPoolExecutor(1, thread_name_prefix="tallpack-load")
+    ahead = None
+    try:
         ahead = next((loader.submit(fam.load, e) for e in todo), None)
         while ahead is not None:
             item = ahead.result()
             ahead = next((loader.submit(fam.load, e) for e in todo), None)
             yield item
+    finally:
+        if ahead is not None:
+            ahead.cancel()
+        _shut_down(loader)
+
+
+def _shut_down(pool: ThreadPoolExecutor) -> None:
+    """``pool.shutdown(wait=True)``, however many Ctrl-C's (or SIGTERMs) come meanwhile: the
+    cleanup of the first one, which closes the inputs the pool's task reads only after it (one
+    tensor's load); a second one printed "Exception ignored" and left the loader reading."""
+    while True:
+        try:
+            pool.shutdown(wait=True)
+            return
+        except BaseException as e:  # noqa: BLE001 (a signal's, during the wait: the first is already unwinding)
+            if isinstance(e, Exception):
+                raise
 
 
 def _out_of_range(item: Item, elements: int) -> str:
