@@ -333,6 +333,11 @@ def write_task(archive: "Archive", task: str, outdir: str | os.PathLike, *, exac
               transaction(overwrite=overwrite)):
             written, left = write_originals(archive, task, local)
             target = None
+            stripped = info.source.get("stripped")
+            if left and isinstance(stripped, str):  # (a safetensors file keeps its names: it was refused so)
+                log.warning("%s: task %r: its exact tensors are written as safetensors under the names it was "
+                            "packed with, without the prefix %r its checkpoint gave them (--strip-prefix)",
+                            archive.name, task, stripped)
             if left or not written:  # pickles or tensors (a pipeline's pickled components): the exact
                 # tensors, in the shards a lossy unpack writes; the safetensors files above stay as they are
                 meta, _ = task_metadata(archive, task)

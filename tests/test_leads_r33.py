@@ -285,3 +285,15 @@ def test_dcp_converted_tied_weights_come_back_and_the_copy_is_warned_of(
         assert fam.manifest.aliases == {"lm_head.weight": "wte.weight"}
     sizes = [(tmp_path / f"{n}.tallpack").stat().st_size for n in "td"]
     assert sizes[0] < 0.7 * sizes[1], sizes
+
+
+def test_exact_unpack_of_a_stripped_task_says_its_names_lost_the_prefix(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    base = _hf_folder(_model(0), tmp_path / "base")
+    tasks = {f"t{i}": _lightning(_model(i), tmp_path / f"t{i}.ckpt") for i in (1, 2)}
+    out = tmp_path / "o.tallpack"
+    tallpack.pack(base, tasks, out, strip_prefix="model.", exact=True)
+    with tallpack.open(out) as fam, caplog.at_level(logging.WARNING, logger="tallpack"):
+        tallpack.write_task(fam, "t1", tmp_path / "t1", exact=True)
+    assert "task 't1': its exact tensors are written as safetensors" in caplog.text
+    assert "without the prefix 'model.'" in caplog.text
