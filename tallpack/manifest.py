@@ -19,7 +19,7 @@ from .errors import FormatError, InvalidArgumentError, UnsupportedVersionError
 from .folders import check_blob, check_file_map, vcs_folder
 from .limits import MAX_INT, MAX_NAME_CHARS, MAX_TASKS
 from .merging import METHODS
-from .sources import _INDEX, _TRANSFORMERS_WEIGHTS
+from .sources import _TRANSFORMERS_WEIGHTS, is_index_name
 
 __all__ = ["Manifest", "TaskInfo", "TaskTensor", "TensorEntry", "check_task_name", "count_kinds", "task_name_problem"]
 
@@ -301,7 +301,7 @@ def _check_no_weight_files(files: dict[str, str], layout: dict[str, Any], where:
     folders |= {r.rpartition("/")[0] for r in runs}
     for name in files:
         folder, _, base = name.rpartition("/")
-        if name in runs or (folder in folders and (_TRANSFORMERS_WEIGHTS.fullmatch(base) or _INDEX.fullmatch(base))):
+        if name in runs or (folder in folders and (_TRANSFORMERS_WEIGHTS.fullmatch(base) or is_index_name(base))):
             raise FormatError(f"{where}: folder file {name!r} has the name of a weight file that unpack and merge "
                               "write (or replace); a damaged or hand-made archive (spec §3.6)")
 
