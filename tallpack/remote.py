@@ -51,6 +51,9 @@ HTTP_IDLE_TIMEOUT = 60
 #: curl's ``--speed-limit``: a server that drips a byte a little faster than the idle timeout
 #: (slowloris) held a read for days; one that sends steadily, however long, is not cut off.
 HTTP_MIN_RATE = 1024
+#: Bytes of an HTTP folder's listing (its HTML pages, all together) that pack reads, at
+#: ``HTTP_MIN_RATE`` as a range: fsspec read a page whole, so an endless one grew memory until it ran out.
+HTTP_LISTING_MAX = 16 << 20
 #: Range requests of one read in flight at once (botocore's pool holds 10 connections): a request
 #: that is tried again (s3fs: 5 times) waits behind at most this many, so the first that fails
 #: ends the read within its own tries, and the others are cancelled (fsspec's ``cat_ranges`` waited
@@ -567,16 +570,28 @@ async def _http_range(fs: Any, path: str, start: int, end: int) -> bytes:
     they are (``_fetch`` calls that a short read). The server must send ``HTTP_MIN_RATE`` bytes a
     second over each ``HTTP_IDLE_TIMEOUT`` seconds (its answer's headers within the first), else
     ``RateTimeout``."""
+    return (await http_get(fs, path, end - start, {"Range": f"bytes={start}-{end - 1}"}))[0]
+
+
+async def http_get(fs: Any, path: str, want: int, headers: dict[str, str] | None = None,
+                   kinds: tuple[str | None, ...] | None = None) -> tuple[bytes, str | None]:
+    """The body at an HTTP(S) URL, read to ``want`` bytes and one more if it has more (at the rate
+    ``_http_range`` says), and its Content-Type (without parameters; None if it has none). A body
+    of another type than ``kinds`` (when given) is not read: ``b""``."""
     kw = fs.kwargs.copy()
-    headers = {**kw.pop("headers", {}), "Range": f"bytes={start}-{end - 1}"}
+    headers = {**kw.pop("headers", {}), **(headers or {})}
     session = await fs.set_session()
-    want, window = end - start, HTTP_IDLE_TIMEOUT
+    window = HTTP_IDLE_TIMEOUT
     try:  # the answer's status and headers within one window
         r = await asyncio.wait_for(session.get(fs.encode_url(path), headers=headers, **kw), window)
     except asyncio.TimeoutError:
         raise RateTimeout(f"no answer in {window} s") from None
     async with r:
         fs._raise_not_found_for_status(r, path)
+        kind = r.headers.get("Content-Type")
+        kind = None if kind is None else kind.partition(";")[0].strip()
+        if kinds is not None and kind not in kinds:
+            return b"", kind
         body = r.content
         reading = asyncio.ensure_future(_read_range(body, want))
         seen = first = body.total_bytes  # (bytes received so far, however they are read)
@@ -591,7 +606,7 @@ async def _http_range(fs: Any, path: str, start: int, end: int) -> bytes:
         data = reading.result()
         if len(data) > want:
             r.close()  # the rest is not read (the connection is dropped, not drained)
-        return data
+        return data, kind
 
 
 async def _read_range(body: Any, want: int) -> bytes:

@@ -470,9 +470,14 @@ def _download(fs: Any, rpath: str, shown: str, dest: Path) -> None:
         raise CheckpointError(f"{shown}: cannot download: {_failure(e)}") from None
     log.info("downloading %s", shown)
     try:
-        if info.get("type") == "directory" or fs.isdir(rpath):
+        if remote._http(fs):
+            found = _http_folder(fs, rpath.rstrip("/"), shown)
+            folder = found is not None
+        else:
+            found, folder = None, info.get("type") == "directory" or fs.isdir(rpath)
+        if folder:
             dest.mkdir()
-            _get_folder(fs, rpath.rstrip("/"), dest, shown)
+            _get_folder(fs, rpath.rstrip("/"), dest, shown, found)
         else:
             _get_file(fs, rpath, dest, info.get("size"), shown)
     except TallpackError:
@@ -556,11 +561,11 @@ def _failure(e: BaseException) -> str:
     return failure(e) or f"{type(e).__name__}: {quoted(e)}"
 
 
-def _get_folder(fs: Any, rpath: str, dest: Path, shown: str) -> None:
-    """Every file below the folder ``rpath`` into ``dest``, file by file under the same relative
-    names (fsspec's recursive ``get`` trips over the folder entries an HTTP listing gives). Names
-    that would land outside ``dest`` are refused."""
-    found = fs.find(rpath, detail=True)
+def _get_folder(fs: Any, rpath: str, dest: Path, shown: str, found: dict[str, Any] | None = None) -> None:
+    """Every file below the folder ``rpath`` (those in ``found`` when given) into ``dest``, file by
+    file under the same relative names (fsspec's recursive ``get`` trips over the folder entries an
+    HTTP listing gives). Names that would land outside ``dest`` are refused."""
+    found = fs.find(rpath, detail=True) if found is None else found
     for path in sorted(found):
         path = str(path)
         if not path.startswith(rpath + "/"):
@@ -572,3 +577,59 @@ def _get_folder(fs: Any, rpath: str, dest: Path, shown: str) -> None:
         target = dest.joinpath(*parts)
         target.parent.mkdir(parents=True, exist_ok=True)
         _get_file(fs, path, target, found[path].get("size"), f"{shown}/{rel}")
+
+
+def _http_folder(fs: Any, url: str, shown: str) -> dict[str, dict[str, Any]] | None:
+    """The files below ``url`` that its HTML listing pages link to, as fsspec's HTTP ``find`` finds
+    them (None where its page links to nothing below it, or is binary: a file), reading at most
+    ``HTTP_LISTING_MAX`` bytes of pages in all: fsspec read each page whole (an untyped file's too),
+    so an endless one grew memory until it ran out."""
+    from fsspec.asyn import sync
+
+    found: dict[str, dict[str, Any]] = {}
+    left, folders, seen = remote.HTTP_LISTING_MAX, [url], set()
+    while folders:
+        folder = folders.pop()
+        if folder in seen:
+            continue
+        seen.add(folder)
+        try:
+            page, _ = sync(fs.loop, remote.http_get, fs, folder, left, kinds=("text/html", None))
+        except FileNotFoundError:
+            if folder == url:
+                return None
+            continue  # (as fsspec's ``find``: a folder it cannot list is left out)
+        if b"\0" in page:  # (an untyped file, not an HTML page)
+            if folder == url:
+                return None
+            continue
+        left -= len(page)
+        if left < 0:
+            raise CheckpointError(f"{shown}: cannot download: its folder listing is over the {remote.HTTP_LISTING_MAX} "
+                                  "bytes tallpack reads of one (tallpack.remote.HTTP_LISTING_MAX)")
+        links = _links(fs, folder, page.decode("utf-8", errors="ignore"))
+        if folder == url and not links:
+            return None
+        for link in sorted(links):
+            if link.endswith("/"):
+                folders.append(link.rstrip("/"))
+            else:
+                found[link] = {"name": link, "size": None, "type": "file"}
+    return found
+
+
+def _links(fs: Any, url: str, text: str) -> set[str]:
+    """The URLs below ``url`` that its HTML page ``text`` links to, as fsspec's HTTP ``ls`` takes them."""
+    from fsspec.implementations.http import ex, ex2
+
+    links = [u[2] for u in ex.findall(text)] + (ex2.findall(text) if fs.simple_links else [])
+    out, parts, under = set(), urlsplit(url), url.rstrip("/") + "/"
+    for link in links:
+        if link.startswith("/") and len(link) > 1:  # an absolute path on this server
+            link = f"{parts.scheme}://{parts.netloc}{link}"
+        if link.startswith("http"):
+            if link.replace("https", "http").startswith(under.replace("https", "http")):  # (either scheme)
+                out.add(link)
+        elif link not in ("..", "../"):
+            out.add(under + link.lstrip("/"))
+    return out

@@ -15,6 +15,9 @@
   does not take the Authorization header along;
 - a checkpoint downloaded from a URL (pack's input) that the server sends endlessly is given up
   on at the size it announced, and one it drips is given up on as an archive's range is;
+- a folder at a URL whose HTML listing page is endless (or untyped) is read to
+  ``HTTP_LISTING_MAX`` and refused in one line (fsspec read it into memory whole), one dripped is
+  given up on; an untyped binary file is still a file;
 - code an archive carries (``modeling_*.py`` that ``trust_remote_code`` would import, a pickle
   ``extra/evil.bin`` whose loading runs a command) is written by unpack and never run by tallpack.
 """
@@ -490,3 +493,126 @@ def test_code_an_archive_carries_is_written_never_run(tmp_path):
         assert (tmp_path / out / "modeling_evil.py").read_text() == code
         assert (tmp_path / out / "extra" / "evil.bin").read_bytes() == (tmp_path / "a" / "extra" / "evil.bin").read_bytes()
     assert not flag.exists() and "modeling_evil" not in sys.modules
+
+
+# -- a folder at an HTTP URL whose listing page is endless ------------------------------------------
+
+class _Listings(_Loopback):
+    """Serves ``files`` (name -> bytes) whole, and the folder ``/m/`` as an HTML page linking to
+    them, which ``mode`` makes hostile: ``chunked``, an endless page of links; ``drip``, its page a
+    byte every 0.3 s; ``honest``, as is. With ``untyped``, nothing has a Content-Type."""
+
+    def __init__(self, files: dict[str, bytes], mode: str, untyped: bool = False):
+        self.files, self.mode, self.untyped, self.sent = files, mode, untyped, 0
+        super().__init__(_ListingHandler)
+        self.url = f"http://127.0.0.1:{self.port}/m"
+
+
+class _ListingHandler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server: _Listings
+
+    def log_message(self, *args) -> None:
+        pass
+
+    def do_HEAD(self) -> None:
+        self._answer(body=False)
+
+    def do_GET(self) -> None:
+        self._answer(body=True)
+
+    def _answer(self, body: bool) -> None:
+        name, server = self.path.lstrip("/").removeprefix("m").strip("/"), self.server
+        self.close_connection = True
+        if name:
+            data = server.files[name]
+            self.send_response(200)
+            if not server.untyped:
+                self.send_header("Content-Type", "application/octet-stream")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            if body:
+                self.wfile.write(data)
+            return
+        page = "".join(f'<a href="{n}">{n}</a>\n' for n in server.files).encode()
+        self.send_response(200)
+        if not server.untyped:
+            self.send_header("Content-Type", "text/html; charset=utf-8")
+        if server.mode != "chunked":
+            self.send_header("Content-Length", str(len(page)))
+        else:
+            self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        if not body:
+            return
+        try:
+            if server.mode == "honest":
+                self.wfile.write(page)
+            elif server.mode == "drip":
+                for i in range(len(page)):
+                    self.wfile.write(page[i:i + 1])
+                    self.wfile.flush()
+                    if server.stopped.wait(0.3):
+                        return
+            else:
+                block = page + b"<p>" + b"z" * (1 << 20) + b"</p>\n"
+                while server.sent < FLOOD:
+                    self.wfile.write(b"%x\r\n%s\r\n" % (len(block), block))
+                    server.sent += len(block)
+        except OSError:  # the client hung up
+            pass
+
+
+@pytest.mark.parametrize("mode", ["chunked", "untyped", "drip"])
+def test_a_folder_at_a_url_whose_listing_is_endless_or_dripped_is_given_up_on(family, tmp_path, monkeypatch, mode):
+    """pack's input ``http://.../m`` (a folder: an HTML page of links), its page sent endlessly
+    (HTML, or untyped): fsspec read it into memory whole, until it ended or memory ran out (256 MiB
+    here); now it is read to ``HTTP_LISTING_MAX`` (here 4 MiB) and refused in one line naming the
+    URL and the limit. Dripped a byte every 0.3 s (the idle timeout here 1 s), it held pack for
+    hours; now given up on after a window under 1 KiB a second."""
+    from tallpack import remote
+
+    monkeypatch.setattr(remote, "HTTP_IDLE_TIMEOUT", 1)
+    monkeypatch.setattr(remote, "HTTP_LISTING_MAX", 4 << 20)
+    d = family.parent
+    files = {"model.safetensors": (d / "a.safetensors").read_bytes()}
+    with _Listings(files, "chunked" if mode == "untyped" else mode, untyped=mode == "untyped") as server:
+        timer = threading.Timer(20, server.stopped.set)  # a listing that waits on: cut off, and the test fails
+        timer.start()
+        with pytest.raises(tallpack.CheckpointError) as e:
+            tallpack.pack(d / "base.safetensors", {"a": server.url}, tmp_path / "x.tallpack", threads=1)
+        timer.cancel()
+    text = str(e.value)
+    assert text.startswith(f"{server.url}: cannot download: ") and "\n" not in text, text
+    if mode == "drip":
+        assert "timed out (" in text and "under 1024 a second" in text, text
+    else:
+        assert f"its folder listing is over the {4 << 20} bytes" in text, text
+        assert server.sent < 64 << 20, f"{server.sent >> 20} MiB of listing read"
+    assert not (tmp_path / "x.tallpack").exists()
+
+
+def test_a_folder_at_a_url_with_an_honest_listing_is_packed(family, tmp_path):
+    """The same server honest (its page a few links, HTML): the folder is downloaded and packed."""
+    d = family.parent
+    files = {"model.safetensors": (d / "a.safetensors").read_bytes()}
+    with _Listings(files, "honest") as server:
+        tallpack.pack(d / "base.safetensors", {"a": server.url}, tmp_path / "x.tallpack", threads=1)
+    with tallpack.open(tmp_path / "x.tallpack") as fam:
+        assert fam.task_info("a").source["path"] == server.url
+
+
+def test_an_untyped_file_at_a_url_larger_than_a_listing_is_packed(family, tmp_path, monkeypatch):
+    """A checkpoint served without a Content-Type is read as a listing page might be (fsspec's way
+    to tell a folder), but binary: it is a file, however far past ``HTTP_LISTING_MAX`` (here 1 KiB)."""
+    from tallpack import remote
+
+    monkeypatch.setattr(remote, "HTTP_LISTING_MAX", 1024)
+    d = family.parent
+    files = {"model.safetensors": (d / "a.safetensors").read_bytes()}
+    with _Listings(files, "honest", untyped=True) as server:
+        tallpack.pack(d / "base.safetensors", {"a": f"{server.url}/model.safetensors"}, tmp_path / "x.tallpack",
+                      threads=1)
+    tallpack.pack(d / "base.safetensors", {"a": d / "a.safetensors"}, tmp_path / "y.tallpack", threads=1)
+    with tallpack.open(tmp_path / "x.tallpack") as fam, tallpack.open(tmp_path / "y.tallpack") as local:
+        assert torch.equal(fam.state_dict("a")["w"], local.state_dict("a")["w"])
