@@ -54,6 +54,9 @@ HTTP_MIN_RATE = 1024
 #: Bytes of an HTTP folder's listing (its HTML pages, all together) that pack reads, at
 #: ``HTTP_MIN_RATE`` as a range: fsspec read a page whole, so an endless one grew memory until it ran out.
 HTTP_LISTING_MAX = 16 << 20
+#: The most pages of one HTTP folder's listing tallpack reads (its subfolders' included): a server of
+#: endlessly nested small pages is refused, not asked a million times.
+HTTP_LISTING_PAGES = 10_000
 #: Range requests of one read in flight at once (botocore's pool holds 10 connections): a request
 #: that is tried again (s3fs: 5 times) waits behind at most this many, so the first that fails
 #: ends the read within its own tries, and the others are cancelled (fsspec's ``cat_ranges`` waited

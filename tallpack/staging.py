@@ -593,6 +593,10 @@ def _http_folder(fs: Any, url: str, shown: str) -> dict[str, dict[str, Any]] | N
         if folder in seen:
             continue
         seen.add(folder)
+        if len(seen) > remote.HTTP_LISTING_PAGES:
+            raise CheckpointError(f"{shown}: cannot download: its folder listing is over the "
+                                  f"{remote.HTTP_LISTING_PAGES} pages tallpack reads of one "
+                                  "(tallpack.remote.HTTP_LISTING_PAGES)")
         try:
             page, _ = sync(fs.loop, remote.http_get, fs, folder, left, kinds=("text/html", None))
         except FileNotFoundError:

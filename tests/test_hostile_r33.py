@@ -616,3 +616,55 @@ def test_an_untyped_file_at_a_url_larger_than_a_listing_is_packed(family, tmp_pa
     tallpack.pack(d / "base.safetensors", {"a": d / "a.safetensors"}, tmp_path / "y.tallpack", threads=1)
     with tallpack.open(tmp_path / "x.tallpack") as fam, tallpack.open(tmp_path / "y.tallpack") as local:
         assert torch.equal(fam.state_dict("a")["w"], local.state_dict("a")["w"])
+
+
+class _Nested(_Loopback):
+    """Every page under ``/m`` an HTML listing that links to one folder deeper, for ever; ``pages``
+    counts the pages asked for."""
+
+    def __init__(self) -> None:
+        self.pages = 0
+        super().__init__(_NestedHandler)
+        self.url = f"http://127.0.0.1:{self.port}/m"
+
+
+class _NestedHandler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server: _Nested
+
+    def log_message(self, *args) -> None:
+        pass
+
+    def do_HEAD(self) -> None:
+        self._answer(body=False)
+
+    def do_GET(self) -> None:
+        self._answer(body=True)
+
+    def _answer(self, body: bool) -> None:
+        self.close_connection = True
+        here = self.path.rstrip("/")
+        page = f'<a href="{here}/d/">d/</a>\n'.encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "text/html; charset=utf-8")
+        self.send_header("Content-Length", str(len(page)))
+        self.end_headers()
+        if body:
+            self.server.pages += 1
+            self.wfile.write(page)
+
+
+def test_a_folder_at_a_url_nested_without_end_is_given_up_on(family, tmp_path, monkeypatch):
+    """A listing whose every page links one folder deeper (small pages: the bytes' limit would take
+    a million requests) is refused after ``HTTP_LISTING_PAGES`` pages (here 20), in one line."""
+    from tallpack import remote
+
+    monkeypatch.setattr(remote, "HTTP_LISTING_PAGES", 20)
+    d = family.parent
+    with _Nested() as server:
+        with pytest.raises(tallpack.CheckpointError) as e:
+            tallpack.pack(d / "base.safetensors", {"a": server.url}, tmp_path / "x.tallpack", threads=1)
+        assert server.pages <= 21, server.pages
+    text = str(e.value)
+    assert text.startswith(f"{server.url}: cannot download: its folder listing is over the 20 pages"), text
+    assert "\n" not in text
