@@ -6,11 +6,13 @@ import numpy as np
 import torch
 from hypothesis import strategies as st
 
+from tallpack.manifest import task_name_problem
+
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 shapes = st.lists(st.integers(0, 7), min_size=0, max_size=3).map(tuple)
 task_names = st.text(st.characters(whitelist_categories=("L", "N"), whitelist_characters="_-."),
-                     min_size=1, max_size=12).filter(lambda s: s not in (".", ".."))
+                     min_size=1, max_size=12).filter(lambda s: task_name_problem(s) is None)  # ('.', '..', '.git')
 
 
 def tensor(shape, dtype, seed: int, scale: float = 1.0) -> torch.Tensor:
