@@ -59,6 +59,25 @@ def family(tmp_path_factory) -> Path:
     return d / "f.tallpack"
 
 
+class _Answers(BaseHTTPRequestHandler):
+    """A loopback server's handler: HEAD and GET both ``_answer`` (without and with the body), HTTP/1.1,
+    no log lines."""
+
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args) -> None:
+        pass
+
+    def do_HEAD(self) -> None:
+        self._answer(body=False)
+
+    def do_GET(self) -> None:
+        self._answer(body=True)
+
+    def _answer(self, body: bool) -> None:
+        raise NotImplementedError
+
+
 class _Loopback(ThreadingHTTPServer):
     """A server on loopback, serving on a thread of its own from the start, with ``handler``;
     ``stopped`` is set when the ``with`` block ends (a dripping answer is cut off then)."""
@@ -94,12 +113,8 @@ class _Hostile(_Loopback):
         self.url = f"http://127.0.0.1:{self.port}/f.tallpack"
 
 
-class _HostileHandler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
+class _HostileHandler(_Answers):  # (its own HEAD and GET)
     server: _Hostile
-
-    def log_message(self, *args) -> None:
-        pass
 
     def do_HEAD(self) -> None:
         self.send_response(200)
@@ -296,18 +311,8 @@ class _Redirects(_Loopback):
         super().__init__(_RedirectHandler)
 
 
-class _RedirectHandler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
+class _RedirectHandler(_Answers):
     server: _Redirects
-
-    def log_message(self, *args) -> None:
-        pass
-
-    def do_HEAD(self) -> None:
-        self._answer(body=False)
-
-    def do_GET(self) -> None:
-        self._answer(body=True)
 
     def _answer(self, body: bool) -> None:
         name = self.path.lstrip("/")
@@ -372,12 +377,8 @@ class _Downloads(_Loopback):
         self.url = f"http://127.0.0.1:{self.port}"
 
 
-class _DownloadHandler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
+class _DownloadHandler(_Answers):  # (its own HEAD and GET)
     server: _Downloads
-
-    def log_message(self, *args) -> None:
-        pass
 
     def do_HEAD(self) -> None:
         data = self.server.files[self.path.lstrip("/")]
@@ -500,7 +501,8 @@ def test_code_an_archive_carries_is_written_never_run(tmp_path):
 class _Listings(_Loopback):
     """Serves ``files`` (name -> bytes) whole, and the folder ``/m/`` as an HTML page linking to
     them, which ``mode`` makes hostile: ``chunked``, an endless page of links; ``drip``, its page a
-    byte every 0.3 s; ``honest``, as is. With ``untyped``, nothing has a Content-Type."""
+    byte every 0.3 s; ``honest``, as is; ``nested``, every page linking one folder deeper. With
+    ``untyped``, nothing has a Content-Type."""
 
     def __init__(self, files: dict[str, bytes], mode: str, untyped: bool = False):
         self.files, self.mode, self.untyped, self.sent = files, mode, untyped, 0
@@ -508,22 +510,15 @@ class _Listings(_Loopback):
         self.url = f"http://127.0.0.1:{self.port}/m"
 
 
-class _ListingHandler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
+class _ListingHandler(_Answers):
     server: _Listings
-
-    def log_message(self, *args) -> None:
-        pass
-
-    def do_HEAD(self) -> None:
-        self._answer(body=False)
-
-    def do_GET(self) -> None:
-        self._answer(body=True)
 
     def _answer(self, body: bool) -> None:
         name, server = self.path.lstrip("/").removeprefix("m").strip("/"), self.server
         self.close_connection = True
+        if server.mode == "nested":  # every page a listing of one folder deeper, for ever (``sent``: pages)
+            name, server.files = "", {f"{self.path.rstrip('/')}/d/": b""}
+            server.sent += body
         if name:
             data = server.files[name]
             self.send_response(200)
@@ -546,7 +541,7 @@ class _ListingHandler(BaseHTTPRequestHandler):
         if not body:
             return
         try:
-            if server.mode == "honest":
+            if server.mode in ("honest", "nested"):
                 self.wfile.write(page)
             elif server.mode == "drip":
                 for i in range(len(page)):
@@ -618,42 +613,6 @@ def test_an_untyped_file_at_a_url_larger_than_a_listing_is_packed(family, tmp_pa
         assert torch.equal(fam.state_dict("a")["w"], local.state_dict("a")["w"])
 
 
-class _Nested(_Loopback):
-    """Every page under ``/m`` an HTML listing that links to one folder deeper, for ever; ``pages``
-    counts the pages asked for."""
-
-    def __init__(self) -> None:
-        self.pages = 0
-        super().__init__(_NestedHandler)
-        self.url = f"http://127.0.0.1:{self.port}/m"
-
-
-class _NestedHandler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    server: _Nested
-
-    def log_message(self, *args) -> None:
-        pass
-
-    def do_HEAD(self) -> None:
-        self._answer(body=False)
-
-    def do_GET(self) -> None:
-        self._answer(body=True)
-
-    def _answer(self, body: bool) -> None:
-        self.close_connection = True
-        here = self.path.rstrip("/")
-        page = f'<a href="{here}/d/">d/</a>\n'.encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "text/html; charset=utf-8")
-        self.send_header("Content-Length", str(len(page)))
-        self.end_headers()
-        if body:
-            self.server.pages += 1
-            self.wfile.write(page)
-
-
 def test_a_folder_at_a_url_nested_without_end_is_given_up_on(family, tmp_path, monkeypatch):
     """A listing whose every page links one folder deeper (small pages: the bytes' limit would take
     a million requests) is refused after ``HTTP_LISTING_PAGES`` pages (here 20), in one line."""
@@ -661,10 +620,10 @@ def test_a_folder_at_a_url_nested_without_end_is_given_up_on(family, tmp_path, m
 
     monkeypatch.setattr(remote, "HTTP_LISTING_PAGES", 20)
     d = family.parent
-    with _Nested() as server:
+    with _Listings({}, "nested") as server:
         with pytest.raises(tallpack.CheckpointError) as e:
             tallpack.pack(d / "base.safetensors", {"a": server.url}, tmp_path / "x.tallpack", threads=1)
-        assert server.pages <= 21, server.pages
+        assert server.sent <= 21, server.sent
     text = str(e.value)
     assert text.startswith(f"{server.url}: cannot download: its folder listing is over the 20 pages"), text
     assert "\n" not in text
