@@ -2096,14 +2096,23 @@ static PyObject *json_pairs(PyObject *self, PyObject *pairs) {
     PyObject *d = PyDict_New();
     if (d == NULL)
         return NULL;
-    for (Py_ssize_t i = 0; i < n; i++) {
+    /* A key's __hash__ or __eq__ (a caller's objects, never json's str) may change the list: its
+     * length is read again each time and the pair held while it is added. */
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(pairs); i++) {
         PyObject *kv = PyList_GET_ITEM(pairs, i);
         if (!PyTuple_CheckExact(kv) || PyTuple_GET_SIZE(kv) != 2) {
             PyErr_SetString(PyExc_TypeError, "json_pairs: a list of (key, value) pairs");
             goto fail;
         }
-        if (PyDict_SetItem(d, PyTuple_GET_ITEM(kv, 0), PyTuple_GET_ITEM(kv, 1)) < 0)
+        Py_INCREF(kv);
+        int bad = PyDict_SetItem(d, PyTuple_GET_ITEM(kv, 0), PyTuple_GET_ITEM(kv, 1)) < 0;
+        Py_DECREF(kv);
+        if (bad)
             goto fail;
+    }
+    if (PyList_GET_SIZE(pairs) != n) {
+        PyErr_SetString(PyExc_ValueError, "json_pairs: the pairs changed while they were read");
+        goto fail;
     }
     if (PyDict_GET_SIZE(d) != n) {
         PyErr_SetString(PyExc_ValueError, "duplicate key in a JSON object");
