@@ -884,13 +884,35 @@ def _lock_file(folder: Path) -> tuple[int, Path] | None:
             return None
         locks = Path(root) / f"tallpack-locks-{os.getuid()}"
         locks.mkdir(mode=0o700, exist_ok=True)
-        if not locks.is_dir() or locks.is_symlink():
+        if not _own_private_folder(locks):
             return None
         path = locks / f"{st.st_dev:x}-{st.st_ino:x}"
         return os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o600), path
     except OSError as e:
         log.debug("%s: cannot lock the folder: %s", folder, e)
         return None
+
+
+_untrusted_warned: set[Path] = set()
+
+
+def _own_private_folder(locks: Path) -> bool:
+    """Whether ``locks`` is a folder (not a link) of this user's that no one else may write into.
+    In a shared /tmp anyone may make it first: another user who can put files there could hold
+    the lock of any output folder, and every output into it would wait for ever. Such a folder is
+    passed over (outputs then take no lock), with one warning."""
+    st = os.lstat(locks)
+    if not stat.S_ISDIR(st.st_mode):
+        return False
+    if st.st_uid == os.getuid() and not st.st_mode & 0o022:
+        return True
+    if locks not in _untrusted_warned:
+        _untrusted_warned.add(locks)
+        whose = "is not yours" if st.st_uid != os.getuid() else "may be written by others"
+        log.warning("%s: %s (owner %d, mode %o), so tallpack's output locks are not taken there: outputs into one "
+                    "folder at once are not made to take turns; remove it, or set TMPDIR to a folder of your own",
+                    locks, whose, st.st_uid, stat.S_IMODE(st.st_mode))
+    return False
 
 
 def _keep_aside(target: Path) -> Path | None:

@@ -1,0 +1,127 @@
+"""Users who are not root, and disks that are not simple (thirty-fourth round): the folder of
+output locks under a shared temporary folder, the modes of files replaced with ``--force``.
+Real files and processes; tests that need root (to own files as another user) skip without it."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import shutil
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import tallpack
+
+ROOT = Path(tallpack.__file__).resolve().parents[1]
+
+
+def _tallpack(*args: object, env: dict[str, str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+    path = os.pathsep.join([str(ROOT), str(ROOT / "cli"), os.environ.get("PYTHONPATH", "")])
+    return subprocess.run([sys.executable, "-m", "tallpack", *map(str, args)], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": path, **(env or {})}, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def archive(tmp_path_factory) -> Path:
+    """A family of two tasks (200 KB of float32), packed by the command line."""
+    root = tmp_path_factory.mktemp("disks")
+    g = torch.Generator().manual_seed(0)
+    base = {f"layer{i}.weight": torch.randn(128, 128, generator=g) for i in range(3)}
+    save_file(base, root / "base.safetensors")
+    for t in ("a", "b"):
+        keep = torch.rand(128, 128, generator=g) < 0.3
+        save_file({k: v + 0.01 * torch.randn(v.shape, generator=g) * keep for k, v in base.items()},
+                  root / f"{t}.safetensors")
+    out = root / "family.tallpack"
+    r = _tallpack("-q", "pack", "--base", root / "base.safetensors", "-o", out, root / "a.safetensors",
+                  root / "b.safetensors")
+    assert r.returncode == 0, r.stderr
+    return out
+
+
+# -- the folder of output locks ----------------------------------------------------------------------
+
+def _lock_path(tmpdir: Path, folder: Path) -> Path:
+    st = os.stat(folder)
+    return tmpdir / f"tallpack-locks-{os.getuid()}" / f"{st.st_dev:x}-{st.st_ino:x}"
+
+
+def _until_held(lock: Path) -> None:
+    """Return once another process holds the lock on ``lock``."""
+    fd = os.open(lock, os.O_RDONLY)
+    try:
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            time.sleep(0.05)
+    finally:
+        os.close(fd)
+
+
+def test_a_lock_folder_others_can_write_is_not_used(archive, tmp_path):
+    """``$TMPDIR/tallpack-locks-UID`` in a shared /tmp can be made by anyone before the user's first
+    output: another user who made it world-writable could create the lock file of any output folder
+    and hold its lock, and every output of the user into that folder waited for ever ("waiting for
+    another tallpack output's files"). A lock folder the user does not own, or that others may
+    write into, is passed over with a warning: the output is written without the lock."""
+    if shutil.which("flock") is None:
+        pytest.skip("needs flock(1) to hold the lock from another process")
+    tmpdir = tmp_path / "tmp"
+    (tmpdir / f"tallpack-locks-{os.getuid()}").mkdir(parents=True)
+    os.chmod(tmpdir / f"tallpack-locks-{os.getuid()}", 0o777)  # (as another user would leave it)
+    out = tmp_path / "out"
+    out.mkdir()
+    lock = _lock_path(tmpdir, out)
+    lock.touch()
+    holder = subprocess.Popen(["flock", str(lock), "sleep", "300"])  # the other user, holding the lock
+    try:
+        _until_held(lock)
+        try:
+            r = _tallpack("unpack", archive, "--task", "a", "-o", out, env={"TMPDIR": str(tmpdir)}, timeout=60)
+        except subprocess.TimeoutExpired:
+            pytest.fail("the output waited for a lock held in a lock folder others can write into")
+    finally:
+        holder.kill()
+        holder.wait()
+    assert r.returncode == 0, r.stderr
+    assert (out / "model.safetensors").is_file()
+    assert "tallpack-locks" in r.stderr and "others" in r.stderr, r.stderr
+
+
+def test_a_lock_folder_of_another_owner_is_not_used(tmp_path):
+    """The same for a lock folder of another user's (mode 0700, as tallpack makes its own): root
+    can write into it, and a tallpack run as root would then share its locks with that user."""
+    if os.geteuid() != 0:
+        pytest.skip("giving a folder to another user needs root")
+    from tallpack import fsutil
+
+    tmpdir = tmp_path / "tmp"
+    locks = tmpdir / f"tallpack-locks-{os.getuid()}"
+    locks.mkdir(parents=True, mode=0o700)
+    os.chown(locks, 65534, 65534)
+    out = tmp_path / "out"
+    out.mkdir()
+    old = os.environ.get("TMPDIR")
+    os.environ["TMPDIR"] = str(tmpdir)
+    import tempfile
+
+    tempfile.tempdir = None
+    try:
+        assert fsutil._lock_file(out) is None
+        assert list(locks.iterdir()) == []
+    finally:
+        tempfile.tempdir = None
+        if old is None:
+            del os.environ["TMPDIR"]
+        else:
+            os.environ["TMPDIR"] = old
