@@ -119,6 +119,9 @@ class Archive:
         self._pool_lock = threading.Lock()
         self._slots = ThreadBuffers()  # read_array's reused buffers, per thread
         self._plans: dict[tuple[str, str, bool], _Plan] = {}  # _rebuild's, per (task, tensor or group name, group)
+        #: whole tensors whose inputs are all kept views of raw arrays (``_views``) or stored bits,
+        #: by ``_plans``' key: rebuilt without the general path's lookups (``_rebuild_direct``)
+        self._direct: dict[tuple[str, str, bool], _Direct] = {}
         self._closed = False
         #: ``state_dict`` calls in progress: while one runs, the cache keeps what fits beside what it
         #: holds and pushes nothing out (``_keep``)
@@ -174,6 +177,7 @@ class Archive:
         self._slots.release()
         self._cache.clear()
         self._views.clear()
+        self._direct.clear()
         self._c.close()
         if not any(not a._closed for a in list(_OPEN)):
             release_thread_buffers()  # the decoding buffers the caller's threads kept for the next read
@@ -447,6 +451,10 @@ class Archive:
         if not isinstance(task, str) or not isinstance(name, str):  # (unhashable ones too)
             self._entry(task, name)  # raises: no such task or tensor
         key = (task, name, parts is not None)
+        whole = rows is None and parts is None and device is None and not exact
+        direct = self._direct.get(key) if whole else None
+        if direct is not None:
+            return self._rebuild_direct(task, direct)
         plan = self._plans.get(key) if not exact and device is None else None
         if plan is None:
             entry, tt = self._entry(task, name, group=parts is not None)
@@ -538,18 +546,29 @@ class Archive:
                 return self._read_bits(ref, f"{where} ({k})", None if keep_bits else slot, keep_bits)
             return self.read_array(ref, f"{where} ({k})", use, device=device, start=start, stop=stop, _slot=slot)
 
+        slots = device is None and encoding.fresh_output(tt)
         if pool is not None and run is None and self._worth_threads(needed, device, rows is None, planar):
             futures = {k: self._submit(pool, read, k, ref, use) for k, (ref, use) in needed.items()}
             arrays = {k: f.result() for k, f in futures.items()}
         else:  # read here, and dropped before this thread reads again: uncached inputs may reuse buffers
-            slots = device is None and encoding.fresh_output(tt)
             arrays = {k: read(k, ref, use, k if slots else None) for k, (ref, use) in needed.items()}
+        if whole and not planar and len(bits) <= 1 and tt.encoding not in DERIVED_ENCODINGS:
+            self._remember_direct(key, plan, arrays, slots)  # (two bit inputs are read on threads)
+        if parts is not None:
+            return self._rebuilt(task, where, plan, arrays, parts)
+        if run is not None:
+            return self._rebuilt(task, where, plan, arrays, run)[0]
+        out = self._rebuilt(task, where, plan, arrays)
+        return out if rows is None else out.reshape(rows[1] - rows[0], *tt.shape[1:])
+
+    def _rebuilt(self, task: str, where: str, plan: "_Plan", arrays: dict[str, Any], parts: list[Member] | None = None
+                 ) -> Any:
+        """``plan``'s encoding's rebuild of ``arrays`` (of ``parts``: a list, else the tensor), its
+        errors named."""
         try:
             if parts is not None:
-                return encoding.rebuild_parts(arrays, entry, tt, parts)
-            if run is not None:
-                return encoding.rebuild_parts(arrays, entry, tt, run)[0]
-            out = encoding.rebuild(arrays, entry, tt)
+                return plan.encoding.rebuild_parts(arrays, plan.entry, plan.tt, parts)
+            return plan.encoding.rebuild(arrays, plan.entry, plan.tt)
         except IntegrityError as e:  # a derived mask's original (format 1.6): say which archive and task
             said = f"{self.name}: task {task!r}, "
             raise IntegrityError(str(e) if str(e).startswith(said) else said + str(e)) from None
@@ -558,7 +577,35 @@ class Archive:
                 raise
             raise OutOfMemoryError(f"{self.name}: {where}: out of memory while rebuilding it ({memory_detail(e)}; "
                                    "the archive is not damaged)") from None
-        return out if rows is None else out.reshape(rows[1] - rows[0], *tt.shape[1:])
+
+    def _remember_direct(self, key: tuple[str, str, bool], plan: "_Plan", arrays: Mapping[str, Any],
+                         slots: bool) -> None:
+        """Keep ``_rebuild_direct``'s recipe for a whole tensor whose inputs came back as kept views
+        of raw arrays (``_views``: read and checked before) and stored bits (read on each use)."""
+        views: dict[str, torch.Tensor] = {}
+        bits: list[tuple[str, ArrayRef, str, str | None]] = []
+        end = 0
+        for k, (ref, _) in plan.needed.items():
+            got = arrays[k]
+            if k in plan.bits and isinstance(got, Bits):
+                bits.append((k, ref, f"{plan.where} ({k})", k if slots else None))
+                continue
+            kept = self._views.get(_cache_key(ref, None)) if isinstance(ref, ArrayRef) and ref.chunks else None
+            if kept is None or kept[0] is not got:
+                return  # decoded, cached or derived: the general path
+            views[k] = got
+            end = max(end, kept[1])
+        if views and not self._closed:
+            self._direct[key] = _Direct(plan, views, tuple(bits), end)
+
+    def _rebuild_direct(self, task: str, d: "_Direct") -> torch.Tensor:
+        """A whole tensor from its kept views and its bits, read anew (``_remember_direct``): the
+        file checked once, as each view's use checks it (``_view``: open, not shrunk)."""
+        self._c.source.read(d.end - 1, 1)
+        arrays: dict[str, Any] = dict(d.views)
+        for k, ref, where, slot in d.bits:
+            arrays[k] = self._read_bits(ref, where, slot)
+        return self._rebuilt(task, d.plan.where, d.plan, arrays)
 
     def _uncached(self, refs: list[ArrayRef], device: torch.device | str | None) -> list[ArrayRef]:
         """For a remote source's prefetch: ``refs`` less the arrays the cache holds decoded (a
@@ -1192,6 +1239,17 @@ class _Plan(NamedTuple):
     planar: tuple[str, ...]
     bits: tuple[str, ...]
     refs: list[ArrayRef]  # every array it reads (``_needs``), for a remote source's prefetch
+
+
+class _Direct(NamedTuple):
+    """``Archive._rebuild_direct``'s recipe for one whole tensor: its plan, the kept views of its
+    raw inputs, its bit inputs (name, array, where, this thread's buffer or None), and the end of
+    the views' last byte in the file."""
+
+    plan: _Plan
+    views: dict[str, torch.Tensor]
+    bits: tuple[tuple[str, ArrayRef, str, str | None], ...]
+    end: int
 
 
 class _KeptPlanes(NamedTuple):
