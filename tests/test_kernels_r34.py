@@ -321,3 +321,91 @@ def test_codec_loops_without_avx2_give_the_same_bytes(portable, n, k, r, seed):
     numpy_join = np.full((n, k), 0xEF, np.uint8)
     kernels._join_stored(list(planes), r, numpy_join)
     assert np.array_equal(numpy_join.reshape(-1), src)
+
+
+# -- a process without the extension reads the same bits --------------------------------------------
+
+#: Every tensor a reader gives, as sha256 of its bytes: each task's (rebuilt through the stored
+#: planes too: ``PLANAR_MIN_ELEMENTS`` 0), its exact originals, the base's, and the merged models.
+_DIGESTS = r"""
+import hashlib, json, sys
+import tallpack
+from tallpack import kernels, reader
+from tallpack.merging import MERGED_MODELS
+
+def digests(path):
+    out = {}
+    def put(key, sd):
+        for name, t in sorted(sd.items()):
+            out[f"{key}/{name}"] = hashlib.sha256(t.contiguous().view(-1).view(__import__("torch").uint8).numpy()).hexdigest()
+    for planar in (reader.PLANAR_MIN_ELEMENTS, 0):
+        was, reader.PLANAR_MIN_ELEMENTS = reader.PLANAR_MIN_ELEMENTS, planar
+        try:
+            with tallpack.open(path, cache_bytes=0) as fam:  # no cache: each read decodes
+                for t in fam.tasks:
+                    put(f"{planar}/{t}", fam.state_dict(t))
+                    if fam.task_info(t).exact is not None:
+                        put(f"{planar}/{t}/exact", fam.state_dict(t, exact=True))
+        finally:
+            reader.PLANAR_MIN_ELEMENTS = was
+    with tallpack.open(path) as fam:
+        put("base", {e.name: fam.base_tensor(e.name) for e in fam.manifest.tensors if fam.base_tensor(e.name) is not None})
+        for model, needs in MERGED_MODELS.items():
+            if needs == fam.manifest.merge.get("method"):
+                put(model, fam.merged(model, **({"k": 2} if model.startswith("consensus") else {})))
+    return out
+
+if __name__ == "__main__":
+    print(json.dumps([kernels.COMPILED, [digests(p) for p in sys.argv[1:]]]))
+"""
+
+_E2E = {
+    "f32_planes_exp_ta": dict(merge="ta"),
+    "bf16_planes_exp_ties": dict(merge="ties", dtype="bfloat16"),
+    "f16_planes_ta": dict(merge="ta", dtype="float16"),
+    "f16_bytegroup_ties": dict(merge="ties", dtype="float16", codec="bytegroup-zstd"),
+    "f32_exact_ties": dict(merge="ties", exact=True, codec="planes"),
+    "bf16_exact_ta": dict(merge="ta", exact=True, dtype="bfloat16"),
+    "f32_fidelity_corrections": dict(merge="ta", fidelity=0.99, corrections=("sparse", "quant4", "quant8", "exact")),
+}
+
+
+def test_a_process_without_the_extension_reads_the_same_bits(tmp_path):
+    """Archives of each dtype, codec, merge method and tier, read here (the compiled loops) and in
+    a process that turns them off (``TALLPACK_NO_KERNELS=1``, as an install without a C compiler):
+    every task's tensors, through the stored planes too, exact originals, base, merged models."""
+    import torch
+
+    import tallpack
+
+    paths = []
+    for i, (name, cfg) in enumerate(_E2E.items()):
+        cfg = dict(cfg)
+        dtype = getattr(torch, cfg.pop("dtype", "float32"))
+        g = torch.Generator().manual_seed(i)
+        base = {"w": torch.randn(37, 33, generator=g).to(dtype), "b": torch.randn(300, generator=g).to(dtype),
+                "ids": torch.arange(9)}
+        tasks = {}
+        for t in ("a", "b", "c"):
+            tasks[t] = {k: v.clone() for k, v in base.items()}
+            for k in ("w", "b"):
+                tau = 0.05 * torch.randn(base[k].shape, generator=g) * (torch.rand(base[k].shape, generator=g) < 0.5)
+                tasks[t][k] = (base[k].float() + tau).to(dtype)
+        path = tmp_path / f"{name}.tallpack"
+        tallpack.pack(base, tasks, path, chunk_elements=256, lambdas=0.4, **cfg)
+        paths.append(str(path))
+    script = tmp_path / "digests.py"
+    script.write_text(_DIGESTS)
+    runs = {}
+    for off in (False, True):
+        env = {k: v for k, v in os.environ.items() if k != "TALLPACK_NO_KERNELS"}
+        if off:
+            env["TALLPACK_NO_KERNELS"] = "1"
+        got = subprocess.run([sys.executable, str(script), *paths], env=env, capture_output=True, text=True, timeout=600)
+        assert got.returncode == 0, got.stderr[-3000:]
+        import json
+        compiled, runs[off] = json.loads(got.stdout.splitlines()[-1])
+        assert compiled is not off
+    for path, on, off in zip(paths, runs[False], runs[True]):
+        assert len(on) > 20 and on.keys() == off.keys(), path
+        assert [k for k in on if on[k] != off[k]] == [], path
