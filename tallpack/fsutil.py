@@ -454,6 +454,7 @@ def commit(tmp: Path, target: Path, *, overwrite: bool = True, sync: bool = True
 def _put_in_place(tmp: Path, target: Path, overwrite: bool) -> None:
     if overwrite:
         check_replaceable(target)  # checked before the write too; a device may have appeared meanwhile
+        _keep_permissions(tmp, target)
         os.replace(tmp, target)
         return
     try:
@@ -469,6 +470,32 @@ def _put_in_place(tmp: Path, target: Path, overwrite: bool) -> None:
         os.replace(tmp, target)
     else:
         os.unlink(tmp)
+
+
+def _keep_permissions(tmp: Path, target: Path) -> None:
+    """Give ``tmp``, about to replace the regular file ``target``, that file's owner, group and
+    permissions where this process may (as ``cp`` or a shell's ``>`` over a file keep them): a
+    model made private stays private. Where the group cannot be kept, the permissions are those
+    both the old file and a new one would have (the old group's are not handed to another)."""
+    try:
+        old, new = os.lstat(target), os.lstat(tmp)
+    except OSError:
+        return
+    if not stat.S_ISREG(old.st_mode):
+        return
+    mode = stat.S_IMODE(old.st_mode) & 0o777
+    try:
+        if (old.st_uid, old.st_gid) != (new.st_uid, new.st_gid):
+            try:
+                os.chown(tmp, old.st_uid, old.st_gid, follow_symlinks=False)  # root: the user's file stays theirs
+            except PermissionError:
+                try:
+                    os.chown(tmp, -1, old.st_gid, follow_symlinks=False)  # a group the writer is in
+                except PermissionError:
+                    mode &= stat.S_IMODE(new.st_mode)
+        os.chmod(tmp, mode)
+    except OSError as e:  # a file system without owners or modes (FAT, some network shares)
+        log.debug("%s: cannot keep the permissions of the file it replaces: %s", target, e)
 
 
 def left_behind(paths: Iterable[Path], why: OSError) -> None:

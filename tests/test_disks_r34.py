@@ -125,3 +125,77 @@ def test_a_lock_folder_of_another_owner_is_not_used(tmp_path):
             del os.environ["TMPDIR"]
         else:
             os.environ["TMPDIR"] = old
+
+
+# -- the modes of files replaced with --force --------------------------------------------------------
+
+def _mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def test_force_keeps_the_permissions_of_the_file_it_replaces(archive, tmp_path):
+    """A user who made a model private (``chmod 600``) or shared it with a group (``chmod 664``)
+    and replaces it with ``--force`` keeps that choice, as ``cp``, ``torch.save`` and a shell's
+    ``>`` over an existing file do: the new file was made from a temporary with the umask's mode
+    (0644), so a private model became readable by everyone. A new file still takes the umask."""
+    out = tmp_path / "out"
+    r = _tallpack("-q", "unpack", archive, "--task", "a", "-o", out)
+    assert r.returncode == 0, r.stderr
+    umask = os.umask(0)
+    os.umask(umask)
+    assert _mode(out / "model.safetensors") == 0o666 & ~umask  # a new file: the umask's
+    os.chmod(out / "model.safetensors", 0o600)
+    r = _tallpack("-q", "unpack", archive, "--task", "b", "-o", out, "--force")
+    assert r.returncode == 0, r.stderr
+    assert _mode(out / "model.safetensors") == 0o600
+    copy = tmp_path / "copy.tallpack"
+    r = _tallpack("-q", "pack", "--base", archive.parent / "base.safetensors", "-o", copy, archive.parent / "a.safetensors")
+    assert r.returncode == 0, r.stderr
+    os.chmod(copy, 0o640)
+    r = _tallpack("-q", "pack", "--base", archive.parent / "base.safetensors", "-o", copy, archive.parent / "b.safetensors",
+                  "--force")
+    assert r.returncode == 0, r.stderr
+    assert _mode(copy) == 0o640
+    r = _tallpack("-q", "merge", archive, "--method", "ta", "-o", tmp_path / "m")
+    assert r.returncode == 0, r.stderr
+    os.chmod(tmp_path / "m" / "model.safetensors", 0o660)
+    r = _tallpack("-q", "merge", archive, "--method", "ta", "--alpha", "0.5", "-o", tmp_path / "m", "--force")
+    assert r.returncode == 0, r.stderr
+    assert _mode(tmp_path / "m" / "model.safetensors") == 0o660
+
+
+def test_force_keeps_the_owner_and_group_where_it_may(archive, tmp_path):
+    """Root replacing a user's model (a job run with sudo) leaves it the user's, as ``cp`` does:
+    before, the user found a root-owned file in their folder that they could no longer change."""
+    if os.geteuid() != 0:
+        pytest.skip("giving a file to another user needs root")
+    out = tmp_path / "out"
+    assert _tallpack("-q", "unpack", archive, "--task", "a", "-o", out).returncode == 0
+    os.chown(out / "model.safetensors", 65534, 65534)
+    os.chmod(out / "model.safetensors", 0o640)
+    r = _tallpack("-q", "unpack", archive, "--task", "b", "-o", out, "--force")
+    assert r.returncode == 0, r.stderr
+    st = (out / "model.safetensors").stat()
+    assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (65534, 65534, 0o640)
+
+
+def test_force_never_widens_a_mode_whose_group_it_cannot_keep(archive, tmp_path):
+    """Where the group cannot be kept (the writer is not in it), the old group's permissions would
+    go to the writer's group, which the user never granted them to: the new file then takes the
+    permissions both the old file and a new one would have, no wider than either."""
+    if os.geteuid() != 0 or not shutil.which("setpriv"):
+        pytest.skip("a writer that may not change a file's group needs root and setpriv here")
+    out = tmp_path / "out"
+    assert _tallpack("-q", "unpack", archive, "--task", "a", "-o", out).returncode == 0
+    os.chown(out / "model.safetensors", 0, 65534)
+    os.chmod(out / "model.safetensors", 0o664)
+    path = os.pathsep.join([str(ROOT), str(ROOT / "cli"), os.environ.get("PYTHONPATH", "")])
+    r = subprocess.run(["setpriv", "--bounding-set=-chown,-fowner", "sh", "-c", 'umask 022; exec "$@"', "-",
+                        sys.executable, "-m", "tallpack", "-q", "unpack", str(archive), "--task", "b", "-o", str(out),
+                        "--force"], capture_output=True, text=True, env={**os.environ, "PYTHONPATH": path}, timeout=120)
+    if r.returncode != 0 and "setpriv" in r.stderr:
+        pytest.skip(f"setpriv refused: {r.stderr.strip()}")
+    assert r.returncode == 0, r.stderr
+    st = (out / "model.safetensors").stat()
+    assert st.st_gid == 0  # (the writer's: it could not give the file to 65534)
+    assert stat.S_IMODE(st.st_mode) == 0o644  # 0o664 & 0o644: group 0 is not given the write 65534 had
