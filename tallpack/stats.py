@@ -370,6 +370,8 @@ def check_plot_path(path: str | os.PathLike, *, overwrite: bool = False,
     if not folder.is_dir():
         raise InvalidArgumentError(f"{path}: the folder {Path(path).parent} does not exist")
     if not os.access(folder, os.W_OK | os.X_OK):  # else found once every mask was read
+        if hasattr(os, "statvfs") and os.statvfs(folder).f_flag & os.ST_RDONLY:  # (os.access says no for both)
+            raise OutputError(f"{path}: Read-only file system (the folder {Path(path).parent} is on one)")
         raise OutputError(f"{path}: Permission denied (cannot write into the folder {Path(path).parent})")
     return fmt
 

@@ -199,3 +199,52 @@ def test_force_never_widens_a_mode_whose_group_it_cannot_keep(archive, tmp_path)
     st = (out / "model.safetensors").stat()
     assert st.st_gid == 0  # (the writer's: it could not give the file to 65534)
     assert stat.S_IMODE(st.st_mode) == 0o644  # 0o664 & 0o644: group 0 is not given the write 65534 had
+
+
+# -- read-only file systems ----------------------------------------------------------------------------
+
+@pytest.fixture
+def read_only(tmp_path):
+    """A folder bound read-only onto another (a callable taking the folder); skips where mounting
+    is not allowed (not root, or a container that refuses mounts)."""
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("a read-only bind mount needs root")
+    mounted: list[Path] = []
+
+    def bind(folder: Path) -> Path:
+        where = tmp_path / f"ro{len(mounted)}"
+        where.mkdir()
+        for args in (["--bind", str(folder), str(where)], ["-o", "remount,bind,ro", str(where)]):
+            r = subprocess.run(["mount", *args], capture_output=True, text=True)
+            if r.returncode != 0:
+                if mounted or args[0] != "--bind":
+                    subprocess.run(["umount", str(where)], check=False)
+                pytest.skip(f"cannot mount read-only here: {r.stderr.strip()}")
+        mounted.append(where)
+        return where
+
+    yield bind
+    for where in mounted:
+        subprocess.run(["umount", str(where)], check=False)
+
+
+def test_an_archive_on_a_read_only_mount_is_read_and_outputs_there_say_why(archive, tmp_path, read_only):
+    """An archive on a read-only file system opens, verifies and unpacks elsewhere (another file
+    system than the output's); an output there is one line saying the file system is read-only:
+    ``stats --plot`` said "Permission denied", which sends the user to chmod a folder they own."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "family.tallpack").write_bytes(archive.read_bytes())
+    os.chmod(src, 0o777)
+    ro = read_only(src)
+    assert _tallpack("verify", ro / "family.tallpack").returncode == 0
+    r = _tallpack("-q", "unpack", ro / "family.tallpack", "--all", "-o", tmp_path / "all")
+    assert r.returncode == 0, r.stderr
+    assert sorted(p.name for p in (tmp_path / "all").iterdir()) == ["a", "b"]
+    for args in (["unpack", ro / "family.tallpack", "--task", "a", "-o", ro / "out"],
+                 ["merge", ro / "family.tallpack", "--method", "ta", "-o", ro, "--force"],
+                 ["stats", ro / "family.tallpack", "--plot", ro / "stats.png"]):
+        r = _tallpack("-q", *args)
+        assert r.returncode == 1, r.stderr
+        assert r.stderr.count("\n") == 1 and "Read-only file system" in r.stderr, r.stderr
+    assert sorted(p.name for p in ro.iterdir()) == ["family.tallpack"]
