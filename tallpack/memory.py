@@ -91,12 +91,15 @@ class ThreadBuffers:
 
     def __init__(self) -> None:
         self._local = threading.local()
+        self._closed = False
         _ALL.add(self)
 
     def get(self, name: str, nbytes: int) -> np.ndarray:
         """``nbytes`` of this thread's buffer ``name``, made (or grown) with ``empty`` and kept for
         the next call: a fresh buffer per chunk or tensor costs its page faults again."""
         slots = self._local.__dict__
+        if self._closed:  # (read after ``_local``: ``close`` sets it first)
+            return empty(nbytes)
         buf = slots.get(name)
         if buf is None or buf.size < nbytes:
             slots.pop(name, None)  # the old one is freed before the larger one is made
@@ -107,6 +110,8 @@ class ThreadBuffers:
         """This thread's object ``name`` (a decompression context, say), made by ``make`` the
         first time and released with the buffers."""
         slots = self._local.__dict__
+        if self._closed:
+            return make()
         obj = slots.get(name)
         if obj is None:
             obj = slots[name] = make()
@@ -114,6 +119,12 @@ class ThreadBuffers:
 
     def release(self) -> None:
         self._local = threading.local()  # the old one, and every thread's buffers in it, are freed
+
+    def close(self) -> None:
+        """``release``, and keep nothing from now on: ``get`` and ``held`` hand out fresh objects
+        (an archive closed while other threads still read it keeps none of their buffers)."""
+        self._closed = True
+        self.release()
 
 
 _ALL: "weakref.WeakSet[ThreadBuffers]" = weakref.WeakSet()

@@ -161,8 +161,9 @@ class LocalFile:
         if self._map is not None:
             try:
                 self._map.close()
-            except BufferError:  # a caller still holds a view; the map goes with the last one
+            except BufferError:  # a view is still out (a racing reader's): the map goes with the last one
                 pass
+            self._map = None  # (held here, an open map would stay mapped until the archive is collected)
         self._close_fd()
 
 
