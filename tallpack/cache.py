@@ -55,6 +55,13 @@ class ByteLRU:
                 _, (_, n) = self._items.popitem(last=False)
                 self.size -= n
 
+    def discard(self, key: Hashable) -> None:
+        """Forget ``key``'s value, if kept."""
+        with self._lock:
+            old = self._items.pop(key, None)
+            if old is not None:
+                self.size -= old[1]
+
     def after_fork(self) -> None:
         """In a forked child: a new lock (one a parent thread held at the fork would stay held);
         the items stay, shared with the parent until either writes them."""

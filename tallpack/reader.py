@@ -432,7 +432,14 @@ class Archive:
                 kept = (self._cache.peek(("derived-merged", entry.name, "merged", None))
                         if tt.encoding == DERIVED_MERGED else None)
                 if tt.encoding == DERIVED_MERGED and kept is None:
-                    derive = partial(task_rows, task=task, start=start, stop=stop)
+                    held = self._cache.get(("derived-merged-rows", entry.name))
+                    ce = tt.extras["exact"].residual.chunk_elements  # the runs are whole chunks of it
+                    if held is not None and held.holds(start // ce * ce, min(entry.arrays["base"].numel,
+                                                                             -(-stop // ce) * ce)):
+                        kept = held.flat  # every run of these rows derived by an earlier slice
+                if tt.encoding == DERIVED_MERGED and kept is None:
+                    keep = partial(self._keep_rows, entry, [held])
+                    derive = partial(task_rows, task=task, start=start, stop=stop, keep=keep)
                     out = self._derive(derive, entry, where + " (merged)")
                 else:
                     out = rows_of(self.read_array, entry, tt, where, start, stop,
@@ -441,6 +448,28 @@ class Archive:
             text = str(e)
             raise IntegrityError(text if text.startswith(f"{self.name}:") else f"{self.name}: {text}") from None
         return None if out is None else out.reshape(rows[1] - rows[0], *tt.shape[1:])
+
+    def _keep_rows(self, entry: TensorEntry, holder: "list[_MergedRows | None]", a: int, b: int,
+                   merged: torch.Tensor) -> None:
+        """Keep run ``[a, b)`` of a ``tall-derived-merged`` tensor's tau_MTL, derived for a slice
+        (``task_rows``), in the cache: the rows other tasks' slices of those rows need (each would
+        derive them again from every task's rows), within the cache's budget: counted as the
+        whole vector's bytes from its first run (only the runs written have pages). Once the runs
+        cover it, it is kept as the whole vector a whole read derives (the same bits, element by
+        element)."""
+        n, held = entry.arrays["base"].numel, holder[0]
+        whole = n * merged.element_size()
+        if held is None or held.flat.dtype != merged.dtype:
+            if whole > self._room():
+                return
+            held = holder[0] = _MergedRows(torch.empty(n, dtype=merged.dtype))  # (this slice's next runs too)
+        held.flat[a:b] = merged
+        key = ("derived-merged-rows", entry.name)
+        if held.add(a, b) < n:
+            self._keep(key, held, whole)
+            return
+        self._cache.discard(key)
+        self._keep(("derived-merged", entry.name, "merged", None), held.flat.reshape(entry.arrays["base"].shape), whole)
 
     def _rebuild(self, task: str, name: str, pool: ThreadPoolExecutor | None, exact: bool = False,
                  device: torch.device | str | None = None, rows: tuple[int, int] | None = None,
@@ -1250,6 +1279,32 @@ class _Direct(NamedTuple):
     views: dict[str, torch.Tensor]
     bits: tuple[tuple[str, ArrayRef, str, str | None], ...]
     end: int
+
+
+class _MergedRows:
+    """Runs of a ``tall-derived-merged`` tensor's tau_MTL kept from slices (``Archive._keep_rows``):
+    ``flat`` (the whole vector's length; only the elements in ``covered`` written, the others
+    never touched: pages of their own only once written) and ``covered``, the element ranges
+    written, sorted and apart. A range is added only after its elements are written; two threads
+    adding at once may lose one's range (it is derived again), never claim one not written."""
+
+    def __init__(self, flat: torch.Tensor):
+        self.flat = flat
+        self.covered: tuple[tuple[int, int], ...] = ()
+
+    def holds(self, a: int, b: int) -> bool:
+        return any(x <= a and b <= y for x, y in self.covered)
+
+    def add(self, a: int, b: int) -> int:
+        """Add ``[a, b)``; the elements now covered."""
+        merged: list[tuple[int, int]] = []
+        for x, y in sorted((*self.covered, (a, b))):
+            if merged and x <= merged[-1][1]:
+                merged[-1] = (merged[-1][0], max(merged[-1][1], y))
+            else:
+                merged.append((x, y))
+        self.covered = tuple(merged)
+        return sum(y - x for x, y in merged)
 
 
 class _KeptPlanes(NamedTuple):

@@ -133,13 +133,15 @@ def task_in_runs(read: ReadArray, entry: TensorEntry, order: list[str], method: 
 
 
 def task_rows(read: ReadArray, entry: TensorEntry, order: list[str], method: MergeMethod, where: str,
-              task: str, start: int, stop: int) -> torch.Tensor | None:
+              task: str, start: int, stop: int, keep: Callable[[int, int, torch.Tensor], None] | None = None
+              ) -> torch.Tensor | None:
     """Elements ``[start, stop)`` of the lossy rebuild of ``task`` of a ``tall-derived-merged``
     tensor (rows of it: ``get_slice``), from the chunks that hold them: each run of tau_MTL derived
     from every task's run of its original, as :func:`task_in_runs`, the same bits. Each chunk is
     checked against its checksum; the originals' hashes and the mask's set bits cover every
     element, so a part is not checked against them (whole reads and ``verify`` are). None where
-    the tensor is not read by ranges (``exact.by_ranges``)."""
+    the tensor is not read by ranges (``exact.by_ranges``). ``keep(a, b, merged)``, if given, is
+    handed each run ``[a, b)`` of tau_MTL derived on the way (flat; the reader keeps them)."""
     tt = entry.tasks[task]
     if not by_ranges(read, entry, [entry.tasks[t] for t in order]) or not 0 <= start <= stop <= entry.arrays["base"].numel:
         return None
@@ -149,6 +151,8 @@ def task_rows(read: ReadArray, entry: TensorEntry, order: list[str], method: Mer
     def each(a: int, b: int, base: torch.Tensor, thetas: list[torch.Tensor], part: dict[str, torch.Tensor]) -> None:
         lo, hi = max(a, start), min(b, stop)
         merged = part["merged"].reshape(-1)
+        if keep is not None:
+            keep(a, b, merged)
         mask = mask_and_ones(thetas[i], base, merged, lam)[0]
         out[lo - start : hi - start] = reconstruct(base.to(torch.float32), mask, merged, out.dtype)[lo - a : hi - a]
     if stop > start:
