@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
 import shutil
 import statistics
 import subprocess
@@ -560,7 +559,7 @@ def measure_family(name: str, members: dict[str, list[str]], dtype: str, work: P
     ms = [m for m in methods(members, dtype, zipnn)
           if only is None or m.name.startswith("tallpack") or any(o.lower() in m.name.lower() for o in only)]
     task = next(k for k in members if k != "base")
-    res: dict = {"family": name, "dtype": dtype, "tasks": len(members) - 1, "files_bytes": raw,
+    res: dict = {"family": name, "dtype": dtype, "tasks": len(members) - 1, "task": task, "files_bytes": raw,
                  "task_bytes": sum(Path(f).stat().st_size for f in members[task]), **info, "methods": {}}
     packs: dict[str, list] = {m.name: [] for m in ms if m.pack}
     restores: dict[str, list] = {m.name: [] for m in ms}
@@ -638,7 +637,7 @@ def table(res: dict) -> str:
     ref = ms["tallpack --exact"]["bytes"]
     mb = 1e6
     lines = [f"#### {res['family']} ({res['dtype']}, base + {res['tasks']} tasks, files {res['files_bytes'] / mb:.1f} MB, "
-             f"one task {res['task_bytes'] / mb:.2f} MB)", ""]
+             f"one task ({res['task']}) {res['task_bytes'] / mb:.2f} MB)", ""]
     if "changed" in res:
         lines += [f"Elements a fine-tune changed: {', '.join(f'{c:.0%}' for c in res['changed'])} (Adam, SGD alternating); "
                   f"median |change| / |base| of those: {statistics.median(res['median_rel_change']):.1e}.", ""]
@@ -730,17 +729,13 @@ def main() -> None:
             print(table(results[-1]) + "\n", flush=True)
         baseline = python_baseline()
     print(f"Times: medians of {rounds[0]} (pack) and {rounds[1]} (task back) alternated runs, each in a fresh process (in parentheses, for Python: the "
-          f"work alone, its imports done before the clock started); one task back = every file of `{task_name(results)}` "
+          f"work alone, its imports done before the clock started); one task back = every file of the first task "
           f"from the archive alone (next column: with the base's raw files already on disk). Peak MB: RssAnon / VmHWM "
           f"of the child (a Python child that only imports: {baseline['peak_anon'] / 1e6:.0f} / "
           f"{baseline['peak_hwm'] / 1e6:.0f}). {version}.")
     a.out.mkdir(parents=True, exist_ok=True)
     (a.out / "exact_vs_delta.json").write_text(json.dumps({"zstd": version, "python_baseline": baseline,
                                                            "families": results}, indent=2))
-
-
-def task_name(results: list[dict]) -> str:
-    return "task0" if results and results[0]["family"].startswith("trained") else "the first task"
 
 
 if __name__ == "__main__":
