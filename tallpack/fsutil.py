@@ -136,7 +136,8 @@ def _stem(name: str) -> str:
 
 def temp_beside(target: Path, *, swept: set[Path] | None = None) -> tuple[int, Path]:
     """An open, locked descriptor and the path of a new temporary file in ``target``'s folder,
-    with the permissions a plain ``open`` would give.
+    with the permissions a plain ``open`` would give (for others, none that an existing ``target``
+    lacks).
 
     Keep the descriptor open until the file is renamed or removed: the lock on it tells other
     writers the file is in use. Earlier temporaries in the folder left by dead writers are removed.
@@ -162,7 +163,15 @@ def temp_beside(target: Path, *, swept: set[Path] | None = None) -> tuple[int, P
         break
     else:  # pragma: no cover - 100 collisions of 32 random bits
         raise FileExistsError(errno.EEXIST, "no unused temporary name", str(target.parent))
-    os.fchmod(fd, 0o666 & ~_umask())  # a default ACL on the folder may not apply the umask alone
+    mode = 0o666 & ~_umask()
+    try:  # the readers a file it may replace keeps out are kept out of the replacement too (the
+        # writer's own read and write stay: the temporary is reopened by name; commit sets the mode)
+        old = os.lstat(target)
+        if stat.S_ISREG(old.st_mode):
+            mode &= old.st_mode | 0o600
+    except OSError:
+        pass
+    os.fchmod(fd, mode)  # a default ACL on the folder may not apply the umask alone
     if fcntl is not None:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # just created: no one else has it

@@ -22,9 +22,20 @@ import tallpack
 ROOT = Path(tallpack.__file__).resolve().parents[1]
 
 
-def _tallpack(*args: object, env: dict[str, str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+def _unprivileged() -> list[str]:
+    """A prefix that runs a command bound by file permissions: root (these machines' user) is
+    denied its override of them by dropping the capabilities that give it."""
+    if os.geteuid() != 0:
+        return []
+    if shutil.which("setpriv") is None:
+        pytest.skip("running as root without setpriv: permissions are not enforced")
+    return ["setpriv", "--bounding-set=-dac_override,-dac_read_search,-fowner"]
+
+
+def _tallpack(*args: object, env: dict[str, str] | None = None, timeout: float = 120,
+              prefix: list[str] | None = None) -> subprocess.CompletedProcess:
     path = os.pathsep.join([str(ROOT), str(ROOT / "cli"), os.environ.get("PYTHONPATH", "")])
-    return subprocess.run([sys.executable, "-m", "tallpack", *map(str, args)], capture_output=True, text=True,
+    return subprocess.run([*(prefix or []), sys.executable, "-m", "tallpack", *map(str, args)], capture_output=True, text=True,
                           env={**os.environ, "PYTHONPATH": path, **(env or {})}, timeout=timeout)
 
 
@@ -248,3 +259,38 @@ def test_an_archive_on_a_read_only_mount_is_read_and_outputs_there_say_why(archi
         assert r.returncode == 1, r.stderr
         assert r.stderr.count("\n") == 1 and "Read-only file system" in r.stderr, r.stderr
     assert sorted(p.name for p in ro.iterdir()) == ["family.tallpack"]
+
+
+def test_a_private_files_replacement_is_private_while_it_is_written(tmp_path):
+    """The replacement of a ``chmod 600`` file was written for its whole write (minutes, for a large
+    model) into a temporary of the umask's mode (0644) beside it, which anyone who may enter the
+    folder could read; the temporary now takes no permission the file it replaces lacks."""
+    from tallpack.fsutil import atomic_write, transaction
+
+    target = tmp_path / "model.safetensors"
+    target.write_bytes(b"old")
+    os.chmod(target, 0o600)
+    seen: list[int] = []
+
+    def write(tmp: Path) -> None:
+        seen.append(_mode(tmp))
+        tmp.write_bytes(b"new")
+
+    atomic_write(target, write)
+    with transaction(overwrite=True):
+        atomic_write(target, write)
+    assert seen == [0o600, 0o600]
+    assert target.read_bytes() == b"new" and _mode(target) == 0o600
+
+
+def test_force_over_a_read_only_file_replaces_it_and_keeps_it_read_only(archive, tmp_path):
+    """``chmod 444`` on a model (kept from accidental edits) and ``unpack --force`` over it: the
+    replacement is read-only too, and writing it is not refused by the mode it will have (its
+    temporary, reopened by name to be written, must stay the writer's to write)."""
+    out = tmp_path / "out"
+    assert _tallpack("-q", "unpack", archive, "--task", "a", "-o", out).returncode == 0
+    os.chmod(out / "model.safetensors", 0o444)
+    r = _tallpack("-q", "unpack", archive, "--task", "b", "-o", out, "--force", prefix=_unprivileged())
+    assert r.returncode == 0, r.stderr
+    assert _mode(out / "model.safetensors") == 0o444
+    assert sorted(p.name for p in out.iterdir()) == ["model.safetensors"]
