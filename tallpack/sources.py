@@ -800,7 +800,8 @@ def _torch_load(path: Path) -> tuple[dict[str, torch.Tensor], dict[int, int]]:
     try:
         with no_user_warnings(), _harmless_globals():  # torch warns about pickle protocols; our error says enough
             try:
-                obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+                # (the path as a str: torch 2.1 maps only a str, not a Path)
+                obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
             except RuntimeError as e:
                 if "mmap" not in str(e) and "zip" not in str(e):
                     raise

@@ -384,13 +384,14 @@ def test_merge_builds_the_archives_own_consensus_model_by_default(small_family, 
 def test_usage_errors_are_one_line_naming_the_help(tmp_path):
     """A mistyped option or value is one ``error:`` line with exit 2, as every error is; a bare
     ``tallpack`` still shows its help."""
-    for args, says in ((["pack", "--bogus"], "No such option '--bogus'"),
-                       (["inspect"], "Missing argument 'ARCHIVE'"),
-                       (["pack", "--codec", "gzip"], "'gzip' is not one of"),
-                       (["nosuch"], "No such command 'nosuch'")):
+    for args, says in ((["pack", "--bogus"], ("No such option '--bogus'", "No such option: --bogus")),  # (click 8.1)
+                       (["inspect"], ("Missing argument 'ARCHIVE'",)),
+                       (["pack", "--codec", "gzip"], ("'gzip' is not one of",)),
+                       (["nosuch"], ("No such command 'nosuch'",))):
         r = subprocess.run([sys.executable, "-m", "tallpack", *args], capture_output=True, text=True, cwd=tmp_path)
         assert r.returncode == 2 and r.stdout == "", args
-        assert r.stderr.count("\n") == 1 and r.stderr.startswith("error: ") and says in r.stderr, r.stderr
+        assert r.stderr.count("\n") == 1 and r.stderr.startswith("error: "), r.stderr
+        assert any(s in r.stderr for s in says), r.stderr
         assert "--help'" in r.stderr
     r = subprocess.run([sys.executable, "-m", "tallpack"], capture_output=True, text=True, cwd=tmp_path)
     assert "Commands:" in r.stdout + r.stderr
