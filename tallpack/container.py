@@ -624,7 +624,11 @@ class ContainerReader:
     def verify_ends(self) -> list[str]:
         """The header, footer and manifest read again: as they were at open, and the manifest's
         checksum right (a file damaged or cut in place since, which the open archive does not
-        read again, would not open again)."""
+        read again, would not open again). A remote source first drops the ranges it kept from
+        earlier reads (``RemoteFile.forget``): ``verify`` checks the bytes the server has now."""
+        forget = getattr(self.source, "forget", None)
+        if forget is not None:
+            forget()
         try:
             size = self.source.size
             now = getattr(self.source, "current_size", None)
@@ -644,12 +648,24 @@ class ContainerReader:
         return []
 
     def verify_padding(self) -> list[str]:
-        """Bytes that no chunk covers (alignment padding) must be zero: no hidden data."""
-        problems, end = [], HEADER.size
+        """Bytes that no chunk covers (alignment padding) must be zero: no hidden data. Read up to
+        PREFETCH_BYTES of gaps at a time (``read_many``: a remote source fetches them concurrently,
+        not one request after another, a round trip each)."""
+        gaps, end = [], HEADER.size
         for off, n, _ in [*self._spans(), (self.data_end, 0, 0)]:  # the manifest last
-            if off > end and any(self.source.read(end, off - end)):
-                problems.append(f"{self.name}: nonzero bytes in the padding at {end}..{off}")
+            if off > end:
+                gaps.append((end, off - end))
             end = max(end, off + n)
+        problems, batch, size = [], [], 0
+        for i, (off, n) in enumerate(gaps):
+            batch.append((off, n))
+            size += n
+            if i + 1 < len(gaps) and size + gaps[i + 1][1] <= PREFETCH_BYTES:
+                continue
+            for (at, k), got in zip(batch, self.source.read_many(batch)):
+                if any(got):
+                    problems.append(f"{self.name}: nonzero bytes in the padding at {at}..{at + k}")
+            batch, size = [], 0
         return problems
 
     def read_chunk(self, ref: ArrayRef, i: int, where: str, out: memoryview | None = None, *,

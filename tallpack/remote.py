@@ -4,8 +4,9 @@ A read that the reader announces in advance (``prefetch``: every chunk one tenso
 a batch of tensors needs) is fetched as few requests as possible: ranges closer than
 ``gap`` bytes are merged into one request (the gaps are alignment padding, at most 63 bytes
 between neighbouring chunks), and the merged requests run concurrently (``cat_ranges``). The
-fetched chunks wait in a small cache until read. ``requests`` and ``fetched`` count what went over
-the wire.
+fetched chunks wait in a small cache until read, and are kept a while after (``KEEP_READ``): a
+rebuild that reads a chunk twice (the exact tier's) fetches it once. ``requests`` and ``fetched``
+count what went over the wire, ``rounds`` the times a read waited for it.
 """
 
 from __future__ import annotations
@@ -33,6 +34,11 @@ DEFAULT_GAP = 64
 MAX_REQUEST = 32 << 20
 #: The prefetch cache holds at most this many bytes; older entries go first.
 MAX_CACHE = 256 << 20
+#: Bytes of prefetched ranges kept after they are read, the least recently read going first: the
+#: exact tier's rebuilds read a chunk twice (a tensor's base and each task's residual, for its
+#: derived merged vector and then for the task's own mask; ``merged()`` its base, for theta_0 and
+#: for the merged vector), which fetched it twice. ``forget`` drops them (``verify`` reads anew).
+KEEP_READ = 64 << 20
 #: Query parameters that grant access (signed links of S3, GCS and Azure, tokens): never recorded
 #: in an archive nor shown in a message (``redact``); compared in lower case.
 SECRET_PARAMETERS = frozenset({
@@ -330,11 +336,15 @@ class RemoteFile:
         self.url = redact(url)  # what messages name: without the credentials a signed link carries
         redact_logs()  # fsspec's loggers made since tallpack was imported
         self.gap = gap
-        #: range requests made, and bytes they fetched
+        #: range requests made, bytes they fetched, and the times a read waited for its requests
+        #: (which ran concurrently): the round trips a read costs at a server far away
         self.requests = 0
         self.fetched = 0
-        self._cache: dict[tuple[int, int], bytes] = {}
+        self.rounds = 0
+        self._cache: dict[tuple[int, int], bytes] = {}  # prefetched, not read yet
         self._cached = 0
+        self._kept: dict[tuple[int, int], bytes] = {}  # prefetched and read (KEEP_READ), least recent first
+        self._kept_bytes = 0
         self._lock = threading.Lock()
         self.closed = False
         #: a small range read at open (the footer) and its bytes, read again when a read fails:
@@ -391,9 +401,7 @@ class RemoteFile:
         >>> f.changed()
         'changed on the server since it was opened (its ETag differs); reopen it'
         """
-        with self._lock:  # what was prefetched with the failed read may be as wrong: never served again
-            self._cache.clear()
-            self._cached = 0
+        self.forget()  # what was prefetched with the failed read may be as wrong: never served again
         try:
             self._fs.invalidate_cache(self._path)  # s3fs and others keep listings
             info = self._fs.info(self._path)
@@ -475,6 +483,7 @@ class RemoteFile:
         with self._lock:
             self.requests += len(spans)
             self.fetched += sum(len(d) for d in data)
+            self.rounds += 1
             if self._probe is None and 0 < spans[0][0] and len(data[0]) <= 4096:  # the footer, at open
                 self._probe = (spans[0][0], bytes(data[0]))
         return data
@@ -517,13 +526,37 @@ class RemoteFile:
         self._check(offset, nbytes)
         if nbytes == 0:
             return memoryview(b"")
+        key = (offset, nbytes)
         with self._lock:
-            hit = self._cache.pop((offset, nbytes), None)
+            hit = self._cache.pop(key, None)
             if hit is not None:
                 self._cached -= len(hit)
+            else:
+                hit = self._kept.pop(key, None)
+                if hit is not None:
+                    self._kept_bytes -= len(hit)
+            if hit is not None:
+                self._keep(key, hit)
         if hit is not None:
             return memoryview(hit)
         return memoryview(self._fetch([(offset, offset + nbytes)])[0])
+
+    def _keep(self, key: tuple[int, int], data: bytes) -> None:
+        """Keep a prefetched range just read (``KEEP_READ``), as the most recent; under ``_lock``."""
+        if len(data) > KEEP_READ:
+            return
+        self._kept[key] = data
+        self._kept_bytes += len(data)
+        while self._kept_bytes > KEEP_READ:
+            self._kept_bytes -= len(self._kept.pop(next(iter(self._kept))))
+
+    def forget(self) -> None:
+        """Drop every range fetched and not read, and every one kept after it was read: the next
+        reads fetch from the server (``verify``; a failed read, whose neighbours may be as wrong)."""
+        with self._lock:
+            self._cache.clear()
+            self._kept.clear()
+            self._cached = self._kept_bytes = 0
 
     def read_many(self, ranges: Sequence[tuple[int, int]]) -> list[memoryview]:
         """Several ``(offset, nbytes)`` ranges, fetched together (coalesced)."""
@@ -533,7 +566,8 @@ class RemoteFile:
     def prefetch(self, ranges: Sequence[tuple[int, int]]) -> None:
         """Fetch these ranges now, coalesced, and keep them until they are read."""
         with self._lock:
-            todo = [(o, n) for o, n in dict.fromkeys(ranges) if n > 0 and (o, n) not in self._cache]
+            todo = [(o, n) for o, n in dict.fromkeys(ranges)
+                    if n > 0 and (o, n) not in self._cache and (o, n) not in self._kept]
         for o, n in todo:
             self._check(o, n)
         if not todo:
@@ -553,9 +587,7 @@ class RemoteFile:
                 self._cached -= len(self._cache.pop(old))
 
     def close(self) -> None:
-        with self._lock:
-            self._cache.clear()
-            self._cached = 0
+        self.forget()
         self.closed = True
 
 
