@@ -382,12 +382,39 @@ def check_replaceable(target: str | os.PathLike) -> None:
     check_not_read(target, st)
     mode = st.st_mode
     if stat.S_ISREG(mode):
+        if _mount_point(target):
+            raise _mounted(target)
         return
     what = ("a symbolic link" if stat.S_ISLNK(mode) else "a folder" if stat.S_ISDIR(mode)
             else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "a FIFO" if stat.S_ISFIFO(mode)
             else "a socket" if stat.S_ISSOCK(mode) else "not a regular file")
     raise OutputError(f"{target}: is {what}; outputs are written as regular files, and --force (overwrite=True) "
                       "replaces only those: name another path")
+
+
+def _mount_point(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a mount point (a file bound there: ``docker run -v FILE:FILE``), which a
+    rename cannot replace. Linux says so in /proc/self/mountinfo (a bind mount from the same file
+    system has the same device as its folder); elsewhere, False."""
+    try:
+        with open("/proc/self/mountinfo", "rb") as f:
+            info = f.read()
+    except OSError:
+        return False
+    real = os.fsencode(os.path.realpath(path))
+    for line in info.splitlines():
+        fields = line.split(b" ")
+        if len(fields) > 4 and re.sub(rb"\\([0-7]{3})", lambda m: bytes([int(m[1], 8)]), fields[4]) == real:
+            return True
+    return False
+
+
+def _mounted(target: str | os.PathLike) -> OutputError:
+    err = OutputError(f"{shortened(target)}: is a mount point (a file mounted there, as docker -v FILE:FILE does), "
+                      "which a rename cannot replace, and outputs are put in place by renames: write to another "
+                      "path and copy the file there")
+    err.errno = errno.EBUSY
+    return err
 
 
 def check_inside(root: str | os.PathLike, path: str | os.PathLike, doing: str = "write there") -> None:
@@ -454,6 +481,8 @@ def commit(tmp: Path, target: Path, *, overwrite: bool = True, sync: bool = True
     except OutputError:  # already says what is wrong with ``target``
         raise
     except OSError as e:  # a folder made read-only meanwhile: say it of the output, not of a hidden temporary
+        if e.errno == errno.EBUSY and _mount_point(target):  # mounted there meanwhile
+            raise _mounted(target) from None
         raise type(e)(e.errno, e.strerror, str(target)) from None
     _committed += 1
     if sync:

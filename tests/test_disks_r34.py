@@ -294,3 +294,29 @@ def test_force_over_a_read_only_file_replaces_it_and_keeps_it_read_only(archive,
     assert r.returncode == 0, r.stderr
     assert _mode(out / "model.safetensors") == 0o444
     assert sorted(p.name for p in out.iterdir()) == ["model.safetensors"]
+
+
+def test_force_over_a_file_mounted_in_its_place_is_refused_before_the_work(archive, tmp_path):
+    """A model file bound into a container (``docker run -v /host/model.safetensors:/out/...``)
+    cannot be replaced by a rename, the way every output is put in place: ``unpack --force``
+    wrote the whole model, then failed at the end with "Device or resource busy". It is now
+    refused before anything is written, in one line saying why and what to do."""
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("a bind mount needs root")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "model.safetensors").write_bytes(b"placeholder")
+    host = tmp_path / "host.safetensors"
+    host.write_bytes(b"the host's model")
+    r = subprocess.run(["mount", "--bind", str(host), str(out / "model.safetensors")], capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot bind-mount a file here: {r.stderr.strip()}")
+    try:
+        r = _tallpack("unpack", archive, "--task", "a", "-o", out, "--force")  # (progress lines: on stderr)
+        assert r.returncode == 1
+        assert "mount point" in r.stderr and "model.safetensors" in r.stderr, r.stderr
+        assert "writing" not in r.stderr, r.stderr  # refused before the work, not after it
+        assert host.read_bytes() == b"the host's model"
+        assert sorted(p.name for p in out.iterdir()) == ["model.safetensors"]
+    finally:
+        subprocess.run(["umount", str(out / "model.safetensors")], check=False)
