@@ -174,8 +174,11 @@ class Archive:
             pool, self._pool = self._pool, None
         if pool is not None:
             pool.shutdown(wait=True)
-        self._slots.release()
-        self._cache.clear()
+        # what a read still running on another thread makes from here on is not kept: its buffers,
+        # what it decodes (put into the empty cache, or the old one dropped here) and its views
+        self._slots.close()
+        cache, self._cache = self._cache, ByteLRU(0)
+        cache.clear()
         self._views.clear()
         self._direct.clear()
         self._c.close()
@@ -363,6 +366,8 @@ class Archive:
             self._keep(key, t, ref.nbytes)
         elif view and memoryview(buf).readonly:
             self._views[_cache_key(ref, None)] = (t, max(c.offset + c.nbytes for c in ref.chunks))
+            if self._closed:  # closed meanwhile by another thread: it keeps no view of the file
+                self._views.clear()
         return t
 
     def _view(self, key: tuple) -> torch.Tensor | None:
@@ -624,8 +629,10 @@ class Archive:
                 return  # decoded, cached or derived: the general path
             views[k] = got
             end = max(end, kept[1])
-        if views and not self._closed:
+        if views:
             self._direct[key] = _Direct(plan, views, tuple(bits), end)
+            if self._closed:  # (as ``_views``)
+                self._direct.clear()
 
     def _rebuild_direct(self, task: str, d: "_Direct") -> torch.Tensor:
         """A whole tensor from its kept views and its bits, read anew (``_remember_direct``): the

@@ -72,8 +72,6 @@ def test_a_view_out_at_close_takes_the_mapping_with_it(family):
     assert fam._closed  # (the closed archive is still referenced here)
 
 
-@pytest.mark.xfail(strict=True, reason="needs Archive.close's part (reader.py, round 34 report B): the empty "
-                   "cache swapped in, ThreadBuffers.close, views dropped when closed meanwhile")
 def test_closing_while_threads_read_leaves_nothing_held(family):
     """Request threads reading while another closes the archive: each read ends whole or with
     ArchiveClosedError, and once they are done the closed archive (still referenced, as a
