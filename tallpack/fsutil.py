@@ -952,7 +952,13 @@ def _lock_file(folder: Path) -> tuple[int, Path] | None:
         if not _own_private_folder(locks):
             return None
         path = locks / f"{st.st_dev:x}-{st.st_ino:x}"
-        return os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o600), path
+        flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0)
+        try:
+            return os.open(path, flags, 0o600), path
+        except PermissionError:  # another owner's file in our private folder: no lock of ours, so stale
+            log.debug("%s: replacing a lock file this user may not open", path)
+            path.unlink(missing_ok=True)
+            return os.open(path, flags, 0o600), path
     except OSError as e:
         log.debug("%s: cannot lock the folder: %s", folder, e)
         return None

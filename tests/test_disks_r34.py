@@ -138,6 +138,27 @@ def test_a_lock_folder_of_another_owner_is_not_used(tmp_path):
             os.environ["TMPDIR"] = old
 
 
+def test_a_stale_lock_file_of_another_owner_in_the_users_lock_folder_is_replaced(archive, tmp_path):
+    """A lock file the user may not open (another owner's, 0600: left by a run under another
+    identity, or by hand) in the user's own lock folder turned off the lock of that output folder
+    for good, silently: outputs into it no longer took turns. No one else may put a lock there, so
+    it is stale: it is removed and the lock taken on a new file (removed again as it lets go)."""
+    if os.geteuid() != 0:
+        pytest.skip("a file of another owner needs root")
+    tmpdir = tmp_path / "tmp"
+    locks = tmpdir / f"tallpack-locks-{os.getuid()}"
+    locks.mkdir(parents=True, mode=0o700)
+    out = tmp_path / "out"
+    out.mkdir()
+    stale = _lock_path(tmpdir, out)
+    stale.touch(mode=0o600)
+    os.chown(stale, 65534, 65534)
+    r = _tallpack("-q", "unpack", archive, "--task", "a", "-o", out, env={"TMPDIR": str(tmpdir)},
+                  prefix=_unprivileged())
+    assert r.returncode == 0, r.stderr
+    assert (out / "model.safetensors").is_file()
+    assert list(locks.iterdir()) == []  # taken (on a new file), and let go
+
 # -- the modes of files replaced with --force --------------------------------------------------------
 
 def _mode(path: Path) -> int:
