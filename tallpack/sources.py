@@ -809,7 +809,8 @@ def _torch_load(path: Path) -> tuple[dict[str, torch.Tensor], dict[int, int]]:
                 legacy = True
     except pickle.UnpicklingError as e:
         if "weights_only" in str(e) or "Weights only" in str(e):
-            held = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+            # (newer torch: "Unsupported global: GLOBAL x.Y"; torch 2.3 and earlier: "Unsupported class x.Y")
+            held = re.search(r"Unsupported (?:global: GLOBAL|class) (\S+)", str(e))
             what = f"{held.group(1)}, not only tensors" if held else "more than tensors"
             raise UnsafeCheckpointError(
                 f"{path}: loading needs code execution (it pickles {what}: a whole model saved with torch.save(model), "

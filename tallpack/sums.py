@@ -7,6 +7,9 @@ over a whole tensor (the manifest records them, and its choices follow them), so
 a block at a time must rebuild the same tree: :class:`PairwiseSum` sums each subtree that lies
 within one piece with ``np.add.reduce`` and adds the subtrees as numpy does; a leaf cut by a
 piece's end waits, copied (at most 128 elements), for the next piece.
+
+numpy before 2.3 sums in blocks of its buffer size (``np.getbufsize()``, 8192 elements): each block
+pairwise as above, the blocks' sums added in order. :class:`PairwiseSum` builds that tree there.
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ import numpy as np
 
 #: numpy's ``PW_BLOCKSIZE``: runs this long or shorter are summed in eight accumulators.
 LEAF = 128
+#: Whether numpy sums a whole contiguous array as one tree (2.3 and later), not its buffer's blocks.
+ONE_TREE = np.lib.NumpyVersion(np.__version__) >= "2.3.0"
 
 
 class PairwiseSum:
@@ -35,7 +40,7 @@ class PairwiseSum:
         self._start = self._end = 0  # the piece at hand: elements [_start, _end)
         self._piece = np.empty(0, np.float64)
         self._value: float | None = None
-        self._run = self._node(0, n)
+        self._run = self._node(0, n) if ONE_TREE else self._blocks(n, np.getbufsize())
         self._step()
 
     def _step(self) -> None:
@@ -63,6 +68,13 @@ class PairwiseSum:
         if self._value is None:
             raise ValueError(f"{self._end} of {self.n} elements summed")
         return self._value
+
+    def _blocks(self, n: int, block: int) -> Generator[None, None, float]:
+        """numpy before 2.3: the pairwise sums of ``block`` elements at a time, added in order."""
+        total = 0.0
+        for s in range(0, n, block):
+            total += yield from self._node(s, min(block, n - s))
+        return total
 
     def _node(self, s: int, n: int) -> Generator[None, None, float]:
         """The pairwise sum of elements [s, s + n), each piece asked for (a yield) as it is needed."""

@@ -9,6 +9,7 @@ import ast
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -91,3 +92,49 @@ TEST_NEEDS = [
     for p, n, why in TEST_NEEDS])
 def test_the_test_extra_declares_what_the_tests_use(package, needed):
     assert declared(package) >= needed
+
+
+@pytest.mark.parametrize("one_tree", [True, False], ids=["numpy-2.3", "numpy-before-2.3"])
+def test_pairwise_sum_in_pieces_is_the_sum_numpy_makes(monkeypatch, one_tree):
+    """numpy 2.3 and later sum a contiguous array as one pairwise tree; earlier ones (1.24 to 2.2)
+    in blocks of ``np.getbufsize()`` elements, each a tree, the blocks' sums added in order. Summed
+    a piece at a time, :class:`~tallpack.sums.PairwiseSum` gives the float of either (here the
+    earlier numpy's figure is built from its blocks: that numpy itself ran the suite's
+    ``test_pairwise_sum_in_pieces_is_numpys``)."""
+    from tallpack import sums
+
+    if one_tree and not sums.ONE_TREE:
+        pytest.skip(f"numpy {np.__version__} sums in blocks")
+    monkeypatch.setattr(sums, "ONE_TREE", one_tree)
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal(50_000) ** 2 * 10.0 ** rng.integers(-8, 8, 50_000)
+    want = float(np.add.reduce(x))
+    if not one_tree:
+        want, block = 0.0, np.getbufsize()
+        for a in range(0, x.size, block):
+            want += float(np.add.reduce(x[a : a + block]))
+        assert want != float(np.add.reduce(x)) or not sums.ONE_TREE  # (the two trees differ on this x)
+    s = sums.PairwiseSum(x.size)
+    for a in range(0, x.size, 3001):
+        s.add(x[a : a + 3001])
+    assert s.value == want
+
+
+def test_an_unsafe_pickle_is_named_in_torch_2_3_words_too(tmp_path, monkeypatch):
+    """torch 2.3 and earlier refuse a pickled class as "Unsupported class x.Y" (later ones
+    "Unsupported global: GLOBAL x.Y"): the error names the class either way."""
+    import pickle
+
+    from tallpack.errors import UnsafeCheckpointError
+    from tallpack.sources import open_source
+
+    def load_as_2_3(f, *args, **kwargs):
+        raise pickle.UnpicklingError("Weights only load failed. Re-running `torch.load` with `weights_only` set to "
+                                     "`False` will likely succeed, but it can result in arbitrary code execution."
+                                     "Do it only if you get the file from a trusted source. WeightsUnpickler error: "
+                                     "Unsupported class fractions.Fraction")
+
+    torch.save({"w": torch.zeros(2)}, tmp_path / "odd.pt")
+    monkeypatch.setattr(torch, "load", load_as_2_3)
+    with pytest.raises(UnsafeCheckpointError, match=r"it pickles fractions\.Fraction, not only tensors"):
+        open_source(tmp_path / "odd.pt")
