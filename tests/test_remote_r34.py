@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import tallpack
+import tallpack.remote
 from tallpack.reader import iter_arrays
 
 pytest.importorskip("aiohttp")  # fsspec's HTTP file system
@@ -88,6 +89,22 @@ def test_an_exact_state_dict_fetches_the_base_and_its_residuals_only(http_server
         chunks = sum(len(r.chunks) for _, k, r in iter_arrays(ref.manifest.tensors) if k in {"base", "b/exact/residual"})
         assert need <= http_server.served() <= need + 63 * chunks
         assert _twice(http_server.log) == 0
+
+
+@pytest.mark.xfail(strict=True, reason="the fix is reader.py's (_needs while the derived merged vector is kept), "
+                   "left to the lead")
+def test_a_second_lossy_task_of_an_exact_archive_fetches_its_residuals_only(http_server, exact, monkeypatch):
+    # the merged vector derived for the first task is in the cache, yet each later task prefetched
+    # every task's residual again to derive it (a 31 MB bf16 archive: 16.4 MB fetched for the
+    # second task's 4.5 MB, when what the first task fetched is no longer kept: KEEP_READ)
+    monkeypatch.setattr(tallpack.remote, "KEEP_READ", 0)
+    with tallpack.open(exact["url"]) as fam, tallpack.open(exact["local"]) as ref:
+        fam.state_dict("a")
+        http_server.reset()
+        sd = fam.state_dict("b")
+        assert all(torch.equal(sd[k], v) for k, v in ref.state_dict("b").items())
+        need = _stored(ref, {"b/exact/residual"})
+        assert need <= http_server.served() <= need + 63 * len(ref.keys("b")) * 4
 
 
 def test_verify_waits_on_the_server_a_few_times_not_once_a_padding_gap(http_server, exact):
