@@ -318,7 +318,8 @@ static inline uint16_t bf16_rne(float v) {
 
 /* float16 <-> float32 in IEEE 754, exactly as torch converts (float16 -> float32 is exact;
  * float32 -> float16 rounds to nearest even, overflowing to infinity, through the subnormals); a
- * NaN stays a NaN, its payload open (spec §6.1.1). */
+ * NaN stays a NaN (its payload open, spec §6.1.1: narrowed as F16C narrows it, so the scalar and
+ * F16C loops agree). */
 static inline float f16_to_f32(uint16_t h) {
     uint32_t sign = (uint32_t)(h & 0x8000u) << 16, e = (h >> 10) & 0x1Fu, m = h & 0x3FFu, bits;
     if (e == 0x1F)
@@ -342,8 +343,8 @@ static inline uint16_t f16_rne(float v) {
     memcpy(&x, &v, 4);
     uint16_t sign = (uint16_t)((x >> 16) & 0x8000u);
     uint32_t ax = x & 0x7FFFFFFFu;
-    if (ax > 0x7F800000u)
-        return sign | 0x7E00u; /* NaN */
+    if (ax > 0x7F800000u) /* NaN: quiet, its payload's top 10 bits kept, as F16C's vcvtps2ph (every build the same bits) */
+        return sign | 0x7E00u | (uint16_t)((ax >> 13) & 0x3FFu);
     if (ax >= 0x477FF000u)     /* 65520 and up (the halfway point past 65504): infinity */
         return sign | 0x7C00u;
     if (ax < 0x38800000u) {    /* below 2^-14: a subnormal or zero, in units of 2^-24 */

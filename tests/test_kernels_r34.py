@@ -117,6 +117,11 @@ def _unaligned(a: np.ndarray) -> np.ndarray:
     return out
 
 
+def _raw(a: np.ndarray) -> np.ndarray:
+    """An array's bits, as unsigned ints (NaNs compare)."""
+    return a.view({2: np.uint16, 4: np.uint32, 8: np.uint64}[a.itemsize]).copy()
+
+
 def _canon(a: np.ndarray, width: int, kind: str = "ieee") -> np.ndarray:
     """Bits with every NaN's payload made one (spec 6.1.1 leaves it open); else as they are."""
     u = a.view({2: np.uint16, 4: np.uint32, 8: np.uint64}[width]).copy()
@@ -167,12 +172,39 @@ def test_rebuilds_from_planes_without_avx2_give_the_same_bits(portable, n, rb, r
     for module in (_kernels, portable):
         out = np.full(n, 0x5A, dtype)
         getattr(module, name)(*args, out, bits)
-        outs.append(_canon(out, width, out_kind))
+        outs.append(_raw(out))
+    assert np.array_equal(outs[0], outs[1])  # every bit, NaNs too: the builds narrow alike
     numpy_twin = getattr(kernels, f"_{name}_numpy")
     out = np.full(n, 0x5A, dtype)
     numpy_twin(*args[:4], np.unpackbits(mask, count=n, bitorder="little") if bits else mask, out)
-    outs.append(_canon(out, width, out_kind))
-    assert np.array_equal(outs[0], outs[1]) and np.array_equal(outs[0], outs[2])
+    assert np.array_equal(_canon(outs[0], width, out_kind), _canon(out, width, out_kind))
+
+
+def test_float16_nans_narrow_alike_in_every_build(portable):
+    """A float32 NaN narrowed to float16 keeps its payload's top bits, quieted, in the scalar loops
+    as F16C keeps them (they gave 0x7E00 for every NaN: a portable build's merged float16 NaNs then
+    differed from this one's, and from torch's, which casts with F16C where the CPU has it)."""
+    import torch
+
+    rng = np.random.default_rng(5)
+    payload = rng.integers(1, 1 << 23, 4000, dtype=np.uint32)
+    payload[:23] = np.uint32(1) << np.arange(23, dtype=np.uint32)  # each payload bit alone
+    nans = (payload | np.uint32(0x7F800000) | (rng.integers(0, 2, 4000, dtype=np.uint32) << np.uint32(31))).view(np.float32)
+    n = nans.size
+    outs = []
+    for module in (_kernels, portable):
+        merged = np.full(n, 0x5A5A, np.uint16)
+        module.merge_apply(np.zeros(n, np.uint16), 2, nans, [], 0, b"", 1.0, merged)
+        rebuilt = np.full(n, 0x5A5A, np.uint16)
+        module.tall_planes_f16(_planes_of(np.zeros(n, np.uint16), 0), 0, _planes_of(nans, 0), 0, np.ones(n, np.uint8),
+                               rebuilt)
+        outs += [merged, rebuilt]
+    assert all(np.array_equal(outs[0], o) for o in outs[1:])
+    assert ((outs[0] & 0x7E00) == 0x7E00).all()  # quiet NaNs, each keeping its sign
+    assert np.array_equal(outs[0] >> 15, nans.view(np.uint32) >> 31)
+    if torch.backends.cpu.get_cpu_capability() != "DEFAULT":  # torch casts with F16C here
+        want = (torch.zeros(n) + torch.from_numpy(nans)).to(torch.float16).view(torch.int16).numpy().view(np.uint16)
+        assert np.array_equal(outs[0], want)
 
 
 @given(_lengths, st.booleans(), _seeds)
@@ -184,11 +216,11 @@ def test_tall_f32_without_avx2_gives_the_same_bits(portable, n, bits, seed):
     for module in (_kernels, portable):
         out = np.full(n, 7.0, np.float32)
         module.tall_f32(base, merged, mask, out, bits)
-        outs.append(_canon(out, 4))
+        outs.append(_raw(out))
     m = np.unpackbits(mask, count=n, bitorder="little") if bits else mask
     with np.errstate(all="ignore"):
         want = base + m.astype(np.float32) * merged
-    assert np.array_equal(outs[0], outs[1]) and np.array_equal(outs[0], _canon(want, 4))
+    assert np.array_equal(outs[0], outs[1]) and np.array_equal(_canon(outs[0], 4), _canon(want, 4))
 
 
 _KIND_WIDTH = {0: 4, 1: 2, 2: 2, 3: 8}
@@ -218,7 +250,7 @@ def test_merge_apply_without_avx2_gives_the_same_bits(portable, n, kind, path, a
     for module in (_kernels, portable):
         out = np.full(n, 0x5A, theta.dtype)
         flags = module.merge_apply(theta, kind, d, masks, k, counts, alpha, out)
-        got.append((_canon(out, _KIND_WIDTH[kind], "bf16" if kind == 1 else "ieee"), flags))
+        got.append((_raw(out), flags))
     assert np.array_equal(got[0][0], got[1][0]) and got[0][1] == got[1][1]
     with np.errstate(all="ignore"):
         dd = d.copy()
@@ -237,7 +269,8 @@ def test_merge_apply_without_avx2_gives_the_same_bits(portable, n, kind, path, a
         want = s.astype(np.float16)
     else:
         want = s.astype(np.float64)
-    assert np.array_equal(got[0][0], _canon(want, _KIND_WIDTH[kind], "bf16" if kind == 1 else "ieee"))
+    canon = "bf16" if kind == 1 else "ieee"
+    assert np.array_equal(_canon(got[0][0], _KIND_WIDTH[kind], canon), _canon(want, _KIND_WIDTH[kind], canon))
 
 
 @given(_lengths, st.sampled_from([0, 1, 2]), st.integers(1, 4), st.booleans(), _seeds)
@@ -264,7 +297,7 @@ def test_packers_loops_without_avx2_give_the_same_bits(portable, n, kind, tasks,
         r = {}
         out = np.full(n, 7.0, np.float32)
         module.tv_sum(base, thetas, kind, out)
-        r["sum"] = _canon(out, 4)
+        r["sum"] = _raw(out)
         r["max"] = module.max_abs_diff(thetas[0], base, kind)
         for b in (-1, 0, 0x3C23, 0x7F80):
             hist = np.zeros(1 << 16, np.int64)
@@ -273,11 +306,11 @@ def test_packers_loops_without_avx2_give_the_same_bits(portable, n, kind, tasks,
         r["signs"] = module.ties_signs(b"" if no_base else base, thetas, kind, thr, n)
         m, c = np.full(n, 7.0, np.float32), np.full(n, 9, np.uint8)
         module.ties_merge(b"" if no_base else base, thetas, kind, thr, 1.0, m, c)
-        r["merge"], r["counts"] = _canon(m, 4), c
+        r["merge"], r["counts"] = _raw(m), c
         results.append(r)
     for key in results[0]:
         assert np.array_equal(results[0][key], results[1][key]), key
-    assert np.array_equal(results[0]["sum"], _canon(want_sum, 4))
+    assert np.array_equal(_canon(results[0]["sum"], 4), _canon(want_sum, 4))
     assert results[0]["max"] == (int(np.abs(tvs[0]).view(np.uint32).max()) if n else 0)
     for b in (-1, 0, 0x3C23, 0x7F80):
         hist = np.zeros(1 << 16, np.int64)
@@ -286,7 +319,7 @@ def test_packers_loops_without_avx2_give_the_same_bits(portable, n, kind, tasks,
     assert results[0]["signs"] == kernels.ties_signs_numpy(None if no_base else base, thetas, kernels.KINDS[kind], thr)
     m, c = np.empty(n, np.float32), np.empty(n, np.uint8)
     kernels.ties_merge_numpy(None if no_base else base, thetas, kernels.KINDS[kind], thr, 1.0, m, c)
-    assert np.array_equal(results[0]["merge"], _canon(m, 4)) and np.array_equal(results[0]["counts"], c)
+    assert np.array_equal(_canon(results[0]["merge"], 4), _canon(m, 4)) and np.array_equal(results[0]["counts"], c)
 
 
 @given(_lengths, st.sampled_from([1, 2, 4]), st.integers(0, 7), _seeds)
