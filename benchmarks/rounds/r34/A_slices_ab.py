@@ -30,7 +30,8 @@ def main() -> None:
                 got.setdefault((tree, order), []).append(json.loads(out.stdout.strip().splitlines()[-1]))
     for (tree, order), rs in sorted(got.items(), key=lambda kv: (kv[0][1], kv[0][0])):
         print(f"{order:5s} {tree:24s} median {st.median(r['seconds'] for r in rs):6.2f} s "
-              f"(all {', '.join('%.2f' % r['seconds'] for r in rs)}), max RSS {max(r['maxrss_mb'] for r in rs)} MB, "
+              f"(all {', '.join('%.2f' % r['seconds'] for r in rs)}), CPU median "
+              f"{st.median(r['cpu_seconds'] for r in rs):6.2f} s (all {', '.join('%.2f' % r['cpu_seconds'] for r in rs)}), max RSS {max(r['maxrss_mb'] for r in rs)} MB, "
               f"cache {rs[-1]['cache_bytes_held'] >> 20} MiB")
     print("load average after:", os.getloadavg())
 
