@@ -4,6 +4,7 @@ and no ``target_clones``) gives the same bits as this build and as the numpy fal
 hostile values (NaN, infinities, subnormals: random bits) and lengths around every vector step."""
 
 import importlib.util
+import json
 import os
 import shutil
 import subprocess
@@ -13,9 +14,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import tallpack
 from tallpack import kernels
 
 _kernels = pytest.importorskip("tallpack._kernels", reason="built without a C compiler: the numpy loops run")
@@ -184,12 +187,11 @@ def test_float16_nans_narrow_alike_in_every_build(portable):
     """A float32 NaN narrowed to float16 keeps its payload's top bits, quieted, in the scalar loops
     as F16C keeps them (they gave 0x7E00 for every NaN: a portable build's merged float16 NaNs then
     differed from this one's, and from torch's, which casts with F16C where the CPU has it)."""
-    import torch
-
     rng = np.random.default_rng(5)
     payload = rng.integers(1, 1 << 23, 4000, dtype=np.uint32)
     payload[:23] = np.uint32(1) << np.arange(23, dtype=np.uint32)  # each payload bit alone
-    nans = (payload | np.uint32(0x7F800000) | (rng.integers(0, 2, 4000, dtype=np.uint32) << np.uint32(31))).view(np.float32)
+    signs = rng.integers(0, 2, 4000, dtype=np.uint32) << np.uint32(31)
+    nans = (payload | np.uint32(0x7F800000) | signs).view(np.float32)
     n = nans.size
     outs = []
     for module in (_kernels, portable):
@@ -362,6 +364,7 @@ def test_codec_loops_without_avx2_give_the_same_bytes(portable, n, k, r, seed):
 #: planes too: ``PLANAR_MIN_ELEMENTS`` 0), its exact originals, the base's, and the merged models.
 _DIGESTS = r"""
 import hashlib, json, sys
+import torch
 import tallpack
 from tallpack import kernels, reader
 from tallpack.merging import MERGED_MODELS
@@ -370,7 +373,7 @@ def digests(path):
     out = {}
     def put(key, sd):
         for name, t in sorted(sd.items()):
-            out[f"{key}/{name}"] = hashlib.sha256(t.contiguous().view(-1).view(__import__("torch").uint8).numpy()).hexdigest()
+            out[f"{key}/{name}"] = hashlib.sha256(t.contiguous().view(-1).view(torch.uint8).numpy()).hexdigest()
     for planar in (reader.PLANAR_MIN_ELEMENTS, 0):
         was, reader.PLANAR_MIN_ELEMENTS = reader.PLANAR_MIN_ELEMENTS, planar
         try:
@@ -382,7 +385,8 @@ def digests(path):
         finally:
             reader.PLANAR_MIN_ELEMENTS = was
     with tallpack.open(path) as fam:
-        put("base", {e.name: fam.base_tensor(e.name) for e in fam.manifest.tensors if fam.base_tensor(e.name) is not None})
+        bases = {e.name: fam.base_tensor(e.name) for e in fam.manifest.tensors}
+        put("base", {k: v for k, v in bases.items() if v is not None})
         for model, needs in MERGED_MODELS.items():
             if needs == fam.manifest.merge.get("method"):
                 put(model, fam.merged(model, **({"k": 2} if model.startswith("consensus") else {})))
@@ -407,10 +411,6 @@ def test_a_process_without_the_extension_reads_the_same_bits(tmp_path):
     """Archives of each dtype, codec, merge method and tier, read here (the compiled loops) and in
     a process that turns them off (``TALLPACK_NO_KERNELS=1``, as an install without a C compiler):
     every task's tensors, through the stored planes too, exact originals, base, merged models."""
-    import torch
-
-    import tallpack
-
     paths = []
     for i, (name, cfg) in enumerate(_E2E.items()):
         cfg = dict(cfg)
@@ -434,9 +434,9 @@ def test_a_process_without_the_extension_reads_the_same_bits(tmp_path):
         env = {k: v for k, v in os.environ.items() if k != "TALLPACK_NO_KERNELS"}
         if off:
             env["TALLPACK_NO_KERNELS"] = "1"
-        got = subprocess.run([sys.executable, str(script), *paths], env=env, capture_output=True, text=True, timeout=600)
+        got = subprocess.run([sys.executable, str(script), *paths], env=env, capture_output=True, text=True,
+                             timeout=600)
         assert got.returncode == 0, got.stderr[-3000:]
-        import json
         compiled, runs[off] = json.loads(got.stdout.splitlines()[-1])
         assert compiled is not off
     for path, on, off in zip(paths, runs[False], runs[True]):
