@@ -668,10 +668,15 @@ def _after_fork_in_child() -> None:
     """A forked child (a DataLoader's fork workers) reads a remote archive its parent opened with a
     file system of its own, made when first used: an async one's (HTTP, s3, gcs) event loop is the
     parent's, which fsspec refuses in a child ("This class is not fork-safe"); and with a fresh
-    lock, as one another parent thread held at the fork stays held."""
+    lock, as one another parent thread held at the fork stays held. An older fsspec (2023.1) does not
+    drop its event loop in a child itself (its thread is the parent's, and a read waits on it for
+    ever): it is dropped here, as later fsspec does."""
     for f in list(_OPEN):
         f._lock = threading.Lock()
         f._file_system = None
+    asyn = sys.modules.get("fsspec.asyn")
+    if _OPEN and asyn is not None and hasattr(asyn, "reset_lock"):
+        asyn.reset_lock()
 
 
 if hasattr(os, "register_at_fork"):

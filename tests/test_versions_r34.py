@@ -138,3 +138,25 @@ def test_an_unsafe_pickle_is_named_in_torch_2_3_words_too(tmp_path, monkeypatch)
     monkeypatch.setattr(torch, "load", load_as_2_3)
     with pytest.raises(UnsafeCheckpointError, match=r"it pickles fractions\.Fraction, not only tensors"):
         open_source(tmp_path / "odd.pt")
+
+
+def test_a_forked_child_drops_fsspecs_event_loop_as_later_fsspec_does(monkeypatch):
+    """fsspec 2023.1 keeps its parent's event loop in a forked child, whose thread is not there: a
+    remote read in a DataLoader's fork worker waited for ever. tallpack's fork hook drops it (the
+    parent's loop and thread, and fsspec's lock) where a remote archive is open."""
+    import weakref
+
+    import fsspec.asyn
+
+    from tallpack import remote
+
+    class Opened:  # (a RemoteFile as the hook sees it: its lock and file system are replaced)
+        _lock = _file_system = None
+
+    held = Opened()
+    monkeypatch.setattr(remote, "_OPEN", weakref.WeakSet([held]))
+    monkeypatch.setattr(fsspec.asyn, "loop", ["the parent's loop"])
+    monkeypatch.setattr(fsspec.asyn, "iothread", ["the parent's thread"])
+    monkeypatch.setattr(fsspec.asyn, "_lock", fsspec.asyn._lock)
+    remote._after_fork_in_child()
+    assert fsspec.asyn.loop == [None] and fsspec.asyn.iothread == [None] and held._lock is not None
