@@ -384,6 +384,7 @@ def check_replaceable(target: str | os.PathLike) -> None:
     if stat.S_ISREG(mode):
         if _mount_point(target):
             raise _mounted(target)
+        _check_sticky(target, st)
         return
     what = ("a symbolic link" if stat.S_ISLNK(mode) else "a folder" if stat.S_ISDIR(mode)
             else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "a FIFO" if stat.S_ISFIFO(mode)
@@ -407,6 +408,34 @@ def _mount_point(path: str | os.PathLike) -> bool:
         if len(fields) > 4 and re.sub(rb"\\([0-7]{3})", lambda m: bytes([int(m[1], 8)]), fields[4]) == real:
             return True
     return False
+
+
+def _check_sticky(target: str | os.PathLike, st: os.stat_result) -> None:
+    """OutputError when ``target`` (``st``: its ``lstat``) is another user's file in a folder of
+    another user's with the sticky bit (/tmp, a shared scratch folder), where only its owner may
+    replace it: found before the work, not at the rename."""
+    uid = os.geteuid()
+    if st.st_uid == uid or _capable(3):  # CAP_FOWNER: root replaces anyone's
+        return
+    try:
+        folder = os.stat(os.path.dirname(os.path.abspath(target)))
+    except OSError:
+        return
+    if folder.st_mode & stat.S_ISVTX and folder.st_uid != uid:
+        raise OutputError(f"{shortened(target)}: is another user's file (uid {st.st_uid}) in a folder with the sticky "
+                          "bit, where only its owner may replace it: remove it as that user, or write elsewhere")
+
+
+def _capable(cap: int) -> bool:
+    """Whether this process has the capability numbered ``cap`` (Linux); elsewhere, whether it is root."""
+    try:
+        with open("/proc/self/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"CapEff:"):
+                    return bool(int(line.split()[1], 16) >> cap & 1)
+    except (OSError, ValueError, IndexError):
+        pass
+    return os.geteuid() == 0
 
 
 def _mounted(target: str | os.PathLike) -> OutputError:
@@ -795,7 +824,7 @@ class Transaction:
             raise
         for _, _, _, aside in done:
             if aside is not None:
-                aside.unlink(missing_ok=True)
+                _drop_aside(aside)
         self._close()
         self.staged = []
         self._targets = set()
@@ -999,6 +1028,16 @@ def _keep_aside(target: Path) -> Path | None:
     return aside
 
 
+def _drop_aside(aside: Path) -> None:
+    """Remove the second name :func:`_keep_aside` gave a file; one that cannot go (a sticky
+    folder, made read-only meanwhile) is named in a warning, not raised over the output's own
+    error or success."""
+    try:
+        aside.unlink(missing_ok=True)
+    except OSError as e:
+        left_behind([aside], e)
+
+
 def _put_back(ident: tuple[int, int], target: Path, existed: bool, aside: Path | None) -> None:
     """Undo one rename of a failed commit: ``target`` gets back the file it had (or none), if it
     still holds this output's file (device and inode ``ident``)."""
@@ -1007,8 +1046,8 @@ def _put_back(ident: tuple[int, int], target: Path, existed: bool, aside: Path |
     except OSError:
         return
     if (now.st_dev, now.st_ino) != ident:
-        if aside is not None:
-            aside.unlink(missing_ok=True)  # the earlier file is still in place
+        if aside is not None:  # the earlier file is still in place
+            _drop_aside(aside)
         return
     try:
         if aside is not None:

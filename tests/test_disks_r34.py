@@ -29,7 +29,7 @@ def _unprivileged() -> list[str]:
         return []
     if shutil.which("setpriv") is None:
         pytest.skip("running as root without setpriv: permissions are not enforced")
-    return ["setpriv", "--bounding-set=-dac_override,-dac_read_search,-fowner"]
+    return ["setpriv", "--bounding-set=-dac_override,-dac_read_search,-fowner"]  # (fowner: sticky folders)
 
 
 def _tallpack(*args: object, env: dict[str, str] | None = None, timeout: float = 120,
@@ -316,6 +316,29 @@ def test_force_over_a_read_only_file_replaces_it_and_keeps_it_read_only(archive,
     assert _mode(out / "model.safetensors") == 0o444
     assert sorted(p.name for p in out.iterdir()) == ["model.safetensors"]
 
+
+def test_force_over_another_users_file_in_a_sticky_folder_is_refused_before_the_work(archive, tmp_path):
+    """In a folder with the sticky bit (/tmp, a shared scratch folder) only a file's owner may
+    replace it. ``unpack --force`` over another user's model there wrote the whole output, failed
+    at the rename, then failed again removing the second name it had given the old file to put it
+    back (a link, the other user's file too, so not removable there): the error named that hidden
+    ``.partial``, and the ``.partial`` stayed. It is now refused before the work, in one line, and nothing is left."""
+    if os.geteuid() != 0:
+        pytest.skip("a file of another user needs root")
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    os.chmod(shared, 0o1777)
+    os.chown(shared, 65534, 65534)
+    theirs = shared / "model.safetensors"
+    theirs.write_bytes(b"their model")
+    os.chmod(theirs, 0o666)
+    os.chown(theirs, 65534, 65534)
+    r = _tallpack("unpack", archive, "--task", "a", "-o", shared, "--force", prefix=_unprivileged())
+    assert r.returncode == 1
+    assert r.stderr.count("\n") == 1, r.stderr  # one line, no progress: refused before the work
+    assert "model.safetensors: " in r.stderr and "sticky" in r.stderr and ".partial" not in r.stderr, r.stderr
+    assert sorted(p.name for p in shared.iterdir()) == ["model.safetensors"]
+    assert theirs.read_bytes() == b"their model"
 
 def test_force_over_a_file_mounted_in_its_place_is_refused_before_the_work(archive, tmp_path):
     """A model file bound into a container (``docker run -v /host/model.safetensors:/out/...``)
