@@ -274,8 +274,10 @@ class SafetensorsSource(Source):
                 f = self._open(path)
                 used = self._keep_metadata(path, f.metadata() or {}, used)
                 at = _data_offsets(path, self._files[path])
-                # the file's own order (what load_file returns), where safetensors can tell it
-                for name in f.offset_keys() if hasattr(f, "offset_keys") else f.keys():
+                # the file's own order (what load_file returns; an older safetensors, 0.4, lists names sorted)
+                order = (f.offset_keys() if hasattr(f, "offset_keys")
+                         else sorted(f.keys(), key=lambda n: at.get(n, (0, 0))[0]))
+                for name in order:
                     sl = f.get_slice(name)
                     st = sl.get_dtype()
                     if st not in _ST_DTYPES:

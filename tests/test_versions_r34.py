@@ -6,6 +6,7 @@ safetensors 0.4.0, click 8.1.0, ... on Python 3.10)."""
 from __future__ import annotations
 
 import ast
+import json
 import re
 from pathlib import Path
 
@@ -163,3 +164,36 @@ def test_a_forked_child_drops_fsspecs_event_loop_as_later_fsspec_does(monkeypatc
     monkeypatch.setattr(fsspec.asyn, "_lock", fsspec.asyn._lock)
     remote._after_fork_in_child()
     assert fsspec.asyn.loop == [None] and fsspec.asyn.iothread == [None] and held._lock is not None
+
+
+def test_a_safetensors_files_order_is_its_own_where_safetensors_lists_names_sorted(tmp_path, monkeypatch):
+    """safetensors 0.4 has no ``offset_keys`` and lists a file's names sorted: the task's order is
+    then the file's data offsets' (what ``load_file`` gives, and the exact tier writes back)."""
+    from safetensors.torch import save_file
+
+    from tallpack.sources import SafetensorsSource
+
+    class Sorted:  # (safetensors 0.4's reader: keys() sorted, no offset_keys)
+        def __init__(self, f):
+            self._f = f
+
+        def keys(self):
+            return sorted(self._f.keys())
+
+        def __getattr__(self, name):
+            if name == "offset_keys":
+                raise AttributeError(name)
+            return getattr(self._f, name)
+
+    real = SafetensorsSource._open
+    monkeypatch.setattr(SafetensorsSource, "_open", lambda self, path: Sorted(real(self, path)))
+    sd = {"a.weight": torch.zeros(4), "z.ids": torch.ones(2, dtype=torch.int64), "m.scale": torch.ones(3)}
+    save_file(sd, tmp_path / "m.safetensors")  # (its bytes: the widest dtype first, z.ids)
+    raw = (tmp_path / "m.safetensors").read_bytes()
+    header = json.loads(raw[8 : 8 + int.from_bytes(raw[:8], "little")])
+    want = sorted(sd, key=lambda k: header[k]["data_offsets"][0])
+    src = SafetensorsSource("m", [tmp_path / "m.safetensors"])
+    try:
+        assert list(src.keys()) == want != sorted(want)
+    finally:
+        src.close()
