@@ -85,7 +85,7 @@ TEST_NEEDS = [
     ("pytest-xdist", (3, 1), "`pytest -n 0` beside addopts' --dist loadfile (README): 3.0 stops with "
                              "'MISSING test execution (tx) nodes'"),
     ("moto", (5, 0, 13), "ThreadedMotoServer.get_host_and_port (tests/test_remote.py and others)"),
-    ("hypothesis", (6, 85), "st.characters(categories=...) (tests/test_sources_safety.py; 6.84 has whitelist_categories)"),
+    ("hypothesis", (6, 85), "st.characters(categories=...) (tests/test_sources_safety.py)"),
     ("import-linter", (2, 6), "the acyclic_siblings contract of [tool.importlinter] (tests/test_layers.py)"),
     ("diffusers", (0, 33), "from_pretrained of a sharded model folder without accelerate (0.32 fails in "
                            "model_loading_utils: TypeError ... not NoneType; tests/test_components.py)"),
