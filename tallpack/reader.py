@@ -36,7 +36,7 @@ from .encodings import Encoding, TaskTensor, TensorEntry, Use, encoding_for, ite
 from .encodings.base import split_parts
 from .encodings.derived import DERIVED_MERGED, DerivedMerged, rebuild_in_runs, rows_of
 from .encodings.derived_merged import rebuild_merged, task_in_runs, task_rows
-from .encodings.exact import DERIVED_ENCODINGS, TALL_ENCODINGS, in_runs, original_rows, rebuild_exact
+from .encodings.exact import DERIVED_ENCODINGS, TALL_ENCODINGS, _reference_refs, in_runs, original_rows, rebuild_exact
 from .errors import (ArchiveClosedError, ArchiveNotFoundError, ExactTierMissingError, FormatError, IntegrityError,
                      InvalidArgumentError, OutOfMemoryError, RemoteError, TallpackError, TaskNotFoundError,
                      TensorNotFoundError, UnsupportedVersionError, memory_detail, memory_named, out_of_memory, quoted)
@@ -560,6 +560,8 @@ class Archive:
             else:
                 planar = bits = ()
         if rows is None and prefetch:
+            if self._merged_kept(entry, device):  # derived for an earlier task: only this task's residual
+                refs = _needs(entry, tt, encoding, merged_kept=True)
             self._c.prefetch(self._uncached(refs, device), where)  # remote: one coalesced fetch
 
         # some of a group's members (get_tensor of one, format 1.12): the task's mask of the whole
@@ -642,6 +644,12 @@ class Archive:
         for k, ref, where, slot in d.bits:
             arrays[k] = self._read_bits(ref, where, slot)
         return self._rebuilt(task, d.plan.where, d.plan, arrays)
+
+    def _merged_kept(self, entry: TensorEntry, device: torch.device | str | None) -> bool:
+        """Whether the cache holds ``entry``'s derived merged vector (``_derived_merged``): a read of
+        it then fetches no other task's residual."""
+        dev = None if device is None or torch.device(device).type == "cpu" else str(torch.device(device))
+        return ("derived-merged", entry.name, "merged", dev) in self._cache
 
     def _uncached(self, refs: list[ArrayRef], device: torch.device | str | None) -> list[ArrayRef]:
         """For a remote source's prefetch: ``refs`` less the arrays the cache holds decoded (a
@@ -960,7 +968,7 @@ class Archive:
                 entry, tt = self._entry(task, name)
                 job = (name, None)
             enc = encoding_for(tt.encoding)
-            needs.append((job, _needs(entry, tt, enc) if enc else []))
+            needs.append((job, _needs(entry, tt, enc, exact, self._merged_kept(entry, device)) if enc else []))
         pool = self._workers()
         got: dict[str, torch.Tensor] = {}
 
@@ -1450,12 +1458,19 @@ def _cache_key(ref: ArrayRef, dev: torch.device | None) -> tuple:
     return (ref.chunks[0].offset, ref.dtype, ref.shape, None if dev is None or dev.type == "cpu" else str(dev))
 
 
-def _needs(entry: TensorEntry, tt: TaskTensor, encoding: type[Encoding]) -> list[ArrayRef]:
-    """The arrays rebuilding one task's tensor reads (a derived merged vector: every task's)."""
+def _needs(entry: TensorEntry, tt: TaskTensor, encoding: type[Encoding], exact: bool = False,
+           merged_kept: bool = False) -> list[ArrayRef]:
+    """The arrays rebuilding one task's tensor reads (a derived merged vector: every task's, unless
+    the cache holds it, ``merged_kept``); with ``exact``, its original's: the residual and its
+    reference's arrays (never the other tasks')."""
+    if exact and tt.encoding in TALL_ENCODINGS and "exact" in tt.extras:
+        refs = [tt.extras["exact"].residual, *_reference_refs(entry, tt)]
+        return [r for r in refs if isinstance(r, ArrayRef)]
     out: list[ArrayRef] = []
     for ref, _ in encoding.inputs(entry, tt).values():
         if isinstance(ref, DerivedMerged):
-            out += [v.extras["exact"].residual for v in entry.tasks.values()]
+            if not merged_kept:
+                out += [v.extras["exact"].residual for v in entry.tasks.values()]
         else:
             out.append(ref)
     return out

@@ -76,7 +76,6 @@ def test_a_lossy_read_of_an_exact_archive_fetches_each_chunk_once(http_server, e
         assert _twice(http_server.log) == 0
 
 
-@pytest.mark.xfail(strict=True, reason="the fix is reader.py's (_whole's needs of an exact read), left to the lead")
 def test_an_exact_state_dict_fetches_the_base_and_its_residuals_only(http_server, exact):
     # state_dict(exact=True) prefetched what the lossy read needs: every task's residual (a
     # derived merged vector's), which an exact read never reads (a 31 MB bf16 archive: 31.4 MB
@@ -91,8 +90,6 @@ def test_an_exact_state_dict_fetches_the_base_and_its_residuals_only(http_server
         assert _twice(http_server.log) == 0
 
 
-@pytest.mark.xfail(strict=True, reason="the fix is reader.py's (_needs while the derived merged vector is kept), "
-                   "left to the lead")
 def test_a_second_lossy_task_of_an_exact_archive_fetches_its_residuals_only(http_server, exact, monkeypatch):
     # the merged vector derived for the first task is in the cache, yet each later task prefetched
     # every task's residual again to derive it (a 31 MB bf16 archive: 16.4 MB fetched for the
