@@ -1336,7 +1336,9 @@ def _read_index(index: Path) -> dict[str, str]:
     try:
         doc = json.loads(index.read_text())
         weight_map = doc["weight_map"]
-    except (OSError, ValueError, KeyError, TypeError) as e:
+    except OSError as e:  # (unreadable: "Permission denied", as any other input file's error says)
+        raise CheckpointError(f"{index}: {e.strerror or quoted(e)}") from None
+    except (ValueError, KeyError, TypeError) as e:
         raise CheckpointError(f"{index}: not a readable shard index ({type(e).__name__}: {quoted(e)})") from None
     if not isinstance(weight_map, dict):
         raise CheckpointError(f"{index}: not a valid shard index (weight_map is a "

@@ -5,6 +5,7 @@ Real files and processes; tests that need root (to own files as another user) sk
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import shutil
 import stat
@@ -364,3 +365,23 @@ def test_force_over_a_file_mounted_in_its_place_is_refused_before_the_work(archi
         assert sorted(p.name for p in out.iterdir()) == ["model.safetensors"]
     finally:
         subprocess.run(["umount", str(out / "model.safetensors")], check=False)
+
+
+def test_an_unreadable_shard_index_says_permission_denied(tmp_path):
+    """A shard index the user may not read says so in one line, as any other unreadable input
+    does (it said "not a readable shard index (PermissionError: [Errno 13] ...)")."""
+    prefix = _unprivileged()
+    for name in ("base", "ft"):
+        folder = tmp_path / name
+        folder.mkdir()
+        save_file({"w": torch.ones(64) if name == "base" else torch.full((64,), 2.0)},
+                  folder / "model-00001-of-00001.safetensors")
+        (folder / "model.safetensors.index.json").write_text(
+            json.dumps({"metadata": {}, "weight_map": {"w": "model-00001-of-00001.safetensors"}}))
+    (tmp_path / "ft" / "model.safetensors.index.json").chmod(0)
+    r = _tallpack("pack", "--base", tmp_path / "base", "-o", tmp_path / "o.tallpack", tmp_path / "ft",
+                  prefix=prefix)
+    assert r.returncode != 0
+    last = r.stderr.strip().splitlines()[-1]
+    assert "model.safetensors.index.json: Permission denied" in last and "Errno" not in last, r.stderr
+    assert not (tmp_path / "o.tallpack").exists()
