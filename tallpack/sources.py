@@ -274,9 +274,10 @@ class SafetensorsSource(Source):
                 f = self._open(path)
                 used = self._keep_metadata(path, f.metadata() or {}, used)
                 at = _data_offsets(path, self._files[path])
-                # the file's own order (what load_file returns; an older safetensors, 0.4, lists names sorted)
-                order = (f.offset_keys() if hasattr(f, "offset_keys")
-                         else sorted(f.keys(), key=lambda n: at.get(n, (0, 0))[0]))
+                # the file's own order (its data offsets', as load_file gives it; safetensors 0.4 lists
+                # names sorted), empty tensors at one offset by name: offset_keys() gives those in hash
+                # order, which differs from one open to the next (and the archive's bytes with it)
+                order = sorted(f.keys(), key=lambda n: (*at.get(n, (0, 0)), n))
                 for name in order:
                     sl = f.get_slice(name)
                     st = sl.get_dtype()
