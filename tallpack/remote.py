@@ -579,6 +579,8 @@ class RemoteFile:
             for o, n in sorted(todo):
                 while spans[j][1] < o + n:
                     j += 1
+                if (o, n) in self._cache or (o, n) in self._kept:  # another thread's prefetch got it meanwhile
+                    continue  # (kept twice, it was counted twice: _kept_bytes past KEEP_READ with nothing kept)
                 start = spans[j][0]
                 self._cache[(o, n)] = blocks[j][o - start : o - start + n]
                 self._cached += n
