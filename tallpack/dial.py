@@ -71,7 +71,7 @@ from .arrays import ArrayRef
 from .codecs import Chain
 from .container import ALIGNMENT, FOOTER, HEADER
 from . import kernels
-from .dtypes import dtype_name, narrow, tensor_to_bytes, torch_dtype
+from .dtypes import cat, dtype_name, narrow, tensor_to_bytes, torch_dtype
 from .encodings import Item, TaskTensor, TensorEntry, WriteContext, iter_arrays, settled
 from .elements import numel
 from .encodings.base import EXTRA_ARRAYS
@@ -1483,8 +1483,8 @@ class Dial:
         opts = [Option(None, 0, err0, plain=plain0, bit_exact=exact0, overflow=over0)]
         lossy = bool(n) and err0 > 0
         # the exact tier's sample, and the reference of the dial's exact candidate
-        x_sample = torch.cat(xs) if xs else torch.empty(0, dtype=dt)
-        refs: dict[str, torch.Tensor | None] = {"tall": torch.cat(plains) if plains else x_sample,
+        x_sample = cat(xs) if xs else torch.empty(0, dtype=dt)
+        refs: dict[str, torch.Tensor | None] = {"tall": cat(plains) if plains else x_sample,
                                                 "base": narrow(tp.widened(slice(0, sample)), dt), "zero": None}
         if nan_plain:
             del refs["tall"]

@@ -26,11 +26,43 @@ _OPTIONAL = ("float8_e4m3fn", "float8_e5m2", "uint16", "uint32", "uint64")
 assert set(_NAMED + _OPTIONAL) <= set(ELEMENTS)
 
 
+#: The unsigned element types torch has only since 2.3, and the signed ones of their width that hold
+#: their bits in an archive's own arrays (exact residuals, sparse correction indices) on an older torch.
+_STAND_INS = {"uint16": "int16", "uint32": "int32", "uint64": "int64"}
+
+
 @functools.cache
 def _tables() -> tuple[dict[str, torch.dtype], dict[torch.dtype, str]]:
     """spec name -> torch dtype, and back; built on first use, so importing this module does not import torch."""
     dtypes = {name: getattr(torch, name) for name in (*_NAMED, *_OPTIONAL) if hasattr(torch, name)}
     return dtypes, {v: k for k, v in dtypes.items()}
+
+
+def array_dtype(name: str) -> torch.dtype:
+    """The torch dtype that holds the elements of an archive's own array of spec dtype ``name``:
+    ``torch_dtype(name)``, or on a torch before 2.3 (no uint16/32/64) the signed dtype of the same
+    width, whose bits are the same (:func:`as_numpy` gives them back as the unsigned type).
+
+    >>> array_dtype("uint32")  # torch 2.1 or 2.2
+    torch.int32
+    """
+    got = _tables()[0].get(name)
+    if got is None and name in _STAND_INS:
+        return _tables()[0][_STAND_INS[name]]
+    return torch_dtype(name)
+
+
+def as_numpy(t: torch.Tensor, name: str) -> np.ndarray:
+    """A CPU tensor read as an array of spec dtype ``name`` (:func:`array_dtype`), as numpy's
+    ``name``: an unsigned array torch holds as a signed one is viewed back, its bits unchanged.
+
+    >>> as_numpy(torch.tensor([-1], dtype=torch.int32), "uint32")
+    array([4294967295], dtype=uint32)
+    """
+    a = t.numpy()
+    if name in _STAND_INS and a.dtype != np.dtype(name):
+        return a.view(np.dtype(name))
+    return a
 
 
 #: safetensors' dtype codes -> spec names.
@@ -60,6 +92,18 @@ def narrow(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return x.to(dtype)
 
 
+def cat(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """``torch.cat`` of tensors of one dtype, float8 ones too (by their bytes: torch 2.1 and 2.2
+    cannot concatenate float8 tensors).
+
+    >>> cat([torch.zeros(2, dtype=torch.float8_e4m3fn), torch.ones(1, dtype=torch.float8_e4m3fn)]).float()
+    tensor([0., 0., 1.])
+    """
+    if tensors[0].is_floating_point() and tensors[0].element_size() == 1:
+        return torch.cat([t.view(torch.uint8) for t in tensors]).view(tensors[0].dtype)
+    return torch.cat(tensors)
+
+
 def dtype_name(dtype: torch.dtype) -> str:
     """The spec name of a torch dtype, e.g. ``torch.bfloat16 -> "bfloat16"``."""
     try:
@@ -75,6 +119,9 @@ def torch_dtype(name: str) -> torch.dtype:
     try:
         return _tables()[0][name]
     except KeyError:
+        if name in _STAND_INS:  # torch 2.1 or 2.2
+            raise UnsupportedVersionError(
+                f"dtype {name!r} needs torch>=2.3 (this is torch {torch.__version__})") from None
         raise UnsupportedVersionError(
             f"unknown dtype {name!r} in manifest; a newer tallpack (or torch) may read it") from None
 
@@ -109,8 +156,9 @@ def all_equal(tensors: list[torch.Tensor]) -> bool:
 
 def view_tensor(buf: bytes | bytearray | memoryview | np.ndarray, dtype: str, shape) -> torch.Tensor:
     """A tensor of ``dtype``/``shape`` over ``buf`` without copying, also when ``buf`` is read-only
-    (a view into the mapped file): for inputs that are only read, never handed to a caller."""
-    dt = torch_dtype(dtype)
+    (a view into the mapped file): for inputs that are only read, never handed to a caller (an
+    unsigned array may come as its signed stand-in: :func:`array_dtype`)."""
+    dt = array_dtype(dtype)
     if type(shape) is not tuple or not all(type(d) is int for d in shape):
         shape = tuple(int(d) for d in shape)
     n = numel(shape)

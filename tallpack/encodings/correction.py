@@ -33,7 +33,7 @@ import numpy as np
 
 from .._torch import torch
 from ..arrays import ArrayRef
-from ..dtypes import narrow, torch_dtype
+from ..dtypes import as_numpy, narrow, torch_dtype
 from ..errors import FormatError
 from ..tall import Planar, reconstruct_planar
 from .base import ReadArray, TaskTensor, TensorEntry, Use, register_field
@@ -299,7 +299,7 @@ class Correction:
             by_ref = {id(ref): arrays[k] for k, (ref, _) in self.inputs(entry, tt).items()}
             read: ReadArray = lambda ref, where, use=Use.OUTPUT: by_ref[id(ref)]  # noqa: E731
             return rebuild_exact(read, entry, tt, "exact correction")
-        a = {k.split("/", 1)[1]: v.reshape(-1).cpu().numpy() for k, v in arrays.items() if k.startswith("correction/")}
+        a = {k: as_numpy(arrays[f"correction/{k}"].reshape(-1).cpu(), r.dtype) for k, r in self.refs.items()}
         if self.kind == "sparse":
             c = sparse_decode(a["indices"], a["values"], n)
         else:

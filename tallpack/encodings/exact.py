@@ -38,7 +38,7 @@ from ..arrays import ArrayRef
 from ..container import PREFETCH_BYTES, ArrayBuilder
 from ..container import _reading as fetching  # a failed remote fetch names what it was for
 from ..codecs import BitSplit, Chain
-from ..dtypes import dtype_name, narrow, tensor_to_bytes, torch_dtype
+from ..dtypes import cat, dtype_name, narrow, tensor_to_bytes, torch_dtype
 from ..elements import numel
 from ..errors import FormatError, IntegrityError, OutputError
 from ..merging import derive_merged
@@ -484,7 +484,7 @@ def _tall_references(ctx: WriteContext, item: Item, check: bool) -> tuple[list[t
             lam, x = ctx.lambdas[item.tasks[i]], item.thetas[i]
             parts[i].append(reconstruct(b, _mask(taus[i], merged, lam), merged, x.dtype))
         _each(ctx, len(item.tasks), one)
-    return [(p[0] if len(p) == 1 else torch.cat(p)).reshape(x.shape) if p else torch.empty(x.shape, dtype=x.dtype)
+    return [(p[0] if len(p) == 1 else cat(p)).reshape(x.shape) if p else torch.empty(x.shape, dtype=x.dtype)
             for p, x in zip(parts, item.thetas)], same  # one chunk (most tensors): no copy
 
 
@@ -530,9 +530,9 @@ def _scan(ctx: WriteContext, item: Item, todo: list[int], check: bool,
     bases: dict[torch.dtype, list[torch.Tensor]] = {}
 
     def decide() -> None:
-        spill.want(sampled(_Sample({i: torch.cat(p) for i, p in xs_kept.items()},
-                                   {i: torch.cat(p) for i, p in talls.items()},
-                                   {dt: torch.cat(p) for dt, p in bases.items()}), check and derived == count))
+        spill.want(sampled(_Sample({i: cat(p) for i, p in xs_kept.items()},
+                                   {i: cat(p) for i, p in talls.items()},
+                                   {dt: cat(p) for dt, p in bases.items()}), check and derived == count))
         for kept in (xs_kept, talls, bases):  # (the sample, let go)
             kept.clear()
     count = derived = 0
