@@ -67,7 +67,8 @@ from .dtypes import SAFETENSORS_DTYPES as _ST_DTYPES
 from .dtypes import dtype_name, no_user_warnings, torch_dtype
 from .elements import itemsize, numel
 from .errors import (CheckpointError, CheckpointNotFoundError, FormatError, IncompatibleCheckpointsError,
-                     OutOfMemoryError, TallpackError, UnsafeCheckpointError, memory_detail, out_of_memory, quoted)
+                     OutOfMemoryError, TallpackError, UnsafeCheckpointError, UnsupportedVersionError, memory_detail,
+                     out_of_memory, quoted)
 from .folders import (DIFFUSERS, MODULES, VARIANT_SETS, check_file_name, component_of, listed_components, listed_modules,
                       plain_name, weight_variant)
 from .storage import is_url
@@ -283,6 +284,10 @@ class SafetensorsSource(Source):
                     st = sl.get_dtype()
                     if st not in _ST_DTYPES:
                         raise CheckpointError(f"{path}: tensor {name!r} has unsupported dtype {st}")
+                    try:  # before any work: a uint32 tensor on torch 2.1 (no such torch dtype there)
+                        torch_dtype(_ST_DTYPES[st])
+                    except UnsupportedVersionError as e:
+                        raise CheckpointError(f"{path}: tensor {name!r}: {e}") from None
                     self._held(name, path)
                     self._infos[name] = TensorInfo(tuple(sl.get_shape()), _ST_DTYPES[st])
                     begin, end = at.get(name, (0, -1))
