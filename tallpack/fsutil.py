@@ -555,10 +555,10 @@ def _keep_permissions(tmp: Path, target: Path) -> None:
         if (old.st_uid, old.st_gid) != (new.st_uid, new.st_gid):
             try:
                 os.chown(tmp, old.st_uid, old.st_gid, follow_symlinks=False)  # root: the user's file stays theirs
-            except PermissionError:
+            except OSError:  # EPERM; EINVAL: an owner this user namespace does not map (shown as 65534)
                 try:
                     os.chown(tmp, -1, old.st_gid, follow_symlinks=False)  # a group the writer is in
-                except PermissionError:
+                except OSError:
                     mode &= stat.S_IMODE(new.st_mode)
         os.chmod(tmp, mode)
     except OSError as e:  # a file system without owners or modes (FAT, some network shares)

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import shutil
+import stat
+import subprocess
+import sys
 
+import pytest
 import torch
 from safetensors.torch import save_file
 
@@ -86,3 +92,36 @@ def test_a_range_two_threads_prefetch_is_kept_and_counted_once(monkeypatch):
         assert f._kept_bytes == sum(map(len, f._kept.values())) == 100  # the last two
     finally:
         f.close()
+
+
+_IN_NAMESPACE = r"""
+import os, sys
+from pathlib import Path
+from tallpack.fsutil import commit, temp_beside
+target = Path(sys.argv[1])
+fd, tmp = temp_beside(target)
+os.write(fd, b"new")
+commit(tmp, target)
+os.close(fd)
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0 or shutil.which("unshare") is None,
+                    reason="needs root to give a file another owner, and unshare")
+def test_force_keeps_the_mode_where_the_kernel_refuses_an_unmapped_owner(tmp_path):
+    """--force over a file whose owner this user namespace does not map (a rootless container's
+    volume: it shows as 65534): chown says EINVAL, not EPERM, and the replacement did not get the
+    old file's mode at all (0644 for a 0666 file of the writer's own group, 0644 for a 0444 one)."""
+    for mode in (0o666, 0o444):
+        target = tmp_path / f"m{mode:o}.bin"
+        target.write_bytes(b"old")
+        os.chown(target, 1234, 0)  # an owner the namespace below does not map; group root, which it does
+        os.chmod(target, mode)
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+        done = subprocess.run(["unshare", "-r", sys.executable, "-c", _IN_NAMESPACE, str(target)], env=env,
+                              capture_output=True, text=True)
+        if done.returncode and "unshare" in done.stderr and "Operation not permitted" in done.stderr:
+            pytest.skip("no user namespaces here")
+        assert done.returncode == 0, done.stderr
+        assert target.read_bytes() == b"new"
+        assert stat.S_IMODE(target.stat().st_mode) == mode
