@@ -415,8 +415,8 @@ def _check_sticky(target: str | os.PathLike, st: os.stat_result) -> None:
     another user's with the sticky bit (/tmp, a shared scratch folder), where only its owner may
     replace it: found before the work, not at the rename."""
     uid = os.geteuid()
-    if st.st_uid == uid or _capable(3):  # CAP_FOWNER: root replaces anyone's
-        return
+    if st.st_uid == uid or _capable(3) and _mapped(st.st_uid, "uid") and _mapped(st.st_gid, "gid"):
+        return  # CAP_FOWNER: root replaces anyone's, but for an owner its user namespace does not map
     try:
         folder = os.stat(os.path.dirname(os.path.abspath(target)))
     except OSError:
@@ -436,6 +436,18 @@ def _capable(cap: int) -> bool:
     except (OSError, ValueError, IndexError):
         pass
     return os.geteuid() == 0
+
+
+def _mapped(ident: int, kind: str) -> bool:
+    """Whether this process's user namespace maps the ``kind`` ("uid" or "gid") ``ident``: the
+    kernel grants a capability over a file only where it maps the file's owner and group (one it
+    does not shows as 65534). Where /proc does not say (not Linux), True."""
+    try:
+        with open(f"/proc/self/{kind}_map", "rb") as f:
+            rows = [tuple(int(x) for x in line.split()) for line in f if line.strip()]
+    except (OSError, ValueError):
+        return True
+    return any(len(r) == 3 and r[0] <= ident < r[0] + r[2] for r in rows)
 
 
 def _mounted(target: str | os.PathLike) -> OutputError:

@@ -125,3 +125,43 @@ def test_force_keeps_the_mode_where_the_kernel_refuses_an_unmapped_owner(tmp_pat
         assert done.returncode == 0, done.stderr
         assert target.read_bytes() == b"new"
         assert stat.S_IMODE(target.stat().st_mode) == mode
+
+
+_CHECK = r"""
+import sys
+from pathlib import Path
+from tallpack.errors import OutputError
+from tallpack.fsutil import check_replaceable
+for name in sys.argv[1:]:
+    try:
+        check_replaceable(Path(name))
+        print("replaceable")
+    except OutputError:
+        print("refused")
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0 or shutil.which("unshare") is None,
+                    reason="needs root to give a file another owner, and unshare")
+def test_force_in_a_sticky_folder_refused_before_the_work_where_root_does_not_map_the_owner(tmp_path):
+    """67e236f refuses --force over another user's file in a sticky folder before the work, but
+    for a process with CAP_FOWNER; root of a user namespace has it only over files whose owner it
+    maps, so over another's the rename failed after the work (EPERM) as before."""
+    folder = tmp_path / "shared"
+    folder.mkdir()
+    os.chown(folder, 1234, 1234)
+    os.chmod(folder, 0o1777)
+    theirs, ours = folder / "theirs.bin", folder / "ours.bin"
+    for path, owner in ((theirs, 1235), (ours, 0)):
+        path.write_bytes(b"old")
+        os.chown(path, owner, owner)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    done = subprocess.run(["unshare", "-r", sys.executable, "-c", _CHECK, str(theirs), str(ours)], env=env,
+                          capture_output=True, text=True)
+    if done.returncode and "unshare" in done.stderr and "Operation not permitted" in done.stderr:
+        pytest.skip("no user namespaces here")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["refused", "replaceable"]
+    renamed = subprocess.run(["unshare", "-r", "mv", "-f", str(ours), str(folder / "moved.bin")],
+                             capture_output=True, text=True)
+    assert renamed.returncode == 0, renamed.stderr  # (the kernel agrees: root there may replace a mapped owner's)
