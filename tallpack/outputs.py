@@ -25,7 +25,7 @@ from ._torch import torch
 from .dtypes import torch_dtype
 from .elements import itemsize, numel
 from .encodings import Use
-from .errors import InvalidArgumentError
+from .errors import InvalidArgumentError, UnsupportedVersionError
 from .folders import MODULES, check_no_clash, component_of, write_files
 from .fsutil import atomic_write, check_inside, check_not_read, make_folder, reading, transaction
 from .manifest import task_name_problem
@@ -149,7 +149,16 @@ def _sizes(archive: "Archive", task: str) -> dict[str, int]:
 
 
 def _specs(archive: "Archive", task: str) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
-    return {k: (torch_dtype(dt), tuple(shape)) for k, (dt, shape) in _task_tensors(archive, task).items()}
+    return {k: (_dtype(archive, task, k, dt), tuple(shape)) for k, (dt, shape) in _task_tensors(archive, task).items()}
+
+
+def _dtype(archive: "Archive", task: str | None, name: str, dt: str) -> torch.dtype:
+    """The torch dtype of a tensor to be written, before any is: a uint32 one on torch 2.1 is named."""
+    try:
+        return torch_dtype(dt)
+    except UnsupportedVersionError as e:
+        raise UnsupportedVersionError(f"{archive.name}: {f'task {task!r}' if task else 'the base'}, tensor {name!r}: "
+                                      f"{e}") from None
 
 
 def _folder(archive: "Archive", state_dict: Mapping[str, torch.Tensor], out: Path, *, where: str, meta: dict[str, Any],
@@ -557,6 +566,6 @@ def write_merged(archive: "Archive", outdir: str | os.PathLike, method: str | No
                        layout=_without_count(source, len(sd)), max_shard_size=max_shard_size,
                        sizes={k: numel(shape) * itemsize(dt) for k, (dt, shape) in specs.items()},
                        progress=progress, overwrite=overwrite,
-                       specs={k: (torch_dtype(dt), tuple(shape)) for k, (dt, shape) in specs.items()})
+                       specs={k: (_dtype(archive, task, k, dt), tuple(shape)) for k, (dt, shape) in specs.items()})
         overflow = sd.warn_overflow()
         return WrittenModel(_shown(outdir, local, path), len(sd), overflow)
