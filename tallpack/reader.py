@@ -459,9 +459,10 @@ class Archive:
         """Keep run ``[a, b)`` of a ``tall-derived-merged`` tensor's tau_MTL, derived for a slice
         (``task_rows``), in the cache: the rows other tasks' slices of those rows need (each would
         derive them again from every task's rows), within the cache's budget: counted as the
-        whole vector's bytes from its first run (only the runs written have pages). Once the runs
-        cover it, it is kept as the whole vector a whole read derives (the same bits, element by
-        element)."""
+        whole vector's bytes from its first run (only the runs written have pages). Covering it
+        whole, the runs stay under their own key: a whole read derives the vector again, checking
+        every task's original against its hash (spec §6.1.9: partial reads leave that check to
+        whole reads), which no slice did."""
         n, held = entry.arrays["base"].numel, holder[0]
         whole = n * merged.element_size()
         if held is None or held.flat.dtype != merged.dtype:
@@ -469,12 +470,8 @@ class Archive:
                 return
             held = holder[0] = _MergedRows(torch.empty(n, dtype=merged.dtype))  # (this slice's next runs too)
         held.flat[a:b] = merged
-        key = ("derived-merged-rows", entry.name)
-        if held.add(a, b) < n:
-            self._keep(key, held, whole)
-            return
-        self._cache.discard(key)
-        self._keep(("derived-merged", entry.name, "merged", None), held.flat.reshape(entry.arrays["base"].shape), whole)
+        held.add(a, b)
+        self._keep(("derived-merged-rows", entry.name), held, whole)
 
     def _rebuild(self, task: str, name: str, pool: ThreadPoolExecutor | None, exact: bool = False,
                  device: torch.device | str | None = None, rows: tuple[int, int] | None = None,

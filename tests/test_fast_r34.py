@@ -196,13 +196,17 @@ def test_every_rank_of_every_task_derives_each_ranks_merged_rows_once(exact_pair
             for t in fam.tasks:
                 assert _same(fam.get_slice(t, "emb")[r0:r1], want[t][r0:r1]), (t, r0, r1)
         assert len(derivations) == 8  # before: 32 (every slice derived tau_MTL's rows from every task's)
-        # the runs cover the vector: kept whole, as a whole read keeps it, and read from there
-        kept = fam._cache.peek(("derived-merged", "emb", "merged", None))
-        assert kept is not None and ("derived-merged-rows", "emb") not in fam._cache
+        # the runs cover the vector: slices read from them; they are not taken for the whole
+        # vector, whose derivation checks every task's original against its hash (no slice did)
+        held = fam._cache.peek(("derived-merged-rows", "emb"))
+        assert held is not None and fam._cache.peek(("derived-merged", "emb", "merged", None)) is None
         for t in fam.tasks:
-            assert _same(fam.get_tensor(t, "emb"), want[t])
             assert _same(fam.get_slice(t, "emb")[17:2900], want[t][17:2900])
         assert len(derivations) == 8
+        for t in fam.tasks:
+            assert _same(fam.get_tensor(t, "emb"), want[t])
+        kept = fam._cache.peek(("derived-merged", "emb", "merged", None))
+        assert kept is not None and _same(kept.reshape(-1), held.flat)  # derived whole, the same bits
     with tallpack.open(path) as whole:
         whole.get_tensor("t1", "emb")  # derived whole
         assert _same(whole._cache.peek(("derived-merged", "emb", "merged", None)), kept)
