@@ -108,7 +108,11 @@ def _finite(t: torch.Tensor) -> bool:
     for ``float8_e4m3fn``)."""
     if t.numel() == 0:
         return True
-    lo, hi = torch.aminmax(t.float() if t.element_size() == 1 else t)  # NaN propagates; ~100x isfinite().all()
+    x = t.float() if t.element_size() == 1 else t
+    try:
+        lo, hi = torch.aminmax(x)  # NaN propagates; ~100x isfinite().all()
+    except RuntimeError:  # torch 2.1 and 2.2 have no aminmax for float16 on the CPU
+        return bool(torch.isfinite(x).all())
     return bool(torch.isfinite(lo)) and bool(torch.isfinite(hi))
 
 

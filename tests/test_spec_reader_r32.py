@@ -7,6 +7,7 @@ read to the same bits with both readers, task by task, tensor by tensor.
 
 from __future__ import annotations
 
+import io
 import json
 import random
 import struct
@@ -81,6 +82,15 @@ def test_goldens_found() -> None:
 
 # -------------------------------------------------------------------------------------------------
 # families packed now
+
+
+def _pickles(dtype: torch.dtype) -> bool:
+    """Whether ``torch.save`` takes tensors of ``dtype``: torch 2.1 pickles no float8 (nor do its .pt files hold any)."""
+    try:
+        torch.save(torch.zeros(1, dtype=dtype), io.BytesIO())
+    except KeyError:
+        return False
+    return True
 
 
 def _family(folder: Path, tasks: int, seed: int) -> list[str]:
@@ -189,6 +199,8 @@ VARIANTS = {
 @pytest.fixture(scope="module")
 def packed(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Each variant packed by the CLI (its click command, in this process: a pack takes milliseconds)."""
+    if not _pickles(torch.float8_e4m3fn):
+        pytest.skip("this torch pickles no float8 tensors, which the family's .pt files hold")
     folder = tmp_path_factory.mktemp("spec_family")
     family = _family(folder, 3, 0)
     many = folder / "many"
@@ -496,7 +508,8 @@ def test_lambda_is_read_as_binary64_then_rounded_to_binary32(tmp_path: Path) -> 
 # random families: dtypes mixed between base and tasks, subnormals, zeros of both signs, options
 
 
-FLOATS = [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.float8_e4m3fn, torch.float8_e5m2]
+FLOATS = [d for d in (torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.float8_e4m3fn,
+                       torch.float8_e5m2) if _pickles(d)]  # (.pt files: no float8 on torch 2.1)
 
 
 def _random_values(rng: random.Random, g: torch.Generator, shape: tuple[int, ...]) -> torch.Tensor:

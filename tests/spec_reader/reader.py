@@ -929,8 +929,8 @@ class SpecArchive:
         if dtype in ("bfloat16", "float8_e4m3fn", "float8_e5m2"):
             import torch
 
-            raw = torch.from_numpy(np.array(bits, copy=True))
-            return raw.view(torch.int16 if dtype == "bfloat16" else torch.uint8).view(getattr(torch, dtype))
+            raw = np.array(bits, copy=True).view(np.int16 if dtype == "bfloat16" else np.uint8)  # (torch 2.1: no uint16)
+            return torch.from_numpy(raw).view(getattr(torch, dtype))
         return bits
 
     def state_dict(self, task: str, *, exact: bool = False) -> dict[str, Any]:
