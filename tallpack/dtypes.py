@@ -46,9 +46,9 @@ def array_dtype(name: str) -> torch.dtype:
     >>> array_dtype("uint32")  # torch 2.1 or 2.2
     torch.int32
     """
-    got = _tables()[0].get(name)
-    if got is None and name in _STAND_INS:
-        return _tables()[0][_STAND_INS[name]]
+    dtypes = _tables()[0]
+    if name not in dtypes and name in _STAND_INS:
+        return dtypes[_STAND_INS[name]]
     return torch_dtype(name)
 
 
