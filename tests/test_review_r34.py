@@ -9,6 +9,7 @@ import shutil
 import stat
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -165,3 +166,16 @@ def test_force_in_a_sticky_folder_refused_before_the_work_where_root_does_not_ma
     renamed = subprocess.run(["unshare", "-r", "mv", "-f", str(ours), str(folder / "moved.bin")],
                              capture_output=True, text=True)
     assert renamed.returncode == 0, renamed.stderr  # (the kernel agrees: root there may replace a mapped owner's)
+
+
+@pytest.mark.parametrize("golden", ["v1_2_exact", "v1_8_derived_merged", "v1_14_aliases_exact"])
+def test_opening_an_exact_archive_imports_no_torch(golden):
+    """Opening an exact archive imports no torch, as for any other archive (an
+    exact entry's check took the residual's width from torch's dtype: seconds at a fresh start)."""
+    path = Path(__file__).parent / "golden" / f"{golden}.tallpack"
+    code = ("import sys, tallpack\n"
+            "with tallpack.open(sys.argv[1]) as fam:\n"
+            "    fam.tasks, fam.manifest.tensors\n"
+            "assert 'torch' not in sys.modules\n")
+    r = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr

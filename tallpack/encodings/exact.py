@@ -39,7 +39,7 @@ from ..container import PREFETCH_BYTES, ArrayBuilder
 from ..container import _reading as fetching  # a failed remote fetch names what it was for
 from ..codecs import BitSplit, Chain
 from ..dtypes import cat, dtype_name, narrow, tensor_to_bytes, torch_dtype
-from ..elements import numel
+from ..elements import itemsize, numel
 from ..errors import FormatError, IntegrityError, OutputError
 from ..merging import derive_merged
 from ..tall import blocks, reconstruct, tall_mask
@@ -192,7 +192,7 @@ class Exact:
             raise FormatError(f"{where}: an exact residual belongs to a tall entry of a floating dtype")
         if tt.encoding in DERIVED_ENCODINGS and ex.reference == "tall":
             raise FormatError(f"{where}: a derived mask needs a residual against the base or zero")
-        size = torch_dtype(tt.dtype).itemsize
+        size = itemsize(tt.dtype)  # (from the spec's table: opening an archive imports no torch)
         if ex.residual.dtype != _UINT[size][1] or ex.residual.shape != tt.shape:
             raise FormatError(f"{where}: residual must be {_UINT[size][1]} of the tensor's shape")
         if type(ex.xxh3) is not int or not 0 <= ex.xxh3 < 1 << 64:
