@@ -345,6 +345,7 @@ class RemoteFile:
         self._cached = 0
         self._kept: dict[tuple[int, int], bytes] = {}  # prefetched and read (KEEP_READ), least recent first
         self._kept_bytes = 0
+        self._forgot = 0  # how many times forget() ran: a prefetch begun before one keeps nothing
         self._lock = threading.Lock()
         self.closed = False
         #: a small range read at open (the footer) and its bytes, read again when a read fails:
@@ -557,6 +558,7 @@ class RemoteFile:
             self._cache.clear()
             self._kept.clear()
             self._cached = self._kept_bytes = 0
+            self._forgot += 1
 
     def read_many(self, ranges: Sequence[tuple[int, int]]) -> list[memoryview]:
         """Several ``(offset, nbytes)`` ranges, fetched together (coalesced)."""
@@ -568,6 +570,7 @@ class RemoteFile:
         with self._lock:
             todo = [(o, n) for o, n in dict.fromkeys(ranges)
                     if n > 0 and (o, n) not in self._cache and (o, n) not in self._kept]
+            forgot = self._forgot
         for o, n in todo:
             self._check(o, n)
         if not todo:
@@ -575,6 +578,8 @@ class RemoteFile:
         spans = coalesce(todo, self.gap)
         blocks = self._fetch(spans)
         with self._lock:
+            if self._forgot != forgot:  # fetched (in part) before a forget(): what verify reads must come after it
+                return
             j = 0
             for o, n in sorted(todo):
                 while spans[j][1] < o + n:

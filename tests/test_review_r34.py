@@ -179,3 +179,31 @@ def test_opening_an_exact_archive_imports_no_torch(golden):
             "assert 'torch' not in sys.modules\n")
     r = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
+
+
+def test_a_prefetch_begun_before_forget_keeps_nothing():
+    """``forget()`` (which ``verify`` calls first) drops what was fetched; a prefetch whose fetch
+    was under way then stored its ranges after it, so a later read took bytes fetched before
+    the forget instead of the server's (the reviewer's lead)."""
+    import fsspec
+
+    from tallpack import remote
+
+    fs = fsspec.filesystem("memory")
+    fs.pipe("/review_r34_forget.bin", bytes(64) * 64)
+    f = remote.RemoteFile("memory://review_r34_forget.bin")
+    real = f._fetch
+
+    def fetch(spans):
+        got = real(spans)  # the old bytes, fetched; meanwhile the file changes and is forgotten
+        fs.pipe("/review_r34_forget.bin", bytes([7]) * 4096)
+        f.forget()
+        return got
+    try:
+        f._fetch = fetch
+        f.prefetch([(100, 50)])
+        f._fetch = real
+        assert not f._cache and f._cached == 0
+        assert bytes(f.read(100, 50)) == bytes([7]) * 50
+    finally:
+        f.close()
