@@ -1307,8 +1307,8 @@ class _MergedRows:
     def holds(self, a: int, b: int) -> bool:
         return any(x <= a and b <= y for x, y in self.covered)
 
-    def add(self, a: int, b: int) -> int:
-        """Add ``[a, b)``; the elements now covered."""
+    def add(self, a: int, b: int) -> None:
+        """Add ``[a, b)``."""
         merged: list[tuple[int, int]] = []
         for x, y in sorted((*self.covered, (a, b))):
             if merged and x <= merged[-1][1]:
@@ -1316,7 +1316,6 @@ class _MergedRows:
             else:
                 merged.append((x, y))
         self.covered = tuple(merged)
-        return sum(y - x for x, y in merged)
 
 
 class _KeptPlanes(NamedTuple):
