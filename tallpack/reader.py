@@ -1135,37 +1135,17 @@ class Archive:
             problems.append(f"{self.name}: header says format {self.format_version[0]}.{self.format_version[1]}, "
                             f"manifest says {self.manifest.format_version[0]}.{self.manifest.format_version[1]}")
         named = self._file_names()
-        arrays = [(f"tensor {name!r} ({key})", ref) for name, key, ref in iter_arrays(self.manifest.tensors)]
-        arrays += [(named.get(d, f"file content {d[:12]}"), ref) for d, ref in self.manifest.files.items()]
-        batches = _batches([((where, ref), [ref]) for where, ref in arrays])
-        damaged = set()
-        for batch in track(batches, progress, "verifying", unit="batch"):
-            self._c.prefetch([ref for (_, ref), _ in batch if ref.stored_nbytes <= PREFETCH_BYTES],
-                             ", ".join(w for (w, _), _ in batch[:2]) + (", ..." if len(batch) > 2 else ""))
-            for (where, ref), _ in batch:
-                try:
-                    for i in range(len(ref.chunks)):
-                        self._c.read_chunk(ref, i, where, recheck=True)  # even if read before
-                except (OutOfMemoryError, RemoteError, ArchiveClosedError):  # not damage: verify cannot say, and fails
-                    raise
-                except MemoryError:
-                    raise self._out_of_memory(where, ref.nbytes) from None
-                except TallpackError as e:
-                    problems.append(str(e))
-                    damaged.add(id(ref))
-        for digest, ref in self.manifest.files.items():
-            if id(ref) in damaged:  # said above
-                continue
-            try:
-                read_blob(self._c.read_array, digest, ref, named.get(digest, f"file content {digest[:12]}"))
-            except (OutOfMemoryError, RemoteError, ArchiveClosedError):
-                raise
-            except TallpackError as e:
-                problems.append(str(e))
-        later = verify_originals(self, progress)  # the derived masks' set bits too
+        checks = _ChunkChecks(self, named)
+        for batch in track(_batches(checks.now()), progress, "verifying", unit="batch"):
+            checks.check(batch)
+        # the exact tier's arrays, an entry's just before its first rebuild (``_CheckedFirst``)
+        reading = cast("Archive", _CheckedFirst(self, checks)) if checks.later else self
+        later = verify_originals(reading, progress)  # the derived masks' set bits too
+        checks.check_rest()  # (those no rebuild read: a task that failed before them)
+        problems += [checks.found[i] for i in sorted(checks.found)] + checks.files
         # a damaged chunk is said once: the rebuilds that read it (every task's, where a merged
         # vector is derived from one task's original) fail on it again, and are not repeated
-        said = {f"tensor {name!r}" for name, _, ref in iter_arrays(self.manifest.tensors) if id(ref) in damaged}
+        said = {f"tensor {name!r}" for name, _, ref in iter_arrays(self.manifest.tensors) if id(ref) in checks.damaged}
         return problems + list(dict.fromkeys(p for p in later if not any(s in p for s in said)))
 
     def packed_bits(self, ref: ArrayRef, where: str) -> np.ndarray:
@@ -1470,6 +1450,140 @@ def _needs(entry: TensorEntry, tt: TaskTensor, encoding: type[Encoding], exact: 
         else:
             out.append(ref)
     return out
+
+
+#: The share of what a remote source keeps after reading (its ``keep_bytes``: ``tallpack.remote.KEEP_READ``)
+#: that ``verify`` checks together of the exact tier's entries, ahead of their rebuilds
+#: (``_ChunkChecks.ahead``): still kept when the rebuilds come to them, and fetched in a few round
+#: trips rather than one an entry.
+AHEAD_SHARE = 0.25
+
+
+class _ChunkChecks:
+    """``verify``'s check of every stored chunk (its checksum, and decoded) and of every kept file's
+    hash; the problems found by the manifest's order of arrays (``found``, ``files``).
+
+    From a remote source, the arrays of the entries that the exact tier's rebuilds read (a task
+    packed with it) are checked a few entries at a time just before the first rebuild that reads
+    them (``ahead``), the others first (``now``): the source then still keeps what the check
+    fetched when the rebuilds read it (``tallpack.remote.KEEP_READ``). Checked all first, a remote
+    exact archive larger than that was fetched twice. A local file's are all checked first."""
+
+    def __init__(self, archive: Archive, named: dict[str, str]):
+        self.archive = archive
+        #: (where, array, a kept file's digest or None), tensors' arrays in the manifest's order, then files'
+        self.arrays: list[tuple[str, ArrayRef, str | None]] = [
+            (f"tensor {name!r} ({key})", ref, None) for name, key, ref in iter_arrays(archive.manifest.tensors)]
+        self.arrays += [(named.get(d, f"file content {d[:12]}"), ref, d) for d, ref in archive.manifest.files.items()]
+        self.found: dict[int, str] = {}  # array's index -> its chunk's problem
+        self.files: list[str] = []  # the kept files' hashes that do not match
+        self.damaged: set[int] = set()  # id() of the arrays with a chunk that failed
+        keep = getattr(archive._c.source, "keep_bytes", None)  # a remote source (a local file's pages stay cached)
+        exact = {t for t in archive.tasks if archive.task_info(t).exact is not None} if keep else set()
+        #: entry name -> its arrays' indices, not checked yet (entries a task packed exact has)
+        self.later: dict[str, list[int]] = {}
+        self.owner: dict[int, str] = {}  # id() of an array -> the name of its entry
+        i = 0
+        for e in archive.manifest.tensors:
+            refs = e.all_arrays()
+            if exact.intersection(e.tasks):
+                self.later[e.name] = list(range(i, i + len(refs)))
+                self.owner.update((id(ref), e.name) for _, ref in refs)
+            i += len(refs)
+        self._names = list(self.later)
+        self._ahead_bytes = int(AHEAD_SHARE * (keep or 0))
+        self._at = {name: k for k, name in enumerate(self._names)}
+        self._lock = threading.Lock()
+
+    def now(self) -> list[tuple[int, list[ArrayRef]]]:
+        """The arrays checked first (as ``_batches`` items): those of no entry in ``later``."""
+        deferred = {i for indices in self.later.values() for i in indices}
+        return [(i, [a[1]]) for i, a in enumerate(self.arrays) if i not in deferred]
+
+    def check(self, batch: list[tuple[int, list[ArrayRef]]]) -> None:
+        """Check these arrays (fetched together), each chunk read anew, and each kept file's hash."""
+        c = self.archive._c
+        c.prefetch([self.arrays[i][1] for i, _ in batch if self.arrays[i][1].stored_nbytes <= PREFETCH_BYTES],
+                   ", ".join(self.arrays[i][0] for i, _ in batch[:2]) + (", ..." if len(batch) > 2 else ""))
+        for i, _ in batch:
+            where, ref, digest = self.arrays[i]
+            try:
+                for k in range(len(ref.chunks)):
+                    c.read_chunk(ref, k, where, recheck=True)  # even if read before
+            except (OutOfMemoryError, RemoteError, ArchiveClosedError):  # not damage: verify cannot say, and fails
+                raise
+            except MemoryError:
+                raise self.archive._out_of_memory(where, ref.nbytes) from None
+            except TallpackError as e:
+                self.found[i] = str(e)
+                self.damaged.add(id(ref))
+                continue
+            if digest is None:
+                continue
+            try:  # (its chunks just read: still at hand)
+                read_blob(c.read_array, digest, ref, where)
+            except (OutOfMemoryError, RemoteError, ArchiveClosedError):
+                raise
+            except TallpackError as e:
+                self.files.append(str(e))
+
+    def ahead(self, entry: str) -> None:
+        """Check ``entry``'s arrays now, unless checked already (another thread checking them: waits),
+        and with them those of the entries after it not checked yet, to ``AHEAD_SHARE`` of what the source keeps (the
+        rebuilds read the entries in their files' order, mostly the manifest's): fetched together."""
+        if entry not in self.later:
+            return
+        with self._lock:
+            if entry not in self.later:
+                return
+            names: list[str] = []
+            size = 0
+            for name in self._names[self._at[entry]:]:
+                indices = self.later.get(name)
+                if indices is None:
+                    continue
+                n = sum(self.arrays[i][1].stored_nbytes for i in indices)
+                if names and size + n > self._ahead_bytes:
+                    break
+                names.append(name)
+                size += n
+            for batch in _batches([(i, [self.arrays[i][1]]) for name in names for i in self.later[name]]):
+                self.check(batch)
+            for name in names:
+                del self.later[name]
+
+    def check_rest(self) -> None:
+        """Check the arrays no rebuild read (``ahead`` never asked for their entries)."""
+        with self._lock:
+            rest = [(i, [self.arrays[i][1]]) for indices in self.later.values() for i in indices]
+            for batch in _batches(sorted(rest, key=lambda item: item[0])):
+                self.check(batch)
+            self.later.clear()
+
+
+class _CheckedFirst:
+    """The archive as ``verify``'s rebuild of the originals (``originals.verify_originals``) reads
+    it: each entry's chunks are checked (``_ChunkChecks.ahead``) before a tensor or an array of it
+    is first read; everything else is the archive's."""
+
+    def __init__(self, archive: Archive, checks: _ChunkChecks):
+        self._archive, self._checks = archive, checks
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._archive, name)
+
+    def get_tensor(self, task: str, name: str, **kwargs: Any) -> torch.Tensor:
+        a = self._archive
+        target = a._resolve(task, name)
+        member = a._member(task, target)
+        self._checks.ahead(member[0].name if member is not None else target)
+        return a.get_tensor(task, name, **kwargs)
+
+    def read_array(self, ref: ArrayRef | DerivedMerged, where: str, *args: Any, **kwargs: Any) -> torch.Tensor:
+        entry = ref.entry.name if isinstance(ref, DerivedMerged) else self._checks.owner.get(id(ref))
+        if entry is not None:
+            self._checks.ahead(entry)
+        return self._archive.read_array(ref, where, *args, **kwargs)
 
 
 def _batches(items: list[tuple[Any, list[ArrayRef]]]) -> list[list[tuple[Any, list[ArrayRef]]]]:

@@ -551,6 +551,12 @@ class RemoteFile:
         while self._kept_bytes > KEEP_READ:
             self._kept_bytes -= len(self._kept.pop(next(iter(self._kept))))
 
+    @property
+    def keep_bytes(self) -> int:
+        """Bytes of ranges kept after they are read (``KEEP_READ``): ``verify`` reads what it
+        fetched within that much."""
+        return KEEP_READ
+
     def forget(self) -> None:
         """Drop every range fetched and not read, and every one kept after it was read: the next
         reads fetch from the server (``verify``; a failed read, whose neighbours may be as wrong)."""
