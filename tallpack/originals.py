@@ -25,14 +25,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 from ._torch import torch
+from .arrays import ArrayRef
 from .container import _strict_loads
 from .dtypes import dtype_name, tensor_to_bytes, torch_dtype
 from .elements import numel
 from .encodings.base import TensorEntry, Use
 from .encodings.derived import DERIVED_MERGED, checked_mask, rebuild_in_runs, task_mask
 from .encodings.derived_merged import checked_in_runs, merged_from
-from .encodings.exact import TALL_ENCODINGS, in_runs
+from .encodings.exact import TALL_ENCODINGS, NotInNumpy, ReadBytes, in_runs, original_bits
 from .errors import (ArchiveClosedError, CheckpointError, FormatError, IntegrityError, OutOfMemoryError, RemoteError,
                      TallpackError, memory_named)
 from .folders import check_digest, check_file_name, check_no_clash, component_of, safe_target
@@ -285,15 +288,71 @@ def _pieces(archive: "Archive", task: str, f: dict[str, Any], seen: set) -> Iter
         return
     # the next tensor is rebuilt while this one is hashed and written (numpy and zstd release the
     # GIL): at most two tensors in memory
+    read = _Bytes(archive).read
     with ThreadPoolExecutor(1, thread_name_prefix="tallpack-ahead") as ahead:
         def fetch(i: int) -> Future | None:
-            return ahead.submit(archive.get_tensor, task, spans[i][2], exact=True) if i < len(spans) else None
+            return ahead.submit(_original, archive, read, task, spans[i][2]) if i < len(spans) else None
 
         nxt = fetch(0)
         for i, (begin, end, name, dtype, shape) in enumerate(spans):
             assert nxt is not None
-            t, nxt = nxt.result(), fetch(i + 1)
-            yield _checked_bytes(t, begin, end, name, dtype, shape, where)
+            (data, got_dtype, got_shape), nxt = nxt.result(), fetch(i + 1)
+            _check_kind(got_dtype, got_shape, name, dtype, shape, where)
+            _check_size(len(data), begin, end, name, where)
+            yield data
+
+
+class _Bytes:
+    """An archive's arrays read as bytes, without torch (:data:`exact.ReadBytes`): an exact unpack
+    of safetensors files builds no tensor, and a fresh process spares torch's import (seconds).
+    ``source`` is the archive's, through which ``exact.runs`` prefetches a remote one's chunks."""
+
+    def __init__(self, archive: "Archive"):
+        self.archive = archive
+        self.source = archive.source
+
+    def read(self, ref: ArrayRef, where: str, use: Use = Use.OUTPUT, *, start: int = 0, stop: int | None = None
+             ) -> np.ndarray:
+        """Elements ``[start, stop)`` of ``ref`` as bytes (uint8; read-only where a view of the
+        file), checked as ``Archive.read_array`` checks them."""
+        archive = self.archive
+        try:
+            buf = archive._c.read_array(ref, where, start, stop)
+        except OutOfMemoryError:
+            raise
+        except MemoryError:
+            raise archive._out_of_memory(where, ref.nbytes) from None
+        data = np.frombuffer(buf, np.uint8)
+        if ref.dtype == "bool" and "bitpack" not in ref.chain.ids() and len(data) and int(data.max()) > 1:
+            raise FormatError(f"{archive.name}: {where}: a bool array holds bytes other than 0 and 1 (spec §4)")
+        return data
+
+
+def _original(archive: "Archive", read: ReadBytes, task: str, name: str) -> tuple[memoryview, str, tuple]:
+    """A task's original tensor ``name`` as its bytes, dtype and shape: from the stored bits
+    (``dense``, ``shared``) or rebuilt in numpy (``exact.original_bits``), else, where only torch
+    gives the bits (a group's member, a 16-bit base with NaNs, float8, ...), ``get_tensor(...,
+    exact=True)``'s: the same bytes either way."""
+    target = archive._resolve(task, name)
+    if archive._member(task, target) is None:
+        entry, tt = archive._entry(task, target)
+        where = f"task {task!r}, tensor {target!r}"
+        if tt.encoding in ("dense", "shared"):  # the original bits, stored (``Dense`` and ``Shared.rebuild``)
+            ref = (tt.arrays if tt.encoding == "dense" else entry.arrays)["data"]
+            return read(ref, f"{where} (data)", Use.OUTPUT).data, ref.dtype, tuple(ref.shape)
+        if tt.encoding in TALL_ENCODINGS and "exact" in tt.extras:
+            try:
+                with memory_named(f"{archive.name}: {where}"):  # its output or a run's
+                    bits = original_bits(read, entry, tt, where)
+                return bits.view(np.uint8).data, tt.dtype, tuple(tt.shape)
+            except NotInNumpy:
+                pass
+            except IntegrityError as e:  # a hash that does not match: say which archive, as get_tensor does
+                text = str(e)
+                raise IntegrityError(text if text.startswith(f"{archive.name}:") else f"{archive.name}: {text}"
+                                     ) from None
+    t = archive.get_tensor(task, name, exact=True)
+    return tensor_to_bytes(t), dtype_name(t.dtype), tuple(t.shape)
 
 
 def _checked_bytes(t, begin: int, end: int, name: str, dtype: str, shape: tuple, where: str) -> memoryview:

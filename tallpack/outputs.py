@@ -31,7 +31,7 @@ from .fsutil import atomic_write, check_inside, check_not_read, make_folder, rea
 from .manifest import task_name_problem
 from .merging import check_alpha, default_alpha, is_consensus
 from .merged import default_model
-from .originals import rebuilt_whole, write_originals
+from .originals import _Bytes, rebuilt_whole, write_originals
 from .progress import Labelled, ProgressLike
 from .sharding import (INDEX, SINGLE, plain_weights, plan_by_size_as, plan_from_layout, planned_files, previous_in,
                        previous_weights, single_file, weights_among, write_shards)
@@ -189,9 +189,9 @@ def _kept_files(archive: "Archive", files: Mapping[str, str], out: Path, skip: S
     """The kept folder files ``files`` (name -> SHA-256) of ``owner`` (``task 'cars'``) into ``out``,
     never over a weight file, the index or a name in ``skip``."""
     kept = set(_kept_names(files, skip))
+    read = _Bytes(archive).read  # bytes, not tensors: an exact unpack imports no torch
     return write_files(out, files, archive.manifest.files,
-                       lambda ref, where, start, stop: archive.read_array(ref, where, Use.INPUT, start=start,
-                                                                         stop=stop).numpy().data,
+                       lambda ref, where, start, stop: read(ref, where, Use.INPUT, start=start, stop=stop).data,
                        skip=set(files) - kept, owner=owner)
 
 

@@ -78,6 +78,11 @@ SAMPLE_ELEMENTS = 1 << 18
 #: below its leading one, zstd-coded, then its low bits verbatim; itemsizes 1, 2 and 4).
 RESIDUAL_CODECS: tuple[str, ...] = ("planes", "bitsplit")
 
+#: Reads elements ``[start, stop)`` of one array as their bytes, without torch:
+#: ``read(ref, where, use, *, start=0, stop=None) -> np.ndarray`` (uint8; read-only where it is a
+#: view of the file). Its ``__self__.source`` is the archive's, through which :func:`runs` prefetches.
+ReadBytes = Callable[..., np.ndarray]
+
 log = logging.getLogger(__name__)
 
 
@@ -281,7 +286,7 @@ RUN_ELEMENTS = 1 << 20
 _INVERSE_ELEMENTS = 1 << 18
 
 
-def _takes_ranges(read: ReadArray) -> bool:
+def _takes_ranges(read: ReadArray | ReadBytes) -> bool:
     """Whether ``read`` reads element ranges (``start``/``stop``, as ``Archive.read_array``);
     the rebuilds from arrays already read (``Encoding.rebuild``) may pass one that does not."""
     try:
@@ -298,7 +303,7 @@ def _reference_refs(entry: TensorEntry, tt: TaskTensor) -> list[Any]:
     return [entry.arrays.get("base")] if ref == "base" else []
 
 
-def in_runs(read: ReadArray, entry: TensorEntry, tts: list[TaskTensor]) -> bool:
+def in_runs(read: ReadArray | ReadBytes, entry: TensorEntry, tts: list[TaskTensor]) -> bool:
     """Whether the originals of these task entries (of one tensor, each with an ``exact`` field) are
     rebuilt in runs: more than RUNS_FROM elements, and :func:`by_ranges`."""
     residuals = [tt.extras["exact"].residual for tt in tts]
@@ -307,7 +312,7 @@ def in_runs(read: ReadArray, entry: TensorEntry, tts: list[TaskTensor]) -> bool:
     return by_ranges(read, entry, tts)
 
 
-def by_ranges(read: ReadArray, entry: TensorEntry, tts: list[TaskTensor]) -> bool:
+def by_ranges(read: ReadArray | ReadBytes, entry: TensorEntry, tts: list[TaskTensor]) -> bool:
     """Whether the originals of these task entries can be rebuilt a range of elements at a time: a
     ``read`` that takes element ranges, every array read a stored one of the tensor's elements, the
     residuals chunked alike."""
@@ -343,7 +348,7 @@ def spans(read: ReadArray, refs: list[ArrayRef], start: int, stop: int, where: s
         yield c, e, max(c, start), min(e, stop)
 
 
-def runs(read: ReadArray, refs: list[ArrayRef], where: str) -> Iterator[tuple[int, int]]:
+def runs(read: ReadArray | ReadBytes, refs: list[ArrayRef], where: str) -> Iterator[tuple[int, int]]:
     """The runs ``[a, b)`` in which arrays ``refs`` (the first a residual) are read: RUN_ELEMENTS
     rounded up to whole chunks of them all (of the residual where their chunks do not nest). From
     a remote archive, each window of runs' chunks (up to PREFETCH_BYTES) is fetched in one
@@ -461,6 +466,103 @@ def original_rows(read: ReadArray, entry: TensorEntry, tt: TaskTensor, where: st
         else:  # the first or last: its elements in the rows
             out[lo - start : hi - start] = original.run(a, b)[lo - a : hi - a]
     return original.tensor(out)
+
+
+# -- reading in numpy: an exact unpack without torch -------------------------------------------------
+
+#: The floating types whose originals :func:`original_bits` rebuilds in numpy, with their bits' type.
+NUMPY_FLOATS = {"float32": np.uint32, "bfloat16": np.uint16, "float16": np.uint16}
+
+
+class NotInNumpy(Exception):
+    """A rebuild :func:`original_bits` leaves to torch, which gives the same bits: a reference
+    holding NaNs (whose payloads torch's conversions set), a dtype other than float32, bfloat16 or
+    float16, a merged vector derived or not float32. Never seen by users: the caller takes the
+    torch path (``Archive.get_tensor(..., exact=True)``)."""
+
+
+def _widened(u: np.ndarray, dtype: str) -> np.ndarray:
+    """Bit patterns of ``dtype`` as float32 values (exact, as torch's ``.to(torch.float32)``)."""
+    if dtype == "float32":
+        return u.view(np.float32)
+    if dtype == "bfloat16":
+        return (u.astype(np.uint32) << np.uint32(16)).view(np.float32)
+    return u.view(np.float16).astype(np.float32)
+
+
+def _narrowed(v: np.ndarray, dtype: str) -> np.ndarray:
+    """float32 values without NaN as bit patterns of ``dtype``, rounded to nearest even as the
+    spec's ``cast_d`` (torch's ``Tensor.to``): overflow to infinity, subnormals kept. A NaN's
+    payload is torch's to set: :class:`NotInNumpy`."""
+    if np.isnan(v).any():
+        raise NotInNumpy("a NaN to narrow")
+    if dtype == "float32":
+        return v.view(np.uint32)
+    if dtype == "bfloat16":
+        u = v.view(np.uint32)
+        return ((u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)).astype(np.uint16)
+    with np.errstate(over="ignore"):  # (to infinity, as IEEE and torch round)
+        return v.astype(np.float16).view(np.uint16)
+
+
+def _has_nan(u: np.ndarray, dtype: str) -> bool:
+    above = _NAN_ABOVE.get(dtype)
+    if above is None:
+        return bool(np.isnan(u.view(np.float32)).any())
+    return bool(((u & np.uint16(0x7FFF)) > np.uint16(above)).any())
+
+
+def _reference_bits(read: ReadBytes, entry: TensorEntry, tt: TaskTensor, ref: str, where: str, a: int, b: int
+                    ) -> np.ndarray:
+    """Elements ``[a, b)`` of the reference R of spec §6.1.5 as bit patterns, as :func:`reference`
+    and :func:`base_reference` give them; :class:`NotInNumpy` where torch must."""
+    uint = NUMPY_FLOATS[tt.dtype]
+    if ref == "zero":
+        return np.zeros(b - a, uint)
+    if ref == "base":
+        base = entry.arrays["base"]
+        if base.dtype not in NUMPY_FLOATS:
+            raise NotInNumpy(f"a {base.dtype} base")
+        u = read(base, where + " (base)", Use.SHARED_INPUT, start=a, stop=b).view(NUMPY_FLOATS[base.dtype])
+        if base.dtype == tt.dtype and (tt.dtype == "float32" or not _has_nan(u, tt.dtype)):
+            return u  # its own reference (base_reference)
+        return _narrowed(_widened(u, base.dtype), tt.dtype)
+    inputs = Tall.plain_inputs(entry, tt)  # "tall": base + mask * merged in float32, narrowed (§6.1.1)
+    base, merged, mask = (inputs[k][0] for k in ("base", "merged", "mask"))
+    if not isinstance(merged, ArrayRef) or merged.dtype != "float32" or base.dtype not in NUMPY_FLOATS:
+        raise NotInNumpy("a merged vector not stored as float32")
+    b32 = _widened(read(base, f"{where} (base)", Use.INPUT, start=a, stop=b).view(NUMPY_FLOATS[base.dtype]), base.dtype)
+    m32 = read(merged, f"{where} (merged)", Use.INPUT, start=a, stop=b).view(np.float32)
+    m = read(mask, f"{where} (mask)", Use.INPUT, start=a, stop=b)
+    with np.errstate(invalid="ignore", over="ignore"):  # IEEE results (inf * 0: NaN, which is left to torch)
+        v = np.add(b32, m.astype(np.float32) * m32)  # the product exact: addcmul's one rounding
+    return _narrowed(v, tt.dtype)
+
+
+def original_bits(read: ReadBytes, entry: TensorEntry, tt: TaskTensor, where: str) -> np.ndarray:
+    """The original of a ``tall`` entry with an ``exact`` field as flat bit patterns (numpy
+    unsigned integers of its itemsize), checked against its hash: :func:`rebuild_exact`'s bits
+    without torch (an exact unpack in a fresh process does not import it: seconds). A tensor of
+    more than RUNS_FROM elements is rebuilt a run at a time, as :class:`Original` does.
+    :class:`NotInNumpy` where only torch's path gives the bits."""
+    if tt.dtype not in NUMPY_FLOATS:
+        raise NotInNumpy(f"a {tt.dtype} tensor")
+    ex: Exact = tt.extras["exact"]
+    n, uint = ex.residual.numel, NUMPY_FLOATS[tt.dtype]
+    out = np.empty(n, uint)
+    h = xxhash.xxh3_64()
+    refs = [ex.residual, *_reference_refs(entry, tt)]
+    for a, b in runs(read, refs, where) if in_runs(read, entry, [tt]) else [(0, n)]:
+        rb = _reference_bits(read, entry, tt, ex.reference, where, a, b)
+        stored = read(ex.residual, where + " (exact residual)", Use.INPUT, start=a, stop=b).view(uint)
+        z = unpermute(stored, rb, tt.dtype, ex.order, ex.residual.chunk_elements)
+        del stored
+        for c in range(a, b, _INVERSE_ELEMENTS):  # element by element: its temporaries a block's
+            e = min(b, c + _INVERSE_ELEMENTS)
+            out[c:e] = inverse(z[c - a : e - a], rb[c - a : e - a], ex.transform)
+        h.update(out[a:b].view(np.uint8).data)
+    _check_hash(h.intdigest(), ex, where)
+    return out
 
 
 # -- writing --------------------------------------------------------------------------------------
