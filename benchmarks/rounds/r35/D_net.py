@@ -27,7 +27,7 @@ ap.add_argument("--runs", type=int, default=3)
 ap.add_argument("--families", nargs="*", default=["bfloat16", "float32", "bfloat16-exact", "float32-exact",
                                                   "bfloat16-t12", "bfloat16-chunks4M"])
 ap.add_argument("--max", action="store_true", help="compare MAX_REQUEST values (else gap rules)")
-ap.add_argument("--ops", default="sd,one")
+ap.add_argument("--ops", default="sd,one", help="sd: state_dict(task2), one: get_tensor, verify, merged")
 args = ap.parse_args()
 
 
@@ -65,7 +65,7 @@ _coalesce = remote.coalesce
 def rule(bridge: int, share: float, max_request: int | None = None):
     """Holes up to ``bridge`` bytes are fetched when the holes of the request stay under ``share``
     of its wanted bytes (64-byte padding always)."""
-    def co(ranges, gap=remote.DEFAULT_GAP, mr=remote.MAX_REQUEST):
+    def co(ranges, gap=remote.DEFAULT_GAP, mr=remote.MAX_REQUEST, bridge_=0, share_=0):
         mr = max_request or mr
         out = []
         for off, n in sorted(r for r in ranges if r[1] > 0):
@@ -82,8 +82,16 @@ def rule(bridge: int, share: float, max_request: int | None = None):
 
 
 INF = float("inf")
+def as_now(max_request: int | None = None, bridge: int = 1 << 20):
+    """tallpack.remote's own rule (``coalesce``), holes of up to ``bridge`` bytes bridged
+    (``BRIDGE_MAX``), requests of at most ``max_request`` bytes (``MAX_REQUEST``)."""
+    def co(ranges, gap=remote.DEFAULT_GAP, mr=remote.MAX_REQUEST, bridge_=0, share=remote.BRIDGE_SHARE):
+        return _coalesce(ranges, gap, max_request or mr, bridge, share)
+    return co
+
+
 if args.max:
-    RULES = {f"max {m >> 20} MiB": rule(16 << 10, INF, m) for m in (32 << 20, 8 << 20, 4 << 20)}
+    RULES = {f"MAX_REQUEST {m >> 20} MiB": as_now(m) for m in (32 << 20, 16 << 20, 8 << 20, 4 << 20)}
 else:
     RULES = {"64 B (now)": rule(64, 0), "16 KiB": rule(16 << 10, INF), "64 KiB": rule(64 << 10, INF),
              "16 KiB, holes <= 1/4": rule(16 << 10, 0.25), "1 MiB, holes <= 1/4": rule(1 << 20, 0.25),
@@ -121,6 +129,11 @@ def op_one(fam, exact):
     fam.get_tensor("task1", "model.layers.3.mlp.up.weight", exact=exact)
 
 
+OPS = {"sd": (op_sd, "state_dict(task2)"), "one": (op_one, "get_tensor(task1, up.3)"),
+       "verify": (lambda fam, exact: (fam.verify(), None)[1], "verify()"),
+       "merged": (lambda fam, exact: (fam.merged(), None)[1], "merged()")}
+
+
 srv = RangeServer(D / "www")
 srv.RequestHandlerClass = Far
 srv.start()
@@ -137,7 +150,7 @@ try:
                         fetch_time[0] = 0.0
                         r0 = fam.source.rounds
                         t0 = time.perf_counter()
-                        first = (op_sd if op == "sd" else op_one)(fam, "exact" in name)
+                        first = OPS[op][0](fam, "exact" in name)
                         t1 = time.perf_counter()
                         rows.setdefault((name, op, label), []).append(
                             (srv.gets(), fam.source.rounds - r0, srv.served(), fetch_time[0],
@@ -151,6 +164,6 @@ print("|---|---|---|---:|---:|---:|---:|---:|---:|")
 for (name, op, label), v in rows.items():
     med = lambda i: statistics.median(x[i] for x in v)  # noqa: E731
     ff = [x[4] for x in v if x[4] is not None]
-    print(f"| {name} | {'state_dict(task2)' if op == 'sd' else 'get_tensor(task1, up.3)'} | {label} | {v[0][0]} | "
+    print(f"| {name} | {OPS[op][1]} | {label} | {v[0][0]} | "
           f"{v[0][1]} | {v[0][2]:,} | {med(3):.3f} | {statistics.median(ff) if ff else float('nan'):.3f} | "
           f"{med(5):.3f} |")
