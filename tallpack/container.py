@@ -22,9 +22,12 @@ import os
 import re
 import struct
 import sys
+import threading
+import time
 from collections import deque
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
+from concurrent.futures import wait as _wait
 from contextlib import contextmanager
 from operator import attrgetter, itemgetter
 from pathlib import Path
@@ -42,7 +45,7 @@ from .elements import itemsize, numel
 from .errors import (ArchiveClosedError, FormatError, IntegrityError, InvalidArgumentError, RemoteError, TallpackError,
                      UnsupportedVersionError)
 from .fsutil import commit, left_behind, signals_held, temp_beside
-from .memory import empty
+from .memory import empty, settle
 from .limits import (MAX_DEPTH, MAX_JSON_INT, MAX_MANIFEST_BYTES, MAX_NUMBER_CHARS, MIN_JSON_INT,
                      max_manifest_bytes)
 from .storage import ByteSource
@@ -80,7 +83,7 @@ ALIGNMENT = 64
 #: A remote array is fetched in windows of at most this many stored bytes.
 PREFETCH_BYTES = 64 << 20
 __all__ = ["ArrayRef", "Chunk", "ContainerReader", "ContainerWriter", "DEFAULT_CHUNK_ELEMENTS", "check_json",
-           "FEATURE_MINOR", "FOOTER", "HEADER", "MAJOR", "MINOR"]
+           "FEATURE_MINOR", "FOOTER", "HEADER", "MAJOR", "MINOR", "ReadingThreads", "reading_threads"]
 
 
 class ContainerWriter:
@@ -828,3 +831,220 @@ def _named(e: TallpackError, where: str | None) -> TallpackError:
     if where is None or isinstance(e, ArchiveClosedError) or "range read at" not in text:
         return e
     return type(e)(f"{text} (reading {where})")
+
+
+# -- reading threads, shared by every open archive ---------------------------------------------
+
+#: How long a shared reading thread waits for work before it ends, and the buffers it kept with it.
+IDLE_SECONDS = 10.0
+
+
+class ReadingThreads:
+    """The threads that every open archive of the process decodes on (zstd and the loops release
+    the GIL): at most ``limit`` at once, whatever the number of archives open, each started when
+    work comes and none is idle, each ending after ``IDLE_SECONDS`` without work (and with it its
+    thread-local buffers and decompression contexts). Sixteen archives open with 8 threads each
+    held 128 threads (and glibc an arena for each that allocated); now at most 8, and an idle
+    service none. An archive submits through its own ``share()``, which its close waits on."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._cv = threading.Condition(threading.Lock())
+        self._queue: deque[_Work] = deque()
+        self._threads = 0  # started and not ended
+        self._idle = 0  # waiting for work (each takes one item when woken)
+        self._stopped = False  # the interpreter is shutting down
+
+    @property
+    def threads(self) -> int:
+        """How many of the threads are alive now."""
+        return self._threads
+
+    def share(self) -> "ThreadShare":
+        """A handle for one archive: its submissions, counted for its ``shutdown``."""
+        return ThreadShare(self)
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> Future:
+        """Run ``fn(*args)`` on one of the threads; its future. A RuntimeError when no thread can
+        be started and none is alive (memory, or the process's thread limit), or at interpreter
+        shutdown (as ``ThreadPoolExecutor``'s)."""
+        f = _Work(self, fn, args)
+        with self._cv:
+            if self._stopped:
+                raise RuntimeError("cannot schedule new futures after interpreter shutdown")
+            self._queue.append(f)
+            if len(self._queue) > self._idle and self._threads < self.limit:
+                self._start()
+            self._cv.notify()
+        return f
+
+    def _claim(self, f: "_Work") -> bool:
+        """Take ``f`` out of the queue for its waiter to run, if no thread has taken it yet."""
+        with self._cv:
+            try:
+                self._queue.remove(f)
+            except ValueError:  # taken (or never queued: interpreter shutdown)
+                return False
+            return True
+
+    def _start(self) -> None:
+        """Another thread (the lock held)."""
+        t = threading.Thread(target=self._work, name=f"tallpack-read_{next(_thread_numbers)}",
+                             daemon=_DAEMONS)
+        self._threads += 1
+        try:
+            t.start()
+        except BaseException:
+            self._threads -= 1
+            if self._threads == 0:  # no one else takes it: the caller hears why
+                self._queue.pop()
+                raise
+            log.debug("a reading thread could not start; %d others take the work", self._threads)
+
+    def _work(self) -> None:
+        kernels.mark_worker()  # one tensor each: the loops run unsplit on these threads
+        while (work := self._next()) is not None:
+            work.run()
+            del work  # nothing of it kept while this thread waits (its arguments, its result)
+
+    def _next(self) -> "_Work | None":
+        """The next work; None once this thread has ended its part, after IDLE_SECONDS without
+        work (or at interpreter shutdown). The last to end lets go of what reads kept (``settle``)."""
+        with self._cv:
+            since = None
+            while not self._queue:
+                now = time.monotonic()
+                since = since or now
+                if self._stopped or now >= since + IDLE_SECONDS:
+                    self._threads -= 1  # (with the lock held: a submit meanwhile starts another)
+                    last = self._threads == 0 and not self._stopped
+                    break
+                self._idle += 1
+                try:
+                    self._cv.wait(since + IDLE_SECONDS - now)
+                finally:
+                    self._idle -= 1
+            else:
+                return self._queue.popleft()
+        if last:  # every thread idle for IDLE_SECONDS: the process has stopped reading
+            settle()
+        return None
+
+    def _stop(self) -> None:
+        """At interpreter shutdown: no more work taken; idle threads end, busy ones after what
+        is queued."""
+        with self._cv:
+            self._stopped = True
+            self._cv.notify_all()
+
+    def _after_fork_in_child(self) -> None:
+        """A forked child has none of the threads, and the lock may be held: start afresh (the
+        work queued in the parent is the parent's)."""
+        self._cv = threading.Condition(threading.Lock())
+        self._queue = deque()
+        self._threads = self._idle = 0
+
+
+class _Work(Future):
+    """Work submitted to ``ReadingThreads``: a future whose waiter runs it itself when no thread
+    has taken it yet (``result``), rather than waiting idle while the threads serve other
+    archives' reads (every open archive shares them)."""
+
+    def __init__(self, pool: ReadingThreads, fn: Callable[..., Any], args: tuple[Any, ...]) -> None:
+        super().__init__()
+        self._pool: ReadingThreads | None = pool
+        self._call: tuple[Callable[..., Any], tuple[Any, ...]] | None = (fn, args)
+
+    def run(self) -> None:
+        """Run it here (a reading thread, or its waiter), unless it was cancelled."""
+        call, self._call, self._pool = self._call, None, None
+        if call is None or not self.set_running_or_notify_cancel():
+            return
+        try:
+            result = call[0](*call[1])
+        except BaseException as e:  # noqa: BLE001 (handed to whoever waits on the future)
+            self.set_exception(e)
+        else:
+            self.set_result(result)
+
+    def result(self, timeout: float | None = None) -> Any:
+        pool = self._pool
+        if pool is not None and pool._claim(self):
+            with kernels.as_worker():  # as on the threads: beside other work, loops run unsplit
+                self.run()
+        return super().result(timeout)
+
+
+class ThreadShare(Executor):
+    """One archive's use of the shared reading threads (``ReadingThreads.share``): what it
+    submits is counted, so that ``shutdown`` (the archive's close) refuses more and waits for its
+    own work only, as its own ``ThreadPoolExecutor`` did."""
+
+    def __init__(self, pool: ReadingThreads) -> None:
+        self._pool = pool
+        self._lock = threading.Lock()
+        self._pending: set[Future] = set()
+        self._shut = False
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future:
+        """Run ``fn(*args)`` on the shared threads, for this archive; its future."""
+        if kwargs:
+            raise TypeError("ThreadShare.submit takes positional arguments only")
+        with self._lock:
+            if self._shut:
+                raise RuntimeError("cannot schedule new futures after shutdown")
+            f = self._pool.submit(fn, *args)
+            self._pending.add(f)
+        f.add_done_callback(self._done)
+        return f
+
+    def _done(self, f: Future) -> None:
+        with self._lock:
+            self._pending.discard(f)
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        with self._lock:
+            self._shut = True
+            pending = list(self._pending)
+        if cancel_futures:
+            for f in pending:
+                f.cancel()
+        if wait:
+            _wait(pending)
+
+
+_thread_numbers = itertools.count()
+_shared: ReadingThreads | None = None
+_shared_lock = threading.Lock()
+try:  # joined at interpreter shutdown before the non-daemon threads are (as concurrent.futures' are)
+    _register_atexit = threading._register_atexit  # type: ignore[attr-defined]
+    _DAEMONS = False
+except AttributeError:  # (another Python): daemon threads, left at exit
+    _DAEMONS = True
+
+
+def reading_threads(threads: int) -> ReadingThreads:
+    """The process's reading threads, their limit raised to ``threads`` if lower (at least the
+    cores, up to 8: ``kernels.default_threads``)."""
+    global _shared
+    with _shared_lock:
+        if _shared is None:
+            _shared = ReadingThreads(kernels.default_threads())
+            if not _DAEMONS:
+                try:
+                    _register_atexit(_shared._stop)
+                except RuntimeError:  # first used while the interpreter shuts down: callers work alone
+                    _shared._stopped = True
+        _shared.limit = max(_shared.limit, threads)
+        return _shared
+
+
+def _after_fork_in_child() -> None:
+    global _shared_lock
+    _shared_lock = threading.Lock()
+    if _shared is not None:
+        _shared._after_fork_in_child()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
