@@ -19,6 +19,10 @@
  *   tall_planes_f16(base, rb, merged, rm, mask, out[, bits])
  *                                        and for float16 (F16C where the CPU has it)
  *
+ *   The rebuilds write an output of STREAM_BYTES or more (the module's ``STREAM_BYTES``) with
+ *   non-temporal stores where the AVX2 loops run (stream_cut): the same bits, without reading
+ *   each output cache line in first.
+ *
  *   With ``bits`` true, a rebuild's mask is the stored bit-packed one (codec ``bitpack``: element i
  *   in bit i % 8 of byte i // 8; ceil(n / 8) bytes, padding bits not read), so no byte mask is
  *   written to memory and read back: the AVX2 loops test each lane's bit, the others get the bits
@@ -258,10 +262,12 @@ __attribute__((target("avx2"))) static inline __m256 mask8(const uint8_t *mask, 
 }
 
 /* tall_planes_loop, 32 elements at a time: the same operations (k * merged, then + base, each
- * rounded; no fused multiply-add), so the same bits. */
-__attribute__((target("avx2"))) static void tall_planes_avx2(const uint8_t *const *b, int rb, const uint8_t *const *m,
-                                                             int rm, const uint8_t *mask, int bits, float *out,
-                                                             Py_ssize_t n) {
+ * rounded; no fused multiply-add), so the same bits. With ``stream`` (a constant in each caller:
+ * out 32-byte aligned, n a multiple of 32; see stream_cut), written with non-temporal stores. */
+ALWAYS_INLINE __attribute__((target("avx2"))) void tall_planes_avx2_body(const uint8_t *const *b, int rb,
+                                                                      const uint8_t *const *m, int rm,
+                                                                      const uint8_t *mask, int bits, float *out,
+                                                                      Py_ssize_t n, int stream) {
     Py_ssize_t i = 0;
     for (; i + 32 <= n; i += 32) {
         __m256i wb[4], wm[4];
@@ -270,14 +276,61 @@ __attribute__((target("avx2"))) static void tall_planes_avx2(const uint8_t *cons
         for (int j = 0; j < 4; j++) {
             __m256 k = mask8(mask, i + 8 * j, bits);
             __m256 sum = _mm256_add_ps(_mm256_castsi256_ps(wb[j]), _mm256_mul_ps(k, _mm256_castsi256_ps(wm[j])));
-            _mm256_storeu_ps(out + i + 8 * j, sum);
+            if (stream)
+                _mm256_stream_ps(out + i + 8 * j, sum);
+            else
+                _mm256_storeu_ps(out + i + 8 * j, sum);
         }
     }
-    if (i < n) {
+    if (stream)
+        _mm_sfence();
+    else if (i < n) {
         const uint8_t *bt[4] = {b[0] + i, b[1] + i, b[2] + i, b[3] + i};
         const uint8_t *mt[4] = {m[0] + i, m[1] + i, m[2] + i, m[3] + i};
         tall_planes_loop(bt, rb, mt, rm, MASK_FROM(mask, i, bits), bits, out + i, n - i);
     }
+}
+
+__attribute__((target("avx2"))) static void tall_planes_avx2(const uint8_t *const *b, int rb, const uint8_t *const *m,
+                                                             int rm, const uint8_t *mask, int bits, float *out,
+                                                             Py_ssize_t n) {
+    tall_planes_avx2_body(b, rb, m, rm, mask, bits, out, n, 0);
+}
+
+__attribute__((target("avx2"))) static void tall_planes_avx2_stream(const uint8_t *const *b, int rb,
+                                                                    const uint8_t *const *m, int rm,
+                                                                    const uint8_t *mask, int bits, float *out,
+                                                                    Py_ssize_t n) {
+    tall_planes_avx2_body(b, rb, m, rm, mask, bits, out, n, 1);
+}
+#endif
+
+/* Outputs of at least STREAM_BYTES (one call's) are written with non-temporal stores where the
+ * AVX2 loops run: each cache line is written whole, without first being read in, and is not kept
+ * in the cache (a fresh output's lines, which nothing holds yet, cost a read each otherwise). The
+ * bits are the same either way. */
+#define STREAM_BYTES (1 << 20)
+
+#ifdef HAVE_AVX2_PLANES
+
+/* Cuts n elements of ``size`` bytes at ``out`` for a streamed write: a head up to out's first
+ * 32-byte boundary, a body of whole 32-element steps (non-temporal), the rest. 0: not streamed
+ * (too small, or, for a bit-packed mask, a head that is not whole mask bytes). */
+static int stream_cut(const void *out, int size, Py_ssize_t n, int bits, Py_ssize_t *head, Py_ssize_t *body) {
+    if (n < STREAM_BYTES / size || (uintptr_t)out % (uintptr_t)size)
+        return 0;
+    Py_ssize_t h = (Py_ssize_t)((32 - ((uintptr_t)out & 31)) & 31) / size;
+    if (bits && h % 8)
+        return 0;
+    *head = h;
+    *body = (n - h) / 32 * 32;
+    return 1;
+}
+
+/* Planes p[0..3] (NULL stays NULL) from element a on, into q. */
+static void planes_from(const uint8_t *const *p, Py_ssize_t a, const uint8_t **q) {
+    for (int j = 0; j < 4; j++)
+        q[j] = p[j] != NULL ? p[j] + a : NULL;
 }
 #endif
 
@@ -294,13 +347,37 @@ __attribute__((target("avx2"))) static void tall_f32_bits_avx2(const float *base
     for (; i < n; i++)
         out[i] = base[i] + MASK_K(mask, i, 1) * merged[i];
 }
+
+/* The same (mask bytes or bits), 32 elements at a time with non-temporal stores: out 32-byte
+ * aligned, n a multiple of 32 (stream_cut). */
+__attribute__((target("avx2"))) static void tall_f32_stream(const float *base, const float *merged,
+                                                            const uint8_t *mask, int bits, float *out, Py_ssize_t n) {
+    for (Py_ssize_t i = 0; i + 32 <= n; i += 32)
+        for (int j = 0; j < 4; j++) {
+            __m256 prod = _mm256_mul_ps(mask8(mask, i + 8 * j, bits), _mm256_loadu_ps(merged + i + 8 * j));
+            _mm256_stream_ps(out + i + 8 * j, _mm256_add_ps(_mm256_loadu_ps(base + i + 8 * j), prod));
+        }
+    _mm_sfence();
+}
 #endif
 
 static void tall_planes_any(const uint8_t *const *b, int rb, const uint8_t *const *m, int rm,
                             const uint8_t *mask, int bits, float *out, Py_ssize_t n) {
 #ifdef HAVE_AVX2_PLANES
     if (__builtin_cpu_supports("avx2")) {
-        tall_planes_avx2(b, rb, m, rm, mask, bits, out, n);
+        Py_ssize_t h, body;
+        if (stream_cut(out, 4, n, bits, &h, &body)) {
+            const uint8_t *bt[4], *mt[4];
+            tall_planes_avx2(b, rb, m, rm, mask, bits, out, h);
+            planes_from(b, h, bt);
+            planes_from(m, h, mt);
+            tall_planes_avx2_stream(bt, rb, mt, rm, MASK_FROM(mask, h, bits), bits, out + h, body);
+            planes_from(b, h + body, bt);
+            planes_from(m, h + body, mt);
+            tall_planes_avx2(bt, rb, mt, rm, MASK_FROM(mask, h + body, bits), bits, out + h + body, n - h - body);
+        } else {
+            tall_planes_avx2(b, rb, m, rm, mask, bits, out, n);
+        }
         return;
     }
 #endif
@@ -410,10 +487,11 @@ __attribute__((target("avx2"))) static inline __m256i bf16_rne8(__m256 v) {
  * rounds, then to the 16-bit type, rounding to nearest even (F16C for float16, bf16_rne8 for
  * bfloat16): the same bits as the scalar loops, NaN payloads aside. ``f16`` is a constant in each
  * caller below. */
-__attribute__((target("avx2,f16c"))) static inline void tall_planes_16_avx2(const uint8_t *bs, const uint8_t *bt,
+ALWAYS_INLINE __attribute__((target("avx2,f16c"))) void tall_planes_16_avx2(const uint8_t *bs, const uint8_t *bt,
                                                                           int rb, const uint8_t *const *m, int rm,
                                                                           const uint8_t *mask, int bits,
-                                                                          uint16_t *out, Py_ssize_t n, int f16) {
+                                                                          uint16_t *out, Py_ssize_t n, int f16,
+                                                                          int stream) {
     const __m128i keep = _mm_set1_epi8((char)(0xFF >> rb)), high = _mm_set1_epi8((char)(0xFF ^ (0xFF >> rb)));
     const __m128i tlow = _mm_set1_epi8((char)((0xFF << (8 - rb)) & 0xFF));
     Py_ssize_t i = 0;
@@ -438,17 +516,24 @@ __attribute__((target("avx2,f16c"))) static inline void tall_planes_16_avx2(cons
             __m256 fb = f16 ? _mm256_cvtph_ps(h[j])
                             : _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h[j]), 16));
             sum[j] = _mm256_add_ps(fb, _mm256_mul_ps(k, _mm256_castsi256_ps(wm[j])));
-            if (f16)
+            if (f16 && stream)
+                _mm_stream_si128((__m128i *)(out + i + 8 * j), _mm256_cvtps_ph(sum[j], _MM_FROUND_TO_NEAREST_INT));
+            else if (f16)
                 _mm_storeu_si128((__m128i *)(out + i + 8 * j), _mm256_cvtps_ph(sum[j], _MM_FROUND_TO_NEAREST_INT));
         }
         if (!f16) {  /* sixteen results at a time: packed (per 128-bit half), then put in order */
             for (int j = 0; j < 4; j += 2) {
-                __m256i p = _mm256_packus_epi32(bf16_rne8(sum[j]), bf16_rne8(sum[j + 1]));
-                _mm256_storeu_si256((__m256i *)(out + i + 8 * j), _mm256_permute4x64_epi64(p, 0xD8));
+                __m256i p = _mm256_permute4x64_epi64(_mm256_packus_epi32(bf16_rne8(sum[j]), bf16_rne8(sum[j + 1])), 0xD8);
+                if (stream)
+                    _mm256_stream_si256((__m256i *)(out + i + 8 * j), p);
+                else
+                    _mm256_storeu_si256((__m256i *)(out + i + 8 * j), p);
             }
         }
     }
-    if (i < n) {
+    if (stream)
+        _mm_sfence();
+    else if (i < n) {
         const uint8_t *mt[4] = {m[0] + i, m[1] + i, m[2] + i, m[3] + i};  /* at most 31: the scalar body */
         tall_planes_16_body(bs + i, bt + i, rb, mt, rm, MASK_FROM(mask, i, bits), bits, out + i, n - i, f16);
     }
@@ -458,14 +543,25 @@ __attribute__((target("avx2,f16c"))) static void tall_planes_f16_avx2(const uint
                                                                      const uint8_t *const *m, int rm,
                                                                      const uint8_t *mask, int bits, uint16_t *out,
                                                                      Py_ssize_t n) {
-    tall_planes_16_avx2(bs, bt, rb, m, rm, mask, bits, out, n, 1);
+    tall_planes_16_avx2(bs, bt, rb, m, rm, mask, bits, out, n, 1, 0);
 }
 
 __attribute__((target("avx2,f16c"))) static void tall_planes_bf16_avx2(const uint8_t *bs, const uint8_t *bt, int rb,
                                                                       const uint8_t *const *m, int rm,
                                                                       const uint8_t *mask, int bits, uint16_t *out,
                                                                       Py_ssize_t n) {
-    tall_planes_16_avx2(bs, bt, rb, m, rm, mask, bits, out, n, 0);
+    tall_planes_16_avx2(bs, bt, rb, m, rm, mask, bits, out, n, 0, 0);
+}
+
+/* The two with non-temporal stores: out 32-byte aligned, n a multiple of 32 (stream_cut). */
+__attribute__((target("avx2,f16c"))) static void tall_planes_16_avx2_stream(const uint8_t *bs, const uint8_t *bt,
+                                                                           int rb, const uint8_t *const *m, int rm,
+                                                                           const uint8_t *mask, int bits,
+                                                                           uint16_t *out, Py_ssize_t n, int f16) {
+    if (f16)
+        tall_planes_16_avx2(bs, bt, rb, m, rm, mask, bits, out, n, 1, 1);
+    else
+        tall_planes_16_avx2(bs, bt, rb, m, rm, mask, bits, out, n, 0, 1);
 }
 #endif
 
@@ -475,10 +571,20 @@ static void tall_planes_16_any(const uint8_t *bs, const uint8_t *bt, int rb, con
                                const uint8_t *mask, int bits, uint16_t *out, Py_ssize_t n, int f16) {
 #ifdef HAVE_AVX2_PLANES
     if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c")) {
-        if (f16)
-            tall_planes_f16_avx2(bs, bt, rb, m, rm, mask, bits, out, n);
-        else
-            tall_planes_bf16_avx2(bs, bt, rb, m, rm, mask, bits, out, n);
+        void (*run)(const uint8_t *, const uint8_t *, int, const uint8_t *const *, int, const uint8_t *, int,
+                    uint16_t *, Py_ssize_t) = f16 ? tall_planes_f16_avx2 : tall_planes_bf16_avx2;
+        Py_ssize_t h, body;
+        if (stream_cut(out, 2, n, bits, &h, &body)) {
+            const uint8_t *mt[4];
+            run(bs, bt, rb, m, rm, mask, bits, out, h);
+            planes_from(m, h, mt);
+            tall_planes_16_avx2_stream(bs + h, bt + h, rb, mt, rm, MASK_FROM(mask, h, bits), bits, out + h, body, f16);
+            h += body;
+            planes_from(m, h, mt);
+            run(bs + h, bt + h, rb, mt, rm, MASK_FROM(mask, h, bits), bits, out + h, n - h);
+        } else {
+            run(bs, bt, rb, m, rm, mask, bits, out, n);
+        }
         return;
     }
 #endif
@@ -704,6 +810,25 @@ fail:
     return NULL;
 }
 
+/* tall_f32's loop for elements [0, n) (mask bytes, or bits read as they are where AVX2 is); with
+ * a BITS_BLOCK buffer unpacking bits elsewhere. */
+static void tall_f32_range(const float *b, const float *m, const uint8_t *k, int bits, float *o, Py_ssize_t n) {
+    if (!bits) {
+        tall_f32_loop(b, m, k, o, n);
+#ifdef HAVE_AVX2_PLANES
+    } else if (__builtin_cpu_supports("avx2")) {
+        tall_f32_bits_avx2(b, m, k, o, n);
+#endif
+    } else {
+        uint8_t block[BITS_BLOCK];
+        for (Py_ssize_t a = 0; a < n; a += BITS_BLOCK) {
+            Py_ssize_t len = n - a < BITS_BLOCK ? n - a : BITS_BLOCK;
+            unpack_loop(k + a / 8, block, len);
+            tall_f32_loop(b + a, m + a, block, o + a, len);
+        }
+    }
+}
+
 static PyObject *tall_f32(PyObject *self, PyObject *args) {
     Py_buffer base, merged, mask, out;
     int bits = 0;
@@ -718,20 +843,16 @@ static PyObject *tall_f32(PyObject *self, PyObject *args) {
         const uint8_t *k = (const uint8_t *)mask.buf;
         float *o = (float *)out.buf;
         Py_BEGIN_ALLOW_THREADS
-        if (!bits) {
-            tall_f32_loop(b, m, k, o, n);
 #ifdef HAVE_AVX2_PLANES
-        } else if (__builtin_cpu_supports("avx2")) {
-            tall_f32_bits_avx2(b, m, k, o, n);
+        Py_ssize_t h, body;
+        if (__builtin_cpu_supports("avx2") && stream_cut(o, 4, n, bits, &h, &body)) {
+            tall_f32_range(b, m, k, bits, o, h);
+            tall_f32_stream(b + h, m + h, MASK_FROM(k, h, bits), bits, o + h, body);
+            h += body;
+            tall_f32_range(b + h, m + h, MASK_FROM(k, h, bits), bits, o + h, n - h);
+        } else
 #endif
-        } else {
-            uint8_t block[BITS_BLOCK];
-            for (Py_ssize_t a = 0; a < n; a += BITS_BLOCK) {
-                Py_ssize_t len = n - a < BITS_BLOCK ? n - a : BITS_BLOCK;
-                unpack_loop(k + a / 8, block, len);
-                tall_f32_loop(b + a, m + a, block, o + a, len);
-            }
-        }
+            tall_f32_range(b, m, k, bits, o, n);
         Py_END_ALLOW_THREADS
     } else {
         PyErr_Format(PyExc_ValueError, "tall_f32: base %zd, merged %zd, mask %zd and out %zd bytes (or misaligned)",
@@ -2252,5 +2373,10 @@ static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_kernels", "tallpack
 
 PyMODINIT_FUNC PyInit__kernels(void) {
     init_unpacked();
-    return PyModule_Create(&module);
+    PyObject *m = PyModule_Create(&module);
+    if (m != NULL && PyModule_AddIntConstant(m, "STREAM_BYTES", STREAM_BYTES) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
 }
