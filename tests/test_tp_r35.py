@@ -412,3 +412,25 @@ def test_a_row_given_as_a_numpy_or_tensor_integer_reads_only_its_chunks(family):
         assert _reads_of(family["plain"], "chat", name, np.int64(row)) == one
         assert _reads_of(family["plain"], "chat", name, torch.tensor(row)) == one
 
+
+
+def test_meta_device_reads_give_shapes_and_read_nothing(family):
+    """A loader that plans its shards from ``state_dict(t, device="meta")`` (shapes and dtypes, no
+    data) reads no chunk; ``dtype=`` is no argument (one line saying so), as the README says."""
+    reads = _Reads()
+    try:
+        with tallpack.open(family["exact"], cache_bytes=0) as fam:
+            reads.take()
+            for exact in (False, True):
+                sd = fam.state_dict("code", device="meta", exact=exact)
+                assert {t.device.type for t in sd.values()} == {"meta"}
+                assert fam.get_tensor("code", "lm_head.weight", device="meta", exact=exact).is_meta
+                assert fam.state_dict("code", device="meta", lazy=True, exact=exact)["lm_head.weight"].is_meta
+            assert not reads.take()
+            want = {k: (v.shape, v.dtype) for k, v in fam.state_dict("code").items()}
+            assert {k: (v.shape, v.dtype) for k, v in sd.items()} == want
+            with pytest.raises(TypeError, match="dtype") as e:
+                fam.state_dict("code", dtype=torch.float16)  # type: ignore[call-overload]
+            assert "\n" not in str(e.value)
+    finally:
+        reads.restore()
