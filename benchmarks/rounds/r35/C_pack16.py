@@ -4,13 +4,15 @@
 
 Packs the float16/bfloat16 copies of perf.py's family (base + 4, perf.make_cast_family) in fresh
 processes (the library on PYTHONPATH, default this checkout; --other adds a second checkout,
-alternated), alternated with zstd over the same files; prints medians and per-round ratios.
+alternated), alternated with zstd over the same files; prints medians, per-round ratios and the
+CPU seconds of each side (the pack's own, measured in its process; zstd's as a child's).
 --sha prints each archive's SHA-256 (the archive must not change with a speed fix).
 """
 from __future__ import annotations
 
 import argparse
 import hashlib
+import resource
 import json
 import os
 import shutil
@@ -27,22 +29,24 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 import perf  # noqa: E402
 
 CHILD = r"""
-import json, sys, time
+import json, resource, sys, time
 import torch
 import tallpack
 base, out, tasks, threads = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), int(sys.argv[4])
-t0 = time.perf_counter()
+r0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
 tallpack.pack(base, tasks, out, codec="planes", threads=threads, overwrite=True)
-print(json.dumps({"seconds": time.perf_counter() - t0, "tallpack": tallpack.__file__}))
+t1, r1 = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF)
+cpu = r1.ru_utime + r1.ru_stime - r0.ru_utime - r0.ru_stime
+print(json.dumps({"seconds": t1 - t0, "cpu": cpu, "tallpack": tallpack.__file__}))
 """
 
 
-def pack(cf: dict, out: Path, pythonpath: str, threads: int) -> float:
+def pack(cf: dict, out: Path, pythonpath: str, threads: int) -> dict:
     env = {**os.environ, "PYTHONPATH": pythonpath}
     tasks = {t: str(p) for t, p in cf["tasks"].items()}
     done = subprocess.run([sys.executable, "-c", CHILD, str(cf["base"]), str(out), json.dumps(tasks), str(threads)],
                           capture_output=True, text=True, env=env, cwd="/", check=True)
-    return json.loads(done.stdout.strip().splitlines()[-1])["seconds"]
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def main() -> int:
@@ -65,21 +69,27 @@ def main() -> int:
             files = [Path(cf["base"]), *map(Path, cf["tasks"].values())]
             perf.warm(files)
             t: dict[str, list[float]] = {s: [] for s in sides} | {"zstd": []}
+            cpu: dict[str, list[float]] = {s: [] for s in sides} | {"zstd": []}
             for i in range(a.rounds):
                 order = list(sides) if i % 2 == 0 else list(sides)[::-1]
                 for s in order:
-                    t[s].append(pack(cf, Path(tmp) / f"{s}.tallpack", sides[s], a.threads))
+                    r = pack(cf, Path(tmp) / f"{s}.tallpack", sides[s], a.threads)
+                    t[s].append(r["seconds"])
+                    cpu[s].append(r["cpu"])
                 (Path(tmp) / "z").mkdir(exist_ok=True)
-                z0 = time.perf_counter()
+                c0, z0 = resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter()
                 subprocess.run(["zstd", "-3", f"-T{a.threads}", "-q", "-f", "--output-dir-flat", str(Path(tmp) / "z"),
                                 *map(str, files)], check=True)
                 t["zstd"].append(time.perf_counter() - z0)
+                c1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+                cpu["zstd"].append(c1.ru_utime + c1.ru_stime - c0.ru_utime - c0.ru_stime)
             zm = statistics.median(t["zstd"])
-            line = [f"{dtype}: zstd {zm:.3f} s"]
+            line = [f"{dtype}: zstd {zm:.3f} s (cpu {statistics.median(cpu['zstd']):.2f} s)"]
             for s in sides:
                 ratios = [x / z for x, z in zip(t[s], t["zstd"])]
                 line.append(f"{s} {statistics.median(t[s]):.3f} s = {statistics.median(t[s]) / zm:.2f}x "
-                            f"(per-round median {statistics.median(ratios):.2f}x, best {min(t[s]) / min(t['zstd']):.2f}x)")
+                            f"(per-round median {statistics.median(ratios):.2f}x, best {min(t[s]) / min(t['zstd']):.2f}x; "
+                            f"cpu {statistics.median(cpu[s]):.2f} s)")
                 if a.sha:
                     line.append(f"{s} sha256 {hashlib.sha256((Path(tmp) / f'{s}.tallpack').read_bytes()).hexdigest()[:16]}")
             print("; ".join(line), flush=True)
