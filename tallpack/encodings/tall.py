@@ -7,6 +7,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from math import prod
 
+import numpy as np
+
 from .. import kernels
 from .._torch import torch
 from ..arrays import ArrayRef
@@ -90,11 +92,21 @@ def _max_abs(t: torch.Tensor) -> float:
     """The largest |t| (NaN when t holds one; t is float32, 16-bit or float8)."""
     if t.numel() == 0:
         return 0.0
-    if t.dtype in (torch.float16, torch.bfloat16) and t.is_contiguous():
-        # |x|'s bits are x's without the sign, ordered as the magnitudes: their largest is the
-        # largest |x| (a NaN's bits pass every number's). torch.aminmax of float16 took 10x as long.
-        top = int((t.reshape(-1).view(torch.int16).numpy() & 0x7FFF).max())
-        return float(torch.tensor([top], dtype=torch.int16).view(t.dtype)[0])
+    if t.dtype in (torch.float16, torch.bfloat16, torch.float32) and t.is_contiguous():
+        # |x|'s bits are x's without the sign, ordered as the magnitudes (a NaN's pass every
+        # number's): the largest positive's are the largest signed value, the largest negative's
+        # the largest unsigned one less the sign bit. Two numpy passes, no temporary, on this
+        # thread: torch.aminmax of float16 took 30x as long, and of float32 on 2 threads took
+        # 1.2-24 ms for 1M elements (its workers wait for the pack's own busy threads), 0.1 ms so.
+        wide = t.dtype == torch.float32
+        bits = t.reshape(-1).view(torch.int32 if wide else torch.int16).numpy()
+        unsigned = bits.view(np.uint32 if wide else np.uint16)
+        top = max(int(bits.max()), int(unsigned.max()) & (0x7FFFFFFF if wide else 0x7FFF))
+        if t.dtype == torch.float16:
+            return float(np.array([top], np.uint16).view(np.float16)[0])
+        if t.dtype == torch.bfloat16:  # a bfloat16 is a float32's upper half
+            return float(np.array([top << 16], np.uint32).view(np.float32)[0])
+        return float(np.array([top], np.uint32).view(np.float32)[0])
     lo, hi = torch.aminmax(t if t.dtype in (torch.float32, torch.float16, torch.bfloat16) else t.to(torch.float32))
     return max(-float(lo), float(hi))
 
