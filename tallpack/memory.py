@@ -85,6 +85,13 @@ def empty(nbytes: int) -> np.ndarray:
     return out
 
 
+#: The largest buffer a thread keeps for its next call (``ThreadBuffers.get``): a chunk's planes
+#: and masks (4M elements by default: 16 MB at most) are kept; a whole tensor larger than this, read
+#: without a cache, is decoded into a fresh buffer each time, as on the reading threads. Without the
+#: bound each thread of a service kept buffers as large as the largest tensor it had decoded.
+KEEP_BYTES = 64 << 20
+
+
 class ThreadBuffers:
     """Named buffers that each thread reuses from call to call (``get``), so that a chunk or
     tensor at a time costs no fresh page faults. ``release`` drops every thread's buffers at once
@@ -97,9 +104,10 @@ class ThreadBuffers:
 
     def get(self, name: str, nbytes: int) -> np.ndarray:
         """``nbytes`` of this thread's buffer ``name``, made (or grown) with ``empty`` and kept for
-        the next call: a fresh buffer per chunk or tensor costs its page faults again."""
+        the next call: a fresh buffer per chunk or tensor costs its page faults again. One of more
+        than ``KEEP_BYTES`` is fresh and not kept (a whole large tensor's, on each thread)."""
         slots = self._local.__dict__
-        if self._closed:  # (read after ``_local``: ``close`` sets it first)
+        if self._closed or nbytes > KEEP_BYTES:  # (read after ``_local``: ``close`` sets it first)
             return empty(nbytes)
         buf = slots.get(name)
         if buf is None or buf.size < nbytes:

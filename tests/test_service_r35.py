@@ -205,3 +205,19 @@ def test_settle_gives_back_freed_memory():
     for p in held:
         libc.free(p)
     assert after < before - (64 << 20), (before >> 20, after >> 20)
+
+
+def test_a_thread_keeps_no_buffer_over_the_bound(monkeypatch):
+    """A buffer of more than ``KEEP_BYTES`` (a whole large tensor, read without a cache) is fresh
+    each time and not kept: each thread of a service kept one as large as the largest tensor it
+    had decoded, for each input of it (base, merged vector), until idle. Smaller ones are kept."""
+    monkeypatch.setattr(memory, "KEEP_BYTES", 1 << 20)
+    slots = ThreadBuffers()
+    small = slots.get("small", 1 << 20)
+    assert slots.get("small", 1 << 20).ctypes.data == small.ctypes.data  # reused
+    large = slots.get("large", (1 << 20) + 1)
+    assert len(large) == (1 << 20) + 1
+    gone = weakref.ref(large.base if large.base is not None else large)
+    del large
+    assert gone() is None
+    assert "large" not in slots._local.__dict__
