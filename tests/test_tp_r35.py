@@ -11,7 +11,6 @@ stored chunk, its checksum checked."""
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -77,7 +76,7 @@ class _Reads:
             reads.log.append((offset, nbytes))
             return reads._read(source, offset, nbytes)
 
-        storage.LocalFile.read = read  # type: ignore[method-assign]
+        storage.LocalFile.read = read  # type: ignore[method-assign,assignment]
 
     def take(self) -> set[tuple[int, int]]:
         got, self.log = set(self.log), []
@@ -178,7 +177,9 @@ def _chunks(fam, task: str, name: str, exact: bool) -> list[list[tuple[int, int]
     from tallpack.reader import _needs
 
     entry, tt = fam._entry(task, name)
-    return [[(c.offset, c.nbytes) for c in ref.chunks] for ref in _needs(entry, tt, encoding_for(tt.encoding), exact)]
+    encoding = encoding_for(tt.encoding)
+    assert encoding is not None
+    return [[(c.offset, c.nbytes) for c in ref.chunks] for ref in _needs(entry, tt, encoding, exact)]
 
 
 @pytest.mark.parametrize("kind", ["plain", "exact", "derived"])
@@ -430,7 +431,7 @@ def test_meta_device_reads_give_shapes_and_read_nothing(family):
             want = {k: (v.shape, v.dtype) for k, v in fam.state_dict("code").items()}
             assert {k: (v.shape, v.dtype) for k, v in sd.items()} == want
             with pytest.raises(TypeError, match="dtype") as e:
-                fam.state_dict("code", dtype=torch.float16)  # type: ignore[call-overload]
+                fam.state_dict("code", **{"dtype": torch.float16})
             assert "\n" not in str(e.value)
     finally:
         reads.restore()
