@@ -85,6 +85,32 @@ def raw_frame(buf: memoryview | bytes) -> bytes:
     return b"".join(parts)
 
 
+#: ``raw_frame``'s first 6 bytes: the magic number, the frame header descriptor (an 8-byte
+#: Frame_Content_Size, no checksum, no dictionary) and the window descriptor (128 KiB).
+_RAW_FRAME_HEAD = struct.pack("<IBB", 0xFD2FB528, 0xC0, 0x38)
+
+
+def _copy_raw_frame(buf: memoryview, out: memoryview) -> bool:
+    """Whether ``buf`` is one frame of raw blocks, laid out as ``raw_frame`` writes it, of exactly
+    ``len(out)`` (> 0) bytes; if so its blocks are copied into ``out``: what any zstd decoder gives,
+    without its calls (a mask chunk zstd did not shrink, ``MASK_KEEP_BELOW``). False for anything
+    else (``out`` then partly written): the caller decodes it with zstd, which says what is wrong."""
+    n, end = len(out), len(buf)
+    if end < 17 or buf[:6] != _RAW_FRAME_HEAD or int.from_bytes(buf[6:14], "little") != n:
+        return False
+    pos, got = 14, 0
+    while pos + 3 <= end:
+        head = buf[pos] | buf[pos + 1] << 8 | buf[pos + 2] << 16
+        size, pos = head >> 3, pos + 3
+        if head & 6 or size > _ZSTD_BLOCK or pos + size > end or got + size > n:  # not a raw block, or too long
+            return False
+        out[got : got + size] = buf[pos : pos + size]
+        pos, got = pos + size, got + size
+        if head & 1:  # the last block
+            return pos == end and got == n
+    return False
+
+
 @dataclass(frozen=True)
 class Zstd(Codec):
     """zstd, one frame per chunk, with the content size in the frame header."""
@@ -147,6 +173,8 @@ class Zstd(Codec):
     def _into(cls, buf: memoryview, view: memoryview) -> None:
         """Decode one frame (whose announced size the caller checked is ``len(view)``) into ``view``."""
         size, got = len(view), 0
+        if size and _copy_raw_frame(buf, view):
+            return
         dctx = _decompressor()
         try:
             if size == 0:  # decompress returns an empty frame's b"" without looking past it

@@ -17,7 +17,7 @@ _GUARD = 40  # elements past the output, which no loop may write
 def _lengths(width: int) -> list[int]:
     """Lengths around the streaming threshold for elements of ``width`` bytes."""
     t = _kernels.STREAM_BYTES // width
-    return [t - 1, t, t + 1, t + 7, t + 31, t + 33, t + 1000]
+    return [t - 1, t, t + 7, t + 33]
 
 
 def _out(n: int, offset: int, dtype) -> tuple[np.ndarray, np.ndarray]:
@@ -40,8 +40,8 @@ def test_the_threshold_is_one_mib():
 
 
 @pytest.mark.parametrize("bits", [False, True])
-@pytest.mark.parametrize("offset", [0, 1, 2, 5, 7, 8])
-@pytest.mark.parametrize("k", range(7))
+@pytest.mark.parametrize("offset", [0, 1, 7, 8])
+@pytest.mark.parametrize("k", range(4))
 def test_tall_f32_streamed_gives_the_same_bits(portable, k, offset, bits):  # noqa: F811
     n = _lengths(4)[k]
     rng = np.random.default_rng(1000 * k + 10 * offset + bits)
@@ -62,8 +62,8 @@ def test_tall_f32_streamed_gives_the_same_bits(portable, k, offset, bits):  # no
 
 @pytest.mark.parametrize("out_kind", ["f32", "bf16", "f16"])
 @pytest.mark.parametrize("bits", [False, True])
-@pytest.mark.parametrize("offset", [0, 1, 4, 8, 9, 15])
-@pytest.mark.parametrize("k", [0, 1, 3, 5])
+@pytest.mark.parametrize("offset", [0, 1, 8, 9])
+@pytest.mark.parametrize("k", [1, 3])
 def test_rebuilds_from_planes_streamed_give_the_same_bits(portable, k, offset, bits, out_kind):  # noqa: F811
     """tall_planes, tall_planes_bf16 and tall_planes_f16 (rotations 3 and 5): this build, the
     portable one and the numpy twin."""
