@@ -38,11 +38,18 @@ DEFAULT_GAP = 64
 #: ``benchmarks/rounds/r35/D_net.py``). A fixed 16 KiB bridged that family's holes but no larger
 #: ones (a tensor a chunk, more tasks: holes of whole masks), and 64 KiB fetched 43% more of a
 #: 12-task family's; a hole of 1 MiB takes some 10-20 ms at one connection's 50-100 MB/s, about
-#: the wait for a request's first byte that bridging it saves.
+#: the wait for a request's first byte that bridging it saves. (0, no hole bridged, until the tests
+#: that bound a read's bytes by its chunks and padding allow the 1/8: ``/tmp/r35/D_bridge.patch``.)
 BRIDGE_MAX = 0
 BRIDGE_SHARE = 1 / 8
-#: One merged request covers at most this many bytes (larger ones are split, and run concurrently).
-MAX_REQUEST = 32 << 20
+#: One merged request covers at most this many bytes (larger ones are split, and run concurrently):
+#: a 64 MiB window (``container.PREFETCH_BYTES``) goes as about CONCURRENT_REQUESTS requests at once.
+#: A store far away sends each connection at its own rate (S3: some 50-100 MB/s), so a fetch takes
+#: as long as its largest request: 66 MB of contiguous chunks at 20 ms and 50 MB/s a connection,
+#: 1.48 s in 3 requests of up to 32 MiB, 0.43 s in 11 of up to 8 MiB (17 MB: 0.99 -> 0.51 s); on
+#: plain loopback the same (about 1 s, bound by the CPU); Python's peak allocations the same (126 MiB,
+#: every request in flight at once either way). ``benchmarks/rounds/r35/D_maxreq.py``.
+MAX_REQUEST = 8 << 20
 #: The prefetch cache holds at most this many bytes; older entries go first.
 MAX_CACHE = 256 << 20
 #: Bytes of prefetched ranges kept after they are read, the least recently read going first: the

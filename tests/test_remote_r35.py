@@ -164,3 +164,20 @@ def test_coalesce_bridges_holes_within_an_eighth_of_the_bytes_asked_for():
     assert sum(e - s for s, e in spans) <= 88_000 * 9 // 8
     assert coalesce(ranges, bridge=1 << 20, max_request=10_000) == [(s, s + 9880) for s in range(0, 100_000, 10_000)]
     assert coalesce([(0, 10), (1 << 21, 1 << 24)], bridge=1 << 20) == [(0, 10), (1 << 21, (1 << 21) + (1 << 24))]
+
+
+def test_a_large_fetch_goes_as_requests_of_at_most_8_mib_side_by_side(http_server):
+    # a window of contiguous chunks went as requests of up to 32 MiB: at a store's 50 MB/s a
+    # connection, a fetch takes as long as its largest request (66 MB at 20 ms a request: 1.48 s
+    # in 3 requests, 0.43 s in 11; benchmarks/rounds/r35/D_maxreq.py)
+    data = torch.randint(0, 256, (20 << 20,), dtype=torch.uint8, generator=torch.Generator().manual_seed(3)).numpy()
+    (http_server.root / "blob35.bin").write_bytes(data.tobytes())
+    f = tallpack.remote.RemoteFile(f"{http_server.url}/blob35.bin")
+    ranges = [(off, 1 << 20) for off in range(0, 20 << 20, 1 << 20)]
+    http_server.reset()
+    got = f.read_many(ranges)
+    assert b"".join(bytes(g) for g in got) == data.tobytes()
+    sizes = [n for m, _, n in http_server.log if m == "GET"]
+    assert sum(sizes) == 20 << 20 and max(sizes) <= 8 << 20 and len(sizes) == 3
+    assert f.rounds == 1  # side by side
+    f.close()

@@ -38,3 +38,16 @@ for dtype in (torch.bfloat16, torch.float32):
                    for t in range(12)}
             tallpack.pack(b4, t12, out, chunk_elements=1 << 16)
         print(out, out.stat().st_size)
+
+# one large tensor (an embedding of 32M bf16 elements, 64 MiB) and two tasks: reads whose requests
+# are larger than MAX_REQUEST (lead 2)
+out = D / "bfloat16-big.tallpack"
+if not out.exists():
+    g = torch.Generator().manual_seed(2)
+    big = {"embed.weight": torch.randn(8192, 4096, generator=g).bfloat16(),
+           "norm.weight": torch.ones(4096).bfloat16()}
+    tb = {f"task{t}": {k: (v.float() + 0.01 * torch.randn(v.shape, generator=g)
+                           * (torch.rand(v.shape, generator=g) < 0.3)).to(v.dtype) for k, v in big.items()}
+          for t in range(3)}
+    tallpack.pack(big, tb, out)
+print(out, out.stat().st_size)

@@ -28,7 +28,7 @@ ap.add_argument("--families", nargs="*", default=["bfloat16", "float32", "bfloat
                                                   "bfloat16-t12", "bfloat16-chunks4M"])
 ap.add_argument("--max", action="store_true", help="compare MAX_REQUEST values (else gap rules)")
 ap.add_argument("--ops", default="sd,one", help="sd: state_dict(task2), one: get_tensor, verify, merged")
-args = ap.parse_args()
+args = ap.parse_args([] if __name__ != "__main__" else None)
 
 
 class _Throttled:
@@ -134,36 +134,41 @@ OPS = {"sd": (op_sd, "state_dict(task2)"), "one": (op_one, "get_tensor(task1, up
        "merged": (lambda fam, exact: (fam.merged(), None)[1], "merged()")}
 
 
-srv = RangeServer(D / "www")
-srv.RequestHandlerClass = Far
-srv.start()
-rows = {}
-try:
-    for run in range(args.runs):
-        for name in args.families:
-            for op in args.ops.split(","):
-                for label, co in (RULES.items() if run % 2 == 0 else reversed(RULES.items())):
-                    remote.coalesce = co
-                    with tallpack.open(f"{srv.url}/{name}.tallpack", cache_bytes=0) as fam:
-                        fam.source.forget()
-                        srv.reset()
-                        fetch_time[0] = 0.0
-                        r0 = fam.source.rounds
-                        t0 = time.perf_counter()
-                        first = OPS[op][0](fam, "exact" in name)
-                        t1 = time.perf_counter()
-                        rows.setdefault((name, op, label), []).append(
-                            (srv.gets(), fam.source.rounds - r0, srv.served(), fetch_time[0],
-                             (first - t0) if first else None, t1 - t0))
-finally:
-    srv.stop()
-print(f"ttfb {args.ttfb * 1e3:.0f} ms, {args.mbps:g} MB/s a connection, {remote.CONCURRENT_REQUESTS} requests at once, "
-      f"medians of {args.runs}")
-print("| archive | read | rule | requests | waits | bytes | s fetching | s to the first rebuild | s in all |")
-print("|---|---|---|---:|---:|---:|---:|---:|---:|")
-for (name, op, label), v in rows.items():
-    med = lambda i: statistics.median(x[i] for x in v)  # noqa: E731
-    ff = [x[4] for x in v if x[4] is not None]
-    print(f"| {name} | {OPS[op][1]} | {label} | {v[0][0]} | "
-          f"{v[0][1]} | {v[0][2]:,} | {med(3):.3f} | {statistics.median(ff) if ff else float('nan'):.3f} | "
-          f"{med(5):.3f} |")
+def main() -> None:
+    srv = RangeServer(D / "www")
+    srv.RequestHandlerClass = Far
+    srv.start()
+    rows = {}
+    try:
+        for run in range(args.runs):
+            for name in args.families:
+                for op in args.ops.split(","):
+                    for label, co in (RULES.items() if run % 2 == 0 else reversed(RULES.items())):
+                        remote.coalesce = co
+                        with tallpack.open(f"{srv.url}/{name}.tallpack", cache_bytes=0) as fam:
+                            fam.source.forget()
+                            srv.reset()
+                            fetch_time[0] = 0.0
+                            r0 = fam.source.rounds
+                            t0 = time.perf_counter()
+                            first = OPS[op][0](fam, "exact" in name)
+                            t1 = time.perf_counter()
+                            rows.setdefault((name, op, label), []).append(
+                                (srv.gets(), fam.source.rounds - r0, srv.served(), fetch_time[0],
+                                 (first - t0) if first else None, t1 - t0))
+    finally:
+        srv.stop()
+    print(f"ttfb {args.ttfb * 1e3:.0f} ms, {args.mbps:g} MB/s a connection, {remote.CONCURRENT_REQUESTS} requests at once, "
+          f"medians of {args.runs}")
+    print("| archive | read | rule | requests | waits | bytes | s fetching | s to the first rebuild | s in all |")
+    print("|---|---|---|---:|---:|---:|---:|---:|---:|")
+    for (name, op, label), v in rows.items():
+        med = lambda i: statistics.median(x[i] for x in v)  # noqa: E731
+        ff = [x[4] for x in v if x[4] is not None]
+        print(f"| {name} | {OPS[op][1]} | {label} | {v[0][0]} | "
+              f"{v[0][1]} | {v[0][2]:,} | {med(3):.3f} | {statistics.median(ff) if ff else float('nan'):.3f} | "
+              f"{med(5):.3f} |")
+
+
+if __name__ == "__main__":
+    main()
