@@ -141,6 +141,8 @@ def _rank(rank: int, world: int, init: str, family: dict, out: str) -> None:
 @pytest.fixture(scope="module")
 def ranks(family, tmp_path_factory) -> list[dict]:
     """Four real processes (forked: the parent's torch and tallpack, no import each), one a rank."""
+    if "fork" not in mp.get_all_start_methods():
+        pytest.skip("forked ranks: this platform has no fork")
     d = tmp_path_factory.mktemp("ranks")
     out = d / "ranks.json"
     mp.start_processes(_rank, args=(WORLD, f"file://{d / 'init'}", family, str(out)), nprocs=WORLD,
