@@ -11,6 +11,7 @@ import contextlib
 import difflib
 import gc
 import logging
+import numbers
 import os
 import sys
 import threading
@@ -1783,18 +1784,31 @@ class TensorSlice:
         by_rows = (enc is not None and enc.elementwise and extras <= {"exact"} and not (self._exact and extras)
                    or extras == {"exact"} and self._tt.encoding in (TALL_ENCODINGS if self._exact else DERIVED_ENCODINGS))
         if shape and by_rows and self._member_shape is None:
-            if isinstance(first, int) and not isinstance(first, bool):
-                i = first + shape[0] if first < 0 else first
+            row = _row(first)
+            if row is not None:
+                i = row + shape[0] if row < 0 else row
                 if not 0 <= i < shape[0]:
-                    raise IndexError(f"{self._name}: row {first} of {shape[0]}")
+                    raise IndexError(f"{self._name}: row {row} of {shape[0]}")
                 rows, rest = (i, i + 1), (0, *idx[1:])
             elif isinstance(first, slice) and first.step in (None, 1):
                 a, b, _ = first.indices(shape[0])
                 rows, rest = (a, max(a, b)), (slice(None), *idx[1:])
         if rows is None or rows == (0, shape[0]):  # (all rows: as get_tensor)
             return _own(self._archive.get_tensor(self._task, self._name, exact=self._exact), index)
+        if rows[0] == rows[1]:  # no rows (a rank whose share is empty): nothing to read
+            empty = torch.empty((0, *shape[1:]), dtype=torch_dtype(self._tt.dtype))
+            return _own(empty, rest) if rest != (slice(None),) else empty
         part = self._archive._rebuild(self._task, self._name, self._archive._workers(), self._exact, rows=rows)
         return _own(part, rest) if rest != (slice(None),) else part
+
+
+def _row(index: Any) -> int | None:
+    """``index`` as the one row torch takes it for: an int, a numpy integer or a 0-d integer tensor
+    (a rank's or an expert's number as a program computes it), else None."""
+    if isinstance(index, torch.Tensor):
+        whole = not (index.is_floating_point() or index.is_complex() or index.dtype == torch.bool)
+        return int(index) if index.ndim == 0 and whole else None
+    return int(index) if isinstance(index, numbers.Integral) and not isinstance(index, bool) else None
 
 
 def _slice(archive: Archive, task: str, name: str, exact: bool) -> TensorSlice:

@@ -380,8 +380,6 @@ def test_an_empty_share_reads_nothing_from_an_exact_archive(family):
         assert _reads_of(family["exact"], "chat", "model.embed_tokens.weight", index) == 0, index
 
 
-@pytest.mark.xfail(strict=True, reason="an empty row slice of a byte-plane (default codec) tensor reads one chunk of "
-                                       "each array; fixed by /tmp/r35/G_empty_rows.patch")
 def test_an_empty_share_reads_nothing(family):
     """As safetensors, which reads nothing: ``[5:5]`` of a 256 x 64 float32 tensor of the default
     codec read the chunk holding row 5 of the base, the merged vector and the mask (3 reads)."""
@@ -395,8 +393,6 @@ def test_an_empty_share_reads_nothing(family):
         assert _reads_of(family["plain"], "chat", "model.embed_tokens.weight", index) == 0, index
 
 
-@pytest.mark.xfail(strict=True, reason="a numpy integer or 0-d tensor row index rebuilds the whole tensor (48 reads "
-                                       "against 3); fixed by /tmp/r35/G_integer_rows.patch")
 def test_a_row_given_as_a_numpy_or_tensor_integer_reads_only_its_chunks(family):
     """An expert's or a rank's row number as a program computes it (``np.arange``, a tensor): torch
     and safetensors take ``np.int64(3)`` and ``torch.tensor(3)`` as the row ``3``; the slice read
