@@ -30,9 +30,13 @@ REPO = Path(__file__).resolve().parents[3]
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 
+#: what is unpacked: one task (``--task task0``), or with ``--all-tasks`` every task (``--all``)
+WHICH = ["--task", "task0"]
+
+
 def _unpack(tree: Path, archive: Path, out: Path, importtime: bool = False) -> tuple[float, str]:
     cmd = [sys.executable, *(["-X", "importtime"] if importtime else []), "-m", "tallpack", "unpack", str(archive),
-           "--task", "task0", "-o", str(out), "--exact", "-f"]
+           *WHICH, "-o", str(out), "--exact", "-f"]
     env = {**os.environ, "PYTHONPATH": str(tree)}
     t0 = time.perf_counter()  # (run outside any checkout: ``-m`` puts the working folder first on sys.path)
     p = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=out.parent)
@@ -55,7 +59,10 @@ def main() -> None:
     ap.add_argument("--dtypes", default="bfloat16,float32,float16")
     ap.add_argument("--tasks", type=int, default=8)
     ap.add_argument("--work", type=Path, default=None)
+    ap.add_argument("--all-tasks", action="store_true", help="time unpack --all --exact (every task, one process)")
     a = ap.parse_args()
+    if a.all_tasks:
+        WHICH[:] = ["--all"]
     from exact_vs_delta import trained_family
 
     trees = {"before": a.before.resolve(), "after": a.after.resolve()}
@@ -84,8 +91,10 @@ def main() -> None:
                 row[f"{name}_imports_torch"] = any(line.rstrip().endswith("| torch") for line in err.splitlines())
                 row[f"{name}_shas"] = _shas(out)
             row["same_bytes"] = row.pop("before_shas") == row.pop("after_shas")
-            row["original_sha_matches"] = (_shas(root / "out-after").get("task0.safetensors")
-                                           == hashlib.sha256(paths["task0"].read_bytes()).hexdigest())
+            written = _shas(root / "out-after")
+            row["original_sha_matches"] = all(
+                written.get(f"{t}/{t}.safetensors" if a.all_tasks else f"{t}.safetensors")
+                == hashlib.sha256(paths[t].read_bytes()).hexdigest() for t in (paths if a.all_tasks else ["task0"]))
             times: dict[str, list[float]] = {k: [] for k in trees}
             for _ in range(a.rounds):
                 for name, tree in trees.items():
@@ -101,7 +110,8 @@ def main() -> None:
     except OSError:
         load = None
     print(json.dumps({"load": load}))
-    print("\n| family | task file | archive | before (s) | after (s) | after/before | torch before/after | same bytes |")
+    print(f"\nunpack {' '.join(WHICH)} --exact")
+    print("| family | task file | archive | before (s) | after (s) | after/before | torch before/after | same bytes |")
     print("|---|---|---|---|---|---|---|---|")
     for r in results:
         print(f"| trained {r['dtype']} ({r['params']:,} params) | {r['original_bytes'] / 1e6:.1f} MB | "
