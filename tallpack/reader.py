@@ -870,6 +870,8 @@ class Archive:
 
         >>> fam.get_slice("cars", "embed.weight", exact=True)[0:1000]
         """
+        if self._closed:  # (as a read would say: a handle of a closed archive reads nothing)
+            raise ArchiveClosedError(f"{self.name}: the archive is closed")
         if exact:
             self.require_exact(task)
         name = self._resolve(task, name)

@@ -433,3 +433,12 @@ def test_meta_device_reads_give_shapes_and_read_nothing(family):
             assert "\n" not in str(e.value)
     finally:
         reads.restore()
+
+
+def test_get_slice_after_close_says_the_archive_is_closed(family):
+    """A handle asked of a closed archive could read nothing: ``get_slice`` says so at once, as a
+    read would (it returned a handle whose first read raised)."""
+    fam = tallpack.open(family["plain"])
+    fam.close()
+    with pytest.raises(tallpack.ArchiveClosedError, match="closed"):
+        fam.get_slice("chat", "model.embed_tokens.weight")
