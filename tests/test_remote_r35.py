@@ -12,6 +12,7 @@ import torch
 import tallpack
 import tallpack.remote
 from tallpack.encodings import iter_arrays
+from test_remote_r34 import _gaps, _twice
 
 pytest.importorskip("aiohttp")  # fsspec's HTTP file system
 
@@ -30,27 +31,9 @@ def exact(http_server, tmp_path_factory):
     return {"local": local, "url": f"{http_server.url}/exact35.tallpack", "name": "exact35.tallpack"}
 
 
-def _twice(log: list[tuple[str, int, int]]) -> int:
-    """Bytes the server sent more than once (overlaps of the GETs' ranges)."""
-    spans = sorted((s, s + n) for m, s, n in log if m == "GET")
-    total = covered = 0
-    end = -1
-    for a, b in spans:
-        total += b - a
-        if b > end:
-            covered += b - max(a, end)
-            end = b
-    return total - covered
-
-
 def _padding(fam) -> int:
     """Bytes of padding between the archive's chunks (``verify`` reads them, and again with the chunks)."""
-    out, end = 0, 0
-    for off, n, _ in fam._c._spans():
-        if end and off > end:
-            out += off - end
-        end = max(end, off + n)
-    return out
+    return sum(n for _, _, n in _gaps(fam))
 
 
 def _entry_bytes(fam) -> int:
@@ -117,8 +100,9 @@ def lossy(http_server, tmp_path_factory):
     (each chunk's base and merged vector, then every task's mask of it), served over HTTP."""
     g = torch.Generator().manual_seed(8)
     base = {f"layers.{i}.w": torch.randn(128, 256, generator=g).bfloat16() for i in range(4)}
-    tasks = {f"t{t}": {k: (v.float() + 0.01 * torch.randn(v.shape, generator=g) * (torch.rand(v.shape, generator=g) < 0.3)
-                        ).bfloat16() for k, v in base.items()} for t in range(4)}
+    tasks = {f"t{t}": {k: (v.float() + 0.01 * torch.randn(v.shape, generator=g)
+                           * (torch.rand(v.shape, generator=g) < 0.3)).bfloat16() for k, v in base.items()}
+             for t in range(4)}
     local = tmp_path_factory.mktemp("lossy35") / "lossy.tallpack"
     tallpack.pack(base, tasks, local, chunk_elements=8192)
     shutil.copy(local, http_server.root / "lossy35.tallpack")
