@@ -7,7 +7,8 @@ moves every side alike within one process, so the ratios hold where absolute tim
     python benchmarks/rounds/r35/A_goal4_inproc.py SO_A SO_B [SO ...] ARCHIVE [ARCHIVE ...]
 
 SO_A and SO_B are built ``_kernels*.so`` files. Env: A_FAMILY (the family folder), A_NAME (the
-tensor, default layers.0.up.weight), A_REPS (alternations, default 201), A_TASK (default task1).
+tensor, default layers.0.up.weight), A_BASE_NORAW=1 (build A's
+side also decodes raw mask frames with zstd, as before round 35), A_REPS (alternations, default 201), A_TASK (default task1).
 Prints, per archive and build, the median and 20th percentile of wall and thread CPU time, and
 their ratio to the clone's.
 """
@@ -26,7 +27,7 @@ import torch
 from safetensors import safe_open
 
 import tallpack
-from tallpack import kernels
+from tallpack import codecs, kernels
 
 FAMILY = os.environ.get("A_FAMILY", "/tmp/r35/A_work/out/family-h512-v8000-L7-s0-g1")
 NAME = os.environ.get("A_NAME", "layers.0.up.weight")
@@ -60,7 +61,15 @@ def _timed(fn):
     return run
 
 
+NORAW = os.environ.get("A_BASE_NORAW", "") == "1"
+
+
+def no_copy(buf, out) -> bool:
+    return False
+
+
 def main() -> None:
+    copy_raw = getattr(codecs, "_copy_raw_frame", no_copy)
     sos = [a for a in sys.argv[1:] if a.endswith(".so")]
     mods = {"ABCDEFGH"[i]: load(p, str(i)) for i, p in enumerate(sos)}
     kernels.tall_f32 = _timed(kernels.tall_f32)
@@ -81,6 +90,7 @@ def main() -> None:
                 for side in [x for k in builds for x in ("clone", k)]:
                     if side != "clone":
                         kernels._kernels = mods[side]
+                        codecs._copy_raw_frame = copy_raw if side != "A" or not NORAW else no_copy
                     t0, c0 = time.perf_counter(), time.thread_time()
                     if side == "clone":
                         y = f.get_tensor(NAME).clone()
