@@ -11,12 +11,18 @@ read, and what is left after the requests end (threads joined; archives still op
     python benchmarks/rounds/r35/F_service.py build                     # the family, in /tmp/r35F
     python benchmarks/rounds/r35/F_service.py run --archives 1 4 16     # the table
     python benchmarks/rounds/r35/F_service.py run --archives 16 --variants plain trim arena2
-    python benchmarks/rounds/r35/F_service.py run --trees /work/main /tmp/r35F/wt   # A/B of two checkouts
+    python benchmarks/rounds/r35/F_service.py run --trees /tmp/r35F/base /tmp/r35F/wt   # A/B of two checkouts
+    python benchmarks/rounds/r35/F_service.py run --archives 16 --per-thread 80 --idle-wait 0 --repeat 3 \
+        --trees /tmp/r35F/base /tmp/r35F/wt                            # fixed work: CPU seconds per work
+
+(``/tmp/r35F/base``: ``git worktree add /tmp/r35F/base 6120d25``; ``/tmp/r35F/wt``: main with
+``/tmp/r35/F_shared_pool.patch`` applied; the compiled ``_kernels*.so`` copied into each.)
 
 Variants: ``plain``; ``trim``: ``memory.give_back`` (``malloc_trim(0)``) after every request;
 ``trimsd``: the same after each ``state_dict`` only; ``arena2``/``arena4``: ``mallopt(M_ARENA_MAX, n)``
 at the child's start (the process-wide cap); ``mmap1``: ``mallopt(M_MMAP_THRESHOLD, 1 MiB)`` (blocks of
-1 MiB or more mapped and unmapped each time, glibc's growing threshold off).
+1 MiB or more mapped and unmapped each time, glibc's growing threshold off); ``wide128``: the shared
+reading threads' limit raised to 128 (as many as sixteen archives' own pools had).
 """
 
 from __future__ import annotations
@@ -79,6 +85,9 @@ def child(args: argparse.Namespace) -> None:
         ctypes.CDLL(None).mallopt(-8, int(args.variant[5:]))  # M_ARENA_MAX
     if args.variant.startswith("mmap"):  # M_MMAP_THRESHOLD in MiB (fixed: glibc's growing threshold off)
         ctypes.CDLL(None).mallopt(-3, int(args.variant[4:]) << 20)
+    if args.variant.startswith("wide"):  # the shared reading threads allowed as many as 16 pools had
+        from tallpack import container
+        container.reading_threads(int(args.variant[4:]))
     path = HERE / "fam.tallpack"
     fams = [tallpack.open(path, threads=args.threads, cache_bytes=args.cache_mb << 20) for _ in range(args.archives)]
     names = fams[0].keys("a")
@@ -91,7 +100,9 @@ def child(args: argparse.Namespace) -> None:
     def request(i: int) -> None:
         rnd = random.Random(i)
         try:
-            while not stop.is_set():
+            for _ in range(args.per_thread or 1 << 62):
+                if stop.is_set():
+                    break
                 fam, task = rnd.choice(fams), rnd.choice(TASKS)
                 t0 = time.perf_counter()
                 if rnd.random() < 0.3:
@@ -116,9 +127,11 @@ def child(args: argparse.Namespace) -> None:
     t0, cpu0 = time.perf_counter(), os.times()
     for th in threads:
         th.start()
-    while time.perf_counter() - t0 < args.seconds:
+    while time.perf_counter() - t0 < args.seconds or args.per_thread:
         time.sleep(0.25)
         samples.append(status())
+        if args.per_thread and idle._value == len(threads):  # every request thread done (fixed work)
+            break
     stop.set()
     for th in threads:
         idle.acquire()
@@ -175,7 +188,7 @@ def run(args: argparse.Namespace) -> None:
             for tree, v in [(t, v) for v in args.variants for t in args.trees]:  # alternated, same run
                 cmd = [sys.executable, __file__, "child", "--archives", str(n), "--threads", str(args.threads),
                        "--requests", str(args.requests), "--seconds", str(args.seconds), "--variant", v,
-                       "--cache-mb", str(args.cache_mb), "--idle-wait", str(args.idle_wait)]
+                       "--cache-mb", str(args.cache_mb), "--idle-wait", str(args.idle_wait), "--per-thread", str(args.per_thread)]
                 env = dict(os.environ, PYTHONPATH=tree) if tree else None
                 out = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
                 if out.returncode:
@@ -197,6 +210,8 @@ def main() -> None:
         q.add_argument("--requests", type=int, default=8)
         q.add_argument("--seconds", type=float, default=20)
         q.add_argument("--cache-mb", type=int, default=1024)
+        q.add_argument("--per-thread", type=int, default=0,
+                       help="a fixed number of requests per thread instead of --seconds (CPU per work)")
         q.add_argument("--idle-wait", type=float, default=12, help="seconds idle before a second sample")
         if name == "run":
             q.add_argument("--archives", type=int, nargs="+", default=[1, 4, 16])
