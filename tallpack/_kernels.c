@@ -477,9 +477,10 @@ static void tall_planes_f16_loop(const uint8_t *bs, const uint8_t *bt, int rb, c
 __attribute__((target("avx2"))) static inline __m256i bf16_rne8(__m256 v) {
     const __m256i u = _mm256_castps_si256(v), one = _mm256_set1_epi32(1);
     __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), one);
-    __m256i r = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7FFF)), lsb), 16);
-    __m256i nan = _mm256_cmpgt_epi32(_mm256_and_si256(u, _mm256_set1_epi32(0x7FFFFFFF)), _mm256_set1_epi32(0x7F800000));
-    return _mm256_or_si256(r, _mm256_and_si256(nan, _mm256_set1_epi32(0xFFFF)));
+    __m256i t = _mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7FFF)), lsb);
+    /* a NaN lane (unordered with itself, whatever MXCSR says) all ones, so 0xFFFF once shifted */
+    __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+    return _mm256_srli_epi32(_mm256_or_si256(t, nan), 16);
 }
 
 /* tall_planes_bf16_loop and tall_planes_f16_loop, 32 elements at a time: the base widened exactly

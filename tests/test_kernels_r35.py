@@ -83,3 +83,20 @@ def test_rebuilds_from_planes_streamed_give_the_same_bits(portable, k, offset, b
         getattr(module, name)(*args, out, bits)
         assert np.array_equal(_canon(out, width, out_kind), want), module
         assert _guard_intact(buf, offset, n)
+
+
+def test_bfloat16_nans_narrow_to_all_ones_in_every_build(portable):  # noqa: F811
+    """bf16_rne8 finds NaN lanes by comparing each sum with itself: every NaN, of any sign and
+    payload, still gives 0xFFFF, as the scalar loop (and torch's vectorized cast) give."""
+    rng = np.random.default_rng(3)
+    n = 4013  # the AVX2 loop's steps and the scalar tail
+    payload = rng.integers(1, 1 << 23, n, dtype=np.uint32)
+    payload[:23] = np.uint32(1) << np.arange(23, dtype=np.uint32)
+    nans = (payload | np.uint32(0x7F800000) | (rng.integers(0, 2, n, dtype=np.uint32) << np.uint32(31))).view(np.float32)
+    merged = np.where(rng.random(n) < 0.5, nans, rng.standard_normal(n).astype(np.float32))
+    isnan = np.isnan(merged)
+    for module in (_kernels, portable):
+        out = np.full(n, 0x5A5A, np.uint16)
+        module.tall_planes_bf16(_planes_of(np.zeros(n, np.uint16), 0), 0, _planes_of(merged, 0), 0, np.ones(n, np.uint8),
+                                out)
+        assert (out[isnan] == 0xFFFF).all() and not (out[~isnan] == 0xFFFF).any()
