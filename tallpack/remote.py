@@ -38,9 +38,8 @@ DEFAULT_GAP = 64
 #: ``benchmarks/rounds/r35/D_net.py``). A fixed 16 KiB bridged that family's holes but no larger
 #: ones (a tensor a chunk, more tasks: holes of whole masks), and 64 KiB fetched 43% more of a
 #: 12-task family's; a hole of 1 MiB takes some 10-20 ms at one connection's 50-100 MB/s, about
-#: the wait for a request's first byte that bridging it saves. (0, no hole bridged, until the tests
-#: that bound a read's bytes by its chunks and padding allow the 1/8: ``/tmp/r35/D_bridge.patch``.)
-BRIDGE_MAX = 0
+#: the wait for a request's first byte that bridging it saves.
+BRIDGE_MAX = 1 << 20
 BRIDGE_SHARE = 1 / 8
 #: One merged request covers at most this many bytes (larger ones are split, and run concurrently):
 #: a 64 MiB window (``container.PREFETCH_BYTES``) goes as about CONCURRENT_REQUESTS requests at once.

@@ -187,8 +187,9 @@ def test_exact_rows_over_http_fetch_only_their_chunks(http_server, packed):
         refs = [entry.tasks["t0"].extras["exact"].residual, *exact._reference_refs(entry, entry.tasks["t0"])]
         chunks = [c for r in refs for c in r.chunks[1000 * COLS // CHUNK : -(-1100 * COLS // CHUNK)]]
         need = sum(c.nbytes for c in chunks)
-        # the chunks of those rows and the padding between, each once, not the tensor's
-        assert need <= http_server.served() <= need + 63 * len(chunks)
+        # the chunks of those rows and the padding between, each once, not the tensor's (and holes
+        # between them bridged for at most 1/8 more: remote.BRIDGE_SHARE)
+        assert need <= http_server.served() <= need + need // 8 + 63 * len(chunks)
         assert http_server.gets() <= len(chunks)
 
 
