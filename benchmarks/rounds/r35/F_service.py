@@ -32,6 +32,7 @@ import ctypes
 import json
 import os
 import random
+import resource
 import statistics
 import subprocess
 import sys
@@ -124,7 +125,7 @@ def child(args: argparse.Namespace) -> None:
     base = status()
     samples = []
     threads = [threading.Thread(target=request, args=(i,)) for i in range(args.requests)]
-    t0, cpu0 = time.perf_counter(), os.times()
+    t0, cpu0, faults0 = time.perf_counter(), os.times(), resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     for th in threads:
         th.start()
     while time.perf_counter() - t0 < args.seconds or args.per_thread:
@@ -136,6 +137,7 @@ def child(args: argparse.Namespace) -> None:
     for th in threads:
         idle.acquire()
     cpu1, wall = os.times(), time.perf_counter() - t0
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults0
     time.sleep(0.3)
     cached = sum(f._cache.size for f in fams)
     idle_open = status()  # request threads alive and idle, archives open
@@ -168,6 +170,7 @@ def child(args: argparse.Namespace) -> None:
         "peak_threads": max(s["Threads"] for s in samples),
         "reads": {k: len(v) for k, v in times.items()},
         "cpu_s": round(cpu1.user + cpu1.system - cpu0.user - cpu0.system, 1), "wall_s": round(wall, 1),
+        "sys_s": round(cpu1.system - cpu0.system, 1), "minor_faults_k": faults // 1000,
         "load": round(os.getloadavg()[0], 1),
         "median_ms": {k: round(1000 * statistics.median(v), 1) if v else None for k, v in times.items()},
         "idle": {"anon_mb": mb(idle_open["RssAnon"]), "threads": idle_open["Threads"], "cached_mb": mb(cached / 1024),
