@@ -90,3 +90,35 @@ def test_remote_verify_checks_large_originals_in_runs_as_a_local_one(exact_large
     with tallpack.open(exact_large["url"]) as fam:
         assert fam.verify() == []
     assert calls == local
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    g = torch.Generator().manual_seed(0)
+    base = {"w": torch.randn(64, 32, generator=g)}
+    tasks = {t: {"w": base["w"] + 0.01 * torch.randn(64, 32, generator=g) * (torch.rand(64, 32, generator=g) < .3)}
+             for t in "ab"}
+    path = tmp_path_factory.mktemp("small") / "small.tallpack"
+    tallpack.pack(base, tasks, path, chunk_elements=256)
+    return path
+
+
+@pytest.mark.xfail(strict=True, reason="reader.py: /tmp/r35/R_slice_uint8.patch")
+@pytest.mark.parametrize("value", [0, 1])
+def test_a_0d_uint8_tensor_index_is_a_mask_as_torch_takes_it(small, value):
+    """torch takes a uint8 index tensor for a byte mask (as a bool one): ``t[tensor(1, uint8)]`` is
+    ``t[None]``, ``t[tensor(0, uint8)]`` empty. 6e93d91 read it as the row of that number."""
+    with tallpack.open(small) as fam:
+        full = fam.get_tensor("a", "w")
+        idx = torch.tensor(value, dtype=torch.uint8)
+        got, want = fam.get_slice("a", "w")[idx], full[idx]
+    assert got.shape == want.shape and torch.equal(got, want)
+
+
+@pytest.mark.parametrize("idx", [torch.tensor(5, dtype=torch.int8), torch.tensor(-1), 3, -64, slice(70, 80),
+                                 slice(10, 5), (slice(2, 4), 1), (torch.tensor(2), slice(None, 3))])
+def test_slices_take_what_torch_takes(small, idx):
+    with tallpack.open(small) as fam:
+        full = fam.get_tensor("b", "w")
+        got, want = fam.get_slice("b", "w")[idx], full[idx]
+    assert got.shape == want.shape and torch.equal(got, want)
