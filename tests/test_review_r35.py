@@ -122,3 +122,22 @@ def test_slices_take_what_torch_takes(small, idx):
         full = fam.get_tensor("b", "w")
         got, want = fam.get_slice("b", "w")[idx], full[idx]
     assert got.shape == want.shape and torch.equal(got, want)
+
+
+def test_an_exact_unpack_of_a_remote_archive_in_numpy_writes_the_originals(http_server, tmp_path, monkeypatch):
+    """8600cd1's numpy rebuild reading a remote archive (its runs prefetched through ``_Bytes.source``),
+    tensors rebuilt in runs: the original files, byte for byte."""
+    from tallpack.encodings import exact as exact_mod
+    from test_exact_numpy_r35 import _family, _sha
+
+    monkeypatch.setattr(exact_mod, "RUNS_FROM", 256)
+    monkeypatch.setattr(exact_mod, "RUN_ELEMENTS", 512)
+    base, paths = _family(tmp_path / "f", torch.bfloat16, nan_task=False)
+    arch = tmp_path / "n.tallpack"
+    tallpack.pack(str(base), {k: str(v) for k, v in paths.items()}, str(arch), exact=True, chunk_elements=128)
+    shutil.copy(arch, http_server.root / "r-numpy.tallpack")
+    with tallpack.open(f"{http_server.url}/r-numpy.tallpack") as fam:
+        for t in ("t0", "t2"):
+            tallpack.write_task(fam, t, tmp_path / f"out-{t}", exact=True)
+    for t in ("t0", "t2"):
+        assert _sha(tmp_path / f"out-{t}" / f"{t}.safetensors") == _sha(paths[t])
