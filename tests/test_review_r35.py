@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import threading
 
 import pytest
 import torch
@@ -141,3 +142,28 @@ def test_an_exact_unpack_of_a_remote_archive_in_numpy_writes_the_originals(http_
             tallpack.write_task(fam, t, tmp_path / f"out-{t}", exact=True)
     for t in ("t0", "t2"):
         assert _sha(tmp_path / f"out-{t}" / f"{t}.safetensors") == _sha(paths[t])
+
+
+@pytest.mark.xfail(strict=True, reason="container.py is helper F's: /tmp/r35/R_share_close.patch")
+def test_an_archives_close_does_not_wait_for_other_archives_work():
+    """7e29f02: an archive's close (its share's ``shutdown``) waits for its own work; work of its
+    still queued behind another archive's (a read that failed on its first array leaves the others
+    queued; a stalled remote read holds the threads) waited for that other work to end. Its own
+    pool's idle threads took it at once before; now the closing thread runs it."""
+    from tallpack.container import ReadingThreads
+
+    pool = ReadingThreads(1)
+    other, mine = pool.share(), pool.share()
+    release = threading.Event()
+    long = other.submit(release.wait, 60)  # the only thread, busy with another archive's read
+    left = mine.submit(pow, 2, 10)  # queued, and nobody waits on it (its read failed before it)
+    closer = threading.Thread(target=mine.shutdown)
+    closer.start()
+    closer.join(5)
+    try:
+        assert not closer.is_alive(), "the close waits for another archive's work"
+        assert left.result(timeout=1) == 1024 and not long.done()
+    finally:
+        release.set()
+        closer.join()
+        other.shutdown()
