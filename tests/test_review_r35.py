@@ -167,3 +167,16 @@ def test_an_archives_close_does_not_wait_for_other_archives_work():
         release.set()
         closer.join()
         other.shutdown()
+
+
+@pytest.mark.xfail(strict=True, reason="reader.py: /tmp/r35/R_slice_closed.patch")
+def test_an_empty_share_of_a_closed_archive_says_it_is_closed(small):
+    """A slice handle taken before the close: every share's read says the archive is closed
+    (7d4e26a says so for get_slice), but 6e93d91's empty share gave an empty tensor."""
+    fam = tallpack.open(small)
+    s = fam.get_slice("a", "w")
+    fam.close()
+    with pytest.raises(tallpack.ArchiveClosedError):
+        s[0:3]
+    with pytest.raises(tallpack.ArchiveClosedError):
+        s[5:5]
