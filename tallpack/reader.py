@@ -19,7 +19,7 @@ import warnings
 import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Executor, Future
 from concurrent.futures import thread as _futures_thread
 from functools import partial
 from typing import TYPE_CHECKING, Any, Literal, NamedTuple, TypeVar, cast, overload
@@ -30,7 +30,7 @@ from ._torch import cpu_default, torch
 from . import kernels
 from .arrays import ArrayRef
 from .cache import DEFAULT_CACHE_BYTES, ByteLRU
-from .container import FOOTER, PLANAR_DTYPES, PREFETCH_BYTES, ContainerReader
+from .container import FOOTER, PLANAR_DTYPES, PREFETCH_BYTES, ContainerReader, reading_threads
 from .dtypes import SAFETENSORS_DTYPES, bytes_to_tensor, torch_dtype, view_tensor
 from .elements import numel
 from .encodings import Encoding, TaskTensor, TensorEntry, Use, encoding_for, iter_arrays
@@ -116,7 +116,7 @@ class Archive:
         #: of its last byte in the file, checked at every use as a read is (``_view``)
         self._views: dict[tuple, tuple[torch.Tensor, int]] = {}
         self.threads = threads or kernels.default_threads()
-        self._pool: ThreadPoolExecutor | None = None
+        self._pool: Executor | None = None
         self._pool_lock = threading.Lock()
         self._slots = ThreadBuffers()  # read_array's reused buffers, per thread
         self._plans: dict[tuple[str, str, bool], _Plan] = {}  # _rebuild's, per (task, tensor or group name, group)
@@ -186,16 +186,17 @@ class Archive:
         if not any(not a._closed for a in list(_OPEN)):
             release_thread_buffers()  # the decoding buffers the caller's threads kept for the next read
 
-    def _workers(self) -> ThreadPoolExecutor | None:
-        """The archive's thread pool (decoding releases the GIL), made on first use; None for one thread."""
+    def _workers(self) -> Executor | None:
+        """The archive's share of the process's reading threads (decoding releases the GIL), which
+        every open archive shares (``container.reading_threads``), taken on first use; None for one
+        thread."""
         if self.threads <= 1:
             return None
         with self._pool_lock:
             if self._closed:
                 raise ArchiveClosedError(f"{self.name}: the archive is closed")
             if self._pool is None:
-                self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="tallpack-read",
-                                                initializer=kernels.mark_worker)
+                self._pool = reading_threads(self.threads).share()
             return self._pool
 
     def __repr__(self) -> str:
@@ -278,7 +279,7 @@ class Archive:
         return entry, entry.tasks[task]
 
     # -- reading -----------------------------------------------------------------------------
-    def _submit(self, pool: ThreadPoolExecutor, fn, *args):
+    def _submit(self, pool: Executor, fn, *args):
         try:
             return pool.submit(fn, *args)
         except RuntimeError as e:
@@ -474,7 +475,7 @@ class Archive:
         held.add(a, b)
         self._keep(("derived-merged-rows", entry.name), held, whole)
 
-    def _rebuild(self, task: str, name: str, pool: ThreadPoolExecutor | None, exact: bool = False,
+    def _rebuild(self, task: str, name: str, pool: Executor | None, exact: bool = False,
                  device: torch.device | str | None = None, rows: tuple[int, int] | None = None,
                  prefetch: bool = True, parts: list[Member] | None = None) -> Any:
         """One tensor (with ``rows``, rows ``[r0, r1)`` of its first dimension) of one task;
@@ -993,7 +994,7 @@ class Archive:
                 keep(batch[i][0], result)
         return {k: got[self._resolve(task, k)] for k in sd}  # an alias: the same tensor as its target
 
-    def _share(self, pool: ThreadPoolExecutor, jobs: list[Callable[[], Any]], sizes: list[int]) -> list[Any]:
+    def _share(self, pool: Executor, jobs: list[Callable[[], Any]], sizes: list[int]) -> list[Any]:
         """Each job's result, run by this thread and the pool's together (``_together``). Jobs
         come largest first (``sizes``, decoded bytes); the pool's threads stop at the first under
         SHARE_BYTES, and this thread does those alone: threads that hand the GIL back and forth
@@ -1001,7 +1002,7 @@ class Archive:
         shared = sum(1 for n in sizes if n >= SHARE_BYTES)
         return self._together(pool, len(jobs), lambda i: jobs[i](), min(self.threads, shared) - 1, sizes)
 
-    def _together(self, pool: ThreadPoolExecutor, n: int, fn: Callable[[int], Any], helpers: int,
+    def _together(self, pool: Executor, n: int, fn: Callable[[int], Any], helpers: int,
                   sizes: list[int] | None = None) -> list[Any]:
         """``[fn(i) for i in range(n)]`` by this thread and ``helpers`` of the pool's threads: each
         takes the next index when it finishes one. No future per item, so hundreds of small
