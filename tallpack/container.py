@@ -967,11 +967,15 @@ class _Work(Future):
         else:
             self.set_result(result)
 
-    def result(self, timeout: float | None = None) -> Any:
+    def run_if_queued(self) -> None:
+        """Run it here if no thread has taken it yet (else it is running, or done)."""
         pool = self._pool
         if pool is not None and pool._claim(self):
             with kernels.as_worker():  # as on the threads: beside other work, loops run unsplit
                 self.run()
+
+    def result(self, timeout: float | None = None) -> Any:
+        self.run_if_queued()
         return super().result(timeout)
 
 
@@ -1010,6 +1014,12 @@ class ThreadShare(Executor):
             for f in pending:
                 f.cancel()
         if wait:
+            # its work still queued (behind other archives' reads, or left by a read that failed
+            # on its first array) runs here, as its own pool's idle threads took it: the close
+            # waited for other archives' work otherwise (a stalled remote read: its timeouts)
+            for f in pending:
+                if isinstance(f, _Work):
+                    f.run_if_queued()
             _wait(pending)
 
 

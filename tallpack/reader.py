@@ -1583,11 +1583,15 @@ class _CheckedFirst:
         self._checks.ahead(member[0].name if member is not None else target)
         return a.get_tensor(task, name, **kwargs)
 
-    def read_array(self, ref: ArrayRef | DerivedMerged, where: str, *args: Any, **kwargs: Any) -> torch.Tensor:
+    def read_array(self, ref: ArrayRef | DerivedMerged, where: str, use: Use = Use.OUTPUT, *, start: int = 0,
+                   stop: int | None = None, **kwargs: Any) -> torch.Tensor:
+        """``Archive.read_array``, once ``ref``'s entry's chunks are checked. Its ``start``/``stop``
+        are named: ``exact.in_runs`` asks a reader's signature for ``stop``, and without it every
+        large tensor's originals were rebuilt whole, one task at a time, from a remote archive."""
         entry = ref.entry.name if isinstance(ref, DerivedMerged) else self._checks.owner.get(id(ref))
         if entry is not None:
             self._checks.ahead(entry)
-        return self._archive.read_array(ref, where, *args, **kwargs)
+        return self._archive.read_array(ref, where, use, start=start, stop=stop, **kwargs)
 
 
 def _batches(items: list[tuple[Any, list[ArrayRef]]]) -> list[list[tuple[Any, list[ArrayRef]]]]:
@@ -1799,6 +1803,8 @@ class TensorSlice:
         if rows is None or rows == (0, shape[0]):  # (all rows: as get_tensor)
             return _own(self._archive.get_tensor(self._task, self._name, exact=self._exact), index)
         if rows[0] == rows[1]:  # no rows (a rank whose share is empty): nothing to read
+            if self._archive._closed:  # (as any other share's read says, and get_slice)
+                raise ArchiveClosedError(f"{self._archive.name}: the archive is closed")
             empty = torch.empty((0, *shape[1:]), dtype=torch_dtype(self._tt.dtype))
             return _own(empty, rest) if rest != (slice(None),) else empty
         part = self._archive._rebuild(self._task, self._name, self._archive._workers(), self._exact, rows=rows)
@@ -1808,8 +1814,8 @@ class TensorSlice:
 def _row(index: Any) -> int | None:
     """``index`` as the one row torch takes it for: an int, a numpy integer or a 0-d integer tensor
     (a rank's or an expert's number as a program computes it), else None."""
-    if isinstance(index, torch.Tensor):
-        whole = not (index.is_floating_point() or index.is_complex() or index.dtype == torch.bool)
+    if isinstance(index, torch.Tensor):  # (torch takes a uint8 tensor for a mask, as a bool one)
+        whole = not (index.is_floating_point() or index.is_complex() or index.dtype in (torch.bool, torch.uint8))
         return int(index) if index.ndim == 0 and whole else None
     return int(index) if isinstance(index, numbers.Integral) and not isinstance(index, bool) else None
 

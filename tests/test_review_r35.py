@@ -65,7 +65,6 @@ def exact_large(http_server, tmp_path_factory):
     return {"local": local, "url": f"{http_server.url}/r-large.tallpack"}
 
 
-@pytest.mark.xfail(strict=True, reason="reader.py is helper D's: /tmp/r35/R_checked_first_ranges.patch")
 def test_remote_verify_checks_large_originals_in_runs_as_a_local_one(exact_large, monkeypatch):
     """verify's rebuild of the originals reads through ``_CheckedFirst.read_array`` from a remote
     source (22075ec); ``exact.in_runs`` asks that reader's signature for ``stop``: a wrapper taking
@@ -104,7 +103,6 @@ def small(tmp_path_factory):
     return path
 
 
-@pytest.mark.xfail(strict=True, reason="reader.py: /tmp/r35/R_slice_uint8.patch")
 @pytest.mark.parametrize("value", [0, 1])
 def test_a_0d_uint8_tensor_index_is_a_mask_as_torch_takes_it(small, value):
     """torch takes a uint8 index tensor for a byte mask (as a bool one): ``t[tensor(1, uint8)]`` is
@@ -144,7 +142,6 @@ def test_an_exact_unpack_of_a_remote_archive_in_numpy_writes_the_originals(http_
         assert _sha(tmp_path / f"out-{t}" / f"{t}.safetensors") == _sha(paths[t])
 
 
-@pytest.mark.xfail(strict=True, reason="container.py is helper F's: /tmp/r35/R_share_close.patch")
 def test_an_archives_close_does_not_wait_for_other_archives_work():
     """7e29f02: an archive's close (its share's ``shutdown``) waits for its own work; work of its
     still queued behind another archive's (a read that failed on its first array leaves the others
@@ -169,7 +166,6 @@ def test_an_archives_close_does_not_wait_for_other_archives_work():
         other.shutdown()
 
 
-@pytest.mark.xfail(strict=True, reason="reader.py: /tmp/r35/R_slice_closed.patch")
 def test_an_empty_share_of_a_closed_archive_says_it_is_closed(small):
     """A slice handle taken before the close: every share's read says the archive is closed
     (7d4e26a says so for get_slice), but 6e93d91's empty share gave an empty tensor."""

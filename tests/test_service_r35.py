@@ -167,43 +167,49 @@ def test_idle_reading_threads_let_go_of_every_threads_buffers(quick):
 
 def test_settle_gives_back_freed_memory():
     """``memory.settle`` hands the allocator's free pages back: after blocks of a few MB are
-    freed on several threads (what reads do), the resident anonymous memory falls."""
-    import ctypes
+    freed on several threads (what reads do), the resident anonymous memory falls. Measured in a
+    fresh process: in a test worker, earlier tests move glibc's mmap threshold and arenas."""
+    import subprocess
     import sys
 
     if not sys.platform.startswith("linux") or memory._TRIM is None:
         pytest.skip("glibc's malloc_trim: Linux")
+    code = """
+import ctypes, threading
+from tallpack import memory
 
-    def anon() -> int:
-        with open("/proc/self/status") as f:
-            return next(int(line.split()[1]) for line in f if line.startswith("RssAnon:")) << 10
+def anon():
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("RssAnon:")) << 10
 
-    libc = ctypes.CDLL(None)
-    libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
-    libc.free.argtypes = [ctypes.c_void_p]
+libc = ctypes.CDLL(None)
+libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+libc.free.argtypes = [ctypes.c_void_p]
+held = []
 
-    def churn() -> None:  # 2 MB blocks, touched and freed below a block still held: kept in the arena
-        libc.free(libc.malloc(8 << 20))  # (glibc's mmap threshold grows past what is freed)
-        blocks = []
-        for _ in range(32):
-            p = libc.malloc(2 << 20)
-            ctypes.memset(p, 1, 2 << 20)
-            blocks.append(p)
-        held.append(libc.malloc(64))  # (freed at the end: the arena's top stays in use meanwhile)
-        for p in blocks:
-            libc.free(p)
-
-    held: list[int] = []
-    threads = [threading.Thread(target=churn) for _ in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    before = anon()
-    memory.settle()
-    after = anon()
-    for p in held:
+def churn():  # 2 MB blocks, touched and freed below a block still held: kept in the arena
+    libc.free(libc.malloc(8 << 20))  # (glibc's mmap threshold grows past what is freed)
+    blocks = []
+    for _ in range(32):
+        p = libc.malloc(2 << 20)
+        ctypes.memset(p, 1, 2 << 20)
+        blocks.append(p)
+    held.append(libc.malloc(64))  # (freed at the end: the arena's top stays in use meanwhile)
+    for p in blocks:
         libc.free(p)
+
+threads = [threading.Thread(target=churn) for _ in range(4)]
+for t in threads:
+    t.start()
+for t in threads:
+    t.join()
+before = anon()
+memory.settle()
+print(before, anon())
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    before, after = map(int, out.stdout.split())
     assert after < before - (64 << 20), (before >> 20, after >> 20)
 
 
