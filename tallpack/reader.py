@@ -186,6 +186,11 @@ class Archive:
         if not any(not a._closed for a in list(_OPEN)):
             release_thread_buffers()  # the decoding buffers the caller's threads kept for the next read
 
+    def _require_open(self) -> None:
+        """ArchiveClosedError when the archive is closed (a read of it would say the same)."""
+        if self._closed:
+            raise ArchiveClosedError(f"{self.name}: the archive is closed")
+
     def _workers(self) -> Executor | None:
         """The archive's share of the process's reading threads (decoding releases the GIL), which
         every open archive shares (``container.reading_threads``), taken on first use; None for one
@@ -193,8 +198,7 @@ class Archive:
         if self.threads <= 1:
             return None
         with self._pool_lock:
-            if self._closed:
-                raise ArchiveClosedError(f"{self.name}: the archive is closed")
+            self._require_open()
             if self._pool is None:
                 self._pool = reading_threads(self.threads).share()
             return self._pool
@@ -871,8 +875,7 @@ class Archive:
 
         >>> fam.get_slice("cars", "embed.weight", exact=True)[0:1000]
         """
-        if self._closed:  # (as a read would say: a handle of a closed archive reads nothing)
-            raise ArchiveClosedError(f"{self.name}: the archive is closed")
+        self._require_open()  # (a handle of a closed archive could read nothing)
         if exact:
             self.require_exact(task)
         name = self._resolve(task, name)
@@ -1155,8 +1158,7 @@ class Archive:
     def packed_bits(self, ref: ArrayRef, where: str) -> np.ndarray:
         """A bit-packed bool array's bits (element i in bit i % 8 of byte i // 8), checked and
         decoded without building a tensor (``inspect --tensors`` counts masks with it)."""
-        if self._closed:
-            raise ArchiveClosedError(f"{self.name}: the archive is closed")
+        self._require_open()
         out = bytearray((ref.numel + 7) // 8)
         self._c.read_bits(ref, f"{where}", memoryview(out))
         return np.frombuffer(out, dtype=np.uint8)
@@ -1803,8 +1805,7 @@ class TensorSlice:
         if rows is None or rows == (0, shape[0]):  # (all rows: as get_tensor)
             return _own(self._archive.get_tensor(self._task, self._name, exact=self._exact), index)
         if rows[0] == rows[1]:  # no rows (a rank whose share is empty): nothing to read
-            if self._archive._closed:  # (as any other share's read says, and get_slice)
-                raise ArchiveClosedError(f"{self._archive.name}: the archive is closed")
+            self._archive._require_open()  # (as any other share's read says, and get_slice)
             empty = torch.empty((0, *shape[1:]), dtype=torch_dtype(self._tt.dtype))
             return _own(empty, rest) if rest != (slice(None),) else empty
         part = self._archive._rebuild(self._task, self._name, self._archive._workers(), self._exact, rows=rows)
