@@ -780,12 +780,26 @@ def _harmless_globals() -> contextlib.AbstractContextManager[Any]:
     safe = getattr(torch.serialization, "safe_globals", None)
     held: list[Any] = getattr(torch.serialization, "get_safe_globals", list)()
     harmless: list[Any] = [c for c in _HARMLESS if c not in held]
-    if _torch_at_least(2, 6):  # (a class under another's name): another system's concrete path, as its pure one
+    if _torch_at_least(2, 6):  # (a class under another's name)
         other, pure = ((pathlib.WindowsPath, pathlib.PureWindowsPath) if os.name != "nt"
                        else (pathlib.PosixPath, pathlib.PurePosixPath))
-        if other in harmless:  # (it cannot be made here: 'cannot instantiate WindowsPath on your system')
-            harmless[harmless.index(other)] = (pure, f"pathlib.{other.__name__}")
+        for cls in [c for c in harmless if c.__module__.startswith("pathlib")]:
+            # another system's concrete path, as its pure one (it cannot be made here: 'cannot
+            # instantiate WindowsPath on your system'); and each path under both of its names: Python
+            # 3.13 pickles ``pathlib._local.WindowsPath`` where earlier ones wrote ``pathlib.WindowsPath``
+            made = pure if cls is other else cls
+            names = {f"{module}.{cls.__name__}" for module in _PATH_MODULES}
+            if made is cls:
+                names.discard(f"{cls.__module__}.{cls.__qualname__}")  # (the class itself is that name)
+            else:
+                harmless.remove(cls)
+            harmless += [(made, name) for name in sorted(names)]
     return safe(harmless) if safe is not None else contextlib.nullcontext()
+
+
+#: The modules a pickled ``pathlib`` class is named in: ``pathlib`` up to Python 3.12, ``pathlib._local``
+#: from 3.13.
+_PATH_MODULES = ("pathlib", "pathlib._local")
 
 
 def _torch_at_least(major: int, minor: int) -> bool:
