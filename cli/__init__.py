@@ -36,6 +36,24 @@ def begin() -> None:
             signal.signal(signal.SIGINT, _terminated_loading)
     except ValueError:  # not the main thread: a caller's process keeps its handlers
         pass
+    whole_writes()
+
+
+def whole_writes() -> None:
+    """Standard output and error written whole, or not at all: under ``PYTHONUNBUFFERED=1`` (``-u``;
+    Docker's and CI's usual setting) Python writes text straight to the file descriptor and takes a
+    short write as done, so output cut short by a reader that left (``| head -1``) or a full disk
+    (``> report.txt``) ended in exit 0 and a partial file, not 141 or 1. A buffered layer between
+    retries the rest of a short write, which then fails as it should; click flushes each line."""
+    import io
+    import sys
+
+    for name in ("stdout", "stderr"):
+        stream = getattr(sys, name)
+        raw = getattr(stream, "buffer", None)
+        if isinstance(stream, io.TextIOWrapper) and isinstance(raw, io.RawIOBase):
+            setattr(sys, name, io.TextIOWrapper(io.BufferedWriter(raw), encoding=stream.encoding,
+                                                errors=stream.errors, line_buffering=True, write_through=True))
 
 
 def as_module() -> bool:

@@ -423,8 +423,20 @@ def _exists(path: str) -> bool:
         return False
 
 
-#: Paths and URLs, as given (nothing checked here), completed as file names by the shell's completion.
-_PATH = click.Path(path_type=str)
+class _PathOrUrl(click.Path):
+    """A path or a URL, as given, completed as a file name by the shell's completion; ``-`` (a
+    script's way to say standard input or output) is refused, not taken as a file named ``-``:
+    ``pack -o - | aws s3 cp - ...`` wrote ``./-`` and uploaded nothing."""
+
+    def convert(self, value: object, param: click.Parameter | None, ctx: click.Context | None) -> object:
+        if value == "-":
+            self.fail("'-' (standard input or output) is not supported: tallpack reads and writes files by name; "
+                      "give a path (./- for a file named -) or a URL (s3://...)", param, ctx)
+        return super().convert(value, param, ctx)
+
+
+#: Paths and URLs, as given (nothing else checked here).
+_PATH = _PathOrUrl(path_type=str)
 
 
 def _output(ctx: click.Context, param: click.Parameter, value: str) -> str:

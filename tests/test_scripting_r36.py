@@ -73,9 +73,6 @@ _DASH_COMMANDS = {
 }
 
 
-@pytest.mark.xfail(strict=True, reason="'-' is taken as a file or folder named '-': pack -o - writes ./- and "
-                                       "exits 0, inspect - says 'no such archive' (exit 1); fix: "
-                                       "/tmp/r36/H_dash_paths.patch (cli/main.py)")
 @pytest.mark.parametrize("what", list(_DASH_COMMANDS))
 def test_dash_for_stdin_or_stdout_is_a_usage_error_and_writes_nothing(what, packed, family, tmp_path):
     """``tallpack pack ... -o - | aws s3 cp - s3://...`` is how a script streams; tallpack writes
@@ -114,10 +111,7 @@ def _many_tensors(tmp_path: Path) -> Path:
 
 @pytest.mark.parametrize("unbuffered", [
     pytest.param(False, id="buffered"),
-    pytest.param(True, id="PYTHONUNBUFFERED=1", marks=pytest.mark.xfail(strict=True, reason=(
-        "under PYTHONUNBUFFERED=1 sys.stdout writes straight to fd 1 and takes a short write as done: "
-        "exit 0 and a cut table, not 141 (and `> report.txt` on a full disk: exit 0, a 64 KiB file); "
-        "fix: /tmp/r36/H_unbuffered_stdout.patch (cli/__init__.py)"))),
+    pytest.param(True, id="PYTHONUNBUFFERED=1"),
 ])
 def test_reader_gone_mid_output_exits_141_with_or_without_pythonunbuffered(unbuffered, tmp_path):
     """``tallpack inspect X --tensors | head -1`` with ``set -o pipefail``: the documented 141, no
