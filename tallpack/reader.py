@@ -19,7 +19,7 @@ import warnings
 import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from concurrent.futures import Executor, Future
+from concurrent.futures import Executor, Future, wait
 from concurrent.futures import thread as _futures_thread
 from functools import partial
 from typing import TYPE_CHECKING, Any, Literal, NamedTuple, TypeVar, cast, overload
@@ -587,8 +587,16 @@ class Archive:
 
         slots = device is None and encoding.fresh_output(tt)
         if pool is not None and run is None and self._worth_threads(needed, device, rows is None, planar):
-            futures = {k: self._submit(pool, read, k, ref, use) for k, (ref, use) in needed.items()}
-            arrays = {k: f.result() for k, f in futures.items()}
+            futures: dict[str, Future] = {}
+            try:
+                for k, (ref, use) in needed.items():
+                    futures[k] = self._submit(pool, read, k, ref, use)
+                arrays = {k: f.result() for k, f in futures.items()}
+            except BaseException:  # (a damaged input, Ctrl-C): the others end before the caller
+                for f in futures.values():  # hears of it, not while it closes the archive or reads on
+                    f.cancel()
+                wait(futures.values())
+                raise
         else:  # read here, and dropped before this thread reads again: uncached inputs may reuse buffers
             arrays = {k: read(k, ref, use, k if slots else None) for k, (ref, use) in needed.items()}
         if whole and not planar and len(bits) <= 1 and tt.encoding not in DERIVED_ENCODINGS:
