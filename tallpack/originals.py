@@ -22,6 +22,7 @@ from collections.abc import Generator, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -314,7 +315,33 @@ class _Bytes:
     def read(self, ref: ArrayRef, where: str, use: Use = Use.OUTPUT, *, start: int = 0, stop: int | None = None
              ) -> np.ndarray:
         """Elements ``[start, stop)`` of ``ref`` as bytes (uint8; read-only where a view of the
-        file), checked as ``Archive.read_array`` checks them."""
+        file or of the cache), checked as ``Archive.read_array`` checks them. A ``Use.SHARED_INPUT``
+        (a base, the same for every task) is decoded whole and kept in the archive's cache, when
+        it fits, and every read of it after that, whole or a run of it, is a view of the kept
+        bytes: an exact unpack of every task decodes each base once."""
+        stop = ref.numel if stop is None else stop
+        if use is Use.SHARED_INPUT and ref.chunks:
+            kept = self._kept(ref, where)
+            if kept is not None:
+                return kept[start * ref.itemsize : stop * ref.itemsize]
+        return self._decoded(ref, where, start, stop)
+
+    def _kept(self, ref: ArrayRef, where: str) -> np.ndarray | None:
+        """The whole array's bytes from the cache, else decoded and kept there if the cache has
+        room for them (``Archive._room``: while a task is read whole, beside what it holds); None
+        where it has not (``cache_bytes=0``): each read then decodes only its own elements."""
+        archive = self.archive
+        key = ("bytes", ref.chunks[0].offset, ref.dtype, ref.shape)  # (as reader's _cache_key: not a tensor's)
+        hit = archive._cache.get(key)
+        if hit is not None or ref.nbytes > archive._room():
+            return hit
+        data = self._decoded(ref, where, 0, ref.numel)
+        if data.flags.writeable:  # decoded, not a view of the file (which costs nothing to read again)
+            data.flags.writeable = False  # shared by every task's rebuild: none may write into it
+            archive._keep(key, data, ref.nbytes)
+        return data
+
+    def _decoded(self, ref: ArrayRef, where: str, start: int, stop: int) -> np.ndarray:
         archive = self.archive
         try:
             buf = archive._c.read_array(ref, where, start, stop)
@@ -422,6 +449,19 @@ def rebuilt_whole(archive: "Archive", task: str) -> bool:
     return rebuildable(_files(archive, task))
 
 
+def _write_file(archive: "Archive", task: str, f: dict[str, Any], seen: set, tmp: Path) -> None:
+    """One recorded file rebuilt into ``tmp``, checked against its SHA-256."""
+    h, size = hashlib.sha256(), 0
+    with open(tmp, "wb") as fh:
+        for piece in _pieces(archive, task, f, seen):
+            fh.write(piece)
+            h.update(piece)
+            size += len(piece)
+        fh.flush()
+        os.fsync(fh.fileno())
+    _check(archive, task, f, h, size)
+
+
 def write_originals(archive: "Archive", task: str, outdir: str | os.PathLike) -> tuple[list[Path], list[str]]:
     """Write the task's recorded files into ``outdir``, each checked against its SHA-256.
 
@@ -441,20 +481,11 @@ def write_originals(archive: "Archive", task: str, outdir: str | os.PathLike) ->
     # every target checked before anything is written: none leaves the folder (spec §6.5); none
     # is another's folder, the task's kept files' included (``_files``)
     targets = [(f, safe_target(out, f["name"])) for f in chosen]
-    for f, target in targets:
-
-        def write(tmp: Path, f=f) -> None:
-            h, size = hashlib.sha256(), 0
-            with open(tmp, "wb") as fh:
-                for piece in _pieces(archive, task, f, seen):
-                    fh.write(piece)
-                    h.update(piece)
-                    size += len(piece)
-                fh.flush()
-                os.fsync(fh.fileno())
-            _check(archive, task, f, h, size)
-
-        written.append(atomic_write(target, write))
+    # a whole task read, shared arrays in the same order as every task's: the cache keeps what fits
+    # beside what it holds (``Archive._scanning``), so the next task finds the same bases there
+    with archive._scanning():
+        for f, target in targets:
+            written.append(atomic_write(target, partial(_write_file, archive, task, f, seen)))
     weights = {f["name"] for f in chosen if f["role"] == "safetensors" or f["name"].endswith(".index.json")}
     if weights:  # the weights of an earlier output here (a pipeline's: in its folders) these do not replace
         ours = {p.relative_to(out).as_posix() for p in written}

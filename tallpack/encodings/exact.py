@@ -528,12 +528,12 @@ def _reference_bits(read: ReadBytes, entry: TensorEntry, tt: TaskTensor, ref: st
             return u  # its own reference (base_reference)
         return _narrowed(_widened(u, base.dtype), tt.dtype)
     inputs = Tall.plain_inputs(entry, tt)  # "tall": base + mask * merged in float32, narrowed (§6.1.1)
-    base, merged, mask = (inputs[k][0] for k in ("base", "merged", "mask"))
+    (base, base_use), (merged, merged_use), (mask, mask_use) = (inputs[k] for k in ("base", "merged", "mask"))
     if not isinstance(merged, ArrayRef) or merged.dtype != "float32" or base.dtype not in NUMPY_FLOATS:
         raise NotInNumpy("a merged vector not stored as float32")
-    b32 = _widened(read(base, f"{where} (base)", Use.INPUT, start=a, stop=b).view(NUMPY_FLOATS[base.dtype]), base.dtype)
-    m32 = read(merged, f"{where} (merged)", Use.INPUT, start=a, stop=b).view(np.float32)
-    m = read(mask, f"{where} (mask)", Use.INPUT, start=a, stop=b)
+    b32 = _widened(read(base, f"{where} (base)", base_use, start=a, stop=b).view(NUMPY_FLOATS[base.dtype]), base.dtype)
+    m32 = read(merged, f"{where} (merged)", merged_use, start=a, stop=b).view(np.float32)
+    m = read(mask, f"{where} (mask)", mask_use, start=a, stop=b)
     with np.errstate(invalid="ignore", over="ignore"):  # IEEE results (inf * 0: NaN, which is left to torch)
         v = np.add(b32, m.astype(np.float32) * m32)  # the product exact: addcmul's one rounding
     return _narrowed(v, tt.dtype)
