@@ -428,7 +428,7 @@ class _PathOrUrl(click.Path):
     script's way to say standard input or output) is refused, not taken as a file named ``-``:
     ``pack -o - | aws s3 cp - ...`` wrote ``./-`` and uploaded nothing."""
 
-    def convert(self, value: object, param: click.Parameter | None, ctx: click.Context | None) -> object:
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
         if value == "-":
             self.fail("'-' (standard input or output) is not supported: tallpack reads and writes files by name; "
                       "give a path (./- for a file named -) or a URL (s3://...)", param, ctx)

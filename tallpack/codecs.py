@@ -729,8 +729,8 @@ class ExponentPlanes(Planes):
 
     def _split(self, buf: memoryview) -> tuple[bytes, memoryview]:
         k = self.itemsize
-        src = np.frombuffer(buf, dtype=np.uint8)
-        src = src[: src.size - src.size % k].reshape(-1, k)  # (a partial element: _planes_of refuses it)
+        flat = np.frombuffer(buf, dtype=np.uint8)
+        src = flat[: flat.size - flat.size % k].reshape(-1, k)  # (a partial element: _planes_of refuses it)
         r = self._choose(src[:, k - 2], src[:, k - 1])
         return struct.pack("<I", r), self._planes_of(buf, r)  # the planes and the rotation in one pass
 

@@ -89,7 +89,7 @@ from .memory import give_back  # (glibc's malloc_trim after a large tensor's wor
 from .merging import MergeMethod, missing_statistics, score_values
 from .options import Evaluator
 from .report import format_size
-from .sums import PairwiseSum
+from .sums import PairwiseSum, add_reduce
 from .tall import blocks, compiled_kind, elements, tall_mask
 
 log = logging.getLogger(__name__)
@@ -698,7 +698,7 @@ def sum_squares(d: torch.Tensor, w: torch.Tensor | None = None, scratch: np.ndar
     sq = np.square(x, out=scratch if scratch is not None and scratch.shape == x.shape else None)
     if w is not None:
         np.multiply(sq, w.reshape(-1).numpy(), out=sq)
-    return float(np.add.reduce(sq))
+    return add_reduce(sq)
 
 
 def _squares(d: torch.Tensor, dtype: torch.dtype, w: torch.Tensor | None,
@@ -728,7 +728,7 @@ def _squared_sums(sq: np.ndarray, dtype: torch.dtype, w: torch.Tensor | None) ->
     differences are (those of float32 values stay far below float64's range), so an element that
     is not finite counts as ``overflow_error(dtype)`` squared."""
     np.square(sq, out=sq)
-    plain = float(np.add.reduce(sq))
+    plain = add_reduce(sq)
     over = 0
     if not math.isfinite(plain):
         bad = ~np.isfinite(sq)
@@ -736,11 +736,11 @@ def _squared_sums(sq: np.ndarray, dtype: torch.dtype, w: torch.Tensor | None) ->
         if over:
             e = overflow_error(dtype)
             sq[bad] = e * e
-            plain = float(np.add.reduce(sq))
+            plain = add_reduce(sq)
     if w is None:
         return plain, None, over
     np.multiply(sq, w.reshape(-1).numpy(), out=sq)
-    return float(np.add.reduce(sq)), plain, over
+    return add_reduce(sq), plain, over
 
 
 #: Elements of an original (bfloat16, float8) widened to float64 at a time by ``_Errors``.

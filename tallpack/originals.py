@@ -350,7 +350,7 @@ class _Bytes:
         except MemoryError:
             raise archive._out_of_memory(where, ref.nbytes) from None
         data = np.frombuffer(buf, np.uint8)
-        if ref.dtype == "bool" and "bitpack" not in ref.chain.ids() and len(data) and int(data.max()) > 1:
+        if ref.dtype == "bool" and "bitpack" not in ref.chain.ids() and len(data) and int(np.max(data)) > 1:
             raise FormatError(f"{archive.name}: {where}: a bool array holds bytes other than 0 and 1 (spec §4)")
         return data
 

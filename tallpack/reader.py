@@ -360,7 +360,7 @@ class Archive:
         except MemoryError:
             raise self._out_of_memory(where, ref.nbytes) from None
         shape = ref.shape if whole else (stop - start,)
-        if ref.dtype == "bool" and "bitpack" not in ref.chain.ids() and len(buf) and int(np.frombuffer(buf, np.uint8).max()) > 1:
+        if ref.dtype == "bool" and "bitpack" not in ref.chain.ids() and len(buf) and int(np.max(np.frombuffer(buf, np.uint8))) > 1:
             raise FormatError(f"{self.name}: {where}: a bool array holds bytes other than 0 and 1 (spec §4)")
         try:
             if use is Use.OUTPUT:

@@ -24,6 +24,13 @@ LEAF = 128
 ONE_TREE = np.lib.NumpyVersion(np.__version__) >= "2.3.0"
 
 
+def add_reduce(x: np.ndarray) -> float:
+    """``np.add.reduce(x)`` as a float: numpy's pairwise sum along the first axis, whose bits the
+    sums here and the dial's rely on. (numpy 2.5's stubs hide from mypy 2.4 the overload of
+    ``reduce`` for a plain array, the first one, behind its ``@override``: hence the ignore.)"""
+    return float(np.add.reduce(x))  # type: ignore[call-overload, unused-ignore]
+
+
 class PairwiseSum:
     """``np.add.reduce`` of a float64 array of ``n`` elements fed in order, in pieces of any length
     (:meth:`add`); :attr:`value` once all ``n`` are in. The same float, but for the sign of a zero.
@@ -82,7 +89,7 @@ class PairwiseSum:
         while n and s >= self._end:
             yield
         if self._start <= s and e <= self._end:  # the whole subtree in this piece
-            return float(np.add.reduce(self._piece[s - self._start : e - self._start]))
+            return add_reduce(self._piece[s - self._start : e - self._start])
         if n <= LEAF:  # a leaf cut by the piece's end: its elements gathered, then summed as one
             got, pos = [], s
             while pos < e:
@@ -91,7 +98,7 @@ class PairwiseSum:
                 stop = min(e, self._end)
                 got.append(self._piece[pos - self._start : stop - self._start].copy())
                 pos = stop
-            return float(np.add.reduce(np.concatenate(got)))
+            return add_reduce(np.concatenate(got))
         half = n // 2
         half -= half % 8
         left = yield from self._node(s, half)

@@ -101,7 +101,7 @@ def _max_abs(t: torch.Tensor) -> float:
         wide = t.dtype == torch.float32
         bits = t.reshape(-1).view(torch.int32 if wide else torch.int16).numpy()
         unsigned = bits.view(np.uint32 if wide else np.uint16)
-        top = max(int(bits.max()), int(unsigned.max()) & (0x7FFFFFFF if wide else 0x7FFF))
+        top = max(int(np.max(bits)), int(np.max(unsigned)) & (0x7FFFFFFF if wide else 0x7FFF))
         if t.dtype == torch.float16:
             return float(np.array([top], np.uint16).view(np.float16)[0])
         if t.dtype == torch.bfloat16:  # a bfloat16 is a float32's upper half
