@@ -571,11 +571,17 @@ class Archive:
         # group is kept in the cache, so that reading its members one by one decodes it once
         keep_bits = parts is not None and len(parts) < len(entry.members)
 
+        # a remote source reads the planar inputs' chunks ahead side by side, as the rebuild joins them
+        # (those the cache holds whole left out: their chunks are not read)
+        beside = (tuple(self._uncached([r for k in planar if isinstance(r := needed[k][0], ArrayRef)], device))
+                  if planar and self._c.remote else ())
+
         def read(k: str, ref: ArrayRef | DerivedMerged, use: Use, slot: str | None = None
                  ) -> torch.Tensor | Planar | Bits:
             if k in planar:
                 assert isinstance(ref, ArrayRef)  # (_planar_keys)
-                return self._read_planar(ref, f"{where} ({k})", use, k, fill=run is None)
+                ahead = (ref, *(r for r in beside if r is not ref)) if beside else ()
+                return self._read_planar(ref, f"{where} ({k})", use, k, fill=run is None, ahead=ahead)
             if k in bits:
                 assert isinstance(ref, ArrayRef)  # (_bit_keys)
                 if run is not None:  # only the chunks that hold the rows
@@ -727,7 +733,8 @@ class Archive:
             self._cache.put(key, out, size)
         return out
 
-    def _read_planar(self, ref: ArrayRef, where: str, use: Use, slot: str, fill: bool = True) -> Planar:
+    def _read_planar(self, ref: ArrayRef, where: str, use: Use, slot: str, fill: bool = True,
+                     ahead: Sequence[ArrayRef] = ()) -> Planar:
         """An array as the byte planes of its chunks (``Encoding.planar_inputs``). A shared input
         keeps, in the cache, only the planes it had to decode (the ones zstd coded: for float32
         weights in ``planes-exp``, often one in four), except, until its KEEP_CHEAP_FROM_USE-th use,
@@ -736,7 +743,9 @@ class Archive:
         of the mapped file, read again on each use through the same checks as any read (the file
         has not shrunk, the chunk's checksum was checked). Otherwise its chunks are decoded when
         the rebuild asks for them, into this thread's buffers named after ``slot``. Without ``fill``
-        (rows of a tensor), what the cache keeps is used, and nothing is added to it."""
+        (rows of a tensor), what the cache keeps is used, and nothing is added to it. ``ahead``:
+        ``ref`` and the arrays whose chunks the rebuild reads beside its own, for a remote source's
+        read-ahead (``ContainerReader.read_ahead``; empty for a local one)."""
         known = None
         if use is Use.SHARED_INPUT:
             key = ("planar",) + _cache_key(ref, None)
@@ -753,16 +762,18 @@ class Archive:
                 elif kept is not None:  # the whole would not fit: keep what is kept, and stop trying
                     self._cache.put(key, kept._replace(partial=False), kept.nbytes)
             known = kept.chunks if kept is not None else None
+        # (rows of a tensor: only the chunks that hold them are read, not ahead)
+        read = partial(self._c.read_planar, ahead=ahead) if ahead and fill else self._c.read_planar
         if known is None:
-            return Planar(ref.numel, ref.chunk_elements,
-                          lambda i: _whole(self._c.read_planar(ref, i, where, f"{slot}.plane")), self._each)
+            return Planar(ref.numel, ref.chunk_elements, lambda i: _whole(read(ref, i, where, f"{slot}.plane")),
+                          self._each)
 
         def chunk(i: int) -> tuple[list[np.ndarray], int]:
             planes, r = known[i]
             if all(p is not None for p in planes):
                 return _whole((planes, r))
             # views of the mapped file, checked; nearly empty planes decoded into this thread's buffers
-            return _whole(self._c.read_planar(ref, i, where, f"{slot}.plane", known=planes))
+            return _whole(read(ref, i, where, f"{slot}.plane", known=planes))
         return Planar(ref.numel, ref.chunk_elements, chunk, self._each)
 
     def _decode_planar(self, ref: ArrayRef, where: str, budget: int, kept: "_KeptPlanes | None" = None,
@@ -783,6 +794,8 @@ class Archive:
         whole. None when not even the first chunk fits, or when growing ``kept`` would keep
         fewer chunks than it has."""
         mapped = bool(getattr(self._c.source, "mapped", False))
+        # a remote source reads ahead this array's chunks only (the others' wait their turn)
+        read = partial(self._c.read_planar, ahead=(ref,)) if self._c.remote else self._c.read_planar
         cheap = mapped and kept is None
         n = len(ref.chunks)
         known = [kept.chunks[i][0] if kept else None for i in range(n)]
@@ -799,17 +812,17 @@ class Archive:
             return None
 
         def chunk(i: int) -> tuple[list[np.ndarray | None], int, bool]:
-            planes, r = self._c.read_planar(ref, i, where, known=known[i], cheap=cheap)
+            planes, r = read(ref, i, where, known=known[i], cheap=cheap)
             keep = [p if p is None or p.flags.owndata else (None if mapped else p.copy()) for p in planes]
             return keep, r, any(p is None for p in planes)  # nearly empty planes left out
 
         got = self._each(cut, chunk)
         out = [(keep, r) for keep, r, _ in got]
         held = sum(p.nbytes for keep, _ in out for p in keep if p is not None)
-        partial = any(left for _, _, left in got)
+        some_left = any(left for _, _, left in got)
         # the chunks that did not fit: every plane decoded again on each use (``_read_planar``'s ``chunk``)
         out += [([None] * len(out[0][0]), 0) for _ in range(n - cut)]
-        return _KeptPlanes(out, held, partial, 1, cut)
+        return _KeptPlanes(out, held, some_left, 1, cut)
 
     def _each(self, n: int, fn: Callable[[int], Any]) -> list[Any]:
         """``[fn(i) for i in range(n)]``, this thread and the archive's idle ones together
@@ -1523,7 +1536,7 @@ class _ChunkChecks:
             where, ref, digest = self.arrays[i]
             try:
                 for k in range(len(ref.chunks)):
-                    c.read_chunk(ref, k, where, recheck=True)  # even if read before
+                    c.read_chunk(ref, k, where, recheck=True, ahead=True)  # even if read before
             except (OutOfMemoryError, RemoteError, ArchiveClosedError):  # not damage: verify cannot say, and fails
                 raise
             except MemoryError:

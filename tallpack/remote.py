@@ -5,8 +5,11 @@ a batch of tensors needs) is fetched as few requests as possible: ranges closer 
 ``gap`` bytes are merged into one request (the gaps are alignment padding, at most 63 bytes
 between neighbouring chunks), and the merged requests run concurrently (``cat_ranges``). The
 fetched chunks wait in a small cache until read, and are kept a while after (``KEEP_READ``): a
-rebuild that reads a chunk twice (the exact tier's) fetches it once. ``requests`` and ``fetched``
-count what went over the wire, ``rounds`` the times a read waited for it.
+rebuild that reads a chunk twice (the exact tier's) fetches it once. A range being fetched is
+claimed: a read of it waits for that fetch, and no other prefetch asks for it again (threads
+reading one large array's chunks, which the reader reads ahead in windows:
+``container.READ_AHEAD_BYTES``, the next window fetched in the background). ``requests`` and
+``fetched`` count what went over the wire, ``rounds`` the times a read waited for it.
 """
 
 from __future__ import annotations
@@ -350,6 +353,24 @@ def coalesce(ranges: Sequence[tuple[int, int]], gap: int = DEFAULT_GAP, max_requ
     return [(a, b) for a, b, _, _ in out]
 
 
+def split(spans: Sequence[tuple[int, int]], max_request: int = MAX_REQUEST) -> list[tuple[int, int]]:
+    """``(start, end)`` requests with each larger than ``max_request`` cut into as few pieces of
+    near equal size (a range of one large chunk: fetched on several connections at once).
+
+    >>> split([(0, 10), (20, 45)], max_request=10)
+    [(0, 10), (20, 29), (29, 38), (38, 45)]
+    """
+    out: list[tuple[int, int]] = []
+    for start, end in spans:
+        pieces = -(-(end - start) // max_request)
+        if pieces <= 1:
+            out.append((start, end))
+            continue
+        size = -(-(end - start) // pieces)
+        out += [(a, min(a + size, end)) for a in range(start, end, size)]
+    return out
+
+
 class RemoteFile:
     """An archive in remote storage, read by range requests."""
 
@@ -371,6 +392,10 @@ class RemoteFile:
         self._kept: dict[tuple[int, int], bytes] = {}  # prefetched and read (KEEP_READ), least recent first
         self._kept_bytes = 0
         self._forgot = 0  # how many times forget() ran: a prefetch begun before one keeps nothing
+        #: ranges a prefetch is fetching now, the event it sets when done and the thread that waits
+        #: for it (0 for one in the background): a read of one in another thread waits for it, and
+        #: another prefetch leaves it out (threads reading one large array's chunks)
+        self._pending: dict[tuple[int, int], tuple[threading.Event, int]] = {}
         self._lock = threading.Lock()
         self.closed = False
         #: a small range read at open (the footer) and its bytes, read again when a read fails:
@@ -553,19 +578,22 @@ class RemoteFile:
         if nbytes == 0:
             return memoryview(b"")
         key = (offset, nbytes)
-        with self._lock:
-            hit = self._cache.pop(key, None)
-            if hit is not None:
-                self._cached -= len(hit)
-            else:
-                hit = self._kept.pop(key, None)
+        while True:
+            with self._lock:
+                hit = self._cache.pop(key, None)
                 if hit is not None:
-                    self._kept_bytes -= len(hit)
-            if hit is not None:
-                self._keep(key, hit)
-        if hit is not None:
-            return memoryview(hit)
-        return memoryview(self._fetch([(offset, offset + nbytes)])[0])
+                    self._cached -= len(hit)
+                else:
+                    hit = self._kept.pop(key, None)
+                    if hit is not None:
+                        self._kept_bytes -= len(hit)
+                if hit is not None:
+                    self._keep(key, hit)
+                    return memoryview(hit)
+                pending = self._pending.get(key)
+            if pending is None or pending[1] == threading.get_ident():  # (this thread's own fetch: not ended)
+                return memoryview(self._fetch([(offset, offset + nbytes)])[0])
+            pending[0].wait()  # another thread's prefetch: kept when it ends, unless it failed or was forgotten
 
     def _keep(self, key: tuple[int, int], data: bytes) -> None:
         """Keep a prefetched range just read (``KEEP_READ``), as the most recent; under ``_lock``."""
@@ -597,34 +625,88 @@ class RemoteFile:
         self.prefetch(ranges, bridge=0)
         return [self.read(off, n) for off, n in ranges]
 
-    def prefetch(self, ranges: Sequence[tuple[int, int]], *, bridge: int | None = None) -> None:
+    def held(self, offset: int, nbytes: int) -> bool:
+        """Whether a read of this range needs no request of its own: fetched and kept, or being
+        fetched (``prefetch``). Without the lock: a hint, which ``prefetch(..., ahead=True)`` checks
+        again under it."""
+        key = (offset, nbytes)
+        return key in self._cache or key in self._pending or key in self._kept
+
+    def prefetch(self, ranges: Sequence[tuple[int, int]], *, bridge: int | None = None, ahead: bool = False,
+                 background: bool = False, max_request: int = 0) -> None:
         """Fetch these ranges now, coalesced (holes up to ``bridge`` bytes fetched with them,
-        ``BRIDGE_MAX`` unless given), and keep them until they are read."""
+        ``BRIDGE_MAX`` unless given) into requests of at most ``max_request`` bytes (MAX_REQUEST
+        unless given), and keep them until they are read. Ranges fetched, kept or
+        being fetched by another thread are left out (a read of one waits for that fetch). With
+        ``ahead``, nothing is fetched when the first range is held (``held``): a read-ahead that
+        another thread claimed first. With ``background``, fetched on a thread of its own, and a
+        failure left to the reads of those ranges (each then fetches its own, and says what failed).
+        """
         with self._lock:
-            todo = [(o, n) for o, n in dict.fromkeys(ranges)
-                    if n > 0 and (o, n) not in self._cache and (o, n) not in self._kept]
-            forgot = self._forgot
-        for o, n in todo:
-            self._check(o, n)
-        if not todo:
-            return
-        spans = coalesce(todo, self.gap, MAX_REQUEST, BRIDGE_MAX if bridge is None else bridge)
-        blocks = self._fetch(spans)
-        with self._lock:
-            if self._forgot != forgot:  # fetched (in part) before a forget(): what verify reads must come after it
+            if ahead and ranges and self.held(*ranges[0]):
                 return
-            j = 0
-            for o, n in sorted(todo):
-                while spans[j][1] < o + n:
-                    j += 1
-                if (o, n) in self._cache or (o, n) in self._kept:  # another thread's prefetch got it meanwhile
-                    continue  # (kept twice, it was counted twice: _kept_bytes past KEEP_READ with nothing kept)
-                start = spans[j][0]
-                self._cache[(o, n)] = blocks[j][o - start : o - start + n]
-                self._cached += n
-            while self._cached > MAX_CACHE and self._cache:
-                old = next(iter(self._cache))
-                self._cached -= len(self._cache.pop(old))
+            todo = [(o, n) for o, n in dict.fromkeys(ranges) if n > 0 and not self.held(o, n)]
+            for o, n in todo:
+                self._check(o, n)
+            if not todo:
+                return
+            claim = (todo, self._forgot, threading.Event())
+            owner = (claim[2], 0 if background else threading.get_ident())
+            for key in todo:
+                self._pending[key] = owner
+        if not background:
+            return self._fill(claim, bridge, max_request or MAX_REQUEST)
+        try:
+            threading.Thread(target=self._fill, args=(claim, bridge, max_request or MAX_REQUEST, True),
+                             name="tallpack-read-ahead", daemon=True).start()
+        except RuntimeError:  # (no thread to be had: at exit) the reads fetch their own
+            self._release(claim)
+
+    def _fill(self, claim: tuple[list[tuple[int, int]], int, threading.Event], bridge: int | None, max_request: int,
+              quiet: bool = False) -> None:
+        """Fetch ``prefetch``'s claimed ranges and keep them, then release the claim (``quiet``: a
+        failure raises nothing)."""
+        todo, forgot, _ = claim
+        try:
+            spans = split(coalesce(todo, self.gap, max_request, BRIDGE_MAX if bridge is None else bridge), max_request)
+            blocks = self._fetch(spans)
+            with self._lock:
+                if self._forgot != forgot:  # fetched (in part) before a forget(): what verify reads must come after it
+                    return
+                j = 0
+                for o, n in sorted(todo):
+                    while spans[j][1] <= o:
+                        j += 1
+                    if (o, n) in self._cache or (o, n) in self._kept:  # (claimed, so never: counted twice else)
+                        continue
+                    start, end = spans[j]
+                    if o + n <= end:
+                        data = blocks[j][o - start : o - start + n]
+                    else:  # a range larger than a request: its pieces, joined
+                        k = j
+                        while spans[k][1] < o + n:
+                            k += 1
+                        data = b"".join([memoryview(blocks[j])[o - start :], *blocks[j + 1 : k],
+                                         memoryview(blocks[k])[: o + n - spans[k][0]]])
+                    self._cache[(o, n)] = data
+                    self._cached += n
+                while self._cached > MAX_CACHE and self._cache:
+                    old = next(iter(self._cache))
+                    self._cached -= len(self._cache.pop(old))
+        except Exception:
+            if not quiet:
+                raise
+        finally:
+            self._release(claim)
+
+    def _release(self, claim: tuple[list[tuple[int, int]], int, threading.Event]) -> None:
+        """The claimed ranges no longer pending: the reads that wait on them look again."""
+        todo, _, done = claim
+        with self._lock:
+            for key in todo:
+                if self._pending.get(key, (None,))[0] is done:
+                    del self._pending[key]
+        done.set()
 
     def close(self) -> None:
         self.forget()
@@ -713,6 +795,7 @@ def _after_fork_in_child() -> None:
     ever): it is dropped here, as later fsspec does."""
     for f in list(_OPEN):
         f._lock = threading.Lock()
+        f._pending = {}  # (a parent thread's fetch: never done here, and its reads would wait for ever)
         f._file_system = None
     asyn = sys.modules.get("fsspec.asyn")
     if _OPEN and asyn is not None and hasattr(asyn, "reset_lock"):
