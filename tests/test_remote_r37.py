@@ -7,8 +7,10 @@ few MB has such an array; the plain HTTP server on loopback counts what is fetch
 
 from __future__ import annotations
 
+import os
 import shutil
 import threading
+import time
 
 import pytest
 import torch
@@ -199,3 +201,32 @@ def test_a_local_archive_never_reads_ahead(large, small_sizes, monkeypatch):
         assert fam._c._held is None
         fam.state_dict("t1")
         assert fam.verify() == []
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork here")
+def test_a_forked_child_does_not_wait_for_its_parents_fetch(large):
+    # a range claimed by a parent thread's fetch when a DataLoader worker forks: in the child that
+    # fetch never ends, and a read of the range waited for it for ever
+    with tallpack.open(large["url"], cache_bytes=0) as fam:
+        c = _embed(fam)[0].chunks[3]
+        done = threading.Event()  # (never set: the parent's fetch, still running)
+        fam.source._pending[(c.offset, c.nbytes)] = (done, 0)
+        pid = os.fork()
+        if pid == 0:  # the child: read the range, and say whether it came
+            ok = False
+            try:
+                ok = len(fam.source.read(c.offset, c.nbytes)) == c.nbytes
+            finally:
+                os._exit(0 if ok else 1)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            got, status = os.waitpid(pid, os.WNOHANG)
+            if got:
+                break
+            time.sleep(0.05)
+        else:
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
+            pytest.fail("the child waited for its parent's fetch")
+        del fam.source._pending[(c.offset, c.nbytes)]
+        assert os.waitstatus_to_exitcode(status) == 0
