@@ -15,6 +15,9 @@ from __future__ import annotations
 import logging
 import json
 import os
+import shutil
+import tempfile
+import unicodedata
 from collections.abc import Collection, Iterator, Mapping, Sequence, Set
 from contextlib import AbstractContextManager
 from pathlib import Path
@@ -33,6 +36,7 @@ from .merging import check_alpha, default_alpha, is_consensus
 from .merged import default_model
 from .originals import _Bytes, rebuilt_whole, write_originals
 from .progress import Labelled, ProgressLike
+from .remote import redact
 from .sharding import (INDEX, SINGLE, plain_weights, plan_by_size_as, plan_from_layout, planned_files, previous_in,
                        previous_weights, single_file, weights_among, write_shards)
 from .staging import check_planned, local_path, staged
@@ -469,7 +473,9 @@ def write_tasks(archive: "Archive", tasks: Sequence[str] | None, outdir: str | o
     all or nothing: a failure leaves none of them.
 
     Every name is checked first (it must exist and be a safe folder name), so nothing is written
-    when one is bad.
+    when one is bad. Names that differ only in case or Unicode normalisation (``Cars`` and ``cars``)
+    are refused, before anything is written, where the output's file system takes them for one
+    folder (macOS's and Windows' by default), which a probe there tells; written apart elsewhere.
     """
     _check_call("write_tasks", archive, outdir)
     names = list(archive.tasks if tasks is None else tasks)
@@ -490,15 +496,107 @@ def write_tasks(archive: "Archive", tasks: Sequence[str] | None, outdir: str | o
         _refuse_archive_in(archive, local_path(outdir) / name, info.files, info.source, info.exact if exact else None)
     with (_reading(archive), _staged(archive, outdir, storage_options, overwrite) as local,
           transaction(overwrite=overwrite) as tx):
+        alike = _alike(names)
+        folded = _folded(local, alike) if alike else None
+        if folded:
+            raise _one_folder(archive, folded, outdir, local)
         paths = []
+        folders: dict[tuple[int, int] | None, str] = {}  # each task's folder as written: (device, inode) -> task
         for name in names:
+            # the folder an earlier task of this call wrote, whatever the probe said (a file system
+            # that takes names for one that the probe did not try): refused, not written into (a
+            # link OUT/NAME to another task's folder is the transaction's to refuse, as before)
+            earlier = folders.get(_identity(local / name))
+            if earlier is not None:
+                raise _one_folder(archive, [[earlier, name]], outdir, local)
             # again as the task is written (a link put in place of OUT/NAME while the tasks before
             # it were): its files as they are staged, and at the commit
             tx.confine(local, local / name / SINGLE)
             paths.append(write_task(archive, name, local / name, exact=exact, max_shard_size=max_shard_size,
                                     progress=Labelled(progress, name) if progress and len(names) > 1 else progress,
                                     overwrite=overwrite))  # each task's steps under its name
+            if (written := _identity(local / name)) is not None:
+                folders[written] = name
         return [_shown(outdir, local, Path(p)) for p in paths]
+
+
+def _alike(names: Sequence[str]) -> list[list[str]]:
+    """The groups of ``names`` that are one name to a file system that ignores case and Unicode
+    normalisation (``Cars`` and ``cars``; ``café`` composed and decomposed), in their order."""
+    groups: dict[str, list[str]] = {}
+    for name in names:
+        groups.setdefault(unicodedata.normalize("NFC", name).casefold(), []).append(name)
+    return [g for g in groups.values() if len(g) > 1]
+
+
+def _folded(folder: Path, groups: list[list[str]]) -> list[list[str]] | None:
+    """Of each group of names, those that the file system of ``folder`` (or of its nearest
+    existing folder above, where it is not made yet) takes for one: tried there, as files of those
+    very names in a new, empty temporary folder (each created, then the others looked up: one that
+    finds it is the same name there), removed again. None when no probe can be made there (a
+    folder not writable: the output could not be written either)."""
+    above = next((p for p in (folder, *folder.parents) if p.is_dir()), Path("."))
+    try:
+        probe = Path(tempfile.mkdtemp(prefix=".tallpack-probe-", dir=above))
+    except OSError:
+        return None
+    try:
+        found = []
+        for group in groups:
+            left = list(group)
+            while left:
+                first, *rest = left
+                try:
+                    fd = os.open(probe / first, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                except OSError:  # a name this file system refuses: the write says so
+                    left = rest
+                    continue
+                try:
+                    made = os.fstat(fd)
+                finally:
+                    os.close(fd)
+                same = [n for n in rest if _identity(probe / n) == (made.st_dev, made.st_ino)]
+                if same:
+                    found.append([first, *same])
+                left = [n for n in rest if n not in same]
+        return found
+    finally:
+        shutil.rmtree(probe, ignore_errors=True)
+
+
+def _identity(path: Path) -> tuple[int, int] | None:
+    """The device and inode of the entry ``path`` names (a link itself, not where it leads); None
+    when there is none."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def _one_folder(archive: "Archive", groups: Sequence[Sequence[str]], outdir: str | os.PathLike,
+                local: Path) -> InvalidArgumentError:
+    """InvalidArgumentError for tasks that would be written in one folder of the output (each of
+    ``groups``), whose file system takes their names for one: one task would replace the other,
+    or their files mix."""
+    tasks = " (and so would " + "; ".join(map(_names, groups[1:])) + ")" if groups[1:] else ""
+    if is_url(outdir):
+        where = (f"of {local}, the copy of {redact(os.fspath(outdir))} made before the upload (under $TMPDIR), whose "
+                 "file system does not tell their names apart (case or Unicode normalisation); set TMPDIR to a folder "
+                 "on a case-sensitive file system, or")
+    else:
+        where = (f"of {outdir}, whose file system does not tell their names apart (case or Unicode normalisation): one "
+                 "would replace the other or their files mix;")
+    return InvalidArgumentError(f"{archive.name}: tasks {_names(groups[0])} would be written in one folder{tasks} "
+                                f"{where} write them one at a time to different folders: unpack --task NAME -o FOLDER "
+                                "(write_task(archive, NAME, FOLDER))")
+
+
+def _names(group: Sequence[str]) -> str:
+    """``'Cars' and 'cars'``; names that differ in normalisation only, which look alike, with
+    their non-ASCII characters escaped (``'caf\\xe9' and 'cafe\\u0301'``)."""
+    show = ascii if len({unicodedata.normalize("NFC", n) for n in group}) < len(group) else repr
+    return ", ".join(map(show, group[:-1])) + f" and {show(group[-1])}"
 
 
 class WrittenModel(tuple[Path | str, int]):
