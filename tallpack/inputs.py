@@ -206,6 +206,14 @@ class PackInputs:
             kind = self._kinds[entry.name] = resolve(entry.kind, base, thetas)
         return Item(entry.name, entry.kind.value, kind.value, entry.tasks, base, thetas)
 
+    def held_bytes(self, entry: TensorPlan) -> int:
+        """The bytes :meth:`load` reads into memory for ``entry`` at most: every copy it reads
+        whole (a streamed tensor's are read a block at a time when written)."""
+        if entry.kind is not Kind.BASE_ONLY and self._stream(entry) is not None:
+            return 0
+        held = self.base.info(entry.name).nbytes if entry.in_base else 0
+        return held + sum(self.tasks[t].info(entry.name).nbytes for t in entry.tasks)
+
     def _stream(self, entry: TensorPlan) -> Streamed | None:
         """The tensor's inputs to read a block at a time (see HOLD_BYTES), or None to read them whole."""
         if entry.kind is not Kind.MERGED or not entry.in_base:

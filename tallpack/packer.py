@@ -223,22 +223,26 @@ def _write(fam: PackInputs, v: Validated, lams: dict[str, float], out: Path, sel
                            threads=opts.threads or kernels.default_threads(), defer=not opts.exact and dial is None)
         pending: dict[int, str] = {}  # with the dial: merged tensors, written once it has decided
         groups = _Groups(ctx, {e.name for e in fam.plan.tensors}, group_elements(len(names))) if v.group else None
+        def write_one(item: Item) -> None:
+            if item.kind != item.planned and item.planned == Kind.MERGED and item.kind == Kind.TASK_OWN:
+                log.warning("tensor %r: %s: stored per task, not masked (a merged model leaves it out; task=NAME, "
+                            "--task NAME, takes a task's)", item.name, _out_of_range(item, opts.chunk_elements))
+            if groups is not None and groups.add(item, entries):
+                return
+            if dial is not None and item.kind == Kind.MERGED:
+                dial.observe(ctx, item)
+                pending[len(entries)] = item.name
+                entries.append(None)
+                return
+            written = BY_KIND[item.kind].write(ctx, item)
+            memory.give_back(numel(item.shape))  # the write's buffers, before the next tensor's (or the exact's)
+            entries.append(add_exact(ctx, item, settled(ctx, written), codecs=RESIDUAL_CODECS) if opts.exact
+                           else written)
+
         with closing(_loaded(fam, tensors, opts.keep_base_only)) as loaded:  # (its loader ends before inputs close)
             for item in loaded:
-                if item.kind != item.planned and item.planned == Kind.MERGED and item.kind == Kind.TASK_OWN:
-                    log.warning("tensor %r: %s: stored per task, not masked (a merged model leaves it out; task=NAME, "
-                                "--task NAME, takes a task's)", item.name, _out_of_range(item, opts.chunk_elements))
-                if groups is not None and groups.add(item, entries):
-                    continue
-                if dial is not None and item.kind == Kind.MERGED:
-                    dial.observe(ctx, item)
-                    pending[len(entries)] = item.name
-                    entries.append(None)
-                    continue
-                written = BY_KIND[item.kind].write(ctx, item)
-                memory.give_back(numel(item.shape))  # the write's buffers, before the next tensor's (or the exact's)
-                entries.append(add_exact(ctx, item, settled(ctx, written), codecs=RESIDUAL_CODECS) if opts.exact
-                               else written)
+                write_one(item)
+                del item  # (its inputs let go before the next tensor's are read: see _loaded)
         if groups is not None:
             groups.flush_all(entries)
         done: list[TensorEntry | None] = [None if e is None else settled(ctx, e) for e in entries]
@@ -395,10 +399,18 @@ def _write_dialed(dial: Dial, ctx: WriteContext, entries: list[TensorEntry | Non
         dial.finish(ctx, entries, pending, load)
 
 
+#: The next tensor is loaded while this one is written (``_loaded``) when its inputs take at most
+#: this many bytes; a larger one after this one's are let go: the read-ahead then adds at most
+#: this much to a pack's memory, whatever the number of tasks (T + 1 copies of a 4 MB tensor
+#: read ahead beside T + 1 copies of a 16 MB one: 16 tasks, 1.3 x the largest tensor per task).
+READ_AHEAD_BYTES = 64 << 20
+
+
 def _loaded(fam: PackInputs, tensors: Iterable[TensorPlan], keep_base_only: bool) -> Generator[Item, None, None]:
     """Each tensor to store, loaded (``PackInputs.load``: its inputs read, their finiteness and
     equality checked, its kind settled), the next one on a helper thread while the caller writes
-    this one: the checks' first reads of the mapped inputs then overlap the writing."""
+    this one when it is small enough (READ_AHEAD_BYTES): the checks' first reads of the inputs
+    then overlap the writing. The caller lets go of each item before asking for the next."""
     todo = (e for e in tensors if keep_base_only or e.kind is not Kind.BASE_ONLY)
     loader = ThreadPoolExecutor(1, thread_name_prefix="tallpack-load")
     ahead = None
@@ -406,8 +418,14 @@ def _loaded(fam: PackInputs, tensors: Iterable[TensorPlan], keep_base_only: bool
         ahead = next((loader.submit(fam.load, e) for e in todo), None)
         while ahead is not None:
             item = ahead.result()
-            ahead = next((loader.submit(fam.load, e) for e in todo), None)
+            later = next(todo, None)
+            ahead = None
+            if later is not None and fam.held_bytes(later) <= READ_AHEAD_BYTES:
+                ahead, later = loader.submit(fam.load, later), None
             yield item
+            del item  # (this tensor's inputs let go before a large next one's are read)
+            if later is not None:
+                ahead = loader.submit(fam.load, later)
     finally:
         if ahead is not None:
             ahead.cancel()

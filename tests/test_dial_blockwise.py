@@ -246,7 +246,9 @@ def test_blockwise_reads_no_copy_whole(tmp_path, monkeypatch, opts):
 
 def test_blockwise_memory(tmp_path):
     """A 32 MB float32 tensor, base and 3 tasks, fidelity 0.999: a streamed task measured a run at
-    a time, not with its copy and a dozen whole working arrays."""
+    a time, not with its copy and a dozen whole working arrays. Read whole, the four copies (128 MB)
+    are held; until round 39 twice (the pack's loop kept the last tensor it loaded while the dial
+    read it again): 370 against 131 MiB, now 244 against 133 MiB."""
     big_family(tmp_path)
     setup = f"""
         from pathlib import Path
@@ -264,4 +266,4 @@ def test_blockwise_memory(tmp_path):
         growth[hold] = anon_growth(setup, work)
     assert (tmp_path / "a0.tallpack").read_bytes() == (tmp_path / f"a{1 << 60}.tallpack").read_bytes()
     print({k: v >> 20 for k, v in growth.items()})
-    assert growth[0] < growth[1 << 60] - (150 << 20), growth
+    assert growth[0] < growth[1 << 60] - (96 << 20), growth  # three of the four copies at least
