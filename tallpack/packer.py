@@ -223,6 +223,7 @@ def _write(fam: PackInputs, v: Validated, lams: dict[str, float], out: Path, sel
                            threads=opts.threads or kernels.default_threads(), defer=not opts.exact and dial is None)
         pending: dict[int, str] = {}  # with the dial: merged tensors, written once it has decided
         groups = _Groups(ctx, {e.name for e in fam.plan.tensors}, group_elements(len(names))) if v.group else None
+
         def write_one(item: Item) -> None:
             if item.kind != item.planned and item.planned == Kind.MERGED and item.kind == Kind.TASK_OWN:
                 log.warning("tensor %r: %s: stored per task, not masked (a merged model leaves it out; task=NAME, "
