@@ -78,13 +78,7 @@ def test_a_large_tensor_is_read_only_after_the_last_ones_inputs_are_let_go(tmp_p
 
     unbounded = _pack_watching(monkeypatch, base, tasks, tmp_path / "unbounded.tallpack", 1 << 40)
     assert unbounded["b.big"] >= (SIZES["a.big"] + SIZES["b.big"]) * copies  # (what the bound prevents)
-    with tallpack.open(tmp_path / "bounded.tallpack") as a, tallpack.open(tmp_path / "unbounded.tallpack") as b:
-        for t in tasks:
-            sa, sb = a.state_dict(t), b.state_dict(t)
-            assert sa.keys() == sb.keys()
-            for k in sa:
-                assert torch.equal(sa[k].view(torch.uint8), sb[k].view(torch.uint8)), (t, k)
-
+    assert (tmp_path / "bounded.tallpack").read_bytes() == (tmp_path / "unbounded.tallpack").read_bytes()
 
 @pytest.mark.parametrize("ahead", [0, 1 << 40])
 def test_every_tensor_is_loaded_once_in_order_whatever_the_bound(tmp_path, monkeypatch, ahead) -> None:
